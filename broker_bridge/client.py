@@ -1,0 +1,342 @@
+"""A resilient asyncio MQTT client over aiomqtt, for plant networks that fail.
+
+What it adds to aiomqtt, and why:
+
+- **Reconnects forever** with capped exponential backoff and jitter (a flaky
+  plant link must not end the agent, and a hundred sites must not reconnect in
+  lock-step after a broker restart).
+- **Persistent sessions** (MQTT 5 clean start off with a session expiry, or
+  3.1.1 clean session off) so QoS 1 messages published while a party was
+  offline are kept by the broker; subscriptions are re-made on every connect.
+- **PUBACK reason codes are checked**: aiomqtt 2.x ignores them, so a broker
+  that refuses a message under MQTT 5 (too large, not authorised) would look
+  like success. Here it raises :class:`PublishRefused`. Under 3.1.1 a broker
+  acknowledges what it drops, which is why fedline confirms delivery end to
+  end with signed receipts, not PUBACKs.
+- **Maximum Packet Size**: paho does not enforce the broker's limit; the
+  CONNACK's value is kept in :attr:`MqttClient.max_packet_size` and
+  :meth:`MqttClient.chunk_limit` sizes chunks under it.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from urllib.parse import urlparse
+
+import aiomqtt
+import paho.mqtt.client as paho
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from broker_bridge.chunking import DEFAULT_MAX_CHUNK, max_payload_for_packet
+from broker_bridge.errors import NotConnected, PublishRefused
+from fedline.logs import event
+
+log = logging.getLogger("fedline.mqtt")
+
+
+@dataclass(frozen=True)
+class BrokerSettings:
+    """How to reach the broker. One ``[broker]`` table in every process's TOML file."""
+
+    url: str = "mqtt://127.0.0.1:1883"  # mqtt://host:port or mqtts://host:port (TLS)
+    client_id: str = ""
+    username: str | None = None
+    password: str | None = None
+    password_file: str | None = None  # read the password from a file instead
+    protocol: Literal["5", "3.1.1"] = "5"
+    clean_start: bool = False  # False: a persistent session that keeps QoS 1 messages while offline
+    session_expiry_s: int = 7 * 24 * 3600
+    keepalive_s: int = 30
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    tls_insecure: bool = False  # skip hostname check (test rigs only)
+    max_chunk: int = DEFAULT_MAX_CHUNK
+    backoff_min_s: float = 0.5
+    backoff_max_s: float = 30.0
+    timeout_s: float = 30.0  # for one publish or subscribe round trip
+
+    def validate(self) -> None:
+        u = urlparse(self.url)
+        if u.scheme not in ("mqtt", "mqtts", "tcp", "ssl") or not u.hostname:
+            raise ValueError(f"url {self.url!r} must look like mqtt://host:port or mqtts://host:port")
+        if self.max_chunk < 1024:
+            raise ValueError(f"max_chunk {self.max_chunk} is too small (at least 1024 bytes)")
+        if self.backoff_min_s <= 0 or self.backoff_max_s < self.backoff_min_s:
+            raise ValueError("backoff_min_s must be > 0 and <= backoff_max_s")
+
+    @property
+    def host(self) -> str:
+        return urlparse(self.url).hostname or "127.0.0.1"
+
+    @property
+    def tls(self) -> bool:
+        return urlparse(self.url).scheme in ("mqtts", "ssl")
+
+    @property
+    def port(self) -> int:
+        return urlparse(self.url).port or (8883 if self.tls else 1883)
+
+    def resolved_password(self) -> str | None:
+        if self.password_file:
+            with open(self.password_file, encoding="utf-8") as fh:
+                return fh.read().strip()
+        return self.password
+
+
+@dataclass(frozen=True)
+class Message:
+    """One received message."""
+
+    topic: str
+    payload: bytes
+    retain: bool = False
+    qos: int = 0
+
+
+@dataclass
+class ClientStats:
+    connects: int = 0
+    connect_failures: int = 0
+    disconnects: int = 0
+    published: int = 0
+    refused: int = 0
+    received: int = 0
+
+
+class _CheckedClient(aiomqtt.Client):
+    """aiomqtt.Client that keeps PUBACK reason codes and the CONNACK's limits."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.publish_codes: dict[int, paho.ReasonCode] = {}
+        self.max_packet_size: int | None = None
+        self.session_present = False
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties=None) -> None:  # type: ignore[override]
+        if properties is not None and hasattr(properties, "MaximumPacketSize"):
+            self.max_packet_size = int(properties.MaximumPacketSize)
+        self.session_present = bool(getattr(flags, "session_present", False))
+        super()._on_connect(client, userdata, flags, reason_code, properties)
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:  # type: ignore[override]
+        self.publish_codes[mid] = reason_code
+        super()._on_publish(client, userdata, mid, reason_code, properties)
+
+    async def publish_checked(self, topic: str, payload: bytes, qos: int, retain: bool, timeout: float) -> None:
+        """Publish and wait for the acknowledgement; raise PublishRefused on a failure code."""
+        info = self._client.publish(topic, payload, qos, retain)
+        if info.rc != paho.MQTT_ERR_SUCCESS:
+            raise aiomqtt.MqttCodeError(info.rc, "Could not publish message")
+        if not info.is_published():
+            done = asyncio.Event()
+            with self._pending_call(info.mid, done, self._pending_publishes):
+                await self._wait_for(done.wait(), timeout=timeout)
+        code = self.publish_codes.pop(info.mid, None)
+        if code is not None and code.is_failure:
+            raise PublishRefused(int(code.value), str(code), topic)
+
+
+class MqttClient:
+    """One connection to the broker that comes back by itself.
+
+    Use as ``async with MqttClient(settings) as client:``. The connection runs
+    in a background task; :meth:`publish` waits (up to ``timeout``) for it.
+    ``on_connect`` callbacks run after every (re)connect, e.g. to publish an
+    ``online`` status.
+    """
+
+    def __init__(self, settings: BrokerSettings, will: aiomqtt.Will | None = None,
+                 on_connect: Callable[["MqttClient"], Awaitable[None]] | None = None,
+                 queue_size: int = 10000) -> None:
+        settings.validate()
+        self.settings = settings
+        self.will = will
+        self.on_connect = on_connect
+        self.connected = asyncio.Event()
+        self.stats = ClientStats()
+        self.max_packet_size: int | None = None
+        self.last_error: str | None = None
+        self._subs: dict[str, int] = {}
+        self._queue: asyncio.Queue[Message] = asyncio.Queue(maxsize=queue_size)
+        self._client: _CheckedClient | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+
+    # -- lifecycle -------------------------------------------------------------
+    async def __aenter__(self) -> "MqttClient":
+        self._closing = False
+        self._task = asyncio.create_task(self._run(), name=f"mqtt:{self.settings.client_id}")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Disconnect cleanly (the broker does not send the last will)."""
+        self._closing = True
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+            self._task = None
+        self.connected.clear()
+
+    def _make_client(self) -> _CheckedClient:
+        s = self.settings
+        v5 = s.protocol == "5"
+        props = None
+        kwargs: dict[str, Any] = {}
+        if v5:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = 0 if s.clean_start else s.session_expiry_s
+            kwargs["clean_start"] = s.clean_start
+        else:
+            kwargs["clean_session"] = s.clean_start
+        tls_params = None
+        if s.tls:
+            tls_params = aiomqtt.TLSParameters(ca_certs=s.ca_file, certfile=s.cert_file, keyfile=s.key_file,
+                                               cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        return _CheckedClient(
+            s.host, s.port, identifier=s.client_id or None, username=s.username,
+            password=s.resolved_password(),
+            protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
+            will=self.will, keepalive=s.keepalive_s, timeout=s.timeout_s, properties=props,
+            tls_params=tls_params, tls_insecure=s.tls_insecure if s.tls else None,
+            max_inflight_messages=64, **kwargs)
+
+    async def _run(self) -> None:
+        delay = self.settings.backoff_min_s
+        while not self._closing:
+            client = self._make_client()
+            try:
+                async with client:
+                    self._client = client
+                    self.max_packet_size = client.max_packet_size
+                    self.stats.connects += 1
+                    delay = self.settings.backoff_min_s
+                    for flt, qos in list(self._subs.items()):
+                        await client.subscribe(flt, qos)
+                    event(log, "mqtt.connected", url=self.settings.url, client=self.settings.client_id,
+                          session_present=client.session_present, max_packet=client.max_packet_size)
+                    self.connected.set()
+                    if self.on_connect is not None:
+                        asyncio.create_task(self._call_on_connect())
+                    async for m in client.messages:
+                        self.stats.received += 1
+                        payload = m.payload if isinstance(m.payload, (bytes, bytearray)) else \
+                            (str(m.payload).encode() if m.payload is not None else b"")
+                        await self._queue.put(Message(str(m.topic), bytes(payload), bool(m.retain), int(m.qos)))
+            except asyncio.CancelledError:
+                self.connected.clear()
+                self._client = None
+                raise
+            except Exception as exc:  # aiomqtt.MqttError, OSError, refused CONNACK ...
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                if self.connected.is_set():
+                    self.stats.disconnects += 1
+                    event(log, "mqtt.disconnected", level=logging.WARNING, client=self.settings.client_id,
+                          error=self.last_error)
+                else:
+                    self.stats.connect_failures += 1
+                    event(log, "mqtt.connect_failed", level=logging.DEBUG, client=self.settings.client_id,
+                          error=self.last_error)
+            self.connected.clear()
+            self._client = None
+            if self._closing:
+                break
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+            delay = min(delay * 2, self.settings.backoff_max_s)
+
+    async def _call_on_connect(self) -> None:
+        try:
+            assert self.on_connect is not None
+            await self.on_connect(self)
+        except Exception as exc:  # a failing hook must not kill the connection loop
+            event(log, "mqtt.on_connect_failed", level=logging.WARNING, error=repr(exc))
+
+    # -- operations --------------------------------------------------------------
+    async def wait_connected(self, timeout: float | None = None) -> None:
+        """Wait until connected; :class:`NotConnected` after ``timeout`` seconds."""
+        try:
+            await asyncio.wait_for(self.connected.wait(), timeout)
+        except asyncio.TimeoutError:
+            raise NotConnected(f"no connection to {self.settings.url} within {timeout} s"
+                               + (f" (last error: {self.last_error})" if self.last_error else "")) from None
+
+    async def subscribe(self, topic_filter: str, qos: int = 1) -> None:
+        """Subscribe now if connected, and again after every reconnect."""
+        self._subs[topic_filter] = qos
+        client = self._client
+        if client is not None and self.connected.is_set():
+            try:
+                await client.subscribe(topic_filter, qos)
+            except aiomqtt.MqttError:
+                pass  # the reconnect loop re-subscribes
+
+    async def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False,
+                      timeout: float | None = None) -> None:
+        """Publish once. Waits for a connection up to ``timeout`` (default settings.timeout_s).
+
+        Raises :class:`PublishRefused` when the broker refuses it (MQTT 5) and
+        :class:`NotConnected` when no connection or acknowledgement came in time.
+        """
+        timeout = self.settings.timeout_s if timeout is None else timeout
+        await self.wait_connected(timeout)
+        client = self._client
+        if client is None:
+            raise NotConnected("connection dropped before publishing")
+        try:
+            await client.publish_checked(topic, payload, qos, retain, timeout)
+        except PublishRefused:
+            self.stats.refused += 1
+            raise
+        except aiomqtt.MqttError as exc:
+            raise NotConnected(f"publish to {topic!r} not acknowledged: {exc}") from None
+        self.stats.published += 1
+
+    async def publish_many(self, items: list[tuple[str, bytes]], qos: int = 1, retain: bool = False,
+                           timeout: float | None = None, window: int = 32) -> None:
+        """Publish several messages with up to ``window`` in flight; all must be acknowledged."""
+        sem = asyncio.Semaphore(window)
+
+        async def one(topic: str, payload: bytes) -> None:
+            async with sem:
+                await self.publish(topic, payload, qos, retain, timeout)
+
+        await asyncio.gather(*(one(t, p) for t, p in items))
+
+    def chunk_limit(self, topic: str) -> int:
+        """Largest chunk for ``topic``: the configured size, or less if the broker's packet limit says so."""
+        limit = self.settings.max_chunk
+        if self.max_packet_size:
+            limit = min(limit, max_payload_for_packet(self.max_packet_size, topic))
+        return limit
+
+    async def messages(self) -> AsyncIterator[Message]:
+        """Every message received on any subscription, across reconnects."""
+        while True:
+            yield await self._queue.get()
+
+    def get_nowait(self) -> Message | None:
+        try:
+            return self._queue.get_nowait()
+        except asyncio.QueueEmpty:
+            return None
+
+
+def will_message(topic: str, payload: bytes, retain: bool = True, qos: int = 1) -> aiomqtt.Will:
+    """The last will the broker publishes if a party vanishes (e.g. status ``offline``)."""
+    return aiomqtt.Will(topic, payload, qos, retain)
+
+
+__all__ = ["BrokerSettings", "Message", "MqttClient", "will_message", "ClientStats"]
+_ = field

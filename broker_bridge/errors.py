@@ -1,0 +1,58 @@
+"""The library's exceptions: one base class, so a caller can catch everything
+fedline raises on bad input without catching programming errors."""
+from __future__ import annotations
+
+
+class FedlineError(Exception):
+    """Base of every error fedline raises on purpose."""
+
+
+class WireError(FedlineError):
+    """A message from the wire was refused. ``reason`` names the first check that failed.
+
+    Reasons, in the order they are checked: ``framing`` (size and framing),
+    ``version`` (format version), ``decrypt``, ``signature``, ``unenrolled``
+    (signer not in the enrollment), ``replay`` (per-site counter seen before),
+    ``schema`` (payload fields, tensor shapes and dtypes).
+    """
+
+    REASONS = ("framing", "version", "decrypt", "signature", "unenrolled", "replay", "schema")
+
+    def __init__(self, reason: str, detail: str) -> None:
+        assert reason in self.REASONS, reason
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}")
+
+
+class ChunkError(WireError):
+    """A chunk that cannot be part of any message (bad header, inconsistent totals)."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__("framing", detail)
+
+
+class KeyFileError(FedlineError):
+    """A key or enrollment file is missing, unreadable, too open, or of the wrong type."""
+
+    def __init__(self, path: object, detail: str) -> None:
+        self.path = str(path)
+        super().__init__(f"{path}: {detail}")
+
+
+class TopicError(FedlineError, ValueError):
+    """A site id or topic that fedline does not accept."""
+
+
+class PublishRefused(FedlineError):
+    """The broker refused a publish (MQTT 5 PUBACK reason code >= 0x80)."""
+
+    def __init__(self, reason_code: int, reason: str, topic: str) -> None:
+        self.reason_code = reason_code
+        self.reason = reason
+        self.topic = topic
+        super().__init__(f"broker refused publish to {topic!r}: {reason} (0x{reason_code:02x})")
+
+
+class NotConnected(FedlineError):
+    """An operation needed a broker connection and none came in time."""

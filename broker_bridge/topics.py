@@ -1,0 +1,124 @@
+"""Every MQTT topic fedline uses, built and parsed in one place.
+
+Layout under ``<prefix>/<federation>/`` (DESIGN.md):
+
+- ``sites/<site>/update/<msg_id>/<i>``: chunk i of one sealed update
+- ``sites/<site>/receipts``: the aggregator's signed verdicts for that site
+- ``sites/<site>/status``: retained status, ``offline`` by last will
+- ``model/manifest``: retained, signed manifest of the current global model
+- ``model/<version>/weights/<i>`` and ``model/<version>/onnx/<i>``: model chunks
+
+Site ids become topic levels and ACL patterns, so they are restricted to a
+safe alphabet; anything with ``+``, ``#``, ``/`` or nothing at all is refused.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from broker_bridge.errors import TopicError
+
+_SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+
+
+def validate_site_id(site: str, what: str = "site id") -> str:
+    """Return ``site`` if it is a valid id, else raise :class:`TopicError` saying why."""
+    if not isinstance(site, str) or not site:
+        raise TopicError(f"{what} must be a non-empty string, got {site!r}")
+    for bad in ("+", "#", "/"):
+        if bad in site:
+            raise TopicError(f"{what} {site!r} contains {bad!r}, which MQTT reserves")
+    if not _SAFE.match(site):
+        raise TopicError(
+            f"{what} {site!r} must be 1-64 characters of letters, digits, '_', '.', '-', "
+            "starting with a letter or digit"
+        )
+    return site
+
+
+@dataclass(frozen=True)
+class TopicInfo:
+    """What a parsed topic names. Fields that do not apply are None."""
+
+    kind: str  # update | receipts | status | manifest | weights | onnx
+    site: str | None = None
+    msg_id: str | None = None
+    index: int | None = None
+    version: int | None = None
+
+
+class Topics:
+    """Topic names of one federation."""
+
+    def __init__(self, federation: str, prefix: str = "fedline") -> None:
+        validate_site_id(federation, "federation")
+        validate_site_id(prefix, "topic prefix")
+        self.federation = federation
+        self.root = f"{prefix}/{federation}"
+
+    # -- sites ---------------------------------------------------------------
+    def site_root(self, site: str) -> str:
+        return f"{self.root}/sites/{validate_site_id(site)}"
+
+    def update_chunk(self, site: str, msg_id: str, index: int) -> str:
+        validate_site_id(msg_id, "message id")
+        return f"{self.site_root(site)}/update/{msg_id}/{int(index)}"
+
+    def updates_filter(self) -> str:
+        """Every update chunk of every site (what the aggregator subscribes to)."""
+        return f"{self.root}/sites/+/update/#"
+
+    def receipts(self, site: str) -> str:
+        return f"{self.site_root(site)}/receipts"
+
+    def status(self, site: str) -> str:
+        return f"{self.site_root(site)}/status"
+
+    def status_filter(self) -> str:
+        return f"{self.root}/sites/+/status"
+
+    def receipts_filter(self) -> str:
+        return f"{self.root}/sites/+/receipts"
+
+    # -- model ---------------------------------------------------------------
+    def manifest(self) -> str:
+        return f"{self.root}/model/manifest"
+
+    def weights_chunk(self, version: int, index: int) -> str:
+        return f"{self.root}/model/{int(version)}/weights/{int(index)}"
+
+    def onnx_chunk(self, version: int, index: int) -> str:
+        return f"{self.root}/model/{int(version)}/onnx/{int(index)}"
+
+    def model_filter(self) -> str:
+        return f"{self.root}/model/#"
+
+    # -- parsing -------------------------------------------------------------
+    def parse(self, topic: str) -> TopicInfo:
+        """Name the kind of a topic of this federation; :class:`TopicError` otherwise."""
+        head = self.root + "/"
+        if not topic.startswith(head):
+            raise TopicError(f"topic {topic!r} is not under {self.root!r}")
+        parts = topic[len(head):].split("/")
+        try:
+            if parts[0] == "sites" and len(parts) >= 3:
+                site = validate_site_id(parts[1])
+                if parts[2] == "update" and len(parts) == 5:
+                    return TopicInfo("update", site=site, msg_id=validate_site_id(parts[3], "message id"),
+                                     index=_index(parts[4]))
+                if parts[2] in ("receipts", "status") and len(parts) == 3:
+                    return TopicInfo(parts[2], site=site)
+            if parts[0] == "model":
+                if parts[1:] == ["manifest"]:
+                    return TopicInfo("manifest")
+                if len(parts) == 4 and parts[2] in ("weights", "onnx"):
+                    return TopicInfo(parts[2], version=_index(parts[1]), index=_index(parts[3]))
+        except TopicError as exc:
+            raise TopicError(f"topic {topic!r}: {exc}") from None
+        raise TopicError(f"topic {topic!r} is not a fedline topic")
+
+
+def _index(text: str) -> int:
+    if not text.isdigit() or len(text) > 9:
+        raise TopicError(f"{text!r} is not a non-negative integer")
+    return int(text)
