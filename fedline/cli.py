@@ -31,7 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for part in PARTS:
         name = f"{part}.commands" if part == "fedline" else f"{part}.cli"
-        if importlib.util.find_spec(name) is None:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except ModuleNotFoundError:  # the parent package of this part is not there
+            found = False
+        if not found:
             continue
         importlib.import_module(name).register(sub)
     return parser

@@ -1,0 +1,60 @@
+# fedline — two commands do all set-up on a fresh machine:
+#   make demo   the whole story on one laptop (private Mosquitto, aggregator, three sites)
+#   make test   the test suite (a representative set; `make test-slow` runs the soak tests)
+PY ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+PYTEST_ARGS ?=
+
+.PHONY: venv sysdeps test test-slow test-all demo bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -U pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+# Mosquitto (the real broker the integration tests and the demo use) and socat
+# (pseudo-terminal pairs for the serial tests). Installed with apt-get when we
+# may (root, as in CI); otherwise we say exactly what will not run.
+sysdeps:
+	@missing=""; \
+	command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing="$$missing mosquitto mosquitto-clients"; \
+	command -v socat >/dev/null 2>&1 || missing="$$missing socat"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "make: installing$$missing with apt-get"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else \
+	    echo "make: WARNING:$$missing not installed and I may not install it (not root, or no apt-get)."; \
+	    echo "      Install it with: sudo apt-get install$$missing"; \
+	  fi; \
+	fi
+
+# Without a mosquitto binary the broker tests cannot run: we say which, and run the rest.
+test: venv sysdeps
+	@if command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]; then \
+	  $(BIN)/python -m pytest $(PYTEST_ARGS); \
+	else \
+	  echo "make: mosquitto is missing: NOT running these broker tests:"; \
+	  $(BIN)/python -m pytest -q --collect-only -m "broker and not slow" | grep '::' || true; \
+	  $(BIN)/python -m pytest -m "not broker and not slow" $(PYTEST_ARGS); \
+	fi
+
+test-slow: venv sysdeps
+	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+
+test-all: venv sysdeps
+	$(BIN)/python -m pytest -m "" $(PYTEST_ARGS)
+
+demo: venv sysdeps
+	$(BIN)/fedline demo $(DEMO_ARGS)
+
+bench: venv sysdeps
+	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) demo-report .pytest_cache .hypothesis

@@ -1,0 +1,199 @@
+"""``fedline keys`` and ``fedline broker``: enrol parties and configure the broker."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    keys = sub.add_parser("keys", help="create key pairs, export public keys, build the enrollment file")
+    ks = keys.add_subparsers(dest="keys_cmd", required=True, metavar="ACTION")
+    new = ks.add_parser("new", help="create a site's or the aggregator's key pair (mode 0600)")
+    new.add_argument("--role", choices=["site", "aggregator"], required=True)
+    new.add_argument("--id", required=True, help="site id (or aggregator name)")
+    new.add_argument("--out", required=True, type=Path, help="private key file to write; <out>.pub.json gets the public part")
+    new.add_argument("--force", action="store_true", help="overwrite an existing key file")
+    new.set_defaults(func=_keys_new)
+    pub = ks.add_parser("public", help="export the public part of a private key file")
+    pub.add_argument("key", type=Path)
+    pub.add_argument("--out", type=Path, help="write here instead of stdout")
+    pub.set_defaults(func=_keys_public)
+    enr = ks.add_parser("enroll", help="build or extend the federation's enrollment file")
+    enr.add_argument("--federation", required=True)
+    enr.add_argument("--aggregator", type=Path, required=True, help="aggregator public key (.pub.json) or key file")
+    enr.add_argument("--site", type=Path, action="append", default=[], help="site public key file (repeat)")
+    enr.add_argument("--out", type=Path, required=True, help="enrollment file to write (extended if it exists)")
+    enr.set_defaults(func=_keys_enroll)
+    rev = ks.add_parser("revoke", help="remove a site from the enrollment file")
+    rev.add_argument("--enrollment", type=Path, required=True)
+    rev.add_argument("--site", required=True)
+    rev.set_defaults(func=_keys_revoke)
+    show = ks.add_parser("show", help="check and print a key or enrollment file")
+    show.add_argument("file", type=Path)
+    show.set_defaults(func=_keys_show)
+
+    broker = sub.add_parser("broker", help="Mosquitto configuration, or an embedded broker for a laptop")
+    bs = broker.add_subparsers(dest="broker_cmd", required=True, metavar="ACTION")
+    conf = bs.add_parser("config", help="write mosquitto.conf, ACL, password file and per-user credentials")
+    conf.add_argument("--enrollment", type=Path, help="take federation and site ids from this file")
+    conf.add_argument("--federation", help="federation name (if no --enrollment)")
+    conf.add_argument("--site", action="append", default=[], help="site id (repeat; adds to the enrollment's)")
+    conf.add_argument("--out", type=Path, required=True, help="folder to write into")
+    conf.add_argument("--port", type=int, default=1883)
+    conf.add_argument("--bind", default="127.0.0.1", help="address to listen on (0.0.0.0 in a container)")
+    conf.add_argument("--max-packet-size", type=int, help="broker's MQTT 5 Maximum Packet Size in bytes")
+    conf.add_argument("--tls-port", type=int)
+    conf.add_argument("--ca-file")
+    conf.add_argument("--cert-file")
+    conf.add_argument("--key-file")
+    conf.add_argument("--require-client-cert", action="store_true")
+    conf.add_argument("--user", help="system user mosquitto drops to when started as root")
+    conf.add_argument("--keep-passwords", action="store_true", help="reuse credentials/*.password already in --out")
+    conf.set_defaults(func=_broker_config)
+    emb = bs.add_parser("embedded", help="run the embedded amqtt broker (MQTT 3.1.1, no ACL) in the foreground")
+    emb.add_argument("--host", default="127.0.0.1")
+    emb.add_argument("--port", type=int, default=1883)
+    emb.set_defaults(func=_broker_embedded)
+
+
+def _keys_new(args: argparse.Namespace) -> int:
+    from broker_bridge.keys import KeyPair
+
+    if args.out.exists() and not args.force:
+        print(f"fedline: {args.out} exists; use --force to overwrite it", file=sys.stderr)
+        return 1
+    kp = KeyPair.generate(args.role, args.id)
+    kp.save(args.out)
+    pub_path = args.out.with_name(args.out.name + ".pub.json") if args.out.suffix != ".key" else args.out.with_suffix(".pub.json")
+    kp.public().save(pub_path)
+    print(f"wrote {args.out} (private, 0600) and {pub_path} (public)")
+    return 0
+
+
+def _load_public(path: Path):
+    from broker_bridge.errors import KeyFileError
+    from broker_bridge.keys import KeyPair, PublicKeys
+
+    try:
+        return PublicKeys.load(path)
+    except KeyFileError as first:
+        try:
+            return KeyPair.load(path).public()
+        except KeyFileError:
+            raise first from None
+
+
+def _keys_public(args: argparse.Namespace) -> int:
+    from broker_bridge.keys import KeyPair
+
+    pub = KeyPair.load(args.key).public()
+    if args.out:
+        pub.save(args.out)
+    else:
+        print(json.dumps({"fedline": "public-key", "version": 1, **pub.to_dict()}, indent=2))
+    return 0
+
+
+def _keys_enroll(args: argparse.Namespace) -> int:
+    from broker_bridge.keys import Enrollment
+
+    agg = _load_public(args.aggregator)
+    if agg.role != "aggregator":
+        print(f"fedline: {args.aggregator} is a {agg.role} key, not the aggregator's", file=sys.stderr)
+        return 1
+    if args.out.exists():
+        enr = Enrollment.load(args.out)
+        if enr.federation != args.federation or enr.aggregator != agg:
+            print(f"fedline: {args.out} belongs to another federation or aggregator", file=sys.stderr)
+            return 1
+    else:
+        enr = Enrollment(args.federation, agg)
+    for s in args.site:
+        enr.add(_load_public(s))
+    enr.save(args.out)
+    print(f"wrote {args.out}: federation {enr.federation!r}, {len(enr.sites)} site(s): {', '.join(enr.sites)}")
+    return 0
+
+
+def _keys_revoke(args: argparse.Namespace) -> int:
+    from broker_bridge.keys import Enrollment
+
+    enr = Enrollment.load(args.enrollment)
+    try:
+        enr.revoke(args.site)
+    except KeyError as exc:
+        print(f"fedline: {exc.args[0]}", file=sys.stderr)
+        return 1
+    enr.save(args.enrollment)
+    print(f"revoked {args.site}; restart or reload the aggregator, and remove the site from the broker's passwd")
+    return 0
+
+
+def _keys_show(args: argparse.Namespace) -> int:
+    from broker_bridge.errors import KeyFileError
+    from broker_bridge.keys import Enrollment, KeyPair, PublicKeys
+
+    text = args.file.read_text() if args.file.exists() else ""
+    kind = ""
+    try:
+        kind = json.loads(text).get("fedline", "")
+    except (ValueError, AttributeError):
+        pass
+    if kind == "enrollment":
+        enr = Enrollment.load(args.file)
+        print(f"enrollment for federation {enr.federation!r}: aggregator {enr.aggregator.ident!r}, sites: "
+              + (", ".join(enr.sites) or "none"))
+    elif kind == "private-key":
+        kp = KeyPair.load(args.file)
+        print(f"private key of {kp.role} {kp.ident!r} (permissions ok)")
+    else:
+        try:
+            pub = PublicKeys.load(args.file)
+        except KeyFileError:
+            raise
+        print(f"public key of {pub.role} {pub.ident!r}")
+    return 0
+
+
+def _broker_config(args: argparse.Namespace) -> int:
+    from broker_bridge.keys import Enrollment
+    from broker_bridge.mosquitto import MosquittoConfig, write_broker_config
+
+    sites = list(args.site)
+    federation = args.federation
+    if args.enrollment:
+        enr = Enrollment.load(args.enrollment)
+        federation = federation or enr.federation
+        sites = sorted(set(sites) | set(enr.sites))
+    if not federation:
+        print("fedline: give --federation or --enrollment", file=sys.stderr)
+        return 2
+    passwords: dict[str, str] = {}
+    if args.keep_passwords and (args.out / "credentials").is_dir():
+        for p in (args.out / "credentials").glob("*.password"):
+            passwords[p.name[: -len(".password")]] = p.read_text().strip()
+    cfg = MosquittoConfig(federation=federation, sites=sites, port=args.port, bind=args.bind,
+                          max_packet_size=args.max_packet_size, tls_port=args.tls_port, ca_file=args.ca_file,
+                          cert_file=args.cert_file, key_file=args.key_file,
+                          require_client_cert=args.require_client_cert, passwords=passwords,
+                          run_as_user=args.user)
+    paths = write_broker_config(cfg, args.out)
+    print(f"wrote {paths['conf']} (listener {args.bind}:{args.port}), {paths['acl']}, {paths['passwd']}")
+    print(f"credentials for {len(sites) + 2} users in {args.out / 'credentials'} (mode 0600): "
+          "give each site only its own file")
+    print(f"run it with: mosquitto -c {paths['conf']}")
+    return 0
+
+
+def _broker_embedded(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from broker_bridge.embedded import serve_forever
+
+    try:
+        asyncio.run(serve_forever(args.host, args.port))
+    except KeyboardInterrupt:
+        pass
+    return 0
