@@ -28,7 +28,7 @@ def validate_site_id(site: str, what: str = "site id") -> str:
     for bad in ("+", "#", "/"):
         if bad in site:
             raise TopicError(f"{what} {site!r} contains {bad!r}, which MQTT reserves")
-    if not _SAFE.match(site):
+    if not _SAFE.fullmatch(site):  # fullmatch: "$" alone would accept a trailing newline
         raise TopicError(
             f"{what} {site!r} must be 1-64 characters of letters, digits, '_', '.', '-', "
             "starting with a letter or digit"
@@ -119,6 +119,6 @@ class Topics:
 
 
 def _index(text: str) -> int:
-    if not text.isdigit() or len(text) > 9:
+    if not (text.isascii() and text.isdigit()) or len(text) > 9:  # "²".isdigit() is True
         raise TopicError(f"{text!r} is not a non-negative integer")
     return int(text)
