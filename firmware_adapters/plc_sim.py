@@ -27,6 +27,64 @@ _FC = {"coil": 15, "discrete": 2, "holding": 16, "input": 4}
 _BLOCK_INDEX = {"coil": 0, "discrete": 1, "holding": 2, "input": 3}
 
 
+class RegisterServer:
+    """A real pymodbus TCP server whose memory is laid out by a register map.
+
+    ``write(tag, value)`` encodes an engineering value exactly as a PLC would
+    hold it (type, word and byte order, scale); the simulator and the tests
+    use it. Device id 0 answers every unit id, like a gateway with one PLC.
+    """
+
+    def __init__(
+        self, regmap: RegisterMap, host: str = "127.0.0.1", port: int = 5020,
+        *, serial_port: str | None = None, baudrate: int = 19200,
+    ) -> None:
+        self.regmap = regmap
+        self.host, self.port = host, port
+        self.serial_port, self.baudrate = serial_port, baudrate  # serial_port: serve Modbus RTU there
+        self._server: Any = None
+
+    def _device(self) -> Any:
+        from pymodbus.simulator import DataType, SimData, SimDevice
+
+        blocks: list[list[Any]] = [[], [], [], []]
+        for table, idx in _BLOCK_INDEX.items():
+            tags = [t for t in self.regmap.tags if t.table == table]
+            end = max((t.address + t.words for t in tags), default=1)
+            if table in BIT_TABLES:
+                blocks[idx].append(SimData(address=0, count=end, values=False, datatype=DataType.BITS))
+            else:
+                blocks[idx].append(SimData(address=0, count=end, values=0, datatype=DataType.REGISTERS))
+        return SimDevice(id=0, simdata=(blocks[0], blocks[1], blocks[2], blocks[3]))
+
+    async def start(self) -> None:
+        from pymodbus.server import ModbusSerialServer, ModbusTcpServer
+
+        if self.serial_port is not None:
+            self._server = ModbusSerialServer(self._device(), port=self.serial_port, baudrate=self.baudrate)
+        else:
+            self._server = ModbusTcpServer(self._device(), address=(self.host, self.port))
+        await self._server.serve_forever(background=True)
+
+    async def write(self, tag: TagSpec, value: float | int | bool) -> None:
+        await self._server.async_setValues(0, _FC[tag.table], tag.address, encode(self.regmap, tag, value))
+
+    async def write_raw(self, table: str, address: int, words: list[int] | list[bool]) -> None:
+        await self._server.async_setValues(0, _FC[table], address, words)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            await self._server.shutdown()
+            self._server = None
+
+    async def __aenter__(self) -> "RegisterServer":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
 class PlcSimulator:
     """``await sim.start()``, then ``await sim.tick()`` per row (or ``await sim.run()``)."""
 
@@ -50,7 +108,7 @@ class PlcSimulator:
         self.loop = loop
         self.rows_served = 0
         self.bad_cells = 0
-        self._server: Any = None
+        self._server: RegisterServer | None = None
         self._rows: Iterator[dict[str, str]] | None = None
         header, rows = read_rows(self.csv_path, {})
         rows.close()  # type: ignore[attr-defined]
@@ -69,26 +127,10 @@ class PlcSimulator:
                 )
             self._columns[col] = tag
 
-    def _device(self) -> Any:
-        from pymodbus.simulator import DataType, SimData, SimDevice
-
-        blocks: list[list[Any]] = [[], [], [], []]
-        for table, idx in _BLOCK_INDEX.items():
-            tags = [t for t in self.regmap.tags if t.table == table]
-            end = max((t.address + t.words for t in tags), default=1)
-            if table in BIT_TABLES:
-                blocks[idx].append(SimData(address=0, count=end, values=False, datatype=DataType.BITS))
-            else:
-                blocks[idx].append(SimData(address=0, count=end, values=0, datatype=DataType.REGISTERS))
-        # id 0 answers every device id, like a gateway with one PLC behind it
-        return SimDevice(id=0, simdata=(blocks[0], blocks[1], blocks[2], blocks[3]))
-
     async def start(self) -> None:
         """Listen on host:port and serve the first row."""
-        from pymodbus.server import ModbusTcpServer
-
-        self._server = ModbusTcpServer(self._device(), address=(self.host, self.port))
-        await self._server.serve_forever(background=True)
+        self._server = RegisterServer(self.regmap, self.host, self.port)
+        await self._server.start()
         self._rows = self._row_iter()
         await self.tick()
         event(log, "plc_sim.listening", host=self.host, port=self.port, csv=str(self.csv_path))
@@ -104,8 +146,9 @@ class PlcSimulator:
                 return
 
     async def write(self, tag: TagSpec, value: float | int | bool) -> None:
-        """Set one tag's registers (also used by tests to serve exact values)."""
-        await self._server.async_setValues(0, _FC[tag.table], tag.address, encode(self.regmap, tag, value))
+        """Set one tag's registers."""
+        assert self._server is not None, "start() first"
+        await self._server.write(tag, value)
 
     async def tick(self) -> bool:
         """Serve the next row; False when the file is exhausted (and not looping)."""
@@ -141,7 +184,7 @@ class PlcSimulator:
 
     async def stop(self) -> None:
         if self._server is not None:
-            await self._server.shutdown()
+            await self._server.stop()
             self._server = None
 
     async def __aenter__(self) -> "PlcSimulator":

@@ -1,0 +1,88 @@
+"""Fixtures for the adapter tests: free ports, pseudo-terminal pairs (socat),
+and a plain anonymous Mosquitto for Sparkplug / MQTT JSON (the lead's
+``mosquitto`` fixture enforces fedline's ACL, which has no spBv1.0 topics)."""
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from broker_bridge.mosquitto import free_port, mosquitto_binary
+
+
+@pytest.fixture
+def port() -> int:
+    return free_port()
+
+
+@pytest.fixture
+def pty_pair(tmp_path: Path):
+    """Two linked pseudo-terminals (a null-modem cable), made by socat."""
+    socat = shutil.which("socat")
+    if socat is None:
+        pytest.fail("these tests need socat: apt-get install socat")
+    a, b = tmp_path / "ttyA", tmp_path / "ttyB"
+    proc = subprocess.Popen(
+        [socat, f"pty,raw,echo=0,link={a}", f"pty,raw,echo=0,link={b}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 5
+    while not (a.exists() and b.exists()):
+        if time.monotonic() > deadline or proc.poll() is not None:
+            proc.kill()
+            pytest.fail("socat did not create the pty pair")
+        time.sleep(0.02)
+    yield str(a), str(b)
+    proc.terminate()
+    proc.wait(5)
+
+
+@pytest.fixture
+def plain_mosquitto(tmp_path: Path):
+    """An anonymous Mosquitto on a free loopback port; yields its URL."""
+    binary = mosquitto_binary()
+    if binary is None:
+        pytest.fail("this test needs the mosquitto broker: apt-get install mosquitto")
+    p = free_port()
+    conf = tmp_path / "mosquitto.conf"
+    conf.write_text(f"listener {p} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    import socket
+
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", p), 0.2).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                pytest.fail("mosquitto did not start")
+            time.sleep(0.05)
+    yield f"mqtt://127.0.0.1:{p}"
+    proc.terminate()
+    proc.wait(5)
+
+
+async def take(source, n: int, timeout: float = 10.0, pred=lambda s: True):
+    """The first ``n`` samples of ``source`` matching ``pred`` (fails after ``timeout``)."""
+    out = []
+
+    agen = source.__aiter__()
+
+    async def run():
+        async for s in agen:
+            if pred(s):
+                out.append(s)
+                if len(out) >= n:
+                    return
+
+    try:
+        await asyncio.wait_for(run(), timeout)
+    finally:
+        await agen.aclose()
+    return out
