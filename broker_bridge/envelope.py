@@ -95,7 +95,7 @@ def encode_tensors(tensors: Mapping[str, np.ndarray]) -> bytes:
     for name, arr in tensors.items():
         a = np.asarray(arr)
         dt = a.dtype.newbyteorder("<") if a.dtype.byteorder not in ("|", "<", "=") else a.dtype
-        a = np.ascontiguousarray(a, dtype=dt)
+        a = np.require(a, dtype=dt, requirements="C")  # not ascontiguousarray: it makes a 0-d array 1-d
         if a.dtype.str not in DTYPES:
             raise ValueError(f"tensor {name!r}: dtype {a.dtype} cannot go on the wire")
         meta.append({"name": name, "dtype": a.dtype.str, "shape": list(a.shape)})
