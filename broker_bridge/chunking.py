@@ -188,11 +188,11 @@ class Reassembler:
             return None
         self._drop(c.msg_id)
         blob = b"".join(p.parts[i] for i in range(p.count))
+        if len(blob) != p.total or message_digest(blob) != p.digest:
+            self.stats.corrupt += 1  # not remembered as done: a clean resend of this id must get through
+            raise ChunkError(f"message {c.msg_id} reassembled to {len(blob)} bytes with a wrong digest")
         self._done[c.msg_id] = None
         if len(self._done) > self._remember:
             self._done.popitem(last=False)
-        if len(blob) != p.total or message_digest(blob) != p.digest:
-            self.stats.corrupt += 1
-            raise ChunkError(f"message {c.msg_id} reassembled to {len(blob)} bytes with a wrong digest")
         self.stats.completed += 1
         return c.msg_id, blob
