@@ -45,14 +45,15 @@ class _ModbusCommon(_Common):
     poll_interval_s: float = 1.0
     group_intervals_s: dict[str, float] = field(default_factory=dict)
     map: str | None = None
-    tags: list[TagSpec] | None = None
+    # inline tags; not Optional so that fedline.config reports the inner key (tags[3].address)
+    tags: list[TagSpec] = field(default_factory=list)
     word_order: Order = "big"
     byte_order: Order = "big"
     row_counter: str | None = None
     max_gap: int = 0
 
     def validate(self) -> None:
-        if (self.map is None) == (self.tags is None):
+        if (self.map is None) == (not self.tags):
             raise ValueError("give exactly one of `map` (a register map file) or inline [[tags]]")
         if self.poll_interval_s <= 0:
             raise ValueError("poll_interval_s must be > 0")
@@ -212,7 +213,7 @@ def register_map_of(cfg: _ModbusCommon, file: str | Path | None, where: str = "s
     regmap_table: dict[str, Any] = {"word_order": cfg.word_order, "byte_order": cfg.byte_order}
     if cfg.row_counter is not None:
         regmap_table["row_counter"] = cfg.row_counter
-    regmap = RegisterMap(tags=list(cfg.tags or []), **regmap_table)
+    regmap = RegisterMap(tags=list(cfg.tags), **regmap_table)
     try:
         regmap.validate()
     except ValueError as exc:

@@ -1,0 +1,103 @@
+"""Configuration errors name the file and the key, at start-up."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fedline.config import ConfigError, load_toml
+from firmware_adapters import build_source, build_sources
+from firmware_adapters.registers import load_register_map
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def site(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "site.toml"
+    p.write_text(text)
+    return p
+
+
+def error_of(path: Path) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        build_sources(load_toml(path)["sources"], file=path)
+    return info.value
+
+
+def test_missing_address_names_file_and_key(tmp_path: Path) -> None:
+    p = site(tmp_path, """
+[[sources]]
+kind = "csv"
+path = "x.csv"
+[[sources]]
+kind = "modbus_tcp"
+host = "127.0.0.1"
+[[sources.tags]]
+name = "t"
+table = "holding"
+""")
+    (tmp_path / "x.csv").write_text("a\n1\n")
+    err = error_of(p)
+    assert err.file == str(p) and err.key == "sources[1].tags[0].address"
+    assert "missing" in str(err) and "integer" in str(err)
+
+
+def test_unknown_key_and_wrong_type(tmp_path: Path) -> None:
+    err = error_of(site(tmp_path, '[[sources]]\nkind = "modbus_tcp"\nhost = "h"\npoll_intervall_s = 1\n'))
+    assert err.key == "sources[0].poll_intervall_s" and "unknown key" in err.message
+    assert "poll_interval_s" in err.message  # the list of expected keys helps spot the typo
+    err = error_of(site(tmp_path, '[[sources]]\nkind = "modbus_tcp"\nhost = "h"\nport = "502"\n[[sources.tags]]\nname="a"\ntable="holding"\naddress=0\n'))
+    assert err.key == "sources[0].port" and "integer" in err.message
+    err = error_of(site(tmp_path, '[[sources]]\nkind = "modbus_tcp"\nhost = "h"\n[[sources.tags]]\nname="a"\ntable="holdings"\naddress=0\n'))
+    assert err.key == "sources[0].tags[0].table" and "'holding'" in err.message
+
+
+def test_unknown_kind_and_missing_kind(tmp_path: Path) -> None:
+    err = error_of(site(tmp_path, '[[sources]]\nkind = "profinet"\n'))
+    assert err.key == "sources[0].kind" and "modbus_tcp" in err.message
+    err = error_of(site(tmp_path, '[[sources]]\nname = "x"\n'))
+    assert err.key == "sources[0].kind"
+
+
+def test_cross_field_checks(tmp_path: Path) -> None:
+    err = error_of(site(tmp_path, '[[sources]]\nkind = "modbus_tcp"\nhost = "h"\n'))
+    assert err.key == "sources[0]" and "map" in err.message
+    err = error_of(site(tmp_path, '[[sources]]\nkind = "serial"\nport = "loop://"\nprotocol = "csv"\n'))
+    assert "columns" in err.message
+    err = error_of(site(tmp_path, '[[sources]]\nkind = "opcua"\nurl = "opc.tcp://h:4840"\nnodes = [{tag = "t"}]\n'))
+    assert err.key == "sources[0].nodes[0]" and "node_id" in err.message
+    err = error_of(site(tmp_path, '[[sources]]\nkind = "modbus_tcp"\nhost = "h"\n'
+                              '[[sources.tags]]\nname="a"\ntable="coil"\naddress=0\ntype="float32"\n'))
+    assert err.key == "sources[0].tags[0]" and "bool" in err.message
+
+
+def test_register_map_file_errors_name_the_map_file(tmp_path: Path) -> None:
+    m = tmp_path / "maps" / "press.toml"
+    m.parent.mkdir()
+    m.write_text('[[tags]]\nname = "a"\ntable = "holding"\naddress = 0\ntype = "float32"\n'
+                 '[[tags]]\nname = "b"\ntable = "holding"\naddress = 1\n')
+    p = site(tmp_path, '[[sources]]\nkind = "modbus_tcp"\nhost = "h"\nmap = "maps/press.toml"\n')
+    err = error_of(p)
+    assert err.file == str(m) and "overlap" in err.message
+    m.write_text('[[tags]]\nname = "a"\ntable = "holding"\naddress = 70000\n')
+    err = error_of(p)
+    assert err.file == str(m) and err.key == "tags[0]" and "65535" in err.message
+
+
+def test_csv_source_checks_its_file_and_columns(tmp_path: Path) -> None:
+    (tmp_path / "d.csv").write_text("a,b\n1,2\n")
+    err = error_of(site(tmp_path, '[[sources]]\nkind = "csv"\npath = "missing.csv"\n'))
+    assert err.key == "sources[0].path" and "missing.csv" in err.message
+    err = error_of(site(tmp_path, '[[sources]]\nkind = "csv"\npath = "d.csv"\ncolumns = ["a", "c"]\n'))
+    assert err.key == "sources[0].columns" and "'c'" in err.message
+
+
+def test_bundled_ai4i_map_is_valid() -> None:
+    regmap = load_register_map(REPO / "firmware_adapters" / "maps" / "ai4i2020.toml")
+    assert regmap.row_counter == "row"
+    assert set(regmap.ranges()) == {"Air temperature [K]", "Process temperature [K]", "Rotational speed [rpm]",
+                                    "Torque [Nm]", "Tool wear [min]"}
+    types = {t.name: t.type for t in regmap.tags}
+    assert types["Torque [Nm]"] == "float32" and types["Machine failure"] == "bool"
+    source = build_source({"kind": "modbus_tcp", "host": "127.0.0.1", "map": str(REPO / "firmware_adapters/maps/ai4i2020.toml")})
+    assert source.requests_per_poll() == {"default": 2}
