@@ -1,0 +1,590 @@
+"""The edge agent: read plant data, train with DP-SGD, send sealed deltas, follow the global model.
+
+One asyncio process with six tasks that share the on-disk state:
+
+- **ingest**: samples from the configured sources → rows (``firmware_adapters.rows``)
+  → the bounded local dataset; counts new rows and fires the training trigger;
+- **train**: on every ``every_rows`` new rows or ``every_s`` seconds (whichever first,
+  and only if there are new rows) one local round in a worker thread, then seal,
+  and queue in the outbox together with the counter and the privacy accountant;
+- **send**: while connected, publish queued updates in order, chunked, QoS 1;
+- **receive**: signed receipts (rows leave the outbox only on these), the signed
+  model manifest and weight chunks (verified, then the next round rebases on them);
+- **status**: a retained status message (``offline`` by last will) every
+  ``status_interval_s`` and on every change; the same figures on /metrics.
+
+Why training in a thread: a round takes seconds; the loop must keep receiving
+receipts, publishing and answering the broker's keep-alives meanwhile.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from broker_bridge.client import BrokerSettings, Message, MqttClient, will_message
+from broker_bridge.chunking import split
+from broker_bridge.envelope import UpdateHeader, seal_update, verify_manifest, verify_receipt
+from broker_bridge.errors import FedlineError, NotConnected, PublishRefused, TopicError, WireError
+from broker_bridge.keys import Enrollment, KeyPair
+from broker_bridge.topics import Topics
+from edge.config import EdgeConfig, load_edge_config, row_mapping
+from edge.dataset import Dataset
+from edge.follow import WeightsCollector
+from edge.metrics import EdgeMetrics
+from edge.model_store import GlobalModel, ModelRefused, ModelStore, check_global_model
+from edge.outbox import Outbox, OutboxFull
+from edge.privacy import PrivacyBudget
+from edge.trainer import plan_round, train_round
+from fedline.config import ConfigError, parse
+from fedline.logs import event
+from models import ModelSpec, build_model, export_onnx, load_personal_state, load_shared_state
+from models.flat import personal_state, shared_state, split_names
+
+log = logging.getLogger("fedline.edge")
+
+
+class EdgeAgent:
+    """One site. Construct (validates everything, opens the stores), then ``await agent.run()``."""
+
+    def __init__(self, cfg: EdgeConfig) -> None:
+        self.cfg = cfg
+        self.site = cfg.site
+        self.spec: ModelSpec = cfg.model
+        self.dp = cfg.dp
+        self.keys = KeyPair.load(cfg.path(cfg.keys.private))
+        if self.keys.ident != cfg.site or self.keys.role != "site":
+            raise ConfigError(cfg.file, "keys.private",
+                              f"key file is for {self.keys.role} {self.keys.ident!r}, not site {cfg.site!r}")
+        self.enrollment = Enrollment.load(cfg.path(cfg.keys.enrollment))
+        if self.enrollment.federation != cfg.federation:
+            raise ConfigError(cfg.file, "keys.enrollment",
+                              f"enrollment is for federation {self.enrollment.federation!r}, not {cfg.federation!r}")
+        self.topics = Topics(cfg.federation, cfg.topic_prefix)
+        self.settings = parse(BrokerSettings, {"client_id": cfg.site, **cfg.broker}, file=cfg.file, where="broker")
+        self.mapping = row_mapping(cfg)
+        self.sources = self._build_sources()
+
+        data_dir = cfg.path(cfg.data_dir)
+        self.metrics = EdgeMetrics(cfg.site)
+        self.dataset = Dataset(data_dir / "dataset.sqlite", self.spec.input_shape,
+                               None if self.spec.task == "anomaly" else self.spec.n_outputs,
+                               cfg.dataset.max_rows, cfg.dataset.holdout_fraction)
+        self.outbox = Outbox(data_dir / "outbox.sqlite", cfg.outbox.max_bytes, cfg.outbox.max_count, cfg.outbox.policy)
+        self.budget = PrivacyBudget(self.dp, self.outbox.get_meta("accountant")) if self.dp else None
+        self.store = ModelStore(data_dir, cfg.path(cfg.model_dir))
+
+        template = build_model(self.spec, seed=cfg.model_seed)
+        self.shared_names, self.personal_names = split_names(self.spec, template)
+        self.shapes = {n: tuple(p.shape) for n, p in template.named_parameters()}
+        self.base = GlobalModel(0, {}, b"", b"", shared_state(template, self.spec))  # version 0, built like the aggregator's
+        self._load_last_good_model()
+        self.personal = self.store.load_personal() or personal_state(template, self.spec)
+        if set(self.personal) != set(self.personal_names):
+            event(log, "personal.reset", logging.WARNING, site=self.site, reason="stored personal names differ from the spec")
+            self.personal = personal_state(template, self.spec)
+
+        self.collector = WeightsCollector()
+        self.pending_manifest: tuple[int, bytes, dict[str, Any]] | None = None
+        self.new_rows = 0
+        self.last_round_at = time.monotonic()
+        self.publishing = "ok"  # ok | budget_exhausted | outbox_full
+        self.last_error: str | None = None
+        self.last_round: dict[str, Any] = {}
+        self.client: MqttClient | None = None
+        self.metrics_port: int | None = None
+        self.sources_done = False
+        self._trigger = asyncio.Event()
+        self._send_wake = asyncio.Event()
+        self._status_dirty = asyncio.Event()
+        self._export_lock = asyncio.Lock()
+        self._refresh_gauges()
+
+    # ------------------------------------------------------------------ set-up
+    def _build_sources(self) -> list[Any]:
+        from firmware_adapters import build_source
+
+        return [build_source(t, file=self.cfg.file, where=f"sources[{i}]") for i, t in enumerate(self.cfg.sources)]
+
+    def _load_last_good_model(self) -> None:
+        blobs = self.store.load_global_blobs()
+        if blobs is None:
+            return
+        try:
+            self.base = self._check(*blobs)
+            event(log, "model.restored", site=self.site, version=self.base.version)
+        except ModelRefused as exc:
+            event(log, "model.refused", logging.WARNING, site=self.site, source="disk", reason=exc.reason)
+
+    def _check(self, manifest_blob: bytes, weights_blob: bytes) -> GlobalModel:
+        return check_global_model(manifest_blob, weights_blob, self.enrollment.aggregator.sign_pub,
+                                  self.cfg.federation, self.spec, self.shared_names, self.shapes)
+
+    # ------------------------------------------------------------------ status
+    @property
+    def epsilon(self) -> float:
+        return self.budget.epsilon if self.budget else 0.0
+
+    def status(self, state: str = "online") -> dict[str, Any]:
+        """The retained status document (also what ``fedline status`` shows)."""
+        depth, nbytes = self.outbox.depth()
+        train, hold = self.dataset.counts()
+        return {
+            "site": self.site,
+            "state": state,
+            "version": self.base.version,
+            "privacy": "on" if self.dp else "off",
+            "epsilon": round(self.epsilon, 6),
+            "epsilon_budget": self.dp.epsilon if self.dp else None,
+            "delta": self.dp.delta if self.dp else None,
+            "publishing": self.publishing,
+            "outbox_depth": depth,
+            "outbox_bytes": nbytes,
+            "rows": train + hold,
+            "holdout_rows": hold,
+            "counter": self.outbox.last_counter(),
+            "last_round": self.last_round,
+            "last_error": self.last_error,
+            "ts": time.time(),
+        }
+
+    def _refresh_gauges(self) -> None:
+        m = self.metrics
+        depth, nbytes = self.outbox.depth()
+        m.model_version.set(self.base.version)
+        m.epsilon.set(self.epsilon)
+        m.epsilon_budget.set(self.dp.epsilon if self.dp else 0)
+        m.budget_exhausted.set(1 if self.publishing == "budget_exhausted" else 0)
+        m.outbox_depth.set(depth)
+        m.outbox_bytes.set(nbytes)
+        m.rows.set(len(self.dataset))
+        m.connected.set(1 if self.client is not None and self.client.connected.is_set() else 0)
+
+    def _changed(self) -> None:
+        self._refresh_gauges()
+        self._status_dirty.set()
+
+    def _error(self, text: str) -> None:
+        self.last_error = text
+        self._changed()
+
+    # ------------------------------------------------------------------ ingest
+    def _example(self, row: Any) -> tuple[np.ndarray, np.ndarray | None]:
+        if self.spec.task == "anomaly":
+            return row.x, None
+        y = float(row.y)
+        if self.spec.task == "classification" and self.spec.n_outputs > 1:
+            target = np.zeros(self.spec.n_outputs, np.float32)
+            if 0 <= int(y) < self.spec.n_outputs:
+                target[int(y)] = 1.0
+            return row.x, target
+        return row.x, np.full(self.spec.n_outputs, y, np.float32)
+
+    async def _ingest(self) -> None:
+        from firmware_adapters.rows import RowBuilder
+
+        ranges: dict[str, tuple[float, float]] = {}
+        for src in self.sources:
+            r = getattr(src, "ranges", None)
+            ranges.update((r() if callable(r) else r) or {})
+        builder = RowBuilder(self.mapping, ranges=ranges, file=self.cfg.file)
+        queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=1024)
+        done = object()
+
+        async def pump(src: Any) -> None:
+            try:
+                async for sample in src:
+                    await queue.put(sample)
+            except Exception as exc:  # a source must not take the agent down
+                event(log, "source.failed", logging.ERROR, site=self.site, source=getattr(src, "name", "?"), error=repr(exc))
+                self._error(f"source {getattr(src, 'name', '?')}: {exc}")
+            finally:
+                await queue.put(done)
+
+        pumps = [asyncio.create_task(pump(s)) for s in self.sources]
+        running = len(pumps)
+        batch: list[tuple[np.ndarray, np.ndarray | None]] = []
+        try:
+            while running:
+                item = await queue.get()
+                if item is done:
+                    running -= 1
+                    row = builder.flush() if running == 0 else None
+                else:
+                    self.metrics.samples.inc()
+                    row = builder.push(item)
+                if row is not None and (row.y is not None or self.spec.task == "anomaly"):
+                    batch.append(self._example(row))
+                if batch and (len(batch) >= 64 or queue.empty()):
+                    self._store(batch)
+                    batch = []
+            if batch:
+                self._store(batch)
+        finally:
+            for p in pumps:
+                p.cancel()
+        self.sources_done = True
+        event(log, "sources.ended", site=self.site, rows=len(self.dataset), **builder.stats.__dict__)
+
+    def _store(self, batch: list[tuple[np.ndarray, np.ndarray | None]]) -> None:
+        self.dataset.add_many(batch)
+        self.new_rows += len(batch)
+        self.metrics.examples.inc(len(batch))
+        self.metrics.rows.set(len(self.dataset))
+        if self.new_rows >= self.cfg.training.every_rows:
+            self._trigger.set()
+
+    # ------------------------------------------------------------------ training
+    async def _train_loop(self) -> None:
+        every_s = self.cfg.training.every_s
+        while True:
+            wait = max(0.0, every_s - (time.monotonic() - self.last_round_at))
+            try:
+                await asyncio.wait_for(self._trigger.wait(), timeout=wait)
+            except asyncio.TimeoutError:
+                pass
+            self._trigger.clear()
+            if self.new_rows == 0:
+                self.last_round_at = time.monotonic()
+                continue
+            await self.train_once()
+
+    def _skip(self, reason: str, **fields: Any) -> None:
+        self.metrics.rounds_skipped.labels(reason).inc()
+        event(log, "round.skipped", logging.INFO, site=self.site, reason=reason, **fields)
+        self.last_round_at = time.monotonic()
+
+    def _set_publishing(self, state: str, **fields: Any) -> None:
+        if state != self.publishing:
+            level = logging.INFO if state == "ok" else logging.WARNING
+            event(log, f"publishing.{state}", level, site=self.site, **fields)
+            self.publishing = state
+        self._changed()
+
+    async def train_once(self) -> str | None:
+        """One round now: train, seal, queue. Returns the msg_id queued, or None when skipped."""
+        triggered = time.perf_counter()
+        cfg = self.cfg
+        if cfg.outbox.policy == "stop_training" and self.outbox.is_full():
+            depth, nbytes = self.outbox.depth()
+            self._set_publishing("outbox_full", outbox_depth=depth, outbox_bytes=nbytes)
+            self._skip("outbox_full")
+            return None
+        n_train, _ = self.dataset.counts()
+        if n_train < cfg.training.min_rows:
+            self._skip("too_few_rows", rows=n_train, min_rows=cfg.training.min_rows)
+            return None
+        x, y = self.dataset.arrays(newest=cfg.training.max_train_rows)
+        plan = plan_round(len(x), cfg.training)
+        if self.budget is not None:
+            eps_next = self.budget.epsilon_after(plan.sample_rate, plan.steps)
+            if eps_next > self.budget.cfg.epsilon:
+                self._set_publishing("budget_exhausted", epsilon=round(self.budget.epsilon, 4),
+                                     next_epsilon=round(eps_next, 4), budget=self.budget.cfg.epsilon)
+                self._skip("budget_exhausted", next_epsilon=round(eps_next, 4))
+                return None
+        consumed, self.new_rows = self.new_rows, 0
+        base = self.base
+        holdout = self.dataset.arrays(holdout=True)
+        result = await asyncio.to_thread(train_round, self.spec, base.shared, self.personal, x, y, cfg.training,
+                                         self.dp, holdout, cfg.model_seed)
+        counter = self.outbox.last_counter() + 1
+        msg_id = f"u{counter}-{secrets.token_hex(6)}"
+        privacy: dict[str, Any] = {"mode": "off"}
+        meta: dict[str, str] = {}
+        eps_after = None
+        if self.budget is not None:
+            dp = self.budget.cfg
+            eps_after = self.budget.epsilon_after(plan.sample_rate, plan.steps)
+            privacy = {"mode": "dp-sgd", "accountant": dp.accountant, "clip_norm": dp.max_grad_norm,
+                       "noise_multiplier": dp.noise_multiplier, "sample_rate": plan.sample_rate,
+                       "steps": plan.steps, "epsilon": eps_after, "delta": dp.delta}
+            meta["accountant"] = self.budget.state_after(plan.sample_rate, plan.steps)
+        header = UpdateHeader(site=self.site, counter=counter, msg_id=msg_id, base_version=base.version,
+                              n_samples=len(x), privacy=privacy)
+        blob = seal_update(header, result.delta, self.keys, self.enrollment.aggregator.box_pub)
+        try:
+            dropped = await asyncio.to_thread(
+                self.outbox.put, site=self.site, counter=counter, msg_id=msg_id, base_version=base.version,
+                n_samples=len(x), epsilon=eps_after, blob=blob, meta=meta)
+        except OutboxFull as exc:  # filled up while training (stop_training): nothing released, nothing accounted
+            self.new_rows += consumed
+            self._set_publishing("outbox_full", detail=str(exc))
+            self._skip("outbox_full")
+            return None
+        if self.budget is not None:
+            self.budget.commit(meta["accountant"])
+        for d in dropped:
+            self.metrics.dropped.inc()
+            event(log, "outbox.dropped", logging.WARNING, site=self.site, counter=d.counter, msg_id=d.msg_id,
+                  reason="outbox full", policy=cfg.outbox.policy)
+        self.personal = result.personal
+        if self.personal_names:
+            await asyncio.to_thread(self.store.save_personal, self.personal)
+        sealed_s = time.perf_counter() - triggered
+        self.last_round = {"counter": counter, "msg_id": msg_id, "base_version": base.version, "n_samples": len(x),
+                           "steps": plan.steps, "train_loss": _r(result.train_loss),
+                           "holdout_loss": _r(result.holdout_loss), "holdout_accuracy": _r(result.holdout_accuracy),
+                           "train_s": round(result.seconds, 3), "trigger_to_outbox_s": round(sealed_s, 3)}
+        self.metrics.rounds.inc()
+        self.metrics.sealed.inc()
+        self.metrics.round_seconds.set(result.seconds)
+        self.last_round_at = time.monotonic()
+        event(log, "update.sealed", site=self.site, counter=counter, msg_id=msg_id, bytes=len(blob),
+              epsilon=_r(eps_after), **{k: v for k, v in self.last_round.items() if k not in ("counter", "msg_id")})
+        if self.publishing == "outbox_full":
+            self._set_publishing("ok")
+        self._changed()
+        self._send_wake.set()
+        if self.personal_names:
+            await self.export_onnx()
+        return msg_id
+
+    async def export_onnx(self) -> Path:
+        """Write the personalised ONNX (global shared + local personal) for the line inference."""
+        async with self._export_lock:
+            base, personal = self.base, dict(self.personal)
+
+            def build() -> bytes:
+                model = build_model(self.spec, seed=self.cfg.model_seed)
+                load_shared_state(model, self.spec, base.shared)
+                if personal:
+                    load_personal_state(model, self.spec, personal)
+                return export_onnx(model, self.spec)
+
+            onnx = await asyncio.to_thread(build)
+            path = await asyncio.to_thread(self.store.publish_onnx, onnx, site=self.site, version=base.version,
+                                           spec=self.spec, counter=self.outbox.last_counter())
+        event(log, "onnx.exported", site=self.site, version=base.version, path=str(path), bytes=len(onnx))
+        return path
+
+    # ------------------------------------------------------------------ sending
+    async def _send_loop(self, client: MqttClient) -> None:
+        resend = self.cfg.outbox.resend_after_s
+        while True:
+            await client.connected.wait()
+            for row in self.outbox.pending(resend):
+                topic0 = self.topics.update_chunk(self.site, row.msg_id, 0)
+                chunks = split(row.blob, row.msg_id, client.chunk_limit(topic0))
+                items = [(self.topics.update_chunk(self.site, row.msg_id, i), c) for i, c in enumerate(chunks)]
+                try:
+                    await client.publish_many(items, qos=1)
+                except NotConnected:
+                    break  # back to waiting for the connection; the row stays queued
+                except PublishRefused as exc:
+                    self._error(f"broker refused update {row.msg_id}: {exc}")
+                    event(log, "update.refused_by_broker", logging.ERROR, site=self.site, msg_id=row.msg_id,
+                          reason=exc.reason, code=exc.reason_code)
+                    await asyncio.sleep(min(resend, 30.0))
+                    break
+                self.outbox.mark_sent(row.msg_id)
+                self.metrics.published.inc()
+                event(log, "update.published", site=self.site, counter=row.counter, msg_id=row.msg_id,
+                      chunks=len(chunks), attempt=row.attempts + 1)
+            self._send_wake.clear()
+            try:
+                await asyncio.wait_for(self._send_wake.wait(), timeout=min(resend, 5.0))
+            except asyncio.TimeoutError:
+                pass
+
+    # ------------------------------------------------------------------ receiving
+    async def _receive_loop(self, client: MqttClient) -> None:
+        async for msg in client.messages():
+            try:
+                await self.handle_message(msg)
+            except Exception as exc:  # one bad message must not stop the agent
+                self.metrics.malformed.labels("unexpected").inc()
+                event(log, "message.failed", logging.ERROR, site=self.site, topic=msg.topic, error=repr(exc))
+
+    async def handle_message(self, msg: Message) -> None:
+        """Dispatch one message from the broker: receipts, manifests, weight chunks."""
+        try:
+            info = self.topics.parse(msg.topic)
+        except TopicError:
+            self.metrics.malformed.labels("topic").inc()
+            return
+        if info.kind == "receipts" and info.site == self.site:
+            self._on_receipt(msg.payload)
+        elif info.kind == "manifest" and msg.payload:
+            await self._on_manifest(msg.payload)
+        elif info.kind == "weights" and info.version is not None and info.version > self.base.version and msg.payload:
+            try:
+                self.collector.add(info.version, info.index or 0, msg.payload)
+            except WireError as exc:
+                self.metrics.malformed.labels("weights").inc()
+                event(log, "model.chunk_dropped", logging.WARNING, site=self.site, topic=msg.topic, reason=str(exc))
+                return
+            await self._try_adopt()
+
+    def _on_receipt(self, payload: bytes) -> None:
+        try:
+            doc = verify_receipt(payload, self.enrollment.aggregator.sign_pub)
+            if doc["site"] != self.site:
+                raise WireError("schema", f"receipt for site {doc['site']!r} on our topic")
+        except WireError as exc:
+            self.metrics.malformed.labels("receipt").inc()
+            event(log, "receipt.dropped", logging.WARNING, site=self.site, reason=str(exc))
+            return
+        verdict, reason = doc["verdict"], doc.get("reason")
+        found = self.outbox.settle(doc["counter"], doc["msg_id"], verdict, reason, doc.get("version"))
+        self.metrics.receipts.labels(verdict).inc()
+        level = logging.WARNING if verdict in ("stale", "rejected") else logging.INFO
+        event(log, f"receipt.{verdict}", level, site=self.site, counter=doc["counter"], msg_id=doc["msg_id"],
+              reason=reason, version=doc.get("version"), matched=found)
+        if verdict in ("stale", "rejected"):
+            self.last_error = f"update {doc['counter']} {verdict}: {reason}"
+        self._changed()
+
+    async def _on_manifest(self, blob: bytes) -> None:
+        try:
+            doc = verify_manifest(blob, self.enrollment.aggregator.sign_pub)
+        except WireError as exc:
+            self._refuse(None, f"manifest {exc}")
+            return
+        version = doc["version"]
+        if version <= self.base.version:
+            return
+        if doc.get("federation") != self.cfg.federation:
+            self._refuse(version, f"manifest is for federation {doc.get('federation')!r}")
+            return
+        self.pending_manifest = (version, bytes(blob), doc)
+        self.collector.forget_up_to(self.base.version)
+        event(log, "model.announced", site=self.site, version=version, chunks=doc["weights"].get("chunks"))
+        await self._try_adopt()
+
+    async def _try_adopt(self) -> None:
+        if self.pending_manifest is None:
+            return
+        version, manifest_blob, doc = self.pending_manifest
+        chunks = doc["weights"].get("chunks")
+        if not isinstance(chunks, int) or chunks < 1:
+            self.pending_manifest = None
+            self._refuse(version, f"manifest weights.chunks {chunks!r} is not a positive integer")
+            return
+        weights = self.collector.complete(version, chunks)
+        if weights is None:
+            return
+        self.pending_manifest = None
+        try:
+            g = self._check(manifest_blob, weights)
+        except ModelRefused as exc:
+            self._refuse(version, exc.reason)
+            return
+        if g.version <= self.base.version:
+            return
+        self.base = g
+        await asyncio.to_thread(self.store.save_global, g)
+        self.metrics.models_loaded.inc()
+        event(log, "model.loaded", site=self.site, version=g.version)
+        self._changed()
+        await self.export_onnx()
+
+    def _refuse(self, version: int | None, reason: str) -> None:
+        self.metrics.models_refused.inc()
+        event(log, "model.refused", logging.WARNING, site=self.site, version=version, reason=reason,
+              keeping=self.base.version)
+        self._error(f"model {version} refused: {reason}")
+
+    # ------------------------------------------------------------------ status
+    async def _publish_status(self, client: MqttClient, state: str = "online", timeout: float | None = None) -> None:
+        self._refresh_gauges()
+        payload = json.dumps(self.status(state)).encode()
+        await client.publish(self.topics.status(self.site), payload, qos=1, retain=True, timeout=timeout)
+
+    async def _on_connect(self, client: MqttClient) -> None:
+        self._changed()
+        self._send_wake.set()
+
+    async def _status_loop(self, client: MqttClient) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._status_dirty.wait(), timeout=self.cfg.status_interval_s)
+            except asyncio.TimeoutError:
+                pass
+            self._status_dirty.clear()
+            if not client.connected.is_set():
+                await client.connected.wait()
+            try:
+                await self._publish_status(client)
+            except (NotConnected, PublishRefused) as exc:
+                event(log, "status.not_published", logging.DEBUG, site=self.site, error=str(exc))
+            await asyncio.sleep(0.2)  # coalesce bursts of changes
+
+    # ------------------------------------------------------------------ run
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        """Run until ``stop`` is set (or the task is cancelled); the stores stay on disk."""
+        stop = stop or asyncio.Event()
+        self._announce()
+        if self.cfg.metrics.port is not None:
+            self.metrics_port = self.metrics.serve(self.cfg.metrics.host, self.cfg.metrics.port)
+            event(log, "metrics.serving", site=self.site, url=f"http://{self.cfg.metrics.host}:{self.metrics_port}/metrics")
+        if not (self.store.model_dir / "model.onnx").exists():
+            await self.export_onnx()
+        will = will_message(self.topics.status(self.site),
+                            json.dumps({"site": self.site, "state": "offline", "reason": "connection lost"}).encode())
+        client = MqttClient(self.settings, will=will, on_connect=self._on_connect)
+        self.client = client
+        try:
+            async with client:
+                await client.subscribe(self.topics.receipts(self.site), qos=1)
+                await client.subscribe(self.topics.model_filter(), qos=1)
+                tasks = {asyncio.create_task(c, name=f"edge:{self.site}:{n}") for n, c in [
+                    ("ingest", self._ingest()), ("train", self._train_loop()), ("send", self._send_loop(client)),
+                    ("receive", self._receive_loop(client)), ("status", self._status_loop(client))]}
+                stopper = asyncio.create_task(stop.wait())
+                try:
+                    pending = {*tasks, stopper}
+                    while not stop.is_set():
+                        done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                        for t in done:
+                            if t is not stopper and t.exception() is not None:
+                                raise t.exception()  # type: ignore[misc]
+                finally:
+                    for t in [*tasks, stopper]:
+                        t.cancel()
+                    await asyncio.gather(*tasks, stopper, return_exceptions=True)
+                    if client.connected.is_set():
+                        try:
+                            await self._publish_status(client, "offline", timeout=2.0)
+                        except FedlineError:
+                            pass
+        finally:
+            self.client = None
+            self.metrics.stop()
+            event(log, "edge.stopped", site=self.site)
+
+    def _announce(self) -> None:
+        event(log, "edge.starting", site=self.site, federation=self.cfg.federation, model=self.spec.kind,
+              version=self.base.version, rows=len(self.dataset), outbox=self.outbox.depth()[0],
+              counter=self.outbox.last_counter(), epsilon=round(self.epsilon, 4))
+        if self.dp is None:
+            event(log, "privacy.off", logging.WARNING, site=self.site,
+                  detail="privacy = \"off\": updates carry NO differential privacy guarantee for the plant's records")
+        elif not self.dp.secure_rng:
+            event(log, "privacy.insecure_rng", logging.INFO, site=self.site,
+                  detail="DP noise from torch's default RNG (privacy.secure_rng = false)")
+
+    def close(self) -> None:
+        """Close the stores (after :meth:`run` has returned)."""
+        self.dataset.close()
+        self.outbox.close()
+
+
+def _r(v: float | None) -> float | None:
+    return None if v is None or v != v else round(float(v), 6)
+
+
+async def run_agent(config: EdgeConfig | str | Path, stop: asyncio.Event | None = None) -> None:
+    """Run one edge agent from a config (object or path to ``site.toml``) until ``stop`` is set."""
+    cfg = config if isinstance(config, EdgeConfig) else load_edge_config(config)
+    agent = EdgeAgent(cfg)
+    try:
+        await agent.run(stop)
+    finally:
+        agent.close()

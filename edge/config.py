@@ -1,0 +1,233 @@
+"""The site configuration (``site.toml``) of one edge agent.
+
+Why the sections are dataclasses: :func:`fedline.config.parse` then refuses
+unknown keys and wrong types with the file and dotted key in the message. The
+``broker``, ``sources`` and ``rows`` tables are passed through to the parts that
+own them (``broker_bridge.client.BrokerSettings``, ``firmware_adapters.build_source``
+and ``firmware_adapters.rows.RowMapping``)
+so their checks and their error messages stay in one place.
+
+Example::
+
+    site = "press-3"
+    federation = "plant-a"
+    data_dir = "state/press-3"        # dataset, outbox, privacy ledger, last good model
+    model_dir = "models/press-3"      # personalised ONNX for the line inference
+
+    [keys]
+    private = "keys/press-3.key"
+    enrollment = "keys/enrollment.json"
+
+    [broker]
+    url = "mqtt://127.0.0.1:1883"
+
+    [[sources]]                        # firmware_adapters.build_source tables
+    kind = "csv"
+    path = "data/ai4i2020.csv"
+
+    [rows]                             # firmware_adapters.rows.RowMapping
+    label = "Machine failure"
+    features = [{ tag = "Air temperature [K]", range = [295.0, 305.0] },
+                { tag = "Torque [Nm]", range = [0.0, 80.0] },
+                { tag = "Rotational speed [rpm]", range = [1100.0, 2900.0] }]
+
+    [model]
+    kind = "mlp"
+    n_features = 3
+    personal = ["head."]
+
+    [training]
+    every_rows = 500
+    every_s = 300
+
+    [privacy]                          # or: privacy = "off" (explicit opt-out, warned at start-up)
+    epsilon = 8.0
+    delta = 1e-5
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from fedline.config import ConfigError, load_toml, parse, resolve_path
+from models.spec import ModelSpec
+
+
+@dataclass(frozen=True)
+class KeysConfig:
+    """The site's private key file (0600) and the federation's enrollment (aggregator's public keys)."""
+
+    private: str
+    enrollment: str
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """Bounded local store: oldest rows evicted first; a fixed share held out for evaluation."""
+
+    max_rows: int = 50_000
+    holdout_fraction: float = 0.1
+
+    def validate(self) -> None:
+        if self.max_rows < 10:
+            raise ValueError(f"max_rows must be at least 10, got {self.max_rows}")
+        if not 0.0 <= self.holdout_fraction < 0.9:
+            raise ValueError(f"holdout_fraction must be in [0, 0.9), got {self.holdout_fraction}")
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """When and how a local round runs (whichever of ``every_rows`` / ``every_s`` comes first)."""
+
+    every_rows: int = 1000
+    every_s: float = 600.0
+    min_rows: int = 100
+    epochs: int = 1
+    batch_size: int = 64
+    lr: float = 0.05
+    momentum: float = 0.0
+    max_train_rows: int = 0  # 0 = all stored training rows; else the newest N
+    threads: int = 1  # torch intra-op threads for a round (a line PC has other work)
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.every_rows < 1 or self.every_s <= 0:
+            raise ValueError("every_rows must be >= 1 and every_s > 0")
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ValueError("epochs and batch_size must be >= 1 and lr > 0")
+        if self.min_rows < 2:
+            raise ValueError(f"min_rows must be at least 2, got {self.min_rows}")
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """Record-level DP-SGD and the budget over every step this site ever releases.
+
+    ``noise_multiplier`` is σ (noise std / clip norm), ``max_grad_norm`` the
+    per-sample clip. ``accountant`` is Opacus's ``rdp`` or ``prv``. When the
+    next release would take ε past ``epsilon``, the site stops publishing.
+    """
+
+    epsilon: float = 8.0
+    delta: float = 1e-5
+    noise_multiplier: float = 1.0
+    max_grad_norm: float = 1.0
+    accountant: Literal["rdp", "prv"] = "rdp"
+    secure_rng: bool = False  # Opacus secure_mode (needs torchcsprng)
+
+    def validate(self) -> None:
+        if self.epsilon <= 0 or not 0 < self.delta < 1:
+            raise ValueError("epsilon must be > 0 and delta in (0, 1)")
+        if self.noise_multiplier <= 0 or self.max_grad_norm <= 0:
+            raise ValueError("noise_multiplier and max_grad_norm must be > 0")
+
+
+@dataclass(frozen=True)
+class OutboxConfig:
+    """Store-and-forward bounds and what to do when full."""
+
+    max_bytes: int = 256 * 1024 * 1024
+    max_count: int = 1000
+    policy: Literal["drop_oldest", "stop_training"] = "drop_oldest"
+    resend_after_s: float = 900.0  # sent but no receipt after this long: send again
+
+    def validate(self) -> None:
+        if self.max_bytes < 1024 or self.max_count < 1:
+            raise ValueError("max_bytes must be >= 1024 and max_count >= 1")
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """Prometheus text endpoint at ``http://host:port/metrics``; no ``port``: not served, 0: any free port."""
+
+    host: str = "127.0.0.1"
+    port: int | None = None
+
+
+@dataclass(frozen=True)
+class EdgeConfig:
+    """One edge agent. Paths are relative to the config file's folder."""
+
+    site: str
+    federation: str
+    data_dir: str
+    model_dir: str
+    keys: KeysConfig
+    broker: dict[str, Any]
+    sources: list[dict[str, Any]]
+    rows: dict[str, Any]
+    model: ModelSpec
+    topic_prefix: str = "fedline"
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    privacy: Literal["off"] | PrivacyConfig = field(default_factory=PrivacyConfig)
+    outbox: OutboxConfig = field(default_factory=OutboxConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    status_interval_s: float = 30.0
+    model_seed: int = 0  # seed of version 0 (must match the aggregator's)
+    file: str | None = None  # the file this was read from (set by load_edge_config)
+
+    def validate(self) -> None:
+        from broker_bridge.topics import validate_site_id
+
+        validate_site_id(self.site)
+        validate_site_id(self.federation, "federation")
+        if not self.sources:
+            raise ValueError("sources must list at least one [[sources]] table")
+
+    @property
+    def dp(self) -> PrivacyConfig | None:
+        """The privacy settings, or None when privacy is explicitly off."""
+        return None if self.privacy == "off" else self.privacy  # type: ignore[return-value]
+
+    def path(self, value: str) -> Path:
+        """A path from this config, resolved relative to its file."""
+        return resolve_path(self.file, value)
+
+
+def parse_edge_config(table: dict[str, Any], file: str | Path | None = None) -> EdgeConfig:
+    """Validate a site table; :class:`ConfigError` names the file and key."""
+    if "file" in table:
+        raise ConfigError(file, "file", "unknown key")
+    cfg = parse(EdgeConfig, table, file=file)
+    if file is not None:
+        object.__setattr__(cfg, "file", str(file))
+    check_rows_fit_model(cfg)
+    return cfg
+
+
+def row_mapping(cfg: EdgeConfig):
+    """The ``[rows]`` table as ``firmware_adapters.rows.RowMapping`` (errors name ``rows.*``)."""
+    from firmware_adapters.rows import parse_row_mapping
+
+    return parse_row_mapping(cfg.rows, file=cfg.file, where="rows")
+
+
+def row_shape(mapping) -> tuple[int, ...]:
+    """The shape of the rows the mapping makes (as ``RowBuilder.shape``)."""
+    n = len(mapping.features)
+    if mapping.aggregate_s is not None:
+        return (n * len(mapping.aggregates),)
+    return (mapping.window, n) if mapping.window > 1 else (n,)
+
+
+def check_rows_fit_model(cfg: EdgeConfig) -> None:
+    """The rows must have the model's input shape, and a label exactly when the task needs one."""
+    mapping = row_mapping(cfg)
+    spec = cfg.model
+    shape = row_shape(mapping)
+    if shape != spec.input_shape:
+        raise ConfigError(cfg.file, "model", f"rows make inputs of shape {shape} (features, window, aggregates) "
+                          f"but the model reads {spec.input_shape} (n_features, window)")
+    if spec.task == "anomaly" and mapping.label is not None:
+        raise ConfigError(cfg.file, "rows.label", "an anomaly model trains without labels; remove rows.label")
+    if spec.task != "anomaly" and mapping.label is None:
+        raise ConfigError(cfg.file, "rows.label", f"task {spec.task!r} needs a label tag")
+    if spec.task != "anomaly" and mapping.task != spec.task:
+        raise ConfigError(cfg.file, "rows.task", f"rows.task is {mapping.task!r} but model.task is {spec.task!r}")
+
+
+def load_edge_config(path: str | Path) -> EdgeConfig:
+    """Read and validate ``site.toml``."""
+    return parse_edge_config(load_toml(path), path)

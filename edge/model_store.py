@@ -1,0 +1,146 @@
+"""The site's models on disk: the last good global model, its own personal
+parameters, and the personalised ONNX it hands to the line inference.
+
+Why files written with temp + fsync + rename: a crash must leave either the
+old or the new file, never half of one; the line-inference service watches
+``model_dir`` and must never load a torn ONNX file. The global model is kept
+as the aggregator's *signed* manifest and the weights blob, and re-verified
+on start-up, so a file tampered with on disk is refused like one from the wire.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from broker_bridge.envelope import content_hash, decode_tensors, encode_tensors, verify_manifest
+from broker_bridge.errors import WireError
+from models.spec import ModelSpec
+
+ONNX_NAME = "model.onnx"
+META_NAME = "model.json"
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so readers see the old file or the new one, whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+@dataclass(frozen=True)
+class GlobalModel:
+    """A verified global model: version, the signed manifest, and its shared arrays."""
+
+    version: int
+    manifest: dict[str, Any]
+    manifest_blob: bytes
+    weights_blob: bytes
+    shared: dict[str, np.ndarray]
+
+
+class ModelRefused(Exception):
+    """A global model that must not be used (bad signature, hash, size, spec or shapes)."""
+
+    def __init__(self, version: int | None, reason: str) -> None:
+        self.version = version
+        self.reason = reason
+        super().__init__(f"model version {version}: {reason}")
+
+
+def check_global_model(manifest_blob: bytes, weights_blob: bytes, aggregator_sign_pub: bytes,
+                       federation: str, spec: ModelSpec, shared_names: list[str],
+                       shapes: dict[str, tuple[int, ...]]) -> GlobalModel:
+    """Verify a manifest and its weights against this site's expectations, or raise :class:`ModelRefused`."""
+    try:
+        manifest = verify_manifest(manifest_blob, aggregator_sign_pub)
+    except WireError as exc:
+        raise ModelRefused(None, f"manifest {exc}") from None
+    version = manifest["version"]
+    if manifest["federation"] != federation:
+        raise ModelRefused(version, f"manifest is for federation {manifest['federation']!r}, not {federation!r}")
+    try:
+        their_spec = ModelSpec.from_dict(manifest["spec"])
+    except Exception as exc:  # ConfigError or a non-dict
+        raise ModelRefused(version, f"manifest spec is not valid: {exc}") from None
+    if their_spec != spec:
+        raise ModelRefused(version, f"manifest spec {their_spec.to_dict()} differs from this site's {spec.to_dict()}")
+    w = manifest["weights"]
+    if w.get("size") != len(weights_blob):
+        raise ModelRefused(version, f"weights are {len(weights_blob)} bytes, manifest says {w.get('size')}")
+    if w.get("hash") != content_hash(weights_blob):
+        raise ModelRefused(version, "weights hash does not match the manifest")
+    try:
+        arrays = decode_tensors(weights_blob)
+    except WireError as exc:
+        raise ModelRefused(version, f"weights do not decode: {exc}") from None
+    if set(arrays) != set(shared_names):
+        raise ModelRefused(version, f"weights name {sorted(arrays)}, the model shares {shared_names}")
+    shared: dict[str, np.ndarray] = {}
+    for name in shared_names:
+        a = arrays[name]
+        if tuple(a.shape) != shapes[name]:
+            raise ModelRefused(version, f"weight {name!r} has shape {tuple(a.shape)}, expected {shapes[name]}")
+        if a.dtype != np.float32 or not np.isfinite(a).all():
+            raise ModelRefused(version, f"weight {name!r} is not finite float32")
+        shared[name] = np.array(a, dtype=np.float32)
+    return GlobalModel(version, manifest, bytes(manifest_blob), bytes(weights_blob), shared)
+
+
+class ModelStore:
+    """Files under ``data_dir/model`` (last good global, personal arrays) and ``model_dir`` (ONNX)."""
+
+    def __init__(self, data_dir: Path, model_dir: Path) -> None:
+        self.dir = data_dir / "model"
+        self.model_dir = model_dir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.model_dir.mkdir(parents=True, exist_ok=True)
+
+    def save_global(self, g: GlobalModel) -> None:
+        # weights first: a crash between the two leaves a manifest that refuses the old weights, not a mix
+        atomic_write(self.dir / "global.weights", g.weights_blob)
+        atomic_write(self.dir / "global.manifest", g.manifest_blob)
+
+    def load_global_blobs(self) -> tuple[bytes, bytes] | None:
+        m, w = self.dir / "global.manifest", self.dir / "global.weights"
+        if not (m.exists() and w.exists()):
+            return None
+        return m.read_bytes(), w.read_bytes()
+
+    def save_personal(self, arrays: dict[str, np.ndarray]) -> None:
+        atomic_write(self.dir / "personal.bin", encode_tensors(arrays))
+
+    def load_personal(self) -> dict[str, np.ndarray] | None:
+        p = self.dir / "personal.bin"
+        if not p.exists():
+            return None
+        return {k: np.array(v, np.float32) for k, v in decode_tensors(p.read_bytes()).items()}
+
+    def publish_onnx(self, onnx: bytes, *, site: str, version: int, spec: ModelSpec, counter: int) -> Path:
+        """Hand a personalised ONNX to the line inference: model.onnx, then model.json describing it."""
+        atomic_write(self.model_dir / ONNX_NAME, onnx)
+        meta = {
+            "site": site,
+            "version": version,  # the global version whose shared weights are inside
+            "local_round": counter,  # the last local round whose personal weights are inside
+            "personalised": bool(spec.personal),
+            "spec": spec.to_dict(),
+            "onnx": {"file": ONNX_NAME, "hash": content_hash(onnx), "size": len(onnx)},
+            "created_at": time.time(),
+        }
+        atomic_write(self.model_dir / META_NAME, (json.dumps(meta, indent=2) + "\n").encode())
+        return self.model_dir / ONNX_NAME

@@ -1,0 +1,84 @@
+"""The site's privacy budget: an Opacus accountant over every step ever released.
+
+Why here and not inside Opacus's PrivacyEngine: the engine's accountant lives
+as long as one training round, but a site's ε must cover every release since
+the site was enrolled, across restarts. So the accountant's ``state_dict`` (its
+history of ``(noise_multiplier, sample_rate, steps)``) is stored in the outbox
+database, in the same transaction that queues the sealed update: a release is
+accounted if and only if it exists. Before a round, ε is computed for the
+would-be history with the accountant's own ``get_epsilon`` and the round is
+skipped when that would exceed the budget.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from typing import Any
+
+from edge.config import PrivacyConfig
+
+
+def _accountant(mechanism: str):
+    from opacus.accountants import create_accountant
+
+    return create_accountant(mechanism)
+
+
+class PrivacyBudget:
+    """ε spent so far and what one more release would cost, for one site."""
+
+    def __init__(self, cfg: PrivacyConfig, state_json: str | None = None) -> None:
+        self.cfg = cfg
+        self.history: list[tuple[float, float, int]] = []
+        if state_json:
+            state = json.loads(state_json)
+            acc = _accountant(cfg.accountant)
+            if state.get("mechanism") != acc.mechanism():
+                raise ValueError(
+                    f"stored privacy history was kept by the {state.get('mechanism')!r} accountant, "
+                    f"the configuration asks for {cfg.accountant!r}; ε cannot be carried across"
+                )
+            acc.load_state_dict(state)
+            self.history = [(float(s), float(q), int(n)) for s, q, n in acc.history]
+
+    @staticmethod
+    def _merge(history: list[tuple[float, float, int]], sigma: float, q: float, steps: int) -> list[tuple[float, float, int]]:
+        out = list(history)
+        if out and out[-1][0] == sigma and out[-1][1] == q:  # as Opacus's own step() does
+            out[-1] = (sigma, q, out[-1][2] + steps)
+        else:
+            out.append((sigma, q, steps))
+        return out
+
+    def _epsilon(self, history: list[tuple[float, float, int]]) -> float:
+        if not history:
+            return 0.0
+        acc = _accountant(self.cfg.accountant)
+        acc.history = list(history)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "optimal order is the largest alpha" advice
+            return float(acc.get_epsilon(delta=self.cfg.delta))
+
+    @property
+    def epsilon(self) -> float:
+        """ε spent by every release so far (at the configured δ)."""
+        return self._epsilon(self.history)
+
+    def epsilon_after(self, sample_rate: float, steps: int) -> float:
+        """ε if one more release of ``steps`` steps at ``sample_rate`` were made."""
+        return self._epsilon(self._merge(self.history, self.cfg.noise_multiplier, sample_rate, steps))
+
+    def allows(self, sample_rate: float, steps: int) -> bool:
+        """Whether that release stays within the configured ε."""
+        return self.epsilon_after(sample_rate, steps) <= self.cfg.epsilon
+
+    def state_after(self, sample_rate: float, steps: int) -> str:
+        """The accountant ``state_dict`` (JSON) including that release, to store with the update."""
+        acc = _accountant(self.cfg.accountant)
+        acc.history = self._merge(self.history, self.cfg.noise_multiplier, sample_rate, steps)
+        state: dict[str, Any] = dict(acc.state_dict())
+        return json.dumps({"history": [list(h) for h in state["history"]], "mechanism": state["mechanism"]})
+
+    def commit(self, state_json: str) -> None:
+        """Adopt a state returned by :meth:`state_after` once it is stored."""
+        self.__init__(self.cfg, state_json)  # type: ignore[misc]
