@@ -141,10 +141,10 @@ class Receiver:
     reassembler: Reassembler = field(default_factory=lambda: Reassembler(timeout_s=60))
     accepted: list[tuple[envelope.UpdateHeader, dict[str, np.ndarray], bytes]] = field(default_factory=list)
     rejected: Counter = field(default_factory=Counter)  # (stage, reason) -> count
-    last_counter: dict[str, int] = field(default_factory=dict)
+    seen: set[tuple[str, int]] = field(default_factory=set)  # (site, counter) already accepted
 
     def _is_new(self, site: str, counter: int) -> bool:
-        return counter > self.last_counter.get(site, -1)
+        return (site, counter) not in self.seen
 
     def feed(self, payload: bytes) -> None:
         try:
@@ -160,7 +160,7 @@ class Receiver:
         except WireError as exc:
             self.rejected[("open", exc.reason)] += 1
             return
-        self.last_counter[h.site] = h.counter
+        self.seen.add((h.site, h.counter))
         self.accepted.append((h, t, blob))
 
     async def run(self, client: MqttClient) -> None:
