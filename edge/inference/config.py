@@ -1,0 +1,178 @@
+"""``line.toml``: the configuration of one line-inference process.
+
+Example::
+
+    [line]
+    site = "press-3"
+    federation = "plant-a"
+    model_source = "manifest"            # or "model_dir" (the site's personalised ONNX)
+    enrollment = "keys/enrollment.json"  # the aggregator's public key, to verify manifests
+    # aggregator_key = "keys/aggregator.pub"   # or a public-key file
+    # model_dir = "models/press-3"
+    state_dir = "state/infer-press-3"    # model in service + previous one (rollback, restart)
+    batch_max = 64
+    poll_s = 1.0                         # model_dir and rollback-request polling
+    # command_topic = "plant/press-3/infer/command"   # on the output broker: "rollback"
+
+    [line.canary]                        # keep the old model if the new one is worse here
+    rows = 256                           # recent labelled rows kept
+    min_rows = 32                        # fewer than this: no canary (logged)
+    margin = 0.02                        # log loss (classification) or MSE (regression)
+
+    [[sources]]                          # firmware_adapters.build_source tables
+    kind = "csv"
+    path = "data/ai4i2020.csv"
+
+    [rows]                               # firmware_adapters.rows.RowMapping, same as training
+    features = [{ tag = "Torque [Nm]", range = [0, 80] }]
+
+    [broker]                             # the federation broker (manifest); BrokerSettings
+    url = "mqtt://127.0.0.1:1883"
+    username = "press-3"
+    password_file = "keys/press-3.password"
+
+    [output]
+    file = "predictions.jsonl"           # JSON lines, one per prediction
+    topic = "plant/press-3/predictions"  # and/or MQTT
+    threshold = 0.5                      # alarm when score >= threshold
+    # broker = { url = "mqtt://plant-broker:1883" }   # default: [broker]
+
+    [metrics]
+    port = 9109                          # Prometheus /metrics; 0 = off
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from fedline.config import ConfigError, load_toml, parse, resolve_path
+
+
+@dataclass(frozen=True)
+class CanaryConfig:
+    enabled: bool = True
+    rows: int = 256
+    min_rows: int = 32
+    margin: float = 0.02
+
+    def validate(self) -> None:
+        if self.rows < 1 or self.min_rows < 1 or self.min_rows > self.rows:
+            raise ValueError("canary needs 1 <= min_rows <= rows")
+        if self.margin < 0:
+            raise ValueError("canary margin must be >= 0")
+
+
+@dataclass(frozen=True)
+class LineConfig:
+    site: str
+    federation: str
+    state_dir: str
+    model_source: Literal["manifest", "model_dir"] = "manifest"
+    model_dir: str | None = None
+    enrollment: str | None = None
+    aggregator_key: str | None = None
+    topic_prefix: str = "fedline"
+    batch_max: int = 64
+    queue_max: int = 4096
+    poll_s: float = 1.0
+    threads: int = 1
+    max_model_bytes: int = 256 * 1024 * 1024
+    command_topic: str | None = None
+    canary: CanaryConfig = field(default_factory=CanaryConfig)
+
+    def validate(self) -> None:
+        from broker_bridge.topics import validate_site_id
+
+        try:
+            validate_site_id(self.site)
+            validate_site_id(self.federation, "federation")
+        except ValueError as exc:
+            raise ValueError(str(exc)) from None
+        if self.model_source == "model_dir" and not self.model_dir:
+            raise ValueError("model_source = 'model_dir' needs model_dir")
+        if self.model_source == "manifest" and not (self.enrollment or self.aggregator_key):
+            raise ValueError("model_source = 'manifest' needs enrollment or aggregator_key "
+                             "(the aggregator's public key, to check manifest signatures)")
+        if self.batch_max < 1 or self.queue_max < self.batch_max:
+            raise ValueError("need 1 <= batch_max <= queue_max")
+        if self.poll_s <= 0 or self.threads < 1:
+            raise ValueError("poll_s must be > 0 and threads >= 1")
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    file: str | None = None
+    topic: str | None = None
+    alarm_topic: str | None = None
+    threshold: float | None = None
+    qos: Literal[0, 1] = 0
+    queue_max: int = 10000  # predictions waiting for the MQTT broker; oldest dropped (counted) beyond
+    broker: dict[str, Any] | None = None
+
+    def validate(self) -> None:
+        for name in ("topic", "alarm_topic"):
+            t = getattr(self, name)
+            if t is not None and (not t or "+" in t or "#" in t):
+                raise ValueError(f"{name} {t!r} must be a non-empty topic without wildcards")
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    port: int = 0
+    host: str = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class InferConfig:
+    line: LineConfig
+    rows: dict[str, Any]
+    sources: list[dict[str, Any]] = field(default_factory=list)
+    broker: dict[str, Any] | None = None
+    output: OutputConfig = field(default_factory=OutputConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    file: str | None = None
+
+    def validate(self) -> None:
+        if self.line.model_source == "manifest" and self.broker is None:
+            raise ValueError("model_source = 'manifest' needs a [broker] table")
+        if (self.output.topic or self.output.alarm_topic or self.line.command_topic) and \
+                self.output.broker is None and self.broker is None:
+            raise ValueError("an output or command topic needs [output.broker] or [broker]")
+
+    def path(self, value: str) -> Path:
+        """A path from the file, relative to the file's folder."""
+        return resolve_path(self.file, value)
+
+
+def parse_infer_config(doc: dict[str, Any], file: str | Path | None = None) -> InferConfig:
+    cfg = parse(InferConfig, doc, file=file)
+    cfg = replace(cfg, file=str(file) if file is not None else None)
+    from firmware_adapters.rows import parse_row_mapping
+
+    parse_row_mapping(cfg.rows, file=file)
+    for key in ("broker",):
+        if getattr(cfg, key) is not None:
+            broker_settings(getattr(cfg, key), file, key)
+    if cfg.output.broker is not None:
+        broker_settings(cfg.output.broker, file, "output.broker")
+    return cfg
+
+
+def load_infer_config(path: str | Path) -> InferConfig:
+    """Read and validate ``line.toml``; :class:`ConfigError` names the file and key."""
+    return parse_infer_config(load_toml(path), path)
+
+
+def broker_settings(table: dict[str, Any], file: str | Path | None, where: str, **defaults: Any) -> Any:
+    """``BrokerSettings`` from a table, with ``password_file`` relative to the config file."""
+    from broker_bridge.client import BrokerSettings
+
+    s = parse(BrokerSettings, {**defaults, **table}, file=file, where=where)
+    if s.password_file and file is not None:
+        s = replace(s, password_file=str(resolve_path(file, s.password_file)))
+    return s
+
+
+__all__ = ["CanaryConfig", "ConfigError", "InferConfig", "LineConfig", "MetricsConfig", "OutputConfig",
+           "broker_settings", "load_infer_config", "parse_infer_config"]

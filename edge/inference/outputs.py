@@ -1,0 +1,136 @@
+"""Where predictions go: a JSON-lines file, MQTT topics on the plant broker, Prometheus.
+
+Every prediction is one JSON object ``{"seq", "ts", "score", "version", "alarm", "label"}``
+(``label`` only when the row had one), so the file and the MQTT payloads can
+be audited against each other and each score traced to the model version
+that produced it. The file gets every prediction. MQTT gets them through a
+bounded queue: when the plant broker is away, the oldest waiting predictions
+are dropped and counted rather than stalling the line's scoring.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections import deque
+from pathlib import Path
+from typing import Any, TextIO
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from fedline.logs import event
+
+log = logging.getLogger("fedline.infer.output")
+
+
+class JsonlSink:
+    """Appends predictions to a file, flushed after every batch."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh: TextIO | None = self.path.open("a", encoding="utf-8")
+
+    def write(self, records: list[dict[str, Any]]) -> None:
+        if self._fh is None:
+            return
+        self._fh.write("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records))
+        self._fh.flush()
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+class MqttSink:
+    """Publishes each prediction (and alarms separately) from a bounded queue, in order."""
+
+    def __init__(self, client: Any, topic: str | None, alarm_topic: str | None, qos: int = 0,
+                 queue_max: int = 10000) -> None:
+        self.client = client
+        self.topic = topic
+        self.alarm_topic = alarm_topic
+        self.qos = qos
+        self._queue: deque[tuple[str, bytes]] = deque()
+        self._queue_max = queue_max
+        self._wake = asyncio.Event()
+        self.published = 0
+        self.dropped = 0
+        self.failed = 0
+
+    def put(self, records: list[dict[str, Any]]) -> int:
+        """Queue records; returns how many old ones were dropped to make room."""
+        dropped = 0
+        for r in records:
+            payload = json.dumps(r, separators=(",", ":")).encode()
+            if self.topic:
+                self._queue.append((self.topic, payload))
+            if self.alarm_topic and r.get("alarm"):
+                self._queue.append((self.alarm_topic, payload))
+        while len(self._queue) > self._queue_max:
+            self._queue.popleft()
+            dropped += 1
+        self.dropped += dropped
+        self._wake.set()
+        return dropped
+
+    def pending(self) -> int:
+        return len(self._queue)
+
+    async def run(self) -> None:
+        """Publish until cancelled; a refused or unacknowledged publish is counted and skipped."""
+        from broker_bridge.errors import FedlineError
+
+        while True:
+            if not self._queue:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            topic, payload = self._queue[0]
+            try:
+                await self.client.publish(topic, payload, qos=self.qos)
+                self.published += 1
+            except FedlineError as exc:
+                self.failed += 1
+                event(log, "output.publish_failed", level=logging.WARNING, topic=topic, error=str(exc))
+            if self._queue and self._queue[0][1] is payload:
+                self._queue.popleft()
+
+    async def drain(self, timeout: float) -> None:
+        """Wait (up to ``timeout``) until everything queued is published."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        while self._queue and loop.time() < end:
+            await asyncio.sleep(0.01)
+
+
+class Metrics:
+    """The service's Prometheus metrics, in their own registry (several services per test process)."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.predictions = Counter("fedline_infer_predictions", "Predictions made", registry=r)
+        self.alarms = Counter("fedline_infer_alarms", "Predictions at or above the alarm threshold", registry=r)
+        self.score_errors = Counter("fedline_infer_score_errors", "Rows the model failed to score", registry=r)
+        self.score = Gauge("fedline_infer_score", "The latest score", registry=r)
+        self.scores = Histogram("fedline_infer_score_distribution", "Scores",
+                                buckets=(0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 1.0, float("inf")), registry=r)
+        self.version = Gauge("fedline_infer_model_version", "Version of the model in service", registry=r)
+        self.swaps = Counter("fedline_infer_swaps", "Models taken into service (incl. rollbacks)", registry=r)
+        self.refused = Counter("fedline_infer_refused", "Models and model messages refused",
+                               ["reason"], registry=r)
+        self.swap_seconds = Gauge("fedline_infer_swap_seconds",
+                                  "Last swap: new version seen until it served", registry=r)
+        self.batch_seconds = Histogram("fedline_infer_batch_seconds", "Scoring time per batch",
+                                       buckets=(1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 5e-2, float("inf")),
+                                       registry=r)
+        self.queue = Gauge("fedline_infer_queue_rows", "Rows waiting to be scored", registry=r)
+        self.output_dropped = Counter("fedline_infer_output_dropped",
+                                      "Predictions dropped from the MQTT output queue", registry=r)
+
+    def serve(self, host: str, port: int) -> Any:
+        from prometheus_client import start_http_server
+
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        return server

@@ -1,0 +1,548 @@
+"""The line-inference service: rows in, scored predictions out, models swapped without a gap.
+
+Tasks on one event loop:
+
+- **reader**: pulls rows from the sources (or an injected async iterator),
+  numbers them (``seq``) and queues them; a full queue holds the source back.
+- **scorer**: takes up to ``batch_max`` queued rows, reads the model
+  reference *once*, scores the batch and emits one prediction per row with
+  that model's version. Nothing else runs on the loop while a batch is
+  scored, so a swap (one assignment on the loop) always falls between two
+  batches: no row is scored twice, none is skipped, and each score comes from
+  the version current when it was scored.
+- **watcher**: the manifest topic (MQTT) or the model directory (polling)
+  offers new versions to the **loader**, which builds and probes the session
+  and runs the canary in a worker thread, then swaps on the loop.
+- **rollback**: a request file from ``fedline infer --rollback`` or a message
+  on the command topic puts the previous good version back.
+
+The module imports onnxruntime and numpy, never torch.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter as Tally
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from broker_bridge.envelope import content_hash
+from broker_bridge.topics import Topics
+from edge.inference.config import InferConfig, broker_settings
+from edge.inference.model_dir import ModelDirError, read_model, read_pointer
+from edge.inference.outputs import JsonlSink, Metrics, MqttSink
+from edge.inference.session import (LoadedModel, ModelInfo, ModelRefused, build_model, canary_check)
+from edge.inference.state import SavedModel, Serving, StateDir
+from fedline.logs import event
+
+log = logging.getLogger("fedline.infer")
+
+_END = object()
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A new version offered by a watcher, not yet built."""
+
+    info: ModelInfo
+    blob: bytes
+
+
+@dataclass(frozen=True)
+class Swap:
+    """One change of the model in service: from which sample on, and how long it took."""
+
+    version: int
+    previous: int | None
+    first_seq: int  # the first row scored by ``version``
+    seconds: float  # new version seen -> serving (0 for rollbacks and restarts)
+    kind: str  # "reload" | "rollback" | "restore"
+
+
+@dataclass
+class ServiceStats:
+    rows: int = 0
+    predictions: int = 0
+    alarms: int = 0
+    score_errors: int = 0
+    batches: int = 0
+    refused: Tally = field(default_factory=Tally)
+    swaps: list[Swap] = field(default_factory=list)
+    batch_latency: deque = field(default_factory=lambda: deque(maxlen=100_000))  # (rows, seconds)
+    row_latency: deque = field(default_factory=lambda: deque(maxlen=100_000))  # queued -> emitted, s
+
+
+def row_shape(rows_table: dict[str, Any], file: str | None = None) -> tuple[int, ...]:
+    """Shape of one row's ``x`` from the ``[rows]`` table (what RowBuilder will produce)."""
+    from firmware_adapters.rows import parse_row_mapping
+
+    m = parse_row_mapping(rows_table, file=file)
+    n = len(m.features)
+    if m.aggregate_s is not None:
+        return (n * len(m.aggregates),)
+    return (m.window, n) if m.window > 1 else (n,)
+
+
+class InferenceService:
+    """One line's scoring service. ``await service.run()``; ``service.stop()`` ends it.
+
+    ``rows`` replaces the configured sources with any async iterator of objects
+    with ``x`` (float32 array of the row shape), ``y`` (label or None) and
+    ``ts`` — what :class:`firmware_adapters.rows.RowBuilder` makes; tests and
+    the benchmark use it to drive an exact stream.
+    """
+
+    def __init__(self, cfg: InferConfig, rows: AsyncIterator[Any] | None = None,
+                 on_predictions: Callable[[list[dict[str, Any]]], None] | None = None) -> None:
+        self.cfg = cfg
+        line = cfg.line
+        self.topics = Topics(line.federation, line.topic_prefix)
+        self.row_shape = row_shape(cfg.rows, cfg.file)
+        from firmware_adapters.rows import parse_row_mapping
+
+        self.task = parse_row_mapping(cfg.rows, file=cfg.file).task
+        self.state = StateDir(cfg.path(line.state_dir))
+        self.metrics = Metrics()
+        self.stats = ServiceStats()
+        self.current: LoadedModel | None = None
+        self.previous: LoadedModel | None = None
+        self.blocked_version = -1
+        self.ready = asyncio.Event()
+        self._rows_in = rows
+        self._on_predictions = on_predictions
+        self._queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=line.queue_max)
+        self._seq = 0  # next seq the reader hands out
+        self._next_scored = 0  # seq of the next row the scorer will score
+        self._candidates: asyncio.Queue[Candidate] = asyncio.Queue()
+        self._failed: set[tuple[int, str]] = set()
+        self._canary: deque[tuple[np.ndarray, float]] = deque(maxlen=line.canary.rows)
+        self._stopping = asyncio.Event()
+        self._sink = JsonlSink(cfg.path(cfg.output.file)) if cfg.output.file else None
+        self._mqtt_out: MqttSink | None = None
+        self._http: Any = None
+        self.origin = line.model_source
+
+    # ------------------------------------------------------------------ versions
+    def current_version(self) -> int:
+        """Newest version this line has served or refused by rollback (watchers offer only newer)."""
+        v = self.current.version if self.current is not None and self.current.info.origin == self.origin else -1
+        return max(v, self.blocked_version)
+
+    def refuse(self, reason: str, detail: str, version: int | None) -> None:
+        """Count and log one refused model or model message; the old model keeps serving."""
+        self.stats.refused[reason] += 1
+        self.metrics.refused.labels(reason=reason).inc()
+        event(log, "model.refused", level=logging.WARNING, reason=reason, version=version,
+              serving=self.current.version if self.current else None, detail=detail)
+
+    # ------------------------------------------------------------------ lifecycle
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self) -> None:
+        """Serve until the rows end (a finite source) or :meth:`stop` is called."""
+        cfg = self.cfg
+        if cfg.metrics.port:
+            self._http = self.metrics.serve(cfg.metrics.host, cfg.metrics.port)
+        event(log, "infer.starting", site=cfg.line.site, source=self.origin, row_shape=list(self.row_shape))
+        async with contextlib.AsyncExitStack() as stack:
+            fed_client = out_client = None
+            if self.origin == "manifest":
+                fed_client = await stack.enter_async_context(self._client(cfg.broker, "broker", "infer"))
+            if cfg.output.topic or cfg.output.alarm_topic or cfg.line.command_topic:
+                if cfg.output.broker is None and fed_client is not None:
+                    out_client = fed_client
+                else:
+                    out_client = await stack.enter_async_context(
+                        self._client(cfg.output.broker or cfg.broker, "output.broker", "infer-out"))
+            tasks: list[asyncio.Task[Any]] = []
+            try:
+                await self._restore()
+                if out_client is not None and (cfg.output.topic or cfg.output.alarm_topic):
+                    self._mqtt_out = MqttSink(out_client, cfg.output.topic, cfg.output.alarm_topic,
+                                              cfg.output.qos, cfg.output.queue_max)
+                    tasks.append(asyncio.create_task(self._mqtt_out.run(), name="infer:mqtt-out"))
+                tasks.append(asyncio.create_task(self._load_loop(), name="infer:loader"))
+                tasks.append(asyncio.create_task(self._rollback_poll(), name="infer:rollback"))
+                if self.origin == "manifest":
+                    assert fed_client is not None
+                    tasks.append(asyncio.create_task(self._watch_manifest(fed_client), name="infer:manifest"))
+                else:
+                    tasks.append(asyncio.create_task(self._watch_model_dir(), name="infer:model-dir"))
+                if cfg.line.command_topic and out_client is not None:
+                    if out_client is fed_client and self.origin == "manifest":
+                        await out_client.subscribe(cfg.line.command_topic, 1)  # routed by _watch_manifest
+                    else:
+                        tasks.append(asyncio.create_task(self._watch_commands(out_client), name="infer:cmd"))
+                reader = asyncio.create_task(self._read_rows(), name="infer:reader")
+                scorer = asyncio.create_task(self._score_loop(), name="infer:scorer")
+                stopper = asyncio.create_task(self._stopping.wait())
+                await asyncio.wait([scorer, stopper], return_when=asyncio.FIRST_COMPLETED)
+                for t in (reader, stopper):
+                    t.cancel()
+                if not scorer.done():
+                    scorer.cancel()
+                await asyncio.gather(reader, scorer, stopper, return_exceptions=True)
+                if scorer.done() and not scorer.cancelled() and scorer.exception() is not None:
+                    raise scorer.exception()  # type: ignore[misc]
+                if self._mqtt_out is not None:
+                    await self._mqtt_out.drain(timeout=5.0)
+            finally:
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                if self._sink is not None:
+                    self._sink.close()
+                if self._http is not None:
+                    self._http.shutdown()
+        event(log, "infer.stopped", rows=self.stats.rows, predictions=self.stats.predictions,
+              version=self.current.version if self.current else None, swaps=len(self.stats.swaps),
+              refused=dict(self.stats.refused))
+
+    def _client(self, table: dict[str, Any] | None, where: str, suffix: str) -> Any:
+        from broker_bridge.client import MqttClient
+
+        assert table is not None
+        settings = broker_settings(table, self.cfg.file, where, client_id=f"{self.cfg.line.site}-{suffix}")
+        return MqttClient(settings)
+
+    # ------------------------------------------------------------------ rows
+    async def _rows(self) -> AsyncIterator[Any]:
+        if self._rows_in is not None:
+            async for row in self._rows_in:
+                yield row
+            return
+        from firmware_adapters import build_sources
+        from firmware_adapters.rows import RowBuilder, parse_row_mapping
+
+        cfg = self.cfg
+        sources = build_sources(cfg.sources, file=cfg.file)
+        ranges: dict[str, tuple[float, float]] = {}
+        for s in sources:
+            r = getattr(s, "ranges", None)
+            ranges.update((r() if callable(r) else r) or {})
+        builder = RowBuilder(parse_row_mapping(cfg.rows, file=cfg.file), ranges, file=cfg.file)
+        samples: asyncio.Queue[Any] = asyncio.Queue(maxsize=1024)
+
+        async def pump(src: Any) -> None:
+            try:
+                async for sample in src:
+                    await samples.put(sample)
+            finally:
+                await samples.put(_END)
+
+        pumps = [asyncio.create_task(pump(s), name=f"infer:source{i}") for i, s in enumerate(sources)]
+        live = len(pumps)
+        try:
+            while live:
+                sample = await samples.get()
+                if sample is _END:
+                    live -= 1
+                    continue
+                row = builder.push(sample)
+                if row is not None:
+                    yield row
+            last = builder.flush()
+            if last is not None:
+                yield last
+        finally:
+            for p in pumps:
+                p.cancel()
+
+    async def _read_rows(self) -> None:
+        try:
+            async for row in self._rows():
+                await self._queue.put((self._seq, row, time.perf_counter()))
+                self._seq += 1
+                self.stats.rows += 1
+        finally:
+            await self._queue.put(_END)
+
+    # ------------------------------------------------------------------ scoring
+    async def _score_loop(self) -> None:
+        await self.ready.wait()
+        bmax = self.cfg.line.batch_max
+        threshold = self.cfg.output.threshold
+        while True:
+            first = await self._queue.get()
+            if first is _END:
+                return
+            batch = [first]
+            while len(batch) < bmax:
+                try:
+                    item = self._queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    break
+                if item is _END:
+                    self._queue.put_nowait(_END)  # seen again after this batch
+                    break
+                batch.append(item)
+            model = self.current  # read once: the whole batch is scored by this version
+            assert model is not None
+            self._score_batch(model, batch, threshold)
+            await asyncio.sleep(0)  # let a pending swap or the watchers run between batches
+
+    def _score_batch(self, model: LoadedModel, batch: list[tuple[int, Any, float]], threshold: float | None) -> None:
+        t0 = time.perf_counter()
+        x = np.stack([np.asarray(r.x, dtype=np.float32) for _, r, _ in batch])
+        try:
+            scores: list[float | None] = [float(s) for s in model.score(x)]
+        except Exception as exc:  # a model that passed the probe but fails on live rows
+            self.stats.score_errors += len(batch)
+            self.metrics.score_errors.inc(len(batch))
+            event(log, "score.failed", level=logging.ERROR, version=model.version, rows=len(batch), error=str(exc))
+            scores = [None] * len(batch)
+        t1 = time.perf_counter()
+        version = model.version
+        records = []
+        for (seq, row, _queued), score in zip(batch, scores):
+            rec: dict[str, Any] = {"seq": seq, "ts": row.ts, "score": score, "version": version}
+            if threshold is not None and score is not None:
+                rec["alarm"] = score >= threshold
+                if rec["alarm"]:
+                    self.stats.alarms += 1
+                    self.metrics.alarms.inc()
+            if row.y is not None:
+                rec["label"] = row.y
+                self._canary.append((np.asarray(row.x, dtype=np.float32), float(row.y)))
+            records.append(rec)
+        self._next_scored = batch[-1][0] + 1
+        if self._sink is not None:
+            self._sink.write(records)
+        if self._mqtt_out is not None:
+            dropped = self._mqtt_out.put(records)
+            if dropped:
+                self.metrics.output_dropped.inc(dropped)
+        if self._on_predictions is not None:
+            self._on_predictions(records)
+        done = time.perf_counter()
+        self.stats.predictions += len(records)
+        self.stats.batches += 1
+        self.stats.batch_latency.append((len(batch), t1 - t0))
+        self.stats.row_latency.extend(done - q for _, _, q in batch)
+        self.metrics.predictions.inc(len(records))
+        self.metrics.batch_seconds.observe(t1 - t0)
+        self.metrics.queue.set(self._queue.qsize())
+        if scores[-1] is not None:
+            self.metrics.score.set(scores[-1])
+            for s in scores:
+                self.metrics.scores.observe(s)  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------------ swapping
+    def _swap(self, new: LoadedModel, kind: str, previous: LoadedModel | None) -> Swap:
+        """Put ``new`` in service. Runs on the loop between batches: one reference assignment."""
+        old = self.current
+        self.current, self.previous = new, previous
+        seconds = time.monotonic() - new.info.seen_at if kind == "reload" and new.info.seen_at else 0.0
+        swap = Swap(new.version, old.version if old else None, self._next_scored, seconds, kind)
+        self.stats.swaps.append(swap)
+        self.metrics.swaps.inc()
+        self.metrics.version.set(new.version)
+        if kind == "reload":
+            self.metrics.swap_seconds.set(seconds)
+        self.ready.set()
+        event(log, "model.swapped", kind=kind, version=new.version, previous=swap.previous,
+              first_seq=swap.first_seq, swap_ms=round(seconds * 1000, 2), origin=new.info.origin)
+        return swap
+
+    def _serving(self) -> Serving:
+        def saved(m: LoadedModel | None) -> SavedModel | None:
+            if m is None:
+                return None
+            return self.state.save_model(m.version, m.info.hash, m.blob, m.info.origin)
+        return Serving(saved(self.current), saved(self.previous), self.blocked_version)
+
+    async def _persist(self) -> None:
+        serving = await asyncio.to_thread(self._serving)
+        await asyncio.to_thread(self.state.save, serving)
+
+    async def _restore(self) -> None:
+        """Serve the model saved in the state dir at once (a restart must not wait for the broker)."""
+        serving = self.state.load()
+        self.blocked_version = serving.blocked_version
+        loaded: list[LoadedModel | None] = []
+        for saved in (serving.current, serving.previous):
+            model = None
+            if saved is not None and saved.origin == self.origin:
+                blob = self.state.read_model(saved)
+                if blob is not None and content_hash(blob) == saved.hash:
+                    info = ModelInfo(saved.version, saved.hash, saved.origin, {"restored": True})
+                    try:
+                        model = await asyncio.to_thread(build_model, blob, info, self.row_shape,
+                                                        threads=self.cfg.line.threads)
+                    except ModelRefused as exc:
+                        self.refuse(exc.reason, f"saved model: {exc.detail}", saved.version)
+            loaded.append(model)
+        cur, prev = loaded
+        if cur is None and prev is not None:
+            cur, prev = prev, None
+        if cur is not None:
+            self._swap(cur, "restore", prev)
+        if self.state.rollback_requested():
+            await self.rollback("request file at start")
+
+    async def rollback(self, why: str) -> bool:
+        """Put the previous good version back in service; refuse the current one from now on."""
+        self.state.clear_rollback_request()
+        if self.previous is None or self.current is None:
+            event(log, "rollback.unavailable", level=logging.WARNING, why=why,
+                  serving=self.current.version if self.current else None)
+            return False
+        bad = self.current
+        self.blocked_version = max(self.blocked_version, bad.version)
+        self._failed.add((bad.version, bad.info.hash))
+        self._swap(self.previous, "rollback", None)
+        event(log, "rollback.done", why=why, version=self.current.version if self.current else None,
+              blocked=bad.version)
+        await self._persist()
+        return True
+
+    async def _rollback_poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.line.poll_s)
+            if self.state.rollback_requested():
+                await self.rollback("request file")
+
+    async def _load_loop(self) -> None:
+        """Take offered versions one at a time (newest wins), prepare off the loop, swap on it."""
+        while True:
+            cand = await self._candidates.get()
+            while not self._candidates.empty():  # a newer offer supersedes one not yet started
+                newer = self._candidates.get_nowait()
+                if newer.info.version >= cand.info.version:
+                    event(log, "model.superseded", version=cand.info.version, by=newer.info.version)
+                    cand = newer
+            if cand.info.version <= self.current_version() or (cand.info.version, cand.info.hash) in self._failed:
+                continue
+            old = self.current
+            recent = np.stack([x for x, _ in self._canary]) if self._canary else None
+            labels = np.asarray([y for _, y in self._canary], dtype=np.float64) if self._canary else None
+            try:
+                new = await asyncio.to_thread(self._prepare, cand, old, recent, labels)
+            except ModelRefused as exc:
+                self._failed.add((cand.info.version, cand.info.hash))
+                self.refuse(exc.reason, exc.detail, cand.info.version)
+                continue
+            if cand.info.version <= self.current_version():
+                continue  # a rollback blocked it meanwhile
+            self._swap(new, "reload", self.current if self.current is not None else None)
+            await self._persist()
+
+    def _prepare(self, cand: Candidate, old: LoadedModel | None, recent: np.ndarray | None,
+                 labels: np.ndarray | None) -> LoadedModel:
+        """Worker thread: build, probe and (when possible) canary-check a candidate."""
+        new = build_model(cand.blob, cand.info, self.row_shape, threads=self.cfg.line.threads, recent=recent)
+        canary = self.cfg.line.canary
+        if not canary.enabled or old is None:
+            return new
+        n = 0 if labels is None else len(labels)
+        if n < canary.min_rows:
+            event(log, "canary.skipped", version=new.version, labelled_rows=n, min_rows=canary.min_rows)
+            return new
+        assert recent is not None and labels is not None
+        result = canary_check(new, old, recent, labels, self.task, canary.margin)
+        event(log, "canary.passed", version=new.version, rows=result.rows, old_loss=round(result.old_loss, 5),
+              new_loss=round(result.new_loss, 5), against=old.version)
+        return new
+
+    def offer(self, info: ModelInfo, blob: bytes) -> None:
+        """Hand a new version to the loader (watchers call this)."""
+        self._candidates.put_nowait(Candidate(info, blob))
+
+    # ------------------------------------------------------------------ watchers
+    def _aggregator_sign_pub(self) -> bytes:
+        from broker_bridge.keys import Enrollment, PublicKeys
+
+        line = self.cfg.line
+        if line.enrollment:
+            return Enrollment.load(self.cfg.path(line.enrollment)).aggregator.sign_pub
+        assert line.aggregator_key
+        return PublicKeys.load(self.cfg.path(line.aggregator_key)).sign_pub
+
+    async def _watch_manifest(self, client: Any) -> None:
+        from edge.inference.manifest import ManifestWatcher
+
+        watcher = ManifestWatcher(self.topics, self._aggregator_sign_pub(), self.current_version, self.refuse,
+                                  max_bytes=self.cfg.line.max_model_bytes)
+        for flt in watcher.filters():
+            await client.subscribe(flt, 1)
+        cmd = self.cfg.line.command_topic
+        async for msg in client.messages():
+            if cmd and msg.topic == cmd:
+                await self._command(msg.payload)
+                continue
+            fetched = watcher.handle(msg.topic, msg.payload)
+            if fetched is not None:
+                self.offer(ModelInfo(fetched.version, fetched.hash, "manifest",
+                                     {"created_at": fetched.manifest.get("created_at")}, fetched.seen_at),
+                           fetched.blob)
+
+    async def _watch_model_dir(self) -> None:
+        model_dir = self.cfg.path(self.cfg.line.model_dir or ".")
+        reported: set[Any] = set()
+        offered: set[tuple[int, str]] = set()
+        while True:
+            try:
+                ptr = await asyncio.to_thread(read_pointer, model_dir)
+            except ModelDirError as exc:
+                if str(exc) not in reported:
+                    reported.add(str(exc))
+                    self.refuse("schema", str(exc), None)
+                ptr = None
+            if ptr is not None and ptr.version > self.current_version() and (ptr.version, ptr.hash) not in self._failed:
+                seen = time.monotonic()
+                blob = await asyncio.to_thread(read_model, model_dir, ptr)
+                if blob is None:
+                    pass  # replaced meanwhile: read the new pointer next time
+                elif content_hash(blob) != ptr.hash:
+                    if (ptr.version, ptr.hash, "hash") not in reported:  # retried each poll, reported once
+                        reported.add((ptr.version, ptr.hash, "hash"))
+                        self.refuse("hash", f"{model_dir / ptr.file} ({len(blob)} bytes) does not match the "
+                                            f"hash in current.json", ptr.version)
+                elif (ptr.version, ptr.hash) not in offered:  # offered once; the loader decides
+                    offered.add((ptr.version, ptr.hash))
+                    self.offer(ModelInfo(ptr.version, ptr.hash, "model_dir", ptr.meta, seen), blob)
+            await asyncio.sleep(self.cfg.line.poll_s)
+
+    async def _watch_commands(self, client: Any) -> None:
+        await client.subscribe(self.cfg.line.command_topic, 1)
+        async for msg in client.messages():
+            if msg.topic == self.cfg.line.command_topic:
+                await self._command(msg.payload)
+
+    async def _command(self, payload: bytes) -> None:
+        import json
+
+        text = payload.decode("utf-8", errors="replace").strip()
+        try:
+            doc = json.loads(text) if text.startswith("{") else {"command": text}
+        except ValueError:
+            doc = {}
+        if not isinstance(doc, dict) or doc.get("command") != "rollback":
+            self.refuse("schema", f"command {text[:80]!r} is not understood (send 'rollback')", None)
+            return
+        await self.rollback("command topic")
+
+
+async def run_service(cfg: InferConfig) -> InferenceService:
+    """Build and run a service until its rows end or SIGINT/SIGTERM."""
+    import signal
+
+    service = InferenceService(cfg)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, service.stop)
+    await service.run()
+    return service
+
+
+__all__ = ["Candidate", "InferenceService", "ServiceStats", "Swap", "row_shape", "run_service"]
+_ = Path
