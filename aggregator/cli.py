@@ -1,0 +1,39 @@
+"""``fedline aggregator`` and ``fedline status``. Imports nothing heavy: handlers import lazily."""
+from __future__ import annotations
+
+import argparse
+
+
+def _run_aggregator(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from aggregator.config import load_config
+    from aggregator.service import run_aggregator
+
+    cfg = load_config(args.config)
+    asyncio.run(run_aggregator(cfg))
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from aggregator.status import collect, load_status_config, render
+
+    cfg = load_status_config(args.config)
+    view = asyncio.run(collect(cfg, args.listen))
+    print(render(view), end="")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("aggregator", help="run the asynchronous aggregator",
+                              description="Receive sealed updates, reduce them into new global versions, "
+                                          "publish signed manifests, weights and ONNX.")
+    p.add_argument("--config", required=True, help="aggregator.toml")
+    p.set_defaults(func=_run_aggregator)
+    s = subparsers.add_parser("status", help="show the federation from the broker: sites, ε, versions, receipts")
+    s.add_argument("--config", required=True,
+                   help="a TOML with federation and [broker] (observer credentials); the aggregator's file works")
+    s.add_argument("--listen", type=float, default=3.0, help="seconds to count receipts (default 3)")
+    s.set_defaults(func=_status)

@@ -1,0 +1,197 @@
+"""The aggregator's TOML file, validated into frozen dataclasses.
+
+Why one file with several tables: an operator configures one process in one
+place; each table maps to one concern (identity and state, the broker, the
+reduce step, what counts as a sane update, what is published, metrics), and
+:func:`fedline.config.parse` names the file and the key on any mistake. Paths
+are relative to the config file, so a deployment folder can be moved whole.
+
+Example::
+
+    [aggregator]
+    federation = "plant-1"
+    key_file = "keys/aggregator.key"
+    enrollment_file = "keys/enrollment.json"
+    state_dir = "state"
+    seed = 0
+
+    [model]                      # models.ModelSpec
+    kind = "mlp"
+    n_features = 5
+
+    [broker]                     # broker_bridge.client.BrokerSettings
+    url = "mqtt://127.0.0.1:1883"
+    username = "aggregator"
+    password_file = "credentials/aggregator.password"
+
+    [strategy]
+    kind = "fedbuff"             # fedasync | fedbuff | fedavg
+    buffer_size = 5
+    staleness = "polynomial"     # constant | polynomial | hinge
+    a = 0.5
+
+    [validation]
+    max_norm = 100.0
+
+    [publish]
+    retain_versions = 3
+
+    [metrics]
+    port = 0                     # Prometheus endpoint; 0 = off
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from broker_bridge.client import BrokerSettings
+from fedline.config import ConfigError, load_toml, parse, resolve_path
+from models.spec import ModelSpec
+
+
+@dataclass(frozen=True)
+class AggregatorSection:
+    """Identity, keys and where the durable state lives."""
+
+    federation: str
+    key_file: str
+    enrollment_file: str
+    state_dir: str
+    seed: int = 0  # seed of version 0; every edge builds the same version 0 from it
+    topic_prefix: str = "fedline"
+    keep_checkpoints: int = 10  # model checkpoints kept in the store (lineage is kept for all)
+    workers: int = 2  # threads that open sealed updates in parallel (NaCl and numpy release the GIL)
+    reassembly_timeout_s: float = 300.0
+    reassembly_max_bytes: int = 512 * 1024 * 1024
+    fsync: bool = False  # SQLite synchronous=FULL (survives power loss) instead of NORMAL (survives kill -9)
+
+    def validate(self) -> None:
+        from broker_bridge.topics import validate_site_id
+
+        validate_site_id(self.federation, "federation")
+        validate_site_id(self.topic_prefix, "topic_prefix")
+        if self.keep_checkpoints < 1:
+            raise ValueError("keep_checkpoints must be at least 1")
+        if not 1 <= self.workers <= 64:
+            raise ValueError("workers must be between 1 and 64")
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    """The reduce step: which algorithm, how staleness weighs, which robust option."""
+
+    kind: Literal["fedasync", "fedbuff", "fedavg"] = "fedbuff"
+    alpha: float = 0.5  # FedAsync mixing rate
+    staleness: Literal["constant", "polynomial", "hinge"] = "polynomial"
+    a: float = 0.5  # polynomial exponent; hinge slope
+    b: float = 4.0  # hinge: staleness up to b weighs 1
+    max_staleness: int = 20  # older updates are dropped with a "stale" receipt
+    buffer_size: int = 10  # FedBuff K (FedAvg: ignored, K = the number of enrolled sites)
+    server_lr: float = 1.0
+    server_momentum: float = 0.0
+    robust: Literal["none", "median", "trimmed_mean"] = "none"
+    trim: float = 0.1  # fraction dropped at each end by trimmed_mean
+    norm_bound: float = 0.0  # clip each delta to this L2 norm before the reduce; 0 = off
+
+    def validate(self) -> None:
+        if not 0.0 < self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in (0, 1], got {self.alpha}")
+        if self.a < 0 or self.b < 0:
+            raise ValueError("a and b must be non-negative")
+        if self.max_staleness < 0:
+            raise ValueError("max_staleness must be >= 0")
+        if self.buffer_size < 1:
+            raise ValueError("buffer_size must be at least 1")
+        if self.server_lr <= 0:
+            raise ValueError("server_lr must be positive")
+        if not 0.0 <= self.server_momentum < 1.0:
+            raise ValueError("server_momentum must be in [0, 1)")
+        if not 0.0 <= self.trim < 0.5:
+            raise ValueError("trim must be in [0, 0.5)")
+        if self.norm_bound < 0:
+            raise ValueError("norm_bound must be >= 0 (0 = off)")
+        if self.kind == "fedasync" and self.robust != "none":
+            raise ValueError(f"robust = {self.robust!r} needs several updates per reduce: "
+                             "use kind = 'fedbuff' or 'fedavg' (FedAsync applies one update at a time)")
+
+
+@dataclass(frozen=True)
+class ValidationConfig:
+    """What a sane update looks like; anything else is rejected with the reason."""
+
+    max_norm: float = 1.0e4  # L2 norm of the whole delta
+    max_samples: int = 10_000_000
+    min_samples: int = 1
+
+    def validate(self) -> None:
+        if self.max_norm <= 0:
+            raise ValueError("max_norm must be positive")
+        if not 1 <= self.min_samples <= self.max_samples:
+            raise ValueError("need 1 <= min_samples <= max_samples")
+
+
+@dataclass(frozen=True)
+class PublishConfig:
+    retain_versions: int = 3  # model versions whose chunks stay retained on the broker
+    onnx: bool = True
+
+    def validate(self) -> None:
+        if self.retain_versions < 1:
+            raise ValueError("retain_versions must be at least 1")
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    port: int = 0  # Prometheus endpoint on this port; 0 = off
+    bind: str = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class AggregatorConfig:
+    """The whole file. Paths are resolved against the file's folder by :func:`load_config`."""
+
+    aggregator: AggregatorSection
+    model: ModelSpec
+    broker: BrokerSettings = field(default_factory=BrokerSettings)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    publish: PublishConfig = field(default_factory=PublishConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+    def validate(self) -> None:
+        try:
+            self.broker.validate()
+        except ValueError as exc:
+            raise ConfigError(None, "broker", str(exc)) from None
+
+
+def _resolve(cfg: AggregatorConfig, file: str | Path | None) -> AggregatorConfig:
+    a = cfg.aggregator
+    a = dataclasses.replace(a, key_file=str(resolve_path(file, a.key_file)),
+                            enrollment_file=str(resolve_path(file, a.enrollment_file)),
+                            state_dir=str(resolve_path(file, a.state_dir)))
+    b = cfg.broker
+    changes: dict[str, Any] = {}
+    for name in ("password_file", "ca_file", "cert_file", "key_file"):
+        value = getattr(b, name)
+        if value:
+            changes[name] = str(resolve_path(file, value))
+    return dataclasses.replace(cfg, aggregator=a, broker=dataclasses.replace(b, **changes))
+
+
+def parse_config(table: dict[str, Any], file: str | Path | None = None) -> AggregatorConfig:
+    """Validate a parsed TOML document; relative paths are resolved against ``file``."""
+    try:
+        cfg = parse(AggregatorConfig, table, file=file)
+    except ConfigError as exc:
+        if exc.file == "<config>" and file is not None:
+            raise ConfigError(file, exc.key, exc.message) from None
+        raise
+    return _resolve(cfg, file)
+
+
+def load_config(path: str | Path) -> AggregatorConfig:
+    """Read and validate ``aggregator.toml``."""
+    return parse_config(load_toml(path), path)

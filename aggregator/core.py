@@ -1,0 +1,285 @@
+"""The aggregator without MQTT: sealed bytes in, signed verdicts and new versions out.
+
+Why a core apart from the service: the math and the durability can be
+tested (and benchmarked) on bytes alone, while the broker path has its own
+tests against a real Mosquitto. The service (:mod:`aggregator.service`) only
+moves bytes between the broker and this class.
+
+Work is split in two stages:
+
+1. :meth:`AggregatorCore.open` — decrypt (SealedBox), verify (Ed25519),
+   parse, and validate content (names, shapes, dtype, finite, norm, samples).
+   It reads only immutable state, so it runs in a thread pool: NaCl, BLAKE2b
+   and numpy all release the GIL, and both cores work.
+2. :meth:`AggregatorCore.decide` — serial: duplicates and replays against the
+   durable store, staleness against the live version, then buffer or reduce,
+   commit, and only then swap the in-memory model.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from aggregator.config import AggregatorConfig
+from aggregator.metrics import Metrics
+from aggregator.store import BufferedRow, Store, Verdict
+from aggregator.strategies import Accepted, make_strategy
+from aggregator.validate import ValidationError, check_update
+from broker_bridge import envelope
+from broker_bridge.envelope import UpdateHeader
+from broker_bridge.errors import FedlineError, WireError
+from broker_bridge.keys import Enrollment, KeyPair
+from fedline.logs import event
+
+log = logging.getLogger("fedline.aggregator")
+
+State = dict[str, np.ndarray]
+
+
+class StateError(FedlineError):
+    """The state directory cannot be used with this configuration."""
+
+
+@dataclass
+class Opened:
+    """Result of stage 1 for one sealed update."""
+
+    sealed: bytes = field(repr=False)
+    header: UpdateHeader | None = None
+    tensors: State | None = field(default=None, repr=False)
+    norm: float = math.nan
+    reason: str | None = None  # set when refused
+    detail: str | None = None
+    topic_site: str | None = None
+    msg_id: str | None = None  # the chunking msg id, for receipts of updates whose header is unknown
+
+
+@dataclass
+class Decision:
+    """Result of stage 2: this update's receipt, receipts of buffered updates it flushed, the new version."""
+
+    receipt: dict[str, Any]
+    flushed: list[dict[str, Any]] = field(default_factory=list)
+    new_version: int | None = None
+    duplicate: bool = False
+
+    @property
+    def receipts(self) -> list[dict[str, Any]]:
+        return [self.receipt, *self.flushed]
+
+
+def _copy_state(state: State) -> State:
+    return {k: np.array(v, dtype=np.float32, copy=True) for k, v in state.items()}
+
+
+class AggregatorCore:
+    """Aggregator state and decisions. Not thread-safe for :meth:`decide`; :meth:`open` is."""
+
+    def __init__(self, cfg: AggregatorConfig, *, keys: KeyPair | None = None,
+                 enrollment: Enrollment | None = None, metrics: Metrics | None = None) -> None:
+        a = cfg.aggregator
+        self.cfg = cfg
+        self.spec = cfg.model
+        self.keys = keys or KeyPair.load(a.key_file)
+        self.enrollment = enrollment or Enrollment.load(a.enrollment_file)
+        if self.keys.role != "aggregator":
+            raise StateError(f"{a.key_file}: a {self.keys.role} key, the aggregator needs its own key")
+        if self.enrollment.federation != a.federation:
+            raise StateError(f"{a.enrollment_file}: enrollment is for federation "
+                             f"{self.enrollment.federation!r}, config says {a.federation!r}")
+        if self.enrollment.aggregator.sign_pub != self.keys.public().sign_pub:
+            raise StateError(f"{a.enrollment_file}: the enrolled aggregator key is not {a.key_file}")
+        self.metrics = metrics or Metrics()
+        self.strategy = make_strategy(cfg.strategy, len(self.enrollment.sites))
+        self.store = Store(Path(a.state_dir) / "aggregator.sqlite", fsync=a.fsync)
+        self.pool = ThreadPoolExecutor(a.workers, thread_name_prefix="agg-open")
+        self._torch_model: Any = None
+        self._load_or_seed()
+
+    # -- state ------------------------------------------------------------------
+    def _load_or_seed(self) -> None:
+        spec_json = json.dumps(self.spec.to_dict(), sort_keys=True)
+        saved = self.store.get_meta("spec")
+        if saved is not None and saved != spec_json:
+            raise StateError(f"state dir {self.cfg.aggregator.state_dir} holds a model with spec {saved}, "
+                             f"the config's [model] is {spec_json}; use another state_dir")
+        ckpt = self.store.latest_checkpoint()
+        if ckpt is None:
+            from models import build_model, shared_state
+
+            model = build_model(self.spec, seed=self.cfg.aggregator.seed)
+            self._torch_model = model
+            state = shared_state(model, self.spec)
+            self.store.set_meta("spec", spec_json)
+            self.store.commit_version(0, envelope.encode_tensors(state), None,
+                                      {"seed": self.cfg.aggregator.seed, "strategy": self.strategy.name,
+                                       "updates": []}, [], self.cfg.aggregator.keep_checkpoints)
+            self.version, self.model, self.momentum = 0, state, None
+            event(log, "aggregator.seeded", version=0, seed=self.cfg.aggregator.seed)
+        else:
+            assert ckpt.weights is not None
+            self.version = ckpt.version
+            self.model = _copy_state(envelope.decode_tensors(ckpt.weights))
+            self.momentum = _copy_state(envelope.decode_tensors(ckpt.momentum)) if ckpt.momentum else None
+        self.snapshot = (self.version, self.model)
+        self.reference = {k: tuple(v.shape) for k, v in self.model.items()}
+        self.buffer: list[Accepted] = []
+        for row in self.store.buffered():
+            try:
+                header, tensors = envelope.open_update(row.sealed, self.keys, self.enrollment)
+            except WireError as exc:  # e.g. the site was revoked since; its update cannot be used
+                event(log, "aggregator.buffer_unreadable", level=logging.ERROR, site=row.site,
+                      counter=row.counter, error=str(exc))
+                continue
+            self.buffer.append(Accepted(row.site, row.counter, row.msg_id, row.base_version, row.n_samples,
+                                        row.staleness, row.factor, row.weight, _copy_state(tensors)))
+        self.metrics.version.set(self.version)
+        self.metrics.buffer_fill.set(len(self.buffer))
+        event(log, "aggregator.resumed", version=self.version, buffered=len(self.buffer),
+              strategy=self.strategy.name)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+        self.store.close()
+
+    # -- stage 1: open and validate (thread-safe) -------------------------------------
+    def open(self, sealed: bytes, topic_site: str | None = None, msg_id: str | None = None) -> Opened:
+        op = Opened(bytes(sealed), topic_site=topic_site, msg_id=msg_id)
+        try:
+            # replays are judged in decide(), against the store, so a resent duplicate gets its old verdict
+            op.header, op.tensors = envelope.open_update(op.sealed, self.keys, self.enrollment)
+        except WireError as exc:
+            op.reason, op.detail = exc.reason, exc.detail
+            return op
+        if topic_site is not None and op.header.site != topic_site:
+            op.reason, op.detail = "schema", f"signed by {op.header.site!r} but sent on {topic_site!r}'s topic"
+            op.header = None
+            return op
+        try:
+            op.norm = check_update(op.header, op.tensors, self.reference, self.cfg.validation)
+        except ValidationError as exc:
+            op.reason, op.detail = exc.reason, exc.detail
+        return op
+
+    def open_many(self, items: Iterable[bytes]) -> list[Opened]:
+        """Open several sealed updates in parallel (results in input order)."""
+        return list(self.pool.map(self.open, items))
+
+    # -- stage 2: decide (serial) ---------------------------------------------------------
+    def decide(self, op: Opened) -> Decision:
+        h = op.header
+        if h is None:  # refused before we knew site and counter: answer on the topic's site
+            return self._refuse(op.topic_site or "?", -1, op.msg_id or "?", op.reason or "schema",
+                                op.detail, store=False)
+        prev = self.store.verdict(h.site, h.counter)
+        if prev is not None:
+            self.metrics.duplicates.inc()
+            event(log, "update.duplicate", site=h.site, counter=h.counter, verdict=prev.verdict)
+            return Decision(prev.receipt(), duplicate=True)
+        top = self.store.max_counter(h.site)
+        if top is not None and h.counter < top:
+            return self._refuse(h.site, h.counter, h.msg_id, "replay",
+                                f"counter {h.counter} is below {top}, already decided, and unknown", store=False)
+        if op.reason is not None:
+            return self._refuse(h.site, h.counter, h.msg_id, op.reason, op.detail)
+        s = self.version - h.base_version
+        if s < 0:
+            return self._refuse(h.site, h.counter, h.msg_id, "base_version",
+                                f"base version {h.base_version} is newer than the current {self.version}")
+        if s > self.cfg.strategy.max_staleness:
+            self.metrics.staleness.observe(s)
+            v = Verdict(h.site, h.counter, h.msg_id, "stale", "too_stale",
+                        f"staleness {s} > max_staleness {self.cfg.strategy.max_staleness}", self.version, s, 0.0)
+            self.store.record(v)
+            self.metrics.decided("stale")
+            event(log, "update.stale", site=h.site, counter=h.counter, staleness=s)
+            return Decision(v.receipt())
+        self.metrics.staleness.observe(s)
+        assert op.tensors is not None
+        acc = Accepted(h.site, h.counter, h.msg_id, h.base_version, h.n_samples, s, self.strategy.factor(s),
+                       self.strategy.weight(h.n_samples, s), op.tensors)
+        if len(self.buffer) + 1 < self.strategy.buffer_size:
+            v = Verdict(h.site, h.counter, h.msg_id, "buffered", None, None, self.version, s, acc.weight)
+            self.store.add_buffered(BufferedRow(0, h.site, h.counter, h.msg_id, h.base_version, h.n_samples, s,
+                                                acc.factor, acc.weight, op.sealed), v)
+            self.buffer.append(acc)
+            self.metrics.buffer_fill.set(len(self.buffer))
+            self.metrics.decided("buffered")
+            event(log, "update.buffered", site=h.site, counter=h.counter, staleness=s, weight=acc.weight,
+                  fill=len(self.buffer), of=self.strategy.buffer_size)
+            return Decision(v.receipt())
+        return self._reduce([*self.buffer, acc])
+
+    def _refuse(self, site: str, counter: int, msg_id: str, reason: str, detail: str | None,
+                store: bool = True) -> Decision:
+        v = Verdict(site, counter, msg_id, "rejected", reason, detail, self.version)
+        if store:
+            self.store.record(v)
+        self.metrics.decided("rejected", reason)
+        event(log, "update.rejected", level=logging.WARNING, site=site, counter=counter, reason=reason,
+              detail=detail)
+        return Decision(v.receipt())
+
+    def _reduce(self, updates: list[Accepted]) -> Decision:
+        result = self.strategy.reduce(self.model, updates, self.momentum)
+        new_version = self.version + 1
+        lineage = {"strategy": self.strategy.name, "parent": self.version,
+                   "updates": [dict(u.lineage(), clip_scale=c) for u, c in zip(updates, result.clip_scales)]}
+        applied = [Verdict(u.site, u.counter, u.msg_id, "applied", None, None, new_version, u.staleness, u.weight)
+                   for u in updates]
+        self.store.commit_version(
+            new_version, envelope.encode_tensors(result.model),
+            envelope.encode_tensors(result.momentum) if result.momentum else None,
+            lineage, applied, self.cfg.aggregator.keep_checkpoints)
+        # committed: only now does the live state change
+        self.model, self.momentum, self.version = result.model, result.momentum, new_version
+        self.snapshot = (new_version, result.model)  # one assignment: what the publisher thread reads
+        self.buffer = []
+        self.metrics.version.set(new_version)
+        self.metrics.buffer_fill.set(0)
+        for _ in updates:
+            self.metrics.decided("applied")
+        event(log, "model.version", version=new_version, updates=len(updates),
+              sites=sorted({u.site for u in updates}))
+        receipts = [v.receipt() for v in applied]
+        return Decision(receipts[-1], receipts[:-1], new_version)
+
+    # -- conveniences ----------------------------------------------------------------------
+    def process(self, sealed: bytes, topic_site: str | None = None, msg_id: str | None = None) -> Decision:
+        return self.decide(self.open(sealed, topic_site, msg_id))
+
+    def submit(self, sealed: bytes) -> dict[str, Any]:
+        """One sealed update in, its receipt dict out (the in-process path for tests)."""
+        return self.process(sealed).receipt
+
+    def process_many(self, items: list[bytes]) -> list[Decision]:
+        """Open in parallel, decide in order."""
+        return [self.decide(op) for op in self.open_many(items)]
+
+    def sign_receipt(self, receipt: dict[str, Any]) -> bytes:
+        return envelope.sign_receipt(receipt, self.keys)
+
+    def lineage(self, version: int) -> dict[str, Any] | None:
+        ck = self.store.checkpoint(version)
+        return ck.lineage if ck else None
+
+    def torch_model(self, shared: State | None = None) -> Any:
+        """The global model as torch: shared weights (default: current version), the seed's head.
+
+        The aggregator never sees personal parameters (a site's head), so the
+        ONNX it publishes carries the head of version 0. Sites with a personal
+        head combine the published body with their own head.
+        """
+        from models import build_model, load_shared_state
+
+        if self._torch_model is None:
+            self._torch_model = build_model(self.spec, seed=self.cfg.aggregator.seed)
+        load_shared_state(self._torch_model, self.spec, self.model if shared is None else shared)
+        return self._torch_model

@@ -1,0 +1,51 @@
+"""Prometheus metrics of one aggregator (prometheus-client), on its own registry.
+
+Why a registry per instance: tests run several aggregators in one process,
+and the default global registry would refuse the second set of names.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.updates = Counter("fedline_aggregator_updates", "Updates decided, by verdict", ["verdict"], registry=r)
+        self.rejections = Counter("fedline_aggregator_rejections", "Rejected updates, by reason", ["reason"],
+                                  registry=r)
+        self.duplicates = Counter("fedline_aggregator_duplicates", "Resent updates answered with their "
+                                  "original verdict", registry=r)
+        self.staleness = Histogram("fedline_aggregator_staleness", "Staleness of accepted and stale updates",
+                                   buckets=(0, 1, 2, 3, 5, 8, 13, 21, 34, 55, float("inf")), registry=r)
+        self.buffer_fill = Gauge("fedline_aggregator_buffer_fill", "Updates waiting in the FedBuff buffer",
+                                 registry=r)
+        self.version = Gauge("fedline_aggregator_model_version", "Current global model version", registry=r)
+        self.rate = Gauge("fedline_aggregator_updates_per_second", "Updates decided per second over the last "
+                          "60 s", registry=r)
+        self.chunk_errors = Counter("fedline_aggregator_chunk_errors", "Chunks that could not be reassembled",
+                                    registry=r)
+        self._recent: deque[float] = deque()
+
+    def decided(self, verdict: str, reason: str | None = None) -> None:
+        self.updates.labels(verdict).inc()
+        if verdict == "rejected" and reason:
+            self.rejections.labels(reason).inc()
+        now = time.monotonic()
+        self._recent.append(now)
+        while self._recent and now - self._recent[0] > 60.0:
+            self._recent.popleft()
+        span = max(1.0, min(60.0, now - self._recent[0])) if self._recent else 60.0
+        self.rate.set(len(self._recent) / span)
+
+    def value(self, name: str, labels: dict[str, str] | None = None) -> float:
+        """A sample's current value (0 if never set): for tests and ``status``."""
+        v = self.registry.get_sample_value(name, labels or {})
+        return float(v or 0.0)
+
+    def serve(self, port: int, bind: str = "127.0.0.1") -> None:
+        start_http_server(port, addr=bind, registry=self.registry)

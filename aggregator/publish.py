@@ -1,0 +1,95 @@
+"""What goes on the broker for each global version: chunks, then the signed manifest.
+
+Order matters: every chunk of weights and ONNX is published (retained, QoS 1,
+acknowledged) before the manifest that points at them, so an edge that sees
+a manifest can always fetch what it names. Each manifest field is the
+contract the edge reads (DESIGN.md, issue 5)::
+
+    federation, version, created_at, spec (ModelSpec.to_dict()),
+    weights {hash, size, chunks, msg_id}, onnx {hash, size, chunks, msg_id},
+    metric (optional), lineage (summary)
+
+The ONNX file is the global model with the aggregator's copy of the personal
+parameters, i.e. those of version 0 (the seed): the aggregator never sees a
+site's own head. A site with a personal head runs the published body with its
+own head; a federation without personal parameters gets the exact global model.
+
+Superseded versions are cleared from the broker (an empty retained payload on
+each chunk topic), keeping the last ``[publish] retain_versions``.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from broker_bridge import chunking, envelope
+from broker_bridge.keys import KeyPair
+from broker_bridge.topics import Topics
+from fedline.logs import event
+from models.spec import ModelSpec
+
+log = logging.getLogger("fedline.aggregator.publish")
+
+
+@dataclass
+class Release:
+    version: int
+    manifest: dict[str, Any]
+    manifest_blob: bytes
+    chunks: list[tuple[str, bytes]]
+    weights_chunks: int
+    onnx_chunks: int
+
+
+def lineage_summary(lineage: dict[str, Any] | None) -> dict[str, Any]:
+    ups = (lineage or {}).get("updates", [])
+    stale = [u["staleness"] for u in ups]
+    return {"strategy": (lineage or {}).get("strategy"), "parent": (lineage or {}).get("parent"),
+            "updates": len(ups), "sites": sorted({u["site"] for u in ups}),
+            "samples": int(sum(u["n_samples"] for u in ups)),
+            "staleness_mean": float(np.mean(stale)) if stale else 0.0,
+            "staleness_max": int(max(stale)) if stale else 0}
+
+
+def build_release(version: int, shared: dict[str, np.ndarray], spec: ModelSpec, federation: str,
+                  keys: KeyPair, topics: Topics, chunk_limit: Callable[[str], int],
+                  onnx_bytes: Callable[[dict[str, np.ndarray]], bytes] | None,
+                  lineage: dict[str, Any] | None = None, metric: float | None = None) -> Release:
+    """Everything to publish for ``version`` (pure: no I/O, so it runs in a worker thread)."""
+    weights = envelope.encode_tensors(shared)
+    onnx = onnx_bytes(shared) if onnx_bytes else b""
+    chunks: list[tuple[str, bytes]] = []
+    entries = {}
+    for part, blob, topic_of in (("weights", weights, topics.weights_chunk), ("onnx", onnx, topics.onnx_chunk)):
+        msg_id = f"v{version}-{part}"
+        parts = chunking.split(blob, msg_id, chunk_limit(topic_of(version, 999999))) if blob else []
+        chunks += [(topic_of(version, i), c) for i, c in enumerate(parts)]
+        entries[part] = {"hash": envelope.content_hash(blob), "size": len(blob), "chunks": len(parts),
+                         "msg_id": msg_id}
+    manifest: dict[str, Any] = {
+        "federation": federation, "version": version, "created_at": time.time(), "spec": spec.to_dict(),
+        "weights": entries["weights"], "onnx": entries["onnx"], "lineage": lineage_summary(lineage),
+    }
+    if metric is not None:
+        manifest["metric"] = metric
+    return Release(version, manifest, envelope.sign_manifest(manifest, keys), chunks,
+                   entries["weights"]["chunks"], entries["onnx"]["chunks"])
+
+
+async def publish_release(client: Any, topics: Topics, release: Release) -> None:
+    """Chunks first (retained, all acknowledged), then the manifest (retained)."""
+    await client.publish_many(release.chunks, qos=1, retain=True)
+    await client.publish(topics.manifest(), release.manifest_blob, qos=1, retain=True)
+    event(log, "model.published", version=release.version, chunks=len(release.chunks),
+          weights=release.manifest["weights"]["size"], onnx=release.manifest["onnx"]["size"])
+
+
+def clear_topics(topics: Topics, version: int, weights_chunks: int, onnx_chunks: int) -> list[str]:
+    """Chunk topics of one version (to clear with empty retained payloads)."""
+    return ([topics.weights_chunk(version, i) for i in range(weights_chunks)]
+            + [topics.onnx_chunk(version, i) for i in range(onnx_chunks)])

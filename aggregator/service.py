@@ -1,0 +1,214 @@
+"""The aggregator as a service: MQTT in, receipts and model versions out.
+
+Three asyncio tasks around one :class:`~aggregator.core.AggregatorCore`:
+
+- **intake** reads chunks from ``fedline/<fed>/sites/+/update/#``, reassembles
+  them, and hands each complete message to the core's thread pool to be
+  opened (decrypt, verify, validate: both cores busy);
+- **decider** takes opened updates in arrival order and runs the serial
+  decision in a dedicated thread (SQLite and numpy, off the event loop), then
+  publishes the signed receipts (QoS 1);
+- **publisher** publishes each new version (weights + ONNX chunks, then the
+  signed manifest, all retained) and clears superseded versions. When versions
+  come faster than ONNX export, it publishes the newest and skips the rest.
+
+A bad message is counted, logged and answered; nothing here stops the
+service except cancellation.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from aggregator import publish
+from aggregator.config import AggregatorConfig
+from aggregator.core import AggregatorCore, Opened
+from aggregator.metrics import Metrics
+from broker_bridge.chunking import Reassembler
+from broker_bridge.client import MqttClient
+from broker_bridge.errors import ChunkError, FedlineError, TopicError
+from broker_bridge.topics import Topics
+from fedline.logs import event
+
+log = logging.getLogger("fedline.aggregator")
+
+
+class Aggregator:
+    """``await Aggregator(config).run()`` runs until cancelled (or :meth:`stop`)."""
+
+    def __init__(self, cfg: AggregatorConfig, metrics: Metrics | None = None) -> None:
+        self.cfg = cfg
+        self.topics = Topics(cfg.aggregator.federation, cfg.aggregator.topic_prefix)
+        self.metrics = metrics or Metrics()
+        self.core: AggregatorCore | None = None
+        self.client: MqttClient | None = None
+        self.reassembler = Reassembler(cfg.aggregator.reassembly_timeout_s, cfg.aggregator.reassembly_max_bytes)
+        self.published_version = -1
+        self.started = asyncio.Event()  # the core is loaded and subscribed
+        self.published = asyncio.Event()  # set after every publish (tests clear and wait)
+        self._new_version = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._serial = ThreadPoolExecutor(1, thread_name_prefix="agg-decide")
+        self._export = ThreadPoolExecutor(1, thread_name_prefix="agg-export")
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _settings(self):
+        s = self.cfg.broker
+        if not s.client_id:  # a stable id keeps the persistent session (and its queued updates) across restarts
+            s = dataclasses.replace(s, client_id=f"fedline-aggregator-{self.cfg.aggregator.federation}")
+        return s
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.core = await loop.run_in_executor(self._serial, lambda: AggregatorCore(self.cfg, metrics=self.metrics))
+        if self.cfg.metrics.port:
+            self.metrics.serve(self.cfg.metrics.port, self.cfg.metrics.bind)
+        queue: asyncio.Queue[asyncio.Future[Opened]] = asyncio.Queue(maxsize=4 * self.cfg.aggregator.workers)
+        try:
+            async with MqttClient(self._settings()) as client:
+                self.client = client
+                await client.subscribe(self.topics.updates_filter(), qos=1)
+                self.started.set()
+                event(log, "aggregator.started", federation=self.cfg.aggregator.federation,
+                      url=self.cfg.broker.url, version=self.core.version, strategy=self.core.strategy.name)
+                tasks = [asyncio.create_task(self._intake(client, queue), name="agg-intake"),
+                         asyncio.create_task(self._decider(client, queue), name="agg-decider"),
+                         asyncio.create_task(self._publisher(client), name="agg-publisher")]
+                stop = asyncio.create_task(self._stop.wait())
+                try:
+                    done, _ = await asyncio.wait([*tasks, stop], return_when=asyncio.FIRST_COMPLETED)
+                    for t in done:
+                        if t is not stop and t.exception():
+                            raise t.exception()  # type: ignore[misc]
+                finally:
+                    for t in [*tasks, stop]:
+                        t.cancel()
+                    await asyncio.gather(*tasks, stop, return_exceptions=True)
+        finally:
+            self.client = None
+            core = self.core
+            await loop.run_in_executor(self._serial, core.close)
+            self._serial.shutdown(wait=False)
+            self._export.shutdown(wait=False)
+
+    # -- intake -------------------------------------------------------------------------
+    async def _intake(self, client: MqttClient, queue: asyncio.Queue) -> None:
+        loop = asyncio.get_running_loop()
+        core = self.core
+        assert core is not None
+        async for msg in client.messages():
+            if not msg.payload:
+                continue  # an empty (cleared) retained message
+            try:
+                info = self.topics.parse(msg.topic)
+            except TopicError:
+                continue
+            if info.kind != "update":
+                continue
+            try:
+                done = self.reassembler.add(msg.payload)
+            except ChunkError as exc:
+                self.metrics.chunk_errors.inc()
+                event(log, "chunk.rejected", level=logging.WARNING, site=info.site, topic=msg.topic, error=str(exc))
+                continue
+            if done is None:
+                continue
+            msg_id, blob = done
+            fut = loop.run_in_executor(core.pool, core.open, blob, info.site, msg_id)
+            await queue.put(fut)  # bounded: back-pressure instead of unbounded memory
+
+    # -- decisions and receipts ----------------------------------------------------------
+    async def _decider(self, client: MqttClient, queue: asyncio.Queue) -> None:
+        loop = asyncio.get_running_loop()
+        core = self.core
+        assert core is not None
+        while True:
+            fut = await queue.get()
+            try:
+                op = await fut
+                decision = await loop.run_in_executor(self._serial, core.decide, op)
+            except Exception as exc:  # a bug or a full disk must not end intake: log loudly, keep going
+                event(log, "update.failed", level=logging.ERROR, error=repr(exc))
+                continue
+            if decision.new_version is not None:
+                self._new_version.set()
+            for r in decision.receipts:
+                if r["site"] == "?":
+                    continue
+                try:
+                    await client.publish(self.topics.receipts(r["site"]), core.sign_receipt(r), qos=1)
+                except (FedlineError, TopicError) as exc:
+                    # the site resends after its timeout and gets the same verdict from the store
+                    event(log, "receipt.unsent", level=logging.WARNING, site=r["site"], counter=r["counter"],
+                          error=str(exc))
+
+    # -- publishing ------------------------------------------------------------------------
+    def _onnx(self, shared) -> bytes:
+        from models import export_onnx
+
+        assert self.core is not None
+        return export_onnx(self.core.torch_model(shared), self.cfg.model)
+
+    def _build(self, version: int, shared) -> publish.Release:
+        core = self.core
+        assert core is not None and self.client is not None
+        return publish.build_release(version, shared, self.cfg.model, self.cfg.aggregator.federation, core.keys,
+                                     self.topics, self.client.chunk_limit,
+                                     self._onnx if self.cfg.publish.onnx else None,
+                                     lineage=core.lineage(version))
+
+    async def _publisher(self, client: MqttClient) -> None:
+        loop = asyncio.get_running_loop()
+        core = self.core
+        assert core is not None
+        while True:
+            version, shared = core.snapshot
+            if version != self.published_version:
+                try:
+                    release = await loop.run_in_executor(self._export, self._build, version, shared)
+                    await publish.publish_release(client, self.topics, release)
+                    await loop.run_in_executor(self._serial, core.store.mark_published, version,
+                                               release.weights_chunks, release.onnx_chunks)
+                    self.published_version = version
+                    self.published.set()
+                    await self._clear_old(client)
+                except FedlineError as exc:
+                    event(log, "model.publish_failed", level=logging.WARNING, version=version, error=str(exc))
+                    await asyncio.sleep(1.0)
+                    continue
+            if core.snapshot[0] == self.published_version:
+                await self._new_version.wait()
+                self._new_version.clear()
+
+    async def _clear_old(self, client: MqttClient) -> None:
+        core = self.core
+        assert core is not None
+        live = core.store.published_versions()
+        for version, wc, oc in live[:-self.cfg.publish.retain_versions]:
+            items = [(t, b"") for t in publish.clear_topics(self.topics, version, wc, oc)]
+            await client.publish_many(items, qos=1, retain=True)
+            core.store.mark_cleared(version)
+            event(log, "model.cleared", version=version, chunks=len(items))
+
+
+async def run_aggregator(cfg: AggregatorConfig) -> None:
+    """Run until SIGINT/SIGTERM."""
+    import signal
+
+    agg = Aggregator(cfg)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, agg.stop)
+        except (NotImplementedError, RuntimeError):
+            pass
+    await agg.run()
+
+
+__all__ = ["Aggregator", "run_aggregator"]
+_ = Any

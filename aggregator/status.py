@@ -1,0 +1,192 @@
+"""``fedline status``: the federation as the broker sees it, from retained messages alone.
+
+Why from the broker: an operator on any machine with observer credentials can
+see the federation without access to the aggregator's disk. Statuses (retained,
+``offline`` by last will) and the manifest (retained) arrive at once; receipts
+are not retained, so they are counted while listening for ``--listen`` seconds.
+Manifests and receipts are verified when an enrollment file is given (else
+shown as unverified).
+
+Config: the aggregator's own TOML works (its ``[aggregator]`` table gives the
+federation and enrollment; point ``[broker]`` at observer credentials), or a
+small file::
+
+    federation = "plant-1"
+    enrollment_file = "enrollment.json"   # optional: verify signatures
+    [broker]
+    url = "mqtt://127.0.0.1:1883"
+    username = "observer"
+    password_file = "credentials/observer.password"
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from broker_bridge.client import BrokerSettings, MqttClient
+from broker_bridge.envelope import verify_manifest, verify_receipt
+from broker_bridge.errors import TopicError, WireError
+from broker_bridge.keys import Enrollment
+from broker_bridge.topics import Topics
+from fedline.config import ConfigError, load_toml, parse, resolve_path
+
+
+@dataclass(frozen=True)
+class StatusConfig:
+    federation: str
+    broker: BrokerSettings
+    topic_prefix: str = "fedline"
+    enrollment_file: str | None = None
+
+
+def load_status_config(path: str | Path) -> StatusConfig:
+    table = load_toml(path)
+    if "aggregator" in table:  # the aggregator's own file
+        agg = table["aggregator"]
+        if not isinstance(agg, dict) or "federation" not in agg:
+            raise ConfigError(path, "aggregator.federation", "missing")
+        table = {"federation": agg["federation"], "topic_prefix": agg.get("topic_prefix", "fedline"),
+                 "enrollment_file": agg.get("enrollment_file"), "broker": table.get("broker", {})}
+        table = {k: v for k, v in table.items() if v is not None}
+    cfg = parse(StatusConfig, table, file=path)
+    b = cfg.broker
+    changes = {n: str(resolve_path(path, getattr(b, n))) for n in ("password_file", "ca_file", "cert_file",
+                                                                    "key_file") if getattr(b, n)}
+    if not b.client_id:
+        changes["client_id"] = f"fedline-status-{int(time.time() * 1000) % 1_000_000}"
+    return dataclasses.replace(cfg, broker=dataclasses.replace(b, clean_start=True, **changes),
+                               enrollment_file=str(resolve_path(path, cfg.enrollment_file))
+                               if cfg.enrollment_file else None)
+
+
+@dataclass
+class SiteView:
+    site: str
+    status: dict[str, Any] = field(default_factory=dict)
+    receipts: Counter = field(default_factory=Counter)
+    last_receipt: dict[str, Any] | None = None
+
+
+@dataclass
+class FederationView:
+    federation: str
+    manifest: dict[str, Any] | None = None
+    manifest_verified: bool = False
+    sites: dict[str, SiteView] = field(default_factory=dict)
+    unverified_receipts: int = 0
+    bad_messages: int = 0
+
+    def site(self, name: str) -> SiteView:
+        return self.sites.setdefault(name, SiteView(name))
+
+
+def _receipt_body(blob: bytes) -> dict[str, Any]:
+    """A receipt's JSON without checking the signature (when no enrollment is given)."""
+    doc = json.loads(blob[68:].decode("utf-8"))
+    if not isinstance(doc, dict):
+        raise ValueError("not an object")
+    return doc
+
+
+async def collect(cfg: StatusConfig, listen_s: float = 3.0) -> FederationView:
+    topics = Topics(cfg.federation, cfg.topic_prefix)
+    sign_pub = Enrollment.load(cfg.enrollment_file).aggregator.sign_pub if cfg.enrollment_file else None
+    view = FederationView(cfg.federation)
+    if cfg.enrollment_file:
+        for s in Enrollment.load(cfg.enrollment_file).sites:
+            view.site(s)
+    async with MqttClient(cfg.broker) as client:
+        await client.wait_connected(cfg.broker.timeout_s)
+        for flt in (topics.status_filter(), topics.manifest(), topics.receipts_filter()):
+            await client.subscribe(flt, qos=1)
+        deadline = asyncio.get_running_loop().time() + listen_s
+        while (left := deadline - asyncio.get_running_loop().time()) > 0:
+            try:
+                msg = await asyncio.wait_for(client.messages().__anext__(), left)
+            except asyncio.TimeoutError:
+                break
+            if not msg.payload:
+                continue
+            try:
+                info = topics.parse(msg.topic)
+                if info.kind == "status":
+                    try:
+                        doc = json.loads(msg.payload)
+                    except ValueError:
+                        doc = {"state": msg.payload.decode("utf-8", "replace")}
+                    view.site(info.site).status = doc if isinstance(doc, dict) else {"state": str(doc)}
+                elif info.kind == "manifest":
+                    if sign_pub:
+                        view.manifest, view.manifest_verified = verify_manifest(msg.payload, sign_pub), True
+                    else:
+                        view.manifest = json.loads(msg.payload[68:])
+                elif info.kind == "receipts":
+                    if sign_pub:
+                        doc = verify_receipt(msg.payload, sign_pub)
+                    else:
+                        doc = _receipt_body(msg.payload)
+                        view.unverified_receipts += 1
+                    sv = view.site(info.site)
+                    sv.receipts[doc["verdict"]] += 1
+                    sv.last_receipt = doc
+            except (TopicError, WireError, ValueError, KeyError, UnicodeDecodeError):
+                view.bad_messages += 1
+    return view
+
+
+def _age(ts: Any) -> str:
+    if not isinstance(ts, (int, float)):
+        return "-"
+    s = max(0.0, time.time() - ts)
+    return f"{s:.0f}s ago" if s < 120 else f"{s / 60:.0f}m ago" if s < 7200 else f"{s / 3600:.1f}h ago"
+
+
+def render(view: FederationView) -> str:
+    """The table, as text (rich), so tests and the CLI print the same thing."""
+    from rich.console import Console
+    from rich.table import Table
+
+    m = view.manifest
+    title = f"federation {view.federation}: model version " + (
+        f"{m['version']} ({'signed, verified' if view.manifest_verified else 'unverified'}, "
+        f"{m.get('lineage', {}).get('updates', 0)} updates in it)" if m else "unknown (no manifest)")
+    table = Table(title=title)
+    for col in ("site", "state", "seen", "base version", "last update", "ε spent", "publishing", "outbox",
+                "receipts"):
+        table.add_column(col)
+    for name in sorted(view.sites):
+        sv = view.sites[name]
+        st = sv.status
+        last = sv.last_receipt
+        if last:
+            last_txt = f"#{last['counter']} {last['verdict']}" + (f" ({last['reason']})" if last.get("reason") else "")
+        elif isinstance(st.get("last_round"), dict) and st["last_round"].get("counter") is not None:
+            last_txt = f"#{st['last_round']['counter']} sent"
+        else:
+            last_txt = "-"
+        eps = st.get("epsilon")
+        budget = st.get("epsilon_budget")
+        eps_txt = "-" if eps is None else f"{eps:.3g}" + (f" / {budget:g}" if budget else "")
+        table.add_row(name, str(st.get("state", "never seen")), _age(st.get("ts")), str(st.get("version", "-")),
+                      last_txt, eps_txt, str(st.get("publishing", "-")), str(st.get("outbox_depth", "-")),
+                      ", ".join(f"{k} {v}" for k, v in sorted(sv.receipts.items())) or "-")
+    console = Console(width=140, record=True, file=open("/dev/null", "w"))
+    console.print(table)
+    totals = Counter()
+    for sv in view.sites.values():
+        totals.update(sv.receipts)
+    online = sum(1 for sv in view.sites.values() if sv.status.get("state") == "online")
+    console.print(f"{len(view.sites)} sites, {online} online; receipts while listening: "
+                  + (", ".join(f"{k} {v}" for k, v in sorted(totals.items())) or "none")
+                  + (f"; {view.unverified_receipts} unverified" if view.unverified_receipts else "")
+                  + (f"; {view.bad_messages} unreadable messages" if view.bad_messages else ""))
+    return console.export_text()
+
+
+_ = defaultdict

@@ -1,0 +1,67 @@
+"""Checks an opened update must pass before it may touch the model.
+
+Why separate from the envelope: the envelope proves *who* sent the bytes;
+this proves the content is a sane delta for *this* model. Each failure names
+a short reason (for counters and receipts) and a detail (for people):
+
+- ``names``: tensor names differ from the model's shared parameters (a
+  personal parameter sent by mistake lands here too);
+- ``dtype``: not float32; ``shape``: a shape differs;
+- ``nonfinite``: a NaN or infinity; ``norm``: L2 norm above ``max_norm``;
+- ``samples``: sample count outside ``[min_samples, max_samples]``;
+- ``base_version``: based on a version this aggregator never made.
+
+These run in worker threads (numpy releases the GIL), before the serial
+decision that checks staleness and duplicates against the live state.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import numpy as np
+
+from aggregator.config import ValidationConfig
+from broker_bridge.envelope import UpdateHeader
+
+REASONS = ("names", "dtype", "shape", "nonfinite", "norm", "samples", "base_version")
+
+
+class ValidationError(Exception):
+    def __init__(self, reason: str, detail: str) -> None:
+        assert reason in REASONS, reason
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}")
+
+
+def check_update(header: UpdateHeader, tensors: Mapping[str, np.ndarray],
+                 reference: Mapping[str, tuple[int, ...]], cfg: ValidationConfig) -> float:
+    """Raise :class:`ValidationError` or return the delta's L2 norm."""
+    if not cfg.min_samples <= header.n_samples <= cfg.max_samples:
+        raise ValidationError("samples", f"n_samples {header.n_samples} is outside "
+                                         f"[{cfg.min_samples}, {cfg.max_samples}]")
+    if list(tensors) != list(reference):
+        missing = [n for n in reference if n not in tensors]
+        extra = [n for n in tensors if n not in reference]
+        raise ValidationError("names", f"missing {missing}, unexpected {extra}" if missing or extra
+                              else "tensors are not in the model's order")
+    total = 0.0
+    for name, arr in tensors.items():
+        if arr.dtype != np.float32:
+            raise ValidationError("dtype", f"{name!r} is {arr.dtype}, expected float32")
+        if tuple(arr.shape) != tuple(reference[name]):
+            raise ValidationError("shape", f"{name!r} has shape {tuple(arr.shape)}, model expects "
+                                           f"{tuple(reference[name])}")
+        flat = arr.reshape(-1)
+        # one pass (BLAS sdot): a NaN or inf makes the sum non-finite; only then look for which it was
+        sq = float(np.dot(flat, flat))
+        if not math.isfinite(sq):
+            if not np.isfinite(flat).all():
+                raise ValidationError("nonfinite", f"{name!r} holds NaN or infinity")
+            sq = math.inf  # finite values whose squares overflow: far beyond any bound
+        total += sq
+    norm = math.sqrt(total)
+    if norm > cfg.max_norm:
+        raise ValidationError("norm", f"L2 norm {norm:.4g} exceeds max_norm {cfg.max_norm:g}")
+    return norm
