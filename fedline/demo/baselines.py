@@ -1,0 +1,100 @@
+"""The two yardsticks a federation is judged against, trained in-process without privacy noise.
+
+- **local-only**: each site trains on its own training rows alone. Data that
+  never leaves the plant needs no DP noise, so this is the honest alternative
+  a plant has to joining a federation.
+- **central**: one model on the pooled training rows of every site: the
+  reference a federation tries to approach (and which no plant would allow).
+
+Both use the edge agent's own round (:func:`edge.trainer.train_round` with
+``dp=None``), so the model, the optimiser, the batch size and the learning
+rate are the federation's, and only the data and the noise differ.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedline.demo.data import DemoData
+from fedline.demo.metrics import score
+from models.spec import ModelSpec
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """How the baselines train: total epochs over their rows, batch, learning rate."""
+
+    epochs: int
+    batch_size: int = 64
+    lr: float = 0.05
+    momentum: float = 0.0
+    seed: int = 0
+
+
+def train_plain(spec: ModelSpec, x: np.ndarray, y: np.ndarray, s: TrainSettings) -> dict[str, np.ndarray]:
+    """Train version 0 for ``s.epochs`` epochs without DP; returns every parameter (shared and personal)."""
+    from edge.config import TrainingConfig
+    from edge.trainer import train_round
+    from models import build_model, shared_state
+    from models.flat import personal_state
+
+    import torch
+
+    torch.manual_seed(s.seed)
+    base = build_model(spec, seed=0)
+    cfg = TrainingConfig(epochs=s.epochs, batch_size=s.batch_size, lr=s.lr, momentum=s.momentum, seed=s.seed,
+                         threads=1)
+    result = train_round(spec, shared_state(base, spec), personal_state(base, spec) or None, x, y, cfg, None)
+    return {**result.shared, **result.personal}
+
+
+def predict(spec: ModelSpec, params: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
+    """The line's score for rows ``x`` (normalised): probability or value."""
+    import torch
+
+    from models import Scorer, build_model
+
+    model = build_model(spec, seed=0)
+    state = model.state_dict()
+    for name, arr in params.items():
+        state[name] = torch.from_numpy(np.asarray(arr, dtype=np.float32))
+    model.load_state_dict(state)
+    with torch.no_grad():
+        return Scorer(model, spec).eval()(torch.from_numpy(np.ascontiguousarray(x, np.float32))).numpy().ravel()
+
+
+def predict_onnx(onnx_bytes: bytes, x: np.ndarray) -> np.ndarray:
+    """Score rows with an ONNX model in onnxruntime, as the line inference does."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    sess = ort.InferenceSession(onnx_bytes, opts, providers=["CPUExecutionProvider"])
+    return sess.run(["y"], {"x": np.ascontiguousarray(x, np.float32)})[0].ravel()
+
+
+def evaluate(data: DemoData, predict_fn, site_index: int) -> float:
+    """Metric on one site's held-out rows, predictions mapped back to plant units."""
+    site = data.sites[site_index]
+    pred = predict_fn(data.normalise(site.x_test))
+    if data.task == "classification":
+        return score("roc_auc", site.y_test, pred)
+    return score("rmse", site.y_test, data.untarget(pred))
+
+
+def local_and_central(data: DemoData, spec: ModelSpec, s: TrainSettings) -> tuple[list[float], list[float]]:
+    """Metric of each site's local-only model and of the central model, on each site's held-out rows.
+
+    The central model sees the pooled rows for the same number of epochs, so
+    it takes as many steps as all local models together.
+    """
+    local: list[float] = []
+    for i, site in enumerate(data.sites):
+        params = train_plain(spec, data.normalise(site.x_train), data.target(site.y_train), s)
+        local.append(evaluate(data, lambda x, p=params: predict(spec, p, x), i))
+    x_all = np.concatenate([data.normalise(s_.x_train) for s_ in data.sites])
+    y_all = np.concatenate([data.target(s_.y_train) for s_ in data.sites])
+    central_params = train_plain(spec, x_all, y_all, s)
+    central = [evaluate(data, lambda x: predict(spec, central_params, x), i) for i in range(len(data.sites))]
+    return local, central

@@ -1,0 +1,312 @@
+"""The demo's data: one CSV split into sites, and each site's rows into train / live / held-out.
+
+Why here and not in the edge agent: the demo plays the role of several plants
+at once, so something has to cut one file into per-plant files before any
+plant process starts. Each site then only ever sees its own files (its PLC
+serves its live rows, its historian replay holds its backfill); the held-out
+20 % never reaches any process and is used only to score the models at the end.
+
+Features are normalised by *engineering ranges* (public, equal at every site),
+exactly as :class:`firmware_adapters.rows.RowBuilder` does in the edge agent, so
+the in-process baselines see the very same inputs the federation trains on.
+For the bundled AI4I file the ranges come from its register map; for a
+bring-your-own CSV the demo derives them from the pooled file with a 5 %
+margin and says so in the report (a real deployment writes them into the
+site file from the machine's data sheet instead).
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from broker_bridge.errors import FedlineError
+
+Task = Literal["classification", "regression"]
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+AI4I_CSV = REPO_ROOT / "data" / "ai4i2020.csv"
+AI4I_MAP = REPO_ROOT / "firmware_adapters" / "maps" / "ai4i2020.toml"
+AI4I_FEATURES = ["Air temperature [K]", "Process temperature [K]", "Rotational speed [rpm]",
+                 "Torque [Nm]", "Tool wear [min]"]
+AI4I_LABEL = "Machine failure"
+AI4I_SITE_COLUMN = "Type"
+
+
+class DemoDataError(FedlineError):
+    """The demo's input CSV or its column choices are unusable; the message says which and why."""
+
+
+@dataclass
+class SiteData:
+    """One plant's share of the file. ``*_rows`` keep the CSV text so files can be written back."""
+
+    site: str  # site id (topic level, user name, file name)
+    key: str  # the value of the site column this site stands for
+    train_rows: list[dict[str, str]]
+    test_rows: list[dict[str, str]]
+    x_train: np.ndarray  # raw plant units, float64 (n, F)
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+    @property
+    def rows(self) -> int:
+        return len(self.train_rows) + len(self.test_rows)
+
+    @property
+    def positives(self) -> int:
+        return int(np.sum(self.y_train > 0.5) + np.sum(self.y_test > 0.5))
+
+
+@dataclass
+class DemoData:
+    """All sites, the column choices and the normalisation every party uses."""
+
+    source: Path
+    columns: list[str]
+    site_column: str
+    features: list[str]
+    label: str
+    task: Task
+    ranges: list[tuple[float, float]]  # per feature: engineering range (lo, hi)
+    label_range: tuple[float, float] | None  # regression: target normalised to [0, 1] by this range
+    sites: list[SiteData] = field(default_factory=list)
+    ranges_from_data: bool = False
+    seed: int = 0
+
+    @property
+    def metric(self) -> str:
+        return "roc_auc" if self.task == "classification" else "rmse"
+
+    def normalise(self, x: np.ndarray) -> np.ndarray:
+        """Raw units to [0, 1], clipped: what the edge's RowBuilder feeds the model."""
+        lo = np.array([r[0] for r in self.ranges])
+        span = np.array([r[1] - r[0] for r in self.ranges])
+        return np.clip((np.asarray(x, dtype=np.float64) - lo) / span, 0.0, 1.0).astype(np.float32)
+
+    def target(self, y: np.ndarray) -> np.ndarray:
+        """The training target: the class (0/1) or the regression value scaled by ``label_range``."""
+        y = np.asarray(y, dtype=np.float64)
+        if self.task == "regression" and self.label_range is not None:
+            lo, hi = self.label_range
+            y = (y - lo) / (hi - lo)
+        return y.astype(np.float32)
+
+    def untarget(self, pred: np.ndarray) -> np.ndarray:
+        """Model output back to plant units (regression), so RMSE is in the label's own unit."""
+        pred = np.asarray(pred, dtype=np.float64)
+        if self.task == "regression" and self.label_range is not None:
+            lo, hi = self.label_range
+            pred = pred * (hi - lo) + lo
+        return pred
+
+    def site(self, site_id: str) -> SiteData:
+        for s in self.sites:
+            if s.site == site_id:
+                return s
+        raise KeyError(site_id)
+
+
+def site_id_for(value: str) -> str:
+    """A valid site id (``[A-Za-z0-9][A-Za-z0-9_.-]{0,63}``) for a value of the site column."""
+    sid = re.sub(r"[^A-Za-z0-9_.\-]", "-", value.strip())[:64]
+    if not sid or not sid[0].isalnum():
+        sid = ("site-" + sid)[:64]
+    return sid
+
+
+def hash_bucket(value: str, n: int) -> int:
+    """Stable bucket of a value (BLAKE2b, not Python's salted ``hash``), so every run splits alike."""
+    return int.from_bytes(hashlib.blake2b(value.encode("utf-8"), digest_size=8).digest(), "big") % n
+
+
+def _float(text: str, path: Path, line: int, column: str) -> float:
+    try:
+        v = float(text)
+    except (TypeError, ValueError):
+        raise DemoDataError(f"{path}: line {line}: column {column!r} holds {text!r}, not a number") from None
+    if not math.isfinite(v):
+        raise DemoDataError(f"{path}: line {line}: column {column!r} holds {text!r}, not a finite number")
+    return v
+
+
+def read_csv(path: str | Path) -> tuple[list[str], list[dict[str, str]]]:
+    """Header and rows of a CSV file (errors name the file)."""
+    p = Path(path)
+    try:
+        with p.open(newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            rows = list(reader)
+            columns = list(reader.fieldnames or [])
+    except FileNotFoundError:
+        raise DemoDataError(f"{p}: file not found") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DemoDataError(f"{p}: cannot read as CSV: {exc}") from None
+    if not columns or not rows:
+        raise DemoDataError(f"{p}: no header or no rows")
+    return columns, rows
+
+
+def write_csv(path: Path, columns: list[str], rows: list[dict[str, str]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def _numeric_columns(columns: list[str], rows: list[dict[str, str]], skip: set[str]) -> list[str]:
+    out = []
+    for c in columns:
+        if c in skip:
+            continue
+        try:
+            [float(r[c]) for r in rows[:200]]
+        except (TypeError, ValueError):
+            continue
+        out.append(c)
+    return out
+
+
+def _split(n: int, y: np.ndarray, task: Task, test_fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of train and test; classification is stratified so a small site keeps positives in both."""
+    if task == "classification":
+        test: list[int] = []
+        for cls in np.unique(y):
+            idx = np.flatnonzero(y == cls)
+            rng.shuffle(idx)
+            k = int(round(len(idx) * test_fraction))
+            test.extend(idx[:k].tolist())
+        test_idx = np.array(sorted(test), dtype=int)
+    else:
+        perm = rng.permutation(n)
+        test_idx = np.sort(perm[: int(round(n * test_fraction))])
+    mask = np.zeros(n, dtype=bool)
+    mask[test_idx] = True
+    return np.flatnonzero(~mask), test_idx
+
+
+def load_demo_data(
+    csv_path: str | Path | None = None,
+    *,
+    site_column: str | None = None,
+    label: str | None = None,
+    features: list[str] | None = None,
+    task: Task | None = None,
+    n_sites: int | None = None,
+    ranges: dict[str, tuple[float, float]] | None = None,
+    max_rows_per_site: int | None = None,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+) -> DemoData:
+    """Read the CSV and cut it into sites and splits.
+
+    Defaults are the bundled AI4I 2020 file, one site per product type. With
+    ``n_sites`` the rows go to ``site-0 .. site-<n-1>`` by a hash of the site
+    column instead of one site per distinct value. ``max_rows_per_site`` keeps
+    the first rows of each site (in file order) for a shorter run.
+    """
+    path = Path(csv_path) if csv_path is not None else AI4I_CSV
+    bundled = csv_path is None
+    if bundled:
+        site_column = site_column or AI4I_SITE_COLUMN
+        label = label or AI4I_LABEL
+        features = features or list(AI4I_FEATURES)
+        task = task or "classification"
+    columns, rows = read_csv(path)
+    if not site_column:
+        raise DemoDataError("--site-column is required with --csv")
+    if not label:
+        raise DemoDataError("--label is required with --csv")
+    for what, col in (("site column", site_column), ("label", label)):
+        if col not in columns:
+            raise DemoDataError(f"{path}: {what} {col!r} is not a column; columns are: {', '.join(columns)}")
+    if features:
+        missing = [f for f in features if f not in columns]
+        if missing:
+            raise DemoDataError(f"{path}: feature column(s) {', '.join(map(repr, missing))} not found; "
+                                f"columns are: {', '.join(columns)}")
+        if label in features or site_column in features:
+            raise DemoDataError("the label and the site column cannot also be features")
+    else:
+        features = _numeric_columns(columns, rows, {site_column, label})
+        if not features:
+            raise DemoDataError(f"{path}: no numeric feature columns besides {site_column!r} and {label!r}")
+    y_all = np.array([_float(r[label], path, i + 2, label) for i, r in enumerate(rows)])
+    if task is None:
+        task = "classification" if set(np.unique(y_all)) <= {0.0, 1.0} else "regression"
+    if task == "classification" and not set(np.unique(y_all)) <= {0.0, 1.0}:
+        raise DemoDataError(f"{path}: label {label!r} must be 0 or 1 for classification "
+                            f"(found {sorted(set(np.unique(y_all)))[:5]}...); use --task regression?")
+    x_all = np.array([[_float(r[f], path, i + 2, f) for f in features] for i, r in enumerate(rows)])
+
+    # group rows into sites, in file order
+    groups: dict[str, list[int]] = {}
+    if n_sites:
+        if n_sites < 2:
+            raise DemoDataError(f"--sites must be at least 2, got {n_sites}")
+        for i, r in enumerate(rows):
+            groups.setdefault(f"site-{hash_bucket(r[site_column], n_sites)}", []).append(i)
+        keys = {k: k for k in groups}
+    else:
+        keys = {}
+        for i, r in enumerate(rows):
+            sid = site_id_for(r[site_column])
+            if sid in keys and keys[sid] != r[site_column]:
+                raise DemoDataError(f"site column values {keys[sid]!r} and {r[site_column]!r} map to the same "
+                                    f"site id {sid!r}; use --sites N")
+            keys[sid] = r[site_column]
+            groups.setdefault(sid, []).append(i)
+        if len(groups) < 2:
+            raise DemoDataError(f"{path}: site column {site_column!r} has only one value; a federation needs "
+                                "at least two sites (or use --sites N)")
+        if len(groups) > 32:
+            raise DemoDataError(f"{path}: site column {site_column!r} has {len(groups)} values; the demo runs "
+                                "up to 32 sites on one machine: use --sites N")
+
+    # normalisation: engineering ranges
+    ranges_from_data = False
+    rng_table: dict[str, tuple[float, float]] = dict(ranges or {})
+    if bundled and not rng_table:
+        rng_table = ai4i_ranges()
+    for j, f in enumerate(features):
+        if f not in rng_table:
+            lo, hi = float(x_all[:, j].min()), float(x_all[:, j].max())
+            pad = 0.05 * (hi - lo) if hi > lo else 1.0
+            rng_table[f] = (lo - pad, hi + pad)
+            ranges_from_data = True
+    label_range = None
+    if task == "regression":
+        lo, hi = float(y_all.min()), float(y_all.max())
+        pad = 0.05 * (hi - lo) if hi > lo else 1.0
+        label_range = (lo - pad, hi + pad)
+
+    data = DemoData(path, columns, site_column, list(features), label, task,
+                    [rng_table[f] for f in features], label_range, ranges_from_data=ranges_from_data, seed=seed)
+    order = sorted(groups, key=lambda s: -len(groups[s]))  # biggest first: L, M, H for AI4I
+    for k, sid in enumerate(order):
+        idx = np.array(groups[sid][:max_rows_per_site] if max_rows_per_site else groups[sid])
+        rng = np.random.default_rng(seed * 1000 + k)
+        tr, te = _split(len(idx), y_all[idx], task, test_fraction, rng)
+        data.sites.append(SiteData(
+            site=sid, key=keys[sid],
+            train_rows=[rows[i] for i in idx[tr]], test_rows=[rows[i] for i in idx[te]],
+            x_train=x_all[idx[tr]], y_train=y_all[idx[tr]], x_test=x_all[idx[te]], y_test=y_all[idx[te]]))
+    return data
+
+
+def ai4i_ranges() -> dict[str, tuple[float, float]]:
+    """The engineering ranges of the bundled register map (``firmware_adapters/maps/ai4i2020.toml``)."""
+    import tomllib
+
+    with AI4I_MAP.open("rb") as fh:
+        doc = tomllib.load(fh)
+    return {t["name"]: (float(t["range"][0]), float(t["range"][1])) for t in doc["tags"] if "range" in t}
