@@ -1,0 +1,124 @@
+"""Hot reload from the model directory the edge agent writes, rollback and restart (real onnxruntime)."""
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import numpy as np
+
+from broker_bridge.envelope import content_hash
+from edge.inference.model_dir import POINTER, atomic_write, publish_model
+from edge.inference.service import InferenceService
+from edge.inference.state import StateDir
+from tests.conftest import eventually
+from tests.inference.conftest import TRUE_B, TRUE_W, RowStream, make_config
+from tests.inference.onnx_models import linear_onnx, linear_score
+
+
+def read_predictions(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+async def start(service: InferenceService) -> asyncio.Task:
+    task = asyncio.create_task(service.run())
+    return task
+
+
+async def test_model_dir_reloads_refusals_and_rollback(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    weights = {v: TRUE_W * (1 + 0.1 * v) for v in range(1, 5)}
+    blobs = {v: linear_onnx(w, TRUE_B) for v, w in weights.items()}
+    publish_model(models, blobs[1], 1)
+    cfg = make_config(tmp_path, {"canary": {"min_rows": 16, "margin": 0.05}})
+    stream = RowStream(seed=3)
+    service = InferenceService(cfg, rows=stream)
+    task = await start(service)
+    await eventually(lambda: service.current_version() == 1 and service.stats.predictions > 50)
+
+    # a good new version is taken
+    publish_model(models, blobs[2], 2)
+    await eventually(lambda: service.current_version() == 2)
+
+    # a truncated file (its pointer's hash matches the broken bytes): onnxruntime refuses it
+    n = service.stats.predictions
+    publish_model(models, blobs[3][: len(blobs[3]) // 3], 3)
+    await eventually(lambda: service.stats.refused["load"] == 1)
+    # a pointer whose hash does not match the file: refused, reported once, not loaded
+    name = "v4-broken.onnx"
+    atomic_write(models / name, blobs[4][:100])
+    atomic_write(models / POINTER, json.dumps({"version": 4, "hash": content_hash(blobs[4]), "file": name}).encode())
+    await eventually(lambda: service.stats.refused["hash"] == 1)
+    await asyncio.sleep(0.2)  # several more polls
+    assert service.stats.refused["hash"] == 1
+    assert service.current_version() == 2
+    await eventually(lambda: service.stats.predictions > n + 100)  # the line kept scoring
+
+    # a correct version 4 later replaces the broken pointer
+    publish_model(models, blobs[4], 4)
+    await eventually(lambda: service.current_version() == 4)
+
+    # rollback through the request file `fedline infer --rollback` writes
+    StateDir(tmp_path / "state").request_rollback()
+    await eventually(lambda: service.current is not None and service.current.version == 2)
+    assert not StateDir(tmp_path / "state").rollback_requested()
+    await asyncio.sleep(0.2)  # version 4 is still in the model dir: it must not come back
+    assert service.current.version == 2
+    publish_model(models, linear_onnx(TRUE_W * 1.5, TRUE_B), 5)
+    await eventually(lambda: service.current is not None and service.current.version == 5)
+
+    stream.stop()
+    await asyncio.wait_for(task, 10)
+    preds = read_predictions(tmp_path / "predictions.jsonl")
+    assert [p["seq"] for p in preds] == list(range(len(stream.xs)))
+    assert [s.kind for s in service.stats.swaps] == ["reload", "reload", "reload", "rollback", "reload"]
+    assert [s.version for s in service.stats.swaps] == [1, 2, 4, 2, 5]
+    ws = {**weights, 5: TRUE_W * 1.5}
+    for p in preds:
+        assert abs(p["score"] - linear_score(ws[p["version"]], TRUE_B, stream.xs[p["seq"]])) < 1e-5
+        assert p["label"] in (0.0, 1.0)
+    serving = json.loads((tmp_path / "state" / "serving.json").read_text())
+    assert serving["current"]["version"] == 5 and serving["previous"]["version"] == 2
+    assert serving["blocked_version"] == 4
+
+
+async def test_restart_serves_the_saved_model_at_once_and_cli_rollback(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    publish_model(models, linear_onnx(TRUE_W, TRUE_B), 1)
+    cfg = make_config(tmp_path)
+    stream = RowStream(seed=1)
+    service = InferenceService(cfg, rows=stream)
+    task = await start(service)
+    await eventually(lambda: service.current_version() == 1)
+    publish_model(models, linear_onnx(TRUE_W * 1.2, TRUE_B), 2)
+    await eventually(lambda: service.current_version() == 2)
+    await eventually(lambda: (tmp_path / "state" / "serving.json").exists()
+                     and json.loads((tmp_path / "state" / "serving.json").read_text())["current"]["version"] == 2)
+    stream.stop()
+    await task
+
+    # the model dir is wiped (new disk image, say): the saved model serves the first row
+    for f in models.iterdir():
+        f.unlink()
+    service = InferenceService(cfg, rows=RowStream(seed=2, limit=40))
+    await asyncio.wait_for(service.run(), 10)
+    assert service.stats.swaps[0].kind == "restore" and service.stats.swaps[0].first_seq == 0
+    assert service.stats.predictions == 40
+    assert {p["version"] for p in read_predictions(tmp_path / "predictions.jsonl")[-40:]} == {2}
+
+    # `fedline infer --rollback` with no service running changes the saved state
+    from fedline.cli import main
+
+    cfg_file = tmp_path / "line.toml"
+    cfg_file.write_text(
+        '[line]\nsite = "site-a"\nfederation = "test"\nstate_dir = "state"\nmodel_source = "model_dir"\n'
+        'model_dir = "models"\npoll_s = 0.05\n[rows]\nfeatures = [{ tag = "t0", range = [0, 1] }, '
+        '{ tag = "t1", range = [0, 1] }, { tag = "t2", range = [0, 1] }, { tag = "t3", range = [0, 1] }]\n')
+    assert main(["infer", "--config", str(cfg_file), "--rollback", "--wait", "0.2"]) == 0
+    serving = json.loads((tmp_path / "state" / "serving.json").read_text())
+    assert serving["current"]["version"] == 1 and serving["previous"] is None and serving["blocked_version"] == 2
+    assert main(["infer", "--config", str(cfg_file), "--rollback", "--wait", "0.2"]) == 1  # nothing left
+    service = InferenceService(cfg, rows=RowStream(seed=2, limit=10))
+    await asyncio.wait_for(service.run(), 10)
+    assert service.current is not None and service.current.version == 1
+    assert np.isfinite([p["score"] for p in read_predictions(tmp_path / "predictions.jsonl")[-10:]]).all()
