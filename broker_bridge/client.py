@@ -294,6 +294,11 @@ class MqttClient:
         client = self._client
         if client is None:
             raise NotConnected("connection dropped before publishing")
+        size = publish_packet_size(topic, len(payload), qos, self.settings.protocol == "5")
+        if self.max_packet_size and size > self.max_packet_size:
+            # paho would send it and the broker would drop the whole connection (0x95): refuse here
+            self.stats.refused += 1
+            raise PublishRefused(0x95, f"Packet too large ({size} > broker maximum {self.max_packet_size})", topic)
         try:
             await client.publish_checked(topic, payload, qos, retain, timeout)
         except PublishRefused:
@@ -331,6 +336,13 @@ class MqttClient:
             return self._queue.get_nowait()
         except asyncio.QueueEmpty:
             return None
+
+
+def publish_packet_size(topic: str, payload_len: int, qos: int, v5: bool) -> int:
+    """Bytes of a PUBLISH packet without properties: what a broker's Maximum Packet Size limits."""
+    remaining = 2 + len(topic.encode()) + (2 if qos else 0) + (1 if v5 else 0) + payload_len
+    varint = 1 if remaining < 128 else 2 if remaining < 16384 else 3 if remaining < 2097152 else 4
+    return 1 + varint + remaining
 
 
 def will_message(topic: str, payload: bytes, retain: bool = True, qos: int = 1) -> aiomqtt.Will:
