@@ -1,0 +1,78 @@
+"""Fuzz ``envelope.open_update``: the aggregator's front door for every sealed update.
+
+Three ways in, chosen by the first byte, so the fuzzer reaches every check and
+not only the first one (random ciphertext never decrypts):
+
+- 0: the bytes as they arrive from the broker (framing, version, decrypt);
+- 1: the bytes sealed to the aggregator (an attacker who knows its public key,
+  which everyone does): the signature block and its parsing;
+- 2: the bytes as an update plaintext, signed by an enrolled site and sealed
+  (a site that is enrolled but hostile): header JSON, schema, counter, tensors;
+- 3: as 2, but the signer is not enrolled or claims another site's id.
+"""
+from __future__ import annotations
+
+import numpy as np
+from nacl.public import PublicKey, SealedBox
+
+from _harness import AGGREGATOR, OUTSIDER, SITE_A, SITE_B, enrollment, instrumented, main
+
+with instrumented():
+    from broker_bridge import envelope
+
+ENROLLMENT = enrollment()
+_BOX = SealedBox(PublicKey(bytes(AGGREGATOR.box_key.public_key)))
+_seen: set[tuple[str, int]] = set()
+
+
+def _is_new(site: str, counter: int) -> bool:
+    """A replay guard like the aggregator's; counters seen twice are refused ('replay')."""
+    key = (site, counter)
+    if key in _seen:
+        return False
+    if len(_seen) > 10_000:
+        _seen.clear()
+    _seen.add(key)
+    return True
+
+
+def _signed(signer, claimed: str, plain: bytes) -> bytes:
+    site = claimed.encode()
+    sig = signer.signing_key.sign(envelope.digest(site + b"\x00" + plain, envelope._UPDATE_DOMAIN)).signature
+    return b"FLS1" + bytes([len(site)]) + site + bytes(signer.signing_key.verify_key) + sig + plain
+
+
+def _seal(inner: bytes) -> bytes:
+    return b"FLE" + bytes([envelope.FORMAT_VERSION]) + _BOX.encrypt(inner)
+
+
+def target(data: bytes) -> None:
+    if not data:
+        return
+    mode, body = data[0] % 4, data[1:]
+    if mode == 0:
+        blob = body
+    elif mode == 1:
+        blob = _seal(body)
+    elif mode == 2:
+        blob = _seal(_signed(SITE_A, "site-a", body))
+    else:
+        blob = _seal(_signed(OUTSIDER, "site-b" if data[0] & 4 else "site-x", body))
+    header, tensors = envelope.open_update(blob, AGGREGATOR, ENROLLMENT, _is_new)
+    # Whatever is accepted must be a well-formed update from the key that signed it.
+    assert mode == 2 and header.site == "site-a", (mode, header)
+    assert all(isinstance(a, np.ndarray) for a in tensors.values())
+
+
+def seeds() -> list[bytes]:
+    head = envelope.UpdateHeader(site="site-a", counter=7, msg_id="site-a-u7", base_version=2, n_samples=64,
+                                 privacy={"epsilon": 0.5, "noise_multiplier": 1.1}, created_at=1.0e9)
+    tensors = {"body.0.weight": np.ones((4, 3), np.float32), "body.0.bias": np.zeros(4, np.float32)}
+    plain = envelope.encode_update(head, tensors)
+    sealed = envelope.seal_update(head, tensors, SITE_A, bytes(AGGREGATOR.box_key.public_key))
+    return [b"\x00" + sealed, b"\x01" + _signed(SITE_A, "site-a", plain), b"\x02" + plain,
+            b"\x03" + plain, b"\x07" + plain, b"\x02" + plain[:40]]
+
+
+if __name__ == "__main__":
+    main(target, seeds())

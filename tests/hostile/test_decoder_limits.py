@@ -1,0 +1,142 @@
+"""No unbounded memory, and only the library's own errors, on inputs a fuzzer finds slowly.
+
+A coverage-guided fuzzer finds new branches, not large quantities: a chunk
+header that *claims* 4 GiB, a message whose chunks add up to more than it
+announced, a key file with a 5,000-digit number or 10,000 nested brackets.
+These are written out here, each as the attacker would send it, with the
+allocation measured by ``tracemalloc``.
+"""
+from __future__ import annotations
+
+import json
+import struct
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from broker_bridge import chunking, envelope
+from broker_bridge.errors import ChunkError, KeyFileError, WireError
+from broker_bridge.keys import Enrollment, KeyPair, PublicKeys
+from fedline.config import ConfigError
+
+MiB = 1 << 20
+
+
+def raw_chunk(msg_id: str, index: int, count: int, total: int, payload: bytes, digest: bytes = b"\x01" * 16) -> bytes:
+    """A chunk with whatever header fields an attacker chooses."""
+    return (chunking.MAGIC + bytes([len(msg_id)]) + msg_id.encode()
+            + struct.pack("<IIQ16s", index, count, total, digest) + payload)
+
+
+def peak_allocation(fn) -> int:
+    """Bytes allocated at the peak while ``fn`` runs (its result is discarded)."""
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        base, _ = tracemalloc.get_traced_memory()
+        try:
+            fn()
+        except (WireError, KeyFileError, ConfigError):
+            pass
+        _, peak = tracemalloc.get_traced_memory()
+        return peak - base
+    finally:
+        tracemalloc.stop()
+
+
+def test_chunk_claiming_4_gib_is_refused_without_allocating_it() -> None:
+    r = chunking.Reassembler(timeout_s=60)  # default cap: 256 MiB
+    chunk = raw_chunk("big", 0, 2, 4 << 30, b"y" * 100)
+    with pytest.raises(ChunkError, match="exceeds the reassembly cap"):
+        r.add(chunk)
+    assert peak_allocation(lambda: chunking.Reassembler().add(chunk)) < MiB
+    assert r.stats.malformed == 1 and r.held_bytes == 0
+
+
+def test_chunk_claiming_4_gib_under_a_larger_cap_holds_only_what_arrived() -> None:
+    """Even when the cap allows the claim, nothing is allocated up front."""
+    r = chunking.Reassembler(timeout_s=60, max_bytes=8 << 30)
+    chunk = raw_chunk("big", 0, chunking.MAX_CHUNKS, 4 << 30, b"y" * 1000)
+    assert peak_allocation(lambda: r.add(chunk)) < MiB
+    assert r.held_bytes == 1000
+
+
+def test_a_flood_of_first_chunks_stays_under_the_cap() -> None:
+    r = chunking.Reassembler(timeout_s=60, max_bytes=64 * 1024)
+    for i in range(2000):
+        r.add(raw_chunk(f"m{i}", 0, 2, 2000, b"z" * 1000))
+    assert r.held_bytes <= 64 * 1024
+    assert r.stats.evicted >= 2000 - 65
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="broker_bridge.chunking.Reassembler.add does not bound one message's "
+                                       "held bytes by its announced total nor by max_bytes (reported to the lead)")
+def test_one_message_cannot_hold_more_than_it_announced() -> None:
+    """1000 chunks of 1000 bytes, each claiming to be part of a 1000-byte message:
+    the reassembler must refuse what goes beyond the announced total (and its cap)."""
+    r = chunking.Reassembler(timeout_s=60, max_bytes=10_000)
+    for i in range(100):
+        try:
+            r.add(raw_chunk("m", i, 1000, 1000, b"x" * 1000))
+        except ChunkError:
+            pass
+    assert r.held_bytes <= 1000, f"holding {r.held_bytes} bytes for a message of 1000, cap 10000"
+
+
+def test_tensor_header_claiming_huge_shape_is_refused_without_allocating() -> None:
+    meta = json.dumps([{"name": "w", "dtype": "<f8", "shape": [2**31 - 1, 2**31 - 1, 2**31 - 1]}]).encode()
+    blob = b"FLT1" + struct.pack("<I", len(meta)) + meta + b"\0" * 64
+    with pytest.raises(WireError) as err:
+        envelope.decode_tensors(blob)
+    assert err.value.reason == "schema"
+    assert peak_allocation(lambda: envelope.decode_tensors(blob)) < MiB
+
+
+def test_tensor_block_is_a_view_not_a_copy() -> None:
+    big = envelope.encode_tensors({"w": np.zeros(4 * MiB // 4, np.float32)})
+    assert peak_allocation(lambda: envelope.decode_tensors(big)) < MiB // 4
+
+
+@pytest.mark.parametrize("body", [b"[" * 100_000, b'{"a":' * 50_000, b"1" * 5000], ids=["deep-list", "deep-dict", "5000-digits"])
+def test_signed_documents_refuse_json_bombs_with_wire_errors(body: bytes) -> None:
+    """The aggregator's own signature over a hostile body (the worst case: it reaches json.loads)."""
+    agg = KeyPair.generate("aggregator", "aggregator")
+    sig = agg.signing_key.sign(envelope.digest(body, envelope._MANIFEST_DOMAIN)).signature
+    blob = b"FLM" + bytes([envelope.FORMAT_VERSION]) + sig + body
+    with pytest.raises(WireError) as err:
+        envelope.verify_manifest(blob, bytes(agg.signing_key.verify_key))
+    assert err.value.reason in ("schema", "framing")
+
+
+KEY_FILE_BOMBS = {
+    "deep-list": "[" * 10_000,
+    "5000-digit-version": '{"fedline": "enrollment", "version": ' + "1" * 5000 + "}",
+}
+
+
+@pytest.mark.xfail(strict=True, raises=(RecursionError, ValueError), reason="broker_bridge.keys._read_json catches only JSONDecodeError: RecursionError "
+                                       "and the int-digits ValueError escape (reported to the lead)")
+@pytest.mark.parametrize("loader", [KeyPair.load, PublicKeys.load, Enrollment.load], ids=["keypair", "public", "enrollment"])
+@pytest.mark.parametrize("text", list(KEY_FILE_BOMBS.values()), ids=list(KEY_FILE_BOMBS))
+def test_key_files_with_json_bombs_give_key_file_errors(tmp_path: Path, loader, text: str) -> None:
+    path = tmp_path / "bad.json"
+    path.write_text(text)
+    path.chmod(0o600)
+    with pytest.raises(KeyFileError) as err:
+        loader(path)
+    assert str(path) in str(err.value)
+
+
+@pytest.mark.xfail(strict=True, raises=UnicodeDecodeError, reason="fedline.config.load_toml: a file that is not UTF-8 raises "
+                                       "UnicodeDecodeError, not ConfigError (found by fuzz_site_config; reported)")
+def test_site_file_in_latin1_gives_config_error(tmp_path: Path) -> None:
+    """A site.toml saved by a Windows editor in Latin-1, with an umlaut in a comment."""
+    from edge.config import load_edge_config
+
+    path = tmp_path / "site.toml"
+    path.write_bytes('# Presse 3, Halle Süd\nsite = "press-3"\n'.encode("latin-1"))
+    with pytest.raises(ConfigError) as err:
+        load_edge_config(path)
+    assert "site.toml" in str(err.value)
