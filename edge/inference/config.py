@@ -151,6 +151,10 @@ def parse_infer_config(doc: dict[str, Any], file: str | Path | None = None) -> I
     from firmware_adapters.rows import parse_row_mapping
 
     parse_row_mapping(cfg.rows, file=file)
+    from firmware_adapters.config import parse_source
+
+    for i, table in enumerate(cfg.sources):
+        parse_source(table, file=file, where=f"sources[{i}]")
     for key in ("broker",):
         if getattr(cfg, key) is not None:
             broker_settings(getattr(cfg, key), file, key)

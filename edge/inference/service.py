@@ -535,6 +535,10 @@ async def run_service(cfg: InferConfig) -> InferenceService:
     """Build and run a service until its rows end or SIGINT/SIGTERM."""
     import signal
 
+    if not cfg.sources:
+        from fedline.config import ConfigError
+
+        raise ConfigError(cfg.file, "sources", "at least one [[sources]] table is needed (where rows come from)")
     service = InferenceService(cfg)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -104,3 +104,35 @@ def aggregator_keys(tmp_path: Path) -> KeyPair:
     keys = KeyPair.generate("aggregator", "aggregator")
     keys.public().save(tmp_path / "aggregator.pub")
     return keys
+
+
+@pytest.fixture
+def plant_broker(tmp_path: Path):
+    """A plain, anonymous Mosquitto standing in for the plant's own broker (predictions, commands)."""
+    import getpass
+    import socket
+    import subprocess
+
+    from broker_bridge.mosquitto import free_port, mosquitto_binary
+
+    binary = mosquitto_binary()
+    if binary is None:
+        pytest.fail("this test needs the mosquitto broker: apt-get install mosquitto")
+    port = free_port()
+    conf = tmp_path / "plant-mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+                    f"user {getpass.getuser()}\nlog_dest file {tmp_path / 'plant-mosquitto.log'}\n")
+    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"plant mosquitto did not start; see {tmp_path / 'plant-mosquitto.log'}")
+            time.sleep(0.05)
+    yield f"mqtt://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(10)
