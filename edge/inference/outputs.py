@@ -93,7 +93,9 @@ class MqttSink:
                 self.published += 1
             except FedlineError as exc:
                 self.failed += 1
-                event(log, "output.publish_failed", level=logging.WARNING, topic=topic, error=str(exc))
+                if self.failed == 1 or self.failed % 1000 == 0:  # a refusing broker must not flood the log
+                    event(log, "output.publish_failed", level=logging.WARNING, topic=topic, error=str(exc),
+                          failed=self.failed)
             if self._queue and self._queue[0][1] is payload:
                 self._queue.popleft()
 

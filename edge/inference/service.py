@@ -150,7 +150,13 @@ class InferenceService:
         """Serve until the rows end (a finite source) or :meth:`stop` is called."""
         cfg = self.cfg
         if cfg.metrics.port:
-            self._http = self.metrics.serve(cfg.metrics.host, cfg.metrics.port)
+            try:
+                self._http = self.metrics.serve(cfg.metrics.host, cfg.metrics.port)
+            except OSError as exc:
+                from fedline.config import ConfigError
+
+                raise ConfigError(cfg.file, "metrics.port", f"cannot serve /metrics on "
+                                                            f"{cfg.metrics.host}:{cfg.metrics.port}: {exc}") from None
         event(log, "infer.starting", site=cfg.line.site, source=self.origin, row_shape=list(self.row_shape))
         async with contextlib.AsyncExitStack() as stack:
             fed_client = out_client = None
@@ -322,6 +328,8 @@ class InferenceService:
                 self.metrics.output_dropped.inc(dropped)
         if self._on_predictions is not None:
             self._on_predictions(records)
+        if log.isEnabledFor(logging.DEBUG):
+            event(log, "scored", level=logging.DEBUG, first_seq=batch[0][0], rows=len(batch), version=version)
         done = time.perf_counter()
         self.stats.predictions += len(records)
         self.stats.batches += 1
@@ -430,6 +438,10 @@ class InferenceService:
                 self._failed.add((cand.info.version, cand.info.hash))
                 self.refuse(exc.reason, exc.detail, cand.info.version)
                 continue
+            except Exception as exc:  # anything unforeseen refuses the model, never the service
+                self._failed.add((cand.info.version, cand.info.hash))
+                self.refuse("probe", f"version {cand.info.version}: {type(exc).__name__}: {exc}", cand.info.version)
+                continue
             if cand.info.version <= self.current_version():
                 continue  # a rollback blocked it meanwhile
             self._swap(new, "reload", self.current if self.current is not None else None)
@@ -478,7 +490,11 @@ class InferenceService:
             if cmd and msg.topic == cmd:
                 await self._command(msg.payload)
                 continue
-            fetched = watcher.handle(msg.topic, msg.payload)
+            try:
+                fetched = watcher.handle(msg.topic, msg.payload)
+            except Exception as exc:  # a malformed message must never end the watcher
+                self.refuse("schema", f"message on {msg.topic!r}: {type(exc).__name__}: {exc}", None)
+                continue
             if fetched is not None:
                 self.offer(ModelInfo(fetched.version, fetched.hash, "manifest",
                                      {"created_at": fetched.manifest.get("created_at")}, fetched.seen_at),
@@ -490,26 +506,35 @@ class InferenceService:
         offered: set[tuple[int, str]] = set()
         while True:
             try:
-                ptr = await asyncio.to_thread(read_pointer, model_dir)
-            except ModelDirError as exc:
-                if str(exc) not in reported:
-                    reported.add(str(exc))
-                    self.refuse("schema", str(exc), None)
-                ptr = None
-            if ptr is not None and ptr.version > self.current_version() and (ptr.version, ptr.hash) not in self._failed:
-                seen = time.monotonic()
-                blob = await asyncio.to_thread(read_model, model_dir, ptr)
-                if blob is None:
-                    pass  # replaced meanwhile: read the new pointer next time
-                elif content_hash(blob) != ptr.hash:
-                    if (ptr.version, ptr.hash, "hash") not in reported:  # retried each poll, reported once
-                        reported.add((ptr.version, ptr.hash, "hash"))
-                        self.refuse("hash", f"{model_dir / ptr.file} ({len(blob)} bytes) does not match the "
-                                            f"hash in current.json", ptr.version)
-                elif (ptr.version, ptr.hash) not in offered:  # offered once; the loader decides
-                    offered.add((ptr.version, ptr.hash))
-                    self.offer(ModelInfo(ptr.version, ptr.hash, "model_dir", ptr.meta, seen), blob)
+                await self._poll_model_dir(model_dir, reported, offered)
+            except OSError as exc:  # unreadable folder or file: say so, keep polling
+                if repr(exc) not in reported:
+                    reported.add(repr(exc))
+                    event(log, "model_dir.unreadable", level=logging.WARNING, path=str(model_dir), error=str(exc))
             await asyncio.sleep(self.cfg.line.poll_s)
+
+    async def _poll_model_dir(self, model_dir: Path, reported: set[Any], offered: set[tuple[int, str]]) -> None:
+        """One look at ``current.json``: offer a new, intact version to the loader."""
+        try:
+            ptr = await asyncio.to_thread(read_pointer, model_dir)
+        except ModelDirError as exc:
+            if str(exc) not in reported:
+                reported.add(str(exc))
+                self.refuse("schema", str(exc), None)
+            ptr = None
+        if ptr is not None and ptr.version > self.current_version() and (ptr.version, ptr.hash) not in self._failed:
+            seen = time.monotonic()
+            blob = await asyncio.to_thread(read_model, model_dir, ptr)
+            if blob is None:
+                pass  # replaced meanwhile: read the new pointer next time
+            elif content_hash(blob) != ptr.hash:
+                if (ptr.version, ptr.hash, "hash") not in reported:  # retried each poll, reported once
+                    reported.add((ptr.version, ptr.hash, "hash"))
+                    self.refuse("hash", f"{model_dir / ptr.file} ({len(blob)} bytes) does not match the "
+                                        f"hash in current.json", ptr.version)
+            elif (ptr.version, ptr.hash) not in offered:  # offered once; the loader decides
+                offered.add((ptr.version, ptr.hash))
+                self.offer(ModelInfo(ptr.version, ptr.hash, "model_dir", ptr.meta, seen), blob)
 
     async def _watch_commands(self, client: Any) -> None:
         await client.subscribe(self.cfg.line.command_topic, 1)
@@ -549,4 +574,3 @@ async def run_service(cfg: InferConfig) -> InferenceService:
 
 
 __all__ = ["Candidate", "InferenceService", "ServiceStats", "Swap", "row_shape", "run_service"]
-_ = Path

@@ -101,6 +101,10 @@ async def test_bad_models_are_refused_and_the_old_one_keeps_scoring(tmp_path: Pa
         # a manifest for another federation, signed by the right key
         await agg.publish(7, good, federation="other")
         await refused_while_scoring("schema")
+        # garbage on the manifest topic and a chunk that is no chunk: counted, dropped
+        await agg_client.publish(agg.topics.manifest(), b"\x00garbage manifest")
+        await agg_client.publish(agg.topics.onnx_chunk(9, 0), b"not a chunk")
+        await refused_while_scoring("framing", 2)
         # an older, validly signed manifest replayed is ignored, not refused
         await agg.publish(1, good)
         # and a good model is still taken after all that
@@ -110,7 +114,7 @@ async def test_bad_models_are_refused_and_the_old_one_keeps_scoring(tmp_path: Pa
     await asyncio.wait_for(task, 20)
 
     assert dict(service.stats.refused) == {"signature": 1, "load": 1, "hash": 1, "width": 1, "canary": 1,
-                                           "schema": 1}
+                                           "schema": 1, "framing": 2}
     preds = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
     assert [p["seq"] for p in preds] == list(range(len(stream.xs)))
     assert {p["version"] for p in preds} == {1, 8}
