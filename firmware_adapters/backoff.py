@@ -18,8 +18,8 @@ class Backoff:
         self._attempt = 0
 
     def next(self) -> float:
-        ceiling = min(self.max_s, self.initial_s * (self.factor**self._attempt))
-        self._attempt += 1
+        ceiling = min(self.max_s, self.initial_s * (self.factor ** min(self._attempt, 60)))
+        self._attempt += 1  # the exponent is capped: a PLC away for a week must not overflow a float
         return random.uniform(ceiling / 2, ceiling)
 
     def reset(self) -> None:
