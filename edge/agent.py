@@ -230,7 +230,7 @@ class EdgeAgent:
             for p in pumps:
                 p.cancel()
         self.sources_done = True
-        event(log, "sources.ended", site=self.site, rows=len(self.dataset), **builder.stats.__dict__)
+        event(log, "sources.ended", site=self.site, stored=len(self.dataset), **builder.stats.__dict__)
 
     def _store(self, batch: list[tuple[np.ndarray, np.ndarray | None]]) -> None:
         self.dataset.add_many(batch)
@@ -524,8 +524,7 @@ class EdgeAgent:
         if self.cfg.metrics.port is not None:
             self.metrics_port = self.metrics.serve(self.cfg.metrics.host, self.cfg.metrics.port)
             event(log, "metrics.serving", site=self.site, url=f"http://{self.cfg.metrics.host}:{self.metrics_port}/metrics")
-        if not (self.store.model_dir / "model.onnx").exists():
-            await self.export_onnx()
+        await self.export_onnx()  # the line gets what this site holds now (a crash may have left it behind)
         will = will_message(self.topics.status(self.site),
                             json.dumps({"site": self.site, "state": "offline", "reason": "connection lost"}).encode())
         client = MqttClient(self.settings, will=will, on_connect=self._on_connect)

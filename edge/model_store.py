@@ -9,7 +9,6 @@ on start-up, so a file tampered with on disk is refused like one from the wire.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -22,8 +21,6 @@ from broker_bridge.envelope import content_hash, decode_tensors, encode_tensors,
 from broker_bridge.errors import WireError
 from models.spec import ModelSpec
 
-ONNX_NAME = "model.onnx"
-META_NAME = "model.json"
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -131,16 +128,13 @@ class ModelStore:
         return {k: np.array(v, np.float32) for k, v in decode_tensors(p.read_bytes()).items()}
 
     def publish_onnx(self, onnx: bytes, *, site: str, version: int, spec: ModelSpec, counter: int) -> Path:
-        """Hand a personalised ONNX to the line inference: model.onnx, then model.json describing it."""
-        atomic_write(self.model_dir / ONNX_NAME, onnx)
-        meta = {
-            "site": site,
-            "version": version,  # the global version whose shared weights are inside
-            "local_round": counter,  # the last local round whose personal weights are inside
-            "personalised": bool(spec.personal),
-            "spec": spec.to_dict(),
-            "onnx": {"file": ONNX_NAME, "hash": content_hash(onnx), "size": len(onnx)},
-            "created_at": time.time(),
-        }
-        atomic_write(self.model_dir / META_NAME, (json.dumps(meta, indent=2) + "\n").encode())
-        return self.model_dir / ONNX_NAME
+        """Hand a personalised ONNX to the line inference, by its model-directory rules.
+
+        ``edge.inference.model_dir.publish_model`` writes an immutable
+        ``v<version>-<hash>.onnx`` and then the ``current.json`` pointer naming it.
+        """
+        from edge.inference.model_dir import publish_model
+
+        pointer = publish_model(self.model_dir, onnx, version, site=site, local_round=counter,
+                                personalised=bool(spec.personal), spec=spec.to_dict(), created_at=time.time())
+        return self.model_dir / pointer.file
