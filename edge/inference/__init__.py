@@ -17,10 +17,15 @@ Model directory layout (the contract with the edge agent; see
 
     <model_dir>/v<version>-<hash[:12]>.onnx   immutable, written temp file + fsync + rename
     <model_dir>/current.json                  written temp file + fsync + rename, *after* the .onnx:
-        {"version": 7,                        int, strictly increasing per site
+        {"version": 7,                        int: the global version of the model's body
          "hash": "<hex BLAKE2b-256>",         broker_bridge.envelope.content_hash of the .onnx bytes
          "file": "v7-0123456789ab.onnx",      file name inside model_dir (default "current.onnx")
          "base_version": 6, ...}              anything else is kept as metadata
+
+A pointer with a newer version, or with the same version and another hash
+(the edge agent re-exports after each local round: same global body, retrained
+personal head), is taken; an older version is ignored. Predictions carry the
+version and the first 12 hex digits of the hash (``model``) that scored them.
 
 Because the ONNX file a ``current.json`` names is never rewritten in place,
 a reader never sees half a model or a pointer to a model that is not there

@@ -1,7 +1,8 @@
 """Where predictions go: a JSON-lines file, MQTT topics on the plant broker, Prometheus.
 
-Every prediction is one JSON object ``{"seq", "ts", "score", "version", "alarm", "label"}``
-(``label`` only when the row had one), so the file and the MQTT payloads can
+Every prediction is one JSON object ``{"seq", "ts", "score", "version", "model", "alarm",
+"label"}`` (``model``: the first 12 hex digits of the ONNX's hash; ``alarm`` when a threshold is
+set; ``label`` only when the row had one), so the file and the MQTT payloads can
 be audited against each other and each score traced to the model version
 that produced it. The file gets every prediction. MQTT gets them through a
 bounded queue: when the plant broker is away, the oldest waiting predictions

@@ -121,7 +121,8 @@ class InferenceService:
         self._seq = 0  # next seq the reader hands out
         self._next_scored = 0  # seq of the next row the scorer will score
         self._candidates: asyncio.Queue[Candidate] = asyncio.Queue()
-        self._failed: set[tuple[int, str]] = set()
+        self._failed: set[tuple[int, str]] = set()  # refused or rolled back from: never tried again
+        self._blocked: list[tuple[int, str]] = []  # rolled back from (persisted)
         self._canary: deque[tuple[np.ndarray, float]] = deque(maxlen=line.canary.rows)
         self._stopping = asyncio.Event()
         self._sink = JsonlSink(cfg.path(cfg.output.file)) if cfg.output.file else None
@@ -134,6 +135,22 @@ class InferenceService:
         """Newest version this line has served or refused by rollback (watchers offer only newer)."""
         v = self.current.version if self.current is not None and self.current.info.origin == self.origin else -1
         return max(v, self.blocked_version)
+
+    def is_new(self, version: int, blob_hash: str) -> bool:
+        """Whether an offered model should be tried.
+
+        From the manifest, only a newer global version. From the model
+        directory also the same version with another hash: the edge agent
+        re-exports after each local round (same global body, retrained
+        personal head). Never a model refused, nor the bytes of one rolled back from.
+        """
+        if (version, blob_hash) in self._failed or any(h == blob_hash for _, h in self._blocked):
+            return False
+        if self.current is not None and self.current.info.hash == blob_hash:
+            return False
+        if self.origin == "model_dir":
+            return version >= self.current_version()
+        return version > self.current_version()
 
     def refuse(self, reason: str, detail: str, version: int | None) -> None:
         """Count and log one refused model or model message; the old model keeps serving."""
@@ -307,9 +324,10 @@ class InferenceService:
             scores = [None] * len(batch)
         t1 = time.perf_counter()
         version = model.version
+        model_id = model.info.hash[:12]
         records = []
         for (seq, row, _queued), score in zip(batch, scores):
-            rec: dict[str, Any] = {"seq": seq, "ts": row.ts, "score": score, "version": version}
+            rec: dict[str, Any] = {"seq": seq, "ts": row.ts, "score": score, "version": version, "model": model_id}
             if threshold is not None and score is not None:
                 rec["alarm"] = score >= threshold
                 if rec["alarm"]:
@@ -365,7 +383,7 @@ class InferenceService:
             if m is None:
                 return None
             return self.state.save_model(m.version, m.info.hash, m.blob, m.info.origin)
-        return Serving(saved(self.current), saved(self.previous), self.blocked_version)
+        return Serving(saved(self.current), saved(self.previous), self.blocked_version, tuple(self._blocked))
 
     async def _persist(self) -> None:
         serving = await asyncio.to_thread(self._serving)
@@ -375,6 +393,8 @@ class InferenceService:
         """Serve the model saved in the state dir at once (a restart must not wait for the broker)."""
         serving = self.state.load()
         self.blocked_version = serving.blocked_version
+        self._blocked = list(serving.blocked)
+        self._failed.update(serving.blocked)
         loaded: list[LoadedModel | None] = []
         for saved in (serving.current, serving.previous):
             model = None
@@ -406,6 +426,7 @@ class InferenceService:
         bad = self.current
         self.blocked_version = max(self.blocked_version, bad.version)
         self._failed.add((bad.version, bad.info.hash))
+        self._blocked.append((bad.version, bad.info.hash))
         self._swap(self.previous, "rollback", None)
         event(log, "rollback.done", why=why, version=self.current.version if self.current else None,
               blocked=bad.version)
@@ -427,7 +448,7 @@ class InferenceService:
                 if newer.info.version >= cand.info.version:
                     event(log, "model.superseded", version=cand.info.version, by=newer.info.version)
                     cand = newer
-            if cand.info.version <= self.current_version() or (cand.info.version, cand.info.hash) in self._failed:
+            if not self.is_new(cand.info.version, cand.info.hash):
                 continue
             old = self.current
             recent = np.stack([x for x, _ in self._canary]) if self._canary else None
@@ -442,7 +463,7 @@ class InferenceService:
                 self._failed.add((cand.info.version, cand.info.hash))
                 self.refuse("probe", f"version {cand.info.version}: {type(exc).__name__}: {exc}", cand.info.version)
                 continue
-            if cand.info.version <= self.current_version():
+            if not self.is_new(cand.info.version, cand.info.hash):
                 continue  # a rollback blocked it meanwhile
             self._swap(new, "reload", self.current if self.current is not None else None)
             await self._persist()
@@ -522,7 +543,7 @@ class InferenceService:
                 reported.add(str(exc))
                 self.refuse("schema", str(exc), None)
             ptr = None
-        if ptr is not None and ptr.version > self.current_version() and (ptr.version, ptr.hash) not in self._failed:
+        if ptr is not None and self.is_new(ptr.version, ptr.hash):
             seen = time.monotonic()
             blob = await asyncio.to_thread(read_model, model_dir, ptr)
             if blob is None:

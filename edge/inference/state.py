@@ -50,7 +50,8 @@ class SavedModel:
 class Serving:
     current: SavedModel | None
     previous: SavedModel | None
-    blocked_version: int = -1
+    blocked_version: int = -1  # newest version rolled back from
+    blocked: tuple[tuple[int, str], ...] = ()  # (version, hash) of models rolled back from: never again
 
 
 class StateDir:
@@ -79,13 +80,16 @@ class StateDir:
         if not isinstance(doc, dict):
             return Serving(None, None)
         blocked = doc.get("blocked_version", -1)
+        pairs = tuple((int(b[0]), str(b[1])) for b in doc.get("blocked", [])
+                      if isinstance(b, list) and len(b) == 2 and isinstance(b[0], int))
         return Serving(SavedModel.from_dict(doc.get("current")), SavedModel.from_dict(doc.get("previous")),
-                       blocked if isinstance(blocked, int) else -1)
+                       blocked if isinstance(blocked, int) else -1, pairs)
 
     def save(self, serving: Serving) -> None:
         doc = {"current": serving.current.to_dict() if serving.current else None,
                "previous": serving.previous.to_dict() if serving.previous else None,
-               "blocked_version": serving.blocked_version, "saved_at": time.time()}
+               "blocked_version": serving.blocked_version, "blocked": [list(b) for b in serving.blocked[-32:]],
+               "saved_at": time.time()}
         atomic_write(self.path / SERVING, (json.dumps(doc, indent=2) + "\n").encode())
         keep = {m.file for m in (serving.current, serving.previous) if m}
         for f in self.models.glob("v*-*.onnx"):
@@ -109,7 +113,9 @@ class StateDir:
         serving = self.load()
         if serving.current is None or serving.previous is None:
             return None
-        new = Serving(serving.previous, None, max(serving.blocked_version, serving.current.version))
+        bad = serving.current
+        new = Serving(serving.previous, None, max(serving.blocked_version, bad.version),
+                      (*serving.blocked, (bad.version, bad.hash)))
         self.save(new)
         self.clear_rollback_request()
         return new

@@ -58,12 +58,22 @@ async def test_model_dir_reloads_refusals_and_rollback(tmp_path: Path) -> None:
     publish_model(models, blobs[4], 4)
     await eventually(lambda: service.current_version() == 4)
 
+    # the edge agent re-exports version 4 with a retrained personal head: same version, new bytes
+    head = linear_onnx(weights[4], TRUE_B + 0.25)
+    publish_model(models, head, 4, local_round=9)
+    await eventually(lambda: service.current is not None and service.current.info.hash == content_hash(head))
+    # an older version appearing in the model dir is not taken
+    publish_model(models, blobs[2], 3)
+    await asyncio.sleep(0.2)
+    assert service.current.info.hash == content_hash(head)
+
     # rollback through the request file `fedline infer --rollback` writes
     StateDir(tmp_path / "state").request_rollback()
-    await eventually(lambda: service.current is not None and service.current.version == 2)
+    await eventually(lambda: service.current is not None and service.current.info.hash == content_hash(blobs[4]))
     assert not StateDir(tmp_path / "state").rollback_requested()
-    await asyncio.sleep(0.2)  # version 4 is still in the model dir: it must not come back
-    assert service.current.version == 2
+    publish_model(models, head, 4)  # the rolled-back model is named again: it must not come back
+    await asyncio.sleep(0.2)
+    assert service.current.info.hash == content_hash(blobs[4])
     publish_model(models, linear_onnx(TRUE_W * 1.5, TRUE_B), 5)
     await eventually(lambda: service.current is not None and service.current.version == 5)
 
@@ -71,15 +81,26 @@ async def test_model_dir_reloads_refusals_and_rollback(tmp_path: Path) -> None:
     await asyncio.wait_for(task, 10)
     preds = read_predictions(tmp_path / "predictions.jsonl")
     assert [p["seq"] for p in preds] == list(range(len(stream.xs)))
-    assert [s.kind for s in service.stats.swaps] == ["reload", "reload", "reload", "rollback", "reload"]
-    assert [s.version for s in service.stats.swaps] == [1, 2, 4, 2, 5]
-    ws = {**weights, 5: TRUE_W * 1.5}
+    assert [s.kind for s in service.stats.swaps] == ["reload", "reload", "reload", "reload", "rollback", "reload"]
+    assert [s.version for s in service.stats.swaps] == [1, 2, 4, 4, 4, 5]
+    ws = {content_hash(b)[:12]: (w, TRUE_B) for (v, w), b in zip(weights.items(), blobs.values())}
+    ws[content_hash(head)[:12]] = (weights[4], TRUE_B + 0.25)
+    ws[content_hash(linear_onnx(TRUE_W * 1.5, TRUE_B))[:12]] = (TRUE_W * 1.5, TRUE_B)
+    assert len({p["model"] for p in preds}) == 5
     for p in preds:
-        assert abs(p["score"] - linear_score(ws[p["version"]], TRUE_B, stream.xs[p["seq"]])) < 1e-5
+        w, b = ws[p["model"]]
+        assert abs(p["score"] - linear_score(w, b, stream.xs[p["seq"]])) < 1e-5
         assert p["label"] in (0.0, 1.0)
     serving = json.loads((tmp_path / "state" / "serving.json").read_text())
-    assert serving["current"]["version"] == 5 and serving["previous"]["version"] == 2
-    assert serving["blocked_version"] == 4
+    assert serving["current"]["version"] == 5 and serving["previous"]["version"] == 4
+    assert serving["blocked"] == [[4, content_hash(head)]]
+
+    # after a restart the rolled-back model stays refused even though the pointer names it again
+    publish_model(models, head, 6)  # new version number, same bytes: still the model rolled back from
+    service = InferenceService(cfg, rows=RowStream(seed=4, limit=200, per_tick=5, tick_s=0.01))
+    await asyncio.wait_for(service.run(), 10)  # 0.4 s: several polls of the model dir
+    assert service.current is not None and service.current.version == 5
+    assert [s.kind for s in service.stats.swaps] == ["restore"]
 
 
 async def test_restart_serves_the_saved_model_at_once_and_cli_rollback(tmp_path: Path) -> None:
