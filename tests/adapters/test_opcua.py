@@ -92,3 +92,41 @@ def test_security_options_need_a_certificate() -> None:
     with pytest.raises(ConfigError) as info:
         build_source(opcua_table(4840, 2, security_mode="SignAndEncrypt"), file="site.toml")
     assert "certificate" in info.value.message and info.value.file == "site.toml"
+
+
+async def test_sign_and_encrypt_session(port: int, tmp_path) -> None:
+    from asyncua import ua
+    from asyncua.crypto.cert_gen import setup_self_signed_certificate
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    for who, use in [("server", ExtendedKeyUsageOID.SERVER_AUTH), ("client", ExtendedKeyUsageOID.CLIENT_AUTH)]:
+        await setup_self_signed_certificate(tmp_path / f"{who}.pem", tmp_path / f"{who}.der",
+                                            f"urn:fedline:test:{who}", "localhost", [use], {"organizationName": "fedline"})
+    server = Server()
+    await server.init()
+    server.set_endpoint(f"opc.tcp://127.0.0.1:{port}/fedline/")
+    server.set_security_policy([ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt])
+    await server.load_certificate(str(tmp_path / "server.der"))
+    await server.load_private_key(str(tmp_path / "server.pem"))
+    idx = await server.register_namespace("urn:fedline:test")
+    level = await server.nodes.objects.add_variable(f"ns={idx};s=Tank.Level", "Level", 0.5)
+    await server.start()
+    site = tmp_path / "site.toml"  # certificate paths are relative to the site file
+    secure = build_source({"kind": "opcua", "url": f"opc.tcp://127.0.0.1:{port}/fedline/",
+                           "security_mode": "SignAndEncrypt", "security_policy": "Basic256Sha256",
+                           "certificate": "client.der", "private_key": "client.pem",
+                           "server_certificate": "server.der",
+                           "sampling_interval_ms": 20, "publishing_interval_ms": 20,
+                           "nodes": [{"tag": "level", "node_id": f"ns={idx};s=Tank.Level"}]}, file=site)
+    plain = build_source(opcua_table(port, idx, nodes=[{"tag": "level", "node_id": f"ns={idx};s=Tank.Level"}]))
+    agen, pagen = secure.__aiter__(), plain.__aiter__()
+    try:
+        assert (await next_good(agen, lambda s: True)).values == {"level": 0.5}
+        await level.write_value(0.75)
+        assert (await next_good(agen, lambda s: s.values["level"] != 0.5)).values == {"level": 0.75}
+        refused = await asyncio.wait_for(pagen.__anext__(), 10)  # no unencrypted endpoint: refused, counted
+        assert not refused.good and plain.stats.gaps == 1
+    finally:
+        await agen.aclose()
+        await pagen.aclose()
+        await server.stop()
