@@ -1,6 +1,7 @@
-"""``fedline plc-sim``: serve a CSV file as a live Modbus TCP PLC.
+"""``fedline plc-sim`` (serve a CSV file as a live Modbus TCP PLC) and
+``fedline sources`` (validate a site file's ``[[sources]]`` and print live samples).
 
-Registration only; the handler imports pymodbus when it runs.
+Registration only; handlers import the protocol libraries when they run.
 """
 from __future__ import annotations
 
@@ -31,6 +32,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--once", action="store_true", help="stop at the end of the file instead of looping")
     p.set_defaults(func=_plc_sim)
 
+    s = subparsers.add_parser(
+        "sources",
+        help="check a site file's [[sources]] and print live samples",
+        description="Validate every [[sources]] table of a TOML file (errors name the file and key), "
+        "then read samples from them and print one line per sample, and the counters at the end.",
+    )
+    s.add_argument("--config", required=True, help="site TOML file with [[sources]] tables")
+    s.add_argument("--count", type=int, default=10, help="samples to print per source (default 10; 0 = forever)")
+    s.add_argument("--check", action="store_true", help="only validate the configuration, read nothing")
+    s.set_defaults(func=_sources)
+
 
 def _plc_sim(args: argparse.Namespace) -> int:
     import asyncio
@@ -51,6 +63,45 @@ def _plc_sim(args: argparse.Namespace) -> int:
             await sim.run()
         finally:
             await sim.stop()
+
+    asyncio.run(main())
+    return 0
+
+
+def _sources(args: argparse.Namespace) -> int:
+    import asyncio
+    import json
+
+    from fedline.config import ConfigError, load_toml
+
+    from firmware_adapters import build_sources
+
+    doc = load_toml(args.config)
+    tables = doc.get("sources")
+    if not isinstance(tables, list) or not tables:
+        raise ConfigError(args.config, "sources", "expected one or more [[sources]] tables")
+    sources = build_sources(tables, file=args.config)
+    for src in sources:
+        print(f"{src.name}: {src.cfg.kind} ok")
+    if args.check:
+        return 0
+
+    async def read(src) -> None:
+        n = 0
+        agen = src.__aiter__()
+        try:
+            async for sample in agen:
+                values = json.dumps(dict(sample.values), default=str)
+                print(f"{sample.ts:.3f} {sample.source} {sample.quality} {values}" + (f" error={sample.error}" if sample.error else ""), flush=True)
+                n += 1
+                if args.count and n >= args.count:
+                    return
+        finally:
+            await agen.aclose()
+            print(f"{src.name}: {src.stats.as_dict()}", flush=True)
+
+    async def main() -> None:
+        await asyncio.gather(*(read(src) for src in sources))
 
     asyncio.run(main())
     return 0

@@ -101,3 +101,18 @@ def test_bundled_ai4i_map_is_valid() -> None:
     assert types["Torque [Nm]"] == "float32" and types["Machine failure"] == "bool"
     source = build_source({"kind": "modbus_tcp", "host": "127.0.0.1", "map": str(REPO / "firmware_adapters/maps/ai4i2020.toml")})
     assert source.requests_per_poll() == {"default": 2}
+
+
+def test_fedline_sources_command(tmp_path: Path, capsys) -> None:
+    from fedline.cli import main
+
+    (tmp_path / "d.csv").write_text("t,temp\n1,20.5\n2,21\n3,22\n")
+    good = site(tmp_path, '[[sources]]\nkind = "csv"\nname = "bench"\npath = "d.csv"\nts_column = "t"\n')
+    assert main(["sources", "--config", str(good), "--count", "2"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "bench: csv ok"
+    assert out[1] == '1.000 bench good {"temp": 20.5}' and out[2] == '2.000 bench good {"temp": 21}'
+    assert "'reads': 2" in out[3]
+    bad = site(tmp_path, '[[sources]]\nkind = "csv"\nname = "bench"\npath = "d.csv"\nrate = 5\n')
+    assert main(["sources", "--config", str(bad), "--check"]) == 2
+    assert "sources[0].rate: unknown key" in capsys.readouterr().err
