@@ -129,6 +129,7 @@ class InferenceService:
         self._mqtt_out: MqttSink | None = None
         self._http: Any = None
         self.origin = line.model_source
+        self.rows_error: BaseException | None = None
 
     # ------------------------------------------------------------------ versions
     def current_version(self) -> int:
@@ -217,6 +218,8 @@ class InferenceService:
                     raise scorer.exception()  # type: ignore[misc]
                 if self._mqtt_out is not None:
                     await self._mqtt_out.drain(timeout=5.0)
+                if self.rows_error is not None:
+                    raise self.rows_error
             finally:
                 for t in tasks:
                     t.cancel()
@@ -280,13 +283,18 @@ class InferenceService:
                 p.cancel()
 
     async def _read_rows(self) -> None:
+        """Number and queue every row; at the end of the rows (or a source failure) queue the end mark."""
         try:
             async for row in self._rows():
                 await self._queue.put((self._seq, row, time.perf_counter()))
                 self._seq += 1
                 self.stats.rows += 1
-        finally:
-            await self._queue.put(_END)
+        except asyncio.CancelledError:
+            raise  # shutting down: nothing more is scored, so there is no end mark to wait for
+        except Exception as exc:  # a source that fails outright ends the service with its error
+            self.rows_error = exc
+            event(log, "rows.failed", level=logging.ERROR, error=f"{type(exc).__name__}: {exc}")
+        await self._queue.put(_END)
 
     # ------------------------------------------------------------------ scoring
     async def _score_loop(self) -> None:

@@ -122,3 +122,25 @@ async def test_bad_models_are_refused_and_the_old_one_keeps_scoring(tmp_path: Pa
     text = service.metrics.registry.get_sample_value
     assert text("fedline_infer_refused_total", {"reason": "canary"}) == 1.0
     assert text("fedline_infer_model_version") == 8.0
+
+
+async def test_broker_outage_does_not_stop_scoring(tmp_path: Path, mosquitto, aggregator_keys: KeyPair) -> None:
+    cfg = manifest_config(tmp_path, mosquitto)
+    stream = RowStream(seed=2, labelled=False)
+    service = InferenceService(cfg, rows=stream)
+    task = asyncio.create_task(service.run())
+    async with MqttClient(settings_for(mosquitto, "aggregator")) as agg_client:
+        agg = Aggregator(agg_client, aggregator_keys)
+        await agg.publish(1, linear_onnx(TRUE_W, TRUE_B))
+        await eventually(lambda: service.current_version() == 1)
+        mosquitto.stop()
+        n = service.stats.predictions
+        await eventually(lambda: service.stats.predictions > n + 300)  # the line scores on without a broker
+        mosquitto.start()
+        await agg.publish(2, linear_onnx(TRUE_W * 2, TRUE_B))  # after both clients reconnect by themselves
+        await eventually(lambda: service.current_version() == 2)
+    stream.stop()
+    await asyncio.wait_for(task, 20)
+    preds = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert [p["seq"] for p in preds] == list(range(len(stream.xs)))
+    assert [s.version for s in service.stats.swaps] == [1, 2]

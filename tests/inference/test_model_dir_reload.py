@@ -143,3 +143,31 @@ async def test_restart_serves_the_saved_model_at_once_and_cli_rollback(tmp_path:
     await asyncio.wait_for(service.run(), 10)
     assert service.current is not None and service.current.version == 1
     assert np.isfinite([p["score"] for p in read_predictions(tmp_path / "predictions.jsonl")[-10:]]).all()
+
+
+async def test_stop_without_a_model_and_a_full_queue_returns(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path, {"queue_max": 32, "batch_max": 8})
+    service = InferenceService(cfg, rows=RowStream(seed=0))
+    task = asyncio.create_task(service.run())
+    await eventually(lambda: service.stats.rows >= 32)  # queue full, nothing to score with
+    assert service.stats.predictions == 0
+    service.stop()
+    await asyncio.wait_for(task, 5)
+
+
+async def test_a_failing_source_ends_the_service_with_its_error(tmp_path: Path) -> None:
+    publish_model(tmp_path / "models", linear_onnx(TRUE_W, TRUE_B), 1)
+
+    async def rows():
+        async for row in RowStream(seed=0, limit=20):
+            yield row
+        raise OSError("line.csv vanished")
+
+    service = InferenceService(make_config(tmp_path), rows=rows())
+    try:
+        await asyncio.wait_for(service.run(), 10)
+    except OSError as exc:
+        assert "vanished" in str(exc)
+    else:
+        raise AssertionError("the source's error was swallowed")
+    assert service.stats.predictions == 20  # what came before the failure was scored
