@@ -124,9 +124,10 @@ class ModbusSource:
             raise _ReadFailed(f"{block.table}@{block.address}: {exc}") from exc
         if rr.isError():
             raise _ReadFailed(f"{block.table}@{block.address}x{block.count}: {rr}")
-        if block.table in ("coil", "discrete"):
-            return list(rr.bits[: block.count])
-        return list(rr.registers)
+        raw = list(rr.bits[: block.count]) if block.table in ("coil", "discrete") else list(rr.registers)
+        if len(raw) < block.count:  # a device answering short must not crash the decoder
+            raise _ReadFailed(f"{block.table}@{block.address}: {len(raw)} of {block.count} values returned")
+        return raw
 
     async def poll_group(self, group: str) -> dict[str, Value]:
         """Read every tag of ``group`` once (raises on failure)."""

@@ -109,6 +109,11 @@ async def test_plc_sim_command_line(port: int) -> None:
         assert all(round(s.values["Torque [Nm]"], 1) in low_torques for s in samples)
         counters = [s.values["row"] for s in samples]
         assert counters == sorted(counters) and len(set(counters)) == 5
+        # the polled samples make training rows with the map's engineering ranges
+        mapping = parse_row_mapping({"features": [{"tag": t} for t in FEATURES], "label": "Machine failure"})
+        rows = [RowBuilder(mapping, ranges=source.ranges).push(s) for s in samples]
+        assert all(r is not None and r.x.shape == (5,) and 0 <= r.x.min() and r.x.max() <= 1 and r.y in (0.0, 1.0)
+                   for r in rows)
     finally:
         proc.terminate()
         out, err = proc.communicate(timeout=10)
