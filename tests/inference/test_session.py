@@ -117,3 +117,14 @@ def test_bad_config_names_file_and_key(tmp_path, line, top, key, words) -> None:
     assert exc.value.file.endswith("line.toml")
     assert exc.value.key == key
     assert words in exc.value.message
+
+
+def test_example_config_parses() -> None:
+    from pathlib import Path
+
+    from edge.inference.config import load_infer_config
+
+    example = Path(__file__).resolve().parents[2] / "edge" / "inference" / "line.example.toml"
+    cfg = load_infer_config(example)
+    assert cfg.line.site == "press-3" and cfg.line.canary.margin == 0.02
+    assert cfg.output.broker == {"url": "mqtt://127.0.0.1:1884"} and len(cfg.sources) == 1
