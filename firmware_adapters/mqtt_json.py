@@ -12,6 +12,7 @@ it was away, so it connects with a clean session.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -29,8 +30,6 @@ class MqttJsonSource:
     """``async for sample in MqttJsonSource(cfg)``; see the module docstring."""
 
     def __init__(self, cfg: MqttJsonConfig, file: str | Path | None = None) -> None:
-        import asyncio
-
         self.cfg = cfg
         self.file = file
         self.name = cfg.source_name

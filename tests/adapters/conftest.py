@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -41,31 +42,57 @@ def pty_pair(tmp_path: Path):
     proc.wait(5)
 
 
-@pytest.fixture
-def plain_mosquitto(tmp_path: Path):
-    """An anonymous Mosquitto on a free loopback port; yields its URL."""
-    binary = mosquitto_binary()
-    if binary is None:
-        pytest.fail("this test needs the mosquitto broker: apt-get install mosquitto")
-    p = free_port()
-    conf = tmp_path / "mosquitto.conf"
-    conf.write_text(f"listener {p} 127.0.0.1\nallow_anonymous true\npersistence false\n")
-    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    import socket
+class PlainMosquitto:
+    """An anonymous Mosquitto on a fixed loopback port that can be stopped and started again."""
 
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", p), 0.2).close()
-            break
-        except OSError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                pytest.fail("mosquitto did not start")
-            time.sleep(0.05)
-    yield f"mqtt://127.0.0.1:{p}"
-    proc.terminate()
-    proc.wait(5)
+    def __init__(self, workdir: Path) -> None:
+        binary = mosquitto_binary()
+        if binary is None:
+            pytest.fail("this test needs the mosquitto broker: apt-get install mosquitto")
+        self.binary = binary
+        self.port = free_port()
+        self.conf = workdir / "mosquitto.conf"
+        self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([self.binary, "-c", str(self.conf)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
+                return
+            except OSError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    self.stop()
+                    pytest.fail("mosquitto did not start")
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(5)
+        self.proc = None
+
+
+@pytest.fixture
+def broker(tmp_path: Path):
+    """A plain Mosquitto (see :class:`PlainMosquitto`), started."""
+    b = PlainMosquitto(tmp_path)
+    b.start()
+    yield b
+    b.stop()
+
+
+@pytest.fixture
+def plain_mosquitto(broker: PlainMosquitto) -> str:
+    """The URL of a plain anonymous Mosquitto."""
+    return broker.url
 
 
 async def take(source, n: int, timeout: float = 10.0, pred=lambda s: True):
