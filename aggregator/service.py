@@ -73,6 +73,7 @@ class Aggregator:
             async with MqttClient(self._settings()) as client:
                 self.client = client
                 await client.subscribe(self.topics.updates_filter(), qos=1)
+                await client.connected.wait()  # subscribed (re-made on every connect) before we say so
                 self.started.set()
                 event(log, "aggregator.started", federation=self.cfg.aggregator.federation,
                       url=self.cfg.broker.url, version=self.core.version, strategy=self.core.strategy.name)

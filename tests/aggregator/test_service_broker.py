@@ -1,0 +1,165 @@
+"""The aggregator against a real Mosquitto: sites send sealed, chunked updates; receipts and versions come back."""
+from __future__ import annotations
+
+import asyncio
+import json
+
+import numpy as np
+import pytest
+
+from aggregator.service import Aggregator
+from broker_bridge import chunking, envelope
+from broker_bridge.client import MqttClient
+from broker_bridge.topics import Topics
+from tests.aggregator.helpers import make_federation, random_delta
+from tests.conftest import eventually, settings_for
+
+SITES = ["site-a", "site-b", "site-c"]
+
+
+def broker_table(broker, user: str = "aggregator") -> str:
+    return (f'[broker]\nurl = "{broker.url}"\nusername = "{user}"\npassword = "{broker.password(user)}"\n'
+            f'client_id = "agg-test"\nbackoff_min_s = 0.05\nbackoff_max_s = 0.5\nmax_chunk = 4096\n')
+
+
+class Site:
+    """A minimal sending site: seals, chunks, publishes; collects its verified receipts."""
+
+    def __init__(self, fed, broker, site: str) -> None:
+        self.fed, self.site = fed, site
+        self.client = MqttClient(settings_for(broker, site, max_chunk=4096))
+        self.topics = Topics("test")
+        self.receipts: list[dict] = []
+        self._task: asyncio.Task | None = None
+
+    async def __aenter__(self) -> "Site":
+        await self.client.__aenter__()
+        await self.client.subscribe(self.topics.receipts(self.site))
+        await self.client.wait_connected(10)
+        self._task = asyncio.create_task(self._read())
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self._task.cancel()
+        await self.client.__aexit__(*exc)
+
+    async def _read(self) -> None:
+        async for m in self.client.messages():
+            self.receipts.append(envelope.verify_receipt(m.payload, self.fed.agg.public().sign_pub))
+
+    async def send(self, blob: bytes, msg_id: str) -> None:
+        parts = chunking.split(blob, msg_id, 4096)
+        await self.client.publish_many([(self.topics.update_chunk(self.site, msg_id, i), c)
+                                        for i, c in enumerate(parts)])
+
+    def receipt(self, counter: int) -> dict | None:
+        return next((r for r in self.receipts if r["counter"] == counter), None)
+
+
+async def read_manifest(broker, fed, min_version: int) -> tuple[dict, dict[str, np.ndarray], bytes]:
+    """What an edge does: the retained manifest, then the weight and ONNX chunks it names, verified."""
+    topics = Topics("test")
+    async with MqttClient(settings_for(broker, "observer", clean_start=True)) as c:
+        await c.subscribe(topics.model_filter())
+        manifest, chunks = None, {}
+        deadline = asyncio.get_running_loop().time() + 20
+        async for m in c.messages():
+            assert asyncio.get_running_loop().time() < deadline, "no complete model on the broker"
+            if not m.payload:
+                continue
+            info = topics.parse(m.topic)
+            if info.kind == "manifest":
+                doc = envelope.verify_manifest(m.payload, fed.agg.public().sign_pub)
+                if doc["version"] >= min_version:
+                    manifest = doc
+            else:
+                chunks.setdefault((info.version, info.kind), chunking.Reassembler())
+                done = chunks[(info.version, info.kind)].add(m.payload)
+                if done:
+                    chunks[(info.version, info.kind, "blob")] = done[1]
+            if manifest and (manifest["version"], "weights", "blob") in chunks and \
+                    (manifest["version"], "onnx", "blob") in chunks:
+                break
+    v = manifest["version"]
+    w, o = chunks[(v, "weights", "blob")], chunks[(v, "onnx", "blob")]
+    assert envelope.content_hash(w) == manifest["weights"]["hash"] and len(w) == manifest["weights"]["size"]
+    assert envelope.content_hash(o) == manifest["onnx"]["hash"]
+    return manifest, envelope.decode_tensors(w), o
+
+
+async def test_fedasync_over_mosquitto_stale_poison_and_publish(mosquitto, tmp_path):
+    fed = make_federation(tmp_path / "fed", SITES)
+    cfg = fed.config(strategy='kind = "fedasync"\nalpha = 0.5\nstaleness = "polynomial"\na = 1.0\nmax_staleness = 2',
+                     extra="[validation]\nmax_norm = 10.0\n[publish]\nretain_versions = 2", broker=broker_table(mosquitto))
+    agg = Aggregator(cfg)
+    task = asyncio.create_task(agg.run())
+    try:
+        await asyncio.wait_for(agg.started.wait(), 30)
+        await eventually(lambda: agg.published_version == 0, 30)
+        manifest, w0, onnx0 = await read_manifest(mosquitto, fed, 0)
+        assert manifest["version"] == 0 and manifest["spec"] == cfg.model.to_dict()
+        assert set(w0) == {"body.0.weight", "body.0.bias"}  # personal head never published as shared
+        rng = np.random.default_rng(1)
+        ref = agg.core.model
+        expected = {k: v.copy() for k, v in ref.items()}
+        async with Site(fed, mosquitto, "site-a") as a, Site(fed, mosquitto, "site-b") as b, \
+                Site(fed, mosquitto, "site-c") as c:
+            # three fresh updates, in sequence: each applied with alpha * f(s)
+            deltas = []
+            for i, site in enumerate([a, b, a]):
+                d = random_delta(ref, rng, 0.1)
+                blob, h = fed.seal(site.site, d, base_version=0 if i < 2 else 0)
+                await site.send(blob, h.msg_id)
+                await eventually(lambda: site.receipt(h.counter), 20)
+                r = site.receipt(h.counter)
+                s = i  # versions 0, 1, 2 exist when the i-th update (base 0) arrives
+                assert r["verdict"] == "applied" and r["version"] == i + 1 and r["staleness"] == s
+                assert r["weight"] == pytest.approx(0.5 * (s + 1) ** -1.0)
+                for k in expected:
+                    expected[k] = expected[k] + np.float32(0.5 * (s + 1) ** -1.0) * d[k]
+                deltas.append(d)
+            # too stale (s = 3 > 2): dropped with a receipt, model unchanged
+            blob, h = fed.seal("site-c", random_delta(ref, rng), base_version=0)
+            await c.send(blob, h.msg_id)
+            await eventually(lambda: c.receipt(h.counter), 20)
+            assert c.receipt(h.counter)["verdict"] == "stale" and c.receipt(h.counter)["reason"] == "too_stale"
+            # poison: huge norm, NaN, wrong shape: rejected; a good one after them is applied
+            huge = {k: np.full(v.shape, 1e3, np.float32) for k, v in ref.items()}
+            nan = {k: v.copy() for k, v in random_delta(ref, rng).items()}
+            nan["body.0.bias"][0] = np.nan
+            wrong = {"body.0.weight": np.zeros((3, 3), np.float32), "body.0.bias": np.zeros(8, np.float32)}
+            for d, reason in ((huge, "norm"), (nan, "nonfinite"), (wrong, "shape")):
+                blob, h = fed.seal("site-b", d, base_version=3)
+                await b.send(blob, h.msg_id)
+                await eventually(lambda: b.receipt(h.counter), 20)
+                assert (b.receipt(h.counter)["verdict"], b.receipt(h.counter)["reason"]) == ("rejected", reason)
+            good = random_delta(ref, rng, 0.1)
+            blob, h = fed.seal("site-c", good, base_version=3)
+            await c.send(blob, h.msg_id)
+            await eventually(lambda: c.receipt(h.counter), 20)
+            assert c.receipt(h.counter)["verdict"] == "applied" and c.receipt(h.counter)["version"] == 4
+            for k in expected:
+                expected[k] = expected[k] + np.float32(0.5) * good[k]
+            # a resent duplicate gets its original verdict again, not "replay"
+            n_before = len(c.receipts)
+            await c.send(blob, h.msg_id + "r")
+            await eventually(lambda: len(c.receipts) > n_before, 20)
+            assert c.receipts[-1]["verdict"] == "applied" and c.receipts[-1]["version"] == 4
+        for k in expected:
+            np.testing.assert_allclose(agg.core.model[k], expected[k], rtol=1e-5, atol=1e-6)
+        await eventually(lambda: agg.published_version == 4, 60)
+        manifest, w4, onnx4 = await read_manifest(mosquitto, fed, 4)
+        assert manifest["version"] == 4 and manifest["lineage"]["updates"] == 1
+        for k in expected:
+            np.testing.assert_allclose(w4[k], expected[k], rtol=1e-5, atol=1e-6)
+        # the ONNX runs and uses the new body
+        import onnxruntime as ort
+
+        sess = ort.InferenceSession(onnx4)
+        y = sess.run(None, {"x": np.zeros((2, 4), np.float32)})[0]
+        assert y.shape == (2, 1) and np.isfinite(y).all()
+        assert agg.metrics.value("fedline_aggregator_rejections_total", {"reason": "norm"}) == 1
+        assert agg.metrics.value("fedline_aggregator_updates_total", {"verdict": "stale"}) == 1
+    finally:
+        agg.stop()
+        await asyncio.wait_for(task, 30)
