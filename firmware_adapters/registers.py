@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from fedline.config import ConfigError, load_toml, parse
+from fedline.config import load_toml, parse
 
 Table = Literal["holding", "input", "coil", "discrete"]
 DataTypeName = Literal["int16", "uint16", "int32", "uint32", "float32", "float64", "bool"]

@@ -38,7 +38,8 @@ groups (or published in different messages) combine into one row; with
 ``trigger = "tag"`` a row is made only when a sample carrying that tag arrives
 (e.g. a row counter), else on every good sample. A row whose features are not
 all known and numeric is not made (counted as ``incomplete``). Bad-quality
-samples are counted and ignored. Nothing here knows any column name.
+samples are counted and ignored, and restart a ``window`` (a sequence never
+spans a failed read). Nothing here knows any column name.
 """
 from __future__ import annotations
 
@@ -154,7 +155,7 @@ class RowBuilder:
         self._tags = [f.tag for f in mapping.features]
         self._state: dict[str, Value] = {}
         self._window: deque[np.ndarray] = deque(maxlen=mapping.window)
-        self._since_emit = 0
+        self._since_emit = mapping.stride - 1  # the first full window makes a row
         self._bucket: list[tuple[np.ndarray, float | None]] = []
         self._bucket_end: float | None = None
         self._bucket_ts = 0.0
@@ -221,6 +222,8 @@ class RowBuilder:
         self.stats.samples += 1
         if not sample.good:
             self.stats.bad_samples += 1
+            self._window.clear()  # a sequence must not span a failed read or an outage
+            self._since_emit = self.mapping.stride - 1
             return None
         self._state.update(sample.values)
         m = self.mapping
@@ -239,7 +242,7 @@ class RowBuilder:
         if len(self._window) < m.window:
             return None
         self._since_emit += 1
-        if self._since_emit < m.stride and self.stats.rows > 0:
+        if self._since_emit < m.stride:
             return None
         self._since_emit = 0
         return self._emit(Row(x=np.stack(self._window), y=y, ts=sample.ts))

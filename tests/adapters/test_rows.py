@@ -67,6 +67,10 @@ def test_window_of_last_n_samples_with_stride() -> None:
     assert emitted[0].x.shape == (3, 2) == b.shape
     np.testing.assert_allclose(emitted[1].x[:, 0], [0.2, 0.3, 0.4])
     assert emitted[1].y == 1.0 and emitted[2].y == 0.0
+    # a failed read restarts the window: no row until three new samples
+    assert b.push(Sample.bad("t", "timeout")) is None
+    assert [b.push(s(t, a=1.0, b=0.0, fail=0)) is None for t in (7, 8)] == [True, True]
+    assert b.push(s(9, a=1.0, b=0.0, fail=0)) is not None
 
 
 def test_time_window_aggregates_and_label_max() -> None:
