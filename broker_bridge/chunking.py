@@ -177,6 +177,9 @@ class Reassembler:
         if c.index in p.parts:
             self.stats.duplicates += 1
             return None
+        if p.held + len(c.payload) > p.total:  # else one message could hold count x total bytes
+            self.stats.malformed += 1
+            raise ChunkError(f"chunk {c.index} of {c.msg_id} would exceed the declared size {p.total}")
         while self.held_bytes + len(c.payload) > self.max_bytes and len(self._partial) > 1:
             victim = next(m for m in self._partial if m != c.msg_id)
             self._drop(victim)

@@ -124,3 +124,24 @@ def test_truncated_chunk_is_refused_and_the_resend_still_gets_through() -> None:
             r.add(c)
     assert info.value.reason == "framing" and r.stats.corrupt == 1
     assert [r.add(c) for c in chunks][-1] == ("m7", blob)
+
+
+def forged_chunk(msg_id: str, index: int, count: int, total: int, payload: bytes, digest: bytes = bytes(16)) -> bytes:
+    """A chunk with a well-formed header but whatever numbers a hostile sender picks."""
+    import struct
+
+    return b"FLC1" + bytes([len(msg_id)]) + msg_id.encode() + struct.pack("<IIQ16s", index, count, total, digest) + payload
+
+
+def test_one_message_cannot_hold_more_than_it_declared() -> None:
+    """A sender declaring a 10 kB message in 100 chunks of 9 kB each must not make
+    the reassembler hold 900 kB: the memory cap holds for a single message too."""
+    r = Reassembler(max_bytes=10_000)
+    refused = 0
+    for i in range(100):
+        try:
+            r.add(forged_chunk("greedy", i, 100, 10_000, b"\x00" * 9000))
+        except ChunkError:
+            refused += 1
+        assert r.held_bytes <= 10_000
+    assert refused >= 98

@@ -17,6 +17,8 @@ from broker_bridge.topics import Topics
 
 from tests.bridge import helpers as h
 
+pytestmark = pytest.mark.timeout(120)  # a hang fails here, not at the suite's 300 s
+
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 ROUND = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -140,6 +142,43 @@ def test_parse_chunk_and_reassembler_never_crash(raws: list[bytes]) -> None:
             except WireError as exc:
                 assert exc.reason == "framing"
     assert r.held_bytes <= 1 << 20
+
+
+def _chunk_bytes(mid: str, i: int, n: int, total: int, dig: bytes, payload: bytes) -> bytes:
+    return (b"FLC1" + bytes([len(mid)]) + mid.encode() + i.to_bytes(4, "little") + n.to_bytes(4, "little")
+            + total.to_bytes(8, "little") + dig + payload)
+
+
+@st.composite
+def forged_chunk_streams(draw: st.DrawFn) -> list[bytes]:
+    """A few message headers first, then chunks that mostly agree with one of them,
+    so the stream reaches the checks behind the header parser (consistency, size, digest)."""
+    specs = draw(st.lists(st.tuples(st.sampled_from(["a", "b", "c"]), st.integers(0, 9), st.integers(0, 7999),
+                                    st.sampled_from([bytes(16), b"\x01" * 16])), min_size=1, max_size=3))
+    out = []
+    for _ in range(draw(st.integers(1, 30))):
+        mid, n, total, dig = draw(st.sampled_from(specs))
+        if draw(st.integers(0, 9)) == 0:  # sometimes a chunk that contradicts its message
+            n, total = draw(st.integers(0, 9)), draw(st.integers(0, 7999))
+        size = draw(st.integers(0, 3000) | st.just(total))
+        out.append(_chunk_bytes(mid, draw(st.integers(0, 9)), n, total, dig, b"\x00" * size))
+    return out
+
+
+@FUZZ
+@given(forged_chunk_streams())
+def test_reassembler_under_hostile_well_formed_headers(raws: list[bytes]) -> None:
+    """Headers that parse but lie (counts, totals, digests that disagree): only
+    ChunkErrors, and the memory held never exceeds the cap."""
+    cap = 8000
+    r = Reassembler(max_bytes=cap)
+    for raw in raws:
+        try:
+            r.add(raw)
+        except WireError as exc:
+            assert exc.reason == "framing"
+        assert 0 <= r.held_bytes <= cap
+    assert r.stats.completed + r.stats.corrupt <= len(raws)
 
 
 @FUZZ
