@@ -144,3 +144,147 @@ async def test_hostile_sites_over_the_broker(mosquitto, tmp_path: Path) -> None:
     finally:
         agg.stop()
         await asyncio.wait_for(task, 30)
+
+
+# --------------------------------------------------------------------------- forged global model
+class Rows:
+    """A steady stream of 3-feature rows for the line (what RowBuilder would make)."""
+
+    def __init__(self) -> None:
+        self.rng = np.random.default_rng(0)
+        self.stopped = False
+
+    def stop(self) -> None:
+        self.stopped = True
+
+    async def __aiter__(self):
+        from firmware_adapters.rows import Row
+
+        lo, hi = np.array([295.0, 0.0, 1100.0]), np.array([305.0, 80.0, 2900.0])
+        while not self.stopped:
+            for _ in range(5):
+                yield Row(x=self.rng.uniform(lo, hi).astype(np.float32), y=None, ts=time.time())
+            await asyncio.sleep(0.005)
+
+
+def line_service(tmp_path: Path, mosquitto, enrollment: Path, name: str):
+    from dataclasses import asdict
+
+    from edge.inference.config import parse_infer_config
+    from edge.inference.service import InferenceService
+
+    settings = settings_for(mosquitto, "site-a", client_id=f"site-a-{name}")
+    doc = {
+        "line": {"site": "site-a", "federation": FEDERATION, "state_dir": f"state-{name}", "poll_s": 0.05,
+                 "model_source": "manifest", "enrollment": str(enrollment), "canary": {"enabled": False}},
+        "rows": {"features": [{"tag": "temp", "range": [295.0, 305.0]}, {"tag": "torque", "range": [0.0, 80.0]},
+                              {"tag": "speed", "range": [1100.0, 2900.0]}]},
+        "output": {"file": f"{name}.jsonl"},
+        "broker": {k: v for k, v in asdict(settings).items() if v is not None},
+    }
+    rows = Rows()
+    return InferenceService(parse_infer_config(doc, tmp_path / f"{name}.toml"), rows=rows), rows
+
+
+async def test_forged_global_model_reaches_no_edge_and_no_line(mosquitto, tmp_path: Path) -> None:
+    from aggregator import publish
+    from edge.agent import EdgeAgent
+    from edge.config import load_edge_config
+    from models import build_model, export_onnx, load_shared_state
+    from tests.edge.helpers import Federation, write_csv, write_site
+
+    fed = Federation.create(tmp_path, ["site-a", "site-b"])
+    fed.aggregator.save(tmp_path / "keys" / "aggregator.key")
+    (tmp_path / "aggregator.toml").write_text(
+        f'[aggregator]\nfederation = "{FEDERATION}"\nkey_file = "keys/aggregator.key"\n'
+        f'enrollment_file = "keys/enrollment.json"\nstate_dir = "agg-state"\nseed = 0\n\n'
+        '[model]\nkind = "mlp"\nn_features = 3\nhidden = [8]\npersonal = ["head."]\n\n'
+        '[strategy]\nkind = "fedasync"\nalpha = 0.5\n\n' + broker_toml(mosquitto))
+    cfg = load_config(tmp_path / "aggregator.toml")
+    agg = Aggregator(cfg)
+    agg_task = asyncio.create_task(agg.run())
+    site_path = write_site(fed, "site-a", write_csv(tmp_path / "rows.csv", 120), mosquitto.url,
+                           mosquitto.paths["password:site-a"])
+    agent = EdgeAgent(load_edge_config(site_path))
+    stop_agent = asyncio.Event()
+    agent_task: asyncio.Task | None = None
+    line, rows = line_service(tmp_path, mosquitto, fed.enrollment_path, "line")
+    line_task: asyncio.Task | None = None
+    late_line, late_rows = line_service(tmp_path, mosquitto, fed.enrollment_path, "late-line")
+    late_task: asyncio.Task | None = None
+    try:
+        await asyncio.wait_for(agg.started.wait(), 30)
+        await eventually(lambda: agg.published_version == 0, 60)
+        agent_task = asyncio.create_task(agent.run(stop_agent))
+        line_task = asyncio.create_task(line.run())
+        await eventually(lambda: agent.client is not None and agent.client.connected.is_set(), 20)
+        await eventually(lambda: line.current is not None and line.current.version == 0, 30)
+        real_v0 = copy(agent.base.shared)
+
+        # The forgery: the real model's shapes with the attacker's values, a matching ONNX, a manifest
+        # whose sizes and hashes are all consistent, version 50, signed with a key that is not the aggregator's.
+        attacker = KeyPair.generate("aggregator", "aggregator")
+        evil = {k: np.full(v.shape, 7.0, np.float32) for k, v in agg.core.model.items()}
+
+        def evil_onnx(shared):
+            model = build_model(cfg.model, seed=0)
+            load_shared_state(model, cfg.model, shared)
+            return export_onnx(model, cfg.model)
+
+        topics = Topics(FEDERATION)
+        forged = publish.build_release(50, evil, cfg.model, FEDERATION, attacker, topics, lambda t: CHUNK, evil_onnx)
+
+        # (a) with a site's broker login the broker refuses every model topic (generated ACL)
+        async with MqttClient(settings_for(mosquitto, "site-b", max_chunk=CHUNK)) as site_b:
+            await site_b.wait_connected(10)
+            with pytest.raises(PublishRefused):
+                await site_b.publish(topics.manifest(), forged.manifest_blob, retain=True)
+            with pytest.raises(PublishRefused):
+                await site_b.publish(*forged.chunks[0], retain=True)
+
+        # (b) the aggregator's broker password leaked (not its signing key): the forgery is on the broker,
+        # retained, in place of the real manifest
+        refused_edge = agent.metrics.models_refused._value.get()
+        async with MqttClient(settings_for(mosquitto, "aggregator", client_id="thief", max_chunk=CHUNK)) as thief:
+            await thief.wait_connected(10)
+            await publish.publish_release(thief, topics, forged)
+        await eventually(lambda: agent.metrics.models_refused._value.get() > refused_edge, 20)
+        await eventually(lambda: line.stats.refused["signature"] >= 1, 20)
+        n = line.stats.predictions
+        await eventually(lambda: line.stats.predictions > n + 50, 20)  # still scoring, with the real model
+        assert agent.base.version == 0 and same(agent.base.shared, real_v0)
+        assert line.current.version == 0 and line.current_version() == 0
+        assert "signature" in (agent.last_error or "")
+        # a line that starts now finds only the forged manifest retained: it refuses it and loads nothing
+        late_task = asyncio.create_task(late_line.run())
+        await eventually(lambda: late_line.stats.refused["signature"] >= 1, 20)
+        assert late_line.current is None
+
+        # the real aggregator's next version is taken by everyone, the forgery never
+        async with Party(mosquitto, "site-b", fed.aggregator.public().sign_pub) as b:
+            from broker_bridge.envelope import UpdateHeader
+
+            h = UpdateHeader(site="site-b", counter=1, msg_id="b-1", base_version=0, n_samples=20,
+                             privacy={"epsilon": 1.0})
+            delta = {k: np.full(v.shape, 0.01, np.float32) for k, v in agg.core.model.items()}
+            await b.send(envelope.seal_update(h, delta, fed.sites["site-b"], fed.aggregator.public().box_pub), "b-1")
+            assert (await b.verdict(0))[:2] == ("applied", None)
+        await eventually(lambda: agg.published_version == 1, 60)
+        await eventually(lambda: agent.base.version == 1, 30)
+        await eventually(lambda: line.current.version == 1 and late_line.current is not None
+                         and late_line.current.version == 1, 30)
+        for k, v in agent.base.shared.items():
+            np.testing.assert_allclose(v, real_v0[k] + 0.5 * 0.01, rtol=1e-5, atol=1e-6)
+            assert not np.any(v == 7.0)
+        scored = [json.loads(x) for x in (tmp_path / "line.jsonl").read_text().splitlines()]
+        assert {p["version"] for p in scored} <= {0, 1}
+    finally:
+        rows.stop()
+        late_rows.stop()
+        stop_agent.set()
+        for t in (line_task, late_task, agent_task):
+            if t is not None:
+                await asyncio.wait_for(t, 20)
+        agent.close()
+        agg.stop()
+        await asyncio.wait_for(agg_task, 30)
