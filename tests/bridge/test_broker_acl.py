@@ -14,6 +14,7 @@ from broker_bridge.topics import Topics
 from tests.conftest import eventually, settings_for
 
 T = Topics("test")
+pytestmark = pytest.mark.timeout(60)  # a hung broker test fails in a minute, not at the suite limit
 NOT_AUTHORIZED = 0x87
 
 

@@ -20,6 +20,7 @@ from tests.bridge import helpers as h
 from tests.conftest import FEDERATION, SITES, eventually, settings_for
 
 T = Topics("test")
+pytestmark = pytest.mark.timeout(60)  # a hung broker test fails in a minute, not at the suite limit
 
 
 def _openssl(*args: str, cwd: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import numpy as np
+import pytest
 
 from broker_bridge.chunking import split
 from broker_bridge.client import MqttClient
@@ -14,6 +15,7 @@ from tests.bridge import helpers as h
 from tests.conftest import eventually, settings_for
 
 T = Topics("test")
+pytestmark = pytest.mark.timeout(60)  # a hung broker test fails in a minute, not at the suite limit
 TEN_MB_PARAMS = 10 * 1024 * 1024 // 4  # float32 parameters in 10 MiB
 
 

@@ -17,6 +17,7 @@ from tests.bridge import helpers as h
 from tests.conftest import FEDERATION, SITES, eventually, settings_for
 
 T = Topics("test")
+pytestmark = pytest.mark.timeout(60)  # a hung broker test fails in a minute, not at the suite limit
 
 
 async def _next_payload(client: MqttClient, timeout: float = 10.0) -> bytes:
