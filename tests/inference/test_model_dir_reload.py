@@ -171,3 +171,29 @@ async def test_a_failing_source_ends_the_service_with_its_error(tmp_path: Path) 
     else:
         raise AssertionError("the source's error was swallowed")
     assert service.stats.predictions == 20  # what came before the failure was scored
+
+
+async def test_cli_rollback_reaches_the_running_service(tmp_path: Path) -> None:
+    from edge.inference.config import load_infer_config
+    from fedline.cli import main
+
+    cfg_file = tmp_path / "line.toml"
+    cfg_file.write_text(
+        '[line]\nsite = "site-a"\nfederation = "test"\nstate_dir = "state"\nmodel_source = "model_dir"\n'
+        'model_dir = "models"\npoll_s = 0.05\n[rows]\nfeatures = [{ tag = "t0", range = [0, 1] }, '
+        '{ tag = "t1", range = [0, 1] }, { tag = "t2", range = [0, 1] }, { tag = "t3", range = [0, 1] }]\n')
+    models = tmp_path / "models"
+    publish_model(models, linear_onnx(TRUE_W, TRUE_B), 1)
+    stream = RowStream(seed=6)
+    service = InferenceService(load_infer_config(cfg_file), rows=stream)
+    task = asyncio.create_task(service.run())
+    await eventually(lambda: service.current_version() == 1)
+    publish_model(models, linear_onnx(TRUE_W * 1.1, TRUE_B), 2)
+    await eventually(lambda: service.current_version() == 2)
+    await eventually(lambda: json.loads((tmp_path / "state" / "serving.json").read_text())["current"]["version"] == 2)
+    rc = await asyncio.to_thread(main, ["infer", "--config", str(cfg_file), "--rollback", "--wait", "5"])
+    assert rc == 0
+    assert service.current is not None and service.current.version == 1
+    assert service.stats.swaps[-1].kind == "rollback"
+    stream.stop()
+    await asyncio.wait_for(task, 10)
