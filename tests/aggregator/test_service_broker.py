@@ -87,6 +87,23 @@ async def read_manifest(broker, fed, min_version: int) -> tuple[dict, dict[str, 
     return manifest, envelope.decode_tensors(w), o
 
 
+async def retained_versions(broker) -> set[int]:
+    """Versions that still have retained chunks on the broker (what a new subscriber gets)."""
+    topics = Topics("test")
+    seen = set()
+    async with MqttClient(settings_for(broker, "observer", clean_start=True)) as c:
+        await c.subscribe(topics.model_filter())
+        await c.wait_connected(10)
+        while True:
+            try:
+                m = await asyncio.wait_for(c.messages().__anext__(), 1.0)
+            except asyncio.TimeoutError:
+                return seen
+            info = topics.parse(m.topic)
+            if info.kind in ("weights", "onnx") and m.payload:
+                seen.add(info.version)
+
+
 async def test_fedasync_over_mosquitto_stale_poison_and_publish(mosquitto, tmp_path):
     fed = make_federation(tmp_path / "fed", SITES)
     cfg = fed.config(strategy='kind = "fedasync"\nalpha = 0.5\nstaleness = "polynomial"\na = 1.0\nmax_staleness = 2',
@@ -158,6 +175,10 @@ async def test_fedasync_over_mosquitto_stale_poison_and_publish(mosquitto, tmp_p
         sess = ort.InferenceSession(onnx4)
         y = sess.run(None, {"x": np.zeros((2, 4), np.float32)})[0]
         assert y.shape == (2, 1) and np.isfinite(y).all()
+        # superseded versions were cleared from the broker: retained chunks only of the last two published
+        await eventually(lambda: len(agg.core.store.published_versions()) <= 2, 20)
+        assert await retained_versions(mosquitto) == {v for v, _, _ in agg.core.store.published_versions()}
+        assert max(await retained_versions(mosquitto)) == 4
         assert agg.metrics.value("fedline_aggregator_rejections_total", {"reason": "norm"}) == 1
         assert agg.metrics.value("fedline_aggregator_updates_total", {"verdict": "stale"}) == 1
     finally:
