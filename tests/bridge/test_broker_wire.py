@@ -19,9 +19,9 @@ pytestmark = pytest.mark.timeout(60)  # a hung broker test fails in a minute, no
 TEN_MB_PARAMS = 10 * 1024 * 1024 // 4  # float32 parameters in 10 MiB
 
 
-async def _connected_pair(broker, site: str = "site-a"):
-    agg = MqttClient(settings_for(broker, "aggregator", client_id="agg-rx"))
-    snd = MqttClient(settings_for(broker, site, client_id=f"{site}-tx"))
+async def _connected_pair(broker, site: str = "site-a", protocol: str = "5"):
+    agg = MqttClient(settings_for(broker, "aggregator", client_id="agg-rx", protocol=protocol))
+    snd = MqttClient(settings_for(broker, site, client_id=f"{site}-tx", protocol=protocol))
     await agg.__aenter__()
     await snd.__aenter__()
     await agg.wait_connected(10)
@@ -30,11 +30,12 @@ async def _connected_pair(broker, site: str = "site-a"):
     return agg, snd
 
 
-async def test_ten_megabyte_update_crosses_the_broker_bit_exact(mosquitto) -> None:
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+async def test_ten_megabyte_update_crosses_the_broker_bit_exact(mosquitto, protocol: str) -> None:
     fed = h.make_federation()
     head, tensors, blob = h.seal(fed, "site-a", 1, n_params=TEN_MB_PARAMS, seed=11)
     assert tensors["layer.weight"].nbytes == 10 * 1024 * 1024
-    agg, site = await _connected_pair(mosquitto)
+    agg, site = await _connected_pair(mosquitto, protocol=protocol)
     rx = h.Receiver(fed)
     task = rx.start(agg)
     try:
