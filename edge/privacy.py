@@ -12,6 +12,7 @@ skipped when that would exceed the budget.
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from typing import Any
 
@@ -40,6 +41,7 @@ class PrivacyBudget:
                 )
             acc.load_state_dict(state)
             self.history = [(float(s), float(q), int(n)) for s, q, n in acc.history]
+        self._spent = self._epsilon(self.history)  # cached: the PRV accountant takes ~1 s per call
 
     @staticmethod
     def _merge(history: list[tuple[float, float, int]], sigma: float, q: float, steps: int) -> list[tuple[float, float, int]]:
@@ -57,12 +59,16 @@ class PrivacyBudget:
         acc.history = list(history)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "optimal order is the largest alpha" advice
-            return float(acc.get_epsilon(delta=self.cfg.delta))
+            try:
+                return float(acc.get_epsilon(delta=self.cfg.delta))
+            except (MemoryError, ValueError, OverflowError):
+                # the PRV accountant cannot discretise very large ε; any such ε is over every sane budget
+                return math.inf
 
     @property
     def epsilon(self) -> float:
         """ε spent by every release so far (at the configured δ)."""
-        return self._epsilon(self.history)
+        return self._spent
 
     def epsilon_after(self, sample_rate: float, steps: int) -> float:
         """ε if one more release of ``steps`` steps at ``sample_rate`` were made."""
