@@ -16,6 +16,7 @@ start-up, before any connection is tried.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -55,8 +56,6 @@ class _ModbusCommon(_Common):
     def validate(self) -> None:
         if (self.map is None) == (not self.tags):
             raise ValueError("give exactly one of `map` (a register map file) or inline [[tags]]")
-        if self.poll_interval_s <= 0:
-            raise ValueError("poll_interval_s must be > 0")
         if not 0 <= self.device_id <= 247:
             raise ValueError("device_id must be in 0..247")
 
@@ -177,10 +176,6 @@ class CsvConfig(_Common):
     filter: dict[str, str] = field(default_factory=dict)  # keep rows where column == value
     ts_column: str | None = None
 
-    def validate(self) -> None:
-        if self.rate_hz < 0:
-            raise ValueError("rate_hz must be >= 0")
-
 
 KINDS: dict[str, type] = {
     "modbus_tcp": ModbusTcpConfig,
@@ -193,6 +188,39 @@ KINDS: dict[str, type] = {
 }
 
 
+#: numeric keys and the least value each may take (strictly greater for "gt")
+_BOUNDS: dict[str, tuple[str, float]] = {
+    "poll_interval_s": ("gt", 0), "timeout_s": ("gt", 0), "reconnect_initial_s": ("gt", 0),
+    "reconnect_max_s": ("gt", 0), "rate_hz": ("ge", 0), "sampling_interval_ms": ("ge", 0),
+    "publishing_interval_ms": ("gt", 0), "rebirth_min_interval_s": ("ge", 0), "keepalive_s": ("gt", 0),
+    "max_line_bytes": ("gt", 0), "retries": ("ge", 0), "baudrate": ("gt", 0), "max_gap": ("ge", 0),
+}
+
+
+def _check_numbers(cfg: Any, file: str | Path | None, prefix: str) -> None:
+    """Finite, in-range numbers, reported against their own key (NaN in TOML is legal)."""
+    for key, (op, bound) in _BOUNDS.items():
+        value = getattr(cfg, key, None)
+        if value is None:
+            continue
+        if not math.isfinite(value) or (value <= bound if op == "gt" else value < bound):
+            raise ConfigError(file, prefix + key, f"expected a number {'>' if op == 'gt' else '>='} {bound:g}, got {value!r}")
+    for group, value in (getattr(cfg, "group_intervals_s", None) or {}).items():
+        if not math.isfinite(value) or value <= 0:
+            raise ConfigError(file, f"{prefix}group_intervals_s.{group}", f"expected a number > 0, got {value!r}")
+    if isinstance(cfg, ModbusTcpConfig) and not 1 <= cfg.port <= 65535:
+        raise ConfigError(file, prefix + "port", f"expected a TCP port 1..65535, got {cfg.port}")
+    if isinstance(cfg, OpcUaConfig) and not cfg.url.startswith("opc.tcp://"):
+        raise ConfigError(file, prefix + "url", f"expected opc.tcp://host:port/path, got {cfg.url!r}")
+    if isinstance(cfg, _MqttCommon):
+        from broker_bridge.client import BrokerSettings
+
+        try:
+            BrokerSettings(url=cfg.url).validate()
+        except ValueError as exc:
+            raise ConfigError(file, prefix + "url", str(exc)) from None
+
+
 def parse_source(table: dict[str, Any], *, file: str | Path | None = None, where: str = "sources") -> Any:
     """Parse one ``[[sources]]`` table into the dataclass for its ``kind``."""
     if not isinstance(table, dict):
@@ -201,15 +229,21 @@ def parse_source(table: dict[str, Any], *, file: str | Path | None = None, where
     kind = table.get("kind")
     if kind is None:
         raise ConfigError(file, prefix + "kind", f"missing; expected one of {', '.join(KINDS)}")
-    if kind not in KINDS:
+    if not isinstance(kind, str) or kind not in KINDS:
         raise ConfigError(file, prefix + "kind", f"expected one of {', '.join(KINDS)}, got {kind!r}")
-    return parse(KINDS[kind], table, file=file, where=where)
+    cfg = parse(KINDS[kind], table, file=file, where=where)
+    _check_numbers(cfg, file, prefix)
+    return cfg
 
 
 def register_map_of(cfg: _ModbusCommon, file: str | Path | None, where: str = "sources") -> RegisterMap:
     """The register map of a Modbus source: its map file, or its inline tags."""
     if cfg.map is not None:
-        return load_register_map(resolve_path(file, cfg.map))
+        path = resolve_path(file, cfg.map)
+        try:
+            return load_register_map(path)
+        except (OSError, UnicodeDecodeError) as exc:  # a directory, a binary file, no permission
+            raise ConfigError(file, f"{where}.map", f"cannot read register map {path}: {exc}") from None
     regmap_table: dict[str, Any] = {"word_order": cfg.word_order, "byte_order": cfg.byte_order}
     if cfg.row_counter is not None:
         regmap_table["row_counter"] = cfg.row_counter

@@ -75,14 +75,17 @@ class CsvSource:
         self.path = resolve_path(file, cfg.path)
         if not self.path.is_file():
             raise ConfigError(file, f"{where}.path", f"no such file: {self.path}")
-        header, rows = read_rows(self.path, {})
-        rows.close()  # type: ignore[attr-defined]
+        try:
+            header, rows = read_rows(self.path, {})
+            rows.close()  # type: ignore[attr-defined]
+            self.columns = list(cfg.columns) if cfg.columns else numeric_columns(self.path, cfg.filter)
+        except (OSError, UnicodeDecodeError, csv.Error) as exc:
+            raise ConfigError(file, f"{where}.path", f"cannot read {self.path} as CSV: {exc}") from None
         for key, col in [*((f"filter.{c}", c) for c in cfg.filter), *(("columns", c) for c in cfg.columns or [])]:
             if col not in header:
                 raise ConfigError(file, f"{where}.{key}", f"column {col!r} is not in {self.path.name} (has: {', '.join(header)})")
         if cfg.ts_column is not None and cfg.ts_column not in header:
             raise ConfigError(file, f"{where}.ts_column", f"column {cfg.ts_column!r} is not in {self.path.name}")
-        self.columns = list(cfg.columns) if cfg.columns else numeric_columns(self.path, cfg.filter)
         if cfg.ts_column in self.columns:
             self.columns.remove(cfg.ts_column)
         if not self.columns:

@@ -4,6 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from fedline.config import ConfigError, load_toml
 from firmware_adapters import build_source, build_sources
@@ -116,3 +118,43 @@ def test_fedline_sources_command(tmp_path: Path, capsys) -> None:
     bad = site(tmp_path, '[[sources]]\nkind = "csv"\nname = "bench"\npath = "d.csv"\nrate = 5\n')
     assert main(["sources", "--config", str(bad), "--check"]) == 2
     assert "sources[0].rate: unknown key" in capsys.readouterr().err
+
+
+def test_numbers_are_checked_against_their_own_key(tmp_path: Path) -> None:
+    err = error_of(site(tmp_path, '[[sources]]\nkind = "modbus_tcp"\nhost = "h"\npoll_interval_s = nan\n'
+                              '[[sources.tags]]\nname="a"\ntable="holding"\naddress=0\n'))
+    assert err.key == "sources[0].poll_interval_s" and "> 0" in err.message
+    err = error_of(site(tmp_path, '[[sources]]\nkind = "modbus_tcp"\nhost = "h"\ngroup_intervals_s = {fast = -1}\n'
+                              '[[sources.tags]]\nname="a"\ntable="holding"\naddress=0\n'))
+    assert err.key == "sources[0].group_intervals_s.fast"
+    err = error_of(site(tmp_path, '[[sources]]\nkind = "sparkplug"\nurl = "http://broker"\n'))
+    assert err.key == "sources[0].url"
+    err = error_of(site(tmp_path, '[[sources]]\nkind = "opcua"\nurl = "http://h"\nnodes = [{tag = "t", node_id = "i=1"}]\n'))
+    assert err.key == "sources[0].url"
+    (tmp_path / "adir").mkdir()
+    err = error_of(site(tmp_path, '[[sources]]\nkind = "modbus_tcp"\nhost = "h"\nmap = "adir"\n'))
+    assert err.key == "sources[0].map"
+    (tmp_path / "bin.csv").write_bytes(b"\xff\xfe\x00\x81a,b\n")
+    err = error_of(site(tmp_path, '[[sources]]\nkind = "csv"\npath = "bin.csv"\n'))
+    assert err.key == "sources[0].path"
+
+
+_KEYS = ["kind", "name", "host", "port", "map", "tags", "poll_interval_s", "group_intervals_s", "device_id",
+         "protocol", "columns", "header", "url", "nodes", "topics", "path", "rate_hz", "filter", "security_mode",
+         "word_order", "row_counter", "timeout_s", "baudrate", "parity", "stopbits", "ts_column"]
+_scalars = st.one_of(st.integers(-(2**63), 2**63 - 1), st.floats(), st.text(max_size=8), st.booleans(),
+                     st.sampled_from(["modbus_tcp", "modbus_rtu", "serial", "opcua", "mqtt_json", "sparkplug", "csv",
+                                      "d.csv", "holding", "coil", "opc.tcp://h:1", "mqtt://h:1", "big", "E", "kv"]))
+_values = st.recursive(_scalars, lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                         st.dictionaries(st.sampled_from(_KEYS + ["address", "type", "tag", "node_id"]), inner, max_size=4)),
+                       max_leaves=8)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.dictionaries(st.sampled_from(_KEYS), _values, max_size=7))
+def test_any_table_builds_a_source_or_raises_config_error(tmp_path: Path, table: dict) -> None:
+    (tmp_path / "d.csv").write_text("t,a\n1,2\n")
+    try:
+        build_source(table, file=tmp_path / "site.toml", where="sources[0]")
+    except ConfigError as exc:
+        assert exc.key.startswith("sources[0]") or exc.file != str(tmp_path / "site.toml")
