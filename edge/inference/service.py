@@ -261,8 +261,12 @@ class InferenceService:
             try:
                 async for sample in src:
                     await samples.put(sample)
-            finally:
-                await samples.put(_END)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # sources reconnect by themselves; one that raises is broken
+                await samples.put(exc)
+                return
+            await samples.put(_END)
 
         pumps = [asyncio.create_task(pump(s), name=f"infer:source{i}") for i, s in enumerate(sources)]
         live = len(pumps)
@@ -272,6 +276,8 @@ class InferenceService:
                 if sample is _END:
                     live -= 1
                     continue
+                if isinstance(sample, Exception):
+                    raise sample
                 row = builder.push(sample)
                 if row is not None:
                     yield row
@@ -322,14 +328,11 @@ class InferenceService:
 
     def _score_batch(self, model: LoadedModel, batch: list[tuple[int, Any, float]], threshold: float | None) -> None:
         t0 = time.perf_counter()
-        x = np.stack([np.asarray(r.x, dtype=np.float32) for _, r, _ in batch])
         try:
+            x = np.stack([np.asarray(r.x, dtype=np.float32) for _, r, _ in batch])
             scores: list[float | None] = [float(s) for s in model.score(x)]
-        except Exception as exc:  # a model that passed the probe but fails on live rows
-            self.stats.score_errors += len(batch)
-            self.metrics.score_errors.inc(len(batch))
-            event(log, "score.failed", level=logging.ERROR, version=model.version, rows=len(batch), error=str(exc))
-            scores = [None] * len(batch)
+        except Exception:  # a bad row, or a model that fails on live rows: score one by one
+            scores = [self._score_one(model, seq, row) for seq, row, _ in batch]
         t1 = time.perf_counter()
         version = model.version
         model_id = model.info.hash[:12]
@@ -364,10 +367,24 @@ class InferenceService:
         self.metrics.predictions.inc(len(records))
         self.metrics.batch_seconds.observe(t1 - t0)
         self.metrics.queue.set(self._queue.qsize())
-        if scores[-1] is not None:
-            self.metrics.score.set(scores[-1])
-            for s in scores:
-                self.metrics.scores.observe(s)  # type: ignore[arg-type]
+        good = [s for s in scores if s is not None]
+        if good:
+            self.metrics.score.set(good[-1])
+            for s in good:
+                self.metrics.scores.observe(s)
+
+    def _score_one(self, model: LoadedModel, seq: int, row: Any) -> float | None:
+        """Score one row; None (counted, logged, still emitted) when it cannot be scored."""
+        try:
+            x = np.asarray(row.x, dtype=np.float32)
+            if x.shape != self.row_shape:
+                raise ValueError(f"row has shape {list(x.shape)}, the model reads {list(self.row_shape)}")
+            return float(model.score(x[None])[0])
+        except Exception as exc:
+            self.stats.score_errors += 1
+            self.metrics.score_errors.inc()
+            event(log, "score.failed", level=logging.ERROR, seq=seq, version=model.version, error=str(exc))
+            return None
 
     # ------------------------------------------------------------------ swapping
     def _swap(self, new: LoadedModel, kind: str, previous: LoadedModel | None) -> Swap:

@@ -197,3 +197,24 @@ async def test_cli_rollback_reaches_the_running_service(tmp_path: Path) -> None:
     assert service.stats.swaps[-1].kind == "rollback"
     stream.stop()
     await asyncio.wait_for(task, 10)
+
+
+async def test_a_malformed_row_is_emitted_unscored_and_the_rest_of_its_batch_is_scored(tmp_path: Path) -> None:
+    from firmware_adapters.rows import Row
+
+    publish_model(tmp_path / "models", linear_onnx(TRUE_W, TRUE_B), 1)
+    xs = [np.full(4, i / 100, np.float32) for i in range(100)]
+    xs[50] = np.zeros(3, np.float32)  # a row of the wrong width
+
+    async def rows():
+        for x in xs:
+            yield Row(x=x, y=None, ts=0.0)
+
+    service = InferenceService(make_config(tmp_path, {"batch_max": 32}), rows=rows())
+    await asyncio.wait_for(service.run(), 10)
+    preds = read_predictions(tmp_path / "predictions.jsonl")
+    assert [p["seq"] for p in preds] == list(range(100))
+    assert preds[50]["score"] is None and service.stats.score_errors == 1
+    for i, p in enumerate(preds):
+        if i != 50:
+            assert abs(p["score"] - linear_score(TRUE_W, TRUE_B, xs[i])) < 1e-5
