@@ -15,6 +15,14 @@ import pytest
 from broker_bridge.mosquitto import free_port, mosquitto_binary
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark the adapter tests that need a Mosquitto binary ``broker`` (as tests/conftest.py does)."""
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(str(item.fspath)).parents and {"broker", "plain_mosquitto"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.broker)
+
+
 @pytest.fixture
 def port() -> int:
     return free_port()
