@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import asyncio
 import struct
+from dataclasses import asdict
 
 import pytest
 
 from firmware_adapters import build_source
-from firmware_adapters.modbus import ModbusSource
 from firmware_adapters.plc_sim import RegisterServer
 from firmware_adapters.registers import RegisterMap, TagSpec, plan_reads
 
@@ -61,7 +61,7 @@ async def test_every_type_and_both_word_orders_read_back(port: int) -> None:
                 value = VALUES[tag.type]
             await server.write(tag, value)
             expected[tag.name] = value
-        source = ModbusSource(build_source(tcp_table(port, tags=[{"name": "x", "table": "holding", "address": 0}])).cfg, regmap)
+        source = build_source(tcp_table(port, tags=[asdict(t) for t in regmap.tags]))
         (sample,) = await take(source, 1)
     assert sample.good
     for name, value in expected.items():
@@ -90,7 +90,7 @@ async def test_word_and_byte_order_match_the_wire_layout(port: int) -> None:
     async with RegisterServer(regmap, port=port) as server:
         for i, raw in enumerate(layouts.values()):
             await server.write_raw("holding", i * 4, raw)
-        source = build_source(tcp_table(port, tags=[t.__dict__ for t in tags]))
+        source = build_source(tcp_table(port, tags=[asdict(t) for t in tags]))
         (sample,) = await take(source, 1)
     for wo, bo in layouts:
         assert sample.values[f"f.{wo}.{bo}"] == 1.5
@@ -114,7 +114,7 @@ def test_adjacent_registers_are_merged_within_the_125_register_limit() -> None:
 async def test_server_that_stops_and_comes_back_is_survived_with_the_gap_counted(port: int) -> None:
     tag = TagSpec(name="speed", table="holding", address=0, type="uint16")
     regmap = RegisterMap(tags=[tag])
-    source = build_source(tcp_table(port, tags=[tag.__dict__]))
+    source = build_source(tcp_table(port, tags=[asdict(tag)]))
     agen = source.__aiter__()
     server = RegisterServer(regmap, port=port)
     await server.start()
@@ -144,7 +144,7 @@ async def test_a_failed_read_is_a_counted_bad_sample_and_polling_goes_on(port: i
     missing = TagSpec(name="nowhere", table="input", address=900, type="uint16", group="slow")
     async with RegisterServer(RegisterMap(tags=[good]), port=port) as server:
         await server.write(good, 7)
-        source = build_source(tcp_table(port, tags=[good.__dict__, missing.__dict__],
+        source = build_source(tcp_table(port, tags=[asdict(good), asdict(missing)],
                                         group_intervals_s={"fast": 0.02, "slow": 0.05}))
         samples = await take(source, 12)
     bad = [s for s in samples if not s.good]
@@ -167,7 +167,7 @@ async def test_modbus_rtu_over_a_pty_pair(pty_pair) -> None:
         source = build_source({
             "kind": "modbus_rtu", "name": "rtu", "port": client_end, "baudrate": 38400, "device_id": 3,
             "poll_interval_s": 0.05, "timeout_s": 1.0,
-            "tags": [temp.__dict__, alarm.__dict__],
+            "tags": [asdict(temp), asdict(alarm)],
         })
         samples = await take(source, 2, pred=lambda s: s.good)
     finally:
