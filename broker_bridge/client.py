@@ -224,7 +224,7 @@ class MqttClient:
                     self.stats.connects += 1
                     delay = self.settings.backoff_min_s
                     for flt, qos in list(self._subs.items()):
-                        await client.subscribe(flt, qos)
+                        _check_suback(flt, await client.subscribe(flt, qos))
                     event(log, "mqtt.connected", url=self.settings.url, client=self.settings.client_id,
                           session_present=client.session_present, max_packet=client.max_packet_size)
                     self.connected.set()
@@ -278,9 +278,10 @@ class MqttClient:
         client = self._client
         if client is not None and self.connected.is_set():
             try:
-                await client.subscribe(topic_filter, qos)
+                granted = await client.subscribe(topic_filter, qos)
             except aiomqtt.MqttError:
-                pass  # the reconnect loop re-subscribes
+                return  # the reconnect loop re-subscribes
+            _check_suback(topic_filter, granted)
 
     async def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False,
                       timeout: float | None = None) -> None:
@@ -343,6 +344,15 @@ def publish_packet_size(topic: str, payload_len: int, qos: int, v5: bool) -> int
     remaining = 2 + len(topic.encode()) + (2 if qos else 0) + (1 if v5 else 0) + payload_len
     varint = 1 if remaining < 128 else 2 if remaining < 16384 else 3 if remaining < 2097152 else 4
     return 1 + varint + remaining
+
+
+def _check_suback(topic_filter: str, granted: object) -> None:
+    """Log a subscription the broker refused (SUBACK code >= 0x80): it would otherwise look granted."""
+    for code in granted if isinstance(granted, (list, tuple)) else ():
+        value = int(getattr(code, "value", code))
+        if value >= 0x80:
+            event(log, "mqtt.subscribe_refused", level=logging.ERROR, topic=topic_filter,
+                  reason=str(code), code=f"0x{value:02x}")
 
 
 def will_message(topic: str, payload: bytes, retain: bool = True, qos: int = 1) -> aiomqtt.Will:

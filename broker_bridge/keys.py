@@ -51,8 +51,8 @@ def _read_json(path: Path, kind: str) -> dict[str, Any]:
         raise KeyFileError(path, f"cannot read: {exc}") from None
     try:
         doc = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise KeyFileError(path, f"not a fedline {kind} file (not JSON: {exc})") from None
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, huge ints, deep nesting
+        raise KeyFileError(path, f"not a fedline {kind} file (not JSON: {str(exc)[:200]})") from None
     if not isinstance(doc, dict) or doc.get("fedline") != kind:
         got = doc.get("fedline") if isinstance(doc, dict) else None
         raise KeyFileError(path, f"wrong file type: expected a fedline {kind} file, got {got!r}")

@@ -49,6 +49,12 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(p, "", "file not found") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(p, "", f"not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(p, "", f"not UTF-8 text (TOML must be UTF-8): {exc}") from None
+    except RecursionError:
+        raise ConfigError(p, "", "not valid TOML: nested too deeply") from None
+    except OSError as exc:
+        raise ConfigError(p, "", f"cannot read: {exc.strerror or exc}") from None
 
 
 def _type_name(tp: Any) -> str:

@@ -7,6 +7,7 @@ without Mosquitto (and never skips them silently).
 from __future__ import annotations
 
 import asyncio
+import itertools
 from pathlib import Path
 
 import pytest
@@ -36,9 +37,12 @@ def mosquitto(tmp_path: Path):
     broker.stop()
 
 
+_client_ids = itertools.count(1)
+
+
 def settings_for(broker: MosquittoProcess, user: str, **kw) -> BrokerSettings:
     """Client settings that log in to ``broker`` as ``user`` (site id, 'aggregator' or 'observer')."""
-    kw.setdefault("client_id", f"{user}-{id(kw) & 0xffff:x}")
+    kw.setdefault("client_id", f"{user}-{next(_client_ids)}")
     kw.setdefault("backoff_min_s", 0.05)
     kw.setdefault("backoff_max_s", 0.5)
     kw.setdefault("timeout_s", 10.0)
