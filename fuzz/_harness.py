@@ -21,6 +21,7 @@ aggregator key).
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import tempfile
@@ -120,5 +121,6 @@ def main(target: Callable[[bytes], None], seeds: Iterable[bytes],
             path = folder / f"seed-{i:03d}"
             if not path.exists():
                 path.write_bytes(seed)
+    logging.disable(logging.CRITICAL)  # refusals are logged by design; millions of lines would be the bottleneck
     atheris.Setup(argv, guarded(target, accepted))
     atheris.Fuzz()
