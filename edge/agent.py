@@ -282,6 +282,7 @@ class EdgeAgent:
             return None
         x, y = self.dataset.arrays(newest=cfg.training.max_train_rows)
         plan = plan_round(len(x), cfg.training)
+        eps_next: float | None = None
         if self.budget is not None:
             eps_next = self.budget.epsilon_after(plan.sample_rate, plan.steps)
             if eps_next > self.budget.cfg.epsilon:
@@ -301,7 +302,7 @@ class EdgeAgent:
         eps_after = None
         if self.budget is not None:
             dp = self.budget.cfg
-            eps_after = self.budget.epsilon_after(plan.sample_rate, plan.steps)
+            eps_after = eps_next
             privacy = {"mode": "dp-sgd", "accountant": dp.accountant, "clip_norm": dp.max_grad_norm,
                        "noise_multiplier": dp.noise_multiplier, "sample_rate": plan.sample_rate,
                        "steps": plan.steps, "epsilon": eps_after, "delta": dp.delta}
@@ -319,7 +320,7 @@ class EdgeAgent:
             self._skip("outbox_full")
             return None
         if self.budget is not None:
-            self.budget.commit(meta["accountant"])
+            self.budget.commit(meta["accountant"], eps_after)
         for d in dropped:
             self.metrics.dropped.inc()
             event(log, "outbox.dropped", logging.WARNING, site=self.site, counter=d.counter, msg_id=d.msg_id,
@@ -338,7 +339,7 @@ class EdgeAgent:
         self.last_round_at = time.monotonic()
         event(log, "update.sealed", site=self.site, counter=counter, msg_id=msg_id, bytes=len(blob),
               epsilon=_r(eps_after), **{k: v for k, v in self.last_round.items() if k not in ("counter", "msg_id")})
-        if self.publishing == "outbox_full":
+        if self.publishing != "ok":
             self._set_publishing("ok")
         self._changed()
         self._send_wake.set()

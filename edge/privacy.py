@@ -28,7 +28,7 @@ def _accountant(mechanism: str):
 class PrivacyBudget:
     """ε spent so far and what one more release would cost, for one site."""
 
-    def __init__(self, cfg: PrivacyConfig, state_json: str | None = None) -> None:
+    def __init__(self, cfg: PrivacyConfig, state_json: str | None = None, epsilon: float | None = None) -> None:
         self.cfg = cfg
         self.history: list[tuple[float, float, int]] = []
         if state_json:
@@ -41,7 +41,8 @@ class PrivacyBudget:
                 )
             acc.load_state_dict(state)
             self.history = [(float(s), float(q), int(n)) for s, q, n in acc.history]
-        self._spent = self._epsilon(self.history)  # cached: the PRV accountant takes ~1 s per call
+        # cached: computing ε takes 0.1–1 s (PRV); ``epsilon`` may be passed when the caller just computed it
+        self._spent = self._epsilon(self.history) if epsilon is None else epsilon
 
     @staticmethod
     def _merge(history: list[tuple[float, float, int]], sigma: float, q: float, steps: int) -> list[tuple[float, float, int]]:
@@ -85,6 +86,6 @@ class PrivacyBudget:
         state: dict[str, Any] = dict(acc.state_dict())
         return json.dumps({"history": [list(h) for h in state["history"]], "mechanism": state["mechanism"]})
 
-    def commit(self, state_json: str) -> None:
-        """Adopt a state returned by :meth:`state_after` once it is stored."""
-        self.__init__(self.cfg, state_json)  # type: ignore[misc]
+    def commit(self, state_json: str, epsilon: float | None = None) -> None:
+        """Adopt a state returned by :meth:`state_after` once it is stored (``epsilon``: its ε, if known)."""
+        self.__init__(self.cfg, state_json, epsilon)  # type: ignore[misc]

@@ -15,7 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from broker_bridge.chunking import Reassembler, split
+from collections import Counter
+
+from broker_bridge.chunking import Reassembler, parse_chunk, split
 from broker_bridge.client import MqttClient
 from broker_bridge.envelope import UpdateHeader, content_hash, encode_tensors, open_update, sign_manifest, sign_receipt
 from broker_bridge.keys import Enrollment, KeyPair
@@ -85,7 +87,7 @@ def write_site(fed: Federation, site: str, csv: Path, broker_url: str, password_
                *, privacy: dict[str, Any] | str | None = None, training: dict[str, Any] | None = None,
                model: dict[str, Any] | None = None, outbox: dict[str, Any] | None = None,
                broker: dict[str, Any] | None = None, source: dict[str, Any] | None = None,
-               extra: dict[str, Any] | None = None) -> Path:
+               rows: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> Path:
     """A site.toml under ``root/<site>/`` with paths relative to it."""
     d = fed.root / site
     d.mkdir(parents=True, exist_ok=True)
@@ -96,7 +98,7 @@ def write_site(fed: Federation, site: str, csv: Path, broker_url: str, password_
                    **({"password_file": str(password_file)} if password_file else {}), **(broker or {})},
         "rows": {"task": "classification", "label": "label",
                  "features": [{"tag": "temp", "range": [295.0, 305.0]}, {"tag": "torque", "range": [0.0, 80.0]},
-                              {"tag": "speed", "range": [1100.0, 2900.0]}]},
+                              {"tag": "speed", "range": [1100.0, 2900.0]}], **(rows or {})},
         "model": {"kind": "mlp", "n_features": 3, "hidden": [8], "personal": ["head."], **(model or {})},
         "training": {"every_rows": 100000, "every_s": 3600.0, "min_rows": 50, "epochs": 1, "batch_size": 32,
                      "lr": 0.1, **(training or {})},
@@ -138,6 +140,7 @@ class MiniAggregator:
     verdict: str = "applied"
     arrivals: list[Arrival] = field(default_factory=list)
     version: int = 0
+    raw_chunks: Counter = field(default_factory=Counter)  # (msg_id, index) -> times received
 
     def __post_init__(self) -> None:
         self.topics = Topics(FEDERATION)
@@ -162,6 +165,8 @@ class MiniAggregator:
     async def _loop(self) -> None:
         enrollment = self.fed.enrollment
         async for msg in self.client.messages():
+            c = parse_chunk(msg.payload)
+            self.raw_chunks[(c.msg_id, c.index)] += 1
             done = self.reassembler.add(msg.payload)
             if done is None:
                 continue
