@@ -32,8 +32,6 @@ class KnownFinding(AssertionError):
 #: The xfail is strict and only for that traceback, so the marker must go when the bug is fixed, and any
 #: other crash still fails (see RELIABILITY.md).
 KNOWN_FINDINGS = {
-    "fuzz_site_config": ("fedline.config.load_toml: a site.toml that is not UTF-8 raises UnicodeDecodeError, "
-                         "not ConfigError", "UnicodeDecodeError"),
     "fuzz_sparkplug": ("firmware_adapters.sparkplug.source.SparkplugSource.handle: a metric name that is not UTF-8 "
                        "comes back from protobuf as bytes and raises TypeError (ends the source)",
                        "TypeError: startswith first arg must be bytes"),
