@@ -97,8 +97,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         "## Per site",
         "",
         "| site | rows (train/test) | local-only | federated (global) | federated + own head | central | ε spent / budget (δ) "
-        "| updates sent | applied | stale | rejected | bytes sent |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| updates sent | applied | stale | rejected | staleness mean / max | bytes sent |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in report["sites"]:
         r = s["receipts"]
@@ -107,7 +107,8 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"| {name} | {s['rows']} ({s['rows_train']}/{s['rows_test']}) | {_fmt(s['metric_local'])} | "
             f"{_fmt(s['metric_federated'])} | {_fmt(s.get('metric_personalised'))} | {_fmt(s['metric_central'])} | "
             f"{_fmt(s['epsilon'], 2)} / {_fmt(s['epsilon_budget'], 1)} ({s['delta']:.0e}) | {s['updates_sent']} | "
-            f"{r['applied']} | {r['stale']} | {r['rejected']} | {_bytes(s['bytes_sent'])} |")
+            f"{r['applied']} | {r['stale']} | {r['rejected']} | {_fmt(s.get('staleness_mean'), 2)} / "
+            f"{_fmt(s.get('staleness_max'))} | {_bytes(s['bytes_sent'])} |")
     u = report["updates"]
     lines += [
         "",

@@ -1,0 +1,79 @@
+"""The plain single-process federated loop: the same training and averaging, no network, no processes.
+
+Why it exists: it is the floor the whole chain is measured against
+(``bench/e2e.py``), and the quick way to tune the demo's defaults (rounds,
+epochs, learning rate, noise) before paying for real processes. Each round,
+every site runs the edge agent's own DP-SGD round (:func:`edge.trainer.train_round`)
+from the current global weights, and the global model moves by the
+sample-weighted mean of the deltas (synchronous FedAvg = FedBuff with K =
+number of sites and no staleness).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fedline.demo.baselines import evaluate, predict
+from fedline.demo.data import DemoData
+from models.spec import ModelSpec
+
+
+@dataclass
+class LoopResult:
+    metrics: list[dict[str, float]] = field(default_factory=list)  # per round: site -> metric of the global model
+    personalised: dict[str, float] = field(default_factory=dict)  # site -> metric of global body + its own head
+    epsilon: dict[str, float] = field(default_factory=dict)
+    params: dict[str, np.ndarray] = field(default_factory=dict)
+    transfers: int = 0  # model transfers (one up and one down per site per round)
+    n_params: int = 0
+
+
+def fedavg(data: DemoData, spec: ModelSpec, rounds: int, training, privacy=None, *, seed: int = 0,
+           server_lr: float = 1.0, evaluate_each_round: bool = True) -> LoopResult:
+    """Run ``rounds`` synchronous rounds; ``training``/``privacy`` are the edge's config dataclasses.
+
+    ``training`` is one :class:`edge.config.TrainingConfig` for every site, or a
+    dict ``site -> TrainingConfig`` (e.g. a batch size per site).
+    """
+    import torch
+
+    from edge.privacy import PrivacyBudget
+    from edge.trainer import plan_round, train_round
+    from models import build_model, shared_state
+    from models.flat import personal_state
+
+    torch.manual_seed(seed)
+    model = build_model(spec, seed=0)
+    glob = shared_state(model, spec)
+    personal0 = personal_state(model, spec)
+    personal = {s.site: dict(personal0) for s in data.sites}
+    budgets = {s.site: PrivacyBudget(privacy) for s in data.sites} if privacy is not None else {}
+    xs = {s.site: data.normalise(s.x_train) for s in data.sites}
+    ys = {s.site: data.target(s.y_train) for s in data.sites}
+    out = LoopResult(n_params=sum(a.size for a in glob.values()))
+    for _ in range(rounds):
+        deltas, weights = [], []
+        for s in data.sites:
+            tcfg = training[s.site] if isinstance(training, dict) else training
+            plan = plan_round(len(xs[s.site]), tcfg)
+            r = train_round(spec, glob, personal[s.site] or None, xs[s.site], ys[s.site], tcfg, privacy)
+            if privacy is not None:
+                b = budgets[s.site]
+                b.commit(b.state_after(plan.sample_rate, plan.steps))
+            personal[s.site] = r.personal
+            deltas.append(r.delta)
+            weights.append(len(xs[s.site]))
+            out.transfers += 2
+        w = np.array(weights, dtype=np.float64) / sum(weights)
+        glob = {k: (glob[k] + server_lr * sum(wi * d[k] for wi, d in zip(w, deltas))).astype(np.float32) for k in glob}
+        if evaluate_each_round:
+            params = {**glob, **personal0}
+            out.metrics.append({s.site: evaluate(data, lambda x: predict(spec, params, x), i)
+                                for i, s in enumerate(data.sites)})
+    out.params = {**glob, **personal0}
+    if any(personal0):
+        out.personalised = {s.site: evaluate(data, lambda x, p={**glob, **personal[s.site]}: predict(spec, p, x), i)
+                            for i, s in enumerate(data.sites)}
+    out.epsilon = {k: b.epsilon for k, b in budgets.items()}
+    return out

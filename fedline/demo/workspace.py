@@ -1,0 +1,211 @@
+"""The run directory of a demo: keys, broker files, per-site data and every process's TOML file.
+
+Why files and not in-process objects: the demo runs each part as the real
+``fedline ...`` command an engineer would run, configured by the same TOML
+files they would write. Reading ``.fedline-run/sites/H/site.toml`` after a demo
+is the quickest way to learn how to configure a real site.
+
+Layout::
+
+    <run>/keys/aggregator.key, <site>.key, enrollment.json
+    <run>/broker/                 mosquitto.conf, acl, passwd, credentials/<user>.password
+    <run>/aggregator/aggregator.toml, state/
+    <run>/sites/<site>/site.toml, line.toml, plc-map.toml, history.csv, live.csv, state/, models/
+    <run>/logs/<process>.log
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from fedline.demo.data import AI4I_MAP, DemoData, SiteData, write_csv
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """The knobs that decide time, privacy and accuracy (defaults tuned on AI4I, see report.md)."""
+
+    hidden: tuple[int, ...] = (32, 32)
+    personal_head: bool = False
+    epochs: int = 2
+    batch_size: int = 256  # the demo sets it per site: batch_fraction of the site's rows
+    lr: float = 1.0
+    momentum: float = 0.9
+    noise_multiplier: float = 1.5
+    max_grad_norm: float = 1.0
+    epsilon: float = 8.0
+    delta: float = 1e-5
+    round_every_s: float = 4.0
+    versions: int = 15
+    buffer_size: int = 3  # FedBuff K
+    staleness: str = "polynomial"
+    max_staleness: int = 4
+    server_lr: float = 1.0
+    live_fraction: float = 0.1  # share of each site's training rows its PLC serves live (rest: historian)
+    plc_seconds: float = 150.0  # each simulated PLC spreads its live rows over this long (rows/s = live rows / this)
+    poll_s: float = 0.05
+    seed: int = 0
+
+
+@dataclass
+class Workspace:
+    """Paths of one demo run; ``write_*`` functions fill them in."""
+
+    root: Path
+    federation: str = "demo"
+    broker_url: str = ""  # where the aggregator connects (its proxy)
+    site_urls: dict[str, str] = field(default_factory=dict)  # where each site connects (its proxy)
+    plc_ports: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def keys(self) -> Path:
+        return self.root / "keys"
+
+    @property
+    def broker_dir(self) -> Path:
+        return self.root / "broker"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    def site_dir(self, site: str) -> Path:
+        return self.root / "sites" / site
+
+    def credentials(self, user: str) -> Path:
+        return self.broker_dir / "credentials" / f"{user}.password"
+
+    @property
+    def aggregator_toml(self) -> Path:
+        return self.root / "aggregator" / "aggregator.toml"
+
+
+def write_toml(path: Path, doc: dict[str, Any], header: str = "") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = tomli_w.dumps(doc)
+    path.write_text((header + "\n" if header else "") + text, encoding="utf-8")
+    return path
+
+
+def make_keys(ws: Workspace, sites: list[str]) -> None:
+    """A key pair per party (0600) and the enrollment file, as ``fedline keys new/enroll`` would write."""
+    from broker_bridge.keys import Enrollment, KeyPair
+
+    agg = KeyPair.generate("aggregator", "aggregator")
+    agg.save(ws.keys / "aggregator.key")
+    agg.public().save(ws.keys / "aggregator.pub.json")
+    enr = Enrollment(ws.federation, agg.public())
+    for s in sites:
+        kp = KeyPair.generate("site", s)
+        kp.save(ws.keys / f"{s}.key")
+        kp.public().save(ws.keys / f"{s}.pub.json")
+        enr.add(kp.public())
+    enr.save(ws.keys / "enrollment.json")
+
+
+def model_table(data: DemoData, t: Tuning) -> dict[str, Any]:
+    return {"kind": "mlp", "n_features": len(data.features), "hidden": list(t.hidden), "task": data.task,
+            "personal": ["head."] if t.personal_head else []}
+
+
+def rows_table(data: DemoData) -> dict[str, Any]:
+    rows: dict[str, Any] = {
+        "task": data.task, "label": data.label,
+        "features": [{"tag": f, "range": [float(lo), float(hi)]} for f, (lo, hi) in zip(data.features, data.ranges)],
+    }
+    if data.label_range is not None:
+        rows["label_range"] = [float(data.label_range[0]), float(data.label_range[1])]
+    return rows
+
+
+def plc_map(data: DemoData) -> dict[str, Any]:
+    """A register map for any CSV: a row counter, one float32 per feature, the label (coil or float32)."""
+    tags: list[dict[str, Any]] = [{"name": "row", "table": "holding", "address": 0, "type": "uint32"}]
+    addr = 2
+    for f, (lo, hi) in zip(data.features, data.ranges):
+        tags.append({"name": f, "table": "holding", "address": addr, "type": "float32", "range": [lo, hi]})
+        addr += 2
+    if data.task == "classification":
+        tags.append({"name": data.label, "table": "coil", "address": 0, "type": "bool"})
+    else:
+        tags.append({"name": data.label, "table": "holding", "address": addr, "type": "float32"})
+    return {"row_counter": "row", "word_order": "big", "byte_order": "big", "tags": tags}
+
+
+def split_live(site: SiteData, fraction: float) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """The first rows of the training split are the plant's history; the last ``fraction`` arrive live."""
+    n_live = max(1, int(round(len(site.train_rows) * fraction))) if fraction > 0 else 0
+    cut = len(site.train_rows) - n_live
+    return site.train_rows[:cut], site.train_rows[cut:]
+
+
+def write_site(ws: Workspace, data: DemoData, site: SiteData, t: Tuning, bundled_map: bool) -> dict[str, Path]:
+    """Data files, register map, ``site.toml`` and ``line.toml`` of one site."""
+    d = ws.site_dir(site.site)
+    history, live = split_live(site, t.live_fraction)
+    write_csv(d / "history.csv", data.columns, history)
+    write_csv(d / "live.csv", data.columns, live)
+    if bundled_map:
+        map_path = AI4I_MAP
+    else:
+        map_path = write_toml(d / "plc-map.toml", plc_map(data), "# register map of this site's simulated PLC")
+    broker = {"url": ws.site_urls[site.site], "username": site.site,
+              "password_file": str(ws.credentials(site.site)), "backoff_min_s": 0.2, "backoff_max_s": 2.0,
+              "timeout_s": 10.0}
+    plc_source = {"kind": "modbus_tcp", "name": "plc", "host": "127.0.0.1", "port": ws.plc_ports[site.site],
+                  "map": str(map_path), "poll_interval_s": t.poll_s, "reconnect_max_s": 1.0}
+    edge = {
+        "site": site.site, "federation": ws.federation, "data_dir": "state", "model_dir": "models",
+        "status_interval_s": 2.0, "model_seed": t.seed,
+        "keys": {"private": str(ws.keys / f"{site.site}.key"), "enrollment": str(ws.keys / "enrollment.json")},
+        "broker": {**broker, "client_id": f"edge-{site.site}"},
+        "sources": [{"kind": "csv", "name": "historian", "path": "history.csv"}, plc_source],
+        "rows": rows_table(data),
+        "model": model_table(data, t),
+        "dataset": {"holdout_fraction": 0.0},
+        "training": {"every_rows": 1_000_000, "every_s": t.round_every_s, "min_rows": 20, "epochs": t.epochs,
+                     "batch_size": t.batch_size, "lr": t.lr, "momentum": t.momentum, "threads": 1,
+                     "seed": t.seed},
+        "privacy": {"epsilon": t.epsilon, "delta": t.delta, "noise_multiplier": t.noise_multiplier,
+                    "max_grad_norm": t.max_grad_norm},
+        "outbox": {"resend_after_s": 20.0},
+    }
+    site_toml = write_toml(d / "site.toml", edge, f"# edge agent of site {site.site} (generated by fedline demo)")
+    line = {
+        "line": {"site": site.site, "federation": ws.federation, "state_dir": "state/infer",
+                 "model_source": "model_dir" if t.personal_head else "manifest", "model_dir": "models",
+                 "enrollment": str(ws.keys / "enrollment.json"), "poll_s": 0.5,
+                 "canary": {"enabled": False}},
+        "sources": [plc_source],
+        "rows": rows_table(data),
+        "broker": {**broker, "client_id": f"infer-{site.site}"},
+        "output": {"file": "predictions.jsonl"},
+    }
+    line_toml = write_toml(d / "line.toml", line, f"# line inference of site {site.site} (generated by fedline demo)")
+    rate = max(0.2, len(live) / t.plc_seconds)
+    return {"site": site_toml, "line": line_toml, "live": d / "live.csv", "map": Path(map_path), "rate": rate}
+
+
+def write_aggregator(ws: Workspace, data: DemoData, t: Tuning) -> Path:
+    doc = {
+        "aggregator": {"federation": ws.federation, "key_file": str(ws.keys / "aggregator.key"),
+                       "enrollment_file": str(ws.keys / "enrollment.json"), "state_dir": "state",
+                       "seed": t.seed, "workers": 1},
+        "model": model_table(data, t),
+        "broker": {"url": ws.broker_url, "username": "aggregator",
+                   "password_file": str(ws.credentials("aggregator")), "client_id": "aggregator",
+                   "backoff_min_s": 0.2, "backoff_max_s": 2.0},
+        "strategy": {"kind": "fedbuff", "buffer_size": t.buffer_size, "staleness": t.staleness,
+                     "max_staleness": t.max_staleness, "server_lr": t.server_lr},
+        "publish": {"retain_versions": 3, "onnx": True},
+    }
+    return write_toml(ws.aggregator_toml, doc, "# the aggregator (generated by fedline demo)")
+
+
+def observer_table(ws: Workspace, broker_url: str) -> dict[str, Any]:
+    """What ``fedline status --config`` needs, for the observer user."""
+    return {"federation": ws.federation,
+            "broker": {"url": broker_url, "username": "observer", "password_file": str(ws.credentials("observer"))}}
