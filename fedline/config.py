@@ -89,6 +89,9 @@ def _coerce(tp: Any, value: Any, file: str | Path | None, key: str) -> Any:
         args = get_args(tp)
         if value is None and type(None) in args:
             return None
+        real = [a for a in args if a is not type(None)]
+        if len(real) == 1:  # Optional[X]: report X's own, precise error
+            return _coerce(real[0], value, file, key)
         errors = []
         for arg in args:
             if arg is type(None):
