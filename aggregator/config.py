@@ -48,6 +48,7 @@ from typing import Any, Literal
 
 from broker_bridge.client import BrokerSettings
 from fedline.config import ConfigError, load_toml, parse, resolve_path
+from aggregator.evaluation import EvaluationConfig
 from models.spec import ModelSpec
 
 
@@ -159,6 +160,8 @@ class AggregatorConfig:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     publish: PublishConfig = field(default_factory=PublishConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    evaluation: EvaluationConfig | None = None
+    file: str | None = None  # the file this was read from (set by load_config)
 
     def validate(self) -> None:
         try:
@@ -178,7 +181,8 @@ def _resolve(cfg: AggregatorConfig, file: str | Path | None) -> AggregatorConfig
         value = getattr(b, name)
         if value:
             changes[name] = str(resolve_path(file, value))
-    return dataclasses.replace(cfg, aggregator=a, broker=dataclasses.replace(b, **changes))
+    return dataclasses.replace(cfg, aggregator=a, broker=dataclasses.replace(b, **changes),
+                               file=str(file) if file is not None else None)
 
 
 def parse_config(table: dict[str, Any], file: str | Path | None = None) -> AggregatorConfig:

@@ -20,10 +20,11 @@ from __future__ import annotations
 import json
 import logging
 import math
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
@@ -101,6 +102,11 @@ class AggregatorCore:
         self.store = Store(Path(a.state_dir) / "aggregator.sqlite", fsync=a.fsync)
         self.pool = ThreadPoolExecutor(a.workers, thread_name_prefix="agg-open")
         self._torch_model: Any = None
+        self.evaluator = None
+        if cfg.evaluation is not None:  # load the rows now, so a bad [evaluation] table fails at start
+            from aggregator.evaluation import Evaluator
+
+            self.evaluator = Evaluator(cfg.evaluation, self.spec, a.seed, cfg.file)
         self._load_or_seed()
 
     # -- state ------------------------------------------------------------------
@@ -131,9 +137,9 @@ class AggregatorCore:
         self.snapshot = (self.version, self.model)
         self.reference = {k: tuple(v.shape) for k, v in self.model.items()}
         self.buffer: list[Accepted] = []
-        for row in self.store.buffered():
+        for row, sealed in self.store.buffered():
             try:
-                header, tensors = envelope.open_update(row.sealed, self.keys, self.enrollment)
+                header, tensors = envelope.open_update(sealed, self.keys, self.enrollment)
             except WireError as exc:  # e.g. the site was revoked since; its update cannot be used
                 event(log, "aggregator.buffer_unreadable", level=logging.ERROR, site=row.site,
                       counter=row.counter, error=str(exc))
@@ -151,7 +157,7 @@ class AggregatorCore:
 
     # -- stage 1: open and validate (thread-safe) -------------------------------------
     def open(self, sealed: bytes, topic_site: str | None = None, msg_id: str | None = None) -> Opened:
-        op = Opened(bytes(sealed), topic_site=topic_site, msg_id=msg_id)
+        op = Opened(sealed if isinstance(sealed, bytes) else bytes(sealed), topic_site=topic_site, msg_id=msg_id)
         try:
             # replays are judged in decide(), against the store, so a resent duplicate gets its old verdict
             op.header, op.tensors = envelope.open_update(op.sealed, self.keys, self.enrollment)
@@ -171,6 +177,21 @@ class AggregatorCore:
     def open_many(self, items: Iterable[bytes]) -> list[Opened]:
         """Open several sealed updates in parallel (results in input order)."""
         return list(self.pool.map(self.open, items))
+
+    def process_stream(self, items: Iterable[bytes], window: int | None = None) -> Iterator[Decision]:
+        """Open up to ``window`` updates ahead in the pool while deciding earlier ones in order.
+
+        The same pipeline as the service: opening (most of the work) overlaps
+        with the serial decisions, so both cores stay busy.
+        """
+        window = window or 2 * self.cfg.aggregator.workers
+        pending: deque[Future[Opened]] = deque()
+        for item in items:
+            pending.append(self.pool.submit(self.open, item))
+            if len(pending) >= window:
+                yield self.decide(pending.popleft().result())
+        while pending:
+            yield self.decide(pending.popleft().result())
 
     # -- stage 2: decide (serial) ---------------------------------------------------------
     def decide(self, op: Opened) -> Decision:
@@ -208,7 +229,8 @@ class AggregatorCore:
         if len(self.buffer) + 1 < self.strategy.buffer_size:
             v = Verdict(h.site, h.counter, h.msg_id, "buffered", None, None, self.version, s, acc.weight)
             self.store.add_buffered(BufferedRow(0, h.site, h.counter, h.msg_id, h.base_version, h.n_samples, s,
-                                                acc.factor, acc.weight, op.sealed), v)
+                                                acc.factor, acc.weight, ""), v, op.sealed,
+                                    self.version)
             self.buffer.append(acc)
             self.metrics.buffer_fill.set(len(self.buffer))
             self.metrics.decided("buffered")
@@ -261,13 +283,13 @@ class AggregatorCore:
 
     def process_many(self, items: list[bytes]) -> list[Decision]:
         """Open in parallel, decide in order."""
-        return [self.decide(op) for op in self.open_many(items)]
+        return list(self.process_stream(items))
 
     def sign_receipt(self, receipt: dict[str, Any]) -> bytes:
         return envelope.sign_receipt(receipt, self.keys)
 
     def lineage(self, version: int) -> dict[str, Any] | None:
-        ck = self.store.checkpoint(version)
+        ck = self.store.checkpoint(version, blobs=False)
         return ck.lineage if ck else None
 
     def torch_model(self, shared: State | None = None) -> Any:

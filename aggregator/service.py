@@ -158,10 +158,16 @@ class Aggregator:
     def _build(self, version: int, shared) -> publish.Release:
         core = self.core
         assert core is not None and self.client is not None
+        metric = None
+        if core.evaluator is not None:
+            ck = core.store.checkpoint(version, blobs=False)
+            metric = ck.metric if ck is not None and ck.metric is not None else core.evaluator(shared)
+            core.store.set_metric(version, metric)
+            event(log, "model.evaluated", version=version, metric=metric, kind=self.cfg.evaluation.metric)
         return publish.build_release(version, shared, self.cfg.model, self.cfg.aggregator.federation, core.keys,
                                      self.topics, self.client.chunk_limit,
                                      self._onnx if self.cfg.publish.onnx else None,
-                                     lineage=core.lineage(version))
+                                     lineage=core.lineage(version), metric=metric)
 
     async def _publisher(self, client: MqttClient) -> None:
         loop = asyncio.get_running_loop()

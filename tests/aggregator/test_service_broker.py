@@ -184,3 +184,32 @@ async def test_fedasync_over_mosquitto_stale_poison_and_publish(mosquitto, tmp_p
     finally:
         agg.stop()
         await asyncio.wait_for(task, 30)
+
+
+async def test_evaluation_metric_goes_into_checkpoint_and_manifest(mosquitto, tmp_path):
+    """An [evaluation] CSV gives each published version a server-side metric (here: accuracy)."""
+    fed = make_federation(tmp_path / "fed", SITES)
+    rng = np.random.default_rng(0)
+    rows = ["a,b,c,d,label"] + [",".join(f"{v:.3f}" for v in rng.uniform(0, 1, 4)) + f",{i % 2}" for i in range(60)]
+    (fed.root / "holdout.csv").write_text("\n".join(rows) + "\n")
+    features = ", ".join(f'{{ tag = "{t}", range = [0.0, 1.0] }}' for t in "abcd")
+    cfg = fed.config(strategy='kind = "fedasync"',
+                     extra=f'[evaluation]\ncsv = "holdout.csv"\nmetric = "accuracy"\n'
+                           f'[evaluation.rows]\nlabel = "label"\nfeatures = [{features}]\n',
+                     broker=broker_table(mosquitto))
+    agg = Aggregator(cfg)
+    task = asyncio.create_task(agg.run())
+    try:
+        await eventually(lambda: agg.published_version == 0, 30)
+        async with Site(fed, mosquitto, "site-a") as a:
+            blob, h = fed.seal("site-a", random_delta(agg.core.model, rng, 0.5), 0)
+            await a.send(blob, h.msg_id)
+            await eventually(lambda: agg.published_version == 1, 30)
+        manifest, _, _ = await read_manifest(mosquitto, fed, 1)
+        expected = agg.core.evaluator(agg.core.model)
+        assert 0.0 <= manifest["metric"] <= 1.0 and manifest["metric"] == pytest.approx(expected)
+        assert agg.core.store.checkpoint(1, blobs=False).metric == pytest.approx(expected)
+        assert agg.core.evaluator.x.shape == (60, 4)
+    finally:
+        agg.stop()
+        await asyncio.wait_for(task, 30)

@@ -1,0 +1,242 @@
+"""Aggregator benchmark: sealed updates per second through intake and reduce, beside two baselines.
+
+For models of about 10k, 100k and 1M shared float32 parameters (an MLP body,
+four tensors), on the same delta arrays:
+
+- **fedline**: ``AggregatorCore.process_stream`` — SealedBox decrypt, Ed25519
+  verify, parse, validate (names, shapes, dtype, finite, norm), dedupe against
+  SQLite, staleness weight, FedBuff (K = 10) with the buffer and every
+  checkpoint written to SQLite (WAL) on disk. Opening runs in a thread pool of
+  ``--workers`` threads, overlapped with the serial decisions.
+- **limit**: one loop of bare ``SealedBox.decrypt`` plus ``acc += w * delta``
+  in numpy: no verify, no validation, no storage — the physical limit of
+  decrypting and adding on one core.
+- **flower**: Flower's own decode (``flwr.common.parameters_to_ndarrays``,
+  NumPy ``.npy`` bytes as Flower ships them) plus its FedAvg reduce
+  (``flwr.server.strategy.aggregate.aggregate``) every 10 updates. Flower
+  receives plaintext (TLS is the transport's job), so it decrypts nothing.
+
+Ratios: fedline / limit and fedline / flower (> 1 means fedline is faster).
+Then peak RSS of a process running an aggregator with 1,000 enrolled sites
+taking updates from 200 different sites (100k-parameter model).
+
+Usage: ``python bench/aggregator.py`` (table) or ``--json`` (one JSON object);
+``--sizes 10000,100000`` to choose. Flower is optional (``pip install flwr``
+into the venv for the benchmark only); without it, the table says so.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from aggregator import robust  # noqa: E402
+from aggregator.config import parse_config  # noqa: E402
+from aggregator.core import AggregatorCore  # noqa: E402
+from broker_bridge import envelope  # noqa: E402
+from broker_bridge.envelope import UpdateHeader  # noqa: E402
+from broker_bridge.keys import Enrollment, KeyPair  # noqa: E402
+
+SIZES = (10_000, 100_000, 1_000_000)
+K = 10
+N_FEATURES = 128
+
+
+def hidden_for(n_params: int) -> int:
+    """Width H of an MLP body [F -> H -> H] with about ``n_params`` parameters: H² + (F + 2) H = n."""
+    f = N_FEATURES
+    return max(1, round((-(f + 2) + math.sqrt((f + 2) ** 2 + 4 * n_params)) / 2))
+
+
+def flower() -> tuple[Any, Any, Any, str] | None:
+    try:
+        import flwr
+        from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+        from flwr.server.strategy.aggregate import aggregate
+    except Exception:  # noqa: BLE001 - any import problem means: no Flower baseline
+        return None
+    return ndarrays_to_parameters, parameters_to_ndarrays, aggregate, flwr.__version__
+
+
+def setup(root: Path, n_params: int, n_sites: int, workers: int, strategy: str):
+    """A federation on disk and an AggregatorCore for an MLP of about ``n_params`` shared parameters."""
+    agg = KeyPair.generate("aggregator", "aggregator")
+    enr = Enrollment("bench", agg.public())
+    sites = [KeyPair.generate("site", f"site-{i:04d}") for i in range(n_sites)]
+    for s in sites:
+        enr.add(s.public())
+    h = hidden_for(n_params)
+    table = {
+        "aggregator": {"federation": "bench", "key_file": "unused", "enrollment_file": "unused",
+                       "state_dir": str(root / "state"), "workers": workers},
+        "model": {"kind": "mlp", "n_features": N_FEATURES, "hidden": [h, h], "personal": ["head."]},
+        "strategy": {"kind": strategy, "buffer_size": K, "max_staleness": 1000},
+        "validation": {"max_norm": 1e9},
+    }
+    core = AggregatorCore(parse_config(table), keys=agg, enrollment=enr)
+    return core, agg, sites
+
+
+def make_updates(core: AggregatorCore, agg: KeyPair, sites: list[KeyPair], n: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    box_pub = agg.public().box_pub
+    deltas, blobs, samples = [], [], []
+    for i in range(n):
+        d = {k: (rng.standard_normal(v.shape) * 0.01).astype(np.float32) for k, v in core.model.items()}
+        site = sites[i % len(sites)]
+        n_samples = int(rng.integers(10, 1000))
+        header = UpdateHeader(site.ident, 1 + i // len(sites), f"u{i}", 0, n_samples, {"epsilon": 1.0})
+        blobs.append(envelope.seal_update(header, d, site, box_pub))
+        deltas.append(d)
+        samples.append(n_samples)
+    return deltas, blobs, samples
+
+
+def run_fedline(core: AggregatorCore, blobs: list[bytes]) -> float:
+    t0 = time.perf_counter()
+    verdicts = [d.receipt["verdict"] for d in core.process_stream(blobs)]
+    dt = time.perf_counter() - t0
+    assert all(v in ("applied", "buffered") for v in verdicts), verdicts[:5]
+    return dt
+
+
+def run_limit(agg: KeyPair, blobs: list[bytes], samples: list[int], reference: dict[str, np.ndarray]) -> float:
+    from nacl.public import SealedBox
+
+    box = SealedBox(agg.box_key)
+    t0 = time.perf_counter()
+    acc = {k: np.zeros_like(v) for k, v in reference.items()}
+    for blob, n in zip(blobs, samples):
+        plain = box.decrypt(blob[4:])
+        tensors = envelope.decode_tensors(memoryview(plain)[plain.find(b"FLT1"):])
+        for k, a in tensors.items():
+            robust.add_scaled(acc[k], a, float(n))
+    return time.perf_counter() - t0
+
+
+def run_flower(fl, deltas: list[dict[str, np.ndarray]], samples: list[int]) -> float:
+    to_params, from_params, aggregate, _ = fl
+    wire = [to_params(list(d.values())) for d in deltas]  # what Flower's server receives
+    t0 = time.perf_counter()
+    results = []
+    for params, n in zip(wire, samples):
+        results.append((from_params(params), n))
+        if len(results) == K:
+            aggregate(results)
+            results = []
+    if results:
+        aggregate(results)
+    return time.perf_counter() - t0
+
+
+def n_updates_for(n_params: int) -> int:
+    return {10_000: 200, 100_000: 100}.get(n_params, 40)
+
+
+def measure(n_params: int, workers: int, repeats: int) -> dict[str, Any]:
+    fl = flower()
+    with tempfile.TemporaryDirectory(prefix="fedline-bench-") as tmp:
+        best: dict[str, float] = {}
+        n = n_updates_for(n_params)
+        for r in range(repeats):
+            core, agg, sites = setup(Path(tmp) / f"r{r}", n_params, K, workers, "fedbuff")
+            deltas, blobs, samples = make_updates(core, agg, sites, n, seed=r)
+            p = sum(v.size for v in core.model.values())
+            t = {"fedline": run_fedline(core, blobs), "limit": run_limit(agg, blobs, samples, core.model)}
+            if fl:
+                t["flower"] = run_flower(fl, deltas, samples)
+            core.close()
+            for k, v in t.items():
+                best[k] = min(best.get(k, math.inf), v)
+    row: dict[str, Any] = {"params": p, "updates": n, "sealed_bytes": len(blobs[0])}
+    for k, v in best.items():
+        row[f"{k}_per_s"] = n / v
+    row["fedline_vs_limit"] = row["fedline_per_s"] / row["limit_per_s"]
+    row["fedline_vs_flower"] = row["fedline_per_s"] / row["flower_per_s"] if fl else None
+    return row
+
+
+def rss_child(n_sites: int, n_params: int, n_updates: int) -> None:
+    """In a fresh process: an aggregator with ``n_sites`` enrolled, fed ``n_updates`` from different sites."""
+    with tempfile.TemporaryDirectory(prefix="fedline-bench-rss-") as tmp:
+        core, agg, sites = setup(Path(tmp), n_params, n_sites, 2, "fedbuff")
+        _, blobs, _ = make_updates(core, agg, sites[:n_updates], n_updates)
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        for _ in core.process_stream(blobs):
+            pass
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        core.close()
+    print(json.dumps({"sites": n_sites, "params": sum(v.size for v in core.model.values()), "updates": n_updates,
+                      "peak_rss_mb": peak / 1024, "rss_before_intake_mb": base / 1024}))
+
+
+def measure_rss(n_sites: int = 1000, n_params: int = 100_000, n_updates: int = 200) -> dict[str, Any]:
+    out = subprocess.run([sys.executable, __file__, "--rss-child", f"{n_sites},{n_params},{n_updates}"],
+                         capture_output=True, text=True, check=True, cwd=ROOT,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--sizes", default=",".join(map(str, SIZES)), help="parameter counts, comma-separated")
+    ap.add_argument("--workers", type=int, default=2, help="threads opening sealed updates (default 2)")
+    ap.add_argument("--repeats", type=int, default=2, help="runs per size; the best is kept")
+    ap.add_argument("--no-rss", action="store_true", help="skip the 1,000-site memory measurement")
+    ap.add_argument("--rss-child", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.rss_child:
+        rss_child(*map(int, args.rss_child.split(",")))
+        return 0
+    import logging
+
+    logging.disable(logging.INFO)  # one log line per update would be timed too
+    fl = flower()
+    rows = [measure(int(s), args.workers, args.repeats) for s in args.sizes.split(",")]
+    rss = None if args.no_rss else measure_rss()
+    result = {"benchmark": "aggregator", "cpus": os.cpu_count(), "python": platform.python_version(),
+              "workers": args.workers, "buffer_size": K,
+              "flower": fl[3] if fl else None, "rows": rows, "rss_1000_sites": rss}
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"fedline aggregator: sealed updates/s through intake + FedBuff(K={K}) reduce, "
+          f"{args.workers} worker threads, {os.cpu_count()} CPUs")
+    if not fl:
+        print("Flower baseline: NOT MEASURED - flwr is not installed (pip install flwr into the venv for the "
+              "benchmark only)")
+    head = f"{'params':>10} {'sealed KB':>10} {'fedline/s':>10} {'limit/s':>10} {'flower/s':>10} " \
+           f"{'vs limit':>9} {'vs flower':>10}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        fl_s = f"{r['flower_per_s']:10.1f}" if fl else f"{'n/a':>10}"
+        vs = f"{r['fedline_vs_flower']:9.2f}x" if fl else f"{'n/a':>10}"
+        print(f"{r['params']:>10,} {r['sealed_bytes'] / 1024:10.1f} {r['fedline_per_s']:10.1f} "
+              f"{r['limit_per_s']:10.1f} {fl_s} {r['fedline_vs_limit']:8.2f}x {vs}")
+    print("limit = bare SealedBox decrypt + numpy weighted add, one loop; flower = flwr "
+          f"{fl[3] if fl else '(missing)'} parameters_to_ndarrays + aggregate (no decryption)")
+    if rss:
+        print(f"peak RSS with {rss['sites']:,} enrolled sites, {rss['updates']} updates of {rss['params']:,} params: "
+              f"{rss['peak_rss_mb']:.0f} MB (before intake {rss['rss_before_intake_mb']:.0f} MB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
