@@ -414,7 +414,7 @@ class EdgeAgent:
             self._on_receipt(msg.payload)
         elif info.kind == "manifest" and msg.payload:
             await self._on_manifest(msg.payload)
-        elif info.kind == "weights" and info.version is not None and info.version > self.base.version and msg.payload:
+        elif info.kind == "weights" and info.version is not None and self._wants(info.version) and msg.payload:
             try:
                 self.collector.add(info.version, info.index or 0, msg.payload)
             except WireError as exc:
@@ -442,6 +442,10 @@ class EdgeAgent:
             self.last_error = f"update {doc['counter']} {verdict}: {reason}"
         self._changed()
 
+    def _wants(self, version: int) -> bool:
+        """Newer than ours; or the aggregator's own version 0 while we only have the one we built."""
+        return version > self.base.version or (version == self.base.version and not self.base.manifest)
+
     async def _on_manifest(self, blob: bytes) -> None:
         try:
             doc = verify_manifest(blob, self.enrollment.aggregator.sign_pub)
@@ -449,13 +453,13 @@ class EdgeAgent:
             self._refuse(None, f"manifest {exc}")
             return
         version = doc["version"]
-        if version <= self.base.version:
+        if not self._wants(version):
             return
         if doc.get("federation") != self.cfg.federation:
             self._refuse(version, f"manifest is for federation {doc.get('federation')!r}")
             return
         self.pending_manifest = (version, bytes(blob), doc)
-        self.collector.forget_up_to(self.base.version)
+        self.collector.forget_below(version)
         event(log, "model.announced", site=self.site, version=version, chunks=doc["weights"].get("chunks"))
         await self._try_adopt()
 
@@ -477,7 +481,7 @@ class EdgeAgent:
         except ModelRefused as exc:
             self._refuse(version, exc.reason)
             return
-        if g.version <= self.base.version:
+        if not self._wants(g.version):
             return
         self.base = g
         await asyncio.to_thread(self.store.save_global, g)

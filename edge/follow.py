@@ -37,8 +37,9 @@ class WeightsCollector:
     def held_bytes(self) -> int:
         return sum(p.held for p in self._parts.values())
 
-    def forget_up_to(self, version: int) -> None:
-        for v in [v for v in self._parts if v <= version]:
+    def forget_below(self, version: int) -> None:
+        """Drop chunks of versions older than ``version`` (superseded before they completed)."""
+        for v in [v for v in self._parts if v < version]:
             del self._parts[v]
 
     def add(self, version: int, index: int, payload: bytes) -> None:

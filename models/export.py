@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import io
+import threading
 import warnings
 
 import torch
@@ -19,14 +20,20 @@ from models.nets import Scorer, unwrap
 from models.spec import ModelSpec
 
 OPSET = 17
+_EXPORT_LOCK = threading.Lock()  # torch.onnx.export keeps global state: one export at a time per process
 
 
 def export_onnx(model: nn.Module, spec: ModelSpec) -> bytes:
-    """Serialise ``model`` (its current weights, personal ones included) to ONNX bytes."""
+    """Serialise ``model`` (its current weights, personal ones included) to ONNX bytes.
+
+    Thread-safe: exports are serialised, since the exporter keeps global state
+    (an agent and an aggregator in one process, or two agents in a test, export
+    from worker threads).
+    """
     scorer = Scorer(copy.deepcopy(unwrap(model)).cpu().float(), spec).eval()
     example = torch.zeros((2, *spec.input_shape), dtype=torch.float32)
     buf = io.BytesIO()
-    with warnings.catch_warnings():
+    with _EXPORT_LOCK, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # legacy-exporter deprecation and tracer notes on DPGRU
         torch.onnx.export(
             scorer,

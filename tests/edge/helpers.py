@@ -58,6 +58,7 @@ class Federation:
             enr.add(k.public())
         kd = root / "keys"
         kd.mkdir(parents=True, exist_ok=True)
+        agg.save(kd / "aggregator.key")
         for s, k in keys.items():
             k.save(kd / f"{s}.key")
         path = kd / "enrollment.json"
