@@ -136,6 +136,7 @@ class AggregatorCore:
             self.momentum = _copy_state(envelope.decode_tensors(ckpt.momentum)) if ckpt.momentum else None
         self.snapshot = (self.version, self.model)
         self.reference = {k: tuple(v.shape) for k, v in self.model.items()}
+        self._top: dict[str, int | None] = {}
         self.buffer: list[Accepted] = []
         for row, sealed in self.store.buffered():
             try:
@@ -199,12 +200,12 @@ class AggregatorCore:
         if h is None:  # refused before we knew site and counter: answer on the topic's site
             return self._refuse(op.topic_site or "?", -1, op.msg_id or "?", op.reason or "schema",
                                 op.detail, store=False)
-        prev = self.store.verdict(h.site, h.counter)
+        top = self._top_counter(h.site)
+        prev = self.store.verdict(h.site, h.counter) if top is not None and h.counter <= top else None
         if prev is not None:
             self.metrics.duplicates.inc()
             event(log, "update.duplicate", site=h.site, counter=h.counter, verdict=prev.verdict)
             return Decision(prev.receipt(), duplicate=True)
-        top = self.store.max_counter(h.site)
         if top is not None and h.counter < top:
             return self._refuse(h.site, h.counter, h.msg_id, "replay",
                                 f"counter {h.counter} is below {top}, already decided, and unknown", store=False)
@@ -219,18 +220,20 @@ class AggregatorCore:
             v = Verdict(h.site, h.counter, h.msg_id, "stale", "too_stale",
                         f"staleness {s} > max_staleness {self.cfg.strategy.max_staleness}", self.version, s, 0.0)
             self.store.record(v)
+            self._decided(h.site, h.counter)
             self.metrics.decided("stale")
             event(log, "update.stale", site=h.site, counter=h.counter, staleness=s)
             return Decision(v.receipt())
         self.metrics.staleness.observe(s)
         assert op.tensors is not None
         acc = Accepted(h.site, h.counter, h.msg_id, h.base_version, h.n_samples, s, self.strategy.factor(s),
-                       self.strategy.weight(h.n_samples, s), op.tensors)
+                       self.strategy.weight(h.n_samples, s), op.tensors, op.norm)
         if len(self.buffer) + 1 < self.strategy.buffer_size:
             v = Verdict(h.site, h.counter, h.msg_id, "buffered", None, None, self.version, s, acc.weight)
             self.store.add_buffered(BufferedRow(0, h.site, h.counter, h.msg_id, h.base_version, h.n_samples, s,
                                                 acc.factor, acc.weight, ""), v, op.sealed,
                                     self.version)
+            self._decided(h.site, h.counter)
             self.buffer.append(acc)
             self.metrics.buffer_fill.set(len(self.buffer))
             self.metrics.decided("buffered")
@@ -239,11 +242,22 @@ class AggregatorCore:
             return Decision(v.receipt())
         return self._reduce([*self.buffer, acc])
 
+    def _top_counter(self, site: str) -> int | None:
+        """Highest counter decided for ``site`` (cached: decide() is the store's only writer)."""
+        if site not in self._top:
+            self._top[site] = self.store.max_counter(site)
+        return self._top[site]
+
+    def _decided(self, site: str, counter: int) -> None:
+        if counter >= 0 and (self._top.get(site) is None or counter > self._top[site]):
+            self._top[site] = counter
+
     def _refuse(self, site: str, counter: int, msg_id: str, reason: str, detail: str | None,
                 store: bool = True) -> Decision:
         v = Verdict(site, counter, msg_id, "rejected", reason, detail, self.version)
         if store:
             self.store.record(v)
+            self._decided(site, counter)
         self.metrics.decided("rejected", reason)
         event(log, "update.rejected", level=logging.WARNING, site=site, counter=counter, reason=reason,
               detail=detail)
@@ -264,6 +278,8 @@ class AggregatorCore:
         self.model, self.momentum, self.version = result.model, result.momentum, new_version
         self.snapshot = (new_version, result.model)  # one assignment: what the publisher thread reads
         self.buffer = []
+        for u in updates:
+            self._decided(u.site, u.counter)
         self.metrics.version.set(new_version)
         self.metrics.buffer_fill.set(0)
         for _ in updates:

@@ -28,10 +28,15 @@ def l2_norm(delta: Mapping[str, np.ndarray]) -> float:
     return math.sqrt(total)
 
 
-def clip(delta: Mapping[str, np.ndarray], bound: float) -> tuple[State, float]:
-    """``delta`` scaled down to L2 norm ``bound`` if it is longer; returns (delta, scale)."""
-    norm = l2_norm(delta)
-    if bound <= 0 or norm <= bound:
+def clip(delta: Mapping[str, np.ndarray], bound: float, norm: float | None = None) -> tuple[State, float]:
+    """``delta`` scaled down to L2 norm ``bound`` if it is longer; returns (delta, scale).
+
+    ``norm`` may be given when already known (validation computes it), saving a pass.
+    """
+    if bound <= 0:
+        return dict(delta), 1.0
+    norm = l2_norm(delta) if norm is None else norm
+    if norm <= bound:
         return dict(delta), 1.0
     scale = bound / norm
     return {k: (v * np.float32(scale)).astype(np.float32, copy=False) for k, v in delta.items()}, scale

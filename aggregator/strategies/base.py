@@ -35,6 +35,8 @@ class Accepted:
     factor: float  # f(s)
     weight: float  # what the reduce weighs it by (strategy-specific)
     delta: State = field(repr=False)
+    norm: float | None = None  # L2 norm, when validation already computed it
+
 
     def lineage(self) -> dict[str, object]:
         return {"site": self.site, "counter": self.counter, "msg_id": self.msg_id,
@@ -78,7 +80,7 @@ class Strategy:
         """Deltas after the per-update norm bound (``[strategy] norm_bound``; 0 = off)."""
         out, scales = [], []
         for u in updates:
-            d, scale = robust.clip(u.delta, self.cfg.norm_bound)
+            d, scale = robust.clip(u.delta, self.cfg.norm_bound, u.norm)
             out.append(d)
             scales.append(scale)
         return out, scales
