@@ -5,7 +5,7 @@
 # On a real plant, each site runs its own `fedline keys new` on its gateway and sends only
 # the .pub.json file to the operator of the aggregator (see deploy/README.md).
 set -eu
-SECRETS=/var/lib/fedline/secrets
+SECRETS=${SECRETS:-/var/lib/fedline/secrets}
 FEDERATION=plant
 SITES="L M H"
 mkdir -p "$SECRETS/keys" "$SECRETS/broker"
@@ -25,8 +25,10 @@ if [ ! -f "$SECRETS/keys/enrollment.json" ]; then
 fi
 fedline broker config --enrollment "$SECRETS/keys/enrollment.json" --out "$SECRETS/broker" --bind 0.0.0.0 --port 1883 --user mosquitto --keep-passwords
 # the broker container runs as uid 1883 (mosquitto); the fedline containers as uid 10001 (fedline)
-chown -R 1883:1883 "$SECRETS/broker"
 chmod 0755 "$SECRETS/broker" "$SECRETS/broker/credentials"
 chmod 0644 "$SECRETS"/broker/credentials/*.password
-chown -R 10001:10001 "$SECRETS/keys"
+if [ "$(id -u)" = 0 ]; then
+  chown -R 1883:1883 "$SECRETS/broker"
+  chown -R 10001:10001 "$SECRETS/keys"
+fi
 echo "init: secrets ready in $SECRETS"

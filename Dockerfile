@@ -1,0 +1,36 @@
+# The fedline image: one image for every process (aggregator, edge agent, line inference,
+# PLC simulator, tools); the command picks the part: `docker run fedline edge --config ...`.
+#
+#   docker build -t fedline .
+#
+# torch comes from the CPU-only wheel index (the CUDA build is ~2 GB bigger and a line PC has
+# no GPU). A line-inference-only image could skip torch entirely (`fedline infer` never
+# imports it); one image keeps this example simple.
+FROM python:3.11-slim-bookworm
+
+ENV PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    OMP_NUM_THREADS=1
+
+RUN groupadd --system --gid 10001 fedline \
+ && useradd --system --uid 10001 --gid fedline --home-dir /var/lib/fedline --shell /usr/sbin/nologin fedline \
+ && mkdir -p /var/lib/fedline && chown fedline:fedline /var/lib/fedline
+
+WORKDIR /app
+RUN pip install --index-url https://download.pytorch.org/whl/cpu "torch==2.13.0"
+
+COPY pyproject.toml README.md ./
+COPY fedline ./fedline
+COPY broker_bridge ./broker_bridge
+COPY firmware_adapters ./firmware_adapters
+COPY models ./models
+COPY edge ./edge
+COPY aggregator ./aggregator
+COPY data ./data
+RUN pip install .
+
+USER fedline
+VOLUME ["/var/lib/fedline"]
+ENTRYPOINT ["fedline"]
+CMD ["--help"]
