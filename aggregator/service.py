@@ -184,8 +184,8 @@ class Aggregator:
                     self.published_version = version
                     self.published.set()
                     await self._clear_old(client)
-                except FedlineError as exc:
-                    event(log, "model.publish_failed", level=logging.WARNING, version=version, error=str(exc))
+                except Exception as exc:  # broker gone, export failed...: retry, never end the service
+                    event(log, "model.publish_failed", level=logging.WARNING, version=version, error=repr(exc))
                     await asyncio.sleep(1.0)
                     continue
             if core.snapshot[0] == self.published_version:

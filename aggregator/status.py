@@ -157,7 +157,7 @@ def render(view: FederationView) -> str:
         f"{m['version']} ({'signed, verified' if view.manifest_verified else 'unverified'}, "
         f"{m.get('lineage', {}).get('updates', 0)} updates in it)" if m else "unknown (no manifest)")
     table = Table(title=title)
-    for col in ("site", "state", "seen", "base version", "last update", "ε spent", "publishing", "outbox",
+    for col in ("site", "state", "status age", "base version", "last update", "ε spent", "publishing", "outbox",
                 "receipts"):
         table.add_column(col)
     for name in sorted(view.sites):

@@ -162,3 +162,11 @@ def test_prometheus_endpoint_serves_the_aggregator_metrics(fed, core):
                  "fedline_aggregator_buffer_fill 1.0", 'fedline_aggregator_rejections_total{reason="framing"} 1.0',
                  "fedline_aggregator_updates_per_second"):
         assert name in text
+
+
+def test_the_example_config_parses():
+    from pathlib import Path
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "aggregator" / "aggregator.example.toml")
+    assert cfg.strategy.kind == "fedbuff" and cfg.model.personal == ["head."]
+    assert cfg.aggregator.state_dir.endswith("aggregator/state")
