@@ -1,0 +1,260 @@
+"""A whole federation on disk and as real processes: Mosquitto, ``fedline aggregator``, ``fedline edge`` per site.
+
+Why one rig for every fault: each scenario is "run the real thing, break one
+part, let it recover, reconcile the ledgers", and only the breaking differs.
+Every site reaches the broker through its own :class:`FaultProxy`; the
+aggregator connects directly. Each site replays a synthetic plant CSV at a
+fixed rate and trains on every ``every_rows`` new rows, so the number of
+updates a run seals is known in advance and the run ends by itself (the
+replay ends, training stops, the outboxes drain).
+
+Layout under ``root``::
+
+    keys/        aggregator.key, <site>.key, enrollment.json
+    broker/      mosquitto.conf, acl, passwd, credentials/, data/ (persistence), mosquitto.log
+    aggregator/  aggregator.toml, state/aggregator.sqlite
+    sites/<site>/site.toml, rows.csv, state/outbox.sqlite (the site's ledger), models/
+    logs/        <process>.log (JSON lines)
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tomli_w
+
+from broker_bridge.keys import Enrollment, KeyPair
+from broker_bridge.mosquitto import MosquittoProcess
+from fedline.testing.ledger import LedgerReport, read_site_ledger, reconcile
+from fedline.testing.procs import Launched, Launcher
+from fedline.testing.proxy import FaultProxy
+
+FEATURES = [("temp", (295.0, 305.0)), ("torque", (0.0, 80.0)), ("speed", (1100.0, 2900.0))]
+MODEL = {"kind": "mlp", "n_features": 3, "hidden": [8], "task": "classification", "personal": []}
+
+
+def write_plant_csv(path: Path, n: int, seed: int) -> Path:
+    """``n`` rows of three plant-like features and a label that depends on them."""
+    rng = np.random.default_rng(seed)
+    temp = rng.uniform(295, 305, n)
+    torque = rng.uniform(10, 70, n)
+    speed = rng.uniform(1200, 2800, n)
+    label = ((torque - 40) / 30 + (temp - 300) / 5 + rng.normal(0, 0.3, n) > 0.5).astype(int)
+    lines = ["temp,torque,speed,label"] + [f"{a:.2f},{b:.2f},{c:.1f},{d}" for a, b, c, d in
+                                          zip(temp, torque, speed, label)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@dataclass
+class RigSettings:
+    """The knobs a scenario turns (defaults: a short, steady run)."""
+
+    federation: str = "faults"
+    rows_per_site: int = 240
+    rate_hz: float = 60.0  # rows per second each site's replay produces
+    every_rows: int = 40  # one update per this many new rows
+    buffer_size: int = 3  # FedBuff K
+    max_staleness: int = 3
+    resend_after_s: float = 8.0  # sent, no receipt for this long: send again
+    site_keepalive_s: int = 3  # how soon a site notices a black-holed link
+    outbox: dict[str, Any] = field(default_factory=dict)  # extra [outbox] keys (max_bytes, policy, ...)
+    training: dict[str, Any] = field(default_factory=dict)
+    strategy: dict[str, Any] = field(default_factory=dict)
+
+
+class FaultRig:
+    """Use as ``async with FaultRig(root, sites) as rig:``; the broker and proxies start on entry."""
+
+    def __init__(self, root: Path, sites: list[str], settings: RigSettings | None = None) -> None:
+        self.root = Path(root)
+        self.sites = list(sites)
+        self.s = settings or RigSettings()
+        self.launcher = Launcher(self.root / "logs")
+        self.broker = MosquittoProcess(self.root / "broker", federation=self.s.federation, sites=self.sites)
+        self.proxies: dict[str, FaultProxy] = {}
+        self.procs: dict[str, Launched] = {}
+        self._quiet_since: tuple[int, float] | None = None
+        self._write_keys()
+
+    # -- files ------------------------------------------------------------------
+    def _write_keys(self) -> None:
+        kd = self.root / "keys"
+        agg = KeyPair.generate("aggregator", "aggregator")
+        agg.save(kd / "aggregator.key")
+        enr = Enrollment(self.s.federation, agg.public())
+        for site in self.sites:
+            kp = KeyPair.generate("site", site)
+            kp.save(kd / f"{site}.key")
+            enr.add(kp.public())
+        enr.save(kd / "enrollment.json")
+
+    def site_dir(self, site: str) -> Path:
+        return self.root / "sites" / site
+
+    def outbox_db(self, site: str) -> Path:
+        return self.site_dir(site) / "state" / "outbox.sqlite"
+
+    @property
+    def aggregator_db(self) -> Path:
+        return self.root / "aggregator" / "state" / "aggregator.sqlite"
+
+    def write_aggregator(self) -> Path:
+        s = self.s
+        doc = {
+            "aggregator": {"federation": s.federation, "key_file": str(self.root / "keys" / "aggregator.key"),
+                           "enrollment_file": str(self.root / "keys" / "enrollment.json"), "state_dir": "state",
+                           "seed": 0, "workers": 1},
+            "model": MODEL,
+            "broker": {"url": self.broker.url, "username": "aggregator",
+                       "password_file": str(self.broker.paths["password:aggregator"]),
+                       "client_id": "aggregator", "backoff_min_s": 0.1, "backoff_max_s": 1.0, "timeout_s": 10.0},
+            "strategy": {"kind": "fedbuff", "buffer_size": s.buffer_size, "staleness": "polynomial",
+                         "max_staleness": s.max_staleness, **s.strategy},
+            "publish": {"retain_versions": 3, "onnx": False},
+        }
+        return _write_toml(self.root / "aggregator" / "aggregator.toml", doc)
+
+    def write_site(self, site: str, seed: int) -> Path:
+        s = self.s
+        d = self.site_dir(site)
+        write_plant_csv(d / "rows.csv", s.rows_per_site, seed)
+        doc = {
+            "site": site, "federation": s.federation, "data_dir": "state", "model_dir": "models",
+            "status_interval_s": 5.0, "model_seed": 0,
+            "keys": {"private": str(self.root / "keys" / f"{site}.key"),
+                     "enrollment": str(self.root / "keys" / "enrollment.json")},
+            "broker": {"url": self.proxies[site].url, "username": site,
+                       "password_file": str(self.broker.paths[f"password:{site}"]), "client_id": f"edge-{site}",
+                       "backoff_min_s": 0.1, "backoff_max_s": 1.0, "timeout_s": 5.0,
+                       "keepalive_s": s.site_keepalive_s},
+            "sources": [{"kind": "csv", "name": "replay", "path": "rows.csv", "rate_hz": s.rate_hz}],
+            "rows": {"task": "classification", "label": "label",
+                     "features": [{"tag": t, "range": list(r)} for t, r in FEATURES]},
+            "model": MODEL,
+            "dataset": {"holdout_fraction": 0.0},
+            "training": {"every_rows": s.every_rows, "every_s": 3600.0, "min_rows": 20, "epochs": 1,
+                         "batch_size": 32, "lr": 0.1, "max_train_rows": 200, "threads": 1, **s.training},
+            "privacy": {"epsilon": 1000.0, "delta": 1e-5, "noise_multiplier": 1.0, "max_grad_norm": 1.0},
+            "outbox": {"resend_after_s": s.resend_after_s, **s.outbox},
+        }
+        return _write_toml(d / "site.toml", doc)
+
+    # -- processes ------------------------------------------------------------------
+    async def __aenter__(self) -> "FaultRig":
+        await asyncio.to_thread(self.broker.start)
+        for site in self.sites:
+            self.proxies[site] = await FaultProxy(self.broker.port, name=site).start()
+        self.write_aggregator()
+        for i, site in enumerate(self.sites):
+            self.write_site(site, seed=i)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await asyncio.to_thread(self.launcher.stop_all)
+        for p in self.proxies.values():
+            await p.stop()
+        await asyncio.to_thread(self.broker.stop)
+
+    def start_aggregator(self, clock_offset_s: float = 0.0) -> Launched:
+        p = self.launcher.start("aggregator", ["aggregator", "--config", str(self.root / "aggregator" / "aggregator.toml")],
+                                clock_offset_s=clock_offset_s)
+        self.procs["aggregator"] = p
+        return p
+
+    def start_site(self, site: str, clock_offset_s: float = 0.0) -> Launched:
+        p = self.launcher.start(f"edge-{site}", ["edge", "--config", str(self.site_dir(site) / "site.toml")],
+                                clock_offset_s=clock_offset_s)
+        self.procs[site] = p
+        return p
+
+    def start_all(self) -> None:
+        self.start_aggregator()
+        for site in self.sites:
+            self.start_site(site)
+
+    def check_alive(self) -> None:
+        """Fail loudly (with the log tail) when a process died that nobody killed."""
+        for name, p in self.procs.items():
+            if not p.alive():
+                raise AssertionError(f"{name} exited with {p.popen.returncode}:\n{p.tail()}")
+
+    # -- observing ------------------------------------------------------------------------
+    def ledger(self, site: str) -> list[dict[str, Any]]:
+        return read_site_ledger(self.outbox_db(site))
+
+    def states(self) -> dict[str, int]:
+        """How many updates of all sites are in each ledger state now."""
+        out: dict[str, int] = {}
+        for site in self.sites:
+            for e in self.ledger(site):
+                out[e["state"]] = out.get(e["state"], 0) + 1
+        return out
+
+    def sealed(self) -> int:
+        return sum(len(self.ledger(site)) for site in self.sites)
+
+    def decided(self) -> int:
+        """Updates the aggregator has a verdict for (0 before its store exists)."""
+        if not self.aggregator_db.exists():
+            return 0
+        import sqlite3
+
+        try:
+            with sqlite3.connect(f"file:{self.aggregator_db}?mode=ro", uri=True, timeout=5) as con:
+                return int(con.execute("SELECT COUNT(*) FROM verdicts").fetchone()[0])
+        except sqlite3.OperationalError:
+            return 0
+
+    def replay_ended(self) -> bool:
+        """Every site's current process has read its whole CSV (``sources.ended`` logged since it started)."""
+        return all(self._ended_since_start(site) for site in self.sites)
+
+    def _ended_since_start(self, site: str) -> bool:
+        p = self.procs.get(site)
+        return p is not None and bool(p.since_start("sources.ended"))
+
+    def settled(self) -> bool:
+        """The replay is over everywhere, and every sealed update has its receipt, stable for a moment."""
+        if not self.replay_ended():
+            return False
+        states = self.states()
+        if states.get("queued") or states.get("sent"):
+            self._quiet_since = None
+            return False
+        n = sum(states.values())
+        now = time.monotonic()
+        if self._quiet_since is None or self._quiet_since[0] != n:
+            self._quiet_since = (n, now)  # a last round may still be sealing: wait for a quiet moment
+            return False
+        return now - self._quiet_since[1] >= 2.0
+
+    async def until(self, pred, timeout: float, what: str, poll: float = 0.25) -> float:
+        """Wait for ``pred()``, checking that no process died; returns the seconds it took."""
+        t0 = time.monotonic()
+        while not pred():
+            self.check_alive()
+            if time.monotonic() - t0 > timeout:
+                raise AssertionError(f"{what}: not within {timeout} s; ledger states {self.states()}, "
+                                     f"aggregator verdicts {self.decided()}")
+            await asyncio.sleep(poll)
+        return time.monotonic() - t0
+
+    def reconcile(self) -> LedgerReport:
+        return reconcile({s: self.outbox_db(s) for s in self.sites}, self.aggregator_db)
+
+    def redeliveries(self) -> int:
+        """Updates the aggregator saw again and answered from its store (``update.duplicate``)."""
+        p = self.procs.get("aggregator")
+        return len(p.events("update.duplicate")) if p else 0
+
+
+def _write_toml(path: Path, doc: dict[str, Any]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(tomli_w.dumps(doc), encoding="utf-8")
+    return path
