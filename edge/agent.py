@@ -104,6 +104,7 @@ class EdgeAgent:
         self._send_wake = asyncio.Event()
         self._status_dirty = asyncio.Event()
         self._export_lock = asyncio.Lock()
+        self._round_lock = asyncio.Lock()  # one round at a time: the counter is taken after training
         self._refresh_gauges()
 
     # ------------------------------------------------------------------ set-up
@@ -269,6 +270,10 @@ class EdgeAgent:
 
     async def train_once(self) -> str | None:
         """One round now: train, seal, queue. Returns the msg_id queued, or None when skipped."""
+        async with self._round_lock:
+            return await self._round()
+
+    async def _round(self) -> str | None:
         triggered = time.perf_counter()
         cfg = self.cfg
         if cfg.outbox.policy == "stop_training" and self.outbox.is_full():

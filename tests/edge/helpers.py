@@ -99,13 +99,14 @@ def write_site(fed: Federation, site: str, csv: Path, broker_url: str, password_
                    **({"password_file": str(password_file)} if password_file else {}), **(broker or {})},
         "rows": {"task": "classification", "label": "label",
                  "features": [{"tag": "temp", "range": [295.0, 305.0]}, {"tag": "torque", "range": [0.0, 80.0]},
-                              {"tag": "speed", "range": [1100.0, 2900.0]}], **(rows or {})},
+                              {"tag": "speed", "range": [1100.0, 2900.0]}], **(rows or {})},  # None: leave out
         "model": {"kind": "mlp", "n_features": 3, "hidden": [8], "personal": ["head."], **(model or {})},
         "training": {"every_rows": 100000, "every_s": 3600.0, "min_rows": 50, "epochs": 1, "batch_size": 32,
                      "lr": 0.1, **(training or {})},
         "outbox": {**(outbox or {})},
         "metrics": {},
     }
+    tables["rows"] = {k: v for k, v in tables["rows"].items() if v is not None}
     if isinstance(privacy, dict) or privacy is None:
         tables["privacy"] = {"epsilon": 50.0, "delta": 1e-5, "noise_multiplier": 1.0, **(privacy or {})}
     lines = [f'site = "{site}"', f'federation = "{FEDERATION}"', 'data_dir = "state"', 'model_dir = "models"',

@@ -90,6 +90,55 @@ async def test_personal_parameters_never_leave_for_every_model_kind(tmp_path) ->
     agent.close()
 
 
+async def test_receipts_and_bad_messages(tmp_path, caplog) -> None:
+    """A signed 'rejected' receipt clears the row and is logged with its reason; forged receipts,
+    garbage manifests and chunks are counted and dropped, and the agent carries on."""
+    from broker_bridge.client import Message
+    from broker_bridge.envelope import sign_receipt
+    from broker_bridge.keys import KeyPair
+
+    fed, agent = _agent(tmp_path, privacy="off")
+    await _ingest(agent)
+    await agent.train_once()
+    await agent.train_once()
+    rows = agent.outbox.pending(900)
+    t = agent.topics
+    doc = {"site": SITE, "counter": rows[0].counter, "msg_id": rows[0].msg_id, "verdict": "rejected",
+           "reason": "norm above bound", "version": 4}
+    forged = sign_receipt({**doc, "counter": rows[1].counter, "msg_id": rows[1].msg_id},
+                          KeyPair.generate("aggregator", "aggregator"))
+    with caplog.at_level(logging.WARNING, logger="fedline.edge"):
+        await agent.handle_message(Message(t.receipts(SITE), forged))
+        await agent.handle_message(Message(t.receipts(SITE), b"\x00garbage"))
+        await agent.handle_message(Message(t.receipts(SITE), sign_receipt(doc, fed.aggregator)))
+        await agent.handle_message(Message(t.manifest(), b"FLM\x01" + bytes(100)))
+        await agent.handle_message(Message(t.weights_chunk(9, 0), b"FLC1\xff"))
+        await agent.handle_message(Message("fedline/test/elsewhere", b"x"))
+    assert [r.counter for r in agent.outbox.pending(900)] == [rows[1].counter]  # forged receipt cleared nothing
+    first = agent.outbox.ledger()[0]
+    assert (first.state, first.reason, first.version) == ("rejected", "norm above bound", 4)
+    assert any(r.getMessage() == "receipt.rejected" and r.fields["reason"] == "norm above bound"
+               for r in caplog.records)
+    assert agent.metrics.malformed.labels("receipt")._value.get() == 2
+    assert agent.metrics.malformed.labels("weights")._value.get() == 1
+    assert agent.metrics.malformed.labels("topic")._value.get() == 1
+    assert agent.metrics.models_refused._value.get() == 1
+    assert agent.base.version == 0
+    assert await agent.train_once() is not None  # still working
+    agent.close()
+
+
+async def test_autoencoder_site_trains_without_labels(tmp_path) -> None:
+    fed, agent = _agent(tmp_path, privacy="off", rows={"label": None},
+                        model={"kind": "autoencoder", "task": "anomaly", "hidden": [4, 2]})
+    await _ingest(agent)
+    assert await agent.train_once() is not None
+    (row,) = agent.outbox.pending(900)
+    _, tensors = open_update(row.blob, fed.aggregator, fed.enrollment)
+    assert tensors and all(n.startswith("body.") for n in tensors)  # the decoder (head) stays home
+    agent.close()
+
+
 async def test_stop_training_policy_stops_rounds_when_the_outbox_is_full(tmp_path) -> None:
     _, agent = _agent(tmp_path, privacy="off", outbox={"max_count": 2, "policy": "stop_training"})
     await _ingest(agent)
