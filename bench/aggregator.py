@@ -108,32 +108,36 @@ def make_updates(core: AggregatorCore, agg: KeyPair, sites: list[KeyPair], n: in
     return deltas, blobs, samples
 
 
-def run_fedline(core: AggregatorCore, blobs: list[bytes]) -> float:
-    t0 = time.perf_counter()
+def timed(fn, *args) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of the whole process, all threads)."""
+    w0, c0 = time.perf_counter(), time.process_time()
+    fn(*args)
+    return time.perf_counter() - w0, time.process_time() - c0
+
+
+def run_fedline(core: AggregatorCore, blobs: list[bytes]) -> None:
     verdicts = [d.receipt["verdict"] for d in core.process_stream(blobs)]
-    dt = time.perf_counter() - t0
     assert all(v in ("applied", "buffered") for v in verdicts), verdicts[:5]
-    return dt
 
 
-def run_limit(agg: KeyPair, blobs: list[bytes], samples: list[int], reference: dict[str, np.ndarray]) -> float:
+def run_limit(agg: KeyPair, blobs: list[bytes], samples: list[int], reference: dict[str, np.ndarray]) -> None:
     from nacl.public import SealedBox
 
     box = SealedBox(agg.box_key)
-    t0 = time.perf_counter()
     acc = {k: np.zeros_like(v) for k, v in reference.items()}
     for blob, n in zip(blobs, samples):
         plain = box.decrypt(blob[4:])
         tensors = envelope.decode_tensors(memoryview(plain)[plain.find(b"FLT1"):])
         for k, a in tensors.items():
             robust.add_scaled(acc[k], a, float(n))
-    return time.perf_counter() - t0
 
 
-def run_flower(fl, deltas: list[dict[str, np.ndarray]], samples: list[int]) -> float:
-    to_params, from_params, aggregate, _ = fl
-    wire = [to_params(list(d.values())) for d in deltas]  # what Flower's server receives
-    t0 = time.perf_counter()
+def flower_wire(fl, deltas: list[dict[str, np.ndarray]]) -> list[Any]:
+    return [fl[0](list(d.values())) for d in deltas]  # what Flower's server receives
+
+
+def run_flower(fl, wire: list[Any], samples: list[int]) -> None:
+    _, from_params, aggregate, _ = fl
     results = []
     for params, n in zip(wire, samples):
         results.append((from_params(params), n))
@@ -142,7 +146,6 @@ def run_flower(fl, deltas: list[dict[str, np.ndarray]], samples: list[int]) -> f
             results = []
     if results:
         aggregate(results)
-    return time.perf_counter() - t0
 
 
 def n_updates_for(n_params: int) -> int:
@@ -158,15 +161,20 @@ def measure(n_params: int, workers: int, repeats: int) -> dict[str, Any]:
             core, agg, sites = setup(Path(tmp) / f"r{r}", n_params, K, workers, "fedbuff")
             deltas, blobs, samples = make_updates(core, agg, sites, n, seed=r)
             p = sum(v.size for v in core.model.values())
-            t = {"fedline": run_fedline(core, blobs), "limit": run_limit(agg, blobs, samples, core.model)}
+            wire = flower_wire(fl, deltas) if fl else None
+            t = {"fedline": timed(run_fedline, core, blobs), "limit": timed(run_limit, agg, blobs, samples, core.model)}
             if fl:
-                t["flower"] = run_flower(fl, deltas, samples)
+                t["flower"] = timed(run_flower, fl, wire, samples)
             core.close()
-            for k, v in t.items():
-                best[k] = min(best.get(k, math.inf), v)
+            for k, (wall, cpu) in t.items():
+                best[k] = min(best.get(k, math.inf), wall)
+                best[k + "_cpu"] = min(best.get(k + "_cpu", math.inf), cpu)
     row: dict[str, Any] = {"params": p, "updates": n, "sealed_bytes": len(blobs[0])}
     for k, v in best.items():
-        row[f"{k}_per_s"] = n / v
+        if k.endswith("_cpu"):
+            row[f"{k[:-4]}_cpu_ms_per_update"] = 1e3 * v / n
+        else:
+            row[f"{k}_per_s"] = n / v
     row["fedline_vs_limit"] = row["fedline_per_s"] / row["limit_per_s"]
     row["fedline_vs_flower"] = row["fedline_per_s"] / row["flower_per_s"] if fl else None
     return row
@@ -219,9 +227,12 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.disable(logging.INFO)  # one log line per update would be timed too
     fl = flower()
+    load_before = os.getloadavg()[0]
     rows = [measure(int(s), args.workers, args.repeats) for s in args.sizes.split(",")]
     rss = None if args.no_rss else measure_rss()
+    load_after = os.getloadavg()[0]
     result = {"benchmark": "aggregator", "cpus": os.cpu_count(), "python": platform.python_version(),
+              "load_average": [round(load_before, 2), round(load_after, 2)],
               "workers": args.workers, "buffer_size": K,
               "flower": fl[3] if fl else None, "rows": rows, "rss_1000_sites": rss}
     if args.json:
@@ -232,15 +243,19 @@ def main(argv: list[str] | None = None) -> int:
     if not fl:
         print("Flower baseline: NOT MEASURED - flwr is not installed (pip install flwr into the venv for the "
               "benchmark only)")
+    print(f"load average {load_before:.1f} before, {load_after:.1f} after (other work on the machine slows every "
+          "column; CPU ms per update is less affected)")
     head = f"{'params':>10} {'sealed KB':>10} {'fedline/s':>10} {'limit/s':>10} {'flower/s':>10} " \
-           f"{'vs limit':>9} {'vs flower':>10}"
+           f"{'vs limit':>9} {'vs flower':>10} {'CPU ms/update: fedline':>23} {'limit':>6} {'flower':>7}"
     print(head)
     print("-" * len(head))
     for r in rows:
         fl_s = f"{r['flower_per_s']:10.1f}" if fl else f"{'n/a':>10}"
         vs = f"{r['fedline_vs_flower']:9.2f}x" if fl else f"{'n/a':>10}"
+        fl_cpu = f"{r['flower_cpu_ms_per_update']:7.3f}" if fl else f"{'n/a':>7}"
         print(f"{r['params']:>10,} {r['sealed_bytes'] / 1024:10.1f} {r['fedline_per_s']:10.1f} "
-              f"{r['limit_per_s']:10.1f} {fl_s} {r['fedline_vs_limit']:8.2f}x {vs}")
+              f"{r['limit_per_s']:10.1f} {fl_s} {r['fedline_vs_limit']:8.2f}x {vs} "
+              f"{r['fedline_cpu_ms_per_update']:23.3f} {r['limit_cpu_ms_per_update']:6.3f} {fl_cpu}")
     print("limit = bare SealedBox decrypt + numpy weighted add, one loop; flower = flwr "
           f"{fl[3] if fl else '(missing)'} parameters_to_ndarrays + aggregate (no decryption)")
     if rss:

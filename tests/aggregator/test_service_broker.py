@@ -135,6 +135,13 @@ async def test_fedasync_over_mosquitto_stale_poison_and_publish(mosquitto, tmp_p
                 for k in expected:
                     expected[k] = expected[k] + np.float32(0.5 * (s + 1) ** -1.0) * d[k]
                 deltas.append(d)
+            # garbage: a chunk that is not a chunk, and a well-chunked message that is not a sealed update
+            await c.client.publish(c.topics.update_chunk("site-c", "junk1", 0), b"\x00not a chunk")
+            await c.send(b"FLE\x01" + bytes(200), "junk2")
+            await eventually(lambda: c.receipts and c.receipts[-1]["msg_id"] == "junk2", 20)
+            assert (c.receipts[-1]["verdict"], c.receipts[-1]["reason"], c.receipts[-1]["counter"]) == \
+                ("rejected", "decrypt", -1)
+            assert agg.metrics.value("fedline_aggregator_chunk_errors_total") == 1
             # too stale (s = 3 > 2): dropped with a receipt, model unchanged
             blob, h = fed.seal("site-c", random_delta(ref, rng), base_version=0)
             await c.send(blob, h.msg_id)
