@@ -132,6 +132,7 @@ def test_onnxruntime_agrees_with_torch(name: str) -> None:
         assert (y_onnx >= 0).all()
 
 
+@pytest.mark.filterwarnings("ignore:Secure RNG turned off", "ignore:Full backward hook is firing")
 @pytest.mark.parametrize("name", SPECS)
 def test_every_model_trains_under_opacus(name: str) -> None:
     """Opacus accepts every kind and one DP-SGD step changes the shared weights."""
