@@ -78,10 +78,10 @@ async def read_manifest(broker, fed, min_version: int) -> tuple[dict, dict[str, 
                 if done:
                     chunks[(info.version, info.kind, "blob")] = done[1]
             if manifest and (manifest["version"], "weights", "blob") in chunks and \
-                    (manifest["version"], "onnx", "blob") in chunks:
+                    ((manifest["version"], "onnx", "blob") in chunks or manifest["onnx"]["chunks"] == 0):
                 break
     v = manifest["version"]
-    w, o = chunks[(v, "weights", "blob")], chunks[(v, "onnx", "blob")]
+    w, o = chunks[(v, "weights", "blob")], chunks.get((v, "onnx", "blob"), b"")
     assert envelope.content_hash(w) == manifest["weights"]["hash"] and len(w) == manifest["weights"]["size"]
     assert envelope.content_hash(o) == manifest["onnx"]["hash"]
     return manifest, envelope.decode_tensors(w), o
@@ -217,6 +217,29 @@ async def test_evaluation_metric_goes_into_checkpoint_and_manifest(mosquitto, tm
         assert 0.0 <= manifest["metric"] <= 1.0 and manifest["metric"] == pytest.approx(expected)
         assert agg.core.store.checkpoint(1, blobs=False).metric == pytest.approx(expected)
         assert agg.core.evaluator.x.shape == (60, 4)
+    finally:
+        agg.stop()
+        await asyncio.wait_for(task, 30)
+
+
+async def test_broker_restart_is_survived_and_updates_sent_meanwhile_are_decided(mosquitto, tmp_path):
+    fed = make_federation(tmp_path / "fed", SITES)
+    cfg = fed.config(strategy='kind = "fedasync"', broker=broker_table(mosquitto), extra="[publish]\nonnx = false")
+    agg = Aggregator(cfg)
+    task = asyncio.create_task(agg.run())
+    try:
+        await eventually(lambda: agg.published_version == 0, 30)
+        mosquitto.restart()  # persistence on: sessions and retained messages survive
+        rng = np.random.default_rng(3)
+        async with Site(fed, mosquitto, "site-a") as a:
+            blob, h = fed.seal("site-a", random_delta(agg.core.model, rng), 0)
+            await a.send(blob, h.msg_id)
+            await eventually(lambda: a.receipt(h.counter), 30)
+            assert a.receipt(h.counter)["verdict"] == "applied"
+        await eventually(lambda: agg.published_version == 1, 30)
+        manifest, weights, _ = await read_manifest(mosquitto, fed, 1)
+        assert manifest["onnx"]["size"] == 0 and manifest["weights"]["chunks"] >= 1
+        assert agg.client is not None and agg.client.stats.connects >= 2
     finally:
         agg.stop()
         await asyncio.wait_for(task, 30)
