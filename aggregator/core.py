@@ -116,6 +116,10 @@ class AggregatorCore:
         if saved is not None and saved != spec_json:
             raise StateError(f"state dir {self.cfg.aggregator.state_dir} holds a model with spec {saved}, "
                              f"the config's [model] is {spec_json}; use another state_dir")
+        saved_seed = self.store.get_meta("seed")
+        if saved_seed is not None and int(saved_seed) != self.cfg.aggregator.seed:
+            raise StateError(f"state dir {self.cfg.aggregator.state_dir} was seeded with seed {saved_seed}, "
+                             f"the config says {self.cfg.aggregator.seed}; edges built version 0 from the first")
         ckpt = self.store.latest_checkpoint()
         if ckpt is None:
             from models import build_model, shared_state
@@ -124,6 +128,7 @@ class AggregatorCore:
             self._torch_model = model
             state = shared_state(model, self.spec)
             self.store.set_meta("spec", spec_json)
+            self.store.set_meta("seed", str(self.cfg.aggregator.seed))
             self.store.commit_version(0, envelope.encode_tensors(state), None,
                                       {"seed": self.cfg.aggregator.seed, "strategy": self.strategy.name,
                                        "updates": []}, [], self.cfg.aggregator.keep_checkpoints)

@@ -137,6 +137,10 @@ def test_state_dir_of_another_model_is_refused(fed):
     other = '\n[model]\nkind = "mlp"\nn_features = 6\nhidden = [8]\n'
     with pytest.raises(StateError, match="another state_dir"):
         AggregatorCore(fed.config(spec=other))
+    path = fed.write_config()
+    path.write_text(path.read_text().replace("seed = 7", "seed = 8"))
+    with pytest.raises(StateError, match="seeded with seed 7"):
+        AggregatorCore(load_config(path))
 
 
 def test_config_errors_name_the_file_and_key(fed):
