@@ -81,7 +81,10 @@ class EdgeAgent:
         self.store = ModelStore(data_dir, cfg.path(cfg.model_dir))
 
         template = build_model(self.spec, seed=cfg.model_seed)
-        self.shared_names, self.personal_names = split_names(self.spec, template)
+        try:
+            self.shared_names, self.personal_names = split_names(self.spec, template)
+        except ValueError as exc:  # a personal prefix that names nothing, or everything
+            raise ConfigError(cfg.file, "model.personal", str(exc)) from None
         self.shapes = {n: tuple(p.shape) for n, p in template.named_parameters()}
         self.base = GlobalModel(0, {}, b"", b"", shared_state(template, self.spec))  # version 0, built like the aggregator's
         self._load_last_good_model()

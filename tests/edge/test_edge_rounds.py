@@ -180,6 +180,21 @@ def test_bad_site_config_names_the_key(tmp_path, change, key) -> None:
     assert info.value.file == str(path)
 
 
+def test_personal_prefix_typo_is_a_config_error(tmp_path) -> None:
+    fed = Federation.create(tmp_path, [SITE])
+    path = write_site(fed, SITE, write_csv(tmp_path / "rows.csv", 10), NOWHERE, None, model={"personal": ["heads."]})
+    with pytest.raises(ConfigError) as info:
+        EdgeAgent(load_edge_config(path))
+    assert info.value.key == "model.personal" and "heads." in info.value.message
+
+
+def test_edge_package_import_stays_light() -> None:
+    """edge.inference lives under edge/: importing edge (and the CLI registration) must not load torch."""
+    code = ("import sys, edge, edge.cli, edge.config; "
+            "assert not {'torch', 'opacus', 'onnx'} & set(sys.modules), sorted(m for m in sys.modules if 'torch' in m)")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
 def test_cli_check_and_config_error_exit_codes(tmp_path) -> None:
     fed = Federation.create(tmp_path, [SITE])
     csv = write_csv(tmp_path / "rows.csv", 10)
