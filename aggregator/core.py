@@ -287,8 +287,8 @@ class AggregatorCore:
             self._decided(u.site, u.counter)
         self.metrics.version.set(new_version)
         self.metrics.buffer_fill.set(0)
-        for _ in updates:
-            self.metrics.decided("applied")
+        for i, _ in enumerate(updates):
+            self.metrics.decided("applied", arrival=i == len(updates) - 1)  # the others arrived as "buffered"
         event(log, "model.version", version=new_version, updates=len(updates),
               sites=sorted({u.site for u in updates}))
         receipts = [v.receipt() for v in applied]

@@ -31,10 +31,13 @@ class Metrics:
                                     registry=r)
         self._recent: deque[float] = deque()
 
-    def decided(self, verdict: str, reason: str | None = None) -> None:
+    def decided(self, verdict: str, reason: str | None = None, arrival: bool = True) -> None:
+        """Count a verdict. ``arrival=False`` for a buffered update's later "applied": it is not a new update."""
         self.updates.labels(verdict).inc()
         if verdict == "rejected" and reason:
             self.rejections.labels(reason).inc()
+        if not arrival:
+            return
         now = time.monotonic()
         self._recent.append(now)
         while self._recent and now - self._recent[0] > 60.0:
