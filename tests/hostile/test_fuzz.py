@@ -39,7 +39,8 @@ KNOWN_FINDINGS = {
 
 
 def run_harness(name: str, runs: int, tmp_path: Path, seed: int = 1) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, FUZZ_ARTIFACTS=str(tmp_path / "artifacts"))
+    # TMPDIR: the harness's seed corpus and scratch files land in the test's own folder
+    env = dict(os.environ, FUZZ_ARTIFACTS=str(tmp_path / "artifacts"), TMPDIR=str(tmp_path))
     return subprocess.run(
         [sys.executable, str(FUZZ / f"{name}.py"), f"-runs={runs}", f"-seed={seed}", "-rss_limit_mb=1024",
          "-timeout=10", "-print_final_stats=1"],
@@ -79,7 +80,7 @@ def test_harness_survives_budget(name: str, tmp_path: Path) -> None:
     assert not list((tmp_path / "artifacts").glob("crash-*")), "crash input written"
 
 
-@pytest.mark.parametrize("name", _params([pytest.mark.slow]))
+@pytest.mark.parametrize("name", _params([pytest.mark.slow, pytest.mark.timeout(1800)]))
 def test_harness_survives_long_budget(name: str, tmp_path: Path) -> None:
     proc = run_harness(name, SLOW_RUNS, tmp_path, seed=7)
     check(name, proc, SLOW_RUNS)
