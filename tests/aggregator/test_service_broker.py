@@ -179,9 +179,18 @@ async def test_fedasync_over_mosquitto_stale_poison_and_publish(mosquitto, tmp_p
         # the ONNX runs and uses the new body
         import onnxruntime as ort
 
+        import torch
+
+        from models import Scorer, build_model, load_shared_state
+
         sess = ort.InferenceSession(onnx4)
-        y = sess.run(None, {"x": np.zeros((2, 4), np.float32)})[0]
-        assert y.shape == (2, 1) and np.isfinite(y).all()
+        x = np.random.default_rng(9).standard_normal((5, 4)).astype(np.float32)
+        y = sess.run(None, {"x": x})[0]
+        model = build_model(cfg.model, seed=7)  # the seed's head, the published body
+        load_shared_state(model, cfg.model, w4)
+        with torch.no_grad():
+            want = Scorer(model, cfg.model).eval()(torch.from_numpy(x)).numpy()
+        np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-5)
         # superseded versions were cleared from the broker: retained chunks only of the last two published
         await eventually(lambda: len(agg.core.store.published_versions()) <= 2, 20)
         assert await retained_versions(mosquitto) == {v for v, _, _ in agg.core.store.published_versions()}
