@@ -49,7 +49,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--broker", help="use an existing broker, e.g. mqtt://HOST:PORT, instead of a private one")
     run.add_argument("--embedded", action="store_true", help="use the embedded broker even if mosquitto is installed")
     run.add_argument("--versions", type=int, default=None, help="global model versions to reach (default 15)")
+    run.add_argument("--round-seconds", type=_positive, default=None,
+                     help="each site trains and sends an update this often (default 4)")
     run.add_argument("--intermittent", help="site that loses the broker for a while (default: the second site)")
+    run.add_argument("--cut-after-version", type=int, default=None,
+                     help="cut the intermittent site off once this global version exists (default 2)")
     run.add_argument("--cut-seconds", type=_positive, default=None, help="how long that site is cut off (default 20)")
     run.add_argument("--epsilon", type=_positive, default=None, help="privacy budget ε of every site (default 8)")
     run.add_argument("--timeout", type=_positive, default=270.0, help="stop the federation after this many seconds")
@@ -74,6 +78,8 @@ def _demo(args: argparse.Namespace) -> int:
         tuning = replace(tuning, versions=args.versions)
     if args.epsilon is not None:
         tuning = replace(tuning, epsilon=args.epsilon)
+    if args.round_seconds is not None:
+        tuning = replace(tuning, round_every_s=args.round_seconds)
     opts = DemoOptions(csv=args.csv, site_column=args.site_column, label=args.label, features=args.features,
                        task=args.task, n_sites=args.n_sites, max_rows_per_site=args.max_rows_per_site,
                        report_dir=args.report, run_dir=args.run_dir, broker=args.broker, embedded=args.embedded,
@@ -81,6 +87,8 @@ def _demo(args: argparse.Namespace) -> int:
                        progress=not args.no_progress)
     if args.cut_seconds is not None:
         opts.cut_s = args.cut_seconds
+    if args.cut_after_version is not None:
+        opts.cut_after_version = args.cut_after_version
     console = Console()
     report = asyncio.run(run_demo(opts, console))
     return _summary(console, report)

@@ -91,7 +91,7 @@ class Monitor:
             try:
                 st = json.loads(msg.payload)
                 sv = v.sites[info.site]
-                sv.status = st
+                sv.status = {**sv.status, **st}  # a last will says only 'offline': keep the last figures
                 sv.max_outbox_depth = max(sv.max_outbox_depth, int(st.get("outbox_depth") or 0))
             except ValueError:
                 v.malformed += 1

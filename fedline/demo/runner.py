@@ -136,6 +136,13 @@ def site_tuning(data: DemoData, opts: DemoOptions) -> dict[str, Tuning]:
     return out
 
 
+def task_tuning(data: DemoData, t: Tuning) -> Tuning:
+    """The learning rate by task: a saturating loss (BCE) takes 1.0; MSE with momentum diverges there."""
+    if t.lr is None:
+        return replace(t, lr=1.0 if data.task == "classification" else 0.1)
+    return t
+
+
 class Scorer:
     """Scores an ONNX model on every site's held-out rows (onnxruntime, one thread)."""
 
@@ -176,6 +183,7 @@ async def run_demo(opts: DemoOptions, console: Any = None) -> dict[str, Any]:
     data = load_demo_data(opts.csv, site_column=opts.site_column, label=opts.label, features=opts.features,
                           task=opts.task, n_sites=opts.n_sites, max_rows_per_site=opts.max_rows_per_site)  # type: ignore[arg-type]
     sites = [s.site for s in data.sites]
+    opts = replace(opts, tuning=task_tuning(data, opts.tuning))
     _say(console, f"[bold]fedline demo[/]: {data.source.name}, task {data.task}, {len(sites)} sites: "
                   + ", ".join(f"{s.site} ({s.rows} rows, {s.positives} positive)" if data.task == "classification"
                               else f"{s.site} ({s.rows} rows)" for s in data.sites))

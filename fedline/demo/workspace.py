@@ -32,7 +32,7 @@ class Tuning:
     personal_head: bool = False
     epochs: int = 2
     batch_size: int = 256  # the demo sets it per site: batch_fraction of the site's rows
-    lr: float = 1.0
+    lr: float | None = None  # None: 1.0 for classification, 0.1 for regression (runner.task_tuning)
     momentum: float = 0.9
     noise_multiplier: float = 1.5
     max_grad_norm: float = 1.0
@@ -107,8 +107,12 @@ def make_keys(ws: Workspace, sites: list[str]) -> None:
 
 
 def model_table(data: DemoData, t: Tuning) -> dict[str, Any]:
-    return {"kind": "mlp", "n_features": len(data.features), "hidden": list(t.hidden), "task": data.task,
-            "personal": ["head."] if t.personal_head else []}
+    doc: dict[str, Any] = {"kind": "mlp", "n_features": len(data.features), "hidden": list(t.hidden),
+                           "task": data.task, "personal": ["head."] if t.personal_head else []}
+    mean, scale = data.input_standardisation()
+    if mean:
+        doc["input_mean"], doc["input_scale"] = mean, scale
+    return doc
 
 
 def rows_table(data: DemoData) -> dict[str, Any]:

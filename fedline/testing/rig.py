@@ -66,6 +66,7 @@ class RigSettings:
     outbox: dict[str, Any] = field(default_factory=dict)  # extra [outbox] keys (max_bytes, policy, ...)
     training: dict[str, Any] = field(default_factory=dict)
     strategy: dict[str, Any] = field(default_factory=dict)
+    site_outbox: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-site [outbox] keys
 
 
 class FaultRig:
@@ -141,7 +142,7 @@ class FaultRig:
             "training": {"every_rows": s.every_rows, "every_s": 3600.0, "min_rows": 20, "epochs": 1,
                          "batch_size": 32, "lr": 0.1, "max_train_rows": 200, "threads": 1, **s.training},
             "privacy": {"epsilon": 1000.0, "delta": 1e-5, "noise_multiplier": 1.0, "max_grad_norm": 1.0},
-            "outbox": {"resend_after_s": s.resend_after_s, **s.outbox},
+            "outbox": {"resend_after_s": s.resend_after_s, **s.outbox, **s.site_outbox.get(site, {})},
         }
         return _write_toml(d / "site.toml", doc)
 
@@ -218,6 +219,38 @@ class FaultRig:
     def _ended_since_start(self, site: str) -> bool:
         p = self.procs.get(site)
         return p is not None and bool(p.since_start("sources.ended"))
+
+    def version(self) -> int:
+        """The aggregator's newest committed model version (-1 before its store exists)."""
+        return max(self.versions_at(), default=-1)
+
+    def versions_at(self) -> dict[int, float]:
+        """Committed model versions and when each was made (the aggregator's clock)."""
+        if not self.aggregator_db.exists():
+            return {}
+        import sqlite3
+
+        try:
+            with sqlite3.connect(f"file:{self.aggregator_db}?mode=ro", uri=True, timeout=5) as con:
+                return dict(con.execute("SELECT version, created_at FROM checkpoints").fetchall())
+        except sqlite3.OperationalError:
+            return {}
+
+    def buffer_depth(self) -> int:
+        """Updates waiting in the aggregator's FedBuff buffer (on disk)."""
+        if not self.aggregator_db.exists():
+            return 0
+        import sqlite3
+
+        try:
+            with sqlite3.connect(f"file:{self.aggregator_db}?mode=ro", uri=True, timeout=5) as con:
+                return int(con.execute("SELECT COUNT(*) FROM buffer").fetchone()[0])
+        except sqlite3.OperationalError:
+            return 0
+
+    def unsettled(self, site: str) -> int:
+        """The site's sealed updates still waiting for a receipt."""
+        return sum(1 for e in self.ledger(site) if e["state"] in ("queued", "sent"))
 
     def settled(self) -> bool:
         """The replay is over everywhere, and every sealed update has its receipt, stable for a moment."""
