@@ -187,7 +187,7 @@ async def test_fedasync_over_mosquitto_stale_poison_and_publish(mosquitto, tmp_p
         x = np.random.default_rng(9).standard_normal((5, 4)).astype(np.float32)
         y = sess.run(None, {"x": x})[0]
         model = build_model(cfg.model, seed=7)  # the seed's head, the published body
-        load_shared_state(model, cfg.model, w4)
+        load_shared_state(model, cfg.model, {k: np.array(v) for k, v in w4.items()})
         with torch.no_grad():
             want = Scorer(model, cfg.model).eval()(torch.from_numpy(x)).numpy()
         np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-5)
