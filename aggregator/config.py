@@ -65,7 +65,7 @@ class AggregatorSection:
     keep_checkpoints: int = 10  # model checkpoints kept in the store (lineage is kept for all)
     workers: int = 2  # threads that open sealed updates in parallel (NaCl and numpy release the GIL)
     reassembly_timeout_s: float = 300.0
-    reassembly_max_bytes: int = 512 * 1024 * 1024
+    reassembly_max_bytes: int = 64 * 1024 * 1024  # per site: incomplete messages held at once
     fsync: bool = False  # SQLite synchronous=FULL (survives power loss) instead of NORMAL (survives kill -9)
 
     def validate(self) -> None:

@@ -45,7 +45,9 @@ class Aggregator:
         self.metrics = metrics or Metrics()
         self.core: AggregatorCore | None = None
         self.client: MqttClient | None = None
-        self.reassembler = Reassembler(cfg.aggregator.reassembly_timeout_s, cfg.aggregator.reassembly_max_bytes)
+        # one reassembler per site: message ids are chosen by sites, so a shared one would let one site's
+        # chunks collide with (or be used to disturb) another's; each site's held bytes are capped too
+        self.reassemblers: dict[str, Reassembler] = {}
         self.published_version = -1
         self.started = asyncio.Event()  # the core is loaded and subscribed
         self.published = asyncio.Event()  # set after every publish (tests clear and wait)
@@ -111,14 +113,22 @@ class Aggregator:
                 continue
             if info.kind != "update":
                 continue
+            assert info.site is not None
+            reassembler = self.reassemblers.get(info.site)
+            if reassembler is None:
+                a = self.cfg.aggregator
+                reassembler = self.reassemblers[info.site] = Reassembler(a.reassembly_timeout_s,
+                                                                         a.reassembly_max_bytes)
             try:
-                done = self.reassembler.add(msg.payload)
+                done = reassembler.add(msg.payload)
             except ChunkError as exc:
                 self.metrics.chunk_errors.inc()
                 event(log, "chunk.rejected", level=logging.WARNING, site=info.site, topic=msg.topic, error=str(exc))
                 continue
             if done is None:
                 continue
+            for r in self.reassemblers.values():  # forget what sites that went quiet left half-sent
+                r.expire()
             msg_id, blob = done
             fut = loop.run_in_executor(core.pool, core.open, blob, info.site, msg_id)
             await queue.put(fut)  # bounded: back-pressure instead of unbounded memory

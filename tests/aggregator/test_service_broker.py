@@ -245,8 +245,20 @@ async def test_broker_restart_is_survived_and_updates_sent_meanwhile_are_decided
             await a.send(blob, h.msg_id)
             await eventually(lambda: a.receipt(h.counter), 30)
             assert a.receipt(h.counter)["verdict"] == "applied"
-        await eventually(lambda: agg.published_version == 1, 30)
-        manifest, weights, _ = await read_manifest(mosquitto, fed, 1)
+            # two sites pick the same message id and their chunks interleave: both still arrive intact
+            async with Site(fed, mosquitto, "site-b") as b:
+                ba, ha = fed.seal("site-a", random_delta(agg.core.model, rng), 1)
+                bb, hb = fed.seal("site-b", random_delta(agg.core.model, rng), 1)
+                pa, pb = chunking.split(ba, "same", 1024), chunking.split(bb, "same", 1024)
+                for i in range(max(len(pa), len(pb))):
+                    if i < len(pa):
+                        await a.client.publish(a.topics.update_chunk("site-a", "same", i), pa[i])
+                    if i < len(pb):
+                        await b.client.publish(b.topics.update_chunk("site-b", "same", i), pb[i])
+                await eventually(lambda: a.receipt(ha.counter) and b.receipt(hb.counter), 30)
+                assert a.receipt(ha.counter)["verdict"] == b.receipt(hb.counter)["verdict"] == "applied"
+        await eventually(lambda: agg.published_version == 3, 30)
+        manifest, weights, _ = await read_manifest(mosquitto, fed, 3)
         assert manifest["onnx"]["size"] == 0 and manifest["weights"]["chunks"] >= 1
         assert agg.client is not None and agg.client.stats.connects >= 2
     finally:
