@@ -1,0 +1,47 @@
+"""kill -9 of the aggregator with updates in its FedBuff buffer, then of an edge agent whose outbox
+is full of updates without receipts; both restarted from what is on disk.
+
+The aggregator logs a buffered update before it answers, and a reduce commits
+the new version together with the verdicts of its updates, so its restart
+rebuilds the same buffer. The agent's outbox keeps every sealed update until a
+signed receipt, so its restart sends what is missing; what was sent twice is
+answered from the aggregator's store, not counted again.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+
+from fedline.testing.rig import FaultRig, RigSettings
+from tests.faults.conftest import record
+
+SITES = ["site-a", "site-b"]
+
+
+async def test_kill9_aggregator_mid_buffer_and_edge_with_full_outbox_ledger_exact(tmp_path) -> None:
+    settings = RigSettings(rows_per_site=360, rate_hz=40.0, every_rows=40, buffer_size=3, max_staleness=10)
+    async with FaultRig(tmp_path, SITES, settings) as rig:
+        rig.start_all()
+        await rig.until(lambda: rig.version() >= 1 and rig.buffer_depth() >= 1, 90, "version 1 and a part-full buffer")
+        agg = rig.procs["aggregator"]
+        agg.kill9()
+        buffered_at_kill, version_at_kill = rig.buffer_depth(), rig.version()
+        agg_killed_at = time.time()
+        del rig.procs["aggregator"]  # not "died unexpectedly" while it is down
+        await rig.until(lambda: rig.unsettled("site-a") >= 3, 60, "site-a's outbox fills without receipts")
+        outbox_at_kill = rig.unsettled("site-a")
+        rig.procs["site-a"].kill9()
+        del rig.procs["site-a"]
+        await asyncio.sleep(1.0)
+        rig.start_aggregator()
+        agg_back_at = time.time()
+        rig.start_site("site-a")
+        await rig.until(lambda: rig.version() > version_at_kill, 60, "a new version after the restarts")
+        recovery_s = time.time() - agg_back_at
+        await rig.until(rig.settled, 120, "every sealed update settled")
+        rep = rig.reconcile()
+        record("kill9_aggregator_and_edge", **rep.figures(), buffered_at_aggregator_kill=buffered_at_kill,
+               outbox_at_edge_kill=outbox_at_kill, aggregator_down_s=round(agg_back_at - agg_killed_at, 1),
+               recovery_s=round(recovery_s, 1), redeliveries_absorbed=rig.redeliveries())
+        assert rep.exact, rep.problems()
+        assert rep.rejected == 0 and rep.stale == 0 and rep.dropped_by_policy == 0

@@ -1,0 +1,61 @@
+"""One site is cut off from the broker (a silent black hole: no reset, nothing gets through) for
+longer than the aggregator takes to make several versions; then the link comes back.
+
+While cut, the site keeps training on the last model it has and queues its
+sealed updates. When it is back they arrive with a staleness of several
+versions: weighted down, or dropped with a ``stale`` receipt once past
+``max_staleness``. Either way each gets exactly one verdict and the site its
+receipt.
+"""
+from __future__ import annotations
+
+import time
+
+from fedline.testing.rig import FaultRig, RigSettings
+from tests.faults.conftest import record
+
+SITES = ["site-a", "site-b"]
+CUT = "site-b"
+
+
+async def test_site_cut_off_longer_than_a_round_then_back_stale_or_weighted(tmp_path) -> None:
+    settings = RigSettings(rows_per_site=480, rate_hz=60.0, every_rows=40, buffer_size=2, max_staleness=2)
+    async with FaultRig(tmp_path, SITES, settings) as rig:
+        rig.start_all()
+        await rig.until(lambda: rig.version() >= 1 and any(e["state"] not in ("queued", "sent")
+                                                           for e in rig.ledger(CUT)), 90,
+                        f"{CUT} has a receipt and version 1 is out")
+        proxy = rig.proxies[CUT]
+        proxy.blackhole()
+        cut_at, v_cut = time.time(), rig.version()
+        sealed_before = {e["counter"] for e in rig.ledger(CUT)}
+        await rig.until(lambda: rig.version() >= v_cut + 4, 90, "four versions without the cut site")
+        await rig.until(lambda: len(rig.ledger(CUT)) >= len(sealed_before) + 2, 60, "the cut site queues updates")
+        proxy.restore()
+        back_at = time.time()
+        versions = rig.versions_at()
+        during = sorted(t for v, t in versions.items() if cut_at <= t <= back_at)
+        round_s = (during[-1] - during[0]) / (len(during) - 1) if len(during) > 1 else float("nan")
+        await rig.until(rig.settled, 120, "every sealed update settled")
+        recovered_s = time.time() - back_at
+        rep = rig.reconcile()
+
+        # the cut site's updates made while it was cut off: each stale-dropped or weighted down
+        from fedline.testing.ledger import read_aggregator
+
+        verdicts, _, _ = read_aggregator(rig.aggregator_db)
+        late = [v for v in verdicts if v["site"] == CUT and v["counter"] not in sealed_before
+                and v["decided_at"] >= back_at]
+        stale = [v for v in late if v["verdict"] == "stale"]
+        weighted = [v for v in late if v["verdict"] in ("applied", "buffered")]
+        record("partition", **rep.figures(), cut_s=round(back_at - cut_at, 1), versions_during_cut=len(during),
+               round_s=round(round_s, 2), late_updates=len(late), late_stale=len(stale),
+               late_weighted=len(weighted), late_staleness=sorted(v["staleness"] for v in late),
+               settle_after_restore_s=round(recovered_s, 1), proxy_swallowed_bytes=proxy.stats.swallowed,
+               redeliveries_absorbed=rig.redeliveries())
+        assert rep.exact, rep.problems()
+        assert back_at - cut_at > round_s  # cut off for longer than the aggregator's round
+        assert late, "the cut site's queued updates did not arrive after the link came back"
+        assert all(v["staleness"] > settings.max_staleness for v in stale)
+        assert all(1 <= v["staleness"] <= settings.max_staleness for v in weighted)
+        assert stale, "a cut of four versions with max_staleness 2 must leave stale updates"
