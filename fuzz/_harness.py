@@ -78,6 +78,21 @@ def enrollment() -> Enrollment:
     return enr
 
 
+def scratch_dir(prefix: str) -> Path:
+    """A folder for files a harness writes on every input (key files, site.toml).
+
+    ``$FUZZ_SCRATCH`` if set (the tests point it at a folder in /dev/shm and
+    remove it after: on a container's overlay disk each write+read costs
+    milliseconds, in RAM microseconds), else a new temporary folder.
+    """
+    base = os.environ.get("FUZZ_SCRATCH")
+    if base:
+        path = Path(base) / prefix
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    return Path(tempfile.mkdtemp(prefix=f"fedline-fuzz-{prefix}-"))
+
+
 def guarded(target: Callable[[bytes], None], accepted: tuple[type[BaseException], ...] = ACCEPTED
             ) -> Callable[[bytes], None]:
     """``target`` with the accepted errors swallowed; any other exception escapes (a crash)."""

@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
-from _harness import AGGREGATOR, SITE_A, SITE_B, enrollment, instrumented, main
+from _harness import AGGREGATOR, SITE_A, SITE_B, enrollment, instrumented, main, scratch_dir
 
 with instrumented():
     from broker_bridge.keys import Enrollment, KeyPair, PublicKeys
 
-_DIR = Path(tempfile.mkdtemp(prefix="fedline-fuzz-keys-"))
+_DIR = scratch_dir("keys")
 _FILE = _DIR / "key.json"
 
 

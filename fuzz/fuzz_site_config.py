@@ -8,16 +8,15 @@ which validates and connects to nothing).
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
-from _harness import instrumented, main
+from _harness import instrumented, main, scratch_dir
 
 with instrumented():
     from edge.config import load_edge_config
     from firmware_adapters import build_sources
 
-_DIR = Path(tempfile.mkdtemp(prefix="fedline-fuzz-site-"))
+_DIR = scratch_dir("site")
 _FILE = _DIR / "site.toml"
 (_DIR / "data.csv").write_text("t,a,b,c,label\n0,1,2,3,0\n")
 

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -39,13 +41,18 @@ KNOWN_FINDINGS = {
 
 
 def run_harness(name: str, runs: int, tmp_path: Path, seed: int = 1) -> subprocess.CompletedProcess[str]:
-    # TMPDIR: the harness's seed corpus and scratch files land in the test's own folder
-    env = dict(os.environ, FUZZ_ARTIFACTS=str(tmp_path / "artifacts"), TMPDIR=str(tmp_path))
-    return subprocess.run(
-        [sys.executable, str(FUZZ / f"{name}.py"), f"-runs={runs}", f"-seed={seed}", "-rss_limit_mb=1024",
-         "-timeout=10", "-print_final_stats=1"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
-    )
+    # TMPDIR: the seed corpus lands in the test's own folder; FUZZ_SCRATCH: files written on
+    # every input go to RAM when there is a /dev/shm (removed afterwards)
+    scratch = Path(tempfile.mkdtemp(prefix="fedline-fuzz-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
+    env = dict(os.environ, FUZZ_ARTIFACTS=str(tmp_path / "artifacts"), TMPDIR=str(tmp_path), FUZZ_SCRATCH=str(scratch))
+    try:
+        return subprocess.run(
+            [sys.executable, str(FUZZ / f"{name}.py"), f"-runs={runs}", f"-seed={seed}", "-rss_limit_mb=1024",
+             "-timeout=10", "-print_final_stats=1"],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800,
+        )
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def check(name: str, proc: subprocess.CompletedProcess[str], runs: int) -> None:
