@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,7 +36,12 @@ def run_one(name: str, runs: int | None, seconds: int | None, corpus: Path, arti
     cmd = [sys.executable, str(HERE / f"fuzz_{name}.py"), *budget, f"-seed={seed}", f"-rss_limit_mb={rss_mb}",
            "-timeout=10", "-print_final_stats=1", f"-artifact_prefix={artifacts}/{name}-", str(folder)]
     started = time.monotonic()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    # files written on every input (key files, site.toml) go to RAM when there is a /dev/shm
+    scratch = tempfile.mkdtemp(prefix="fedline-fuzz-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, FUZZ_SCRATCH=scratch))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     out = proc.stdout + proc.stderr
 
     def stat(key: str) -> int | None:
