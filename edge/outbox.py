@@ -233,3 +233,19 @@ class Outbox:
                 "SELECT counter, site, msg_id, base_version, n_samples, epsilon, size, created_at, state, reason, version "
                 "FROM ledger ORDER BY counter").fetchall()
         return [LedgerEntry(*r) for r in rows]
+
+
+def read_ledger(path: str | Path) -> list[LedgerEntry]:
+    """Every update a site ever sealed, read from its ``outbox.sqlite`` without opening it for writing.
+
+    For reconciliation (fault tests, audits) with the aggregator's receipts,
+    also while the agent runs (WAL lets a reader in beside the writer).
+    """
+    con = sqlite3.connect(f"file:{Path(path)}?mode=ro", uri=True, timeout=10)
+    try:
+        rows = con.execute(
+            "SELECT counter, site, msg_id, base_version, n_samples, epsilon, size, created_at, state, reason, version "
+            "FROM ledger ORDER BY counter").fetchall()
+    finally:
+        con.close()
+    return [LedgerEntry(*r) for r in rows]

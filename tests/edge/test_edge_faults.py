@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sqlite3
@@ -9,10 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+from broker_bridge.client import MqttClient
+from broker_bridge.topics import Topics
 from edge.agent import EdgeAgent
 from edge.config import load_edge_config
 from tests.conftest import eventually, settings_for
-from tests.edge.helpers import Federation, MiniAggregator, write_csv, write_site
+from tests.edge.helpers import FEDERATION, Federation, MiniAggregator, write_csv, write_site
 from tests.edge.test_edge_agent import until
 
 SITE = "site-b"
@@ -83,13 +86,26 @@ async def test_kill_9_with_a_full_outbox_then_restart_loses_nothing_and_sends_no
     async with MiniAggregator(fed, agg_settings):
         pass  # registers the aggregator's persistent session and subscription, then leaves
 
+    statuses: list[dict] = []
+    observer = MqttClient(settings_for(mosquitto, "observer"))
+    await observer.__aenter__()
+    await observer.subscribe(Topics(FEDERATION).status(SITE))
+
+    async def watch() -> None:
+        async for m in observer.messages():
+            statuses.append(json.loads(m.payload))
+
+    watcher = asyncio.create_task(watch())
     proc = _start_agent(path, log)
     try:
         await eventually(lambda: sum(1 for _, s, _ in _ledger(db) if s == "sent") >= 2, timeout=60)
+        await eventually(lambda: statuses and statuses[-1]["state"] == "online", timeout=20)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
         before = _ledger(db)
         assert len(before) >= 2
+        # the broker publishes the agent's last will: the retained status says offline
+        await eventually(lambda: statuses[-1] == {"site": SITE, "state": "offline", "reason": "connection lost"}, 20)
 
         proc = _start_agent(path, log)
         async with MiniAggregator(fed, agg_settings) as agg:
@@ -113,4 +129,6 @@ async def test_kill_9_with_a_full_outbox_then_restart_loses_nothing_and_sends_no
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        watcher.cancel()
+        await observer.close()
     assert proc.returncode == 0, log.read_text()[-2000:]

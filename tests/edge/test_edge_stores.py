@@ -7,7 +7,7 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 
 from edge.config import PrivacyConfig, TrainingConfig
 from edge.dataset import Dataset
-from edge.outbox import Outbox, OutboxFull
+from edge.outbox import Outbox, OutboxFull, read_ledger
 from edge.privacy import PrivacyBudget
 from edge.trainer import plan_round
 
@@ -70,6 +70,7 @@ def test_outbox_keeps_rows_until_receipt_and_survives_reopen(tmp_path) -> None:
     assert ob.depth() == (0, 0)
     states = [(e.counter, e.state, e.reason, e.version) for e in ob.ledger()]
     assert states == [(1, "applied", None, 3), (2, "stale", "too old", 9)]
+    assert read_ledger(tmp_path / "o.sqlite") == ob.ledger()  # read-only, beside a running agent
 
 
 def test_outbox_drop_oldest_and_stop_training(tmp_path) -> None:
