@@ -257,7 +257,14 @@ class EdgeAgent:
             if self.new_rows == 0:
                 self.last_round_at = time.monotonic()
                 continue
-            await self.train_once()
+            try:
+                await self.train_once()
+            except Exception as exc:  # a failed round must not end the agent: report, wait for the next trigger
+                self.last_round_at = time.monotonic()
+                self.metrics.rounds_skipped.labels("failed").inc()
+                event(log, "round.failed", logging.ERROR, site=self.site, error=repr(exc))
+                log.debug("round.failed traceback", exc_info=True)
+                self._error(f"round failed: {exc}")
 
     def _skip(self, reason: str, **fields: Any) -> None:
         self.metrics.rounds_skipped.labels(reason).inc()
