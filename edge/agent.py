@@ -22,6 +22,7 @@ import asyncio
 import json
 import logging
 import secrets
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -237,7 +238,13 @@ class EdgeAgent:
         event(log, "sources.ended", site=self.site, stored=len(self.dataset), **builder.stats.__dict__)
 
     def _store(self, batch: list[tuple[np.ndarray, np.ndarray | None]]) -> None:
-        self.dataset.add_many(batch)
+        try:
+            self.dataset.add_many(batch)
+        except sqlite3.Error as exc:  # e.g. "database or disk is full": drop these rows, keep running
+            self.metrics.rows_lost.inc(len(batch))
+            event(log, "dataset.write_failed", logging.ERROR, site=self.site, rows=len(batch), error=str(exc))
+            self._error(f"dataset write failed: {exc}")
+            return
         self.new_rows += len(batch)
         self.metrics.examples.inc(len(batch))
         self.metrics.rows.set(len(self.dataset))
@@ -334,6 +341,12 @@ class EdgeAgent:
             self._set_publishing("outbox_full", detail=str(exc))
             self._skip("outbox_full")
             return None
+        except sqlite3.Error as exc:  # e.g. disk full: rolled back, so nothing released and nothing accounted
+            self.new_rows += consumed
+            event(log, "update.not_queued", logging.ERROR, site=self.site, counter=counter, error=str(exc))
+            self._error(f"update not queued: {exc}")
+            self._skip("outbox_write_failed")
+            return None
         if self.budget is not None:
             self.budget.commit(meta["accountant"], eps_after)
         for d in dropped:
@@ -342,7 +355,10 @@ class EdgeAgent:
                   reason="outbox full", policy=cfg.outbox.policy)
         self.personal = result.personal
         if self.personal_names:
-            await asyncio.to_thread(self.store.save_personal, self.personal)
+            try:
+                await asyncio.to_thread(self.store.save_personal, self.personal)
+            except OSError as exc:  # kept in memory; saved with the next round
+                event(log, "personal.save_failed", logging.ERROR, site=self.site, error=str(exc))
         sealed_s = time.perf_counter() - triggered
         self.last_round = {"counter": counter, "msg_id": msg_id, "base_version": base.version, "n_samples": len(x),
                            "steps": plan.steps, "train_loss": _r(result.train_loss),
@@ -362,8 +378,11 @@ class EdgeAgent:
             await self.export_onnx()
         return msg_id
 
-    async def export_onnx(self) -> Path:
-        """Write the personalised ONNX (global shared + local personal) for the line inference."""
+    async def export_onnx(self) -> Path | None:
+        """Write the personalised ONNX (global shared + local personal) for the line inference.
+
+        Returns None when it could not be written (e.g. disk full): the line keeps its current model.
+        """
         async with self._export_lock:
             base, personal = self.base, dict(self.personal)
 
@@ -375,39 +394,59 @@ class EdgeAgent:
                 return export_onnx(model, self.spec)
 
             onnx = await asyncio.to_thread(build)
-            path = await asyncio.to_thread(self.store.publish_onnx, onnx, site=self.site, version=base.version,
-                                           spec=self.spec, counter=self.outbox.last_counter())
+            try:
+                path = await asyncio.to_thread(self.store.publish_onnx, onnx, site=self.site, version=base.version,
+                                               spec=self.spec, counter=self.outbox.last_counter())
+            except OSError as exc:
+                event(log, "onnx.export_failed", logging.ERROR, site=self.site, version=base.version, error=str(exc))
+                self._error(f"ONNX export failed: {exc}")
+                return None
         event(log, "onnx.exported", site=self.site, version=base.version, path=str(path), bytes=len(onnx))
         return path
 
     # ------------------------------------------------------------------ sending
     async def _send_loop(self, client: MqttClient) -> None:
-        resend = self.cfg.outbox.resend_after_s
+        """Publish queued updates in counter order, at most ``max_in_flight`` without a receipt."""
+        resend, window = self.cfg.outbox.resend_after_s, self.cfg.outbox.max_in_flight
         while True:
             await client.connected.wait()
-            for row in self.outbox.pending(resend):
-                topic0 = self.topics.update_chunk(self.site, row.msg_id, 0)
-                chunks = split(row.blob, row.msg_id, client.chunk_limit(topic0))
-                items = [(self.topics.update_chunk(self.site, row.msg_id, i), c) for i, c in enumerate(chunks)]
-                try:
-                    await client.publish_many(items, qos=1)
-                except NotConnected:
-                    break  # back to waiting for the connection; the row stays queued
-                except PublishRefused as exc:
-                    self._error(f"broker refused update {row.msg_id}: {exc}")
-                    event(log, "update.refused_by_broker", logging.ERROR, site=self.site, msg_id=row.msg_id,
-                          reason=exc.reason, code=exc.reason_code)
-                    await asyncio.sleep(min(resend, 30.0))
+            in_flight = 0
+            now = time.time()
+            for row in self.outbox.rows():
+                if row.sent_at is not None and row.sent_at >= now - resend:
+                    in_flight += 1  # waiting for its receipt
+                    continue
+                if in_flight >= window:
                     break
-                self.outbox.mark_sent(row.msg_id)
-                self.metrics.published.inc()
-                event(log, "update.published", site=self.site, counter=row.counter, msg_id=row.msg_id,
-                      chunks=len(chunks), attempt=row.attempts + 1)
+                if not await self._publish_row(client, row):
+                    break
+                in_flight += 1
             self._send_wake.clear()
             try:
                 await asyncio.wait_for(self._send_wake.wait(), timeout=min(resend, 5.0))
             except asyncio.TimeoutError:
                 pass
+
+    async def _publish_row(self, client: MqttClient, row: Any) -> bool:
+        """Publish all chunks of one update and mark it sent; False when it could not go out now."""
+        topic0 = self.topics.update_chunk(self.site, row.msg_id, 0)
+        chunks = split(row.blob, row.msg_id, client.chunk_limit(topic0))
+        items = [(self.topics.update_chunk(self.site, row.msg_id, i), c) for i, c in enumerate(chunks)]
+        try:
+            await client.publish_many(items, qos=1)
+        except NotConnected:
+            return False  # back to waiting for the connection; the row stays queued
+        except PublishRefused as exc:
+            self._error(f"broker refused update {row.msg_id}: {exc}")
+            event(log, "update.refused_by_broker", logging.ERROR, site=self.site, msg_id=row.msg_id,
+                  reason=exc.reason, code=exc.reason_code)
+            await asyncio.sleep(min(self.cfg.outbox.resend_after_s, 30.0))
+            return False
+        self.outbox.mark_sent(row.msg_id)
+        self.metrics.published.inc()
+        event(log, "update.published", site=self.site, counter=row.counter, msg_id=row.msg_id,
+              chunks=len(chunks), attempt=row.attempts + 1)
+        return True
 
     # ------------------------------------------------------------------ receiving
     async def _receive_loop(self, client: MqttClient) -> None:
@@ -456,6 +495,7 @@ class EdgeAgent:
         if verdict in ("stale", "rejected"):
             self.last_error = f"update {doc['counter']} {verdict}: {reason}"
         self._changed()
+        self._send_wake.set()  # the next update may go out now
 
     def _wants(self, version: int) -> bool:
         """Newer than ours; or the aggregator's own version 0 while we only have the one we built."""
@@ -499,7 +539,10 @@ class EdgeAgent:
         if not self._wants(g.version):
             return
         self.base = g
-        await asyncio.to_thread(self.store.save_global, g)
+        try:
+            await asyncio.to_thread(self.store.save_global, g)
+        except OSError as exc:  # used now; after a restart the agent falls back to the last one saved
+            event(log, "model.save_failed", logging.ERROR, site=self.site, version=g.version, error=str(exc))
         self.metrics.models_loaded.inc()
         event(log, "model.loaded", site=self.site, version=g.version)
         self._changed()

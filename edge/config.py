@@ -125,16 +125,26 @@ class PrivacyConfig:
 
 @dataclass(frozen=True)
 class OutboxConfig:
-    """Store-and-forward bounds and what to do when full."""
+    """Store-and-forward bounds, what to do when full, and how updates go out.
+
+    Updates leave strictly in counter order with at most ``max_in_flight``
+    awaiting a receipt; one that gets no receipt within ``resend_after_s`` is
+    sent again before anything newer. More than 1 in flight is faster after an
+    outage but lets a lost update arrive after a newer one, which an aggregator
+    that guards replays by "counter above the last decided" refuses.
+    """
 
     max_bytes: int = 256 * 1024 * 1024
     max_count: int = 1000
     policy: Literal["drop_oldest", "stop_training"] = "drop_oldest"
-    resend_after_s: float = 900.0  # sent but no receipt after this long: send again
+    resend_after_s: float = 120.0  # sent but no receipt after this long: send again
+    max_in_flight: int = 1  # updates sent without a receipt yet; 1 keeps the aggregator seeing counters in order
 
     def validate(self) -> None:
         if self.max_bytes < 1024 or self.max_count < 1:
             raise ValueError("max_bytes must be >= 1024 and max_count >= 1")
+        if self.max_in_flight < 1 or self.resend_after_s <= 0:
+            raise ValueError("max_in_flight must be >= 1 and resend_after_s > 0")
 
 
 @dataclass(frozen=True)

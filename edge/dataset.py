@@ -86,7 +86,8 @@ class Dataset:
                     self.evicted += over
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:  # SQLite already rolled back after e.g. SQLITE_FULL
+                    self._db.execute("ROLLBACK")
                 raise
 
     def _count(self, holdout: int | None = None) -> int:

@@ -34,6 +34,8 @@ class EdgeMetrics:
         self.malformed = Counter("fedline_edge_malformed_messages", "Messages counted and dropped", ["kind"], registry=r)
         self.samples = Counter("fedline_edge_samples", "Samples read from the sources", registry=r)
         self.examples = Counter("fedline_edge_examples", "Training examples stored", registry=r)
+        self.rows_lost = Counter("fedline_edge_examples_lost", "Examples not stored (write failed, e.g. disk full)",
+                                 registry=r)
         self._server = None
 
     def serve(self, host: str, port: int) -> int:

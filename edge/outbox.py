@@ -12,7 +12,13 @@ Lifecycle of a row: ``queued`` → (all chunks acknowledged by the broker)
 verdict kept in the ledger. A broker's PUBACK is not enough to forget an
 update (a 3.1.1 broker acknowledges what it drops), so a row that was sent but
 got no receipt within ``resend_after_s`` is sent again. ``sent_at`` survives a
-restart, so a restart alone does not send anything twice.
+restart, so a restart alone does not send anything twice. The agent sends
+rows strictly in order, at most ``max_in_flight`` (default 1) without a
+receipt, so an update lost on the way is resent before any newer one goes out
+(the aggregator refuses a counter below one it already decided).
+
+A failed write (disk full) raises ``sqlite3.Error`` and leaves the database
+as it was: SQLite rolls the transaction back.
 
 The ledger records every update ever sealed (site, counter, msg_id, and its
 fate: queued, sent, applied, buffered, stale, rejected, dropped) so a fault
@@ -177,9 +183,17 @@ class Outbox:
                     self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (k, v))
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:  # SQLite already rolled back after e.g. SQLITE_FULL
+                    self._db.execute("ROLLBACK")
                 raise
         return dropped
+
+    def rows(self) -> list[OutboxRow]:
+        """Every row waiting for its receipt, oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT seq, counter, msg_id, blob, size, created_at, sent_at, attempts FROM outbox ORDER BY seq").fetchall()
+        return [OutboxRow(*r) for r in rows]
 
     def pending(self, resend_after_s: float, now: float | None = None) -> list[OutboxRow]:
         """Rows to send now, oldest first: never sent, or sent without a receipt for too long."""
@@ -195,9 +209,14 @@ class Outbox:
         now = time.time()
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute("UPDATE outbox SET sent_at = ?, attempts = attempts + 1 WHERE msg_id = ?", (now, msg_id))
-            self._db.execute("UPDATE ledger SET state = 'sent' WHERE msg_id = ? AND state = 'queued'", (msg_id,))
-            self._db.execute("COMMIT")
+            try:
+                self._db.execute("UPDATE outbox SET sent_at = ?, attempts = attempts + 1 WHERE msg_id = ?", (now, msg_id))
+                self._db.execute("UPDATE ledger SET state = 'sent' WHERE msg_id = ? AND state = 'queued'", (msg_id,))
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
 
     def settle(self, counter: int, msg_id: str, verdict: str, reason: str | None, version: int | None) -> bool:
         """Apply the aggregator's signed verdict: the row leaves the outbox, the ledger keeps the verdict.
@@ -215,7 +234,8 @@ class Outbox:
                                      "WHERE counter = ? AND msg_id = ?", (verdict, reason, version, now, counter, msg_id))
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:  # SQLite already rolled back after e.g. SQLITE_FULL
+                    self._db.execute("ROLLBACK")
                 raise
         return found
 

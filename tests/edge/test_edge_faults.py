@@ -74,12 +74,13 @@ def _start_agent(path: Path, log: Path) -> subprocess.Popen:
 
 async def test_kill_9_with_a_full_outbox_then_restart_loses_nothing_and_sends_nothing_twice(mosquitto, tmp_path) -> None:
     """The aggregator is away (its persistent session queues what arrives); the agent seals,
-    publishes some updates and is killed with -9 while others are still queued; after a
-    restart every sealed update reaches the aggregator exactly once, in counter order."""
+    publishes its first update (which waits for a receipt) and queues the next ones, and is
+    killed with -9; after a restart every sealed update reaches the aggregator exactly once,
+    in counter order: the one already sent is not sent again."""
     fed = Federation.create(tmp_path, [SITE])
-    csv = write_csv(tmp_path / "rows.csv", 300)
+    csv = write_csv(tmp_path / "rows.csv", 400)
     path = write_site(fed, SITE, csv, mosquitto.url, mosquitto.paths[f"password:{SITE}"], privacy="off",
-                      training={"every_rows": 60, "every_s": 1.0}, source={"rate_hz": 120.0})
+                      training={"every_rows": 60, "every_s": 1.0}, source={"rate_hz": 80.0})
     db = path.parent / "state" / "outbox.sqlite"
     log = tmp_path / "agent.log"
     agg_settings = settings_for(mosquitto, "aggregator", client_id="agg-kill")
@@ -98,12 +99,16 @@ async def test_kill_9_with_a_full_outbox_then_restart_loses_nothing_and_sends_no
     watcher = asyncio.create_task(watch())
     proc = _start_agent(path, log)
     try:
-        await eventually(lambda: sum(1 for _, s, _ in _ledger(db) if s == "sent") >= 2, timeout=60)
+        def sent_and_queued() -> bool:
+            states = [s for _, s, _ in _ledger(db)]
+            return states[:1] == ["sent"] and states.count("queued") >= 1
+
+        await eventually(sent_and_queued, timeout=60)
         await eventually(lambda: statuses and statuses[-1]["state"] == "online", timeout=20)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
         before = _ledger(db)
-        assert len(before) >= 2
+        assert [s for _, s, _ in before][:1] == ["sent"] and len(before) >= 2
         # the broker publishes the agent's last will: the retained status says offline
         await eventually(lambda: statuses[-1] == {"site": SITE, "state": "offline", "reason": "connection lost"}, 20)
 
