@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: venv sysdeps test test-slow test-all demo bench clean
+.PHONY: venv sysdeps test test-slow test-all demo bench fuzz clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -55,6 +55,10 @@ demo: venv sysdeps
 
 bench: venv sysdeps
 	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+# coverage-guided fuzzing of every decoder (atheris); FUZZ_ARGS e.g. --runs 200000
+fuzz: venv
+	$(BIN)/python fuzz/run.py $(FUZZ_ARGS)
 
 clean:
 	rm -rf $(VENV) demo-report .pytest_cache .hypothesis

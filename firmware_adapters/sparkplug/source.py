@@ -162,8 +162,12 @@ class SparkplugSource:
         birth = mtype.endswith("BIRTH")
         values: dict[str, Value] = {}
         unknown = 0
+        bad_names = 0
         for m in p.metrics:
             name = m.name if m.HasField("name") else None
+            if isinstance(name, bytes):  # not UTF-8: protobuf hands back bytes; the spec requires UTF-8
+                bad_names += 1
+                continue
             if birth:
                 if name is None:
                     unknown += 1
@@ -188,6 +192,10 @@ class SparkplugSource:
             self.stats.bad_reads += 1
             await self._request_rebirth(group, node, state, "unknown alias")
             out.append(Sample.bad(src, f"{unknown} metric(s) with no name and an unknown alias", ts))
+        if bad_names:
+            self.stats.bad_reads += 1
+            self.stats.bump("bad_metric_names", bad_names)
+            out.append(Sample.bad(src, f"{bad_names} metric name(s) that are not UTF-8 were ignored", ts))
         if values:
             self.stats.reads += 1
             out.append(Sample(ts=ts, source=src, values=values))

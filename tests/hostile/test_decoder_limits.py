@@ -139,9 +139,6 @@ def test_site_file_in_latin1_gives_config_error(tmp_path: Path) -> None:
     assert "site.toml" in str(err.value)
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason="firmware_adapters.sparkplug.source: a metric name that is "
-                   "not UTF-8 comes back from protobuf as bytes; name.startswith(str) raises TypeError "
-                   "(found by fuzz_sparkplug; reported)")
 async def test_sparkplug_birth_with_a_non_utf8_metric_name_is_a_bad_sample() -> None:
     """One NBIRTH from a device (or anyone on the plant broker) whose metric name is Latin-1
     must give a bad sample or be skipped, not end the source."""

@@ -33,11 +33,7 @@ class KnownFinding(AssertionError):
 #: harnesses that currently find a bug in code this suite does not own: (what, a string of its traceback).
 #: The xfail is strict and only for that traceback, so the marker must go when the bug is fixed, and any
 #: other crash still fails (see RELIABILITY.md).
-KNOWN_FINDINGS = {
-    "fuzz_sparkplug": ("firmware_adapters.sparkplug.source.SparkplugSource.handle: a metric name that is not UTF-8 "
-                       "comes back from protobuf as bytes and raises TypeError (ends the source)",
-                       "TypeError: startswith first arg must be bytes"),
-}
+KNOWN_FINDINGS: dict[str, tuple[str, str]] = {}  # harness -> (open bug, its traceback text); none open
 
 
 def run_harness(name: str, runs: int, tmp_path: Path, seed: int = 1) -> subprocess.CompletedProcess[str]:
