@@ -55,7 +55,8 @@ def check_update(header: UpdateHeader, tensors: Mapping[str, np.ndarray],
                                            f"{tuple(reference[name])}")
         flat = arr.reshape(-1)
         # one pass (BLAS sdot): a NaN or inf makes the sum non-finite; only then look for which it was
-        sq = float(np.dot(flat, flat))
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow is handled just below
+            sq = float(np.dot(flat, flat))
         if not math.isfinite(sq):
             if not np.isfinite(flat).all():
                 raise ValidationError("nonfinite", f"{name!r} holds NaN or infinity")
