@@ -68,7 +68,7 @@ def _load(model: nn.Module, names: list[str], arrays: Mapping[str, np.ndarray], 
             raise ModelStateError(f"{what} parameter {n!r} has shape {tuple(a.shape)}, model expects {tuple(params[n].shape)}")
     with torch.no_grad():
         for n in names:
-            params[n].copy_(torch.as_tensor(np.array(arrays[n], dtype=np.float32))  # a copy: wire arrays are read-only views)
+            params[n].copy_(torch.as_tensor(np.array(arrays[n], dtype=np.float32)))  # copy: wire arrays are read-only
 
 
 def load_shared_state(model: nn.Module, spec: ModelSpec, arrays: Mapping[str, np.ndarray]) -> None:
