@@ -50,11 +50,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--embedded", action="store_true", help="use the embedded broker even if mosquitto is installed")
     run.add_argument("--versions", type=int, default=None, help="global model versions to reach (default 15)")
     run.add_argument("--round-seconds", type=_positive, default=None,
-                     help="each site trains and sends an update this often (default 4)")
+                     help="each site trains and sends an update this often (default 3)")
     run.add_argument("--intermittent", help="site that loses the broker for a while (default: the second site)")
     run.add_argument("--cut-after-version", type=int, default=None,
                      help="cut the intermittent site off once this global version exists (default 2)")
-    run.add_argument("--cut-seconds", type=_positive, default=None, help="how long that site is cut off (default 20)")
+    run.add_argument("--cut-seconds", type=_positive, default=None, help="how long that site is cut off (default 15)")
     run.add_argument("--epsilon", type=_positive, default=None, help="privacy budget ε of every site (default 8)")
     run.add_argument("--timeout", type=_positive, default=270.0, help="stop the federation after this many seconds")
     run.add_argument("--no-progress", action="store_true", help="no live table (plain log lines)")

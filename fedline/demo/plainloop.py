@@ -30,7 +30,7 @@ class LoopResult:
 
 
 def fedavg(data: DemoData, spec: ModelSpec, rounds: int, training, privacy=None, *, seed: int = 0,
-           server_lr: float = 1.0, evaluate_each_round: bool = True) -> LoopResult:
+           server_lr: float = 1.0, server_momentum: float = 0.0, evaluate_each_round: bool = True) -> LoopResult:
     """Run ``rounds`` synchronous rounds; ``training``/``privacy`` are the edge's config dataclasses.
 
     ``training`` is one :class:`edge.config.TrainingConfig` for every site, or a
@@ -52,6 +52,7 @@ def fedavg(data: DemoData, spec: ModelSpec, rounds: int, training, privacy=None,
     xs = {s.site: data.normalise(s.x_train) for s in data.sites}
     ys = {s.site: data.target(s.y_train) for s in data.sites}
     out = LoopResult(n_params=sum(a.size for a in glob.values()))
+    mom: dict[str, np.ndarray] | None = None
     for _ in range(rounds):
         deltas, weights = [], []
         for s in data.sites:
@@ -66,7 +67,11 @@ def fedavg(data: DemoData, spec: ModelSpec, rounds: int, training, privacy=None,
             weights.append(len(xs[s.site]))
             out.transfers += 2
         w = np.array(weights, dtype=np.float64) / sum(weights)
-        glob = {k: (glob[k] + server_lr * sum(wi * d[k] for wi, d in zip(w, deltas))).astype(np.float32) for k in glob}
+        step = {k: sum(wi * d[k] for wi, d in zip(w, deltas)) for k in glob}
+        if server_momentum > 0:  # FedAvgM, as the aggregator's FedBuff does it
+            mom = {k: server_momentum * mom[k] + step[k] for k in step} if mom else step
+            step = mom
+        glob = {k: (glob[k] + server_lr * step[k]).astype(np.float32) for k in glob}
         if evaluate_each_round:
             params = {**glob, **personal0}
             out.metrics.append({s.site: evaluate(data, lambda x: predict(spec, params, x), i)
