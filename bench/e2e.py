@@ -45,9 +45,9 @@ from fedline.demo.data import DemoData, load_demo_data  # noqa: E402
 HIDDEN = [32, 32]
 EPOCHS = 2
 VERSIONS = 10
-BATCH_FRACTION = 0.1
-NOISE = 1.5
-LR = 1.0
+BATCH_FRACTION = 0.03  # the demo's tuned defaults (fedline/demo/workspace.py, runner.py)
+NOISE = 1.0
+LR = 0.1
 MOMENTUM = 0.9
 
 

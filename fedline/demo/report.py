@@ -96,20 +96,29 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         "## Per site",
         "",
-        "| site | rows (train/test) | local-only | federated (global) | federated + own head | central | ε spent / budget (δ) "
+        "| site | rows (train/test) | held-out positives | local-only | federated (global) | federated + own head | central | ε spent / budget (δ) "
         "| updates sent | applied | stale | rejected | staleness mean / max | bytes sent |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in report["sites"]:
         r = s["receipts"]
         name = s["site"] + (" (intermittent)" if s.get("intermittent") else "")
         lines.append(
-            f"| {name} | {s['rows']} ({s['rows_train']}/{s['rows_test']}) | {_fmt(s['metric_local'])} | "
+            f"| {name} | {s['rows']} ({s['rows_train']}/{s['rows_test']}) | {_fmt(s.get('test_positives'))} | "
+            f"{_fmt(s['metric_local'])} | "
             f"{_fmt(s['metric_federated'])} | {_fmt(s.get('metric_personalised'))} | {_fmt(s['metric_central'])} | "
             f"{_fmt(s['epsilon'], 2)} / {_fmt(s['epsilon_budget'], 1)} ({s['delta']:.0e}) | {s['updates_sent']} | "
             f"{r['applied']} | {r['stale']} | {r['rejected']} | {_fmt(s.get('staleness_mean'), 2)} / "
             f"{_fmt(s.get('staleness_max'))} | {_bytes(s['bytes_sent'])} |")
     u = report["updates"]
+    if m == "roc_auc":
+        small = min(report["sites"], key=lambda x: x["rows"])
+        p = small.get("test_positives")
+        if p:
+            lines += ["", f"How much one row decides: site {small['site']} has {p} failures among its "
+                          f"{small['rows_test']} held-out rows, so one failure ranked below instead of above "
+                          f"half of the normal rows moves its ROC AUC by {0.5 / p:.3f}. Differences smaller "
+                          "than that are decided by a single machine event."]
     lines += [
         "",
         f"Central model (pooled training rows, no DP) on the pooled held-out rows: {_fmt(report['metric_central'])}.",

@@ -58,7 +58,7 @@ class DemoOptions:
     cut_s: float = 15.0
     timeout_s: float = 270.0
     tuning: Tuning = field(default_factory=Tuning)
-    batch_fraction: float = 0.1  # each site's DP batch = this share of its rows (see report notes)
+    batch_fraction: float = 0.03  # each site's DP batch = this share of its rows (see report notes)
     progress: bool = True
 
 
@@ -136,12 +136,6 @@ def site_tuning(data: DemoData, opts: DemoOptions) -> dict[str, Tuning]:
     return out
 
 
-def task_tuning(data: DemoData, t: Tuning) -> Tuning:
-    """The learning rate by task: a saturating loss (BCE) takes 0.5; MSE with momentum diverges there."""
-    if t.lr is None:
-        return replace(t, lr=0.5 if data.task == "classification" else 0.1)
-    return t
-
 
 class Scorer:
     """Scores an ONNX model on every site's held-out rows (onnxruntime, one thread)."""
@@ -183,7 +177,6 @@ async def run_demo(opts: DemoOptions, console: Any = None) -> dict[str, Any]:
     data = load_demo_data(opts.csv, site_column=opts.site_column, label=opts.label, features=opts.features,
                           task=opts.task, n_sites=opts.n_sites, max_rows_per_site=opts.max_rows_per_site)  # type: ignore[arg-type]
     sites = [s.site for s in data.sites]
-    opts = replace(opts, tuning=task_tuning(data, opts.tuning))
     _say(console, f"[bold]fedline demo[/]: {data.source.name}, task {data.task}, {len(sites)} sites: "
                   + ", ".join(f"{s.site} ({s.rows} rows, {s.positives} positive)" if data.task == "classification"
                               else f"{s.site} ({s.rows} rows)" for s in data.sites))
@@ -358,6 +351,7 @@ async def _watch(opts: DemoOptions, monitor, procs: Processes, proxies, intermit
     finally:
         if live is not None:
             live.stop()
+            console.print()
 
 
 def _settled(view, site: str) -> bool:
@@ -423,6 +417,7 @@ def build_report(opts: DemoOptions, data: DemoData, ws: Workspace, monitor, reco
         site_docs.append({
             "site": s.site, "key": s.key, "rows": s.rows, "rows_train": len(s.train_rows), "rows_test": len(s.test_rows),
             "positives": s.positives if data.task == "classification" else None,
+            "test_positives": int(np.sum(s.y_test > 0.5)) if data.task == "classification" else None,
             "metric_local": local[i], "metric_federated": fed.get(s.site),
             "metric_personalised": personalised.get(s.site), "metric_central": central[i],
             "epsilon": st.get("epsilon"), "epsilon_budget": t.epsilon, "delta": t.delta,
@@ -457,13 +452,20 @@ def build_report(opts: DemoOptions, data: DemoData, ws: Workspace, monitor, reco
         + (", the head (last layer) personal: it stays at each site and the line serves global body + own head"
            if t.personal_head else "") + ".",
         f"Federation (tuned defaults): DP-SGD at every site with noise multiplier {t.noise_multiplier}, clip "
-        f"{t.max_grad_norm}, budget ε={t.epsilon}, δ={t.delta:g}; each site's batch is {100 * opts.batch_fraction:.0f} % "
-        f"of its rows (the same sampling rate everywhere: with DP a bigger batch at a higher noise multiplier "
-        f"costs the same ε and carries far less noise per averaged gradient, which is what makes the rare "
-        f"failures learnable); SGD lr {t.lr}, momentum {t.momentum}, {t.epochs} epochs per update, a round every "
+        f"{t.max_grad_norm}, budget ε={t.epsilon}, δ={t.delta:g}; each site's batch is {100 * opts.batch_fraction:g} % "
+        f"of its rows (the same sampling rate everywhere, so every site's ε grows alike per round; a small "
+        f"sampling rate buys many cheap steps, which this small model needs more than low noise per step); "
+        f"SGD lr {t.lr}, momentum {t.momentum}, {t.epochs} epochs per update, a round every "
         f"{t.round_every_s:g} s; aggregator FedBuff K={t.buffer_size}, {t.staleness} staleness weighting "
         f"(a = {t.staleness_a:g}), max staleness {t.max_staleness}. Inputs are centred and scaled by the "
         "machine's nominal operating point (public figures, the same at every site) where the data has one.",
+        "What was tuned, on the plain single-process loop (fedline/demo/plainloop.py, the same training code) "
+        "and then on this demo: the batch share (20 %, 10 %, 3 %) with the noise multiplier that keeps ε under "
+        "8 for about 15 rounds (2.0, 1.5, 1.0), the learning rate (0.05-3) and momentum, 1-3 epochs per update, "
+        "the hidden widths (8 to 32-32), a personal head (it did not help: its DP-trained head is noisiest at "
+        "the smallest site), server momentum (no help), the staleness weighting and cut-off (stale updates "
+        "from the cut-off site pulled the model back; a = 1 and max staleness 2 stop that), and the input "
+        "centring (the largest single gain: it lifted the global model from about 0.78 to 0.93 ROC AUC on L).",
         f"Baselines (no DP, in-process, the edge agent's own training code): local-only and central use batch 64, "
         f"SGD lr 0.1 momentum 0.9 (a good non-private setting) for {base_settings.epochs} epochs, the number of "
         "epochs the busiest site spent in the federation.",

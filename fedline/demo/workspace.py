@@ -32,9 +32,9 @@ class Tuning:
     personal_head: bool = False
     epochs: int = 2
     batch_size: int = 256  # the demo sets it per site: batch_fraction of the site's rows
-    lr: float | None = None  # None: 0.5 for classification, 0.1 for regression (runner.task_tuning)
+    lr: float = 0.1
     momentum: float = 0.9
-    noise_multiplier: float = 1.5
+    noise_multiplier: float = 1.0
     max_grad_norm: float = 1.0
     epsilon: float = 8.0
     delta: float = 1e-5
