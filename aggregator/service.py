@@ -117,8 +117,12 @@ class Aggregator:
             reassembler = self.reassemblers.get(info.site)
             if reassembler is None:
                 a = self.cfg.aggregator
+                # remember_completed=0: a site resends a whole update when its receipt was lost; it must be
+                # rebuilt and decided again (the store answers with the original verdict), not swallowed
+                # as a duplicate of a message already completed
                 reassembler = self.reassemblers[info.site] = Reassembler(a.reassembly_timeout_s,
-                                                                         a.reassembly_max_bytes)
+                                                                         a.reassembly_max_bytes,
+                                                                         remember_completed=0)
             try:
                 done = reassembler.add(msg.payload)
             except ChunkError as exc:

@@ -29,14 +29,6 @@ from models import ModelSpec, build_model
 from models.flat import shared_state
 from tests.faults.conftest import record
 
-RESEND_SWALLOWED = (
-    "broker_bridge/chunking.py Reassembler remembers completed msg_ids and drops their chunks as duplicates, and "
-    "edge/agent.py _publish_row resends an update under the same chunking msg_id, so aggregator/service.py "
-    "_intake never sees the resend and never re-publishes the stored verdict: an update whose receipt was lost "
-    "stays 'sent' at the site for ever (and with max_in_flight = 1 blocks every later update of that site)")
-
-
-@pytest.mark.xfail(strict=True, reason=RESEND_SWALLOWED)
 async def test_resent_update_whose_receipt_was_lost_gets_its_verdict_again(tmp_path) -> None:
     async with FaultRig(tmp_path, ["site-a"], RigSettings(buffer_size=1)) as rig:
         agg = rig.start_aggregator()
