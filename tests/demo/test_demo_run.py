@@ -38,7 +38,7 @@ def run_demo(tmp_path: Path, *args: str, timeout: float = 170) -> tuple[dict, st
 @pytest.mark.broker
 def test_shortened_ai4i_demo(tmp_path):
     rep, out = run_demo(tmp_path, "--max-rows-per-site", "400", "--versions", "3", "--cut-after-version", "1",
-                        "--cut-seconds", "5", "--round-seconds", "2", "--timeout", "100")
+                        "--cut-seconds", "3", "--round-seconds", "1.5", "--timeout", "100")
     assert "private Mosquitto" in out
     assert rep["task"] == "classification" and rep["metric"] == "roc_auc"
     assert [s["site"] for s in rep["sites"]] == ["L", "M", "H"]
@@ -74,7 +74,7 @@ def test_bring_your_own_regression_csv_reports_rmse(tmp_path):
             w.writerow([plant, f"{feed:.3f}", f"{temp:.2f}", f"{load:.4f}", f"{energy:.3f}"])
     rep, out = run_demo(tmp_path, "--csv", str(path), "--site-column", "plant", "--label", "energy",
                         "--features", "feed,temp,load", "--task", "regression", "--versions", "3",
-                        "--cut-after-version", "1", "--cut-seconds", "4", "--round-seconds", "2", "--timeout", "100")
+                        "--cut-after-version", "1", "--cut-seconds", "3", "--round-seconds", "1.5", "--timeout", "100")
     assert rep["task"] == "regression" and rep["metric"] == "rmse"
     assert {s["site"]: s["rows"] for s in rep["sites"]} == {"south": 550, "north": 350}
     y = np.array([float(r["energy"]) for r in csv.DictReader(path.open())])
