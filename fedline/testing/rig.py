@@ -278,6 +278,27 @@ class FaultRig:
             await asyncio.sleep(poll)
         return time.monotonic() - t0
 
+    async def retained_status(self, site: str, timeout: float = 10.0) -> dict[str, Any]:
+        """The site's retained status document on the broker, read as the ``observer`` user."""
+        import json
+
+        from broker_bridge.client import BrokerSettings, MqttClient
+        from broker_bridge.topics import Topics
+
+        settings = BrokerSettings(url=self.broker.url, client_id=f"observer-{site}-{time.monotonic_ns()}",
+                                  username="observer", password_file=str(self.broker.paths["password:observer"]),
+                                  clean_start=True, session_expiry_s=0, timeout_s=timeout)
+        async with MqttClient(settings) as client:
+            await client.subscribe(Topics(self.s.federation).status(site), qos=1)
+
+            async def first() -> dict[str, Any]:
+                async for msg in client.messages():
+                    if msg.payload:
+                        return json.loads(msg.payload)
+                raise AssertionError("no status message")
+
+            return await asyncio.wait_for(first(), timeout)
+
     def reconcile(self) -> LedgerReport:
         return reconcile({s: self.outbox_db(s) for s in self.sites}, self.aggregator_db)
 

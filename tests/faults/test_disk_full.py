@@ -45,6 +45,8 @@ async def test_outbox_cap_drop_oldest_and_stop_training_then_recover(tmp_path) -
                         and len([e for e in b.events("round.skipped") if e.get("reason") == "outbox_full"]) >= 2,
                         60, "both outboxes full and the policies applied")
         assert rig.unsettled("site-a") == 3 and rig.unsettled("site-b") == 3  # never above the cap
+        status_b = await rig.retained_status("site-b")  # what an operator (fedline status) sees
+        assert status_b["publishing"] == "outbox_full" and status_b["outbox_depth"] == 3, status_b
         full_at = time.time()
         rig.start_aggregator()  # receipts come: room again
         await rig.until(lambda: len(b.since_start("publishing.ok")) >= 1, 60, "stop_training site publishes again")
