@@ -47,6 +47,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--run-dir", type=Path, default=Path(".fedline-run"),
                      help="keys, configs, state and logs of this run (default ./.fedline-run; replaced each run)")
     run.add_argument("--broker", help="use an existing broker, e.g. mqtt://HOST:PORT, instead of a private one")
+    run.add_argument("--protocol", choices=["5", "3.1.1"], default="5",
+                     help="MQTT version to speak to --broker (default 5)")
     run.add_argument("--embedded", action="store_true", help="use the embedded broker even if mosquitto is installed")
     run.add_argument("--versions", type=int, default=None, help="global model versions to reach (default 15)")
     run.add_argument("--round-seconds", type=_positive, default=None,
@@ -83,6 +85,7 @@ def _demo(args: argparse.Namespace) -> int:
     opts = DemoOptions(csv=args.csv, site_column=args.site_column, label=args.label, features=args.features,
                        task=args.task, n_sites=args.n_sites, max_rows_per_site=args.max_rows_per_site,
                        report_dir=args.report, run_dir=args.run_dir, broker=args.broker, embedded=args.embedded,
+                       protocol=args.protocol,
                        intermittent=args.intermittent, timeout_s=args.timeout, tuning=tuning,
                        progress=not args.no_progress)
     if args.cut_seconds is not None:

@@ -52,6 +52,7 @@ class DemoOptions:
     report_dir: Path = Path("demo-report")
     run_dir: Path = Path(".fedline-run")
     broker: str | None = None  # an existing broker's URL
+    protocol: str = "5"  # MQTT version of every party with --broker ("3.1.1" for a broker without MQTT 5)
     embedded: bool = False  # force the embedded broker
     intermittent: str | None = None  # site id; default: the second-largest site
     cut_after_version: int = 2
@@ -201,7 +202,9 @@ async def run_demo(opts: DemoOptions, console: Any = None) -> dict[str, Any]:
 
         u = urlparse(opts.broker)
         host, port = u.hostname or "127.0.0.1", u.port or 1883
-        broker_desc = f"an existing broker at {opts.broker} (its own ACL and users; the demo's credentials are sent)"
+        broker_desc = (f"an existing broker at {opts.broker} (MQTT {opts.protocol}; its own ACL and users: the "
+                       "demo's generated credentials are sent)")
+        protocol = opts.protocol
         mosq = None
     elif mosquitto_binary() and not opts.embedded:
         mosq.start()
