@@ -13,13 +13,14 @@ from broker_bridge.mosquitto import mosquitto_binary
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        if "tests/faults/" in str(item.fspath).replace(os.sep, "/"):
+        path = str(item.fspath).replace(os.sep, "/")
+        if "tests/faults/" in path and not path.endswith("test_tools.py"):
             item.add_marker(pytest.mark.broker)
 
 
 @pytest.fixture(autouse=True)
-def _needs_mosquitto() -> None:
-    if mosquitto_binary() is None:
+def _needs_mosquitto(request: pytest.FixtureRequest) -> None:
+    if request.node.get_closest_marker("broker") and mosquitto_binary() is None:
         pytest.fail("the fault suite needs the mosquitto broker: apt-get install mosquitto")
 
 
