@@ -61,4 +61,4 @@ fuzz: venv
 	$(BIN)/python fuzz/run.py $(FUZZ_ARGS)
 
 clean:
-	rm -rf $(VENV) demo-report .pytest_cache .hypothesis
+	rm -rf $(VENV) demo-report .fedline-run .pytest_cache .hypothesis
