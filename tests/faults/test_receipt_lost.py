@@ -9,14 +9,12 @@ receipt each time it sends, the second one equal to the first.
 
 Seen for real in the broker kill -9 scenario (tests/faults/test_broker_restart.py):
 one update stayed ``sent`` for minutes, resent every ``resend_after_s``,
-never answered; with the edge's ``max_in_flight = 1`` every later update of
-that site then waits behind it for ever.
+never answered, because the aggregator's reassembler dropped the resend as a
+duplicate of a message it had completed (fixed in aggregator/service.py).
 """
 from __future__ import annotations
 
 import asyncio
-
-import pytest
 
 from broker_bridge.chunking import split
 from broker_bridge.client import BrokerSettings, MqttClient

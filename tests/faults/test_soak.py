@@ -5,7 +5,7 @@ aggregator 2 minutes behind). At the end the ledger must be exact, nothing
 refused, and the memory of every process flat:
 RSS is read (psutil) once every process is warm (each site has sealed an
 update, so torch, Opacus and the first ONNX export are loaded) and again at
-the end. The default run has a short variant (3 sites, 24 s of plant data, ~50 s in all);
+the end. The default run has a short variant (3 sites, 20 s of plant data, ~35 s in all);
 ``pytest -m slow`` runs ten sites for about five minutes.
 """
 from __future__ import annotations
@@ -65,7 +65,7 @@ async def _soak(tmp_path, n_sites: int, seconds: float, seed: int, name: str) ->
 
 
 async def test_soak_short_three_sites_random_disconnects(tmp_path) -> None:
-    await _soak(tmp_path, 3, 24.0, seed=1, name="soak_short")
+    await _soak(tmp_path, 3, 20.0, seed=1, name="soak_short")
 
 
 @pytest.mark.slow
