@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from nacl.public import PrivateKey, PublicKey
 from nacl.signing import SigningKey, VerifyKey
 
 from broker_bridge.errors import KeyFileError
+from fedline.fsutil import atomic_write
 from broker_bridge.topics import validate_site_id
 
 ROLES = ("site", "aggregator")
@@ -62,24 +62,13 @@ def _read_json(path: Path, kind: str) -> dict[str, Any]:
 
 
 def write_private(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` with mode 0600 from the first byte, atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
+    """Write a private file: mode 0600 from the first byte, atomically."""
+    atomic_write(path, text.encode("utf-8"), 0o600)
 
 
 def write_public(path: Path, text: str) -> None:
     """Write a public file (mode 0644) atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, text.encode("utf-8"), 0o644)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,8 @@ on start-up, so a file tampered with on disk is refused like one from the wire.
 """
 from __future__ import annotations
 
-import os
+from fedline.fsutil import atomic_write
+
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,22 +22,6 @@ from broker_bridge.envelope import content_hash, decode_tensors, encode_tensors,
 from broker_bridge.errors import WireError
 from models.spec import ModelSpec
 
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so readers see the old file or the new one, whole."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 @dataclass(frozen=True)

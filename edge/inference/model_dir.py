@@ -9,8 +9,9 @@ writer that broke the rules.
 """
 from __future__ import annotations
 
+from fedline.fsutil import atomic_write  # noqa: F401  (re-exported: the inference state uses it)
+
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,28 +24,6 @@ DEFAULT_FILE = "current.onnx"
 
 class ModelDirError(ValueError):
     """``current.json`` is unreadable or malformed (names the file and what is wrong)."""
-
-
-def atomic_write(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file, fsync and rename, then fsync the folder."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dfd = os.open(p.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 @dataclass(frozen=True)
