@@ -39,9 +39,14 @@ def read_site_ledger(outbox_db: Path) -> list[dict[str, Any]]:
     """Every update a site sealed: site, counter, msg_id, state, reason, version."""
     if not Path(outbox_db).exists():
         return []
-    with _ro(Path(outbox_db)) as con:
-        rows = con.execute("SELECT site, counter, msg_id, state, reason, version, base_version FROM ledger "
-                           "ORDER BY counter").fetchall()
+    try:
+        with _ro(Path(outbox_db)) as con:
+            rows = con.execute("SELECT site, counter, msg_id, state, reason, version, base_version FROM ledger "
+                               "ORDER BY counter").fetchall()
+    except sqlite3.OperationalError as exc:
+        if "no such table" in str(exc):  # the agent has created the file but not its tables yet
+            return []
+        raise
     return [dict(zip(("site", "counter", "msg_id", "state", "reason", "version", "base_version"), r)) for r in rows]
 
 
