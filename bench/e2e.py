@@ -259,7 +259,7 @@ def main() -> int:
     ap.add_argument("--live-seconds", type=float, default=90.0,
                     help="each site's live stream (30 %% of its training rows) lasts this long")
     args = ap.parse_args()
-    data = load_demo_data()
+    data = load_demo_data(derived=False)  # the task: the five raw features
     plain_nodp = plain_loop(data, dp=False)
     plain_dp = plain_loop(data, dp=True)
     ch = asyncio.run(chain(data, args.live_seconds, args.timeout))

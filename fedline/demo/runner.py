@@ -393,7 +393,8 @@ def build_report(opts: DemoOptions, data: DemoData, ws: Workspace, monitor, reco
     personalised = _personalised(data, ws) if t.personal_head else {}
 
     raw = np.concatenate([np.concatenate([s.x_train, s.x_test]) for s in data.sites])
-    detector = RawRecordDetector(raw, data.normalise(raw))
+    # a record is its measured values: a leak of those alone must count (the computed ones follow from them)
+    detector = RawRecordDetector(raw[:, :data.n_measured], data.normalise(raw)[:, :data.n_measured])
 
     def kind(topic: str) -> str:
         try:
@@ -448,7 +449,9 @@ def build_report(opts: DemoOptions, data: DemoData, ws: Workspace, monitor, reco
         "inference poll. Playing 10,000 rows through a PLC at a realistic rate would take hours; the history "
         "replay is what a plant joining a federation with an existing historian would do.",
         "Features are normalised by engineering ranges "
-        + ("from the register map (firmware_adapters/maps/ai4i2020.toml)" if not data.ranges_from_data else
+        + ("from the register map (firmware_adapters/maps/ai4i2020.toml; the PLC's computed quantities power, "
+           "temperature difference and tool strain are served as extra float32 registers after its raw tags, "
+           "see each site's plc-map.toml)" if not data.ranges_from_data else
            "derived from the pooled file with a 5 % margin (a real deployment writes the machine's ranges into "
            "the site file; deriving them from data leaks a little and is done here only for convenience)") + ".",
         f"Model: MLP {len(data.features)}→{'→'.join(map(str, t.hidden))}→1"
@@ -469,6 +472,23 @@ def build_report(opts: DemoOptions, data: DemoData, ws: Workspace, monitor, reco
         "the smallest site), server momentum (no help), the staleness weighting and cut-off (stale updates "
         "from the cut-off site pulled the model back; a = 1 and max staleness 2 stop that), and the input "
         "centring (the largest single gain: it lifted the global model from about 0.78 to 0.93 ROC AUC on L).",
+        "Second tuning pass (plain loop, the demo's split, training seed 0 unless said; settings were judged on "
+        "L and M and on the no-DP ceiling, H's held-out rows only read): (1) the PLC's engineering quantities as extra registers and "
+        "features for every model alike (shaft power, process-air temperature difference, tool strain = torque x "
+        "tool wear; the AI4I failure modes are thresholds on these; load_demo_data(derived=True)). Measured on H, "
+        "training seeds 0/1/2, plain loop, 15 rounds: local-only 0.939/0.911/0.893 with them against "
+        "0.907/0.916/0.926 without; DP global model 0.922/0.851/0.884 with them against 0.913/0.925/0.906 without "
+        "(federated ahead of local-only in 0 of 3 seeds with them, 2 of 3 without), so they are not in the "
+        "defaults. (2) More training: without DP, 4 epochs per update or 30 rounds reach "
+        "0.95 on H, but with ε ≤ 8 the noise multiplier must rise (1.1 for 4 epochs x 15 rounds, 1.85 at a 10 % "
+        "batch share, 2.9 at 20 %) and every such setting stayed at 0.89-0.92 on H and 0.93-0.96 on L. (3) Smaller "
+        "models (16, 16-16), a smaller clip (0.2, 0.5) with a larger learning rate, server momentum 0.5: worse or "
+        "no better. (4) Weighting failures 5x or 10x in the loss at every site: no change for the DP model (its "
+        "per-sample clipping caps a failure's gradient anyway) while the local-only model of H overfit its 17 "
+        "training failures (0.75-0.84); rejected, since it helps the comparison only by hurting the baseline. "
+        "Result of that pass: with ε ≤ 8 the DP-trained global model did not beat H's local-only model (trained "
+        "without noise) in our runs on this split, so the defaults were left as they were rather than tuned "
+        "until the check passes by chance; the check in this report gives this run's own outcome.",
         f"Baselines (no DP, in-process, the edge agent's own training code): local-only and central use batch 64, "
         f"SGD lr 0.1 momentum 0.9 (a good non-private setting) for {base_settings.epochs} epochs, the number of "
         "epochs the busiest site spent in the federation.",

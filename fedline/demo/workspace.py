@@ -21,7 +21,7 @@ from typing import Any
 
 import tomli_w
 
-from fedline.demo.data import AI4I_MAP, DemoData, SiteData, write_csv
+from fedline.demo.data import AI4I_DERIVED, AI4I_MAP, DemoData, SiteData, ai4i_plc_map, write_csv
 
 
 @dataclass(frozen=True)
@@ -153,7 +153,10 @@ def write_site(ws: Workspace, data: DemoData, site: SiteData, t: Tuning, bundled
     history, live = split_live(site, t.live_fraction)
     write_csv(d / "history.csv", data.columns, history)
     write_csv(d / "live.csv", data.columns, live)
-    if bundled_map:
+    if bundled_map and any(f in AI4I_DERIVED for f in data.features):
+        map_path = write_toml(d / "plc-map.toml", ai4i_plc_map(),
+                              "# firmware_adapters/maps/ai4i2020.toml plus the PLC's computed quantities")
+    elif bundled_map:
         map_path = AI4I_MAP
     else:
         map_path = write_toml(d / "plc-map.toml", plc_map(data), "# register map of this site's simulated PLC")

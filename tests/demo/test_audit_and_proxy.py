@@ -21,7 +21,7 @@ from tests.conftest import FEDERATION, eventually, settings_for
 
 @pytest.fixture(scope="module")
 def ai4i():
-    d = load_demo_data()
+    d = load_demo_data(derived=False)  # the measured values: what the demo's audit searches for
     raw = np.concatenate([np.concatenate([s.x_train, s.x_test]) for s in d.sites])
     return d, raw, RawRecordDetector(raw, d.normalise(raw))
 

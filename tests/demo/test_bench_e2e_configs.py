@@ -20,7 +20,7 @@ def test_bench_configs_load_and_match_the_task(tmp_path):
     from fedline.demo.data import load_demo_data
 
     bench = _bench()
-    data = load_demo_data(max_rows_per_site=300)
+    data = load_demo_data(max_rows_per_site=300, derived=False)
     urls = {n: "mqtt://127.0.0.1:1" for n in ["aggregator", "L", "M", "H"]}
     paths = bench.write_configs(data, tmp_path, urls, live_seconds=60)
     agg = load_config(paths["aggregator"])

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedline.demo.data import DemoDataError, hash_bucket, load_demo_data, site_id_for
+from fedline.demo.data import DemoDataError, ai4i_plc_map, hash_bucket, load_demo_data, site_id_for
 from fedline.demo.metrics import better, rmse, roc_auc
 
 
@@ -30,6 +30,22 @@ def test_split_is_80_20_stratified_and_fixed_by_the_seed():
         assert not {r["UDI"] for r in sa.test_rows} & {r["UDI"] for r in sa.train_rows}
     c = load_demo_data(seed=1)
     assert [r["UDI"] for r in c.sites[0].test_rows] != [r["UDI"] for r in a.sites[0].test_rows]
+
+
+def test_derived_plc_quantities_are_columns_features_and_registers():
+    d = load_demo_data(derived=True)
+    assert d.features[5:] == ["Power [W]", "Temperature difference [K]", "Tool strain [Nm min]"]
+    row = d.sites[0].train_rows[0]  # written to the site CSVs the PLC simulator serves
+    speed, torque, wear = (float(row[c]) for c in ("Rotational speed [rpm]", "Torque [Nm]", "Tool wear [min]"))
+    assert float(row["Power [W]"]) == pytest.approx(torque * speed * 2 * np.pi / 60, abs=0.01)
+    assert float(row["Tool strain [Nm min]"]) == pytest.approx(torque * wear, abs=0.01)
+    assert d.sites[0].x_train[0, 7] == pytest.approx(torque * wear, abs=0.01)
+    tags = ai4i_plc_map()["tags"]
+    holding = sorted((t["address"], t["address"] + (1 if t["type"] == "uint16" else 2)) for t in tags
+                     if t["table"] == "holding")
+    assert all(a_end <= b for (_, a_end), (b, _) in zip(holding, holding[1:]))  # no overlapping registers
+    assert next(t["range"] for t in tags if t["name"] == "Power [W]") == [0.0, 15000.0]
+    assert load_demo_data().features == d.features[:5]  # the default: the five measured values
 
 
 def test_normalise_matches_the_register_map_ranges_and_clips():
