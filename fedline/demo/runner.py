@@ -479,7 +479,7 @@ def build_report(opts: DemoOptions, data: DemoData, ws: Workspace, monitor, reco
         "training seeds 0/1/2, plain loop, 15 rounds: local-only 0.939/0.911/0.893 with them against "
         "0.907/0.916/0.926 without; DP global model 0.922/0.851/0.884 with them against 0.913/0.925/0.906 without "
         "(federated ahead of local-only in 0 of 3 seeds with them, 2 of 3 without), so they are not in the "
-        "defaults. (2) More training: without DP, 4 epochs per update or 30 rounds reach "
+        "defaults. (2)-(4) were run with those features. (2) More training: without DP, 4 epochs per update or 30 rounds reach "
         "0.95 on H, but with ε ≤ 8 the noise multiplier must rise (1.1 for 4 epochs x 15 rounds, 1.85 at a 10 % "
         "batch share, 2.9 at 20 %) and every such setting stayed at 0.89-0.92 on H and 0.93-0.96 on L. (3) Smaller "
         "models (16, 16-16), a smaller clip (0.2, 0.5) with a larger learning rate, server momentum 0.5: worse or "
