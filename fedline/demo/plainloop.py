@@ -27,10 +27,11 @@ class LoopResult:
     params: dict[str, np.ndarray] = field(default_factory=dict)
     transfers: int = 0  # model transfers (one up and one down per site per round)
     n_params: int = 0
+    history: list[dict[str, np.ndarray]] = field(default_factory=list)  # global params per round (keep_params)
 
 
 def fedavg(data: DemoData, spec: ModelSpec, rounds: int, training, privacy=None, *, seed: int = 0,
-           server_lr: float = 1.0, server_momentum: float = 0.0, evaluate_each_round: bool = True) -> LoopResult:
+           server_lr: float = 1.0, server_momentum: float = 0.0, evaluate_each_round: bool = True, keep_params: bool = False) -> LoopResult:
     """Run ``rounds`` synchronous rounds; ``training``/``privacy`` are the edge's config dataclasses.
 
     ``training`` is one :class:`edge.config.TrainingConfig` for every site, or a
@@ -72,6 +73,8 @@ def fedavg(data: DemoData, spec: ModelSpec, rounds: int, training, privacy=None,
             mom = {k: server_momentum * mom[k] + step[k] for k in step} if mom else step
             step = mom
         glob = {k: (glob[k] + server_lr * step[k]).astype(np.float32) for k in glob}
+        if keep_params:
+            out.history.append({**glob, **personal0})
         if evaluate_each_round:
             params = {**glob, **personal0}
             out.metrics.append({s.site: evaluate(data, lambda x: predict(spec, params, x), i)
