@@ -67,8 +67,9 @@ class RawRecordDetector:
             except ValueError:
                 continue
         if nums:
-            arr = np.round(np.array(nums, dtype=np.float64), 4)
-            found |= self._match(self._text_forms, arr[np.isfinite(arr)])
+            arr = np.array(nums, dtype=np.float64)
+            arr = arr[np.abs(arr) < 1e300]  # digits in ciphertext can read as 1e308; rounding those overflows
+            found |= self._match(self._text_forms, np.round(arr, 4))
         for dt in _DTYPES:
             size = np.dtype(dt).itemsize
             if len(payload) < size:
