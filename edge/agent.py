@@ -496,6 +496,8 @@ class EdgeAgent:
             self.last_error = f"update {doc['counter']} {verdict}: {reason}"
         self._changed()
         self._send_wake.set()  # the next update may go out now
+        if found and self.publishing == "outbox_full":
+            self._trigger.set()  # stop_training: room again, so train now rather than at the next timer
 
     def _wants(self, version: int) -> bool:
         """Newer than ours; or the aggregator's own version 0 while we only have the one we built."""

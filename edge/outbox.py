@@ -232,6 +232,9 @@ class Outbox:
                 if found:
                     self._db.execute("UPDATE ledger SET state = ?, reason = ?, version = ?, settled_at = ? "
                                      "WHERE counter = ? AND msg_id = ?", (verdict, reason, version, now, counter, msg_id))
+                elif verdict == "applied":  # FedBuff: 'buffered' cleared the outbox; the flush says where it went
+                    self._db.execute("UPDATE ledger SET state = ?, version = ? WHERE counter = ? AND msg_id = ? "
+                                     "AND state = 'buffered'", (verdict, version, counter, msg_id))
                 self._db.execute("COMMIT")
             except BaseException:
                 if self._db.in_transaction:  # SQLite already rolled back after e.g. SQLITE_FULL
