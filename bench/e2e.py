@@ -150,13 +150,13 @@ async def chain(data: DemoData, live_seconds: float, timeout_s: float) -> dict[s
     from broker_bridge.topics import Topics
     from fedline.demo.audit import TrafficRecorder
     from fedline.demo.baselines import evaluate, predict
-    from fedline.demo.proxy import TcpProxy
+    from fedline.netproxy import TcpProxy
 
     sites = [s.site for s in data.sites]
     with tempfile.TemporaryDirectory(prefix="fedline-bench-") as tmp:
         root = Path(tmp)
         broker = MosquittoProcess(root / "broker", federation="bench", sites=sites).start()
-        proxies = {n: await TcpProxy("127.0.0.1", broker.port, n).start() for n in ["aggregator", *sites]}
+        proxies = {n: await TcpProxy(broker.port, "127.0.0.1", n).start() for n in ["aggregator", *sites]}
         (root / "broker" / "credentials").mkdir(exist_ok=True)
         paths = write_configs(data, root, {n: p.url for n, p in proxies.items()}, live_seconds)
         # write_configs made the keys under root/keys; the broker's credentials are in root/broker

@@ -11,7 +11,7 @@ What runs (each a ``fedline ...`` subprocess with its own generated TOML file):
   rows with the newest model, hot-reloaded).
 
 Every party reaches the broker through a small TCP proxy of the demo
-(:mod:`fedline.demo.proxy`): it counts the bytes on the wire, and cutting one
+(:mod:`fedline.netproxy`): it counts the bytes on the wire, and cutting one
 site's proxy for a while makes that site intermittent. A separate observer
 records every message for the progress view and the traffic audit.
 """
@@ -172,7 +172,7 @@ async def run_demo(opts: DemoOptions, console: Any = None) -> dict[str, Any]:
     from broker_bridge.topics import Topics
     from fedline.demo.audit import RawRecordDetector, TrafficRecorder, audit
     from fedline.demo.monitor import Monitor, site_table
-    from fedline.demo.proxy import TcpProxy
+    from fedline.netproxy import TcpProxy
 
     t0 = time.time()
     data = load_demo_data(opts.csv, site_column=opts.site_column, label=opts.label, features=opts.features,
@@ -227,7 +227,7 @@ async def run_demo(opts: DemoOptions, console: Any = None) -> dict[str, Any]:
 
     proxies: dict[str, TcpProxy] = {}
     for name in ["aggregator", *sites]:
-        proxies[name] = await TcpProxy(host, port, name).start()
+        proxies[name] = await TcpProxy(port, host, name).start()
     ws.broker_url = proxies["aggregator"].url
     ws.site_urls = {s: proxies[s].url for s in sites}
     ws.plc_ports = {s: free_port() for s in sites}

@@ -1,6 +1,6 @@
 """Fault tools for the fault suite (tests/faults) and for anyone reproducing a fault by hand.
 
-- :mod:`fedline.testing.proxy`: a TCP proxy on 127.0.0.1 you can cut (reset) or
+- :mod:`fedline.netproxy`: a TCP proxy on 127.0.0.1 you can cut (reset) or
   black-hole (silent, like a dead route), between one site and the broker;
 - :mod:`fedline.testing.procs`: start ``fedline ...`` commands as real
   processes, SIGKILL or SIGTERM them, read their RSS and their JSON log events;

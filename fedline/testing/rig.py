@@ -2,7 +2,7 @@
 
 Why one rig for every fault: each scenario is "run the real thing, break one
 part, let it recover, reconcile the ledgers", and only the breaking differs.
-Every site reaches the broker through its own :class:`FaultProxy`; the
+Every site reaches the broker through its own :class:`~fedline.netproxy.TcpProxy`; the
 aggregator connects directly. Each site replays a synthetic plant CSV at a
 fixed rate and trains on every ``every_rows`` new rows, so the number of
 updates a run seals is known in advance and the run ends by itself (the
@@ -31,7 +31,7 @@ from broker_bridge.keys import Enrollment, KeyPair
 from broker_bridge.mosquitto import MosquittoProcess
 from fedline.testing.ledger import LedgerReport, read_site_ledger, reconcile
 from fedline.testing.procs import Launched, Launcher
-from fedline.testing.proxy import FaultProxy
+from fedline.netproxy import TcpProxy
 
 FEATURES = [("temp", (295.0, 305.0)), ("torque", (0.0, 80.0)), ("speed", (1100.0, 2900.0))]
 MODEL = {"kind": "mlp", "n_features": 3, "hidden": [8], "task": "classification", "personal": []}
@@ -78,7 +78,7 @@ class FaultRig:
         self.s = settings or RigSettings()
         self.launcher = Launcher(self.root / "logs")
         self.broker = MosquittoProcess(self.root / "broker", federation=self.s.federation, sites=self.sites)
-        self.proxies: dict[str, FaultProxy] = {}
+        self.proxies: dict[str, TcpProxy] = {}
         self.procs: dict[str, Launched] = {}
         self._quiet_since: tuple[int, float] | None = None
         self._write_keys()
@@ -150,7 +150,7 @@ class FaultRig:
     async def __aenter__(self) -> "FaultRig":
         await asyncio.to_thread(self.broker.start)
         for site in self.sites:
-            self.proxies[site] = await FaultProxy(self.broker.port, name=site).start()
+            self.proxies[site] = await TcpProxy(self.broker.port, name=site).start()
         self.write_aggregator()
         for i, site in enumerate(self.sites):
             self.write_site(site, seed=i)

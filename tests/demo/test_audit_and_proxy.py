@@ -15,7 +15,7 @@ from broker_bridge.envelope import UpdateHeader, encode_tensors, seal_update
 from broker_bridge.keys import KeyPair
 from fedline.demo.audit import RawRecordDetector, Recorded, TrafficRecorder, audit
 from fedline.demo.data import load_demo_data
-from fedline.demo.proxy import TcpProxy
+from fedline.netproxy import TcpProxy
 from tests.conftest import FEDERATION, eventually, settings_for
 
 
@@ -86,7 +86,7 @@ async def test_recorder_sees_everything_under_the_federation_as_observer(mosquit
 
 
 async def test_proxy_counts_bytes_and_cut_drops_and_refuses(mosquitto):
-    proxy = await TcpProxy("127.0.0.1", mosquitto.port).start()
+    proxy = await TcpProxy(mosquitto.port).start()
     try:
         s = settings_for(mosquitto, "site-a", client_id="via-proxy")
         from dataclasses import replace

@@ -11,7 +11,7 @@ import pytest
 from aggregator.store import Store, Verdict
 from edge.outbox import Outbox
 from fedline.testing.ledger import reconcile
-from fedline.testing.proxy import FaultProxy
+from fedline.netproxy import TcpProxy
 
 
 def _site(path, counters, settle):
@@ -77,7 +77,7 @@ async def _roundtrip(port: int, timeout: float = 1.0) -> bytes:
 
 async def test_proxy_forwards_cuts_blackholes_and_restores() -> None:
     server = await asyncio.start_server(_echo, "127.0.0.1", 0)
-    proxy = await FaultProxy(server.sockets[0].getsockname()[1]).start()
+    proxy = await TcpProxy(server.sockets[0].getsockname()[1]).start()
     try:
         assert await _roundtrip(proxy.port) == b"ping"
         proxy.cut()

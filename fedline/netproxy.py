@@ -1,7 +1,10 @@
-"""A TCP proxy between one site and the broker that a test can cut and restore.
+"""A TCP proxy in front of the broker: counts the bytes on the wire, and can cut a party off.
 
-Why a proxy: a network partition is what really happens on a plant floor, and
-it must not be simulated by stopping the agent (that only tests restarts).
+Used by the demo (every party talks to the broker through one, so its counters
+are the true bytes on the wire, MQTT framing included, and cutting one shows
+the outbox at work) and by the fault tests. Why a proxy: a network partition is
+what really happens on a plant floor, and it must not be simulated by stopping
+the agent (that only tests restarts).
 Two ways to break the link, because they fail differently:
 
 - ``cut()``: every open connection is reset and new ones are refused (a switch
@@ -28,8 +31,12 @@ class ProxyStats:
     refused: int = 0  # connections reset while cut
     swallowed: int = 0  # bytes dropped while black-holed
 
+    @property
+    def total(self) -> int:
+        return self.bytes_up + self.bytes_down
 
-class FaultProxy:
+
+class TcpProxy:
     """Forward ``127.0.0.1:<port>`` to ``upstream``; ``await start()`` first, ``await stop()`` last."""
 
     def __init__(self, upstream_port: int, upstream_host: str = "127.0.0.1", name: str = "") -> None:
@@ -45,7 +52,11 @@ class FaultProxy:
     def url(self) -> str:
         return f"mqtt://127.0.0.1:{self.port}"
 
-    async def start(self) -> "FaultProxy":
+    @property
+    def is_cut(self) -> bool:
+        return self.mode != "open"
+
+    async def start(self) -> "TcpProxy":
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
