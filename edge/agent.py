@@ -105,6 +105,7 @@ class EdgeAgent:
         self.metrics_port: int | None = None
         self.sources_done = False
         self._trigger = asyncio.Event()
+        self._rebased = False  # a new global version arrived (training.on_new_model)
         self._send_wake = asyncio.Event()
         self._status_dirty = asyncio.Event()
         self._export_lock = asyncio.Lock()
@@ -261,7 +262,8 @@ class EdgeAgent:
             except asyncio.TimeoutError:
                 pass
             self._trigger.clear()
-            if self.new_rows == 0:
+            rebased, self._rebased = self._rebased, False
+            if self.new_rows == 0 and not rebased:
                 self.last_round_at = time.monotonic()
                 continue
             try:
@@ -549,6 +551,9 @@ class EdgeAgent:
         event(log, "model.loaded", site=self.site, version=g.version)
         self._changed()
         await self.export_onnx()
+        if self.cfg.training.on_new_model and g.version > 0:
+            self._rebased = True
+            self._trigger.set()
 
     def _refuse(self, version: int | None, reason: str) -> None:
         self.metrics.models_refused.inc()

@@ -88,6 +88,9 @@ class TrainingConfig:
     lr: float = 0.05
     momentum: float = 0.0
     max_train_rows: int = 0  # 0 = all stored training rows; else the newest N
+    # also train as soon as a new global version is adopted: rounds then follow the federation (each
+    # version gets a fresh update from this site) and ε is not spent twice on one stale base
+    on_new_model: bool = False
     threads: int = 1  # torch intra-op threads for a round (a line PC has other work)
     seed: int = 0
 

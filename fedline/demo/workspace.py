@@ -38,7 +38,8 @@ class Tuning:
     max_grad_norm: float = 1.0
     epsilon: float = 8.0
     delta: float = 1e-5
-    round_every_s: float = 3.0
+    round_every_s: float = 3.0  # with on_new_model: the fallback when no new version comes (a site cut off)
+    on_new_model: bool = True  # each site trains as soon as a new global version arrives
     versions: int = 15
     buffer_size: int = 3  # FedBuff K
     staleness: str = "polynomial"
@@ -174,7 +175,8 @@ def write_site(ws: Workspace, data: DemoData, site: SiteData, t: Tuning, bundled
         "rows": rows_table(data),
         "model": model_table(data, t),
         "dataset": {"holdout_fraction": 0.0},
-        "training": {"every_rows": 1_000_000, "every_s": t.round_every_s, "min_rows": 20, "epochs": t.epochs,
+        "training": {"every_rows": 1_000_000, "every_s": t.round_every_s, "on_new_model": t.on_new_model,
+                     "min_rows": 20, "epochs": t.epochs,
                      "batch_size": t.batch_size, "lr": t.lr, "momentum": t.momentum, "threads": 1,
                      "seed": t.seed},
         "privacy": {"epsilon": t.epsilon, "delta": t.delta, "noise_multiplier": t.noise_multiplier,

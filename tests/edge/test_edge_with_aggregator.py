@@ -78,3 +78,32 @@ async def test_two_sites_and_the_real_aggregator(mosquitto, tmp_path) -> None:
         await asyncio.wait_for(agg_task, 20)
         for a in agents:
             a.close()
+
+
+async def test_on_new_model_rounds_follow_the_federation(mosquitto, tmp_path) -> None:
+    """training.on_new_model: each adopted version starts a round at once (no timer, no new rows)."""
+    fed = Federation.create(tmp_path, ["site-a"])
+    agg_toml = tmp_path / "aggregator.toml"
+    _aggregator_toml(fed, mosquitto, agg_toml)
+    aggregator = Aggregator(load_config(agg_toml))
+    agg_task = asyncio.create_task(aggregator.run())
+    await asyncio.wait_for(aggregator.started.wait(), 30)
+    csv = write_csv(tmp_path / "site-a.csv", 200, seed=0)
+    path = write_site(fed, "site-a", csv, mosquitto.url, mosquitto.paths["password:site-a"],
+                      training={"on_new_model": True, "every_s": 3600.0, "every_rows": 10**9})
+    agent = EdgeAgent(load_edge_config(path))
+    stop = asyncio.Event()
+    task = asyncio.create_task(agent.run(stop))
+    try:
+        await eventually(lambda: agent.base.manifest and agent.sources_done, 30)
+        assert await agent.train_once() is not None  # the first round; FedAsync applies it: version 1
+        await eventually(lambda: len([e for e in agent.outbox.ledger() if e.state == "applied"]) >= 3, 60)
+        ledger = agent.outbox.ledger()
+        # every later round started from the version the previous update produced
+        assert [e.base_version for e in ledger[:3]] == [0, 1, 2]
+    finally:
+        stop.set()
+        await asyncio.gather(task, return_exceptions=True)
+        aggregator.stop()
+        await asyncio.wait_for(agg_task, 20)
+        agent.close()
