@@ -91,7 +91,10 @@ class Aggregator:
                 finally:
                     for t in [*tasks, stop]:
                         t.cancel()
-                    await asyncio.gather(*tasks, stop, return_exceptions=True)
+                    # bounded: stopping must not hang on a task that is slow to unwind
+                    _, stuck = await asyncio.wait([*tasks, stop], timeout=10)
+                    for t in stuck:
+                        event(log, "aggregator.stop_slow", level=logging.WARNING, task=t.get_name())
         finally:
             self.client = None
             core = self.core

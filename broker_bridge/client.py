@@ -20,6 +20,7 @@ What it adds to aiomqtt, and why:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import ssl
@@ -178,15 +179,28 @@ class MqttClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def close(self) -> None:
-        """Disconnect cleanly (the broker does not send the last will)."""
+    async def close(self, timeout: float = 5.0) -> None:
+        """Disconnect cleanly (the broker does not send the last will), within ``timeout`` seconds.
+
+        aiomqtt waits for the broker to close the connection after DISCONNECT,
+        up to the whole operation timeout; a process that is shutting down must
+        not hang on a slow or vanished broker, so after ``timeout`` the
+        connection is treated as closed.
+        """
         self._closing = True
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
+        task = self._task
+        if task is not None:
+            task.cancel()
+            done, _ = await asyncio.wait({task}, timeout=timeout)
+            if not done:
+                client = self._client
+                if client is not None and not client._disconnected.done():  # noqa: SLF001
+                    client._disconnected.set_result(None)  # noqa: SLF001  (ends aiomqtt's wait)
+                    with contextlib.suppress(Exception):
+                        client._client.disconnect()  # noqa: SLF001
+                await asyncio.wait({task}, timeout=timeout)
+            if task.done() and not task.cancelled():
+                task.exception()  # retrieved: a failing connection loop is not an error at close
             self._task = None
         self.connected.clear()
 

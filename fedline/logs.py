@@ -44,9 +44,17 @@ def _fmt(v: Any) -> str:
     return json.dumps(s) if (" " in s or not s) else s
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time (it may be swapped, e.g. by a test runner)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
 def setup_logging(level: str = "INFO", *, json_lines: bool = False) -> None:
     """Configure the root logger once for a process."""
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler(sys.stderr)
     handler.setFormatter(_JsonFormatter() if json_lines else _KeyValueFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -75,7 +75,7 @@ async def test_two_sites_and_the_real_aggregator(mosquitto, tmp_path) -> None:
         stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
         aggregator.stop()
-        await asyncio.wait_for(agg_task, 20)
+        await asyncio.wait_for(agg_task, 60)  # a model export may be under way
         for a in agents:
             a.close()
 
@@ -105,5 +105,5 @@ async def test_on_new_model_rounds_follow_the_federation(mosquitto, tmp_path) ->
         stop.set()
         await asyncio.gather(task, return_exceptions=True)
         aggregator.stop()
-        await asyncio.wait_for(agg_task, 20)
+        await asyncio.wait_for(agg_task, 60)  # a model export may be under way
         agent.close()
