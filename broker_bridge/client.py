@@ -25,7 +25,7 @@ import logging
 import random
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import urlparse
 
@@ -375,4 +375,3 @@ def will_message(topic: str, payload: bytes, retain: bool = True, qos: int = 1) 
 
 
 __all__ = ["BrokerSettings", "Message", "MqttClient", "will_message", "ClientStats"]
-_ = field

@@ -29,7 +29,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 from nacl.exceptions import BadSignatureError, CryptoError
-from nacl.public import SealedBox
+from nacl.public import PublicKey, SealedBox
 from nacl.secret import SecretBox
 from nacl.signing import VerifyKey
 
@@ -231,8 +231,6 @@ def seal_update(header: UpdateHeader, tensors: Mapping[str, np.ndarray], site_ke
     site = header.site.encode()
     sig = site_keys.signing_key.sign(digest(site, _UPDATE_DOMAIN, b"\x00", plain)).signature
     inner = b"".join([_SIGNED_MAGIC, bytes([len(site)]), site, bytes(site_keys.signing_key.verify_key), sig, plain])
-    from nacl.public import PublicKey
-
     return _SEALED_MAGIC + bytes([FORMAT_VERSION]) + SealedBox(PublicKey(aggregator_box_pub)).encrypt(inner)
 
 
@@ -288,7 +286,15 @@ def open_update(blob: bytes | memoryview, aggregator_keys: KeyPair, enrollment: 
 
 # --------------------------------------------------------------------------- signed documents
 def _sign_doc(magic: bytes, domain: bytes, doc: Mapping[str, Any], keys: KeyPair) -> bytes:
-    body = canonical_json(doc)
+    return sign_body(magic, domain, canonical_json(doc), keys)
+
+
+def sign_body(magic: bytes, domain: bytes, body: bytes, keys: KeyPair) -> bytes:
+    """Frame and sign raw body bytes: ``magic | ver | signature | body``.
+
+    Public so that fuzzers and hostile-input tests sign arbitrary (even
+    malformed) bodies with the real framing instead of copying it.
+    """
     sig = keys.signing_key.sign(digest(body, domain)).signature
     return magic + bytes([FORMAT_VERSION]) + sig + body
 

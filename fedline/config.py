@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import tomllib
 import types
-import typing
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
@@ -92,14 +91,13 @@ def _coerce(tp: Any, value: Any, file: str | Path | None, key: str) -> Any:
         real = [a for a in args if a is not type(None)]
         if len(real) == 1:  # Optional[X]: report X's own, precise error
             return _coerce(real[0], value, file, key)
-        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _coerce(arg, value, file, key)
-            except ConfigError as exc:
-                errors.append(exc)
+            except ConfigError:
+                pass
         raise ConfigError(file, key, f"expected {_type_name(tp)}, got {value!r}")
     if origin in (list, tuple):
         if not isinstance(value, list):
@@ -184,4 +182,3 @@ def resolve_path(base_file: str | Path | None, value: str | Path) -> Path:
 
 
 __all__ = ["ConfigError", "load", "load_toml", "parse", "resolve_path"]
-_ = typing  # keep typing importable for forward references in user dataclasses

@@ -15,8 +15,7 @@ AGG_PUB = bytes(AGGREGATOR.signing_key.verify_key)
 
 
 def _signed(keys, body: bytes) -> bytes:
-    sig = keys.signing_key.sign(envelope.digest(body, envelope._MANIFEST_DOMAIN)).signature
-    return b"FLM" + bytes([envelope.FORMAT_VERSION]) + sig + body
+    return envelope.sign_body(envelope._MANIFEST_MAGIC, envelope._MANIFEST_DOMAIN, body, keys)
 
 
 def target(data: bytes) -> None:

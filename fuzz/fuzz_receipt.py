@@ -14,8 +14,7 @@ AGG_PUB = bytes(AGGREGATOR.signing_key.verify_key)
 
 
 def _signed(keys, body: bytes) -> bytes:
-    sig = keys.signing_key.sign(envelope.digest(body, envelope._RECEIPT_DOMAIN)).signature
-    return b"FLR" + bytes([envelope.FORMAT_VERSION]) + sig + body
+    return envelope.sign_body(envelope._RECEIPT_MAGIC, envelope._RECEIPT_DOMAIN, body, keys)
 
 
 def target(data: bytes) -> None:

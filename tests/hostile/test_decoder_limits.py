@@ -102,8 +102,7 @@ def test_tensor_block_is_a_view_not_a_copy() -> None:
 def test_signed_documents_refuse_json_bombs_with_wire_errors(body: bytes) -> None:
     """The aggregator's own signature over a hostile body (the worst case: it reaches json.loads)."""
     agg = KeyPair.generate("aggregator", "aggregator")
-    sig = agg.signing_key.sign(envelope.digest(body, envelope._MANIFEST_DOMAIN)).signature
-    blob = b"FLM" + bytes([envelope.FORMAT_VERSION]) + sig + body
+    blob = envelope.sign_body(envelope._MANIFEST_MAGIC, envelope._MANIFEST_DOMAIN, body, agg)
     with pytest.raises(WireError) as err:
         envelope.verify_manifest(blob, bytes(agg.signing_key.verify_key))
     assert err.value.reason in ("schema", "framing")
