@@ -90,6 +90,10 @@ class StrategyConfig:
     b: float = 4.0  # hinge: staleness up to b weighs 1
     max_staleness: int = 20  # older updates are dropped with a "stale" receipt
     buffer_size: int = 10  # FedBuff K (FedAvg: ignored, K = the number of enrolled sites)
+    # a buffer whose first update has waited this long is reduced with what it holds (0 = wait for K):
+    # when a site drops off the network, versions keep coming from the others without any of them
+    # spending its privacy budget twice on one base to fill the buffer
+    buffer_timeout_s: float = 0.0
     server_lr: float = 1.0
     server_momentum: float = 0.0
     robust: Literal["none", "median", "trimmed_mean"] = "none"
@@ -105,6 +109,8 @@ class StrategyConfig:
             raise ValueError("max_staleness must be >= 0")
         if self.buffer_size < 1:
             raise ValueError("buffer_size must be at least 1")
+        if self.buffer_timeout_s < 0:
+            raise ValueError(f"buffer_timeout_s must be >= 0 (0 = off), got {self.buffer_timeout_s}")
         if self.server_lr <= 0:
             raise ValueError("server_lr must be positive")
         if not 0.0 <= self.server_momentum < 1.0:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -143,6 +144,7 @@ class AggregatorCore:
         self.reference = {k: tuple(v.shape) for k, v in self.model.items()}
         self._top: dict[str, int | None] = {}
         self.buffer: list[Accepted] = []
+        self.buffer_since: float | None = None  # monotonic time the current buffer got its first update
         for row, sealed in self.store.buffered():
             try:
                 header, tensors = envelope.open_update(sealed, self.keys, self.enrollment)
@@ -152,6 +154,8 @@ class AggregatorCore:
                 continue
             self.buffer.append(Accepted(row.site, row.counter, row.msg_id, row.base_version, row.n_samples,
                                         row.staleness, row.factor, row.weight, _copy_state(tensors)))
+        if self.buffer:  # restarted: the timeout counts from now, the wait before the crash is unknown
+            self.buffer_since = time.monotonic()
         self.metrics.version.set(self.version)
         self.metrics.buffer_fill.set(len(self.buffer))
         event(log, "aggregator.resumed", version=self.version, buffered=len(self.buffer),
@@ -239,6 +243,8 @@ class AggregatorCore:
                                                 acc.factor, acc.weight, ""), v, op.sealed,
                                     self.version)
             self._decided(h.site, h.counter)
+            if not self.buffer:
+                self.buffer_since = time.monotonic()
             self.buffer.append(acc)
             self.metrics.buffer_fill.set(len(self.buffer))
             self.metrics.decided("buffered")
@@ -268,7 +274,7 @@ class AggregatorCore:
               detail=detail)
         return Decision(v.receipt())
 
-    def _reduce(self, updates: list[Accepted]) -> Decision:
+    def _reduce(self, updates: list[Accepted], last_arrived: bool = True) -> Decision:
         result = self.strategy.reduce(self.model, updates, self.momentum)
         new_version = self.version + 1
         lineage = {"strategy": self.strategy.name, "parent": self.version,
@@ -283,16 +289,37 @@ class AggregatorCore:
         self.model, self.momentum, self.version = result.model, result.momentum, new_version
         self.snapshot = (new_version, result.model)  # one assignment: what the publisher thread reads
         self.buffer = []
+        self.buffer_since = None
         for u in updates:
             self._decided(u.site, u.counter)
         self.metrics.version.set(new_version)
         self.metrics.buffer_fill.set(0)
         for i, _ in enumerate(updates):
-            self.metrics.decided("applied", arrival=i == len(updates) - 1)  # the others arrived as "buffered"
+            # the others arrived as "buffered"; after a timeout, all of them did
+            self.metrics.decided("applied", arrival=last_arrived and i == len(updates) - 1)
         event(log, "model.version", version=new_version, updates=len(updates),
               sites=sorted({u.site for u in updates}))
         receipts = [v.receipt() for v in applied]
         return Decision(receipts[-1], receipts[:-1], new_version)
+
+    def flush_due_in(self) -> float | None:
+        """Seconds until the buffer times out (0: now), or None when nothing waits or there is no timeout."""
+        timeout = self.cfg.strategy.buffer_timeout_s
+        if timeout <= 0 or not self.buffer or self.buffer_since is None:
+            return None
+        return max(0.0, self.buffer_since + timeout - time.monotonic())
+
+    def flush(self) -> Decision | None:
+        """Reduce the buffer as it is (fewer than K updates): the ``buffer_timeout_s`` path.
+
+        Each buffered update gets its "applied" receipt, as when the K-th arrival flushes them.
+        """
+        if not self.buffer:
+            return None
+        event(log, "buffer.timeout", fill=len(self.buffer), of=self.strategy.buffer_size,
+              sites=sorted({u.site for u in self.buffer}))
+        self.metrics.buffer_timeouts.inc()
+        return self._reduce(list(self.buffer), last_arrived=False)
 
     # -- conveniences ----------------------------------------------------------------------
     def process(self, sealed: bytes, topic_site: str | None = None, msg_id: str | None = None) -> Decision:

@@ -24,6 +24,8 @@ class Metrics:
                                    buckets=(0, 1, 2, 3, 5, 8, 13, 21, 34, 55, float("inf")), registry=r)
         self.buffer_fill = Gauge("fedline_aggregator_buffer_fill", "Updates waiting in the FedBuff buffer",
                                  registry=r)
+        self.buffer_timeouts = Counter("fedline_aggregator_buffer_timeouts", "Buffers reduced with fewer than K "
+                                       "updates after buffer_timeout_s", registry=r)
         self.version = Gauge("fedline_aggregator_model_version", "Current global model version", registry=r)
         self.rate = Gauge("fedline_aggregator_updates_per_second", "Updates decided per second over the last "
                           "60 s", registry=r)

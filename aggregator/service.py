@@ -146,10 +146,19 @@ class Aggregator:
         core = self.core
         assert core is not None
         while True:
-            fut = await queue.get()
+            due = core.flush_due_in()
             try:
-                op = await fut
-                decision = await loop.run_in_executor(self._serial, core.decide, op)
+                fut = await (queue.get() if due is None else asyncio.wait_for(queue.get(), max(due, 0.001)))
+            except TimeoutError:  # the buffer waited buffer_timeout_s: reduce what it holds
+                fut = None
+            try:
+                if fut is None:
+                    decision = await loop.run_in_executor(self._serial, core.flush)
+                    if decision is None:
+                        continue
+                else:
+                    op = await fut
+                    decision = await loop.run_in_executor(self._serial, core.decide, op)
             except Exception as exc:  # a bug or a full disk must not end intake: log loudly, keep going
                 event(log, "update.failed", level=logging.ERROR, error=repr(exc))
                 continue

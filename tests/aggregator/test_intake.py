@@ -185,3 +185,41 @@ def test_cli_reports_a_config_error_with_exit_code_2(fed, capsys):
     assert "aggregator.toml: strategy.buffer_sise: unknown key" in err
     assert main(["status", "--config", str(fed.root / "missing.toml")]) == 2
     assert "missing.toml" in capsys.readouterr().err
+
+
+def test_buffer_timeout_reduces_a_partial_buffer_and_applies_every_update_in_it(fed):
+    """With buffer_timeout_s a buffer short of K is reduced with what it holds; without it, it waits."""
+    rng = np.random.default_rng(3)
+    waits = AggregatorCore(fed.config(strategy='kind = "fedbuff"\nbuffer_size = 3', state_dir="s0"))
+    try:
+        waits.submit(fed.seal("site-a", random_delta(waits.model, rng), 0)[0])
+        assert waits.flush_due_in() is None and waits.version == 0  # no timeout: wait for K
+    finally:
+        waits.close()
+    c = AggregatorCore(fed.config(strategy='kind = "fedbuff"\nbuffer_size = 3\nbuffer_timeout_s = 30', state_dir="s1"))
+    try:
+        assert c.flush_due_in() is None and c.flush() is None  # nothing buffered: nothing to do
+        before = {k: v.copy() for k, v in c.model.items()}
+        deltas = [random_delta(c.model, rng) for _ in range(2)]
+        receipts = [c.submit(fed.seal(s, d, 0, n_samples=n)[0])
+                    for s, d, n in [("site-a", deltas[0], 30), ("site-b", deltas[1], 10)]]
+        assert [r["verdict"] for r in receipts] == ["buffered", "buffered"]
+        due = c.flush_due_in()
+        assert due is not None and 25 < due <= 30
+        decision = c.flush()
+        assert decision is not None and decision.new_version == 1 and c.version == 1 and not c.buffer
+        assert sorted((r["site"], r["verdict"]) for r in decision.receipts) == [("site-a", "applied"),
+                                                                                ("site-b", "applied")]
+        for k in before:  # FedBuff's sample-weighted mean of the two, server lr 1
+            np.testing.assert_allclose(c.model[k], before[k] + 0.75 * deltas[0][k] + 0.25 * deltas[1][k], atol=1e-6)
+        assert c.metrics.value("fedline_aggregator_buffer_timeouts_total") == 1
+        assert c.metrics.value("fedline_aggregator_updates_total", {"verdict": "applied"}) == 2
+        assert c.flush_due_in() is None
+        assert [u["site"] for u in c.lineage(1)["updates"]] == ["site-a", "site-b"]
+    finally:
+        c.close()
+
+
+def test_buffer_timeout_must_not_be_negative(fed):
+    with pytest.raises(ConfigError, match="buffer_timeout_s"):
+        fed.config(strategy="buffer_timeout_s = -1")

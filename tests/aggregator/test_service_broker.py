@@ -264,3 +264,29 @@ async def test_broker_restart_is_survived_and_updates_sent_meanwhile_are_decided
     finally:
         agg.stop()
         await asyncio.wait_for(task, 30)
+
+
+async def test_buffer_timeout_makes_a_version_when_the_other_sites_are_away(mosquitto, tmp_path):
+    """FedBuff K=3 with one site online: after buffer_timeout_s its update is applied and published anyway."""
+    fed = make_federation(tmp_path / "fed", SITES)
+    cfg = fed.config(strategy='kind = "fedbuff"\nbuffer_size = 3\nbuffer_timeout_s = 0.5',
+                     broker=broker_table(mosquitto), extra="[publish]\nonnx = false")
+    agg = Aggregator(cfg)
+    task = asyncio.create_task(agg.run())
+    rng = np.random.default_rng(5)
+    try:
+        await eventually(lambda: agg.published_version == 0, 30)
+        async with Site(fed, mosquitto, "site-a") as a:
+            delta = random_delta(agg.core.model, rng, 0.5)
+            before = {k: v.copy() for k, v in agg.core.model.items()}
+            blob, h = fed.seal("site-a", delta, 0)
+            await a.send(blob, h.msg_id)
+            await eventually(lambda: [r["verdict"] for r in a.receipts] == ["buffered", "applied"], 30)
+            await eventually(lambda: agg.published_version == 1, 30)
+        _, weights, _ = await read_manifest(mosquitto, fed, 1)
+        for k, v in delta.items():
+            np.testing.assert_allclose(weights[k], before[k] + v, atol=1e-6)
+        assert agg.core.metrics.value("fedline_aggregator_buffer_timeouts_total") == 1
+    finally:
+        agg.stop()
+        await asyncio.wait_for(task, 30)
