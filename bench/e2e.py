@@ -47,7 +47,8 @@ EPOCHS = 2
 VERSIONS = 10
 BATCH_FRACTION = 0.03  # the demo's tuned defaults (fedline/demo/workspace.py, runner.py)
 NOISE = 1.0
-LR = 0.1
+CLIP = 3.0
+LR = 0.033
 MOMENTUM = 0.9
 
 
@@ -61,7 +62,7 @@ def training_configs(data: DemoData) -> dict[str, Any]:
 def privacy_config():
     from edge.config import PrivacyConfig
 
-    return PrivacyConfig(epsilon=50.0, delta=1e-5, noise_multiplier=NOISE, max_grad_norm=1.0)
+    return PrivacyConfig(epsilon=50.0, delta=1e-5, noise_multiplier=NOISE, max_grad_norm=CLIP)
 
 
 def model_doc(data: DemoData) -> dict[str, Any]:
@@ -122,7 +123,7 @@ def write_configs(data: DemoData, root: Path, broker_urls: dict[str, str], live_
             "rows": rows_table(data), "model": model, "dataset": {"holdout_fraction": 0.0},
             "training": {"every_rows": 1_000_000, "every_s": 1.0, "min_rows": 20, "epochs": t.epochs,
                          "batch_size": t.batch_size, "lr": t.lr, "momentum": t.momentum, "threads": 1},
-            "privacy": {"epsilon": 50.0, "delta": 1e-5, "noise_multiplier": NOISE, "max_grad_norm": 1.0},
+            "privacy": {"epsilon": 50.0, "delta": 1e-5, "noise_multiplier": NOISE, "max_grad_norm": CLIP},
         }
         paths[s.site] = write_toml(d / "site.toml", doc)
     agg = {
