@@ -13,6 +13,7 @@ from broker_bridge.client import MqttClient
 from broker_bridge.topics import Topics
 from tests.aggregator.helpers import make_federation, random_delta
 from tests.conftest import eventually, settings_for
+from tests.parties import Party
 
 SITES = ["site-a", "site-b", "site-c"]
 
@@ -22,38 +23,9 @@ def broker_table(broker, user: str = "aggregator") -> str:
             f'client_id = "agg-test"\nbackoff_min_s = 0.05\nbackoff_max_s = 0.5\nmax_chunk = 4096\n')
 
 
-class Site:
-    """A minimal sending site: seals, chunks, publishes; collects its verified receipts."""
-
-    def __init__(self, fed, broker, site: str) -> None:
-        self.fed, self.site = fed, site
-        self.client = MqttClient(settings_for(broker, site, max_chunk=4096))
-        self.topics = Topics("test")
-        self.receipts: list[dict] = []
-        self._task: asyncio.Task | None = None
-
-    async def __aenter__(self) -> "Site":
-        await self.client.__aenter__()
-        await self.client.subscribe(self.topics.receipts(self.site))
-        await self.client.wait_connected(10)
-        self._task = asyncio.create_task(self._read())
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        self._task.cancel()
-        await self.client.__aexit__(*exc)
-
-    async def _read(self) -> None:
-        async for m in self.client.messages():
-            self.receipts.append(envelope.verify_receipt(m.payload, self.fed.agg.public().sign_pub))
-
-    async def send(self, blob: bytes, msg_id: str) -> None:
-        parts = chunking.split(blob, msg_id, 4096)
-        await self.client.publish_many([(self.topics.update_chunk(self.site, msg_id, i), c)
-                                        for i, c in enumerate(parts)])
-
-    def receipt(self, counter: int) -> dict | None:
-        return next((r for r in self.receipts if r["counter"] == counter), None)
+def Site(fed, broker, site: str) -> Party:
+    """A minimal sending site of the test federation."""
+    return Party(broker, site, fed.agg.public().sign_pub, "test", 4096)
 
 
 async def read_manifest(broker, fed, min_version: int) -> tuple[dict, dict[str, np.ndarray], bytes]:

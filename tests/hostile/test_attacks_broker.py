@@ -26,12 +26,13 @@ import pytest
 
 from aggregator.config import load_config
 from aggregator.service import Aggregator
-from broker_bridge import chunking, envelope
+from broker_bridge import envelope
 from broker_bridge.client import MqttClient
 from broker_bridge.errors import PublishRefused
 from broker_bridge.keys import KeyPair
 from broker_bridge.topics import Topics
 from tests.conftest import eventually, settings_for
+from tests.parties import Party
 from tests.hostile.rig import FEDERATION, copy, forge, like, make_fed, same
 
 CHUNK = 4096
@@ -42,41 +43,8 @@ def broker_toml(broker, user: str = "aggregator") -> str:
             f'client_id = "agg-hostile"\nbackoff_min_s = 0.05\nbackoff_max_s = 0.5\nmax_chunk = {CHUNK}\n')
 
 
-class Party:
-    """Someone with a broker login: publishes chunked blobs, collects verified receipts for its login."""
-
-    def __init__(self, broker, user: str, agg_sign_pub: bytes) -> None:
-        self.user = user
-        self.client = MqttClient(settings_for(broker, user, max_chunk=CHUNK))
-        self.topics = Topics(FEDERATION)
-        self.agg_sign_pub = agg_sign_pub
-        self.receipts: list[dict] = []
-        self._task: asyncio.Task | None = None
-
-    async def __aenter__(self) -> "Party":
-        await self.client.__aenter__()
-        await self.client.subscribe(self.topics.receipts(self.user))
-        await self.client.wait_connected(10)
-        self._task = asyncio.create_task(self._read())
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        self._task.cancel()
-        await self.client.__aexit__(*exc)
-
-    async def _read(self) -> None:
-        async for m in self.client.messages():
-            self.receipts.append(envelope.verify_receipt(m.payload, self.agg_sign_pub))
-
-    async def send(self, blob: bytes, msg_id: str, as_site: str | None = None) -> None:
-        site = as_site or self.user
-        await self.client.publish_many([(self.topics.update_chunk(site, msg_id, i), c)
-                                        for i, c in enumerate(chunking.split(blob, msg_id, CHUNK))])
-
-    async def verdict(self, n_before: int) -> tuple[str, str | None, int]:
-        await eventually(lambda: len(self.receipts) > n_before, 20)
-        r = self.receipts[n_before]
-        return r["verdict"], r["reason"], r["counter"]
+def party(broker, user: str, agg_sign_pub: bytes) -> Party:
+    return Party(broker, user, agg_sign_pub, FEDERATION, CHUNK)
 
 
 async def test_hostile_sites_over_the_broker(mosquitto, tmp_path: Path) -> None:
@@ -87,8 +55,8 @@ async def test_hostile_sites_over_the_broker(mosquitto, tmp_path: Path) -> None:
     sign_pub = fed.agg.public().sign_pub
     try:
         await asyncio.wait_for(agg.started.wait(), 30)
-        async with Party(mosquitto, "site-a", sign_pub) as a, Party(mosquitto, "site-b", sign_pub) as b, \
-                Party(mosquitto, "site-c", sign_pub) as c:
+        async with party(mosquitto, "site-a", sign_pub) as a, party(mosquitto, "site-b", sign_pub) as b, \
+                party(mosquitto, "site-c", sign_pub) as c:
             core = agg.core
             genuine, h = fed.seal("site-a", like(core.model, 0.01), 0)
             await a.send(genuine, h.msg_id)
@@ -261,7 +229,7 @@ async def test_forged_global_model_reaches_no_edge_and_no_line(mosquitto, tmp_pa
         assert late_line.current is None
 
         # the real aggregator's next version is taken by everyone, the forgery never
-        async with Party(mosquitto, "site-b", fed.aggregator.public().sign_pub) as b:
+        async with party(mosquitto, "site-b", fed.aggregator.public().sign_pub) as b:
             from broker_bridge.envelope import UpdateHeader
 
             h = UpdateHeader(site="site-b", counter=1, msg_id="b-1", base_version=0, n_samples=20,
