@@ -58,6 +58,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="cut the intermittent site off once this global version exists (default 2)")
     run.add_argument("--cut-seconds", type=_positive, default=None, help="how long that site is cut off (default 15)")
     run.add_argument("--epsilon", type=_positive, default=None, help="privacy budget ε of every site (default 8)")
+    run.add_argument("--splits", type=int, default=10,
+                     help="after the run, repeat the federated vs local-only comparison in-process on this many "
+                          "train/test splits (default 10; 0 skips it)")
     run.add_argument("--timeout", type=_positive, default=270.0, help="stop the federation after this many seconds")
     run.add_argument("--no-progress", action="store_true", help="no live table (plain log lines)")
     p.set_defaults(func=_demo)
@@ -78,6 +81,9 @@ def _demo(args: argparse.Namespace) -> int:
             print("fedline demo: --versions must be at least 1")
             return 2
         tuning = replace(tuning, versions=args.versions)
+    if args.splits < 0:
+        print("fedline demo: --splits must be 0 or more")
+        return 2
     if args.epsilon is not None:
         tuning = replace(tuning, epsilon=args.epsilon)
     if args.round_seconds is not None:
@@ -87,7 +93,7 @@ def _demo(args: argparse.Namespace) -> int:
                        report_dir=args.report, run_dir=args.run_dir, broker=args.broker, embedded=args.embedded,
                        protocol=args.protocol,
                        intermittent=args.intermittent, timeout_s=args.timeout, tuning=tuning,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, splits=args.splits)
     if args.cut_seconds is not None:
         opts.cut_s = args.cut_seconds
     if args.cut_after_version is not None:
@@ -115,6 +121,11 @@ def _summary(console, report: dict) -> int:
     # on a site is a measured outcome, printed and written to the report either way, not a crash.
     failed = [k for k in INVARIANTS if checks.get(k) is False]
     accuracy = checks.get("federated_beats_local_on_smallest_site")
+    study = (report.get("split_study") or {}).get("sites", {}).get(checks.get("smallest_site"))
+    if study:
+        console.print(f"  split study ({study['splits']} train/test splits, in-process): on the smallest site "
+                      f"({checks.get('smallest_site')}) federated ahead of local-only in {study['federated_wins']} "
+                      f"of {study['splits']}, mean gain {study['mean_gain']:+.3f} {m}")
     if accuracy is False:
         console.print(f"[yellow]measured: the federated model did NOT beat local-only on the smallest site "
                       f"({checks.get('smallest_site')}) in this run; see report.md for why[/]")

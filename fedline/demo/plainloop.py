@@ -31,11 +31,13 @@ class LoopResult:
 
 
 def fedavg(data: DemoData, spec: ModelSpec, rounds: int, training, privacy=None, *, seed: int = 0,
-           server_lr: float = 1.0, server_momentum: float = 0.0, evaluate_each_round: bool = True, keep_params: bool = False) -> LoopResult:
+           server_lr: float = 1.0, server_momentum: float = 0.0, evaluate_each_round: bool = True, keep_params: bool = False,
+           absent: dict[str, range] | None = None) -> LoopResult:
     """Run ``rounds`` synchronous rounds; ``training``/``privacy`` are the edge's config dataclasses.
 
     ``training`` is one :class:`edge.config.TrainingConfig` for every site, or a
-    dict ``site -> TrainingConfig`` (e.g. a batch size per site).
+    dict ``site -> TrainingConfig`` (e.g. a batch size per site). ``absent``
+    maps a site to the rounds (0-based) it misses, as a cut-off site does.
     """
     import torch
 
@@ -54,11 +56,15 @@ def fedavg(data: DemoData, spec: ModelSpec, rounds: int, training, privacy=None,
     ys = {s.site: data.target(s.y_train) for s in data.sites}
     out = LoopResult(n_params=sum(a.size for a in glob.values()))
     mom: dict[str, np.ndarray] | None = None
-    for _ in range(rounds):
+    for round_no in range(rounds):
         deltas, weights = [], []
         for s in data.sites:
+            if absent and round_no in absent.get(s.site, ()):
+                continue
             tcfg = training[s.site] if isinstance(training, dict) else training
             plan = plan_round(len(xs[s.site]), tcfg)
+            if privacy is not None and not budgets[s.site].allows(plan.sample_rate, plan.steps):
+                continue  # its budget is spent: the site sits the round out, as its edge agent would
             r = train_round(spec, glob, personal[s.site] or None, xs[s.site], ys[s.site], tcfg, privacy)
             if privacy is not None:
                 b = budgets[s.site]
@@ -67,6 +73,8 @@ def fedavg(data: DemoData, spec: ModelSpec, rounds: int, training, privacy=None,
             deltas.append(r.delta)
             weights.append(len(xs[s.site]))
             out.transfers += 2
+        if not deltas:
+            break  # every site has spent its budget
         w = np.array(weights, dtype=np.float64) / sum(weights)
         step = {k: sum(wi * d[k] for wi, d in zip(w, deltas)) for k in glob}
         if server_momentum > 0:  # FedAvgM, as the aggregator's FedBuff does it

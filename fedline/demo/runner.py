@@ -60,6 +60,7 @@ class DemoOptions:
     timeout_s: float = 270.0
     tuning: Tuning = field(default_factory=Tuning)
     batch_fraction: float = 0.03  # each site's DP batch = this share of its rows (see report notes)
+    splits: int = 10  # the split study's train/test splits after the run (0: none; see fedline/demo/splitstudy.py)
     progress: bool = True
 
 
@@ -128,6 +129,20 @@ def prepare_run_dir(run_dir: Path) -> Path:
     return run_dir
 
 
+def _load_kwargs(opts: DemoOptions) -> dict[str, Any]:
+    """How this run reads its data (:func:`load_demo_data` without the split seed)."""
+    return {"csv_path": opts.csv, "site_column": opts.site_column, "label": opts.label, "features": opts.features,
+            "task": opts.task, "n_sites": opts.n_sites, "max_rows_per_site": opts.max_rows_per_site}
+
+
+def _missed_rounds(cut_state: dict, intermittent: str) -> dict[str, tuple[int, int]]:
+    """The rounds the cut-off site missed: versions ``version_at_cut + 1 .. version_at_restore`` were made without it."""
+    first, end = cut_state.get("version_at_cut"), cut_state.get("version_at_restore")
+    if first is None or end is None or end <= first:
+        return {}
+    return {intermittent: (int(first), int(end))}
+
+
 def site_tuning(data: DemoData, opts: DemoOptions) -> dict[str, Tuning]:
     """Per-site settings: the DP batch is a fixed share of the site's rows (same sampling rate everywhere)."""
     out = {}
@@ -175,8 +190,7 @@ async def run_demo(opts: DemoOptions, console: Any = None) -> dict[str, Any]:
     from fedline.netproxy import TcpProxy
 
     t0 = time.time()
-    data = load_demo_data(opts.csv, site_column=opts.site_column, label=opts.label, features=opts.features,
-                          task=opts.task, n_sites=opts.n_sites, max_rows_per_site=opts.max_rows_per_site)  # type: ignore[arg-type]
+    data = load_demo_data(**_load_kwargs(opts))
     sites = [s.site for s in data.sites]
     _say(console, f"[bold]fedline demo[/]: {data.source.name}, task {data.task}, {len(sites)} sites: "
                   + ", ".join(f"{s.site} ({s.rows} rows, {s.positives} positive)" if data.task == "classification"
@@ -287,6 +301,13 @@ async def run_demo(opts: DemoOptions, console: Any = None) -> dict[str, Any]:
     report = await asyncio.to_thread(
         build_report, opts, data, ws, monitor, recorder, proxies, tunings, intermittent, cut_state, broker_desc,
         duration)
+    if opts.splits > 0:
+        _say(console, f"the split study: the same comparison on {opts.splits} train/test splits, in-process ...")
+        from fedline.demo.splitstudy import run_split_study
+
+        report["split_study"] = await asyncio.to_thread(
+            run_split_study, _load_kwargs(opts), opts.tuning, opts.batch_fraction, data.metric, opts.splits,
+            report["baseline_epochs"], _missed_rounds(cut_state, intermittent))
     from fedline.demo.report import write_report
 
     paths = write_report(report, opts.report_dir)
@@ -569,6 +590,7 @@ def build_report(opts: DemoOptions, data: DemoData, ws: Workspace, monitor, reco
         "raw_records_on_wire": audit_result.raw_records,
         "audit": audit_result.to_dict(),
         "duration_s": round(duration, 1),
+        "baseline_epochs": base_settings.epochs,
         "history": view.history,
         "intermittent": {"site": intermittent, **{k: v for k, v in cut.items() if k != "settled"}},
         "broker": broker_desc,

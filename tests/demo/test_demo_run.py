@@ -2,9 +2,9 @@
 
 Two runs: the bundled AI4I file (three sites, one cut off for a while) with fewer rows and
 versions, and the bring-your-own-data path on a regression CSV made here from a formula plus
-noise. Each asserts what the report must show; the full-size claims (federated beats
-local-only on the smallest site) are for the default run (`make demo`), whose figures are
-in the report it writes.
+noise. Each asserts what the report must show, and runs a 2-split study; the full-size
+claims (federated beats local-only on the smallest site, over 10 splits) are for the
+default run (`make demo`), whose figures are in the report it writes.
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def run_demo(tmp_path: Path, *args: str, timeout: float = 170) -> tuple[dict, st
 @pytest.mark.broker
 def test_shortened_ai4i_demo(tmp_path):
     rep, out = run_demo(tmp_path, "--max-rows-per-site", "400", "--versions", "3", "--cut-after-version", "1",
-                        "--cut-seconds", "3", "--round-seconds", "1.5", "--timeout", "100")
+                        "--cut-seconds", "3", "--round-seconds", "1.5", "--timeout", "100", "--splits", "2")
     assert "private Mosquitto" in out
     assert rep["task"] == "classification" and rep["metric"] == "roc_auc"
     assert [s["site"] for s in rep["sites"]] == ["L", "M", "H"]
@@ -58,6 +58,17 @@ def test_shortened_ai4i_demo(tmp_path):
     assert [h["version"] for h in rep["history"]] == sorted({h["version"] for h in rep["history"]})
     assert (tmp_path / "report" / "metric_per_version.png").stat().st_size > 1000
     assert "Must be shown" in (tmp_path / "report" / "report.md").read_text()
+    study = rep["split_study"]  # the comparison repeated in-process on 2 splits, M missing its cut-off rounds
+    assert study["splits"] == 2 and [r["split_seed"] for r in study["per_split"]] == [0, 1]
+    first, end = study["absent_rounds"]["M"]
+    assert (first, end) == (rep["intermittent"]["version_at_cut"], rep["intermittent"]["version_at_restore"])
+    for r in study["per_split"]:
+        assert set(r["sites"]) == {"L", "M", "H"}
+        for v in r["sites"].values():
+            assert 0.0 <= v["local"] <= 1.0 and 0.0 <= v["federated"] <= 1.0 and 0 < v["epsilon"] <= 8.0
+    assert 0 <= study["sites"]["H"]["federated_wins"] <= 2
+    assert checks["federated_beats_local_on_smallest_site_across_splits"] in (True, False)
+    assert "split study" in out
 
 
 @pytest.mark.broker
@@ -74,7 +85,8 @@ def test_bring_your_own_regression_csv_reports_rmse(tmp_path):
             w.writerow([plant, f"{feed:.3f}", f"{temp:.2f}", f"{load:.4f}", f"{energy:.3f}"])
     rep, out = run_demo(tmp_path, "--csv", str(path), "--site-column", "plant", "--label", "energy",
                         "--features", "feed,temp,load", "--task", "regression", "--versions", "3",
-                        "--cut-after-version", "1", "--cut-seconds", "3", "--round-seconds", "1.5", "--timeout", "100")
+                        "--cut-after-version", "1", "--cut-seconds", "3", "--round-seconds", "1.5", "--timeout", "100",
+                        "--splits", "2")
     assert rep["task"] == "regression" and rep["metric"] == "rmse"
     assert {s["site"]: s["rows"] for s in rep["sites"]} == {"south": 550, "north": 350}
     y = np.array([float(r["energy"]) for r in csv.DictReader(path.open())])
@@ -85,3 +97,6 @@ def test_bring_your_own_regression_csv_reports_rmse(tmp_path):
     assert rep["raw_records_on_wire"] == 0
     assert rep["checks"]["intermittent_site_accounted"]
     assert "RMSE (lower is better)" in (tmp_path / "report" / "report.md").read_text()
+    for r in rep["split_study"]["per_split"]:  # RMSE in the label's unit, for both models
+        for v in r["sites"].values():  # local-only learns the formula (as in the run); 3 versions are few
+            assert 0 < v["local"] < y.std() and 0 < v["federated"] and math.isfinite(v["federated"])

@@ -73,3 +73,48 @@ def test_rmse_lower_is_better(report):
     assert compute_checks(r)["federated_beats_local_on_smallest_site"] is True
     r["sites"][2].update(metric_federated=2.5)
     assert compute_checks(r)["federated_beats_local_on_smallest_site"] is False
+
+
+def _study(metric, pairs_h):
+    """A split study whose smallest site H has these (local, federated) pairs."""
+    from fedline.demo.splitstudy import summarise
+
+    per_split = [{"L": {"local": 0.9, "federated": 0.8}, "H": {"local": loc, "federated": fed}} for loc, fed in pairs_h]
+    return {"splits": len(pairs_h), "method": "test", "per_split": [{"split_seed": i, "sites": r}
+                                                                   for i, r in enumerate(per_split)],
+            "sites": summarise(metric, per_split)}
+
+
+def test_split_study_check_and_section(tmp_path, report):
+    r = copy.deepcopy(report)
+    r["sites"][2]["metric_federated"] = 0.80  # this run: H loses to its local 0.85 ...
+    r["split_study"] = _study("roc_auc", [(0.9, 0.93), (0.7, 0.88), (0.8, 0.85), (0.95, 0.94)])
+    c = compute_checks(r)
+    assert c["federated_beats_local_on_smallest_site"] is False  # ... which stays reported as it is
+    assert c["federated_beats_local_on_smallest_site_across_splits"] is True  # 3 of 4, mean gain > 0
+    h = r["split_study"]["sites"]["H"]
+    assert h["federated_wins"] == 3 and h["mean_gain"] == pytest.approx((0.03 + 0.18 + 0.05 - 0.01) / 4)
+    md = write_report(r, tmp_path / "out")["md"].read_text()
+    assert "in this run: **NO**" in md and "federated ahead in 3 of 4" in md and "| H | 4 | 3 |" in md
+    r["split_study"] = _study("roc_auc", [(0.9, 0.93), (0.7, 0.6), (0.8, 0.75)])  # 1 of 3: not shown
+    assert compute_checks(r)["federated_beats_local_on_smallest_site_across_splits"] is False
+    r["split_study"] = _study("roc_auc", [(0.9, 0.91), (0.7, 0.71), (0.8, 0.5)])  # 2 of 3 but mean gain < 0
+    assert compute_checks(r)["federated_beats_local_on_smallest_site_across_splits"] is False
+    del r["split_study"]
+    assert compute_checks(r)["federated_beats_local_on_smallest_site_across_splits"] is None
+
+
+def test_split_study_rmse_gain_is_the_drop_in_error():
+    from fedline.demo.splitstudy import summarise
+
+    s = summarise("rmse", [{"a": {"local": 2.0, "federated": 1.5}}, {"a": {"local": 1.0, "federated": 1.2}},
+                           {"a": {"local": 3.0, "federated": float("nan")}}])["a"]
+    assert s["splits"] == 2 and s["federated_wins"] == 1  # a NaN split (no positives held out) is left out
+    assert s["mean_gain"] == pytest.approx((0.5 - 0.2) / 2)
+
+
+def test_sign_test():
+    from fedline.demo.splitstudy import sign_test_p
+
+    assert sign_test_p(8, 10) == pytest.approx(56 / 1024)
+    assert sign_test_p(0, 5) == 1.0 and sign_test_p(5, 5) == pytest.approx(1 / 32) and sign_test_p(0, 0) == 1.0
