@@ -139,7 +139,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     if study:
         lines += ["", f"## The split study: the same comparison over {study['splits']} train/test splits", "",
                   f"One run measures the comparison on one draw of held-out rows. Here it is repeated in-process on "
-                  f"split seeds 0-{study['splits'] - 1} (seed 0 is this run's split) with {study['method']}. "
+                  f"split seeds 0-{study['splits'] - 1} (seed 0 is this run's split): {study['method']}. "
                   "Gain is federated minus local-only in the metric's better direction.", "",
                   "| site | splits | federated ahead | mean local-only | mean federated | mean gain | sign test p |",
                   "|---|---|---|---|---|---|---|"]

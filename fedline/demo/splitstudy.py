@@ -108,8 +108,8 @@ def run_split_study(load_kwargs: dict[str, Any], tuning, batch_fraction: float, 
                                   [baseline_epochs] * k, [absent] * k))
     return {
         "splits": k, "split_seeds": list(range(k)),
-        "method": "plain synchronous loop in-process: the demo's training code, DP settings and rounds; "
-                  "local-only as in the report; split seed 0 is the demo's own split",
+        "method": "the plain synchronous loop (the demo's training code, DP settings and rounds; the cut-off "
+                  "site misses the versions it missed in the run) against the report's local-only training",
         "absent_rounds": {site: list(v) for site, v in absent.items()},
         "per_split": [{"split_seed": i, "sites": r} for i, r in enumerate(per_split)],
         "sites": summarise(metric, per_split),
