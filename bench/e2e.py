@@ -6,8 +6,8 @@ Task (issue 7): three sites (AI4I 2020 product types L/M/H, 80/20 split), MLP 5â
 - **chain**: every site is a separate ``fedline edge`` process, the aggregator a
   ``fedline aggregator`` process (synchronous FedAvg: K = 3), all talking to a real
   private Mosquitto through counting TCP proxies. Each edge gets its training rows from
-  a CSV replay (history at full speed, the rest as a live stream, so that rounds keep
-  coming: the agent trains when new rows arrived since its last round).
+  a CSV replay of its training rows at full speed; like the demo's sites, each trains as soon
+  as a new global version arrives (``training.on_new_model``), on the same rows as the plain loop.
 - **plain loop** (the floor): the same training code (``edge.trainer.train_round``, Opacus
   DP-SGD, same batch sizes) and the same sample-weighted averaging in one process, no
   network, no sealing; measured with and without DP.
@@ -96,9 +96,9 @@ def plain_loop(data: DemoData, dp: bool) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- the chain
-def write_configs(data: DemoData, root: Path, broker_urls: dict[str, str], live_seconds: float) -> dict[str, Path]:
+def write_configs(data: DemoData, root: Path, broker_urls: dict[str, str]) -> dict[str, Path]:
     from fedline.demo.data import write_csv
-    from fedline.demo.workspace import Workspace, make_keys, rows_table, split_live, write_toml
+    from fedline.demo.workspace import Workspace, make_keys, rows_table, write_toml
 
     ws = Workspace(root, federation="bench")
     make_keys(ws, [s.site for s in data.sites])
@@ -107,10 +107,7 @@ def write_configs(data: DemoData, root: Path, broker_urls: dict[str, str], live_
     model = model_doc(data)
     for s in data.sites:
         d = root / "sites" / s.site
-        history, live = split_live(s, 0.3)
-        rate = len(live) / live_seconds  # every site's stream lasts the run: the agent trains on new rows
-        write_csv(d / "history.csv", data.columns, history)
-        write_csv(d / "live.csv", data.columns, live)
+        write_csv(d / "history.csv", data.columns, s.train_rows)
         t = tcfg[s.site]
         doc = {
             "site": s.site, "federation": "bench", "data_dir": "state", "model_dir": "models",
@@ -118,10 +115,11 @@ def write_configs(data: DemoData, root: Path, broker_urls: dict[str, str], live_
             "keys": {"private": str(ws.keys / f"{s.site}.key"), "enrollment": str(ws.keys / "enrollment.json")},
             "broker": {"url": broker_urls[s.site], "username": s.site, "password_file": str(ws.credentials(s.site)),
                        "client_id": f"edge-{s.site}", "backoff_min_s": 0.1, "backoff_max_s": 1.0},
-            "sources": [{"kind": "csv", "name": "history", "path": "history.csv"},
-                        {"kind": "csv", "name": "live", "path": "live.csv", "rate_hz": rate}],
+            "sources": [{"kind": "csv", "name": "history", "path": "history.csv"}],
             "rows": rows_table(data), "model": model, "dataset": {"holdout_fraction": 0.0},
-            "training": {"every_rows": 1_000_000, "every_s": 1.0, "min_rows": 20, "epochs": t.epochs,
+            # as in the demo: a round as soon as a new global version arrives, a timer only as the fallback
+            "training": {"every_rows": 1_000_000, "every_s": 5.0, "on_new_model": True, "min_rows": 20,
+                         "epochs": t.epochs,
                          "batch_size": t.batch_size, "lr": t.lr, "momentum": t.momentum, "threads": 1},
             "privacy": {"epsilon": 50.0, "delta": 1e-5, "noise_multiplier": NOISE, "max_grad_norm": CLIP},
         }
@@ -140,7 +138,7 @@ def write_configs(data: DemoData, root: Path, broker_urls: dict[str, str], live_
     return paths
 
 
-async def chain(data: DemoData, live_seconds: float, timeout_s: float) -> dict[str, Any]:
+async def chain(data: DemoData, timeout_s: float) -> dict[str, Any]:
     import psutil
 
     from broker_bridge.chunking import Reassembler
@@ -159,7 +157,7 @@ async def chain(data: DemoData, live_seconds: float, timeout_s: float) -> dict[s
         broker = MosquittoProcess(root / "broker", federation="bench", sites=sites).start()
         proxies = {n: await TcpProxy(broker.port, "127.0.0.1", n).start() for n in ["aggregator", *sites]}
         (root / "broker" / "credentials").mkdir(exist_ok=True)
-        paths = write_configs(data, root, {n: p.url for n, p in proxies.items()}, live_seconds)
+        paths = write_configs(data, root, {n: p.url for n, p in proxies.items()})
         # write_configs made the keys under root/keys; the broker's credentials are in root/broker
         enrollment = Enrollment.load(root / "keys" / "enrollment.json")
         topics = Topics("bench")
@@ -257,13 +255,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--timeout", type=float, default=240.0)
-    ap.add_argument("--live-seconds", type=float, default=90.0,
-                    help="each site's live stream (30 %% of its training rows) lasts this long")
     args = ap.parse_args()
     data = load_demo_data(derived=False)  # the issue's task: the five raw features
     plain_nodp = plain_loop(data, dp=False)
     plain_dp = plain_loop(data, dp=True)
-    ch = asyncio.run(chain(data, args.live_seconds, args.timeout))
+    ch = asyncio.run(chain(data, args.timeout))
     result = {
         "task": "AI4I 2020, sites L/M/H (80/20), MLP 5-32-32-1, 2 epochs/update, 10 versions, DP-SGD + sealing",
         "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},

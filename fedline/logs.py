@@ -17,7 +17,7 @@ class _KeyValueFormatter(logging.Formatter):
         fields: dict[str, Any] = getattr(record, "fields", {})
         ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
         extra = " ".join(f"{k}={_fmt(v)}" for k, v in fields.items())
-        line = f"{ts}Z {record.levelname:<7} {record.name}: {record.getMessage()}"
+        line = f"{ts}.{int(record.msecs):03d}Z {record.levelname:<7} {record.name}: {record.getMessage()}"
         if extra:
             line += " " + extra
         if record.exc_info:

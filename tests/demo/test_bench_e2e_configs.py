@@ -22,16 +22,16 @@ def test_bench_configs_load_and_match_the_task(tmp_path):
     bench = _bench()
     data = load_demo_data(max_rows_per_site=300, derived=False)
     urls = {n: "mqtt://127.0.0.1:1" for n in ["aggregator", "L", "M", "H"]}
-    paths = bench.write_configs(data, tmp_path, urls, live_seconds=60)
+    paths = bench.write_configs(data, tmp_path, urls)
     agg = load_config(paths["aggregator"])
     assert agg.strategy.kind == "fedavg" and agg.model.hidden == [32, 32] and agg.model.n_features == 5
     assert agg.publish.onnx is False
     for site in ("L", "M", "H"):
         cfg = load_edge_config(paths[site])
         assert cfg.training.epochs == 2 and cfg.dp is not None and cfg.model == agg.model
-        live = next(s for s in cfg.sources if s["name"] == "live")
-        rows = sum(1 for _ in (paths[site].parent / "live.csv").open()) - 1
-        assert live["rate_hz"] * 60 == rows  # every live stream lasts the whole run
+        assert cfg.training.on_new_model  # a round per global version, as in the demo
+        rows = sum(1 for _ in (paths[site].parent / "history.csv").open()) - 1
+        assert rows == len(data.site(site).train_rows)  # the chain trains on the plain loop's rows
     # the plain loop uses the very same training settings
     tcfg = bench.training_configs(data)
     assert {s: t.batch_size for s, t in tcfg.items()} == {
