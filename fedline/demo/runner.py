@@ -307,7 +307,9 @@ async def run_demo(opts: DemoOptions, console: Any = None) -> dict[str, Any]:
 
         report["split_study"] = await asyncio.to_thread(
             run_split_study, _load_kwargs(opts), opts.tuning, opts.batch_fraction, data.metric, opts.splits,
-            report["baseline_epochs"], _missed_rounds(cut_state, intermittent))
+            report["baseline_epochs"], _missed_rounds(cut_state, intermittent),
+            on_split=lambda seed, r: _say(console, f"  split {seed}: " + ", ".join(
+                f"{site} local-only {v['local']:.3f} federated {v['federated']:.3f}" for site, v in r.items())))
     from fedline.demo.report import write_report
 
     paths = write_report(report, opts.report_dir)

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import math
 import os
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, replace
 from multiprocessing import get_context
 from typing import Any
@@ -93,19 +94,29 @@ def summarise(metric: str, per_split: list[dict[str, dict[str, float]]]) -> dict
 
 
 def run_split_study(load_kwargs: dict[str, Any], tuning, batch_fraction: float, metric: str, k: int,
-                    baseline_epochs: int, absent: dict[str, tuple[int, int]] | None = None, workers: int | None = None) -> dict[str, Any]:
+                    baseline_epochs: int, absent: dict[str, tuple[int, int]] | None = None,
+                    workers: int | None = None,
+                    on_split: Callable[[int, dict[str, dict[str, float]]], None] | None = None) -> dict[str, Any]:
     """The comparison on split seeds ``0..k-1``; ``load_kwargs`` are :func:`load_demo_data`'s (without seed).
 
     ``baseline_epochs`` is the run's local-only training length (the epochs
-    its busiest site spent). ``absent`` maps a site to the rounds ``(first, end)`` it misses in every
-    split: the run's cut-off site misses the versions made without it.
+    its busiest site spent). ``absent`` maps a site to the rounds ``(first,
+    end)`` it misses in every split: the run's cut-off site misses the
+    versions made without it. ``on_split(seed, result)`` is called as each
+    split finishes (progress for the terminal: the study takes about a minute).
     """
     absent = absent or {}
     workers = max(1, min(k, workers or min(2, os.cpu_count() or 1)))
     t = asdict(replace(tuning))
+    results: dict[int, dict[str, dict[str, float]]] = {}
     with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-        per_split = list(pool.map(_one_split, [load_kwargs] * k, range(k), [t] * k, [batch_fraction] * k,
-                                  [baseline_epochs] * k, [absent] * k))
+        futures = {pool.submit(_one_split, load_kwargs, seed, t, batch_fraction, baseline_epochs, absent): seed
+                   for seed in range(k)}
+        for fut in as_completed(futures):
+            results[futures[fut]] = fut.result()
+            if on_split is not None:
+                on_split(futures[fut], results[futures[fut]])
+    per_split = [results[seed] for seed in range(k)]
     return {
         "splits": k, "split_seeds": list(range(k)),
         "method": "the plain synchronous loop (the demo's training code, DP settings and rounds; the cut-off "
