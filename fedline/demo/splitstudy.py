@@ -24,7 +24,7 @@ import math
 import os
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from multiprocessing import get_context
 from typing import Any
 
@@ -107,7 +107,7 @@ def run_split_study(load_kwargs: dict[str, Any], tuning, batch_fraction: float, 
     """
     absent = absent or {}
     workers = max(1, min(k, workers or min(2, os.cpu_count() or 1)))
-    t = asdict(replace(tuning))
+    t = asdict(tuning)
     results: dict[int, dict[str, dict[str, float]]] = {}
     with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
         futures = {pool.submit(_one_split, load_kwargs, seed, t, batch_fraction, baseline_epochs, absent): seed
