@@ -106,6 +106,7 @@ class EdgeAgent:
         self.sources_done = False
         self._trigger = asyncio.Event()
         self._rebased = False  # a new global version arrived (training.on_new_model)
+        self._first_round_pending = True  # no round yet since start (see _ingest: a backlog that is in)
         self._send_wake = asyncio.Event()
         self._status_dirty = asyncio.Event()
         self._export_lock = asyncio.Lock()
@@ -227,9 +228,13 @@ class EdgeAgent:
                     row = builder.push(item)
                 if row is not None and (row.y is not None or self.spec.task == "anomaly"):
                     batch.append(self._example(row))
-                if batch and (len(batch) >= 64 or queue.empty()):
+                if batch and (len(batch) >= 64 or queue.empty() or item is done):
                     self._store(batch)
                     batch = []
+                if item is done and self.cfg.training.on_new_model and self._first_round_pending and self.new_rows:
+                    # a source's backlog is in (e.g. a historian replay): the first round starts now rather
+                    # than at the fallback timer; later rounds follow the federation's versions
+                    self._trigger.set()
             if batch:
                 self._store(batch)
         finally:
@@ -294,6 +299,7 @@ class EdgeAgent:
 
     async def _round(self) -> str | None:
         triggered = time.perf_counter()
+        self._first_round_pending = False
         cfg = self.cfg
         if cfg.outbox.policy == "stop_training" and self.outbox.is_full():
             depth, nbytes = self.outbox.depth()

@@ -89,7 +89,8 @@ class TrainingConfig:
     momentum: float = 0.0
     max_train_rows: int = 0  # 0 = all stored training rows; else the newest N
     # also train as soon as a new global version is adopted: rounds then follow the federation (each
-    # version gets a fresh update from this site) and ε is not spent twice on one stale base
+    # version gets a fresh update from this site) and ε is not spent twice on one stale base; the first
+    # round then starts as soon as a source has delivered its backlog (a historian replay)
     on_new_model: bool = False
     threads: int = 1  # torch intra-op threads for a round (a line PC has other work)
     seed: int = 0
