@@ -579,7 +579,7 @@ def build_report(opts: DemoOptions, data: DemoData, ws: Workspace, monitor, reco
         "0.64-0.99, and this demo's split (seed 0) is one of the two where it is strongest (0.907). The "
         "federated model beats it on H in 8 of 10 splits (mean gain +0.083 with M missing the versions it "
         "missed in a typical run, +0.106 without), while on split 0 the two tie (plain loop 0.874-0.934 by "
-        "training seed; five demo runs 0.915, 0.847, 0.907, 0.918, 0.912 against 0.906-0.907). So the demo now runs the split "
+        "training seed; six demo runs 0.915, 0.847, 0.907, 0.918, 0.912, 0.889 against 0.906-0.907). So the demo now runs the split "
         "study after the federation and reports both: this run's comparison and the study's.",
         f"Baselines (no DP, in-process, the edge agent's own training code): local-only and central use batch 64, "
         f"SGD lr 0.1 momentum 0.9 (a good non-private setting) for {base_settings.epochs} epochs, the number of "
