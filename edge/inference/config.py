@@ -109,8 +109,14 @@ class OutputConfig:
     qos: Literal[0, 1] = 0
     queue_max: int = 10000  # predictions waiting for the MQTT broker; oldest dropped (counted) beyond
     broker: dict[str, Any] | None = None
+    # the file rotates past this size (a line PC's disk is small and the line never stops): file.1 is the
+    # newest old one, up to file_keep of them; 0 = never rotate
+    file_max_mb: float = 100.0
+    file_keep: int = 5
 
     def validate(self) -> None:
+        if self.file_max_mb < 0 or self.file_keep < 1:
+            raise ValueError(f"need file_max_mb >= 0 and file_keep >= 1, got {self.file_max_mb} and {self.file_keep}")
         for name in ("topic", "alarm_topic"):
             t = getattr(self, name)
             if t is not None and (not t or "+" in t or "#" in t):

@@ -25,10 +25,18 @@ log = logging.getLogger("fedline.infer.output")
 
 
 class JsonlSink:
-    """Appends predictions to a file, flushed after every batch."""
+    """Appends predictions to a file, flushed after every batch; rotates it past ``max_bytes``.
 
-    def __init__(self, path: str | Path) -> None:
+    Rotation happens between batches, so no record is split: ``file`` becomes
+    ``file.1`` (the older ones move up, beyond ``keep`` the oldest is removed)
+    and a new ``file`` is started. ``max_bytes`` 0 never rotates.
+    """
+
+    def __init__(self, path: str | Path, max_bytes: int = 0, keep: int = 5) -> None:
         self.path = Path(path)
+        self.max_bytes = max_bytes
+        self.keep = keep
+        self.rotations = 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fh: TextIO | None = self.path.open("a", encoding="utf-8")
 
@@ -37,6 +45,21 @@ class JsonlSink:
             return
         self._fh.write("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records))
         self._fh.flush()
+        if self.max_bytes and self._fh.tell() >= self.max_bytes:
+            self._rotate()
+
+    def _rotate(self) -> None:
+        assert self._fh is not None
+        self._fh.close()
+        old = lambda i: self.path.with_name(f"{self.path.name}.{i}")  # noqa: E731
+        old(self.keep).unlink(missing_ok=True)
+        for i in range(self.keep - 1, 0, -1):
+            if old(i).exists():
+                old(i).rename(old(i + 1))
+        self.path.rename(old(1))
+        self._fh = self.path.open("a", encoding="utf-8")
+        self.rotations += 1
+        event(log, "output.rotated", path=str(self.path), kept=self.keep)
 
     def close(self) -> None:
         if self._fh is not None:

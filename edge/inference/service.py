@@ -125,7 +125,8 @@ class InferenceService:
         self._blocked: list[tuple[int, str]] = []  # rolled back from (persisted)
         self._canary: deque[tuple[np.ndarray, float]] = deque(maxlen=line.canary.rows)
         self._stopping = asyncio.Event()
-        self._sink = JsonlSink(cfg.path(cfg.output.file)) if cfg.output.file else None
+        self._sink = JsonlSink(cfg.path(cfg.output.file), max_bytes=int(cfg.output.file_max_mb * 2**20),
+                               keep=cfg.output.file_keep) if cfg.output.file else None
         self._mqtt_out: MqttSink | None = None
         self._http: Any = None
         self.origin = line.model_source

@@ -86,3 +86,37 @@ def test_cli_reports_a_bad_config_by_file_and_key(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "line.toml: sources[0].rate: unknown key" in proc.stderr
+
+
+def test_predictions_file_rotates_and_keeps_the_newest(tmp_path: Path) -> None:
+    """A line never stops, a line PC's disk is small: past file_max_mb the file rotates between batches,
+    file_keep old files are kept (the oldest dropped), and no record is split or lost among those kept."""
+    n = 2000
+    cfg = write_config(tmp_path, n)
+    cfg.write_text(cfg.read_text().replace('threshold = 0.5', 'threshold = 0.5\nfile_max_mb = 0.03\nfile_keep = 3'))
+    publish_model(tmp_path / "models", linear_onnx(W, B), 7)
+    proc = subprocess.run([sys.executable, "-m", "fedline.cli", "infer", "--config", str(cfg)],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["predictions.jsonl", "predictions.jsonl.1",
+                                                     "predictions.jsonl.2", "predictions.jsonl.3"]
+    assert "output.rotated" in proc.stderr
+    seqs = []
+    for name in ["predictions.jsonl.3", "predictions.jsonl.2", "predictions.jsonl.1", "predictions.jsonl"]:
+        text = (out / name).read_text()
+        assert text.endswith("\n")
+        if name != "predictions.jsonl":
+            assert len(text.encode()) >= 0.03 * 2**20  # rotated only once past the limit
+        seqs += [json.loads(line)["seq"] for line in text.splitlines()]
+    assert seqs[-1] == n - 1 and seqs == list(range(seqs[0], n))  # contiguous: nothing split or lost in between
+    assert seqs[0] > 0  # the oldest file was dropped
+
+
+def test_cli_refuses_a_rotation_that_keeps_nothing(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, 10)
+    cfg.write_text(cfg.read_text().replace('threshold = 0.5', 'threshold = 0.5\nfile_keep = 0'))
+    proc = subprocess.run([sys.executable, "-m", "fedline.cli", "infer", "--config", str(cfg)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "line.toml" in proc.stderr and "file_keep >= 1" in proc.stderr
