@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from edge.inference.model_dir import publish_model
 from tests.inference.onnx_models import linear_onnx, linear_score
@@ -79,13 +80,17 @@ def test_cli_scores_a_csv_replay_without_importing_torch(tmp_path: Path) -> None
     assert [p["label"] for p in preds] == [float(r["Machine failure"]) for r in rows]
 
 
-def test_cli_reports_a_bad_config_by_file_and_key(tmp_path: Path) -> None:
+@pytest.mark.parametrize("old, new, message", [
+    ('kind = "csv"', 'kind = "csv"\nrate = 3', "line.toml: sources[0].rate: unknown key"),
+    ("threshold = 0.5", "threshold = 0.5\nfile_keep = 0", "line.toml: output: need file_max_mb >= 0 and file_keep >= 1"),
+])
+def test_cli_reports_a_bad_config_by_file_and_key(tmp_path: Path, old: str, new: str, message: str) -> None:
     cfg = write_config(tmp_path, 10)
-    cfg.write_text(cfg.read_text().replace('kind = "csv"', 'kind = "csv"\nrate = 3'))
+    cfg.write_text(cfg.read_text().replace(old, new))
     proc = subprocess.run([sys.executable, "-m", "fedline.cli", "infer", "--config", str(cfg)],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
-    assert "line.toml: sources[0].rate: unknown key" in proc.stderr
+    assert message in proc.stderr
 
 
 def test_predictions_file_rotates_and_keeps_the_newest(tmp_path: Path) -> None:
@@ -112,11 +117,3 @@ def test_predictions_file_rotates_and_keeps_the_newest(tmp_path: Path) -> None:
     assert seqs[-1] == n - 1 and seqs == list(range(seqs[0], n))  # contiguous: nothing split or lost in between
     assert seqs[0] > 0  # the oldest file was dropped
 
-
-def test_cli_refuses_a_rotation_that_keeps_nothing(tmp_path: Path) -> None:
-    cfg = write_config(tmp_path, 10)
-    cfg.write_text(cfg.read_text().replace('threshold = 0.5', 'threshold = 0.5\nfile_keep = 0'))
-    proc = subprocess.run([sys.executable, "-m", "fedline.cli", "infer", "--config", str(cfg)],
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2
-    assert "line.toml" in proc.stderr and "file_keep >= 1" in proc.stderr
