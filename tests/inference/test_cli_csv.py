@@ -116,4 +116,3 @@ def test_predictions_file_rotates_and_keeps_the_newest(tmp_path: Path) -> None:
         seqs += [json.loads(line)["seq"] for line in text.splitlines()]
     assert seqs[-1] == n - 1 and seqs == list(range(seqs[0], n))  # contiguous: nothing split or lost in between
     assert seqs[0] > 0  # the oldest file was dropped
-
