@@ -63,6 +63,10 @@ class AggregatorSection:
     seed: int = 0  # seed of version 0; every edge builds the same version 0 from it
     topic_prefix: str = "fedline"
     keep_checkpoints: int = 10  # model checkpoints kept in the store (lineage is kept for all)
+    # per site, verdicts of the newest this-many counters are kept (pruned as versions are made, so the store
+    # does not grow with every update ever sent); a resend of an older counter is answered as a replay, so
+    # this must exceed every site's outbox.max_count (default 1000)
+    keep_verdicts: int = 10_000
     workers: int = 2  # threads that open sealed updates in parallel (NaCl and numpy release the GIL)
     reassembly_timeout_s: float = 300.0
     reassembly_max_bytes: int = 64 * 1024 * 1024  # per site: incomplete messages held at once
@@ -75,6 +79,9 @@ class AggregatorSection:
         validate_site_id(self.topic_prefix, "topic_prefix")
         if self.keep_checkpoints < 1:
             raise ValueError("keep_checkpoints must be at least 1")
+        if self.keep_verdicts < 10:
+            raise ValueError(f"keep_verdicts must be at least 10 (and above every site's outbox.max_count), "
+                             f"got {self.keep_verdicts}")
         if not 1 <= self.workers <= 64:
             raise ValueError("workers must be between 1 and 64")
 

@@ -284,7 +284,7 @@ class AggregatorCore:
         self.store.commit_version(
             new_version, envelope.encode_tensors(result.model),
             envelope.encode_tensors(result.momentum) if result.momentum else None,
-            lineage, applied, self.cfg.aggregator.keep_checkpoints)
+            lineage, applied, self.cfg.aggregator.keep_checkpoints, keep_verdicts=self.cfg.aggregator.keep_verdicts)
         # committed: only now does the live state change
         self.model, self.momentum, self.version = result.model, result.momentum, new_version
         self.snapshot = (new_version, result.model)  # one assignment: what the publisher thread reads

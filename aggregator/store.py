@@ -25,7 +25,9 @@ So the log of accepted updates is written no later than the model that
 contains them, and kill -9 at any point leaves either the old version and
 buffer or the new ones, never a mix: no update is lost or counted twice.
 Verdicts are kept by ``(site, counter)`` so a resent duplicate (its receipt
-was lost) gets its original verdict again. ``synchronous=NORMAL`` survives a
+was lost) gets its original verdict again; per site only the newest
+``keep_verdicts`` counters are kept (an edge resends only what its bounded
+outbox still holds, so older ones are never asked for again). ``synchronous=NORMAL`` survives a
 killed process; ``fsync = true`` (FULL) also survives a power cut.
 """
 from __future__ import annotations
@@ -262,8 +264,14 @@ class Store:
 
     # -- checkpoints ---------------------------------------------------------------------
     def commit_version(self, version: int, weights: bytes, momentum: bytes | None, lineage: dict[str, Any],
-                       applied: list[Verdict], keep: int, metric: float | None = None) -> None:
-        """New checkpoint + its updates' ``applied`` verdicts + empty buffer, atomically; prune old blobs."""
+                       applied: list[Verdict], keep: int, metric: float | None = None,
+                       keep_verdicts: int | None = None) -> None:
+        """New checkpoint + its updates' ``applied`` verdicts + empty buffer, atomically; prune old blobs.
+
+        With ``keep_verdicts``, each site in ``applied`` also loses the (non-buffered) verdicts more than
+        that many counters below its newest: an index range per site, so pruning costs nothing per
+        update however long the aggregator runs.
+        """
         w = self._write_blob(f"model-{version}.weights", weights)
         m = self._write_blob(f"model-{version}.momentum", momentum) if momentum is not None else None
         with self._lock:
@@ -278,6 +286,12 @@ class Store:
                  (version - keep,)),
             ]
             stmts += [self._verdict_sql(v) for v in applied]
+            if keep_verdicts is not None:
+                newest: dict[str, int] = {}
+                for v in applied:
+                    newest[v.site] = max(newest.get(v.site, v.counter), v.counter)
+                stmts += [("DELETE FROM verdicts WHERE site = ? AND counter <= ? AND verdict != 'buffered'",
+                           (site, top - keep_verdicts)) for site, top in newest.items()]
             self._tx(stmts)
             # committed: the files no row names any more can go
             self._close_segment()

@@ -126,3 +126,29 @@ def test_kill9_anywhere_then_resend_everything_equals_uninterrupted(tmp_path, ki
     seen_ids = [(u["site"], u["counter"]) for x in range(1, v + 1) for u in store.checkpoint(x).lineage["updates"]]
     assert len(seen_ids) == len(set(seen_ids))
     store.close()
+
+
+def test_old_verdicts_are_pruned_per_site_and_recent_duplicates_still_get_theirs(tmp_path):
+    """The store keeps each site's newest keep_verdicts counters, not every update ever sent."""
+    from tests.aggregator.helpers import SPEC_TOML
+
+    fed = make_federation(tmp_path / "fed", ["site-a", "site-b"])
+    core = AggregatorCore(fed.config(strategy='kind = "fedavg"', spec=f"keep_verdicts = 10\n{SPEC_TOML}"))
+    rng = np.random.default_rng(3)
+    sent: dict[int, bytes] = {}
+    for _ in range(30):  # FedAvg over two sites: one version per pair of updates
+        v = core.version
+        sent[len(sent) + 1], _ = fed.seal("site-a", random_delta(core.model, rng), base_version=v)
+        assert core.submit(sent[len(sent)])["verdict"] == "buffered"
+        assert core.submit(fed.seal("site-b", random_delta(core.model, rng), base_version=v)[0])["verdict"] == "applied"
+    assert core.version == 30
+    for site in ("site-a", "site-b"):
+        kept = sorted(c for (s, c) in ((v.site, v.counter) for v in core.store.verdicts()) if s == site)
+        assert kept == list(range(21, 31)), (site, kept)  # 30 - 10 and below are gone
+        assert core.store.max_counter(site) == 30  # replay protection still knows the newest
+    again = core.submit(sent[25])  # a resent duplicate within the window: its original verdict
+    assert (again["verdict"], again["version"]) == ("applied", 25)
+    old = core.submit(sent[5])  # older than any outbox holds: refused, never counted twice
+    assert (old["verdict"], old["reason"]) == ("rejected", "replay")
+    assert core.version == 30
+    core.close()

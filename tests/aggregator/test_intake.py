@@ -13,7 +13,7 @@ from broker_bridge.envelope import UpdateHeader
 from broker_bridge.keys import KeyPair
 from broker_bridge.mosquitto import free_port
 from fedline.config import ConfigError
-from tests.aggregator.helpers import make_federation, random_delta
+from tests.aggregator.helpers import SPEC_TOML, make_federation, random_delta
 
 
 @pytest.fixture
@@ -152,6 +152,8 @@ def test_config_errors_name_the_file_and_key(fed):
         fed.config(extra="[validation]\nmax_nrom = 3.0")
     with pytest.raises(ConfigError, match=r"broker.*url"):
         fed.config(broker='[broker]\nurl = "http://x"')
+    with pytest.raises(ConfigError, match=r"aggregator.toml: aggregator: keep_verdicts must be at least 10 .*got 3"):
+        fed.config(spec="keep_verdicts = 3\n" + SPEC_TOML)
     cfg = fed.config()
     assert cfg.aggregator.state_dir == str(fed.root / "state")  # relative to the file
 
