@@ -115,6 +115,21 @@ def test_every_mounted_config_loads_and_its_files_exist(compose, secrets):
     assert checked == 8  # aggregator, status, 3 edges, 3 line inferences
 
 
+def test_every_edge_outbox_fits_the_aggregators_verdict_window(compose):
+    """An edge resends only what its outbox holds; the aggregator answers a resend from its kept verdicts,
+    so every site's outbox.max_count must stay below [aggregator] keep_verdicts (else a lost receipt could
+    turn an applied update's resend into a 'replay' refusal)."""
+    from aggregator.config import load_config
+    from edge.config import load_edge_config
+
+    parser = build_parser()
+    commands = [parser.parse_args(svc["command"]) for svc in fedline_services(compose).values()]
+    (agg,) = [load_config(host_path(a.config)) for a in commands if a.command == "aggregator"]
+    edges = [load_edge_config(host_path(a.config)) for a in commands if a.command == "edge"]
+    assert len(edges) == 3
+    assert all(e.outbox.max_count < agg.aggregator.keep_verdicts for e in edges)
+
+
 def test_service_hosts_and_volumes_are_declared(compose):
     services = set(compose["services"])
     declared = set(compose["volumes"])
