@@ -70,6 +70,9 @@ class AggregatorSection:
     workers: int = 2  # threads that open sealed updates in parallel (NaCl and numpy release the GIL)
     reassembly_timeout_s: float = 300.0
     reassembly_max_bytes: int = 64 * 1024 * 1024  # per site: incomplete messages held at once
+    # all sites together: beyond it the site holding the most loses its oldest half-sent message (so many
+    # sites, or one flooding, cannot hold sites x reassembly_max_bytes of memory)
+    reassembly_total_max_bytes: int = 1024 * 1024 * 1024
     fsync: bool = False  # SQLite synchronous=FULL (survives power loss) instead of NORMAL (survives kill -9)
 
     def validate(self) -> None:
@@ -84,6 +87,9 @@ class AggregatorSection:
                              f"got {self.keep_verdicts}")
         if not 1 <= self.workers <= 64:
             raise ValueError("workers must be between 1 and 64")
+        if self.reassembly_total_max_bytes < self.reassembly_max_bytes:
+            raise ValueError(f"reassembly_total_max_bytes ({self.reassembly_total_max_bytes}) must be at least "
+                             f"reassembly_max_bytes ({self.reassembly_max_bytes})")
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,8 @@ class Metrics:
                           "60 s", registry=r)
         self.chunk_errors = Counter("fedline_aggregator_chunk_errors", "Chunks that could not be reassembled",
                                     registry=r)
+        self.reassembly_evicted = Counter("fedline_aggregator_reassembly_evicted", "Half-sent updates forgotten "
+                                          "to keep all sites under reassembly_total_max_bytes", registry=r)
         self._recent: deque[float] = deque()
 
     def decided(self, verdict: str, reason: str | None = None, arrival: bool = True) -> None:

@@ -36,6 +36,24 @@ from fedline.logs import event
 log = logging.getLogger("fedline.aggregator")
 
 
+def enforce_total_cap(reassemblers: dict[str, Reassembler], cap: int) -> list[str]:
+    """Evict half-sent messages until all sites together hold at most ``cap`` bytes; returns the sites hit.
+
+    Always from the site holding the most, oldest message first: a site flooding half-sent updates (or
+    just the biggest sender) loses its own before anyone else's.
+    """
+    hit: list[str] = []
+    total = sum(r.held_bytes for r in reassemblers.values())
+    while total > cap:
+        site, r = max(reassemblers.items(), key=lambda kv: kv[1].held_bytes)
+        freed = r.evict_oldest()
+        if not freed:
+            break
+        total -= freed
+        hit.append(site)
+    return hit
+
+
 class Aggregator:
     """``await Aggregator(config).run()`` runs until cancelled (or :meth:`stop`)."""
 
@@ -133,6 +151,11 @@ class Aggregator:
                 event(log, "chunk.rejected", level=logging.WARNING, site=info.site, topic=msg.topic, error=str(exc))
                 continue
             if done is None:
+                evicted = enforce_total_cap(self.reassemblers, self.cfg.aggregator.reassembly_total_max_bytes)
+                if evicted:
+                    self.metrics.reassembly_evicted.inc(len(evicted))
+                    event(log, "reassembly.evicted", level=logging.WARNING, sites=sorted(set(evicted)),
+                          messages=len(evicted), cap=self.cfg.aggregator.reassembly_total_max_bytes)
                 continue
             for r in self.reassemblers.values():  # forget what sites that went quiet left half-sent
                 r.expire()

@@ -141,6 +141,16 @@ class Reassembler:
         p = self._partial.pop(msg_id)
         self.held_bytes -= p.held
 
+    def evict_oldest(self) -> int:
+        """Forget the oldest incomplete message (counted as evicted); returns the bytes freed (0: none held)."""
+        if not self._partial:
+            return 0
+        msg_id = next(iter(self._partial))
+        freed = self._partial[msg_id].held
+        self._drop(msg_id)
+        self.stats.evicted += 1
+        return freed
+
     def expire(self) -> int:
         """Forget incomplete messages older than the timeout; return how many."""
         now = self._clock()

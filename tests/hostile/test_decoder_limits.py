@@ -71,6 +71,33 @@ def test_a_flood_of_first_chunks_stays_under_the_cap() -> None:
     assert r.stats.evicted >= 2000 - 65
 
 
+def test_many_sites_half_sending_stay_under_the_aggregators_total_cap_and_the_flooder_pays() -> None:
+    """Each site's reassembler has its own cap, so many sites (or one flooding) could hold sites x cap;
+    the aggregator's total cap evicts from the biggest holder first, and an honest site's message survives."""
+    from aggregator.service import enforce_total_cap
+
+    sites = {s: chunking.Reassembler(timeout_s=60, max_bytes=64 * 1024) for s in ("honest", "flood", "quiet")}
+    honest = chunking.split(b"h" * 6000, "h1", max_chunk=2000)
+    assert sites["honest"].add(honest[0]) is None
+    for i in range(40):  # the flooder: first chunks of messages it never finishes
+        sites["flood"].add(raw_chunk(f"f{i}", 0, 2, 2000, b"z" * 1000))
+    hit = enforce_total_cap(sites, cap=16 * 1024)
+    assert set(hit) == {"flood"} and len(hit) >= 40 - 16
+    assert sum(r.held_bytes for r in sites.values()) <= 16 * 1024
+    assert sites["flood"].stats.evicted == len(hit) and sites["honest"].stats.evicted == 0
+    done = [sites["honest"].add(c) for c in honest[1:]]
+    assert done[-1] == ("h1", b"h" * 6000)  # the honest update still completes
+    assert enforce_total_cap(sites, cap=16 * 1024) == []  # under the cap: nothing to do
+
+
+def test_the_total_cap_cannot_be_below_one_sites_cap(tmp_path: Path) -> None:
+    from tests.aggregator.helpers import SPEC_TOML, make_federation
+
+    fed = make_federation(tmp_path, ["site-a"])
+    with pytest.raises(ConfigError, match=r"aggregator: reassembly_total_max_bytes \(1000\) must be at least"):
+        fed.config(spec="reassembly_total_max_bytes = 1000\n" + SPEC_TOML)
+
+
 def test_one_message_cannot_hold_more_than_it_announced() -> None:
     """1000 chunks of 1000 bytes, each claiming to be part of a 1000-byte message:
     the reassembler must refuse what goes beyond the announced total (and its cap).
