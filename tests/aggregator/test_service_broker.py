@@ -262,3 +262,34 @@ async def test_buffer_timeout_makes_a_version_when_the_other_sites_are_away(mosq
     finally:
         agg.stop()
         await asyncio.wait_for(task, 30)
+
+
+async def test_total_reassembly_cap_over_mosquitto_the_flooder_pays_and_the_honest_update_is_applied(mosquitto, tmp_path):
+    """A site floods first chunks up to its own cap; an honest site's chunked update then pushes the total over
+    reassembly_total_max_bytes: the flooder's half-sent messages are evicted (counted), the honest one applied."""
+    from tests.aggregator.helpers import SPEC_TOML
+
+    fed = make_federation(tmp_path / "fed", SITES)
+    cfg = fed.config(strategy='kind = "fedasync"', broker=broker_table(mosquitto), extra="[publish]\nonnx = false",
+                     spec="reassembly_max_bytes = 40000\nreassembly_total_max_bytes = 40000\n" + SPEC_TOML)
+    agg = Aggregator(cfg)
+    task = asyncio.create_task(agg.run())
+    try:
+        await eventually(lambda: agg.published_version == 0, 30)
+        async with Site(fed, mosquitto, "site-b") as flooder:
+            flood = [chunking.split(bytes(400), f"f{i}", 270)[0] for i in range(300)]
+            await flooder.client.publish_many([(flooder.topics.update_chunk("site-b", f"f{i}", 0), c)
+                                               for i, c in enumerate(flood)])
+            await eventually(lambda: "site-b" in agg.reassemblers and agg.reassemblers["site-b"].held_bytes > 39_700, 30)
+        async with Site(fed, mosquitto, "site-a") as honest:
+            blob, h = fed.seal("site-a", random_delta(agg.core.model, np.random.default_rng(2)), 0)
+            small = chunking.split(blob, h.msg_id, 200)  # small chunks: held half-sent while the rest arrive
+            assert len(small) >= 3
+            await honest.client.publish_many([(honest.topics.update_chunk("site-a", h.msg_id, i), c)
+                                              for i, c in enumerate(small)])
+            await eventually(lambda: [r["verdict"] for r in honest.receipts] == ["applied"], 30)
+        assert agg.core.metrics.value("fedline_aggregator_reassembly_evicted_total") >= 1
+        assert sum(r.held_bytes for r in agg.reassemblers.values()) <= 40000
+    finally:
+        agg.stop()
+        await asyncio.wait_for(task, 30)
