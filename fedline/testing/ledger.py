@@ -73,6 +73,7 @@ class LedgerReport:
     rejected: int = 0
     dropped_by_policy: int = 0  # the site's outbox policy dropped it before it reached the aggregator
     dropped_after_send: int = 0  # dropped at the site, but it had gone out and was decided anyway
+    pruned: int = 0  # decided long ago: the aggregator kept no verdict row, lineage or receipt settle it
     versions: int = 0
     staleness: Counter = field(default_factory=Counter)  # staleness of taken updates -> count
     lost: list[Key] = field(default_factory=list)
@@ -88,7 +89,7 @@ class LedgerReport:
     def figures(self) -> dict[str, Any]:
         return {"sealed": self.sealed, "applied": self.applied, "buffered": self.buffered, "stale": self.stale,
                 "rejected": self.rejected, "dropped_by_policy": self.dropped_by_policy,
-                "dropped_after_send": self.dropped_after_send, "lost": len(self.lost),
+                "dropped_after_send": self.dropped_after_send, "pruned": self.pruned, "lost": len(self.lost),
                 "duplicated": len(self.duplicated), "phantom": len(self.phantom),
                 "unsettled": len(self.unsettled), "mismatched": len(self.mismatched), "versions": self.versions,
                 "staleness": dict(sorted(self.staleness.items()))}
@@ -102,6 +103,17 @@ class LedgerReport:
         return "; ".join(parts) or "none"
 
 
+def _pruned(k: Key, e: dict, entry: dict | None, versions: list[int] | None) -> dict | None:
+    """The verdict of an update whose row the aggregator pruned: from the lineage (applied) or the site's
+    signed receipt (stale or rejected: they shaped no model); None if neither settles it (then it is lost)."""
+    if entry is not None:
+        return {"msg_id": entry["msg_id"], "verdict": "applied", "version": (versions or [None])[0],
+                "staleness": entry.get("staleness")}
+    if e["state"] in ("stale", "rejected"):
+        return {"msg_id": e["msg_id"], "verdict": e["state"], "version": None, "staleness": None}
+    return None
+
+
 def reconcile(site_dbs: dict[str, Path], aggregator_db: Path) -> LedgerReport:
     """Compare every site's ledger with the aggregator's verdicts and lineage."""
     rep = LedgerReport()
@@ -110,11 +122,18 @@ def reconcile(site_dbs: dict[str, Path], aggregator_db: Path) -> LedgerReport:
     rep.versions = max(lineage) if lineage else 0
     in_lineage: Counter = Counter()
     lineage_version: dict[Key, list[int]] = {}
+    lineage_entry: dict[Key, dict] = {}
     for version, updates in lineage.items():
         for u in updates:
             k = (u["site"], int(u["counter"]))
             in_lineage[k] += 1
             lineage_version.setdefault(k, []).append(version)
+            lineage_entry[k] = u
+    # the aggregator keeps each site's newest keep_verdicts counters; below a site's lowest kept one, an
+    # applied update is known by its lineage (kept for every version) and a refused one by its signed receipt
+    window: dict[str, int] = {}
+    for v in verdicts:
+        window[v["site"]] = min(window.get(v["site"], v["counter"]), v["counter"])
     live_buffer = Counter(buffer)
 
     sealed_keys: set[Key] = set()
@@ -129,7 +148,10 @@ def reconcile(site_dbs: dict[str, Path], aggregator_db: Path) -> LedgerReport:
                     rep.dropped_by_policy += 1
                     continue
                 rep.dropped_after_send += 1
-            elif v is None:
+            elif v is None and e["counter"] < window.get(site, 0):
+                v = _pruned(k, e, lineage_entry.get(k), lineage_version.get(k))
+                rep.pruned += 1
+            if v is None:
                 rep.lost.append(k)
                 continue
             if v["msg_id"] != e["msg_id"]:

@@ -55,6 +55,32 @@ def test_ledger_sees_lost_duplicated_phantom_and_unsettled(tmp_path) -> None:
     assert ("s", 9) in rep.phantom
 
 
+def _pruned_run(tmp_path, site_state_of_5: tuple[str, int]):
+    """30 updates, two per version, 5 stale; the aggregator keeps 10 counters of verdicts (1-20 pruned)."""
+    st = Store(tmp_path / "a.sqlite")
+    for v in range(1, 16):
+        counters = [c for c in (2 * v - 1, 2 * v) if c != 5]
+        if v == 3:
+            st.record(Verdict("s", 5, "u5", "stale", "too_stale", None, 2))
+        st.commit_version(v, b"w", None, {"updates": [{"site": "s", "counter": c, "msg_id": f"u{c}", "staleness": 0}
+                                                      for c in counters]},
+                          [Verdict("s", c, f"u{c}", "applied", None, None, v) for c in counters], keep=10,
+                          keep_verdicts=10)
+    assert min(v.counter for v in st.verdicts()) == 21
+    st.close()
+    _site(tmp_path / "o.sqlite", range(1, 31),
+          {c: (site_state_of_5 if c == 5 else ("applied", (c + 1) // 2)) for c in range(1, 31)})
+    return reconcile({"s": tmp_path / "o.sqlite"}, tmp_path / "a.sqlite")
+
+
+def test_ledger_settles_pruned_verdicts_from_lineage_and_receipts_and_still_sees_a_loss(tmp_path) -> None:
+    rep = _pruned_run(tmp_path / "ok", ("stale", 2))
+    assert rep.exact, rep.problems()
+    assert (rep.sealed, rep.applied, rep.stale, rep.pruned) == (30, 29, 1, 20)
+    lost = _pruned_run(tmp_path / "lost", ("sent", 0))  # no receipt, no verdict row, in no lineage
+    assert lost.lost == [("s", 5)]
+
+
 async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     while data := await reader.read(1024):
         writer.write(data)
