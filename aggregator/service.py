@@ -43,13 +43,12 @@ def enforce_total_cap(reassemblers: dict[str, Reassembler], cap: int) -> list[st
     just the biggest sender) loses its own before anyone else's.
     """
     hit: list[str] = []
+    if not reassemblers or len(reassemblers) * next(iter(reassemblers.values())).max_bytes <= cap:
+        return hit  # every site has the same cap, and together they stay under this one: no sum per chunk
     total = sum(r.held_bytes for r in reassemblers.values())
     while total > cap:
         site, r = max(reassemblers.items(), key=lambda kv: kv[1].held_bytes)
-        freed = r.evict_oldest()
-        if not freed:
-            break
-        total -= freed
+        total -= r.evict_oldest()  # its oldest may hold 0 bytes (a refused first chunk): then the next
         hit.append(site)
     return hit
 
