@@ -54,8 +54,9 @@ MOMENTUM = 0.9
 
 def training_configs(data: DemoData) -> dict[str, Any]:
     from edge.config import TrainingConfig
+    from fedline.demo.workspace import dp_batch_size
 
-    return {s.site: TrainingConfig(epochs=EPOCHS, batch_size=max(16, round(BATCH_FRACTION * len(s.train_rows))),
+    return {s.site: TrainingConfig(epochs=EPOCHS, batch_size=dp_batch_size(len(s.train_rows), BATCH_FRACTION),
                                    lr=LR, momentum=MOMENTUM, threads=1) for s in data.sites}
 
 

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from fedline.demo.data import DemoData, load_demo_data
-from fedline.demo.workspace import Tuning, Workspace, make_keys, write_aggregator, write_site
+from fedline.demo.workspace import Tuning, Workspace, dp_batch_size, make_keys, write_aggregator, write_site
 
 log = logging.getLogger("fedline.demo")
 MARKER = ".fedline-demo-run"
@@ -147,7 +147,7 @@ def site_tuning(data: DemoData, opts: DemoOptions) -> dict[str, Tuning]:
     """Per-site settings: the DP batch is a fixed share of the site's rows (same sampling rate everywhere)."""
     out = {}
     for s in data.sites:
-        batch = max(16, int(round(opts.batch_fraction * len(s.train_rows))))
+        batch = dp_batch_size(len(s.train_rows), opts.batch_fraction)
         out[s.site] = replace(opts.tuning, batch_size=batch)
     return out
 

@@ -42,14 +42,14 @@ def _one_split(load_kwargs: dict[str, Any], split_seed: int, tuning: dict[str, A
     from fedline.demo.baselines import TrainSettings, evaluate, predict, train_plain
     from fedline.demo.data import load_demo_data
     from fedline.demo.plainloop import fedavg
-    from fedline.demo.workspace import Tuning, model_table
+    from fedline.demo.workspace import Tuning, dp_batch_size, model_table
     from models.spec import ModelSpec
 
     torch.set_num_threads(1)
     t = Tuning(**{**tuning, "hidden": tuple(tuning["hidden"])})
     data = load_demo_data(**load_kwargs, seed=split_seed)
     spec = ModelSpec.from_dict({**model_table(data, t), "personal": []})
-    training = {s.site: TrainingConfig(epochs=t.epochs, batch_size=max(16, int(round(batch_fraction * len(s.train_rows)))),
+    training = {s.site: TrainingConfig(epochs=t.epochs, batch_size=dp_batch_size(len(s.train_rows), batch_fraction),
                                        lr=t.lr, momentum=t.momentum, threads=1, seed=t.seed) for s in data.sites}
     privacy = PrivacyConfig(epsilon=t.epsilon, delta=t.delta, noise_multiplier=t.noise_multiplier,
                             max_grad_norm=t.max_grad_norm)

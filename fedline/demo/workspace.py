@@ -56,6 +56,11 @@ class Tuning:
     seed: int = 0
 
 
+def dp_batch_size(n_rows: int, fraction: float) -> int:
+    """A site's DP batch: a fixed share of its rows (the same sampling rate everywhere), at least 16."""
+    return max(16, int(round(fraction * n_rows)))
+
+
 @dataclass
 class Workspace:
     """Paths of one demo run; ``write_*`` functions fill them in."""
