@@ -1,5 +1,5 @@
 # fedline — two commands do all set-up on a fresh machine:
-#   make demo   the whole story on one laptop (private Mosquitto, aggregator, three sites)
+#   make demo   the whole story on one laptop (private Mosquitto, aggregator, four sites)
 #   make test   the test suite (a representative set; `make test-slow` runs the soak tests)
 PY ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv

@@ -37,6 +37,7 @@ from fedline.demo.workspace import Tuning, Workspace, dp_batch_size, make_keys, 
 
 log = logging.getLogger("fedline.demo")
 MARKER = ".fedline-demo-run"
+AI4I_PLANTS = {"L": 2}  # the bundled file's 6,000 L rows as two plants: four sites in all
 
 
 @dataclass
@@ -48,6 +49,9 @@ class DemoOptions:
     task: str | None = None
     n_sites: int | None = None
     max_rows_per_site: int | None = None
+    # site -> N plants of consecutive rows; None: the bundled AI4I file runs its L rows as two plants, so the
+    # federation has four sites and keeps publishing from three while one is away
+    split_sites: dict[str, int] | None = None
     report_dir: Path = Path("demo-report")
     run_dir: Path = Path(".fedline-run")
     broker: str | None = None  # an existing broker's URL
@@ -131,7 +135,9 @@ def prepare_run_dir(run_dir: Path) -> Path:
 def _load_kwargs(opts: DemoOptions) -> dict[str, Any]:
     """How this run reads its data (:func:`load_demo_data` without the split seed)."""
     return {"csv_path": opts.csv, "site_column": opts.site_column, "label": opts.label, "features": opts.features,
-            "task": opts.task, "n_sites": opts.n_sites, "max_rows_per_site": opts.max_rows_per_site}
+            "task": opts.task, "n_sites": opts.n_sites, "max_rows_per_site": opts.max_rows_per_site,
+            "split_sites": opts.split_sites if opts.split_sites is not None else
+            (AI4I_PLANTS if opts.csv is None else None)}
 
 
 def _missed_rounds(cut_state: dict, intermittent: str) -> dict[str, tuple[int, int]]:
