@@ -17,13 +17,14 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# Mosquitto (the real broker the integration tests and the demo use) and socat
+# Mosquitto (the real broker the integration tests and the demo use), RabbitMQ (the broker-cluster tests) and socat
 # (pseudo-terminal pairs for the serial tests). Installed with apt-get when we
 # may (root, as in CI); otherwise we say exactly what will not run.
 sysdeps:
 	@missing=""; \
 	command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing="$$missing mosquitto mosquitto-clients"; \
 	command -v socat >/dev/null 2>&1 || missing="$$missing socat"; \
+	[ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || missing="$$missing rabbitmq-server"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    echo "make: installing$$missing with apt-get"; \
