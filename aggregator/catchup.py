@@ -1,0 +1,78 @@
+"""Catch-up: a site that missed the retained state gets it again, on request.
+
+fedline keeps the current state in retained messages: each site's sealed
+federation key (``sites/<site>/fedkey``), the signed manifest and the model
+chunks. On one Mosquitto that is enough: a site that connects gets them at
+once. On a broker cluster it is not: RabbitMQ 3.10 keeps retained messages on
+the node that took them, so a site connected to another node never sees
+them, and other clustered brokers lose them on a failover.
+
+So retained messages are only an optimisation. The request is the status
+every edge already publishes on each (re)connect and every status period: it
+names the global version the site uses and the key epoch it holds. When a
+site is online and behind (an older version, or an older key epoch), the
+aggregator publishes the current state again: that site's key grant and the
+current release. A live publish reaches every subscriber on every node.
+
+Who can abuse it: a site (or anyone with its broker credentials) can claim to
+be behind as often as it likes. Each site is answered at most once per
+``min_interval_s``, and all answers are coalesced into one republish per
+``min_interval_s``, so a storm of claims costs one release per interval, the
+same traffic as one new version. The answer carries nothing new: the same
+ciphertext every member already may read.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def parse_status(payload: bytes) -> dict[str, Any] | None:
+    """A site's status document, or None when it is not one (garbage is ignored, not answered)."""
+    try:
+        doc = json.loads(payload)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+@dataclass
+class CatchUp:
+    """Decides which sites to answer; :meth:`due` hands them out at most once per interval."""
+
+    min_interval_s: float = 10.0
+    clock: Callable[[], float] = time.monotonic
+    _answered: dict[str, float] = field(default_factory=dict)
+    _pending: set[str] = field(default_factory=set)
+    _last_batch: float = float("-inf")
+
+    def on_status(self, site: str, doc: dict[str, Any], *, version: int, epoch: int) -> bool:
+        """Take one status; True when the site is online and behind (it will be answered)."""
+        if doc.get("state") != "online":
+            return False
+        site_version = doc.get("version")
+        site_epoch = doc.get("epoch")
+        behind_version = isinstance(site_version, int) and not isinstance(site_version, bool) and (
+            site_version < version)
+        behind_epoch = isinstance(site_epoch, int) and not isinstance(site_epoch, bool) and site_epoch < epoch
+        if not (behind_version or behind_epoch):
+            return False
+        if self.clock() - self._answered.get(site, float("-inf")) >= self.min_interval_s:
+            self._pending.add(site)
+        return True
+
+    def due(self) -> list[str]:
+        """The sites to answer now (empty until the interval since the last batch has passed)."""
+        now = self.clock()
+        if not self._pending or now - self._last_batch < self.min_interval_s:
+            return []
+        batch = sorted(self._pending)
+        self._pending.clear()
+        self._last_batch = now
+        for site in batch:
+            self._answered[site] = now
+        return batch
