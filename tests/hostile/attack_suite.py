@@ -94,6 +94,7 @@ def aggregator_toml(broker_url: str, password: str, extra: str = "") -> str:
           if hasattr(ac, "DPConfig") else "")
     return (f'[model]\nkind = "mlp"\nn_features = 5\nhidden = [16]\ntask = "classification"\n'
             f'[strategy]\nkind = "fedbuff"\nbuffer_size = {K}\n{extra}\n{dp}'
+            f'[publish]\nonnx = false\n'
             f'[broker]\nurl = "{broker_url}"\nusername = "aggregator"\npassword = "{password}"\n'
             f'client_id = "agg-attack"\nbackoff_min_s = 0.05\nbackoff_max_s = 0.5\nmax_chunk = 65536\n')
 
