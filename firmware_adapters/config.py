@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fedline.config import ConfigError, parse, resolve_path
-
 from firmware_adapters.registers import Order, RegisterMap, TagSpec, load_register_map
 
 
@@ -272,7 +271,7 @@ def _parse_mqtt_source(cls: type, table: dict[str, Any], file: str | Path | None
         raise ConfigError(file, prefix + "broker", f"write the broker keys ({', '.join(BROKER_KEYS)}) "
                                                    "in the source table itself")
     own = {k: v for k, v in table.items() if k not in BROKER_KEYS}
-    cfg = parse(cls, own, file=file, where=where)
+    cfg: Any = parse(cls, own, file=file, where=where)
     _check_numbers(cfg, file, prefix)
     broker = BrokerSettings.from_table({k: v for k, v in table.items() if k in BROKER_KEYS}, file, where,
                                        backoff_min_s=cfg.reconnect_initial_s,

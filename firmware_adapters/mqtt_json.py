@@ -18,8 +18,9 @@ import asyncio
 import json
 import time
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 from firmware_adapters.config import MqttJsonConfig
 from firmware_adapters.sample import Sample, SourceStats

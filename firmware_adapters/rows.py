@@ -45,14 +45,14 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 import numpy as np
 
 from fedline.config import ConfigError, parse
-
 from firmware_adapters.sample import Sample, Value
 
 Aggregate = Literal["mean", "min", "max", "std", "last"]
@@ -222,7 +222,7 @@ class RowBuilder:
 
     # ----------------------------------------------------------- rows
 
-    def _history_lane(self) -> "RowBuilder":
+    def _history_lane(self) -> RowBuilder:
         if self._history is None:
             ranges, file, where = self._args
             self._history = RowBuilder(self.mapping, ranges, file=file, where=where)

@@ -27,7 +27,8 @@ scalar sample value and are :class:`Unsupported`.
 from __future__ import annotations
 
 import time
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from firmware_adapters.sparkplug import sparkplug_b_pb2 as pb
 

@@ -61,18 +61,28 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 from fedline.logs import event
-
 from firmware_adapters.config import SparkplugConfig
 from firmware_adapters.sample import Sample, SourceStats, Value
 from firmware_adapters.sparkplug import sparkplug_b_pb2 as pb
 from firmware_adapters.sparkplug.codec import (
-    BDSEQ_METRIC, NAMESPACE, Unsupported, WrongField, bdseq_of, metric_value, parse_topic, quality_code, quality_of,
-    rebirth_command, state_topic, type_name,
+    BDSEQ_METRIC,
+    NAMESPACE,
+    Unsupported,
+    WrongField,
+    bdseq_of,
+    metric_value,
+    parse_topic,
+    quality_code,
+    quality_of,
+    rebirth_command,
+    state_topic,
+    type_name,
 )
 
 log = logging.getLogger("fedline.adapters.sparkplug")
