@@ -90,7 +90,7 @@ class SecAggMember:
         bundles, roots = {}, {}
         for pk, k in enumerate(ann.members):
             mine = [shares[p][pk] for p in range(ann.n)]
-            roots[k] = m.root([m.leaf(ch, me, k, p, y_) for p, y_ in enumerate(mine)])
+            roots[k] = m.root(m.leaves(ch, me, k, mine))
             bundles[k] = m.seal_bundle(self.keys, self.enrollment.sites[k].box_pub, ch, k, mine)
         return m.MaskedSubmission(cohort, ch, me, y, bundles, roots, clamped)
 
@@ -123,11 +123,14 @@ class SecAggMember:
     def answer(self, request: m.UnmaskRequest) -> m.Answer:
         """The shares the aggregator needs, and nothing that contradicts an earlier answer."""
         doc, sh, ann, ch = self._survivors(request.survivors_blob)
-        valid = {s for s, sig in request.acks.items()
-                 if s in ann.members and m.ack_is_valid(self.enrollment.sites[s].sign_pub, sig,
-                                                        doc.federation, doc.cohort, sh)}
-        if len(valid) < ann.threshold:
-            raise self._refuse("consistency", f"{len(valid)} valid acks of the survivors announcement, "
+        valid = 0
+        for s, sig in sorted(request.acks.items()):
+            if valid >= ann.threshold:
+                break
+            valid += s in ann.members and m.ack_is_valid(self.enrollment.sites[s].sign_pub, sig,
+                                                         doc.federation, doc.cohort, sh)
+        if valid < ann.threshold:
+            raise self._refuse("consistency", f"{valid} valid acks of the survivors announcement, "
                                               f"{ann.threshold} needed")
         try:
             self.log.pin_ack(doc.cohort, sh)
@@ -151,5 +154,5 @@ class SecAggMember:
                 continue
             self_shares[dealer] = shares[ann.position(dealer)]
             pair_shares[dealer] = {j: shares[ann.position(j)] for j in doc.dropped}
-            leaves[dealer] = [m.leaf(ch, dealer, me, p, y) for p, y in enumerate(shares)]
+            leaves[dealer] = m.leaves(ch, dealer, me, shares)
         return m.Answer(doc.federation, doc.cohort, sh, me, self_shares, pair_shares, leaves, refused)

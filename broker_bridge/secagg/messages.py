@@ -277,8 +277,19 @@ def _field(s: str) -> bytes:
 
 def leaf(cohort_hash: bytes, dealer: str, recipient: str, slot: int, share: int) -> bytes:
     """Commitment to one share. Shares are uniform field elements, so it hides them."""
-    return hashlib.blake2b(cohort_hash + _field(dealer) + _field(recipient) + slot.to_bytes(2, "big")
-                           + shamir.to_bytes(share), digest_size=32, person=b"fedline-sa-leaf").digest()
+    return leaves(cohort_hash, dealer, recipient, [share], first_slot=slot)[0]
+
+
+def leaves(cohort_hash: bytes, dealer: str, recipient: str, shares: list[int], first_slot: int = 0) -> list[bytes]:
+    """The leaves of consecutive slots (one hash prefix, copied per share: this is the hot path)."""
+    base = hashlib.blake2b(cohort_hash + _field(dealer) + _field(recipient), digest_size=32,
+                           person=b"fedline-sa-leaf")
+    out = []
+    for slot, share in enumerate(shares, first_slot):
+        h = base.copy()
+        h.update(slot.to_bytes(2, "big") + share.to_bytes(shamir.SHARE_BYTES, "big"))
+        out.append(h.digest())
+    return out
 
 
 def root(leaves: list[bytes]) -> bytes:

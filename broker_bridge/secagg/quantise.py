@@ -47,9 +47,8 @@ def quantise(x: np.ndarray, clip_range: float, n_members: int,
         raise ValueError("cannot quantise a vector with NaN or infinity")
     clamped = int(np.count_nonzero(np.abs(v) > clip_range))
     v = np.clip(v, -clip_range, clip_range) * scale
-    low = np.floor(v)
     rng = rng or np.random.default_rng()
-    q = low + (rng.random(v.shape) < (v - low))
+    q = np.floor(v + rng.random(v.shape))  # rounds up with probability frac(v): unbiased
     return q.astype(np.int64).astype(np.uint32), clamped  # int64 -> uint32 is reduction mod 2^32
 
 
