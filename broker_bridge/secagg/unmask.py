@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import numpy as np
@@ -18,6 +19,8 @@ from broker_bridge.errors import SecAggError
 from broker_bridge.keys import Enrollment, KeyPair
 from broker_bridge.secagg import messages as m
 from broker_bridge.secagg import prg, quantise, shamir
+
+_EXPAND_THREADS = 2
 
 
 class CohortUnmasker:
@@ -178,12 +181,19 @@ class CohortUnmasker:
         total = np.array(subs[0], dtype=np.uint32)
         for y in subs[1:]:
             total += y
-        for dealer in self.survivors.survivors:
-            total -= prg.mask(secret(self._self_shares[dealer]), total.size)
-            for j in self.survivors.dropped:
-                pm = prg.mask(secret(self._pair_shares[(dealer, j)]), total.size)
-                if j > dealer:  # the dealer added +PRG(s_dj) for a peer later in the order
-                    total -= pm
-                else:
-                    total += pm
+        # (seed, +1/-1 to add/subtract its mask): self masks come off; a dealer added +PRG(s_dj) for a
+        # dropped peer later in the order and -PRG(s_dj) for one earlier, so those come off with the other sign
+        removals = [(secret(self._self_shares[d]), -1) for d in self.survivors.survivors]
+        removals += [(secret(self._pair_shares[(d, j)]), -1 if j > d else 1)
+                     for d in self.survivors.survivors for j in self.survivors.dropped]
+        # expanding the masks (ChaCha20) is the bulk of the work; libsodium runs without the GIL, so two
+        # threads expand while this one adds, a few masks at a time to bound memory
+        with ThreadPoolExecutor(_EXPAND_THREADS) as pool:
+            for start in range(0, len(removals), 4 * _EXPAND_THREADS):
+                batch = removals[start:start + 4 * _EXPAND_THREADS]
+                for (_, sign), pm in zip(batch, pool.map(lambda r: prg.mask(r[0], total.size), batch)):
+                    if sign < 0:
+                        total -= pm
+                    else:
+                        total += pm
         return quantise.dequantise_sum(total, self.ann.clip_range, self.ann.n)
