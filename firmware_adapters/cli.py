@@ -105,7 +105,6 @@ def _sources(args: argparse.Namespace) -> int:
     import json
 
     from fedline.config import ConfigError, load_toml
-
     from firmware_adapters import build_sources
 
     doc = load_toml(args.config)

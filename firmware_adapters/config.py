@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fedline.config import ConfigError, parse, resolve_path
-
 from firmware_adapters.registers import Order, RegisterMap, TagSpec, load_register_map
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import os
 import shutil
 import signal
@@ -191,7 +190,7 @@ async def run_demo(opts: DemoOptions, console: Any = None) -> dict[str, Any]:
     from broker_bridge.keys import Enrollment
     from broker_bridge.mosquitto import MosquittoProcess, free_port, mosquitto_binary
     from broker_bridge.topics import Topics
-    from fedline.demo.audit import RawRecordDetector, TrafficRecorder, audit
+    from fedline.demo.audit import TrafficRecorder
     from fedline.demo.monitor import Monitor, site_table
     from fedline.netproxy import TcpProxy
 
@@ -408,7 +407,7 @@ def build_report(opts: DemoOptions, data: DemoData, ws: Workspace, monitor, reco
                  intermittent: str, cut_state: dict, broker_desc: str, duration: float) -> dict[str, Any]:
     """Everything the report says, from the wire, the sites' files and the in-process baselines."""
     from fedline.demo.audit import RawRecordDetector, audit
-    from fedline.demo.baselines import TrainSettings, evaluate, local_and_central, predict_onnx
+    from fedline.demo.baselines import TrainSettings, local_and_central
     from fedline.demo.metrics import score
     from fedline.demo.workspace import model_table
     from models.spec import ModelSpec

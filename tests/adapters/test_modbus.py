@@ -87,7 +87,7 @@ async def test_word_and_byte_order_match_the_wire_layout(port: int) -> None:
     """Registers laid out by hand (not by our encoder) decode as the PLC manual says."""
     f32 = struct.pack(">f", 1.5)  # 3F C0 00 00
     i32 = struct.pack(">i", 0x12345678)
-    words = lambda b: [int.from_bytes(b[i:i + 2], "big") for i in range(0, len(b), 2)]  # noqa: E731
+    words = lambda b: [int.from_bytes(b[i:i + 2], "big") for i in range(0, len(b), 2)]
     layouts = {
         ("big", "big"): words(f32) + words(i32),  # ABCD
         ("little", "big"): words(f32)[::-1] + words(i32)[::-1],  # CDAB (word swap)
