@@ -20,6 +20,7 @@ on a shared, loaded machine the wall time mostly measures the other processes.
 Usage: ``python bench/secagg.py`` (table) or ``--json`` (one JSON object); ``--quick`` runs
 tiny sizes (the test suite uses it to check the benchmark still runs).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -79,8 +80,7 @@ class _Clock:
 
 
 def _header(site: str, counter: int) -> envelope.UpdateHeader:
-    return envelope.UpdateHeader(site=site, counter=counter, msg_id=f"{site}-u{counter}", base_version=1,
-                                 n_samples=100)
+    return envelope.UpdateHeader(site=site, counter=counter, msg_id=f"{site}-u{counter}", base_version=1, n_samples=100)
 
 
 def run_cohort(n_sites: int, n_params: int, drop_fraction: float, tmp: Path) -> dict[str, Any]:
@@ -88,28 +88,38 @@ def run_cohort(n_sites: int, n_params: int, drop_fraction: float, tmp: Path) -> 
     names = sorted(members)
     rng = np.random.default_rng(n_sites * 7 + n_params)
     # deltas within the per-site bound, like clipped DP deltas; weights like FedBuff's per-site weights
-    deltas = {s: (rng.standard_normal(n_params) * (0.5 * CLIP / np.sqrt(n_params))).astype(np.float32)
-              for s in names}
+    deltas = {s: (rng.standard_normal(n_params) * (0.5 * CLIP / np.sqrt(n_params))).astype(np.float32) for s in names}
     weights = {s: float(w) for s, w in zip(names, rng.uniform(0.5, 1.0, n_sites))}
     now = time.time()
-    ann = m.CohortAnnouncement("bench", secrets.token_hex(16), 1, tuple(names), n_sites // 2 + 1,
-                               min(3, n_sites), now + 3600, now, CLIP, weights)
+    ann = m.CohortAnnouncement(
+        "bench",
+        secrets.token_hex(16),
+        1,
+        tuple(names),
+        n_sites // 2 + 1,
+        min(3, n_sites),
+        now + 3600,
+        now,
+        CLIP,
+        weights,
+    )
     unmasker, blob = CohortUnmasker.announce(ann, enr, agg)
     for s in names:
         members[s].accept_cohort(blob)
-    n_drop = int(round(drop_fraction * n_sites))
+    n_drop = round(drop_fraction * n_sites)
     submitting = names[n_drop:]
     site_plain, site_secure, plain_bytes, secure_bytes, plain_sealed = [], [], [], [], []
     site_plain_cpu: list[float] = []
     site_secure_cpu: list[float] = []
     agg_pub = enr.aggregator.box_pub
-    for i, s in enumerate(submitting):
+    for _i, s in enumerate(submitting):
         t0, c0 = time.perf_counter(), time.process_time()
         sealed = envelope.seal_update(_header(s, 1), {"delta": deltas[s]}, keys[s], agg_pub)
         t1, c1 = time.perf_counter(), time.process_time()
         sub = members[s].mask(ann.cohort, deltas[s].astype(np.float64))
-        secure = envelope.seal_update(_header(s, 2), {"secagg": np.frombuffer(sub.encode(), dtype=np.uint8)},
-                                      keys[s], agg_pub)
+        secure = envelope.seal_update(
+            _header(s, 2), {"secagg": np.frombuffer(sub.encode(), dtype=np.uint8)}, keys[s], agg_pub
+        )
         t2, c2 = time.perf_counter(), time.process_time()
         site_plain.append(t1 - t0)
         site_secure.append(t2 - t1)
@@ -145,16 +155,23 @@ def run_cohort(n_sites: int, n_params: int, drop_fraction: float, tmp: Path) -> 
         secure_sum = unmasker.cohort_sum()
     for mem in members.values():
         mem.close()
-    return {"sites": n_sites, "params": n_params, "dropped": n_drop,
-            "site_plain_ms": 1000 * statistics.median(site_plain),
-            "site_secure_ms": 1000 * statistics.median(site_secure),
-            "site_extra_ms": 1000 * (statistics.median(site_secure) - statistics.median(site_plain)),
-            "site_extra_cpu_ms": 1000 * (statistics.median(site_secure_cpu) - statistics.median(site_plain_cpu)),
-            "plain_bytes": int(statistics.median(plain_bytes)), "secure_bytes": int(statistics.median(secure_bytes)),
-            "bytes_ratio": statistics.median(secure_bytes) / statistics.median(plain_bytes),
-            "plain_aggregate_s": plain_agg_s, "unmask_s": clock.wall, "unmask_cpu_s": clock.cpu,
-            "max_abs_error": float(np.abs(secure_sum - plain_sum).max()),
-            "error_bound": quantise.error_bound(CLIP, n_sites)}
+    return {
+        "sites": n_sites,
+        "params": n_params,
+        "dropped": n_drop,
+        "site_plain_ms": 1000 * statistics.median(site_plain),
+        "site_secure_ms": 1000 * statistics.median(site_secure),
+        "site_extra_ms": 1000 * (statistics.median(site_secure) - statistics.median(site_plain)),
+        "site_extra_cpu_ms": 1000 * (statistics.median(site_secure_cpu) - statistics.median(site_plain_cpu)),
+        "plain_bytes": int(statistics.median(plain_bytes)),
+        "secure_bytes": int(statistics.median(secure_bytes)),
+        "bytes_ratio": statistics.median(secure_bytes) / statistics.median(plain_bytes),
+        "plain_aggregate_s": plain_agg_s,
+        "unmask_s": clock.wall,
+        "unmask_cpu_s": clock.cpu,
+        "max_abs_error": float(np.abs(secure_sum - plain_sum).max()),
+        "error_bound": quantise.error_bound(CLIP, n_sites),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def pick(sites: int, params: int, drop: float, key: str) -> float | None:
         for r in rows:
-            if r["sites"] == sites and r["params"] == params and r["dropped"] == int(round(drop * sites)):
+            if r["sites"] == sites and r["params"] == params and r["dropped"] == round(drop * sites):
                 return r[key]
         return None
 
@@ -182,34 +199,47 @@ def main(argv: list[str] | None = None) -> int:
     s1, p1 = configs[1]
     # the required figures are CPU time: on a shared, loaded machine wall time mostly measures the
     # other processes (both are in the rows)
-    result = {"benchmark": "secagg", "cpus": os.cpu_count(), "python": platform.python_version(),
-              "load_average": [round(load_before, 2), round(load_after, 2)], "time": "cpu",
-              f"site_extra_ms_{s0}x{p0 // 1000}k": pick(s0, p0, 0.0, "site_extra_cpu_ms"),
-              f"unmask_s_{s1}x{p1 // 1000}k_drop0": pick(s1, p1, 0.0, "unmask_cpu_s"),
-              f"unmask_s_{s1}x{p1 // 1000}k_drop20": pick(s1, p1, 0.2, "unmask_cpu_s"),
-              f"site_extra_wall_ms_{s0}x{p0 // 1000}k": pick(s0, p0, 0.0, "site_extra_ms"),
-              f"unmask_wall_s_{s1}x{p1 // 1000}k_drop0": pick(s1, p1, 0.0, "unmask_s"),
-              f"unmask_wall_s_{s1}x{p1 // 1000}k_drop20": pick(s1, p1, 0.2, "unmask_s"),
-              f"bytes_ratio_{s0}x{p0 // 1000}k": pick(s0, p0, 0.0, "bytes_ratio"),
-              "max_abs_error_vs_plain": max(r["max_abs_error"] for r in rows),
-              "max_error_over_bound": max(r["max_abs_error"] / r["error_bound"] for r in rows),
-              "rows": rows}
+    result = {
+        "benchmark": "secagg",
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "load_average": [round(load_before, 2), round(load_after, 2)],
+        "time": "cpu",
+        f"site_extra_ms_{s0}x{p0 // 1000}k": pick(s0, p0, 0.0, "site_extra_cpu_ms"),
+        f"unmask_s_{s1}x{p1 // 1000}k_drop0": pick(s1, p1, 0.0, "unmask_cpu_s"),
+        f"unmask_s_{s1}x{p1 // 1000}k_drop20": pick(s1, p1, 0.2, "unmask_cpu_s"),
+        f"site_extra_wall_ms_{s0}x{p0 // 1000}k": pick(s0, p0, 0.0, "site_extra_ms"),
+        f"unmask_wall_s_{s1}x{p1 // 1000}k_drop0": pick(s1, p1, 0.0, "unmask_s"),
+        f"unmask_wall_s_{s1}x{p1 // 1000}k_drop20": pick(s1, p1, 0.2, "unmask_s"),
+        f"bytes_ratio_{s0}x{p0 // 1000}k": pick(s0, p0, 0.0, "bytes_ratio"),
+        "max_abs_error_vs_plain": max(r["max_abs_error"] for r in rows),
+        "max_error_over_bound": max(r["max_abs_error"] / r["error_bound"] for r in rows),
+        "rows": rows,
+    }
     if args.json:
         print(json.dumps(result))
         return 0
-    print(f"secure aggregation vs plain FedBuff, same updates; {os.cpu_count()} CPUs, load average "
-          f"{load_before:.1f} before, {load_after:.1f} after")
-    head = (f"{'sites':>5} {'params':>9} {'drop':>4} {'site extra ms cpu':>17} {'(wall)':>7} "
-            f"{'bytes ratio':>11} {'plain agg s':>11} {'unmask s cpu':>12} {'(wall)':>7} {'max |err|':>10} "
-            f"{'bound':>9}")
+    print(
+        f"secure aggregation vs plain FedBuff, same updates; {os.cpu_count()} CPUs, load average "
+        f"{load_before:.1f} before, {load_after:.1f} after"
+    )
+    head = (
+        f"{'sites':>5} {'params':>9} {'drop':>4} {'site extra ms cpu':>17} {'(wall)':>7} "
+        f"{'bytes ratio':>11} {'plain agg s':>11} {'unmask s cpu':>12} {'(wall)':>7} {'max |err|':>10} "
+        f"{'bound':>9}"
+    )
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['sites']:>5} {r['params']:>9,} {r['dropped']:>4} {r['site_extra_cpu_ms']:17.1f} "
-              f"{r['site_extra_ms']:7.1f} {r['bytes_ratio']:11.4f} {r['plain_aggregate_s']:11.3f} "
-              f"{r['unmask_cpu_s']:12.3f} {r['unmask_s']:7.3f} {r['max_abs_error']:10.2e} {r['error_bound']:9.2e}")
-    print("site extra = masked update (mask, shares, seal) - plain update (seal), median over sites; unmask = the "
-          "aggregator's part only; max |err| = secure cohort sum vs plain float64 weighted sum; bound = n / scale")
+        print(
+            f"{r['sites']:>5} {r['params']:>9,} {r['dropped']:>4} {r['site_extra_cpu_ms']:17.1f} "
+            f"{r['site_extra_ms']:7.1f} {r['bytes_ratio']:11.4f} {r['plain_aggregate_s']:11.3f} "
+            f"{r['unmask_cpu_s']:12.3f} {r['unmask_s']:7.3f} {r['max_abs_error']:10.2e} {r['error_bound']:9.2e}"
+        )
+    print(
+        "site extra = masked update (mask, shares, seal) - plain update (seal), median over sites; unmask = the "
+        "aggregator's part only; max |err| = secure cohort sum vs plain float64 weighted sum; bound = n / scale"
+    )
     return 0
 
 

@@ -17,6 +17,7 @@ strictly below ``1/scale``, so ``|dequantised sum - exact sum| < n / scale = n^2
 and epsilon is unchanged; the rounding randomness needs no secrecy (it is not a mask) and comes
 from numpy's generator seeded by the OS.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -38,8 +39,9 @@ def error_bound(clip_range: float, n_members: int) -> float:
     return n_members / scale_for(clip_range, n_members)
 
 
-def quantise(x: np.ndarray, clip_range: float, n_members: int,
-             rng: np.random.Generator | None = None) -> tuple[np.ndarray, int]:
+def quantise(
+    x: np.ndarray, clip_range: float, n_members: int, rng: np.random.Generator | None = None
+) -> tuple[np.ndarray, int]:
     """Flat float vector -> (uint32 vector, number of clamped coordinates)."""
     scale = scale_for(clip_range, n_members)
     v = np.asarray(x, dtype=np.float64).ravel()

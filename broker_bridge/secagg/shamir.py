@@ -5,10 +5,11 @@ is 33 bytes. Coefficients come from the OS CSPRNG (``os.urandom``): t - 1 shares
 secret are uniformly distributed and say nothing about it. Share ``k`` is the polynomial
 at ``x = k`` (1-based index of the member in the cohort's sorted member list).
 """
+
 from __future__ import annotations
 
 import os
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 PRIME = 2**256 + 297
 SHARE_BYTES = 33
@@ -23,7 +24,7 @@ def split(secret: int, n: int, t: int) -> list[int]:
         raise ValueError(f"threshold {t} must be in 1..{n}")
     # t - 1 coefficients from one OS read: 40-byte integers reduced mod p (bias below 2^-63)
     pool = os.urandom(_COEFF_BYTES * (t - 1))
-    coeffs = [int.from_bytes(pool[i:i + _COEFF_BYTES], "big") % PRIME for i in range(0, len(pool), _COEFF_BYTES)]
+    coeffs = [int.from_bytes(pool[i : i + _COEFF_BYTES], "big") % PRIME for i in range(0, len(pool), _COEFF_BYTES)]
     coeffs.reverse()
     shares = []
     for x in range(1, n + 1):

@@ -1,4 +1,5 @@
 """bench/secagg.py stays runnable, and on tiny cohorts its secure sum matches the plain one."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -15,8 +16,13 @@ def test_secagg_bench_runs_quick_and_reports_the_required_keys(capsys) -> None:
     spec.loader.exec_module(mod)
     assert mod.main(["--json", "--quick"]) == 0
     doc = json.loads(capsys.readouterr().out)
-    for key in ("site_extra_ms_5x2k", "unmask_s_8x2k_drop0", "unmask_s_8x2k_drop20", "bytes_ratio_5x2k",
-                "max_abs_error_vs_plain"):
+    for key in (
+        "site_extra_ms_5x2k",
+        "unmask_s_8x2k_drop0",
+        "unmask_s_8x2k_drop20",
+        "bytes_ratio_5x2k",
+        "max_abs_error_vs_plain",
+    ):
         assert doc[key] is not None, key
     assert [(r["sites"], r["dropped"]) for r in doc["rows"]] == [(5, 0), (5, 1), (8, 0), (8, 2)]
     assert 0 < doc["max_error_over_bound"] < 1.0  # within the stated quantisation bound, and not exact
