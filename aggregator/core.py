@@ -22,10 +22,11 @@ import logging
 import math
 import time
 from collections import deque
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -156,7 +157,7 @@ class AggregatorCore:
         self.buffer_since: float | None = None  # monotonic time the current buffer got its first update
         for row, sealed in self.store.buffered():
             try:
-                header, tensors = envelope.open_update(sealed, self.keys, self.enrollment)
+                _header, tensors = envelope.open_update(sealed, self.keys, self.enrollment)
             except WireError as exc:  # e.g. the site was revoked since; its update cannot be used
                 event(log, "aggregator.buffer_unreadable", level=logging.ERROR, site=row.site,
                       counter=row.counter, error=str(exc))
@@ -305,7 +306,8 @@ class AggregatorCore:
         return self._top[site]
 
     def _decided(self, site: str, counter: int) -> None:
-        if counter >= 0 and (self._top.get(site) is None or counter > self._top[site]):
+        top = self._top.get(site)
+        if counter >= 0 and (top is None or counter > top):
             self._top[site] = counter
 
     def _refuse(self, site: str, counter: int, msg_id: str, reason: str, detail: str | None,

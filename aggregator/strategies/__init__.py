@@ -14,4 +14,4 @@ def make_strategy(cfg: StrategyConfig, n_sites: int, norm_bound: float | None = 
     return STRATEGIES[cfg.kind](cfg, n_sites, norm_bound)
 
 
-__all__ = ["Accepted", "ReduceResult", "Strategy", "FedAsync", "FedBuff", "FedAvg", "STRATEGIES", "make_strategy"]
+__all__ = ["STRATEGIES", "Accepted", "FedAsync", "FedAvg", "FedBuff", "ReduceResult", "Strategy", "make_strategy"]

@@ -129,7 +129,7 @@ def test_numbers_are_checked_against_their_own_key(tmp_path: Path) -> None:
     assert err.key == "sources[0].group_intervals_s.fast"
     err = error_of(site(tmp_path, '[[sources]]\nkind = "sparkplug"\nurl = "http://broker"\n'))
     assert err.key == "sources[0].url"
-    err = error_of(site(tmp_path, '[[sources]]\nkind = "opcua"\nurl = "http://h"\nnodes = [{tag = "t", node_id = "i=1"}]\n'))
+    err = error_of(site(tmp_path, '[[sources]]\nkind = "opcua"\nurl = "http://h"\nsecurity_mode = "None"\nnodes = [{tag = "t", node_id = "i=1"}]\n'))
     assert err.key == "sources[0].url"
     (tmp_path / "adir").mkdir()
     err = error_of(site(tmp_path, '[[sources]]\nkind = "modbus_tcp"\nhost = "h"\nmap = "adir"\n'))
@@ -146,7 +146,7 @@ _scalars = st.one_of(st.integers(-(2**63), 2**63 - 1), st.floats(), st.text(max_
                      st.sampled_from(["modbus_tcp", "modbus_rtu", "serial", "opcua", "mqtt_json", "sparkplug", "csv",
                                       "d.csv", "holding", "coil", "opc.tcp://h:1", "mqtt://h:1", "big", "E", "kv"]))
 _values = st.recursive(_scalars, lambda inner: st.one_of(st.lists(inner, max_size=3),
-                                                         st.dictionaries(st.sampled_from(_KEYS + ["address", "type", "tag", "node_id"]), inner, max_size=4)),
+                                                         st.dictionaries(st.sampled_from([*_KEYS, "address", "type", "tag", "node_id"]), inner, max_size=4)),
                        max_leaves=8)
 
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 
 import numpy as np
 import pytest
@@ -69,7 +68,7 @@ async def retained_versions(broker) -> set[int]:
         while True:
             try:
                 m = await asyncio.wait_for(c.messages().__anext__(), 1.0)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return seen
             info = topics.parse(m.topic)
             if info.kind in ("weights", "onnx") and m.payload:
@@ -85,7 +84,7 @@ async def test_fedasync_over_mosquitto_stale_poison_and_publish(mosquitto, tmp_p
     try:
         await asyncio.wait_for(agg.started.wait(), 30)
         await eventually(lambda: agg.published_version == 0, 30)
-        manifest, w0, onnx0 = await read_manifest(mosquitto, fed, 0)
+        manifest, w0, _onnx0 = await read_manifest(mosquitto, fed, 0)
         assert manifest["version"] == 0 and manifest["spec"] == cfg.model.to_dict()
         assert set(w0) == {"body.0.weight", "body.0.bias"}  # personal head never published as shared
         rng = np.random.default_rng(1)
@@ -98,7 +97,7 @@ async def test_fedasync_over_mosquitto_stale_poison_and_publish(mosquitto, tmp_p
             deltas = []
             for i, site in enumerate([a, b, a]):
                 d = random_delta(ref, rng, 0.1)
-                blob, h = fed.seal(site.site, d, base_version=0 if i < 2 else 0)
+                blob, h = fed.seal(site.site, d, base_version=0)
                 await site.send(blob, h.msg_id)
                 await eventually(lambda: site.receipt(h.counter), 20)
                 r = site.receipt(h.counter)
@@ -152,7 +151,6 @@ async def test_fedasync_over_mosquitto_stale_poison_and_publish(mosquitto, tmp_p
             np.testing.assert_allclose(w4[k], expected[k], rtol=1e-5, atol=1e-6)
         # the ONNX runs and uses the new body
         import onnxruntime as ort
-
         import torch
 
         from models import Scorer, build_model, load_shared_state
@@ -232,7 +230,7 @@ async def test_broker_restart_is_survived_and_updates_sent_meanwhile_are_decided
                 await eventually(lambda: a.receipt(ha.counter) and b.receipt(hb.counter), 30)
                 assert a.receipt(ha.counter)["verdict"] == b.receipt(hb.counter)["verdict"] == "applied"
         await eventually(lambda: agg.published_version == 3, 30)
-        manifest, weights, _ = await read_manifest(mosquitto, fed, 3)
+        manifest, _weights, _ = await read_manifest(mosquitto, fed, 3)
         assert manifest["onnx"]["size"] == 0 and manifest["weights"]["chunks"] >= 1
         assert agg.client is not None and agg.client.stats.connects >= 2
     finally:
