@@ -32,8 +32,8 @@ import numpy as np
 
 from aggregator import fairness
 from aggregator.config import AggregatorConfig
-from aggregator.normbound import effective_bounds
 from aggregator.metrics import Metrics
+from aggregator.normbound import effective_bounds
 from aggregator.store import BufferedRow, Store, Verdict
 from aggregator.strategies import Accepted, make_strategy
 from aggregator.validate import ValidationError, check_update

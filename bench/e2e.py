@@ -96,8 +96,8 @@ def plain_loop(data: DemoData, dp: bool) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- the chain
 def write_configs(data: DemoData, root: Path, broker_urls: dict[str, str]) -> dict[str, Path]:
-    from fedline.demo.data import write_csv
     from aggregator.normbound import dp_table
+    from fedline.demo.data import write_csv
     from fedline.demo.workspace import Workspace, make_keys, rows_table, write_toml
 
     ws = Workspace(root, federation="bench")

@@ -4,10 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from aggregator.config import DPConfig
 from aggregator.core import AggregatorCore
 from aggregator.fairness import FairnessError
 from aggregator.normbound import honest_bound
-from aggregator.config import DPConfig
 from fedline.config import ConfigError
 from tests.aggregator.helpers import make_federation, random_delta
 

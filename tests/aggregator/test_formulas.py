@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 
 from aggregator.config import StrategyConfig
-from aggregator.strategies import Accepted, FedAsync, FedBuff
-from aggregator.strategies import aggregate
+from aggregator.strategies import Accepted, FedAsync, FedBuff, aggregate
 
 
 def up(delta: float | list[float], s: int, factor: float, site: str = "s", n: int = 10, base=None) -> Accepted:

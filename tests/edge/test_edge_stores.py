@@ -82,7 +82,8 @@ def test_a_receipt_for_an_update_refused_before_its_header_settles_by_msg_id(tmp
     assert not ob.settle(-1, "m9", "rejected", "signature", 0)  # another update's id: nothing
     assert ob.settle(-1, "m1", "rejected", "signature", 0)
     assert [r.counter for r in ob.pending(900)] == [2]
-    assert [(e.counter, e.state, e.reason) for e in ob.ledger()][0] == (1, "rejected", "signature")
+    first = ob.ledger()[0]
+    assert (first.counter, first.state, first.reason) == (1, "rejected", "signature")
 
 
 def test_a_buffered_update_superseded_by_the_same_site_ends_stale_in_the_ledger(tmp_path) -> None:

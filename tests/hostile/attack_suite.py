@@ -156,7 +156,7 @@ async def run(workdir: Path, attack: str | None, loops: int, extra: str = "", da
     from tests.parties import Party
 
     data = data or load_data()
-    workdir.mkdir(parents=True, exist_ok=True)
+    await asyncio.to_thread(workdir.mkdir, parents=True, exist_ok=True)
     sites = [*HONEST, ATTACKER]
     broker = MosquittoProcess(workdir / "broker", federation=FEDERATION, sites=sites)
     broker.start()
