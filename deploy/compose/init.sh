@@ -23,7 +23,7 @@ if [ ! -f "$SECRETS/keys/enrollment.json" ]; then
     --site "$SECRETS/keys/L.pub.json" --site "$SECRETS/keys/M.pub.json" --site "$SECRETS/keys/H.pub.json" \
     --out "$SECRETS/keys/enrollment.json"
 fi
-fedline broker config --enrollment "$SECRETS/keys/enrollment.json" --out "$SECRETS/broker" --bind 0.0.0.0 --port 1883 --user mosquitto --keep-passwords
+fedline broker config --enrollment "$SECRETS/keys/enrollment.json" --out "$SECRETS/broker" --bind 0.0.0.0 --port 8883 --host mosquitto --host localhost --user mosquitto --keep-passwords
 # the broker container runs as uid 1883 (mosquitto); the fedline containers as uid 10001 (fedline)
 chmod 0755 "$SECRETS/broker" "$SECRETS/broker/credentials"
 chmod 0644 "$SECRETS"/broker/credentials/*.password

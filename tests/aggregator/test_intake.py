@@ -178,14 +178,14 @@ def test_the_example_config_parses():
     assert cfg.aggregator.state_dir.endswith("aggregator/state")
 
 
-def test_cli_reports_a_config_error_with_exit_code_2(fed, capsys):
+def test_cli_reports_a_config_error_with_exit_code_78(fed, capsys):
     from fedline.cli import main
 
     path = fed.write_config(strategy='kind = "fedasync"\nbuffer_sise = 3')
-    assert main(["aggregator", "--config", str(path)]) == 2
+    assert main(["aggregator", "--config", str(path)]) == 78
     err = capsys.readouterr().err
     assert "aggregator.toml: strategy.buffer_sise: unknown key" in err
-    assert main(["status", "--config", str(fed.root / "missing.toml")]) == 2
+    assert main(["status", "--config", str(fed.root / "missing.toml")]) == 78
     assert "missing.toml" in capsys.readouterr().err
 
 

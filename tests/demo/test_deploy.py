@@ -142,17 +142,20 @@ def test_service_hosts_and_volumes_are_declared(compose):
             assert dep in services, f"{name} depends on unknown {dep}"
     for site in "LMH":
         text = (ROOT / "deploy" / "compose" / "sites" / site / "site.toml").read_text()
-        assert f'host = "plc-{site}"' in text and 'url = "mqtt://mosquitto:1883"' in text
+        assert f'host = "plc-{site}"' in text and 'url = "mqtts://mosquitto:8883"' in text
+        assert f'ca_file = "{SECRETS}/broker/pki/ca.crt"' in text
 
 
 def test_init_writes_broker_config_with_acl_for_every_site(secrets):
     conf = (secrets / "broker" / "mosquitto.conf").read_text()
-    assert "listener 1883 0.0.0.0" in conf and "allow_anonymous false" in conf
+    assert "listener 8883 0.0.0.0" in conf and "allow_anonymous false" in conf
+    assert f"certfile {secrets}/broker/pki/server.crt" in conf and "use_username_as_clientid true" in conf
+    assert conf.count("listener ") == 1  # TLS only: no plaintext listener in a deployment
     assert f"password_file {secrets}/broker/passwd" in conf
     acl = (secrets / "broker" / "acl").read_text()
     assert "pattern write fedline/plant/sites/%u/update/#" in acl
     users = {line.split(":")[0] for line in (secrets / "broker" / "passwd").read_text().split()}
-    assert users == {"aggregator", "observer", "L", "M", "H"}
+    assert users == {"aggregator", "observer", "L", "M", "H", "L.line", "M.line", "H.line"}
     assert (secrets / "keys" / "L.key").stat().st_mode & 0o077 == 0
 
 
@@ -194,9 +197,9 @@ async def test_plant_bridge_forwards_updates_and_models(tmp_path):
     central = MosquittoProcess(tmp_path / "central", federation="plant-a", sites=["press-3"]).start()
     plant = MosquittoProcess(tmp_path / "plant", federation="plant-a", sites=["press-3"])
     bridge = (ROOT / "deploy" / "mosquitto" / "plant-bridge.conf").read_text()
-    bridge = bridge.replace("central.example.com:8883", f"127.0.0.1:{central.port}")
+    bridge = bridge.replace("central.example.com:8883", f"127.0.0.1:{central.tls_port}")  # over TLS
     bridge = bridge.replace("CHANGE-ME-from-credentials/press-3.password", central.password("press-3"))
-    bridge = "\n".join(line for line in bridge.splitlines() if not line.startswith("bridge_cafile"))
+    bridge = bridge.replace("/etc/mosquitto/certs/central-ca.crt", central.ca_file)
     with plant.paths["conf"].open("a") as fh:
         fh.write("\n" + bridge + "\n")
     plant.start()
