@@ -1,5 +1,5 @@
 # fedline — two commands do all set-up on a fresh machine:
-#   make demo   the whole story on one laptop (private Mosquitto, aggregator, three sites)
+#   make demo   the whole story on one laptop (private Mosquitto, aggregator, four sites)
 #   make test   the test suite (a representative set; `make test-slow` runs the soak tests)
 PY ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: venv sysdeps test test-slow test-all demo bench fuzz clean
+.PHONY: venv sysdeps check test test-slow test-all demo bench fuzz clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -33,6 +33,14 @@ sysdeps:
 	    echo "      Install it with: sudo apt-get install$$missing"; \
 	  fi; \
 	fi
+
+# The guardrails: lint and format (ruff), types (mypy: strict for the wire, the models, the strategies and the
+# config loader), and the layer contracts between the top-level packages (import-linter, .importlinter).
+check: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 # Without a mosquitto binary the broker tests cannot run: we say which, and run the rest.
 test: venv sysdeps

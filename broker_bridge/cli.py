@@ -5,13 +5,17 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from broker_bridge.keys import PublicKeys
 
 
 from broker_bridge.mosquitto import (DEFAULT_AUTOSAVE_S, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_PACKET,
                                      DEFAULT_MAX_QUEUED_BYTES, DEFAULT_MAX_QUEUED_MESSAGES)
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     keys = sub.add_parser("keys", help="create key pairs, export public keys, build the enrollment file")
     ks = keys.add_subparsers(dest="keys_cmd", required=True, metavar="ACTION")
     new = ks.add_parser("new", help="create a site's or the aggregator's key pair (mode 0600)")
@@ -92,7 +96,7 @@ def _keys_new(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_public(path: Path):
+def _load_public(path: Path) -> PublicKeys:
     from broker_bridge.errors import KeyFileError
     from broker_bridge.keys import KeyPair, PublicKeys
 

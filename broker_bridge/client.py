@@ -33,6 +33,7 @@ import aiomqtt
 import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 from broker_bridge.chunking import DEFAULT_MAX_CHUNK, max_payload_for_packet
 from broker_bridge.errors import NotConnected, PublishRefused
@@ -116,17 +117,19 @@ class _CheckedClient(aiomqtt.Client):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.publish_codes: dict[int, paho.ReasonCode] = {}
+        self.publish_codes: dict[int, ReasonCode] = {}
         self.max_packet_size: int | None = None
         self.session_present = False
 
-    def _on_connect(self, client, userdata, flags, reason_code, properties=None) -> None:  # type: ignore[override]
+    def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason_code: ReasonCode,
+                    properties: Properties | None = None) -> None:
         if properties is not None and hasattr(properties, "MaximumPacketSize"):
             self.max_packet_size = int(properties.MaximumPacketSize)
         self.session_present = bool(getattr(flags, "session_present", False))
         super()._on_connect(client, userdata, flags, reason_code, properties)
 
-    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:  # type: ignore[override]
+    def _on_publish(self, client: paho.Client, userdata: Any, mid: int, reason_code: ReasonCode,
+                    properties: Properties) -> None:
         self.publish_codes[mid] = reason_code
         super()._on_publish(client, userdata, mid, reason_code, properties)
 
@@ -154,7 +157,7 @@ class MqttClient:
     """
 
     def __init__(self, settings: BrokerSettings, will: aiomqtt.Will | None = None,
-                 on_connect: Callable[["MqttClient"], Awaitable[None]] | None = None,
+                 on_connect: Callable[[MqttClient], Awaitable[None]] | None = None,
                  queue_size: int = 10000) -> None:
         settings.validate()
         self.settings = settings
@@ -171,7 +174,7 @@ class MqttClient:
         self._closing = False
 
     # -- lifecycle -------------------------------------------------------------
-    async def __aenter__(self) -> "MqttClient":
+    async def __aenter__(self) -> MqttClient:
         self._closing = False
         self._task = asyncio.create_task(self._run(), name=f"mqtt:{self.settings.client_id}")
         return self
@@ -194,10 +197,10 @@ class MqttClient:
             done, _ = await asyncio.wait({task}, timeout=timeout)
             if not done:
                 client = self._client
-                if client is not None and not client._disconnected.done():  # noqa: SLF001
-                    client._disconnected.set_result(None)  # noqa: SLF001  (ends aiomqtt's wait)
+                if client is not None and not client._disconnected.done():
+                    client._disconnected.set_result(None)
                     with contextlib.suppress(Exception):
-                        client._client.disconnect()  # noqa: SLF001
+                        client._client.disconnect()
                 await asyncio.wait({task}, timeout=timeout)
             if task.done() and not task.cancelled():
                 task.exception()  # retrieved: a failing connection loop is not an error at close
@@ -210,7 +213,7 @@ class MqttClient:
         props = None
         kwargs: dict[str, Any] = {}
         if v5:
-            props = Properties(PacketTypes.CONNECT)
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             props.SessionExpiryInterval = 0 if s.clean_start else s.session_expiry_s
             kwargs["clean_start"] = s.clean_start
         else:
@@ -282,7 +285,7 @@ class MqttClient:
         """Wait until connected; :class:`NotConnected` after ``timeout`` seconds."""
         try:
             await asyncio.wait_for(self.connected.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise NotConnected(f"no connection to {self.settings.url} within {timeout} s"
                                + (f" (last error: {self.last_error})" if self.last_error else "")) from None
 
@@ -363,7 +366,7 @@ def publish_packet_size(topic: str, payload_len: int, qos: int, v5: bool) -> int
 def _check_suback(topic_filter: str, granted: object) -> None:
     """Log a subscription the broker refused (SUBACK code >= 0x80): it would otherwise look granted."""
     for code in granted if isinstance(granted, (list, tuple)) else ():
-        value = int(getattr(code, "value", code))
+        value = int(getattr(code, "value", code) or 0)
         if value >= 0x80:
             event(log, "mqtt.subscribe_refused", level=logging.ERROR, topic=topic_filter,
                   reason=str(code), code=f"0x{value:02x}")
@@ -374,4 +377,4 @@ def will_message(topic: str, payload: bytes, retain: bool = True, qos: int = 1) 
     return aiomqtt.Will(topic, payload, qos, retain)
 
 
-__all__ = ["BrokerSettings", "Message", "MqttClient", "will_message", "ClientStats"]
+__all__ = ["BrokerSettings", "ClientStats", "Message", "MqttClient", "will_message"]

@@ -16,11 +16,11 @@ import asyncio
 import json
 import time
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 from fedline.config import resolve_path
-
 from firmware_adapters.config import MqttJsonConfig
 from firmware_adapters.sample import Sample, SourceStats
 from firmware_adapters.serial_lines import FramingError, flatten

@@ -45,14 +45,14 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 import numpy as np
 
 from fedline.config import ConfigError, parse
-
 from firmware_adapters.sample import Sample, Value
 
 Aggregate = Literal["mean", "min", "max", "std", "last"]

@@ -42,7 +42,7 @@ class Sample:
         return self.quality == "good"
 
     @classmethod
-    def bad(cls, source: str, error: str, ts: float | None = None) -> "Sample":
+    def bad(cls, source: str, error: str, ts: float | None = None) -> Sample:
         """A bad-quality sample recording a failed read (no values)."""
         return cls(ts=time.time() if ts is None else ts, source=source, values={}, quality="bad", error=error)
 

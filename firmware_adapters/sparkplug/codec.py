@@ -11,7 +11,8 @@ DataSet, Template, Bytes, File and arrays are reported as unsupported.
 from __future__ import annotations
 
 import time
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from firmware_adapters.sparkplug import sparkplug_b_pb2 as pb
 

@@ -30,18 +30,23 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 from fedline.config import resolve_path
 from fedline.logs import event
-
 from firmware_adapters.config import SparkplugConfig
 from firmware_adapters.sample import Sample, SourceStats, Value
 from firmware_adapters.sparkplug import sparkplug_b_pb2 as pb
 from firmware_adapters.sparkplug.codec import (
-    BDSEQ_METRIC, NAMESPACE, Unsupported, metric_value, parse_topic, rebirth_command,
+    BDSEQ_METRIC,
+    NAMESPACE,
+    Unsupported,
+    metric_value,
+    parse_topic,
+    rebirth_command,
 )
 
 log = logging.getLogger("fedline.adapters.sparkplug")
