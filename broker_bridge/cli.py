@@ -11,8 +11,13 @@ if TYPE_CHECKING:
     from broker_bridge.keys import PublicKeys
 
 
-from broker_bridge.mosquitto import (DEFAULT_AUTOSAVE_S, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_PACKET,
-                                     DEFAULT_MAX_QUEUED_BYTES, DEFAULT_MAX_QUEUED_MESSAGES)
+from broker_bridge.mosquitto import (
+    DEFAULT_AUTOSAVE_S,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_PACKET,
+    DEFAULT_MAX_QUEUED_BYTES,
+    DEFAULT_MAX_QUEUED_MESSAGES,
+)
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

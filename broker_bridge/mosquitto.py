@@ -62,6 +62,8 @@ def render_acl(topics: Topics, aggregator_user: str = AGGREGATOR_USER,
         f"pattern readwrite {r}/sites/%u/status",
         f"pattern read {r}/sites/%u/receipts",
         f"pattern read {r}/model/#",
+        "# Every service (aggregator, <site>.line): its own retained liveness.",
+        f"pattern readwrite {r}/services/%u/status",
         "",
     ]
     return "\n".join(lines)

@@ -17,6 +17,11 @@ import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
 from broker_bridge.errors import FedlineError
 from broker_bridge.keys import write_private, write_public
 
@@ -33,18 +38,13 @@ class TlsFiles:
     key_file: Path
 
 
-def _name(common_name: str):
-    from cryptography.x509.oid import NameOID
-    from cryptography import x509
-
+def _name(common_name: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedline"),
                       x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
 
 
-def _alt_names(hosts: list[str]):
-    from cryptography import x509
-
-    out = []
+def _alt_names(hosts: list[str]) -> list[x509.GeneralName]:
+    out: list[x509.GeneralName] = []
     for h in hosts:
         try:
             out.append(x509.IPAddress(ipaddress.ip_address(h)))
@@ -60,24 +60,23 @@ def ensure_broker_tls(pki_dir: str | Path, federation: str, hosts: list[str]) ->
     invalidate the CA every site already trusts. A server certificate that does
     not name every host asked for is re-issued from the same CA.
     """
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID
-
     if not hosts:
         raise FedlineError("the broker certificate needs at least one host name or address")
     d = Path(pki_dir)
     d.mkdir(parents=True, exist_ok=True)
     ca_crt, ca_key_p, srv_crt, srv_key_p = d / "ca.crt", d / "ca.key", d / "server.crt", d / "server.key"
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     pem = serialization.Encoding.PEM
-    pkcs8 = dict(encoding=pem, format=serialization.PrivateFormat.PKCS8,
-                 encryption_algorithm=serialization.NoEncryption())
+
+    def private_pem(k: ec.EllipticCurvePrivateKey) -> str:
+        return k.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()).decode()
 
     if ca_crt.exists() and ca_key_p.exists():
         ca_cert = x509.load_pem_x509_certificate(ca_crt.read_bytes())
-        ca_key = serialization.load_pem_private_key(ca_key_p.read_bytes(), password=None)
+        loaded = serialization.load_pem_private_key(ca_key_p.read_bytes(), password=None)
+        if not isinstance(loaded, ec.EllipticCurvePrivateKey):
+            raise FedlineError(f"{ca_key_p} is not the EC key fedline generates; pass your own CA with --ca-file")
+        ca_key = loaded
     else:
         ca_key = ec.generate_private_key(ec.SECP256R1())
         ca_cert = (x509.CertificateBuilder().subject_name(_name(f"fedline {federation} broker CA"))
@@ -90,7 +89,7 @@ def ensure_broker_tls(pki_dir: str | Path, federation: str, hosts: list[str]) ->
                                                 key_cert_sign=True, crl_sign=True, encipher_only=False,
                                                 decipher_only=False), critical=True)
                    .sign(ca_key, hashes.SHA256()))
-        write_private(ca_key_p, ca_key.private_bytes(**pkcs8).decode())
+        write_private(ca_key_p, private_pem(ca_key))
         write_public(ca_crt, ca_cert.public_bytes(pem).decode())
         srv_crt.unlink(missing_ok=True)  # a new CA: any old server certificate no longer chains to it
 
@@ -103,16 +102,14 @@ def ensure_broker_tls(pki_dir: str | Path, federation: str, hosts: list[str]) ->
             .add_extension(x509.SubjectAlternativeName(_alt_names(hosts)), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .sign(ca_key, hashes.SHA256()))  # type: ignore[arg-type]
-    write_private(srv_key_p, key.private_bytes(**pkcs8).decode())
+            .sign(ca_key, hashes.SHA256()))
+    write_private(srv_key_p, private_pem(key))
     write_public(srv_crt, cert.public_bytes(pem).decode())
     return TlsFiles(ca_crt, srv_crt, srv_key_p)
 
 
-def _names_cover(cert_path: Path, hosts: list[str], ca_cert) -> bool:
+def _names_cover(cert_path: Path, hosts: list[str], ca_cert: x509.Certificate) -> bool:
     """Whether the server certificate at ``cert_path`` was issued by ``ca_cert`` and names every host."""
-    from cryptography import x509
-
     cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
     if cert.issuer != ca_cert.subject:
         return False

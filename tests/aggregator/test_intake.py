@@ -166,7 +166,8 @@ def test_prometheus_endpoint_serves_the_aggregator_metrics(fed, core):
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     for name in ("fedline_aggregator_model_version", "fedline_aggregator_staleness_bucket",
                  "fedline_aggregator_buffer_fill 1.0", 'fedline_aggregator_rejections_total{reason="framing"} 1.0',
-                 "fedline_aggregator_updates_per_second"):
+                 "fedline_aggregator_updates_per_second", "process_resident_memory_bytes",
+                 "process_open_fds", "python_gc_objects_collected_total"):
         assert name in text
 
 

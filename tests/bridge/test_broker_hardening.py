@@ -15,7 +15,7 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from broker_bridge.mosquitto import _accepts, MosquittoConfig, free_port, mosquitto_binary, write_broker_config
+from broker_bridge.mosquitto import MosquittoConfig, _accepts, free_port, mosquitto_binary, write_broker_config
 from broker_bridge.topics import Topics
 from fedline.cli import main
 from fedline.config import ConfigError
@@ -95,7 +95,7 @@ class Broker:
             assert self.proc.poll() is None and time.monotonic() < deadline, self.log.read_text()
             time.sleep(0.05)
 
-    def client(self, user: str, client_id: str, *, tls: bool = True, clean: bool = False) -> "Probe":
+    def client(self, user: str, client_id: str, *, tls: bool = True, clean: bool = False) -> Probe:
         return Probe(self, user, client_id, tls=tls, clean=clean)
 
     def stop(self) -> None:
@@ -119,8 +119,8 @@ class Probe:
         self.c.on_disconnect = lambda c, u, f, rc, p: self.disconnects.append(rc.value)
         self.c.on_message = lambda c, u, m: self.received.append(m.payload)
         self.c.on_subscribe = lambda *a: self.subscribed.set()
-        from paho.mqtt.properties import Properties
         from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
 
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = 0 if clean else 3600
