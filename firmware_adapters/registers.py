@@ -181,8 +181,8 @@ def decode(regmap: RegisterMap, tag: TagSpec, raw: Sequence[int] | Sequence[bool
         return str(text)
     value = ModbusClientMixin.convert_from_registers(words, _dtype(tag.type), word_order=regmap.word_order_of(tag))
     if tag.scale != 1.0 or tag.offset != 0.0:
-        return float(value) * tag.scale + tag.offset  # type: ignore[arg-type]
-    return value  # type: ignore[return-value]
+        return float(value) * tag.scale + tag.offset
+    return value
 
 
 def encode(regmap: RegisterMap, tag: TagSpec, value: float | int | bool | str) -> list[int] | list[bool]:

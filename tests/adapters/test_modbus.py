@@ -110,7 +110,7 @@ async def test_word_and_byte_order_match_the_wire_layout(port: int) -> None:
 
 async def test_64_bit_integers_and_strings_match_the_wire_layout(port: int) -> None:
     """int64 / uint64 / string registers laid out by hand from struct and bytes, as a PLC manual shows them."""
-    words = lambda b: [int.from_bytes(b[i:i + 2], "big") for i in range(0, len(b), 2)]  # noqa: E731
+    words = lambda b: [int.from_bytes(b[i:i + 2], "big") for i in range(0, len(b), 2)]
     i64, u64 = struct.pack(">q", -2), struct.pack(">Q", 0x0102030405060708)
     tags = [
         TagSpec(name="i64", table="holding", address=0, type="int64"),
