@@ -78,8 +78,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                       help=f"seconds between saves of the broker's store (default {DEFAULT_AUTOSAVE_S})")
     conf.add_argument("--no-bind-client-ids", action="store_true",
                       help="do not replace client ids by usernames (lets a site take over another's session)")
+    conf.add_argument("--persistence-dir", help="where Mosquitto keeps its store (default OUT/data; "
+                                                "/mosquitto/data in the eclipse-mosquitto image)")
     conf.add_argument("--user", help="system user mosquitto drops to when started as root")
-    conf.add_argument("--keep-passwords", action="store_true", help="reuse credentials/*.password already in --out")
+    conf.add_argument("--credentials-dir", type=Path,
+                      help="where each service's <user>.password goes (default OUT/credentials); outside OUT, "
+                           "the broker's folder holds no plaintext password")
+    conf.add_argument("--keep-passwords", action="store_true",
+                      help="reuse the <user>.password files already in the credentials folder")
     conf.set_defaults(func=_broker_config)
     emb = bs.add_parser("embedded", help="run the embedded amqtt broker (MQTT 3.1.1, no ACL) in the foreground")
     emb.add_argument("--host", default="127.0.0.1")
@@ -200,8 +206,9 @@ def _broker_config(args: argparse.Namespace) -> int:
         print("fedline: give --federation or --enrollment", file=sys.stderr)
         return 2
     passwords: dict[str, str] = {}
-    if args.keep_passwords and (args.out / "credentials").is_dir():
-        for p in (args.out / "credentials").glob("*.password"):
+    creds = args.credentials_dir or args.out / "credentials"
+    if args.keep_passwords and creds.is_dir():
+        for p in creds.glob("*.password"):
             passwords[p.name[: -len(".password")]] = p.read_text().strip()
     cfg = MosquittoConfig(federation=federation, sites=sites, port=args.port, bind=args.bind, hosts=args.hosts,
                           plain_port=args.plain_port, plain_bind=args.plain_bind,
@@ -210,14 +217,15 @@ def _broker_config(args: argparse.Namespace) -> int:
                           autosave_interval_s=args.autosave_interval, bind_client_ids=not args.no_bind_client_ids,
                           ca_file=args.ca_file, cert_file=args.cert_file, key_file=args.key_file,
                           require_client_cert=args.require_client_cert, passwords=passwords,
-                          run_as_user=args.user)
+                          persistence_dir=args.persistence_dir, run_as_user=args.user,
+                          credentials_dir=str(creds))
     paths = write_broker_config(cfg, args.out)
     plain = f", plaintext {args.plain_bind}:{args.plain_port}" if args.plain_port is not None else ""
     print(f"wrote {paths['conf']} (TLS listener {args.bind}:{args.port}{plain}), {paths['acl']}, {paths['passwd']}")
     if "ca" in paths:
         print(f"generated a CA and server certificate in {paths['ca'].parent}: give sites {paths['ca']} "
               f"(public); ca.key never leaves this folder")
-    print(f"credentials for {len(cfg.users())} users in {args.out / 'credentials'} (mode 0600): give each "
+    print(f"credentials for {len(cfg.users())} users in {creds} (mode 0600): give each "
           "service only its own file (<site> for the edge agent, <site>.line for the line)")
     print(f"run it with: mosquitto -c {paths['conf']}")
     return 0

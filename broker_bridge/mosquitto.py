@@ -122,6 +122,8 @@ class MosquittoConfig:
     hosts: list[str] = field(default_factory=list)  # names in a generated certificate; default: bind + loopback
     prefix: str = "fedline"
     persistence: bool = True
+    credentials_dir: str | None = None  # default <out>/credentials: the services' passwords (not the broker's)
+    persistence_dir: str | None = None  # default <out>/data; e.g. /mosquitto/data in the Mosquitto image
     autosave_interval_s: int = DEFAULT_AUTOSAVE_S
     max_packet_size: int = DEFAULT_MAX_PACKET
     max_queued_messages: int = DEFAULT_MAX_QUEUED_MESSAGES
@@ -184,7 +186,7 @@ def write_broker_config(cfg: MosquittoConfig, out_dir: str | Path) -> dict[str, 
             raise FedlineError(f"site id {s!r} is reserved for the broker's {s} user")
         if s.endswith(LINE_SUFFIX):
             raise FedlineError(f"site id {s!r} ends with {LINE_SUFFIX!r}, which names line users")
-    creds = out / "credentials"
+    creds = Path(cfg.credentials_dir).resolve() if cfg.credentials_dir else out / "credentials"
     written: dict[str, Path] = {}
     hashes = []
     for user in cfg.users():
@@ -198,8 +200,9 @@ def write_broker_config(cfg: MosquittoConfig, out_dir: str | Path) -> dict[str, 
     write_private(passwd, "\n".join(hashes) + "\n")
     acl = out / "acl"
     write_public(acl, render_acl(topics, observer_user=OBSERVER_USER if cfg.observer else None))
-    data = out / "data"
-    data.mkdir(exist_ok=True)
+    data = Path(cfg.persistence_dir) if cfg.persistence_dir else out / "data"
+    if not cfg.persistence_dir:
+        data.mkdir(exist_ok=True)
     if cfg.ca_file:
         tls = TlsFiles(Path(cfg.ca_file), Path(cfg.cert_file or ""), Path(cfg.key_file or ""))
     else:
