@@ -238,7 +238,7 @@ class SimSite:
             now = time.time()
             for row in self.outbox.rows():
                 if row.sent_at is not None and row.sent_at >= now - self.resend_after_s:
-                    break  # waiting for its receipt
+                    break  # waiting for its receipt (which wakes this loop)
                 topic0 = self.topics.update_chunk(self.site, row.msg_id, 0)
                 chunks = split(row.blob, row.msg_id, self.client.chunk_limit(topic0))
                 items = [(self.topics.update_chunk(self.site, row.msg_id, i), c) for i, c in enumerate(chunks)]
@@ -253,8 +253,8 @@ class SimSite:
                 await asyncio.to_thread(self.outbox.mark_sent, row.msg_id)
                 break
             self.wake.clear()
-            try:
-                await asyncio.wait_for(self.wake.wait(), 5.0)
+            try:  # woken by a new update or a receipt; the timeout only resends what got no receipt
+                await asyncio.wait_for(self.wake.wait(), self.resend_after_s / 4)
             except TimeoutError:
                 pass
 
@@ -425,7 +425,8 @@ class Conductor:
         cfg = write_federation(self.root, a.sites, a.params, self.broker, self.buffer_size)
         env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         self.agg_log = (self.root / "aggregator.log").open("wb")
-        self.aggregator = subprocess.Popen([sys.executable, "-m", "fedline.cli", "aggregator", "--config", str(cfg)],
+        prof = ["-m", "cProfile", "-o", a.profile_aggregator] if a.profile_aggregator else []
+        self.aggregator = subprocess.Popen([sys.executable, *prof, "-m", "fedline.cli", "aggregator", "--config", str(cfg)],
                                            cwd=self.root, env=env, stdout=self.agg_log, stderr=subprocess.STDOUT,
                                            start_new_session=True)
         self.handles = {"aggregator": psutil.Process(self.aggregator.pid),
@@ -665,6 +666,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--drain-timeout", type=float, default=300.0)
     ap.add_argument("--outbox-dir", help="where the sites' outboxes live (default /dev/shm: see the docstring)")
     ap.add_argument("--workdir", help="keep keys, stores and logs here (default: a temporary folder, removed)")
+    ap.add_argument("--profile-aggregator", metavar="FILE", help="run the aggregator under cProfile (its event "
+                                                                  "loop thread), writing FILE")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
