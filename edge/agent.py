@@ -646,7 +646,10 @@ class EdgeAgent:
         try:
             async with client:
                 await client.subscribe(self.topics.receipts(self.site), qos=1)
-                await client.subscribe(self.topics.model_filter(), qos=1)
+                # the manifest and the weights, not the aggregator's ONNX: this agent builds its own from the
+                # weights (with its personal head), so downloading every version's ONNX too only costs the link
+                await client.subscribe(self.topics.manifest(), qos=1)
+                await client.subscribe(self.topics.weights_filter(), qos=1)
                 tasks = {asyncio.create_task(c, name=f"edge:{self.site}:{n}") for n, c in [
                     ("ingest", self._ingest()), ("train", self._train_loop()), ("send", self._send_loop(client)),
                     ("receive", self._receive_loop(client)), ("status", self._status_loop(client))]}
