@@ -14,8 +14,11 @@ ENV PYTHONUNBUFFERED=1 \
     OMP_NUM_THREADS=1
 
 RUN groupadd --system --gid 10001 fedline \
- && useradd --system --uid 10001 --gid fedline --home-dir /var/lib/fedline --shell /usr/sbin/nologin fedline \
- && mkdir -p /var/lib/fedline && chown fedline:fedline /var/lib/fedline
+ && useradd --system --uid 10001 --gid fedline --home-dir /var/lib/fedline --shell /usr/sbin/nologin fedline
+# Every state directory a compose volume is mounted on exists in the image, owned by fedline:
+# Docker fills a new named volume from the image's directory (content, owner and mode), so
+# the non-root services can write their state. (tests/demo/test_deploy.py runs this line.)
+RUN install -d -o 10001 -g 10001 -m 0750 /var/lib/fedline /var/lib/fedline/aggregator /var/lib/fedline/edge /var/lib/fedline/infer
 
 WORKDIR /app
 RUN pip install --index-url https://download.pytorch.org/whl/cpu "torch==2.13.0"
@@ -31,6 +34,5 @@ COPY data ./data
 RUN pip install .
 
 USER fedline
-VOLUME ["/var/lib/fedline"]
 ENTRYPOINT ["fedline"]
 CMD ["--help"]

@@ -37,7 +37,7 @@ Example::
     retain_versions = 3
 
     [metrics]
-    port = 0                     # Prometheus endpoint; 0 = off
+    port = 19310                 # Prometheus endpoint (no port: off; 0: any free port)
 """
 from __future__ import annotations
 
@@ -49,6 +49,7 @@ from typing import Any, Literal
 from aggregator.evaluation import EvaluationConfig
 from broker_bridge.client import BrokerSettings
 from fedline.config import ConfigError, load_toml, parse, resolve_path
+from fedline.metrics import MetricsConfig
 from models.spec import ModelSpec
 
 
@@ -219,12 +220,6 @@ class PublishConfig:
     def validate(self) -> None:
         if self.retain_versions < 1:
             raise ValueError("retain_versions must be at least 1")
-
-
-@dataclass(frozen=True)
-class MetricsConfig:
-    port: int = 0  # Prometheus endpoint on this port; 0 = off
-    bind: str = "127.0.0.1"
 
 
 @dataclass(frozen=True)

@@ -166,7 +166,8 @@ def test_prometheus_endpoint_serves_the_aggregator_metrics(fed, core):
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     for name in ("fedline_aggregator_model_version", "fedline_aggregator_staleness_bucket",
                  "fedline_aggregator_buffer_fill 1.0", 'fedline_aggregator_rejections_total{reason="framing"} 1.0',
-                 "fedline_aggregator_updates_per_second"):
+                 "fedline_aggregator_updates_per_second", "process_resident_memory_bytes",
+                 "process_open_fds", "python_gc_objects_collected_total"):
         assert name in text
 
 
@@ -178,14 +179,14 @@ def test_the_example_config_parses():
     assert cfg.aggregator.state_dir.endswith("aggregator/state")
 
 
-def test_cli_reports_a_config_error_with_exit_code_2(fed, capsys):
+def test_cli_reports_a_config_error_with_exit_code_78(fed, capsys):
     from fedline.cli import main
 
     path = fed.write_config(strategy='kind = "fedasync"\nbuffer_sise = 3')
-    assert main(["aggregator", "--config", str(path)]) == 2
+    assert main(["aggregator", "--config", str(path)]) == 78
     err = capsys.readouterr().err
     assert "aggregator.toml: strategy.buffer_sise: unknown key" in err
-    assert main(["status", "--config", str(fed.root / "missing.toml")]) == 2
+    assert main(["status", "--config", str(fed.root / "missing.toml")]) == 78
     assert "missing.toml" in capsys.readouterr().err
 
 
