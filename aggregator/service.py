@@ -9,8 +9,15 @@ Three asyncio tasks around one :class:`~aggregator.core.AggregatorCore`:
   decision in a dedicated thread (SQLite and numpy, off the event loop), then
   publishes the signed receipts (QoS 1);
 - **publisher** publishes each new version (weights + ONNX chunks, then the
-  signed manifest, all retained) and clears superseded versions. When versions
-  come faster than ONNX export, it publishes the newest and skips the rest.
+  signed manifest, all retained and encrypted under the federation content
+  key) and clears superseded versions. When versions come faster than ONNX
+  export, it publishes the newest and skips the rest;
+- **enrollment** re-reads the enrollment file when it changes: a revoked site
+  starts a new key epoch (``aggregator.epochs``), whose key is granted to the
+  remaining sites only (``aggregator.grants``).
+
+A retained message on an update topic (Mosquitto cannot forbid retain per
+topic, so a site could park data in the broker's store) is cleared and counted.
 
 A bad message is counted, logged and answered; nothing here stops the
 service except cancellation.
@@ -23,7 +30,7 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from aggregator import publish
+from aggregator import grants, publish
 from aggregator.config import AggregatorConfig
 from aggregator.core import AggregatorCore, Opened
 from aggregator.metrics import Metrics
@@ -85,20 +92,23 @@ class Aggregator:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         self.core = await loop.run_in_executor(self._serial, lambda: AggregatorCore(self.cfg, metrics=self.metrics))
+        self.granter = await loop.run_in_executor(self._serial, grants.Granter, self.core, self.topics)
         if self.cfg.metrics.port:
             self.metrics.serve(self.cfg.metrics.port, self.cfg.metrics.bind)
         queue: asyncio.Queue[asyncio.Future[Opened]] = asyncio.Queue(maxsize=4 * self.cfg.aggregator.workers)
         try:
             async with MqttClient(self._settings()) as client:
                 self.client = client
-                await client.subscribe(self.topics.updates_filter(), qos=1)
+                await client.subscribe(self.topics.updates_filter(), qos=1, retain_as_published=True)
                 await client.connected.wait()  # subscribed (re-made on every connect) before we say so
+                await self.granter.publish_grants(client)
                 self.started.set()
                 event(log, "aggregator.started", federation=self.cfg.aggregator.federation,
                       url=self.cfg.broker.url, version=self.core.version, strategy=self.core.strategy.name)
                 tasks = [asyncio.create_task(self._intake(client, queue), name="agg-intake"),
                          asyncio.create_task(self._decider(client, queue), name="agg-decider"),
-                         asyncio.create_task(self._publisher(client), name="agg-publisher")]
+                         asyncio.create_task(self._publisher(client), name="agg-publisher"),
+                         asyncio.create_task(self._watch_enrollment(client), name="agg-enrollment")]
                 stop = asyncio.create_task(self._stop.wait())
                 try:
                     done, _ = await asyncio.wait([*tasks, stop], return_when=asyncio.FIRST_COMPLETED)
@@ -134,6 +144,8 @@ class Aggregator:
             if info.kind != "update":
                 continue
             assert info.site is not None
+            if msg.retain:  # a site parking data in the broker's store: clear it (empty retained), count it
+                await grants.clear_retained(client, msg.topic, info.site, self.metrics)
             reassembler = self.reassemblers.get(info.site)
             if reassembler is None:
                 a = self.cfg.aggregator
@@ -212,10 +224,11 @@ class Aggregator:
             metric = ck.metric if ck is not None and ck.metric is not None else core.evaluator(shared)
             core.store.set_metric(version, metric)
             event(log, "model.evaluated", version=version, metric=metric, kind=self.cfg.evaluation.metric)
+        epoch = self.granter.epoch
         return publish.build_release(version, shared, self.cfg.model, self.cfg.aggregator.federation, core.keys,
                                      self.topics, self.client.chunk_limit,
                                      self._onnx if self.cfg.publish.onnx else None,
-                                     lineage=core.lineage(version), metric=metric)
+                                     epoch=epoch.number, content_key=epoch.key, metric=metric)
 
     async def _publisher(self, client: MqttClient) -> None:
         loop = asyncio.get_running_loop()
@@ -239,6 +252,14 @@ class Aggregator:
             if core.snapshot[0] == self.published_version:
                 await self._new_version.wait()
                 self._new_version.clear()
+
+    async def _watch_enrollment(self, client: MqttClient) -> None:
+        """Poll the enrollment file; on a change, take it and rotate the key epoch if a site was revoked."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.cfg.aggregator.enrollment_poll_s)
+            if await loop.run_in_executor(self._serial, self.granter.reload_if_changed):
+                await self.granter.publish_grants(client)
 
     async def _clear_old(self, client: MqttClient) -> None:
         core = self.core

@@ -4,8 +4,11 @@ Why from the broker: an operator on any machine with observer credentials can
 see the federation without access to the aggregator's disk. Statuses (retained,
 ``offline`` by last will) and the manifest (retained) arrive at once; receipts
 are not retained, so they are counted while listening for ``--listen`` seconds.
-Manifests and receipts are verified when an enrollment file is given (else
-shown as unverified).
+Receipts are verified when an enrollment file is given (else shown as
+unverified). The observer is an outsider to the models (issue 13): a manifest
+is sealed to the federation's members, so ``status`` shows its version number
+and key epoch, the two numbers outside the ciphertext, and nothing of the
+model; site statuses carry liveness, version, ε and outbox depth only.
 
 Config: the aggregator's own TOML works (its ``[aggregator]`` table gives the
 federation and enrollment; point ``[broker]`` at observer credentials), or a
@@ -30,7 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from broker_bridge.client import BrokerSettings, MqttClient
-from broker_bridge.envelope import verify_manifest, verify_receipt
+from broker_bridge.envelope import verify_receipt
+from broker_bridge.federation_key import sealed_manifest_header
 from broker_bridge.errors import TopicError, WireError
 from broker_bridge.keys import Enrollment
 from broker_bridge.topics import Topics
@@ -77,7 +81,6 @@ class SiteView:
 class FederationView:
     federation: str
     manifest: dict[str, Any] | None = None
-    manifest_verified: bool = False
     sites: dict[str, SiteView] = field(default_factory=dict)
     unverified_receipts: int = 0
     bad_messages: int = 0
@@ -122,10 +125,8 @@ async def collect(cfg: StatusConfig, listen_s: float = 3.0) -> FederationView:
                         doc = {"state": msg.payload.decode("utf-8", "replace")}
                     view.site(info.site).status = doc if isinstance(doc, dict) else {"state": str(doc)}
                 elif info.kind == "manifest":
-                    if sign_pub:
-                        view.manifest, view.manifest_verified = verify_manifest(msg.payload, sign_pub), True
-                    else:
-                        view.manifest = json.loads(msg.payload[68:])
+                    epoch, version = sealed_manifest_header(msg.payload)
+                    view.manifest = {"version": version, "epoch": epoch}
                 elif info.kind == "receipts":
                     if sign_pub:
                         doc = verify_receipt(msg.payload, sign_pub)
@@ -154,8 +155,7 @@ def render(view: FederationView) -> str:
 
     m = view.manifest
     title = f"federation {view.federation}: model version " + (
-        f"{m['version']} ({'signed, verified' if view.manifest_verified else 'unverified'}, "
-        f"{m.get('lineage', {}).get('updates', 0)} updates in it)" if m else "unknown (no manifest)")
+        f"{m['version']} (key epoch {m['epoch']}, sealed to the members)" if m else "unknown (no manifest)")
     table = Table(title=title)
     for col in ("site", "state", "status age", "base version", "last update", "ε spent", "publishing", "outbox",
                 "receipts"):
@@ -166,8 +166,6 @@ def render(view: FederationView) -> str:
         last = sv.last_receipt
         if last:
             last_txt = f"#{last['counter']} {last['verdict']}" + (f" ({last['reason']})" if last.get("reason") else "")
-        elif isinstance(st.get("last_round"), dict) and st["last_round"].get("counter") is not None:
-            last_txt = f"#{st['last_round']['counter']} sent"
         else:
             last_txt = "-"
         eps = st.get("epsilon")

@@ -182,7 +182,7 @@ def _say(console: Any, text: str) -> None:
 async def run_demo(opts: DemoOptions, console: Any = None) -> dict[str, Any]:
     """Run the demo; returns the report dict (also written to ``opts.report_dir``)."""
     from broker_bridge.client import BrokerSettings
-    from broker_bridge.keys import Enrollment
+    from broker_bridge.keys import Enrollment, KeyPair
     from broker_bridge.mosquitto import MosquittoProcess, free_port, mosquitto_binary
     from broker_bridge.topics import Topics
     from fedline.demo.audit import RawRecordDetector, TrafficRecorder, audit
@@ -254,7 +254,9 @@ async def run_demo(opts: DemoOptions, console: Any = None) -> dict[str, Any]:
 
     # -- the observer: progress view and traffic audit --------------------------------
     scorer = Scorer(data)
-    monitor = Monitor(topics, sites, enrollment.aggregator.sign_pub, scorer)
+    # models are for members only: the monitor plays the first site (whose keys the demo made) to score them
+    member = KeyPair.load(ws.keys / f"{sites[0]}.key")
+    monitor = Monitor(topics, sites, enrollment.aggregator.sign_pub, scorer, member=member)
     obs = BrokerSettings(url=f"mqtt://{host}:{port}", client_id="demo-observer", username="observer",
                          password_file=str(ws.credentials("observer")), protocol=protocol,  # type: ignore[arg-type]
                          backoff_min_s=0.1, backoff_max_s=1.0, timeout_s=10.0)
@@ -358,7 +360,7 @@ async def _watch(opts: DemoOptions, monitor, procs: Processes, proxies, intermit
             if not cut_state["cut"] and cut_state["cut_at"] is None and view.version >= opts.cut_after_version:
                 proxies[intermittent].cut()
                 cut_state.update(cut=True, cut_at=round(now - started, 1), version_at_cut=view.version,
-                                 counter_at_cut=int(view.sites[intermittent].status.get("counter") or 0))
+                                 counter_at_cut=view.sites[intermittent].updates_sent)
             if cut_state["cut"] and now - started - cut_state["cut_at"] >= opts.cut_s:
                 proxies[intermittent].restore()
                 cut_state.update(cut=False, restored_at=round(now - started, 1), version_at_restore=view.version)
@@ -371,9 +373,9 @@ async def _watch(opts: DemoOptions, monitor, procs: Processes, proxies, intermit
             if settled:  # what the report accounts for: an update sealed after this (sites train on every
                 # new version) stays safely in that site's outbox when the demo stops
                 sv = view.sites[intermittent]
-                n = int(sv.status.get("counter") or 0)  # the status lags the receipts: count up to it
-                cut_state["settled"] = {"counter": n,
-                                        "verdicts": {c: dict(r) for c, r in sv.verdicts.items() if 0 < c <= n},
+                cut_state["settled"] = {"counter": sv.updates_sent,
+                                        "verdicts": {c: dict(r) for c, r in sv.verdicts.items()
+                                                     if r.get("msg_id") in sv.update_ids},
                                         "outbox_depth": sv.status.get("outbox_depth")}
             if view.version >= target and settled:
                 break
@@ -390,12 +392,12 @@ async def _watch(opts: DemoOptions, monitor, procs: Processes, proxies, intermit
 def _settled(view, site: str) -> bool:
     """The site's outbox is empty and every update it sent has a final verdict."""
     sv = view.sites[site]
-    st = sv.status
-    counter = int(st.get("counter") or 0)
-    if counter == 0 or st.get("outbox_depth", 1) != 0:
+    sent = sv.updates_sent  # update ids are random: count the ids seen on the wire
+    if sent == 0 or sv.status.get("outbox_depth", 1) != 0:
         return False
-    final = [c for c, r in sv.verdicts.items() if r.get("verdict") in ("applied", "stale", "rejected", "buffered")]
-    return len(final) >= counter
+    final = [r for r in sv.verdicts.values() if r.get("msg_id") in sv.update_ids
+             and r.get("verdict") in ("applied", "stale", "rejected", "buffered")]
+    return len(final) >= sent
 
 
 def build_report(opts: DemoOptions, data: DemoData, ws: Workspace, monitor, recorder, proxies, tunings,
@@ -411,7 +413,7 @@ def build_report(opts: DemoOptions, data: DemoData, ws: Workspace, monitor, reco
     t = opts.tuning
     spec_doc = model_table(data, t)
     spec = ModelSpec.from_dict({**spec_doc, "personal": []})
-    rounds = max([int(s.status.get("counter") or 0) for s in view.sites.values()] + [1])
+    rounds = max([s.updates_sent for s in view.sites.values()] + [1])
     base_settings = TrainSettings(epochs=max(1, t.epochs * rounds), batch_size=64, lr=0.1, momentum=0.9, seed=t.seed)
     local, central = local_and_central(data, spec, base_settings)
     x_pool = np.concatenate([data.normalise(s.x_test) for s in data.sites])
@@ -461,8 +463,8 @@ def build_report(opts: DemoOptions, data: DemoData, ws: Workspace, monitor, reco
             "metric_local": local[i], "metric_federated": fed.get(s.site),
             "metric_personalised": personalised.get(s.site), "metric_central": central[i],
             "epsilon": st.get("epsilon"), "epsilon_budget": t.epsilon, "delta": t.delta,
-            "updates_sent": snap["counter"] if snap else int(st.get("counter") or 0), "bytes_sent": sv.update_bytes,
-            "updates_sealed_after_settled": (int(st.get("counter") or 0) - snap["counter"]) if snap else None,
+            "updates_sent": snap["counter"] if snap else sv.updates_sent, "bytes_sent": sv.update_bytes,
+            "updates_sealed_after_settled": (sv.updates_sent - snap["counter"]) if snap else None,
             "receipts": {"applied": count("applied"), "stale": count("stale"), "rejected": count("rejected"),
                          "buffered_pending": pend},
             "staleness_mean": float(np.mean(sv.staleness)) if sv.staleness else None,
