@@ -201,8 +201,11 @@ class Aggregator:
             for r in decision.receipts:
                 if r["site"] == "?":
                     continue
+                blob = core.sign_receipt(r)
+                if blob is None:  # not enrolled (or revoked): no key to seal its receipt to
+                    continue
                 try:
-                    await client.publish(self.topics.receipts(r["site"]), core.sign_receipt(r), qos=1)
+                    await client.publish(self.topics.receipts(r["site"]), blob, qos=1)
                 except (FedlineError, TopicError) as exc:
                     # the site resends after its timeout and gets the same verdict from the store
                     event(log, "receipt.unsent", level=logging.WARNING, site=r["site"], counter=r["counter"],

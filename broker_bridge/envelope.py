@@ -351,6 +351,39 @@ def sign_receipt(doc: Mapping[str, Any], aggregator_keys: KeyPair) -> bytes:
     return _sign_doc(_RECEIPT_MAGIC, _RECEIPT_DOMAIN, doc, aggregator_keys)
 
 
+_SEALED_RECEIPT_MAGIC = b"FLQ"
+
+
+def seal_receipt(doc: Mapping[str, Any], aggregator_keys: KeyPair, site_box_pub: bytes) -> bytes:
+    """A signed receipt sealed to its site: ``FLQ | ver | SealedBox(site X25519 key, FLR signed receipt)``.
+
+    Sealed because a receipt says, per site, which counters were sent, when,
+    how stale and with what verdict and weight: the broker operator and other
+    sites must not read a plant's cadence off it (issue 13).
+    """
+    return (_SEALED_RECEIPT_MAGIC + bytes([FORMAT_VERSION])
+            + SealedBox(PublicKey(site_box_pub)).encrypt(sign_receipt(doc, aggregator_keys)))
+
+
+def open_receipt(blob: bytes | memoryview, site_keys: KeyPair, aggregator_sign_pub: bytes) -> dict[str, Any]:
+    """Open a receipt sealed to this site and verify it (:class:`WireError` naming what is wrong)."""
+    view = memoryview(blob)
+    if len(view) < 4 + 48 or len(view) > MAX_HEADER_BYTES * 4:
+        raise WireError("framing", f"{len(view)} bytes is not the size of a sealed receipt")
+    if bytes(view[:3]) != _SEALED_RECEIPT_MAGIC:
+        raise WireError("framing", "not a sealed receipt (no FLQ magic)")
+    if view[3] != FORMAT_VERSION:
+        raise WireError("version", f"sealed receipt format {view[3]}, this build reads {FORMAT_VERSION}")
+    try:
+        inner = SealedBox(site_keys.box_key).decrypt(bytes(view[4:]))
+    except CryptoError:
+        raise WireError("decrypt", f"receipt is not sealed to site {site_keys.ident!r}") from None
+    doc = verify_receipt(inner, aggregator_sign_pub)
+    if doc["site"] != site_keys.ident:
+        raise WireError("schema", f"receipt for site {doc['site']!r} sealed to {site_keys.ident!r}")
+    return doc
+
+
 def verify_receipt(blob: bytes | memoryview, aggregator_sign_pub: bytes) -> dict[str, Any]:
     """Check a receipt's signature and fields; return it as a dict."""
     doc = verify_body(_RECEIPT_MAGIC, _RECEIPT_DOMAIN, "receipt", blob, aggregator_sign_pub, RECEIPT_FIELDS)

@@ -33,7 +33,7 @@ import numpy as np
 
 from broker_bridge.client import BrokerSettings, Message, MqttClient, will_message
 from broker_bridge.chunking import split
-from broker_bridge.envelope import UpdateHeader, open_for_federation, seal_update, verify_receipt
+from broker_bridge.envelope import UpdateHeader, open_for_federation, open_receipt, seal_update
 from broker_bridge.federation_key import Keyring, open_manifest
 from broker_bridge.errors import FedlineError, NotConnected, PublishRefused, TopicError, WireError
 from broker_bridge.keys import Enrollment, KeyPair
@@ -478,9 +478,7 @@ class EdgeAgent:
 
     def _on_receipt(self, payload: bytes) -> None:
         try:
-            doc = verify_receipt(payload, self.enrollment.aggregator.sign_pub)
-            if doc["site"] != self.site:
-                raise WireError("schema", f"receipt for site {doc['site']!r} on our topic")
+            doc = open_receipt(payload, self.keys, self.enrollment.aggregator.sign_pub)  # checks the site
         except WireError as exc:
             self.metrics.malformed.labels("receipt").inc()
             event(log, "receipt.dropped", logging.WARNING, site=self.site, reason=str(exc))

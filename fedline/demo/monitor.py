@@ -4,12 +4,12 @@ The demo's progress view and its report take nothing from inside the
 processes: they read what the broker carries. As an outsider (the observer's
 credentials) that is each site's retained status (ε spent, outbox depth,
 version), the update message ids on the wire (random: the count of updates
-sent, not their counters), the aggregator's signed receipts, and the version
-number of each sealed manifest. Models are for members only, so to score the
-published ONNX of every version on each site's held-out rows the monitor is
-also given one member's keys (``member``: the demo generated every site's
-keys, and plays that site to read the models); without them it sees
-versions only, as ``fedline status`` does.
+sent, not their counters), and the version number of each sealed manifest.
+Receipts are sealed to their site and models to the members, so the monitor
+is also given the sites' keys (``site_keys``: the demo generated them all):
+it opens each site's receipts with that site's key, and plays the first site
+to read and score the published ONNX of every version on each site's
+held-out rows. Without keys it sees what ``fedline status`` shows.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from typing import Any, Callable
 import numpy as np
 
 from broker_bridge.chunking import Reassembler
-from broker_bridge.envelope import content_hash, open_for_federation, verify_receipt
+from broker_bridge.envelope import content_hash, open_for_federation, open_receipt
 from broker_bridge.errors import FedlineError, WireError
 from broker_bridge.federation_key import Keyring, open_manifest, sealed_manifest_header
 from broker_bridge.keys import KeyPair
@@ -78,11 +78,13 @@ class Monitor:
     """
 
     def __init__(self, topics: Topics, sites: list[str], aggregator_sign_pub: bytes,
-                 score: Callable[[bytes], dict[str, float]] | None = None, member: KeyPair | None = None) -> None:
+                 score: Callable[[bytes], dict[str, float]] | None = None,
+                 site_keys: dict[str, KeyPair] | None = None) -> None:
         self.topics = topics
         self.sign_pub = aggregator_sign_pub
         self.score = score
-        self.member = member
+        self.site_keys = site_keys or {}
+        self.member = self.site_keys.get(sites[0]) if sites else None
         self.keyring = Keyring()
         self._sealed_manifests: list[bytes] = []  # not opened yet (no key of their epoch so far)
         self.view = FederationView({s: SiteView(s) for s in sites})
@@ -111,9 +113,9 @@ class Monitor:
                 sv.max_outbox_depth = max(sv.max_outbox_depth, int(st.get("outbox_depth") or 0))
             except ValueError:
                 v.malformed += 1
-        elif info.kind == "receipts" and info.site in v.sites:
+        elif info.kind == "receipts" and info.site in v.sites and info.site in self.site_keys:
             try:
-                doc = verify_receipt(msg.payload, self.sign_pub)
+                doc = open_receipt(msg.payload, self.site_keys[info.site], self.sign_pub)
             except FedlineError:
                 v.malformed += 1
                 return

@@ -254,9 +254,9 @@ async def run_demo(opts: DemoOptions, console: Any = None) -> dict[str, Any]:
 
     # -- the observer: progress view and traffic audit --------------------------------
     scorer = Scorer(data)
-    # models are for members only: the monitor plays the first site (whose keys the demo made) to score them
-    member = KeyPair.load(ws.keys / f"{sites[0]}.key")
-    monitor = Monitor(topics, sites, enrollment.aggregator.sign_pub, scorer, member=member)
+    # receipts are sealed to their site and models to the members: the monitor holds the keys the demo made
+    site_keys = {s: KeyPair.load(ws.keys / f"{s}.key") for s in sites}
+    monitor = Monitor(topics, sites, enrollment.aggregator.sign_pub, scorer, site_keys=site_keys)
     obs = BrokerSettings(url=f"mqtt://{host}:{port}", client_id="demo-observer", username="observer",
                          password_file=str(ws.credentials("observer")), protocol=protocol,  # type: ignore[arg-type]
                          backoff_min_s=0.1, backoff_max_s=1.0, timeout_s=10.0)

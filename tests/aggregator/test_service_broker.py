@@ -26,7 +26,7 @@ def broker_table(broker, user: str = "aggregator") -> str:
 
 def Site(fed, broker, site: str) -> Party:
     """A minimal sending site of the test federation."""
-    return Party(broker, site, fed.agg.public().sign_pub, "test", 4096)
+    return Party(broker, site, fed.agg.public().sign_pub, "test", 4096, keys=fed.sites[site])
 
 
 async def read_manifest(broker, fed, min_version: int) -> tuple[dict, dict[str, np.ndarray], bytes]:

@@ -19,7 +19,7 @@ from collections import Counter
 
 from broker_bridge.chunking import Reassembler, parse_chunk, split
 from broker_bridge.client import MqttClient
-from broker_bridge.envelope import UpdateHeader, content_hash, encode_tensors, open_update, sign_manifest, sign_receipt
+from broker_bridge.envelope import UpdateHeader, content_hash, encode_tensors, open_update, seal_receipt, sign_manifest
 from broker_bridge.keys import Enrollment, KeyPair
 from broker_bridge.topics import Topics
 from models import ModelSpec
@@ -181,7 +181,9 @@ class MiniAggregator:
                 doc = {"site": header.site, "counter": header.counter, "msg_id": header.msg_id,
                        "verdict": self.verdict, "reason": None if self.verdict == "applied" else "test verdict",
                        "version": self.version}
-                await self.client.publish(self.topics.receipts(header.site), sign_receipt(doc, self.fed.aggregator))
+                box = enrollment.sites[header.site].box_pub
+                await self.client.publish(self.topics.receipts(header.site),
+                                          seal_receipt(doc, self.fed.aggregator, box))
 
     def counters(self, site: str) -> list[int]:
         return [a.header.counter for a in self.arrivals if a.header.site == site]
