@@ -46,9 +46,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from aggregator.evaluation import EvaluationConfig
 from broker_bridge.client import BrokerSettings
 from fedline.config import ConfigError, load_toml, parse, resolve_path
-from aggregator.evaluation import EvaluationConfig
 from models.spec import ModelSpec
 
 

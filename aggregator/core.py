@@ -22,10 +22,11 @@ import logging
 import math
 import time
 from collections import deque
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -260,7 +261,8 @@ class AggregatorCore:
         return self._top[site]
 
     def _decided(self, site: str, counter: int) -> None:
-        if counter >= 0 and (self._top.get(site) is None or counter > self._top[site]):
+        top = self._top.get(site)
+        if counter >= 0 and (top is None or counter > top):
             self._top[site] = counter
 
     def _refuse(self, site: str, counter: int, msg_id: str, reason: str, detail: str | None,

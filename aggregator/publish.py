@@ -65,7 +65,7 @@ def build_release(version: int, shared: dict[str, np.ndarray], spec: ModelSpec, 
     weights = envelope.encode_tensors(shared)
     onnx = onnx_bytes(shared) if onnx_bytes else b""
     chunks: list[tuple[str, bytes]] = []
-    entries = {}
+    entries: dict[str, dict[str, Any]] = {}
     for part, blob, topic_of in (("weights", weights, topics.weights_chunk), ("onnx", onnx, topics.onnx_chunk)):
         msg_id = f"v{version}-{part}"
         sealed = envelope.seal_for_federation(blob, content_key) if blob else b""

@@ -100,7 +100,7 @@ async def collect(cfg: StatusConfig, listen_s: float = 3.0) -> FederationView:
         while (left := deadline - asyncio.get_running_loop().time()) > 0:
             try:
                 msg = await asyncio.wait_for(client.messages().__anext__(), left)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 break
             if not msg.payload:
                 continue

@@ -86,7 +86,7 @@ def child_round(kind: str) -> dict[str, Any]:
     cpu0, wall0 = time.process_time(), time.perf_counter()
     result = train_round(spec, base, personal, x, y, cfg, dp, None)
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
-    return {"kind": kind, "examples": int(len(x)), "params": int(sum(v.size for v in base.values())
+    return {"kind": kind, "examples": len(x), "params": int(sum(v.size for v in base.values())
                                                                      + sum(v.size for v in personal.values())),
             "steps": result.plan.steps, "rss_before_mb": round(rss_before, 1),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),

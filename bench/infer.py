@@ -271,7 +271,7 @@ def table(r: dict) -> str:
         "",
         f"{'service peak RSS (MiB)':<46}{rss['peak_kb'] / 1024:>12.1f}",
         f"{'  of which at start, after imports (MiB)':<46}{rss['start_kb'] / 1024:>12.1f}",
-        f"{'torch imported by the service':<46}{str(r['torch_imported']):>12}",
+        f"{'torch imported by the service':<46}{r['torch_imported']!s:>12}",
     ]
     if r.get("torch_import_rss_kb"):
         lines.append(f"{'for comparison: python + import torch (MiB)':<46}{r['torch_import_rss_kb'] / 1024:>12.1f}")

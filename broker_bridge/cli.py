@@ -5,9 +5,13 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from broker_bridge.keys import PublicKeys
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     keys = sub.add_parser("keys", help="create key pairs, export public keys, build the enrollment file")
     ks = keys.add_subparsers(dest="keys_cmd", required=True, metavar="ACTION")
     new = ks.add_parser("new", help="create a site's or the aggregator's key pair (mode 0600)")
@@ -79,6 +83,7 @@ def _keys_new(args: argparse.Namespace) -> int:
     return 0
 
 
+<<<<<<< HEAD
 def _keys_command(args: argparse.Namespace) -> int:
     from broker_bridge.keys import KeyPair
     from broker_bridge.line_command import sign_command
@@ -90,6 +95,9 @@ def _keys_command(args: argparse.Namespace) -> int:
 
 
 def _load_public(path: Path):
+=======
+def _load_public(path: Path) -> PublicKeys:
+>>>>>>> main
     from broker_bridge.errors import KeyFileError
     from broker_bridge.keys import KeyPair, PublicKeys
 

@@ -25,8 +25,9 @@ import json
 import math
 import struct
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 from nacl.exceptions import BadSignatureError, CryptoError
@@ -175,9 +176,9 @@ class UpdateHeader:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, doc: Mapping[str, Any]) -> "UpdateHeader":
+    def from_dict(cls, doc: Mapping[str, Any]) -> UpdateHeader:
         """Validate types of every field; raise ``WireError('schema')`` naming the field."""
-        expected = {"site": str, "counter": int, "msg_id": str, "base_version": int, "n_samples": int,
+        expected: dict[str, type | tuple[type, ...]] = {"site": str, "counter": int, "msg_id": str, "base_version": int, "n_samples": int,
                     "privacy": dict, "created_at": (int, float), "format": int}
         missing = [k for k in expected if k not in doc]
         if missing:

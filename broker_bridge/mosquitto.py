@@ -165,7 +165,7 @@ def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that was free a moment ago (good enough for tests and the demo)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
-        return s.getsockname()[1]
+        return int(s.getsockname()[1])
 
 
 def mosquitto_binary() -> str | None:
@@ -199,7 +199,7 @@ class MosquittoProcess:
     def password(self, user: str) -> str:
         return self.config.passwords[user]
 
-    def start(self, timeout: float = 10.0) -> "MosquittoProcess":
+    def start(self, timeout: float = 10.0) -> MosquittoProcess:
         binary = mosquitto_binary()
         if binary is None:
             raise FedlineError("mosquitto is not installed (apt-get install mosquitto)")
@@ -235,7 +235,7 @@ class MosquittoProcess:
         self.stop()
         self.start()
 
-    def __enter__(self) -> "MosquittoProcess":
+    def __enter__(self) -> MosquittoProcess:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -23,7 +23,7 @@ from broker_bridge.errors import TopicError
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 
 
-def validate_site_id(site: str, what: str = "site id") -> str:
+def validate_site_id(site: object, what: str = "site id") -> str:
     """Return ``site`` if it is a valid id, else raise :class:`TopicError` saying why."""
     if not isinstance(site, str) or not site:
         raise TopicError(f"{what} must be a non-empty string, got {site!r}")

@@ -31,10 +31,14 @@ from typing import Any
 
 import numpy as np
 
-from broker_bridge.client import BrokerSettings, Message, MqttClient, will_message
 from broker_bridge.chunking import split
+<<<<<<< HEAD
 from broker_bridge.envelope import UpdateHeader, open_for_federation, open_receipt, seal_update
 from broker_bridge.federation_key import Keyring, open_manifest
+=======
+from broker_bridge.client import BrokerSettings, Message, MqttClient, will_message
+from broker_bridge.envelope import UpdateHeader, seal_update, verify_manifest, verify_receipt
+>>>>>>> main
 from broker_bridge.errors import FedlineError, NotConnected, PublishRefused, TopicError, WireError
 from broker_bridge.keys import Enrollment, KeyPair
 from broker_bridge.topics import Topics
@@ -253,7 +257,7 @@ class EdgeAgent:
             wait = max(0.0, every_s - (time.monotonic() - self.last_round_at))
             try:
                 await asyncio.wait_for(self._trigger.wait(), timeout=wait)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             self._trigger.clear()
             rebased, self._rebased = self._rebased, False
@@ -421,7 +425,7 @@ class EdgeAgent:
             self._send_wake.clear()
             try:
                 await asyncio.wait_for(self._send_wake.wait(), timeout=min(resend, 5.0))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     async def _publish_row(self, client: MqttClient, row: Any) -> bool:
@@ -597,7 +601,7 @@ class EdgeAgent:
         while True:
             try:
                 await asyncio.wait_for(self._status_dirty.wait(), timeout=self.cfg.status_interval_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             self._status_dirty.clear()
             if not client.connected.is_set():

@@ -193,7 +193,7 @@ class EdgeConfig:
     @property
     def dp(self) -> PrivacyConfig | None:
         """The privacy settings, or None when privacy is explicitly off."""
-        return None if self.privacy == "off" else self.privacy  # type: ignore[return-value]
+        return None if isinstance(self.privacy, str) else self.privacy
 
     def path(self, value: str) -> Path:
         """A path from this config, resolved relative to its file."""

@@ -77,7 +77,7 @@ class Dataset:
                         yb = ya.tobytes()
                     cur = self._db.execute("INSERT INTO examples (ts, x, y, holdout) VALUES (?, ?, ?, 0)",
                                            (ts, xa.tobytes(), yb))
-                    if _is_holdout(cur.lastrowid, self.holdout_fraction):
+                    if _is_holdout(cur.lastrowid or 0, self.holdout_fraction):
                         self._db.execute("UPDATE examples SET holdout = 1 WHERE id = ?", (cur.lastrowid,))
                 over = self._count() - self.max_rows
                 if over > 0:

@@ -5,6 +5,8 @@ default registry would refuse the second set of metric names.
 """
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest, start_http_server
 
 
@@ -36,7 +38,7 @@ class EdgeMetrics:
         self.examples = Counter("fedline_edge_examples", "Training examples stored", registry=r)
         self.rows_lost = Counter("fedline_edge_examples_lost", "Examples not stored (write failed, e.g. disk full)",
                                  registry=r)
-        self._server = None
+        self._server: Any = None
 
     def serve(self, host: str, port: int) -> int:
         """Start the /metrics HTTP endpoint; returns the bound port (``port=0`` is not served)."""

@@ -22,6 +22,17 @@ def _positive(text: str) -> float:
     return v
 
 
+def _split_site(text: str) -> tuple[str, int]:
+    site, sep, n = text.partition("=")
+    try:
+        count = int(n)
+    except ValueError:
+        count = 0
+    if not sep or not site or count < 1:
+        raise argparse.ArgumentTypeError(f"expected SITE=N with N >= 1 (e.g. L=2), got {text!r}")
+    return site, count
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "demo",
@@ -41,6 +52,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                       help="default: classification if the label is 0/1, else regression")
     data.add_argument("--sites", type=int, dest="n_sites", metavar="N",
                       help="split rows into N sites by a hash of the site column instead of one per value")
+    data.add_argument("--split-site", type=_split_site, action="append", metavar="SITE=N",
+                      help="run SITE's rows as N plants of consecutive rows (repeatable; default for the bundled "
+                           "file: L=2, four sites in all; SITE=1 keeps it whole)")
     data.add_argument("--max-rows-per-site", type=int, help="use only the first N rows of each site (shorter run)")
     run = p.add_argument_group("run")
     run.add_argument("--report", type=Path, default=Path("demo-report"), help="report folder (default ./demo-report)")
@@ -90,6 +104,7 @@ def _demo(args: argparse.Namespace) -> int:
         tuning = replace(tuning, round_every_s=args.round_seconds)
     opts = DemoOptions(csv=args.csv, site_column=args.site_column, label=args.label, features=args.features,
                        task=args.task, n_sites=args.n_sites, max_rows_per_site=args.max_rows_per_site,
+                       split_sites=dict(args.split_site) if args.split_site else None,
                        report_dir=args.report, run_dir=args.run_dir, broker=args.broker, embedded=args.embedded,
                        protocol=args.protocol,
                        intermittent=args.intermittent, timeout_s=args.timeout, tuning=tuning,

@@ -7,10 +7,14 @@ that renumbers its numeric node ids. The server samples at
 change arrives as one :class:`Sample` with the server's source timestamp and
 the OPC UA status mapped to ``quality`` (Good / Uncertain / Bad).
 
-Security: ``security_mode`` None, Sign or SignAndEncrypt with a
-``security_policy`` and the client's certificate and private key (and
-optionally the server's certificate to pin it); ``username``/``password`` for
-user authentication. A lost session (server restart, network) yields one bad
+Security: ``security_mode`` is SignAndEncrypt unless the table asks for Sign
+or, explicitly, None; signing needs the client's certificate and private key
+(``fedline opcua-cert``, see :mod:`firmware_adapters.opcua_cert`) and a
+``security_policy``; ``server_certificate`` pins the server's certificate
+(without it the server's certificate is taken from its unsecured endpoint
+list on first contact). The client announces the application URI written in
+its certificate, as servers check. ``username``/``password`` authenticate the
+user. A lost session (server restart, network) yields one bad
 sample, counts a gap, and reconnects with backoff, re-creating the
 subscription; a node that cannot be resolved is a counted bad sample, and the
 other nodes are still subscribed.
@@ -20,13 +24,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from datetime import timezone
+from collections.abc import AsyncIterator
+from datetime import UTC
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 from fedline.config import resolve_path
 from fedline.logs import event
-
 from firmware_adapters.backoff import Backoff
 from firmware_adapters.config import OpcUaConfig
 from firmware_adapters.sample import Sample, SourceStats
@@ -37,7 +41,7 @@ log = logging.getLogger("fedline.adapters.opcua")
 class _Handler:
     """asyncua subscription handler: turns data changes into samples on a queue."""
 
-    def __init__(self, source: "OpcUaSource", queue: asyncio.Queue[Sample], tags: dict[str, str]) -> None:
+    def __init__(self, source: OpcUaSource, queue: asyncio.Queue[Sample], tags: dict[str, str]) -> None:
         self.source = source
         self.queue = queue
         self.tags = tags  # node id string -> tag name
@@ -48,7 +52,7 @@ class _Handler:
         ts = time.time()
         stamp = dv.SourceTimestamp or dv.ServerTimestamp
         if stamp is not None:
-            ts = (stamp if stamp.tzinfo else stamp.replace(tzinfo=timezone.utc)).timestamp()
+            ts = (stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)).timestamp()
         status = dv.StatusCode_ if hasattr(dv, "StatusCode_") else dv.StatusCode
         if status is None or status.is_good():
             quality, error = "good", None
@@ -82,6 +86,12 @@ class OpcUaSource:
 
         client = Client(self.cfg.url, timeout=self.cfg.timeout_s)
         if self.cfg.security_mode != "None":
+            from firmware_adapters.opcua_cert import application_uri_of
+
+            cert = resolve_path(self.file, self.cfg.certificate or "")
+            uri = application_uri_of(await asyncio.to_thread(cert.read_bytes))
+            if uri:
+                client.application_uri = uri
             parts = [self.cfg.security_policy, self.cfg.security_mode,
                      str(resolve_path(self.file, self.cfg.certificate or "")),
                      str(resolve_path(self.file, self.cfg.private_key or ""))]
@@ -138,7 +148,7 @@ class OpcUaSource:
                 while True:
                     try:
                         sample = await asyncio.wait_for(queue.get(), 1.0)
-                    except asyncio.TimeoutError:
+                    except TimeoutError:
                         await client.check_connection()  # raises once the session is gone
                         continue
                     if sample.good:

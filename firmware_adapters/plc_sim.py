@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from fedline.config import ConfigError
 from fedline.logs import event
-
 from firmware_adapters.csv_replay import parse_number, read_rows
 from firmware_adapters.registers import BIT_TABLES, RegisterMap, TagSpec, encode
 
@@ -66,7 +66,7 @@ class RegisterServer:
             self._server = ModbusTcpServer(self._device(), address=(self.host, self.port))
         await self._server.serve_forever(background=True)
 
-    async def write(self, tag: TagSpec, value: float | int | bool) -> None:
+    async def write(self, tag: TagSpec, value: float | int | bool | str) -> None:
         await self._server.async_setValues(0, _FC[tag.table], tag.address, encode(self.regmap, tag, value))
 
     async def write_raw(self, table: str, address: int, words: list[int] | list[bool]) -> None:
@@ -77,7 +77,7 @@ class RegisterServer:
             await self._server.shutdown()
             self._server = None
 
-    async def __aenter__(self) -> "RegisterServer":
+    async def __aenter__(self) -> RegisterServer:
         await self.start()
         return self
 
@@ -145,7 +145,7 @@ class PlcSimulator:
             if not self.loop or n == 0:
                 return
 
-    async def write(self, tag: TagSpec, value: float | int | bool) -> None:
+    async def write(self, tag: TagSpec, value: float | int | bool | str) -> None:
         """Set one tag's registers."""
         assert self._server is not None, "start() first"
         await self._server.write(tag, value)
@@ -157,10 +157,14 @@ class PlcSimulator:
         if row is None:
             return False
         for col, tag in self._columns.items():
-            try:
-                value = parse_number(row.get(col) or "")
-            except ValueError:
-                value = None
+            value: float | int | str | None
+            if tag.type == "string":
+                value = row.get(col)  # served as text (e.g. the AI4I "Type" column)
+            else:
+                try:
+                    value = parse_number(row.get(col) or "")
+                except ValueError:
+                    value = None
             if value is None:
                 self.bad_cells += 1
                 continue
@@ -187,7 +191,7 @@ class PlcSimulator:
             await self._server.stop()
             self._server = None
 
-    async def __aenter__(self) -> "PlcSimulator":
+    async def __aenter__(self) -> PlcSimulator:
         await self.start()
         return self
 

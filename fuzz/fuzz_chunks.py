@@ -15,7 +15,6 @@ from __future__ import annotations
 import struct
 
 import atheris
-
 from _harness import instrumented, main
 
 with instrumented():

@@ -20,6 +20,9 @@ from models.spec import ModelSpec
 class _Standardise(nn.Module):
     """``(x - mean) / scale`` with constants from the spec (buffers, never trained or sent)."""
 
+    mean: torch.Tensor
+    scale: torch.Tensor
+
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         n = spec.n_features
@@ -170,6 +173,6 @@ class Scorer(nn.Module):
         if self.task == "classification":
             return torch.sigmoid(out)
         if self.task == "anomaly":
-            target = self.model.standardised(x)
+            target = self.model.standardised(x)  # type: ignore[operator]
             return ((out - target) ** 2).mean(dim=1, keepdim=True)
         return out

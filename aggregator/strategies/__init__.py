@@ -14,4 +14,4 @@ def make_strategy(cfg: StrategyConfig, n_sites: int) -> Strategy:
     return STRATEGIES[cfg.kind](cfg, n_sites)
 
 
-__all__ = ["Accepted", "ReduceResult", "Strategy", "FedAsync", "FedBuff", "FedAvg", "STRATEGIES", "make_strategy"]
+__all__ = ["STRATEGIES", "Accepted", "FedAsync", "FedAvg", "FedBuff", "ReduceResult", "Strategy", "make_strategy"]

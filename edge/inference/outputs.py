@@ -51,7 +51,7 @@ class JsonlSink:
     def _rotate(self) -> None:
         assert self._fh is not None
         self._fh.close()
-        old = lambda i: self.path.with_name(f"{self.path.name}.{i}")  # noqa: E731
+        old = lambda i: self.path.with_name(f"{self.path.name}.{i}")
         old(self.keep).unlink(missing_ok=True)
         for i in range(self.keep - 1, 0, -1):
             if old(i).exists():

@@ -34,12 +34,12 @@ class TrainSettings:
 
 def train_plain(spec: ModelSpec, x: np.ndarray, y: np.ndarray, s: TrainSettings) -> dict[str, np.ndarray]:
     """Train version 0 for ``s.epochs`` epochs without DP; returns every parameter (shared and personal)."""
+    import torch
+
     from edge.config import TrainingConfig
     from edge.trainer import train_round
     from models import build_model, shared_state
     from models.flat import personal_state
-
-    import torch
 
     torch.manual_seed(s.seed)
     base = build_model(spec, seed=0)

@@ -20,9 +20,10 @@ import csv
 import hashlib
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 import numpy as np
 
@@ -247,6 +248,7 @@ def load_demo_data(
     test_fraction: float = 0.2,
     seed: int = 0,
     derived: bool = False,
+    split_sites: dict[str, int] | None = None,
 ) -> DemoData:
     """Read the CSV and cut it into sites and splits.
 
@@ -258,6 +260,8 @@ def load_demo_data(
     (:data:`AI4I_DERIVED`) as extra columns and features, for every model alike.
     Off by default: measured on the demo's split, they lift the models trained
     without noise (local-only, central) but not the DP-trained federated one.
+    ``split_sites`` maps a site id to N: that site's rows become N plants
+    ``<id>1 .. <id>N`` of consecutive rows in file order (see :func:`split_plants`).
     """
     path = Path(csv_path) if csv_path is not None else AI4I_CSV
     bundled = csv_path is None
@@ -319,6 +323,9 @@ def load_demo_data(
             raise DemoDataError(f"{path}: site column {site_column!r} has {len(groups)} values; the demo runs "
                                 "up to 32 sites on one machine: use --sites N")
 
+    if split_sites:
+        groups, keys = split_plants(groups, keys, split_sites)
+
     # normalisation: engineering ranges
     ranges_from_data = False
     rng_table: dict[str, tuple[float, float]] = dict(ranges or {})
@@ -349,6 +356,40 @@ def load_demo_data(
             train_rows=[rows[i] for i in idx[tr]], test_rows=[rows[i] for i in idx[te]],
             x_train=x_all[idx[tr]], y_train=y_all[idx[tr]], x_test=x_all[idx[te]], y_test=y_all[idx[te]]))
     return data
+
+
+def split_plants(groups: dict[str, list[int]], keys: dict[str, str],
+                 split: dict[str, int]) -> tuple[dict[str, list[int]], dict[str, str]]:
+    """Cut site ``sid``'s rows into ``n`` plants of consecutive rows (file order), named ``<sid>1 .. <sid>n``.
+
+    Why: a federation that must keep publishing while one site is away needs
+    several sites (the aggregator's ``min_sites``, secure aggregation's cohorts);
+    the bundled AI4I file has three product types, so the demo runs its 6,000
+    L rows as two plants of one product type.
+    """
+    out_groups: dict[str, list[int]] = {}
+    out_keys: dict[str, str] = {}
+    for sid, idx in groups.items():
+        n = split.get(sid, 1)
+        if n < 1:
+            raise DemoDataError(f"--split-site {sid}={n}: the number of plants must be at least 1")
+        if n == 1:
+            out_groups[sid], out_keys[sid] = idx, keys[sid]
+            continue
+        if len(idx) < 2 * n:
+            raise DemoDataError(f"--split-site {sid}={n}: site {sid!r} has only {len(idx)} rows")
+        bounds = np.linspace(0, len(idx), n + 1).round().astype(int)
+        for k in range(n):
+            name = f"{sid}{k + 1}"
+            if name in groups:
+                raise DemoDataError(f"--split-site {sid}={n}: plant name {name!r} is already a site")
+            out_groups[name] = idx[bounds[k]:bounds[k + 1]]
+            out_keys[name] = f"{keys[sid]} (plant {k + 1} of {n})"
+    unknown = set(split) - set(groups)
+    if unknown:
+        raise DemoDataError(f"--split-site: {', '.join(sorted(unknown))} is not a site; sites are "
+                            f"{', '.join(sorted(groups))}")
+    return out_groups, out_keys
 
 
 def ai4i_ranges() -> dict[str, tuple[float, float]]:

@@ -84,7 +84,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     small_site = min(report["sites"], key=lambda x: x["rows"])
     study = report.get("split_study")
     small_study = study["sites"].get(small_site["site"]) if study else None
-    ok = lambda b: "yes ✅" if b else ("n/a" if b is None else "**NO** ❌")  # noqa: E731
+    ok = lambda b: "yes ✅" if b else ("n/a" if b is None else "**NO** ❌")
     lines = [
         "# fedline demo report",
         "",

@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import os
 import shutil
 import signal
@@ -38,6 +37,7 @@ from fedline.demo.workspace import Tuning, Workspace, dp_batch_size, make_keys, 
 
 log = logging.getLogger("fedline.demo")
 MARKER = ".fedline-demo-run"
+AI4I_PLANTS = {"L": 2}  # the bundled file's 6,000 L rows as two plants: four sites in all
 
 
 @dataclass
@@ -49,6 +49,9 @@ class DemoOptions:
     task: str | None = None
     n_sites: int | None = None
     max_rows_per_site: int | None = None
+    # site -> N plants of consecutive rows; None: the bundled AI4I file runs its L rows as two plants, so the
+    # federation has four sites and keeps publishing from three while one is away
+    split_sites: dict[str, int] | None = None
     report_dir: Path = Path("demo-report")
     run_dir: Path = Path(".fedline-run")
     broker: str | None = None  # an existing broker's URL
@@ -132,7 +135,9 @@ def prepare_run_dir(run_dir: Path) -> Path:
 def _load_kwargs(opts: DemoOptions) -> dict[str, Any]:
     """How this run reads its data (:func:`load_demo_data` without the split seed)."""
     return {"csv_path": opts.csv, "site_column": opts.site_column, "label": opts.label, "features": opts.features,
-            "task": opts.task, "n_sites": opts.n_sites, "max_rows_per_site": opts.max_rows_per_site}
+            "task": opts.task, "n_sites": opts.n_sites, "max_rows_per_site": opts.max_rows_per_site,
+            "split_sites": opts.split_sites if opts.split_sites is not None else
+            (AI4I_PLANTS if opts.csv is None else None)}
 
 
 def _missed_rounds(cut_state: dict, intermittent: str) -> dict[str, tuple[int, int]]:
@@ -185,7 +190,7 @@ async def run_demo(opts: DemoOptions, console: Any = None) -> dict[str, Any]:
     from broker_bridge.keys import Enrollment, KeyPair
     from broker_bridge.mosquitto import MosquittoProcess, free_port, mosquitto_binary
     from broker_bridge.topics import Topics
-    from fedline.demo.audit import RawRecordDetector, TrafficRecorder, audit
+    from fedline.demo.audit import TrafficRecorder
     from fedline.demo.monitor import Monitor, site_table
     from fedline.netproxy import TcpProxy
 
@@ -404,7 +409,7 @@ def build_report(opts: DemoOptions, data: DemoData, ws: Workspace, monitor, reco
                  intermittent: str, cut_state: dict, broker_desc: str, duration: float) -> dict[str, Any]:
     """Everything the report says, from the wire, the sites' files and the in-process baselines."""
     from fedline.demo.audit import RawRecordDetector, audit
-    from fedline.demo.baselines import TrainSettings, evaluate, local_and_central, predict_onnx
+    from fedline.demo.baselines import TrainSettings, local_and_central
     from fedline.demo.metrics import score
     from fedline.demo.workspace import model_table
     from models.spec import ModelSpec

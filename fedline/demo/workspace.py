@@ -157,7 +157,7 @@ def split_live(site: SiteData, fraction: float) -> tuple[list[dict[str, str]], l
     return site.train_rows[:cut], site.train_rows[cut:]
 
 
-def write_site(ws: Workspace, data: DemoData, site: SiteData, t: Tuning, bundled_map: bool) -> dict[str, Path]:
+def write_site(ws: Workspace, data: DemoData, site: SiteData, t: Tuning, bundled_map: bool) -> dict[str, Any]:
     """Data files, register map, ``site.toml`` and ``line.toml`` of one site."""
     d = ws.site_dir(site.site)
     history, live = split_live(site, t.live_fraction)

@@ -29,9 +29,9 @@ import tomli_w
 
 from broker_bridge.keys import Enrollment, KeyPair
 from broker_bridge.mosquitto import MosquittoProcess
+from fedline.netproxy import TcpProxy
 from fedline.testing.ledger import LedgerReport, read_site_ledger, reconcile
 from fedline.testing.procs import Launched, Launcher
-from fedline.netproxy import TcpProxy
 
 FEATURES = [("temp", (295.0, 305.0)), ("torque", (0.0, 80.0)), ("speed", (1100.0, 2900.0))]
 MODEL = {"kind": "mlp", "n_features": 3, "hidden": [8], "task": "classification", "personal": []}
@@ -147,7 +147,7 @@ class FaultRig:
         return _write_toml(d / "site.toml", doc)
 
     # -- processes ------------------------------------------------------------------
-    async def __aenter__(self) -> "FaultRig":
+    async def __aenter__(self) -> FaultRig:
         await asyncio.to_thread(self.broker.start)
         for site in self.sites:
             self.proxies[site] = await TcpProxy(self.broker.port, name=site).start()

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 
 from aggregator.store import Store
-from broker_bridge import envelope
 from tests.aggregator.helpers import make_federation
 from tests.aggregator.test_durability import SITES, STRATEGY, final_verdicts, make_stream, reference_run
 from tests.aggregator.test_service_broker import Site, broker_table, read_manifest
@@ -86,7 +85,7 @@ async def test_kill9_mid_buffer_over_mosquitto_then_status(mosquitto, tmp_path):
             np.testing.assert_array_equal(weights[k], ref_model[k])
         # fedline status, from the broker alone (observer credentials)
         status_conf = tmp_path / "status.toml"
-        status_conf.write_text(f'federation = "test"\nenrollment_file = "fed/enrollment.json"\n'
+        status_conf.write_text('federation = "test"\nenrollment_file = "fed/enrollment.json"\n'
                                + broker_table(mosquitto, "observer").replace('client_id = "agg-test"\n', ""))
         out = subprocess.run([sys.executable, "-m", "fedline.cli", "status", "--config", str(status_conf),
                               "--listen", "1"], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),

@@ -32,7 +32,7 @@ def core(fed):
 
 def test_each_bad_update_is_rejected_with_its_reason_and_the_good_ones_still_count(fed, core):
     rng = np.random.default_rng(0)
-    good = lambda: random_delta(core.model, rng)  # noqa: E731
+    good = lambda: random_delta(core.model, rng)
     refused = {}
     blob, _ = fed.seal("site-a", good(), 0)
     refused["decrypt"] = core.submit(blob[:-1] + bytes([blob[-1] ^ 1]))  # tampered ciphertext

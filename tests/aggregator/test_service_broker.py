@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 
 import numpy as np
 import pytest
@@ -44,7 +43,7 @@ async def retained_versions(broker) -> set[int]:
         while True:
             try:
                 m = await asyncio.wait_for(c.messages().__anext__(), 1.0)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return seen
             info = topics.parse(m.topic)
             if info.kind in ("weights", "onnx") and m.payload:
@@ -126,7 +125,6 @@ async def test_fedasync_over_mosquitto_stale_poison_and_publish(mosquitto, tmp_p
             np.testing.assert_allclose(w4[k], expected[k], rtol=1e-5, atol=1e-6)
         # the ONNX runs and uses the new body
         import onnxruntime as ort
-
         import torch
 
         from models import Scorer, build_model, load_shared_state

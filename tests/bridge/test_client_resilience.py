@@ -12,7 +12,6 @@ from broker_bridge.client import BrokerSettings, MqttClient
 from broker_bridge.errors import NotConnected
 from broker_bridge.mosquitto import MosquittoProcess
 from broker_bridge.topics import Topics
-
 from tests.bridge import helpers as h
 from tests.conftest import FEDERATION, SITES, eventually, settings_for
 

@@ -20,6 +20,20 @@ def test_ai4i_sites_are_the_product_types_with_their_row_and_failure_counts():
     assert not d.ranges_from_data  # engineering ranges from the register map
 
 
+def test_split_sites_cuts_a_site_into_plants_of_consecutive_rows():
+    whole = load_demo_data()
+    d = load_demo_data(split_sites={"L": 2})
+    assert [s.site for s in d.sites] == ["L1", "L2", "M", "H"]  # four sites: three keep publishing while one is away
+    l1, l2 = d.site("L1"), d.site("L2")
+    assert (l1.rows, l2.rows) == (3000, 3000) and l1.positives + l2.positives == 235
+    udi = lambda s: {int(r["UDI"]) for r in s.train_rows + s.test_rows}  # noqa: E731
+    assert max(udi(l1)) < min(udi(l2))  # consecutive rows in file order, no row in both
+    assert udi(l1) | udi(l2) == udi(whole.site("L"))
+    assert l1.key == "L (plant 1 of 2)"
+    with pytest.raises(DemoDataError, match="Q is not a site"):
+        load_demo_data(split_sites={"Q": 2})
+
+
 def test_split_is_80_20_stratified_and_fixed_by_the_seed():
     a, b = load_demo_data(), load_demo_data()
     for sa, sb in zip(a.sites, b.sites):

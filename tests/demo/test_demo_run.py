@@ -1,6 +1,6 @@
 """``fedline demo`` end to end, shortened: real Mosquitto, real processes, a report.
 
-Two runs: the bundled AI4I file (three sites, one cut off for a while) with fewer rows and
+Two runs: the bundled AI4I file (four sites, one cut off for a while) with fewer rows and
 versions, and the bring-your-own-data path on a regression CSV made here from a formula plus
 noise. Each asserts what the report must show, and runs a 2-split study; the full-size
 claims (federated beats local-only on the smallest site, over 10 splits) are for the
@@ -41,14 +41,14 @@ def test_shortened_ai4i_demo(tmp_path):
                         "--cut-seconds", "3", "--round-seconds", "1.5", "--timeout", "100", "--splits", "2")
     assert "private Mosquitto" in out
     assert rep["task"] == "classification" and rep["metric"] == "roc_auc"
-    assert [s["site"] for s in rep["sites"]] == ["L", "M", "H"]
+    assert [s["site"] for s in rep["sites"]] == ["L1", "L2", "M", "H"]  # L's rows run as two plants
     assert rep["model_versions"] >= 3
     assert rep["raw_records_on_wire"] == 0 and rep["audit"]["messages"] > 20
     checks = rep["checks"]
     assert checks["no_raw_records_on_wire"] and checks["epsilon_within_budget"]
     assert checks["intermittent_site_accounted"], json.dumps(rep["sites"], indent=1)
     m = next(s for s in rep["sites"] if s["intermittent"])
-    assert m["site"] == "M" and rep["intermittent"]["cut_at"] is not None and rep["intermittent"]["restored_at"]
+    assert m["site"] == "L2" and rep["intermittent"]["cut_at"] is not None and rep["intermittent"]["restored_at"]
     for s in rep["sites"]:
         assert s["updates_sent"] >= 1 and s["bytes_sent"] > 0 and 0 < s["epsilon"] <= s["epsilon_budget"]
         assert 0.0 <= s["metric_federated"] <= 1.0 and 0.0 <= s["metric_local"] <= 1.0
@@ -60,10 +60,10 @@ def test_shortened_ai4i_demo(tmp_path):
     assert "Must be shown" in (tmp_path / "report" / "report.md").read_text()
     study = rep["split_study"]  # the comparison repeated in-process on 2 splits, M missing its cut-off rounds
     assert study["splits"] == 2 and [r["split_seed"] for r in study["per_split"]] == [0, 1]
-    first, end = study["absent_rounds"]["M"]
+    first, end = study["absent_rounds"]["L2"]
     assert (first, end) == (rep["intermittent"]["version_at_cut"], rep["intermittent"]["version_at_restore"])
     for r in study["per_split"]:
-        assert set(r["sites"]) == {"L", "M", "H"}
+        assert set(r["sites"]) == {"L1", "L2", "M", "H"}
         for v in r["sites"].values():
             assert 0.0 <= v["local"] <= 1.0 and 0.0 <= v["federated"] <= 1.0 and 0 < v["epsilon"] <= 8.0
     assert 0 <= study["sites"]["H"]["federated_wins"] <= 2

@@ -224,7 +224,7 @@ async def test_plant_bridge_forwards_updates_and_models(tmp_path):
                 try:
                     msg = await asyncio.wait_for(agg.messages().__anext__(), 1.0)
                     break
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     continue
             assert msg is not None and msg.topic == f"{root}/sites/press-3/update/u1/0" and msg.payload == b"sealed-bytes"
             await agg.publish(f"{root}/sites/press-3/receipts", b"receipt")

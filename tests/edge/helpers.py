@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from collections import Counter
 
 from broker_bridge.chunking import Reassembler, parse_chunk, split
 from broker_bridge.client import MqttClient
@@ -50,7 +49,7 @@ class Federation:
     enrollment_path: Path
 
     @classmethod
-    def create(cls, root: Path, sites: list[str]) -> "Federation":
+    def create(cls, root: Path, sites: list[str]) -> Federation:
         agg = KeyPair.generate("aggregator", "aggregator")
         keys = {s: KeyPair.generate("site", s) for s in sites}
         enr = Enrollment(FEDERATION, agg.public())
@@ -153,7 +152,7 @@ class MiniAggregator:
 
         self.content_key = new_content_key()
 
-    async def __aenter__(self) -> "MiniAggregator":
+    async def __aenter__(self) -> MiniAggregator:
         await self.client.__aenter__()
         await self.client.subscribe(self.topics.updates_filter(), qos=1)
         await self.client.wait_connected(10)

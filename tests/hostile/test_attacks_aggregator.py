@@ -14,7 +14,6 @@ import pytest
 
 from aggregator.core import AggregatorCore
 from broker_bridge.keys import KeyPair
-
 from tests.hostile.rig import copy, forge, like, make_fed, same
 
 SITES = ["site-a", "site-b"]

@@ -32,8 +32,8 @@ from broker_bridge.errors import PublishRefused
 from broker_bridge.keys import KeyPair
 from broker_bridge.topics import Topics
 from tests.conftest import eventually, settings_for
-from tests.parties import Party
 from tests.hostile.rig import FEDERATION, copy, forge, like, make_fed, same
+from tests.parties import Party
 
 CHUNK = 4096
 
