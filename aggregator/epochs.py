@@ -9,6 +9,7 @@ the model it protects: the state directory is the aggregator's secret already,
 it holds every checkpoint in the clear). Older keys are not needed: the
 aggregator never re-reads a published version from the broker.
 """
+
 from __future__ import annotations
 
 import base64
@@ -54,14 +55,24 @@ class FederationKeys:
         if cur is None or revoked:
             number = cur.number + 1 if cur else 1
             new = Epoch(number, new_content_key(), frozenset(members))
-            event(log, "fedkey.epoch", level=logging.WARNING if revoked else logging.INFO, epoch=number,
-                  revoked=sorted(revoked), members=len(members))
+            event(
+                log,
+                "fedkey.epoch",
+                level=logging.WARNING if revoked else logging.INFO,
+                epoch=number,
+                revoked=sorted(revoked),
+                members=len(members),
+            )
         elif members - cur.members:
             new = Epoch(cur.number, cur.key, frozenset(members))
             event(log, "fedkey.joined", epoch=cur.number, sites=sorted(members - cur.members))
         else:
             return cur, revoked
-        self.store.set_meta(_META, json.dumps({"epoch": new.number, "key": base64.b64encode(new.key).decode(),
-                                               "members": sorted(new.members)}))
+        self.store.set_meta(
+            _META,
+            json.dumps(
+                {"epoch": new.number, "key": base64.b64encode(new.key).decode(), "members": sorted(new.members)}
+            ),
+        )
         self.current = new
         return new, revoked

@@ -7,6 +7,7 @@ aggregator read it). When the enrollment file changes, the new one is taken
 deleted site starts a new epoch (``aggregator.epochs``), its retained grant
 is cleared, and every remaining site gets the new key.
 """
+
 from __future__ import annotations
 
 import logging

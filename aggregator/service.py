@@ -226,13 +226,9 @@ class Aggregator:
             ck = core.store.checkpoint(version, blobs=False)
             metric = ck.metric if ck is not None and ck.metric is not None else core.evaluator(shared)
             core.store.set_metric(version, metric)
-<<<<<<< HEAD
-            event(log, "model.evaluated", version=version, metric=metric, kind=self.cfg.evaluation.metric)
-        epoch = self.granter.epoch
-=======
             kind = self.cfg.evaluation.metric if self.cfg.evaluation is not None else None
             event(log, "model.evaluated", version=version, metric=metric, kind=kind)
->>>>>>> main
+        epoch = self.granter.epoch
         return publish.build_release(version, shared, self.cfg.model, self.cfg.aggregator.federation, core.keys,
                                      self.topics, self.client.chunk_limit,
                                      self._onnx if self.cfg.publish.onnx else None,

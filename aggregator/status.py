@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from broker_bridge.client import BrokerSettings, MqttClient
-from broker_bridge.federation_key import sealed_manifest_header
 from broker_bridge.errors import TopicError, WireError
+from broker_bridge.federation_key import sealed_manifest_header
 from broker_bridge.keys import Enrollment
 from broker_bridge.topics import Topics
 from fedline.config import ConfigError, load_toml, parse, resolve_path

@@ -83,7 +83,6 @@ def _keys_new(args: argparse.Namespace) -> int:
     return 0
 
 
-<<<<<<< HEAD
 def _keys_command(args: argparse.Namespace) -> int:
     from broker_bridge.keys import KeyPair
     from broker_bridge.line_command import sign_command
@@ -94,10 +93,7 @@ def _keys_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_public(path: Path):
-=======
 def _load_public(path: Path) -> PublicKeys:
->>>>>>> main
     from broker_bridge.errors import KeyFileError
     from broker_bridge.keys import KeyPair, PublicKeys
 

@@ -30,6 +30,7 @@ encrypts every weight blob, ONNX blob and manifest under a *content key*
 
 Edges and lines keep the keys they were granted in a :class:`Keyring`.
 """
+
 from __future__ import annotations
 
 import base64
@@ -65,14 +66,19 @@ def seal_grant(federation: str, site: PublicKeys, epoch: int, key: bytes, aggreg
     """The content key of ``epoch`` for one site: signed by the aggregator, sealed to the site."""
     if len(key) != SecretBox.KEY_SIZE or epoch < 1:
         raise ValueError("a grant needs a 32-byte key and an epoch >= 1")
-    doc = {"federation": federation, "site": site.ident, "epoch": int(epoch),
-           "key": base64.b64encode(key).decode("ascii")}
+    doc = {
+        "federation": federation,
+        "site": site.ident,
+        "epoch": int(epoch),
+        "key": base64.b64encode(key).decode("ascii"),
+    }
     inner = sign_body(_GRANT_BODY_MAGIC, _GRANT_DOMAIN, canonical_json(doc), aggregator_keys)
     return GRANT_MAGIC + bytes([FORMAT_VERSION]) + SealedBox(PublicKey(site.box_pub)).encrypt(inner)
 
 
-def open_grant(blob: bytes | memoryview, site_keys: KeyPair, aggregator_sign_pub: bytes,
-               federation: str) -> tuple[int, bytes]:
+def open_grant(
+    blob: bytes | memoryview, site_keys: KeyPair, aggregator_sign_pub: bytes, federation: str
+) -> tuple[int, bytes]:
     """``(epoch, key)`` from a grant sealed to this site, or :class:`WireError` naming what is wrong."""
     view = memoryview(blob)
     if len(view) < 4 + 48 or len(view) > MAX_GRANT_BYTES:
@@ -87,8 +93,11 @@ def open_grant(blob: bytes | memoryview, site_keys: KeyPair, aggregator_sign_pub
         raise WireError("decrypt", f"key grant is not sealed to site {site_keys.ident!r}") from None
     doc = verify_body(_GRANT_BODY_MAGIC, _GRANT_DOMAIN, "key grant", inner, aggregator_sign_pub, GRANT_FIELDS)
     if doc["site"] != site_keys.ident or doc["federation"] != federation:
-        raise WireError("schema", f"key grant is for site {doc['site']!r} of {doc['federation']!r}, "
-                                  f"not {site_keys.ident!r} of {federation!r}")
+        raise WireError(
+            "schema",
+            f"key grant is for site {doc['site']!r} of {doc['federation']!r}, "
+            f"not {site_keys.ident!r} of {federation!r}",
+        )
     epoch = doc["epoch"]
     if not isinstance(epoch, int) or isinstance(epoch, bool) or not 1 <= epoch < 2**32:
         raise WireError("schema", f"key grant epoch {epoch!r} is not an integer >= 1")
@@ -104,8 +113,12 @@ def open_grant(blob: bytes | memoryview, site_keys: KeyPair, aggregator_sign_pub
 # --------------------------------------------------------------------------- manifests
 def seal_manifest(signed_manifest: bytes, version: int, epoch: int, key: bytes) -> bytes:
     """Encrypt a signed manifest (``envelope.sign_manifest``) under the content key of ``epoch``."""
-    return (SEALED_MANIFEST_MAGIC + bytes([FORMAT_VERSION]) + _EPOCH_VERSION.pack(epoch, version)
-            + SecretBox(key).encrypt(signed_manifest))
+    return (
+        SEALED_MANIFEST_MAGIC
+        + bytes([FORMAT_VERSION])
+        + _EPOCH_VERSION.pack(epoch, version)
+        + SecretBox(key).encrypt(signed_manifest)
+    )
 
 
 def sealed_manifest_header(blob: bytes | memoryview) -> tuple[int, int]:
@@ -120,8 +133,9 @@ def sealed_manifest_header(blob: bytes | memoryview) -> tuple[int, int]:
     return _EPOCH_VERSION.unpack_from(view, 4)
 
 
-def open_manifest(blob: bytes | memoryview, keyring: Mapping[int, bytes],
-                  aggregator_sign_pub: bytes) -> tuple[dict[str, Any], bytes]:
+def open_manifest(
+    blob: bytes | memoryview, keyring: Mapping[int, bytes], aggregator_sign_pub: bytes
+) -> tuple[dict[str, Any], bytes]:
     """Decrypt and verify a sealed manifest: ``(manifest dict, the signed manifest bytes inside)``.
 
     Raises ``WireError("epoch")`` when no key of its epoch is held (not granted
@@ -132,13 +146,16 @@ def open_manifest(blob: bytes | memoryview, keyring: Mapping[int, bytes],
     if key is None:
         raise WireError("epoch", f"no content key for epoch {epoch} (version {version})")
     try:
-        inner = SecretBox(key).decrypt(bytes(memoryview(blob)[4 + _EPOCH_VERSION.size:]))
+        inner = SecretBox(key).decrypt(bytes(memoryview(blob)[4 + _EPOCH_VERSION.size :]))
     except CryptoError:
         raise WireError("decrypt", f"manifest of version {version} does not open with the epoch {epoch} key") from None
     doc = verify_manifest(inner, aggregator_sign_pub)
     if doc["version"] != version or doc.get("epoch") != epoch:
-        raise WireError("schema", f"sealed manifest says version {version} epoch {epoch}, the signed one "
-                                  f"{doc['version']} epoch {doc.get('epoch')}")
+        raise WireError(
+            "schema",
+            f"sealed manifest says version {version} epoch {epoch}, the signed one "
+            f"{doc['version']} epoch {doc.get('epoch')}",
+        )
     return doc, inner
 
 

@@ -11,6 +11,7 @@ domain-separated digest (``envelope.sign_body``). Replay: a line takes a
 command only if it was issued within ``max_age_s`` (default 5 minutes, clocks
 within a minute of each other) and later than the last one it took.
 """
+
 from __future__ import annotations
 
 import secrets
@@ -32,16 +33,27 @@ def sign_command(command: str, federation: str, site: str, keys: KeyPair, issued
     """A command for the lines of ``site``, signed by ``keys`` (the site's or the aggregator's)."""
     if command not in COMMANDS:
         raise ValueError(f"command {command!r} is not one of {COMMANDS}")
-    doc = {"command": command, "federation": federation, "site": site,
-           "issued_at": round(time.time() if issued_at is None else issued_at, 3), "nonce": secrets.token_hex(8)}
+    doc = {
+        "command": command,
+        "federation": federation,
+        "site": site,
+        "issued_at": round(time.time() if issued_at is None else issued_at, 3),
+        "nonce": secrets.token_hex(8),
+    }
     return sign_body(_MAGIC, _DOMAIN, canonical_json(doc), keys)
 
 
 class CommandVerifier:
     """Checks commands for one line: signer, federation, site, freshness, order."""
 
-    def __init__(self, signers: Mapping[str, bytes], federation: str, site: str, max_age_s: float = 300.0,
-                 max_skew_s: float = 60.0) -> None:
+    def __init__(
+        self,
+        signers: Mapping[str, bytes],
+        federation: str,
+        site: str,
+        max_age_s: float = 300.0,
+        max_skew_s: float = 60.0,
+    ) -> None:
         if not signers:
             raise ValueError("a command verifier needs at least one signer's public key")
         self.signers = dict(signers)  # who -> Ed25519 verify key

@@ -32,14 +32,10 @@ from typing import Any
 import numpy as np
 
 from broker_bridge.chunking import split
-<<<<<<< HEAD
-from broker_bridge.envelope import UpdateHeader, open_for_federation, open_receipt, seal_update
-from broker_bridge.federation_key import Keyring, open_manifest
-=======
 from broker_bridge.client import BrokerSettings, Message, MqttClient, will_message
-from broker_bridge.envelope import UpdateHeader, seal_update, verify_manifest, verify_receipt
->>>>>>> main
+from broker_bridge.envelope import UpdateHeader, open_for_federation, open_receipt, seal_update
 from broker_bridge.errors import FedlineError, NotConnected, PublishRefused, TopicError, WireError
+from broker_bridge.federation_key import Keyring, open_manifest
 from broker_bridge.keys import Enrollment, KeyPair
 from broker_bridge.topics import Topics
 from edge.config import EdgeConfig, load_edge_config, row_mapping

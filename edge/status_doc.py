@@ -11,18 +11,29 @@ DESIGN.md), whether the site is publishing, and the outbox depth.
 
 One builder, so that fields added later (e.g. per-record ε) have one home.
 """
+
 from __future__ import annotations
 
 import time
 from typing import Any
 
 #: every key a status may carry; the adversarial capture test checks statuses against it
-STATUS_FIELDS = ("state", "version", "privacy", "epsilon", "epsilon_budget", "delta", "publishing",
-                 "outbox_depth", "ts")
+STATUS_FIELDS = (
+    "state",
+    "version",
+    "privacy",
+    "epsilon",
+    "epsilon_budget",
+    "delta",
+    "publishing",
+    "outbox_depth",
+    "ts",
+)
 
 
-def build_status(*, state: str, version: int, dp: Any, epsilon: float, publishing: str,
-                 outbox_depth: int) -> dict[str, Any]:
+def build_status(
+    *, state: str, version: int, dp: Any, epsilon: float, publishing: str, outbox_depth: int
+) -> dict[str, Any]:
     """The status document. ``dp`` is the site's privacy config (None when DP is off)."""
     return {
         "state": state,

@@ -14,12 +14,11 @@ ciphertext never decrypts):
 - line commands (``line_command.CommandVerifier``): raw bytes, or a body
   signed by the site (JSON, schema and freshness).
 """
+
 from __future__ import annotations
 
-from nacl.public import PublicKey, SealedBox
-from nacl.secret import SecretBox
-
 from _harness import AGGREGATOR, FEDERATION, OUTSIDER, SITE_A, instrumented, main
+from nacl.public import PublicKey, SealedBox
 
 with instrumented():
     from broker_bridge import envelope, federation_key, line_command
@@ -28,8 +27,13 @@ AGG_PUB = bytes(AGGREGATOR.signing_key.verify_key)
 KEY = bytes(range(32))
 KEYRING = federation_key.Keyring({1: KEY})
 _TO_SITE = SealedBox(PublicKey(bytes(SITE_A.box_key.public_key)))
-VERIFIER = line_command.CommandVerifier({"site": bytes(SITE_A.signing_key.verify_key), "aggregator": AGG_PUB},
-                                        FEDERATION, "site-a", max_age_s=1e12, max_skew_s=1e12)
+VERIFIER = line_command.CommandVerifier(
+    {"site": bytes(SITE_A.signing_key.verify_key), "aggregator": AGG_PUB},
+    FEDERATION,
+    "site-a",
+    max_age_s=1e12,
+    max_skew_s=1e12,
+)
 
 
 def target(data: bytes) -> None:
@@ -63,17 +67,31 @@ def target(data: bytes) -> None:
 
 def seeds() -> list[bytes]:
     grant = federation_key.seal_grant(FEDERATION, SITE_A.public(), 1, KEY, AGGREGATOR)
-    grant_body = envelope.canonical_json({"federation": FEDERATION, "site": "site-a", "epoch": 1,
-                                          "key": "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="})
-    manifest = {"federation": FEDERATION, "version": 3, "epoch": 1, "created_at": 1.0e9, "spec": {},
-                "weights": {"hash": "ab" * 32, "size": 1, "chunks": 1}, "onnx": {"hash": "cd" * 32, "size": 1,
-                                                                               "chunks": 1}}
+    grant_body = envelope.canonical_json(
+        {"federation": FEDERATION, "site": "site-a", "epoch": 1, "key": "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="}
+    )
+    manifest = {
+        "federation": FEDERATION,
+        "version": 3,
+        "epoch": 1,
+        "created_at": 1.0e9,
+        "spec": {},
+        "weights": {"hash": "ab" * 32, "size": 1, "chunks": 1},
+        "onnx": {"hash": "cd" * 32, "size": 1, "chunks": 1},
+    }
     sealed_manifest = federation_key.seal_manifest(envelope.sign_manifest(manifest, AGGREGATOR), 3, 1, KEY)
     receipt = {"site": "site-a", "counter": 1, "msg_id": "00ff", "verdict": "applied", "reason": None, "version": 2}
     command = line_command.sign_command("rollback", FEDERATION, "site-a", SITE_A)
-    return [b"\x00" + grant, b"\x04" + grant_body, b"\x01" + sealed_manifest, b"\x05" + envelope.canonical_json(manifest),
-            b"\x02" + envelope.seal_receipt(receipt, AGGREGATOR, bytes(SITE_A.box_key.public_key)),
-            b"\x06" + envelope.sign_receipt(receipt, AGGREGATOR), b"\x03" + command, b"\x07" + command[68:]]
+    return [
+        b"\x00" + grant,
+        b"\x04" + grant_body,
+        b"\x01" + sealed_manifest,
+        b"\x05" + envelope.canonical_json(manifest),
+        b"\x02" + envelope.seal_receipt(receipt, AGGREGATOR, bytes(SITE_A.box_key.public_key)),
+        b"\x06" + envelope.sign_receipt(receipt, AGGREGATOR),
+        b"\x03" + command,
+        b"\x07" + command[68:],
+    ]
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 Shared by the tests that check what the aggregator publishes (models are for
 members only since issue 13, so an observer can no longer read them).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -17,8 +18,9 @@ from broker_bridge.topics import Topics
 from tests.conftest import settings_for
 
 
-async def read_model(broker, topics: Topics, member: KeyPair, agg_sign_pub: bytes, min_version: int,
-                     timeout: float = 20.0) -> tuple[dict, dict[str, np.ndarray], bytes]:
+async def read_model(
+    broker, topics: Topics, member: KeyPair, agg_sign_pub: bytes, min_version: int, timeout: float = 20.0
+) -> tuple[dict, dict[str, np.ndarray], bytes]:
     """``(manifest, weights, onnx)`` of the first version >= ``min_version``, decrypted and hash-checked."""
     keyring = Keyring()
     async with MqttClient(settings_for(broker, member.ident, clean_start=True)) as c:
@@ -47,8 +49,11 @@ async def read_model(broker, topics: Topics, member: KeyPair, agg_sign_pub: byte
                     doc, _ = open_manifest(blob, keyring, agg_sign_pub)
                     if doc["version"] >= min_version and (manifest is None or doc["version"] > manifest["version"]):
                         manifest = doc
-            if manifest and (manifest["version"], "weights") in blobs and \
-                    ((manifest["version"], "onnx") in blobs or manifest["onnx"]["chunks"] == 0):
+            if (
+                manifest
+                and (manifest["version"], "weights") in blobs
+                and ((manifest["version"], "onnx") in blobs or manifest["onnx"]["chunks"] == 0)
+            ):
                 break
     v, key = manifest["version"], keyring[manifest["epoch"]]
     w = envelope.open_for_federation(blobs[(v, "weights")], key)

@@ -5,6 +5,7 @@ which is the strong case: even reading every model topic, it opens nothing
 published after its revocation. Also: a retained message a site parks on an
 update topic is cleared by the aggregator and counted.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -45,7 +46,7 @@ class Capture:
         self.filters = filters
         self.messages: list[tuple[str, bytes]] = []
 
-    async def __aenter__(self) -> "Capture":
+    async def __aenter__(self) -> Capture:
         await self.client.__aenter__()
         for f in self.filters:
             await self.client.subscribe(f)
@@ -64,8 +65,9 @@ class Capture:
 
 async def test_revoked_site_reads_nothing_published_after_and_retained_updates_are_cleared(broker, tmp_path):
     fed = make_federation(tmp_path / "fed", SITES)
-    path = fed.write_config(strategy='kind = "fedbuff"\nbuffer_size = 3', extra="[validation]\nmax_norm = 10.0",
-                            broker=broker_table(broker))
+    path = fed.write_config(
+        strategy='kind = "fedbuff"\nbuffer_size = 3', extra="[validation]\nmax_norm = 10.0", broker=broker_table(broker)
+    )
     path.write_text(path.read_text().replace("seed = 7\n", "seed = 7\nenrollment_poll_s = 0.2\n"))
     from aggregator.config import load_config
 
@@ -105,13 +107,14 @@ async def test_revoked_site_reads_nothing_published_after_and_retained_updates_a
                 # the revoked site's own update is refused (counted; no receipt: none can be sealed to it)
                 blob, h = fed.seal("site-d", random_delta(agg.core.model, rng, 0.1), base_version=0)
                 await d.send(blob, h.msg_id)
-                await eventually(lambda: agg.metrics.value("fedline_aggregator_rejections_total",
-                                                           {"reason": "unenrolled"}) == 1, 20)
+                await eventually(
+                    lambda: agg.metrics.value("fedline_aggregator_rejections_total", {"reason": "unenrolled"}) == 1, 20
+                )
                 assert d.sealed_receipts == 0
                 await eventually(lambda: agg.published_version >= 1, 60)
 
                 # a remaining member reads version 1, under the new epoch
-                m1, w1, _ = await read_model(broker, topics, fed.sites["site-a"], agg_pub, 1)
+                m1, _, _ = await read_model(broker, topics, fed.sites["site-a"], agg_pub, 1)
                 assert m1["epoch"] == 2 and m1["version"] == 1
                 assert set(m1) == {"federation", "version", "epoch", "created_at", "spec", "weights", "onnx"}
 
@@ -120,8 +123,12 @@ async def test_revoked_site_reads_nothing_published_after_and_retained_updates_a
                 chunks = chunking.split(blob, h.msg_id, 1 << 20)
                 assert len(chunks) == 1
                 await a.client.publish(topics.update_chunk("site-a", h.msg_id, 0), chunks[0], retain=True)
-                await eventually(lambda: agg.metrics.value("fedline_aggregator_retained_updates_cleared_total",
-                                                           {"site": "site-a"}) == 1, 20)
+                await eventually(
+                    lambda: (
+                        agg.metrics.value("fedline_aggregator_retained_updates_cleared_total", {"site": "site-a"}) == 1
+                    ),
+                    20,
+                )
                 async with Capture(broker, "observer", [topics.updates_filter()]) as late:
                     await asyncio.sleep(1.0)
                 assert late.messages == []  # nothing retained is left on any update topic
@@ -141,8 +148,9 @@ async def test_revoked_site_reads_nothing_published_after_and_retained_updates_a
             open_manifest(p, keyring, agg_pub)
         assert exc.value.reason == "epoch"
     weights = chunking.Reassembler()
-    blobs = [done[1] for t, p in after if topics.parse(t).kind == "weights" and p
-             and (done := weights.add(p)) is not None]
+    blobs = [
+        done[1] for t, p in after if topics.parse(t).kind == "weights" and p and (done := weights.add(p)) is not None
+    ]
     assert blobs  # version 1's weights went past site-d
     for blob in blobs:
         with pytest.raises(WireError):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from aggregator.service import Aggregator
-from broker_bridge import chunking, envelope
+from broker_bridge import chunking
 from broker_bridge.client import MqttClient
 from broker_bridge.topics import Topics
 from tests.aggregator.helpers import make_federation, random_delta

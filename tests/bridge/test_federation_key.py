@@ -1,4 +1,5 @@
 """Members-only formats (``broker_bridge.federation_key``): grants and sealed manifests, each refusal by name."""
+
 from __future__ import annotations
 
 import math
@@ -8,16 +9,30 @@ import pytest
 
 from broker_bridge import envelope
 from broker_bridge.errors import WireError
-from broker_bridge.federation_key import (Keyring, new_content_key, open_grant, open_manifest, seal_grant,
-                                          seal_manifest, sealed_manifest_header)
+from broker_bridge.federation_key import (
+    Keyring,
+    new_content_key,
+    open_grant,
+    open_manifest,
+    seal_grant,
+    seal_manifest,
+    sealed_manifest_header,
+)
 from broker_bridge.keys import KeyPair
 
 AGG = KeyPair.generate("aggregator", "aggregator")
 A = KeyPair.generate("site", "site-a")
 B = KeyPair.generate("site", "site-b")
 AGG_PUB = bytes(AGG.signing_key.verify_key)
-MANIFEST = {"federation": "plant", "version": 7, "epoch": 2, "created_at": 1.0, "spec": {"kind": "mlp"},
-            "weights": {"hash": "ab" * 32, "size": 10, "chunks": 1}, "onnx": {"hash": "cd" * 32, "size": 20, "chunks": 1}}
+MANIFEST = {
+    "federation": "plant",
+    "version": 7,
+    "epoch": 2,
+    "created_at": 1.0,
+    "spec": {"kind": "mlp"},
+    "weights": {"hash": "ab" * 32, "size": 10, "chunks": 1},
+    "onnx": {"hash": "cd" * 32, "size": 20, "chunks": 1},
+}
 
 
 def reason(fn, *args) -> str:

@@ -1,4 +1,5 @@
 """Signed line commands (``broker_bridge.line_command``): who may command a line, and replays."""
+
 from __future__ import annotations
 
 import pytest
@@ -13,8 +14,11 @@ NOW = 1_800_000_000.0
 
 
 def verifier() -> CommandVerifier:
-    return CommandVerifier({"site": bytes(SITE.signing_key.verify_key), "aggregator": bytes(AGG.signing_key.verify_key)},
-                           "plant", "press-3")
+    return CommandVerifier(
+        {"site": bytes(SITE.signing_key.verify_key), "aggregator": bytes(AGG.signing_key.verify_key)},
+        "plant",
+        "press-3",
+    )
 
 
 def test_site_and_aggregator_may_sign_and_each_command_counts_once() -> None:
@@ -28,15 +32,18 @@ def test_site_and_aggregator_may_sign_and_each_command_counts_once() -> None:
     assert exc.value.reason == "replay"
 
 
-@pytest.mark.parametrize("blob, reason", [
-    (b"rollback", "framing"),
-    (b'{"command": "rollback"}', "framing"),
-    (sign_command("rollback", "plant", "press-3", KeyPair.generate("site", "press-3"), issued_at=NOW), "signature"),
-    (sign_command("rollback", "plant", "press-4", SITE, issued_at=NOW), "schema"),
-    (sign_command("rollback", "other", "press-3", SITE, issued_at=NOW), "schema"),
-    (sign_command("rollback", "plant", "press-3", SITE, issued_at=NOW - 301), "replay"),
-    (sign_command("rollback", "plant", "press-3", SITE, issued_at=NOW + 61), "replay"),
-])
+@pytest.mark.parametrize(
+    "blob, reason",
+    [
+        (b"rollback", "framing"),
+        (b'{"command": "rollback"}', "framing"),
+        (sign_command("rollback", "plant", "press-3", KeyPair.generate("site", "press-3"), issued_at=NOW), "signature"),
+        (sign_command("rollback", "plant", "press-4", SITE, issued_at=NOW), "schema"),
+        (sign_command("rollback", "other", "press-3", SITE, issued_at=NOW), "schema"),
+        (sign_command("rollback", "plant", "press-3", SITE, issued_at=NOW - 301), "replay"),
+        (sign_command("rollback", "plant", "press-3", SITE, issued_at=NOW + 61), "replay"),
+    ],
+)
 def test_refused_commands_name_the_reason(blob: bytes, reason: str) -> None:
     with pytest.raises(WireError) as exc:
         verifier().verify(blob, now=NOW)
