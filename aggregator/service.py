@@ -76,6 +76,9 @@ class Aggregator:
         self.started = asyncio.Event()  # the core is loaded and subscribed
         self.published = asyncio.Event()  # set after every publish (tests clear and wait)
         self._new_version = asyncio.Event()
+        # a key rotation and a model release never interleave: nothing under the old key follows the revoked
+        # site's cleared grant on the wire
+        self._epoch_lock = asyncio.Lock()
         self._stop = asyncio.Event()
         self._serial = ThreadPoolExecutor(1, thread_name_prefix="agg-decide")
         self._export = ThreadPoolExecutor(1, thread_name_prefix="agg-export")
@@ -243,7 +246,10 @@ class Aggregator:
             if version != self.published_version:
                 try:
                     release = await loop.run_in_executor(self._export, self._build, version, shared)
-                    await publish.publish_release(client, self.topics, release)
+                    async with self._epoch_lock:
+                        if release.manifest["epoch"] != self.granter.epoch.number:
+                            continue  # the key changed while it was built: build it again under the new one
+                        await publish.publish_release(client, self.topics, release)
                     await loop.run_in_executor(self._serial, core.store.mark_published, version,
                                                release.weights_chunks, release.onnx_chunks)
                     self.published_version = version
@@ -262,8 +268,9 @@ class Aggregator:
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self.cfg.aggregator.enrollment_poll_s)
-            if await loop.run_in_executor(self._serial, self.granter.reload_if_changed):
-                await self.granter.publish_grants(client)
+            async with self._epoch_lock:
+                if await loop.run_in_executor(self._serial, self.granter.reload_if_changed):
+                    await self.granter.publish_grants(client)
 
     async def _clear_old(self, client: MqttClient) -> None:
         core = self.core

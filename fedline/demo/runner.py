@@ -65,6 +65,8 @@ class DemoOptions:
     batch_fraction: float = 0.03  # each site's DP batch = this share of its rows (see report notes)
     splits: int = 10  # the split study's train/test splits after the run (0: none; see fedline/demo/splitstudy.py)
     progress: bool = True
+    # enrol a spare site that runs nothing and revoke it once this version exists (fedline/demo/revocation.py)
+    revoke_spare_after_version: int | None = None
 
 
 @dataclass
@@ -208,6 +210,11 @@ async def run_demo(opts: DemoOptions, console: Any = None) -> dict[str, Any]:
     run = prepare_run_dir(opts.run_dir)
     ws = Workspace(run)
     make_keys(ws, sites)
+    spare = None
+    if opts.revoke_spare_after_version is not None:
+        from fedline.demo.revocation import SpareRevocation
+
+        spare = SpareRevocation(ws, opts.revoke_spare_after_version)
     enrollment = Enrollment.load(ws.keys / "enrollment.json")
     topics = Topics(ws.federation)
 
@@ -286,7 +293,8 @@ async def run_demo(opts: DemoOptions, console: Any = None) -> dict[str, Any]:
         _say(console, f"started {len(procs.procs)} processes (logs in {ws.logs}); site {intermittent} will lose "
                       f"the broker for {opts.cut_s:.0f} s after version {opts.cut_after_version}")
 
-        await _watch(opts, monitor, procs, proxies, intermittent, cut_state, console, site_table, data.metric)
+        await _watch(opts, monitor, procs, proxies, intermittent, cut_state, console, site_table, data.metric,
+                     on_version=spare.step if spare is not None else None)
         # stop the edges first: they publish a last 'offline' status with their final figures
         procs.stop([f"edge-{s}" for s in sites] + [f"infer-{s}" for s in sites])
         await asyncio.sleep(1.0)
@@ -319,6 +327,8 @@ async def run_demo(opts: DemoOptions, console: Any = None) -> dict[str, Any]:
                 f"{site} local-only {v['local']:.3f} federated {v['federated']:.3f}" for site, v in r.items())))
     from fedline.demo.report import write_report
 
+    if spare is not None:
+        report["revocation"] = spare.report()
     paths = write_report(report, opts.report_dir)
     report["duration_total_s"] = round(time.time() - t0, 1)
     _say(console, f"report: {paths['md']} ({paths['json'].name}, {paths['png'].name})")
@@ -339,7 +349,7 @@ def _set_protocol(ws: Workspace, sites: list[str], protocol: str) -> None:
 
 
 async def _watch(opts: DemoOptions, monitor, procs: Processes, proxies, intermittent: str, cut_state: dict,
-                 console: Any, site_table, metric: str) -> None:
+                 console: Any, site_table, metric: str, on_version: Any = None) -> None:
     """Run until the target version is reached and the intermittent site is settled, or the timeout."""
     from broker_bridge.errors import FedlineError
 
@@ -361,6 +371,8 @@ async def _watch(opts: DemoOptions, monitor, procs: Processes, proxies, intermit
                 p = dead[0]
                 raise FedlineError(f"{p.name} exited with {p.popen.returncode}; last lines of {p.log_path}:\n"
                                    + _tail(p.log_path))
+            if on_version is not None:
+                on_version(view.version)
             now = time.monotonic()
             if not cut_state["cut"] and cut_state["cut_at"] is None and view.version >= opts.cut_after_version:
                 proxies[intermittent].cut()
