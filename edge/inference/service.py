@@ -131,6 +131,7 @@ class InferenceService:
         self._http: Any = None
         self.origin = line.model_source
         self.rows_error: BaseException | None = None
+        self._verifier: Any = None  # line commands: built on the first one (reads the key files)
 
     # ------------------------------------------------------------------ versions
     def current_version(self) -> int:
@@ -603,7 +604,7 @@ class InferenceService:
         """Who may command this line: its site's key and the aggregator's (whichever are configured)."""
         from broker_bridge.line_command import CommandVerifier
 
-        if getattr(self, "_verifier", None) is None:
+        if self._verifier is None:
             line = self.cfg.line
             signers = {}
             if line.site_key:
