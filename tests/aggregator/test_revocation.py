@@ -77,8 +77,8 @@ async def test_revoked_site_reads_nothing_published_after_and_retained_updates_a
     agg_pub = fed.agg.public().sign_pub
     d_keys = fed.sites["site-d"]
     try:
-        await asyncio.wait_for(agg.started.wait(), 30)
-        await eventually(lambda: agg.published_version == 0, 30)
+        await asyncio.wait_for(agg.started.wait(), 120)  # generous: seeding imports torch on a loaded machine
+        await eventually(lambda: agg.published_version == 0, 60)
         m0, _, _ = await read_model(broker, topics, d_keys, agg_pub, 0)  # a member reads version 0
         assert m0["epoch"] == 1 and agg.granter.epoch.number == 1
 
