@@ -75,9 +75,15 @@ class AggregatorSection:
     # sites, or one flooding, cannot hold sites x reassembly_max_bytes of memory)
     reassembly_total_max_bytes: int = 1024 * 1024 * 1024
     fsync: bool = False  # SQLite synchronous=FULL (survives power loss) instead of NORMAL (survives kill -9)
+    # the enrollment file is re-read when it changes (checked this often): revoking a site is deleting its
+    # entry, and starts a new federation key epoch the site never gets
+    enrollment_poll_s: float = 2.0
 
     def validate(self) -> None:
         from broker_bridge.topics import validate_site_id
+
+        if not 0.1 <= self.enrollment_poll_s <= 3600:
+            raise ValueError(f"enrollment_poll_s must be between 0.1 and 3600, got {self.enrollment_poll_s}")
 
         validate_site_id(self.federation, "federation")
         validate_site_id(self.topic_prefix, "topic_prefix")

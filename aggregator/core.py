@@ -383,8 +383,10 @@ class AggregatorCore:
         """Open in parallel, decide in order."""
         return list(self.process_stream(items))
 
-    def sign_receipt(self, receipt: dict[str, Any]) -> bytes:
-        return envelope.sign_receipt(receipt, self.keys)
+    def sign_receipt(self, receipt: dict[str, Any]) -> bytes | None:
+        """The receipt signed and sealed to its site; None for a site not enrolled (nothing to seal to)."""
+        site = self.enrollment.sites.get(receipt["site"])
+        return envelope.seal_receipt(receipt, self.keys, site.box_pub) if site is not None else None
 
     def lineage(self, version: int) -> dict[str, Any] | None:
         ck = self.store.checkpoint(version, blobs=False)

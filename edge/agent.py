@@ -8,10 +8,12 @@ One asyncio process with six tasks that share the on-disk state:
   and only if there are new rows) one local round in a worker thread, then seal,
   and queue in the outbox together with the counter and the privacy accountant;
 - **send**: while connected, publish queued updates in order, chunked, QoS 1;
-- **receive**: signed receipts (rows leave the outbox only on these), the signed
-  model manifest and weight chunks (verified, then the next round rebases on them);
+- **receive**: signed receipts (rows leave the outbox only on these), the
+  federation content key granted to this site, the sealed model manifest and
+  weight chunks (decrypted, verified, then the next round rebases on them);
 - **status**: a retained status message (``offline`` by last will) every
-  ``status_interval_s`` and on every change; the same figures on /metrics.
+  ``status_interval_s`` and on every change, without anything computed from
+  plant data (``edge.status_doc``); the plant's own figures on /metrics and in the logs.
 
 Why training in a thread: a round takes seconds; the loop must keep receiving
 receipts, publishing and answering the broker's keep-alives meanwhile.
@@ -31,8 +33,9 @@ import numpy as np
 
 from broker_bridge.chunking import split
 from broker_bridge.client import BrokerSettings, Message, MqttClient, will_message
-from broker_bridge.envelope import UpdateHeader, seal_update, verify_manifest, verify_receipt
+from broker_bridge.envelope import UpdateHeader, open_for_federation, open_receipt, seal_update
 from broker_bridge.errors import FedlineError, NotConnected, PublishRefused, TopicError, WireError
+from broker_bridge.federation_key import Keyring, open_manifest
 from broker_bridge.keys import Enrollment, KeyPair
 from broker_bridge.topics import Topics
 from edge.config import EdgeConfig, load_edge_config, row_mapping
@@ -43,6 +46,7 @@ from edge.metrics import EdgeMetrics
 from edge.model_store import GlobalModel, ModelRefused, ModelStore, check_global_model
 from edge.outbox import Outbox, OutboxFull
 from edge.privacy import PrivacyBudget
+from edge.status_doc import build_status
 from edge.trainer import Plan, plan_round, train_round
 from fedline.config import ConfigError, parse
 from fedline.logs import event
@@ -96,6 +100,8 @@ class EdgeAgent:
             self.personal = personal_state(template, self.spec)
 
         self.collector = WeightsCollector()
+        self.keyring = Keyring()  # federation content keys by epoch, from this site's grants
+        self._waiting_for_key: bytes | None = None  # a sealed manifest of an epoch not granted (yet)
         self.pending_manifest: tuple[int, bytes, dict[str, Any]] | None = None
         self.new_rows = 0
         self.last_round_at = time.monotonic()
@@ -164,28 +170,10 @@ class EdgeAgent:
                 "privacy_unit": "row" if g == 1 else f"raw sample (in {g} overlapping windows, group-accounted)"}
 
     def status(self, state: str = "online") -> dict[str, Any]:
-        """The retained status document (also what ``fedline status`` shows)."""
-        depth, nbytes = self.outbox.depth()
-        train, hold = self.dataset.counts()
-        return {
-            "site": self.site,
-            "state": state,
-            "version": self.base.version,
-            "privacy": "on" if self.dp else "off",
-            "epsilon": round(self.epsilon, 6),
-            "epsilon_budget": self.dp.epsilon if self.dp else None,
-            "delta": self.dp.delta if self.dp else None,
-            **self.privacy_status(),
-            "publishing": self.publishing,
-            "outbox_depth": depth,
-            "outbox_bytes": nbytes,
-            "rows": train + hold,
-            "holdout_rows": hold,
-            "counter": self.outbox.last_counter(),
-            "last_round": self.last_round,
-            "last_error": self.last_error,
-            "ts": time.time(),
-        }
+        """The retained status document (also what ``fedline status`` shows): see ``edge.status_doc``."""
+        depth, _ = self.outbox.depth()
+        return build_status(state=state, version=self.base.version, privacy=self.privacy_status(),
+                            publishing=self.publishing, outbox_depth=depth)
 
     def _refresh_gauges(self) -> None:
         m = self.metrics
@@ -352,7 +340,7 @@ class EdgeAgent:
         result = await asyncio.to_thread(train_round, self.spec, base.shared, self.personal, x, y, cfg.training,
                                          self.dp, holdout, cfg.model_seed, plan)
         counter = self.outbox.last_counter() + 1
-        msg_id = f"u{counter}-{secrets.token_hex(6)}"
+        msg_id = secrets.token_hex(8)  # random: the topic names no counter (it travels in the sealed header)
         privacy: dict[str, Any] = {"mode": "off"}
         meta: dict[str, str] = {}
         eps_after = None
@@ -514,6 +502,8 @@ class EdgeAgent:
             return
         if info.kind == "receipts" and info.site == self.site:
             self._on_receipt(msg.payload)
+        elif info.kind == "fedkey" and info.site == self.site:
+            await self._on_grant(msg.payload)
         elif info.kind == "manifest" and msg.payload:
             await self._on_manifest(msg.payload)
         elif info.kind == "weights" and info.version is not None and self._wants(info.version) and msg.payload:
@@ -527,9 +517,7 @@ class EdgeAgent:
 
     def _on_receipt(self, payload: bytes) -> None:
         try:
-            doc = verify_receipt(payload, self.enrollment.aggregator.sign_pub)
-            if doc["site"] != self.site:
-                raise WireError("schema", f"receipt for site {doc['site']!r} on our topic")
+            doc = open_receipt(payload, self.keys, self.enrollment.aggregator.sign_pub)  # checks the site
         except WireError as exc:
             self.metrics.malformed.labels("receipt").inc()
             event(log, "receipt.dropped", logging.WARNING, site=self.site, reason=str(exc))
@@ -551,10 +539,30 @@ class EdgeAgent:
         """Newer than ours; or the aggregator's own version 0 while we only have the one we built."""
         return version > self.base.version or (version == self.base.version and not self.base.manifest)
 
-    async def _on_manifest(self, blob: bytes) -> None:
+    async def _on_grant(self, blob: bytes) -> None:
+        if not blob:
+            event(log, "fedkey.cleared", logging.WARNING, site=self.site,
+                  detail="the aggregator took this site's key grant back (revoked?)")
+            return
         try:
-            doc = verify_manifest(blob, self.enrollment.aggregator.sign_pub)
+            epoch = self.keyring.add_grant(blob, self.keys, self.enrollment.aggregator.sign_pub, self.cfg.federation)
         except WireError as exc:
+            self.metrics.malformed.labels("fedkey").inc()
+            event(log, "fedkey.dropped", logging.WARNING, site=self.site, reason=str(exc))
+            return
+        event(log, "fedkey.received", site=self.site, epoch=epoch)
+        waiting, self._waiting_for_key = self._waiting_for_key, None
+        if waiting is not None:
+            await self._on_manifest(waiting)
+
+    async def _on_manifest(self, sealed: bytes) -> None:
+        try:
+            doc, blob = open_manifest(sealed, self.keyring, self.enrollment.aggregator.sign_pub)
+        except WireError as exc:
+            if exc.reason == "epoch":  # retained messages come in any order: its grant may be next
+                self._waiting_for_key = bytes(sealed)
+                event(log, "model.waiting_for_key", logging.INFO, site=self.site, detail=exc.detail)
+                return
             self._refuse(None, f"manifest {exc}")
             return
         version = doc["version"]
@@ -577,12 +585,19 @@ class EdgeAgent:
             self.pending_manifest = None
             self._refuse(version, f"manifest weights.chunks {chunks!r} is not a positive integer")
             return
-        weights = self.collector.complete(version, chunks)
-        if weights is None:
+        sealed = self.collector.complete(version, chunks)
+        if sealed is None:
             return
         self.pending_manifest = None
+        key = self.keyring.get(doc.get("epoch"))  # type: ignore[arg-type]
         try:
+            if key is None:
+                raise ModelRefused(version, f"no content key for epoch {doc.get('epoch')}")
+            weights = open_for_federation(sealed, key)
             g = self._check(manifest_blob, weights)
+        except WireError as exc:
+            self._refuse(version, f"weights {exc}")
+            return
         except ModelRefused as exc:
             self._refuse(version, exc.reason)
             return
@@ -640,7 +655,7 @@ class EdgeAgent:
         self.metrics_port = self.metrics.serve(self.cfg.metrics, self.cfg.file)
         await self.export_onnx()  # the line gets what this site holds now (a crash may have left it behind)
         will = will_message(self.topics.status(self.site),
-                            json.dumps({"site": self.site, "state": "offline", "reason": "connection lost"}).encode())
+                            json.dumps({"state": "offline", "reason": "connection lost"}).encode())
         client = MqttClient(self.settings, will=will, on_connect=self._on_connect)
         self.client = client
         try:
@@ -648,6 +663,7 @@ class EdgeAgent:
                 await client.subscribe(self.topics.receipts(self.site), qos=1)
                 # the manifest and the weights, not the aggregator's ONNX: this agent builds its own from the
                 # weights (with its personal head), so downloading every version's ONNX too only costs the link
+                await client.subscribe(self.topics.fedkey(self.site), qos=1)
                 await client.subscribe(self.topics.manifest(), qos=1)
                 await client.subscribe(self.topics.weights_filter(), qos=1)
                 tasks = {asyncio.create_task(c, name=f"edge:{self.site}:{n}") for n, c in [

@@ -65,6 +65,8 @@ class DemoOptions:
     batch_fraction: float = 0.03  # each site's DP batch = this share of its rows (see report notes)
     splits: int = 10  # the split study's train/test splits after the run (0: none; see fedline/demo/splitstudy.py)
     progress: bool = True
+    # enrol a spare site that runs nothing and revoke it once this version exists (fedline/demo/revocation.py)
+    revoke_spare_after_version: int | None = None
 
 
 @dataclass
@@ -187,7 +189,7 @@ def _say(console: Any, text: str) -> None:
 async def run_demo(opts: DemoOptions, console: Any = None) -> dict[str, Any]:
     """Run the demo; returns the report dict (also written to ``opts.report_dir``)."""
     from broker_bridge.client import BrokerSettings
-    from broker_bridge.keys import Enrollment
+    from broker_bridge.keys import Enrollment, KeyPair
     from broker_bridge.mosquitto import MosquittoProcess, free_port, mosquitto_binary
     from broker_bridge.topics import Topics
     from fedline.demo.audit import TrafficRecorder
@@ -208,6 +210,11 @@ async def run_demo(opts: DemoOptions, console: Any = None) -> dict[str, Any]:
     run = prepare_run_dir(opts.run_dir)
     ws = Workspace(run)
     make_keys(ws, sites)
+    spare = None
+    if opts.revoke_spare_after_version is not None:
+        from fedline.demo.revocation import SpareRevocation
+
+        spare = SpareRevocation(ws, opts.revoke_spare_after_version)
     enrollment = Enrollment.load(ws.keys / "enrollment.json")
     topics = Topics(ws.federation)
 
@@ -262,7 +269,9 @@ async def run_demo(opts: DemoOptions, console: Any = None) -> dict[str, Any]:
 
     # -- the observer: progress view and traffic audit --------------------------------
     scorer = Scorer(data)
-    monitor = Monitor(topics, sites, enrollment.aggregator.sign_pub, scorer)
+    # receipts are sealed to their site and models to the members: the monitor holds the keys the demo made
+    site_keys = {s: KeyPair.load(ws.keys / f"{s}.key") for s in sites}
+    monitor = Monitor(topics, sites, enrollment.aggregator.sign_pub, scorer, site_keys=site_keys)
     obs = BrokerSettings(url=f"{scheme}://{host}:{port}", ca_file=ws.ca_file, client_id="demo-observer",
                          username="observer",
                          password_file=str(ws.credentials("observer")), protocol=protocol,  # type: ignore[arg-type]
@@ -288,7 +297,8 @@ async def run_demo(opts: DemoOptions, console: Any = None) -> dict[str, Any]:
         _say(console, f"started {len(procs.procs)} processes (logs in {ws.logs}); site {intermittent} will lose "
                       f"the broker for {opts.cut_s:.0f} s after version {opts.cut_after_version}")
 
-        await _watch(opts, monitor, procs, proxies, intermittent, cut_state, console, site_table, data.metric)
+        await _watch(opts, monitor, procs, proxies, intermittent, cut_state, console, site_table, data.metric,
+                     on_version=spare.step if spare is not None else None)
         # stop the edges first: they publish a last 'offline' status with their final figures
         procs.stop([f"edge-{s}" for s in sites] + [f"infer-{s}" for s in sites])
         await asyncio.sleep(1.0)
@@ -321,6 +331,8 @@ async def run_demo(opts: DemoOptions, console: Any = None) -> dict[str, Any]:
                 f"{site} local-only {v['local']:.3f} federated {v['federated']:.3f}" for site, v in r.items())))
     from fedline.demo.report import write_report
 
+    if spare is not None:
+        report["revocation"] = spare.report()
     paths = write_report(report, opts.report_dir)
     report["duration_total_s"] = round(time.time() - t0, 1)
     _say(console, f"report: {paths['md']} ({paths['json'].name}, {paths['png'].name})")
@@ -341,7 +353,7 @@ def _set_protocol(ws: Workspace, sites: list[str], protocol: str) -> None:
 
 
 async def _watch(opts: DemoOptions, monitor, procs: Processes, proxies, intermittent: str, cut_state: dict,
-                 console: Any, site_table, metric: str) -> None:
+                 console: Any, site_table, metric: str, on_version: Any = None) -> None:
     """Run until the target version is reached and the intermittent site is settled, or the timeout."""
     from broker_bridge.errors import FedlineError
 
@@ -363,11 +375,13 @@ async def _watch(opts: DemoOptions, monitor, procs: Processes, proxies, intermit
                 p = dead[0]
                 raise FedlineError(f"{p.name} exited with {p.popen.returncode}; last lines of {p.log_path}:\n"
                                    + _tail(p.log_path))
+            if on_version is not None:
+                on_version(view.version)
             now = time.monotonic()
             if not cut_state["cut"] and cut_state["cut_at"] is None and view.version >= opts.cut_after_version:
                 proxies[intermittent].cut()
                 cut_state.update(cut=True, cut_at=round(now - started, 1), version_at_cut=view.version,
-                                 counter_at_cut=int(view.sites[intermittent].status.get("counter") or 0))
+                                 counter_at_cut=view.sites[intermittent].updates_sent)
             if cut_state["cut"] and now - started - cut_state["cut_at"] >= opts.cut_s:
                 proxies[intermittent].restore()
                 cut_state.update(cut=False, restored_at=round(now - started, 1), version_at_restore=view.version)
@@ -380,9 +394,9 @@ async def _watch(opts: DemoOptions, monitor, procs: Processes, proxies, intermit
             if settled:  # what the report accounts for: an update sealed after this (sites train on every
                 # new version) stays safely in that site's outbox when the demo stops
                 sv = view.sites[intermittent]
-                n = int(sv.status.get("counter") or 0)  # the status lags the receipts: count up to it
-                cut_state["settled"] = {"counter": n,
-                                        "verdicts": {c: dict(r) for c, r in sv.verdicts.items() if 0 < c <= n},
+                cut_state["settled"] = {"counter": sv.updates_sent,
+                                        "verdicts": {c: dict(r) for c, r in sv.verdicts.items()
+                                                     if r.get("msg_id") in sv.update_ids},
                                         "outbox_depth": sv.status.get("outbox_depth")}
             if view.version >= target and settled:
                 break
@@ -399,12 +413,12 @@ async def _watch(opts: DemoOptions, monitor, procs: Processes, proxies, intermit
 def _settled(view, site: str) -> bool:
     """The site's outbox is empty and every update it sent has a final verdict."""
     sv = view.sites[site]
-    st = sv.status
-    counter = int(st.get("counter") or 0)
-    if counter == 0 or st.get("outbox_depth", 1) != 0:
+    sent = sv.updates_sent  # update ids are random: count the ids seen on the wire
+    if sent == 0 or sv.status.get("outbox_depth", 1) != 0:
         return False
-    final = [c for c, r in sv.verdicts.items() if r.get("verdict") in ("applied", "stale", "rejected", "buffered")]
-    return len(final) >= counter
+    final = [r for r in sv.verdicts.values() if r.get("msg_id") in sv.update_ids
+             and r.get("verdict") in ("applied", "stale", "rejected", "buffered")]
+    return len(final) >= sent
 
 
 def build_report(opts: DemoOptions, data: DemoData, ws: Workspace, monitor, recorder, proxies, tunings,
@@ -420,7 +434,7 @@ def build_report(opts: DemoOptions, data: DemoData, ws: Workspace, monitor, reco
     t = opts.tuning
     spec_doc = model_table(data, t)
     spec = ModelSpec.from_dict({**spec_doc, "personal": []})
-    rounds = max([int(s.status.get("counter") or 0) for s in view.sites.values()] + [1])
+    rounds = max([s.updates_sent for s in view.sites.values()] + [1])
     base_settings = TrainSettings(epochs=max(1, t.epochs * rounds), batch_size=64, lr=0.1, momentum=0.9, seed=t.seed)
     local, central = local_and_central(data, spec, base_settings)
     x_pool = np.concatenate([data.normalise(s.x_test) for s in data.sites])
@@ -470,8 +484,8 @@ def build_report(opts: DemoOptions, data: DemoData, ws: Workspace, monitor, reco
             "metric_local": local[i], "metric_federated": fed.get(s.site),
             "metric_personalised": personalised.get(s.site), "metric_central": central[i],
             "epsilon": st.get("epsilon"), "epsilon_budget": t.epsilon, "delta": t.delta,
-            "updates_sent": snap["counter"] if snap else int(st.get("counter") or 0), "bytes_sent": sv.update_bytes,
-            "updates_sealed_after_settled": (int(st.get("counter") or 0) - snap["counter"]) if snap else None,
+            "updates_sent": snap["counter"] if snap else sv.updates_sent, "bytes_sent": sv.update_bytes,
+            "updates_sealed_after_settled": (sv.updates_sent - snap["counter"]) if snap else None,
             "receipts": {"applied": count("applied"), "stale": count("stale"), "rejected": count("rejected"),
                          "buffered_pending": pend},
             "staleness_mean": float(np.mean(sv.staleness)) if sv.staleness else None,

@@ -204,7 +204,8 @@ def write_site(ws: Workspace, data: DemoData, site: SiteData, t: Tuning, bundled
     line = {
         "line": {"site": site.site, "federation": ws.federation, "state_dir": "state/infer",
                  "model_source": "model_dir" if t.personal_head else "manifest", "model_dir": "models",
-                 "enrollment": str(ws.keys / "enrollment.json"), "poll_s": 0.5,
+                 "enrollment": str(ws.keys / "enrollment.json"), "site_key": str(ws.keys / f"{site.site}.key"),
+                 "poll_s": 0.5,
                  "canary": {"enabled": False}},
         "sources": [plc_source],
         "rows": rows_table(data),

@@ -91,7 +91,7 @@ async def test_kill9_mid_buffer_over_mosquitto_then_status(mosquitto, tmp_path):
                               "--listen", "1"], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
                              capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
-        assert f"model version {v} (signed, verified" in out.stdout
+        assert f"model version {v} (key epoch 1, sealed to the members)" in out.stdout
         for s in SITES:
             assert s in out.stdout
     finally:
