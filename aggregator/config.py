@@ -78,9 +78,15 @@ class AggregatorSection:
     # the enrollment file is re-read when it changes (checked this often): revoking a site is deleting its
     # entry, and starts a new federation key epoch the site never gets
     enrollment_poll_s: float = 2.0
+    # a site whose status says it is behind (older version or key epoch: it missed the retained state, e.g. on
+    # another node of a broker cluster) gets the current state again, at most this often (aggregator.catchup)
+    catchup_interval_s: float = 10.0
 
     def validate(self) -> None:
         from broker_bridge.topics import validate_site_id
+
+        if not 0.5 <= self.catchup_interval_s <= 3600:
+            raise ValueError(f"catchup_interval_s must be between 0.5 and 3600, got {self.catchup_interval_s}")
 
         if not 0.1 <= self.enrollment_poll_s <= 3600:
             raise ValueError(f"enrollment_poll_s must be between 0.1 and 3600, got {self.enrollment_poll_s}")

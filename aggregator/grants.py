@@ -65,15 +65,22 @@ class Granter:
         event(log, "enrollment.reloaded", sites=len(new.sites), epoch=self.epoch.number, revoked=sorted(revoked))
         return True
 
+    async def publish_grant(self, client: Any, site: str) -> None:
+        """One enrolled site's grant of the current epoch (retained); nothing for a site not enrolled."""
+        pub = self.core.enrollment.sites.get(site)
+        if pub is None:
+            return
+        blob = seal_grant(self.topics.federation, pub, self.epoch.number, self.epoch.key, self.core.keys)
+        try:
+            await client.publish(self.topics.fedkey(site), blob, qos=1, retain=True)
+        except FedlineError as exc:  # re-sent on the next connect, enrollment change or catch-up
+            event(log, "fedkey.unsent", level=logging.WARNING, site=site, error=str(exc))
+
     async def publish_grants(self, client: Any) -> None:
         """Every enrolled site's grant (retained), and an empty retained payload where a revoked one was."""
         epoch, core = self.epoch, self.core
-        for site, pub in sorted(core.enrollment.sites.items()):
-            blob = seal_grant(self.topics.federation, pub, epoch.number, epoch.key, core.keys)
-            try:
-                await client.publish(self.topics.fedkey(site), blob, qos=1, retain=True)
-            except FedlineError as exc:  # re-sent on the next connect or enrollment change
-                event(log, "fedkey.unsent", level=logging.WARNING, site=site, error=str(exc))
+        for site in sorted(core.enrollment.sites):
+            await self.publish_grant(client, site)
         for site in sorted(self._to_clear):
             try:
                 await client.publish(self.topics.fedkey(site), b"", qos=1, retain=True)

@@ -38,6 +38,8 @@ class Metrics:
         self.retained_cleared = Counter("fedline_aggregator_retained_updates_cleared", "Retained messages on "
                                         "update topics, cleared (a site parking data in the broker)", ["site"],
                                         registry=r)
+        self.catchups = Counter("fedline_aggregator_catchups", "Sites sent the current key and model again "
+                                "because their status said they were behind", registry=r)
         self._recent: deque[float] = deque()
 
     def decided(self, verdict: str, reason: str | None = None, arrival: bool = True) -> None:

@@ -31,7 +31,7 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from aggregator import grants, publish
+from aggregator import catchup, grants, publish
 from aggregator.config import AggregatorConfig
 from aggregator.core import AggregatorCore, Opened
 from aggregator.metrics import Metrics
@@ -87,6 +87,9 @@ class Aggregator:
         # a key rotation and a model release never interleave: nothing under the old key follows the revoked
         # site's cleared grant on the wire
         self._epoch_lock = asyncio.Lock()
+        self._release: publish.Release | None = None  # the last published release, for catch-up
+        self.catchup = catchup.CatchUp(cfg.aggregator.catchup_interval_s)
+        self._catchup_wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._serial = ThreadPoolExecutor(1, thread_name_prefix="agg-decide")
         self._export = ThreadPoolExecutor(1, thread_name_prefix="agg-export")
@@ -112,6 +115,7 @@ class Aggregator:
             async with MqttClient(settings, will=self.liveness.will(), on_connect=self.liveness.online) as client:
                 self.client = client
                 await client.subscribe(self.topics.updates_filter(), qos=1, retain_as_published=True)
+                await client.subscribe(self.topics.status_filter(), qos=1)  # catch-up requests (aggregator.catchup)
                 await client.connected.wait()  # subscribed (re-made on every connect) before we say so
                 await self.granter.publish_grants(client)
                 self.started.set()
@@ -120,7 +124,8 @@ class Aggregator:
                 tasks = [asyncio.create_task(self._intake(client, queue), name="agg-intake"),
                          asyncio.create_task(self._decider(client, queue), name="agg-decider"),
                          asyncio.create_task(self._publisher(client), name="agg-publisher"),
-                         asyncio.create_task(self._watch_enrollment(client), name="agg-enrollment")]
+                         asyncio.create_task(self._watch_enrollment(client), name="agg-enrollment"),
+                         asyncio.create_task(self._catch_up(client), name="agg-catchup")]
                 stop = asyncio.create_task(self._stop.wait())
                 try:
                     done, _ = await asyncio.wait([*tasks, stop], return_when=asyncio.FIRST_COMPLETED)
@@ -155,6 +160,9 @@ class Aggregator:
             try:
                 info = self.topics.parse(msg.topic)
             except TopicError:
+                continue
+            if info.kind == "status" and info.site is not None:
+                self._on_status(info.site, msg.payload)
                 continue
             if info.kind != "update":
                 continue
@@ -274,6 +282,7 @@ class Aggregator:
                     await loop.run_in_executor(self._serial, core.store.mark_published, version,
                                                release.weights_chunks, release.onnx_chunks)
                     self.published_version = version
+                    self._release = release  # what a site that missed it gets again (catch-up)
                     self.published.set()
                     await self.liveness.set_version(client, version)
                     await self._clear_old(client)
@@ -284,6 +293,34 @@ class Aggregator:
             if core.snapshot[0] == self.published_version:
                 await self._new_version.wait()
                 self._new_version.clear()
+
+    # -- catch-up: the current state again for a site that says it is behind ----------------
+    def _on_status(self, site: str, payload: bytes) -> None:
+        doc = catchup.parse_status(payload)
+        if doc is None or self._release is None or site not in self.core.enrollment.sites:  # type: ignore[union-attr]
+            return
+        if self.catchup.on_status(site, doc, version=self.published_version, epoch=self.granter.epoch.number):
+            self._catchup_wake.set()
+
+    async def _catch_up(self, client: MqttClient) -> None:
+        """Answer sites behind on the model or the key: their grant, then the current release (aggregator.catchup)."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._catchup_wake.wait(), self.catchup.min_interval_s)
+            self._catchup_wake.clear()
+            sites = self.catchup.due()
+            if not sites or self._release is None:
+                continue
+            try:
+                async with self._epoch_lock:
+                    for site in sites:
+                        await self.granter.publish_grant(client, site)
+                    if self._release.manifest["epoch"] == self.granter.epoch.number:
+                        await publish.publish_release(client, self.topics, self._release)
+                self.metrics.catchups.inc(len(sites))
+                event(log, "catchup.answered", sites=len(sites), version=self._release.version)
+            except FedlineError as exc:  # the sites ask again with their next status
+                event(log, "catchup.failed", level=logging.WARNING, sites=len(sites), error=str(exc))
 
     async def _watch_enrollment(self, client: MqttClient) -> None:
         """Poll the enrollment file; on a change, take it and rotate the key epoch if a site was revoked."""

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from broker_bridge.errors import FedlineError
+from broker_bridge.keys import write_private
 from broker_bridge.mosquitto import AGGREGATOR_USER, OBSERVER_USER, RESERVED_USERS, free_port, render_acl
 from broker_bridge.topics import Topics, validate_site_id
 
@@ -111,7 +112,8 @@ def topic_permissions(topics: Topics, sites: list[str], observer: bool = True) -
     users = [AGGREGATOR_USER, *([OBSERVER_USER] if observer else []), *sites]
     perms: dict[str, tuple[str, str]] = {}
     for user in users:
-        mine = [r for r in rules if r.user == user or (r.user is None and user not in RESERVED_USERS)]
+        # as in Mosquitto, a pattern line applies to every user (%u is that user's name)
+        mine = [r for r in rules if r.user == user or r.user is None]
         write = [filter_regex(r.topic_filter, user) for r in mine if r.access in ("write", "readwrite")]
         read = [filter_regex(r.topic_filter, user) for r in mine if r.access in ("read", "readwrite")]
         perms[user] = (_either(write), _either(read))
@@ -244,13 +246,21 @@ class RabbitCluster:
     def _create_users(self, node: RabbitNode) -> None:
         topics = Topics(self.federation, self.prefix)
         for user, (write, read) in topic_permissions(topics, self.sites).items():
-            pw = self.passwords.setdefault(user, secrets.token_urlsafe(18))
+            # hex: rabbitmqctl would read a password starting with "-" as an option
+            pw = self.passwords.setdefault(user, secrets.token_hex(18))
             self.ctl(node, "add_user", user, pw)
             self.ctl(node, "set_permissions", "-p", "/", user, RESOURCE_REGEX, RESOURCE_REGEX, RESOURCE_REGEX)
             self.ctl(node, "set_topic_permissions", "-p", "/", user, EXCHANGE, write, read)
 
     def password(self, user: str) -> str:
         return self.passwords[user]
+
+    def password_file(self, user: str) -> Path:
+        """A 0600 file holding ``user``'s password (what a ``[broker] password_file`` names)."""
+        path = self.workdir / "credentials" / f"{user}.password"
+        if not path.exists():
+            write_private(path, self.passwords[user] + "\n")
+        return path
 
     def running_nodes(self) -> list[str]:
         """The node names the first node counts as running members of its cluster."""

@@ -173,7 +173,8 @@ class EdgeAgent:
         """The retained status document (also what ``fedline status`` shows): see ``edge.status_doc``."""
         depth, _ = self.outbox.depth()
         return build_status(state=state, version=self.base.version, privacy=self.privacy_status(),
-                            publishing=self.publishing, outbox_depth=depth)
+                            publishing=self.publishing, outbox_depth=depth,
+                            epoch=max(self.keyring, default=-1))
 
     def _refresh_gauges(self) -> None:
         m = self.metrics

@@ -13,7 +13,7 @@ import aiomqtt
 import pytest
 
 from broker_bridge.mosquitto import render_acl
-from broker_bridge.rabbitmq import RabbitCluster, filter_regex, parse_acl, rabbitmq_available, topic_permissions
+from broker_bridge.rabbitmq import RabbitCluster, filter_regex, parse_acl, topic_permissions
 from broker_bridge.topics import Topics
 
 SITES = ["site-a", "site-b", "site.c"]
@@ -68,16 +68,6 @@ def test_parse_acl_refuses_lines_it_does_not_know() -> None:
         parse_acl("user x\ntopic deny a/b\n")
     with pytest.raises(FedlineError, match="anonymous"):
         parse_acl("topic read a/#\n")
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory):
-    if not rabbitmq_available():
-        pytest.fail("this test needs rabbitmq-server: apt-get install rabbitmq-server (make test installs it as root)")
-    c = RabbitCluster(tmp_path_factory.mktemp("rabbit"), federation="test", sites=["site-a", "site-b"])
-    c.start()
-    yield c
-    c.stop()
 
 
 def _client(cluster: RabbitCluster, node: int, user: str, ident: str) -> aiomqtt.Client:
