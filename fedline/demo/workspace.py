@@ -235,7 +235,10 @@ def write_aggregator(ws: Workspace, data: DemoData, t: Tuning, batches: dict[str
                    "backoff_min_s": 0.2, "backoff_max_s": 2.0},
         "strategy": {"kind": "fedbuff", "buffer_size": t.buffer_size, "staleness": t.staleness,
                      "a": t.staleness_a, "max_staleness": t.max_staleness, "server_lr": t.server_lr,
-                     "buffer_timeout_s": t.buffer_timeout_s},
+                     "buffer_timeout_s": t.buffer_timeout_s,
+                     # the default 3, or every site of a smaller bring-your-own CSV (then a version may hold a
+                     # single other site's delta: the demo is for trying, not for competitors)
+                     "min_sites": min(3, len(data.sites))},
         "dp": dp,
         "publish": {"retain_versions": 3, "onnx": True},
     }
