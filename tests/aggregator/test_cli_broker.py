@@ -40,7 +40,8 @@ async def test_kill9_mid_buffer_over_mosquitto_then_status(mosquitto, tmp_path):
     log = tmp_path / "aggregator.log"
     proc = start(conf, log)
     try:
-        await read_manifest(mosquitto, fed, 0)  # the aggregator is up (and subscribed) once version 0 is out
+        # the aggregator is up (and subscribed) once version 0 is out; its start imports torch: slow when loaded
+        await read_manifest(mosquitto, fed, 0, timeout=120)
         async with Site(fed, mosquitto, "site-a") as a, Site(fed, mosquitto, "site-b") as b, \
                 Site(fed, mosquitto, "site-c") as c:
             sites = {"site-a": a, "site-b": b, "site-c": c}
