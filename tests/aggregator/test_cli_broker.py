@@ -80,7 +80,7 @@ async def test_kill9_mid_buffer_over_mosquitto_then_status(mosquitto, tmp_path):
 
             want = final_verdicts[id(fed)]
             await eventually(lambda: last() == want, 10)
-        manifest, weights, _ = await read_manifest(mosquitto, fed, v)
+        manifest, weights, _ = await read_manifest(mosquitto, fed, v, timeout=120)
         assert manifest["version"] == v
         for k in ref_model:
             np.testing.assert_array_equal(weights[k], ref_model[k])
