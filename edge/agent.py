@@ -637,9 +637,7 @@ class EdgeAgent:
         """Run until ``stop`` is set (or the task is cancelled); the stores stay on disk."""
         stop = stop or asyncio.Event()
         self._announce()
-        if self.cfg.metrics.port is not None:
-            self.metrics_port = self.metrics.serve(self.cfg.metrics.host, self.cfg.metrics.port)
-            event(log, "metrics.serving", site=self.site, url=f"http://{self.cfg.metrics.host}:{self.metrics_port}/metrics")
+        self.metrics_port = self.metrics.serve(self.cfg.metrics, self.cfg.file)
         await self.export_onnx()  # the line gets what this site holds now (a crash may have left it behind)
         will = will_message(self.topics.status(self.site),
                             json.dumps({"site": self.site, "state": "offline", "reason": "connection lost"}).encode())
