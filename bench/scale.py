@@ -423,7 +423,9 @@ class Conductor:
 
         a = self.args
         sites = site_ids(a.sites)
-        self.broker = MosquittoProcess(self.root / "broker", federation=FEDERATION, sites=sites).start()
+        # the deployed default caps connections (256): a thousand sites, the aggregator and spares need more
+        self.broker = MosquittoProcess(self.root / "broker", federation=FEDERATION, sites=sites,
+                                       max_connections=a.sites + 64).start()
         self.buffer_size = a.buffer_size or buffer_size_for(a.sites)
         cfg = write_federation(self.root, a.sites, a.params, self.broker, self.buffer_size)
         env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
