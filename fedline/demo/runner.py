@@ -256,7 +256,7 @@ async def run_demo(opts: DemoOptions, console: Any = None) -> dict[str, Any]:
     tunings = site_tuning(data, opts)
     bundled = opts.csv is None
     files = {s.site: write_site(ws, data, s, tunings[s.site], bundled) for s in data.sites}
-    agg_toml = write_aggregator(ws, data, opts.tuning)
+    agg_toml = write_aggregator(ws, data, opts.tuning, {s: t.batch_size for s, t in site_tuning(data, opts).items()})
     if protocol != "5":
         _set_protocol(ws, sites, protocol)
 
