@@ -36,11 +36,12 @@ from broker_bridge.errors import FedlineError, NotConnected, PublishRefused, Top
 from broker_bridge.keys import Enrollment, KeyPair
 from broker_bridge.topics import Topics
 from edge.config import EdgeConfig, load_edge_config, row_mapping
-from edge.dataset import Dataset
+from edge.dataset import Dataset, UnitTracker
 from edge.follow import WeightsCollector
 from edge.metrics import EdgeMetrics
 from edge.model_store import GlobalModel, ModelRefused, ModelStore, check_global_model
 from edge.outbox import Outbox, OutboxFull
+from edge.personal import Personaliser
 from edge.privacy import PrivacyBudget
 from edge.trainer import plan_round, train_round
 from fedline.config import ConfigError, parse
@@ -76,7 +77,10 @@ class EdgeAgent:
         self.metrics = EdgeMetrics(cfg.site)
         self.dataset = Dataset(data_dir / "dataset.sqlite", self.spec.input_shape,
                                None if self.spec.task == "anomaly" else self.spec.n_outputs,
-                               cfg.dataset.max_rows, cfg.dataset.holdout_fraction)
+                               cfg.dataset.max_rows, cfg.dataset.holdout_fraction, cfg.dataset.effective_split)
+        # the line's model picked among local-only / global / fine-tuned on the held-out rows (edge/personal.py)
+        self.personaliser = (Personaliser(cfg.personal, self.spec, cfg.model_seed)
+                             if cfg.personal.serve == "pick" else None)
         self.outbox = Outbox(data_dir / "outbox.sqlite", cfg.outbox.max_bytes, cfg.outbox.max_count, cfg.outbox.policy)
         self.budget = PrivacyBudget(self.dp, self.outbox.get_meta("accountant")) if self.dp else None
         self.store = ModelStore(data_dir, cfg.path(cfg.model_dir))
@@ -157,6 +161,7 @@ class EdgeAgent:
             "holdout_rows": hold,
             "counter": self.outbox.last_counter(),
             "last_round": self.last_round,
+            "served": self.personaliser.choice.to_dict() if self.personaliser and self.personaliser.choice else None,
             "last_error": self.last_error,
             "ts": time.time(),
         }
@@ -201,6 +206,7 @@ class EdgeAgent:
             r = getattr(src, "ranges", None)
             ranges.update((r() if callable(r) else r) or {})
         builder = RowBuilder(self.mapping, ranges=ranges, file=self.cfg.file)
+        units = UnitTracker(self.cfg.dataset.group_column)
         queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=1024)
         done = object()
 
@@ -217,6 +223,7 @@ class EdgeAgent:
         pumps = [asyncio.create_task(pump(s)) for s in self.sources]
         running = len(pumps)
         batch: list[tuple[np.ndarray, np.ndarray | None]] = []
+        groups: list[str | None] = []
         try:
             while running:
                 item = await queue.get()
@@ -225,27 +232,30 @@ class EdgeAgent:
                     row = builder.flush() if running == 0 else None
                 else:
                     self.metrics.samples.inc()
+                    if units.observe(item.values):
+                        builder.restart_window()  # a window never spans two units
                     row = builder.push(item)
                 if row is not None and (row.y is not None or self.spec.task == "anomaly"):
                     batch.append(self._example(row))
+                    groups.append(units.current)
                 if batch and (len(batch) >= 64 or queue.empty() or item is done):
-                    self._store(batch)
-                    batch = []
+                    self._store(batch, groups)
+                    batch, groups = [], []
                 if item is done and self.cfg.training.on_new_model and self._first_round_pending and self.new_rows:
                     # a source's backlog is in (e.g. a historian replay): the first round starts now rather
                     # than at the fallback timer; later rounds follow the federation's versions
                     self._trigger.set()
             if batch:
-                self._store(batch)
+                self._store(batch, groups)
         finally:
             for p in pumps:
                 p.cancel()
         self.sources_done = True
         event(log, "sources.ended", site=self.site, stored=len(self.dataset), **builder.stats.__dict__)
 
-    def _store(self, batch: list[tuple[np.ndarray, np.ndarray | None]]) -> None:
+    def _store(self, batch: list[tuple[np.ndarray, np.ndarray | None]], groups: list[str | None]) -> None:
         try:
-            self.dataset.add_many(batch)
+            self.dataset.add_many(batch, groups=groups)
         except sqlite3.Error as exc:  # e.g. "database or disk is full": drop these rows, keep running
             self.metrics.rows_lost.inc(len(batch))
             event(log, "dataset.write_failed", logging.ERROR, site=self.site, rows=len(batch), error=str(exc))
@@ -393,23 +403,34 @@ class EdgeAgent:
         """
         async with self._export_lock:
             base, personal = self.base, dict(self.personal)
+            served: dict[str, Any] | None = None
 
             def build() -> bytes:
+                nonlocal served
                 model = build_model(self.spec, seed=self.cfg.model_seed)
                 load_shared_state(model, self.spec, base.shared)
                 if personal:
                     load_personal_state(model, self.spec, personal)
+                if self.personaliser is not None:  # noise-free candidates: never sent, never trained on by DP rounds
+                    from edge.personal import build as build_params
+
+                    params, choice = self.personaliser.choose(
+                        {**base.shared, **personal}, *self.dataset.arrays(), *self.dataset.arrays(holdout=True))
+                    model, served = build_params(self.spec, params, self.cfg.model_seed), choice.to_dict()
                 return export_onnx(model, self.spec)
 
             onnx = await asyncio.to_thread(build)
             try:
                 path = await asyncio.to_thread(self.store.publish_onnx, onnx, site=self.site, version=base.version,
-                                               spec=self.spec, counter=self.outbox.last_counter())
+                                               spec=self.spec, counter=self.outbox.last_counter(), served=served)
             except OSError as exc:
                 event(log, "onnx.export_failed", logging.ERROR, site=self.site, version=base.version, error=str(exc))
                 self._error(f"ONNX export failed: {exc}")
                 return None
-        event(log, "onnx.exported", site=self.site, version=base.version, path=str(path), bytes=len(onnx))
+        event(log, "onnx.exported", site=self.site, version=base.version, path=str(path), bytes=len(onnx),
+              served=served["kind"] if served else None)
+        if served:
+            self._changed()
         return path
 
     # ------------------------------------------------------------------ sending

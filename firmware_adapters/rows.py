@@ -217,13 +217,17 @@ class RowBuilder:
 
     # ----------------------------------------------------------- rows
 
+    def restart_window(self) -> None:
+        """Start the next ``window`` afresh (a new unit: a sequence must not span two machines)."""
+        self._window.clear()
+        self._since_emit = self.mapping.stride - 1
+
     def push(self, sample: Sample) -> Row | None:
         """Feed one sample; returns a row when one is complete, else None."""
         self.stats.samples += 1
         if not sample.good:
             self.stats.bad_samples += 1
-            self._window.clear()  # a sequence must not span a failed read or an outage
-            self._since_emit = self.mapping.stride - 1
+            self.restart_window()  # a sequence must not span a failed read or an outage
             return None
         self._state.update(sample.values)
         m = self.mapping

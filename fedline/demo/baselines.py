@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedline.demo.data import DemoData
-from fedline.demo.metrics import score
+from models.metrics import score
 from models.spec import ModelSpec
 
 
@@ -33,35 +33,20 @@ class TrainSettings:
 
 
 def train_plain(spec: ModelSpec, x: np.ndarray, y: np.ndarray, s: TrainSettings) -> dict[str, np.ndarray]:
-    """Train version 0 for ``s.epochs`` epochs without DP; returns every parameter (shared and personal)."""
-    from edge.config import TrainingConfig
-    from edge.trainer import train_round
-    from models import build_model, shared_state
-    from models.flat import personal_state
+    """Train version 0 for ``s.epochs`` epochs without DP: the edge's own local-only candidate
+    (:func:`edge.personal.train_local_only`); returns every parameter (shared and personal)."""
+    from edge.personal import PersonalConfig, train_local_only
 
-    import torch
-
-    torch.manual_seed(s.seed)
-    base = build_model(spec, seed=0)
-    cfg = TrainingConfig(epochs=s.epochs, batch_size=s.batch_size, lr=s.lr, momentum=s.momentum, seed=s.seed,
-                         threads=1)
-    result = train_round(spec, shared_state(base, spec), personal_state(base, spec) or None, x, y, cfg, None)
-    return {**result.shared, **result.personal}
+    cfg = PersonalConfig(local_epochs=s.epochs, local_lr=s.lr, momentum=s.momentum, batch_size=s.batch_size,
+                         seed=s.seed)
+    return train_local_only(spec, x, y, cfg)
 
 
 def predict(spec: ModelSpec, params: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
-    """The line's score for rows ``x`` (normalised): probability or value."""
-    import torch
+    """The line's score for rows ``x`` (normalised): probability or value (:func:`edge.personal.predict`)."""
+    from edge.personal import predict as personal_predict
 
-    from models import Scorer, build_model
-
-    model = build_model(spec, seed=0)
-    state = model.state_dict()
-    for name, arr in params.items():
-        state[name] = torch.from_numpy(np.asarray(arr, dtype=np.float32))
-    model.load_state_dict(state)
-    with torch.no_grad():
-        return Scorer(model, spec).eval()(torch.from_numpy(np.ascontiguousarray(x, np.float32))).numpy().ravel()
+    return personal_predict(spec, params, x)
 
 
 def predict_onnx(onnx_bytes: bytes, x: np.ndarray) -> np.ndarray:

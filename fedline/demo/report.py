@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from fedline.demo.metrics import better
+from models.metrics import better
 
 METRIC_NAMES = {"roc_auc": "ROC AUC (higher is better)", "rmse": "RMSE (lower is better)"}
 

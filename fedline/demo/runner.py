@@ -168,7 +168,7 @@ class Scorer:
 
     def __call__(self, onnx_bytes: bytes) -> dict[str, float]:
         from fedline.demo.baselines import predict_onnx
-        from fedline.demo.metrics import score
+        from models.metrics import score
 
         out = {}
         for s, x in zip(self.data.sites, self.inputs):
@@ -409,7 +409,7 @@ def build_report(opts: DemoOptions, data: DemoData, ws: Workspace, monitor, reco
     """Everything the report says, from the wire, the sites' files and the in-process baselines."""
     from fedline.demo.audit import RawRecordDetector, audit
     from fedline.demo.baselines import TrainSettings, evaluate, local_and_central, predict_onnx
-    from fedline.demo.metrics import score
+    from models.metrics import score
     from fedline.demo.workspace import model_table
     from models.spec import ModelSpec
 
@@ -625,7 +625,7 @@ def _personalised(data: DemoData, ws: Workspace) -> dict[str, float]:
     """Each site's own ONNX (global body + its head) from its model dir, on its held-out rows."""
     from edge.inference.model_dir import read_model, read_pointer
     from fedline.demo.baselines import predict_onnx
-    from fedline.demo.metrics import score
+    from models.metrics import score
 
     out = {}
     for s in data.sites:

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from fedline.demo.metrics import better
+from models.metrics import better
 
 
 def _one_split(load_kwargs: dict[str, Any], split_seed: int, tuning: dict[str, Any], batch_fraction: float,
