@@ -56,3 +56,25 @@ class PublishRefused(FedlineError):
 
 class NotConnected(FedlineError):
     """An operation needed a broker connection and none came in time."""
+
+
+class SecAggError(FedlineError):
+    """A secure-aggregation message or step was refused; ``reason`` says which check failed.
+
+    ``schema`` (malformed), ``signature`` (not signed by who it claims), ``federation`` (another
+    federation), ``replay`` (a cohort announcement seen before), ``expired`` (past its deadline),
+    ``not_member`` (addressed to or from a site outside the cohort), ``wrong_cohort`` (belongs to
+    another cohort), ``bad_share`` (does not match the dealer's commitment), ``equivocation``
+    (contradicts what this member already answered in the cohort), ``consistency`` (too few
+    members acknowledged the survivors announcement), ``too_few`` (below the threshold or the
+    minimum cohort size), ``state`` (step out of order, e.g. masking twice in one cohort).
+    """
+
+    REASONS = ("schema", "signature", "federation", "replay", "expired", "not_member", "wrong_cohort",
+               "bad_share", "equivocation", "consistency", "too_few", "state")
+
+    def __init__(self, reason: str, detail: str) -> None:
+        assert reason in self.REASONS, reason
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}")

@@ -1,5 +1,6 @@
-"""``fedline plc-sim`` (serve a CSV file as a live Modbus TCP PLC) and
-``fedline sources`` (validate a site file's ``[[sources]]`` and print live samples).
+"""``fedline plc-sim`` (serve a CSV file as a live Modbus TCP PLC),
+``fedline sources`` (validate a site file's ``[[sources]]`` and print live samples) and
+``fedline opcua-cert`` (the OPC UA source's client certificate).
 
 Registration only; handlers import the protocol libraries when they run.
 """
@@ -43,6 +44,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--check", action="store_true", help="only validate the configuration, read nothing")
     s.set_defaults(func=_sources)
 
+    c = subparsers.add_parser(
+        "opcua-cert",
+        help="make the OPC UA source's client certificate and private key",
+        description="Write a self-signed OPC UA application certificate (DER) and its private key "
+        "(PEM, mode 0600) for an opcua source's `certificate` and `private_key`. The OPC UA server "
+        "must then trust the certificate (copy it into its trusted folder).",
+    )
+    c.add_argument("--out", required=True, help="folder to write NAME.der and NAME.pem into")
+    c.add_argument("--name", default="client", help="file name stem (default client)")
+    c.add_argument("--uri", default=None, help="application URI (default urn:<host>:fedline:opcua-client)")
+    c.add_argument("--hostname", default=None, help="DNS name in the certificate (default this host's name)")
+    c.add_argument("--days", type=int, default=365, help="validity in days (default 365)")
+    c.add_argument("--force", action="store_true", help="replace existing files")
+    c.set_defaults(func=_opcua_cert)
+
 
 def _plc_sim(args: argparse.Namespace) -> int:
     import asyncio
@@ -65,6 +81,22 @@ def _plc_sim(args: argparse.Namespace) -> int:
             await sim.stop()
 
     asyncio.run(main())
+    return 0
+
+
+def _opcua_cert(args: argparse.Namespace) -> int:
+    from firmware_adapters.opcua_cert import make_client_certificate
+
+    import sys
+
+    try:
+        made = make_client_certificate(args.out, name=args.name, application_uri=args.uri, hostname=args.hostname,
+                                       days=args.days, force=args.force)
+    except (FileExistsError, ValueError) as exc:
+        print(f"fedline opcua-cert: {exc}", file=sys.stderr)
+        return 1
+    print(f"certificate = \"{made.certificate}\"\nprivate_key = \"{made.private_key}\"\n"
+          f"# application URI {made.application_uri}: have the OPC UA server trust {made.certificate}")
     return 0
 
 

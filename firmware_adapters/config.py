@@ -117,7 +117,8 @@ class OpcUaConfig(_Common):
     nodes: list[OpcUaNode]
     sampling_interval_ms: float = 100.0
     publishing_interval_ms: float = 100.0
-    security_mode: Literal["None", "Sign", "SignAndEncrypt"] = "None"
+    # secure by default: "None" only when the table asks for it (see firmware_adapters/opcua_cert.py)
+    security_mode: Literal["None", "Sign", "SignAndEncrypt"] = "SignAndEncrypt"
     security_policy: Literal["Basic256Sha256", "Aes128Sha256RsaOaep", "Aes256Sha256RsaPss"] = "Basic256Sha256"
     certificate: str | None = None
     private_key: str | None = None
@@ -130,7 +131,10 @@ class OpcUaConfig(_Common):
         if not self.nodes:
             raise ValueError("`nodes` must list at least one node")
         if self.security_mode != "None" and not (self.certificate and self.private_key):
-            raise ValueError(f"security_mode = {self.security_mode!r} needs `certificate` and `private_key`")
+            raise ValueError(
+                f"security_mode = {self.security_mode!r} (the default) needs `certificate` and `private_key`: "
+                "make them with `fedline opcua-cert --out DIR` and have the server trust the certificate, "
+                "or set security_mode = \"None\" to connect without signing or encryption")
 
 
 @dataclass(frozen=True, kw_only=True)

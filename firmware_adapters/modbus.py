@@ -136,7 +136,10 @@ class ModbusSource:
             raw = await self._read_block(block)
             for tag in block.tags:
                 start = tag.address - block.address
-                values[tag.name] = decode(self.regmap, tag, raw[start : start + tag.words])
+                try:
+                    values[tag.name] = decode(self.regmap, tag, raw[start : start + tag.words])
+                except ValueError as exc:  # a string tag whose bytes are not UTF-8
+                    raise _ReadFailed(f"{tag.name!r} ({tag.type}) at {tag.table}@{tag.address}: {exc}") from exc
         return values
 
     def _check_counter(self, values: dict[str, Value]) -> bool:

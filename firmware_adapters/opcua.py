@@ -7,10 +7,14 @@ that renumbers its numeric node ids. The server samples at
 change arrives as one :class:`Sample` with the server's source timestamp and
 the OPC UA status mapped to ``quality`` (Good / Uncertain / Bad).
 
-Security: ``security_mode`` None, Sign or SignAndEncrypt with a
-``security_policy`` and the client's certificate and private key (and
-optionally the server's certificate to pin it); ``username``/``password`` for
-user authentication. A lost session (server restart, network) yields one bad
+Security: ``security_mode`` is SignAndEncrypt unless the table asks for Sign
+or, explicitly, None; signing needs the client's certificate and private key
+(``fedline opcua-cert``, see :mod:`firmware_adapters.opcua_cert`) and a
+``security_policy``; ``server_certificate`` pins the server's certificate
+(without it the server's certificate is taken from its unsecured endpoint
+list on first contact). The client announces the application URI written in
+its certificate, as servers check. ``username``/``password`` authenticate the
+user. A lost session (server restart, network) yields one bad
 sample, counts a gap, and reconnects with backoff, re-creating the
 subscription; a node that cannot be resolved is a counted bad sample, and the
 other nodes are still subscribed.
@@ -82,6 +86,12 @@ class OpcUaSource:
 
         client = Client(self.cfg.url, timeout=self.cfg.timeout_s)
         if self.cfg.security_mode != "None":
+            from firmware_adapters.opcua_cert import application_uri_of
+
+            cert = resolve_path(self.file, self.cfg.certificate or "")
+            uri = application_uri_of(await asyncio.to_thread(cert.read_bytes))
+            if uri:
+                client.application_uri = uri
             parts = [self.cfg.security_policy, self.cfg.security_mode,
                      str(resolve_path(self.file, self.cfg.certificate or "")),
                      str(resolve_path(self.file, self.cfg.private_key or ""))]

@@ -66,7 +66,7 @@ class RegisterServer:
             self._server = ModbusTcpServer(self._device(), address=(self.host, self.port))
         await self._server.serve_forever(background=True)
 
-    async def write(self, tag: TagSpec, value: float | int | bool) -> None:
+    async def write(self, tag: TagSpec, value: float | int | bool | str) -> None:
         await self._server.async_setValues(0, _FC[tag.table], tag.address, encode(self.regmap, tag, value))
 
     async def write_raw(self, table: str, address: int, words: list[int] | list[bool]) -> None:
@@ -145,7 +145,7 @@ class PlcSimulator:
             if not self.loop or n == 0:
                 return
 
-    async def write(self, tag: TagSpec, value: float | int | bool) -> None:
+    async def write(self, tag: TagSpec, value: float | int | bool | str) -> None:
         """Set one tag's registers."""
         assert self._server is not None, "start() first"
         await self._server.write(tag, value)
@@ -157,10 +157,14 @@ class PlcSimulator:
         if row is None:
             return False
         for col, tag in self._columns.items():
-            try:
-                value = parse_number(row.get(col) or "")
-            except ValueError:
-                value = None
+            value: float | int | str | None
+            if tag.type == "string":
+                value = row.get(col)  # served as text (e.g. the AI4I "Type" column)
+            else:
+                try:
+                    value = parse_number(row.get(col) or "")
+                except ValueError:
+                    value = None
             if value is None:
                 self.bad_cells += 1
                 continue

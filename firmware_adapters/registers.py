@@ -11,7 +11,8 @@ that an OT engineer writes from the PLC's documentation::
     name = "Air temperature [K]"  # the key in Sample.values
     table = "holding"             # holding | input | coil | discrete
     address = 0                   # 0-based protocol address
-    type = "float32"              # int16 uint16 int32 uint32 float32 float64 bool
+    type = "float32"              # int16 uint16 int32 uint32 int64 uint64 float32 float64 bool string
+    length = 8                    # string only: registers it spans (2 bytes each, NUL-padded)
     scale = 1.0                   # engineering = raw * scale + offset
     offset = 0.0
     range = [295.0, 305.0]        # engineering range, used for normalisation
@@ -22,6 +23,13 @@ The same file drives both the Modbus source (decode) and ``fedline plc-sim``
 (encode), so a test serves and reads back with one map. Decoding uses pymodbus'
 ``convert_from_registers`` (word order); byte order inside each 16-bit word is
 swapped beforehand when ``byte_order = "little"`` (pymodbus has no option for it).
+
+64-bit integers stay Python ints (exact beyond 2**53) unless ``scale`` or
+``offset`` makes them engineering floats. A ``string`` tag holds its bytes in
+register order, two per register, high byte first (``byte_order = "little"``
+for PLCs that swap them; ``word_order`` does not apply), NUL-padded; it decodes
+as UTF-8 with the trailing NULs removed, and bytes that are not UTF-8 make the
+read a bad sample, never a guess. Strings take no scale, offset or range.
 """
 from __future__ import annotations
 
@@ -33,11 +41,14 @@ from typing import Any, Literal
 from fedline.config import load_toml, parse
 
 Table = Literal["holding", "input", "coil", "discrete"]
-DataTypeName = Literal["int16", "uint16", "int32", "uint32", "float32", "float64", "bool"]
+DataTypeName = Literal["int16", "uint16", "int32", "uint32", "int64", "uint64", "float32", "float64", "bool", "string"]
 Order = Literal["big", "little"]
 
 #: registers (16-bit words) per data type
-WORDS: dict[str, int] = {"int16": 1, "uint16": 1, "int32": 2, "uint32": 2, "float32": 2, "float64": 4, "bool": 1}
+WORDS: dict[str, int] = {"int16": 1, "uint16": 1, "int32": 2, "uint32": 2, "int64": 4, "uint64": 4,
+                         "float32": 2, "float64": 4, "bool": 1}
+#: bits of each integer type (for clamping what the simulator writes)
+INT_BITS: dict[str, int] = {"int16": 16, "uint16": 16, "int32": 32, "uint32": 32, "int64": 64, "uint64": 64}
 #: the Modbus protocol's per-request limits
 MAX_REGISTERS_PER_READ = 125
 MAX_BITS_PER_READ = 2000
@@ -59,10 +70,18 @@ class TagSpec:
     range: list[float] | None = None
     group: str = "default"
     column: str | None = None
+    length: int | None = None  # string: registers it spans
 
     def validate(self) -> None:
         if not 0 <= self.address <= 65535:
             raise ValueError(f"address {self.address} is outside 0..65535")
+        if self.type == "string":
+            if self.length is None or not 1 <= self.length <= MAX_REGISTERS_PER_READ:
+                raise ValueError(f"tag {self.name!r}: a string needs `length` (registers) in 1..{MAX_REGISTERS_PER_READ}")
+            if self.scale != 1.0 or self.offset != 0.0 or self.range is not None:
+                raise ValueError(f"tag {self.name!r}: a string takes no scale, offset or range")
+        elif self.length is not None:
+            raise ValueError(f"tag {self.name!r}: `length` is for string tags only")
         if self.table in BIT_TABLES and self.type != "bool":
             raise ValueError(f"tag {self.name!r}: a {self.table} holds a bool, not {self.type}")
         if self.range is not None and (len(self.range) != 2 or not self.range[0] < self.range[1]):
@@ -72,7 +91,9 @@ class TagSpec:
 
     @property
     def words(self) -> int:
-        return 1 if self.table in BIT_TABLES else WORDS[self.type]
+        if self.table in BIT_TABLES:
+            return 1
+        return (self.length or 0) if self.type == "string" else WORDS[self.type]
 
 
 @dataclass(frozen=True)
@@ -142,8 +163,11 @@ def _swap_bytes(words: Iterable[int]) -> list[int]:
     return [((w & 0xFF) << 8) | (w >> 8) for w in words]
 
 
-def decode(regmap: RegisterMap, tag: TagSpec, raw: Sequence[int] | Sequence[bool]) -> float | int | bool:
-    """Engineering value of ``tag`` from its raw registers (or one bit)."""
+def decode(regmap: RegisterMap, tag: TagSpec, raw: Sequence[int] | Sequence[bool]) -> float | int | bool | str:
+    """Engineering value of ``tag`` from its raw registers (or one bit).
+
+    Raises ``UnicodeDecodeError`` (a ``ValueError``) for a string tag whose bytes are not UTF-8.
+    """
     from pymodbus.client.mixin import ModbusClientMixin
 
     if tag.type == "bool":
@@ -152,25 +176,40 @@ def decode(regmap: RegisterMap, tag: TagSpec, raw: Sequence[int] | Sequence[bool
     words = list(raw)
     if regmap.byte_order_of(tag) == "little":
         words = _swap_bytes(words)
+    if tag.type == "string":
+        text = ModbusClientMixin.convert_from_registers(words, _dtype("string"), word_order="big")
+        return str(text)
     value = ModbusClientMixin.convert_from_registers(words, _dtype(tag.type), word_order=regmap.word_order_of(tag))
     if tag.scale != 1.0 or tag.offset != 0.0:
         return float(value) * tag.scale + tag.offset  # type: ignore[arg-type]
     return value  # type: ignore[return-value]
 
 
-def encode(regmap: RegisterMap, tag: TagSpec, value: float | int | bool) -> list[int] | list[bool]:
+def encode(regmap: RegisterMap, tag: TagSpec, value: float | int | bool | str) -> list[int] | list[bool]:
     """Raw registers (or one bit) for an engineering value; the inverse of :func:`decode`.
 
     Integer types round and clamp to the type's range, so a CSV value that does
-    not fit does not crash the simulator.
+    not fit does not crash the simulator; a string is cut (at a character
+    boundary) or NUL-padded to the tag's ``length``.
     """
     from pymodbus.client.mixin import ModbusClientMixin
 
     if tag.type == "bool":
         return [bool(value)]
-    raw: float = (float(value) - tag.offset) / tag.scale
-    if tag.type.startswith(("int", "uint")):
-        bits = 16 if tag.type.endswith("16") else 32
+    if tag.type == "string":
+        data = str(value).encode("utf-8")[: 2 * tag.words].decode("utf-8", "ignore").encode("utf-8")
+        words = ModbusClientMixin.convert_to_registers(data.decode("utf-8"), _dtype("string")) if data else []
+        words = list(words) + [0] * (tag.words - len(words))
+        return _swap_bytes(words) if regmap.byte_order_of(tag) == "little" else words
+    if isinstance(value, str):
+        raise ValueError(f"tag {tag.name!r} is {tag.type}, not a string")
+    raw: float | int
+    if tag.scale == 1.0 and tag.offset == 0.0 and isinstance(value, int):
+        raw = int(value)  # exact: a float would round 64-bit integers
+    else:
+        raw = (float(value) - tag.offset) / tag.scale
+    if tag.type in INT_BITS:
+        bits = INT_BITS[tag.type]
         lo, hi = (0, 2**bits - 1) if tag.type.startswith("u") else (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
         raw = int(min(hi, max(lo, round(raw))))
     words = ModbusClientMixin.convert_to_registers(raw, _dtype(tag.type), word_order=regmap.word_order_of(tag))

@@ -129,7 +129,7 @@ def test_numbers_are_checked_against_their_own_key(tmp_path: Path) -> None:
     assert err.key == "sources[0].group_intervals_s.fast"
     err = error_of(site(tmp_path, '[[sources]]\nkind = "sparkplug"\nurl = "http://broker"\n'))
     assert err.key == "sources[0].url"
-    err = error_of(site(tmp_path, '[[sources]]\nkind = "opcua"\nurl = "http://h"\nnodes = [{tag = "t", node_id = "i=1"}]\n'))
+    err = error_of(site(tmp_path, '[[sources]]\nkind = "opcua"\nurl = "http://h"\nsecurity_mode = "None"\nnodes = [{tag = "t", node_id = "i=1"}]\n'))
     assert err.key == "sources[0].url"
     (tmp_path / "adir").mkdir()
     err = error_of(site(tmp_path, '[[sources]]\nkind = "modbus_tcp"\nhost = "h"\nmap = "adir"\n'))

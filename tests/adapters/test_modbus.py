@@ -18,6 +18,8 @@ VALUES = {
     "uint16": 54321,
     "int32": -123456789,
     "uint32": 3_000_000_000,
+    "int64": -(2**62) - 12345,  # beyond 2**53: exact only as an int
+    "uint64": 2**64 - 3,
     "float32": 1234.5,  # exactly representable in float32
     "float64": -9876.54321,
 }
@@ -35,7 +37,9 @@ def all_types_map() -> RegisterMap:
                     tags.append(tag)
                     addr[table] += tag.words
     tags += [
-        TagSpec(name="scaled", table="holding", address=addr["holding"], type="uint16", scale=0.1, offset=-40.0),
+        TagSpec(name="text", table="holding", address=addr["holding"], type="string", length=5),
+        TagSpec(name="text.swapped", table="input", address=addr["input"], type="string", length=3, byte_order="little"),
+        TagSpec(name="scaled", table="holding", address=addr["holding"] + 5, type="uint16", scale=0.1, offset=-40.0),
         TagSpec(name="coil.3", table="coil", address=3, type="bool"),
         TagSpec(name="coil.4", table="coil", address=4, type="bool"),
         TagSpec(name="discrete.0", table="discrete", address=0, type="bool"),
@@ -57,6 +61,8 @@ async def test_every_type_and_both_word_orders_read_back(port: int) -> None:
                 value = tag.name != "coil.4"
             elif tag.name == "scaled":
                 value = 21.5
+            elif tag.type == "string":
+                value = "Typ-M7" if tag.name == "text" else "Lµ"  # 6 bytes in 5 registers; 3 bytes in 3
             else:
                 value = VALUES[tag.type]
             await server.write(tag, value)
@@ -65,10 +71,15 @@ async def test_every_type_and_both_word_orders_read_back(port: int) -> None:
         (sample,) = await take(source, 1)
     assert sample.good
     for name, value in expected.items():
-        assert sample.values[name] == pytest.approx(value, rel=0, abs=1e-9), name
+        if isinstance(value, float):
+            assert sample.values[name] == pytest.approx(value, rel=0, abs=1e-9), name
+        else:  # ints (64-bit ones exactly), bools and strings
+            assert sample.values[name] == value and type(sample.values[name]) is type(value), name
     assert isinstance(sample.values["holding.int32.little.big"], int)
+    assert sample.values["holding.int64.little.little"] == -(2**62) - 12345  # exact, not via float
+    assert sample.values["input.uint64.big.big"] == 2**64 - 3
     assert sample.values["coil.4"] is False and sample.values["coil.3"] is True
-    # the 2 x 24 register tags of each table fit one request per table, plus one each for coils, discretes
+    # the 2 x 40 register tags (+ strings) of each table fit one request per table, plus one each for bits
     assert source.requests_per_poll() == {"default": 4}
 
 
@@ -95,6 +106,44 @@ async def test_word_and_byte_order_match_the_wire_layout(port: int) -> None:
     for wo, bo in layouts:
         assert sample.values[f"f.{wo}.{bo}"] == 1.5
         assert sample.values[f"i.{wo}.{bo}"] == 0x12345678
+
+
+async def test_64_bit_integers_and_strings_match_the_wire_layout(port: int) -> None:
+    """int64 / uint64 / string registers laid out by hand from struct and bytes, as a PLC manual shows them."""
+    words = lambda b: [int.from_bytes(b[i:i + 2], "big") for i in range(0, len(b), 2)]  # noqa: E731
+    i64, u64 = struct.pack(">q", -2), struct.pack(">Q", 0x0102030405060708)
+    tags = [
+        TagSpec(name="i64", table="holding", address=0, type="int64"),
+        TagSpec(name="u64.cdab", table="holding", address=4, type="uint64", word_order="little"),
+        TagSpec(name="s", table="holding", address=8, type="string", length=4),
+        TagSpec(name="s.badc", table="holding", address=12, type="string", length=2, byte_order="little"),
+        TagSpec(name="bad", table="input", address=0, type="string", length=1),
+    ]
+    regmap = RegisterMap(tags=tags)
+    async with RegisterServer(regmap, port=port) as server:
+        await server.write_raw("holding", 0, words(i64))  # FF FF FF FF FF FF FF FE
+        await server.write_raw("holding", 4, words(u64)[::-1])  # word-swapped: 0708 0506 0304 0102
+        await server.write_raw("holding", 8, words(b"L-17\0\0\0\0"))  # NUL-padded
+        await server.write_raw("holding", 12, [0x4241, 0x0043])  # "ABC" with bytes swapped in each word
+        source = build_source(tcp_table(port, tags=[asdict(t) for t in tags if t.name != "bad"]))
+        (sample,) = await take(source, 1)
+        assert sample.values == {"i64": -2, "u64.cdab": 0x0102030405060708, "s": "L-17", "s.badc": "ABC"}
+        await server.write_raw("input", 0, [0xFFFE])  # not UTF-8: a bad read that says why, not a guess
+        source = build_source(tcp_table(port, tags=[asdict(tags[-1])]))
+        (bad,) = await take(source, 1)
+    assert not bad.good and "'bad' (string)" in (bad.error or "") and "utf-8" in (bad.error or "")
+    assert source.stats.bad_reads == 1
+
+
+def test_string_and_64_bit_tags_are_validated() -> None:
+    from fedline.config import ConfigError
+
+    for tag, why in [({"type": "string"}, "needs `length`"), ({"type": "string", "length": 2, "scale": 2.0}, "no scale"),
+                     ({"type": "int64", "length": 2}, "string tags only")]:
+        with pytest.raises(ConfigError) as info:
+            build_source(tcp_table(502, tags=[{"name": "t", "table": "holding", "address": 0, **tag}]), file="site.toml")
+        assert why in info.value.message, info.value.message
+    assert TagSpec(name="t", table="input", address=0, type="uint64").words == 4
 
 
 def test_adjacent_registers_are_merged_within_the_125_register_limit() -> None:

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from firmware_adapters.registers import RegisterMap, TagSpec, decode, encode
 
 RANGES = {"int16": (-(2**15), 2**15 - 1), "uint16": (0, 2**16 - 1), "int32": (-(2**31), 2**31 - 1),
-          "uint32": (0, 2**32 - 1)}
+          "uint32": (0, 2**32 - 1), "int64": (-(2**63), 2**63 - 1), "uint64": (0, 2**64 - 1)}
 orders = st.sampled_from(["big", "little"])
 
 
@@ -46,6 +46,18 @@ def test_scale_and_offset(raw: int, scale: float, offset: float) -> None:
     eng = decode(regmap, tag, [raw])
     assert eng == raw * scale + offset
     assert encode(regmap, tag, eng) == [raw]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=12), orders)
+def test_strings_round_trip_or_are_cut_at_a_character(text: str, byte_order: str) -> None:
+    tag = TagSpec(name="s", table="holding", address=0, type="string", length=6, byte_order=byte_order)
+    regmap = RegisterMap(tags=[tag])
+    words = encode(regmap, tag, text)
+    assert len(words) == 6 and all(0 <= w <= 0xFFFF for w in words)
+    data = text.encode("utf-8")
+    expected = text if len(data) <= 12 else data[:12].decode("utf-8", "ignore")
+    assert decode(regmap, tag, words) == expected
 
 
 def test_big_endian_float32_matches_struct() -> None:
