@@ -71,15 +71,18 @@ def evaluate(data: DemoData, predict_fn, site_index: int) -> float:
 def local_and_central(data: DemoData, spec: ModelSpec, s: TrainSettings) -> tuple[list[float], list[float]]:
     """Metric of each site's local-only model and of the central model, on each site's held-out rows.
 
+    Every model trains on the rows the sites' edges train on (their training
+    rows less the validation rows they hold out, :meth:`DemoData.fit_rows`).
     The central model sees the pooled rows for the same number of epochs, so
     it takes as many steps as all local models together.
     """
     local: list[float] = []
+    fit = [data.fit_rows(site) for site in data.sites]  # the rows each edge trains on (not its validation rows)
     for i, site in enumerate(data.sites):
-        params = train_plain(spec, data.normalise(site.x_train), data.target(site.y_train), s)
+        params = train_plain(spec, fit[i][0], fit[i][1], s)
         local.append(evaluate(data, lambda x, p=params: predict(spec, p, x), i))
-    x_all = np.concatenate([data.normalise(s_.x_train) for s_ in data.sites])
-    y_all = np.concatenate([data.target(s_.y_train) for s_ in data.sites])
+    x_all = np.concatenate([f[0] for f in fit])
+    y_all = np.concatenate([f[1] for f in fit])
     central_params = train_plain(spec, x_all, y_all, s)
     central = [evaluate(data, lambda x: predict(spec, central_params, x), i) for i in range(len(data.sites))]
     return local, central
