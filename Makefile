@@ -8,23 +8,32 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: venv sysdeps test test-slow test-all demo demo-cmapss bench fuzz clean
+.PHONY: venv lock sysdeps check test test-slow test-all demo demo-cmapss bench fuzz clean
 
-$(STAMP): pyproject.toml
+# Installs from the lock (requirements.lock, pip constraints) so a new release of a dependency cannot
+# break main unannounced; `make lock` rewrites it from what is installed after a deliberate upgrade.
+$(STAMP): pyproject.toml requirements.lock
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -U pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -c requirements.lock -e '.[dev]'
 	@touch $(STAMP)
+
+lock: venv
+	@{ echo "# fedline's lock: every package of a '.[dev]' install at the versions CI tested (pip constraints)."; \
+	  echo "# Regenerate with 'make lock' after changing pyproject.toml's dependencies."; \
+	  $(BIN)/python -m pip freeze --exclude-editable | sed 's/+cpu$$//' | grep -v '^fedline'; } > requirements.lock
 
 venv: $(STAMP)
 
-# Mosquitto (the real broker the integration tests and the demo use) and socat
+# Mosquitto (the real broker the integration tests and the demo use), RabbitMQ (the broker-cluster tests) and socat
 # (pseudo-terminal pairs for the serial tests). Installed with apt-get when we
 # may (root, as in CI); otherwise we say exactly what will not run.
 sysdeps:
 	@missing=""; \
 	command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing="$$missing mosquitto mosquitto-clients"; \
 	command -v socat >/dev/null 2>&1 || missing="$$missing socat"; \
+	command -v systemd-analyze >/dev/null 2>&1 || missing="$$missing systemd"; \
+	[ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || missing="$$missing rabbitmq-server"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    echo "make: installing$$missing with apt-get"; \
@@ -35,14 +44,25 @@ sysdeps:
 	  fi; \
 	fi
 
+# The guardrails: lint and format (ruff), types (mypy: strict for the wire, the models, the strategies and the
+# config loader), and the layer contracts between the top-level packages (import-linter, .importlinter).
+check: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
 # Without a mosquitto binary the broker tests cannot run: we say which, and run the rest.
 test: venv sysdeps
-	@if command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]; then \
+	@skip=""; \
+	if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then skip="broker"; fi; \
+	if [ ! -x /usr/lib/rabbitmq/bin/rabbitmq-server ]; then skip="$${skip:+$$skip or }rabbitmq"; fi; \
+	if [ -z "$$skip" ]; then \
 	  $(BIN)/python -m pytest $(PYTEST_ARGS); \
 	else \
-	  echo "make: mosquitto is missing: NOT running these broker tests:"; \
-	  $(BIN)/python -m pytest -q --collect-only -m "broker and not slow" | grep '::' || true; \
-	  $(BIN)/python -m pytest -m "not broker and not slow" $(PYTEST_ARGS); \
+	  echo "make: a broker is missing: NOT running these tests ($$skip):"; \
+	  $(BIN)/python -m pytest -q --collect-only -m "($$skip) and not slow" | grep '::' || true; \
+	  $(BIN)/python -m pytest -m "not ($$skip) and not slow" $(PYTEST_ARGS); \
 	fi
 
 test-slow: venv sysdeps

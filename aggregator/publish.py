@@ -64,7 +64,7 @@ def build_release(version: int, shared: dict[str, np.ndarray], spec: ModelSpec, 
     weights = envelope.encode_tensors(shared)
     onnx = onnx_bytes(shared) if onnx_bytes else b""
     chunks: list[tuple[str, bytes]] = []
-    entries = {}
+    entries: dict[str, dict[str, Any]] = {}
     for part, blob, topic_of in (("weights", weights, topics.weights_chunk), ("onnx", onnx, topics.onnx_chunk)):
         msg_id = f"v{version}-{part}"
         parts = chunking.split(blob, msg_id, chunk_limit(topic_of(version, 999999))) if blob else []

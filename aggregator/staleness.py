@@ -12,7 +12,7 @@ exceeds 1:
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 StalenessFn = Callable[[int], float]
 

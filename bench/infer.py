@@ -25,6 +25,7 @@ imports, so its RSS is the service's. The model is an MLP like the default
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import subprocess
 import sys
@@ -50,7 +51,7 @@ def make_models(out: Path, count: int) -> list[Path]:
     sizes = (N_FEATURES, *HIDDEN, 1)
     for v in range(count):
         rng = np.random.default_rng(v)
-        ws = [rng.normal(0, 1 / np.sqrt(a), (a, b)) for a, b in zip(sizes[:-1], sizes[1:])]
+        ws = [rng.normal(0, 1 / np.sqrt(a), (a, b)) for a, b in itertools.pairwise(sizes)]
         bs = [rng.normal(0, 0.1, b) for b in sizes[1:]]
         p = out / f"model-{v}.onnx"
         p.write_bytes(mlp_onnx(ws, bs))
@@ -263,7 +264,7 @@ def table(r: dict) -> str:
         "",
         f"{'service peak RSS (MiB)':<46}{rss['peak_kb'] / 1024:>12.1f}",
         f"{'  of which at start, after imports (MiB)':<46}{rss['start_kb'] / 1024:>12.1f}",
-        f"{'torch imported by the service':<46}{str(r['torch_imported']):>12}",
+        f"{'torch imported by the service':<46}{r['torch_imported']!s:>12}",
     ]
     if r.get("torch_import_rss_kb"):
         lines.append(f"{'for comparison: python + import torch (MiB)':<46}{r['torch_import_rss_kb'] / 1024:>12.1f}")

@@ -20,7 +20,8 @@ import argparse
 import json
 import platform
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import nacl
 import numpy as np

@@ -18,6 +18,7 @@ import hashlib
 import struct
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from broker_bridge.errors import ChunkError, TopicError
@@ -124,7 +125,7 @@ class Reassembler:
     """
 
     def __init__(self, timeout_s: float = 300.0, max_bytes: int = 256 * 1024 * 1024,
-                 remember_completed: int = 4096, clock=time.monotonic) -> None:
+                 remember_completed: int = 4096, clock: Callable[[], float] = time.monotonic) -> None:
         self.timeout_s = timeout_s
         self.max_bytes = max_bytes
         self._clock = clock

@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse
 
@@ -33,6 +35,7 @@ import aiomqtt
 import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 from broker_bridge.chunking import DEFAULT_MAX_CHUNK, max_payload_for_packet
 from broker_bridge.errors import NotConnected, PublishRefused
@@ -84,11 +87,43 @@ class BrokerSettings:
     def port(self) -> int:
         return urlparse(self.url).port or (8883 if self.tls else 1883)
 
+    @classmethod
+    def from_table(cls, table: dict[str, Any], file: str | Path | None, where: str = "broker",
+                   **defaults: Any) -> BrokerSettings:
+        """Settings from a TOML table, relative paths resolved against ``file``'s folder.
+
+        The one parser of broker tables (``[broker]``, and the MQTT keys of a
+        ``sparkplug`` / ``mqtt_json`` source): unknown keys, wrong types and
+        an invalid URL raise :class:`fedline.config.ConfigError` naming
+        ``file`` and the dotted key. ``defaults`` apply where the table is silent.
+        """
+        from fedline.config import ConfigError, parse, resolve_path
+
+        try:
+            s = parse(cls, {**defaults, **table}, file=file, where=where)  # runs validate()
+        except ConfigError as exc:
+            key = exc.message.split(" ", 1)[0]
+            if exc.key == where and key in table:  # name the key validate() complains about
+                raise ConfigError(file, f"{where}.{key}", exc.message) from None
+            raise
+        if (s.cert_file is None) != (s.key_file is None):
+            raise ConfigError(file, f"{where}.{'key_file' if s.key_file is None else 'cert_file'}",
+                              "a client certificate needs both cert_file and key_file")
+        tls_keys = [k for k in ("ca_file", "cert_file", "key_file", "tls_insecure") if table.get(k)]
+        if tls_keys and not s.tls:
+            raise ConfigError(file, f"{where}.{tls_keys[0]}",
+                              f"{tls_keys[0]} is set but url {s.url!r} is not TLS: use mqtts://host:8883")
+        paths: dict[str, Any] = {k: str(resolve_path(file, v)) for k in _PATH_KEYS if (v := getattr(s, k))}
+        return dataclasses.replace(s, **paths)
+
     def resolved_password(self) -> str | None:
         if self.password_file:
             with open(self.password_file, encoding="utf-8") as fh:
                 return fh.read().strip()
         return self.password
+
+
+_PATH_KEYS = ("password_file", "ca_file", "cert_file", "key_file")
 
 
 @dataclass(frozen=True)
@@ -116,17 +151,19 @@ class _CheckedClient(aiomqtt.Client):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.publish_codes: dict[int, paho.ReasonCode] = {}
+        self.publish_codes: dict[int, ReasonCode] = {}
         self.max_packet_size: int | None = None
         self.session_present = False
 
-    def _on_connect(self, client, userdata, flags, reason_code, properties=None) -> None:  # type: ignore[override]
+    def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason_code: ReasonCode,
+                    properties: Properties | None = None) -> None:
         if properties is not None and hasattr(properties, "MaximumPacketSize"):
             self.max_packet_size = int(properties.MaximumPacketSize)
         self.session_present = bool(getattr(flags, "session_present", False))
         super()._on_connect(client, userdata, flags, reason_code, properties)
 
-    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:  # type: ignore[override]
+    def _on_publish(self, client: paho.Client, userdata: Any, mid: int, reason_code: ReasonCode,
+                    properties: Properties) -> None:
         self.publish_codes[mid] = reason_code
         super()._on_publish(client, userdata, mid, reason_code, properties)
 
@@ -150,17 +187,20 @@ class MqttClient:
     Use as ``async with MqttClient(settings) as client:``. The connection runs
     in a background task; :meth:`publish` waits (up to ``timeout``) for it.
     ``on_connect`` callbacks run after every (re)connect, e.g. to publish an
-    ``online`` status.
+    ``online`` status. ``will`` may be a function, called before every
+    connection attempt, for a last will that changes per connection (a
+    Sparkplug Host Application's STATE carries the connection's timestamp).
     """
 
-    def __init__(self, settings: BrokerSettings, will: aiomqtt.Will | None = None,
-                 on_connect: Callable[["MqttClient"], Awaitable[None]] | None = None,
+    def __init__(self, settings: BrokerSettings, will: aiomqtt.Will | Callable[[], aiomqtt.Will] | None = None,
+                 on_connect: Callable[[MqttClient], Awaitable[None]] | None = None,
                  queue_size: int = 10000) -> None:
         settings.validate()
         self.settings = settings
         self.will = will
         self.on_connect = on_connect
         self.connected = asyncio.Event()
+        self._callbacks: set[asyncio.Task[None]] = set()  # on_connect runs; kept so they are not collected
         self.stats = ClientStats()
         self.max_packet_size: int | None = None
         self.last_error: str | None = None
@@ -171,7 +211,7 @@ class MqttClient:
         self._closing = False
 
     # -- lifecycle -------------------------------------------------------------
-    async def __aenter__(self) -> "MqttClient":
+    async def __aenter__(self) -> MqttClient:
         self._closing = False
         self._task = asyncio.create_task(self._run(), name=f"mqtt:{self.settings.client_id}")
         return self
@@ -194,10 +234,10 @@ class MqttClient:
             done, _ = await asyncio.wait({task}, timeout=timeout)
             if not done:
                 client = self._client
-                if client is not None and not client._disconnected.done():  # noqa: SLF001
-                    client._disconnected.set_result(None)  # noqa: SLF001  (ends aiomqtt's wait)
+                if client is not None and not client._disconnected.done():
+                    client._disconnected.set_result(None)
                     with contextlib.suppress(Exception):
-                        client._client.disconnect()  # noqa: SLF001
+                        client._client.disconnect()
                 await asyncio.wait({task}, timeout=timeout)
             if task.done() and not task.cancelled():
                 task.exception()  # retrieved: a failing connection loop is not an error at close
@@ -210,7 +250,7 @@ class MqttClient:
         props = None
         kwargs: dict[str, Any] = {}
         if v5:
-            props = Properties(PacketTypes.CONNECT)
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             props.SessionExpiryInterval = 0 if s.clean_start else s.session_expiry_s
             kwargs["clean_start"] = s.clean_start
         else:
@@ -223,7 +263,7 @@ class MqttClient:
             s.host, s.port, identifier=s.client_id or None, username=s.username,
             password=s.resolved_password(),
             protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
-            will=self.will, keepalive=s.keepalive_s, timeout=s.timeout_s, properties=props,
+            will=self.will() if callable(self.will) else self.will, keepalive=s.keepalive_s, timeout=s.timeout_s, properties=props,
             tls_params=tls_params, tls_insecure=s.tls_insecure if s.tls else None,
             max_inflight_messages=64, **kwargs)
 
@@ -243,7 +283,9 @@ class MqttClient:
                           session_present=client.session_present, max_packet=client.max_packet_size)
                     self.connected.set()
                     if self.on_connect is not None:
-                        asyncio.create_task(self._call_on_connect())
+                        task = asyncio.create_task(self._call_on_connect())
+                        self._callbacks.add(task)
+                        task.add_done_callback(self._callbacks.discard)
                     async for m in client.messages:
                         self.stats.received += 1
                         payload = m.payload if isinstance(m.payload, (bytes, bytearray)) else \
@@ -282,7 +324,7 @@ class MqttClient:
         """Wait until connected; :class:`NotConnected` after ``timeout`` seconds."""
         try:
             await asyncio.wait_for(self.connected.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise NotConnected(f"no connection to {self.settings.url} within {timeout} s"
                                + (f" (last error: {self.last_error})" if self.last_error else "")) from None
 
@@ -363,7 +405,7 @@ def publish_packet_size(topic: str, payload_len: int, qos: int, v5: bool) -> int
 def _check_suback(topic_filter: str, granted: object) -> None:
     """Log a subscription the broker refused (SUBACK code >= 0x80): it would otherwise look granted."""
     for code in granted if isinstance(granted, (list, tuple)) else ():
-        value = int(getattr(code, "value", code))
+        value = int(getattr(code, "value", code) or 0)
         if value >= 0x80:
             event(log, "mqtt.subscribe_refused", level=logging.ERROR, topic=topic_filter,
                   reason=str(code), code=f"0x{value:02x}")
@@ -374,4 +416,4 @@ def will_message(topic: str, payload: bytes, retain: bool = True, qos: int = 1) 
     return aiomqtt.Will(topic, payload, qos, retain)
 
 
-__all__ = ["BrokerSettings", "Message", "MqttClient", "will_message", "ClientStats"]
+__all__ = ["BrokerSettings", "ClientStats", "Message", "MqttClient", "will_message"]

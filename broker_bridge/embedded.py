@@ -34,7 +34,7 @@ class EmbeddedBroker:
     def url(self) -> str:
         return f"mqtt://{self.host}:{self.port}"
 
-    async def start(self) -> "EmbeddedBroker":
+    async def start(self) -> EmbeddedBroker:
         from amqtt.broker import Broker
 
         logging.getLogger("amqtt").setLevel(logging.WARNING)
@@ -49,7 +49,7 @@ class EmbeddedBroker:
             await self._broker.shutdown()
             self._broker = None
 
-    async def __aenter__(self) -> "EmbeddedBroker":
+    async def __aenter__(self) -> EmbeddedBroker:
         return await self.start()
 
     async def __aexit__(self, *exc: object) -> None:

@@ -20,8 +20,8 @@ from nacl.public import PrivateKey, PublicKey
 from nacl.signing import SigningKey, VerifyKey
 
 from broker_bridge.errors import KeyFileError
-from fedline.fsutil import atomic_write
 from broker_bridge.topics import validate_site_id
+from fedline.fsutil import atomic_write
 
 ROLES = ("site", "aggregator")
 
@@ -92,15 +92,14 @@ class PublicKeys:
         return {"id": self.ident, "role": self.role, "sign_pub": _b64(self.sign_pub), "box_pub": _b64(self.box_pub)}
 
     @classmethod
-    def from_dict(cls, doc: Any, path: Path, where: str = "") -> "PublicKeys":
+    def from_dict(cls, doc: Any, path: Path, where: str = "") -> PublicKeys:
         if not isinstance(doc, dict):
             raise KeyFileError(path, f"{where or 'public key'} must be an object")
         role = doc.get("role", "site")
         if role not in ROLES:
             raise KeyFileError(path, f"{where}role must be one of {ROLES}, got {role!r}")
-        ident = doc.get("id")
         try:
-            validate_site_id(ident, "id")
+            ident = validate_site_id(doc.get("id"), "id")
         except ValueError as exc:
             raise KeyFileError(path, f"{where}{exc}") from None
         return cls(ident, role, _unb64(path, where + "sign_pub", doc.get("sign_pub")),
@@ -110,7 +109,7 @@ class PublicKeys:
         write_public(Path(path), json.dumps({"fedline": "public-key", "version": 1, **self.to_dict()}, indent=2) + "\n")
 
     @classmethod
-    def load(cls, path: str | Path) -> "PublicKeys":
+    def load(cls, path: str | Path) -> PublicKeys:
         p = Path(path)
         return cls.from_dict(_read_json(p, "public-key"), p)
 
@@ -125,7 +124,7 @@ class KeyPair:
     box_key: PrivateKey = field(repr=False)
 
     @classmethod
-    def generate(cls, role: str, ident: str) -> "KeyPair":
+    def generate(cls, role: str, ident: str) -> KeyPair:
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {role!r}")
         validate_site_id(ident, "id")
@@ -146,7 +145,7 @@ class KeyPair:
         write_private(Path(path), json.dumps(doc, indent=2) + "\n")
 
     @classmethod
-    def load(cls, path: str | Path, *, check_mode: bool = True) -> "KeyPair":
+    def load(cls, path: str | Path, *, check_mode: bool = True) -> KeyPair:
         p = Path(path)
         if check_mode and p.exists():
             mode = stat.S_IMODE(p.stat().st_mode)
@@ -157,9 +156,8 @@ class KeyPair:
         role = doc.get("role")
         if role not in ROLES:
             raise KeyFileError(p, f"role must be one of {ROLES}, got {role!r}")
-        ident = doc.get("id")
         try:
-            validate_site_id(ident, "id")
+            ident = validate_site_id(doc.get("id"), "id")
         except ValueError as exc:
             raise KeyFileError(p, str(exc)) from None
         return cls(ident, role, SigningKey(_unb64(p, "sign_seed", doc.get("sign_seed"))),
@@ -195,12 +193,11 @@ class Enrollment:
         write_public(Path(path), json.dumps(doc, indent=2) + "\n")
 
     @classmethod
-    def load(cls, path: str | Path) -> "Enrollment":
+    def load(cls, path: str | Path) -> Enrollment:
         p = Path(path)
         doc = _read_json(p, "enrollment")
-        fed = doc.get("federation")
         try:
-            validate_site_id(fed, "federation")
+            fed = validate_site_id(doc.get("federation"), "federation")
         except ValueError as exc:
             raise KeyFileError(p, str(exc)) from None
         agg = PublicKeys.from_dict(doc.get("aggregator"), p, "aggregator.")

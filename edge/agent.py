@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from broker_bridge.client import BrokerSettings, Message, MqttClient, will_message
 from broker_bridge.chunking import split
+from broker_bridge.client import BrokerSettings, Message, MqttClient, will_message
 from broker_bridge.envelope import UpdateHeader, seal_update, verify_manifest, verify_receipt
 from broker_bridge.errors import FedlineError, NotConnected, PublishRefused, TopicError, WireError
 from broker_bridge.keys import Enrollment, KeyPair
@@ -38,12 +38,13 @@ from broker_bridge.topics import Topics
 from edge.config import EdgeConfig, load_edge_config, row_mapping
 from edge.dataset import Dataset, UnitTracker
 from edge.follow import WeightsCollector
+from edge.ledger_privacy import RecordLedger, window_group
 from edge.metrics import EdgeMetrics
 from edge.model_store import GlobalModel, ModelRefused, ModelStore, check_global_model
 from edge.outbox import Outbox, OutboxFull
 from edge.personal import Personaliser
 from edge.privacy import PrivacyBudget
-from edge.trainer import plan_round, train_round
+from edge.trainer import Plan, plan_round, train_round
 from fedline.config import ConfigError, parse
 from fedline.logs import event
 from models import ModelSpec, build_model, export_onnx, load_personal_state, load_shared_state
@@ -82,7 +83,7 @@ class EdgeAgent:
         self.personaliser = (Personaliser(cfg.personal, self.spec, cfg.model_seed)
                              if cfg.personal.serve == "pick" else None)
         self.outbox = Outbox(data_dir / "outbox.sqlite", cfg.outbox.max_bytes, cfg.outbox.max_count, cfg.outbox.policy)
-        self.budget = PrivacyBudget(self.dp, self.outbox.get_meta("accountant")) if self.dp else None
+        self.ledger = self._open_ledger() if self.dp else None
         self.store = ModelStore(data_dir, cfg.path(cfg.model_dir))
 
         template = build_model(self.spec, seed=cfg.model_seed)
@@ -123,6 +124,20 @@ class EdgeAgent:
 
         return [build_source(t, file=self.cfg.file, where=f"sources[{i}]") for i, t in enumerate(self.cfg.sources)]
 
+    def _open_ledger(self) -> RecordLedger:
+        """The per-record privacy ledger from the outbox (an old global accountant is carried over)."""
+        assert self.dp is not None
+        m = self.mapping
+        group = window_group(m.window, m.stride) if m.aggregate_s is None else 1
+        state, legacy = self.outbox.get_meta("record_ledger"), self.outbox.get_meta("accountant")
+        try:
+            if state is None and legacy:  # every row stored so far may have been in every past release
+                old = PrivacyBudget(self.dp, legacy)
+                return RecordLedger.from_global_history(self.dp, group, old.history, self.dataset.last_id())
+            return RecordLedger(self.dp, group, state)
+        except ValueError as exc:
+            raise ConfigError(self.cfg.file, "privacy", str(exc)) from None
+
     def _load_last_good_model(self) -> None:
         blobs = self.store.load_global_blobs()
         if blobs is None:
@@ -140,7 +155,17 @@ class EdgeAgent:
     # ------------------------------------------------------------------ status
     @property
     def epsilon(self) -> float:
-        return self.budget.epsilon if self.budget else 0.0
+        """The per-record guarantee: the largest ε of any row this site ever trained on."""
+        return self.ledger.epsilon if self.ledger else 0.0
+
+    def privacy_status(self) -> dict[str, Any]:
+        """Public privacy parameters for the status message (no plant data: no row counts)."""
+        if self.ledger is None:
+            return {"privacy": "off"}
+        g = self.ledger.group
+        return {"privacy": "on", "accounting": "per_record", "epsilon": round(self.epsilon, 6),
+                "epsilon_budget": self.dp.epsilon if self.dp else None, "delta": self.dp.delta if self.dp else None,
+                "privacy_unit": "row" if g == 1 else f"raw sample (in {g} overlapping windows, group-accounted)"}
 
     def status(self, state: str = "online") -> dict[str, Any]:
         """The retained status document (also what ``fedline status`` shows)."""
@@ -154,6 +179,7 @@ class EdgeAgent:
             "epsilon": round(self.epsilon, 6),
             "epsilon_budget": self.dp.epsilon if self.dp else None,
             "delta": self.dp.delta if self.dp else None,
+            **self.privacy_status(),
             "publishing": self.publishing,
             "outbox_depth": depth,
             "outbox_bytes": nbytes,
@@ -171,6 +197,10 @@ class EdgeAgent:
         depth, nbytes = self.outbox.depth()
         m.model_version.set(self.base.version)
         m.epsilon.set(self.epsilon)
+        if self.ledger is not None:
+            m.epsilon_global_history.set(self.ledger.global_epsilon)
+            m.rows_retired.set(self.ledger.retired)
+            m.delta.set(self.dp.delta if self.dp else 0)
         m.epsilon_budget.set(self.dp.epsilon if self.dp else 0)
         m.budget_exhausted.set(1 if self.publishing == "budget_exhausted" else 0)
         m.outbox_depth.set(depth)
@@ -199,59 +229,44 @@ class EdgeAgent:
         return row.x, np.full(self.spec.n_outputs, y, np.float32)
 
     async def _ingest(self) -> None:
-        from firmware_adapters.rows import RowBuilder
+        from firmware_adapters.stream import row_stream
 
-        ranges: dict[str, tuple[float, float]] = {}
-        for src in self.sources:
-            r = getattr(src, "ranges", None)
-            ranges.update((r() if callable(r) else r) or {})
-        builder = RowBuilder(self.mapping, ranges=ranges, file=self.cfg.file)
-        units = UnitTracker(self.cfg.dataset.group_column)
-        queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=1024)
-        done = object()
-
-        async def pump(src: Any) -> None:
-            try:
-                async for sample in src:
-                    await queue.put(sample)
-            except Exception as exc:  # a source must not take the agent down
-                event(log, "source.failed", logging.ERROR, site=self.site, source=getattr(src, "name", "?"), error=repr(exc))
-                self._error(f"source {getattr(src, 'name', '?')}: {exc}")
-            finally:
-                await queue.put(done)
-
-        pumps = [asyncio.create_task(pump(s)) for s in self.sources]
-        running = len(pumps)
         batch: list[tuple[np.ndarray, np.ndarray | None]] = []
-        groups: list[str | None] = []
-        try:
-            while running:
-                item = await queue.get()
-                if item is done:
-                    running -= 1
-                    row = builder.flush() if running == 0 else None
-                else:
-                    self.metrics.samples.inc()
-                    if units.observe(item.values):
-                        builder.restart_window()  # a window never spans two units
-                    row = builder.push(item)
-                if row is not None and (row.y is not None or self.spec.task == "anomaly"):
-                    batch.append(self._example(row))
-                    groups.append(units.current)
-                if batch and (len(batch) >= 64 or queue.empty() or item is done):
-                    self._store(batch, groups)
-                    batch, groups = [], []
-                if item is done and self.cfg.training.on_new_model and self._first_round_pending and self.new_rows:
-                    # a source's backlog is in (e.g. a historian replay): the first round starts now rather
-                    # than at the fallback timer; later rounds follow the federation's versions
-                    self._trigger.set()
+        groups: list[str | None] = []  # each row's unit ([dataset] group_column): a unit is held out whole
+        units = UnitTracker(self.cfg.dataset.group_column)
+
+        def failed(src: Any, exc: BaseException) -> None:  # a source must not take the agent down
+            event(log, "source.failed", logging.ERROR, site=self.site, source=getattr(src, "name", "?"), error=repr(exc))
+            self._error(f"source {getattr(src, 'name', '?')}: {exc}")
+
+        def ended(src: Any) -> None:
+            nonlocal batch, groups
             if batch:
                 self._store(batch, groups)
-        finally:
-            for p in pumps:
-                p.cancel()
+                batch, groups = [], []
+            if self.cfg.training.on_new_model and self._first_round_pending and self.new_rows:
+                # a source's backlog is in (e.g. a historian replay): the first round starts now rather
+                # than at the fallback timer; later rounds follow the federation's versions
+                self._trigger.set()
+
+        def seen(sample: Any) -> None:
+            self.metrics.samples.inc()
+            if units.observe(sample.values):
+                stream.builder.restart_window(sample.historical)  # a window never spans two units
+
+        stream = row_stream(self.sources, self.mapping, file=self.cfg.file, on_source_error=failed,
+                            on_source_end=ended, on_sample=seen)
+        async for row in stream:
+            if row.y is not None or self.spec.task == "anomaly":
+                batch.append(self._example(row))
+                groups.append(units.current)
+            if batch and (len(batch) >= 64 or stream.pending == 0):
+                self._store(batch, groups)
+                batch, groups = [], []
+        if batch:
+            self._store(batch, groups)
         self.sources_done = True
-        event(log, "sources.ended", site=self.site, stored=len(self.dataset), **builder.stats.__dict__)
+        event(log, "sources.ended", site=self.site, stored=len(self.dataset), **stream.builder.stats.__dict__)
 
     def _store(self, batch: list[tuple[np.ndarray, np.ndarray | None]], groups: list[str | None]) -> None:
         try:
@@ -264,7 +279,8 @@ class EdgeAgent:
         self.new_rows += len(batch)
         self.metrics.examples.inc(len(batch))
         self.metrics.rows.set(len(self.dataset))
-        if self.new_rows >= self.cfg.training.every_rows:
+        every_rows = self.cfg.training.every_rows
+        if every_rows and self.new_rows >= every_rows:
             self._trigger.set()
 
     # ------------------------------------------------------------------ training
@@ -274,11 +290,11 @@ class EdgeAgent:
             wait = max(0.0, every_s - (time.monotonic() - self.last_round_at))
             try:
                 await asyncio.wait_for(self._trigger.wait(), timeout=wait)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             self._trigger.clear()
             rebased, self._rebased = self._rebased, False
-            if self.new_rows == 0 and not rebased:
+            if self.cfg.training.every_rows and self.new_rows == 0 and not rebased:  # the row-count schedule
                 self.last_round_at = time.monotonic()
                 continue
             try:
@@ -316,37 +332,51 @@ class EdgeAgent:
             self._set_publishing("outbox_full", outbox_depth=depth, outbox_bytes=nbytes)
             self._skip("outbox_full")
             return None
+        pending = self.outbox.unsettled_on_base(self.base.version)
+        if pending >= cfg.training.max_pending_per_base:  # no budget on an update that cannot help yet
+            self._skip("pending_receipt", base_version=self.base.version, pending=pending)
+            return None
         n_train, _ = self.dataset.counts()
         if n_train < cfg.training.min_rows:
             self._skip("too_few_rows", rows=n_train, min_rows=cfg.training.min_rows)
             return None
-        x, y = self.dataset.arrays(newest=cfg.training.max_train_rows)
-        plan = plan_round(len(x), cfg.training)
-        eps_next: float | None = None
-        if self.budget is not None:
-            eps_next = self.budget.epsilon_after(plan.sample_rate, plan.steps)
-            if eps_next > self.budget.cfg.epsilon:
-                self._set_publishing("budget_exhausted", epsilon=round(self.budget.epsilon, 4),
-                                     next_epsilon=round(eps_next, 4), budget=self.budget.cfg.epsilon)
-                self._skip("budget_exhausted", next_epsilon=round(eps_next, 4))
+        selection = None
+        if self.ledger is not None:
+            if self.ledger.cfg.max_releases and self.ledger.releases >= self.ledger.cfg.max_releases:
+                self._set_publishing("budget_exhausted", releases=self.ledger.releases)
+                self._skip("release_cap", releases=self.ledger.releases)
                 return None
+            selection = await asyncio.to_thread(self._select)
+            if selection is None or selection.rows < cfg.training.min_rows:
+                self._set_publishing("budget_exhausted", epsilon=round(self.ledger.epsilon, 4),
+                                     budget=self.ledger.cfg.epsilon)
+                self._skip("budget_exhausted", eligible=0 if selection is None else selection.rows)
+                return None
+            x, y = self.dataset.training_between(selection.lo, selection.hi)
+            plan = Plan(len(x), min(cfg.training.batch_size, len(x)), selection.sample_rate, selection.steps,
+                        cfg.training.epochs)
+            self.metrics.rows_eligible.set(len(x))
+        else:
+            x, y = self.dataset.arrays(newest=cfg.training.max_train_rows)
+            plan = plan_round(len(x), cfg.training)
         consumed, self.new_rows = self.new_rows, 0
         base = self.base
         holdout = self.dataset.arrays(holdout=True)
         result = await asyncio.to_thread(train_round, self.spec, base.shared, self.personal, x, y, cfg.training,
-                                         self.dp, holdout, cfg.model_seed)
+                                         self.dp, holdout, cfg.model_seed, plan)
         counter = self.outbox.last_counter() + 1
         msg_id = f"u{counter}-{secrets.token_hex(6)}"
         privacy: dict[str, Any] = {"mode": "off"}
         meta: dict[str, str] = {}
         eps_after = None
-        if self.budget is not None:
-            dp = self.budget.cfg
-            eps_after = eps_next
-            privacy = {"mode": "dp-sgd", "accountant": dp.accountant, "clip_norm": dp.max_grad_norm,
-                       "noise_multiplier": dp.noise_multiplier, "sample_rate": plan.sample_rate,
-                       "steps": plan.steps, "epsilon": eps_after, "delta": dp.delta}
-            meta["accountant"] = self.budget.state_after(plan.sample_rate, plan.steps)
+        if self.ledger is not None and selection is not None:
+            dp = self.ledger.cfg
+            eps_after = selection.epsilon_after
+            privacy = {"mode": "dp-sgd", "accountant": dp.accountant, "accounting": "per_record",
+                       "clip_norm": dp.max_grad_norm, "noise_multiplier": dp.noise_multiplier,
+                       "sample_rate": plan.sample_rate, "steps": plan.steps, "epsilon": eps_after, "delta": dp.delta,
+                       "unit_group": self.ledger.group}
+            meta["record_ledger"] = self.ledger.state_after(selection)
         header = UpdateHeader(site=self.site, counter=counter, msg_id=msg_id, base_version=base.version,
                               n_samples=len(x), privacy=privacy)
         blob = seal_update(header, result.delta, self.keys, self.enrollment.aggregator.box_pub)
@@ -365,12 +395,13 @@ class EdgeAgent:
             self._error(f"update not queued: {exc}")
             self._skip("outbox_write_failed")
             return None
-        if self.budget is not None:
-            self.budget.commit(meta["accountant"], eps_after)
+        if self.ledger is not None:
+            self.ledger.commit(meta["record_ledger"])
         for d in dropped:
             self.metrics.dropped.inc()
             event(log, "outbox.dropped", logging.WARNING, site=self.site, counter=d.counter, msg_id=d.msg_id,
-                  reason="outbox full", policy=cfg.outbox.policy)
+                  reason="outbox full", policy=cfg.outbox.policy,
+                  detail="its privacy cost was paid and it will never be delivered (policy drop_oldest)")
         self.personal = result.personal
         if self.personal_names:
             try:
@@ -395,6 +426,18 @@ class EdgeAgent:
         if self.personal_names:
             await self.export_onnx()
         return msg_id
+
+    def _select(self) -> Any:
+        """The rows of the next round under per-record accounting (rows past their budget retire)."""
+        assert self.ledger is not None
+        t = self.cfg.training
+
+        def plan(n: int) -> tuple[float, int]:
+            p = plan_round(t.plan_rows or n, t)
+            return p.sample_rate, p.steps
+
+        return self.ledger.select(self.dataset, time.time(), plan, max_age_s=self.cfg.dataset.max_age_s,
+                                  newest=t.max_train_rows)
 
     async def export_onnx(self) -> Path | None:
         """Write the personalised ONNX (global shared + local personal) for the line inference.
@@ -453,7 +496,7 @@ class EdgeAgent:
             self._send_wake.clear()
             try:
                 await asyncio.wait_for(self._send_wake.wait(), timeout=min(resend, 5.0))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     async def _publish_row(self, client: MqttClient, row: Any) -> bool:
@@ -602,7 +645,7 @@ class EdgeAgent:
         while True:
             try:
                 await asyncio.wait_for(self._status_dirty.wait(), timeout=self.cfg.status_interval_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             self._status_dirty.clear()
             if not client.connected.is_set():
@@ -618,9 +661,7 @@ class EdgeAgent:
         """Run until ``stop`` is set (or the task is cancelled); the stores stay on disk."""
         stop = stop or asyncio.Event()
         self._announce()
-        if self.cfg.metrics.port is not None:
-            self.metrics_port = self.metrics.serve(self.cfg.metrics.host, self.cfg.metrics.port)
-            event(log, "metrics.serving", site=self.site, url=f"http://{self.cfg.metrics.host}:{self.metrics_port}/metrics")
+        self.metrics_port = self.metrics.serve(self.cfg.metrics, self.cfg.file)
         await self.export_onnx()  # the line gets what this site holds now (a crash may have left it behind)
         will = will_message(self.topics.status(self.site),
                             json.dumps({"site": self.site, "state": "offline", "reason": "connection lost"}).encode())
@@ -629,7 +670,10 @@ class EdgeAgent:
         try:
             async with client:
                 await client.subscribe(self.topics.receipts(self.site), qos=1)
-                await client.subscribe(self.topics.model_filter(), qos=1)
+                # the manifest and the weights, not the aggregator's ONNX: this agent builds its own from the
+                # weights (with its personal head), so downloading every version's ONNX too only costs the link
+                await client.subscribe(self.topics.manifest(), qos=1)
+                await client.subscribe(self.topics.weights_filter(), qos=1)
                 tasks = {asyncio.create_task(c, name=f"edge:{self.site}:{n}") for n, c in [
                     ("ingest", self._ingest()), ("train", self._train_loop()), ("send", self._send_loop(client)),
                     ("receive", self._receive_loop(client)), ("status", self._status_loop(client))]}
@@ -662,9 +706,10 @@ class EdgeAgent:
         if self.dp is None:
             event(log, "privacy.off", logging.WARNING, site=self.site,
                   detail="privacy = \"off\": updates carry NO differential privacy guarantee for the plant's records")
-        elif not self.dp.secure_rng:
-            event(log, "privacy.insecure_rng", logging.INFO, site=self.site,
-                  detail="DP noise from torch's default RNG (privacy.secure_rng = false)")
+        elif self.cfg.training.every_rows or self.cfg.training.max_train_rows:
+            event(log, "privacy.count_schedule", logging.WARNING, site=self.site,
+                  detail="training.every_rows / max_train_rows make rounds or their rows depend on row counts; the "
+                         "per-record guarantee's argument assumes rounds by time or version (docs/architecture.md)")
 
     def close(self) -> None:
         """Close the stores (after :meth:`run` has returned)."""

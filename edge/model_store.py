@@ -9,8 +9,6 @@ on start-up, so a file tampered with on disk is refused like one from the wire.
 """
 from __future__ import annotations
 
-from fedline.fsutil import atomic_write
-
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +18,8 @@ import numpy as np
 
 from broker_bridge.envelope import content_hash, decode_tensors, encode_tensors, verify_manifest
 from broker_bridge.errors import WireError
+from fedline.fsutil import atomic_write
 from models.spec import ModelSpec
-
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ import dataclasses
 import tomllib
 import types
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal, TypeVar, Union, cast, get_args, get_origin, get_type_hints
 
 T = TypeVar("T")
 
@@ -113,7 +113,7 @@ def _coerce(tp: Any, value: Any, file: str | Path | None, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(file, key, f"expected a table, got {value!r}")
-        return parse(tp, value, file=file, where=key)
+        return parse(cast("type[Any]", tp), value, file=file, where=key)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -142,7 +142,7 @@ def parse(cls: type[T], table: dict[str, Any], *, file: str | Path | None = None
     if not isinstance(table, dict):
         raise ConfigError(file, where, f"expected a table, got {table!r}")
     hints = get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    fields = {f.name: f for f in dataclasses.fields(cast(Any, cls)) if f.init}
     prefix = f"{where}." if where else ""
     unknown = sorted(set(table) - set(fields))
     if unknown:

@@ -56,7 +56,7 @@ class TcpProxy:
     def is_cut(self) -> bool:
         return self.mode != "open"
 
-    async def start(self) -> "TcpProxy":
+    async def start(self) -> TcpProxy:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]
         return self

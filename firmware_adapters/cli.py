@@ -85,9 +85,9 @@ def _plc_sim(args: argparse.Namespace) -> int:
 
 
 def _opcua_cert(args: argparse.Namespace) -> int:
-    from firmware_adapters.opcua_cert import make_client_certificate
-
     import sys
+
+    from firmware_adapters.opcua_cert import make_client_certificate
 
     try:
         made = make_client_certificate(args.out, name=args.name, application_uri=args.uri, hostname=args.hostname,
@@ -105,7 +105,6 @@ def _sources(args: argparse.Namespace) -> int:
     import json
 
     from fedline.config import ConfigError, load_toml
-
     from firmware_adapters import build_sources
 
     doc = load_toml(args.config)
@@ -124,7 +123,8 @@ def _sources(args: argparse.Namespace) -> int:
         try:
             async for sample in agen:
                 values = json.dumps(dict(sample.values), default=str)
-                print(f"{sample.ts:.3f} {sample.source} {sample.quality} {values}" + (f" error={sample.error}" if sample.error else ""), flush=True)
+                print(f"{sample.ts:.3f} {sample.source} {sample.quality}{' historical' if sample.historical else ''} {values}"
+                      + (f" error={sample.error}" if sample.error else ""), flush=True)
                 n += 1
                 if args.count and n >= args.count:
                     return

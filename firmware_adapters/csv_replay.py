@@ -13,11 +13,10 @@ from __future__ import annotations
 import asyncio
 import csv
 import time
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import AsyncIterator, Iterator
 
 from fedline.config import ConfigError, resolve_path
-
 from firmware_adapters.config import CsvConfig
 from firmware_adapters.sample import Sample, SourceStats, Value
 

@@ -18,11 +18,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 from fedline.logs import event
-
 from firmware_adapters.backoff import Backoff
 from firmware_adapters.config import ModbusRtuConfig, ModbusTcpConfig, register_map_of
 from firmware_adapters.registers import ReadBlock, RegisterMap, TagSpec, decode, plan_reads
@@ -58,7 +58,7 @@ class ModbusSource:
         self._last_counter: int | None = None
 
     @classmethod
-    def from_config(cls, cfg: ModbusTcpConfig | ModbusRtuConfig, file: str | Path | None = None, where: str = "sources") -> "ModbusSource":
+    def from_config(cls, cfg: ModbusTcpConfig | ModbusRtuConfig, file: str | Path | None = None, where: str = "sources") -> ModbusSource:
         return cls(cfg, register_map_of(cfg, file, where))
 
     @property
@@ -188,7 +188,7 @@ class ModbusSource:
                     self.stats.bad_reads += 1
                     yield Sample.bad(self.name, str(exc))
                     continue
-                except (ConnectionException, OSError, asyncio.TimeoutError) as exc:
+                except (TimeoutError, ConnectionException, OSError) as exc:
                     connected = False
                     self.stats.gaps += 1
                     event(log, "modbus.connection_lost", logging.WARNING, source=self.name, error=str(exc))

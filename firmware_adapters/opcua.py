@@ -24,13 +24,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from datetime import timezone
+from collections.abc import AsyncIterator
+from datetime import UTC
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 from fedline.config import resolve_path
 from fedline.logs import event
-
 from firmware_adapters.backoff import Backoff
 from firmware_adapters.config import OpcUaConfig
 from firmware_adapters.sample import Sample, SourceStats
@@ -41,7 +41,7 @@ log = logging.getLogger("fedline.adapters.opcua")
 class _Handler:
     """asyncua subscription handler: turns data changes into samples on a queue."""
 
-    def __init__(self, source: "OpcUaSource", queue: asyncio.Queue[Sample], tags: dict[str, str]) -> None:
+    def __init__(self, source: OpcUaSource, queue: asyncio.Queue[Sample], tags: dict[str, str]) -> None:
         self.source = source
         self.queue = queue
         self.tags = tags  # node id string -> tag name
@@ -52,7 +52,7 @@ class _Handler:
         ts = time.time()
         stamp = dv.SourceTimestamp or dv.ServerTimestamp
         if stamp is not None:
-            ts = (stamp if stamp.tzinfo else stamp.replace(tzinfo=timezone.utc)).timestamp()
+            ts = (stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)).timestamp()
         status = dv.StatusCode_ if hasattr(dv, "StatusCode_") else dv.StatusCode
         if status is None or status.is_good():
             quality, error = "good", None
@@ -148,7 +148,7 @@ class OpcUaSource:
                 while True:
                     try:
                         sample = await asyncio.wait_for(queue.get(), 1.0)
-                    except asyncio.TimeoutError:
+                    except TimeoutError:
                         await client.check_connection()  # raises once the session is gone
                         continue
                     if sample.good:

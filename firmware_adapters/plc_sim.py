@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from fedline.config import ConfigError
 from fedline.logs import event
-
 from firmware_adapters.csv_replay import parse_number, read_rows
 from firmware_adapters.registers import BIT_TABLES, RegisterMap, TagSpec, encode
 
@@ -77,7 +77,7 @@ class RegisterServer:
             await self._server.shutdown()
             self._server = None
 
-    async def __aenter__(self) -> "RegisterServer":
+    async def __aenter__(self) -> RegisterServer:
         await self.start()
         return self
 
@@ -191,7 +191,7 @@ class PlcSimulator:
             await self._server.stop()
             self._server = None
 
-    async def __aenter__(self) -> "PlcSimulator":
+    async def __aenter__(self) -> PlcSimulator:
         await self.start()
         return self
 

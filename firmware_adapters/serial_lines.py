@@ -27,10 +27,10 @@ import json
 import logging
 import re
 import time
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 from fedline.logs import event
-
 from firmware_adapters.backoff import Backoff
 from firmware_adapters.config import SerialLineConfig
 from firmware_adapters.csv_replay import parse_number

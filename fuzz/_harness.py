@@ -21,21 +21,20 @@ aggregator key).
 """
 from __future__ import annotations
 
+# Heavy, well-fuzzed dependencies are imported before instrumentation, so the
+# coverage map (and the time budget) is spent on fedline's own code.
+import json  # noqa: F401
 import logging
 import os
 import sys
 import tempfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 import atheris
-
-# Heavy, well-fuzzed dependencies are imported before instrumentation, so the
-# coverage map (and the time budget) is spent on fedline's own code.
-import json  # noqa: F401
-import numpy  # noqa: F401
-import nacl.public  # noqa: F401
+import nacl.public
 import nacl.signing  # noqa: F401
+import numpy  # noqa: F401
 
 #: fedline's packages: what gets coverage instrumentation when a harness imports it
 INCLUDE = ["broker_bridge", "fedline", "firmware_adapters", "edge", "models"]

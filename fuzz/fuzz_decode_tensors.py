@@ -6,7 +6,6 @@ size the block only claims); what decodes must re-encode to the same bytes.
 from __future__ import annotations
 
 import numpy as np
-
 from _harness import instrumented, main
 
 with instrumented():

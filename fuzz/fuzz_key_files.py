@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 from _harness import AGGREGATOR, SITE_A, SITE_B, enrollment, instrumented, main, scratch_dir
 

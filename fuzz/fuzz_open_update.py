@@ -13,9 +13,8 @@ not only the first one (random ciphertext never decrypts):
 from __future__ import annotations
 
 import numpy as np
+from _harness import AGGREGATOR, OUTSIDER, SITE_A, enrollment, instrumented, main
 from nacl.public import PublicKey, SealedBox
-
-from _harness import AGGREGATOR, OUTSIDER, SITE_A, SITE_B, enrollment, instrumented, main
 
 with instrumented():
     from broker_bridge import envelope

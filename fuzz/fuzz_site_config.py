@@ -8,7 +8,6 @@ which validates and connects to nothing).
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from _harness import instrumented, main, scratch_dir
 

@@ -6,7 +6,6 @@ a valid site and message id, and the topic rebuilt from it parses the same.
 from __future__ import annotations
 
 import atheris
-
 from _harness import instrumented, main
 
 with instrumented():

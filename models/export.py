@@ -38,7 +38,7 @@ def export_onnx(model: nn.Module, spec: ModelSpec) -> bytes:
         torch.onnx.export(
             scorer,
             (example,),
-            buf,
+            buf,  # type: ignore[arg-type]  # the stubs name paths only; a file object is documented
             input_names=["x"],
             output_names=["y"],
             dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}},

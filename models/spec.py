@@ -90,6 +90,6 @@ class ModelSpec:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], *, file: str | None = None, where: str = "spec") -> "ModelSpec":
+    def from_dict(cls, d: dict[str, Any], *, file: str | None = None, where: str = "spec") -> ModelSpec:
         """Parse a dict (manifest JSON or TOML table) with the same checks as a config file."""
         return parse(cls, d, file=file, where=where)

@@ -26,7 +26,7 @@ class Party:
         self.receipts: list[dict] = []
         self._task: asyncio.Task | None = None
 
-    async def __aenter__(self) -> "Party":
+    async def __aenter__(self) -> Party:
         await self.client.__aenter__()
         await self.client.subscribe(self.topics.receipts(self.user))
         await self.client.wait_connected(10)

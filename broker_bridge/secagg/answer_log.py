@@ -8,6 +8,7 @@ the member records: which cohort announcement it joined (a replay is refused), t
 once (never twice with the same pair seeds), which survivors announcement it acknowledged (one
 per cohort), and the role (survivor or dropped) it answered for each site.
 """
+
 from __future__ import annotations
 
 import sqlite3
@@ -49,8 +50,9 @@ class AnswerLog:
             self._tx()
             if self._db.execute("SELECT 1 FROM cohorts WHERE cohort = ?", (cohort,)).fetchone():
                 raise SecAggError("replay", f"cohort {cohort} was announced before")
-            self._db.execute("INSERT INTO cohorts VALUES (?, ?, ?, 'joined', ?)",
-                             (cohort, cohort_hash, announcement, time.time()))
+            self._db.execute(
+                "INSERT INTO cohorts VALUES (?, ?, ?, 'joined', ?)", (cohort, cohort_hash, announcement, time.time())
+            )
             self._db.execute("COMMIT")
         except BaseException:
             self._db.execute("ROLLBACK")
@@ -58,14 +60,16 @@ class AnswerLog:
 
     def announcement(self, cohort: str) -> tuple[bytes, bytes, str] | None:
         """(announcement blob, cohort hash, state) of a joined cohort, or None."""
-        row = self._db.execute("SELECT announcement, cohort_hash, state FROM cohorts WHERE cohort = ?",
-                               (cohort,)).fetchone()
+        row = self._db.execute(
+            "SELECT announcement, cohort_hash, state FROM cohorts WHERE cohort = ?", (cohort,)
+        ).fetchone()
         return None if row is None else (bytes(row[0]), bytes(row[1]), row[2])
 
     def mark_submitted(self, cohort: str) -> None:
         """Record, before masking, that this member masks once in ``cohort``."""
-        cur = self._db.execute("UPDATE cohorts SET state = 'submitted' WHERE cohort = ? AND state = 'joined'",
-                               (cohort,))
+        cur = self._db.execute(
+            "UPDATE cohorts SET state = 'submitted' WHERE cohort = ? AND state = 'joined'", (cohort,)
+        )
         if cur.rowcount != 1:
             raise SecAggError("state", f"cohort {cohort} is unknown or this member already masked in it")
 
@@ -77,8 +81,9 @@ class AnswerLog:
             if row is None:
                 self._db.execute("INSERT INTO acks VALUES (?, ?)", (cohort, survivors_hash))
             elif bytes(row[0]) != survivors_hash:
-                raise SecAggError("equivocation", f"this member acknowledged another survivors "
-                                                  f"announcement for cohort {cohort}")
+                raise SecAggError(
+                    "equivocation", f"this member acknowledged another survivors announcement for cohort {cohort}"
+                )
             self._db.execute("COMMIT")
         except BaseException:
             self._db.execute("ROLLBACK")
@@ -91,10 +96,12 @@ class AnswerLog:
             known = dict(self._db.execute("SELECT site, role FROM roles WHERE cohort = ?", (cohort,)).fetchall())
             changed = sorted(s for s, r in roles.items() if s in known and known[s] != r)
             if changed:
-                raise SecAggError("equivocation", f"cohort {cohort}: already answered {', '.join(changed)} "
-                                                  f"in the other role")
-            self._db.executemany("INSERT OR IGNORE INTO roles VALUES (?, ?, ?)",
-                                 [(cohort, s, r) for s, r in sorted(roles.items())])
+                raise SecAggError(
+                    "equivocation", f"cohort {cohort}: already answered {', '.join(changed)} in the other role"
+                )
+            self._db.executemany(
+                "INSERT OR IGNORE INTO roles VALUES (?, ?, ?)", [(cohort, s, r) for s, r in sorted(roles.items())]
+            )
             self._db.execute("COMMIT")
         except BaseException:
             self._db.execute("ROLLBACK")

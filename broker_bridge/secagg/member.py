@@ -5,12 +5,13 @@ mask b_i and the pair seeds are dealt as Shamir shares inside the member's one u
 member may crash or go offline right after submitting and the cohort still completes (its
 peers answer for it). What a member must remember is in :class:`AnswerLog`.
 """
+
 from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -24,8 +25,9 @@ from broker_bridge.secagg.answer_log import AnswerLog
 class SecAggMember:
     """One site's participation in cohorts, backed by an on-disk answer log."""
 
-    def __init__(self, keys: KeyPair, enrollment: Enrollment, log_path: str | Path,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, keys: KeyPair, enrollment: Enrollment, log_path: str | Path, clock: Callable[[], float] = time.time
+    ) -> None:
         self.keys = keys
         self.enrollment = enrollment
         self.log = AnswerLog(log_path)
@@ -70,8 +72,9 @@ class SecAggMember:
         ann, ch, _ = self._cohort(cohort)
         me = self.keys.ident
         self.log.mark_submitted(cohort)  # before any secret exists: a crash here only drops us
-        q, clamped = quantise.quantise(np.asarray(delta, dtype=np.float64) * ann.weights[me],
-                                       ann.clip_range, ann.n, rng)
+        q, clamped = quantise.quantise(
+            np.asarray(delta, dtype=np.float64) * ann.weights[me], ann.clip_range, ann.n, rng
+        )
         b = seeds.self_seed()
         y = q + prg.mask(b, q.size)  # uint32 arithmetic wraps: this is Z_{2^32}
         secrets_by_slot: list[int] = []
@@ -90,7 +93,7 @@ class SecAggMember:
         bundles, roots = {}, {}
         for pk, k in enumerate(ann.members):
             mine = [shares[p][pk] for p in range(ann.n)]
-            roots[k] = m.root([m.leaf(ch, me, k, p, y_) for p, y_ in enumerate(mine)])
+            roots[k] = m.root(m.leaves(ch, me, k, mine))
             bundles[k] = m.seal_bundle(self.keys, self.enrollment.sites[k].box_pub, ch, k, mine)
         return m.MaskedSubmission(cohort, ch, me, y, bundles, roots, clamped)
 
@@ -123,12 +126,17 @@ class SecAggMember:
     def answer(self, request: m.UnmaskRequest) -> m.Answer:
         """The shares the aggregator needs, and nothing that contradicts an earlier answer."""
         doc, sh, ann, ch = self._survivors(request.survivors_blob)
-        valid = {s for s, sig in request.acks.items()
-                 if s in ann.members and m.ack_is_valid(self.enrollment.sites[s].sign_pub, sig,
-                                                        doc.federation, doc.cohort, sh)}
-        if len(valid) < ann.threshold:
-            raise self._refuse("consistency", f"{len(valid)} valid acks of the survivors announcement, "
-                                              f"{ann.threshold} needed")
+        valid = 0
+        for s, sig in sorted(request.acks.items()):
+            if valid >= ann.threshold:
+                break
+            valid += s in ann.members and m.ack_is_valid(
+                self.enrollment.sites[s].sign_pub, sig, doc.federation, doc.cohort, sh
+            )
+        if valid < ann.threshold:
+            raise self._refuse(
+                "consistency", f"{valid} valid acks of the survivors announcement, {ann.threshold} needed"
+            )
         try:
             self.log.pin_ack(doc.cohort, sh)
             roles = {s: "survivor" for s in doc.survivors} | {s: "dropped" for s in doc.dropped}
@@ -151,5 +159,5 @@ class SecAggMember:
                 continue
             self_shares[dealer] = shares[ann.position(dealer)]
             pair_shares[dealer] = {j: shares[ann.position(j)] for j in doc.dropped}
-            leaves[dealer] = [m.leaf(ch, dealer, me, p, y) for p, y in enumerate(shares)]
+            leaves[dealer] = m.leaves(ch, dealer, me, shares)
         return m.Answer(doc.federation, doc.cohort, sh, me, self_shares, pair_shares, leaves, refused)

@@ -19,6 +19,7 @@
 * **Answer** (member -> aggregator, rides the normal signed+sealed channel): for each dealer in S,
   its self-mask share; for each dealer in S and dropped j, its share of s_ij; plus the leaves.
 """
+
 from __future__ import annotations
 
 import base64
@@ -26,8 +27,9 @@ import hashlib
 import json
 import math
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 from nacl.exceptions import BadSignatureError, CryptoError
@@ -91,8 +93,9 @@ def _num(doc: Mapping[str, Any], key: str, what: str) -> float:
     return float(v)
 
 
-def _verify_signed(magic: bytes, domain: bytes, what: str, blob: bytes, sign_pub: bytes,
-                   fields: tuple[str, ...]) -> dict[str, Any]:
+def _verify_signed(
+    magic: bytes, domain: bytes, what: str, blob: bytes, sign_pub: bytes, fields: tuple[str, ...]
+) -> dict[str, Any]:
     try:
         doc = envelope._verify_doc(magic, domain, what, blob, sign_pub, fields)  # one framing for signed docs
     except WireError as exc:
@@ -104,8 +107,18 @@ def _verify_signed(magic: bytes, domain: bytes, what: str, blob: bytes, sign_pub
 
 
 # --------------------------------------------------------------------------- cohort announcement
-COHORT_FIELDS = ("federation", "cohort", "base_version", "members", "threshold", "min_survivors",
-                 "deadline", "created_at", "clip_range", "weights")
+COHORT_FIELDS = (
+    "federation",
+    "cohort",
+    "base_version",
+    "members",
+    "threshold",
+    "min_survivors",
+    "deadline",
+    "created_at",
+    "clip_range",
+    "weights",
+)
 
 
 @dataclass(frozen=True)
@@ -135,13 +148,21 @@ class CohortAnnouncement:
             raise SecAggError("not_member", f"site {site!r} is not a member of cohort {self.cohort}") from None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"federation": self.federation, "cohort": self.cohort, "base_version": self.base_version,
-                "members": list(self.members), "threshold": self.threshold, "min_survivors": self.min_survivors,
-                "deadline": self.deadline, "created_at": self.created_at, "clip_range": self.clip_range,
-                "weights": dict(sorted(self.weights.items()))}
+        return {
+            "federation": self.federation,
+            "cohort": self.cohort,
+            "base_version": self.base_version,
+            "members": list(self.members),
+            "threshold": self.threshold,
+            "min_survivors": self.min_survivors,
+            "deadline": self.deadline,
+            "created_at": self.created_at,
+            "clip_range": self.clip_range,
+            "weights": dict(sorted(self.weights.items())),
+        }
 
     @classmethod
-    def from_dict(cls, doc: Mapping[str, Any]) -> "CohortAnnouncement":
+    def from_dict(cls, doc: Mapping[str, Any]) -> CohortAnnouncement:
         """Validate every field (raise ``SecAggError('schema')`` naming it)."""
         what = "cohort announcement"
         members = doc.get("members")
@@ -167,11 +188,24 @@ class CohortAnnouncement:
             if not isinstance(w, (int, float)) or isinstance(w, bool) or not (0 < w < math.inf):
                 raise SecAggError("schema", f"{what} weight of {s!r} must be a positive finite number")
         cohort = doc.get("cohort")
-        if not isinstance(cohort, str) or not 16 <= len(cohort) <= 64 or not all(c in "0123456789abcdef" for c in cohort):
+        if (
+            not isinstance(cohort, str)
+            or not 16 <= len(cohort) <= 64
+            or not all(c in "0123456789abcdef" for c in cohort)
+        ):
             raise SecAggError("schema", f"{what} cohort id must be 16..64 lowercase hex digits")
-        return cls(_site(doc.get("federation"), "federation"), cohort, _int(doc, "base_version", what),
-                   tuple(members), t, min_survivors, _num(doc, "deadline", what), _num(doc, "created_at", what),
-                   clip_range, {s: float(w) for s, w in weights.items()})
+        return cls(
+            _site(doc.get("federation"), "federation"),
+            cohort,
+            _int(doc, "base_version", what),
+            tuple(members),
+            t,
+            min_survivors,
+            _num(doc, "deadline", what),
+            _num(doc, "created_at", what),
+            clip_range,
+            {s: float(w) for s, w in weights.items()},
+        )
 
 
 def sign_cohort(ann: CohortAnnouncement, aggregator_keys: KeyPair) -> bytes:
@@ -181,12 +215,10 @@ def sign_cohort(ann: CohortAnnouncement, aggregator_keys: KeyPair) -> bytes:
 
 def open_cohort(blob: bytes, aggregator_sign_pub: bytes, federation: str) -> tuple[CohortAnnouncement, bytes]:
     """Verify a cohort announcement; return it and its cohort hash."""
-    doc = _verify_signed(_COHORT_MAGIC, _COHORT_DOMAIN, "cohort announcement", blob, aggregator_sign_pub,
-                         COHORT_FIELDS)
+    doc = _verify_signed(_COHORT_MAGIC, _COHORT_DOMAIN, "cohort announcement", blob, aggregator_sign_pub, COHORT_FIELDS)
     ann = CohortAnnouncement.from_dict(doc)
     if ann.federation != federation:
-        raise SecAggError("federation", f"cohort announcement is for federation {ann.federation!r}, "
-                                        f"not {federation!r}")
+        raise SecAggError("federation", f"cohort announcement is for federation {ann.federation!r}, not {federation!r}")
     return ann, blob_hash(bytes(blob))
 
 
@@ -206,16 +238,21 @@ class SurvivorsAnnouncement:
     created_at: float
 
     def to_dict(self) -> dict[str, Any]:
-        return {"federation": self.federation, "cohort": self.cohort, "cohort_hash": self.cohort_hash.hex(),
-                "survivors": sorted(self.survivors), "dropped": sorted(self.dropped), "created_at": self.created_at}
+        return {
+            "federation": self.federation,
+            "cohort": self.cohort,
+            "cohort_hash": self.cohort_hash.hex(),
+            "survivors": sorted(self.survivors),
+            "dropped": sorted(self.dropped),
+            "created_at": self.created_at,
+        }
 
     def check_against(self, ann: CohortAnnouncement, cohort_hash: bytes) -> None:
         """Raise unless this announcement is about ``ann`` and partitions its members."""
         if self.federation != ann.federation:
             raise SecAggError("federation", f"survivors announcement is for federation {self.federation!r}")
         if self.cohort != ann.cohort or self.cohort_hash != cohort_hash:
-            raise SecAggError("wrong_cohort", f"survivors announcement is about cohort {self.cohort}, "
-                                              f"not {ann.cohort}")
+            raise SecAggError("wrong_cohort", f"survivors announcement is about cohort {self.cohort}, not {ann.cohort}")
         s, d = set(self.survivors), set(self.dropped)
         if s & d or (s | d) != set(ann.members) or len(s) != len(self.survivors) or len(d) != len(self.dropped):
             raise SecAggError("schema", "survivors and dropped must partition the cohort's members")
@@ -224,8 +261,9 @@ class SurvivorsAnnouncement:
 
 
 def sign_survivors(doc: SurvivorsAnnouncement, aggregator_keys: KeyPair) -> bytes:
-    return envelope.sign_body(_SURVIVORS_MAGIC, _SURVIVORS_DOMAIN, envelope.canonical_json(doc.to_dict()),
-                              aggregator_keys)
+    return envelope.sign_body(
+        _SURVIVORS_MAGIC, _SURVIVORS_DOMAIN, envelope.canonical_json(doc.to_dict()), aggregator_keys
+    )
 
 
 def open_survivors(blob: bytes, aggregator_sign_pub: bytes) -> tuple[SurvivorsAnnouncement, bytes]:
@@ -244,10 +282,14 @@ def open_survivors(blob: bytes, aggregator_sign_pub: bytes) -> tuple[SurvivorsAn
         raise SecAggError("schema", f"{what} cohort_hash must be 64 hex digits") from None
     if not isinstance(doc["cohort"], str):
         raise SecAggError("schema", f"{what} cohort must be a string")
-    out = SurvivorsAnnouncement(_site(doc["federation"], "federation"), doc["cohort"], cohort_hash,
-                                tuple(_site(s, "survivor") for s in doc["survivors"]),
-                                tuple(_site(s, "dropped site") for s in doc["dropped"]),
-                                _num(doc, "created_at", what))
+    out = SurvivorsAnnouncement(
+        _site(doc["federation"], "federation"),
+        doc["cohort"],
+        cohort_hash,
+        tuple(_site(s, "survivor") for s in doc["survivors"]),
+        tuple(_site(s, "dropped site") for s in doc["dropped"]),
+        _num(doc, "created_at", what),
+    )
     return out, blob_hash(bytes(blob))
 
 
@@ -277,8 +319,18 @@ def _field(s: str) -> bytes:
 
 def leaf(cohort_hash: bytes, dealer: str, recipient: str, slot: int, share: int) -> bytes:
     """Commitment to one share. Shares are uniform field elements, so it hides them."""
-    return hashlib.blake2b(cohort_hash + _field(dealer) + _field(recipient) + slot.to_bytes(2, "big")
-                           + shamir.to_bytes(share), digest_size=32, person=b"fedline-sa-leaf").digest()
+    return leaves(cohort_hash, dealer, recipient, [share], first_slot=slot)[0]
+
+
+def leaves(cohort_hash: bytes, dealer: str, recipient: str, shares: list[int], first_slot: int = 0) -> list[bytes]:
+    """The leaves of consecutive slots (one hash prefix, copied per share: this is the hot path)."""
+    base = hashlib.blake2b(cohort_hash + _field(dealer) + _field(recipient), digest_size=32, person=b"fedline-sa-leaf")
+    out = []
+    for slot, share in enumerate(shares, first_slot):
+        h = base.copy()
+        h.update(slot.to_bytes(2, "big") + share.to_bytes(shamir.SHARE_BYTES, "big"))
+        out.append(h.digest())
+    return out
 
 
 def root(leaves: list[bytes]) -> bytes:
@@ -286,17 +338,27 @@ def root(leaves: list[bytes]) -> bytes:
     return hashlib.blake2b(b"".join(leaves), digest_size=32, person=b"fedline-sa-root").digest()
 
 
-def seal_bundle(dealer_keys: KeyPair, recipient_box_pub: bytes, cohort_hash: bytes, recipient: str,
-                shares: list[int]) -> bytes:
+def seal_bundle(
+    dealer_keys: KeyPair, recipient_box_pub: bytes, cohort_hash: bytes, recipient: str, shares: list[int]
+) -> bytes:
     """Sign the shares dealt to one recipient with the dealer's key, seal them to the recipient."""
-    plain = b"".join([_BUNDLE_MAGIC, cohort_hash, _field(dealer_keys.ident), _field(recipient),
-                      len(shares).to_bytes(2, "big"), *(shamir.to_bytes(y) for y in shares)])
+    plain = b"".join(
+        [
+            _BUNDLE_MAGIC,
+            cohort_hash,
+            _field(dealer_keys.ident),
+            _field(recipient),
+            len(shares).to_bytes(2, "big"),
+            *(shamir.to_bytes(y) for y in shares),
+        ]
+    )
     sig = dealer_keys.signing_key.sign(envelope.digest(plain, _BUNDLE_DOMAIN)).signature
     return SealedBox(PublicKey(recipient_box_pub)).encrypt(sig + plain)
 
 
-def open_bundle(blob: bytes, own_keys: KeyPair, enrollment: Enrollment, cohort_hash: bytes,
-                dealer: str, n: int) -> list[int]:
+def open_bundle(
+    blob: bytes, own_keys: KeyPair, enrollment: Enrollment, cohort_hash: bytes, dealer: str, n: int
+) -> list[int]:
     """Open a bundle addressed to us by ``dealer`` in the cohort ``cohort_hash``; its n shares."""
     try:
         inner = SealedBox(own_keys.box_key).decrypt(bytes(blob))
@@ -319,17 +381,18 @@ def open_bundle(blob: bytes, own_keys: KeyPair, enrollment: Enrollment, cohort_h
     names = []
     for _ in range(2):
         ln = plain[pos]
-        names.append(plain[pos + 1:pos + 1 + ln].decode("utf-8", errors="replace"))
+        names.append(plain[pos + 1 : pos + 1 + ln].decode("utf-8", errors="replace"))
         pos += 1 + ln
     if names != [dealer, own_keys.ident]:
-        raise SecAggError("not_member", f"bundle is from {names[0]!r} to {names[1]!r}, "
-                                        f"not from {dealer!r} to {own_keys.ident!r}")
-    count = int.from_bytes(plain[pos:pos + 2], "big")
-    body = plain[pos + 2:]
+        raise SecAggError(
+            "not_member", f"bundle is from {names[0]!r} to {names[1]!r}, not from {dealer!r} to {own_keys.ident!r}"
+        )
+    count = int.from_bytes(plain[pos : pos + 2], "big")
+    body = plain[pos + 2 :]
     if count != n or len(body) != n * shamir.SHARE_BYTES:
         raise SecAggError("schema", f"bundle from {dealer!r} has {count} shares, the cohort has {n} members")
     try:
-        return [shamir.from_bytes(body[i:i + shamir.SHARE_BYTES]) for i in range(0, len(body), shamir.SHARE_BYTES)]
+        return [shamir.from_bytes(body[i : i + shamir.SHARE_BYTES]) for i in range(0, len(body), shamir.SHARE_BYTES)]
     except ValueError as exc:
         raise SecAggError("schema", f"bundle from {dealer!r}: {exc}") from None
 
@@ -353,15 +416,27 @@ class MaskedSubmission:
 
     def encode(self) -> bytes:
         order = sorted(self.bundles)
-        meta = {"cohort": self.cohort, "cohort_hash": self.cohort_hash.hex(), "site": self.site,
-                "length": int(self.masked.size), "clamped": self.clamped,
-                "bundles": [[k, len(self.bundles[k]), self.roots[k].hex()] for k in order]}
+        meta = {
+            "cohort": self.cohort,
+            "cohort_hash": self.cohort_hash.hex(),
+            "site": self.site,
+            "length": int(self.masked.size),
+            "clamped": self.clamped,
+            "bundles": [[k, len(self.bundles[k]), self.roots[k].hex()] for k in order],
+        }
         head = envelope.canonical_json(meta)
-        return b"".join([_SUBMISSION_MAGIC, _U32.pack(len(head)), head, *(self.bundles[k] for k in order),
-                         np.ascontiguousarray(self.masked, dtype="<u4").tobytes()])
+        return b"".join(
+            [
+                _SUBMISSION_MAGIC,
+                _U32.pack(len(head)),
+                head,
+                *(self.bundles[k] for k in order),
+                np.ascontiguousarray(self.masked, dtype="<u4").tobytes(),
+            ]
+        )
 
     @classmethod
-    def decode(cls, blob: bytes | memoryview) -> "MaskedSubmission":
+    def decode(cls, blob: bytes | memoryview) -> MaskedSubmission:
         view = memoryview(blob)
         if len(view) < 8 or bytes(view[:4]) != _SUBMISSION_MAGIC:
             raise SecAggError("schema", "not a masked submission (no FLQ1 magic)")
@@ -369,7 +444,7 @@ class MaskedSubmission:
         if 8 + hlen > len(view) or hlen > envelope.MAX_HEADER_BYTES:
             raise SecAggError("schema", "masked submission header does not fit")
         try:
-            meta = json.loads(bytes(view[8:8 + hlen]))
+            meta = json.loads(bytes(view[8 : 8 + hlen]))
         except ValueError:
             raise SecAggError("schema", "masked submission header is not JSON") from None
         if not isinstance(meta, dict) or set(meta) != {"cohort", "cohort_hash", "site", "length", "clamped", "bundles"}:
@@ -380,13 +455,19 @@ class MaskedSubmission:
             raise SecAggError("schema", "masked submission bundles must be a list")
         pos, bundles, roots = 8 + hlen, {}, {}
         for e in entries:
-            if (not isinstance(e, list) or len(e) != 3 or not isinstance(e[1], int) or not 0 < e[1] < 65536
-                    or not isinstance(e[2], str) or len(e[2]) != 64):
+            if (
+                not isinstance(e, list)
+                or len(e) != 3
+                or not isinstance(e[1], int)
+                or not 0 < e[1] < 65536
+                or not isinstance(e[2], str)
+                or len(e[2]) != 64
+            ):
                 raise SecAggError("schema", "masked submission bundle entry must be [site, size, root]")
             k = _site(e[0], "bundle recipient")
             if k in bundles or pos + e[1] > len(view):
                 raise SecAggError("schema", f"bundle for {k!r} is duplicated or does not fit")
-            bundles[k] = bytes(view[pos:pos + e[1]])
+            bundles[k] = bytes(view[pos : pos + e[1]])
             roots[k] = bytes.fromhex(e[2])
             pos += e[1]
         if len(view) - pos != 4 * length:
@@ -394,8 +475,15 @@ class MaskedSubmission:
         ch = meta["cohort_hash"]
         if not isinstance(ch, str) or len(ch) != 64 or not isinstance(meta["cohort"], str):
             raise SecAggError("schema", "masked submission cohort fields are malformed")
-        return cls(meta["cohort"], bytes.fromhex(ch), _site(meta["site"], "site"),
-                   np.frombuffer(view, dtype="<u4", count=length, offset=pos), bundles, roots, clamped)
+        return cls(
+            meta["cohort"],
+            bytes.fromhex(ch),
+            _site(meta["site"], "site"),
+            np.frombuffer(view, dtype="<u4", count=length, offset=pos),
+            bundles,
+            roots,
+            clamped,
+        )
 
 
 # --------------------------------------------------------------------------- unmask request and answer
@@ -409,12 +497,16 @@ class UnmaskRequest:
     bundles: Mapping[str, bytes]  # dealer -> sealed bundle addressed to this member
 
     def encode(self) -> bytes:
-        return envelope.canonical_json({"survivors": _b64(self.survivors_blob),
-                                        "acks": {k: _b64(v) for k, v in sorted(self.acks.items())},
-                                        "bundles": {k: _b64(v) for k, v in sorted(self.bundles.items())}})
+        return envelope.canonical_json(
+            {
+                "survivors": _b64(self.survivors_blob),
+                "acks": {k: _b64(v) for k, v in sorted(self.acks.items())},
+                "bundles": {k: _b64(v) for k, v in sorted(self.bundles.items())},
+            }
+        )
 
     @classmethod
-    def decode(cls, raw: bytes) -> "UnmaskRequest":
+    def decode(cls, raw: bytes) -> UnmaskRequest:
         try:
             doc = json.loads(raw)
         except ValueError:
@@ -423,9 +515,11 @@ class UnmaskRequest:
             raise SecAggError("schema", "unmask request must have survivors, acks, bundles")
         if not isinstance(doc["acks"], dict) or not isinstance(doc["bundles"], dict):
             raise SecAggError("schema", "unmask request acks and bundles must be objects")
-        return cls(_unb64(doc["survivors"], "survivors"),
-                   {_site(k, "ack signer"): _unb64(v, "ack", 64) for k, v in doc["acks"].items()},
-                   {_site(k, "dealer"): _unb64(v, "bundle") for k, v in doc["bundles"].items()})
+        return cls(
+            _unb64(doc["survivors"], "survivors"),
+            {_site(k, "ack signer"): _unb64(v, "ack", 64) for k, v in doc["acks"].items()},
+            {_site(k, "dealer"): _unb64(v, "bundle") for k, v in doc["bundles"].items()},
+        )
 
 
 @dataclass(frozen=True)
@@ -437,20 +531,28 @@ class Answer:
     survivors_hash: bytes
     site: str
     self_shares: Mapping[str, int] = field(default_factory=dict)  # dealer in S -> share of b_dealer
-    pair_shares: Mapping[str, Mapping[str, int]] = field(default_factory=dict)  # dealer in S -> {j in D: share of s_dealer,j}
+    pair_shares: Mapping[str, Mapping[str, int]] = field(
+        default_factory=dict
+    )  # dealer in S -> {j in D: share of s_dealer,j}
     leaves: Mapping[str, list[bytes]] = field(default_factory=dict)  # dealer -> the n leaves of its bundle
     refused: Mapping[str, str] = field(default_factory=dict)  # dealer -> reason its bundle was refused
 
     def encode(self) -> bytes:
-        return envelope.canonical_json({
-            "federation": self.federation, "cohort": self.cohort, "survivors_hash": self.survivors_hash.hex(),
-            "site": self.site, "self_shares": {k: hex(v) for k, v in self.self_shares.items()},
-            "pair_shares": {k: {j: hex(v) for j, v in d.items()} for k, d in self.pair_shares.items()},
-            "leaves": {k: [x.hex() for x in v] for k, v in self.leaves.items()},
-            "refused": dict(self.refused)})
+        return envelope.canonical_json(
+            {
+                "federation": self.federation,
+                "cohort": self.cohort,
+                "survivors_hash": self.survivors_hash.hex(),
+                "site": self.site,
+                "self_shares": {k: hex(v) for k, v in self.self_shares.items()},
+                "pair_shares": {k: {j: hex(v) for j, v in d.items()} for k, d in self.pair_shares.items()},
+                "leaves": {k: [x.hex() for x in v] for k, v in self.leaves.items()},
+                "refused": dict(self.refused),
+            }
+        )
 
     @classmethod
-    def decode(cls, raw: bytes | memoryview) -> "Answer":
+    def decode(cls, raw: bytes | memoryview) -> Answer:
         try:
             doc = json.loads(bytes(raw))
         except ValueError:
@@ -469,7 +571,11 @@ class Answer:
             return y
 
         def hexes(v: Any) -> list[bytes]:
-            if not isinstance(v, list) or len(v) > MAX_MEMBERS or not all(isinstance(x, str) and len(x) == 64 for x in v):
+            if (
+                not isinstance(v, list)
+                or len(v) > MAX_MEMBERS
+                or not all(isinstance(x, str) and len(x) == 64 for x in v)
+            ):
                 raise SecAggError("schema", "leaves must be a list of 64-hex-digit strings")
             try:
                 return [bytes.fromhex(x) for x in v]
@@ -490,7 +596,13 @@ class Answer:
             pair[_site(k, "dealer")] = {_site(j, "dropped site"): share(v) for j, v in d.items()}
         if not isinstance(doc["cohort"], str) or not isinstance(doc["federation"], str):
             raise SecAggError("schema", "answer cohort and federation must be strings")
-        return cls(doc["federation"], doc["cohort"], sh, _site(doc["site"], "site"),
-                   {_site(k, "dealer"): share(v) for k, v in doc["self_shares"].items()}, pair,
-                   {_site(k, "dealer"): hexes(v) for k, v in doc["leaves"].items()},
-                   {_site(k, "dealer"): str(v)[:200] for k, v in doc["refused"].items()})
+        return cls(
+            doc["federation"],
+            doc["cohort"],
+            sh,
+            _site(doc["site"], "site"),
+            {_site(k, "dealer"): share(v) for k, v in doc["self_shares"].items()},
+            pair,
+            {_site(k, "dealer"): hexes(v) for k, v in doc["leaves"].items()},
+            {_site(k, "dealer"): str(v)[:200] for k, v in doc["refused"].items()},
+        )

@@ -3,6 +3,7 @@
 Never numpy's seeded generators: they are not cryptographic, and a 32-bit seed (as some
 SecAgg implementations use) can be brute-forced in minutes, which unmasks the update.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -17,6 +17,7 @@ strictly below ``1/scale``, so ``|dequantised sum - exact sum| < n / scale = n^2
 and epsilon is unchanged; the rounding randomness needs no secrecy (it is not a mask) and comes
 from numpy's generator seeded by the OS.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -38,8 +39,9 @@ def error_bound(clip_range: float, n_members: int) -> float:
     return n_members / scale_for(clip_range, n_members)
 
 
-def quantise(x: np.ndarray, clip_range: float, n_members: int,
-             rng: np.random.Generator | None = None) -> tuple[np.ndarray, int]:
+def quantise(
+    x: np.ndarray, clip_range: float, n_members: int, rng: np.random.Generator | None = None
+) -> tuple[np.ndarray, int]:
     """Flat float vector -> (uint32 vector, number of clamped coordinates)."""
     scale = scale_for(clip_range, n_members)
     v = np.asarray(x, dtype=np.float64).ravel()
@@ -47,9 +49,8 @@ def quantise(x: np.ndarray, clip_range: float, n_members: int,
         raise ValueError("cannot quantise a vector with NaN or infinity")
     clamped = int(np.count_nonzero(np.abs(v) > clip_range))
     v = np.clip(v, -clip_range, clip_range) * scale
-    low = np.floor(v)
     rng = rng or np.random.default_rng()
-    q = low + (rng.random(v.shape) < (v - low))
+    q = np.floor(v + rng.random(v.shape))  # rounds up with probability frac(v): unbiased
     return q.astype(np.int64).astype(np.uint32), clamped  # int64 -> uint32 is reduction mod 2^32
 
 

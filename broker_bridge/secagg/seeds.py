@@ -7,6 +7,7 @@ random cohort id, the federation and the member list), so a seed revealed for a 
 in one cohort says nothing about any other cohort, and an aggregator cannot make a site reuse
 its masks by re-announcing (a site also refuses a replayed announcement).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -34,8 +35,7 @@ def pair_seed(own_box_secret: bytes, peer_box_pub: bytes, cohort_hash: bytes, ow
     if shared == bytes(32):
         raise ValueError(f"peer {peer!r} has a low-order X25519 key")
     a, b = sorted((own, peer))
-    return hashlib.blake2b(cohort_hash + _field(a) + _field(b), key=shared, person=_PERSON,
-                           digest_size=32).digest()
+    return hashlib.blake2b(cohort_hash + _field(a) + _field(b), key=shared, person=_PERSON, digest_size=32).digest()
 
 
 def self_seed() -> bytes:

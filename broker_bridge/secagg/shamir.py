@@ -1,17 +1,19 @@
 """Shamir t-of-n secret sharing over the prime field GF(2^256 + 297).
 
 The prime is the smallest above 2^256, so any 32-byte seed is a field element and a share
-is 33 bytes. Coefficients come from :mod:`secrets` (the OS CSPRNG): t - 1 shares of a
+is 33 bytes. Coefficients come from the OS CSPRNG (``os.urandom``): t - 1 shares of a
 secret are uniformly distributed and say nothing about it. Share ``k`` is the polynomial
 at ``x = k`` (1-based index of the member in the cohort's sorted member list).
 """
+
 from __future__ import annotations
 
-import secrets
-from typing import Iterable, Mapping
+import os
+from collections.abc import Iterable, Mapping
 
 PRIME = 2**256 + 297
 SHARE_BYTES = 33
+_COEFF_BYTES = 40
 
 
 def split(secret: int, n: int, t: int) -> list[int]:
@@ -20,13 +22,16 @@ def split(secret: int, n: int, t: int) -> list[int]:
         raise ValueError("secret is not a field element")
     if not 1 <= t <= n:
         raise ValueError(f"threshold {t} must be in 1..{n}")
-    coeffs = [secret] + [secrets.randbelow(PRIME) for _ in range(t - 1)]
+    # t - 1 coefficients from one OS read: 40-byte integers reduced mod p (bias below 2^-63)
+    pool = os.urandom(_COEFF_BYTES * (t - 1))
+    coeffs = [int.from_bytes(pool[i : i + _COEFF_BYTES], "big") % PRIME for i in range(0, len(pool), _COEFF_BYTES)]
+    coeffs.reverse()
     shares = []
     for x in range(1, n + 1):
         y = 0
-        for c in reversed(coeffs):  # Horner
-            y = (y * x + c) % PRIME
-        shares.append(y)
+        for c in coeffs:  # Horner with one reduction at the end: x is small, y grows by log2(x) bits a step
+            y = y * x + c
+        shares.append((y * x + secret) % PRIME)
     return shares
 
 

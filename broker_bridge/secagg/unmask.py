@@ -6,11 +6,13 @@ for each survivor its self-mask seed, and for each (survivor, dropped) pair its 
 survivors' pair seeds with each other are never revealed, so no single survivor's vector can be
 unmasked; they cancel only in the sum.
 """
+
 from __future__ import annotations
 
 import time
 from collections import Counter
-from typing import Callable
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -19,12 +21,20 @@ from broker_bridge.keys import Enrollment, KeyPair
 from broker_bridge.secagg import messages as m
 from broker_bridge.secagg import prg, quantise, shamir
 
+_EXPAND_THREADS = 2
+
 
 class CohortUnmasker:
     """One open cohort at the aggregator, from announcement to cohort sum (or clean failure)."""
 
-    def __init__(self, ann: m.CohortAnnouncement, cohort_hash: bytes, enrollment: Enrollment,
-                 aggregator_keys: KeyPair, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        ann: m.CohortAnnouncement,
+        cohort_hash: bytes,
+        enrollment: Enrollment,
+        aggregator_keys: KeyPair,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.ann = ann
         self.cohort_hash = cohort_hash
         self.enrollment = enrollment
@@ -41,8 +51,13 @@ class CohortUnmasker:
         self.refused: Counter[str] = Counter()  # reason -> count (whole messages and single shares)
 
     @classmethod
-    def announce(cls, ann: m.CohortAnnouncement, enrollment: Enrollment, aggregator_keys: KeyPair,
-                 clock: Callable[[], float] = time.time) -> tuple["CohortUnmasker", bytes]:
+    def announce(
+        cls,
+        ann: m.CohortAnnouncement,
+        enrollment: Enrollment,
+        aggregator_keys: KeyPair,
+        clock: Callable[[], float] = time.time,
+    ) -> tuple[CohortUnmasker, bytes]:
         """Sign a cohort announcement; return the cohort's state and the blob to publish (retained)."""
         blob = m.sign_cohort(ann, aggregator_keys)
         return cls(ann, m.blob_hash(blob), enrollment, aggregator_keys, clock), blob
@@ -59,16 +74,19 @@ class CohortUnmasker:
         if sub.cohort != self.ann.cohort or sub.cohort_hash != self.cohort_hash:
             raise self._refuse("wrong_cohort", f"submission from {signer!r} is for cohort {sub.cohort}")
         if sub.site != signer or signer not in self.ann.members:
-            raise self._refuse("not_member", f"submission names {sub.site!r}, signed by {signer!r}, "
-                                             f"members are {list(self.ann.members)}")
+            raise self._refuse(
+                "not_member",
+                f"submission names {sub.site!r}, signed by {signer!r}, members are {list(self.ann.members)}",
+            )
         if signer in self.submissions:
             raise self._refuse("replay", f"{signer!r} already submitted to cohort {self.ann.cohort}")
         if sorted(sub.bundles) != list(self.ann.members) or sorted(sub.roots) != list(self.ann.members):
             raise self._refuse("schema", f"submission from {signer!r} must deal one bundle to each member")
         first = next(iter(self.submissions.values()), None)
         if first is not None and first.masked.size != sub.masked.size:
-            raise self._refuse("schema", f"submission from {signer!r} has {sub.masked.size} values, "
-                                         f"others have {first.masked.size}")
+            raise self._refuse(
+                "schema", f"submission from {signer!r} has {sub.masked.size} values, others have {first.masked.size}"
+            )
         self.submissions[signer] = sub
 
     # ------------------------------------------------------------------ survivors and acks
@@ -77,11 +95,13 @@ class CohortUnmasker:
         if self.survivors is None:
             s = tuple(sorted(self.submissions))
             if len(s) < self.ann.min_survivors:
-                raise SecAggError("too_few", f"cohort {self.ann.cohort}: {len(s)} members submitted, "
-                                             f"{self.ann.min_survivors} needed")
+                raise SecAggError(
+                    "too_few", f"cohort {self.ann.cohort}: {len(s)} members submitted, {self.ann.min_survivors} needed"
+                )
             d = tuple(x for x in self.ann.members if x not in self.submissions)
-            self.survivors = m.SurvivorsAnnouncement(self.ann.federation, self.ann.cohort, self.cohort_hash,
-                                                     s, d, self.clock())
+            self.survivors = m.SurvivorsAnnouncement(
+                self.ann.federation, self.ann.cohort, self.cohort_hash, s, d, self.clock()
+            )
             self.survivors_blob = m.sign_survivors(self.survivors, self.keys)
             self.survivors_hash = m.blob_hash(self.survivors_blob)
         return self.survivors_blob
@@ -91,8 +111,9 @@ class CohortUnmasker:
             raise self._refuse("state", "no survivors announcement to acknowledge yet")
         if site not in self.ann.members:
             raise self._refuse("not_member", f"ack from {site!r}, not a member")
-        if not m.ack_is_valid(self.enrollment.sites[site].sign_pub, sig, self.ann.federation, self.ann.cohort,
-                              self.survivors_hash):
+        if not m.ack_is_valid(
+            self.enrollment.sites[site].sign_pub, sig, self.ann.federation, self.ann.cohort, self.survivors_hash
+        ):
             raise self._refuse("signature", f"ack from {site!r} does not verify")
         self.acks[site] = sig
 
@@ -101,8 +122,11 @@ class CohortUnmasker:
         if len(self.acks) < self.ann.threshold:
             raise SecAggError("consistency", f"{len(self.acks)} acks, {self.ann.threshold} needed")
         assert self.survivors is not None
-        return m.UnmaskRequest(self.survivors_blob, dict(self.acks),
-                               {d: self.submissions[d].bundles[site] for d in self.survivors.survivors})
+        return m.UnmaskRequest(
+            self.survivors_blob,
+            dict(self.acks),
+            {d: self.submissions[d].bundles[site] for d in self.survivors.survivors},
+        )
 
     # ------------------------------------------------------------------ answers
     def add_answer(self, answer: m.Answer, signer: str) -> list[tuple[str, str]]:
@@ -128,11 +152,16 @@ class CohortUnmasker:
                 continue
             share = answer.self_shares.get(dealer)
             pairs = answer.pair_shares.get(dealer, {})
-            if (share is None or set(pairs) != dropped
-                    or m.leaf(self.cohort_hash, dealer, signer, self.ann.position(dealer), share)
-                    != leaves[self.ann.position(dealer)]
-                    or any(m.leaf(self.cohort_hash, dealer, signer, self.ann.position(j), y)
-                           != leaves[self.ann.position(j)] for j, y in pairs.items())):
+            if (
+                share is None
+                or set(pairs) != dropped
+                or m.leaf(self.cohort_hash, dealer, signer, self.ann.position(dealer), share)
+                != leaves[self.ann.position(dealer)]
+                or any(
+                    m.leaf(self.cohort_hash, dealer, signer, self.ann.position(j), y) != leaves[self.ann.position(j)]
+                    for j, y in pairs.items()
+                )
+            ):
                 bad.append((dealer, "bad_share"))
                 continue
             self._self_shares.setdefault(dealer, {})[x] = share
@@ -148,8 +177,12 @@ class CohortUnmasker:
         assert self.survivors is not None
         t = self.ann.threshold
         out = [f"b:{d}" for d in self.survivors.survivors if len(self._self_shares.get(d, {})) < t]
-        out += [f"s:{d}:{j}" for d in self.survivors.survivors for j in self.survivors.dropped
-                if len(self._pair_shares.get((d, j), {})) < t]
+        out += [
+            f"s:{d}:{j}"
+            for d in self.survivors.survivors
+            for j in self.survivors.dropped
+            if len(self._pair_shares.get((d, j), {})) < t
+        ]
         return out
 
     def cohort_sum(self) -> np.ndarray:
@@ -159,8 +192,11 @@ class CohortUnmasker:
         """
         missing = self.missing()
         if missing:
-            raise SecAggError("too_few", f"cohort {self.ann.cohort}: {len(missing)} secrets lack "
-                                         f"{self.ann.threshold} verified shares (first: {missing[0]})")
+            raise SecAggError(
+                "too_few",
+                f"cohort {self.ann.cohort}: {len(missing)} secrets lack "
+                f"{self.ann.threshold} verified shares (first: {missing[0]})",
+            )
         assert self.survivors is not None
         t = self.ann.threshold
         coeffs: dict[tuple[int, ...], dict[int, int]] = {}
@@ -178,12 +214,23 @@ class CohortUnmasker:
         total = np.array(subs[0], dtype=np.uint32)
         for y in subs[1:]:
             total += y
-        for dealer in self.survivors.survivors:
-            total -= prg.mask(secret(self._self_shares[dealer]), total.size)
-            for j in self.survivors.dropped:
-                pm = prg.mask(secret(self._pair_shares[(dealer, j)]), total.size)
-                if j > dealer:  # the dealer added +PRG(s_dj) for a peer later in the order
-                    total -= pm
-                else:
-                    total += pm
+        # (seed, +1/-1 to add/subtract its mask): self masks come off; a dealer added +PRG(s_dj) for a
+        # dropped peer later in the order and -PRG(s_dj) for one earlier, so those come off with the other sign
+        removals = [(secret(self._self_shares[d]), -1) for d in self.survivors.survivors]
+        removals += [
+            (secret(self._pair_shares[(d, j)]), -1 if j > d else 1)
+            for d in self.survivors.survivors
+            for j in self.survivors.dropped
+        ]
+        size = total.size
+        # expanding the masks (ChaCha20) is the bulk of the work; libsodium runs without the GIL, so two
+        # threads expand while this one adds, a few masks at a time to bound memory
+        with ThreadPoolExecutor(_EXPAND_THREADS) as pool:
+            for start in range(0, len(removals), 4 * _EXPAND_THREADS):
+                batch = removals[start : start + 4 * _EXPAND_THREADS]
+                for (_, sign), pm in zip(batch, pool.map(prg.mask, [seed for seed, _ in batch], [size] * len(batch))):
+                    if sign < 0:
+                        total -= pm
+                    else:
+                        total += pm
         return quantise.dequantise_sum(total, self.ann.clip_range, self.ann.n)

@@ -38,7 +38,7 @@ Example::
     # broker = { url = "mqtt://plant-broker:1883" }   # default: [broker]
 
     [metrics]
-    port = 9109                          # Prometheus /metrics; 0 = off
+    port = 19312                         # Prometheus /metrics (no port: off; 0: any free port)
 """
 from __future__ import annotations
 
@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fedline.config import ConfigError, load_toml, parse, resolve_path
+from fedline.metrics import MetricsConfig
 
 
 @dataclass(frozen=True)
@@ -124,12 +125,6 @@ class OutputConfig:
 
 
 @dataclass(frozen=True)
-class MetricsConfig:
-    port: int = 0
-    host: str = "127.0.0.1"
-
-
-@dataclass(frozen=True)
 class InferConfig:
     line: LineConfig
     rows: dict[str, Any]
@@ -175,13 +170,10 @@ def load_infer_config(path: str | Path) -> InferConfig:
 
 
 def broker_settings(table: dict[str, Any], file: str | Path | None, where: str, **defaults: Any) -> Any:
-    """``BrokerSettings`` from a table, with ``password_file`` relative to the config file."""
+    """``BrokerSettings`` from a table, with its file paths relative to the config file."""
     from broker_bridge.client import BrokerSettings
 
-    s = parse(BrokerSettings, {**defaults, **table}, file=file, where=where)
-    if s.password_file and file is not None:
-        s = replace(s, password_file=str(resolve_path(file, s.password_file)))
-    return s
+    return BrokerSettings.from_table(table, file, where, **defaults)
 
 
 __all__ = ["CanaryConfig", "ConfigError", "InferConfig", "LineConfig", "MetricsConfig", "OutputConfig",

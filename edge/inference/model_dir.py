@@ -9,14 +9,13 @@ writer that broke the rules.
 """
 from __future__ import annotations
 
-from fedline.fsutil import atomic_write  # noqa: F401  (re-exported: the inference state uses it)
-
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from broker_bridge.envelope import content_hash
+from fedline.fsutil import atomic_write
 
 POINTER = "current.json"
 DEFAULT_FILE = "current.onnx"

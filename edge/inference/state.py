@@ -37,7 +37,7 @@ class SavedModel:
         return {"version": self.version, "hash": self.hash, "file": self.file, "origin": self.origin}
 
     @classmethod
-    def from_dict(cls, d: Any) -> "SavedModel | None":
+    def from_dict(cls, d: Any) -> SavedModel | None:
         if not isinstance(d, dict):
             return None
         try:

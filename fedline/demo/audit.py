@@ -131,7 +131,7 @@ class TrafficRecorder:
         self._client = None
         self.ready = asyncio.Event()
 
-    async def start(self) -> "TrafficRecorder":
+    async def start(self) -> TrafficRecorder:
         from broker_bridge.client import MqttClient
 
         self._client = MqttClient(self.settings)

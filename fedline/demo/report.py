@@ -109,12 +109,12 @@ def render_markdown(report: dict[str, Any]) -> str:
     small_site = min(report["sites"], key=lambda x: x["rows"])
     study = report.get("split_study")
     small_study = study["sites"].get(small_site["site"]) if study else None
-    ok = lambda b: "yes ✅" if b else ("n/a" if b is None else "**NO** ❌")  # noqa: E731
+    ok = lambda b: "yes ✅" if b else ("n/a" if b is None else "**NO** ❌")
     lines = [
         "# fedline demo report",
         "",
         f"Task: **{report['task']}** on `{report['data']['source']}` "
-        f"(label `{report['data']['label']}`, features {', '.join('`%s`' % f for f in report['data']['features'])}); "
+        f"(label `{report['data']['label']}`, features {', '.join(f'`{f}`' for f in report['data']['features'])}); "
         f"metric: {METRIC_NAMES[m]} on each site's held-out 20 %.",
         f"Broker: {report['broker']}. Duration {report['duration_s']:.0f} s, {report['model_versions']} model versions.",
         "",

@@ -20,17 +20,17 @@ _real_time_ns = time.time_ns
 def shift_wall_clock(offset_s: float) -> None:
     """Make ``time.time``, ``time.time_ns`` and ``datetime.now/utcnow`` run ``offset_s`` seconds off."""
     offset_ns = int(offset_s * 1e9)
-    time.time = lambda: _real_time() + offset_s  # type: ignore[assignment]
-    time.time_ns = lambda: _real_time_ns() + offset_ns  # type: ignore[assignment]
+    time.time = lambda: _real_time() + offset_s
+    time.time_ns = lambda: _real_time_ns() + offset_ns
 
     class _SkewedDatetime(_dt.datetime):
         @classmethod
-        def now(cls, tz=None):  # type: ignore[override]
+        def now(cls, tz: _dt.tzinfo | None = None) -> _dt.datetime:  # type: ignore[override]
             return _dt.datetime.fromtimestamp(time.time(), tz)
 
         @classmethod
-        def utcnow(cls):  # type: ignore[override]
-            return _dt.datetime.fromtimestamp(time.time(), _dt.timezone.utc).replace(tzinfo=None)
+        def utcnow(cls) -> _dt.datetime:  # type: ignore[override]
+            return _dt.datetime.fromtimestamp(time.time(), _dt.UTC).replace(tzinfo=None)
 
     _dt.datetime = _SkewedDatetime  # type: ignore[misc]
 

@@ -107,7 +107,7 @@ def _pruned(k: Key, e: dict, entry: dict | None, versions: list[int] | None) -> 
     """The verdict of an update whose row the aggregator pruned: from the lineage (applied) or the site's
     signed receipt (stale or rejected: they shaped no model); None if neither settles it (then it is lost)."""
     if entry is not None:
-        return {"msg_id": entry["msg_id"], "verdict": "applied", "version": (versions or [None])[0],
+        return {"msg_id": entry["msg_id"], "verdict": "applied", "version": versions[0] if versions else None,
                 "staleness": entry.get("staleness")}
     if e["state"] in ("stale", "rejected"):
         return {"msg_id": e["msg_id"], "verdict": e["state"], "version": None, "staleness": None}

@@ -29,9 +29,9 @@ import tomli_w
 
 from broker_bridge.keys import Enrollment, KeyPair
 from broker_bridge.mosquitto import MosquittoProcess
+from fedline.netproxy import TcpProxy
 from fedline.testing.ledger import LedgerReport, read_site_ledger, reconcile
 from fedline.testing.procs import Launched, Launcher
-from fedline.netproxy import TcpProxy
 
 FEATURES = [("temp", (295.0, 305.0)), ("torque", (0.0, 80.0)), ("speed", (1100.0, 2900.0))]
 MODEL = {"kind": "mlp", "n_features": 3, "hidden": [8], "task": "classification", "personal": []}
@@ -115,8 +115,12 @@ class FaultRig:
             "broker": {"url": self.broker.url, "username": "aggregator",
                        "password_file": str(self.broker.paths["password:aggregator"]),
                        "client_id": "aggregator", "backoff_min_s": 0.1, "backoff_max_s": 1.0, "timeout_s": 10.0},
+            # min_sites 1: these federations have one or two sites (the rule has its own tests)
             "strategy": {"kind": "fedbuff", "buffer_size": s.buffer_size, "staleness": "polynomial",
-                         "max_staleness": s.max_staleness, **s.strategy},
+                         "max_staleness": s.max_staleness, "min_sites": 1, **s.strategy},
+            # the sites' DP-SGD settings (write_site): they bound an honest delta (aggregator.normbound)
+            "dp": {"clip_norm": 1.0, "noise_multiplier": 1.0, "lr": 0.1, "batch_size": 32,
+                   "steps": 7 * int(s.training.get("epochs", 1))},
             "publish": {"retain_versions": 3, "onnx": False},
         }
         return _write_toml(self.root / "aggregator" / "aggregator.toml", doc)
@@ -140,14 +144,15 @@ class FaultRig:
             "model": MODEL,
             "dataset": {"holdout_fraction": 0.0},
             "training": {"every_rows": s.every_rows, "every_s": 3600.0, "min_rows": 20, "epochs": 1,
-                         "batch_size": 32, "lr": 0.1, "max_train_rows": 200, "threads": 1, **s.training},
+                         "batch_size": 32, "lr": 0.1, "max_train_rows": 200, "threads": 1,
+                         "max_pending_per_base": 10**6, **s.training},  # the rig measures delivery, not the throttle
             "privacy": {"epsilon": 1000.0, "delta": 1e-5, "noise_multiplier": 1.0, "max_grad_norm": 1.0},
             "outbox": {"resend_after_s": s.resend_after_s, **s.outbox, **s.site_outbox.get(site, {})},
         }
         return _write_toml(d / "site.toml", doc)
 
     # -- processes ------------------------------------------------------------------
-    async def __aenter__(self) -> "FaultRig":
+    async def __aenter__(self) -> FaultRig:
         await asyncio.to_thread(self.broker.start)
         for site in self.sites:
             self.proxies[site] = await TcpProxy(self.broker.port, name=site).start()

@@ -116,7 +116,7 @@ def test_fedline_sources_command(tmp_path: Path, capsys) -> None:
     assert out[1] == '1.000 bench good {"temp": 20.5}' and out[2] == '2.000 bench good {"temp": 21}'
     assert "'reads': 2" in out[3]
     bad = site(tmp_path, '[[sources]]\nkind = "csv"\nname = "bench"\npath = "d.csv"\nrate = 5\n')
-    assert main(["sources", "--config", str(bad), "--check"]) == 2
+    assert main(["sources", "--config", str(bad), "--check"]) == 78
     assert "sources[0].rate: unknown key" in capsys.readouterr().err
 
 
@@ -146,7 +146,7 @@ _scalars = st.one_of(st.integers(-(2**63), 2**63 - 1), st.floats(), st.text(max_
                      st.sampled_from(["modbus_tcp", "modbus_rtu", "serial", "opcua", "mqtt_json", "sparkplug", "csv",
                                       "d.csv", "holding", "coil", "opc.tcp://h:1", "mqtt://h:1", "big", "E", "kv"]))
 _values = st.recursive(_scalars, lambda inner: st.one_of(st.lists(inner, max_size=3),
-                                                         st.dictionaries(st.sampled_from(_KEYS + ["address", "type", "tag", "node_id"]), inner, max_size=4)),
+                                                         st.dictionaries(st.sampled_from([*_KEYS, "address", "type", "tag", "node_id"]), inner, max_size=4)),
                        max_leaves=8)
 
 

@@ -10,7 +10,6 @@ import pytest
 from broker_bridge.client import MqttClient
 from broker_bridge.errors import PublishRefused
 from broker_bridge.topics import Topics
-
 from tests.conftest import eventually, settings_for
 
 T = Topics("test")

@@ -15,7 +15,6 @@ from broker_bridge.client import BrokerSettings, MqttClient, will_message
 from broker_bridge.errors import WireError
 from broker_bridge.mosquitto import MosquittoProcess, free_port
 from broker_bridge.topics import Topics
-
 from tests.bridge import helpers as h
 from tests.conftest import FEDERATION, SITES, eventually, settings_for
 

@@ -10,7 +10,6 @@ import pytest
 from broker_bridge.chunking import split
 from broker_bridge.client import MqttClient
 from broker_bridge.topics import Topics
-
 from tests.bridge import helpers as h
 from tests.conftest import eventually, settings_for
 

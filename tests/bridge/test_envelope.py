@@ -7,7 +7,6 @@ import pytest
 from broker_bridge import envelope
 from broker_bridge.errors import WireError
 from broker_bridge.keys import KeyPair
-
 from tests.bridge import helpers as h
 
 

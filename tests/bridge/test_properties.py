@@ -14,7 +14,6 @@ from broker_bridge import envelope
 from broker_bridge.chunking import Reassembler, parse_chunk, split
 from broker_bridge.errors import FedlineError, WireError
 from broker_bridge.topics import Topics
-
 from tests.bridge import helpers as h
 
 pytestmark = pytest.mark.timeout(120)  # a hang fails here, not at the suite's 300 s

@@ -17,7 +17,7 @@ def _setup():
 def test_an_absent_site_misses_its_rounds_and_spends_nothing():
     data, spec, tcfg = _setup()
     priv = PrivacyConfig(epsilon=50.0, noise_multiplier=1.0, max_grad_norm=1.0)
-    r = fedavg(data, spec, 3, tcfg, priv, absent={"M": range(0, 2)}, evaluate_each_round=False)
+    r = fedavg(data, spec, 3, tcfg, priv, absent={"M": range(2)}, evaluate_each_round=False)
     assert r.transfers == 2 * (3 + 3 + 1)  # L and H every round, M only in the last
     assert 0 < r.epsilon["M"] < r.epsilon["L"] == r.epsilon["H"]
 

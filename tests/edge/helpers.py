@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from collections import Counter
 
 from broker_bridge.chunking import Reassembler, parse_chunk, split
 from broker_bridge.client import MqttClient
@@ -50,7 +49,7 @@ class Federation:
     enrollment_path: Path
 
     @classmethod
-    def create(cls, root: Path, sites: list[str]) -> "Federation":
+    def create(cls, root: Path, sites: list[str]) -> Federation:
         agg = KeyPair.generate("aggregator", "aggregator")
         keys = {s: KeyPair.generate("site", s) for s in sites}
         enr = Enrollment(FEDERATION, agg.public())
@@ -101,8 +100,10 @@ def write_site(fed: Federation, site: str, csv: Path, broker_url: str, password_
                  "features": [{"tag": "temp", "range": [295.0, 305.0]}, {"tag": "torque", "range": [0.0, 80.0]},
                               {"tag": "speed", "range": [1100.0, 2900.0]}], **(rows or {})},  # None: leave out
         "model": {"kind": "mlp", "n_features": 3, "hidden": [8], "personal": ["head."], **(model or {})},
+        # max_pending_per_base: these agents mostly train without an aggregator; the tests of the default (1)
+        # set it themselves
         "training": {"every_rows": 100000, "every_s": 3600.0, "min_rows": 50, "epochs": 1, "batch_size": 32,
-                     "lr": 0.1, **(training or {})},
+                     "lr": 0.1, "max_pending_per_base": 1000, **(training or {})},
         "outbox": {**(outbox or {})},
         "metrics": {},
     }
@@ -150,7 +151,7 @@ class MiniAggregator:
         self.reassembler = Reassembler(timeout_s=60)
         self._task: asyncio.Task | None = None
 
-    async def __aenter__(self) -> "MiniAggregator":
+    async def __aenter__(self) -> MiniAggregator:
         await self.client.__aenter__()
         await self.client.subscribe(self.topics.updates_filter(), qos=1)
         await self.client.wait_connected(10)

@@ -27,6 +27,7 @@ from models import ModelSpec, build_model
 from models.flat import shared_state
 from tests.faults.conftest import record
 
+
 async def test_resent_update_whose_receipt_was_lost_gets_its_verdict_again(tmp_path) -> None:
     async with FaultRig(tmp_path, ["site-a"], RigSettings(buffer_size=1)) as rig:
         agg = rig.start_aggregator()

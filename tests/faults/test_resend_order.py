@@ -21,6 +21,7 @@ import pytest
 from fedline.testing.rig import FaultRig, RigSettings
 from tests.faults.conftest import record
 
+
 class RefusedAsReplay(AssertionError):
     """Genuine, never-decided updates were refused as replays (the expected failure below, and only it)."""
 

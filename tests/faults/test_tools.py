@@ -10,8 +10,8 @@ import pytest
 
 from aggregator.store import Store, Verdict
 from edge.outbox import Outbox
-from fedline.testing.ledger import reconcile
 from fedline.netproxy import TcpProxy
+from fedline.testing.ledger import reconcile
 
 
 def _site(path, counters, settle):

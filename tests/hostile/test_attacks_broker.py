@@ -32,8 +32,8 @@ from broker_bridge.errors import PublishRefused
 from broker_bridge.keys import KeyPair
 from broker_bridge.topics import Topics
 from tests.conftest import eventually, settings_for
-from tests.parties import Party
 from tests.hostile.rig import FEDERATION, copy, forge, like, make_fed, same
+from tests.parties import Party
 
 CHUNK = 4096
 
@@ -167,7 +167,7 @@ async def test_forged_global_model_reaches_no_edge_and_no_line(mosquitto, tmp_pa
         f'[aggregator]\nfederation = "{FEDERATION}"\nkey_file = "keys/aggregator.key"\n'
         f'enrollment_file = "keys/enrollment.json"\nstate_dir = "agg-state"\nseed = 0\n\n'
         '[model]\nkind = "mlp"\nn_features = 3\nhidden = [8]\npersonal = ["head."]\n\n'
-        '[strategy]\nkind = "fedasync"\nalpha = 0.5\n\n' + broker_toml(mosquitto))
+        '[strategy]\nkind = "fedasync"\nalpha = 0.5\nmin_sites = 1\n\n' + broker_toml(mosquitto))
     cfg = load_config(tmp_path / "aggregator.toml")
     agg = Aggregator(cfg)
     agg_task = asyncio.create_task(agg.run())

@@ -8,7 +8,7 @@ import pytest
 
 from broker_bridge.envelope import content_hash
 from edge.inference.config import ConfigError
-from edge.inference.model_dir import ModelDirError, POINTER, publish_model, read_model, read_pointer
+from edge.inference.model_dir import POINTER, ModelDirError, publish_model, read_model, read_pointer
 from edge.inference.session import ModelInfo, ModelRefused, build_model, canary_check, canary_loss
 from tests.inference.conftest import N_FEATURES, TRUE_B, TRUE_W, make_config
 from tests.inference.onnx_models import linear_onnx, linear_score, mlp_onnx, nan_onnx
@@ -50,7 +50,8 @@ def test_unusable_models_are_refused_with_a_reason(case: str, reason: str) -> No
 
 def test_model_exported_by_models_package_passes_the_probe() -> None:
     """The real exporter's output (torch, in this test process only) is what the line loads."""
-    from models import ModelSpec, build_model as build_torch, export_onnx
+    from models import ModelSpec, export_onnx
+    from models import build_model as build_torch
 
     spec = ModelSpec(kind="mlp", n_features=N_FEATURES, hidden=[8, 4])
     blob = export_onnx(build_torch(spec, seed=0), spec)
@@ -109,7 +110,7 @@ def test_model_dir_round_trip_and_bad_pointer(tmp_path) -> None:
     ({"poll": 1}, {}, "line.poll", "unknown key"),
     ({}, {"output": {"topic": "plant/#"}}, "output", "wildcards"),
     ({}, {"rows": {"features": []}}, "rows", "at least one tag"),
-    ({"model_source": "manifest", "aggregator_key": "k"}, {"broker": {"url": "http://x"}}, "broker", "mqtt://"),
+    ({"model_source": "manifest", "aggregator_key": "k"}, {"broker": {"url": "http://x"}}, "broker.url", "mqtt://"),
 ])
 def test_bad_config_names_file_and_key(tmp_path, line, top, key, words) -> None:
     with pytest.raises(ConfigError) as exc:

@@ -1,4 +1,5 @@
 """A five-site federation with real keys and real on-disk answer logs, and a scripted aggregator."""
+
 from __future__ import annotations
 
 import secrets
@@ -38,13 +39,29 @@ def make_federation(tmp_path: Path, sites: tuple[str, ...] = SITES) -> Federatio
     return Federation(agg, keys, enr, tmp_path / "logs")
 
 
-def announcement(sites: tuple[str, ...] = SITES, *, threshold: int = 3, clip_range: float = 1.0,
-                 weights: dict[str, float] | None = None, deadline_in: float = 60.0,
-                 federation: str = FEDERATION, min_survivors: int = 3) -> m.CohortAnnouncement:
+def announcement(
+    sites: tuple[str, ...] = SITES,
+    *,
+    threshold: int = 3,
+    clip_range: float = 1.0,
+    weights: dict[str, float] | None = None,
+    deadline_in: float = 60.0,
+    federation: str = FEDERATION,
+    min_survivors: int = 3,
+) -> m.CohortAnnouncement:
     now = time.time()
-    return m.CohortAnnouncement(federation, secrets.token_hex(16), 7, tuple(sorted(sites)), threshold,
-                                min_survivors, now + deadline_in, now, clip_range,
-                                weights or {s: 1.0 for s in sites})
+    return m.CohortAnnouncement(
+        federation,
+        secrets.token_hex(16),
+        7,
+        tuple(sorted(sites)),
+        threshold,
+        min_survivors,
+        now + deadline_in,
+        now,
+        clip_range,
+        weights or {s: 1.0 for s in sites},
+    )
 
 
 def deltas(sites: tuple[str, ...], n: int, seed: int = 0, scale: float = 0.01) -> dict[str, np.ndarray]:
@@ -52,8 +69,9 @@ def deltas(sites: tuple[str, ...], n: int, seed: int = 0, scale: float = 0.01) -
     return {s: rng.normal(0.0, scale, n) for s in sites}
 
 
-def run_to_answers(fed: Federation, members: dict[str, SecAggMember], unmasker: CohortUnmasker,
-                   answering: tuple[str, ...]) -> None:
+def run_to_answers(
+    fed: Federation, members: dict[str, SecAggMember], unmasker: CohortUnmasker, answering: tuple[str, ...]
+) -> None:
     """Close the cohort, collect acks and answers from ``answering`` (through their wire encodings)."""
     blob = unmasker.close()
     for s in answering:

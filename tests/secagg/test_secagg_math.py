@@ -1,5 +1,6 @@
 """The protocol's building blocks, checked against numbers worked out by hand or by an
 independent implementation (cryptography's ChaCha20, raw X25519)."""
+
 from __future__ import annotations
 
 import hashlib

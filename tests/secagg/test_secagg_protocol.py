@@ -1,6 +1,7 @@
 """The protocol end to end with real keys, real sealed boxes and real SQLite answer logs:
 exact cohort sums with dropouts, what a compromised aggregator sees, a malicious aggregator,
 and hostile input."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -74,8 +75,12 @@ def test_opened_updates_are_independent_of_the_delta(tmp_path) -> None:
     x = np.random.default_rng(3).normal(0.0, 0.01, n)
     sub = members["site-b"].mask(ann.cohort, x)
     header = envelope.UpdateHeader(site="site-b", counter=1, msg_id="m-1", base_version=7, n_samples=10)
-    sealed = envelope.seal_update(header, {"secagg": np.frombuffer(sub.encode(), dtype=np.uint8)},
-                                  fed.keys["site-b"], fed.aggregator.public().box_pub)
+    sealed = envelope.seal_update(
+        header,
+        {"secagg": np.frombuffer(sub.encode(), dtype=np.uint8)},
+        fed.keys["site-b"],
+        fed.aggregator.public().box_pub,
+    )
     _, tensors = envelope.open_update(sealed, fed.aggregator, fed.enrollment)
     seen = m.MaskedSubmission.decode(tensors["secagg"].tobytes()).masked
 
@@ -104,8 +109,9 @@ def test_malicious_aggregator_cannot_unmask_a_site_it_declares_dropped(tmp_path)
     for s in SITES:
         honest.add_submission(subs[s], s)
     # lie 1: site-c "dropped"
-    lie = m.SurvivorsAnnouncement(ann.federation, ann.cohort, honest.cohort_hash,
-                                  ("site-a", "site-b", "site-d", "site-e"), ("site-c",), 0.0)
+    lie = m.SurvivorsAnnouncement(
+        ann.federation, ann.cohort, honest.cohort_hash, ("site-a", "site-b", "site-d", "site-e"), ("site-c",), 0.0
+    )
     lie_blob = m.sign_survivors(lie, fed.aggregator)
     lie_hash = m.blob_hash(lie_blob)
     acks = {s: members[s].ack(lie_blob) for s in SITES}
@@ -141,8 +147,9 @@ def test_malicious_aggregator_cannot_unmask_a_site_it_declares_dropped(tmp_path)
     for dealer in ("site-a", "site-b", "site-d", "site-e"):
         shares = {SITES.index(s) + 1: answers[s].pair_shares[dealer]["site-c"] for s in SITES[:3]}
         pair_of_c[dealer] = shamir.reconstruct(shares).to_bytes(32, "big")
-        assert pair_of_c[dealer] == seeds.pair_seed(bytes(fed.keys[dealer].box_key),
-                                                    fed.keys["site-c"].public().box_pub, ch, dealer, "site-c")
+        assert pair_of_c[dealer] == seeds.pair_seed(
+            bytes(fed.keys[dealer].box_key), fed.keys["site-c"].public().box_pub, ch, dealer, "site-c"
+        )
     stripped = np.array(subs["site-c"].masked, dtype=np.uint32)
     for dealer, s in pair_of_c.items():
         if dealer > "site-c":
@@ -177,9 +184,11 @@ def test_replayed_announcement_is_refused_even_after_a_restart(tmp_path) -> None
 
 def test_expired_foreign_and_non_member_announcements_are_refused(tmp_path) -> None:
     fed = make_federation(tmp_path)
-    cases = [(announcement(deadline_in=-1.0), "expired"),
-             (announcement(federation="other"), "federation"),
-             (announcement(sites=("site-b", "site-c", "site-d")), "not_member")]
+    cases = [
+        (announcement(deadline_in=-1.0), "expired"),
+        (announcement(federation="other"), "federation"),
+        (announcement(sites=("site-b", "site-c", "site-d")), "not_member"),
+    ]
     for ann, reason in cases:
         with pytest.raises(SecAggError) as exc:
             fed.member("site-a").accept_cohort(m.sign_cohort(ann, fed.aggregator))
@@ -202,7 +211,7 @@ def test_bad_shares_and_shares_of_another_cohort_are_refused_and_the_cohort_comp
     fed, ann, unmasker, _, members = _cohort(tmp_path)
     # a second cohort of the same sites, to take bundles from
     ann2 = announcement()
-    other, blob2 = CohortUnmasker.announce(ann2, fed.enrollment, fed.aggregator)
+    _other, blob2 = CohortUnmasker.announce(ann2, fed.enrollment, fed.aggregator)
     for s in SITES:
         members[s].accept_cohort(blob2)
     other_sub = members["site-a"].mask(ann2.cohort, np.zeros(50))
@@ -233,8 +242,9 @@ def test_bad_shares_and_shares_of_another_cohort_are_refused_and_the_cohort_comp
 
     # an answer about another cohort
     with pytest.raises(SecAggError) as exc:
-        unmasker.add_answer(dataclasses.replace(members["site-d"].answer(unmasker.request_for("site-d")),
-                                                cohort=ann2.cohort), "site-d")
+        unmasker.add_answer(
+            dataclasses.replace(members["site-d"].answer(unmasker.request_for("site-d")), cohort=ann2.cohort), "site-d"
+        )
     assert exc.value.reason == "wrong_cohort"
 
     for s in ("site-d", "site-e"):
@@ -244,11 +254,12 @@ def test_bad_shares_and_shares_of_another_cohort_are_refused_and_the_cohort_comp
 
 
 def test_a_submission_for_another_cohort_or_from_an_impostor_is_refused(tmp_path) -> None:
-    fed, ann, unmasker, _, members = _cohort(tmp_path)
+    _fed, ann, unmasker, _, members = _cohort(tmp_path)
     sub = members["site-a"].mask(ann.cohort, np.zeros(10))
     for signer, mutated, reason in [
-            ("site-b", sub, "not_member"),  # site-b relays site-a's submission as its own
-            ("site-a", dataclasses.replace(sub, cohort_hash=b"\x00" * 32), "wrong_cohort")]:
+        ("site-b", sub, "not_member"),  # site-b relays site-a's submission as its own
+        ("site-a", dataclasses.replace(sub, cohort_hash=b"\x00" * 32), "wrong_cohort"),
+    ]:
         with pytest.raises(SecAggError) as exc:
             unmasker.add_submission(mutated, signer)
         assert exc.value.reason == reason
@@ -263,7 +274,7 @@ def test_malformed_messages_are_refused_as_schema() -> None:
         with pytest.raises(SecAggError) as exc:
             m.MaskedSubmission.decode(raw)
         assert exc.value.reason == "schema"
-    for raw in (b"[]", b"{\"survivors\": 1}", b"\xff"):
+    for raw in (b"[]", b'{"survivors": 1}', b"\xff"):
         with pytest.raises(SecAggError) as exc:
             m.UnmaskRequest.decode(raw)
         assert exc.value.reason == "schema"
