@@ -58,6 +58,10 @@ class PersonalConfig:
     retrain_growth: float = 0.1  # the local-only model is retrained when the training rows grew by this share
     min_validation_rows: int = 30
     min_validation_positives: int = 8  # classification: fewer and one failure decides the AUC
+    # a federation candidate replaces local-only only when it is ahead on validation by more than this
+    # (ROC AUC points; RMSE: this share of local-only's), so validation noise does not swap a plant's better
+    # own model for a worse one
+    margin: float = 0.02
     seed: int = 0
 
     def validate(self) -> None:
@@ -65,6 +69,8 @@ class PersonalConfig:
             raise ValueError("finetune_epochs must be >= 0, local_epochs and batch_size >= 1")
         if self.finetune_lr <= 0 or self.local_lr <= 0 or not 0 <= self.momentum < 1:
             raise ValueError("finetune_lr and local_lr must be > 0 and momentum in [0, 1)")
+        if self.margin < 0:
+            raise ValueError(f"margin must be >= 0, got {self.margin}")
         if self.retrain_growth < 0 or self.min_validation_rows < 1 or self.min_validation_positives < 1:
             raise ValueError("retrain_growth must be >= 0, min_validation_rows and min_validation_positives >= 1")
 
@@ -108,24 +114,33 @@ def too_small(spec: ModelSpec, y_val: np.ndarray | None, cfg: PersonalConfig) ->
 def pick(spec: ModelSpec, scores: dict[str, float], y_val: np.ndarray | None, cfg: PersonalConfig) -> Choice:
     """The candidate with the best validation metric; the fine-tuned one when the slice is too small.
 
-    Ties go to the earlier of fine-tuned, global, local-only (the federation's
-    knowledge first).
+    Local-only is the plant's own alternative to joining, so a federation
+    candidate (fine-tuned, then global on a tie) replaces it only when it is
+    ahead by more than ``cfg.margin``.
     """
     m = metric_name(spec)
     n = 0 if y_val is None else len(y_val)
     small = too_small(spec, y_val, cfg)
     if small is not None:
         return Choice("fine_tuned", m, scores.get("fine_tuned"), dict(scores), n, small)
-    best = None
-    for kind in ("fine_tuned", "global", "local"):
+    fed = None
+    for kind in ("fine_tuned", "global"):
         v = scores.get(kind)
-        if v is None or not math.isfinite(v):
-            continue
-        if best is None or better(m, v, scores[best]):
-            best = kind
-    if best is None:
+        if v is not None and math.isfinite(v) and (fed is None or better(m, v, scores[fed])):
+            fed = kind
+    local = scores.get("local")
+    if local is not None and math.isfinite(local):
+        if fed is None or not better(m, _shifted(m, scores[fed], local, cfg.margin), local):
+            return Choice("local", m, local, dict(scores), n,
+                          f"best {m} on {n} validation rows (a federation candidate must lead by > {cfg.margin:g})")
+    if fed is None:
         return Choice("fine_tuned", m, None, dict(scores), n, "no candidate could be scored on the validation rows")
-    return Choice(best, m, scores[best], dict(scores), n, f"best {m} on {n} validation rows")
+    return Choice(fed, m, scores[fed], dict(scores), n, f"best {m} on {n} validation rows")
+
+
+def _shifted(metric: str, v: float, local: float, margin: float) -> float:
+    """A federation candidate's score less the margin it must lead local-only by."""
+    return v - margin if metric == "roc_auc" else v + margin * local
 
 
 def predict(spec: ModelSpec, params: dict[str, np.ndarray], x: np.ndarray, model_seed: int = 0) -> np.ndarray:

@@ -77,7 +77,9 @@ def settings(data: DemoData, t: Tuning, batch_fraction: float, tunings: dict[str
         f"edge fine-tunes the global model on its own training rows without noise ({p['finetune_epochs']} epochs, "
         f"lr {p['finetune_lr']}), keeps a local-only model trained on the same rows without noise "
         f"({p['local_epochs']} epochs, batch {p['batch_size']}, lr {p['local_lr']}, momentum {p['momentum']}), and "
-        "hands its line the one of local-only, global and fine-tuned that scores best on its validation rows; "
+        "hands its line the one of local-only, global and fine-tuned that scores best on its validation rows "
+        f"(a federation candidate must lead local-only by more than {p['margin']:g} ROC AUC, or that share of its "
+        "RMSE); "
         "where those rows are too few to decide (fewer than 30, or fewer than 8 of the rarer class) it says so "
         "and serves the fine-tuned one. Neither candidate leaves the plant or feeds a DP round, so ε is the "
         "federation's alone.",

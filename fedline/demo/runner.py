@@ -502,7 +502,7 @@ def build_report(opts: DemoOptions, data: DemoData, ws: Workspace, monitor, reco
     return {
         "task": data.task, "metric": data.metric,
         "load": {k: v for k, v in _load_kwargs(opts).items() if k != "csv_path"},  # load_demo_data's choices
-        "data": {"source": str(data.source), "label": data.label, "features": data.features,
+        "data": {"source": str(Path(data.source).resolve()), "label": data.label, "features": data.features,
                  "site_column": data.site_column, "ranges_from_data": data.ranges_from_data},
         "sites": site_docs,
         "metric_central": central_pooled,

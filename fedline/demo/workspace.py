@@ -63,13 +63,14 @@ class Tuning:
 def personal_table(t: Tuning) -> dict[str, Any]:
     """Each site's ``[personal]``: pick the served model; the local-only candidate trains as the report's
     local-only yardstick does (batch 64, SGD lr 0.1 momentum 0.9, ``baseline_epochs``)."""
-    return {"serve": "pick", "finetune_epochs": t.finetune_epochs, "finetune_lr": t.finetune_lr,
+    return {"serve": "pick", "finetune_epochs": t.finetune_epochs, "finetune_lr": t.finetune_lr, "margin": 0.02,
             "local_epochs": baseline_epochs(t), "local_lr": 0.1, "momentum": 0.9, "batch_size": 64, "seed": t.seed}
 
 
 def baseline_epochs(t: Tuning) -> int:
-    """Epochs of the noise-free local-only model: as many as a site spends in the federation's rounds."""
-    return max(1, t.epochs * t.versions)
+    """Epochs of the noise-free local-only model: as many as a site spends in the federation's rounds, and at
+    least 30 (a shortened run's few versions must not leave the yardstick untrained)."""
+    return max(30, t.epochs * t.versions)
 
 
 def strategy_table(t: Tuning) -> dict[str, Any]:

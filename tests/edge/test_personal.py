@@ -19,10 +19,21 @@ def test_pick_takes_the_best_validation_metric_in_its_direction():
     assert (c.kind, c.validation_metric, c.validation_rows) == ("local", 0.91, 50)
     r = pick(REG, {"local": 12.0, "global": 9.5, "fine_tuned": 10.0}, np.zeros(50), cfg)
     assert r.kind == "global" and r.metric == "rmse"  # lower RMSE wins
-    tie = pick(CLS, {"local": 0.9, "global": 0.9, "fine_tuned": 0.9}, y, cfg)
-    assert tie.kind == "fine_tuned"  # ties go to the federation's knowledge
+    tie = pick(CLS, {"local": 0.8, "global": 0.9, "fine_tuned": 0.9}, y, cfg)
+    assert tie.kind == "fine_tuned"  # between the federation's two, a tie goes to the fine-tuned one
     nan = pick(CLS, {"local": math.nan, "global": 0.7, "fine_tuned": math.nan}, y, cfg)
     assert nan.kind == "global"
+
+
+def test_a_federation_candidate_must_lead_local_only_by_the_margin():
+    cfg = PersonalConfig(min_validation_rows=10, min_validation_positives=3, margin=0.02)
+    y = np.array([1.0] * 5 + [0.0] * 45)
+    assert pick(CLS, {"local": 0.90, "global": 0.80, "fine_tuned": 0.915}, y, cfg).kind == "local"  # +0.015
+    assert pick(CLS, {"local": 0.90, "global": 0.80, "fine_tuned": 0.925}, y, cfg).kind == "fine_tuned"  # +0.025
+    z = np.zeros(50)
+    assert pick(REG, {"local": 10.0, "global": 9.9, "fine_tuned": 11.0}, z, cfg).kind == "local"  # 1 % better
+    assert pick(REG, {"local": 10.0, "global": 9.7, "fine_tuned": 11.0}, z, cfg).kind == "global"  # 3 % better
+    assert pick(CLS, {"local": 0.9, "global": 0.9, "fine_tuned": 0.9}, y, cfg).kind == "local"  # a tie keeps it
 
 
 def test_a_slice_too_small_to_decide_says_so_and_serves_the_fine_tuned_model():
