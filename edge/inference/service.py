@@ -189,8 +189,15 @@ class InferenceService:
             try:
                 await self._restore()
                 if out_client is not None and (cfg.output.topic or cfg.output.alarm_topic):
+                    spool = None
+                    if cfg.output.spool:
+                        from edge.inference.spool import PredictionSpool
+
+                        spool = PredictionSpool(Path(cfg.path(cfg.line.state_dir)) / "mqtt-spool.sqlite",
+                                                cfg.output.queue_max, int(cfg.output.spool_max_mb * 1024 * 1024))
+                        stack.callback(spool.close)
                     self._mqtt_out = MqttSink(out_client, cfg.output.topic, cfg.output.alarm_topic,
-                                              cfg.output.qos, cfg.output.queue_max)
+                                              cfg.output.qos, cfg.output.queue_max, spool=spool)
                     tasks.append(asyncio.create_task(self._mqtt_out.run(), name="infer:mqtt-out"))
                 tasks.append(asyncio.create_task(self._load_loop(), name="infer:loader"))
                 tasks.append(asyncio.create_task(self._rollback_poll(), name="infer:rollback"))
