@@ -112,6 +112,8 @@ class StrategyConfig:
     robust: Literal["none", "median", "trimmed_mean"] = "none"
     trim: float = 0.1  # fraction dropped at each end by trimmed_mean
     norm_bound: float = 0.0  # clip each delta to this L2 norm before the reduce; 0 = off
+    # FedBuff buffers become secure-aggregation cohorts: the aggregator sees only each cohort's sum
+    secure_aggregation: bool = False
 
     def validate(self) -> None:
         if not 0.0 < self.alpha <= 1.0:
@@ -132,9 +134,38 @@ class StrategyConfig:
             raise ValueError("trim must be in [0, 0.5)")
         if self.norm_bound < 0:
             raise ValueError("norm_bound must be >= 0 (0 = off)")
+        if self.secure_aggregation:
+            if self.robust != "none":
+                raise ValueError(f"robust = {self.robust!r} cannot run with secure_aggregation = true: masking hides "
+                                 "each update, so no coordinate-wise statistic can be computed (the cohort-sum norm "
+                                 "bound and client-side clipping are what remain); set robust = 'none'")
+            if self.kind != "fedbuff":
+                raise ValueError(f"secure_aggregation = true needs kind = 'fedbuff' (a buffer becomes a cohort); "
+                                 f"{self.kind!r} cannot be secure"
+                                 + (": FedAsync applies one update per version" if self.kind == "fedasync" else ""))
+            if self.norm_bound <= 0:
+                raise ValueError("secure_aggregation = true needs norm_bound > 0: the per-site bound sizes the "
+                                 "fixed-point range and bounds the cohort sum")
         if self.kind == "fedasync" and self.robust != "none":
             raise ValueError(f"robust = {self.robust!r} needs several updates per reduce: "
                              "use kind = 'fedbuff' or 'fedavg' (FedAsync applies one update at a time)")
+
+
+@dataclass(frozen=True)
+class SecAggConfig:
+    """Cohorts of secure aggregation (used when ``[strategy] secure_aggregation = true``)."""
+
+    min_sites: int = 3  # a cohort needs this many online members, and this many submissions to complete
+    max_sites: int = 100  # members of one cohort (each deals n^2 shares: keep it moderate)
+    gather_s: float = 5.0  # wait this long for more online sites before a cohort smaller than all of them
+    deadline_s: float = 300.0  # members submit within this; then the survivors are announced
+    unmask_timeout_s: float = 120.0  # acks and answers within this after the deadline, or the cohort fails
+
+    def validate(self) -> None:
+        if not 3 <= self.min_sites <= self.max_sites:
+            raise ValueError(f"need 3 <= min_sites <= max_sites, got {self.min_sites} and {self.max_sites}")
+        if self.gather_s < 0 or self.deadline_s <= 0 or self.unmask_timeout_s <= 0:
+            raise ValueError("gather_s must be >= 0, deadline_s and unmask_timeout_s > 0")
 
 
 @dataclass(frozen=True)
@@ -177,6 +208,7 @@ class AggregatorConfig:
     broker: BrokerSettings = field(default_factory=BrokerSettings)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
     publish: PublishConfig = field(default_factory=PublishConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     evaluation: EvaluationConfig | None = None

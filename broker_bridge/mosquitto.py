@@ -53,6 +53,9 @@ def render_acl(topics: Topics, aggregator_user: str = AGGREGATOR_USER,
         f"topic read {r}/sites/+/status",
         f"topic readwrite {r}/sites/+/receipts",
         f"topic readwrite {r}/model/#",
+        f"topic readwrite {r}/secagg/#",
+        f"topic write {r}/sites/+/secagg/request",
+        f"topic read {r}/sites/+/secagg/reply",
         "",
     ]
     if observer_user:
@@ -63,6 +66,10 @@ def render_acl(topics: Topics, aggregator_user: str = AGGREGATOR_USER,
         f"pattern readwrite {r}/sites/%u/status",
         f"pattern read {r}/sites/%u/receipts",
         f"pattern read {r}/model/#",
+        "# Secure aggregation: cohort and survivors announcements, its own unmask requests and replies.",
+        f"pattern read {r}/secagg/#",
+        f"pattern read {r}/sites/%u/secagg/request",
+        f"pattern write {r}/sites/%u/secagg/reply",
         "",
     ]
     return "\n".join(lines)

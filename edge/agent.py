@@ -42,6 +42,7 @@ from edge.metrics import EdgeMetrics
 from edge.model_store import GlobalModel, ModelRefused, ModelStore, check_global_model
 from edge.outbox import Outbox, OutboxFull
 from edge.privacy import PrivacyBudget
+from edge.secagg_member import EdgeCohorts
 from edge.trainer import plan_round, train_round
 from fedline.config import ConfigError, parse
 from fedline.logs import event
@@ -80,6 +81,7 @@ class EdgeAgent:
         self.outbox = Outbox(data_dir / "outbox.sqlite", cfg.outbox.max_bytes, cfg.outbox.max_count, cfg.outbox.policy)
         self.budget = PrivacyBudget(self.dp, self.outbox.get_meta("accountant")) if self.dp else None
         self.store = ModelStore(data_dir, cfg.path(cfg.model_dir))
+        self.cohorts = EdgeCohorts(self.keys, self.enrollment, self.topics, data_dir) if cfg.secure_aggregation else None
 
         template = build_model(self.spec, seed=cfg.model_seed)
         try:
@@ -306,6 +308,9 @@ class EdgeAgent:
             self._set_publishing("outbox_full", outbox_depth=depth, outbox_bytes=nbytes)
             self._skip("outbox_full")
             return None
+        if self.cohorts is not None and self.cohorts.ready(self.base.version) is None:
+            self._skip("no_cohort")  # secure aggregation: one update per cohort joined, on its base
+            return None
         n_train, _ = self.dataset.counts()
         if n_train < cfg.training.min_rows:
             self._skip("too_few_rows", rows=n_train, min_rows=cfg.training.min_rows)
@@ -339,7 +344,10 @@ class EdgeAgent:
             meta["accountant"] = self.budget.state_after(plan.sample_rate, plan.steps)
         header = UpdateHeader(site=self.site, counter=counter, msg_id=msg_id, base_version=base.version,
                               n_samples=len(x), privacy=privacy)
-        blob = seal_update(header, result.delta, self.keys, self.enrollment.aggregator.box_pub)
+        if self.cohorts is not None:
+            blob = self.cohorts.seal(header, result.delta)
+        else:
+            blob = seal_update(header, result.delta, self.keys, self.enrollment.aggregator.box_pub)
         try:
             dropped = await asyncio.to_thread(
                 self.outbox.put, site=self.site, counter=counter, msg_id=msg_id, base_version=base.version,
@@ -484,6 +492,28 @@ class EdgeAgent:
                 event(log, "model.chunk_dropped", logging.WARNING, site=self.site, topic=msg.topic, reason=str(exc))
                 return
             await self._try_adopt()
+        elif info.kind.startswith("secagg_") and self.cohorts is not None:
+            await self._on_secagg(info.kind, msg.payload)
+
+    async def _on_secagg(self, kind: str, payload: bytes) -> None:
+        """Cohort announcements start a round; survivors and requests get a sealed reply."""
+        assert self.cohorts is not None
+        if kind == "secagg_cohort":
+            if self.cohorts.on_cohort(payload):
+                self._rebased = True  # a reason to train even without new rows
+                self._trigger.set()
+            return
+        if kind == "secagg_survivors":
+            reply = self.cohorts.on_survivors(payload)
+        elif kind == "secagg_request":
+            reply = self.cohorts.on_request(payload)
+        else:
+            return
+        if reply is not None and self.client is not None:
+            try:
+                await self.client.publish(self.topics.secagg_reply(self.site), reply, qos=1)
+            except (NotConnected, PublishRefused) as exc:  # a member away now is a dropout the cohort tolerates
+                event(log, "secagg.reply_unsent", logging.WARNING, site=self.site, error=str(exc))
 
     def _on_receipt(self, payload: bytes) -> None:
         try:
@@ -557,7 +587,8 @@ class EdgeAgent:
         event(log, "model.loaded", site=self.site, version=g.version)
         self._changed()
         await self.export_onnx()
-        if self.cfg.training.on_new_model and g.version > 0:
+        if (self.cfg.training.on_new_model and g.version > 0) or (
+                self.cohorts is not None and self.cohorts.ready(g.version) is not None):
             self._rebased = True
             self._trigger.set()
 
@@ -609,6 +640,8 @@ class EdgeAgent:
             async with client:
                 await client.subscribe(self.topics.receipts(self.site), qos=1)
                 await client.subscribe(self.topics.model_filter(), qos=1)
+                for topic in self.cohorts.subscriptions() if self.cohorts is not None else ():
+                    await client.subscribe(topic, qos=1)
                 tasks = {asyncio.create_task(c, name=f"edge:{self.site}:{n}") for n, c in [
                     ("ingest", self._ingest()), ("train", self._train_loop()), ("send", self._send_loop(client)),
                     ("receive", self._receive_loop(client)), ("status", self._status_loop(client))]}
@@ -649,6 +682,8 @@ class EdgeAgent:
         """Close the stores (after :meth:`run` has returned)."""
         self.dataset.close()
         self.outbox.close()
+        if self.cohorts is not None:
+            self.cohorts.close()
 
 
 def _r(v: float | None) -> float | None:
