@@ -7,7 +7,7 @@ order and the aggregator cuts the cohort sum back into the model's shapes in the
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 
