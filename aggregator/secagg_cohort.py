@@ -79,7 +79,7 @@ class CohortCoordinator:
         self.size = sum(math.prod(s) for s in core.reference.values())
         self.stats: dict[str, Any] = {
             "cohorts": 0,
-            "cohorts_failed": 0,
+            "cohorts_failed": int(core.store.get_meta("secagg_cohorts_failed") or 0),
             "dropouts_recovered": 0,
             "min_cohort_sites": None,
             "refused": {},
@@ -279,6 +279,7 @@ class CohortCoordinator:
             core.metrics.decided("rejected", "secagg_cohort_failed")
             out.append(self._receipt(v.receipt()))
         self.stats["cohorts_failed"] += 1
+        core.store.set_meta("secagg_cohorts_failed", str(self.stats["cohorts_failed"]))  # for reports after exit
         event(
             log,
             "secagg.cohort_failed",
@@ -316,6 +317,7 @@ class CohortCoordinator:
             "staleness": staleness,
             "factor": factor,
             "dropped": list(s.dropped),
+            "silent": [x for x in s.survivors if x not in u.answered],
             "sum_norm": norm,
             "updates": [
                 {

@@ -500,8 +500,7 @@ class EdgeAgent:
         assert self.cohorts is not None
         if kind == "secagg_cohort":
             if self.cohorts.on_cohort(payload):
-                self._rebased = True  # a reason to train even without new rows
-                self._trigger.set()
+                self._trigger.set()  # the round runs when there are new rows (never twice on the same ones)
             return
         if kind == "secagg_survivors":
             reply = self.cohorts.on_survivors(payload)
@@ -587,10 +586,11 @@ class EdgeAgent:
         event(log, "model.loaded", site=self.site, version=g.version)
         self._changed()
         await self.export_onnx()
-        if (self.cfg.training.on_new_model and g.version > 0) or (
-                self.cohorts is not None and self.cohorts.ready(g.version) is not None):
+        if self.cfg.training.on_new_model and g.version > 0:
             self._rebased = True
             self._trigger.set()
+        elif self.cohorts is not None and self.cohorts.ready(g.version) is not None:
+            self._trigger.set()  # a cohort was waiting for this base
 
     def _refuse(self, version: int | None, reason: str) -> None:
         self.metrics.models_refused.inc()
