@@ -43,6 +43,9 @@ class EdgeCohorts:
     def close(self) -> None:
         self.member.close()
 
+    def _refused(self, name: str, exc: SecAggError) -> None:
+        event(log, name, logging.WARNING, site=self.keys.ident, reason=exc.reason, detail=exc.detail)
+
     def subscriptions(self) -> list[str]:
         return [self.topics.secagg_filter(), self.topics.secagg_request(self.keys.ident)]
 
@@ -56,14 +59,7 @@ class EdgeCohorts:
             if exc.reason == "replay":  # the retained announcement again, e.g. after our restart
                 return self._resume(payload)
             if exc.reason != "not_member":
-                event(
-                    log,
-                    "secagg.cohort_refused",
-                    logging.WARNING,
-                    site=self.keys.ident,
-                    reason=exc.reason,
-                    detail=exc.detail,
-                )
+                self._refused("secagg.cohort_refused", exc)
             return False
         event(
             log,
@@ -120,14 +116,7 @@ class EdgeCohorts:
                 return None
             sig = self.member.ack(payload)
         except SecAggError as exc:
-            event(
-                log,
-                "secagg.survivors_refused",
-                logging.WARNING,
-                site=self.keys.ident,
-                reason=exc.reason,
-                detail=exc.detail,
-            )
+            self._refused("secagg.survivors_refused", exc)
             return None
         return m.seal_reply("ack", doc.cohort, sig, self.keys, self.enrollment.aggregator.box_pub)
 
@@ -136,14 +125,7 @@ class EdgeCohorts:
         try:
             answer = self.member.answer(m.UnmaskRequest.decode(payload))
         except SecAggError as exc:
-            event(
-                log,
-                "secagg.request_refused",
-                logging.WARNING,
-                site=self.keys.ident,
-                reason=exc.reason,
-                detail=exc.detail,
-            )
+            self._refused("secagg.request_refused", exc)
             return None
         if answer.refused:
             event(log, "secagg.bundles_refused", logging.WARNING, site=self.keys.ident, refused=dict(answer.refused))

@@ -106,6 +106,17 @@ def _verify_signed(
     return doc
 
 
+def _verify_site(enrollment: Enrollment, site: str, domain: bytes, plain: bytes, sig: bytes, what: str) -> None:
+    """Raise unless ``sig`` is the enrolled ``site``'s Ed25519 signature of ``plain`` in ``domain``."""
+    keys = enrollment.sites.get(site)
+    if keys is None:
+        raise SecAggError("not_member", f"{what} from {site!r}, who is not enrolled")
+    try:
+        VerifyKey(keys.sign_pub).verify(envelope.digest(plain, domain), sig)
+    except (BadSignatureError, ValueError, TypeError):
+        raise SecAggError("signature", f"{what} claimed from {site!r} is not signed by it") from None
+
+
 # --------------------------------------------------------------------------- cohort announcement
 COHORT_FIELDS = (
     "federation",
@@ -365,13 +376,7 @@ def open_bundle(
     except (CryptoError, ValueError, TypeError):
         raise SecAggError("schema", f"bundle from {dealer!r} does not open with this site's key") from None
     sig, plain = inner[:64], inner[64:]
-    keys = enrollment.sites.get(dealer)
-    if keys is None:
-        raise SecAggError("not_member", f"bundle dealer {dealer!r} is not enrolled")
-    try:
-        VerifyKey(keys.sign_pub).verify(envelope.digest(plain, _BUNDLE_DOMAIN), sig)
-    except (BadSignatureError, ValueError, TypeError):
-        raise SecAggError("signature", f"bundle claimed from {dealer!r} is not signed by it") from None
+    _verify_site(enrollment, dealer, _BUNDLE_DOMAIN, plain, sig, "bundle")
     head = 4 + 32
     if len(plain) < head + 2 or plain[:4] != _BUNDLE_MAGIC:
         raise SecAggError("schema", f"bundle from {dealer!r} is malformed")
@@ -646,13 +651,7 @@ def open_reply(blob: bytes, aggregator_keys: KeyPair, enrollment: Enrollment) ->
     if not isinstance(head, dict) or set(head) != {"kind", "cohort", "site"} or head["kind"] not in REPLY_KINDS:
         raise SecAggError("schema", "reply header must have kind (ack|answer), cohort, site")
     site = _site(head["site"], "site")
-    keys = enrollment.sites.get(site)
-    if keys is None:
-        raise SecAggError("not_member", f"reply from {site!r}, who is not enrolled")
-    try:
-        VerifyKey(keys.sign_pub).verify(envelope.digest(plain, _REPLY_DOMAIN), sig)
-    except (BadSignatureError, ValueError, TypeError):
-        raise SecAggError("signature", f"reply claimed from {site!r} is not signed by it") from None
+    _verify_site(enrollment, site, _REPLY_DOMAIN, plain, sig, "reply")
     if not isinstance(head["cohort"], str):
         raise SecAggError("schema", "reply cohort must be a string")
     return site, head["kind"], head["cohort"], bytes(plain[4 + hlen :])
