@@ -7,13 +7,20 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: venv sysdeps check test test-slow test-all demo bench fuzz clean
+.PHONY: venv lock sysdeps check test test-slow test-all demo bench fuzz clean
 
-$(STAMP): pyproject.toml
+# Installs from the lock (requirements.lock, pip constraints) so a new release of a dependency cannot
+# break main unannounced; `make lock` rewrites it from what is installed after a deliberate upgrade.
+$(STAMP): pyproject.toml requirements.lock
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -U pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -c requirements.lock -e '.[dev]'
 	@touch $(STAMP)
+
+lock: venv
+	@{ echo "# fedline's lock: every package of a '.[dev]' install at the versions CI tested (pip constraints)."; \
+	  echo "# Regenerate with 'make lock' after changing pyproject.toml's dependencies."; \
+	  $(BIN)/python -m pip freeze --exclude-editable | sed 's/+cpu$$//' | grep -v '^fedline'; } > requirements.lock
 
 venv: $(STAMP)
 

@@ -13,6 +13,11 @@ ranges, label = machine failure):
   Mosquitto) once it has stored its 10,000 rows and has nothing to do.
 - ``trigger → outbox``: wall time from a training trigger to the sealed update
   committed in the outbox (train + seal + SQLite commit), MLP, 10,000 rows.
+- ``per-record bookkeeping``: per round, the per-record ledger's work (select
+  the rows, retire, account: SQLite counts on the real dataset, RDP sums, the
+  JSON state) at a 50,000-row sliding window in steady state (rows at 1 Hz, a
+  round every 1,000 s, 60 rounds of history), against one DP round (MLP) on
+  those 50,000 rows. ``--part bookkeeping`` runs only this.
 
     .venv/bin/python bench/edge.py [--json] [--repeats 3]
 """
@@ -220,11 +225,58 @@ def trigger_to_outbox(repeats: int) -> dict[str, Any]:
             "seal_and_commit_s": round(min(t - tr for t, tr in zip(totals, trains)), 4)}
 
 
+def bookkeeping(repeats: int) -> dict[str, Any]:
+    """Per-record ledger cost per round at a 50,000-row window, and one DP round on that window."""
+
+    from edge.config import PrivacyConfig, TrainingConfig
+    from edge.dataset import Dataset
+    from edge.ledger_privacy import RecordLedger
+    from edge.trainer import plan_round, train_round
+    from models import ModelSpec, build_model
+    from models.flat import shared_state
+
+    window, every, history = 50_000, 1000, 60
+    x, y = load_rows()
+    training = TrainingConfig(batch_size=64, threads=1)
+
+    def plan(n: int) -> tuple[float, int]:
+        p = plan_round(n, training)
+        return p.sample_rate, p.steps
+
+    with tempfile.TemporaryDirectory() as d:
+        ds = Dataset(Path(d) / "dataset.sqlite", (x.shape[1],), 1, max_rows=10**6, holdout_fraction=0.1)
+        ledger = RecordLedger(PrivacyConfig(epsilon=8.0))
+        t0, costs, state_bytes = 1.0e9, [], 0
+        for r in range(1, window // every + history + repeats + 1):
+            start = (r - 1) * every % len(x)
+            ds.add_many([(x[i], y[i]) for i in range(start, start + every)], ts=t0 + r * every)
+            began = time.perf_counter()
+            sel = ledger.select(ds, t0 + r * every, plan, max_age_s=window)
+            state = ledger.state_after(sel)
+            ledger.commit(state)
+            if r > window // every + history:
+                costs.append(time.perf_counter() - began)
+                state_bytes = len(state)
+        xs, ys = ds.training_between(sel.lo, sel.hi)
+        ds.close()
+    spec = ModelSpec(n_features=x.shape[1], **KINDS["mlp"])
+    base = shared_state(build_model(spec), spec)
+    train_round(spec, base, None, xs[:256], ys[:256], training, PrivacyConfig(), None)  # warm-up
+    began = time.perf_counter()
+    result = train_round(spec, base, None, xs, ys, training, PrivacyConfig(), None)
+    round_s = time.perf_counter() - began
+    return {"window_rows": len(xs), "live_rounds": len(ledger.rounds), "steps": result.plan.steps,
+            "bookkeeping_s": [round(min(costs), 4), round(max(costs), 4)], "state_bytes": state_bytes,
+            "round_s": round(round_s, 2), "share_percent": round(100 * max(costs) / round_s, 2),
+            "epsilon": round(ledger.epsilon, 4)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--child", choices=list(KINDS))
+    ap.add_argument("--part", choices=["all", "bookkeeping"], default="all")
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child_round(args.child)))
@@ -232,10 +284,19 @@ def main() -> None:
     import logging
 
     logging.disable(logging.WARNING)
-    result = {"rounds": rounds(args.repeats), "idle_agent": idle_agent_rss(),
-              "trigger_to_outbox": trigger_to_outbox(args.repeats)}
+    if args.part == "bookkeeping":
+        result = {"bookkeeping": bookkeeping(args.repeats)}
+    else:
+        result = {"rounds": rounds(args.repeats), "idle_agent": idle_agent_rss(),
+                  "trigger_to_outbox": trigger_to_outbox(args.repeats), "bookkeeping": bookkeeping(args.repeats)}
     if args.json:
         print(json.dumps(result))
+        return
+    b = result["bookkeeping"]
+    print(f"Per-record bookkeeping per round ({b['window_rows']} rows in the window, {b['live_rounds']} live "
+          f"rounds): {b['bookkeeping_s'][0]}–{b['bookkeeping_s'][1]} s, {b['state_bytes']} B of state; one DP "
+          f"round on the window ({b['steps']} steps) {b['round_s']} s: {b['share_percent']} % of the round")
+    if args.part == "bookkeeping":
         return
     print("One DP-SGD round on 10,000 examples (σ=1.0, clip 1.0, batch 64, 1 epoch, 1 thread)")
     print(f"{'model':<12} {'params':>7} {'steps':>6} {'RSS before MB':>14} {'peak RSS MB':>12} {'CPU s':>14} {'wall s':>7}")

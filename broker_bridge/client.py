@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse
 
@@ -85,11 +87,43 @@ class BrokerSettings:
     def port(self) -> int:
         return urlparse(self.url).port or (8883 if self.tls else 1883)
 
+    @classmethod
+    def from_table(cls, table: dict[str, Any], file: str | Path | None, where: str = "broker",
+                   **defaults: Any) -> BrokerSettings:
+        """Settings from a TOML table, relative paths resolved against ``file``'s folder.
+
+        The one parser of broker tables (``[broker]``, and the MQTT keys of a
+        ``sparkplug`` / ``mqtt_json`` source): unknown keys, wrong types and
+        an invalid URL raise :class:`fedline.config.ConfigError` naming
+        ``file`` and the dotted key. ``defaults`` apply where the table is silent.
+        """
+        from fedline.config import ConfigError, parse, resolve_path
+
+        try:
+            s = parse(cls, {**defaults, **table}, file=file, where=where)  # runs validate()
+        except ConfigError as exc:
+            key = exc.message.split(" ", 1)[0]
+            if exc.key == where and key in table:  # name the key validate() complains about
+                raise ConfigError(file, f"{where}.{key}", exc.message) from None
+            raise
+        if (s.cert_file is None) != (s.key_file is None):
+            raise ConfigError(file, f"{where}.{'key_file' if s.key_file is None else 'cert_file'}",
+                              "a client certificate needs both cert_file and key_file")
+        tls_keys = [k for k in ("ca_file", "cert_file", "key_file", "tls_insecure") if table.get(k)]
+        if tls_keys and not s.tls:
+            raise ConfigError(file, f"{where}.{tls_keys[0]}",
+                              f"{tls_keys[0]} is set but url {s.url!r} is not TLS: use mqtts://host:8883")
+        paths: dict[str, Any] = {k: str(resolve_path(file, v)) for k in _PATH_KEYS if (v := getattr(s, k))}
+        return dataclasses.replace(s, **paths)
+
     def resolved_password(self) -> str | None:
         if self.password_file:
             with open(self.password_file, encoding="utf-8") as fh:
                 return fh.read().strip()
         return self.password
+
+
+_PATH_KEYS = ("password_file", "ca_file", "cert_file", "key_file")
 
 
 @dataclass(frozen=True)
@@ -153,10 +187,12 @@ class MqttClient:
     Use as ``async with MqttClient(settings) as client:``. The connection runs
     in a background task; :meth:`publish` waits (up to ``timeout``) for it.
     ``on_connect`` callbacks run after every (re)connect, e.g. to publish an
-    ``online`` status.
+    ``online`` status. ``will`` may be a function, called before every
+    connection attempt, for a last will that changes per connection (a
+    Sparkplug Host Application's STATE carries the connection's timestamp).
     """
 
-    def __init__(self, settings: BrokerSettings, will: aiomqtt.Will | None = None,
+    def __init__(self, settings: BrokerSettings, will: aiomqtt.Will | Callable[[], aiomqtt.Will] | None = None,
                  on_connect: Callable[[MqttClient], Awaitable[None]] | None = None,
                  queue_size: int = 10000) -> None:
         settings.validate()
@@ -164,6 +200,7 @@ class MqttClient:
         self.will = will
         self.on_connect = on_connect
         self.connected = asyncio.Event()
+        self._callbacks: set[asyncio.Task[None]] = set()  # on_connect runs; kept so they are not collected
         self.stats = ClientStats()
         self.max_packet_size: int | None = None
         self.last_error: str | None = None
@@ -226,7 +263,7 @@ class MqttClient:
             s.host, s.port, identifier=s.client_id or None, username=s.username,
             password=s.resolved_password(),
             protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
-            will=self.will, keepalive=s.keepalive_s, timeout=s.timeout_s, properties=props,
+            will=self.will() if callable(self.will) else self.will, keepalive=s.keepalive_s, timeout=s.timeout_s, properties=props,
             tls_params=tls_params, tls_insecure=s.tls_insecure if s.tls else None,
             max_inflight_messages=64, **kwargs)
 
@@ -246,7 +283,9 @@ class MqttClient:
                           session_present=client.session_present, max_packet=client.max_packet_size)
                     self.connected.set()
                     if self.on_connect is not None:
-                        asyncio.create_task(self._call_on_connect())
+                        task = asyncio.create_task(self._call_on_connect())
+                        self._callbacks.add(task)
+                        task.add_done_callback(self._callbacks.discard)
                     async for m in client.messages:
                         self.stats.received += 1
                         payload = m.payload if isinstance(m.payload, (bytes, bytearray)) else \

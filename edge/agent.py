@@ -38,12 +38,13 @@ from broker_bridge.topics import Topics
 from edge.config import EdgeConfig, load_edge_config, row_mapping
 from edge.dataset import Dataset
 from edge.follow import WeightsCollector
+from edge.ledger_privacy import RecordLedger, window_group
 from edge.metrics import EdgeMetrics
 from edge.model_store import GlobalModel, ModelRefused, ModelStore, check_global_model
 from edge.outbox import Outbox, OutboxFull
 from edge.privacy import PrivacyBudget
 from edge.secagg_member import EdgeCohorts
-from edge.trainer import plan_round, train_round
+from edge.trainer import Plan, plan_round, train_round
 from fedline.config import ConfigError, parse
 from fedline.logs import event
 from models import ModelSpec, build_model, export_onnx, load_personal_state, load_shared_state
@@ -79,7 +80,7 @@ class EdgeAgent:
                                None if self.spec.task == "anomaly" else self.spec.n_outputs,
                                cfg.dataset.max_rows, cfg.dataset.holdout_fraction)
         self.outbox = Outbox(data_dir / "outbox.sqlite", cfg.outbox.max_bytes, cfg.outbox.max_count, cfg.outbox.policy)
-        self.budget = PrivacyBudget(self.dp, self.outbox.get_meta("accountant")) if self.dp else None
+        self.ledger = self._open_ledger() if self.dp else None
         self.store = ModelStore(data_dir, cfg.path(cfg.model_dir))
         self.cohorts = EdgeCohorts(self.keys, self.enrollment, self.topics, data_dir) if cfg.secure_aggregation else None
 
@@ -121,6 +122,20 @@ class EdgeAgent:
 
         return [build_source(t, file=self.cfg.file, where=f"sources[{i}]") for i, t in enumerate(self.cfg.sources)]
 
+    def _open_ledger(self) -> RecordLedger:
+        """The per-record privacy ledger from the outbox (an old global accountant is carried over)."""
+        assert self.dp is not None
+        m = self.mapping
+        group = window_group(m.window, m.stride) if m.aggregate_s is None else 1
+        state, legacy = self.outbox.get_meta("record_ledger"), self.outbox.get_meta("accountant")
+        try:
+            if state is None and legacy:  # every row stored so far may have been in every past release
+                old = PrivacyBudget(self.dp, legacy)
+                return RecordLedger.from_global_history(self.dp, group, old.history, self.dataset.last_id())
+            return RecordLedger(self.dp, group, state)
+        except ValueError as exc:
+            raise ConfigError(self.cfg.file, "privacy", str(exc)) from None
+
     def _load_last_good_model(self) -> None:
         blobs = self.store.load_global_blobs()
         if blobs is None:
@@ -138,7 +153,17 @@ class EdgeAgent:
     # ------------------------------------------------------------------ status
     @property
     def epsilon(self) -> float:
-        return self.budget.epsilon if self.budget else 0.0
+        """The per-record guarantee: the largest ε of any row this site ever trained on."""
+        return self.ledger.epsilon if self.ledger else 0.0
+
+    def privacy_status(self) -> dict[str, Any]:
+        """Public privacy parameters for the status message (no plant data: no row counts)."""
+        if self.ledger is None:
+            return {"privacy": "off"}
+        g = self.ledger.group
+        return {"privacy": "on", "accounting": "per_record", "epsilon": round(self.epsilon, 6),
+                "epsilon_budget": self.dp.epsilon if self.dp else None, "delta": self.dp.delta if self.dp else None,
+                "privacy_unit": "row" if g == 1 else f"raw sample (in {g} overlapping windows, group-accounted)"}
 
     def status(self, state: str = "online") -> dict[str, Any]:
         """The retained status document (also what ``fedline status`` shows)."""
@@ -152,6 +177,7 @@ class EdgeAgent:
             "epsilon": round(self.epsilon, 6),
             "epsilon_budget": self.dp.epsilon if self.dp else None,
             "delta": self.dp.delta if self.dp else None,
+            **self.privacy_status(),
             "publishing": self.publishing,
             "outbox_depth": depth,
             "outbox_bytes": nbytes,
@@ -168,6 +194,10 @@ class EdgeAgent:
         depth, nbytes = self.outbox.depth()
         m.model_version.set(self.base.version)
         m.epsilon.set(self.epsilon)
+        if self.ledger is not None:
+            m.epsilon_global_history.set(self.ledger.global_epsilon)
+            m.rows_retired.set(self.ledger.retired)
+            m.delta.set(self.dp.delta if self.dp else 0)
         m.epsilon_budget.set(self.dp.epsilon if self.dp else 0)
         m.budget_exhausted.set(1 if self.publishing == "budget_exhausted" else 0)
         m.outbox_depth.set(depth)
@@ -256,7 +286,8 @@ class EdgeAgent:
         self.new_rows += len(batch)
         self.metrics.examples.inc(len(batch))
         self.metrics.rows.set(len(self.dataset))
-        if self.new_rows >= self.cfg.training.every_rows:
+        every_rows = self.cfg.training.every_rows
+        if every_rows and self.new_rows >= every_rows:
             self._trigger.set()
 
     # ------------------------------------------------------------------ training
@@ -270,7 +301,7 @@ class EdgeAgent:
                 pass
             self._trigger.clear()
             rebased, self._rebased = self._rebased, False
-            if self.new_rows == 0 and not rebased:
+            if self.cfg.training.every_rows and self.new_rows == 0 and not rebased:  # the row-count schedule
                 self.last_round_at = time.monotonic()
                 continue
             try:
@@ -311,37 +342,51 @@ class EdgeAgent:
         if self.cohorts is not None and self.cohorts.ready(self.base.version) is None:
             self._skip("no_cohort")  # secure aggregation: one update per cohort joined, on its base
             return None
+        pending = self.outbox.unsettled_on_base(self.base.version)
+        if pending >= cfg.training.max_pending_per_base:  # no budget on an update that cannot help yet
+            self._skip("pending_receipt", base_version=self.base.version, pending=pending)
+            return None
         n_train, _ = self.dataset.counts()
         if n_train < cfg.training.min_rows:
             self._skip("too_few_rows", rows=n_train, min_rows=cfg.training.min_rows)
             return None
-        x, y = self.dataset.arrays(newest=cfg.training.max_train_rows)
-        plan = plan_round(len(x), cfg.training)
-        eps_next: float | None = None
-        if self.budget is not None:
-            eps_next = self.budget.epsilon_after(plan.sample_rate, plan.steps)
-            if eps_next > self.budget.cfg.epsilon:
-                self._set_publishing("budget_exhausted", epsilon=round(self.budget.epsilon, 4),
-                                     next_epsilon=round(eps_next, 4), budget=self.budget.cfg.epsilon)
-                self._skip("budget_exhausted", next_epsilon=round(eps_next, 4))
+        selection = None
+        if self.ledger is not None:
+            if self.ledger.cfg.max_releases and self.ledger.releases >= self.ledger.cfg.max_releases:
+                self._set_publishing("budget_exhausted", releases=self.ledger.releases)
+                self._skip("release_cap", releases=self.ledger.releases)
                 return None
+            selection = await asyncio.to_thread(self._select)
+            if selection is None or selection.rows < cfg.training.min_rows:
+                self._set_publishing("budget_exhausted", epsilon=round(self.ledger.epsilon, 4),
+                                     budget=self.ledger.cfg.epsilon)
+                self._skip("budget_exhausted", eligible=0 if selection is None else selection.rows)
+                return None
+            x, y = self.dataset.training_between(selection.lo, selection.hi)
+            plan = Plan(len(x), min(cfg.training.batch_size, len(x)), selection.sample_rate, selection.steps,
+                        cfg.training.epochs)
+            self.metrics.rows_eligible.set(len(x))
+        else:
+            x, y = self.dataset.arrays(newest=cfg.training.max_train_rows)
+            plan = plan_round(len(x), cfg.training)
         consumed, self.new_rows = self.new_rows, 0
         base = self.base
         holdout = self.dataset.arrays(holdout=True)
         result = await asyncio.to_thread(train_round, self.spec, base.shared, self.personal, x, y, cfg.training,
-                                         self.dp, holdout, cfg.model_seed)
+                                         self.dp, holdout, cfg.model_seed, plan)
         counter = self.outbox.last_counter() + 1
         msg_id = f"u{counter}-{secrets.token_hex(6)}"
         privacy: dict[str, Any] = {"mode": "off"}
         meta: dict[str, str] = {}
         eps_after = None
-        if self.budget is not None:
-            dp = self.budget.cfg
-            eps_after = eps_next
-            privacy = {"mode": "dp-sgd", "accountant": dp.accountant, "clip_norm": dp.max_grad_norm,
-                       "noise_multiplier": dp.noise_multiplier, "sample_rate": plan.sample_rate,
-                       "steps": plan.steps, "epsilon": eps_after, "delta": dp.delta}
-            meta["accountant"] = self.budget.state_after(plan.sample_rate, plan.steps)
+        if self.ledger is not None and selection is not None:
+            dp = self.ledger.cfg
+            eps_after = selection.epsilon_after
+            privacy = {"mode": "dp-sgd", "accountant": dp.accountant, "accounting": "per_record",
+                       "clip_norm": dp.max_grad_norm, "noise_multiplier": dp.noise_multiplier,
+                       "sample_rate": plan.sample_rate, "steps": plan.steps, "epsilon": eps_after, "delta": dp.delta,
+                       "unit_group": self.ledger.group}
+            meta["record_ledger"] = self.ledger.state_after(selection)
         header = UpdateHeader(site=self.site, counter=counter, msg_id=msg_id, base_version=base.version,
                               n_samples=len(x), privacy=privacy)
         if self.cohorts is not None:
@@ -363,12 +408,13 @@ class EdgeAgent:
             self._error(f"update not queued: {exc}")
             self._skip("outbox_write_failed")
             return None
-        if self.budget is not None:
-            self.budget.commit(meta["accountant"], eps_after)
+        if self.ledger is not None:
+            self.ledger.commit(meta["record_ledger"])
         for d in dropped:
             self.metrics.dropped.inc()
             event(log, "outbox.dropped", logging.WARNING, site=self.site, counter=d.counter, msg_id=d.msg_id,
-                  reason="outbox full", policy=cfg.outbox.policy)
+                  reason="outbox full", policy=cfg.outbox.policy,
+                  detail="its privacy cost was paid and it will never be delivered (policy drop_oldest)")
         self.personal = result.personal
         if self.personal_names:
             try:
@@ -393,6 +439,18 @@ class EdgeAgent:
         if self.personal_names:
             await self.export_onnx()
         return msg_id
+
+    def _select(self) -> Any:
+        """The rows of the next round under per-record accounting (rows past their budget retire)."""
+        assert self.ledger is not None
+        t = self.cfg.training
+
+        def plan(n: int) -> tuple[float, int]:
+            p = plan_round(t.plan_rows or n, t)
+            return p.sample_rate, p.steps
+
+        return self.ledger.select(self.dataset, time.time(), plan, max_age_s=self.cfg.dataset.max_age_s,
+                                  newest=t.max_train_rows)
 
     async def export_onnx(self) -> Path | None:
         """Write the personalised ONNX (global shared + local personal) for the line inference.
@@ -674,9 +732,10 @@ class EdgeAgent:
         if self.dp is None:
             event(log, "privacy.off", logging.WARNING, site=self.site,
                   detail="privacy = \"off\": updates carry NO differential privacy guarantee for the plant's records")
-        elif not self.dp.secure_rng:
-            event(log, "privacy.insecure_rng", logging.INFO, site=self.site,
-                  detail="DP noise from torch's default RNG (privacy.secure_rng = false)")
+        elif self.cfg.training.every_rows or self.cfg.training.max_train_rows:
+            event(log, "privacy.count_schedule", logging.WARNING, site=self.site,
+                  detail="training.every_rows / max_train_rows make rounds or their rows depend on row counts; the "
+                         "per-record guarantee's argument assumes rounds by time or version (docs/architecture.md)")
 
     def close(self) -> None:
         """Close the stores (after :meth:`run` has returned)."""

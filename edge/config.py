@@ -68,8 +68,14 @@ class DatasetConfig:
 
     max_rows: int = 50_000
     holdout_fraction: float = 0.1
+    # a row leaves training this many seconds after it was stored (its own age: the sliding window the
+    # per-record accounting assumes); 0 = only by its own privacy budget. ``max_rows`` stays a storage cap:
+    # size it above rows/s x max_age_s, since evicting by count makes a row's rounds depend on others
+    max_age_s: float = 0.0
 
     def validate(self) -> None:
+        if self.max_age_s < 0:
+            raise ValueError(f"max_age_s must be >= 0, got {self.max_age_s}")
         if self.max_rows < 10:
             raise ValueError(f"max_rows must be at least 10, got {self.max_rows}")
         if not 0.0 <= self.holdout_fraction < 0.9:
@@ -78,9 +84,13 @@ class DatasetConfig:
 
 @dataclass(frozen=True)
 class TrainingConfig:
-    """When and how a local round runs (whichever of ``every_rows`` / ``every_s`` comes first)."""
+    """When and how a local round runs: every ``every_s`` seconds (and on a new version with ``on_new_model``).
 
-    every_rows: int = 1000
+    ``every_rows`` > 0 also triggers on row counts (and skips timer rounds without new rows): a schedule
+    that depends on the rows themselves, which the per-record privacy argument excludes (warned at start).
+    """
+
+    every_rows: int = 0
     every_s: float = 600.0
     min_rows: int = 100
     epochs: int = 1
@@ -94,10 +104,17 @@ class TrainingConfig:
     on_new_model: bool = False
     threads: int = 1  # torch intra-op threads for a round (a line PC has other work)
     seed: int = 0
+    # no further round on a base version while this many updates on it have no receipt: an unreachable
+    # aggregator then costs at most one round of privacy budget per base version
+    max_pending_per_base: int = 1
+    # > 0: plan q and steps for this many rows whatever is stored, so they do not depend on the row count
+    plan_rows: int = 0
 
     def validate(self) -> None:
-        if self.every_rows < 1 or self.every_s <= 0:
-            raise ValueError("every_rows must be >= 1 and every_s > 0")
+        if self.every_rows < 0 or self.every_s <= 0:
+            raise ValueError("every_rows must be >= 0 (0: rounds by time only) and every_s > 0")
+        if self.max_pending_per_base < 1 or self.plan_rows < 0:
+            raise ValueError("max_pending_per_base must be >= 1 and plan_rows >= 0")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError("epochs and batch_size must be >= 1 and lr > 0")
         if self.min_rows < 2:
@@ -106,11 +123,17 @@ class TrainingConfig:
 
 @dataclass(frozen=True)
 class PrivacyConfig:
-    """Record-level DP-SGD and the budget over every step this site ever releases.
+    """Record-level DP-SGD with per-record accounting (``edge.ledger_privacy``).
 
     ``noise_multiplier`` is σ (noise std / clip norm), ``max_grad_norm`` the
-    per-sample clip. ``accountant`` is Opacus's ``rdp`` or ``prv``. When the
-    next release would take ε past ``epsilon``, the site stops publishing.
+    per-sample clip. Every row keeps its own ledger of the rounds it was in; a
+    row retires once one more round would take its ε past ``epsilon`` (or
+    after ``max_rounds_per_row`` rounds, if set), and the site keeps
+    publishing on the rows that have budget left. ``max_releases`` (0: none)
+    caps the site's total releases. ``window_accounting`` says what protects
+    a raw sample when windows overlap: ``group`` accounts it over the
+    ``ceil(window/stride)`` examples it is in, ``disjoint`` refuses overlap.
+    ``accountant`` must be ``rdp`` (per-record composition adds RDP curves).
     """
 
     epsilon: float = 8.0
@@ -118,9 +141,14 @@ class PrivacyConfig:
     noise_multiplier: float = 1.0
     max_grad_norm: float = 1.0
     accountant: Literal["rdp", "prv"] = "rdp"
-    secure_rng: bool = False  # Opacus secure_mode (needs torchcsprng)
+    secure_rng: bool = False  # noise as Opacus secure_mode draws it (against floating-point attacks; 4x the draws)
+    max_rounds_per_row: int = 0  # participation cap per row (0: only the ε budget retires rows)
+    max_releases: int = 0  # cap on the site's total releases (0: none; the site never stops for budget)
+    window_accounting: Literal["group", "disjoint"] = "group"
 
     def validate(self) -> None:
+        if self.max_rounds_per_row < 0 or self.max_releases < 0:
+            raise ValueError("max_rounds_per_row and max_releases must be >= 0")
         if self.epsilon <= 0 or not 0 < self.delta < 1:
             raise ValueError("epsilon must be > 0 and delta in (0, 1)")
         if self.noise_multiplier <= 0 or self.max_grad_norm <= 0:
@@ -140,7 +168,8 @@ class OutboxConfig:
 
     max_bytes: int = 256 * 1024 * 1024
     max_count: int = 1000
-    policy: Literal["drop_oldest", "stop_training"] = "drop_oldest"
+    # stop_training: never drop an update whose privacy cost is paid; drop_oldest drops (counted, logged)
+    policy: Literal["drop_oldest", "stop_training"] = "stop_training"
     resend_after_s: float = 120.0  # sent but no receipt after this long: send again
     max_in_flight: int = 1  # updates sent without a receipt yet; 1 keeps the aggregator seeing counters in order
 
@@ -240,6 +269,10 @@ def check_rows_fit_model(cfg: EdgeConfig) -> None:
         raise ConfigError(cfg.file, "rows.label", "an anomaly model trains without labels; remove rows.label")
     if spec.task != "anomaly" and mapping.label is None:
         raise ConfigError(cfg.file, "rows.label", f"task {spec.task!r} needs a label tag")
+    if (cfg.dp is not None and cfg.dp.window_accounting == "disjoint" and mapping.window > 1
+            and mapping.stride < mapping.window):
+        raise ConfigError(cfg.file, "rows.stride", f"privacy.window_accounting = 'disjoint' needs stride >= window "
+                          f"({mapping.window}), got {mapping.stride}; or account the group ('group')")
     if spec.task != "anomaly" and mapping.task != spec.task:
         raise ConfigError(cfg.file, "rows.task", f"rows.task is {mapping.task!r} but model.task is {spec.task!r}")
 

@@ -118,3 +118,33 @@ class Dataset:
             return x.copy(), None
         y = np.frombuffer(b"".join(r[1] for r in rows), np.float32).reshape(len(rows), self.n_outputs)
         return x.copy(), y.copy()
+
+    # -- rows by id, for per-record privacy accounting (edge.ledger_privacy.RowIndex) --------------------
+    def last_id(self) -> int:
+        """The largest row id stored so far (0 when empty); ids only grow (AUTOINCREMENT)."""
+        with self._lock:
+            row = self._db.execute("SELECT MAX(id) FROM examples").fetchone()
+        return int(row[0] or 0)
+
+    def first_id_since(self, ts: float) -> int | None:
+        """The smallest id of a row stored at or after ``ts`` (a row's own age decides, no other row's)."""
+        with self._lock:
+            row = self._db.execute("SELECT MIN(id) FROM examples WHERE ts >= ?", (ts,)).fetchone()
+        return None if row[0] is None else int(row[0])
+
+    def count_training(self, lo: int, hi: int) -> int:
+        """Training (not held-out) rows with ``lo <= id <= hi``."""
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM examples WHERE holdout = 0 AND id BETWEEN ? AND ?",
+                                        (lo, hi)).fetchone()[0])
+
+    def training_between(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """The training examples with ``lo <= id <= hi``, oldest first (the rows a round was given)."""
+        with self._lock:
+            rows = self._db.execute("SELECT x, y FROM examples WHERE holdout = 0 AND id BETWEEN ? AND ? ORDER BY id",
+                                    (lo, hi)).fetchall()
+        x = np.frombuffer(b"".join(r[0] for r in rows), np.float32).reshape(len(rows), *self.input_shape)
+        if self.n_outputs is None:
+            return x.copy(), None
+        y = np.frombuffer(b"".join(r[1] for r in rows), np.float32).reshape(len(rows), self.n_outputs)
+        return x.copy(), y.copy()

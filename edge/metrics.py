@@ -17,7 +17,15 @@ class EdgeMetrics:
         self.registry = r = CollectorRegistry()
         self.site = site
         self.model_version = Gauge("fedline_edge_model_version", "Global model version the site trains from", registry=r)
-        self.epsilon = Gauge("fedline_edge_epsilon_spent", "Privacy loss epsilon spent by every release so far", registry=r)
+        self.epsilon = Gauge("fedline_edge_epsilon_spent",
+                             "Per-record privacy loss epsilon: the largest over every row ever trained on", registry=r)
+        self.epsilon_global_history = Gauge(
+            "fedline_edge_epsilon_global_history",
+            "Epsilon one accountant over every round since enrollment would report (comparison only)", registry=r)
+        self.delta = Gauge("fedline_edge_delta", "Privacy delta of the epsilon figures", registry=r)
+        self.rows_eligible = Gauge("fedline_edge_rows_eligible", "Training rows the last round could sample", registry=r)
+        self.rows_retired = Gauge("fedline_edge_rows_retired",
+                                  "Rows retired for good by their own budget or participation count", registry=r)
         self.epsilon_budget = Gauge("fedline_edge_epsilon_budget", "Configured epsilon budget (0: privacy off)", registry=r)
         self.budget_exhausted = Gauge("fedline_edge_budget_exhausted", "1 when the next release would exceed the budget", registry=r)
         self.outbox_depth = Gauge("fedline_edge_outbox_depth", "Sealed updates waiting for a receipt", registry=r)

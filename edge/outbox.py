@@ -61,7 +61,7 @@ CREATE TABLE IF NOT EXISTS ledger (
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
-Policy = Literal["drop_oldest", "stop_training"]
+Policy = Literal["drop_oldest", "stop_training"]  # drop_oldest drops paid-for updates: counted, logged, not the default
 
 
 class OutboxFull(Exception):
@@ -98,7 +98,7 @@ class LedgerEntry:
 class Outbox:
     """The on-disk queue of sealed updates of one site, with its counter and meta values."""
 
-    def __init__(self, path: str | Path, max_bytes: int, max_count: int, policy: Policy = "drop_oldest") -> None:
+    def __init__(self, path: str | Path, max_bytes: int, max_count: int, policy: Policy = "stop_training") -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.max_bytes = max_bytes
@@ -243,6 +243,17 @@ class Outbox:
         return found
 
     # -- reading the ledger --------------------------------------------------------
+    def unsettled_on_base(self, base_version: int) -> int:
+        """Updates trained on ``base_version`` still waiting for any receipt (queued or sent).
+
+        The edge trains no further round on a base while this reaches
+        ``training.max_pending_per_base``: an update that cannot be delivered
+        yet would spend privacy budget on nothing.
+        """
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM ledger WHERE base_version = ? AND state IN ('queued', 'sent')",
+                                        (base_version,)).fetchone()[0])
+
     def _ledger_row(self, counter: int) -> LedgerEntry:
         r = self._db.execute(
             "SELECT counter, site, msg_id, base_version, n_samples, epsilon, size, created_at, state, reason, version "

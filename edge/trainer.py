@@ -6,14 +6,26 @@ clean, and the round's result is only the arrays it returns. The published
 delta is ``w_local − w_base`` over the shared parameters; the personal ones
 (a local head) come back separately and never leave the site.
 
-Steps and sampling rate are planned before training (Opacus's Poisson loader
-takes ``sample_rate = 1 / ceil(n / batch_size)`` and that many steps per epoch),
-so the privacy budget can be checked before a single step is taken, and the
-accounted steps are exactly those planned.
+Steps and sampling rate are planned before training (``sample_rate = 1 /
+ceil(n / batch_size)`` and that many steps per epoch), so the privacy budget can
+be checked before a single step is taken. The accounted steps are exactly the
+noised steps: the Poisson sampler is told the planned number of steps (Opacus's
+own loader would run ``int(1 / q)``, one fewer for some n, e.g. 93 rows at
+batch 1), an empty Poisson batch still takes a step that adds its noise (as
+DP-SGD's analysis assumes), and the round counts the noise additions and
+refuses to return if they differ from the plan.
+
+Why generators of their own: the Poisson masks and the Gaussian noise are
+drawn from two ``torch.Generator`` objects seeded per round from the OS CSPRNG
+(``secrets``), never from torch's process-global generator, which other threads
+(ONNX export, model builds) may use or seed at the same time. With
+``secure_rng`` the noise is also drawn Opacus's ``secure_mode`` way (a sum of
+four draws, against floating-point attacks on the sampler).
 """
 from __future__ import annotations
 
 import math
+import secrets
 import time
 import warnings
 from dataclasses import dataclass
@@ -34,13 +46,16 @@ class Plan:
     batch_size: int
     sample_rate: float
     steps: int
+    epochs: int = 1
 
 
 def plan_round(n: int, cfg: TrainingConfig) -> Plan:
-    """Steps and sampling rate as Opacus's DP data loader will use them."""
+    """Steps and sampling rate the round will run (and account): ``ceil(n / b)`` steps per epoch at ``q = 1/that``."""
+    if n < 1:
+        raise ValueError(f"a round needs at least one row, got {n}")
     batch = min(cfg.batch_size, n)
     per_epoch = math.ceil(n / batch)
-    return Plan(n, batch, 1.0 / per_epoch, per_epoch * cfg.epochs)
+    return Plan(n, batch, 1.0 / per_epoch, per_epoch * cfg.epochs, cfg.epochs)
 
 
 @dataclass
@@ -55,6 +70,24 @@ class RoundResult:
     holdout_loss: float | None
     holdout_accuracy: float | None
     seconds: float
+    noise_steps: int = 0  # optimizer steps that added Gaussian noise (== plan.steps under DP)
+
+
+def private_generator() -> torch.Generator:
+    """A fresh ``torch.Generator`` seeded from the OS CSPRNG: not reproducible from any fixed seed."""
+    return torch.Generator().manual_seed(secrets.randbits(63))
+
+
+def poisson_batches(n: int, plan: Plan, generator: torch.Generator):
+    """Opacus's Poisson sampler over ``n`` rows for one epoch, with exactly the planned steps per epoch.
+
+    Passing ``steps`` avoids the sampler's default ``int(1 / sample_rate)``,
+    which float rounding makes one less than planned for some n.
+    """
+    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
+    return UniformWithReplacementSampler(num_samples=n, sample_rate=plan.sample_rate, generator=generator,
+                                         steps=plan.steps // max(1, plan.epochs))
 
 
 def evaluate(model: torch.nn.Module, spec: ModelSpec, x: np.ndarray, y: np.ndarray | None) -> tuple[float | None, float | None]:
@@ -74,52 +107,67 @@ def evaluate(model: torch.nn.Module, spec: ModelSpec, x: np.ndarray, y: np.ndarr
 
 def train_round(spec: ModelSpec, base_shared: dict[str, np.ndarray], personal: dict[str, np.ndarray] | None,
                 x: np.ndarray, y: np.ndarray | None, cfg: TrainingConfig, dp: PrivacyConfig | None,
-                holdout: tuple[np.ndarray, np.ndarray | None] | None = None, model_seed: int = 0) -> RoundResult:
+                holdout: tuple[np.ndarray, np.ndarray | None] | None = None, model_seed: int = 0,
+                plan: Plan | None = None) -> RoundResult:
     """Train from ``base_shared`` (+ the site's ``personal`` arrays) and return the delta.
 
     With ``dp`` set, training is DP-SGD through Opacus (Poisson sampling,
-    per-sample clipping to ``max_grad_norm``, Gaussian noise ``noise_multiplier``).
+    per-sample clipping to ``max_grad_norm``, Gaussian noise ``noise_multiplier``),
+    its randomness from private CSPRNG-seeded generators (module docstring).
     """
     started = time.perf_counter()
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    plan = plan_round(len(x), cfg)
+    plan = plan or plan_round(len(x), cfg)  # a given plan: q and steps fixed by the schedule (plan_rows)
     model = build_model(spec, seed=model_seed)
     load_shared_state(model, spec, base_shared)
     if personal:
         load_personal_state(model, spec, personal)
-    tensors = [torch.from_numpy(np.ascontiguousarray(x, np.float32))]
-    if y is not None:
-        tensors.append(torch.from_numpy(np.ascontiguousarray(y, np.float32)))
-    data = torch.utils.data.TensorDataset(*tensors)
-    loader = torch.utils.data.DataLoader(data, batch_size=plan.batch_size, shuffle=True)
+    xt = torch.from_numpy(np.ascontiguousarray(x, np.float32))
+    yt = None if y is None else torch.from_numpy(np.ascontiguousarray(y, np.float32))
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
     trained: torch.nn.Module = model
+    noise_steps = 0
     if dp is not None:
-        from opacus import PrivacyEngine
+        from opacus import GradSampleModule
+        from opacus.optimizers import DPOptimizer
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the "secure RNG off" advice is a config choice, logged at start-up
-            engine = PrivacyEngine(accountant=dp.accountant, secure_mode=dp.secure_rng)
-            trained, optimizer, loader = engine.make_private(
-                module=model, optimizer=optimizer, data_loader=loader,
-                noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm, poisson_sampling=True,
-            )
+        trained = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+        optimizer = DPOptimizer(optimizer, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
+                                expected_batch_size=max(1, int(len(x) * plan.sample_rate)), loss_reduction="mean",
+                                generator=private_generator(), secure_mode=dp.secure_rng)
+
+        def count(_opt: DPOptimizer) -> None:
+            nonlocal noise_steps
+            noise_steps += 1
+
+        optimizer.attach_step_hook(count)
+        sampler = poisson_batches(len(x), plan, private_generator())
+        batches = lambda: (torch.as_tensor(idx, dtype=torch.long) for idx in sampler)
+    else:
+        order = torch.Generator().manual_seed(secrets.randbits(63))
+        batches = lambda: torch.randperm(len(x), generator=order).split(plan.batch_size)
     trained.train()
     losses: list[float] = []
+    params = [p for p in trained.parameters() if p.requires_grad]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # backward-hook notes from Opacus on input layers
         for _ in range(cfg.epochs):
-            for batch in loader:
-                xb = batch[0]
-                yb = batch[1] if len(batch) > 1 else None
-                if len(xb) == 0:  # Poisson sampling can draw an empty batch; its step is still accounted
-                    continue
+            for idx in batches():
                 optimizer.zero_grad(set_to_none=True)
-                loss = loss_per_sample(trained, spec, xb, yb).mean()
+                if len(idx) == 0:
+                    # an empty Poisson batch: no gradient, but the step still adds its noise (DP-SGD's analysis
+                    # counts every step); Opacus clips and noises an empty per-sample gradient to pure noise
+                    for p in params:
+                        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+                    optimizer.step()
+                    continue
+                loss = loss_per_sample(trained, spec, xt[idx], None if yt is None else yt[idx]).mean()
                 loss.backward()
                 optimizer.step()
                 losses.append(float(loss.detach()))
+    if dp is not None and noise_steps != plan.steps:
+        raise RuntimeError(f"round ran {noise_steps} noised steps but {plan.steps} are accounted; not released")
     if dp is not None:
         trained._close()  # remove Opacus hooks before reading and evaluating
     shared = shared_state(model, spec)
@@ -128,5 +176,5 @@ def train_round(spec: ModelSpec, base_shared: dict[str, np.ndarray], personal: d
     return RoundResult(
         delta=state_delta(shared, base_shared), shared=shared, personal=result_personal, plan=plan,
         train_loss=float(np.mean(losses)) if losses else float("nan"),
-        holdout_loss=h_loss, holdout_accuracy=h_acc, seconds=time.perf_counter() - started,
+        holdout_loss=h_loss, holdout_accuracy=h_acc, seconds=time.perf_counter() - started, noise_steps=noise_steps,
     )

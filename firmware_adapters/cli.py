@@ -85,9 +85,9 @@ def _plc_sim(args: argparse.Namespace) -> int:
 
 
 def _opcua_cert(args: argparse.Namespace) -> int:
-    from firmware_adapters.opcua_cert import make_client_certificate
-
     import sys
+
+    from firmware_adapters.opcua_cert import make_client_certificate
 
     try:
         made = make_client_certificate(args.out, name=args.name, application_uri=args.uri, hostname=args.hostname,

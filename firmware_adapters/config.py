@@ -17,7 +17,7 @@ start-up, before any connection is tried.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -136,14 +136,18 @@ class OpcUaConfig(_Common):
                 "or set security_mode = \"None\" to connect without signing or encryption")
 
 
+#: keys of an MQTT source table that are broker settings (``broker_bridge.client.BrokerSettings``);
+#: the session keys are not among them because a telemetry reader always uses a clean session
+BROKER_KEYS = ("url", "client_id", "username", "password", "password_file", "protocol",
+               "ca_file", "cert_file", "key_file", "tls_insecure", "keepalive_s")
+
+
 @dataclass(frozen=True, kw_only=True)
 class _MqttCommon(_Common):
-    url: str = "mqtt://127.0.0.1:1883"
-    client_id: str = ""
-    username: str | None = None
-    password: str | None = None
-    ca_file: str | None = None
-    keepalive_s: int = 30
+    """The broker keys (:data:`BROKER_KEYS`) sit in the source table itself and are parsed by
+    ``BrokerSettings.from_table`` into :attr:`broker` (paths relative to the site file)."""
+
+    broker: Any = None  # BrokerSettings, set by parse_source (never written in the table)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -162,11 +166,34 @@ class MqttJsonConfig(_MqttCommon):
 
 @dataclass(frozen=True, kw_only=True)
 class SparkplugConfig(_MqttCommon):
+    """``host_id`` set: a Sparkplug Host Application (STATE birth and will; may ask for rebirths).
+    Unset: a passive observer that publishes nothing, ever (see firmware_adapters/sparkplug/source.py)."""
+
     kind: Literal["sparkplug"]
     group_id: str = "+"  # a group id, or + for every group
     edge_node_id: str = "+"  # an edge node id, or + for every node
-    request_rebirth: bool = True
+    host_id: str | None = None
+    # None: on for a host application reading one group and node, off for wildcards and passive observers
+    request_rebirth: bool | None = None
     rebirth_min_interval_s: float = 5.0
+
+    def validate(self) -> None:
+        for key in ("group_id", "edge_node_id"):
+            value = getattr(self, key)
+            if not value or "/" in value or "#" in value or ("+" in value and value != "+"):
+                raise ValueError(f"{key} {value!r} must be one topic level: an id, or + for all")
+        if self.host_id is not None and (not self.host_id or any(c in self.host_id for c in "/+#")):
+            raise ValueError(f"host_id {self.host_id!r} must be a non-empty id without /, + or #")
+        if self.request_rebirth and self.host_id is None:
+            raise ValueError("request_rebirth = true needs host_id: a passive observer never sends NCMD "
+                             "(set host_id to run as a Sparkplug Host Application)")
+
+    @property
+    def rebirth(self) -> bool:
+        """Whether this reader sends rebirth requests (NCMD), after the defaults above."""
+        if self.request_rebirth is not None:
+            return self.request_rebirth
+        return self.host_id is not None and "+" not in (self.group_id, self.edge_node_id)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -195,7 +222,7 @@ KINDS: dict[str, type] = {
 _BOUNDS: dict[str, tuple[str, float]] = {
     "poll_interval_s": ("gt", 0), "timeout_s": ("gt", 0), "reconnect_initial_s": ("gt", 0),
     "reconnect_max_s": ("gt", 0), "rate_hz": ("ge", 0), "sampling_interval_ms": ("ge", 0),
-    "publishing_interval_ms": ("gt", 0), "rebirth_min_interval_s": ("ge", 0), "keepalive_s": ("gt", 0),
+    "publishing_interval_ms": ("gt", 0), "rebirth_min_interval_s": ("ge", 0),
     "max_line_bytes": ("gt", 0), "retries": ("ge", 0), "baudrate": ("gt", 0), "max_gap": ("ge", 0),
 }
 
@@ -215,13 +242,6 @@ def _check_numbers(cfg: Any, file: str | Path | None, prefix: str) -> None:
         raise ConfigError(file, prefix + "port", f"expected a TCP port 1..65535, got {cfg.port}")
     if isinstance(cfg, OpcUaConfig) and not cfg.url.startswith("opc.tcp://"):
         raise ConfigError(file, prefix + "url", f"expected opc.tcp://host:port/path, got {cfg.url!r}")
-    if isinstance(cfg, _MqttCommon):
-        from broker_bridge.client import BrokerSettings
-
-        try:
-            BrokerSettings(url=cfg.url).validate()
-        except ValueError as exc:
-            raise ConfigError(file, prefix + "url", str(exc)) from None
 
 
 def parse_source(table: dict[str, Any], *, file: str | Path | None = None, where: str = "sources") -> Any:
@@ -234,9 +254,29 @@ def parse_source(table: dict[str, Any], *, file: str | Path | None = None, where
         raise ConfigError(file, prefix + "kind", f"missing; expected one of {', '.join(KINDS)}")
     if not isinstance(kind, str) or kind not in KINDS:
         raise ConfigError(file, prefix + "kind", f"expected one of {', '.join(KINDS)}, got {kind!r}")
-    cfg = parse(KINDS[kind], table, file=file, where=where)
+    cls = KINDS[kind]
+    if issubclass(cls, _MqttCommon):
+        return _parse_mqtt_source(cls, table, file, where)
+    cfg = parse(cls, table, file=file, where=where)
     _check_numbers(cfg, file, prefix)
     return cfg
+
+
+def _parse_mqtt_source(cls: type, table: dict[str, Any], file: str | Path | None, where: str) -> Any:
+    """An MQTT source: its own keys by ``cls``, the broker keys by ``BrokerSettings.from_table``."""
+    from broker_bridge.client import BrokerSettings
+
+    prefix = f"{where}." if where else ""
+    if "broker" in table:
+        raise ConfigError(file, prefix + "broker", f"write the broker keys ({', '.join(BROKER_KEYS)}) "
+                                                   "in the source table itself")
+    own = {k: v for k, v in table.items() if k not in BROKER_KEYS}
+    cfg: Any = parse(cls, own, file=file, where=where)
+    _check_numbers(cfg, file, prefix)
+    broker = BrokerSettings.from_table({k: v for k, v in table.items() if k in BROKER_KEYS}, file, where,
+                                       backoff_min_s=cfg.reconnect_initial_s,
+                                       backoff_max_s=max(cfg.reconnect_max_s, cfg.reconnect_initial_s))
+    return replace(cfg, broker=broker)
 
 
 def register_map_of(cfg: _ModbusCommon, file: str | Path | None, where: str = "sources") -> RegisterMap:

@@ -7,8 +7,10 @@ device timestamp (Unix seconds, or milliseconds when it is larger than 1e11).
 A message that is not a JSON object, or holds lists, is a counted bad sample.
 
 The connection is the broker_bridge client (reconnects forever with backoff,
-resubscribes on every connect); a telemetry reader wants no backlog from while
-it was away, so it connects with a clean session.
+resubscribes on every connect), with every broker key of ``BrokerSettings``
+(TLS with ``mqtts://`` and ``ca_file`` / ``cert_file`` / ``key_file``,
+``password_file``, ``protocol = "3.1.1"`` or ``"5"``); a telemetry reader wants
+no backlog from while it was away, so it always connects with a clean session.
 """
 from __future__ import annotations
 
@@ -20,7 +22,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from fedline.config import resolve_path
 from firmware_adapters.config import MqttJsonConfig
 from firmware_adapters.sample import Sample, SourceStats
 from firmware_adapters.serial_lines import FramingError, flatten
@@ -37,16 +38,11 @@ class MqttJsonSource:
         self.ready = asyncio.Event()
 
     def _settings(self) -> Any:
-        from broker_bridge.client import BrokerSettings
+        from dataclasses import replace
 
-        return BrokerSettings(
-            url=self.cfg.url,
-            client_id=self.cfg.client_id or f"fedline-telemetry-{uuid.uuid4().hex[:8]}",
-            username=self.cfg.username, password=self.cfg.password,
-            ca_file=str(resolve_path(self.file, self.cfg.ca_file)) if self.cfg.ca_file else None,
-            clean_start=True, session_expiry_s=0, keepalive_s=self.cfg.keepalive_s,
-            backoff_min_s=self.cfg.reconnect_initial_s, backoff_max_s=self.cfg.reconnect_max_s,
-        )
+        b = self.cfg.broker
+        return replace(b, client_id=b.client_id or f"fedline-telemetry-{uuid.uuid4().hex[:8]}",
+                       clean_start=True, session_expiry_s=0)
 
     def decode(self, topic: str, payload: bytes) -> Sample:
         """One message to one sample (bad quality if it is not a JSON object of scalars)."""

@@ -41,7 +41,11 @@ def make_client_certificate(out_dir: str | Path, *, name: str = "client", applic
     Raises ``FileExistsError`` if either file exists and ``force`` is false
     (replacing a key that a server already trusts would lock the source out).
     """
-    from asyncua.crypto.cert_gen import dump_private_key_as_pem, generate_private_key, generate_self_signed_app_certificate
+    from asyncua.crypto.cert_gen import (
+        dump_private_key_as_pem,
+        generate_private_key,
+        generate_self_signed_app_certificate,
+    )
     from cryptography import x509
     from cryptography.hazmat.primitives.serialization import Encoding
     from cryptography.x509.oid import ExtendedKeyUsageOID

@@ -46,7 +46,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -56,6 +56,7 @@ from fedline.config import ConfigError, parse
 from firmware_adapters.sample import Sample, Value
 
 Aggregate = Literal["mean", "min", "max", "std", "last"]
+_AGGREGATES = {"mean": np.mean, "min": np.min, "max": np.max, "std": np.std}  # over a window's rows ("last" apart)
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,7 @@ class Row:
     x: np.ndarray
     y: float | None
     ts: float
+    historical: bool = False  # made from samples marked historical (late data), not from the live state
 
 
 @dataclass
@@ -125,6 +127,7 @@ class RowStats:
     incomplete: int = 0
     out_of_range: int = 0
     bad_labels: int = 0
+    historical_rows: int = 0  # also counted in rows
 
 
 class RowBuilder:
@@ -140,6 +143,9 @@ class RowBuilder:
     ) -> None:
         self.mapping = mapping
         self.stats = RowStats()
+        self._args = (ranges, file, where)
+        self._history: RowBuilder | None = None  # the lane of historical samples, made on the first one
+        self._is_history_lane = False
         lo, hi = [], []
         for i, f in enumerate(mapping.features):
             rng = f.range if f.range is not None else (ranges or {}).get(f.tag)
@@ -217,8 +223,27 @@ class RowBuilder:
 
     # ----------------------------------------------------------- rows
 
+    def _history_lane(self) -> RowBuilder:
+        if self._history is None:
+            ranges, file, where = self._args
+            self._history = RowBuilder(self.mapping, ranges, file=file, where=where)
+            self._history._is_history_lane = True
+        return self._history
+
     def push(self, sample: Sample) -> Row | None:
-        """Feed one sample; returns a row when one is complete, else None."""
+        """Feed one sample; returns a row when one is complete, else None.
+
+        Historical samples (late data, e.g. Sparkplug store-and-forward) go to a
+        lane of their own, with its own latest values, window and time bucket:
+        they make rows marked ``historical`` and never change the live state.
+        """
+        if sample.historical and not self._is_history_lane:
+            self.stats.samples += 1
+            row = self._history_lane().push(sample)
+            if row is not None:
+                self.stats.rows += 1
+                self.stats.historical_rows += 1
+            return row
         self.stats.samples += 1
         if not sample.good:
             self.stats.bad_samples += 1
@@ -259,7 +284,13 @@ class RowBuilder:
         return out
 
     def flush(self) -> Row | None:
-        """Close the current time window (if any) and return its row."""
+        """Close the current time window (if any) and return its row (else the historical lane's)."""
+        if not self._bucket and self._history is not None:
+            row = self._history.flush()
+            if row is not None:
+                self.stats.rows += 1
+                self.stats.historical_rows += 1
+            return row
         if not self._bucket:
             self._bucket_end = None
             return None
@@ -268,7 +299,7 @@ class RowBuilder:
         parts = []
         for agg in self.mapping.aggregates:
             parts.append(
-                {"mean": xs.mean, "min": xs.min, "max": xs.max, "std": xs.std}[agg](axis=0)
+                _AGGREGATES[agg](xs, axis=0)
                 if agg != "last" else xs[-1]
             )
         how = self.mapping.label_aggregate or ("max" if self.mapping.task == "classification" else "last")
@@ -281,7 +312,7 @@ class RowBuilder:
 
     def _emit(self, row: Row) -> Row:
         self.stats.rows += 1
-        return row
+        return replace(row, historical=True) if self._is_history_lane else row
 
 
 __all__ = ["Feature", "Row", "RowBuilder", "RowMapping", "RowStats", "parse_row_mapping"]

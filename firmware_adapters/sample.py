@@ -13,9 +13,9 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal, Union
+from typing import Literal
 
-Value = Union[float, int, bool, str, None]
+Value = float | int | bool | str | None
 """A tag's value. ``None`` means the device reported the tag as null/missing."""
 
 Quality = Literal["good", "uncertain", "bad"]
@@ -29,6 +29,10 @@ class Sample:
     one, else receive time); ``source`` names where it came from (the source's
     configured name, with a sub-path for Sparkplug nodes); ``quality`` applies
     to the whole sample; ``error`` says why a sample is not good.
+    ``historical`` marks values the device sends late (Sparkplug's
+    ``is_historical``: store-and-forward after an outage, backfill): real data
+    from ``ts``, but not the current state of the line, so consumers keep
+    them apart from live values.
     """
 
     ts: float
@@ -36,6 +40,7 @@ class Sample:
     values: Mapping[str, Value]
     quality: Quality = "good"
     error: str | None = None
+    historical: bool = False
 
     @property
     def good(self) -> bool:

@@ -11,6 +11,9 @@ reconstruction); :class:`Scorer` turns that into the score the line sees.
 """
 from __future__ import annotations
 
+import itertools
+import math
+
 import torch
 from torch import nn
 
@@ -31,13 +34,19 @@ class _Standardise(nn.Module):
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32))
         self.register_buffer("scale", torch.tensor(scale, dtype=torch.float32))
 
+    def fill(self, spec: ModelSpec) -> None:
+        """Set the constants again (after ``to_empty``: a model built on ``meta`` has no values yet)."""
+        n = spec.n_features
+        self.mean.copy_(torch.tensor(spec.input_mean or [0.0] * n, dtype=torch.float32))
+        self.scale.copy_(torch.tensor(spec.input_scale or [1.0] * n, dtype=torch.float32))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.scale
 
 
 def _dense(sizes: list[int], *, last_activation: bool) -> nn.Sequential:
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
         layers.append(nn.Linear(a, b))
         if last_activation or i < len(sizes) - 2:
             layers.append(nn.ReLU())
@@ -66,7 +75,7 @@ class CNN1d(nn.Module):
         self.norm = _Standardise(spec)
         layers: list[nn.Module] = []
         channels = [spec.n_features, *spec.hidden]
-        for a, b in zip(channels[:-1], channels[1:]):
+        for a, b in itertools.pairwise(channels):
             layers += [nn.Conv1d(a, b, kernel_size=3, padding=1), nn.ReLU()]
         self.body = nn.Sequential(*layers)
         self.head = nn.Linear(spec.hidden[-1], spec.n_outputs)
@@ -122,14 +131,51 @@ def build_model(spec: ModelSpec, seed: int = 0) -> nn.Module:
     """Build the network for ``spec`` with a deterministic initialisation.
 
     Why seeded: the aggregator and every site build version 0 independently and
-    must get bit-identical weights. The global RNG is forked so the caller's
-    random state is untouched.
+    must get bit-identical weights. Why a private generator (never torch's
+    global one): a site draws its DP noise in a worker thread while models are
+    built for ONNX export; seeding or even advancing the process-global
+    generator here would make that noise predictable or correlated. The
+    modules are created on the ``meta`` device (no random draws at all) and
+    then filled from ``torch.Generator().manual_seed(seed)`` with PyTorch's
+    default schemes (Kaiming-uniform for Linear/Conv, Opacus's uniform for DPGRU).
     """
     spec.validate()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with torch.device("meta"):
         model = _KINDS[spec.kind](spec)
+    model = model.to_empty(device="cpu")
+    _initialise(model, spec, torch.Generator().manual_seed(seed))
     return model.float()
+
+
+def _initialise(model: nn.Module, spec: ModelSpec, gen: torch.Generator) -> None:
+    """Fill every parameter and constant buffer of a freshly ``to_empty``'d model, drawing only from ``gen``."""
+    from opacus.layers.dp_rnn import DPRNNBase
+
+    done: set[int] = set()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, _Standardise):
+                module.fill(spec)
+            elif isinstance(module, DPRNNBase):  # as DPRNNBase.reset_parameters
+                # to_empty replaced the renamed aliases (weight_ih_l0, ...) apart from the cells' own
+                # parameters; tie them again, or the optimiser would see two copies of each
+                module._register_renamed_parameters()
+                bound = 1.0 / math.sqrt(module.hidden_size)
+                for p in module.parameters():
+                    p.uniform_(-bound, bound, generator=gen)
+                    done.add(id(p))
+            elif isinstance(module, (nn.Linear, nn.Conv1d)) and id(module.weight) not in done:
+                # as nn.Linear / nn.Conv1d.reset_parameters: kaiming_uniform_(a=sqrt(5)) = U(±1/sqrt(fan_in))
+                nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5), generator=gen)
+                done.add(id(module.weight))
+                if module.bias is not None:
+                    fan_in = module.weight[0].numel()
+                    bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+                    module.bias.uniform_(-bound, bound, generator=gen)
+                    done.add(id(module.bias))
+    missed = [n for n, p in model.named_parameters() if id(p) not in done]
+    if missed:
+        raise TypeError(f"build_model does not know how to initialise {missed}: add its layer type to _initialise")
 
 
 def unwrap(model: nn.Module) -> nn.Module:

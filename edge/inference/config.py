@@ -175,13 +175,10 @@ def load_infer_config(path: str | Path) -> InferConfig:
 
 
 def broker_settings(table: dict[str, Any], file: str | Path | None, where: str, **defaults: Any) -> Any:
-    """``BrokerSettings`` from a table, with ``password_file`` relative to the config file."""
+    """``BrokerSettings`` from a table, with its file paths relative to the config file."""
     from broker_bridge.client import BrokerSettings
 
-    s = parse(BrokerSettings, {**defaults, **table}, file=file, where=where)
-    if s.password_file and file is not None:
-        s = replace(s, password_file=str(resolve_path(file, s.password_file)))
-    return s
+    return BrokerSettings.from_table(table, file, where, **defaults)
 
 
 __all__ = ["CanaryConfig", "ConfigError", "InferConfig", "LineConfig", "MetricsConfig", "OutputConfig",

@@ -140,7 +140,8 @@ class FaultRig:
             "model": MODEL,
             "dataset": {"holdout_fraction": 0.0},
             "training": {"every_rows": s.every_rows, "every_s": 3600.0, "min_rows": 20, "epochs": 1,
-                         "batch_size": 32, "lr": 0.1, "max_train_rows": 200, "threads": 1, **s.training},
+                         "batch_size": 32, "lr": 0.1, "max_train_rows": 200, "threads": 1,
+                         "max_pending_per_base": 10**6, **s.training},  # the rig measures delivery, not the throttle
             "privacy": {"epsilon": 1000.0, "delta": 1e-5, "noise_multiplier": 1.0, "max_grad_norm": 1.0},
             "outbox": {"resend_after_s": s.resend_after_s, **s.outbox, **s.site_outbox.get(site, {})},
         }

@@ -1,12 +1,28 @@
-"""Sparkplug B payloads: metric values in and out of the protobuf encoding.
+"""Sparkplug B payloads: metric values, the Quality property and bdSeq, in and out of protobuf.
 
-Sparkplug carries signed integers as two's complement in unsigned fields
-(Int8..Int32 in ``int_value``, a uint32; Int64 in ``long_value``, a uint64);
-we write them sign-extended to the field's width and read only the type's own
-bits, so payloads from either kind of encoder decode. Decoding therefore
-must know the metric's datatype, which DATA messages usually omit:
-the reader keeps it from the BIRTH. Only scalar types become sample values;
-DataSet, Template, Bytes, File and arrays are reported as unsupported.
+Each datatype has its value in one field of the metric's ``value`` oneof
+(Sparkplug 3.0 §6.4.16 "Datatype Details"): Int8..Int32 and UInt8..UInt32 in
+``int_value`` (uint32), Int64, UInt64 and DateTime in ``long_value`` (uint64),
+Float, Double, Boolean and String/Text/UUID in their own fields. UInt32 is also
+accepted from ``long_value``, as Eclipse Tahu's decoder does, because Tahu's
+Java encoder (and Ignition) put it there. A value in any other field is a
+:class:`WrongField` error, never a silent 0: protobuf returns 0 for a field
+that is not set, which would train as a real reading.
+
+Signed integers are two's complement in the unsigned field. Encoders differ in
+width (Java sign-extends an Int8 to 32 bits, others keep 8), so a signed value
+is accepted at its own width or sign-extended to the field's; anything else
+(an Int8 of 300, a UInt16 of 70000, a UInt32 above 2**32 in ``long_value``) is
+out of range and a :class:`WrongField` too.
+
+The ``Quality`` property (§6.4.7: Int32 in ``int_value``; 0 BAD, 192 GOOD,
+500 STALE) maps to a sample quality as the OPC UA source maps status codes:
+GOOD is good, STALE is "uncertain" (the last usable value), BAD and any code
+the specification does not define are bad.
+
+Decoding must know the datatype, which DATA messages usually omit: the reader
+keeps it from the BIRTH. DataSet, Template, Bytes, File and arrays have no
+scalar sample value and are :class:`Unsupported`.
 """
 from __future__ import annotations
 
@@ -19,60 +35,135 @@ from firmware_adapters.sparkplug import sparkplug_b_pb2 as pb
 NAMESPACE = "spBv1.0"
 REBIRTH_METRIC = "Node Control/Rebirth"
 BDSEQ_METRIC = "bdSeq"
+QUALITY_PROPERTY = "Quality"
 
-_SIGNED_BITS = {pb.Int8: 8, pb.Int16: 16, pb.Int32: 32, pb.Int64: 64}
-_INT_FIELD = {pb.Int8, pb.Int16, pb.Int32, pb.UInt8, pb.UInt16, pb.UInt32}
-_LONG_FIELD = {pb.Int64, pb.UInt64, pb.DateTime}
-_STRING_TYPES = {pb.String, pb.Text, pb.UUID}
+#: the value field(s) each scalar datatype may use
+FIELDS: dict[int, tuple[str, ...]] = {
+    pb.Int8: ("int_value",), pb.Int16: ("int_value",), pb.Int32: ("int_value",),
+    pb.UInt8: ("int_value",), pb.UInt16: ("int_value",), pb.UInt32: ("int_value", "long_value"),
+    pb.Int64: ("long_value",), pb.UInt64: ("long_value",), pb.DateTime: ("long_value",),
+    pb.Float: ("float_value",), pb.Double: ("double_value",), pb.Boolean: ("boolean_value",),
+    pb.String: ("string_value",), pb.Text: ("string_value",), pb.UUID: ("string_value",),
+}
+_WIDTH = {pb.Int8: 8, pb.Int16: 16, pb.Int32: 32, pb.Int64: 64, pb.UInt8: 8, pb.UInt16: 16, pb.UInt32: 32, pb.UInt64: 64}
+_SIGNED = {pb.Int8, pb.Int16, pb.Int32, pb.Int64}
+_FIELD_BITS = {"int_value": 32, "long_value": 64}
+
+#: Quality property code -> (sample quality, why)
+QUALITY_CODES: dict[int, tuple[str, str | None]] = {192: ("good", None), 500: ("uncertain", "STALE (500)"),
+                                                    0: ("bad", "BAD (0)")}
 
 
 class Unsupported(ValueError):
     """A metric type that has no scalar sample value (DataSet, Template, arrays...)."""
 
 
+class WrongField(ValueError):
+    """A value in a field its datatype does not use, or out of the datatype's range."""
+
+
+def type_name(datatype: int) -> str:
+    return pb.DataType.Name(datatype) if datatype in pb.DataType.values() else f"datatype {datatype}"
+
+
+def _integer(raw: int, datatype: int, fieldname: str) -> int:
+    bits, field_bits = _WIDTH[datatype], _FIELD_BITS[fieldname]
+    if datatype in _SIGNED:
+        own = raw < (1 << bits)
+        extended = raw >= (1 << field_bits) - (1 << (bits - 1))
+        if not (own or extended):
+            raise WrongField(f"{raw} in {fieldname} is not a {type_name(datatype)}")
+        raw &= (1 << bits) - 1
+        return raw - (1 << bits) if raw >= 1 << (bits - 1) else raw
+    if raw >= 1 << bits:
+        raise WrongField(f"{raw} in {fieldname} is out of range for {type_name(datatype)}")
+    return raw
+
+
 def metric_value(metric: Any, datatype: int) -> float | int | bool | str | None:
-    """The Python value of one metric, given its datatype (from the metric or its BIRTH)."""
+    """The Python value of one metric, given its datatype (from the metric or its BIRTH).
+
+    Raises :class:`WrongField` and :class:`Unsupported` (both ``ValueError``).
+    """
     if metric.is_null:
         return None
-    if datatype in _INT_FIELD or datatype in _LONG_FIELD:
-        raw = metric.int_value if datatype in _INT_FIELD else metric.long_value
-        bits = _SIGNED_BITS.get(datatype)
-        if bits is not None:
-            # encoders differ: Java sign-extends an Int8 to 32 bits, others keep 8; the low bits agree
-            raw &= (1 << bits) - 1
-            if raw >= 1 << (bits - 1):
-                raw -= 1 << bits
-        return int(raw)
-    if datatype == pb.Float:
-        return float(metric.float_value)
-    if datatype == pb.Double:
-        return float(metric.double_value)
+    allowed = FIELDS.get(datatype)
+    if allowed is None:
+        raise Unsupported(type_name(datatype))
+    got = metric.WhichOneof("value")
+    if got not in allowed:
+        raise WrongField(f"{type_name(datatype)} value in {got or 'no value field'}, expected {' or '.join(allowed)}")
+    raw = getattr(metric, got)
+    if datatype in _WIDTH:
+        return _integer(int(raw), datatype, got)
+    if datatype == pb.DateTime:
+        return int(raw)  # milliseconds since the epoch, UTC
+    if datatype in (pb.Float, pb.Double):
+        return float(raw)
     if datatype == pb.Boolean:
-        return bool(metric.boolean_value)
-    if datatype in _STRING_TYPES:
-        return str(metric.string_value)
-    raise Unsupported(f"datatype {pb.DataType.Name(datatype) if datatype in pb.DataType.values() else datatype}")
+        return bool(raw)
+    return str(raw)
+
+
+def quality_code(metric: Any) -> int | None:
+    """The metric's ``Quality`` property code, or None when it has none (implied GOOD).
+
+    Raises :class:`WrongField` for a property set whose keys and values differ in
+    number, or a Quality that is not an integer.
+    """
+    if not metric.HasField("properties"):
+        return None
+    props = metric.properties
+    if len(props.keys) != len(props.values):
+        raise WrongField(f"PropertySet with {len(props.keys)} keys and {len(props.values)} values")
+    for key, value in zip(props.keys, props.values):
+        if key != QUALITY_PROPERTY:
+            continue
+        if value.is_null:
+            return None
+        got = value.WhichOneof("value")
+        if got not in _FIELD_BITS:
+            raise WrongField(f"Quality property in {got or 'no value field'}, expected int_value")
+        return _integer(int(getattr(value, got)), pb.Int32 if got == "int_value" else pb.Int64, got)
+    return None
+
+
+def quality_of(code: int | None) -> tuple[str, str | None]:
+    """(sample quality, why) for a Quality code; None (no property) is GOOD."""
+    if code is None:
+        return "good", None
+    return QUALITY_CODES.get(code, ("bad", f"{code} (not 0, 192 or 500)"))
+
+
+def bdseq_of(payload: Any) -> int | None:
+    """The ``bdSeq`` metric of an NBIRTH or NDEATH (Int64 by the spec; any integer type is read)."""
+    for m in payload.metrics:
+        if m.HasField("name") and m.name == BDSEQ_METRIC:
+            got = m.WhichOneof("value")
+            if got in _FIELD_BITS:
+                return int(getattr(m, got))
+            return None
+    return None
 
 
 def set_metric_value(metric: Any, datatype: int, value: Any) -> None:
-    """Fill one metric's value field per Sparkplug's rules (the inverse of :func:`metric_value`)."""
+    """Fill one metric's value field per the specification (the inverse of :func:`metric_value`)."""
     metric.datatype = datatype
+    fieldname = FIELDS.get(datatype, (None,))[0]
     if value is None:
         metric.is_null = True
-    elif datatype in _INT_FIELD:
+    elif fieldname == "int_value":
         metric.int_value = int(value) & 0xFFFFFFFF
-    elif datatype in _LONG_FIELD:
+    elif fieldname == "long_value":
         metric.long_value = int(value) & 0xFFFFFFFFFFFFFFFF
-    elif datatype == pb.Float:
-        metric.float_value = float(value)
-    elif datatype == pb.Double:
-        metric.double_value = float(value)
-    elif datatype == pb.Boolean:
+    elif fieldname in ("float_value", "double_value"):
+        setattr(metric, fieldname, float(value))
+    elif fieldname == "boolean_value":
         metric.boolean_value = bool(value)
-    elif datatype in _STRING_TYPES:
+    elif fieldname == "string_value":
         metric.string_value = str(value)
     else:
-        raise Unsupported(f"datatype {datatype}")
+        raise Unsupported(type_name(datatype))
 
 
 def build_payload(
@@ -107,3 +198,8 @@ def parse_topic(topic: str) -> tuple[str, str, str, str | None] | None:
     if len(parts) not in (4, 5) or parts[0] != NAMESPACE:
         return None
     return parts[1], parts[2], parts[3], parts[4] if len(parts) == 5 else None
+
+
+def state_topic(host_id: str) -> str:
+    """The Sparkplug 3.0 Host Application STATE topic."""
+    return f"{NAMESPACE}/STATE/{host_id}"

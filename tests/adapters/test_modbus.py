@@ -110,7 +110,7 @@ async def test_word_and_byte_order_match_the_wire_layout(port: int) -> None:
 
 async def test_64_bit_integers_and_strings_match_the_wire_layout(port: int) -> None:
     """int64 / uint64 / string registers laid out by hand from struct and bytes, as a PLC manual shows them."""
-    words = lambda b: [int.from_bytes(b[i:i + 2], "big") for i in range(0, len(b), 2)]  # noqa: E731
+    words = lambda b: [int.from_bytes(b[i:i + 2], "big") for i in range(0, len(b), 2)]
     i64, u64 = struct.pack(">q", -2), struct.pack(">Q", 0x0102030405060708)
     tags = [
         TagSpec(name="i64", table="holding", address=0, type="int64"),
@@ -153,7 +153,7 @@ def test_adjacent_registers_are_merged_within_the_125_register_limit() -> None:
     blocks = plan_reads(tags)
     assert [(b.table, b.address, b.count) for b in blocks] == [
         ("holding", 0, 125), ("holding", 125, 5), ("holding", 500, 2), ("input", 0, 4)]
-    assert [(b.address, b.count) for b in plan_reads(tags[:3] + [TagSpec(name="g", table="holding", address=5)], max_gap=2)] == [(0, 6)]
+    assert [(b.address, b.count) for b in plan_reads([*tags[:3], TagSpec(name="g", table="holding", address=5)], max_gap=2)] == [(0, 6)]
     # a float32 is never split across two requests
     edge = [TagSpec(name=f"r{i}", table="holding", address=i) for i in range(124)] + [
         TagSpec(name="f", table="holding", address=124, type="float32")]

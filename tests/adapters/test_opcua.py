@@ -69,7 +69,7 @@ def channels(server: Server) -> list[tuple[str, ua.MessageSecurityMode]]:
     """The security policy and mode of every channel the server holds open (asyncua's internals)."""
     out = []
     for proto in server.bserver.clients:
-        policy = proto.processor._connection.security_policy  # noqa: SLF001
+        policy = proto.processor._connection.security_policy
         out.append((policy.URI.rsplit("#", 1)[-1], policy.Mode))
     return out
 

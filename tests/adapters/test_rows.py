@@ -104,3 +104,33 @@ def test_bad_incomplete_and_unlabelled_samples() -> None:
     np.testing.assert_allclose(row.x, [0.1, 0.75])
     assert b.push(s(3, a=None, row=3)) is None
     assert (b.stats.bad_samples, b.stats.incomplete, b.stats.rows) == (1, 2, 1)
+
+
+def hist(ts: float, **values) -> Sample:
+    return Sample(ts=ts, source="t", values={TAGS[0] if k == "a" else TAGS[1] if k == "b" else k: v
+                                             for k, v in values.items()}, historical=True)
+
+
+def test_historical_samples_make_marked_rows_and_never_touch_the_live_state() -> None:
+    b = RowBuilder(mapping())
+    live = b.push(s(100, a=5.0, b=0.0, fail=0))
+    assert live is not None and live.historical is False
+    # a store-and-forward backfill from before: its rows are marked, from its own values only
+    assert b.push(hist(10, a=1.0, fail=0)) is None  # b unknown in the historical lane: incomplete, not live's 0.0
+    old = b.push(hist(11, b=1.0, fail=1))
+    assert old is not None and old.historical is True and old.ts == 11 and old.y == 1.0
+    np.testing.assert_allclose(old.x, [0.1, 1.0])
+    # the live state is what it was: a has not become 1.0
+    now = b.push(s(101, b=-1.0, fail=0))
+    assert now is not None and not now.historical
+    np.testing.assert_allclose(now.x, [0.5, 0.0])
+    assert (b.stats.rows, b.stats.historical_rows, b.stats.samples) == (3, 1, 4)
+
+
+def test_historical_lane_has_its_own_window_and_a_bad_live_sample_does_not_break_it() -> None:
+    b = RowBuilder(mapping(window=2))
+    assert b.push(hist(1, a=1.0, b=0.0, fail=0)) is None
+    b.push(Sample.bad("t", "read failed"))  # restarts the live window only
+    w = b.push(hist(2, a=2.0, b=0.0, fail=0))
+    assert w is not None and w.historical and w.x.shape == (2, 2)
+    np.testing.assert_allclose(w.x[:, 0], [0.1, 0.2])

@@ -100,8 +100,10 @@ def write_site(fed: Federation, site: str, csv: Path, broker_url: str, password_
                  "features": [{"tag": "temp", "range": [295.0, 305.0]}, {"tag": "torque", "range": [0.0, 80.0]},
                               {"tag": "speed", "range": [1100.0, 2900.0]}], **(rows or {})},  # None: leave out
         "model": {"kind": "mlp", "n_features": 3, "hidden": [8], "personal": ["head."], **(model or {})},
+        # max_pending_per_base: these agents mostly train without an aggregator; the tests of the default (1)
+        # set it themselves
         "training": {"every_rows": 100000, "every_s": 3600.0, "min_rows": 50, "epochs": 1, "batch_size": 32,
-                     "lr": 0.1, **(training or {})},
+                     "lr": 0.1, "max_pending_per_base": 1000, **(training or {})},
         "outbox": {**(outbox or {})},
         "metrics": {},
     }

@@ -31,7 +31,7 @@ async def _ingest(agent: EdgeAgent) -> None:
 
 
 async def test_budget_stops_publication_at_the_configured_epsilon(tmp_path) -> None:
-    fed, agent = _agent(tmp_path, privacy={"epsilon": 3.0, "noise_multiplier": 1.5})
+    _fed, agent = _agent(tmp_path, privacy={"epsilon": 3.0, "noise_multiplier": 1.5})
     await _ingest(agent)
     sealed = []
     for _ in range(30):
@@ -62,7 +62,7 @@ async def test_budget_stops_publication_at_the_configured_epsilon(tmp_path) -> N
 
 async def test_privacy_off_is_explicit_warned_and_personal_head_never_sealed(tmp_path, caplog) -> None:
     fed, agent = _agent(tmp_path, privacy="off")
-    assert agent.dp is None and agent.budget is None
+    assert agent.dp is None and agent.ledger is None
     with caplog.at_level(logging.WARNING, logger="fedline.edge"):
         agent._announce()
     assert any(r.getMessage() == "privacy.off" and r.levelno == logging.WARNING for r in caplog.records)
@@ -81,7 +81,7 @@ async def test_privacy_off_is_explicit_warned_and_personal_head_never_sealed(tmp
 async def test_personal_parameters_never_leave_for_every_model_kind(tmp_path) -> None:
     """A GRU over windows with a personal head and a personal first layer: neither is in the payload."""
     fed, agent = _agent(tmp_path, model={"kind": "gru", "hidden": [6, 5], "window": 4, "personal": ["head.", "dense."]},
-                        rows={"window": 4}, training={"min_rows": 20})
+                        rows={"window": 4, "stride": 4}, training={"min_rows": 20})
     await _ingest(agent)
     assert await agent.train_once() is not None
     (row,) = agent.outbox.pending(900)
