@@ -8,7 +8,8 @@ Life of a cohort (protocol: docs/architecture.md, "Secure aggregation"):
    cohort announcement on the current version. Every member's weight is 1: the cohort applies
    FedBuff's (1/K) sum f(s) delta_i with K = the survivors, and one staleness for all of them.
 2. **collect** — each member's masked update arrives as a normal sealed update; it is held (receipt
-   ``buffered``) until every member submitted or the deadline passed.
+   ``buffered``) until every member submitted, every member yet to submit went offline, or the
+   deadline passed.
 3. **unmask** — sign and publish the survivors; relay unmask requests to members once t of them
    acknowledged it; check answers; with every secret reconstructable, remove the masks.
 4. **apply** — reject a cohort whose sum exceeds K x the per-site ``norm_bound``; else step the
@@ -112,7 +113,9 @@ class CohortCoordinator:
         out = self._form(now)
         for c in list(self.cohorts.values()):
             if c.closed_at is None:
-                if len(c.unmasker.submissions) == c.ann.n or now >= c.ann.deadline:
+                waiting = [x for x in c.ann.members if x not in c.unmasker.submissions]
+                # every member yet to submit is offline (status or last will): the deadline would add nothing
+                if not any(x in self.online for x in waiting) or now >= c.ann.deadline:
                     out += self._close(c, now)
             elif now >= c.closed_at + self.cfg.unmask_timeout_s:
                 out += self._fail(

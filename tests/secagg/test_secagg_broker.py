@@ -1,7 +1,7 @@
 """Secure aggregation end to end: five real edge agents and the real aggregator over a real Mosquitto.
 
-One site drops off right after its masked update went out, one never submits (too few rows to
-train). The published model must equal plain FedBuff over the four submitted deltas, computed
+One site drops off right after its masked update went out, one joins and leaves without ever
+submitting; only the three others answer (exactly the threshold). The published model must equal plain FedBuff over the four submitted deltas, computed
 here from the paper's formula, to within the quantisation bound.
 """
 
@@ -18,6 +18,7 @@ from broker_bridge.mosquitto import MosquittoProcess, mosquitto_binary
 from edge.agent import EdgeAgent
 from edge.config import load_edge_config
 from edge.secagg_member import EdgeCohorts
+from fedline.netproxy import TcpProxy
 from tests.conftest import eventually
 from tests.edge.helpers import FEDERATION, Federation, write_csv, write_site
 
@@ -57,7 +58,7 @@ server_lr = 1.0
 [secagg]
 min_sites = 3
 gather_s = 60.0
-deadline_s = 30.0
+deadline_s = 300.0
 unmask_timeout_s = 60.0
 
 [publish]
@@ -88,17 +89,19 @@ async def test_five_sites_one_drops_after_submitting_one_never_submits(broker5, 
 
     monkeypatch.setattr(EdgeCohorts, "seal", spy)
 
+    # site-d and site-e reach the broker through a proxy that can cut them off the network
+    proxies = {s: await TcpProxy(broker5.port, name=s).start() for s in ("site-d", "site-e")}
     agents, tasks, stops = {}, {}, {}
     for i, site in enumerate(SITES):
         csv = write_csv(tmp_path / f"{site}.csv", 200, seed=i)
         training = {"every_s": 1.0}
         if site == "site-e":
-            training["min_rows"] = 100_000  # online, in the cohort, but never trains: never submits
+            training["min_rows"] = 100_000  # in the cohort, but never trains: never submits
         path = write_site(
             fed,
             site,
             csv,
-            broker5.url,
+            proxies[site].url if site in proxies else broker5.url,
             broker5.paths[f"password:{site}"],
             training=training,
             extra={"secure_aggregation": True},
@@ -115,19 +118,22 @@ async def test_five_sites_one_drops_after_submitting_one_never_submits(broker5, 
     try:
         await asyncio.wait_for(aggregator.started.wait(), 30)
         base = {k: np.array(v, dtype=np.float64) for k, v in aggregator.core.model.items()}
+        # site-e joins the cohort, then drops off the network for good without submitting
+        e = agents["site-e"]
+        await eventually(lambda: e.cohorts.pending is not None, 120)
+        proxies["site-e"].cut()
         # site-d drops off the network right after its masked update is held by the aggregator
         d = agents["site-d"]
-        await eventually(lambda: any(e.state == "buffered" for e in d.outbox.ledger()), 60)
-        stops["site-d"].set()
-        await asyncio.wait_for(tasks["site-d"], 60)
+        await eventually(lambda: any(x.state == "buffered" for x in d.outbox.ledger()), 180)
+        proxies["site-d"].cut()
 
         a = agents["site-a"]
-        await eventually(lambda: a.base.version >= 1 and a.base.manifest, 90)
+        await eventually(lambda: a.base.version >= 1 and a.base.manifest, 180)
         published = a.base.shared
 
         lineage = aggregator.core.lineage(1)
         assert lineage["strategy"] == "fedbuff-secagg"
-        assert lineage["dropped"] == ["site-e"]
+        assert lineage["dropped"] == ["site-e"] and lineage["silent"] == ["site-d"]
         assert sorted(u["site"] for u in lineage["updates"]) == ["site-a", "site-b", "site-c", "site-d"]
         assert sorted(masked_inputs) == ["site-a", "site-b", "site-c", "site-d"]
         stats = aggregator.cohorts.stats
@@ -161,6 +167,8 @@ async def test_five_sites_one_drops_after_submitting_one_never_submits(broker5, 
             stops[s].set()
         await asyncio.gather(*tasks.values(), return_exceptions=True)
         aggregator.stop()
-        await asyncio.wait_for(agg_task, 60)
+        await asyncio.wait_for(agg_task, 120)
+        for p in proxies.values():
+            await p.stop()
         for ag in agents.values():
             ag.close()
