@@ -18,6 +18,7 @@ service except cancellation.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 from concurrent.futures import ThreadPoolExecutor
@@ -31,8 +32,10 @@ from aggregator.secagg_cohort import CohortCoordinator
 from broker_bridge.chunking import Reassembler
 from broker_bridge.client import MqttClient
 from broker_bridge.errors import ChunkError, FedlineError, TopicError
+from broker_bridge.liveness import Liveness
 from broker_bridge.topics import Topics
 from fedline.logs import event
+from fedline.metrics import MetricsServer
 
 log = logging.getLogger("fedline.aggregator")
 
@@ -61,12 +64,17 @@ class Aggregator:
         self.cfg = cfg
         self.topics = Topics(cfg.aggregator.federation, cfg.aggregator.topic_prefix)
         self.metrics = metrics or Metrics()
+        self._metrics_http = MetricsServer(self.metrics.registry)
         self.core: AggregatorCore | None = None
         self.cohorts: CohortCoordinator | None = None  # secure aggregation (aggregator.secagg_cohort)
         self.client: MqttClient | None = None
         # one reassembler per site: message ids are chosen by sites, so a shared one would let one site's
         # chunks collide with (or be used to disturb) another's; each site's held bytes are capped too
         self.reassemblers: dict[str, Reassembler] = {}
+        # sites holding half-sent bytes, and when quiet sites' leftovers are next swept: with a thousand sites,
+        # touching every reassembler per chunk or per update would cost more than opening the update
+        self._holding: set[str] = set()
+        self._next_sweep = 0.0
         self.published_version = -1
         self.started = asyncio.Event()  # the core is loaded and subscribed
         self.published = asyncio.Event()  # set after every publish (tests clear and wait)
@@ -87,11 +95,12 @@ class Aggregator:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         self.core = await loop.run_in_executor(self._serial, lambda: AggregatorCore(self.cfg, metrics=self.metrics))
-        if self.cfg.metrics.port:
-            self.metrics.serve(self.cfg.metrics.port, self.cfg.metrics.bind)
+        self._metrics_http.start(self.cfg.metrics, service="aggregator", file=self.cfg.file)
         queue: asyncio.Queue[asyncio.Future[Opened]] = asyncio.Queue(maxsize=4 * self.cfg.aggregator.workers)
+        settings = self._settings()
+        self.liveness = Liveness(self.topics, settings.username or "aggregator", "aggregator")
         try:
-            async with MqttClient(self._settings()) as client:
+            async with MqttClient(settings, will=self.liveness.will(), on_connect=self.liveness.online) as client:
                 self.client = client
                 await client.subscribe(self.topics.updates_filter(), qos=1)
                 if self.cfg.strategy.secure_aggregation:
@@ -120,8 +129,11 @@ class Aggregator:
                     _, stuck = await asyncio.wait([*tasks, stop], timeout=10)
                     for t in stuck:
                         event(log, "aggregator.stop_slow", level=logging.WARNING, task=t.get_name())
+                    with contextlib.suppress(Exception):  # best effort: the will covers a lost link
+                        await asyncio.wait_for(self.liveness.stopped(client), 5)
         finally:
             self.client = None
+            self._metrics_http.stop()
             core = self.core
             await loop.run_in_executor(self._serial, core.close)
             self._serial.shutdown(wait=False)
@@ -160,15 +172,24 @@ class Aggregator:
                 self.metrics.chunk_errors.inc()
                 event(log, "chunk.rejected", level=logging.WARNING, site=info.site, topic=msg.topic, error=str(exc))
                 continue
+            if reassembler.held_bytes:
+                self._holding.add(info.site)
+            else:
+                self._holding.discard(info.site)
             if done is None:
-                evicted = enforce_total_cap(self.reassemblers, self.cfg.aggregator.reassembly_total_max_bytes)
+                holding = {site: self.reassemblers[site] for site in self._holding}  # the others hold 0 bytes
+                evicted = enforce_total_cap(holding, self.cfg.aggregator.reassembly_total_max_bytes)
                 if evicted:
                     self.metrics.reassembly_evicted.inc(len(evicted))
                     event(log, "reassembly.evicted", level=logging.WARNING, sites=sorted(set(evicted)),
                           messages=len(evicted), cap=self.cfg.aggregator.reassembly_total_max_bytes)
                 continue
-            for r in self.reassemblers.values():  # forget what sites that went quiet left half-sent
-                r.expire()
+            if loop.time() >= self._next_sweep:  # forget what sites that went quiet left half-sent
+                self._next_sweep = loop.time() + 1.0
+                for site in list(self._holding):
+                    self.reassemblers[site].expire()
+                    if not self.reassemblers[site].held_bytes:
+                        self._holding.discard(site)
             msg_id, blob = done
             fut = loop.run_in_executor(core.pool, core.open, blob, info.site, msg_id)
             await queue.put(fut)  # bounded: back-pressure instead of unbounded memory
@@ -271,6 +292,7 @@ class Aggregator:
                                                release.weights_chunks, release.onnx_chunks)
                     self.published_version = version
                     self.published.set()
+                    await self.liveness.set_version(client, version)
                     await self._clear_old(client)
                 except Exception as exc:  # broker gone, export failed...: retry, never end the service
                     event(log, "model.publish_failed", level=logging.WARNING, version=version, error=repr(exc))

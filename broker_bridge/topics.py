@@ -5,6 +5,8 @@ Layout under ``<prefix>/<federation>/`` (DESIGN.md):
 - ``sites/<site>/update/<msg_id>/<i>``: chunk i of one sealed update
 - ``sites/<site>/receipts``: the aggregator's signed verdicts for that site
 - ``sites/<site>/status``: retained status, ``offline`` by last will
+- ``services/<user>/status``: retained liveness of the aggregator and each line (``<user>`` is
+  its broker username), ``offline`` by last will (:mod:`broker_bridge.liveness`)
 - ``model/manifest``: retained, signed manifest of the current global model
 - ``model/<version>/weights/<i>`` and ``model/<version>/onnx/<i>``: model chunks
 
@@ -40,8 +42,13 @@ def validate_site_id(site: object, what: str = "site id") -> str:
 class TopicInfo:
     """What a parsed topic names. Fields that do not apply are None."""
 
+<<<<<<< HEAD
     kind: str  # update | receipts | status | manifest | weights | onnx | secagg_{cohort,survivors,request,reply}
     site: str | None = None
+=======
+    kind: str  # update | receipts | status | service_status | manifest | weights | onnx
+    site: str | None = None  # for service_status: the service's broker username
+>>>>>>> main
     msg_id: str | None = None
     index: int | None = None
     version: int | None = None
@@ -99,6 +106,12 @@ class Topics:
     def status_filter(self) -> str:
         return f"{self.root}/sites/+/status"
 
+    def service_status(self, user: str) -> str:
+        return f"{self.root}/services/{validate_site_id(user, 'service user')}/status"
+
+    def service_status_filter(self) -> str:
+        return f"{self.root}/services/+/status"
+
     def receipts_filter(self) -> str:
         return f"{self.root}/sites/+/receipts"
 
@@ -115,6 +128,10 @@ class Topics:
     def model_filter(self) -> str:
         return f"{self.root}/model/#"
 
+    def weights_filter(self) -> str:
+        """Every version's weight chunks, without its ONNX: what an edge needs (it exports its own ONNX)."""
+        return f"{self.root}/model/+/weights/#"
+
     # -- parsing -------------------------------------------------------------
     def parse(self, topic: str) -> TopicInfo:
         """Name the kind of a topic of this federation; :class:`TopicError` otherwise."""
@@ -130,10 +147,15 @@ class Topics:
                                      index=_index(parts[4]))
                 if parts[2] in ("receipts", "status") and len(parts) == 3:
                     return TopicInfo(parts[2], site=site)
+<<<<<<< HEAD
                 if parts[2] == "secagg" and len(parts) == 4 and parts[3] in ("request", "reply"):
                     return TopicInfo(f"secagg_{parts[3]}", site=site)
             if parts[0] == "secagg" and len(parts) == 3 and parts[1] in ("cohort", "survivors"):
                 return TopicInfo(f"secagg_{parts[1]}", msg_id=validate_site_id(parts[2], "cohort id"))
+=======
+            if parts[0] == "services" and len(parts) == 3 and parts[2] == "status":
+                return TopicInfo("service_status", site=validate_site_id(parts[1], "service user"))
+>>>>>>> main
             if parts[0] == "model":
                 if parts[1:] == ["manifest"]:
                     return TopicInfo("manifest")

@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fedline.config import ConfigError, load_toml, parse, resolve_path
+from fedline.metrics import MetricsConfig
 from models.spec import ModelSpec
 
 
@@ -178,14 +179,6 @@ class OutboxConfig:
             raise ValueError("max_bytes must be >= 1024 and max_count >= 1")
         if self.max_in_flight < 1 or self.resend_after_s <= 0:
             raise ValueError("max_in_flight must be >= 1 and resend_after_s > 0")
-
-
-@dataclass(frozen=True)
-class MetricsConfig:
-    """Prometheus text endpoint at ``http://host:port/metrics``; no ``port``: not served, 0: any free port."""
-
-    host: str = "127.0.0.1"
-    port: int | None = None
 
 
 @dataclass(frozen=True)

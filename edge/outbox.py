@@ -222,19 +222,28 @@ class Outbox:
         """Apply the aggregator's signed verdict: the row leaves the outbox, the ledger keeps the verdict.
 
         Returns False when no such update is waiting (a duplicate receipt, or one for another update).
+        A receipt with counter -1 is for an update refused before its header was read (bad signature,
+        unknown key: what a key rotation or a revocation produces): it settles by ``msg_id`` alone, which
+        the aggregator read from the topic, or the row would be resent forever (issue 14).
         """
         now = time.time()
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
+                if counter < 0:
+                    row = self._db.execute("SELECT counter FROM outbox WHERE msg_id = ?", (msg_id,)).fetchone()
+                    if row is not None:
+                        counter = int(row[0])
                 cur = self._db.execute("DELETE FROM outbox WHERE counter = ? AND msg_id = ?", (counter, msg_id))
                 found = cur.rowcount > 0
                 if found:
                     self._db.execute("UPDATE ledger SET state = ?, reason = ?, version = ?, settled_at = ? "
                                      "WHERE counter = ? AND msg_id = ?", (verdict, reason, version, now, counter, msg_id))
-                elif verdict == "applied":  # FedBuff: 'buffered' cleared the outbox; the flush says where it went
-                    self._db.execute("UPDATE ledger SET state = ?, version = ? WHERE counter = ? AND msg_id = ? "
-                                     "AND state = 'buffered'", (verdict, version, counter, msg_id))
+                elif verdict != "buffered":
+                    # FedBuff: 'buffered' cleared the outbox; the flush says where it went (applied), or a newer
+                    # update of this site took its place in the buffer (stale, reason superseded)
+                    self._db.execute("UPDATE ledger SET state = ?, reason = ?, version = ? WHERE counter = ? "
+                                     "AND msg_id = ? AND state = 'buffered'", (verdict, reason, version, counter, msg_id))
                 self._db.execute("COMMIT")
             except BaseException:
                 if self._db.in_transaction:  # SQLite already rolled back after e.g. SQLITE_FULL

@@ -38,7 +38,7 @@ Example::
     # broker = { url = "mqtt://plant-broker:1883" }   # default: [broker]
 
     [metrics]
-    port = 9109                          # Prometheus /metrics; 0 = off
+    port = 19312                         # Prometheus /metrics (no port: off; 0: any free port)
 """
 from __future__ import annotations
 
@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fedline.config import ConfigError, load_toml, parse, resolve_path
+from fedline.metrics import MetricsConfig
 
 
 @dataclass(frozen=True)
@@ -121,12 +122,6 @@ class OutputConfig:
             t = getattr(self, name)
             if t is not None and (not t or "+" in t or "#" in t):
                 raise ValueError(f"{name} {t!r} must be a non-empty topic without wildcards")
-
-
-@dataclass(frozen=True)
-class MetricsConfig:
-    port: int = 0
-    host: str = "127.0.0.1"
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,10 @@ from collections import deque
 from pathlib import Path
 from typing import Any, TextIO
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from fedline.logs import event
+from fedline.metrics import MetricsConfig, MetricsServer, new_registry
 
 log = logging.getLogger("fedline.infer.output")
 
@@ -135,7 +136,7 @@ class Metrics:
     """The service's Prometheus metrics, in their own registry (several services per test process)."""
 
     def __init__(self) -> None:
-        r = self.registry = CollectorRegistry()
+        r = self.registry = new_registry()
         self.predictions = Counter("fedline_infer_predictions", "Predictions made", registry=r)
         self.alarms = Counter("fedline_infer_alarms", "Predictions at or above the alarm threshold", registry=r)
         self.score_errors = Counter("fedline_infer_score_errors", "Rows the model failed to score", registry=r)
@@ -155,8 +156,8 @@ class Metrics:
         self.output_dropped = Counter("fedline_infer_output_dropped",
                                       "Predictions dropped from the MQTT output queue", registry=r)
 
-    def serve(self, host: str, port: int) -> Any:
-        from prometheus_client import start_http_server
-
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+    def serve(self, cfg: MetricsConfig, file: str | None = None) -> MetricsServer:
+        """Serve /metrics as ``[metrics]`` says (not at all without a port)."""
+        server = MetricsServer(self.registry)
+        server.start(cfg, service="infer", file=file)
         return server

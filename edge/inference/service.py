@@ -129,6 +129,9 @@ class InferenceService:
                                keep=cfg.output.file_keep) if cfg.output.file else None
         self._mqtt_out: MqttSink | None = None
         self._http: Any = None
+        self._liveness: Any = None  # broker_bridge.liveness.Liveness when following the federation broker
+        self._fed_client: Any = None
+        self._background: set[asyncio.Task[Any]] = set()
         self.origin = line.model_source
         self.rows_error: BaseException | None = None
 
@@ -168,19 +171,13 @@ class InferenceService:
     async def run(self) -> None:
         """Serve until the rows end (a finite source) or :meth:`stop` is called."""
         cfg = self.cfg
-        if cfg.metrics.port:
-            try:
-                self._http = self.metrics.serve(cfg.metrics.host, cfg.metrics.port)
-            except OSError as exc:
-                from fedline.config import ConfigError
-
-                raise ConfigError(cfg.file, "metrics.port", f"cannot serve /metrics on "
-                                                            f"{cfg.metrics.host}:{cfg.metrics.port}: {exc}") from None
+        self._http = self.metrics.serve(cfg.metrics, cfg.file)
         event(log, "infer.starting", site=cfg.line.site, source=self.origin, row_shape=list(self.row_shape))
         async with contextlib.AsyncExitStack() as stack:
             fed_client = out_client = None
             if self.origin == "manifest":
-                fed_client = await stack.enter_async_context(self._client(cfg.broker, "broker", "infer"))
+                fed_client = await stack.enter_async_context(self._client(cfg.broker, "broker", "infer",
+                                                                          liveness=True))
             if cfg.output.topic or cfg.output.alarm_topic or cfg.line.command_topic:
                 if cfg.output.broker is None and fed_client is not None:
                     out_client = fed_client
@@ -225,20 +222,31 @@ class InferenceService:
                 for t in tasks:
                     t.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
+                if self._liveness is not None and fed_client is not None:
+                    with contextlib.suppress(Exception):  # best effort: the will covers a lost link
+                        await asyncio.wait_for(self._liveness.stopped(fed_client), 5)
                 if self._sink is not None:
                     self._sink.close()
-                if self._http is not None:
-                    self._http.shutdown()
+                self._http.stop()
         event(log, "infer.stopped", rows=self.stats.rows, predictions=self.stats.predictions,
               version=self.current.version if self.current else None, swaps=len(self.stats.swaps),
               refused=dict(self.stats.refused))
 
-    def _client(self, table: dict[str, Any] | None, where: str, suffix: str) -> Any:
+    def _client(self, table: dict[str, Any] | None, where: str, suffix: str, liveness: bool = False) -> Any:
+        """A client for ``table``; on the federation broker (``liveness``) it keeps the line's retained
+        ``services/<user>/status`` with a last will (see :mod:`broker_bridge.liveness`)."""
         from broker_bridge.client import MqttClient
+        from broker_bridge.liveness import Liveness
 
         assert table is not None
         settings = broker_settings(table, self.cfg.file, where, client_id=f"{self.cfg.line.site}-{suffix}")
-        return MqttClient(settings)
+        if not liveness:
+            return MqttClient(settings)
+        self._liveness = Liveness(self.topics, settings.username or f"{self.cfg.line.site}.line", "line")
+        self._liveness.version = self.current.version if self.current else None
+        client = MqttClient(settings, will=self._liveness.will(), on_connect=self._liveness.online)
+        self._fed_client = client
+        return client
 
     # ------------------------------------------------------------------ rows
     async def _rows(self) -> AsyncIterator[Any]:
@@ -247,47 +255,14 @@ class InferenceService:
                 yield row
             return
         from firmware_adapters import build_sources
-        from firmware_adapters.rows import RowBuilder, parse_row_mapping
+        from firmware_adapters.rows import parse_row_mapping
+        from firmware_adapters.stream import row_stream
 
         cfg = self.cfg
         sources = build_sources(cfg.sources, file=cfg.file)
-        ranges: dict[str, tuple[float, float]] = {}
-        for s in sources:
-            r = getattr(s, "ranges", None)
-            ranges.update((r() if callable(r) else r) or {})
-        builder = RowBuilder(parse_row_mapping(cfg.rows, file=cfg.file), ranges, file=cfg.file)
-        samples: asyncio.Queue[Any] = asyncio.Queue(maxsize=1024)
-
-        async def pump(src: Any) -> None:
-            try:
-                async for sample in src:
-                    await samples.put(sample)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # sources reconnect by themselves; one that raises is broken
-                await samples.put(exc)
-                return
-            await samples.put(_END)
-
-        pumps = [asyncio.create_task(pump(s), name=f"infer:source{i}") for i, s in enumerate(sources)]
-        live = len(pumps)
-        try:
-            while live:
-                sample = await samples.get()
-                if sample is _END:
-                    live -= 1
-                    continue
-                if isinstance(sample, Exception):
-                    raise sample
-                row = builder.push(sample)
-                if row is not None:
-                    yield row
-            last = builder.flush()
-            if last is not None:
-                yield last
-        finally:
-            for p in pumps:
-                p.cancel()
+        # a broken source ends the line's rows (no on_source_error); historical (backfilled) rows are not scored
+        async for row in row_stream(sources, parse_row_mapping(cfg.rows, file=cfg.file), file=cfg.file, live_only=True):
+            yield row
 
     async def _read_rows(self) -> None:
         """Number and queue every row; at the end of the rows (or a source failure) queue the end mark."""
@@ -397,6 +372,10 @@ class InferenceService:
         self.stats.swaps.append(swap)
         self.metrics.swaps.inc()
         self.metrics.version.set(new.version)
+        if self._liveness is not None:  # tell the federation which version serves (no plant data)
+            task = asyncio.get_running_loop().create_task(self._liveness.set_version(self._fed_client, new.version))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
         if kind == "reload":
             self.metrics.swap_seconds.set(seconds)
         self.ready.set()

@@ -215,7 +215,8 @@ async def run_demo(opts: DemoOptions, console: Any = None) -> dict[str, Any]:
     mosq = None
     embedded = None
     protocol = "5"
-    mosq = MosquittoProcess(ws.broker_dir, federation=ws.federation, sites=sites)  # writes conf, ACL, passwords
+    # writes conf, ACL, passwords and a CA; client ids are bound to usernames, as in production
+    mosq = MosquittoProcess(ws.broker_dir, federation=ws.federation, sites=sites, bind_client_ids=True)
     if opts.broker:
         from urllib.parse import urlparse
 
@@ -227,9 +228,10 @@ async def run_demo(opts: DemoOptions, console: Any = None) -> dict[str, Any]:
         mosq = None
     elif mosquitto_binary() and not opts.embedded:
         mosq.start()
-        host, port = "127.0.0.1", mosq.port
-        broker_desc = (f"a private Mosquitto ({mosquitto_binary()}) on 127.0.0.1:{port} with the generated "
-                       f"config, ACL and password file in {ws.broker_dir}")
+        host, port = "127.0.0.1", mosq.tls_port
+        ws.ca_file, ws.line_users = mosq.ca_file, True
+        broker_desc = (f"a private Mosquitto ({mosquitto_binary()}) on 127.0.0.1:{port} (TLS) with the generated "
+                       f"config, CA, ACL and password file in {ws.broker_dir}")
     else:
         from broker_bridge.embedded import EmbeddedBroker
 
@@ -247,20 +249,22 @@ async def run_demo(opts: DemoOptions, console: Any = None) -> dict[str, Any]:
     proxies: dict[str, TcpProxy] = {}
     for name in ["aggregator", *sites]:
         proxies[name] = await TcpProxy(port, host, name).start()
-    ws.broker_url = proxies["aggregator"].url
-    ws.site_urls = {s: proxies[s].url for s in sites}
+    scheme = "mqtts" if ws.ca_file else "mqtt"  # the proxies pass TLS through untouched
+    ws.broker_url = proxies["aggregator"].url.replace("mqtt:", f"{scheme}:", 1)
+    ws.site_urls = {s: proxies[s].url.replace("mqtt:", f"{scheme}:", 1) for s in sites}
     ws.plc_ports = {s: free_port() for s in sites}
     tunings = site_tuning(data, opts)
     bundled = opts.csv is None
     files = {s.site: write_site(ws, data, s, tunings[s.site], bundled) for s in data.sites}
-    agg_toml = write_aggregator(ws, data, opts.tuning)
+    agg_toml = write_aggregator(ws, data, opts.tuning, {s: t.batch_size for s, t in site_tuning(data, opts).items()})
     if protocol != "5":
         _set_protocol(ws, sites, protocol)
 
     # -- the observer: progress view and traffic audit --------------------------------
     scorer = Scorer(data)
     monitor = Monitor(topics, sites, enrollment.aggregator.sign_pub, scorer)
-    obs = BrokerSettings(url=f"mqtt://{host}:{port}", client_id="demo-observer", username="observer",
+    obs = BrokerSettings(url=f"{scheme}://{host}:{port}", ca_file=ws.ca_file, client_id="demo-observer",
+                         username="observer",
                          password_file=str(ws.credentials("observer")), protocol=protocol,  # type: ignore[arg-type]
                          backoff_min_s=0.1, backoff_max_s=1.0, timeout_s=10.0)
     recorder = TrafficRecorder(obs, f"{topics.root}/#", on_message=monitor.on_message)

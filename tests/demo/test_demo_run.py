@@ -39,7 +39,11 @@ def run_demo(tmp_path: Path, *args: str, timeout: float = 170) -> tuple[dict, st
 def test_shortened_ai4i_demo(tmp_path):
     rep, out = run_demo(tmp_path, "--max-rows-per-site", "400", "--versions", "3", "--cut-after-version", "1",
                         "--cut-seconds", "3", "--round-seconds", "1.5", "--timeout", "100", "--splits", "2")
-    assert "private Mosquitto" in out
+    assert "private Mosquitto" in out and "(TLS)" in out
+    run = tmp_path / "run"  # over TLS, with client ids bound to usernames and a user per service
+    assert "use_username_as_clientid true" in (run / "broker" / "mosquitto.conf").read_text()
+    assert 'url = "mqtts://' in (run / "sites" / "M" / "site.toml").read_text()
+    assert 'username = "M.line"' in (run / "sites" / "M" / "line.toml").read_text()
     assert rep["task"] == "classification" and rep["metric"] == "roc_auc"
     assert [s["site"] for s in rep["sites"]] == ["L1", "L2", "M", "H"]  # L's rows run as two plants
     assert rep["model_versions"] >= 3
