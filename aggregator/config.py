@@ -117,11 +117,6 @@ class StrategyConfig:
     server_momentum: float = 0.0
     robust: Literal["none", "median", "trimmed_mean"] = "none"
     trim: float = 0.1  # fraction dropped at each end by trimmed_mean
-<<<<<<< HEAD
-    norm_bound: float = 0.0  # clip each delta to this L2 norm before the reduce; 0 = off
-    # FedBuff buffers become secure-aggregation cohorts: the aggregator sees only each cohort's sum
-    secure_aggregation: bool = False
-=======
     # clip each delta to this L2 norm before the reduce; unset = derived from [dp] (aggregator.normbound); 0 = off
     norm_bound: float | None = None
     # also clip each delta to the median norm of its buffer (one update per site, so the median is an honest
@@ -130,7 +125,8 @@ class StrategyConfig:
     # weigh by min(n_samples, sample_cap) / sum instead of 1/K; the cap is the aggregator's, never the claim
     sample_weighting: bool = False
     sample_cap: float = 0.0
->>>>>>> main
+    # FedBuff buffers become secure-aggregation cohorts: the aggregator sees only each cohort's sum
+    secure_aggregation: bool = False
 
     def validate(self) -> None:
         if not 0.0 < self.alpha <= 1.0:
@@ -162,9 +158,13 @@ class StrategyConfig:
             raise ValueError("server_momentum must be in [0, 1)")
         if not 0.0 <= self.trim < 0.5:
             raise ValueError("trim must be in [0, 0.5)")
-<<<<<<< HEAD
-        if self.norm_bound < 0:
-            raise ValueError("norm_bound must be >= 0 (0 = off)")
+        if self.norm_bound is not None and self.norm_bound < 0:
+            raise ValueError("norm_bound must be >= 0 (0 = off; leave it out to derive it from [dp])")
+        if self.sample_cap < 0:
+            raise ValueError("sample_cap must be >= 0")
+        if self.sample_weighting and self.sample_cap <= 0:
+            raise ValueError("sample_weighting = true needs sample_cap > 0: the aggregator, not the site's claim, "
+                             "bounds a weight (set it to a plant's typical rows per update)")
         if self.secure_aggregation:
             if self.robust != "none":
                 raise ValueError(f"robust = {self.robust!r} cannot run with secure_aggregation = true: masking hides "
@@ -174,18 +174,15 @@ class StrategyConfig:
                 raise ValueError(f"secure_aggregation = true needs kind = 'fedbuff' (a buffer becomes a cohort); "
                                  f"{self.kind!r} cannot be secure"
                                  + (": FedAsync applies one update per version" if self.kind == "fedasync" else ""))
-            if self.norm_bound <= 0:
-                raise ValueError("secure_aggregation = true needs norm_bound > 0: the per-site bound sizes the "
-                                 "fixed-point range and bounds the cohort sum")
-=======
-        if self.norm_bound is not None and self.norm_bound < 0:
-            raise ValueError("norm_bound must be >= 0 (0 = off; leave it out to derive it from [dp])")
-        if self.sample_cap < 0:
-            raise ValueError("sample_cap must be >= 0")
-        if self.sample_weighting and self.sample_cap <= 0:
-            raise ValueError("sample_weighting = true needs sample_cap > 0: the aggregator, not the site's claim, "
-                             "bounds a weight (set it to a plant's typical rows per update)")
->>>>>>> main
+            if self.norm_bound == 0:
+                raise ValueError("secure_aggregation = true needs a per-site norm bound (norm_bound > 0, or left out "
+                                 "to derive it from [dp]): it sizes the fixed-point range and bounds the cohort sum")
+            if self.sample_weighting:
+                raise ValueError("sample_weighting = true cannot run with secure_aggregation = true: a cohort's "
+                                 "members are weighed 1/K (their sample counts are claims the masked sum cannot check)")
+            if self.min_sites < 3:
+                raise ValueError(f"secure_aggregation = true needs min_sites >= 3 (a cohort of 2 reveals each "
+                                 f"member's update to the other), got {self.min_sites}")
         if self.kind == "fedasync" and self.robust != "none":
             raise ValueError(f"robust = {self.robust!r} needs several updates per reduce: "
                              "use kind = 'fedbuff' or 'fedavg' (FedAsync applies one update at a time)")
@@ -222,17 +219,19 @@ class DPConfig:
 
 @dataclass(frozen=True)
 class SecAggConfig:
-    """Cohorts of secure aggregation (used when ``[strategy] secure_aggregation = true``)."""
+    """Cohorts of secure aggregation (used when ``[strategy] secure_aggregation = true``).
 
-    min_sites: int = 3  # a cohort needs this many online members, and this many submissions to complete
+    A cohort needs ``[strategy] min_sites`` online members, and as many submissions to complete.
+    """
+
     max_sites: int = 100  # members of one cohort (each deals n^2 shares: keep it moderate)
     gather_s: float = 5.0  # wait this long for more online sites before a cohort smaller than all of them
     deadline_s: float = 300.0  # members submit within this; then the survivors are announced
     unmask_timeout_s: float = 120.0  # acks and answers within this after the deadline, or the cohort fails
 
     def validate(self) -> None:
-        if not 3 <= self.min_sites <= self.max_sites:
-            raise ValueError(f"need 3 <= min_sites <= max_sites, got {self.min_sites} and {self.max_sites}")
+        if self.max_sites < 3:
+            raise ValueError(f"max_sites must be at least 3, got {self.max_sites}")
         if self.gather_s < 0 or self.deadline_s <= 0 or self.unmask_timeout_s <= 0:
             raise ValueError("gather_s must be >= 0, deadline_s and unmask_timeout_s > 0")
 
@@ -271,11 +270,8 @@ class AggregatorConfig:
     broker: BrokerSettings = field(default_factory=BrokerSettings)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
-<<<<<<< HEAD
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
-=======
     dp: DPConfig = field(default_factory=DPConfig)
->>>>>>> main
     publish: PublishConfig = field(default_factory=PublishConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     evaluation: EvaluationConfig | None = None

@@ -2,7 +2,7 @@
 
 Life of a cohort (protocol: docs/architecture.md, "Secure aggregation"):
 
-1. **form** — when at least ``[secagg] min_sites`` enrolled sites are online (their retained
+1. **form** — when at least ``[strategy] min_sites`` enrolled sites are online (their retained
    status says so; the last will says when they are not) and in no open cohort, and either all
    such sites are free or the first has waited ``gather_s``: sign and publish (retained) the
    cohort announcement on the current version. Every member's weight is 1: the cohort applies
@@ -128,20 +128,20 @@ class CohortCoordinator:
     def _form(self, now: float) -> list[Outgoing]:
         busy = self._busy()
         free = sorted(s for s in self.online if s not in busy)
-        if len(free) < self.cfg.min_sites:
+        if len(free) < self.core.cfg.strategy.min_sites:
             return []
         idle = [s for s in self.core.enrollment.sites if s not in busy]
         if len(free) < len(idle) and now - min(self.online[s] for s in free) < self.cfg.gather_s:
             return []  # others may come online in a moment: one larger cohort beats two small ones
         members = tuple(free[: self.cfg.max_sites])
-        bound = self.core.cfg.strategy.norm_bound
+        bound = self.core.norm_bound
         ann = m.CohortAnnouncement(
             self.core.cfg.aggregator.federation,
             secrets.token_hex(16),
             self.core.version,
             members,
             len(members) // 2 + 1,
-            self.cfg.min_sites,
+            self.core.cfg.strategy.min_sites,
             now + self.cfg.deadline_s,
             now,
             bound,
@@ -302,7 +302,7 @@ class CohortCoordinator:
         except SecAggError as exc:
             return self._fail(c, exc.detail)
         k = len(s.survivors)
-        bound = core.cfg.strategy.norm_bound
+        bound = core.norm_bound
         norm = float(np.linalg.norm(total))
         if norm > k * bound:
             return self._fail(c, f"cohort sum norm {norm:.4g} exceeds {k} x the per-site bound {bound}")

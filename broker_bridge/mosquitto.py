@@ -65,15 +65,12 @@ def render_acl(topics: Topics, aggregator_user: str = AGGREGATOR_USER,
         f"pattern readwrite {r}/sites/%u/status",
         f"pattern read {r}/sites/%u/receipts",
         f"pattern read {r}/model/#",
-<<<<<<< HEAD
         "# Secure aggregation: cohort and survivors announcements, its own unmask requests and replies.",
         f"pattern read {r}/secagg/#",
         f"pattern read {r}/sites/%u/secagg/request",
         f"pattern write {r}/sites/%u/secagg/reply",
-=======
         "# Every service (aggregator, <site>.line): its own retained liveness.",
         f"pattern readwrite {r}/services/%u/status",
->>>>>>> main
         "",
     ]
     return "\n".join(lines)

@@ -42,13 +42,8 @@ def validate_site_id(site: object, what: str = "site id") -> str:
 class TopicInfo:
     """What a parsed topic names. Fields that do not apply are None."""
 
-<<<<<<< HEAD
-    kind: str  # update | receipts | status | manifest | weights | onnx | secagg_{cohort,survivors,request,reply}
-    site: str | None = None
-=======
-    kind: str  # update | receipts | status | service_status | manifest | weights | onnx
+    kind: str  # update | receipts | status | service_status | manifest | weights | onnx | secagg_{cohort,survivors,request,reply}
     site: str | None = None  # for service_status: the service's broker username
->>>>>>> main
     msg_id: str | None = None
     index: int | None = None
     version: int | None = None
@@ -147,15 +142,12 @@ class Topics:
                                      index=_index(parts[4]))
                 if parts[2] in ("receipts", "status") and len(parts) == 3:
                     return TopicInfo(parts[2], site=site)
-<<<<<<< HEAD
                 if parts[2] == "secagg" and len(parts) == 4 and parts[3] in ("request", "reply"):
                     return TopicInfo(f"secagg_{parts[3]}", site=site)
             if parts[0] == "secagg" and len(parts) == 3 and parts[1] in ("cohort", "survivors"):
                 return TopicInfo(f"secagg_{parts[1]}", msg_id=validate_site_id(parts[2], "cohort id"))
-=======
             if parts[0] == "services" and len(parts) == 3 and parts[2] == "status":
                 return TopicInfo("service_status", site=validate_site_id(parts[1], "service user"))
->>>>>>> main
             if parts[0] == "model":
                 if parts[1:] == ["manifest"]:
                     return TopicInfo("manifest")

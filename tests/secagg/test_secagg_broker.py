@@ -56,7 +56,6 @@ norm_bound = {NORM_BOUND}
 server_lr = 1.0
 
 [secagg]
-min_sites = 3
 gather_s = 60.0
 deadline_s = 300.0
 unmask_timeout_s = 60.0
@@ -165,7 +164,9 @@ async def test_five_sites_one_drops_after_submitting_one_never_submits(broker5, 
     finally:
         for s in SITES:
             stops[s].set()
-        await asyncio.gather(*tasks.values(), return_exceptions=True)
+        _, stuck = await asyncio.wait(list(tasks.values()), timeout=120)
+        for t in stuck:  # e.g. a round's thread still running: do not let teardown hang
+            t.cancel()
         aggregator.stop()
         await asyncio.wait_for(agg_task, 120)
         for p in proxies.values():

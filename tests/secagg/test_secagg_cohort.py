@@ -19,7 +19,7 @@ from edge.secagg_member import EdgeCohorts
 from tests.aggregator.helpers import make_federation
 
 SITES = ["site-a", "site-b", "site-c", "site-d"]
-STRATEGY = 'kind = "fedbuff"\nsecure_aggregation = true\nnorm_bound = 2.0'
+STRATEGY = 'kind = "fedbuff"\nsecure_aggregation = true\nnorm_bound = 2.0\nmin_sites = 3'
 
 
 class Clock:

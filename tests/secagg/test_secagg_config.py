@@ -21,14 +21,16 @@ def _config(strategy: dict, secagg: dict | None = None):
 
 def test_secure_aggregation_refuses_what_masking_makes_impossible() -> None:
     ok = _config({"kind": "fedbuff", "secure_aggregation": True, "norm_bound": 2.0})
-    assert ok.strategy.secure_aggregation and ok.secagg.min_sites == 3
+    assert ok.strategy.secure_aggregation and ok.strategy.min_sites == 3
     with pytest.raises(ConfigError, match=r"robust = 'median' cannot run with secure_aggregation"):
         _config({"kind": "fedbuff", "secure_aggregation": True, "norm_bound": 2.0, "robust": "median"})
     with pytest.raises(ConfigError, match=r"robust = 'trimmed_mean' cannot run with secure_aggregation"):
         _config({"kind": "fedbuff", "secure_aggregation": True, "norm_bound": 2.0, "robust": "trimmed_mean"})
     with pytest.raises(ConfigError, match=r"'fedasync' cannot be secure: FedAsync applies one update per version"):
         _config({"kind": "fedasync", "secure_aggregation": True, "norm_bound": 2.0})
-    with pytest.raises(ConfigError, match=r"needs norm_bound > 0"):
-        _config({"kind": "fedbuff", "secure_aggregation": True})
-    with pytest.raises(ConfigError, match=r"min_sites"):
-        _config({"kind": "fedbuff", "secure_aggregation": True, "norm_bound": 2.0}, {"min_sites": 2})
+    with pytest.raises(ConfigError, match=r"needs a per-site norm bound"):
+        _config({"kind": "fedbuff", "secure_aggregation": True, "norm_bound": 0.0})
+    with pytest.raises(ConfigError, match=r"sample_weighting = true cannot run with secure_aggregation"):
+        _config({"kind": "fedbuff", "secure_aggregation": True, "sample_weighting": True, "sample_cap": 100.0})
+    with pytest.raises(ConfigError, match=r"needs min_sites >= 3"):
+        _config({"kind": "fedbuff", "secure_aggregation": True, "norm_bound": 2.0, "min_sites": 2})
