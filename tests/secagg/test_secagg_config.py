@@ -27,7 +27,7 @@ def test_secure_aggregation_refuses_what_masking_makes_impossible() -> None:
     with pytest.raises(ConfigError, match=r"robust = 'trimmed_mean' cannot run with secure_aggregation"):
         _config({"kind": "fedbuff", "secure_aggregation": True, "norm_bound": 2.0, "robust": "trimmed_mean"})
     with pytest.raises(ConfigError, match=r"'fedasync' cannot be secure: FedAsync applies one update per version"):
-        _config({"kind": "fedasync", "secure_aggregation": True, "norm_bound": 2.0})
+        _config({"kind": "fedasync", "secure_aggregation": True, "norm_bound": 2.0, "min_sites": 1})
     with pytest.raises(ConfigError, match=r"needs a per-site norm bound"):
         _config({"kind": "fedbuff", "secure_aggregation": True, "norm_bound": 0.0})
     with pytest.raises(ConfigError, match=r"sample_weighting = true cannot run with secure_aggregation"):
