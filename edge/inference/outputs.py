@@ -197,6 +197,9 @@ class Metrics:
                                        buckets=(1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 5e-2, float("inf")),
                                        registry=r)
         self.queue = Gauge("fedline_infer_queue_rows", "Rows waiting to be scored", registry=r)
+        self.served = Gauge("fedline_infer_served_validation_metric",
+                            "The served model's metric on its site's validation rows, by kind (local, global, "
+                            "fine_tuned; the site's [personal] serve = \"pick\")", ["kind", "metric"], registry=r)
         self.output_dropped = Counter("fedline_infer_output_dropped",
                                       "Predictions dropped from the MQTT output queue", registry=r)
 
