@@ -85,7 +85,7 @@ async def test_aggregator_liveness_and_will(tmp_path, mosquitto) -> None:
     agg = Aggregator(fed.config(broker=table))
     async with Watch(mosquitto) as watch:
         task = asyncio.create_task(agg.run())
-        await eventually(lambda: watch.state("aggregator").get("version") == 0, 30)
+        await eventually(lambda: watch.state("aggregator").get("version") == 0, 120)
         assert watch.state("aggregator") == {"service": "aggregator", "state": "online", "version": 0}
         proxy.cut()
         await eventually(lambda: watch.state("aggregator").get("reason") == "connection lost", 20)
