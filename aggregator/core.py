@@ -148,7 +148,7 @@ class AggregatorCore:
         self.buffer_since: float | None = None  # monotonic time the current buffer got its first update
         for row, sealed in self.store.buffered():
             try:
-                header, tensors = envelope.open_update(sealed, self.keys, self.enrollment)
+                _header, tensors = envelope.open_update(sealed, self.keys, self.enrollment)
             except WireError as exc:  # e.g. the site was revoked since; its update cannot be used
                 event(log, "aggregator.buffer_unreadable", level=logging.ERROR, site=row.site,
                       counter=row.counter, error=str(exc))

@@ -81,7 +81,7 @@ def median(deltas: Sequence[Mapping[str, np.ndarray]]) -> State:
 def trimmed_mean(deltas: Sequence[Mapping[str, np.ndarray]], trim: float) -> State:
     """Coordinate-wise mean after dropping the ``floor(trim * n)`` smallest and largest values."""
     n = len(deltas)
-    k = int(math.floor(trim * n))
+    k = math.floor(trim * n)
     if n - 2 * k < 1:
         k = (n - 1) // 2
     out: State = {}

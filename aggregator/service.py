@@ -65,6 +65,10 @@ class Aggregator:
         # one reassembler per site: message ids are chosen by sites, so a shared one would let one site's
         # chunks collide with (or be used to disturb) another's; each site's held bytes are capped too
         self.reassemblers: dict[str, Reassembler] = {}
+        # sites holding half-sent bytes, and when quiet sites' leftovers are next swept: with a thousand sites,
+        # touching every reassembler per chunk or per update would cost more than opening the update
+        self._holding: set[str] = set()
+        self._next_sweep = 0.0
         self.published_version = -1
         self.started = asyncio.Event()  # the core is loaded and subscribed
         self.published = asyncio.Event()  # set after every publish (tests clear and wait)
@@ -149,15 +153,24 @@ class Aggregator:
                 self.metrics.chunk_errors.inc()
                 event(log, "chunk.rejected", level=logging.WARNING, site=info.site, topic=msg.topic, error=str(exc))
                 continue
+            if reassembler.held_bytes:
+                self._holding.add(info.site)
+            else:
+                self._holding.discard(info.site)
             if done is None:
-                evicted = enforce_total_cap(self.reassemblers, self.cfg.aggregator.reassembly_total_max_bytes)
+                holding = {site: self.reassemblers[site] for site in self._holding}  # the others hold 0 bytes
+                evicted = enforce_total_cap(holding, self.cfg.aggregator.reassembly_total_max_bytes)
                 if evicted:
                     self.metrics.reassembly_evicted.inc(len(evicted))
                     event(log, "reassembly.evicted", level=logging.WARNING, sites=sorted(set(evicted)),
                           messages=len(evicted), cap=self.cfg.aggregator.reassembly_total_max_bytes)
                 continue
-            for r in self.reassemblers.values():  # forget what sites that went quiet left half-sent
-                r.expire()
+            if loop.time() >= self._next_sweep:  # forget what sites that went quiet left half-sent
+                self._next_sweep = loop.time() + 1.0
+                for site in list(self._holding):
+                    self.reassemblers[site].expire()
+                    if not self.reassemblers[site].held_bytes:
+                        self._holding.discard(site)
             msg_id, blob = done
             fut = loop.run_in_executor(core.pool, core.open, blob, info.site, msg_id)
             await queue.put(fut)  # bounded: back-pressure instead of unbounded memory

@@ -4,7 +4,8 @@ Task (issue 7): three sites (AI4I 2020 product types L/M/H, 80/20 split), MLP 5â
 2 local epochs per update, 10 global versions, sealing and DP-SGD on.
 
 - **chain**: every site is a separate ``fedline edge`` process, the aggregator a
-  ``fedline aggregator`` process (synchronous FedAvg: K = 3), all talking to a real
+  ``fedline aggregator`` process with the demo's strategy (FedBuff, K = 3, its buffer
+  timeout and staleness weighting) and ONNX publishing on, all talking to a real
   private Mosquitto through counting TCP proxies. Each edge gets its training rows from
   a CSV replay of its training rows at full speed; like the demo's sites, each trains as soon
   as a new global version arrives (``training.on_new_model``), on the same rows as the plain loop.
@@ -62,6 +63,15 @@ def privacy_config():
     from edge.config import PrivacyConfig
 
     return PrivacyConfig(epsilon=50.0, delta=1e-5, noise_multiplier=NOISE, max_grad_norm=CLIP)
+
+
+def demo_strategy() -> dict[str, Any]:
+    """The demo's aggregator strategy (FedBuff, its K, staleness weighting and buffer timeout), from its tuning."""
+    from fedline.demo.workspace import Tuning
+
+    t = Tuning()
+    return {"kind": "fedbuff", "buffer_size": t.buffer_size, "staleness": t.staleness, "a": t.staleness_a,
+            "max_staleness": t.max_staleness, "server_lr": t.server_lr, "buffer_timeout_s": t.buffer_timeout_s}
 
 
 def model_doc(data: DemoData) -> dict[str, Any]:
@@ -130,8 +140,8 @@ def write_configs(data: DemoData, root: Path, broker_urls: dict[str, str]) -> di
         "broker": {"url": broker_urls["aggregator"], "username": "aggregator",
                    "password_file": str(ws.credentials("aggregator")), "client_id": "aggregator",
                    "backoff_min_s": 0.1, "backoff_max_s": 1.0},
-        "strategy": {"kind": "fedavg", "max_staleness": 3},
-        "publish": {"retain_versions": 2, "onnx": False},
+        "strategy": demo_strategy(),
+        "publish": {"retain_versions": 2, "onnx": True},  # as in the demo: every version's ONNX is published
     }
     paths["aggregator"] = write_toml(root / "aggregator" / "aggregator.toml", agg)
     return paths

@@ -227,7 +227,6 @@ def trigger_to_outbox(repeats: int) -> dict[str, Any]:
 
 def bookkeeping(repeats: int) -> dict[str, Any]:
     """Per-record ledger cost per round at a 50,000-row window, and one DP round on that window."""
-    import numpy as np
 
     from edge.config import PrivacyConfig, TrainingConfig
     from edge.dataset import Dataset
@@ -266,7 +265,7 @@ def bookkeeping(repeats: int) -> dict[str, Any]:
     began = time.perf_counter()
     result = train_round(spec, base, None, xs, ys, training, PrivacyConfig(), None)
     round_s = time.perf_counter() - began
-    return {"window_rows": int(len(xs)), "live_rounds": len(ledger.rounds), "steps": result.plan.steps,
+    return {"window_rows": len(xs), "live_rounds": len(ledger.rounds), "steps": result.plan.steps,
             "bookkeeping_s": [round(min(costs), 4), round(max(costs), 4)], "state_bytes": state_bytes,
             "round_s": round(round_s, 2), "share_percent": round(100 * max(costs) / round_s, 2),
             "epsilon": round(ledger.epsilon, 4)}

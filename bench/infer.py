@@ -25,6 +25,7 @@ imports, so its RSS is the service's. The model is an MLP like the default
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import subprocess
 import sys
@@ -50,7 +51,7 @@ def make_models(out: Path, count: int) -> list[Path]:
     sizes = (N_FEATURES, *HIDDEN, 1)
     for v in range(count):
         rng = np.random.default_rng(v)
-        ws = [rng.normal(0, 1 / np.sqrt(a), (a, b)) for a, b in zip(sizes[:-1], sizes[1:])]
+        ws = [rng.normal(0, 1 / np.sqrt(a), (a, b)) for a, b in itertools.pairwise(sizes)]
         bs = [rng.normal(0, 0.1, b) for b in sizes[1:]]
         p = out / f"model-{v}.onnx"
         p.write_bytes(mlp_onnx(ws, bs))

@@ -200,6 +200,7 @@ class MqttClient:
         self.will = will
         self.on_connect = on_connect
         self.connected = asyncio.Event()
+        self._callbacks: set[asyncio.Task[None]] = set()  # on_connect runs; kept so they are not collected
         self.stats = ClientStats()
         self.max_packet_size: int | None = None
         self.last_error: str | None = None
@@ -282,7 +283,9 @@ class MqttClient:
                           session_present=client.session_present, max_packet=client.max_packet_size)
                     self.connected.set()
                     if self.on_connect is not None:
-                        asyncio.create_task(self._call_on_connect())
+                        task = asyncio.create_task(self._call_on_connect())
+                        self._callbacks.add(task)
+                        task.add_done_callback(self._callbacks.discard)
                     async for m in client.messages:
                         self.stats.received += 1
                         payload = m.payload if isinstance(m.payload, (bytes, bytearray)) else \

@@ -93,6 +93,10 @@ class Topics:
     def model_filter(self) -> str:
         return f"{self.root}/model/#"
 
+    def weights_filter(self) -> str:
+        """Every version's weight chunks, without its ONNX: what an edge needs (it exports its own ONNX)."""
+        return f"{self.root}/model/+/weights/#"
+
     # -- parsing -------------------------------------------------------------
     def parse(self, topic: str) -> TopicInfo:
         """Name the kind of a topic of this federation; :class:`TopicError` otherwise."""

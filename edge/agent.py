@@ -38,10 +38,10 @@ from broker_bridge.topics import Topics
 from edge.config import EdgeConfig, load_edge_config, row_mapping
 from edge.dataset import Dataset
 from edge.follow import WeightsCollector
+from edge.ledger_privacy import RecordLedger, window_group
 from edge.metrics import EdgeMetrics
 from edge.model_store import GlobalModel, ModelRefused, ModelStore, check_global_model
 from edge.outbox import Outbox, OutboxFull
-from edge.ledger_privacy import RecordLedger, window_group
 from edge.privacy import PrivacyBudget
 from edge.trainer import Plan, plan_round, train_round
 from fedline.config import ConfigError, parse
@@ -224,54 +224,36 @@ class EdgeAgent:
         return row.x, np.full(self.spec.n_outputs, y, np.float32)
 
     async def _ingest(self) -> None:
-        from firmware_adapters.rows import RowBuilder
+        from firmware_adapters.stream import row_stream
 
-        ranges: dict[str, tuple[float, float]] = {}
-        for src in self.sources:
-            r = getattr(src, "ranges", None)
-            ranges.update((r() if callable(r) else r) or {})
-        builder = RowBuilder(self.mapping, ranges=ranges, file=self.cfg.file)
-        queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=1024)
-        done = object()
-
-        async def pump(src: Any) -> None:
-            try:
-                async for sample in src:
-                    await queue.put(sample)
-            except Exception as exc:  # a source must not take the agent down
-                event(log, "source.failed", logging.ERROR, site=self.site, source=getattr(src, "name", "?"), error=repr(exc))
-                self._error(f"source {getattr(src, 'name', '?')}: {exc}")
-            finally:
-                await queue.put(done)
-
-        pumps = [asyncio.create_task(pump(s)) for s in self.sources]
-        running = len(pumps)
         batch: list[tuple[np.ndarray, np.ndarray | None]] = []
-        try:
-            while running:
-                item = await queue.get()
-                if item is done:
-                    running -= 1
-                    row = builder.flush() if running == 0 else None
-                else:
-                    self.metrics.samples.inc()
-                    row = builder.push(item)
-                if row is not None and (row.y is not None or self.spec.task == "anomaly"):
-                    batch.append(self._example(row))
-                if batch and (len(batch) >= 64 or queue.empty() or item is done):
-                    self._store(batch)
-                    batch = []
-                if item is done and self.cfg.training.on_new_model and self._first_round_pending and self.new_rows:
-                    # a source's backlog is in (e.g. a historian replay): the first round starts now rather
-                    # than at the fallback timer; later rounds follow the federation's versions
-                    self._trigger.set()
+
+        def failed(src: Any, exc: BaseException) -> None:  # a source must not take the agent down
+            event(log, "source.failed", logging.ERROR, site=self.site, source=getattr(src, "name", "?"), error=repr(exc))
+            self._error(f"source {getattr(src, 'name', '?')}: {exc}")
+
+        def ended(src: Any) -> None:
+            nonlocal batch
             if batch:
                 self._store(batch)
-        finally:
-            for p in pumps:
-                p.cancel()
+                batch = []
+            if self.cfg.training.on_new_model and self._first_round_pending and self.new_rows:
+                # a source's backlog is in (e.g. a historian replay): the first round starts now rather
+                # than at the fallback timer; later rounds follow the federation's versions
+                self._trigger.set()
+
+        stream = row_stream(self.sources, self.mapping, file=self.cfg.file, on_source_error=failed,
+                            on_source_end=ended, on_sample=lambda _: self.metrics.samples.inc())
+        async for row in stream:
+            if row.y is not None or self.spec.task == "anomaly":
+                batch.append(self._example(row))
+            if batch and (len(batch) >= 64 or stream.pending == 0):
+                self._store(batch)
+                batch = []
+        if batch:
+            self._store(batch)
         self.sources_done = True
-        event(log, "sources.ended", site=self.site, stored=len(self.dataset), **builder.stats.__dict__)
+        event(log, "sources.ended", site=self.site, stored=len(self.dataset), **stream.builder.stats.__dict__)
 
     def _store(self, batch: list[tuple[np.ndarray, np.ndarray | None]]) -> None:
         try:
@@ -666,7 +648,10 @@ class EdgeAgent:
         try:
             async with client:
                 await client.subscribe(self.topics.receipts(self.site), qos=1)
-                await client.subscribe(self.topics.model_filter(), qos=1)
+                # the manifest and the weights, not the aggregator's ONNX: this agent builds its own from the
+                # weights (with its personal head), so downloading every version's ONNX too only costs the link
+                await client.subscribe(self.topics.manifest(), qos=1)
+                await client.subscribe(self.topics.weights_filter(), qos=1)
                 tasks = {asyncio.create_task(c, name=f"edge:{self.site}:{n}") for n, c in [
                     ("ingest", self._ingest()), ("train", self._train_loop()), ("send", self._send_loop(client)),
                     ("receive", self._receive_loop(client)), ("status", self._status_loop(client))]}

@@ -145,7 +145,7 @@ class RecordLedger:
 
     @classmethod
     def from_global_history(cls, cfg: PrivacyConfig, group: int, history: list[tuple[float, float, int]],
-                            last_id: int) -> "RecordLedger":
+                            last_id: int) -> RecordLedger:
         """Carry a site's old global accountant over: every row stored so far took part in every past release."""
         led = cls(cfg, group)
         for i, (sigma, q, steps) in enumerate(history):

@@ -143,10 +143,10 @@ def train_round(spec: ModelSpec, base_shared: dict[str, np.ndarray], personal: d
 
         optimizer.attach_step_hook(count)
         sampler = poisson_batches(len(x), plan, private_generator())
-        batches = lambda: (torch.as_tensor(idx, dtype=torch.long) for idx in sampler)  # noqa: E731
+        batches = lambda: (torch.as_tensor(idx, dtype=torch.long) for idx in sampler)
     else:
         order = torch.Generator().manual_seed(secrets.randbits(63))
-        batches = lambda: torch.randperm(len(x), generator=order).split(plan.batch_size)  # noqa: E731
+        batches = lambda: torch.randperm(len(x), generator=order).split(plan.batch_size)
     trained.train()
     losses: list[float] = []
     params = [p for p in trained.parameters() if p.requires_grad]

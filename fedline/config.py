@@ -23,7 +23,7 @@ import dataclasses
 import tomllib
 import types
 from pathlib import Path
-from typing import Any, Literal, TypeVar, cast, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal, TypeVar, Union, cast, get_args, get_origin, get_type_hints
 
 T = TypeVar("T")
 

@@ -123,7 +123,8 @@ def _sources(args: argparse.Namespace) -> int:
         try:
             async for sample in agen:
                 values = json.dumps(dict(sample.values), default=str)
-                print(f"{sample.ts:.3f} {sample.source} {sample.quality} {values}" + (f" error={sample.error}" if sample.error else ""), flush=True)
+                print(f"{sample.ts:.3f} {sample.source} {sample.quality}{' historical' if sample.historical else ''} {values}"
+                      + (f" error={sample.error}" if sample.error else ""), flush=True)
                 n += 1
                 if args.count and n >= args.count:
                     return

@@ -33,6 +33,7 @@ read a bad sample, never a guess. Strings take no scale, offset or range.
 """
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,7 +121,7 @@ class RegisterMap:
             by_table.setdefault(t.table, []).append(t)
         for table, tags in by_table.items():
             tags = sorted(tags, key=lambda t: t.address)
-            for a, b in zip(tags, tags[1:]):
+            for a, b in itertools.pairwise(tags):
                 if a.address + a.words > b.address:
                     raise ValueError(f"tags {a.name!r} and {b.name!r} overlap in the {table} table")
 

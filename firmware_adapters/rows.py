@@ -56,6 +56,7 @@ from fedline.config import ConfigError, parse
 from firmware_adapters.sample import Sample, Value
 
 Aggregate = Literal["mean", "min", "max", "std", "last"]
+_AGGREGATES = {"mean": np.mean, "min": np.min, "max": np.max, "std": np.std}  # over a window's rows ("last" apart)
 
 
 @dataclass(frozen=True)
@@ -298,7 +299,7 @@ class RowBuilder:
         parts = []
         for agg in self.mapping.aggregates:
             parts.append(
-                {"mean": xs.mean, "min": xs.min, "max": xs.max, "std": xs.std}[agg](axis=0)
+                _AGGREGATES[agg](xs, axis=0)
                 if agg != "last" else xs[-1]
             )
         how = self.mapping.label_aggregate or ("max" if self.mapping.task == "classification" else "last")

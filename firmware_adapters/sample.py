@@ -13,9 +13,9 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal, Union
+from typing import Literal
 
-Value = Union[float, int, bool, str, None]
+Value = float | int | bool | str | None
 """A tag's value. ``None`` means the device reported the tag as null/missing."""
 
 Quality = Literal["good", "uncertain", "bad"]

@@ -56,7 +56,7 @@ def target(data: bytes) -> None:
         assert r.held_bytes <= MAX_BYTES, f"holding {r.held_bytes} bytes, cap {MAX_BYTES}"
         assert r.held_bytes >= 0
         if done is not None:
-            msg_id, blob = done
+            _msg_id, blob = done
             parsed = chunking.parse_chunk(raw)
             assert len(blob) == parsed.total <= MAX_BYTES
             assert chunking.message_digest(blob) == parsed.digest

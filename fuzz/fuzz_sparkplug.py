@@ -84,4 +84,4 @@ def seeds() -> list[bytes]:
 
 
 if __name__ == "__main__":
-    main(target, seeds(), ACCEPTED + (codec.Unsupported,))
+    main(target, seeds(), (*ACCEPTED, codec.Unsupported))

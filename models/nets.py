@@ -11,6 +11,7 @@ reconstruction); :class:`Scorer` turns that into the score the line sees.
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -45,7 +46,7 @@ class _Standardise(nn.Module):
 
 def _dense(sizes: list[int], *, last_activation: bool) -> nn.Sequential:
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
         layers.append(nn.Linear(a, b))
         if last_activation or i < len(sizes) - 2:
             layers.append(nn.ReLU())
@@ -74,7 +75,7 @@ class CNN1d(nn.Module):
         self.norm = _Standardise(spec)
         layers: list[nn.Module] = []
         channels = [spec.n_features, *spec.hidden]
-        for a, b in zip(channels[:-1], channels[1:]):
+        for a, b in itertools.pairwise(channels):
             layers += [nn.Conv1d(a, b, kernel_size=3, padding=1), nn.ReLU()]
         self.body = nn.Sequential(*layers)
         self.head = nn.Linear(spec.hidden[-1], spec.n_outputs)

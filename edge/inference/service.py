@@ -38,7 +38,7 @@ from broker_bridge.topics import Topics
 from edge.inference.config import InferConfig, broker_settings
 from edge.inference.model_dir import ModelDirError, read_model, read_pointer
 from edge.inference.outputs import JsonlSink, Metrics, MqttSink
-from edge.inference.session import (LoadedModel, ModelInfo, ModelRefused, build_model, canary_check)
+from edge.inference.session import LoadedModel, ModelInfo, ModelRefused, build_model, canary_check
 from edge.inference.state import SavedModel, Serving, StateDir
 from fedline.logs import event
 
@@ -247,47 +247,14 @@ class InferenceService:
                 yield row
             return
         from firmware_adapters import build_sources
-        from firmware_adapters.rows import RowBuilder, parse_row_mapping
+        from firmware_adapters.rows import parse_row_mapping
+        from firmware_adapters.stream import row_stream
 
         cfg = self.cfg
         sources = build_sources(cfg.sources, file=cfg.file)
-        ranges: dict[str, tuple[float, float]] = {}
-        for s in sources:
-            r = getattr(s, "ranges", None)
-            ranges.update((r() if callable(r) else r) or {})
-        builder = RowBuilder(parse_row_mapping(cfg.rows, file=cfg.file), ranges, file=cfg.file)
-        samples: asyncio.Queue[Any] = asyncio.Queue(maxsize=1024)
-
-        async def pump(src: Any) -> None:
-            try:
-                async for sample in src:
-                    await samples.put(sample)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # sources reconnect by themselves; one that raises is broken
-                await samples.put(exc)
-                return
-            await samples.put(_END)
-
-        pumps = [asyncio.create_task(pump(s), name=f"infer:source{i}") for i, s in enumerate(sources)]
-        live = len(pumps)
-        try:
-            while live:
-                sample = await samples.get()
-                if sample is _END:
-                    live -= 1
-                    continue
-                if isinstance(sample, Exception):
-                    raise sample
-                row = builder.push(sample)
-                if row is not None:
-                    yield row
-            last = builder.flush()
-            if last is not None:
-                yield last
-        finally:
-            for p in pumps:
-                p.cancel()
+        # a broken source ends the line's rows (no on_source_error); historical (backfilled) rows are not scored
+        async for row in row_stream(sources, parse_row_mapping(cfg.rows, file=cfg.file), file=cfg.file, live_only=True):
+            yield row
 
     async def _read_rows(self) -> None:
         """Number and queue every row; at the end of the rows (or a source failure) queue the end mark."""

@@ -224,12 +224,12 @@ def _split(n: int, y: np.ndarray, task: Task, test_fraction: float, rng: np.rand
         for cls in np.unique(y):
             idx = np.flatnonzero(y == cls)
             rng.shuffle(idx)
-            k = int(round(len(idx) * test_fraction))
+            k = round(len(idx) * test_fraction)
             test.extend(idx[:k].tolist())
         test_idx = np.array(sorted(test), dtype=int)
     else:
         perm = rng.permutation(n)
-        test_idx = np.sort(perm[: int(round(n * test_fraction))])
+        test_idx = np.sort(perm[: round(n * test_fraction)])
     mask = np.zeros(n, dtype=bool)
     mask[test_idx] = True
     return np.flatnonzero(~mask), test_idx

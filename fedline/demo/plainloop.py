@@ -85,7 +85,7 @@ def fedavg(data: DemoData, spec: ModelSpec, rounds: int, training, privacy=None,
             out.history.append({**glob, **personal0})
         if evaluate_each_round:
             params = {**glob, **personal0}
-            out.metrics.append({s.site: evaluate(data, lambda x: predict(spec, params, x), i)
+            out.metrics.append({s.site: evaluate(data, lambda x, p=params: predict(spec, p, x), i)
                                 for i, s in enumerate(data.sites)})
     out.params = {**glob, **personal0}
     if any(personal0):

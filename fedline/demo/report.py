@@ -89,7 +89,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "# fedline demo report",
         "",
         f"Task: **{report['task']}** on `{report['data']['source']}` "
-        f"(label `{report['data']['label']}`, features {', '.join('`%s`' % f for f in report['data']['features'])}); "
+        f"(label `{report['data']['label']}`, features {', '.join(f'`{f}`' for f in report['data']['features'])}); "
         f"metric: {METRIC_NAMES[m]} on each site's held-out 20 %.",
         f"Broker: {report['broker']}. Duration {report['duration_s']:.0f} s, {report['model_versions']} model versions.",
         "",

@@ -58,7 +58,7 @@ class Tuning:
 
 def dp_batch_size(n_rows: int, fraction: float) -> int:
     """A site's DP batch: a fixed share of its rows (the same sampling rate everywhere), at least 16."""
-    return max(16, int(round(fraction * n_rows)))
+    return max(16, round(fraction * n_rows))
 
 
 @dataclass
@@ -152,7 +152,7 @@ def plc_map(data: DemoData) -> dict[str, Any]:
 
 def split_live(site: SiteData, fraction: float) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
     """The first rows of the training split are the plant's history; the last ``fraction`` arrive live."""
-    n_live = max(1, int(round(len(site.train_rows) * fraction))) if fraction > 0 else 0
+    n_live = max(1, round(len(site.train_rows) * fraction)) if fraction > 0 else 0
     cut = len(site.train_rows) - n_live
     return site.train_rows[:cut], site.train_rows[cut:]
 

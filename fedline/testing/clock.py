@@ -25,11 +25,11 @@ def shift_wall_clock(offset_s: float) -> None:
 
     class _SkewedDatetime(_dt.datetime):
         @classmethod
-        def now(cls, tz: _dt.tzinfo | None = None) -> _dt.datetime:
+        def now(cls, tz: _dt.tzinfo | None = None) -> _dt.datetime:  # type: ignore[override]
             return _dt.datetime.fromtimestamp(time.time(), tz)
 
         @classmethod
-        def utcnow(cls) -> _dt.datetime:
+        def utcnow(cls) -> _dt.datetime:  # type: ignore[override]
             return _dt.datetime.fromtimestamp(time.time(), _dt.UTC).replace(tzinfo=None)
 
     _dt.datetime = _SkewedDatetime  # type: ignore[misc]

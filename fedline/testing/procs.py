@@ -65,7 +65,8 @@ class Launched:
             except subprocess.TimeoutExpired:
                 self.popen.kill()
                 self.popen.wait(10)
-                raise RuntimeError(f"{self.name} did not stop within {timeout} s of SIGTERM; log: {self.log_path}")
+                raise RuntimeError(
+                    f"{self.name} did not stop within {timeout} s of SIGTERM; log: {self.log_path}") from None
         return int(self.popen.returncode)
 
     def rss(self) -> int:

@@ -146,7 +146,7 @@ _scalars = st.one_of(st.integers(-(2**63), 2**63 - 1), st.floats(), st.text(max_
                      st.sampled_from(["modbus_tcp", "modbus_rtu", "serial", "opcua", "mqtt_json", "sparkplug", "csv",
                                       "d.csv", "holding", "coil", "opc.tcp://h:1", "mqtt://h:1", "big", "E", "kv"]))
 _values = st.recursive(_scalars, lambda inner: st.one_of(st.lists(inner, max_size=3),
-                                                         st.dictionaries(st.sampled_from(_KEYS + ["address", "type", "tag", "node_id"]), inner, max_size=4)),
+                                                         st.dictionaries(st.sampled_from([*_KEYS, "address", "type", "tag", "node_id"]), inner, max_size=4)),
                        max_leaves=8)
 
 

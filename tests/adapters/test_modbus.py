@@ -153,7 +153,7 @@ def test_adjacent_registers_are_merged_within_the_125_register_limit() -> None:
     blocks = plan_reads(tags)
     assert [(b.table, b.address, b.count) for b in blocks] == [
         ("holding", 0, 125), ("holding", 125, 5), ("holding", 500, 2), ("input", 0, 4)]
-    assert [(b.address, b.count) for b in plan_reads(tags[:3] + [TagSpec(name="g", table="holding", address=5)], max_gap=2)] == [(0, 6)]
+    assert [(b.address, b.count) for b in plan_reads([*tags[:3], TagSpec(name="g", table="holding", address=5)], max_gap=2)] == [(0, 6)]
     # a float32 is never split across two requests
     edge = [TagSpec(name=f"r{i}", table="holding", address=i) for i in range(124)] + [
         TagSpec(name="f", table="holding", address=124, type="float32")]

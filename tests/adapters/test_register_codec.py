@@ -23,7 +23,7 @@ def value_for(dtype: str):
 
 @st.composite
 def cases(draw):
-    dtype = draw(st.sampled_from(list(RANGES) + ["float32", "float64"]))
+    dtype = draw(st.sampled_from([*list(RANGES), "float32", "float64"]))
     tag = TagSpec(name="t", table="holding", address=0, type=dtype, word_order=draw(orders), byte_order=draw(orders))
     return tag, draw(value_for(dtype))
 

@@ -67,7 +67,7 @@ async def test_kill9_mid_buffer_over_mosquitto_then_status(mosquitto, tmp_path):
             for i in range(8, len(blobs)):
                 await send(i)
                 await eventually(lambda: receipts() == i + 1, 60)
-            v, ref_model, ref_receipts = reference_run(fed, blobs, tmp_path)
+            v, ref_model, _ref_receipts = reference_run(fed, blobs, tmp_path)
             # the last receipt of every update equals the uninterrupted run's final verdict and version
             # (buffered updates got an "applied" receipt when their buffer flushed, also across the crash)
             def last() -> dict:
@@ -100,7 +100,7 @@ async def test_kill9_mid_buffer_over_mosquitto_then_status(mosquitto, tmp_path):
             proc.wait(20)
         except subprocess.TimeoutExpired:
             proc.kill()
-            raise AssertionError(f"aggregator did not stop on SIGTERM; log:\n{log.read_text()}")
+            raise AssertionError(f"aggregator did not stop on SIGTERM; log:\n{log.read_text()}") from None
     assert proc.returncode == 0, log.read_text()
     store = Store(Path(fed.root) / "state" / "aggregator.sqlite")
     assert store.latest_checkpoint().version == v

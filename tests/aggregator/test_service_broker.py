@@ -84,7 +84,7 @@ async def test_fedasync_over_mosquitto_stale_poison_and_publish(mosquitto, tmp_p
     try:
         await asyncio.wait_for(agg.started.wait(), 30)
         await eventually(lambda: agg.published_version == 0, 30)
-        manifest, w0, onnx0 = await read_manifest(mosquitto, fed, 0)
+        manifest, w0, _onnx0 = await read_manifest(mosquitto, fed, 0)
         assert manifest["version"] == 0 and manifest["spec"] == cfg.model.to_dict()
         assert set(w0) == {"body.0.weight", "body.0.bias"}  # personal head never published as shared
         rng = np.random.default_rng(1)
@@ -96,7 +96,7 @@ async def test_fedasync_over_mosquitto_stale_poison_and_publish(mosquitto, tmp_p
             deltas = []
             for i, site in enumerate([a, b, a]):
                 d = random_delta(ref, rng, 0.1)
-                blob, h = fed.seal(site.site, d, base_version=0 if i < 2 else 0)
+                blob, h = fed.seal(site.site, d, base_version=0)
                 await site.send(blob, h.msg_id)
                 await eventually(lambda: site.receipt(h.counter), 20)
                 r = site.receipt(h.counter)
@@ -228,7 +228,7 @@ async def test_broker_restart_is_survived_and_updates_sent_meanwhile_are_decided
                 await eventually(lambda: a.receipt(ha.counter) and b.receipt(hb.counter), 30)
                 assert a.receipt(ha.counter)["verdict"] == b.receipt(hb.counter)["verdict"] == "applied"
         await eventually(lambda: agg.published_version == 3, 30)
-        manifest, weights, _ = await read_manifest(mosquitto, fed, 3)
+        manifest, _weights, _ = await read_manifest(mosquitto, fed, 3)
         assert manifest["onnx"]["size"] == 0 and manifest["weights"]["chunks"] >= 1
         assert agg.client is not None and agg.client.stats.connects >= 2
     finally:

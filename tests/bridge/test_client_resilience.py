@@ -80,7 +80,7 @@ async def test_chunks_fit_the_brokers_maximum_packet_size(tmp_path) -> None:
     broker.start()
     try:
         fed = h.make_federation()
-        head, tensors, blob = h.seal(fed, "site-a", 1, n_params=64 * 1024)  # ~256 KiB
+        head, _tensors, blob = h.seal(fed, "site-a", 1, n_params=64 * 1024)  # ~256 KiB
         async with MqttClient(settings_for(broker, "aggregator", client_id="agg")) as agg, \
                 MqttClient(settings_for(broker, "site-a", client_id="site-a")) as site:
             await agg.wait_connected(10)

@@ -28,6 +28,7 @@ def test_every_topic_parses_back_to_what_built_it() -> None:
 def test_filters_follow_design_layout() -> None:
     assert T.updates_filter() == "fedline/test/sites/+/update/#"
     assert T.model_filter() == "fedline/test/model/#"
+    assert T.weights_filter() == "fedline/test/model/+/weights/#"
     assert Topics("plant-7", prefix="acme").manifest() == "acme/plant-7/model/manifest"
 
 

@@ -12,8 +12,8 @@ import re
 import aiomqtt
 import pytest
 
-from broker_bridge.rabbitmq import RabbitCluster, filter_regex, parse_acl, rabbitmq_available, topic_permissions
 from broker_bridge.mosquitto import render_acl
+from broker_bridge.rabbitmq import RabbitCluster, filter_regex, parse_acl, rabbitmq_available, topic_permissions
 from broker_bridge.topics import Topics
 
 SITES = ["site-a", "site-b", "site.c"]

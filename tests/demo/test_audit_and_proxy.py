@@ -58,7 +58,7 @@ def test_no_records_in_random_bytes_or_a_sealed_update(ai4i):
 
 
 def test_audit_counts_distinct_records_and_names_offending_topics(ai4i):
-    d, raw, det = ai4i
+    _d, raw, det = ai4i
     leak = struct.pack("<5f", *raw[5])
     msgs = [Recorded("fedline/x/model/manifest", b"{}", True, 0.0),
             Recorded("fedline/x/sites/L/status", leak, True, 0.0),

@@ -17,6 +17,7 @@ def _bench():
 def test_bench_configs_load_and_match_the_task(tmp_path):
     from aggregator.config import load_config
     from edge.config import load_edge_config
+    from fedline.demo import workspace
     from fedline.demo.data import load_demo_data
 
     bench = _bench()
@@ -24,8 +25,12 @@ def test_bench_configs_load_and_match_the_task(tmp_path):
     urls = {n: "mqtt://127.0.0.1:1" for n in ["aggregator", "L", "M", "H"]}
     paths = bench.write_configs(data, tmp_path, urls)
     agg = load_config(paths["aggregator"])
-    assert agg.strategy.kind == "fedavg" and agg.model.hidden == [32, 32] and agg.model.n_features == 5
-    assert agg.publish.onnx is False
+    assert agg.model.hidden == [32, 32] and agg.model.n_features == 5
+    # the demo's strategy and publishing, so the bench measures what the demo runs (ONNX downloads included)
+    demo = workspace.write_aggregator(workspace.Workspace(tmp_path / "demo", broker_url="mqtt://127.0.0.1:1"), data,
+                                       workspace.Tuning())
+    assert agg.strategy == load_config(demo).strategy and agg.strategy.kind == "fedbuff"
+    assert agg.publish.onnx is True
     for site in ("L", "M", "H"):
         cfg = load_edge_config(paths[site])
         assert cfg.training.epochs == 2 and cfg.dp is not None and cfg.model == agg.model

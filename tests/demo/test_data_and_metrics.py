@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ def test_split_sites_cuts_a_site_into_plants_of_consecutive_rows():
     assert [s.site for s in d.sites] == ["L1", "L2", "M", "H"]  # four sites: three keep publishing while one is away
     l1, l2 = d.site("L1"), d.site("L2")
     assert (l1.rows, l2.rows) == (3000, 3000) and l1.positives + l2.positives == 235
-    udi = lambda s: {int(r["UDI"]) for r in s.train_rows + s.test_rows}  # noqa: E731
+    udi = lambda s: {int(r["UDI"]) for r in s.train_rows + s.test_rows}
     assert max(udi(l1)) < min(udi(l2))  # consecutive rows in file order, no row in both
     assert udi(l1) | udi(l2) == udi(whole.site("L"))
     assert l1.key == "L (plant 1 of 2)"
@@ -57,7 +58,7 @@ def test_derived_plc_quantities_are_columns_features_and_registers():
     tags = ai4i_plc_map()["tags"]
     holding = sorted((t["address"], t["address"] + (1 if t["type"] == "uint16" else 2)) for t in tags
                      if t["table"] == "holding")
-    assert all(a_end <= b for (_, a_end), (b, _) in zip(holding, holding[1:]))  # no overlapping registers
+    assert all(a_end <= b for (_, a_end), (b, _) in itertools.pairwise(holding))  # no overlapping registers
     assert next(t["range"] for t in tags if t["name"] == "Power [W]") == [0.0, 15000.0]
     assert load_demo_data().features == d.features[:5]  # the default: the five measured values
 

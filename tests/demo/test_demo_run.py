@@ -83,7 +83,7 @@ def test_bring_your_own_regression_csv_reports_rmse(tmp_path):
             feed, temp, load = rng.uniform(0, 10), rng.uniform(20, 80), rng.uniform(0, 1)
             energy = 3.0 * feed + 0.5 * temp + 20.0 * load * load + rng.normal(0, 1.0)
             w.writerow([plant, f"{feed:.3f}", f"{temp:.2f}", f"{load:.4f}", f"{energy:.3f}"])
-    rep, out = run_demo(tmp_path, "--csv", str(path), "--site-column", "plant", "--label", "energy",
+    rep, _out = run_demo(tmp_path, "--csv", str(path), "--site-column", "plant", "--label", "energy",
                         "--features", "feed,temp,load", "--task", "regression", "--versions", "3",
                         "--cut-after-version", "1", "--cut-seconds", "3", "--round-seconds", "1.5", "--timeout", "100",
                         "--splits", "2")

@@ -219,7 +219,7 @@ async def test_plant_bridge_forwards_updates_and_models(tmp_path):
 
             # the bridge connects in the background: publish until the chunk comes through
             msg = None
-            for i in range(30):
+            for _ in range(30):
                 await site.publish(f"{root}/sites/press-3/update/u1/0", b"sealed-bytes")
                 try:
                     msg = await asyncio.wait_for(agg.messages().__anext__(), 1.0)

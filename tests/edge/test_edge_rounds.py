@@ -31,7 +31,7 @@ async def _ingest(agent: EdgeAgent) -> None:
 
 
 async def test_budget_stops_publication_at_the_configured_epsilon(tmp_path) -> None:
-    fed, agent = _agent(tmp_path, privacy={"epsilon": 3.0, "noise_multiplier": 1.5})
+    _fed, agent = _agent(tmp_path, privacy={"epsilon": 3.0, "noise_multiplier": 1.5})
     await _ingest(agent)
     sealed = []
     for _ in range(30):

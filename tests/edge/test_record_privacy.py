@@ -41,7 +41,7 @@ def opacus_epsilon(monkeypatch):
     monkeypatch.setattr(analysis, "compute_rdp",
                         lambda *, q, noise_multiplier, steps, orders: cached(q, noise_multiplier, steps, tuple(orders)))
 
-    @functools.lru_cache(maxsize=None)
+    @functools.cache
     def eps(history: tuple[tuple[float, float, int], ...]) -> float:
         if not history:
             return 0.0

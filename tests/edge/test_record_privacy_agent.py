@@ -82,7 +82,7 @@ async def test_status_and_metrics_carry_the_per_record_guarantee(tmp_path) -> No
 
 
 async def test_overlapping_windows_report_the_raw_sample_unit(tmp_path) -> None:
-    fed, agent = _agent(tmp_path, model={"kind": "mlp", "hidden": [6], "window": 4},
+    _fed, agent = _agent(tmp_path, model={"kind": "mlp", "hidden": [6], "window": 4},
                         rows={"window": 4, "stride": 2}, training={"min_rows": 20},
                         privacy={"epsilon": 1000.0})
     assert agent.ledger is not None and agent.ledger.group == 2

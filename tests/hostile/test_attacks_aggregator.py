@@ -39,7 +39,7 @@ def verdict(core: AggregatorCore, blob: bytes, topic_site: str | None = None) ->
 def test_replayed_updates_never_count_twice(fed, core) -> None:
     """A site (or anyone who captured its ciphertext) replays updates already decided."""
     first, h1 = fed.seal("site-a", like(core.model, 0.01), 0)
-    second, h2 = fed.seal("site-a", like(core.model, 0.02), 1)
+    second, _h2 = fed.seal("site-a", like(core.model, 0.02), 1)
     assert verdict(core, first) == ("applied", None)
     assert verdict(core, second) == ("applied", None)
     after, version = copy(core.model), core.version

@@ -1,0 +1,703 @@
+"""Scale benchmark: a thousand real sites on one machine, against a real Mosquitto and ``fedline aggregator``.
+
+What is real: every simulated site has its own enrolled key pair, its own
+MQTT session (username = site id, under the broker's ACL), its own outbox
+(:class:`edge.outbox.Outbox`, SQLite on disk, ``synchronous=FULL``), seals a
+real update (SHA-256 + Ed25519 signature, SealedBox to the aggregator) of the
+model's shared parameters and sends it chunked at QoS 1, in order, at most one
+without a receipt (the agent's defaults); it forgets an update only on a
+receipt the aggregator signed. The aggregator is the ``fedline aggregator``
+process with FedBuff, its SQLite store and ONNX publishing on. What is not:
+training (each site seals the same noise delta with new headers; training
+costs the site, not the federation) and model downloads (sites follow the
+signed manifest for their base version; at 1,000 sites × every version the
+weights' fan-out is a broker-sizing question of its own, see BENCHMARKS.md).
+
+The sites' outboxes live on ``/dev/shm`` by default (``--outbox-dir``): in a
+plant each site commits (``fsync``) to its own disk, while here a thousand
+would queue on one, and the bench would measure this machine's disk instead of
+the federation (measured: ~65 commits of a 400 kB update per second over all
+threads). The aggregator's store stays on disk, as deployed.
+
+Sites are spread over ``--procs`` worker processes (asyncio, one MQTT client
+per site). Each site seals at Poisson times; the offered rate is set per phase:
+
+1. **steady**: ``--rate-per-site`` (default 1 per minute) for ``--minutes``;
+2. **search**: the total rate grows by ``--step-factor`` per phase of
+   ``--step-s`` seconds until the backlog stops being flat; the highest flat
+   phase gives ``max_flat_updates_per_s``;
+3. **drain**: no new updates until every site has its receipts.
+
+Backlog = updates sealed and not yet answered by a receipt, summed over the
+sites and sampled every second. A phase's backlog is *flat* when its fitted
+growth over the phase (after a warm-up quarter) is under 5 % of the updates
+offered in it (and under 2 updates at tiny rates). Receipt latency = seal
+(committed to the outbox) → signed receipt verified at the site.
+
+``intake_vs_limit`` compares CPU per update: the bare decrypt + verify + axpy
+of one update on one core (``bench/aggregator.py``'s limit, measured here on
+the same update size in the same run) against the aggregator process's CPU
+seconds per update in the highest flat phase (all its threads: MQTT,
+reassembly, opening, validation, SQLite, reduce, receipts, publishing).
+
+Usage: ``python bench/scale.py`` (1,000 sites, 100k parameters; table) or
+``--json``; ``--sites N --params P --minutes M`` shorten a run.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib.util
+import json
+import math
+import os
+import platform
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+# this folder holds bench/aggregator.py: keep it off the path so "aggregator" is the package
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(ROOT))
+
+FEDERATION = "scale"
+N_FEATURES = 128
+FLAT_GROWTH = 0.05  # a phase is flat when its backlog grows by less than this share of what was offered
+REPORT_S = 1.0
+
+
+def _bench_aggregator() -> Any:
+    """bench/aggregator.py (a script, not a package): its model sizing and its limit, one home for both."""
+    spec = importlib.util.spec_from_file_location("bench_aggregator", ROOT / "bench" / "aggregator.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def shared_shapes(n_params: int) -> dict[str, tuple[int, ...]]:
+    """The shared tensors of the bench's MLP body [F -> H -> H] (its head is personal, never sent)."""
+    h = _bench_aggregator().hidden_for(n_params)
+    return {"body.0.weight": (h, N_FEATURES), "body.0.bias": (h,), "body.2.weight": (h, h), "body.2.bias": (h,)}
+
+
+def site_ids(n: int) -> list[str]:
+    return [f"s{i:04d}" for i in range(n)]
+
+
+def buffer_size_for(n_sites: int) -> int:
+    """FedBuff K for a federation of ``n_sites``: a tenth of them per version, between 1 and 100.
+
+    Why: at 1,000 sites sending once a minute, K = 100 makes a version every ~6 s
+    (each version costs an ONNX export and a manifest to every site); a small K
+    would make a version for every handful of updates and spend the aggregator on
+    publishing, while the staleness of each update stays at a version or two.
+    """
+    return max(1, min(100, n_sites // 10))
+
+
+# --------------------------------------------------------------------------- federation on disk
+def write_federation(root: Path, n_sites: int, n_params: int, broker: Any, buffer_size: int) -> Path:
+    """Keys for the aggregator and every site, the enrollment, and the aggregator's TOML; returns its path."""
+    from broker_bridge.keys import Enrollment, KeyPair
+    from fedline.demo.workspace import write_toml
+
+    keys = root / "keys"
+    agg = KeyPair.generate("aggregator", "aggregator")
+    agg.save(keys / "aggregator.key")
+    enr = Enrollment(FEDERATION, agg.public())
+    for s in site_ids(n_sites):
+        kp = KeyPair.generate("site", s)
+        kp.save(keys / f"{s}.key")
+        enr.add(kp.public())
+    enr.save(keys / "enrollment.json")
+    h = _bench_aggregator().hidden_for(n_params)
+    doc = {
+        "aggregator": {"federation": FEDERATION, "key_file": str(keys / "aggregator.key"),
+                       "enrollment_file": str(keys / "enrollment.json"), "state_dir": str(root / "aggregator"),
+                       "workers": 2},
+        "model": {"kind": "mlp", "n_features": N_FEATURES, "hidden": [h, h], "personal": ["head."]},
+        "broker": {"url": broker.url, "username": "aggregator", "password": broker.password("aggregator"),
+                   "client_id": "aggregator", "backoff_min_s": 0.1, "backoff_max_s": 1.0},
+        # a version every K updates, and at least every 30 s while anything waits
+        "strategy": {"kind": "fedbuff", "buffer_size": buffer_size, "buffer_timeout_s": 30.0, "max_staleness": 20},
+        "publish": {"retain_versions": 3, "onnx": True},
+    }
+    return write_toml(root / "aggregator" / "aggregator.toml", doc)
+
+
+# --------------------------------------------------------------------------- one simulated site
+@dataclass
+class WorkerStats:
+    """What a worker process reports each second (counts since the last report, except ``backlog``)."""
+
+    backlog: int = 0
+    sealed: int = 0
+    receipts: int = 0
+    verdicts: dict[str, int] = field(default_factory=dict)
+    latency: list[tuple[float, float]] = field(default_factory=list)  # (sealed at, seal -> receipt s)
+    send_latency: list[float] = field(default_factory=list)  # first chunk published -> receipt s
+    errors: list[str] = field(default_factory=list)
+
+    def take(self, connected: int) -> dict[str, Any]:
+        out = {"backlog": self.backlog, "sealed": self.sealed, "receipts": self.receipts,
+               "verdicts": self.verdicts, "latency": self.latency, "send_latency": self.send_latency,
+               "errors": self.errors[:5], "connected": connected, "t": time.time()}
+        self.sealed = self.receipts = 0
+        self.verdicts, self.latency, self.send_latency, self.errors = {}, [], [], []
+        return out
+
+
+class Pace:
+    """The offered rate per site, shared by a worker's sites; waiting sites wake when it changes."""
+
+    def __init__(self) -> None:
+        self.rate = 0.0
+        self.changed = asyncio.Event()
+
+    def set(self, rate: float) -> None:
+        self.rate = rate
+        old, self.changed = self.changed, asyncio.Event()
+        old.set()
+
+
+class SimSite:
+    """One site: its keys, its outbox, its MQTT session; seals at Poisson times, sends in order, settles."""
+
+    def __init__(self, site: str, root: Path, outboxes: str, broker: dict[str, Any], enrollment: Any,
+                 delta: dict[str, np.ndarray], stats: WorkerStats, pace: Pace, manifests: dict[bytes, int]) -> None:
+        from broker_bridge.client import BrokerSettings, MqttClient
+        from broker_bridge.keys import KeyPair
+        from broker_bridge.topics import Topics
+        from edge.outbox import Outbox
+
+        self.site = site
+        self.keys = KeyPair.load(root / "keys" / f"{site}.key")
+        self.enrollment = enrollment  # public keys only, the same file for every site: read once per process
+        self.outbox = Outbox(Path(outboxes) / site / "outbox.sqlite", max_bytes=1 << 30, max_count=1000)
+        self.client = MqttClient(BrokerSettings(url=broker["url"], username=site, password=broker["passwords"][site],
+                                                client_id=f"edge-{site}", backoff_min_s=0.2, backoff_max_s=2.0))
+        self.topics = Topics(FEDERATION)
+        self.delta, self.stats, self.pace, self.manifests = delta, stats, pace, manifests
+        self.base = -1  # no manifest yet: the aggregator has not published version 0
+        self.wake = asyncio.Event()
+        self.times: dict[int, list[float]] = {}  # counter -> [sealed at (monotonic), sent at]
+        self.resend_after_s = 120.0
+
+    async def run(self, start_delay: float) -> None:
+        await asyncio.sleep(start_delay)  # do not open every connection in the same millisecond
+        async with self.client:
+            await self.client.subscribe(self.topics.receipts(self.site), qos=1)
+            await self.client.subscribe(self.topics.manifest(), qos=1)
+            await asyncio.gather(self._produce(), self._send(), self._receive())
+
+    async def _produce(self) -> None:
+        from broker_bridge.envelope import UpdateHeader, seal_update
+
+        rng = random.Random(self.site)
+        while True:
+            changed = self.pace.changed
+            if self.pace.rate <= 0 or self.base < 0:
+                await changed.wait()
+                continue
+            try:  # Poisson arrivals: memoryless, so a rate change may simply redraw the wait
+                await asyncio.wait_for(changed.wait(), rng.expovariate(self.pace.rate))
+                continue
+            except TimeoutError:
+                pass
+            counter = self.outbox.last_counter() + 1
+            msg_id = f"u{counter}-{rng.getrandbits(48):012x}"
+            header = UpdateHeader(site=self.site, counter=counter, msg_id=msg_id, base_version=self.base,
+                                  n_samples=100, privacy={"mode": "off"})
+            blob = await asyncio.to_thread(seal_update, header, self.delta, self.keys,
+                                           self.enrollment.aggregator.box_pub)
+            await asyncio.to_thread(self.outbox.put, site=self.site, counter=counter, msg_id=msg_id,
+                                    base_version=self.base, n_samples=100, epsilon=None, blob=blob)
+            self.times[counter] = [time.monotonic(), math.nan]
+            self.stats.backlog += 1
+            self.stats.sealed += 1
+            self.wake.set()
+
+    async def _send(self) -> None:
+        """The agent's send loop: in counter order, at most one without a receipt, resent after a timeout."""
+        from broker_bridge.chunking import split
+        from broker_bridge.errors import FedlineError
+
+        while True:
+            await self.client.connected.wait()
+            now = time.time()
+            for row in self.outbox.rows():
+                if row.sent_at is not None and row.sent_at >= now - self.resend_after_s:
+                    break  # waiting for its receipt (which wakes this loop)
+                topic0 = self.topics.update_chunk(self.site, row.msg_id, 0)
+                chunks = split(row.blob, row.msg_id, self.client.chunk_limit(topic0))
+                items = [(self.topics.update_chunk(self.site, row.msg_id, i), c) for i, c in enumerate(chunks)]
+                t = self.times.get(row.counter)
+                if t is not None and math.isnan(t[1]):
+                    t[1] = time.monotonic()
+                try:
+                    await self.client.publish_many(items, qos=1)
+                except FedlineError as exc:
+                    self.stats.errors.append(f"{self.site}: {exc}")
+                    break
+                await asyncio.to_thread(self.outbox.mark_sent, row.msg_id)
+                break
+            self.wake.clear()
+            try:  # woken by a new update or a receipt; the timeout only resends what got no receipt
+                await asyncio.wait_for(self.wake.wait(), self.resend_after_s / 4)
+            except TimeoutError:
+                pass
+
+    async def _receive(self) -> None:
+        from broker_bridge.envelope import verify_manifest, verify_receipt
+        from broker_bridge.errors import WireError
+
+        sign_pub = self.enrollment.aggregator.sign_pub
+        async for msg in self.client.messages():
+            if not msg.payload:
+                continue
+            try:
+                if msg.topic == self.topics.manifest():
+                    version = self.manifests.get(msg.payload)
+                    if version is None:  # every site gets its own copy; verify each distinct one once
+                        version = self.manifests[msg.payload] = int(verify_manifest(msg.payload, sign_pub)["version"])
+                    self.base = max(self.base, version)
+                    continue
+                doc = verify_receipt(msg.payload, sign_pub)
+            except WireError as exc:
+                self.stats.errors.append(f"{self.site}: {exc}")
+                continue
+            found = await asyncio.to_thread(self.outbox.settle, doc["counter"], doc["msg_id"], doc["verdict"],
+                                            doc.get("reason"), doc.get("version"))
+            self.stats.verdicts[doc["verdict"]] = self.stats.verdicts.get(doc["verdict"], 0) + 1
+            if not found:
+                continue  # FedBuff's later "applied" for an update its "buffered" receipt already settled
+            self.stats.backlog -= 1
+            self.stats.receipts += 1
+            t = self.times.pop(doc["counter"], None)
+            if t is not None:
+                now = time.monotonic()
+                self.stats.latency.append((time.time() - (now - t[0]), now - t[0]))
+                if not math.isnan(t[1]):
+                    self.stats.send_latency.append(now - t[1])
+            self.wake.set()
+
+
+# --------------------------------------------------------------------------- a worker process
+def worker_main(spec: dict[str, Any]) -> None:
+    """Entry point of one worker process (``scale.py --worker SPEC``): commands on stdin, reports on stdout."""
+    import logging
+
+    logging.disable(logging.WARNING)  # a thousand clients' connection logs are not the measurement
+    asyncio.run(_worker(Path(spec["root"]), spec["outboxes"], spec["sites"], spec["broker"]))
+
+
+async def _worker(root: Path, outboxes: str, sites: list[str], broker: dict[str, Any]) -> None:
+    rng = np.random.default_rng(len(sites))
+    shapes = json.loads((root / "shapes.json").read_text())
+    delta = {k: (rng.standard_normal(v) * 0.01).astype(np.float32) for k, v in shapes.items()}
+    stats, pace, manifests = WorkerStats(), Pace(), {}
+    from broker_bridge.keys import Enrollment
+
+    enrollment = Enrollment.load(root / "keys" / "enrollment.json")
+    sims = [SimSite(s, root, outboxes, broker, enrollment, delta, stats, pace, manifests) for s in sites]
+    tasks = [asyncio.create_task(sim.run(0.01 * i)) for i, sim in enumerate(sims)]
+    loop = asyncio.get_running_loop()
+    commands: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+    def read_commands() -> None:
+        for line in sys.stdin:
+            loop.call_soon_threadsafe(commands.put_nowait, json.loads(line))
+        loop.call_soon_threadsafe(commands.put_nowait, {"stop": True})  # the conductor is gone
+
+    def report(doc: dict[str, Any]) -> None:
+        sys.stdout.write(json.dumps(doc) + "\n")
+        sys.stdout.flush()
+
+    import threading
+
+    threading.Thread(target=read_commands, daemon=True).start()
+    try:
+        while True:
+            try:
+                cmd = await asyncio.wait_for(commands.get(), REPORT_S)
+            except TimeoutError:
+                cmd = None
+            if cmd is not None:
+                if cmd.get("stop"):
+                    break
+                pace.set(float(cmd["rate_per_site"]))
+            failed = [t for t in tasks if t.done()]
+            if failed:
+                stats.errors.append(f"a site stopped: {failed[0].exception()!r}")
+            report(stats.take(sum(1 for s in sims if s.client.connected.is_set() and s.base >= 0)))
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for s in sims:
+            s.outbox.close()
+        report({"stopped": True})
+
+
+# --------------------------------------------------------------------------- the conductor
+@dataclass
+class Phase:
+    name: str
+    rate_per_site: float
+    started: float = 0.0
+    ended: float = 0.0
+    samples: list[tuple[float, int]] = field(default_factory=list)  # (time, backlog)
+    sealed: int = 0
+    receipts: int = 0
+    latency: list[float] = field(default_factory=list)
+    send_latency: list[float] = field(default_factory=list)
+    cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds per process group over the phase
+
+    def summary(self, n_sites: int) -> dict[str, Any]:
+        dur = max(self.ended - self.started, 1e-9)
+        growth = backlog_growth(self.samples)
+        offered = self.sealed
+        flat = growth <= max(2.0, FLAT_GROWTH * offered)
+        lat = np.array(self.latency) if self.latency else np.array([math.nan])
+        slat = np.array(self.send_latency) if self.send_latency else np.array([math.nan])
+        received = self.receipts / dur
+        return {"phase": self.name, "rate_per_site_per_min": 60 * self.rate_per_site,
+                "offered_updates_per_s": offered / dur, "updates_per_s": received, "seconds": dur,
+                "backlog_growth": growth, "backlog_flat": bool(flat),
+                "backlog_start": self.samples[0][1] if self.samples else None,
+                "backlog_end": self.samples[-1][1] if self.samples else None,
+                "receipt_p50_s": float(np.percentile(lat, 50)), "receipt_p99_s": float(np.percentile(lat, 99)),
+                "send_to_receipt_p50_s": float(np.percentile(slat, 50)),
+                "send_to_receipt_p99_s": float(np.percentile(slat, 99)),
+                "receipts_counted": len(self.latency),
+                "cpu_cores": {k: v / dur for k, v in self.cpu.items()},
+                "aggregator_cpu_ms_per_update": 1e3 * self.cpu.get("aggregator", math.nan) / max(self.receipts, 1)}
+
+
+def backlog_growth(samples: list[tuple[float, int]]) -> float:
+    """Fitted backlog growth over a phase, skipping its first quarter (the backlog of the last phase settling)."""
+    if len(samples) < 4:
+        return 0.0
+    t0, t1 = samples[0][0], samples[-1][0]
+    kept = [(t, b) for t, b in samples if t >= t0 + 0.25 * (t1 - t0)]
+    t = np.array([s[0] for s in kept]) - kept[0][0]
+    b = np.array([s[1] for s in kept], dtype=float)
+    if len(kept) < 3 or t[-1] <= 0:
+        return 0.0
+    slope = float(np.polyfit(t, b, 1)[0])
+    return slope * (t1 - t0)
+
+
+class Conductor:
+    """Starts the broker, the aggregator and the workers; sets each phase's rate; collects the reports."""
+
+    def __init__(self, args: argparse.Namespace, root: Path, outboxes: Path) -> None:
+        self.args, self.root, self.outboxes = args, root, outboxes
+        self.procs: list[subprocess.Popen] = []
+        self.latest: list[dict[str, Any]] = []
+        self.series: list[tuple[float, int, str]] = []  # (seconds since start, backlog, phase)
+        self.verdicts: dict[str, int] = {}
+        self.sealed = self.receipted = 0  # over the whole run: every update sealed must get its receipt
+        self.errors: list[str] = []
+        self.rss: dict[str, float] = {"aggregator": 0.0, "broker": 0.0, "sites": 0.0}
+        self.t0 = time.time()
+
+    def start(self) -> None:
+        import psutil
+
+        from broker_bridge.mosquitto import MosquittoProcess
+
+        a = self.args
+        sites = site_ids(a.sites)
+        self.broker = MosquittoProcess(self.root / "broker", federation=FEDERATION, sites=sites).start()
+        self.buffer_size = a.buffer_size or buffer_size_for(a.sites)
+        cfg = write_federation(self.root, a.sites, a.params, self.broker, self.buffer_size)
+        env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        self.agg_log = (self.root / "aggregator.log").open("wb")
+        prof = ["-m", "cProfile", "-o", a.profile_aggregator] if a.profile_aggregator else []
+        self.aggregator = subprocess.Popen([sys.executable, *prof, "-m", "fedline.cli", "aggregator", "--config", str(cfg)],
+                                           cwd=self.root, env=env, stdout=self.agg_log, stderr=subprocess.STDOUT,
+                                           start_new_session=True)
+        self.handles = {"aggregator": psutil.Process(self.aggregator.pid),
+                        "broker": psutil.Process(self.broker.proc.pid)}  # type: ignore[union-attr]
+        self.shapes = shared_shapes(a.params)  # a wrong guess would show as "names" rejections
+        (self.root / "shapes.json").write_text(json.dumps(self.shapes))
+        broker = {"url": self.broker.url, "passwords": {s: self.broker.password(s) for s in sites}}
+        n = max(1, min(a.procs, a.sites))
+        for i in range(n):
+            spec = {"root": str(self.root), "outboxes": str(self.outboxes), "sites": sites[i::n], "broker": broker}
+            (self.root / f"worker-{i}.json").write_text(json.dumps(spec))
+            self.procs.append(subprocess.Popen(
+                [sys.executable, __file__, "--worker", str(self.root / f"worker-{i}.json")], env=env, text=True,
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=(self.root / f"worker-{i}.log").open("w")))
+        self.site_handles = [psutil.Process(p.pid) for p in self.procs]
+
+    def collect(self, phase: Phase | None) -> None:
+        """Read one report from every worker (they report each second) and sample the processes."""
+        reports = [self._read(p) for p in self.procs]
+        self.latest = reports
+        backlog = sum(r["backlog"] for r in reports)
+        now = time.time()
+        self.series.append((now - self.t0, backlog, phase.name if phase else "start"))
+        for r in reports:
+            self.sealed += r["sealed"]
+            self.receipted += r["receipts"]
+            for k, v in r["verdicts"].items():
+                self.verdicts[k] = self.verdicts.get(k, 0) + v
+            self.errors.extend(r["errors"])
+            if phase is not None:
+                phase.sealed += r["sealed"]
+                phase.receipts += r["receipts"]
+                phase.latency += [lat for _, lat in r["latency"]]
+                phase.send_latency += r["send_latency"]
+        if phase is not None:
+            phase.samples.append((now, backlog))
+        self._sample_rss()
+        if self.aggregator.poll() is not None:
+            raise RuntimeError("the aggregator exited: " + (self.root / "aggregator.log").read_text()[-3000:])
+
+    def _read(self, p: subprocess.Popen) -> dict[str, Any]:
+        line = p.stdout.readline() if p.stdout else ""
+        if not line:
+            i = self.procs.index(p)
+            raise RuntimeError(f"site worker {i} exited: " + (self.root / f"worker-{i}.log").read_text()[-3000:])
+        return json.loads(line)
+
+    def _sample_rss(self) -> None:
+        import psutil
+
+        for name, h in self.handles.items():
+            try:
+                self.rss[name] = max(self.rss[name], h.memory_info().rss / 2**20)
+            except psutil.Error:
+                pass
+        try:
+            self.rss["sites"] = max(self.rss["sites"], sum(h.memory_info().rss for h in self.site_handles) / 2**20)
+        except psutil.Error:
+            pass
+
+    def cpu(self) -> dict[str, float]:
+        def total(h: Any) -> float:
+            t = h.cpu_times()
+            return t.user + t.system
+
+        return {"aggregator": total(self.handles["aggregator"]), "broker": total(self.handles["broker"]),
+                "sites": sum(total(h) for h in self.site_handles)}
+
+    def connected(self) -> int:
+        """Sites connected that hold a verified manifest (so the aggregator is subscribed and has published)."""
+        return sum(r["connected"] for r in self.latest)
+
+    def set_rate(self, rate_per_site: float) -> None:
+        for p in self.procs:
+            self._command(p, {"rate_per_site": rate_per_site})
+
+    @staticmethod
+    def _command(p: subprocess.Popen, doc: dict[str, Any]) -> None:
+        if p.stdin is not None and p.poll() is None:
+            p.stdin.write(json.dumps(doc) + "\n")
+            p.stdin.flush()
+
+    def run_phase(self, name: str, rate_per_site: float, seconds: float) -> Phase:
+        ph = Phase(name, rate_per_site)
+        self.set_rate(rate_per_site)
+        c0 = self.cpu()
+        ph.started = time.time()
+        while time.time() - ph.started < seconds:
+            self.collect(ph)
+        ph.ended = time.time()
+        ph.cpu = {k: v - c0[k] for k, v in self.cpu().items()}
+        if not self.args.json:
+            s = ph.summary(self.args.sites)
+            print(f"  {name:>10}: offered {s['offered_updates_per_s']:7.1f}/s, receipts {s['updates_per_s']:7.1f}/s, "
+                  f"backlog {s['backlog_start']} -> {s['backlog_end']} ({'flat' if s['backlog_flat'] else 'GROWS'}), "
+                  f"receipt p50 {s['receipt_p50_s']:.3f} s p99 {s['receipt_p99_s']:.3f} s, CPU cores: "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in s["cpu_cores"].items()), flush=True)
+        return ph
+
+    def wait(self, pred: Any, timeout: float, what: str) -> float:
+        t0 = time.time()
+        while not pred():
+            if time.time() - t0 > timeout:
+                raise RuntimeError(f"{what} did not happen within {timeout} s; errors: {self.errors[:5]}")
+            self.collect(None)
+        return time.time() - t0
+
+    def stop(self) -> None:
+        for p in self.procs:
+            try:
+                self._command(p, {"stop": True})
+            except OSError:
+                pass
+        for p in self.procs:
+            try:
+                p.communicate(timeout=20)  # reads what is left of its reports, waits for it
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        if self.aggregator.poll() is None:
+            self.aggregator.terminate()
+            try:
+                self.aggregator.wait(20)
+            except subprocess.TimeoutExpired:
+                self.aggregator.kill()
+        self.agg_log.close()
+        self.broker.stop()
+
+
+def raise_fd_limit() -> int:
+    """Soft limit of open files up to the hard limit: the broker (started from here) holds one per client."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def measure_limit(n_params: int, n_updates: int) -> dict[str, float]:
+    """CPU seconds of bare decrypt + verify + axpy per update of ``n_params`` on one core (bench/aggregator.py)."""
+    from broker_bridge import envelope
+    from broker_bridge.envelope import UpdateHeader
+    from broker_bridge.keys import KeyPair
+
+    bench = _bench_aggregator()
+    agg, site = KeyPair.generate("aggregator", "aggregator"), KeyPair.generate("site", "s0000")
+    rng = np.random.default_rng(0)
+    shapes = shared_shapes(n_params)
+    delta = {k: (rng.standard_normal(s) * 0.01).astype(np.float32) for k, s in shapes.items()}
+    blobs = [envelope.seal_update(UpdateHeader("s0000", i + 1, f"u{i}", 0, 100, {"mode": "off"}), delta, site,
+                                  agg.public().box_pub) for i in range(n_updates)]
+    box, acc = agg.box_key, {k: np.zeros(s, np.float32) for k, s in shapes.items()}
+    best = math.inf
+    for _ in range(3):
+        c0 = time.process_time()
+        for b in blobs:
+            bench.open_and_add(box, b, acc, 100.0)
+        best = min(best, (time.process_time() - c0) / n_updates)
+    return {"limit_cpu_ms_per_update": 1e3 * best, "limit_updates_per_s_per_core": 1 / best,
+            "sealed_bytes": len(blobs[0])}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    fd_limit = raise_fd_limit()
+    limit = measure_limit(args.params, 30 if args.params <= 200_000 else 8)
+    load_before = os.getloadavg()[0]
+    with contextlib.ExitStack() as stack:
+        tmp = args.workdir or stack.enter_context(tempfile.TemporaryDirectory(prefix="fedline-scale-"))
+        shm = args.outbox_dir or ("/dev/shm" if os.path.isdir("/dev/shm") else None)
+        outboxes = stack.enter_context(tempfile.TemporaryDirectory(prefix="fedline-scale-outboxes-", dir=shm))
+        c = Conductor(args, Path(tmp), Path(outboxes))
+        c.start()
+        try:
+            say = (lambda *a: None) if args.json else (lambda *a: print(*a, flush=True))
+            say(f"{args.sites} sites in {len(c.procs)} processes, {sum(math.prod(s) for s in c.shapes.values()):,} "
+                f"shared parameters, FedBuff K = {c.buffer_size}; limit (decrypt + verify + axpy, one core) "
+                f"{limit['limit_updates_per_s_per_core']:.0f} updates/s")
+            c.collect(None)
+            connect_s = c.wait(lambda: c.connected() >= args.sites, args.connect_timeout,
+                               "every site connected and holding the signed manifest of version 0")
+            say(f"  all {args.sites} sites connected (and hold version 0's manifest) in {connect_s:.1f} s")
+            phases = [c.run_phase("steady", args.rate_per_site, 60 * args.minutes)]
+            steady = phases[0].summary(args.sites)
+            best: dict[str, Any] | None = steady if steady["backlog_flat"] else None
+            total = max(args.search_from or 2 * args.sites * args.rate_per_site, 0.5)
+            for i in range(args.max_steps if best else 0):
+                total *= args.step_factor
+                ph = c.run_phase(f"search-{i + 1}", total / args.sites, args.step_s)
+                phases.append(ph)
+                s = ph.summary(args.sites)
+                if not s["backlog_flat"]:
+                    break
+                best = s
+            c.set_rate(0.0)  # drain: every update sealed gets its receipt
+            drain_s = c.wait(lambda: sum(r["backlog"] for r in c.latest) == 0, args.drain_timeout,
+                             "the backlog drained")
+            say(f"  drained in {drain_s:.1f} s")
+        finally:
+            c.stop()
+    load_after = os.getloadavg()[0]
+    summaries = [p.summary(args.sites) for p in phases]
+    agg_ms = best["aggregator_cpu_ms_per_update"] if best else math.nan
+    return {
+        "benchmark": "scale", "sites": args.sites, "params": sum(math.prod(s) for s in c.shapes.values()),
+        "procs": len(c.procs), "buffer_size": c.buffer_size, "minutes": args.minutes,
+        "rate_per_site_per_min": 60 * args.rate_per_site,
+        "updates_per_s": steady["updates_per_s"], "offered_updates_per_s": steady["offered_updates_per_s"],
+        "receipt_p50_s": steady["receipt_p50_s"], "receipt_p99_s": steady["receipt_p99_s"],
+        "send_to_receipt_p99_s": steady["send_to_receipt_p99_s"],
+        "backlog_flat": steady["backlog_flat"],
+        "max_flat_updates_per_s": best["updates_per_s"] if best else None,
+        "max_flat_phase": best["phase"] if best else None,
+        "aggregator_cpu_ms_per_update": agg_ms, **limit,
+        "intake_vs_limit": limit["limit_cpu_ms_per_update"] / agg_ms if best else None,
+        "aggregator_rss_mb": c.rss["aggregator"], "broker_rss_mb": c.rss["broker"], "sites_rss_mb": c.rss["sites"],
+        "sealed": c.sealed, "receipted": c.receipted, "verdicts": c.verdicts, "errors": c.errors[:10], "connect_s": connect_s, "drain_s": drain_s,
+        "phases": summaries, "backlog": [[round(t, 1), b, p] for t, b, p in c.series],
+        "fd_limit": fd_limit, "cpus": os.cpu_count(), "python": platform.python_version(),
+        "load_average": [round(load_before, 2), round(load_after, 2)],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--sites", type=int, default=1000)
+    ap.add_argument("--params", type=int, default=100_000, help="shared float32 parameters (about)")
+    ap.add_argument("--minutes", type=float, default=5.0, help="length of the steady phase")
+    ap.add_argument("--rate-per-site", type=float, default=1 / 60, help="updates per second per site (steady)")
+    ap.add_argument("--procs", type=int, default=4, help="worker processes the sites are spread over")
+    ap.add_argument("--buffer-size", type=int, default=0, help="FedBuff K (default: sites / 10, at most 100)")
+    ap.add_argument("--step-s", type=float, default=30.0, help="length of each search phase")
+    ap.add_argument("--step-factor", type=float, default=1.6, help="rate growth from one search phase to the next")
+    ap.add_argument("--search-from", type=float, default=0.0, help="total updates/s before the first search phase "
+                                                                     "(default: twice the steady rate)")
+    ap.add_argument("--max-steps", type=int, default=12, help="search phases at most")
+    ap.add_argument("--connect-timeout", type=float, default=180.0)
+    ap.add_argument("--drain-timeout", type=float, default=300.0)
+    ap.add_argument("--outbox-dir", help="where the sites' outboxes live (default /dev/shm: see the docstring)")
+    ap.add_argument("--workdir", help="keep keys, stores and logs here (default: a temporary folder, removed)")
+    ap.add_argument("--profile-aggregator", metavar="FILE", help="run the aggregator under cProfile (its event "
+                                                                  "loop thread), writing FILE")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        worker_main(json.loads(Path(args.worker).read_text()))
+        return 0
+    if args.sites < 1 or args.params < 100 or args.minutes <= 0:
+        ap.error("need --sites >= 1, --params >= 100 and --minutes > 0")
+    r = run(args)
+    if args.json:
+        print(json.dumps(r))
+        return 0
+    print(f"\n{'phase':>10} {'per site/min':>12} {'offered/s':>10} {'receipts/s':>10} {'backlog':>12} {'flat':>5} "
+          f"{'p50 s':>7} {'p99 s':>7} {'agg cores':>9} {'agg ms/upd':>10}")
+    for s in r["phases"]:
+        print(f"{s['phase']:>10} {s['rate_per_site_per_min']:12.2f} {s['offered_updates_per_s']:10.1f} "
+              f"{s['updates_per_s']:10.1f} {str(s['backlog_start']) + '->' + str(s['backlog_end']):>12} "
+              f"{'yes' if s['backlog_flat'] else 'NO':>5} {s['receipt_p50_s']:7.3f} {s['receipt_p99_s']:7.3f} "
+              f"{s['cpu_cores']['aggregator']:9.2f} {s['aggregator_cpu_ms_per_update']:10.2f}")
+    print(f"\n{r['sites']} sites, {r['params']:,} params, K = {r['buffer_size']}: steady {r['updates_per_s']:.1f} "
+          f"updates/s, receipt p50 {r['receipt_p50_s']:.3f} s p99 {r['receipt_p99_s']:.3f} s, backlog "
+          f"{'flat' if r['backlog_flat'] else 'GROWING'}; highest flat rate {r['max_flat_updates_per_s']} updates/s")
+    print(f"intake vs limit (CPU per update, decrypt + verify + axpy on one core = "
+          f"{r['limit_cpu_ms_per_update']:.2f} ms): {r['intake_vs_limit']}")
+    print(f"peak RSS: aggregator {r['aggregator_rss_mb']:.0f} MB, broker {r['broker_rss_mb']:.0f} MB, "
+          f"{r['procs']} site processes {r['sites_rss_mb']:.0f} MB; verdicts {r['verdicts']}; "
+          f"load average {r['load_average']}")
+    if r["errors"]:
+        print("errors:", r["errors"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
