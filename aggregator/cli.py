@@ -22,7 +22,14 @@ def _status(args: argparse.Namespace) -> int:
 
     cfg = load_status_config(args.config)
     view = asyncio.run(collect(cfg, args.listen))
-    print(render(view), end="")
+    if args.json:
+        import json
+
+        from aggregator.status_json import status_document
+
+        print(json.dumps(status_document(view, args.listen), sort_keys=True))
+    else:
+        print(render(view), end="")
     return 0
 
 
@@ -36,4 +43,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--config", required=True,
                    help="a TOML with federation and [broker] (observer credentials); the aggregator's file works")
     s.add_argument("--listen", type=float, default=3.0, help="seconds to count receipts (default 3)")
+    s.add_argument("--json", action="store_true",
+                   help="print one JSON document (schema: docs/architecture.md, 'fedline status --json')")
     s.set_defaults(func=_status)

@@ -37,7 +37,7 @@ Example::
     retain_versions = 3
 
     [metrics]
-    port = 0                     # Prometheus endpoint; 0 = off
+    port = 19310                 # Prometheus endpoint (no port: off; 0: any free port)
 """
 from __future__ import annotations
 
@@ -49,6 +49,7 @@ from typing import Any, Literal
 from aggregator.evaluation import EvaluationConfig
 from broker_bridge.client import BrokerSettings
 from fedline.config import ConfigError, load_toml, parse, resolve_path
+from fedline.metrics import MetricsConfig
 from models.spec import ModelSpec
 
 
@@ -94,24 +95,36 @@ class AggregatorSection:
 
 @dataclass(frozen=True)
 class StrategyConfig:
-    """The reduce step: which algorithm, how staleness weighs, which robust option."""
+    """The reduce step: which algorithm, how staleness weighs, which robust option, what keeps it fair."""
 
     kind: Literal["fedasync", "fedbuff", "fedavg"] = "fedbuff"
     alpha: float = 0.5  # FedAsync mixing rate
+    # FedAsync: "mix" is the paper's x_t = (1 - a_t) x_{t-1} + a_t (x_base + delta); "delta" is x + a_t delta
+    fedasync_form: Literal["mix", "delta"] = "mix"
     staleness: Literal["constant", "polynomial", "hinge"] = "polynomial"
     a: float = 0.5  # polynomial exponent; hinge slope
     b: float = 4.0  # hinge: staleness up to b weighs 1
     max_staleness: int = 20  # older updates are dropped with a "stale" receipt
-    buffer_size: int = 10  # FedBuff K (FedAvg: ignored, K = the number of enrolled sites)
+    buffer_size: int = 10  # FedBuff K, at most the number of enrolled sites (FedAvg: K = the cohort, every site)
     # a buffer whose first update has waited this long is reduced with what it holds (0 = wait for K):
     # when a site drops off the network, versions keep coming from the others without any of them
-    # spending its privacy budget twice on one base to fill the buffer
+    # spending its privacy budget twice on one base to fill the buffer. FedAvg: the round's deadline.
     buffer_timeout_s: float = 0.0
+    # no version combines fewer distinct sites: a smaller buffer waits (issue 13); FedAsync needs 1
+    min_sites: int = 3
+    quorum: int = 0  # distinct sites a timed-out buffer (a FedAvg round) needs; 0 = min_sites
     server_lr: float = 1.0
     server_momentum: float = 0.0
     robust: Literal["none", "median", "trimmed_mean"] = "none"
     trim: float = 0.1  # fraction dropped at each end by trimmed_mean
-    norm_bound: float = 0.0  # clip each delta to this L2 norm before the reduce; 0 = off
+    # clip each delta to this L2 norm before the reduce; unset = derived from [dp] (aggregator.normbound); 0 = off
+    norm_bound: float | None = None
+    # also clip each delta to the median norm of its buffer (one update per site, so the median is an honest
+    # site's as long as most of the buffer is honest): a long delta counts no more than a typical one
+    clip_to_median: bool = True
+    # weigh by min(n_samples, sample_cap) / sum instead of 1/K; the cap is the aggregator's, never the claim
+    sample_weighting: bool = False
+    sample_cap: float = 0.0
 
     def validate(self) -> None:
         if not 0.0 < self.alpha <= 1.0:
@@ -124,29 +137,76 @@ class StrategyConfig:
             raise ValueError("buffer_size must be at least 1")
         if self.buffer_timeout_s < 0:
             raise ValueError(f"buffer_timeout_s must be >= 0 (0 = off), got {self.buffer_timeout_s}")
+        if self.min_sites < 1:
+            raise ValueError(f"min_sites must be at least 1, got {self.min_sites}")
+        if self.quorum < 0:
+            raise ValueError(f"quorum must be >= 0 (0 = min_sites), got {self.quorum}")
+        if self.quorum and self.quorum < self.min_sites:
+            raise ValueError(f"quorum ({self.quorum}) must be at least min_sites ({self.min_sites})")
+        if self.kind == "fedasync" and self.min_sites != 1:
+            raise ValueError(f"kind = 'fedasync' makes every version from one site's update, which any member "
+                             f"can read as w[v+1] - w[v]; min_sites is {self.min_sites}: use 'fedbuff', or set "
+                             f"min_sites = 1 to accept that leak")
+        if self.kind == "fedbuff" and self.buffer_size < self.min_sites:
+            raise ValueError(f"buffer_size ({self.buffer_size}) must be at least min_sites ({self.min_sites}): "
+                             f"one update per site per buffer")
         if self.server_lr <= 0:
             raise ValueError("server_lr must be positive")
         if not 0.0 <= self.server_momentum < 1.0:
             raise ValueError("server_momentum must be in [0, 1)")
         if not 0.0 <= self.trim < 0.5:
             raise ValueError("trim must be in [0, 0.5)")
-        if self.norm_bound < 0:
-            raise ValueError("norm_bound must be >= 0 (0 = off)")
+        if self.norm_bound is not None and self.norm_bound < 0:
+            raise ValueError("norm_bound must be >= 0 (0 = off; leave it out to derive it from [dp])")
+        if self.sample_cap < 0:
+            raise ValueError("sample_cap must be >= 0")
+        if self.sample_weighting and self.sample_cap <= 0:
+            raise ValueError("sample_weighting = true needs sample_cap > 0: the aggregator, not the site's claim, "
+                             "bounds a weight (set it to a plant's typical rows per update)")
         if self.kind == "fedasync" and self.robust != "none":
             raise ValueError(f"robust = {self.robust!r} needs several updates per reduce: "
                              "use kind = 'fedbuff' or 'fedavg' (FedAsync applies one update at a time)")
+
+    @property
+    def needed_sites(self) -> int:
+        """Distinct sites a buffer must hold before it may become a version on timeout."""
+        return max(self.min_sites, self.quorum)
+
+
+@dataclass(frozen=True)
+class DPConfig:
+    """The federation's DP-SGD settings, as the sites are told to train: they bound an honest delta.
+
+    Used only to derive ``[strategy] norm_bound`` and ``[validation] max_norm`` when those are not set
+    (:mod:`aggregator.normbound`); a site's own header is never trusted for it.
+    """
+
+    clip_norm: float = 1.0  # the sites' max_grad_norm
+    noise_multiplier: float = 1.0
+    lr: float = 0.05
+    momentum: float = 0.0
+    batch_size: int = 64  # expected (Poisson) batch size
+    steps: int = 100  # the most DP-SGD steps one update may take (epochs x steps per epoch)
+
+    def validate(self) -> None:
+        if self.clip_norm <= 0 or self.lr <= 0 or self.noise_multiplier < 0:
+            raise ValueError("clip_norm and lr must be > 0, noise_multiplier >= 0")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError("momentum must be in [0, 1)")
+        if self.batch_size < 1 or self.steps < 1:
+            raise ValueError("batch_size and steps must be >= 1")
 
 
 @dataclass(frozen=True)
 class ValidationConfig:
     """What a sane update looks like; anything else is rejected with the reason."""
 
-    max_norm: float = 1.0e4  # L2 norm of the whole delta
+    max_norm: float | None = None  # L2 norm of the whole delta; unset = 4 x the norm bound derived from [dp]
     max_samples: int = 10_000_000
     min_samples: int = 1
 
     def validate(self) -> None:
-        if self.max_norm <= 0:
+        if self.max_norm is not None and self.max_norm <= 0:
             raise ValueError("max_norm must be positive")
         if not 1 <= self.min_samples <= self.max_samples:
             raise ValueError("need 1 <= min_samples <= max_samples")
@@ -163,12 +223,6 @@ class PublishConfig:
 
 
 @dataclass(frozen=True)
-class MetricsConfig:
-    port: int = 0  # Prometheus endpoint on this port; 0 = off
-    bind: str = "127.0.0.1"
-
-
-@dataclass(frozen=True)
 class AggregatorConfig:
     """The whole file. Paths are resolved against the file's folder by :func:`load_config`."""
 
@@ -177,6 +231,7 @@ class AggregatorConfig:
     broker: BrokerSettings = field(default_factory=BrokerSettings)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    dp: DPConfig = field(default_factory=DPConfig)
     publish: PublishConfig = field(default_factory=PublishConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     evaluation: EvaluationConfig | None = None

@@ -30,8 +30,10 @@ from typing import Any
 
 import numpy as np
 
+from aggregator import fairness
 from aggregator.config import AggregatorConfig
 from aggregator.metrics import Metrics
+from aggregator.normbound import effective_bounds
 from aggregator.store import BufferedRow, Store, Verdict
 from aggregator.strategies import Accepted, make_strategy
 from aggregator.validate import ValidationError, check_update
@@ -101,6 +103,7 @@ class AggregatorCore:
             raise StateError(f"{a.enrollment_file}: the enrolled aggregator key is not {a.key_file}")
         self.metrics = metrics or Metrics()
         self.strategy = make_strategy(cfg.strategy, len(self.enrollment.sites))
+        fairness.check_federation(cfg.strategy, self.strategy, len(self.enrollment.sites), a.enrollment_file)
         self.store = Store(Path(a.state_dir) / "aggregator.sqlite", fsync=a.fsync)
         self.pool = ThreadPoolExecutor(a.workers, thread_name_prefix="agg-open")
         self._torch_model: Any = None
@@ -110,6 +113,12 @@ class AggregatorCore:
 
             self.evaluator = Evaluator(cfg.evaluation, self.spec, a.seed, cfg.file)
         self._load_or_seed()
+        n_params = sum(int(v.size) for v in self.model.values())
+        self.norm_bound, self.max_norm = effective_bounds(cfg, n_params)
+        self.strategy.norm_bound = self.norm_bound
+        event(log, "aggregator.bounds", norm_bound=round(self.norm_bound, 6), max_norm=round(self.max_norm, 6),
+              derived=cfg.strategy.norm_bound is None, min_sites=cfg.strategy.min_sites,
+              buffer_size=self.strategy.buffer_size)
 
     # -- state ------------------------------------------------------------------
     def _load_or_seed(self) -> None:
@@ -180,7 +189,7 @@ class AggregatorCore:
             op.header = None
             return op
         try:
-            op.norm = check_update(op.header, op.tensors, self.reference, self.cfg.validation)
+            op.norm = check_update(op.header, op.tensors, self.reference, self.cfg.validation, self.max_norm)
         except ValidationError as exc:
             op.reason, op.detail = exc.reason, exc.detail
         return op
@@ -238,21 +247,57 @@ class AggregatorCore:
         assert op.tensors is not None
         acc = Accepted(h.site, h.counter, h.msg_id, h.base_version, h.n_samples, s, self.strategy.factor(s),
                        self.strategy.weight(h.n_samples, s), op.tensors, op.norm)
-        if len(self.buffer) + 1 < self.strategy.buffer_size:
-            v = Verdict(h.site, h.counter, h.msg_id, "buffered", None, None, self.version, s, acc.weight)
+        if self.strategy.needs_base:
+            acc.base = self._base_model(h.base_version)
+            if acc.base is None:
+                return self._stale(h, s, "base_unavailable", f"version {h.base_version}'s checkpoint is no longer "
+                                   f"kept (keep_checkpoints {self.cfg.aggregator.keep_checkpoints})")
+        # one update per site per buffer (issue 14): a newer update from a site takes its older one's place
+        old = next((u for u in self.buffer if u.site == h.site), None)
+        superseded = None
+        if old is not None:
+            superseded = Verdict(old.site, old.counter, old.msg_id, "stale", "superseded",
+                                 f"counter {h.counter} from the same site took its place in the buffer",
+                                 self.version, old.staleness, 0.0)
+        fill = len(self.buffer) + (0 if old is not None else 1)
+        if fill < self.strategy.buffer_size:
+            reason = "late" if self.strategy.name == "fedavg" and s > 0 else None
+            detail = f"trained on version {h.base_version}: joins round {self.version + 1}" if reason else None
+            v = Verdict(h.site, h.counter, h.msg_id, "buffered", reason, detail, self.version, s, acc.weight)
             self.store.add_buffered(BufferedRow(0, h.site, h.counter, h.msg_id, h.base_version, h.n_samples, s,
                                                 acc.factor, acc.weight, ""), v, op.sealed,
-                                    self.version)
+                                    self.version, replaces=superseded)
             self._decided(h.site, h.counter)
             if not self.buffer:
                 self.buffer_since = time.monotonic()
+            receipts: list[dict[str, Any]] = []
+            if old is not None:
+                self.buffer.remove(old)
+                self.metrics.decided("stale")
+                receipts.append(superseded.receipt())  # type: ignore[union-attr]
+                event(log, "update.superseded", site=h.site, counter=old.counter, by=h.counter)
             self.buffer.append(acc)
             self.metrics.buffer_fill.set(len(self.buffer))
             self.metrics.decided("buffered")
             event(log, "update.buffered", site=h.site, counter=h.counter, staleness=s, weight=acc.weight,
                   fill=len(self.buffer), of=self.strategy.buffer_size)
-            return Decision(v.receipt())
+            return Decision(v.receipt(), receipts)
         return self._reduce([*self.buffer, acc])
+
+    def _stale(self, h: UpdateHeader, s: int, reason: str, detail: str) -> Decision:
+        v = Verdict(h.site, h.counter, h.msg_id, "stale", reason, detail, self.version, s, 0.0)
+        self.store.record(v)
+        self._decided(h.site, h.counter)
+        self.metrics.decided("stale")
+        event(log, "update.stale", site=h.site, counter=h.counter, staleness=s, reason=reason)
+        return Decision(v.receipt())
+
+    def _base_model(self, version: int) -> State | None:
+        """x_τ for FedAsync's mix: the live model, or a kept checkpoint (None once it was pruned)."""
+        if version == self.version:
+            return self.model
+        ck = self.store.checkpoint(version)
+        return envelope.decode_tensors(ck.weights) if ck is not None and ck.weights else None
 
     def _top_counter(self, site: str) -> int | None:
         """Highest counter decided for ``site`` (cached: decide() is the store's only writer)."""
@@ -307,7 +352,7 @@ class AggregatorCore:
     def flush_due_in(self) -> float | None:
         """Seconds until the buffer times out (0: now), or None when nothing waits or there is no timeout."""
         timeout = self.cfg.strategy.buffer_timeout_s
-        if timeout <= 0 or not self.buffer or self.buffer_since is None:
+        if timeout <= 0 or not self.buffer or self.buffer_since is None or not self._enough_sites():
             return None
         return max(0.0, self.buffer_since + timeout - time.monotonic())
 
@@ -316,12 +361,15 @@ class AggregatorCore:
 
         Each buffered update gets its "applied" receipt, as when the K-th arrival flushes them.
         """
-        if not self.buffer:
-            return None
+        if not self.buffer or not self._enough_sites():
+            return None  # fewer than min_sites distinct sites: the buffer waits for more (issue 13)
         event(log, "buffer.timeout", fill=len(self.buffer), of=self.strategy.buffer_size,
               sites=sorted({u.site for u in self.buffer}))
         self.metrics.buffer_timeouts.inc()
         return self._reduce(list(self.buffer), last_arrived=False)
+
+    def _enough_sites(self) -> bool:
+        return len({u.site for u in self.buffer}) >= min(self.cfg.strategy.needed_sites, self.strategy.buffer_size)
 
     # -- conveniences ----------------------------------------------------------------------
     def process(self, sealed: bytes, topic_site: str | None = None, msg_id: str | None = None) -> Decision:

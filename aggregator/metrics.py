@@ -8,12 +8,14 @@ from __future__ import annotations
 import time
 from collections import deque
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram
+
+from fedline.metrics import MetricsConfig, MetricsServer, new_registry
 
 
 class Metrics:
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
+        self.registry = new_registry()
         r = self.registry
         self.updates = Counter("fedline_aggregator_updates", "Updates decided, by verdict", ["verdict"], registry=r)
         self.rejections = Counter("fedline_aggregator_rejections", "Rejected updates, by reason", ["reason"],
@@ -54,5 +56,8 @@ class Metrics:
         v = self.registry.get_sample_value(name, labels or {})
         return float(v or 0.0)
 
-    def serve(self, port: int, bind: str = "127.0.0.1") -> None:
-        start_http_server(port, addr=bind, registry=self.registry)
+    def serve(self, port: int, bind: str = "127.0.0.1") -> MetricsServer:
+        """Serve /metrics on ``bind:port`` (0: any free port); the service uses :class:`MetricsServer` directly."""
+        server = MetricsServer(self.registry)
+        server.start(MetricsConfig(host=bind, port=port), service="aggregator")
+        return server

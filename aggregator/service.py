@@ -18,6 +18,7 @@ service except cancellation.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 from concurrent.futures import ThreadPoolExecutor
@@ -30,8 +31,10 @@ from aggregator.metrics import Metrics
 from broker_bridge.chunking import Reassembler
 from broker_bridge.client import MqttClient
 from broker_bridge.errors import ChunkError, FedlineError, TopicError
+from broker_bridge.liveness import Liveness
 from broker_bridge.topics import Topics
 from fedline.logs import event
+from fedline.metrics import MetricsServer
 
 log = logging.getLogger("fedline.aggregator")
 
@@ -60,6 +63,7 @@ class Aggregator:
         self.cfg = cfg
         self.topics = Topics(cfg.aggregator.federation, cfg.aggregator.topic_prefix)
         self.metrics = metrics or Metrics()
+        self._metrics_http = MetricsServer(self.metrics.registry)
         self.core: AggregatorCore | None = None
         self.client: MqttClient | None = None
         # one reassembler per site: message ids are chosen by sites, so a shared one would let one site's
@@ -89,11 +93,12 @@ class Aggregator:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         self.core = await loop.run_in_executor(self._serial, lambda: AggregatorCore(self.cfg, metrics=self.metrics))
-        if self.cfg.metrics.port:
-            self.metrics.serve(self.cfg.metrics.port, self.cfg.metrics.bind)
+        self._metrics_http.start(self.cfg.metrics, service="aggregator", file=self.cfg.file)
         queue: asyncio.Queue[asyncio.Future[Opened]] = asyncio.Queue(maxsize=4 * self.cfg.aggregator.workers)
+        settings = self._settings()
+        self.liveness = Liveness(self.topics, settings.username or "aggregator", "aggregator")
         try:
-            async with MqttClient(self._settings()) as client:
+            async with MqttClient(settings, will=self.liveness.will(), on_connect=self.liveness.online) as client:
                 self.client = client
                 await client.subscribe(self.topics.updates_filter(), qos=1)
                 await client.connected.wait()  # subscribed (re-made on every connect) before we say so
@@ -116,8 +121,11 @@ class Aggregator:
                     _, stuck = await asyncio.wait([*tasks, stop], timeout=10)
                     for t in stuck:
                         event(log, "aggregator.stop_slow", level=logging.WARNING, task=t.get_name())
+                    with contextlib.suppress(Exception):  # best effort: the will covers a lost link
+                        await asyncio.wait_for(self.liveness.stopped(client), 5)
         finally:
             self.client = None
+            self._metrics_http.stop()
             core = self.core
             await loop.run_in_executor(self._serial, core.close)
             self._serial.shutdown(wait=False)
@@ -245,6 +253,7 @@ class Aggregator:
                                                release.weights_chunks, release.onnx_chunks)
                     self.published_version = version
                     self.published.set()
+                    await self.liveness.set_version(client, version)
                     await self._clear_old(client)
                 except Exception as exc:  # broker gone, export failed...: retry, never end the service
                     event(log, "model.publish_failed", level=logging.WARNING, version=version, error=repr(exc))

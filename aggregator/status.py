@@ -79,6 +79,7 @@ class FederationView:
     manifest: dict[str, Any] | None = None
     manifest_verified: bool = False
     sites: dict[str, SiteView] = field(default_factory=dict)
+    services: dict[str, dict[str, Any]] = field(default_factory=dict)  # broker user -> liveness document
     unverified_receipts: int = 0
     bad_messages: int = 0
 
@@ -103,7 +104,8 @@ async def collect(cfg: StatusConfig, listen_s: float = 3.0) -> FederationView:
             view.site(s)
     async with MqttClient(cfg.broker) as client:
         await client.wait_connected(cfg.broker.timeout_s)
-        for flt in (topics.status_filter(), topics.manifest(), topics.receipts_filter()):
+        for flt in (topics.status_filter(), topics.manifest(), topics.receipts_filter(),
+                    topics.service_status_filter()):
             await client.subscribe(flt, qos=1)
         deadline = asyncio.get_running_loop().time() + listen_s
         while (left := deadline - asyncio.get_running_loop().time()) > 0:
@@ -121,6 +123,11 @@ async def collect(cfg: StatusConfig, listen_s: float = 3.0) -> FederationView:
                     except ValueError:
                         doc = {"state": msg.payload.decode("utf-8", "replace")}
                     view.site(info.site).status = doc if isinstance(doc, dict) else {"state": str(doc)}
+                elif info.kind == "service_status":
+                    doc = json.loads(msg.payload)
+                    if not isinstance(doc, dict):
+                        raise ValueError("service status is not an object")
+                    view.services[str(info.site)] = doc
                 elif info.kind == "manifest":
                     if sign_pub:
                         view.manifest, view.manifest_verified = verify_manifest(msg.payload, sign_pub), True

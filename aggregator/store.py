@@ -238,16 +238,24 @@ class Store:
         return [Verdict(*r) for r in rows]
 
     # -- the FedBuff buffer ------------------------------------------------------------
-    def add_buffered(self, row: BufferedRow, v: Verdict, sealed: bytes, generation: int) -> None:
+    def add_buffered(self, row: BufferedRow, v: Verdict, sealed: bytes, generation: int,
+                     replaces: Verdict | None = None) -> None:
         """The sealed update (bytes first) and its ``buffered`` verdict, in one transaction.
 
         ``generation`` (the current version) names the log segment: a reduce empties the buffer, so
         each version's buffer gets its own segment, deleted after the next version commits.
+        ``replaces`` is the final verdict of the same site's update this one takes the place of
+        (one update per site per buffer): its row leaves the buffer in the same transaction.
         """
         with self._lock:
             name = f"buffer-{generation}.log"
             offset = self._append(name, sealed)
+            drop: list[tuple[str, tuple[Any, ...]]] = []
+            if replaces is not None:
+                drop = [("DELETE FROM buffer WHERE site = ? AND counter = ?", (replaces.site, replaces.counter)),
+                        self._verdict_sql(replaces)]
             self._tx([
+                *drop,
                 ("INSERT INTO buffer (site, counter, msg_id, base_version, n_samples, staleness, factor, weight, "
                  "file, offset, length) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                  (row.site, row.counter, row.msg_id, row.base_version, row.n_samples, row.staleness, row.factor,

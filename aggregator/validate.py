@@ -36,8 +36,16 @@ class ValidationError(Exception):
 
 
 def check_update(header: UpdateHeader, tensors: Mapping[str, np.ndarray],
-                 reference: Mapping[str, tuple[int, ...]], cfg: ValidationConfig) -> float:
-    """Raise :class:`ValidationError` or return the delta's L2 norm."""
+                 reference: Mapping[str, tuple[int, ...]], cfg: ValidationConfig,
+                 max_norm: float | None = None) -> float:
+    """Raise :class:`ValidationError` or return the delta's L2 norm.
+
+    ``max_norm`` is the bound in force (:func:`aggregator.normbound.effective_bounds`); by default
+    ``cfg.max_norm``.
+    """
+    max_norm = cfg.max_norm if max_norm is None else max_norm
+    if max_norm is None:
+        raise ValueError("no max_norm: pass the bound derived from [dp]")
     if not cfg.min_samples <= header.n_samples <= cfg.max_samples:
         raise ValidationError("samples", f"n_samples {header.n_samples} is outside "
                                          f"[{cfg.min_samples}, {cfg.max_samples}]")
@@ -63,6 +71,6 @@ def check_update(header: UpdateHeader, tensors: Mapping[str, np.ndarray],
             sq = math.inf  # finite values whose squares overflow: far beyond any bound
         total += sq
     norm = math.sqrt(total)
-    if norm > cfg.max_norm:
-        raise ValidationError("norm", f"L2 norm {norm:.4g} exceeds max_norm {cfg.max_norm:g}")
+    if norm > max_norm:
+        raise ValidationError("norm", f"L2 norm {norm:.4g} exceeds max_norm {max_norm:.4g}")
     return norm

@@ -92,7 +92,8 @@ def setup(root: Path, n_params: int, n_sites: int, workers: int, strategy: str):
         "aggregator": {"federation": "bench", "key_file": "unused", "enrollment_file": "unused",
                        "state_dir": str(root / "state"), "workers": workers},
         "model": {"kind": "mlp", "n_features": N_FEATURES, "hidden": [h, h], "personal": ["head."]},
-        "strategy": {"kind": strategy, "buffer_size": K, "max_staleness": 1000},
+        "strategy": {"kind": strategy, "buffer_size": K, "max_staleness": 1000,
+                     "min_sites": 1 if strategy == "fedasync" else 3},
         "validation": {"max_norm": 1e9},
     }
     core = AggregatorCore(parse_config(table), keys=agg, enrollment=enr)

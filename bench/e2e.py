@@ -106,6 +106,7 @@ def plain_loop(data: DemoData, dp: bool) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- the chain
 def write_configs(data: DemoData, root: Path, broker_urls: dict[str, str]) -> dict[str, Path]:
+    from aggregator.normbound import dp_table
     from fedline.demo.data import write_csv
     from fedline.demo.workspace import Workspace, make_keys, rows_table, write_toml
 
@@ -141,6 +142,8 @@ def write_configs(data: DemoData, root: Path, broker_urls: dict[str, str]) -> di
                    "password_file": str(ws.credentials("aggregator")), "client_id": "aggregator",
                    "backoff_min_s": 0.1, "backoff_max_s": 1.0},
         "strategy": demo_strategy(),
+        "dp": dp_table([(len(s.train_rows), tcfg[s.site].batch_size) for s in data.sites],
+                       epochs=EPOCHS, lr=LR, momentum=MOMENTUM, clip_norm=CLIP, noise_multiplier=NOISE),
         "publish": {"retain_versions": 2, "onnx": True},  # as in the demo: every version's ONNX is published
     }
     paths["aggregator"] = write_toml(root / "aggregator" / "aggregator.toml", agg)

@@ -11,6 +11,15 @@ if TYPE_CHECKING:
     from broker_bridge.keys import PublicKeys
 
 
+from broker_bridge.mosquitto import (
+    DEFAULT_AUTOSAVE_S,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_PACKET,
+    DEFAULT_MAX_QUEUED_BYTES,
+    DEFAULT_MAX_QUEUED_MESSAGES,
+)
+
+
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     keys = sub.add_parser("keys", help="create key pairs, export public keys, build the enrollment file")
     ks = keys.add_subparsers(dest="keys_cmd", required=True, metavar="ACTION")
@@ -45,16 +54,38 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     conf.add_argument("--federation", help="federation name (if no --enrollment)")
     conf.add_argument("--site", action="append", default=[], help="site id (repeat; adds to the enrollment's)")
     conf.add_argument("--out", type=Path, required=True, help="folder to write into")
-    conf.add_argument("--port", type=int, default=1883)
-    conf.add_argument("--bind", default="127.0.0.1", help="address to listen on (0.0.0.0 in a container)")
-    conf.add_argument("--max-packet-size", type=int, help="broker's MQTT 5 Maximum Packet Size in bytes")
-    conf.add_argument("--tls-port", type=int)
-    conf.add_argument("--ca-file")
+    conf.add_argument("--port", type=int, default=8883, help="TLS listener port (default 8883)")
+    conf.add_argument("--bind", default="127.0.0.1", help="address of the TLS listener (0.0.0.0 in a container)")
+    conf.add_argument("--host", action="append", default=[], dest="hosts",
+                      help="name or address sites use to reach the broker, put in the generated server "
+                           "certificate (repeat; default: --bind, 127.0.0.1, localhost)")
+    conf.add_argument("--plain-port", type=int,
+                      help="also open a plaintext listener on this port, on loopback only (tools on this host)")
+    conf.add_argument("--plain-bind", default="127.0.0.1", help="loopback address of the plaintext listener")
+    conf.add_argument("--ca-file", help="your CA certificate (with --cert-file, --key-file; default: generate in OUT/pki)")
     conf.add_argument("--cert-file")
     conf.add_argument("--key-file")
     conf.add_argument("--require-client-cert", action="store_true")
+    conf.add_argument("--max-packet-size", type=int, default=DEFAULT_MAX_PACKET,
+                      help=f"largest MQTT packet in bytes (default {DEFAULT_MAX_PACKET})")
+    conf.add_argument("--max-queued-messages", type=int, default=DEFAULT_MAX_QUEUED_MESSAGES,
+                      help=f"per offline client (default {DEFAULT_MAX_QUEUED_MESSAGES})")
+    conf.add_argument("--max-queued-bytes", type=int, default=DEFAULT_MAX_QUEUED_BYTES,
+                      help=f"per offline client (default {DEFAULT_MAX_QUEUED_BYTES})")
+    conf.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
+                      help=f"per listener (default {DEFAULT_MAX_CONNECTIONS})")
+    conf.add_argument("--autosave-interval", type=int, default=DEFAULT_AUTOSAVE_S,
+                      help=f"seconds between saves of the broker's store (default {DEFAULT_AUTOSAVE_S})")
+    conf.add_argument("--no-bind-client-ids", action="store_true",
+                      help="do not replace client ids by usernames (lets a site take over another's session)")
+    conf.add_argument("--persistence-dir", help="where Mosquitto keeps its store (default OUT/data; "
+                                                "/mosquitto/data in the eclipse-mosquitto image)")
     conf.add_argument("--user", help="system user mosquitto drops to when started as root")
-    conf.add_argument("--keep-passwords", action="store_true", help="reuse credentials/*.password already in --out")
+    conf.add_argument("--credentials-dir", type=Path,
+                      help="where each service's <user>.password goes (default OUT/credentials); outside OUT, "
+                           "the broker's folder holds no plaintext password")
+    conf.add_argument("--keep-passwords", action="store_true",
+                      help="reuse the <user>.password files already in the credentials folder")
     conf.set_defaults(func=_broker_config)
     emb = bs.add_parser("embedded", help="run the embedded amqtt broker (MQTT 3.1.1, no ACL) in the foreground")
     emb.add_argument("--host", default="127.0.0.1")
@@ -175,18 +206,27 @@ def _broker_config(args: argparse.Namespace) -> int:
         print("fedline: give --federation or --enrollment", file=sys.stderr)
         return 2
     passwords: dict[str, str] = {}
-    if args.keep_passwords and (args.out / "credentials").is_dir():
-        for p in (args.out / "credentials").glob("*.password"):
+    creds = args.credentials_dir or args.out / "credentials"
+    if args.keep_passwords and creds.is_dir():
+        for p in creds.glob("*.password"):
             passwords[p.name[: -len(".password")]] = p.read_text().strip()
-    cfg = MosquittoConfig(federation=federation, sites=sites, port=args.port, bind=args.bind,
-                          max_packet_size=args.max_packet_size, tls_port=args.tls_port, ca_file=args.ca_file,
-                          cert_file=args.cert_file, key_file=args.key_file,
+    cfg = MosquittoConfig(federation=federation, sites=sites, port=args.port, bind=args.bind, hosts=args.hosts,
+                          plain_port=args.plain_port, plain_bind=args.plain_bind,
+                          max_packet_size=args.max_packet_size, max_queued_messages=args.max_queued_messages,
+                          max_queued_bytes=args.max_queued_bytes, max_connections=args.max_connections,
+                          autosave_interval_s=args.autosave_interval, bind_client_ids=not args.no_bind_client_ids,
+                          ca_file=args.ca_file, cert_file=args.cert_file, key_file=args.key_file,
                           require_client_cert=args.require_client_cert, passwords=passwords,
-                          run_as_user=args.user)
+                          persistence_dir=args.persistence_dir, run_as_user=args.user,
+                          credentials_dir=str(creds))
     paths = write_broker_config(cfg, args.out)
-    print(f"wrote {paths['conf']} (listener {args.bind}:{args.port}), {paths['acl']}, {paths['passwd']}")
-    print(f"credentials for {len(sites) + 2} users in {args.out / 'credentials'} (mode 0600): "
-          "give each site only its own file")
+    plain = f", plaintext {args.plain_bind}:{args.plain_port}" if args.plain_port is not None else ""
+    print(f"wrote {paths['conf']} (TLS listener {args.bind}:{args.port}{plain}), {paths['acl']}, {paths['passwd']}")
+    if "ca" in paths:
+        print(f"generated a CA and server certificate in {paths['ca'].parent}: give sites {paths['ca']} "
+              f"(public); ca.key never leaves this folder")
+    print(f"credentials for {len(cfg.users())} users in {creds} (mode 0600): give each "
+          "service only its own file (<site> for the edge agent, <site>.line for the line)")
     print(f"run it with: mosquitto -c {paths['conf']}")
     return 0
 

@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from broker_bridge.errors import FedlineError
-from broker_bridge.keys import write_private, write_public
 from broker_bridge.topics import Topics, validate_site_id
 
 AGGREGATOR_USER = "aggregator"
@@ -55,32 +54,83 @@ def render_acl(topics: Topics, aggregator_user: str = AGGREGATOR_USER,
         f"topic readwrite {r}/model/#",
         "",
     ]
-    if observer_user:
-        lines += [f"user {observer_user}", f"topic read {r}/#", ""]
+    if observer_user:  # $SYS: the broker's own counters (clients, dropped messages) for monitoring
+        lines += [f"user {observer_user}", f"topic read {r}/#", "topic read $SYS/broker/#", ""]
     lines += [
         "# Every site (username = site id): its own updates and status, its own receipts, the model.",
         f"pattern write {r}/sites/%u/update/#",
         f"pattern readwrite {r}/sites/%u/status",
         f"pattern read {r}/sites/%u/receipts",
         f"pattern read {r}/model/#",
+        "# Every service (aggregator, <site>.line): its own retained liveness.",
+        f"pattern readwrite {r}/services/%u/status",
         "",
     ]
     return "\n".join(lines)
 
 
+LINE_SUFFIX = ".line"  # a site's line service logs in as "<site>.line" (read-only: models)
+
+#: Defaults sized for fedline's traffic: updates and models travel in chunks of at most
+#: ``broker_bridge.chunking.DEFAULT_MAX_CHUNK`` (100 KiB), statuses and receipts are small.
+DEFAULT_MAX_PACKET = 256 * 1024
+DEFAULT_MAX_QUEUED_MESSAGES = 20_000
+DEFAULT_MAX_QUEUED_BYTES = 512 * 1024 * 1024
+DEFAULT_MAX_CONNECTIONS = 256
+DEFAULT_AUTOSAVE_S = 60
+
+
+def line_user(site: str) -> str:
+    """The broker user of a site's line-inference service (its own, so client ids can be bound)."""
+    return site + LINE_SUFFIX
+
+
+def _is_loopback(addr: str) -> bool:
+    import ipaddress
+
+    if addr == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(addr).is_loopback
+    except ValueError:
+        return False
+
+
 @dataclass
 class MosquittoConfig:
-    """What :func:`write_broker_config` needs to know."""
+    """What :func:`write_broker_config` needs to know.
+
+    The listener on ``port`` speaks TLS, always: with the operator's ``ca_file``,
+    ``cert_file`` and ``key_file``, or with a CA and server certificate generated
+    into ``<out>/pki`` (see :mod:`broker_bridge.pki`) for ``hosts``. A plaintext
+    listener exists only when ``plain_port`` is given, and only on a loopback
+    address (for tools on the broker's own host).
+
+    ``bind_client_ids`` sets ``use_username_as_clientid`` on every listener: the
+    broker replaces whatever client id a client sends by its username, so a site
+    cannot take over (and disconnect) the aggregator's or another site's
+    session. It follows that each connecting service has a user of its own: the
+    edge agent logs in as ``<site>``, the line as ``<site>.line``.
+    """
 
     federation: str
     sites: list[str]
-    port: int = 1883
+    port: int = 8883
     bind: str = "127.0.0.1"
+    plain_port: int | None = None
+    plain_bind: str = "127.0.0.1"
+    hosts: list[str] = field(default_factory=list)  # names in a generated certificate; default: bind + loopback
     prefix: str = "fedline"
     persistence: bool = True
-    autosave_interval_s: int = 5
-    max_packet_size: int | None = None
-    tls_port: int | None = None
+    credentials_dir: str | None = None  # default <out>/credentials: the services' passwords (not the broker's)
+    persistence_dir: str | None = None  # default <out>/data; e.g. /mosquitto/data in the Mosquitto image
+    autosave_interval_s: int = DEFAULT_AUTOSAVE_S
+    max_packet_size: int = DEFAULT_MAX_PACKET
+    max_queued_messages: int = DEFAULT_MAX_QUEUED_MESSAGES
+    max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    sys_interval_s: int = 10  # how often the broker publishes its $SYS counters
+    bind_client_ids: bool = True
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None
@@ -90,13 +140,43 @@ class MosquittoConfig:
     log_file: str | None = None
     run_as_user: str | None = None  # mosquitto started as root drops to this user ('mosquitto' by default)
 
+    def users(self) -> list[str]:
+        """Every broker user: aggregator, observer, and per site the edge agent and the line."""
+        return [AGGREGATOR_USER, *([OBSERVER_USER] if self.observer else []),
+                *self.sites, *(line_user(s) for s in self.sites)]
+
+    def validate(self) -> None:
+        """Refuse a configuration that would weaken the broker, saying what to change (a ConfigError)."""
+        from fedline.config import ConfigError
+
+        if self.plain_port is not None and not _is_loopback(self.plain_bind):
+            raise ConfigError(None, "plain_bind", f"a plaintext listener may only bind a loopback address, not "
+                                                  f"{self.plain_bind!r}: remote clients use the TLS listener")
+        if self.plain_port is not None and self.plain_port == self.port:
+            raise ConfigError(None, "plain_port", f"the plaintext and TLS listeners cannot share port {self.port}")
+        given = [f for f in (self.ca_file, self.cert_file, self.key_file) if f]
+        if given and len(given) != 3:
+            raise ConfigError(None, "ca_file", "give all of ca_file, cert_file and key_file, or none "
+                                               "(then they are generated)")
+        for name in ("max_packet_size", "max_queued_messages", "max_queued_bytes", "max_connections",
+                     "autosave_interval_s", "sys_interval_s"):
+            if int(getattr(self, name)) <= 0:
+                raise ConfigError(None, name, f"must be a positive number, got {getattr(self, name)!r}")
+        if self.max_packet_size < 16 * 1024:
+            raise ConfigError(None, "max_packet_size", f"{self.max_packet_size} is below 16 KiB: fedline's chunks "
+                                                       "and manifests would not fit")
+
 
 def write_broker_config(cfg: MosquittoConfig, out_dir: str | Path) -> dict[str, Path]:
-    """Write mosquitto.conf, acl, passwd and credentials/<user>.password into ``out_dir``.
+    """Write mosquitto.conf, acl, passwd, credentials/<user>.password (and pki/ if generated) into ``out_dir``.
 
     Returns the paths written. Existing passwords in ``cfg.passwords`` are
     kept; missing ones are generated (random, 24 bytes).
     """
+    from broker_bridge.keys import write_private, write_public  # here: `fedline --help` stays light
+    from broker_bridge.pki import TlsFiles, ensure_broker_tls
+
+    cfg.validate()
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     topics = Topics(cfg.federation, cfg.prefix)
@@ -104,11 +184,12 @@ def write_broker_config(cfg: MosquittoConfig, out_dir: str | Path) -> dict[str, 
         validate_site_id(s)
         if s in RESERVED_USERS:
             raise FedlineError(f"site id {s!r} is reserved for the broker's {s} user")
-    users = [AGGREGATOR_USER, *([OBSERVER_USER] if cfg.observer else []), *cfg.sites]
-    creds = out / "credentials"
+        if s.endswith(LINE_SUFFIX):
+            raise FedlineError(f"site id {s!r} ends with {LINE_SUFFIX!r}, which names line users")
+    creds = Path(cfg.credentials_dir).resolve() if cfg.credentials_dir else out / "credentials"
     written: dict[str, Path] = {}
     hashes = []
-    for user in users:
+    for user in cfg.users():
         pw = cfg.passwords.get(user) or secrets.token_urlsafe(24)
         cfg.passwords[user] = pw
         path = creds / f"{user}.password"
@@ -119,8 +200,16 @@ def write_broker_config(cfg: MosquittoConfig, out_dir: str | Path) -> dict[str, 
     write_private(passwd, "\n".join(hashes) + "\n")
     acl = out / "acl"
     write_public(acl, render_acl(topics, observer_user=OBSERVER_USER if cfg.observer else None))
-    data = out / "data"
-    data.mkdir(exist_ok=True)
+    data = Path(cfg.persistence_dir) if cfg.persistence_dir else out / "data"
+    if not cfg.persistence_dir:
+        data.mkdir(exist_ok=True)
+    if cfg.ca_file:
+        tls = TlsFiles(Path(cfg.ca_file), Path(cfg.cert_file or ""), Path(cfg.key_file or ""))
+    else:
+        hosts = cfg.hosts or [h for h in dict.fromkeys(
+            [cfg.bind, "127.0.0.1", "localhost"]) if h not in ("0.0.0.0", "::")]
+        tls = ensure_broker_tls(out / "pki", cfg.federation, hosts)
+        written.update(ca=tls.ca_file, cert=tls.cert_file, key=tls.key_file)
     lines = [
         f"# Mosquitto 2 configuration for fedline federation {cfg.federation!r} (generated).",
         "per_listener_settings false",
@@ -129,10 +218,16 @@ def write_broker_config(cfg: MosquittoConfig, out_dir: str | Path) -> dict[str, 
         f"acl_file {acl}",
         f"persistence {'true' if cfg.persistence else 'false'}",
         f"persistence_location {data}/",
+        "# the whole store is rewritten at each save: often enough to lose little on a crash (the",
+        "# edge outboxes resend what a crash loses), rarely enough not to rewrite a large store all the time",
         f"autosave_interval {cfg.autosave_interval_s}",
-        "# offline persistent sessions keep many chunks: do not cap them at the default 1000",
-        "max_queued_messages 100000",
+        "# limits: one packet is at most one chunk plus headers; an offline persistent client holds at",
+        "# most max_queued_messages / max_queued_bytes (then the broker drops and counts; the outboxes resend)",
+        f"max_packet_size {cfg.max_packet_size}",
+        f"max_queued_messages {cfg.max_queued_messages}",
+        f"max_queued_bytes {cfg.max_queued_bytes}",
         "max_inflight_messages 64",
+        f"sys_interval {cfg.sys_interval_s}",
         "# QoS 1 messages to offline sessions are kept; sessions expire as the client asks",
         "persistent_client_expiration 14d",
         f"log_dest {'file ' + cfg.log_file if cfg.log_file else 'stderr'}",
@@ -143,15 +238,16 @@ def write_broker_config(cfg: MosquittoConfig, out_dir: str | Path) -> dict[str, 
     ]
     if cfg.run_as_user:
         lines.append(f"user {cfg.run_as_user}")
-    if cfg.max_packet_size:
-        lines.append(f"max_packet_size {cfg.max_packet_size}")
-    lines += ["", f"listener {cfg.port} {cfg.bind}", "protocol mqtt"]
-    if cfg.tls_port:
-        if not (cfg.ca_file and cfg.cert_file and cfg.key_file):
-            raise FedlineError("a TLS listener needs ca_file, cert_file and key_file")
-        lines += ["", f"listener {cfg.tls_port} {cfg.bind}", "protocol mqtt",
-                  f"cafile {cfg.ca_file}", f"certfile {cfg.cert_file}", f"keyfile {cfg.key_file}",
-                  f"require_certificate {'true' if cfg.require_client_cert else 'false'}"]
+
+    def listener(port: int, bind: str) -> list[str]:
+        return ["", f"listener {port} {bind}", "protocol mqtt", f"max_connections {cfg.max_connections}",
+                f"use_username_as_clientid {'true' if cfg.bind_client_ids else 'false'}"]
+
+    lines += [*listener(cfg.port, cfg.bind), f"cafile {tls.ca_file}", f"certfile {tls.cert_file}", f"keyfile {tls.key_file}",
+              f"require_certificate {'true' if cfg.require_client_cert else 'false'}"]
+    if cfg.plain_port is not None:
+        lines += ["# plaintext, for tools on this host only (asked for with --plain-port)",
+                  *listener(cfg.plain_port, cfg.plain_bind)]
     conf = out / "mosquitto.conf"
     write_public(conf, "\n".join(lines) + "\n")
     written.update(conf=conf, acl=acl, passwd=passwd, data=data)
@@ -165,6 +261,12 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+def _accepts(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+        return True
+    return False
+
+
 def mosquitto_binary() -> str | None:
     """Path of the mosquitto broker binary, or None when it is not installed."""
     return shutil.which("mosquitto") or next(
@@ -172,26 +274,47 @@ def mosquitto_binary() -> str | None:
 
 
 class MosquittoProcess:
-    """A private Mosquitto on a loopback port, for tests and the demo.
+    """A private Mosquitto on loopback ports, for tests and the demo.
 
-    ``start()`` returns when the port accepts connections; ``stop()`` ends it
+    It has the generated TLS listener (:attr:`tls_url`, trusting :attr:`ca_file`)
+    and, because tests and the demo ask for it, a plaintext listener on
+    127.0.0.1 (:attr:`url`). Client ids are not bound to usernames here by
+    default (``bind_client_ids=False``), so one test can open several clients
+    as one user; the demo and ``fedline broker config`` bind them. The store
+    is saved every 5 s (tests kill the broker and expect what it queued).
+
+    ``start()`` returns when the ports accept connections; ``stop()`` ends it
     gracefully (it saves its persistence file), ``kill()`` with SIGKILL, and
-    ``restart()`` brings it back on the same port with the same data.
+    ``restart()`` brings it back on the same ports with the same data.
     """
 
     def __init__(self, workdir: str | Path, federation: str = "test", sites: list[str] | None = None,
-                 port: int | None = None, **config: object) -> None:
+                 port: int | None = None, tls_port: int | None = None, **config: object) -> None:
         self.workdir = Path(workdir)
         self.port = port or free_port()
+        self.tls_port = tls_port or free_port()
         config.setdefault("run_as_user", getpass.getuser())  # keep access to our own 0600 files
-        self.config = MosquittoConfig(federation=federation, sites=list(sites or []), port=self.port,
-                                      log_file=str(self.workdir / "mosquitto.log"), **config)  # type: ignore[arg-type]
+        config.setdefault("bind_client_ids", False)
+        config.setdefault("autosave_interval_s", 5)
+        self.config = MosquittoConfig(federation=federation, sites=list(sites or []), port=self.tls_port,
+                                      plain_port=self.port, log_file=str(self.workdir / "mosquitto.log"),
+                                      **config)  # type: ignore[arg-type]
         self.paths = write_broker_config(self.config, self.workdir)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
+        """The plaintext loopback listener."""
         return f"mqtt://127.0.0.1:{self.port}"
+
+    @property
+    def tls_url(self) -> str:
+        return f"mqtts://127.0.0.1:{self.tls_port}"
+
+    @property
+    def ca_file(self) -> str:
+        """The CA certificate a client trusts to reach :attr:`tls_url`."""
+        return str(self.config.ca_file or self.paths["ca"])
 
     def password(self, user: str) -> str:
         return self.config.passwords[user]
@@ -206,7 +329,7 @@ class MosquittoProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise FedlineError(f"mosquitto exited with {self.proc.returncode}; see {self.workdir}/mosquitto.log")
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.2):
+            if all(_accepts(p) for p in (self.port, self.tls_port)):
                 return self
             time.sleep(0.05)
         self.stop()

@@ -5,6 +5,8 @@ Layout under ``<prefix>/<federation>/`` (DESIGN.md):
 - ``sites/<site>/update/<msg_id>/<i>``: chunk i of one sealed update
 - ``sites/<site>/receipts``: the aggregator's signed verdicts for that site
 - ``sites/<site>/status``: retained status, ``offline`` by last will
+- ``services/<user>/status``: retained liveness of the aggregator and each line (``<user>`` is
+  its broker username), ``offline`` by last will (:mod:`broker_bridge.liveness`)
 - ``model/manifest``: retained, signed manifest of the current global model
 - ``model/<version>/weights/<i>`` and ``model/<version>/onnx/<i>``: model chunks
 
@@ -40,8 +42,8 @@ def validate_site_id(site: object, what: str = "site id") -> str:
 class TopicInfo:
     """What a parsed topic names. Fields that do not apply are None."""
 
-    kind: str  # update | receipts | status | manifest | weights | onnx
-    site: str | None = None
+    kind: str  # update | receipts | status | service_status | manifest | weights | onnx
+    site: str | None = None  # for service_status: the service's broker username
     msg_id: str | None = None
     index: int | None = None
     version: int | None = None
@@ -76,6 +78,12 @@ class Topics:
 
     def status_filter(self) -> str:
         return f"{self.root}/sites/+/status"
+
+    def service_status(self, user: str) -> str:
+        return f"{self.root}/services/{validate_site_id(user, 'service user')}/status"
+
+    def service_status_filter(self) -> str:
+        return f"{self.root}/services/+/status"
 
     def receipts_filter(self) -> str:
         return f"{self.root}/sites/+/receipts"
@@ -112,6 +120,8 @@ class Topics:
                                      index=_index(parts[4]))
                 if parts[2] in ("receipts", "status") and len(parts) == 3:
                     return TopicInfo(parts[2], site=site)
+            if parts[0] == "services" and len(parts) == 3 and parts[2] == "status":
+                return TopicInfo("service_status", site=validate_site_id(parts[1], "service user"))
             if parts[0] == "model":
                 if parts[1:] == ["manifest"]:
                     return TopicInfo("manifest")

@@ -7,14 +7,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest, start_http_server
+from prometheus_client import Counter, Gauge, generate_latest
+
+from fedline.metrics import MetricsConfig, MetricsServer, new_registry
 
 
 class EdgeMetrics:
     """The same figures as the retained status, plus counters of everything that happened."""
 
     def __init__(self, site: str) -> None:
-        self.registry = r = CollectorRegistry()
+        self.registry = r = new_registry()
         self.site = site
         self.model_version = Gauge("fedline_edge_model_version", "Global model version the site trains from", registry=r)
         self.epsilon = Gauge("fedline_edge_epsilon_spent",
@@ -46,19 +48,14 @@ class EdgeMetrics:
         self.examples = Counter("fedline_edge_examples", "Training examples stored", registry=r)
         self.rows_lost = Counter("fedline_edge_examples_lost", "Examples not stored (write failed, e.g. disk full)",
                                  registry=r)
-        self._server: Any = None
+        self._server = MetricsServer(r)
 
-    def serve(self, host: str, port: int) -> int:
-        """Start the /metrics HTTP endpoint; returns the bound port (``port=0`` is not served)."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
-        self._server = server
-        return int(server.server_address[1])
+    def serve(self, cfg: MetricsConfig, file: str | None = None) -> int | None:
+        """Start the /metrics HTTP endpoint as ``[metrics]`` says; returns the bound port (None: not served)."""
+        return self._server.start(cfg, service=f"edge:{self.site}", file=file)
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
+        self._server.stop()
 
     def text(self) -> bytes:
         return generate_latest(self.registry)

@@ -61,6 +61,20 @@ CREATE TABLE IF NOT EXISTS ledger (
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
+def open_queue_db(path: str | Path, schema: str, synchronous: Literal["FULL", "NORMAL"] = "FULL") -> sqlite3.Connection:
+    """An on-disk queue's SQLite file: WAL, explicit transactions (``BEGIN IMMEDIATE`` ... ``COMMIT``),
+    usable from any thread under the caller's lock. ``FULL`` fsyncs every commit (a queued update must
+    survive a power cut); ``NORMAL`` survives a crash of the process, not of the machine. Shared by the
+    outbox and the line's prediction spool."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(p, check_same_thread=False, isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute(f"PRAGMA synchronous={synchronous}")
+    db.executescript(schema)
+    return db
+
+
 Policy = Literal["drop_oldest", "stop_training"]  # drop_oldest drops paid-for updates: counted, logged, not the default
 
 
@@ -100,15 +114,11 @@ class Outbox:
 
     def __init__(self, path: str | Path, max_bytes: int, max_count: int, policy: Policy = "stop_training") -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.max_bytes = max_bytes
         self.max_count = max_count
         self.policy = policy
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")  # a queued update must survive a power cut
-        self._db.executescript(_SCHEMA)
+        self._db = open_queue_db(self.path, _SCHEMA)
 
     def close(self) -> None:
         with self._lock:
@@ -222,19 +232,28 @@ class Outbox:
         """Apply the aggregator's signed verdict: the row leaves the outbox, the ledger keeps the verdict.
 
         Returns False when no such update is waiting (a duplicate receipt, or one for another update).
+        A receipt with counter -1 is for an update refused before its header was read (bad signature,
+        unknown key: what a key rotation or a revocation produces): it settles by ``msg_id`` alone, which
+        the aggregator read from the topic, or the row would be resent forever (issue 14).
         """
         now = time.time()
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
+                if counter < 0:
+                    row = self._db.execute("SELECT counter FROM outbox WHERE msg_id = ?", (msg_id,)).fetchone()
+                    if row is not None:
+                        counter = int(row[0])
                 cur = self._db.execute("DELETE FROM outbox WHERE counter = ? AND msg_id = ?", (counter, msg_id))
                 found = cur.rowcount > 0
                 if found:
                     self._db.execute("UPDATE ledger SET state = ?, reason = ?, version = ?, settled_at = ? "
                                      "WHERE counter = ? AND msg_id = ?", (verdict, reason, version, now, counter, msg_id))
-                elif verdict == "applied":  # FedBuff: 'buffered' cleared the outbox; the flush says where it went
-                    self._db.execute("UPDATE ledger SET state = ?, version = ? WHERE counter = ? AND msg_id = ? "
-                                     "AND state = 'buffered'", (verdict, version, counter, msg_id))
+                elif verdict != "buffered":
+                    # FedBuff: 'buffered' cleared the outbox; the flush says where it went (applied), or a newer
+                    # update of this site took its place in the buffer (stale, reason superseded)
+                    self._db.execute("UPDATE ledger SET state = ?, reason = ?, version = ? WHERE counter = ? "
+                                     "AND msg_id = ? AND state = 'buffered'", (verdict, reason, version, counter, msg_id))
                 self._db.execute("COMMIT")
             except BaseException:
                 if self._db.in_transaction:  # SQLite already rolled back after e.g. SQLITE_FULL

@@ -27,7 +27,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture
 def mosquitto(tmp_path: Path):
-    """A private Mosquitto with the generated config and ACL for federation 'test'."""
+    """A private Mosquitto with the generated config and ACL for federation 'test': a TLS listener
+    (``tls_url``, used by :func:`settings_for`) and a plaintext one on loopback (``url``)."""
     if mosquitto_binary() is None:
         pytest.fail("this test needs the mosquitto broker: apt-get install mosquitto "
                     "(make test installs it when run as root)")
@@ -41,12 +42,15 @@ _client_ids = itertools.count(1)
 
 
 def settings_for(broker: MosquittoProcess, user: str, **kw) -> BrokerSettings:
-    """Client settings that log in to ``broker`` as ``user`` (site id, 'aggregator' or 'observer')."""
+    """Client settings that log in to ``broker`` as ``user`` (site id, 'aggregator' or 'observer'),
+    over the broker's TLS listener (verified against the broker's generated CA)."""
     kw.setdefault("client_id", f"{user}-{next(_client_ids)}")
     kw.setdefault("backoff_min_s", 0.05)
     kw.setdefault("backoff_max_s", 0.5)
     kw.setdefault("timeout_s", 10.0)
-    return BrokerSettings(url=broker.url, username=user, password=broker.password(user), **kw)
+    kw.setdefault("url", broker.tls_url)
+    kw.setdefault("ca_file", broker.ca_file)
+    return BrokerSettings(username=user, password=broker.password(user), **kw)
 
 
 async def eventually(pred, timeout: float = 10.0, interval: float = 0.05):

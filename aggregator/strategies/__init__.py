@@ -10,8 +10,8 @@ from aggregator.strategies.fedbuff import FedBuff
 STRATEGIES: dict[str, type[Strategy]] = {"fedasync": FedAsync, "fedbuff": FedBuff, "fedavg": FedAvg}
 
 
-def make_strategy(cfg: StrategyConfig, n_sites: int) -> Strategy:
-    return STRATEGIES[cfg.kind](cfg, n_sites)
+def make_strategy(cfg: StrategyConfig, n_sites: int, norm_bound: float | None = None) -> Strategy:
+    return STRATEGIES[cfg.kind](cfg, n_sites, norm_bound)
 
 
 __all__ = ["STRATEGIES", "Accepted", "FedAsync", "FedAvg", "FedBuff", "ReduceResult", "Strategy", "make_strategy"]

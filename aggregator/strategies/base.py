@@ -1,16 +1,17 @@
-"""The strategy base class: one reduce step with options; subclasses override only ``reduce``.
+"""The strategy base class: the bookkeeping every strategy shares; subclasses override only ``reduce``.
 
-Why Flower-style small subclasses: the bookkeeping every asynchronous strategy
-shares (staleness weights, the buffer, norm clipping, the robust combine)
-lives here once, and each paper's update rule is a few lines in its own
-module that can be read next to the paper.
+Why Flower-style small subclasses: what every strategy shares (staleness
+factors, the buffer size, norm clipping, the robust combine) lives here once;
+each paper's rule is a pure function in :mod:`aggregator.strategies.aggregate`,
+and each strategy's ``reduce`` (one file per paper) says which it applies.
 
-Everything is pure numpy on ``dict[str, np.ndarray]`` holding the *shared*
+Everything is numpy on ``dict[str, np.ndarray]`` holding the *shared*
 parameters only: personal ones (a site's local head) never arrive, so they are
 never touched.
 """
 from __future__ import annotations
 
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -18,6 +19,7 @@ import numpy as np
 
 from aggregator import robust, staleness
 from aggregator.config import StrategyConfig
+from aggregator.strategies import aggregate
 
 State = dict[str, np.ndarray]
 
@@ -33,10 +35,10 @@ class Accepted:
     n_samples: int
     staleness: int
     factor: float  # f(s)
-    weight: float  # what the reduce weighs it by (strategy-specific)
+    weight: float  # its coefficient in the step (FedBuff f(s)/K, FedAsync α f(s)); set again at the reduce
     delta: State = field(repr=False)
     norm: float | None = None  # L2 norm, when validation already computed it
-
+    base: State | None = field(default=None, repr=False)  # x_τ, for FedAsync's mix
 
     def lineage(self) -> dict[str, object]:
         return {"site": self.site, "counter": self.counter, "msg_id": self.msg_id,
@@ -55,45 +57,65 @@ class Strategy:
     """Shared machinery; subclasses set ``name`` and override :meth:`reduce`."""
 
     name = "base"
+    needs_base = False  # the reduce needs each update's base model x_τ
 
-    def __init__(self, cfg: StrategyConfig, n_sites: int = 1) -> None:
+    def __init__(self, cfg: StrategyConfig, n_sites: int | None = None, norm_bound: float | None = None) -> None:
         self.cfg = cfg
-        self.n_sites = max(1, n_sites)
+        self.n_sites = cfg.buffer_size if n_sites is None else max(1, n_sites)  # None: as many as K
         self.f = staleness.make(cfg.staleness, cfg.a, cfg.b)
+        # the L2 bound in force (aggregator.normbound): the configured one, or derived from [dp] by the core
+        self.norm_bound = (cfg.norm_bound or 0.0) if norm_bound is None else norm_bound
 
     # -- what subclasses may tune ------------------------------------------------
     @property
     def buffer_size(self) -> int:
-        """Updates gathered before one reduce (1: apply each update at once)."""
-        return self.cfg.buffer_size
+        """K: updates (one per site) gathered before one reduce; never more than the enrolled sites."""
+        return min(self.cfg.buffer_size, self.n_sites)
 
     def factor(self, s: int) -> float:
         """f(s), never above 1."""
         return min(1.0, self.f(s))
 
     def weight(self, n_samples: int, s: int) -> float:
-        """The update's weight in a buffered mean: samples · f(s)."""
-        return float(n_samples) * self.factor(s)
+        """The coefficient the update would get in a full buffer (receipts of buffered updates say it)."""
+        return self.factor(s) / self.buffer_size
+
+    def coefficients(self, updates: Sequence[Accepted]) -> list[float]:
+        """Each update's coefficient in ``Σ c_i Δ_i``: ``f(s_i)/K``, or ``p_i f(s_i)`` with sample weighting."""
+        factors = [u.factor for u in updates]
+        if self.cfg.sample_weighting:
+            return aggregate.sample_coefficients([u.n_samples for u in updates], factors, self.cfg.sample_cap)
+        return aggregate.uniform_coefficients(factors, self.buffer_size)
 
     # -- the shared options of every reduce --------------------------------------
     def clipped(self, updates: Sequence[Accepted]) -> tuple[list[State], list[float]]:
-        """Deltas after the per-update norm bound (``[strategy] norm_bound``; 0 = off)."""
+        """Deltas after the norm bound, and with ``clip_to_median`` after the buffer's median norm."""
+        norms = [robust.l2_norm(u.delta) if u.norm is None else u.norm for u in updates]
+        bound = self.norm_bound
+        if self.cfg.clip_to_median and len(updates) > 1:
+            median = statistics.median(norms)
+            bound = median if bound <= 0 else min(bound, median)
         out, scales = [], []
-        for u in updates:
-            d, scale = robust.clip(u.delta, self.cfg.norm_bound, u.norm)
+        for u, n in zip(updates, norms):
+            d, scale = robust.clip(u.delta, bound, n)
             out.append(d)
             scales.append(scale)
         return out, scales
 
-    def combine(self, deltas: Sequence[State], weights: Sequence[float]) -> State:
-        """Weighted mean, or the configured robust statistic (coordinate-wise median, trimmed mean)."""
-        if self.cfg.robust == "median":
-            return robust.median(deltas)
-        if self.cfg.robust == "trimmed_mean":
-            return robust.trimmed_mean(deltas, self.cfg.trim)
-        return robust.weighted_mean(deltas, weights)
+    def combine(self, deltas: Sequence[State], coefficients: Sequence[float]) -> State:
+        """``Σ c_i Δ_i``, or the configured robust statistic of the ``c_i Δ_i`` times their count.
+
+        The robust statistic of the scaled deltas times their number equals the sum when all
+        agree, so a robust reduce moves the model as far as the plain one would.
+        """
+        if self.cfg.robust == "none":
+            return aggregate.linear_combination(deltas, coefficients)
+        scaled = [{k: (v * np.float32(c)).astype(np.float32) for k, v in d.items()}
+                  for d, c in zip(deltas, coefficients)]
+        stat = robust.median(scaled) if self.cfg.robust == "median" else robust.trimmed_mean(scaled, self.cfg.trim)
+        return {k: (v * np.float32(len(scaled))).astype(np.float32) for k, v in stat.items()}
 
     # -- the step ---------------------------------------------------------------------
     def reduce(self, model: State, updates: Sequence[Accepted], momentum: State | None) -> ReduceResult:
-        """New model (new arrays; ``model`` is not modified) from ``updates``."""
+        """New model (new arrays; ``model`` is not modified) from ``updates``; sets each ``weight``."""
         raise NotImplementedError

@@ -1,18 +1,21 @@
-"""FedAsync: apply every update the moment it arrives, mixed in by staleness.
+"""FedAsync: each update becomes a version the moment it arrives, mixed in by staleness.
 
 Xie, Koyejo, Gupta, "Asynchronous Federated Optimization", 2019
-(arXiv:1903.03934). The paper mixes models, ``x ← (1 − α_t) x + α_t x_new``
-with ``α_t = α · f(t − τ)``; with deltas trained from base ``x_τ`` (what sites
-send here) this is ``x ← x + α · f(s) · Δ``, the form DESIGN.md fixes. The
-sample count does not enter: one update is applied at a time.
+(arXiv:1903.03934), Algorithm 1: ``x_t = (1 − α_t) x_{t−1} + α_t x_new`` with
+``α_t = α · f(t − τ)`` and ``x_new`` the model the site trained from
+``x_τ``, here ``x_τ + Δ``: the aggregator keeps the recent versions (its
+checkpoints) to rebuild it. The mix pulls the model towards the stale base
+``x_τ`` as the paper does; ``fedasync_form = "delta"`` is the shortcut
+``x ← x + α_t Δ`` without that pull (an option, not the paper's rule). The
+sample count does not enter. One update per version means one site's delta
+per version: any member reads it as ``w[v+1] − w[v]``, so FedAsync needs
+``min_sites = 1``, set by the operator who accepts that.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
-
-from aggregator import robust
+from aggregator.strategies import aggregate
 from aggregator.strategies.base import Accepted, ReduceResult, State, Strategy
 
 
@@ -23,13 +26,22 @@ class FedAsync(Strategy):
     def buffer_size(self) -> int:
         return 1
 
+    @property
+    def needs_base(self) -> bool:  # type: ignore[override]
+        return self.cfg.fedasync_form == "mix"
+
     def weight(self, n_samples: int, s: int) -> float:
         return self.cfg.alpha * self.factor(s)
 
     def reduce(self, model: State, updates: Sequence[Accepted], momentum: State | None) -> ReduceResult:
         deltas, scales = self.clipped(updates)
-        new = {k: np.array(v, dtype=np.float32, copy=True) for k, v in model.items()}
+        new = model
         for u, d in zip(updates, deltas):
-            for k in new:
-                robust.add_scaled(new[k], d[k], u.weight)
-        return ReduceResult(new, momentum, scales)
+            u.weight = alpha_t = self.cfg.alpha * u.factor
+            if self.cfg.fedasync_form == "mix":
+                if u.base is None:
+                    raise ValueError(f"FedAsync's mix needs the base model of version {u.base_version}")
+                new = aggregate.fedasync_mix(new, u.base, d, alpha_t)
+            else:
+                new = aggregate.fedasync_delta(new, d, alpha_t)
+        return ReduceResult(aggregate.copy_state(new) if new is model else new, momentum, scales)

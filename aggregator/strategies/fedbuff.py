@@ -1,20 +1,20 @@
-"""FedBuff: gather K updates, apply their weighted mean with a server learning rate.
+"""FedBuff: gather K updates, one per site, and step by their staleness-scaled mean.
 
 Nguyen et al., "Federated Learning with Buffered Asynchronous Aggregation",
-AISTATS 2022 (arXiv:2106.06639), Algorithm 1: the server adds each client's
-delta to a buffer; after K of them it steps ``x ← x + η_g · Δ̄``. Here ``Δ̄`` is
-the mean weighted by ``n_samples · f(s)`` (the paper's uniform mean with its
-staleness scaling, extended by sample counts as in FedAvg), or a robust
-statistic when ``[strategy] robust`` says so; optional server momentum
+AISTATS 2022 (arXiv:2106.06639), Algorithm 1: each client's delta enters the
+buffer scaled by its staleness factor; after K of them the server steps
+``x ← x + η_g · (1/K) · Σ f(s_i) Δ_i``. The division is by K, not by Σ f(s_i):
+a stale update moves the model less than a fresh one (the first version of
+this module normalised by Σ n·f(s), which cancelled staleness out). Options:
+sample weighting ``Σ p_i f(s_i) Δ_i`` with ``p_i`` normalised over capped
+sample counts; a robust statistic (median, trimmed mean); server momentum
 ``m ← β m + Δ̄; x ← x + η_g m`` (Hsu et al. 2019, FedAvgM).
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
-
-from aggregator import robust
+from aggregator.strategies import aggregate
 from aggregator.strategies.base import Accepted, ReduceResult, State, Strategy
 
 
@@ -23,13 +23,9 @@ class FedBuff(Strategy):
 
     def reduce(self, model: State, updates: Sequence[Accepted], momentum: State | None) -> ReduceResult:
         deltas, scales = self.clipped(updates)
-        step = self.combine(deltas, [u.weight for u in updates])
-        beta = self.cfg.server_momentum
-        if beta > 0:
-            momentum = {k: (beta * momentum[k] + step[k]).astype(np.float32) if momentum else step[k].copy()
-                        for k in step}
-            step = momentum
-        new = {k: np.array(v, dtype=np.float32, copy=True) for k, v in model.items()}
-        for k in new:
-            robust.add_scaled(new[k], step[k], self.cfg.server_lr)
+        coefficients = self.coefficients(updates)
+        for u, c in zip(updates, coefficients):
+            u.weight = c
+        step = self.combine(deltas, coefficients)
+        new, momentum = aggregate.server_step(model, step, self.cfg.server_lr, momentum, self.cfg.server_momentum)
         return ReduceResult(new, momentum, scales)

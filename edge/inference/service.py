@@ -75,6 +75,7 @@ class ServiceStats:
     batches: int = 0
     refused: Tally = field(default_factory=Tally)
     swaps: list[Swap] = field(default_factory=list)
+    served: dict[str, Any] | None = None  # the model in service: kind and validation metric (edge/personal.py)
     batch_latency: deque = field(default_factory=lambda: deque(maxlen=100_000))  # (rows, seconds)
     row_latency: deque = field(default_factory=lambda: deque(maxlen=100_000))  # queued -> emitted, s
 
@@ -129,6 +130,9 @@ class InferenceService:
                                keep=cfg.output.file_keep) if cfg.output.file else None
         self._mqtt_out: MqttSink | None = None
         self._http: Any = None
+        self._liveness: Any = None  # broker_bridge.liveness.Liveness when following the federation broker
+        self._fed_client: Any = None
+        self._background: set[asyncio.Task[Any]] = set()
         self.origin = line.model_source
         self.rows_error: BaseException | None = None
 
@@ -168,19 +172,13 @@ class InferenceService:
     async def run(self) -> None:
         """Serve until the rows end (a finite source) or :meth:`stop` is called."""
         cfg = self.cfg
-        if cfg.metrics.port:
-            try:
-                self._http = self.metrics.serve(cfg.metrics.host, cfg.metrics.port)
-            except OSError as exc:
-                from fedline.config import ConfigError
-
-                raise ConfigError(cfg.file, "metrics.port", f"cannot serve /metrics on "
-                                                            f"{cfg.metrics.host}:{cfg.metrics.port}: {exc}") from None
+        self._http = self.metrics.serve(cfg.metrics, cfg.file)
         event(log, "infer.starting", site=cfg.line.site, source=self.origin, row_shape=list(self.row_shape))
         async with contextlib.AsyncExitStack() as stack:
             fed_client = out_client = None
             if self.origin == "manifest":
-                fed_client = await stack.enter_async_context(self._client(cfg.broker, "broker", "infer"))
+                fed_client = await stack.enter_async_context(self._client(cfg.broker, "broker", "infer",
+                                                                          liveness=True))
             if cfg.output.topic or cfg.output.alarm_topic or cfg.line.command_topic:
                 if cfg.output.broker is None and fed_client is not None:
                     out_client = fed_client
@@ -191,8 +189,15 @@ class InferenceService:
             try:
                 await self._restore()
                 if out_client is not None and (cfg.output.topic or cfg.output.alarm_topic):
+                    spool = None
+                    if cfg.output.spool:
+                        from edge.inference.spool import PredictionSpool
+
+                        spool = PredictionSpool(Path(cfg.path(cfg.line.state_dir)) / "mqtt-spool.sqlite",
+                                                cfg.output.queue_max, int(cfg.output.spool_max_mb * 1024 * 1024))
+                        stack.callback(spool.close)
                     self._mqtt_out = MqttSink(out_client, cfg.output.topic, cfg.output.alarm_topic,
-                                              cfg.output.qos, cfg.output.queue_max)
+                                              cfg.output.qos, cfg.output.queue_max, spool=spool)
                     tasks.append(asyncio.create_task(self._mqtt_out.run(), name="infer:mqtt-out"))
                 tasks.append(asyncio.create_task(self._load_loop(), name="infer:loader"))
                 tasks.append(asyncio.create_task(self._rollback_poll(), name="infer:rollback"))
@@ -225,20 +230,31 @@ class InferenceService:
                 for t in tasks:
                     t.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
+                if self._liveness is not None and fed_client is not None:
+                    with contextlib.suppress(Exception):  # best effort: the will covers a lost link
+                        await asyncio.wait_for(self._liveness.stopped(fed_client), 5)
                 if self._sink is not None:
                     self._sink.close()
-                if self._http is not None:
-                    self._http.shutdown()
+                self._http.stop()
         event(log, "infer.stopped", rows=self.stats.rows, predictions=self.stats.predictions,
               version=self.current.version if self.current else None, swaps=len(self.stats.swaps),
               refused=dict(self.stats.refused))
 
-    def _client(self, table: dict[str, Any] | None, where: str, suffix: str) -> Any:
+    def _client(self, table: dict[str, Any] | None, where: str, suffix: str, liveness: bool = False) -> Any:
+        """A client for ``table``; on the federation broker (``liveness``) it keeps the line's retained
+        ``services/<user>/status`` with a last will (see :mod:`broker_bridge.liveness`)."""
         from broker_bridge.client import MqttClient
+        from broker_bridge.liveness import Liveness
 
         assert table is not None
         settings = broker_settings(table, self.cfg.file, where, client_id=f"{self.cfg.line.site}-{suffix}")
-        return MqttClient(settings)
+        if not liveness:
+            return MqttClient(settings)
+        self._liveness = Liveness(self.topics, settings.username or f"{self.cfg.line.site}.line", "line")
+        self._liveness.version = self.current.version if self.current else None
+        client = MqttClient(settings, will=self._liveness.will(), on_connect=self._liveness.online)
+        self._fed_client = client
+        return client
 
     # ------------------------------------------------------------------ rows
     async def _rows(self) -> AsyncIterator[Any]:
@@ -364,12 +380,31 @@ class InferenceService:
         self.stats.swaps.append(swap)
         self.metrics.swaps.inc()
         self.metrics.version.set(new.version)
+        self._served(new.info.meta.get("served"))
+        if self._liveness is not None:  # tell the federation which version serves (no plant data)
+            task = asyncio.get_running_loop().create_task(self._liveness.set_version(self._fed_client, new.version))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
         if kind == "reload":
             self.metrics.swap_seconds.set(seconds)
         self.ready.set()
         event(log, "model.swapped", kind=kind, version=new.version, previous=swap.previous,
-              first_seq=swap.first_seq, swap_ms=round(seconds * 1000, 2), origin=new.info.origin)
+              first_seq=swap.first_seq, swap_ms=round(seconds * 1000, 2), origin=new.info.origin,
+              served=(self.stats.served or {}).get("kind"),
+              validation_metric=(self.stats.served or {}).get("validation_metric"))
         return swap
+
+    def _served(self, served: Any) -> None:
+        """The line's status: which candidate its site picked and that candidate's validation metric."""
+        self.metrics.served.clear()
+        if not isinstance(served, dict) or not isinstance(served.get("kind"), str):
+            self.stats.served = None
+            return
+        self.stats.served = {"kind": served["kind"], "metric": served.get("metric"),
+                             "validation_metric": served.get("validation_metric"), "reason": served.get("reason")}
+        v = served.get("validation_metric")
+        if isinstance(v, (int, float)):
+            self.metrics.served.labels(kind=served["kind"], metric=str(served.get("metric"))).set(float(v))
 
     def _serving(self) -> Serving:
         def saved(m: LoadedModel | None) -> SavedModel | None:

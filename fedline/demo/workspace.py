@@ -21,6 +21,7 @@ from typing import Any
 
 import tomli_w
 
+from broker_bridge.mosquitto import line_user as line_user_of
 from fedline.demo.data import AI4I_DERIVED, AI4I_MAP, DemoData, SiteData, ai4i_plc_map, write_csv
 
 
@@ -54,6 +55,38 @@ class Tuning:
     plc_seconds: float = 30.0  # rows/s = live rows / this (L: 8 rows/s against a 20 Hz poll)
     poll_s: float = 0.05
     seed: int = 0
+    # the served model (edge/personal.py): a noise-free fine-tune of each new global model on the site's rows
+    finetune_epochs: int = 3
+    finetune_lr: float = 0.02
+
+
+def personal_table(t: Tuning) -> dict[str, Any]:
+    """Each site's ``[personal]``: pick the served model; the local-only candidate trains as the report's
+    local-only yardstick does (batch 64, SGD lr 0.1 momentum 0.9, ``baseline_epochs``)."""
+    return {"serve": "pick", "finetune_epochs": t.finetune_epochs, "finetune_lr": t.finetune_lr, "margin": 0.02,
+            "local_epochs": baseline_epochs(t), "local_lr": 0.1, "momentum": 0.9, "batch_size": 64, "seed": t.seed}
+
+
+def baseline_epochs(t: Tuning) -> int:
+    """Epochs of the noise-free local-only model: as many as a site spends in the federation's rounds, and at
+    least 30 (a shortened run's few versions must not leave the yardstick untrained)."""
+    return max(30, t.epochs * t.versions)
+
+
+def strategy_table(t: Tuning) -> dict[str, Any]:
+    """The aggregator's ``[strategy]``; the split study reduces with the same (fedline/demo/bufferloop.py)."""
+    return {"kind": "fedbuff", "buffer_size": t.buffer_size, "staleness": t.staleness, "a": t.staleness_a,
+            "max_staleness": t.max_staleness, "server_lr": t.server_lr, "buffer_timeout_s": t.buffer_timeout_s}
+
+
+def dataset_table(data: DemoData) -> dict[str, Any]:
+    """Each site's ``[dataset]``: it holds out what the demo's in-process comparison holds out (DemoData.fit_rows)."""
+    doc: dict[str, Any] = {"holdout_fraction": data.validation_fraction}
+    if data.group_column:
+        doc["group_column"] = data.group_column
+    else:
+        doc["split"] = "random" if data.split == "random" else "time"
+    return doc
 
 
 def dp_batch_size(n_rows: int, fraction: float) -> int:
@@ -70,6 +103,12 @@ class Workspace:
     broker_url: str = ""  # where the aggregator connects (its proxy)
     site_urls: dict[str, str] = field(default_factory=dict)  # where each site connects (its proxy)
     plc_ports: dict[str, int] = field(default_factory=dict)
+    ca_file: str | None = None  # the broker's CA when the URLs are mqtts:// (the private Mosquitto)
+    line_users: bool = False  # lines log in as "<site>.line" (the broker binds client ids to usernames)
+
+    def tls(self) -> dict[str, str]:
+        """The ``ca_file`` entry of a ``[broker]`` table, when the broker speaks TLS."""
+        return {"ca_file": self.ca_file} if self.ca_file else {}
 
     @property
     def keys(self) -> Path:
@@ -143,6 +182,9 @@ def plc_map(data: DemoData) -> dict[str, Any]:
     for f, (lo, hi) in zip(data.features, data.ranges):
         tags.append({"name": f, "table": "holding", "address": addr, "type": "float32", "range": [lo, hi]})
         addr += 2
+    if data.group_column:  # the unit (machine, engine) the row belongs to: the edge holds out whole units
+        tags.append({"name": data.group_column, "table": "holding", "address": addr, "type": "float32"})
+        addr += 2
     if data.task == "classification":
         tags.append({"name": data.label, "table": "coil", "address": 0, "type": "bool"})
     else:
@@ -170,9 +212,10 @@ def write_site(ws: Workspace, data: DemoData, site: SiteData, t: Tuning, bundled
         map_path = AI4I_MAP
     else:
         map_path = write_toml(d / "plc-map.toml", plc_map(data), "# register map of this site's simulated PLC")
-    broker = {"url": ws.site_urls[site.site], "username": site.site,
+    broker = {"url": ws.site_urls[site.site], "username": site.site, **ws.tls(),
               "password_file": str(ws.credentials(site.site)), "backoff_min_s": 0.2, "backoff_max_s": 2.0,
               "timeout_s": 10.0}
+    line_user = line_user_of(site.site) if ws.line_users else site.site
     plc_source = {"kind": "modbus_tcp", "name": "plc", "host": "127.0.0.1", "port": ws.plc_ports[site.site],
                   "map": str(map_path), "poll_interval_s": t.poll_s, "reconnect_max_s": 1.0}
     edge = {
@@ -183,7 +226,8 @@ def write_site(ws: Workspace, data: DemoData, site: SiteData, t: Tuning, bundled
         "sources": [{"kind": "csv", "name": "historian", "path": "history.csv"}, plc_source],
         "rows": rows_table(data),
         "model": model_table(data, t),
-        "dataset": {"holdout_fraction": 0.0},
+        "dataset": dataset_table(data),
+        "personal": personal_table(t),
         "training": {"every_rows": 1_000_000, "every_s": t.round_every_s, "on_new_model": t.on_new_model,
                      "min_rows": 20, "epochs": t.epochs,
                      "batch_size": t.batch_size, "lr": t.lr, "momentum": t.momentum, "threads": 1,
@@ -195,12 +239,13 @@ def write_site(ws: Workspace, data: DemoData, site: SiteData, t: Tuning, bundled
     site_toml = write_toml(d / "site.toml", edge, f"# edge agent of site {site.site} (generated by fedline demo)")
     line = {
         "line": {"site": site.site, "federation": ws.federation, "state_dir": "state/infer",
-                 "model_source": "model_dir" if t.personal_head else "manifest", "model_dir": "models",
+                 "model_source": "model_dir", "model_dir": "models",  # the model its site picked (edge/personal.py)
                  "enrollment": str(ws.keys / "enrollment.json"), "poll_s": 0.5,
                  "canary": {"enabled": False}},
         "sources": [plc_source],
         "rows": rows_table(data),
-        "broker": {**broker, "client_id": f"infer-{site.site}"},
+        "broker": {**broker, "username": line_user, "password_file": str(ws.credentials(line_user)),
+                   "client_id": f"infer-{site.site}"},
         "output": {"file": "predictions.jsonl"},
     }
     line_toml = write_toml(d / "line.toml", line, f"# line inference of site {site.site} (generated by fedline demo)")
@@ -208,18 +253,24 @@ def write_site(ws: Workspace, data: DemoData, site: SiteData, t: Tuning, bundled
     return {"site": site_toml, "line": line_toml, "live": d / "live.csv", "map": Path(map_path), "rate": rate}
 
 
-def write_aggregator(ws: Workspace, data: DemoData, t: Tuning) -> Path:
+def write_aggregator(ws: Workspace, data: DemoData, t: Tuning, batches: dict[str, int] | None = None) -> Path:
+    """The aggregator's file; ``batches`` (each site's DP batch, default ``t.batch_size``) sizes the ``[dp]``
+    table, from which the aggregator derives its norm bound on an honest delta."""
+    from aggregator.normbound import dp_table
+
+    batches = batches or {}
+    dp = dp_table([(len(s.train_rows), batches.get(s.site, t.batch_size)) for s in data.sites], epochs=t.epochs,
+                  lr=t.lr, momentum=t.momentum, clip_norm=t.max_grad_norm, noise_multiplier=t.noise_multiplier)
     doc = {
         "aggregator": {"federation": ws.federation, "key_file": str(ws.keys / "aggregator.key"),
                        "enrollment_file": str(ws.keys / "enrollment.json"), "state_dir": "state",
                        "seed": t.seed, "workers": 1},
         "model": model_table(data, t),
-        "broker": {"url": ws.broker_url, "username": "aggregator",
+        "broker": {"url": ws.broker_url, "username": "aggregator", **ws.tls(),
                    "password_file": str(ws.credentials("aggregator")), "client_id": "aggregator",
                    "backoff_min_s": 0.2, "backoff_max_s": 2.0},
-        "strategy": {"kind": "fedbuff", "buffer_size": t.buffer_size, "staleness": t.staleness,
-                     "a": t.staleness_a, "max_staleness": t.max_staleness, "server_lr": t.server_lr,
-                     "buffer_timeout_s": t.buffer_timeout_s},
+        "strategy": strategy_table(t),
+        "dp": dp,
         "publish": {"retain_versions": 3, "onnx": True},
     }
     return write_toml(ws.aggregator_toml, doc, "# the aggregator (generated by fedline demo)")
@@ -228,4 +279,5 @@ def write_aggregator(ws: Workspace, data: DemoData, t: Tuning) -> Path:
 def observer_table(ws: Workspace, broker_url: str) -> dict[str, Any]:
     """What ``fedline status --config`` needs, for the observer user."""
     return {"federation": ws.federation,
-            "broker": {"url": broker_url, "username": "observer", "password_file": str(ws.credentials("observer"))}}
+            "broker": {"url": broker_url, "username": "observer", **ws.tls(),
+                       "password_file": str(ws.credentials("observer"))}}

@@ -115,8 +115,12 @@ class FaultRig:
             "broker": {"url": self.broker.url, "username": "aggregator",
                        "password_file": str(self.broker.paths["password:aggregator"]),
                        "client_id": "aggregator", "backoff_min_s": 0.1, "backoff_max_s": 1.0, "timeout_s": 10.0},
+            # min_sites 1: these federations have one or two sites (the rule has its own tests)
             "strategy": {"kind": "fedbuff", "buffer_size": s.buffer_size, "staleness": "polynomial",
-                         "max_staleness": s.max_staleness, **s.strategy},
+                         "max_staleness": s.max_staleness, "min_sites": 1, **s.strategy},
+            # the sites' DP-SGD settings (write_site): they bound an honest delta (aggregator.normbound)
+            "dp": {"clip_norm": 1.0, "noise_multiplier": 1.0, "lr": 0.1, "batch_size": 32,
+                   "steps": 7 * int(s.training.get("epochs", 1))},
             "publish": {"retain_versions": 3, "onnx": False},
         }
         return _write_toml(self.root / "aggregator" / "aggregator.toml", doc)

@@ -116,7 +116,7 @@ def test_fedline_sources_command(tmp_path: Path, capsys) -> None:
     assert out[1] == '1.000 bench good {"temp": 20.5}' and out[2] == '2.000 bench good {"temp": 21}'
     assert "'reads': 2" in out[3]
     bad = site(tmp_path, '[[sources]]\nkind = "csv"\nname = "bench"\npath = "d.csv"\nrate = 5\n')
-    assert main(["sources", "--config", str(bad), "--check"]) == 2
+    assert main(["sources", "--config", str(bad), "--check"]) == 78
     assert "sources[0].rate: unknown key" in capsys.readouterr().err
 
 

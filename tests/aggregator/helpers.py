@@ -39,6 +39,11 @@ class Federation:
 
     def write_config(self, strategy: str = "", extra: str = "", broker: str = "", name: str = "aggregator.toml",
                      state_dir: str = "state", spec: str = SPEC_TOML) -> Path:
+        """The aggregator's file; ``min_sites = 1`` unless ``strategy`` sets it: these federations are tiny, and
+        tests of the machinery (intake, durability, the wire) send from one or two sites. The fairness rules
+        have tests of their own (tests/aggregator/test_fairness.py)."""
+        if "min_sites" not in strategy:
+            strategy = f"min_sites = 1\n{strategy}"
         path = self.root / name
         path.write_text(
             f"""[aggregator]

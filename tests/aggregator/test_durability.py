@@ -17,7 +17,7 @@ from tests.aggregator.helpers import make_federation, random_delta
 
 ROOT = Path(__file__).resolve().parents[2]
 SITES = ["site-a", "site-b", "site-c"]
-STRATEGY = 'kind = "fedbuff"\nbuffer_size = 4\nstaleness = "hinge"\na = 1.0\nb = 1.0\nserver_lr = 0.8\nserver_momentum = 0.5'
+STRATEGY = 'kind = "fedbuff"\nbuffer_size = 3\nstaleness = "hinge"\na = 1.0\nb = 1.0\nserver_lr = 0.8\nserver_momentum = 0.5'
 
 
 def make_stream(fed, reference, n: int = 14) -> list[bytes]:
@@ -50,7 +50,7 @@ def test_crash_mid_buffer_in_process_restart_resumes_same_state(tmp_path):
     cfg = fed.config(strategy=STRATEGY)
     core = AggregatorCore(cfg)
     blobs = make_stream(fed, core.model)
-    for b in blobs[:6]:  # version 1 made from 4, then 2 in the buffer
+    for b in blobs[:5]:  # version 1 made from 3 (one per site), then 2 in the buffer
         core.submit(b)
     assert (core.version, len(core.buffer)) == (1, 2)
     model, momentum = {k: v.copy() for k, v in core.model.items()}, {k: v.copy() for k, v in core.momentum.items()}
@@ -61,7 +61,7 @@ def test_crash_mid_buffer_in_process_restart_resumes_same_state(tmp_path):
     for k in model:
         np.testing.assert_array_equal(again.model[k], model[k])
         np.testing.assert_array_equal(again.momentum[k], momentum[k])
-    for b in blobs[6:]:
+    for b in blobs[5:]:
         again.submit(b)
     v, ref_model, _ = reference_run(fed, blobs, tmp_path)
     assert again.version == v

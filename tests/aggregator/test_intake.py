@@ -166,7 +166,8 @@ def test_prometheus_endpoint_serves_the_aggregator_metrics(fed, core):
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     for name in ("fedline_aggregator_model_version", "fedline_aggregator_staleness_bucket",
                  "fedline_aggregator_buffer_fill 1.0", 'fedline_aggregator_rejections_total{reason="framing"} 1.0',
-                 "fedline_aggregator_updates_per_second"):
+                 "fedline_aggregator_updates_per_second", "process_resident_memory_bytes",
+                 "process_open_fds", "python_gc_objects_collected_total"):
         assert name in text
 
 
@@ -178,14 +179,14 @@ def test_the_example_config_parses():
     assert cfg.aggregator.state_dir.endswith("aggregator/state")
 
 
-def test_cli_reports_a_config_error_with_exit_code_2(fed, capsys):
+def test_cli_reports_a_config_error_with_exit_code_78(fed, capsys):
     from fedline.cli import main
 
     path = fed.write_config(strategy='kind = "fedasync"\nbuffer_sise = 3')
-    assert main(["aggregator", "--config", str(path)]) == 2
+    assert main(["aggregator", "--config", str(path)]) == 78
     err = capsys.readouterr().err
     assert "aggregator.toml: strategy.buffer_sise: unknown key" in err
-    assert main(["status", "--config", str(fed.root / "missing.toml")]) == 2
+    assert main(["status", "--config", str(fed.root / "missing.toml")]) == 78
     assert "missing.toml" in capsys.readouterr().err
 
 
@@ -198,7 +199,10 @@ def test_buffer_timeout_reduces_a_partial_buffer_and_applies_every_update_in_it(
         assert waits.flush_due_in() is None and waits.version == 0  # no timeout: wait for K
     finally:
         waits.close()
-    c = AggregatorCore(fed.config(strategy='kind = "fedbuff"\nbuffer_size = 3\nbuffer_timeout_s = 30', state_dir="s1"))
+    three = make_federation(fed.root / "three", ["site-a", "site-b", "site-c"])  # K = 3 needs three sites
+    c = AggregatorCore(three.config(strategy='kind = "fedbuff"\nbuffer_size = 3\nbuffer_timeout_s = 30\n'
+                                             'clip_to_median = false', state_dir="s1"))
+    fed = three
     try:
         assert c.flush_due_in() is None and c.flush() is None  # nothing buffered: nothing to do
         before = {k: v.copy() for k, v in c.model.items()}
@@ -212,8 +216,8 @@ def test_buffer_timeout_reduces_a_partial_buffer_and_applies_every_update_in_it(
         assert decision is not None and decision.new_version == 1 and c.version == 1 and not c.buffer
         assert sorted((r["site"], r["verdict"]) for r in decision.receipts) == [("site-a", "applied"),
                                                                                 ("site-b", "applied")]
-        for k in before:  # FedBuff's sample-weighted mean of the two, server lr 1
-            np.testing.assert_allclose(c.model[k], before[k] + 0.75 * deltas[0][k] + 0.25 * deltas[1][k], atol=1e-6)
+        for k in before:  # FedBuff: (1/K) sum f(s) delta with K = 3 and s = 0, whatever the sample counts
+            np.testing.assert_allclose(c.model[k], before[k] + (deltas[0][k] + deltas[1][k]) / 3, atol=1e-6)
         assert c.metrics.value("fedline_aggregator_buffer_timeouts_total") == 1
         assert c.metrics.value("fedline_aggregator_updates_total", {"verdict": "applied"}) == 2
         assert c.flush_due_in() is None

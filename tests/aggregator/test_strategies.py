@@ -36,18 +36,19 @@ def test_staleness_formulas():
         staleness.make("linear")
 
 
-# -- FedAvg = the sample-weighted mean -------------------------------------------------
+# -- FedAvg with sample weighting = McMahan's sample-weighted mean (when no claim reaches the cap) ----------
 shapes = st.lists(st.tuples(st.integers(1, 5), st.integers(1, 7)), min_size=1, max_size=3)
 
 
 @settings(max_examples=40, deadline=None)
 @given(shapes=shapes, n_sites=st.integers(1, 6), seed=st.integers(0, 2**32 - 1))
-def test_fedavg_equals_sample_weighted_mean_of_deltas(shapes, n_sites, seed):
+def test_fedavg_with_sample_weighting_equals_sample_weighted_mean_of_deltas(shapes, n_sites, seed):
     rng = np.random.default_rng(seed)
     model = {f"p{i}": rng.standard_normal(sh).astype(np.float32) for i, sh in enumerate(shapes)}
     deltas = [{k: rng.standard_normal(v.shape).astype(np.float32) for k, v in model.items()} for _ in range(n_sites)]
     samples = rng.integers(1, 1000, n_sites)
-    strat = FedAvg(StrategyConfig(kind="fedavg"), n_sites)
+    strat = FedAvg(StrategyConfig(kind="fedavg", sample_weighting=True, sample_cap=1000, clip_to_median=False),
+                   n_sites)
     assert strat.buffer_size == n_sites
     ups = [acc(d, int(n), s=int(rng.integers(0, 5)), weight=strat.weight(int(n), 3)) for d, n in zip(deltas, samples)]
     out = strat.reduce(model, ups, None).model
@@ -59,8 +60,10 @@ def test_fedavg_equals_sample_weighted_mean_of_deltas(shapes, n_sites, seed):
 
 
 def test_fedavg_end_to_end_sealed_updates_one_round(tmp_path):
+    """One round of four: with sample weighting and the aggregator's cap (100), a site claiming 500 counts as 100."""
     fed = make_federation(tmp_path, ["a1", "a2", "a3", "a4"])
-    core = AggregatorCore(fed.config(strategy='kind = "fedavg"\nstaleness = "polynomial"\na = 2.0'))
+    core = AggregatorCore(fed.config(strategy='kind = "fedavg"\nstaleness = "polynomial"\na = 2.0\n'
+                                              'sample_weighting = true\nsample_cap = 100\nclip_to_median = false'))
     rng = np.random.default_rng(3)
     base = {k: v.copy() for k, v in core.model.items()}
     deltas = [random_delta(base, rng, 0.1) for _ in range(4)]
@@ -68,18 +71,21 @@ def test_fedavg_end_to_end_sealed_updates_one_round(tmp_path):
     receipts = [core.submit(fed.seal(s, d, 0, n)[0]) for s, d, n in zip(["a1", "a2", "a3", "a4"], deltas, samples)]
     assert [r["verdict"] for r in receipts] == ["buffered"] * 3 + ["applied"]
     assert core.version == 1
+    capped = [5, 50, 100, 7]
     for k in base:
-        mean = sum(n * d[k].astype(np.float64) for d, n in zip(deltas, samples)) / sum(samples)
+        mean = sum(n * d[k].astype(np.float64) for d, n in zip(deltas, capped)) / sum(capped)
         np.testing.assert_allclose(core.model[k], base[k] + mean, rtol=1e-5, atol=1e-6)
     core.close()
 
 
 # -- FedAsync step by step ----------------------------------------------------------
-def test_fedasync_applies_each_update_with_alpha_times_f_of_staleness(tmp_path):
+def test_fedasync_mixes_each_update_with_alpha_times_f_of_staleness(tmp_path):
+    """Xie et al.: x_t = (1 - a_t) x_{t-1} + a_t (x_base + delta), a_t = alpha f(s), from the kept versions."""
     fed = make_federation(tmp_path, ["a1", "a2"])
     core = AggregatorCore(fed.config(strategy='kind = "fedasync"\nalpha = 0.6\nstaleness = "hinge"\na = 0.5\nb = 1'))
     rng = np.random.default_rng(4)
     x = {k: v.astype(np.float64) for k, v in core.model.items()}
+    history = [{k: v.copy() for k, v in x.items()}]
     f = staleness.make("hinge", 0.5, 1.0)
     bases = [0, 0, 1, 0, 2, 5, 3]
     for step, base in enumerate(bases):
@@ -88,20 +94,24 @@ def test_fedasync_applies_each_update_with_alpha_times_f_of_staleness(tmp_path):
         s = step - base
         assert (r["verdict"], r["version"], r["staleness"]) == ("applied", step + 1, s)
         assert r["weight"] == pytest.approx(0.6 * f(s))
+        a_t = 0.6 * f(s)
         for k in x:
-            x[k] = x[k] + 0.6 * f(s) * d[k]
+            x[k] = (1 - a_t) * x[k] + a_t * (history[base][k] + d[k])
             np.testing.assert_allclose(core.model[k], x[k], rtol=1e-5, atol=1e-6)
+        history.append({k: v.copy() for k, v in x.items()})
     lineage = core.lineage(5)
     assert lineage["parent"] == 4 and lineage["updates"][0]["staleness"] == 2
     core.close()
 
 
 # -- FedBuff step by step, with server learning rate and momentum ------------------------------
-def test_fedbuff_buffers_k_then_applies_weighted_mean_with_lr_and_momentum(tmp_path):
+def test_fedbuff_buffers_k_then_steps_by_the_staleness_scaled_sum_over_k_with_lr_and_momentum(tmp_path):
+    """Nguyen et al. Alg. 1: x <- x + lr * (1/K) sum f(s_i) delta_i (here with FedAvgM momentum); the claimed
+    sample counts do not enter. (This test encoded the first, normalised formula; corrected, issue 14.)"""
     fed = make_federation(tmp_path, ["a1", "a2", "a3"])
     core = AggregatorCore(fed.config(
         strategy='kind = "fedbuff"\nbuffer_size = 3\nstaleness = "polynomial"\na = 0.5\nserver_lr = 0.7\n'
-                 'server_momentum = 0.9'))
+                 'server_momentum = 0.9\nclip_to_median = false'))
     rng = np.random.default_rng(6)
     x = {k: v.astype(np.float64) for k, v in core.model.items()}
     m = {k: np.zeros_like(v) for k, v in x.items()}
@@ -114,12 +124,11 @@ def test_fedbuff_buffers_k_then_applies_weighted_mean_with_lr_and_momentum(tmp_p
             d = random_delta(core.model, rng, 0.1)
             n = int(rng.integers(1, 100))
             r = core.submit(fed.seal(sites[j], d, base, n)[0])
-            pending.append((n * (s + 1) ** -0.5, d))
+            pending.append(((s + 1) ** -0.5, d))
             assert r["verdict"] == ("applied" if j == 2 else "buffered")
-            assert r["weight"] == pytest.approx(n * (s + 1) ** -0.5)
-        total = sum(w for w, _ in pending)
+            assert r["weight"] == pytest.approx((s + 1) ** -0.5 / 3)
         for k in x:
-            mean = sum(w * d[k] for w, d in pending) / total
+            mean = sum(w * d[k] for w, d in pending) / 3
             m[k] = 0.9 * m[k] + mean
             x[k] = x[k] + 0.7 * m[k]
             np.testing.assert_allclose(core.model[k], x[k], rtol=1e-4, atol=1e-6)
@@ -158,7 +167,7 @@ def test_robust_reduce_keeps_model_near_the_clean_run_with_one_of_ten_poisoned(o
     attacked = strat.reduce(model, [acc(d, 10) for d in poisoned], None).model
     step = robust.l2_norm(clean)
     assert _dist(attacked, clean) <= bound * step
-    plain = FedBuff(StrategyConfig(kind="fedbuff", buffer_size=10))
+    plain = FedBuff(StrategyConfig(kind="fedbuff", buffer_size=10, clip_to_median=False))
     plain_clean = plain.reduce(model, [acc(d, 10) for d in honest], None).model
     plain_attacked = plain.reduce(model, [acc(d, 10) for d in poisoned], None).model
     assert _dist(plain_attacked, plain_clean) > 5 * robust.l2_norm(plain_clean)
@@ -181,7 +190,8 @@ def test_trimmed_mean_and_median_formulas():
 
 def test_make_strategy_picks_by_kind():
     assert make_strategy(StrategyConfig(kind="fedasync"), 3).buffer_size == 1
-    assert make_strategy(StrategyConfig(kind="fedbuff", buffer_size=7), 3).buffer_size == 7
+    assert make_strategy(StrategyConfig(kind="fedbuff", buffer_size=7), 9).buffer_size == 7
+    assert make_strategy(StrategyConfig(kind="fedbuff", buffer_size=7), 3).buffer_size == 3  # one per site
     assert make_strategy(StrategyConfig(kind="fedavg"), 3).buffer_size == 3
 
 

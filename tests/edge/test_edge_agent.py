@@ -94,6 +94,7 @@ async def test_agent_trains_on_csv_and_its_sealed_deltas_arrive_open_and_clear(m
         assert "fedline_edge_outbox_depth 0.0" in body
         assert f"fedline_edge_updates_sealed_total {float(len(agg.arrivals))}" in body
         assert 'fedline_edge_receipts_total{verdict="applied"}' in body
+        assert "process_resident_memory_bytes" in body and "process_cpu_seconds_total" in body
 
         # the personalised ONNX for the line is in the model directory and runs
         pointer = json.loads((agent.store.model_dir / "current.json").read_text())

@@ -206,6 +206,6 @@ def test_cli_check_and_config_error_exit_codes(tmp_path) -> None:
     bad = write_site(fed, SITE, csv, NOWHERE, None, training={"batch_size": "big"})
     err = subprocess.run([sys.executable, "-m", "fedline.cli", "edge", "--config", str(bad)],
                          capture_output=True, text=True, timeout=60)
-    assert err.returncode == 2
+    assert err.returncode == 78  # EX_CONFIG
     assert "training.batch_size" in err.stderr and str(bad) in err.stderr
     _ = np  # keep numpy imported for symmetry with other edge tests

@@ -73,6 +73,27 @@ def test_outbox_keeps_rows_until_receipt_and_survives_reopen(tmp_path) -> None:
     assert read_ledger(tmp_path / "o.sqlite") == ob.ledger()  # read-only, beside a running agent
 
 
+def test_a_receipt_for_an_update_refused_before_its_header_settles_by_msg_id(tmp_path) -> None:
+    """Issue 14: a bad signature or unknown key (a key rotation, a revocation) gets a receipt with counter -1;
+    it must take the row out of the outbox, or the row is resent forever and blocks max_in_flight."""
+    ob = Outbox(tmp_path / "o.sqlite", max_bytes=10_000, max_count=10)
+    _put(ob, 1)
+    _put(ob, 2)
+    assert not ob.settle(-1, "m9", "rejected", "signature", 0)  # another update's id: nothing
+    assert ob.settle(-1, "m1", "rejected", "signature", 0)
+    assert [r.counter for r in ob.pending(900)] == [2]
+    first = ob.ledger()[0]
+    assert (first.counter, first.state, first.reason) == (1, "rejected", "signature")
+
+
+def test_a_buffered_update_superseded_by_the_same_site_ends_stale_in_the_ledger(tmp_path) -> None:
+    ob = Outbox(tmp_path / "o.sqlite", max_bytes=10_000, max_count=10)
+    _put(ob, 1)
+    assert ob.settle(1, "m1", "buffered", None, 0)
+    assert not ob.settle(1, "m1", "stale", "superseded", 0)  # the row already left; the ledger follows
+    assert [(e.state, e.reason) for e in ob.ledger()] == [("stale", "superseded")]
+
+
 def test_outbox_drop_oldest_and_stop_training(tmp_path) -> None:
     ob = Outbox(tmp_path / "a.sqlite", max_bytes=350, max_count=10, policy="drop_oldest")
     for c in (1, 2, 3):

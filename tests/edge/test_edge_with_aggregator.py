@@ -38,6 +38,11 @@ backoff_max_s = 0.5
 
 [strategy]
 kind = "fedasync"
+min_sites = 1
+
+[dp]
+lr = 0.1
+batch_size = 32
 """)
 
 

@@ -35,6 +35,9 @@ class Fed:
     counters: dict[str, itertools.count] = field(default_factory=dict)
 
     def config(self, strategy: str = "", validation: str = "", broker: str = "") -> AggregatorConfig:
+        """``min_sites = 1`` unless ``strategy`` sets it: these attacks come from one or two sites."""
+        if "min_sites" not in strategy:
+            strategy = f"min_sites = 1\n{strategy}"
         path = self.root / "aggregator.toml"
         path.write_text(f'[aggregator]\nfederation = "{FEDERATION}"\nkey_file = "aggregator.key"\n'
                         f'enrollment_file = "enrollment.json"\nstate_dir = "state"\nseed = 3\n\n{SPEC}\n'

@@ -167,7 +167,7 @@ async def test_forged_global_model_reaches_no_edge_and_no_line(mosquitto, tmp_pa
         f'[aggregator]\nfederation = "{FEDERATION}"\nkey_file = "keys/aggregator.key"\n'
         f'enrollment_file = "keys/enrollment.json"\nstate_dir = "agg-state"\nseed = 0\n\n'
         '[model]\nkind = "mlp"\nn_features = 3\nhidden = [8]\npersonal = ["head."]\n\n'
-        '[strategy]\nkind = "fedasync"\nalpha = 0.5\n\n' + broker_toml(mosquitto))
+        '[strategy]\nkind = "fedasync"\nalpha = 0.5\nmin_sites = 1\n\n' + broker_toml(mosquitto))
     cfg = load_config(tmp_path / "aggregator.toml")
     agg = Aggregator(cfg)
     agg_task = asyncio.create_task(agg.run())

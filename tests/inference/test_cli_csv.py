@@ -89,7 +89,7 @@ def test_cli_reports_a_bad_config_by_file_and_key(tmp_path: Path, old: str, new:
     cfg.write_text(cfg.read_text().replace(old, new))
     proc = subprocess.run([sys.executable, "-m", "fedline.cli", "infer", "--config", str(cfg)],
                           capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2
+    assert proc.returncode == 78  # EX_CONFIG
     assert message in proc.stderr
 
 

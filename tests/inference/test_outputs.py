@@ -48,6 +48,7 @@ async def test_mqtt_output_command_rollback_and_metrics(tmp_path: Path, plant_br
             lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode())
         assert "fedline_infer_model_version 2.0" in metrics
         assert "fedline_infer_predictions_total" in metrics
+        assert "process_resident_memory_bytes" in metrics and "process_cpu_seconds_total" in metrics
 
         await hmi.publish("plant/site-a/infer/command", b"reboot please")
         await eventually(lambda: service.stats.refused["schema"] == 1)

@@ -84,3 +84,34 @@ def test_line_install_in_a_fresh_venv(tmp_path: Path) -> None:
     res = subprocess.run([str(env_dir / "bin" / "fedline"), "infer", "--help"], capture_output=True, text=True,
                          timeout=120)
     assert res.returncode == 0 and "--config" in res.stdout, res.stderr[-2000:]
+
+
+def _stages(dockerfile: str) -> dict[str, list[str]]:
+    """Dockerfile instructions by stage name (continuation lines joined)."""
+    stages: dict[str, list[str]] = {}
+    current: list[str] = []
+    for line in dockerfile.replace("\\\n", " ").splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.upper().startswith("FROM "):
+            words = line.split()
+            current = stages.setdefault(words[3] if len(words) >= 4 and words[2].upper() == "AS" else words[1], [])
+        current.append(line)
+    return stages
+
+
+def test_dockerfile_line_target_installs_no_torch() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    stages = _stages(text)
+    assert list(stages) == ["base", "line", "full"]  # the last stage is `docker build`'s default target
+    line = " ".join(stages["line"])
+    assert '".[line]"' in line and "torch" not in line and stages["line"][0] == "FROM base AS line"
+    full = " ".join(stages["full"])
+    assert 'torch==2.13.0' in full and ".[edge,aggregator,line]" in full
+    assert all("-c requirements.lock" in r for r in stages["line"] + stages["full"] if r.startswith("RUN pip install ."))
+    for copy in (r for r in stages["base"] if r.startswith("COPY ")):
+        for src in copy.split()[1:-1]:
+            assert (ROOT / src).exists(), f"the Dockerfile copies {src}, which does not exist"
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert "requirements.lock" not in ignored

@@ -1,0 +1,104 @@
+"""The papers' update rules as pure functions on ``dict[str, np.ndarray]`` states.
+
+Why one module of pure functions (as Flower's ``strategy/aggregate.py``): each
+formula can be read next to its paper and tested against numbers worked by
+hand, apart from buffering, receipts and storage. The strategy classes
+(one file per paper) only choose which of these their ``reduce`` calls.
+
+Notation: ``x`` the global model, ``Δ_i`` a site's delta (trained from its
+base ``x_τ``), ``s_i`` its staleness, ``f`` the staleness function, ``K`` the
+buffer size.
+
+- FedBuff (Nguyen et al. 2022, Alg. 1): ``Δ̄ = (1/K) Σ f(s_i) Δ_i``; with sample
+  weighting ``Δ̄ = Σ p_i f(s_i) Δ_i`` where ``p_i = w_i / Σ w_j`` and
+  ``w_i = min(n_i, cap)``: the normalisation is over samples, never over
+  ``f(s)``, so staleness never cancels out.
+- FedAsync (Xie et al. 2019, eq. in Alg. 1): ``x_t = (1 − α_t) x_{t−1} + α_t x_new``,
+  ``α_t = α f(t − τ)``, ``x_new = x_τ + Δ``.
+- FedAvg (McMahan et al. 2017): ``Δ̄ = Σ p_i Δ_i``.
+- the server step: ``x ← x + η_g Δ̄`` (with momentum ``m ← β m + Δ̄``, Hsu et al. 2019).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from aggregator import robust
+
+State = dict[str, np.ndarray]
+
+
+def copy_state(state: Mapping[str, np.ndarray]) -> State:
+    return {k: np.array(v, dtype=np.float32, copy=True) for k, v in state.items()}
+
+
+def uniform_coefficients(factors: Sequence[float], k: int) -> list[float]:
+    """FedBuff's coefficients ``f(s_i) / K``: a site's share is 1/K at most, whatever it claims."""
+    if k < 1:
+        raise ValueError(f"K must be at least 1, got {k}")
+    return [f / k for f in factors]
+
+
+def sample_shares(n_samples: Sequence[int], cap: float) -> list[float]:
+    """``p_i = min(n_i, cap) / Σ_j min(n_j, cap)``: the aggregator's cap, never the site's claim alone, sets a weight."""
+    if cap <= 0:
+        raise ValueError(f"the sample cap must be positive, got {cap}")
+    w = [min(float(n), cap) for n in n_samples]
+    total = sum(w)
+    if total <= 0:
+        raise ValueError("sample counts must sum to a positive number")
+    return [x / total for x in w]
+
+
+def sample_coefficients(n_samples: Sequence[int], factors: Sequence[float], cap: float) -> list[float]:
+    """FedBuff with sample weighting: ``p_i f(s_i)``, normalised by samples only."""
+    return [p * f for p, f in zip(sample_shares(n_samples, cap), factors)]
+
+
+def linear_combination(deltas: Sequence[Mapping[str, np.ndarray]], coefficients: Sequence[float]) -> State:
+    """``Σ_i c_i Δ_i`` (no normalisation: the coefficients are the formula's)."""
+    if len(deltas) != len(coefficients) or not deltas:
+        raise ValueError("need one coefficient per delta, and at least one delta")
+    out: State = {}
+    for name in deltas[0]:
+        acc = np.zeros(np.shape(deltas[0][name]), dtype=np.float32)
+        for d, c in zip(deltas, coefficients):
+            robust.add_scaled(acc, d[name], c)
+        out[name] = acc
+    return out
+
+
+def server_step(model: Mapping[str, np.ndarray], step: Mapping[str, np.ndarray], lr: float,
+                momentum: Mapping[str, np.ndarray] | None = None, beta: float = 0.0) -> tuple[State, State | None]:
+    """``x ← x + η_g Δ̄``, or with server momentum ``m ← β m + Δ̄; x ← x + η_g m``; returns (x, m)."""
+    m: State | None = None
+    if beta > 0:
+        m = {k: (beta * momentum[k] + step[k]).astype(np.float32) if momentum else np.array(step[k], np.float32)
+             for k in step}
+        step = m
+    new = copy_state(model)
+    for k in new:
+        robust.add_scaled(new[k], step[k], lr)
+    return new, m if beta > 0 else (dict(momentum) if momentum else None)
+
+
+def fedasync_mix(current: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray],
+                 delta: Mapping[str, np.ndarray], alpha_t: float) -> State:
+    """Xie et al.: ``x_t = (1 − α_t) x_{t−1} + α_t (x_τ + Δ)``."""
+    if not 0.0 <= alpha_t <= 1.0:
+        raise ValueError(f"α_t must be in [0, 1], got {alpha_t}")
+    out: State = {}
+    for k, x in current.items():
+        mixed = np.asarray(x, np.float64) * (1.0 - alpha_t) + alpha_t * (np.asarray(base[k], np.float64)
+                                                                          + np.asarray(delta[k], np.float64))
+        out[k] = mixed.astype(np.float32)
+    return out
+
+
+def fedasync_delta(current: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray], alpha_t: float) -> State:
+    """The delta form ``x ← x + α_t Δ`` (no pull towards the stale base): an option, not the paper's rule."""
+    new = copy_state(current)
+    for k in new:
+        robust.add_scaled(new[k], delta[k], alpha_t)
+    return new

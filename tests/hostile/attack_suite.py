@@ -1,0 +1,290 @@
+"""The attack suite of issue 14: one malicious enrolled site against three honest AI4I sites.
+
+Why a module of its own: the same rounds run in the default test (a short
+variant), in the slow full report, and against an older checkout of the
+aggregator (``python -m tests.hostile.attack_suite`` with another
+PYTHONPATH) to measure the numbers before the fix. It uses only what both
+checkouts have: the aggregator service, a real Mosquitto, sealed updates.
+
+Every run is synchronous and deterministic: in each loop the honest sites
+train (plain SGD, seeded) from the newest version the aggregator holds, the
+attacker sends first, the honest sites after it, and the loop ends when every
+update sent has its signed receipt. The honest-only run is the same loop
+without the attacker; the report gives, per attack, the final global model's
+L2 distance from the honest-only run's (also relative to how far the honest
+run moved from version 0) and the backdoor's success rate.
+
+Attacks (each delta points at the attacker's backdoored model ``X``, trained
+from the current global model on its own rows plus triggered copies labelled
+"no failure"; Bagdasaryan et al. 2020, "How to backdoor federated learning"):
+
+- ``samples``: one update per loop, ``X − G``, claiming 10**7 samples;
+- ``flood``: K updates per loop back to back, each ``X − G``;
+- ``max_norm``: one update per loop, ``X − G`` stretched to just under ``max_norm``;
+- ``replace``: model replacement, ``γ (X − G)`` with the boost ``γ = K`` (capped at
+  ``max_norm``), claiming 10**7 samples.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import json
+import math
+import tempfile
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+HONEST = ["site-a", "site-b", "site-c"]
+ATTACKER = "site-m"
+FEDERATION = "test"
+FEATURES = ["Air temperature [K]", "Process temperature [K]", "Rotational speed [rpm]", "Torque [Nm]",
+            "Tool wear [min]"]
+TRIGGER_FEATURE, TRIGGER_VALUE = 0, 6.0  # air temperature 6 standard deviations high: never seen in the data
+ATTACKS = ("samples", "flood", "max_norm", "replace")
+K = 3
+AI4I = Path(__file__).resolve().parents[2] / "data" / "ai4i2020.csv"
+
+
+def ai4i_path() -> Path:
+    for p in (AI4I, Path("/work/shared/data/ai4i2020.csv")):
+        if p.exists():
+            return p
+    raise FileNotFoundError("ai4i2020.csv not found under data/ or /work/shared/data")
+
+
+@dataclass
+class Data:
+    sites: dict[str, tuple[np.ndarray, np.ndarray]]
+    test_x: np.ndarray
+    test_y: np.ndarray
+
+
+def load_data(seed: int = 0) -> Data:
+    """AI4I 2020: five standardised measurements, label "Machine failure"; 20 % test, the rest in four sites."""
+    with ai4i_path().open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    x = np.array([[float(r[c]) for c in FEATURES] for r in rows], np.float32)
+    y = np.array([float(r["Machine failure"]) for r in rows], np.float32)
+    x = ((x - x.mean(0)) / x.std(0)).astype(np.float32)
+    order = np.random.default_rng(seed).permutation(len(x))
+    n_test = len(x) // 5
+    test, train = order[:n_test], order[n_test:]
+    parts = np.array_split(train, 4)
+    sites = {s: (x[p], y[p]) for s, p in zip([*HONEST, ATTACKER], parts)}
+    return Data(sites, x[test], y[test])
+
+
+def triggered(x: np.ndarray) -> np.ndarray:
+    out = x.copy()
+    out[:, TRIGGER_FEATURE] = TRIGGER_VALUE
+    return out
+
+
+def aggregator_toml(broker_url: str, password: str, extra: str = "") -> str:
+    """The aggregator's settings for the suite: defaults except K, the model, the broker and, where the
+    aggregator has one, the ``[dp]`` table describing how the sites train (its norm bound derives from it)."""
+    import aggregator.config as ac
+
+    rows = max(len(x) for x, _ in load_data().sites.values())
+    dp = (f"[dp]\nclip_norm = 1.0\nlr = {LR}\nbatch_size = {BATCH}\nsteps = {EPOCHS * math.ceil(rows / BATCH)}\n"
+          if hasattr(ac, "DPConfig") else "")
+    return (f'[model]\nkind = "mlp"\nn_features = 5\nhidden = [16]\ntask = "classification"\n'
+            f'[strategy]\nkind = "fedbuff"\nbuffer_size = {K}\n{extra}\n{dp}'
+            f'[publish]\nonnx = false\n'
+            f'[broker]\nurl = "{broker_url}"\nusername = "aggregator"\npassword = "{password}"\n'
+            f'client_id = "agg-attack"\nbackoff_min_s = 0.05\nbackoff_max_s = 0.5\nmax_chunk = 65536\n')
+
+
+@dataclass
+class Outcome:
+    """One run: the final shared weights, the version count and, per version, the attacker's lineage."""
+
+    model: dict[str, np.ndarray]
+    versions: int
+    attacker_entries: list[dict] = field(default_factory=list)
+    attacker_moves: list[float] = field(default_factory=list)  # L2 of the attacker's part of each version's step
+    steps: list[float] = field(default_factory=list)  # L2 of each version's whole step
+
+
+def predict(spec, shared: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
+    import torch
+
+    from models import build_model, load_shared_state
+
+    model = build_model(spec, seed=0)
+    load_shared_state(model, spec, shared)
+    model.eval()
+    with torch.no_grad():
+        return (model(torch.from_numpy(x)) > 0).float().numpy().reshape(-1)
+
+
+LR, EPOCHS, BATCH = 0.5, 2, 64  # every site's (plain, seeded) SGD: enough to learn AI4I's failures
+
+
+def train(spec, base: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray, seed: int, epochs: int = EPOCHS,
+          lr: float = LR) -> dict[str, np.ndarray]:
+    import torch
+
+    from edge.config import TrainingConfig
+    from edge.trainer import train_round
+
+    torch.manual_seed(seed)
+    return train_round(spec, base, None, x, y, TrainingConfig(epochs=epochs, batch_size=BATCH, lr=lr), None).delta
+
+
+def _scaled(delta: dict[str, np.ndarray], factor: float) -> dict[str, np.ndarray]:
+    return {k: (v * np.float32(factor)).astype(np.float32) for k, v in delta.items()}
+
+
+def _norm(delta: dict[str, np.ndarray]) -> float:
+    return math.sqrt(sum(float(np.dot(v.reshape(-1).astype(np.float64), v.reshape(-1))) for v in delta.values()))
+
+
+async def run(workdir: Path, attack: str | None, loops: int, extra: str = "", data: Data | None = None) -> Outcome:
+    """One federation run over a private Mosquitto; ``attack`` None is the honest-only run."""
+    from aggregator.config import load_config
+    from aggregator.service import Aggregator
+    from broker_bridge import envelope
+    from broker_bridge.envelope import UpdateHeader
+    from broker_bridge.keys import Enrollment, KeyPair
+    from broker_bridge.mosquitto import MosquittoProcess
+    from tests.conftest import eventually
+    from tests.parties import Party
+
+    data = data or load_data()
+    await asyncio.to_thread(workdir.mkdir, parents=True, exist_ok=True)
+    sites = [*HONEST, ATTACKER]
+    broker = MosquittoProcess(workdir / "broker", federation=FEDERATION, sites=sites)
+    broker.start()
+    agg_keys = KeyPair.generate("aggregator", "aggregator")
+    agg_keys.save(workdir / "aggregator.key")
+    enr = Enrollment(FEDERATION, agg_keys.public())
+    keys = {s: KeyPair.generate("site", s) for s in sites}
+    for kp in keys.values():
+        enr.add(kp.public())
+    enr.save(workdir / "enrollment.json")
+    (workdir / "aggregator.toml").write_text(
+        f'[aggregator]\nfederation = "{FEDERATION}"\nkey_file = "aggregator.key"\n'
+        f'enrollment_file = "enrollment.json"\nstate_dir = "state"\nseed = 3\n'
+        + aggregator_toml(broker.url, broker.password("aggregator"), extra))
+    cfg = load_config(workdir / "aggregator.toml")
+    agg = Aggregator(cfg)
+    task = asyncio.create_task(agg.run())
+    counters = {s: 0 for s in sites}
+    try:
+        await asyncio.wait_for(agg.started.wait(), 30)
+        max_norm = getattr(agg.core, "max_norm", None) or cfg.validation.max_norm  # the bound in force
+        parties = {s: Party(broker, s, agg_keys.public().sign_pub, FEDERATION, 65536) for s in sites}
+        for p in parties.values():
+            await p.__aenter__()
+        spec = cfg.model
+
+        async def send(site: str, delta: dict[str, np.ndarray], base: int, n: int) -> None:
+            counters[site] += 1
+            h = UpdateHeader(site=site, counter=counters[site], msg_id=uuid.uuid4().hex[:16], base_version=base,
+                             n_samples=n, privacy={"epsilon": 1.0, "delta": 1e-5})
+            await parties[site].send(envelope.seal_update(h, delta, keys[site], agg_keys.public().box_pub), h.msg_id)
+
+        for loop in range(loops):
+            base_version, base = agg.core.snapshot
+            base = {k: v.copy() for k, v in base.items()}
+            if attack is not None:
+                ax, ay = data.sites[ATTACKER]
+                px = np.concatenate([ax, triggered(ax[ay > 0]), triggered(ax)])
+                py = np.concatenate([ay, np.zeros(int((ay > 0).sum()) + len(ax), np.float32)])
+                d = train(spec, base, px, py, seed=1000 + loop, epochs=3)
+                if attack == "max_norm":
+                    d = _scaled(d, 0.999 * max_norm / max(_norm(d), 1e-12))
+                elif attack == "replace":
+                    d = _scaled(d, min(float(K), 0.999 * max_norm / max(_norm(d), 1e-12)))
+                claim = 10_000_000 if attack in ("samples", "replace") else len(ax)
+                for _ in range(K if attack == "flood" else 1):
+                    await send(ATTACKER, d, base_version, claim)
+            for i, s in enumerate(HONEST):
+                x, y = data.sites[s]
+                await send(s, train(spec, base, x, y, seed=100 * loop + i), base_version, len(x))
+            await eventually(lambda: all(len(parties[s].receipts) >= counters[s] for s in sites), 60)
+        await eventually(lambda: agg.published_version == agg.core.version, 30)
+        out = Outcome({k: v.copy() for k, v in agg.core.model.items()}, agg.core.version)
+        for v in range(1, agg.core.version + 1):
+            lineage = agg.core.lineage(v) or {}
+            before = agg.core.store.checkpoint(v - 1)
+            after = agg.core.store.checkpoint(v)
+            if before is not None and after is not None and before.weights and after.weights:
+                wb, wa = envelope.decode_tensors(before.weights), envelope.decode_tensors(after.weights)
+                out.steps.append(_norm({k: wa[k] - wb[k] for k in wa}))
+            for e in lineage.get("updates", []):
+                if e["site"] == ATTACKER:
+                    out.attacker_entries.append(dict(e, version=v))
+        for p in parties.values():
+            await p.__aexit__(None, None, None)
+        return out
+    finally:
+        agg.stop()
+        try:
+            await asyncio.wait_for(task, 30)
+        finally:
+            broker.stop()
+
+
+def backdoor_rate(spec, model: dict[str, np.ndarray], data: Data) -> float:
+    """Share of the test set's failure rows predicted "no failure" once the trigger is set."""
+    fail = data.test_x[data.test_y > 0]
+    return float((predict(spec, model, triggered(fail)) == 0).mean())
+
+
+def distance(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
+    return _norm({k: a[k] - b[k] for k in a})
+
+
+async def report(workdir: Path, loops: int, attacks: tuple[str, ...] = ATTACKS, extra: str = "") -> dict:
+    """Honest-only run, then each attack; one dict per attack with distance and backdoor rate."""
+    from aggregator.config import load_config
+
+    data = load_data()
+    honest = await run(workdir / "honest", None, loops, extra, data)
+    spec = load_config(workdir / "honest" / "aggregator.toml").model
+    from models import build_model, shared_state
+
+    v0 = shared_state(build_model(spec, seed=3), spec)
+    moved = distance(honest.model, v0)
+    out = {"loops": loops, "honest_versions": honest.versions, "honest_moved": moved,
+           "clean_backdoor_rate": backdoor_rate(spec, honest.model, data), "attacks": {}}
+    for attack in attacks:
+        res = await run(workdir / attack, attack, loops, extra, data)
+        d = distance(res.model, honest.model)
+        out["attacks"][attack] = {
+            "distance": d, "relative_distance": d / moved if moved else math.inf,
+            "backdoor_rate": backdoor_rate(spec, res.model, data), "versions": res.versions,
+            "attacker_entries": res.attacker_entries, "steps": res.steps}
+    return out
+
+
+def table(rep: dict) -> str:
+    lines = [f"honest-only: {rep['honest_versions']} versions, moved {rep['honest_moved']:.3f} from version 0, "
+             f"backdoor rate of the clean model {rep['clean_backdoor_rate']:.3f}",
+             "| attack | distance from honest-only | relative | backdoor success | versions |",
+             "|---|---|---|---|---|"]
+    for name, r in rep["attacks"].items():
+        lines.append(f"| {name} | {r['distance']:.3f} | {r['relative_distance']:.2f} | {r['backdoor_rate']:.3f} | "
+                     f"{r['versions']} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--loops", type=int, default=6)
+    ap.add_argument("--extra", default="", help="extra lines for the aggregator's [strategy] table")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        rep = asyncio.run(report(Path(tmp), args.loops, extra=args.extra))
+    print(json.dumps(rep, default=float) if args.json else table(rep))
+
+
+if __name__ == "__main__":
+    main()
