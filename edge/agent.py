@@ -45,7 +45,7 @@ from edge.outbox import Outbox, OutboxFull
 from edge.personal import Personaliser
 from edge.privacy import PrivacyBudget
 from edge.trainer import Plan, plan_round, train_round
-from fedline.config import ConfigError, parse
+from fedline.config import ConfigError
 from fedline.logs import event
 from models import ModelSpec, build_model, export_onnx, load_personal_state, load_shared_state
 from models.flat import personal_state, shared_state, split_names
@@ -70,7 +70,7 @@ class EdgeAgent:
             raise ConfigError(cfg.file, "keys.enrollment",
                               f"enrollment is for federation {self.enrollment.federation!r}, not {cfg.federation!r}")
         self.topics = Topics(cfg.federation, cfg.topic_prefix)
-        self.settings = parse(BrokerSettings, {"client_id": cfg.site, **cfg.broker}, file=cfg.file, where="broker")
+        self.settings = BrokerSettings.from_table(cfg.broker, cfg.file, "broker", client_id=cfg.site)
         self.mapping = row_mapping(cfg)
         self.sources = self._build_sources()
 

@@ -19,7 +19,7 @@ from fedline.netproxy import TcpProxy
 from tests.aggregator.helpers import make_federation
 from tests.conftest import eventually, settings_for
 from tests.inference.conftest import Aggregator as FakeAggregator
-from tests.inference.conftest import RowStream, aggregator_keys, broker_table, make_config  # noqa: F401 (fixture)
+from tests.inference.conftest import RowStream, broker_table, make_config
 from tests.inference.onnx_models import linear_onnx
 
 T = Topics("test")
@@ -33,7 +33,7 @@ class Watch:
         self.latest: dict[str, dict] = {}
         self._task: asyncio.Task | None = None
 
-    async def __aenter__(self) -> "Watch":
+    async def __aenter__(self) -> Watch:
         await self.client.__aenter__()
         await self.client.subscribe(T.service_status_filter())
 
@@ -85,7 +85,7 @@ async def test_aggregator_liveness_and_will(tmp_path, mosquitto) -> None:
     agg = Aggregator(fed.config(broker=table))
     async with Watch(mosquitto) as watch:
         task = asyncio.create_task(agg.run())
-        await eventually(lambda: watch.state("aggregator").get("version") == 0, 30)
+        await eventually(lambda: watch.state("aggregator").get("version") == 0, 120)
         assert watch.state("aggregator") == {"service": "aggregator", "state": "online", "version": 0}
         proxy.cut()
         await eventually(lambda: watch.state("aggregator").get("reason") == "connection lost", 20)
