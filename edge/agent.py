@@ -47,6 +47,7 @@ from edge.model_store import GlobalModel, ModelRefused, ModelStore, check_global
 from edge.outbox import Outbox, OutboxFull
 from edge.personal import Personaliser
 from edge.privacy import PrivacyBudget
+from edge.secagg_member import EdgeCohorts
 from edge.status_doc import build_status
 from edge.trainer import Plan, plan_round, train_round
 from fedline.config import ConfigError
@@ -89,6 +90,7 @@ class EdgeAgent:
         self.outbox = Outbox(data_dir / "outbox.sqlite", cfg.outbox.max_bytes, cfg.outbox.max_count, cfg.outbox.policy)
         self.ledger = self._open_ledger() if self.dp else None
         self.store = ModelStore(data_dir, cfg.path(cfg.model_dir))
+        self.cohorts = EdgeCohorts(self.keys, self.enrollment, self.topics, data_dir) if cfg.secure_aggregation else None
 
         template = build_model(self.spec, seed=cfg.model_seed)
         try:
@@ -323,6 +325,9 @@ class EdgeAgent:
             self._set_publishing("outbox_full", outbox_depth=depth, outbox_bytes=nbytes)
             self._skip("outbox_full")
             return None
+        if self.cohorts is not None and self.cohorts.ready(self.base.version) is None:
+            self._skip("no_cohort")  # secure aggregation: one update per cohort joined, on its base
+            return None
         pending = self.outbox.unsettled_on_base(self.base.version)
         if pending >= cfg.training.max_pending_per_base:  # no budget on an update that cannot help yet
             self._skip("pending_receipt", base_version=self.base.version, pending=pending)
@@ -370,7 +375,10 @@ class EdgeAgent:
             meta["record_ledger"] = self.ledger.state_after(selection)
         header = UpdateHeader(site=self.site, counter=counter, msg_id=msg_id, base_version=base.version,
                               n_samples=len(x), privacy=privacy)
-        blob = seal_update(header, result.delta, self.keys, self.enrollment.aggregator.box_pub)
+        if self.cohorts is not None:
+            blob = self.cohorts.seal(header, result.delta)
+        else:
+            blob = seal_update(header, result.delta, self.keys, self.enrollment.aggregator.box_pub)
         try:
             dropped = await asyncio.to_thread(
                 self.outbox.put, site=self.site, counter=counter, msg_id=msg_id, base_version=base.version,
@@ -541,6 +549,27 @@ class EdgeAgent:
                 event(log, "model.chunk_dropped", logging.WARNING, site=self.site, topic=msg.topic, reason=str(exc))
                 return
             await self._try_adopt()
+        elif info.kind.startswith("secagg_") and self.cohorts is not None:
+            await self._on_secagg(info.kind, msg.payload)
+
+    async def _on_secagg(self, kind: str, payload: bytes) -> None:
+        """Cohort announcements start a round; survivors and requests get a sealed reply."""
+        assert self.cohorts is not None
+        if kind == "secagg_cohort":
+            if self.cohorts.on_cohort(payload):
+                self._trigger.set()  # the round runs when there are new rows (never twice on the same ones)
+            return
+        if kind == "secagg_survivors":
+            reply = self.cohorts.on_survivors(payload)
+        elif kind == "secagg_request":
+            reply = self.cohorts.on_request(payload)
+        else:
+            return
+        if reply is not None and self.client is not None:
+            try:
+                await self.client.publish(self.topics.secagg_reply(self.site), reply, qos=1)
+            except (NotConnected, PublishRefused) as exc:  # a member away now is a dropout the cohort tolerates
+                event(log, "secagg.reply_unsent", logging.WARNING, site=self.site, error=str(exc))
 
     def _on_receipt(self, payload: bytes) -> None:
         try:
@@ -642,6 +671,8 @@ class EdgeAgent:
         if self.cfg.training.on_new_model and g.version > 0:
             self._rebased = True
             self._trigger.set()
+        elif self.cohorts is not None and self.cohorts.ready(g.version) is not None:
+            self._trigger.set()  # a cohort was waiting for this base
 
     def _refuse(self, version: int | None, reason: str) -> None:
         self.metrics.models_refused.inc()
@@ -693,6 +724,8 @@ class EdgeAgent:
                 await client.subscribe(self.topics.fedkey(self.site), qos=1)
                 await client.subscribe(self.topics.manifest(), qos=1)
                 await client.subscribe(self.topics.weights_filter(), qos=1)
+                for topic in self.cohorts.subscriptions() if self.cohorts is not None else ():
+                    await client.subscribe(topic, qos=1)
                 tasks = {asyncio.create_task(c, name=f"edge:{self.site}:{n}") for n, c in [
                     ("ingest", self._ingest()), ("train", self._train_loop()), ("send", self._send_loop(client)),
                     ("receive", self._receive_loop(client)), ("status", self._status_loop(client))]}
@@ -734,6 +767,8 @@ class EdgeAgent:
         """Close the stores (after :meth:`run` has returned)."""
         self.dataset.close()
         self.outbox.close()
+        if self.cohorts is not None:
+            self.cohorts.close()
 
 
 def _r(v: float | None) -> float | None:

@@ -200,6 +200,10 @@ async def run_demo(opts: DemoOptions, console: Any = None) -> dict[str, Any]:
     from fedline.netproxy import TcpProxy
 
     t0 = time.time()
+    from edge.privacy_stream import demo_stream  # per-record vs global-history ε over months, computed meanwhile
+
+    long_stream = asyncio.ensure_future(asyncio.to_thread(
+        demo_stream, opts.tuning.epsilon, opts.tuning.delta, opts.tuning.noise_multiplier))
     data = load_demo_data(**_load_kwargs(opts))
     sites = [s.site for s in data.sites]
     _say(console, f"[bold]fedline demo[/]: {data.source.name}, task {data.task}, {len(sites)} sites: "
@@ -335,6 +339,7 @@ async def run_demo(opts: DemoOptions, console: Any = None) -> dict[str, Any]:
                 f"({v['served_kind']})" for site, v in r.items())))
     from fedline.demo.report import write_report
 
+    report["long_stream"] = await long_stream
     if spare is not None:
         report["revocation"] = spare.report()
     paths = write_report(report, opts.report_dir)

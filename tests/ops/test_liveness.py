@@ -19,7 +19,7 @@ from fedline.netproxy import TcpProxy
 from tests.aggregator.helpers import make_federation
 from tests.conftest import eventually, settings_for
 from tests.inference.conftest import Aggregator as FakeAggregator
-from tests.inference.conftest import (  # noqa: F401 (fixtures)
+from tests.inference.conftest import (  # noqa: F401 (fixtures used by name)
     RowStream,
     aggregator_keys,
     broker_table,
@@ -92,7 +92,7 @@ async def test_aggregator_liveness_and_will(tmp_path, mosquitto) -> None:
     agg = Aggregator(fed.config(broker=table))
     async with Watch(mosquitto) as watch:
         task = asyncio.create_task(agg.run())
-        await eventually(lambda: watch.state("aggregator").get("version") == 0, 30)
+        await eventually(lambda: watch.state("aggregator").get("version") == 0, 120)
         assert watch.state("aggregator") == {"service": "aggregator", "state": "online", "version": 0}
         proxy.cut()
         await eventually(lambda: watch.state("aggregator").get("reason") == "connection lost", 20)
