@@ -73,6 +73,9 @@ class LineConfig:
     model_dir: str | None = None
     enrollment: str | None = None
     aggregator_key: str | None = None
+    # the site's private key file: opens the federation content key granted to the site (manifest mode) and
+    # checks commands the site signed; a line is part of its site
+    site_key: str | None = None
     topic_prefix: str = "fedline"
     batch_max: int = 64
     queue_max: int = 4096
@@ -95,6 +98,12 @@ class LineConfig:
         if self.model_source == "manifest" and not (self.enrollment or self.aggregator_key):
             raise ValueError("model_source = 'manifest' needs enrollment or aggregator_key "
                              "(the aggregator's public key, to check manifest signatures)")
+        if self.model_source == "manifest" and not self.site_key:
+            raise ValueError("model_source = 'manifest' needs site_key (the site's private key file: the "
+                             "models are encrypted to the federation's members)")
+        if self.command_topic and not (self.site_key or self.enrollment or self.aggregator_key):
+            raise ValueError("command_topic needs site_key, enrollment or aggregator_key (commands are signed "
+                             "by the site or the aggregator)")
         if self.batch_max < 1 or self.queue_max < self.batch_max:
             raise ValueError("need 1 <= batch_max <= queue_max")
         if self.poll_s <= 0 or self.threads < 1:
@@ -109,6 +118,10 @@ class OutputConfig:
     threshold: float | None = None
     qos: Literal[0, 1] = 0
     queue_max: int = 10000  # predictions waiting for the MQTT broker; oldest dropped (counted) beyond
+    # the wait happens on disk (<state_dir>/mqtt-spool.sqlite), also bounded by bytes; spool = false keeps
+    # it in memory (lost on a restart)
+    spool: bool = True
+    spool_max_mb: float = 64.0
     broker: dict[str, Any] | None = None
     # the file rotates past this size (a line PC's disk is small and the line never stops): file.1 is the
     # newest old one, up to file_keep of them; 0 = never rotate
@@ -116,6 +129,8 @@ class OutputConfig:
     file_keep: int = 5
 
     def validate(self) -> None:
+        if self.queue_max < 1 or self.spool_max_mb <= 0:
+            raise ValueError(f"need queue_max >= 1 and spool_max_mb > 0, got {self.queue_max} and {self.spool_max_mb}")
         if self.file_max_mb < 0 or self.file_keep < 1:
             raise ValueError(f"need file_max_mb >= 0 and file_keep >= 1, got {self.file_max_mb} and {self.file_keep}")
         for name in ("topic", "alarm_topic"):

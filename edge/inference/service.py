@@ -75,6 +75,7 @@ class ServiceStats:
     batches: int = 0
     refused: Tally = field(default_factory=Tally)
     swaps: list[Swap] = field(default_factory=list)
+    served: dict[str, Any] | None = None  # the model in service: kind and validation metric (edge/personal.py)
     batch_latency: deque = field(default_factory=lambda: deque(maxlen=100_000))  # (rows, seconds)
     row_latency: deque = field(default_factory=lambda: deque(maxlen=100_000))  # queued -> emitted, s
 
@@ -134,6 +135,7 @@ class InferenceService:
         self._background: set[asyncio.Task[Any]] = set()
         self.origin = line.model_source
         self.rows_error: BaseException | None = None
+        self._verifier: Any = None  # line commands: built on the first one (reads the key files)
 
     # ------------------------------------------------------------------ versions
     def current_version(self) -> int:
@@ -188,8 +190,15 @@ class InferenceService:
             try:
                 await self._restore()
                 if out_client is not None and (cfg.output.topic or cfg.output.alarm_topic):
+                    spool = None
+                    if cfg.output.spool:
+                        from edge.inference.spool import PredictionSpool
+
+                        spool = PredictionSpool(Path(cfg.path(cfg.line.state_dir)) / "mqtt-spool.sqlite",
+                                                cfg.output.queue_max, int(cfg.output.spool_max_mb * 1024 * 1024))
+                        stack.callback(spool.close)
                     self._mqtt_out = MqttSink(out_client, cfg.output.topic, cfg.output.alarm_topic,
-                                              cfg.output.qos, cfg.output.queue_max)
+                                              cfg.output.qos, cfg.output.queue_max, spool=spool)
                     tasks.append(asyncio.create_task(self._mqtt_out.run(), name="infer:mqtt-out"))
                 tasks.append(asyncio.create_task(self._load_loop(), name="infer:loader"))
                 tasks.append(asyncio.create_task(self._rollback_poll(), name="infer:rollback"))
@@ -372,6 +381,7 @@ class InferenceService:
         self.stats.swaps.append(swap)
         self.metrics.swaps.inc()
         self.metrics.version.set(new.version)
+        self._served(new.info.meta.get("served"))
         if self._liveness is not None:  # tell the federation which version serves (no plant data)
             task = asyncio.get_running_loop().create_task(self._liveness.set_version(self._fed_client, new.version))
             self._background.add(task)
@@ -380,8 +390,22 @@ class InferenceService:
             self.metrics.swap_seconds.set(seconds)
         self.ready.set()
         event(log, "model.swapped", kind=kind, version=new.version, previous=swap.previous,
-              first_seq=swap.first_seq, swap_ms=round(seconds * 1000, 2), origin=new.info.origin)
+              first_seq=swap.first_seq, swap_ms=round(seconds * 1000, 2), origin=new.info.origin,
+              served=(self.stats.served or {}).get("kind"),
+              validation_metric=(self.stats.served or {}).get("validation_metric"))
         return swap
+
+    def _served(self, served: Any) -> None:
+        """The line's status: which candidate its site picked and that candidate's validation metric."""
+        self.metrics.served.clear()
+        if not isinstance(served, dict) or not isinstance(served.get("kind"), str):
+            self.stats.served = None
+            return
+        self.stats.served = {"kind": served["kind"], "metric": served.get("metric"),
+                             "validation_metric": served.get("validation_metric"), "reason": served.get("reason")}
+        v = served.get("validation_metric")
+        if isinstance(v, (int, float)):
+            self.metrics.served.labels(kind=served["kind"], metric=str(served.get("metric"))).set(float(v))
 
     def _serving(self) -> Serving:
         def saved(m: LoadedModel | None) -> SavedModel | None:
@@ -504,11 +528,21 @@ class InferenceService:
         assert line.aggregator_key
         return PublicKeys.load(self.cfg.path(line.aggregator_key)).sign_pub
 
+    def _site_keys(self) -> Any:
+        from broker_bridge.keys import KeyPair
+
+        assert self.cfg.line.site_key
+        keys = KeyPair.load(self.cfg.path(self.cfg.line.site_key))
+        if keys.ident != self.cfg.line.site or keys.role != "site":
+            raise ValueError(f"{self.cfg.line.site_key}: a key of {keys.role} {keys.ident!r}, "
+                             f"not of site {self.cfg.line.site!r}")
+        return keys
+
     async def _watch_manifest(self, client: Any) -> None:
         from edge.inference.manifest import ManifestWatcher
 
-        watcher = ManifestWatcher(self.topics, self._aggregator_sign_pub(), self.current_version, self.refuse,
-                                  max_bytes=self.cfg.line.max_model_bytes)
+        watcher = ManifestWatcher(self.topics, self._aggregator_sign_pub(), self._site_keys(), self.current_version,
+                                  self.refuse, max_bytes=self.cfg.line.max_model_bytes)
         for flt in watcher.filters():
             await client.subscribe(flt, 1)
         cmd = self.cfg.line.command_topic
@@ -568,18 +602,30 @@ class InferenceService:
             if msg.topic == self.cfg.line.command_topic:
                 await self._command(msg.payload)
 
-    async def _command(self, payload: bytes) -> None:
-        import json
+    def _command_verifier(self) -> Any:
+        """Who may command this line: its site's key and the aggregator's (whichever are configured)."""
+        from broker_bridge.line_command import CommandVerifier
 
-        text = payload.decode("utf-8", errors="replace").strip()
+        if self._verifier is None:
+            line = self.cfg.line
+            signers = {}
+            if line.site_key:
+                signers["site"] = bytes(self._site_keys().signing_key.verify_key)
+            if line.enrollment or line.aggregator_key:
+                signers["aggregator"] = self._aggregator_sign_pub()
+            self._verifier = CommandVerifier(signers, line.federation, line.site)
+        return self._verifier
+
+    async def _command(self, payload: bytes) -> None:
+        """A signed command (``fedline keys command``); unsigned or replayed ones are refused and counted."""
+        from broker_bridge.errors import WireError
+
         try:
-            doc = json.loads(text) if text.startswith("{") else {"command": text}
-        except ValueError:
-            doc = {}
-        if not isinstance(doc, dict) or doc.get("command") != "rollback":
-            self.refuse("schema", f"command {text[:80]!r} is not understood (send 'rollback')", None)
+            signer, _ = self._command_verifier().verify(payload)
+        except WireError as exc:
+            self.refuse("command", f"command refused ({exc.reason}): {exc.detail}", None)
             return
-        await self.rollback("command topic")
+        await self.rollback(f"command topic, signed by the {signer}")
 
 
 async def run_service(cfg: InferConfig) -> InferenceService:
