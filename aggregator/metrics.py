@@ -35,6 +35,9 @@ class Metrics:
                                     registry=r)
         self.reassembly_evicted = Counter("fedline_aggregator_reassembly_evicted", "Half-sent updates forgotten "
                                           "to keep all sites under reassembly_total_max_bytes", registry=r)
+        self.retained_cleared = Counter("fedline_aggregator_retained_updates_cleared", "Retained messages on "
+                                        "update topics, cleared (a site parking data in the broker)", ["site"],
+                                        registry=r)
         self._recent: deque[float] = deque()
 
     def decided(self, verdict: str, reason: str | None = None, arrival: bool = True) -> None:

@@ -1,13 +1,20 @@
-"""What goes on the broker for each global version: chunks, then the signed manifest.
+"""What goes on the broker for each global version: chunks, then the sealed manifest.
 
 Order matters: every chunk of weights and ONNX is published (retained, QoS 1,
 acknowledged) before the manifest that points at them, so an edge that sees
 a manifest can always fetch what it names. Each manifest field is the
 contract the edge reads (DESIGN.md, issue 5)::
 
-    federation, version, created_at, spec (ModelSpec.to_dict()),
+    federation, version, epoch, created_at, spec (ModelSpec.to_dict()),
     weights {hash, size, chunks, msg_id}, onnx {hash, size, chunks, msg_id},
-    metric (optional), lineage (summary)
+    metric (optional)
+
+Models are for members only (issue 13): the weights and ONNX blobs are
+encrypted under the epoch's content key before chunking, and the signed
+manifest is sealed under it too (``broker_bridge.federation_key``); hash and
+size are the plaintext's. The manifest names no site, no sample count and no
+per-update lineage: a member reading it learns nothing about who contributed.
+The aggregator's own store keeps the full lineage of every version.
 
 The ONNX file is the global model with the aggregator's copy of the personal
 parameters, i.e. those of version 0 (the seed): the aggregator never sees a
@@ -28,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from broker_bridge import chunking, envelope
+from broker_bridge.federation_key import seal_manifest
 from broker_bridge.keys import KeyPair
 from broker_bridge.topics import Topics
 from fedline.logs import event
@@ -46,39 +54,33 @@ class Release:
     onnx_chunks: int
 
 
-def lineage_summary(lineage: dict[str, Any] | None) -> dict[str, Any]:
-    ups = (lineage or {}).get("updates", [])
-    stale = [u["staleness"] for u in ups]
-    return {"strategy": (lineage or {}).get("strategy"), "parent": (lineage or {}).get("parent"),
-            "updates": len(ups), "sites": sorted({u["site"] for u in ups}),
-            "samples": int(sum(u["n_samples"] for u in ups)),
-            "staleness_mean": float(np.mean(stale)) if stale else 0.0,
-            "staleness_max": int(max(stale)) if stale else 0}
-
-
 def build_release(version: int, shared: dict[str, np.ndarray], spec: ModelSpec, federation: str,
                   keys: KeyPair, topics: Topics, chunk_limit: Callable[[str], int],
                   onnx_bytes: Callable[[dict[str, np.ndarray]], bytes] | None,
-                  lineage: dict[str, Any] | None = None, metric: float | None = None) -> Release:
-    """Everything to publish for ``version`` (pure: no I/O, so it runs in a worker thread)."""
+                  epoch: int, content_key: bytes, metric: float | None = None) -> Release:
+    """Everything to publish for ``version``, encrypted under ``content_key`` of ``epoch``.
+
+    Pure (no I/O), so it runs in a worker thread.
+    """
     weights = envelope.encode_tensors(shared)
     onnx = onnx_bytes(shared) if onnx_bytes else b""
     chunks: list[tuple[str, bytes]] = []
     entries: dict[str, dict[str, Any]] = {}
     for part, blob, topic_of in (("weights", weights, topics.weights_chunk), ("onnx", onnx, topics.onnx_chunk)):
         msg_id = f"v{version}-{part}"
-        parts = chunking.split(blob, msg_id, chunk_limit(topic_of(version, 999999))) if blob else []
+        sealed = envelope.seal_for_federation(blob, content_key) if blob else b""
+        parts = chunking.split(sealed, msg_id, chunk_limit(topic_of(version, 999999))) if blob else []
         chunks += [(topic_of(version, i), c) for i, c in enumerate(parts)]
         entries[part] = {"hash": envelope.content_hash(blob), "size": len(blob), "chunks": len(parts),
                          "msg_id": msg_id}
     manifest: dict[str, Any] = {
-        "federation": federation, "version": version, "created_at": time.time(), "spec": spec.to_dict(),
-        "weights": entries["weights"], "onnx": entries["onnx"], "lineage": lineage_summary(lineage),
+        "federation": federation, "version": version, "epoch": epoch, "created_at": time.time(),
+        "spec": spec.to_dict(), "weights": entries["weights"], "onnx": entries["onnx"],
     }
     if metric is not None:
         manifest["metric"] = metric
-    return Release(version, manifest, envelope.sign_manifest(manifest, keys), chunks,
-                   entries["weights"]["chunks"], entries["onnx"]["chunks"])
+    sealed_manifest = seal_manifest(envelope.sign_manifest(manifest, keys), version, epoch, content_key)
+    return Release(version, manifest, sealed_manifest, chunks, entries["weights"]["chunks"], entries["onnx"]["chunks"])
 
 
 async def publish_release(client: Any, topics: Topics, release: Release) -> None:

@@ -9,8 +9,15 @@ Three asyncio tasks around one :class:`~aggregator.core.AggregatorCore`:
   decision in a dedicated thread (SQLite and numpy, off the event loop), then
   publishes the signed receipts (QoS 1);
 - **publisher** publishes each new version (weights + ONNX chunks, then the
-  signed manifest, all retained) and clears superseded versions. When versions
-  come faster than ONNX export, it publishes the newest and skips the rest.
+  signed manifest, all retained and encrypted under the federation content
+  key) and clears superseded versions. When versions come faster than ONNX
+  export, it publishes the newest and skips the rest;
+- **enrollment** re-reads the enrollment file when it changes: a revoked site
+  starts a new key epoch (``aggregator.epochs``), whose key is granted to the
+  remaining sites only (``aggregator.grants``).
+
+A retained message on an update topic (Mosquitto cannot forbid retain per
+topic, so a site could park data in the broker's store) is cleared and counted.
 
 A bad message is counted, logged and answered; nothing here stops the
 service except cancellation.
@@ -24,10 +31,11 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from aggregator import publish
+from aggregator import grants, publish
 from aggregator.config import AggregatorConfig
 from aggregator.core import AggregatorCore, Opened
 from aggregator.metrics import Metrics
+from aggregator.secagg_cohort import CohortCoordinator
 from broker_bridge.chunking import Reassembler
 from broker_bridge.client import MqttClient
 from broker_bridge.errors import ChunkError, FedlineError, TopicError
@@ -65,6 +73,7 @@ class Aggregator:
         self.metrics = metrics or Metrics()
         self._metrics_http = MetricsServer(self.metrics.registry)
         self.core: AggregatorCore | None = None
+        self.cohorts: CohortCoordinator | None = None  # secure aggregation (aggregator.secagg_cohort)
         self.client: MqttClient | None = None
         # one reassembler per site: message ids are chosen by sites, so a shared one would let one site's
         # chunks collide with (or be used to disturb) another's; each site's held bytes are capped too
@@ -77,6 +86,9 @@ class Aggregator:
         self.started = asyncio.Event()  # the core is loaded and subscribed
         self.published = asyncio.Event()  # set after every publish (tests clear and wait)
         self._new_version = asyncio.Event()
+        # a key rotation and a model release never interleave: nothing under the old key follows the revoked
+        # site's cleared grant on the wire
+        self._epoch_lock = asyncio.Lock()
         self._stop = asyncio.Event()
         self._serial = ThreadPoolExecutor(1, thread_name_prefix="agg-decide")
         self._export = ThreadPoolExecutor(1, thread_name_prefix="agg-export")
@@ -93,6 +105,7 @@ class Aggregator:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         self.core = await loop.run_in_executor(self._serial, lambda: AggregatorCore(self.cfg, metrics=self.metrics))
+        self.granter = await loop.run_in_executor(self._serial, grants.Granter, self.core, self.topics)
         self._metrics_http.start(self.cfg.metrics, service="aggregator", file=self.cfg.file)
         queue: asyncio.Queue[asyncio.Future[Opened]] = asyncio.Queue(maxsize=4 * self.cfg.aggregator.workers)
         settings = self._settings()
@@ -100,14 +113,22 @@ class Aggregator:
         try:
             async with MqttClient(settings, will=self.liveness.will(), on_connect=self.liveness.online) as client:
                 self.client = client
-                await client.subscribe(self.topics.updates_filter(), qos=1)
+                await client.subscribe(self.topics.updates_filter(), qos=1, retain_as_published=True)
+                if self.cfg.strategy.secure_aggregation:
+                    self.cohorts = CohortCoordinator(self.core, self.topics)
+                    await client.subscribe(self.topics.status_filter(), qos=1)
+                    await client.subscribe(self.topics.secagg_replies_filter(), qos=1)
                 await client.connected.wait()  # subscribed (re-made on every connect) before we say so
+                await self.granter.publish_grants(client)
                 self.started.set()
                 event(log, "aggregator.started", federation=self.cfg.aggregator.federation,
                       url=self.cfg.broker.url, version=self.core.version, strategy=self.core.strategy.name)
                 tasks = [asyncio.create_task(self._intake(client, queue), name="agg-intake"),
                          asyncio.create_task(self._decider(client, queue), name="agg-decider"),
-                         asyncio.create_task(self._publisher(client), name="agg-publisher")]
+                         asyncio.create_task(self._publisher(client), name="agg-publisher"),
+                         asyncio.create_task(self._watch_enrollment(client), name="agg-enrollment")]
+                if self.cohorts is not None:
+                    tasks.append(asyncio.create_task(self._cohort_clock(client), name="agg-cohorts"))
                 stop = asyncio.create_task(self._stop.wait())
                 try:
                     done, _ = await asyncio.wait([*tasks, stop], return_when=asyncio.FIRST_COMPLETED)
@@ -144,8 +165,13 @@ class Aggregator:
             except TopicError:
                 continue
             if info.kind != "update":
+                if self.cohorts is not None and info.site is not None and info.kind in ("status", "secagg_reply"):
+                    handler = self.cohorts.on_status if info.kind == "status" else self.cohorts.on_reply
+                    await self._to_cohorts(client, handler, info.site, msg.payload)
                 continue
             assert info.site is not None
+            if msg.retain:  # a site parking data in the broker's store: clear it (empty retained), count it
+                await grants.clear_retained(client, msg.topic, info.site, self.metrics)
             reassembler = self.reassemblers.get(info.site)
             if reassembler is None:
                 a = self.cfg.aggregator
@@ -201,6 +227,9 @@ class Aggregator:
                         continue
                 else:
                     op = await fut
+                    if op.secagg and self.cohorts is not None:
+                        await self._to_cohorts(client, self.cohorts.on_submission, op)
+                        continue
                     decision = await loop.run_in_executor(self._serial, core.decide, op)
             except Exception as exc:  # a bug or a full disk must not end intake: log loudly, keep going
                 event(log, "update.failed", level=logging.ERROR, error=repr(exc))
@@ -210,12 +239,40 @@ class Aggregator:
             for r in decision.receipts:
                 if r["site"] == "?":
                     continue
+                blob = core.sign_receipt(r)
+                if blob is None:  # not enrolled (or revoked): no key to seal its receipt to
+                    continue
                 try:
-                    await client.publish(self.topics.receipts(r["site"]), core.sign_receipt(r), qos=1)
+                    await client.publish(self.topics.receipts(r["site"]), blob, qos=1)
                 except (FedlineError, TopicError) as exc:
                     # the site resends after its timeout and gets the same verdict from the store
                     event(log, "receipt.unsent", level=logging.WARNING, site=r["site"], counter=r["counter"],
                           error=str(exc))
+
+    # -- secure-aggregation cohorts ---------------------------------------------------------
+    async def _to_cohorts(self, client: MqttClient, handler: Any, *args: Any) -> None:
+        """Run a cohort step on the serial thread (it may commit a version) and publish what it says."""
+        loop = asyncio.get_running_loop()
+        assert self.core is not None
+        version = self.core.version
+        try:
+            outgoing = await loop.run_in_executor(self._serial, handler, *args)
+        except Exception as exc:  # a bug must not end intake: log loudly, keep going
+            event(log, "secagg.failed", level=logging.ERROR, error=repr(exc))
+            return
+        if self.core.version != version:
+            self._new_version.set()
+        for o in outgoing or ():
+            try:
+                await client.publish(o.topic, o.payload, qos=1, retain=o.retain)
+            except (FedlineError, TopicError) as exc:  # receipts are resent on the site's resend; the clock retries
+                event(log, "secagg.unsent", level=logging.WARNING, topic=o.topic, error=str(exc))
+
+    async def _cohort_clock(self, client: MqttClient) -> None:
+        assert self.cohorts is not None
+        while True:
+            await self._to_cohorts(client, self.cohorts.tick)
+            await asyncio.sleep(0.5)
 
     # -- publishing ------------------------------------------------------------------------
     def _onnx(self, shared) -> bytes:
@@ -234,10 +291,11 @@ class Aggregator:
             core.store.set_metric(version, metric)
             kind = self.cfg.evaluation.metric if self.cfg.evaluation is not None else None
             event(log, "model.evaluated", version=version, metric=metric, kind=kind)
+        epoch = self.granter.epoch
         return publish.build_release(version, shared, self.cfg.model, self.cfg.aggregator.federation, core.keys,
                                      self.topics, self.client.chunk_limit,
                                      self._onnx if self.cfg.publish.onnx else None,
-                                     lineage=core.lineage(version), metric=metric)
+                                     epoch=epoch.number, content_key=epoch.key, metric=metric)
 
     async def _publisher(self, client: MqttClient) -> None:
         loop = asyncio.get_running_loop()
@@ -248,7 +306,10 @@ class Aggregator:
             if version != self.published_version:
                 try:
                     release = await loop.run_in_executor(self._export, self._build, version, shared)
-                    await publish.publish_release(client, self.topics, release)
+                    async with self._epoch_lock:
+                        if release.manifest["epoch"] != self.granter.epoch.number:
+                            continue  # the key changed while it was built: build it again under the new one
+                        await publish.publish_release(client, self.topics, release)
                     await loop.run_in_executor(self._serial, core.store.mark_published, version,
                                                release.weights_chunks, release.onnx_chunks)
                     self.published_version = version
@@ -262,6 +323,15 @@ class Aggregator:
             if core.snapshot[0] == self.published_version:
                 await self._new_version.wait()
                 self._new_version.clear()
+
+    async def _watch_enrollment(self, client: MqttClient) -> None:
+        """Poll the enrollment file; on a change, take it and rotate the key epoch if a site was revoked."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.cfg.aggregator.enrollment_poll_s)
+            async with self._epoch_lock:
+                if await loop.run_in_executor(self._serial, self.granter.reload_if_changed):
+                    await self.granter.publish_grants(client)
 
     async def _clear_old(self, client: MqttClient) -> None:
         core = self.core

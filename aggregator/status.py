@@ -4,15 +4,18 @@ Why from the broker: an operator on any machine with observer credentials can
 see the federation without access to the aggregator's disk. Statuses (retained,
 ``offline`` by last will) and the manifest (retained) arrive at once; receipts
 are not retained, so they are counted while listening for ``--listen`` seconds.
-Manifests and receipts are verified when an enrollment file is given (else
-shown as unverified).
+The observer is an outsider (issue 13): a manifest is sealed to the
+federation's members, so ``status`` shows its version number and key epoch,
+the two numbers outside the ciphertext, and nothing of the model; receipts
+are sealed to their site, so it counts them; site statuses carry liveness,
+version, ε and outbox depth only.
 
 Config: the aggregator's own TOML works (its ``[aggregator]`` table gives the
 federation and enrollment; point ``[broker]`` at observer credentials), or a
 small file::
 
     federation = "plant-1"
-    enrollment_file = "enrollment.json"   # optional: verify signatures
+    enrollment_file = "enrollment.json"   # optional: list every enrolled site, seen or not
     [broker]
     url = "mqtt://127.0.0.1:1883"
     username = "observer"
@@ -30,8 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from broker_bridge.client import BrokerSettings, MqttClient
-from broker_bridge.envelope import verify_manifest, verify_receipt
 from broker_bridge.errors import TopicError, WireError
+from broker_bridge.federation_key import sealed_manifest_header
 from broker_bridge.keys import Enrollment
 from broker_bridge.topics import Topics
 from fedline.config import ConfigError, load_toml, parse, resolve_path
@@ -70,34 +73,22 @@ class SiteView:
     site: str
     status: dict[str, Any] = field(default_factory=dict)
     receipts: Counter = field(default_factory=Counter)
-    last_receipt: dict[str, Any] | None = None
 
 
 @dataclass
 class FederationView:
     federation: str
     manifest: dict[str, Any] | None = None
-    manifest_verified: bool = False
     sites: dict[str, SiteView] = field(default_factory=dict)
     services: dict[str, dict[str, Any]] = field(default_factory=dict)  # broker user -> liveness document
-    unverified_receipts: int = 0
     bad_messages: int = 0
 
     def site(self, name: str) -> SiteView:
         return self.sites.setdefault(name, SiteView(name))
 
 
-def _receipt_body(blob: bytes) -> dict[str, Any]:
-    """A receipt's JSON without checking the signature (when no enrollment is given)."""
-    doc = json.loads(blob[68:].decode("utf-8"))
-    if not isinstance(doc, dict):
-        raise ValueError("not an object")
-    return doc
-
-
 async def collect(cfg: StatusConfig, listen_s: float = 3.0) -> FederationView:
     topics = Topics(cfg.federation, cfg.topic_prefix)
-    sign_pub = Enrollment.load(cfg.enrollment_file).aggregator.sign_pub if cfg.enrollment_file else None
     view = FederationView(cfg.federation)
     if cfg.enrollment_file:
         for s in Enrollment.load(cfg.enrollment_file).sites:
@@ -129,19 +120,10 @@ async def collect(cfg: StatusConfig, listen_s: float = 3.0) -> FederationView:
                         raise ValueError("service status is not an object")
                     view.services[str(info.site)] = doc
                 elif info.kind == "manifest":
-                    if sign_pub:
-                        view.manifest, view.manifest_verified = verify_manifest(msg.payload, sign_pub), True
-                    else:
-                        view.manifest = json.loads(msg.payload[68:])
-                elif info.kind == "receipts":
-                    if sign_pub:
-                        doc = verify_receipt(msg.payload, sign_pub)
-                    else:
-                        doc = _receipt_body(msg.payload)
-                        view.unverified_receipts += 1
-                    sv = view.site(info.site)
-                    sv.receipts[doc["verdict"]] += 1
-                    sv.last_receipt = doc
+                    epoch, version = sealed_manifest_header(msg.payload)
+                    view.manifest = {"version": version, "epoch": epoch}
+                elif info.kind == "receipts":  # sealed to the site: counted, not read
+                    view.site(info.site).receipts["sealed"] += 1
             except (TopicError, WireError, ValueError, KeyError, UnicodeDecodeError):
                 view.bad_messages += 1
     return view
@@ -161,28 +143,20 @@ def render(view: FederationView) -> str:
 
     m = view.manifest
     title = f"federation {view.federation}: model version " + (
-        f"{m['version']} ({'signed, verified' if view.manifest_verified else 'unverified'}, "
-        f"{m.get('lineage', {}).get('updates', 0)} updates in it)" if m else "unknown (no manifest)")
+        f"{m['version']} (key epoch {m['epoch']}, sealed to the members)" if m else "unknown (no manifest)")
     table = Table(title=title)
-    for col in ("site", "state", "status age", "base version", "last update", "ε spent", "publishing", "outbox",
-                "receipts"):
+    for col in ("site", "state", "status age", "base version", "ε spent", "publishing", "outbox",
+                "receipts (sealed)"):
         table.add_column(col)
     for name in sorted(view.sites):
         sv = view.sites[name]
         st = sv.status
-        last = sv.last_receipt
-        if last:
-            last_txt = f"#{last['counter']} {last['verdict']}" + (f" ({last['reason']})" if last.get("reason") else "")
-        elif isinstance(st.get("last_round"), dict) and st["last_round"].get("counter") is not None:
-            last_txt = f"#{st['last_round']['counter']} sent"
-        else:
-            last_txt = "-"
         eps = st.get("epsilon")
         budget = st.get("epsilon_budget")
         eps_txt = "-" if eps is None else f"{eps:.3g}" + (f" / {budget:g}" if budget else "")
         table.add_row(name, str(st.get("state", "never seen")), _age(st.get("ts")), str(st.get("version", "-")),
-                      last_txt, eps_txt, str(st.get("publishing", "-")), str(st.get("outbox_depth", "-")),
-                      ", ".join(f"{k} {v}" for k, v in sorted(sv.receipts.items())) or "-")
+                      eps_txt, str(st.get("publishing", "-")), str(st.get("outbox_depth", "-")),
+                      str(sv.receipts["sealed"]) if sv.receipts else "-")
     console = Console(width=140, record=True, file=open("/dev/null", "w"))
     console.print(table)
     totals = Counter()
@@ -190,8 +164,7 @@ def render(view: FederationView) -> str:
         totals.update(sv.receipts)
     online = sum(1 for sv in view.sites.values() if sv.status.get("state") == "online")
     console.print(f"{len(view.sites)} sites, {online} online; receipts while listening: "
-                  + (", ".join(f"{k} {v}" for k, v in sorted(totals.items())) or "none")
-                  + (f"; {view.unverified_receipts} unverified" if view.unverified_receipts else "")
+                  + (f"{totals['sealed']} (sealed to their sites)" if totals else "none")
                   + (f"; {view.bad_messages} unreadable messages" if view.bad_messages else ""))
     return console.export_text()
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from aggregator.status import FederationView
 
-SCHEMA = 1
+SCHEMA = 2  # 2: models and receipts are sealed (issue 13): model {version, epoch}, receipts counted, not read
 
 
 def status_document(view: FederationView, listen_s: float) -> dict[str, Any]:
@@ -32,7 +32,6 @@ def status_document(view: FederationView, listen_s: float) -> dict[str, Any]:
             "state": sv.status.get("state", "never seen"),
             "status": sv.status,  # the site's retained document, as it published it
             "receipts": dict(sorted(sv.receipts.items())),
-            "last_receipt": sv.last_receipt,
         }
     m = view.manifest
     return {
@@ -40,11 +39,10 @@ def status_document(view: FederationView, listen_s: float) -> dict[str, Any]:
         "federation": view.federation,
         "collected_at": round(time.time(), 3),
         "listen_s": listen_s,
-        "model": None if m is None else {"version": m.get("version"), "verified": view.manifest_verified},
+        "model": None if m is None else {"version": m.get("version"), "epoch": m.get("epoch")},
         "services": {user: view.services[user] for user in sorted(view.services)},
         "sites": sites,
         "online_sites": sum(1 for s in sites.values() if s["state"] == "online"),
         "receipts": dict(sorted(totals.items())),
-        "unverified_receipts": view.unverified_receipts,
         "bad_messages": view.bad_messages,
     }

@@ -34,8 +34,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+# bench/ itself must not be on the path: bench/edge.py and bench/aggregator.py would shadow the packages
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(REPO))
 
 N_FEATURES = 5
 HIDDEN = (32, 16)
@@ -169,7 +170,8 @@ def manifest_swaps(blobs: list[bytes], count: int, workdir: Path) -> dict:
 
     from broker_bridge.chunking import split
     from broker_bridge.client import BrokerSettings, MqttClient
-    from broker_bridge.envelope import content_hash, sign_manifest
+    from broker_bridge.envelope import content_hash, seal_for_federation, sign_manifest
+    from broker_bridge.federation_key import new_content_key, seal_grant, seal_manifest
     from broker_bridge.keys import KeyPair
     from broker_bridge.mosquitto import MosquittoProcess
     from broker_bridge.topics import Topics
@@ -181,6 +183,9 @@ def manifest_swaps(blobs: list[bytes], count: int, workdir: Path) -> dict:
     try:
         keys = KeyPair.generate("aggregator", "aggregator")
         keys.public().save(workdir / "aggregator.pub")
+        line_keys = KeyPair.generate("site", "line")  # the line opens the content key granted to its site
+        line_keys.save(workdir / "line.key")
+        content_key = new_content_key()
 
         def settings(user: str) -> BrokerSettings:
             return BrokerSettings(url=broker.url, username=user, password=broker.password(user),
@@ -188,7 +193,8 @@ def manifest_swaps(blobs: list[bytes], count: int, workdir: Path) -> dict:
 
         feats = [{"tag": f"t{i}", "range": [0.0, 1.0]} for i in range(N_FEATURES)]
         doc = {"line": {"site": "line", "federation": "bench", "state_dir": "state-m", "model_source": "manifest",
-                        "aggregator_key": "aggregator.pub", "canary": {"enabled": False}},
+                        "aggregator_key": "aggregator.pub", "site_key": "line.key",
+                        "canary": {"enabled": False}},
                "rows": {"features": feats},
                "broker": {k: v for k, v in settings("line").__dict__.items() if v is not None}}
         cfg = parse_infer_config(doc, workdir / "line-m.toml")
@@ -205,16 +211,19 @@ def manifest_swaps(blobs: list[bytes], count: int, workdir: Path) -> dict:
             service = InferenceService(cfg, rows=rows())
             task = asyncio.create_task(service.run())
             async with MqttClient(settings("aggregator")) as agg:
+                await agg.publish(topics.fedkey("line"), seal_grant("bench", line_keys.public(), 1, content_key, keys),
+                                  retain=True)
                 for v in range(1, count + 2):
                     blob = blobs[(v - 1) % len(blobs)]
                     msg_id = f"onnx-{v}-{secrets.token_hex(3)}"
-                    chunks = split(blob, msg_id, 100 * 1024)
+                    chunks = split(seal_for_federation(blob, content_key), msg_id, 100 * 1024)
                     await agg.publish_many([(topics.onnx_chunk(v, i), c) for i, c in enumerate(chunks)], retain=True)
-                    manifest = {"federation": "bench", "version": v, "created_at": time.time(), "spec": {},
+                    manifest = {"federation": "bench", "version": v, "epoch": 1, "created_at": time.time(), "spec": {},
                                 "weights": {"hash": "", "size": 0, "chunks": 0},
                                 "onnx": {"hash": content_hash(blob), "size": len(blob), "chunks": len(chunks),
                                          "msg_id": msg_id}}
-                    await agg.publish(topics.manifest(), sign_manifest(manifest, keys), retain=True)
+                    await agg.publish(topics.manifest(), seal_manifest(sign_manifest(manifest, keys), v, 1, content_key),
+                                      retain=True)
                     while service.current_version() != v:
                         await asyncio.sleep(0.005)
                     await asyncio.sleep(0.1)

@@ -17,7 +17,9 @@ The sites' outboxes live on ``/dev/shm`` by default (``--outbox-dir``): in a
 plant each site commits (``fsync``) to its own disk, while here a thousand
 would queue on one, and the bench would measure this machine's disk instead of
 the federation (measured: ~65 commits of a 400 kB update per second over all
-threads). The aggregator's store stays on disk, as deployed.
+threads). The aggregator's store stays on disk, as deployed. A thousand
+sites hold a few GB there at 100k parameters: in a container with a small
+``/dev/shm`` pass ``--outbox-dir``.
 
 Sites are spread over ``--procs`` worker processes (asyncio, one MQTT client
 per site). Each site seals at Poisson times; the offered rate is set per phase:

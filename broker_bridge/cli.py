@@ -43,6 +43,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     rev.add_argument("--enrollment", type=Path, required=True)
     rev.add_argument("--site", required=True)
     rev.set_defaults(func=_keys_revoke)
+    cmd = ks.add_parser("command", help="sign a line command (rollback) to publish on a line's command_topic")
+    cmd.add_argument("command", choices=["rollback"])
+    cmd.add_argument("--key", type=Path, required=True, help="the site's or the aggregator's private key file")
+    cmd.add_argument("--federation", required=True)
+    cmd.add_argument("--site", required=True, help="the site whose lines take it")
+    cmd.add_argument("--out", type=Path, required=True, help="file to write (publish it, e.g. mosquitto_pub -f)")
+    cmd.set_defaults(func=_keys_command)
     show = ks.add_parser("show", help="check and print a key or enrollment file")
     show.add_argument("file", type=Path)
     show.set_defaults(func=_keys_show)
@@ -104,6 +111,16 @@ def _keys_new(args: argparse.Namespace) -> int:
     pub_path = args.out.with_name(args.out.name + ".pub.json") if args.out.suffix != ".key" else args.out.with_suffix(".pub.json")
     kp.public().save(pub_path)
     print(f"wrote {args.out} (private, 0600) and {pub_path} (public)")
+    return 0
+
+
+def _keys_command(args: argparse.Namespace) -> int:
+    from broker_bridge.keys import KeyPair
+    from broker_bridge.line_command import sign_command
+
+    blob = sign_command(args.command, args.federation, args.site, KeyPair.load(args.key))
+    args.out.write_bytes(blob)
+    print(f"wrote a signed {args.command} for site {args.site} to {args.out} (valid for 5 minutes)")
     return 0
 
 

@@ -205,6 +205,7 @@ class MqttClient:
         self.max_packet_size: int | None = None
         self.last_error: str | None = None
         self._subs: dict[str, int] = {}
+        self._retain_as_published: set[str] = set()
         self._queue: asyncio.Queue[Message] = asyncio.Queue(maxsize=queue_size)
         self._client: _CheckedClient | None = None
         self._task: asyncio.Task[None] | None = None
@@ -278,7 +279,7 @@ class MqttClient:
                     self.stats.connects += 1
                     delay = self.settings.backoff_min_s
                     for flt, qos in list(self._subs.items()):
-                        _check_suback(flt, await client.subscribe(flt, qos))
+                        _check_suback(flt, await client.subscribe(flt, **self._sub_options(flt, qos)))
                     event(log, "mqtt.connected", url=self.settings.url, client=self.settings.client_id,
                           session_present=client.session_present, max_packet=client.max_packet_size)
                     self.connected.set()
@@ -328,13 +329,29 @@ class MqttClient:
             raise NotConnected(f"no connection to {self.settings.url} within {timeout} s"
                                + (f" (last error: {self.last_error})" if self.last_error else "")) from None
 
-    async def subscribe(self, topic_filter: str, qos: int = 1) -> None:
-        """Subscribe now if connected, and again after every reconnect."""
+    def _sub_options(self, topic_filter: str, qos: int) -> dict[str, Any]:
+        """MQTT 5 subscription options: retain-as-published where asked (so a live retained message shows)."""
+        if topic_filter not in self._retain_as_published or self.settings.protocol != "5":
+            return {"qos": qos}
+        from paho.mqtt.subscribeoptions import SubscribeOptions
+
+        return {"qos": 0, "options": SubscribeOptions(qos=qos, retainAsPublished=True)}
+
+    async def subscribe(self, topic_filter: str, qos: int = 1, retain_as_published: bool = False) -> None:
+        """Subscribe now if connected, and again after every reconnect.
+
+        ``retain_as_published`` (MQTT 5): a message published retained keeps its
+        retain flag when forwarded live, so the aggregator can see (and clear) a
+        retained update; under 3.1.1 only the retained copy delivered on
+        (re)subscribe carries the flag.
+        """
         self._subs[topic_filter] = qos
+        if retain_as_published:
+            self._retain_as_published.add(topic_filter)
         client = self._client
         if client is not None and self.connected.is_set():
             try:
-                granted = await client.subscribe(topic_filter, qos)
+                granted = await client.subscribe(topic_filter, **self._sub_options(topic_filter, qos))
             except aiomqtt.MqttError:
                 return  # the reconnect loop re-subscribes
             _check_suback(topic_filter, granted)

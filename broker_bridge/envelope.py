@@ -13,9 +13,10 @@ read it and the broker and other sites see ciphertext. Opening checks, in this
 order, and raises :class:`WireError` naming the first that fails: ``framing``,
 ``version``, ``decrypt``, ``signature``, ``unenrolled``, ``replay``, ``schema``.
 
-Manifests and receipts are public but **signed** by the aggregator, so an edge
-loads only models the aggregator made and forgets an update only on a receipt
-the aggregator signed.
+Manifests and receipts are **signed** by the aggregator, so an edge loads only
+models the aggregator made and forgets an update only on a receipt the
+aggregator signed. Manifests and model blobs then travel encrypted to the
+federation (``broker_bridge.federation_key``).
 """
 from __future__ import annotations
 
@@ -301,8 +302,9 @@ def sign_body(magic: bytes, domain: bytes, body: bytes, keys: KeyPair) -> bytes:
     return magic + bytes([FORMAT_VERSION]) + sig + body
 
 
-def _verify_doc(magic: bytes, domain: bytes, what: str, blob: bytes | memoryview, sign_pub: bytes,
+def verify_body(magic: bytes, domain: bytes, what: str, blob: bytes | memoryview, sign_pub: bytes,
                 required: tuple[str, ...]) -> dict[str, Any]:
+    """Inverse of :func:`sign_body` for a JSON body: check framing, signature and required fields."""
     view = memoryview(blob)
     if len(view) < 4 + 64 + 2 or len(view) > MAX_HEADER_BYTES * 4:
         raise WireError("framing", f"{len(view)} bytes is not the size of a {what}")
@@ -336,7 +338,7 @@ def sign_manifest(doc: Mapping[str, Any], aggregator_keys: KeyPair) -> bytes:
 
 def verify_manifest(blob: bytes | memoryview, aggregator_sign_pub: bytes) -> dict[str, Any]:
     """Check a manifest's signature and required fields; return it as a dict."""
-    doc = _verify_doc(_MANIFEST_MAGIC, _MANIFEST_DOMAIN, "manifest", blob, aggregator_sign_pub, MANIFEST_FIELDS)
+    doc = verify_body(_MANIFEST_MAGIC, _MANIFEST_DOMAIN, "manifest", blob, aggregator_sign_pub, MANIFEST_FIELDS)
     if not isinstance(doc["version"], int) or isinstance(doc["version"], bool) or doc["version"] < 0:
         raise WireError("schema", "manifest version must be a non-negative integer")
     for part in ("weights", "onnx"):
@@ -351,9 +353,42 @@ def sign_receipt(doc: Mapping[str, Any], aggregator_keys: KeyPair) -> bytes:
     return _sign_doc(_RECEIPT_MAGIC, _RECEIPT_DOMAIN, doc, aggregator_keys)
 
 
+_SEALED_RECEIPT_MAGIC = b"FLQ"
+
+
+def seal_receipt(doc: Mapping[str, Any], aggregator_keys: KeyPair, site_box_pub: bytes) -> bytes:
+    """A signed receipt sealed to its site: ``FLQ | ver | SealedBox(site X25519 key, FLR signed receipt)``.
+
+    Sealed because a receipt says, per site, which counters were sent, when,
+    how stale and with what verdict and weight: the broker operator and other
+    sites must not read a plant's cadence off it (issue 13).
+    """
+    return (_SEALED_RECEIPT_MAGIC + bytes([FORMAT_VERSION])
+            + SealedBox(PublicKey(site_box_pub)).encrypt(sign_receipt(doc, aggregator_keys)))
+
+
+def open_receipt(blob: bytes | memoryview, site_keys: KeyPair, aggregator_sign_pub: bytes) -> dict[str, Any]:
+    """Open a receipt sealed to this site and verify it (:class:`WireError` naming what is wrong)."""
+    view = memoryview(blob)
+    if len(view) < 4 + 48 or len(view) > MAX_HEADER_BYTES * 4:
+        raise WireError("framing", f"{len(view)} bytes is not the size of a sealed receipt")
+    if bytes(view[:3]) != _SEALED_RECEIPT_MAGIC:
+        raise WireError("framing", "not a sealed receipt (no FLQ magic)")
+    if view[3] != FORMAT_VERSION:
+        raise WireError("version", f"sealed receipt format {view[3]}, this build reads {FORMAT_VERSION}")
+    try:
+        inner = SealedBox(site_keys.box_key).decrypt(bytes(view[4:]))
+    except CryptoError:
+        raise WireError("decrypt", f"receipt is not sealed to site {site_keys.ident!r}") from None
+    doc = verify_receipt(inner, aggregator_sign_pub)
+    if doc["site"] != site_keys.ident:
+        raise WireError("schema", f"receipt for site {doc['site']!r} sealed to {site_keys.ident!r}")
+    return doc
+
+
 def verify_receipt(blob: bytes | memoryview, aggregator_sign_pub: bytes) -> dict[str, Any]:
     """Check a receipt's signature and fields; return it as a dict."""
-    doc = _verify_doc(_RECEIPT_MAGIC, _RECEIPT_DOMAIN, "receipt", blob, aggregator_sign_pub, RECEIPT_FIELDS)
+    doc = verify_body(_RECEIPT_MAGIC, _RECEIPT_DOMAIN, "receipt", blob, aggregator_sign_pub, RECEIPT_FIELDS)
     if doc["verdict"] not in VERDICTS:
         raise WireError("schema", f"receipt verdict {doc['verdict']!r} is not one of {VERDICTS}")
     if not isinstance(doc["counter"], int) or isinstance(doc["counter"], bool):
@@ -363,7 +398,7 @@ def verify_receipt(blob: bytes | memoryview, aggregator_sign_pub: bytes) -> dict
 
 # --------------------------------------------------------------------------- federation secret
 def seal_for_federation(blob: bytes, federation_key: bytes) -> bytes:
-    """Encrypt a model blob to the federation (SecretBox key handed out at enrollment)."""
+    """Encrypt a model blob to the federation (the epoch's content key, ``broker_bridge.federation_key``)."""
     return SecretBox(federation_key).encrypt(blob)
 
 

@@ -11,12 +11,13 @@ class WireError(FedlineError):
     """A message from the wire was refused. ``reason`` names the first check that failed.
 
     Reasons, in the order they are checked: ``framing`` (size and framing),
-    ``version`` (format version), ``decrypt``, ``signature``, ``unenrolled``
-    (signer not in the enrollment), ``replay`` (per-site counter seen before),
-    ``schema`` (payload fields, tensor shapes and dtypes).
+    ``version`` (format version), ``epoch`` (no federation content key of the
+    message's key epoch is held: not granted yet, or revoked), ``decrypt``,
+    ``signature``, ``unenrolled`` (signer not in the enrollment), ``replay``
+    (per-site counter seen before), ``schema`` (payload fields, tensor shapes and dtypes).
     """
 
-    REASONS = ("framing", "version", "decrypt", "signature", "unenrolled", "replay", "schema")
+    REASONS = ("framing", "version", "epoch", "decrypt", "signature", "unenrolled", "replay", "schema")
 
     def __init__(self, reason: str, detail: str) -> None:
         assert reason in self.REASONS, reason

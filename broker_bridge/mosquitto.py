@@ -40,28 +40,43 @@ def password_hash(password: str, *, salt: bytes | None = None, iterations: int =
 
 
 def render_acl(topics: Topics, aggregator_user: str = AGGREGATOR_USER,
-               observer_user: str | None = OBSERVER_USER) -> str:
-    """The ACL file text for one federation (patterns use ``%u``, the username = site id)."""
+               observer_user: str | None = OBSERVER_USER, sites: list[str] | None = None) -> str:
+    """The ACL file text for one federation (patterns use ``%u``, the username = site id).
+
+    ``sites``: each site's line user (``<site>.line``) may also read its site's key grant, which a line
+    in manifest mode opens with the site's key file (the models are encrypted to the members).
+    """
     r = topics.root
     lines = [
         f"# fedline ACL for federation {topics.federation!r}: generated, do not edit by hand.",
         "# Anonymous clients get nothing (no topic lines before the first 'user').",
         "",
         f"user {aggregator_user}",
-        f"topic read {r}/sites/+/update/#",
+        "# readwrite on updates only to clear a retained message a site parked there (issue 13)",
+        f"topic readwrite {r}/sites/+/update/#",
+        f"topic write {r}/sites/+/fedkey",
         f"topic read {r}/sites/+/status",
         f"topic readwrite {r}/sites/+/receipts",
         f"topic readwrite {r}/model/#",
+        f"topic readwrite {r}/secagg/#",
+        f"topic write {r}/sites/+/secagg/request",
+        f"topic read {r}/sites/+/secagg/reply",
         "",
     ]
     if observer_user:  # $SYS: the broker's own counters (clients, dropped messages) for monitoring
         lines += [f"user {observer_user}", f"topic read {r}/#", "topic read $SYS/broker/#", ""]
     lines += [
+        *[x for s in (sites or []) for x in (f"user {line_user(s)}", f"topic read {r}/sites/{s}/fedkey", "")],
         "# Every site (username = site id): its own updates and status, its own receipts, the model.",
         f"pattern write {r}/sites/%u/update/#",
         f"pattern readwrite {r}/sites/%u/status",
         f"pattern read {r}/sites/%u/receipts",
+        f"pattern read {r}/sites/%u/fedkey",
         f"pattern read {r}/model/#",
+        "# Secure aggregation: cohort and survivors announcements, its own unmask requests and replies.",
+        f"pattern read {r}/secagg/#",
+        f"pattern read {r}/sites/%u/secagg/request",
+        f"pattern write {r}/sites/%u/secagg/reply",
         "# Every service (aggregator, <site>.line): its own retained liveness.",
         f"pattern readwrite {r}/services/%u/status",
         "",
@@ -199,7 +214,7 @@ def write_broker_config(cfg: MosquittoConfig, out_dir: str | Path) -> dict[str, 
     passwd = out / "passwd"
     write_private(passwd, "\n".join(hashes) + "\n")
     acl = out / "acl"
-    write_public(acl, render_acl(topics, observer_user=OBSERVER_USER if cfg.observer else None))
+    write_public(acl, render_acl(topics, observer_user=OBSERVER_USER if cfg.observer else None, sites=cfg.sites))
     data = Path(cfg.persistence_dir) if cfg.persistence_dir else out / "data"
     if not cfg.persistence_dir:
         data.mkdir(exist_ok=True)

@@ -107,7 +107,7 @@ def _either(regexes: list[str]) -> str:
 
 def topic_permissions(topics: Topics, sites: list[str], observer: bool = True) -> dict[str, tuple[str, str]]:
     """``user -> (write regex, read regex)`` on ``amq.topic``, from the federation's Mosquitto ACL."""
-    rules = parse_acl(render_acl(topics, observer_user=OBSERVER_USER if observer else None))
+    rules = parse_acl(render_acl(topics, observer_user=OBSERVER_USER if observer else None, sites=sites))
     users = [AGGREGATOR_USER, *([OBSERVER_USER] if observer else []), *sites]
     perms: dict[str, tuple[str, str]] = {}
     for user in users:

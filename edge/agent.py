@@ -8,10 +8,12 @@ One asyncio process with six tasks that share the on-disk state:
   and only if there are new rows) one local round in a worker thread, then seal,
   and queue in the outbox together with the counter and the privacy accountant;
 - **send**: while connected, publish queued updates in order, chunked, QoS 1;
-- **receive**: signed receipts (rows leave the outbox only on these), the signed
-  model manifest and weight chunks (verified, then the next round rebases on them);
+- **receive**: signed receipts (rows leave the outbox only on these), the
+  federation content key granted to this site, the sealed model manifest and
+  weight chunks (decrypted, verified, then the next round rebases on them);
 - **status**: a retained status message (``offline`` by last will) every
-  ``status_interval_s`` and on every change; the same figures on /metrics.
+  ``status_interval_s`` and on every change, without anything computed from
+  plant data (``edge.status_doc``); the plant's own figures on /metrics and in the logs.
 
 Why training in a thread: a round takes seconds; the loop must keep receiving
 receipts, publishing and answering the broker's keep-alives meanwhile.
@@ -31,8 +33,9 @@ import numpy as np
 
 from broker_bridge.chunking import split
 from broker_bridge.client import BrokerSettings, Message, MqttClient, will_message
-from broker_bridge.envelope import UpdateHeader, seal_update, verify_manifest, verify_receipt
+from broker_bridge.envelope import UpdateHeader, open_for_federation, open_receipt, seal_update
 from broker_bridge.errors import FedlineError, NotConnected, PublishRefused, TopicError, WireError
+from broker_bridge.federation_key import Keyring, open_manifest
 from broker_bridge.keys import Enrollment, KeyPair
 from broker_bridge.topics import Topics
 from edge.config import EdgeConfig, load_edge_config, row_mapping
@@ -44,8 +47,10 @@ from edge.model_store import GlobalModel, ModelRefused, ModelStore, check_global
 from edge.outbox import Outbox, OutboxFull
 from edge.personal import Personaliser
 from edge.privacy import PrivacyBudget
+from edge.secagg_member import EdgeCohorts
+from edge.status_doc import build_status
 from edge.trainer import Plan, plan_round, train_round
-from fedline.config import ConfigError, parse
+from fedline.config import ConfigError
 from fedline.logs import event
 from models import ModelSpec, build_model, export_onnx, load_personal_state, load_shared_state
 from models.flat import personal_state, shared_state, split_names
@@ -70,7 +75,7 @@ class EdgeAgent:
             raise ConfigError(cfg.file, "keys.enrollment",
                               f"enrollment is for federation {self.enrollment.federation!r}, not {cfg.federation!r}")
         self.topics = Topics(cfg.federation, cfg.topic_prefix)
-        self.settings = parse(BrokerSettings, {"client_id": cfg.site, **cfg.broker}, file=cfg.file, where="broker")
+        self.settings = BrokerSettings.from_table(cfg.broker, cfg.file, "broker", client_id=cfg.site)
         self.mapping = row_mapping(cfg)
         self.sources = self._build_sources()
 
@@ -85,6 +90,7 @@ class EdgeAgent:
         self.outbox = Outbox(data_dir / "outbox.sqlite", cfg.outbox.max_bytes, cfg.outbox.max_count, cfg.outbox.policy)
         self.ledger = self._open_ledger() if self.dp else None
         self.store = ModelStore(data_dir, cfg.path(cfg.model_dir))
+        self.cohorts = EdgeCohorts(self.keys, self.enrollment, self.topics, data_dir) if cfg.secure_aggregation else None
 
         template = build_model(self.spec, seed=cfg.model_seed)
         try:
@@ -100,6 +106,8 @@ class EdgeAgent:
             self.personal = personal_state(template, self.spec)
 
         self.collector = WeightsCollector()
+        self.keyring = Keyring()  # federation content keys by epoch, from this site's grants
+        self._waiting_for_key: bytes | None = None  # a sealed manifest of an epoch not granted (yet)
         self.pending_manifest: tuple[int, bytes, dict[str, Any]] | None = None
         self.new_rows = 0
         self.last_round_at = time.monotonic()
@@ -168,29 +176,14 @@ class EdgeAgent:
                 "privacy_unit": "row" if g == 1 else f"raw sample (in {g} overlapping windows, group-accounted)"}
 
     def status(self, state: str = "online") -> dict[str, Any]:
-        """The retained status document (also what ``fedline status`` shows)."""
-        depth, nbytes = self.outbox.depth()
-        train, hold = self.dataset.counts()
-        return {
-            "site": self.site,
-            "state": state,
-            "version": self.base.version,
-            "privacy": "on" if self.dp else "off",
-            "epsilon": round(self.epsilon, 6),
-            "epsilon_budget": self.dp.epsilon if self.dp else None,
-            "delta": self.dp.delta if self.dp else None,
-            **self.privacy_status(),
-            "publishing": self.publishing,
-            "outbox_depth": depth,
-            "outbox_bytes": nbytes,
-            "rows": train + hold,
-            "holdout_rows": hold,
-            "counter": self.outbox.last_counter(),
-            "last_round": self.last_round,
-            "served": self.personaliser.choice.to_dict() if self.personaliser and self.personaliser.choice else None,
-            "last_error": self.last_error,
-            "ts": time.time(),
-        }
+        """The retained status document (also what ``fedline status`` shows): see ``edge.status_doc``.
+
+        Which model the site serves (``personaliser.choice``) is left out: it is chosen on the site's
+        held-out rows, so it is plant data; it is in the model directory's pointer and the logs.
+        """
+        depth, _ = self.outbox.depth()
+        return build_status(state=state, version=self.base.version, privacy=self.privacy_status(),
+                            publishing=self.publishing, outbox_depth=depth)
 
     def _refresh_gauges(self) -> None:
         m = self.metrics
@@ -332,6 +325,9 @@ class EdgeAgent:
             self._set_publishing("outbox_full", outbox_depth=depth, outbox_bytes=nbytes)
             self._skip("outbox_full")
             return None
+        if self.cohorts is not None and self.cohorts.ready(self.base.version) is None:
+            self._skip("no_cohort")  # secure aggregation: one update per cohort joined, on its base
+            return None
         pending = self.outbox.unsettled_on_base(self.base.version)
         if pending >= cfg.training.max_pending_per_base:  # no budget on an update that cannot help yet
             self._skip("pending_receipt", base_version=self.base.version, pending=pending)
@@ -365,7 +361,7 @@ class EdgeAgent:
         result = await asyncio.to_thread(train_round, self.spec, base.shared, self.personal, x, y, cfg.training,
                                          self.dp, holdout, cfg.model_seed, plan)
         counter = self.outbox.last_counter() + 1
-        msg_id = f"u{counter}-{secrets.token_hex(6)}"
+        msg_id = secrets.token_hex(8)  # random: the topic names no counter (it travels in the sealed header)
         privacy: dict[str, Any] = {"mode": "off"}
         meta: dict[str, str] = {}
         eps_after = None
@@ -379,7 +375,10 @@ class EdgeAgent:
             meta["record_ledger"] = self.ledger.state_after(selection)
         header = UpdateHeader(site=self.site, counter=counter, msg_id=msg_id, base_version=base.version,
                               n_samples=len(x), privacy=privacy)
-        blob = seal_update(header, result.delta, self.keys, self.enrollment.aggregator.box_pub)
+        if self.cohorts is not None:
+            blob = self.cohorts.seal(header, result.delta)
+        else:
+            blob = seal_update(header, result.delta, self.keys, self.enrollment.aggregator.box_pub)
         try:
             dropped = await asyncio.to_thread(
                 self.outbox.put, site=self.site, counter=counter, msg_id=msg_id, base_version=base.version,
@@ -538,6 +537,8 @@ class EdgeAgent:
             return
         if info.kind == "receipts" and info.site == self.site:
             self._on_receipt(msg.payload)
+        elif info.kind == "fedkey" and info.site == self.site:
+            await self._on_grant(msg.payload)
         elif info.kind == "manifest" and msg.payload:
             await self._on_manifest(msg.payload)
         elif info.kind == "weights" and info.version is not None and self._wants(info.version) and msg.payload:
@@ -548,12 +549,31 @@ class EdgeAgent:
                 event(log, "model.chunk_dropped", logging.WARNING, site=self.site, topic=msg.topic, reason=str(exc))
                 return
             await self._try_adopt()
+        elif info.kind.startswith("secagg_") and self.cohorts is not None:
+            await self._on_secagg(info.kind, msg.payload)
+
+    async def _on_secagg(self, kind: str, payload: bytes) -> None:
+        """Cohort announcements start a round; survivors and requests get a sealed reply."""
+        assert self.cohorts is not None
+        if kind == "secagg_cohort":
+            if self.cohorts.on_cohort(payload):
+                self._trigger.set()  # the round runs when there are new rows (never twice on the same ones)
+            return
+        if kind == "secagg_survivors":
+            reply = self.cohorts.on_survivors(payload)
+        elif kind == "secagg_request":
+            reply = self.cohorts.on_request(payload)
+        else:
+            return
+        if reply is not None and self.client is not None:
+            try:
+                await self.client.publish(self.topics.secagg_reply(self.site), reply, qos=1)
+            except (NotConnected, PublishRefused) as exc:  # a member away now is a dropout the cohort tolerates
+                event(log, "secagg.reply_unsent", logging.WARNING, site=self.site, error=str(exc))
 
     def _on_receipt(self, payload: bytes) -> None:
         try:
-            doc = verify_receipt(payload, self.enrollment.aggregator.sign_pub)
-            if doc["site"] != self.site:
-                raise WireError("schema", f"receipt for site {doc['site']!r} on our topic")
+            doc = open_receipt(payload, self.keys, self.enrollment.aggregator.sign_pub)  # checks the site
         except WireError as exc:
             self.metrics.malformed.labels("receipt").inc()
             event(log, "receipt.dropped", logging.WARNING, site=self.site, reason=str(exc))
@@ -575,10 +595,30 @@ class EdgeAgent:
         """Newer than ours; or the aggregator's own version 0 while we only have the one we built."""
         return version > self.base.version or (version == self.base.version and not self.base.manifest)
 
-    async def _on_manifest(self, blob: bytes) -> None:
+    async def _on_grant(self, blob: bytes) -> None:
+        if not blob:
+            event(log, "fedkey.cleared", logging.WARNING, site=self.site,
+                  detail="the aggregator took this site's key grant back (revoked?)")
+            return
         try:
-            doc = verify_manifest(blob, self.enrollment.aggregator.sign_pub)
+            epoch = self.keyring.add_grant(blob, self.keys, self.enrollment.aggregator.sign_pub, self.cfg.federation)
         except WireError as exc:
+            self.metrics.malformed.labels("fedkey").inc()
+            event(log, "fedkey.dropped", logging.WARNING, site=self.site, reason=str(exc))
+            return
+        event(log, "fedkey.received", site=self.site, epoch=epoch)
+        waiting, self._waiting_for_key = self._waiting_for_key, None
+        if waiting is not None:
+            await self._on_manifest(waiting)
+
+    async def _on_manifest(self, sealed: bytes) -> None:
+        try:
+            doc, blob = open_manifest(sealed, self.keyring, self.enrollment.aggregator.sign_pub)
+        except WireError as exc:
+            if exc.reason == "epoch":  # retained messages come in any order: its grant may be next
+                self._waiting_for_key = bytes(sealed)
+                event(log, "model.waiting_for_key", logging.INFO, site=self.site, detail=exc.detail)
+                return
             self._refuse(None, f"manifest {exc}")
             return
         version = doc["version"]
@@ -601,12 +641,19 @@ class EdgeAgent:
             self.pending_manifest = None
             self._refuse(version, f"manifest weights.chunks {chunks!r} is not a positive integer")
             return
-        weights = self.collector.complete(version, chunks)
-        if weights is None:
+        sealed = self.collector.complete(version, chunks)
+        if sealed is None:
             return
         self.pending_manifest = None
+        key = self.keyring.get(doc.get("epoch"))  # type: ignore[arg-type]
         try:
+            if key is None:
+                raise ModelRefused(version, f"no content key for epoch {doc.get('epoch')}")
+            weights = open_for_federation(sealed, key)
             g = self._check(manifest_blob, weights)
+        except WireError as exc:
+            self._refuse(version, f"weights {exc}")
+            return
         except ModelRefused as exc:
             self._refuse(version, exc.reason)
             return
@@ -624,6 +671,8 @@ class EdgeAgent:
         if self.cfg.training.on_new_model and g.version > 0:
             self._rebased = True
             self._trigger.set()
+        elif self.cohorts is not None and self.cohorts.ready(g.version) is not None:
+            self._trigger.set()  # a cohort was waiting for this base
 
     def _refuse(self, version: int | None, reason: str) -> None:
         self.metrics.models_refused.inc()
@@ -664,7 +713,7 @@ class EdgeAgent:
         self.metrics_port = self.metrics.serve(self.cfg.metrics, self.cfg.file)
         await self.export_onnx()  # the line gets what this site holds now (a crash may have left it behind)
         will = will_message(self.topics.status(self.site),
-                            json.dumps({"site": self.site, "state": "offline", "reason": "connection lost"}).encode())
+                            json.dumps({"state": "offline", "reason": "connection lost"}).encode())
         client = MqttClient(self.settings, will=will, on_connect=self._on_connect)
         self.client = client
         try:
@@ -672,8 +721,11 @@ class EdgeAgent:
                 await client.subscribe(self.topics.receipts(self.site), qos=1)
                 # the manifest and the weights, not the aggregator's ONNX: this agent builds its own from the
                 # weights (with its personal head), so downloading every version's ONNX too only costs the link
+                await client.subscribe(self.topics.fedkey(self.site), qos=1)
                 await client.subscribe(self.topics.manifest(), qos=1)
                 await client.subscribe(self.topics.weights_filter(), qos=1)
+                for topic in self.cohorts.subscriptions() if self.cohorts is not None else ():
+                    await client.subscribe(topic, qos=1)
                 tasks = {asyncio.create_task(c, name=f"edge:{self.site}:{n}") for n, c in [
                     ("ingest", self._ingest()), ("train", self._train_loop()), ("send", self._send_loop(client)),
                     ("receive", self._receive_loop(client)), ("status", self._status_loop(client))]}
@@ -715,6 +767,8 @@ class EdgeAgent:
         """Close the stores (after :meth:`run` has returned)."""
         self.dataset.close()
         self.outbox.close()
+        if self.cohorts is not None:
+            self.cohorts.close()
 
 
 def _r(v: float | None) -> float | None:

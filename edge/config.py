@@ -218,6 +218,8 @@ class EdgeConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     personal: PersonalConfig = field(default_factory=PersonalConfig)
     status_interval_s: float = 30.0
+    # train only for secure-aggregation cohorts; send masked updates (edge.secagg_member)
+    secure_aggregation: bool = False
     model_seed: int = 0  # seed of version 0 (must match the aggregator's)
     file: str | None = None  # the file this was read from (set by load_edge_config)
 

@@ -1,11 +1,12 @@
-"""Collect the weights of the newest global model from its MQTT chunks.
+"""Collect the (sealed) weights of the newest global model from its MQTT chunks.
 
 Why buffering before the manifest: on subscribe, a broker delivers the
 retained manifest and the retained chunks in no particular order, so chunks
 of a version newer than ours are kept (bounded: a few versions, a byte cap)
 until its manifest says how many to expect. Chunks may be fedline chunks
 (``broker_bridge.chunking``, self-describing) or plain slices numbered by the
-topic index; both are accepted. Checking the result is :mod:`edge.model_store`'s job.
+topic index; both are accepted. The joined blob is still encrypted under the federation
+content key: the agent opens it, and checking the result is :mod:`edge.model_store`'s job.
 """
 from __future__ import annotations
 

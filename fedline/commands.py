@@ -84,6 +84,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                           "train/test splits (default 10; 0 skips it)")
     run.add_argument("--timeout", type=_positive, default=270.0, help="stop the federation after this many seconds")
     run.add_argument("--no-progress", action="store_true", help="no live table (plain log lines)")
+    run.add_argument("--revoke-spare-after-version", type=int, default=None, metavar="N",
+                     help="enrol a spare site that runs nothing and revoke it once version N exists: the "
+                          "aggregator starts a new key epoch the spare cannot read")
     p.set_defaults(func=_demo)
 
 
@@ -116,7 +119,8 @@ def _demo(args: argparse.Namespace) -> int:
                        report_dir=args.report, run_dir=args.run_dir, broker=args.broker, embedded=args.embedded,
                        protocol=args.protocol,
                        intermittent=args.intermittent, timeout_s=args.timeout, tuning=tuning,
-                       progress=not args.no_progress, splits=args.splits)
+                       progress=not args.no_progress, splits=args.splits,
+                       revoke_spare_after_version=args.revoke_spare_after_version)
     if args.cut_seconds is not None:
         opts.cut_s = args.cut_seconds
     if args.cut_after_version is not None:

@@ -10,6 +10,7 @@ import asyncio
 
 from broker_bridge import chunking, envelope
 from broker_bridge.client import MqttClient
+from broker_bridge.keys import KeyPair
 from broker_bridge.topics import Topics
 from tests.conftest import eventually, settings_for
 
@@ -17,8 +18,11 @@ from tests.conftest import eventually, settings_for
 class Party:
     """Someone with a broker login: publishes chunked blobs, collects verified receipts for its login."""
 
-    def __init__(self, broker, user: str, agg_sign_pub: bytes, federation: str, chunk: int = 4096) -> None:
+    def __init__(self, broker, user: str, agg_sign_pub: bytes, federation: str, chunk: int = 4096,
+                 keys: KeyPair | None = None) -> None:
         self.user = self.site = user
+        self.keys = keys  # the site's keys open its sealed receipts; without them, receipts are only counted
+        self.sealed_receipts = 0
         self.chunk = chunk
         self.client = MqttClient(settings_for(broker, user, max_chunk=chunk))
         self.topics = Topics(federation)
@@ -39,7 +43,9 @@ class Party:
 
     async def _read(self) -> None:
         async for m in self.client.messages():
-            self.receipts.append(envelope.verify_receipt(m.payload, self.agg_sign_pub))
+            self.sealed_receipts += 1
+            if self.keys is not None:
+                self.receipts.append(envelope.open_receipt(m.payload, self.keys, self.agg_sign_pub))
 
     async def send(self, blob: bytes, msg_id: str, as_site: str | None = None) -> None:
         """Publish ``blob`` in chunks on the update topic of ``as_site`` (default: its own)."""

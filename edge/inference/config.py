@@ -73,6 +73,9 @@ class LineConfig:
     model_dir: str | None = None
     enrollment: str | None = None
     aggregator_key: str | None = None
+    # the site's private key file: opens the federation content key granted to the site (manifest mode) and
+    # checks commands the site signed; a line is part of its site
+    site_key: str | None = None
     topic_prefix: str = "fedline"
     batch_max: int = 64
     queue_max: int = 4096
@@ -95,6 +98,12 @@ class LineConfig:
         if self.model_source == "manifest" and not (self.enrollment or self.aggregator_key):
             raise ValueError("model_source = 'manifest' needs enrollment or aggregator_key "
                              "(the aggregator's public key, to check manifest signatures)")
+        if self.model_source == "manifest" and not self.site_key:
+            raise ValueError("model_source = 'manifest' needs site_key (the site's private key file: the "
+                             "models are encrypted to the federation's members)")
+        if self.command_topic and not (self.site_key or self.enrollment or self.aggregator_key):
+            raise ValueError("command_topic needs site_key, enrollment or aggregator_key (commands are signed "
+                             "by the site or the aggregator)")
         if self.batch_max < 1 or self.queue_max < self.batch_max:
             raise ValueError("need 1 <= batch_max <= queue_max")
         if self.poll_s <= 0 or self.threads < 1:

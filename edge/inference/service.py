@@ -135,6 +135,7 @@ class InferenceService:
         self._background: set[asyncio.Task[Any]] = set()
         self.origin = line.model_source
         self.rows_error: BaseException | None = None
+        self._verifier: Any = None  # line commands: built on the first one (reads the key files)
 
     # ------------------------------------------------------------------ versions
     def current_version(self) -> int:
@@ -527,11 +528,21 @@ class InferenceService:
         assert line.aggregator_key
         return PublicKeys.load(self.cfg.path(line.aggregator_key)).sign_pub
 
+    def _site_keys(self) -> Any:
+        from broker_bridge.keys import KeyPair
+
+        assert self.cfg.line.site_key
+        keys = KeyPair.load(self.cfg.path(self.cfg.line.site_key))
+        if keys.ident != self.cfg.line.site or keys.role != "site":
+            raise ValueError(f"{self.cfg.line.site_key}: a key of {keys.role} {keys.ident!r}, "
+                             f"not of site {self.cfg.line.site!r}")
+        return keys
+
     async def _watch_manifest(self, client: Any) -> None:
         from edge.inference.manifest import ManifestWatcher
 
-        watcher = ManifestWatcher(self.topics, self._aggregator_sign_pub(), self.current_version, self.refuse,
-                                  max_bytes=self.cfg.line.max_model_bytes)
+        watcher = ManifestWatcher(self.topics, self._aggregator_sign_pub(), self._site_keys(), self.current_version,
+                                  self.refuse, max_bytes=self.cfg.line.max_model_bytes)
         for flt in watcher.filters():
             await client.subscribe(flt, 1)
         cmd = self.cfg.line.command_topic
@@ -591,18 +602,30 @@ class InferenceService:
             if msg.topic == self.cfg.line.command_topic:
                 await self._command(msg.payload)
 
-    async def _command(self, payload: bytes) -> None:
-        import json
+    def _command_verifier(self) -> Any:
+        """Who may command this line: its site's key and the aggregator's (whichever are configured)."""
+        from broker_bridge.line_command import CommandVerifier
 
-        text = payload.decode("utf-8", errors="replace").strip()
+        if self._verifier is None:
+            line = self.cfg.line
+            signers = {}
+            if line.site_key:
+                signers["site"] = bytes(self._site_keys().signing_key.verify_key)
+            if line.enrollment or line.aggregator_key:
+                signers["aggregator"] = self._aggregator_sign_pub()
+            self._verifier = CommandVerifier(signers, line.federation, line.site)
+        return self._verifier
+
+    async def _command(self, payload: bytes) -> None:
+        """A signed command (``fedline keys command``); unsigned or replayed ones are refused and counted."""
+        from broker_bridge.errors import WireError
+
         try:
-            doc = json.loads(text) if text.startswith("{") else {"command": text}
-        except ValueError:
-            doc = {}
-        if not isinstance(doc, dict) or doc.get("command") != "rollback":
-            self.refuse("schema", f"command {text[:80]!r} is not understood (send 'rollback')", None)
+            signer, _ = self._command_verifier().verify(payload)
+        except WireError as exc:
+            self.refuse("command", f"command refused ({exc.reason}): {exc.detail}", None)
             return
-        await self.rollback("command topic")
+        await self.rollback(f"command topic, signed by the {signer}")
 
 
 async def run_service(cfg: InferConfig) -> InferenceService:

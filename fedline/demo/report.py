@@ -133,7 +133,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "fine-tuned on its validation rows; see the notes). All on the site's held-out test rows.",
         "",
         "| site | rows (train/validation/test) | held-out positives | local-only | federated (global) | served (kind) "
-        "| central | ε spent / budget (δ) | updates sent | applied | stale | rejected | staleness mean / max "
+        "| central | per-record ε / budget (δ) | updates sent | applied | stale | rejected | staleness mean / max "
         "| bytes sent |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -152,6 +152,16 @@ def render_markdown(report: dict[str, Any]) -> str:
     why = [f"{s['site']}: {s['served']['reason']}" for s in report["sites"] if isinstance(s.get("served"), dict)]
     if why:
         lines += ["", "Why each line serves what it serves: " + "; ".join(why) + "."]
+    ls = report.get("long_stream")
+    if ls:
+        stop = ls["global_stops_at_round"]
+        lines += ["", f"Over the life of a plant (simulated: rows at 1 Hz, a {ls['window_s']:g} s sliding window, a round "
+                      f"every {ls['every_s']:g} s, batch {ls['batch_size']}, this demo's σ, δ and budget): after "
+                      f"{ls['rounds']} rounds every row's ε is at most {ls['per_record_epsilon']:.2f} (half-way: "
+                      f"{ls['per_record_epsilon_at_half']:.2f}), within the budget of {ls['epsilon_budget']:g}. One "
+                      f"accountant over the site's whole history would be at {ls['global_epsilon']:.2f} and "
+                      + (f"would have stopped the site for good at round {stop}." if stop else
+                         f"would not have stopped it within {ls['rounds']} rounds.")]
     u = report["updates"]
     if m == "roc_auc":
         small = min(report["sites"], key=lambda x: x["rows"])

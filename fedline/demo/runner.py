@@ -67,6 +67,8 @@ class DemoOptions:
     batch_fraction: float = 0.03  # each site's DP batch = this share of its rows (see report notes)
     splits: int = 10  # the split study's train/test splits after the run (0: none; see fedline/demo/splitstudy.py)
     progress: bool = True
+    # enrol a spare site that runs nothing and revoke it once this version exists (fedline/demo/revocation.py)
+    revoke_spare_after_version: int | None = None
 
 
 @dataclass
@@ -190,7 +192,7 @@ def _say(console: Any, text: str) -> None:
 async def run_demo(opts: DemoOptions, console: Any = None) -> dict[str, Any]:
     """Run the demo; returns the report dict (also written to ``opts.report_dir``)."""
     from broker_bridge.client import BrokerSettings
-    from broker_bridge.keys import Enrollment
+    from broker_bridge.keys import Enrollment, KeyPair
     from broker_bridge.mosquitto import MosquittoProcess, free_port, mosquitto_binary
     from broker_bridge.topics import Topics
     from fedline.demo.audit import TrafficRecorder
@@ -198,6 +200,10 @@ async def run_demo(opts: DemoOptions, console: Any = None) -> dict[str, Any]:
     from fedline.netproxy import TcpProxy
 
     t0 = time.time()
+    from edge.privacy_stream import demo_stream  # per-record vs global-history ε over months, computed meanwhile
+
+    long_stream = asyncio.ensure_future(asyncio.to_thread(
+        demo_stream, opts.tuning.epsilon, opts.tuning.delta, opts.tuning.noise_multiplier))
     data = load_demo_data(**_load_kwargs(opts))
     sites = [s.site for s in data.sites]
     _say(console, f"[bold]fedline demo[/]: {data.source.name}, task {data.task}, {len(sites)} sites: "
@@ -211,6 +217,11 @@ async def run_demo(opts: DemoOptions, console: Any = None) -> dict[str, Any]:
     run = prepare_run_dir(opts.run_dir)
     ws = Workspace(run)
     make_keys(ws, sites)
+    spare = None
+    if opts.revoke_spare_after_version is not None:
+        from fedline.demo.revocation import SpareRevocation
+
+        spare = SpareRevocation(ws, opts.revoke_spare_after_version)
     enrollment = Enrollment.load(ws.keys / "enrollment.json")
     topics = Topics(ws.federation)
 
@@ -265,7 +276,9 @@ async def run_demo(opts: DemoOptions, console: Any = None) -> dict[str, Any]:
 
     # -- the observer: progress view and traffic audit --------------------------------
     scorer = Scorer(data)
-    monitor = Monitor(topics, sites, enrollment.aggregator.sign_pub, scorer)
+    # receipts are sealed to their site and models to the members: the monitor holds the keys the demo made
+    site_keys = {s: KeyPair.load(ws.keys / f"{s}.key") for s in sites}
+    monitor = Monitor(topics, sites, enrollment.aggregator.sign_pub, scorer, site_keys=site_keys)
     obs = BrokerSettings(url=f"{scheme}://{host}:{port}", ca_file=ws.ca_file, client_id="demo-observer",
                          username="observer",
                          password_file=str(ws.credentials("observer")), protocol=protocol,  # type: ignore[arg-type]
@@ -291,7 +304,8 @@ async def run_demo(opts: DemoOptions, console: Any = None) -> dict[str, Any]:
         _say(console, f"started {len(procs.procs)} processes (logs in {ws.logs}); site {intermittent} will lose "
                       f"the broker for {opts.cut_s:.0f} s after version {opts.cut_after_version}")
 
-        await _watch(opts, monitor, procs, proxies, intermittent, cut_state, console, site_table, data.metric)
+        await _watch(opts, monitor, procs, proxies, intermittent, cut_state, console, site_table, data.metric,
+                     on_version=spare.step if spare is not None else None)
         # stop the edges first: they publish a last 'offline' status with their final figures
         procs.stop([f"edge-{s}" for s in sites] + [f"infer-{s}" for s in sites])
         await asyncio.sleep(1.0)
@@ -325,6 +339,9 @@ async def run_demo(opts: DemoOptions, console: Any = None) -> dict[str, Any]:
                 f"({v['served_kind']})" for site, v in r.items())))
     from fedline.demo.report import write_report
 
+    report["long_stream"] = await long_stream
+    if spare is not None:
+        report["revocation"] = spare.report()
     paths = write_report(report, opts.report_dir)
     report["duration_total_s"] = round(time.time() - t0, 1)
     _say(console, f"report: {paths['md']} ({paths['json'].name}, {paths['png'].name})")
@@ -345,7 +362,7 @@ def _set_protocol(ws: Workspace, sites: list[str], protocol: str) -> None:
 
 
 async def _watch(opts: DemoOptions, monitor, procs: Processes, proxies, intermittent: str, cut_state: dict,
-                 console: Any, site_table, metric: str) -> None:
+                 console: Any, site_table, metric: str, on_version: Any = None) -> None:
     """Run until the target version is reached and the intermittent site is settled, or the timeout."""
     from broker_bridge.errors import FedlineError
 
@@ -367,11 +384,13 @@ async def _watch(opts: DemoOptions, monitor, procs: Processes, proxies, intermit
                 p = dead[0]
                 raise FedlineError(f"{p.name} exited with {p.popen.returncode}; last lines of {p.log_path}:\n"
                                    + _tail(p.log_path))
+            if on_version is not None:
+                on_version(view.version)
             now = time.monotonic()
             if not cut_state["cut"] and cut_state["cut_at"] is None and view.version >= opts.cut_after_version:
                 proxies[intermittent].cut()
                 cut_state.update(cut=True, cut_at=round(now - started, 1), version_at_cut=view.version,
-                                 counter_at_cut=int(view.sites[intermittent].status.get("counter") or 0))
+                                 counter_at_cut=view.sites[intermittent].updates_sent)
             if cut_state["cut"] and now - started - cut_state["cut_at"] >= opts.cut_s:
                 proxies[intermittent].restore()
                 cut_state.update(cut=False, restored_at=round(now - started, 1), version_at_restore=view.version)
@@ -384,9 +403,9 @@ async def _watch(opts: DemoOptions, monitor, procs: Processes, proxies, intermit
             if settled:  # what the report accounts for: an update sealed after this (sites train on every
                 # new version) stays safely in that site's outbox when the demo stops
                 sv = view.sites[intermittent]
-                n = int(sv.status.get("counter") or 0)  # the status lags the receipts: count up to it
-                cut_state["settled"] = {"counter": n,
-                                        "verdicts": {c: dict(r) for c, r in sv.verdicts.items() if 0 < c <= n},
+                cut_state["settled"] = {"counter": sv.updates_sent,
+                                        "verdicts": {c: dict(r) for c, r in sv.verdicts.items()
+                                                     if r.get("msg_id") in sv.update_ids},
                                         "outbox_depth": sv.status.get("outbox_depth")}
             if view.version >= target and settled:
                 break
@@ -403,12 +422,12 @@ async def _watch(opts: DemoOptions, monitor, procs: Processes, proxies, intermit
 def _settled(view, site: str) -> bool:
     """The site's outbox is empty and every update it sent has a final verdict."""
     sv = view.sites[site]
-    st = sv.status
-    counter = int(st.get("counter") or 0)
-    if counter == 0 or st.get("outbox_depth", 1) != 0:
+    sent = sv.updates_sent  # update ids are random: count the ids seen on the wire
+    if sent == 0 or sv.status.get("outbox_depth", 1) != 0:
         return False
-    final = [c for c, r in sv.verdicts.items() if r.get("verdict") in ("applied", "stale", "rejected", "buffered")]
-    return len(final) >= counter
+    final = [r for r in sv.verdicts.values() if r.get("msg_id") in sv.update_ids
+             and r.get("verdict") in ("applied", "stale", "rejected", "buffered")]
+    return len(final) >= sent
 
 
 def build_report(opts: DemoOptions, data: DemoData, ws: Workspace, monitor, recorder, proxies, tunings,
@@ -480,8 +499,8 @@ def build_report(opts: DemoOptions, data: DemoData, ws: Workspace, monitor, reco
             "served": served.get(s.site, {}).get("choice"), "metric_central": central[i],
             "rows_validation": int(data.validation_mask(s).sum()),
             "epsilon": st.get("epsilon"), "epsilon_budget": t.epsilon, "delta": t.delta,
-            "updates_sent": snap["counter"] if snap else int(st.get("counter") or 0), "bytes_sent": sv.update_bytes,
-            "updates_sealed_after_settled": (int(st.get("counter") or 0) - snap["counter"]) if snap else None,
+            "updates_sent": snap["counter"] if snap else sv.updates_sent, "bytes_sent": sv.update_bytes,
+            "updates_sealed_after_settled": (sv.updates_sent - snap["counter"]) if snap else None,
             "receipts": {"applied": count("applied"), "stale": count("stale"), "rejected": count("rejected"),
                          "buffered_pending": pend},
             "staleness_mean": float(np.mean(sv.staleness)) if sv.staleness else None,

@@ -10,6 +10,7 @@ from aggregator.config import load_config
 from aggregator.core import AggregatorCore, StateError
 from broker_bridge import envelope
 from broker_bridge.envelope import UpdateHeader
+from broker_bridge.errors import WireError
 from broker_bridge.keys import KeyPair
 from broker_bridge.mosquitto import free_port
 from fedline.config import ConfigError
@@ -112,10 +113,15 @@ def test_parallel_open_gives_the_same_decisions_as_serial(fed, core):
     assert core.version == 3
 
 
-def test_receipts_are_signed_by_the_aggregator(fed, core):
+def test_receipts_are_signed_by_the_aggregator_and_sealed_to_their_site(fed, core):
     r = core.submit(fed.seal("site-a", random_delta(core.model, np.random.default_rng(4)), 0)[0])
-    doc = envelope.verify_receipt(core.sign_receipt(r), fed.agg.public().sign_pub)
+    blob = core.sign_receipt(r)
+    doc = envelope.open_receipt(blob, fed.sites["site-a"], fed.agg.public().sign_pub)
     assert doc == r
+    with pytest.raises(WireError) as exc:  # another site (or the broker) cannot open it
+        envelope.open_receipt(blob, fed.sites["site-b"], fed.agg.public().sign_pub)
+    assert exc.value.reason == "decrypt"
+    assert b"site-a" not in blob and b"applied" not in blob
 
 
 def test_checkpoints_are_pruned_but_lineage_is_kept(fed):

@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 
 from aggregator.service import Aggregator
-from broker_bridge import chunking, envelope
+from broker_bridge import chunking
 from broker_bridge.client import MqttClient
 from broker_bridge.topics import Topics
 from tests.aggregator.helpers import make_federation, random_delta
 from tests.conftest import eventually, settings_for
+from tests.members import read_model
 from tests.parties import Party
 
 SITES = ["site-a", "site-b", "site-c"]
@@ -24,38 +25,13 @@ def broker_table(broker, user: str = "aggregator") -> str:
 
 def Site(fed, broker, site: str) -> Party:
     """A minimal sending site of the test federation."""
-    return Party(broker, site, fed.agg.public().sign_pub, "test", 4096)
+    return Party(broker, site, fed.agg.public().sign_pub, "test", 4096, keys=fed.sites[site])
 
 
-async def read_manifest(broker, fed, min_version: int) -> tuple[dict, dict[str, np.ndarray], bytes]:
-    """What an edge does: the retained manifest, then the weight and ONNX chunks it names, verified."""
-    topics = Topics("test")
-    async with MqttClient(settings_for(broker, "observer", clean_start=True)) as c:
-        await c.subscribe(topics.model_filter())
-        manifest, chunks = None, {}
-        deadline = asyncio.get_running_loop().time() + 20
-        async for m in c.messages():
-            assert asyncio.get_running_loop().time() < deadline, "no complete model on the broker"
-            if not m.payload:
-                continue
-            info = topics.parse(m.topic)
-            if info.kind == "manifest":
-                doc = envelope.verify_manifest(m.payload, fed.agg.public().sign_pub)
-                if doc["version"] >= min_version:
-                    manifest = doc
-            else:
-                chunks.setdefault((info.version, info.kind), chunking.Reassembler())
-                done = chunks[(info.version, info.kind)].add(m.payload)
-                if done:
-                    chunks[(info.version, info.kind, "blob")] = done[1]
-            if manifest and (manifest["version"], "weights", "blob") in chunks and \
-                    ((manifest["version"], "onnx", "blob") in chunks or manifest["onnx"]["chunks"] == 0):
-                break
-    v = manifest["version"]
-    w, o = chunks[(v, "weights", "blob")], chunks.get((v, "onnx", "blob"), b"")
-    assert envelope.content_hash(w) == manifest["weights"]["hash"] and len(w) == manifest["weights"]["size"]
-    assert envelope.content_hash(o) == manifest["onnx"]["hash"]
-    return manifest, envelope.decode_tensors(w), o
+async def read_manifest(broker, fed, min_version: int, timeout: float = 20.0) -> tuple[dict, dict[str, np.ndarray], bytes]:
+    """What an edge does: its key grant, the sealed manifest, then the chunks it names, decrypted and verified."""
+    return await read_model(broker, Topics("test"), fed.sites["site-a"], fed.agg.public().sign_pub, min_version,
+                            timeout)
 
 
 async def retained_versions(broker) -> set[int]:
@@ -146,7 +122,8 @@ async def test_fedasync_over_mosquitto_stale_poison_and_publish(mosquitto, tmp_p
             np.testing.assert_allclose(agg.core.model[k], expected[k], rtol=1e-5, atol=1e-6)
         await eventually(lambda: agg.published_version == 4, 60)
         manifest, w4, onnx4 = await read_manifest(mosquitto, fed, 4)
-        assert manifest["version"] == 4 and manifest["lineage"]["updates"] == 1
+        assert manifest["version"] == 4 and "lineage" not in manifest  # the lineage stays in the store
+        assert agg.core.lineage(4)["updates"][0]["site"] == "site-a" or len(agg.core.lineage(4)["updates"]) == 1
         for k in expected:
             np.testing.assert_allclose(w4[k], expected[k], rtol=1e-5, atol=1e-6)
         # the ONNX runs and uses the new body

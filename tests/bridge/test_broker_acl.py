@@ -26,6 +26,8 @@ async def _collect(client: MqttClient, into: list) -> None:
     T.update_chunk("site-b", "m1", 0),  # another site's updates
     T.status("site-b"),
     T.receipts("site-a"),  # its own receipts are the aggregator's to write
+    T.fedkey("site-a"),  # and so is its key grant
+    T.fedkey("site-b"),
     T.manifest(),
     T.weights_chunk(3, 0),
     "fedline/test/anything",
@@ -77,7 +79,7 @@ async def test_site_reads_only_the_model_and_its_own_receipts(mosquitto) -> None
         for c in (a, b, agg, obs):
             await c.wait_connected(10)
         for flt in ("fedline/test/#", T.updates_filter(), T.receipts("site-b"), T.status("site-b"),
-                    T.receipts("site-a"), T.model_filter()):
+                    T.receipts("site-a"), T.model_filter(), T.fedkey("site-b"), T.fedkey("site-a")):
             await a.subscribe(flt)
         await obs.subscribe("fedline/test/#")
         got_a: list = []
@@ -85,18 +87,20 @@ async def test_site_reads_only_the_model_and_its_own_receipts(mosquitto) -> None
         tasks = [asyncio.create_task(_collect(a, got_a)), asyncio.create_task(_collect(obs, got_obs))]
         forbidden = [(T.update_chunk("site-b", "m1", 0), b"b's update", b),
                      (T.status("site-b"), b"online", b),
-                     (T.receipts("site-b"), b"b's receipt", agg)]
+                     (T.receipts("site-b"), b"b's receipt", agg),
+                     (T.fedkey("site-b"), b"b's key grant", agg)]
         for topic, payload, who in forbidden:
             await who.publish(topic, payload)
         await eventually(lambda: len(got_obs) >= len(forbidden))  # they were really published
         await agg.publish(T.receipts("site-a"), b"a's receipt")
         await agg.publish(T.manifest(), b"manifest")
-        await eventually(lambda: {p for _, p in got_a} >= {b"a's receipt", b"manifest"})
+        await agg.publish(T.fedkey("site-a"), b"a's key grant")
+        await eventually(lambda: {p for _, p in got_a} >= {b"a's receipt", b"manifest", b"a's key grant"})
         await asyncio.sleep(0.3)
         for t in tasks:
             t.cancel()
         # (overlapping filters may deliver a permitted message more than once; that is MQTT)
-        assert {p for _, p in got_a} == {b"a's receipt", b"manifest"}
+        assert {p for _, p in got_a} == {b"a's receipt", b"manifest", b"a's key grant"}
 
 
 async def test_observer_cannot_write_and_anonymous_cannot_connect(mosquitto) -> None:

@@ -52,7 +52,10 @@ def test_topic_permissions_confine_each_site_as_the_acl_does() -> None:
     write_g, read_g = perms["aggregator"]
     assert _match(read_g, "fedline.f.sites.*.update.#")
     assert _match(write_g, "fedline.f.model.3.weights.0")
-    assert not _match(write_g, "fedline.f.sites.site-a.update.m1.0")  # nobody forges a site's update
+    # the aggregator writes update topics only to clear a retained message a site parked there (issue 13);
+    # it cannot forge an update by it (updates are signed by the site's key, and it is their only reader)
+    assert _match(write_g, "fedline.f.sites.site-a.update.m1.0")
+    assert not _match(perms["site-b"][0], "fedline.f.sites.site-a.update.m1.0")  # no site writes another's
     # every rule of the ACL is accounted for: one rule per generated line
     assert len(parse_acl(render_acl(Topics("f")))) == sum(
         1 for line in render_acl(Topics("f")).splitlines() if line.startswith(("topic", "pattern")))

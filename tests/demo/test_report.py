@@ -138,3 +138,16 @@ def test_sign_test():
 
     assert sign_test_p(8, 10) == pytest.approx(56 / 1024)
     assert sign_test_p(0, 5) == 1.0 and sign_test_p(5, 5) == pytest.approx(1 / 32) and sign_test_p(0, 0) == 1.0
+
+
+def test_long_stream_paragraph(tmp_path, report):
+    """The report states each site's per-record ε and what the global-history accountant would have done."""
+    report["long_stream"] = {"rounds": 1200, "every_s": 1000.0, "window_s": 50000.0, "batch_size": 64,
+                             "epsilon_budget": 8.0, "per_record_epsilon": 4.06, "per_record_epsilon_at_half": 4.06,
+                             "global_epsilon": 8.4, "global_stops_at_round": 1101, "rows_retired": 0}
+    md = write_report(report, tmp_path / "out")["md"].read_text()
+    assert "per-record ε / budget" in md
+    assert "every row's ε is at most 4.06" in md and "stopped the site for good at round 1101" in md
+    report["long_stream"]["global_stops_at_round"] = None
+    md = write_report(report, tmp_path / "out2")["md"].read_text()
+    assert "would not have stopped it within 1200 rounds" in md

@@ -18,7 +18,7 @@ import numpy as np
 
 from broker_bridge.chunking import Reassembler, parse_chunk, split
 from broker_bridge.client import MqttClient
-from broker_bridge.envelope import UpdateHeader, content_hash, encode_tensors, open_update, sign_manifest, sign_receipt
+from broker_bridge.envelope import UpdateHeader, content_hash, encode_tensors, open_update, seal_receipt, sign_manifest
 from broker_bridge.keys import Enrollment, KeyPair
 from broker_bridge.topics import Topics
 from models import ModelSpec
@@ -150,6 +150,9 @@ class MiniAggregator:
         self.client = MqttClient(self.settings)
         self.reassembler = Reassembler(timeout_s=60)
         self._task: asyncio.Task | None = None
+        from broker_bridge.federation_key import new_content_key
+
+        self.content_key = new_content_key()
 
     async def __aenter__(self) -> MiniAggregator:
         await self.client.__aenter__()
@@ -179,18 +182,29 @@ class MiniAggregator:
                 doc = {"site": header.site, "counter": header.counter, "msg_id": header.msg_id,
                        "verdict": self.verdict, "reason": None if self.verdict == "applied" else "test verdict",
                        "version": self.version}
-                await self.client.publish(self.topics.receipts(header.site), sign_receipt(doc, self.fed.aggregator))
+                box = enrollment.sites[header.site].box_pub
+                await self.client.publish(self.topics.receipts(header.site),
+                                          seal_receipt(doc, self.fed.aggregator, box))
 
     def counters(self, site: str) -> list[int]:
         return [a.header.counter for a in self.arrivals if a.header.site == site]
 
     async def publish_model(self, version: int, spec: ModelSpec, shared: dict[str, np.ndarray],
                             max_chunk: int = 2048, keys: KeyPair | None = None, tamper: bool = False) -> None:
-        """A signed manifest plus retained fedline chunks of the weights."""
+        """A signed manifest plus retained fedline chunks of the weights, sealed to the members as the
+        aggregator does (the key grant of each enrolled site first)."""
+        from broker_bridge.envelope import seal_for_federation
+        from broker_bridge.federation_key import seal_grant, seal_manifest
+
+        epoch, key = 1, self.content_key
+        for pub in self.fed.enrollment.sites.values():
+            await self.client.publish(self.topics.fedkey(pub.ident),
+                                      seal_grant(FEDERATION, pub, epoch, key, self.fed.aggregator), retain=True)
         blob = encode_tensors(shared)
-        chunks = split(blob, f"w{version}", max_chunk)
-        manifest = {"federation": FEDERATION, "version": version, "created_at": 0.0, "spec": spec.to_dict(),
-                    "weights": {"hash": content_hash(blob), "size": len(blob), "chunks": len(chunks)},
+        chunks = split(seal_for_federation(blob, key), f"w{version}", max_chunk)
+        manifest = {"federation": FEDERATION, "version": version, "epoch": epoch, "created_at": 0.0,
+                    "spec": spec.to_dict(), "weights": {"hash": content_hash(blob), "size": len(blob),
+                                                        "chunks": len(chunks)},
                     "onnx": {"hash": "", "size": 0, "chunks": 0}}
         if tamper:
             last = bytearray(chunks[-1])
@@ -198,5 +212,6 @@ class MiniAggregator:
             chunks[-1] = bytes(last)
         for i, c in enumerate(chunks):
             await self.client.publish(self.topics.weights_chunk(version, i), c, retain=True)
-        await self.client.publish(self.topics.manifest(), sign_manifest(manifest, keys or self.fed.aggregator), retain=True)
+        signed = sign_manifest(manifest, keys or self.fed.aggregator)
+        await self.client.publish(self.topics.manifest(), seal_manifest(signed, version, epoch, key), retain=True)
         self.version = version

@@ -110,7 +110,7 @@ async def test_kill_9_with_a_full_outbox_then_restart_loses_nothing_and_sends_no
         before = _ledger(db)
         assert [s for _, s, _ in before][:1] == ["sent"] and len(before) >= 2
         # the broker publishes the agent's last will: the retained status says offline
-        await eventually(lambda: statuses[-1] == {"site": SITE, "state": "offline", "reason": "connection lost"}, 20)
+        await eventually(lambda: statuses[-1] == {"state": "offline", "reason": "connection lost"}, 20)
 
         proc = _start_agent(path, log)
         async with MiniAggregator(fed, agg_settings) as agg:

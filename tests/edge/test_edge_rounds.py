@@ -94,7 +94,7 @@ async def test_receipts_and_bad_messages(tmp_path, caplog) -> None:
     """A signed 'rejected' receipt clears the row and is logged with its reason; forged receipts,
     garbage manifests and chunks are counted and dropped, and the agent carries on."""
     from broker_bridge.client import Message
-    from broker_bridge.envelope import sign_receipt
+    from broker_bridge.envelope import seal_receipt
     from broker_bridge.keys import KeyPair
 
     fed, agent = _agent(tmp_path, privacy="off")
@@ -105,12 +105,13 @@ async def test_receipts_and_bad_messages(tmp_path, caplog) -> None:
     t = agent.topics
     doc = {"site": SITE, "counter": rows[0].counter, "msg_id": rows[0].msg_id, "verdict": "rejected",
            "reason": "norm above bound", "version": 4}
-    forged = sign_receipt({**doc, "counter": rows[1].counter, "msg_id": rows[1].msg_id},
-                          KeyPair.generate("aggregator", "aggregator"))
+    box = fed.enrollment.sites[SITE].box_pub
+    forged = seal_receipt({**doc, "counter": rows[1].counter, "msg_id": rows[1].msg_id},
+                          KeyPair.generate("aggregator", "aggregator"), box)
     with caplog.at_level(logging.WARNING, logger="fedline.edge"):
         await agent.handle_message(Message(t.receipts(SITE), forged))
         await agent.handle_message(Message(t.receipts(SITE), b"\x00garbage"))
-        await agent.handle_message(Message(t.receipts(SITE), sign_receipt(doc, fed.aggregator)))
+        await agent.handle_message(Message(t.receipts(SITE), seal_receipt(doc, fed.aggregator, box)))
         await agent.handle_message(Message(t.manifest(), b"FLM\x01" + bytes(100)))
         await agent.handle_message(Message(t.weights_chunk(9, 0), b"FLC1\xff"))
         await agent.handle_message(Message("fedline/test/elsewhere", b"x"))

@@ -18,7 +18,7 @@ import asyncio
 
 from broker_bridge.chunking import split
 from broker_bridge.client import BrokerSettings, MqttClient
-from broker_bridge.envelope import UpdateHeader, seal_update, verify_receipt
+from broker_bridge.envelope import UpdateHeader, open_receipt, seal_update
 from broker_bridge.keys import Enrollment, KeyPair
 from broker_bridge.topics import Topics
 from fedline.config import parse
@@ -52,7 +52,7 @@ async def test_resent_update_whose_receipt_was_lost_gets_its_verdict_again(tmp_p
 
             async def collect() -> None:
                 async for msg in client.messages():
-                    receipts.append(verify_receipt(msg.payload, enrollment.aggregator.sign_pub))
+                    receipts.append(open_receipt(msg.payload, keys, enrollment.aggregator.sign_pub))
 
             task = asyncio.create_task(collect())
             try:

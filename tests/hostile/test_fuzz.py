@@ -72,7 +72,7 @@ def _params(runs_marks: list) -> list:
 
 def test_every_decoder_has_a_harness() -> None:
     expected = {"fuzz_open_update", "fuzz_decode_tensors", "fuzz_manifest", "fuzz_receipt", "fuzz_chunks",
-                "fuzz_topics", "fuzz_sparkplug", "fuzz_site_config", "fuzz_key_files"}
+                "fuzz_topics", "fuzz_sparkplug", "fuzz_site_config", "fuzz_key_files", "fuzz_sealed_docs"}
     assert expected <= set(HARNESSES)
 
 

@@ -68,13 +68,18 @@ class RowStream:
 
 
 class Aggregator:
-    """Publishes global models the way the aggregator does: retained ONNX chunks, then a signed manifest."""
+    """Publishes global models the way the aggregator does: the member's key grant, retained sealed ONNX
+    chunks, then a signed manifest sealed under the content key."""
 
-    def __init__(self, client: Any, keys: KeyPair, federation: str = "test") -> None:
+    def __init__(self, client: Any, keys: KeyPair, member: KeyPair, federation: str = "test") -> None:
+        from broker_bridge.federation_key import new_content_key
+
         self.client = client
         self.keys = keys
+        self.member = member
         self.topics = Topics(federation)
         self.federation = federation
+        self.epoch, self.content_key = 1, new_content_key()
 
     def manifest(self, version: int, blob: bytes, msg_id: str, **override: Any) -> dict[str, Any]:
         doc = {
@@ -90,13 +95,30 @@ class Aggregator:
     async def publish(self, version: int, blob: bytes, *, chunk_blob: bytes | None = None,
                       signer: KeyPair | None = None, max_chunk: int = 2048, **override: Any) -> None:
         """Publish ``blob`` as ``version``; ``chunk_blob`` sends other bytes than the manifest names."""
+        from broker_bridge.envelope import seal_for_federation
+        from broker_bridge.federation_key import seal_grant, seal_manifest
+
+        await self.client.publish(self.topics.fedkey(self.member.ident),
+                                  seal_grant(self.federation, self.member.public(), self.epoch, self.content_key,
+                                             self.keys), retain=True)
         msg_id = f"onnx-{version}-{secrets.token_hex(3)}"
-        chunks = split(chunk_blob if chunk_blob is not None else blob, msg_id, max_chunk)
-        doc = self.manifest(version, blob, msg_id, **override)
+        sealed = seal_for_federation(chunk_blob if chunk_blob is not None else blob, self.content_key)
+        chunks = split(sealed, msg_id, max_chunk)
+        doc = {"epoch": self.epoch, **self.manifest(version, blob, msg_id, **override)}
         doc["onnx"]["chunks"] = len(chunks)
         await self.client.publish_many([(self.topics.onnx_chunk(version, i), c) for i, c in enumerate(chunks)],
                                        retain=True)
-        await self.client.publish(self.topics.manifest(), sign_manifest(doc, signer or self.keys), retain=True)
+        signed = sign_manifest(doc, signer or self.keys)
+        await self.client.publish(self.topics.manifest(), seal_manifest(signed, version, self.epoch, self.content_key),
+                                  retain=True)
+
+
+@pytest.fixture
+def site_keys(tmp_path: Path) -> KeyPair:
+    """Site ``site-a``'s key file (the line reads it to open the content key granted to its site)."""
+    keys = KeyPair.generate("site", "site-a")
+    keys.save(tmp_path / "site-a.key")
+    return keys
 
 
 @pytest.fixture

@@ -23,12 +23,13 @@ from tests.inference.onnx_models import linear_onnx, linear_score
 def manifest_config(tmp_path: Path, mosquitto, **line):
     return make_config(
         tmp_path,
-        {"model_source": "manifest", "aggregator_key": "aggregator.pub", **line},
+        {"model_source": "manifest", "aggregator_key": "aggregator.pub", "site_key": "site-a.key", **line},
         broker=broker_table(settings_for(mosquitto, "site-a", client_id="site-a-infer")),
     )
 
 
-async def test_ten_reloads_under_a_steady_stream(tmp_path: Path, mosquitto, aggregator_keys: KeyPair) -> None:
+async def test_ten_reloads_under_a_steady_stream(tmp_path: Path, mosquitto, aggregator_keys: KeyPair,
+        site_keys: KeyPair) -> None:
     rng = np.random.default_rng(7)
     weights = {v: rng.normal(0, 2, 4) for v in range(1, 11)}
     cfg = manifest_config(tmp_path, mosquitto, batch_max=16)
@@ -36,7 +37,7 @@ async def test_ten_reloads_under_a_steady_stream(tmp_path: Path, mosquitto, aggr
     service = InferenceService(cfg, rows=stream)
     task = asyncio.create_task(service.run())
     async with MqttClient(settings_for(mosquitto, "aggregator")) as agg_client:
-        agg = Aggregator(agg_client, aggregator_keys)
+        agg = Aggregator(agg_client, aggregator_keys, site_keys)
         for v in range(1, 11):
             await agg.publish(v, linear_onnx(weights[v], 0.1 * v))
             await eventually(lambda: service.current_version() == v)
@@ -64,7 +65,8 @@ async def test_ten_reloads_under_a_steady_stream(tmp_path: Path, mosquitto, aggr
 
 
 async def test_bad_models_are_refused_and_the_old_one_keeps_scoring(tmp_path: Path, mosquitto,
-                                                                     aggregator_keys: KeyPair) -> None:
+                                                                     aggregator_keys: KeyPair,
+        site_keys: KeyPair) -> None:
     good = linear_onnx(TRUE_W * 3, TRUE_B * 3)
     cfg = manifest_config(tmp_path, mosquitto, canary={"min_rows": 64, "margin": 0.05})
     stream = RowStream(seed=5, labelled=True)
@@ -78,7 +80,7 @@ async def test_bad_models_are_refused_and_the_old_one_keeps_scoring(tmp_path: Pa
         assert service.current is not None and service.current.version == 1
 
     async with MqttClient(settings_for(mosquitto, "aggregator")) as agg_client:
-        agg = Aggregator(agg_client, aggregator_keys)
+        agg = Aggregator(agg_client, aggregator_keys, site_keys)
         await agg.publish(1, good)
         await eventually(lambda: service.current_version() == 1 and len(service._canary) >= 64)
 
@@ -124,13 +126,14 @@ async def test_bad_models_are_refused_and_the_old_one_keeps_scoring(tmp_path: Pa
     assert text("fedline_infer_model_version") == 8.0
 
 
-async def test_broker_outage_does_not_stop_scoring(tmp_path: Path, mosquitto, aggregator_keys: KeyPair) -> None:
+async def test_broker_outage_does_not_stop_scoring(tmp_path: Path, mosquitto, aggregator_keys: KeyPair,
+        site_keys: KeyPair) -> None:
     cfg = manifest_config(tmp_path, mosquitto)
     stream = RowStream(seed=2, labelled=False)
     service = InferenceService(cfg, rows=stream)
     task = asyncio.create_task(service.run())
     async with MqttClient(settings_for(mosquitto, "aggregator")) as agg_client:
-        agg = Aggregator(agg_client, aggregator_keys)
+        agg = Aggregator(agg_client, aggregator_keys, site_keys)
         await agg.publish(1, linear_onnx(TRUE_W, TRUE_B))
         await eventually(lambda: service.current_version() == 1)
         mosquitto.stop()

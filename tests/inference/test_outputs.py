@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import urllib.request
 from pathlib import Path
 
@@ -15,10 +16,12 @@ from tests.inference.conftest import TRUE_B, TRUE_W, RowStream, make_config
 from tests.inference.onnx_models import linear_onnx
 
 
-async def test_mqtt_output_command_rollback_and_metrics(tmp_path: Path, plant_broker: str) -> None:
+async def test_mqtt_output_command_rollback_and_metrics(tmp_path: Path, plant_broker: str, site_keys,
+                                                        aggregator_keys) -> None:
     port = free_port()
     cfg = make_config(
-        tmp_path, {"command_topic": "plant/site-a/infer/command"},
+        tmp_path, {"command_topic": "plant/site-a/infer/command", "site_key": "site-a.key",
+                   "aggregator_key": "aggregator.pub"},
         output={"file": "predictions.jsonl", "topic": "plant/site-a/predictions",
                 "alarm_topic": "plant/site-a/alarms", "threshold": 0.5, "qos": 1,
                 "broker": {"url": plant_broker, "backoff_min_s": 0.05, "backoff_max_s": 0.5}},
@@ -50,11 +53,30 @@ async def test_mqtt_output_command_rollback_and_metrics(tmp_path: Path, plant_br
         assert "fedline_infer_predictions_total" in metrics
         assert "process_resident_memory_bytes" in metrics and "process_cpu_seconds_total" in metrics
 
-        await hmi.publish("plant/site-a/infer/command", b"reboot please")
-        await eventually(lambda: service.stats.refused["schema"] == 1)
-        await hmi.publish("plant/site-a/infer/command", b'{"command": "rollback"}')
+        # commands must be signed by the site's or the aggregator's key: anyone on the plant broker is refused
+        from broker_bridge.keys import KeyPair
+        from broker_bridge.line_command import sign_command
+
+        topic = "plant/site-a/infer/command"
+        await hmi.publish(topic, b"reboot please")
+        await eventually(lambda: service.stats.refused["command"] == 1)
+        await hmi.publish(topic, b'{"command": "rollback"}')  # the old unsigned form
+        await eventually(lambda: service.stats.refused["command"] == 2)
+        stranger = KeyPair.generate("site", "site-a")  # right name, wrong key
+        await hmi.publish(topic, sign_command("rollback", "test", "site-a", stranger))
+        await eventually(lambda: service.stats.refused["command"] == 3)
+        await hmi.publish(topic, sign_command("rollback", "test", "site-b", site_keys))  # another site's line
+        await eventually(lambda: service.stats.refused["command"] == 4)
+        old = sign_command("rollback", "test", "site-a", site_keys, issued_at=time.time() - 3600)
+        await hmi.publish(topic, old)  # stale: a captured command replayed an hour later
+        await eventually(lambda: service.stats.refused["command"] == 5)
+        assert service.current is not None and service.current.version == 2
+        signed = sign_command("rollback", "test", "site-a", site_keys)
+        await hmi.publish(topic, signed)
         await eventually(lambda: service.current is not None and service.current.version == 1)
         assert [s.kind for s in service.stats.swaps][-1] == "rollback"
+        await hmi.publish(topic, signed)  # the same command again: a replay
+        await eventually(lambda: service.stats.refused["command"] == 6)
         n = service.stats.predictions
         await eventually(lambda: service.stats.predictions > n + 50)
         stream.stop()

@@ -110,7 +110,9 @@ def test_model_dir_round_trip_and_bad_pointer(tmp_path) -> None:
     ({"poll": 1}, {}, "line.poll", "unknown key"),
     ({}, {"output": {"topic": "plant/#"}}, "output", "wildcards"),
     ({}, {"rows": {"features": []}}, "rows", "at least one tag"),
-    ({"model_source": "manifest", "aggregator_key": "k"}, {"broker": {"url": "http://x"}}, "broker.url", "mqtt://"),
+    ({"model_source": "manifest", "aggregator_key": "k"}, {}, "line", "needs site_key"),
+    ({"model_source": "manifest", "aggregator_key": "k", "site_key": "s"}, {"broker": {"url": "http://x"}},
+     "broker.url", "mqtt://"),
 ])
 def test_bad_config_names_file_and_key(tmp_path, line, top, key, words) -> None:
     with pytest.raises(ConfigError) as exc:

@@ -16,7 +16,7 @@ from edge.inference.service import InferenceService
 from edge.inference.spool import PredictionSpool
 from fedline.netproxy import TcpProxy
 from tests.conftest import eventually
-from tests.inference.conftest import TRUE_B, TRUE_W, RowStream, make_config, plant_broker  # noqa: F401 (fixture)
+from tests.inference.conftest import TRUE_B, TRUE_W, RowStream, make_config
 from tests.inference.onnx_models import linear_onnx
 
 TOPIC = "plant/site-a/predictions"

@@ -59,7 +59,7 @@ def test_readme_by_hand_runs_as_written(tmp_path: Path) -> None:
             if (doc["model"] or {}).get("version", 0) >= 1 and line.get("version", 0) >= 1:
                 break
             time.sleep(3)
-        assert doc["model"]["verified"] and doc["model"]["version"] >= 1, json.dumps(doc, indent=1)
+        assert doc["model"]["epoch"] >= 1 and doc["model"]["version"] >= 1, json.dumps(doc, indent=1)
         assert doc["services"]["aggregator"]["state"] == "online"
         assert doc["services"]["plant-a.line"]["state"] == "online"
         assert sorted(doc["sites"]) == ["plant-a", "plant-b", "plant-c"]
