@@ -269,9 +269,9 @@ def write_aggregator(ws: Workspace, data: DemoData, t: Tuning, batches: dict[str
         "broker": {"url": ws.broker_url, "username": "aggregator", **ws.tls(),
                    "password_file": str(ws.credentials("aggregator")), "client_id": "aggregator",
                    "backoff_min_s": 0.2, "backoff_max_s": 2.0},
-        # min_sites: the default 3, or every site of a smaller bring-your-own CSV (then a version may hold a
-        # single other site's delta: the demo is for trying, not for competitors)
-        "strategy": {**strategy_table(t), "min_sites": min(3, len(data.sites))},
+        # no version from fewer than 3 distinct sites (issue 13's min_sites), or from all of a smaller federation
+        "strategy": {**strategy_table(t), "min_sites": min(3, len(data.sites)),
+                     "buffer_size": min(t.buffer_size, len(data.sites))},
         "dp": dp,
         "publish": {"retain_versions": 3, "onnx": True},
     }

@@ -90,7 +90,7 @@ def test_shortened_ai4i_demo(tmp_path):
     assert rep["updates"]["applied"] + rep["updates"]["stale_dropped"] >= 6
     assert [h["version"] for h in rep["history"]] == sorted({h["version"] for h in rep["history"]})
     assert (tmp_path / "report" / "metric_per_version.png").stat().st_size > 1000
-    assert "Must be shown" in (tmp_path / "report" / "report.md").read_text()
+    assert "## Claims" in (tmp_path / "report" / "report.md").read_text()
     study = rep["split_study"]  # the comparison repeated in-process on 2 splits, M missing its cut-off rounds
     assert study["splits"] == 2 and [r["split_seed"] for r in study["per_split"]] == [0, 1]
     first, end = study["absent_rounds"]["L2"]
