@@ -1,5 +1,6 @@
 # fedline — two commands do all set-up on a fresh machine:
 #   make demo   the whole story on one laptop (private Mosquitto, aggregator, four sites)
+#   make demo-cmapss   the same on NASA C-MAPSS FD001 (RUL regression, four plants, splits by engine)
 #   make test   the test suite (a representative set; `make test-slow` runs the soak tests)
 PY ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
@@ -7,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: venv lock sysdeps check test test-slow test-all demo bench fuzz clean
+.PHONY: venv lock sysdeps check test test-slow test-all demo demo-cmapss bench fuzz clean
 
 # Installs from the lock (requirements.lock, pip constraints) so a new release of a dependency cannot
 # break main unannounced; `make lock` rewrites it from what is installed after a deliberate upgrade.
@@ -72,6 +73,13 @@ test-all: venv sysdeps
 
 demo: venv sysdeps
 	$(BIN)/fedline demo $(DEMO_ARGS)
+
+# The second recipe: NASA C-MAPSS FD001 (data/README.md) through the bring-your-own-CSV path: four plants of
+# unequal size, remaining useful life (RUL) regression, held-out rows grouped by engine.
+CMAPSS_FEATURES := s2,s3,s4,s7,s8,s9,s11,s12,s13,s14,s15,s17,s20,s21
+demo-cmapss: venv sysdeps
+	$(BIN)/fedline demo --csv data/cmapss_fd001.csv --site-column plant --label RUL --task regression \
+	  --group-column unit --features $(CMAPSS_FEATURES) --report demo-report-cmapss $(DEMO_ARGS)
 
 bench: venv sysdeps
 	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

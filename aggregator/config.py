@@ -137,6 +137,8 @@ class StrategyConfig:
     # weigh by min(n_samples, sample_cap) / sum instead of 1/K; the cap is the aggregator's, never the claim
     sample_weighting: bool = False
     sample_cap: float = 0.0
+    # FedBuff buffers become secure-aggregation cohorts: the aggregator sees only each cohort's sum
+    secure_aggregation: bool = False
 
     def validate(self) -> None:
         if not 0.0 < self.alpha <= 1.0:
@@ -175,6 +177,24 @@ class StrategyConfig:
         if self.sample_weighting and self.sample_cap <= 0:
             raise ValueError("sample_weighting = true needs sample_cap > 0: the aggregator, not the site's claim, "
                              "bounds a weight (set it to a plant's typical rows per update)")
+        if self.secure_aggregation:
+            if self.robust != "none":
+                raise ValueError(f"robust = {self.robust!r} cannot run with secure_aggregation = true: masking hides "
+                                 "each update, so no coordinate-wise statistic can be computed (the cohort-sum norm "
+                                 "bound and client-side clipping are what remain); set robust = 'none'")
+            if self.kind != "fedbuff":
+                raise ValueError(f"secure_aggregation = true needs kind = 'fedbuff' (a buffer becomes a cohort); "
+                                 f"{self.kind!r} cannot be secure"
+                                 + (": FedAsync applies one update per version" if self.kind == "fedasync" else ""))
+            if self.norm_bound == 0:
+                raise ValueError("secure_aggregation = true needs a per-site norm bound (norm_bound > 0, or left out "
+                                 "to derive it from [dp]): it sizes the fixed-point range and bounds the cohort sum")
+            if self.sample_weighting:
+                raise ValueError("sample_weighting = true cannot run with secure_aggregation = true: a cohort's "
+                                 "members are weighed 1/K (their sample counts are claims the masked sum cannot check)")
+            if self.min_sites < 3:
+                raise ValueError(f"secure_aggregation = true needs min_sites >= 3 (a cohort of 2 reveals each "
+                                 f"member's update to the other), got {self.min_sites}")
         if self.kind == "fedasync" and self.robust != "none":
             raise ValueError(f"robust = {self.robust!r} needs several updates per reduce: "
                              "use kind = 'fedbuff' or 'fedavg' (FedAsync applies one update at a time)")
@@ -207,6 +227,25 @@ class DPConfig:
             raise ValueError("momentum must be in [0, 1)")
         if self.batch_size < 1 or self.steps < 1:
             raise ValueError("batch_size and steps must be >= 1")
+
+
+@dataclass(frozen=True)
+class SecAggConfig:
+    """Cohorts of secure aggregation (used when ``[strategy] secure_aggregation = true``).
+
+    A cohort needs ``[strategy] min_sites`` online members, and as many submissions to complete.
+    """
+
+    max_sites: int = 100  # members of one cohort (each deals n^2 shares: keep it moderate)
+    gather_s: float = 5.0  # wait this long for more online sites before a cohort smaller than all of them
+    deadline_s: float = 300.0  # members submit within this; then the survivors are announced
+    unmask_timeout_s: float = 120.0  # acks and answers within this after the deadline, or the cohort fails
+
+    def validate(self) -> None:
+        if self.max_sites < 3:
+            raise ValueError(f"max_sites must be at least 3, got {self.max_sites}")
+        if self.gather_s < 0 or self.deadline_s <= 0 or self.unmask_timeout_s <= 0:
+            raise ValueError("gather_s must be >= 0, deadline_s and unmask_timeout_s > 0")
 
 
 @dataclass(frozen=True)
@@ -243,6 +282,7 @@ class AggregatorConfig:
     broker: BrokerSettings = field(default_factory=BrokerSettings)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
     dp: DPConfig = field(default_factory=DPConfig)
     publish: PublishConfig = field(default_factory=PublishConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)

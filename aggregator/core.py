@@ -64,6 +64,7 @@ class Opened:
     detail: str | None = None
     topic_site: str | None = None
     msg_id: str | None = None  # the chunking msg id, for receipts of updates whose header is unknown
+    secagg: bool = False  # a masked cohort submission: decided by aggregator.secagg_cohort, not here
 
 
 @dataclass
@@ -187,6 +188,11 @@ class AggregatorCore:
         if topic_site is not None and op.header.site != topic_site:
             op.reason, op.detail = "schema", f"signed by {op.header.site!r} but sent on {topic_site!r}'s topic"
             op.header = None
+            return op
+        if self.cfg.strategy.secure_aggregation:  # only masked cohort submissions, no plain deltas
+            op.secagg = set(op.tensors) == {"secagg"}
+            if not op.secagg:
+                op.reason, op.detail = "secagg_required", "this federation takes masked cohort submissions only"
             return op
         try:
             op.norm = check_update(op.header, op.tensors, self.reference, self.cfg.validation, self.max_norm)
@@ -323,31 +329,39 @@ class AggregatorCore:
 
     def _reduce(self, updates: list[Accepted], last_arrived: bool = True) -> Decision:
         result = self.strategy.reduce(self.model, updates, self.momentum)
-        new_version = self.version + 1
         lineage = {"strategy": self.strategy.name, "parent": self.version,
                    "updates": [dict(u.lineage(), clip_scale=c) for u, c in zip(updates, result.clip_scales)]}
-        applied = [Verdict(u.site, u.counter, u.msg_id, "applied", None, None, new_version, u.staleness, u.weight)
-                   for u in updates]
+        applied = [Verdict(u.site, u.counter, u.msg_id, "applied", None, None, self.version + 1, u.staleness,
+                           u.weight) for u in updates]
+        receipts = self.commit(result.model, result.momentum, lineage, applied, last_arrived)
+        return Decision(receipts[-1], receipts[:-1], self.version)
+
+    def commit(self, model: State, momentum: State | None, lineage: dict[str, Any], applied: list[Verdict],
+               last_arrived: bool = True) -> list[dict[str, Any]]:
+        """Make ``model`` version + 1 with its updates' ``applied`` verdicts; returns their receipts.
+
+        The one path to a new version: the FedBuff buffer's reduce and a secure-aggregation cohort's sum.
+        """
+        new_version = self.version + 1
         self.store.commit_version(
-            new_version, envelope.encode_tensors(result.model),
-            envelope.encode_tensors(result.momentum) if result.momentum else None,
+            new_version, envelope.encode_tensors(model),
+            envelope.encode_tensors(momentum) if momentum else None,
             lineage, applied, self.cfg.aggregator.keep_checkpoints, keep_verdicts=self.cfg.aggregator.keep_verdicts)
         # committed: only now does the live state change
-        self.model, self.momentum, self.version = result.model, result.momentum, new_version
-        self.snapshot = (new_version, result.model)  # one assignment: what the publisher thread reads
+        self.model, self.momentum, self.version = model, momentum, new_version
+        self.snapshot = (new_version, model)  # one assignment: what the publisher thread reads
         self.buffer = []
         self.buffer_since = None
-        for u in updates:
-            self._decided(u.site, u.counter)
+        for v in applied:
+            self._decided(v.site, v.counter)
         self.metrics.version.set(new_version)
         self.metrics.buffer_fill.set(0)
-        for i, _ in enumerate(updates):
+        for i, _ in enumerate(applied):
             # the others arrived as "buffered"; after a timeout, all of them did
-            self.metrics.decided("applied", arrival=last_arrived and i == len(updates) - 1)
-        event(log, "model.version", version=new_version, updates=len(updates),
-              sites=sorted({u.site for u in updates}))
-        receipts = [v.receipt() for v in applied]
-        return Decision(receipts[-1], receipts[:-1], new_version)
+            self.metrics.decided("applied", arrival=last_arrived and i == len(applied) - 1)
+        event(log, "model.version", version=new_version, updates=len(applied),
+              sites=sorted({v.site for v in applied}))
+        return [v.receipt() for v in applied]
 
     def flush_due_in(self) -> float | None:
         """Seconds until the buffer times out (0: now), or None when nothing waits or there is no timeout."""

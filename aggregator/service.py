@@ -35,6 +35,7 @@ from aggregator import catchup, grants, publish
 from aggregator.config import AggregatorConfig
 from aggregator.core import AggregatorCore, Opened
 from aggregator.metrics import Metrics
+from aggregator.secagg_cohort import CohortCoordinator
 from broker_bridge.chunking import Reassembler
 from broker_bridge.client import MqttClient
 from broker_bridge.errors import ChunkError, FedlineError, TopicError
@@ -72,6 +73,7 @@ class Aggregator:
         self.metrics = metrics or Metrics()
         self._metrics_http = MetricsServer(self.metrics.registry)
         self.core: AggregatorCore | None = None
+        self.cohorts: CohortCoordinator | None = None  # secure aggregation (aggregator.secagg_cohort)
         self.client: MqttClient | None = None
         # one reassembler per site: message ids are chosen by sites, so a shared one would let one site's
         # chunks collide with (or be used to disturb) another's; each site's held bytes are capped too
@@ -115,7 +117,11 @@ class Aggregator:
             async with MqttClient(settings, will=self.liveness.will(), on_connect=self.liveness.online) as client:
                 self.client = client
                 await client.subscribe(self.topics.updates_filter(), qos=1, retain_as_published=True)
-                await client.subscribe(self.topics.status_filter(), qos=1)  # catch-up requests (aggregator.catchup)
+                # statuses: catch-up requests (aggregator.catchup) and, with secure aggregation, who is online
+                await client.subscribe(self.topics.status_filter(), qos=1)
+                if self.cfg.strategy.secure_aggregation:
+                    self.cohorts = CohortCoordinator(self.core, self.topics)
+                    await client.subscribe(self.topics.secagg_replies_filter(), qos=1)
                 await client.connected.wait()  # subscribed (re-made on every connect) before we say so
                 await self.granter.publish_grants(client)
                 self.started.set()
@@ -126,6 +132,8 @@ class Aggregator:
                          asyncio.create_task(self._publisher(client), name="agg-publisher"),
                          asyncio.create_task(self._watch_enrollment(client), name="agg-enrollment"),
                          asyncio.create_task(self._catch_up(client), name="agg-catchup")]
+                if self.cohorts is not None:
+                    tasks.append(asyncio.create_task(self._cohort_clock(client), name="agg-cohorts"))
                 stop = asyncio.create_task(self._stop.wait())
                 try:
                     done, _ = await asyncio.wait([*tasks, stop], return_when=asyncio.FIRST_COMPLETED)
@@ -163,8 +171,10 @@ class Aggregator:
                 continue
             if info.kind == "status" and info.site is not None:
                 self._on_status(info.site, msg.payload)
-                continue
             if info.kind != "update":
+                if self.cohorts is not None and info.site is not None and info.kind in ("status", "secagg_reply"):
+                    handler = self.cohorts.on_status if info.kind == "status" else self.cohorts.on_reply
+                    await self._to_cohorts(client, handler, info.site, msg.payload)
                 continue
             assert info.site is not None
             if msg.retain:  # a site parking data in the broker's store: clear it (empty retained), count it
@@ -224,6 +234,9 @@ class Aggregator:
                         continue
                 else:
                     op = await fut
+                    if op.secagg and self.cohorts is not None:
+                        await self._to_cohorts(client, self.cohorts.on_submission, op)
+                        continue
                     decision = await loop.run_in_executor(self._serial, core.decide, op)
             except Exception as exc:  # a bug or a full disk must not end intake: log loudly, keep going
                 event(log, "update.failed", level=logging.ERROR, error=repr(exc))
@@ -242,6 +255,31 @@ class Aggregator:
                     # the site resends after its timeout and gets the same verdict from the store
                     event(log, "receipt.unsent", level=logging.WARNING, site=r["site"], counter=r["counter"],
                           error=str(exc))
+
+    # -- secure-aggregation cohorts ---------------------------------------------------------
+    async def _to_cohorts(self, client: MqttClient, handler: Any, *args: Any) -> None:
+        """Run a cohort step on the serial thread (it may commit a version) and publish what it says."""
+        loop = asyncio.get_running_loop()
+        assert self.core is not None
+        version = self.core.version
+        try:
+            outgoing = await loop.run_in_executor(self._serial, handler, *args)
+        except Exception as exc:  # a bug must not end intake: log loudly, keep going
+            event(log, "secagg.failed", level=logging.ERROR, error=repr(exc))
+            return
+        if self.core.version != version:
+            self._new_version.set()
+        for o in outgoing or ():
+            try:
+                await client.publish(o.topic, o.payload, qos=1, retain=o.retain)
+            except (FedlineError, TopicError) as exc:  # receipts are resent on the site's resend; the clock retries
+                event(log, "secagg.unsent", level=logging.WARNING, topic=o.topic, error=str(exc))
+
+    async def _cohort_clock(self, client: MqttClient) -> None:
+        assert self.cohorts is not None
+        while True:
+            await self._to_cohorts(client, self.cohorts.tick)
+            await asyncio.sleep(0.5)
 
     # -- publishing ------------------------------------------------------------------------
     def _onnx(self, shared) -> bytes:

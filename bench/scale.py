@@ -17,15 +17,18 @@ The sites' outboxes live on ``/dev/shm`` by default (``--outbox-dir``): in a
 plant each site commits (``fsync``) to its own disk, while here a thousand
 would queue on one, and the bench would measure this machine's disk instead of
 the federation (measured: ~65 commits of a 400 kB update per second over all
-threads). The aggregator's store stays on disk, as deployed.
+threads). The aggregator's store stays on disk, as deployed. A thousand
+sites hold a few GB there at 100k parameters: in a container with a small
+``/dev/shm`` pass ``--outbox-dir``.
 
 Sites are spread over ``--procs`` worker processes (asyncio, one MQTT client
 per site). Each site seals at Poisson times; the offered rate is set per phase:
 
 1. **steady**: ``--rate-per-site`` (default 1 per minute) for ``--minutes``;
 2. **search**: the total rate grows by ``--step-factor`` per phase of
-   ``--step-s`` seconds until the backlog stops being flat; the highest flat
-   phase gives ``max_flat_updates_per_s``;
+   ``--step-s`` seconds until the backlog stops being flat (or, when the steady
+   rate was not flat, shrinks until it is); the highest flat phase gives
+   ``max_flat_updates_per_s``;
 3. **drain**: no new updates until every site has its receipts.
 
 Backlog = updates sealed and not yet answered by a receipt, summed over the
@@ -422,7 +425,9 @@ class Conductor:
 
         a = self.args
         sites = site_ids(a.sites)
-        self.broker = MosquittoProcess(self.root / "broker", federation=FEDERATION, sites=sites).start()
+        # the deployed default caps connections (256): a thousand sites, the aggregator and spares need more
+        self.broker = MosquittoProcess(self.root / "broker", federation=FEDERATION, sites=sites,
+                                       max_connections=a.sites + 64).start()
         self.buffer_size = a.buffer_size or buffer_size_for(a.sites)
         cfg = write_federation(self.root, a.sites, a.params, self.broker, self.buffer_size)
         env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
@@ -612,15 +617,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             phases = [c.run_phase("steady", args.rate_per_site, 60 * args.minutes)]
             steady = phases[0].summary(args.sites)
             best: dict[str, Any] | None = steady if steady["backlog_flat"] else None
-            total = max(args.search_from or 2 * args.sites * args.rate_per_site, 0.5)
-            for i in range(args.max_steps if best else 0):
-                total *= args.step_factor
-                ph = c.run_phase(f"search-{i + 1}", total / args.sites, args.step_s)
+            # up from the steady rate while the backlog stays flat; or, when the steady rate was already too much
+            # for this machine, down until it is flat (the first flat rate found is the highest)
+            up = best is not None
+            total = args.search_from or args.sites * args.rate_per_site
+            for i in range(args.max_steps):
+                total = total * args.step_factor if up else total / args.step_factor
+                ph = c.run_phase(f"{'up' if up else 'down'}-{i + 1}", total / args.sites, args.step_s)
                 phases.append(ph)
                 s = ph.summary(args.sites)
-                if not s["backlog_flat"]:
+                if s["backlog_flat"] and (up or best is None):
+                    best = s
+                if s["backlog_flat"] != up:
                     break
-                best = s
             c.set_rate(0.0)  # drain: every update sealed gets its receipt
             drain_s = c.wait(lambda: sum(r["backlog"] for r in c.latest) == 0, args.drain_timeout,
                              "the backlog drained")
@@ -661,8 +670,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--buffer-size", type=int, default=0, help="FedBuff K (default: sites / 10, at most 100)")
     ap.add_argument("--step-s", type=float, default=30.0, help="length of each search phase")
     ap.add_argument("--step-factor", type=float, default=1.6, help="rate growth from one search phase to the next")
-    ap.add_argument("--search-from", type=float, default=0.0, help="total updates/s before the first search phase "
-                                                                     "(default: twice the steady rate)")
+    ap.add_argument("--search-from", type=float, default=0.0, help="total updates/s the search starts from (default: "
+                                                                     "the steady rate)")
     ap.add_argument("--max-steps", type=int, default=12, help="search phases at most")
     ap.add_argument("--connect-timeout", type=float, default=180.0)
     ap.add_argument("--drain-timeout", type=float, default=300.0)

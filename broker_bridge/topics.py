@@ -44,7 +44,7 @@ def validate_site_id(site: object, what: str = "site id") -> str:
 class TopicInfo:
     """What a parsed topic names. Fields that do not apply are None."""
 
-    kind: str  # update | receipts | status | fedkey | service_status | manifest | weights | onnx
+    kind: str  # update | receipts | status | fedkey | service_status | manifest | weights | onnx | secagg_{cohort,survivors,request,reply}
     site: str | None = None  # for service_status: the service's broker username
     msg_id: str | None = None
     index: int | None = None
@@ -81,6 +81,28 @@ class Topics:
     def fedkey(self, site: str) -> str:
         """Where the aggregator keeps (retained) the content key sealed to ``site``."""
         return f"{self.site_root(site)}/fedkey"
+
+    def secagg_request(self, site: str) -> str:
+        """Aggregator -> one cohort member: its unmask request (secure aggregation)."""
+        return f"{self.site_root(site)}/secagg/request"
+
+    def secagg_reply(self, site: str) -> str:
+        """Cohort member -> aggregator: its acks and answers, signed and sealed."""
+        return f"{self.site_root(site)}/secagg/reply"
+
+    def secagg_replies_filter(self) -> str:
+        return f"{self.root}/sites/+/secagg/reply"
+
+    def secagg_cohort(self, cohort: str) -> str:
+        """A signed cohort announcement (retained while the cohort is open)."""
+        return f"{self.root}/secagg/cohort/{validate_site_id(cohort, 'cohort id')}"
+
+    def secagg_survivors(self, cohort: str) -> str:
+        """A signed survivors announcement (retained while the cohort is open)."""
+        return f"{self.root}/secagg/survivors/{validate_site_id(cohort, 'cohort id')}"
+
+    def secagg_filter(self) -> str:
+        return f"{self.root}/secagg/#"
 
     def status_filter(self) -> str:
         return f"{self.root}/sites/+/status"
@@ -126,6 +148,10 @@ class Topics:
                                      index=_index(parts[4]))
                 if parts[2] in ("receipts", "status", "fedkey") and len(parts) == 3:
                     return TopicInfo(parts[2], site=site)
+                if parts[2] == "secagg" and len(parts) == 4 and parts[3] in ("request", "reply"):
+                    return TopicInfo(f"secagg_{parts[3]}", site=site)
+            if parts[0] == "secagg" and len(parts) == 3 and parts[1] in ("cohort", "survivors"):
+                return TopicInfo(f"secagg_{parts[1]}", msg_id=validate_site_id(parts[2], "cohort id"))
             if parts[0] == "services" and len(parts) == 3 and parts[2] == "status":
                 return TopicInfo("service_status", site=validate_site_id(parts[1], "service user"))
             if parts[0] == "model":

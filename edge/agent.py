@@ -39,16 +39,18 @@ from broker_bridge.federation_key import Keyring, open_manifest
 from broker_bridge.keys import Enrollment, KeyPair
 from broker_bridge.topics import Topics
 from edge.config import EdgeConfig, load_edge_config, row_mapping
-from edge.dataset import Dataset
+from edge.dataset import Dataset, UnitTracker
 from edge.follow import WeightsCollector
 from edge.ledger_privacy import RecordLedger, window_group
 from edge.metrics import EdgeMetrics
 from edge.model_store import GlobalModel, ModelRefused, ModelStore, check_global_model
 from edge.outbox import Outbox, OutboxFull
+from edge.personal import Personaliser
 from edge.privacy import PrivacyBudget
+from edge.secagg_member import EdgeCohorts
 from edge.status_doc import build_status
 from edge.trainer import Plan, plan_round, train_round
-from fedline.config import ConfigError, parse
+from fedline.config import ConfigError
 from fedline.logs import event
 from models import ModelSpec, build_model, export_onnx, load_personal_state, load_shared_state
 from models.flat import personal_state, shared_state, split_names
@@ -73,7 +75,7 @@ class EdgeAgent:
             raise ConfigError(cfg.file, "keys.enrollment",
                               f"enrollment is for federation {self.enrollment.federation!r}, not {cfg.federation!r}")
         self.topics = Topics(cfg.federation, cfg.topic_prefix)
-        self.settings = parse(BrokerSettings, {"client_id": cfg.site, **cfg.broker}, file=cfg.file, where="broker")
+        self.settings = BrokerSettings.from_table(cfg.broker, cfg.file, "broker", client_id=cfg.site)
         self.mapping = row_mapping(cfg)
         self.sources = self._build_sources()
 
@@ -81,10 +83,14 @@ class EdgeAgent:
         self.metrics = EdgeMetrics(cfg.site)
         self.dataset = Dataset(data_dir / "dataset.sqlite", self.spec.input_shape,
                                None if self.spec.task == "anomaly" else self.spec.n_outputs,
-                               cfg.dataset.max_rows, cfg.dataset.holdout_fraction)
+                               cfg.dataset.max_rows, cfg.dataset.holdout_fraction, cfg.dataset.effective_split)
+        # the line's model picked among local-only / global / fine-tuned on the held-out rows (edge/personal.py)
+        self.personaliser = (Personaliser(cfg.personal, self.spec, cfg.model_seed)
+                             if cfg.personal.serve == "pick" else None)
         self.outbox = Outbox(data_dir / "outbox.sqlite", cfg.outbox.max_bytes, cfg.outbox.max_count, cfg.outbox.policy)
         self.ledger = self._open_ledger() if self.dp else None
         self.store = ModelStore(data_dir, cfg.path(cfg.model_dir))
+        self.cohorts = EdgeCohorts(self.keys, self.enrollment, self.topics, data_dir) if cfg.secure_aggregation else None
 
         template = build_model(self.spec, seed=cfg.model_seed)
         try:
@@ -170,7 +176,11 @@ class EdgeAgent:
                 "privacy_unit": "row" if g == 1 else f"raw sample (in {g} overlapping windows, group-accounted)"}
 
     def status(self, state: str = "online") -> dict[str, Any]:
-        """The retained status document (also what ``fedline status`` shows): see ``edge.status_doc``."""
+        """The retained status document (also what ``fedline status`` shows): see ``edge.status_doc``.
+
+        Which model the site serves (``personaliser.choice``) is left out: it is chosen on the site's
+        held-out rows, so it is plant data; it is in the model directory's pointer and the logs.
+        """
         depth, _ = self.outbox.depth()
         return build_status(state=state, version=self.base.version, privacy=self.privacy_status(),
                             publishing=self.publishing, outbox_depth=depth,
@@ -216,37 +226,45 @@ class EdgeAgent:
         from firmware_adapters.stream import row_stream
 
         batch: list[tuple[np.ndarray, np.ndarray | None]] = []
+        groups: list[str | None] = []  # each row's unit ([dataset] group_column): a unit is held out whole
+        units = UnitTracker(self.cfg.dataset.group_column)
 
         def failed(src: Any, exc: BaseException) -> None:  # a source must not take the agent down
             event(log, "source.failed", logging.ERROR, site=self.site, source=getattr(src, "name", "?"), error=repr(exc))
             self._error(f"source {getattr(src, 'name', '?')}: {exc}")
 
         def ended(src: Any) -> None:
-            nonlocal batch
+            nonlocal batch, groups
             if batch:
-                self._store(batch)
-                batch = []
+                self._store(batch, groups)
+                batch, groups = [], []
             if self.cfg.training.on_new_model and self._first_round_pending and self.new_rows:
                 # a source's backlog is in (e.g. a historian replay): the first round starts now rather
                 # than at the fallback timer; later rounds follow the federation's versions
                 self._trigger.set()
 
+        def seen(sample: Any) -> None:
+            self.metrics.samples.inc()
+            if units.observe(sample.values):
+                stream.builder.restart_window(sample.historical)  # a window never spans two units
+
         stream = row_stream(self.sources, self.mapping, file=self.cfg.file, on_source_error=failed,
-                            on_source_end=ended, on_sample=lambda _: self.metrics.samples.inc())
+                            on_source_end=ended, on_sample=seen)
         async for row in stream:
             if row.y is not None or self.spec.task == "anomaly":
                 batch.append(self._example(row))
+                groups.append(units.current)
             if batch and (len(batch) >= 64 or stream.pending == 0):
-                self._store(batch)
-                batch = []
+                self._store(batch, groups)
+                batch, groups = [], []
         if batch:
-            self._store(batch)
+            self._store(batch, groups)
         self.sources_done = True
         event(log, "sources.ended", site=self.site, stored=len(self.dataset), **stream.builder.stats.__dict__)
 
-    def _store(self, batch: list[tuple[np.ndarray, np.ndarray | None]]) -> None:
+    def _store(self, batch: list[tuple[np.ndarray, np.ndarray | None]], groups: list[str | None]) -> None:
         try:
-            self.dataset.add_many(batch)
+            self.dataset.add_many(batch, groups=groups)
         except sqlite3.Error as exc:  # e.g. "database or disk is full": drop these rows, keep running
             self.metrics.rows_lost.inc(len(batch))
             event(log, "dataset.write_failed", logging.ERROR, site=self.site, rows=len(batch), error=str(exc))
@@ -308,6 +326,9 @@ class EdgeAgent:
             self._set_publishing("outbox_full", outbox_depth=depth, outbox_bytes=nbytes)
             self._skip("outbox_full")
             return None
+        if self.cohorts is not None and self.cohorts.ready(self.base.version) is None:
+            self._skip("no_cohort")  # secure aggregation: one update per cohort joined, on its base
+            return None
         pending = self.outbox.unsettled_on_base(self.base.version)
         if pending >= cfg.training.max_pending_per_base:  # no budget on an update that cannot help yet
             self._skip("pending_receipt", base_version=self.base.version, pending=pending)
@@ -355,7 +376,10 @@ class EdgeAgent:
             meta["record_ledger"] = self.ledger.state_after(selection)
         header = UpdateHeader(site=self.site, counter=counter, msg_id=msg_id, base_version=base.version,
                               n_samples=len(x), privacy=privacy)
-        blob = seal_update(header, result.delta, self.keys, self.enrollment.aggregator.box_pub)
+        if self.cohorts is not None:
+            blob = self.cohorts.seal(header, result.delta)
+        else:
+            blob = seal_update(header, result.delta, self.keys, self.enrollment.aggregator.box_pub)
         try:
             dropped = await asyncio.to_thread(
                 self.outbox.put, site=self.site, counter=counter, msg_id=msg_id, base_version=base.version,
@@ -422,23 +446,34 @@ class EdgeAgent:
         """
         async with self._export_lock:
             base, personal = self.base, dict(self.personal)
+            served: dict[str, Any] | None = None
 
             def build() -> bytes:
+                nonlocal served
                 model = build_model(self.spec, seed=self.cfg.model_seed)
                 load_shared_state(model, self.spec, base.shared)
                 if personal:
                     load_personal_state(model, self.spec, personal)
+                if self.personaliser is not None:  # noise-free candidates: never sent, never trained on by DP rounds
+                    from edge.personal import build as build_params
+
+                    params, choice = self.personaliser.choose(
+                        {**base.shared, **personal}, *self.dataset.arrays(), *self.dataset.arrays(holdout=True))
+                    model, served = build_params(self.spec, params, self.cfg.model_seed), choice.to_dict()
                 return export_onnx(model, self.spec)
 
             onnx = await asyncio.to_thread(build)
             try:
                 path = await asyncio.to_thread(self.store.publish_onnx, onnx, site=self.site, version=base.version,
-                                               spec=self.spec, counter=self.outbox.last_counter())
+                                               spec=self.spec, counter=self.outbox.last_counter(), served=served)
             except OSError as exc:
                 event(log, "onnx.export_failed", logging.ERROR, site=self.site, version=base.version, error=str(exc))
                 self._error(f"ONNX export failed: {exc}")
                 return None
-        event(log, "onnx.exported", site=self.site, version=base.version, path=str(path), bytes=len(onnx))
+        event(log, "onnx.exported", site=self.site, version=base.version, path=str(path), bytes=len(onnx),
+              served=served["kind"] if served else None)
+        if served:
+            self._changed()
         return path
 
     # ------------------------------------------------------------------ sending
@@ -515,6 +550,27 @@ class EdgeAgent:
                 event(log, "model.chunk_dropped", logging.WARNING, site=self.site, topic=msg.topic, reason=str(exc))
                 return
             await self._try_adopt()
+        elif info.kind.startswith("secagg_") and self.cohorts is not None:
+            await self._on_secagg(info.kind, msg.payload)
+
+    async def _on_secagg(self, kind: str, payload: bytes) -> None:
+        """Cohort announcements start a round; survivors and requests get a sealed reply."""
+        assert self.cohorts is not None
+        if kind == "secagg_cohort":
+            if self.cohorts.on_cohort(payload):
+                self._trigger.set()  # the round runs when there are new rows (never twice on the same ones)
+            return
+        if kind == "secagg_survivors":
+            reply = self.cohorts.on_survivors(payload)
+        elif kind == "secagg_request":
+            reply = self.cohorts.on_request(payload)
+        else:
+            return
+        if reply is not None and self.client is not None:
+            try:
+                await self.client.publish(self.topics.secagg_reply(self.site), reply, qos=1)
+            except (NotConnected, PublishRefused) as exc:  # a member away now is a dropout the cohort tolerates
+                event(log, "secagg.reply_unsent", logging.WARNING, site=self.site, error=str(exc))
 
     def _on_receipt(self, payload: bytes) -> None:
         try:
@@ -616,6 +672,8 @@ class EdgeAgent:
         if self.cfg.training.on_new_model and g.version > 0:
             self._rebased = True
             self._trigger.set()
+        elif self.cohorts is not None and self.cohorts.ready(g.version) is not None:
+            self._trigger.set()  # a cohort was waiting for this base
 
     def _refuse(self, version: int | None, reason: str) -> None:
         self.metrics.models_refused.inc()
@@ -667,6 +725,8 @@ class EdgeAgent:
                 await client.subscribe(self.topics.fedkey(self.site), qos=1)
                 await client.subscribe(self.topics.manifest(), qos=1)
                 await client.subscribe(self.topics.weights_filter(), qos=1)
+                for topic in self.cohorts.subscriptions() if self.cohorts is not None else ():
+                    await client.subscribe(topic, qos=1)
                 tasks = {asyncio.create_task(c, name=f"edge:{self.site}:{n}") for n, c in [
                     ("ingest", self._ingest()), ("train", self._train_loop()), ("send", self._send_loop(client)),
                     ("receive", self._receive_loop(client)), ("status", self._status_loop(client))]}
@@ -708,6 +768,8 @@ class EdgeAgent:
         """Close the stores (after :meth:`run` has returned)."""
         self.dataset.close()
         self.outbox.close()
+        if self.cohorts is not None:
+            self.cohorts.close()
 
 
 def _r(v: float | None) -> float | None:

@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from edge.personal import PersonalConfig
 from fedline.config import ConfigError, load_toml, parse, resolve_path
 from fedline.metrics import MetricsConfig
 from models.spec import ModelSpec
@@ -65,7 +66,14 @@ class KeysConfig:
 
 @dataclass(frozen=True)
 class DatasetConfig:
-    """Bounded local store: oldest rows evicted first; a fixed share held out for evaluation."""
+    """Bounded local store: oldest rows evicted first; a fixed share held out for evaluation.
+
+    How rows are held out (:mod:`edge.dataset`): with ``group_column`` (a tag
+    naming the unit: machine, engine, batch) by unit, so a unit never straddles
+    training and validation and a window never spans two units; otherwise by
+    time (the newest rows), or at random only with ``split = "random"`` for
+    rows that are independent.
+    """
 
     max_rows: int = 50_000
     holdout_fraction: float = 0.1
@@ -73,6 +81,12 @@ class DatasetConfig:
     # per-record accounting assumes); 0 = only by its own privacy budget. ``max_rows`` stays a storage cap:
     # size it above rows/s x max_age_s, since evicting by count makes a row's rounds depend on others
     max_age_s: float = 0.0
+    split: Literal["time", "random"] = "time"
+    group_column: str | None = None
+
+    @property
+    def effective_split(self) -> Literal["time", "random", "group"]:
+        return "group" if self.group_column else self.split
 
     def validate(self) -> None:
         if self.max_age_s < 0:
@@ -81,6 +95,8 @@ class DatasetConfig:
             raise ValueError(f"max_rows must be at least 10, got {self.max_rows}")
         if not 0.0 <= self.holdout_fraction < 0.9:
             raise ValueError(f"holdout_fraction must be in [0, 0.9), got {self.holdout_fraction}")
+        if self.group_column is not None and not self.group_column.strip():
+            raise ValueError("group_column must name a tag (or be left out)")
 
 
 @dataclass(frozen=True)
@@ -200,7 +216,10 @@ class EdgeConfig:
     privacy: Literal["off"] | PrivacyConfig = field(default_factory=PrivacyConfig)
     outbox: OutboxConfig = field(default_factory=OutboxConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    personal: PersonalConfig = field(default_factory=PersonalConfig)
     status_interval_s: float = 30.0
+    # train only for secure-aggregation cohorts; send masked updates (edge.secagg_member)
+    secure_aggregation: bool = False
     model_seed: int = 0  # seed of version 0 (must match the aggregator's)
     file: str | None = None  # the file this was read from (set by load_edge_config)
 

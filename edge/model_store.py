@@ -110,14 +110,20 @@ class ModelStore:
             return None
         return {k: np.array(v, np.float32) for k, v in decode_tensors(p.read_bytes()).items()}
 
-    def publish_onnx(self, onnx: bytes, *, site: str, version: int, spec: ModelSpec, counter: int) -> Path:
+    def publish_onnx(self, onnx: bytes, *, site: str, version: int, spec: ModelSpec, counter: int,
+                     served: dict[str, Any] | None = None) -> Path:
         """Hand a personalised ONNX to the line inference, by its model-directory rules.
+
+        ``served`` (``[personal] serve = "pick"``): which candidate this is and its validation
+        metric (:class:`edge.personal.Choice`), written into ``current.json`` for the line.
 
         ``edge.inference.model_dir.publish_model`` writes an immutable
         ``v<version>-<hash>.onnx`` and then the ``current.json`` pointer naming it.
         """
         from edge.inference.model_dir import publish_model
 
+        extra = {"served": served} if served else {}
         pointer = publish_model(self.model_dir, onnx, version, site=site, local_round=counter,
-                                personalised=bool(spec.personal), spec=spec.to_dict(), created_at=time.time())
+                                personalised=bool(spec.personal) or bool(served), spec=spec.to_dict(),
+                                created_at=time.time(), **extra)
         return self.model_dir / pointer.file

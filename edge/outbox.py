@@ -61,6 +61,20 @@ CREATE TABLE IF NOT EXISTS ledger (
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
+def open_queue_db(path: str | Path, schema: str, synchronous: Literal["FULL", "NORMAL"] = "FULL") -> sqlite3.Connection:
+    """An on-disk queue's SQLite file: WAL, explicit transactions (``BEGIN IMMEDIATE`` ... ``COMMIT``),
+    usable from any thread under the caller's lock. ``FULL`` fsyncs every commit (a queued update must
+    survive a power cut); ``NORMAL`` survives a crash of the process, not of the machine. Shared by the
+    outbox and the line's prediction spool."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(p, check_same_thread=False, isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute(f"PRAGMA synchronous={synchronous}")
+    db.executescript(schema)
+    return db
+
+
 Policy = Literal["drop_oldest", "stop_training"]  # drop_oldest drops paid-for updates: counted, logged, not the default
 
 
@@ -100,15 +114,11 @@ class Outbox:
 
     def __init__(self, path: str | Path, max_bytes: int, max_count: int, policy: Policy = "stop_training") -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.max_bytes = max_bytes
         self.max_count = max_count
         self.policy = policy
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")  # a queued update must survive a power cut
-        self._db.executescript(_SCHEMA)
+        self._db = open_queue_db(self.path, _SCHEMA)
 
     def close(self) -> None:
         with self._lock:

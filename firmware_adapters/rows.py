@@ -223,6 +223,13 @@ class RowBuilder:
 
     # ----------------------------------------------------------- rows
 
+    def restart_window(self, historical: bool = False) -> None:
+        """Start the next ``window`` afresh in the lane a sample goes to (a new unit: a sequence must not
+        span two machines)."""
+        lane = self._history_lane() if historical and not self._is_history_lane else self
+        lane._window.clear()
+        lane._since_emit = lane.mapping.stride - 1
+
     def _history_lane(self) -> RowBuilder:
         if self._history is None:
             ranges, file, where = self._args
@@ -247,8 +254,7 @@ class RowBuilder:
         self.stats.samples += 1
         if not sample.good:
             self.stats.bad_samples += 1
-            self._window.clear()  # a sequence must not span a failed read or an outage
-            self._since_emit = self.mapping.stride - 1
+            self.restart_window()  # a sequence must not span a failed read or an outage
             return None
         self._state.update(sample.values)
         m = self.mapping

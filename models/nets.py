@@ -35,7 +35,7 @@ class _Standardise(nn.Module):
         self.register_buffer("scale", torch.tensor(scale, dtype=torch.float32))
 
     def fill(self, spec: ModelSpec) -> None:
-        """Set the constants again (after ``to_empty``: a model built on ``meta`` has no values yet)."""
+        """Set the constants again (a model built on ``meta`` has no values yet)."""
         n = spec.n_features
         self.mean.copy_(torch.tensor(spec.input_mean or [0.0] * n, dtype=torch.float32))
         self.scale.copy_(torch.tensor(spec.input_scale or [1.0] * n, dtype=torch.float32))
@@ -135,21 +135,41 @@ def build_model(spec: ModelSpec, seed: int = 0) -> nn.Module:
     global one): a site draws its DP noise in a worker thread while models are
     built for ONNX export; seeding or even advancing the process-global
     generator here would make that noise predictable or correlated. The
-    modules are created on the ``meta`` device (no random draws at all) and
-    then filled from ``torch.Generator().manual_seed(seed)`` with PyTorch's
+    modules are created on the ``meta`` device (no random draws at all), given
+    storage, and filled from ``torch.Generator().manual_seed(seed)`` with PyTorch's
     default schemes (Kaiming-uniform for Linear/Conv, Opacus's uniform for DPGRU).
     """
     spec.validate()
     with torch.device("meta"):
         model = _KINDS[spec.kind](spec)
-    model = model.to_empty(device="cpu")
+    _materialise(model)
     _initialise(model, spec, torch.Generator().manual_seed(seed))
     return model.float()
 
 
+def _materialise(model: nn.Module) -> None:
+    """Give every ``meta`` parameter and buffer real (uninitialised) CPU storage, in place.
+
+    Why not ``Module.to_empty``: its first call imports some 500 torch modules
+    (seconds of start-up for every process that builds a model).
+    """
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None:
+                module._parameters[name] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype), p.requires_grad)
+        for name, b in list(module._buffers.items()):
+            if b is not None:
+                module._buffers[name] = torch.empty(b.shape, dtype=b.dtype)
+
+
 def _initialise(model: nn.Module, spec: ModelSpec, gen: torch.Generator) -> None:
-    """Fill every parameter and constant buffer of a freshly ``to_empty``'d model, drawing only from ``gen``."""
-    from opacus.layers.dp_rnn import DPRNNBase
+    """Fill every parameter and constant buffer of a freshly materialised model, drawing only from ``gen``."""
+    import sys
+
+    # only a GRU model has imported Opacus's RNN layers; importing Opacus here would cost every MLP
+    # process (the aggregator) seconds of start-up
+    dp_rnn = sys.modules.get("opacus.layers.dp_rnn")
+    DPRNNBase = dp_rnn.DPRNNBase if dp_rnn is not None else ()  # noqa: N806 (a class, or nothing to match)
 
     done: set[int] = set()
     with torch.no_grad():
@@ -157,7 +177,7 @@ def _initialise(model: nn.Module, spec: ModelSpec, gen: torch.Generator) -> None
             if isinstance(module, _Standardise):
                 module.fill(spec)
             elif isinstance(module, DPRNNBase):  # as DPRNNBase.reset_parameters
-                # to_empty replaced the renamed aliases (weight_ih_l0, ...) apart from the cells' own
+                # materialising replaced the renamed aliases (weight_ih_l0, ...) apart from the cells' own
                 # parameters; tie them again, or the optimiser would see two copies of each
                 module._register_renamed_parameters()
                 bound = 1.0 / math.sqrt(module.hidden_size)

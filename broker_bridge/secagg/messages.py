@@ -106,6 +106,17 @@ def _verify_signed(
     return doc
 
 
+def _verify_site(enrollment: Enrollment, site: str, domain: bytes, plain: bytes, sig: bytes, what: str) -> None:
+    """Raise unless ``sig`` is the enrolled ``site``'s Ed25519 signature of ``plain`` in ``domain``."""
+    keys = enrollment.sites.get(site)
+    if keys is None:
+        raise SecAggError("not_member", f"{what} from {site!r}, who is not enrolled")
+    try:
+        VerifyKey(keys.sign_pub).verify(envelope.digest(plain, domain), sig)
+    except (BadSignatureError, ValueError, TypeError):
+        raise SecAggError("signature", f"{what} claimed from {site!r} is not signed by it") from None
+
+
 # --------------------------------------------------------------------------- cohort announcement
 COHORT_FIELDS = (
     "federation",
@@ -365,13 +376,7 @@ def open_bundle(
     except (CryptoError, ValueError, TypeError):
         raise SecAggError("schema", f"bundle from {dealer!r} does not open with this site's key") from None
     sig, plain = inner[:64], inner[64:]
-    keys = enrollment.sites.get(dealer)
-    if keys is None:
-        raise SecAggError("not_member", f"bundle dealer {dealer!r} is not enrolled")
-    try:
-        VerifyKey(keys.sign_pub).verify(envelope.digest(plain, _BUNDLE_DOMAIN), sig)
-    except (BadSignatureError, ValueError, TypeError):
-        raise SecAggError("signature", f"bundle claimed from {dealer!r} is not signed by it") from None
+    _verify_site(enrollment, dealer, _BUNDLE_DOMAIN, plain, sig, "bundle")
     head = 4 + 32
     if len(plain) < head + 2 or plain[:4] != _BUNDLE_MAGIC:
         raise SecAggError("schema", f"bundle from {dealer!r} is malformed")
@@ -606,3 +611,47 @@ class Answer:
             {_site(k, "dealer"): hexes(v) for k, v in doc["leaves"].items()},
             {_site(k, "dealer"): str(v)[:200] for k, v in doc["refused"].items()},
         )
+
+
+# --------------------------------------------------------------------------- member replies on the wire
+_REPLY_MAGIC, _REPLY_DOMAIN = b"FLY", b"fedline-secagg-reply-v1\x00"
+REPLY_KINDS = ("ack", "answer")
+
+
+def seal_reply(kind: str, cohort: str, body: bytes, site_keys: KeyPair, aggregator_box_pub: bytes) -> bytes:
+    """A member's ack or answer: signed by the site, sealed to the aggregator (like an update)."""
+    if kind not in REPLY_KINDS:
+        raise ValueError(f"reply kind must be one of {REPLY_KINDS}")
+    head = envelope.canonical_json({"kind": kind, "cohort": cohort, "site": site_keys.ident})
+    plain = _U32.pack(len(head)) + head + body
+    sig = site_keys.signing_key.sign(envelope.digest(plain, _REPLY_DOMAIN)).signature
+    return (
+        _REPLY_MAGIC + bytes([envelope.FORMAT_VERSION]) + SealedBox(PublicKey(aggregator_box_pub)).encrypt(sig + plain)
+    )
+
+
+def open_reply(blob: bytes, aggregator_keys: KeyPair, enrollment: Enrollment) -> tuple[str, str, str, bytes]:
+    """Open and verify a member's reply: (site, kind, cohort, body)."""
+    if len(blob) < 4 + 48 or blob[:3] != _REPLY_MAGIC or blob[3] != envelope.FORMAT_VERSION:
+        raise SecAggError("schema", "not a secure-aggregation reply (no FLY magic or another version)")
+    try:
+        inner = SealedBox(aggregator_keys.box_key).decrypt(bytes(blob[4:]))
+    except CryptoError:
+        raise SecAggError("schema", "reply does not open with this aggregator's key") from None
+    sig, plain = inner[:64], inner[64:]
+    if len(plain) < 4:
+        raise SecAggError("schema", "reply is truncated")
+    (hlen,) = _U32.unpack_from(plain, 0)
+    if 4 + hlen > len(plain):
+        raise SecAggError("schema", "reply header does not fit")
+    try:
+        head = json.loads(plain[4 : 4 + hlen])
+    except ValueError:
+        raise SecAggError("schema", "reply header is not JSON") from None
+    if not isinstance(head, dict) or set(head) != {"kind", "cohort", "site"} or head["kind"] not in REPLY_KINDS:
+        raise SecAggError("schema", "reply header must have kind (ack|answer), cohort, site")
+    site = _site(head["site"], "site")
+    _verify_site(enrollment, site, _REPLY_DOMAIN, plain, sig, "reply")
+    if not isinstance(head["cohort"], str):
+        raise SecAggError("schema", "reply cohort must be a string")
+    return site, head["kind"], head["cohort"], bytes(plain[4 + hlen :])

@@ -118,6 +118,10 @@ class OutputConfig:
     threshold: float | None = None
     qos: Literal[0, 1] = 0
     queue_max: int = 10000  # predictions waiting for the MQTT broker; oldest dropped (counted) beyond
+    # the wait happens on disk (<state_dir>/mqtt-spool.sqlite), also bounded by bytes; spool = false keeps
+    # it in memory (lost on a restart)
+    spool: bool = True
+    spool_max_mb: float = 64.0
     broker: dict[str, Any] | None = None
     # the file rotates past this size (a line PC's disk is small and the line never stops): file.1 is the
     # newest old one, up to file_keep of them; 0 = never rotate
@@ -125,6 +129,8 @@ class OutputConfig:
     file_keep: int = 5
 
     def validate(self) -> None:
+        if self.queue_max < 1 or self.spool_max_mb <= 0:
+            raise ValueError(f"need queue_max >= 1 and spool_max_mb > 0, got {self.queue_max} and {self.spool_max_mb}")
         if self.file_max_mb < 0 or self.file_keep < 1:
             raise ValueError(f"need file_max_mb >= 0 and file_keep >= 1, got {self.file_max_mb} and {self.file_keep}")
         for name in ("topic", "alarm_topic"):

@@ -5,8 +5,10 @@ Every prediction is one JSON object ``{"seq", "ts", "score", "version", "model",
 set; ``label`` only when the row had one), so the file and the MQTT payloads can
 be audited against each other and each score traced to the model version
 that produced it. The file gets every prediction. MQTT gets them through a
-bounded queue: when the plant broker is away, the oldest waiting predictions
-are dropped and counted rather than stalling the line's scoring.
+bounded queue, on disk (:class:`edge.inference.spool.PredictionSpool`) in the
+service: while the plant broker is away predictions wait there and go out in
+order on its return; beyond the bound the oldest waiting ones are dropped and
+counted rather than stalling the line's scoring.
 """
 from __future__ import annotations
 
@@ -72,7 +74,7 @@ class MqttSink:
     """Publishes each prediction (and alarms separately) from a bounded queue, in order."""
 
     def __init__(self, client: Any, topic: str | None, alarm_topic: str | None, qos: int = 0,
-                 queue_max: int = 10000) -> None:
+                 queue_max: int = 10000, spool: Any = None) -> None:
         self.client = client
         self.topic = topic
         self.alarm_topic = alarm_topic
@@ -83,16 +85,24 @@ class MqttSink:
         self.published = 0
         self.dropped = 0
         self.failed = 0
+        self.spool = spool  # a PredictionSpool: on disk, kept until published; None: in memory
 
     def put(self, records: list[dict[str, Any]]) -> int:
         """Queue records; returns how many old ones were dropped to make room."""
         dropped = 0
+        items: list[tuple[str, bytes]] = []
         for r in records:
             payload = json.dumps(r, separators=(",", ":")).encode()
             if self.topic:
-                self._queue.append((self.topic, payload))
+                items.append((self.topic, payload))
             if self.alarm_topic and r.get("alarm"):
-                self._queue.append((self.alarm_topic, payload))
+                items.append((self.alarm_topic, payload))
+        if self.spool is not None:
+            dropped = self.spool.put(items) if items else 0
+            self.dropped += dropped
+            self._wake.set()
+            return dropped
+        self._queue.extend(items)
         while len(self._queue) > self._queue_max:
             self._queue.popleft()
             dropped += 1
@@ -101,11 +111,45 @@ class MqttSink:
         return dropped
 
     def pending(self) -> int:
-        return len(self._queue)
+        return self.spool.depth()[0] if self.spool is not None else len(self._queue)
+
+    async def _run_spool(self) -> None:
+        """Publish the spool's messages in order; one leaves the spool only once published. While
+        the broker is away (NotConnected) it stays and is tried again; a refused one is skipped."""
+        from broker_bridge.errors import NotConnected, PublishRefused
+
+        while True:
+            batch = self.spool.head(64)
+            if not batch:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            done = None  # the last seq of this batch that is published (or refused): removed together
+            try:
+                for seq, topic, payload in batch:
+                    try:
+                        await self.client.publish(topic, payload, qos=self.qos)
+                        self.published += 1
+                    except PublishRefused as exc:
+                        self.failed += 1
+                        if self.failed == 1 or self.failed % 1000 == 0:
+                            event(log, "output.publish_failed", level=logging.WARNING, topic=topic,
+                                  error=str(exc), failed=self.failed)
+                    done = seq
+            except NotConnected:
+                await asyncio.sleep(0.2)  # publish waits for the link itself; this only paces retries
+            finally:
+                if done is not None:
+                    self.spool.remove_through(done)
 
     async def run(self) -> None:
-        """Publish until cancelled; a refused or unacknowledged publish is counted and skipped."""
+        """Publish until cancelled; a refused or unacknowledged publish is counted and skipped
+        (in memory), or kept and retried in order until the broker is back (with a spool)."""
         from broker_bridge.errors import FedlineError
+
+        if self.spool is not None:
+            await self._run_spool()
+            return
 
         while True:
             if not self._queue:
@@ -128,7 +172,7 @@ class MqttSink:
         """Wait (up to ``timeout``) until everything queued is published."""
         loop = asyncio.get_running_loop()
         end = loop.time() + timeout
-        while self._queue and loop.time() < end:
+        while self.pending() and loop.time() < end:
             await asyncio.sleep(0.01)
 
 
@@ -153,6 +197,9 @@ class Metrics:
                                        buckets=(1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 5e-2, float("inf")),
                                        registry=r)
         self.queue = Gauge("fedline_infer_queue_rows", "Rows waiting to be scored", registry=r)
+        self.served = Gauge("fedline_infer_served_validation_metric",
+                            "The served model's metric on its site's validation rows, by kind (local, global, "
+                            "fine_tuned; the site's [personal] serve = \"pick\")", ["kind", "metric"], registry=r)
         self.output_dropped = Counter("fedline_infer_output_dropped",
                                       "Predictions dropped from the MQTT output queue", registry=r)
 

@@ -75,6 +75,7 @@ class ServiceStats:
     batches: int = 0
     refused: Tally = field(default_factory=Tally)
     swaps: list[Swap] = field(default_factory=list)
+    served: dict[str, Any] | None = None  # the model in service: kind and validation metric (edge/personal.py)
     batch_latency: deque = field(default_factory=lambda: deque(maxlen=100_000))  # (rows, seconds)
     row_latency: deque = field(default_factory=lambda: deque(maxlen=100_000))  # queued -> emitted, s
 
@@ -189,8 +190,15 @@ class InferenceService:
             try:
                 await self._restore()
                 if out_client is not None and (cfg.output.topic or cfg.output.alarm_topic):
+                    spool = None
+                    if cfg.output.spool:
+                        from edge.inference.spool import PredictionSpool
+
+                        spool = PredictionSpool(Path(cfg.path(cfg.line.state_dir)) / "mqtt-spool.sqlite",
+                                                cfg.output.queue_max, int(cfg.output.spool_max_mb * 1024 * 1024))
+                        stack.callback(spool.close)
                     self._mqtt_out = MqttSink(out_client, cfg.output.topic, cfg.output.alarm_topic,
-                                              cfg.output.qos, cfg.output.queue_max)
+                                              cfg.output.qos, cfg.output.queue_max, spool=spool)
                     tasks.append(asyncio.create_task(self._mqtt_out.run(), name="infer:mqtt-out"))
                 tasks.append(asyncio.create_task(self._load_loop(), name="infer:loader"))
                 tasks.append(asyncio.create_task(self._rollback_poll(), name="infer:rollback"))
@@ -373,6 +381,7 @@ class InferenceService:
         self.stats.swaps.append(swap)
         self.metrics.swaps.inc()
         self.metrics.version.set(new.version)
+        self._served(new.info.meta.get("served"))
         if self._liveness is not None:  # tell the federation which version serves (no plant data)
             task = asyncio.get_running_loop().create_task(self._liveness.set_version(self._fed_client, new.version))
             self._background.add(task)
@@ -381,8 +390,22 @@ class InferenceService:
             self.metrics.swap_seconds.set(seconds)
         self.ready.set()
         event(log, "model.swapped", kind=kind, version=new.version, previous=swap.previous,
-              first_seq=swap.first_seq, swap_ms=round(seconds * 1000, 2), origin=new.info.origin)
+              first_seq=swap.first_seq, swap_ms=round(seconds * 1000, 2), origin=new.info.origin,
+              served=(self.stats.served or {}).get("kind"),
+              validation_metric=(self.stats.served or {}).get("validation_metric"))
         return swap
+
+    def _served(self, served: Any) -> None:
+        """The line's status: which candidate its site picked and that candidate's validation metric."""
+        self.metrics.served.clear()
+        if not isinstance(served, dict) or not isinstance(served.get("kind"), str):
+            self.stats.served = None
+            return
+        self.stats.served = {"kind": served["kind"], "metric": served.get("metric"),
+                             "validation_metric": served.get("validation_metric"), "reason": served.get("reason")}
+        v = served.get("validation_metric")
+        if isinstance(v, (int, float)):
+            self.metrics.served.labels(kind=served["kind"], metric=str(served.get("metric"))).set(float(v))
 
     def _serving(self) -> Serving:
         def saved(m: LoadedModel | None) -> SavedModel | None:

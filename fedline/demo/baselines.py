@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedline.demo.data import DemoData
-from fedline.demo.metrics import score
+from models.metrics import score
 from models.spec import ModelSpec
 
 
@@ -33,35 +33,20 @@ class TrainSettings:
 
 
 def train_plain(spec: ModelSpec, x: np.ndarray, y: np.ndarray, s: TrainSettings) -> dict[str, np.ndarray]:
-    """Train version 0 for ``s.epochs`` epochs without DP; returns every parameter (shared and personal)."""
-    import torch
+    """Train version 0 for ``s.epochs`` epochs without DP: the edge's own local-only candidate
+    (:func:`edge.personal.train_local_only`); returns every parameter (shared and personal)."""
+    from edge.personal import PersonalConfig, train_local_only
 
-    from edge.config import TrainingConfig
-    from edge.trainer import train_round
-    from models import build_model, shared_state
-    from models.flat import personal_state
-
-    torch.manual_seed(s.seed)
-    base = build_model(spec, seed=0)
-    cfg = TrainingConfig(epochs=s.epochs, batch_size=s.batch_size, lr=s.lr, momentum=s.momentum, seed=s.seed,
-                         threads=1)
-    result = train_round(spec, shared_state(base, spec), personal_state(base, spec) or None, x, y, cfg, None)
-    return {**result.shared, **result.personal}
+    cfg = PersonalConfig(local_epochs=s.epochs, local_lr=s.lr, momentum=s.momentum, batch_size=s.batch_size,
+                         seed=s.seed)
+    return train_local_only(spec, x, y, cfg)
 
 
 def predict(spec: ModelSpec, params: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
-    """The line's score for rows ``x`` (normalised): probability or value."""
-    import torch
+    """The line's score for rows ``x`` (normalised): probability or value (:func:`edge.personal.predict`)."""
+    from edge.personal import predict as personal_predict
 
-    from models import Scorer, build_model
-
-    model = build_model(spec, seed=0)
-    state = model.state_dict()
-    for name, arr in params.items():
-        state[name] = torch.from_numpy(np.asarray(arr, dtype=np.float32))
-    model.load_state_dict(state)
-    with torch.no_grad():
-        return Scorer(model, spec).eval()(torch.from_numpy(np.ascontiguousarray(x, np.float32))).numpy().ravel()
+    return personal_predict(spec, params, x)
 
 
 def predict_onnx(onnx_bytes: bytes, x: np.ndarray) -> np.ndarray:
@@ -86,15 +71,18 @@ def evaluate(data: DemoData, predict_fn, site_index: int) -> float:
 def local_and_central(data: DemoData, spec: ModelSpec, s: TrainSettings) -> tuple[list[float], list[float]]:
     """Metric of each site's local-only model and of the central model, on each site's held-out rows.
 
+    Every model trains on the rows the sites' edges train on (their training
+    rows less the validation rows they hold out, :meth:`DemoData.fit_rows`).
     The central model sees the pooled rows for the same number of epochs, so
     it takes as many steps as all local models together.
     """
     local: list[float] = []
+    fit = [data.fit_rows(site) for site in data.sites]  # the rows each edge trains on (not its validation rows)
     for i, site in enumerate(data.sites):
-        params = train_plain(spec, data.normalise(site.x_train), data.target(site.y_train), s)
+        params = train_plain(spec, fit[i][0], fit[i][1], s)
         local.append(evaluate(data, lambda x, p=params: predict(spec, p, x), i))
-    x_all = np.concatenate([data.normalise(s_.x_train) for s_ in data.sites])
-    y_all = np.concatenate([data.target(s_.y_train) for s_ in data.sites])
+    x_all = np.concatenate([f[0] for f in fit])
+    y_all = np.concatenate([f[1] for f in fit])
     central_params = train_plain(spec, x_all, y_all, s)
     central = [evaluate(data, lambda x: predict(spec, central_params, x), i) for i in range(len(data.sites))]
     return local, central

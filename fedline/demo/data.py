@@ -104,6 +104,11 @@ class DemoData:
     sites: list[SiteData] = field(default_factory=list)
     ranges_from_data: bool = False
     seed: int = 0
+    # how held-out rows are chosen, here (test) and at each edge (validation, edge.dataset.holdout_mask):
+    # "group" (rows of one unit together), "random" (independent rows), "time" (the newest rows)
+    split: str = "random"
+    group_column: str | None = None
+    validation_fraction: float = 0.2  # of each site's training rows: the edge's held-out rows (picks its served model)
     nominal: dict[str, tuple[float, float]] = field(default_factory=dict)  # feature -> (centre, spread), plant units
 
     def input_standardisation(self) -> tuple[list[float], list[float]]:
@@ -147,6 +152,19 @@ class DemoData:
             lo, hi = self.label_range
             pred = pred * (hi - lo) + lo
         return pred
+
+    def validation_mask(self, site: SiteData) -> np.ndarray:
+        """Which of the site's training rows its edge agent holds out (in the order the edge receives them)."""
+        from edge.dataset import holdout_mask
+
+        groups = [r[self.group_column] for r in site.train_rows] if self.group_column else None
+        return holdout_mask(len(site.train_rows), self.validation_fraction, self.split, groups)  # type: ignore[arg-type]
+
+    def fit_rows(self, site: SiteData) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``x_fit, y_fit, x_val, y_val`` of a site as its edge trains and validates: normalised inputs, targets."""
+        m = self.validation_mask(site)
+        x, y = self.normalise(site.x_train), self.target(site.y_train)
+        return x[~m], y[~m], x[m], y[m]
 
     def site(self, site_id: str) -> SiteData:
         for s in self.sites:
@@ -217,8 +235,14 @@ def _numeric_columns(columns: list[str], rows: list[dict[str, str]], skip: set[s
     return out
 
 
-def _split(n: int, y: np.ndarray, task: Task, test_fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Indices of train and test; classification is stratified so a small site keeps positives in both."""
+def _split(n: int, y: np.ndarray, task: Task, test_fraction: float, rng: np.random.Generator,
+           split: str = "random", groups: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of train and test (see :func:`load_demo_data` for the three rules)."""
+    if split == "group":
+        return _group_split(groups or [], test_fraction, rng)
+    if split == "time":
+        k = int(round(n * test_fraction))
+        return np.arange(n - k), np.arange(n - k, n)
     if task == "classification":
         test: list[int] = []
         for cls in np.unique(y):
@@ -235,6 +259,26 @@ def _split(n: int, y: np.ndarray, task: Task, test_fraction: float, rng: np.rand
     return np.flatnonzero(~mask), test_idx
 
 
+def _group_split(groups: list[str], test_fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Whole units to the test side, in a random order, until they hold ``test_fraction`` of the rows."""
+    units = list(dict.fromkeys(groups))
+    if len(units) < 3:
+        raise DemoDataError(f"a site has {len(units)} unit(s) in the group column: a grouped split needs at least 3 "
+                            "(training, validation and test units)")
+    sizes = {u: 0 for u in units}
+    for g in groups:
+        sizes[g] += 1
+    test: set[str] = set()
+    held = 0
+    for j in rng.permutation(len(units)):
+        if held >= test_fraction * len(groups) or len(test) >= len(units) - 2:
+            break
+        test.add(units[j])
+        held += sizes[units[j]]
+    mask = np.array([g in test for g in groups], dtype=bool)
+    return np.flatnonzero(~mask), np.flatnonzero(mask)
+
+
 def load_demo_data(
     csv_path: str | Path | None = None,
     *,
@@ -249,6 +293,8 @@ def load_demo_data(
     seed: int = 0,
     derived: bool = False,
     split_sites: dict[str, int] | None = None,
+    group_column: str | None = None,
+    rows_independent: bool | None = None,
 ) -> DemoData:
     """Read the CSV and cut it into sites and splits.
 
@@ -262,10 +308,18 @@ def load_demo_data(
     without noise (local-only, central) but not the DP-trained federated one.
     ``split_sites`` maps a site id to N: that site's rows become N plants
     ``<id>1 .. <id>N`` of consecutive rows in file order (see :func:`split_plants`).
+
+    Held-out rows (each site's test 20 % here, and its edge's validation
+    share of the rest) never mix what should not be mixed: with
+    ``group_column`` (a machine, engine or batch) whole units go to one side;
+    without it rows are taken as time-ordered and the last ones are held out;
+    only with ``rows_independent`` (the bundled AI4I file: one product per
+    row) is the test split random, stratified by label.
     """
     path = Path(csv_path) if csv_path is not None else AI4I_CSV
     bundled = csv_path is None
     if bundled:
+        rows_independent = True if rows_independent is None else rows_independent
         site_column = site_column or AI4I_SITE_COLUMN
         label = label or AI4I_LABEL
         features = features or list(AI4I_FEATURES)
@@ -275,18 +329,18 @@ def load_demo_data(
         raise DemoDataError("--site-column is required with --csv")
     if not label:
         raise DemoDataError("--label is required with --csv")
-    for what, col in (("site column", site_column), ("label", label)):
-        if col not in columns:
+    for what, col in (("site column", site_column), ("label", label), ("group column", group_column)):
+        if col is not None and col not in columns:
             raise DemoDataError(f"{path}: {what} {col!r} is not a column; columns are: {', '.join(columns)}")
     if features:
         missing = [f for f in features if f not in columns]
         if missing:
             raise DemoDataError(f"{path}: feature column(s) {', '.join(map(repr, missing))} not found; "
                                 f"columns are: {', '.join(columns)}")
-        if label in features or site_column in features:
-            raise DemoDataError("the label and the site column cannot also be features")
+        if label in features or site_column in features or (group_column and group_column in features):
+            raise DemoDataError("the label, the site column and the group column cannot also be features")
     else:
-        features = _numeric_columns(columns, rows, {site_column, label})
+        features = _numeric_columns(columns, rows, {site_column, label, group_column or site_column})
         if not features:
             raise DemoDataError(f"{path}: no numeric feature columns besides {site_column!r} and {label!r}")
     y_all = np.array([_float(r[label], path, i + 2, label) for i, r in enumerate(rows)])
@@ -343,14 +397,20 @@ def load_demo_data(
         pad = 0.05 * (hi - lo) if hi > lo else 1.0
         label_range = (lo - pad, hi + pad)
 
+    if group_column:
+        for i, r in enumerate(rows):
+            _float(r[group_column], path, i + 2, group_column)  # the edge reads the unit as a register/number
+    split = "group" if group_column else ("random" if rows_independent else "time")
     data = DemoData(path, columns, site_column, list(features), label, task,
                     [rng_table[f] for f in features], label_range, ranges_from_data=ranges_from_data, seed=seed,
+                    split=split, group_column=group_column,
                     nominal={**AI4I_NOMINAL, **{k: v[2] for k, v in AI4I_DERIVED.items()}} if bundled else {})
     order = sorted(groups, key=lambda s: -len(groups[s]))  # biggest first: L, M, H for AI4I
     for k, sid in enumerate(order):
         idx = np.array(groups[sid][:max_rows_per_site] if max_rows_per_site else groups[sid])
         rng = np.random.default_rng(seed * 1000 + k)
-        tr, te = _split(len(idx), y_all[idx], task, test_fraction, rng)
+        tr, te = _split(len(idx), y_all[idx], task, test_fraction, rng, split,
+                        [rows[i][group_column] for i in idx] if group_column else None)
         data.sites.append(SiteData(
             site=sid, key=keys[sid],
             train_rows=[rows[i] for i in idx[tr]], test_rows=[rows[i] for i in idx[te]],

@@ -30,6 +30,20 @@ class LoopResult:
     history: list[dict[str, np.ndarray]] = field(default_factory=list)  # global params per round (keep_params)
 
 
+def dp_round(spec: ModelSpec, glob: dict[str, np.ndarray], personal: dict[str, np.ndarray], x: np.ndarray,
+             y: np.ndarray, tcfg, privacy, budget):
+    """One site's round as its edge agent runs it: None when its privacy budget would be exceeded."""
+    from edge.trainer import plan_round, train_round
+
+    plan = plan_round(len(x), tcfg)
+    if privacy is not None and not budget.allows(plan.sample_rate, plan.steps):
+        return None
+    r = train_round(spec, glob, personal or None, x, y, tcfg, privacy)
+    if privacy is not None:
+        budget.commit(budget.state_after(plan.sample_rate, plan.steps))
+    return r
+
+
 def fedavg(data: DemoData, spec: ModelSpec, rounds: int, training, privacy=None, *, seed: int = 0,
            server_lr: float = 1.0, server_momentum: float = 0.0, evaluate_each_round: bool = True, keep_params: bool = False,
            absent: dict[str, range] | None = None) -> LoopResult:
@@ -42,7 +56,6 @@ def fedavg(data: DemoData, spec: ModelSpec, rounds: int, training, privacy=None,
     import torch
 
     from edge.privacy import PrivacyBudget
-    from edge.trainer import plan_round, train_round
     from models import build_model, shared_state
     from models.flat import personal_state
 
@@ -62,13 +75,9 @@ def fedavg(data: DemoData, spec: ModelSpec, rounds: int, training, privacy=None,
             if absent and round_no in absent.get(s.site, ()):
                 continue
             tcfg = training[s.site] if isinstance(training, dict) else training
-            plan = plan_round(len(xs[s.site]), tcfg)
-            if privacy is not None and not budgets[s.site].allows(plan.sample_rate, plan.steps):
+            r = dp_round(spec, glob, personal[s.site], xs[s.site], ys[s.site], tcfg, privacy, budgets.get(s.site))
+            if r is None:
                 continue  # its budget is spent: the site sits the round out, as its edge agent would
-            r = train_round(spec, glob, personal[s.site] or None, xs[s.site], ys[s.site], tcfg, privacy)
-            if privacy is not None:
-                b = budgets[s.site]
-                b.commit(b.state_after(plan.sample_rate, plan.steps))
             personal[s.site] = r.personal
             deltas.append(r.delta)
             weights.append(len(xs[s.site]))

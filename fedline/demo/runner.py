@@ -52,6 +52,8 @@ class DemoOptions:
     # site -> N plants of consecutive rows; None: the bundled AI4I file runs its L rows as two plants, so the
     # federation has four sites and keeps publishing from three while one is away
     split_sites: dict[str, int] | None = None
+    group_column: str | None = None  # a unit (machine, engine, batch): held-out rows are whole units
+    rows_independent: bool | None = None  # random held-out rows (default: only for the bundled AI4I file)
     report_dir: Path = Path("demo-report")
     run_dir: Path = Path(".fedline-run")
     broker: str | None = None  # an existing broker's URL
@@ -139,7 +141,8 @@ def _load_kwargs(opts: DemoOptions) -> dict[str, Any]:
     return {"csv_path": opts.csv, "site_column": opts.site_column, "label": opts.label, "features": opts.features,
             "task": opts.task, "n_sites": opts.n_sites, "max_rows_per_site": opts.max_rows_per_site,
             "split_sites": opts.split_sites if opts.split_sites is not None else
-            (AI4I_PLANTS if opts.csv is None else None)}
+            (AI4I_PLANTS if opts.csv is None else None),
+            "group_column": opts.group_column, "rows_independent": opts.rows_independent}
 
 
 def _missed_rounds(cut_state: dict, intermittent: str) -> dict[str, tuple[int, int]]:
@@ -154,7 +157,7 @@ def site_tuning(data: DemoData, opts: DemoOptions) -> dict[str, Tuning]:
     """Per-site settings: the DP batch is a fixed share of the site's rows (same sampling rate everywhere)."""
     out = {}
     for s in data.sites:
-        batch = dp_batch_size(len(s.train_rows), opts.batch_fraction)
+        batch = dp_batch_size(int((~data.validation_mask(s)).sum()), opts.batch_fraction)  # of the rows it trains on
         out[s.site] = replace(opts.tuning, batch_size=batch)
     return out
 
@@ -169,7 +172,7 @@ class Scorer:
 
     def __call__(self, onnx_bytes: bytes) -> dict[str, float]:
         from fedline.demo.baselines import predict_onnx
-        from fedline.demo.metrics import score
+        from models.metrics import score
 
         out = {}
         for s, x in zip(self.data.sites, self.inputs):
@@ -197,6 +200,10 @@ async def run_demo(opts: DemoOptions, console: Any = None) -> dict[str, Any]:
     from fedline.netproxy import TcpProxy
 
     t0 = time.time()
+    from edge.privacy_stream import demo_stream  # per-record vs global-history ε over months, computed meanwhile
+
+    long_stream = asyncio.ensure_future(asyncio.to_thread(
+        demo_stream, opts.tuning.epsilon, opts.tuning.delta, opts.tuning.noise_multiplier))
     data = load_demo_data(**_load_kwargs(opts))
     sites = [s.site for s in data.sites]
     _say(console, f"[bold]fedline demo[/]: {data.source.name}, task {data.task}, {len(sites)} sites: "
@@ -326,11 +333,13 @@ async def run_demo(opts: DemoOptions, console: Any = None) -> dict[str, Any]:
 
         report["split_study"] = await asyncio.to_thread(
             run_split_study, _load_kwargs(opts), opts.tuning, opts.batch_fraction, data.metric, opts.splits,
-            report["baseline_epochs"], _missed_rounds(cut_state, intermittent),
+            _missed_rounds(cut_state, intermittent),
             on_split=lambda seed, r: _say(console, f"  split {seed}: " + ", ".join(
-                f"{site} local-only {v['local']:.3f} federated {v['federated']:.3f}" for site, v in r.items())))
+                f"{site} local-only {v['local']:.3f} federated {v['federated']:.3f} served {v['served']:.3f} "
+                f"({v['served_kind']})" for site, v in r.items())))
     from fedline.demo.report import write_report
 
+    report["long_stream"] = await long_stream
     if spare is not None:
         report["revocation"] = spare.report()
     paths = write_report(report, opts.report_dir)
@@ -425,17 +434,16 @@ def build_report(opts: DemoOptions, data: DemoData, ws: Workspace, monitor, reco
                  intermittent: str, cut_state: dict, broker_desc: str, duration: float) -> dict[str, Any]:
     """Everything the report says, from the wire, the sites' files and the in-process baselines."""
     from fedline.demo.audit import RawRecordDetector, audit
-    from fedline.demo.baselines import TrainSettings, local_and_central
-    from fedline.demo.metrics import score
-    from fedline.demo.workspace import model_table
+    from fedline.demo.baselines import TrainSettings, local_and_central, predict_onnx
+    from fedline.demo.workspace import baseline_epochs, model_table
+    from models.metrics import score
     from models.spec import ModelSpec
 
     view = monitor.view
     t = opts.tuning
     spec_doc = model_table(data, t)
     spec = ModelSpec.from_dict({**spec_doc, "personal": []})
-    rounds = max([s.updates_sent for s in view.sites.values()] + [1])
-    base_settings = TrainSettings(epochs=max(1, t.epochs * rounds), batch_size=64, lr=0.1, momentum=0.9, seed=t.seed)
+    base_settings = TrainSettings(epochs=baseline_epochs(t), batch_size=64, lr=0.1, momentum=0.9, seed=t.seed)
     local, central = local_and_central(data, spec, base_settings)
     x_pool = np.concatenate([data.normalise(s.x_test) for s in data.sites])
     y_pool = np.concatenate([s.y_test for s in data.sites])
@@ -443,7 +451,11 @@ def build_report(opts: DemoOptions, data: DemoData, ws: Workspace, monitor, reco
     final_version = max(view.onnx) if view.onnx else None
     final_onnx = view.onnx.get(final_version) if final_version is not None else None
     fed = Scorer(data)(final_onnx) if final_onnx else {}
-    personalised = _personalised(data, ws) if t.personal_head else {}
+    served = _served(data, ws)
+    fed_pooled = None
+    if final_onnx:
+        pred = predict_onnx(final_onnx, x_pool)
+        fed_pooled = score(data.metric, y_pool, pred if data.task == "classification" else data.untarget(pred))
 
     raw = np.concatenate([np.concatenate([s.x_train, s.x_test]) for s in data.sites])
     # a record is its measured values: a leak of those alone must count (the computed ones follow from them)
@@ -461,8 +473,9 @@ def build_report(opts: DemoOptions, data: DemoData, ws: Workspace, monitor, reco
     with contextlib.suppress(Exception):
         from fedline.demo.baselines import predict, train_plain
 
-        params = train_plain(spec, np.concatenate([data.normalise(s.x_train) for s in data.sites]),
-                             np.concatenate([data.target(s.y_train) for s in data.sites]), base_settings)
+        fit = [data.fit_rows(s) for s in data.sites]
+        params = train_plain(spec, np.concatenate([f[0] for f in fit]), np.concatenate([f[1] for f in fit]),
+                             base_settings)
         pred = predict(spec, params, x_pool)
         central_pooled = score(data.metric, y_pool, pred if data.task == "classification" else data.untarget(pred))
 
@@ -482,7 +495,9 @@ def build_report(opts: DemoOptions, data: DemoData, ws: Workspace, monitor, reco
             "positives": s.positives if data.task == "classification" else None,
             "test_positives": int(np.sum(s.y_test > 0.5)) if data.task == "classification" else None,
             "metric_local": local[i], "metric_federated": fed.get(s.site),
-            "metric_personalised": personalised.get(s.site), "metric_central": central[i],
+            "metric_served": served.get(s.site, {}).get("metric"), "served_kind": served.get(s.site, {}).get("kind"),
+            "served": served.get(s.site, {}).get("choice"), "metric_central": central[i],
+            "rows_validation": int(data.validation_mask(s).sum()),
             "epsilon": st.get("epsilon"), "epsilon_budget": t.epsilon, "delta": t.delta,
             "updates_sent": snap["counter"] if snap else sv.updates_sent, "bytes_sent": sv.update_bytes,
             "updates_sealed_after_settled": (sv.updates_sent - snap["counter"]) if snap else None,
@@ -500,127 +515,20 @@ def build_report(opts: DemoOptions, data: DemoData, ws: Workspace, monitor, reco
         })
     totals = view.totals()
     cut = cut_state
-    notes = [
-        f"Data: each site's rows are split 80/20 (stratified by label for classification, seed {data.seed}); "
-        f"the 20 % is never given to any process and scores every model. Of each site's 80 %, the first "
-        f"{100 - 100 * t.live_fraction:.0f} % is the plant's history, replayed from a CSV by the edge agent's "
-        f"`csv` source at full speed, and the last {100 * t.live_fraction:.0f} % is served live by the site's "
-        f"simulated PLC (`fedline plc-sim`, Modbus TCP, its live rows spread over {t.plc_seconds:g} s) which the "
-        "edge agent and the line "
-        "inference poll. Playing 10,000 rows through a PLC at a realistic rate would take hours; the history "
-        "replay is what a plant joining a federation with an existing historian would do.",
-        "Features are normalised by engineering ranges "
-        + ("from the register map (firmware_adapters/maps/ai4i2020.toml; the PLC's computed quantities power, "
-           "temperature difference and tool strain are served as extra float32 registers after its raw tags, "
-           "see each site's plc-map.toml)" if not data.ranges_from_data else
-           "derived from the pooled file with a 5 % margin (a real deployment writes the machine's ranges into "
-           "the site file; deriving them from data leaks a little and is done here only for convenience)") + ".",
-        f"Model: MLP {len(data.features)}→{'→'.join(map(str, t.hidden))}→1"
-        + (", the head (last layer) personal: it stays at each site and the line serves global body + own head"
-           if t.personal_head else "") + ".",
-        f"Federation (tuned defaults): DP-SGD at every site with noise multiplier {t.noise_multiplier}, clip "
-        f"{t.max_grad_norm}, budget ε={t.epsilon}, δ={t.delta:g}; each site's batch is {100 * opts.batch_fraction:g} % "
-        f"of its rows (the same sampling rate everywhere, so every site's ε grows alike per round; a small "
-        f"sampling rate buys many cheap steps, which this small model needs more than low noise per step); "
-        f"SGD lr {t.lr}, momentum {t.momentum}, {t.epochs} epochs per update, "
-        + ("a round as soon as a new global version arrives (training.on_new_model: each version gets a fresh "
-           "update from every site, so ε is not spent twice on one base; this lifted the global model from about "
-           "0.88/0.82 to 0.92/0.96 ROC AUC on L/M in our runs) and otherwise every "
-           if t.on_new_model else "a round every ")
-        + f"{t.round_every_s:g} s; aggregator FedBuff K={t.buffer_size} (a buffer short of K is reduced "
-        f"{t.buffer_timeout_s:g} s after its first update: while a site is away, versions come from the others "
-        f"and none of them trains twice on one base to fill the buffer), {t.staleness} staleness weighting "
-        f"(a = {t.staleness_a:g}), max staleness {t.max_staleness}; each edge outbox holds at most 2 updates "
-        "and then stops training (policy stop_training), so a cut-off site does not spend its budget on updates "
-        "that will arrive too stale. Inputs are centred and scaled by the "
-        "machine's nominal operating point (public figures, the same at every site) where the data has one.",
-        "What was tuned, on the plain single-process loop (fedline/demo/plainloop.py, the same training code) "
-        "and then on this demo: the batch share (20 %, 10 %, 3 %) with the noise multiplier that keeps ε under "
-        "8 for about 15 rounds (2.0, 1.5, 1.0), the learning rate (0.05-3) and momentum, 1-3 epochs per update, "
-        "the hidden widths (8 to 32-32), a personal head (it did not help: its DP-trained head is noisiest at "
-        "the smallest site), server momentum (no help), the staleness weighting and cut-off (stale updates "
-        "from the cut-off site pulled the model back; a = 1 and max staleness 2 stop that), and the input "
-        "centring (the largest single gain: it lifted the global model from about 0.78 to 0.93 ROC AUC on L).",
-        "Second tuning pass (plain loop, the demo's split, training seed 0 unless said; settings were judged on "
-        "L and M and on the no-DP ceiling, H's held-out rows only read): (1) the PLC's engineering quantities as extra registers and "
-        "features for every model alike (shaft power, process-air temperature difference, tool strain = torque x "
-        "tool wear; the AI4I failure modes are thresholds on these; load_demo_data(derived=True)). Measured on H, "
-        "training seeds 0/1/2, plain loop, 15 rounds: local-only 0.939/0.911/0.893 with them against "
-        "0.907/0.916/0.926 without; DP global model 0.922/0.851/0.884 with them against 0.913/0.925/0.906 without "
-        "(federated ahead of local-only in 0 of 3 seeds with them, 2 of 3 without), so they are not in the "
-        "defaults. (2)-(4) were run with those features. (2) More training: without DP, 4 epochs per update or 30 rounds reach "
-        "0.95 on H, but with ε ≤ 8 the noise multiplier must rise (1.1 for 4 epochs x 15 rounds, 1.85 at a 10 % "
-        "batch share, 2.9 at 20 %) and every such setting stayed at 0.89-0.92 on H and 0.93-0.96 on L. (3) Smaller "
-        "models (16, 16-16), a smaller clip (0.2, 0.5) with a larger learning rate, server momentum 0.5: worse or "
-        "no better. (4) Weighting failures 5x or 10x in the loss at every site: no change for the DP model (its "
-        "per-sample clipping caps a failure's gradient anyway) while the local-only model of H overfit its 17 "
-        "training failures (0.75-0.84); rejected, since it helps the comparison only by hurting the baseline. "
-        "(5) Without the features, 4 training seeds: the DP global model reached 0.913/0.904/0.909/0.902 on H "
-        "(local-only 0.907-0.926 by seed: a tie within the noise of 4 held-out failures); averaging the iterates "
-        "of a local round (EMA 0.9/0.97) or the last 3-5 global versions did not raise it. In this multi-process "
-        "demo the global model is weaker than in the plain loop (about 0.85 on H, 0.92 on L after 15 versions, "
-        "still rising): FedBuff K=3 versions mix whichever 3 updates arrive first, and ε ≤ 8 at σ=1.0 stops "
-        "each site after about 18 updates. "
-        "(6) A wider model (64-64) for every model: plain loop, DP global model on H 0.917/0.911/0.811/0.911 "
-        "against local-only 0.897/0.878/0.895/0.889 (seeds 0-3), one demo run 0.835 against 0.894; the "
-        "local-only model of H is weaker at 64-64 than at 32-32, so adopting it would mostly weaken the "
-        "yardstick: not adopted. Two demo runs with these defaults gave 0.847 against 0.920 and 0.934 against "
-        "0.918 on H: the outcome is decided by the DP noise of the run. "
-        "Result of that pass: with ε ≤ 8 the DP-trained global model did not beat H's local-only model (trained "
-        "without noise) in our runs on this split, so the defaults were left as they were rather than tuned "
-        "until the check passes by chance; the check in this report gives this run's own outcome.",
-        "Third tuning pass (plain loop on the demo's split unless said, then this demo): (1) the clip norm. "
-        "At clip 1.0 per-sample clipping cut the failures' gradients down to the size of the normal rows' ones; "
-        "clip 3.0 with lr 0.033 (the same largest step) lifted the DP global model on every site: H over 5 "
-        "training seeds 0.934/0.909/0.915/0.912/0.884 against 0.913/0.904/0.909/0.902/0.889 at clip 1 "
-        "(local-only 0.907/0.894/0.907/0.901/0.899); clip 5 and 10 were worse, 0.03-0.3 no better. "
-        "(2) The asynchronous composition. The lineage of each version (aggregator checkpoints) showed that "
-        "while M was cut off FedBuff K=3 filled up with two updates of H or L on one base (their fallback "
-        "timer), and that the last version was three M updates on one base once L and H had spent their "
-        "budget (H fell from 0.90 to 0.85 on that version). With the aggregator's buffer_timeout_s, a 5 s "
-        "fallback timer and the bounded outbox, every version is one fresh update per live site at staleness "
-        "0, as in the plain loop; M's stale drops went from 7 to 2 and the global model from 0.92-0.93 / "
-        "0.87-0.96 to 0.93-0.94 / 0.93-0.95 on L / M. (3) Weighting each site by its rows squared (inverse "
-        "variance of its DP noise): better on M, worse on H (0.86-0.91 over 5 seeds): not adopted. (4) A "
-        "noise-free local fine-tune of the global model at each site (plain, and Ditto's proximal term with "
-        "λ 0.01-1, 5-20 epochs; it would never leave the plant): on the demo's split +0.00-0.01 on H over the "
-        "global model and a large gain on M (0.94 to 0.97), but on other splits it fell to H's local-only level "
-        "(0.80-0.87) where H's own rows are unrepresentative: not built. Outcome: on H the DP global model "
-        "and the noise-free local-only model stay within the noise of four held-out failures (three demo runs "
-        "with these defaults: 0.890, 0.893 and 0.857 against 0.923, 0.907 and 0.906; in the last one H fell "
-        "from 0.907 to 0.857 over the final five versions as L's and M's updates pulled the shared model "
-        "their way); L and M gained.",
-        "Fourth pass: (1) more training variants in the plain loop, judged over split seeds 0-2 x training "
-        "seeds 0-1 (six runs) rather than on one split: an output bias set to the prior failure rate, Adam, "
-        "tanh and ELU activations, narrower (8-8, 16, 16-16) and wider (64) models, 1 epoch x 30 rounds, "
-        "σ 1.2 x 35 rounds, the PRV accountant (σ 1.0 x 22 rounds within ε 8; it is also 5x slower per "
-        "round on the edge), the product type as an input: none beat these defaults (mean over the six runs "
-        "H 0.933, L 0.942, M 0.934). (2) The PLC used to serve 10 % of each site's training rows over 150 s, "
-        "so about a third of them reached the edge before the run ended while the baselines trained on all "
-        "of them; it now serves 5 % over 30 s. (3) Which of H's 21 failures are held out decides how good a "
-        "model trained on H's other rows can look: over split seeds 0-9 H's local-only model scores "
-        "0.64-0.99, and this demo's split (seed 0) is one of the two where it is strongest (0.907). The "
-        "federated model beats it on H in 8 of 10 splits (mean gain +0.083 with M missing the versions it "
-        "missed in a typical run, +0.106 without), while on split 0 the two tie (plain loop 0.874-0.934 by "
-        "training seed; six demo runs 0.915, 0.847, 0.907, 0.918, 0.912, 0.889 against 0.906-0.907). So the demo now runs the split "
-        "study after the federation and reports both: this run's comparison and the study's.",
-        f"Baselines (no DP, in-process, the edge agent's own training code): local-only and central use batch 64, "
-        f"SGD lr 0.1 momentum 0.9 (a good non-private setting) for {base_settings.epochs} epochs, the number of "
-        "epochs the busiest site spent in the federation.",
-        f"Intermittent site {intermittent}: its link to the broker (a TCP proxy) was cut at {cut.get('cut_at')} s "
-        f"and restored at {cut.get('restored_at')} s (global versions {cut.get('version_at_cut')} to "
-        f"{cut.get('version_at_restore')} were made without it); its agent kept training into its outbox "
-        f"meanwhile and sent the backlog on reconnect, where the aggregator weighted it down by staleness "
-        f"(or dropped it, with a signed 'stale' receipt, past max staleness).",
-        f"Broker: {broker_desc}.",
-    ]
+    from fedline.demo.notes import run_notes
+
+    notes = run_notes(data, t, opts.batch_fraction, tunings, intermittent, cut_state, broker_desc)
     return {
         "task": data.task, "metric": data.metric,
-        "data": {"source": str(data.source), "label": data.label, "features": data.features,
+        "load": {k: v for k, v in _load_kwargs(opts).items() if k != "csv_path"},  # load_demo_data's choices
+        "data": {"source": str(Path(data.source).resolve()), "label": data.label, "features": data.features,
                  "site_column": data.site_column, "ranges_from_data": data.ranges_from_data},
         "sites": site_docs,
         "metric_central": central_pooled,
         "metric_central_note": "central model (pooled training rows, no DP) on the pooled held-out rows",
+        "metric_federated_pooled": fed_pooled,
+        "metric_federated_pooled_note": "the last global model on the pooled held-out rows",
+        "label_std_pooled": float(np.std(y_pool)) if data.task == "regression" else None,
         "updates": {"applied": totals["applied"], "stale_dropped": totals["stale"], "rejected": totals["rejected"],
                     "buffered_pending": totals["buffered"]},
         "model_versions": view.version,
@@ -638,23 +546,28 @@ def build_report(opts: DemoOptions, data: DemoData, ws: Workspace, monitor, reco
     }
 
 
-def _personalised(data: DemoData, ws: Workspace) -> dict[str, float]:
-    """Each site's own ONNX (global body + its head) from its model dir, on its held-out rows."""
+def _served(data: DemoData, ws: Workspace) -> dict[str, dict[str, Any]]:
+    """What each line serves: the ONNX its site's model directory points at, scored on that site's test rows."""
     from edge.inference.model_dir import read_model, read_pointer
     from fedline.demo.baselines import predict_onnx
-    from fedline.demo.metrics import score
+    from models.metrics import score
 
-    out = {}
+    out: dict[str, dict[str, Any]] = {}
     for s in data.sites:
+        d = ws.site_dir(s.site) / "models"
         try:
-            ptr = read_pointer(ws.site_dir(s.site) / "models")
-            blob = read_model(ws.site_dir(s.site) / "models", ptr) if ptr else None
-        except Exception:
-            blob = None
-        if not blob:
+            ptr = read_pointer(d)
+            blob = read_model(d, ptr) if ptr else None
+        except Exception as exc:  # reported as missing; the report says which site
+            log.warning("site %s: no served model readable in %s: %s", s.site, d, exc)
+            continue
+        if not blob or ptr is None:
             continue
         pred = predict_onnx(blob, data.normalise(s.x_test))
-        out[s.site] = score(data.metric, s.y_test, pred if data.task == "classification" else data.untarget(pred))
+        choice = ptr.meta.get("served") if isinstance(ptr.meta.get("served"), dict) else None
+        out[s.site] = {"metric": score(data.metric, s.y_test, pred if data.task == "classification"
+                                       else data.untarget(pred)),
+                       "kind": choice.get("kind") if choice else "global", "choice": choice, "version": ptr.version}
     return out
 
 

@@ -10,13 +10,16 @@ local-only model scores 0.91, among the highest of ten splits (0.64-0.99).
 
 So after the multi-process run the demo repeats the comparison in-process, on
 split seeds 0..K-1 of the same file (seed 0 is the demo's own split), with the
-same training code, DP settings and number of rounds (the plain synchronous
-loop, :func:`fedline.demo.plainloop.fedavg`, with the demo's batch share,
-σ, clip, learning rate and budget; a site whose budget would be exceeded sits
-the round out, as its edge agent would; the run's cut-off site misses as
-many rounds as it missed versions) and the same local-only yardstick. It
-reports per site how often the federated model wins, the mean paired gain
-and a one-sided sign test. Splits run in parallel worker processes.
+demo's own federation (:func:`fedline.demo.bufferloop.run_buffered`: the
+edge's DP-SGD rounds with the demo's batch share, σ, clip, learning rate and
+budget, reduced by the aggregator's strategy object with the demo's
+``[strategy]`` table; the run's cut-off site misses the versions it missed),
+each edge's served model picked by the edge's own code
+(:class:`edge.personal.Personaliser`) on the rows that edge holds out
+(:meth:`fedline.demo.data.DemoData.fit_rows`), and the same local-only
+yardstick. It reports per site how often the federated and the served model
+beat local-only, the mean paired gains and one-sided sign tests. Splits run
+in parallel worker processes.
 """
 from __future__ import annotations
 
@@ -30,38 +33,50 @@ from typing import Any
 
 import numpy as np
 
-from fedline.demo.metrics import better
+from models.metrics import better
 
 
 def _one_split(load_kwargs: dict[str, Any], split_seed: int, tuning: dict[str, Any], batch_fraction: float,
-               baseline_epochs: int, absent: dict[str, list[int]]) -> dict[str, dict[str, float]]:
-    """Federated (plain loop, DP) and local-only metric of every site on one split."""
+               absent: dict[str, list[int]]) -> dict[str, dict[str, Any]]:
+    """Local-only, federated (global) and served metric of every site on one split."""
     import torch
 
     from edge.config import PrivacyConfig, TrainingConfig
+    from edge.personal import PersonalConfig, Personaliser
+    from fedline.config import parse
     from fedline.demo.baselines import TrainSettings, evaluate, predict, train_plain
+    from fedline.demo.bufferloop import run_buffered
     from fedline.demo.data import load_demo_data
-    from fedline.demo.plainloop import fedavg
-    from fedline.demo.workspace import Tuning, dp_batch_size, model_table
+    from fedline.demo.workspace import Tuning, baseline_epochs, dp_batch_size, model_table, personal_table, strategy_table
     from models.spec import ModelSpec
 
     torch.set_num_threads(1)
     t = Tuning(**{**tuning, "hidden": tuple(tuning["hidden"])})
     data = load_demo_data(**load_kwargs, seed=split_seed)
     spec = ModelSpec.from_dict({**model_table(data, t), "personal": []})
-    training = {s.site: TrainingConfig(epochs=t.epochs, batch_size=dp_batch_size(len(s.train_rows), batch_fraction),
+    fit = {s.site: data.fit_rows(s) for s in data.sites}  # what each edge trains on and validates with
+    training = {s.site: TrainingConfig(epochs=t.epochs, batch_size=dp_batch_size(len(fit[s.site][0]), batch_fraction),
                                        lr=t.lr, momentum=t.momentum, threads=1, seed=t.seed) for s in data.sites}
     privacy = PrivacyConfig(epsilon=t.epsilon, delta=t.delta, noise_multiplier=t.noise_multiplier,
                             max_grad_norm=t.max_grad_norm)
-    fed = fedavg(data, spec, t.versions, training, privacy, seed=t.seed, server_lr=t.server_lr,
-                 evaluate_each_round=False, absent={k: range(*v) for k, v in absent.items()})
-    base = TrainSettings(epochs=baseline_epochs, batch_size=64, lr=0.1, momentum=0.9, seed=t.seed)
-    out: dict[str, dict[str, float]] = {}
+    fed = run_buffered(spec, {k: v[0] for k, v in fit.items()}, {k: v[1] for k, v in fit.items()}, t.versions,
+                       training, privacy, strategy_table(t), seed=t.seed + split_seed,
+                       absent={k: range(*v) for k, v in absent.items()})
+    base = TrainSettings(epochs=baseline_epochs(t), batch_size=64, lr=0.1, momentum=0.9, seed=t.seed)
+    pcfg = parse(PersonalConfig, personal_table(t), where="personal")
+    out: dict[str, dict[str, Any]] = {}
     for i, s in enumerate(data.sites):
-        local = train_plain(spec, data.normalise(s.x_train), data.target(s.y_train), base)
+        x, y, xv, yv = fit[s.site]
+        local = train_plain(spec, x, y, base)
+        p = Personaliser(pcfg, spec)
+        p.local, p.local_rows = local, len(x)  # the same model (same code, settings and rows) the edge would train
+        served, choice = p.choose({**fed.params, **fed.personal[s.site]}, x, y, xv, yv)
         out[s.site] = {
-            "local": evaluate(data, lambda x, p=local: predict(spec, p, x), i),
-            "federated": evaluate(data, lambda x: predict(spec, fed.params, x), i),
+            "local": evaluate(data, lambda z, q=local: predict(spec, q, z), i),
+            "federated": evaluate(data, lambda z: predict(spec, fed.params, z), i),
+            "served": evaluate(data, lambda z, q=served: predict(spec, q, z), i),
+            "served_kind": choice.kind,
+            "validation": choice.to_dict()["candidates"],  # what the pick saw (on the validation rows)
             "epsilon": fed.epsilon.get(s.site, 0.0),
         }
     return out
@@ -83,24 +98,34 @@ def summarise(metric: str, per_split: list[dict[str, dict[str, float]]]) -> dict
         sign = 1.0 if metric == "roc_auc" else -1.0
         gains = [sign * (f - loc) for f, loc in pairs]
         wins = sum(better(metric, f, loc) for f, loc in pairs)
+        served = [(r[site]["served"], r[site]["local"]) for r in per_split
+                  if site in r and r[site].get("served") is not None
+                  and all(math.isfinite(v) for v in (r[site]["served"], r[site]["local"]))]
+        served_wins = sum(better(metric, v, loc) for v, loc in served)
+        kinds = [r[site].get("served_kind") for r in per_split if site in r and r[site].get("served_kind")]
         sites[site] = {
             "splits": len(pairs), "federated_wins": wins,
             "mean_local": float(np.mean([loc for _, loc in pairs])) if pairs else math.nan,
             "mean_federated": float(np.mean([f for f, _ in pairs])) if pairs else math.nan,
             "mean_gain": float(np.mean(gains)) if gains else math.nan,
             "sign_test_p": sign_test_p(wins, len(pairs)),
+            # the model the line serves (edge/personal.py) against local-only, paired by split
+            "served_wins": served_wins,
+            "mean_served": float(np.mean([v for v, _ in served])) if served else math.nan,
+            "mean_gain_served": float(np.mean([sign * (v - loc) for v, loc in served])) if served else math.nan,
+            "served_sign_test_p": sign_test_p(served_wins, len(served)),
+            "served_kinds": {k: kinds.count(k) for k in sorted(set(kinds))},
         }
     return sites
 
 
 def run_split_study(load_kwargs: dict[str, Any], tuning, batch_fraction: float, metric: str, k: int,
-                    baseline_epochs: int, absent: dict[str, tuple[int, int]] | None = None,
+                    absent: dict[str, tuple[int, int]] | None = None,
                     workers: int | None = None,
                     on_split: Callable[[int, dict[str, dict[str, float]]], None] | None = None) -> dict[str, Any]:
     """The comparison on split seeds ``0..k-1``; ``load_kwargs`` are :func:`load_demo_data`'s (without seed).
 
-    ``baseline_epochs`` is the run's local-only training length (the epochs
-    its busiest site spent). ``absent`` maps a site to the rounds ``(first,
+    ``absent`` maps a site to the rounds ``(first,
     end)`` it misses in every split: the run's cut-off site misses the
     versions made without it. ``on_split(seed, result)`` is called as each
     split finishes (progress for the terminal: the study takes about a minute).
@@ -110,7 +135,7 @@ def run_split_study(load_kwargs: dict[str, Any], tuning, batch_fraction: float, 
     t = asdict(tuning)
     results: dict[int, dict[str, dict[str, float]]] = {}
     with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-        futures = {pool.submit(_one_split, load_kwargs, seed, t, batch_fraction, baseline_epochs, absent): seed
+        futures = {pool.submit(_one_split, load_kwargs, seed, t, batch_fraction, absent): seed
                    for seed in range(k)}
         for fut in as_completed(futures):
             results[futures[fut]] = fut.result()
@@ -119,8 +144,10 @@ def run_split_study(load_kwargs: dict[str, Any], tuning, batch_fraction: float, 
     per_split = [results[seed] for seed in range(k)]
     return {
         "splits": k, "split_seeds": list(range(k)),
-        "method": "the plain synchronous loop (the demo's training code, DP settings and rounds; the cut-off "
-                  "site misses the versions it missed in the run) against the report's local-only training",
+        "method": "the demo's federation in one process (fedline/demo/bufferloop.py: the edge's DP-SGD rounds, "
+                  "the aggregator's own strategy object and settings, the cut-off site missing the versions it "
+                  "missed in the run), each site's served model picked by the edge's own code on its validation "
+                  "rows, against the report's local-only training",
         "absent_rounds": {site: list(v) for site, v in absent.items()},
         "per_split": [{"split_seed": i, "sites": r} for i, r in enumerate(per_split)],
         "sites": summarise(metric, per_split),

@@ -40,7 +40,8 @@ async def test_kill9_mid_buffer_over_mosquitto_then_status(mosquitto, tmp_path):
     log = tmp_path / "aggregator.log"
     proc = start(conf, log)
     try:
-        await read_manifest(mosquitto, fed, 0)  # the aggregator is up (and subscribed) once version 0 is out
+        # the aggregator is up (and subscribed) once version 0 is out; its start imports torch: slow when loaded
+        await read_manifest(mosquitto, fed, 0, timeout=120)
         async with Site(fed, mosquitto, "site-a") as a, Site(fed, mosquitto, "site-b") as b, \
                 Site(fed, mosquitto, "site-c") as c:
             sites = {"site-a": a, "site-b": b, "site-c": c}
@@ -79,7 +80,7 @@ async def test_kill9_mid_buffer_over_mosquitto_then_status(mosquitto, tmp_path):
 
             want = final_verdicts[id(fed)]
             await eventually(lambda: last() == want, 10)
-        manifest, weights, _ = await read_manifest(mosquitto, fed, v)
+        manifest, weights, _ = await read_manifest(mosquitto, fed, v, timeout=120)
         assert manifest["version"] == v
         for k in ref_model:
             np.testing.assert_array_equal(weights[k], ref_model[k])

@@ -91,11 +91,11 @@ async def test_revoked_site_reads_nothing_published_after_and_retained_updates_a
             assert set(keyring) == {1}
 
             # revoke site-d: `fedline keys revoke` edits the enrollment file; the running aggregator takes it
+            n_at_revocation = len(d_view.messages)  # no version is made until the updates below
             enr = fed.enrollment
             enr.revoke("site-d")
             enr.save(fed.root / "enrollment.json")
             await eventually(lambda: agg.granter.epoch.number == 2, 20)
-            n_at_revocation = len(d_view.messages)
 
             rng = np.random.default_rng(3)
             a, b, c, d = (Party(broker, s, agg_pub, "test", keys=fed.sites[s]) for s in SITES)

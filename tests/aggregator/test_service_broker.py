@@ -28,9 +28,10 @@ def Site(fed, broker, site: str) -> Party:
     return Party(broker, site, fed.agg.public().sign_pub, "test", 4096, keys=fed.sites[site])
 
 
-async def read_manifest(broker, fed, min_version: int) -> tuple[dict, dict[str, np.ndarray], bytes]:
+async def read_manifest(broker, fed, min_version: int, timeout: float = 20.0) -> tuple[dict, dict[str, np.ndarray], bytes]:
     """What an edge does: its key grant, the sealed manifest, then the chunks it names, decrypted and verified."""
-    return await read_model(broker, Topics("test"), fed.sites["site-a"], fed.agg.public().sign_pub, min_version)
+    return await read_model(broker, Topics("test"), fed.sites["site-a"], fed.agg.public().sign_pub, min_version,
+                            timeout)
 
 
 async def retained_versions(broker) -> set[int]:

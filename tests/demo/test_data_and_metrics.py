@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fedline.demo.data import DemoDataError, ai4i_plc_map, hash_bucket, load_demo_data, site_id_for
-from fedline.demo.metrics import better, rmse, roc_auc
+from models.metrics import better, rmse, roc_auc
 
 
 def test_ai4i_sites_are_the_product_types_with_their_row_and_failure_counts():

@@ -8,41 +8,16 @@ dataset's own hash). The agent tests use the real SQLite dataset and outbox.
 from __future__ import annotations
 
 import functools
-import math
 
-import numpy as np
 import pytest
 
 from edge.config import PrivacyConfig, TrainingConfig
 from edge.dataset import _is_holdout
 from edge.ledger_privacy import RecordLedger, group_cost, window_group
+from edge.privacy_stream import StreamIndex, simulate_stream
 from edge.trainer import plan_round
 
 DELTA = 1e-5
-
-
-class StreamIndex:
-    """Row ``i`` stored at ``ts = i`` seconds (1 Hz); a share held out by the dataset's own hash of the id."""
-
-    def __init__(self, n_max: int, holdout_fraction: float) -> None:
-        ids = np.arange(n_max + 1, dtype=np.int64)
-        train = ((ids * 2654435761) % 2**32) / 2**32 >= holdout_fraction
-        train[0] = False
-        assert all(bool(train[i]) == (not _is_holdout(i, holdout_fraction)) for i in range(1, 500))
-        self.training = train
-        self.cum = np.concatenate([[0], np.cumsum(train)])
-        self.now = 0
-
-    def last_id(self) -> int:
-        return self.now
-
-    def first_id_since(self, ts: float) -> int | None:
-        i = max(1, math.ceil(ts))
-        return i if i <= self.now else None
-
-    def count_training(self, lo: int, hi: int) -> int:
-        hi = min(hi, self.now)
-        return 0 if hi < lo else int(self.cum[hi + 1] - self.cum[lo])
 
 
 def _plan(batch: int):
@@ -216,3 +191,30 @@ def test_participation_cap_and_state_survive_a_restart() -> None:
         RecordLedger(cfg, group=4, state_json=state)
     with pytest.raises(ValueError, match="rdp"):
         RecordLedger(PrivacyConfig(accountant="prv"))
+
+
+def test_stream_index_holds_out_what_the_dataset_holds_out() -> None:
+    index = StreamIndex(2000, holdout_fraction=0.1)
+    index.now = 2000
+    assert all(bool(index.training[i]) == (not _is_holdout(i, 0.1)) for i in range(1, 2001))
+    assert index.count_training(1, 2000) == sum(not _is_holdout(i, 0.1) for i in range(1, 2001))
+    assert index.first_id_since(1500.5) == 1501 and index.first_id_since(2500) is None
+
+
+def test_simulated_stream_report_for_the_demo() -> None:
+    """The demo's long-stream figures: per-record ε flat within budget, the global accountant's stop round."""
+    rep = simulate_stream(PrivacyConfig(epsilon=4.5, delta=DELTA), batch_size=64, rounds=200)
+    assert rep.global_stops_at_round is not None and rep.global_stops_at_round < 200
+    assert rep.global_epsilon > 4.5 >= rep.per_record_epsilon == rep.per_record_epsilon_at_half > 0
+
+
+def test_demo_stream_extension_equals_the_full_simulation() -> None:
+    """The demo's cheap long stream (150 rounds simulated, then the steady round's RDP added) gives the
+    same figures as running every round through the ledger."""
+    from edge.privacy_stream import demo_stream
+
+    cheap = demo_stream(4.5, DELTA, 1.0, rounds=260, simulated=120)
+    full = demo_stream(4.5, DELTA, 1.0, rounds=260, simulated=260)
+    assert cheap["global_stops_at_round"] == full["global_stops_at_round"] is not None
+    assert cheap["global_epsilon"] == pytest.approx(full["global_epsilon"], abs=1e-9)
+    assert cheap["per_record_epsilon"] == full["per_record_epsilon"] <= 4.5

@@ -150,9 +150,9 @@ async def run(workdir: Path, attack: str | None, loops: int, extra: str = "", da
     from aggregator.service import Aggregator
     from broker_bridge import envelope
     from broker_bridge.envelope import UpdateHeader
-    from broker_bridge.keys import Enrollment, KeyPair
     from broker_bridge.mosquitto import MosquittoProcess
     from tests.conftest import eventually
+    from tests.hostile.rig import make_fed
     from tests.parties import Party
 
     data = data or load_data()
@@ -160,13 +160,8 @@ async def run(workdir: Path, attack: str | None, loops: int, extra: str = "", da
     sites = [*HONEST, ATTACKER]
     broker = MosquittoProcess(workdir / "broker", federation=FEDERATION, sites=sites)
     broker.start()
-    agg_keys = KeyPair.generate("aggregator", "aggregator")
-    agg_keys.save(workdir / "aggregator.key")
-    enr = Enrollment(FEDERATION, agg_keys.public())
-    keys = {s: KeyPair.generate("site", s) for s in sites}
-    for kp in keys.values():
-        enr.add(kp.public())
-    enr.save(workdir / "enrollment.json")
+    fed = make_fed(workdir, sites, outsiders=())  # keys, aggregator.key, enrollment.json
+    agg_keys, keys = fed.agg, fed.sites
     (workdir / "aggregator.toml").write_text(
         f'[aggregator]\nfederation = "{FEDERATION}"\nkey_file = "aggregator.key"\n'
         f'enrollment_file = "enrollment.json"\nstate_dir = "state"\nseed = 3\n'

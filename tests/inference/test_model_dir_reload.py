@@ -218,3 +218,25 @@ async def test_a_malformed_row_is_emitted_unscored_and_the_rest_of_its_batch_is_
     for i, p in enumerate(preds):
         if i != 50:
             assert abs(p["score"] - linear_score(TRUE_W, TRUE_B, xs[i])) < 1e-5
+
+
+async def test_the_line_reports_which_model_its_site_picked(tmp_path: Path) -> None:
+    """The served kind and validation metric the edge writes into current.json become the line's status."""
+    models = tmp_path / "models"
+    publish_model(models, linear_onnx(TRUE_W, TRUE_B), 1)  # no pick: nothing to report
+    cfg = make_config(tmp_path, {"canary": {"min_rows": 16, "margin": 0.05}})
+    service = InferenceService(cfg, rows=RowStream(seed=4))
+    task = await start(service)
+    try:
+        await eventually(lambda: service.current_version() == 1)
+        assert service.stats.served is None
+        served = {"kind": "fine_tuned", "metric": "roc_auc", "validation_metric": 0.9312, "reason": "too small"}
+        publish_model(models, linear_onnx(TRUE_W * 1.1, TRUE_B), 2, served=served)
+        await eventually(lambda: service.current_version() == 2)
+        assert service.stats.served == served
+        text = service.metrics.registry.get_sample_value(
+            "fedline_infer_served_validation_metric", {"kind": "fine_tuned", "metric": "roc_auc"})
+        assert text == 0.9312
+    finally:
+        service.stop()
+        await asyncio.wait_for(task, 30)

@@ -19,7 +19,13 @@ from fedline.netproxy import TcpProxy
 from tests.aggregator.helpers import make_federation
 from tests.conftest import eventually, settings_for
 from tests.inference.conftest import Aggregator as FakeAggregator
-from tests.inference.conftest import RowStream, aggregator_keys, broker_table, make_config  # noqa: F401 (fixture)
+from tests.inference.conftest import (  # noqa: F401 (fixtures used by name)
+    RowStream,
+    aggregator_keys,
+    broker_table,
+    make_config,
+    site_keys,
+)
 from tests.inference.onnx_models import linear_onnx
 
 T = Topics("test")
@@ -33,7 +39,7 @@ class Watch:
         self.latest: dict[str, dict] = {}
         self._task: asyncio.Task | None = None
 
-    async def __aenter__(self) -> "Watch":
+    async def __aenter__(self) -> Watch:
         await self.client.__aenter__()
         await self.client.subscribe(T.service_status_filter())
 
@@ -54,16 +60,17 @@ class Watch:
         return self.latest.get(user, {})
 
 
-async def test_line_liveness_and_will(tmp_path, mosquitto, aggregator_keys: KeyPair) -> None:
+async def test_line_liveness_and_will(tmp_path, mosquitto, aggregator_keys: KeyPair, site_keys: KeyPair) -> None:
     proxy = await TcpProxy(mosquitto.tls_port).start()
     line_settings = replace(settings_for(mosquitto, "site-a.line"), url=proxy.url.replace("mqtt:", "mqtts:"))
-    cfg = make_config(tmp_path, {"model_source": "manifest", "aggregator_key": "aggregator.pub"},
+    # the line user site-a.line reads its site's key grant (the models are sealed to the members)
+    cfg = make_config(tmp_path, {"model_source": "manifest", "aggregator_key": "aggregator.pub", "site_key": "site-a.key"},
                       broker=broker_table(line_settings))
     stream = RowStream(seed=3, labelled=False)
     service = InferenceService(cfg, rows=stream)
     async with Watch(mosquitto) as watch, MqttClient(settings_for(mosquitto, "aggregator")) as agg_client:
         task = asyncio.create_task(service.run())
-        await FakeAggregator(agg_client, aggregator_keys).publish(1, linear_onnx([1.0, 0.0, 0.0, 0.0], 0.0))
+        await FakeAggregator(agg_client, aggregator_keys, site_keys).publish(1, linear_onnx([1.0, 0.0, 0.0, 0.0], 0.0))
         await eventually(lambda: watch.state("site-a.line") == {"service": "line", "state": "online", "version": 1}, 20)
         proxy.cut()  # the broker loses the line's connection: it publishes the will
         await eventually(lambda: watch.state("site-a.line").get("reason") == "connection lost", 20)
@@ -85,7 +92,7 @@ async def test_aggregator_liveness_and_will(tmp_path, mosquitto) -> None:
     agg = Aggregator(fed.config(broker=table))
     async with Watch(mosquitto) as watch:
         task = asyncio.create_task(agg.run())
-        await eventually(lambda: watch.state("aggregator").get("version") == 0, 30)
+        await eventually(lambda: watch.state("aggregator").get("version") == 0, 120)
         assert watch.state("aggregator") == {"service": "aggregator", "state": "online", "version": 0}
         proxy.cut()
         await eventually(lambda: watch.state("aggregator").get("reason") == "connection lost", 20)

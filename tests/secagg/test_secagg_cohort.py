@@ -1,0 +1,131 @@
+"""The aggregator's cohort coordinator on a real AggregatorCore (SQLite on disk) with real members:
+failures end with signed receipts that say so, hostile replies are refused, a complete cohort
+becomes the next version."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+
+from aggregator.core import AggregatorCore
+from aggregator.secagg_cohort import CohortCoordinator, Outgoing
+from broker_bridge.envelope import UpdateHeader, verify_receipt
+from broker_bridge.secagg import messages as m
+from broker_bridge.topics import Topics
+from edge.secagg_member import EdgeCohorts
+from tests.aggregator.helpers import make_federation
+
+SITES = ["site-a", "site-b", "site-c", "site-d"]
+STRATEGY = 'kind = "fedbuff"\nsecure_aggregation = true\nnorm_bound = 2.0\nmin_sites = 3'
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def rig(tmp_path):
+    fed = make_federation(tmp_path, SITES)
+    core = AggregatorCore(fed.config(strategy=STRATEGY, extra="[secagg]\ngather_s = 0.0\ndeadline_s = 30.0"))
+    topics = Topics("test")
+    clock = Clock()
+    coord = CohortCoordinator(core, topics, clock)
+    members = {s: EdgeCohorts(fed.sites[s], fed.enrollment, topics, tmp_path / s) for s in SITES}
+    yield fed, core, coord, members, clock, topics
+    core.close()
+    for mem in members.values():
+        mem.close()
+
+
+def receipts(out: list[Outgoing], fed) -> dict[str, dict]:
+    docs = {}
+    for o in out:
+        if o.topic.endswith("/receipts"):
+            doc = verify_receipt(o.payload, fed.agg.public().sign_pub)
+            docs[doc["site"]] = doc
+    return docs
+
+
+def submit(fed, core, coord, members, site: str, counter: int, delta: dict[str, np.ndarray]) -> list[Outgoing]:
+    header = UpdateHeader(site=site, counter=counter, msg_id=f"m{counter}", base_version=core.version, n_samples=10)
+    sealed = members[site].seal(header, delta)
+    op = core.open(sealed, site)
+    assert op.secagg and op.reason is None
+    return coord.on_submission(op)
+
+
+def announce(coord, members, sites) -> m.CohortAnnouncement:
+    for s in sites:
+        coord.on_status(s, json.dumps({"state": "online"}).encode())
+    out = coord.tick()
+    assert len(out) == 1 and out[0].retain and "/secagg/cohort/" in out[0].topic
+    for s in sites:
+        assert members[s].on_cohort(out[0].payload)
+    return members[sites[0]].pending
+
+
+def test_plain_updates_are_refused_and_a_short_cohort_fails_with_receipts(rig) -> None:
+    fed, core, coord, members, clock, _ = rig
+    plain, _ = fed.seal("site-a", {k: np.zeros_like(v) for k, v in core.model.items()}, 0)
+    op = core.open(plain, "site-a")
+    assert op.reason == "secagg_required"
+
+    ann = announce(coord, members, ["site-a", "site-b", "site-c"])
+    assert ann.members == ("site-a", "site-b", "site-c") and ann.threshold == 2
+    zeros = {k: np.zeros_like(v) for k, v in core.model.items()}
+    for s in ["site-a", "site-b"]:
+        assert receipts(submit(fed, core, coord, members, s, 1, zeros), fed)[s]["verdict"] == "buffered"
+    clock.now = ann.deadline + 1
+    out = coord.tick()
+    got = receipts(out, fed)
+    assert {s: (r["verdict"], r["reason"]) for s, r in got.items()} == {
+        "site-a": ("rejected", "secagg_cohort_failed"),
+        "site-b": ("rejected", "secagg_cohort_failed"),
+    }
+    cleared = [o for o in out if o.retain]
+    assert len(cleared) == 2 and all(o.payload == b"" for o in cleared)
+    assert coord.stats["cohorts_failed"] == 1 and core.version == 0
+
+
+def test_hostile_replies_are_refused_and_the_cohort_becomes_the_next_version(rig) -> None:
+    fed, core, coord, members, clock, topics = rig
+    ann = announce(coord, members, SITES)
+    rng = np.random.default_rng(0)
+    deltas = {
+        s: {k: (rng.standard_normal(v.shape) * 0.01).astype(np.float32) for k, v in core.model.items()}
+        for s in SITES[:3]
+    }
+    for s in SITES[:3]:  # site-d never submits
+        submit(fed, core, coord, members, s, 1, deltas[s])
+    clock.now = ann.deadline + 1
+    [survivors] = coord.tick()
+    acks = {s: members[s].on_survivors(survivors.payload) for s in SITES}
+    # site-b's ack replayed on site-a's reply topic: refused, not counted
+    assert coord.on_reply("site-a", acks["site-b"]) == []
+    assert coord.stats["refused"] == {"not_member": 1}
+    requests = []
+    for s in SITES:
+        requests += coord.on_reply(s, acks[s])
+    assert sorted(o.topic for o in requests) == sorted(topics.secagg_request(s) for s in SITES)
+    base = {k: v.astype(np.float64) for k, v in core.model.items()}
+    out: list[Outgoing] = []
+    for o in requests:
+        site = o.topic.split("/")[-3]
+        answer = members[site].on_request(o.payload)
+        out += coord.on_reply(site, answer)
+    assert core.version == 1
+    got = receipts(out, fed)
+    assert {s: r["verdict"] for s, r in got.items()} == {s: "applied" for s in SITES[:3]}
+    # FedBuff, K = 3 survivors, staleness 0: x1 = x0 + (1/3) sum delta_i
+    for k in base:
+        expected = base[k] + sum(deltas[s][k].astype(np.float64) for s in SITES[:3]) / 3
+        assert np.abs(core.model[k] - expected).max() < 1e-6
+    assert coord.stats["cohorts"] == 1 and coord.stats["dropouts_recovered"] == 1
+    assert core.lineage(1)["dropped"] == ["site-d"]
