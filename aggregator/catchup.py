@@ -56,8 +56,9 @@ class CatchUp:
             return False
         site_version = doc.get("version")
         site_epoch = doc.get("epoch")
-        behind_version = isinstance(site_version, int) and not isinstance(site_version, bool) and (
-            site_version < version)
+        behind_version = (
+            isinstance(site_version, int) and not isinstance(site_version, bool) and (site_version < version)
+        )
         behind_epoch = isinstance(site_epoch, int) and not isinstance(site_epoch, bool) and site_epoch < epoch
         if not (behind_version or behind_epoch):
             return False

@@ -1,4 +1,5 @@
 """``fedline aggregator`` and ``fedline status``. Imports nothing heavy: handlers import lazily."""
+
 from __future__ import annotations
 
 import argparse
@@ -34,15 +35,24 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("aggregator", help="run the asynchronous aggregator",
-                              description="Receive sealed updates, reduce them into new global versions, "
-                                          "publish signed manifests, weights and ONNX.")
+    p = subparsers.add_parser(
+        "aggregator",
+        help="run the asynchronous aggregator",
+        description="Receive sealed updates, reduce them into new global versions, "
+        "publish signed manifests, weights and ONNX.",
+    )
     p.add_argument("--config", required=True, help="aggregator.toml")
     p.set_defaults(func=_run_aggregator)
     s = subparsers.add_parser("status", help="show the federation from the broker: sites, ε, versions, receipts")
-    s.add_argument("--config", required=True,
-                   help="a TOML with federation and [broker] (observer credentials); the aggregator's file works")
+    s.add_argument(
+        "--config",
+        required=True,
+        help="a TOML with federation and [broker] (observer credentials); the aggregator's file works",
+    )
     s.add_argument("--listen", type=float, default=3.0, help="seconds to count receipts (default 3)")
-    s.add_argument("--json", action="store_true",
-                   help="print one JSON document (schema: docs/architecture.md, 'fedline status --json')")
+    s.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON document (schema: docs/architecture.md, 'fedline status --json')",
+    )
     s.set_defaults(func=_status)

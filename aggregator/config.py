@@ -39,6 +39,7 @@ Example::
     [metrics]
     port = 19310                 # Prometheus endpoint (no port: off; 0: any free port)
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -96,13 +97,16 @@ class AggregatorSection:
         if self.keep_checkpoints < 1:
             raise ValueError("keep_checkpoints must be at least 1")
         if self.keep_verdicts < 10:
-            raise ValueError(f"keep_verdicts must be at least 10 (and above every site's outbox.max_count), "
-                             f"got {self.keep_verdicts}")
+            raise ValueError(
+                f"keep_verdicts must be at least 10 (and above every site's outbox.max_count), got {self.keep_verdicts}"
+            )
         if not 1 <= self.workers <= 64:
             raise ValueError("workers must be between 1 and 64")
         if self.reassembly_total_max_bytes < self.reassembly_max_bytes:
-            raise ValueError(f"reassembly_total_max_bytes ({self.reassembly_total_max_bytes}) must be at least "
-                             f"reassembly_max_bytes ({self.reassembly_max_bytes})")
+            raise ValueError(
+                f"reassembly_total_max_bytes ({self.reassembly_total_max_bytes}) must be at least "
+                f"reassembly_max_bytes ({self.reassembly_max_bytes})"
+            )
 
 
 @dataclass(frozen=True)
@@ -158,12 +162,16 @@ class StrategyConfig:
         if self.quorum and self.quorum < self.min_sites:
             raise ValueError(f"quorum ({self.quorum}) must be at least min_sites ({self.min_sites})")
         if self.kind == "fedasync" and self.min_sites != 1:
-            raise ValueError(f"kind = 'fedasync' makes every version from one site's update, which any member "
-                             f"can read as w[v+1] - w[v]; min_sites is {self.min_sites}: use 'fedbuff', or set "
-                             f"min_sites = 1 to accept that leak")
+            raise ValueError(
+                f"kind = 'fedasync' makes every version from one site's update, which any member "
+                f"can read as w[v+1] - w[v]; min_sites is {self.min_sites}: use 'fedbuff', or set "
+                f"min_sites = 1 to accept that leak"
+            )
         if self.kind == "fedbuff" and self.buffer_size < self.min_sites:
-            raise ValueError(f"buffer_size ({self.buffer_size}) must be at least min_sites ({self.min_sites}): "
-                             f"one update per site per buffer")
+            raise ValueError(
+                f"buffer_size ({self.buffer_size}) must be at least min_sites ({self.min_sites}): "
+                f"one update per site per buffer"
+            )
         if self.server_lr <= 0:
             raise ValueError("server_lr must be positive")
         if not 0.0 <= self.server_momentum < 1.0:
@@ -175,29 +183,43 @@ class StrategyConfig:
         if self.sample_cap < 0:
             raise ValueError("sample_cap must be >= 0")
         if self.sample_weighting and self.sample_cap <= 0:
-            raise ValueError("sample_weighting = true needs sample_cap > 0: the aggregator, not the site's claim, "
-                             "bounds a weight (set it to a plant's typical rows per update)")
+            raise ValueError(
+                "sample_weighting = true needs sample_cap > 0: the aggregator, not the site's claim, "
+                "bounds a weight (set it to a plant's typical rows per update)"
+            )
         if self.secure_aggregation:
             if self.robust != "none":
-                raise ValueError(f"robust = {self.robust!r} cannot run with secure_aggregation = true: masking hides "
-                                 "each update, so no coordinate-wise statistic can be computed (the cohort-sum norm "
-                                 "bound and client-side clipping are what remain); set robust = 'none'")
+                raise ValueError(
+                    f"robust = {self.robust!r} cannot run with secure_aggregation = true: masking hides "
+                    "each update, so no coordinate-wise statistic can be computed (the cohort-sum norm "
+                    "bound and client-side clipping are what remain); set robust = 'none'"
+                )
             if self.kind != "fedbuff":
-                raise ValueError(f"secure_aggregation = true needs kind = 'fedbuff' (a buffer becomes a cohort); "
-                                 f"{self.kind!r} cannot be secure"
-                                 + (": FedAsync applies one update per version" if self.kind == "fedasync" else ""))
+                raise ValueError(
+                    f"secure_aggregation = true needs kind = 'fedbuff' (a buffer becomes a cohort); "
+                    f"{self.kind!r} cannot be secure"
+                    + (": FedAsync applies one update per version" if self.kind == "fedasync" else "")
+                )
             if self.norm_bound == 0:
-                raise ValueError("secure_aggregation = true needs a per-site norm bound (norm_bound > 0, or left out "
-                                 "to derive it from [dp]): it sizes the fixed-point range and bounds the cohort sum")
+                raise ValueError(
+                    "secure_aggregation = true needs a per-site norm bound (norm_bound > 0, or left out "
+                    "to derive it from [dp]): it sizes the fixed-point range and bounds the cohort sum"
+                )
             if self.sample_weighting:
-                raise ValueError("sample_weighting = true cannot run with secure_aggregation = true: a cohort's "
-                                 "members are weighed 1/K (their sample counts are claims the masked sum cannot check)")
+                raise ValueError(
+                    "sample_weighting = true cannot run with secure_aggregation = true: a cohort's "
+                    "members are weighed 1/K (their sample counts are claims the masked sum cannot check)"
+                )
             if self.min_sites < 3:
-                raise ValueError(f"secure_aggregation = true needs min_sites >= 3 (a cohort of 2 reveals each "
-                                 f"member's update to the other), got {self.min_sites}")
+                raise ValueError(
+                    f"secure_aggregation = true needs min_sites >= 3 (a cohort of 2 reveals each "
+                    f"member's update to the other), got {self.min_sites}"
+                )
         if self.kind == "fedasync" and self.robust != "none":
-            raise ValueError(f"robust = {self.robust!r} needs several updates per reduce: "
-                             "use kind = 'fedbuff' or 'fedavg' (FedAsync applies one update at a time)")
+            raise ValueError(
+                f"robust = {self.robust!r} needs several updates per reduce: "
+                "use kind = 'fedbuff' or 'fedavg' (FedAsync applies one update at a time)"
+            )
 
     @property
     def needed_sites(self) -> int:
@@ -298,17 +320,21 @@ class AggregatorConfig:
 
 def _resolve(cfg: AggregatorConfig, file: str | Path | None) -> AggregatorConfig:
     a = cfg.aggregator
-    a = dataclasses.replace(a, key_file=str(resolve_path(file, a.key_file)),
-                            enrollment_file=str(resolve_path(file, a.enrollment_file)),
-                            state_dir=str(resolve_path(file, a.state_dir)))
+    a = dataclasses.replace(
+        a,
+        key_file=str(resolve_path(file, a.key_file)),
+        enrollment_file=str(resolve_path(file, a.enrollment_file)),
+        state_dir=str(resolve_path(file, a.state_dir)),
+    )
     b = cfg.broker
     changes: dict[str, Any] = {}
     for name in ("password_file", "ca_file", "cert_file", "key_file"):
         value = getattr(b, name)
         if value:
             changes[name] = str(resolve_path(file, value))
-    return dataclasses.replace(cfg, aggregator=a, broker=dataclasses.replace(b, **changes),
-                               file=str(file) if file is not None else None)
+    return dataclasses.replace(
+        cfg, aggregator=a, broker=dataclasses.replace(b, **changes), file=str(file) if file is not None else None
+    )
 
 
 def parse_config(table: dict[str, Any], file: str | Path | None = None) -> AggregatorConfig:

@@ -15,6 +15,7 @@ Work is split in two stages:
    durable store, staleness against the live version, then buffer or reduce,
    commit, and only then swap the in-memory model.
 """
+
 from __future__ import annotations
 
 import json
@@ -88,8 +89,14 @@ def _copy_state(state: State) -> State:
 class AggregatorCore:
     """Aggregator state and decisions. Not thread-safe for :meth:`decide`; :meth:`open` is."""
 
-    def __init__(self, cfg: AggregatorConfig, *, keys: KeyPair | None = None,
-                 enrollment: Enrollment | None = None, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        cfg: AggregatorConfig,
+        *,
+        keys: KeyPair | None = None,
+        enrollment: Enrollment | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
         a = cfg.aggregator
         self.cfg = cfg
         self.spec = cfg.model
@@ -98,8 +105,10 @@ class AggregatorCore:
         if self.keys.role != "aggregator":
             raise StateError(f"{a.key_file}: a {self.keys.role} key, the aggregator needs its own key")
         if self.enrollment.federation != a.federation:
-            raise StateError(f"{a.enrollment_file}: enrollment is for federation "
-                             f"{self.enrollment.federation!r}, config says {a.federation!r}")
+            raise StateError(
+                f"{a.enrollment_file}: enrollment is for federation "
+                f"{self.enrollment.federation!r}, config says {a.federation!r}"
+            )
         if self.enrollment.aggregator.sign_pub != self.keys.public().sign_pub:
             raise StateError(f"{a.enrollment_file}: the enrolled aggregator key is not {a.key_file}")
         self.metrics = metrics or Metrics()
@@ -117,21 +126,31 @@ class AggregatorCore:
         n_params = sum(int(v.size) for v in self.model.values())
         self.norm_bound, self.max_norm = effective_bounds(cfg, n_params)
         self.strategy.norm_bound = self.norm_bound
-        event(log, "aggregator.bounds", norm_bound=round(self.norm_bound, 6), max_norm=round(self.max_norm, 6),
-              derived=cfg.strategy.norm_bound is None, min_sites=cfg.strategy.min_sites,
-              buffer_size=self.strategy.buffer_size)
+        event(
+            log,
+            "aggregator.bounds",
+            norm_bound=round(self.norm_bound, 6),
+            max_norm=round(self.max_norm, 6),
+            derived=cfg.strategy.norm_bound is None,
+            min_sites=cfg.strategy.min_sites,
+            buffer_size=self.strategy.buffer_size,
+        )
 
     # -- state ------------------------------------------------------------------
     def _load_or_seed(self) -> None:
         spec_json = json.dumps(self.spec.to_dict(), sort_keys=True)
         saved = self.store.get_meta("spec")
         if saved is not None and saved != spec_json:
-            raise StateError(f"state dir {self.cfg.aggregator.state_dir} holds a model with spec {saved}, "
-                             f"the config's [model] is {spec_json}; use another state_dir")
+            raise StateError(
+                f"state dir {self.cfg.aggregator.state_dir} holds a model with spec {saved}, "
+                f"the config's [model] is {spec_json}; use another state_dir"
+            )
         saved_seed = self.store.get_meta("seed")
         if saved_seed is not None and int(saved_seed) != self.cfg.aggregator.seed:
-            raise StateError(f"state dir {self.cfg.aggregator.state_dir} was seeded with seed {saved_seed}, "
-                             f"the config says {self.cfg.aggregator.seed}; edges built version 0 from the first")
+            raise StateError(
+                f"state dir {self.cfg.aggregator.state_dir} was seeded with seed {saved_seed}, "
+                f"the config says {self.cfg.aggregator.seed}; edges built version 0 from the first"
+            )
         ckpt = self.store.latest_checkpoint()
         if ckpt is None:
             from models import build_model, shared_state
@@ -141,9 +160,14 @@ class AggregatorCore:
             state = shared_state(model, self.spec)
             self.store.set_meta("spec", spec_json)
             self.store.set_meta("seed", str(self.cfg.aggregator.seed))
-            self.store.commit_version(0, envelope.encode_tensors(state), None,
-                                      {"seed": self.cfg.aggregator.seed, "strategy": self.strategy.name,
-                                       "updates": []}, [], self.cfg.aggregator.keep_checkpoints)
+            self.store.commit_version(
+                0,
+                envelope.encode_tensors(state),
+                None,
+                {"seed": self.cfg.aggregator.seed, "strategy": self.strategy.name, "updates": []},
+                [],
+                self.cfg.aggregator.keep_checkpoints,
+            )
             self.version, self.model, self.momentum = 0, state, None
             event(log, "aggregator.seeded", version=0, seed=self.cfg.aggregator.seed)
         else:
@@ -160,17 +184,33 @@ class AggregatorCore:
             try:
                 _header, tensors = envelope.open_update(sealed, self.keys, self.enrollment)
             except WireError as exc:  # e.g. the site was revoked since; its update cannot be used
-                event(log, "aggregator.buffer_unreadable", level=logging.ERROR, site=row.site,
-                      counter=row.counter, error=str(exc))
+                event(
+                    log,
+                    "aggregator.buffer_unreadable",
+                    level=logging.ERROR,
+                    site=row.site,
+                    counter=row.counter,
+                    error=str(exc),
+                )
                 continue
-            self.buffer.append(Accepted(row.site, row.counter, row.msg_id, row.base_version, row.n_samples,
-                                        row.staleness, row.factor, row.weight, _copy_state(tensors)))
+            self.buffer.append(
+                Accepted(
+                    row.site,
+                    row.counter,
+                    row.msg_id,
+                    row.base_version,
+                    row.n_samples,
+                    row.staleness,
+                    row.factor,
+                    row.weight,
+                    _copy_state(tensors),
+                )
+            )
         if self.buffer:  # restarted: the timeout counts from now, the wait before the crash is unknown
             self.buffer_since = time.monotonic()
         self.metrics.version.set(self.version)
         self.metrics.buffer_fill.set(len(self.buffer))
-        event(log, "aggregator.resumed", version=self.version, buffered=len(self.buffer),
-              strategy=self.strategy.name)
+        event(log, "aggregator.resumed", version=self.version, buffered=len(self.buffer), strategy=self.strategy.name)
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
@@ -223,8 +263,9 @@ class AggregatorCore:
     def decide(self, op: Opened) -> Decision:
         h = op.header
         if h is None:  # refused before we knew site and counter: answer on the topic's site
-            return self._refuse(op.topic_site or "?", -1, op.msg_id or "?", op.reason or "schema",
-                                op.detail, store=False)
+            return self._refuse(
+                op.topic_site or "?", -1, op.msg_id or "?", op.reason or "schema", op.detail, store=False
+            )
         top = self._top_counter(h.site)
         prev = self.store.verdict(h.site, h.counter) if top is not None and h.counter <= top else None
         if prev is not None:
@@ -232,18 +273,38 @@ class AggregatorCore:
             event(log, "update.duplicate", site=h.site, counter=h.counter, verdict=prev.verdict)
             return Decision(prev.receipt(), duplicate=True)
         if top is not None and h.counter < top:
-            return self._refuse(h.site, h.counter, h.msg_id, "replay",
-                                f"counter {h.counter} is below {top}, already decided, and unknown", store=False)
+            return self._refuse(
+                h.site,
+                h.counter,
+                h.msg_id,
+                "replay",
+                f"counter {h.counter} is below {top}, already decided, and unknown",
+                store=False,
+            )
         if op.reason is not None:
             return self._refuse(h.site, h.counter, h.msg_id, op.reason, op.detail)
         s = self.version - h.base_version
         if s < 0:
-            return self._refuse(h.site, h.counter, h.msg_id, "base_version",
-                                f"base version {h.base_version} is newer than the current {self.version}")
+            return self._refuse(
+                h.site,
+                h.counter,
+                h.msg_id,
+                "base_version",
+                f"base version {h.base_version} is newer than the current {self.version}",
+            )
         if s > self.cfg.strategy.max_staleness:
             self.metrics.staleness.observe(s)
-            v = Verdict(h.site, h.counter, h.msg_id, "stale", "too_stale",
-                        f"staleness {s} > max_staleness {self.cfg.strategy.max_staleness}", self.version, s, 0.0)
+            v = Verdict(
+                h.site,
+                h.counter,
+                h.msg_id,
+                "stale",
+                "too_stale",
+                f"staleness {s} > max_staleness {self.cfg.strategy.max_staleness}",
+                self.version,
+                s,
+                0.0,
+            )
             self.store.record(v)
             self._decided(h.site, h.counter)
             self.metrics.decided("stale")
@@ -251,28 +312,55 @@ class AggregatorCore:
             return Decision(v.receipt())
         self.metrics.staleness.observe(s)
         assert op.tensors is not None
-        acc = Accepted(h.site, h.counter, h.msg_id, h.base_version, h.n_samples, s, self.strategy.factor(s),
-                       self.strategy.weight(h.n_samples, s), op.tensors, op.norm)
+        acc = Accepted(
+            h.site,
+            h.counter,
+            h.msg_id,
+            h.base_version,
+            h.n_samples,
+            s,
+            self.strategy.factor(s),
+            self.strategy.weight(h.n_samples, s),
+            op.tensors,
+            op.norm,
+        )
         if self.strategy.needs_base:
             acc.base = self._base_model(h.base_version)
             if acc.base is None:
-                return self._stale(h, s, "base_unavailable", f"version {h.base_version}'s checkpoint is no longer "
-                                   f"kept (keep_checkpoints {self.cfg.aggregator.keep_checkpoints})")
+                return self._stale(
+                    h,
+                    s,
+                    "base_unavailable",
+                    f"version {h.base_version}'s checkpoint is no longer "
+                    f"kept (keep_checkpoints {self.cfg.aggregator.keep_checkpoints})",
+                )
         # one update per site per buffer (issue 14): a newer update from a site takes its older one's place
         old = next((u for u in self.buffer if u.site == h.site), None)
         superseded = None
         if old is not None:
-            superseded = Verdict(old.site, old.counter, old.msg_id, "stale", "superseded",
-                                 f"counter {h.counter} from the same site took its place in the buffer",
-                                 self.version, old.staleness, 0.0)
+            superseded = Verdict(
+                old.site,
+                old.counter,
+                old.msg_id,
+                "stale",
+                "superseded",
+                f"counter {h.counter} from the same site took its place in the buffer",
+                self.version,
+                old.staleness,
+                0.0,
+            )
         fill = len(self.buffer) + (0 if old is not None else 1)
         if fill < self.strategy.buffer_size:
             reason = "late" if self.strategy.name == "fedavg" and s > 0 else None
             detail = f"trained on version {h.base_version}: joins round {self.version + 1}" if reason else None
             v = Verdict(h.site, h.counter, h.msg_id, "buffered", reason, detail, self.version, s, acc.weight)
-            self.store.add_buffered(BufferedRow(0, h.site, h.counter, h.msg_id, h.base_version, h.n_samples, s,
-                                                acc.factor, acc.weight, ""), v, op.sealed,
-                                    self.version, replaces=superseded)
+            self.store.add_buffered(
+                BufferedRow(0, h.site, h.counter, h.msg_id, h.base_version, h.n_samples, s, acc.factor, acc.weight, ""),
+                v,
+                op.sealed,
+                self.version,
+                replaces=superseded,
+            )
             self._decided(h.site, h.counter)
             if not self.buffer:
                 self.buffer_since = time.monotonic()
@@ -285,8 +373,16 @@ class AggregatorCore:
             self.buffer.append(acc)
             self.metrics.buffer_fill.set(len(self.buffer))
             self.metrics.decided("buffered")
-            event(log, "update.buffered", site=h.site, counter=h.counter, staleness=s, weight=acc.weight,
-                  fill=len(self.buffer), of=self.strategy.buffer_size)
+            event(
+                log,
+                "update.buffered",
+                site=h.site,
+                counter=h.counter,
+                staleness=s,
+                weight=acc.weight,
+                fill=len(self.buffer),
+                of=self.strategy.buffer_size,
+            )
             return Decision(v.receipt(), receipts)
         return self._reduce([*self.buffer, acc])
 
@@ -316,37 +412,53 @@ class AggregatorCore:
         if counter >= 0 and (top is None or counter > top):
             self._top[site] = counter
 
-    def _refuse(self, site: str, counter: int, msg_id: str, reason: str, detail: str | None,
-                store: bool = True) -> Decision:
+    def _refuse(
+        self, site: str, counter: int, msg_id: str, reason: str, detail: str | None, store: bool = True
+    ) -> Decision:
         v = Verdict(site, counter, msg_id, "rejected", reason, detail, self.version)
         if store:
             self.store.record(v)
             self._decided(site, counter)
         self.metrics.decided("rejected", reason)
-        event(log, "update.rejected", level=logging.WARNING, site=site, counter=counter, reason=reason,
-              detail=detail)
+        event(log, "update.rejected", level=logging.WARNING, site=site, counter=counter, reason=reason, detail=detail)
         return Decision(v.receipt())
 
     def _reduce(self, updates: list[Accepted], last_arrived: bool = True) -> Decision:
         result = self.strategy.reduce(self.model, updates, self.momentum)
-        lineage = {"strategy": self.strategy.name, "parent": self.version,
-                   "updates": [dict(u.lineage(), clip_scale=c) for u, c in zip(updates, result.clip_scales)]}
-        applied = [Verdict(u.site, u.counter, u.msg_id, "applied", None, None, self.version + 1, u.staleness,
-                           u.weight) for u in updates]
+        lineage = {
+            "strategy": self.strategy.name,
+            "parent": self.version,
+            "updates": [dict(u.lineage(), clip_scale=c) for u, c in zip(updates, result.clip_scales)],
+        }
+        applied = [
+            Verdict(u.site, u.counter, u.msg_id, "applied", None, None, self.version + 1, u.staleness, u.weight)
+            for u in updates
+        ]
         receipts = self.commit(result.model, result.momentum, lineage, applied, last_arrived)
         return Decision(receipts[-1], receipts[:-1], self.version)
 
-    def commit(self, model: State, momentum: State | None, lineage: dict[str, Any], applied: list[Verdict],
-               last_arrived: bool = True) -> list[dict[str, Any]]:
+    def commit(
+        self,
+        model: State,
+        momentum: State | None,
+        lineage: dict[str, Any],
+        applied: list[Verdict],
+        last_arrived: bool = True,
+    ) -> list[dict[str, Any]]:
         """Make ``model`` version + 1 with its updates' ``applied`` verdicts; returns their receipts.
 
         The one path to a new version: the FedBuff buffer's reduce and a secure-aggregation cohort's sum.
         """
         new_version = self.version + 1
         self.store.commit_version(
-            new_version, envelope.encode_tensors(model),
+            new_version,
+            envelope.encode_tensors(model),
             envelope.encode_tensors(momentum) if momentum else None,
-            lineage, applied, self.cfg.aggregator.keep_checkpoints, keep_verdicts=self.cfg.aggregator.keep_verdicts)
+            lineage,
+            applied,
+            self.cfg.aggregator.keep_checkpoints,
+            keep_verdicts=self.cfg.aggregator.keep_verdicts,
+        )
         # committed: only now does the live state change
         self.model, self.momentum, self.version = model, momentum, new_version
         self.snapshot = (new_version, model)  # one assignment: what the publisher thread reads
@@ -359,8 +471,7 @@ class AggregatorCore:
         for i, _ in enumerate(applied):
             # the others arrived as "buffered"; after a timeout, all of them did
             self.metrics.decided("applied", arrival=last_arrived and i == len(applied) - 1)
-        event(log, "model.version", version=new_version, updates=len(applied),
-              sites=sorted({v.site for v in applied}))
+        event(log, "model.version", version=new_version, updates=len(applied), sites=sorted({v.site for v in applied}))
         return [v.receipt() for v in applied]
 
     def flush_due_in(self) -> float | None:
@@ -377,8 +488,13 @@ class AggregatorCore:
         """
         if not self.buffer or not self._enough_sites():
             return None  # fewer than min_sites distinct sites: the buffer waits for more (issue 13)
-        event(log, "buffer.timeout", fill=len(self.buffer), of=self.strategy.buffer_size,
-              sites=sorted({u.site for u in self.buffer}))
+        event(
+            log,
+            "buffer.timeout",
+            fill=len(self.buffer),
+            of=self.strategy.buffer_size,
+            sites=sorted({u.site for u in self.buffer}),
+        )
         self.metrics.buffer_timeouts.inc()
         return self._reduce(list(self.buffer), last_arrived=False)
 

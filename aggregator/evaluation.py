@@ -21,6 +21,7 @@ The metric uses the global model with the seed's personal parameters (see
 :mod:`aggregator.publish`): for a federation with a personal head it measures
 the shared body under a generic head, which is still comparable across versions.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -7,6 +7,7 @@ alone. An aggregator that could never publish (fewer enrolled sites than
 is one site's update, starts only with ``min_sites = 1`` and says so loudly
 on every start.
 """
+
 from __future__ import annotations
 
 import logging
@@ -18,8 +19,10 @@ from fedline.logs import event
 
 log = logging.getLogger("fedline.aggregator")
 
-LEAK_WARNING = ("FedAsync with min_sites = 1: every version is ONE site's update, so every member (and anyone "
-                "holding the federation key) reads that site's DP-noised delta as w[v+1] - w[v]")
+LEAK_WARNING = (
+    "FedAsync with min_sites = 1: every version is ONE site's update, so every member (and anyone "
+    "holding the federation key) reads that site's DP-noised delta as w[v+1] - w[v]"
+)
 
 
 class FairnessError(FedlineError):
@@ -29,12 +32,20 @@ class FairnessError(FedlineError):
 def check_federation(cfg: StrategyConfig, strategy: Strategy, n_sites: int, enrollment_file: str) -> None:
     """Refuse settings under which no version could ever be published; warn about the FedAsync leak."""
     if n_sites < cfg.min_sites:
-        raise FairnessError(f"{enrollment_file}: {n_sites} enrolled site(s), but [strategy] min_sites is "
-                            f"{cfg.min_sites}: no version could ever be published; enroll more sites or lower "
-                            f"min_sites")
+        raise FairnessError(
+            f"{enrollment_file}: {n_sites} enrolled site(s), but [strategy] min_sites is "
+            f"{cfg.min_sites}: no version could ever be published; enroll more sites or lower "
+            f"min_sites"
+        )
     if cfg.kind == "fedasync":
         event(log, "aggregator.fedasync_leak", level=logging.ERROR, message=LEAK_WARNING)
     elif cfg.buffer_size > n_sites:
-        event(log, "aggregator.buffer_clamped", level=logging.WARNING, buffer_size=cfg.buffer_size,
-              enrolled=n_sites, using=strategy.buffer_size,
-              why="one update per site per buffer: K cannot exceed the enrolled sites")
+        event(
+            log,
+            "aggregator.buffer_clamped",
+            level=logging.WARNING,
+            buffer_size=cfg.buffer_size,
+            enrolled=n_sites,
+            using=strategy.buffer_size,
+            why="one update per site per buffer: K cannot exceed the enrolled sites",
+        )

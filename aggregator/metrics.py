@@ -3,6 +3,7 @@
 Why a registry per instance: tests run several aggregators in one process,
 and the default global registry would refuse the second set of names.
 """
+
 from __future__ import annotations
 
 import time
@@ -18,28 +19,47 @@ class Metrics:
         self.registry = new_registry()
         r = self.registry
         self.updates = Counter("fedline_aggregator_updates", "Updates decided, by verdict", ["verdict"], registry=r)
-        self.rejections = Counter("fedline_aggregator_rejections", "Rejected updates, by reason", ["reason"],
-                                  registry=r)
-        self.duplicates = Counter("fedline_aggregator_duplicates", "Resent updates answered with their "
-                                  "original verdict", registry=r)
-        self.staleness = Histogram("fedline_aggregator_staleness", "Staleness of accepted and stale updates",
-                                   buckets=(0, 1, 2, 3, 5, 8, 13, 21, 34, 55, float("inf")), registry=r)
-        self.buffer_fill = Gauge("fedline_aggregator_buffer_fill", "Updates waiting in the FedBuff buffer",
-                                 registry=r)
-        self.buffer_timeouts = Counter("fedline_aggregator_buffer_timeouts", "Buffers reduced with fewer than K "
-                                       "updates after buffer_timeout_s", registry=r)
+        self.rejections = Counter(
+            "fedline_aggregator_rejections", "Rejected updates, by reason", ["reason"], registry=r
+        )
+        self.duplicates = Counter(
+            "fedline_aggregator_duplicates", "Resent updates answered with their original verdict", registry=r
+        )
+        self.staleness = Histogram(
+            "fedline_aggregator_staleness",
+            "Staleness of accepted and stale updates",
+            buckets=(0, 1, 2, 3, 5, 8, 13, 21, 34, 55, float("inf")),
+            registry=r,
+        )
+        self.buffer_fill = Gauge("fedline_aggregator_buffer_fill", "Updates waiting in the FedBuff buffer", registry=r)
+        self.buffer_timeouts = Counter(
+            "fedline_aggregator_buffer_timeouts",
+            "Buffers reduced with fewer than K updates after buffer_timeout_s",
+            registry=r,
+        )
         self.version = Gauge("fedline_aggregator_model_version", "Current global model version", registry=r)
-        self.rate = Gauge("fedline_aggregator_updates_per_second", "Updates decided per second over the last "
-                          "60 s", registry=r)
-        self.chunk_errors = Counter("fedline_aggregator_chunk_errors", "Chunks that could not be reassembled",
-                                    registry=r)
-        self.reassembly_evicted = Counter("fedline_aggregator_reassembly_evicted", "Half-sent updates forgotten "
-                                          "to keep all sites under reassembly_total_max_bytes", registry=r)
-        self.retained_cleared = Counter("fedline_aggregator_retained_updates_cleared", "Retained messages on "
-                                        "update topics, cleared (a site parking data in the broker)", ["site"],
-                                        registry=r)
-        self.catchups = Counter("fedline_aggregator_catchups", "Sites sent the current key and model again "
-                                "because their status said they were behind", registry=r)
+        self.rate = Gauge(
+            "fedline_aggregator_updates_per_second", "Updates decided per second over the last 60 s", registry=r
+        )
+        self.chunk_errors = Counter(
+            "fedline_aggregator_chunk_errors", "Chunks that could not be reassembled", registry=r
+        )
+        self.reassembly_evicted = Counter(
+            "fedline_aggregator_reassembly_evicted",
+            "Half-sent updates forgotten to keep all sites under reassembly_total_max_bytes",
+            registry=r,
+        )
+        self.retained_cleared = Counter(
+            "fedline_aggregator_retained_updates_cleared",
+            "Retained messages on update topics, cleared (a site parking data in the broker)",
+            ["site"],
+            registry=r,
+        )
+        self.catchups = Counter(
+            "fedline_aggregator_catchups",
+            "Sites sent the current key and model again because their status said they were behind",
+            registry=r,
+        )
         self._recent: deque[float] = deque()
 
     def decided(self, verdict: str, reason: str | None = None, arrival: bool = True) -> None:

@@ -17,6 +17,7 @@ did not come from the federation's training: it is clipped to the bound
 bound is refused (``[validation] max_norm``). Both can be set explicitly;
 ``norm_bound = 0`` turns clipping off.
 """
+
 from __future__ import annotations
 
 import math
@@ -47,8 +48,15 @@ def effective_bounds(cfg: AggregatorConfig, n_params: int) -> tuple[float, float
     return bound, max_norm
 
 
-def dp_table(site_rows_and_batches: list[tuple[int, int]], *, epochs: int, lr: float, momentum: float,
-             clip_norm: float, noise_multiplier: float) -> dict[str, float | int]:
+def dp_table(
+    site_rows_and_batches: list[tuple[int, int]],
+    *,
+    epochs: int,
+    lr: float,
+    momentum: float,
+    clip_norm: float,
+    noise_multiplier: float,
+) -> dict[str, float | int]:
     """The aggregator's ``[dp]`` table for sites that train ``epochs`` over (rows, batch) each.
 
     The most steps any site takes (``epochs · ceil(rows / batch)``) and the smallest batch (the
@@ -56,5 +64,11 @@ def dp_table(site_rows_and_batches: list[tuple[int, int]], *, epochs: int, lr: f
     """
     steps = max(epochs * math.ceil(n / max(1, min(b, n))) for n, b in site_rows_and_batches)
     batch = min(max(1, min(b, n)) for n, b in site_rows_and_batches)
-    return {"clip_norm": clip_norm, "noise_multiplier": noise_multiplier, "lr": lr, "momentum": momentum,
-            "batch_size": batch, "steps": steps}
+    return {
+        "clip_norm": clip_norm,
+        "noise_multiplier": noise_multiplier,
+        "lr": lr,
+        "momentum": momentum,
+        "batch_size": batch,
+        "steps": steps,
+    }

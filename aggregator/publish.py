@@ -24,6 +24,7 @@ own head; a federation without personal parameters gets the exact global model.
 Superseded versions are cleared from the broker (an empty retained payload on
 each chunk topic), keeping the last ``[publish] retain_versions``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -54,10 +55,19 @@ class Release:
     onnx_chunks: int
 
 
-def build_release(version: int, shared: dict[str, np.ndarray], spec: ModelSpec, federation: str,
-                  keys: KeyPair, topics: Topics, chunk_limit: Callable[[str], int],
-                  onnx_bytes: Callable[[dict[str, np.ndarray]], bytes] | None,
-                  epoch: int, content_key: bytes, metric: float | None = None) -> Release:
+def build_release(
+    version: int,
+    shared: dict[str, np.ndarray],
+    spec: ModelSpec,
+    federation: str,
+    keys: KeyPair,
+    topics: Topics,
+    chunk_limit: Callable[[str], int],
+    onnx_bytes: Callable[[dict[str, np.ndarray]], bytes] | None,
+    epoch: int,
+    content_key: bytes,
+    metric: float | None = None,
+) -> Release:
     """Everything to publish for ``version``, encrypted under ``content_key`` of ``epoch``.
 
     Pure (no I/O), so it runs in a worker thread.
@@ -71,11 +81,15 @@ def build_release(version: int, shared: dict[str, np.ndarray], spec: ModelSpec, 
         sealed = envelope.seal_for_federation(blob, content_key) if blob else b""
         parts = chunking.split(sealed, msg_id, chunk_limit(topic_of(version, 999999))) if blob else []
         chunks += [(topic_of(version, i), c) for i, c in enumerate(parts)]
-        entries[part] = {"hash": envelope.content_hash(blob), "size": len(blob), "chunks": len(parts),
-                         "msg_id": msg_id}
+        entries[part] = {"hash": envelope.content_hash(blob), "size": len(blob), "chunks": len(parts), "msg_id": msg_id}
     manifest: dict[str, Any] = {
-        "federation": federation, "version": version, "epoch": epoch, "created_at": time.time(),
-        "spec": spec.to_dict(), "weights": entries["weights"], "onnx": entries["onnx"],
+        "federation": federation,
+        "version": version,
+        "epoch": epoch,
+        "created_at": time.time(),
+        "spec": spec.to_dict(),
+        "weights": entries["weights"],
+        "onnx": entries["onnx"],
     }
     if metric is not None:
         manifest["metric"] = metric
@@ -87,11 +101,18 @@ async def publish_release(client: Any, topics: Topics, release: Release) -> None
     """Chunks first (retained, all acknowledged), then the manifest (retained)."""
     await client.publish_many(release.chunks, qos=1, retain=True)
     await client.publish(topics.manifest(), release.manifest_blob, qos=1, retain=True)
-    event(log, "model.published", version=release.version, chunks=len(release.chunks),
-          weights=release.manifest["weights"]["size"], onnx=release.manifest["onnx"]["size"])
+    event(
+        log,
+        "model.published",
+        version=release.version,
+        chunks=len(release.chunks),
+        weights=release.manifest["weights"]["size"],
+        onnx=release.manifest["onnx"]["size"],
+    )
 
 
 def clear_topics(topics: Topics, version: int, weights_chunks: int, onnx_chunks: int) -> list[str]:
     """Chunk topics of one version (to clear with empty retained payloads)."""
-    return ([topics.weights_chunk(version, i) for i in range(weights_chunks)]
-            + [topics.onnx_chunk(version, i) for i in range(onnx_chunks)])
+    return [topics.weights_chunk(version, i) for i in range(weights_chunks)] + [
+        topics.onnx_chunk(version, i) for i in range(onnx_chunks)
+    ]

@@ -9,6 +9,7 @@ minority of arbitrary updates. They are options of one reduce step
 The median and trimmed mean are unweighted, as in Yin et al.: a weighted
 median would let one site claiming many samples pick the result.
 """
+
 from __future__ import annotations
 
 import math
@@ -68,14 +69,13 @@ def add_scaled(acc: np.ndarray, x: np.ndarray, w: float) -> None:
     buf = np.empty(_BLOCK, dtype=np.float32)
     for i in range(0, flat_x.size, _BLOCK):
         n = min(_BLOCK, flat_x.size - i)
-        np.multiply(flat_x[i:i + n], np.float32(w), out=buf[:n])
-        flat_acc[i:i + n] += buf[:n]
+        np.multiply(flat_x[i : i + n], np.float32(w), out=buf[:n])
+        flat_acc[i : i + n] += buf[:n]
 
 
 def median(deltas: Sequence[Mapping[str, np.ndarray]]) -> State:
     """Coordinate-wise median (unweighted)."""
-    return {name: np.median(np.stack([d[name] for d in deltas]), axis=0).astype(np.float32)
-            for name in deltas[0]}
+    return {name: np.median(np.stack([d[name] for d in deltas]), axis=0).astype(np.float32) for name in deltas[0]}
 
 
 def trimmed_mean(deltas: Sequence[Mapping[str, np.ndarray]], trim: float) -> State:
@@ -87,5 +87,5 @@ def trimmed_mean(deltas: Sequence[Mapping[str, np.ndarray]], trim: float) -> Sta
     out: State = {}
     for name in deltas[0]:
         stacked = np.sort(np.stack([d[name] for d in deltas]), axis=0)
-        out[name] = stacked[k:n - k].mean(axis=0, dtype=np.float32).astype(np.float32)
+        out[name] = stacked[k : n - k].mean(axis=0, dtype=np.float32).astype(np.float32)
     return out

@@ -172,8 +172,10 @@ class CohortCoordinator:
         return [Outgoing(self.topics.secagg_survivors(c.ann.cohort), blob, retain=True)]
 
     # ------------------------------------------------------------------ submissions
-    def _receipt(self, receipt: dict[str, Any]) -> Outgoing:
-        return Outgoing(self.topics.receipts(receipt["site"]), self.core.sign_receipt(receipt))
+    def _receipt(self, receipt: dict[str, Any]) -> list[Outgoing]:
+        """The receipt sealed to its site; none for a site no longer enrolled (revoked: no key to seal to)."""
+        blob = self.core.sign_receipt(receipt)
+        return [] if blob is None else [Outgoing(self.topics.receipts(receipt["site"]), blob)]
 
     def on_submission(self, op: Opened) -> list[Outgoing]:
         """A masked update, opened and signature-checked by the core: hold it in its cohort."""
@@ -183,14 +185,12 @@ class CohortCoordinator:
         if top is not None and h.counter <= top:
             prev = core.store.verdict(h.site, h.counter)
             if prev is not None:  # a resend: its verdict again
-                return [self._receipt(prev.receipt())]
-            return [
-                self._receipt(
-                    core._refuse(
-                        h.site, h.counter, h.msg_id, "replay", f"counter {h.counter} is not above {top}", store=False
-                    ).receipt
-                )
-            ]
+                return self._receipt(prev.receipt())
+            return self._receipt(
+                core._refuse(
+                    h.site, h.counter, h.msg_id, "replay", f"counter {h.counter} is not above {top}", store=False
+                ).receipt
+            )
         try:
             sub = m.MaskedSubmission.decode(op.tensors["secagg"].tobytes())
             c = self.cohorts.get(sub.cohort)
@@ -205,9 +205,7 @@ class CohortCoordinator:
             c.unmasker.add_submission(sub, h.site)
         except SecAggError as exc:
             self._count_refusal(exc.reason)
-            return [
-                self._receipt(core._refuse(h.site, h.counter, h.msg_id, f"secagg_{exc.reason}", exc.detail).receipt)
-            ]
+            return self._receipt(core._refuse(h.site, h.counter, h.msg_id, f"secagg_{exc.reason}", exc.detail).receipt)
         c.held[h.site] = (h.counter, h.msg_id, h.n_samples)
         v = Verdict(h.site, h.counter, h.msg_id, "buffered", None, None, core.version, 0, 1.0)
         core.store.record(v)
@@ -223,7 +221,7 @@ class CohortCoordinator:
             of=c.ann.n,
             clamped=sub.clamped,
         )
-        return [self._receipt(v.receipt())]
+        return self._receipt(v.receipt())
 
     # ------------------------------------------------------------------ acks and answers
     def on_reply(self, topic_site: str, payload: bytes) -> list[Outgoing]:
@@ -280,7 +278,7 @@ class CohortCoordinator:
             v = Verdict(site, counter, msg_id, "rejected", "secagg_cohort_failed", detail, core.version)
             core.store.record(v)
             core.metrics.decided("rejected", "secagg_cohort_failed")
-            out.append(self._receipt(v.receipt()))
+            out += self._receipt(v.receipt())
         self.stats["cohorts_failed"] += 1
         core.store.set_meta("secagg_cohorts_failed", str(self.stats["cohorts_failed"]))  # for reports after exit
         event(
@@ -357,4 +355,4 @@ class CohortCoordinator:
             staleness=staleness,
             sum_norm=round(norm, 6),
         )
-        return [self._receipt(r) for r in receipts] + self._end(c)
+        return [o for r in receipts for o in self._receipt(r)] + self._end(c)

@@ -22,6 +22,7 @@ topic, so a site could park data in the broker's store) is cleared and counted.
 A bad message is counted, logged and answered; nothing here stops the
 service except cancellation.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -125,13 +126,21 @@ class Aggregator:
                 await client.connected.wait()  # subscribed (re-made on every connect) before we say so
                 await self.granter.publish_grants(client)
                 self.started.set()
-                event(log, "aggregator.started", federation=self.cfg.aggregator.federation,
-                      url=self.cfg.broker.url, version=self.core.version, strategy=self.core.strategy.name)
-                tasks = [asyncio.create_task(self._intake(client, queue), name="agg-intake"),
-                         asyncio.create_task(self._decider(client, queue), name="agg-decider"),
-                         asyncio.create_task(self._publisher(client), name="agg-publisher"),
-                         asyncio.create_task(self._watch_enrollment(client), name="agg-enrollment"),
-                         asyncio.create_task(self._catch_up(client), name="agg-catchup")]
+                event(
+                    log,
+                    "aggregator.started",
+                    federation=self.cfg.aggregator.federation,
+                    url=self.cfg.broker.url,
+                    version=self.core.version,
+                    strategy=self.core.strategy.name,
+                )
+                tasks = [
+                    asyncio.create_task(self._intake(client, queue), name="agg-intake"),
+                    asyncio.create_task(self._decider(client, queue), name="agg-decider"),
+                    asyncio.create_task(self._publisher(client), name="agg-publisher"),
+                    asyncio.create_task(self._watch_enrollment(client), name="agg-enrollment"),
+                    asyncio.create_task(self._catch_up(client), name="agg-catchup"),
+                ]
                 if self.cohorts is not None:
                     tasks.append(asyncio.create_task(self._cohort_clock(client), name="agg-cohorts"))
                 stop = asyncio.create_task(self._stop.wait())
@@ -185,9 +194,9 @@ class Aggregator:
                 # remember_completed=0: a site resends a whole update when its receipt was lost; it must be
                 # rebuilt and decided again (the store answers with the original verdict), not swallowed
                 # as a duplicate of a message already completed
-                reassembler = self.reassemblers[info.site] = Reassembler(a.reassembly_timeout_s,
-                                                                         a.reassembly_max_bytes,
-                                                                         remember_completed=0)
+                reassembler = self.reassemblers[info.site] = Reassembler(
+                    a.reassembly_timeout_s, a.reassembly_max_bytes, remember_completed=0
+                )
             try:
                 done = reassembler.add(msg.payload)
             except ChunkError as exc:
@@ -203,8 +212,14 @@ class Aggregator:
                 evicted = enforce_total_cap(holding, self.cfg.aggregator.reassembly_total_max_bytes)
                 if evicted:
                     self.metrics.reassembly_evicted.inc(len(evicted))
-                    event(log, "reassembly.evicted", level=logging.WARNING, sites=sorted(set(evicted)),
-                          messages=len(evicted), cap=self.cfg.aggregator.reassembly_total_max_bytes)
+                    event(
+                        log,
+                        "reassembly.evicted",
+                        level=logging.WARNING,
+                        sites=sorted(set(evicted)),
+                        messages=len(evicted),
+                        cap=self.cfg.aggregator.reassembly_total_max_bytes,
+                    )
                 continue
             if loop.time() >= self._next_sweep:  # forget what sites that went quiet left half-sent
                 self._next_sweep = loop.time() + 1.0
@@ -253,8 +268,14 @@ class Aggregator:
                     await client.publish(self.topics.receipts(r["site"]), blob, qos=1)
                 except (FedlineError, TopicError) as exc:
                     # the site resends after its timeout and gets the same verdict from the store
-                    event(log, "receipt.unsent", level=logging.WARNING, site=r["site"], counter=r["counter"],
-                          error=str(exc))
+                    event(
+                        log,
+                        "receipt.unsent",
+                        level=logging.WARNING,
+                        site=r["site"],
+                        counter=r["counter"],
+                        error=str(exc),
+                    )
 
     # -- secure-aggregation cohorts ---------------------------------------------------------
     async def _to_cohorts(self, client: MqttClient, handler: Any, *args: Any) -> None:
@@ -299,10 +320,19 @@ class Aggregator:
             kind = self.cfg.evaluation.metric if self.cfg.evaluation is not None else None
             event(log, "model.evaluated", version=version, metric=metric, kind=kind)
         epoch = self.granter.epoch
-        return publish.build_release(version, shared, self.cfg.model, self.cfg.aggregator.federation, core.keys,
-                                     self.topics, self.client.chunk_limit,
-                                     self._onnx if self.cfg.publish.onnx else None,
-                                     epoch=epoch.number, content_key=epoch.key, metric=metric)
+        return publish.build_release(
+            version,
+            shared,
+            self.cfg.model,
+            self.cfg.aggregator.federation,
+            core.keys,
+            self.topics,
+            self.client.chunk_limit,
+            self._onnx if self.cfg.publish.onnx else None,
+            epoch=epoch.number,
+            content_key=epoch.key,
+            metric=metric,
+        )
 
     async def _publisher(self, client: MqttClient) -> None:
         loop = asyncio.get_running_loop()
@@ -317,8 +347,9 @@ class Aggregator:
                         if release.manifest["epoch"] != self.granter.epoch.number:
                             continue  # the key changed while it was built: build it again under the new one
                         await publish.publish_release(client, self.topics, release)
-                    await loop.run_in_executor(self._serial, core.store.mark_published, version,
-                                               release.weights_chunks, release.onnx_chunks)
+                    await loop.run_in_executor(
+                        self._serial, core.store.mark_published, version, release.weights_chunks, release.onnx_chunks
+                    )
                     self.published_version = version
                     self._release = release  # what a site that missed it gets again (catch-up)
                     self.published.set()
@@ -373,7 +404,7 @@ class Aggregator:
         core = self.core
         assert core is not None
         live = core.store.published_versions()
-        for version, wc, oc in live[:-self.cfg.publish.retain_versions]:
+        for version, wc, oc in live[: -self.cfg.publish.retain_versions]:
             items = [(t, b"") for t in publish.clear_topics(self.topics, version, wc, oc)]
             await client.publish_many(items, qos=1, retain=True)
             core.store.mark_cleared(version)

@@ -10,6 +10,7 @@ exceeds 1:
 - polynomial: f(s) = (s + 1) ** (-a)
 - hinge:      f(s) = 1 if s <= b else 1 / (a * (s - b) + 1)
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable

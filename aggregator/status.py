@@ -21,6 +21,7 @@ small file::
     username = "observer"
     password_file = "credentials/observer.password"
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -54,18 +55,27 @@ def load_status_config(path: str | Path) -> StatusConfig:
         agg = table["aggregator"]
         if not isinstance(agg, dict) or "federation" not in agg:
             raise ConfigError(path, "aggregator.federation", "missing")
-        table = {"federation": agg["federation"], "topic_prefix": agg.get("topic_prefix", "fedline"),
-                 "enrollment_file": agg.get("enrollment_file"), "broker": table.get("broker", {})}
+        table = {
+            "federation": agg["federation"],
+            "topic_prefix": agg.get("topic_prefix", "fedline"),
+            "enrollment_file": agg.get("enrollment_file"),
+            "broker": table.get("broker", {}),
+        }
         table = {k: v for k, v in table.items() if v is not None}
     cfg = parse(StatusConfig, table, file=path)
     b = cfg.broker
-    changes = {n: str(resolve_path(path, getattr(b, n))) for n in ("password_file", "ca_file", "cert_file",
-                                                                    "key_file") if getattr(b, n)}
+    changes = {
+        n: str(resolve_path(path, getattr(b, n)))
+        for n in ("password_file", "ca_file", "cert_file", "key_file")
+        if getattr(b, n)
+    }
     if not b.client_id:
         changes["client_id"] = f"fedline-status-{int(time.time() * 1000) % 1_000_000}"
-    return dataclasses.replace(cfg, broker=dataclasses.replace(b, clean_start=True, **changes),
-                               enrollment_file=str(resolve_path(path, cfg.enrollment_file))
-                               if cfg.enrollment_file else None)
+    return dataclasses.replace(
+        cfg,
+        broker=dataclasses.replace(b, clean_start=True, **changes),
+        enrollment_file=str(resolve_path(path, cfg.enrollment_file)) if cfg.enrollment_file else None,
+    )
 
 
 @dataclass
@@ -95,8 +105,12 @@ async def collect(cfg: StatusConfig, listen_s: float = 3.0) -> FederationView:
             view.site(s)
     async with MqttClient(cfg.broker) as client:
         await client.wait_connected(cfg.broker.timeout_s)
-        for flt in (topics.status_filter(), topics.manifest(), topics.receipts_filter(),
-                    topics.service_status_filter()):
+        for flt in (
+            topics.status_filter(),
+            topics.manifest(),
+            topics.receipts_filter(),
+            topics.service_status_filter(),
+        ):
             await client.subscribe(flt, qos=1)
         deadline = asyncio.get_running_loop().time() + listen_s
         while (left := deadline - asyncio.get_running_loop().time()) > 0:
@@ -143,10 +157,10 @@ def render(view: FederationView) -> str:
 
     m = view.manifest
     title = f"federation {view.federation}: model version " + (
-        f"{m['version']} (key epoch {m['epoch']}, sealed to the members)" if m else "unknown (no manifest)")
+        f"{m['version']} (key epoch {m['epoch']}, sealed to the members)" if m else "unknown (no manifest)"
+    )
     table = Table(title=title)
-    for col in ("site", "state", "status age", "base version", "ε spent", "publishing", "outbox",
-                "receipts (sealed)"):
+    for col in ("site", "state", "status age", "base version", "ε spent", "publishing", "outbox", "receipts (sealed)"):
         table.add_column(col)
     for name in sorted(view.sites):
         sv = view.sites[name]
@@ -154,18 +168,27 @@ def render(view: FederationView) -> str:
         eps = st.get("epsilon")
         budget = st.get("epsilon_budget")
         eps_txt = "-" if eps is None else f"{eps:.3g}" + (f" / {budget:g}" if budget else "")
-        table.add_row(name, str(st.get("state", "never seen")), _age(st.get("ts")), str(st.get("version", "-")),
-                      eps_txt, str(st.get("publishing", "-")), str(st.get("outbox_depth", "-")),
-                      str(sv.receipts["sealed"]) if sv.receipts else "-")
+        table.add_row(
+            name,
+            str(st.get("state", "never seen")),
+            _age(st.get("ts")),
+            str(st.get("version", "-")),
+            eps_txt,
+            str(st.get("publishing", "-")),
+            str(st.get("outbox_depth", "-")),
+            str(sv.receipts["sealed"]) if sv.receipts else "-",
+        )
     console = Console(width=140, record=True, file=open("/dev/null", "w"))
     console.print(table)
     totals = Counter()
     for sv in view.sites.values():
         totals.update(sv.receipts)
     online = sum(1 for sv in view.sites.values() if sv.status.get("state") == "online")
-    console.print(f"{len(view.sites)} sites, {online} online; receipts while listening: "
-                  + (f"{totals['sealed']} (sealed to their sites)" if totals else "none")
-                  + (f"; {view.bad_messages} unreadable messages" if view.bad_messages else ""))
+    console.print(
+        f"{len(view.sites)} sites, {online} online; receipts while listening: "
+        + (f"{totals['sealed']} (sealed to their sites)" if totals else "none")
+        + (f"; {view.bad_messages} unreadable messages" if view.bad_messages else "")
+    )
     return console.export_text()
 
 

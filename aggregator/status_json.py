@@ -10,6 +10,7 @@ Everything in it came from the broker's retained messages and the receipts
 seen while listening, exactly as ``fedline status`` prints it; nothing is read
 from the aggregator's disk.
 """
+
 from __future__ import annotations
 
 import time

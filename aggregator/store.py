@@ -30,6 +30,7 @@ was lost) gets its original verdict again; per site only the newest
 outbox still holds, so older ones are never asked for again). ``synchronous=NORMAL`` survives a
 killed process; ``fsync = true`` (FULL) also survives a power cut.
 """
+
 from __future__ import annotations
 
 import json
@@ -77,9 +78,17 @@ class Verdict:
 
     def receipt(self) -> dict[str, Any]:
         """The signed receipt's fields (DESIGN.md), plus detail, staleness and weight for people."""
-        return {"site": self.site, "counter": self.counter, "msg_id": self.msg_id, "verdict": self.verdict,
-                "reason": self.reason, "version": self.version, "detail": self.detail,
-                "staleness": self.staleness, "weight": self.weight}
+        return {
+            "site": self.site,
+            "counter": self.counter,
+            "msg_id": self.msg_id,
+            "verdict": self.verdict,
+            "reason": self.reason,
+            "version": self.version,
+            "detail": self.detail,
+            "staleness": self.staleness,
+            "weight": self.weight,
+        }
 
 
 @dataclass(frozen=True)
@@ -130,7 +139,7 @@ class Store:
         try:
             view = memoryview(data)
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
             if self._fsync:
                 os.fsync(fd)
         finally:
@@ -151,7 +160,7 @@ class Store:
         offset = os.fstat(fd).st_size  # after any torn tail of a crashed write: never pointed at
         view = memoryview(data)
         while view:
-            view = view[os.write(fd, view):]
+            view = view[os.write(fd, view) :]
         if self._fsync:
             os.fsync(fd)
         return offset
@@ -207,7 +216,9 @@ class Store:
         with self._lock:
             row = self._db.execute(
                 "SELECT site, counter, msg_id, verdict, reason, detail, version, staleness, weight "
-                "FROM verdicts WHERE site = ? AND counter = ?", (site, counter)).fetchone()
+                "FROM verdicts WHERE site = ? AND counter = ?",
+                (site, counter),
+            ).fetchone()
         return Verdict(*row) if row else None
 
     def max_counter(self, site: str) -> int | None:
@@ -217,10 +228,11 @@ class Store:
 
     @staticmethod
     def _verdict_sql(v: Verdict) -> tuple[str, tuple[Any, ...]]:
-        return ("INSERT OR REPLACE INTO verdicts (site, counter, msg_id, verdict, reason, detail, version, "
-                "staleness, weight, decided_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (v.site, v.counter, v.msg_id, v.verdict, v.reason, v.detail, v.version, v.staleness, v.weight,
-                 time.time()))
+        return (
+            "INSERT OR REPLACE INTO verdicts (site, counter, msg_id, verdict, reason, detail, version, "
+            "staleness, weight, decided_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (v.site, v.counter, v.msg_id, v.verdict, v.reason, v.detail, v.version, v.staleness, v.weight, time.time()),
+        )
 
     def record(self, v: Verdict) -> None:
         """A verdict that changes no model state (rejected, stale)."""
@@ -234,12 +246,14 @@ class Store:
         with self._lock:
             rows = self._db.execute(
                 "SELECT site, counter, msg_id, verdict, reason, detail, version, staleness, weight "
-                "FROM verdicts ORDER BY decided_at").fetchall()
+                "FROM verdicts ORDER BY decided_at"
+            ).fetchall()
         return [Verdict(*r) for r in rows]
 
     # -- the FedBuff buffer ------------------------------------------------------------
-    def add_buffered(self, row: BufferedRow, v: Verdict, sealed: bytes, generation: int,
-                     replaces: Verdict | None = None) -> None:
+    def add_buffered(
+        self, row: BufferedRow, v: Verdict, sealed: bytes, generation: int, replaces: Verdict | None = None
+    ) -> None:
         """The sealed update (bytes first) and its ``buffered`` verdict, in one transaction.
 
         ``generation`` (the current version) names the log segment: a reduce empties the buffer, so
@@ -252,29 +266,55 @@ class Store:
             offset = self._append(name, sealed)
             drop: list[tuple[str, tuple[Any, ...]]] = []
             if replaces is not None:
-                drop = [("DELETE FROM buffer WHERE site = ? AND counter = ?", (replaces.site, replaces.counter)),
-                        self._verdict_sql(replaces)]
-            self._tx([
-                *drop,
-                ("INSERT INTO buffer (site, counter, msg_id, base_version, n_samples, staleness, factor, weight, "
-                 "file, offset, length) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                 (row.site, row.counter, row.msg_id, row.base_version, row.n_samples, row.staleness, row.factor,
-                  row.weight, name, offset, len(sealed))),
-                self._verdict_sql(v),
-            ])
+                drop = [
+                    ("DELETE FROM buffer WHERE site = ? AND counter = ?", (replaces.site, replaces.counter)),
+                    self._verdict_sql(replaces),
+                ]
+            self._tx(
+                [
+                    *drop,
+                    (
+                        "INSERT INTO buffer (site, counter, msg_id, base_version, n_samples, staleness, factor, weight, "
+                        "file, offset, length) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (
+                            row.site,
+                            row.counter,
+                            row.msg_id,
+                            row.base_version,
+                            row.n_samples,
+                            row.staleness,
+                            row.factor,
+                            row.weight,
+                            name,
+                            offset,
+                            len(sealed),
+                        ),
+                    ),
+                    self._verdict_sql(v),
+                ]
+            )
 
     def buffered(self) -> list[tuple[BufferedRow, bytes]]:
         """Buffered updates in arrival order, each with its sealed bytes."""
         with self._lock:
             rows = self._db.execute(
                 "SELECT seq, site, counter, msg_id, base_version, n_samples, staleness, factor, weight, file, "
-                "offset, length FROM buffer ORDER BY seq").fetchall()
+                "offset, length FROM buffer ORDER BY seq"
+            ).fetchall()
         return [(BufferedRow(*r[:10]), self._read_blob(r[9], r[10], r[11])) for r in rows]
 
     # -- checkpoints ---------------------------------------------------------------------
-    def commit_version(self, version: int, weights: bytes, momentum: bytes | None, lineage: dict[str, Any],
-                       applied: list[Verdict], keep: int, metric: float | None = None,
-                       keep_verdicts: int | None = None) -> None:
+    def commit_version(
+        self,
+        version: int,
+        weights: bytes,
+        momentum: bytes | None,
+        lineage: dict[str, Any],
+        applied: list[Verdict],
+        keep: int,
+        metric: float | None = None,
+        keep_verdicts: int | None = None,
+    ) -> None:
         """New checkpoint + its updates' ``applied`` verdicts + empty buffer, atomically; prune old blobs.
 
         With ``keep_verdicts``, each site in ``applied`` also loses the (non-buffered) verdicts more than
@@ -285,22 +325,34 @@ class Store:
         m = self._write_blob(f"model-{version}.momentum", momentum) if momentum is not None else None
         with self._lock:
             dropped_buffer = sorted({r[0] for r in self._db.execute("SELECT file FROM buffer")})
-            pruned = self._db.execute("SELECT weights, momentum FROM checkpoints WHERE version <= ? AND "
-                                      "weights IS NOT NULL", (version - keep,)).fetchall()
+            pruned = self._db.execute(
+                "SELECT weights, momentum FROM checkpoints WHERE version <= ? AND weights IS NOT NULL",
+                (version - keep,),
+            ).fetchall()
             stmts: list[tuple[str, tuple[Any, ...]]] = [
-                ("INSERT INTO checkpoints (version, created_at, weights, momentum, lineage, metric) "
-                 "VALUES (?, ?, ?, ?, ?, ?)", (version, time.time(), w, m, json.dumps(lineage), metric)),
+                (
+                    "INSERT INTO checkpoints (version, created_at, weights, momentum, lineage, metric) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (version, time.time(), w, m, json.dumps(lineage), metric),
+                ),
                 ("DELETE FROM buffer", ()),
-                ("UPDATE checkpoints SET weights = NULL, momentum = NULL WHERE version <= ? AND weights IS NOT NULL",
-                 (version - keep,)),
+                (
+                    "UPDATE checkpoints SET weights = NULL, momentum = NULL WHERE version <= ? AND weights IS NOT NULL",
+                    (version - keep,),
+                ),
             ]
             stmts += [self._verdict_sql(v) for v in applied]
             if keep_verdicts is not None:
                 newest: dict[str, int] = {}
                 for v in applied:
                     newest[v.site] = max(newest.get(v.site, v.counter), v.counter)
-                stmts += [("DELETE FROM verdicts WHERE site = ? AND counter <= ? AND verdict != 'buffered'",
-                           (site, top - keep_verdicts)) for site, top in newest.items()]
+                stmts += [
+                    (
+                        "DELETE FROM verdicts WHERE site = ? AND counter <= ? AND verdict != 'buffered'",
+                        (site, top - keep_verdicts),
+                    )
+                    for site, top in newest.items()
+                ]
             self._tx(stmts)
             # committed: the files no row names any more can go
             self._close_segment()
@@ -310,14 +362,21 @@ class Store:
     def _checkpoint(self, row: Any, blobs: bool = True) -> Checkpoint | None:
         if row is None:
             return None
-        return Checkpoint(row[0], row[1], self._read_blob(row[2]) if row[2] and blobs else None,
-                          self._read_blob(row[3]) if row[3] and blobs else None, json.loads(row[4]), row[5])
+        return Checkpoint(
+            row[0],
+            row[1],
+            self._read_blob(row[2]) if row[2] and blobs else None,
+            self._read_blob(row[3]) if row[3] and blobs else None,
+            json.loads(row[4]),
+            row[5],
+        )
 
     def latest_checkpoint(self) -> Checkpoint | None:
         with self._lock:
             row = self._db.execute(
                 "SELECT version, created_at, weights, momentum, lineage, metric FROM checkpoints "
-                "WHERE weights IS NOT NULL ORDER BY version DESC LIMIT 1").fetchone()
+                "WHERE weights IS NOT NULL ORDER BY version DESC LIMIT 1"
+            ).fetchone()
         return self._checkpoint(row)
 
     def checkpoint(self, version: int, blobs: bool = True) -> Checkpoint | None:
@@ -325,27 +384,41 @@ class Store:
         with self._lock:
             row = self._db.execute(
                 "SELECT version, created_at, weights, momentum, lineage, metric FROM checkpoints WHERE version = ?",
-                (version,)).fetchone()
+                (version,),
+            ).fetchone()
         return self._checkpoint(row, blobs)
 
     def kept_checkpoints(self) -> list[int]:
         with self._lock:
-            return [r[0] for r in self._db.execute(
-                "SELECT version FROM checkpoints WHERE weights IS NOT NULL ORDER BY version")]
+            return [
+                r[0]
+                for r in self._db.execute("SELECT version FROM checkpoints WHERE weights IS NOT NULL ORDER BY version")
+            ]
 
     def set_metric(self, version: int, metric: float) -> None:
         self._tx([("UPDATE checkpoints SET metric = ? WHERE version = ?", (metric, version))])
 
     # -- what is on the broker ------------------------------------------------------------
     def mark_published(self, version: int, weights_chunks: int, onnx_chunks: int) -> None:
-        self._tx([("INSERT OR REPLACE INTO published (version, weights_chunks, onnx_chunks, published_at, cleared) "
-                   "VALUES (?, ?, ?, ?, 0)", (version, weights_chunks, onnx_chunks, time.time()))])
+        self._tx(
+            [
+                (
+                    "INSERT OR REPLACE INTO published (version, weights_chunks, onnx_chunks, published_at, cleared) "
+                    "VALUES (?, ?, ?, ?, 0)",
+                    (version, weights_chunks, onnx_chunks, time.time()),
+                )
+            ]
+        )
 
     def published_versions(self, cleared: bool = False) -> list[tuple[int, int, int]]:
         with self._lock:
-            return [tuple(r) for r in self._db.execute(
-                "SELECT version, weights_chunks, onnx_chunks FROM published WHERE cleared = ? ORDER BY version",
-                (1 if cleared else 0,))]
+            return [
+                tuple(r)
+                for r in self._db.execute(
+                    "SELECT version, weights_chunks, onnx_chunks FROM published WHERE cleared = ? ORDER BY version",
+                    (1 if cleared else 0,),
+                )
+            ]
 
     def mark_cleared(self, version: int) -> None:
         self._tx([("UPDATE published SET cleared = 1 WHERE version = ?", (version,))])

@@ -14,6 +14,7 @@ a short reason (for counters and receipts) and a detail (for people):
 These run in worker threads (numpy releases the GIL), before the serial
 decision that checks staleness and duplicates against the live state.
 """
+
 from __future__ import annotations
 
 import math
@@ -35,9 +36,13 @@ class ValidationError(Exception):
         super().__init__(f"{reason}: {detail}")
 
 
-def check_update(header: UpdateHeader, tensors: Mapping[str, np.ndarray],
-                 reference: Mapping[str, tuple[int, ...]], cfg: ValidationConfig,
-                 max_norm: float | None = None) -> float:
+def check_update(
+    header: UpdateHeader,
+    tensors: Mapping[str, np.ndarray],
+    reference: Mapping[str, tuple[int, ...]],
+    cfg: ValidationConfig,
+    max_norm: float | None = None,
+) -> float:
     """Raise :class:`ValidationError` or return the delta's L2 norm.
 
     ``max_norm`` is the bound in force (:func:`aggregator.normbound.effective_bounds`); by default
@@ -47,20 +52,24 @@ def check_update(header: UpdateHeader, tensors: Mapping[str, np.ndarray],
     if max_norm is None:
         raise ValueError("no max_norm: pass the bound derived from [dp]")
     if not cfg.min_samples <= header.n_samples <= cfg.max_samples:
-        raise ValidationError("samples", f"n_samples {header.n_samples} is outside "
-                                         f"[{cfg.min_samples}, {cfg.max_samples}]")
+        raise ValidationError(
+            "samples", f"n_samples {header.n_samples} is outside [{cfg.min_samples}, {cfg.max_samples}]"
+        )
     if list(tensors) != list(reference):
         missing = [n for n in reference if n not in tensors]
         extra = [n for n in tensors if n not in reference]
-        raise ValidationError("names", f"missing {missing}, unexpected {extra}" if missing or extra
-                              else "tensors are not in the model's order")
+        raise ValidationError(
+            "names",
+            f"missing {missing}, unexpected {extra}" if missing or extra else "tensors are not in the model's order",
+        )
     total = 0.0
     for name, arr in tensors.items():
         if arr.dtype != np.float32:
             raise ValidationError("dtype", f"{name!r} is {arr.dtype}, expected float32")
         if tuple(arr.shape) != tuple(reference[name]):
-            raise ValidationError("shape", f"{name!r} has shape {tuple(arr.shape)}, model expects "
-                                           f"{tuple(reference[name])}")
+            raise ValidationError(
+                "shape", f"{name!r} has shape {tuple(arr.shape)}, model expects {tuple(reference[name])}"
+            )
         flat = arr.reshape(-1)
         # one pass (BLAS sdot): a NaN or inf makes the sum non-finite; only then look for which it was
         with np.errstate(over="ignore", invalid="ignore"):  # overflow is handled just below

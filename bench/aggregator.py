@@ -27,6 +27,7 @@ Usage: ``python bench/aggregator.py`` (table) or ``--json`` (one JSON object);
 ``--sizes 10000,100000`` to choose. Flower is optional (``pip install flwr``
 into the venv for the benchmark only); without it, the table says so.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,6 +50,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(ROOT))
 
+from nacl.public import PrivateKey  # noqa: E402
+from nacl.signing import VerifyKey  # noqa: E402
+
 from aggregator import robust  # noqa: E402
 from aggregator.config import parse_config  # noqa: E402
 from aggregator.core import AggregatorCore  # noqa: E402
@@ -56,8 +60,6 @@ from broker_bridge import envelope  # noqa: E402
 from broker_bridge.envelope import UpdateHeader  # noqa: E402
 from broker_bridge.keys import Enrollment, KeyPair  # noqa: E402
 from broker_bridge.sealopen import seal_open  # noqa: E402
-from nacl.public import PrivateKey  # noqa: E402
-from nacl.signing import VerifyKey  # noqa: E402
 
 SIZES = (10_000, 100_000, 1_000_000)
 K = 10
@@ -89,11 +91,20 @@ def setup(root: Path, n_params: int, n_sites: int, workers: int, strategy: str):
         enr.add(s.public())
     h = hidden_for(n_params)
     table = {
-        "aggregator": {"federation": "bench", "key_file": "unused", "enrollment_file": "unused",
-                       "state_dir": str(root / "state"), "workers": workers},
+        "aggregator": {
+            "federation": "bench",
+            "key_file": "unused",
+            "enrollment_file": "unused",
+            "state_dir": str(root / "state"),
+            "workers": workers,
+        },
         "model": {"kind": "mlp", "n_features": N_FEATURES, "hidden": [h, h], "personal": ["head."]},
-        "strategy": {"kind": strategy, "buffer_size": K, "max_staleness": 1000,
-                     "min_sites": 1 if strategy == "fedasync" else 3},
+        "strategy": {
+            "kind": strategy,
+            "buffer_size": K,
+            "max_staleness": 1000,
+            "min_sites": 1 if strategy == "fedasync" else 3,
+        },
         "validation": {"max_norm": 1e9},
     }
     core = AggregatorCore(parse_config(table), keys=agg, enrollment=enr)
@@ -135,10 +146,10 @@ def open_and_add(box: PrivateKey, blob: bytes, acc: dict[str, np.ndarray], weigh
     """
     inner = seal_open(memoryview(blob)[4:], box)
     slen = inner[4]
-    site, vk, sig = inner[5:5 + slen], bytes(inner[5 + slen:37 + slen]), bytes(inner[37 + slen:101 + slen])
-    plain = inner[101 + slen:]
-    VerifyKey(vk).verify(envelope.digest(site, envelope._UPDATE_DOMAIN, b"\x00", plain), sig)  # noqa: SLF001
-    _, rest = envelope._decode_update_header(plain)  # noqa: SLF001
+    site, vk, sig = inner[5 : 5 + slen], bytes(inner[5 + slen : 37 + slen]), bytes(inner[37 + slen : 101 + slen])
+    plain = inner[101 + slen :]
+    VerifyKey(vk).verify(envelope.digest(site, envelope._UPDATE_DOMAIN, b"\x00", plain), sig)
+    _, rest = envelope._decode_update_header(plain)
     for k, a in envelope.decode_tensors(rest).items():
         robust.add_scaled(acc[k], a, weight)
 
@@ -218,13 +229,27 @@ def rss_child(n_sites: int, n_params: int, n_updates: int) -> None:
             pass
         peak = peak_rss_mb()
         core.close()
-    print(json.dumps({"sites": n_sites, "params": sum(v.size for v in core.model.values()), "updates": n_updates,
-                      "peak_rss_mb": peak, "rss_before_intake_mb": base}))
+    print(
+        json.dumps(
+            {
+                "sites": n_sites,
+                "params": sum(v.size for v in core.model.values()),
+                "updates": n_updates,
+                "peak_rss_mb": peak,
+                "rss_before_intake_mb": base,
+            }
+        )
+    )
 
 
 def measure_rss(n_sites: int = 1000, n_params: int = 100_000, n_updates: int = 200) -> dict[str, Any]:
-    out = subprocess.run([sys.executable, __file__, "--rss-child", f"{n_sites},{n_params},{n_updates}"],
-                         capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    out = subprocess.run(
+        [sys.executable, __file__, "--rss-child", f"{n_sites},{n_params},{n_updates}"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
     if out.returncode != 0:
         raise SystemExit(f"the RSS measurement failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -250,38 +275,59 @@ def main(argv: list[str] | None = None) -> int:
     rows = [measure(int(s), args.workers, args.repeats) for s in args.sizes.split(",")]
     rss = None if args.no_rss else measure_rss()
     load_after = os.getloadavg()[0]
-    result = {"benchmark": "aggregator", "cpus": os.cpu_count(), "python": platform.python_version(),
-              "load_average": [round(load_before, 2), round(load_after, 2)],
-              "workers": args.workers, "buffer_size": K,
-              "flower": fl[3] if fl else None, "rows": rows, "rss_1000_sites": rss}
+    result = {
+        "benchmark": "aggregator",
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "load_average": [round(load_before, 2), round(load_after, 2)],
+        "workers": args.workers,
+        "buffer_size": K,
+        "flower": fl[3] if fl else None,
+        "rows": rows,
+        "rss_1000_sites": rss,
+    }
     if args.json:
         print(json.dumps(result))
         return 0
-    print(f"fedline aggregator: sealed updates/s through intake + FedBuff(K={K}) reduce, "
-          f"{args.workers} worker threads, {os.cpu_count()} CPUs")
+    print(
+        f"fedline aggregator: sealed updates/s through intake + FedBuff(K={K}) reduce, "
+        f"{args.workers} worker threads, {os.cpu_count()} CPUs"
+    )
     if not fl:
-        print("Flower baseline: NOT MEASURED - flwr is not installed (pip install flwr into the venv for the "
-              "benchmark only)")
-    print(f"load average {load_before:.1f} before, {load_after:.1f} after (other work on the machine slows every "
-          "column; CPU ms per update is less affected)")
-    head = f"{'params':>10} {'sealed KB':>10} {'fedline/s':>10} {'limit/s':>10} {'flower/s':>10} " \
-           f"{'vs limit':>9} {'per core':>9} {'vs flower':>10} {'CPU ms/update: fedline':>23} {'limit':>6} {'flower':>7}"
+        print(
+            "Flower baseline: NOT MEASURED - flwr is not installed (pip install flwr into the venv for the "
+            "benchmark only)"
+        )
+    print(
+        f"load average {load_before:.1f} before, {load_after:.1f} after (other work on the machine slows every "
+        "column; CPU ms per update is less affected)"
+    )
+    head = (
+        f"{'params':>10} {'sealed KB':>10} {'fedline/s':>10} {'limit/s':>10} {'flower/s':>10} "
+        f"{'vs limit':>9} {'per core':>9} {'vs flower':>10} {'CPU ms/update: fedline':>23} {'limit':>6} {'flower':>7}"
+    )
     print(head)
     print("-" * len(head))
     for r in rows:
         fl_s = f"{r['flower_per_s']:10.1f}" if fl else f"{'n/a':>10}"
         vs = f"{r['fedline_vs_flower']:9.2f}x" if fl else f"{'n/a':>10}"
         fl_cpu = f"{r['flower_cpu_ms_per_update']:7.3f}" if fl else f"{'n/a':>7}"
-        print(f"{r['params']:>10,} {r['sealed_bytes'] / 1024:10.1f} {r['fedline_per_s']:10.1f} "
-              f"{r['limit_per_s']:10.1f} {fl_s} {r['fedline_vs_limit']:8.2f}x {r['fedline_vs_limit_per_core']:8.2f}x {vs} "
-              f"{r['fedline_cpu_ms_per_update']:23.3f} {r['limit_cpu_ms_per_update']:6.3f} {fl_cpu}")
-    print("limit = SealedBox decrypt + signature verify + numpy weighted add, one loop on one core; per core = limit "
-          "CPU / fedline CPU per update; flower = flwr "
-          f"{fl[3] if fl else '(missing)'} parameters_to_ndarrays + aggregate (no decryption)")
+        print(
+            f"{r['params']:>10,} {r['sealed_bytes'] / 1024:10.1f} {r['fedline_per_s']:10.1f} "
+            f"{r['limit_per_s']:10.1f} {fl_s} {r['fedline_vs_limit']:8.2f}x {r['fedline_vs_limit_per_core']:8.2f}x {vs} "
+            f"{r['fedline_cpu_ms_per_update']:23.3f} {r['limit_cpu_ms_per_update']:6.3f} {fl_cpu}"
+        )
+    print(
+        "limit = SealedBox decrypt + signature verify + numpy weighted add, one loop on one core; per core = limit "
+        "CPU / fedline CPU per update; flower = flwr "
+        f"{fl[3] if fl else '(missing)'} parameters_to_ndarrays + aggregate (no decryption)"
+    )
     if rss:
-        print(f"peak RSS with {rss['sites']:,} enrolled sites, {rss['updates']} updates of {rss['params']:,} params: "
-              f"{rss['peak_rss_mb']:.0f} MB (before intake {rss['rss_before_intake_mb']:.0f} MB, most of it torch, "
-              "loaded to build version 0 and export ONNX)")
+        print(
+            f"peak RSS with {rss['sites']:,} enrolled sites, {rss['updates']} updates of {rss['params']:,} params: "
+            f"{rss['peak_rss_mb']:.0f} MB (before intake {rss['rss_before_intake_mb']:.0f} MB, most of it torch, "
+            "loaded to build version 0 and export ONNX)"
+        )
     return 0
 
 

@@ -29,6 +29,7 @@ site per version), and the final ROC AUC per site on its held-out rows.
 Usage: ``python bench/e2e.py`` (table) or ``python bench/e2e.py --json`` (one JSON object).
 The machine's other load counts: run it on a quiet machine for figures to quote.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,8 +63,16 @@ def training_configs(data: DemoData) -> dict[str, Any]:
     from edge.config import TrainingConfig
     from fedline.demo.workspace import dp_batch_size
 
-    return {s.site: TrainingConfig(epochs=EPOCHS, batch_size=dp_batch_size(len(s.train_rows), BATCH_FRACTION),
-                                   lr=LR, momentum=MOMENTUM, threads=1) for s in data.sites}
+    return {
+        s.site: TrainingConfig(
+            epochs=EPOCHS,
+            batch_size=dp_batch_size(len(s.train_rows), BATCH_FRACTION),
+            lr=LR,
+            momentum=MOMENTUM,
+            threads=1,
+        )
+        for s in data.sites
+    }
 
 
 def privacy_config():
@@ -77,14 +86,27 @@ def demo_strategy() -> dict[str, Any]:
     from fedline.demo.workspace import Tuning
 
     t = Tuning()
-    return {"kind": "fedbuff", "buffer_size": t.buffer_size, "staleness": t.staleness, "a": t.staleness_a,
-            "max_staleness": t.max_staleness, "server_lr": t.server_lr, "buffer_timeout_s": t.buffer_timeout_s}
+    return {
+        "kind": "fedbuff",
+        "buffer_size": t.buffer_size,
+        "staleness": t.staleness,
+        "a": t.staleness_a,
+        "max_staleness": t.max_staleness,
+        "server_lr": t.server_lr,
+        "buffer_timeout_s": t.buffer_timeout_s,
+    }
 
 
 def model_doc(data: DemoData) -> dict[str, Any]:
     mean, scale = data.input_standardisation()  # the demo's nominal operating point (fixed, public)
-    return {"kind": "mlp", "n_features": 5, "hidden": HIDDEN, "task": "classification",
-            "input_mean": mean, "input_scale": scale}
+    return {
+        "kind": "mlp",
+        "n_features": 5,
+        "hidden": HIDDEN,
+        "task": "classification",
+        "input_mean": mean,
+        "input_scale": scale,
+    }
 
 
 def spec(data: DemoData):
@@ -103,12 +125,19 @@ def plain_loop(data: DemoData, dp: bool) -> dict[str, Any]:
 
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    r = fedavg(data, spec(data), VERSIONS, training_configs(data), privacy_config() if dp else None,
-               evaluate_each_round=False)
+    r = fedavg(
+        data, spec(data), VERSIONS, training_configs(data), privacy_config() if dp else None, evaluate_each_round=False
+    )
     wall = time.perf_counter() - t0
     auc = {s.site: evaluate(data, lambda x: predict(spec(data), r.params, x), i) for i, s in enumerate(data.sites)}
-    return {"wall_s": wall, "auc": auc, "epsilon": r.epsilon, "n_params": r.n_params, "transfers": r.transfers,
-            "peak_rss_mb": psutil.Process().memory_info().rss / 2**20}
+    return {
+        "wall_s": wall,
+        "auc": auc,
+        "epsilon": r.epsilon,
+        "n_params": r.n_params,
+        "transfers": r.transfers,
+        "peak_rss_mb": psutil.Process().memory_info().rss / 2**20,
+    }
 
 
 # --------------------------------------------------------------------------- the chain
@@ -127,30 +156,65 @@ def write_configs(data: DemoData, root: Path, broker_urls: dict[str, str]) -> di
         write_csv(d / "history.csv", data.columns, s.train_rows)
         t = tcfg[s.site]
         doc = {
-            "site": s.site, "federation": "bench", "data_dir": "state", "model_dir": "models",
+            "site": s.site,
+            "federation": "bench",
+            "data_dir": "state",
+            "model_dir": "models",
             "status_interval_s": 60.0,
             "keys": {"private": str(ws.keys / f"{s.site}.key"), "enrollment": str(ws.keys / "enrollment.json")},
-            "broker": {"url": broker_urls[s.site], "username": s.site, "password_file": str(ws.credentials(s.site)),
-                       "client_id": f"edge-{s.site}", "backoff_min_s": 0.1, "backoff_max_s": 1.0},
+            "broker": {
+                "url": broker_urls[s.site],
+                "username": s.site,
+                "password_file": str(ws.credentials(s.site)),
+                "client_id": f"edge-{s.site}",
+                "backoff_min_s": 0.1,
+                "backoff_max_s": 1.0,
+            },
             "sources": [{"kind": "csv", "name": "history", "path": "history.csv"}],
-            "rows": rows_table(data), "model": model, "dataset": {"holdout_fraction": 0.0},
+            "rows": rows_table(data),
+            "model": model,
+            "dataset": {"holdout_fraction": 0.0},
             # as in the demo: a round as soon as a new global version arrives, a timer only as the fallback
-            "training": {"every_rows": 1_000_000, "every_s": 5.0, "on_new_model": True, "min_rows": 20,
-                         "epochs": t.epochs,
-                         "batch_size": t.batch_size, "lr": t.lr, "momentum": t.momentum, "threads": 1},
+            "training": {
+                "every_rows": 1_000_000,
+                "every_s": 5.0,
+                "on_new_model": True,
+                "min_rows": 20,
+                "epochs": t.epochs,
+                "batch_size": t.batch_size,
+                "lr": t.lr,
+                "momentum": t.momentum,
+                "threads": 1,
+            },
             "privacy": {"epsilon": 50.0, "delta": 1e-5, "noise_multiplier": NOISE, "max_grad_norm": CLIP},
         }
         paths[s.site] = write_toml(d / "site.toml", doc)
     agg = {
-        "aggregator": {"federation": "bench", "key_file": str(ws.keys / "aggregator.key"),
-                       "enrollment_file": str(ws.keys / "enrollment.json"), "state_dir": "state", "workers": 1},
+        "aggregator": {
+            "federation": "bench",
+            "key_file": str(ws.keys / "aggregator.key"),
+            "enrollment_file": str(ws.keys / "enrollment.json"),
+            "state_dir": "state",
+            "workers": 1,
+        },
         "model": model,
-        "broker": {"url": broker_urls["aggregator"], "username": "aggregator",
-                   "password_file": str(ws.credentials("aggregator")), "client_id": "aggregator",
-                   "backoff_min_s": 0.1, "backoff_max_s": 1.0},
+        "broker": {
+            "url": broker_urls["aggregator"],
+            "username": "aggregator",
+            "password_file": str(ws.credentials("aggregator")),
+            "client_id": "aggregator",
+            "backoff_min_s": 0.1,
+            "backoff_max_s": 1.0,
+        },
         "strategy": demo_strategy(),
-        "dp": dp_table([(len(s.train_rows), tcfg[s.site].batch_size) for s in data.sites],
-                       epochs=EPOCHS, lr=LR, momentum=MOMENTUM, clip_norm=CLIP, noise_multiplier=NOISE),
+        "dp": dp_table(
+            [(len(s.train_rows), tcfg[s.site].batch_size) for s in data.sites],
+            epochs=EPOCHS,
+            lr=LR,
+            momentum=MOMENTUM,
+            clip_norm=CLIP,
+            noise_multiplier=NOISE,
+        ),
         "publish": {"retain_versions": 2, "onnx": True},  # as in the demo: every version's ONNX is published
     }
     paths["aggregator"] = write_toml(root / "aggregator" / "aggregator.toml", agg)
@@ -201,8 +265,14 @@ async def chain(data: DemoData, timeout_s: float) -> dict[str, Any]:
                 if done:
                     weights[done[0]] = done[1]
 
-        obs = BrokerSettings(url=broker.url, username="observer", password=broker.password("observer"),
-                             client_id="bench-observer", backoff_min_s=0.1, backoff_max_s=1.0)
+        obs = BrokerSettings(
+            url=broker.url,
+            username="observer",
+            password=broker.password("observer"),
+            client_id="bench-observer",
+            backoff_min_s=0.1,
+            backoff_max_s=1.0,
+        )
         recorder = TrafficRecorder(obs, f"{topics.root}/#", on_message=on_message)
         await recorder.start()
         env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
@@ -211,12 +281,20 @@ async def chain(data: DemoData, timeout_s: float) -> dict[str, Any]:
         procs: dict[str, subprocess.Popen] = {}
         peak: dict[str, float] = {"mosquitto": 0.0}
         t0 = time.perf_counter()
-        for name, args in [("aggregator", ["aggregator", "--config", str(paths["aggregator"])]),
-                           *[(f"edge-{s}", ["edge", "--config", str(paths[s])]) for s in sites]]:
+        for name, args in [
+            ("aggregator", ["aggregator", "--config", str(paths["aggregator"])]),
+            *[(f"edge-{s}", ["edge", "--config", str(paths[s])]) for s in sites],
+        ]:
             cwd = paths["aggregator" if name == "aggregator" else name[5:]].parent
             with (logs / f"{name}.log").open("wb") as fh:
-                procs[name] = subprocess.Popen([sys.executable, "-m", "fedline.cli", *args], cwd=cwd, stdout=fh,
-                                               stderr=subprocess.STDOUT, env=env, start_new_session=True)
+                procs[name] = subprocess.Popen(
+                    [sys.executable, "-m", "fedline.cli", *args],
+                    cwd=cwd,
+                    stdout=fh,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    start_new_session=True,
+                )
             peak[name] = 0.0
         handles = {n: psutil.Process(p.pid) for n, p in procs.items()}
         handles["mosquitto"] = psutil.Process(broker.proc.pid)  # type: ignore[union-attr]
@@ -254,7 +332,9 @@ async def chain(data: DemoData, timeout_s: float) -> dict[str, Any]:
         n_params = int(sum(a.size for a in shared.values()))
         auc = {s.site: evaluate(data, lambda x: predict(spec(data), shared, x), i) for i, s in enumerate(data.sites)}
         updates = sum(1 for m in recorder.messages if topics.parse(m.topic).kind == "update")
-        update_msgs = len({m.topic.rsplit("/", 1)[0] for m in recorder.messages if topics.parse(m.topic).kind == "update"})
+        update_msgs = len(
+            {m.topic.rsplit("/", 1)[0] for m in recorder.messages if topics.parse(m.topic).kind == "update"}
+        )
         wire = sum(p.stats.total for p in proxies.values())
         by_kind: dict[str, int] = {}
         for m in recorder.messages:
@@ -266,14 +346,24 @@ async def chain(data: DemoData, timeout_s: float) -> dict[str, Any]:
         per_site = {}
         for log in logs.glob("edge-*.log"):
             per_site[log.stem[5:]] = log.read_text().count("update.sealed")
-        return {"wall_s": wall, "after_startup_s": after_start, "auc": auc, "peak_rss_mb": peak,
-                "bytes_on_wire": wire, "logical_bytes": logical, "transfers": transfers, "n_params": n_params,
-                "update_chunks": updates, "updates": update_msgs, "updates_per_site": per_site,
-                "wire_by_party": {n: p.stats.total for n, p in proxies.items()},
-                "wire_up_by_party": {n: p.stats.bytes_up for n, p in proxies.items()},
-                "wire_down_by_party": {n: p.stats.bytes_down for n, p in proxies.items()},
-                "published_bytes_by_kind": by_kind,
-                "model_crypto": model_crypto_cost(final["weights"]["size"], final["onnx"]["size"], len(sites), wall)}
+        return {
+            "wall_s": wall,
+            "after_startup_s": after_start,
+            "auc": auc,
+            "peak_rss_mb": peak,
+            "bytes_on_wire": wire,
+            "logical_bytes": logical,
+            "transfers": transfers,
+            "n_params": n_params,
+            "update_chunks": updates,
+            "updates": update_msgs,
+            "updates_per_site": per_site,
+            "wire_by_party": {n: p.stats.total for n, p in proxies.items()},
+            "wire_up_by_party": {n: p.stats.bytes_up for n, p in proxies.items()},
+            "wire_down_by_party": {n: p.stats.bytes_down for n, p in proxies.items()},
+            "published_bytes_by_kind": by_kind,
+            "model_crypto": model_crypto_cost(final["weights"]["size"], final["onnx"]["size"], len(sites), wall),
+        }
 
 
 def model_crypto_cost(weights_size: int, onnx_size: int, n_sites: int, wall_s: float) -> dict[str, Any]:
@@ -286,9 +376,15 @@ def model_crypto_cost(weights_size: int, onnx_size: int, n_sites: int, wall_s: f
 
     agg, key = KeyPair.generate("aggregator", "aggregator"), new_content_key()
     w, o = os.urandom(weights_size), os.urandom(onnx_size)
-    doc = {"federation": "bench", "version": 1, "epoch": 1, "created_at": 0.0, "spec": {},
-           "weights": {"hash": "0" * 64, "size": weights_size, "chunks": 1},
-           "onnx": {"hash": "0" * 64, "size": onnx_size, "chunks": 1}}
+    doc = {
+        "federation": "bench",
+        "version": 1,
+        "epoch": 1,
+        "created_at": 0.0,
+        "spec": {},
+        "weights": {"hash": "0" * 64, "size": weights_size, "chunks": 1},
+        "onnx": {"hash": "0" * 64, "size": onnx_size, "chunks": 1},
+    }
     signed = envelope.sign_manifest(doc, agg)
     keyring, pub = Keyring({1: key}), bytes(agg.signing_key.verify_key)
 
@@ -302,15 +398,26 @@ def model_crypto_cost(weights_size: int, onnx_size: int, n_sites: int, wall_s: f
 
     sw, so = envelope.seal_for_federation(w, key), envelope.seal_for_federation(o, key)
     sm = seal_manifest(signed, 1, 1, key)
-    seal_s = timed(lambda: (envelope.seal_for_federation(w, key), envelope.seal_for_federation(o, key),
-                            seal_manifest(signed, 1, 1, key)))
+    seal_s = timed(
+        lambda: (
+            envelope.seal_for_federation(w, key),
+            envelope.seal_for_federation(o, key),
+            seal_manifest(signed, 1, 1, key),
+        )
+    )
     open_s = timed(lambda: (open_manifest(sm, keyring, pub), envelope.open_for_federation(sw, key)))
     open_onnx_s = timed(lambda: envelope.open_for_federation(so, key))  # each line in manifest mode
     per_version = seal_s + n_sites * (open_s + open_onnx_s)
     total = per_version * (VERSIONS + 1)
-    return {"seal_per_version_s": seal_s, "open_per_site_per_version_s": open_s + open_onnx_s,
-            "per_version_s": per_version, "total_s": total, "share_of_chain": total / wall_s,
-            "weights_bytes": weights_size, "onnx_bytes": onnx_size}
+    return {
+        "seal_per_version_s": seal_s,
+        "open_per_site_per_version_s": open_s + open_onnx_s,
+        "per_version_s": per_version,
+        "total_s": total,
+        "share_of_chain": total / wall_s,
+        "weights_bytes": weights_size,
+        "onnx_bytes": onnx_size,
+    }
 
 
 def main() -> int:
@@ -325,20 +432,25 @@ def main() -> int:
     result = {
         "task": "AI4I 2020, sites L/M/H (80/20), MLP 5-32-32-1, 2 epochs/update, 10 versions, DP-SGD + sealing",
         "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},
-        "plain_loop_no_dp": plain_nodp, "plain_loop_dp": plain_dp, "chain": ch,
+        "plain_loop_no_dp": plain_nodp,
+        "plain_loop_dp": plain_dp,
+        "chain": ch,
         "ratio_wall_vs_plain_dp": ch["wall_s"] / plain_dp["wall_s"],
-        "ratio_wall_after_startup_vs_plain_dp": (ch["after_startup_s"] / plain_dp["wall_s"]
-                                                 if ch["after_startup_s"] else None),
+        "ratio_wall_after_startup_vs_plain_dp": (
+            ch["after_startup_s"] / plain_dp["wall_s"] if ch["after_startup_s"] else None
+        ),
         "ratio_wire_vs_logical": ch["bytes_on_wire"] / ch["logical_bytes"],
         # every transfer counted once, at its receiver (what arrives at the aggregator and the sites)
         "ratio_delivered_vs_logical": sum(ch["wire_down_by_party"].values()) / ch["logical_bytes"],
         "model_crypto_share_of_chain": ch["model_crypto"]["share_of_chain"],
         "targets": {"wall_vs_plain_dp": 3.0, "wire_vs_logical": 1.3, "model_crypto_share_of_chain": 0.05},
-        "notes": ["bytes_on_wire counts both links of every message (sender to broker, broker to receiver): a "
-                  "broker carries each update twice, so this is about 2x what a direct connection would carry; "
-                  "ratio_delivered_vs_logical counts each transfer once, at its receiver",
-                  "status messages (published by each agent after every round and receipt) and signed receipts "
-                  "and manifests are protocol overhead beyond the logical payload"],
+        "notes": [
+            "bytes_on_wire counts both links of every message (sender to broker, broker to receiver): a "
+            "broker carries each update twice, so this is about 2x what a direct connection would carry; "
+            "ratio_delivered_vs_logical counts each transfer once, at its receiver",
+            "status messages (published by each agent after every round and receipt) and signed receipts "
+            "and manifests are protocol overhead beyond the logical payload",
+        ],
     }
     if args.json:
         print(json.dumps(result, default=float))
@@ -350,31 +462,51 @@ def main() -> int:
     for c in ("run", "wall s", "peak RSS MB", "bytes on wire", "× logical", *[f"AUC {s.site}" for s in data.sites]):
         t.add_column(c, justify="right" if c != "run" else "left")
     for name, r in (("plain loop, no DP", plain_nodp), ("plain loop, DP", plain_dp)):
-        t.add_row(name, f"{r['wall_s']:.1f}", f"{r['peak_rss_mb']:.0f} (1 process)", "0", "–",
-                  *[f"{r['auc'][s.site]:.3f}" for s in data.sites])
+        t.add_row(
+            name,
+            f"{r['wall_s']:.1f}",
+            f"{r['peak_rss_mb']:.0f} (1 process)",
+            "0",
+            "–",
+            *[f"{r['auc'][s.site]:.3f}" for s in data.sites],
+        )
     rss = ch["peak_rss_mb"]
-    t.add_row("chain (processes + Mosquitto)", f"{ch['wall_s']:.1f} ({ch['after_startup_s']:.1f} after start-up)",
-              f"{sum(rss.values()):.0f} ({len(rss)} processes)", f"{ch['bytes_on_wire'] / 1e6:.2f} MB",
-              f"{result['ratio_wire_vs_logical']:.2f}", *[f"{ch['auc'][s.site]:.3f}" for s in data.sites])
+    t.add_row(
+        "chain (processes + Mosquitto)",
+        f"{ch['wall_s']:.1f} ({ch['after_startup_s']:.1f} after start-up)",
+        f"{sum(rss.values()):.0f} ({len(rss)} processes)",
+        f"{ch['bytes_on_wire'] / 1e6:.2f} MB",
+        f"{result['ratio_wire_vs_logical']:.2f}",
+        *[f"{ch['auc'][s.site]:.3f}" for s in data.sites],
+    )
     console = Console()
     console.print(t)
     console.print("peak RSS per process (MB): " + ", ".join(f"{k} {v:.0f}" for k, v in rss.items()))
-    console.print(f"updates sent per site: {ch['updates_per_site']}; {ch['updates']} updates, "
-                  f"{ch['n_params']} parameters, logical payload {ch['logical_bytes'] / 1e6:.2f} MB "
-                  f"({ch['transfers']} transfers)")
-    console.print("bytes on the wire by party: " + ", ".join(f"{k} {v / 1e3:.0f} kB" for k, v in ch["wire_by_party"].items())
-                  + "; published once, by kind: " + ", ".join(f"{k} {v / 1e3:.0f} kB"
-                                                               for k, v in ch["published_bytes_by_kind"].items()))
+    console.print(
+        f"updates sent per site: {ch['updates_per_site']}; {ch['updates']} updates, "
+        f"{ch['n_params']} parameters, logical payload {ch['logical_bytes'] / 1e6:.2f} MB "
+        f"({ch['transfers']} transfers)"
+    )
+    console.print(
+        "bytes on the wire by party: "
+        + ", ".join(f"{k} {v / 1e3:.0f} kB" for k, v in ch["wire_by_party"].items())
+        + "; published once, by kind: "
+        + ", ".join(f"{k} {v / 1e3:.0f} kB" for k, v in ch["published_bytes_by_kind"].items())
+    )
     mc = ch["model_crypto"]
-    console.print(f"model crypto (members only): {mc['per_version_s'] * 1e3:.2f} ms per version (aggregator seals "
-                  f"{mc['seal_per_version_s'] * 1e3:.2f} ms, each site opens {mc['open_per_site_per_version_s'] * 1e3:.2f}"
-                  f" ms; weights {mc['weights_bytes']} B, ONNX {mc['onnx_bytes']} B), {mc['total_s'] * 1e3:.1f} ms "
-                  f"over the run = {100 * mc['share_of_chain']:.2f} % of the chain's wall time (target ≤ 5 %)")
-    console.print(f"chain / plain loop with DP: {result['ratio_wall_vs_plain_dp']:.1f}× "
-                  f"({result['ratio_wall_after_startup_vs_plain_dp']:.1f}× after start-up; target 3×); "
-                  f"wire / logical: {result['ratio_wire_vs_logical']:.2f}× counting both links of every message "
-                  f"(target 1.3×), {result['ratio_delivered_vs_logical']:.2f}× counting each transfer once at its "
-                  f"receiver")
+    console.print(
+        f"model crypto (members only): {mc['per_version_s'] * 1e3:.2f} ms per version (aggregator seals "
+        f"{mc['seal_per_version_s'] * 1e3:.2f} ms, each site opens {mc['open_per_site_per_version_s'] * 1e3:.2f}"
+        f" ms; weights {mc['weights_bytes']} B, ONNX {mc['onnx_bytes']} B), {mc['total_s'] * 1e3:.1f} ms "
+        f"over the run = {100 * mc['share_of_chain']:.2f} % of the chain's wall time (target ≤ 5 %)"
+    )
+    console.print(
+        f"chain / plain loop with DP: {result['ratio_wall_vs_plain_dp']:.1f}× "
+        f"({result['ratio_wall_after_startup_vs_plain_dp']:.1f}× after start-up; target 3×); "
+        f"wire / logical: {result['ratio_wire_vs_logical']:.2f}× counting both links of every message "
+        f"(target 1.3×), {result['ratio_delivered_vs_logical']:.2f}× counting each transfer once at its "
+        f"receiver"
+    )
     return 0
 
 

@@ -21,6 +21,7 @@ ranges, label = machine failure):
 
     .venv/bin/python bench/edge.py [--json] [--repeats 3]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 AI4I = REPO / "data" / "ai4i2020.csv"
-RANGES = {"Air temperature [K]": (295.0, 305.0), "Process temperature [K]": (305.0, 314.0),
-          "Rotational speed [rpm]": (1100.0, 2900.0), "Torque [Nm]": (0.0, 80.0), "Tool wear [min]": (0.0, 260.0)}
+RANGES = {
+    "Air temperature [K]": (295.0, 305.0),
+    "Process temperature [K]": (305.0, 314.0),
+    "Rotational speed [rpm]": (1100.0, 2900.0),
+    "Torque [Nm]": (0.0, 80.0),
+    "Tool wear [min]": (0.0, 260.0),
+}
 LABEL = "Machine failure"
 WINDOW = 16
 KINDS = {
@@ -91,11 +97,16 @@ def child_round(kind: str) -> dict[str, Any]:
     cpu0, wall0 = time.process_time(), time.perf_counter()
     result = train_round(spec, base, personal, x, y, cfg, dp, None)
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
-    return {"kind": kind, "examples": len(x), "params": int(sum(v.size for v in base.values())
-                                                                     + sum(v.size for v in personal.values())),
-            "steps": result.plan.steps, "rss_before_mb": round(rss_before, 1),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "cpu_s": round(cpu, 3), "wall_s": round(wall, 3)}
+    return {
+        "kind": kind,
+        "examples": len(x),
+        "params": int(sum(v.size for v in base.values()) + sum(v.size for v in personal.values())),
+        "steps": result.plan.steps,
+        "rss_before_mb": round(rss_before, 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "cpu_s": round(cpu, 3),
+        "wall_s": round(wall, 3),
+    }
 
 
 def _rss_mb() -> float:
@@ -109,8 +120,13 @@ def rounds(repeats: int) -> list[dict[str, Any]]:
     for kind in KINDS:
         runs = []
         for _ in range(repeats):
-            res = subprocess.run([sys.executable, __file__, "--child", kind], capture_output=True, text=True,
-                                 check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            res = subprocess.run(
+                [sys.executable, __file__, "--child", kind],
+                capture_output=True,
+                text=True,
+                check=True,
+                env={**os.environ, "OMP_NUM_THREADS": "1"},
+            )
             runs.append(json.loads(res.stdout.strip().splitlines()[-1]))
         best = min(runs, key=lambda r: r["cpu_s"])
         best["cpu_s_range"] = [min(r["cpu_s"] for r in runs), max(r["cpu_s"] for r in runs)]
@@ -129,12 +145,12 @@ federation = "test"
 data_dir = "state"
 model_dir = "models"
 [keys]
-private = "{tmp / 'keys' / 'site-a.key'}"
+private = "{tmp / "keys" / "site-a.key"}"
 enrollment = "{fed.enrollment_path}"
 [broker]
 url = "{broker_url}"
 username = "site-a"
-{f'password_file = "{password_file}"' if password_file else ''}
+{f'password_file = "{password_file}"' if password_file else ""}
 [[sources]]
 kind = "csv"
 path = "{AI4I}"
@@ -172,8 +188,12 @@ def idle_agent_rss() -> dict[str, Any]:
         broker = MosquittoProcess(tmp / "broker", federation="test", sites=["site-a"]).start()
         try:
             path = _site(tmp, broker.url, str(broker.paths["password:site-a"]), every_rows=10**9)
-            proc = subprocess.Popen([sys.executable, "-m", "fedline.cli", "edge", "--config", str(path)],
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "fedline.cli", "edge", "--config", str(path)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
             db = path.parent / "state" / "dataset.sqlite"
             deadline = time.monotonic() + 120
             import sqlite3
@@ -220,9 +240,12 @@ def trigger_to_outbox(repeats: int) -> dict[str, Any]:
     runs = asyncio.run(run())
     totals = [r["trigger_to_outbox_s"] for r in runs]
     trains = [r["train_s"] for r in runs]
-    return {"examples": runs[0]["n_samples"], "trigger_to_outbox_s": [min(totals), max(totals)],
-            "train_s": [min(trains), max(trains)],
-            "seal_and_commit_s": round(min(t - tr for t, tr in zip(totals, trains)), 4)}
+    return {
+        "examples": runs[0]["n_samples"],
+        "trigger_to_outbox_s": [min(totals), max(totals)],
+        "train_s": [min(trains), max(trains)],
+        "seal_and_commit_s": round(min(t - tr for t, tr in zip(totals, trains)), 4),
+    }
 
 
 def bookkeeping(repeats: int) -> dict[str, Any]:
@@ -265,10 +288,16 @@ def bookkeeping(repeats: int) -> dict[str, Any]:
     began = time.perf_counter()
     result = train_round(spec, base, None, xs, ys, training, PrivacyConfig(), None)
     round_s = time.perf_counter() - began
-    return {"window_rows": len(xs), "live_rounds": len(ledger.rounds), "steps": result.plan.steps,
-            "bookkeeping_s": [round(min(costs), 4), round(max(costs), 4)], "state_bytes": state_bytes,
-            "round_s": round(round_s, 2), "share_percent": round(100 * max(costs) / round_s, 2),
-            "epsilon": round(ledger.epsilon, 4)}
+    return {
+        "window_rows": len(xs),
+        "live_rounds": len(ledger.rounds),
+        "steps": result.plan.steps,
+        "bookkeeping_s": [round(min(costs), 4), round(max(costs), 4)],
+        "state_bytes": state_bytes,
+        "round_s": round(round_s, 2),
+        "share_percent": round(100 * max(costs) / round_s, 2),
+        "epsilon": round(ledger.epsilon, 4),
+    }
 
 
 def main() -> None:
@@ -287,30 +316,44 @@ def main() -> None:
     if args.part == "bookkeeping":
         result = {"bookkeeping": bookkeeping(args.repeats)}
     else:
-        result = {"rounds": rounds(args.repeats), "idle_agent": idle_agent_rss(),
-                  "trigger_to_outbox": trigger_to_outbox(args.repeats), "bookkeeping": bookkeeping(args.repeats)}
+        result = {
+            "rounds": rounds(args.repeats),
+            "idle_agent": idle_agent_rss(),
+            "trigger_to_outbox": trigger_to_outbox(args.repeats),
+            "bookkeeping": bookkeeping(args.repeats),
+        }
     if args.json:
         print(json.dumps(result))
         return
     b = result["bookkeeping"]
-    print(f"Per-record bookkeeping per round ({b['window_rows']} rows in the window, {b['live_rounds']} live "
-          f"rounds): {b['bookkeeping_s'][0]}–{b['bookkeeping_s'][1]} s, {b['state_bytes']} B of state; one DP "
-          f"round on the window ({b['steps']} steps) {b['round_s']} s: {b['share_percent']} % of the round")
+    print(
+        f"Per-record bookkeeping per round ({b['window_rows']} rows in the window, {b['live_rounds']} live "
+        f"rounds): {b['bookkeeping_s'][0]}–{b['bookkeeping_s'][1]} s, {b['state_bytes']} B of state; one DP "
+        f"round on the window ({b['steps']} steps) {b['round_s']} s: {b['share_percent']} % of the round"
+    )
     if args.part == "bookkeeping":
         return
     print("One DP-SGD round on 10,000 examples (σ=1.0, clip 1.0, batch 64, 1 epoch, 1 thread)")
-    print(f"{'model':<12} {'params':>7} {'steps':>6} {'RSS before MB':>14} {'peak RSS MB':>12} {'CPU s':>14} {'wall s':>7}")
+    print(
+        f"{'model':<12} {'params':>7} {'steps':>6} {'RSS before MB':>14} {'peak RSS MB':>12} {'CPU s':>14} {'wall s':>7}"
+    )
     for r in result["rounds"]:
         lo, hi = r["cpu_s_range"]
-        print(f"{r['kind']:<12} {r['params']:>7} {r['steps']:>6} {r['rss_before_mb']:>14} {r['peak_rss_mb']:>12} "
-              f"{f'{lo}–{hi}':>14} {r['wall_s']:>7}")
+        print(
+            f"{r['kind']:<12} {r['params']:>7} {r['steps']:>6} {r['rss_before_mb']:>14} {r['peak_rss_mb']:>12} "
+            f"{f'{lo}–{hi}':>14} {r['wall_s']:>7}"
+        )
     i = result["idle_agent"]
-    print(f"\nIdle agent (fedline edge, {i['rows']} rows stored, connected): RSS {i['rss_mb']} MB, "
-          f"CPU {i['idle_cpu_percent']} % of one core")
+    print(
+        f"\nIdle agent (fedline edge, {i['rows']} rows stored, connected): RSS {i['rss_mb']} MB, "
+        f"CPU {i['idle_cpu_percent']} % of one core"
+    )
     t = result["trigger_to_outbox"]
-    print(f"Trigger → sealed update in outbox (MLP, {t['examples']} examples): "
-          f"{t['trigger_to_outbox_s'][0]}–{t['trigger_to_outbox_s'][1]} s "
-          f"(training {t['train_s'][0]}–{t['train_s'][1]} s, seal + commit {t['seal_and_commit_s']} s)")
+    print(
+        f"Trigger → sealed update in outbox (MLP, {t['examples']} examples): "
+        f"{t['trigger_to_outbox_s'][0]}–{t['trigger_to_outbox_s'][1]} s "
+        f"(training {t['train_s'][0]}–{t['train_s'][1]} s, seal + commit {t['seal_and_commit_s']} s)"
+    )
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ The service runs in a child process that imports only what ``fedline infer``
 imports, so its RSS is the service's. The model is an MLP like the default
 ``ModelSpec`` (5 features, hidden 32 and 16), built with ``onnx.helper``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -103,11 +104,20 @@ def child(args: argparse.Namespace) -> dict:
 
     # the service under a paced stream, with swaps
     feats = [{"tag": f"t{i}", "range": [0.0, 1.0]} for i in range(N_FEATURES)]
-    doc = {"line": {"site": "bench", "federation": "bench", "state_dir": "state", "model_source": "model_dir",
-                    "model_dir": "models", "poll_s": 0.05, "batch_max": args.batch,
-                    "canary": {"min_rows": 32, "margin": 10.0}},
-           "rows": {"features": feats, "label": "y"},
-           "output": {"file": "predictions.jsonl", "threshold": 0.9}}
+    doc = {
+        "line": {
+            "site": "bench",
+            "federation": "bench",
+            "state_dir": "state",
+            "model_source": "model_dir",
+            "model_dir": "models",
+            "poll_s": 0.05,
+            "batch_max": args.batch,
+            "canary": {"min_rows": 32, "margin": 10.0},
+        },
+        "rows": {"features": feats, "label": "y"},
+        "output": {"file": "predictions.jsonl", "threshold": 0.9},
+    }
     cfg = parse_infer_config(doc, work / "line.toml")
     publish_model(work / "models", blobs[0], 1)
     stop = asyncio.Event()
@@ -144,17 +154,29 @@ def child(args: argparse.Namespace) -> dict:
     batch_n = [n for n, _ in service.stats.batch_latency]
     return {
         "model": {"features": N_FEATURES, "hidden": list(HIDDEN), "onnx_bytes": len(blobs[0])},
-        "model_latency_us": {"row_p50": pct(single, 50) * 1e6, "row_p99": pct(single, 99) * 1e6,
-                             "batch": args.batch, "batch_p50": pct(batched, 50) * 1e6,
-                             "batch_p99": pct(batched, 99) * 1e6,
-                             "batch_per_row_p50": pct(batched, 50) / args.batch * 1e6},
-        "service": {"rate_rows_s": args.rate, "rows": service.stats.predictions,
-                    "sample_latency_us_p50": pct(list(service.stats.row_latency), 50) * 1e6,
-                    "sample_latency_us_p99": pct(list(service.stats.row_latency), 99) * 1e6,
-                    "batch_us_p50": pct(batch_t, 50) * 1e6, "batch_us_p99": pct(batch_t, 99) * 1e6,
-                    "mean_batch_rows": float(np.mean(batch_n)) if batch_n else 0.0,
-                    "refused": dict(service.stats.refused)},
-        "swap_model_dir_ms": {"count": len(swaps), "p50": pct(swaps, 50) * 1e3, "max": max(swaps) * 1e3 if swaps else None},
+        "model_latency_us": {
+            "row_p50": pct(single, 50) * 1e6,
+            "row_p99": pct(single, 99) * 1e6,
+            "batch": args.batch,
+            "batch_p50": pct(batched, 50) * 1e6,
+            "batch_p99": pct(batched, 99) * 1e6,
+            "batch_per_row_p50": pct(batched, 50) / args.batch * 1e6,
+        },
+        "service": {
+            "rate_rows_s": args.rate,
+            "rows": service.stats.predictions,
+            "sample_latency_us_p50": pct(list(service.stats.row_latency), 50) * 1e6,
+            "sample_latency_us_p99": pct(list(service.stats.row_latency), 99) * 1e6,
+            "batch_us_p50": pct(batch_t, 50) * 1e6,
+            "batch_us_p99": pct(batch_t, 99) * 1e6,
+            "mean_batch_rows": float(np.mean(batch_n)) if batch_n else 0.0,
+            "refused": dict(service.stats.refused),
+        },
+        "swap_model_dir_ms": {
+            "count": len(swaps),
+            "p50": pct(swaps, 50) * 1e3,
+            "max": max(swaps) * 1e3 if swaps else None,
+        },
         "rss": {"start_kb": rss_start_kb, "peak_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss},
         "torch_imported": "torch" in sys.modules,
     }
@@ -188,15 +210,29 @@ def manifest_swaps(blobs: list[bytes], count: int, workdir: Path) -> dict:
         content_key = new_content_key()
 
         def settings(user: str) -> BrokerSettings:
-            return BrokerSettings(url=broker.url, username=user, password=broker.password(user),
-                                  client_id=f"{user}-bench", backoff_min_s=0.05, backoff_max_s=0.5)
+            return BrokerSettings(
+                url=broker.url,
+                username=user,
+                password=broker.password(user),
+                client_id=f"{user}-bench",
+                backoff_min_s=0.05,
+                backoff_max_s=0.5,
+            )
 
         feats = [{"tag": f"t{i}", "range": [0.0, 1.0]} for i in range(N_FEATURES)]
-        doc = {"line": {"site": "line", "federation": "bench", "state_dir": "state-m", "model_source": "manifest",
-                        "aggregator_key": "aggregator.pub", "site_key": "line.key",
-                        "canary": {"enabled": False}},
-               "rows": {"features": feats},
-               "broker": {k: v for k, v in settings("line").__dict__.items() if v is not None}}
+        doc = {
+            "line": {
+                "site": "line",
+                "federation": "bench",
+                "state_dir": "state-m",
+                "model_source": "manifest",
+                "aggregator_key": "aggregator.pub",
+                "site_key": "line.key",
+                "canary": {"enabled": False},
+            },
+            "rows": {"features": feats},
+            "broker": {k: v for k, v in settings("line").__dict__.items() if v is not None},
+        }
         cfg = parse_infer_config(doc, workdir / "line-m.toml")
         topics = Topics("bench")
         rng = np.random.default_rng(1)
@@ -211,19 +247,31 @@ def manifest_swaps(blobs: list[bytes], count: int, workdir: Path) -> dict:
             service = InferenceService(cfg, rows=rows())
             task = asyncio.create_task(service.run())
             async with MqttClient(settings("aggregator")) as agg:
-                await agg.publish(topics.fedkey("line"), seal_grant("bench", line_keys.public(), 1, content_key, keys),
-                                  retain=True)
+                await agg.publish(
+                    topics.fedkey("line"), seal_grant("bench", line_keys.public(), 1, content_key, keys), retain=True
+                )
                 for v in range(1, count + 2):
                     blob = blobs[(v - 1) % len(blobs)]
                     msg_id = f"onnx-{v}-{secrets.token_hex(3)}"
                     chunks = split(seal_for_federation(blob, content_key), msg_id, 100 * 1024)
                     await agg.publish_many([(topics.onnx_chunk(v, i), c) for i, c in enumerate(chunks)], retain=True)
-                    manifest = {"federation": "bench", "version": v, "epoch": 1, "created_at": time.time(), "spec": {},
-                                "weights": {"hash": "", "size": 0, "chunks": 0},
-                                "onnx": {"hash": content_hash(blob), "size": len(blob), "chunks": len(chunks),
-                                         "msg_id": msg_id}}
-                    await agg.publish(topics.manifest(), seal_manifest(sign_manifest(manifest, keys), v, 1, content_key),
-                                      retain=True)
+                    manifest = {
+                        "federation": "bench",
+                        "version": v,
+                        "epoch": 1,
+                        "created_at": time.time(),
+                        "spec": {},
+                        "weights": {"hash": "", "size": 0, "chunks": 0},
+                        "onnx": {
+                            "hash": content_hash(blob),
+                            "size": len(blob),
+                            "chunks": len(chunks),
+                            "msg_id": msg_id,
+                        },
+                    }
+                    await agg.publish(
+                        topics.manifest(), seal_manifest(sign_manifest(manifest, keys), v, 1, content_key), retain=True
+                    )
                     while service.current_version() != v:
                         await asyncio.sleep(0.005)
                     await asyncio.sleep(0.1)
@@ -259,16 +307,17 @@ def table(r: dict) -> str:
         f"{'service, per sample queued->written (us)':<46}{s['sample_latency_us_p50']:>12.1f}"
         f"{s['sample_latency_us_p99']:>12.1f}",
         f"{'service, per batch: stack rows + score (us)':<46}{s['batch_us_p50']:>12.1f}{s['batch_us_p99']:>12.1f}",
-        f"{'  at ' + str(s['rate_rows_s']) + ' rows/s, mean batch':<46}{s['mean_batch_rows']:>12.1f}"
-        f"{'rows':>12}",
+        f"{'  at ' + str(s['rate_rows_s']) + ' rows/s, mean batch':<46}{s['mean_batch_rows']:>12.1f}{'rows':>12}",
         "",
         f"{'swap: new version seen -> serving':<46}{'p50 (ms)':>12}{'max (ms)':>12}",
         f"{'  model directory, ' + str(sw['count']) + ' swaps':<46}{sw['p50']:>12.1f}{sw['max']:>12.1f}",
     ]
     if "swap_manifest_ms" in r:
         mm = r["swap_manifest_ms"]
-        lines.append(f"{'  signed manifest over Mosquitto, ' + str(mm['count']) + ' swaps':<46}"
-                     f"{mm['p50']:>12.1f}{mm['max']:>12.1f}")
+        lines.append(
+            f"{'  signed manifest over Mosquitto, ' + str(mm['count']) + ' swaps':<46}"
+            f"{mm['p50']:>12.1f}{mm['max']:>12.1f}"
+        )
     lines += [
         "",
         f"{'service peak RSS (MiB)':<46}{rss['peak_kb'] / 1024:>12.1f}",
@@ -300,9 +349,23 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="fedline-bench-infer-") as tmp:
         work = Path(tmp)
         paths = make_models(work, 4)
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--workdir", tmp,
-               "--rate", str(args.rate), "--seconds", str(args.seconds), "--swaps", str(args.swaps),
-               "--batch", str(args.batch), "--iterations", str(args.iterations)]
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--child",
+            "--workdir",
+            tmp,
+            "--rate",
+            str(args.rate),
+            "--seconds",
+            str(args.seconds),
+            "--swaps",
+            str(args.swaps),
+            "--batch",
+            str(args.batch),
+            "--iterations",
+            str(args.iterations),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
         if proc.returncode != 0:
             print(proc.stderr[-4000:], file=sys.stderr)

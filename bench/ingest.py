@@ -13,6 +13,7 @@ Prints a table; ``--json`` prints one JSON object instead.
 
     .venv/bin/python bench/ingest.py [--json] [--modbus-samples 2000]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,7 +36,13 @@ from firmware_adapters.rows import RowBuilder, parse_row_mapping  # noqa: E402
 
 AI4I = REPO / "data" / "ai4i2020.csv"
 AI4I_MAP = REPO / "firmware_adapters" / "maps" / "ai4i2020.toml"
-FEATURES = ["Air temperature [K]", "Process temperature [K]", "Rotational speed [rpm]", "Torque [Nm]", "Tool wear [min]"]
+FEATURES = [
+    "Air temperature [K]",
+    "Process temperature [K]",
+    "Rotational speed [rpm]",
+    "Torque [Nm]",
+    "Tool wear [min]",
+]
 
 
 def builder() -> RowBuilder:
@@ -66,8 +73,12 @@ def measure(name: str, fn) -> dict[str, Any]:
     samples, rows = fn()
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     return {
-        "pipeline": name, "samples": samples, "rows": rows, "wall_s": round(wall, 3),
-        "samples_per_s": round(samples / wall, 1), "cpu_ms_per_1000": round(1000 * cpu / samples * 1000, 2),
+        "pipeline": name,
+        "samples": samples,
+        "rows": rows,
+        "wall_s": round(wall, 3),
+        "samples_per_s": round(samples / wall, 1),
+        "cpu_ms_per_1000": round(1000 * cpu / samples * 1000, 2),
     }
 
 
@@ -93,12 +104,38 @@ def bench_modbus(n: int) -> tuple[int, int]:
         map_file.write_text(text)
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         sim = subprocess.Popen(
-            [sys.executable, "-m", "fedline.cli", "--log-level", "WARNING", "plc-sim", "--csv", str(AI4I),
-             "--map", str(AI4I_MAP), "--port", str(port), "--rate", "10"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+            [
+                sys.executable,
+                "-m",
+                "fedline.cli",
+                "--log-level",
+                "WARNING",
+                "plc-sim",
+                "--csv",
+                str(AI4I),
+                "--map",
+                str(AI4I_MAP),
+                "--port",
+                str(port),
+                "--rate",
+                "10",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=env,
+        )
         try:
-            source = build_source({"kind": "modbus_tcp", "host": "127.0.0.1", "port": port, "map": str(map_file),
-                                   "poll_interval_s": 1e-6, "reconnect_initial_s": 0.05, "reconnect_max_s": 0.2})
+            source = build_source(
+                {
+                    "kind": "modbus_tcp",
+                    "host": "127.0.0.1",
+                    "port": port,
+                    "map": str(map_file),
+                    "poll_interval_s": 1e-6,
+                    "reconnect_initial_s": 0.05,
+                    "reconnect_max_s": 0.2,
+                }
+            )
             # wait for the simulator to listen (its start-up is not part of the measurement)
             asyncio.run(_drain(source, 1))
             return asyncio.run(_drain(source, n))
@@ -112,9 +149,16 @@ def bench_sparkplug(n: int) -> tuple[int, int]:
     from firmware_adapters.sparkplug.codec import build_payload
 
     source = build_source({"kind": "sparkplug", "url": "mqtt://127.0.0.1:1"})
-    birth = build_payload([(t, i, pb.Double, 1.0) for i, t in enumerate(FEATURES)] + [("Machine failure", 9, pb.Boolean, False)], seq=0)
-    payloads = [build_payload([(None, i, pb.Double, 300.0 + k % 7) for i in range(len(FEATURES))] + [(None, 9, pb.Boolean, False)],
-                              seq=(k + 1) % 256) for k in range(n)]
+    birth = build_payload(
+        [(t, i, pb.Double, 1.0) for i, t in enumerate(FEATURES)] + [("Machine failure", 9, pb.Boolean, False)], seq=0
+    )
+    payloads = [
+        build_payload(
+            [(None, i, pb.Double, 300.0 + k % 7) for i in range(len(FEATURES))] + [(None, 9, pb.Boolean, False)],
+            seq=(k + 1) % 256,
+        )
+        for k in range(n)
+    ]
 
     async def run() -> tuple[int, int]:
         rows = builder()

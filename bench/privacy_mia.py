@@ -23,6 +23,7 @@ the value a perfectly private release would get with this many records.
 
     .venv/bin/python bench/privacy_mia.py [--json] [--seed 0] [--members 256]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -89,7 +90,7 @@ def make_data(s: Setup) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
     rng = np.random.default_rng(s.seed)
     x = rng.standard_normal((2 * s.members, s.n_features)).astype(np.float32)
     y = rng.integers(0, 2, size=(2 * s.members, 1)).astype(np.float32)
-    return x[:s.members], y[:s.members], x[s.members:], y[s.members:]
+    return x[: s.members], y[: s.members], x[s.members :], y[s.members :]
 
 
 def _losses(spec: ModelSpec, weights: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -102,8 +103,12 @@ def _losses(spec: ModelSpec, weights: dict[str, np.ndarray], x: np.ndarray, y: n
         return loss_per_sample(model, spec, torch.from_numpy(x), torch.from_numpy(y)).numpy()
 
 
-def attack(spec: ModelSpec, base: dict[str, np.ndarray], delta: dict[str, np.ndarray],
-           data: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]) -> tuple[float, float, float]:
+def attack(
+    spec: ModelSpec,
+    base: dict[str, np.ndarray],
+    delta: dict[str, np.ndarray],
+    data: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+) -> tuple[float, float, float]:
     """What the attacker does with a delta: rebuild the site's model, threshold the losses."""
     weights = {k: base[k] + delta[k] for k in base}
     xm, ym, xn, yn = data
@@ -121,8 +126,11 @@ def run_case(s: Setup, dp: bool) -> Result:
     base = shared_state(build_model(spec, seed=0), spec)
     data = make_data(s)
     cfg = TrainingConfig(epochs=s.epochs, batch_size=s.batch_size, lr=s.lr, min_rows=2, threads=1, seed=s.seed)
-    privacy = PrivacyConfig(epsilon=1e9, delta=s.delta, noise_multiplier=s.noise_multiplier,
-                            max_grad_norm=s.max_grad_norm) if dp else None
+    privacy = (
+        PrivacyConfig(epsilon=1e9, delta=s.delta, noise_multiplier=s.noise_multiplier, max_grad_norm=s.max_grad_norm)
+        if dp
+        else None
+    )
     started = time.perf_counter()
     result = train_round(spec, base, None, data[0], data[1], cfg, privacy)
     adv, lm, ln = attack(spec, base, result.delta, data)
@@ -130,8 +138,15 @@ def run_case(s: Setup, dp: bool) -> Result:
     if privacy is not None:
         plan = plan_round(s.members, cfg)
         eps = PrivacyBudget(privacy).epsilon_after(plan.sample_rate, plan.steps)
-    return Result("DP on" if dp else "DP off", adv, lm, ln, eps,
-                  dp_bound(eps, s.delta) if eps is not None else None, time.perf_counter() - started)
+    return Result(
+        "DP on" if dp else "DP off",
+        adv,
+        lm,
+        ln,
+        eps,
+        dp_bound(eps, s.delta) if eps is not None else None,
+        time.perf_counter() - started,
+    )
 
 
 def floor_case(s: Setup) -> Result:
@@ -158,8 +173,10 @@ def _table(s: Setup, results: list[Result]) -> str:
     for r in results:
         eps = "-" if r.epsilon is None else f"{r.epsilon:.2f}"
         bound = "-" if r.bound is None else f"{r.bound:.3f}"
-        lines.append(f"{r.case:<20} {r.advantage:>9.3f} {r.member_loss:>13.4f} {r.nonmember_loss:>12.4f} "
-                     f"{eps:>8} {bound:>9} {r.seconds:>6.1f}")
+        lines.append(
+            f"{r.case:<20} {r.advantage:>9.3f} {r.member_loss:>13.4f} {r.nonmember_loss:>12.4f} "
+            f"{eps:>8} {bound:>9} {r.seconds:>6.1f}"
+        )
     return "\n".join(lines)
 
 
@@ -174,8 +191,16 @@ def main(argv: list[str] | None = None) -> int:
     s = Setup(members=args.members, epochs=args.epochs, noise_multiplier=args.noise_multiplier, seed=args.seed)
     results = measure(s)
     if args.json:
-        print(json.dumps({"benchmark": "privacy_mia", "cpu_count": os.cpu_count(), "setup": asdict(s),
-                          "results": [asdict(r) for r in results]}))
+        print(
+            json.dumps(
+                {
+                    "benchmark": "privacy_mia",
+                    "cpu_count": os.cpu_count(),
+                    "setup": asdict(s),
+                    "results": [asdict(r) for r in results],
+                }
+            )
+        )
     else:
         print(_table(s, results))
     return 0

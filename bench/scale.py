@@ -46,6 +46,7 @@ reassembly, opening, validation, SQLite, reduce, receipts, publishing).
 Usage: ``python bench/scale.py`` (1,000 sites, 100k parameters; table) or
 ``--json``; ``--sites N --params P --minutes M`` shorten a run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -126,16 +127,31 @@ def write_federation(root: Path, n_sites: int, n_params: int, broker: Any, buffe
     enr.save(keys / "enrollment.json")
     h = _bench_aggregator().hidden_for(n_params)
     doc = {
-        "aggregator": {"federation": FEDERATION, "key_file": str(keys / "aggregator.key"),
-                       "enrollment_file": str(keys / "enrollment.json"), "state_dir": str(root / "aggregator"),
-                       "workers": 2},
+        "aggregator": {
+            "federation": FEDERATION,
+            "key_file": str(keys / "aggregator.key"),
+            "enrollment_file": str(keys / "enrollment.json"),
+            "state_dir": str(root / "aggregator"),
+            "workers": 2,
+        },
         "model": {"kind": "mlp", "n_features": N_FEATURES, "hidden": [h, h], "personal": ["head."]},
-        "broker": {"url": broker.url, "username": "aggregator", "password": broker.password("aggregator"),
-                   "client_id": "aggregator", "backoff_min_s": 0.1, "backoff_max_s": 1.0},
+        "broker": {
+            "url": broker.url,
+            "username": "aggregator",
+            "password": broker.password("aggregator"),
+            "client_id": "aggregator",
+            "backoff_min_s": 0.1,
+            "backoff_max_s": 1.0,
+        },
         # a version every K updates, and at least every 30 s while anything waits
         # min_sites at most K: a tiny bench federation (K = 1 at 4 sites) measures throughput, not the leak rule
-        "strategy": {"kind": "fedbuff", "buffer_size": buffer_size, "buffer_timeout_s": 30.0, "max_staleness": 20,
-                     "min_sites": min(3, buffer_size)},
+        "strategy": {
+            "kind": "fedbuff",
+            "buffer_size": buffer_size,
+            "buffer_timeout_s": 30.0,
+            "max_staleness": 20,
+            "min_sites": min(3, buffer_size),
+        },
         "publish": {"retain_versions": 3, "onnx": True},
     }
     return write_toml(root / "aggregator" / "aggregator.toml", doc)
@@ -155,9 +171,17 @@ class WorkerStats:
     errors: list[str] = field(default_factory=list)
 
     def take(self, connected: int) -> dict[str, Any]:
-        out = {"backlog": self.backlog, "sealed": self.sealed, "receipts": self.receipts,
-               "verdicts": self.verdicts, "latency": self.latency, "send_latency": self.send_latency,
-               "errors": self.errors[:5], "connected": connected, "t": time.time()}
+        out = {
+            "backlog": self.backlog,
+            "sealed": self.sealed,
+            "receipts": self.receipts,
+            "verdicts": self.verdicts,
+            "latency": self.latency,
+            "send_latency": self.send_latency,
+            "errors": self.errors[:5],
+            "connected": connected,
+            "t": time.time(),
+        }
         self.sealed = self.receipts = 0
         self.verdicts, self.latency, self.send_latency, self.errors = {}, [], [], []
         return out
@@ -179,8 +203,18 @@ class Pace:
 class SimSite:
     """One site: its keys, its outbox, its MQTT session; seals at Poisson times, sends in order, settles."""
 
-    def __init__(self, site: str, root: Path, outboxes: str, broker: dict[str, Any], enrollment: Any,
-                 delta: dict[str, np.ndarray], stats: WorkerStats, pace: Pace, manifests: dict[bytes, int]) -> None:
+    def __init__(
+        self,
+        site: str,
+        root: Path,
+        outboxes: str,
+        broker: dict[str, Any],
+        enrollment: Any,
+        delta: dict[str, np.ndarray],
+        stats: WorkerStats,
+        pace: Pace,
+        manifests: dict[bytes, int],
+    ) -> None:
         from broker_bridge.client import BrokerSettings, MqttClient
         from broker_bridge.keys import KeyPair
         from broker_bridge.topics import Topics
@@ -190,8 +224,16 @@ class SimSite:
         self.keys = KeyPair.load(root / "keys" / f"{site}.key")
         self.enrollment = enrollment  # public keys only, the same file for every site: read once per process
         self.outbox = Outbox(Path(outboxes) / site / "outbox.sqlite", max_bytes=1 << 30, max_count=1000)
-        self.client = MqttClient(BrokerSettings(url=broker["url"], username=site, password=broker["passwords"][site],
-                                                client_id=f"edge-{site}", backoff_min_s=0.2, backoff_max_s=2.0))
+        self.client = MqttClient(
+            BrokerSettings(
+                url=broker["url"],
+                username=site,
+                password=broker["passwords"][site],
+                client_id=f"edge-{site}",
+                backoff_min_s=0.2,
+                backoff_max_s=2.0,
+            )
+        )
         self.topics = Topics(FEDERATION)
         self.delta, self.stats, self.pace, self.manifests = delta, stats, pace, manifests
         self.base = -1  # no manifest yet: the aggregator has not published version 0
@@ -222,12 +264,27 @@ class SimSite:
                 pass
             counter = self.outbox.last_counter() + 1
             msg_id = f"u{counter}-{rng.getrandbits(48):012x}"
-            header = UpdateHeader(site=self.site, counter=counter, msg_id=msg_id, base_version=self.base,
-                                  n_samples=100, privacy={"mode": "off"})
-            blob = await asyncio.to_thread(seal_update, header, self.delta, self.keys,
-                                           self.enrollment.aggregator.box_pub)
-            await asyncio.to_thread(self.outbox.put, site=self.site, counter=counter, msg_id=msg_id,
-                                    base_version=self.base, n_samples=100, epsilon=None, blob=blob)
+            header = UpdateHeader(
+                site=self.site,
+                counter=counter,
+                msg_id=msg_id,
+                base_version=self.base,
+                n_samples=100,
+                privacy={"mode": "off"},
+            )
+            blob = await asyncio.to_thread(
+                seal_update, header, self.delta, self.keys, self.enrollment.aggregator.box_pub
+            )
+            await asyncio.to_thread(
+                self.outbox.put,
+                site=self.site,
+                counter=counter,
+                msg_id=msg_id,
+                base_version=self.base,
+                n_samples=100,
+                epsilon=None,
+                blob=blob,
+            )
             self.times[counter] = [time.monotonic(), math.nan]
             self.stats.backlog += 1
             self.stats.sealed += 1
@@ -282,8 +339,9 @@ class SimSite:
             except WireError as exc:
                 self.stats.errors.append(f"{self.site}: {exc}")
                 continue
-            found = await asyncio.to_thread(self.outbox.settle, doc["counter"], doc["msg_id"], doc["verdict"],
-                                            doc.get("reason"), doc.get("version"))
+            found = await asyncio.to_thread(
+                self.outbox.settle, doc["counter"], doc["msg_id"], doc["verdict"], doc.get("reason"), doc.get("version")
+            )
             self.stats.verdicts[doc["verdict"]] = self.stats.verdicts.get(doc["verdict"], 0) + 1
             if not found:
                 continue  # FedBuff's later "applied" for an update its "buffered" receipt already settled
@@ -377,17 +435,24 @@ class Phase:
         lat = np.array(self.latency) if self.latency else np.array([math.nan])
         slat = np.array(self.send_latency) if self.send_latency else np.array([math.nan])
         received = self.receipts / dur
-        return {"phase": self.name, "rate_per_site_per_min": 60 * self.rate_per_site,
-                "offered_updates_per_s": offered / dur, "updates_per_s": received, "seconds": dur,
-                "backlog_growth": growth, "backlog_flat": bool(flat),
-                "backlog_start": self.samples[0][1] if self.samples else None,
-                "backlog_end": self.samples[-1][1] if self.samples else None,
-                "receipt_p50_s": float(np.percentile(lat, 50)), "receipt_p99_s": float(np.percentile(lat, 99)),
-                "send_to_receipt_p50_s": float(np.percentile(slat, 50)),
-                "send_to_receipt_p99_s": float(np.percentile(slat, 99)),
-                "receipts_counted": len(self.latency),
-                "cpu_cores": {k: v / dur for k, v in self.cpu.items()},
-                "aggregator_cpu_ms_per_update": 1e3 * self.cpu.get("aggregator", math.nan) / max(self.receipts, 1)}
+        return {
+            "phase": self.name,
+            "rate_per_site_per_min": 60 * self.rate_per_site,
+            "offered_updates_per_s": offered / dur,
+            "updates_per_s": received,
+            "seconds": dur,
+            "backlog_growth": growth,
+            "backlog_flat": bool(flat),
+            "backlog_start": self.samples[0][1] if self.samples else None,
+            "backlog_end": self.samples[-1][1] if self.samples else None,
+            "receipt_p50_s": float(np.percentile(lat, 50)),
+            "receipt_p99_s": float(np.percentile(lat, 99)),
+            "send_to_receipt_p50_s": float(np.percentile(slat, 50)),
+            "send_to_receipt_p99_s": float(np.percentile(slat, 99)),
+            "receipts_counted": len(self.latency),
+            "cpu_cores": {k: v / dur for k, v in self.cpu.items()},
+            "aggregator_cpu_ms_per_update": 1e3 * self.cpu.get("aggregator", math.nan) / max(self.receipts, 1),
+        }
 
 
 def backlog_growth(samples: list[tuple[float, int]]) -> float:
@@ -426,18 +491,26 @@ class Conductor:
         a = self.args
         sites = site_ids(a.sites)
         # the deployed default caps connections (256): a thousand sites, the aggregator and spares need more
-        self.broker = MosquittoProcess(self.root / "broker", federation=FEDERATION, sites=sites,
-                                       max_connections=a.sites + 64).start()
+        self.broker = MosquittoProcess(
+            self.root / "broker", federation=FEDERATION, sites=sites, max_connections=a.sites + 64
+        ).start()
         self.buffer_size = a.buffer_size or buffer_size_for(a.sites)
         cfg = write_federation(self.root, a.sites, a.params, self.broker, self.buffer_size)
         env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         self.agg_log = (self.root / "aggregator.log").open("wb")
         prof = ["-m", "cProfile", "-o", a.profile_aggregator] if a.profile_aggregator else []
-        self.aggregator = subprocess.Popen([sys.executable, *prof, "-m", "fedline.cli", "aggregator", "--config", str(cfg)],
-                                           cwd=self.root, env=env, stdout=self.agg_log, stderr=subprocess.STDOUT,
-                                           start_new_session=True)
-        self.handles = {"aggregator": psutil.Process(self.aggregator.pid),
-                        "broker": psutil.Process(self.broker.proc.pid)}  # type: ignore[union-attr]
+        self.aggregator = subprocess.Popen(
+            [sys.executable, *prof, "-m", "fedline.cli", "aggregator", "--config", str(cfg)],
+            cwd=self.root,
+            env=env,
+            stdout=self.agg_log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.handles = {
+            "aggregator": psutil.Process(self.aggregator.pid),
+            "broker": psutil.Process(self.broker.proc.pid),
+        }  # type: ignore[union-attr]
         self.shapes = shared_shapes(a.params)  # a wrong guess would show as "names" rejections
         (self.root / "shapes.json").write_text(json.dumps(self.shapes))
         broker = {"url": self.broker.url, "passwords": {s: self.broker.password(s) for s in sites}}
@@ -445,9 +518,16 @@ class Conductor:
         for i in range(n):
             spec = {"root": str(self.root), "outboxes": str(self.outboxes), "sites": sites[i::n], "broker": broker}
             (self.root / f"worker-{i}.json").write_text(json.dumps(spec))
-            self.procs.append(subprocess.Popen(
-                [sys.executable, __file__, "--worker", str(self.root / f"worker-{i}.json")], env=env, text=True,
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=(self.root / f"worker-{i}.log").open("w")))
+            self.procs.append(
+                subprocess.Popen(
+                    [sys.executable, __file__, "--worker", str(self.root / f"worker-{i}.json")],
+                    env=env,
+                    text=True,
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=(self.root / f"worker-{i}.log").open("w"),
+                )
+            )
         self.site_handles = [psutil.Process(p.pid) for p in self.procs]
 
     def collect(self, phase: Phase | None) -> None:
@@ -499,8 +579,11 @@ class Conductor:
             t = h.cpu_times()
             return t.user + t.system
 
-        return {"aggregator": total(self.handles["aggregator"]), "broker": total(self.handles["broker"]),
-                "sites": sum(total(h) for h in self.site_handles)}
+        return {
+            "aggregator": total(self.handles["aggregator"]),
+            "broker": total(self.handles["broker"]),
+            "sites": sum(total(h) for h in self.site_handles),
+        }
 
     def connected(self) -> int:
         """Sites connected that hold a verified manifest (so the aggregator is subscribed and has published)."""
@@ -527,10 +610,13 @@ class Conductor:
         ph.cpu = {k: v - c0[k] for k, v in self.cpu().items()}
         if not self.args.json:
             s = ph.summary(self.args.sites)
-            print(f"  {name:>10}: offered {s['offered_updates_per_s']:7.1f}/s, receipts {s['updates_per_s']:7.1f}/s, "
-                  f"backlog {s['backlog_start']} -> {s['backlog_end']} ({'flat' if s['backlog_flat'] else 'GROWS'}), "
-                  f"receipt p50 {s['receipt_p50_s']:.3f} s p99 {s['receipt_p99_s']:.3f} s, CPU cores: "
-                  + ", ".join(f"{k} {v:.2f}" for k, v in s["cpu_cores"].items()), flush=True)
+            print(
+                f"  {name:>10}: offered {s['offered_updates_per_s']:7.1f}/s, receipts {s['updates_per_s']:7.1f}/s, "
+                f"backlog {s['backlog_start']} -> {s['backlog_end']} ({'flat' if s['backlog_flat'] else 'GROWS'}), "
+                f"receipt p50 {s['receipt_p50_s']:.3f} s p99 {s['receipt_p99_s']:.3f} s, CPU cores: "
+                + ", ".join(f"{k} {v:.2f}" for k, v in s["cpu_cores"].items()),
+                flush=True,
+            )
         return ph
 
     def wait(self, pred: Any, timeout: float, what: str) -> float:
@@ -582,8 +668,12 @@ def measure_limit(n_params: int, n_updates: int) -> dict[str, float]:
     rng = np.random.default_rng(0)
     shapes = shared_shapes(n_params)
     delta = {k: (rng.standard_normal(s) * 0.01).astype(np.float32) for k, s in shapes.items()}
-    blobs = [envelope.seal_update(UpdateHeader("s0000", i + 1, f"u{i}", 0, 100, {"mode": "off"}), delta, site,
-                                  agg.public().box_pub) for i in range(n_updates)]
+    blobs = [
+        envelope.seal_update(
+            UpdateHeader("s0000", i + 1, f"u{i}", 0, 100, {"mode": "off"}), delta, site, agg.public().box_pub
+        )
+        for i in range(n_updates)
+    ]
     box, acc = agg.box_key, {k: np.zeros(s, np.float32) for k, s in shapes.items()}
     best = math.inf
     for _ in range(3):
@@ -591,8 +681,11 @@ def measure_limit(n_params: int, n_updates: int) -> dict[str, float]:
         for b in blobs:
             bench.open_and_add(box, b, acc, 100.0)
         best = min(best, (time.process_time() - c0) / n_updates)
-    return {"limit_cpu_ms_per_update": 1e3 * best, "limit_updates_per_s_per_core": 1 / best,
-            "sealed_bytes": len(blobs[0])}
+    return {
+        "limit_cpu_ms_per_update": 1e3 * best,
+        "limit_updates_per_s_per_core": 1 / best,
+        "sealed_bytes": len(blobs[0]),
+    }
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -607,12 +700,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         c.start()
         try:
             say = (lambda *a: None) if args.json else (lambda *a: print(*a, flush=True))
-            say(f"{args.sites} sites in {len(c.procs)} processes, {sum(math.prod(s) for s in c.shapes.values()):,} "
+            say(
+                f"{args.sites} sites in {len(c.procs)} processes, {sum(math.prod(s) for s in c.shapes.values()):,} "
                 f"shared parameters, FedBuff K = {c.buffer_size}; limit (decrypt + verify + axpy, one core) "
-                f"{limit['limit_updates_per_s_per_core']:.0f} updates/s")
+                f"{limit['limit_updates_per_s_per_core']:.0f} updates/s"
+            )
             c.collect(None)
-            connect_s = c.wait(lambda: c.connected() >= args.sites, args.connect_timeout,
-                               "every site connected and holding the signed manifest of version 0")
+            connect_s = c.wait(
+                lambda: c.connected() >= args.sites,
+                args.connect_timeout,
+                "every site connected and holding the signed manifest of version 0",
+            )
             say(f"  all {args.sites} sites connected (and hold version 0's manifest) in {connect_s:.1f} s")
             phases = [c.run_phase("steady", args.rate_per_site, 60 * args.minutes)]
             steady = phases[0].summary(args.sites)
@@ -631,8 +729,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 if s["backlog_flat"] != up:
                     break
             c.set_rate(0.0)  # drain: every update sealed gets its receipt
-            drain_s = c.wait(lambda: sum(r["backlog"] for r in c.latest) == 0, args.drain_timeout,
-                             "the backlog drained")
+            drain_s = c.wait(
+                lambda: sum(r["backlog"] for r in c.latest) == 0, args.drain_timeout, "the backlog drained"
+            )
             say(f"  drained in {drain_s:.1f} s")
         finally:
             c.stop()
@@ -640,21 +739,38 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     summaries = [p.summary(args.sites) for p in phases]
     agg_ms = best["aggregator_cpu_ms_per_update"] if best else math.nan
     return {
-        "benchmark": "scale", "sites": args.sites, "params": sum(math.prod(s) for s in c.shapes.values()),
-        "procs": len(c.procs), "buffer_size": c.buffer_size, "minutes": args.minutes,
+        "benchmark": "scale",
+        "sites": args.sites,
+        "params": sum(math.prod(s) for s in c.shapes.values()),
+        "procs": len(c.procs),
+        "buffer_size": c.buffer_size,
+        "minutes": args.minutes,
         "rate_per_site_per_min": 60 * args.rate_per_site,
-        "updates_per_s": steady["updates_per_s"], "offered_updates_per_s": steady["offered_updates_per_s"],
-        "receipt_p50_s": steady["receipt_p50_s"], "receipt_p99_s": steady["receipt_p99_s"],
+        "updates_per_s": steady["updates_per_s"],
+        "offered_updates_per_s": steady["offered_updates_per_s"],
+        "receipt_p50_s": steady["receipt_p50_s"],
+        "receipt_p99_s": steady["receipt_p99_s"],
         "send_to_receipt_p99_s": steady["send_to_receipt_p99_s"],
         "backlog_flat": steady["backlog_flat"],
         "max_flat_updates_per_s": best["updates_per_s"] if best else None,
         "max_flat_phase": best["phase"] if best else None,
-        "aggregator_cpu_ms_per_update": agg_ms, **limit,
+        "aggregator_cpu_ms_per_update": agg_ms,
+        **limit,
         "intake_vs_limit": limit["limit_cpu_ms_per_update"] / agg_ms if best else None,
-        "aggregator_rss_mb": c.rss["aggregator"], "broker_rss_mb": c.rss["broker"], "sites_rss_mb": c.rss["sites"],
-        "sealed": c.sealed, "receipted": c.receipted, "verdicts": c.verdicts, "errors": c.errors[:10], "connect_s": connect_s, "drain_s": drain_s,
-        "phases": summaries, "backlog": [[round(t, 1), b, p] for t, b, p in c.series],
-        "fd_limit": fd_limit, "cpus": os.cpu_count(), "python": platform.python_version(),
+        "aggregator_rss_mb": c.rss["aggregator"],
+        "broker_rss_mb": c.rss["broker"],
+        "sites_rss_mb": c.rss["sites"],
+        "sealed": c.sealed,
+        "receipted": c.receipted,
+        "verdicts": c.verdicts,
+        "errors": c.errors[:10],
+        "connect_s": connect_s,
+        "drain_s": drain_s,
+        "phases": summaries,
+        "backlog": [[round(t, 1), b, p] for t, b, p in c.series],
+        "fd_limit": fd_limit,
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
         "load_average": [round(load_before, 2), round(load_after, 2)],
     }
 
@@ -670,15 +786,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--buffer-size", type=int, default=0, help="FedBuff K (default: sites / 10, at most 100)")
     ap.add_argument("--step-s", type=float, default=30.0, help="length of each search phase")
     ap.add_argument("--step-factor", type=float, default=1.6, help="rate growth from one search phase to the next")
-    ap.add_argument("--search-from", type=float, default=0.0, help="total updates/s the search starts from (default: "
-                                                                     "the steady rate)")
+    ap.add_argument(
+        "--search-from",
+        type=float,
+        default=0.0,
+        help="total updates/s the search starts from (default: the steady rate)",
+    )
     ap.add_argument("--max-steps", type=int, default=12, help="search phases at most")
     ap.add_argument("--connect-timeout", type=float, default=180.0)
     ap.add_argument("--drain-timeout", type=float, default=300.0)
     ap.add_argument("--outbox-dir", help="where the sites' outboxes live (default /dev/shm: see the docstring)")
     ap.add_argument("--workdir", help="keep keys, stores and logs here (default: a temporary folder, removed)")
-    ap.add_argument("--profile-aggregator", metavar="FILE", help="run the aggregator under cProfile (its event "
-                                                                  "loop thread), writing FILE")
+    ap.add_argument(
+        "--profile-aggregator",
+        metavar="FILE",
+        help="run the aggregator under cProfile (its event loop thread), writing FILE",
+    )
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -690,21 +813,31 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(r))
         return 0
-    print(f"\n{'phase':>10} {'per site/min':>12} {'offered/s':>10} {'receipts/s':>10} {'backlog':>12} {'flat':>5} "
-          f"{'p50 s':>7} {'p99 s':>7} {'agg cores':>9} {'agg ms/upd':>10}")
+    print(
+        f"\n{'phase':>10} {'per site/min':>12} {'offered/s':>10} {'receipts/s':>10} {'backlog':>12} {'flat':>5} "
+        f"{'p50 s':>7} {'p99 s':>7} {'agg cores':>9} {'agg ms/upd':>10}"
+    )
     for s in r["phases"]:
-        print(f"{s['phase']:>10} {s['rate_per_site_per_min']:12.2f} {s['offered_updates_per_s']:10.1f} "
-              f"{s['updates_per_s']:10.1f} {str(s['backlog_start']) + '->' + str(s['backlog_end']):>12} "
-              f"{'yes' if s['backlog_flat'] else 'NO':>5} {s['receipt_p50_s']:7.3f} {s['receipt_p99_s']:7.3f} "
-              f"{s['cpu_cores']['aggregator']:9.2f} {s['aggregator_cpu_ms_per_update']:10.2f}")
-    print(f"\n{r['sites']} sites, {r['params']:,} params, K = {r['buffer_size']}: steady {r['updates_per_s']:.1f} "
-          f"updates/s, receipt p50 {r['receipt_p50_s']:.3f} s p99 {r['receipt_p99_s']:.3f} s, backlog "
-          f"{'flat' if r['backlog_flat'] else 'GROWING'}; highest flat rate {r['max_flat_updates_per_s']} updates/s")
-    print(f"intake vs limit (CPU per update, decrypt + verify + axpy on one core = "
-          f"{r['limit_cpu_ms_per_update']:.2f} ms): {r['intake_vs_limit']}")
-    print(f"peak RSS: aggregator {r['aggregator_rss_mb']:.0f} MB, broker {r['broker_rss_mb']:.0f} MB, "
-          f"{r['procs']} site processes {r['sites_rss_mb']:.0f} MB; verdicts {r['verdicts']}; "
-          f"load average {r['load_average']}")
+        print(
+            f"{s['phase']:>10} {s['rate_per_site_per_min']:12.2f} {s['offered_updates_per_s']:10.1f} "
+            f"{s['updates_per_s']:10.1f} {str(s['backlog_start']) + '->' + str(s['backlog_end']):>12} "
+            f"{'yes' if s['backlog_flat'] else 'NO':>5} {s['receipt_p50_s']:7.3f} {s['receipt_p99_s']:7.3f} "
+            f"{s['cpu_cores']['aggregator']:9.2f} {s['aggregator_cpu_ms_per_update']:10.2f}"
+        )
+    print(
+        f"\n{r['sites']} sites, {r['params']:,} params, K = {r['buffer_size']}: steady {r['updates_per_s']:.1f} "
+        f"updates/s, receipt p50 {r['receipt_p50_s']:.3f} s p99 {r['receipt_p99_s']:.3f} s, backlog "
+        f"{'flat' if r['backlog_flat'] else 'GROWING'}; highest flat rate {r['max_flat_updates_per_s']} updates/s"
+    )
+    print(
+        f"intake vs limit (CPU per update, decrypt + verify + axpy on one core = "
+        f"{r['limit_cpu_ms_per_update']:.2f} ms): {r['intake_vs_limit']}"
+    )
+    print(
+        f"peak RSS: aggregator {r['aggregator_rss_mb']:.0f} MB, broker {r['broker_rss_mb']:.0f} MB, "
+        f"{r['procs']} site processes {r['sites_rss_mb']:.0f} MB; verdicts {r['verdicts']}; "
+        f"load average {r['load_average']}"
+    )
     if r["errors"]:
         print("errors:", r["errors"])
     return 0

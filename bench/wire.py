@@ -14,6 +14,7 @@ For updates of 10k, 100k and 1M float32 parameters it measures
 Usage: ``python bench/wire.py`` (table) or ``python bench/wire.py --json`` (one JSON object).
 Each timing is the best of several repeats, so other load on the machine inflates it less.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,8 +57,9 @@ def measure(n_params: int, budget_s: float = 0.5) -> dict[str, Any]:
     agg_box_pub = bytes(agg.box_key.public_key)
     tensors = {"delta": np.random.default_rng(0).standard_normal(n_params, dtype=np.float32)}
     raw = n_params * 4
-    header = envelope.UpdateHeader("site-a", 1, "site-a-u1", 0, 256,
-                                   {"clip_norm": 1.0, "noise_multiplier": 1.1, "epsilon": 0.7})
+    header = envelope.UpdateHeader(
+        "site-a", 1, "site-a-u1", 0, 256, {"clip_norm": 1.0, "noise_multiplier": 1.1, "epsilon": 0.7}
+    )
 
     sealed = envelope.seal_update(header, tensors, site, agg_box_pub)
     t_seal = best_time(lambda: envelope.seal_update(header, tensors, site, agg_box_pub), budget_s)
@@ -74,8 +76,10 @@ def measure(n_params: int, budget_s: float = 0.5) -> dict[str, Any]:
     topics = Topics("bench")
     chunks = split(sealed, header.msg_id, DEFAULT_MAX_CHUNK)
     chunk_bytes = sum(len(c) for c in chunks)
-    mqtt_bytes = sum(publish_packet_size(topics.update_chunk("site-a", header.msg_id, i), len(c), 1, True)
-                     for i, c in enumerate(chunks))
+    mqtt_bytes = sum(
+        publish_packet_size(topics.update_chunk("site-a", header.msg_id, i), len(c), 1, True)
+        for i, c in enumerate(chunks)
+    )
 
     mb = raw / 1e6
     return {
@@ -97,12 +101,19 @@ def measure(n_params: int, budget_s: float = 0.5) -> dict[str, Any]:
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    cols = [("params", "params", "{:,}"), ("sealed", "sealed_bytes", "{:,}"), ("chunks", "chunks", "{}"),
-            ("seal+sign MB/s", "seal_sign_MBps", "{:.0f}"), ("SecretBox enc MB/s", "secretbox_encrypt_MBps", "{:.0f}"),
-            ("seal/limit", "seal_vs_secretbox", "{:.2f}"),
-            ("open+verify MB/s", "open_verify_MBps", "{:.0f}"), ("SecretBox dec MB/s", "secretbox_decrypt_MBps", "{:.0f}"),
-            ("open/limit", "open_vs_secretbox", "{:.2f}"),
-            ("wire/raw", "wire_per_raw_byte", "{:.4f}"), ("wire+MQTT/raw", "mqtt_wire_per_raw_byte", "{:.4f}")]
+    cols = [
+        ("params", "params", "{:,}"),
+        ("sealed", "sealed_bytes", "{:,}"),
+        ("chunks", "chunks", "{}"),
+        ("seal+sign MB/s", "seal_sign_MBps", "{:.0f}"),
+        ("SecretBox enc MB/s", "secretbox_encrypt_MBps", "{:.0f}"),
+        ("seal/limit", "seal_vs_secretbox", "{:.2f}"),
+        ("open+verify MB/s", "open_verify_MBps", "{:.0f}"),
+        ("SecretBox dec MB/s", "secretbox_decrypt_MBps", "{:.0f}"),
+        ("open/limit", "open_vs_secretbox", "{:.2f}"),
+        ("wire/raw", "wire_per_raw_byte", "{:.4f}"),
+        ("wire+MQTT/raw", "mqtt_wire_per_raw_byte", "{:.4f}"),
+    ]
     try:
         from rich.console import Console
         from rich.table import Table
@@ -120,9 +131,11 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     if not console.is_terminal:  # piped to a file: do not squeeze the table into 80 columns
         console = Console(width=160)
     console.print(table)
-    print("seal/limit, open/limit: fedline throughput as a fraction of bare SecretBox on the same bytes.\n"
-          f"wire/raw: sealed bytes split into {DEFAULT_MAX_CHUNK // 1024} KiB chunks, headers included, "
-          "per raw parameter byte; +MQTT adds MQTT 5 PUBLISH headers.")
+    print(
+        "seal/limit, open/limit: fedline throughput as a fraction of bare SecretBox on the same bytes.\n"
+        f"wire/raw: sealed bytes split into {DEFAULT_MAX_CHUNK // 1024} KiB chunks, headers included, "
+        "per raw parameter byte; +MQTT adds MQTT 5 PUBLISH headers."
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,8 +145,17 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     rows = [measure(n, args.budget) for n in SIZES]
     if args.json:
-        print(json.dumps({"benchmark": "wire", "python": platform.python_version(), "pynacl": nacl.__version__,
-                          "chunk_bytes": DEFAULT_MAX_CHUNK, "results": rows}))
+        print(
+            json.dumps(
+                {
+                    "benchmark": "wire",
+                    "python": platform.python_version(),
+                    "pynacl": nacl.__version__,
+                    "chunk_bytes": DEFAULT_MAX_CHUNK,
+                    "results": rows,
+                }
+            )
+        )
     else:
         print_table(rows)
     return 0

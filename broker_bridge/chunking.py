@@ -12,6 +12,7 @@ Chunk layout (little-endian)::
     b"FLC1" | msg_id (u8 length + ASCII) | index u32 | count u32 | total u64 |
     digest (16 bytes, truncated SHA-256 of the whole message) | payload
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -60,8 +61,7 @@ def split(blob: bytes | memoryview, msg_id: str, max_chunk: int = DEFAULT_MAX_CH
         raise ValueError(f"message of {len(view)} bytes needs {count} chunks, more than {MAX_CHUNKS}")
     dig = message_digest(view)
     head = MAGIC + bytes([len(msg_id)]) + msg_id.encode("ascii")
-    return [head + _TAIL.pack(i, count, len(view), dig) + bytes(view[i * step:(i + 1) * step])
-            for i in range(count)]
+    return [head + _TAIL.pack(i, count, len(view), dig) + bytes(view[i * step : (i + 1) * step]) for i in range(count)]
 
 
 @dataclass(frozen=True)
@@ -83,13 +83,13 @@ def parse_chunk(raw: bytes | memoryview) -> Chunk:
     if len(view) < 5 + n + _TAIL.size:
         raise ChunkError("chunk header is truncated")
     try:
-        msg_id = validate_site_id(bytes(view[5:5 + n]).decode("ascii"), "message id")
+        msg_id = validate_site_id(bytes(view[5 : 5 + n]).decode("ascii"), "message id")
     except (UnicodeDecodeError, TopicError) as exc:
         raise ChunkError(f"bad message id in chunk: {exc}") from None
     index, count, total, dig = _TAIL.unpack_from(view, 5 + n)
     if count == 0 or count > MAX_CHUNKS or index >= count:
         raise ChunkError(f"chunk {index} of {count} is impossible")
-    payload = bytes(view[5 + n + _TAIL.size:])
+    payload = bytes(view[5 + n + _TAIL.size :])
     if len(payload) > total:
         raise ChunkError(f"chunk payload {len(payload)} bytes exceeds message size {total}")
     return Chunk(msg_id, index, count, total, dig, payload)
@@ -124,8 +124,13 @@ class Reassembler:
     Recently completed ids are remembered so late duplicates are not rebuilt.
     """
 
-    def __init__(self, timeout_s: float = 300.0, max_bytes: int = 256 * 1024 * 1024,
-                 remember_completed: int = 4096, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        timeout_s: float = 300.0,
+        max_bytes: int = 256 * 1024 * 1024,
+        remember_completed: int = 4096,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.timeout_s = timeout_s
         self.max_bytes = max_bytes
         self._clock = clock

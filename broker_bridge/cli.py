@@ -1,4 +1,5 @@
 """``fedline keys`` and ``fedline broker``: enrol parties and configure the broker."""
+
 from __future__ import annotations
 
 import argparse
@@ -26,7 +27,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     new = ks.add_parser("new", help="create a site's or the aggregator's key pair (mode 0600)")
     new.add_argument("--role", choices=["site", "aggregator"], required=True)
     new.add_argument("--id", required=True, help="site id (or aggregator name)")
-    new.add_argument("--out", required=True, type=Path, help="private key file to write; <out>.pub.json gets the public part")
+    new.add_argument(
+        "--out", required=True, type=Path, help="private key file to write; <out>.pub.json gets the public part"
+    )
     new.add_argument("--force", action="store_true", help="overwrite an existing key file")
     new.set_defaults(func=_keys_new)
     pub = ks.add_parser("public", help="export the public part of a private key file")
@@ -63,36 +66,77 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     conf.add_argument("--out", type=Path, required=True, help="folder to write into")
     conf.add_argument("--port", type=int, default=8883, help="TLS listener port (default 8883)")
     conf.add_argument("--bind", default="127.0.0.1", help="address of the TLS listener (0.0.0.0 in a container)")
-    conf.add_argument("--host", action="append", default=[], dest="hosts",
-                      help="name or address sites use to reach the broker, put in the generated server "
-                           "certificate (repeat; default: --bind, 127.0.0.1, localhost)")
-    conf.add_argument("--plain-port", type=int,
-                      help="also open a plaintext listener on this port, on loopback only (tools on this host)")
+    conf.add_argument(
+        "--host",
+        action="append",
+        default=[],
+        dest="hosts",
+        help="name or address sites use to reach the broker, put in the generated server "
+        "certificate (repeat; default: --bind, 127.0.0.1, localhost)",
+    )
+    conf.add_argument(
+        "--plain-port",
+        type=int,
+        help="also open a plaintext listener on this port, on loopback only (tools on this host)",
+    )
     conf.add_argument("--plain-bind", default="127.0.0.1", help="loopback address of the plaintext listener")
-    conf.add_argument("--ca-file", help="your CA certificate (with --cert-file, --key-file; default: generate in OUT/pki)")
+    conf.add_argument(
+        "--ca-file", help="your CA certificate (with --cert-file, --key-file; default: generate in OUT/pki)"
+    )
     conf.add_argument("--cert-file")
     conf.add_argument("--key-file")
     conf.add_argument("--require-client-cert", action="store_true")
-    conf.add_argument("--max-packet-size", type=int, default=DEFAULT_MAX_PACKET,
-                      help=f"largest MQTT packet in bytes (default {DEFAULT_MAX_PACKET})")
-    conf.add_argument("--max-queued-messages", type=int, default=DEFAULT_MAX_QUEUED_MESSAGES,
-                      help=f"per offline client (default {DEFAULT_MAX_QUEUED_MESSAGES})")
-    conf.add_argument("--max-queued-bytes", type=int, default=DEFAULT_MAX_QUEUED_BYTES,
-                      help=f"per offline client (default {DEFAULT_MAX_QUEUED_BYTES})")
-    conf.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
-                      help=f"per listener (default {DEFAULT_MAX_CONNECTIONS})")
-    conf.add_argument("--autosave-interval", type=int, default=DEFAULT_AUTOSAVE_S,
-                      help=f"seconds between saves of the broker's store (default {DEFAULT_AUTOSAVE_S})")
-    conf.add_argument("--no-bind-client-ids", action="store_true",
-                      help="do not replace client ids by usernames (lets a site take over another's session)")
-    conf.add_argument("--persistence-dir", help="where Mosquitto keeps its store (default OUT/data; "
-                                                "/mosquitto/data in the eclipse-mosquitto image)")
+    conf.add_argument(
+        "--max-packet-size",
+        type=int,
+        default=DEFAULT_MAX_PACKET,
+        help=f"largest MQTT packet in bytes (default {DEFAULT_MAX_PACKET})",
+    )
+    conf.add_argument(
+        "--max-queued-messages",
+        type=int,
+        default=DEFAULT_MAX_QUEUED_MESSAGES,
+        help=f"per offline client (default {DEFAULT_MAX_QUEUED_MESSAGES})",
+    )
+    conf.add_argument(
+        "--max-queued-bytes",
+        type=int,
+        default=DEFAULT_MAX_QUEUED_BYTES,
+        help=f"per offline client (default {DEFAULT_MAX_QUEUED_BYTES})",
+    )
+    conf.add_argument(
+        "--max-connections",
+        type=int,
+        default=DEFAULT_MAX_CONNECTIONS,
+        help=f"per listener (default {DEFAULT_MAX_CONNECTIONS})",
+    )
+    conf.add_argument(
+        "--autosave-interval",
+        type=int,
+        default=DEFAULT_AUTOSAVE_S,
+        help=f"seconds between saves of the broker's store (default {DEFAULT_AUTOSAVE_S})",
+    )
+    conf.add_argument(
+        "--no-bind-client-ids",
+        action="store_true",
+        help="do not replace client ids by usernames (lets a site take over another's session)",
+    )
+    conf.add_argument(
+        "--persistence-dir",
+        help="where Mosquitto keeps its store (default OUT/data; /mosquitto/data in the eclipse-mosquitto image)",
+    )
     conf.add_argument("--user", help="system user mosquitto drops to when started as root")
-    conf.add_argument("--credentials-dir", type=Path,
-                      help="where each service's <user>.password goes (default OUT/credentials); outside OUT, "
-                           "the broker's folder holds no plaintext password")
-    conf.add_argument("--keep-passwords", action="store_true",
-                      help="reuse the <user>.password files already in the credentials folder")
+    conf.add_argument(
+        "--credentials-dir",
+        type=Path,
+        help="where each service's <user>.password goes (default OUT/credentials); outside OUT, "
+        "the broker's folder holds no plaintext password",
+    )
+    conf.add_argument(
+        "--keep-passwords",
+        action="store_true",
+        help="reuse the <user>.password files already in the credentials folder",
+    )
     conf.set_defaults(func=_broker_config)
     emb = bs.add_parser("embedded", help="run the embedded amqtt broker (MQTT 3.1.1, no ACL) in the foreground")
     emb.add_argument("--host", default="127.0.0.1")
@@ -108,7 +152,11 @@ def _keys_new(args: argparse.Namespace) -> int:
         return 1
     kp = KeyPair.generate(args.role, args.id)
     kp.save(args.out)
-    pub_path = args.out.with_name(args.out.name + ".pub.json") if args.out.suffix != ".key" else args.out.with_suffix(".pub.json")
+    pub_path = (
+        args.out.with_name(args.out.name + ".pub.json")
+        if args.out.suffix != ".key"
+        else args.out.with_suffix(".pub.json")
+    )
     kp.public().save(pub_path)
     print(f"wrote {args.out} (private, 0600) and {pub_path} (public)")
     return 0
@@ -195,8 +243,10 @@ def _keys_show(args: argparse.Namespace) -> int:
         pass
     if kind == "enrollment":
         enr = Enrollment.load(args.file)
-        print(f"enrollment for federation {enr.federation!r}: aggregator {enr.aggregator.ident!r}, sites: "
-              + (", ".join(enr.sites) or "none"))
+        print(
+            f"enrollment for federation {enr.federation!r}: aggregator {enr.aggregator.ident!r}, sites: "
+            + (", ".join(enr.sites) or "none")
+        )
     elif kind == "private-key":
         kp = KeyPair.load(args.file)
         print(f"private key of {kp.role} {kp.ident!r} (permissions ok)")
@@ -227,23 +277,41 @@ def _broker_config(args: argparse.Namespace) -> int:
     if args.keep_passwords and creds.is_dir():
         for p in creds.glob("*.password"):
             passwords[p.name[: -len(".password")]] = p.read_text().strip()
-    cfg = MosquittoConfig(federation=federation, sites=sites, port=args.port, bind=args.bind, hosts=args.hosts,
-                          plain_port=args.plain_port, plain_bind=args.plain_bind,
-                          max_packet_size=args.max_packet_size, max_queued_messages=args.max_queued_messages,
-                          max_queued_bytes=args.max_queued_bytes, max_connections=args.max_connections,
-                          autosave_interval_s=args.autosave_interval, bind_client_ids=not args.no_bind_client_ids,
-                          ca_file=args.ca_file, cert_file=args.cert_file, key_file=args.key_file,
-                          require_client_cert=args.require_client_cert, passwords=passwords,
-                          persistence_dir=args.persistence_dir, run_as_user=args.user,
-                          credentials_dir=str(creds))
+    cfg = MosquittoConfig(
+        federation=federation,
+        sites=sites,
+        port=args.port,
+        bind=args.bind,
+        hosts=args.hosts,
+        plain_port=args.plain_port,
+        plain_bind=args.plain_bind,
+        max_packet_size=args.max_packet_size,
+        max_queued_messages=args.max_queued_messages,
+        max_queued_bytes=args.max_queued_bytes,
+        max_connections=args.max_connections,
+        autosave_interval_s=args.autosave_interval,
+        bind_client_ids=not args.no_bind_client_ids,
+        ca_file=args.ca_file,
+        cert_file=args.cert_file,
+        key_file=args.key_file,
+        require_client_cert=args.require_client_cert,
+        passwords=passwords,
+        persistence_dir=args.persistence_dir,
+        run_as_user=args.user,
+        credentials_dir=str(creds),
+    )
     paths = write_broker_config(cfg, args.out)
     plain = f", plaintext {args.plain_bind}:{args.plain_port}" if args.plain_port is not None else ""
     print(f"wrote {paths['conf']} (TLS listener {args.bind}:{args.port}{plain}), {paths['acl']}, {paths['passwd']}")
     if "ca" in paths:
-        print(f"generated a CA and server certificate in {paths['ca'].parent}: give sites {paths['ca']} "
-              f"(public); ca.key never leaves this folder")
-    print(f"credentials for {len(cfg.users())} users in {creds} (mode 0600): give each "
-          "service only its own file (<site> for the edge agent, <site>.line for the line)")
+        print(
+            f"generated a CA and server certificate in {paths['ca'].parent}: give sites {paths['ca']} "
+            f"(public); ca.key never leaves this folder"
+        )
+    print(
+        f"credentials for {len(cfg.users())} users in {creds} (mode 0600): give each "
+        "service only its own file (<site> for the edge agent, <site>.line for the line)"
+    )
     print(f"run it with: mosquitto -c {paths['conf']}")
     return 0
 

@@ -17,6 +17,7 @@ What it adds to aiomqtt, and why:
   CONNACK's value is kept in :attr:`MqttClient.max_packet_size` and
   :meth:`MqttClient.chunk_limit` sizes chunks under it.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -88,8 +89,9 @@ class BrokerSettings:
         return urlparse(self.url).port or (8883 if self.tls else 1883)
 
     @classmethod
-    def from_table(cls, table: dict[str, Any], file: str | Path | None, where: str = "broker",
-                   **defaults: Any) -> BrokerSettings:
+    def from_table(
+        cls, table: dict[str, Any], file: str | Path | None, where: str = "broker", **defaults: Any
+    ) -> BrokerSettings:
         """Settings from a TOML table, relative paths resolved against ``file``'s folder.
 
         The one parser of broker tables (``[broker]``, and the MQTT keys of a
@@ -107,12 +109,18 @@ class BrokerSettings:
                 raise ConfigError(file, f"{where}.{key}", exc.message) from None
             raise
         if (s.cert_file is None) != (s.key_file is None):
-            raise ConfigError(file, f"{where}.{'key_file' if s.key_file is None else 'cert_file'}",
-                              "a client certificate needs both cert_file and key_file")
+            raise ConfigError(
+                file,
+                f"{where}.{'key_file' if s.key_file is None else 'cert_file'}",
+                "a client certificate needs both cert_file and key_file",
+            )
         tls_keys = [k for k in ("ca_file", "cert_file", "key_file", "tls_insecure") if table.get(k)]
         if tls_keys and not s.tls:
-            raise ConfigError(file, f"{where}.{tls_keys[0]}",
-                              f"{tls_keys[0]} is set but url {s.url!r} is not TLS: use mqtts://host:8883")
+            raise ConfigError(
+                file,
+                f"{where}.{tls_keys[0]}",
+                f"{tls_keys[0]} is set but url {s.url!r} is not TLS: use mqtts://host:8883",
+            )
         paths: dict[str, Any] = {k: str(resolve_path(file, v)) for k in _PATH_KEYS if (v := getattr(s, k))}
         return dataclasses.replace(s, **paths)
 
@@ -155,15 +163,22 @@ class _CheckedClient(aiomqtt.Client):
         self.max_packet_size: int | None = None
         self.session_present = False
 
-    def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason_code: ReasonCode,
-                    properties: Properties | None = None) -> None:
+    def _on_connect(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        flags: Any,
+        reason_code: ReasonCode,
+        properties: Properties | None = None,
+    ) -> None:
         if properties is not None and hasattr(properties, "MaximumPacketSize"):
             self.max_packet_size = int(properties.MaximumPacketSize)
         self.session_present = bool(getattr(flags, "session_present", False))
         super()._on_connect(client, userdata, flags, reason_code, properties)
 
-    def _on_publish(self, client: paho.Client, userdata: Any, mid: int, reason_code: ReasonCode,
-                    properties: Properties) -> None:
+    def _on_publish(
+        self, client: paho.Client, userdata: Any, mid: int, reason_code: ReasonCode, properties: Properties
+    ) -> None:
         self.publish_codes[mid] = reason_code
         super()._on_publish(client, userdata, mid, reason_code, properties)
 
@@ -192,9 +207,13 @@ class MqttClient:
     Sparkplug Host Application's STATE carries the connection's timestamp).
     """
 
-    def __init__(self, settings: BrokerSettings, will: aiomqtt.Will | Callable[[], aiomqtt.Will] | None = None,
-                 on_connect: Callable[[MqttClient], Awaitable[None]] | None = None,
-                 queue_size: int = 10000) -> None:
+    def __init__(
+        self,
+        settings: BrokerSettings,
+        will: aiomqtt.Will | Callable[[], aiomqtt.Will] | None = None,
+        on_connect: Callable[[MqttClient], Awaitable[None]] | None = None,
+        queue_size: int = 10000,
+    ) -> None:
         settings.validate()
         self.settings = settings
         self.will = will
@@ -258,15 +277,29 @@ class MqttClient:
             kwargs["clean_session"] = s.clean_start
         tls_params = None
         if s.tls:
-            tls_params = aiomqtt.TLSParameters(ca_certs=s.ca_file, certfile=s.cert_file, keyfile=s.key_file,
-                                               cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+            tls_params = aiomqtt.TLSParameters(
+                ca_certs=s.ca_file,
+                certfile=s.cert_file,
+                keyfile=s.key_file,
+                cert_reqs=ssl.CERT_REQUIRED,
+                tls_version=ssl.PROTOCOL_TLS_CLIENT,
+            )
         return _CheckedClient(
-            s.host, s.port, identifier=s.client_id or None, username=s.username,
+            s.host,
+            s.port,
+            identifier=s.client_id or None,
+            username=s.username,
             password=s.resolved_password(),
             protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
-            will=self.will() if callable(self.will) else self.will, keepalive=s.keepalive_s, timeout=s.timeout_s, properties=props,
-            tls_params=tls_params, tls_insecure=s.tls_insecure if s.tls else None,
-            max_inflight_messages=64, **kwargs)
+            will=self.will() if callable(self.will) else self.will,
+            keepalive=s.keepalive_s,
+            timeout=s.timeout_s,
+            properties=props,
+            tls_params=tls_params,
+            tls_insecure=s.tls_insecure if s.tls else None,
+            max_inflight_messages=64,
+            **kwargs,
+        )
 
     async def _run(self) -> None:
         delay = self.settings.backoff_min_s
@@ -280,8 +313,14 @@ class MqttClient:
                     delay = self.settings.backoff_min_s
                     for flt, qos in list(self._subs.items()):
                         _check_suback(flt, await client.subscribe(flt, **self._sub_options(flt, qos)))
-                    event(log, "mqtt.connected", url=self.settings.url, client=self.settings.client_id,
-                          session_present=client.session_present, max_packet=client.max_packet_size)
+                    event(
+                        log,
+                        "mqtt.connected",
+                        url=self.settings.url,
+                        client=self.settings.client_id,
+                        session_present=client.session_present,
+                        max_packet=client.max_packet_size,
+                    )
                     self.connected.set()
                     if self.on_connect is not None:
                         task = asyncio.create_task(self._call_on_connect())
@@ -289,8 +328,11 @@ class MqttClient:
                         task.add_done_callback(self._callbacks.discard)
                     async for m in client.messages:
                         self.stats.received += 1
-                        payload = m.payload if isinstance(m.payload, (bytes, bytearray)) else \
-                            (str(m.payload).encode() if m.payload is not None else b"")
+                        payload = (
+                            m.payload
+                            if isinstance(m.payload, (bytes, bytearray))
+                            else (str(m.payload).encode() if m.payload is not None else b"")
+                        )
                         await self._queue.put(Message(str(m.topic), bytes(payload), bool(m.retain), int(m.qos)))
             except asyncio.CancelledError:
                 self.connected.clear()
@@ -300,12 +342,22 @@ class MqttClient:
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 if self.connected.is_set():
                     self.stats.disconnects += 1
-                    event(log, "mqtt.disconnected", level=logging.WARNING, client=self.settings.client_id,
-                          error=self.last_error)
+                    event(
+                        log,
+                        "mqtt.disconnected",
+                        level=logging.WARNING,
+                        client=self.settings.client_id,
+                        error=self.last_error,
+                    )
                 else:
                     self.stats.connect_failures += 1
-                    event(log, "mqtt.connect_failed", level=logging.DEBUG, client=self.settings.client_id,
-                          error=self.last_error)
+                    event(
+                        log,
+                        "mqtt.connect_failed",
+                        level=logging.DEBUG,
+                        client=self.settings.client_id,
+                        error=self.last_error,
+                    )
             self.connected.clear()
             self._client = None
             if self._closing:
@@ -326,8 +378,10 @@ class MqttClient:
         try:
             await asyncio.wait_for(self.connected.wait(), timeout)
         except TimeoutError:
-            raise NotConnected(f"no connection to {self.settings.url} within {timeout} s"
-                               + (f" (last error: {self.last_error})" if self.last_error else "")) from None
+            raise NotConnected(
+                f"no connection to {self.settings.url} within {timeout} s"
+                + (f" (last error: {self.last_error})" if self.last_error else "")
+            ) from None
 
     def _sub_options(self, topic_filter: str, qos: int) -> dict[str, Any]:
         """MQTT 5 subscription options: retain-as-published where asked (so a live retained message shows)."""
@@ -356,8 +410,9 @@ class MqttClient:
                 return  # the reconnect loop re-subscribes
             _check_suback(topic_filter, granted)
 
-    async def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False,
-                      timeout: float | None = None) -> None:
+    async def publish(
+        self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, timeout: float | None = None
+    ) -> None:
         """Publish once. Waits for a connection up to ``timeout`` (default settings.timeout_s).
 
         Raises :class:`PublishRefused` when the broker refuses it (MQTT 5) and
@@ -382,8 +437,14 @@ class MqttClient:
             raise NotConnected(f"publish to {topic!r} not acknowledged: {exc}") from None
         self.stats.published += 1
 
-    async def publish_many(self, items: list[tuple[str, bytes]], qos: int = 1, retain: bool = False,
-                           timeout: float | None = None, window: int = 32) -> None:
+    async def publish_many(
+        self,
+        items: list[tuple[str, bytes]],
+        qos: int = 1,
+        retain: bool = False,
+        timeout: float | None = None,
+        window: int = 32,
+    ) -> None:
         """Publish several messages with up to ``window`` in flight; all must be acknowledged."""
         sem = asyncio.Semaphore(window)
 
@@ -424,8 +485,14 @@ def _check_suback(topic_filter: str, granted: object) -> None:
     for code in granted if isinstance(granted, (list, tuple)) else ():
         value = int(getattr(code, "value", code) or 0)
         if value >= 0x80:
-            event(log, "mqtt.subscribe_refused", level=logging.ERROR, topic=topic_filter,
-                  reason=str(code), code=f"0x{value:02x}")
+            event(
+                log,
+                "mqtt.subscribe_refused",
+                level=logging.ERROR,
+                topic=topic_filter,
+                reason=str(code),
+                code=f"0x{value:02x}",
+            )
 
 
 def will_message(topic: str, payload: bytes, retain: bool = True, qos: int = 1) -> aiomqtt.Will:

@@ -6,6 +6,7 @@ aggregator's signed receipts), enforces no fedline ACL, and queues messages for
 offline clients only when they log in with a username and a persistent
 session (fedline's clients always do).
 """
+
 from __future__ import annotations
 
 import asyncio

@@ -18,6 +18,7 @@ models the aggregator made and forgets an update only on a receipt the
 aggregator signed. Manifests and model blobs then travel encrypted to the
 federation (``broker_bridge.federation_key``).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -128,12 +129,11 @@ def decode_tensors(blob: bytes | memoryview, reason: str = "schema") -> dict[str
     if hlen > MAX_HEADER_BYTES or 8 + hlen > len(view):
         raise WireError(reason, f"tensor header length {hlen} does not fit the block")
     try:
-        meta = json.loads(bytes(view[8:8 + hlen]).decode("utf-8"), parse_constant=_reject_constant)
+        meta = json.loads(bytes(view[8 : 8 + hlen]).decode("utf-8"), parse_constant=_reject_constant)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise WireError(reason, f"tensor header is not valid JSON: {exc}") from None
     if not isinstance(meta, list) or len(meta) > MAX_TENSORS:
-        raise WireError(reason, "tensor header must be a list of at most "
-                                f"{MAX_TENSORS} entries")
+        raise WireError(reason, f"tensor header must be a list of at most {MAX_TENSORS} entries")
     out: dict[str, np.ndarray] = {}
     pos = 8 + hlen
     for i, m in enumerate(meta):
@@ -144,14 +144,16 @@ def decode_tensors(blob: bytes | memoryview, reason: str = "schema") -> dict[str
             raise WireError(reason, f"tensor entry {i}: missing or duplicate name {name!r}")
         if dtype not in DTYPES:
             raise WireError(reason, f"tensor {name!r}: dtype {dtype!r} not allowed")
-        if (not isinstance(shape, list) or len(shape) > MAX_NDIM
-                or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**31 for d in shape)):
+        if (
+            not isinstance(shape, list)
+            or len(shape) > MAX_NDIM
+            or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**31 for d in shape)
+        ):
             raise WireError(reason, f"tensor {name!r}: bad shape {shape!r}")
         dt = np.dtype(dtype)
         nbytes = math.prod(shape) * dt.itemsize
         if pos + nbytes > len(view):
-            raise WireError(reason, f"tensor {name!r}: {nbytes} bytes declared, "
-                                    f"{len(view) - pos} left in the block")
+            raise WireError(reason, f"tensor {name!r}: {nbytes} bytes declared, {len(view) - pos} left in the block")
         out[name] = np.frombuffer(view, dtype=dt, count=math.prod(shape), offset=pos).reshape(shape)
         pos += nbytes
     if pos != len(view):
@@ -169,7 +171,9 @@ class UpdateHeader:
     msg_id: str
     base_version: int  # the global version the delta was trained from
     n_samples: int
-    privacy: dict[str, Any] = field(default_factory=dict)  # clip_norm, noise_multiplier, sample_rate, steps, epsilon, delta
+    privacy: dict[str, Any] = field(
+        default_factory=dict
+    )  # clip_norm, noise_multiplier, sample_rate, steps, epsilon, delta
     created_at: float = field(default_factory=time.time)
     format: int = FORMAT_VERSION
 
@@ -179,8 +183,16 @@ class UpdateHeader:
     @classmethod
     def from_dict(cls, doc: Mapping[str, Any]) -> UpdateHeader:
         """Validate types of every field; raise ``WireError('schema')`` naming the field."""
-        expected: dict[str, type | tuple[type, ...]] = {"site": str, "counter": int, "msg_id": str, "base_version": int, "n_samples": int,
-                    "privacy": dict, "created_at": (int, float), "format": int}
+        expected: dict[str, type | tuple[type, ...]] = {
+            "site": str,
+            "counter": int,
+            "msg_id": str,
+            "base_version": int,
+            "n_samples": int,
+            "privacy": dict,
+            "created_at": (int, float),
+            "format": int,
+        }
         missing = [k for k in expected if k not in doc]
         if missing:
             raise WireError("schema", f"update header lacks {', '.join(missing)}")
@@ -219,14 +231,15 @@ def _decode_update_header(plain: memoryview) -> tuple[dict[str, Any], memoryview
     (hlen,) = _U32.unpack_from(plain, 4)
     if hlen > MAX_HEADER_BYTES or 8 + hlen > len(plain):
         raise WireError("schema", f"update header length {hlen} does not fit")
-    return _load_json(plain[8:8 + hlen], "schema", "update header"), plain[8 + hlen:]
+    return _load_json(plain[8 : 8 + hlen], "schema", "update header"), plain[8 + hlen :]
 
 
 _UPDATE_DOMAIN = b"fedline-update-v1\x00"
 
 
-def seal_update(header: UpdateHeader, tensors: Mapping[str, np.ndarray], site_keys: KeyPair,
-                aggregator_box_pub: bytes) -> bytes:
+def seal_update(
+    header: UpdateHeader, tensors: Mapping[str, np.ndarray], site_keys: KeyPair, aggregator_box_pub: bytes
+) -> bytes:
     """Sign (Ed25519 over a SHA-256 digest) and seal (X25519 SealedBox) one update."""
     if header.site != site_keys.ident:
         raise ValueError(f"header site {header.site!r} is not the key's site {site_keys.ident!r}")
@@ -237,9 +250,13 @@ def seal_update(header: UpdateHeader, tensors: Mapping[str, np.ndarray], site_ke
     return _SEALED_MAGIC + bytes([FORMAT_VERSION]) + SealedBox(PublicKey(aggregator_box_pub)).encrypt(inner)
 
 
-def open_update(blob: bytes | memoryview, aggregator_keys: KeyPair, enrollment: Enrollment,
-                is_new_counter: Callable[[str, int], bool] = lambda site, counter: True,
-                max_bytes: int = MAX_MESSAGE_BYTES) -> tuple[UpdateHeader, dict[str, np.ndarray]]:
+def open_update(
+    blob: bytes | memoryview,
+    aggregator_keys: KeyPair,
+    enrollment: Enrollment,
+    is_new_counter: Callable[[str, int], bool] = lambda site, counter: True,
+    max_bytes: int = MAX_MESSAGE_BYTES,
+) -> tuple[UpdateHeader, dict[str, np.ndarray]]:
     """Open, verify and parse a sealed update, or raise :class:`WireError` naming the first failure."""
     view = memoryview(blob)
     if len(view) < 4 + 48:  # magic, version, SealedBox overhead (32-byte key + 16-byte MAC)
@@ -253,17 +270,18 @@ def open_update(blob: bytes | memoryview, aggregator_keys: KeyPair, enrollment: 
     try:
         inner = seal_open(view[4:], aggregator_keys.box_key)  # in place, without the GIL: no copies
     except CryptoError:
-        raise WireError("decrypt", "ciphertext does not open with this aggregator's key "
-                                   "(tampered, or sealed to another aggregator)") from None
+        raise WireError(
+            "decrypt", "ciphertext does not open with this aggregator's key (tampered, or sealed to another aggregator)"
+        ) from None
     if len(inner) < 5 or bytes(inner[:4]) != _SIGNED_MAGIC:
         raise WireError("signature", "no signature block inside the sealed update")
     slen = inner[4]
     if len(inner) < 5 + slen + 32 + 64:
         raise WireError("signature", "signature block is truncated")
-    site_raw = bytes(inner[5:5 + slen])
-    vk_raw = bytes(inner[5 + slen:5 + slen + 32])
-    sig = bytes(inner[5 + slen + 32:5 + slen + 96])
-    plain = inner[5 + slen + 96:]
+    site_raw = bytes(inner[5 : 5 + slen])
+    vk_raw = bytes(inner[5 + slen : 5 + slen + 32])
+    sig = bytes(inner[5 + slen + 32 : 5 + slen + 96])
+    plain = inner[5 + slen + 96 :]
     try:
         VerifyKey(vk_raw).verify(digest(site_raw, _UPDATE_DOMAIN, b"\x00", plain), sig)
     except (BadSignatureError, ValueError, TypeError):
@@ -302,8 +320,9 @@ def sign_body(magic: bytes, domain: bytes, body: bytes, keys: KeyPair) -> bytes:
     return magic + bytes([FORMAT_VERSION]) + sig + body
 
 
-def verify_body(magic: bytes, domain: bytes, what: str, blob: bytes | memoryview, sign_pub: bytes,
-                required: tuple[str, ...]) -> dict[str, Any]:
+def verify_body(
+    magic: bytes, domain: bytes, what: str, blob: bytes | memoryview, sign_pub: bytes, required: tuple[str, ...]
+) -> dict[str, Any]:
     """Inverse of :func:`sign_body` for a JSON body: check framing, signature and required fields."""
     view = memoryview(blob)
     if len(view) < 4 + 64 + 2 or len(view) > MAX_HEADER_BYTES * 4:
@@ -363,8 +382,11 @@ def seal_receipt(doc: Mapping[str, Any], aggregator_keys: KeyPair, site_box_pub:
     how stale and with what verdict and weight: the broker operator and other
     sites must not read a plant's cadence off it (issue 13).
     """
-    return (_SEALED_RECEIPT_MAGIC + bytes([FORMAT_VERSION])
-            + SealedBox(PublicKey(site_box_pub)).encrypt(sign_receipt(doc, aggregator_keys)))
+    return (
+        _SEALED_RECEIPT_MAGIC
+        + bytes([FORMAT_VERSION])
+        + SealedBox(PublicKey(site_box_pub)).encrypt(sign_receipt(doc, aggregator_keys))
+    )
 
 
 def open_receipt(blob: bytes | memoryview, site_keys: KeyPair, aggregator_sign_pub: bytes) -> dict[str, Any]:

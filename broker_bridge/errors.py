@@ -1,5 +1,6 @@
 """The library's exceptions: one base class, so a caller can catch everything
 fedline raises on bad input without catching programming errors."""
+
 from __future__ import annotations
 
 
@@ -71,8 +72,20 @@ class SecAggError(FedlineError):
     minimum cohort size), ``state`` (step out of order, e.g. masking twice in one cohort).
     """
 
-    REASONS = ("schema", "signature", "federation", "replay", "expired", "not_member", "wrong_cohort",
-               "bad_share", "equivocation", "consistency", "too_few", "state")
+    REASONS = (
+        "schema",
+        "signature",
+        "federation",
+        "replay",
+        "expired",
+        "not_member",
+        "wrong_cohort",
+        "bad_share",
+        "equivocation",
+        "consistency",
+        "too_few",
+        "state",
+    )
 
     def __init__(self, reason: str, detail: str) -> None:
         assert reason in self.REASONS, reason

@@ -7,6 +7,7 @@ shape the global model). The enrollment file lists the public keys of every
 site the aggregator trusts and of the aggregator itself; revoking a site is
 deleting its entry.
 """
+
 from __future__ import annotations
 
 import base64
@@ -102,8 +103,12 @@ class PublicKeys:
             ident = validate_site_id(doc.get("id"), "id")
         except ValueError as exc:
             raise KeyFileError(path, f"{where}{exc}") from None
-        return cls(ident, role, _unb64(path, where + "sign_pub", doc.get("sign_pub")),
-                   _unb64(path, where + "box_pub", doc.get("box_pub")))
+        return cls(
+            ident,
+            role,
+            _unb64(path, where + "sign_pub", doc.get("sign_pub")),
+            _unb64(path, where + "box_pub", doc.get("box_pub")),
+        )
 
     def save(self, path: str | Path) -> None:
         write_public(Path(path), json.dumps({"fedline": "public-key", "version": 1, **self.to_dict()}, indent=2) + "\n")
@@ -150,8 +155,9 @@ class KeyPair:
         if check_mode and p.exists():
             mode = stat.S_IMODE(p.stat().st_mode)
             if mode & 0o077:
-                raise KeyFileError(p, f"permissions {oct(mode)} are too open; a private key must be 0600 "
-                                      f"(chmod 600 {p})")
+                raise KeyFileError(
+                    p, f"permissions {oct(mode)} are too open; a private key must be 0600 (chmod 600 {p})"
+                )
         doc = _read_json(p, "private-key")
         role = doc.get("role")
         if role not in ROLES:
@@ -160,8 +166,12 @@ class KeyPair:
             ident = validate_site_id(doc.get("id"), "id")
         except ValueError as exc:
             raise KeyFileError(p, str(exc)) from None
-        return cls(ident, role, SigningKey(_unb64(p, "sign_seed", doc.get("sign_seed"))),
-                   PrivateKey(_unb64(p, "box_secret", doc.get("box_secret"))))
+        return cls(
+            ident,
+            role,
+            SigningKey(_unb64(p, "sign_seed", doc.get("sign_seed"))),
+            PrivateKey(_unb64(p, "box_secret", doc.get("box_secret"))),
+        )
 
 
 @dataclass

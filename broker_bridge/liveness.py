@@ -13,6 +13,7 @@ version in service and a reason. No row counts, scores or timestamps beyond
 the broker's own delivery (a competitor reading it learns that the service is
 up and which public version it runs, nothing computed from plant data).
 """
+
 from __future__ import annotations
 
 import json
@@ -56,5 +57,6 @@ class Liveness:
     async def stopped(self, client: MqttClient) -> None:
         """A clean stop: ``offline`` with reason ``stopped`` (a will is sent only on a lost connection)."""
         if client.connected.is_set():
-            await client.publish(self.topic, payload(self.service, "offline", version=self.version, reason="stopped"),
-                                 qos=1, retain=True)
+            await client.publish(
+                self.topic, payload(self.service, "offline", version=self.version, reason="stopped"), qos=1, retain=True
+            )

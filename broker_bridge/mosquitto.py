@@ -8,6 +8,7 @@ and writes models and receipts; an optional read-only ``observer`` serves
 ``$7$`` hashes (PBKDF2-SHA512), generated here so no ``mosquitto_passwd`` is
 needed to deploy.
 """
+
 from __future__ import annotations
 
 import base64
@@ -39,8 +40,12 @@ def password_hash(password: str, *, salt: bytes | None = None, iterations: int =
     return f"$7${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(dk).decode()}"
 
 
-def render_acl(topics: Topics, aggregator_user: str = AGGREGATOR_USER,
-               observer_user: str | None = OBSERVER_USER, sites: list[str] | None = None) -> str:
+def render_acl(
+    topics: Topics,
+    aggregator_user: str = AGGREGATOR_USER,
+    observer_user: str | None = OBSERVER_USER,
+    sites: list[str] | None = None,
+) -> str:
     """The ACL file text for one federation (patterns use ``%u``, the username = site id).
 
     ``sites``: each site's line user (``<site>.line``) may also read its site's key grant, which a line
@@ -157,29 +162,47 @@ class MosquittoConfig:
 
     def users(self) -> list[str]:
         """Every broker user: aggregator, observer, and per site the edge agent and the line."""
-        return [AGGREGATOR_USER, *([OBSERVER_USER] if self.observer else []),
-                *self.sites, *(line_user(s) for s in self.sites)]
+        return [
+            AGGREGATOR_USER,
+            *([OBSERVER_USER] if self.observer else []),
+            *self.sites,
+            *(line_user(s) for s in self.sites),
+        ]
 
     def validate(self) -> None:
         """Refuse a configuration that would weaken the broker, saying what to change (a ConfigError)."""
         from fedline.config import ConfigError
 
         if self.plain_port is not None and not _is_loopback(self.plain_bind):
-            raise ConfigError(None, "plain_bind", f"a plaintext listener may only bind a loopback address, not "
-                                                  f"{self.plain_bind!r}: remote clients use the TLS listener")
+            raise ConfigError(
+                None,
+                "plain_bind",
+                f"a plaintext listener may only bind a loopback address, not "
+                f"{self.plain_bind!r}: remote clients use the TLS listener",
+            )
         if self.plain_port is not None and self.plain_port == self.port:
             raise ConfigError(None, "plain_port", f"the plaintext and TLS listeners cannot share port {self.port}")
         given = [f for f in (self.ca_file, self.cert_file, self.key_file) if f]
         if given and len(given) != 3:
-            raise ConfigError(None, "ca_file", "give all of ca_file, cert_file and key_file, or none "
-                                               "(then they are generated)")
-        for name in ("max_packet_size", "max_queued_messages", "max_queued_bytes", "max_connections",
-                     "autosave_interval_s", "sys_interval_s"):
+            raise ConfigError(
+                None, "ca_file", "give all of ca_file, cert_file and key_file, or none (then they are generated)"
+            )
+        for name in (
+            "max_packet_size",
+            "max_queued_messages",
+            "max_queued_bytes",
+            "max_connections",
+            "autosave_interval_s",
+            "sys_interval_s",
+        ):
             if int(getattr(self, name)) <= 0:
                 raise ConfigError(None, name, f"must be a positive number, got {getattr(self, name)!r}")
         if self.max_packet_size < 16 * 1024:
-            raise ConfigError(None, "max_packet_size", f"{self.max_packet_size} is below 16 KiB: fedline's chunks "
-                                                       "and manifests would not fit")
+            raise ConfigError(
+                None,
+                "max_packet_size",
+                f"{self.max_packet_size} is below 16 KiB: fedline's chunks and manifests would not fit",
+            )
 
 
 def write_broker_config(cfg: MosquittoConfig, out_dir: str | Path) -> dict[str, Path]:
@@ -221,8 +244,9 @@ def write_broker_config(cfg: MosquittoConfig, out_dir: str | Path) -> dict[str, 
     if cfg.ca_file:
         tls = TlsFiles(Path(cfg.ca_file), Path(cfg.cert_file or ""), Path(cfg.key_file or ""))
     else:
-        hosts = cfg.hosts or [h for h in dict.fromkeys(
-            [cfg.bind, "127.0.0.1", "localhost"]) if h not in ("0.0.0.0", "::")]
+        hosts = cfg.hosts or [
+            h for h in dict.fromkeys([cfg.bind, "127.0.0.1", "localhost"]) if h not in ("0.0.0.0", "::")
+        ]
         tls = ensure_broker_tls(out / "pki", cfg.federation, hosts)
         written.update(ca=tls.ca_file, cert=tls.cert_file, key=tls.key_file)
     lines = [
@@ -255,14 +279,26 @@ def write_broker_config(cfg: MosquittoConfig, out_dir: str | Path) -> dict[str, 
         lines.append(f"user {cfg.run_as_user}")
 
     def listener(port: int, bind: str) -> list[str]:
-        return ["", f"listener {port} {bind}", "protocol mqtt", f"max_connections {cfg.max_connections}",
-                f"use_username_as_clientid {'true' if cfg.bind_client_ids else 'false'}"]
+        return [
+            "",
+            f"listener {port} {bind}",
+            "protocol mqtt",
+            f"max_connections {cfg.max_connections}",
+            f"use_username_as_clientid {'true' if cfg.bind_client_ids else 'false'}",
+        ]
 
-    lines += [*listener(cfg.port, cfg.bind), f"cafile {tls.ca_file}", f"certfile {tls.cert_file}", f"keyfile {tls.key_file}",
-              f"require_certificate {'true' if cfg.require_client_cert else 'false'}"]
+    lines += [
+        *listener(cfg.port, cfg.bind),
+        f"cafile {tls.ca_file}",
+        f"certfile {tls.cert_file}",
+        f"keyfile {tls.key_file}",
+        f"require_certificate {'true' if cfg.require_client_cert else 'false'}",
+    ]
     if cfg.plain_port is not None:
-        lines += ["# plaintext, for tools on this host only (asked for with --plain-port)",
-                  *listener(cfg.plain_port, cfg.plain_bind)]
+        lines += [
+            "# plaintext, for tools on this host only (asked for with --plain-port)",
+            *listener(cfg.plain_port, cfg.plain_bind),
+        ]
     conf = out / "mosquitto.conf"
     write_public(conf, "\n".join(lines) + "\n")
     written.update(conf=conf, acl=acl, passwd=passwd, data=data)
@@ -285,7 +321,8 @@ def _accepts(port: int) -> bool:
 def mosquitto_binary() -> str | None:
     """Path of the mosquitto broker binary, or None when it is not installed."""
     return shutil.which("mosquitto") or next(
-        (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if os.path.exists(p)), None)
+        (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if os.path.exists(p)), None
+    )
 
 
 class MosquittoProcess:
@@ -303,17 +340,29 @@ class MosquittoProcess:
     ``restart()`` brings it back on the same ports with the same data.
     """
 
-    def __init__(self, workdir: str | Path, federation: str = "test", sites: list[str] | None = None,
-                 port: int | None = None, tls_port: int | None = None, **config: object) -> None:
+    def __init__(
+        self,
+        workdir: str | Path,
+        federation: str = "test",
+        sites: list[str] | None = None,
+        port: int | None = None,
+        tls_port: int | None = None,
+        **config: object,
+    ) -> None:
         self.workdir = Path(workdir)
         self.port = port or free_port()
         self.tls_port = tls_port or free_port()
         config.setdefault("run_as_user", getpass.getuser())  # keep access to our own 0600 files
         config.setdefault("bind_client_ids", False)
         config.setdefault("autosave_interval_s", 5)
-        self.config = MosquittoConfig(federation=federation, sites=list(sites or []), port=self.tls_port,
-                                      plain_port=self.port, log_file=str(self.workdir / "mosquitto.log"),
-                                      **config)  # type: ignore[arg-type]
+        self.config = MosquittoConfig(
+            federation=federation,
+            sites=list(sites or []),
+            port=self.tls_port,
+            plain_port=self.port,
+            log_file=str(self.workdir / "mosquitto.log"),
+            **config,  # type: ignore[arg-type]
+        )
         self.paths = write_broker_config(self.config, self.workdir)
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -338,8 +387,12 @@ class MosquittoProcess:
         binary = mosquitto_binary()
         if binary is None:
             raise FedlineError("mosquitto is not installed (apt-get install mosquitto)")
-        self.proc = subprocess.Popen([binary, "-c", str(self.paths["conf"])], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [binary, "-c", str(self.paths["conf"])],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -27,6 +27,7 @@ What RabbitMQ 3.10 does differently, and what fedline does about it:
 (Debian's ``rabbitmq-server``), joins them into one cluster and creates the
 federation's users.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -166,8 +167,10 @@ class RabbitCluster:
                 raise FedlineError(f"site id {s!r} is reserved for the broker's {s} user")
         self._cookie = secrets.token_hex(16)
         tag = secrets.token_hex(3)
-        self.members = [RabbitNode(f"fl{tag}n{i}@localhost", free_port(), free_port(), self.workdir / f"node{i}")
-                        for i in range(self.nodes)]
+        self.members = [
+            RabbitNode(f"fl{tag}n{i}@localhost", free_port(), free_port(), self.workdir / f"node{i}")
+            for i in range(self.nodes)
+        ]
 
     # -- control -------------------------------------------------------------
     def _env(self, node: RabbitNode) -> dict[str, str]:
@@ -188,11 +191,12 @@ class RabbitCluster:
     def ctl(self, node: RabbitNode, *args: str, timeout: float = 60.0) -> str:
         """Run ``rabbitmqctl`` against ``node``; raise naming the command and its output on failure."""
         cmd = [str(RABBIT_BIN / "rabbitmqctl"), "--erlang-cookie", self._cookie, "-n", node.name, *args]
-        res = subprocess.run(cmd, env=self._env(node), capture_output=True, text=True, timeout=timeout,
-                             check=False)
+        res = subprocess.run(cmd, env=self._env(node), capture_output=True, text=True, timeout=timeout, check=False)
         if res.returncode != 0:
-            raise FedlineError(f"rabbitmqctl {' '.join(args)} on {node.name} failed ({res.returncode}): "
-                               f"{(res.stderr or res.stdout).strip()[-400:]}")
+            raise FedlineError(
+                f"rabbitmqctl {' '.join(args)} on {node.name} failed ({res.returncode}): "
+                f"{(res.stderr or res.stdout).strip()[-400:]}"
+            )
         return res.stdout
 
     def start(self, timeout: float = 120.0) -> RabbitCluster:
@@ -202,24 +206,32 @@ class RabbitCluster:
         (self.workdir / "enabled_plugins").write_text("[rabbitmq_mqtt].\n")
         for node in self.members:
             node.workdir.mkdir(parents=True, exist_ok=True)
-            (node.workdir / "rabbitmq.conf").write_text("\n".join([
-                "listeners.tcp = none",  # MQTT only: no AMQP 0-9-1 listener
-                f"mqtt.listeners.tcp.default = 127.0.0.1:{node.mqtt_port}",
-                "mqtt.allow_anonymous = false",
-                "loopback_users = none",
-                "log.console = false",
-                "",
-            ]))
+            (node.workdir / "rabbitmq.conf").write_text(
+                "\n".join(
+                    [
+                        "listeners.tcp = none",  # MQTT only: no AMQP 0-9-1 listener
+                        f"mqtt.listeners.tcp.default = 127.0.0.1:{node.mqtt_port}",
+                        "mqtt.allow_anonymous = false",
+                        "loopback_users = none",
+                        "log.console = false",
+                        "",
+                    ]
+                )
+            )
             log = (node.workdir / "server.log").open("wb")
-            node.proc = subprocess.Popen([str(RABBIT_BIN / "rabbitmq-server")], env=self._env(node), stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+            node.proc = subprocess.Popen(
+                [str(RABBIT_BIN / "rabbitmq-server")],
+                env=self._env(node),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
             log.close()
         try:
             for node in self.members:
                 # waits for the pid file, then for the node to have booted (await_startup alone fails
                 # while the node has not yet registered with epmd)
-                self.ctl(node, "wait", "--timeout", str(int(timeout)), str(node.workdir / "pid"),
-                         timeout=timeout + 10)
+                self.ctl(node, "wait", "--timeout", str(int(timeout)), str(node.workdir / "pid"), timeout=timeout + 10)
             first = self.members[0]
             for node in self.members[1:]:
                 self.ctl(node, "stop_app")
@@ -239,8 +251,9 @@ class RabbitCluster:
                 with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", node.mqtt_port), 0.2):
                     break
                 if time.monotonic() > deadline:
-                    raise FedlineError(f"{node.name} does not listen for MQTT on {node.mqtt_port}; "
-                                       f"see {node.workdir}/server.log")
+                    raise FedlineError(
+                        f"{node.name} does not listen for MQTT on {node.mqtt_port}; see {node.workdir}/server.log"
+                    )
                 time.sleep(0.1)
 
     def _create_users(self, node: RabbitNode) -> None:

@@ -10,6 +10,7 @@ in an uninitialised numpy buffer, and the one libsodium call runs without the
 GIL (cffi releases it). Same primitive, same checks: libsodium's
 ``crypto_box_seal_open`` authenticates before anything is returned.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -28,9 +29,8 @@ def seal_open(ciphertext: bytes | bytearray | memoryview, key: PrivateKey) -> me
     if len(ct) < SEAL_BYTES:
         raise CryptoError("sealed box is shorter than its overhead")
     out = np.empty(len(ct) - SEAL_BYTES, dtype=np.uint8)
-    rc = lib.crypto_box_seal_open(ffi.from_buffer(out), ffi.from_buffer(ct), len(ct),
-                                  bytes(key.public_key), bytes(key))
+    rc = lib.crypto_box_seal_open(ffi.from_buffer(out), ffi.from_buffer(ct), len(ct), bytes(key.public_key), bytes(key))
     if rc != 0:
         raise CryptoError("An error occurred trying to decrypt the message")
     out.flags.writeable = False
-    return memoryview(out)
+    return memoryview(out.data)

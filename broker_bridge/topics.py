@@ -15,6 +15,7 @@ Layout under ``<prefix>/<federation>/`` (DESIGN.md):
 Site ids become topic levels and ACL patterns, so they are restricted to a
 safe alphabet; anything with ``+``, ``#``, ``/`` or nothing at all is refused.
 """
+
 from __future__ import annotations
 
 import re
@@ -139,13 +140,14 @@ class Topics:
         head = self.root + "/"
         if not topic.startswith(head):
             raise TopicError(f"topic {topic!r} is not under {self.root!r}")
-        parts = topic[len(head):].split("/")
+        parts = topic[len(head) :].split("/")
         try:
             if parts[0] == "sites" and len(parts) >= 3:
                 site = validate_site_id(parts[1])
                 if parts[2] == "update" and len(parts) == 5:
-                    return TopicInfo("update", site=site, msg_id=validate_site_id(parts[3], "message id"),
-                                     index=_index(parts[4]))
+                    return TopicInfo(
+                        "update", site=site, msg_id=validate_site_id(parts[3], "message id"), index=_index(parts[4])
+                    )
                 if parts[2] in ("receipts", "status", "fedkey") and len(parts) == 3:
                     return TopicInfo(parts[2], site=site)
                 if parts[2] == "secagg" and len(parts) == 4 and parts[3] in ("request", "reply"):

@@ -9,6 +9,7 @@ path like any user's data (``make demo-cmapss``).
 
 Usage: python data/cmapss_fd001.py PATH/train_FD001.txt > data/cmapss_fd001.csv
 """
+
 from __future__ import annotations
 
 import csv

@@ -7,6 +7,7 @@ local dataset in :mod:`edge.dataset`, DP-SGD rounds in :mod:`edge.trainer`,
 the privacy budget in :mod:`edge.privacy`, store-and-forward in
 :mod:`edge.outbox`, models on disk in :mod:`edge.model_store`.
 """
+
 from __future__ import annotations
 
 from typing import Any

@@ -18,6 +18,7 @@ One asyncio process with six tasks that share the on-disk state:
 Why training in a thread: a round takes seconds; the loop must keep receiving
 receipts, publishing and answering the broker's keep-alives meanwhile.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -68,12 +69,16 @@ class EdgeAgent:
         self.dp = cfg.dp
         self.keys = KeyPair.load(cfg.path(cfg.keys.private))
         if self.keys.ident != cfg.site or self.keys.role != "site":
-            raise ConfigError(cfg.file, "keys.private",
-                              f"key file is for {self.keys.role} {self.keys.ident!r}, not site {cfg.site!r}")
+            raise ConfigError(
+                cfg.file, "keys.private", f"key file is for {self.keys.role} {self.keys.ident!r}, not site {cfg.site!r}"
+            )
         self.enrollment = Enrollment.load(cfg.path(cfg.keys.enrollment))
         if self.enrollment.federation != cfg.federation:
-            raise ConfigError(cfg.file, "keys.enrollment",
-                              f"enrollment is for federation {self.enrollment.federation!r}, not {cfg.federation!r}")
+            raise ConfigError(
+                cfg.file,
+                "keys.enrollment",
+                f"enrollment is for federation {self.enrollment.federation!r}, not {cfg.federation!r}",
+            )
         self.topics = Topics(cfg.federation, cfg.topic_prefix)
         self.settings = BrokerSettings.from_table(cfg.broker, cfg.file, "broker", client_id=cfg.site)
         self.mapping = row_mapping(cfg)
@@ -81,16 +86,24 @@ class EdgeAgent:
 
         data_dir = cfg.path(cfg.data_dir)
         self.metrics = EdgeMetrics(cfg.site)
-        self.dataset = Dataset(data_dir / "dataset.sqlite", self.spec.input_shape,
-                               None if self.spec.task == "anomaly" else self.spec.n_outputs,
-                               cfg.dataset.max_rows, cfg.dataset.holdout_fraction, cfg.dataset.effective_split)
+        self.dataset = Dataset(
+            data_dir / "dataset.sqlite",
+            self.spec.input_shape,
+            None if self.spec.task == "anomaly" else self.spec.n_outputs,
+            cfg.dataset.max_rows,
+            cfg.dataset.holdout_fraction,
+            cfg.dataset.effective_split,
+        )
         # the line's model picked among local-only / global / fine-tuned on the held-out rows (edge/personal.py)
-        self.personaliser = (Personaliser(cfg.personal, self.spec, cfg.model_seed)
-                             if cfg.personal.serve == "pick" else None)
+        self.personaliser = (
+            Personaliser(cfg.personal, self.spec, cfg.model_seed) if cfg.personal.serve == "pick" else None
+        )
         self.outbox = Outbox(data_dir / "outbox.sqlite", cfg.outbox.max_bytes, cfg.outbox.max_count, cfg.outbox.policy)
         self.ledger = self._open_ledger() if self.dp else None
         self.store = ModelStore(data_dir, cfg.path(cfg.model_dir))
-        self.cohorts = EdgeCohorts(self.keys, self.enrollment, self.topics, data_dir) if cfg.secure_aggregation else None
+        self.cohorts = (
+            EdgeCohorts(self.keys, self.enrollment, self.topics, data_dir) if cfg.secure_aggregation else None
+        )
 
         template = build_model(self.spec, seed=cfg.model_seed)
         try:
@@ -98,11 +111,19 @@ class EdgeAgent:
         except ValueError as exc:  # a personal prefix that names nothing, or everything
             raise ConfigError(cfg.file, "model.personal", str(exc)) from None
         self.shapes = {n: tuple(p.shape) for n, p in template.named_parameters()}
-        self.base = GlobalModel(0, {}, b"", b"", shared_state(template, self.spec))  # version 0, built like the aggregator's
+        self.base = GlobalModel(
+            0, {}, b"", b"", shared_state(template, self.spec)
+        )  # version 0, built like the aggregator's
         self._load_last_good_model()
         self.personal = self.store.load_personal() or personal_state(template, self.spec)
         if set(self.personal) != set(self.personal_names):
-            event(log, "personal.reset", logging.WARNING, site=self.site, reason="stored personal names differ from the spec")
+            event(
+                log,
+                "personal.reset",
+                logging.WARNING,
+                site=self.site,
+                reason="stored personal names differ from the spec",
+            )
             self.personal = personal_state(template, self.spec)
 
         self.collector = WeightsCollector()
@@ -157,8 +178,15 @@ class EdgeAgent:
             event(log, "model.refused", logging.WARNING, site=self.site, source="disk", reason=exc.reason)
 
     def _check(self, manifest_blob: bytes, weights_blob: bytes) -> GlobalModel:
-        return check_global_model(manifest_blob, weights_blob, self.enrollment.aggregator.sign_pub,
-                                  self.cfg.federation, self.spec, self.shared_names, self.shapes)
+        return check_global_model(
+            manifest_blob,
+            weights_blob,
+            self.enrollment.aggregator.sign_pub,
+            self.cfg.federation,
+            self.spec,
+            self.shared_names,
+            self.shapes,
+        )
 
     # ------------------------------------------------------------------ status
     @property
@@ -171,9 +199,14 @@ class EdgeAgent:
         if self.ledger is None:
             return {"privacy": "off"}
         g = self.ledger.group
-        return {"privacy": "on", "accounting": "per_record", "epsilon": round(self.epsilon, 6),
-                "epsilon_budget": self.dp.epsilon if self.dp else None, "delta": self.dp.delta if self.dp else None,
-                "privacy_unit": "row" if g == 1 else f"raw sample (in {g} overlapping windows, group-accounted)"}
+        return {
+            "privacy": "on",
+            "accounting": "per_record",
+            "epsilon": round(self.epsilon, 6),
+            "epsilon_budget": self.dp.epsilon if self.dp else None,
+            "delta": self.dp.delta if self.dp else None,
+            "privacy_unit": "row" if g == 1 else f"raw sample (in {g} overlapping windows, group-accounted)",
+        }
 
     def status(self, state: str = "online") -> dict[str, Any]:
         """The retained status document (also what ``fedline status`` shows): see ``edge.status_doc``.
@@ -182,9 +215,14 @@ class EdgeAgent:
         held-out rows, so it is plant data; it is in the model directory's pointer and the logs.
         """
         depth, _ = self.outbox.depth()
-        return build_status(state=state, version=self.base.version, privacy=self.privacy_status(),
-                            publishing=self.publishing, outbox_depth=depth,
-                            epoch=max(self.keyring, default=-1))
+        return build_status(
+            state=state,
+            version=self.base.version,
+            privacy=self.privacy_status(),
+            publishing=self.publishing,
+            outbox_depth=depth,
+            epoch=max(self.keyring, default=-1),
+        )
 
     def _refresh_gauges(self) -> None:
         m = self.metrics
@@ -230,7 +268,9 @@ class EdgeAgent:
         units = UnitTracker(self.cfg.dataset.group_column)
 
         def failed(src: Any, exc: BaseException) -> None:  # a source must not take the agent down
-            event(log, "source.failed", logging.ERROR, site=self.site, source=getattr(src, "name", "?"), error=repr(exc))
+            event(
+                log, "source.failed", logging.ERROR, site=self.site, source=getattr(src, "name", "?"), error=repr(exc)
+            )
             self._error(f"source {getattr(src, 'name', '?')}: {exc}")
 
         def ended(src: Any) -> None:
@@ -248,8 +288,9 @@ class EdgeAgent:
             if units.observe(sample.values):
                 stream.builder.restart_window(sample.historical)  # a window never spans two units
 
-        stream = row_stream(self.sources, self.mapping, file=self.cfg.file, on_source_error=failed,
-                            on_source_end=ended, on_sample=seen)
+        stream = row_stream(
+            self.sources, self.mapping, file=self.cfg.file, on_source_error=failed, on_source_end=ended, on_sample=seen
+        )
         async for row in stream:
             if row.y is not None or self.spec.task == "anomaly":
                 batch.append(self._example(row))
@@ -345,13 +386,19 @@ class EdgeAgent:
                 return None
             selection = await asyncio.to_thread(self._select)
             if selection is None or selection.rows < cfg.training.min_rows:
-                self._set_publishing("budget_exhausted", epsilon=round(self.ledger.epsilon, 4),
-                                     budget=self.ledger.cfg.epsilon)
+                self._set_publishing(
+                    "budget_exhausted", epsilon=round(self.ledger.epsilon, 4), budget=self.ledger.cfg.epsilon
+                )
                 self._skip("budget_exhausted", eligible=0 if selection is None else selection.rows)
                 return None
             x, y = self.dataset.training_between(selection.lo, selection.hi)
-            plan = Plan(len(x), min(cfg.training.batch_size, len(x)), selection.sample_rate, selection.steps,
-                        cfg.training.epochs)
+            plan = Plan(
+                len(x),
+                min(cfg.training.batch_size, len(x)),
+                selection.sample_rate,
+                selection.steps,
+                cfg.training.epochs,
+            )
             self.metrics.rows_eligible.set(len(x))
         else:
             x, y = self.dataset.arrays(newest=cfg.training.max_train_rows)
@@ -359,8 +406,19 @@ class EdgeAgent:
         consumed, self.new_rows = self.new_rows, 0
         base = self.base
         holdout = self.dataset.arrays(holdout=True)
-        result = await asyncio.to_thread(train_round, self.spec, base.shared, self.personal, x, y, cfg.training,
-                                         self.dp, holdout, cfg.model_seed, plan)
+        result = await asyncio.to_thread(
+            train_round,
+            self.spec,
+            base.shared,
+            self.personal,
+            x,
+            y,
+            cfg.training,
+            self.dp,
+            holdout,
+            cfg.model_seed,
+            plan,
+        )
         counter = self.outbox.last_counter() + 1
         msg_id = secrets.token_hex(8)  # random: the topic names no counter (it travels in the sealed header)
         privacy: dict[str, Any] = {"mode": "off"}
@@ -369,21 +427,38 @@ class EdgeAgent:
         if self.ledger is not None and selection is not None:
             dp = self.ledger.cfg
             eps_after = selection.epsilon_after
-            privacy = {"mode": "dp-sgd", "accountant": dp.accountant, "accounting": "per_record",
-                       "clip_norm": dp.max_grad_norm, "noise_multiplier": dp.noise_multiplier,
-                       "sample_rate": plan.sample_rate, "steps": plan.steps, "epsilon": eps_after, "delta": dp.delta,
-                       "unit_group": self.ledger.group}
+            privacy = {
+                "mode": "dp-sgd",
+                "accountant": dp.accountant,
+                "accounting": "per_record",
+                "clip_norm": dp.max_grad_norm,
+                "noise_multiplier": dp.noise_multiplier,
+                "sample_rate": plan.sample_rate,
+                "steps": plan.steps,
+                "epsilon": eps_after,
+                "delta": dp.delta,
+                "unit_group": self.ledger.group,
+            }
             meta["record_ledger"] = self.ledger.state_after(selection)
-        header = UpdateHeader(site=self.site, counter=counter, msg_id=msg_id, base_version=base.version,
-                              n_samples=len(x), privacy=privacy)
+        header = UpdateHeader(
+            site=self.site, counter=counter, msg_id=msg_id, base_version=base.version, n_samples=len(x), privacy=privacy
+        )
         if self.cohorts is not None:
             blob = self.cohorts.seal(header, result.delta)
         else:
             blob = seal_update(header, result.delta, self.keys, self.enrollment.aggregator.box_pub)
         try:
             dropped = await asyncio.to_thread(
-                self.outbox.put, site=self.site, counter=counter, msg_id=msg_id, base_version=base.version,
-                n_samples=len(x), epsilon=eps_after, blob=blob, meta=meta)
+                self.outbox.put,
+                site=self.site,
+                counter=counter,
+                msg_id=msg_id,
+                base_version=base.version,
+                n_samples=len(x),
+                epsilon=eps_after,
+                blob=blob,
+                meta=meta,
+            )
         except OutboxFull as exc:  # filled up while training (stop_training): nothing released, nothing accounted
             self.new_rows += consumed
             self._set_publishing("outbox_full", detail=str(exc))
@@ -399,9 +474,17 @@ class EdgeAgent:
             self.ledger.commit(meta["record_ledger"])
         for d in dropped:
             self.metrics.dropped.inc()
-            event(log, "outbox.dropped", logging.WARNING, site=self.site, counter=d.counter, msg_id=d.msg_id,
-                  reason="outbox full", policy=cfg.outbox.policy,
-                  detail="its privacy cost was paid and it will never be delivered (policy drop_oldest)")
+            event(
+                log,
+                "outbox.dropped",
+                logging.WARNING,
+                site=self.site,
+                counter=d.counter,
+                msg_id=d.msg_id,
+                reason="outbox full",
+                policy=cfg.outbox.policy,
+                detail="its privacy cost was paid and it will never be delivered (policy drop_oldest)",
+            )
         self.personal = result.personal
         if self.personal_names:
             try:
@@ -409,16 +492,32 @@ class EdgeAgent:
             except OSError as exc:  # kept in memory; saved with the next round
                 event(log, "personal.save_failed", logging.ERROR, site=self.site, error=str(exc))
         sealed_s = time.perf_counter() - triggered
-        self.last_round = {"counter": counter, "msg_id": msg_id, "base_version": base.version, "n_samples": len(x),
-                           "steps": plan.steps, "train_loss": _r(result.train_loss),
-                           "holdout_loss": _r(result.holdout_loss), "holdout_accuracy": _r(result.holdout_accuracy),
-                           "train_s": round(result.seconds, 3), "trigger_to_outbox_s": round(sealed_s, 3)}
+        self.last_round = {
+            "counter": counter,
+            "msg_id": msg_id,
+            "base_version": base.version,
+            "n_samples": len(x),
+            "steps": plan.steps,
+            "train_loss": _r(result.train_loss),
+            "holdout_loss": _r(result.holdout_loss),
+            "holdout_accuracy": _r(result.holdout_accuracy),
+            "train_s": round(result.seconds, 3),
+            "trigger_to_outbox_s": round(sealed_s, 3),
+        }
         self.metrics.rounds.inc()
         self.metrics.sealed.inc()
         self.metrics.round_seconds.set(result.seconds)
         self.last_round_at = time.monotonic()
-        event(log, "update.sealed", site=self.site, counter=counter, msg_id=msg_id, bytes=len(blob),
-              epsilon=_r(eps_after), **{k: v for k, v in self.last_round.items() if k not in ("counter", "msg_id")})
+        event(
+            log,
+            "update.sealed",
+            site=self.site,
+            counter=counter,
+            msg_id=msg_id,
+            bytes=len(blob),
+            epsilon=_r(eps_after),
+            **{k: v for k, v in self.last_round.items() if k not in ("counter", "msg_id")},
+        )
         if self.publishing != "ok":
             self._set_publishing("ok")
         self._changed()
@@ -436,8 +535,9 @@ class EdgeAgent:
             p = plan_round(t.plan_rows or n, t)
             return p.sample_rate, p.steps
 
-        return self.ledger.select(self.dataset, time.time(), plan, max_age_s=self.cfg.dataset.max_age_s,
-                                  newest=t.max_train_rows)
+        return self.ledger.select(
+            self.dataset, time.time(), plan, max_age_s=self.cfg.dataset.max_age_s, newest=t.max_train_rows
+        )
 
     async def export_onnx(self) -> Path | None:
         """Write the personalised ONNX (global shared + local personal) for the line inference.
@@ -458,20 +558,35 @@ class EdgeAgent:
                     from edge.personal import build as build_params
 
                     params, choice = self.personaliser.choose(
-                        {**base.shared, **personal}, *self.dataset.arrays(), *self.dataset.arrays(holdout=True))
+                        {**base.shared, **personal}, *self.dataset.arrays(), *self.dataset.arrays(holdout=True)
+                    )
                     model, served = build_params(self.spec, params, self.cfg.model_seed), choice.to_dict()
                 return export_onnx(model, self.spec)
 
             onnx = await asyncio.to_thread(build)
             try:
-                path = await asyncio.to_thread(self.store.publish_onnx, onnx, site=self.site, version=base.version,
-                                               spec=self.spec, counter=self.outbox.last_counter(), served=served)
+                path = await asyncio.to_thread(
+                    self.store.publish_onnx,
+                    onnx,
+                    site=self.site,
+                    version=base.version,
+                    spec=self.spec,
+                    counter=self.outbox.last_counter(),
+                    served=served,
+                )
             except OSError as exc:
                 event(log, "onnx.export_failed", logging.ERROR, site=self.site, version=base.version, error=str(exc))
                 self._error(f"ONNX export failed: {exc}")
                 return None
-        event(log, "onnx.exported", site=self.site, version=base.version, path=str(path), bytes=len(onnx),
-              served=served["kind"] if served else None)
+        event(
+            log,
+            "onnx.exported",
+            site=self.site,
+            version=base.version,
+            path=str(path),
+            bytes=len(onnx),
+            served=served["kind"] if served else None,
+        )
         if served:
             self._changed()
         return path
@@ -510,14 +625,28 @@ class EdgeAgent:
             return False  # back to waiting for the connection; the row stays queued
         except PublishRefused as exc:
             self._error(f"broker refused update {row.msg_id}: {exc}")
-            event(log, "update.refused_by_broker", logging.ERROR, site=self.site, msg_id=row.msg_id,
-                  reason=exc.reason, code=exc.reason_code)
+            event(
+                log,
+                "update.refused_by_broker",
+                logging.ERROR,
+                site=self.site,
+                msg_id=row.msg_id,
+                reason=exc.reason,
+                code=exc.reason_code,
+            )
             await asyncio.sleep(min(self.cfg.outbox.resend_after_s, 30.0))
             return False
         self.outbox.mark_sent(row.msg_id)
         self.metrics.published.inc()
-        event(log, "update.published", site=self.site, counter=row.counter, msg_id=row.msg_id,
-              chunks=len(chunks), attempt=row.attempts + 1)
+        event(
+            log,
+            "update.published",
+            site=self.site,
+            counter=row.counter,
+            msg_id=row.msg_id,
+            chunks=len(chunks),
+            attempt=row.attempts + 1,
+        )
         return True
 
     # ------------------------------------------------------------------ receiving
@@ -583,8 +712,17 @@ class EdgeAgent:
         found = self.outbox.settle(doc["counter"], doc["msg_id"], verdict, reason, doc.get("version"))
         self.metrics.receipts.labels(verdict).inc()
         level = logging.WARNING if verdict in ("stale", "rejected") else logging.INFO
-        event(log, f"receipt.{verdict}", level, site=self.site, counter=doc["counter"], msg_id=doc["msg_id"],
-              reason=reason, version=doc.get("version"), matched=found)
+        event(
+            log,
+            f"receipt.{verdict}",
+            level,
+            site=self.site,
+            counter=doc["counter"],
+            msg_id=doc["msg_id"],
+            reason=reason,
+            version=doc.get("version"),
+            matched=found,
+        )
         if verdict in ("stale", "rejected"):
             self.last_error = f"update {doc['counter']} {verdict}: {reason}"
         self._changed()
@@ -598,8 +736,13 @@ class EdgeAgent:
 
     async def _on_grant(self, blob: bytes) -> None:
         if not blob:
-            event(log, "fedkey.cleared", logging.WARNING, site=self.site,
-                  detail="the aggregator took this site's key grant back (revoked?)")
+            event(
+                log,
+                "fedkey.cleared",
+                logging.WARNING,
+                site=self.site,
+                detail="the aggregator took this site's key grant back (revoked?)",
+            )
             return
         try:
             epoch = self.keyring.add_grant(blob, self.keys, self.enrollment.aggregator.sign_pub, self.cfg.federation)
@@ -677,8 +820,15 @@ class EdgeAgent:
 
     def _refuse(self, version: int | None, reason: str) -> None:
         self.metrics.models_refused.inc()
-        event(log, "model.refused", logging.WARNING, site=self.site, version=version, reason=reason,
-              keeping=self.base.version)
+        event(
+            log,
+            "model.refused",
+            logging.WARNING,
+            site=self.site,
+            version=version,
+            reason=reason,
+            keeping=self.base.version,
+        )
         self._error(f"model {version} refused: {reason}")
 
     # ------------------------------------------------------------------ status
@@ -713,8 +863,9 @@ class EdgeAgent:
         self._announce()
         self.metrics_port = self.metrics.serve(self.cfg.metrics, self.cfg.file)
         await self.export_onnx()  # the line gets what this site holds now (a crash may have left it behind)
-        will = will_message(self.topics.status(self.site),
-                            json.dumps({"state": "offline", "reason": "connection lost"}).encode())
+        will = will_message(
+            self.topics.status(self.site), json.dumps({"state": "offline", "reason": "connection lost"}).encode()
+        )
         client = MqttClient(self.settings, will=will, on_connect=self._on_connect)
         self.client = client
         try:
@@ -727,9 +878,16 @@ class EdgeAgent:
                 await client.subscribe(self.topics.weights_filter(), qos=1)
                 for topic in self.cohorts.subscriptions() if self.cohorts is not None else ():
                     await client.subscribe(topic, qos=1)
-                tasks = {asyncio.create_task(c, name=f"edge:{self.site}:{n}") for n, c in [
-                    ("ingest", self._ingest()), ("train", self._train_loop()), ("send", self._send_loop(client)),
-                    ("receive", self._receive_loop(client)), ("status", self._status_loop(client))]}
+                tasks = {
+                    asyncio.create_task(c, name=f"edge:{self.site}:{n}")
+                    for n, c in [
+                        ("ingest", self._ingest()),
+                        ("train", self._train_loop()),
+                        ("send", self._send_loop(client)),
+                        ("receive", self._receive_loop(client)),
+                        ("status", self._status_loop(client)),
+                    ]
+                }
                 stopper = asyncio.create_task(stop.wait())
                 try:
                     pending = {*tasks, stopper}
@@ -753,16 +911,35 @@ class EdgeAgent:
             event(log, "edge.stopped", site=self.site)
 
     def _announce(self) -> None:
-        event(log, "edge.starting", site=self.site, federation=self.cfg.federation, model=self.spec.kind,
-              version=self.base.version, rows=len(self.dataset), outbox=self.outbox.depth()[0],
-              counter=self.outbox.last_counter(), epsilon=round(self.epsilon, 4))
+        event(
+            log,
+            "edge.starting",
+            site=self.site,
+            federation=self.cfg.federation,
+            model=self.spec.kind,
+            version=self.base.version,
+            rows=len(self.dataset),
+            outbox=self.outbox.depth()[0],
+            counter=self.outbox.last_counter(),
+            epsilon=round(self.epsilon, 4),
+        )
         if self.dp is None:
-            event(log, "privacy.off", logging.WARNING, site=self.site,
-                  detail="privacy = \"off\": updates carry NO differential privacy guarantee for the plant's records")
+            event(
+                log,
+                "privacy.off",
+                logging.WARNING,
+                site=self.site,
+                detail='privacy = "off": updates carry NO differential privacy guarantee for the plant\'s records',
+            )
         elif self.cfg.training.every_rows or self.cfg.training.max_train_rows:
-            event(log, "privacy.count_schedule", logging.WARNING, site=self.site,
-                  detail="training.every_rows / max_train_rows make rounds or their rows depend on row counts; the "
-                         "per-record guarantee's argument assumes rounds by time or version (docs/architecture.md)")
+            event(
+                log,
+                "privacy.count_schedule",
+                logging.WARNING,
+                site=self.site,
+                detail="training.every_rows / max_train_rows make rounds or their rows depend on row counts; the "
+                "per-record guarantee's argument assumes rounds by time or version (docs/architecture.md)",
+            )
 
     def close(self) -> None:
         """Close the stores (after :meth:`run` has returned)."""

@@ -3,6 +3,7 @@
 Registration imports nothing heavy; the handler imports torch, Opacus and the
 agent only when it runs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,7 +14,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "edge",
         help="run an edge agent: read plant data, train with DP-SGD, send sealed updates",
         description="Run one site's edge agent until SIGINT/SIGTERM. Every state (dataset, outbox, "
-                    "privacy accountant, last good model) lives in data_dir and survives restarts.",
+        "privacy accountant, last good model) lives in data_dir and survives restarts.",
     )
     p.add_argument("--config", "-c", required=True, help="the site's TOML file (site.toml)")
     p.add_argument("--check", action="store_true", help="validate the configuration and keys, then exit")

@@ -44,6 +44,7 @@ Example::
     epsilon = 8.0
     delta = 1e-5
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -273,16 +274,28 @@ def check_rows_fit_model(cfg: EdgeConfig) -> None:
     spec = cfg.model
     shape = row_shape(mapping)
     if shape != spec.input_shape:
-        raise ConfigError(cfg.file, "model", f"rows make inputs of shape {shape} (features, window, aggregates) "
-                          f"but the model reads {spec.input_shape} (n_features, window)")
+        raise ConfigError(
+            cfg.file,
+            "model",
+            f"rows make inputs of shape {shape} (features, window, aggregates) "
+            f"but the model reads {spec.input_shape} (n_features, window)",
+        )
     if spec.task == "anomaly" and mapping.label is not None:
         raise ConfigError(cfg.file, "rows.label", "an anomaly model trains without labels; remove rows.label")
     if spec.task != "anomaly" and mapping.label is None:
         raise ConfigError(cfg.file, "rows.label", f"task {spec.task!r} needs a label tag")
-    if (cfg.dp is not None and cfg.dp.window_accounting == "disjoint" and mapping.window > 1
-            and mapping.stride < mapping.window):
-        raise ConfigError(cfg.file, "rows.stride", f"privacy.window_accounting = 'disjoint' needs stride >= window "
-                          f"({mapping.window}), got {mapping.stride}; or account the group ('group')")
+    if (
+        cfg.dp is not None
+        and cfg.dp.window_accounting == "disjoint"
+        and mapping.window > 1
+        and mapping.stride < mapping.window
+    ):
+        raise ConfigError(
+            cfg.file,
+            "rows.stride",
+            f"privacy.window_accounting = 'disjoint' needs stride >= window "
+            f"({mapping.window}), got {mapping.stride}; or account the group ('group')",
+        )
     if spec.task != "anomaly" and mapping.task != spec.task:
         raise ConfigError(cfg.file, "rows.task", f"rows.task is {mapping.task!r} but model.task is {spec.task!r}")
 

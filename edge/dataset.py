@@ -17,6 +17,7 @@ out for local evaluation (and for picking the model the line serves, see
 Group and random are fixed at insert (stable across restarts, no example ever
 moves from one side to the other); time is decided when the rows are read.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -24,8 +25,9 @@ import math
 import sqlite3
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
 
@@ -84,20 +86,27 @@ def holdout_mask(n: int, fraction: float, split: Split, groups: Sequence[Any] | 
     mask = np.zeros(n, dtype=bool)
     k = time_holdout_count(n, fraction)
     if k:
-        mask[n - k:] = True
+        mask[n - k :] = True
     return mask
 
 
 def time_holdout_count(n: int, fraction: float) -> int:
     """How many of the newest ``n`` rows a time split holds out."""
-    return int(round(n * fraction)) if n > 1 else 0
+    return round(n * fraction) if n > 1 else 0
 
 
 class Dataset:
     """Examples of one input shape; thread-safe (ingest on the loop, training in a worker)."""
 
-    def __init__(self, path: str | Path, input_shape: tuple[int, ...], n_outputs: int | None,
-                 max_rows: int, holdout_fraction: float, split: Split = "random") -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        input_shape: tuple[int, ...],
+        n_outputs: int | None,
+        max_rows: int,
+        holdout_fraction: float,
+        split: Split = "random",
+    ) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.input_shape = tuple(input_shape)
@@ -120,8 +129,12 @@ class Dataset:
         """Store one example; evict the oldest beyond ``max_rows``."""
         self.add_many([(x, y)], ts)
 
-    def add_many(self, examples: list[tuple[np.ndarray, np.ndarray | None]], ts: float | None = None,
-                 groups: Sequence[Any] | None = None) -> None:
+    def add_many(
+        self,
+        examples: list[tuple[np.ndarray, np.ndarray | None]],
+        ts: float | None = None,
+        groups: Sequence[Any] | None = None,
+    ) -> None:
         """Store several examples in one transaction (cheaper on flash than one commit each).
 
         ``groups`` (split ``group``): each example's unit; a unit's rows all land on one side.
@@ -142,14 +155,16 @@ class Dataset:
                         if ya.shape != (self.n_outputs,):
                             raise ValueError(f"label has {ya.size} values, the model has {self.n_outputs} outputs")
                         yb = ya.tobytes()
-                    cur = self._db.execute("INSERT INTO examples (ts, x, y, holdout) VALUES (?, ?, ?, 0)",
-                                           (ts, xa.tobytes(), yb))
+                    cur = self._db.execute(
+                        "INSERT INTO examples (ts, x, y, holdout) VALUES (?, ?, ?, 0)", (ts, xa.tobytes(), yb)
+                    )
                     if self._held_out(cur.lastrowid or 0, groups[i] if groups is not None else None):
                         self._db.execute("UPDATE examples SET holdout = 1 WHERE id = ?", (cur.lastrowid,))
                 over = self._count() - self.max_rows
                 if over > 0:
                     self._db.execute(
-                        "DELETE FROM examples WHERE id IN (SELECT id FROM examples ORDER BY id LIMIT ?)", (over,))
+                        "DELETE FROM examples WHERE id IN (SELECT id FROM examples ORDER BY id LIMIT ?)", (over,)
+                    )
                     self.evicted += over
                 self._db.execute("COMMIT")
             except BaseException:
@@ -198,8 +213,7 @@ class Dataset:
         with self._lock:
             if self.split == "time":
                 cut = self._time_cut()
-                sql = ("SELECT x, y FROM examples WHERE " + ("id >= ?" if holdout else "id < ?")
-                       + " ORDER BY id DESC")
+                sql = "SELECT x, y FROM examples WHERE " + ("id >= ?" if holdout else "id < ?") + " ORDER BY id DESC"
                 args = (cut if cut is not None else 2**62,)
             if newest > 0:
                 sql += " LIMIT ?"
@@ -235,20 +249,25 @@ class Dataset:
         """Training (not held-out) rows with ``lo <= id <= hi``."""
         with self._lock:
             hi = self._training_hi(hi)
-            return int(self._db.execute("SELECT COUNT(*) FROM examples WHERE holdout = 0 AND id BETWEEN ? AND ?",
-                                        (lo, hi)).fetchone()[0])
+            return int(
+                self._db.execute(
+                    "SELECT COUNT(*) FROM examples WHERE holdout = 0 AND id BETWEEN ? AND ?", (lo, hi)
+                ).fetchone()[0]
+            )
 
     def training_between(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray | None]:
         """The training examples with ``lo <= id <= hi``, oldest first (the rows a round was given)."""
         with self._lock:
             hi = self._training_hi(hi)
-            rows = self._db.execute("SELECT x, y FROM examples WHERE holdout = 0 AND id BETWEEN ? AND ? ORDER BY id",
-                                    (lo, hi)).fetchall()
+            rows = self._db.execute(
+                "SELECT x, y FROM examples WHERE holdout = 0 AND id BETWEEN ? AND ? ORDER BY id", (lo, hi)
+            ).fetchall()
         x = np.frombuffer(b"".join(r[0] for r in rows), np.float32).reshape(len(rows), *self.input_shape)
         if self.n_outputs is None:
             return x.copy(), None
         y = np.frombuffer(b"".join(r[1] for r in rows), np.float32).reshape(len(rows), self.n_outputs)
         return x.copy(), y.copy()
+
 
 class UnitTracker:
     """The unit (``[dataset] group_column``) the newest rows belong to, from the samples' values.

@@ -8,6 +8,7 @@ until its manifest says how many to expect. Chunks may be fedline chunks
 topic index; both are accepted. The joined blob is still encrypted under the federation
 content key: the agent opens it, and checking the result is :mod:`edge.model_store`'s job.
 """
+
 from __future__ import annotations
 
 import time

@@ -35,6 +35,7 @@ subsampled Gaussian bounds the raw sample's, by the joint convexity of the
 Rényi moment over which of its k examples were drawn. ``"disjoint"`` refuses
 overlapping windows instead. Either way the ε reported is per raw sample.
 """
+
 from __future__ import annotations
 
 import json
@@ -101,8 +102,9 @@ class RecordLedger:
         from opacus.accountants.rdp import RDPAccountant
 
         if cfg.accountant != "rdp":
-            raise ValueError(f"per-record accounting composes RDP curves; privacy.accountant must be 'rdp', "
-                             f"not {cfg.accountant!r}")
+            raise ValueError(
+                f"per-record accounting composes RDP curves; privacy.accountant must be 'rdp', not {cfg.accountant!r}"
+            )
         self.cfg = cfg
         self.group = max(1, int(group))
         self.orders = list(RDPAccountant.DEFAULT_ALPHAS)
@@ -122,11 +124,14 @@ class RecordLedger:
     # -- state ----------------------------------------------------------------
     def _load(self, state: dict[str, Any]) -> None:
         if state.get("version") != STATE_VERSION or state.get("group") != self.group:
-            raise ValueError(f"stored per-record ledger (version {state.get('version')}, group {state.get('group')}) "
-                             f"does not match this configuration (version {STATE_VERSION}, group {self.group}); "
-                             "ε cannot be carried across")
-        self.rounds = [LedgerRound(int(i), float(q), float(s), int(n), int(lo), int(hi))
-                       for i, q, s, n, lo, hi in state["rounds"]]
+            raise ValueError(
+                f"stored per-record ledger (version {state.get('version')}, group {state.get('group')}) "
+                f"does not match this configuration (version {STATE_VERSION}, group {self.group}); "
+                "ε cannot be carried across"
+            )
+        self.rounds = [
+            LedgerRound(int(i), float(q), float(s), int(n), int(lo), int(hi)) for i, q, s, n, lo, hi in state["rounds"]
+        ]
         self.next_index = int(state["next_index"])
         self.retired_below = int(state["retired_below"])
         self.retired = int(state["retired"])
@@ -134,18 +139,27 @@ class RecordLedger:
         self.releases = int(state["releases"])
         self.total_rdp = np.array(state["total_rdp"], dtype=float)
 
-    def _state(self, rounds: list[LedgerRound], retired_below: int, retired: int, max_eps: float,
-               total: np.ndarray) -> str:
-        return json.dumps({
-            "version": STATE_VERSION, "group": self.group, "next_index": rounds[-1].index + 1 if rounds else self.next_index,
-            "rounds": [[r.index, r.q, r.sigma, r.steps, r.lo, r.hi] for r in rounds],
-            "retired_below": retired_below, "retired": retired, "max_epsilon": max_eps,
-            "releases": self.releases + 1, "total_rdp": [float(v) for v in total],
-        })
+    def _state(
+        self, rounds: list[LedgerRound], retired_below: int, retired: int, max_eps: float, total: np.ndarray
+    ) -> str:
+        return json.dumps(
+            {
+                "version": STATE_VERSION,
+                "group": self.group,
+                "next_index": rounds[-1].index + 1 if rounds else self.next_index,
+                "rounds": [[r.index, r.q, r.sigma, r.steps, r.lo, r.hi] for r in rounds],
+                "retired_below": retired_below,
+                "retired": retired,
+                "max_epsilon": max_eps,
+                "releases": self.releases + 1,
+                "total_rdp": [float(v) for v in total],
+            }
+        )
 
     @classmethod
-    def from_global_history(cls, cfg: PrivacyConfig, group: int, history: list[tuple[float, float, int]],
-                            last_id: int) -> RecordLedger:
+    def from_global_history(
+        cls, cfg: PrivacyConfig, group: int, history: list[tuple[float, float, int]], last_id: int
+    ) -> RecordLedger:
         """Carry a site's old global accountant over: every row stored so far took part in every past release."""
         led = cls(cfg, group)
         for i, (sigma, q, steps) in enumerate(history):
@@ -163,8 +177,9 @@ class RecordLedger:
         if key not in self._unit_rdp:
             from opacus.accountants.analysis.rdp import compute_rdp
 
-            self._unit_rdp[key] = np.asarray(compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=self.orders),
-                                             dtype=float)
+            self._unit_rdp[key] = np.asarray(
+                compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=self.orders), dtype=float
+            )
         return self._unit_rdp[key]
 
     def _round_rdp(self, r: LedgerRound) -> np.ndarray:
@@ -224,8 +239,7 @@ class RecordLedger:
         return sorted(cuts)
 
     # -- one round --------------------------------------------------------------
-    def select(self, index: RowIndex, now: float, plan, *, max_age_s: float = 0.0,
-               newest: int = 0) -> Selection | None:
+    def select(self, index: RowIndex, now: float, plan, *, max_age_s: float = 0.0, newest: int = 0) -> Selection | None:
         """The rows the next round trains on, after retiring those it would take past their limits.
 
         ``plan(n) -> (sample_rate, steps)`` gives the round's parameters for
@@ -266,8 +280,15 @@ class RecordLedger:
             raise RuntimeError("per-record selection did not settle")
         retiring = index.count_training(start, lo - 1) if lo > start else 0
         self._pending = (lo, hi, qu, su, steps, retiring, start)
-        return Selection(lo=lo, hi=hi, rows=n, retiring=retiring, sample_rate=q, steps=steps,
-                         epsilon_after=max(self.max_epsilon, eps_at_lo))
+        return Selection(
+            lo=lo,
+            hi=hi,
+            rows=n,
+            retiring=retiring,
+            sample_rate=q,
+            steps=steps,
+            epsilon_after=max(self.max_epsilon, eps_at_lo),
+        )
 
     def _newest_lo(self, index: RowIndex, lo: int, hi: int, newest: int) -> int:
         """The smallest id such that ``[id, hi]`` holds at most ``newest`` training rows (binary search)."""

@@ -3,9 +3,8 @@
 Why an own registry: tests run several agents in one process, and the
 default registry would refuse the second set of metric names.
 """
-from __future__ import annotations
 
-from typing import Any
+from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, generate_latest
 
@@ -18,36 +17,59 @@ class EdgeMetrics:
     def __init__(self, site: str) -> None:
         self.registry = r = new_registry()
         self.site = site
-        self.model_version = Gauge("fedline_edge_model_version", "Global model version the site trains from", registry=r)
-        self.epsilon = Gauge("fedline_edge_epsilon_spent",
-                             "Per-record privacy loss epsilon: the largest over every row ever trained on", registry=r)
+        self.model_version = Gauge(
+            "fedline_edge_model_version", "Global model version the site trains from", registry=r
+        )
+        self.epsilon = Gauge(
+            "fedline_edge_epsilon_spent",
+            "Per-record privacy loss epsilon: the largest over every row ever trained on",
+            registry=r,
+        )
         self.epsilon_global_history = Gauge(
             "fedline_edge_epsilon_global_history",
-            "Epsilon one accountant over every round since enrollment would report (comparison only)", registry=r)
+            "Epsilon one accountant over every round since enrollment would report (comparison only)",
+            registry=r,
+        )
         self.delta = Gauge("fedline_edge_delta", "Privacy delta of the epsilon figures", registry=r)
-        self.rows_eligible = Gauge("fedline_edge_rows_eligible", "Training rows the last round could sample", registry=r)
-        self.rows_retired = Gauge("fedline_edge_rows_retired",
-                                  "Rows retired for good by their own budget or participation count", registry=r)
-        self.epsilon_budget = Gauge("fedline_edge_epsilon_budget", "Configured epsilon budget (0: privacy off)", registry=r)
-        self.budget_exhausted = Gauge("fedline_edge_budget_exhausted", "1 when the next release would exceed the budget", registry=r)
+        self.rows_eligible = Gauge(
+            "fedline_edge_rows_eligible", "Training rows the last round could sample", registry=r
+        )
+        self.rows_retired = Gauge(
+            "fedline_edge_rows_retired", "Rows retired for good by their own budget or participation count", registry=r
+        )
+        self.epsilon_budget = Gauge(
+            "fedline_edge_epsilon_budget", "Configured epsilon budget (0: privacy off)", registry=r
+        )
+        self.budget_exhausted = Gauge(
+            "fedline_edge_budget_exhausted", "1 when the next release would exceed the budget", registry=r
+        )
         self.outbox_depth = Gauge("fedline_edge_outbox_depth", "Sealed updates waiting for a receipt", registry=r)
-        self.outbox_bytes = Gauge("fedline_edge_outbox_bytes", "Bytes of sealed updates waiting for a receipt", registry=r)
+        self.outbox_bytes = Gauge(
+            "fedline_edge_outbox_bytes", "Bytes of sealed updates waiting for a receipt", registry=r
+        )
         self.rows = Gauge("fedline_edge_rows_stored", "Training examples in the local store", registry=r)
         self.connected = Gauge("fedline_edge_connected", "1 while connected to the broker", registry=r)
         self.rounds = Counter("fedline_edge_rounds", "Local training rounds finished", registry=r)
-        self.rounds_skipped = Counter("fedline_edge_rounds_skipped", "Triggers that did not train", ["reason"], registry=r)
+        self.rounds_skipped = Counter(
+            "fedline_edge_rounds_skipped", "Triggers that did not train", ["reason"], registry=r
+        )
         self.round_seconds = Gauge("fedline_edge_last_round_seconds", "Duration of the last local round", registry=r)
         self.sealed = Counter("fedline_edge_updates_sealed", "Updates sealed into the outbox", registry=r)
-        self.published = Counter("fedline_edge_updates_published", "Updates whose chunks the broker acknowledged", registry=r)
+        self.published = Counter(
+            "fedline_edge_updates_published", "Updates whose chunks the broker acknowledged", registry=r
+        )
         self.receipts = Counter("fedline_edge_receipts", "Signed receipts by verdict", ["verdict"], registry=r)
         self.dropped = Counter("fedline_edge_outbox_dropped", "Updates dropped because the outbox was full", registry=r)
         self.models_loaded = Counter("fedline_edge_models_loaded", "Global models verified and loaded", registry=r)
         self.models_refused = Counter("fedline_edge_models_refused", "Global models refused", registry=r)
-        self.malformed = Counter("fedline_edge_malformed_messages", "Messages counted and dropped", ["kind"], registry=r)
+        self.malformed = Counter(
+            "fedline_edge_malformed_messages", "Messages counted and dropped", ["kind"], registry=r
+        )
         self.samples = Counter("fedline_edge_samples", "Samples read from the sources", registry=r)
         self.examples = Counter("fedline_edge_examples", "Training examples stored", registry=r)
-        self.rows_lost = Counter("fedline_edge_examples_lost", "Examples not stored (write failed, e.g. disk full)",
-                                 registry=r)
+        self.rows_lost = Counter(
+            "fedline_edge_examples_lost", "Examples not stored (write failed, e.g. disk full)", registry=r
+        )
         self._server = MetricsServer(r)
 
     def serve(self, cfg: MetricsConfig, file: str | None = None) -> int | None:

@@ -7,6 +7,7 @@ old or the new file, never half of one; the line-inference service watches
 as the aggregator's *signed* manifest and the weights blob, and re-verified
 on start-up, so a file tampered with on disk is refused like one from the wire.
 """
+
 from __future__ import annotations
 
 import time
@@ -42,9 +43,15 @@ class ModelRefused(Exception):
         super().__init__(f"model version {version}: {reason}")
 
 
-def check_global_model(manifest_blob: bytes, weights_blob: bytes, aggregator_sign_pub: bytes,
-                       federation: str, spec: ModelSpec, shared_names: list[str],
-                       shapes: dict[str, tuple[int, ...]]) -> GlobalModel:
+def check_global_model(
+    manifest_blob: bytes,
+    weights_blob: bytes,
+    aggregator_sign_pub: bytes,
+    federation: str,
+    spec: ModelSpec,
+    shared_names: list[str],
+    shapes: dict[str, tuple[int, ...]],
+) -> GlobalModel:
     """Verify a manifest and its weights against this site's expectations, or raise :class:`ModelRefused`."""
     try:
         manifest = verify_manifest(manifest_blob, aggregator_sign_pub)
@@ -110,8 +117,16 @@ class ModelStore:
             return None
         return {k: np.array(v, np.float32) for k, v in decode_tensors(p.read_bytes()).items()}
 
-    def publish_onnx(self, onnx: bytes, *, site: str, version: int, spec: ModelSpec, counter: int,
-                     served: dict[str, Any] | None = None) -> Path:
+    def publish_onnx(
+        self,
+        onnx: bytes,
+        *,
+        site: str,
+        version: int,
+        spec: ModelSpec,
+        counter: int,
+        served: dict[str, Any] | None = None,
+    ) -> Path:
         """Hand a personalised ONNX to the line inference, by its model-directory rules.
 
         ``served`` (``[personal] serve = "pick"``): which candidate this is and its validation
@@ -123,7 +138,15 @@ class ModelStore:
         from edge.inference.model_dir import publish_model
 
         extra = {"served": served} if served else {}
-        pointer = publish_model(self.model_dir, onnx, version, site=site, local_round=counter,
-                                personalised=bool(spec.personal) or bool(served), spec=spec.to_dict(),
-                                created_at=time.time(), **extra)
+        pointer = publish_model(
+            self.model_dir,
+            onnx,
+            version,
+            site=site,
+            local_round=counter,
+            personalised=bool(spec.personal) or bool(served),
+            spec=spec.to_dict(),
+            created_at=time.time(),
+            **extra,
+        )
         return self.model_dir / pointer.file

@@ -24,6 +24,7 @@ The ledger records every update ever sealed (site, counter, msg_id, and its
 fate: queued, sent, applied, buffered, stale, rejected, dropped) so a fault
 test can reconcile it with the aggregator's receipts.
 """
+
 from __future__ import annotations
 
 import sqlite3
@@ -60,6 +61,7 @@ CREATE TABLE IF NOT EXISTS ledger (
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+
 
 def open_queue_db(path: str | Path, schema: str, synchronous: Literal["FULL", "NORMAL"] = "FULL") -> sqlite3.Connection:
     """An on-disk queue's SQLite file: WAL, explicit transactions (``BEGIN IMMEDIATE`` ... ``COMMIT``),
@@ -151,8 +153,18 @@ class Outbox:
         return n + 1 > self.max_count or b + incoming > self.max_bytes
 
     # -- writing -----------------------------------------------------------------
-    def put(self, *, site: str, counter: int, msg_id: str, base_version: int, n_samples: int,
-            epsilon: float | None, blob: bytes, meta: dict[str, str] | None = None) -> list[LedgerEntry]:
+    def put(
+        self,
+        *,
+        site: str,
+        counter: int,
+        msg_id: str,
+        base_version: int,
+        n_samples: int,
+        epsilon: float | None,
+        blob: bytes,
+        meta: dict[str, str] | None = None,
+    ) -> list[LedgerEntry]:
         """Queue one sealed update, in one transaction with its counter and ``meta`` values.
 
         ``counter`` must be exactly the last counter + 1. When the outbox is
@@ -176,18 +188,27 @@ class Outbox:
                     if n + 1 <= self.max_count and b + size <= self.max_bytes:
                         break
                     if self.policy == "stop_training":
-                        raise OutboxFull(f"outbox holds {n} updates / {b} bytes (bounds {self.max_count} / {self.max_bytes})")
-                    seq, old_counter = self._db.execute("SELECT seq, counter FROM outbox ORDER BY seq LIMIT 1").fetchone()
+                        raise OutboxFull(
+                            f"outbox holds {n} updates / {b} bytes (bounds {self.max_count} / {self.max_bytes})"
+                        )
+                    seq, old_counter = self._db.execute(
+                        "SELECT seq, counter FROM outbox ORDER BY seq LIMIT 1"
+                    ).fetchone()
                     self._db.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
-                    self._db.execute("UPDATE ledger SET state = 'dropped', reason = 'outbox full', settled_at = ? "
-                                     "WHERE counter = ?", (now, old_counter))
+                    self._db.execute(
+                        "UPDATE ledger SET state = 'dropped', reason = 'outbox full', settled_at = ? WHERE counter = ?",
+                        (now, old_counter),
+                    )
                     dropped.append(self._ledger_row(old_counter))
-                self._db.execute("INSERT INTO outbox (counter, msg_id, blob, size, created_at) VALUES (?, ?, ?, ?, ?)",
-                                 (counter, msg_id, blob, size, now))
+                self._db.execute(
+                    "INSERT INTO outbox (counter, msg_id, blob, size, created_at) VALUES (?, ?, ?, ?, ?)",
+                    (counter, msg_id, blob, size, now),
+                )
                 self._db.execute(
                     "INSERT INTO ledger (counter, site, msg_id, base_version, n_samples, epsilon, size, created_at, state) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued')",
-                    (counter, site, msg_id, base_version, n_samples, epsilon, size, now))
+                    (counter, site, msg_id, base_version, n_samples, epsilon, size, now),
+                )
                 self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('counter', ?)", (str(counter),))
                 for k, v in (meta or {}).items():
                     self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (k, v))
@@ -202,7 +223,8 @@ class Outbox:
         """Every row waiting for its receipt, oldest first."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT seq, counter, msg_id, blob, size, created_at, sent_at, attempts FROM outbox ORDER BY seq").fetchall()
+                "SELECT seq, counter, msg_id, blob, size, created_at, sent_at, attempts FROM outbox ORDER BY seq"
+            ).fetchall()
         return [OutboxRow(*r) for r in rows]
 
     def pending(self, resend_after_s: float, now: float | None = None) -> list[OutboxRow]:
@@ -211,7 +233,9 @@ class Outbox:
         with self._lock:
             rows = self._db.execute(
                 "SELECT seq, counter, msg_id, blob, size, created_at, sent_at, attempts FROM outbox "
-                "WHERE sent_at IS NULL OR sent_at < ? ORDER BY seq", (now - resend_after_s,)).fetchall()
+                "WHERE sent_at IS NULL OR sent_at < ? ORDER BY seq",
+                (now - resend_after_s,),
+            ).fetchall()
         return [OutboxRow(*r) for r in rows]
 
     def mark_sent(self, msg_id: str) -> None:
@@ -220,7 +244,9 @@ class Outbox:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.execute("UPDATE outbox SET sent_at = ?, attempts = attempts + 1 WHERE msg_id = ?", (now, msg_id))
+                self._db.execute(
+                    "UPDATE outbox SET sent_at = ?, attempts = attempts + 1 WHERE msg_id = ?", (now, msg_id)
+                )
                 self._db.execute("UPDATE ledger SET state = 'sent' WHERE msg_id = ? AND state = 'queued'", (msg_id,))
                 self._db.execute("COMMIT")
             except BaseException:
@@ -247,13 +273,19 @@ class Outbox:
                 cur = self._db.execute("DELETE FROM outbox WHERE counter = ? AND msg_id = ?", (counter, msg_id))
                 found = cur.rowcount > 0
                 if found:
-                    self._db.execute("UPDATE ledger SET state = ?, reason = ?, version = ?, settled_at = ? "
-                                     "WHERE counter = ? AND msg_id = ?", (verdict, reason, version, now, counter, msg_id))
+                    self._db.execute(
+                        "UPDATE ledger SET state = ?, reason = ?, version = ?, settled_at = ? "
+                        "WHERE counter = ? AND msg_id = ?",
+                        (verdict, reason, version, now, counter, msg_id),
+                    )
                 elif verdict != "buffered":
                     # FedBuff: 'buffered' cleared the outbox; the flush says where it went (applied), or a newer
                     # update of this site took its place in the buffer (stale, reason superseded)
-                    self._db.execute("UPDATE ledger SET state = ?, reason = ?, version = ? WHERE counter = ? "
-                                     "AND msg_id = ? AND state = 'buffered'", (verdict, reason, version, counter, msg_id))
+                    self._db.execute(
+                        "UPDATE ledger SET state = ?, reason = ?, version = ? WHERE counter = ? "
+                        "AND msg_id = ? AND state = 'buffered'",
+                        (verdict, reason, version, counter, msg_id),
+                    )
                 self._db.execute("COMMIT")
             except BaseException:
                 if self._db.in_transaction:  # SQLite already rolled back after e.g. SQLITE_FULL
@@ -270,13 +302,19 @@ class Outbox:
         yet would spend privacy budget on nothing.
         """
         with self._lock:
-            return int(self._db.execute("SELECT COUNT(*) FROM ledger WHERE base_version = ? AND state IN ('queued', 'sent')",
-                                        (base_version,)).fetchone()[0])
+            return int(
+                self._db.execute(
+                    "SELECT COUNT(*) FROM ledger WHERE base_version = ? AND state IN ('queued', 'sent')",
+                    (base_version,),
+                ).fetchone()[0]
+            )
 
     def _ledger_row(self, counter: int) -> LedgerEntry:
         r = self._db.execute(
             "SELECT counter, site, msg_id, base_version, n_samples, epsilon, size, created_at, state, reason, version "
-            "FROM ledger WHERE counter = ?", (counter,)).fetchone()
+            "FROM ledger WHERE counter = ?",
+            (counter,),
+        ).fetchone()
         return LedgerEntry(*r)
 
     def ledger(self) -> list[LedgerEntry]:
@@ -284,7 +322,8 @@ class Outbox:
         with self._lock:
             rows = self._db.execute(
                 "SELECT counter, site, msg_id, base_version, n_samples, epsilon, size, created_at, state, reason, version "
-                "FROM ledger ORDER BY counter").fetchall()
+                "FROM ledger ORDER BY counter"
+            ).fetchall()
         return [LedgerEntry(*r) for r in rows]
 
 
@@ -298,7 +337,8 @@ def read_ledger(path: str | Path) -> list[LedgerEntry]:
     try:
         rows = con.execute(
             "SELECT counter, site, msg_id, base_version, n_samples, epsilon, size, created_at, state, reason, version "
-            "FROM ledger ORDER BY counter").fetchall()
+            "FROM ledger ORDER BY counter"
+        ).fetchall()
     finally:
         con.close()
     return [LedgerEntry(*r) for r in rows]

@@ -25,6 +25,7 @@ DP-trained personal parameters, never from these. What leaves the plant about
 them is the served kind and its validation metric in the site's status (see
 docs/architecture.md, "The served model").
 """
+
 from __future__ import annotations
 
 import math
@@ -87,10 +88,15 @@ class Choice:
     reason: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        r = lambda v: None if v is None or not math.isfinite(v) else round(float(v), 4)  # noqa: E731
-        return {"kind": self.kind, "metric": self.metric, "validation_metric": r(self.validation_metric),
-                "candidates": {k: r(v) for k, v in self.candidates.items()},
-                "validation_rows": self.validation_rows, "reason": self.reason}
+        r = lambda v: None if v is None or not math.isfinite(v) else round(float(v), 4)
+        return {
+            "kind": self.kind,
+            "metric": self.metric,
+            "validation_metric": r(self.validation_metric),
+            "candidates": {k: r(v) for k, v in self.candidates.items()},
+            "validation_rows": self.validation_rows,
+            "reason": self.reason,
+        }
 
 
 def metric_name(spec: ModelSpec) -> str:
@@ -106,8 +112,10 @@ def too_small(spec: ModelSpec, y_val: np.ndarray | None, cfg: PersonalConfig) ->
         pos = int(np.sum(np.asarray(y_val) > 0.5))
         least = min(pos, n - pos)
         if least < cfg.min_validation_positives:
-            return (f"validation slice too small to decide: {least} rows of its rarer class "
-                    f"< {cfg.min_validation_positives}")
+            return (
+                f"validation slice too small to decide: {least} rows of its rarer class "
+                f"< {cfg.min_validation_positives}"
+            )
     return None
 
 
@@ -131,8 +139,14 @@ def pick(spec: ModelSpec, scores: dict[str, float], y_val: np.ndarray | None, cf
     local = scores.get("local")
     if local is not None and math.isfinite(local):
         if fed is None or not better(m, _shifted(m, scores[fed], local, cfg.margin), local):
-            return Choice("local", m, local, dict(scores), n,
-                          f"best {m} on {n} validation rows (a federation candidate must lead by > {cfg.margin:g})")
+            return Choice(
+                "local",
+                m,
+                local,
+                dict(scores),
+                n,
+                f"best {m} on {n} validation rows (a federation candidate must lead by > {cfg.margin:g})",
+            )
     if fed is None:
         return Choice("fine_tuned", m, None, dict(scores), n, "no candidate could be scored on the validation rows")
     return Choice(fed, m, scores[fed], dict(scores), n, f"best {m} on {n} validation rows")
@@ -168,8 +182,16 @@ def build(spec: ModelSpec, params: dict[str, np.ndarray], model_seed: int = 0):
     return model
 
 
-def _train(spec: ModelSpec, start: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray, epochs: int, lr: float,
-           cfg: PersonalConfig, model_seed: int) -> dict[str, np.ndarray]:
+def _train(
+    spec: ModelSpec,
+    start: dict[str, np.ndarray],
+    x: np.ndarray,
+    y: np.ndarray,
+    epochs: int,
+    lr: float,
+    cfg: PersonalConfig,
+    model_seed: int,
+) -> dict[str, np.ndarray]:
     """Noise-free SGD from ``start`` (every parameter), the edge's own round without DP."""
     import torch
 
@@ -181,32 +203,54 @@ def _train(spec: ModelSpec, start: dict[str, np.ndarray], x: np.ndarray, y: np.n
         return dict(start)
     model = build(spec, start, model_seed)
     torch.manual_seed(cfg.seed)
-    tcfg = TrainingConfig(epochs=epochs, batch_size=cfg.batch_size, lr=lr, momentum=cfg.momentum, threads=1,
-                          seed=cfg.seed)
-    r = train_round(spec, shared_state(model, spec), personal_state(model, spec) or None, x, y, tcfg, None,
-                    model_seed=model_seed)
+    tcfg = TrainingConfig(
+        epochs=epochs, batch_size=cfg.batch_size, lr=lr, momentum=cfg.momentum, threads=1, seed=cfg.seed
+    )
+    r = train_round(
+        spec, shared_state(model, spec), personal_state(model, spec) or None, x, y, tcfg, None, model_seed=model_seed
+    )
     return {**r.shared, **r.personal}
 
 
-def train_local_only(spec: ModelSpec, x: np.ndarray, y: np.ndarray, cfg: PersonalConfig,
-                     model_seed: int = 0) -> dict[str, np.ndarray]:
+def train_local_only(
+    spec: ModelSpec, x: np.ndarray, y: np.ndarray, cfg: PersonalConfig, model_seed: int = 0
+) -> dict[str, np.ndarray]:
     """The plant's model on its own rows alone, from the federation's version 0, without noise."""
     from models import build_model
     from models.flat import personal_state, shared_state
 
     base = build_model(spec, seed=model_seed)
-    return _train(spec, {**shared_state(base, spec), **personal_state(base, spec)}, x, y, cfg.local_epochs,
-                  cfg.local_lr, cfg, model_seed)
+    return _train(
+        spec,
+        {**shared_state(base, spec), **personal_state(base, spec)},
+        x,
+        y,
+        cfg.local_epochs,
+        cfg.local_lr,
+        cfg,
+        model_seed,
+    )
 
 
-def fine_tune(spec: ModelSpec, global_params: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray,
-              cfg: PersonalConfig, model_seed: int = 0) -> dict[str, np.ndarray]:
+def fine_tune(
+    spec: ModelSpec,
+    global_params: dict[str, np.ndarray],
+    x: np.ndarray,
+    y: np.ndarray,
+    cfg: PersonalConfig,
+    model_seed: int = 0,
+) -> dict[str, np.ndarray]:
     """The global model (with the site's personal parameters) trained on for a few noise-free epochs."""
     return _train(spec, global_params, x, y, cfg.finetune_epochs, cfg.finetune_lr, cfg, model_seed)
 
 
-def validation_scores(spec: ModelSpec, candidates: dict[str, dict[str, np.ndarray]], x_val: np.ndarray,
-                      y_val: np.ndarray | None, model_seed: int = 0) -> dict[str, float]:
+def validation_scores(
+    spec: ModelSpec,
+    candidates: dict[str, dict[str, np.ndarray]],
+    x_val: np.ndarray,
+    y_val: np.ndarray | None,
+    model_seed: int = 0,
+) -> dict[str, float]:
     """Each candidate's metric on the validation rows (NaN when it cannot be computed)."""
     if y_val is None or len(y_val) == 0:
         return {k: math.nan for k in candidates}
@@ -225,14 +269,22 @@ class Personaliser:
         self.local_rows = 0
         self.choice: Choice | None = None
 
-    def choose(self, global_params: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray,
-               x_val: np.ndarray, y_val: np.ndarray | None) -> tuple[dict[str, np.ndarray], Choice]:
+    def choose(
+        self,
+        global_params: dict[str, np.ndarray],
+        x: np.ndarray,
+        y: np.ndarray,
+        x_val: np.ndarray,
+        y_val: np.ndarray | None,
+    ) -> tuple[dict[str, np.ndarray], Choice]:
         """The parameters the line serves and the choice, for this global model and these rows."""
         if len(x) >= 2 and (self.local is None or len(x) >= self.local_rows * (1 + self.cfg.retrain_growth)):
             self.local = train_local_only(self.spec, x, y, self.cfg, self.model_seed)
             self.local_rows = len(x)
-        candidates = {"fine_tuned": fine_tune(self.spec, global_params, x, y, self.cfg, self.model_seed),
-                      "global": dict(global_params)}
+        candidates = {
+            "fine_tuned": fine_tune(self.spec, global_params, x, y, self.cfg, self.model_seed),
+            "global": dict(global_params),
+        }
         if self.local is not None:
             candidates["local"] = self.local
         scores = validation_scores(self.spec, candidates, x_val, y_val, self.model_seed)

@@ -9,6 +9,7 @@ accounted if and only if it exists. Before a round, ε is computed for the
 would-be history with the accountant's own ``get_epsilon`` and the round is
 skipped when that would exceed the budget.
 """
+
 from __future__ import annotations
 
 import json
@@ -45,7 +46,9 @@ class PrivacyBudget:
         self._spent = self._epsilon(self.history) if epsilon is None else epsilon
 
     @staticmethod
-    def _merge(history: list[tuple[float, float, int]], sigma: float, q: float, steps: int) -> list[tuple[float, float, int]]:
+    def _merge(
+        history: list[tuple[float, float, int]], sigma: float, q: float, steps: int
+    ) -> list[tuple[float, float, int]]:
         out = list(history)
         if out and out[-1][0] == sigma and out[-1][1] == q:  # as Opacus's own step() does
             out[-1] = (sigma, q, out[-1][2] + steps)

@@ -9,6 +9,7 @@ what one accountant over the site's whole history would say, and the round at
 which that accountant would have stopped the site for good. No training runs:
 privacy accounting does not depend on the data's values.
 """
+
 from __future__ import annotations
 
 import math
@@ -64,8 +65,14 @@ class StreamReport:
         return asdict(self)
 
 
-def simulate_stream(privacy: PrivacyConfig, batch_size: int = 64, rounds: int = 1000, every_s: float = 1000.0,
-                    window_s: float = 50_000.0, holdout_fraction: float = 0.1) -> StreamReport:
+def simulate_stream(
+    privacy: PrivacyConfig,
+    batch_size: int = 64,
+    rounds: int = 1000,
+    every_s: float = 1000.0,
+    window_s: float = 50_000.0,
+    holdout_fraction: float = 0.1,
+) -> StreamReport:
     """Run ``rounds`` time-based rounds over a 1 Hz stream with a ``window_s`` sliding window."""
     index = StreamIndex(int(rounds * every_s) + 10, holdout_fraction)
     ledger = RecordLedger(privacy)
@@ -86,14 +93,23 @@ def simulate_stream(privacy: PrivacyConfig, batch_size: int = 64, rounds: int = 
             stops = r
         if r == rounds // 2:
             half = ledger.epsilon
-    return StreamReport(rounds=rounds, every_s=every_s, window_s=window_s, batch_size=batch_size,
-                        epsilon_budget=privacy.epsilon, per_record_epsilon=ledger.epsilon,
-                        per_record_epsilon_at_half=half, global_epsilon=ledger.global_epsilon,
-                        global_stops_at_round=stops, rows_retired=ledger.retired)
+    return StreamReport(
+        rounds=rounds,
+        every_s=every_s,
+        window_s=window_s,
+        batch_size=batch_size,
+        epsilon_budget=privacy.epsilon,
+        per_record_epsilon=ledger.epsilon,
+        per_record_epsilon_at_half=half,
+        global_epsilon=ledger.global_epsilon,
+        global_stops_at_round=stops,
+        rows_retired=ledger.retired,
+    )
 
 
-def demo_stream(epsilon: float, delta: float, noise_multiplier: float, rounds: int = 1200,
-                simulated: int = 150) -> dict[str, Any]:
+def demo_stream(
+    epsilon: float, delta: float, noise_multiplier: float, rounds: int = 1200, simulated: int = 150
+) -> dict[str, Any]:
     """The demo report's long stream at the example site settings (batch 64, a 50,000 s window at 1 Hz, no
     hold-out, a round every 1,000 s) and the demo's budget, δ and σ, cheaply.
 
@@ -125,7 +141,15 @@ def demo_stream(epsilon: float, delta: float, noise_multiplier: float, rounds: i
         total = total + steady
         if stops is None and ledger._eps(total) > epsilon:
             stops = r
-    return StreamReport(rounds=rounds, every_s=1000.0, window_s=50_000.0, batch_size=64, epsilon_budget=epsilon,
-                        per_record_epsilon=ledger.epsilon, per_record_epsilon_at_half=ledger.epsilon,
-                        global_epsilon=ledger._eps(total), global_stops_at_round=stops,
-                        rows_retired=ledger.retired).to_dict()
+    return StreamReport(
+        rounds=rounds,
+        every_s=1000.0,
+        window_s=50_000.0,
+        batch_size=64,
+        epsilon_budget=epsilon,
+        per_record_epsilon=ledger.epsilon,
+        per_record_epsilon_at_half=ledger.epsilon,
+        global_epsilon=ledger._eps(total),
+        global_stops_at_round=stops,
+        rows_retired=ledger.retired,
+    ).to_dict()

@@ -26,8 +26,9 @@ PRIVACY_FIELDS = ("privacy", "accounting", "epsilon", "epsilon_budget", "delta",
 STATUS_FIELDS = ("state", "version", "epoch", *PRIVACY_FIELDS, "publishing", "outbox_depth", "ts")
 
 
-def build_status(*, state: str, version: int, privacy: Mapping[str, Any], publishing: str,
-                 outbox_depth: int, epoch: int = -1) -> dict[str, Any]:
+def build_status(
+    *, state: str, version: int, privacy: Mapping[str, Any], publishing: str, outbox_depth: int, epoch: int = -1
+) -> dict[str, Any]:
     """The status document. ``privacy``: the site's public privacy figures, keys from :data:`PRIVACY_FIELDS`.
 
     A key outside that list is refused here, on purpose: adding a field to what every
@@ -36,5 +37,12 @@ def build_status(*, state: str, version: int, privacy: Mapping[str, Any], publis
     unknown = sorted(set(privacy) - set(PRIVACY_FIELDS))
     if unknown:
         raise ValueError(f"status privacy fields {unknown} are not in edge.status_doc.PRIVACY_FIELDS")
-    return {"state": state, "version": version, "epoch": epoch, **privacy, "publishing": publishing,
-            "outbox_depth": outbox_depth, "ts": round(time.time(), 1)}
+    return {
+        "state": state,
+        "version": version,
+        "epoch": epoch,
+        **privacy,
+        "publishing": publishing,
+        "outbox_depth": outbox_depth,
+        "ts": round(time.time(), 1),
+    }

@@ -22,6 +22,7 @@ drawn from two ``torch.Generator`` objects seeded per round from the OS CSPRNG
 ``secure_rng`` the noise is also drawn Opacus's ``secure_mode`` way (a sum of
 four draws, against floating-point attacks on the sampler).
 """
+
 from __future__ import annotations
 
 import math
@@ -86,11 +87,14 @@ def poisson_batches(n: int, plan: Plan, generator: torch.Generator):
     """
     from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
-    return UniformWithReplacementSampler(num_samples=n, sample_rate=plan.sample_rate, generator=generator,
-                                         steps=plan.steps // max(1, plan.epochs))
+    return UniformWithReplacementSampler(
+        num_samples=n, sample_rate=plan.sample_rate, generator=generator, steps=plan.steps // max(1, plan.epochs)
+    )
 
 
-def evaluate(model: torch.nn.Module, spec: ModelSpec, x: np.ndarray, y: np.ndarray | None) -> tuple[float | None, float | None]:
+def evaluate(
+    model: torch.nn.Module, spec: ModelSpec, x: np.ndarray, y: np.ndarray | None
+) -> tuple[float | None, float | None]:
     """Mean loss and (for classification) accuracy at 0.5 on held-out rows."""
     if len(x) == 0:
         return None, None
@@ -105,10 +109,18 @@ def evaluate(model: torch.nn.Module, spec: ModelSpec, x: np.ndarray, y: np.ndarr
     return loss, acc
 
 
-def train_round(spec: ModelSpec, base_shared: dict[str, np.ndarray], personal: dict[str, np.ndarray] | None,
-                x: np.ndarray, y: np.ndarray | None, cfg: TrainingConfig, dp: PrivacyConfig | None,
-                holdout: tuple[np.ndarray, np.ndarray | None] | None = None, model_seed: int = 0,
-                plan: Plan | None = None) -> RoundResult:
+def train_round(
+    spec: ModelSpec,
+    base_shared: dict[str, np.ndarray],
+    personal: dict[str, np.ndarray] | None,
+    x: np.ndarray,
+    y: np.ndarray | None,
+    cfg: TrainingConfig,
+    dp: PrivacyConfig | None,
+    holdout: tuple[np.ndarray, np.ndarray | None] | None = None,
+    model_seed: int = 0,
+    plan: Plan | None = None,
+) -> RoundResult:
     """Train from ``base_shared`` (+ the site's ``personal`` arrays) and return the delta.
 
     With ``dp`` set, training is DP-SGD through Opacus (Poisson sampling,
@@ -133,9 +145,15 @@ def train_round(spec: ModelSpec, base_shared: dict[str, np.ndarray], personal: d
         from opacus.optimizers import DPOptimizer
 
         trained = GradSampleModule(model, batch_first=True, loss_reduction="mean")
-        optimizer = DPOptimizer(optimizer, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
-                                expected_batch_size=max(1, int(len(x) * plan.sample_rate)), loss_reduction="mean",
-                                generator=private_generator(), secure_mode=dp.secure_rng)
+        optimizer = DPOptimizer(
+            optimizer,
+            noise_multiplier=dp.noise_multiplier,
+            max_grad_norm=dp.max_grad_norm,
+            expected_batch_size=max(1, int(len(x) * plan.sample_rate)),
+            loss_reduction="mean",
+            generator=private_generator(),
+            secure_mode=dp.secure_rng,
+        )
 
         def count(_opt: DPOptimizer) -> None:
             nonlocal noise_steps
@@ -174,7 +192,13 @@ def train_round(spec: ModelSpec, base_shared: dict[str, np.ndarray], personal: d
     result_personal = personal_state(model, spec)
     h_loss, h_acc = evaluate(model, spec, *holdout) if holdout is not None else (None, None)
     return RoundResult(
-        delta=state_delta(shared, base_shared), shared=shared, personal=result_personal, plan=plan,
+        delta=state_delta(shared, base_shared),
+        shared=shared,
+        personal=result_personal,
+        plan=plan,
         train_loss=float(np.mean(losses)) if losses else float("nan"),
-        holdout_loss=h_loss, holdout_accuracy=h_acc, seconds=time.perf_counter() - started, noise_steps=noise_steps,
+        holdout_loss=h_loss,
+        holdout_accuracy=h_acc,
+        seconds=time.perf_counter() - started,
+        noise_steps=noise_steps,
     )

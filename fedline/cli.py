@@ -11,6 +11,7 @@ failure, 2 usage (argparse), 78 EX_CONFIG for a configuration error (a bad
 TOML key, a key or enrollment file that is missing or too open, a broker
 option that would weaken it), 130 interrupted.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,8 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Federated learning for factories: edge agents, aggregator, line inference.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    parser.add_argument("--log-level", default="INFO", type=_log_level, metavar="LEVEL",
-                        help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        type=_log_level,
+        metavar="LEVEL",
+        help="DEBUG, INFO, WARNING or ERROR (default INFO)",
+    )
     parser.add_argument("--log-json", action="store_true", help="structured logs as JSON lines")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for part in PARTS:

@@ -17,6 +17,7 @@ Example::
 
     cfg = parse(Broker, {"url": "mqtt://127.0.0.1:1883"}, file="site.toml", where="broker")
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -146,9 +147,7 @@ def parse(cls: type[T], table: dict[str, Any], *, file: str | Path | None = None
     prefix = f"{where}." if where else ""
     unknown = sorted(set(table) - set(fields))
     if unknown:
-        raise ConfigError(
-            file, prefix + unknown[0], f"unknown key; expected one of: {', '.join(sorted(fields))}"
-        )
+        raise ConfigError(file, prefix + unknown[0], f"unknown key; expected one of: {', '.join(sorted(fields))}")
     kwargs: dict[str, Any] = {}
     for name, f in fields.items():
         key = prefix + name

@@ -4,6 +4,7 @@ Key files, model files, pointers and saved state are all written here: temp
 file in the same folder, fsync, rename, then fsync the folder, so a reader (or
 a process restarted after kill -9 or a power cut) never sees a torn file.
 """
+
 from __future__ import annotations
 
 import os

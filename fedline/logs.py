@@ -3,6 +3,7 @@
 Every part logs through :func:`event`, so an operator can grep one event name
 (``update.rejected``) or feed the JSON lines to a log shipper.
 """
+
 from __future__ import annotations
 
 import json

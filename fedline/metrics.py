@@ -14,6 +14,7 @@ Every registry made by :func:`new_registry` carries the standard ``process_*``
 Prometheus client conventions expect; a registry per service, not the global
 default one, because tests run several services in one process.
 """
+
 from __future__ import annotations
 
 import logging

@@ -16,6 +16,7 @@ Two ways to break the link, because they fail differently:
 ``restore()`` lets traffic through again; black-holed connections are reset
 then, as a real TCP stack would eventually do.
 """
+
 from __future__ import annotations
 
 import asyncio

@@ -12,6 +12,7 @@ Every source is used the same way::
 This package imports nothing heavy at import time (``fedline`` discovers its
 CLI); each source's protocol library is imported when the source is built.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -3,6 +3,7 @@
 Why jitter: after a switch reboot every line PC loses its PLC at once; without
 jitter they would all hammer the PLC (or broker) in lockstep when it returns.
 """
+
 from __future__ import annotations
 
 import random

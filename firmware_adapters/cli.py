@@ -4,6 +4,7 @@
 
 Registration only; handlers import the protocol libraries when they run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, required=True, help="TCP port to listen on")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--rate", type=float, default=1.0, help="rows per second (default 1; 0 = as fast as possible)")
-    p.add_argument("--filter", type=_filter, action="append", default=[], metavar="COLUMN=VALUE",
-                   help="serve only rows where COLUMN equals VALUE (repeatable), e.g. Type=L")
+    p.add_argument(
+        "--filter",
+        type=_filter,
+        action="append",
+        default=[],
+        metavar="COLUMN=VALUE",
+        help="serve only rows where COLUMN equals VALUE (repeatable), e.g. Type=L",
+    )
     p.add_argument("--once", action="store_true", help="stop at the end of the file instead of looping")
     p.set_defaults(func=_plc_sim)
 
@@ -68,8 +75,14 @@ def _plc_sim(args: argparse.Namespace) -> int:
 
     regmap = load_register_map(args.map)
     sim = PlcSimulator(
-        args.csv, regmap, host=args.host, port=args.port, rate_hz=args.rate,
-        filters=dict(args.filter), loop=not args.once, map_file=args.map,
+        args.csv,
+        regmap,
+        host=args.host,
+        port=args.port,
+        rate_hz=args.rate,
+        filters=dict(args.filter),
+        loop=not args.once,
+        map_file=args.map,
     )
 
     async def main() -> None:
@@ -90,13 +103,16 @@ def _opcua_cert(args: argparse.Namespace) -> int:
     from firmware_adapters.opcua_cert import make_client_certificate
 
     try:
-        made = make_client_certificate(args.out, name=args.name, application_uri=args.uri, hostname=args.hostname,
-                                       days=args.days, force=args.force)
+        made = make_client_certificate(
+            args.out, name=args.name, application_uri=args.uri, hostname=args.hostname, days=args.days, force=args.force
+        )
     except (FileExistsError, ValueError) as exc:
         print(f"fedline opcua-cert: {exc}", file=sys.stderr)
         return 1
-    print(f"certificate = \"{made.certificate}\"\nprivate_key = \"{made.private_key}\"\n"
-          f"# application URI {made.application_uri}: have the OPC UA server trust {made.certificate}")
+    print(
+        f'certificate = "{made.certificate}"\nprivate_key = "{made.private_key}"\n'
+        f"# application URI {made.application_uri}: have the OPC UA server trust {made.certificate}"
+    )
     return 0
 
 
@@ -123,8 +139,11 @@ def _sources(args: argparse.Namespace) -> int:
         try:
             async for sample in agen:
                 values = json.dumps(dict(sample.values), default=str)
-                print(f"{sample.ts:.3f} {sample.source} {sample.quality}{' historical' if sample.historical else ''} {values}"
-                      + (f" error={sample.error}" if sample.error else ""), flush=True)
+                print(
+                    f"{sample.ts:.3f} {sample.source} {sample.quality}{' historical' if sample.historical else ''} {values}"
+                    + (f" error={sample.error}" if sample.error else ""),
+                    flush=True,
+                )
                 n += 1
                 if args.count and n >= args.count:
                     return

@@ -14,6 +14,7 @@ keys, wrong types and missing required keys (an address, a host...) raise
 :class:`fedline.config.ConfigError` naming the file and the dotted key, at
 start-up, before any connection is tried.
 """
+
 from __future__ import annotations
 
 import math
@@ -133,13 +134,25 @@ class OpcUaConfig(_Common):
             raise ValueError(
                 f"security_mode = {self.security_mode!r} (the default) needs `certificate` and `private_key`: "
                 "make them with `fedline opcua-cert --out DIR` and have the server trust the certificate, "
-                "or set security_mode = \"None\" to connect without signing or encryption")
+                'or set security_mode = "None" to connect without signing or encryption'
+            )
 
 
 #: keys of an MQTT source table that are broker settings (``broker_bridge.client.BrokerSettings``);
 #: the session keys are not among them because a telemetry reader always uses a clean session
-BROKER_KEYS = ("url", "client_id", "username", "password", "password_file", "protocol",
-               "ca_file", "cert_file", "key_file", "tls_insecure", "keepalive_s")
+BROKER_KEYS = (
+    "url",
+    "client_id",
+    "username",
+    "password",
+    "password_file",
+    "protocol",
+    "ca_file",
+    "cert_file",
+    "key_file",
+    "tls_insecure",
+    "keepalive_s",
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -185,8 +198,10 @@ class SparkplugConfig(_MqttCommon):
         if self.host_id is not None and (not self.host_id or any(c in self.host_id for c in "/+#")):
             raise ValueError(f"host_id {self.host_id!r} must be a non-empty id without /, + or #")
         if self.request_rebirth and self.host_id is None:
-            raise ValueError("request_rebirth = true needs host_id: a passive observer never sends NCMD "
-                             "(set host_id to run as a Sparkplug Host Application)")
+            raise ValueError(
+                "request_rebirth = true needs host_id: a passive observer never sends NCMD "
+                "(set host_id to run as a Sparkplug Host Application)"
+            )
 
     @property
     def rebirth(self) -> bool:
@@ -220,10 +235,18 @@ KINDS: dict[str, type] = {
 
 #: numeric keys and the least value each may take (strictly greater for "gt")
 _BOUNDS: dict[str, tuple[str, float]] = {
-    "poll_interval_s": ("gt", 0), "timeout_s": ("gt", 0), "reconnect_initial_s": ("gt", 0),
-    "reconnect_max_s": ("gt", 0), "rate_hz": ("ge", 0), "sampling_interval_ms": ("ge", 0),
-    "publishing_interval_ms": ("gt", 0), "rebirth_min_interval_s": ("ge", 0),
-    "max_line_bytes": ("gt", 0), "retries": ("ge", 0), "baudrate": ("gt", 0), "max_gap": ("ge", 0),
+    "poll_interval_s": ("gt", 0),
+    "timeout_s": ("gt", 0),
+    "reconnect_initial_s": ("gt", 0),
+    "reconnect_max_s": ("gt", 0),
+    "rate_hz": ("ge", 0),
+    "sampling_interval_ms": ("ge", 0),
+    "publishing_interval_ms": ("gt", 0),
+    "rebirth_min_interval_s": ("ge", 0),
+    "max_line_bytes": ("gt", 0),
+    "retries": ("ge", 0),
+    "baudrate": ("gt", 0),
+    "max_gap": ("ge", 0),
 }
 
 
@@ -234,7 +257,9 @@ def _check_numbers(cfg: Any, file: str | Path | None, prefix: str) -> None:
         if value is None:
             continue
         if not math.isfinite(value) or (value <= bound if op == "gt" else value < bound):
-            raise ConfigError(file, prefix + key, f"expected a number {'>' if op == 'gt' else '>='} {bound:g}, got {value!r}")
+            raise ConfigError(
+                file, prefix + key, f"expected a number {'>' if op == 'gt' else '>='} {bound:g}, got {value!r}"
+            )
     for group, value in (getattr(cfg, "group_intervals_s", None) or {}).items():
         if not math.isfinite(value) or value <= 0:
             raise ConfigError(file, f"{prefix}group_intervals_s.{group}", f"expected a number > 0, got {value!r}")
@@ -268,14 +293,19 @@ def _parse_mqtt_source(cls: type, table: dict[str, Any], file: str | Path | None
 
     prefix = f"{where}." if where else ""
     if "broker" in table:
-        raise ConfigError(file, prefix + "broker", f"write the broker keys ({', '.join(BROKER_KEYS)}) "
-                                                   "in the source table itself")
+        raise ConfigError(
+            file, prefix + "broker", f"write the broker keys ({', '.join(BROKER_KEYS)}) in the source table itself"
+        )
     own = {k: v for k, v in table.items() if k not in BROKER_KEYS}
     cfg: Any = parse(cls, own, file=file, where=where)
     _check_numbers(cfg, file, prefix)
-    broker = BrokerSettings.from_table({k: v for k, v in table.items() if k in BROKER_KEYS}, file, where,
-                                       backoff_min_s=cfg.reconnect_initial_s,
-                                       backoff_max_s=max(cfg.reconnect_max_s, cfg.reconnect_initial_s))
+    broker = BrokerSettings.from_table(
+        {k: v for k, v in table.items() if k in BROKER_KEYS},
+        file,
+        where,
+        backoff_min_s=cfg.reconnect_initial_s,
+        backoff_max_s=max(cfg.reconnect_max_s, cfg.reconnect_initial_s),
+    )
     return replace(cfg, broker=broker)
 
 

@@ -8,6 +8,7 @@ whose values are numbers in the first kept row; ``filter`` keeps rows where
 is an integer, else ``float``; an empty cell is ``None``; a cell that is not a
 number in a numeric column makes a bad-quality sample (counted), not a crash.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -82,7 +83,9 @@ class CsvSource:
             raise ConfigError(file, f"{where}.path", f"cannot read {self.path} as CSV: {exc}") from None
         for key, col in [*((f"filter.{c}", c) for c in cfg.filter), *(("columns", c) for c in cfg.columns or [])]:
             if col not in header:
-                raise ConfigError(file, f"{where}.{key}", f"column {col!r} is not in {self.path.name} (has: {', '.join(header)})")
+                raise ConfigError(
+                    file, f"{where}.{key}", f"column {col!r} is not in {self.path.name} (has: {', '.join(header)})"
+                )
         if cfg.ts_column is not None and cfg.ts_column not in header:
             raise ConfigError(file, f"{where}.ts_column", f"column {cfg.ts_column!r} is not in {self.path.name}")
         if cfg.ts_column in self.columns:

@@ -13,6 +13,7 @@ Failure handling, because a line PC must outlive its PLC:
 - with a ``row_counter`` tag in the map, a poll that sees the same counter is a
   repeat (counted, not yielded) and a jump of k counts ``skipped += k-1``.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -58,7 +59,9 @@ class ModbusSource:
         self._last_counter: int | None = None
 
     @classmethod
-    def from_config(cls, cfg: ModbusTcpConfig | ModbusRtuConfig, file: str | Path | None = None, where: str = "sources") -> ModbusSource:
+    def from_config(
+        cls, cfg: ModbusTcpConfig | ModbusRtuConfig, file: str | Path | None = None, where: str = "sources"
+    ) -> ModbusSource:
         return cls(cfg, register_map_of(cfg, file, where))
 
     @property
@@ -78,13 +81,21 @@ class ModbusSource:
         # reconnect_delay=0: we own reconnection (backoff, counters, bad samples)
         if isinstance(self.cfg, ModbusTcpConfig):
             return AsyncModbusTcpClient(
-                self.cfg.host, port=self.cfg.port, timeout=self.cfg.timeout_s,
-                retries=self.cfg.retries, reconnect_delay=0,
+                self.cfg.host,
+                port=self.cfg.port,
+                timeout=self.cfg.timeout_s,
+                retries=self.cfg.retries,
+                reconnect_delay=0,
             )
         return AsyncModbusSerialClient(
-            self.cfg.port, baudrate=self.cfg.baudrate, bytesize=self.cfg.bytesize,
-            parity=self.cfg.parity, stopbits=self.cfg.stopbits, timeout=self.cfg.timeout_s,
-            retries=self.cfg.retries, reconnect_delay=0,
+            self.cfg.port,
+            baudrate=self.cfg.baudrate,
+            bytesize=self.cfg.bytesize,
+            parity=self.cfg.parity,
+            stopbits=self.cfg.stopbits,
+            timeout=self.cfg.timeout_s,
+            retries=self.cfg.retries,
+            reconnect_delay=0,
         )
 
     async def _connect(self) -> bool:

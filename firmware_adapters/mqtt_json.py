@@ -12,6 +12,7 @@ resubscribes on every connect), with every broker key of ``BrokerSettings``
 ``password_file``, ``protocol = "3.1.1"`` or ``"5"``); a telemetry reader wants
 no backlog from while it was away, so it always connects with a clean session.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -41,8 +42,12 @@ class MqttJsonSource:
         from dataclasses import replace
 
         b = self.cfg.broker
-        return replace(b, client_id=b.client_id or f"fedline-telemetry-{uuid.uuid4().hex[:8]}",
-                       clean_start=True, session_expiry_s=0)
+        return replace(
+            b,
+            client_id=b.client_id or f"fedline-telemetry-{uuid.uuid4().hex[:8]}",
+            clean_start=True,
+            session_expiry_s=0,
+        )
 
     def decode(self, topic: str, payload: bytes) -> Sample:
         """One message to one sample (bad quality if it is not a JSON object of scalars)."""

@@ -19,6 +19,7 @@ sample, counts a gap, and reconnects with backoff, re-creating the
 subscription; a node that cannot be resolved is a counted bad sample, and the
 other nodes are still subscribed.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -60,7 +61,9 @@ class _Handler:
             quality, error = "uncertain", status.name
         else:
             quality, error, val = "bad", status.name, None
-        if isinstance(val, (list, tuple, bytes, dict)) or (val is not None and not isinstance(val, (bool, int, float, str))):
+        if isinstance(val, (list, tuple, bytes, dict)) or (
+            val is not None and not isinstance(val, (bool, int, float, str))
+        ):
             quality, error, val = "bad", f"unsupported value type {type(val).__name__}", None
         sample = Sample(ts=ts, source=self.source.name, values={tag: val}, quality=quality, error=error)
         try:
@@ -92,9 +95,12 @@ class OpcUaSource:
             uri = application_uri_of(await asyncio.to_thread(cert.read_bytes))
             if uri:
                 client.application_uri = uri
-            parts = [self.cfg.security_policy, self.cfg.security_mode,
-                     str(resolve_path(self.file, self.cfg.certificate or "")),
-                     str(resolve_path(self.file, self.cfg.private_key or ""))]
+            parts = [
+                self.cfg.security_policy,
+                self.cfg.security_mode,
+                str(resolve_path(self.file, self.cfg.certificate or "")),
+                str(resolve_path(self.file, self.cfg.private_key or "")),
+            ]
             if self.cfg.server_certificate:
                 parts.append(str(resolve_path(self.file, self.cfg.server_certificate)))
             await client.set_security_string(",".join(parts))
@@ -161,7 +167,9 @@ class OpcUaSource:
 
                 if not isinstance(exc, (UaError, OSError, asyncio.TimeoutError, ConnectionError)):
                     raise
-                event(log, "opcua.session_lost", logging.WARNING, source=self.name, error=f"{type(exc).__name__}: {exc}")
+                event(
+                    log, "opcua.session_lost", logging.WARNING, source=self.name, error=f"{type(exc).__name__}: {exc}"
+                )
                 if not down:
                     down = True
                     self.stats.gaps += 1

@@ -14,6 +14,7 @@ server's trusted-certificates folder, or accept it in its UI); pinning the
 server's certificate with ``server_certificate`` guards the first connection
 against an impostor server.
 """
+
 from __future__ import annotations
 
 import os
@@ -34,8 +35,15 @@ def default_application_uri(hostname: str | None = None) -> str:
     return f"urn:{hostname or socket.gethostname()}:fedline:opcua-client"
 
 
-def make_client_certificate(out_dir: str | Path, *, name: str = "client", application_uri: str | None = None,
-                            hostname: str | None = None, days: int = 365, force: bool = False) -> ClientCertificate:
+def make_client_certificate(
+    out_dir: str | Path,
+    *,
+    name: str = "client",
+    application_uri: str | None = None,
+    hostname: str | None = None,
+    days: int = 365,
+    force: bool = False,
+) -> ClientCertificate:
     """Write ``<name>.der`` and ``<name>.pem`` into ``out_dir`` and return their paths.
 
     Raises ``FileExistsError`` if either file exists and ``force`` is false
@@ -62,9 +70,13 @@ def make_client_certificate(out_dir: str | Path, *, name: str = "client", applic
             raise FileExistsError(f"{p} exists (use --force to replace it; the server must then trust the new one)")
     key = generate_private_key()
     cert = generate_self_signed_app_certificate(
-        key, uri, {"organizationName": "fedline"},
+        key,
+        uri,
+        {"organizationName": "fedline"},
         [x509.UniformResourceIdentifier(uri), x509.DNSName(host)],
-        extended=[ExtendedKeyUsageOID.CLIENT_AUTH], days=days)
+        extended=[ExtendedKeyUsageOID.CLIENT_AUTH],
+        days=days,
+    )
     fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as fh:
         fh.write(dump_private_key_as_pem(key))

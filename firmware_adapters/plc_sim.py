@@ -7,6 +7,7 @@ each tag is fed from the CSV column named by its ``column`` (default: its name),
 and the map's ``row_counter`` tag, if any, counts the rows served (1 for the
 first row), so a poller can tell new rows from repeats and count skipped ones.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -36,8 +37,13 @@ class RegisterServer:
     """
 
     def __init__(
-        self, regmap: RegisterMap, host: str = "127.0.0.1", port: int = 5020,
-        *, serial_port: str | None = None, baudrate: int = 19200,
+        self,
+        regmap: RegisterMap,
+        host: str = "127.0.0.1",
+        port: int = 5020,
+        *,
+        serial_port: str | None = None,
+        baudrate: int = 19200,
     ) -> None:
         self.regmap = regmap
         self.host, self.port = host, port
@@ -122,7 +128,8 @@ class PlcSimulator:
             col = tag.column or tag.name
             if col not in header:
                 raise ConfigError(
-                    map_file, f"tags[{i}].column",
+                    map_file,
+                    f"tags[{i}].column",
                     f"tag {tag.name!r} reads CSV column {col!r}, which {self.csv_path.name} does not have",
                 )
             self._columns[col] = tag

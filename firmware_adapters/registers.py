@@ -31,6 +31,7 @@ for PLCs that swap them; ``word_order`` does not apply), NUL-padded; it decodes
 as UTF-8 with the trailing NULs removed, and bytes that are not UTF-8 make the
 read a bad sample, never a guess. Strings take no scale, offset or range.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -46,8 +47,17 @@ DataTypeName = Literal["int16", "uint16", "int32", "uint32", "int64", "uint64", 
 Order = Literal["big", "little"]
 
 #: registers (16-bit words) per data type
-WORDS: dict[str, int] = {"int16": 1, "uint16": 1, "int32": 2, "uint32": 2, "int64": 4, "uint64": 4,
-                         "float32": 2, "float64": 4, "bool": 1}
+WORDS: dict[str, int] = {
+    "int16": 1,
+    "uint16": 1,
+    "int32": 2,
+    "uint32": 2,
+    "int64": 4,
+    "uint64": 4,
+    "float32": 2,
+    "float64": 4,
+    "bool": 1,
+}
 #: bits of each integer type (for clamping what the simulator writes)
 INT_BITS: dict[str, int] = {"int16": 16, "uint16": 16, "int32": 32, "uint32": 32, "int64": 64, "uint64": 64}
 #: the Modbus protocol's per-request limits
@@ -78,7 +88,9 @@ class TagSpec:
             raise ValueError(f"address {self.address} is outside 0..65535")
         if self.type == "string":
             if self.length is None or not 1 <= self.length <= MAX_REGISTERS_PER_READ:
-                raise ValueError(f"tag {self.name!r}: a string needs `length` (registers) in 1..{MAX_REGISTERS_PER_READ}")
+                raise ValueError(
+                    f"tag {self.name!r}: a string needs `length` (registers) in 1..{MAX_REGISTERS_PER_READ}"
+                )
             if self.scale != 1.0 or self.offset != 0.0 or self.range is not None:
                 raise ValueError(f"tag {self.name!r}: a string takes no scale, offset or range")
         elif self.length is not None:
@@ -248,7 +260,11 @@ def plan_reads(tags: Iterable[TagSpec], max_gap: int = 0) -> list[ReadBlock]:
         current: ReadBlock | None = None
         for t in sorted(group, key=lambda t: t.address):
             end = t.address + t.words
-            if current is not None and t.address - (current.address + current.count) <= max_gap and end - current.address <= limit:
+            if (
+                current is not None
+                and t.address - (current.address + current.count) <= max_gap
+                and end - current.address <= limit
+            ):
                 current.count = max(current.count, end - current.address)
                 current.tags.append(t)
             else:

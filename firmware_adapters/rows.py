@@ -41,6 +41,7 @@ all known and numeric is not made (counted as ``incomplete``). Bad-quality
 samples are counted and ignored, and restart a ``window`` (a sequence never
 spans a failed read). Nothing here knows any column name.
 """
+
 from __future__ import annotations
 
 import math
@@ -101,7 +102,9 @@ class RowMapping:
                 raise ValueError("use either `window` (last N samples) or `aggregate_s` (time windows), not both")
             if not self.aggregates:
                 raise ValueError("`aggregates` must not be empty")
-        if self.label_range is not None and (len(self.label_range) != 2 or not self.label_range[0] < self.label_range[1]):
+        if self.label_range is not None and (
+            len(self.label_range) != 2 or not self.label_range[0] < self.label_range[1]
+        ):
             raise ValueError("label_range must be [lo, hi] with lo < hi")
         if self.classes is not None and self.task != "classification":
             raise ValueError("`classes` is for task = 'classification'")
@@ -151,7 +154,8 @@ class RowBuilder:
             rng = f.range if f.range is not None else (ranges or {}).get(f.tag)
             if rng is None:
                 raise ConfigError(
-                    file, f"{where}.features[{i}].range",
+                    file,
+                    f"{where}.features[{i}].range",
                     f"no engineering range for tag {f.tag!r}: give range = [lo, hi] here or in the register map",
                 )
             lo.append(float(rng[0]))
@@ -304,10 +308,7 @@ class RowBuilder:
         ys = [b[1] for b in self._bucket if b[1] is not None]
         parts = []
         for agg in self.mapping.aggregates:
-            parts.append(
-                _AGGREGATES[agg](xs, axis=0)
-                if agg != "last" else xs[-1]
-            )
+            parts.append(_AGGREGATES[agg](xs, axis=0) if agg != "last" else xs[-1])
         how = self.mapping.label_aggregate or ("max" if self.mapping.task == "classification" else "last")
         y = None
         if ys:

@@ -8,6 +8,7 @@ least they all need. A failed read is still a sample (``quality="bad"`` with an
 ``error`` text and usually no values), so a consumer sees outages in the stream
 instead of a silence, and nothing has to raise through ``async for``.
 """
+
 from __future__ import annotations
 
 import time

@@ -18,6 +18,7 @@ backoff forever, counting ``gaps`` and ``reconnects``.
 ``rfc2217://...``). pyserial is blocking, so reads run in a worker thread with
 a short timeout; serial rates are far below what that costs.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -127,8 +128,12 @@ class SerialLineSource:
         import serial
 
         return serial.serial_for_url(
-            self.cfg.port, baudrate=self.cfg.baudrate, bytesize=self.cfg.bytesize,
-            parity=self.cfg.parity, stopbits=self.cfg.stopbits, timeout=0.1,
+            self.cfg.port,
+            baudrate=self.cfg.baudrate,
+            bytesize=self.cfg.bytesize,
+            parity=self.cfg.parity,
+            stopbits=self.cfg.stopbits,
+            timeout=0.1,
         )
 
     def _read_some(self) -> bytes:

@@ -22,6 +22,7 @@ the stream (the line service treats a broken source as fatal). Rows made from
 historical samples are yielded unless ``live_only`` (a line scores the present,
 not a backfill).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -66,12 +67,19 @@ class _End:
 class RowStream:
     """``async for row in RowStream(...)``: see the module docstring. Iterate once."""
 
-    def __init__(self, sources: Sequence[Source], mapping: RowMapping, *,
-                 ranges: Mapping[str, tuple[float, float]] | None = None, file: str | Path | None = None,
-                 on_source_error: Callable[[Source, BaseException], None] | None = None,
-                 on_source_end: Callable[[Source], None] | None = None,
-                 on_sample: Callable[[Sample], None] | None = None,
-                 live_only: bool = False, queue_size: int = 1024) -> None:
+    def __init__(
+        self,
+        sources: Sequence[Source],
+        mapping: RowMapping,
+        *,
+        ranges: Mapping[str, tuple[float, float]] | None = None,
+        file: str | Path | None = None,
+        on_source_error: Callable[[Source, BaseException], None] | None = None,
+        on_source_end: Callable[[Source], None] | None = None,
+        on_sample: Callable[[Sample], None] | None = None,
+        live_only: bool = False,
+        queue_size: int = 1024,
+    ) -> None:
         self.sources = list(sources)
         self.builder = RowBuilder(mapping, ranges=source_ranges(self.sources) if ranges is None else ranges, file=file)
         self.on_source_error = on_source_error
@@ -100,8 +108,10 @@ class RowStream:
         return None if row is None or (self.live_only and row.historical) else row
 
     async def __aiter__(self) -> AsyncIterator[Row]:
-        pumps = [asyncio.create_task(self._pump(s), name=f"source:{getattr(s, 'name', i)}")
-                 for i, s in enumerate(self.sources)]
+        pumps = [
+            asyncio.create_task(self._pump(s), name=f"source:{getattr(s, 'name', i)}")
+            for i, s in enumerate(self.sources)
+        ]
         live = len(pumps)
         try:
             while live:
@@ -127,8 +137,13 @@ class RowStream:
             await asyncio.gather(*pumps, return_exceptions=True)
 
 
-def row_stream(sources: Sequence[Source], mapping: RowMapping, *,
-               on_source_error: Callable[[Source, BaseException], None] | None = None, **options: Any) -> RowStream:
+def row_stream(
+    sources: Sequence[Source],
+    mapping: RowMapping,
+    *,
+    on_source_error: Callable[[Source, BaseException], None] | None = None,
+    **options: Any,
+) -> RowStream:
     """The rows of ``sources`` per ``mapping`` (options: those of :class:`RowStream`)."""
     return RowStream(sources, mapping, on_source_error=on_source_error, **options)
 

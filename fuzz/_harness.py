@@ -19,6 +19,7 @@ Keys are derived from fixed seeds, so a crash input found once reproduces on
 any machine (the sealed box itself is randomised, but it opens with the same
 aggregator key).
 """
+
 from __future__ import annotations
 
 # Heavy, well-fuzzed dependencies are imported before instrumentation, so the
@@ -92,8 +93,9 @@ def scratch_dir(prefix: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=f"fedline-fuzz-{prefix}-"))
 
 
-def guarded(target: Callable[[bytes], None], accepted: tuple[type[BaseException], ...] = ACCEPTED
-            ) -> Callable[[bytes], None]:
+def guarded(
+    target: Callable[[bytes], None], accepted: tuple[type[BaseException], ...] = ACCEPTED
+) -> Callable[[bytes], None]:
     """``target`` with the accepted errors swallowed; any other exception escapes (a crash)."""
 
     def one_input(data: bytes) -> None:
@@ -109,8 +111,9 @@ def _has_corpus(args: list[str]) -> bool:
     return any(not a.startswith("-") and Path(a).is_dir() for a in args[1:])
 
 
-def main(target: Callable[[bytes], None], seeds: Iterable[bytes],
-         accepted: tuple[type[BaseException], ...] = ACCEPTED) -> None:
+def main(
+    target: Callable[[bytes], None], seeds: Iterable[bytes], accepted: tuple[type[BaseException], ...] = ACCEPTED
+) -> None:
     """Run ``target`` under libFuzzer with ``sys.argv`` flags, seeded with ``seeds``.
 
     Plain ``python fuzz/x.py -runs=5000`` works with no other arguments.

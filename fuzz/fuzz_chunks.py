@@ -10,6 +10,7 @@ digest check. Invariants checked after every chunk:
   chunks cannot exhaust memory, whatever totals they claim);
 - a completed message matches the digest its chunks announced.
 """
+
 from __future__ import annotations
 
 import struct
@@ -33,16 +34,23 @@ def _structured(fdp: atheris.FuzzedDataProvider, plan: dict[str, tuple[int, int,
         digest = fdp.ConsumeBytes(16).ljust(16, b"\0")
     index = fdp.ConsumeIntInRange(0, count)  # index == count is out of range on purpose
     payload = fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 400))
-    return (chunking.MAGIC + bytes([len(msg_id)]) + msg_id.encode()
-            + struct.pack("<IIQ16s", index, count, total, digest) + payload)
+    return (
+        chunking.MAGIC
+        + bytes([len(msg_id)])
+        + msg_id.encode()
+        + struct.pack("<IIQ16s", index, count, total, digest)
+        + payload
+    )
 
 
 def target(data: bytes) -> None:
     fdp = atheris.FuzzedDataProvider(data)
     clock = [0.0]
     r = chunking.Reassembler(timeout_s=10.0, max_bytes=MAX_BYTES, remember_completed=4, clock=lambda: clock[0])
-    plan = {m: (fdp.ConsumeIntInRange(1, 8), fdp.ConsumeIntInRange(0, 2 * MAX_BYTES),
-                fdp.ConsumeBytes(16).ljust(16, b"\0")) for m in _IDS}
+    plan = {
+        m: (fdp.ConsumeIntInRange(1, 8), fdp.ConsumeIntInRange(0, 2 * MAX_BYTES), fdp.ConsumeBytes(16).ljust(16, b"\0"))
+        for m in _IDS
+    }
     for _ in range(64):
         if fdp.remaining_bytes() == 0:
             break

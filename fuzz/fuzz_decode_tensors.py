@@ -3,6 +3,7 @@
 Random bytes must give ``WireError`` (never a crash, never an allocation of a
 size the block only claims); what decodes must re-encode to the same bytes.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -4,6 +4,7 @@ A damaged or hostile key file (copied from the wrong place, truncated, edited
 by hand) must give ``KeyFileError`` naming the file, never a traceback from
 deep inside ``json`` or ``base64``.
 """
+
 from __future__ import annotations
 
 import json

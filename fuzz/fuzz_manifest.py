@@ -4,6 +4,7 @@ First byte 0: the bytes as published on the model topic (an outsider, no key);
 1: a body signed by a key that is not the aggregator's (must never verify);
 2: a body signed by the aggregator itself (reaches the JSON and schema checks).
 """
+
 from __future__ import annotations
 
 from _harness import AGGREGATOR, OUTSIDER, instrumented, main
@@ -29,12 +30,21 @@ def target(data: bytes) -> None:
 
 
 def seeds() -> list[bytes]:
-    doc = {"federation": "fuzz", "version": 3, "created_at": 1.0e9, "spec": {"kind": "mlp", "n_features": 3},
-           "weights": {"hash": "ab" * 32, "size": 100, "chunks": 1},
-           "onnx": {"hash": "cd" * 32, "size": 200, "chunks": 1}}
+    doc = {
+        "federation": "fuzz",
+        "version": 3,
+        "created_at": 1.0e9,
+        "spec": {"kind": "mlp", "n_features": 3},
+        "weights": {"hash": "ab" * 32, "size": 100, "chunks": 1},
+        "onnx": {"hash": "cd" * 32, "size": 200, "chunks": 1},
+    }
     body = envelope.canonical_json(doc)
-    return [b"\x00" + envelope.sign_manifest(doc, AGGREGATOR), b"\x01" + body, b"\x02" + body,
-            b"\x02" + envelope.canonical_json({**doc, "version": -1})]
+    return [
+        b"\x00" + envelope.sign_manifest(doc, AGGREGATOR),
+        b"\x01" + body,
+        b"\x02" + body,
+        b"\x02" + envelope.canonical_json({**doc, "version": -1}),
+    ]
 
 
 if __name__ == "__main__":

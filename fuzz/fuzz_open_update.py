@@ -10,6 +10,7 @@ not only the first one (random ciphertext never decrypts):
   (a site that is enrolled but hostile): header JSON, schema, counter, tensors;
 - 3: as 2, but the signer is not enrolled or claims another site's id.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -64,13 +65,26 @@ def target(data: bytes) -> None:
 
 
 def seeds() -> list[bytes]:
-    head = envelope.UpdateHeader(site="site-a", counter=7, msg_id="site-a-u7", base_version=2, n_samples=64,
-                                 privacy={"epsilon": 0.5, "noise_multiplier": 1.1}, created_at=1.0e9)
+    head = envelope.UpdateHeader(
+        site="site-a",
+        counter=7,
+        msg_id="site-a-u7",
+        base_version=2,
+        n_samples=64,
+        privacy={"epsilon": 0.5, "noise_multiplier": 1.1},
+        created_at=1.0e9,
+    )
     tensors = {"body.0.weight": np.ones((4, 3), np.float32), "body.0.bias": np.zeros(4, np.float32)}
     plain = envelope.encode_update(head, tensors)
     sealed = envelope.seal_update(head, tensors, SITE_A, bytes(AGGREGATOR.box_key.public_key))
-    return [b"\x00" + sealed, b"\x01" + _signed(SITE_A, "site-a", plain), b"\x02" + plain,
-            b"\x03" + plain, b"\x07" + plain, b"\x02" + plain[:40]]
+    return [
+        b"\x00" + sealed,
+        b"\x01" + _signed(SITE_A, "site-a", plain),
+        b"\x02" + plain,
+        b"\x03" + plain,
+        b"\x07" + plain,
+        b"\x02" + plain[:40],
+    ]
 
 
 if __name__ == "__main__":

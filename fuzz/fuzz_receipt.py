@@ -3,6 +3,7 @@
 First byte 0: raw bytes on the receipts topic; 1: a body signed by a key that
 is not the aggregator's (must never verify); 2: signed by the aggregator.
 """
+
 from __future__ import annotations
 
 from _harness import AGGREGATOR, SITE_A, instrumented, main
@@ -28,11 +29,14 @@ def target(data: bytes) -> None:
 
 
 def seeds() -> list[bytes]:
-    doc = {"site": "site-a", "counter": 4, "msg_id": "site-a-u4", "verdict": "applied", "reason": "",
-           "version": 9}
+    doc = {"site": "site-a", "counter": 4, "msg_id": "site-a-u4", "verdict": "applied", "reason": "", "version": 9}
     body = envelope.canonical_json(doc)
-    return [b"\x00" + envelope.sign_receipt(doc, AGGREGATOR), b"\x01" + body, b"\x02" + body,
-            b"\x02" + envelope.canonical_json({**doc, "verdict": "maybe"})]
+    return [
+        b"\x00" + envelope.sign_receipt(doc, AGGREGATOR),
+        b"\x01" + body,
+        b"\x02" + body,
+        b"\x02" + envelope.canonical_json({**doc, "verdict": "maybe"}),
+    ]
 
 
 if __name__ == "__main__":

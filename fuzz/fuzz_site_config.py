@@ -5,6 +5,7 @@ key (the same path an operator's typo takes: ``load_toml`` → ``parse`` of ever
 section → ``[[sources]]`` tables through ``firmware_adapters.build_source``,
 which validates and connects to nothing).
 """
+
 from __future__ import annotations
 
 import os
@@ -19,7 +20,7 @@ _DIR = scratch_dir("site")
 _FILE = _DIR / "site.toml"
 (_DIR / "data.csv").write_text("t,a,b,c,label\n0,1,2,3,0\n")
 
-VALID = b'''site = "press-3"
+VALID = b"""site = "press-3"
 federation = "plant-a"
 data_dir = "state"
 model_dir = "models"
@@ -61,7 +62,7 @@ epochs = 2
 [privacy]
 epsilon = 8.0
 delta = 1e-5
-'''
+"""
 
 
 def target(data: bytes) -> None:
@@ -72,11 +73,14 @@ def target(data: bytes) -> None:
 
 
 def seeds() -> list[bytes]:
-    return [VALID, VALID.replace(b"[privacy]\nepsilon = 8.0\ndelta = 1e-5\n", b'privacy = "off"\n'),
-            VALID.replace(b'kind = "mlp"', b'kind = "gru"\nwindow = 4'),
-            b'[[sources]]\nkind = "opcua"\nurl = "opc.tcp://h:4840"\nnodes = [{tag = "t", node_id = "ns=2;i=1"}]\n',
-            b'[[sources]]\nkind = "serial"\nport = "/dev/null"\nprotocol = "csv"\nheader = true\n',
-            b'[[sources]]\nkind = "sparkplug"\ngroup_id = "g"\n']
+    return [
+        VALID,
+        VALID.replace(b"[privacy]\nepsilon = 8.0\ndelta = 1e-5\n", b'privacy = "off"\n'),
+        VALID.replace(b'kind = "mlp"', b'kind = "gru"\nwindow = 4'),
+        b'[[sources]]\nkind = "opcua"\nurl = "opc.tcp://h:4840"\nnodes = [{tag = "t", node_id = "ns=2;i=1"}]\n',
+        b'[[sources]]\nkind = "serial"\nport = "/dev/null"\nprotocol = "csv"\nheader = true\n',
+        b'[[sources]]\nkind = "sparkplug"\ngroup_id = "g"\n',
+    ]
 
 
 if __name__ == "__main__":

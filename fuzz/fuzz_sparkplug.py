@@ -14,6 +14,7 @@ it escapes.
 Invariant: a good or uncertain sample has scalar values; a bad one has an
 error and no value but None; ``historical`` is a bool.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -40,7 +41,7 @@ def messages(data: bytes):
     pos = 0
     while pos + 3 <= len(data):
         kind, n = data[pos], struct.unpack_from("<H", data, pos + 1)[0]
-        payload = data[pos + 3:pos + 3 + n]
+        payload = data[pos + 3 : pos + 3 + n]
         pos += 3 + n
         mtype = TYPES[kind % len(TYPES)]
         if mtype == "STATE":
@@ -58,8 +59,9 @@ def target(data: bytes) -> None:
             if sample.quality == "bad":
                 assert sample.error and all(v is None for v in sample.values.values()), sample
             else:
-                assert sample.values and all(v is None or isinstance(v, (bool, int, float, str))
-                                             for v in sample.values.values()), sample
+                assert sample.values and all(
+                    v is None or isinstance(v, (bool, int, float, str)) for v in sample.values.values()
+                ), sample
                 assert (sample.quality == "good") == (sample.error is None), sample
 
 
@@ -68,19 +70,29 @@ def _frame(kind: str, payload: bytes, device: bool = False) -> bytes:
 
 
 def seeds() -> list[bytes]:
-    birth = codec.build_payload([("bdSeq", None, pb.Int64, 0), ("Temp", 1, pb.Double, 21.5),
-                                 ("Count", 2, pb.Int32, -3), ("Run", 3, pb.Boolean, True),
-                                 ("Mode", 4, pb.String, "auto")], seq=0)
+    birth = codec.build_payload(
+        [
+            ("bdSeq", None, pb.Int64, 0),
+            ("Temp", 1, pb.Double, 21.5),
+            ("Count", 2, pb.Int32, -3),
+            ("Run", 3, pb.Boolean, True),
+            ("Mode", 4, pb.String, "auto"),
+        ],
+        seq=0,
+    )
     data = codec.build_payload([(None, 1, pb.Double, 22.0), (None, 2, pb.Int32, 7)], seq=1)
     gap = codec.build_payload([(None, 1, pb.Double, 23.0), (None, 9, pb.Float, 1.0)], seq=5)
     tahu = [bytes.fromhex(v["payload_hex"]) for v in json.loads(VECTORS.read_text())["vectors"]]
     kinds = ["NBIRTH", "DBIRTH", "NDATA", "DDATA", "NDATA", "NDATA", "NDEATH", "NDEATH"]
     tahu_run = b"".join(_frame(k, p, k.startswith("D")) for k, p in zip(kinds, tahu))
-    return [tahu_run, _frame("STATE", b'{"online": false, "timestamp": 1}'),
-            _frame("NBIRTH", birth) + _frame("NDATA", data) + _frame("NDATA", gap),
-            _frame("NDATA", data) + _frame("NBIRTH", birth),
-            _frame("DBIRTH", birth, True) + _frame("DDATA", data, True) + _frame("DDEATH", b"", True),
-            _frame("NBIRTH", birth) + _frame("NDEATH", b"") + _frame("NDATA", data)]
+    return [
+        tahu_run,
+        _frame("STATE", b'{"online": false, "timestamp": 1}'),
+        _frame("NBIRTH", birth) + _frame("NDATA", data) + _frame("NDATA", gap),
+        _frame("NDATA", data) + _frame("NBIRTH", birth),
+        _frame("DBIRTH", birth, True) + _frame("DDATA", data, True) + _frame("DDEATH", b"", True),
+        _frame("NBIRTH", birth) + _frame("NDEATH", b"") + _frame("NDATA", data),
+    ]
 
 
 if __name__ == "__main__":

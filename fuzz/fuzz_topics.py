@@ -3,6 +3,7 @@
 Any string must give a ``TopicInfo`` or ``TopicError``; what parses must name
 a valid site and message id, and the topic rebuilt from it parses the same.
 """
+
 from __future__ import annotations
 
 import atheris
@@ -35,8 +36,14 @@ def target(data: bytes) -> None:
 
 
 def seeds() -> list[bytes]:
-    return [b"\x01sites/site-a/update/m-1/0", b"\x01sites/site-a/receipts", b"\x01model/manifest",
-            b"\x01model/12/weights/3", b"\x01model/4/onnx/0", b"\x00fedline/other/model/manifest"]
+    return [
+        b"\x01sites/site-a/update/m-1/0",
+        b"\x01sites/site-a/receipts",
+        b"\x01model/manifest",
+        b"\x01model/12/weights/3",
+        b"\x01model/4/onnx/0",
+        b"\x00fedline/other/model/manifest",
+    ]
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ Public API (``from models import ...``):
 Why lazy: the line inference and config code read ``ModelSpec`` without
 paying for torch; the torch-backed names load on first use.
 """
+
 from __future__ import annotations
 
 import importlib

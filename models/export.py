@@ -6,6 +6,7 @@ by :class:`models.nets.Scorer` (probability / value / reconstruction error).
 The batch axis is dynamic. Opset 17 with the TorchScript exporter: it needs
 no onnxscript, unrolls the fixed-length GRU loop, and onnxruntime ≥ 1.14 runs it.
 """
+
 from __future__ import annotations
 
 import copy

@@ -6,6 +6,7 @@ checks names and shapes against the same spec, and the site keeps its
 personal parameters (a local head) out of every payload. Buffers (the
 standardisation constants) come from the spec and are never sent.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -65,7 +66,9 @@ def _load(model: nn.Module, names: list[str], arrays: Mapping[str, np.ndarray], 
     for n in names:
         a = np.asarray(arrays[n])
         if tuple(a.shape) != tuple(params[n].shape):
-            raise ModelStateError(f"{what} parameter {n!r} has shape {tuple(a.shape)}, model expects {tuple(params[n].shape)}")
+            raise ModelStateError(
+                f"{what} parameter {n!r} has shape {tuple(a.shape)}, model expects {tuple(params[n].shape)}"
+            )
     with torch.no_grad():
         for n in names:
             params[n].copy_(torch.as_tensor(np.array(arrays[n], dtype=np.float32)))  # copy: wire arrays are read-only

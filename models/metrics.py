@@ -4,6 +4,7 @@ ROC AUC is computed as the Mann-Whitney U statistic (scipy's ``rankdata`` with
 ties averaged), which is what scikit-learn's ``roc_auc_score`` returns, without
 pulling scikit-learn into the product for one function.
 """
+
 from __future__ import annotations
 
 import math

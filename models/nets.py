@@ -9,6 +9,7 @@ BatchNorm, which DP-SGD cannot use.
 ``forward`` returns what training needs (logits, values, or the
 reconstruction); :class:`Scorer` turns that into the score the line sees.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -169,7 +170,7 @@ def _initialise(model: nn.Module, spec: ModelSpec, gen: torch.Generator) -> None
     # only a GRU model has imported Opacus's RNN layers; importing Opacus here would cost every MLP
     # process (the aggregator) seconds of start-up
     dp_rnn = sys.modules.get("opacus.layers.dp_rnn")
-    DPRNNBase = dp_rnn.DPRNNBase if dp_rnn is not None else ()  # noqa: N806 (a class, or nothing to match)
+    DPRNNBase = dp_rnn.DPRNNBase if dp_rnn is not None else ()
 
     done: set[int] = set()
     with torch.no_grad():

@@ -6,6 +6,7 @@ JSON, and is read by the line-inference service, which must not import torch.
 Everything needed to rebuild the exact same network (and so the exact same
 parameter names and shapes) is in here.
 """
+
 from __future__ import annotations
 
 import dataclasses

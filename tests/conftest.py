@@ -4,6 +4,7 @@ Tests that use the ``mosquitto`` fixture are marked ``broker`` automatically,
 so ``make test`` can say exactly which tests it cannot run on a machine
 without Mosquitto (and never skips them silently).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -30,8 +31,9 @@ def mosquitto(tmp_path: Path):
     """A private Mosquitto with the generated config and ACL for federation 'test': a TLS listener
     (``tls_url``, used by :func:`settings_for`) and a plaintext one on loopback (``url``)."""
     if mosquitto_binary() is None:
-        pytest.fail("this test needs the mosquitto broker: apt-get install mosquitto "
-                    "(make test installs it when run as root)")
+        pytest.fail(
+            "this test needs the mosquitto broker: apt-get install mosquitto (make test installs it when run as root)"
+        )
     broker = MosquittoProcess(tmp_path / "broker", federation=FEDERATION, sites=SITES)
     broker.start()
     yield broker

@@ -4,6 +4,7 @@ Why one class: a genuine site and an attacker with a broker login do the same
 thing on the wire (publish chunked blobs, read signed receipts on their own
 receipt topic); only what they send differs.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -18,8 +19,9 @@ from tests.conftest import eventually, settings_for
 class Party:
     """Someone with a broker login: publishes chunked blobs, collects verified receipts for its login."""
 
-    def __init__(self, broker, user: str, agg_sign_pub: bytes, federation: str, chunk: int = 4096,
-                 keys: KeyPair | None = None) -> None:
+    def __init__(
+        self, broker, user: str, agg_sign_pub: bytes, federation: str, chunk: int = 4096, keys: KeyPair | None = None
+    ) -> None:
         self.user = self.site = user
         self.keys = keys  # the site's keys open its sealed receipts; without them, receipts are only counted
         self.sealed_receipts = 0
@@ -50,8 +52,12 @@ class Party:
     async def send(self, blob: bytes, msg_id: str, as_site: str | None = None) -> None:
         """Publish ``blob`` in chunks on the update topic of ``as_site`` (default: its own)."""
         site = as_site or self.user
-        await self.client.publish_many([(self.topics.update_chunk(site, msg_id, i), c)
-                                        for i, c in enumerate(chunking.split(blob, msg_id, self.chunk))])
+        await self.client.publish_many(
+            [
+                (self.topics.update_chunk(site, msg_id, i), c)
+                for i, c in enumerate(chunking.split(blob, msg_id, self.chunk))
+            ]
+        )
 
     def receipt(self, counter: int) -> dict | None:
         return next((r for r in self.receipts if r["counter"] == counter), None)

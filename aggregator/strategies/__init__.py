@@ -1,4 +1,5 @@
 """Aggregation strategies, one module per paper; :func:`make_strategy` picks the configured one."""
+
 from __future__ import annotations
 
 from aggregator.config import StrategyConfig

@@ -18,6 +18,7 @@ buffer size.
 - FedAvg (McMahan et al. 2017): ``Δ̄ = Σ p_i Δ_i``.
 - the server step: ``x ← x + η_g Δ̄`` (with momentum ``m ← β m + Δ̄``, Hsu et al. 2019).
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -69,13 +70,20 @@ def linear_combination(deltas: Sequence[Mapping[str, np.ndarray]], coefficients:
     return out
 
 
-def server_step(model: Mapping[str, np.ndarray], step: Mapping[str, np.ndarray], lr: float,
-                momentum: Mapping[str, np.ndarray] | None = None, beta: float = 0.0) -> tuple[State, State | None]:
+def server_step(
+    model: Mapping[str, np.ndarray],
+    step: Mapping[str, np.ndarray],
+    lr: float,
+    momentum: Mapping[str, np.ndarray] | None = None,
+    beta: float = 0.0,
+) -> tuple[State, State | None]:
     """``x ← x + η_g Δ̄``, or with server momentum ``m ← β m + Δ̄; x ← x + η_g m``; returns (x, m)."""
     m: State | None = None
     if beta > 0:
-        m = {k: (beta * momentum[k] + step[k]).astype(np.float32) if momentum else np.array(step[k], np.float32)
-             for k in step}
+        m = {
+            k: (beta * momentum[k] + step[k]).astype(np.float32) if momentum else np.array(step[k], np.float32)
+            for k in step
+        }
         step = m
     new = copy_state(model)
     for k in new:
@@ -83,15 +91,17 @@ def server_step(model: Mapping[str, np.ndarray], step: Mapping[str, np.ndarray],
     return new, m if beta > 0 else (dict(momentum) if momentum else None)
 
 
-def fedasync_mix(current: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray],
-                 delta: Mapping[str, np.ndarray], alpha_t: float) -> State:
+def fedasync_mix(
+    current: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray], alpha_t: float
+) -> State:
     """Xie et al.: ``x_t = (1 − α_t) x_{t−1} + α_t (x_τ + Δ)``."""
     if not 0.0 <= alpha_t <= 1.0:
         raise ValueError(f"α_t must be in [0, 1], got {alpha_t}")
     out: State = {}
     for k, x in current.items():
-        mixed = np.asarray(x, np.float64) * (1.0 - alpha_t) + alpha_t * (np.asarray(base[k], np.float64)
-                                                                          + np.asarray(delta[k], np.float64))
+        mixed = np.asarray(x, np.float64) * (1.0 - alpha_t) + alpha_t * (
+            np.asarray(base[k], np.float64) + np.asarray(delta[k], np.float64)
+        )
         out[k] = mixed.astype(np.float32)
     return out
 

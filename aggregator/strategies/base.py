@@ -9,6 +9,7 @@ Everything is numpy on ``dict[str, np.ndarray]`` holding the *shared*
 parameters only: personal ones (a site's local head) never arrive, so they are
 never touched.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -41,9 +42,16 @@ class Accepted:
     base: State | None = field(default=None, repr=False)  # x_τ, for FedAsync's mix
 
     def lineage(self) -> dict[str, object]:
-        return {"site": self.site, "counter": self.counter, "msg_id": self.msg_id,
-                "base_version": self.base_version, "n_samples": self.n_samples,
-                "staleness": self.staleness, "factor": self.factor, "weight": self.weight}
+        return {
+            "site": self.site,
+            "counter": self.counter,
+            "msg_id": self.msg_id,
+            "base_version": self.base_version,
+            "n_samples": self.n_samples,
+            "staleness": self.staleness,
+            "factor": self.factor,
+            "weight": self.weight,
+        }
 
 
 @dataclass
@@ -110,8 +118,9 @@ class Strategy:
         """
         if self.cfg.robust == "none":
             return aggregate.linear_combination(deltas, coefficients)
-        scaled = [{k: (v * np.float32(c)).astype(np.float32) for k, v in d.items()}
-                  for d, c in zip(deltas, coefficients)]
+        scaled = [
+            {k: (v * np.float32(c)).astype(np.float32) for k, v in d.items()} for d, c in zip(deltas, coefficients)
+        ]
         stat = robust.median(scaled) if self.cfg.robust == "median" else robust.trimmed_mean(scaled, self.cfg.trim)
         return {k: (v * np.float32(len(scaled))).astype(np.float32) for k, v in stat.items()}
 

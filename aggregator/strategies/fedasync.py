@@ -11,6 +11,7 @@ sample count does not enter. One update per version means one site's delta
 per version: any member reads it as ``w[v+1] − w[v]``, so FedAsync needs
 ``min_sites = 1``, set by the operator who accepts that.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence

@@ -11,6 +11,7 @@ has no staleness factor. ``p_i`` is ``1/K`` by default (the aggregator, not
 a site's claimed sample count, sets the weight; McMahan's ``n_i / Σ n`` is
 ``sample_weighting`` with the aggregator's ``sample_cap``).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence

@@ -10,6 +10,7 @@ sample weighting ``Σ p_i f(s_i) Δ_i`` with ``p_i`` normalised over capped
 sample counts; a robust statistic (median, trimmed mean); server momentum
 ``m ← β m + Δ̄; x ← x + η_g m`` (Hsu et al. 2019, FedAvgM).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence

@@ -97,7 +97,7 @@ def _verify_signed(
     magic: bytes, domain: bytes, what: str, blob: bytes, sign_pub: bytes, fields: tuple[str, ...]
 ) -> dict[str, Any]:
     try:
-        doc = envelope._verify_doc(magic, domain, what, blob, sign_pub, fields)  # one framing for signed docs
+        doc = envelope.verify_body(magic, domain, what, blob, sign_pub, fields)  # one framing for signed docs
     except WireError as exc:
         raise SecAggError("signature" if exc.reason == "signature" else "schema", exc.detail) from None
     extra = sorted(set(doc) - set(fields))

@@ -2,6 +2,7 @@
 
 Registration imports nothing heavy; the handler imports onnxruntime (never torch).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -12,15 +13,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "infer",
         help="score live line data with ONNX Runtime, hot-reloading new models",
         description="Line inference: read the configured sources, score rows with the model in "
-                    "service, publish predictions; take new models from the signed manifest or the "
-                    "model directory after probe and canary checks.",
+        "service, publish predictions; take new models from the signed manifest or the "
+        "model directory after probe and canary checks.",
     )
     p.add_argument("--config", required=True, help="the line's TOML file (line.toml)")
-    p.add_argument("--rollback", action="store_true",
-                   help="put the previous good model back in service (the running service applies "
-                        "it within poll_s; with none running, the saved state is changed) and exit")
-    p.add_argument("--wait", type=float, default=None,
-                   help="with --rollback: seconds to wait for a running service (default 2 x poll_s + 1)")
+    p.add_argument(
+        "--rollback",
+        action="store_true",
+        help="put the previous good model back in service (the running service applies "
+        "it within poll_s; with none running, the saved state is changed) and exit",
+    )
+    p.add_argument(
+        "--wait",
+        type=float,
+        default=None,
+        help="with --rollback: seconds to wait for a running service (default 2 x poll_s + 1)",
+    )
     p.set_defaults(func=handle)
 
 
@@ -40,22 +48,28 @@ def handle(args: argparse.Namespace) -> int:
     state = StateDir(cfg.path(cfg.line.state_dir))
     before = state.load()
     if before.current is None or before.previous is None:
-        print(f"fedline infer: nothing to roll back to in {state.path} "
-              f"(serving {before.current.version if before.current else 'nothing'}, no previous model)")
+        print(
+            f"fedline infer: nothing to roll back to in {state.path} "
+            f"(serving {before.current.version if before.current else 'nothing'}, no previous model)"
+        )
         return 1
     state.request_rollback()
     deadline = time.monotonic() + (args.wait if args.wait is not None else 2 * cfg.line.poll_s + 1)
     while time.monotonic() < deadline:
         if not state.rollback_requested():
             after = state.load()
-            print(f"fedline infer: the running service rolled back from version {before.current.version} "
-                  f"to {after.current.version if after.current else '?'}")
+            print(
+                f"fedline infer: the running service rolled back from version {before.current.version} "
+                f"to {after.current.version if after.current else '?'}"
+            )
             return 0
         time.sleep(0.1)
     done = state.rollback_offline()
     if done is None:
         print("fedline infer: nothing to roll back to")
         return 1
-    print(f"fedline infer: no running service answered; saved state now serves version "
-          f"{done.current.version if done.current else '?'} (version {before.current.version} is blocked)")
+    print(
+        f"fedline infer: no running service answered; saved state now serves version "
+        f"{done.current.version if done.current else '?'} (version {before.current.version} is blocked)"
+    )
     return 0

@@ -40,6 +40,7 @@ Example::
     [metrics]
     port = 19312                         # Prometheus /metrics (no port: off; 0: any free port)
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
@@ -96,14 +97,20 @@ class LineConfig:
         if self.model_source == "model_dir" and not self.model_dir:
             raise ValueError("model_source = 'model_dir' needs model_dir")
         if self.model_source == "manifest" and not (self.enrollment or self.aggregator_key):
-            raise ValueError("model_source = 'manifest' needs enrollment or aggregator_key "
-                             "(the aggregator's public key, to check manifest signatures)")
+            raise ValueError(
+                "model_source = 'manifest' needs enrollment or aggregator_key "
+                "(the aggregator's public key, to check manifest signatures)"
+            )
         if self.model_source == "manifest" and not self.site_key:
-            raise ValueError("model_source = 'manifest' needs site_key (the site's private key file: the "
-                             "models are encrypted to the federation's members)")
+            raise ValueError(
+                "model_source = 'manifest' needs site_key (the site's private key file: the "
+                "models are encrypted to the federation's members)"
+            )
         if self.command_topic and not (self.site_key or self.enrollment or self.aggregator_key):
-            raise ValueError("command_topic needs site_key, enrollment or aggregator_key (commands are signed "
-                             "by the site or the aggregator)")
+            raise ValueError(
+                "command_topic needs site_key, enrollment or aggregator_key (commands are signed "
+                "by the site or the aggregator)"
+            )
         if self.batch_max < 1 or self.queue_max < self.batch_max:
             raise ValueError("need 1 <= batch_max <= queue_max")
         if self.poll_s <= 0 or self.threads < 1:
@@ -152,8 +159,11 @@ class InferConfig:
     def validate(self) -> None:
         if self.line.model_source == "manifest" and self.broker is None:
             raise ValueError("model_source = 'manifest' needs a [broker] table")
-        if (self.output.topic or self.output.alarm_topic or self.line.command_topic) and \
-                self.output.broker is None and self.broker is None:
+        if (
+            (self.output.topic or self.output.alarm_topic or self.line.command_topic)
+            and self.output.broker is None
+            and self.broker is None
+        ):
             raise ValueError("an output or command topic needs [output.broker] or [broker]")
 
     def path(self, value: str) -> Path:
@@ -191,5 +201,14 @@ def broker_settings(table: dict[str, Any], file: str | Path | None, where: str, 
     return BrokerSettings.from_table(table, file, where, **defaults)
 
 
-__all__ = ["CanaryConfig", "ConfigError", "InferConfig", "LineConfig", "MetricsConfig", "OutputConfig",
-           "broker_settings", "load_infer_config", "parse_infer_config"]
+__all__ = [
+    "CanaryConfig",
+    "ConfigError",
+    "InferConfig",
+    "LineConfig",
+    "MetricsConfig",
+    "OutputConfig",
+    "broker_settings",
+    "load_infer_config",
+    "parse_infer_config",
+]

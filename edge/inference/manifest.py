@@ -13,6 +13,7 @@ taken only if its signature verifies with the aggregator's key, it names this
 federation, its version is newer than the one in service, and the blob's size
 and ``content_hash`` match it. Everything else is counted, logged and dropped.
 """
+
 from __future__ import annotations
 
 import logging
@@ -51,9 +52,16 @@ class ManifestWatcher:
     rollback), so replays of old signed manifests are ignored.
     """
 
-    def __init__(self, topics: Topics, aggregator_sign_pub: bytes, site_keys: KeyPair,
-                 current_version: Callable[[], int], refuse: Callable[[str, str, int | None], None],
-                 max_bytes: int = 256 * 1024 * 1024, keep_blobs: int = 4) -> None:
+    def __init__(
+        self,
+        topics: Topics,
+        aggregator_sign_pub: bytes,
+        site_keys: KeyPair,
+        current_version: Callable[[], int],
+        refuse: Callable[[str, str, int | None], None],
+        max_bytes: int = 256 * 1024 * 1024,
+        keep_blobs: int = 4,
+    ) -> None:
         self.topics = topics
         self.sign_pub = aggregator_sign_pub
         self.site_keys = site_keys
@@ -117,8 +125,11 @@ class ManifestWatcher:
             return
         version = doc["version"]
         if doc.get("federation") != self.topics.federation:
-            self.refuse("schema", f"manifest is for federation {doc.get('federation')!r}, "
-                                  f"this line is in {self.topics.federation!r}", version)
+            self.refuse(
+                "schema",
+                f"manifest is for federation {doc.get('federation')!r}, this line is in {self.topics.federation!r}",
+                version,
+            )
             return
         onnx = doc["onnx"]
         if not isinstance(onnx.get("hash"), str) or not isinstance(onnx.get("size"), int):
@@ -156,8 +167,7 @@ class ManifestWatcher:
             self._pending = None
             return None
         want_id = onnx.get("msg_id")
-        candidates = [(m, b) for m, (v, b) in self._blobs.items()
-                      if (m == want_id if want_id else v == version)]
+        candidates = [(m, b) for m, (v, b) in self._blobs.items() if (m == want_id if want_id else v == version)]
         if not candidates:
             return None  # the ONNX has not arrived yet
         key = self.keyring.get(doc["epoch"])
@@ -172,6 +182,10 @@ class ManifestWatcher:
                 return FetchedModel(version, blob, onnx["hash"], doc, seen_at)
         self._pending = None
         sizes = ", ".join(str(len(b)) for _, b in candidates)
-        self.refuse("hash", f"onnx of version {version} ({sizes} sealed bytes) does not open to the manifest's "
-                            f"size {onnx['size']} and hash {onnx['hash'][:16]}...", version)
+        self.refuse(
+            "hash",
+            f"onnx of version {version} ({sizes} sealed bytes) does not open to the manifest's "
+            f"size {onnx['size']} and hash {onnx['hash'][:16]}...",
+            version,
+        )
         return None

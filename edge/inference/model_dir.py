@@ -7,6 +7,7 @@ old metadata. With ``current.json`` naming an immutable ``v<version>-<hash>.onnx
 the pointer and the bytes it names always agree, and the hash check catches a
 writer that broke the rules.
 """
+
 from __future__ import annotations
 
 import json

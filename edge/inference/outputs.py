@@ -10,6 +10,7 @@ service: while the plant broker is away predictions wait there and go out in
 order on its return; beyond the bound the oldest waiting ones are dropped and
 counted rather than stalling the line's scoring.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -73,8 +74,15 @@ class JsonlSink:
 class MqttSink:
     """Publishes each prediction (and alarms separately) from a bounded queue, in order."""
 
-    def __init__(self, client: Any, topic: str | None, alarm_topic: str | None, qos: int = 0,
-                 queue_max: int = 10000, spool: Any = None) -> None:
+    def __init__(
+        self,
+        client: Any,
+        topic: str | None,
+        alarm_topic: str | None,
+        qos: int = 0,
+        queue_max: int = 10000,
+        spool: Any = None,
+    ) -> None:
         self.client = client
         self.topic = topic
         self.alarm_topic = alarm_topic
@@ -133,8 +141,14 @@ class MqttSink:
                     except PublishRefused as exc:
                         self.failed += 1
                         if self.failed == 1 or self.failed % 1000 == 0:
-                            event(log, "output.publish_failed", level=logging.WARNING, topic=topic,
-                                  error=str(exc), failed=self.failed)
+                            event(
+                                log,
+                                "output.publish_failed",
+                                level=logging.WARNING,
+                                topic=topic,
+                                error=str(exc),
+                                failed=self.failed,
+                            )
                     done = seq
             except NotConnected:
                 await asyncio.sleep(0.2)  # publish waits for the link itself; this only paces retries
@@ -163,8 +177,14 @@ class MqttSink:
             except FedlineError as exc:
                 self.failed += 1
                 if self.failed == 1 or self.failed % 1000 == 0:  # a refusing broker must not flood the log
-                    event(log, "output.publish_failed", level=logging.WARNING, topic=topic, error=str(exc),
-                          failed=self.failed)
+                    event(
+                        log,
+                        "output.publish_failed",
+                        level=logging.WARNING,
+                        topic=topic,
+                        error=str(exc),
+                        failed=self.failed,
+                    )
             if self._queue and self._queue[0][1] is payload:
                 self._queue.popleft()
 
@@ -185,23 +205,35 @@ class Metrics:
         self.alarms = Counter("fedline_infer_alarms", "Predictions at or above the alarm threshold", registry=r)
         self.score_errors = Counter("fedline_infer_score_errors", "Rows the model failed to score", registry=r)
         self.score = Gauge("fedline_infer_score", "The latest score", registry=r)
-        self.scores = Histogram("fedline_infer_score_distribution", "Scores",
-                                buckets=(0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 1.0, float("inf")), registry=r)
+        self.scores = Histogram(
+            "fedline_infer_score_distribution",
+            "Scores",
+            buckets=(0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 1.0, float("inf")),
+            registry=r,
+        )
         self.version = Gauge("fedline_infer_model_version", "Version of the model in service", registry=r)
         self.swaps = Counter("fedline_infer_swaps", "Models taken into service (incl. rollbacks)", registry=r)
-        self.refused = Counter("fedline_infer_refused", "Models and model messages refused",
-                               ["reason"], registry=r)
-        self.swap_seconds = Gauge("fedline_infer_swap_seconds",
-                                  "Last swap: new version seen until it served", registry=r)
-        self.batch_seconds = Histogram("fedline_infer_batch_seconds", "Scoring time per batch",
-                                       buckets=(1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 5e-2, float("inf")),
-                                       registry=r)
+        self.refused = Counter("fedline_infer_refused", "Models and model messages refused", ["reason"], registry=r)
+        self.swap_seconds = Gauge(
+            "fedline_infer_swap_seconds", "Last swap: new version seen until it served", registry=r
+        )
+        self.batch_seconds = Histogram(
+            "fedline_infer_batch_seconds",
+            "Scoring time per batch",
+            buckets=(1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 5e-2, float("inf")),
+            registry=r,
+        )
         self.queue = Gauge("fedline_infer_queue_rows", "Rows waiting to be scored", registry=r)
-        self.served = Gauge("fedline_infer_served_validation_metric",
-                            "The served model's metric on its site's validation rows, by kind (local, global, "
-                            "fine_tuned; the site's [personal] serve = \"pick\")", ["kind", "metric"], registry=r)
-        self.output_dropped = Counter("fedline_infer_output_dropped",
-                                      "Predictions dropped from the MQTT output queue", registry=r)
+        self.served = Gauge(
+            "fedline_infer_served_validation_metric",
+            "The served model's metric on its site's validation rows, by kind (local, global, "
+            'fine_tuned; the site\'s [personal] serve = "pick")',
+            ["kind", "metric"],
+            registry=r,
+        )
+        self.output_dropped = Counter(
+            "fedline_infer_output_dropped", "Predictions dropped from the MQTT output queue", registry=r
+        )
 
     def serve(self, cfg: MetricsConfig, file: str | None = None) -> MetricsServer:
         """Serve /metrics as ``[metrics]`` says (not at all without a port)."""

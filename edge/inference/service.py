@@ -18,6 +18,7 @@ Tasks on one event loop:
 
 The module imports onnxruntime and numpy, never torch.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -100,8 +101,12 @@ class InferenceService:
     the benchmark use it to drive an exact stream.
     """
 
-    def __init__(self, cfg: InferConfig, rows: AsyncIterator[Any] | None = None,
-                 on_predictions: Callable[[list[dict[str, Any]]], None] | None = None) -> None:
+    def __init__(
+        self,
+        cfg: InferConfig,
+        rows: AsyncIterator[Any] | None = None,
+        on_predictions: Callable[[list[dict[str, Any]]], None] | None = None,
+    ) -> None:
         self.cfg = cfg
         line = cfg.line
         self.topics = Topics(line.federation, line.topic_prefix)
@@ -126,8 +131,13 @@ class InferenceService:
         self._blocked: list[tuple[int, str]] = []  # rolled back from (persisted)
         self._canary: deque[tuple[np.ndarray, float]] = deque(maxlen=line.canary.rows)
         self._stopping = asyncio.Event()
-        self._sink = JsonlSink(cfg.path(cfg.output.file), max_bytes=int(cfg.output.file_max_mb * 2**20),
-                               keep=cfg.output.file_keep) if cfg.output.file else None
+        self._sink = (
+            JsonlSink(
+                cfg.path(cfg.output.file), max_bytes=int(cfg.output.file_max_mb * 2**20), keep=cfg.output.file_keep
+            )
+            if cfg.output.file
+            else None
+        )
         self._mqtt_out: MqttSink | None = None
         self._http: Any = None
         self._liveness: Any = None  # broker_bridge.liveness.Liveness when following the federation broker
@@ -163,8 +173,15 @@ class InferenceService:
         """Count and log one refused model or model message; the old model keeps serving."""
         self.stats.refused[reason] += 1
         self.metrics.refused.labels(reason=reason).inc()
-        event(log, "model.refused", level=logging.WARNING, reason=reason, version=version,
-              serving=self.current.version if self.current else None, detail=detail)
+        event(
+            log,
+            "model.refused",
+            level=logging.WARNING,
+            reason=reason,
+            version=version,
+            serving=self.current.version if self.current else None,
+            detail=detail,
+        )
 
     # ------------------------------------------------------------------ lifecycle
     def stop(self) -> None:
@@ -178,14 +195,14 @@ class InferenceService:
         async with contextlib.AsyncExitStack() as stack:
             fed_client = out_client = None
             if self.origin == "manifest":
-                fed_client = await stack.enter_async_context(self._client(cfg.broker, "broker", "infer",
-                                                                          liveness=True))
+                fed_client = await stack.enter_async_context(self._client(cfg.broker, "broker", "infer", liveness=True))
             if cfg.output.topic or cfg.output.alarm_topic or cfg.line.command_topic:
                 if cfg.output.broker is None and fed_client is not None:
                     out_client = fed_client
                 else:
                     out_client = await stack.enter_async_context(
-                        self._client(cfg.output.broker or cfg.broker, "output.broker", "infer-out"))
+                        self._client(cfg.output.broker or cfg.broker, "output.broker", "infer-out")
+                    )
             tasks: list[asyncio.Task[Any]] = []
             try:
                 await self._restore()
@@ -194,11 +211,20 @@ class InferenceService:
                     if cfg.output.spool:
                         from edge.inference.spool import PredictionSpool
 
-                        spool = PredictionSpool(Path(cfg.path(cfg.line.state_dir)) / "mqtt-spool.sqlite",
-                                                cfg.output.queue_max, int(cfg.output.spool_max_mb * 1024 * 1024))
+                        spool = PredictionSpool(
+                            Path(cfg.path(cfg.line.state_dir)) / "mqtt-spool.sqlite",
+                            cfg.output.queue_max,
+                            int(cfg.output.spool_max_mb * 1024 * 1024),
+                        )
                         stack.callback(spool.close)
-                    self._mqtt_out = MqttSink(out_client, cfg.output.topic, cfg.output.alarm_topic,
-                                              cfg.output.qos, cfg.output.queue_max, spool=spool)
+                    self._mqtt_out = MqttSink(
+                        out_client,
+                        cfg.output.topic,
+                        cfg.output.alarm_topic,
+                        cfg.output.qos,
+                        cfg.output.queue_max,
+                        spool=spool,
+                    )
                     tasks.append(asyncio.create_task(self._mqtt_out.run(), name="infer:mqtt-out"))
                 tasks.append(asyncio.create_task(self._load_loop(), name="infer:loader"))
                 tasks.append(asyncio.create_task(self._rollback_poll(), name="infer:rollback"))
@@ -237,9 +263,15 @@ class InferenceService:
                 if self._sink is not None:
                     self._sink.close()
                 self._http.stop()
-        event(log, "infer.stopped", rows=self.stats.rows, predictions=self.stats.predictions,
-              version=self.current.version if self.current else None, swaps=len(self.stats.swaps),
-              refused=dict(self.stats.refused))
+        event(
+            log,
+            "infer.stopped",
+            rows=self.stats.rows,
+            predictions=self.stats.predictions,
+            version=self.current.version if self.current else None,
+            swaps=len(self.stats.swaps),
+            refused=dict(self.stats.refused),
+        )
 
     def _client(self, table: dict[str, Any] | None, where: str, suffix: str, liveness: bool = False) -> Any:
         """A client for ``table``; on the federation broker (``liveness``) it keeps the line's retained
@@ -389,10 +421,18 @@ class InferenceService:
         if kind == "reload":
             self.metrics.swap_seconds.set(seconds)
         self.ready.set()
-        event(log, "model.swapped", kind=kind, version=new.version, previous=swap.previous,
-              first_seq=swap.first_seq, swap_ms=round(seconds * 1000, 2), origin=new.info.origin,
-              served=(self.stats.served or {}).get("kind"),
-              validation_metric=(self.stats.served or {}).get("validation_metric"))
+        event(
+            log,
+            "model.swapped",
+            kind=kind,
+            version=new.version,
+            previous=swap.previous,
+            first_seq=swap.first_seq,
+            swap_ms=round(seconds * 1000, 2),
+            origin=new.info.origin,
+            served=(self.stats.served or {}).get("kind"),
+            validation_metric=(self.stats.served or {}).get("validation_metric"),
+        )
         return swap
 
     def _served(self, served: Any) -> None:
@@ -401,8 +441,12 @@ class InferenceService:
         if not isinstance(served, dict) or not isinstance(served.get("kind"), str):
             self.stats.served = None
             return
-        self.stats.served = {"kind": served["kind"], "metric": served.get("metric"),
-                             "validation_metric": served.get("validation_metric"), "reason": served.get("reason")}
+        self.stats.served = {
+            "kind": served["kind"],
+            "metric": served.get("metric"),
+            "validation_metric": served.get("validation_metric"),
+            "reason": served.get("reason"),
+        }
         v = served.get("validation_metric")
         if isinstance(v, (int, float)):
             self.metrics.served.labels(kind=served["kind"], metric=str(served.get("metric"))).set(float(v))
@@ -412,6 +456,7 @@ class InferenceService:
             if m is None:
                 return None
             return self.state.save_model(m.version, m.info.hash, m.blob, m.info.origin)
+
         return Serving(saved(self.current), saved(self.previous), self.blocked_version, tuple(self._blocked))
 
     async def _persist(self) -> None:
@@ -432,8 +477,9 @@ class InferenceService:
                 if blob is not None and content_hash(blob) == saved.hash:
                     info = ModelInfo(saved.version, saved.hash, saved.origin, {"restored": True})
                     try:
-                        model = await asyncio.to_thread(build_model, blob, info, self.row_shape,
-                                                        threads=self.cfg.line.threads)
+                        model = await asyncio.to_thread(
+                            build_model, blob, info, self.row_shape, threads=self.cfg.line.threads
+                        )
                     except ModelRefused as exc:
                         self.refuse(exc.reason, f"saved model: {exc.detail}", saved.version)
             loaded.append(model)
@@ -449,16 +495,22 @@ class InferenceService:
         """Put the previous good version back in service; refuse the current one from now on."""
         self.state.clear_rollback_request()
         if self.previous is None or self.current is None:
-            event(log, "rollback.unavailable", level=logging.WARNING, why=why,
-                  serving=self.current.version if self.current else None)
+            event(
+                log,
+                "rollback.unavailable",
+                level=logging.WARNING,
+                why=why,
+                serving=self.current.version if self.current else None,
+            )
             return False
         bad = self.current
         self.blocked_version = max(self.blocked_version, bad.version)
         self._failed.add((bad.version, bad.info.hash))
         self._blocked.append((bad.version, bad.info.hash))
         self._swap(self.previous, "rollback", None)
-        event(log, "rollback.done", why=why, version=self.current.version if self.current else None,
-              blocked=bad.version)
+        event(
+            log, "rollback.done", why=why, version=self.current.version if self.current else None, blocked=bad.version
+        )
         await self._persist()
         return True
 
@@ -497,8 +549,9 @@ class InferenceService:
             self._swap(new, "reload", self.current if self.current is not None else None)
             await self._persist()
 
-    def _prepare(self, cand: Candidate, old: LoadedModel | None, recent: np.ndarray | None,
-                 labels: np.ndarray | None) -> LoadedModel:
+    def _prepare(
+        self, cand: Candidate, old: LoadedModel | None, recent: np.ndarray | None, labels: np.ndarray | None
+    ) -> LoadedModel:
         """Worker thread: build, probe and (when possible) canary-check a candidate."""
         new = build_model(cand.blob, cand.info, self.row_shape, threads=self.cfg.line.threads, recent=recent)
         canary = self.cfg.line.canary
@@ -510,8 +563,15 @@ class InferenceService:
             return new
         assert recent is not None and labels is not None
         result = canary_check(new, old, recent, labels, self.task, canary.margin)
-        event(log, "canary.passed", version=new.version, rows=result.rows, old_loss=round(result.old_loss, 5),
-              new_loss=round(result.new_loss, 5), against=old.version)
+        event(
+            log,
+            "canary.passed",
+            version=new.version,
+            rows=result.rows,
+            old_loss=round(result.old_loss, 5),
+            new_loss=round(result.new_loss, 5),
+            against=old.version,
+        )
         return new
 
     def offer(self, info: ModelInfo, blob: bytes) -> None:
@@ -534,15 +594,22 @@ class InferenceService:
         assert self.cfg.line.site_key
         keys = KeyPair.load(self.cfg.path(self.cfg.line.site_key))
         if keys.ident != self.cfg.line.site or keys.role != "site":
-            raise ValueError(f"{self.cfg.line.site_key}: a key of {keys.role} {keys.ident!r}, "
-                             f"not of site {self.cfg.line.site!r}")
+            raise ValueError(
+                f"{self.cfg.line.site_key}: a key of {keys.role} {keys.ident!r}, not of site {self.cfg.line.site!r}"
+            )
         return keys
 
     async def _watch_manifest(self, client: Any) -> None:
         from edge.inference.manifest import ManifestWatcher
 
-        watcher = ManifestWatcher(self.topics, self._aggregator_sign_pub(), self._site_keys(), self.current_version,
-                                  self.refuse, max_bytes=self.cfg.line.max_model_bytes)
+        watcher = ManifestWatcher(
+            self.topics,
+            self._aggregator_sign_pub(),
+            self._site_keys(),
+            self.current_version,
+            self.refuse,
+            max_bytes=self.cfg.line.max_model_bytes,
+        )
         for flt in watcher.filters():
             await client.subscribe(flt, 1)
         cmd = self.cfg.line.command_topic
@@ -556,9 +623,16 @@ class InferenceService:
                 self.refuse("schema", f"message on {msg.topic!r}: {type(exc).__name__}: {exc}", None)
                 continue
             if fetched is not None:
-                self.offer(ModelInfo(fetched.version, fetched.hash, "manifest",
-                                     {"created_at": fetched.manifest.get("created_at")}, fetched.seen_at),
-                           fetched.blob)
+                self.offer(
+                    ModelInfo(
+                        fetched.version,
+                        fetched.hash,
+                        "manifest",
+                        {"created_at": fetched.manifest.get("created_at")},
+                        fetched.seen_at,
+                    ),
+                    fetched.blob,
+                )
 
     async def _watch_model_dir(self) -> None:
         model_dir = self.cfg.path(self.cfg.line.model_dir or ".")
@@ -590,8 +664,11 @@ class InferenceService:
             elif content_hash(blob) != ptr.hash:
                 if (ptr.version, ptr.hash, "hash") not in reported:  # retried each poll, reported once
                     reported.add((ptr.version, ptr.hash, "hash"))
-                    self.refuse("hash", f"{model_dir / ptr.file} ({len(blob)} bytes) does not match the "
-                                        f"hash in current.json", ptr.version)
+                    self.refuse(
+                        "hash",
+                        f"{model_dir / ptr.file} ({len(blob)} bytes) does not match the hash in current.json",
+                        ptr.version,
+                    )
             elif (ptr.version, ptr.hash) not in offered:  # offered once; the loader decides
                 offered.add((ptr.version, ptr.hash))
                 self.offer(ModelInfo(ptr.version, ptr.hash, "model_dir", ptr.meta, seen), blob)

@@ -11,6 +11,7 @@ the model on a few hundred rows. A model is refused with a
 - ``canary``: on recent labelled rows it is worse than the model in service
   by more than the configured margin
 """
+
 from __future__ import annotations
 
 import time
@@ -82,45 +83,62 @@ def probe_inputs(row_shape: Sequence[int], recent: np.ndarray | None = None, see
     """Rows that every usable model must score finitely: zeros, ones, mid-range, random, recent."""
     shape = tuple(row_shape)
     rng = np.random.default_rng(seed)
-    parts = [np.zeros((1, *shape)), np.ones((1, *shape)), np.full((1, *shape), 0.5),
-             rng.uniform(0.0, 1.0, size=(5, *shape))]
+    parts = [
+        np.zeros((1, *shape)),
+        np.ones((1, *shape)),
+        np.full((1, *shape), 0.5),
+        rng.uniform(0.0, 1.0, size=(5, *shape)),
+    ]
     if recent is not None and len(recent):
         parts.append(recent[-16:])
     return np.concatenate(parts).astype(np.float32)
 
 
-def build_model(blob: bytes, info: ModelInfo, row_shape: Sequence[int], *, threads: int = 1,
-                recent: np.ndarray | None = None) -> LoadedModel:
+def build_model(
+    blob: bytes, info: ModelInfo, row_shape: Sequence[int], *, threads: int = 1, recent: np.ndarray | None = None
+) -> LoadedModel:
     """Build a session from ``blob`` and probe it; :class:`ModelRefused` if it is unusable."""
     try:
         sess = ort.InferenceSession(blob, session_options(threads), providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/InvalidProtobuf types
-        raise ModelRefused("load", f"onnxruntime cannot load version {info.version}: "
-                                   f"{str(exc).splitlines()[0][:300]}") from None
+        raise ModelRefused(
+            "load", f"onnxruntime cannot load version {info.version}: {str(exc).splitlines()[0][:300]}"
+        ) from None
     inputs, outputs = sess.get_inputs(), sess.get_outputs()
     if len(inputs) != 1 or len(outputs) < 1:
-        raise ModelRefused("width", f"version {info.version} has {len(inputs)} inputs and "
-                                    f"{len(outputs)} outputs; expected one input 'x' and output 'y'")
+        raise ModelRefused(
+            "width",
+            f"version {info.version} has {len(inputs)} inputs and "
+            f"{len(outputs)} outputs; expected one input 'x' and output 'y'",
+        )
     inp = inputs[0]
     want = tuple(row_shape)
     dims = tuple(inp.shape)
     if inp.type != "tensor(float)":
         raise ModelRefused("width", f"version {info.version} input {inp.name!r} is {inp.type}, expected float32")
     if len(dims) != 1 + len(want) or any(isinstance(d, int) and d != w for d, w in zip(dims[1:], want)):
-        raise ModelRefused("width", f"version {info.version} input {inp.name!r} has shape {list(dims)}, "
-                                    f"but rows here have shape {list(want)} (batch first)")
+        raise ModelRefused(
+            "width",
+            f"version {info.version} input {inp.name!r} has shape {list(dims)}, "
+            f"but rows here have shape {list(want)} (batch first)",
+        )
     model = LoadedModel(sess, info, blob)
     x = probe_inputs(want, recent)
     for batch in (x, x[:1]):
         try:
             y = sess.run([model.output_name], {model.input_name: batch})[0]
         except Exception as exc:
-            raise ModelRefused("width" if "dimension" in str(exc).lower() or "shape" in str(exc).lower()
-                               else "probe", f"version {info.version} fails on probe rows of shape "
-                               f"{list(batch.shape)}: {str(exc).splitlines()[0][:300]}") from None
+            raise ModelRefused(
+                "width" if "dimension" in str(exc).lower() or "shape" in str(exc).lower() else "probe",
+                f"version {info.version} fails on probe rows of shape "
+                f"{list(batch.shape)}: {str(exc).splitlines()[0][:300]}",
+            ) from None
         if y.ndim != 2 or y.shape != (len(batch), 1):
-            raise ModelRefused("probe", f"version {info.version} output {model.output_name!r} has shape "
-                                        f"{list(y.shape)} for {len(batch)} rows; expected [{len(batch)}, 1]")
+            raise ModelRefused(
+                "probe",
+                f"version {info.version} output {model.output_name!r} has shape "
+                f"{list(y.shape)} for {len(batch)} rows; expected [{len(batch)}, 1]",
+            )
         if not np.all(np.isfinite(y)):
             raise ModelRefused("probe", f"version {info.version} gives non-finite scores on probe rows")
     return model
@@ -143,15 +161,19 @@ class CanaryResult:
     seconds: float
 
 
-def canary_check(new: LoadedModel, old: LoadedModel, x: np.ndarray, y: np.ndarray, task: str,
-                 margin: float) -> CanaryResult:
+def canary_check(
+    new: LoadedModel, old: LoadedModel, x: np.ndarray, y: np.ndarray, task: str, margin: float
+) -> CanaryResult:
     """Score the recent labelled rows with both models; refuse ``new`` if worse by more than ``margin``."""
     t0 = time.perf_counter()
     new_loss = canary_loss(new.score(x), y, task)
     old_loss = canary_loss(old.score(x), y, task)
     result = CanaryResult(len(x), old_loss, new_loss, time.perf_counter() - t0)
     if not np.isfinite(new_loss) or new_loss > old_loss + margin:
-        raise ModelRefused("canary", f"version {new.version} loss {new_loss:.4f} on {len(x)} recent labelled "
-                                     f"rows vs {old_loss:.4f} for version {old.version} in service "
-                                     f"(margin {margin})")
+        raise ModelRefused(
+            "canary",
+            f"version {new.version} loss {new_loss:.4f} on {len(x)} recent labelled "
+            f"rows vs {old_loss:.4f} for version {old.version} in service "
+            f"(margin {margin})",
+        )
     return result

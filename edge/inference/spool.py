@@ -12,6 +12,7 @@ survives a crash of the process, a power cut may cost the last moments), since
 it is written from the scoring loop up to thousands of times a second. A
 restart resumes from what is on disk.
 """
+
 from __future__ import annotations
 
 import threading
@@ -48,8 +49,9 @@ class PredictionSpool:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.executemany("INSERT INTO spool (topic, payload, size) VALUES (?, ?, ?)",
-                                     [(t, p, len(p)) for t, p in items])
+                self._db.executemany(
+                    "INSERT INTO spool (topic, payload, size) VALUES (?, ?, ?)", [(t, p, len(p)) for t, p in items]
+                )
                 n, b = self._db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM spool").fetchone()
                 while n > self.max_count or b > self.max_bytes:
                     seq, size = self._db.execute("SELECT seq, size FROM spool ORDER BY seq LIMIT 1").fetchone()

@@ -12,6 +12,7 @@ model it trusted, without waiting for the broker; and ``fedline infer
 
 All writes are temp file + fsync + rename.
 """
+
 from __future__ import annotations
 
 import json
@@ -80,16 +81,26 @@ class StateDir:
         if not isinstance(doc, dict):
             return Serving(None, None)
         blocked = doc.get("blocked_version", -1)
-        pairs = tuple((int(b[0]), str(b[1])) for b in doc.get("blocked", [])
-                      if isinstance(b, list) and len(b) == 2 and isinstance(b[0], int))
-        return Serving(SavedModel.from_dict(doc.get("current")), SavedModel.from_dict(doc.get("previous")),
-                       blocked if isinstance(blocked, int) else -1, pairs)
+        pairs = tuple(
+            (int(b[0]), str(b[1]))
+            for b in doc.get("blocked", [])
+            if isinstance(b, list) and len(b) == 2 and isinstance(b[0], int)
+        )
+        return Serving(
+            SavedModel.from_dict(doc.get("current")),
+            SavedModel.from_dict(doc.get("previous")),
+            blocked if isinstance(blocked, int) else -1,
+            pairs,
+        )
 
     def save(self, serving: Serving) -> None:
-        doc = {"current": serving.current.to_dict() if serving.current else None,
-               "previous": serving.previous.to_dict() if serving.previous else None,
-               "blocked_version": serving.blocked_version, "blocked": [list(b) for b in serving.blocked[-32:]],
-               "saved_at": time.time()}
+        doc = {
+            "current": serving.current.to_dict() if serving.current else None,
+            "previous": serving.previous.to_dict() if serving.previous else None,
+            "blocked_version": serving.blocked_version,
+            "blocked": [list(b) for b in serving.blocked[-32:]],
+            "saved_at": time.time(),
+        }
         atomic_write(self.path / SERVING, (json.dumps(doc, indent=2) + "\n").encode())
         keep = {m.file for m in (serving.current, serving.previous) if m}
         for f in self.models.glob("v*-*.onnx"):
@@ -114,8 +125,12 @@ class StateDir:
         if serving.current is None or serving.previous is None:
             return None
         bad = serving.current
-        new = Serving(serving.previous, None, max(serving.blocked_version, bad.version),
-                      (*serving.blocked, (bad.version, bad.hash)))
+        new = Serving(
+            serving.previous,
+            None,
+            max(serving.blocked_version, bad.version),
+            (*serving.blocked, (bad.version, bad.hash)),
+        )
         self.save(new)
         self.clear_rollback_request()
         return new

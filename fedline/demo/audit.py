@@ -16,6 +16,7 @@ Requiring all of a record's values in one message is what makes it a record
 rather than a coincidence: a single ``0`` or ``42.8`` turns up in ciphertext
 by chance, five given values do not.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -95,8 +96,13 @@ class AuditResult:
     by_kind: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"messages": self.messages, "bytes": self.bytes, "raw_records": self.raw_records,
-                "messages_with_records": self.messages_with_records[:20], "by_kind": self.by_kind}
+        return {
+            "messages": self.messages,
+            "bytes": self.bytes,
+            "raw_records": self.raw_records,
+            "messages_with_records": self.messages_with_records[:20],
+            "by_kind": self.by_kind,
+        }
 
 
 def audit(messages: list[Recorded], detector: RawRecordDetector, topic_kind=None) -> AuditResult:
@@ -111,8 +117,9 @@ def audit(messages: list[Recorded], detector: RawRecordDetector, topic_kind=None
         if hits:
             seen |= hits
             offending.append(m.topic)
-    return AuditResult(len(messages), sum(len(m.payload) + len(m.topic) for m in messages), len(seen),
-                       offending, by_kind)
+    return AuditResult(
+        len(messages), sum(len(m.payload) + len(m.topic) for m in messages), len(seen), offending, by_kind
+    )
 
 
 class TrafficRecorder:

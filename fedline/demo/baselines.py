@@ -10,6 +10,7 @@ Both use the edge agent's own round (:func:`edge.trainer.train_round` with
 ``dp=None``), so the model, the optimiser, the batch size and the learning
 rate are the federation's, and only the data and the noise differ.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -37,8 +38,9 @@ def train_plain(spec: ModelSpec, x: np.ndarray, y: np.ndarray, s: TrainSettings)
     (:func:`edge.personal.train_local_only`); returns every parameter (shared and personal)."""
     from edge.personal import PersonalConfig, train_local_only
 
-    cfg = PersonalConfig(local_epochs=s.epochs, local_lr=s.lr, momentum=s.momentum, batch_size=s.batch_size,
-                         seed=s.seed)
+    cfg = PersonalConfig(
+        local_epochs=s.epochs, local_lr=s.lr, momentum=s.momentum, batch_size=s.batch_size, seed=s.seed
+    )
     return train_local_only(spec, x, y, cfg)
 
 
@@ -78,7 +80,7 @@ def local_and_central(data: DemoData, spec: ModelSpec, s: TrainSettings) -> tupl
     """
     local: list[float] = []
     fit = [data.fit_rows(site) for site in data.sites]  # the rows each edge trains on (not its validation rows)
-    for i, site in enumerate(data.sites):
+    for i in range(len(data.sites)):
         params = train_plain(spec, fit[i][0], fit[i][1], s)
         local.append(evaluate(data, lambda x, p=params: predict(spec, p, x), i))
     x_all = np.concatenate([f[0] for f in fit])

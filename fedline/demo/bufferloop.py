@@ -17,6 +17,7 @@ With four sites and K = 3 one update of every version waits for the next
 buffer at staleness 1, as in the demo. A site away (``absent``) trains
 nothing while those versions are made.
 """
+
 from __future__ import annotations
 
 from collections import deque
@@ -38,9 +39,18 @@ class BufferResult:
     staleness: list[int] = field(default_factory=list)
 
 
-def run_buffered(spec: ModelSpec, xs: dict[str, np.ndarray], ys: dict[str, np.ndarray], versions: int, training,
-                 privacy, strategy_table: dict, *, seed: int = 0,
-                 absent: dict[str, range] | None = None) -> BufferResult:
+def run_buffered(
+    spec: ModelSpec,
+    xs: dict[str, np.ndarray],
+    ys: dict[str, np.ndarray],
+    versions: int,
+    training,
+    privacy,
+    strategy_table: dict,
+    *,
+    seed: int = 0,
+    absent: dict[str, range] | None = None,
+) -> BufferResult:
     """Run the federation until ``versions`` versions exist or no site can train any more.
 
     ``training`` maps a site to its :class:`edge.config.TrainingConfig`;
@@ -93,9 +103,19 @@ def run_buffered(spec: ModelSpec, xs: dict[str, np.ndarray], ys: dict[str, np.nd
             if st > strategy.cfg.max_staleness:
                 out.stale += 1
                 continue
-            accepted.append(Accepted(site=site, counter=counters[site], msg_id=f"{site}-{counters[site]}",
-                                     base_version=base, n_samples=n, staleness=st, factor=strategy.factor(st),
-                                     weight=strategy.weight(n, st), delta=delta))
+            accepted.append(
+                Accepted(
+                    site=site,
+                    counter=counters[site],
+                    msg_id=f"{site}-{counters[site]}",
+                    base_version=base,
+                    n_samples=n,
+                    staleness=st,
+                    factor=strategy.factor(st),
+                    weight=strategy.weight(n, st),
+                    delta=delta,
+                )
+            )
             out.staleness.append(st)
         if not accepted:
             continue

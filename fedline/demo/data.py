@@ -14,6 +14,7 @@ bring-your-own CSV the demo derives them from the pooled file with a 5 %
 margin and says so in the report (a real deployment writes them into the
 site file from the machine's data sheet instead).
 """
+
 from __future__ import annotations
 
 import csv
@@ -34,17 +35,26 @@ Task = Literal["classification", "regression"]
 REPO_ROOT = Path(__file__).resolve().parents[2]
 AI4I_CSV = REPO_ROOT / "data" / "ai4i2020.csv"
 AI4I_MAP = REPO_ROOT / "firmware_adapters" / "maps" / "ai4i2020.toml"
-AI4I_FEATURES = ["Air temperature [K]", "Process temperature [K]", "Rotational speed [rpm]",
-                 "Torque [Nm]", "Tool wear [min]"]
+AI4I_FEATURES = [
+    "Air temperature [K]",
+    "Process temperature [K]",
+    "Rotational speed [rpm]",
+    "Torque [Nm]",
+    "Tool wear [min]",
+]
 AI4I_LABEL = "Machine failure"
 # The machine's nominal operating point and spread, per feature: rounded public figures (the
 # dataset's documentation: air 300 K ± 2 K, process = air + 10 K, torque 40 ± 10 Nm, tool wear
 # 0-250 min; speed around 1500 rpm), equal at every site, not statistics of any site's rows.
 # They centre and scale the model's inputs (ModelSpec.input_mean / input_scale); under DP-SGD
 # inputs with a spread of 0.1 (speed within its 1000-3000 rpm range) train far slower.
-AI4I_NOMINAL = {"Air temperature [K]": (300.0, 2.0), "Process temperature [K]": (310.0, 2.0),
-                "Rotational speed [rpm]": (1500.0, 200.0), "Torque [Nm]": (40.0, 10.0),
-                "Tool wear [min]": (120.0, 70.0)}
+AI4I_NOMINAL = {
+    "Air temperature [K]": (300.0, 2.0),
+    "Process temperature [K]": (310.0, 2.0),
+    "Rotational speed [rpm]": (1500.0, 200.0),
+    "Torque [Nm]": (40.0, 10.0),
+    "Tool wear [min]": (120.0, 70.0),
+}
 AI4I_SITE_COLUMN = "Type"
 
 # Engineering quantities a machine's PLC commonly computes from its raw signals and serves as
@@ -235,13 +245,20 @@ def _numeric_columns(columns: list[str], rows: list[dict[str, str]], skip: set[s
     return out
 
 
-def _split(n: int, y: np.ndarray, task: Task, test_fraction: float, rng: np.random.Generator,
-           split: str = "random", groups: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def _split(
+    n: int,
+    y: np.ndarray,
+    task: Task,
+    test_fraction: float,
+    rng: np.random.Generator,
+    split: str = "random",
+    groups: list[str] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Indices of train and test (see :func:`load_demo_data` for the three rules)."""
     if split == "group":
         return _group_split(groups or [], test_fraction, rng)
     if split == "time":
-        k = int(round(n * test_fraction))
+        k = round(n * test_fraction)
         return np.arange(n - k), np.arange(n - k, n)
     if task == "classification":
         test: list[int] = []
@@ -263,8 +280,10 @@ def _group_split(groups: list[str], test_fraction: float, rng: np.random.Generat
     """Whole units to the test side, in a random order, until they hold ``test_fraction`` of the rows."""
     units = list(dict.fromkeys(groups))
     if len(units) < 3:
-        raise DemoDataError(f"a site has {len(units)} unit(s) in the group column: a grouped split needs at least 3 "
-                            "(training, validation and test units)")
+        raise DemoDataError(
+            f"a site has {len(units)} unit(s) in the group column: a grouped split needs at least 3 "
+            "(training, validation and test units)"
+        )
     sizes = {u: 0 for u in units}
     for g in groups:
         sizes[g] += 1
@@ -335,8 +354,10 @@ def load_demo_data(
     if features:
         missing = [f for f in features if f not in columns]
         if missing:
-            raise DemoDataError(f"{path}: feature column(s) {', '.join(map(repr, missing))} not found; "
-                                f"columns are: {', '.join(columns)}")
+            raise DemoDataError(
+                f"{path}: feature column(s) {', '.join(map(repr, missing))} not found; "
+                f"columns are: {', '.join(columns)}"
+            )
         if label in features or site_column in features or (group_column and group_column in features):
             raise DemoDataError("the label, the site column and the group column cannot also be features")
     else:
@@ -347,8 +368,10 @@ def load_demo_data(
     if task is None:
         task = "classification" if set(np.unique(y_all)) <= {0.0, 1.0} else "regression"
     if task == "classification" and not set(np.unique(y_all)) <= {0.0, 1.0}:
-        raise DemoDataError(f"{path}: label {label!r} must be 0 or 1 for classification "
-                            f"(found {sorted(set(np.unique(y_all)))[:5]}...); use --task regression?")
+        raise DemoDataError(
+            f"{path}: label {label!r} must be 0 or 1 for classification "
+            f"(found {sorted(set(np.unique(y_all)))[:5]}...); use --task regression?"
+        )
     x_all = np.array([[_float(r[f], path, i + 2, f) for f in features] for i, r in enumerate(rows)])
     if bundled and derived and features == AI4I_FEATURES:
         x_all, features, columns = _add_derived(x_all, rows, columns)
@@ -366,16 +389,22 @@ def load_demo_data(
         for i, r in enumerate(rows):
             sid = site_id_for(r[site_column])
             if sid in keys and keys[sid] != r[site_column]:
-                raise DemoDataError(f"site column values {keys[sid]!r} and {r[site_column]!r} map to the same "
-                                    f"site id {sid!r}; use --sites N")
+                raise DemoDataError(
+                    f"site column values {keys[sid]!r} and {r[site_column]!r} map to the same "
+                    f"site id {sid!r}; use --sites N"
+                )
             keys[sid] = r[site_column]
             groups.setdefault(sid, []).append(i)
         if len(groups) < 2:
-            raise DemoDataError(f"{path}: site column {site_column!r} has only one value; a federation needs "
-                                "at least two sites (or use --sites N)")
+            raise DemoDataError(
+                f"{path}: site column {site_column!r} has only one value; a federation needs "
+                "at least two sites (or use --sites N)"
+            )
         if len(groups) > 32:
-            raise DemoDataError(f"{path}: site column {site_column!r} has {len(groups)} values; the demo runs "
-                                "up to 32 sites on one machine: use --sites N")
+            raise DemoDataError(
+                f"{path}: site column {site_column!r} has {len(groups)} values; the demo runs "
+                "up to 32 sites on one machine: use --sites N"
+            )
 
     if split_sites:
         groups, keys = split_plants(groups, keys, split_sites)
@@ -401,25 +430,52 @@ def load_demo_data(
         for i, r in enumerate(rows):
             _float(r[group_column], path, i + 2, group_column)  # the edge reads the unit as a register/number
     split = "group" if group_column else ("random" if rows_independent else "time")
-    data = DemoData(path, columns, site_column, list(features), label, task,
-                    [rng_table[f] for f in features], label_range, ranges_from_data=ranges_from_data, seed=seed,
-                    split=split, group_column=group_column,
-                    nominal={**AI4I_NOMINAL, **{k: v[2] for k, v in AI4I_DERIVED.items()}} if bundled else {})
+    data = DemoData(
+        path,
+        columns,
+        site_column,
+        list(features),
+        label,
+        task,
+        [rng_table[f] for f in features],
+        label_range,
+        ranges_from_data=ranges_from_data,
+        seed=seed,
+        split=split,
+        group_column=group_column,
+        nominal={**AI4I_NOMINAL, **{k: v[2] for k, v in AI4I_DERIVED.items()}} if bundled else {},
+    )
     order = sorted(groups, key=lambda s: -len(groups[s]))  # biggest first: L, M, H for AI4I
     for k, sid in enumerate(order):
         idx = np.array(groups[sid][:max_rows_per_site] if max_rows_per_site else groups[sid])
         rng = np.random.default_rng(seed * 1000 + k)
-        tr, te = _split(len(idx), y_all[idx], task, test_fraction, rng, split,
-                        [rows[i][group_column] for i in idx] if group_column else None)
-        data.sites.append(SiteData(
-            site=sid, key=keys[sid],
-            train_rows=[rows[i] for i in idx[tr]], test_rows=[rows[i] for i in idx[te]],
-            x_train=x_all[idx[tr]], y_train=y_all[idx[tr]], x_test=x_all[idx[te]], y_test=y_all[idx[te]]))
+        tr, te = _split(
+            len(idx),
+            y_all[idx],
+            task,
+            test_fraction,
+            rng,
+            split,
+            [rows[i][group_column] for i in idx] if group_column else None,
+        )
+        data.sites.append(
+            SiteData(
+                site=sid,
+                key=keys[sid],
+                train_rows=[rows[i] for i in idx[tr]],
+                test_rows=[rows[i] for i in idx[te]],
+                x_train=x_all[idx[tr]],
+                y_train=y_all[idx[tr]],
+                x_test=x_all[idx[te]],
+                y_test=y_all[idx[te]],
+            )
+        )
     return data
 
 
-def split_plants(groups: dict[str, list[int]], keys: dict[str, str],
-                 split: dict[str, int]) -> tuple[dict[str, list[int]], dict[str, str]]:
+def split_plants(
+    groups: dict[str, list[int]], keys: dict[str, str], split: dict[str, int]
+) -> tuple[dict[str, list[int]], dict[str, str]]:
     """Cut site ``sid``'s rows into ``n`` plants of consecutive rows (file order), named ``<sid>1 .. <sid>n``.
 
     Why: a federation that must keep publishing while one site is away needs
@@ -443,12 +499,13 @@ def split_plants(groups: dict[str, list[int]], keys: dict[str, str],
             name = f"{sid}{k + 1}"
             if name in groups:
                 raise DemoDataError(f"--split-site {sid}={n}: plant name {name!r} is already a site")
-            out_groups[name] = idx[bounds[k]:bounds[k + 1]]
+            out_groups[name] = idx[bounds[k] : bounds[k + 1]]
             out_keys[name] = f"{keys[sid]} (plant {k + 1} of {n})"
     unknown = set(split) - set(groups)
     if unknown:
-        raise DemoDataError(f"--split-site: {', '.join(sorted(unknown))} is not a site; sites are "
-                            f"{', '.join(sorted(groups))}")
+        raise DemoDataError(
+            f"--split-site: {', '.join(sorted(unknown))} is not a site; sites are {', '.join(sorted(groups))}"
+        )
     return out_groups, out_keys
 
 
@@ -462,7 +519,9 @@ def ai4i_ranges() -> dict[str, tuple[float, float]]:
     return {**out, **{name: rng for name, (_, rng, _) in AI4I_DERIVED.items()}}
 
 
-def _add_derived(x: np.ndarray, rows: list[dict[str, str]], columns: list[str]) -> tuple[np.ndarray, list[str], list[str]]:
+def _add_derived(
+    x: np.ndarray, rows: list[dict[str, str]], columns: list[str]
+) -> tuple[np.ndarray, list[str], list[str]]:
     """The PLC's computed quantities as extra columns (rows are updated in place, for the site CSVs)."""
     extra = np.column_stack([fn(x) for fn, _, _ in AI4I_DERIVED.values()])
     names = list(AI4I_DERIVED)
@@ -480,10 +539,20 @@ def ai4i_plc_map() -> dict:
 
     with AI4I_MAP.open("rb") as fh:
         doc = tomllib.load(fh)
-    addr = max(t["address"] + (2 if t["type"] in ("float32", "uint32", "int32") else 1)
-               for t in doc["tags"] if t["table"] == "holding")
+    addr = max(
+        t["address"] + (2 if t["type"] in ("float32", "uint32", "int32") else 1)
+        for t in doc["tags"]
+        if t["table"] == "holding"
+    )
     for name, (_, rng, _) in AI4I_DERIVED.items():
-        doc["tags"].append({"name": name, "table": "holding", "address": addr, "type": "float32",
-                            "range": [float(rng[0]), float(rng[1])]})
+        doc["tags"].append(
+            {
+                "name": name,
+                "table": "holding",
+                "address": addr,
+                "type": "float32",
+                "range": [float(rng[0]), float(rng[1])],
+            }
+        )
         addr += 2
     return doc

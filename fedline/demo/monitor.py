@@ -11,6 +11,7 @@ it opens each site's receipts with that site's key, and plays the first site
 to read and score the published ONNX of every version on each site's
 held-out rows. Without keys it sees what ``fedline status`` shows.
 """
+
 from __future__ import annotations
 
 import json
@@ -78,9 +79,14 @@ class Monitor:
     ``score(onnx_bytes) -> {site: metric}`` is called for each new version's ONNX.
     """
 
-    def __init__(self, topics: Topics, sites: list[str], aggregator_sign_pub: bytes,
-                 score: Callable[[bytes], dict[str, float]] | None = None,
-                 site_keys: dict[str, KeyPair] | None = None) -> None:
+    def __init__(
+        self,
+        topics: Topics,
+        sites: list[str],
+        aggregator_sign_pub: bytes,
+        score: Callable[[bytes], dict[str, float]] | None = None,
+        site_keys: dict[str, KeyPair] | None = None,
+    ) -> None:
         self.topics = topics
         self.sign_pub = aggregator_sign_pub
         self.score = score
@@ -203,10 +209,22 @@ def site_table(view: FederationView, metric: str, intermittent: str | None, cut:
     """A rich table of the live state (the demo's progress view)."""
     from rich.table import Table
 
-    t = Table(title=f"fedline demo — global model v{view.version} — {time.time() - view.started:.0f} s",
-              title_justify="left")
-    for col in ("site", "link", "updates sent", "applied", "buffered", "stale", "rejected", "staleness (mean)",
-                "ε spent / budget", "outbox", f"{metric} of latest global"):
+    t = Table(
+        title=f"fedline demo — global model v{view.version} — {time.time() - view.started:.0f} s", title_justify="left"
+    )
+    for col in (
+        "site",
+        "link",
+        "updates sent",
+        "applied",
+        "buffered",
+        "stale",
+        "rejected",
+        "staleness (mean)",
+        "ε spent / budget",
+        "outbox",
+        f"{metric} of latest global",
+    ):
         t.add_column(col, justify="right" if col not in ("site", "link") else "left")
     last = view.history[-1]["metrics"] if view.history else {}
     for name, s in view.sites.items():
@@ -215,9 +233,17 @@ def site_table(view: FederationView, metric: str, intermittent: str | None, cut:
         eps = st.get("epsilon")
         budget = st.get("epsilon_budget")
         m = last.get(name)
-        t.add_row(name + (" *" if name == intermittent else ""), link, str(s.updates_sent),
-                  str(s.count("applied")), str(s.count("buffered")), str(s.count("stale")), str(s.count("rejected")),
-                  f"{np.mean(s.staleness):.2f}" if s.staleness else "–",
-                  f"{eps:.2f} / {budget:.1f}" if eps is not None and budget else "–",
-                  str(st.get("outbox_depth", "–")), f"{m:.3f}" if isinstance(m, float) else "–")
+        t.add_row(
+            name + (" *" if name == intermittent else ""),
+            link,
+            str(s.updates_sent),
+            str(s.count("applied")),
+            str(s.count("buffered")),
+            str(s.count("stale")),
+            str(s.count("rejected")),
+            f"{np.mean(s.staleness):.2f}" if s.staleness else "–",
+            f"{eps:.2f} / {budget:.1f}" if eps is not None and budget else "–",
+            str(st.get("outbox_depth", "–")),
+            f"{m:.3f}" if isinstance(m, float) else "–",
+        )
     return t

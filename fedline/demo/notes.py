@@ -6,6 +6,7 @@ what happened to the cut-off site — for the bundled file and for a user's CSV
 alike. Nothing here quotes an earlier run; the tuning history is in
 docs/tuning.md.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -16,13 +17,13 @@ from fedline.demo.workspace import Tuning, baseline_epochs, personal_table, spli
 SPLIT_WORDS = {
     "random": "at random (stratified by label for classification): the data says its rows are independent",
     "group": "by unit: whole values of the group column `{group}` go to one side, so no unit straddles training, "
-             "validation and test",
+    "validation and test",
     "time": "by time: the data has no group column and is taken as time-ordered, so the last rows are held out",
 }
 VALIDATION_WORDS = {
-    "random": "a hash of the row id (`[dataset] split = \"random\"`)",
-    "group": "a hash of the unit (`[dataset] group_column = \"{group}\"`)",
-    "time": "the newest rows (`[dataset] split = \"time\"`)",
+    "random": 'a hash of the row id (`[dataset] split = "random"`)',
+    "group": 'a hash of the unit (`[dataset] group_column = "{group}"`)',
+    "time": 'the newest rows (`[dataset] split = "time"`)',
 }
 
 
@@ -44,9 +45,13 @@ def provenance(data: DemoData, t: Tuning) -> list[str]:
             f"{len(history)} (file order) replayed from `history.csv` by the agent's `csv` source, the last "
             f"{len(live)} served live by its simulated PLC from `live.csv` (Modbus TCP, over {t.plc_seconds:g} s), "
             f"which its line inference also scores. Of these the agent holds out {held} as validation rows "
-            f"({val}); it trains on the other {len(s.train_rows) - held}.")
-    return [f"Test rows are chosen {split} (seed {data.seed}); each edge's validation rows are chosen the "
-            "same way from the rows it receives (see each site).", *out]
+            f"({val}); it trains on the other {len(s.train_rows) - held}."
+        )
+    return [
+        f"Test rows are chosen {split} (seed {data.seed}); each edge's validation rows are chosen the "
+        "same way from the rows it receives (see each site).",
+        *out,
+    ]
 
 
 def _num(text: str) -> Any:
@@ -62,9 +67,13 @@ def settings(data: DemoData, t: Tuning, batch_fraction: float, tunings: dict[str
     batches = ", ".join(f"{site} {tt.batch_size}" for site, tt in tunings.items())
     return [
         "Features are normalised by engineering ranges "
-        + ("from the register map (firmware_adapters/maps/ai4i2020.toml)" if not data.ranges_from_data else
-           "derived from the pooled file with a 5 % margin (a real deployment writes the machine's ranges into the "
-           "site file; deriving them from data leaks a little and is done here only for convenience)") + ".",
+        + (
+            "from the register map (firmware_adapters/maps/ai4i2020.toml)"
+            if not data.ranges_from_data
+            else "derived from the pooled file with a 5 % margin (a real deployment writes the machine's ranges into the "
+            "site file; deriving them from data leaks a little and is done here only for convenience)"
+        )
+        + ".",
         f"Model: MLP {len(data.features)}→{'→'.join(map(str, t.hidden))}→1, task {data.task}.",
         f"Federation: DP-SGD at every site with noise multiplier {t.noise_multiplier}, clip {t.max_grad_norm}, "
         f"budget ε={t.epsilon}, δ={t.delta:g}; each site's DP batch is {100 * batch_fraction:g} % of the rows it "
@@ -73,7 +82,7 @@ def settings(data: DemoData, t: Tuning, batch_fraction: float, tunings: dict[str
         + f"{t.round_every_s:g} s; the aggregator runs FedBuff K={t.buffer_size} (a buffer short of K is reduced "
         f"{t.buffer_timeout_s:g} s after its first update), {t.staleness} staleness weighting (a = {t.staleness_a:g}), "
         f"max staleness {t.max_staleness}, until {t.versions} versions.",
-        f"The served model (each site's `[personal] serve = \"pick\"`, edge/personal.py): on every new version each "
+        f'The served model (each site\'s `[personal] serve = "pick"`, edge/personal.py): on every new version each '
         f"edge fine-tunes the global model on its own training rows without noise ({p['finetune_epochs']} epochs, "
         f"lr {p['finetune_lr']}), keeps a local-only model trained on the same rows without noise "
         f"({p['local_epochs']} epochs, batch {p['batch_size']}, lr {p['local_lr']}, momentum {p['momentum']}), and "
@@ -92,15 +101,29 @@ def settings(data: DemoData, t: Tuning, batch_fraction: float, tunings: dict[str
 def intermittent(site: str, cut: dict[str, Any]) -> str:
     if cut.get("cut_at") is None:
         return f"Intermittent site {site}: the run ended before its link was cut."
-    return (f"Intermittent site {site}: its link to the broker (a TCP proxy) was cut at {cut.get('cut_at')} s and "
-            f"restored at {cut.get('restored_at')} s (global versions {cut.get('version_at_cut')} to "
-            f"{cut.get('version_at_restore')} were made without it); its agent kept training into its outbox "
-            "meanwhile and sent the backlog on reconnect, where the aggregator weighted it down by staleness "
-            "(or dropped it, with a signed 'stale' receipt, past max staleness).")
+    return (
+        f"Intermittent site {site}: its link to the broker (a TCP proxy) was cut at {cut.get('cut_at')} s and "
+        f"restored at {cut.get('restored_at')} s (global versions {cut.get('version_at_cut')} to "
+        f"{cut.get('version_at_restore')} were made without it); its agent kept training into its outbox "
+        "meanwhile and sent the backlog on reconnect, where the aggregator weighted it down by staleness "
+        "(or dropped it, with a signed 'stale' receipt, past max staleness)."
+    )
 
 
-def run_notes(data: DemoData, t: Tuning, batch_fraction: float, tunings: dict[str, Tuning], site: str,
-              cut: dict[str, Any], broker_desc: str) -> list[str]:
+def run_notes(
+    data: DemoData,
+    t: Tuning,
+    batch_fraction: float,
+    tunings: dict[str, Tuning],
+    site: str,
+    cut: dict[str, Any],
+    broker_desc: str,
+) -> list[str]:
     """Every note of the report, in order."""
-    return [*provenance(data, t), *settings(data, t, batch_fraction, tunings), intermittent(site, cut),
-            f"Broker: {broker_desc}.", "How these defaults were chosen: docs/tuning.md."]
+    return [
+        *provenance(data, t),
+        *settings(data, t, batch_fraction, tunings),
+        intermittent(site, cut),
+        f"Broker: {broker_desc}.",
+        "How these defaults were chosen: docs/tuning.md.",
+    ]

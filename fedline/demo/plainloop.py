@@ -8,6 +8,7 @@ from the current global weights, and the global model moves by the
 sample-weighted mean of the deltas (synchronous FedAvg = FedBuff with K =
 number of sites and no staleness).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -30,8 +31,16 @@ class LoopResult:
     history: list[dict[str, np.ndarray]] = field(default_factory=list)  # global params per round (keep_params)
 
 
-def dp_round(spec: ModelSpec, glob: dict[str, np.ndarray], personal: dict[str, np.ndarray], x: np.ndarray,
-             y: np.ndarray, tcfg, privacy, budget):
+def dp_round(
+    spec: ModelSpec,
+    glob: dict[str, np.ndarray],
+    personal: dict[str, np.ndarray],
+    x: np.ndarray,
+    y: np.ndarray,
+    tcfg,
+    privacy,
+    budget,
+):
     """One site's round as its edge agent runs it: None when its privacy budget would be exceeded."""
     from edge.trainer import plan_round, train_round
 
@@ -44,9 +53,20 @@ def dp_round(spec: ModelSpec, glob: dict[str, np.ndarray], personal: dict[str, n
     return r
 
 
-def fedavg(data: DemoData, spec: ModelSpec, rounds: int, training, privacy=None, *, seed: int = 0,
-           server_lr: float = 1.0, server_momentum: float = 0.0, evaluate_each_round: bool = True, keep_params: bool = False,
-           absent: dict[str, range] | None = None) -> LoopResult:
+def fedavg(
+    data: DemoData,
+    spec: ModelSpec,
+    rounds: int,
+    training,
+    privacy=None,
+    *,
+    seed: int = 0,
+    server_lr: float = 1.0,
+    server_momentum: float = 0.0,
+    evaluate_each_round: bool = True,
+    keep_params: bool = False,
+    absent: dict[str, range] | None = None,
+) -> LoopResult:
     """Run ``rounds`` synchronous rounds; ``training``/``privacy`` are the edge's config dataclasses.
 
     ``training`` is one :class:`edge.config.TrainingConfig` for every site, or a
@@ -94,11 +114,14 @@ def fedavg(data: DemoData, spec: ModelSpec, rounds: int, training, privacy=None,
             out.history.append({**glob, **personal0})
         if evaluate_each_round:
             params = {**glob, **personal0}
-            out.metrics.append({s.site: evaluate(data, lambda x, p=params: predict(spec, p, x), i)
-                                for i, s in enumerate(data.sites)})
+            out.metrics.append(
+                {s.site: evaluate(data, lambda x, p=params: predict(spec, p, x), i) for i, s in enumerate(data.sites)}
+            )
     out.params = {**glob, **personal0}
     if any(personal0):
-        out.personalised = {s.site: evaluate(data, lambda x, p={**glob, **personal[s.site]}: predict(spec, p, x), i)
-                            for i, s in enumerate(data.sites)}
+        out.personalised = {
+            s.site: evaluate(data, lambda x, p={**glob, **personal[s.site]}: predict(spec, p, x), i)
+            for i, s in enumerate(data.sites)
+        }
     out.epsilon = {k: b.epsilon for k, b in budgets.items()}
     return out

@@ -8,14 +8,13 @@ makes, each true or false from the figures (so each can fail, and ``fedline
 demo`` exits 1 when one does), and ``split_study`` (see
 :mod:`fedline.demo.splitstudy`) when it was run.
 """
+
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
 from typing import Any
-
-
 
 METRIC_NAMES = {"roc_auc": "ROC AUC (higher is better)", "rmse": "RMSE (lower is better)"}
 
@@ -54,8 +53,11 @@ def compute_checks(report: dict[str, Any]) -> dict[str, Any]:
     smallest = min(sites, key=lambda s: s["rows"])
     intermittent = [s for s in sites if s.get("intermittent")]
     study = (report.get("split_study") or {}).get("sites", {})
-    decided = {k: v for k, v in study.items() if v.get("splits") and v.get("mean_served") is not None
-               and math.isfinite(v["mean_served"])}
+    decided = {
+        k: v
+        for k, v in study.items()
+        if v.get("splits") and v.get("mean_served") is not None and math.isfinite(v["mean_served"])
+    }
     small = decided.get(smallest["site"])
     pooled = report.get("metric_federated_pooled")
     if pooled is None or not math.isfinite(pooled):
@@ -67,16 +69,28 @@ def compute_checks(report: dict[str, Any]) -> dict[str, Any]:
     return {
         "smallest_site": smallest["site"],
         "served_no_worse_than_local_on_every_site": all(
-            no_worse(metric, v["mean_served"], v["mean_local"]) for v in decided.values()) if decided else None,
+            no_worse(metric, v["mean_served"], v["mean_local"]) for v in decided.values()
+        )
+        if decided
+        else None,
         "smallest_site_served_gains": bool(small["served_sign_test_p"] < GAIN_P) if small else None,
         "federation_learns": learns,
         "epsilon_within_budget": all(
-            s.get("epsilon") is not None and s["epsilon"] <= s["epsilon_budget"] + 1e-9 for s in sites),
+            s.get("epsilon") is not None and s["epsilon"] <= s["epsilon_budget"] + 1e-9 for s in sites
+        ),
         "no_raw_records_on_wire": report["raw_records_on_wire"] == 0,
         "intermittent_site_accounted": all(
-            s["updates_sent"] > 0 and s["updates_sent"] == s["receipts"]["applied"] + s["receipts"]["stale"]
-            + s["receipts"]["buffered_pending"] + s["receipts"]["rejected"] and s["outbox_pending"] == 0
-            for s in intermittent) if intermittent else None,
+            s["updates_sent"] > 0
+            and s["updates_sent"]
+            == s["receipts"]["applied"]
+            + s["receipts"]["stale"]
+            + s["receipts"]["buffered_pending"]
+            + s["receipts"]["rejected"]
+            and s["outbox_pending"] == 0
+            for s in intermittent
+        )
+        if intermittent
+        else None,
     }
 
 
@@ -122,8 +136,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         *_claim_lines(report, small_study, ok),
         f"- ε within budget for every site: {ok(checks['epsilon_within_budget'])}",
-        f"- Raw records seen on the wire: **{report['raw_records_on_wire']}** "
-        f"({ok(checks['no_raw_records_on_wire'])})",
+        f"- Raw records seen on the wire: **{report['raw_records_on_wire']}** ({ok(checks['no_raw_records_on_wire'])})",
         f"- Intermittent site's updates all accounted for (applied or stale, with a signed receipt, "
         f"outbox empty): {ok(checks['intermittent_site_accounted'])}",
         "",
@@ -148,48 +161,73 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"{_fmt(s['metric_central'])} | "
             f"{_fmt(s['epsilon'], 2)} / {_fmt(s['epsilon_budget'], 1)} ({s['delta']:.0e}) | {s['updates_sent']} | "
             f"{r['applied']} | {r['stale']} | {r['rejected']} | {_fmt(s.get('staleness_mean'), 2)} / "
-            f"{_fmt(s.get('staleness_max'))} | {_bytes(s['bytes_sent'])} |")
+            f"{_fmt(s.get('staleness_max'))} | {_bytes(s['bytes_sent'])} |"
+        )
     why = [f"{s['site']}: {s['served']['reason']}" for s in report["sites"] if isinstance(s.get("served"), dict)]
     if why:
         lines += ["", "Why each line serves what it serves: " + "; ".join(why) + "."]
     ls = report.get("long_stream")
     if ls:
         stop = ls["global_stops_at_round"]
-        lines += ["", f"Over the life of a plant (simulated: rows at 1 Hz, a {ls['window_s']:g} s sliding window, a round "
-                      f"every {ls['every_s']:g} s, batch {ls['batch_size']}, this demo's σ, δ and budget): after "
-                      f"{ls['rounds']} rounds every row's ε is at most {ls['per_record_epsilon']:.2f} (half-way: "
-                      f"{ls['per_record_epsilon_at_half']:.2f}), within the budget of {ls['epsilon_budget']:g}. One "
-                      f"accountant over the site's whole history would be at {ls['global_epsilon']:.2f} and "
-                      + (f"would have stopped the site for good at round {stop}." if stop else
-                         f"would not have stopped it within {ls['rounds']} rounds.")]
+        lines += [
+            "",
+            f"Over the life of a plant (simulated: rows at 1 Hz, a {ls['window_s']:g} s sliding window, a round "
+            f"every {ls['every_s']:g} s, batch {ls['batch_size']}, this demo's σ, δ and budget): after "
+            f"{ls['rounds']} rounds every row's ε is at most {ls['per_record_epsilon']:.2f} (half-way: "
+            f"{ls['per_record_epsilon_at_half']:.2f}), within the budget of {ls['epsilon_budget']:g}. One "
+            f"accountant over the site's whole history would be at {ls['global_epsilon']:.2f} and "
+            + (
+                f"would have stopped the site for good at round {stop}."
+                if stop
+                else f"would not have stopped it within {ls['rounds']} rounds."
+            ),
+        ]
     u = report["updates"]
     if m == "roc_auc":
         small = min(report["sites"], key=lambda x: x["rows"])
         p = small.get("test_positives")
         if p:
-            lines += ["", f"How much one row decides: site {small['site']} has {p} failures among its "
-                          f"{small['rows_test']} held-out rows, so one failure ranked below instead of above "
-                          f"half of the normal rows moves its ROC AUC by {0.5 / p:.3f}. Differences smaller "
-                          "than that are decided by a single machine event."]
+            lines += [
+                "",
+                f"How much one row decides: site {small['site']} has {p} failures among its "
+                f"{small['rows_test']} held-out rows, so one failure ranked below instead of above "
+                f"half of the normal rows moves its ROC AUC by {0.5 / p:.3f}. Differences smaller "
+                "than that are decided by a single machine event.",
+            ]
     if study:
-        lines += ["", f"## The split study: the same comparison over {study['splits']} train/test splits", "",
-                  f"One run measures the comparison on one draw of held-out rows. Here it is repeated in-process on "
-                  f"split seeds 0-{study['splits'] - 1} (seed 0 is this run's split): {study['method']}. "
-                  "Gain is federated (or served) minus local-only in the metric's better direction.", "",
-                  "| site | splits | federated ahead | mean local-only | mean federated | mean gain | sign test p "
-                  "| served ahead | mean served | mean gain served | sign test p | served kinds |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"## The split study: the same comparison over {study['splits']} train/test splits",
+            "",
+            f"One run measures the comparison on one draw of held-out rows. Here it is repeated in-process on "
+            f"split seeds 0-{study['splits'] - 1} (seed 0 is this run's split): {study['method']}. "
+            "Gain is federated (or served) minus local-only in the metric's better direction.",
+            "",
+            "| site | splits | federated ahead | mean local-only | mean federated | mean gain | sign test p "
+            "| served ahead | mean served | mean gain served | sign test p | served kinds |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for site, st in study["sites"].items():
             kinds = ", ".join(f"{k} {n}" for k, n in (st.get("served_kinds") or {}).items())
-            lines.append(f"| {site} | {st['splits']} | {st['federated_wins']} | {_fmt(st['mean_local'])} | "
-                         f"{_fmt(st['mean_federated'])} | {_fmt(st['mean_gain'], 4)} | {st['sign_test_p']:.3f} | "
-                         f"{st.get('served_wins')} | {_fmt(st.get('mean_served'))} | "
-                         f"{_fmt(st.get('mean_gain_served'), 4)} | {_fmt(st.get('served_sign_test_p'))} | {kinds} |")
-        lines += ["", "Per split (local-only / federated / served): " + "; ".join(
-            f"seed {r['split_seed']}: " + ", ".join(
-                f"{site} {_fmt(v['local'])}/{_fmt(v['federated'])}/{_fmt(v.get('served'))}"
-                for site, v in r["sites"].items())
-            for r in study["per_split"]) + "."]
+            lines.append(
+                f"| {site} | {st['splits']} | {st['federated_wins']} | {_fmt(st['mean_local'])} | "
+                f"{_fmt(st['mean_federated'])} | {_fmt(st['mean_gain'], 4)} | {st['sign_test_p']:.3f} | "
+                f"{st.get('served_wins')} | {_fmt(st.get('mean_served'))} | "
+                f"{_fmt(st.get('mean_gain_served'), 4)} | {_fmt(st.get('served_sign_test_p'))} | {kinds} |"
+            )
+        lines += [
+            "",
+            "Per split (local-only / federated / served): "
+            + "; ".join(
+                f"seed {r['split_seed']}: "
+                + ", ".join(
+                    f"{site} {_fmt(v['local'])}/{_fmt(v['federated'])}/{_fmt(v.get('served'))}"
+                    for site, v in r["sites"].items()
+                )
+                for r in study["per_split"]
+            )
+            + ".",
+        ]
     lines += [
         "",
         f"Central model (pooled training rows, no DP) on the pooled held-out rows: {_fmt(report['metric_central'])}.",
@@ -219,23 +257,33 @@ def _claim_lines(report: dict[str, Any], small_study: dict[str, Any] | None, ok)
     tol = f"within {AUC_TOLERANCE} ROC AUC" if m == "roc_auc" else f"within {100 * RMSE_TOLERANCE:g} % RMSE"
     out = []
     if study:
-        worst = ", ".join(f"{site} {_fmt(v.get('mean_served'))} vs {_fmt(v['mean_local'])}"
-                          for site, v in study["sites"].items())
-        out.append(f"- Every site's served model is no worse than its local-only model (mean over the split "
-                   f"study's {study['splits']} splits, {tol}): {ok(checks['served_no_worse_than_local_on_every_site'])}"
-                   f" (served vs local-only: {worst})")
+        worst = ", ".join(
+            f"{site} {_fmt(v.get('mean_served'))} vs {_fmt(v['mean_local'])}" for site, v in study["sites"].items()
+        )
+        out.append(
+            f"- Every site's served model is no worse than its local-only model (mean over the split "
+            f"study's {study['splits']} splits, {tol}): {ok(checks['served_no_worse_than_local_on_every_site'])}"
+            f" (served vs local-only: {worst})"
+        )
     else:
         out.append("- Served no worse than local-only, smallest site gains: n/a (no split study: --splits 0)")
     if small_study:
-        out.append(f"- The smallest site ({checks['smallest_site']}) gains: its served model beats local-only "
-                   f"with one-sided sign test p < {GAIN_P}: {ok(checks['smallest_site_served_gains'])} (ahead in "
-                   f"{small_study['served_wins']} of {small_study['splits']} splits, p = "
-                   f"{small_study['served_sign_test_p']:.3f}, mean gain {small_study['mean_gain_served']:+.4f})")
+        out.append(
+            f"- The smallest site ({checks['smallest_site']}) gains: its served model beats local-only "
+            f"with one-sided sign test p < {GAIN_P}: {ok(checks['smallest_site_served_gains'])} (ahead in "
+            f"{small_study['served_wins']} of {small_study['splits']} splits, p = "
+            f"{small_study['served_sign_test_p']:.3f}, mean gain {small_study['mean_gain_served']:+.4f})"
+        )
     pooled = report.get("metric_federated_pooled")
-    bar = f"ROC AUC ≥ {LEARNS_AUC}" if m == "roc_auc" else \
-        f"RMSE below the held-out labels' standard deviation {_fmt(report.get('label_std_pooled'))}"
-    out.append(f"- Federated learning learns: the last global model on the pooled held-out rows has {bar}: "
-               f"{ok(checks['federation_learns'])} ({_fmt(pooled)})")
+    bar = (
+        f"ROC AUC ≥ {LEARNS_AUC}"
+        if m == "roc_auc"
+        else f"RMSE below the held-out labels' standard deviation {_fmt(report.get('label_std_pooled'))}"
+    )
+    out.append(
+        f"- Federated learning learns: the last global model on the pooled held-out rows has {bar}: "
+        f"{ok(checks['federation_learns'])} ({_fmt(pooled)})"
+    )
     return out
 
 
@@ -253,12 +301,19 @@ def plot(report: dict[str, Any], out: Path) -> Path:
         hist = [(v, x) for v, x in hist if x is not None and math.isfinite(x)]
         if hist:
             ax.plot([v for v, _ in hist], [x for _, x in hist], "o-", ms=3, label="federated (global)")
-        for key, style, label in (("metric_local", "--", "local-only"), ("metric_central", ":", "central"),
-                                  ("metric_served", "-.", f"served ({s.get('served_kind')})")):
+        for key, style, label in (
+            ("metric_local", "--", "local-only"),
+            ("metric_central", ":", "central"),
+            ("metric_served", "-.", f"served ({s.get('served_kind')})"),
+        ):
             v = s.get(key)
             if v is not None and math.isfinite(v):
-                ax.axhline(v, ls=style, color={"metric_local": "grey", "metric_served": "tab:green"}.get(key, "black"),
-                           label=label)
+                ax.axhline(
+                    v,
+                    ls=style,
+                    color={"metric_local": "grey", "metric_served": "tab:green"}.get(key, "black"),
+                    label=label,
+                )
         ax.set_title(f"site {s['site']} ({s['rows']} rows)")
         ax.set_xlabel("model version")
         ax.set_ylabel(report["metric"])

@@ -15,6 +15,7 @@ Every party reaches the broker through a small TCP proxy of the demo
 site's proxy for a while makes that site intermittent. A separate observer
 records every message for the progress view and the traffic audit.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -90,8 +91,14 @@ class Processes:
         log_path = self.logs / f"{name}.log"
         fh = log_path.open("ab")
         env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-        popen = subprocess.Popen([sys.executable, "-m", "fedline.cli", *args], cwd=cwd, stdout=fh,
-                                 stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        popen = subprocess.Popen(
+            [sys.executable, "-m", "fedline.cli", *args],
+            cwd=cwd,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=env,
+        )
         fh.close()
         p = Proc(name, popen, log_path)
         self.procs.append(p)
@@ -138,11 +145,20 @@ def prepare_run_dir(run_dir: Path) -> Path:
 
 def _load_kwargs(opts: DemoOptions) -> dict[str, Any]:
     """How this run reads its data (:func:`load_demo_data` without the split seed)."""
-    return {"csv_path": opts.csv, "site_column": opts.site_column, "label": opts.label, "features": opts.features,
-            "task": opts.task, "n_sites": opts.n_sites, "max_rows_per_site": opts.max_rows_per_site,
-            "split_sites": opts.split_sites if opts.split_sites is not None else
-            (AI4I_PLANTS if opts.csv is None else None),
-            "group_column": opts.group_column, "rows_independent": opts.rows_independent}
+    return {
+        "csv_path": opts.csv,
+        "site_column": opts.site_column,
+        "label": opts.label,
+        "features": opts.features,
+        "task": opts.task,
+        "n_sites": opts.n_sites,
+        "max_rows_per_site": opts.max_rows_per_site,
+        "split_sites": opts.split_sites
+        if opts.split_sites is not None
+        else (AI4I_PLANTS if opts.csv is None else None),
+        "group_column": opts.group_column,
+        "rows_independent": opts.rows_independent,
+    }
 
 
 def _missed_rounds(cut_state: dict, intermittent: str) -> dict[str, tuple[int, int]]:
@@ -160,7 +176,6 @@ def site_tuning(data: DemoData, opts: DemoOptions) -> dict[str, Tuning]:
         batch = dp_batch_size(int((~data.validation_mask(s)).sum()), opts.batch_fraction)  # of the rows it trains on
         out[s.site] = replace(opts.tuning, batch_size=batch)
     return out
-
 
 
 class Scorer:
@@ -202,13 +217,21 @@ async def run_demo(opts: DemoOptions, console: Any = None) -> dict[str, Any]:
     t0 = time.time()
     from edge.privacy_stream import demo_stream  # per-record vs global-history ε over months, computed meanwhile
 
-    long_stream = asyncio.ensure_future(asyncio.to_thread(
-        demo_stream, opts.tuning.epsilon, opts.tuning.delta, opts.tuning.noise_multiplier))
+    long_stream = asyncio.ensure_future(
+        asyncio.to_thread(demo_stream, opts.tuning.epsilon, opts.tuning.delta, opts.tuning.noise_multiplier)
+    )
     data = load_demo_data(**_load_kwargs(opts))
     sites = [s.site for s in data.sites]
-    _say(console, f"[bold]fedline demo[/]: {data.source.name}, task {data.task}, {len(sites)} sites: "
-                  + ", ".join(f"{s.site} ({s.rows} rows, {s.positives} positive)" if data.task == "classification"
-                              else f"{s.site} ({s.rows} rows)" for s in data.sites))
+    _say(
+        console,
+        f"[bold]fedline demo[/]: {data.source.name}, task {data.task}, {len(sites)} sites: "
+        + ", ".join(
+            f"{s.site} ({s.rows} rows, {s.positives} positive)"
+            if data.task == "classification"
+            else f"{s.site} ({s.rows} rows)"
+            for s in data.sites
+        ),
+    )
     intermittent = opts.intermittent or (sites[1] if len(sites) > 1 else sites[0])
     if intermittent not in sites:
         from broker_bridge.errors import FedlineError
@@ -236,16 +259,20 @@ async def run_demo(opts: DemoOptions, console: Any = None) -> dict[str, Any]:
 
         u = urlparse(opts.broker)
         host, port = u.hostname or "127.0.0.1", u.port or 1883
-        broker_desc = (f"an existing broker at {opts.broker} (MQTT {opts.protocol}; its own ACL and users: the "
-                       "demo's generated credentials are sent)")
+        broker_desc = (
+            f"an existing broker at {opts.broker} (MQTT {opts.protocol}; its own ACL and users: the "
+            "demo's generated credentials are sent)"
+        )
         protocol = opts.protocol
         mosq = None
     elif mosquitto_binary() and not opts.embedded:
         mosq.start()
         host, port = "127.0.0.1", mosq.tls_port
         ws.ca_file, ws.line_users = mosq.ca_file, True
-        broker_desc = (f"a private Mosquitto ({mosquitto_binary()}) on 127.0.0.1:{port} (TLS) with the generated "
-                       f"config, CA, ACL and password file in {ws.broker_dir}")
+        broker_desc = (
+            f"a private Mosquitto ({mosquitto_binary()}) on 127.0.0.1:{port} (TLS) with the generated "
+            f"config, CA, ACL and password file in {ws.broker_dir}"
+        )
     else:
         from broker_bridge.embedded import EmbeddedBroker
 
@@ -256,8 +283,11 @@ async def run_demo(opts: DemoOptions, console: Any = None) -> dict[str, Any]:
         # amqtt logs its own QoS 1 retries to slow subscribers as tracebacks; delivery is checked end to end
         logging.getLogger("amqtt").setLevel(logging.CRITICAL)
         protocol = "3.1.1"
-        broker_desc = (f"the embedded amqtt broker on 127.0.0.1:{port} (MQTT 3.1.1, no ACL: "
-                       + ("--embedded was given" if opts.embedded else "mosquitto is not installed") + ")")
+        broker_desc = (
+            f"the embedded amqtt broker on 127.0.0.1:{port} (MQTT 3.1.1, no ACL: "
+            + ("--embedded was given" if opts.embedded else "mosquitto is not installed")
+            + ")"
+        )
     _say(console, f"broker: {broker_desc}")
 
     proxies: dict[str, TcpProxy] = {}
@@ -279,10 +309,17 @@ async def run_demo(opts: DemoOptions, console: Any = None) -> dict[str, Any]:
     # receipts are sealed to their site and models to the members: the monitor holds the keys the demo made
     site_keys = {s: KeyPair.load(ws.keys / f"{s}.key") for s in sites}
     monitor = Monitor(topics, sites, enrollment.aggregator.sign_pub, scorer, site_keys=site_keys)
-    obs = BrokerSettings(url=f"{scheme}://{host}:{port}", ca_file=ws.ca_file, client_id="demo-observer",
-                         username="observer",
-                         password_file=str(ws.credentials("observer")), protocol=protocol,  # type: ignore[arg-type]
-                         backoff_min_s=0.1, backoff_max_s=1.0, timeout_s=10.0)
+    obs = BrokerSettings(
+        url=f"{scheme}://{host}:{port}",
+        ca_file=ws.ca_file,
+        client_id="demo-observer",
+        username="observer",
+        password_file=str(ws.credentials("observer")),
+        protocol=protocol,  # type: ignore[arg-type]
+        backoff_min_s=0.1,
+        backoff_max_s=1.0,
+        timeout_s=10.0,
+    )
     recorder = TrafficRecorder(obs, f"{topics.root}/#", on_message=monitor.on_message)
     await recorder.start()
 
@@ -293,19 +330,45 @@ async def run_demo(opts: DemoOptions, console: Any = None) -> dict[str, Any]:
         procs.start("aggregator", ["aggregator", "--config", str(agg_toml)], agg_toml.parent)
         for s in data.sites:
             d = ws.site_dir(s.site)
-            procs.start(f"plc-{s.site}", ["plc-sim", "--csv", str(files[s.site]["live"]), "--map",
-                                          str(files[s.site]["map"]), "--port", str(ws.plc_ports[s.site]),
-                                          "--rate", f"{files[s.site]['rate']:.3f}", "--once"], d)
+            procs.start(
+                f"plc-{s.site}",
+                [
+                    "plc-sim",
+                    "--csv",
+                    str(files[s.site]["live"]),
+                    "--map",
+                    str(files[s.site]["map"]),
+                    "--port",
+                    str(ws.plc_ports[s.site]),
+                    "--rate",
+                    f"{files[s.site]['rate']:.3f}",
+                    "--once",
+                ],
+                d,
+            )
         await asyncio.sleep(0.5)
         for s in data.sites:
             d = ws.site_dir(s.site)
             procs.start(f"edge-{s.site}", ["edge", "--config", str(files[s.site]["site"])], d)
             procs.start(f"infer-{s.site}", ["infer", "--config", str(files[s.site]["line"])], d)
-        _say(console, f"started {len(procs.procs)} processes (logs in {ws.logs}); site {intermittent} will lose "
-                      f"the broker for {opts.cut_s:.0f} s after version {opts.cut_after_version}")
+        _say(
+            console,
+            f"started {len(procs.procs)} processes (logs in {ws.logs}); site {intermittent} will lose "
+            f"the broker for {opts.cut_s:.0f} s after version {opts.cut_after_version}",
+        )
 
-        await _watch(opts, monitor, procs, proxies, intermittent, cut_state, console, site_table, data.metric,
-                     on_version=spare.step if spare is not None else None)
+        await _watch(
+            opts,
+            monitor,
+            procs,
+            proxies,
+            intermittent,
+            cut_state,
+            console,
+            site_table,
+            data.metric,
+            on_version=spare.step if spare is not None else None,
+        )
         # stop the edges first: they publish a last 'offline' status with their final figures
         procs.stop([f"edge-{s}" for s in sites] + [f"infer-{s}" for s in sites])
         await asyncio.sleep(1.0)
@@ -325,18 +388,41 @@ async def run_demo(opts: DemoOptions, console: Any = None) -> dict[str, Any]:
     # -- the yardsticks and the audit ---------------------------------------------------
     _say(console, "training the local-only and central baselines (no DP) and auditing the traffic ...")
     report = await asyncio.to_thread(
-        build_report, opts, data, ws, monitor, recorder, proxies, tunings, intermittent, cut_state, broker_desc,
-        duration)
+        build_report,
+        opts,
+        data,
+        ws,
+        monitor,
+        recorder,
+        proxies,
+        tunings,
+        intermittent,
+        cut_state,
+        broker_desc,
+        duration,
+    )
     if opts.splits > 0:
         _say(console, f"the split study: the same comparison on {opts.splits} train/test splits, in-process ...")
         from fedline.demo.splitstudy import run_split_study
 
         report["split_study"] = await asyncio.to_thread(
-            run_split_study, _load_kwargs(opts), opts.tuning, opts.batch_fraction, data.metric, opts.splits,
+            run_split_study,
+            _load_kwargs(opts),
+            opts.tuning,
+            opts.batch_fraction,
+            data.metric,
+            opts.splits,
             _missed_rounds(cut_state, intermittent),
-            on_split=lambda seed, r: _say(console, f"  split {seed}: " + ", ".join(
-                f"{site} local-only {v['local']:.3f} federated {v['federated']:.3f} served {v['served']:.3f} "
-                f"({v['served_kind']})" for site, v in r.items())))
+            on_split=lambda seed, r: _say(
+                console,
+                f"  split {seed}: "
+                + ", ".join(
+                    f"{site} local-only {v['local']:.3f} federated {v['federated']:.3f} served {v['served']:.3f} "
+                    f"({v['served_kind']})"
+                    for site, v in r.items()
+                ),
+            ),
+        )
     from fedline.demo.report import write_report
 
     report["long_stream"] = await long_stream
@@ -361,8 +447,18 @@ def _set_protocol(ws: Workspace, sites: list[str], protocol: str) -> None:
         write_toml(p, doc)
 
 
-async def _watch(opts: DemoOptions, monitor, procs: Processes, proxies, intermittent: str, cut_state: dict,
-                 console: Any, site_table, metric: str, on_version: Any = None) -> None:
+async def _watch(
+    opts: DemoOptions,
+    monitor,
+    procs: Processes,
+    proxies,
+    intermittent: str,
+    cut_state: dict,
+    console: Any,
+    site_table,
+    metric: str,
+    on_version: Any = None,
+) -> None:
     """Run until the target version is reached and the intermittent site is settled, or the timeout."""
     from broker_bridge.errors import FedlineError
 
@@ -373,8 +469,9 @@ async def _watch(opts: DemoOptions, monitor, procs: Processes, proxies, intermit
     if console is not None and opts.progress:
         from rich.live import Live
 
-        live = Live(site_table(view, metric, intermittent, False), console=console, refresh_per_second=2,
-                    transient=False)
+        live = Live(
+            site_table(view, metric, intermittent, False), console=console, refresh_per_second=2, transient=False
+        )
         live.start()
     try:
         while True:
@@ -382,15 +479,20 @@ async def _watch(opts: DemoOptions, monitor, procs: Processes, proxies, intermit
             dead = [p for p in procs.dead() if not p.name.startswith("plc-")]
             if dead:
                 p = dead[0]
-                raise FedlineError(f"{p.name} exited with {p.popen.returncode}; last lines of {p.log_path}:\n"
-                                   + _tail(p.log_path))
+                raise FedlineError(
+                    f"{p.name} exited with {p.popen.returncode}; last lines of {p.log_path}:\n" + _tail(p.log_path)
+                )
             if on_version is not None:
                 on_version(view.version)
             now = time.monotonic()
             if not cut_state["cut"] and cut_state["cut_at"] is None and view.version >= opts.cut_after_version:
                 proxies[intermittent].cut()
-                cut_state.update(cut=True, cut_at=round(now - started, 1), version_at_cut=view.version,
-                                 counter_at_cut=view.sites[intermittent].updates_sent)
+                cut_state.update(
+                    cut=True,
+                    cut_at=round(now - started, 1),
+                    version_at_cut=view.version,
+                    counter_at_cut=view.sites[intermittent].updates_sent,
+                )
             if cut_state["cut"] and now - started - cut_state["cut_at"] >= opts.cut_s:
                 proxies[intermittent].restore()
                 cut_state.update(cut=False, restored_at=round(now - started, 1), version_at_restore=view.version)
@@ -403,10 +505,11 @@ async def _watch(opts: DemoOptions, monitor, procs: Processes, proxies, intermit
             if settled:  # what the report accounts for: an update sealed after this (sites train on every
                 # new version) stays safely in that site's outbox when the demo stops
                 sv = view.sites[intermittent]
-                cut_state["settled"] = {"counter": sv.updates_sent,
-                                        "verdicts": {c: dict(r) for c, r in sv.verdicts.items()
-                                                     if r.get("msg_id") in sv.update_ids},
-                                        "outbox_depth": sv.status.get("outbox_depth")}
+                cut_state["settled"] = {
+                    "counter": sv.updates_sent,
+                    "verdicts": {c: dict(r) for c, r in sv.verdicts.items() if r.get("msg_id") in sv.update_ids},
+                    "outbox_depth": sv.status.get("outbox_depth"),
+                }
             if view.version >= target and settled:
                 break
             spent = [sv.status.get("publishing") == "budget_exhausted" for sv in view.sites.values()]
@@ -425,13 +528,27 @@ def _settled(view, site: str) -> bool:
     sent = sv.updates_sent  # update ids are random: count the ids seen on the wire
     if sent == 0 or sv.status.get("outbox_depth", 1) != 0:
         return False
-    final = [r for r in sv.verdicts.values() if r.get("msg_id") in sv.update_ids
-             and r.get("verdict") in ("applied", "stale", "rejected", "buffered")]
+    final = [
+        r
+        for r in sv.verdicts.values()
+        if r.get("msg_id") in sv.update_ids and r.get("verdict") in ("applied", "stale", "rejected", "buffered")
+    ]
     return len(final) >= sent
 
 
-def build_report(opts: DemoOptions, data: DemoData, ws: Workspace, monitor, recorder, proxies, tunings,
-                 intermittent: str, cut_state: dict, broker_desc: str, duration: float) -> dict[str, Any]:
+def build_report(
+    opts: DemoOptions,
+    data: DemoData,
+    ws: Workspace,
+    monitor,
+    recorder,
+    proxies,
+    tunings,
+    intermittent: str,
+    cut_state: dict,
+    broker_desc: str,
+    duration: float,
+) -> dict[str, Any]:
     """Everything the report says, from the wire, the sites' files and the in-process baselines."""
     from fedline.demo.audit import RawRecordDetector, audit
     from fedline.demo.baselines import TrainSettings, local_and_central, predict_onnx
@@ -459,7 +576,7 @@ def build_report(opts: DemoOptions, data: DemoData, ws: Workspace, monitor, reco
 
     raw = np.concatenate([np.concatenate([s.x_train, s.x_test]) for s in data.sites])
     # a record is its measured values: a leak of those alone must count (the computed ones follow from them)
-    detector = RawRecordDetector(raw[:, :data.n_measured], data.normalise(raw)[:, :data.n_measured])
+    detector = RawRecordDetector(raw[:, : data.n_measured], data.normalise(raw)[:, : data.n_measured])
 
     def kind(topic: str) -> str:
         try:
@@ -474,8 +591,9 @@ def build_report(opts: DemoOptions, data: DemoData, ws: Workspace, monitor, reco
         from fedline.demo.baselines import predict, train_plain
 
         fit = [data.fit_rows(s) for s in data.sites]
-        params = train_plain(spec, np.concatenate([f[0] for f in fit]), np.concatenate([f[1] for f in fit]),
-                             base_settings)
+        params = train_plain(
+            spec, np.concatenate([f[0] for f in fit]), np.concatenate([f[1] for f in fit]), base_settings
+        )
         pred = predict(spec, params, x_pool)
         central_pooled = score(data.metric, y_pool, pred if data.task == "classification" else data.untarget(pred))
 
@@ -490,47 +608,73 @@ def build_report(opts: DemoOptions, data: DemoData, ws: Workspace, monitor, reco
         def count(verdict: str, verdicts=verdicts) -> int:
             return sum(1 for r in verdicts.values() if r.get("verdict") == verdict)
 
-        site_docs.append({
-            "site": s.site, "key": s.key, "rows": s.rows, "rows_train": len(s.train_rows), "rows_test": len(s.test_rows),
-            "positives": s.positives if data.task == "classification" else None,
-            "test_positives": int(np.sum(s.y_test > 0.5)) if data.task == "classification" else None,
-            "metric_local": local[i], "metric_federated": fed.get(s.site),
-            "metric_served": served.get(s.site, {}).get("metric"), "served_kind": served.get(s.site, {}).get("kind"),
-            "served": served.get(s.site, {}).get("choice"), "metric_central": central[i],
-            "rows_validation": int(data.validation_mask(s).sum()),
-            "epsilon": st.get("epsilon"), "epsilon_budget": t.epsilon, "delta": t.delta,
-            "updates_sent": snap["counter"] if snap else sv.updates_sent, "bytes_sent": sv.update_bytes,
-            "updates_sealed_after_settled": (sv.updates_sent - snap["counter"]) if snap else None,
-            "receipts": {"applied": count("applied"), "stale": count("stale"), "rejected": count("rejected"),
-                         "buffered_pending": pend},
-            "staleness_mean": float(np.mean(sv.staleness)) if sv.staleness else None,
-            "staleness_max": int(max(sv.staleness)) if sv.staleness else None,
-            "outbox_pending": snap["outbox_depth"] if snap else st.get("outbox_depth"),
-            "outbox_max_seen": sv.max_outbox_depth,
-            "publishing": st.get("publishing"),
-            "batch_size": tunings[s.site].batch_size,
-            "intermittent": s.site == intermittent,
-            "wire_bytes": proxies[s.site].stats.total,
-            "predictions": _count_lines(ws.site_dir(s.site) / "predictions.jsonl"),
-        })
+        site_docs.append(
+            {
+                "site": s.site,
+                "key": s.key,
+                "rows": s.rows,
+                "rows_train": len(s.train_rows),
+                "rows_test": len(s.test_rows),
+                "positives": s.positives if data.task == "classification" else None,
+                "test_positives": int(np.sum(s.y_test > 0.5)) if data.task == "classification" else None,
+                "metric_local": local[i],
+                "metric_federated": fed.get(s.site),
+                "metric_served": served.get(s.site, {}).get("metric"),
+                "served_kind": served.get(s.site, {}).get("kind"),
+                "served": served.get(s.site, {}).get("choice"),
+                "metric_central": central[i],
+                "rows_validation": int(data.validation_mask(s).sum()),
+                "epsilon": st.get("epsilon"),
+                "epsilon_budget": t.epsilon,
+                "delta": t.delta,
+                "updates_sent": snap["counter"] if snap else sv.updates_sent,
+                "bytes_sent": sv.update_bytes,
+                "updates_sealed_after_settled": (sv.updates_sent - snap["counter"]) if snap else None,
+                "receipts": {
+                    "applied": count("applied"),
+                    "stale": count("stale"),
+                    "rejected": count("rejected"),
+                    "buffered_pending": pend,
+                },
+                "staleness_mean": float(np.mean(sv.staleness)) if sv.staleness else None,
+                "staleness_max": int(max(sv.staleness)) if sv.staleness else None,
+                "outbox_pending": snap["outbox_depth"] if snap else st.get("outbox_depth"),
+                "outbox_max_seen": sv.max_outbox_depth,
+                "publishing": st.get("publishing"),
+                "batch_size": tunings[s.site].batch_size,
+                "intermittent": s.site == intermittent,
+                "wire_bytes": proxies[s.site].stats.total,
+                "predictions": _count_lines(ws.site_dir(s.site) / "predictions.jsonl"),
+            }
+        )
     totals = view.totals()
     cut = cut_state
     from fedline.demo.notes import run_notes
 
     notes = run_notes(data, t, opts.batch_fraction, tunings, intermittent, cut_state, broker_desc)
     return {
-        "task": data.task, "metric": data.metric,
+        "task": data.task,
+        "metric": data.metric,
         "load": {k: v for k, v in _load_kwargs(opts).items() if k != "csv_path"},  # load_demo_data's choices
-        "data": {"source": str(Path(data.source).resolve()), "label": data.label, "features": data.features,
-                 "site_column": data.site_column, "ranges_from_data": data.ranges_from_data},
+        "data": {
+            "source": str(Path(data.source).resolve()),
+            "label": data.label,
+            "features": data.features,
+            "site_column": data.site_column,
+            "ranges_from_data": data.ranges_from_data,
+        },
         "sites": site_docs,
         "metric_central": central_pooled,
         "metric_central_note": "central model (pooled training rows, no DP) on the pooled held-out rows",
         "metric_federated_pooled": fed_pooled,
         "metric_federated_pooled_note": "the last global model on the pooled held-out rows",
         "label_std_pooled": float(np.std(y_pool)) if data.task == "regression" else None,
-        "updates": {"applied": totals["applied"], "stale_dropped": totals["stale"], "rejected": totals["rejected"],
-                    "buffered_pending": totals["buffered"]},
+        "updates": {
+            "applied": totals["applied"],
+            "stale_dropped": totals["stale"],
+            "rejected": totals["rejected"],
+            "buffered_pending": totals["buffered"],
+        },
         "model_versions": view.version,
         "final_version_scored": final_version,
         "bytes_on_wire": sum(p.stats.total for p in proxies.values()),
@@ -565,9 +709,12 @@ def _served(data: DemoData, ws: Workspace) -> dict[str, dict[str, Any]]:
             continue
         pred = predict_onnx(blob, data.normalise(s.x_test))
         choice = ptr.meta.get("served") if isinstance(ptr.meta.get("served"), dict) else None
-        out[s.site] = {"metric": score(data.metric, s.y_test, pred if data.task == "classification"
-                                       else data.untarget(pred)),
-                       "kind": choice.get("kind") if choice else "global", "choice": choice, "version": ptr.version}
+        out[s.site] = {
+            "metric": score(data.metric, s.y_test, pred if data.task == "classification" else data.untarget(pred)),
+            "kind": choice.get("kind") if choice else "global",
+            "choice": choice,
+            "version": ptr.version,
+        }
     return out
 
 

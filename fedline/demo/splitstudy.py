@@ -21,6 +21,7 @@ yardstick. It reports per site how often the federated and the served model
 beat local-only, the mean paired gains and one-sided sign tests. Splits run
 in parallel worker processes.
 """
+
 from __future__ import annotations
 
 import math
@@ -36,8 +37,13 @@ import numpy as np
 from models.metrics import better
 
 
-def _one_split(load_kwargs: dict[str, Any], split_seed: int, tuning: dict[str, Any], batch_fraction: float,
-               absent: dict[str, list[int]]) -> dict[str, dict[str, Any]]:
+def _one_split(
+    load_kwargs: dict[str, Any],
+    split_seed: int,
+    tuning: dict[str, Any],
+    batch_fraction: float,
+    absent: dict[str, list[int]],
+) -> dict[str, dict[str, Any]]:
     """Local-only, federated (global) and served metric of every site on one split."""
     import torch
 
@@ -47,7 +53,14 @@ def _one_split(load_kwargs: dict[str, Any], split_seed: int, tuning: dict[str, A
     from fedline.demo.baselines import TrainSettings, evaluate, predict, train_plain
     from fedline.demo.bufferloop import run_buffered
     from fedline.demo.data import load_demo_data
-    from fedline.demo.workspace import Tuning, baseline_epochs, dp_batch_size, model_table, personal_table, strategy_table
+    from fedline.demo.workspace import (
+        Tuning,
+        baseline_epochs,
+        dp_batch_size,
+        model_table,
+        personal_table,
+        strategy_table,
+    )
     from models.spec import ModelSpec
 
     torch.set_num_threads(1)
@@ -55,13 +68,31 @@ def _one_split(load_kwargs: dict[str, Any], split_seed: int, tuning: dict[str, A
     data = load_demo_data(**load_kwargs, seed=split_seed)
     spec = ModelSpec.from_dict({**model_table(data, t), "personal": []})
     fit = {s.site: data.fit_rows(s) for s in data.sites}  # what each edge trains on and validates with
-    training = {s.site: TrainingConfig(epochs=t.epochs, batch_size=dp_batch_size(len(fit[s.site][0]), batch_fraction),
-                                       lr=t.lr, momentum=t.momentum, threads=1, seed=t.seed) for s in data.sites}
-    privacy = PrivacyConfig(epsilon=t.epsilon, delta=t.delta, noise_multiplier=t.noise_multiplier,
-                            max_grad_norm=t.max_grad_norm)
-    fed = run_buffered(spec, {k: v[0] for k, v in fit.items()}, {k: v[1] for k, v in fit.items()}, t.versions,
-                       training, privacy, strategy_table(t), seed=t.seed + split_seed,
-                       absent={k: range(*v) for k, v in absent.items()})
+    training = {
+        s.site: TrainingConfig(
+            epochs=t.epochs,
+            batch_size=dp_batch_size(len(fit[s.site][0]), batch_fraction),
+            lr=t.lr,
+            momentum=t.momentum,
+            threads=1,
+            seed=t.seed,
+        )
+        for s in data.sites
+    }
+    privacy = PrivacyConfig(
+        epsilon=t.epsilon, delta=t.delta, noise_multiplier=t.noise_multiplier, max_grad_norm=t.max_grad_norm
+    )
+    fed = run_buffered(
+        spec,
+        {k: v[0] for k, v in fit.items()},
+        {k: v[1] for k, v in fit.items()},
+        t.versions,
+        training,
+        privacy,
+        strategy_table(t),
+        seed=t.seed + split_seed,
+        absent={k: range(*v) for k, v in absent.items()},
+    )
     base = TrainSettings(epochs=baseline_epochs(t), batch_size=64, lr=0.1, momentum=0.9, seed=t.seed)
     pcfg = parse(PersonalConfig, personal_table(t), where="personal")
     out: dict[str, dict[str, Any]] = {}
@@ -86,25 +117,33 @@ def sign_test_p(wins: int, n: int) -> float:
     """One-sided sign test: P(at least ``wins`` of ``n`` fair coin flips), the chance of this many wins by luck."""
     if n == 0:
         return 1.0
-    return sum(math.comb(n, k) for k in range(wins, n + 1)) / 2 ** n
+    return sum(math.comb(n, k) for k in range(wins, n + 1)) / 2**n
 
 
 def summarise(metric: str, per_split: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, Any]]:
     """Per site: wins of the federated model, mean scores, mean paired gain (positive = federated better)."""
     sites: dict[str, dict[str, Any]] = {}
     for site in per_split[0]:
-        pairs = [(r[site]["federated"], r[site]["local"]) for r in per_split
-                 if site in r and all(math.isfinite(v) for v in (r[site]["federated"], r[site]["local"]))]
+        pairs = [
+            (r[site]["federated"], r[site]["local"])
+            for r in per_split
+            if site in r and all(math.isfinite(v) for v in (r[site]["federated"], r[site]["local"]))
+        ]
         sign = 1.0 if metric == "roc_auc" else -1.0
         gains = [sign * (f - loc) for f, loc in pairs]
         wins = sum(better(metric, f, loc) for f, loc in pairs)
-        served = [(r[site]["served"], r[site]["local"]) for r in per_split
-                  if site in r and r[site].get("served") is not None
-                  and all(math.isfinite(v) for v in (r[site]["served"], r[site]["local"]))]
+        served = [
+            (r[site]["served"], r[site]["local"])
+            for r in per_split
+            if site in r
+            and r[site].get("served") is not None
+            and all(math.isfinite(v) for v in (r[site]["served"], r[site]["local"]))
+        ]
         served_wins = sum(better(metric, v, loc) for v, loc in served)
         kinds = [r[site].get("served_kind") for r in per_split if site in r and r[site].get("served_kind")]
         sites[site] = {
-            "splits": len(pairs), "federated_wins": wins,
+            "splits": len(pairs),
+            "federated_wins": wins,
             "mean_local": float(np.mean([loc for _, loc in pairs])) if pairs else math.nan,
             "mean_federated": float(np.mean([f for f, _ in pairs])) if pairs else math.nan,
             "mean_gain": float(np.mean(gains)) if gains else math.nan,
@@ -119,10 +158,16 @@ def summarise(metric: str, per_split: list[dict[str, dict[str, float]]]) -> dict
     return sites
 
 
-def run_split_study(load_kwargs: dict[str, Any], tuning, batch_fraction: float, metric: str, k: int,
-                    absent: dict[str, tuple[int, int]] | None = None,
-                    workers: int | None = None,
-                    on_split: Callable[[int, dict[str, dict[str, float]]], None] | None = None) -> dict[str, Any]:
+def run_split_study(
+    load_kwargs: dict[str, Any],
+    tuning,
+    batch_fraction: float,
+    metric: str,
+    k: int,
+    absent: dict[str, tuple[int, int]] | None = None,
+    workers: int | None = None,
+    on_split: Callable[[int, dict[str, dict[str, float]]], None] | None = None,
+) -> dict[str, Any]:
     """The comparison on split seeds ``0..k-1``; ``load_kwargs`` are :func:`load_demo_data`'s (without seed).
 
     ``absent`` maps a site to the rounds ``(first,
@@ -135,19 +180,19 @@ def run_split_study(load_kwargs: dict[str, Any], tuning, batch_fraction: float, 
     t = asdict(tuning)
     results: dict[int, dict[str, dict[str, float]]] = {}
     with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-        futures = {pool.submit(_one_split, load_kwargs, seed, t, batch_fraction, absent): seed
-                   for seed in range(k)}
+        futures = {pool.submit(_one_split, load_kwargs, seed, t, batch_fraction, absent): seed for seed in range(k)}
         for fut in as_completed(futures):
             results[futures[fut]] = fut.result()
             if on_split is not None:
                 on_split(futures[fut], results[futures[fut]])
     per_split = [results[seed] for seed in range(k)]
     return {
-        "splits": k, "split_seeds": list(range(k)),
+        "splits": k,
+        "split_seeds": list(range(k)),
         "method": "the demo's federation in one process (fedline/demo/bufferloop.py: the edge's DP-SGD rounds, "
-                  "the aggregator's own strategy object and settings, the cut-off site missing the versions it "
-                  "missed in the run), each site's served model picked by the edge's own code on its validation "
-                  "rows, against the report's local-only training",
+        "the aggregator's own strategy object and settings, the cut-off site missing the versions it "
+        "missed in the run), each site's served model picked by the edge's own code on its validation "
+        "rows, against the report's local-only training",
         "absent_rounds": {site: list(v) for site, v in absent.items()},
         "per_split": [{"split_seed": i, "sites": r} for i, r in enumerate(per_split)],
         "sites": summarise(metric, per_split),

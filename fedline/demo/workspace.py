@@ -13,6 +13,7 @@ Layout::
     <run>/sites/<site>/site.toml, line.toml, plc-map.toml, history.csv, live.csv, state/, models/
     <run>/logs/<process>.log
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -63,8 +64,17 @@ class Tuning:
 def personal_table(t: Tuning) -> dict[str, Any]:
     """Each site's ``[personal]``: pick the served model; the local-only candidate trains as the report's
     local-only yardstick does (batch 64, SGD lr 0.1 momentum 0.9, ``baseline_epochs``)."""
-    return {"serve": "pick", "finetune_epochs": t.finetune_epochs, "finetune_lr": t.finetune_lr, "margin": 0.02,
-            "local_epochs": baseline_epochs(t), "local_lr": 0.1, "momentum": 0.9, "batch_size": 64, "seed": t.seed}
+    return {
+        "serve": "pick",
+        "finetune_epochs": t.finetune_epochs,
+        "finetune_lr": t.finetune_lr,
+        "margin": 0.02,
+        "local_epochs": baseline_epochs(t),
+        "local_lr": 0.1,
+        "momentum": 0.9,
+        "batch_size": 64,
+        "seed": t.seed,
+    }
 
 
 def baseline_epochs(t: Tuning) -> int:
@@ -75,8 +85,15 @@ def baseline_epochs(t: Tuning) -> int:
 
 def strategy_table(t: Tuning) -> dict[str, Any]:
     """The aggregator's ``[strategy]``; the split study reduces with the same (fedline/demo/bufferloop.py)."""
-    return {"kind": "fedbuff", "buffer_size": t.buffer_size, "staleness": t.staleness, "a": t.staleness_a,
-            "max_staleness": t.max_staleness, "server_lr": t.server_lr, "buffer_timeout_s": t.buffer_timeout_s}
+    return {
+        "kind": "fedbuff",
+        "buffer_size": t.buffer_size,
+        "staleness": t.staleness,
+        "a": t.staleness_a,
+        "max_staleness": t.max_staleness,
+        "server_lr": t.server_lr,
+        "buffer_timeout_s": t.buffer_timeout_s,
+    }
 
 
 def dataset_table(data: DemoData) -> dict[str, Any]:
@@ -157,8 +174,13 @@ def make_keys(ws: Workspace, sites: list[str]) -> None:
 
 
 def model_table(data: DemoData, t: Tuning) -> dict[str, Any]:
-    doc: dict[str, Any] = {"kind": "mlp", "n_features": len(data.features), "hidden": list(t.hidden),
-                           "task": data.task, "personal": ["head."] if t.personal_head else []}
+    doc: dict[str, Any] = {
+        "kind": "mlp",
+        "n_features": len(data.features),
+        "hidden": list(t.hidden),
+        "task": data.task,
+        "personal": ["head."] if t.personal_head else [],
+    }
     mean, scale = data.input_standardisation()
     if mean:
         doc["input_mean"], doc["input_scale"] = mean, scale
@@ -167,7 +189,8 @@ def model_table(data: DemoData, t: Tuning) -> dict[str, Any]:
 
 def rows_table(data: DemoData) -> dict[str, Any]:
     rows: dict[str, Any] = {
-        "task": data.task, "label": data.label,
+        "task": data.task,
+        "label": data.label,
         "features": [{"tag": f, "range": [float(lo), float(hi)]} for f, (lo, hi) in zip(data.features, data.ranges)],
     }
     if data.label_range is not None:
@@ -206,21 +229,41 @@ def write_site(ws: Workspace, data: DemoData, site: SiteData, t: Tuning, bundled
     write_csv(d / "history.csv", data.columns, history)
     write_csv(d / "live.csv", data.columns, live)
     if bundled_map and any(f in AI4I_DERIVED for f in data.features):
-        map_path = write_toml(d / "plc-map.toml", ai4i_plc_map(),
-                              "# firmware_adapters/maps/ai4i2020.toml plus the PLC's computed quantities")
+        map_path = write_toml(
+            d / "plc-map.toml",
+            ai4i_plc_map(),
+            "# firmware_adapters/maps/ai4i2020.toml plus the PLC's computed quantities",
+        )
     elif bundled_map:
         map_path = AI4I_MAP
     else:
         map_path = write_toml(d / "plc-map.toml", plc_map(data), "# register map of this site's simulated PLC")
-    broker = {"url": ws.site_urls[site.site], "username": site.site, **ws.tls(),
-              "password_file": str(ws.credentials(site.site)), "backoff_min_s": 0.2, "backoff_max_s": 2.0,
-              "timeout_s": 10.0}
+    broker = {
+        "url": ws.site_urls[site.site],
+        "username": site.site,
+        **ws.tls(),
+        "password_file": str(ws.credentials(site.site)),
+        "backoff_min_s": 0.2,
+        "backoff_max_s": 2.0,
+        "timeout_s": 10.0,
+    }
     line_user = line_user_of(site.site) if ws.line_users else site.site
-    plc_source = {"kind": "modbus_tcp", "name": "plc", "host": "127.0.0.1", "port": ws.plc_ports[site.site],
-                  "map": str(map_path), "poll_interval_s": t.poll_s, "reconnect_max_s": 1.0}
+    plc_source = {
+        "kind": "modbus_tcp",
+        "name": "plc",
+        "host": "127.0.0.1",
+        "port": ws.plc_ports[site.site],
+        "map": str(map_path),
+        "poll_interval_s": t.poll_s,
+        "reconnect_max_s": 1.0,
+    }
     edge = {
-        "site": site.site, "federation": ws.federation, "data_dir": "state", "model_dir": "models",
-        "status_interval_s": 2.0, "model_seed": t.seed,
+        "site": site.site,
+        "federation": ws.federation,
+        "data_dir": "state",
+        "model_dir": "models",
+        "status_interval_s": 2.0,
+        "model_seed": t.seed,
         "keys": {"private": str(ws.keys / f"{site.site}.key"), "enrollment": str(ws.keys / "enrollment.json")},
         "broker": {**broker, "client_id": f"edge-{site.site}"},
         "sources": [{"kind": "csv", "name": "historian", "path": "history.csv"}, plc_source],
@@ -228,24 +271,46 @@ def write_site(ws: Workspace, data: DemoData, site: SiteData, t: Tuning, bundled
         "model": model_table(data, t),
         "dataset": dataset_table(data),
         "personal": personal_table(t),
-        "training": {"every_rows": 1_000_000, "every_s": t.round_every_s, "on_new_model": t.on_new_model,
-                     "min_rows": 20, "epochs": t.epochs,
-                     "batch_size": t.batch_size, "lr": t.lr, "momentum": t.momentum, "threads": 1,
-                     "seed": t.seed},
-        "privacy": {"epsilon": t.epsilon, "delta": t.delta, "noise_multiplier": t.noise_multiplier,
-                    "max_grad_norm": t.max_grad_norm},
+        "training": {
+            "every_rows": 1_000_000,
+            "every_s": t.round_every_s,
+            "on_new_model": t.on_new_model,
+            "min_rows": 20,
+            "epochs": t.epochs,
+            "batch_size": t.batch_size,
+            "lr": t.lr,
+            "momentum": t.momentum,
+            "threads": 1,
+            "seed": t.seed,
+        },
+        "privacy": {
+            "epsilon": t.epsilon,
+            "delta": t.delta,
+            "noise_multiplier": t.noise_multiplier,
+            "max_grad_norm": t.max_grad_norm,
+        },
         "outbox": {"resend_after_s": 20.0, "max_count": 2, "policy": "stop_training"},
     }
     site_toml = write_toml(d / "site.toml", edge, f"# edge agent of site {site.site} (generated by fedline demo)")
     line = {
-        "line": {"site": site.site, "federation": ws.federation, "state_dir": "state/infer",
-                 "model_source": "model_dir", "model_dir": "models",  # the model its site picked (edge/personal.py)
-                 "enrollment": str(ws.keys / "enrollment.json"), "poll_s": 0.5,
-                 "canary": {"enabled": False}},
+        "line": {
+            "site": site.site,
+            "federation": ws.federation,
+            "state_dir": "state/infer",
+            "model_source": "model_dir",
+            "model_dir": "models",  # the model its site picked (edge/personal.py)
+            "enrollment": str(ws.keys / "enrollment.json"),
+            "poll_s": 0.5,
+            "canary": {"enabled": False},
+        },
         "sources": [plc_source],
         "rows": rows_table(data),
-        "broker": {**broker, "username": line_user, "password_file": str(ws.credentials(line_user)),
-                   "client_id": f"infer-{site.site}"},
+        "broker": {
+            **broker,
+            "username": line_user,
+            "password_file": str(ws.credentials(line_user)),
+            "client_id": f"infer-{site.site}",
+        },
         "output": {"file": "predictions.jsonl"},
     }
     line_toml = write_toml(d / "line.toml", line, f"# line inference of site {site.site} (generated by fedline demo)")
@@ -259,19 +324,39 @@ def write_aggregator(ws: Workspace, data: DemoData, t: Tuning, batches: dict[str
     from aggregator.normbound import dp_table
 
     batches = batches or {}
-    dp = dp_table([(len(s.train_rows), batches.get(s.site, t.batch_size)) for s in data.sites], epochs=t.epochs,
-                  lr=t.lr, momentum=t.momentum, clip_norm=t.max_grad_norm, noise_multiplier=t.noise_multiplier)
+    dp = dp_table(
+        [(len(s.train_rows), batches.get(s.site, t.batch_size)) for s in data.sites],
+        epochs=t.epochs,
+        lr=t.lr,
+        momentum=t.momentum,
+        clip_norm=t.max_grad_norm,
+        noise_multiplier=t.noise_multiplier,
+    )
     doc = {
-        "aggregator": {"federation": ws.federation, "key_file": str(ws.keys / "aggregator.key"),
-                       "enrollment_file": str(ws.keys / "enrollment.json"), "state_dir": "state",
-                       "seed": t.seed, "workers": 1},
+        "aggregator": {
+            "federation": ws.federation,
+            "key_file": str(ws.keys / "aggregator.key"),
+            "enrollment_file": str(ws.keys / "enrollment.json"),
+            "state_dir": "state",
+            "seed": t.seed,
+            "workers": 1,
+        },
         "model": model_table(data, t),
-        "broker": {"url": ws.broker_url, "username": "aggregator", **ws.tls(),
-                   "password_file": str(ws.credentials("aggregator")), "client_id": "aggregator",
-                   "backoff_min_s": 0.2, "backoff_max_s": 2.0},
+        "broker": {
+            "url": ws.broker_url,
+            "username": "aggregator",
+            **ws.tls(),
+            "password_file": str(ws.credentials("aggregator")),
+            "client_id": "aggregator",
+            "backoff_min_s": 0.2,
+            "backoff_max_s": 2.0,
+        },
         # no version from fewer than 3 distinct sites (issue 13's min_sites), or from all of a smaller federation
-        "strategy": {**strategy_table(t), "min_sites": min(3, len(data.sites)),
-                     "buffer_size": min(t.buffer_size, len(data.sites))},
+        "strategy": {
+            **strategy_table(t),
+            "min_sites": min(3, len(data.sites)),
+            "buffer_size": min(t.buffer_size, len(data.sites)),
+        },
         "dp": dp,
         "publish": {"retain_versions": 3, "onnx": True},
     }
@@ -280,6 +365,12 @@ def write_aggregator(ws: Workspace, data: DemoData, t: Tuning, batches: dict[str
 
 def observer_table(ws: Workspace, broker_url: str) -> dict[str, Any]:
     """What ``fedline status --config`` needs, for the observer user."""
-    return {"federation": ws.federation,
-            "broker": {"url": broker_url, "username": "observer", **ws.tls(),
-                       "password_file": str(ws.credentials("observer"))}}
+    return {
+        "federation": ws.federation,
+        "broker": {
+            "url": broker_url,
+            "username": "observer",
+            **ws.tls(),
+            "password_file": str(ws.credentials("observer")),
+        },
+    }

@@ -7,6 +7,7 @@ those in the child process is the skew that matters, and it needs no system
 package. Monotonic clocks (timeouts, keep-alives, backoff) are not shifted:
 a skewed wall clock does not make a machine's seconds longer.
 """
+
 from __future__ import annotations
 
 import datetime as _dt

@@ -19,6 +19,7 @@ sealed; and every site holds the receipt (its verdict equals the aggregator's,
 except that a site keeps ``buffered`` when the later ``applied`` receipt of the
 same update comes: both say "taken").
 """
+
 from __future__ import annotations
 
 import json
@@ -41,8 +42,9 @@ def read_site_ledger(outbox_db: Path) -> list[dict[str, Any]]:
         return []
     try:
         with _ro(Path(outbox_db)) as con:
-            rows = con.execute("SELECT site, counter, msg_id, state, reason, version, base_version FROM ledger "
-                               "ORDER BY counter").fetchall()
+            rows = con.execute(
+                "SELECT site, counter, msg_id, state, reason, version, base_version FROM ledger ORDER BY counter"
+            ).fetchall()
     except sqlite3.OperationalError as exc:
         if "no such table" in str(exc):  # the agent has created the file but not its tables yet
             return []
@@ -53,11 +55,16 @@ def read_site_ledger(outbox_db: Path) -> list[dict[str, Any]]:
 def read_aggregator(db: Path) -> tuple[list[dict[str, Any]], dict[int, list[dict[str, Any]]], list[Key]]:
     """(verdicts, lineage updates by version, keys in the live buffer) from the aggregator's store."""
     with _ro(Path(db)) as con:
-        verdicts = [dict(zip(("site", "counter", "msg_id", "verdict", "reason", "version", "staleness", "decided_at"), r))
-                    for r in con.execute("SELECT site, counter, msg_id, verdict, reason, version, staleness, decided_at "
-                                         "FROM verdicts")]
-        lineage = {v: json.loads(text).get("updates", []) for v, text in
-                   con.execute("SELECT version, lineage FROM checkpoints ORDER BY version")}
+        verdicts = [
+            dict(zip(("site", "counter", "msg_id", "verdict", "reason", "version", "staleness", "decided_at"), r))
+            for r in con.execute(
+                "SELECT site, counter, msg_id, verdict, reason, version, staleness, decided_at FROM verdicts"
+            )
+        ]
+        lineage = {
+            v: json.loads(text).get("updates", [])
+            for v, text in con.execute("SELECT version, lineage FROM checkpoints ORDER BY version")
+        }
         buffer = [(s, c) for s, c in con.execute("SELECT site, counter FROM buffer")]
     return verdicts, lineage, buffer
 
@@ -87,12 +94,23 @@ class LedgerReport:
         return not (self.lost or self.duplicated or self.phantom or self.unsettled or self.mismatched)
 
     def figures(self) -> dict[str, Any]:
-        return {"sealed": self.sealed, "applied": self.applied, "buffered": self.buffered, "stale": self.stale,
-                "rejected": self.rejected, "dropped_by_policy": self.dropped_by_policy,
-                "dropped_after_send": self.dropped_after_send, "pruned": self.pruned, "lost": len(self.lost),
-                "duplicated": len(self.duplicated), "phantom": len(self.phantom),
-                "unsettled": len(self.unsettled), "mismatched": len(self.mismatched), "versions": self.versions,
-                "staleness": dict(sorted(self.staleness.items()))}
+        return {
+            "sealed": self.sealed,
+            "applied": self.applied,
+            "buffered": self.buffered,
+            "stale": self.stale,
+            "rejected": self.rejected,
+            "dropped_by_policy": self.dropped_by_policy,
+            "dropped_after_send": self.dropped_after_send,
+            "pruned": self.pruned,
+            "lost": len(self.lost),
+            "duplicated": len(self.duplicated),
+            "phantom": len(self.phantom),
+            "unsettled": len(self.unsettled),
+            "mismatched": len(self.mismatched),
+            "versions": self.versions,
+            "staleness": dict(sorted(self.staleness.items())),
+        }
 
     def problems(self) -> str:
         parts = []
@@ -107,8 +125,12 @@ def _pruned(k: Key, e: dict, entry: dict | None, versions: list[int] | None) -> 
     """The verdict of an update whose row the aggregator pruned: from the lineage (applied) or the site's
     signed receipt (stale or rejected: they shaped no model); None if neither settles it (then it is lost)."""
     if entry is not None:
-        return {"msg_id": entry["msg_id"], "verdict": "applied", "version": versions[0] if versions else None,
-                "staleness": entry.get("staleness")}
+        return {
+            "msg_id": entry["msg_id"],
+            "verdict": "applied",
+            "version": versions[0] if versions else None,
+            "staleness": entry.get("staleness"),
+        }
     if e["state"] in ("stale", "rejected"):
         return {"msg_id": e["msg_id"], "verdict": e["state"], "version": None, "staleness": None}
     return None
@@ -163,8 +185,9 @@ def reconcile(site_dbs: dict[str, Path], aggregator_db: Path) -> LedgerReport:
                 if in_lineage[k] > 1:
                     rep.duplicated.append(k)  # reduced into the model more than once
                 elif lineage_version.get(k) != [v["version"]]:
-                    rep.mismatched.append((k, f"applied in version {v['version']}",
-                                           f"lineage versions {lineage_version.get(k)}"))
+                    rep.mismatched.append(
+                        (k, f"applied in version {v['version']}", f"lineage versions {lineage_version.get(k)}")
+                    )
             elif verdict == "buffered":
                 rep.buffered += 1
                 if live_buffer[k] != 1 or in_lineage[k]:

@@ -6,6 +6,7 @@ only real for a real process. Each child runs in its own session with one
 torch thread (the machine is shared) and writes JSON-lines logs
 (``fedline --log-json``) to its own file, which :func:`events` reads back.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -66,7 +67,8 @@ class Launched:
                 self.popen.kill()
                 self.popen.wait(10)
                 raise RuntimeError(
-                    f"{self.name} did not stop within {timeout} s of SIGTERM; log: {self.log_path}") from None
+                    f"{self.name} did not stop within {timeout} s of SIGTERM; log: {self.log_path}"
+                ) from None
         return int(self.popen.returncode)
 
     def rss(self) -> int:
@@ -114,8 +116,9 @@ class Launcher:
         self.cwd = cwd or REPO
         self.procs: list[Launched] = []
 
-    def start(self, name: str, fedline_args: list[str], *, clock_offset_s: float = 0.0,
-              env: dict[str, str] | None = None) -> Launched:
+    def start(
+        self, name: str, fedline_args: list[str], *, clock_offset_s: float = 0.0, env: dict[str, str] | None = None
+    ) -> Launched:
         """``fedline --log-json <args>`` (with a shifted wall clock when ``clock_offset_s`` is not 0)."""
         args = ["--log-json", *fedline_args]
         if clock_offset_s:
@@ -123,11 +126,18 @@ class Launcher:
         else:
             cmd = [sys.executable, "-m", "fedline.cli", *args]
         log_path = self.logs / f"{name}.log"
-        child_env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
-                         PYTHONPATH=str(REPO), **(env or {}))
+        child_env = dict(
+            os.environ,
+            PYTHONUNBUFFERED="1",
+            OMP_NUM_THREADS="1",
+            MKL_NUM_THREADS="1",
+            PYTHONPATH=str(REPO),
+            **(env or {}),
+        )
         with log_path.open("ab") as fh:
-            popen = subprocess.Popen(cmd, cwd=self.cwd, stdout=fh, stderr=subprocess.STDOUT,
-                                     start_new_session=True, env=child_env)
+            popen = subprocess.Popen(
+                cmd, cwd=self.cwd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True, env=child_env
+            )
         p = Launched(name, fedline_args, popen, log_path, clock_offset_s=clock_offset_s)
         self.procs.append(p)
         return p

@@ -16,6 +16,7 @@ Layout under ``root``::
     sites/<site>/site.toml, rows.csv, state/outbox.sqlite (the site's ledger), models/
     logs/        <process>.log (JSON lines)
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -44,8 +45,9 @@ def write_plant_csv(path: Path, n: int, seed: int) -> Path:
     torque = rng.uniform(10, 70, n)
     speed = rng.uniform(1200, 2800, n)
     label = ((torque - 40) / 30 + (temp - 300) / 5 + rng.normal(0, 0.3, n) > 0.5).astype(int)
-    lines = ["temp,torque,speed,label"] + [f"{a:.2f},{b:.2f},{c:.1f},{d}" for a, b, c, d in
-                                          zip(temp, torque, speed, label)]
+    lines = ["temp,torque,speed,label"] + [
+        f"{a:.2f},{b:.2f},{c:.1f},{d}" for a, b, c, d in zip(temp, torque, speed, label)
+    ]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -108,19 +110,41 @@ class FaultRig:
     def write_aggregator(self) -> Path:
         s = self.s
         doc = {
-            "aggregator": {"federation": s.federation, "key_file": str(self.root / "keys" / "aggregator.key"),
-                           "enrollment_file": str(self.root / "keys" / "enrollment.json"), "state_dir": "state",
-                           "seed": 0, "workers": 1},
+            "aggregator": {
+                "federation": s.federation,
+                "key_file": str(self.root / "keys" / "aggregator.key"),
+                "enrollment_file": str(self.root / "keys" / "enrollment.json"),
+                "state_dir": "state",
+                "seed": 0,
+                "workers": 1,
+            },
             "model": MODEL,
-            "broker": {"url": self.broker.url, "username": "aggregator",
-                       "password_file": str(self.broker.paths["password:aggregator"]),
-                       "client_id": "aggregator", "backoff_min_s": 0.1, "backoff_max_s": 1.0, "timeout_s": 10.0},
+            "broker": {
+                "url": self.broker.url,
+                "username": "aggregator",
+                "password_file": str(self.broker.paths["password:aggregator"]),
+                "client_id": "aggregator",
+                "backoff_min_s": 0.1,
+                "backoff_max_s": 1.0,
+                "timeout_s": 10.0,
+            },
             # min_sites 1: these federations have one or two sites (the rule has its own tests)
-            "strategy": {"kind": "fedbuff", "buffer_size": s.buffer_size, "staleness": "polynomial",
-                         "max_staleness": s.max_staleness, "min_sites": 1, **s.strategy},
+            "strategy": {
+                "kind": "fedbuff",
+                "buffer_size": s.buffer_size,
+                "staleness": "polynomial",
+                "max_staleness": s.max_staleness,
+                "min_sites": 1,
+                **s.strategy,
+            },
             # the sites' DP-SGD settings (write_site): they bound an honest delta (aggregator.normbound)
-            "dp": {"clip_norm": 1.0, "noise_multiplier": 1.0, "lr": 0.1, "batch_size": 32,
-                   "steps": 7 * int(s.training.get("epochs", 1))},
+            "dp": {
+                "clip_norm": 1.0,
+                "noise_multiplier": 1.0,
+                "lr": 0.1,
+                "batch_size": 32,
+                "steps": 7 * int(s.training.get("epochs", 1)),
+            },
             "publish": {"retain_versions": 3, "onnx": False},
         }
         return _write_toml(self.root / "aggregator" / "aggregator.toml", doc)
@@ -130,22 +154,46 @@ class FaultRig:
         d = self.site_dir(site)
         write_plant_csv(d / "rows.csv", s.rows_per_site, seed)
         doc = {
-            "site": site, "federation": s.federation, "data_dir": "state", "model_dir": "models",
-            "status_interval_s": 5.0, "model_seed": 0,
-            "keys": {"private": str(self.root / "keys" / f"{site}.key"),
-                     "enrollment": str(self.root / "keys" / "enrollment.json")},
-            "broker": {"url": self.proxies[site].url, "username": site,
-                       "password_file": str(self.broker.paths[f"password:{site}"]), "client_id": f"edge-{site}",
-                       "backoff_min_s": 0.1, "backoff_max_s": 1.0, "timeout_s": 5.0,
-                       "keepalive_s": s.site_keepalive_s},
+            "site": site,
+            "federation": s.federation,
+            "data_dir": "state",
+            "model_dir": "models",
+            "status_interval_s": 5.0,
+            "model_seed": 0,
+            "keys": {
+                "private": str(self.root / "keys" / f"{site}.key"),
+                "enrollment": str(self.root / "keys" / "enrollment.json"),
+            },
+            "broker": {
+                "url": self.proxies[site].url,
+                "username": site,
+                "password_file": str(self.broker.paths[f"password:{site}"]),
+                "client_id": f"edge-{site}",
+                "backoff_min_s": 0.1,
+                "backoff_max_s": 1.0,
+                "timeout_s": 5.0,
+                "keepalive_s": s.site_keepalive_s,
+            },
             "sources": [{"kind": "csv", "name": "replay", "path": "rows.csv", "rate_hz": s.rate_hz}],
-            "rows": {"task": "classification", "label": "label",
-                     "features": [{"tag": t, "range": list(r)} for t, r in FEATURES]},
+            "rows": {
+                "task": "classification",
+                "label": "label",
+                "features": [{"tag": t, "range": list(r)} for t, r in FEATURES],
+            },
             "model": MODEL,
             "dataset": {"holdout_fraction": 0.0},
-            "training": {"every_rows": s.every_rows, "every_s": 3600.0, "min_rows": 20, "epochs": 1,
-                         "batch_size": 32, "lr": 0.1, "max_train_rows": 200, "threads": 1,
-                         "max_pending_per_base": 10**6, **s.training},  # the rig measures delivery, not the throttle
+            "training": {
+                "every_rows": s.every_rows,
+                "every_s": 3600.0,
+                "min_rows": 20,
+                "epochs": 1,
+                "batch_size": 32,
+                "lr": 0.1,
+                "max_train_rows": 200,
+                "threads": 1,
+                "max_pending_per_base": 10**6,
+                **s.training,
+            },  # the rig measures delivery, not the throttle
             "privacy": {"epsilon": 1000.0, "delta": 1e-5, "noise_multiplier": 1.0, "max_grad_norm": 1.0},
             "outbox": {"resend_after_s": s.resend_after_s, **s.outbox, **s.site_outbox.get(site, {})},
         }
@@ -168,14 +216,18 @@ class FaultRig:
         await asyncio.to_thread(self.broker.stop)
 
     def start_aggregator(self, clock_offset_s: float = 0.0) -> Launched:
-        p = self.launcher.start("aggregator", ["aggregator", "--config", str(self.root / "aggregator" / "aggregator.toml")],
-                                clock_offset_s=clock_offset_s)
+        p = self.launcher.start(
+            "aggregator",
+            ["aggregator", "--config", str(self.root / "aggregator" / "aggregator.toml")],
+            clock_offset_s=clock_offset_s,
+        )
         self.procs["aggregator"] = p
         return p
 
     def start_site(self, site: str, clock_offset_s: float = 0.0) -> Launched:
-        p = self.launcher.start(f"edge-{site}", ["edge", "--config", str(self.site_dir(site) / "site.toml")],
-                                clock_offset_s=clock_offset_s)
+        p = self.launcher.start(
+            f"edge-{site}", ["edge", "--config", str(self.site_dir(site) / "site.toml")], clock_offset_s=clock_offset_s
+        )
         self.procs[site] = p
         return p
 
@@ -278,8 +330,10 @@ class FaultRig:
         while not pred():
             self.check_alive()
             if time.monotonic() - t0 > timeout:
-                raise AssertionError(f"{what}: not within {timeout} s; ledger states {self.states()}, "
-                                     f"aggregator verdicts {self.decided()}")
+                raise AssertionError(
+                    f"{what}: not within {timeout} s; ledger states {self.states()}, "
+                    f"aggregator verdicts {self.decided()}"
+                )
             await asyncio.sleep(poll)
         return time.monotonic() - t0
 
@@ -290,9 +344,15 @@ class FaultRig:
         from broker_bridge.client import BrokerSettings, MqttClient
         from broker_bridge.topics import Topics
 
-        settings = BrokerSettings(url=self.broker.url, client_id=f"observer-{site}-{time.monotonic_ns()}",
-                                  username="observer", password_file=str(self.broker.paths["password:observer"]),
-                                  clean_start=True, session_expiry_s=0, timeout_s=timeout)
+        settings = BrokerSettings(
+            url=self.broker.url,
+            client_id=f"observer-{site}-{time.monotonic_ns()}",
+            username="observer",
+            password_file=str(self.broker.paths["password:observer"]),
+            clean_start=True,
+            session_expiry_s=0,
+            timeout_s=timeout,
+        )
         async with MqttClient(settings) as client:
             await client.subscribe(Topics(self.s.federation).status(site), qos=1)
 

@@ -24,6 +24,7 @@ Decoding must know the datatype, which DATA messages usually omit: the reader
 keeps it from the BIRTH. DataSet, Template, Bytes, File and arrays have no
 scalar sample value and are :class:`Unsupported`.
 """
+
 from __future__ import annotations
 
 import time
@@ -39,19 +40,41 @@ QUALITY_PROPERTY = "Quality"
 
 #: the value field(s) each scalar datatype may use
 FIELDS: dict[int, tuple[str, ...]] = {
-    pb.Int8: ("int_value",), pb.Int16: ("int_value",), pb.Int32: ("int_value",),
-    pb.UInt8: ("int_value",), pb.UInt16: ("int_value",), pb.UInt32: ("int_value", "long_value"),
-    pb.Int64: ("long_value",), pb.UInt64: ("long_value",), pb.DateTime: ("long_value",),
-    pb.Float: ("float_value",), pb.Double: ("double_value",), pb.Boolean: ("boolean_value",),
-    pb.String: ("string_value",), pb.Text: ("string_value",), pb.UUID: ("string_value",),
+    pb.Int8: ("int_value",),
+    pb.Int16: ("int_value",),
+    pb.Int32: ("int_value",),
+    pb.UInt8: ("int_value",),
+    pb.UInt16: ("int_value",),
+    pb.UInt32: ("int_value", "long_value"),
+    pb.Int64: ("long_value",),
+    pb.UInt64: ("long_value",),
+    pb.DateTime: ("long_value",),
+    pb.Float: ("float_value",),
+    pb.Double: ("double_value",),
+    pb.Boolean: ("boolean_value",),
+    pb.String: ("string_value",),
+    pb.Text: ("string_value",),
+    pb.UUID: ("string_value",),
 }
-_WIDTH = {pb.Int8: 8, pb.Int16: 16, pb.Int32: 32, pb.Int64: 64, pb.UInt8: 8, pb.UInt16: 16, pb.UInt32: 32, pb.UInt64: 64}
+_WIDTH = {
+    pb.Int8: 8,
+    pb.Int16: 16,
+    pb.Int32: 32,
+    pb.Int64: 64,
+    pb.UInt8: 8,
+    pb.UInt16: 16,
+    pb.UInt32: 32,
+    pb.UInt64: 64,
+}
 _SIGNED = {pb.Int8, pb.Int16, pb.Int32, pb.Int64}
 _FIELD_BITS = {"int_value": 32, "long_value": 64}
 
 #: Quality property code -> (sample quality, why)
-QUALITY_CODES: dict[int, tuple[str, str | None]] = {192: ("good", None), 500: ("uncertain", "STALE (500)"),
-                                                    0: ("bad", "BAD (0)")}
+QUALITY_CODES: dict[int, tuple[str, str | None]] = {
+    192: ("good", None),
+    500: ("uncertain", "STALE (500)"),
+    0: ("bad", "BAD (0)"),
+}
 
 
 class Unsupported(ValueError):
@@ -167,7 +190,9 @@ def set_metric_value(metric: Any, datatype: int, value: Any) -> None:
 
 
 def build_payload(
-    metrics: Iterable[tuple[str | None, int | None, int, Any]], seq: int | None = None, timestamp_ms: int | None = None,
+    metrics: Iterable[tuple[str | None, int | None, int, Any]],
+    seq: int | None = None,
+    timestamp_ms: int | None = None,
 ) -> bytes:
     """Encode a payload from ``(name, alias, datatype, value)`` tuples.
 

@@ -54,6 +54,7 @@ What the reader does with the messages:
 ``Node Control/*`` are left out). A payload that does not decode is a counted
 bad sample and never stops the reader.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -134,9 +135,13 @@ class SparkplugSource:
         from broker_bridge.client import BrokerSettings
 
         b = self.cfg.broker or BrokerSettings(url="mqtt://127.0.0.1:1883")
-        return replace(b, client_id=b.client_id or f"fedline-sparkplug-{uuid.uuid4().hex[:8]}",
-                       clean_start=True, session_expiry_s=0,  # the spec forbids persistent sessions
-                       timeout_s=10.0)
+        return replace(
+            b,
+            client_id=b.client_id or f"fedline-sparkplug-{uuid.uuid4().hex[:8]}",
+            clean_start=True,
+            session_expiry_s=0,  # the spec forbids persistent sessions
+            timeout_s=10.0,
+        )
 
     def filters(self) -> list[str]:
         g, n = self.cfg.group_id, self.cfg.edge_node_id
@@ -154,7 +159,9 @@ class SparkplugSource:
 
         self._state_ts = int(time.time() * 1000)
         assert self.cfg.host_id is not None
-        return will_message(state_topic(self.cfg.host_id), self._state_payload(False, self._state_ts), retain=True, qos=1)
+        return will_message(
+            state_topic(self.cfg.host_id), self._state_payload(False, self._state_ts), retain=True, qos=1
+        )
 
     async def _on_connect(self, client: Any) -> None:
         """After every (re)connect: forget what may be stale, announce the host, ask for rebirths."""
@@ -174,8 +181,13 @@ class SparkplugSource:
     async def _publish_state_birth(self, client: Any) -> None:
         assert self.cfg.host_id is not None
         try:
-            await client.publish(state_topic(self.cfg.host_id), self._state_payload(True, self._state_ts),
-                                 qos=1, retain=True, timeout=5.0)
+            await client.publish(
+                state_topic(self.cfg.host_id),
+                self._state_payload(True, self._state_ts),
+                qos=1,
+                retain=True,
+                timeout=5.0,
+            )
             self.stats.bump("state_births")
         except Exception as exc:  # NotConnected / PublishRefused: the next connect tries again
             event(log, "sparkplug.state_birth_failed", logging.WARNING, host_id=self.cfg.host_id, error=repr(exc))
@@ -211,8 +223,13 @@ class SparkplugSource:
         if self.cfg.host_id is None or not client.connected.is_set():
             return
         try:
-            await client.publish(state_topic(self.cfg.host_id), self._state_payload(False, int(time.time() * 1000)),
-                                 qos=1, retain=True, timeout=2.0)
+            await client.publish(
+                state_topic(self.cfg.host_id),
+                self._state_payload(False, int(time.time() * 1000)),
+                qos=1,
+                retain=True,
+                timeout=2.0,
+            )
         except Exception as exc:  # shutting down: the will covers it
             event(log, "sparkplug.state_death_failed", logging.WARNING, host_id=self.cfg.host_id, error=repr(exc))
 
@@ -246,8 +263,12 @@ class SparkplugSource:
         if mtype == "NDEATH":
             return self._node_death(group, node, state, p, now)
         if mtype == "NBIRTH":
-            state = self.nodes[key] = NodeState(born=True, seq=p.seq if p.HasField("seq") else None, bdseq=bdseq_of(p),
-                                                last_rebirth_request=state.last_rebirth_request)
+            state = self.nodes[key] = NodeState(
+                born=True,
+                seq=p.seq if p.HasField("seq") else None,
+                bdseq=bdseq_of(p),
+                last_rebirth_request=state.last_rebirth_request,
+            )
         elif mtype in _SEQ_TYPES and state.born and not self._check_seq(state, p, src):
             await self._request_rebirth(group, node, state, "sequence gap")
         if mtype == "DDEATH":
@@ -260,13 +281,16 @@ class SparkplugSource:
         if not state.born:
             self.stats.bad_reads += 1
             await self._request_rebirth(group, node, state, f"{mtype} before NBIRTH")
-            return [Sample.bad(src, f"{mtype} from a node whose NBIRTH was not seen since the reader (re)connected", now)]
+            return [
+                Sample.bad(src, f"{mtype} from a node whose NBIRTH was not seen since the reader (re)connected", now)
+            ]
         if device:
             state.devices.add(device)
         return await self._decode(p, mtype, group, node, device, state, src, now)
 
-    async def _decode(self, p: Any, mtype: str, group: str, node: str, device: str | None, state: NodeState,
-                      src: str, now: float) -> list[Sample]:
+    async def _decode(
+        self, p: Any, mtype: str, group: str, node: str, device: str | None, state: NodeState, src: str, now: float
+    ) -> list[Sample]:
         birth = mtype.endswith("BIRTH")
         payload_ts = p.timestamp / 1000.0 if p.HasField("timestamp") else now
         metrics: list[_Metric] = []
@@ -309,8 +333,15 @@ class SparkplugSource:
         if wrong:
             self.stats.bad_reads += 1
             self.stats.bump("wrong_field_metrics", len(wrong))
-            out.append(Sample(ts=payload_ts, source=src, values={n: None for n in wrong_names}, quality="bad",
-                              error=f"{len(wrong)} metric value(s) not where their datatype puts them: " + "; ".join(wrong)))
+            out.append(
+                Sample(
+                    ts=payload_ts,
+                    source=src,
+                    values={n: None for n in wrong_names},
+                    quality="bad",
+                    error=f"{len(wrong)} metric value(s) not where their datatype puts them: " + "; ".join(wrong),
+                )
+            )
         if unknown:
             self.stats.bad_reads += 1
             await self._request_rebirth(group, node, state, "unknown alias")
@@ -329,8 +360,16 @@ class SparkplugSource:
         out = []
         for (_, historical, quality, why), ms in groups.items():
             error = None if quality == "good" else f"Quality {why}: {', '.join(m.name for m in ms)}"
-            out.append(Sample(ts=max(m.ts for m in ms), source=src, values={m.name: m.value for m in ms},
-                              quality=quality, error=error, historical=historical))  # type: ignore[arg-type]
+            out.append(
+                Sample(
+                    ts=max(m.ts for m in ms),
+                    source=src,
+                    values={m.name: m.value for m in ms},
+                    quality=quality,
+                    error=error,
+                    historical=historical,
+                )
+            )  # type: ignore[arg-type]
             if quality == "good":
                 self.stats.reads += 1
             else:
@@ -344,14 +383,23 @@ class SparkplugSource:
         got = bdseq_of(p)
         if not state.born or got != state.bdseq:
             self.stats.bump("stale_ndeath")
-            event(log, "sparkplug.ndeath_ignored", logging.WARNING, group=group, node=node, bdseq=got,
-                  expected=state.bdseq if state.born else None, reason="bdSeq mismatch" if state.born else "not online")
+            event(
+                log,
+                "sparkplug.ndeath_ignored",
+                logging.WARNING,
+                group=group,
+                node=node,
+                bdseq=got,
+                expected=state.bdseq if state.born else None,
+                reason="bdSeq mismatch" if state.born else "not online",
+            )
             return []
         devices = sorted(state.devices)
         self.nodes[(group, node)] = NodeState(last_rebirth_request=state.last_rebirth_request)
         base = f"{self.name}/{group}/{node}"
         return [Sample.bad(base, "NDEATH: edge node offline", now)] + [
-            Sample.bad(f"{base}/{d}", "NDEATH: edge node offline, so is its device", now) for d in devices]
+            Sample.bad(f"{base}/{d}", "NDEATH: edge node offline, so is its device", now) for d in devices
+        ]
 
     def _check_seq(self, state: NodeState, p: Any, src: str) -> bool:
         if not p.HasField("seq"):

@@ -1,6 +1,7 @@
 """Fixtures for the adapter tests: free ports, pseudo-terminal pairs (socat),
 and a plain anonymous Mosquitto for Sparkplug / MQTT JSON (the lead's
 ``mosquitto`` fixture enforces fedline's ACL, which has no spBv1.0 topics)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -19,7 +20,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """Mark the adapter tests that need a Mosquitto binary ``broker`` (as tests/conftest.py does)."""
     here = Path(__file__).parent
     for item in items:
-        if here in Path(str(item.fspath)).parents and {"broker", "plain_mosquitto"} & set(getattr(item, "fixturenames", ())):
+        if here in Path(str(item.fspath)).parents and {"broker", "plain_mosquitto"} & set(
+            getattr(item, "fixturenames", ())
+        ):
             item.add_marker(pytest.mark.broker)
 
 
@@ -37,7 +40,8 @@ def pty_pair(tmp_path: Path):
     a, b = tmp_path / "ttyA", tmp_path / "ttyB"
     proc = subprocess.Popen(
         [socat, f"pty,raw,echo=0,link={a}", f"pty,raw,echo=0,link={b}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 5
     while not (a.exists() and b.exists()):
@@ -68,8 +72,9 @@ class PlainMosquitto:
         return f"mqtt://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        self.proc = subprocess.Popen([self.binary, "-c", str(self.conf)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [self.binary, "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         deadline = time.monotonic() + 10
         while True:
             try:

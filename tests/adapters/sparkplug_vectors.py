@@ -27,6 +27,7 @@ Two vectors are not Tahu's: ``ndata-uint32-in-int-value`` (a spec-table
 encoder, as the C and Python ones, puts UInt32 in ``int_value``) and
 ``ndata-wrong-field`` (an encoder bug: a Double in ``float_value``).
 """
+
 from __future__ import annotations
 
 import json
@@ -44,6 +45,7 @@ Float, Double, Boolean, String, DateTime, Text = 9, 10, 11, 12, 13, 14
 
 
 # ------------------------------------------------------------------ protobuf wire format, by hand
+
 
 def varint(n: int) -> bytes:
     assert n >= 0
@@ -101,9 +103,18 @@ def quality(code: int) -> bytes:
     return f_bytes(9, f_bytes(1, b"Quality") + f_bytes(2, prop_value))
 
 
-def metric(*, name: str | None = None, alias: int | None = None, ts: int | None = None, datatype: int | None = None,
-           value: object = None, historical: bool = False, quality_code: int | None = None,
-           raw_value: bytes | None = None, value_type: int | None = None) -> bytes:
+def metric(
+    *,
+    name: str | None = None,
+    alias: int | None = None,
+    ts: int | None = None,
+    datatype: int | None = None,
+    value: object = None,
+    historical: bool = False,
+    quality_code: int | None = None,
+    raw_value: bytes | None = None,
+    value_type: int | None = None,
+) -> bytes:
     """One Metric message. ``datatype`` is written (BIRTH) unless None (stripped, DATA);
     ``value_type`` picks the value field when the datatype is stripped."""
     out = b""
@@ -134,6 +145,7 @@ def payload(ts: int, metrics: list[bytes], seq: int | None) -> bytes:
 
 # ------------------------------------------------------------------ the vectors
 
+
 def build_vectors() -> list[dict[str, str]]:
     node = f"spBv1.0/{GROUP}/{{}}/{NODE}"
     dev = node + f"/{DEVICE}"
@@ -157,46 +169,112 @@ def build_vectors() -> list[dict[str, str]]:
     ]
     vectors = [
         ("nbirth", node.format("NBIRTH"), payload(T0, births, 0)),
-        ("dbirth", dev.format("DBIRTH"), payload(T0 + 1, [
-            metric(name="Force", alias=20, ts=T0 + 1, datatype=Int32, value=-123456),
-            metric(name="Mode", alias=21, ts=T0 + 1, datatype=Text, value="auto"),
-            metric(name="Cycles", alias=22, ts=T0 + 1, datatype=UInt32, value=7),
-        ], 1)),
-        ("ndata-aliases-stripped", node.format("NDATA"), payload(T0 + 2000, [
-            metric(alias=1, ts=T0 + 1990, value_type=Double, value=22.0),
-            metric(alias=2, ts=T0 + 1995, value_type=UInt32, value=2**32 - 1),
-            metric(alias=3, ts=T0 + 1995, value_type=Int8, value=-128),
-            metric(alias=13, ts=T0 + 1998, value_type=Double, value=4.75),  # no Quality property: GOOD again
-        ], 2)),
-        ("ddata-historical", dev.format("DDATA"), payload(T0 + 3000, [
-            metric(alias=20, ts=T0 - 60_000, value_type=Int32, value=-1, historical=True),
-            metric(alias=20, ts=T0 - 30_000, value_type=Int32, value=-2, historical=True),
-            metric(alias=21, ts=T0 - 30_000, value_type=Text, value="manual", historical=True),
-            metric(alias=22, ts=T0 + 2999, value_type=UInt32, value=8),
-        ], 3)),
-        ("ndata-uint32-in-int-value", node.format("NDATA"), payload(T0 + 4000, [
-            metric(alias=2, ts=T0 + 4000, raw_value=f_varint(10, 3_000_000_000)),
-        ], 4)),
-        ("ndata-wrong-field", node.format("NDATA"), payload(T0 + 5000, [
-            metric(alias=1, ts=T0 + 5000, raw_value=tag(12, 5) + struct.pack("<f", 23.0)),  # Double in float_value
-            metric(alias=7, ts=T0 + 5000, raw_value=f_varint(10, 300)),  # a UInt8 of 300
-            metric(alias=10, ts=T0 + 5000, value_type=Boolean, value=False),
-        ], 5)),
-        ("ndeath-previous-session", node.format("NDEATH"), payload(T0 - 86_400_000, [
-            metric(name="bdSeq", ts=T0 - 86_400_000, datatype=Int64, value=2),
-        ], None)),
-        ("ndeath", node.format("NDEATH"), payload(T0 - 10, [
-            metric(name="bdSeq", ts=T0 - 10, datatype=Int64, value=3),
-        ], None)),
+        (
+            "dbirth",
+            dev.format("DBIRTH"),
+            payload(
+                T0 + 1,
+                [
+                    metric(name="Force", alias=20, ts=T0 + 1, datatype=Int32, value=-123456),
+                    metric(name="Mode", alias=21, ts=T0 + 1, datatype=Text, value="auto"),
+                    metric(name="Cycles", alias=22, ts=T0 + 1, datatype=UInt32, value=7),
+                ],
+                1,
+            ),
+        ),
+        (
+            "ndata-aliases-stripped",
+            node.format("NDATA"),
+            payload(
+                T0 + 2000,
+                [
+                    metric(alias=1, ts=T0 + 1990, value_type=Double, value=22.0),
+                    metric(alias=2, ts=T0 + 1995, value_type=UInt32, value=2**32 - 1),
+                    metric(alias=3, ts=T0 + 1995, value_type=Int8, value=-128),
+                    metric(alias=13, ts=T0 + 1998, value_type=Double, value=4.75),  # no Quality property: GOOD again
+                ],
+                2,
+            ),
+        ),
+        (
+            "ddata-historical",
+            dev.format("DDATA"),
+            payload(
+                T0 + 3000,
+                [
+                    metric(alias=20, ts=T0 - 60_000, value_type=Int32, value=-1, historical=True),
+                    metric(alias=20, ts=T0 - 30_000, value_type=Int32, value=-2, historical=True),
+                    metric(alias=21, ts=T0 - 30_000, value_type=Text, value="manual", historical=True),
+                    metric(alias=22, ts=T0 + 2999, value_type=UInt32, value=8),
+                ],
+                3,
+            ),
+        ),
+        (
+            "ndata-uint32-in-int-value",
+            node.format("NDATA"),
+            payload(
+                T0 + 4000,
+                [
+                    metric(alias=2, ts=T0 + 4000, raw_value=f_varint(10, 3_000_000_000)),
+                ],
+                4,
+            ),
+        ),
+        (
+            "ndata-wrong-field",
+            node.format("NDATA"),
+            payload(
+                T0 + 5000,
+                [
+                    metric(
+                        alias=1, ts=T0 + 5000, raw_value=tag(12, 5) + struct.pack("<f", 23.0)
+                    ),  # Double in float_value
+                    metric(alias=7, ts=T0 + 5000, raw_value=f_varint(10, 300)),  # a UInt8 of 300
+                    metric(alias=10, ts=T0 + 5000, value_type=Boolean, value=False),
+                ],
+                5,
+            ),
+        ),
+        (
+            "ndeath-previous-session",
+            node.format("NDEATH"),
+            payload(
+                T0 - 86_400_000,
+                [
+                    metric(name="bdSeq", ts=T0 - 86_400_000, datatype=Int64, value=2),
+                ],
+                None,
+            ),
+        ),
+        (
+            "ndeath",
+            node.format("NDEATH"),
+            payload(
+                T0 - 10,
+                [
+                    metric(name="bdSeq", ts=T0 - 10, datatype=Int64, value=3),
+                ],
+                None,
+            ),
+        ),
     ]
     return [{"name": n, "topic": t, "payload_hex": p.hex()} for n, t, p in vectors]
 
 
 def main() -> None:
     VECTORS_FILE.parent.mkdir(exist_ok=True)
-    VECTORS_FILE.write_text(json.dumps({"about": "Sparkplug B payloads encoded by Eclipse Tahu's Java encoder rules; "
-                                        "see tests/adapters/sparkplug_vectors.py", "vectors": build_vectors()},
-                                       indent=1) + "\n")
+    VECTORS_FILE.write_text(
+        json.dumps(
+            {
+                "about": "Sparkplug B payloads encoded by Eclipse Tahu's Java encoder rules; "
+                "see tests/adapters/sparkplug_vectors.py",
+                "vectors": build_vectors(),
+            },
+            indent=1,
+        )
+        + "\n"
+    )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """bench/ingest.py keeps working: a small run prints one JSON object with every pipeline."""
+
 from __future__ import annotations
 
 import json
@@ -11,9 +12,19 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_ingest_benchmark_smoke() -> None:
     out = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "ingest.py"), "--json", "--modbus-samples", "50",
-         "--sparkplug-samples", "500"],
-        capture_output=True, text=True, timeout=120, check=True,
+        [
+            sys.executable,
+            str(REPO / "bench" / "ingest.py"),
+            "--json",
+            "--modbus-samples",
+            "50",
+            "--sparkplug-samples",
+            "500",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
     ).stdout
     doc = json.loads(out)
     by_name = {r["pipeline"]: r for r in doc["results"]}

@@ -1,4 +1,5 @@
 """CSV replay, and the simulated PLC (`fedline plc-sim`) polled by the Modbus source."""
+
 from __future__ import annotations
 
 import asyncio
@@ -21,7 +22,13 @@ from .conftest import take
 REPO = Path(__file__).resolve().parents[2]
 AI4I = REPO / "data" / "ai4i2020.csv"
 AI4I_MAP = REPO / "firmware_adapters" / "maps" / "ai4i2020.toml"
-FEATURES = ["Air temperature [K]", "Process temperature [K]", "Rotational speed [rpm]", "Torque [Nm]", "Tool wear [min]"]
+FEATURES = [
+    "Air temperature [K]",
+    "Process temperature [K]",
+    "Rotational speed [rpm]",
+    "Torque [Nm]",
+    "Tool wear [min]",
+]
 
 
 def ai4i_rows(type_: str | None = None) -> list[dict[str, str]]:
@@ -42,8 +49,17 @@ async def test_csv_replay_plays_filtered_numeric_columns_then_ends() -> None:
 async def test_csv_replay_rate_loop_and_bad_cells(tmp_path: Path) -> None:
     f = tmp_path / "line.csv"
     f.write_text("t,temp,state\n1,20.5,0\n2,oops,1\n3,21.0,0\n")
-    source = build_source({"kind": "csv", "path": "line.csv", "rate_hz": 50.0, "loop": True,
-                           "columns": ["temp", "state"], "ts_column": "t"}, file=tmp_path / "site.toml")
+    source = build_source(
+        {
+            "kind": "csv",
+            "path": "line.csv",
+            "rate_hz": 50.0,
+            "loop": True,
+            "columns": ["temp", "state"],
+            "ts_column": "t",
+        },
+        file=tmp_path / "site.toml",
+    )
     t0 = time.monotonic()
     samples = await take(source, 7)
     assert time.monotonic() - t0 >= 6 / 50 * 0.8  # paced, not as fast as possible
@@ -69,8 +85,9 @@ async def test_plc_sim_serves_rows_that_the_modbus_source_reads_back(port: int) 
     expected = ai4i_rows("M")
     regmap = load_register_map(AI4I_MAP)
     sim = PlcSimulator(AI4I, regmap, port=port, filters={"Type": "M"}, loop=False)
-    source = build_source({"kind": "modbus_tcp", "host": "127.0.0.1", "port": port, "map": str(AI4I_MAP),
-                           "poll_interval_s": 0.02})
+    source = build_source(
+        {"kind": "modbus_tcp", "host": "127.0.0.1", "port": port, "map": str(AI4I_MAP), "poll_interval_s": 0.02}
+    )
     agen = source.__aiter__()
     async with sim:
         try:
@@ -96,13 +113,38 @@ async def test_plc_sim_serves_rows_that_the_modbus_source_reads_back(port: int) 
 
 async def test_plc_sim_command_line(port: int) -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fedline.cli", "plc-sim", "--csv", str(AI4I), "--map", str(AI4I_MAP),
-         "--port", str(port), "--rate", "50", "--filter", "Type=L"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "fedline.cli",
+            "plc-sim",
+            "--csv",
+            str(AI4I),
+            "--map",
+            str(AI4I_MAP),
+            "--port",
+            str(port),
+            "--rate",
+            "50",
+            "--filter",
+            "Type=L",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
-        source = build_source({"kind": "modbus_tcp", "host": "127.0.0.1", "port": port, "map": str(AI4I_MAP),
-                               "poll_interval_s": 0.01, "reconnect_initial_s": 0.05, "reconnect_max_s": 0.2})
+        source = build_source(
+            {
+                "kind": "modbus_tcp",
+                "host": "127.0.0.1",
+                "port": port,
+                "map": str(AI4I_MAP),
+                "poll_interval_s": 0.01,
+                "reconnect_initial_s": 0.05,
+                "reconnect_max_s": 0.2,
+            }
+        )
         samples = await take(source, 5, timeout=20, pred=lambda s: s.good)
         served = {r["UDI"]: r for r in ai4i_rows("L")}
         low_torques = {float(r["Torque [Nm]"]) for r in served.values()}
@@ -112,8 +154,10 @@ async def test_plc_sim_command_line(port: int) -> None:
         # the polled samples make training rows with the map's engineering ranges
         mapping = parse_row_mapping({"features": [{"tag": t} for t in FEATURES], "label": "Machine failure"})
         rows = [RowBuilder(mapping, ranges=source.ranges).push(s) for s in samples]
-        assert all(r is not None and r.x.shape == (5,) and 0 <= r.x.min() and r.x.max() <= 1 and r.y in (0.0, 1.0)
-                   for r in rows)
+        assert all(
+            r is not None and r.x.shape == (5,) and 0 <= r.x.min() and r.x.max() <= 1 and r.y in (0.0, 1.0)
+            for r in rows
+        )
     finally:
         proc.terminate()
         out, err = proc.communicate(timeout=10)

@@ -1,4 +1,5 @@
 """Modbus TCP and RTU against real pymodbus servers."""
+
 from __future__ import annotations
 
 import asyncio
@@ -32,13 +33,21 @@ def all_types_map() -> RegisterMap:
         for word_order in ("big", "little"):
             for byte_order in ("big", "little"):
                 for dtype in VALUES:
-                    tag = TagSpec(name=f"{table}.{dtype}.{word_order}.{byte_order}", table=table,
-                                  address=addr[table], type=dtype, word_order=word_order, byte_order=byte_order)
+                    tag = TagSpec(
+                        name=f"{table}.{dtype}.{word_order}.{byte_order}",
+                        table=table,
+                        address=addr[table],
+                        type=dtype,
+                        word_order=word_order,
+                        byte_order=byte_order,
+                    )
                     tags.append(tag)
                     addr[table] += tag.words
     tags += [
         TagSpec(name="text", table="holding", address=addr["holding"], type="string", length=5),
-        TagSpec(name="text.swapped", table="input", address=addr["input"], type="string", length=3, byte_order="little"),
+        TagSpec(
+            name="text.swapped", table="input", address=addr["input"], type="string", length=3, byte_order="little"
+        ),
         TagSpec(name="scaled", table="holding", address=addr["holding"] + 5, type="uint16", scale=0.1, offset=-40.0),
         TagSpec(name="coil.3", table="coil", address=3, type="bool"),
         TagSpec(name="coil.4", table="coil", address=4, type="bool"),
@@ -48,8 +57,17 @@ def all_types_map() -> RegisterMap:
 
 
 def tcp_table(port: int, **extra) -> dict:
-    return {"kind": "modbus_tcp", "name": "plc", "host": "127.0.0.1", "port": port, "poll_interval_s": 0.05,
-            "timeout_s": 0.5, "reconnect_initial_s": 0.05, "reconnect_max_s": 0.2, **extra}
+    return {
+        "kind": "modbus_tcp",
+        "name": "plc",
+        "host": "127.0.0.1",
+        "port": port,
+        "poll_interval_s": 0.05,
+        "timeout_s": 0.5,
+        "reconnect_initial_s": 0.05,
+        "reconnect_max_s": 0.2,
+        **extra,
+    }
 
 
 async def test_every_type_and_both_word_orders_read_back(port: int) -> None:
@@ -87,7 +105,7 @@ async def test_word_and_byte_order_match_the_wire_layout(port: int) -> None:
     """Registers laid out by hand (not by our encoder) decode as the PLC manual says."""
     f32 = struct.pack(">f", 1.5)  # 3F C0 00 00
     i32 = struct.pack(">i", 0x12345678)
-    words = lambda b: [int.from_bytes(b[i:i + 2], "big") for i in range(0, len(b), 2)]
+    words = lambda b: [int.from_bytes(b[i : i + 2], "big") for i in range(0, len(b), 2)]
     layouts = {
         ("big", "big"): words(f32) + words(i32),  # ABCD
         ("little", "big"): words(f32)[::-1] + words(i32)[::-1],  # CDAB (word swap)
@@ -95,8 +113,12 @@ async def test_word_and_byte_order_match_the_wire_layout(port: int) -> None:
     }
     tags = []
     for i, (wo, bo) in enumerate(layouts):
-        tags.append(TagSpec(name=f"f.{wo}.{bo}", table="holding", address=i * 4, type="float32", word_order=wo, byte_order=bo))
-        tags.append(TagSpec(name=f"i.{wo}.{bo}", table="holding", address=i * 4 + 2, type="int32", word_order=wo, byte_order=bo))
+        tags.append(
+            TagSpec(name=f"f.{wo}.{bo}", table="holding", address=i * 4, type="float32", word_order=wo, byte_order=bo)
+        )
+        tags.append(
+            TagSpec(name=f"i.{wo}.{bo}", table="holding", address=i * 4 + 2, type="int32", word_order=wo, byte_order=bo)
+        )
     regmap = RegisterMap(tags=tags)
     async with RegisterServer(regmap, port=port) as server:
         for i, raw in enumerate(layouts.values()):
@@ -110,7 +132,7 @@ async def test_word_and_byte_order_match_the_wire_layout(port: int) -> None:
 
 async def test_64_bit_integers_and_strings_match_the_wire_layout(port: int) -> None:
     """int64 / uint64 / string registers laid out by hand from struct and bytes, as a PLC manual shows them."""
-    words = lambda b: [int.from_bytes(b[i:i + 2], "big") for i in range(0, len(b), 2)]
+    words = lambda b: [int.from_bytes(b[i : i + 2], "big") for i in range(0, len(b), 2)]
     i64, u64 = struct.pack(">q", -2), struct.pack(">Q", 0x0102030405060708)
     tags = [
         TagSpec(name="i64", table="holding", address=0, type="int64"),
@@ -138,10 +160,15 @@ async def test_64_bit_integers_and_strings_match_the_wire_layout(port: int) -> N
 def test_string_and_64_bit_tags_are_validated() -> None:
     from fedline.config import ConfigError
 
-    for tag, why in [({"type": "string"}, "needs `length`"), ({"type": "string", "length": 2, "scale": 2.0}, "no scale"),
-                     ({"type": "int64", "length": 2}, "string tags only")]:
+    for tag, why in [
+        ({"type": "string"}, "needs `length`"),
+        ({"type": "string", "length": 2, "scale": 2.0}, "no scale"),
+        ({"type": "int64", "length": 2}, "string tags only"),
+    ]:
         with pytest.raises(ConfigError) as info:
-            build_source(tcp_table(502, tags=[{"name": "t", "table": "holding", "address": 0, **tag}]), file="site.toml")
+            build_source(
+                tcp_table(502, tags=[{"name": "t", "table": "holding", "address": 0, **tag}]), file="site.toml"
+            )
         assert why in info.value.message, info.value.message
     assert TagSpec(name="t", table="input", address=0, type="uint64").words == 4
 
@@ -152,11 +179,18 @@ def test_adjacent_registers_are_merged_within_the_125_register_limit() -> None:
     tags += [TagSpec(name="in", table="input", address=0, type="float64")]
     blocks = plan_reads(tags)
     assert [(b.table, b.address, b.count) for b in blocks] == [
-        ("holding", 0, 125), ("holding", 125, 5), ("holding", 500, 2), ("input", 0, 4)]
-    assert [(b.address, b.count) for b in plan_reads([*tags[:3], TagSpec(name="g", table="holding", address=5)], max_gap=2)] == [(0, 6)]
+        ("holding", 0, 125),
+        ("holding", 125, 5),
+        ("holding", 500, 2),
+        ("input", 0, 4),
+    ]
+    assert [
+        (b.address, b.count) for b in plan_reads([*tags[:3], TagSpec(name="g", table="holding", address=5)], max_gap=2)
+    ] == [(0, 6)]
     # a float32 is never split across two requests
     edge = [TagSpec(name=f"r{i}", table="holding", address=i) for i in range(124)] + [
-        TagSpec(name="f", table="holding", address=124, type="float32")]
+        TagSpec(name="f", table="holding", address=124, type="float32")
+    ]
     assert [(b.address, b.count) for b in plan_reads(edge)] == [(0, 124), (124, 2)]
 
 
@@ -193,12 +227,13 @@ async def test_a_failed_read_is_a_counted_bad_sample_and_polling_goes_on(port: i
     missing = TagSpec(name="nowhere", table="input", address=900, type="uint16", group="slow")
     async with RegisterServer(RegisterMap(tags=[good]), port=port) as server:
         await server.write(good, 7)
-        source = build_source(tcp_table(port, tags=[asdict(good), asdict(missing)],
-                                        group_intervals_s={"fast": 0.02, "slow": 0.05}))
+        source = build_source(
+            tcp_table(port, tags=[asdict(good), asdict(missing)], group_intervals_s={"fast": 0.02, "slow": 0.05})
+        )
         samples = await take(source, 12)
     bad = [s for s in samples if not s.good]
     assert bad and all("input@900" in (s.error or "") for s in bad)
-    assert any(s.good and s.values == {"ok": 7} for s in samples[samples.index(bad[0]):])
+    assert any(s.good and s.values == {"ok": 7} for s in samples[samples.index(bad[0]) :])
     assert source.stats.bad_reads == len(bad)
     assert source.stats.gaps == 0
 
@@ -213,11 +248,18 @@ async def test_modbus_rtu_over_a_pty_pair(pty_pair) -> None:
     try:
         await server.write(temp, 21.25)
         await server.write(alarm, True)
-        source = build_source({
-            "kind": "modbus_rtu", "name": "rtu", "port": client_end, "baudrate": 38400, "device_id": 3,
-            "poll_interval_s": 0.05, "timeout_s": 1.0,
-            "tags": [asdict(temp), asdict(alarm)],
-        })
+        source = build_source(
+            {
+                "kind": "modbus_rtu",
+                "name": "rtu",
+                "port": client_end,
+                "baudrate": 38400,
+                "device_id": 3,
+                "poll_interval_s": 0.05,
+                "timeout_s": 1.0,
+                "tags": [asdict(temp), asdict(alarm)],
+            }
+        )
         samples = await take(source, 2, pred=lambda s: s.good)
     finally:
         await server.stop()

@@ -1,4 +1,5 @@
 """Plain JSON telemetry through a real Mosquitto."""
+
 from __future__ import annotations
 
 import asyncio
@@ -10,15 +11,18 @@ from firmware_adapters import build_source
 
 
 async def test_json_telemetry_topics(plain_mosquitto: str) -> None:
-    source = build_source({"kind": "mqtt_json", "name": "tele", "url": plain_mosquitto,
-                           "topics": ["plant/+/telemetry"], "ts_key": "ts"})
+    source = build_source(
+        {"kind": "mqtt_json", "name": "tele", "url": plain_mosquitto, "topics": ["plant/+/telemetry"], "ts_key": "ts"}
+    )
     u = urlparse(plain_mosquitto)
     agen = source.__aiter__()
     first = asyncio.create_task(agen.__anext__())
     await asyncio.wait_for(source.ready.wait(), 10)
     try:
         async with aiomqtt.Client(u.hostname, u.port) as dev:
-            await dev.publish("plant/line7/telemetry", b'{"temp": 21.5, "motor": {"rpm": 1500, "on": true}, "ts": 1700000000123}')
+            await dev.publish(
+                "plant/line7/telemetry", b'{"temp": 21.5, "motor": {"rpm": 1500, "on": true}, "ts": 1700000000123}'
+            )
             await dev.publish("plant/line7/telemetry", b"[1, 2, 3]")
             await dev.publish("plant/line7/telemetry", b"\xff{not json")
             await dev.publish("plant/line8/other", b'{"ignored": 1}')

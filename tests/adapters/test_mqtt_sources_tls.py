@@ -1,5 +1,6 @@
 """Both MQTT source kinds through a real Mosquitto with TLS and password logins, over MQTT 3.1.1 and 5,
 configured only by their source tables (CA, password file relative to the site file)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -34,15 +35,20 @@ def tls_broker(tmp_path: Path):
     (tmp_path / "pw").write_text("".join(f"{u}:{password_hash(u + '-secret')}\n" for u in ("reader", "device")))
     port = free_port()
     conf = tmp_path / "mosquitto.conf"
-    conf.write_text(f"user {getpass.getuser()}\n"  # as root, mosquitto would drop to a user who cannot read tmp_path
-                    f"per_listener_settings false\nallow_anonymous false\npassword_file {tmp_path / 'pw'}\n"
-                    f"persistence false\nlistener {port} 127.0.0.1\ncafile {ca}\ncertfile {cert}\nkeyfile {key}\n")
+    conf.write_text(
+        f"user {getpass.getuser()}\n"  # as root, mosquitto would drop to a user who cannot read tmp_path
+        f"per_listener_settings false\nallow_anonymous false\npassword_file {tmp_path / 'pw'}\n"
+        f"persistence false\nlistener {port} 127.0.0.1\ncafile {ca}\ncertfile {cert}\nkeyfile {key}\n"
+    )
     proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 10
     ctx = ssl.create_default_context(cafile=str(ca))
     while True:
         try:
-            with socket.create_connection(("127.0.0.1", port), 0.2) as raw, ctx.wrap_socket(raw, server_hostname="127.0.0.1"):
+            with (
+                socket.create_connection(("127.0.0.1", port), 0.2) as raw,
+                ctx.wrap_socket(raw, server_hostname="127.0.0.1"),
+            ):
                 break
         except OSError:
             if time.monotonic() > deadline or proc.poll() is not None:
@@ -55,8 +61,13 @@ def tls_broker(tmp_path: Path):
 
 
 def device(port: int, ca: Path) -> aiomqtt.Client:
-    return aiomqtt.Client("127.0.0.1", port, username="device", password="device-secret",
-                          tls_params=aiomqtt.TLSParameters(ca_certs=str(ca)))
+    return aiomqtt.Client(
+        "127.0.0.1",
+        port,
+        username="device",
+        password="device-secret",
+        tls_params=aiomqtt.TLSParameters(ca_certs=str(ca)),
+    )
 
 
 def site_file(tmp_path: Path, ca: Path) -> Path:
@@ -72,12 +83,27 @@ def site_file(tmp_path: Path, ca: Path) -> Path:
 async def test_mqtt_json_and_sparkplug_over_tls_with_a_password_file(tls_broker, tmp_path: Path, protocol: str) -> None:
     port, ca = tls_broker
     site = site_file(tmp_path, ca)
-    broker_keys = {"url": f"mqtts://127.0.0.1:{port}", "ca_file": "ca.crt", "username": "reader",
-                   "password_file": "secrets/reader.password", "protocol": protocol,
-                   "reconnect_initial_s": 0.05, "reconnect_max_s": 0.5}
+    broker_keys = {
+        "url": f"mqtts://127.0.0.1:{port}",
+        "ca_file": "ca.crt",
+        "username": "reader",
+        "password_file": "secrets/reader.password",
+        "protocol": protocol,
+        "reconnect_initial_s": 0.05,
+        "reconnect_max_s": 0.5,
+    }
     tele = build_source({"kind": "mqtt_json", "topics": ["plant/+/telemetry"], **broker_keys}, file=site)
-    spark = build_source({"kind": "sparkplug", "name": "sp", "host_id": "fedline-tls", "group_id": "g",
-                          "edge_node_id": "n", **broker_keys}, file=site)
+    spark = build_source(
+        {
+            "kind": "sparkplug",
+            "name": "sp",
+            "host_id": "fedline-tls",
+            "group_id": "g",
+            "edge_node_id": "n",
+            **broker_keys,
+        },
+        file=site,
+    )
     t_iter, s_iter = tele.__aiter__(), spark.__aiter__()
     t_first, s_first = asyncio.create_task(t_iter.__anext__()), asyncio.create_task(s_iter.__anext__())
     try:
@@ -87,8 +113,11 @@ async def test_mqtt_json_and_sparkplug_over_tls_with_a_password_file(tls_broker,
             state = await asyncio.wait_for(anext(aiter(dev.messages)), 10)  # the host's retained STATE birth
             assert json.loads(state.payload)["online"] is True
             await dev.publish("plant/l1/telemetry", b'{"temp": 20.5}', qos=1)
-            await dev.publish("spBv1.0/g/NBIRTH/n", build_payload([("bdSeq", None, pb.Int64, 0),
-                                                                   ("Speed", 1, pb.UInt32, 1500)], seq=0), qos=1)
+            await dev.publish(
+                "spBv1.0/g/NBIRTH/n",
+                build_payload([("bdSeq", None, pb.Int64, 0), ("Speed", 1, pb.UInt32, 1500)], seq=0),
+                qos=1,
+            )
             t, s = await asyncio.wait_for(asyncio.gather(t_first, s_first), 10)
         assert t.values == {"temp": 20.5} and s.values == {"Speed": 1500}
         assert tele._settings().protocol == protocol == spark._settings().protocol
@@ -101,9 +130,19 @@ async def test_a_wrong_password_file_never_connects(tls_broker, tmp_path: Path) 
     port, ca = tls_broker
     site = site_file(tmp_path, ca)
     (site.parent / "secrets" / "reader.password").write_text("not-the-secret\n")
-    tele = build_source({"kind": "mqtt_json", "topics": ["#"], "url": f"mqtts://127.0.0.1:{port}", "ca_file": "ca.crt",
-                         "username": "reader", "password_file": "secrets/reader.password",
-                         "reconnect_initial_s": 0.05, "reconnect_max_s": 0.2}, file=site)
+    tele = build_source(
+        {
+            "kind": "mqtt_json",
+            "topics": ["#"],
+            "url": f"mqtts://127.0.0.1:{port}",
+            "ca_file": "ca.crt",
+            "username": "reader",
+            "password_file": "secrets/reader.password",
+            "reconnect_initial_s": 0.05,
+            "reconnect_max_s": 0.2,
+        },
+        file=site,
+    )
     agen = tele.__aiter__()
     task = asyncio.create_task(agen.__anext__())
     try:

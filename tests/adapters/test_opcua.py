@@ -4,6 +4,7 @@ Every source here runs with the default security (no ``security_mode`` key),
 with a client certificate made by ``fedline opcua-cert``'s function; the one
 plain-text source asks for ``security_mode = "None"`` and is refused.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -35,8 +36,14 @@ def pki(tmp_path_factory) -> Path:
 async def _server_cert(d: Path, use) -> None:
     from asyncua.crypto.cert_gen import setup_self_signed_certificate
 
-    await setup_self_signed_certificate(d / "server.pem", d / "server.der", "urn:fedline:test:server", "localhost",
-                                        [use], {"organizationName": "fedline"})
+    await setup_self_signed_certificate(
+        d / "server.pem",
+        d / "server.der",
+        "urn:fedline:test:server",
+        "localhost",
+        [use],
+        {"organizationName": "fedline"},
+    )
 
 
 async def make_server(port: int, pki: Path):
@@ -58,11 +65,22 @@ async def make_server(port: int, pki: Path):
 def opcua_table(port: int, idx: int, pki: Path | None = None, **kw) -> dict:
     """A source table with the default security: only the client's certificate and key are given."""
     keys = {"certificate": str(pki / "client.der"), "private_key": str(pki / "client.pem")} if pki else {}
-    return {"kind": "opcua", "name": "scada", "url": f"opc.tcp://127.0.0.1:{port}/fedline/",
-            "sampling_interval_ms": 20, "publishing_interval_ms": 20, "timeout_s": 2.0,
-            "reconnect_initial_s": 0.1, "reconnect_max_s": 0.5,
-            "nodes": [{"tag": "temp", "node_id": f"ns={idx};s=Line1.Temperature"},
-                      {"tag": "speed", "browse_path": f"{idx}:Line1/{idx}:Speed"}], **keys, **kw}
+    return {
+        "kind": "opcua",
+        "name": "scada",
+        "url": f"opc.tcp://127.0.0.1:{port}/fedline/",
+        "sampling_interval_ms": 20,
+        "publishing_interval_ms": 20,
+        "timeout_s": 2.0,
+        "reconnect_initial_s": 0.1,
+        "reconnect_max_s": 0.5,
+        "nodes": [
+            {"tag": "temp", "node_id": f"ns={idx};s=Line1.Temperature"},
+            {"tag": "speed", "browse_path": f"{idx}:Line1/{idx}:Speed"},
+        ],
+        **keys,
+        **kw,
+    }
 
 
 def channels(server: Server) -> list[tuple[str, ua.MessageSecurityMode]]:
@@ -80,16 +98,24 @@ async def next_good(agen, pred, timeout=10.0):
             s = await agen.__anext__()
             if s.good and pred(s):
                 return s
+
     return await asyncio.wait_for(run(), timeout)
 
 
 async def test_subscription_yields_changes_by_node_id_and_browse_path(port: int, pki: Path) -> None:
     server, idx, temp, speed = await make_server(port, pki)
-    source = build_source(opcua_table(port, idx, pki, nodes=[
-        {"tag": "temp", "node_id": f"ns={idx};s=Line1.Temperature"},
-        {"tag": "speed", "browse_path": f"{idx}:Line1/{idx}:Speed"},
-        {"tag": "ghost", "node_id": f"ns={idx};s=NoSuchNode"},
-    ]))
+    source = build_source(
+        opcua_table(
+            port,
+            idx,
+            pki,
+            nodes=[
+                {"tag": "temp", "node_id": f"ns={idx};s=Line1.Temperature"},
+                {"tag": "speed", "browse_path": f"{idx}:Line1/{idx}:Speed"},
+                {"tag": "ghost", "node_id": f"ns={idx};s=NoSuchNode"},
+            ],
+        )
+    )
     agen = source.__aiter__()
     try:
         first = await asyncio.wait_for(agen.__anext__(), 10)
@@ -143,8 +169,20 @@ def test_security_is_on_by_default_and_none_only_when_asked() -> None:
 def test_opcua_cert_cli_writes_a_client_certificate_and_a_private_key(tmp_path: Path, capsys) -> None:
     from fedline.cli import main
 
-    assert main(["opcua-cert", "--out", str(tmp_path / "pki"), "--uri", "urn:plant-a:collector",
-                 "--hostname", "collector.plant-a"]) == 0
+    assert (
+        main(
+            [
+                "opcua-cert",
+                "--out",
+                str(tmp_path / "pki"),
+                "--uri",
+                "urn:plant-a:collector",
+                "--hostname",
+                "collector.plant-a",
+            ]
+        )
+        == 0
+    )
     der, pem = tmp_path / "pki" / "client.der", tmp_path / "pki" / "client.pem"
     assert application_uri_of(der.read_bytes()) == "urn:plant-a:collector"
     assert stat.S_IMODE(os.stat(pem).st_mode) == 0o600 and b"PRIVATE KEY" in pem.read_bytes()
@@ -159,12 +197,24 @@ async def test_default_security_connects_encrypted_and_plain_text_is_refused(por
     server; the certificate paths are relative to the site file; a table that asks for None is refused."""
     server, idx, temp, _ = await make_server(port, pki)
     site = pki / "site.toml"
-    secure = build_source({"kind": "opcua", "url": f"opc.tcp://127.0.0.1:{port}/fedline/",
-                           "certificate": "client.der", "private_key": "client.pem", "server_certificate": "server.der",
-                           "sampling_interval_ms": 20, "publishing_interval_ms": 20,
-                           "nodes": [{"tag": "temp", "node_id": f"ns={idx};s=Line1.Temperature"}]}, file=site)
-    plain = build_source(opcua_table(port, idx, security_mode="None",
-                                     nodes=[{"tag": "temp", "node_id": f"ns={idx};s=Line1.Temperature"}]))
+    secure = build_source(
+        {
+            "kind": "opcua",
+            "url": f"opc.tcp://127.0.0.1:{port}/fedline/",
+            "certificate": "client.der",
+            "private_key": "client.pem",
+            "server_certificate": "server.der",
+            "sampling_interval_ms": 20,
+            "publishing_interval_ms": 20,
+            "nodes": [{"tag": "temp", "node_id": f"ns={idx};s=Line1.Temperature"}],
+        },
+        file=site,
+    )
+    plain = build_source(
+        opcua_table(
+            port, idx, security_mode="None", nodes=[{"tag": "temp", "node_id": f"ns={idx};s=Line1.Temperature"}]
+        )
+    )
     agen, pagen = secure.__aiter__(), plain.__aiter__()
     try:
         assert (await next_good(agen, lambda s: True)).values == {"temp": 20.0}

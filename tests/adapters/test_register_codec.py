@@ -1,4 +1,5 @@
 """Register codec properties: encode then decode is the identity, for every type and order."""
+
 from __future__ import annotations
 
 import struct
@@ -8,8 +9,14 @@ from hypothesis import strategies as st
 
 from firmware_adapters.registers import RegisterMap, TagSpec, decode, encode
 
-RANGES = {"int16": (-(2**15), 2**15 - 1), "uint16": (0, 2**16 - 1), "int32": (-(2**31), 2**31 - 1),
-          "uint32": (0, 2**32 - 1), "int64": (-(2**63), 2**63 - 1), "uint64": (0, 2**64 - 1)}
+RANGES = {
+    "int16": (-(2**15), 2**15 - 1),
+    "uint16": (0, 2**16 - 1),
+    "int32": (-(2**31), 2**31 - 1),
+    "uint32": (0, 2**32 - 1),
+    "int64": (-(2**63), 2**63 - 1),
+    "uint64": (0, 2**64 - 1),
+}
 orders = st.sampled_from(["big", "little"])
 
 

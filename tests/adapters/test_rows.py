@@ -1,4 +1,5 @@
 """Samples to rows: engineering-range normalisation, windows, labels, any tag names."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -12,12 +13,17 @@ TAGS = ["Motor 7 / Strom [A]", "Druck (bar)"]
 
 
 def s(ts: float, **values) -> Sample:
-    return Sample(ts=ts, source="t", values={TAGS[0] if k == "a" else TAGS[1] if k == "b" else k: v for k, v in values.items()})
+    return Sample(
+        ts=ts, source="t", values={TAGS[0] if k == "a" else TAGS[1] if k == "b" else k: v for k, v in values.items()}
+    )
 
 
 def mapping(**kw):
-    table = {"features": [{"tag": TAGS[0], "range": [0.0, 10.0]}, {"tag": TAGS[1], "range": [-1.0, 1.0]}],
-             "label": "fail", **kw}
+    table = {
+        "features": [{"tag": TAGS[0], "range": [0.0, 10.0]}, {"tag": TAGS[1], "range": [-1.0, 1.0]}],
+        "label": "fail",
+        **kw,
+    }
     return parse_row_mapping(table, file="site.toml")
 
 
@@ -107,8 +113,12 @@ def test_bad_incomplete_and_unlabelled_samples() -> None:
 
 
 def hist(ts: float, **values) -> Sample:
-    return Sample(ts=ts, source="t", values={TAGS[0] if k == "a" else TAGS[1] if k == "b" else k: v
-                                             for k, v in values.items()}, historical=True)
+    return Sample(
+        ts=ts,
+        source="t",
+        values={TAGS[0] if k == "a" else TAGS[1] if k == "b" else k: v for k, v in values.items()},
+        historical=True,
+    )
 
 
 def test_historical_samples_make_marked_rows_and_never_touch_the_live_state() -> None:

@@ -1,4 +1,5 @@
 """Serial-line sensors over a real pseudo-terminal pair (socat)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -16,8 +17,17 @@ from .conftest import take
 
 
 def line_source(port: str, **kw):
-    return build_source({"kind": "serial", "name": "scale", "port": port, "baudrate": 115200,
-                         "reconnect_initial_s": 0.05, "reconnect_max_s": 0.2, **kw})
+    return build_source(
+        {
+            "kind": "serial",
+            "name": "scale",
+            "port": port,
+            "baudrate": 115200,
+            "reconnect_initial_s": 0.05,
+            "reconnect_max_s": 0.2,
+            **kw,
+        }
+    )
 
 
 @pytest.mark.parametrize(
@@ -33,6 +43,7 @@ async def test_line_protocols(pty_pair, protocol, extra, lines) -> None:
     device_end, host_end = pty_pair
     source = line_source(host_end, protocol=protocol, **extra)
     with serial.Serial(device_end, 115200) as dev:
+
         async def feed():
             await asyncio.sleep(0.2)  # let the source open its end first
             for line in lines:
@@ -43,7 +54,9 @@ async def test_line_protocols(pty_pair, protocol, extra, lines) -> None:
         samples = await take(source, 2)
         await feeder
     assert [s.values for s in samples] == [
-        {"temp": 21.5, "rpm": 1500, "state": "ok"}, {"temp": 22, "rpm": 1490, "state": "ok"}]
+        {"temp": 21.5, "rpm": 1500, "state": "ok"},
+        {"temp": 22, "rpm": 1490, "state": "ok"},
+    ]
     assert source.stats.reads == 2 and source.stats.bad_reads == 0
 
 
@@ -59,6 +72,7 @@ async def test_framing_errors_are_counted_and_the_reader_resynchronises(pty_pair
         b'{"temp": 23.5, "t": 1700000000.5}\n',
     ]
     with serial.Serial(device_end, 115200) as dev:
+
         async def feed():
             await asyncio.sleep(0.2)
             for chunk in garbage:
@@ -79,8 +93,11 @@ async def test_device_that_vanishes_and_returns(tmp_path: Path) -> None:
     a, b = tmp_path / "devA", tmp_path / "devB"
 
     def start_socat() -> subprocess.Popen:
-        proc = subprocess.Popen([socat, f"pty,raw,echo=0,link={a}", f"pty,raw,echo=0,link={b}"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [socat, f"pty,raw,echo=0,link={a}", f"pty,raw,echo=0,link={b}"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 5
         while not (a.exists() and b.exists()) and time.monotonic() < deadline:
             time.sleep(0.02)

@@ -1,5 +1,6 @@
 """Sparkplug B 3.0: Tahu-encoded vectors decoded value by value; bdSeq, STATE, rebirth and reconnects
 through a real Mosquitto."""
+
 from __future__ import annotations
 
 import asyncio
@@ -45,11 +46,26 @@ async def test_tahu_vectors_decode_value_by_value() -> None:
 
     node, dev = f"sp/{G}/{N}", f"sp/{G}/{N}/press"
     good, stale, bad = await feed("nbirth")
-    assert view(good) == (node, T0, "good", False, {
-        "Temperature": 21.5, "Counter": 4_000_000_000,  # UInt32 in long_value, as Tahu-Java writes it
-        "Offset": -5, "Level": -300,  # Int8 / Int16 sign-extended to 32 bits in int_value
-        "Total": -(2**40), "Serial": 2**64 - 2, "Small": 200, "Word": 65535, "Ratio": 0.25, "Running": True,
-        "Batch": "B-17", "Started": 1_699_990_000_000})  # bdSeq and Node Control/* are not tags
+    assert view(good) == (
+        node,
+        T0,
+        "good",
+        False,
+        {
+            "Temperature": 21.5,
+            "Counter": 4_000_000_000,  # UInt32 in long_value, as Tahu-Java writes it
+            "Offset": -5,
+            "Level": -300,  # Int8 / Int16 sign-extended to 32 bits in int_value
+            "Total": -(2**40),
+            "Serial": 2**64 - 2,
+            "Small": 200,
+            "Word": 65535,
+            "Ratio": 0.25,
+            "Running": True,
+            "Batch": "B-17",
+            "Started": 1_699_990_000_000,
+        },
+    )  # bdSeq and Node Control/* are not tags
     assert all(type(good.values[k]) is int for k in ("Counter", "Offset", "Total", "Serial", "Started"))
     assert view(stale) == (node, T0, "uncertain", False, {"Pressure": 4.5})  # Quality 500 STALE
     assert stale.error == "Quality STALE (500): Pressure"
@@ -60,8 +76,13 @@ async def test_tahu_vectors_decode_value_by_value() -> None:
     assert view(s) == (dev, T0 + 0.001, "good", False, {"Force": -123456, "Mode": "auto", "Cycles": 7})
 
     (s,) = await feed("ndata-aliases-stripped")  # no names, no datatypes: both from the births
-    assert view(s) == (node, T0 + 1.998, "good", False,  # the newest metric timestamp, not the payload's
-                       {"Temperature": 22.0, "Counter": 2**32 - 1, "Offset": -128, "Pressure": 4.75})
+    assert view(s) == (
+        node,
+        T0 + 1.998,
+        "good",
+        False,  # the newest metric timestamp, not the payload's
+        {"Temperature": 22.0, "Counter": 2**32 - 1, "Offset": -128, "Pressure": 4.75},
+    )
 
     h1, h2, live = await feed("ddata-historical")
     assert view(h1) == (dev, T0 - 60, "good", True, {"Force": -1})
@@ -92,8 +113,18 @@ async def test_tahu_vectors_decode_value_by_value() -> None:
 
 
 def test_codec_round_trip_and_range_checks() -> None:
-    for dt, v in [(pb.Int8, -128), (pb.Int16, -2), (pb.Int32, -123456), (pb.Int64, -(2**40)), (pb.UInt32, 2**32 - 1),
-                  (pb.UInt64, 2**64 - 1), (pb.Float, 0.5), (pb.Boolean, True), (pb.Text, "x"), (pb.DateTime, 17)]:
+    for dt, v in [
+        (pb.Int8, -128),
+        (pb.Int16, -2),
+        (pb.Int32, -123456),
+        (pb.Int64, -(2**40)),
+        (pb.UInt32, 2**32 - 1),
+        (pb.UInt64, 2**64 - 1),
+        (pb.Float, 0.5),
+        (pb.Boolean, True),
+        (pb.Text, "x"),
+        (pb.DateTime, 17),
+    ]:
         p = pb.Payload.FromString(build_payload([("m", None, dt, v)]))
         assert metric_value(p.metrics[0], dt) == v
     m = pb.Payload.Metric()
@@ -130,24 +161,45 @@ def test_host_will_is_retained_qos1_with_a_new_timestamp_per_connection() -> Non
     assert (first.topic, first.qos, first.retain) == ("spBv1.0/STATE/h1", 1, True)
     body = json.loads(first.payload)
     assert body == {"online": False, "timestamp": source._state_ts}
-    assert source._state_payload(True, source._state_ts) == json.dumps({"online": True, "timestamp": body["timestamp"]}).encode()
+    assert (
+        source._state_payload(True, source._state_ts)
+        == json.dumps({"online": True, "timestamp": body["timestamp"]}).encode()
+    )
     assert "spBv1.0/STATE/h1" in source.filters()
 
 
 def test_full_broker_settings_in_both_mqtt_source_tables(tmp_path) -> None:
     site = tmp_path / "site.toml"
     for kind, extra in (("sparkplug", {}), ("mqtt_json", {"topics": ["t/#"]})):
-        src = build_source({"kind": kind, "url": "mqtts://broker.plant:8883", "protocol": "3.1.1",
-                            "username": "u", "password_file": "secrets/u.password", "ca_file": "pki/ca.crt",
-                            "cert_file": "pki/c.crt", "key_file": "pki/c.key", "keepalive_s": 15, **extra}, file=site)
+        src = build_source(
+            {
+                "kind": kind,
+                "url": "mqtts://broker.plant:8883",
+                "protocol": "3.1.1",
+                "username": "u",
+                "password_file": "secrets/u.password",
+                "ca_file": "pki/ca.crt",
+                "cert_file": "pki/c.crt",
+                "key_file": "pki/c.key",
+                "keepalive_s": 15,
+                **extra,
+            },
+            file=site,
+        )
         s = src._settings()
         assert (s.tls, s.port, s.protocol, s.keepalive_s) == (True, 8883, "3.1.1", 15)
         assert s.password_file == str(tmp_path / "secrets/u.password")  # relative to the site file
-        assert (s.ca_file, s.cert_file, s.key_file) == tuple(str(tmp_path / p) for p in ("pki/ca.crt", "pki/c.crt", "pki/c.key"))
+        assert (s.ca_file, s.cert_file, s.key_file) == tuple(
+            str(tmp_path / p) for p in ("pki/ca.crt", "pki/c.crt", "pki/c.key")
+        )
         assert s.clean_start is True and s.session_expiry_s == 0  # never a persistent session
-        for bad, key in (({"url": "http://x"}, "url"), ({"ca_file": "ca.crt"}, "ca_file"),
-                         ({"protocol": "4"}, "protocol"), ({"clean_start": False}, "clean_start"),
-                         ({"url": "mqtts://x", "cert_file": "c.crt"}, "key_file")):
+        for bad, key in (
+            ({"url": "http://x"}, "url"),
+            ({"ca_file": "ca.crt"}, "ca_file"),
+            ({"protocol": "4"}, "protocol"),
+            ({"clean_start": False}, "clean_start"),
+            ({"url": "mqtts://x", "cert_file": "c.crt"}, "key_file"),
+        ):
             with pytest.raises(ConfigError) as info:
                 build_source({"kind": kind, **extra, **bad}, file=site, where="sources[0]")
             assert info.value.key == f"sources[0].{key}" and info.value.file == str(site), info.value
@@ -159,9 +211,16 @@ async def _edge(url: str, ident: str):
 
 
 def node_birth(seq: int, bdseq: int = 0) -> bytes:
-    return build_payload([("bdSeq", None, pb.Int64, bdseq), ("Node Control/Rebirth", None, pb.Boolean, False),
-                          ("Temperature", 1, pb.Double, 21.5), ("Count", 2, pb.Int32, -5)],
-                         seq=seq, timestamp_ms=1_700_000_000_000)
+    return build_payload(
+        [
+            ("bdSeq", None, pb.Int64, bdseq),
+            ("Node Control/Rebirth", None, pb.Boolean, False),
+            ("Temperature", 1, pb.Double, 21.5),
+            ("Count", 2, pb.Int32, -5),
+        ],
+        seq=seq,
+        timestamp_ms=1_700_000_000_000,
+    )
 
 
 def by_alias(seq: int, items: list[tuple[int, object]], types: dict[int, int]) -> bytes:
@@ -182,9 +241,20 @@ async def test_host_application_state_rebirth_bdseq_and_own_reconnect(broker) ->
     """Over a real Mosquitto, the reader reaching it through a TCP proxy that can cut it off."""
     proxy = await TcpProxy(broker.port).start()
     host = "fedline-test"
-    source = build_source({"kind": "sparkplug", "name": "sp", "url": proxy.url, "group_id": G, "edge_node_id": N,
-                           "host_id": host, "rebirth_min_interval_s": 0.0,
-                           "reconnect_initial_s": 0.05, "reconnect_max_s": 0.3, "keepalive_s": 5})
+    source = build_source(
+        {
+            "kind": "sparkplug",
+            "name": "sp",
+            "url": proxy.url,
+            "group_id": G,
+            "edge_node_id": N,
+            "host_id": host,
+            "rebirth_min_interval_s": 0.0,
+            "reconnect_initial_s": 0.05,
+            "reconnect_max_s": 0.3,
+            "keepalive_s": 5,
+        }
+    )
     agen = source.__aiter__()
     nxt = asyncio.create_task(agen.__anext__())
     states: list[dict] = []
@@ -225,8 +295,9 @@ async def test_host_application_state_rebirth_bdseq_and_own_reconnect(broker) ->
             await pub("NDATA", by_alias(4, [(2, 9)], TYPES))
             assert (await asyncio.wait_for(agen.__anext__(), 5)).values == {"Count": 9}
             cmd = await asyncio.wait_for(anext(aiter(edge.messages)), 5)
-            assert [(m.name, m.boolean_value) for m in pb.Payload.FromString(cmd.payload).metrics] == \
-                [("Node Control/Rebirth", True)]
+            assert [(m.name, m.boolean_value) for m in pb.Payload.FromString(cmd.payload).metrics] == [
+                ("Node Control/Rebirth", True)
+            ]
             assert source.stats.gaps == 1 and source.stats.skipped == 2
 
             # the reader's own connection drops: the broker sends its will (offline, the birth's timestamp)

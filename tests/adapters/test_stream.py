@@ -1,4 +1,5 @@
 """row_stream: several sources into one stream of rows, with the caller's policy for a failing source."""
+
 from __future__ import annotations
 
 import asyncio
@@ -46,8 +47,7 @@ async def test_a_real_csv_source_and_a_ranged_source_make_rows_then_end(tmp_path
     ranged = Scripted("plc", [Sample.bad("plc", "offline")], ranges=lambda: {"b": (0.0, 1.0)})  # b's range only
     assert isinstance(csv, Source) and isinstance(ranged, Source)
     ended, samples = [], []
-    stream = row_stream([ranged, csv], MAPPING, on_source_end=lambda s: ended.append(s.name),
-                        on_sample=samples.append)
+    stream = row_stream([ranged, csv], MAPPING, on_source_end=lambda s: ended.append(s.name), on_sample=samples.append)
     rows = [r async for r in stream]
     assert sorted(ended) == ["csv", "plc"] and len(samples) == 3
     assert [r.y for r in rows] == [0.0, 1.0]  # a row per CSV line
@@ -59,7 +59,9 @@ async def test_a_failing_source_is_reported_and_the_others_go_on() -> None:
     bad = Scripted("bad", [smp(1.0, a=1.0)], fail=RuntimeError("device gone"))
     good = Scripted("good", [smp(2.0, a=5.0, b=1.0, y=1), smp(3.0, a=6.0, b=1.0, y=0)], ranges={"b": (0.0, 2.0)})
     errors = []
-    rows = [r async for r in row_stream([bad, good], MAPPING, on_source_error=lambda s, e: errors.append((s.name, str(e))))]
+    rows = [
+        r async for r in row_stream([bad, good], MAPPING, on_source_error=lambda s, e: errors.append((s.name, str(e))))
+    ]
     assert errors == [("bad", "device gone")] and len(rows) == 2
 
 
@@ -72,13 +74,15 @@ async def test_without_a_policy_a_failing_source_ends_the_stream() -> None:
 
 
 async def test_live_only_drops_rows_made_from_historical_samples() -> None:
-    src = Scripted("sp", [smp(1.0, historical=True, a=1.0, b=1.0, y=0), smp(2.0, a=2.0, b=1.0, y=1)],
-                   ranges={"b": (0.0, 1.0)})
+    src = Scripted(
+        "sp", [smp(1.0, historical=True, a=1.0, b=1.0, y=0), smp(2.0, a=2.0, b=1.0, y=1)], ranges={"b": (0.0, 1.0)}
+    )
     assert [r.historical async for r in row_stream([src], MAPPING)] == [True, False]
     src = Scripted("sp", src._samples, ranges={"b": (0.0, 1.0)})
     assert [r.ts async for r in row_stream([src], MAPPING, live_only=True)] == [2.0]
 
 
 def test_source_ranges_merge_mappings_and_methods() -> None:
-    assert source_ranges([Scripted("x", [], ranges={"a": (0, 1)}), Scripted("y", [], ranges=lambda: {"b": (1, 2)}),
-                          Scripted("z", [])]) == {"a": (0, 1), "b": (1, 2)}
+    assert source_ranges(
+        [Scripted("x", [], ranges={"a": (0, 1)}), Scripted("y", [], ranges=lambda: {"b": (1, 2)}), Scripted("z", [])]
+    ) == {"a": (0, 1), "b": (1, 2)}

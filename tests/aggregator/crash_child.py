@@ -3,6 +3,7 @@
 Prints one JSON receipt per line (flushed), so the parent can kill it at a
 chosen point. Usage: python -m tests.aggregator.crash_child <aggregator.toml> <blob dir>
 """
+
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
 """Shared test scaffolding: a federation on disk (keys, enrollment, aggregator.toml) and sealed updates."""
+
 from __future__ import annotations
 
 import itertools
@@ -37,8 +38,15 @@ class Federation:
     def enrollment(self) -> Enrollment:
         return Enrollment.load(self.root / "enrollment.json")
 
-    def write_config(self, strategy: str = "", extra: str = "", broker: str = "", name: str = "aggregator.toml",
-                     state_dir: str = "state", spec: str = SPEC_TOML) -> Path:
+    def write_config(
+        self,
+        strategy: str = "",
+        extra: str = "",
+        broker: str = "",
+        name: str = "aggregator.toml",
+        state_dir: str = "state",
+        spec: str = SPEC_TOML,
+    ) -> Path:
         """The aggregator's file; ``min_sites = 1`` unless ``strategy`` sets it: these federations are tiny, and
         tests of the machinery (intake, durability, the wire) send from one or two sites. The fairness rules
         have tests of their own (tests/aggregator/test_fairness.py)."""
@@ -57,19 +65,32 @@ seed = 7
 {strategy}
 {extra}
 {broker}
-""")
+"""
+        )
         return path
 
     def config(self, **kw: Any) -> AggregatorConfig:
         return load_config(self.write_config(**kw))
 
-    def seal(self, site: str, delta: dict[str, np.ndarray], base_version: int, n_samples: int = 10,
-             counter: int | None = None, msg_id: str | None = None) -> tuple[bytes, UpdateHeader]:
+    def seal(
+        self,
+        site: str,
+        delta: dict[str, np.ndarray],
+        base_version: int,
+        n_samples: int = 10,
+        counter: int | None = None,
+        msg_id: str | None = None,
+    ) -> tuple[bytes, UpdateHeader]:
         if counter is None:
             counter = next(self.counters.setdefault(site, itertools.count(1)))
-        header = UpdateHeader(site=site, counter=counter, msg_id=msg_id or uuid.uuid4().hex[:16],
-                              base_version=base_version, n_samples=n_samples,
-                              privacy={"epsilon": 1.0, "delta": 1e-5})
+        header = UpdateHeader(
+            site=site,
+            counter=counter,
+            msg_id=msg_id or uuid.uuid4().hex[:16],
+            base_version=base_version,
+            n_samples=n_samples,
+            privacy={"epsilon": 1.0, "delta": 1e-5},
+        )
         return envelope.seal_update(header, delta, self.sites[site], self.agg.public().box_pub), header
 
 
@@ -86,5 +107,7 @@ def make_federation(root: Path, sites: list[str], federation: str = "test") -> F
     return Federation(root, federation, agg, keys)
 
 
-def random_delta(reference: dict[str, np.ndarray], rng: np.random.Generator, scale: float = 0.01) -> dict[str, np.ndarray]:
+def random_delta(
+    reference: dict[str, np.ndarray], rng: np.random.Generator, scale: float = 0.01
+) -> dict[str, np.ndarray]:
     return {k: (rng.standard_normal(v.shape) * scale).astype(np.float32) for k, v in reference.items()}

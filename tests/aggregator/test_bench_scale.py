@@ -1,4 +1,5 @@
 """bench/scale.py stays runnable: a few real sites, a real Mosquitto and `fedline aggregator`, a few seconds."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -24,11 +25,42 @@ def _load():
 def test_scale_bench_runs_a_small_federation_to_a_drained_backlog(capsys) -> None:
     bench = _load()
     assert bench.buffer_size_for(1000) == 100 and bench.buffer_size_for(4) == 1
-    assert bench.main(["--json", "--sites", "4", "--params", "2000", "--minutes", "0.1", "--rate-per-site", "1",
-                       "--step-s", "2", "--max-steps", "1", "--procs", "2"]) == 0
+    assert (
+        bench.main(
+            [
+                "--json",
+                "--sites",
+                "4",
+                "--params",
+                "2000",
+                "--minutes",
+                "0.1",
+                "--rate-per-site",
+                "1",
+                "--step-s",
+                "2",
+                "--max-steps",
+                "1",
+                "--procs",
+                "2",
+            ]
+        )
+        == 0
+    )
     r = json.loads(capsys.readouterr().out)
-    for key in ("sites", "params", "updates_per_s", "receipt_p50_s", "receipt_p99_s", "backlog_flat",
-                "max_flat_updates_per_s", "intake_vs_limit", "aggregator_rss_mb", "broker_rss_mb", "backlog"):
+    for key in (
+        "sites",
+        "params",
+        "updates_per_s",
+        "receipt_p50_s",
+        "receipt_p99_s",
+        "backlog_flat",
+        "max_flat_updates_per_s",
+        "intake_vs_limit",
+        "aggregator_rss_mb",
+        "broker_rss_mb",
+        "backlog",
+    ):
         assert key in r, key
     assert r["sites"] == 4 and 1500 < r["params"] < 2500 and r["procs"] == 2
     # the run drained: every update a site sealed got a signed receipt, none was refused
@@ -37,4 +69,4 @@ def test_scale_bench_runs_a_small_federation_to_a_drained_backlog(capsys) -> Non
     assert r["verdicts"].get("applied", 0) >= r["sealed"]  # K = 1: each update makes its own version
     assert r["updates_per_s"] > 0 and 0 < r["receipt_p50_s"] <= r["receipt_p99_s"]
     assert r["aggregator_rss_mb"] > 0 and r["broker_rss_mb"] > 0 and r["limit_cpu_ms_per_update"] > 0
-    assert [p["phase"] for p in r["phases"]][0] == "steady" and r["backlog"][-1][1] == 0
+    assert next(p["phase"] for p in r["phases"]) == "steady" and r["backlog"][-1][1] == 0

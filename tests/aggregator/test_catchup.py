@@ -1,4 +1,5 @@
 """Catch-up decisions: who is behind, and how often a claim of being behind is answered."""
+
 from __future__ import annotations
 
 from aggregator.catchup import CatchUp, parse_status

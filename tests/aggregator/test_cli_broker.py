@@ -2,6 +2,7 @@
 
 Also `fedline status` reading the federation from the broker alone.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -23,9 +24,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def start(conf: Path, log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "fedline.cli", "aggregator", "--config", str(conf)],
-                            cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
-                            stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "fedline.cli", "aggregator", "--config", str(conf)],
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 async def test_kill9_mid_buffer_over_mosquitto_then_status(mosquitto, tmp_path):
@@ -42,8 +48,11 @@ async def test_kill9_mid_buffer_over_mosquitto_then_status(mosquitto, tmp_path):
     try:
         # the aggregator is up (and subscribed) once version 0 is out; its start imports torch: slow when loaded
         await read_manifest(mosquitto, fed, 0, timeout=120)
-        async with Site(fed, mosquitto, "site-a") as a, Site(fed, mosquitto, "site-b") as b, \
-                Site(fed, mosquitto, "site-c") as c:
+        async with (
+            Site(fed, mosquitto, "site-a") as a,
+            Site(fed, mosquitto, "site-b") as b,
+            Site(fed, mosquitto, "site-c") as c,
+        ):
             sites = {"site-a": a, "site-b": b, "site-c": c}
             order = [SITES[i % 3] for i in range(len(blobs))]
 
@@ -69,6 +78,7 @@ async def test_kill9_mid_buffer_over_mosquitto_then_status(mosquitto, tmp_path):
                 await send(i)
                 await eventually(lambda: receipts() == i + 1, 60)
             v, ref_model, _ref_receipts = reference_run(fed, blobs, tmp_path)
+
             # the last receipt of every update equals the uninterrupted run's final verdict and version
             # (buffered updates got an "applied" receipt when their buffer flushed, also across the crash)
             def last() -> dict:
@@ -86,11 +96,18 @@ async def test_kill9_mid_buffer_over_mosquitto_then_status(mosquitto, tmp_path):
             np.testing.assert_array_equal(weights[k], ref_model[k])
         # fedline status, from the broker alone (observer credentials)
         status_conf = tmp_path / "status.toml"
-        status_conf.write_text('federation = "test"\nenrollment_file = "fed/enrollment.json"\n'
-                               + broker_table(mosquitto, "observer").replace('client_id = "agg-test"\n', ""))
-        out = subprocess.run([sys.executable, "-m", "fedline.cli", "status", "--config", str(status_conf),
-                              "--listen", "1"], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
-                             capture_output=True, text=True, timeout=60)
+        status_conf.write_text(
+            'federation = "test"\nenrollment_file = "fed/enrollment.json"\n'
+            + broker_table(mosquitto, "observer").replace('client_id = "agg-test"\n', "")
+        )
+        out = subprocess.run(
+            [sys.executable, "-m", "fedline.cli", "status", "--config", str(status_conf), "--listen", "1"],
+            cwd=ROOT,
+            env=dict(os.environ, PYTHONPATH=str(ROOT)),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert out.returncode == 0, out.stderr
         assert f"model version {v} (key epoch 1, sealed to the members)" in out.stdout
         for s in SITES:

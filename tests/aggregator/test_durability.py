@@ -1,4 +1,5 @@
 """kill -9 at any point, restart: same version, same buffer, no double counting."""
+
 from __future__ import annotations
 
 import json
@@ -17,7 +18,9 @@ from tests.aggregator.helpers import make_federation, random_delta
 
 ROOT = Path(__file__).resolve().parents[2]
 SITES = ["site-a", "site-b", "site-c"]
-STRATEGY = 'kind = "fedbuff"\nbuffer_size = 3\nstaleness = "hinge"\na = 1.0\nb = 1.0\nserver_lr = 0.8\nserver_momentum = 0.5'
+STRATEGY = (
+    'kind = "fedbuff"\nbuffer_size = 3\nstaleness = "hinge"\na = 1.0\nb = 1.0\nserver_lr = 0.8\nserver_momentum = 0.5'
+)
 
 
 def make_stream(fed, reference, n: int = 14) -> list[bytes]:
@@ -26,8 +29,7 @@ def make_stream(fed, reference, n: int = 14) -> list[bytes]:
     out = []
     for i in range(n):
         base = max(0, i // 4 - (i % 3))  # some fresh, some one or two versions stale
-        blob, _ = fed.seal(SITES[i % 3], random_delta(reference, rng, 0.05), base_version=base,
-                           n_samples=5 + 3 * i)
+        blob, _ = fed.seal(SITES[i % 3], random_delta(reference, rng, 0.05), base_version=base, n_samples=5 + 3 * i)
         out.append(blob)
     return out
 
@@ -119,7 +121,8 @@ def test_kill9_anywhere_then_resend_everything_equals_uninterrupted(tmp_path, ki
         np.testing.assert_array_equal(model[k], ref_model[k])
     counts = store.verdict_counts()
     assert counts.get("applied", 0) + counts.get("buffered", 0) == sum(
-        1 for r in ref_receipts if r["verdict"] in ("applied", "buffered"))
+        1 for r in ref_receipts if r["verdict"] in ("applied", "buffered")
+    )
     applied_versions = [ck.version for ck in [store.checkpoint(x) for x in range(1, v + 1)]]
     assert applied_versions == list(range(1, v + 1))
     # lineage: every accepted update is in exactly one version

@@ -1,4 +1,5 @@
 """One site cannot steer the global model: one update per site per buffer, min_sites, derived norm bounds."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -16,7 +17,7 @@ SITES = ["site-a", "site-b", "site-c", "site-d"]
 
 def test_a_second_update_from_a_site_supersedes_its_first_and_both_get_receipts(tmp_path):
     fed = make_federation(tmp_path, SITES)
-    core = AggregatorCore(fed.config(strategy='min_sites = 3\nbuffer_size = 3'))
+    core = AggregatorCore(fed.config(strategy="min_sites = 3\nbuffer_size = 3"))
     rng = np.random.default_rng(0)
     try:
         first = core.process(fed.seal("site-a", random_delta(core.model, rng), 0)[0])
@@ -39,12 +40,13 @@ def test_a_second_update_from_a_site_supersedes_its_first_and_both_get_receipts(
 
 def test_a_timed_out_buffer_waits_for_min_sites_distinct_sites(tmp_path):
     fed = make_federation(tmp_path, SITES)
-    core = AggregatorCore(fed.config(strategy='min_sites = 3\nbuffer_size = 4\nbuffer_timeout_s = 0.01'))
+    core = AggregatorCore(fed.config(strategy="min_sites = 3\nbuffer_size = 4\nbuffer_timeout_s = 0.01"))
     rng = np.random.default_rng(1)
     try:
         for s in ("site-a", "site-b"):
             core.process(fed.seal(s, random_delta(core.model, rng), 0)[0])
         import time
+
         time.sleep(0.05)
         assert core.flush_due_in() is None and core.flush() is None and core.version == 0  # two sites: waits
         core.process(fed.seal("site-c", random_delta(core.model, rng), 0)[0])
@@ -59,9 +61,9 @@ def test_fedasync_needs_min_sites_one_and_an_enrollment_below_min_sites_is_refus
     with pytest.raises(ConfigError, match="min_sites = 1 to accept that leak"):
         fed.config(strategy='kind = "fedasync"\nmin_sites = 3')
     with pytest.raises(FairnessError, match="2 enrolled site.*min_sites is 3"):
-        AggregatorCore(fed.config(strategy='min_sites = 3\nbuffer_size = 3'))
+        AggregatorCore(fed.config(strategy="min_sites = 3\nbuffer_size = 3"))
     with pytest.raises(ConfigError, match="buffer_size .2. must be at least min_sites .3."):
-        fed.config(strategy='min_sites = 3\nbuffer_size = 2')
+        fed.config(strategy="min_sites = 3\nbuffer_size = 2")
 
 
 def test_norm_bound_from_dp_settings_by_hand():
@@ -75,8 +77,12 @@ def test_norm_bound_from_dp_settings_by_hand():
 
 def test_default_bounds_clip_and_refuse_by_the_dp_settings(tmp_path):
     fed = make_federation(tmp_path, SITES)
-    core = AggregatorCore(fed.config(strategy='min_sites = 3\nbuffer_size = 3\nclip_to_median = false',
-                                     extra="[dp]\nclip_norm = 1.0\nlr = 0.01\nsteps = 10\nnoise_multiplier = 0.0"))
+    core = AggregatorCore(
+        fed.config(
+            strategy="min_sites = 3\nbuffer_size = 3\nclip_to_median = false",
+            extra="[dp]\nclip_norm = 1.0\nlr = 0.01\nsteps = 10\nnoise_multiplier = 0.0",
+        )
+    )
     try:
         assert core.norm_bound == pytest.approx(0.1) and core.max_norm == pytest.approx(0.4)
         big = {k: np.full(v.shape, 1.0, np.float32) for k, v in core.model.items()}

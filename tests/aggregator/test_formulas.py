@@ -5,6 +5,7 @@ FedAsync (Xie et al. 2019, Alg. 1): x_t = (1 - alpha_t) x_{t-1} + alpha_t x_new,
 x_new = x_tau + delta. The staleness function is the polynomial f(s) = (s + 1)^(-a) with a = 0.5 unless said.
 Every expected number below was computed by hand (shown in the comments), not with the code under test.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -23,11 +24,14 @@ def fedbuff(k: int, **kw) -> FedBuff:
     return FedBuff(StrategyConfig(kind="fedbuff", buffer_size=k, min_sites=1, clip_to_median=False, **kw))
 
 
-@pytest.mark.parametrize("s,expected", [
-    (0, 1.0),      # f(0) = 1^-0.5 = 1
-    (3, 0.5),      # f(3) = 4^-0.5 = 1/2
-    (8, 1 / 3),    # f(8) = 9^-0.5 = 1/3
-])
+@pytest.mark.parametrize(
+    "s,expected",
+    [
+        (0, 1.0),  # f(0) = 1^-0.5 = 1
+        (3, 0.5),  # f(3) = 4^-0.5 = 1/2
+        (8, 1 / 3),  # f(8) = 9^-0.5 = 1/3
+    ],
+)
 def test_fedbuff_single_update_moves_by_f_of_s(s, expected):
     """K = 1, delta = 1, x = 0: the new x is f(s) (the normalised formula gave 1 at every staleness)."""
     strat = fedbuff(1)

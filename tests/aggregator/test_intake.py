@@ -1,4 +1,5 @@
 """Intake without a broker: every refusal has its reason, a receipt and a counter; none stops the core."""
+
 from __future__ import annotations
 
 import urllib.request
@@ -24,8 +25,12 @@ def fed(tmp_path):
 
 @pytest.fixture
 def core(fed):
-    c = AggregatorCore(fed.config(strategy='kind = "fedbuff"\nbuffer_size = 2\nmax_staleness = 1',
-                                  extra="[validation]\nmax_norm = 5.0\nmax_samples = 1000"))
+    c = AggregatorCore(
+        fed.config(
+            strategy='kind = "fedbuff"\nbuffer_size = 2\nmax_staleness = 1',
+            extra="[validation]\nmax_norm = 5.0\nmax_samples = 1000",
+        )
+    )
     yield c
     c.close()
 
@@ -38,14 +43,19 @@ def test_each_bad_update_is_rejected_with_its_reason_and_the_good_ones_still_cou
     refused["decrypt"] = core.submit(blob[:-1] + bytes([blob[-1] ^ 1]))  # tampered ciphertext
     refused["framing"] = core.submit(b"\x00" * 100)
     stranger = KeyPair.generate("site", "site-z")
-    refused["unenrolled"] = core.submit(envelope.seal_update(
-        UpdateHeader("site-z", 1, "zz", 0, 5), good(), stranger, fed.agg.public().box_pub))
+    refused["unenrolled"] = core.submit(
+        envelope.seal_update(UpdateHeader("site-z", 1, "zz", 0, 5), good(), stranger, fed.agg.public().box_pub)
+    )
     impostor = KeyPair.generate("site", "site-b")  # claims to be site-b with another key
-    refused["unenrolled-key"] = core.submit(envelope.seal_update(
-        UpdateHeader("site-b", 1, "zz", 0, 5), good(), impostor, fed.agg.public().box_pub))
+    refused["unenrolled-key"] = core.submit(
+        envelope.seal_update(UpdateHeader("site-b", 1, "zz", 0, 5), good(), impostor, fed.agg.public().box_pub)
+    )
     other_agg = KeyPair.generate("aggregator", "other")
-    refused["decrypt-other"] = core.submit(envelope.seal_update(
-        UpdateHeader("site-a", 50, "zz", 0, 5), good(), fed.sites["site-a"], other_agg.public().box_pub))
+    refused["decrypt-other"] = core.submit(
+        envelope.seal_update(
+            UpdateHeader("site-a", 50, "zz", 0, 5), good(), fed.sites["site-a"], other_agg.public().box_pub
+        )
+    )
     with_head = dict(good(), **{"head.weight": np.zeros((1, 8), np.float32)})
     refused["names"] = core.submit(fed.seal("site-a", with_head, 0)[0])
     refused["dtype"] = core.submit(fed.seal("site-a", {k: v.astype(np.float64) for k, v in good().items()}, 0)[0])
@@ -57,11 +67,19 @@ def test_each_bad_update_is_rejected_with_its_reason_and_the_good_ones_still_cou
     refused["nonfinite"] = core.submit(fed.seal("site-a", inf, 0)[0])
     refused["base_version"] = core.submit(fed.seal("site-a", good(), 3)[0])
     assert {k: (r["verdict"], r["reason"]) for k, r in refused.items()} == {
-        "decrypt": ("rejected", "decrypt"), "framing": ("rejected", "framing"),
-        "unenrolled": ("rejected", "unenrolled"), "unenrolled-key": ("rejected", "unenrolled"),
-        "decrypt-other": ("rejected", "decrypt"), "names": ("rejected", "names"), "dtype": ("rejected", "dtype"),
-        "samples": ("rejected", "samples"), "samples-big": ("rejected", "samples"), "norm": ("rejected", "norm"),
-        "nonfinite": ("rejected", "nonfinite"), "base_version": ("rejected", "base_version")}
+        "decrypt": ("rejected", "decrypt"),
+        "framing": ("rejected", "framing"),
+        "unenrolled": ("rejected", "unenrolled"),
+        "unenrolled-key": ("rejected", "unenrolled"),
+        "decrypt-other": ("rejected", "decrypt"),
+        "names": ("rejected", "names"),
+        "dtype": ("rejected", "dtype"),
+        "samples": ("rejected", "samples"),
+        "samples-big": ("rejected", "samples"),
+        "norm": ("rejected", "norm"),
+        "nonfinite": ("rejected", "nonfinite"),
+        "base_version": ("rejected", "base_version"),
+    }
     assert "head.weight" in refused["names"]["detail"]
     # the service goes on: two good updates make version 1
     assert core.submit(fed.seal("site-a", good(), 0)[0])["verdict"] == "buffered"
@@ -106,8 +124,7 @@ def test_too_stale_updates_are_dropped_with_a_stale_receipt(fed, core):
 
 def test_parallel_open_gives_the_same_decisions_as_serial(fed, core):
     rng = np.random.default_rng(3)
-    blobs = [fed.seal(["site-a", "site-b"][i % 2], random_delta(core.model, rng), i // 2)[0]
-             for i in range(6)]
+    blobs = [fed.seal(["site-a", "site-b"][i % 2], random_delta(core.model, rng), i // 2)[0] for i in range(6)]
     decisions = core.process_many(blobs)
     assert [d.receipt["verdict"] for d in decisions] == ["buffered", "applied"] * 3
     assert core.version == 3
@@ -170,10 +187,16 @@ def test_prometheus_endpoint_serves_the_aggregator_metrics(fed, core):
     port = free_port()
     core.metrics.serve(port)
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    for name in ("fedline_aggregator_model_version", "fedline_aggregator_staleness_bucket",
-                 "fedline_aggregator_buffer_fill 1.0", 'fedline_aggregator_rejections_total{reason="framing"} 1.0',
-                 "fedline_aggregator_updates_per_second", "process_resident_memory_bytes",
-                 "process_open_fds", "python_gc_objects_collected_total"):
+    for name in (
+        "fedline_aggregator_model_version",
+        "fedline_aggregator_staleness_bucket",
+        "fedline_aggregator_buffer_fill 1.0",
+        'fedline_aggregator_rejections_total{reason="framing"} 1.0',
+        "fedline_aggregator_updates_per_second",
+        "process_resident_memory_bytes",
+        "process_open_fds",
+        "python_gc_objects_collected_total",
+    ):
         assert name in text
 
 
@@ -206,22 +229,29 @@ def test_buffer_timeout_reduces_a_partial_buffer_and_applies_every_update_in_it(
     finally:
         waits.close()
     three = make_federation(fed.root / "three", ["site-a", "site-b", "site-c"])  # K = 3 needs three sites
-    c = AggregatorCore(three.config(strategy='kind = "fedbuff"\nbuffer_size = 3\nbuffer_timeout_s = 30\n'
-                                             'clip_to_median = false', state_dir="s1"))
+    c = AggregatorCore(
+        three.config(
+            strategy='kind = "fedbuff"\nbuffer_size = 3\nbuffer_timeout_s = 30\nclip_to_median = false', state_dir="s1"
+        )
+    )
     fed = three
     try:
         assert c.flush_due_in() is None and c.flush() is None  # nothing buffered: nothing to do
         before = {k: v.copy() for k, v in c.model.items()}
         deltas = [random_delta(c.model, rng) for _ in range(2)]
-        receipts = [c.submit(fed.seal(s, d, 0, n_samples=n)[0])
-                    for s, d, n in [("site-a", deltas[0], 30), ("site-b", deltas[1], 10)]]
+        receipts = [
+            c.submit(fed.seal(s, d, 0, n_samples=n)[0])
+            for s, d, n in [("site-a", deltas[0], 30), ("site-b", deltas[1], 10)]
+        ]
         assert [r["verdict"] for r in receipts] == ["buffered", "buffered"]
         due = c.flush_due_in()
         assert due is not None and 25 < due <= 30
         decision = c.flush()
         assert decision is not None and decision.new_version == 1 and c.version == 1 and not c.buffer
-        assert sorted((r["site"], r["verdict"]) for r in decision.receipts) == [("site-a", "applied"),
-                                                                                ("site-b", "applied")]
+        assert sorted((r["site"], r["verdict"]) for r in decision.receipts) == [
+            ("site-a", "applied"),
+            ("site-b", "applied"),
+        ]
         for k in before:  # FedBuff: (1/K) sum f(s) delta with K = 3 and s = 0, whatever the sample counts
             np.testing.assert_allclose(c.model[k], before[k] + (deltas[0][k] + deltas[1][k]) / 3, atol=1e-6)
         assert c.metrics.value("fedline_aggregator_buffer_timeouts_total") == 1

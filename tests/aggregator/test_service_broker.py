@@ -1,4 +1,5 @@
 """The aggregator against a real Mosquitto: sites send sealed, chunked updates; receipts and versions come back."""
+
 from __future__ import annotations
 
 import asyncio
@@ -19,8 +20,10 @@ SITES = ["site-a", "site-b", "site-c"]
 
 
 def broker_table(broker, user: str = "aggregator") -> str:
-    return (f'[broker]\nurl = "{broker.url}"\nusername = "{user}"\npassword = "{broker.password(user)}"\n'
-            f'client_id = "agg-test"\nbackoff_min_s = 0.05\nbackoff_max_s = 0.5\nmax_chunk = 4096\n')
+    return (
+        f'[broker]\nurl = "{broker.url}"\nusername = "{user}"\npassword = "{broker.password(user)}"\n'
+        f'client_id = "agg-test"\nbackoff_min_s = 0.05\nbackoff_max_s = 0.5\nmax_chunk = 4096\n'
+    )
 
 
 def Site(fed, broker, site: str) -> Party:
@@ -28,10 +31,13 @@ def Site(fed, broker, site: str) -> Party:
     return Party(broker, site, fed.agg.public().sign_pub, "test", 4096, keys=fed.sites[site])
 
 
-async def read_manifest(broker, fed, min_version: int, timeout: float = 20.0) -> tuple[dict, dict[str, np.ndarray], bytes]:
+async def read_manifest(
+    broker, fed, min_version: int, timeout: float = 20.0
+) -> tuple[dict, dict[str, np.ndarray], bytes]:
     """What an edge does: its key grant, the sealed manifest, then the chunks it names, decrypted and verified."""
-    return await read_model(broker, Topics("test"), fed.sites["site-a"], fed.agg.public().sign_pub, min_version,
-                            timeout)
+    return await read_model(
+        broker, Topics("test"), fed.sites["site-a"], fed.agg.public().sign_pub, min_version, timeout
+    )
 
 
 async def retained_versions(broker) -> set[int]:
@@ -53,8 +59,11 @@ async def retained_versions(broker) -> set[int]:
 
 async def test_fedasync_over_mosquitto_stale_poison_and_publish(mosquitto, tmp_path):
     fed = make_federation(tmp_path / "fed", SITES)
-    cfg = fed.config(strategy='kind = "fedasync"\nalpha = 0.5\nstaleness = "polynomial"\na = 1.0\nmax_staleness = 2',
-                     extra="[validation]\nmax_norm = 10.0\n[publish]\nretain_versions = 2", broker=broker_table(mosquitto))
+    cfg = fed.config(
+        strategy='kind = "fedasync"\nalpha = 0.5\nstaleness = "polynomial"\na = 1.0\nmax_staleness = 2',
+        extra="[validation]\nmax_norm = 10.0\n[publish]\nretain_versions = 2",
+        broker=broker_table(mosquitto),
+    )
     agg = Aggregator(cfg)
     task = asyncio.create_task(agg.run())
     try:
@@ -67,8 +76,11 @@ async def test_fedasync_over_mosquitto_stale_poison_and_publish(mosquitto, tmp_p
         ref = agg.core.model
         expected = {k: v.copy() for k, v in ref.items()}
         ref0 = {k: v.copy().astype(np.float64) for k, v in ref.items()}
-        async with Site(fed, mosquitto, "site-a") as a, Site(fed, mosquitto, "site-b") as b, \
-                Site(fed, mosquitto, "site-c") as c:
+        async with (
+            Site(fed, mosquitto, "site-a") as a,
+            Site(fed, mosquitto, "site-b") as b,
+            Site(fed, mosquitto, "site-c") as c,
+        ):
             # three fresh updates, in sequence: each applied with alpha * f(s)
             deltas = []
             for i, site in enumerate([a, b, a]):
@@ -88,8 +100,11 @@ async def test_fedasync_over_mosquitto_stale_poison_and_publish(mosquitto, tmp_p
             await c.client.publish(c.topics.update_chunk("site-c", "junk1", 0), b"\x00not a chunk")
             await c.send(b"FLE\x01" + bytes(200), "junk2")
             await eventually(lambda: c.receipts and c.receipts[-1]["msg_id"] == "junk2", 20)
-            assert (c.receipts[-1]["verdict"], c.receipts[-1]["reason"], c.receipts[-1]["counter"]) == \
-                ("rejected", "decrypt", -1)
+            assert (c.receipts[-1]["verdict"], c.receipts[-1]["reason"], c.receipts[-1]["counter"]) == (
+                "rejected",
+                "decrypt",
+                -1,
+            )
             assert agg.metrics.value("fedline_aggregator_chunk_errors_total") == 1
             # too stale (s = 3 > 2): dropped with a receipt, model unchanged
             blob, h = fed.seal("site-c", random_delta(ref, rng), base_version=0)
@@ -158,10 +173,12 @@ async def test_evaluation_metric_goes_into_checkpoint_and_manifest(mosquitto, tm
     rows = ["a,b,c,d,label"] + [",".join(f"{v:.3f}" for v in rng.uniform(0, 1, 4)) + f",{i % 2}" for i in range(60)]
     (fed.root / "holdout.csv").write_text("\n".join(rows) + "\n")
     features = ", ".join(f'{{ tag = "{t}", range = [0.0, 1.0] }}' for t in "abcd")
-    cfg = fed.config(strategy='kind = "fedasync"',
-                     extra=f'[evaluation]\ncsv = "holdout.csv"\nmetric = "accuracy"\n'
-                           f'[evaluation.rows]\nlabel = "label"\nfeatures = [{features}]\n',
-                     broker=broker_table(mosquitto))
+    cfg = fed.config(
+        strategy='kind = "fedasync"',
+        extra=f'[evaluation]\ncsv = "holdout.csv"\nmetric = "accuracy"\n'
+        f'[evaluation.rows]\nlabel = "label"\nfeatures = [{features}]\n',
+        broker=broker_table(mosquitto),
+    )
     agg = Aggregator(cfg)
     task = asyncio.create_task(agg.run())
     try:
@@ -218,8 +235,11 @@ async def test_broker_restart_is_survived_and_updates_sent_meanwhile_are_decided
 async def test_buffer_timeout_makes_a_version_when_the_other_sites_are_away(mosquitto, tmp_path):
     """FedBuff K=3 with one site online: after buffer_timeout_s its update is applied and published anyway."""
     fed = make_federation(tmp_path / "fed", SITES)
-    cfg = fed.config(strategy='kind = "fedbuff"\nbuffer_size = 3\nbuffer_timeout_s = 0.5',
-                     broker=broker_table(mosquitto), extra="[publish]\nonnx = false")
+    cfg = fed.config(
+        strategy='kind = "fedbuff"\nbuffer_size = 3\nbuffer_timeout_s = 0.5',
+        broker=broker_table(mosquitto),
+        extra="[publish]\nonnx = false",
+    )
     agg = Aggregator(cfg)
     task = asyncio.create_task(agg.run())
     rng = np.random.default_rng(5)
@@ -241,29 +261,39 @@ async def test_buffer_timeout_makes_a_version_when_the_other_sites_are_away(mosq
         await asyncio.wait_for(task, 30)
 
 
-async def test_total_reassembly_cap_over_mosquitto_the_flooder_pays_and_the_honest_update_is_applied(mosquitto, tmp_path):
+async def test_total_reassembly_cap_over_mosquitto_the_flooder_pays_and_the_honest_update_is_applied(
+    mosquitto, tmp_path
+):
     """A site floods first chunks up to its own cap; an honest site's chunked update then pushes the total over
     reassembly_total_max_bytes: the flooder's half-sent messages are evicted (counted), the honest one applied."""
     from tests.aggregator.helpers import SPEC_TOML
 
     fed = make_federation(tmp_path / "fed", SITES)
-    cfg = fed.config(strategy='kind = "fedasync"', broker=broker_table(mosquitto), extra="[publish]\nonnx = false",
-                     spec="reassembly_max_bytes = 40000\nreassembly_total_max_bytes = 40000\n" + SPEC_TOML)
+    cfg = fed.config(
+        strategy='kind = "fedasync"',
+        broker=broker_table(mosquitto),
+        extra="[publish]\nonnx = false",
+        spec="reassembly_max_bytes = 40000\nreassembly_total_max_bytes = 40000\n" + SPEC_TOML,
+    )
     agg = Aggregator(cfg)
     task = asyncio.create_task(agg.run())
     try:
         await eventually(lambda: agg.published_version == 0, 30)
         async with Site(fed, mosquitto, "site-b") as flooder:
             flood = [chunking.split(bytes(400), f"f{i}", 270)[0] for i in range(300)]
-            await flooder.client.publish_many([(flooder.topics.update_chunk("site-b", f"f{i}", 0), c)
-                                               for i, c in enumerate(flood)])
-            await eventually(lambda: "site-b" in agg.reassemblers and agg.reassemblers["site-b"].held_bytes > 39_700, 30)
+            await flooder.client.publish_many(
+                [(flooder.topics.update_chunk("site-b", f"f{i}", 0), c) for i, c in enumerate(flood)]
+            )
+            await eventually(
+                lambda: "site-b" in agg.reassemblers and agg.reassemblers["site-b"].held_bytes > 39_700, 30
+            )
         async with Site(fed, mosquitto, "site-a") as honest:
             blob, h = fed.seal("site-a", random_delta(agg.core.model, np.random.default_rng(2)), 0)
             small = chunking.split(blob, h.msg_id, 200)  # small chunks: held half-sent while the rest arrive
             assert len(small) >= 3
-            await honest.client.publish_many([(honest.topics.update_chunk("site-a", h.msg_id, i), c)
-                                              for i, c in enumerate(small)])
+            await honest.client.publish_many(
+                [(honest.topics.update_chunk("site-a", h.msg_id, i), c) for i, c in enumerate(small)]
+            )
             await eventually(lambda: [r["verdict"] for r in honest.receipts] == ["applied"], 30)
         assert agg.core.metrics.value("fedline_aggregator_reassembly_evicted_total") >= 1
         assert sum(r.held_bytes for r in agg.reassemblers.values()) <= 40000

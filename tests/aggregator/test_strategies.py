@@ -1,4 +1,5 @@
 """The reduce step's math: each strategy follows its formula, step by step, on random inputs."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -18,8 +19,12 @@ def acc(delta, n=10, s=0, weight=None, factor=1.0, site="s"):
 
 
 # -- staleness functions -------------------------------------------------------------
-@given(kind=st.sampled_from(["constant", "polynomial", "hinge"]), a=st.floats(0, 3), b=st.floats(0, 10),
-       s=st.integers(0, 1000))
+@given(
+    kind=st.sampled_from(["constant", "polynomial", "hinge"]),
+    a=st.floats(0, 3),
+    b=st.floats(0, 10),
+    s=st.integers(0, 1000),
+)
 def test_staleness_functions_start_at_one_never_exceed_it_and_never_increase(kind, a, b, s):
     f = staleness.make(kind, a, b)
     assert f(0) == 1.0
@@ -28,7 +33,7 @@ def test_staleness_functions_start_at_one_never_exceed_it_and_never_increase(kin
 
 
 def test_staleness_formulas():
-    assert staleness.make("polynomial", 0.5)(3) == pytest.approx(4 ** -0.5)
+    assert staleness.make("polynomial", 0.5)(3) == pytest.approx(4**-0.5)
     hinge = staleness.make("hinge", 2.0, 4.0)
     assert hinge(4) == 1.0 and hinge(6) == pytest.approx(1 / (2 * 2 + 1))
     assert staleness.make("constant")(100) == 1.0
@@ -47,14 +52,15 @@ def test_fedavg_with_sample_weighting_equals_sample_weighted_mean_of_deltas(shap
     model = {f"p{i}": rng.standard_normal(sh).astype(np.float32) for i, sh in enumerate(shapes)}
     deltas = [{k: rng.standard_normal(v.shape).astype(np.float32) for k, v in model.items()} for _ in range(n_sites)]
     samples = rng.integers(1, 1000, n_sites)
-    strat = FedAvg(StrategyConfig(kind="fedavg", sample_weighting=True, sample_cap=1000, clip_to_median=False),
-                   n_sites)
+    strat = FedAvg(StrategyConfig(kind="fedavg", sample_weighting=True, sample_cap=1000, clip_to_median=False), n_sites)
     assert strat.buffer_size == n_sites
     ups = [acc(d, int(n), s=int(rng.integers(0, 5)), weight=strat.weight(int(n), 3)) for d, n in zip(deltas, samples)]
     out = strat.reduce(model, ups, None).model
     for k in model:
-        expected = model[k].astype(np.float64) + sum(
-            n * d[k].astype(np.float64) for d, n in zip(deltas, samples)) / samples.sum()
+        expected = (
+            model[k].astype(np.float64)
+            + sum(n * d[k].astype(np.float64) for d, n in zip(deltas, samples)) / samples.sum()
+        )
         np.testing.assert_allclose(out[k], expected, rtol=1e-5, atol=1e-5)
         assert out[k].dtype == np.float32
 
@@ -62,8 +68,12 @@ def test_fedavg_with_sample_weighting_equals_sample_weighted_mean_of_deltas(shap
 def test_fedavg_end_to_end_sealed_updates_one_round(tmp_path):
     """One round of four: with sample weighting and the aggregator's cap (100), a site claiming 500 counts as 100."""
     fed = make_federation(tmp_path, ["a1", "a2", "a3", "a4"])
-    core = AggregatorCore(fed.config(strategy='kind = "fedavg"\nstaleness = "polynomial"\na = 2.0\n'
-                                              'sample_weighting = true\nsample_cap = 100\nclip_to_median = false'))
+    core = AggregatorCore(
+        fed.config(
+            strategy='kind = "fedavg"\nstaleness = "polynomial"\na = 2.0\n'
+            "sample_weighting = true\nsample_cap = 100\nclip_to_median = false"
+        )
+    )
     rng = np.random.default_rng(3)
     base = {k: v.copy() for k, v in core.model.items()}
     deltas = [random_delta(base, rng, 0.1) for _ in range(4)]
@@ -109,9 +119,12 @@ def test_fedbuff_buffers_k_then_steps_by_the_staleness_scaled_sum_over_k_with_lr
     """Nguyen et al. Alg. 1: x <- x + lr * (1/K) sum f(s_i) delta_i (here with FedAvgM momentum); the claimed
     sample counts do not enter. (This test encoded the first, normalised formula; corrected, issue 14.)"""
     fed = make_federation(tmp_path, ["a1", "a2", "a3"])
-    core = AggregatorCore(fed.config(
-        strategy='kind = "fedbuff"\nbuffer_size = 3\nstaleness = "polynomial"\na = 0.5\nserver_lr = 0.7\n'
-                 'server_momentum = 0.9\nclip_to_median = false'))
+    core = AggregatorCore(
+        fed.config(
+            strategy='kind = "fedbuff"\nbuffer_size = 3\nstaleness = "polynomial"\na = 0.5\nserver_lr = 0.7\n'
+            "server_momentum = 0.9\nclip_to_median = false"
+        )
+    )
     rng = np.random.default_rng(6)
     x = {k: v.astype(np.float64) for k, v in core.model.items()}
     m = {k: np.zeros_like(v) for k, v in x.items()}
@@ -141,8 +154,10 @@ def _ten_senders(rng, poison_scale: float):
     """Nine honest deltas around a common direction, and a tenth scaled-up and flipped."""
     model = {"w": np.zeros((40, 25), np.float32), "b": np.zeros(25, np.float32)}
     direction = {k: rng.standard_normal(v.shape).astype(np.float32) * 0.1 for k, v in model.items()}
-    honest = [{k: direction[k] + 0.05 * rng.standard_normal(v.shape).astype(np.float32) for k, v in model.items()}
-              for _ in range(10)]
+    honest = [
+        {k: direction[k] + 0.05 * rng.standard_normal(v.shape).astype(np.float32) for k, v in model.items()}
+        for _ in range(10)
+    ]
     poisoned = list(honest)
     poisoned[9] = {k: -poison_scale * v for k, v in honest[9].items()}
     return model, honest, poisoned
@@ -152,11 +167,14 @@ def _dist(a, b):
     return robust.l2_norm({k: a[k] - b[k] for k in a})
 
 
-@pytest.mark.parametrize("options,bound", [
-    ({"robust": "median"}, 0.25),
-    ({"robust": "trimmed_mean", "trim": 0.1}, 0.25),
-    ({"robust": "none", "norm_bound": 3.0}, 0.5),
-])
+@pytest.mark.parametrize(
+    "options,bound",
+    [
+        ({"robust": "median"}, 0.25),
+        ({"robust": "trimmed_mean", "trim": 0.1}, 0.25),
+        ({"robust": "none", "norm_bound": 3.0}, 0.5),
+    ],
+)
 def test_robust_reduce_keeps_model_near_the_clean_run_with_one_of_ten_poisoned(options, bound):
     """Stated distance: within ``bound`` × the clean step's norm; the plain mean is pushed > 5× away."""
     rng = np.random.default_rng(11)

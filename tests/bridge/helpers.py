@@ -4,6 +4,7 @@ The receive loop is the aggregator's front door in miniature (reassemble, open,
 verify, check the counter) so the broker tests exercise the same path the
 aggregator will, and count every rejection by the stage and reason it failed.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -63,13 +64,19 @@ def tensors_of(n_params: int, seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def header(site: str, counter: int, msg_id: str | None = None) -> envelope.UpdateHeader:
-    return envelope.UpdateHeader(site=site, counter=counter, msg_id=msg_id or f"{site}-u{counter}",
-                                 base_version=3, n_samples=128,
-                                 privacy={"clip_norm": 1.0, "noise_multiplier": 1.1, "epsilon": 0.5})
+    return envelope.UpdateHeader(
+        site=site,
+        counter=counter,
+        msg_id=msg_id or f"{site}-u{counter}",
+        base_version=3,
+        n_samples=128,
+        privacy={"clip_norm": 1.0, "noise_multiplier": 1.1, "epsilon": 0.5},
+    )
 
 
-def seal(fed: Federation, site: str, counter: int, n_params: int = 1000, seed: int = 0
-         ) -> tuple[envelope.UpdateHeader, dict[str, np.ndarray], bytes]:
+def seal(
+    fed: Federation, site: str, counter: int, n_params: int = 1000, seed: int = 0
+) -> tuple[envelope.UpdateHeader, dict[str, np.ndarray], bytes]:
     h = header(site, counter)
     t = tensors_of(n_params, seed)
     return h, t, envelope.seal_update(h, t, fed.sites[site], fed.agg_box_pub)
@@ -112,8 +119,13 @@ def bad_schema(fed: Federation, site: str, counter: int) -> bytes:
     doc = header(site, counter).to_dict()
     del doc["n_samples"]
     head = envelope.canonical_json(doc)
-    plain = b"FLU" + bytes([envelope.FORMAT_VERSION]) + struct.pack("<I", len(head)) + head + \
-        envelope.encode_tensors(tensors_of(100))
+    plain = (
+        b"FLU"
+        + bytes([envelope.FORMAT_VERSION])
+        + struct.pack("<I", len(head))
+        + head
+        + envelope.encode_tensors(tensors_of(100))
+    )
     return seal_inner(fed, signed_inner(fed.sites[site], site, plain))
 
 
@@ -128,8 +140,9 @@ def wrong_version(blob: bytes) -> bytes:
 
 
 # --------------------------------------------------------------------------- the wire
-def chunk_items(topics: Topics, site: str, msg_id: str, blob: bytes, max_chunk: int = 100 * 1024
-                ) -> list[tuple[str, bytes]]:
+def chunk_items(
+    topics: Topics, site: str, msg_id: str, blob: bytes, max_chunk: int = 100 * 1024
+) -> list[tuple[str, bytes]]:
     return [(topics.update_chunk(site, msg_id, i), c) for i, c in enumerate(split(blob, msg_id, max_chunk))]
 
 

@@ -1,4 +1,5 @@
 """bench/wire.py stays runnable: its measurement agrees with itself on a tiny update."""
+
 from __future__ import annotations
 
 import importlib.util

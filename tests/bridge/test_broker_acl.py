@@ -1,6 +1,7 @@
 """The generated ACL, enforced by a real Mosquitto: a site writes only under its own
 ``sites/<site>/`` and reads only ``model/`` and its own receipts. Under MQTT 5 a refused
 publish is an error (PUBACK 0x87), not a silent success."""
+
 from __future__ import annotations
 
 import asyncio
@@ -22,20 +23,25 @@ async def _collect(client: MqttClient, into: list) -> None:
         into.append((m.topic, m.payload))
 
 
-@pytest.mark.parametrize("topic", [
-    T.update_chunk("site-b", "m1", 0),  # another site's updates
-    T.status("site-b"),
-    T.receipts("site-a"),  # its own receipts are the aggregator's to write
-    T.fedkey("site-a"),  # and so is its key grant
-    T.fedkey("site-b"),
-    T.manifest(),
-    T.weights_chunk(3, 0),
-    "fedline/test/anything",
-    "fedline/other/sites/site-a/update/m1/0",  # another federation
-])
+@pytest.mark.parametrize(
+    "topic",
+    [
+        T.update_chunk("site-b", "m1", 0),  # another site's updates
+        T.status("site-b"),
+        T.receipts("site-a"),  # its own receipts are the aggregator's to write
+        T.fedkey("site-a"),  # and so is its key grant
+        T.fedkey("site-b"),
+        T.manifest(),
+        T.weights_chunk(3, 0),
+        "fedline/test/anything",
+        "fedline/other/sites/site-a/update/m1/0",  # another federation
+    ],
+)
 async def test_site_cannot_publish_outside_its_own_subtree(mosquitto, topic: str) -> None:
-    async with MqttClient(settings_for(mosquitto, "site-a", client_id="a")) as a, \
-            MqttClient(settings_for(mosquitto, "observer", client_id="obs")) as obs:
+    async with (
+        MqttClient(settings_for(mosquitto, "site-a", client_id="a")) as a,
+        MqttClient(settings_for(mosquitto, "observer", client_id="obs")) as obs,
+    ):
         await obs.wait_connected(10)
         await obs.subscribe("#")
         await a.wait_connected(10)
@@ -57,8 +63,10 @@ async def test_site_cannot_publish_outside_its_own_subtree(mosquitto, topic: str
 async def test_mqtt311_refusals_are_silent_so_nothing_must_arrive(mosquitto) -> None:
     """Under 3.1.1 the broker acks what it drops (why fedline uses receipts): the
     publish 'succeeds' but the aggregator must still never see it."""
-    async with MqttClient(settings_for(mosquitto, "aggregator", client_id="agg")) as agg, \
-            MqttClient(settings_for(mosquitto, "site-a", client_id="a311", protocol="3.1.1")) as a:
+    async with (
+        MqttClient(settings_for(mosquitto, "aggregator", client_id="agg")) as agg,
+        MqttClient(settings_for(mosquitto, "site-a", client_id="a311", protocol="3.1.1")) as a,
+    ):
         await agg.wait_connected(10)
         await agg.subscribe(T.updates_filter())
         seen: list = []
@@ -72,23 +80,35 @@ async def test_mqtt311_refusals_are_silent_so_nothing_must_arrive(mosquitto) -> 
 
 
 async def test_site_reads_only_the_model_and_its_own_receipts(mosquitto) -> None:
-    async with MqttClient(settings_for(mosquitto, "site-a", client_id="a")) as a, \
-            MqttClient(settings_for(mosquitto, "site-b", client_id="b")) as b, \
-            MqttClient(settings_for(mosquitto, "aggregator", client_id="agg")) as agg, \
-            MqttClient(settings_for(mosquitto, "observer", client_id="obs")) as obs:
+    async with (
+        MqttClient(settings_for(mosquitto, "site-a", client_id="a")) as a,
+        MqttClient(settings_for(mosquitto, "site-b", client_id="b")) as b,
+        MqttClient(settings_for(mosquitto, "aggregator", client_id="agg")) as agg,
+        MqttClient(settings_for(mosquitto, "observer", client_id="obs")) as obs,
+    ):
         for c in (a, b, agg, obs):
             await c.wait_connected(10)
-        for flt in ("fedline/test/#", T.updates_filter(), T.receipts("site-b"), T.status("site-b"),
-                    T.receipts("site-a"), T.model_filter(), T.fedkey("site-b"), T.fedkey("site-a")):
+        for flt in (
+            "fedline/test/#",
+            T.updates_filter(),
+            T.receipts("site-b"),
+            T.status("site-b"),
+            T.receipts("site-a"),
+            T.model_filter(),
+            T.fedkey("site-b"),
+            T.fedkey("site-a"),
+        ):
             await a.subscribe(flt)
         await obs.subscribe("fedline/test/#")
         got_a: list = []
         got_obs: list = []
         tasks = [asyncio.create_task(_collect(a, got_a)), asyncio.create_task(_collect(obs, got_obs))]
-        forbidden = [(T.update_chunk("site-b", "m1", 0), b"b's update", b),
-                     (T.status("site-b"), b"online", b),
-                     (T.receipts("site-b"), b"b's receipt", agg),
-                     (T.fedkey("site-b"), b"b's key grant", agg)]
+        forbidden = [
+            (T.update_chunk("site-b", "m1", 0), b"b's update", b),
+            (T.status("site-b"), b"online", b),
+            (T.receipts("site-b"), b"b's receipt", agg),
+            (T.fedkey("site-b"), b"b's key grant", agg),
+        ]
         for topic, payload, who in forbidden:
             await who.publish(topic, payload)
         await eventually(lambda: len(got_obs) >= len(forbidden))  # they were really published

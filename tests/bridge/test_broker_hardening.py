@@ -1,6 +1,7 @@
 """The generated broker defends itself, checked against a real Mosquitto started on the config
 ``fedline broker config`` writes: TLS only (plaintext only when asked, and only on loopback),
 client ids bound to usernames, packet and queue limits enforced and counted."""
+
 from __future__ import annotations
 
 import getpass
@@ -45,12 +46,43 @@ def test_generated_config_has_no_plaintext_listener_unless_asked(tmp_path: Path,
     assert (tmp_path / "a" / "pki" / "ca.key").stat().st_mode & 0o077 == 0
     assert (tmp_path / "a" / "credentials" / "site-a.line.password").stat().st_mode & 0o077 == 0
 
-    assert main(["broker", "config", "--federation", "test", "--site", "site-a", "--out", str(tmp_path / "b"),
-                 "--bind", "0.0.0.0", "--plain-port", "1884"]) == 0
+    assert (
+        main(
+            [
+                "broker",
+                "config",
+                "--federation",
+                "test",
+                "--site",
+                "site-a",
+                "--out",
+                str(tmp_path / "b"),
+                "--bind",
+                "0.0.0.0",
+                "--plain-port",
+                "1884",
+            ]
+        )
+        == 0
+    )
     assert _listeners(tmp_path / "b" / "mosquitto.conf") == [(8883, "0.0.0.0", True), (1884, "127.0.0.1", False)]
 
-    rc = main(["broker", "config", "--federation", "test", "--site", "site-a", "--out", str(tmp_path / "c"),
-               "--plain-port", "1884", "--plain-bind", "0.0.0.0"])
+    rc = main(
+        [
+            "broker",
+            "config",
+            "--federation",
+            "test",
+            "--site",
+            "site-a",
+            "--out",
+            str(tmp_path / "c"),
+            "--plain-port",
+            "1884",
+            "--plain-bind",
+            "0.0.0.0",
+        ]
+    )
     assert rc == 78 and "loopback" in capsys.readouterr().err
     assert not (tmp_path / "c" / "mosquitto.conf").exists()
 
@@ -62,14 +94,36 @@ def test_an_existing_ca_is_kept_and_the_certificate_reissued_for_new_hosts(tmp_p
     cert = (out / "pki" / "server.crt").read_bytes()
     main(["broker", "config", "--federation", "test", "--site", "site-a", "--out", str(out), "--keep-passwords"])
     assert (out / "pki" / "server.crt").read_bytes() == cert  # nothing to change
-    main(["broker", "config", "--federation", "test", "--site", "site-a", "--out", str(out), "--keep-passwords",
-          "--host", "broker.plant.example", "--host", "10.1.2.3"])
+    main(
+        [
+            "broker",
+            "config",
+            "--federation",
+            "test",
+            "--site",
+            "site-a",
+            "--out",
+            str(out),
+            "--keep-passwords",
+            "--host",
+            "broker.plant.example",
+            "--host",
+            "10.1.2.3",
+        ]
+    )
     assert (out / "pki" / "ca.crt").read_bytes() == ca  # sites keep trusting the same CA
-    text = subprocess.run(["openssl", "x509", "-noout", "-text", "-in", str(out / "pki" / "server.crt")],
-                          capture_output=True, text=True, check=True).stdout
+    text = subprocess.run(
+        ["openssl", "x509", "-noout", "-text", "-in", str(out / "pki" / "server.crt")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert "DNS:broker.plant.example" in text and "IP Address:10.1.2.3" in text
-    subprocess.run(["openssl", "verify", "-CAfile", str(out / "pki" / "ca.crt"), str(out / "pki" / "server.crt")],
-                   check=True, capture_output=True)
+    subprocess.run(
+        ["openssl", "verify", "-CAfile", str(out / "pki" / "ca.crt"), str(out / "pki" / "server.crt")],
+        check=True,
+        capture_output=True,
+    )
 
 
 def test_operator_files_must_come_together() -> None:
@@ -84,12 +138,22 @@ class Broker:
         if mosquitto_binary() is None:
             pytest.fail("this test needs mosquitto (apt-get install mosquitto)")
         self.port = free_port()
-        self.cfg = MosquittoConfig("test", SITES, port=self.port, run_as_user=getpass.getuser(),
-                                   log_file=str(root / "mosquitto.log"), sys_interval_s=1, **limits)
+        self.cfg = MosquittoConfig(
+            "test",
+            SITES,
+            port=self.port,
+            run_as_user=getpass.getuser(),
+            log_file=str(root / "mosquitto.log"),
+            sys_interval_s=1,
+            **limits,
+        )
         self.paths = write_broker_config(self.cfg, root)
         self.log = root / "mosquitto.log"
-        self.proc = subprocess.Popen([mosquitto_binary(), "-c", str(self.paths["conf"])],  # type: ignore[list-item]
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [mosquitto_binary(), "-c", str(self.paths["conf"])],  # type: ignore[list-item]
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 10
         while not _accepts(self.port):
             assert self.proc.poll() is None and time.monotonic() < deadline, self.log.read_text()
@@ -177,10 +241,19 @@ def test_oversized_packet_refused_with_reason_code(broker: Broker) -> None:
     Raw MQTT 5 over TLS, and only the fixed header is sent: the broker judges the
     announced length, and no half-written body races its DISCONNECT."""
     ctx = ssl.create_default_context(cafile=str(broker.paths["ca"]))
-    with socket.create_connection(("127.0.0.1", broker.port), 10) as raw, \
-            ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
-        body = _s("MQTT") + bytes([5, 0xC2]) + (60).to_bytes(2, "big") + b"\x00" \
-            + _s("site-a") + _s("site-a") + _s(broker.cfg.passwords["site-a"])
+    with (
+        socket.create_connection(("127.0.0.1", broker.port), 10) as raw,
+        ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+    ):
+        body = (
+            _s("MQTT")
+            + bytes([5, 0xC2])
+            + (60).to_bytes(2, "big")
+            + b"\x00"
+            + _s("site-a")
+            + _s("site-a")
+            + _s(broker.cfg.passwords["site-a"])
+        )
         tls.sendall(b"\x10" + _varint(len(body)) + body)
         connack = tls.recv(64)
         assert connack[0] == 0x20 and connack[3] == 0  # accepted

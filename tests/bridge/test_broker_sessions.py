@@ -1,6 +1,7 @@
 """Persistent sessions on a real Mosquitto: a subscriber that is away while QoS 1
 messages are published gets every one of them when it comes back, under MQTT 5
 and 3.1.1, and also when the broker restarts in between (persistence on)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -29,8 +30,9 @@ async def _drain(client: MqttClient, into: list[bytes], until: int, timeout: flo
 async def _offline_then_back(broker, protocol: str, restart_broker: bool) -> list[bytes]:
     """The aggregator subscribes, goes away, site-a publishes N updates, the broker
     maybe restarts, the aggregator comes back with the same client id."""
-    agg_settings = settings_for(broker, "aggregator", client_id=f"agg-persistent-{protocol}",
-                                protocol=protocol, clean_start=False)
+    agg_settings = settings_for(
+        broker, "aggregator", client_id=f"agg-persistent-{protocol}", protocol=protocol, clean_start=False
+    )
     async with MqttClient(agg_settings) as agg:
         await agg.wait_connected(10)
         await agg.subscribe(T.updates_filter(), qos=1)

@@ -1,5 +1,6 @@
 """TLS to a real Mosquitto, the last will for a site's status, and signed receipts
 delivered to the site they belong to."""
+
 from __future__ import annotations
 
 import asyncio
@@ -29,13 +30,54 @@ def _openssl(*args: str, cwd: Path) -> None:
 def make_ca_and_server_cert(d: Path, name: str = "ca") -> tuple[Path, Path, Path]:
     """A throwaway CA and a server certificate for 127.0.0.1 signed by it."""
     d.mkdir(parents=True, exist_ok=True)
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN=fedline test {name}",
-             "-keyout", f"{name}.key", "-out", f"{name}.crt", cwd=d)
-    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", "server.key",
-             "-out", "server.csr", cwd=d)
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        f"/CN=fedline test {name}",
+        "-keyout",
+        f"{name}.key",
+        "-out",
+        f"{name}.crt",
+        cwd=d,
+    )
+    _openssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        cwd=d,
+    )
     (d / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
-    _openssl("x509", "-req", "-in", "server.csr", "-CA", f"{name}.crt", "-CAkey", f"{name}.key",
-             "-CAcreateserial", "-days", "2", "-extfile", "ext.cnf", "-out", "server.crt", cwd=d)
+    _openssl(
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        f"{name}.crt",
+        "-CAkey",
+        f"{name}.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+        "-out",
+        "server.crt",
+        cwd=d,
+    )
     return d / f"{name}.crt", d / "server.crt", d / "server.key"
 
 
@@ -43,8 +85,15 @@ async def test_tls_listener_with_password_login(tmp_path: Path) -> None:
     ca, cert, key = make_ca_and_server_cert(tmp_path / "pki")
     other_ca, _, _ = make_ca_and_server_cert(tmp_path / "other", "other")
     tls_port = free_port()
-    broker = MosquittoProcess(tmp_path / "broker", federation=FEDERATION, sites=SITES, tls_port=tls_port,
-                              ca_file=str(ca), cert_file=str(cert), key_file=str(key))
+    broker = MosquittoProcess(
+        tmp_path / "broker",
+        federation=FEDERATION,
+        sites=SITES,
+        tls_port=tls_port,
+        ca_file=str(ca),
+        cert_file=str(cert),
+        key_file=str(key),
+    )
     broker.start()
     try:
         tls_url = f"mqtts://127.0.0.1:{tls_port}"
@@ -59,7 +108,9 @@ async def test_tls_listener_with_password_login(tmp_path: Path) -> None:
         # a client that trusts another CA must not connect (no silent downgrade)
         async with MqttClient(replace(site_s, client_id="a-wrong-ca", ca_file=str(other_ca))) as wrong:
             await eventually(lambda: wrong.stats.connect_failures >= 2)
-            assert wrong.stats.connects == 0 and "certificate verify failed" in (wrong.last_error or ""), wrong.last_error
+            assert wrong.stats.connects == 0 and "certificate verify failed" in (wrong.last_error or ""), (
+                wrong.last_error
+            )
     finally:
         broker.stop()
 
@@ -80,8 +131,11 @@ async def test_last_will_marks_a_vanished_site_offline(mosquitto) -> None:
                 seen.append(m.payload)
 
         task = asyncio.create_task(collect())
-        site = MqttClient(settings_for(mosquitto, "site-a", client_id="a-will", keepalive_s=5),
-                          will=will_message(status, b"offline"), on_connect=online)
+        site = MqttClient(
+            settings_for(mosquitto, "site-a", client_id="a-will", keepalive_s=5),
+            will=will_message(status, b"offline"),
+            on_connect=online,
+        )
         async with site:
             await eventually(lambda: seen == [b"online"])
             # the link dies without a DISCONNECT packet (cable pulled): the broker sends the will
@@ -96,10 +150,18 @@ async def test_last_will_marks_a_vanished_site_offline(mosquitto) -> None:
 
 async def test_signed_receipts_reach_only_their_site_and_verify(mosquitto) -> None:
     fed = h.make_federation()
-    receipt = {"site": "site-a", "counter": 7, "msg_id": "site-a-u7", "verdict": "applied", "reason": None,
-               "version": 12}
-    async with MqttClient(settings_for(mosquitto, "site-a", client_id="a", protocol="3.1.1")) as site, \
-            MqttClient(settings_for(mosquitto, "aggregator", client_id="agg", protocol="3.1.1")) as agg:
+    receipt = {
+        "site": "site-a",
+        "counter": 7,
+        "msg_id": "site-a-u7",
+        "verdict": "applied",
+        "reason": None,
+        "version": 12,
+    }
+    async with (
+        MqttClient(settings_for(mosquitto, "site-a", client_id="a", protocol="3.1.1")) as site,
+        MqttClient(settings_for(mosquitto, "aggregator", client_id="agg", protocol="3.1.1")) as agg,
+    ):
         await site.wait_connected(10)
         await site.subscribe(T.receipts("site-a"))
         await agg.wait_connected(10)

@@ -1,5 +1,6 @@
 """Sealed updates across a real Mosquitto: 10 MB in chunks, shuffled and duplicated,
 and every kind of bad message refused by reason while good ones keep flowing."""
+
 from __future__ import annotations
 
 import random
@@ -72,8 +73,9 @@ async def test_shuffled_and_duplicated_chunks_still_open_bit_exact(mosquitto) ->
     task = rx.start(agg)
     try:
         await site.publish_many(items)
-        await eventually(lambda: len(rx.accepted) == 2 and rx.reassembler.stats.duplicates == len(items) - n_unique,
-                         timeout=30)
+        await eventually(
+            lambda: len(rx.accepted) == 2 and rx.reassembler.stats.duplicates == len(items) - n_unique, timeout=30
+        )
         got = {hd.counter: (hd, t, b) for hd, t, b in rx.accepted}
         for head, tensors, blob in sealed:
             assert got[head.counter][2] == blob
@@ -115,17 +117,25 @@ async def test_bad_messages_are_refused_by_reason_and_the_receiver_keeps_going(m
         items = []
         for name, blob in bad.items():
             items += h.chunk_items(T, "site-a", f"bad-{name}", blob, 4096)
-        items += [(T.update_chunk("site-a", "junk", 0), b"\x00garbage that is no chunk at all"),
-                  (T.update_chunk("site-a", "junk", 1), b"")]
+        items += [
+            (T.update_chunk("site-a", "junk", 0), b"\x00garbage that is no chunk at all"),
+            (T.update_chunk("site-a", "junk", 1), b""),
+        ]
         await site_a.publish_many(items)
         await site_a.publish_many(truncated)
         _, _, revoked = h.seal(fed, "site-c", 1)
         await site_c.publish_many(h.chunk_items(T, "site-c", "c1", revoked, 4096))
 
-        expected = {("open", "version"): 1, ("open", "decrypt"): 1, ("open", "signature"): 2,
-                    ("open", "unenrolled"): 2, ("open", "schema"): 1, ("open", "replay"): 1,
-                    ("open", "framing"): 1,  # garbage that was chunked properly
-                    ("chunk", "framing"): 3}  # two raw junk payloads and the truncated message
+        expected = {
+            ("open", "version"): 1,
+            ("open", "decrypt"): 1,
+            ("open", "signature"): 2,
+            ("open", "unenrolled"): 2,
+            ("open", "schema"): 1,
+            ("open", "replay"): 1,
+            ("open", "framing"): 1,  # garbage that was chunked properly
+            ("chunk", "framing"): 3,
+        }  # two raw junk payloads and the truncated message
         await eventually(lambda: rx.rejected == expected, timeout=15)
         assert len(rx.accepted) == 1
 

@@ -1,4 +1,5 @@
 """Chunking in process: limits, reorder, duplicates, interleaving, timeout, memory cap, corruption."""
+
 from __future__ import annotations
 
 import random
@@ -130,7 +131,9 @@ def forged_chunk(msg_id: str, index: int, count: int, total: int, payload: bytes
     """A chunk with a well-formed header but whatever numbers a hostile sender picks."""
     import struct
 
-    return b"FLC1" + bytes([len(msg_id)]) + msg_id.encode() + struct.pack("<IIQ16s", index, count, total, digest) + payload
+    return (
+        b"FLC1" + bytes([len(msg_id)]) + msg_id.encode() + struct.pack("<IIQ16s", index, count, total, digest) + payload
+    )
 
 
 def test_one_message_cannot_hold_more_than_it_declared() -> None:

@@ -1,6 +1,7 @@
 """The client against a broker that goes away: it reconnects and re-subscribes by
 itself, a publish while the broker is down waits for it or raises NotConnected
 (never hangs), and chunks are sized under the broker's MQTT 5 Maximum Packet Size."""
+
 from __future__ import annotations
 
 import asyncio
@@ -27,8 +28,10 @@ async def _next_payload(client: MqttClient, timeout: float = 10.0) -> bytes:
 async def test_reconnects_and_resubscribes_after_broker_restart(mosquitto, how: str) -> None:
     # clean start: the broker forgets the subscription, so only the client's own resubscribe helps
     sub_settings = settings_for(mosquitto, "aggregator", client_id="agg-clean", clean_start=True)
-    async with MqttClient(sub_settings) as agg, \
-            MqttClient(settings_for(mosquitto, "site-a", client_id="site-a")) as site:
+    async with (
+        MqttClient(sub_settings) as agg,
+        MqttClient(settings_for(mosquitto, "site-a", client_id="site-a")) as site,
+    ):
         await agg.wait_connected(10)
         await agg.subscribe(T.updates_filter())
         await site.publish(T.update_chunk("site-a", "before", 0), b"before")
@@ -49,8 +52,10 @@ async def test_reconnects_and_resubscribes_after_broker_restart(mosquitto, how: 
 
 
 async def test_publish_while_down_waits_for_the_broker(mosquitto) -> None:
-    async with MqttClient(settings_for(mosquitto, "aggregator", client_id="agg")) as agg, \
-            MqttClient(settings_for(mosquitto, "site-a", client_id="site-a")) as site:
+    async with (
+        MqttClient(settings_for(mosquitto, "aggregator", client_id="agg")) as agg,
+        MqttClient(settings_for(mosquitto, "site-a", client_id="site-a")) as site,
+    ):
         await agg.wait_connected(10)
         await agg.subscribe(T.updates_filter())
         await site.wait_connected(10)
@@ -67,8 +72,9 @@ async def test_publish_while_down_waits_for_the_broker(mosquitto) -> None:
 async def test_no_broker_at_all_raises_not_connected_in_time() -> None:
     from broker_bridge.mosquitto import free_port
 
-    s = BrokerSettings(url=f"mqtt://127.0.0.1:{free_port()}", client_id="lonely", backoff_min_s=0.05,
-                       backoff_max_s=0.2, timeout_s=1.0)
+    s = BrokerSettings(
+        url=f"mqtt://127.0.0.1:{free_port()}", client_id="lonely", backoff_min_s=0.05, backoff_max_s=0.2, timeout_s=1.0
+    )
     async with MqttClient(s) as c:
         with pytest.raises(NotConnected, match="ConnectionRefused|Connection refused|last error"):
             await asyncio.wait_for(c.publish("fedline/test/x", b"x"), 10)
@@ -81,8 +87,10 @@ async def test_chunks_fit_the_brokers_maximum_packet_size(tmp_path) -> None:
     try:
         fed = h.make_federation()
         head, _tensors, blob = h.seal(fed, "site-a", 1, n_params=64 * 1024)  # ~256 KiB
-        async with MqttClient(settings_for(broker, "aggregator", client_id="agg")) as agg, \
-                MqttClient(settings_for(broker, "site-a", client_id="site-a")) as site:
+        async with (
+            MqttClient(settings_for(broker, "aggregator", client_id="agg")) as agg,
+            MqttClient(settings_for(broker, "site-a", client_id="site-a")) as site,
+        ):
             await agg.wait_connected(10)
             await agg.subscribe(T.updates_filter())
             await site.wait_connected(10)
@@ -112,8 +120,10 @@ async def test_publish_over_the_maximum_packet_size_is_refused_not_a_dropped_lin
     broker = MosquittoProcess(tmp_path / "small", federation=FEDERATION, sites=SITES, max_packet_size=20000)
     broker.start()
     try:
-        async with MqttClient(settings_for(broker, "aggregator", client_id="agg")) as agg, \
-                MqttClient(settings_for(broker, "site-a", client_id="site-a", timeout_s=3)) as site:
+        async with (
+            MqttClient(settings_for(broker, "aggregator", client_id="agg")) as agg,
+            MqttClient(settings_for(broker, "site-a", client_id="site-a", timeout_s=3)) as site,
+        ):
             await agg.wait_connected(10)
             await agg.subscribe(T.updates_filter())
             await site.wait_connected(10)

@@ -1,4 +1,5 @@
 """Sealed updates, signed manifests and receipts, in process: every check refuses with its own reason."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -18,8 +19,7 @@ def fed() -> h.Federation:
 def _reason(fed: h.Federation, blob: bytes, seen: dict[str, int] | None = None) -> str:
     seen = seen or {}
     with pytest.raises(WireError) as info:
-        envelope.open_update(blob, fed.aggregator, fed.enrollment,
-                             lambda site, c: c > seen.get(site, -1))
+        envelope.open_update(blob, fed.aggregator, fed.enrollment, lambda site, c: c > seen.get(site, -1))
     return info.value.reason
 
 
@@ -100,15 +100,24 @@ def test_tensor_codec_refuses_what_cannot_go_on_the_wire() -> None:
         assert info.value.reason == "schema"
 
 
-MANIFEST = {"federation": "test", "version": 4, "created_at": 1.5, "spec": {"kind": "mlp"},
-            "weights": {"hash": "ab", "size": 10, "chunks": 1}, "onnx": {"hash": "cd", "size": 20, "chunks": 1}}
+MANIFEST = {
+    "federation": "test",
+    "version": 4,
+    "created_at": 1.5,
+    "spec": {"kind": "mlp"},
+    "weights": {"hash": "ab", "size": 10, "chunks": 1},
+    "onnx": {"hash": "cd", "size": 20, "chunks": 1},
+}
 RECEIPT = {"site": "site-a", "counter": 3, "msg_id": "site-a-u3", "verdict": "applied", "reason": None, "version": 5}
 
 
-@pytest.mark.parametrize("sign, verify, doc", [
-    (envelope.sign_manifest, envelope.verify_manifest, MANIFEST),
-    (envelope.sign_receipt, envelope.verify_receipt, RECEIPT),
-])
+@pytest.mark.parametrize(
+    "sign, verify, doc",
+    [
+        (envelope.sign_manifest, envelope.verify_manifest, MANIFEST),
+        (envelope.sign_receipt, envelope.verify_receipt, RECEIPT),
+    ],
+)
 def test_signed_documents_verify_and_refuse_tampering(fed: h.Federation, sign, verify, doc) -> None:
     blob = sign(doc, fed.aggregator)
     assert verify(blob, fed.agg_sign_pub) == doc

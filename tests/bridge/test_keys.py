@@ -1,4 +1,5 @@
 """Key files and the enrollment file: round trips, and every bad file refused naming the file."""
+
 from __future__ import annotations
 
 import base64
@@ -64,7 +65,9 @@ def _rewrite(path: Path, **changes: object) -> None:
     os.chmod(path, 0o600)
 
 
-@pytest.mark.parametrize("field, raw_len", [("sign_seed", 31), ("sign_seed", 64), ("box_secret", 16), ("box_secret", 0)])
+@pytest.mark.parametrize(
+    "field, raw_len", [("sign_seed", 31), ("sign_seed", 64), ("box_secret", 16), ("box_secret", 0)]
+)
 def test_wrong_key_length_is_refused(tmp_path: Path, field: str, raw_len: int) -> None:
     path = tmp_path / "k.key"
     KeyPair.generate("site", "site-a").save(path)
@@ -103,16 +106,22 @@ def test_wrong_file_type_is_refused(tmp_path: Path) -> None:
         PublicKeys.load(priv)
 
 
-@pytest.mark.parametrize("content, match", [
-    (b"not json at all", "not JSON"),
-    (b"\xff\xfe\x00garbage", "cannot read"),
-    (b"[1, 2, 3]", "wrong file type"),
-    (b'{"fedline": "private-key", "version": 2}', "version 2"),
-    (b'{"fedline": "private-key", "version": 1, "id": "site-a", "role": "king"}', "role"),
-    (b'{"fedline": "private-key", "version": 1, "id": "a/b", "role": "site"}', "'/'"),
-    (b'{"fedline": "private-key", "version": 1, "id": "site-a", "role": "site", "sign_seed": 5}', "base64 string"),
-    (b'{"fedline": "private-key", "version": 1, "id": "site-a", "role": "site", "sign_seed": "!!"}', "not valid base64"),
-])
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        (b"not json at all", "not JSON"),
+        (b"\xff\xfe\x00garbage", "cannot read"),
+        (b"[1, 2, 3]", "wrong file type"),
+        (b'{"fedline": "private-key", "version": 2}', "version 2"),
+        (b'{"fedline": "private-key", "version": 1, "id": "site-a", "role": "king"}', "role"),
+        (b'{"fedline": "private-key", "version": 1, "id": "a/b", "role": "site"}', "'/'"),
+        (b'{"fedline": "private-key", "version": 1, "id": "site-a", "role": "site", "sign_seed": 5}', "base64 string"),
+        (
+            b'{"fedline": "private-key", "version": 1, "id": "site-a", "role": "site", "sign_seed": "!!"}',
+            "not valid base64",
+        ),
+    ],
+)
 def test_malformed_private_key_files_name_the_file(tmp_path: Path, content: bytes, match: str) -> None:
     path = tmp_path / "bad.key"
     path.write_bytes(content)

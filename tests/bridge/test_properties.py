@@ -1,5 +1,6 @@
 """Property tests: decoders fed random input raise only the library's own errors, never
 crash or hang; encoders and decoders round-trip whatever they are given."""
+
 from __future__ import annotations
 
 import random
@@ -26,16 +27,26 @@ T = Topics("test")
 _, _, GOOD_UPDATE = h.seal(FED, "site-a", 1, n_params=64)
 GOOD_TENSORS = envelope.encode_tensors(h.tensors_of(64))
 GOOD_MANIFEST = envelope.sign_manifest(
-    {"federation": "test", "version": 1, "created_at": 0, "spec": {}, "weights": {"hash": "", "size": 0, "chunks": 0},
-     "onnx": {"hash": "", "size": 0, "chunks": 0}}, FED.aggregator)
+    {
+        "federation": "test",
+        "version": 1,
+        "created_at": 0,
+        "spec": {},
+        "weights": {"hash": "", "size": 0, "chunks": 0},
+        "onnx": {"hash": "", "size": 0, "chunks": 0},
+    },
+    FED.aggregator,
+)
 GOOD_RECEIPT = envelope.sign_receipt(
-    {"site": "site-a", "counter": 1, "msg_id": "u1", "verdict": "applied", "reason": None, "version": 2}, FED.aggregator)
+    {"site": "site-a", "counter": 1, "msg_id": "u1", "verdict": "applied", "reason": None, "version": 2}, FED.aggregator
+)
 GOOD_CHUNKS = split(GOOD_UPDATE, "u1", 200)
 
 
 def mutations(good: bytes) -> st.SearchStrategy[bytes]:
     """Random bytes, the right magic followed by random bytes, and a valid message
     with bytes flipped, cut or appended: the inputs most likely to get past the first check."""
+
     @st.composite
     def mutate(draw: st.DrawFn) -> bytes:
         b = bytearray(good)
@@ -45,13 +56,13 @@ def mutations(good: bytes) -> st.SearchStrategy[bytes]:
                 i = draw(st.integers(0, len(b) - 1))
                 b[i] ^= draw(st.integers(1, 255))
             elif op == "cut":
-                del b[draw(st.integers(0, len(b))):]
+                del b[draw(st.integers(0, len(b))) :]
             elif op == "append":
                 b += draw(st.binary(max_size=64))
             elif b:
                 i = draw(st.integers(0, len(b) - 1))
                 chunk = draw(st.binary(min_size=1, max_size=16))
-                b[i:i + len(chunk)] = chunk
+                b[i : i + len(chunk)] = chunk
         return bytes(b)
 
     return st.one_of(
@@ -82,12 +93,17 @@ def test_open_update_never_crashes(blob: bytes) -> None:
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False, allow_infinity=False)
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(max_size=20),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
-    max_leaves=20)
-header_fields = st.sampled_from(["site", "counter", "msg_id", "base_version", "n_samples", "privacy",
-                                 "created_at", "format", "extra"])
+    max_leaves=20,
+)
+header_fields = st.sampled_from(
+    ["site", "counter", "msg_id", "base_version", "n_samples", "privacy", "created_at", "format", "extra"]
+)
 
 
 @FUZZ
@@ -122,8 +138,10 @@ def test_verify_receipt_never_crashes(blob: bytes) -> None:
 @given(st.dictionaries(st.sampled_from(list(envelope.MANIFEST_FIELDS) + list(envelope.RECEIPT_FIELDS)), json_values))
 def test_correctly_signed_odd_documents_never_crash(doc: dict) -> None:
     """Even the aggregator's own key over a malformed document gives only schema errors."""
-    for sign, verify in ((envelope.sign_manifest, envelope.verify_manifest),
-                         (envelope.sign_receipt, envelope.verify_receipt)):
+    for sign, verify in (
+        (envelope.sign_manifest, envelope.verify_manifest),
+        (envelope.sign_receipt, envelope.verify_receipt),
+    ):
         try:
             assert verify(sign(doc, FED.aggregator), FED.agg_sign_pub) == doc
         except WireError as exc:
@@ -144,16 +162,34 @@ def test_parse_chunk_and_reassembler_never_crash(raws: list[bytes]) -> None:
 
 
 def _chunk_bytes(mid: str, i: int, n: int, total: int, dig: bytes, payload: bytes) -> bytes:
-    return (b"FLC1" + bytes([len(mid)]) + mid.encode() + i.to_bytes(4, "little") + n.to_bytes(4, "little")
-            + total.to_bytes(8, "little") + dig + payload)
+    return (
+        b"FLC1"
+        + bytes([len(mid)])
+        + mid.encode()
+        + i.to_bytes(4, "little")
+        + n.to_bytes(4, "little")
+        + total.to_bytes(8, "little")
+        + dig
+        + payload
+    )
 
 
 @st.composite
 def forged_chunk_streams(draw: st.DrawFn) -> list[bytes]:
     """A few message headers first, then chunks that mostly agree with one of them,
     so the stream reaches the checks behind the header parser (consistency, size, digest)."""
-    specs = draw(st.lists(st.tuples(st.sampled_from(["a", "b", "c"]), st.integers(0, 9), st.integers(0, 7999),
-                                    st.sampled_from([bytes(16), b"\x01" * 16])), min_size=1, max_size=3))
+    specs = draw(
+        st.lists(
+            st.tuples(
+                st.sampled_from(["a", "b", "c"]),
+                st.integers(0, 9),
+                st.integers(0, 7999),
+                st.sampled_from([bytes(16), b"\x01" * 16]),
+            ),
+            min_size=1,
+            max_size=3,
+        )
+    )
     out = []
     for _ in range(draw(st.integers(1, 30))):
         mid, n, total, dig = draw(st.sampled_from(specs))
@@ -181,26 +217,56 @@ def test_reassembler_under_hostile_well_formed_headers(raws: list[bytes]) -> Non
 
 
 @FUZZ
-@given(st.one_of(st.text(max_size=80), st.text(max_size=60).map(lambda s: "fedline/test/" + s),
-                 st.lists(st.sampled_from(["sites", "site-a", "update", "model", "manifest", "weights", "onnx",
-                                           "receipts", "status", "0", "12", "+", "#", "", "²", "x\n"]),
-                          max_size=6).map(lambda parts: "fedline/test/" + "/".join(parts))))
+@given(
+    st.one_of(
+        st.text(max_size=80),
+        st.text(max_size=60).map(lambda s: "fedline/test/" + s),
+        st.lists(
+            st.sampled_from(
+                [
+                    "sites",
+                    "site-a",
+                    "update",
+                    "model",
+                    "manifest",
+                    "weights",
+                    "onnx",
+                    "receipts",
+                    "status",
+                    "0",
+                    "12",
+                    "+",
+                    "#",
+                    "",
+                    "²",
+                    "x\n",
+                ]
+            ),
+            max_size=6,
+        ).map(lambda parts: "fedline/test/" + "/".join(parts)),
+    )
+)
 def test_topics_parse_never_crashes(topic: str) -> None:
     try:
         info = T.parse(topic)
     except FedlineError:
         return
-    rebuilt = {"update": lambda: T.update_chunk(info.site, info.msg_id, info.index),
-               "receipts": lambda: T.receipts(info.site), "status": lambda: T.status(info.site),
-               "manifest": T.manifest, "weights": lambda: T.weights_chunk(info.version, info.index),
-               "onnx": lambda: T.onnx_chunk(info.version, info.index)}[info.kind]()
+    rebuilt = {
+        "update": lambda: T.update_chunk(info.site, info.msg_id, info.index),
+        "receipts": lambda: T.receipts(info.site),
+        "status": lambda: T.status(info.site),
+        "manifest": T.manifest,
+        "weights": lambda: T.weights_chunk(info.version, info.index),
+        "onnx": lambda: T.onnx_chunk(info.version, info.index),
+    }[info.kind]()
     assert T.parse(rebuilt) == info
 
 
 # --------------------------------------------------------------------------- round trips
 wire_dtypes = st.sampled_from([np.dtype(d) for d in envelope.DTYPES] + [np.dtype(">f4"), np.dtype(">i8")])
-arrays = wire_dtypes.flatmap(lambda dt: hnp.arrays(dt, hnp.array_shapes(min_dims=0, max_dims=4, min_side=0,
-                                                                        max_side=6)))
+arrays = wire_dtypes.flatmap(
+    lambda dt: hnp.arrays(dt, hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=6))
+)
 
 
 @ROUND
@@ -215,10 +281,14 @@ def test_tensors_round_trip_bit_exact(tensors: dict[str, np.ndarray]) -> None:
 
 
 @ROUND
-@given(st.lists(st.tuples(st.integers(0, 40_000), st.integers(64, 9000)), min_size=1, max_size=5),
-       st.randoms(use_true_random=False), st.floats(0, 1))
-def test_split_and_reassemble_any_order_with_duplicates(specs: list[tuple[int, int]], rnd: random.Random,
-                                                        dup_rate: float) -> None:
+@given(
+    st.lists(st.tuples(st.integers(0, 40_000), st.integers(64, 9000)), min_size=1, max_size=5),
+    st.randoms(use_true_random=False),
+    st.floats(0, 1),
+)
+def test_split_and_reassemble_any_order_with_duplicates(
+    specs: list[tuple[int, int]], rnd: random.Random, dup_rate: float
+) -> None:
     blobs, chunks = {}, []
     for i, (size, limit) in enumerate(specs):
         msg_id = f"m{i}"
@@ -240,11 +310,18 @@ def test_split_and_reassemble_any_order_with_duplicates(specs: list[tuple[int, i
 
 
 @ROUND
-@given(st.integers(0, 2**40), st.integers(0, 2**31), st.integers(0, 10**6),
-       st.dictionaries(st.sampled_from(["clip_norm", "noise_multiplier", "epsilon", "steps", "accountant"]),
-                       st.one_of(st.none(), st.floats(allow_nan=False, allow_infinity=False), st.integers(0, 10**9),
-                                 st.text(max_size=8))),
-       arrays)
+@given(
+    st.integers(0, 2**40),
+    st.integers(0, 2**31),
+    st.integers(0, 10**6),
+    st.dictionaries(
+        st.sampled_from(["clip_norm", "noise_multiplier", "epsilon", "steps", "accountant"]),
+        st.one_of(
+            st.none(), st.floats(allow_nan=False, allow_infinity=False), st.integers(0, 10**9), st.text(max_size=8)
+        ),
+    ),
+    arrays,
+)
 def test_sealed_updates_round_trip(counter: int, base: int, n: int, privacy: dict, arr: np.ndarray) -> None:
     head = envelope.UpdateHeader("site-b", counter, f"u{counter}", base, n, privacy, created_at=1.0)
     blob = envelope.seal_update(head, {"delta": arr}, FED.sites["site-b"], FED.agg_box_pub)

@@ -1,4 +1,5 @@
 """broker_bridge.sealopen: the in-place SealedBox open agrees with PyNaCl's and refuses what PyNaCl refuses."""
+
 from __future__ import annotations
 
 import os
@@ -37,4 +38,4 @@ def test_another_key_and_short_input_do_not_open() -> None:
     with pytest.raises(CryptoError):
         seal_open(ct, other)
     with pytest.raises(CryptoError):
-        seal_open(ct[:SEAL_BYTES - 1], key)
+        seal_open(ct[: SEAL_BYTES - 1], key)

@@ -1,4 +1,5 @@
 """Topic names: built and parsed in one place; unsafe site ids refused with a reason."""
+
 from __future__ import annotations
 
 import re
@@ -32,13 +33,20 @@ def test_filters_follow_design_layout() -> None:
     assert Topics("plant-7", prefix="acme").manifest() == "acme/plant-7/model/manifest"
 
 
-@pytest.mark.parametrize("bad, why", [("", "non-empty"), ("a+b", "'+'"), ("line#1", "'#'"),
-                                      ("a/b", "'/'"), ("+", "'+'"), ("#", "'#'"), ("/", "'/'")])
+@pytest.mark.parametrize(
+    "bad, why",
+    [("", "non-empty"), ("a+b", "'+'"), ("line#1", "'#'"), ("a/b", "'/'"), ("+", "'+'"), ("#", "'#'"), ("/", "'/'")],
+)
 def test_reserved_characters_and_empty_site_ids_are_refused(bad: str, why: str) -> None:
     with pytest.raises(TopicError, match=re.escape(why)):
         validate_site_id(bad)
-    for build in (lambda: T.receipts(bad), lambda: T.status(bad), lambda: T.update_chunk(bad, "m", 0),
-                  lambda: T.update_chunk("site-a", bad, 0), lambda: Topics(bad)):
+    for build in (
+        lambda: T.receipts(bad),
+        lambda: T.status(bad),
+        lambda: T.update_chunk(bad, "m", 0),
+        lambda: T.update_chunk("site-a", bad, 0),
+        lambda: Topics(bad),
+    ):
         with pytest.raises(TopicError):
             build()
 
@@ -49,21 +57,24 @@ def test_other_unsafe_ids_are_refused(bad: object) -> None:
         validate_site_id(bad)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("topic", [
-    "fedline/other/model/manifest",  # another federation
-    "fedline/test",
-    "fedline/test/",
-    "fedline/test/sites/site-a",
-    "fedline/test/sites/site-a/update/m1",  # no index
-    "fedline/test/sites/site-a/update/m1/x",
-    "fedline/test/sites/site-a/update/m1/-1",
-    "fedline/test/sites/site-a/update/m1/²",  # a unicode digit that int() refuses
-    "fedline/test/sites/a+b/receipts",
-    "fedline/test/sites/site-a/receipts/extra",
-    "fedline/test/model/1/weights",
-    "fedline/test/model/v1/weights/0",
-    "fedline/test/model/1/pickle/0",
-])
+@pytest.mark.parametrize(
+    "topic",
+    [
+        "fedline/other/model/manifest",  # another federation
+        "fedline/test",
+        "fedline/test/",
+        "fedline/test/sites/site-a",
+        "fedline/test/sites/site-a/update/m1",  # no index
+        "fedline/test/sites/site-a/update/m1/x",
+        "fedline/test/sites/site-a/update/m1/-1",
+        "fedline/test/sites/site-a/update/m1/²",  # a unicode digit that int() refuses
+        "fedline/test/sites/a+b/receipts",
+        "fedline/test/sites/site-a/receipts/extra",
+        "fedline/test/model/1/weights",
+        "fedline/test/model/v1/weights/0",
+        "fedline/test/model/1/pickle/0",
+    ],
+)
 def test_foreign_or_malformed_topics_raise_topic_error(topic: str) -> None:
     with pytest.raises(TopicError) as info:
         T.parse(topic)

@@ -1,4 +1,5 @@
 """One private two-node RabbitMQ cluster for every test of this folder (starting one takes tens of seconds)."""
+
 from __future__ import annotations
 
 import pytest

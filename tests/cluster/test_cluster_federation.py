@@ -7,6 +7,7 @@ status says it holds no key and an older version, and the aggregator's
 catch-up publishes the current state again, live, to every node. Then every
 site trains, and the ledgers reconcile: each sealed update applied once.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -29,9 +30,9 @@ def _aggregator_toml(fed: Federation, cluster: RabbitCluster, path) -> None:
     path.write_text(f"""
 [aggregator]
 federation = "{FEDERATION}"
-key_file = "{fed.root / 'keys' / 'aggregator.key'}"
+key_file = "{fed.root / "keys" / "aggregator.key"}"
 enrollment_file = "{fed.enrollment_path}"
-state_dir = "{fed.root / 'agg-state'}"
+state_dir = "{fed.root / "agg-state"}"
 seed = 0
 catchup_interval_s = 1.0
 
@@ -44,7 +45,7 @@ personal = ["head."]
 [broker]
 url = "{cluster.members[0].url}"
 username = "aggregator"
-password_file = "{cluster.password_file('aggregator')}"
+password_file = "{cluster.password_file("aggregator")}"
 client_id = "agg-cluster"
 protocol = "3.1.1"
 backoff_min_s = 0.05
@@ -63,7 +64,8 @@ batch_size = 32
 
 @pytest.mark.rabbitmq
 async def test_federation_over_a_two_node_cluster_with_a_site_that_missed_the_retained_state(
-        cluster: RabbitCluster, tmp_path) -> None:
+    cluster: RabbitCluster, tmp_path
+) -> None:
     fed = Federation.create(tmp_path, SITES)
     agg_toml = tmp_path / "aggregator.toml"
     _aggregator_toml(fed, cluster, agg_toml)
@@ -77,14 +79,20 @@ async def test_federation_over_a_two_node_cluster_with_a_site_that_missed_the_re
     for i, site in enumerate(SITES):
         node = 1 if site == "site-c" else 0
         csv = write_csv(tmp_path / f"{site}.csv", 200, seed=i)
-        path = write_site(fed, site, csv, cluster.members[node].url, cluster.password_file(site),
-                          broker={**V311, "timeout_s": 10.0})
+        path = write_site(
+            fed, site, csv, cluster.members[node].url, cluster.password_file(site), broker={**V311, "timeout_s": 10.0}
+        )
         agents[site] = EdgeAgent(load_edge_config(path))
         tasks.append(asyncio.create_task(agents[site].run(stop)))
     try:
         # site-c holds the key and version 0 only thanks to the catch-up (node 1 never had them retained)
-        await eventually(lambda: all(len(a.keyring) > 0 and a.base.manifest for a in agents.values())
-                         and all(a.sources_done for a in agents.values()), 90)
+        await eventually(
+            lambda: (
+                all(len(a.keyring) > 0 and a.base.manifest for a in agents.values())
+                and all(a.sources_done for a in agents.values())
+            ),
+            90,
+        )
         assert aggregator.metrics.catchups._value.get() >= 1
         for round_ in range(2):
             for a in agents.values():

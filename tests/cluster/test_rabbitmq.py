@@ -4,6 +4,7 @@ The cluster tests start Debian's rabbitmq-server themselves (two nodes on
 loopback ports, joined into one cluster, MQTT plugin on); `make test`
 installs it when run as root.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -58,7 +59,8 @@ def test_topic_permissions_confine_each_site_as_the_acl_does() -> None:
     assert not _match(perms["site-b"][0], "fedline.f.sites.site-a.update.m1.0")  # no site writes another's
     # every rule of the ACL is accounted for: one rule per generated line
     assert len(parse_acl(render_acl(Topics("f")))) == sum(
-        1 for line in render_acl(Topics("f")).splitlines() if line.startswith(("topic", "pattern")))
+        1 for line in render_acl(Topics("f")).splitlines() if line.startswith(("topic", "pattern"))
+    )
 
 
 def test_parse_acl_refuses_lines_it_does_not_know() -> None:
@@ -71,9 +73,15 @@ def test_parse_acl_refuses_lines_it_does_not_know() -> None:
 
 
 def _client(cluster: RabbitCluster, node: int, user: str, ident: str) -> aiomqtt.Client:
-    return aiomqtt.Client("127.0.0.1", cluster.members[node].mqtt_port, username=user,
-                          password=cluster.password(user), identifier=ident,
-                          protocol=aiomqtt.ProtocolVersion.V311, timeout=10)
+    return aiomqtt.Client(
+        "127.0.0.1",
+        cluster.members[node].mqtt_port,
+        username=user,
+        password=cluster.password(user),
+        identifier=ident,
+        protocol=aiomqtt.ProtocolVersion.V311,
+        timeout=10,
+    )
 
 
 @pytest.mark.rabbitmq

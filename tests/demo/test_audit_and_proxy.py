@@ -1,5 +1,6 @@
 """The traffic audit finds raw records in any form a leak would take, and none in sealed
 updates; the TCP proxy counts bytes and cuts a client off, against a real Mosquitto."""
+
 from __future__ import annotations
 
 import asyncio
@@ -52,17 +53,23 @@ def test_no_records_in_random_bytes_or_a_sealed_update(ai4i):
     # the worst case: a "delta" that IS the raw records; sealed, nothing shows
     tensors = {"w": raw[:500].astype(np.float32), "n": d.normalise(raw[:500])}
     assert det.find(encode_tensors(tensors))  # the plaintext would leak ...
-    blob = seal_update(UpdateHeader(site="L", counter=1, msg_id="u1", base_version=0, n_samples=500, privacy={}),
-                       tensors, site, agg.public().box_pub)
+    blob = seal_update(
+        UpdateHeader(site="L", counter=1, msg_id="u1", base_version=0, n_samples=500, privacy={}),
+        tensors,
+        site,
+        agg.public().box_pub,
+    )
     assert det.find(blob) == set()  # ... the sealed update does not
 
 
 def test_audit_counts_distinct_records_and_names_offending_topics(ai4i):
     _d, raw, det = ai4i
     leak = struct.pack("<5f", *raw[5])
-    msgs = [Recorded("fedline/x/model/manifest", b"{}", True, 0.0),
-            Recorded("fedline/x/sites/L/status", leak, True, 0.0),
-            Recorded("fedline/x/sites/L/status", leak, True, 0.0)]
+    msgs = [
+        Recorded("fedline/x/model/manifest", b"{}", True, 0.0),
+        Recorded("fedline/x/sites/L/status", leak, True, 0.0),
+        Recorded("fedline/x/sites/L/status", leak, True, 0.0),
+    ]
     r = audit(msgs, det, lambda t: t.split("/")[-1])
     assert r.raw_records == 1 and r.messages == 3
     assert r.messages_with_records == ["fedline/x/sites/L/status"] * 2
@@ -71,8 +78,9 @@ def test_audit_counts_distinct_records_and_names_offending_topics(ai4i):
 
 async def test_recorder_sees_everything_under_the_federation_as_observer(mosquitto):
     got = []
-    rec = TrafficRecorder(settings_for(mosquitto, "observer", client_id="audit"), f"fedline/{FEDERATION}/#",
-                          on_message=got.append)
+    rec = TrafficRecorder(
+        settings_for(mosquitto, "observer", client_id="audit"), f"fedline/{FEDERATION}/#", on_message=got.append
+    )
     await rec.start()
     try:
         async with MqttClient(settings_for(mosquitto, "site-a")) as site:

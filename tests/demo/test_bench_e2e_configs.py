@@ -1,4 +1,5 @@
 """bench/e2e.py writes configs the real loaders accept, with the task the issue fixes."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -27,8 +28,9 @@ def test_bench_configs_load_and_match_the_task(tmp_path):
     agg = load_config(paths["aggregator"])
     assert agg.model.hidden == [32, 32] and agg.model.n_features == 5
     # the demo's strategy and publishing, so the bench measures what the demo runs (ONNX downloads included)
-    demo = workspace.write_aggregator(workspace.Workspace(tmp_path / "demo", broker_url="mqtt://127.0.0.1:1"), data,
-                                       workspace.Tuning())
+    demo = workspace.write_aggregator(
+        workspace.Workspace(tmp_path / "demo", broker_url="mqtt://127.0.0.1:1"), data, workspace.Tuning()
+    )
     assert agg.strategy == load_config(demo).strategy and agg.strategy.kind == "fedbuff"
     assert agg.publish.onnx is True
     for site in ("L", "M", "H"):
@@ -40,4 +42,5 @@ def test_bench_configs_load_and_match_the_task(tmp_path):
     # the plain loop uses the very same training settings
     tcfg = bench.training_configs(data)
     assert {s: t.batch_size for s, t in tcfg.items()} == {
-        s: load_edge_config(paths[s]).training.batch_size for s in ("L", "M", "H")}
+        s: load_edge_config(paths[s]).training.batch_size for s in ("L", "M", "H")
+    }

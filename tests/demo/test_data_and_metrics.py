@@ -1,4 +1,5 @@
 """The demo's data split and its metrics, on the bundled AI4I file and on made-up CSVs."""
+
 from __future__ import annotations
 
 import csv
@@ -56,8 +57,9 @@ def test_derived_plc_quantities_are_columns_features_and_registers():
     assert float(row["Tool strain [Nm min]"]) == pytest.approx(torque * wear, abs=0.01)
     assert d.sites[0].x_train[0, 7] == pytest.approx(torque * wear, abs=0.01)
     tags = ai4i_plc_map()["tags"]
-    holding = sorted((t["address"], t["address"] + (1 if t["type"] == "uint16" else 2)) for t in tags
-                     if t["table"] == "holding")
+    holding = sorted(
+        (t["address"], t["address"] + (1 if t["type"] == "uint16" else 2)) for t in tags if t["table"] == "holding"
+    )
     assert all(a_end <= b for (_, a_end), (b, _) in itertools.pairwise(holding))  # no overlapping registers
     assert next(t["range"] for t in tags if t["name"] == "Power [W]") == [0.0, 15000.0]
     assert load_demo_data().features == d.features[:5]  # the default: the five measured values
@@ -102,13 +104,16 @@ def test_sites_n_splits_by_a_stable_hash(tmp_path):
     assert hash_bucket("m1", 3) == hash_bucket("m1", 3)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"site_column": "nope", "label": "fail"}, "site column 'nope' is not a column"),
-    ({"site_column": "machine", "label": "nope"}, "label 'nope' is not a column"),
-    ({"site_column": "machine", "label": "fail", "features": ["x", "zz"]}, "feature column(s) 'zz' not found"),
-    ({"site_column": "machine", "label": "x", "task": "classification"}, "must be 0 or 1 for classification"),
-    ({"site_column": "one", "label": "fail"}, "has only one value"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"site_column": "nope", "label": "fail"}, "site column 'nope' is not a column"),
+        ({"site_column": "machine", "label": "nope"}, "label 'nope' is not a column"),
+        ({"site_column": "machine", "label": "fail", "features": ["x", "zz"]}, "feature column(s) 'zz' not found"),
+        ({"site_column": "machine", "label": "x", "task": "classification"}, "must be 0 or 1 for classification"),
+        ({"site_column": "one", "label": "fail"}, "has only one value"),
+    ],
+)
 def test_bad_choices_are_named(tmp_path, kwargs, message):
     rows = [[f"m{i % 2}", "same", i, i % 2] for i in range(20)]
     p = _write(tmp_path / "c.csv", ["machine", "one", "x", "fail"], rows)

@@ -8,6 +8,7 @@ model no worse than local-only, the smallest site ahead at p < 0.05, over 10 spl
 for the default runs (`make demo`, `make demo-cmapss`), whose figures are in their reports
 and in README.md.
 """
+
 from __future__ import annotations
 
 import csv
@@ -52,8 +53,18 @@ def run_demo(tmp_path: Path, *args: str, timeout: float = 800) -> tuple[dict, st
     if mosquitto_binary() is None:
         pytest.fail("this test needs the mosquitto broker: apt-get install mosquitto")
     report = tmp_path / "report"
-    cmd = [sys.executable, "-m", "fedline.cli", "demo", "--no-progress", "--run-dir", str(tmp_path / "run"),
-           "--report", str(report), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fedline.cli",
+        "demo",
+        "--no-progress",
+        "--run-dir",
+        str(tmp_path / "run"),
+        "--report",
+        str(report),
+        *args,
+    ]
     r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=timeout)
     out = r.stdout + r.stderr
     assert (report / "report.json").exists(), out[-3000:]
@@ -61,10 +72,27 @@ def run_demo(tmp_path: Path, *args: str, timeout: float = 800) -> tuple[dict, st
 
 
 @pytest.mark.broker
-@pytest.mark.timeout(900)  # the demo's --timeout bounds its federation; baselines and study add minutes on a busy machine
+@pytest.mark.timeout(
+    900
+)  # the demo's --timeout bounds its federation; baselines and study add minutes on a busy machine
 def test_shortened_ai4i_demo(tmp_path):
-    rep, out = run_demo(tmp_path, "--max-rows-per-site", "400", "--versions", "3", "--cut-after-version", "1",
-                        "--cut-seconds", "3", "--round-seconds", "1.5", "--timeout", "100", "--splits", "2")
+    rep, out = run_demo(
+        tmp_path,
+        "--max-rows-per-site",
+        "400",
+        "--versions",
+        "3",
+        "--cut-after-version",
+        "1",
+        "--cut-seconds",
+        "3",
+        "--round-seconds",
+        "1.5",
+        "--timeout",
+        "100",
+        "--splits",
+        "2",
+    )
     assert "private Mosquitto" in out and "(TLS)" in out
     run = tmp_path / "run"  # over TLS, with client ids bound to usernames and a user per service
     assert "use_username_as_clientid true" in (run / "broker" / "mosquitto.conf").read_text()
@@ -122,11 +150,33 @@ def test_bring_your_own_regression_csv_reports_rmse(tmp_path):
             feed, temp, load = rng.uniform(0, 10), rng.uniform(20, 80), rng.uniform(0, 1)
             energy = 3.0 * feed + 0.5 * temp + 20.0 * load * load + (machine % 5) + rng.normal(0, 1.0)
             w.writerow([plant, machine, f"{feed:.3f}", f"{temp:.2f}", f"{load:.4f}", f"{energy:.3f}"])
-    rep, _out = run_demo(tmp_path, "--csv", str(path), "--site-column", "plant", "--label", "energy",
-                        "--group-column", "machine",
-                        "--features", "feed,temp,load", "--task", "regression", "--versions", "3",
-                        "--cut-after-version", "1", "--cut-seconds", "3", "--round-seconds", "1.5", "--timeout", "100",
-                        "--splits", "2")
+    rep, _out = run_demo(
+        tmp_path,
+        "--csv",
+        str(path),
+        "--site-column",
+        "plant",
+        "--label",
+        "energy",
+        "--group-column",
+        "machine",
+        "--features",
+        "feed,temp,load",
+        "--task",
+        "regression",
+        "--versions",
+        "3",
+        "--cut-after-version",
+        "1",
+        "--cut-seconds",
+        "3",
+        "--round-seconds",
+        "1.5",
+        "--timeout",
+        "100",
+        "--splits",
+        "2",
+    )
     assert rep["task"] == "regression" and rep["metric"] == "rmse"
     assert {s["site"]: s["rows"] for s in rep["sites"]} == {"south": 550, "north": 350}
     y = np.array([float(r["energy"]) for r in csv.DictReader(path.open())])

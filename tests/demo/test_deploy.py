@@ -6,9 +6,9 @@ part's own loader, and ``deploy/compose/init.sh`` is run for real (with the real
 command) to produce the secrets every config points at. The systemd units' command lines go
 through the same parser, and the Mosquitto bridge config is run between two real brokers.
 """
+
 from __future__ import annotations
 
-import configparser
 import os
 import shlex
 import subprocess
@@ -24,8 +24,12 @@ ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
 MOUNTS = {"/etc/fedline": ROOT / "deploy" / "compose", "/app": ROOT}
 SECRETS = "/var/lib/fedline/secrets"
-LOADERS = {"aggregator": ("aggregator.config", "load_config"), "edge": ("edge.config", "load_edge_config"),
-           "infer": ("edge.inference.config", "load_infer_config"), "status": ("aggregator.status", "load_status_config")}
+LOADERS = {
+    "aggregator": ("aggregator.config", "load_config"),
+    "edge": ("edge.config", "load_edge_config"),
+    "infer": ("edge.inference.config", "load_infer_config"),
+    "status": ("aggregator.status", "load_status_config"),
+}
 
 
 @pytest.fixture(scope="module")
@@ -38,21 +42,23 @@ def secrets(tmp_path_factory) -> Path:
     """Run init.sh with the real fedline command into a temp dir (what the init container does)."""
     out = tmp_path_factory.mktemp("secrets")
     env = dict(os.environ, SECRETS=str(out), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-    r = subprocess.run(["sh", str(ROOT / "deploy" / "compose" / "init.sh")], env=env, capture_output=True, text=True,
-                       timeout=120)
+    r = subprocess.run(
+        ["sh", str(ROOT / "deploy" / "compose" / "init.sh")], env=env, capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 0, r.stdout + r.stderr
-    again = subprocess.run(["sh", str(ROOT / "deploy" / "compose" / "init.sh")], env=env, capture_output=True,
-                           text=True, timeout=120)
+    again = subprocess.run(
+        ["sh", str(ROOT / "deploy" / "compose" / "init.sh")], env=env, capture_output=True, text=True, timeout=120
+    )
     assert again.returncode == 0, "init.sh must be re-runnable: " + again.stderr
     return out
 
 
 def host_path(p: str, secrets: Path | None = None) -> Path:
     if secrets is not None and p.startswith(SECRETS):
-        return secrets / p[len(SECRETS) + 1:]
+        return secrets / p[len(SECRETS) + 1 :]
     for prefix, local in MOUNTS.items():
         if p.startswith(prefix + "/"):
-            return local / p[len(prefix) + 1:]
+            return local / p[len(prefix) + 1 :]
     raise AssertionError(f"{p} is not under a mounted folder")
 
 
@@ -121,8 +127,9 @@ def test_every_mounted_config_loads_and_its_files_exist(compose, secrets):
                 assert host_path(token, secrets).exists(), f"{cfg_path.name}: {token} does not exist"
             if token.startswith("/var/lib/fedline/") and not token.startswith(SECRETS):
                 mount = "/".join(token.split("/")[:5])
-                assert any(v.split(":")[1] in (mount, token) or token.startswith(v.split(":")[1] + "/")
-                           for v in svc["volumes"]), f"{name}: {token} is on no volume"
+                assert any(
+                    v.split(":")[1] in (mount, token) or token.startswith(v.split(":")[1] + "/") for v in svc["volumes"]
+                ), f"{name}: {token} is on no volume"
     assert checked == 8  # aggregator, status, 3 edges, 3 line inferences
 
 
@@ -198,13 +205,23 @@ async def test_plant_bridge_forwards_updates_and_models(tmp_path):
         fh.write("\n" + bridge + "\n")
     plant.start()
     try:
+
         def settings(broker, user, cid):
-            return BrokerSettings(url=broker.url, username=user, password=broker.password(user), client_id=cid,
-                                  backoff_min_s=0.05, backoff_max_s=0.5, timeout_s=10)
+            return BrokerSettings(
+                url=broker.url,
+                username=user,
+                password=broker.password(user),
+                client_id=cid,
+                backoff_min_s=0.05,
+                backoff_max_s=0.5,
+                timeout_s=10,
+            )
 
         root = "fedline/plant-a"
-        async with MqttClient(settings(central, "aggregator", "agg")) as agg, \
-                MqttClient(settings(plant, "press-3", "site")) as site:
+        async with (
+            MqttClient(settings(central, "aggregator", "agg")) as agg,
+            MqttClient(settings(plant, "press-3", "site")) as site,
+        ):
             await agg.subscribe(f"{root}/sites/+/update/#")
             await site.subscribe(f"{root}/sites/press-3/receipts")
             await site.subscribe(f"{root}/model/#")
@@ -223,7 +240,9 @@ async def test_plant_bridge_forwards_updates_and_models(tmp_path):
                     break
                 except TimeoutError:
                     continue
-            assert msg is not None and msg.topic == f"{root}/sites/press-3/update/u1/0" and msg.payload == b"sealed-bytes"
+            assert (
+                msg is not None and msg.topic == f"{root}/sites/press-3/update/u1/0" and msg.payload == b"sealed-bytes"
+            )
             await agg.publish(f"{root}/sites/press-3/receipts", b"receipt")
             got = await first(site)
             assert (got.topic, got.payload) == (f"{root}/sites/press-3/receipts", b"receipt")

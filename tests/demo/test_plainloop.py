@@ -1,4 +1,5 @@
 """The plain loop's participation rules, which the split study relies on to mirror a demo run."""
+
 from __future__ import annotations
 
 from edge.config import PrivacyConfig, TrainingConfig
@@ -24,8 +25,14 @@ def test_an_absent_site_misses_its_rounds_and_spends_nothing():
 
 def test_a_site_whose_budget_is_spent_sits_out_and_the_loop_stops_when_all_have():
     data, spec, tcfg = _setup()
-    one_round = fedavg(data, spec, 1, tcfg, PrivacyConfig(epsilon=50.0, noise_multiplier=1.0, max_grad_norm=1.0),
-                       evaluate_each_round=False).epsilon["L"]
+    one_round = fedavg(
+        data,
+        spec,
+        1,
+        tcfg,
+        PrivacyConfig(epsilon=50.0, noise_multiplier=1.0, max_grad_norm=1.0),
+        evaluate_each_round=False,
+    ).epsilon["L"]
     budget = one_round * 1.05  # room for one round, not two (ε of two is well above)
     r = fedavg(data, spec, 5, tcfg, PrivacyConfig(epsilon=budget, noise_multiplier=1.0, max_grad_norm=1.0))
     assert r.transfers == 2 * 3 and len(r.metrics) == 1  # one round each, then nobody may train

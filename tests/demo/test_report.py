@@ -1,4 +1,5 @@
 """report.json / report.md / PNG from a report dict, and the claims it makes (each can fail)."""
+
 from __future__ import annotations
 
 import copy
@@ -10,28 +11,61 @@ from fedline.demo.report import compute_checks, write_report
 
 
 def _site(name, rows, local, fed, eps=5.0, sent=4, applied=4, stale=0, pending=0, intermittent=False):
-    return {"site": name, "key": name, "rows": rows, "rows_train": rows * 4 // 5, "rows_test": rows // 5,
-            "metric_local": local, "metric_federated": fed, "metric_served": max(local, fed),
-            "served_kind": "local" if local > fed else "fine_tuned", "metric_central": 0.95, "rows_validation": rows // 8,
-            "epsilon": eps, "epsilon_budget": 8.0, "delta": 1e-5, "updates_sent": sent, "bytes_sent": 1000,
-            "receipts": {"applied": applied, "stale": stale, "rejected": 0, "buffered_pending": 0},
-            "staleness_mean": 0.5, "staleness_max": 2, "outbox_pending": pending, "intermittent": intermittent}
+    return {
+        "site": name,
+        "key": name,
+        "rows": rows,
+        "rows_train": rows * 4 // 5,
+        "rows_test": rows // 5,
+        "metric_local": local,
+        "metric_federated": fed,
+        "metric_served": max(local, fed),
+        "served_kind": "local" if local > fed else "fine_tuned",
+        "metric_central": 0.95,
+        "rows_validation": rows // 8,
+        "epsilon": eps,
+        "epsilon_budget": 8.0,
+        "delta": 1e-5,
+        "updates_sent": sent,
+        "bytes_sent": 1000,
+        "receipts": {"applied": applied, "stale": stale, "rejected": 0, "buffered_pending": 0},
+        "staleness_mean": 0.5,
+        "staleness_max": 2,
+        "outbox_pending": pending,
+        "intermittent": intermittent,
+    }
 
 
 @pytest.fixture
 def report():
     return {
-        "task": "classification", "metric": "roc_auc",
-        "data": {"source": "x.csv", "label": "y", "features": ["a", "b"], "site_column": "s", "ranges_from_data": False},
-        "sites": [_site("L", 6000, 0.94, 0.90), _site("M", 3000, 0.9, 0.91, sent=6, applied=4, stale=2,
-                                                        intermittent=True),
-                  _site("H", 1000, 0.85, 0.91)],
-        "metric_central": 0.95, "metric_federated_pooled": 0.9, "updates": {"applied": 12, "stale_dropped": 2, "rejected": 0},
-        "model_versions": 5, "bytes_on_wire": 123456, "raw_records_on_wire": 0,
+        "task": "classification",
+        "metric": "roc_auc",
+        "data": {
+            "source": "x.csv",
+            "label": "y",
+            "features": ["a", "b"],
+            "site_column": "s",
+            "ranges_from_data": False,
+        },
+        "sites": [
+            _site("L", 6000, 0.94, 0.90),
+            _site("M", 3000, 0.9, 0.91, sent=6, applied=4, stale=2, intermittent=True),
+            _site("H", 1000, 0.85, 0.91),
+        ],
+        "metric_central": 0.95,
+        "metric_federated_pooled": 0.9,
+        "updates": {"applied": 12, "stale_dropped": 2, "rejected": 0},
+        "model_versions": 5,
+        "bytes_on_wire": 123456,
+        "raw_records_on_wire": 0,
         "audit": {"messages": 10, "bytes": 5000, "raw_records": 0, "messages_with_records": [], "by_kind": {}},
-        "duration_s": 80.0, "broker": "test", "notes": ["a note"],
-        "history": [{"version": v, "t": v, "metrics": {"L": 0.5 + v / 20, "M": 0.5, "H": float("nan")}}
-                    for v in range(6)],
+        "duration_s": 80.0,
+        "broker": "test",
+        "notes": ["a note"],
+        "history": [
+            {"version": v, "t": v, "metrics": {"L": 0.5 + v / 20, "M": 0.5, "H": float("nan")}} for v in range(6)
+        ],
     }
 
 
@@ -40,12 +74,19 @@ def _study(metric, pairs_h, served_h=None):
     from fedline.demo.splitstudy import summarise
 
     served_h = served_h or [fed for _, fed in pairs_h]
-    per_split = [{"L": {"local": 0.9, "federated": 0.8, "served": 0.9, "served_kind": "local"},
-                  "H": {"local": loc, "federated": fed, "served": sv, "served_kind": "fine_tuned"}}
-                 for (loc, fed), sv in zip(pairs_h, served_h)]
-    return {"splits": len(pairs_h), "method": "test", "per_split": [{"split_seed": i, "sites": r}
-                                                                   for i, r in enumerate(per_split)],
-            "sites": summarise(metric, per_split)}
+    per_split = [
+        {
+            "L": {"local": 0.9, "federated": 0.8, "served": 0.9, "served_kind": "local"},
+            "H": {"local": loc, "federated": fed, "served": sv, "served_kind": "fine_tuned"},
+        }
+        for (loc, fed), sv in zip(pairs_h, served_h)
+    ]
+    return {
+        "splits": len(pairs_h),
+        "method": "test",
+        "per_split": [{"split_seed": i, "sites": r} for i, r in enumerate(per_split)],
+        "sites": summarise(metric, per_split),
+    }
 
 
 TEN = [(0.80 + i / 100, 0.86 + i / 100) for i in range(10)]  # H: served 0.06 ahead in every split
@@ -55,11 +96,30 @@ def test_writes_json_markdown_and_png(tmp_path, report):
     report["split_study"] = _study("roc_auc", TEN)
     paths = write_report(report, tmp_path / "out")
     doc = json.loads(paths["json"].read_text())
-    for key in ("task", "metric", "sites", "metric_central", "updates", "model_versions", "bytes_on_wire",
-                "raw_records_on_wire", "duration_s"):
+    for key in (
+        "task",
+        "metric",
+        "sites",
+        "metric_central",
+        "updates",
+        "model_versions",
+        "bytes_on_wire",
+        "raw_records_on_wire",
+        "duration_s",
+    ):
         assert key in doc
-    for key in ("site", "rows", "metric_local", "metric_federated", "metric_served", "served_kind", "epsilon",
-                "delta", "updates_sent", "bytes_sent"):
+    for key in (
+        "site",
+        "rows",
+        "metric_local",
+        "metric_federated",
+        "metric_served",
+        "served_kind",
+        "epsilon",
+        "delta",
+        "updates_sent",
+        "bytes_sent",
+    ):
         assert key in doc["sites"][0]
     h = doc["split_study"]["sites"]["H"]
     assert (h["served_wins"], h["served_kinds"]) == (10, {"fine_tuned": 10})
@@ -71,9 +131,17 @@ def test_writes_json_markdown_and_png(tmp_path, report):
     assert "| 0.910 (fine_tuned) |" in md  # H's served model and its kind
     assert "ahead in 10 of 10 splits, p = 0.001" in md
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert all(doc["checks"][k] is True for k in (
-        "served_no_worse_than_local_on_every_site", "smallest_site_served_gains", "federation_learns",
-        "epsilon_within_budget", "no_raw_records_on_wire", "intermittent_site_accounted"))
+    assert all(
+        doc["checks"][k] is True
+        for k in (
+            "served_no_worse_than_local_on_every_site",
+            "smallest_site_served_gains",
+            "federation_learns",
+            "epsilon_within_budget",
+            "no_raw_records_on_wire",
+            "intermittent_site_accounted",
+        )
+    )
 
 
 def test_each_check_can_fail(report):
@@ -85,10 +153,15 @@ def test_each_check_can_fail(report):
     r["metric_federated_pooled"] = 0.84
     c = compute_checks(r)
     assert c["smallest_site"] == "H"
-    assert c == {**c, "served_no_worse_than_local_on_every_site": False,  # H: served 0.006 below local-only
-                 "smallest_site_served_gains": False, "federation_learns": False,
-                 "epsilon_within_budget": False, "no_raw_records_on_wire": False,
-                 "intermittent_site_accounted": False}
+    assert c == {
+        **c,
+        "served_no_worse_than_local_on_every_site": False,  # H: served 0.006 below local-only
+        "smallest_site_served_gains": False,
+        "federation_learns": False,
+        "epsilon_within_budget": False,
+        "no_raw_records_on_wire": False,
+        "intermittent_site_accounted": False,
+    }
     r["split_study"] = _study("roc_auc", TEN, served_h=[0.80 + i / 100 - 0.004 for i in range(10)])
     assert compute_checks(r)["served_no_worse_than_local_on_every_site"] is True  # within 0.005
     r2 = copy.deepcopy(report)
@@ -127,8 +200,14 @@ def test_rmse_claims_are_in_the_right_direction(report):
 def test_split_study_rmse_gain_is_the_drop_in_error():
     from fedline.demo.splitstudy import summarise
 
-    s = summarise("rmse", [{"a": {"local": 2.0, "federated": 1.5}}, {"a": {"local": 1.0, "federated": 1.2}},
-                           {"a": {"local": 3.0, "federated": float("nan")}}])["a"]
+    s = summarise(
+        "rmse",
+        [
+            {"a": {"local": 2.0, "federated": 1.5}},
+            {"a": {"local": 1.0, "federated": 1.2}},
+            {"a": {"local": 3.0, "federated": float("nan")}},
+        ],
+    )["a"]
     assert s["splits"] == 2 and s["federated_wins"] == 1  # a NaN split (no positives held out) is left out
     assert s["mean_gain"] == pytest.approx((0.5 - 0.2) / 2)
 
@@ -142,9 +221,18 @@ def test_sign_test():
 
 def test_long_stream_paragraph(tmp_path, report):
     """The report states each site's per-record ε and what the global-history accountant would have done."""
-    report["long_stream"] = {"rounds": 1200, "every_s": 1000.0, "window_s": 50000.0, "batch_size": 64,
-                             "epsilon_budget": 8.0, "per_record_epsilon": 4.06, "per_record_epsilon_at_half": 4.06,
-                             "global_epsilon": 8.4, "global_stops_at_round": 1101, "rows_retired": 0}
+    report["long_stream"] = {
+        "rounds": 1200,
+        "every_s": 1000.0,
+        "window_s": 50000.0,
+        "batch_size": 64,
+        "epsilon_budget": 8.0,
+        "per_record_epsilon": 4.06,
+        "per_record_epsilon_at_half": 4.06,
+        "global_epsilon": 8.4,
+        "global_stops_at_round": 1101,
+        "rows_retired": 0,
+    }
     md = write_report(report, tmp_path / "out")["md"].read_text()
     assert "per-record ε / budget" in md
     assert "every row's ε is at most 4.06" in md and "stopped the site for good at round 1101" in md

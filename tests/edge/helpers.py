@@ -5,6 +5,7 @@ The minimal aggregator is real on the wire: it logs in to the real Mosquitto as
 sealed updates with its private key, signs receipts and manifests. It records
 every opened update (before any deduplication) so tests can count arrivals.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -34,7 +35,9 @@ def write_csv(path: Path, n: int, seed: int = 0) -> Path:
     torque = rng.uniform(10, 70, n)
     speed = rng.uniform(1200, 2800, n)
     label = ((torque - 40) / 30 + (temp - 300) / 5 + rng.normal(0, 0.3, n) > 0.5).astype(int)
-    lines = ["temp,torque,speed,label"] + [f"{a:.2f},{b:.2f},{c:.1f},{d}" for a, b, c, d in zip(temp, torque, speed, label)]
+    lines = ["temp,torque,speed,label"] + [
+        f"{a:.2f},{b:.2f},{c:.1f},{d}" for a, b, c, d in zip(temp, torque, speed, label)
+    ]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -83,35 +86,73 @@ def toml_value(v: Any) -> str:
     raise TypeError(v)
 
 
-def write_site(fed: Federation, site: str, csv: Path, broker_url: str, password_file: Path | None,
-               *, privacy: dict[str, Any] | str | None = None, training: dict[str, Any] | None = None,
-               model: dict[str, Any] | None = None, outbox: dict[str, Any] | None = None,
-               broker: dict[str, Any] | None = None, source: dict[str, Any] | None = None,
-               rows: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> Path:
+def write_site(
+    fed: Federation,
+    site: str,
+    csv: Path,
+    broker_url: str,
+    password_file: Path | None,
+    *,
+    privacy: dict[str, Any] | str | None = None,
+    training: dict[str, Any] | None = None,
+    model: dict[str, Any] | None = None,
+    outbox: dict[str, Any] | None = None,
+    broker: dict[str, Any] | None = None,
+    source: dict[str, Any] | None = None,
+    rows: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
     """A site.toml under ``root/<site>/`` with paths relative to it."""
     d = fed.root / site
     d.mkdir(parents=True, exist_ok=True)
     tables: dict[str, dict[str, Any]] = {
         "keys": {"private": str(fed.root / "keys" / f"{site}.key"), "enrollment": str(fed.enrollment_path)},
-        "broker": {"url": broker_url, "username": site, "client_id": site, "backoff_min_s": 0.05,
-                   "backoff_max_s": 0.5, "timeout_s": 5.0,
-                   **({"password_file": str(password_file)} if password_file else {}), **(broker or {})},
-        "rows": {"task": "classification", "label": "label",
-                 "features": [{"tag": "temp", "range": [295.0, 305.0]}, {"tag": "torque", "range": [0.0, 80.0]},
-                              {"tag": "speed", "range": [1100.0, 2900.0]}], **(rows or {})},  # None: leave out
+        "broker": {
+            "url": broker_url,
+            "username": site,
+            "client_id": site,
+            "backoff_min_s": 0.05,
+            "backoff_max_s": 0.5,
+            "timeout_s": 5.0,
+            **({"password_file": str(password_file)} if password_file else {}),
+            **(broker or {}),
+        },
+        "rows": {
+            "task": "classification",
+            "label": "label",
+            "features": [
+                {"tag": "temp", "range": [295.0, 305.0]},
+                {"tag": "torque", "range": [0.0, 80.0]},
+                {"tag": "speed", "range": [1100.0, 2900.0]},
+            ],
+            **(rows or {}),
+        },  # None: leave out
         "model": {"kind": "mlp", "n_features": 3, "hidden": [8], "personal": ["head."], **(model or {})},
         # max_pending_per_base: these agents mostly train without an aggregator; the tests of the default (1)
         # set it themselves
-        "training": {"every_rows": 100000, "every_s": 3600.0, "min_rows": 50, "epochs": 1, "batch_size": 32,
-                     "lr": 0.1, "max_pending_per_base": 1000, **(training or {})},
+        "training": {
+            "every_rows": 100000,
+            "every_s": 3600.0,
+            "min_rows": 50,
+            "epochs": 1,
+            "batch_size": 32,
+            "lr": 0.1,
+            "max_pending_per_base": 1000,
+            **(training or {}),
+        },
         "outbox": {**(outbox or {})},
         "metrics": {},
     }
     tables["rows"] = {k: v for k, v in tables["rows"].items() if v is not None}
     if isinstance(privacy, dict) or privacy is None:
         tables["privacy"] = {"epsilon": 50.0, "delta": 1e-5, "noise_multiplier": 1.0, **(privacy or {})}
-    lines = [f'site = "{site}"', f'federation = "{FEDERATION}"', 'data_dir = "state"', 'model_dir = "models"',
-             "status_interval_s = 1.0"]
+    lines = [
+        f'site = "{site}"',
+        f'federation = "{FEDERATION}"',
+        'data_dir = "state"',
+        'model_dir = "models"',
+        "status_interval_s = 1.0",
+    ]
     if isinstance(privacy, str):
         lines.append(f"privacy = {toml_value(privacy)}")
     for k, v in (extra or {}).items():
@@ -179,18 +220,31 @@ class MiniAggregator:
             header, tensors = open_update(done[1], self.fed.aggregator, enrollment)
             self.arrivals.append(Arrival(header, {k: np.array(v) for k, v in tensors.items()}))
             if self.receipts:
-                doc = {"site": header.site, "counter": header.counter, "msg_id": header.msg_id,
-                       "verdict": self.verdict, "reason": None if self.verdict == "applied" else "test verdict",
-                       "version": self.version}
+                doc = {
+                    "site": header.site,
+                    "counter": header.counter,
+                    "msg_id": header.msg_id,
+                    "verdict": self.verdict,
+                    "reason": None if self.verdict == "applied" else "test verdict",
+                    "version": self.version,
+                }
                 box = enrollment.sites[header.site].box_pub
-                await self.client.publish(self.topics.receipts(header.site),
-                                          seal_receipt(doc, self.fed.aggregator, box))
+                await self.client.publish(
+                    self.topics.receipts(header.site), seal_receipt(doc, self.fed.aggregator, box)
+                )
 
     def counters(self, site: str) -> list[int]:
         return [a.header.counter for a in self.arrivals if a.header.site == site]
 
-    async def publish_model(self, version: int, spec: ModelSpec, shared: dict[str, np.ndarray],
-                            max_chunk: int = 2048, keys: KeyPair | None = None, tamper: bool = False) -> None:
+    async def publish_model(
+        self,
+        version: int,
+        spec: ModelSpec,
+        shared: dict[str, np.ndarray],
+        max_chunk: int = 2048,
+        keys: KeyPair | None = None,
+        tamper: bool = False,
+    ) -> None:
         """A signed manifest plus retained fedline chunks of the weights, sealed to the members as the
         aggregator does (the key grant of each enrolled site first)."""
         from broker_bridge.envelope import seal_for_federation
@@ -198,14 +252,20 @@ class MiniAggregator:
 
         epoch, key = 1, self.content_key
         for pub in self.fed.enrollment.sites.values():
-            await self.client.publish(self.topics.fedkey(pub.ident),
-                                      seal_grant(FEDERATION, pub, epoch, key, self.fed.aggregator), retain=True)
+            await self.client.publish(
+                self.topics.fedkey(pub.ident), seal_grant(FEDERATION, pub, epoch, key, self.fed.aggregator), retain=True
+            )
         blob = encode_tensors(shared)
         chunks = split(seal_for_federation(blob, key), f"w{version}", max_chunk)
-        manifest = {"federation": FEDERATION, "version": version, "epoch": epoch, "created_at": 0.0,
-                    "spec": spec.to_dict(), "weights": {"hash": content_hash(blob), "size": len(blob),
-                                                        "chunks": len(chunks)},
-                    "onnx": {"hash": "", "size": 0, "chunks": 0}}
+        manifest = {
+            "federation": FEDERATION,
+            "version": version,
+            "epoch": epoch,
+            "created_at": 0.0,
+            "spec": spec.to_dict(),
+            "weights": {"hash": content_hash(blob), "size": len(blob), "chunks": len(chunks)},
+            "onnx": {"hash": "", "size": 0, "chunks": 0},
+        }
         if tamper:
             last = bytearray(chunks[-1])
             last[-1] ^= 1

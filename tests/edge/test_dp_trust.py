@@ -1,4 +1,5 @@
 """DP you can trust (issue 13, item 4): private CSPRNG-seeded randomness, accounted steps == noised steps."""
+
 from __future__ import annotations
 
 import threading
@@ -33,6 +34,7 @@ def noise_log(monkeypatch):
         out = real(*args, **kwargs)
         seen.append(out.detach().clone())
         return out
+
     monkeypatch.setattr(dp_opt, "_generate_noise", observe)
     return seen
 
@@ -72,8 +74,9 @@ def test_empty_batches_still_add_noise() -> None:
     empty = sum(1 for idx in poisson_batches(n, plan, gen) if len(idx) == 0)
     assert empty > 10
     x, y = _data(n)
-    result = train_round(SPEC, shared_state(build_model(SPEC), SPEC), None, x, y, TrainingConfig(batch_size=1),
-                         PrivacyConfig(), None)
+    result = train_round(
+        SPEC, shared_state(build_model(SPEC), SPEC), None, x, y, TrainingConfig(batch_size=1), PrivacyConfig(), None
+    )
     assert result.noise_steps == plan.steps == 93
 
 
@@ -96,16 +99,19 @@ def test_noise_is_private_while_models_are_built_and_exported(noise_log) -> None
     worker = threading.Thread(target=churn)
     worker.start()
     try:
-        runs = [train_round(SPEC, base, None, x, y, TrainingConfig(batch_size=32, epochs=2), PrivacyConfig(), None)
-                for _ in range(2)]
+        runs = [
+            train_round(SPEC, base, None, x, y, TrainingConfig(batch_size=32, epochs=2), PrivacyConfig(), None)
+            for _ in range(2)
+        ]
     finally:
         stop.set()
         worker.join()
     assert built[0] >= 1
     assert torch.equal(torch.get_rng_state(), global_before)  # nothing drew from or seeded the global RNG
     steps = runs[0].plan.steps
-    per_step = [torch.cat([t.flatten() for t in noise_log[i * N_PARAMS:(i + 1) * N_PARAMS]])
-                for i in range(2 * steps)]
+    per_step = [
+        torch.cat([t.flatten() for t in noise_log[i * N_PARAMS : (i + 1) * N_PARAMS]]) for i in range(2 * steps)
+    ]
     flat = torch.stack(per_step)
     assert len({tuple(v.tolist()) for v in flat}) == len(per_step)  # never repeated across steps or rounds
     assert not torch.allclose(flat[0], flat[steps])  # the same round twice: different noise

@@ -1,4 +1,5 @@
 """The edge agent against a real Mosquitto and a minimal (real-on-the-wire) aggregator."""
+
 from __future__ import annotations
 
 import asyncio
@@ -31,11 +32,13 @@ def _site(tmp_path, mosquitto, n_rows=300, **kw):
 
 async def until(pred, task: asyncio.Task, timeout: float = 30.0):
     """``eventually``, failing at once with the agent's own error if the agent task died."""
+
     def check():
         if task.done():
             task.result()
             raise AssertionError("the agent stopped")
         return pred()
+
     return await eventually(check, timeout=timeout)
 
 
@@ -62,8 +65,14 @@ async def test_agent_trains_on_csv_and_its_sealed_deltas_arrive_open_and_clear(m
         watcher = asyncio.create_task(watch())
         task = asyncio.create_task(agent.run(stop))
         await until(lambda: len(agg.arrivals) >= 2, task, timeout=60)
-        await eventually(lambda: agent.outbox.depth()[0] == 0 and len(agent.outbox.ledger()) == len(agg.arrivals)
-                         and all(e.state == "applied" for e in agent.outbox.ledger()), timeout=30)
+        await eventually(
+            lambda: (
+                agent.outbox.depth()[0] == 0
+                and len(agent.outbox.ledger()) == len(agg.arrivals)
+                and all(e.state == "applied" for e in agent.outbox.ledger())
+            ),
+            timeout=30,
+        )
 
         # the deltas open with the aggregator's key, carry only shared parameters, and are not zero
         shared = set(agent.shared_names)
@@ -85,8 +94,9 @@ async def test_agent_trains_on_csv_and_its_sealed_deltas_arrive_open_and_clear(m
         assert agent.epsilon == pytest.approx(acc.get_epsilon(delta=1e-5), rel=1e-9)
 
         # the retained status and the metrics say the same; the status carries nothing computed from plant data
-        await eventually(lambda: statuses and statuses[-1]["outbox_depth"] == 0 and statuses[-1]["version"] >= 0,
-                         timeout=10)
+        await eventually(
+            lambda: statuses and statuses[-1]["outbox_depth"] == 0 and statuses[-1]["version"] >= 0, timeout=10
+        )
         last = statuses[-1]
         from edge.status_doc import STATUS_FIELDS
 
@@ -97,7 +107,8 @@ async def test_agent_trains_on_csv_and_its_sealed_deltas_arrive_open_and_clear(m
         assert last["state"] == "online" and last["privacy"] == "on" and last["publishing"] == "ok"
         assert last["epsilon"] == pytest.approx(agent.epsilon, rel=1e-5)
         body = await asyncio.to_thread(
-            lambda: urllib.request.urlopen(f"http://127.0.0.1:{agent.metrics_port}/metrics", timeout=5).read().decode())
+            lambda: urllib.request.urlopen(f"http://127.0.0.1:{agent.metrics_port}/metrics", timeout=5).read().decode()
+        )
         assert "fedline_edge_outbox_depth 0.0" in body
         assert f"fedline_edge_updates_sealed_total {float(len(agg.arrivals))}" in body
         assert 'fedline_edge_receipts_total{verdict="applied"}' in body

@@ -1,4 +1,5 @@
 """Nothing lost offline, nothing sent twice: broker outage, and kill -9 of the agent."""
+
 from __future__ import annotations
 
 import asyncio
@@ -68,19 +69,33 @@ def _outbox_depth(db: Path) -> int:
 
 
 def _start_agent(path: Path, log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "fedline.cli", "edge", "--config", str(path)],
-                            stdout=subprocess.DEVNULL, stderr=open(log, "ab"), start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "fedline.cli", "edge", "--config", str(path)],
+        stdout=subprocess.DEVNULL,
+        stderr=open(log, "ab"),
+        start_new_session=True,
+    )
 
 
-async def test_kill_9_with_a_full_outbox_then_restart_loses_nothing_and_sends_nothing_twice(mosquitto, tmp_path) -> None:
+async def test_kill_9_with_a_full_outbox_then_restart_loses_nothing_and_sends_nothing_twice(
+    mosquitto, tmp_path
+) -> None:
     """The aggregator is away (its persistent session queues what arrives); the agent seals,
     publishes its first update (which waits for a receipt) and queues the next ones, and is
     killed with -9; after a restart every sealed update reaches the aggregator exactly once,
     in counter order: the one already sent is not sent again."""
     fed = Federation.create(tmp_path, [SITE])
     csv = write_csv(tmp_path / "rows.csv", 400)
-    path = write_site(fed, SITE, csv, mosquitto.url, mosquitto.paths[f"password:{SITE}"], privacy="off",
-                      training={"every_rows": 60, "every_s": 1.0}, source={"rate_hz": 80.0})
+    path = write_site(
+        fed,
+        SITE,
+        csv,
+        mosquitto.url,
+        mosquitto.paths[f"password:{SITE}"],
+        privacy="off",
+        training={"every_rows": 60, "every_s": 1.0},
+        source={"rate_hz": 80.0},
+    )
     db = path.parent / "state" / "outbox.sqlite"
     log = tmp_path / "agent.log"
     agg_settings = settings_for(mosquitto, "aggregator", client_id="agg-kill")
@@ -99,6 +114,7 @@ async def test_kill_9_with_a_full_outbox_then_restart_loses_nothing_and_sends_no
     watcher = asyncio.create_task(watch())
     proc = _start_agent(path, log)
     try:
+
         def sent_and_queued() -> bool:
             states = [s for _, s, _ in _ledger(db)]
             return states[:1] == ["sent"] and states.count("queued") >= 1
@@ -114,10 +130,16 @@ async def test_kill_9_with_a_full_outbox_then_restart_loses_nothing_and_sends_no
 
         proc = _start_agent(path, log)
         async with MiniAggregator(fed, agg_settings) as agg:
+
             def settled() -> bool:
                 led = _ledger(db)
-                return (len(led) > len(before) and _outbox_depth(db) == 0
-                        and len(agg.arrivals) == len(led) and all(s == "applied" for _, s, _ in led))
+                return (
+                    len(led) > len(before)
+                    and _outbox_depth(db) == 0
+                    and len(agg.arrivals) == len(led)
+                    and all(s == "applied" for _, s, _ in led)
+                )
+
             await eventually(settled, timeout=90)
             proc.send_signal(signal.SIGTERM)
             proc.wait(20)

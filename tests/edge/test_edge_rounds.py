@@ -1,4 +1,5 @@
 """Agent rounds without a broker: the privacy budget, privacy off, outbox policy, config errors."""
+
 from __future__ import annotations
 
 import asyncio
@@ -80,8 +81,12 @@ async def test_privacy_off_is_explicit_warned_and_personal_head_never_sealed(tmp
 
 async def test_personal_parameters_never_leave_for_every_model_kind(tmp_path) -> None:
     """A GRU over windows with a personal head and a personal first layer: neither is in the payload."""
-    fed, agent = _agent(tmp_path, model={"kind": "gru", "hidden": [6, 5], "window": 4, "personal": ["head.", "dense."]},
-                        rows={"window": 4, "stride": 4}, training={"min_rows": 20})
+    fed, agent = _agent(
+        tmp_path,
+        model={"kind": "gru", "hidden": [6, 5], "window": 4, "personal": ["head.", "dense."]},
+        rows={"window": 4, "stride": 4},
+        training={"min_rows": 20},
+    )
     await _ingest(agent)
     assert await agent.train_once() is not None
     (row,) = agent.outbox.pending(900)
@@ -103,11 +108,18 @@ async def test_receipts_and_bad_messages(tmp_path, caplog) -> None:
     await agent.train_once()
     rows = agent.outbox.pending(900)
     t = agent.topics
-    doc = {"site": SITE, "counter": rows[0].counter, "msg_id": rows[0].msg_id, "verdict": "rejected",
-           "reason": "norm above bound", "version": 4}
+    doc = {
+        "site": SITE,
+        "counter": rows[0].counter,
+        "msg_id": rows[0].msg_id,
+        "verdict": "rejected",
+        "reason": "norm above bound",
+        "version": 4,
+    }
     box = fed.enrollment.sites[SITE].box_pub
-    forged = seal_receipt({**doc, "counter": rows[1].counter, "msg_id": rows[1].msg_id},
-                          KeyPair.generate("aggregator", "aggregator"), box)
+    forged = seal_receipt(
+        {**doc, "counter": rows[1].counter, "msg_id": rows[1].msg_id}, KeyPair.generate("aggregator", "aggregator"), box
+    )
     with caplog.at_level(logging.WARNING, logger="fedline.edge"):
         await agent.handle_message(Message(t.receipts(SITE), forged))
         await agent.handle_message(Message(t.receipts(SITE), b"\x00garbage"))
@@ -118,8 +130,9 @@ async def test_receipts_and_bad_messages(tmp_path, caplog) -> None:
     assert [r.counter for r in agent.outbox.pending(900)] == [rows[1].counter]  # forged receipt cleared nothing
     first = agent.outbox.ledger()[0]
     assert (first.state, first.reason, first.version) == ("rejected", "norm above bound", 4)
-    assert any(r.getMessage() == "receipt.rejected" and r.fields["reason"] == "norm above bound"
-               for r in caplog.records)
+    assert any(
+        r.getMessage() == "receipt.rejected" and r.fields["reason"] == "norm above bound" for r in caplog.records
+    )
     assert agent.metrics.malformed.labels("receipt")._value.get() == 2
     assert agent.metrics.malformed.labels("weights")._value.get() == 1
     assert agent.metrics.malformed.labels("topic")._value.get() == 1
@@ -130,8 +143,12 @@ async def test_receipts_and_bad_messages(tmp_path, caplog) -> None:
 
 
 async def test_autoencoder_site_trains_without_labels(tmp_path) -> None:
-    fed, agent = _agent(tmp_path, privacy="off", rows={"label": None},
-                        model={"kind": "autoencoder", "task": "anomaly", "hidden": [4, 2]})
+    fed, agent = _agent(
+        tmp_path,
+        privacy="off",
+        rows={"label": None},
+        model={"kind": "autoencoder", "task": "anomaly", "hidden": [4, 2]},
+    )
     await _ingest(agent)
     assert await agent.train_once() is not None
     (row,) = agent.outbox.pending(900)
@@ -164,13 +181,16 @@ async def test_drop_oldest_policy_drops_counts_and_logs(tmp_path, caplog) -> Non
     agent.close()
 
 
-@pytest.mark.parametrize("change, key", [
-    ({"model": {"n_features": 4}}, "model"),
-    ({"model": {"kind": "autoencoder", "task": "anomaly", "personal": []}}, "rows.label"),
-    ({"privacy": "of"}, "privacy"),
-    ({"outbox": {"policy": "drop_newest"}}, "outbox.policy"),
-    ({"training": {"epochs": 0}}, "training"),
-])
+@pytest.mark.parametrize(
+    "change, key",
+    [
+        ({"model": {"n_features": 4}}, "model"),
+        ({"model": {"kind": "autoencoder", "task": "anomaly", "personal": []}}, "rows.label"),
+        ({"privacy": "of"}, "privacy"),
+        ({"outbox": {"policy": "drop_newest"}}, "outbox.policy"),
+        ({"training": {"epochs": 0}}, "training"),
+    ],
+)
 def test_bad_site_config_names_the_key(tmp_path, change, key) -> None:
     fed = Federation.create(tmp_path, [SITE])
     csv = write_csv(tmp_path / "rows.csv", 10)
@@ -191,8 +211,10 @@ def test_personal_prefix_typo_is_a_config_error(tmp_path) -> None:
 
 def test_edge_package_import_stays_light() -> None:
     """edge.inference lives under edge/: importing edge (and the CLI registration) must not load torch."""
-    code = ("import sys, edge, edge.cli, edge.config; "
-            "assert not {'torch', 'opacus', 'onnx'} & set(sys.modules), sorted(m for m in sys.modules if 'torch' in m)")
+    code = (
+        "import sys, edge, edge.cli, edge.config; "
+        "assert not {'torch', 'opacus', 'onnx'} & set(sys.modules), sorted(m for m in sys.modules if 'torch' in m)"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
@@ -200,13 +222,18 @@ def test_cli_check_and_config_error_exit_codes(tmp_path) -> None:
     fed = Federation.create(tmp_path, [SITE])
     csv = write_csv(tmp_path / "rows.csv", 10)
     good = write_site(fed, SITE, csv, NOWHERE, None)
-    ok = subprocess.run([sys.executable, "-m", "fedline.cli", "edge", "--config", str(good), "--check"],
-                        capture_output=True, text=True, timeout=60)
+    ok = subprocess.run(
+        [sys.executable, "-m", "fedline.cli", "edge", "--config", str(good), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert ok.returncode == 0, ok.stderr
     assert "OK" in ok.stdout
     bad = write_site(fed, SITE, csv, NOWHERE, None, training={"batch_size": "big"})
-    err = subprocess.run([sys.executable, "-m", "fedline.cli", "edge", "--config", str(bad)],
-                         capture_output=True, text=True, timeout=60)
+    err = subprocess.run(
+        [sys.executable, "-m", "fedline.cli", "edge", "--config", str(bad)], capture_output=True, text=True, timeout=60
+    )
     assert err.returncode == 78  # EX_CONFIG
     assert "training.batch_size" in err.stderr and str(bad) in err.stderr
     _ = np  # keep numpy imported for symmetry with other edge tests

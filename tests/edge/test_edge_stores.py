@@ -1,4 +1,5 @@
 """Local dataset, outbox and privacy budget: on-disk behaviour, bounds, restarts."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -45,8 +46,16 @@ def test_dataset_windows_without_labels(tmp_path) -> None:
 
 
 def _put(ob: Outbox, counter: int, size: int = 100, **kw) -> list:
-    return ob.put(site="s", counter=counter, msg_id=f"m{counter}", base_version=0, n_samples=10, epsilon=0.1,
-                  blob=bytes([counter % 256]) * size, **kw)
+    return ob.put(
+        site="s",
+        counter=counter,
+        msg_id=f"m{counter}",
+        base_version=0,
+        n_samples=10,
+        epsilon=0.1,
+        blob=bytes([counter % 256]) * size,
+        **kw,
+    )
 
 
 def test_outbox_keeps_rows_until_receipt_and_survives_reopen(tmp_path) -> None:
@@ -112,8 +121,9 @@ def test_outbox_drop_oldest_and_stop_training(tmp_path) -> None:
     assert stop.last_counter() == 2 and stop.get_meta("accountant") == "A2"
 
 
-@pytest.mark.parametrize("mechanism, cls, sizes", [("rdp", RDPAccountant, (500, 800)),
-                                                   ("prv", PRVAccountant, (500,))])  # PRV: ~1 s per ε
+@pytest.mark.parametrize(
+    "mechanism, cls, sizes", [("rdp", RDPAccountant, (500, 800)), ("prv", PRVAccountant, (500,))]
+)  # PRV: ~1 s per ε
 def test_budget_matches_opacus_and_persists(mechanism, cls, sizes) -> None:
     cfg = PrivacyConfig(epsilon=20.0, delta=1e-5, noise_multiplier=1.1, accountant=mechanism)
     budget = PrivacyBudget(cfg)

@@ -1,4 +1,5 @@
 """Two edge agents and the real aggregator over a real Mosquitto: the wire contracts agree."""
+
 from __future__ import annotations
 
 import asyncio
@@ -17,9 +18,9 @@ def _aggregator_toml(fed: Federation, broker, path) -> None:
     path.write_text(f"""
 [aggregator]
 federation = "{FEDERATION}"
-key_file = "{fed.root / 'keys' / 'aggregator.key'}"
+key_file = "{fed.root / "keys" / "aggregator.key"}"
 enrollment_file = "{fed.enrollment_path}"
-state_dir = "{fed.root / 'agg-state'}"
+state_dir = "{fed.root / "agg-state"}"
 seed = 0
 
 [model]
@@ -31,7 +32,7 @@ personal = ["head."]
 [broker]
 url = "{broker.url}"
 username = "aggregator"
-password_file = "{broker.paths['password:aggregator']}"
+password_file = "{broker.paths["password:aggregator"]}"
 client_id = "agg-real"
 backoff_min_s = 0.05
 backoff_max_s = 0.5
@@ -95,8 +96,14 @@ async def test_on_new_model_rounds_follow_the_federation(mosquitto, tmp_path) ->
     agg_task = asyncio.create_task(aggregator.run())
     await asyncio.wait_for(aggregator.started.wait(), 30)
     csv = write_csv(tmp_path / "site-a.csv", 200, seed=0)
-    path = write_site(fed, "site-a", csv, mosquitto.url, mosquitto.paths["password:site-a"],
-                      training={"on_new_model": True, "every_s": 3600.0, "every_rows": 10**9})
+    path = write_site(
+        fed,
+        "site-a",
+        csv,
+        mosquitto.url,
+        mosquitto.paths["password:site-a"],
+        training={"on_new_model": True, "every_s": 3600.0, "every_rows": 10**9},
+    )
     agent = EdgeAgent(load_edge_config(path))
     stop = asyncio.Event()
     task = asyncio.create_task(agent.run(stop))

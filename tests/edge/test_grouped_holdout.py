@@ -1,4 +1,5 @@
 """Grouped, time-ordered and random hold-outs of the edge dataset (edge/dataset.py)."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,5 @@
 """The served model: local-only / global / fine-tuned, picked on the validation rows (edge/personal.py)."""
+
 from __future__ import annotations
 
 import math
@@ -57,8 +58,9 @@ def test_personaliser_serves_the_local_model_where_the_global_one_is_wrong_for_t
     from edge.personal import train_local_only
 
     rng = np.random.default_rng(0)
-    cfg = PersonalConfig(local_epochs=20, finetune_epochs=1, finetune_lr=0.001, min_validation_rows=30,
-                         min_validation_positives=8)
+    cfg = PersonalConfig(
+        local_epochs=20, finetune_epochs=1, finetune_lr=0.001, min_validation_rows=30, min_validation_positives=8
+    )
     xg, yg = _task(600, False, rng)
     global_params = train_local_only(CLS, xg, yg, cfg)  # stands in for a global model of the other plants
     x, y = _task(600, True, rng)
@@ -76,8 +78,9 @@ def test_personaliser_fine_tunes_the_global_model_where_the_plant_has_few_rows()
     from edge.personal import train_local_only
 
     rng = np.random.default_rng(1)
-    cfg = PersonalConfig(local_epochs=20, finetune_epochs=2, finetune_lr=0.01, min_validation_rows=30,
-                         min_validation_positives=8)
+    cfg = PersonalConfig(
+        local_epochs=20, finetune_epochs=2, finetune_lr=0.01, min_validation_rows=30, min_validation_positives=8
+    )
     xg, yg = _task(3000, False, rng)
     global_params = train_local_only(CLS, xg, yg, cfg)
     x, y = _task(12, False, rng)

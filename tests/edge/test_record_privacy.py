@@ -5,6 +5,7 @@ The simulated streams drive the real ``RecordLedger`` with the real round plan
 ledger only needs ids, timestamps and the held-out split, which is the
 dataset's own hash). The agent tests use the real SQLite dataset and outbox.
 """
+
 from __future__ import annotations
 
 import functools
@@ -26,6 +27,7 @@ def _plan(batch: int):
     def plan(n: int) -> tuple[float, int]:
         p = plan_round(n, cfg)
         return p.sample_rate, p.steps
+
     return plan
 
 
@@ -36,10 +38,14 @@ def opacus_epsilon(monkeypatch):
     from opacus.accountants.analysis import rdp as analysis
 
     raw = analysis.compute_rdp
-    cached = functools.lru_cache(maxsize=None)(lambda q, s, n, orders: raw(q=q, noise_multiplier=s, steps=n,
-                                                                          orders=list(orders)))
-    monkeypatch.setattr(analysis, "compute_rdp",
-                        lambda *, q, noise_multiplier, steps, orders: cached(q, noise_multiplier, steps, tuple(orders)))
+    cached = functools.lru_cache(maxsize=None)(
+        lambda q, s, n, orders: raw(q=q, noise_multiplier=s, steps=n, orders=list(orders))
+    )
+    monkeypatch.setattr(
+        analysis,
+        "compute_rdp",
+        lambda *, q, noise_multiplier, steps, orders: cached(q, noise_multiplier, steps, tuple(orders)),
+    )
 
     @functools.cache
     def eps(history: tuple[tuple[float, float, int], ...]) -> float:
@@ -48,11 +54,13 @@ def opacus_epsilon(monkeypatch):
         acc = RDPAccountant()
         acc.history = list(history)  # (noise_multiplier, sample_rate, steps) per round, as acc.step() keeps them
         return float(acc.get_epsilon(delta=DELTA))
+
     return eps
 
 
-def _run_stream(ledger: RecordLedger, index: StreamIndex, rounds: int, every_s: float, window_s: float,
-                batch: int, on_leave=None) -> list[tuple[int, int, float, int]]:
+def _run_stream(
+    ledger: RecordLedger, index: StreamIndex, rounds: int, every_s: float, window_s: float, batch: int, on_leave=None
+) -> list[tuple[int, int, float, int]]:
     """Time-based rounds over the stream; returns each round's ``(lo, hi, q, steps)`` as trained."""
     plan = _plan(batch)
     done: list[tuple[int, int, float, int]] = []

@@ -1,4 +1,5 @@
 """Per-record privacy in the agent: no budget on undeliverable updates, what operators see (issue 21)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -47,8 +48,17 @@ async def test_outage_costs_one_round_per_base_version(tmp_path) -> None:
 
     # the aggregator's receipt comes back: the site may spend budget on base 0 again
     (row,) = agent.outbox.pending(0)
-    receipt = sign_receipt({"site": SITE, "counter": row.counter, "msg_id": row.msg_id, "verdict": "buffered",
-                            "reason": None, "version": None}, fed.aggregator)
+    receipt = sign_receipt(
+        {
+            "site": SITE,
+            "counter": row.counter,
+            "msg_id": row.msg_id,
+            "verdict": "buffered",
+            "reason": None,
+            "version": None,
+        },
+        fed.aggregator,
+    )
     await agent.handle_message(Message(agent.topics.receipts(SITE), receipt))
     assert await agent.train_once() is not None
     assert await agent.train_once() is None  # and again only one without a receipt
@@ -71,8 +81,10 @@ async def test_status_and_metrics_carry_the_per_record_guarantee(tmp_path) -> No
     values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line and line[0] != "#"}
     assert values["fedline_edge_rows_retired"] == 0  # retired rows are counted once a later round moves past
     assert values["fedline_edge_rows_eligible"] > 50
-    assert values["fedline_edge_epsilon_spent"] == status["epsilon"] or abs(
-        values["fedline_edge_epsilon_spent"] - status["epsilon"]) < 1e-6
+    assert (
+        values["fedline_edge_epsilon_spent"] == status["epsilon"]
+        or abs(values["fedline_edge_epsilon_spent"] - status["epsilon"]) < 1e-6
+    )
     assert values["fedline_edge_epsilon_global_history"] >= values["fedline_edge_epsilon_spent"] - 1e-9
     assert values["fedline_edge_delta"] == 1e-5
     header, _ = open_update(agent.outbox.pending(900)[-1].blob, fed.aggregator, fed.enrollment)
@@ -82,9 +94,13 @@ async def test_status_and_metrics_carry_the_per_record_guarantee(tmp_path) -> No
 
 
 async def test_overlapping_windows_report_the_raw_sample_unit(tmp_path) -> None:
-    _fed, agent = _agent(tmp_path, model={"kind": "mlp", "hidden": [6], "window": 4},
-                        rows={"window": 4, "stride": 2}, training={"min_rows": 20},
-                        privacy={"epsilon": 1000.0})
+    _fed, agent = _agent(
+        tmp_path,
+        model={"kind": "mlp", "hidden": [6], "window": 4},
+        rows={"window": 4, "stride": 2},
+        training={"min_rows": 20},
+        privacy={"epsilon": 1000.0},
+    )
     assert agent.ledger is not None and agent.ledger.group == 2
     assert agent.status()["privacy_unit"].startswith("raw sample (in 2 overlapping windows")
     agent.close()

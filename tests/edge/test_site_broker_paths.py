@@ -1,4 +1,5 @@
 """The site's [broker] table: file paths are relative to site.toml (as the docs say), parsed by the one parser."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,8 +15,14 @@ from tests.edge.helpers import Federation, write_csv, write_site
 def test_broker_paths_are_relative_to_site_toml(tmp_path: Path) -> None:
     fed = Federation.create(tmp_path, ["site-a"])
     csv = write_csv(tmp_path / "rows.csv", 10)
-    path = write_site(fed, "site-a", csv, "mqtts://broker.plant:8883", None,
-                      broker={"password_file": "secrets/site-a.password", "ca_file": "pki/ca.crt"})
+    path = write_site(
+        fed,
+        "site-a",
+        csv,
+        "mqtts://broker.plant:8883",
+        None,
+        broker={"password_file": "secrets/site-a.password", "ca_file": "pki/ca.crt"},
+    )
     agent = EdgeAgent(load_edge_config(path))
     try:
         s = agent.settings

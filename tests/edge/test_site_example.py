@@ -1,4 +1,5 @@
 """The documented example site.toml is what the agent really loads."""
+
 from pathlib import Path
 
 from edge.config import load_edge_config

@@ -1,5 +1,6 @@
 """Fault-suite helpers: every scenario prints its figures and, when ``FEDLINE_FAULT_FIGURES`` names a
 file, appends them there as one JSON line (that is how RELIABILITY.md's tables were made)."""
+
 from __future__ import annotations
 
 import json

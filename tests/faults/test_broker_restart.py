@@ -6,6 +6,7 @@ but had not yet forwarded, receipts it had not yet delivered, and up to
 outboxes resend what got no receipt; the aggregator answers a resent update
 from its store. The ledger must come out exact.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -28,14 +29,22 @@ async def test_broker_kill9_mid_training_then_restart_ledger_exact(tmp_path) -> 
         await asyncio.sleep(3.0)  # training goes on; the outboxes fill
         await asyncio.to_thread(rig.broker.start)
         back_at = time.time()
-        await rig.until(lambda: rig.decided() > 0 and _first_decision_after(rig, back_at) is not None, 60,
-                        "a decision after the broker came back")
+        await rig.until(
+            lambda: rig.decided() > 0 and _first_decision_after(rig, back_at) is not None,
+            60,
+            "a decision after the broker came back",
+        )
         recovery_s = _first_decision_after(rig, back_at) - back_at
         await rig.until(rig.settled, 120, "every sealed update settled")
         rep = rig.reconcile()
-        record("broker_kill9_restart", **rep.figures(), sealed_before_kill=sealed_before,
-               broker_down_s=round(back_at - killed_at, 1), recovery_s=round(recovery_s, 2),
-               redeliveries_absorbed=rig.redeliveries())
+        record(
+            "broker_kill9_restart",
+            **rep.figures(),
+            sealed_before_kill=sealed_before,
+            broker_down_s=round(back_at - killed_at, 1),
+            recovery_s=round(recovery_s, 2),
+            redeliveries_absorbed=rig.redeliveries(),
+        )
         assert rep.exact, rep.problems()
         assert rep.rejected == 0 and rep.dropped_by_policy == 0
         assert rep.sealed > sealed_before  # training went on across the outage

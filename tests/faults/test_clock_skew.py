@@ -5,6 +5,7 @@ Nothing in fedline may depend on clocks agreeing across machines: staleness
 is counted in model versions, replay protection in per-site counters, resends
 by each process's own clock. Every update must be taken, none refused.
 """
+
 from __future__ import annotations
 
 import pytest

@@ -13,6 +13,7 @@ so (``dataset.write_failed`` for rows it cannot store, ``update.not_queued``
 for a round it cannot queue: nothing released, nothing accounted), and carry on
 once there is room again.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -29,10 +30,18 @@ from tests.faults.conftest import record
 
 @pytest.mark.slow
 async def test_outbox_cap_drop_oldest_and_stop_training_then_recover(tmp_path) -> None:
-    settings = RigSettings(rows_per_site=520, rate_hz=40.0, every_rows=40, buffer_size=2, max_staleness=20,
-                           training={"every_s": 2.0},  # a skipped round is retried on time, too
-                           site_outbox={"site-a": {"max_count": 3, "policy": "drop_oldest"},
-                                        "site-b": {"max_count": 3, "policy": "stop_training"}})
+    settings = RigSettings(
+        rows_per_site=520,
+        rate_hz=40.0,
+        every_rows=40,
+        buffer_size=2,
+        max_staleness=20,
+        training={"every_s": 2.0},  # a skipped round is retried on time, too
+        site_outbox={
+            "site-a": {"max_count": 3, "policy": "drop_oldest"},
+            "site-b": {"max_count": 3, "policy": "stop_training"},
+        },
+    )
     async with FaultRig(tmp_path, ["site-a", "site-b"], settings) as rig:
         agg = rig.start_aggregator()
         await rig.until(lambda: agg.events("aggregator.started"), 60, "the aggregator's session exists")
@@ -41,9 +50,15 @@ async def test_outbox_cap_drop_oldest_and_stop_training_then_recover(tmp_path) -
         rig.start_site("site-a")
         rig.start_site("site-b")
         a, b = rig.procs["site-a"], rig.procs["site-b"]
-        await rig.until(lambda: len(a.events("outbox.dropped")) >= 2 and len(b.events("publishing.outbox_full")) >= 1
-                        and len([e for e in b.events("round.skipped") if e.get("reason") == "outbox_full"]) >= 2,
-                        60, "both outboxes full and the policies applied")
+        await rig.until(
+            lambda: (
+                len(a.events("outbox.dropped")) >= 2
+                and len(b.events("publishing.outbox_full")) >= 1
+                and len([e for e in b.events("round.skipped") if e.get("reason") == "outbox_full"]) >= 2
+            ),
+            60,
+            "both outboxes full and the policies applied",
+        )
         assert rig.unsettled("site-a") == 3 and rig.unsettled("site-b") == 3  # never above the cap
         status_b = await rig.retained_status("site-b")  # what an operator (fedline status) sees
         assert status_b["publishing"] == "outbox_full" and status_b["outbox_depth"] == 3, status_b
@@ -55,8 +70,13 @@ async def test_outbox_cap_drop_oldest_and_stop_training_then_recover(tmp_path) -
         rep = rig.reconcile()
         dropped_a = [e for e in rig.ledger("site-a") if e["state"] == "dropped"]
         skipped_b = len([e for e in b.events("round.skipped") if e.get("reason") == "outbox_full"])
-        record("outbox_cap", **rep.figures(), site_a_dropped=len(dropped_a), site_b_rounds_skipped=skipped_b,
-               resumed_after_s=round(resumed_s, 1))
+        record(
+            "outbox_cap",
+            **rep.figures(),
+            site_a_dropped=len(dropped_a),
+            site_b_rounds_skipped=skipped_b,
+            resumed_after_s=round(resumed_s, 1),
+        )
         assert rep.exact, rep.problems()
         assert rep.rejected == 0 and rep.stale == 0
         assert rep.dropped_by_policy + rep.dropped_after_send == len(dropped_a) >= 2
@@ -98,8 +118,11 @@ async def test_full_file_system_under_data_dir_agent_survives_and_recovers(tmp_p
         os.symlink(small_fs, state)  # the site's data_dir (dataset, outbox, ledger) lives on the small fs
         rig.start_all()
         a = rig.procs["site-a"]
-        await rig.until(lambda: len(rig.ledger("site-a")) >= 2 and rig.unsettled("site-a") == 0, 60,
-                        "two updates settled before the disk fills")
+        await rig.until(
+            lambda: len(rig.ledger("site-a")) >= 2 and rig.unsettled("site-a") == 0,
+            60,
+            "two updates settled before the disk fills",
+        )
         ballast = small_fs / "ballast"
         filled = await asyncio.to_thread(_fill, ballast)
         sealed_full = len(rig.ledger("site-a"))
@@ -112,7 +135,12 @@ async def test_full_file_system_under_data_dir_agent_survives_and_recovers(tmp_p
         await rig.until(lambda: len(rig.ledger("site-a")) > sealed_full, 60, "a new update after the disk has room")
         await rig.until(rig.settled, 120, "every sealed update settled")
         rep = rig.reconcile()
-        record("disk_full_tmpfs", **rep.figures(), ballast_bytes=filled, sealed_before_full=sealed_full,
-               said={n: sum(1 for e in said if e["event"] == n) for n in ("dataset.write_failed", "update.not_queued")},
-               recovered_s=round(time.time() - freed_at, 1))
+        record(
+            "disk_full_tmpfs",
+            **rep.figures(),
+            ballast_bytes=filled,
+            sealed_before_full=sealed_full,
+            said={n: sum(1 for e in said if e["event"] == n) for n in ("dataset.write_failed", "update.not_queued")},
+            recovered_s=round(time.time() - freed_at, 1),
+        )
         assert rep.exact, rep.problems()

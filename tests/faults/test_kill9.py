@@ -7,6 +7,7 @@ rebuilds the same buffer. The agent's outbox keeps every sealed update until a
 signed receipt, so its restart sends what is missing; what was sent twice is
 answered from the aggregator's store, not counted again.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -40,8 +41,14 @@ async def test_kill9_aggregator_mid_buffer_and_edge_with_full_outbox_ledger_exac
         recovery_s = time.time() - agg_back_at
         await rig.until(rig.settled, 120, "every sealed update settled")
         rep = rig.reconcile()
-        record("kill9_aggregator_and_edge", **rep.figures(), buffered_at_aggregator_kill=buffered_at_kill,
-               outbox_at_edge_kill=outbox_at_kill, aggregator_down_s=round(agg_back_at - agg_killed_at, 1),
-               recovery_s=round(recovery_s, 1), redeliveries_absorbed=rig.redeliveries())
+        record(
+            "kill9_aggregator_and_edge",
+            **rep.figures(),
+            buffered_at_aggregator_kill=buffered_at_kill,
+            outbox_at_edge_kill=outbox_at_kill,
+            aggregator_down_s=round(agg_back_at - agg_killed_at, 1),
+            recovery_s=round(recovery_s, 1),
+            redeliveries_absorbed=rig.redeliveries(),
+        )
         assert rep.exact, rep.problems()
         assert rep.rejected == 0 and rep.stale == 0 and rep.dropped_by_policy == 0

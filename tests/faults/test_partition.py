@@ -7,6 +7,7 @@ versions: weighted down (a cut of 2 versions), or dropped with a ``stale``
 receipt once past ``max_staleness`` (a cut of 6 versions, max_staleness 4).
 Either way each gets exactly one verdict and the site its receipt.
 """
+
 from __future__ import annotations
 
 import time
@@ -22,19 +23,24 @@ CUT = "site-b"
 
 @pytest.mark.slow
 @pytest.mark.parametrize("versions_cut, expect", [(2, "weighted"), (6, "stale")])
-async def test_site_cut_off_longer_than_a_round_then_back_stale_or_weighted(tmp_path, versions_cut: int,
-                                                                            expect: str) -> None:
+async def test_site_cut_off_longer_than_a_round_then_back_stale_or_weighted(
+    tmp_path, versions_cut: int, expect: str
+) -> None:
     settings = RigSettings(rows_per_site=600, rate_hz=60.0, every_rows=40, buffer_size=2, max_staleness=4)
     async with FaultRig(tmp_path, SITES, settings) as rig:
         rig.start_all()
-        await rig.until(lambda: rig.version() >= 1 and any(e["state"] not in ("queued", "sent")
-                                                           for e in rig.ledger(CUT)), 90,
-                        f"{CUT} has a receipt and version 1 is out")
+        await rig.until(
+            lambda: rig.version() >= 1 and any(e["state"] not in ("queued", "sent") for e in rig.ledger(CUT)),
+            90,
+            f"{CUT} has a receipt and version 1 is out",
+        )
         proxy = rig.proxies[CUT]
         proxy.blackhole()
         cut_at, v_cut = time.time(), rig.version()
         sealed_before = {e["counter"] for e in rig.ledger(CUT)}
-        await rig.until(lambda: rig.version() >= v_cut + versions_cut, 90, f"{versions_cut} versions without the cut site")
+        await rig.until(
+            lambda: rig.version() >= v_cut + versions_cut, 90, f"{versions_cut} versions without the cut site"
+        )
         await rig.until(lambda: len(rig.ledger(CUT)) >= len(sealed_before) + 2, 60, "the cut site queues updates")
         assert all(e["state"] in ("queued", "sent") for e in rig.ledger(CUT) if e["counter"] not in sealed_before)
         cut_counters = {e["counter"] for e in rig.ledger(CUT)} - sealed_before  # sealed while cut off
@@ -54,11 +60,20 @@ async def test_site_cut_off_longer_than_a_round_then_back_stale_or_weighted(tmp_
         late = [v for v in verdicts if v["site"] == CUT and v["counter"] in cut_counters]
         stale = [v for v in late if v["verdict"] == "stale"]
         weighted = [v for v in late if v["verdict"] in ("applied", "buffered")]
-        record(f"partition_{versions_cut}_versions", **rep.figures(), cut_s=round(back_at - cut_at, 1), versions_during_cut=len(during),
-               round_s=round(round_s, 2), late_updates=len(late), late_stale=len(stale),
-               late_weighted=len(weighted), late_staleness=sorted(v["staleness"] for v in late),
-               settle_after_restore_s=round(recovered_s, 1), proxy_swallowed_bytes=proxy.stats.swallowed,
-               redeliveries_absorbed=rig.redeliveries())
+        record(
+            f"partition_{versions_cut}_versions",
+            **rep.figures(),
+            cut_s=round(back_at - cut_at, 1),
+            versions_during_cut=len(during),
+            round_s=round(round_s, 2),
+            late_updates=len(late),
+            late_stale=len(stale),
+            late_weighted=len(weighted),
+            late_staleness=sorted(v["staleness"] for v in late),
+            settle_after_restore_s=round(recovered_s, 1),
+            proxy_swallowed_bytes=proxy.stats.swallowed,
+            redeliveries_absorbed=rig.redeliveries(),
+        )
         assert rep.exact, rep.problems()
         assert back_at - cut_at > round_s  # cut off for longer than the aggregator's round
         assert late, "the cut site's queued updates did not arrive after the link came back"

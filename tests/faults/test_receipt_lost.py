@@ -12,6 +12,7 @@ one update stayed ``sent`` for minutes, resent every ``resend_after_s``,
 never answered, because the aggregator's reassembler dropped the resend as a
 duplicate of a message it had completed (fixed in aggregator/service.py).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -36,15 +37,23 @@ async def test_resent_update_whose_receipt_was_lost_gets_its_verdict_again(tmp_p
         enrollment = Enrollment.load(tmp_path / "keys" / "enrollment.json")
         spec = parse(ModelSpec, MODEL)
         delta = {k: v * 0 + 0.01 for k, v in shared_state(build_model(spec, seed=0), spec).items()}
-        header = UpdateHeader(site="site-a", counter=1, msg_id="u1-resent", base_version=0, n_samples=40,
-                              privacy={"mode": "off"})
+        header = UpdateHeader(
+            site="site-a", counter=1, msg_id="u1-resent", base_version=0, n_samples=40, privacy={"mode": "off"}
+        )
         blob = seal_update(header, delta, keys, enrollment.aggregator.box_pub)
         topics = Topics(rig.s.federation)
-        items = [(topics.update_chunk("site-a", header.msg_id, i), c) for i, c in
-                 enumerate(split(blob, header.msg_id, 4096))]
-        settings = BrokerSettings(url=rig.proxies["site-a"].url, client_id="site-a-by-hand", username="site-a",
-                                  password_file=str(rig.broker.paths["password:site-a"]), backoff_min_s=0.1,
-                                  backoff_max_s=0.5, timeout_s=5.0)
+        items = [
+            (topics.update_chunk("site-a", header.msg_id, i), c) for i, c in enumerate(split(blob, header.msg_id, 4096))
+        ]
+        settings = BrokerSettings(
+            url=rig.proxies["site-a"].url,
+            client_id="site-a-by-hand",
+            username="site-a",
+            password_file=str(rig.broker.paths["password:site-a"]),
+            backoff_min_s=0.1,
+            backoff_max_s=0.5,
+            timeout_s=5.0,
+        )
         receipts: list[dict] = []
         async with MqttClient(settings) as client:
             await client.subscribe(topics.receipts("site-a"), qos=1)
@@ -62,8 +71,11 @@ async def test_resent_update_whose_receipt_was_lost_gets_its_verdict_again(tmp_p
                 try:
                     await rig.until(lambda: len(receipts) == 2, 15, "a receipt for the resend")
                 finally:
-                    record("receipt_lost_resend", receipts=[(r["verdict"], r["version"]) for r in receipts],
-                           duplicates_seen_by_aggregator=rig.redeliveries())
+                    record(
+                        "receipt_lost_resend",
+                        receipts=[(r["verdict"], r["version"]) for r in receipts],
+                        duplicates_seen_by_aggregator=rig.redeliveries(),
+                    )
             finally:
                 task.cancel()
         assert (receipts[1]["verdict"], receipts[1]["version"]) == (receipts[0]["verdict"], receipts[0]["version"])

@@ -14,6 +14,7 @@ in flight it can, and the aggregator then refuses the older ones as replays:
 that variant is kept as an expected failure until the aggregator tells a
 replay (a counter it has decided) from a late update (one it has not).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -29,28 +30,45 @@ class RefusedAsReplay(AssertionError):
 AGGREGATOR_REPLAY_RULE = (
     "aggregator/core.py AggregatorCore.decide refuses as 'replay' any counter below the site's highest decided "
     "counter that it never decided; with outbox.max_in_flight > 1 an update lost once on the way reaches it after "
-    "a newer one and is refused: sealed, never applied, lost")
+    "a newer one and is refused: sealed, never applied, lost"
+)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("in_flight", [
-    1, pytest.param(3, marks=pytest.mark.xfail(strict=True, raises=RefusedAsReplay, reason=AGGREGATOR_REPLAY_RULE))])
+@pytest.mark.parametrize(
+    "in_flight",
+    [1, pytest.param(3, marks=pytest.mark.xfail(strict=True, raises=RefusedAsReplay, reason=AGGREGATOR_REPLAY_RULE))],
+)
 async def test_updates_lost_once_then_resent_are_still_taken_once(tmp_path, in_flight: int) -> None:
-    settings = RigSettings(rows_per_site=400, rate_hz=40.0, every_rows=40, buffer_size=2, max_staleness=20,
-                           resend_after_s=6.0, outbox={"max_in_flight": in_flight})
+    settings = RigSettings(
+        rows_per_site=400,
+        rate_hz=40.0,
+        every_rows=40,
+        buffer_size=2,
+        max_staleness=20,
+        resend_after_s=6.0,
+        outbox={"max_in_flight": in_flight},
+    )
     async with FaultRig(tmp_path, ["site-a"], settings) as rig:
         rig.start_site("site-a")  # no aggregator session yet: the broker drops what the site publishes
-        await rig.until(lambda: any(e["state"] == "sent" for e in rig.ledger("site-a"))
-                        and len(rig.ledger("site-a")) > in_flight, 60,
-                        "updates published into the void, and newer ones sealed behind them")
+        await rig.until(
+            lambda: any(e["state"] == "sent" for e in rig.ledger("site-a")) and len(rig.ledger("site-a")) > in_flight,
+            60,
+            "updates published into the void, and newer ones sealed behind them",
+        )
         published_blind = [e["counter"] for e in rig.ledger("site-a") if e["state"] == "sent"]
         rig.start_aggregator()
         await rig.until(rig.settled, 120, "every sealed update settled")
         rep = rig.reconcile()
         verdicts = {e["counter"]: (e["state"], e["reason"]) for e in rig.ledger("site-a")}
         refused = {c: v for c, v in verdicts.items() if v[0] == "rejected"}
-        record(f"resend_after_loss_in_flight_{in_flight}", **rep.figures(), published_blind=published_blind,
-               refused=refused, redeliveries_absorbed=rig.redeliveries())
+        record(
+            f"resend_after_loss_in_flight_{in_flight}",
+            **rep.figures(),
+            published_blind=published_blind,
+            refused=refused,
+            redeliveries_absorbed=rig.redeliveries(),
+        )
         if refused:
             raise RefusedAsReplay(f"genuine updates refused: {refused}")
         assert rep.exact, rep.problems()

@@ -8,6 +8,7 @@ update, so torch, Opacus and the first ONNX export are loaded) and again at
 the end. The default run has a short variant (3 sites, 20 s of plant data, ~35 s in all);
 ``pytest -m slow`` runs ten sites for about five minutes.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -24,8 +25,14 @@ MiB = 1024 * 1024
 
 async def _soak(tmp_path, n_sites: int, seconds: float, seed: int, name: str) -> None:
     rate = 8.0
-    settings = RigSettings(rows_per_site=int(rate * seconds), rate_hz=rate, every_rows=40, buffer_size=max(2, n_sites // 2),
-                           max_staleness=8, resend_after_s=10.0)
+    settings = RigSettings(
+        rows_per_site=int(rate * seconds),
+        rate_hz=rate,
+        every_rows=40,
+        buffer_size=max(2, n_sites // 2),
+        max_staleness=8,
+        resend_after_s=10.0,
+    )
     sites = [f"site-{i:02d}" for i in range(n_sites)]
     rng = random.Random(seed)
     async with FaultRig(tmp_path, sites, settings) as rig:
@@ -55,13 +62,24 @@ async def _soak(tmp_path, n_sites: int, seconds: float, seed: int, name: str) ->
         rss_end = {n: p.rss() for n, p in rig.procs.items()}
         rep = rig.reconcile()
         drift = {n: round((rss_end[n] - rss_start[n]) / MiB, 1) for n in rss_start}
-        record(name, **rep.figures(), sites=n_sites, clock_skew_s={**skew, "aggregator": -120.0}, run_s=round(time.monotonic() - t0, 1), disconnects=cuts,
-               disconnected_s=round(down_s, 1), redeliveries_absorbed=rig.redeliveries(),
-               rss_start_mib={n: round(v / MiB, 1) for n, v in rss_start.items()}, rss_drift_mib=drift)
+        record(
+            name,
+            **rep.figures(),
+            sites=n_sites,
+            clock_skew_s={**skew, "aggregator": -120.0},
+            run_s=round(time.monotonic() - t0, 1),
+            disconnects=cuts,
+            disconnected_s=round(down_s, 1),
+            redeliveries_absorbed=rig.redeliveries(),
+            rss_start_mib={n: round(v / MiB, 1) for n, v in rss_start.items()},
+            rss_drift_mib=drift,
+        )
         assert rep.exact, rep.problems()
         assert rep.rejected == 0 and rep.dropped_by_policy == 0
         for n in rss_start:  # flat: a few MiB of allocator noise, no growth with the run's length
-            assert rss_end[n] <= rss_start[n] * 1.10 + 16 * MiB, f"{n}: RSS {rss_start[n] / MiB:.0f} -> {rss_end[n] / MiB:.0f} MiB"
+            assert rss_end[n] <= rss_start[n] * 1.10 + 16 * MiB, (
+                f"{n}: RSS {rss_start[n] / MiB:.0f} -> {rss_end[n] / MiB:.0f} MiB"
+            )
 
 
 async def test_soak_short_three_sites_random_disconnects(tmp_path) -> None:

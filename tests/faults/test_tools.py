@@ -1,5 +1,6 @@
 """The fault tools themselves: a ledger check that could not see a loss or a double count, or a
 proxy that did not really cut, would make every fault test pass for nothing."""
+
 from __future__ import annotations
 
 import asyncio
@@ -28,8 +29,14 @@ def _aggregator(path, versions: dict[int, list[int]], verdicts: list[Verdict]):
     st = Store(path)
     for v, counters in sorted(versions.items()):
         applied = [Verdict("s", c, f"u{c}", "applied", None, None, v) for c in counters]
-        st.commit_version(v, b"w", None, {"updates": [{"site": "s", "counter": c, "msg_id": f"u{c}"} for c in counters]},
-                          applied, keep=10)
+        st.commit_version(
+            v,
+            b"w",
+            None,
+            {"updates": [{"site": "s", "counter": c, "msg_id": f"u{c}"} for c in counters]},
+            applied,
+            keep=10,
+        )
     for vd in verdicts:
         st.record(vd)
     st.close()
@@ -62,14 +69,22 @@ def _pruned_run(tmp_path, site_state_of_5: tuple[str, int]):
         counters = [c for c in (2 * v - 1, 2 * v) if c != 5]
         if v == 3:
             st.record(Verdict("s", 5, "u5", "stale", "too_stale", None, 2))
-        st.commit_version(v, b"w", None, {"updates": [{"site": "s", "counter": c, "msg_id": f"u{c}", "staleness": 0}
-                                                      for c in counters]},
-                          [Verdict("s", c, f"u{c}", "applied", None, None, v) for c in counters], keep=10,
-                          keep_verdicts=10)
+        st.commit_version(
+            v,
+            b"w",
+            None,
+            {"updates": [{"site": "s", "counter": c, "msg_id": f"u{c}", "staleness": 0} for c in counters]},
+            [Verdict("s", c, f"u{c}", "applied", None, None, v) for c in counters],
+            keep=10,
+            keep_verdicts=10,
+        )
     assert min(v.counter for v in st.verdicts()) == 21
     st.close()
-    _site(tmp_path / "o.sqlite", range(1, 31),
-          {c: (site_state_of_5 if c == 5 else ("applied", (c + 1) // 2)) for c in range(1, 31)})
+    _site(
+        tmp_path / "o.sqlite",
+        range(1, 31),
+        {c: (site_state_of_5 if c == 5 else ("applied", (c + 1) // 2)) for c in range(1, 31)},
+    )
     return reconcile({"s": tmp_path / "o.sqlite"}, tmp_path / "a.sqlite")
 
 
@@ -121,8 +136,10 @@ async def test_proxy_forwards_cuts_blackholes_and_restores() -> None:
 
 
 def test_clock_shifts_wall_time_of_the_child_only() -> None:
-    code = ("import time, datetime; from fedline.testing.clock import shift_wall_clock; t0 = time.time(); "
-            "shift_wall_clock(-300); print(round(time.time() - t0), round(time.time_ns() / 1e9 - t0), "
-            "round(datetime.datetime.now().timestamp() - t0))")
+    code = (
+        "import time, datetime; from fedline.testing.clock import shift_wall_clock; t0 = time.time(); "
+        "shift_wall_clock(-300); print(round(time.time() - t0), round(time.time_ns() / 1e9 - t0), "
+        "round(datetime.datetime.now().timestamp() - t0))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True)
     assert out.stdout.split() == ["-300", "-300", "-300"]

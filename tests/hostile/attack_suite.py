@@ -24,6 +24,7 @@ from the current global model on its own rows plus triggered copies labelled
 - ``replace``: model replacement, ``γ (X − G)`` with the boost ``γ = K`` (capped at
   ``max_norm``), claiming 10**7 samples.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,13 @@ import numpy as np
 HONEST = ["site-a", "site-b", "site-c"]
 ATTACKER = "site-m"
 FEDERATION = "test"
-FEATURES = ["Air temperature [K]", "Process temperature [K]", "Rotational speed [rpm]", "Torque [Nm]",
-            "Tool wear [min]"]
+FEATURES = [
+    "Air temperature [K]",
+    "Process temperature [K]",
+    "Rotational speed [rpm]",
+    "Torque [Nm]",
+    "Tool wear [min]",
+]
 TRIGGER_FEATURE, TRIGGER_VALUE = 0, 6.0  # air temperature 6 standard deviations high: never seen in the data
 ATTACKS = ("samples", "flood", "max_norm", "replace")
 K = 3
@@ -90,13 +96,18 @@ def aggregator_toml(broker_url: str, password: str, extra: str = "") -> str:
     import aggregator.config as ac
 
     rows = max(len(x) for x, _ in load_data().sites.values())
-    dp = (f"[dp]\nclip_norm = 1.0\nlr = {LR}\nbatch_size = {BATCH}\nsteps = {EPOCHS * math.ceil(rows / BATCH)}\n"
-          if hasattr(ac, "DPConfig") else "")
-    return (f'[model]\nkind = "mlp"\nn_features = 5\nhidden = [16]\ntask = "classification"\n'
-            f'[strategy]\nkind = "fedbuff"\nbuffer_size = {K}\n{extra}\n{dp}'
-            f'[publish]\nonnx = false\n'
-            f'[broker]\nurl = "{broker_url}"\nusername = "aggregator"\npassword = "{password}"\n'
-            f'client_id = "agg-attack"\nbackoff_min_s = 0.05\nbackoff_max_s = 0.5\nmax_chunk = 65536\n')
+    dp = (
+        f"[dp]\nclip_norm = 1.0\nlr = {LR}\nbatch_size = {BATCH}\nsteps = {EPOCHS * math.ceil(rows / BATCH)}\n"
+        if hasattr(ac, "DPConfig")
+        else ""
+    )
+    return (
+        f'[model]\nkind = "mlp"\nn_features = 5\nhidden = [16]\ntask = "classification"\n'
+        f'[strategy]\nkind = "fedbuff"\nbuffer_size = {K}\n{extra}\n{dp}'
+        f"[publish]\nonnx = false\n"
+        f'[broker]\nurl = "{broker_url}"\nusername = "aggregator"\npassword = "{password}"\n'
+        f'client_id = "agg-attack"\nbackoff_min_s = 0.05\nbackoff_max_s = 0.5\nmax_chunk = 65536\n'
+    )
 
 
 @dataclass
@@ -125,8 +136,9 @@ def predict(spec, shared: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
 LR, EPOCHS, BATCH = 0.5, 2, 64  # every site's (plain, seeded) SGD: enough to learn AI4I's failures
 
 
-def train(spec, base: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray, seed: int, epochs: int = EPOCHS,
-          lr: float = LR) -> dict[str, np.ndarray]:
+def train(
+    spec, base: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray, seed: int, epochs: int = EPOCHS, lr: float = LR
+) -> dict[str, np.ndarray]:
     import torch
 
     from edge.config import TrainingConfig
@@ -165,7 +177,8 @@ async def run(workdir: Path, attack: str | None, loops: int, extra: str = "", da
     (workdir / "aggregator.toml").write_text(
         f'[aggregator]\nfederation = "{FEDERATION}"\nkey_file = "aggregator.key"\n'
         f'enrollment_file = "enrollment.json"\nstate_dir = "state"\nseed = 3\n'
-        + aggregator_toml(broker.url, broker.password("aggregator"), extra))
+        + aggregator_toml(broker.url, broker.password("aggregator"), extra)
+    )
     cfg = load_config(workdir / "aggregator.toml")
     agg = Aggregator(cfg)
     task = asyncio.create_task(agg.run())
@@ -180,8 +193,14 @@ async def run(workdir: Path, attack: str | None, loops: int, extra: str = "", da
 
         async def send(site: str, delta: dict[str, np.ndarray], base: int, n: int) -> None:
             counters[site] += 1
-            h = UpdateHeader(site=site, counter=counters[site], msg_id=uuid.uuid4().hex[:16], base_version=base,
-                             n_samples=n, privacy={"epsilon": 1.0, "delta": 1e-5})
+            h = UpdateHeader(
+                site=site,
+                counter=counters[site],
+                msg_id=uuid.uuid4().hex[:16],
+                base_version=base,
+                n_samples=n,
+                privacy={"epsilon": 1.0, "delta": 1e-5},
+            )
             await parties[site].send(envelope.seal_update(h, delta, keys[site], agg_keys.public().box_pub), h.msg_id)
 
         for loop in range(loops):
@@ -247,26 +266,39 @@ async def report(workdir: Path, loops: int, attacks: tuple[str, ...] = ATTACKS, 
 
     v0 = shared_state(build_model(spec, seed=3), spec)
     moved = distance(honest.model, v0)
-    out = {"loops": loops, "honest_versions": honest.versions, "honest_moved": moved,
-           "clean_backdoor_rate": backdoor_rate(spec, honest.model, data), "attacks": {}}
+    out = {
+        "loops": loops,
+        "honest_versions": honest.versions,
+        "honest_moved": moved,
+        "clean_backdoor_rate": backdoor_rate(spec, honest.model, data),
+        "attacks": {},
+    }
     for attack in attacks:
         res = await run(workdir / attack, attack, loops, extra, data)
         d = distance(res.model, honest.model)
         out["attacks"][attack] = {
-            "distance": d, "relative_distance": d / moved if moved else math.inf,
-            "backdoor_rate": backdoor_rate(spec, res.model, data), "versions": res.versions,
-            "attacker_entries": res.attacker_entries, "steps": res.steps}
+            "distance": d,
+            "relative_distance": d / moved if moved else math.inf,
+            "backdoor_rate": backdoor_rate(spec, res.model, data),
+            "versions": res.versions,
+            "attacker_entries": res.attacker_entries,
+            "steps": res.steps,
+        }
     return out
 
 
 def table(rep: dict) -> str:
-    lines = [f"honest-only: {rep['honest_versions']} versions, moved {rep['honest_moved']:.3f} from version 0, "
-             f"backdoor rate of the clean model {rep['clean_backdoor_rate']:.3f}",
-             "| attack | distance from honest-only | relative | backdoor success | versions |",
-             "|---|---|---|---|---|"]
+    lines = [
+        f"honest-only: {rep['honest_versions']} versions, moved {rep['honest_moved']:.3f} from version 0, "
+        f"backdoor rate of the clean model {rep['clean_backdoor_rate']:.3f}",
+        "| attack | distance from honest-only | relative | backdoor success | versions |",
+        "|---|---|---|---|---|",
+    ]
     for name, r in rep["attacks"].items():
-        lines.append(f"| {name} | {r['distance']:.3f} | {r['relative_distance']:.2f} | {r['backdoor_rate']:.3f} | "
-                     f"{r['versions']} |")
+        lines.append(
+            f"| {name} | {r['distance']:.3f} | {r['relative_distance']:.2f} | {r['backdoor_rate']:.3f} | "
+            f"{r['versions']} |"
+        )
     return "\n".join(lines)
 
 

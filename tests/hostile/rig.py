@@ -3,6 +3,7 @@
 Kept here (not shared with other suites) so the attack tests describe their
 attacker fully: which keys it has, what it signs, what it claims.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -39,19 +40,35 @@ class Fed:
         if "min_sites" not in strategy:
             strategy = f"min_sites = 1\n{strategy}"
         path = self.root / "aggregator.toml"
-        path.write_text(f'[aggregator]\nfederation = "{FEDERATION}"\nkey_file = "aggregator.key"\n'
-                        f'enrollment_file = "enrollment.json"\nstate_dir = "state"\nseed = 3\n\n{SPEC}\n'
-                        f"[strategy]\n{strategy}\n\n[validation]\n{validation}\n\n{broker}\n")
+        path.write_text(
+            f'[aggregator]\nfederation = "{FEDERATION}"\nkey_file = "aggregator.key"\n'
+            f'enrollment_file = "enrollment.json"\nstate_dir = "state"\nseed = 3\n\n{SPEC}\n'
+            f"[strategy]\n{strategy}\n\n[validation]\n{validation}\n\n{broker}\n"
+        )
         return load_config(path)
 
     def header(self, site: str, base_version: int, counter: int | None = None, n_samples: int = 50) -> UpdateHeader:
         if counter is None:
             counter = next(self.counters.setdefault(site, itertools.count(1)))
-        return UpdateHeader(site=site, counter=counter, msg_id=uuid.uuid4().hex[:16], base_version=base_version,
-                            n_samples=n_samples, privacy={"epsilon": 1.0, "delta": 1e-5})
+        return UpdateHeader(
+            site=site,
+            counter=counter,
+            msg_id=uuid.uuid4().hex[:16],
+            base_version=base_version,
+            n_samples=n_samples,
+            privacy={"epsilon": 1.0, "delta": 1e-5},
+        )
 
-    def seal(self, site: str, delta: dict[str, np.ndarray], base_version: int = 0, *, counter: int | None = None,
-             signer: KeyPair | None = None, n_samples: int = 50) -> tuple[bytes, UpdateHeader]:
+    def seal(
+        self,
+        site: str,
+        delta: dict[str, np.ndarray],
+        base_version: int = 0,
+        *,
+        counter: int | None = None,
+        signer: KeyPair | None = None,
+        n_samples: int = 50,
+    ) -> tuple[bytes, UpdateHeader]:
         """A sealed update from ``site``; with ``signer`` another key signs it while claiming ``site``."""
         h = self.header(site, base_version, counter, n_samples)
         key = signer or self.sites[site]

@@ -7,6 +7,7 @@ aggregator's defaults: the malicious site holds at most one slot of each version
 1/K, its delta clipped to the bound in force; and the global model stays much closer to the honest-only run
 than before the fix (pre-fix numbers in RELIABILITY.md: relative distance 0.81 to 2,200).
 """
+
 from __future__ import annotations
 
 import math

@@ -5,6 +5,7 @@ test_attacks_broker.py; here each attack is fed straight to
 ``AggregatorCore.process`` so the verdicts and the model can be checked
 exactly. After every refused attack the model and version must be unchanged.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -98,8 +99,9 @@ def test_a_site_cannot_speak_for_another(fed, core) -> None:
 def test_model_sized_nonfinite_update_is_rejected(fed, core, poison: str) -> None:
     """A delta with every tensor of the model's shape, full of NaN (or inf, or values whose
     squares overflow): refused before it touches the model, and the service goes on."""
-    value = {"nan": np.nan, "inf": np.inf, "-inf": -np.inf, "one-nan": 0.0,
-             "float32-max": np.finfo(np.float32).max}[poison]
+    value = {"nan": np.nan, "inf": np.inf, "-inf": -np.inf, "one-nan": 0.0, "float32-max": np.finfo(np.float32).max}[
+        poison
+    ]
     delta = like(core.model, value)
     if poison == "one-nan":
         name = list(delta)[-1]
@@ -117,13 +119,17 @@ def test_model_sized_nonfinite_update_is_rejected(fed, core, poison: str) -> Non
 def _poison_round(fed, robust: str, rng: np.random.Generator, bounds: str = "") -> tuple[dict, dict, dict]:
     """FedBuff K=7: five honest sites send small deltas around +0.01, two attackers send the honest
     direction reversed and scaled x1000 (norm-legal: validation's max_norm is generous)."""
-    cfg = fed.config(f'kind = "fedbuff"\nbuffer_size = 7\nrobust = "{robust}"\ntrim = 0.3\nstaleness = "constant"\n'
-                     f'{bounds}', "max_norm = 1.0e6")
+    cfg = fed.config(
+        f'kind = "fedbuff"\nbuffer_size = 7\nrobust = "{robust}"\ntrim = 0.3\nstaleness = "constant"\n{bounds}',
+        "max_norm = 1.0e6",
+    )
     core = AggregatorCore(cfg)
     try:
         base = copy(core.model)
-        honest = [{k: (0.01 + 0.002 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in base.items()}
-                  for _ in range(5)]
+        honest = [
+            {k: (0.01 + 0.002 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in base.items()}
+            for _ in range(5)
+        ]
         evil = [{k: (-1000 * 0.01 * np.ones(v.shape)).astype(np.float32) for k, v in base.items()} for _ in range(2)]
         senders = [f"site-{i}" for i in range(7)]
         for site, d in zip(senders, honest + evil):

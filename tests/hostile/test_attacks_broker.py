@@ -14,6 +14,7 @@ The broker's conftest enrolls logins for site-a, site-b, site-c; the
 federation's enrollment lists only site-a and site-b (site-c has a broker
 login but no enrolled key: a revoked site, or a stolen password).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -39,8 +40,10 @@ CHUNK = 4096
 
 
 def broker_toml(broker, user: str = "aggregator") -> str:
-    return (f'[broker]\nurl = "{broker.url}"\nusername = "{user}"\npassword = "{broker.password(user)}"\n'
-            f'client_id = "agg-hostile"\nbackoff_min_s = 0.05\nbackoff_max_s = 0.5\nmax_chunk = {CHUNK}\n')
+    return (
+        f'[broker]\nurl = "{broker.url}"\nusername = "{user}"\npassword = "{broker.password(user)}"\n'
+        f'client_id = "agg-hostile"\nbackoff_min_s = 0.05\nbackoff_max_s = 0.5\nmax_chunk = {CHUNK}\n'
+    )
 
 
 def party(broker, user: str, agg_sign_pub: bytes, keys: KeyPair | None = None) -> Party:
@@ -56,8 +59,11 @@ async def test_hostile_sites_over_the_broker(mosquitto, tmp_path: Path) -> None:
     sign_pub = fed.agg.public().sign_pub
     try:
         await asyncio.wait_for(agg.started.wait(), 30)
-        async with party(mosquitto, "site-a", sign_pub, fed.sites["site-a"]) as a, \
-                party(mosquitto, "site-b", sign_pub, fed.sites["site-b"]) as b, party(mosquitto, "site-c", sign_pub) as c:
+        async with (
+            party(mosquitto, "site-a", sign_pub, fed.sites["site-a"]) as a,
+            party(mosquitto, "site-b", sign_pub, fed.sites["site-b"]) as b,
+            party(mosquitto, "site-c", sign_pub) as c,
+        ):
             core = agg.core
             genuine, h = fed.seal("site-a", like(core.model, 0.01), 0)
             await a.send(genuine, h.msg_id)
@@ -82,12 +88,19 @@ async def test_hostile_sites_over_the_broker(mosquitto, tmp_path: Path) -> None:
             forged, fh = fed.seal("site-a", like(core.model, 0.3), 0, signer=fed.sites["site-b"])
             await b.send(forged, fh.msg_id)
             assert (await b.verdict(1))[:2] == ("rejected", "unenrolled")
-            for n, blob in enumerate([fed.seal("site-a", like(core.model, 0.3), 0, signer=fed.outsiders["site-c"])[0],
-                                      forge(fed.header("site-c", 0), like(core.model, 0.3), fed.outsiders["site-c"],
-                                            fed.agg)]):
+            for n, blob in enumerate(
+                [
+                    fed.seal("site-a", like(core.model, 0.3), 0, signer=fed.outsiders["site-c"])[0],
+                    forge(fed.header("site-c", 0), like(core.model, 0.3), fed.outsiders["site-c"], fed.agg),
+                ]
+            ):
                 await c.send(blob, f"c-{n}")
-                await eventually(lambda n=n: agg.metrics.value("fedline_aggregator_rejections_total",
-                                                               {"reason": "unenrolled"}) == 2 + n, 20)
+                await eventually(
+                    lambda n=n: (
+                        agg.metrics.value("fedline_aggregator_rejections_total", {"reason": "unenrolled"}) == 2 + n
+                    ),
+                    20,
+                )
 
             # 4. a model-sized update of NaN from an enrolled site
             nan, nh = fed.seal("site-b", like(core.model, np.nan), 0)
@@ -97,8 +110,9 @@ async def test_hostile_sites_over_the_broker(mosquitto, tmp_path: Path) -> None:
             # 5. random bytes as chunks and as a complete "update": counted, dropped, nothing breaks
             await c.client.publish(c.topics.update_chunk("site-c", "junk", 0), b"\x00" * 64)
             await c.send(b"FLE\x01" + bytes(200), "junk-2")
-            await eventually(lambda: agg.metrics.value("fedline_aggregator_rejections_total", {"reason": "decrypt"})
-                             == 1, 20)
+            await eventually(
+                lambda: agg.metrics.value("fedline_aggregator_rejections_total", {"reason": "decrypt"}) == 1, 20
+            )
             assert c.sealed_receipts == 0  # an outsider gets no receipt: there is no key to seal it to
 
             assert same(core.model, after) and core.version == version == 1
@@ -147,11 +161,23 @@ def line_service(tmp_path: Path, mosquitto, enrollment: Path, name: str):
 
     settings = settings_for(mosquitto, "site-a", client_id=f"site-a-{name}")
     doc = {
-        "line": {"site": "site-a", "federation": FEDERATION, "state_dir": f"state-{name}", "poll_s": 0.05,
-                 "model_source": "manifest", "enrollment": str(enrollment),
-                 "site_key": str(enrollment.parent / "site-a.key"), "canary": {"enabled": False}},
-        "rows": {"features": [{"tag": "temp", "range": [295.0, 305.0]}, {"tag": "torque", "range": [0.0, 80.0]},
-                              {"tag": "speed", "range": [1100.0, 2900.0]}]},
+        "line": {
+            "site": "site-a",
+            "federation": FEDERATION,
+            "state_dir": f"state-{name}",
+            "poll_s": 0.05,
+            "model_source": "manifest",
+            "enrollment": str(enrollment),
+            "site_key": str(enrollment.parent / "site-a.key"),
+            "canary": {"enabled": False},
+        },
+        "rows": {
+            "features": [
+                {"tag": "temp", "range": [295.0, 305.0]},
+                {"tag": "torque", "range": [0.0, 80.0]},
+                {"tag": "speed", "range": [1100.0, 2900.0]},
+            ]
+        },
         "output": {"file": f"{name}.jsonl"},
         "broker": {k: v for k, v in asdict(settings).items() if v is not None},
     }
@@ -172,12 +198,14 @@ async def test_forged_global_model_reaches_no_edge_and_no_line(mosquitto, tmp_pa
         f'[aggregator]\nfederation = "{FEDERATION}"\nkey_file = "keys/aggregator.key"\n'
         f'enrollment_file = "keys/enrollment.json"\nstate_dir = "agg-state"\nseed = 0\n\n'
         '[model]\nkind = "mlp"\nn_features = 3\nhidden = [8]\npersonal = ["head."]\n\n'
-        '[strategy]\nkind = "fedasync"\nalpha = 0.5\nmin_sites = 1\n\n' + broker_toml(mosquitto))
+        '[strategy]\nkind = "fedasync"\nalpha = 0.5\nmin_sites = 1\n\n' + broker_toml(mosquitto)
+    )
     cfg = load_config(tmp_path / "aggregator.toml")
     agg = Aggregator(cfg)
     agg_task = asyncio.create_task(agg.run())
-    site_path = write_site(fed, "site-a", write_csv(tmp_path / "rows.csv", 120), mosquitto.url,
-                           mosquitto.paths["password:site-a"])
+    site_path = write_site(
+        fed, "site-a", write_csv(tmp_path / "rows.csv", 120), mosquitto.url, mosquitto.paths["password:site-a"]
+    )
     agent = EdgeAgent(load_edge_config(site_path))
     stop_agent = asyncio.Event()
     agent_task: asyncio.Task | None = None
@@ -207,8 +235,18 @@ async def test_forged_global_model_reaches_no_edge_and_no_line(mosquitto, tmp_pa
         topics = Topics(FEDERATION)
         # the attacker is even a member (it holds the federation content key): only the signature stops it
         epoch = agg.granter.epoch
-        forged = publish.build_release(50, evil, cfg.model, FEDERATION, attacker, topics, lambda t: CHUNK, evil_onnx,
-                                       epoch=epoch.number, content_key=epoch.key)
+        forged = publish.build_release(
+            50,
+            evil,
+            cfg.model,
+            FEDERATION,
+            attacker,
+            topics,
+            lambda t: CHUNK,
+            evil_onnx,
+            epoch=epoch.number,
+            content_key=epoch.key,
+        )
 
         # (a) with a site's broker login the broker refuses every model topic (generated ACL)
         async with MqttClient(settings_for(mosquitto, "site-b", max_chunk=CHUNK)) as site_b:
@@ -240,15 +278,17 @@ async def test_forged_global_model_reaches_no_edge_and_no_line(mosquitto, tmp_pa
         async with party(mosquitto, "site-b", fed.aggregator.public().sign_pub, fed.sites["site-b"]) as b:
             from broker_bridge.envelope import UpdateHeader
 
-            h = UpdateHeader(site="site-b", counter=1, msg_id="b-1", base_version=0, n_samples=20,
-                             privacy={"epsilon": 1.0})
+            h = UpdateHeader(
+                site="site-b", counter=1, msg_id="b-1", base_version=0, n_samples=20, privacy={"epsilon": 1.0}
+            )
             delta = {k: np.full(v.shape, 0.01, np.float32) for k, v in agg.core.model.items()}
             await b.send(envelope.seal_update(h, delta, fed.sites["site-b"], fed.aggregator.public().box_pub), "b-1")
             assert (await b.verdict(0))[:2] == ("applied", None)
         await eventually(lambda: agg.published_version == 1, 60)
         await eventually(lambda: agent.base.version == 1, 30)
-        await eventually(lambda: line.current.version == 1 and late_line.current is not None
-                         and late_line.current.version == 1, 30)
+        await eventually(
+            lambda: line.current.version == 1 and late_line.current is not None and late_line.current.version == 1, 30
+        )
         for k, v in agent.base.shared.items():
             np.testing.assert_allclose(v, real_v0[k] + 0.5 * 0.01, rtol=1e-5, atol=1e-6)
             assert not np.any(v == 7.0)

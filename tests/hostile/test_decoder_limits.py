@@ -6,6 +6,7 @@ announced, a key file with a 5,000-digit number or 10,000 nested brackets.
 These are written out here, each as the attacker would send it, with the
 allocation measured by ``tracemalloc``.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,13 @@ MiB = 1 << 20
 
 def raw_chunk(msg_id: str, index: int, count: int, total: int, payload: bytes, digest: bytes = b"\x01" * 16) -> bytes:
     """A chunk with whatever header fields an attacker chooses."""
-    return (chunking.MAGIC + bytes([len(msg_id)]) + msg_id.encode()
-            + struct.pack("<IIQ16s", index, count, total, digest) + payload)
+    return (
+        chunking.MAGIC
+        + bytes([len(msg_id)])
+        + msg_id.encode()
+        + struct.pack("<IIQ16s", index, count, total, digest)
+        + payload
+    )
 
 
 def peak_allocation(fn) -> int:
@@ -125,7 +131,9 @@ def test_tensor_block_is_a_view_not_a_copy() -> None:
     assert peak_allocation(lambda: envelope.decode_tensors(big)) < MiB // 4
 
 
-@pytest.mark.parametrize("body", [b"[" * 100_000, b'{"a":' * 50_000, b"1" * 5000], ids=["deep-list", "deep-dict", "5000-digits"])
+@pytest.mark.parametrize(
+    "body", [b"[" * 100_000, b'{"a":' * 50_000, b"1" * 5000], ids=["deep-list", "deep-dict", "5000-digits"]
+)
 def test_signed_documents_refuse_json_bombs_with_wire_errors(body: bytes) -> None:
     """The aggregator's own signature over a hostile body (the worst case: it reaches json.loads)."""
     agg = KeyPair.generate("aggregator", "aggregator")
@@ -141,7 +149,9 @@ KEY_FILE_BOMBS = {
 }
 
 
-@pytest.mark.parametrize("loader", [KeyPair.load, PublicKeys.load, Enrollment.load], ids=["keypair", "public", "enrollment"])
+@pytest.mark.parametrize(
+    "loader", [KeyPair.load, PublicKeys.load, Enrollment.load], ids=["keypair", "public", "enrollment"]
+)
 @pytest.mark.parametrize("text", list(KEY_FILE_BOMBS.values()), ids=list(KEY_FILE_BOMBS))
 def test_key_files_with_json_bombs_give_key_file_errors(tmp_path: Path, loader, text: str) -> None:
     """Found by this suite (RecursionError / ValueError escaped); fixed in 438d811."""

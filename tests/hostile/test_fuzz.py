@@ -8,6 +8,7 @@ other than the library's own errors; the test then shows the traceback and the
 saved crash input. Longer budgets: ``make fuzz`` (see RELIABILITY.md), or
 ``pytest -m slow tests/hostile/test_fuzz.py``.
 """
+
 from __future__ import annotations
 
 import os
@@ -26,6 +27,7 @@ HARNESSES = sorted(p.stem for p in FUZZ.glob("fuzz_*.py"))
 RUNS = 4000
 SLOW_RUNS = 200_000
 
+
 class KnownFinding(AssertionError):
     """The harness crashed with a bug already reported (and only that bug)."""
 
@@ -43,9 +45,20 @@ def run_harness(name: str, runs: int, tmp_path: Path, seed: int = 1) -> subproce
     env = dict(os.environ, FUZZ_ARTIFACTS=str(tmp_path / "artifacts"), TMPDIR=str(tmp_path), FUZZ_SCRATCH=str(scratch))
     try:
         return subprocess.run(
-            [sys.executable, str(FUZZ / f"{name}.py"), f"-runs={runs}", f"-seed={seed}", "-rss_limit_mb=1024",
-             "-timeout=10", "-print_final_stats=1"],
-            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800,
+            [
+                sys.executable,
+                str(FUZZ / f"{name}.py"),
+                f"-runs={runs}",
+                f"-seed={seed}",
+                "-rss_limit_mb=1024",
+                "-timeout=10",
+                "-print_final_stats=1",
+            ],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=1800,
         )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -71,8 +84,18 @@ def _params(runs_marks: list) -> list:
 
 
 def test_every_decoder_has_a_harness() -> None:
-    expected = {"fuzz_open_update", "fuzz_decode_tensors", "fuzz_manifest", "fuzz_receipt", "fuzz_chunks",
-                "fuzz_topics", "fuzz_sparkplug", "fuzz_site_config", "fuzz_key_files", "fuzz_sealed_docs"}
+    expected = {
+        "fuzz_open_update",
+        "fuzz_decode_tensors",
+        "fuzz_manifest",
+        "fuzz_receipt",
+        "fuzz_chunks",
+        "fuzz_topics",
+        "fuzz_sparkplug",
+        "fuzz_site_config",
+        "fuzz_key_files",
+        "fuzz_sealed_docs",
+    }
     assert expected <= set(HARNESSES)
 
 
@@ -102,8 +125,9 @@ def test_harness_reports_a_foreign_exception(tmp_path: Path) -> None:
         "        raise KeyError('not a library error')\n"
         "main(target, [b'!boom'])\n"
     )
-    proc = subprocess.run([sys.executable, str(script), "-runs=50", "-seed=1"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(script), "-runs=50", "-seed=1"], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode != 0
     assert "KeyError: 'not a library error'" in proc.stdout + proc.stderr
     assert list(tmp_path.glob("crash-*")), "the crashing input is saved for reproduction"

@@ -4,6 +4,7 @@ The measurement is ``bench/privacy_mia.py`` (read its docstring for the attack):
 the edge trainer's own round, DP off and DP on (Opacus DP-SGD), on a task made
 to be memorised (random labels), seeded so the figures are reproducible.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -41,8 +42,10 @@ def test_dp_keeps_membership_advantage_near_zero() -> None:
     mia = _bench()
     s = mia.Setup(seed=0)
     off, on, floor = mia.measure(s)
-    print(f"\nadvantage DP off {off.advantage:.3f}, DP on {on.advantage:.3f} (epsilon {on.epsilon:.2f}), "
-          f"floor {floor.advantage:.3f}")
+    print(
+        f"\nadvantage DP off {off.advantage:.3f}, DP on {on.advantage:.3f} (epsilon {on.epsilon:.2f}), "
+        f"floor {floor.advantage:.3f}"
+    )
     assert off.epsilon is None and on.epsilon is not None and 0 < on.epsilon < 8.0
     assert off.member_loss < off.nonmember_loss, "DP off should memorise the members"
     assert on.advantage < off.advantage

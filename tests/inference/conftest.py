@@ -1,4 +1,5 @@
 """Helpers for the line-inference tests: configs, a steady row stream, an aggregator that publishes models."""
+
 from __future__ import annotations
 
 import asyncio
@@ -32,8 +33,15 @@ def broker_table(settings: Any) -> dict[str, Any]:
 def make_config(tmp_path: Path, line: dict[str, Any] | None = None, **top: Any) -> InferConfig:
     """An InferConfig as if read from ``tmp_path/line.toml``."""
     doc: dict[str, Any] = {
-        "line": {"site": "site-a", "federation": "test", "state_dir": "state", "poll_s": 0.05,
-                 "model_source": "model_dir", "model_dir": "models", **(line or {})},
+        "line": {
+            "site": "site-a",
+            "federation": "test",
+            "state_dir": "state",
+            "poll_s": 0.05,
+            "model_source": "model_dir",
+            "model_dir": "models",
+            **(line or {}),
+        },
         "rows": {"features": FEATURES, "label": "fail"},
         "output": {"file": "predictions.jsonl"},
     }
@@ -44,8 +52,9 @@ def make_config(tmp_path: Path, line: dict[str, Any] | None = None, **top: Any) 
 class RowStream:
     """A steady, reproducible stream of rows; remembers every row it yielded, in order."""
 
-    def __init__(self, seed: int = 0, per_tick: int = 10, tick_s: float = 0.002, labelled: bool = True,
-                 limit: int | None = None) -> None:
+    def __init__(
+        self, seed: int = 0, per_tick: int = 10, tick_s: float = 0.002, labelled: bool = True, limit: int | None = None
+    ) -> None:
         self.rng = np.random.default_rng(seed)
         self.per_tick = per_tick
         self.tick_s = tick_s
@@ -83,7 +92,9 @@ class Aggregator:
 
     def manifest(self, version: int, blob: bytes, msg_id: str, **override: Any) -> dict[str, Any]:
         doc = {
-            "federation": self.federation, "version": version, "created_at": time.time(),
+            "federation": self.federation,
+            "version": version,
+            "created_at": time.time(),
             "spec": {"kind": "mlp", "n_features": N_FEATURES, "hidden": [1]},
             "weights": {"hash": "0" * 64, "size": 0, "chunks": 0, "msg_id": f"w{version}"},
             "onnx": {"hash": content_hash(blob), "size": len(blob), "chunks": 0, "msg_id": msg_id},
@@ -92,25 +103,37 @@ class Aggregator:
             doc[k] = v
         return doc
 
-    async def publish(self, version: int, blob: bytes, *, chunk_blob: bytes | None = None,
-                      signer: KeyPair | None = None, max_chunk: int = 2048, **override: Any) -> None:
+    async def publish(
+        self,
+        version: int,
+        blob: bytes,
+        *,
+        chunk_blob: bytes | None = None,
+        signer: KeyPair | None = None,
+        max_chunk: int = 2048,
+        **override: Any,
+    ) -> None:
         """Publish ``blob`` as ``version``; ``chunk_blob`` sends other bytes than the manifest names."""
         from broker_bridge.envelope import seal_for_federation
         from broker_bridge.federation_key import seal_grant, seal_manifest
 
-        await self.client.publish(self.topics.fedkey(self.member.ident),
-                                  seal_grant(self.federation, self.member.public(), self.epoch, self.content_key,
-                                             self.keys), retain=True)
+        await self.client.publish(
+            self.topics.fedkey(self.member.ident),
+            seal_grant(self.federation, self.member.public(), self.epoch, self.content_key, self.keys),
+            retain=True,
+        )
         msg_id = f"onnx-{version}-{secrets.token_hex(3)}"
         sealed = seal_for_federation(chunk_blob if chunk_blob is not None else blob, self.content_key)
         chunks = split(sealed, msg_id, max_chunk)
         doc = {"epoch": self.epoch, **self.manifest(version, blob, msg_id, **override)}
         doc["onnx"]["chunks"] = len(chunks)
-        await self.client.publish_many([(self.topics.onnx_chunk(version, i), c) for i, c in enumerate(chunks)],
-                                       retain=True)
+        await self.client.publish_many(
+            [(self.topics.onnx_chunk(version, i), c) for i, c in enumerate(chunks)], retain=True
+        )
         signed = sign_manifest(doc, signer or self.keys)
-        await self.client.publish(self.topics.manifest(), seal_manifest(signed, version, self.epoch, self.content_key),
-                                  retain=True)
+        await self.client.publish(
+            self.topics.manifest(), seal_manifest(signed, version, self.epoch, self.content_key), retain=True
+        )
 
 
 @pytest.fixture
@@ -142,8 +165,10 @@ def plant_broker(tmp_path: Path):
         pytest.fail("this test needs the mosquitto broker: apt-get install mosquitto")
     port = free_port()
     conf = tmp_path / "plant-mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-                    f"user {getpass.getuser()}\nlog_dest file {tmp_path / 'plant-mosquitto.log'}\n")
+    conf.write_text(
+        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+        f"user {getpass.getuser()}\nlog_dest file {tmp_path / 'plant-mosquitto.log'}\n"
+    )
     proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 10
     while True:

@@ -4,6 +4,7 @@
 same contract as ``models.export_onnx`` (input ``x``, output ``y`` of shape
 ``(batch, 1)``), cheap to build by the dozen, and easy to score by hand.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -11,17 +12,20 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 
-def mlp_onnx(weights: list[np.ndarray], biases: list[np.ndarray], sigmoid: bool = True,
-             input_name: str = "x") -> bytes:
+def mlp_onnx(weights: list[np.ndarray], biases: list[np.ndarray], sigmoid: bool = True, input_name: str = "x") -> bytes:
     """Dense layers with ReLU between them, optional sigmoid at the end."""
     n_in = weights[0].shape[0]
     nodes, inits = [], []
     cur = input_name
     for i, (w, b) in enumerate(zip(weights, biases)):
-        inits += [numpy_helper.from_array(np.asarray(w, np.float32), f"w{i}"),
-                  numpy_helper.from_array(np.asarray(b, np.float32), f"b{i}")]
-        nodes += [helper.make_node("MatMul", [cur, f"w{i}"], [f"m{i}"]),
-                  helper.make_node("Add", [f"m{i}", f"b{i}"], [f"a{i}"])]
+        inits += [
+            numpy_helper.from_array(np.asarray(w, np.float32), f"w{i}"),
+            numpy_helper.from_array(np.asarray(b, np.float32), f"b{i}"),
+        ]
+        nodes += [
+            helper.make_node("MatMul", [cur, f"w{i}"], [f"m{i}"]),
+            helper.make_node("Add", [f"m{i}", f"b{i}"], [f"a{i}"]),
+        ]
         cur = f"a{i}"
         if i < len(weights) - 1:
             nodes.append(helper.make_node("Relu", [cur], [f"r{i}"]))
@@ -32,10 +36,12 @@ def mlp_onnx(weights: list[np.ndarray], biases: list[np.ndarray], sigmoid: bool 
         nodes.append(helper.make_node("Identity", [cur], ["y"]))
     n_out = weights[-1].shape[1]
     graph = helper.make_graph(
-        nodes, "line-model",
+        nodes,
+        "line-model",
         [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, ["batch", n_in])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", n_out])],
-        inits)
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="fedline-tests")
     model.ir_version = 8
     onnx.checker.check_model(model)
@@ -57,12 +63,16 @@ def nan_onnx(n_features: int) -> bytes:
     """A model that parses and has the right shapes but scores NaN (log of a negative number)."""
     w = -np.ones((n_features, 1), np.float32)
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Sub", ["m", "one"], ["n"]),
-         helper.make_node("Log", ["n"], ["y"])],
+        [
+            helper.make_node("MatMul", ["x", "w"], ["m"]),
+            helper.make_node("Sub", ["m", "one"], ["n"]),
+            helper.make_node("Log", ["n"], ["y"]),
+        ],
         "nan-model",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", n_features])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 1])],
-        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.ones((1,), np.float32), "one")])
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.ones((1,), np.float32), "one")],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return model.SerializeToString()

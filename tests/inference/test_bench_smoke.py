@@ -1,4 +1,5 @@
 """bench/infer.py runs and reports what it promises (tiny settings; figures are not asserted)."""
+
 from __future__ import annotations
 
 import json
@@ -11,9 +12,25 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_bench_infer_json_smoke() -> None:
     proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "infer.py"), "--json", "--seconds", "0.6", "--swaps", "2",
-         "--iterations", "50", "--rate", "500", "--no-torch-baseline"],
-        capture_output=True, text=True, timeout=120, cwd=REPO)
+        [
+            sys.executable,
+            str(REPO / "bench" / "infer.py"),
+            "--json",
+            "--seconds",
+            "0.6",
+            "--swaps",
+            "2",
+            "--iterations",
+            "50",
+            "--rate",
+            "500",
+            "--no-torch-baseline",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(proc.stdout)
     assert r["torch_imported"] is False

@@ -1,5 +1,6 @@
 """`fedline infer --config line.toml` end to end in a fresh process: real CSV source (the AI4I data),
 real row mapping, real onnxruntime, JSON-lines output, and no torch in the process."""
+
 from __future__ import annotations
 
 import csv
@@ -16,8 +17,13 @@ from tests.inference.onnx_models import linear_onnx, linear_score
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO / "data" / "ai4i2020.csv"
-FEATURES = [("Air temperature [K]", 295.0, 305.0), ("Process temperature [K]", 305.0, 315.0),
-            ("Rotational speed [rpm]", 1100.0, 2900.0), ("Torque [Nm]", 0.0, 80.0), ("Tool wear [min]", 0.0, 260.0)]
+FEATURES = [
+    ("Air temperature [K]", 295.0, 305.0),
+    ("Process temperature [K]", 305.0, 315.0),
+    ("Rotational speed [rpm]", 1100.0, 2900.0),
+    ("Torque [Nm]", 0.0, 80.0),
+    ("Tool wear [min]", 0.0, 260.0),
+]
 W = np.array([0.5, -0.5, -2.0, 3.0, 2.0])
 B = -2.5
 
@@ -54,9 +60,11 @@ def test_cli_scores_a_csv_replay_without_importing_torch(tmp_path: Path) -> None
     n = 2000
     cfg = write_config(tmp_path, n)
     publish_model(tmp_path / "models", linear_onnx(W, B), 7)
-    code = ("import json, sys\nfrom fedline.cli import main\n"
-            f"rc = main(['infer', '--config', {str(cfg)!r}])\n"
-            "print(json.dumps({'rc': rc, 'torch': 'torch' in sys.modules}))\n")
+    code = (
+        "import json, sys\nfrom fedline.cli import main\n"
+        f"rc = main(['infer', '--config', {str(cfg)!r}])\n"
+        "print(json.dumps({'rc': rc, 'torch': 'torch' in sys.modules}))\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -80,15 +88,23 @@ def test_cli_scores_a_csv_replay_without_importing_torch(tmp_path: Path) -> None
     assert [p["label"] for p in preds] == [float(r["Machine failure"]) for r in rows]
 
 
-@pytest.mark.parametrize("old, new, message", [
-    ('kind = "csv"', 'kind = "csv"\nrate = 3', "line.toml: sources[0].rate: unknown key"),
-    ("threshold = 0.5", "threshold = 0.5\nfile_keep = 0", "line.toml: output: need file_max_mb >= 0 and file_keep >= 1"),
-])
+@pytest.mark.parametrize(
+    "old, new, message",
+    [
+        ('kind = "csv"', 'kind = "csv"\nrate = 3', "line.toml: sources[0].rate: unknown key"),
+        (
+            "threshold = 0.5",
+            "threshold = 0.5\nfile_keep = 0",
+            "line.toml: output: need file_max_mb >= 0 and file_keep >= 1",
+        ),
+    ],
+)
 def test_cli_reports_a_bad_config_by_file_and_key(tmp_path: Path, old: str, new: str, message: str) -> None:
     cfg = write_config(tmp_path, 10)
     cfg.write_text(cfg.read_text().replace(old, new))
-    proc = subprocess.run([sys.executable, "-m", "fedline.cli", "infer", "--config", str(cfg)],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedline.cli", "infer", "--config", str(cfg)], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 78  # EX_CONFIG
     assert message in proc.stderr
 
@@ -98,14 +114,23 @@ def test_predictions_file_rotates_and_keeps_the_newest(tmp_path: Path) -> None:
     file_keep old files are kept (the oldest dropped), and no record is split or lost among those kept."""
     n = 2000
     cfg = write_config(tmp_path, n)
-    cfg.write_text(cfg.read_text().replace('threshold = 0.5', 'threshold = 0.5\nfile_max_mb = 0.03\nfile_keep = 3'))
+    cfg.write_text(cfg.read_text().replace("threshold = 0.5", "threshold = 0.5\nfile_max_mb = 0.03\nfile_keep = 3"))
     publish_model(tmp_path / "models", linear_onnx(W, B), 7)
-    proc = subprocess.run([sys.executable, "-m", "fedline.cli", "infer", "--config", str(cfg)],
-                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedline.cli", "infer", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "out"
-    assert sorted(p.name for p in out.iterdir()) == ["predictions.jsonl", "predictions.jsonl.1",
-                                                     "predictions.jsonl.2", "predictions.jsonl.3"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "predictions.jsonl",
+        "predictions.jsonl.1",
+        "predictions.jsonl.2",
+        "predictions.jsonl.3",
+    ]
     assert "output.rotated" in proc.stderr
     seqs = []
     for name in ["predictions.jsonl.3", "predictions.jsonl.2", "predictions.jsonl.1", "predictions.jsonl"]:

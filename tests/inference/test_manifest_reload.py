@@ -4,6 +4,7 @@ The aggregator is played by the test: it has its own KeyPair, logs in as the
 broker's ``aggregator`` user and publishes retained ONNX chunks and a signed
 manifest exactly as the wire contract says. The line logs in as ``site-a``.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -28,8 +29,9 @@ def manifest_config(tmp_path: Path, mosquitto, **line):
     )
 
 
-async def test_ten_reloads_under_a_steady_stream(tmp_path: Path, mosquitto, aggregator_keys: KeyPair,
-        site_keys: KeyPair) -> None:
+async def test_ten_reloads_under_a_steady_stream(
+    tmp_path: Path, mosquitto, aggregator_keys: KeyPair, site_keys: KeyPair
+) -> None:
     rng = np.random.default_rng(7)
     weights = {v: rng.normal(0, 2, 4) for v in range(1, 11)}
     cfg = manifest_config(tmp_path, mosquitto, batch_max=16)
@@ -55,7 +57,7 @@ async def test_ten_reloads_under_a_steady_stream(tmp_path: Path, mosquitto, aggr
     assert swaps[0].first_seq == 0
     bounds = [s.first_seq for s in swaps] + [len(preds)]
     for i, s in enumerate(swaps):
-        chunk = preds[bounds[i]:bounds[i + 1]]
+        chunk = preds[bounds[i] : bounds[i + 1]]
         assert chunk and {p["version"] for p in chunk} == {s.version}
     # each score is the one the logged version computes for that sample
     for p in preds:
@@ -64,9 +66,9 @@ async def test_ten_reloads_under_a_steady_stream(tmp_path: Path, mosquitto, aggr
     assert service.stats.refused == {} and all(s.seconds > 0 for s in swaps)
 
 
-async def test_bad_models_are_refused_and_the_old_one_keeps_scoring(tmp_path: Path, mosquitto,
-                                                                     aggregator_keys: KeyPair,
-        site_keys: KeyPair) -> None:
+async def test_bad_models_are_refused_and_the_old_one_keeps_scoring(
+    tmp_path: Path, mosquitto, aggregator_keys: KeyPair, site_keys: KeyPair
+) -> None:
     good = linear_onnx(TRUE_W * 3, TRUE_B * 3)
     cfg = manifest_config(tmp_path, mosquitto, canary={"min_rows": 64, "margin": 0.05})
     stream = RowStream(seed=5, labelled=True)
@@ -115,8 +117,15 @@ async def test_bad_models_are_refused_and_the_old_one_keeps_scoring(tmp_path: Pa
     stream.stop()
     await asyncio.wait_for(task, 20)
 
-    assert dict(service.stats.refused) == {"signature": 1, "load": 1, "hash": 1, "width": 1, "canary": 1,
-                                           "schema": 1, "framing": 2}
+    assert dict(service.stats.refused) == {
+        "signature": 1,
+        "load": 1,
+        "hash": 1,
+        "width": 1,
+        "canary": 1,
+        "schema": 1,
+        "framing": 2,
+    }
     preds = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
     assert [p["seq"] for p in preds] == list(range(len(stream.xs)))
     assert {p["version"] for p in preds} == {1, 8}
@@ -126,8 +135,9 @@ async def test_bad_models_are_refused_and_the_old_one_keeps_scoring(tmp_path: Pa
     assert text("fedline_infer_model_version") == 8.0
 
 
-async def test_broker_outage_does_not_stop_scoring(tmp_path: Path, mosquitto, aggregator_keys: KeyPair,
-        site_keys: KeyPair) -> None:
+async def test_broker_outage_does_not_stop_scoring(
+    tmp_path: Path, mosquitto, aggregator_keys: KeyPair, site_keys: KeyPair
+) -> None:
     cfg = manifest_config(tmp_path, mosquitto)
     stream = RowStream(seed=2, labelled=False)
     service = InferenceService(cfg, rows=stream)

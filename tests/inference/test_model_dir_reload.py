@@ -1,4 +1,5 @@
 """Hot reload from the model directory the edge agent writes, rollback and restart (real onnxruntime)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -113,8 +114,12 @@ async def test_restart_serves_the_saved_model_at_once_and_cli_rollback(tmp_path:
     await eventually(lambda: service.current_version() == 1)
     publish_model(models, linear_onnx(TRUE_W * 1.2, TRUE_B), 2)
     await eventually(lambda: service.current_version() == 2)
-    await eventually(lambda: (tmp_path / "state" / "serving.json").exists()
-                     and json.loads((tmp_path / "state" / "serving.json").read_text())["current"]["version"] == 2)
+    await eventually(
+        lambda: (
+            (tmp_path / "state" / "serving.json").exists()
+            and json.loads((tmp_path / "state" / "serving.json").read_text())["current"]["version"] == 2
+        )
+    )
     stream.stop()
     await task
 
@@ -134,7 +139,8 @@ async def test_restart_serves_the_saved_model_at_once_and_cli_rollback(tmp_path:
     cfg_file.write_text(
         '[line]\nsite = "site-a"\nfederation = "test"\nstate_dir = "state"\nmodel_source = "model_dir"\n'
         'model_dir = "models"\npoll_s = 0.05\n[rows]\nfeatures = [{ tag = "t0", range = [0, 1] }, '
-        '{ tag = "t1", range = [0, 1] }, { tag = "t2", range = [0, 1] }, { tag = "t3", range = [0, 1] }]\n')
+        '{ tag = "t1", range = [0, 1] }, { tag = "t2", range = [0, 1] }, { tag = "t3", range = [0, 1] }]\n'
+    )
     assert main(["infer", "--config", str(cfg_file), "--rollback", "--wait", "0.2"]) == 0
     serving = json.loads((tmp_path / "state" / "serving.json").read_text())
     assert serving["current"]["version"] == 1 and serving["previous"] is None and serving["blocked_version"] == 2
@@ -181,7 +187,8 @@ async def test_cli_rollback_reaches_the_running_service(tmp_path: Path) -> None:
     cfg_file.write_text(
         '[line]\nsite = "site-a"\nfederation = "test"\nstate_dir = "state"\nmodel_source = "model_dir"\n'
         'model_dir = "models"\npoll_s = 0.05\n[rows]\nfeatures = [{ tag = "t0", range = [0, 1] }, '
-        '{ tag = "t1", range = [0, 1] }, { tag = "t2", range = [0, 1] }, { tag = "t3", range = [0, 1] }]\n')
+        '{ tag = "t1", range = [0, 1] }, { tag = "t2", range = [0, 1] }, { tag = "t3", range = [0, 1] }]\n'
+    )
     models = tmp_path / "models"
     publish_model(models, linear_onnx(TRUE_W, TRUE_B), 1)
     stream = RowStream(seed=6)
@@ -235,7 +242,8 @@ async def test_the_line_reports_which_model_its_site_picked(tmp_path: Path) -> N
         await eventually(lambda: service.current_version() == 2)
         assert service.stats.served == served
         text = service.metrics.registry.get_sample_value(
-            "fedline_infer_served_validation_metric", {"kind": "fine_tuned", "metric": "roc_auc"})
+            "fedline_infer_served_validation_metric", {"kind": "fine_tuned", "metric": "roc_auc"}
+        )
         assert text == 0.9312
     finally:
         service.stop()

@@ -1,4 +1,5 @@
 """Predictions and alarms on the plant's MQTT broker, rollback by command topic, Prometheus /metrics."""
+
 from __future__ import annotations
 
 import asyncio
@@ -16,15 +17,21 @@ from tests.inference.conftest import TRUE_B, TRUE_W, RowStream, make_config
 from tests.inference.onnx_models import linear_onnx
 
 
-async def test_mqtt_output_command_rollback_and_metrics(tmp_path: Path, plant_broker: str, site_keys,
-                                                        aggregator_keys) -> None:
+async def test_mqtt_output_command_rollback_and_metrics(
+    tmp_path: Path, plant_broker: str, site_keys, aggregator_keys
+) -> None:
     port = free_port()
     cfg = make_config(
-        tmp_path, {"command_topic": "plant/site-a/infer/command", "site_key": "site-a.key",
-                   "aggregator_key": "aggregator.pub"},
-        output={"file": "predictions.jsonl", "topic": "plant/site-a/predictions",
-                "alarm_topic": "plant/site-a/alarms", "threshold": 0.5, "qos": 1,
-                "broker": {"url": plant_broker, "backoff_min_s": 0.05, "backoff_max_s": 0.5}},
+        tmp_path,
+        {"command_topic": "plant/site-a/infer/command", "site_key": "site-a.key", "aggregator_key": "aggregator.pub"},
+        output={
+            "file": "predictions.jsonl",
+            "topic": "plant/site-a/predictions",
+            "alarm_topic": "plant/site-a/alarms",
+            "threshold": 0.5,
+            "qos": 1,
+            "broker": {"url": plant_broker, "backoff_min_s": 0.05, "backoff_max_s": 0.5},
+        },
         metrics={"port": port},
     )
     publish_model(tmp_path / "models", linear_onnx(TRUE_W, TRUE_B), 1)
@@ -48,7 +55,8 @@ async def test_mqtt_output_command_rollback_and_metrics(tmp_path: Path, plant_br
         await eventually(lambda: service.current_version() == 2)
 
         metrics = await asyncio.to_thread(
-            lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode())
+            lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        )
         assert "fedline_infer_model_version 2.0" in metrics
         assert "fedline_infer_predictions_total" in metrics
         assert "process_resident_memory_bytes" in metrics and "process_cpu_seconds_total" in metrics

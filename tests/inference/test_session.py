@@ -1,4 +1,5 @@
 """Building, probing and canary-checking candidate models with real onnxruntime (no broker)."""
+
 from __future__ import annotations
 
 import json
@@ -26,13 +27,16 @@ def test_good_model_scores_like_numpy() -> None:
     np.testing.assert_allclose(model.score(x), linear_score(TRUE_W, TRUE_B, x), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("case, reason", [
-    ("truncated", "load"),
-    ("garbage", "load"),
-    ("wrong_width", "width"),
-    ("nan_scores", "probe"),
-    ("two_outputs", "probe"),
-])
+@pytest.mark.parametrize(
+    "case, reason",
+    [
+        ("truncated", "load"),
+        ("garbage", "load"),
+        ("wrong_width", "width"),
+        ("nan_scores", "probe"),
+        ("two_outputs", "probe"),
+    ],
+)
 def test_unusable_models_are_refused_with_a_reason(case: str, reason: str) -> None:
     good = linear_onnx(TRUE_W, TRUE_B)
     blob = {
@@ -70,8 +74,11 @@ def test_canary_keeps_the_better_model() -> None:
     rng = np.random.default_rng(0)
     x = rng.uniform(size=(200, N_FEATURES)).astype(np.float32)
     y = (x @ TRUE_W + TRUE_B > 0).astype(np.float64)
-    good_blob, bad_blob, close_blob = (linear_onnx(TRUE_W * 3, TRUE_B * 3), linear_onnx(-TRUE_W * 3, -TRUE_B * 3),
-                                       linear_onnx(TRUE_W * 2.9, TRUE_B * 2.9))
+    good_blob, bad_blob, close_blob = (
+        linear_onnx(TRUE_W * 3, TRUE_B * 3),
+        linear_onnx(-TRUE_W * 3, -TRUE_B * 3),
+        linear_onnx(TRUE_W * 2.9, TRUE_B * 2.9),
+    )
     good = build_model(good_blob, info(1, good_blob), (N_FEATURES,))
     bad = build_model(bad_blob, info(2, bad_blob), (N_FEATURES,))
     close = build_model(close_blob, info(3, close_blob), (N_FEATURES,))
@@ -102,18 +109,25 @@ def test_model_dir_round_trip_and_bad_pointer(tmp_path) -> None:
         read_pointer(tmp_path)
 
 
-@pytest.mark.parametrize("line, top, key, words", [
-    ({"model_source": "manifest"}, {}, "line", "enrollment or aggregator_key"),
-    ({"batch_max": 0}, {}, "line", "batch_max"),
-    ({"canary": {"margin": -1}}, {}, "line.canary", "margin"),
-    ({"site": "a/b"}, {}, "line", "site id"),
-    ({"poll": 1}, {}, "line.poll", "unknown key"),
-    ({}, {"output": {"topic": "plant/#"}}, "output", "wildcards"),
-    ({}, {"rows": {"features": []}}, "rows", "at least one tag"),
-    ({"model_source": "manifest", "aggregator_key": "k"}, {}, "line", "needs site_key"),
-    ({"model_source": "manifest", "aggregator_key": "k", "site_key": "s"}, {"broker": {"url": "http://x"}},
-     "broker.url", "mqtt://"),
-])
+@pytest.mark.parametrize(
+    "line, top, key, words",
+    [
+        ({"model_source": "manifest"}, {}, "line", "enrollment or aggregator_key"),
+        ({"batch_max": 0}, {}, "line", "batch_max"),
+        ({"canary": {"margin": -1}}, {}, "line.canary", "margin"),
+        ({"site": "a/b"}, {}, "line", "site id"),
+        ({"poll": 1}, {}, "line.poll", "unknown key"),
+        ({}, {"output": {"topic": "plant/#"}}, "output", "wildcards"),
+        ({}, {"rows": {"features": []}}, "rows", "at least one tag"),
+        ({"model_source": "manifest", "aggregator_key": "k"}, {}, "line", "needs site_key"),
+        (
+            {"model_source": "manifest", "aggregator_key": "k", "site_key": "s"},
+            {"broker": {"url": "http://x"}},
+            "broker.url",
+            "mqtt://",
+        ),
+    ],
+)
 def test_bad_config_names_file_and_key(tmp_path, line, top, key, words) -> None:
     with pytest.raises(ConfigError) as exc:
         make_config(tmp_path, line, **top)

@@ -1,4 +1,5 @@
 """models/: spec parsing, deterministic build, flat views, personal split, ONNX parity."""
+
 from __future__ import annotations
 
 import subprocess
@@ -23,8 +24,14 @@ from models import (
 )
 
 SPECS = {
-    "mlp-classification": ModelSpec(kind="mlp", n_features=5, hidden=[16, 8], personal=["head."],
-                                     input_mean=[300, 310, 1500, 40, 100], input_scale=[2, 1.5, 180, 10, 60]),
+    "mlp-classification": ModelSpec(
+        kind="mlp",
+        n_features=5,
+        hidden=[16, 8],
+        personal=["head."],
+        input_mean=[300, 310, 1500, 40, 100],
+        input_scale=[2, 1.5, 180, 10, 60],
+    ),
     "mlp-regression-window": ModelSpec(kind="mlp", n_features=3, hidden=[8], task="regression", window=4, n_outputs=2),
     "cnn1d": ModelSpec(kind="cnn1d", n_features=3, hidden=[8, 8], window=16, personal=["head."]),
     "gru": ModelSpec(kind="gru", n_features=4, hidden=[8, 6], window=10, task="regression"),
@@ -146,8 +153,9 @@ def test_every_model_trains_under_opacus(name: str) -> None:
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     engine = PrivacyEngine(accountant="rdp")
-    pmodel, popt, ploader = engine.make_private(module=model, optimizer=opt, data_loader=loader,
-                                                noise_multiplier=1.0, max_grad_norm=1.0)
+    pmodel, popt, ploader = engine.make_private(
+        module=model, optimizer=opt, data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0
+    )
     for xb, yb in ploader:
         if len(xb) == 0:
             continue

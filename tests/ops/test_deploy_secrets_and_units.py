@@ -9,6 +9,7 @@
   unit (exit 78 not restarted, a start limit), and their command lines run through the
   real CLI: ``--check`` passes on a good site, a bad file exits 78 naming the key.
 """
+
 from __future__ import annotations
 
 import configparser
@@ -39,8 +40,9 @@ def compose() -> dict:
 def secrets(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("secrets")
     env = dict(os.environ, SECRETS=str(out), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-    r = subprocess.run(["sh", str(ROOT / "deploy" / "compose" / "init.sh")], env=env, capture_output=True,
-                       text=True, timeout=120)
+    r = subprocess.run(
+        ["sh", str(ROOT / "deploy" / "compose" / "init.sh")], env=env, capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     return out
 
@@ -80,15 +82,17 @@ def test_init_writes_private_files_0600_owned_by_their_reader(compose, secrets) 
 def test_dockerfile_creates_and_owns_every_state_directory(compose, tmp_path) -> None:
     text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
     assert re.search(r"useradd .*--uid 10001 .*fedline", text)
-    (step,) = [line.removeprefix("RUN ").strip() for line in text.splitlines()
-               if line.startswith("RUN install -d")]
+    (step,) = [line.removeprefix("RUN ").strip() for line in text.splitlines() if line.startswith("RUN install -d")]
     argv = shlex.split(step)
     # run the step in a throwaway root: every absolute path moves under tmp_path
     local = [str(tmp_path / a.lstrip("/")) if a.startswith("/") else a for a in argv]
-    subprocess.run(local if os.geteuid() == 0 else [a for a in local if a not in ("-o", "-g", "10001")],
-                   check=True)
-    mounts = {v.split(":")[1] for svc in fedline_services(compose).values() for v in svc.get("volumes", [])
-              if not v.startswith(".")}
+    subprocess.run(local if os.geteuid() == 0 else [a for a in local if a not in ("-o", "-g", "10001")], check=True)
+    mounts = {
+        v.split(":")[1]
+        for svc in fedline_services(compose).values()
+        for v in svc.get("volumes", [])
+        if not v.startswith(".")
+    }
     assert mounts == {"/var/lib/fedline/aggregator", "/var/lib/fedline/edge", "/var/lib/fedline/infer"}
     for m in mounts:
         d = tmp_path / m.lstrip("/")
@@ -130,8 +134,13 @@ def test_systemd_analyze_verify_is_silent(unit, tmp_path) -> None:
     fedline = Path(sys.executable).parent / "fedline"
     assert fedline.exists(), "the venv's fedline console script"
     (tmp_path / unit).write_text((SYSTEMD / unit).read_text().replace("/opt/fedline/bin/fedline", str(fedline)))
-    r = subprocess.run([analyze, "verify", "--man=no", str(tmp_path / unit.replace("@.", "@press-3."))],
-                       capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    r = subprocess.run(
+        [analyze, "verify", "--man=no", str(tmp_path / unit.replace("@.", "@press-3."))],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
     assert r.returncode == 0 and r.stdout.strip() == "" and r.stderr.strip() == "", r.stdout + r.stderr
 
 

@@ -4,6 +4,7 @@ Each service reaches the broker's TLS listener through a TCP proxy the test can 
 the broker then sees a lost connection and publishes the service's will (retained);
 after the link returns the service says ``online`` again; a clean stop says ``stopped``.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -64,8 +65,11 @@ async def test_line_liveness_and_will(tmp_path, mosquitto, aggregator_keys: KeyP
     proxy = await TcpProxy(mosquitto.tls_port).start()
     line_settings = replace(settings_for(mosquitto, "site-a.line"), url=proxy.url.replace("mqtt:", "mqtts:"))
     # the line user site-a.line reads its site's key grant (the models are sealed to the members)
-    cfg = make_config(tmp_path, {"model_source": "manifest", "aggregator_key": "aggregator.pub", "site_key": "site-a.key"},
-                      broker=broker_table(line_settings))
+    cfg = make_config(
+        tmp_path,
+        {"model_source": "manifest", "aggregator_key": "aggregator.pub", "site_key": "site-a.key"},
+        broker=broker_table(line_settings),
+    )
     stream = RowStream(seed=3, labelled=False)
     service = InferenceService(cfg, rows=stream)
     async with Watch(mosquitto) as watch, MqttClient(settings_for(mosquitto, "aggregator")) as agg_client:
@@ -86,9 +90,11 @@ async def test_line_liveness_and_will(tmp_path, mosquitto, aggregator_keys: KeyP
 async def test_aggregator_liveness_and_will(tmp_path, mosquitto) -> None:
     fed = make_federation(tmp_path / "fed", ["site-a", "site-b", "site-c"])
     proxy = await TcpProxy(mosquitto.tls_port).start()
-    table = (f'[broker]\nurl = "{proxy.url.replace("mqtt:", "mqtts:")}"\nca_file = "{mosquitto.ca_file}"\n'
-             f'username = "aggregator"\npassword = "{mosquitto.password("aggregator")}"\n'
-             'backoff_min_s = 0.05\nbackoff_max_s = 0.5\n')
+    table = (
+        f'[broker]\nurl = "{proxy.url.replace("mqtt:", "mqtts:")}"\nca_file = "{mosquitto.ca_file}"\n'
+        f'username = "aggregator"\npassword = "{mosquitto.password("aggregator")}"\n'
+        "backoff_min_s = 0.05\nbackoff_max_s = 0.5\n"
+    )
     agg = Aggregator(fed.config(broker=table))
     async with Watch(mosquitto) as watch:
         task = asyncio.create_task(agg.run())

@@ -1,5 +1,6 @@
 """One ``[metrics]`` table with one meaning of ``port`` in every service's config, and the
 process_* series in every registry (served for real over HTTP)."""
+
 from __future__ import annotations
 
 import urllib.request

@@ -1,6 +1,7 @@
 """The line's MQTT predictions wait in a bounded on-disk spool while the plant broker is away
 and go out in order on its return: a 20 s outage of a real Mosquitto (cut at a TCP proxy)
 loses no prediction, checked by sequence number against the line's own file."""
+
 from __future__ import annotations
 
 import asyncio
@@ -26,7 +27,7 @@ def test_spool_is_bounded_drops_the_oldest_and_survives_a_reopen(tmp_path: Path)
     spool = PredictionSpool(tmp_path / "s.sqlite", max_count=5, max_bytes=10_000)
     assert spool.put([("t", f"{i}".encode()) for i in range(8)]) == 3  # the three oldest make room
     assert spool.dropped == 3 and spool.depth() == (5, 5)
-    (seq, topic, payload), = spool.head()
+    ((seq, topic, payload),) = spool.head()
     assert (topic, payload) == ("t", b"3")
     spool.remove_through(seq)
     spool.close()
@@ -42,9 +43,15 @@ async def test_no_prediction_lost_over_a_20_s_plant_broker_outage(tmp_path: Path
     port = urlparse(plant_broker).port
     assert port
     proxy = await TcpProxy(port, name="line-to-plant").start()
-    cfg = make_config(tmp_path, output={
-        "file": "predictions.jsonl", "topic": TOPIC, "qos": 1,
-        "broker": {"url": proxy.url, "backoff_min_s": 0.1, "backoff_max_s": 1.0, "timeout_s": 3.0}})
+    cfg = make_config(
+        tmp_path,
+        output={
+            "file": "predictions.jsonl",
+            "topic": TOPIC,
+            "qos": 1,
+            "broker": {"url": proxy.url, "backoff_min_s": 0.1, "backoff_max_s": 1.0, "timeout_s": 3.0},
+        },
+    )
     publish_model(tmp_path / "models", linear_onnx(TRUE_W, TRUE_B), 1)
     stream = RowStream(seed=4, per_tick=1, tick_s=0.05)  # ~20 rows/s
     got: list[int] = []

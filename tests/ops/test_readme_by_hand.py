@@ -3,6 +3,7 @@ taken from README.md and run with bash in a folder holding this checkout's ``dat
 ``BROKER_PORT`` set to a free port (the block's only variable). Real Mosquitto over TLS, real
 ``fedline`` processes. Then, as an operator would, ``fedline status --json`` until the
 federation has made a version from the three plants' updates and the line serves it."""
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,14 @@ def readme_block() -> str:
 
 
 def status(fed: Path, env: dict[str, str]) -> dict:
-    r = subprocess.run(["fedline", "status", "--config", "observer.toml", "--json", "--listen", "1"], cwd=fed,
-                       env=env, capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        ["fedline", "status", "--config", "observer.toml", "--json", "--listen", "1"],
+        cwd=fed,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
 
@@ -39,13 +46,19 @@ def status(fed: Path, env: dict[str, str]) -> dict:
 def test_readme_by_hand_runs_as_written(tmp_path: Path) -> None:
     (tmp_path / "data").symlink_to(REPO / "data")
     bin_dir = Path(sys.executable).parent
-    env = dict(os.environ, BROKER_PORT=str(free_port()), PATH=f"{bin_dir}:{os.environ['PATH']}",
-               PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    env = dict(
+        os.environ,
+        BROKER_PORT=str(free_port()),
+        PATH=f"{bin_dir}:{os.environ['PATH']}",
+        PYTHONPATH=str(REPO),
+        OMP_NUM_THREADS="1",
+    )
     script = tmp_path / "by-hand.sh"
     script.write_text("set -e\n" + readme_block())
     log = (tmp_path / "by-hand.log").open("w")
-    proc = subprocess.Popen(["bash", str(script)], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        ["bash", str(script)], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     fed = tmp_path / "fed"
     try:
         assert proc.wait(120) == 0, (tmp_path / "by-hand.log").read_text()[-3000:]

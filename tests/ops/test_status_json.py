@@ -1,5 +1,6 @@
 """``fedline status --json`` against a real federation: Mosquitto (TLS), ``fedline aggregator`` and
 three ``fedline edge`` processes; the document is parsed and checked field by field."""
+
 from __future__ import annotations
 
 import json
@@ -19,9 +20,15 @@ def _status(rig: FaultRig, *extra: str) -> subprocess.CompletedProcess[str]:
     cfg.write_text(
         f'federation = "{rig.s.federation}"\nenrollment_file = "{rig.root / "keys" / "enrollment.json"}"\n'
         f'[broker]\nurl = "{rig.broker.tls_url}"\nca_file = "{rig.broker.ca_file}"\nusername = "observer"\n'
-        f'password_file = "{rig.broker.paths["password:observer"]}"\n')
-    return subprocess.run([sys.executable, "-m", "fedline.cli", "status", "--config", str(cfg), *extra],
-                          capture_output=True, text=True, timeout=60, cwd=REPO)
+        f'password_file = "{rig.broker.paths["password:observer"]}"\n'
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "fedline.cli", "status", "--config", str(cfg), *extra],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
 
 
 async def test_status_json_of_a_running_federation(tmp_path) -> None:
@@ -54,9 +61,15 @@ async def test_status_json_of_a_running_federation(tmp_path) -> None:
 
 
 def test_status_exit_codes(tmp_path) -> None:
-    missing = subprocess.run([sys.executable, "-m", "fedline.cli", "status", "--config", str(tmp_path / "no.toml"),
-                              "--json"], capture_output=True, text=True, timeout=60, cwd=REPO)
+    missing = subprocess.run(
+        [sys.executable, "-m", "fedline.cli", "status", "--config", str(tmp_path / "no.toml"), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
     assert missing.returncode == 78 and "no.toml" in missing.stderr  # EX_CONFIG
-    usage = subprocess.run([sys.executable, "-m", "fedline.cli", "status", "--json"],
-                           capture_output=True, text=True, timeout=60, cwd=REPO)
+    usage = subprocess.run(
+        [sys.executable, "-m", "fedline.cli", "status", "--json"], capture_output=True, text=True, timeout=60, cwd=REPO
+    )
     assert usage.returncode == 2 and "--config" in usage.stderr

@@ -6,6 +6,7 @@ same resolver, the same indexes, nothing installed); the run test starts
 on a line PC that never installed them. The slow test does the real thing in a
 fresh virtual environment.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,8 +40,23 @@ def _names(report: dict) -> set[str]:
 
 def test_line_extra_resolves_to_onnxruntime_without_torch(tmp_path: Path) -> None:
     out = tmp_path / "report.json"
-    res = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
-                          "--report", str(out), f"{ROOT}[line]"], capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--dry-run",
+            "--ignore-installed",
+            "--quiet",
+            "--report",
+            str(out),
+            f"{ROOT}[line]",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     names = _names(json.loads(out.read_text()))
     assert "onnxruntime" in names and "aiomqtt" in names and "pynacl" in names
@@ -51,23 +67,44 @@ def test_line_extra_resolves_to_onnxruntime_without_torch(tmp_path: Path) -> Non
 def test_edge_extra_brings_torch_and_opacus(tmp_path: Path) -> None:
     """The resolution test above can fail: the edge's extra does pull torch (the same resolver says so)."""
     out = tmp_path / "report.json"
-    res = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
-                          "--no-deps", "--report", str(out), f"{ROOT}[edge]"], capture_output=True, text=True,
-                         timeout=600)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--dry-run",
+            "--ignore-installed",
+            "--quiet",
+            "--no-deps",
+            "--report",
+            str(out),
+            f"{ROOT}[edge]",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     report = json.loads(out.read_text())
     requires = " ".join(report["install"][0]["metadata"].get("requires_dist", []))
-    assert 'torch==2.13.0; extra == "edge"' in requires and 'opacus' in requires
+    assert 'torch==2.13.0; extra == "edge"' in requires and "opacus" in requires
 
 
 def test_fedline_infer_help_runs_without_torch() -> None:
-    res = subprocess.run([sys.executable, "-c", _BLOCK_TORCH, "infer", "--help"], capture_output=True, text=True,
-                         timeout=120, cwd=ROOT)
+    res = subprocess.run(
+        [sys.executable, "-c", _BLOCK_TORCH, "infer", "--help"], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     assert "--config" in res.stdout
     # and the guard bites: the edge agent does need torch
-    res = subprocess.run([sys.executable, "-c", _BLOCK_TORCH.replace("sys.exit(main())",
-                          "import edge.trainer"), "edge"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    res = subprocess.run(
+        [sys.executable, "-c", _BLOCK_TORCH.replace("sys.exit(main())", "import edge.trainer"), "edge"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     assert res.returncode != 0 and "not installed on a line PC" in res.stderr
 
 
@@ -77,12 +114,14 @@ def test_line_install_in_a_fresh_venv(tmp_path: Path) -> None:
     env_dir = tmp_path / "venv"
     venv.create(env_dir, with_pip=True)
     py = env_dir / "bin" / "python"
-    res = subprocess.run([str(py), "-m", "pip", "install", "--quiet", f"{ROOT}[line]"], capture_output=True,
-                         text=True, timeout=1200)
+    res = subprocess.run(
+        [str(py), "-m", "pip", "install", "--quiet", f"{ROOT}[line]"], capture_output=True, text=True, timeout=1200
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     assert not list((env_dir / "lib").glob("python3*/site-packages/torch"))
-    res = subprocess.run([str(env_dir / "bin" / "fedline"), "infer", "--help"], capture_output=True, text=True,
-                         timeout=120)
+    res = subprocess.run(
+        [str(env_dir / "bin" / "fedline"), "infer", "--help"], capture_output=True, text=True, timeout=120
+    )
     assert res.returncode == 0 and "--config" in res.stdout, res.stderr[-2000:]
 
 
@@ -108,8 +147,10 @@ def test_dockerfile_line_target_installs_no_torch() -> None:
     line = " ".join(stages["line"])
     assert '".[line]"' in line and "torch" not in line and stages["line"][0] == "FROM base AS line"
     full = " ".join(stages["full"])
-    assert 'torch==2.13.0' in full and ".[edge,aggregator,line]" in full
-    assert all("-c requirements.lock" in r for r in stages["line"] + stages["full"] if r.startswith("RUN pip install ."))
+    assert "torch==2.13.0" in full and ".[edge,aggregator,line]" in full
+    assert all(
+        "-c requirements.lock" in r for r in stages["line"] + stages["full"] if r.startswith("RUN pip install .")
+    )
     for copy in (r for r in stages["base"] if r.startswith("COPY ")):
         for src in copy.split()[1:-1]:
             assert (ROOT / src).exists(), f"the Dockerfile copies {src}, which does not exist"

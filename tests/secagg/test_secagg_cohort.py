@@ -12,7 +12,7 @@ import pytest
 
 from aggregator.core import AggregatorCore
 from aggregator.secagg_cohort import CohortCoordinator, Outgoing
-from broker_bridge.envelope import UpdateHeader, verify_receipt
+from broker_bridge.envelope import UpdateHeader, open_receipt
 from broker_bridge.secagg import messages as m
 from broker_bridge.topics import Topics
 from edge.secagg_member import EdgeCohorts
@@ -48,8 +48,10 @@ def receipts(out: list[Outgoing], fed) -> dict[str, dict]:
     docs = {}
     for o in out:
         if o.topic.endswith("/receipts"):
-            doc = verify_receipt(o.payload, fed.agg.public().sign_pub)
-            docs[doc["site"]] = doc
+            site = o.topic.split("/")[-2]  # receipts are sealed to their site: open with its key
+            doc = open_receipt(o.payload, fed.sites[site], fed.agg.public().sign_pub)
+            assert doc["site"] == site
+            docs[site] = doc
     return docs
 
 
