@@ -65,14 +65,20 @@ async def test_agent_trains_on_csv_and_its_sealed_deltas_arrive_open_and_clear(m
         watcher = asyncio.create_task(watch())
         task = asyncio.create_task(agent.run(stop))
         await until(lambda: len(agg.arrivals) >= 2, task, timeout=60)
-        await eventually(
-            lambda: (
+        # the replay ends, so the rounds (one per 100 new rows) end: wait until the last one is sealed and
+        # applied, twice over a pause, so the ε compared below is not moving under the comparison
+        await until(lambda: agent.sources_done, task, timeout=60)
+
+        def settled() -> bool:
+            return (
                 agent.outbox.depth()[0] == 0
                 and len(agent.outbox.ledger()) == len(agg.arrivals)
                 and all(e.state == "applied" for e in agent.outbox.ledger())
-            ),
-            timeout=30,
-        )
+            )
+
+        await eventually(settled, timeout=30)
+        await asyncio.sleep(2.0)
+        await eventually(settled, timeout=30)
 
         # the deltas open with the aggregator's key, carry only shared parameters, and are not zero
         shared = set(agent.shared_names)
