@@ -271,7 +271,8 @@ async def test_host_application_state_rebirth_bdseq_and_own_reconnect(broker) ->
             await asyncio.wait_for(source.ready.wait(), 10)
 
             async def until(pred, what: str) -> None:
-                for _ in range(200):
+                # 30 s: after a cut, the reader notices only by its keepalive (5 s, up to 1.5x) before it reconnects
+                for _ in range(600):
                     if pred():
                         return
                     await asyncio.sleep(0.05)
