@@ -237,6 +237,8 @@ class SimSite:
         self.topics = Topics(FEDERATION)
         self.delta, self.stats, self.pace, self.manifests = delta, stats, pace, manifests
         self.base = -1  # no manifest yet: the aggregator has not published version 0
+        self.keyring: dict[int, bytes] = {}  # the federation content keys granted to this site, by epoch
+        self.sealed_manifest: bytes | None = None  # the newest manifest, kept until its epoch's key arrives
         self.wake = asyncio.Event()
         self.times: dict[int, list[float]] = {}  # counter -> [sealed at (monotonic), sent at]
         self.resend_after_s = 120.0
@@ -245,6 +247,7 @@ class SimSite:
         await asyncio.sleep(start_delay)  # do not open every connection in the same millisecond
         async with self.client:
             await self.client.subscribe(self.topics.receipts(self.site), qos=1)
+            await self.client.subscribe(self.topics.fedkey(self.site), qos=1)
             await self.client.subscribe(self.topics.manifest(), qos=1)
             await asyncio.gather(self._produce(), self._send(), self._receive())
 
@@ -321,21 +324,36 @@ class SimSite:
                 pass
 
     async def _receive(self) -> None:
-        from broker_bridge.envelope import verify_manifest, verify_receipt
+        from broker_bridge.envelope import open_receipt
         from broker_bridge.errors import WireError
+        from broker_bridge.federation_key import open_grant, open_manifest
 
         sign_pub = self.enrollment.aggregator.sign_pub
         async for msg in self.client.messages():
             if not msg.payload:
                 continue
             try:
+                if msg.topic == self.topics.fedkey(self.site):  # a grant: the key may open a waiting manifest
+                    epoch, key = open_grant(msg.payload, self.keys, sign_pub, FEDERATION)
+                    self.keyring[epoch] = key
                 if msg.topic == self.topics.manifest():
-                    version = self.manifests.get(msg.payload)
-                    if version is None:  # every site gets its own copy; verify each distinct one once
-                        version = self.manifests[msg.payload] = int(verify_manifest(msg.payload, sign_pub)["version"])
+                    self.sealed_manifest = bytes(msg.payload)
+                if msg.topic in (self.topics.fedkey(self.site), self.topics.manifest()):
+                    blob = self.sealed_manifest
+                    if blob is None:
+                        continue
+                    version = self.manifests.get(blob)
+                    if version is None:  # every site gets its own copy; open and verify each distinct one once
+                        try:
+                            version = int(open_manifest(blob, self.keyring, sign_pub)[0]["version"])
+                        except WireError as exc:
+                            if exc.reason == "epoch":
+                                continue  # its grant comes next (retained messages arrive in any order)
+                            raise
+                        self.manifests[blob] = version
                     self.base = max(self.base, version)
                     continue
-                doc = verify_receipt(msg.payload, sign_pub)
+                doc = open_receipt(msg.payload, self.keys, sign_pub)
             except WireError as exc:
                 self.stats.errors.append(f"{self.site}: {exc}")
                 continue
