@@ -7,7 +7,7 @@ import json
 import time
 
 from broker_bridge.client import Message
-from broker_bridge.envelope import open_update, sign_receipt
+from broker_bridge.envelope import open_update, seal_receipt
 from edge.agent import EdgeAgent
 from edge.config import load_edge_config
 from tests.edge.helpers import Federation, write_csv, write_site
@@ -48,7 +48,7 @@ async def test_outage_costs_one_round_per_base_version(tmp_path) -> None:
 
     # the aggregator's receipt comes back: the site may spend budget on base 0 again
     (row,) = agent.outbox.pending(0)
-    receipt = sign_receipt(
+    receipt = seal_receipt(  # receipts are sealed to their site
         {
             "site": SITE,
             "counter": row.counter,
@@ -58,6 +58,7 @@ async def test_outage_costs_one_round_per_base_version(tmp_path) -> None:
             "version": None,
         },
         fed.aggregator,
+        fed.sites[SITE].public().box_pub,
     )
     await agent.handle_message(Message(agent.topics.receipts(SITE), receipt))
     assert await agent.train_once() is not None
