@@ -51,4 +51,7 @@ async def test_kill9_aggregator_mid_buffer_and_edge_with_full_outbox_ledger_exac
             redeliveries_absorbed=rig.redeliveries(),
         )
         assert rep.exact, rep.problems()
-        assert rep.rejected == 0 and rep.stale == 0 and rep.dropped_by_policy == 0
+        # stale receipts are allowed: one update per site per FedBuff buffer, so the updates an edge sealed on
+        # one base while the aggregator was down supersede each other (each settled by its "superseded"
+        # receipt, which rep.exact checks); nothing is refused and nothing is dropped
+        assert rep.rejected == 0 and rep.dropped_by_policy == 0

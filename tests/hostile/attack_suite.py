@@ -186,7 +186,8 @@ async def run(workdir: Path, attack: str | None, loops: int, extra: str = "", da
     try:
         await asyncio.wait_for(agg.started.wait(), 30)
         max_norm = getattr(agg.core, "max_norm", None) or cfg.validation.max_norm  # the bound in force
-        parties = {s: Party(broker, s, agg_keys.public().sign_pub, FEDERATION, 65536) for s in sites}
+        # each party holds its site's keys: receipts are sealed to their site
+        parties = {s: Party(broker, s, agg_keys.public().sign_pub, FEDERATION, 65536, keys=keys[s]) for s in sites}
         for p in parties.values():
             await p.__aenter__()
         spec = cfg.model
@@ -221,7 +222,11 @@ async def run(workdir: Path, attack: str | None, loops: int, extra: str = "", da
             for i, s in enumerate(HONEST):
                 x, y = data.sites[s]
                 await send(s, train(spec, base, x, y, seed=100 * loop + i), base_version, len(x))
-            await eventually(lambda: all(len(parties[s].receipts) >= counters[s] for s in sites), 60)
+            try:
+                await eventually(lambda: all(len(parties[s].receipts) >= counters[s] for s in sites), 60)
+            except AssertionError:
+                got = {s: ([r["verdict"] for r in parties[s].receipts], counters[s]) for s in sites}
+                raise AssertionError(f"attack {attack}, loop {loop}: receipts (verdicts, sent) {got}") from None
         await eventually(lambda: agg.published_version == agg.core.version, 30)
         out = Outcome({k: v.copy() for k, v in agg.core.model.items()}, agg.core.version)
         for v in range(1, agg.core.version + 1):
