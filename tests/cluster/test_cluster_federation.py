@@ -101,6 +101,10 @@ async def test_federation_over_a_two_node_cluster_with_a_site_that_missed_the_re
             await eventually(lambda r=round_: aggregator.published_version >= r + 1, 60)
             await eventually(lambda r=round_: all(a.base.version >= r + 1 for a in agents.values()), 90)
         # ledger-exact: every sealed update applied exactly once, in a version of three distinct sites
+        # (a buffered update's "applied" receipt follows the version's publication: wait for it)
+        await eventually(
+            lambda: all([e.state for e in a.outbox.ledger()] == ["applied", "applied"] for a in agents.values()), 60
+        )
         for site, a in agents.items():
             ledger = a.outbox.ledger()
             assert [e.state for e in ledger] == ["applied", "applied"], (site, ledger)
