@@ -421,10 +421,13 @@ class AggregatorCore:
         lineage: dict[str, Any],
         applied: list[Verdict],
         last_arrived: bool = True,
+        keep_buffer: bool = False,
     ) -> list[dict[str, Any]]:
         """Make ``model`` version + 1 with its updates' ``applied`` verdicts; returns their receipts.
 
-        The one path to a new version: the FedBuff buffer's reduce and a secure-aggregation cohort's sum.
+        The one path to a new version: the FedBuff buffer's reduce, a secure-aggregation cohort's sum, and
+        a plant's adoption of a central model (``plant.core``: ``keep_buffer``, its lines' buffered updates
+        wait for the next reduce).
         """
         new_version = self.version + 1
         self.store.commit_version(
@@ -435,21 +438,27 @@ class AggregatorCore:
             applied,
             self.cfg.aggregator.keep_checkpoints,
             keep_verdicts=self.cfg.aggregator.keep_verdicts,
+            keep_buffer=keep_buffer,
         )
         # committed: only now does the live state change
         self.model, self.momentum, self.version = model, momentum, new_version
-        self.snapshot = (new_version, model)  # one assignment: what the publisher thread reads
-        self.buffer = []
-        self.buffer_since = None
+        self.snapshot = self.served(new_version, model, lineage)  # one assignment: what the publisher thread reads
+        if not keep_buffer:
+            self.buffer = []
+            self.buffer_since = None
         for v in applied:
             self._decided(v.site, v.counter)
         self.metrics.version.set(new_version)
-        self.metrics.buffer_fill.set(0)
+        self.metrics.buffer_fill.set(len(self.buffer))
         for i, _ in enumerate(applied):
             # the others arrived as "buffered"; after a timeout, all of them did
             self.metrics.decided("applied", arrival=last_arrived and i == len(applied) - 1)
         event(log, "model.version", version=new_version, updates=len(applied), sites=sorted({v.site for v in applied}))
         return [v.receipt() for v in applied]
+
+    def served(self, version: int, model: State, lineage: dict[str, Any]) -> tuple[int, State]:
+        """What the publisher publishes after a commit: the new version (a plant serves central ones only)."""
+        return version, model
 
     def flush_due_in(self) -> float | None:
         """Seconds until the buffer times out (0: now), or None when nothing waits or there is no timeout."""

@@ -81,6 +81,11 @@ class Aggregator:
     def stop(self) -> None:
         self._stop.set()
 
+    def _make_core(self) -> AggregatorCore:
+        """The core (a plant aggregator makes a ``plant.core.PlantCore``); runs on the serial thread."""
+        reopen = self.forwards.reopen if self.forwards is not None else None  # a reducer's buffer holds forwards
+        return AggregatorCore(self.cfg, metrics=self.metrics, reopen=reopen)
+
     def _settings(self):
         s = self.cfg.broker
         if not s.client_id:  # a stable id keeps the persistent session (and its queued updates) across restarts
@@ -89,10 +94,7 @@ class Aggregator:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        reopen = self.forwards.reopen if self.forwards is not None else None
-        self.core = await loop.run_in_executor(
-            self._serial, lambda: AggregatorCore(self.cfg, metrics=self.metrics, reopen=reopen)
-        )
+        self.core = await loop.run_in_executor(self._serial, self._make_core)
         self.granter = await loop.run_in_executor(self._serial, grants.Granter, self.core, self.topics)
         self._metrics_http.start(self.cfg.metrics, service="aggregator", file=self.cfg.file)
         queue: asyncio.Queue[asyncio.Future[Opened]] = asyncio.Queue(maxsize=4 * self.cfg.aggregator.workers)
@@ -289,7 +291,12 @@ class Aggregator:
             epoch=epoch.number,
             content_key=epoch.key,
             metric=metric,
+            extra=self._manifest_extra(version),
         )
+
+    def _manifest_extra(self, version: int) -> dict[str, Any] | None:
+        """Fields a subclass adds to a version's signed manifest (a plant: the central version it serves)."""
+        return None
 
     async def _publisher(self, client: MqttClient) -> None:
         loop = asyncio.get_running_loop()
