@@ -19,9 +19,3 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
     yield c
     c.stop()
 
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Under pytest-xdist, every test of this folder runs on one worker, so one cluster is started, not one per worker."""
-    for item in items:
-        if "tests/cluster/" in str(item.path).replace("\\", "/"):
-            item.add_marker(pytest.mark.xdist_group("rabbitmq-cluster"))

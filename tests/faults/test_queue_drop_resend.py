@@ -17,6 +17,7 @@ from aggregator.service import Aggregator
 from broker_bridge.mosquitto import MosquittoProcess
 from edge.agent import EdgeAgent
 from edge.config import load_edge_config
+from fedline.testing.patience import bound
 from tests.conftest import eventually
 from tests.edge.helpers import FEDERATION, Federation, write_csv, write_site
 
@@ -61,13 +62,13 @@ batch_size = 32
 async def _start(path) -> tuple[Aggregator, asyncio.Task]:
     agg = Aggregator(load_config(path))
     task = asyncio.create_task(agg.run())
-    await asyncio.wait_for(agg.started.wait(), 30)
+    await asyncio.wait_for(agg.started.wait(), bound(30))
     return agg, task
 
 
 async def _stop(agg: Aggregator, task: asyncio.Task) -> None:
     agg.stop()
-    await asyncio.wait_for(task, 60)
+    await asyncio.wait_for(task, bound(60))
 
 
 async def test_update_dropped_by_the_queue_limit_is_resent_and_applied_once(tmp_path) -> None:
