@@ -18,4 +18,3 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
     c.start()
     yield c
     c.stop()
-
