@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     keys = sub.add_parser("keys", help="create key pairs, export public keys, build the enrollment file")
     ks = keys.add_subparsers(dest="keys_cmd", required=True, metavar="ACTION")
     new = ks.add_parser("new", help="create a site's or the aggregator's key pair (mode 0600)")
-    new.add_argument("--role", choices=["site", "aggregator"], required=True)
+    new.add_argument("--role", choices=["site", "aggregator", "worker"], required=True)
     new.add_argument("--id", required=True, help="site id (or aggregator name)")
     new.add_argument(
         "--out", required=True, type=Path, help="private key file to write; <out>.pub.json gets the public part"
@@ -109,6 +109,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         type=int,
         default=DEFAULT_MAX_CONNECTIONS,
         help=f"per listener (default {DEFAULT_MAX_CONNECTIONS})",
+    )
+    conf.add_argument(
+        "--intake-workers",
+        type=int,
+        default=0,
+        help="broker users intake-0 ... for the aggregator's [intake] workers (default 0: none)",
     )
     conf.add_argument(
         "--autosave-interval",
@@ -280,6 +286,7 @@ def _broker_config(args: argparse.Namespace) -> int:
     cfg = MosquittoConfig(
         federation=federation,
         sites=sites,
+        intake_workers=args.intake_workers,
         port=args.port,
         bind=args.bind,
         hosts=args.hosts,
