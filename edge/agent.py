@@ -857,6 +857,16 @@ class EdgeAgent:
             await asyncio.sleep(0.2)  # coalesce bursts of changes
 
     # ------------------------------------------------------------------ run
+    async def _join(self, tasks: set[asyncio.Task[None]], stopper: asyncio.Task[bool]) -> None:
+        """Wait for the cancelled tasks, bounded: a task that ignores its cancellation is named in the log
+        with where it is stuck (a shutdown that hangs must say why, not just hang)."""
+        _, stuck = await asyncio.wait({*tasks, stopper}, timeout=10.0)
+        for t in stuck:
+            frames = "; ".join(f"{f.f_code.co_filename}:{f.f_lineno} {f.f_code.co_name}" for f in t.get_stack())
+            event(log, "edge.task_stuck", logging.ERROR, site=self.site, task=t.get_name(), at=frames)
+        if stuck:
+            await asyncio.gather(*stuck, return_exceptions=True)
+
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Run until ``stop`` is set (or the task is cancelled); the stores stay on disk."""
         stop = stop or asyncio.Event()
@@ -899,7 +909,7 @@ class EdgeAgent:
                 finally:
                     for t in [*tasks, stopper]:
                         t.cancel()
-                    await asyncio.gather(*tasks, stopper, return_exceptions=True)
+                    await self._join(tasks, stopper)
                     if client.connected.is_set():
                         try:
                             await self._publish_status(client, "offline", timeout=2.0)
