@@ -85,7 +85,14 @@ async def test_a_bridged_plant_broker_carries_only_the_plants_own_central_topics
                 task.cancel()
         assert b"receipt-b" not in {x[1] for x in seen_plant}
         assert t.update_chunk("plant-b", "m2", 0) not in {x[0] for x in seen_central}
-        assert (t.manifest(), b"manifest-v3", True) in seen_plant  # still retained on the plant side
+        # retained on the plant side too: a client that subscribes now gets it as a retained message
+        late: list = []
+        async with MqttClient(settings_for(plant, "plant-a")) as again:
+            await again.subscribe(t.manifest(), qos=1)
+            task = asyncio.create_task(_collect(again, late))
+            await eventually(lambda: late, 20)
+            task.cancel()
+        assert late[0] == (t.manifest(), b"manifest-v3", True)
     finally:
         if plant is not None:
             plant.stop()
