@@ -296,6 +296,24 @@ class PublishConfig:
 
 
 @dataclass(frozen=True)
+class IntakeConfig:
+    """Intake workers (``aggregator.intake_worker``): other processes open the sites' updates for this one.
+
+    ``workers`` 0 or 1: this process reads the sites' updates itself (the default). From 2, the aggregator
+    is the reducer: it reads only the forwards of workers ``intake-0`` ... ``intake-<workers-1>``, each
+    signed with the key whose public half is ``<keys_dir>/intake-<i>.pub.json`` (a worker reads its
+    ``intake-<i>.key`` there).
+    """
+
+    workers: int = 0
+    keys_dir: str = "keys"
+
+    def validate(self) -> None:
+        if not 0 <= self.workers <= 64:
+            raise ValueError(f"workers must be between 0 and 64, got {self.workers}")
+
+
+@dataclass(frozen=True)
 class AggregatorConfig:
     """The whole file. Paths are resolved against the file's folder by :func:`load_config`."""
 
@@ -309,6 +327,7 @@ class AggregatorConfig:
     publish: PublishConfig = field(default_factory=PublishConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     evaluation: EvaluationConfig | None = None
+    intake: IntakeConfig = field(default_factory=IntakeConfig)
     file: str | None = None  # the file this was read from (set by load_config)
 
     def validate(self) -> None:
@@ -316,6 +335,13 @@ class AggregatorConfig:
             self.broker.validate()
         except ValueError as exc:
             raise ConfigError(None, "broker", str(exc)) from None
+        if self.intake.workers >= 2 and self.strategy.secure_aggregation:
+            raise ConfigError(
+                None,
+                "intake.workers",
+                "intake workers forward opened deltas; secure aggregation's masked cohorts are run by the "
+                "aggregator alone: set workers = 0 or secure_aggregation = false",
+            )
 
 
 def _resolve(cfg: AggregatorConfig, file: str | Path | None) -> AggregatorConfig:
@@ -326,6 +352,7 @@ def _resolve(cfg: AggregatorConfig, file: str | Path | None) -> AggregatorConfig
         enrollment_file=str(resolve_path(file, a.enrollment_file)),
         state_dir=str(resolve_path(file, a.state_dir)),
     )
+    intake = dataclasses.replace(cfg.intake, keys_dir=str(resolve_path(file, cfg.intake.keys_dir)))
     b = cfg.broker
     changes: dict[str, Any] = {}
     for name in ("password_file", "ca_file", "cert_file", "key_file"):
@@ -333,7 +360,11 @@ def _resolve(cfg: AggregatorConfig, file: str | Path | None) -> AggregatorConfig
         if value:
             changes[name] = str(resolve_path(file, value))
     return dataclasses.replace(
-        cfg, aggregator=a, broker=dataclasses.replace(b, **changes), file=str(file) if file is not None else None
+        cfg,
+        aggregator=a,
+        intake=intake,
+        broker=dataclasses.replace(b, **changes),
+        file=str(file) if file is not None else None,
     )
 
 
