@@ -9,6 +9,7 @@ a real aggregator process and Mosquitto: tests/secagg/test_secagg_kill9.py.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -158,3 +159,39 @@ def test_restart_in_the_unmask_round_fails_it_and_a_cohort_committed_before_the_
         core.close()
         for mem in members.values():
             mem.close()
+
+
+async def test_an_edge_trains_for_a_cohort_announced_after_its_version_and_drops_a_cleared_one(tmp_path) -> None:
+    """Regression: a cohort announced after the site adopted the cohort's base version must start a round
+    (with ``on_new_model`` the version's own trigger was already spent; the demo stalled on this), and a
+    cleared announcement of a cohort the site has not masked in drops it (no round for a dead cohort)."""
+    from broker_bridge.secagg import messages as msgs
+    from edge.agent import EdgeAgent
+    from edge.config import load_edge_config
+    from tests.edge.helpers import Federation, write_csv, write_site
+    from tests.secagg.helpers import announcement
+
+    sites = ["site-a", "site-b", "site-c"]
+    fed = Federation.create(tmp_path, sites)
+    csv = write_csv(tmp_path / "rows.csv", 50)
+    path = write_site(
+        fed,
+        "site-a",
+        csv,
+        "mqtt://127.0.0.1:1",  # never connected: the handlers are called directly
+        None,
+        training={"every_rows": 1_000_000, "on_new_model": True},
+        extra={"secure_aggregation": True},
+    )
+    agent = EdgeAgent(load_edge_config(path))
+    try:
+        ann = dataclasses.replace(announcement(tuple(sites)), base_version=0)  # the version the site holds
+        blob = msgs.sign_cohort(ann, fed.aggregator)
+        assert agent.new_rows == 0 and not agent._rebased  # no new rows: only a reason to train starts a round
+        await agent._on_secagg("secagg_cohort", blob, ann.cohort)
+        assert agent._rebased and agent._trigger.is_set()
+        assert agent.cohorts is not None and agent.cohorts.ready(0) is not None
+        await agent._on_secagg("secagg_cohort", b"", ann.cohort)  # the aggregator cleared it (it ended)
+        assert agent.cohorts.ready(0) is None
+    finally:
+        agent.close()
