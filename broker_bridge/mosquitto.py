@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from broker_bridge.bridge import BridgeConfig, render_bridge, render_bridge_acl
 from broker_bridge.errors import FedlineError
 from broker_bridge.topics import Topics, validate_site_id
 
@@ -185,15 +186,18 @@ class MosquittoConfig:
     log_file: str | None = None
     run_as_user: str | None = None  # mosquitto started as root drops to this user ('mosquitto' by default)
     intake_workers: int = 0  # users intake-0 ... for the aggregator's intake workers (0 or 1: none)
+    bridge: BridgeConfig | None = None  # a plant broker's bridge to the central one (broker_bridge.bridge)
 
     def users(self) -> list[str]:
-        """Every broker user: aggregator, observer, intake workers, and per site the edge agent and the line."""
+        """Every broker user: aggregator, observer, intake workers, per site the edge agent and the line,
+        and a plant broker's uplink user."""
         return [
             AGGREGATOR_USER,
             *([OBSERVER_USER] if self.observer else []),
             *intake_users(self.intake_workers),
             *self.sites,
             *(line_user(s) for s in self.sites),
+            *([self.bridge.site] if self.bridge else []),
         ]
 
     def validate(self) -> None:
@@ -253,6 +257,8 @@ def write_broker_config(cfg: MosquittoConfig, out_dir: str | Path) -> dict[str, 
             raise FedlineError(f"site id {s!r} ends with {LINE_SUFFIX!r}, which names line users")
         if s.startswith(INTAKE_PREFIX):
             raise FedlineError(f"site id {s!r} starts with {INTAKE_PREFIX!r}, which names intake workers")
+    if cfg.bridge is not None and cfg.bridge.site in [*cfg.sites, *RESERVED_USERS]:
+        raise FedlineError(f"the bridge's plant site {cfg.bridge.site!r} is also a user of this broker")
     creds = Path(cfg.credentials_dir).resolve() if cfg.credentials_dir else out / "credentials"
     written: dict[str, Path] = {}
     hashes = []
@@ -266,15 +272,13 @@ def write_broker_config(cfg: MosquittoConfig, out_dir: str | Path) -> dict[str, 
     passwd = out / "passwd"
     write_private(passwd, "\n".join(hashes) + "\n")
     acl = out / "acl"
-    write_public(
-        acl,
-        render_acl(
-            topics,
-            observer_user=OBSERVER_USER if cfg.observer else None,
-            sites=cfg.sites,
-            workers=intake_users(cfg.intake_workers),
-        ),
+    acl_text = render_acl(
+        topics,
+        observer_user=OBSERVER_USER if cfg.observer else None,
+        sites=cfg.sites,
+        workers=intake_users(cfg.intake_workers),
     )
+    write_public(acl, acl_text + (render_bridge_acl(cfg.bridge) if cfg.bridge else ""))
     data = Path(cfg.persistence_dir) if cfg.persistence_dir else out / "data"
     if not cfg.persistence_dir:
         data.mkdir(exist_ok=True)
@@ -336,8 +340,11 @@ def write_broker_config(cfg: MosquittoConfig, out_dir: str | Path) -> dict[str, 
             "# plaintext, for tools on this host only (asked for with --plain-port)",
             *listener(cfg.plain_port, cfg.plain_bind),
         ]
+    if cfg.bridge is not None:
+        lines += render_bridge(cfg.bridge)
     conf = out / "mosquitto.conf"
-    write_public(conf, "\n".join(lines) + "\n")
+    # with a bridge the file holds the plant's central password: private then
+    (write_private if cfg.bridge is not None else write_public)(conf, "\n".join(lines) + "\n")
     written.update(conf=conf, acl=acl, passwd=passwd, data=data)
     return written
 

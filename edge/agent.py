@@ -265,6 +265,7 @@ class EdgeAgent:
 
         batch: list[tuple[np.ndarray, np.ndarray | None]] = []
         groups: list[str | None] = []  # each row's unit ([dataset] group_column): a unit is held out whole
+        late: list[bool] = []  # each row's historical mark (late data, e.g. Sparkplug is_historical)
         units = UnitTracker(self.cfg.dataset.group_column)
 
         def failed(src: Any, exc: BaseException) -> None:  # a source must not take the agent down
@@ -274,10 +275,10 @@ class EdgeAgent:
             self._error(f"source {getattr(src, 'name', '?')}: {exc}")
 
         def ended(src: Any) -> None:
-            nonlocal batch, groups
+            nonlocal batch, groups, late
             if batch:
-                self._store(batch, groups)
-                batch, groups = [], []
+                self._store(batch, groups, late)
+                batch, groups, late = [], [], []
             if self.cfg.training.on_new_model and self._first_round_pending and self.new_rows:
                 # a source's backlog is in (e.g. a historian replay): the first round starts now rather
                 # than at the fallback timer; later rounds follow the federation's versions
@@ -295,17 +296,20 @@ class EdgeAgent:
             if row.y is not None or self.spec.task == "anomaly":
                 batch.append(self._example(row))
                 groups.append(units.current)
+                late.append(bool(row.historical))
             if batch and (len(batch) >= 64 or stream.pending == 0):
-                self._store(batch, groups)
-                batch, groups = [], []
+                self._store(batch, groups, late)
+                batch, groups, late = [], [], []
         if batch:
-            self._store(batch, groups)
+            self._store(batch, groups, late)
         self.sources_done = True
         event(log, "sources.ended", site=self.site, stored=len(self.dataset), **stream.builder.stats.__dict__)
 
-    def _store(self, batch: list[tuple[np.ndarray, np.ndarray | None]], groups: list[str | None]) -> None:
+    def _store(
+        self, batch: list[tuple[np.ndarray, np.ndarray | None]], groups: list[str | None], late: list[bool]
+    ) -> None:
         try:
-            self.dataset.add_many(batch, groups=groups)
+            self.dataset.add_many(batch, groups=groups, historical=late)
         except sqlite3.Error as exc:  # e.g. "database or disk is full": drop these rows, keep running
             self.metrics.rows_lost.inc(len(batch))
             event(log, "dataset.write_failed", logging.ERROR, site=self.site, rows=len(batch), error=str(exc))
@@ -313,6 +317,7 @@ class EdgeAgent:
             return
         self.new_rows += len(batch)
         self.metrics.examples.inc(len(batch))
+        self.metrics.examples_historical.inc(sum(late))
         self.metrics.rows.set(len(self.dataset))
         every_rows = self.cfg.training.every_rows
         if every_rows and self.new_rows >= every_rows:
@@ -857,6 +862,16 @@ class EdgeAgent:
             await asyncio.sleep(0.2)  # coalesce bursts of changes
 
     # ------------------------------------------------------------------ run
+    async def _join(self, tasks: set[asyncio.Task[None]], stopper: asyncio.Task[bool]) -> None:
+        """Wait for the cancelled tasks, bounded: a task that ignores its cancellation is named in the log
+        with where it is stuck (a shutdown that hangs must say why, not just hang)."""
+        _, stuck = await asyncio.wait({*tasks, stopper}, timeout=10.0)
+        for t in stuck:
+            frames = "; ".join(f"{f.f_code.co_filename}:{f.f_lineno} {f.f_code.co_name}" for f in t.get_stack())
+            event(log, "edge.task_stuck", logging.ERROR, site=self.site, task=t.get_name(), at=frames)
+        if stuck:
+            await asyncio.gather(*stuck, return_exceptions=True)
+
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Run until ``stop`` is set (or the task is cancelled); the stores stay on disk."""
         stop = stop or asyncio.Event()
@@ -899,7 +914,7 @@ class EdgeAgent:
                 finally:
                     for t in [*tasks, stopper]:
                         t.cancel()
-                    await asyncio.gather(*tasks, stopper, return_exceptions=True)
+                    await self._join(tasks, stopper)
                     if client.connected.is_set():
                         try:
                             await self._publish_status(client, "offline", timeout=2.0)

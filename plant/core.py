@@ -36,7 +36,8 @@ from typing import Any
 
 import numpy as np
 
-from aggregator.core import AggregatorCore, Decision, Opened, State
+from aggregator.core import AggregatorCore, Decision, State
+from aggregator.opener import Opened
 from broker_bridge import envelope
 from fedline.logs import event
 
