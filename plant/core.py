@@ -56,20 +56,27 @@ class PlantCore(AggregatorCore):
     def __init__(self, *args: Any, queue_delta: Callable[..., bool], queued_through: Callable[[], int], **kw: Any):
         self._queue_delta = queue_delta
         self._queued_through = queued_through
+        self._ready = False  # commits made while the base class loads are not reduces to queue
+        self.upstream_of: dict[int, int] = {}  # plant version -> central version, for adopted versions
         super().__init__(*args, **kw)
         self.line_epsilon: dict[str, float | None] = json.loads(self.store.get_meta("line_epsilon") or "{}")
-        self.upstream_of: dict[int, int] = {}  # plant version -> central version, for adopted versions
         served = None
-        for v in range(self.version, -1, -1):  # lineage is kept for every version: the newest adoption
+        queued = self._queued_through()
+        # lineage is kept for every version: from the newest down to the newest adoption at or below the last
+        # reduce queued (what the reduces still to queue take as their base), not through all history
+        for v in range(self.version, -1, -1):
             ck = self.store.checkpoint(v, blobs=False)
             if ck is not None and ck.lineage.get("strategy") == UPSTREAM:
                 self.upstream_of[v] = int(ck.lineage["upstream_version"])
                 served = served if served is not None else v
+                if v <= queued:
+                    break
         self.central_version = self.upstream_of[served] if served is not None else -1
         if served is not None and served != self.version:
             ck = self.store.checkpoint(served)
             if ck is not None and ck.weights is not None:
                 self.snapshot = (served, {k: np.array(a) for k, a in envelope.decode_tensors(ck.weights).items()})
+        self._ready = True
         self.queue_pending()
 
     # -- what lines get ----------------------------------------------------------------
@@ -82,8 +89,12 @@ class PlantCore(AggregatorCore):
         """Make a verified central version the plant's served model; returns the plant version."""
         lineage = {"strategy": UPSTREAM, "upstream_version": central_version, "parent": self.version, "updates": []}
         model = {k: np.array(shared[k], dtype=np.float32) for k in self.model}
-        self.commit(model, self.momentum, lineage, [], keep_buffer=True)
-        self.upstream_of[self.version] = central_version
+        self.upstream_of[self.version + 1] = central_version  # before the commit: it is not a reduce
+        try:
+            self.commit(model, self.momentum, lineage, [], keep_buffer=True)
+        except BaseException:
+            del self.upstream_of[self.version + 1]
+            raise
         self.central_version = central_version
         event(log, "plant.adopted", central_version=central_version, plant_version=self.version)
         return self.version
@@ -96,16 +107,14 @@ class PlantCore(AggregatorCore):
             if self.line_epsilon.get(h.site, -1.0) != eps:
                 self.line_epsilon[h.site] = eps if isinstance(eps, (int, float)) else None
                 self.store.set_meta("line_epsilon", json.dumps(self.line_epsilon, sort_keys=True))
-        decision = super().decide(op)
-        if decision.new_version is not None:
-            self.queue_pending()
-        return decision
+        return super().decide(op)
 
-    def flush(self) -> Decision | None:
-        decision = super().flush()
-        if decision is not None:
+    def commit(self, *args: Any, **kw: Any) -> list[dict[str, Any]]:
+        """Every new version; a reduce (whatever path made it: a full buffer, a timeout) is queued upstream."""
+        receipts = super().commit(*args, **kw)
+        if self._ready and self.version not in self.upstream_of:
             self.queue_pending()
-        return decision
+        return receipts
 
     def queue_pending(self) -> int:
         """Queue every reduce not yet in the outbox, in order; returns how many were queued now."""

@@ -51,3 +51,26 @@ def test_the_central_federation_cannot_be_the_plants_own_on_the_same_broker():
     doc["upstream"]["broker"]["url"] = doc["broker"]["url"]
     with pytest.raises(ConfigError, match="same"):
         parse_plant_config(doc, EXAMPLE)
+
+
+def test_fedline_plant_exits_78_naming_the_key(tmp_path, capsys):
+    from fedline.cli import EX_CONFIG, main
+
+    doc = load_toml(EXAMPLE)
+    doc["upstream"]["outbox"]["max_count"] = 0
+    path = tmp_path / "plant.toml"
+    path.write_text(tomli_w.dumps(doc))
+    assert main(["plant", "--config", str(path)]) == EX_CONFIG
+    assert "upstream.outbox" in capsys.readouterr().err
+
+
+def test_fedline_plant_exits_78_on_a_missing_site_key(tmp_path, capsys):
+    from fedline.cli import EX_CONFIG, main
+
+    doc = load_toml(EXAMPLE)
+    for table, key in (("aggregator", "state_dir"), ("upstream", "data_dir")):
+        doc[table][key] = str(tmp_path / key)
+    path = tmp_path / "plant.toml"
+    path.write_text(tomli_w.dumps(doc))
+    assert main(["plant", "--config", str(path)]) == EX_CONFIG  # keys/central/plant-a.key is not there
+    assert "plant-a.key" in capsys.readouterr().err
