@@ -62,6 +62,7 @@ from fedline.logs import event
 
 log = logging.getLogger("fedline.intake")
 SERVICE = "intake"
+FORWARD_CHUNK = 1024 * 1024
 
 
 def reference_shapes(cfg: AggregatorConfig) -> dict[str, tuple[int, ...]]:
@@ -123,6 +124,9 @@ class IntakeWorker:
             # no persistent session: what a worker subscribes to is a function of who is live now, and a
             # site resends what got no receipt
             clean_start=True,
+            # forwards in as few packets as the broker takes (MQTT 5 says its limit in the CONNACK; chunk_limit
+            # keeps under it): per message, not per byte, is what the reducer's loop pays for
+            max_chunk=max(b.max_chunk, FORWARD_CHUNK) if b.protocol == "5" else b.max_chunk,
         )
 
     def stop(self) -> None:

@@ -229,6 +229,7 @@ async def test_two_workers_and_a_reducer_stay_ledger_exact_when_a_worker_is_kill
     logs = [tmp_path / f"intake-{i}.log" for i in range(2)]
     workers = [_start_worker(conf, i, broker2, logs[i]) for i in range(2)]
     per_site, resend_s = 4, 1.5
+    sends: list[str] = []  # one entry per send of an update (first sends and resends)
     rng = np.random.default_rng(3)
     try:
         await asyncio.wait_for(agg.started.wait(), 60)
@@ -243,6 +244,7 @@ async def test_two_workers_and_a_reducer_stay_ledger_exact_when_a_worker_is_kill
                     while p.receipt(h.counter) is None:  # the outbox: resend until a receipt comes
                         await p.send(blob, f"{h.msg_id}r{n}")
                         n += 1
+                        sends.append(p.site)
                         with_receipt = lambda: p.receipt(h.counter) is not None
                         try:
                             await eventually(with_receipt, resend_s)
@@ -284,6 +286,9 @@ async def test_two_workers_and_a_reducer_stay_ledger_exact_when_a_worker_is_kill
     expected = {(s, c) for s in SITES for c in range(1, per_site + 1)}
     assert set(final) == expected, sorted(set(final) ^ expected)
     assert len(applied) == len(set(applied)), "an update was applied twice"
+    tally = {v: list(final.values()).count(v) for v in set(final.values())}
+    print(f"\nledger: {len(expected)} updates, {len(sends)} sends, forwards {killed_at} at the kill, {counts} in all;")
+    print(f"final verdicts {tally}, {agg.core.version} versions, {len(applied)} applied once each")
     assert set(applied) == {k for k, v in final.items() if v == "applied"}
     assert {v for v in final.values()} <= {"applied", "stale"}  # stale: superseded in its buffer, never lost
     for s, rs in receipts.items():  # every site holds a signed receipt for every counter it sent
