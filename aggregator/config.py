@@ -353,30 +353,26 @@ def _resolve(cfg: AggregatorConfig, file: str | Path | None) -> AggregatorConfig
         state_dir=str(resolve_path(file, a.state_dir)),
     )
     intake = dataclasses.replace(cfg.intake, keys_dir=str(resolve_path(file, cfg.intake.keys_dir)))
-    b = cfg.broker
-    changes: dict[str, Any] = {}
-    for name in ("password_file", "ca_file", "cert_file", "key_file"):
-        value = getattr(b, name)
-        if value:
-            changes[name] = str(resolve_path(file, value))
-    return dataclasses.replace(
-        cfg,
-        aggregator=a,
-        intake=intake,
-        broker=dataclasses.replace(b, **changes),
-        file=str(file) if file is not None else None,
-    )
+    return dataclasses.replace(cfg, aggregator=a, intake=intake, file=str(file) if file is not None else None)
 
 
 def parse_config(table: dict[str, Any], file: str | Path | None = None) -> AggregatorConfig:
-    """Validate a parsed TOML document; relative paths are resolved against ``file``."""
+    """Validate a parsed TOML document; relative paths are resolved against ``file``.
+
+    The ``[broker]`` table goes through :meth:`BrokerSettings.from_table`, the one parser of broker tables
+    (the edge's, the line's and the MQTT sources' too): the same keys, checks and path resolution everywhere.
+    """
+    broker_table = table.get("broker", {})
+    if not isinstance(broker_table, dict):
+        raise ConfigError(file if file is not None else "<config>", "broker", "must be a table")
     try:
-        cfg = parse(AggregatorConfig, table, file=file)
+        broker = BrokerSettings.from_table(broker_table, file, "broker")
+        cfg = parse(AggregatorConfig, {**table, "broker": {}}, file=file)
     except ConfigError as exc:
         if exc.file == "<config>" and file is not None:
             raise ConfigError(file, exc.key, exc.message) from None
         raise
-    return _resolve(cfg, file)
+    return _resolve(dataclasses.replace(cfg, broker=broker), file)
 
 
 def load_config(path: str | Path) -> AggregatorConfig:
