@@ -7,6 +7,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
+# make test runs the suite on this many pytest-xdist workers (0: in this process, one test at a time); the
+# groups in tests/conftest.py keep the tests that start whole federations of processes on one worker.
+TEST_WORKERS ?= 2
+XDIST := $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadgroup,)
 
 .PHONY: venv lock sysdeps check test test-slow test-all demo demo-cmapss bench fuzz clean
 
@@ -58,11 +62,11 @@ test: venv sysdeps
 	if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then skip="broker"; fi; \
 	if [ ! -x /usr/lib/rabbitmq/bin/rabbitmq-server ]; then skip="$${skip:+$$skip or }rabbitmq"; fi; \
 	if [ -z "$$skip" ]; then \
-	  $(BIN)/python -m pytest $(PYTEST_ARGS); \
+	  $(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS); \
 	else \
 	  echo "make: a broker is missing: NOT running these tests ($$skip):"; \
 	  $(BIN)/python -m pytest -q --collect-only -m "($$skip) and not slow" | grep '::' || true; \
-	  $(BIN)/python -m pytest -m "not ($$skip) and not slow" $(PYTEST_ARGS); \
+	  $(BIN)/python -m pytest $(XDIST) -m "not ($$skip) and not slow" $(PYTEST_ARGS); \
 	fi
 
 test-slow: venv sysdeps

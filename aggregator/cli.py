@@ -12,6 +12,11 @@ def _run_aggregator(args: argparse.Namespace) -> int:
     from aggregator.service import run_aggregator
 
     cfg = load_config(args.config)
+    if args.worker is not None:  # one of the [intake] workers, not the aggregator itself
+        from aggregator.intake_worker import run_worker
+
+        asyncio.run(run_worker(cfg, args.worker, args.password_file))
+        return 0
     asyncio.run(run_aggregator(cfg))
     return 0
 
@@ -42,6 +47,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "publish signed manifests, weights and ONNX.",
     )
     p.add_argument("--config", required=True, help="aggregator.toml")
+    p.add_argument(
+        "--worker",
+        type=int,
+        metavar="I",
+        help="run intake worker I (0 ... [intake] workers - 1) of this aggregator instead: it opens its share of "
+        "the sites' updates and forwards them to the aggregator (docs/architecture.md, 'Intake workers')",
+    )
+    p.add_argument(
+        "--password-file",
+        help="the intake worker's broker password (default: intake-<I>.password next to [broker] password_file)",
+    )
     p.set_defaults(func=_run_aggregator)
     s = subparsers.add_parser("status", help="show the federation from the broker: sites, ε, versions, receipts")
     s.add_argument(

@@ -301,6 +301,24 @@ class PublishConfig:
 
 
 @dataclass(frozen=True)
+class IntakeConfig:
+    """Intake workers (``aggregator.intake_worker``): other processes open the sites' updates for this one.
+
+    ``workers`` 0 or 1: this process reads the sites' updates itself (the default). From 2, the aggregator
+    is the reducer: it reads only the forwards of workers ``intake-0`` ... ``intake-<workers-1>``, each
+    signed with the key whose public half is ``<keys_dir>/intake-<i>.pub.json`` (a worker reads its
+    ``intake-<i>.key`` there).
+    """
+
+    workers: int = 0
+    keys_dir: str = "keys"
+
+    def validate(self) -> None:
+        if not 0 <= self.workers <= 64:
+            raise ValueError(f"workers must be between 0 and 64, got {self.workers}")
+
+
+@dataclass(frozen=True)
 class AggregatorConfig:
     """The whole file. Paths are resolved against the file's folder by :func:`load_config`."""
 
@@ -314,6 +332,7 @@ class AggregatorConfig:
     publish: PublishConfig = field(default_factory=PublishConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     evaluation: EvaluationConfig | None = None
+    intake: IntakeConfig = field(default_factory=IntakeConfig)
     file: str | None = None  # the file this was read from (set by load_config)
 
     def validate(self) -> None:
@@ -321,6 +340,13 @@ class AggregatorConfig:
             self.broker.validate()
         except ValueError as exc:
             raise ConfigError(None, "broker", str(exc)) from None
+        if self.intake.workers >= 2 and self.strategy.secure_aggregation:
+            raise ConfigError(
+                None,
+                "intake.workers",
+                "intake workers forward opened deltas; secure aggregation's masked cohorts are run by the "
+                "aggregator alone: set workers = 0 or secure_aggregation = false",
+            )
 
 
 def _resolve(cfg: AggregatorConfig, file: str | Path | None) -> AggregatorConfig:
@@ -331,26 +357,27 @@ def _resolve(cfg: AggregatorConfig, file: str | Path | None) -> AggregatorConfig
         enrollment_file=str(resolve_path(file, a.enrollment_file)),
         state_dir=str(resolve_path(file, a.state_dir)),
     )
-    b = cfg.broker
-    changes: dict[str, Any] = {}
-    for name in ("password_file", "ca_file", "cert_file", "key_file"):
-        value = getattr(b, name)
-        if value:
-            changes[name] = str(resolve_path(file, value))
-    return dataclasses.replace(
-        cfg, aggregator=a, broker=dataclasses.replace(b, **changes), file=str(file) if file is not None else None
-    )
+    intake = dataclasses.replace(cfg.intake, keys_dir=str(resolve_path(file, cfg.intake.keys_dir)))
+    return dataclasses.replace(cfg, aggregator=a, intake=intake, file=str(file) if file is not None else None)
 
 
 def parse_config(table: dict[str, Any], file: str | Path | None = None) -> AggregatorConfig:
-    """Validate a parsed TOML document; relative paths are resolved against ``file``."""
+    """Validate a parsed TOML document; relative paths are resolved against ``file``.
+
+    The ``[broker]`` table goes through :meth:`BrokerSettings.from_table`, the one parser of broker tables
+    (the edge's, the line's and the MQTT sources' too): the same keys, checks and path resolution everywhere.
+    """
+    broker_table = table.get("broker", {})
+    if not isinstance(broker_table, dict):
+        raise ConfigError(file if file is not None else "<config>", "broker", "must be a table")
     try:
-        cfg = parse(AggregatorConfig, table, file=file)
+        broker = BrokerSettings.from_table(broker_table, file, "broker")
+        cfg = parse(AggregatorConfig, {**table, "broker": {}}, file=file)
     except ConfigError as exc:
         if exc.file == "<config>" and file is not None:
             raise ConfigError(file, exc.key, exc.message) from None
         raise
-    return _resolve(cfg, file)
+    return _resolve(dataclasses.replace(cfg, broker=broker), file)
 
 
 def load_config(path: str | Path) -> AggregatorConfig:

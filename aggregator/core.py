@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,11 +34,11 @@ from aggregator import fairness
 from aggregator.config import AggregatorConfig
 from aggregator.metrics import Metrics
 from aggregator.normbound import effective_bounds
+from aggregator.opener import Opened, open_update
 from aggregator.recovery import SiteHistory
 from aggregator.site_rate import SiteRate
 from aggregator.store import BufferedRow, Store, Verdict
 from aggregator.strategies import Accepted, make_strategy
-from aggregator.validate import ValidationError, check_update
 from broker_bridge import envelope
 from broker_bridge.envelope import UpdateHeader
 from broker_bridge.errors import FedlineError, WireError
@@ -53,21 +52,6 @@ State = dict[str, np.ndarray]
 
 class StateError(FedlineError):
     """The state directory cannot be used with this configuration."""
-
-
-@dataclass
-class Opened:
-    """Result of stage 1 for one sealed update."""
-
-    sealed: bytes = field(repr=False)
-    header: UpdateHeader | None = None
-    tensors: State | None = field(default=None, repr=False)
-    norm: float = math.nan
-    reason: str | None = None  # set when refused
-    detail: str | None = None
-    topic_site: str | None = None
-    msg_id: str | None = None  # the chunking msg id, for receipts of updates whose header is unknown
-    secagg: bool = False  # a masked cohort submission: decided by aggregator.secagg_cohort, not here
 
 
 @dataclass
@@ -98,6 +82,7 @@ class AggregatorCore:
         keys: KeyPair | None = None,
         enrollment: Enrollment | None = None,
         metrics: Metrics | None = None,
+        reopen: Callable[[bytes], tuple[UpdateHeader, State]] | None = None,
     ) -> None:
         a = cfg.aggregator
         self.cfg = cfg
@@ -114,6 +99,9 @@ class AggregatorCore:
         if self.enrollment.aggregator.sign_pub != self.keys.public().sign_pub:
             raise StateError(f"{a.enrollment_file}: the enrolled aggregator key is not {a.key_file}")
         self.metrics = metrics or Metrics()
+        # how a buffered row's stored bytes are read back at start: a site's sealed update, or (with intake
+        # workers) the forward a worker sealed to this process (aggregator.reducer)
+        self.reopen = reopen or (lambda blob: envelope.open_update(blob, self.keys, self.enrollment))
         self.strategy = make_strategy(cfg.strategy, len(self.enrollment.sites))
         fairness.check_federation(cfg.strategy, self.strategy, len(self.enrollment.sites), a.enrollment_file)
         self.store = Store(Path(a.state_dir) / "aggregator.sqlite", fsync=a.fsync)
@@ -187,7 +175,7 @@ class AggregatorCore:
         self.buffer_since: float | None = None  # monotonic time the current buffer got its first update
         for row, sealed in self.store.buffered():
             try:
-                _header, tensors = envelope.open_update(sealed, self.keys, self.enrollment)
+                _header, tensors = self.reopen(sealed)
             except WireError as exc:  # e.g. the site was revoked since; its update cannot be used
                 event(
                     log,
@@ -224,27 +212,16 @@ class AggregatorCore:
 
     # -- stage 1: open and validate (thread-safe) -------------------------------------
     def open(self, sealed: bytes, topic_site: str | None = None, msg_id: str | None = None) -> Opened:
-        op = Opened(sealed if isinstance(sealed, bytes) else bytes(sealed), topic_site=topic_site, msg_id=msg_id)
-        try:
-            # replays are judged in decide(), against the store, so a resent duplicate gets its old verdict
-            op.header, op.tensors = envelope.open_update(op.sealed, self.keys, self.enrollment)
-        except WireError as exc:
-            op.reason, op.detail = exc.reason, exc.detail
-            return op
-        if topic_site is not None and op.header.site != topic_site:
-            op.reason, op.detail = "schema", f"signed by {op.header.site!r} but sent on {topic_site!r}'s topic"
-            op.header = None
-            return op
-        if self.cfg.strategy.secure_aggregation:  # only masked cohort submissions, no plain deltas
-            op.secagg = set(op.tensors) == {"secagg"}
-            if not op.secagg:
-                op.reason, op.detail = "secagg_required", "this federation takes masked cohort submissions only"
-            return op
-        try:
-            op.norm = check_update(op.header, op.tensors, self.reference, self.cfg.validation, self.max_norm)
-        except ValidationError as exc:
-            op.reason, op.detail = exc.reason, exc.detail
-        return op
+        return open_update(
+            sealed,
+            cfg=self.cfg,
+            keys=self.keys,
+            enrollment=self.enrollment,  # one reference read: a reload swaps it whole
+            reference=self.reference,
+            max_norm=self.max_norm,
+            topic_site=topic_site,
+            msg_id=msg_id,
+        )
 
     def open_many(self, items: Iterable[bytes]) -> list[Opened]:
         """Open several sealed updates in parallel (results in input order)."""
@@ -454,10 +431,13 @@ class AggregatorCore:
         lineage: dict[str, Any],
         applied: list[Verdict],
         last_arrived: bool = True,
+        keep_buffer: bool = False,
     ) -> list[dict[str, Any]]:
         """Make ``model`` version + 1 with its updates' ``applied`` verdicts; returns their receipts.
 
-        The one path to a new version: the FedBuff buffer's reduce and a secure-aggregation cohort's sum.
+        The one path to a new version: the FedBuff buffer's reduce, a secure-aggregation cohort's sum, and
+        a plant's adoption of a central model (``plant.core``: ``keep_buffer``, its lines' buffered updates
+        wait for the next reduce).
         """
         new_version = self.version + 1
         self.store.commit_version(
@@ -468,21 +448,27 @@ class AggregatorCore:
             applied,
             self.cfg.aggregator.keep_checkpoints,
             keep_verdicts=self.cfg.aggregator.keep_verdicts,
+            keep_buffer=keep_buffer,
         )
         # committed: only now does the live state change
         self.model, self.momentum, self.version = model, momentum, new_version
-        self.snapshot = (new_version, model)  # one assignment: what the publisher thread reads
-        self.buffer = []
-        self.buffer_since = None
+        self.snapshot = self.served(new_version, model, lineage)  # one assignment: what the publisher thread reads
+        if not keep_buffer:
+            self.buffer = []
+            self.buffer_since = None
         for v in applied:
             self._decided(v.site, v.counter)
         self.metrics.version.set(new_version)
-        self.metrics.buffer_fill.set(0)
+        self.metrics.buffer_fill.set(len(self.buffer))
         for i, _ in enumerate(applied):
             # the others arrived as "buffered"; after a timeout, all of them did
             self.metrics.decided("applied", arrival=last_arrived and i == len(applied) - 1)
         event(log, "model.version", version=new_version, updates=len(applied), sites=sorted({v.site for v in applied}))
         return [v.receipt() for v in applied]
+
+    def served(self, version: int, model: State, lineage: dict[str, Any]) -> tuple[int, State]:
+        """What the publisher publishes after a commit: the new version (a plant serves central ones only)."""
+        return version, model
 
     def flush_due_in(self) -> float | None:
         """Seconds until the buffer times out (0: now), or None when nothing waits or there is no timeout."""

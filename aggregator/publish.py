@@ -7,7 +7,8 @@ contract the edge reads (DESIGN.md, issue 5)::
 
     federation, version, epoch, created_at, spec (ModelSpec.to_dict()),
     weights {hash, size, chunks, msg_id}, onnx {hash, size, chunks, msg_id},
-    metric (optional)
+    metric (optional), upstream (optional: a plant's release names the central federation and
+    version it serves, ``plant.core``)
 
 Models are for members only (issue 13): the weights and ONNX blobs are
 encrypted under the epoch's content key before chunking, and the signed
@@ -67,6 +68,7 @@ def build_release(
     epoch: int,
     content_key: bytes,
     metric: float | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> Release:
     """Everything to publish for ``version``, encrypted under ``content_key`` of ``epoch``.
 
@@ -93,6 +95,7 @@ def build_release(
     }
     if metric is not None:
         manifest["metric"] = metric
+    manifest.update({k: v for k, v in (extra or {}).items() if k not in manifest})
     sealed_manifest = seal_manifest(envelope.sign_manifest(manifest, keys), version, epoch, content_key)
     return Release(version, manifest, sealed_manifest, chunks, entries["weights"]["chunks"], entries["onnx"]["chunks"])
 

@@ -36,34 +36,18 @@ from aggregator import catchup, grants, publish
 from aggregator.config import AggregatorConfig
 from aggregator.core import AggregatorCore, Opened
 from aggregator.metrics import Metrics
+from aggregator.reassembly import SenderChunks, enforce_total_cap
 from aggregator.recovery import RecoveryDesk
+from aggregator.reducer import Forwards
 from aggregator.secagg_cohort import CohortCoordinator
-from broker_bridge.chunking import Reassembler
 from broker_bridge.client import MqttClient
-from broker_bridge.errors import ChunkError, FedlineError, TopicError, WireError
+from broker_bridge.errors import FedlineError, TopicError, WireError
 from broker_bridge.liveness import Liveness
 from broker_bridge.topics import Topics
 from fedline.logs import event
 from fedline.metrics import MetricsServer
 
 log = logging.getLogger("fedline.aggregator")
-
-
-def enforce_total_cap(reassemblers: dict[str, Reassembler], cap: int) -> list[str]:
-    """Evict half-sent messages until all sites together hold at most ``cap`` bytes; returns the sites hit.
-
-    Always from the site holding the most, oldest message first: a site flooding half-sent updates (or
-    just the biggest sender) loses its own before anyone else's.
-    """
-    hit: list[str] = []
-    if not reassemblers or len(reassemblers) * next(iter(reassemblers.values())).max_bytes <= cap:
-        return hit  # every site has the same cap, and together they stay under this one: no sum per chunk
-    total = sum(r.held_bytes for r in reassemblers.values())
-    while total > cap:
-        site, r = max(reassemblers.items(), key=lambda kv: kv[1].held_bytes)
-        total -= r.evict_oldest()  # its oldest may hold 0 bytes (a refused first chunk): then the next
-        hit.append(site)
-    return hit
 
 
 class Aggregator:
@@ -77,13 +61,10 @@ class Aggregator:
         self.core: AggregatorCore | None = None
         self.cohorts: CohortCoordinator | None = None  # secure aggregation (aggregator.secagg_cohort)
         self.client: MqttClient | None = None
-        # one reassembler per site: message ids are chosen by sites, so a shared one would let one site's
-        # chunks collide with (or be used to disturb) another's; each site's held bytes are capped too
-        self.reassemblers: dict[str, Reassembler] = {}
-        # sites holding half-sent bytes, and when quiet sites' leftovers are next swept: with a thousand sites,
-        # touching every reassembler per chunk or per update would cost more than opening the update
-        self._holding: set[str] = set()
-        self._next_sweep = 0.0
+        self.chunks = SenderChunks(cfg.aggregator, self.metrics)  # per site (or, as reducer, per worker)
+        self.reassemblers = self.chunks.reassemblers
+        # [intake] workers >= 2: workers open the sites' updates; this process reads their forwards
+        self.forwards = Forwards(cfg) if cfg.intake.workers >= 2 else None
         self.published_version = -1
         self.started = asyncio.Event()  # the core is loaded and subscribed
         self.published = asyncio.Event()  # set after every publish (tests clear and wait)
@@ -101,6 +82,11 @@ class Aggregator:
     def stop(self) -> None:
         self._stop.set()
 
+    def _make_core(self) -> AggregatorCore:
+        """The core (a plant aggregator makes a ``plant.core.PlantCore``); runs on the serial thread."""
+        reopen = self.forwards.reopen if self.forwards is not None else None  # a reducer's buffer holds forwards
+        return AggregatorCore(self.cfg, metrics=self.metrics, reopen=reopen)
+
     def _settings(self):
         s = self.cfg.broker
         if not s.client_id:  # a stable id keeps the persistent session (and its queued updates) across restarts
@@ -109,7 +95,7 @@ class Aggregator:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        self.core = await loop.run_in_executor(self._serial, lambda: AggregatorCore(self.cfg, metrics=self.metrics))
+        self.core = await loop.run_in_executor(self._serial, self._make_core)
         self.granter = await loop.run_in_executor(self._serial, grants.Granter, self.core, self.topics)
         self.recovery = RecoveryDesk(self.core.history, self.core.keys)
         self._metrics_http.start(self.cfg.metrics, service="aggregator", file=self.cfg.file)
@@ -119,7 +105,10 @@ class Aggregator:
         try:
             async with MqttClient(settings, will=self.liveness.will(), on_connect=self.liveness.online) as client:
                 self.client = client
-                await client.subscribe(self.topics.updates_filter(), qos=1, retain_as_published=True)
+                if self.forwards is None:
+                    await client.subscribe(self.topics.updates_filter(), qos=1, retain_as_published=True)
+                else:  # the reducer: the intake workers' forwards, never a site's update
+                    await client.subscribe(self.topics.forwards_filter(), qos=1)
                 # statuses: catch-up requests (aggregator.catchup) and, with secure aggregation, who is online
                 await client.subscribe(self.topics.status_filter(), qos=1)
                 await client.subscribe(self.topics.recovery_requests_filter(), qos=1)  # lost data directories
@@ -186,7 +175,13 @@ class Aggregator:
             if info.kind == "recovery_request" and info.site is not None:
                 await self._answer_recovery(client, info.site, msg.payload)
                 continue
-            if info.kind != "update":
+            if info.kind == "forward" and self.forwards is not None and info.site is not None:
+                done = self.chunks.add(info.site, msg.topic, msg.payload)
+                if done is not None:  # a worker's forward: open it (decrypt, verify the worker) in the pool
+                    fut = loop.run_in_executor(core.pool, self.forwards.open, done[1], info.site)
+                    await queue.put(fut)
+                continue
+            if info.kind != "update" or self.forwards is not None:
                 if self.cohorts is not None and info.site is not None and info.kind in ("status", "secagg_reply"):
                     handler = self.cohorts.on_status if info.kind == "status" else self.cohorts.on_reply
                     await self._to_cohorts(client, handler, info.site, msg.payload)
@@ -194,45 +189,9 @@ class Aggregator:
             assert info.site is not None
             if msg.retain:  # a site parking data in the broker's store: clear it (empty retained), count it
                 await grants.clear_retained(client, msg.topic, info.site, self.metrics)
-            reassembler = self.reassemblers.get(info.site)
-            if reassembler is None:
-                a = self.cfg.aggregator
-                # remember_completed=0: a site resends a whole update when its receipt was lost; it must be
-                # rebuilt and decided again (the store answers with the original verdict), not swallowed
-                # as a duplicate of a message already completed
-                reassembler = self.reassemblers[info.site] = Reassembler(
-                    a.reassembly_timeout_s, a.reassembly_max_bytes, remember_completed=0
-                )
-            try:
-                done = reassembler.add(msg.payload)
-            except ChunkError as exc:
-                self.metrics.chunk_errors.inc()
-                event(log, "chunk.rejected", level=logging.WARNING, site=info.site, topic=msg.topic, error=str(exc))
-                continue
-            if reassembler.held_bytes:
-                self._holding.add(info.site)
-            else:
-                self._holding.discard(info.site)
+            done = self.chunks.add(info.site, msg.topic, msg.payload)
             if done is None:
-                holding = {site: self.reassemblers[site] for site in self._holding}  # the others hold 0 bytes
-                evicted = enforce_total_cap(holding, self.cfg.aggregator.reassembly_total_max_bytes)
-                if evicted:
-                    self.metrics.reassembly_evicted.inc(len(evicted))
-                    event(
-                        log,
-                        "reassembly.evicted",
-                        level=logging.WARNING,
-                        sites=sorted(set(evicted)),
-                        messages=len(evicted),
-                        cap=self.cfg.aggregator.reassembly_total_max_bytes,
-                    )
                 continue
-            if loop.time() >= self._next_sweep:  # forget what sites that went quiet left half-sent
-                self._next_sweep = loop.time() + 1.0
-                for site in list(self._holding):
-                    self.reassemblers[site].expire()
-                    if not self.reassemblers[site].held_bytes:
-                        self._holding.discard(site)
             msg_id, blob = done
             fut = loop.run_in_executor(core.pool, core.open, blob, info.site, msg_id)
             await queue.put(fut)  # bounded: back-pressure instead of unbounded memory
@@ -367,7 +326,12 @@ class Aggregator:
             epoch=epoch.number,
             content_key=epoch.key,
             metric=metric,
+            extra=self._manifest_extra(version),
         )
+
+    def _manifest_extra(self, version: int) -> dict[str, Any] | None:
+        """Fields a subclass adds to a version's signed manifest (a plant: the central version it serves)."""
+        return None
 
     async def _publisher(self, client: MqttClient) -> None:
         loop = asyncio.get_running_loop()
@@ -464,5 +428,5 @@ async def run_aggregator(cfg: AggregatorConfig) -> None:
     await agg.run()
 
 
-__all__ = ["Aggregator", "run_aggregator"]
+__all__ = ["Aggregator", "enforce_total_cap", "run_aggregator"]
 _ = Any

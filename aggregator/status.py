@@ -62,13 +62,12 @@ def load_status_config(path: str | Path) -> StatusConfig:
             "broker": table.get("broker", {}),
         }
         table = {k: v for k, v in table.items() if v is not None}
-    cfg = parse(StatusConfig, table, file=path)
-    b = cfg.broker
-    changes = {
-        n: str(resolve_path(path, getattr(b, n)))
-        for n in ("password_file", "ca_file", "cert_file", "key_file")
-        if getattr(b, n)
-    }
+    broker_table = table.get("broker", {})
+    if not isinstance(broker_table, dict):
+        raise ConfigError(path, "broker", "must be a table")
+    b = BrokerSettings.from_table(broker_table, path, "broker")  # the one parser of broker tables
+    cfg = parse(StatusConfig, {**table, "broker": {}}, file=path)
+    changes: dict[str, Any] = {}
     if not b.client_id:
         changes["client_id"] = f"fedline-status-{int(time.time() * 1000) % 1_000_000}"
     return dataclasses.replace(

@@ -314,8 +314,12 @@ class Store:
         keep: int,
         metric: float | None = None,
         keep_verdicts: int | None = None,
+        keep_buffer: bool = False,
     ) -> None:
         """New checkpoint + its updates' ``applied`` verdicts + empty buffer, atomically; prune old blobs.
+
+        ``keep_buffer``: the buffer stays (a plant adopting a central model, ``plant.core``); its log
+        segments then stay until a later commit empties it.
 
         With ``keep_verdicts``, each site in ``applied`` also loses the (non-buffered) verdicts more than
         that many counters below its newest: an index range per site, so pruning costs nothing per
@@ -324,7 +328,7 @@ class Store:
         w = self._write_blob(f"model-{version}.weights", weights)
         m = self._write_blob(f"model-{version}.momentum", momentum) if momentum is not None else None
         with self._lock:
-            dropped_buffer = sorted({r[0] for r in self._db.execute("SELECT file FROM buffer")})
+            dropped_buffer = [] if keep_buffer else sorted({r[0] for r in self._db.execute("SELECT file FROM buffer")})
             pruned = self._db.execute(
                 "SELECT weights, momentum FROM checkpoints WHERE version <= ? AND weights IS NOT NULL",
                 (version - keep,),
@@ -335,7 +339,7 @@ class Store:
                     "VALUES (?, ?, ?, ?, ?, ?)",
                     (version, time.time(), w, m, json.dumps(lineage), metric),
                 ),
-                ("DELETE FROM buffer", ()),
+                *([] if keep_buffer else [("DELETE FROM buffer", ())]),
                 (
                     "UPDATE checkpoints SET weights = NULL, momentum = NULL WHERE version <= ? AND weights IS NOT NULL",
                     (version - keep,),

@@ -43,6 +43,12 @@ the same update size in the same run) against the aggregator process's CPU
 seconds per update in the highest flat phase (all its threads: MQTT,
 reassembly, opening, validation, SQLite, reduce, receipts, publishing).
 
+``--workers N`` (N >= 2) runs the aggregator as a reducer with N intake
+workers (``fedline aggregator --worker I``, issue 20); ``--workers 1`` (or 0)
+is the single process. The JSON fields are the same; "aggregator" CPU and RSS
+are then the reducer's and its workers' together (``cpu_cores`` also splits
+them), so CPU per update stays comparable.
+
 Usage: ``python bench/scale.py`` (1,000 sites, 100k parameters; table) or
 ``--json``; ``--sites N --params P --minutes M`` shorten a run.
 """
@@ -111,9 +117,10 @@ def buffer_size_for(n_sites: int) -> int:
 
 
 # --------------------------------------------------------------------------- federation on disk
-def write_federation(root: Path, n_sites: int, n_params: int, broker: Any, buffer_size: int) -> Path:
-    """Keys for the aggregator and every site, the enrollment, and the aggregator's TOML; returns its path."""
+def write_federation(root: Path, n_sites: int, n_params: int, broker: Any, buffer_size: int, workers: int = 0) -> Path:
+    """Keys for the aggregator, every site and the intake workers, the enrollment, and the aggregator's TOML."""
     from broker_bridge.keys import Enrollment, KeyPair
+    from broker_bridge.mosquitto import intake_users
     from fedline.demo.workspace import write_toml
 
     keys = root / "keys"
@@ -125,6 +132,10 @@ def write_federation(root: Path, n_sites: int, n_params: int, broker: Any, buffe
         kp.save(keys / f"{s}.key")
         enr.add(kp.public())
     enr.save(keys / "enrollment.json")
+    for w in intake_users(workers):
+        kp = KeyPair.generate("worker", w)
+        kp.save(keys / f"{w}.key")
+        kp.public().save(keys / f"{w}.pub.json")
     h = _bench_aggregator().hidden_for(n_params)
     doc = {
         "aggregator": {
@@ -153,6 +164,8 @@ def write_federation(root: Path, n_sites: int, n_params: int, broker: Any, buffe
             "min_sites": min(3, buffer_size),
         },
         "publish": {"retain_versions": 3, "onnx": True},
+        # --workers N >= 2: N intake workers open the updates, the aggregator reduces (aggregator.intake_worker)
+        "intake": {"workers": workers, "keys_dir": str(keys)},
     }
     return write_toml(root / "aggregator" / "aggregator.toml", doc)
 
@@ -510,10 +523,14 @@ class Conductor:
         sites = site_ids(a.sites)
         # the deployed default caps connections (256): a thousand sites, the aggregator and spares need more
         self.broker = MosquittoProcess(
-            self.root / "broker", federation=FEDERATION, sites=sites, max_connections=a.sites + 64
+            self.root / "broker",
+            federation=FEDERATION,
+            sites=sites,
+            max_connections=a.sites + 64,
+            intake_workers=a.workers,
         ).start()
         self.buffer_size = a.buffer_size or buffer_size_for(a.sites)
-        cfg = write_federation(self.root, a.sites, a.params, self.broker, self.buffer_size)
+        cfg = write_federation(self.root, a.sites, a.params, self.broker, self.buffer_size, a.workers)
         env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         self.agg_log = (self.root / "aggregator.log").open("wb")
         prof = ["-m", "cProfile", "-o", a.profile_aggregator] if a.profile_aggregator else []
@@ -525,10 +542,26 @@ class Conductor:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+        self.intake: list[subprocess.Popen[bytes]] = []  # intake workers (--workers N >= 2)
+        for i in range(a.workers if a.workers >= 2 else 0):
+            pw = self.broker.workdir / "credentials" / f"intake-{i}.password"
+            cmd = ["-m", "fedline.cli", "aggregator", "--config", str(cfg), "--worker", str(i)]
+            cmd += ["--password-file", str(pw)]
+            self.intake.append(
+                subprocess.Popen(
+                    [sys.executable, *cmd],
+                    cwd=self.root,
+                    env=env,
+                    stdout=(self.root / f"intake-{i}.log").open("wb"),
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
         self.handles = {
             "aggregator": psutil.Process(self.aggregator.pid),
-            "broker": psutil.Process(self.broker.proc.pid),
-        }  # type: ignore[union-attr]
+            "broker": psutil.Process(self.broker.proc.pid),  # type: ignore[union-attr]
+        }
+        self.intake_handles = [psutil.Process(p.pid) for p in self.intake]
         self.shapes = shared_shapes(a.params)  # a wrong guess would show as "names" rejections
         (self.root / "shapes.json").write_text(json.dumps(self.shapes))
         broker = {"url": self.broker.url, "passwords": {s: self.broker.password(s) for s in sites}}
@@ -571,6 +604,9 @@ class Conductor:
         self._sample_rss()
         if self.aggregator.poll() is not None:
             raise RuntimeError("the aggregator exited: " + (self.root / "aggregator.log").read_text()[-3000:])
+        for i, w in enumerate(self.intake):
+            if w.poll() is not None:
+                raise RuntimeError(f"intake worker {i} exited: " + (self.root / f"intake-{i}.log").read_text()[-3000:])
 
     def _read(self, p: subprocess.Popen) -> dict[str, Any]:
         line = p.stdout.readline() if p.stdout else ""
@@ -584,7 +620,9 @@ class Conductor:
 
         for name, h in self.handles.items():
             try:
-                self.rss[name] = max(self.rss[name], h.memory_info().rss / 2**20)
+                # with intake workers, "aggregator" is the reducer and its workers together
+                extra = sum(w.memory_info().rss for w in self.intake_handles) if name == "aggregator" else 0
+                self.rss[name] = max(self.rss[name], (h.memory_info().rss + extra) / 2**20)
             except psutil.Error:
                 pass
         try:
@@ -597,11 +635,19 @@ class Conductor:
             t = h.cpu_times()
             return t.user + t.system
 
+        reducer = total(self.handles["aggregator"])
+        intake = [total(h) for h in self.intake_handles]
         return {
-            "aggregator": total(self.handles["aggregator"]),
+            "aggregator": reducer + sum(intake),  # with --workers N >= 2: the reducer and its intake workers
+            **({"reducer": reducer, "intake_workers": sum(intake)} if intake else {}),
             "broker": total(self.handles["broker"]),
             "sites": sum(total(h) for h in self.site_handles),
         }
+
+    def intake_ready(self) -> bool:
+        """Every intake worker has subscribed to its share of the sites (its log says so)."""
+        logs = [(self.root / f"intake-{i}.log") for i in range(len(self.intake))]
+        return all(p.exists() and b"intake.share" in p.read_bytes() for p in logs)
 
     def connected(self) -> int:
         """Sites connected that hold a verified manifest (so the aggregator is subscribed and has published)."""
@@ -657,6 +703,13 @@ class Conductor:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+        for w in self.intake:
+            if w.poll() is None:
+                w.terminate()
+                try:
+                    w.wait(20)
+                except subprocess.TimeoutExpired:
+                    w.kill()
         if self.aggregator.poll() is None:
             self.aggregator.terminate()
             try:
@@ -730,6 +783,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "every site connected and holding the signed manifest of version 0",
             )
             say(f"  all {args.sites} sites connected (and hold version 0's manifest) in {connect_s:.1f} s")
+            if c.intake:  # a site's update sent before its worker subscribed would wait for the outbox's resend
+                c.wait(c.intake_ready, args.connect_timeout, "every intake worker subscribed to its share")
             phases = [c.run_phase("steady", args.rate_per_site, 60 * args.minutes)]
             steady = phases[0].summary(args.sites)
             best: dict[str, Any] | None = steady if steady["backlog_flat"] else None
@@ -761,6 +816,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "sites": args.sites,
         "params": sum(math.prod(s) for s in c.shapes.values()),
         "procs": len(c.procs),
+        "workers": args.workers,
         "buffer_size": c.buffer_size,
         "minutes": args.minutes,
         "rate_per_site_per_min": 60 * args.rate_per_site,
@@ -800,7 +856,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--params", type=int, default=100_000, help="shared float32 parameters (about)")
     ap.add_argument("--minutes", type=float, default=5.0, help="length of the steady phase")
     ap.add_argument("--rate-per-site", type=float, default=1 / 60, help="updates per second per site (steady)")
-    ap.add_argument("--procs", type=int, default=4, help="worker processes the sites are spread over")
+    ap.add_argument("--procs", type=int, default=4, help="processes the simulated sites are spread over")
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="aggregator intake workers ([intake] workers): 0 or 1 = the single aggregator process, "
+        "N >= 2 = N `fedline aggregator --worker` processes and the aggregator as reducer",
+    )
     ap.add_argument("--buffer-size", type=int, default=0, help="FedBuff K (default: sites / 10, at most 100)")
     ap.add_argument("--step-s", type=float, default=30.0, help="length of each search phase")
     ap.add_argument("--step-factor", type=float, default=1.6, help="rate growth from one search phase to the next")

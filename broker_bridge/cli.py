@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from broker_bridge.bridge import BridgeConfig
     from broker_bridge.keys import PublicKeys
 
 
@@ -25,7 +26,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     keys = sub.add_parser("keys", help="create key pairs, export public keys, build the enrollment file")
     ks = keys.add_subparsers(dest="keys_cmd", required=True, metavar="ACTION")
     new = ks.add_parser("new", help="create a site's or the aggregator's key pair (mode 0600)")
-    new.add_argument("--role", choices=["site", "aggregator"], required=True)
+    new.add_argument("--role", choices=["site", "aggregator", "worker"], required=True)
     new.add_argument("--id", required=True, help="site id (or aggregator name)")
     new.add_argument(
         "--out", required=True, type=Path, help="private key file to write; <out>.pub.json gets the public part"
@@ -111,6 +112,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help=f"per listener (default {DEFAULT_MAX_CONNECTIONS})",
     )
     conf.add_argument(
+        "--intake-workers",
+        type=int,
+        default=0,
+        help="broker users intake-0 ... for the aggregator's [intake] workers (default 0: none)",
+    )
+    conf.add_argument(
         "--autosave-interval",
         type=int,
         default=DEFAULT_AUTOSAVE_S,
@@ -136,6 +143,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--keep-passwords",
         action="store_true",
         help="reuse the <user>.password files already in the credentials folder",
+    )
+    conf.add_argument(
+        "--bridge-to",
+        metavar="HOST:PORT",
+        help="a plant broker: bridge the plant's own topics of the central federation to this TLS listener",
+    )
+    conf.add_argument("--bridge-site", help="with --bridge-to: the plant's site id in the central federation")
+    conf.add_argument("--bridge-federation", help="with --bridge-to: the central federation")
+    conf.add_argument("--bridge-ca", help="with --bridge-to: the central broker's CA certificate")
+    conf.add_argument(
+        "--bridge-password-file", type=Path, help="with --bridge-to: the plant site user's central password"
     )
     conf.set_defaults(func=_broker_config)
     emb = bs.add_parser("embedded", help="run the embedded amqtt broker (MQTT 3.1.1, no ACL) in the foreground")
@@ -280,6 +298,7 @@ def _broker_config(args: argparse.Namespace) -> int:
     cfg = MosquittoConfig(
         federation=federation,
         sites=sites,
+        intake_workers=args.intake_workers,
         port=args.port,
         bind=args.bind,
         hosts=args.hosts,
@@ -299,6 +318,7 @@ def _broker_config(args: argparse.Namespace) -> int:
         persistence_dir=args.persistence_dir,
         run_as_user=args.user,
         credentials_dir=str(creds),
+        bridge=_bridge(args),
     )
     paths = write_broker_config(cfg, args.out)
     plain = f", plaintext {args.plain_bind}:{args.plain_port}" if args.plain_port is not None else ""
@@ -314,6 +334,25 @@ def _broker_config(args: argparse.Namespace) -> int:
     )
     print(f"run it with: mosquitto -c {paths['conf']}")
     return 0
+
+
+def _bridge(args: argparse.Namespace) -> BridgeConfig | None:
+    """The ``--bridge-*`` options as a :class:`broker_bridge.bridge.BridgeConfig` (None without --bridge-to)."""
+    from broker_bridge.bridge import BridgeConfig
+    from fedline.config import ConfigError
+
+    if not args.bridge_to:
+        return None
+    for name in ("bridge_site", "bridge_federation", "bridge_ca", "bridge_password_file"):
+        if not getattr(args, name):
+            raise ConfigError(None, "--" + name.replace("_", "-"), "missing: --bridge-to needs it")
+    return BridgeConfig(
+        site=args.bridge_site,
+        federation=args.bridge_federation,
+        address=args.bridge_to,
+        ca_file=str(Path(args.bridge_ca).resolve()),
+        password=args.bridge_password_file.read_text().strip(),
+    )
 
 
 def _broker_embedded(args: argparse.Namespace) -> int:

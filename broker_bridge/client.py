@@ -410,6 +410,15 @@ class MqttClient:
                 return  # the reconnect loop re-subscribes
             _check_suback(topic_filter, granted)
 
+    async def unsubscribe(self, topic_filter: str) -> None:
+        """Stop receiving ``topic_filter`` now if connected, and do not subscribe to it again on reconnect."""
+        self._subs.pop(topic_filter, None)
+        self._retain_as_published.discard(topic_filter)
+        client = self._client
+        if client is not None and self.connected.is_set():
+            with contextlib.suppress(aiomqtt.MqttError):  # a reconnect makes only the subscriptions left
+                await client.unsubscribe(topic_filter)
+
     async def publish(
         self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, timeout: float | None = None
     ) -> None:

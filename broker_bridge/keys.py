@@ -24,7 +24,7 @@ from broker_bridge.errors import KeyFileError
 from broker_bridge.topics import validate_site_id
 from fedline.fsutil import atomic_write
 
-ROLES = ("site", "aggregator")
+ROLES = ("site", "aggregator", "worker")  # worker: an aggregator intake worker (aggregator.intake_worker)
 
 
 def _b64(raw: bytes) -> str:

@@ -25,12 +25,19 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from broker_bridge.bridge import BridgeConfig, render_bridge, render_bridge_acl
 from broker_bridge.errors import FedlineError
 from broker_bridge.topics import Topics, validate_site_id
 
 AGGREGATOR_USER = "aggregator"
 OBSERVER_USER = "observer"
 RESERVED_USERS = (AGGREGATOR_USER, OBSERVER_USER)
+INTAKE_PREFIX = "intake-"  # intake workers log in as intake-0, intake-1, ... (aggregator.intake_worker)
+
+
+def intake_users(n: int) -> list[str]:
+    """The broker users (and key ids) of ``n`` intake workers; none for 0 or 1 (the aggregator reads itself)."""
+    return [f"{INTAKE_PREFIX}{i}" for i in range(n)] if n >= 2 else []
 
 
 def password_hash(password: str, *, salt: bytes | None = None, iterations: int = 101) -> str:
@@ -45,11 +52,15 @@ def render_acl(
     aggregator_user: str = AGGREGATOR_USER,
     observer_user: str | None = OBSERVER_USER,
     sites: list[str] | None = None,
+    workers: list[str] | None = None,
 ) -> str:
     """The ACL file text for one federation (patterns use ``%u``, the username = site id).
 
     ``sites``: each site's line user (``<site>.line``) may also read its site's key grant, which a line
     in manifest mode opens with the site's key file (the models are encrypted to the members).
+    ``workers``: intake workers (:func:`intake_users`): each reads (and clears retained) site updates, reads
+    the services' liveness (to share the sites among the live ones) and writes only its own forwards on
+    ``intake/<worker>/``, which only the aggregator reads.
     """
     r = topics.root
     lines = [
@@ -68,10 +79,25 @@ def render_acl(
         f"topic read {r}/sites/+/secagg/reply",
         f"topic read {r}/sites/+/recovery/request",
         f"topic write {r}/sites/+/recovery/answer",
+        f"topic read {r}/intake/#",
         "",
     ]
+    for w in workers or []:
+        lines += [
+            f"user {w}",
+            f"topic readwrite {r}/sites/+/update/#",
+            f"topic read {r}/services/+/status",
+            f"topic write {r}/intake/{w}/#",
+            "",
+        ]
     if observer_user:  # $SYS: the broker's own counters (clients, dropped messages) for monitoring
-        lines += [f"user {observer_user}", f"topic read {r}/#", "topic read $SYS/broker/#", ""]
+        # every subtree but intake/ (the workers' forwards are for the aggregator alone, even as ciphertext)
+        lines += [
+            f"user {observer_user}",
+            *(f"topic read {r}/{sub}/#" for sub in ("sites", "model", "services", "secagg")),
+            "topic read $SYS/broker/#",
+            "",
+        ]
     lines += [
         *[x for s in (sites or []) for x in (f"user {line_user(s)}", f"topic read {r}/sites/{s}/fedkey", "")],
         "# Every site (username = site id): its own updates and status, its own receipts, the model.",
@@ -164,14 +190,19 @@ class MosquittoConfig:
     observer: bool = True
     log_file: str | None = None
     run_as_user: str | None = None  # mosquitto started as root drops to this user ('mosquitto' by default)
+    intake_workers: int = 0  # users intake-0 ... for the aggregator's intake workers (0 or 1: none)
+    bridge: BridgeConfig | None = None  # a plant broker's bridge to the central one (broker_bridge.bridge)
 
     def users(self) -> list[str]:
-        """Every broker user: aggregator, observer, and per site the edge agent and the line."""
+        """Every broker user: aggregator, observer, intake workers, per site the edge agent and the line,
+        and a plant broker's uplink user."""
         return [
             AGGREGATOR_USER,
             *([OBSERVER_USER] if self.observer else []),
+            *intake_users(self.intake_workers),
             *self.sites,
             *(line_user(s) for s in self.sites),
+            *([self.bridge.site] if self.bridge else []),
         ]
 
     def validate(self) -> None:
@@ -229,6 +260,10 @@ def write_broker_config(cfg: MosquittoConfig, out_dir: str | Path) -> dict[str, 
             raise FedlineError(f"site id {s!r} is reserved for the broker's {s} user")
         if s.endswith(LINE_SUFFIX):
             raise FedlineError(f"site id {s!r} ends with {LINE_SUFFIX!r}, which names line users")
+        if s.startswith(INTAKE_PREFIX):
+            raise FedlineError(f"site id {s!r} starts with {INTAKE_PREFIX!r}, which names intake workers")
+    if cfg.bridge is not None and cfg.bridge.site in [*cfg.sites, *RESERVED_USERS]:
+        raise FedlineError(f"the bridge's plant site {cfg.bridge.site!r} is also a user of this broker")
     creds = Path(cfg.credentials_dir).resolve() if cfg.credentials_dir else out / "credentials"
     written: dict[str, Path] = {}
     hashes = []
@@ -242,7 +277,13 @@ def write_broker_config(cfg: MosquittoConfig, out_dir: str | Path) -> dict[str, 
     passwd = out / "passwd"
     write_private(passwd, "\n".join(hashes) + "\n")
     acl = out / "acl"
-    write_public(acl, render_acl(topics, observer_user=OBSERVER_USER if cfg.observer else None, sites=cfg.sites))
+    acl_text = render_acl(
+        topics,
+        observer_user=OBSERVER_USER if cfg.observer else None,
+        sites=cfg.sites,
+        workers=intake_users(cfg.intake_workers),
+    )
+    write_public(acl, acl_text + (render_bridge_acl(cfg.bridge) if cfg.bridge else ""))
     data = Path(cfg.persistence_dir) if cfg.persistence_dir else out / "data"
     if not cfg.persistence_dir:
         data.mkdir(exist_ok=True)
@@ -304,8 +345,11 @@ def write_broker_config(cfg: MosquittoConfig, out_dir: str | Path) -> dict[str, 
             "# plaintext, for tools on this host only (asked for with --plain-port)",
             *listener(cfg.plain_port, cfg.plain_bind),
         ]
+    if cfg.bridge is not None:
+        lines += render_bridge(cfg.bridge)
     conf = out / "mosquitto.conf"
-    write_public(conf, "\n".join(lines) + "\n")
+    # with a bridge the file holds the plant's central password: private then
+    (write_private if cfg.bridge is not None else write_public)(conf, "\n".join(lines) + "\n")
     written.update(conf=conf, acl=acl, passwd=passwd, data=data)
     return written
 

@@ -107,10 +107,13 @@ def _either(regexes: list[str]) -> str:
     return "|".join(f"(?:{r})" for r in regexes)
 
 
-def topic_permissions(topics: Topics, sites: list[str], observer: bool = True) -> dict[str, tuple[str, str]]:
+def topic_permissions(
+    topics: Topics, sites: list[str], observer: bool = True, workers: list[str] | None = None
+) -> dict[str, tuple[str, str]]:
     """``user -> (write regex, read regex)`` on ``amq.topic``, from the federation's Mosquitto ACL."""
-    rules = parse_acl(render_acl(topics, observer_user=OBSERVER_USER if observer else None, sites=sites))
-    users = [AGGREGATOR_USER, *([OBSERVER_USER] if observer else []), *sites]
+    acl = render_acl(topics, observer_user=OBSERVER_USER if observer else None, sites=sites, workers=workers)
+    rules = parse_acl(acl)
+    users = [AGGREGATOR_USER, *([OBSERVER_USER] if observer else []), *(workers or []), *sites]
     perms: dict[str, tuple[str, str]] = {}
     for user in users:
         # as in Mosquitto, a pattern line applies to every user (%u is that user's name)

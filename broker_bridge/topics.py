@@ -11,6 +11,8 @@ Layout under ``<prefix>/<federation>/`` (DESIGN.md):
   aggregator for its last counter and privacy history (``broker_bridge.recovery``)
 - ``services/<user>/status``: retained liveness of the aggregator and each line (``<user>`` is
   its broker username), ``offline`` by last will (:mod:`broker_bridge.liveness`)
+- ``intake/<worker>/<msg_id>/<i>``: chunk i of an intake worker's forward to the
+  reducer (``aggregator.forward``): only workers publish there, only the aggregator reads
 - ``model/manifest``: retained, signed manifest of the current global model
 - ``model/<version>/weights/<i>`` and ``model/<version>/onnx/<i>``: model chunks
 
@@ -47,7 +49,7 @@ def validate_site_id(site: object, what: str = "site id") -> str:
 class TopicInfo:
     """What a parsed topic names. Fields that do not apply are None."""
 
-    kind: str  # update | receipts | status | fedkey | service_status | manifest | weights | onnx | secagg_{cohort,survivors,request,reply} | recovery_{request,answer}
+    kind: str  # update | forward (site = the worker) | receipts | status | fedkey | service_status | manifest | weights | onnx | secagg_{cohort,survivors,request,reply} | recovery_{request,answer}
     site: str | None = None  # for service_status: the service's broker username
     msg_id: str | None = None
     index: int | None = None
@@ -130,6 +132,19 @@ class Topics:
     def receipts_filter(self) -> str:
         return f"{self.root}/sites/+/receipts"
 
+    # -- intake workers -> reducer (aggregator.intake_worker, aggregator.forward) -------------
+    def forward_chunk(self, worker: str, msg_id: str, index: int) -> str:
+        validate_site_id(msg_id, "message id")
+        return f"{self.root}/intake/{validate_site_id(worker, 'intake worker')}/{msg_id}/{int(index)}"
+
+    def forwards_filter(self) -> str:
+        """Every worker's forwards (what the reducer subscribes to)."""
+        return f"{self.root}/intake/+/+/+"
+
+    def updates_of(self, site: str) -> str:
+        """One site's update chunks (an intake worker subscribes per site of its share)."""
+        return f"{self.site_root(site)}/update/#"
+
     # -- model ---------------------------------------------------------------
     def manifest(self) -> str:
         return f"{self.root}/model/manifest"
@@ -169,6 +184,13 @@ class Topics:
                     return TopicInfo(f"recovery_{parts[3]}", site=site)
             if parts[0] == "secagg" and len(parts) == 3 and parts[1] in ("cohort", "survivors"):
                 return TopicInfo(f"secagg_{parts[1]}", msg_id=validate_site_id(parts[2], "cohort id"))
+            if parts[0] == "intake" and len(parts) == 4:
+                return TopicInfo(
+                    "forward",
+                    site=validate_site_id(parts[1], "intake worker"),
+                    msg_id=validate_site_id(parts[2], "message id"),
+                    index=_index(parts[3]),
+                )
             if parts[0] == "services" and len(parts) == 3 and parts[2] == "status":
                 return TopicInfo("service_status", site=validate_site_id(parts[1], "service user"))
             if parts[0] == "model":

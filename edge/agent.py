@@ -278,6 +278,7 @@ class EdgeAgent:
 
         batch: list[tuple[np.ndarray, np.ndarray | None]] = []
         groups: list[str | None] = []  # each row's unit ([dataset] group_column): a unit is held out whole
+        late: list[bool] = []  # each row's historical mark (late data, e.g. Sparkplug is_historical)
         units = UnitTracker(self.cfg.dataset.group_column)
 
         def failed(src: Any, exc: BaseException) -> None:  # a source must not take the agent down
@@ -287,10 +288,10 @@ class EdgeAgent:
             self._error(f"source {getattr(src, 'name', '?')}: {exc}")
 
         def ended(src: Any) -> None:
-            nonlocal batch, groups
+            nonlocal batch, groups, late
             if batch:
-                self._store(batch, groups)
-                batch, groups = [], []
+                self._store(batch, groups, late)
+                batch, groups, late = [], [], []
             if self.cfg.training.on_new_model and self._first_round_pending and self.new_rows:
                 # a source's backlog is in (e.g. a historian replay): the first round starts now rather
                 # than at the fallback timer; later rounds follow the federation's versions
@@ -308,17 +309,20 @@ class EdgeAgent:
             if row.y is not None or self.spec.task == "anomaly":
                 batch.append(self._example(row))
                 groups.append(units.current)
+                late.append(bool(row.historical))
             if batch and (len(batch) >= 64 or stream.pending == 0):
-                self._store(batch, groups)
-                batch, groups = [], []
+                self._store(batch, groups, late)
+                batch, groups, late = [], [], []
         if batch:
-            self._store(batch, groups)
+            self._store(batch, groups, late)
         self.sources_done = True
         event(log, "sources.ended", site=self.site, stored=len(self.dataset), **stream.builder.stats.__dict__)
 
-    def _store(self, batch: list[tuple[np.ndarray, np.ndarray | None]], groups: list[str | None]) -> None:
+    def _store(
+        self, batch: list[tuple[np.ndarray, np.ndarray | None]], groups: list[str | None], late: list[bool]
+    ) -> None:
         try:
-            self.dataset.add_many(batch, groups=groups)
+            self.dataset.add_many(batch, groups=groups, historical=late)
         except sqlite3.Error as exc:  # e.g. "database or disk is full": drop these rows, keep running
             self.metrics.rows_lost.inc(len(batch))
             event(log, "dataset.write_failed", logging.ERROR, site=self.site, rows=len(batch), error=str(exc))
@@ -326,6 +330,7 @@ class EdgeAgent:
             return
         self.new_rows += len(batch)
         self.metrics.examples.inc(len(batch))
+        self.metrics.examples_historical.inc(sum(late))
         self.metrics.rows.set(len(self.dataset))
         every_rows = self.cfg.training.every_rows
         if every_rows and self.new_rows >= every_rows:
@@ -698,14 +703,17 @@ class EdgeAgent:
         elif info.kind == "recovery_answer" and info.site == self.site and msg.payload:
             self._on_recovery(msg.payload)
         elif info.kind.startswith("secagg_") and self.cohorts is not None:
-            await self._on_secagg(info.kind, msg.payload)
+            await self._on_secagg(info.kind, msg.payload, info.msg_id)
 
-    async def _on_secagg(self, kind: str, payload: bytes) -> None:
+    async def _on_secagg(self, kind: str, payload: bytes, cohort: str | None = None) -> None:
         """Cohort announcements start a round; survivors and requests get a sealed reply."""
         assert self.cohorts is not None
         if kind == "secagg_cohort":
-            if self.cohorts.on_cohort(payload):
-                self._trigger.set()  # the round runs when there are new rows (never twice on the same ones)
+            if self.cohorts.on_cohort(payload, cohort):
+                # a cohort is on a new base version: with on_new_model it is a reason to train, as a new
+                # version is (whichever of the two arrives last starts the round); else only new rows are
+                self._rebased = self._rebased or self.cfg.training.on_new_model
+                self._trigger.set()
             return
         if kind == "secagg_survivors":
             reply = self.cohorts.on_survivors(payload)
@@ -915,6 +923,16 @@ class EdgeAgent:
             await asyncio.sleep(0.2)  # coalesce bursts of changes
 
     # ------------------------------------------------------------------ run
+    async def _join(self, tasks: set[asyncio.Task[None]], stopper: asyncio.Task[bool]) -> None:
+        """Wait for the cancelled tasks, bounded: a task that ignores its cancellation is named in the log
+        with where it is stuck (a shutdown that hangs must say why, not just hang)."""
+        _, stuck = await asyncio.wait({*tasks, stopper}, timeout=10.0)
+        for t in stuck:
+            frames = "; ".join(f"{f.f_code.co_filename}:{f.f_lineno} {f.f_code.co_name}" for f in t.get_stack())
+            event(log, "edge.task_stuck", logging.ERROR, site=self.site, task=t.get_name(), at=frames)
+        if stuck:
+            await asyncio.gather(*stuck, return_exceptions=True)
+
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Run until ``stop`` is set (or the task is cancelled); the stores stay on disk."""
         stop = stop or asyncio.Event()
@@ -960,7 +978,7 @@ class EdgeAgent:
                 finally:
                     for t in [*tasks, stopper]:
                         t.cancel()
-                    await asyncio.gather(*tasks, stopper, return_exceptions=True)
+                    await self._join(tasks, stopper)
                     if client.connected.is_set():
                         try:
                             await self._publish_status(client, "offline", timeout=2.0)

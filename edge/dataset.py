@@ -37,10 +37,13 @@ CREATE TABLE IF NOT EXISTS examples (
     ts REAL NOT NULL,
     x BLOB NOT NULL,
     y BLOB,
-    holdout INTEGER NOT NULL
+    holdout INTEGER NOT NULL,
+    historical INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS examples_holdout ON examples (holdout, id);
 """
+#: Columns added after the first release, with their definitions: an older store gains them on open.
+_ADDED_COLUMNS = {"historical": "INTEGER NOT NULL DEFAULT 0"}
 
 
 Split = Literal["time", "random", "group"]
@@ -119,6 +122,10 @@ class Dataset:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        have = {r[1] for r in self._db.execute("PRAGMA table_info(examples)")}
+        for name, definition in _ADDED_COLUMNS.items():
+            if name not in have:
+                self._db.execute(f"ALTER TABLE examples ADD COLUMN {name} {definition}")
         self.evicted = 0
 
     def close(self) -> None:
@@ -134,14 +141,20 @@ class Dataset:
         examples: list[tuple[np.ndarray, np.ndarray | None]],
         ts: float | None = None,
         groups: Sequence[Any] | None = None,
+        historical: Sequence[bool] | None = None,
     ) -> None:
         """Store several examples in one transaction (cheaper on flash than one commit each).
 
         ``groups`` (split ``group``): each example's unit; a unit's rows all land on one side.
+        ``historical``: each example's mark for late data (Sparkplug ``is_historical``: a device's
+        store-and-forward after an outage). Such rows are real measurements, so they are trained on, but
+        the mark is kept so an operator can tell backfill from live rows (:meth:`historical_count`).
         """
         ts = time.time() if ts is None else ts
         if self.split == "group" and (groups is None or len(groups) != len(examples)):
             raise ValueError("this dataset splits by group: give each example's group value")
+        if historical is not None and len(historical) != len(examples):
+            raise ValueError(f"{len(historical)} historical marks for {len(examples)} examples")
         with self._lock:
             self._db.execute("BEGIN")
             try:
@@ -155,8 +168,10 @@ class Dataset:
                         if ya.shape != (self.n_outputs,):
                             raise ValueError(f"label has {ya.size} values, the model has {self.n_outputs} outputs")
                         yb = ya.tobytes()
+                    late = 1 if historical is not None and historical[i] else 0
                     cur = self._db.execute(
-                        "INSERT INTO examples (ts, x, y, holdout) VALUES (?, ?, ?, 0)", (ts, xa.tobytes(), yb)
+                        "INSERT INTO examples (ts, x, y, holdout, historical) VALUES (?, ?, ?, 0, ?)",
+                        (ts, xa.tobytes(), yb, late),
                     )
                     if self._held_out(cur.lastrowid or 0, groups[i] if groups is not None else None):
                         self._db.execute("UPDATE examples SET holdout = 1 WHERE id = ?", (cur.lastrowid,))
@@ -200,6 +215,11 @@ class Dataset:
     def __len__(self) -> int:
         with self._lock:
             return self._count()
+
+    def historical_count(self) -> int:
+        """Examples stored from samples marked historical (late data), of those still kept."""
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM examples WHERE historical = 1").fetchone()[0])
 
     def counts(self) -> tuple[int, int]:
         """``(training, holdout)`` example counts."""

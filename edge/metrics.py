@@ -72,6 +72,11 @@ class EdgeMetrics:
         )
         self.samples = Counter("fedline_edge_samples", "Samples read from the sources", registry=r)
         self.examples = Counter("fedline_edge_examples", "Training examples stored", registry=r)
+        self.examples_historical = Counter(
+            "fedline_edge_examples_historical",
+            "Training examples stored from samples marked historical (late data, e.g. Sparkplug is_historical)",
+            registry=r,
+        )
         self.rows_lost = Counter(
             "fedline_edge_examples_lost", "Examples not stored (write failed, e.g. disk full)", registry=r
         )

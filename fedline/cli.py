@@ -26,7 +26,7 @@ from fedline.logs import setup_logging
 EX_OK, EX_RUNTIME, EX_USAGE, EX_CONFIG = 0, 1, 2, 78
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
-PARTS = ("broker_bridge", "firmware_adapters", "models", "edge", "edge.inference", "aggregator", "fedline")
+PARTS = ("broker_bridge", "firmware_adapters", "models", "edge", "edge.inference", "aggregator", "plant", "fedline")
 
 
 def _version() -> str:

@@ -15,15 +15,35 @@ import pytest
 
 from broker_bridge.client import BrokerSettings
 from broker_bridge.mosquitto import MosquittoProcess, mosquitto_binary
+from fedline.testing.patience import bound
 
 SITES = ["site-a", "site-b", "site-c"]
 FEDERATION = "test"
 
 
+#: Under pytest-xdist (``make test`` runs two workers), the tests of one group run on one worker, one after
+#: another: the RabbitMQ cluster is started once, and the tests that start a whole federation of processes
+#: (each importing torch) never run two at a time, so they do not starve each other of CPU.
+XDIST_GROUPS = {
+    "tests/cluster/": "rabbitmq-cluster",
+    "tests/demo/test_demo_run.py": "federation-processes",
+    "tests/faults/": "federation-processes",
+    "tests/ops/test_status_json.py": "federation-processes",
+    "tests/hostile/test_capture.py": "federation-processes",
+    "tests/secagg/test_secagg_kill9.py": "federation-processes",
+    "tests/plant/test_plant_tier.py": "federation-processes",
+}
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    root = Path(__file__).resolve().parent.parent
     for item in items:
         if "mosquitto" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.broker)
+        rel = Path(str(item.path)).resolve().relative_to(root).as_posix()
+        for prefix, group in XDIST_GROUPS.items():
+            if rel.startswith(prefix):
+                item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture
@@ -56,7 +76,9 @@ def settings_for(broker: MosquittoProcess, user: str, **kw) -> BrokerSettings:
 
 
 async def eventually(pred, timeout: float = 10.0, interval: float = 0.05):
-    """Wait until ``pred()`` is true; fail the test with a clear message otherwise."""
+    """Wait until ``pred()`` is true; fail the test with a clear message otherwise (after ``timeout`` times
+    the patience factor: fedline.testing.patience)."""
+    timeout = bound(timeout)
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
         value = pred()

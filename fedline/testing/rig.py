@@ -32,6 +32,7 @@ from broker_bridge.keys import Enrollment, KeyPair
 from broker_bridge.mosquitto import MosquittoProcess
 from fedline.netproxy import TcpProxy
 from fedline.testing.ledger import LedgerReport, read_site_ledger, reconcile
+from fedline.testing.patience import bound
 from fedline.testing.procs import Launched, Launcher
 
 FEATURES = [("temp", (295.0, 305.0)), ("torque", (0.0, 80.0)), ("speed", (1100.0, 2900.0))]
@@ -327,7 +328,9 @@ class FaultRig:
         return now - self._quiet_since[1] >= 2.0
 
     async def until(self, pred, timeout: float, what: str, poll: float = 0.25) -> float:
-        """Wait for ``pred()``, checking that no process died; returns the seconds it took."""
+        """Wait for ``pred()``, checking that no process died; returns the seconds it took (the bound is
+        ``timeout`` times the patience factor, fedline.testing.patience)."""
+        timeout = bound(timeout)
         t0 = time.monotonic()
         while not pred():
             self.check_alive()

@@ -8,6 +8,7 @@ from dataclasses import asdict
 
 import pytest
 
+from fedline.testing.patience import bound
 from firmware_adapters import build_source
 from firmware_adapters.plc_sim import RegisterServer
 from firmware_adapters.registers import RegisterMap, TagSpec, plan_reads
@@ -213,7 +214,7 @@ async def test_server_that_stops_and_comes_back_is_survived_with_the_gap_counted
         server = RegisterServer(regmap, port=port)
         await server.start()
         await server.write(tag, 1700)
-        back = await asyncio.wait_for(agen.__anext__(), 10)
+        back = await asyncio.wait_for(agen.__anext__(), bound(10))
         assert back.good and back.values["speed"] == 1700
         assert source.stats.reconnects == 1 and source.stats.gaps == 1
         assert source.stats.reads == 2

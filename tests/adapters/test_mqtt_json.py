@@ -7,6 +7,7 @@ from urllib.parse import urlparse
 
 import aiomqtt
 
+from fedline.testing.patience import bound
 from firmware_adapters import build_source
 
 
@@ -17,7 +18,7 @@ async def test_json_telemetry_topics(plain_mosquitto: str) -> None:
     u = urlparse(plain_mosquitto)
     agen = source.__aiter__()
     first = asyncio.create_task(agen.__anext__())
-    await asyncio.wait_for(source.ready.wait(), 10)
+    await asyncio.wait_for(source.ready.wait(), bound(10))
     try:
         async with aiomqtt.Client(u.hostname, u.port) as dev:
             await dev.publish(

@@ -17,6 +17,7 @@ import aiomqtt
 import pytest
 
 from broker_bridge.mosquitto import free_port, mosquitto_binary, password_hash
+from fedline.testing.patience import bound
 from firmware_adapters import build_source
 from firmware_adapters.sparkplug import sparkplug_b_pb2 as pb
 from firmware_adapters.sparkplug.codec import build_payload
@@ -107,10 +108,10 @@ async def test_mqtt_json_and_sparkplug_over_tls_with_a_password_file(tls_broker,
     t_iter, s_iter = tele.__aiter__(), spark.__aiter__()
     t_first, s_first = asyncio.create_task(t_iter.__anext__()), asyncio.create_task(s_iter.__anext__())
     try:
-        await asyncio.wait_for(asyncio.gather(tele.ready.wait(), spark.ready.wait()), 15)
+        await asyncio.wait_for(asyncio.gather(tele.ready.wait(), spark.ready.wait()), bound(15))
         async with device(port, ca) as dev:
             await dev.subscribe("spBv1.0/STATE/fedline-tls", qos=1)
-            state = await asyncio.wait_for(anext(aiter(dev.messages)), 10)  # the host's retained STATE birth
+            state = await asyncio.wait_for(anext(aiter(dev.messages)), bound(10))  # the host's retained STATE birth
             assert json.loads(state.payload)["online"] is True
             await dev.publish("plant/l1/telemetry", b'{"temp": 20.5}', qos=1)
             await dev.publish(
@@ -118,7 +119,7 @@ async def test_mqtt_json_and_sparkplug_over_tls_with_a_password_file(tls_broker,
                 build_payload([("bdSeq", None, pb.Int64, 0), ("Speed", 1, pb.UInt32, 1500)], seq=0),
                 qos=1,
             )
-            t, s = await asyncio.wait_for(asyncio.gather(t_first, s_first), 10)
+            t, s = await asyncio.wait_for(asyncio.gather(t_first, s_first), bound(10))
         assert t.values == {"temp": 20.5} and s.values == {"Speed": 1500}
         assert tele._settings().protocol == protocol == spark._settings().protocol
     finally:

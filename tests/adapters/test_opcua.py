@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from asyncua import Server, ua
 
+from fedline.testing.patience import bound
 from firmware_adapters import build_source
 from firmware_adapters.opcua_cert import application_uri_of, make_client_certificate
 
@@ -118,7 +119,7 @@ async def test_subscription_yields_changes_by_node_id_and_browse_path(port: int,
     )
     agen = source.__aiter__()
     try:
-        first = await asyncio.wait_for(agen.__anext__(), 10)
+        first = await asyncio.wait_for(agen.__anext__(), bound(10))
         assert not first.good and "ghost" in (first.error or "")  # counted, the others still subscribed
         await next_good(agen, lambda s: s.values.get("temp") == 20.0)
         await next_good(agen, lambda s: s.values.get("speed") == 1500)
@@ -142,9 +143,9 @@ async def test_server_restart_is_survived(port: int, pki: Path) -> None:
     try:
         await next_good(agen, lambda s: s.values.get("temp") == 20.0)
         await server.stop()
-        lost = await asyncio.wait_for(agen.__anext__(), 15)
+        lost = await asyncio.wait_for(agen.__anext__(), bound(15))
         while lost.good:  # a change may already be queued
-            lost = await asyncio.wait_for(agen.__anext__(), 15)
+            lost = await asyncio.wait_for(agen.__anext__(), bound(15))
         assert "session lost" in (lost.error or "") and source.stats.gaps == 1
         server, idx, temp, _ = await make_server(port, pki)
         await temp.write_value(30.0)
@@ -221,7 +222,7 @@ async def test_default_security_connects_encrypted_and_plain_text_is_refused(por
         await temp.write_value(21.25)
         assert (await next_good(agen, lambda s: s.values["temp"] != 20.0)).values == {"temp": 21.25}
         assert channels(server) == [("Basic256Sha256", ua.MessageSecurityMode.SignAndEncrypt)]
-        refused = await asyncio.wait_for(pagen.__anext__(), 10)  # no unencrypted endpoint: refused, counted
+        refused = await asyncio.wait_for(pagen.__anext__(), bound(10))  # no unencrypted endpoint: refused, counted
         assert not refused.good and plain.stats.gaps == 1
     finally:
         await agen.aclose()

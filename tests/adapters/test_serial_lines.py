@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import serial
 
+from fedline.testing.patience import bound
 from firmware_adapters import build_source
 
 from .conftest import take
@@ -128,7 +129,7 @@ async def test_device_that_vanishes_and_returns(tmp_path: Path) -> None:
                 await asyncio.sleep(0.05)
 
         feeder = asyncio.create_task(feed())
-        back = await asyncio.wait_for(reader, 10)
+        back = await asyncio.wait_for(reader, bound(10))
         await feeder
         dev.close()
         assert back.values == {"w": 2}

@@ -12,6 +12,7 @@ import pytest
 
 from fedline.config import ConfigError
 from fedline.netproxy import TcpProxy
+from fedline.testing.patience import bound
 from firmware_adapters import build_source
 from firmware_adapters.sample import Sample
 from firmware_adapters.sparkplug import sparkplug_b_pb2 as pb
@@ -268,7 +269,7 @@ async def test_host_application_state_rebirth_bdseq_and_own_reconnect(broker) ->
                     states.append({**json.loads(m.payload), "retain": m.retain, "qos": m.qos})
 
             watching = asyncio.create_task(collect())
-            await asyncio.wait_for(source.ready.wait(), 10)
+            await asyncio.wait_for(source.ready.wait(), bound(10))
 
             async def until(pred, what: str) -> None:
                 # 30 s: after a cut, the reader notices only by its keepalive (5 s, up to 1.5x) before it reconnects
@@ -286,7 +287,7 @@ async def test_host_application_state_rebirth_bdseq_and_own_reconnect(broker) ->
                 await edge.publish(f"spBv1.0/{G}/{mtype}/{N}", payload, qos=0)
 
             await pub("NBIRTH", node_birth(0, bdseq=7))
-            assert (await asyncio.wait_for(nxt, 10)).values == {"Temperature": 21.5, "Count": -5}
+            assert (await asyncio.wait_for(nxt, bound(10))).values == {"Temperature": 21.5, "Count": -5}
             # a late NDEATH of the previous session (bdSeq 6) must not kill the reborn node
             await pub("NDEATH", build_payload([("bdSeq", None, pb.Int64, 6)]))
             await pub("NDATA", by_alias(1, [(1, 22.0)], TYPES))
@@ -309,7 +310,7 @@ async def test_host_application_state_rebirth_bdseq_and_own_reconnect(broker) ->
             proxy.restore()
             await until(lambda: states[-1]["online"] and states[-1]["timestamp"] > birth["timestamp"], "a new birth")
             # it forgot the aliases and asked for a rebirth
-            cmd = await asyncio.wait_for(anext(aiter(edge.messages)), 10)
+            cmd = await asyncio.wait_for(anext(aiter(edge.messages)), bound(10))
             assert pb.Payload.FromString(cmd.payload).metrics[0].name == "Node Control/Rebirth"
             await pub("NDATA", by_alias(5, [(1, 23.0)], TYPES))
             lost = await asyncio.wait_for(agen.__anext__(), 5)
@@ -341,7 +342,7 @@ async def test_passive_observer_publishes_nothing(broker) -> None:
     source = build_source({"kind": "sparkplug", "url": broker.url, "group_id": G})
     agen = source.__aiter__()
     first = asyncio.create_task(agen.__anext__())
-    await asyncio.wait_for(source.ready.wait(), 10)
+    await asyncio.wait_for(source.ready.wait(), bound(10))
     try:
         async with await _edge(broker.url, "edge-late") as edge, await _edge(broker.url, "spy") as spy:
             await spy.subscribe("#", qos=1)

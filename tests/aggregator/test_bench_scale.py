@@ -70,3 +70,19 @@ def test_scale_bench_runs_a_small_federation_to_a_drained_backlog(capsys) -> Non
     assert r["updates_per_s"] > 0 and 0 < r["receipt_p50_s"] <= r["receipt_p99_s"]
     assert r["aggregator_rss_mb"] > 0 and r["broker_rss_mb"] > 0 and r["limit_cpu_ms_per_update"] > 0
     assert next(p["phase"] for p in r["phases"]) == "steady" and r["backlog"][-1][1] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.broker
+def test_scale_bench_runs_with_two_intake_workers_and_the_same_fields(capsys) -> None:
+    """`--workers 2`: a reducer and two `fedline aggregator --worker` processes; the run drains, same JSON."""
+    bench = _load()
+    args = ["--json", "--sites", "4", "--params", "2000", "--minutes", "0.1", "--rate-per-site", "1"]
+    assert bench.main([*args, "--step-s", "2", "--max-steps", "1", "--procs", "2", "--workers", "2"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["workers"] == 2 and r["sealed"] > 0 and r["receipted"] == r["sealed"], (r["sealed"], r["errors"])
+    assert set(r["verdicts"]) <= {"applied", "buffered"} and not r["errors"]
+    steady = r["phases"][0]["cpu_cores"]
+    assert steady["intake_workers"] > 0 and steady["aggregator"] == pytest.approx(
+        steady["reducer"] + steady["intake_workers"]
+    )

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from aggregator.store import Store
+from fedline.testing.patience import bound
 from tests.aggregator.helpers import make_federation
 from tests.aggregator.test_durability import SITES, STRATEGY, final_verdicts, make_stream, reference_run
 from tests.aggregator.test_service_broker import Site, broker_table, read_manifest
@@ -115,7 +116,7 @@ async def test_kill9_mid_buffer_over_mosquitto_then_status(mosquitto, tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(20)
+            proc.wait(bound(20))
         except subprocess.TimeoutExpired:
             proc.kill()
             raise AssertionError(f"aggregator did not stop on SIGTERM; log:\n{log.read_text()}") from None

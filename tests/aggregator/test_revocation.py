@@ -20,6 +20,7 @@ from broker_bridge.errors import WireError
 from broker_bridge.federation_key import Keyring, open_manifest, sealed_manifest_header
 from broker_bridge.mosquitto import MosquittoProcess, mosquitto_binary
 from broker_bridge.topics import Topics
+from fedline.testing.patience import bound
 from tests.aggregator.helpers import make_federation, random_delta
 from tests.aggregator.test_service_broker import broker_table
 from tests.conftest import eventually, settings_for
@@ -77,7 +78,7 @@ async def test_revoked_site_reads_nothing_published_after_and_retained_updates_a
     agg_pub = fed.agg.public().sign_pub
     d_keys = fed.sites["site-d"]
     try:
-        await asyncio.wait_for(agg.started.wait(), 120)  # generous: seeding imports torch on a loaded machine
+        await asyncio.wait_for(agg.started.wait(), bound(120))  # generous: seeding imports torch on a loaded machine
         await eventually(lambda: agg.published_version == 0, 60)
         m0, _, _ = await read_model(broker, topics, d_keys, agg_pub, 0)  # a member reads version 0
         assert m0["epoch"] == 1 and agg.granter.epoch.number == 1
@@ -136,7 +137,7 @@ async def test_revoked_site_reads_nothing_published_after_and_retained_updates_a
             after = d_view.messages[n_at_revocation:]
     finally:
         agg.stop()
-        await asyncio.wait_for(task, 30)
+        await asyncio.wait_for(task, bound(30))
 
     # what site-d received after its revocation: its grant cleared, and ciphertext it cannot open
     grants_after = [p for t, p in after if t == topics.fedkey("site-d")]

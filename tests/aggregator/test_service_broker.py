@@ -11,6 +11,7 @@ from aggregator.service import Aggregator
 from broker_bridge import chunking
 from broker_bridge.client import MqttClient
 from broker_bridge.topics import Topics
+from fedline.testing.patience import bound
 from tests.aggregator.helpers import make_federation, random_delta
 from tests.conftest import eventually, settings_for
 from tests.members import read_model
@@ -68,7 +69,7 @@ async def test_fedasync_over_mosquitto_stale_poison_and_publish(mosquitto, tmp_p
     agg = Aggregator(cfg)
     task = asyncio.create_task(agg.run())
     try:
-        await asyncio.wait_for(agg.started.wait(), 30)
+        await asyncio.wait_for(agg.started.wait(), bound(30))
         await eventually(lambda: agg.published_version == 0, 30)
         manifest, w0, _onnx0 = await read_manifest(mosquitto, fed, 0)
         assert manifest["version"] == 0 and manifest["spec"] == cfg.model.to_dict()
@@ -164,7 +165,7 @@ async def test_fedasync_over_mosquitto_stale_poison_and_publish(mosquitto, tmp_p
         assert agg.metrics.value("fedline_aggregator_updates_total", {"verdict": "stale"}) == 1
     finally:
         agg.stop()
-        await asyncio.wait_for(task, 30)
+        await asyncio.wait_for(task, bound(30))
 
 
 async def test_evaluation_metric_goes_into_checkpoint_and_manifest(mosquitto, tmp_path):
@@ -195,7 +196,7 @@ async def test_evaluation_metric_goes_into_checkpoint_and_manifest(mosquitto, tm
         assert agg.core.evaluator.x.shape == (60, 4)
     finally:
         agg.stop()
-        await asyncio.wait_for(task, 30)
+        await asyncio.wait_for(task, bound(30))
 
 
 async def test_broker_restart_is_survived_and_updates_sent_meanwhile_are_decided(mosquitto, tmp_path):
@@ -230,7 +231,7 @@ async def test_broker_restart_is_survived_and_updates_sent_meanwhile_are_decided
         assert agg.client is not None and agg.client.stats.connects >= 2
     finally:
         agg.stop()
-        await asyncio.wait_for(task, 30)
+        await asyncio.wait_for(task, bound(30))
 
 
 async def test_buffer_timeout_makes_a_version_when_the_other_sites_are_away(mosquitto, tmp_path):
@@ -259,7 +260,7 @@ async def test_buffer_timeout_makes_a_version_when_the_other_sites_are_away(mosq
         assert agg.core.metrics.value("fedline_aggregator_buffer_timeouts_total") == 1
     finally:
         agg.stop()
-        await asyncio.wait_for(task, 30)
+        await asyncio.wait_for(task, bound(30))
 
 
 async def test_total_reassembly_cap_over_mosquitto_the_flooder_pays_and_the_honest_update_is_applied(
@@ -300,4 +301,4 @@ async def test_total_reassembly_cap_over_mosquitto_the_flooder_pays_and_the_hone
         assert sum(r.held_bytes for r in agg.reassemblers.values()) <= 40000
     finally:
         agg.stop()
-        await asyncio.wait_for(task, 30)
+        await asyncio.wait_for(task, bound(30))

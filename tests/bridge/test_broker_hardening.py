@@ -20,6 +20,7 @@ from broker_bridge.mosquitto import MosquittoConfig, _accepts, free_port, mosqui
 from broker_bridge.topics import Topics
 from fedline.cli import main
 from fedline.config import ConfigError
+from fedline.testing.patience import bound
 
 T = Topics("test")
 SITES = ["site-a", "site-b"]
@@ -164,7 +165,7 @@ class Broker:
 
     def stop(self) -> None:
         self.proc.terminate()
-        self.proc.wait(10)
+        self.proc.wait(bound(10))
 
 
 class Probe:

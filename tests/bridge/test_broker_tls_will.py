@@ -16,6 +16,7 @@ from broker_bridge.client import BrokerSettings, MqttClient, will_message
 from broker_bridge.errors import WireError
 from broker_bridge.mosquitto import MosquittoProcess, free_port
 from broker_bridge.topics import Topics
+from fedline.testing.patience import bound
 from tests.bridge import helpers as h
 from tests.conftest import FEDERATION, SITES, eventually, settings_for
 
@@ -103,7 +104,7 @@ async def test_tls_listener_with_password_login(tmp_path: Path) -> None:
             await agg.wait_connected(10)
             await agg.subscribe(T.updates_filter())
             await site.publish(T.update_chunk("site-a", "tls", 0), b"over tls")
-            msg = await asyncio.wait_for(agg.messages().__anext__(), 10)
+            msg = await asyncio.wait_for(agg.messages().__anext__(), bound(10))
             assert msg.payload == b"over tls"
         # a client that trusts another CA must not connect (no silent downgrade)
         async with MqttClient(replace(site_s, client_id="a-wrong-ca", ca_file=str(other_ca))) as wrong:
@@ -170,7 +171,7 @@ async def test_signed_receipts_reach_only_their_site_and_verify(mosquitto) -> No
         await agg.publish(T.receipts("site-a"), blob)
         verdicts, refused = [], []
         while len(verdicts) + len(refused) < 2:
-            msg = await asyncio.wait_for(site.messages().__anext__(), 10)
+            msg = await asyncio.wait_for(site.messages().__anext__(), bound(10))
             try:
                 verdicts.append(envelope.verify_receipt(msg.payload, fed.agg_sign_pub))
             except WireError as exc:

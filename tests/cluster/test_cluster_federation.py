@@ -19,6 +19,7 @@ from aggregator.service import Aggregator
 from broker_bridge.rabbitmq import RabbitCluster
 from edge.agent import EdgeAgent
 from edge.config import load_edge_config
+from fedline.testing.patience import bound
 from tests.cluster.conftest import SITES
 from tests.conftest import eventually
 from tests.edge.helpers import FEDERATION, Federation, write_csv, write_site
@@ -71,8 +72,8 @@ async def test_federation_over_a_two_node_cluster_with_a_site_that_missed_the_re
     _aggregator_toml(fed, cluster, agg_toml)
     aggregator = Aggregator(load_config(agg_toml))
     agg_task = asyncio.create_task(aggregator.run())
-    await asyncio.wait_for(aggregator.started.wait(), 60)
-    await asyncio.wait_for(aggregator.published.wait(), 60)  # version 0 is retained on node 0 only
+    await asyncio.wait_for(aggregator.started.wait(), bound(60))
+    await asyncio.wait_for(aggregator.published.wait(), bound(60))  # version 0 is retained on node 0 only
 
     agents: dict[str, EdgeAgent] = {}
     tasks, stop = [], asyncio.Event()
@@ -115,8 +116,8 @@ async def test_federation_over_a_two_node_cluster_with_a_site_that_missed_the_re
             assert sorted(u["site"] for u in lineage["updates"]) == SITES, lineage
     finally:
         stop.set()
-        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
+        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), bound(30))
         aggregator.stop()
-        await asyncio.wait_for(agg_task, 60)  # a model export may be under way
+        await asyncio.wait_for(agg_task, bound(60))  # a model export may be under way
         for a in agents.values():
             a.close()

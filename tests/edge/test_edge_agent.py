@@ -17,6 +17,7 @@ from broker_bridge.keys import KeyPair
 from broker_bridge.topics import Topics
 from edge.agent import EdgeAgent
 from edge.config import load_edge_config
+from fedline.testing.patience import bound
 from tests.conftest import eventually, settings_for
 from tests.edge.helpers import FEDERATION, Federation, MiniAggregator, write_csv, write_site
 
@@ -44,7 +45,7 @@ async def until(pred, task: asyncio.Task, timeout: float = 30.0):
 
 async def _stop(task: asyncio.Task, stop: asyncio.Event) -> None:
     stop.set()
-    await asyncio.wait_for(task, 20)
+    await asyncio.wait_for(task, bound(60))  # bounded inside by the agent's own join, which logs a stuck task
 
 
 async def test_agent_trains_on_csv_and_its_sealed_deltas_arrive_open_and_clear(mosquitto, tmp_path) -> None:

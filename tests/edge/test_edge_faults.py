@@ -15,6 +15,7 @@ from broker_bridge.client import MqttClient
 from broker_bridge.topics import Topics
 from edge.agent import EdgeAgent
 from edge.config import load_edge_config
+from fedline.testing.patience import bound
 from tests.conftest import eventually, settings_for
 from tests.edge.helpers import FEDERATION, Federation, MiniAggregator, write_csv, write_site
 from tests.edge.test_edge_agent import until
@@ -49,7 +50,7 @@ async def test_broker_down_then_back_every_update_arrives_in_order_once(mosquitt
         assert set(agg.raw_chunks.values()) == {1}
         assert [e.state for e in agent.outbox.ledger()] == ["applied"] * 4
         stop.set()
-        await asyncio.wait_for(task, 20)
+        await asyncio.wait_for(task, bound(20))
     agent.close()
 
 
@@ -122,7 +123,7 @@ async def test_kill_9_with_a_full_outbox_then_restart_loses_nothing_and_sends_no
         await eventually(sent_and_queued, timeout=60)
         await eventually(lambda: statuses and statuses[-1]["state"] == "online", timeout=20)
         os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(10)
+        proc.wait(bound(10))
         before = _ledger(db)
         assert [s for _, s, _ in before][:1] == ["sent"] and len(before) >= 2
         # the broker publishes the agent's last will: the retained status says offline
@@ -142,7 +143,7 @@ async def test_kill_9_with_a_full_outbox_then_restart_loses_nothing_and_sends_no
 
             await eventually(settled, timeout=90)
             proc.send_signal(signal.SIGTERM)
-            proc.wait(20)
+            proc.wait(bound(20))
             await asyncio.sleep(0.5)
             counters = agg.counters(SITE)
             assert counters == list(range(1, len(counters) + 1))  # each once, in order, none missing

@@ -14,6 +14,7 @@ from broker_bridge.envelope import open_update
 from edge.agent import EdgeAgent
 from edge.config import load_edge_config
 from fedline.config import ConfigError
+from fedline.testing.patience import bound
 from tests.edge.helpers import Federation, write_csv, write_site
 
 SITE = "site-a"
@@ -28,7 +29,7 @@ def _agent(tmp_path, **kw) -> tuple[Federation, EdgeAgent]:
 
 
 async def _ingest(agent: EdgeAgent) -> None:
-    await asyncio.wait_for(agent._ingest(), 20)
+    await asyncio.wait_for(agent._ingest(), bound(20))
 
 
 async def test_budget_stops_publication_at_the_configured_epsilon(tmp_path) -> None:
@@ -215,7 +216,7 @@ def test_edge_package_import_stays_light() -> None:
         "import sys, edge, edge.cli, edge.config; "
         "assert not {'torch', 'opacus', 'onnx'} & set(sys.modules), sorted(m for m in sys.modules if 'torch' in m)"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=bound(60))
 
 
 def test_cli_check_and_config_error_exit_codes(tmp_path) -> None:
@@ -226,13 +227,16 @@ def test_cli_check_and_config_error_exit_codes(tmp_path) -> None:
         [sys.executable, "-m", "fedline.cli", "edge", "--config", str(good), "--check"],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=bound(60),
     )
     assert ok.returncode == 0, ok.stderr
     assert "OK" in ok.stdout
     bad = write_site(fed, SITE, csv, NOWHERE, None, training={"batch_size": "big"})
     err = subprocess.run(
-        [sys.executable, "-m", "fedline.cli", "edge", "--config", str(bad)], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "fedline.cli", "edge", "--config", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=bound(60),
     )
     assert err.returncode == 78  # EX_CONFIG
     assert "training.batch_size" in err.stderr and str(bad) in err.stderr

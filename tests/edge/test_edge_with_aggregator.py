@@ -8,6 +8,7 @@ from aggregator.config import load_config
 from aggregator.service import Aggregator
 from edge.agent import EdgeAgent
 from edge.config import load_edge_config
+from fedline.testing.patience import bound
 from tests.conftest import eventually
 from tests.edge.helpers import FEDERATION, Federation, write_csv, write_site
 
@@ -53,7 +54,7 @@ async def test_two_sites_and_the_real_aggregator(mosquitto, tmp_path) -> None:
     _aggregator_toml(fed, mosquitto, agg_toml)
     aggregator = Aggregator(load_config(agg_toml))
     agg_task = asyncio.create_task(aggregator.run())
-    await asyncio.wait_for(aggregator.started.wait(), 30)
+    await asyncio.wait_for(aggregator.started.wait(), bound(30))
 
     agents, tasks, stop = [], [], asyncio.Event()
     for i, site in enumerate(SITES):
@@ -81,7 +82,7 @@ async def test_two_sites_and_the_real_aggregator(mosquitto, tmp_path) -> None:
         stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
         aggregator.stop()
-        await asyncio.wait_for(agg_task, 60)  # a model export may be under way
+        await asyncio.wait_for(agg_task, bound(60))  # a model export may be under way
         for a in agents:
             a.close()
 
@@ -94,7 +95,7 @@ async def test_on_new_model_rounds_follow_the_federation(mosquitto, tmp_path) ->
     _aggregator_toml(fed, mosquitto, agg_toml)
     aggregator = Aggregator(load_config(agg_toml))
     agg_task = asyncio.create_task(aggregator.run())
-    await asyncio.wait_for(aggregator.started.wait(), 30)
+    await asyncio.wait_for(aggregator.started.wait(), bound(30))
     csv = write_csv(tmp_path / "site-a.csv", 200, seed=0)
     path = write_site(
         fed,
@@ -116,5 +117,5 @@ async def test_on_new_model_rounds_follow_the_federation(mosquitto, tmp_path) ->
         stop.set()
         await asyncio.gather(task, return_exceptions=True)
         aggregator.stop()
-        await asyncio.wait_for(agg_task, 60)  # a model export may be under way
+        await asyncio.wait_for(agg_task, bound(60))  # a model export may be under way
         agent.close()

@@ -83,7 +83,7 @@ async def _soak(tmp_path, n_sites: int, seconds: float, seed: int, name: str) ->
 
 
 async def test_soak_short_three_sites_random_disconnects(tmp_path) -> None:
-    await _soak(tmp_path, 3, 20.0, seed=1, name="soak_short")
+    await _soak(tmp_path, 3, 12.0, seed=1, name="soak_short")
 
 
 @pytest.mark.slow

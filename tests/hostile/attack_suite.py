@@ -39,6 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fedline.testing.patience import bound
+
 HONEST = ["site-a", "site-b", "site-c"]
 ATTACKER = "site-m"
 FEDERATION = "test"
@@ -184,7 +186,7 @@ async def run(workdir: Path, attack: str | None, loops: int, extra: str = "", da
     task = asyncio.create_task(agg.run())
     counters = {s: 0 for s in sites}
     try:
-        await asyncio.wait_for(agg.started.wait(), 30)
+        await asyncio.wait_for(agg.started.wait(), bound(30))
         max_norm = getattr(agg.core, "max_norm", None) or cfg.validation.max_norm  # the bound in force
         # each party holds its site's keys: receipts are sealed to their site
         parties = {s: Party(broker, s, agg_keys.public().sign_pub, FEDERATION, 65536, keys=keys[s]) for s in sites}
@@ -245,7 +247,7 @@ async def run(workdir: Path, attack: str | None, loops: int, extra: str = "", da
     finally:
         agg.stop()
         try:
-            await asyncio.wait_for(task, 30)
+            await asyncio.wait_for(task, bound(30))
         finally:
             broker.stop()
 

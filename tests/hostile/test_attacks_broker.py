@@ -32,6 +32,7 @@ from broker_bridge.client import MqttClient
 from broker_bridge.errors import PublishRefused
 from broker_bridge.keys import KeyPair
 from broker_bridge.topics import Topics
+from fedline.testing.patience import bound
 from tests.conftest import eventually, settings_for
 from tests.hostile.rig import FEDERATION, copy, forge, like, make_fed, same
 from tests.parties import Party
@@ -58,7 +59,7 @@ async def test_hostile_sites_over_the_broker(mosquitto, tmp_path: Path) -> None:
     task = asyncio.create_task(agg.run())
     sign_pub = fed.agg.public().sign_pub
     try:
-        await asyncio.wait_for(agg.started.wait(), 30)
+        await asyncio.wait_for(agg.started.wait(), bound(30))
         async with (
             party(mosquitto, "site-a", sign_pub, fed.sites["site-a"]) as a,
             party(mosquitto, "site-b", sign_pub, fed.sites["site-b"]) as b,
@@ -129,7 +130,7 @@ async def test_hostile_sites_over_the_broker(mosquitto, tmp_path: Path) -> None:
         assert m.value("fedline_aggregator_chunk_errors_total") >= 1  # the junk chunk, counted and dropped
     finally:
         agg.stop()
-        await asyncio.wait_for(task, 30)
+        await asyncio.wait_for(task, bound(30))
 
 
 # --------------------------------------------------------------------------- forged global model
@@ -214,7 +215,7 @@ async def test_forged_global_model_reaches_no_edge_and_no_line(mosquitto, tmp_pa
     late_line, late_rows = line_service(tmp_path, mosquitto, fed.enrollment_path, "late-line")
     late_task: asyncio.Task | None = None
     try:
-        await asyncio.wait_for(agg.started.wait(), 30)
+        await asyncio.wait_for(agg.started.wait(), bound(30))
         await eventually(lambda: agg.published_version == 0, 60)
         agent_task = asyncio.create_task(agent.run(stop_agent))
         line_task = asyncio.create_task(line.run())
@@ -300,7 +301,7 @@ async def test_forged_global_model_reaches_no_edge_and_no_line(mosquitto, tmp_pa
         stop_agent.set()
         for t in (line_task, late_task, agent_task):
             if t is not None:
-                await asyncio.wait_for(t, 20)
+                await asyncio.wait_for(t, bound(20))
         agent.close()
         agg.stop()
-        await asyncio.wait_for(agg_task, 30)
+        await asyncio.wait_for(agg_task, bound(30))

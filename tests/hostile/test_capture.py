@@ -38,6 +38,7 @@ from broker_bridge.keys import Enrollment, KeyPair
 from broker_bridge.mosquitto import free_port, mosquitto_binary
 from broker_bridge.topics import Topics
 from edge.status_doc import STATUS_FIELDS
+from fedline.testing.patience import bound
 
 ROOT = Path(__file__).resolve().parents[2]
 #: words that name what must not be readable: field names of updates, statuses of old, lineage, manifests
@@ -132,7 +133,7 @@ async def capture_demo(tmp_path: Path, port: int) -> tuple[list[tuple[str, bytes
         proc = await asyncio.create_subprocess_exec(
             *cmd, cwd=tmp_path, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
         )
-        out, _ = await asyncio.wait_for(proc.communicate(), 400)
+        out, _ = await asyncio.wait_for(proc.communicate(), bound(400))
         await asyncio.sleep(1.0)
         task.cancel()
     report_path = tmp_path / "report" / "report.json"
@@ -158,7 +159,7 @@ def test_capture_of_a_demo_run_gives_the_three_adversaries_nothing(tmp_path: Pat
         captured, report = asyncio.run(capture_demo(tmp_path, port))
     finally:
         broker.terminate()
-        broker.wait(10)
+        broker.wait(bound(10))
     keys_dir = tmp_path / "run" / "keys"
     enrollment = Enrollment.load(keys_dir / "enrollment.json")
     topics = Topics(enrollment.federation)

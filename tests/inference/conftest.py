@@ -17,6 +17,7 @@ from broker_bridge.envelope import content_hash, sign_manifest
 from broker_bridge.keys import KeyPair
 from broker_bridge.topics import Topics
 from edge.inference.config import InferConfig, parse_infer_config
+from fedline.testing.patience import bound
 from firmware_adapters.rows import Row
 
 N_FEATURES = 4
@@ -182,4 +183,4 @@ def plant_broker(tmp_path: Path):
             time.sleep(0.05)
     yield f"mqtt://127.0.0.1:{port}"
     proc.terminate()
-    proc.wait(10)
+    proc.wait(bound(10))

@@ -16,6 +16,7 @@ import numpy as np
 from broker_bridge.client import MqttClient
 from broker_bridge.keys import KeyPair
 from edge.inference.service import InferenceService
+from fedline.testing.patience import bound
 from tests.conftest import eventually, settings_for
 from tests.inference.conftest import TRUE_B, TRUE_W, Aggregator, RowStream, broker_table, make_config
 from tests.inference.onnx_models import linear_onnx, linear_score
@@ -46,7 +47,7 @@ async def test_ten_reloads_under_a_steady_stream(
             n = service.stats.predictions
             await eventually(lambda: service.stats.predictions > n + 40)  # the new version scores a while
     stream.stop()
-    await asyncio.wait_for(task, 20)
+    await asyncio.wait_for(task, bound(20))
 
     preds = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
     # every sample scored exactly once, in order
@@ -115,7 +116,7 @@ async def test_bad_models_are_refused_and_the_old_one_keeps_scoring(
         await agg.publish(8, linear_onnx(TRUE_W * 3.2, TRUE_B * 3.2))
         await eventually(lambda: service.current_version() == 8)
     stream.stop()
-    await asyncio.wait_for(task, 20)
+    await asyncio.wait_for(task, bound(20))
 
     assert dict(service.stats.refused) == {
         "signature": 1,
@@ -153,7 +154,7 @@ async def test_broker_outage_does_not_stop_scoring(
         await agg.publish(2, linear_onnx(TRUE_W * 2, TRUE_B))  # after both clients reconnect by themselves
         await eventually(lambda: service.current_version() == 2)
     stream.stop()
-    await asyncio.wait_for(task, 20)
+    await asyncio.wait_for(task, bound(20))
     preds = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
     assert [p["seq"] for p in preds] == list(range(len(stream.xs)))
     assert [s.version for s in service.stats.swaps] == [1, 2]

@@ -12,6 +12,7 @@ from broker_bridge.envelope import content_hash
 from edge.inference.model_dir import POINTER, atomic_write, publish_model
 from edge.inference.service import InferenceService
 from edge.inference.state import StateDir
+from fedline.testing.patience import bound
 from tests.conftest import eventually
 from tests.inference.conftest import TRUE_B, TRUE_W, RowStream, make_config
 from tests.inference.onnx_models import linear_onnx, linear_score
@@ -79,7 +80,7 @@ async def test_model_dir_reloads_refusals_and_rollback(tmp_path: Path) -> None:
     await eventually(lambda: service.current is not None and service.current.version == 5)
 
     stream.stop()
-    await asyncio.wait_for(task, 10)
+    await asyncio.wait_for(task, bound(10))
     preds = read_predictions(tmp_path / "predictions.jsonl")
     assert [p["seq"] for p in preds] == list(range(len(stream.xs)))
     assert [s.kind for s in service.stats.swaps] == ["reload", "reload", "reload", "reload", "rollback", "reload"]
@@ -99,7 +100,7 @@ async def test_model_dir_reloads_refusals_and_rollback(tmp_path: Path) -> None:
     # after a restart the rolled-back model stays refused even though the pointer names it again
     publish_model(models, head, 6)  # new version number, same bytes: still the model rolled back from
     service = InferenceService(cfg, rows=RowStream(seed=4, limit=200, per_tick=5, tick_s=0.01))
-    await asyncio.wait_for(service.run(), 10)  # 0.4 s: several polls of the model dir
+    await asyncio.wait_for(service.run(), bound(10))  # 0.4 s: several polls of the model dir
     assert service.current is not None and service.current.version == 5
     assert [s.kind for s in service.stats.swaps] == ["restore"]
 
@@ -127,7 +128,7 @@ async def test_restart_serves_the_saved_model_at_once_and_cli_rollback(tmp_path:
     for f in models.iterdir():
         f.unlink()
     service = InferenceService(cfg, rows=RowStream(seed=2, limit=40))
-    await asyncio.wait_for(service.run(), 10)
+    await asyncio.wait_for(service.run(), bound(10))
     assert service.stats.swaps[0].kind == "restore" and service.stats.swaps[0].first_seq == 0
     assert service.stats.predictions == 40
     assert {p["version"] for p in read_predictions(tmp_path / "predictions.jsonl")[-40:]} == {2}
@@ -146,7 +147,7 @@ async def test_restart_serves_the_saved_model_at_once_and_cli_rollback(tmp_path:
     assert serving["current"]["version"] == 1 and serving["previous"] is None and serving["blocked_version"] == 2
     assert main(["infer", "--config", str(cfg_file), "--rollback", "--wait", "0.2"]) == 1  # nothing left
     service = InferenceService(cfg, rows=RowStream(seed=2, limit=10))
-    await asyncio.wait_for(service.run(), 10)
+    await asyncio.wait_for(service.run(), bound(10))
     assert service.current is not None and service.current.version == 1
     assert np.isfinite([p["score"] for p in read_predictions(tmp_path / "predictions.jsonl")[-10:]]).all()
 
@@ -171,7 +172,7 @@ async def test_a_failing_source_ends_the_service_with_its_error(tmp_path: Path) 
 
     service = InferenceService(make_config(tmp_path), rows=rows())
     try:
-        await asyncio.wait_for(service.run(), 10)
+        await asyncio.wait_for(service.run(), bound(10))
     except OSError as exc:
         assert "vanished" in str(exc)
     else:
@@ -203,7 +204,7 @@ async def test_cli_rollback_reaches_the_running_service(tmp_path: Path) -> None:
     assert service.current is not None and service.current.version == 1
     assert service.stats.swaps[-1].kind == "rollback"
     stream.stop()
-    await asyncio.wait_for(task, 10)
+    await asyncio.wait_for(task, bound(10))
 
 
 async def test_a_malformed_row_is_emitted_unscored_and_the_rest_of_its_batch_is_scored(tmp_path: Path) -> None:
@@ -218,7 +219,7 @@ async def test_a_malformed_row_is_emitted_unscored_and_the_rest_of_its_batch_is_
             yield Row(x=x, y=None, ts=0.0)
 
     service = InferenceService(make_config(tmp_path, {"batch_max": 32}), rows=rows())
-    await asyncio.wait_for(service.run(), 10)
+    await asyncio.wait_for(service.run(), bound(10))
     preds = read_predictions(tmp_path / "predictions.jsonl")
     assert [p["seq"] for p in preds] == list(range(100))
     assert preds[50]["score"] is None and service.stats.score_errors == 1
@@ -247,4 +248,4 @@ async def test_the_line_reports_which_model_its_site_picked(tmp_path: Path) -> N
         assert text == 0.9312
     finally:
         service.stop()
-        await asyncio.wait_for(task, 30)
+        await asyncio.wait_for(task, bound(30))

@@ -12,6 +12,7 @@ from broker_bridge.client import BrokerSettings, MqttClient
 from broker_bridge.mosquitto import free_port
 from edge.inference.model_dir import publish_model
 from edge.inference.service import InferenceService
+from fedline.testing.patience import bound
 from tests.conftest import eventually
 from tests.inference.conftest import TRUE_B, TRUE_W, RowStream, make_config
 from tests.inference.onnx_models import linear_onnx
@@ -88,7 +89,7 @@ async def test_mqtt_output_command_rollback_and_metrics(
         n = service.stats.predictions
         await eventually(lambda: service.stats.predictions > n + 50)
         stream.stop()
-        await asyncio.wait_for(task, 20)
+        await asyncio.wait_for(task, bound(20))
         await eventually(lambda: len(received["predictions"]) == service.stats.predictions)
         collector.cancel()
 

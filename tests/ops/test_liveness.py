@@ -17,6 +17,7 @@ from broker_bridge.keys import KeyPair
 from broker_bridge.topics import Topics
 from edge.inference.service import InferenceService
 from fedline.netproxy import TcpProxy
+from fedline.testing.patience import bound
 from tests.aggregator.helpers import make_federation
 from tests.conftest import eventually, settings_for
 from tests.inference.conftest import Aggregator as FakeAggregator
@@ -82,7 +83,7 @@ async def test_line_liveness_and_will(tmp_path, mosquitto, aggregator_keys: KeyP
         proxy.restore()
         await eventually(lambda: watch.state("site-a.line").get("state") == "online", 30)
         stream.stop()
-        await asyncio.wait_for(task, 20)
+        await asyncio.wait_for(task, bound(20))
         await eventually(lambda: watch.state("site-a.line").get("reason") == "stopped", 10)
     await proxy.stop()
 
@@ -105,6 +106,6 @@ async def test_aggregator_liveness_and_will(tmp_path, mosquitto) -> None:
         proxy.restore()
         await eventually(lambda: watch.state("aggregator").get("state") == "online", 30)
         agg.stop()
-        await asyncio.wait_for(task, 30)
+        await asyncio.wait_for(task, bound(30))
         await eventually(lambda: watch.state("aggregator").get("reason") == "stopped", 10)
     await proxy.stop()

@@ -16,6 +16,7 @@ from edge.inference.model_dir import publish_model
 from edge.inference.service import InferenceService
 from edge.inference.spool import PredictionSpool
 from fedline.netproxy import TcpProxy
+from fedline.testing.patience import bound
 from tests.conftest import eventually
 from tests.inference.conftest import TRUE_B, TRUE_W, RowStream, make_config
 from tests.inference.onnx_models import linear_onnx
@@ -77,7 +78,7 @@ async def test_no_prediction_lost_over_a_20_s_plant_broker_outage(tmp_path: Path
         proxy.restore()
         await eventually(lambda: service._mqtt_out.pending() == 0, 60)  # type: ignore[union-attr]
         stream.stop()
-        await asyncio.wait_for(task, 30)
+        await asyncio.wait_for(task, bound(30))
         await eventually(lambda: len(set(got)) >= service.stats.predictions, 30)
         collector.cancel()
     await proxy.stop()

@@ -19,6 +19,7 @@ from edge.agent import EdgeAgent
 from edge.config import load_edge_config
 from edge.secagg_member import EdgeCohorts
 from fedline.netproxy import TcpProxy
+from fedline.testing.patience import bound
 from tests.conftest import eventually
 from tests.edge.helpers import FEDERATION, Federation, write_csv, write_site
 
@@ -115,7 +116,7 @@ async def test_five_sites_one_drops_after_submitting_one_never_submits(broker5, 
     aggregator = Aggregator(load_config(agg_toml))
     agg_task = asyncio.create_task(aggregator.run())
     try:
-        await asyncio.wait_for(aggregator.started.wait(), 30)
+        await asyncio.wait_for(aggregator.started.wait(), bound(30))
         base = {k: np.array(v, dtype=np.float64) for k, v in aggregator.core.model.items()}
         # site-e joins the cohort, then drops off the network for good without submitting
         e = agents["site-e"]
@@ -168,7 +169,7 @@ async def test_five_sites_one_drops_after_submitting_one_never_submits(broker5, 
         for t in stuck:  # e.g. a round's thread still running: do not let teardown hang
             t.cancel()
         aggregator.stop()
-        await asyncio.wait_for(agg_task, 120)
+        await asyncio.wait_for(agg_task, bound(120))
         for p in proxies.values():
             await p.stop()
         for ag in agents.values():

@@ -1,0 +1,77 @@
+"""Stage 1 of the intake, alone: sealed bytes in, an :class:`Opened` (accepted or refused with a reason) out.
+
+Why a module of its own: the single-process aggregator runs it in its thread
+pool (:meth:`aggregator.core.AggregatorCore.open`), and an intake worker
+(:mod:`aggregator.intake_worker`) runs the very same checks in another process
+or on another machine, without the store. It reads only immutable inputs
+(keys, enrollment, the model's reference shapes), so it is thread-safe.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from aggregator.config import AggregatorConfig
+from aggregator.validate import ValidationError, check_update
+from broker_bridge import envelope
+from broker_bridge.envelope import UpdateHeader
+from broker_bridge.errors import WireError
+from broker_bridge.keys import Enrollment, KeyPair
+
+State = dict[str, np.ndarray]
+
+
+@dataclass
+class Opened:
+    """Result of stage 1 for one sealed update."""
+
+    sealed: bytes = field(repr=False)
+    header: UpdateHeader | None = None
+    tensors: State | None = field(default=None, repr=False)
+    norm: float = math.nan
+    reason: str | None = None  # set when refused
+    detail: str | None = None
+    topic_site: str | None = None
+    msg_id: str | None = None  # the chunking msg id, for receipts of updates whose header is unknown
+    secagg: bool = False  # a masked cohort submission: decided by aggregator.secagg_cohort, not here
+
+
+def open_update(
+    sealed: bytes,
+    *,
+    cfg: AggregatorConfig,
+    keys: KeyPair,
+    enrollment: Enrollment,
+    reference: dict[str, tuple[int, ...]],
+    max_norm: float,
+    topic_site: str | None = None,
+    msg_id: str | None = None,
+) -> Opened:
+    """Decrypt, verify, parse and validate one update; refusals carry their reason (never raise on bad input).
+
+    Replays and duplicates are not judged here: they are decided against the
+    durable store, so that a resent duplicate gets its original verdict.
+    """
+    op = Opened(sealed if isinstance(sealed, bytes) else bytes(sealed), topic_site=topic_site, msg_id=msg_id)
+    try:
+        op.header, op.tensors = envelope.open_update(op.sealed, keys, enrollment)
+    except WireError as exc:
+        op.reason, op.detail = exc.reason, exc.detail
+        return op
+    if topic_site is not None and op.header.site != topic_site:
+        op.reason, op.detail = "schema", f"signed by {op.header.site!r} but sent on {topic_site!r}'s topic"
+        op.header = None
+        return op
+    if cfg.strategy.secure_aggregation:  # only masked cohort submissions, no plain deltas
+        op.secagg = set(op.tensors) == {"secagg"}
+        if not op.secagg:
+            op.reason, op.detail = "secagg_required", "this federation takes masked cohort submissions only"
+        return op
+    try:
+        op.norm = check_update(op.header, op.tensors, reference, cfg.validation, max_norm)
+    except ValidationError as exc:
+        op.reason, op.detail = exc.reason, exc.detail
+    return op

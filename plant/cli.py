@@ -1,0 +1,26 @@
+"""``fedline plant``: one command starts a plant tier. Imports nothing heavy: the handler imports lazily."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _run_plant(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from plant.config import load_plant_config
+    from plant.service import run_plant
+
+    asyncio.run(run_plant(load_plant_config(args.config)))
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "plant",
+        help="run a plant aggregator (a site of the central federation over its own lines)",
+        description="Aggregate the plant's lines with FedBuff on the plant broker, send the plant's combined "
+        "delta to the central federation as one sealed update, and serve the lines the central model.",
+    )
+    p.add_argument("--config", required=True, help="plant.toml (plant/plant.example.toml)")
+    p.set_defaults(func=_run_plant)

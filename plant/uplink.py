@@ -1,0 +1,345 @@
+"""The plant as a site of the central federation: its deltas out, receipts and the central model in.
+
+Why the edge's parts and not new ones: the plant's deltas must be as safe on
+the way up as any line's. So each is sealed to the central aggregator and
+signed with the plant's site key (``broker_bridge.envelope``), queued in an
+``edge.outbox.Outbox`` (on disk before any attempt to send, in counter order,
+forgotten only on the central aggregator's signed receipt, resent after
+``resend_after_s`` without one), and the central model is followed as an edge
+follows it: the key grant sealed to the plant (``federation_key.Keyring``),
+the sealed manifest, the encrypted weight chunks (``edge.follow``) and the
+checks of ``edge.model_store.check_global_model``.
+
+A cut of the plant-to-central link therefore costs nothing but time: the
+plant keeps serving its lines from its own broker, its reduces wait in the
+outbox, and they go out in order when the link is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from broker_bridge.chunking import split
+from broker_bridge.client import Message, MqttClient, will_message
+from broker_bridge.envelope import UpdateHeader, open_for_federation, open_receipt, seal_update
+from broker_bridge.errors import FedlineError, NotConnected, PublishRefused, TopicError, WireError
+from broker_bridge.federation_key import Keyring, open_manifest
+from broker_bridge.keys import Enrollment, KeyPair
+from broker_bridge.topics import Topics
+from edge.follow import WeightsCollector
+from edge.model_store import ModelRefused, check_global_model
+from edge.outbox import Outbox, OutboxFull
+from edge.status_doc import build_status
+from fedline.config import ConfigError
+from fedline.logs import event
+from models.spec import ModelSpec
+from plant.config import UpstreamConfig
+
+log = logging.getLogger("fedline.plant")
+
+State = dict[str, np.ndarray]
+QUEUED_THROUGH = "upstream_version"  # outbox meta: the last plant version whose delta is queued
+
+
+class Uplink:
+    """One site of the central federation, fed by the plant's core (thread-safe :meth:`queue_delta`)."""
+
+    def __init__(self, cfg: UpstreamConfig, spec: ModelSpec, file: str | None = None) -> None:
+        self.cfg = cfg
+        self.site = cfg.site
+        self.spec = spec
+        self.keys = KeyPair.load(cfg.key_file)
+        if self.keys.role != "site" or self.keys.ident != cfg.site:
+            raise ConfigError(
+                file,
+                "upstream.key_file",
+                f"key file is for {self.keys.role} {self.keys.ident!r}, not site {cfg.site!r}",
+            )
+        self.enrollment = Enrollment.load(cfg.enrollment_file)
+        if self.enrollment.federation != cfg.federation:
+            raise ConfigError(
+                file,
+                "upstream.enrollment_file",
+                f"enrollment is for federation {self.enrollment.federation!r}, not {cfg.federation!r}",
+            )
+        self.topics = Topics(cfg.federation, cfg.topic_prefix)
+        o = cfg.outbox
+        self.outbox = Outbox(Path(cfg.data_dir) / "outbox.sqlite", o.max_bytes, o.max_count, "stop_training")
+        self.keyring = Keyring()
+        self.collector = WeightsCollector()
+        self._waiting_for_key: bytes | None = None
+        self._pending_manifest: tuple[int, bytes, dict[str, Any]] | None = None
+        self.central_version = -1  # the newest central version adopted (the plant's core says at start)
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.on_model: Callable[[int, State], Awaitable[None]] | None = None  # adopt a verified central version
+        self.on_room: Callable[[], Awaitable[None]] | None = None  # a receipt freed the outbox: queue what waits
+        self.client: MqttClient | None = None
+        self.full = False  # the outbox refused a delta (it is retried on the next receipt)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake = asyncio.Event()
+        self._status_dirty = asyncio.Event()
+
+    # -- the core's side (its serial thread) ------------------------------------------------
+    def queued_through(self) -> int:
+        return int(self.outbox.get_meta(QUEUED_THROUGH, "0") or 0)
+
+    def queue_delta(
+        self, plant_version: int, base_version: int, delta: State, n_samples: int, privacy: dict[str, Any]
+    ) -> bool:
+        """Seal one plant reduce as an update of this site and queue it; False when it cannot be now."""
+        counter = self.outbox.last_counter() + 1
+        msg_id = secrets.token_hex(8)  # random: the topic names no counter and no plant version
+        header = UpdateHeader(
+            site=self.site,
+            counter=counter,
+            msg_id=msg_id,
+            base_version=base_version,
+            n_samples=max(1, n_samples),
+            privacy=privacy,
+        )
+        blob = seal_update(header, delta, self.keys, self.enrollment.aggregator.box_pub)
+        try:
+            self.outbox.put(
+                site=self.site,
+                counter=counter,
+                msg_id=msg_id,
+                base_version=base_version,
+                n_samples=header.n_samples,
+                epsilon=privacy.get("epsilon"),
+                blob=blob,
+                meta={QUEUED_THROUGH: str(plant_version)},
+            )
+        except (OutboxFull, sqlite3.Error) as exc:  # rolled back: retried after the next receipt
+            self.full = True
+            event(log, "plant.delta_waiting", level=logging.WARNING, plant_version=plant_version, error=str(exc))
+            return False
+        self.full = False
+        event(
+            log,
+            "plant.delta_queued",
+            plant_version=plant_version,
+            counter=counter,
+            base_version=base_version,
+            n_samples=header.n_samples,
+            lines=privacy.get("lines"),
+            epsilon=privacy.get("epsilon"),
+            accounting=privacy.get("accounting"),
+        )
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._poke)
+        return True
+
+    def _poke(self) -> None:
+        self._wake.set()
+        self._status_dirty.set()
+
+    # -- running ------------------------------------------------------------------------------
+    async def run(self) -> None:
+        """Connect to the central federation and run until cancelled."""
+        self._loop = asyncio.get_running_loop()
+        settings = self.cfg.broker
+        if not settings.client_id:
+            import dataclasses
+
+            settings = dataclasses.replace(settings, client_id=f"fedline-plant-{self.site}")
+        offline = json.dumps({"state": "offline", "reason": "connection lost"}).encode()
+        client = MqttClient(
+            settings, will=will_message(self.topics.status(self.site), offline), on_connect=self._on_connect
+        )
+        self.client = client
+        async with client:
+            for topic in (
+                self.topics.receipts(self.site),
+                self.topics.fedkey(self.site),
+                self.topics.manifest(),
+                self.topics.weights_filter(),
+            ):
+                await client.subscribe(topic, qos=1)
+            tasks = [
+                asyncio.create_task(self._send_loop(client), name="plant-up-send"),
+                asyncio.create_task(self._receive_loop(client), name="plant-up-receive"),
+                asyncio.create_task(self._status_loop(client), name="plant-up-status"),
+            ]
+            try:
+                await asyncio.gather(*tasks)
+            finally:
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                self.client = None
+
+    async def _on_connect(self, client: MqttClient) -> None:
+        self._poke()
+
+    async def _send_loop(self, client: MqttClient) -> None:
+        """Strictly in counter order, one without a receipt at a time (the edge's rule, ``edge.outbox``)."""
+        resend = self.cfg.outbox.resend_after_s
+        while True:
+            await client.connected.wait()
+            now = time.time()
+            for row in self.outbox.rows()[:1]:
+                if row.sent_at is not None and row.sent_at >= now - resend:
+                    break  # waiting for its receipt
+                chunks = split(
+                    row.blob, row.msg_id, client.chunk_limit(self.topics.update_chunk(self.site, row.msg_id, 0))
+                )
+                items = [(self.topics.update_chunk(self.site, row.msg_id, i), c) for i, c in enumerate(chunks)]
+                try:
+                    await client.publish_many(items, qos=1)
+                except (NotConnected, PublishRefused) as exc:
+                    event(log, "plant.delta_unsent", level=logging.WARNING, counter=row.counter, error=str(exc))
+                    break
+                self.outbox.mark_sent(row.msg_id)
+                event(log, "plant.delta_published", counter=row.counter, chunks=len(items), attempt=row.attempts + 1)
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=min(resend, 5.0))
+            except TimeoutError:
+                pass
+
+    async def _receive_loop(self, client: MqttClient) -> None:
+        async for msg in client.messages():
+            try:
+                await self.handle(msg)
+            except Exception as exc:  # one bad message must not stop the plant
+                event(log, "plant.message_failed", level=logging.ERROR, topic=msg.topic, error=repr(exc))
+
+    async def handle(self, msg: Message) -> None:
+        """Receipts for the plant's deltas, its key grant, the central manifest and weight chunks."""
+        try:
+            info = self.topics.parse(msg.topic)
+        except TopicError:
+            return
+        if not msg.payload:
+            return
+        if info.kind == "receipts" and info.site == self.site:
+            await self._on_receipt(msg.payload)
+        elif info.kind == "fedkey" and info.site == self.site:
+            try:
+                epoch = self.keyring.add_grant(
+                    msg.payload, self.keys, self.enrollment.aggregator.sign_pub, self.cfg.federation
+                )
+            except WireError as exc:
+                event(log, "plant.fedkey_dropped", level=logging.WARNING, reason=str(exc))
+                return
+            event(log, "plant.fedkey", epoch=epoch)
+            waiting, self._waiting_for_key = self._waiting_for_key, None
+            if waiting is not None:
+                await self._on_manifest(waiting)
+            self._status_dirty.set()
+        elif info.kind == "manifest":
+            await self._on_manifest(msg.payload)
+        elif info.kind == "weights" and info.version is not None and info.version > self.central_version:
+            try:
+                self.collector.add(info.version, info.index or 0, msg.payload)
+            except WireError as exc:
+                event(log, "plant.chunk_dropped", level=logging.WARNING, topic=msg.topic, reason=str(exc))
+                return
+            await self._try_adopt()
+
+    async def _on_receipt(self, payload: bytes) -> None:
+        try:
+            doc = open_receipt(payload, self.keys, self.enrollment.aggregator.sign_pub)
+        except WireError as exc:
+            event(log, "plant.receipt_dropped", level=logging.WARNING, reason=str(exc))
+            return
+        found = self.outbox.settle(doc["counter"], doc["msg_id"], doc["verdict"], doc.get("reason"), doc.get("version"))
+        level = logging.WARNING if doc["verdict"] in ("stale", "rejected") else logging.INFO
+        event(
+            log,
+            f"plant.receipt_{doc['verdict']}",
+            level=level,
+            counter=doc["counter"],
+            reason=doc.get("reason"),
+            version=doc.get("version"),
+            matched=found,
+        )
+        self._poke()
+        if found and self.full and self.on_room is not None:
+            await self.on_room()
+
+    async def _on_manifest(self, sealed: bytes) -> None:
+        try:
+            doc, blob = open_manifest(sealed, self.keyring, self.enrollment.aggregator.sign_pub)
+        except WireError as exc:
+            if exc.reason == "epoch":  # retained messages come in any order: the grant may be next
+                self._waiting_for_key = bytes(sealed)
+                return
+            event(log, "plant.model_refused", level=logging.WARNING, reason=f"manifest {exc}")
+            return
+        if doc["version"] <= self.central_version:
+            return
+        self._pending_manifest = (doc["version"], bytes(blob), doc)
+        self.collector.forget_below(doc["version"])
+        await self._try_adopt()
+
+    async def _try_adopt(self) -> None:
+        if self._pending_manifest is None:
+            return
+        version, manifest_blob, doc = self._pending_manifest
+        chunks = doc["weights"].get("chunks")
+        sealed = self.collector.complete(version, chunks) if isinstance(chunks, int) and chunks > 0 else None
+        if sealed is None:
+            return
+        self._pending_manifest = None
+        key = self.keyring.get(doc.get("epoch"))  # type: ignore[arg-type]
+        try:
+            if key is None:
+                raise ModelRefused(version, f"no content key for epoch {doc.get('epoch')}")
+            g = check_global_model(
+                manifest_blob,
+                open_for_federation(sealed, key),
+                self.enrollment.aggregator.sign_pub,
+                self.cfg.federation,
+                self.spec,
+                list(self.shapes),
+                self.shapes,
+            )
+        except (WireError, ModelRefused) as exc:
+            event(log, "plant.model_refused", level=logging.WARNING, version=version, reason=str(exc))
+            return
+        if g.version <= self.central_version or self.on_model is None:
+            return
+        await self.on_model(g.version, g.shared)
+        self.central_version = g.version
+        self._status_dirty.set()
+
+    # -- status on the central broker ------------------------------------------------------
+    def status(self, state: str = "online") -> dict[str, Any]:
+        """The plant's retained status in the central federation: the version it serves, no line's data."""
+        return build_status(
+            state=state,
+            version=self.central_version,  # -1 before any: the central catch-up answers a plant that is behind
+            privacy={"accounting": "per_line"},  # each line's ε is its own (plant.core); the lines' statuses say it
+            publishing="outbox_full" if self.full else "ok",
+            outbox_depth=self.outbox.depth()[0],
+            epoch=max(self.keyring, default=-1),
+        )
+
+    async def _status_loop(self, client: MqttClient) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._status_dirty.wait(), timeout=self.cfg.status_interval_s)
+            except TimeoutError:
+                pass
+            self._status_dirty.clear()
+            await client.connected.wait()
+            try:
+                payload = json.dumps(self.status()).encode()
+                await client.publish(self.topics.status(self.site), payload, qos=1, retain=True)
+            except FedlineError as exc:
+                event(log, "plant.status_unsent", level=logging.DEBUG, error=str(exc))
+            await asyncio.sleep(0.2)  # coalesce bursts
+
+    def close(self) -> None:
+        self.outbox.close()

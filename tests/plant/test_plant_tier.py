@@ -1,0 +1,102 @@
+"""The plant tier end to end: two plants x three lines over three Mosquittos (``tests/plant/tier.py``).
+
+Real brokers, the real central aggregator and plant aggregators as processes
+(``fedline aggregator``, ``fedline plant``), real edge agents as the lines.
+Each line trains one round per phase (the test paces them), and the ledgers
+then reconcile at both tiers: every line update applied exactly once at its
+plant, every plant delta applied exactly once centrally, and each line holds
+the central weights of the newest version, named in its plant's signed manifest.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+
+import numpy as np
+import pytest
+
+from fedline.testing.ledger import read_site_ledger
+from tests.plant.tier import LINES, PLANTS, PlantTier, central_weights, checkpoints
+
+
+@pytest.mark.broker
+async def test_two_plants_of_three_lines_stay_ledger_exact_across_a_cut_of_a_plant_to_central_link(tmp_path):
+    """1. all links up: both plants reduce, one delta each, two central versions;
+    2. plant-a's link to the central broker is cut: its lines are still answered by their plant (its
+       broker does not depend on the link), its delta waits in its outbox, plant-b's goes on;
+    3. the link is back: plant-a's delta goes out once, central makes its version, every line follows it."""
+    t0 = time.monotonic()
+    async with PlantTier(tmp_path) as tier:
+        agents, everyone = tier.agents, list(LINES)
+        # every line serves central version 0, received from its plant
+        await tier.until(lambda: all(a.sources_done for a in agents.values()) and tier.follow(everyone, 0), 90, "start")
+
+        await tier.round(everyone)
+        await tier.until(lambda: tier.settled(everyone) and tier.central_version() == 2, 60, "phase 1")
+        await tier.until(lambda: tier.follow(everyone, 2), 30, "lines follow version 2")
+
+        tier.proxies["plant-a"].cut()
+        await tier.round(everyone)
+        await tier.until(lambda: tier.settled(everyone) and tier.central_version() == 3, 60, "phase 2")
+        await tier.until(lambda: tier.follow(PLANTS["plant-b"], 3), 30, "plant-b's lines follow version 3")
+        waiting = [e for e in read_site_ledger(tier.upstream_db("plant-a")) if e["state"] in ("queued", "sent")]
+        assert len(waiting) == 1, read_site_ledger(tier.upstream_db("plant-a"))
+        assert tier.follow(PLANTS["plant-a"], 2), [tier.upstream(x) for x in PLANTS["plant-a"]]
+
+        tier.proxies["plant-a"].restore()
+        await tier.until(lambda: tier.central_version() == 4 and tier.follow(everyone, 4), 60, "phase 3")
+
+        ups = [tier.upstream_db(p) for p in PLANTS]
+        await tier.until(
+            lambda: all(e["state"] == "applied" for db in ups for e in read_site_ledger(db)), 20, "receipts"
+        )
+        tier.check_ledgers(line_updates=6, plant_deltas=4)
+        for p in PLANTS:  # two reduces per plant, each sent up once
+            reduces = [v for v, lin in checkpoints(tier.plant_state(p)).items() if lin["updates"]]
+            assert len(reduces) == 2 and len(read_site_ledger(tier.upstream_db(p))) == 2
+
+        # each line holds central version 4's weights, and each plant delta reports its lines' largest ε
+        w4 = central_weights(tier.central_state, 4)
+        for line, a in agents.items():
+            for k, v in w4.items():
+                np.testing.assert_array_equal(a.base.shared[k], v, err_msg=f"{line} {k}")
+        for p, lines in PLANTS.items():
+            eps_lines = [agents[x].outbox.ledger()[0].epsilon for x in lines]
+            assert all(e is not None and e > 0 for e in eps_lines)
+            with sqlite3.connect(f"file:{tier.upstream_db(p)}?mode=ro", uri=True) as con:
+                (eps,) = con.execute("SELECT epsilon FROM ledger WHERE counter = 1").fetchone()
+            assert eps == pytest.approx(max(eps_lines)), (p, eps, eps_lines)
+        print(f"plant tier scenario: {time.monotonic() - t0:.1f} s")
+
+
+@pytest.mark.slow
+@pytest.mark.broker
+async def test_kill_9_of_a_plant_aggregator_mid_buffer_loses_and_doubles_nothing(tmp_path):
+    """plant-a is killed (SIGKILL) with two of its three lines' updates buffered; the third line's update
+    waits in the plant broker's session for it. Restarted, plant-a rebuilds its buffer from its store,
+    reduces with the third, sends the delta up once; every line follows the new central version."""
+    async with PlantTier(tmp_path) as tier:
+        agents, everyone = tier.agents, list(LINES)
+        await tier.until(lambda: all(a.sources_done for a in agents.values()) and tier.follow(everyone, 0), 90, "start")
+        await tier.round(PLANTS["plant-a"][:2])
+        await tier.until(lambda: _buffered(tier.plant_state("plant-a")) == 2, 30, "two updates buffered")
+        tier.kill_plant("plant-a")
+        await tier.round([PLANTS["plant-a"][2], *PLANTS["plant-b"]])
+        await tier.until(lambda: tier.central_version() == 1 and tier.follow(PLANTS["plant-b"], 1), 60, "plant-b")
+        tier.start_plant("plant-a")
+        await tier.until(lambda: tier.settled(everyone) and tier.central_version() == 2, 90, "plant-a restarted")
+        await tier.until(lambda: tier.follow(everyone, 2), 60, "every line follows version 2")
+        ups = [tier.upstream_db(p) for p in PLANTS]
+        await tier.until(
+            lambda: all(e["state"] == "applied" for db in ups for e in read_site_ledger(db)), 20, "receipts"
+        )
+        tier.check_ledgers(line_updates=3, plant_deltas=2)
+
+
+def _buffered(state_dir) -> int:
+    db = state_dir / "aggregator.sqlite"
+    if not db.exists():
+        return 0
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
+        return int(con.execute("SELECT COUNT(*) FROM buffer").fetchone()[0])
