@@ -44,11 +44,11 @@ async def test_rotated_key_old_updates_refused_with_a_reason_nothing_wedged_new_
     try:
         old = EdgeAgent(load_edge_config(path))
         task = asyncio.create_task(old.run(stop))
-        await eventually(lambda: old.sources_done and old.base.manifest, 20)
+        await eventually(lambda: old.sources_done and old.base.manifest, 60)
         assert await old.train_once() is not None
-        await eventually(lambda: old.outbox.depth()[0] == 0, 20)
+        await eventually(lambda: old.outbox.depth()[0] == 0, 60)
         stop.set()
-        await asyncio.wait_for(task, 20)
+        await asyncio.wait_for(task, 60)
         assert await old.train_once() is not None  # sealed with the old key, never sent before the rotation
         (stale_row,) = old.outbox.rows()
         old.close()
@@ -61,20 +61,20 @@ async def test_rotated_key_old_updates_refused_with_a_reason_nothing_wedged_new_
         enr = Enrollment.load(fed.enrollment_path)
         enr.add(new_keys.public())
         enr.save(fed.enrollment_path)
-        await eventually(lambda: aggregator.granter.epoch.number == epoch_before + 1, 20)  # a new key epoch
+        await eventually(lambda: aggregator.granter.epoch.number == epoch_before + 1, 60)  # a new key epoch
 
         stop = asyncio.Event()
         new = EdgeAgent(load_edge_config(path))
         task = asyncio.create_task(new.run(stop))
-        await eventually(lambda: new.outbox.depth()[0] == 0, 20)  # the old-key row is settled, not resent forever
+        await eventually(lambda: new.outbox.depth()[0] == 0, 60)  # the old-key row is settled, not resent forever
         refused = next(e for e in new.outbox.ledger() if e.msg_id == stale_row.msg_id)
         assert (refused.state, refused.reason) == ("rejected", "unenrolled")
         assert "unenrolled" in (new.last_error or "")
         # the new epoch's grant, and the current version re-published under it (the new key opens nothing older)
-        await eventually(lambda: max(new.keyring, default=0) == epoch_before + 1, 20)
-        await eventually(lambda: new.base.version == aggregator.core.version, 20)
+        await eventually(lambda: max(new.keyring, default=0) == epoch_before + 1, 60)
+        await eventually(lambda: new.base.version == aggregator.core.version, 60)
         assert await new.train_once() is not None  # sealed with the new key
-        await eventually(lambda: new.outbox.depth()[0] == 0, 20)
+        await eventually(lambda: new.outbox.depth()[0] == 0, 60)
         last = new.outbox.ledger()[-1]
         assert last.counter == stale_row.counter + 1 and last.state == "applied"
         assert aggregator.metrics.value("fedline_aggregator_rejections_total", {"reason": "unenrolled"}) >= 1
@@ -85,7 +85,7 @@ async def test_rotated_key_old_updates_refused_with_a_reason_nothing_wedged_new_
             open_grant(grant, old_keys, fed.aggregator.public().sign_pub, FEDERATION)
         assert refused_grant.value.reason == "decrypt"  # sealed to the new key only
         stop.set()
-        await asyncio.wait_for(task, 20)
+        await asyncio.wait_for(task, 60)
         new.close()
     finally:
         stop.set()

@@ -39,7 +39,7 @@ async def test_a_site_with_a_lost_data_dir_resumes_from_the_aggregators_answer(m
 
     async def run(agent: EdgeAgent, stop: asyncio.Event) -> asyncio.Task:
         task = asyncio.create_task(agent.run(stop))
-        await eventually(lambda: agent.recovery is None and agent.sources_done and agent.base.manifest, 20)
+        await eventually(lambda: agent.recovery is None and agent.sources_done and agent.base.manifest, 60)
         return task
 
     try:
@@ -47,7 +47,7 @@ async def test_a_site_with_a_lost_data_dir_resumes_from_the_aggregators_answer(m
         task = await run(first, stop)
         assert first.outbox.last_counter() == 0  # a new site: the aggregator knew nothing of it
         assert await first.train_once() is not None  # (the answer may have started a round already)
-        await eventually(lambda: first.outbox.depth()[0] == 0, 20)
+        await eventually(lambda: first.outbox.depth()[0] == 0, 60)
         n = len(first.outbox.ledger())
         assert n >= 1 and {e.state for e in first.outbox.ledger()} == {"applied"}
         eps = first.epsilon
@@ -66,7 +66,7 @@ async def test_a_site_with_a_lost_data_dir_resumes_from_the_aggregators_answer(m
         assert second.epsilon >= eps > 0 and second.ledger.releases >= n  # ε does not restart at 0
         assert second.status()["epsilon"] >= eps and second.publishing == "ok"
         assert await second.train_once() is not None
-        await eventually(lambda: second.outbox.depth()[0] == 0, 20)
+        await eventually(lambda: second.outbox.depth()[0] == 0, 60)
         new = second.outbox.ledger()
         assert new[0].counter == n + 21 and all(e.state == "applied" and e.epsilon >= eps for e in new)  # no replay
         assert aggregator.metrics.value("fedline_aggregator_recovery_requests_total", {"outcome": "answered"}) >= 2

@@ -31,21 +31,21 @@ async def test_edge_refuses_a_signed_model_that_jumped_and_says_so(mosquitto, tm
     stop = asyncio.Event()
     async with MiniAggregator(fed, settings_for(mosquitto, "aggregator")) as agg:
         task = asyncio.create_task(agent.run(stop))
-        await eventually(lambda: agent.client is not None and agent.client.connected.is_set(), timeout=20)
+        await eventually(lambda: agent.client is not None and agent.client.connected.is_set(), timeout=60)
         norm = float(np.sqrt(sum(np.sum(np.square(v)) for v in agent.base.shared.values())))
         v1 = {k: v + 0.001 for k, v in agent.base.shared.items()}
         await agg.publish_model(1, agent.spec, v1)
-        await eventually(lambda: agent.base.version == 1, timeout=20)
+        await eventually(lambda: agent.base.version == 1, timeout=60)
         # version 2 is signed by the aggregator, but moved by far more than the model's norm (default bound 1.0)
         size = sum(v.size for v in v1.values())
         jump = {k: (v + 3.0 * norm / np.sqrt(size)).astype(np.float32) for k, v in v1.items()}  # ‖step‖ = 3 × ‖model‖
         await agg.publish_model(2, agent.spec, jump)
-        await eventually(lambda: agent.metrics.models_refused_step._value.get() == 1, timeout=20)
+        await eventually(lambda: agent.metrics.models_refused_step._value.get() == 1, timeout=60)
         assert agent.base.version == 1 and "max_step_relative" in (agent.last_error or "")
         assert agent.status()["model_refused"] == {"version": 2, "reason": "step"}
         # a later honest version, within 2 versions' reach of the model in use, is adopted again
         await agg.publish_model(3, agent.spec, {k: v + 0.001 for k, v in v1.items()})
-        await eventually(lambda: agent.base.version == 3, timeout=20)
+        await eventually(lambda: agent.base.version == 3, timeout=60)
         assert agent.metrics.models_refused_step._value.get() == 1
         await _stop(task, stop)
     agent.close()
