@@ -206,7 +206,9 @@ class AdoptConfig:
     distance; both over the shared parameters, multiplied by the number of versions between the two.
     """
 
-    max_step_relative: float = 1.0
+    # 10: catches a destroyed model (the pre-fix attack moved 2,198x); an honest first version of the demo
+    # moved 1.27x its initial norm, so 1.0 refused it (measured; set it tighter from your own lineage)
+    max_step_relative: float = 10.0
     max_step_l2: float = 0.0
 
     def validate(self) -> None:

@@ -5,8 +5,9 @@ step of each version, but a site should not have to trust that those bounds
 held. A correctly signed model can still be far off: the aggregator's key
 copied by an intruder, a bug or a misconfiguration (``norm_bound = 0``), or a
 poisoned aggregate. An honest version moves the model by a small fraction of
-its own size (server learning rate × a buffer of clipped DP deltas), so a
-version that moved further than ``max_step_relative`` × the current model's L2
+its own size (server learning rate × a buffer of clipped DP deltas; the demo's
+first version, from the initial weights, moved 1.27 × their norm), so a version that
+moved further than ``max_step_relative`` (default 10) × the current model's L2
 norm (or than ``max_step_l2``) per version is refused: the site keeps serving
 and training on its current model, and says so (log ``model.refused`` with
 ``reason`` starting ``step``, ``fedline_edge_models_refused_step``, status

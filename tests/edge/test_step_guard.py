@@ -36,9 +36,9 @@ async def test_edge_refuses_a_signed_model_that_jumped_and_says_so(mosquitto, tm
         v1 = {k: v + 0.001 for k, v in agent.base.shared.items()}
         await agg.publish_model(1, agent.spec, v1)
         await eventually(lambda: agent.base.version == 1, timeout=60)
-        # version 2 is signed by the aggregator, but moved by far more than the model's norm (default bound 1.0)
+        # version 2 is signed by the aggregator, but moved by 30 × the model's norm (default bound 10)
         size = sum(v.size for v in v1.values())
-        jump = {k: (v + 3.0 * norm / np.sqrt(size)).astype(np.float32) for k, v in v1.items()}  # ‖step‖ = 3 × ‖model‖
+        jump = {k: (v + 30.0 * norm / np.sqrt(size)).astype(np.float32) for k, v in v1.items()}  # ‖step‖ = 30 × ‖model‖
         await agg.publish_model(2, agent.spec, jump)
         await eventually(lambda: agent.metrics.models_refused_step._value.get() == 1, timeout=60)
         assert agent.base.version == 1 and "max_step_relative" in (agent.last_error or "")
