@@ -17,8 +17,15 @@ Life of a cohort (protocol: docs/architecture.md, "Secure aggregation"):
    ``applied`` receipts. A cohort that cannot complete fails cleanly: ``rejected`` receipts
    (``secagg_cohort_failed``) to the members who submitted.
 
-Open cohorts live in memory: an aggregator restart fails them (members' next rounds go to the
-next cohort). Every method runs on the aggregator's serial decision thread.
+Open cohorts live in memory, so an aggregator restart (kill -9 included) fails them cleanly rather
+than resuming: the ids of open cohorts are in the store (meta ``secagg_open``, written before an
+announcement leaves), and every masked update held for them has a ``buffered`` verdict there (a
+cohort's sum is committed with its ``applied`` verdicts in one transaction, so a ``buffered`` one
+left after a restart was never applied). On start, each such update gets its ``rejected``
+(``secagg_cohort_failed``) receipt and the dead cohorts' retained announcements are cleared; the
+members' next rounds go to the next cohort. Resuming would need the masked vectors and the shares
+already answered kept on disk; failing costs one round. Every method runs on the aggregator's
+serial decision thread.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ from broker_bridge.topics import Topics
 from fedline.logs import event
 
 log = logging.getLogger("fedline.aggregator")
+_OPEN_KEY = "secagg_open"  # meta: JSON list of the cohort ids announced and not yet ended
 
 
 @dataclass(frozen=True)
@@ -85,6 +93,50 @@ class CohortCoordinator:
             "min_cohort_sites": None,
             "refused": {},
         }
+        self._recovered = self._fail_left_open()  # published by the first tick
+
+    # ------------------------------------------------------------------ after a restart
+    def _fail_left_open(self) -> list[Outgoing]:
+        """Fail the cohorts a previous run left open: receipts for their held updates, announcements cleared."""
+        store = self.core.store
+        left = json.loads(store.get_meta(_OPEN_KEY) or "[]")
+        # a cohort committed just before the crash (its sum is a version) was not open any more
+        top = self.core.version
+        recent = (self.core.lineage(x) or {} for x in range(max(1, top - len(left) + 1), top + 1))
+        committed = {lin.get("cohort") for lin in recent}
+        left = [c for c in left if c not in committed]
+        in_plain_buffer = {(r.site, r.counter) for r, _ in store.buffered()}  # not cohort submissions
+        held = [v for v in store.verdicts() if v.verdict == "buffered" and (v.site, v.counter) not in in_plain_buffer]
+        if not left and not held:
+            return []
+        detail = "the aggregator restarted while this update's cohort was open; the next cohort takes a new update"
+        out: list[Outgoing] = []
+        for old in held:
+            v = Verdict(
+                old.site, old.counter, old.msg_id, "rejected", "secagg_cohort_failed", detail, self.core.version
+            )
+            store.record(v)
+            self.core.metrics.decided("rejected", "secagg_cohort_failed")
+            out += self._receipt(v.receipt())
+        for cohort in left:
+            out += [
+                Outgoing(self.topics.secagg_cohort(cohort), b"", retain=True),
+                Outgoing(self.topics.secagg_survivors(cohort), b"", retain=True),
+            ]
+        self.stats["cohorts_failed"] += len(left)
+        store.set_meta("secagg_cohorts_failed", str(self.stats["cohorts_failed"]))
+        store.set_meta(_OPEN_KEY, "[]")
+        event(
+            log,
+            "secagg.cohorts_failed_on_restart",
+            level=logging.WARNING,
+            cohorts=left,
+            rejected=[f"{v.site}#{v.counter}" for v in held],
+        )
+        return out
+
+    def _save_open(self) -> None:
+        self.core.store.set_meta(_OPEN_KEY, json.dumps(sorted(self.cohorts)))
 
     def _count_refusal(self, reason: str) -> None:
         self.stats["refused"][reason] = self.stats["refused"].get(reason, 0) + 1
@@ -110,7 +162,8 @@ class CohortCoordinator:
     def tick(self) -> list[Outgoing]:
         """Form a cohort if one can be formed; close cohorts past their deadline; fail stuck ones."""
         now = self.clock()
-        out = self._form(now)
+        out, self._recovered = self._recovered, []
+        out += self._form(now)
         for c in list(self.cohorts.values()):
             if c.closed_at is None:
                 waiting = [x for x in c.ann.members if x not in c.unmasker.submissions]
@@ -149,6 +202,7 @@ class CohortCoordinator:
         )
         unmasker, blob = CohortUnmasker.announce(ann, self.core.enrollment, self.core.keys, self.clock)
         self.cohorts[ann.cohort] = _Cohort(unmasker)
+        self._save_open()  # before the announcement leaves: a restart must know to fail it
         event(
             log,
             "secagg.cohort_announced",
@@ -266,6 +320,7 @@ class CohortCoordinator:
     # ------------------------------------------------------------------ the end of a cohort
     def _end(self, c: _Cohort) -> list[Outgoing]:
         del self.cohorts[c.ann.cohort]
+        self._save_open()
         return [
             Outgoing(self.topics.secagg_cohort(c.ann.cohort), b"", retain=True),
             Outgoing(self.topics.secagg_survivors(c.ann.cohort), b"", retain=True),

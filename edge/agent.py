@@ -685,14 +685,17 @@ class EdgeAgent:
                 return
             await self._try_adopt()
         elif info.kind.startswith("secagg_") and self.cohorts is not None:
-            await self._on_secagg(info.kind, msg.payload)
+            await self._on_secagg(info.kind, msg.payload, info.msg_id)
 
-    async def _on_secagg(self, kind: str, payload: bytes) -> None:
+    async def _on_secagg(self, kind: str, payload: bytes, cohort: str | None = None) -> None:
         """Cohort announcements start a round; survivors and requests get a sealed reply."""
         assert self.cohorts is not None
         if kind == "secagg_cohort":
-            if self.cohorts.on_cohort(payload):
-                self._trigger.set()  # the round runs when there are new rows (never twice on the same ones)
+            if self.cohorts.on_cohort(payload, cohort):
+                # a cohort is on a new base version: with on_new_model it is a reason to train, as a new
+                # version is (whichever of the two arrives last starts the round); else only new rows are
+                self._rebased = self._rebased or self.cfg.training.on_new_model
+                self._trigger.set()
             return
         if kind == "secagg_survivors":
             reply = self.cohorts.on_survivors(payload)

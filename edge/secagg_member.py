@@ -49,10 +49,12 @@ class EdgeCohorts:
     def subscriptions(self) -> list[str]:
         return [self.topics.secagg_filter(), self.topics.secagg_request(self.keys.ident)]
 
-    def on_cohort(self, payload: bytes) -> bool:
-        """A cohort announcement; True when this site joined it (then train for it)."""
-        if not payload:
-            return False  # a finished cohort's cleared announcement
+    def on_cohort(self, payload: bytes, cohort: str | None = None) -> bool:
+        """A cohort announcement (``cohort``: the id in its topic); True when this site joined it (then train)."""
+        if not payload:  # a cleared announcement: the cohort ended (or died with an aggregator restart)
+            if self.pending is not None and self.pending.cohort == cohort:
+                self.pending = None  # no round for it: the update would only be refused
+            return False
         try:
             self.pending = self.member.accept_cohort(payload)
         except SecAggError as exc:

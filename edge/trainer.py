@@ -169,7 +169,9 @@ def train_round(
     losses: list[float] = []
     params = [p for p in trained.parameters() if p.requires_grad]
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # backward-hook notes from Opacus on input layers
+        # torch notes that a full backward hook (Opacus's per-sample gradients) fires on a first layer whose
+        # input needs no gradient: expected, the hook reads the layer's own parameters; only that note is dropped
+        warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
         for _ in range(cfg.epochs):
             for idx in batches():
                 optimizer.zero_grad(set_to_none=True)

@@ -124,6 +124,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--timeout", type=_positive, default=270.0, help="stop the federation after this many seconds")
     run.add_argument("--no-progress", action="store_true", help="no live table (plain log lines)")
     run.add_argument(
+        "--no-secure-aggregation",
+        action="store_true",
+        help="let the aggregator open each update (default with 3 or more sites: FedBuff buffers are "
+        "secure-aggregation cohorts and the aggregator sees only their sums)",
+    )
+    run.add_argument(
         "--revoke-spare-after-version",
         type=int,
         default=None,
@@ -156,6 +162,8 @@ def _demo(args: argparse.Namespace) -> int:
         tuning = replace(tuning, epsilon=args.epsilon)
     if args.round_seconds is not None:
         tuning = replace(tuning, round_every_s=args.round_seconds)
+    if args.no_secure_aggregation:
+        tuning = replace(tuning, secure_aggregation=False)
     opts = DemoOptions(
         csv=args.csv,
         site_column=args.site_column,

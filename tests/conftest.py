@@ -30,6 +30,7 @@ XDIST_GROUPS = {
     "tests/faults/": "federation-processes",
     "tests/ops/test_status_json.py": "federation-processes",
     "tests/hostile/test_capture.py": "federation-processes",
+    "tests/secagg/test_secagg_kill9.py": "federation-processes",
 }
 
 

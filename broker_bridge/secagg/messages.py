@@ -330,18 +330,25 @@ def _field(s: str) -> bytes:
 
 def leaf(cohort_hash: bytes, dealer: str, recipient: str, slot: int, share: int) -> bytes:
     """Commitment to one share. Shares are uniform field elements, so it hides them."""
-    return leaves(cohort_hash, dealer, recipient, [share], first_slot=slot)[0]
+    return leaf_from(leaf_base(cohort_hash, dealer, recipient), slot, share)
+
+
+def leaf_base(cohort_hash: bytes, dealer: str, recipient: str) -> Any:
+    """The hash state of one (dealer, recipient) bundle's prefix: copied per share (the hot path)."""
+    return hashlib.blake2b(cohort_hash + _field(dealer) + _field(recipient), digest_size=32, person=b"fedline-sa-leaf")
+
+
+def leaf_from(base: Any, slot: int, share: int) -> bytes:
+    """The leaf of ``slot`` from its bundle's :func:`leaf_base`."""
+    h = base.copy()
+    h.update(slot.to_bytes(2, "big") + share.to_bytes(shamir.SHARE_BYTES, "big"))
+    return bytes(h.digest())
 
 
 def leaves(cohort_hash: bytes, dealer: str, recipient: str, shares: list[int], first_slot: int = 0) -> list[bytes]:
-    """The leaves of consecutive slots (one hash prefix, copied per share: this is the hot path)."""
-    base = hashlib.blake2b(cohort_hash + _field(dealer) + _field(recipient), digest_size=32, person=b"fedline-sa-leaf")
-    out = []
-    for slot, share in enumerate(shares, first_slot):
-        h = base.copy()
-        h.update(slot.to_bytes(2, "big") + share.to_bytes(shamir.SHARE_BYTES, "big"))
-        out.append(h.digest())
-    return out
+    """The leaves of consecutive slots."""
+    base = leaf_base(cohort_hash, dealer, recipient)
+    return [leaf_from(base, slot, share) for slot, share in enumerate(shares, first_slot)]
 
 
 def root(leaves: list[bytes]) -> bytes:
@@ -576,16 +583,23 @@ class Answer:
             return y
 
         def hexes(v: Any) -> list[bytes]:
-            if (
-                not isinstance(v, list)
-                or len(v) > MAX_MEMBERS
-                or not all(isinstance(x, str) and len(x) == 64 for x in v)
-            ):
-                raise SecAggError("schema", "leaves must be a list of 64-hex-digit strings")
+            # one join and one fromhex per dealer (n^2 leaves per cohort: this is the aggregator's hot path)
             try:
-                return [bytes.fromhex(x) for x in v]
+                if not isinstance(v, list) or len(v) > MAX_MEMBERS or set(map(len, v)) - {64}:
+                    raise TypeError
+                raw = bytes.fromhex("".join(v))
+            except TypeError:
+                raise SecAggError("schema", "leaves must be a list of 64-hex-digit strings") from None
             except ValueError:
                 raise SecAggError("schema", "leaves must be hex") from None
+            return [raw[i : i + 32] for i in range(0, len(raw), 32)]
+
+        valid: set[str] = set()
+
+        def name(v: Any, what: str) -> str:  # each member's name is checked once, not once per share
+            if v not in valid:
+                valid.add(_site(v, what))
+            return str(v)
 
         for key in ("self_shares", "pair_shares", "leaves", "refused"):
             if not isinstance(doc[key], dict):
@@ -598,7 +612,7 @@ class Answer:
         for k, d in doc["pair_shares"].items():
             if not isinstance(d, dict):
                 raise SecAggError("schema", "answer pair_shares entries must be objects")
-            pair[_site(k, "dealer")] = {_site(j, "dropped site"): share(v) for j, v in d.items()}
+            pair[name(k, "dealer")] = {name(j, "dropped site"): share(v) for j, v in d.items()}
         if not isinstance(doc["cohort"], str) or not isinstance(doc["federation"], str):
             raise SecAggError("schema", "answer cohort and federation must be strings")
         return cls(
@@ -606,10 +620,10 @@ class Answer:
             doc["cohort"],
             sh,
             _site(doc["site"], "site"),
-            {_site(k, "dealer"): share(v) for k, v in doc["self_shares"].items()},
+            {name(k, "dealer"): share(v) for k, v in doc["self_shares"].items()},
             pair,
-            {_site(k, "dealer"): hexes(v) for k, v in doc["leaves"].items()},
-            {_site(k, "dealer"): str(v)[:200] for k, v in doc["refused"].items()},
+            {name(k, "dealer"): hexes(v) for k, v in doc["leaves"].items()},
+            {name(k, "dealer"): str(v)[:200] for k, v in doc["refused"].items()},
         )
 
 

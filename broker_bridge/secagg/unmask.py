@@ -12,7 +12,6 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -20,8 +19,6 @@ from broker_bridge.errors import SecAggError
 from broker_bridge.keys import Enrollment, KeyPair
 from broker_bridge.secagg import messages as m
 from broker_bridge.secagg import prg, quantise, shamir
-
-_EXPAND_THREADS = 2
 
 
 class CohortUnmasker:
@@ -49,6 +46,7 @@ class CohortUnmasker:
         self._self_shares: dict[str, dict[int, int]] = {}  # dealer -> {x: share of b_dealer}
         self._pair_shares: dict[tuple[str, str], dict[int, int]] = {}  # (dealer, dropped) -> {x: share}
         self.refused: Counter[str] = Counter()  # reason -> count (whole messages and single shares)
+        self._positions = {s: i for i, s in enumerate(ann.members)}  # slot of each member (Shamir x - 1)
 
     @classmethod
     def announce(
@@ -142,7 +140,8 @@ class CohortUnmasker:
         if signer in self.answered:
             raise self._refuse("replay", f"{signer!r} already answered")
         self.answered.add(signer)
-        x = self.ann.position(signer) + 1
+        pos = self._positions
+        x = pos[signer] + 1
         dropped = set(self.survivors.dropped)
         bad: list[tuple[str, str]] = []
         for dealer, leaves in answer.leaves.items():
@@ -152,15 +151,12 @@ class CohortUnmasker:
                 continue
             share = answer.self_shares.get(dealer)
             pairs = answer.pair_shares.get(dealer, {})
+            base = m.leaf_base(self.cohort_hash, dealer, signer)
             if (
                 share is None
                 or set(pairs) != dropped
-                or m.leaf(self.cohort_hash, dealer, signer, self.ann.position(dealer), share)
-                != leaves[self.ann.position(dealer)]
-                or any(
-                    m.leaf(self.cohort_hash, dealer, signer, self.ann.position(j), y) != leaves[self.ann.position(j)]
-                    for j, y in pairs.items()
-                )
+                or m.leaf_from(base, pos[dealer], share) != leaves[pos[dealer]]
+                or any(m.leaf_from(base, pos[j], y) != leaves[pos[j]] for j, y in pairs.items())
             ):
                 bad.append((dealer, "bad_share"))
                 continue
@@ -223,14 +219,11 @@ class CohortUnmasker:
             for j in self.survivors.dropped
         ]
         size = total.size
-        # expanding the masks (ChaCha20) is the bulk of the work; libsodium runs without the GIL, so two
-        # threads expand while this one adds, a few masks at a time to bound memory
-        with ThreadPoolExecutor(_EXPAND_THREADS) as pool:
-            for start in range(0, len(removals), 4 * _EXPAND_THREADS):
-                batch = removals[start : start + 4 * _EXPAND_THREADS]
-                for (_, sign), pm in zip(batch, pool.map(prg.mask, [seed for seed, _ in batch], [size] * len(batch))):
-                    if sign < 0:
-                        total -= pm
-                    else:
-                        total += pm
+        # expanding the masks (ChaCha20) is the bulk of the work: one mask at a time, added in place (one
+        # thread: OpenSSL's ChaCha20 runs at memory speed, and a second thread only contends for the GIL)
+        for seed, sign in removals:
+            if sign < 0:
+                total -= prg.mask(seed, size)
+            else:
+                total += prg.mask(seed, size)
         return quantise.dequantise_sum(total, self.ann.clip_range, self.ann.n)

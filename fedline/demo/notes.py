@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from fedline.demo import secure_aggregation
 from fedline.demo.data import DemoData
 from fedline.demo.workspace import Tuning, baseline_epochs, personal_table, split_live
 
@@ -98,15 +99,21 @@ def settings(data: DemoData, t: Tuning, batch_fraction: float, tunings: dict[str
     ]
 
 
-def intermittent(site: str, cut: dict[str, Any]) -> str:
+def intermittent(site: str, cut: dict[str, Any], secure: bool = False) -> str:
     if cut.get("cut_at") is None:
         return f"Intermittent site {site}: the run ended before its link was cut."
+    after = (
+        "its agent trains only for a secure-aggregation cohort it joined, so it made no new updates meanwhile; an "
+        "update it had masked for a cohort that closed while it was away is refused on reconnect with a signed "
+        "'rejected' receipt (secagg_wrong_cohort), and it joins the next cohort."
+        if secure
+        else "its agent kept training into its outbox meanwhile and sent the backlog on reconnect, where the "
+        "aggregator weighted it down by staleness (or dropped it, with a signed 'stale' receipt, past max staleness)."
+    )
     return (
         f"Intermittent site {site}: its link to the broker (a TCP proxy) was cut at {cut.get('cut_at')} s and "
         f"restored at {cut.get('restored_at')} s (global versions {cut.get('version_at_cut')} to "
-        f"{cut.get('version_at_restore')} were made without it); its agent kept training into its outbox "
-        "meanwhile and sent the backlog on reconnect, where the aggregator weighted it down by staleness "
-        "(or dropped it, with a signed 'stale' receipt, past max staleness)."
+        f"{cut.get('version_at_restore')} were made without it); " + after
     )
 
 
@@ -120,10 +127,12 @@ def run_notes(
     broker_desc: str,
 ) -> list[str]:
     """Every note of the report, in order."""
+    secure = secure_aggregation.enabled(t.secure_aggregation, len(data.sites))
     return [
         *provenance(data, t),
         *settings(data, t, batch_fraction, tunings),
-        intermittent(site, cut),
+        secure_aggregation.note(secure, len(data.sites)),
+        intermittent(site, cut, secure),
         f"Broker: {broker_desc}.",
         "How these defaults were chosen: docs/tuning.md.",
     ]

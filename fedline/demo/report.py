@@ -16,6 +16,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from fedline.demo import secure_aggregation
+
 METRIC_NAMES = {"roc_auc": "ROC AUC (higher is better)", "rmse": "RMSE (lower is better)"}
 
 
@@ -91,6 +93,7 @@ def compute_checks(report: dict[str, Any]) -> dict[str, Any]:
         )
         if intermittent
         else None,
+        "every_version_from_a_secure_cohort": secure_aggregation.check(report.get("secure_aggregation")),
     }
 
 
@@ -139,6 +142,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- Raw records seen on the wire: **{report['raw_records_on_wire']}** ({ok(checks['no_raw_records_on_wire'])})",
         f"- Intermittent site's updates all accounted for (applied or stale, with a signed receipt, "
         f"outbox empty): {ok(checks['intermittent_site_accounted'])}",
+        f"- Every version the sum of a secure-aggregation cohort of at least 3 sites: "
+        f"{ok(checks.get('every_version_from_a_secure_cohort'))}",
         "",
         "## Per site, in this run",
         "",
@@ -241,6 +246,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- Traffic audit: {report['audit']['messages']} messages searched for every record of every site "
         "(as text and as packed float32/float64, raw and normalised); records found: "
         f"**{report['raw_records_on_wire']}**.",
+        secure_aggregation.markdown_line(report.get("secure_aggregation")),
         "",
         "## How this run was set up",
         "",

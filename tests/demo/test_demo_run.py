@@ -11,9 +11,11 @@ and in README.md.
 
 from __future__ import annotations
 
+import ast
 import csv
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -134,6 +136,32 @@ def test_shortened_ai4i_demo(tmp_path):
     # two splits cannot show a gain at p < 0.05 (the best a sign test of 2 can say is p = 0.25): the claim fails
     assert study["sites"]["H"]["served_sign_test_p"] >= 0.25 and checks["smallest_site_served_gains"] is False
     assert "split study" in out
+    assert_secure_aggregation(tmp_path / "run" / "logs" / "aggregator.log", rep)
+
+
+def assert_secure_aggregation(agg_log: Path, rep: dict) -> None:
+    """Every version was a masked cohort's sum, and the report's figures are the aggregator's own events.
+
+    The block is read from the aggregator's SQLite store; here each figure is counted again from its
+    log (one ``secagg.cohort_applied`` event per cohort sum, ``secagg.cohort_failed`` per failure).
+    """
+    sa = rep["secure_aggregation"]
+    assert sa["enabled"] and sa["min_sites"] == 3 and rep["checks"]["every_version_from_a_secure_cohort"]
+    applied, failed = [], 0
+    for line in agg_log.read_text().splitlines():
+        if "secagg.cohort_applied" in line:
+            f = dict(re.findall(r"(\w+)=(\"[^\"]*\"|\S+)", line.split("secagg.cohort_applied", 1)[1]))
+            lists = {k: ast.literal_eval(f[k].strip('"')) for k in ("dropped", "silent")}
+            applied.append((int(f["version"]), int(f["survivors"]), lists["dropped"], lists["silent"]))
+        failed += "secagg.cohort_failed" in line
+    assert [a[0] for a in applied] == list(range(1, rep["model_versions"] + 1))  # no plain version
+    assert sa["cohorts"] == len(applied) == rep["model_versions"] and sa["plain_versions"] == 0
+    assert sa["cohorts_failed"] == failed
+    assert sa["dropouts_recovered"] == sum(len(d) + len(s) for _, _, d, s in applied)
+    assert sa["min_cohort_sites"] == min(a[1] for a in applied) and 3 <= sa["min_cohort_sites"] <= 4
+    # the federation kept publishing while L2 was away: cohorts of the others made versions
+    assert rep["intermittent"]["version_at_restore"] > rep["intermittent"]["version_at_cut"]
+    assert "Secure aggregation:" in (agg_log.parents[2] / "report" / "report.md").read_text()
 
 
 @pytest.mark.broker
@@ -178,6 +206,8 @@ def test_bring_your_own_regression_csv_reports_rmse(tmp_path):
         "2",
     )
     assert rep["task"] == "regression" and rep["metric"] == "rmse"
+    # two sites cannot form a cohort (a cohort of 2 reveals each update to the other): secure aggregation is off
+    assert rep["secure_aggregation"]["enabled"] is False and rep["checks"]["every_version_from_a_secure_cohort"] is None
     assert {s["site"]: s["rows"] for s in rep["sites"]} == {"south": 550, "north": 350}
     y = np.array([float(r["energy"]) for r in csv.DictReader(path.open())])
     for s in rep["sites"]:

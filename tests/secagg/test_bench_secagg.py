@@ -27,3 +27,4 @@ def test_secagg_bench_runs_quick_and_reports_the_required_keys(capsys) -> None:
     assert [(r["sites"], r["dropped"]) for r in doc["rows"]] == [(5, 0), (5, 1), (8, 0), (8, 2)]
     assert 0 < doc["max_error_over_bound"] < 1.0  # within the stated quantisation bound, and not exact
     assert all(r["secure_bytes"] > r["plain_bytes"] for r in doc["rows"])
+    assert doc["prg_mb_per_s"] > 0 and doc["libsodium_mb_per_s"] > 0

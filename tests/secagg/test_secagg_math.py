@@ -7,8 +7,7 @@ import hashlib
 
 import numpy as np
 import pytest
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
-from nacl.bindings import crypto_scalarmult
+from nacl.bindings import crypto_scalarmult, randombytes_buf_deterministic
 from nacl.public import PrivateKey
 
 from broker_bridge.secagg import prg, quantise, seeds, shamir
@@ -83,14 +82,20 @@ def test_quantise_refuses_nan() -> None:
 
 # --------------------------------------------------------------------------- PRG and seeds
 def test_prg_is_libsodium_chacha20_with_the_seed_as_key() -> None:
-    seed = bytes(range(32))
-    # libsodium's randombytes_buf_deterministic: ChaCha20 (IETF) keyed by the seed, nonce "LibsodiumDRG"
-    enc = Cipher(algorithms.ChaCha20(seed, b"\x00" * 4 + b"LibsodiumDRG"), mode=None).encryptor()
-    expected = np.frombuffer(enc.update(bytes(4 * 1000)), dtype="<u4")
-    assert np.array_equal(prg.mask(seed, 1000), expected)
+    # the mask is defined as libsodium's randombytes_buf_deterministic (IETF ChaCha20 keyed by the seed,
+    # nonce "LibsodiumDRG"); prg computes it with OpenSSL: compare with libsodium's own C code, at lengths
+    # that end inside a 64-byte block, span many blocks, and are empty
+    for seed in (bytes(range(32)), bytes(32), b"\xff" * 32):
+        for n in (0, 1, 15, 1000, 100_003):
+            expected = np.frombuffer(randombytes_buf_deterministic(4 * n, seed), dtype="<u4")
+            assert np.array_equal(prg.mask(seed, n), expected), (seed[:2], n)
     assert not np.array_equal(prg.mask(bytes(31) + b"\x01", 1000), prg.mask(bytes(32), 1000))
     with pytest.raises(ValueError, match="32 bytes"):
         prg.mask(b"\x00" * 4, 10)  # no short seeds
+    with pytest.raises(ValueError, match="mask length"):
+        prg.mask(bytes(32), -1)
+    with pytest.raises(ValueError, match="mask length"):
+        prg.mask(bytes(32), 2**36 + 1)  # past the 32-bit block counter: the keystream would repeat
 
 
 def test_pair_seed_is_symmetric_and_bound_to_the_cohort() -> None:
