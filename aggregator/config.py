@@ -117,6 +117,9 @@ class StrategyConfig:
     alpha: float = 0.5  # FedAsync mixing rate
     # FedAsync: "mix" is the paper's x_t = (1 - a_t) x_{t-1} + a_t (x_base + delta); "delta" is x + a_t delta
     fedasync_form: Literal["mix", "delta"] = "mix"
+    # FedAsync: a site's α_t is scaled by min(1, seconds since its last applied update / site_interval_s),
+    # so a site that sends faster gains no influence (aggregator.site_rate); 0 = off
+    site_interval_s: float = 60.0
     staleness: Literal["constant", "polynomial", "hinge"] = "polynomial"
     a: float = 0.5  # polynomial exponent; hinge slope
     b: float = 4.0  # hinge: staleness up to b weighs 1
@@ -147,6 +150,8 @@ class StrategyConfig:
     def validate(self) -> None:
         if not 0.0 < self.alpha <= 1.0:
             raise ValueError(f"alpha must be in (0, 1], got {self.alpha}")
+        if self.site_interval_s < 0:
+            raise ValueError(f"site_interval_s must be >= 0 (0 = off), got {self.site_interval_s}")
         if self.a < 0 or self.b < 0:
             raise ValueError("a and b must be non-negative")
         if self.max_staleness < 0:
