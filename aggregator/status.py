@@ -121,7 +121,7 @@ async def collect(cfg: StatusConfig, listen_s: float = 3.0) -> FederationView:
                 continue
             try:
                 info = topics.parse(msg.topic)
-                if info.kind == "status":
+                if info.kind == "status" and info.site:
                     try:
                         doc = json.loads(msg.payload)
                     except ValueError:
@@ -135,7 +135,7 @@ async def collect(cfg: StatusConfig, listen_s: float = 3.0) -> FederationView:
                 elif info.kind == "manifest":
                     epoch, version = sealed_manifest_header(msg.payload)
                     view.manifest = {"version": version, "epoch": epoch}
-                elif info.kind == "receipts":  # sealed to the site: counted, not read
+                elif info.kind == "receipts" and info.site:  # sealed to the site: counted, not read
                     view.site(info.site).receipts["sealed"] += 1
             except (TopicError, WireError, ValueError, KeyError, UnicodeDecodeError):
                 view.bad_messages += 1
@@ -179,7 +179,7 @@ def render(view: FederationView) -> str:
         )
     console = Console(width=140, record=True, file=open("/dev/null", "w"))
     console.print(table)
-    totals = Counter()
+    totals: Counter[str] = Counter()
     for sv in view.sites.values():
         totals.update(sv.receipts)
     online = sum(1 for sv in view.sites.values() if sv.status.get("state") == "online")
