@@ -117,6 +117,9 @@ class StrategyConfig:
     alpha: float = 0.5  # FedAsync mixing rate
     # FedAsync: "mix" is the paper's x_t = (1 - a_t) x_{t-1} + a_t (x_base + delta); "delta" is x + a_t delta
     fedasync_form: Literal["mix", "delta"] = "mix"
+    # FedAsync: a site's α_t is scaled by min(1, seconds since its last applied update / site_interval_s),
+    # so a site that sends faster gains no influence (aggregator.site_rate); 0 = off
+    site_interval_s: float = 60.0
     staleness: Literal["constant", "polynomial", "hinge"] = "polynomial"
     a: float = 0.5  # polynomial exponent; hinge slope
     b: float = 4.0  # hinge: staleness up to b weighs 1
@@ -147,6 +150,8 @@ class StrategyConfig:
     def validate(self) -> None:
         if not 0.0 < self.alpha <= 1.0:
             raise ValueError(f"alpha must be in (0, 1], got {self.alpha}")
+        if self.site_interval_s < 0:
+            raise ValueError(f"site_interval_s must be >= 0 (0 = off), got {self.site_interval_s}")
         if self.a < 0 or self.b < 0:
             raise ValueError("a and b must be non-negative")
         if self.max_staleness < 0:
@@ -353,30 +358,26 @@ def _resolve(cfg: AggregatorConfig, file: str | Path | None) -> AggregatorConfig
         state_dir=str(resolve_path(file, a.state_dir)),
     )
     intake = dataclasses.replace(cfg.intake, keys_dir=str(resolve_path(file, cfg.intake.keys_dir)))
-    b = cfg.broker
-    changes: dict[str, Any] = {}
-    for name in ("password_file", "ca_file", "cert_file", "key_file"):
-        value = getattr(b, name)
-        if value:
-            changes[name] = str(resolve_path(file, value))
-    return dataclasses.replace(
-        cfg,
-        aggregator=a,
-        intake=intake,
-        broker=dataclasses.replace(b, **changes),
-        file=str(file) if file is not None else None,
-    )
+    return dataclasses.replace(cfg, aggregator=a, intake=intake, file=str(file) if file is not None else None)
 
 
 def parse_config(table: dict[str, Any], file: str | Path | None = None) -> AggregatorConfig:
-    """Validate a parsed TOML document; relative paths are resolved against ``file``."""
+    """Validate a parsed TOML document; relative paths are resolved against ``file``.
+
+    The ``[broker]`` table goes through :meth:`BrokerSettings.from_table`, the one parser of broker tables
+    (the edge's, the line's and the MQTT sources' too): the same keys, checks and path resolution everywhere.
+    """
+    broker_table = table.get("broker", {})
+    if not isinstance(broker_table, dict):
+        raise ConfigError(file if file is not None else "<config>", "broker", "must be a table")
     try:
-        cfg = parse(AggregatorConfig, table, file=file)
+        broker = BrokerSettings.from_table(broker_table, file, "broker")
+        cfg = parse(AggregatorConfig, {**table, "broker": {}}, file=file)
     except ConfigError as exc:
         if exc.file == "<config>" and file is not None:
             raise ConfigError(file, exc.key, exc.message) from None
         raise
-    return _resolve(cfg, file)
+    return _resolve(dataclasses.replace(cfg, broker=broker), file)
 
 
 def load_config(path: str | Path) -> AggregatorConfig:

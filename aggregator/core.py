@@ -35,6 +35,8 @@ from aggregator.config import AggregatorConfig
 from aggregator.metrics import Metrics
 from aggregator.normbound import effective_bounds
 from aggregator.opener import Opened, open_update
+from aggregator.recovery import SiteHistory
+from aggregator.site_rate import SiteRate
 from aggregator.store import BufferedRow, Store, Verdict
 from aggregator.strategies import Accepted, make_strategy
 from broker_bridge import envelope
@@ -103,7 +105,10 @@ class AggregatorCore:
         self.strategy = make_strategy(cfg.strategy, len(self.enrollment.sites))
         fairness.check_federation(cfg.strategy, self.strategy, len(self.enrollment.sites), a.enrollment_file)
         self.store = Store(Path(a.state_dir) / "aggregator.sqlite", fsync=a.fsync)
+        # what each site released, for a site that lost its data directory (aggregator.recovery)
+        self.history = SiteHistory(Path(a.state_dir) / "aggregator.sqlite", fsync=a.fsync)
         self.pool = ThreadPoolExecutor(a.workers, thread_name_prefix="agg-open")
+        self.site_rate = SiteRate(cfg.strategy.site_interval_s if cfg.strategy.kind == "fedasync" else 0.0)
         self._torch_model: Any = None
         self.evaluator = None
         if cfg.evaluation is not None:  # load the rows now, so a bad [evaluation] table fails at start
@@ -202,6 +207,7 @@ class AggregatorCore:
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
+        self.history.close()
         self.store.close()
 
     # -- stage 1: open and validate (thread-safe) -------------------------------------
@@ -258,6 +264,7 @@ class AggregatorCore:
                 f"counter {h.counter} is below {top}, already decided, and unknown",
                 store=False,
             )
+        self.history.note(h)  # a release the site paid privacy for, noted before its verdict (aggregator.recovery)
         if op.reason is not None:
             return self._refuse(h.site, h.counter, h.msg_id, op.reason, op.detail)
         s = self.version - h.base_version
@@ -300,6 +307,7 @@ class AggregatorCore:
             self.strategy.weight(h.n_samples, s),
             op.tensors,
             op.norm,
+            rate=self.site_rate.scale(h.site),
         )
         if self.strategy.needs_base:
             acc.base = self._base_model(h.base_version)
@@ -412,6 +420,8 @@ class AggregatorCore:
             for u in updates
         ]
         receipts = self.commit(result.model, result.momentum, lineage, applied, last_arrived)
+        for u in updates:
+            self.site_rate.applied(u.site)
         return Decision(receipts[-1], receipts[:-1], self.version)
 
     def commit(

@@ -32,6 +32,11 @@ def _stamp(path: str) -> tuple[float, int] | None:
     return st.st_mtime_ns, st.st_size
 
 
+def fingerprints(enrollment: Enrollment) -> dict[str, str]:
+    """Each enrolled site's public keys as one hex string: a change is a key rotation (a new epoch)."""
+    return {s: (p.sign_pub + p.box_pub).hex() for s, p in enrollment.sites.items()}
+
+
 class Granter:
     """The key epoch of one aggregator, kept in step with its enrollment file."""
 
@@ -42,7 +47,7 @@ class Granter:
         self._stamp = _stamp(self.path)
         self.keys = FederationKeys(core.store)
         self.epoch: Epoch
-        self.epoch, revoked = self.keys.sync(set(core.enrollment.sites))
+        self.epoch, revoked = self.keys.sync(set(core.enrollment.sites), fingerprints(core.enrollment))
         self._to_clear: set[str] = set(revoked)
 
     def reload_if_changed(self) -> bool:
@@ -60,7 +65,7 @@ class Granter:
             event(log, "enrollment.refused", level=logging.ERROR, file=self.path, error=str(exc))
             return False
         self.core.enrollment = new  # one reference assignment: open() in the pool threads sees old or new
-        self.epoch, revoked = self.keys.sync(set(new.sites))
+        self.epoch, revoked = self.keys.sync(set(new.sites), fingerprints(new))
         self._to_clear |= revoked
         event(log, "enrollment.reloaded", sites=len(new.sites), epoch=self.epoch.number, revoked=sorted(revoked))
         return True

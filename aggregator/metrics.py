@@ -60,6 +60,12 @@ class Metrics:
             "Sites sent the current key and model again because their status said they were behind",
             registry=r,
         )
+        self.recovery = Counter(
+            "fedline_aggregator_recovery_requests",
+            "Recovery requests of sites that lost their data directory, by outcome (answered, refused, rate_limited)",
+            ["outcome"],
+            registry=r,
+        )
         self._recent: deque[float] = deque()
 
     def decided(self, verdict: str, reason: str | None = None, arrival: bool = True) -> None:

@@ -37,10 +37,11 @@ from aggregator.config import AggregatorConfig
 from aggregator.core import AggregatorCore, Opened
 from aggregator.metrics import Metrics
 from aggregator.reassembly import SenderChunks, enforce_total_cap
+from aggregator.recovery import RecoveryDesk
 from aggregator.reducer import Forwards
 from aggregator.secagg_cohort import CohortCoordinator
 from broker_bridge.client import MqttClient
-from broker_bridge.errors import FedlineError, TopicError
+from broker_bridge.errors import FedlineError, TopicError, WireError
 from broker_bridge.liveness import Liveness
 from broker_bridge.topics import Topics
 from fedline.logs import event
@@ -96,6 +97,7 @@ class Aggregator:
         loop = asyncio.get_running_loop()
         self.core = await loop.run_in_executor(self._serial, self._make_core)
         self.granter = await loop.run_in_executor(self._serial, grants.Granter, self.core, self.topics)
+        self.recovery = RecoveryDesk(self.core.history, self.core.keys)
         self._metrics_http.start(self.cfg.metrics, service="aggregator", file=self.cfg.file)
         queue: asyncio.Queue[asyncio.Future[Opened]] = asyncio.Queue(maxsize=4 * self.cfg.aggregator.workers)
         settings = self._settings()
@@ -109,6 +111,7 @@ class Aggregator:
                     await client.subscribe(self.topics.forwards_filter(), qos=1)
                 # statuses: catch-up requests (aggregator.catchup) and, with secure aggregation, who is online
                 await client.subscribe(self.topics.status_filter(), qos=1)
+                await client.subscribe(self.topics.recovery_requests_filter(), qos=1)  # lost data directories
                 if self.cfg.strategy.secure_aggregation:
                     self.cohorts = CohortCoordinator(self.core, self.topics)
                     await client.subscribe(self.topics.secagg_replies_filter(), qos=1)
@@ -169,6 +172,9 @@ class Aggregator:
                 continue
             if info.kind == "status" and info.site is not None:
                 self._on_status(info.site, msg.payload)
+            if info.kind == "recovery_request" and info.site is not None:
+                await self._answer_recovery(client, info.site, msg.payload)
+                continue
             if info.kind == "forward" and self.forwards is not None and info.site is not None:
                 done = self.chunks.add(info.site, msg.topic, msg.payload)
                 if done is not None:  # a worker's forward: open it (decrypt, verify the worker) in the pool
@@ -209,6 +215,8 @@ class Aggregator:
                 else:
                     op = await fut
                     if op.secagg and self.cohorts is not None:
+                        if op.header is not None:  # a release like any other (aggregator.recovery)
+                            await loop.run_in_executor(self._serial, core.history.note, op.header)
                         await self._to_cohorts(client, self.cohorts.on_submission, op)
                         continue
                     decision = await loop.run_in_executor(self._serial, core.decide, op)
@@ -235,6 +243,33 @@ class Aggregator:
                         counter=r["counter"],
                         error=str(exc),
                     )
+
+    async def _answer_recovery(self, client: MqttClient, site: str, payload: bytes) -> None:
+        """A site that lost its data directory asks for its last counter and privacy history (aggregator.recovery).
+
+        Answered on the serial thread, in order with the decisions: the counter it reads is the decided one.
+        """
+        loop = asyncio.get_running_loop()
+        core = self.core
+        assert core is not None
+
+        def answer() -> bytes | None:
+            return self.recovery.handle(site, payload, core.enrollment, core.store.max_counter(site))
+
+        try:
+            blob = await loop.run_in_executor(self._serial, answer)
+        except WireError as exc:
+            self.metrics.recovery.labels("refused").inc()
+            event(log, "recovery.refused", level=logging.WARNING, site=site, reason=exc.reason, detail=exc.detail)
+            return
+        if blob is None:
+            self.metrics.recovery.labels("rate_limited").inc()
+            return
+        try:
+            await client.publish(self.topics.recovery_answer(site), blob, qos=1)
+            self.metrics.recovery.labels("answered").inc()
+        except (FedlineError, TopicError) as exc:  # the site asks again
+            event(log, "recovery.unsent", level=logging.WARNING, site=site, error=str(exc))
 
     # -- secure-aggregation cohorts ---------------------------------------------------------
     async def _to_cohorts(self, client: MqttClient, handler: Any, *args: Any) -> None:
@@ -361,8 +396,12 @@ class Aggregator:
         while True:
             await asyncio.sleep(self.cfg.aggregator.enrollment_poll_s)
             async with self._epoch_lock:
+                epoch = self.granter.epoch.number
                 if await loop.run_in_executor(self._serial, self.granter.reload_if_changed):
                     await self.granter.publish_grants(client)
+                    if self.granter.epoch.number != epoch:  # the current version again, under the new key: a
+                        self.published_version = -1  # re-keyed site holds only the new one (issue 14)
+                        self._new_version.set()
 
     async def _clear_old(self, client: MqttClient) -> None:
         core = self.core

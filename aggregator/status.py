@@ -62,13 +62,12 @@ def load_status_config(path: str | Path) -> StatusConfig:
             "broker": table.get("broker", {}),
         }
         table = {k: v for k, v in table.items() if v is not None}
-    cfg = parse(StatusConfig, table, file=path)
-    b = cfg.broker
-    changes = {
-        n: str(resolve_path(path, getattr(b, n)))
-        for n in ("password_file", "ca_file", "cert_file", "key_file")
-        if getattr(b, n)
-    }
+    broker_table = table.get("broker", {})
+    if not isinstance(broker_table, dict):
+        raise ConfigError(path, "broker", "must be a table")
+    b = BrokerSettings.from_table(broker_table, path, "broker")  # the one parser of broker tables
+    cfg = parse(StatusConfig, {**table, "broker": {}}, file=path)
+    changes: dict[str, Any] = {}
     if not b.client_id:
         changes["client_id"] = f"fedline-status-{int(time.time() * 1000) % 1_000_000}"
     return dataclasses.replace(
@@ -122,7 +121,7 @@ async def collect(cfg: StatusConfig, listen_s: float = 3.0) -> FederationView:
                 continue
             try:
                 info = topics.parse(msg.topic)
-                if info.kind == "status":
+                if info.kind == "status" and info.site:
                     try:
                         doc = json.loads(msg.payload)
                     except ValueError:
@@ -136,7 +135,7 @@ async def collect(cfg: StatusConfig, listen_s: float = 3.0) -> FederationView:
                 elif info.kind == "manifest":
                     epoch, version = sealed_manifest_header(msg.payload)
                     view.manifest = {"version": version, "epoch": epoch}
-                elif info.kind == "receipts":  # sealed to the site: counted, not read
+                elif info.kind == "receipts" and info.site:  # sealed to the site: counted, not read
                     view.site(info.site).receipts["sealed"] += 1
             except (TopicError, WireError, ValueError, KeyError, UnicodeDecodeError):
                 view.bad_messages += 1
@@ -180,7 +179,7 @@ def render(view: FederationView) -> str:
         )
     console = Console(width=140, record=True, file=open("/dev/null", "w"))
     console.print(table)
-    totals = Counter()
+    totals: Counter[str] = Counter()
     for sv in view.sites.values():
         totals.update(sv.receipts)
     online = sum(1 for sv in view.sites.values() if sv.status.get("state") == "online")

@@ -170,6 +170,8 @@ every_s = 36000.0
 batch_size = 64
 [privacy]
 epsilon = 1000.0
+[recovery]
+ask_aggregator = false
 """
     path = tmp / "site-a" / "site.toml"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -77,6 +77,8 @@ def render_acl(
         f"topic readwrite {r}/secagg/#",
         f"topic write {r}/sites/+/secagg/request",
         f"topic read {r}/sites/+/secagg/reply",
+        f"topic read {r}/sites/+/recovery/request",
+        f"topic write {r}/sites/+/recovery/answer",
         f"topic read {r}/intake/#",
         "",
     ]
@@ -108,6 +110,9 @@ def render_acl(
         f"pattern read {r}/secagg/#",
         f"pattern read {r}/sites/%u/secagg/request",
         f"pattern write {r}/sites/%u/secagg/reply",
+        "# A site that lost its data directory: its own recovery request and the aggregator's answer.",
+        f"pattern write {r}/sites/%u/recovery/request",
+        f"pattern read {r}/sites/%u/recovery/answer",
         "# Every service (aggregator, <site>.line): its own retained liveness.",
         f"pattern readwrite {r}/services/%u/status",
         "",

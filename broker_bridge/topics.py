@@ -7,6 +7,8 @@ Layout under ``<prefix>/<federation>/`` (DESIGN.md):
 - ``sites/<site>/status``: retained status, ``offline`` by last will
 - ``sites/<site>/fedkey``: retained, the federation content key of the current
   epoch sealed to that site's X25519 key (``broker_bridge.federation_key``)
+- ``sites/<site>/recovery/request`` and ``.../answer``: a site that lost its data directory asks the
+  aggregator for its last counter and privacy history (``broker_bridge.recovery``)
 - ``services/<user>/status``: retained liveness of the aggregator and each line (``<user>`` is
   its broker username), ``offline`` by last will (:mod:`broker_bridge.liveness`)
 - ``intake/<worker>/<msg_id>/<i>``: chunk i of an intake worker's forward to the
@@ -47,7 +49,7 @@ def validate_site_id(site: object, what: str = "site id") -> str:
 class TopicInfo:
     """What a parsed topic names. Fields that do not apply are None."""
 
-    kind: str  # update | forward (site = the worker) | receipts | status | fedkey | service_status | manifest | weights | onnx | secagg_{cohort,survivors,request,reply}
+    kind: str  # update | forward (site = the worker) | receipts | status | fedkey | service_status | manifest | weights | onnx | secagg_{cohort,survivors,request,reply} | recovery_{request,answer}
     site: str | None = None  # for service_status: the service's broker username
     msg_id: str | None = None
     index: int | None = None
@@ -92,6 +94,17 @@ class Topics:
     def secagg_reply(self, site: str) -> str:
         """Cohort member -> aggregator: its acks and answers, signed and sealed."""
         return f"{self.site_root(site)}/secagg/reply"
+
+    def recovery_request(self, site: str) -> str:
+        """Site -> aggregator: "what did you accept from me?" after a lost data directory (signed, sealed)."""
+        return f"{self.site_root(site)}/recovery/request"
+
+    def recovery_answer(self, site: str) -> str:
+        """Aggregator -> site: its last counter and the privacy it read (signed, sealed to the site)."""
+        return f"{self.site_root(site)}/recovery/answer"
+
+    def recovery_requests_filter(self) -> str:
+        return f"{self.root}/sites/+/recovery/request"
 
     def secagg_replies_filter(self) -> str:
         return f"{self.root}/sites/+/secagg/reply"
@@ -167,6 +180,8 @@ class Topics:
                     return TopicInfo(parts[2], site=site)
                 if parts[2] == "secagg" and len(parts) == 4 and parts[3] in ("request", "reply"):
                     return TopicInfo(f"secagg_{parts[3]}", site=site)
+                if parts[2] == "recovery" and len(parts) == 4 and parts[3] in ("request", "answer"):
+                    return TopicInfo(f"recovery_{parts[3]}", site=site)
             if parts[0] == "secagg" and len(parts) == 3 and parts[1] in ("cohort", "survivors"):
                 return TopicInfo(f"secagg_{parts[1]}", msg_id=validate_site_id(parts[2], "cohort id"))
             if parts[0] == "intake" and len(parts) == 4:

@@ -48,8 +48,10 @@ from edge.model_store import GlobalModel, ModelRefused, ModelStore, check_global
 from edge.outbox import Outbox, OutboxFull
 from edge.personal import Personaliser
 from edge.privacy import PrivacyBudget
+from edge.recovery import Recovery, needs_recovery
 from edge.secagg_member import EdgeCohorts
 from edge.status_doc import build_status
+from edge.step_guard import step_refusal
 from edge.trainer import Plan, plan_round, train_round
 from fedline.config import ConfigError
 from fedline.logs import event
@@ -99,6 +101,12 @@ class EdgeAgent:
             Personaliser(cfg.personal, self.spec, cfg.model_seed) if cfg.personal.serve == "pick" else None
         )
         self.outbox = Outbox(data_dir / "outbox.sqlite", cfg.outbox.max_bytes, cfg.outbox.max_count, cfg.outbox.policy)
+        # an empty state (new or lost data dir): nothing is trained or sent before the aggregator's answer
+        self.recovery = (
+            Recovery(self.keys, self.enrollment, cfg.federation, gap=cfg.outbox.max_count)
+            if cfg.recovery.ask_aggregator and needs_recovery(self.outbox)
+            else None
+        )
         self.ledger = self._open_ledger() if self.dp else None
         self.store = ModelStore(data_dir, cfg.path(cfg.model_dir))
         self.cohorts = (
@@ -130,9 +138,10 @@ class EdgeAgent:
         self.keyring = Keyring()  # federation content keys by epoch, from this site's grants
         self._waiting_for_key: bytes | None = None  # a sealed manifest of an epoch not granted (yet)
         self.pending_manifest: tuple[int, bytes, dict[str, Any]] | None = None
+        self.model_refused: dict[str, Any] | None = None  # the last version refused as too far a step
         self.new_rows = 0
         self.last_round_at = time.monotonic()
-        self.publishing = "ok"  # ok | budget_exhausted | outbox_full
+        self.publishing = "recovering" if self.recovery else "ok"  # ok | budget_exhausted | outbox_full | recovering
         self.last_error: str | None = None
         self.last_round: dict[str, Any] = {}
         self.client: MqttClient | None = None
@@ -153,11 +162,14 @@ class EdgeAgent:
 
         return [build_source(t, file=self.cfg.file, where=f"sources[{i}]") for i, t in enumerate(self.cfg.sources)]
 
+    def _privacy_group(self) -> int:
+        m = self.mapping
+        return window_group(m.window, m.stride) if m.aggregate_s is None else 1
+
     def _open_ledger(self) -> RecordLedger:
         """The per-record privacy ledger from the outbox (an old global accountant is carried over)."""
         assert self.dp is not None
-        m = self.mapping
-        group = window_group(m.window, m.stride) if m.aggregate_s is None else 1
+        group = self._privacy_group()
         state, legacy = self.outbox.get_meta("record_ledger"), self.outbox.get_meta("accountant")
         try:
             if state is None and legacy:  # every row stored so far may have been in every past release
@@ -222,6 +234,7 @@ class EdgeAgent:
             publishing=self.publishing,
             outbox_depth=depth,
             epoch=max(self.keyring, default=-1),
+            model_refused=self.model_refused,
         )
 
     def _refresh_gauges(self) -> None:
@@ -364,6 +377,9 @@ class EdgeAgent:
             return await self._round()
 
     async def _round(self) -> str | None:
+        if self.recovery is not None:  # counter and ε unknown until the aggregator answers (edge.recovery)
+            self._skip("recovering")
+            return None
         triggered = time.perf_counter()
         self._first_round_pending = False
         cfg = self.cfg
@@ -562,9 +578,9 @@ class EdgeAgent:
                 if self.personaliser is not None:  # noise-free candidates: never sent, never trained on by DP rounds
                     from edge.personal import build as build_params
 
-                    params, choice = self.personaliser.choose(
-                        {**base.shared, **personal}, *self.dataset.arrays(), *self.dataset.arrays(holdout=True)
-                    )
+                    x, y = self.dataset.arrays()
+                    x_val, y_val = self.dataset.arrays(holdout=True)
+                    params, choice = self.personaliser.choose({**base.shared, **personal}, x, y, x_val, y_val)
                     model, served = build_params(self.spec, params, self.cfg.model_seed), choice.to_dict()
                 return export_onnx(model, self.spec)
 
@@ -684,6 +700,8 @@ class EdgeAgent:
                 event(log, "model.chunk_dropped", logging.WARNING, site=self.site, topic=msg.topic, reason=str(exc))
                 return
             await self._try_adopt()
+        elif info.kind == "recovery_answer" and info.site == self.site and msg.payload:
+            self._on_recovery(msg.payload)
         elif info.kind.startswith("secagg_") and self.cohorts is not None:
             await self._on_secagg(info.kind, msg.payload, info.msg_id)
 
@@ -708,6 +726,37 @@ class EdgeAgent:
                 await self.client.publish(self.topics.secagg_reply(self.site), reply, qos=1)
             except (NotConnected, PublishRefused) as exc:  # a member away now is a dropout the cohort tolerates
                 event(log, "secagg.reply_unsent", logging.WARNING, site=self.site, error=str(exc))
+
+    async def _recover_loop(self, client: MqttClient) -> None:
+        """Ask the aggregator what it accepted from this site until it answers (edge.recovery).
+
+        Again after 0.5 s, 1 s, 2 s ... up to ``resend_s``: a request sent before the aggregator subscribed is lost.
+        """
+        wait = 0.5
+        while self.recovery is not None:
+            await client.connected.wait()
+            try:
+                await client.publish(self.topics.recovery_request(self.site), self.recovery.request(), qos=1)
+                event(log, "recovery.asked", site=self.site, attempt=self.recovery.asked)
+            except (NotConnected, PublishRefused) as exc:
+                event(log, "recovery.not_asked", logging.WARNING, site=self.site, error=str(exc))
+            await asyncio.sleep(wait)
+            wait = min(2 * wait, self.cfg.recovery.resend_s)
+
+    def _on_recovery(self, payload: bytes) -> None:
+        if self.recovery is None:
+            return  # answered already (a duplicate answer)
+        try:
+            answer = self.recovery.open(payload)
+        except WireError as exc:
+            self.metrics.malformed.labels("recovery").inc()
+            event(log, "recovery.answer_refused", logging.WARNING, site=self.site, reason=str(exc))
+            return
+        self.recovery.apply(answer, self.outbox, self.dp, self._privacy_group())
+        self.recovery = None
+        self.ledger = self._open_ledger() if self.dp else None
+        self._set_publishing("ok")
+        self._trigger.set()  # rows that arrived meanwhile may train now
 
     def _on_receipt(self, payload: bytes) -> None:
         try:
@@ -774,8 +823,8 @@ class EdgeAgent:
             self._refuse(None, f"manifest {exc}")
             return
         version = doc["version"]
-        if not self._wants(version):
-            return
+        if not self._wants(version) or (self.model_refused or {}).get("version") == version:
+            return  # (a version refused as too far a step is not fetched again when it is re-announced)
         if doc.get("federation") != self.cfg.federation:
             self._refuse(version, f"manifest is for federation {doc.get('federation')!r}")
             return
@@ -810,6 +859,15 @@ class EdgeAgent:
             self._refuse(version, exc.reason)
             return
         if not self._wants(g.version):
+            return
+        a = self.cfg.adopt
+        far = step_refusal(
+            self.base.shared, g.shared, g.version - self.base.version, a.max_step_l2, a.max_step_relative
+        )
+        if far is not None:  # signed, yet too far from the model in use (edge.step_guard)
+            self.metrics.models_refused_step.inc()
+            self.model_refused = {"version": g.version, "reason": "step"}
+            self._refuse(g.version, far)
             return
         self.base = g
         try:
@@ -889,6 +947,8 @@ class EdgeAgent:
         try:
             async with client:
                 await client.subscribe(self.topics.receipts(self.site), qos=1)
+                if self.recovery is not None:
+                    await client.subscribe(self.topics.recovery_answer(self.site), qos=1)
                 # the manifest and the weights, not the aggregator's ONNX: this agent builds its own from the
                 # weights (with its personal head), so downloading every version's ONNX too only costs the link
                 await client.subscribe(self.topics.fedkey(self.site), qos=1)
@@ -904,6 +964,7 @@ class EdgeAgent:
                         ("send", self._send_loop(client)),
                         ("receive", self._receive_loop(client)),
                         ("status", self._status_loop(client)),
+                        ("recover", self._recover_loop(client)),
                     ]
                 }
                 stopper = asyncio.create_task(stop.wait())

@@ -199,6 +199,40 @@ class OutboxConfig:
 
 
 @dataclass(frozen=True)
+class AdoptConfig:
+    """How far a new global model may move from the current one per version (``edge.step_guard``; 0: off).
+
+    ``max_step_relative`` is a share of the current model's L2 norm, ``max_step_l2`` an absolute L2
+    distance; both over the shared parameters, multiplied by the number of versions between the two.
+    """
+
+    max_step_relative: float = 1.0
+    max_step_l2: float = 0.0
+
+    def validate(self) -> None:
+        if self.max_step_relative < 0 or self.max_step_l2 < 0:
+            raise ValueError("max_step_relative and max_step_l2 must be >= 0 (0: off)")
+
+
+@dataclass(frozen=True)
+class RecoveryConfig:
+    """What a site does when it starts from an empty data directory (``edge.recovery``).
+
+    ``ask_aggregator`` (default on): ask the aggregator for the last counter and privacy history it
+    accepted from this site, and publish nothing until the answer comes (re-asked every ``resend_s``).
+    Off only where no aggregator answers (an offline test or benchmark): a lost data directory then
+    restarts ε at 0 and the counter at 1.
+    """
+
+    ask_aggregator: bool = True
+    resend_s: float = 5.0
+
+    def validate(self) -> None:
+        if self.resend_s <= 0:
+            raise ValueError(f"resend_s must be > 0, got {self.resend_s}")
+
+
+@dataclass(frozen=True)
 class EdgeConfig:
     """One edge agent. Paths are relative to the config file's folder."""
 
@@ -218,6 +252,8 @@ class EdgeConfig:
     outbox: OutboxConfig = field(default_factory=OutboxConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     personal: PersonalConfig = field(default_factory=PersonalConfig)
+    recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
+    adopt: AdoptConfig = field(default_factory=AdoptConfig)
     status_interval_s: float = 30.0
     # train only for secure-aggregation cohorts; send masked updates (edge.secagg_member)
     secure_aggregation: bool = False

@@ -62,6 +62,11 @@ class EdgeMetrics:
         self.dropped = Counter("fedline_edge_outbox_dropped", "Updates dropped because the outbox was full", registry=r)
         self.models_loaded = Counter("fedline_edge_models_loaded", "Global models verified and loaded", registry=r)
         self.models_refused = Counter("fedline_edge_models_refused", "Global models refused", registry=r)
+        self.models_refused_step = Counter(
+            "fedline_edge_models_refused_step",
+            "Signed global models refused because they moved too far from the current one (edge.step_guard)",
+            registry=r,
+        )
         self.malformed = Counter(
             "fedline_edge_malformed_messages", "Messages counted and dropped", ["kind"], registry=r
         )

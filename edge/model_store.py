@@ -137,16 +137,14 @@ class ModelStore:
         """
         from edge.inference.model_dir import publish_model
 
-        extra = {"served": served} if served else {}
-        pointer = publish_model(
-            self.model_dir,
-            onnx,
-            version,
-            site=site,
-            local_round=counter,
-            personalised=bool(spec.personal) or bool(served),
-            spec=spec.to_dict(),
-            created_at=time.time(),
-            **extra,
-        )
+        meta: dict[str, Any] = {
+            "site": site,
+            "local_round": counter,
+            "personalised": bool(spec.personal) or bool(served),
+            "spec": spec.to_dict(),
+            "created_at": time.time(),
+        }
+        if served:
+            meta["served"] = served
+        pointer = publish_model(self.model_dir, onnx, version, **meta)
         return self.model_dir / pointer.file

@@ -136,6 +136,19 @@ class Outbox:
         with self._lock:
             self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
 
+    def set_meta_many(self, values: dict[str, str]) -> None:
+        """Several meta values in one transaction (all or none: a recovery's counter, ledger and marker)."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for k, v in values.items():
+                    self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (k, v))
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+
     def last_counter(self) -> int:
         """The counter of the last update ever sealed (0 before the first)."""
         return int(self.get_meta("counter", "0") or 0)

@@ -186,7 +186,7 @@ def _train(
     spec: ModelSpec,
     start: dict[str, np.ndarray],
     x: np.ndarray,
-    y: np.ndarray,
+    y: np.ndarray | None,
     epochs: int,
     lr: float,
     cfg: PersonalConfig,
@@ -213,7 +213,7 @@ def _train(
 
 
 def train_local_only(
-    spec: ModelSpec, x: np.ndarray, y: np.ndarray, cfg: PersonalConfig, model_seed: int = 0
+    spec: ModelSpec, x: np.ndarray, y: np.ndarray | None, cfg: PersonalConfig, model_seed: int = 0
 ) -> dict[str, np.ndarray]:
     """The plant's model on its own rows alone, from the federation's version 0, without noise."""
     from models import build_model
@@ -236,7 +236,7 @@ def fine_tune(
     spec: ModelSpec,
     global_params: dict[str, np.ndarray],
     x: np.ndarray,
-    y: np.ndarray,
+    y: np.ndarray | None,
     cfg: PersonalConfig,
     model_seed: int = 0,
 ) -> dict[str, np.ndarray]:
@@ -273,7 +273,7 @@ class Personaliser:
         self,
         global_params: dict[str, np.ndarray],
         x: np.ndarray,
-        y: np.ndarray,
+        y: np.ndarray | None,  # None for an anomaly model (no labels)
         x_val: np.ndarray,
         y_val: np.ndarray | None,
     ) -> tuple[dict[str, np.ndarray], Choice]:

@@ -9,7 +9,9 @@ training cadence. What stays: the state (online/offline), the global version
 in use, the newest key epoch the site holds (-1: none yet; with the version, it
 is what the aggregator's catch-up reads, ``aggregator.catchup``; epochs are
 public, like versions), the DP parameters, the unit protected and ε spent against the budget
-(public by design, DESIGN.md), whether the site is publishing, and the outbox depth.
+(public by design, DESIGN.md), whether the site is publishing, the outbox depth, and the last
+global version it refused as too far a step (``model_refused``: version and ``"step"``; versions are
+public, and an operator must see that a site stays behind on purpose, ``edge.step_guard``).
 
 One builder, so that fields added later (e.g. per-record ε) have one home.
 """
@@ -23,11 +25,18 @@ from typing import Any
 #: the public privacy figures a status may carry (``EdgeAgent.privacy_status``: DP parameters, ε, the unit)
 PRIVACY_FIELDS = ("privacy", "accounting", "epsilon", "epsilon_budget", "delta", "privacy_unit")
 #: every key a status may carry; the adversarial capture test checks statuses against it
-STATUS_FIELDS = ("state", "version", "epoch", *PRIVACY_FIELDS, "publishing", "outbox_depth", "ts")
+STATUS_FIELDS = ("state", "version", "epoch", *PRIVACY_FIELDS, "publishing", "outbox_depth", "model_refused", "ts")
 
 
 def build_status(
-    *, state: str, version: int, privacy: Mapping[str, Any], publishing: str, outbox_depth: int, epoch: int = -1
+    *,
+    state: str,
+    version: int,
+    privacy: Mapping[str, Any],
+    publishing: str,
+    outbox_depth: int,
+    epoch: int = -1,
+    model_refused: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The status document. ``privacy``: the site's public privacy figures, keys from :data:`PRIVACY_FIELDS`.
 
@@ -44,5 +53,6 @@ def build_status(
         **privacy,
         "publishing": publishing,
         "outbox_depth": outbox_depth,
+        **({"model_refused": dict(model_refused)} if model_refused else {}),
         "ts": round(time.time(), 1),
     }

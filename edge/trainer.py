@@ -179,7 +179,7 @@ def train_round(
                     # an empty Poisson batch: no gradient, but the step still adds its noise (DP-SGD's analysis
                     # counts every step); Opacus clips and noises an empty per-sample gradient to pure noise
                     for p in params:
-                        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+                        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)  # type: ignore[attr-defined]
                     optimizer.step()
                     continue
                 loss = loss_per_sample(trained, spec, xt[idx], None if yt is None else yt[idx]).mean()
@@ -189,7 +189,7 @@ def train_round(
     if dp is not None and noise_steps != plan.steps:
         raise RuntimeError(f"round ran {noise_steps} noised steps but {plan.steps} are accounted; not released")
     if dp is not None:
-        trained._close()  # remove Opacus hooks before reading and evaluating
+        trained._close()  # type: ignore[operator]  # Opacus's GradSampleModule: remove its hooks
     shared = shared_state(model, spec)
     result_personal = personal_state(model, spec)
     h_loss, h_acc = evaluate(model, spec, *holdout) if holdout is not None else (None, None)

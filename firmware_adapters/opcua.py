@@ -34,7 +34,7 @@ from fedline.config import resolve_path
 from fedline.logs import event
 from firmware_adapters.backoff import Backoff
 from firmware_adapters.config import OpcUaConfig
-from firmware_adapters.sample import Sample, SourceStats
+from firmware_adapters.sample import Quality, Sample, SourceStats
 
 log = logging.getLogger("fedline.adapters.opcua")
 
@@ -55,6 +55,7 @@ class _Handler:
         if stamp is not None:
             ts = (stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)).timestamp()
         status = dv.StatusCode_ if hasattr(dv, "StatusCode_") else dv.StatusCode
+        quality: Quality
         if status is None or status.is_good():
             quality, error = "good", None
         elif status.is_uncertain():

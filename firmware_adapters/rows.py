@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -57,7 +57,12 @@ from fedline.config import ConfigError, parse
 from firmware_adapters.sample import Sample, Value
 
 Aggregate = Literal["mean", "min", "max", "std", "last"]
-_AGGREGATES = {"mean": np.mean, "min": np.min, "max": np.max, "std": np.std}  # over a window's rows ("last" apart)
+_AGGREGATES: dict[str, Callable[..., np.ndarray]] = {
+    "mean": np.mean,
+    "min": np.min,
+    "max": np.max,
+    "std": np.std,
+}  # over a window's rows ("last" apart)
 
 
 @dataclass(frozen=True)

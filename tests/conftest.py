@@ -31,6 +31,7 @@ XDIST_GROUPS = {
     "tests/ops/test_status_json.py": "federation-processes",
     "tests/hostile/test_capture.py": "federation-processes",
     "tests/secagg/test_secagg_kill9.py": "federation-processes",
+    "tests/plant/test_plant_tier.py": "federation-processes",
 }
 
 

@@ -40,6 +40,7 @@ class Accepted:
     delta: State = field(repr=False)
     norm: float | None = None  # L2 norm, when validation already computed it
     base: State | None = field(default=None, repr=False)  # x_τ, for FedAsync's mix
+    rate: float = 1.0  # FedAsync's per-site rate scale of α (aggregator.site_rate)
 
     def lineage(self) -> dict[str, object]:
         return {
@@ -51,6 +52,7 @@ class Accepted:
             "staleness": self.staleness,
             "factor": self.factor,
             "weight": self.weight,
+            "rate": self.rate,
         }
 
 

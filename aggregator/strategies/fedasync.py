@@ -7,7 +7,9 @@ Xie, Koyejo, Gupta, "Asynchronous Federated Optimization", 2019
 checkpoints) to rebuild it. The mix pulls the model towards the stale base
 ``x_τ`` as the paper does; ``fedasync_form = "delta"`` is the shortcut
 ``x ← x + α_t Δ`` without that pull (an option, not the paper's rule). The
-sample count does not enter. One update per version means one site's delta
+sample count does not enter. Each α_t is also scaled by the site's rate
+(``aggregator.site_rate``: a site that sends faster than ``site_interval_s``
+gets a proportionally smaller α, so one site cannot dominate by sending fast). One update per version means one site's delta
 per version: any member reads it as ``w[v+1] − w[v]``, so FedAsync needs
 ``min_sites = 1``, set by the operator who accepts that.
 """
@@ -38,7 +40,7 @@ class FedAsync(Strategy):
         deltas, scales = self.clipped(updates)
         new = model
         for u, d in zip(updates, deltas):
-            u.weight = alpha_t = self.cfg.alpha * u.factor
+            u.weight = alpha_t = self.cfg.alpha * u.factor * u.rate  # rate: a site sending fast gains nothing
             if self.cfg.fedasync_form == "mix":
                 if u.base is None:
                     raise ValueError(f"FedAsync's mix needs the base model of version {u.base_version}")

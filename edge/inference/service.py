@@ -235,7 +235,8 @@ class InferenceService:
                     tasks.append(asyncio.create_task(self._watch_model_dir(), name="infer:model-dir"))
                 if cfg.line.command_topic and out_client is not None:
                     if out_client is fed_client and self.origin == "manifest":
-                        await out_client.subscribe(cfg.line.command_topic, 1)  # routed by _watch_manifest
+                        assert fed_client is not None
+                        await fed_client.subscribe(cfg.line.command_topic, 1)  # routed by _watch_manifest
                     else:
                         tasks.append(asyncio.create_task(self._watch_commands(out_client), name="infer:cmd"))
                 reader = asyncio.create_task(self._read_rows(), name="infer:reader")

@@ -23,6 +23,7 @@ import asyncio
 import re
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -135,16 +136,16 @@ class TrafficRecorder:
         self.on_message = on_message
         self.messages: list[Recorded] = []
         self._task: asyncio.Task | None = None
-        self._client = None
+        self._client: Any = None  # a broker_bridge.client.MqttClient once started
         self.ready = asyncio.Event()
 
     async def start(self) -> TrafficRecorder:
         from broker_bridge.client import MqttClient
 
-        self._client = MqttClient(self.settings)
-        await self._client.__aenter__()
-        await self._client.subscribe(self.topic_filter, qos=1)
-        await self._client.wait_connected(self.settings.timeout_s)
+        client = self._client = MqttClient(self.settings)
+        await client.__aenter__()
+        await client.subscribe(self.topic_filter, qos=1)
+        await client.wait_connected(self.settings.timeout_s)
         self._task = asyncio.create_task(self._run())
         self.ready.set()
         return self

@@ -4,9 +4,10 @@ Why it exists: it is the floor the whole chain is measured against
 (``bench/e2e.py``), and the quick way to tune the demo's defaults (rounds,
 epochs, learning rate, noise) before paying for real processes. Each round,
 every site runs the edge agent's own DP-SGD round (:func:`edge.trainer.train_round`)
-from the current global weights, and the global model moves by the
-sample-weighted mean of the deltas (synchronous FedAvg = FedBuff with K =
-number of sites and no staleness).
+from the current global weights, and the global model moves by the aggregator's own
+FedAvg reduce (:class:`aggregator.strategies.FedAvg`, built from a ``[strategy]``
+table as the service builds it: the same weights, clipping and server step), so the
+floor measures the same math as the chain, not a copy of it.
 """
 
 from __future__ import annotations
@@ -66,19 +67,35 @@ def fedavg(
     evaluate_each_round: bool = True,
     keep_params: bool = False,
     absent: dict[str, range] | None = None,
+    strategy: dict | None = None,
 ) -> LoopResult:
     """Run ``rounds`` synchronous rounds; ``training``/``privacy`` are the edge's config dataclasses.
 
     ``training`` is one :class:`edge.config.TrainingConfig` for every site, or a
     dict ``site -> TrainingConfig`` (e.g. a batch size per site). ``absent``
     maps a site to the rounds (0-based) it misses, as a cut-off site does.
+    ``strategy`` overrides keys of the aggregator's ``[strategy]`` table; by default FedAvg weighs each
+    delta by its site's rows (McMahan's ``n_i / Σ n``) with the aggregator's other defaults.
     """
     import torch
 
+    from aggregator.config import StrategyConfig
+    from aggregator.strategies import Accepted, make_strategy
     from edge.privacy import PrivacyBudget
+    from fedline.config import parse
     from models import build_model, shared_state
     from models.flat import personal_state
 
+    table = {
+        "kind": "fedavg",
+        "min_sites": 1,
+        "sample_weighting": True,
+        "sample_cap": float(max(len(s.x_train) for s in data.sites)),  # no cap below any site's rows
+        "server_lr": server_lr,
+        "server_momentum": server_momentum,
+        **(strategy or {}),
+    }
+    reducer = make_strategy(parse(StrategyConfig, table, where="strategy"), len(data.sites))
     torch.manual_seed(seed)
     model = build_model(spec, seed=0)
     glob = shared_state(model, spec)
@@ -90,7 +107,7 @@ def fedavg(
     out = LoopResult(n_params=sum(a.size for a in glob.values()))
     mom: dict[str, np.ndarray] | None = None
     for round_no in range(rounds):
-        deltas, weights = [], []
+        accepted: list[Accepted] = []
         for s in data.sites:
             if absent and round_no in absent.get(s.site, ()):
                 continue
@@ -99,17 +116,25 @@ def fedavg(
             if r is None:
                 continue  # its budget is spent: the site sits the round out, as its edge agent would
             personal[s.site] = r.personal
-            deltas.append(r.delta)
-            weights.append(len(xs[s.site]))
+            n = len(xs[s.site])
+            accepted.append(
+                Accepted(
+                    site=s.site,
+                    counter=round_no + 1,
+                    msg_id=f"{s.site}-{round_no + 1}",
+                    base_version=round_no,
+                    n_samples=n,
+                    staleness=0,
+                    factor=reducer.factor(0),
+                    weight=reducer.weight(n, 0),
+                    delta=r.delta,
+                )
+            )
             out.transfers += 2
-        if not deltas:
+        if not accepted:
             break  # every site has spent its budget
-        w = np.array(weights, dtype=np.float64) / sum(weights)
-        step = {k: sum(wi * d[k] for wi, d in zip(w, deltas)) for k in glob}
-        if server_momentum > 0:  # FedAvgM, as the aggregator's FedBuff does it
-            mom = {k: server_momentum * mom[k] + step[k] for k in step} if mom else step
-            step = mom
-        glob = {k: (glob[k] + server_lr * step[k]).astype(np.float32) for k in glob}
+        reduced = reducer.reduce(glob, accepted, mom)
+        glob, mom = reduced.model, reduced.momentum
         if keep_params:
             out.history.append({**glob, **personal0})
         if evaluate_each_round:

@@ -42,7 +42,7 @@ def _one_split(
     split_seed: int,
     tuning: dict[str, Any],
     batch_fraction: float,
-    absent: dict[str, list[int]],
+    absent: dict[str, tuple[int, int]],
 ) -> dict[str, dict[str, Any]]:
     """Local-only, federated (global) and served metric of every site on one split."""
     import torch
@@ -140,7 +140,7 @@ def summarise(metric: str, per_split: list[dict[str, dict[str, float]]]) -> dict
             and all(math.isfinite(v) for v in (r[site]["served"], r[site]["local"]))
         ]
         served_wins = sum(better(metric, v, loc) for v, loc in served)
-        kinds = [r[site].get("served_kind") for r in per_split if site in r and r[site].get("served_kind")]
+        kinds: list[str] = [str(r[site]["served_kind"]) for r in per_split if site in r and r[site].get("served_kind")]
         sites[site] = {
             "splits": len(pairs),
             "federated_wins": wins,

@@ -154,8 +154,8 @@ def reconcile(site_dbs: dict[str, Path], aggregator_db: Path) -> LedgerReport:
     # the aggregator keeps each site's newest keep_verdicts counters; below a site's lowest kept one, an
     # applied update is known by its lineage (kept for every version) and a refused one by its signed receipt
     window: dict[str, int] = {}
-    for v in verdicts:
-        window[v["site"]] = min(window.get(v["site"], v["counter"]), v["counter"])
+    for row in verdicts:
+        window[row["site"]] = min(window.get(row["site"], row["counter"]), row["counter"])
     live_buffer = Counter(buffer)
 
     sealed_keys: set[Key] = set()

@@ -70,6 +70,7 @@ class RigSettings:
     training: dict[str, Any] = field(default_factory=dict)
     strategy: dict[str, Any] = field(default_factory=dict)
     site_outbox: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-site [outbox] keys
+    recovery: dict[str, Any] = field(default_factory=dict)  # extra [recovery] keys (edge.recovery)
 
 
 class FaultRig:
@@ -197,6 +198,7 @@ class FaultRig:
             },  # the rig measures delivery, not the throttle
             "privacy": {"epsilon": 1000.0, "delta": 1e-5, "noise_multiplier": 1.0, "max_grad_norm": 1.0},
             "outbox": {"resend_after_s": s.resend_after_s, **s.outbox, **s.site_outbox.get(site, {})},
+            "recovery": {**s.recovery},
         }
         return _write_toml(d / "site.toml", doc)
 

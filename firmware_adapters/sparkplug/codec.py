@@ -31,7 +31,11 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from firmware_adapters.sparkplug import sparkplug_b_pb2 as pb
+from firmware_adapters.sample import Quality
+from firmware_adapters.sparkplug import sparkplug_b_pb2 as _pb2
+
+# protoc's generated module has no type information (mypy excludes it): its names are looked up at run time
+pb: Any = _pb2
 
 NAMESPACE = "spBv1.0"
 REBIRTH_METRIC = "Node Control/Rebirth"
@@ -70,7 +74,7 @@ _SIGNED = {pb.Int8, pb.Int16, pb.Int32, pb.Int64}
 _FIELD_BITS = {"int_value": 32, "long_value": 64}
 
 #: Quality property code -> (sample quality, why)
-QUALITY_CODES: dict[int, tuple[str, str | None]] = {
+QUALITY_CODES: dict[int, tuple[Quality, str | None]] = {
     192: ("good", None),
     500: ("uncertain", "STALE (500)"),
     0: ("bad", "BAD (0)"),
@@ -151,7 +155,7 @@ def quality_code(metric: Any) -> int | None:
     return None
 
 
-def quality_of(code: int | None) -> tuple[str, str | None]:
+def quality_of(code: int | None) -> tuple[Quality, str | None]:
     """(sample quality, why) for a Quality code; None (no property) is GOOD."""
     if code is None:
         return "good", None

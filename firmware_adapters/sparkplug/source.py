@@ -69,7 +69,7 @@ from typing import Any
 
 from fedline.logs import event
 from firmware_adapters.config import SparkplugConfig
-from firmware_adapters.sample import Sample, SourceStats, Value
+from firmware_adapters.sample import Quality, Sample, SourceStats, Value
 from firmware_adapters.sparkplug import sparkplug_b_pb2 as pb
 from firmware_adapters.sparkplug.codec import (
     BDSEQ_METRIC,
@@ -111,7 +111,7 @@ class _Metric:
     value: Value
     ts: float
     historical: bool
-    quality: str
+    quality: Quality
     why: str | None
 
 
@@ -354,7 +354,7 @@ class SparkplugSource:
 
     def _samples(self, metrics: list[_Metric], src: str) -> list[Sample]:
         """Live metrics: one sample per quality, at their newest timestamp; historical: one per timestamp too."""
-        groups: dict[tuple[float | None, bool, str, str | None], list[_Metric]] = {}
+        groups: dict[tuple[float | None, bool, Quality, str | None], list[_Metric]] = {}
         for m in metrics:
             groups.setdefault((m.ts if m.historical else None, m.historical, m.quality, m.why), []).append(m)
         out = []
@@ -369,7 +369,7 @@ class SparkplugSource:
                     error=error,
                     historical=historical,
                 )
-            )  # type: ignore[arg-type]
+            )
             if quality == "good":
                 self.stats.reads += 1
             else:

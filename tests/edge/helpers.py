@@ -101,6 +101,7 @@ def write_site(
     source: dict[str, Any] | None = None,
     rows: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
+    recovery: dict[str, Any] | None = None,
 ) -> Path:
     """A site.toml under ``root/<site>/`` with paths relative to it."""
     d = fed.root / site
@@ -142,6 +143,8 @@ def write_site(
         },
         "outbox": {**(outbox or {})},
         "metrics": {},
+        # most of these agents run without an aggregator to answer a lost-data-dir request (tests of it turn it on)
+        "recovery": {"ask_aggregator": False, **(recovery or {})},
     }
     tables["rows"] = {k: v for k, v in tables["rows"].items() if v is not None}
     if isinstance(privacy, dict) or privacy is None:

@@ -41,6 +41,7 @@ async def test_outbox_cap_drop_oldest_and_stop_training_then_recover(tmp_path) -
             "site-a": {"max_count": 3, "policy": "drop_oldest"},
             "site-b": {"max_count": 3, "policy": "stop_training"},
         },
+        recovery={"ask_aggregator": False},  # the sites start while the aggregator is away: nobody would answer
     )
     async with FaultRig(tmp_path, ["site-a", "site-b"], settings) as rig:
         agg = rig.start_aggregator()

@@ -16,6 +16,7 @@ plant-to-central link the test cuts. Layout under ``root``::
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 from pathlib import Path
@@ -140,3 +141,147 @@ def checkpoints(state_dir: Path) -> dict[int, dict[str, Any]]:
             return {v: json.loads(t) for v, t in con.execute("SELECT version, lineage FROM checkpoints")}
     except sqlite3.OperationalError:
         return {}
+
+
+PLANTS = {"plant-a": ["a1", "a2", "a3"], "plant-b": ["b1", "b2", "b3"]}
+LINES = {line: p for p, lines in PLANTS.items() for line in lines}
+
+
+class PlantTier:
+    """``async with PlantTier(root) as tier:`` three brokers, the central and plant processes, six line agents."""
+
+    def __init__(self, root: Path) -> None:
+        from fedline.testing.procs import Launcher
+
+        self.root = Path(root)
+        self.central_state = self.root / "central" / "state"
+        self.launcher = Launcher(self.root / "logs")
+        self.brokers: dict[str, MosquittoProcess] = {}
+        self.proxies: dict[str, Any] = {}
+        self.procs: dict[str, Any] = {}
+        self.agents: dict[str, Any] = {}
+        self.tasks: list[asyncio.Task] = []
+        self.stop = asyncio.Event()
+
+    def plant_state(self, p: str) -> Path:
+        return self.root / "plants" / p / "state"
+
+    def upstream_db(self, p: str) -> Path:
+        return self.root / "plants" / p / "upstream" / "outbox.sqlite"
+
+    async def __aenter__(self) -> PlantTier:
+        from edge.agent import EdgeAgent
+        from edge.config import load_edge_config
+        from fedline.netproxy import TcpProxy
+
+        root = self.root
+        federation_keys(root / "keys" / CENTRAL, CENTRAL, list(PLANTS))
+        self.brokers[CENTRAL] = MosquittoProcess(root / "brokers" / CENTRAL, federation=CENTRAL, sites=list(PLANTS))
+        for p, lines in PLANTS.items():
+            federation_keys(root / "keys" / p, p, lines)
+            self.brokers[p] = MosquittoProcess(root / "brokers" / p, federation=p, sites=lines)
+        for b in self.brokers.values():
+            await asyncio.to_thread(b.start)
+        central = self.brokers[CENTRAL]
+        doc = aggregator_tables(
+            root / "central", CENTRAL, root / "keys" / CENTRAL, broker_table(central, "aggregator"), 1
+        )
+        write_toml(root / "central" / "aggregator.toml", doc)
+        self.procs[CENTRAL] = self.launcher.start(
+            CENTRAL, ["aggregator", "--config", str(root / "central" / "aggregator.toml")]
+        )
+        for p in PLANTS:
+            self.proxies[p] = await TcpProxy(central.tls_port, name=p).start()
+            doc = aggregator_tables(
+                root / "plants" / p, p, root / "keys" / p, broker_table(self.brokers[p], "aggregator"), 3
+            )
+            doc["upstream"] = {
+                "site": p,
+                "federation": CENTRAL,
+                "key_file": str(root / "keys" / CENTRAL / f"{p}.key"),
+                "enrollment_file": str(root / "keys" / CENTRAL / "enrollment.json"),
+                "data_dir": str(root / "plants" / p / "upstream"),
+                "status_interval_s": 1.0,
+                "broker": broker_table(
+                    central, p, f"mqtts://127.0.0.1:{self.proxies[p].port}", ca_file=central.ca_file
+                ),
+                "outbox": {"resend_after_s": 5.0},
+            }
+            write_toml(root / "plants" / p / "plant.toml", doc)
+            self.start_plant(p)
+        for i, (line, p) in enumerate(LINES.items()):
+            path = line_toml(root / "lines" / line, line, p, root / "keys" / p, broker_table(self.brokers[p], line), i)
+            self.agents[line] = EdgeAgent(load_edge_config(path))
+            self.tasks.append(asyncio.create_task(self.agents[line].run(self.stop)))
+        return self
+
+    def kill_plant(self, p: str) -> None:
+        """SIGKILL the plant's process (no clean-up runs); :meth:`start_plant` brings it back."""
+        self.procs.pop(p).kill9()
+
+    def start_plant(self, p: str) -> None:
+        self.procs[p] = self.launcher.start(p, ["plant", "--config", str(self.root / "plants" / p / "plant.toml")])
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.stop.set()
+        _, slow = await asyncio.wait(self.tasks, timeout=30) if self.tasks else (set(), set())
+        for t in slow:  # bounded: a slow stop must not hang the suite
+            t.cancel()
+        for a in self.agents.values():
+            a.close()
+        await asyncio.to_thread(self.launcher.stop_all)
+        for px in self.proxies.values():
+            await px.stop()
+        for b in self.brokers.values():
+            await asyncio.to_thread(b.stop)
+
+    # -- observing -------------------------------------------------------------------------------
+    def alive(self) -> None:
+        for name, proc in self.procs.items():
+            assert proc.alive(), f"{name} exited:\n{proc.tail()}"
+
+    async def until(self, pred, timeout: float, what: str) -> None:
+        """Wait for ``pred()`` while every process lives; fail naming ``what``."""
+        from tests.conftest import eventually
+
+        try:
+            await eventually(lambda: self.alive() or pred(), timeout, 0.1)
+        except AssertionError as exc:
+            raise AssertionError(f"{what}: not within {timeout} s ({exc})") from None
+
+    def upstream(self, line: str) -> int | None:
+        """The central version a line's model is, as its plant's signed manifest names it."""
+        up = self.agents[line].base.manifest.get("upstream")
+        return up["version"] if up else None
+
+    def central_version(self) -> int:
+        return max(checkpoints(self.central_state), default=-1)
+
+    def follow(self, lines: list[str], version: int) -> bool:
+        return all(self.upstream(line) == version for line in lines)
+
+    def settled(self, lines: list[str]) -> bool:
+        """Every update of these lines has its final receipt (applied)."""
+        agents = self.agents
+        return all(agents[x].outbox.depth()[0] == 0 for x in lines) and all(
+            e.state == "applied" for x in lines for e in agents[x].outbox.ledger()
+        )
+
+    async def round(self, lines: list[str]) -> None:
+        """One training round on each of ``lines`` (sealed and queued; sending is the agents' own)."""
+        for line in lines:
+            assert await self.agents[line].train_once() is not None, line
+
+    def check_ledgers(self, line_updates: int, plant_deltas: int) -> None:
+        """Both tiers reconcile: each line update applied once at its plant, each plant delta once centrally."""
+        from fedline.testing.ledger import reconcile
+
+        for p, lines in PLANTS.items():
+            rep = reconcile({x: self.agents[x].outbox.path for x in lines}, self.plant_state(p) / "aggregator.sqlite")
+            assert rep.exact, (p, rep.problems())
+            assert (rep.sealed, rep.applied, rep.buffered) == (line_updates, line_updates, 0), (p, rep.figures())
+        rep = reconcile({p: self.upstream_db(p) for p in PLANTS}, self.central_state / "aggregator.sqlite")
+        assert rep.exact, rep.problems()
+        assert (rep.sealed, rep.applied, rep.versions) == (plant_deltas, plant_deltas, plant_deltas), rep.figures()
+        central_sites = {u["site"] for lin in checkpoints(self.central_state).values() for u in lin["updates"]}
+        assert central_sites == set(PLANTS)  # the central aggregator never sees a line
