@@ -51,6 +51,7 @@ from aggregator.metrics import Metrics
 from aggregator.normbound import effective_bounds
 from aggregator.opener import Opened, open_update
 from aggregator.reassembly import SenderChunks
+from aggregator.supervise import run_until_stopped
 from broker_bridge import chunking
 from broker_bridge.client import BrokerSettings, MqttClient
 from broker_bridge.errors import FedlineError, TopicError
@@ -159,18 +160,7 @@ class IntakeWorker:
                     asyncio.create_task(self._share(client), name="intake-share"),
                     asyncio.create_task(self._watch_enrollment(), name="intake-enrollment"),
                 ]
-                stop = asyncio.create_task(self._stop.wait())
-                try:
-                    done, _ = await asyncio.wait([*tasks, stop], return_when=asyncio.FIRST_COMPLETED)
-                    for t in done:
-                        if t is not stop and t.exception():
-                            raise t.exception()  # type: ignore[misc]
-                finally:
-                    for t in [*tasks, stop]:
-                        t.cancel()
-                    await asyncio.wait([*tasks, stop], timeout=10)
-                    with contextlib.suppress(Exception):  # best effort: the will covers a lost link
-                        await asyncio.wait_for(liveness.stopped(client), 5)
+                await run_until_stopped(tasks, self._stop, lambda: liveness.stopped(client))
         finally:
             self.pool.shutdown(wait=False)
 

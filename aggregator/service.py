@@ -40,6 +40,7 @@ from aggregator.reassembly import SenderChunks, enforce_total_cap
 from aggregator.recovery import RecoveryDesk
 from aggregator.reducer import Forwards
 from aggregator.secagg_cohort import CohortCoordinator
+from aggregator.supervise import run_until_stopped
 from broker_bridge.client import MqttClient
 from broker_bridge.errors import FedlineError, TopicError, WireError
 from broker_bridge.liveness import Liveness
@@ -135,21 +136,7 @@ class Aggregator:
                 ]
                 if self.cohorts is not None:
                     tasks.append(asyncio.create_task(self._cohort_clock(client), name="agg-cohorts"))
-                stop = asyncio.create_task(self._stop.wait())
-                try:
-                    done, _ = await asyncio.wait([*tasks, stop], return_when=asyncio.FIRST_COMPLETED)
-                    for t in done:
-                        if t is not stop and t.exception():
-                            raise t.exception()  # type: ignore[misc]
-                finally:
-                    for t in [*tasks, stop]:
-                        t.cancel()
-                    # bounded: stopping must not hang on a task that is slow to unwind
-                    _, stuck = await asyncio.wait([*tasks, stop], timeout=10)
-                    for t in stuck:
-                        event(log, "aggregator.stop_slow", level=logging.WARNING, task=t.get_name())
-                    with contextlib.suppress(Exception):  # best effort: the will covers a lost link
-                        await asyncio.wait_for(self.liveness.stopped(client), 5)
+                await run_until_stopped(tasks, self._stop, lambda: self.liveness.stopped(client))
         finally:
             self.client = None
             self._metrics_http.stop()

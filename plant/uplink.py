@@ -18,6 +18,7 @@ outbox, and they go out in order when the link is back.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import secrets
@@ -149,8 +150,6 @@ class Uplink:
         self._loop = asyncio.get_running_loop()
         settings = self.cfg.broker
         if not settings.client_id:
-            import dataclasses
-
             settings = dataclasses.replace(settings, client_id=f"fedline-plant-{self.site}")
         offline = json.dumps({"state": "offline", "reason": "connection lost"}).encode()
         client = MqttClient(
