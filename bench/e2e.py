@@ -5,7 +5,8 @@ Task (issue 7): three sites (AI4I 2020 product types L/M/H, 80/20 split), MLP 5â
 
 - **chain**: every site is a separate ``fedline edge`` process, the aggregator a
   ``fedline aggregator`` process with the demo's strategy (FedBuff, K = 3, its buffer
-  timeout and staleness weighting) and ONNX publishing on, all talking to a real
+  timeout and staleness weighting; without the demo's secure aggregation, whose cost
+  bench/secagg.py measures) and ONNX publishing on, all talking to a real
   private Mosquitto through counting TCP proxies. Each edge gets its training rows from
   a CSV replay of its training rows at full speed; like the demo's sites, each trains as soon
   as a new global version arrives (``training.on_new_model``), on the same rows as the plain loop.
