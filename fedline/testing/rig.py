@@ -70,7 +70,9 @@ class RigSettings:
     training: dict[str, Any] = field(default_factory=dict)
     strategy: dict[str, Any] = field(default_factory=dict)
     site_outbox: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-site [outbox] keys
-    recovery: dict[str, Any] = field(default_factory=dict)  # extra [recovery] keys (edge.recovery)
+    # [recovery] keys (edge.recovery). Off unless a test is about it: a first start otherwise waits for the
+    # aggregator's answer, and under load the rows a scenario relies on are all in before its first round
+    recovery: dict[str, Any] = field(default_factory=lambda: {"ask_aggregator": False})
 
 
 class FaultRig:

@@ -20,7 +20,9 @@ SITES = ["site-a", "site-b"]
 
 
 async def test_kill9_aggregator_mid_buffer_and_edge_with_full_outbox_ledger_exact(tmp_path) -> None:
-    settings = RigSettings(rows_per_site=240, rate_hz=40.0, every_rows=40, buffer_size=3, max_staleness=10)
+    # 480 rows at 40 Hz: the replay still runs when the aggregator is killed (version 1 and a part-full
+    # buffer take a few seconds of process start-up first), so site-a keeps sealing while it is away
+    settings = RigSettings(rows_per_site=480, rate_hz=40.0, every_rows=40, buffer_size=3, max_staleness=10)
     async with FaultRig(tmp_path, SITES, settings) as rig:
         rig.start_all()
         await rig.until(lambda: rig.version() >= 1 and rig.buffer_depth() >= 1, 90, "version 1 and a part-full buffer")
