@@ -22,28 +22,42 @@ FEDERATION = "test"
 
 
 #: Under pytest-xdist (``make test`` runs two workers), the tests of one group run on one worker, one after
-#: another: the RabbitMQ cluster is started once, and the tests that start a whole federation of processes
-#: (each importing torch) never run two at a time, so they do not starve each other of CPU.
+#: another: the RabbitMQ cluster is started once, and the tests that start whole federations of processes
+#: (each importing torch) are split into two chains of about equal length, one per worker, so at most two
+#: run at a time. The chains are collected first (``pytest_collection_modifyitems``): a long chain that
+#: starts last would leave the other worker idle at the end of the run.
 XDIST_GROUPS = {
+    "tests/demo/test_demo_run.py": "federation-processes-a",
+    "tests/ops/test_status_json.py": "federation-processes-a",
+    "tests/faults/test_soak.py": "federation-processes-a",
+    "tests/faults/test_broker_restart.py": "federation-processes-a",
+    "tests/hostile/test_capture.py": "federation-processes-a",
+    "tests/faults/": "federation-processes-b",
+    "tests/secagg/test_secagg_kill9.py": "federation-processes-b",
+    "tests/plant/test_plant_tier.py": "federation-processes-b",
+    "tests/aggregator/test_intake_workers.py": "federation-processes-b",
     "tests/cluster/": "rabbitmq-cluster",
-    "tests/demo/test_demo_run.py": "federation-processes",
-    "tests/faults/": "federation-processes",
-    "tests/ops/test_status_json.py": "federation-processes",
-    "tests/hostile/test_capture.py": "federation-processes",
-    "tests/secagg/test_secagg_kill9.py": "federation-processes",
-    "tests/plant/test_plant_tier.py": "federation-processes",
 }
+_GROUP_ORDER = {group: n for n, group in enumerate(dict.fromkeys(XDIST_GROUPS.values()))}
+
+
+def _group(rel: str) -> str | None:
+    """The xdist group of a test file (the first matching prefix), or None."""
+    return next((group for prefix, group in XDIST_GROUPS.items() if rel.startswith(prefix)), None)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     root = Path(__file__).resolve().parent.parent
+    groups: dict[int, str | None] = {}
     for item in items:
         if "mosquitto" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.broker)
-        rel = Path(str(item.path)).resolve().relative_to(root).as_posix()
-        for prefix, group in XDIST_GROUPS.items():
-            if rel.startswith(prefix):
-                item.add_marker(pytest.mark.xdist_group(group))
+        group = _group(Path(str(item.path)).resolve().relative_to(root).as_posix())
+        groups[id(item)] = group
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
+    # the long chains first, in their order; then everything else as collected (a stable sort)
+    items.sort(key=lambda it: _GROUP_ORDER.get(groups[id(it)] or "", len(_GROUP_ORDER)))
 
 
 @pytest.fixture

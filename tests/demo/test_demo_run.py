@@ -91,7 +91,7 @@ def test_shortened_ai4i_demo(tmp_path):
         "--round-seconds",
         "1.5",
         "--timeout",
-        "100",
+        "240",  # bounds the federation; it ends at its versions, so a quiet run never waits it out
         "--splits",
         "2",
     )
@@ -201,7 +201,7 @@ def test_bring_your_own_regression_csv_reports_rmse(tmp_path):
         "--round-seconds",
         "1.5",
         "--timeout",
-        "100",
+        "240",  # bounds the federation; it ends at its versions, so a quiet run never waits it out
         "--splits",
         "2",
     )
