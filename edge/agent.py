@@ -61,6 +61,16 @@ from models.flat import personal_state, shared_state, split_names
 log = logging.getLogger("fedline.edge")
 
 
+async def _wait_event(ev: asyncio.Event, timeout: float) -> None:
+    """Wait for ``ev`` at most ``timeout`` seconds. Not ``asyncio.wait_for``: on Python 3.11 it can swallow
+    a cancellation that arrives as the event is set, and the loop around it then never stops."""
+    try:
+        async with asyncio.timeout(timeout):
+            await ev.wait()
+    except TimeoutError:
+        pass
+
+
 class EdgeAgent:
     """One site. Construct (validates everything, opens the stores), then ``await agent.run()``."""
 
@@ -342,7 +352,7 @@ class EdgeAgent:
         while True:
             wait = max(0.0, every_s - (time.monotonic() - self.last_round_at))
             try:
-                await asyncio.wait_for(self._trigger.wait(), timeout=wait)
+                await _wait_event(self._trigger, wait)
             except TimeoutError:
                 pass
             self._trigger.clear()
@@ -631,7 +641,7 @@ class EdgeAgent:
                 in_flight += 1
             self._send_wake.clear()
             try:
-                await asyncio.wait_for(self._send_wake.wait(), timeout=min(resend, 5.0))
+                await _wait_event(self._send_wake, min(resend, 5.0))
             except TimeoutError:
                 pass
 
@@ -910,7 +920,7 @@ class EdgeAgent:
     async def _status_loop(self, client: MqttClient) -> None:
         while True:
             try:
-                await asyncio.wait_for(self._status_dirty.wait(), timeout=self.cfg.status_interval_s)
+                await _wait_event(self._status_dirty, self.cfg.status_interval_s)
             except TimeoutError:
                 pass
             self._status_dirty.clear()
@@ -924,14 +934,18 @@ class EdgeAgent:
 
     # ------------------------------------------------------------------ run
     async def _join(self, tasks: set[asyncio.Task[None]], stopper: asyncio.Task[bool]) -> None:
-        """Wait for the cancelled tasks, bounded: a task that ignores its cancellation is named in the log
-        with where it is stuck (a shutdown that hangs must say why, not just hang)."""
-        _, stuck = await asyncio.wait({*tasks, stopper}, timeout=10.0)
-        for t in stuck:
-            frames = "; ".join(f"{f.f_code.co_filename}:{f.f_lineno} {f.f_code.co_name}" for f in t.get_stack())
-            event(log, "edge.task_stuck", logging.ERROR, site=self.site, task=t.get_name(), at=frames)
-        if stuck:
-            await asyncio.gather(*stuck, return_exceptions=True)
+        """Wait for the cancelled tasks, bounded: a task still running after 5 s is named in the log with
+        where it is, and cancelled again (a cancellation can be lost: Python 3.11's ``asyncio.wait_for``
+        returns the result instead when its awaitable finishes in the same step), for at most a minute."""
+        pending: set[asyncio.Task[Any]] = {*tasks, stopper}
+        for _ in range(12):
+            _, pending = await asyncio.wait(pending, timeout=5.0)
+            if not pending:
+                return
+            for t in pending:
+                frames = "; ".join(f"{f.f_code.co_filename}:{f.f_lineno} {f.f_code.co_name}" for f in t.get_stack())
+                event(log, "edge.task_stuck", logging.ERROR, site=self.site, task=t.get_name(), at=frames)
+                t.cancel()
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Run until ``stop`` is set (or the task is cancelled); the stores stay on disk."""
