@@ -743,11 +743,12 @@ class EdgeAgent:
         Again after 0.5 s, 1 s, 2 s ... up to ``resend_s``: a request sent before the aggregator subscribed is lost.
         """
         wait = 0.5
-        while self.recovery is not None:
+        while (recovery := self.recovery) is not None:
             await client.connected.wait()
             try:
-                await client.publish(self.topics.recovery_request(self.site), self.recovery.request(), qos=1)
-                event(log, "recovery.asked", site=self.site, attempt=self.recovery.asked)
+                # the answer can arrive (and clear self.recovery) while this publish awaits its PUBACK
+                await client.publish(self.topics.recovery_request(self.site), recovery.request(), qos=1)
+                event(log, "recovery.asked", site=self.site, attempt=recovery.asked)
             except (NotConnected, PublishRefused) as exc:
                 event(log, "recovery.not_asked", logging.WARNING, site=self.site, error=str(exc))
             await asyncio.sleep(wait)
