@@ -119,8 +119,11 @@ class EdgeAgent:
         )
         self.ledger = self._open_ledger() if self.dp else None
         self.store = ModelStore(data_dir, cfg.path(cfg.model_dir))
+        self.keyring = Keyring()  # federation content keys by epoch, from this site's grants
         self.cohorts = (
-            EdgeCohorts(self.keys, self.enrollment, self.topics, data_dir) if cfg.secure_aggregation else None
+            EdgeCohorts(self.keys, self.enrollment, self.topics, data_dir, self.keyring)
+            if cfg.secure_aggregation
+            else None
         )
 
         template = build_model(self.spec, seed=cfg.model_seed)
@@ -145,7 +148,6 @@ class EdgeAgent:
             self.personal = personal_state(template, self.spec)
 
         self.collector = WeightsCollector()
-        self.keyring = Keyring()  # federation content keys by epoch, from this site's grants
         self._waiting_for_key: bytes | None = None  # a sealed manifest of an epoch not granted (yet)
         self.pending_manifest: tuple[int, bytes, dict[str, Any]] | None = None
         self.model_refused: dict[str, Any] | None = None  # the last version refused as too far a step
@@ -726,7 +728,7 @@ class EdgeAgent:
                 self._trigger.set()
             return
         if kind == "secagg_survivors":
-            reply = self.cohorts.on_survivors(payload)
+            reply = self.cohorts.on_survivors(payload, cohort)
         elif kind == "secagg_request":
             reply = self.cohorts.on_request(payload)
         else:
@@ -822,6 +824,8 @@ class EdgeAgent:
         waiting, self._waiting_for_key = self._waiting_for_key, None
         if waiting is not None:
             await self._on_manifest(waiting)
+        for kind, payload, cohort in self.cohorts.take_waiting() if self.cohorts is not None else ():
+            await self._on_secagg(kind, payload, cohort)
 
     async def _on_manifest(self, sealed: bytes) -> None:
         try:
