@@ -35,7 +35,7 @@ import numpy as np
 from broker_bridge.chunking import split
 from broker_bridge.client import BrokerSettings, Message, MqttClient, will_message
 from broker_bridge.envelope import UpdateHeader, open_for_federation, open_receipt, seal_update
-from broker_bridge.errors import FedlineError, NotConnected, PublishRefused, TopicError, WireError
+from broker_bridge.errors import FedlineError, ModelRefused, NotConnected, PublishRefused, TopicError, WireError
 from broker_bridge.federation_key import Keyring, open_manifest
 from broker_bridge.keys import Enrollment, KeyPair
 from broker_bridge.topics import Topics
@@ -44,7 +44,7 @@ from edge.dataset import Dataset, UnitTracker
 from edge.follow import WeightsCollector
 from edge.ledger_privacy import RecordLedger, window_group
 from edge.metrics import EdgeMetrics
-from edge.model_store import GlobalModel, ModelRefused, ModelStore, check_global_model
+from edge.model_store import GlobalModel, ModelStore, check_global_model
 from edge.outbox import Outbox, OutboxFull
 from edge.personal import Personaliser
 from edge.privacy import PrivacyBudget
@@ -199,7 +199,15 @@ class EdgeAgent:
             self.base = self._check(*blobs)
             event(log, "model.restored", site=self.site, version=self.base.version)
         except ModelRefused as exc:
-            event(log, "model.refused", logging.WARNING, site=self.site, source="disk", reason=exc.reason)
+            event(
+                log,
+                "model.refused",
+                logging.WARNING,
+                site=self.site,
+                source="disk",
+                reason=exc.reason,
+                detail=exc.detail,
+            )
 
     def _check(self, manifest_blob: bytes, weights_blob: bytes) -> GlobalModel:
         return check_global_model(
@@ -864,14 +872,14 @@ class EdgeAgent:
         key = self.keyring.get(doc.get("epoch"))  # type: ignore[arg-type]
         try:
             if key is None:
-                raise ModelRefused(version, f"no content key for epoch {doc.get('epoch')}")
+                raise ModelRefused("epoch", f"no content key for epoch {doc.get('epoch')}", version)
             weights = open_for_federation(sealed, key)
             g = self._check(manifest_blob, weights)
         except WireError as exc:
             self._refuse(version, f"weights {exc}")
             return
         except ModelRefused as exc:
-            self._refuse(version, exc.reason)
+            self._refuse(version, f"{exc.reason}: {exc.detail}")
             return
         if not self._wants(g.version):
             return

@@ -86,6 +86,43 @@ def toml_value(v: Any) -> str:
     raise TypeError(v)
 
 
+def write_aggregator(
+    fed: Federation, broker: Any, path: Path, hidden: list[int] | None = None, client_id: str = "agg-real"
+) -> Path:
+    """The real aggregator's config for ``fed`` on ``broker`` (a ``MosquittoProcess``): FedAsync, K = 1."""
+    path.write_text(f"""
+[aggregator]
+federation = "{FEDERATION}"
+key_file = "{fed.root / "keys" / "aggregator.key"}"
+enrollment_file = "{fed.enrollment_path}"
+state_dir = "{fed.root / "agg-state"}"
+seed = 0
+
+[model]
+kind = "mlp"
+n_features = 3
+hidden = {hidden or [8]}
+personal = ["head."]
+
+[broker]
+url = "{broker.url}"
+username = "aggregator"
+password_file = "{broker.paths["password:aggregator"]}"
+client_id = "{client_id}"
+backoff_min_s = 0.05
+backoff_max_s = 0.5
+
+[strategy]
+kind = "fedasync"
+min_sites = 1
+
+[dp]
+lr = 0.1
+batch_size = 32
+""")
+    return path
+
+
 def write_site(
     fed: Federation,
     site: str,
