@@ -87,9 +87,18 @@ def toml_value(v: Any) -> str:
 
 
 def write_aggregator(
-    fed: Federation, broker: Any, path: Path, hidden: list[int] | None = None, client_id: str = "agg-real"
+    fed: Federation,
+    broker: Any,
+    path: Path,
+    hidden: list[int] | None = None,
+    client_id: str = "agg-real",
+    strategy: str = 'kind = "fedasync"\nmin_sites = 1',
+    extra: str = "",
 ) -> Path:
-    """The real aggregator's config for ``fed`` on ``broker`` (a ``MosquittoProcess``): FedAsync, K = 1."""
+    """The real aggregator's config for ``fed`` on ``broker`` (a ``MosquittoProcess``): FedAsync by default.
+
+    ``strategy`` is the body of ``[strategy]``; ``extra`` more tables (``[secagg]``, ``[publish]``).
+    """
     path.write_text(f"""
 [aggregator]
 federation = "{FEDERATION}"
@@ -113,12 +122,12 @@ backoff_min_s = 0.05
 backoff_max_s = 0.5
 
 [strategy]
-kind = "fedasync"
-min_sites = 1
+{strategy}
 
 [dp]
 lr = 0.1
 batch_size = 32
+{extra}
 """)
     return path
 
