@@ -51,7 +51,6 @@ from edge.privacy import PrivacyBudget
 from edge.recovery import Recovery, needs_recovery
 from edge.secagg_member import EdgeCohorts
 from edge.status_doc import build_status
-from edge.step_guard import step_refusal
 from edge.trainer import Plan, plan_round, train_round
 from fedline.config import ConfigError
 from fedline.logs import event
@@ -871,11 +870,8 @@ class EdgeAgent:
             return
         if not self._wants(g.version):
             return
-        a = self.cfg.adopt
-        far = step_refusal(
-            self.base.shared, g.shared, g.version - self.base.version, a.max_step_l2, a.max_step_relative
-        )
-        if far is not None:  # signed, yet too far from the model in use (edge.step_guard)
+        far = self.cfg.adopt.refusal(self.base.shared, g.shared, g.version - self.base.version)
+        if far is not None:  # signed, yet too far from the model in use (models.step_bound)
             self.metrics.models_refused_step.inc()
             self.model_refused = {"version": g.version, "reason": "step"}
             self._refuse(g.version, far)
