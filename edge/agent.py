@@ -473,15 +473,7 @@ class EdgeAgent:
             }
             meta["record_ledger"] = self.ledger.state_after(selection)
         encoding = cfg.update.encoding  # int8: rounded after the DP noise (post-processing), broker_bridge.quantised
-        header = UpdateHeader(
-            site=self.site,
-            counter=counter,
-            msg_id=msg_id,
-            base_version=base.version,
-            n_samples=len(x),
-            privacy=privacy,
-            encoding=encoding,
-        )
+        header = UpdateHeader(self.site, counter, msg_id, base.version, len(x), privacy, encoding=encoding)
         if self.cohorts is not None:
             blob = self.cohorts.seal(header, result.delta)
         else:

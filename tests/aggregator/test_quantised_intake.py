@@ -88,3 +88,26 @@ def test_a_buffered_int8_update_reads_back_bit_for_bit_after_a_restart(fed) -> N
         assert list(held) == list(again.model)  # float32, in the model's order, no #scale tensors
     finally:
         again.close()
+
+
+def test_an_intake_worker_forwards_the_decoded_float32_delta(fed) -> None:
+    """With [intake] workers the worker decodes; the reducer gets float32 and never decodes twice."""
+    from aggregator.forward import open_forward, seal_forward
+    from aggregator.opener import open_update
+    from broker_bridge.keys import KeyPair
+
+    cfg = fed.config(strategy=STRATEGY, extra=EXTRA)
+    reference = {"body.0.weight": (8, 4), "body.0.bias": (8,)}
+    delta = random_delta({k: np.zeros(s, np.float32) for k, s in reference.items()}, np.random.default_rng(2))
+    wire = quantised.encode(delta, "int8", private_rng())
+    blob, _ = fed.seal("site-a", wire, 0, encoding="int8")
+    op = open_update(blob, cfg=cfg, keys=fed.agg, enrollment=fed.enrollment, reference=reference, max_norm=5.0)
+    assert op.reason is None and op.tensors is not None
+    for k, v in delta.items():
+        assert op.tensors[k].dtype == np.float32
+        np.testing.assert_array_equal(op.tensors[k], _by_hand(wire[k], wire[f"{k}#scale"]).astype(np.float32))
+        assert np.abs(op.tensors[k] - v).max() <= float(wire[f"{k}#scale"].max()) * (1 + 1e-6)
+    worker = KeyPair.generate("worker", "intake-0")
+    back = open_forward(seal_forward(op, worker, fed.agg.public().box_pub), fed.agg, {"intake-0": worker.public()})
+    assert back.header is not None and back.header.encoding == "int8" and back.tensors is not None
+    assert all(np.array_equal(back.tensors[k], op.tensors[k]) for k in delta)

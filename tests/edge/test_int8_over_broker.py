@@ -19,43 +19,14 @@ from edge.agent import EdgeAgent
 from edge.config import load_edge_config
 from fedline.testing.patience import bound
 from tests.conftest import eventually
-from tests.edge.helpers import FEDERATION, Federation, write_csv, write_site
+from tests.edge.helpers import Federation, write_aggregator_toml, write_csv, write_site
 
-
-def _aggregator_toml(fed: Federation, broker, path) -> None:
-    path.write_text(f"""
-[aggregator]
-federation = "{FEDERATION}"
-key_file = "{fed.root / "keys" / "aggregator.key"}"
-enrollment_file = "{fed.enrollment_path}"
-state_dir = "{fed.root / "agg-state"}"
-seed = 0
-
-[model]
-kind = "mlp"
-n_features = 3
-hidden = [8]
-personal = ["head."]
-
-[broker]
-url = "{broker.url}"
-username = "aggregator"
-password_file = "{broker.paths["password:aggregator"]}"
-client_id = "agg-int8"
-backoff_min_s = 0.05
-backoff_max_s = 0.5
-
-[strategy]
-kind = "fedbuff"
+STRATEGY = """kind = "fedbuff"
 buffer_size = 1
 min_sites = 1
 server_lr = 1.0
 norm_bound = 0
-clip_to_median = false
-
-[validation]
-max_norm = 1000.0
-""")
+clip_to_median = false"""
 
 
 async def test_an_int8_edge_is_applied_within_one_step_of_the_float_path(mosquitto, tmp_path, monkeypatch) -> None:
@@ -70,7 +41,7 @@ async def test_an_int8_edge_is_applied_within_one_step_of_the_float_path(mosquit
     monkeypatch.setattr(edge.agent.quantised, "encode", recording_encode)
     fed = Federation.create(tmp_path, ["site-a"])
     agg_toml = tmp_path / "aggregator.toml"
-    _aggregator_toml(fed, mosquitto, agg_toml)
+    write_aggregator_toml(fed, mosquitto, agg_toml, STRATEGY, "[validation]\nmax_norm = 1000.0")
     aggregator = Aggregator(load_config(agg_toml))
     agg_task = asyncio.create_task(aggregator.run())
     await asyncio.wait_for(aggregator.started.wait(), bound(30))
