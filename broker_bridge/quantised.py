@@ -48,13 +48,12 @@ def n_blocks(size: int) -> int:
     return -(-size // BLOCK)
 
 
-def block_steps(x: np.ndarray) -> np.ndarray:
-    """Per block, the smallest float32 ``s >= max|x| / 127`` (0 for an all-zero block)."""
-    flat = np.abs(np.asarray(x, dtype=np.float64).ravel())
-    nb = n_blocks(flat.size)
-    padded = np.zeros(nb * BLOCK)
-    padded[: flat.size] = flat
-    target = padded.reshape(nb, BLOCK).max(axis=1) / LEVELS
+CHUNK_BLOCKS = 64  # blocks quantised at a time: 512 KiB of float64 temporaries stay in cache
+
+
+def block_steps(blocks: np.ndarray) -> np.ndarray:
+    """Per row of ``blocks`` (float64, one block per row), the smallest float32 ``s >= max|x| / 127``."""
+    target = np.maximum(blocks.max(axis=1), -blocks.min(axis=1)) / LEVELS
     steps = target.astype(np.float32)
     low = steps.astype(np.float64) < target  # rounded down to float32: one ulp up
     steps[low] = np.nextafter(steps[low], np.float32(np.inf))
@@ -64,35 +63,37 @@ def block_steps(x: np.ndarray) -> np.ndarray:
 def quantise(x: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """One tensor -> (int8 values of its shape, float32 step per block)."""
     a = np.asarray(x)
-    flat = a.astype(np.float64).ravel()
-    if not np.isfinite(flat).all():
-        raise ValueError("cannot quantise a tensor with NaN or infinity")
-    steps = block_steps(flat)
-    nb = steps.size
-    padded = np.zeros(nb * BLOCK)
-    padded[: flat.size] = flat
-    v = np.divide(
-        padded.reshape(nb, BLOCK),
-        steps.astype(np.float64)[:, None],
-        out=np.zeros((nb, BLOCK)),
-        where=steps[:, None] > 0,
-    )  # a division, not a product with 1/s: correctly rounded, so |v| <= 127 exactly
-    q = stochastic_round(v.ravel()[: flat.size], rng)
-    np.clip(q, -LEVELS, LEVELS, out=q)  # never active (|v| <= 127 and u < 1); a guard against int8 wrap-around
-    return q.astype(np.int8).reshape(a.shape), steps
+    flat = a.reshape(-1)
+    n = flat.size
+    q = np.empty(n, dtype=np.int8)
+    steps = np.empty(n_blocks(n), dtype=np.float32)
+    for b0 in range(0, steps.size, CHUNK_BLOCKS):
+        lo, hi = b0 * BLOCK, min(n, (b0 + CHUNK_BLOCKS) * BLOCK)
+        k = n_blocks(hi - lo)
+        part = np.zeros(k * BLOCK)
+        part[: hi - lo] = flat[lo:hi]
+        if not np.isfinite(part).all():
+            raise ValueError("cannot quantise a tensor with NaN or infinity")
+        blocks = part.reshape(k, BLOCK)
+        s = block_steps(blocks)
+        # a division, not a product with 1/s: correctly rounded, so |v| <= 127 exactly (an all-zero block: v = 0)
+        blocks /= np.where(s > 0, s, 1).astype(np.float64)[:, None]
+        v = stochastic_round(part[: hi - lo], rng)
+        np.clip(v, -LEVELS, LEVELS, out=v)  # never active (|v| <= 127, u < 1): a guard against int8 wrap-around
+        q[lo:hi] = v
+        steps[b0 : b0 + k] = s
+    return q.reshape(a.shape), steps
 
 
 def dequantise(q: np.ndarray, steps: np.ndarray) -> np.ndarray:
     """int8 values and their block steps -> float32 of ``q``'s shape (``q * s`` per block)."""
-    flat = q.reshape(-1)
-    out = np.empty(flat.size, dtype=np.float32)
-    full = flat.size // BLOCK
+    out = q.reshape(-1).astype(np.float32)  # exact: int8 fits float32
+    full = out.size // BLOCK
     if full:
-        np.multiply(
-            flat[: full * BLOCK].reshape(full, BLOCK), steps[:full, None], out=out[: full * BLOCK].reshape(full, BLOCK)
-        )
-    if flat.size % BLOCK:
-        np.multiply(flat[full * BLOCK :], steps[full], out=out[full * BLOCK :])
+        body = out[: full * BLOCK].reshape(full, BLOCK)
+        body *= steps[:full, None]
+    if out.size % BLOCK:
+        out[full * BLOCK :] *= steps[full]
     return out.reshape(q.shape)
 
 
