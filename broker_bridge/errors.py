@@ -15,10 +15,11 @@ class WireError(FedlineError):
     ``version`` (format version), ``epoch`` (no federation content key of the
     message's key epoch is held: not granted yet, or revoked), ``decrypt``,
     ``signature``, ``unenrolled`` (signer not in the enrollment), ``replay``
-    (per-site counter seen before), ``schema`` (payload fields, tensor shapes and dtypes).
+    (per-site counter seen before), ``schema`` (payload fields, tensor shapes and dtypes),
+    ``encoding`` (an update's declared tensor encoding is unknown or malformed: :mod:`broker_bridge.quantised`).
     """
 
-    REASONS = ("framing", "version", "epoch", "decrypt", "signature", "unenrolled", "replay", "schema")
+    REASONS = ("framing", "version", "epoch", "decrypt", "signature", "unenrolled", "replay", "schema", "encoding")
 
     def __init__(self, reason: str, detail: str) -> None:
         assert reason in self.REASONS, reason

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from broker_bridge import quantised
 from broker_bridge.chunking import split
 from broker_bridge.client import BrokerSettings, Message, MqttClient, will_message
 from broker_bridge.envelope import UpdateHeader, open_for_federation, open_receipt, seal_update
@@ -470,13 +471,13 @@ class EdgeAgent:
                 "unit_group": self.ledger.group,
             }
             meta["record_ledger"] = self.ledger.state_after(selection)
-        header = UpdateHeader(
-            site=self.site, counter=counter, msg_id=msg_id, base_version=base.version, n_samples=len(x), privacy=privacy
-        )
+        encoding = cfg.update.encoding  # int8: rounded after the DP noise (post-processing), broker_bridge.quantised
+        header = UpdateHeader(self.site, counter, msg_id, base.version, len(x), privacy, encoding=encoding)
         if self.cohorts is not None:
             blob = self.cohorts.seal(header, result.delta)
         else:
-            blob = seal_update(header, result.delta, self.keys, self.enrollment.aggregator.box_pub)
+            tensors = quantised.encode(result.delta, encoding)
+            blob = seal_update(header, tensors, self.keys, self.enrollment.aggregator.box_pub)
         try:
             dropped = await asyncio.to_thread(
                 self.outbox.put,

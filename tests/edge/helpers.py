@@ -171,6 +171,37 @@ def write_site(
     return path
 
 
+def write_aggregator_toml(fed: Federation, broker, path: Path, strategy: str, extra: str = "") -> None:
+    """The real aggregator's file for ``fed`` on ``broker`` (the sites' MLP, seed 0), with ``[strategy]`` lines."""
+    path.write_text(f"""
+[aggregator]
+federation = "{FEDERATION}"
+key_file = "{fed.root / "keys" / "aggregator.key"}"
+enrollment_file = "{fed.enrollment_path}"
+state_dir = "{fed.root / "agg-state"}"
+seed = 0
+
+[model]
+kind = "mlp"
+n_features = 3
+hidden = [8]
+personal = ["head."]
+
+[broker]
+url = "{broker.url}"
+username = "aggregator"
+password_file = "{broker.paths["password:aggregator"]}"
+client_id = "agg-real"
+backoff_min_s = 0.05
+backoff_max_s = 0.5
+
+[strategy]
+{strategy}
+
+{extra}
+""")
+
+
 @dataclass
 class Arrival:
     header: UpdateHeader

@@ -10,42 +10,13 @@ from edge.agent import EdgeAgent
 from edge.config import load_edge_config
 from fedline.testing.patience import bound
 from tests.conftest import eventually
-from tests.edge.helpers import FEDERATION, Federation, write_csv, write_site
+from tests.edge.helpers import Federation, write_aggregator_toml, write_csv, write_site
 
 SITES = ["site-a", "site-c"]
 
 
 def _aggregator_toml(fed: Federation, broker, path) -> None:
-    path.write_text(f"""
-[aggregator]
-federation = "{FEDERATION}"
-key_file = "{fed.root / "keys" / "aggregator.key"}"
-enrollment_file = "{fed.enrollment_path}"
-state_dir = "{fed.root / "agg-state"}"
-seed = 0
-
-[model]
-kind = "mlp"
-n_features = 3
-hidden = [8]
-personal = ["head."]
-
-[broker]
-url = "{broker.url}"
-username = "aggregator"
-password_file = "{broker.paths["password:aggregator"]}"
-client_id = "agg-real"
-backoff_min_s = 0.05
-backoff_max_s = 0.5
-
-[strategy]
-kind = "fedasync"
-min_sites = 1
-
-[dp]
-lr = 0.1
-batch_size = 32
-""")
+    write_aggregator_toml(fed, broker, path, 'kind = "fedasync"\nmin_sites = 1', "[dp]\nlr = 0.1\nbatch_size = 32")
 
 
 async def test_two_sites_and_the_real_aggregator(mosquitto, tmp_path) -> None:
