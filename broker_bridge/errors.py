@@ -15,10 +15,11 @@ class WireError(FedlineError):
     ``version`` (format version), ``epoch`` (no federation content key of the
     message's key epoch is held: not granted yet, or revoked), ``decrypt``,
     ``signature``, ``unenrolled`` (signer not in the enrollment), ``replay``
-    (per-site counter seen before), ``schema`` (payload fields, tensor shapes and dtypes).
+    (per-site counter seen before), ``schema`` (payload fields, tensor shapes and dtypes),
+    ``encoding`` (an update's declared tensor encoding is unknown or malformed: :mod:`broker_bridge.quantised`).
     """
 
-    REASONS = ("framing", "version", "epoch", "decrypt", "signature", "unenrolled", "replay", "schema")
+    REASONS = ("framing", "version", "epoch", "decrypt", "signature", "unenrolled", "replay", "schema", "encoding")
 
     def __init__(self, reason: str, detail: str) -> None:
         assert reason in self.REASONS, reason
@@ -100,7 +101,8 @@ class ModelRefused(FedlineError):
     Checked where a model is taken (the edge, a plant's uplink, a line): ``manifest`` (signature or
     framing), ``epoch`` (no content key of its epoch), ``federation``, ``spec``, ``size``, ``hash``,
     ``decode``, ``names``, ``shape``, ``finite`` (the weights); a line also refuses with ``load``,
-    ``width``, ``probe`` (the ONNX session) and ``canary`` (worse on recent labelled rows).
+    ``width``, ``probe`` (the ONNX session), ``canary`` (worse on recent labelled rows) and ``step`` (moved
+    farther from the model in service than the configured bound: :mod:`models.step_bound`).
     ``version`` is None when the manifest itself could not be read.
     """
 

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from broker_bridge import quantised
 from broker_bridge.chunking import split
 from broker_bridge.client import BrokerSettings, Message, MqttClient, will_message
 from broker_bridge.envelope import UpdateHeader, open_for_federation, open_receipt, seal_update
@@ -51,7 +52,6 @@ from edge.privacy import PrivacyBudget
 from edge.recovery import Recovery, needs_recovery
 from edge.secagg_member import EdgeCohorts
 from edge.status_doc import build_status
-from edge.step_guard import step_refusal
 from edge.trainer import Plan, plan_round, train_round
 from fedline.config import ConfigError
 from fedline.logs import event
@@ -481,13 +481,13 @@ class EdgeAgent:
                 "unit_group": self.ledger.group,
             }
             meta["record_ledger"] = self.ledger.state_after(selection)
-        header = UpdateHeader(
-            site=self.site, counter=counter, msg_id=msg_id, base_version=base.version, n_samples=len(x), privacy=privacy
-        )
+        encoding = cfg.update.encoding  # int8: rounded after the DP noise (post-processing), broker_bridge.quantised
+        header = UpdateHeader(self.site, counter, msg_id, base.version, len(x), privacy, encoding=encoding)
         if self.cohorts is not None:
             blob = self.cohorts.seal(header, result.delta)
         else:
-            blob = seal_update(header, result.delta, self.keys, self.enrollment.aggregator.box_pub)
+            tensors = quantised.encode(result.delta, encoding)
+            blob = seal_update(header, tensors, self.keys, self.enrollment.aggregator.box_pub)
         try:
             dropped = await asyncio.to_thread(
                 self.outbox.put,
@@ -883,11 +883,8 @@ class EdgeAgent:
             return
         if not self._wants(g.version):
             return
-        a = self.cfg.adopt
-        far = step_refusal(
-            self.base.shared, g.shared, g.version - self.base.version, a.max_step_l2, a.max_step_relative
-        )
-        if far is not None:  # signed, yet too far from the model in use (edge.step_guard)
+        far = self.cfg.adopt.refusal(self.base.shared, g.shared, g.version - self.base.version)
+        if far is not None:  # signed, yet too far from the model in use (models.step_bound)
             self.metrics.models_refused_step.inc()
             self.model_refused = {"version": g.version, "reason": "step"}
             self._refuse(g.version, far)

@@ -19,6 +19,10 @@ Example::
     min_rows = 32                        # fewer than this: no canary (logged)
     margin = 0.02                        # log loss (classification) or MSE (regression)
 
+    [line.adopt]                         # manifest mode: refuse a version that moved too far
+    max_step_relative = 10.0             # x the served model's L2 norm, per version (0: off)
+    max_step_l2 = 0.0                    # absolute L2 per version (0: off)
+
     [[sources]]                          # firmware_adapters.build_source tables
     kind = "csv"
     path = "data/ai4i2020.csv"
@@ -49,6 +53,7 @@ from typing import Any, Literal
 
 from fedline.config import ConfigError, load_toml, parse, resolve_path
 from fedline.metrics import MetricsConfig
+from models.step_bound import StepBound
 
 
 @dataclass(frozen=True)
@@ -85,6 +90,9 @@ class LineConfig:
     max_model_bytes: int = 256 * 1024 * 1024
     command_topic: str | None = None
     canary: CanaryConfig = field(default_factory=CanaryConfig)
+    # manifest mode: how far a new global version may move from the one in service (models.step_bound,
+    # measured on the tensors inside the ONNX: edge.inference.onnx_params); the same keys as the site's [adopt]
+    adopt: StepBound = field(default_factory=StepBound)
 
     def validate(self) -> None:
         from broker_bridge.topics import validate_site_id

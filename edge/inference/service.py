@@ -147,6 +147,7 @@ class InferenceService:
         self.origin = line.model_source
         self.rows_error: BaseException | None = None
         self._verifier: Any = None  # line commands: built on the first one (reads the key files)
+        self.model_refused: dict[str, Any] | None = None  # the last version refused as too far a step
 
     # ------------------------------------------------------------------ versions
     def current_version(self) -> int:
@@ -437,6 +438,17 @@ class InferenceService:
         )
         return swap
 
+    def _report_refused(self, refused: dict[str, Any]) -> None:
+        """Say on the line's retained status which version it refused as too far a step, and stays behind."""
+        self.model_refused = refused
+        if self._liveness is not None:
+            self._liveness.model_refused = refused
+            task = asyncio.get_running_loop().create_task(
+                self._liveness.set_version(self._fed_client, self._liveness.version)
+            )
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
     def _served(self, served: Any) -> None:
         """The line's status: which candidate its site picked and that candidate's validation metric."""
         self.metrics.served.clear()
@@ -541,6 +553,8 @@ class InferenceService:
             except ModelRefused as exc:
                 self._failed.add((cand.info.version, cand.info.hash))
                 self.refuse(exc.reason, exc.detail, cand.info.version)
+                if exc.reason == "step":  # public in the line's status, like a site's (models.step_bound)
+                    self._report_refused({"version": cand.info.version, "reason": "step"})
                 continue
             except Exception as exc:  # anything unforeseen refuses the model, never the service
                 self._failed.add((cand.info.version, cand.info.hash))
@@ -556,6 +570,10 @@ class InferenceService:
     ) -> LoadedModel:
         """Worker thread: build, probe and (when possible) canary-check a candidate."""
         new = build_model(cand.blob, cand.info, self.row_shape, threads=self.cfg.line.threads, recent=recent)
+        if self.origin == "manifest" and old is not None and old.info.origin == "manifest":
+            from edge.inference.onnx_params import check_step  # (onnx parses the model once more)
+
+            check_step(self.cfg.line.adopt, old.blob, old.version, cand.blob, cand.info.version)
         canary = self.cfg.line.canary
         if not canary.enabled or old is None:
             return new

@@ -80,7 +80,9 @@ seed = 7
         n_samples: int = 10,
         counter: int | None = None,
         msg_id: str | None = None,
+        encoding: str = "float32",
     ) -> tuple[bytes, UpdateHeader]:
+        """Seal ``delta`` as given (with ``encoding = "int8"`` pass the encoded block: broker_bridge.quantised)."""
         if counter is None:
             counter = next(self.counters.setdefault(site, itertools.count(1)))
         header = UpdateHeader(
@@ -90,6 +92,7 @@ seed = 7
             base_version=base_version,
             n_samples=n_samples,
             privacy={"epsilon": 1.0, "delta": 1e-5},
+            encoding=encoding,
         )
         return envelope.seal_update(header, delta, self.sites[site], self.agg.public().box_pub), header
 

@@ -93,11 +93,11 @@ def write_aggregator(
     hidden: list[int] | None = None,
     client_id: str = "agg-real",
     strategy: str = 'kind = "fedasync"\nmin_sites = 1',
-    extra: str = "",
+    extra: str = "[dp]\nlr = 0.1\nbatch_size = 32",
 ) -> Path:
     """The real aggregator's config for ``fed`` on ``broker`` (a ``MosquittoProcess``): FedAsync by default.
 
-    ``strategy`` is the body of ``[strategy]``; ``extra`` more tables (``[secagg]``, ``[publish]``).
+    ``strategy`` is the body of ``[strategy]``; ``extra`` the tables after it (by default the sites' ``[dp]``).
     """
     path.write_text(f"""
 [aggregator]
@@ -124,9 +124,6 @@ backoff_max_s = 0.5
 [strategy]
 {strategy}
 
-[dp]
-lr = 0.1
-batch_size = 32
 {extra}
 """)
     return path
