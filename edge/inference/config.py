@@ -14,7 +14,7 @@ Example::
     poll_s = 1.0                         # model_dir and rollback-request polling
     # command_topic = "plant/press-3/infer/command"   # on the output broker: "rollback"
 
-    [line.canary]                        # keep the old model if the new one is worse here
+    [line.canary]                        # on wherever [rows] has a label: keep the old model if the new one is worse here
     rows = 256                           # recent labelled rows kept
     min_rows = 32                        # fewer than this: no canary (logged)
     margin = 0.02                        # log loss (classification) or MSE (regression)
@@ -58,6 +58,15 @@ from models.step_bound import StepBound
 
 @dataclass(frozen=True)
 class CanaryConfig:
+    """Keep the model in service when a new one is worse on the line's recent labelled rows.
+
+    On by default wherever the rows carry a label (``[rows] label``): a new version is scored on the
+    last ``rows`` labelled rows next to the model in service and refused (reason ``canary``) when its
+    loss is worse by more than ``margin``; with fewer than ``min_rows`` labelled rows yet it is taken
+    (logged ``canary.skipped``). Without a label there is nothing to check against (logged
+    ``canary.off`` at start). ``enabled = false`` turns it off everywhere.
+    """
+
     enabled: bool = True
     rows: int = 256
     min_rows: int = 32

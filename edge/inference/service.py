@@ -114,7 +114,10 @@ class InferenceService:
         self.row_shape = row_shape(cfg.rows, cfg.file)
         from firmware_adapters.rows import parse_row_mapping
 
-        self.task = parse_row_mapping(cfg.rows, file=cfg.file).task
+        mapping = parse_row_mapping(cfg.rows, file=cfg.file)
+        self.task = mapping.task
+        # the canary is on wherever the rows carry a label ([rows] label), unless [line.canary] enabled = false
+        self.canary_on = line.canary.enabled and mapping.label is not None
         self.state = StateDir(cfg.path(line.state_dir))
         self.metrics = Metrics()
         self.stats = ServiceStats()
@@ -194,6 +197,16 @@ class InferenceService:
         cfg = self.cfg
         self._http = self.metrics.serve(cfg.metrics, cfg.file)
         event(log, "infer.starting", site=cfg.line.site, source=self.origin, row_shape=list(self.row_shape))
+        event(
+            log,
+            "canary.on" if self.canary_on else "canary.off",
+            rows=cfg.line.canary.rows,
+            min_rows=cfg.line.canary.min_rows,
+            margin=cfg.line.canary.margin,
+            why="labelled rows"
+            if self.canary_on
+            else ("[line.canary] enabled = false" if not cfg.line.canary.enabled else "[rows] has no label"),
+        )
         async with contextlib.AsyncExitStack() as stack:
             fed_client = out_client = None
             if self.origin == "manifest":
@@ -575,7 +588,7 @@ class InferenceService:
 
             check_step(self.cfg.line.adopt, old.blob, old.version, cand.blob, cand.info.version)
         canary = self.cfg.line.canary
-        if not canary.enabled or old is None:
+        if not self.canary_on or old is None:
             return new
         n = 0 if labels is None else len(labels)
         if n < canary.min_rows:
