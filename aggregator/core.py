@@ -109,6 +109,8 @@ class AggregatorCore:
         self.history = SiteHistory(Path(a.state_dir) / "aggregator.sqlite", fsync=a.fsync)
         self.pool = ThreadPoolExecutor(a.workers, thread_name_prefix="agg-open")
         self.site_rate = SiteRate(cfg.strategy.site_interval_s if cfg.strategy.kind == "fedasync" else 0.0)
+        if self.site_rate.interval_s > 0:  # the rate outlives a restart (aggregator.site_rate)
+            self.site_rate.restore(self.store.last_applied(), time.time())
         self._torch_model: Any = None
         self.evaluator = None
         if cfg.evaluation is not None:  # load the rows now, so a bad [evaluation] table fails at start

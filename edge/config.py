@@ -55,6 +55,7 @@ from edge.personal import PersonalConfig
 from fedline.config import ConfigError, load_toml, parse, resolve_path
 from fedline.metrics import MetricsConfig
 from models.spec import ModelSpec
+from models.step_bound import StepBound as AdoptConfig  # [adopt]: how far a new global model may move
 
 
 @dataclass(frozen=True)
@@ -196,24 +197,6 @@ class OutboxConfig:
             raise ValueError("max_bytes must be >= 1024 and max_count >= 1")
         if self.max_in_flight < 1 or self.resend_after_s <= 0:
             raise ValueError("max_in_flight must be >= 1 and resend_after_s > 0")
-
-
-@dataclass(frozen=True)
-class AdoptConfig:
-    """How far a new global model may move from the current one per version (``edge.step_guard``; 0: off).
-
-    ``max_step_relative`` is a share of the current model's L2 norm, ``max_step_l2`` an absolute L2
-    distance; both over the shared parameters, multiplied by the number of versions between the two.
-    """
-
-    # 10: catches a destroyed model (the pre-fix attack moved 2,198x); an honest first version of the demo
-    # moved 1.27x its initial norm, so 1.0 refused it (measured; set it tighter from your own lineage)
-    max_step_relative: float = 10.0
-    max_step_l2: float = 0.0
-
-    def validate(self) -> None:
-        if self.max_step_relative < 0 or self.max_step_l2 < 0:
-            raise ValueError("max_step_relative and max_step_l2 must be >= 0 (0: off)")
 
 
 @dataclass(frozen=True)

@@ -304,8 +304,7 @@ def write_site(ws: Workspace, data: DemoData, site: SiteData, t: Tuning, bundled
             "model_source": "model_dir",
             "model_dir": "models",  # the model its site picked (edge/personal.py)
             "enrollment": str(ws.keys / "enrollment.json"),
-            "poll_s": 0.5,
-            "canary": {"enabled": False},
+            "poll_s": 0.5,  # the canary is on (the default: its rows carry the label)
         },
         "sources": [plc_source],
         "rows": rows_table(data),
