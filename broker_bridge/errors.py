@@ -93,3 +93,22 @@ class SecAggError(FedlineError):
         self.reason = reason
         self.detail = detail
         super().__init__(f"{reason}: {detail}")
+
+
+class ModelRefused(FedlineError):
+    """A global model that must not be used. ``reason`` is one word an operator can count.
+
+    Checked where a model is taken (the edge, a plant's uplink, a line): ``manifest`` (signature or
+    framing), ``epoch`` (no content key of its epoch), ``federation``, ``spec``, ``size``, ``hash``,
+    ``decode``, ``names``, ``shape``, ``finite`` (the weights); a line also refuses with ``load``,
+    ``width``, ``probe`` (the ONNX session), ``canary`` (worse on recent labelled rows) and ``step`` (moved
+    farther from the model in service than the configured bound: :mod:`models.step_bound`).
+    ``version`` is None when the manifest itself could not be read.
+    """
+
+    def __init__(self, reason: str, detail: str, version: int | None = None) -> None:
+        self.reason = reason
+        self.detail = detail
+        self.version = version
+        where = "model refused" if version is None else f"model version {version} refused"
+        super().__init__(f"{where} ({reason}): {detail}")

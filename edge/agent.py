@@ -36,7 +36,7 @@ from broker_bridge import quantised
 from broker_bridge.chunking import split
 from broker_bridge.client import BrokerSettings, Message, MqttClient, will_message
 from broker_bridge.envelope import UpdateHeader, open_for_federation, open_receipt, seal_update
-from broker_bridge.errors import FedlineError, NotConnected, PublishRefused, TopicError, WireError
+from broker_bridge.errors import FedlineError, ModelRefused, NotConnected, PublishRefused, TopicError, WireError
 from broker_bridge.federation_key import Keyring, open_manifest
 from broker_bridge.keys import Enrollment, KeyPair
 from broker_bridge.topics import Topics
@@ -45,7 +45,7 @@ from edge.dataset import Dataset, UnitTracker
 from edge.follow import WeightsCollector
 from edge.ledger_privacy import RecordLedger, window_group
 from edge.metrics import EdgeMetrics
-from edge.model_store import GlobalModel, ModelRefused, ModelStore, check_global_model
+from edge.model_store import GlobalModel, ModelStore, check_global_model
 from edge.outbox import Outbox, OutboxFull
 from edge.personal import Personaliser
 from edge.privacy import PrivacyBudget
@@ -119,8 +119,11 @@ class EdgeAgent:
         )
         self.ledger = self._open_ledger() if self.dp else None
         self.store = ModelStore(data_dir, cfg.path(cfg.model_dir))
+        self.keyring = Keyring()  # federation content keys by epoch, from this site's grants
         self.cohorts = (
-            EdgeCohorts(self.keys, self.enrollment, self.topics, data_dir) if cfg.secure_aggregation else None
+            EdgeCohorts(self.keys, self.enrollment, self.topics, data_dir, self.keyring)
+            if cfg.secure_aggregation
+            else None
         )
 
         template = build_model(self.spec, seed=cfg.model_seed)
@@ -145,7 +148,6 @@ class EdgeAgent:
             self.personal = personal_state(template, self.spec)
 
         self.collector = WeightsCollector()
-        self.keyring = Keyring()  # federation content keys by epoch, from this site's grants
         self._waiting_for_key: bytes | None = None  # a sealed manifest of an epoch not granted (yet)
         self.pending_manifest: tuple[int, bytes, dict[str, Any]] | None = None
         self.model_refused: dict[str, Any] | None = None  # the last version refused as too far a step
@@ -197,7 +199,15 @@ class EdgeAgent:
             self.base = self._check(*blobs)
             event(log, "model.restored", site=self.site, version=self.base.version)
         except ModelRefused as exc:
-            event(log, "model.refused", logging.WARNING, site=self.site, source="disk", reason=exc.reason)
+            event(
+                log,
+                "model.refused",
+                logging.WARNING,
+                site=self.site,
+                source="disk",
+                reason=exc.reason,
+                detail=exc.detail,
+            )
 
     def _check(self, manifest_blob: bytes, weights_blob: bytes) -> GlobalModel:
         return check_global_model(
@@ -726,7 +736,7 @@ class EdgeAgent:
                 self._trigger.set()
             return
         if kind == "secagg_survivors":
-            reply = self.cohorts.on_survivors(payload)
+            reply = self.cohorts.on_survivors(payload, cohort)
         elif kind == "secagg_request":
             reply = self.cohorts.on_request(payload)
         else:
@@ -822,6 +832,8 @@ class EdgeAgent:
         waiting, self._waiting_for_key = self._waiting_for_key, None
         if waiting is not None:
             await self._on_manifest(waiting)
+        for kind, payload, cohort in self.cohorts.take_waiting() if self.cohorts is not None else ():
+            await self._on_secagg(kind, payload, cohort)
 
     async def _on_manifest(self, sealed: bytes) -> None:
         try:
@@ -860,14 +872,14 @@ class EdgeAgent:
         key = self.keyring.get(doc.get("epoch"))  # type: ignore[arg-type]
         try:
             if key is None:
-                raise ModelRefused(version, f"no content key for epoch {doc.get('epoch')}")
+                raise ModelRefused("epoch", f"no content key for epoch {doc.get('epoch')}", version)
             weights = open_for_federation(sealed, key)
             g = self._check(manifest_blob, weights)
         except WireError as exc:
             self._refuse(version, f"weights {exc}")
             return
         except ModelRefused as exc:
-            self._refuse(version, exc.reason)
+            self._refuse(version, f"{exc.reason}: {exc.detail}")
             return
         if not self._wants(g.version):
             return

@@ -35,11 +35,12 @@ from typing import Any
 import numpy as np
 
 from broker_bridge.envelope import content_hash
+from broker_bridge.errors import ModelRefused
 from broker_bridge.topics import Topics
 from edge.inference.config import InferConfig, broker_settings
 from edge.inference.model_dir import ModelDirError, read_model, read_pointer
 from edge.inference.outputs import JsonlSink, Metrics, MqttSink
-from edge.inference.session import LoadedModel, ModelInfo, ModelRefused, build_model, canary_check
+from edge.inference.session import LoadedModel, ModelInfo, build_model, canary_check
 from edge.inference.state import SavedModel, Serving, StateDir
 from fedline.logs import event
 

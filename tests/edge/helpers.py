@@ -86,6 +86,49 @@ def toml_value(v: Any) -> str:
     raise TypeError(v)
 
 
+def write_aggregator(
+    fed: Federation,
+    broker: Any,
+    path: Path,
+    hidden: list[int] | None = None,
+    client_id: str = "agg-real",
+    strategy: str = 'kind = "fedasync"\nmin_sites = 1',
+    extra: str = "[dp]\nlr = 0.1\nbatch_size = 32",
+) -> Path:
+    """The real aggregator's config for ``fed`` on ``broker`` (a ``MosquittoProcess``): FedAsync by default.
+
+    ``strategy`` is the body of ``[strategy]``; ``extra`` the tables after it (by default the sites' ``[dp]``).
+    """
+    path.write_text(f"""
+[aggregator]
+federation = "{FEDERATION}"
+key_file = "{fed.root / "keys" / "aggregator.key"}"
+enrollment_file = "{fed.enrollment_path}"
+state_dir = "{fed.root / "agg-state"}"
+seed = 0
+
+[model]
+kind = "mlp"
+n_features = 3
+hidden = {hidden or [8]}
+personal = ["head."]
+
+[broker]
+url = "{broker.url}"
+username = "aggregator"
+password_file = "{broker.paths["password:aggregator"]}"
+client_id = "{client_id}"
+backoff_min_s = 0.05
+backoff_max_s = 0.5
+
+[strategy]
+{strategy}
+
+{extra}
+""")
+    return path
+
+
 def write_site(
     fed: Federation,
     site: str,
@@ -169,37 +212,6 @@ def write_site(
     path = d / "site.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
-
-
-def write_aggregator_toml(fed: Federation, broker, path: Path, strategy: str, extra: str = "") -> None:
-    """The real aggregator's file for ``fed`` on ``broker`` (the sites' MLP, seed 0), with ``[strategy]`` lines."""
-    path.write_text(f"""
-[aggregator]
-federation = "{FEDERATION}"
-key_file = "{fed.root / "keys" / "aggregator.key"}"
-enrollment_file = "{fed.enrollment_path}"
-state_dir = "{fed.root / "agg-state"}"
-seed = 0
-
-[model]
-kind = "mlp"
-n_features = 3
-hidden = [8]
-personal = ["head."]
-
-[broker]
-url = "{broker.url}"
-username = "aggregator"
-password_file = "{broker.paths["password:aggregator"]}"
-client_id = "agg-real"
-backoff_min_s = 0.05
-backoff_max_s = 0.5
-
-[strategy]
-{strategy}
-
-{extra}
-""")
 
 
 @dataclass

@@ -19,7 +19,7 @@ from edge.agent import EdgeAgent
 from edge.config import load_edge_config
 from fedline.testing.patience import bound
 from tests.conftest import eventually
-from tests.edge.helpers import Federation, write_aggregator_toml, write_csv, write_site
+from tests.edge.helpers import Federation, write_aggregator, write_csv, write_site
 
 STRATEGY = """kind = "fedbuff"
 buffer_size = 1
@@ -41,7 +41,7 @@ async def test_an_int8_edge_is_applied_within_one_step_of_the_float_path(mosquit
     monkeypatch.setattr(edge.agent.quantised, "encode", recording_encode)
     fed = Federation.create(tmp_path, ["site-a"])
     agg_toml = tmp_path / "aggregator.toml"
-    write_aggregator_toml(fed, mosquitto, agg_toml, STRATEGY, "[validation]\nmax_norm = 1000.0")
+    write_aggregator(fed, mosquitto, agg_toml, strategy=STRATEGY, extra="[validation]\nmax_norm = 1000.0")
     aggregator = Aggregator(load_config(agg_toml))
     agg_task = asyncio.create_task(aggregator.run())
     await asyncio.wait_for(aggregator.started.wait(), bound(30))
