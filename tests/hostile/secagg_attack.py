@@ -63,6 +63,7 @@ class Cohorts:
     def __init__(self, workdir: Path, norm_bound: float | None = None, data: suite.Data | None = None) -> None:
         from aggregator.core import AggregatorCore
         from aggregator.secagg_cohort import CohortCoordinator
+        from broker_bridge.federation_key import Keyring, new_content_key
         from broker_bridge.topics import Topics
         from edge.secagg_member import EdgeCohorts
         from tests.aggregator.helpers import make_federation
@@ -79,9 +80,11 @@ class Cohorts:
             f"[dp]\nclip_norm = 1.0\nlr = {suite.LR}\nbatch_size = {suite.BATCH}\nsteps = {steps}\n"
         )
         self.core = AggregatorCore(self.fed.config(strategy=strategy, extra=extra, spec=SPEC))
-        self.coord = CohortCoordinator(self.core, Topics("test"), time.time)
+        key = new_content_key()  # epoch 1's federation content key: the announcements are sealed under it
+        self.coord = CohortCoordinator(self.core, Topics("test"), lambda: (1, key), time.time)
         self.members = {
-            s: EdgeCohorts(self.fed.sites[s], self.fed.enrollment, Topics("test"), workdir / s) for s in self.sites
+            s: EdgeCohorts(self.fed.sites[s], self.fed.enrollment, Topics("test"), workdir / s, Keyring({1: key}))
+            for s in self.sites
         }
         self.counters = dict.fromkeys(self.sites, 0)
 
@@ -138,7 +141,7 @@ class Cohorts:
             o = queue.pop(0)
             if "/secagg/survivors/" in o.topic and o.payload:
                 for s in self.sites:
-                    ack = self.members[s].on_survivors(o.payload)
+                    ack = self.members[s].on_survivors(o.payload, o.topic.rsplit("/", 1)[-1])
                     if ack is not None:
                         queue += self.coord.on_reply(s, ack)
             elif o.topic.endswith("/secagg/request"):
