@@ -31,7 +31,7 @@ COPY edge ./edge
 COPY aggregator ./aggregator
 COPY data ./data
 
-# The line image: the core and ONNX Runtime only.
+# The line image: the core, ONNX Runtime and the onnx reader (no torch).
 FROM base AS line
 RUN pip install -c requirements.lock ".[line]"
 USER fedline

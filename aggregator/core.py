@@ -34,7 +34,7 @@ from aggregator import fairness
 from aggregator.config import AggregatorConfig
 from aggregator.metrics import Metrics
 from aggregator.normbound import effective_bounds
-from aggregator.opener import Opened, open_update
+from aggregator.opener import Opened, open_update, read_update
 from aggregator.recovery import SiteHistory
 from aggregator.site_rate import SiteRate
 from aggregator.store import BufferedRow, Store, Verdict
@@ -101,7 +101,7 @@ class AggregatorCore:
         self.metrics = metrics or Metrics()
         # how a buffered row's stored bytes are read back at start: a site's sealed update, or (with intake
         # workers) the forward a worker sealed to this process (aggregator.reducer)
-        self.reopen = reopen or (lambda blob: envelope.open_update(blob, self.keys, self.enrollment))
+        self.reopen = reopen or (lambda blob: read_update(blob, self.keys, self.enrollment))
         self.strategy = make_strategy(cfg.strategy, len(self.enrollment.sites))
         fairness.check_federation(cfg.strategy, self.strategy, len(self.enrollment.sites), a.enrollment_file)
         self.store = Store(Path(a.state_dir) / "aggregator.sqlite", fsync=a.fsync)
@@ -109,6 +109,8 @@ class AggregatorCore:
         self.history = SiteHistory(Path(a.state_dir) / "aggregator.sqlite", fsync=a.fsync)
         self.pool = ThreadPoolExecutor(a.workers, thread_name_prefix="agg-open")
         self.site_rate = SiteRate(cfg.strategy.site_interval_s if cfg.strategy.kind == "fedasync" else 0.0)
+        if self.site_rate.interval_s > 0:  # the rate outlives a restart (aggregator.site_rate)
+            self.site_rate.restore(self.store.last_applied(), time.time())
         self._torch_model: Any = None
         self.evaluator = None
         if cfg.evaluation is not None:  # load the rows now, so a bad [evaluation] table fails at start

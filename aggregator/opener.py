@@ -16,7 +16,7 @@ import numpy as np
 
 from aggregator.config import AggregatorConfig
 from aggregator.validate import ValidationError, check_update
-from broker_bridge import envelope
+from broker_bridge import envelope, quantised
 from broker_bridge.envelope import UpdateHeader
 from broker_bridge.errors import WireError
 from broker_bridge.keys import Enrollment, KeyPair
@@ -37,6 +37,16 @@ class Opened:
     topic_site: str | None = None
     msg_id: str | None = None  # the chunking msg id, for receipts of updates whose header is unknown
     secagg: bool = False  # a masked cohort submission: decided by aggregator.secagg_cohort, not here
+
+
+def read_update(blob: bytes, keys: KeyPair, enrollment: Enrollment) -> tuple[UpdateHeader, State]:
+    """A site's sealed update as (header, float32 delta): opened, verified and decoded (:class:`WireError`).
+
+    What a buffered update's stored bytes are read back with after a restart; the
+    int8 decoding is deterministic, so the delta is bit for bit the one decided on.
+    """
+    header, tensors = envelope.open_update(blob, keys, enrollment)
+    return header, quantised.decode(tensors, header.encoding)
 
 
 def open_update(
@@ -66,9 +76,14 @@ def open_update(
         op.header = None
         return op
     if cfg.strategy.secure_aggregation:  # only masked cohort submissions, no plain deltas
-        op.secagg = set(op.tensors) == {"secagg"}
+        op.secagg = set(op.tensors) == {"secagg"} and op.header.encoding == "float32"
         if not op.secagg:
             op.reason, op.detail = "secagg_required", "this federation takes masked cohort submissions only"
+        return op
+    try:  # the checks below see the float32 values the model would get (header known: a receipt with its counter)
+        op.tensors = quantised.decode(op.tensors, op.header.encoding)
+    except WireError as exc:
+        op.reason, op.detail, op.tensors = exc.reason, exc.detail, None
         return op
     try:
         op.norm = check_update(op.header, op.tensors, reference, cfg.validation, max_norm)

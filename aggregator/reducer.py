@@ -18,8 +18,7 @@ import numpy as np
 
 from aggregator.config import AggregatorConfig
 from aggregator.forward import is_forward, open_forward
-from aggregator.opener import Opened
-from broker_bridge import envelope
+from aggregator.opener import Opened, read_update
 from broker_bridge.envelope import UpdateHeader
 from broker_bridge.errors import FedlineError, WireError
 from broker_bridge.keys import Enrollment, KeyPair, PublicKeys
@@ -61,7 +60,7 @@ class Forwards:
         """A buffered row's bytes back as (header, delta): a forward, or a site's update buffered before workers."""
         if not is_forward(blob):
             enrollment = Enrollment.load(self.cfg.aggregator.enrollment_file)
-            return envelope.open_update(blob, self.keys, enrollment)
+            return read_update(blob, self.keys, enrollment)
         op = open_forward(blob, self.keys, self.workers)
         if op.header is None or op.tensors is None:
             raise WireError("schema", "a buffered forward without the site's header and delta")

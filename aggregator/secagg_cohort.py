@@ -44,6 +44,7 @@ import numpy as np
 from aggregator.core import AggregatorCore, Opened
 from aggregator.store import Verdict
 from broker_bridge.errors import SecAggError
+from broker_bridge.federation_key import seal_notice
 from broker_bridge.secagg import messages as m
 from broker_bridge.secagg.unmask import CohortUnmasker
 from broker_bridge.secagg.vector import unflatten
@@ -78,9 +79,16 @@ class _Cohort:
 class CohortCoordinator:
     """Forms cohorts from online sites and turns each into one model version (or a clean failure)."""
 
-    def __init__(self, core: AggregatorCore, topics: Topics, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        core: AggregatorCore,
+        topics: Topics,
+        content_key: Callable[[], tuple[int, bytes]],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.core = core
         self.topics = topics
+        self.content_key = content_key  # (epoch, key) now: announcements are sealed for members only
         self.cfg = core.cfg.secagg
         self.clock = clock
         self.online: dict[str, float] = {}  # site -> since when
@@ -212,7 +220,7 @@ class CohortCoordinator:
             threshold=ann.threshold,
             deadline_s=self.cfg.deadline_s,
         )
-        return [Outgoing(self.topics.secagg_cohort(ann.cohort), blob, retain=True)]
+        return [Outgoing(self.topics.secagg_cohort(ann.cohort), self._for_members(blob), retain=True)]
 
     def _close(self, c: _Cohort, now: float) -> list[Outgoing]:
         try:
@@ -223,7 +231,12 @@ class CohortCoordinator:
         s = c.unmasker.survivors
         assert s is not None
         event(log, "secagg.survivors", cohort=c.ann.cohort, survivors=list(s.survivors), dropped=list(s.dropped))
-        return [Outgoing(self.topics.secagg_survivors(c.ann.cohort), blob, retain=True)]
+        return [Outgoing(self.topics.secagg_survivors(c.ann.cohort), self._for_members(blob), retain=True)]
+
+    def _for_members(self, signed: bytes) -> bytes:
+        """A signed announcement sealed under the current epoch's key: the broker reads no member, weight or survivor."""
+        epoch, key = self.content_key()
+        return seal_notice(signed, epoch, key)
 
     # ------------------------------------------------------------------ submissions
     def _receipt(self, receipt: dict[str, Any]) -> list[Outgoing]:
@@ -292,10 +305,11 @@ class CohortCoordinator:
                 u.add_ack(site, body)
                 if len(u.acks) < c.ann.threshold:
                     return []
+                sites = self.core.enrollment.sites  # a member revoked since it acked gets nothing
                 out = [
-                    Outgoing(self.topics.secagg_request(s), u.request_for(s).encode())
+                    Outgoing(self.topics.secagg_request(s), u.request_for(s).seal(sites[s].box_pub))
                     for s in sorted(u.acks)
-                    if s not in c.requested
+                    if s not in c.requested and s in sites
                 ]
                 c.requested.update(u.acks)
                 return out

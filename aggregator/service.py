@@ -114,7 +114,10 @@ class Aggregator:
                 await client.subscribe(self.topics.status_filter(), qos=1)
                 await client.subscribe(self.topics.recovery_requests_filter(), qos=1)  # lost data directories
                 if self.cfg.strategy.secure_aggregation:
-                    self.cohorts = CohortCoordinator(self.core, self.topics)
+                    granter = self.granter
+                    self.cohorts = CohortCoordinator(
+                        self.core, self.topics, lambda: (granter.epoch.number, granter.epoch.key)
+                    )
                     await client.subscribe(self.topics.secagg_replies_filter(), qos=1)
                 await client.connected.wait()  # subscribed (re-made on every connect) before we say so
                 await self.granter.publish_grants(client)

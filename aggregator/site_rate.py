@@ -13,15 +13,23 @@ updates add up to about one full-weight update. Nothing is refused (a
 refusal would waste the privacy the site spent); the receipt's ``weight``
 and the version's lineage (``rate``) show the scaled coefficient.
 
-Times are the aggregator's monotonic clock, kept in memory: after an
-aggregator restart each site's next update counts in full (at most one
-full-weight update per site per restart).
+Times are the aggregator's monotonic clock while it runs. Across a restart
+the state is each site's newest ``applied`` verdict in the store: its
+``decided_at`` (wall clock) is written in the very transaction that commits the
+version containing the update (``Store.commit_version``), so the rate's state
+can never disagree with the model's (a crash before the commit loses both,
+after it keeps both). At start, :meth:`SiteRate.restore` turns the wall-clock
+age of each site's last applied update into the monotonic clock's terms; a
+restart therefore gives no site a fresh full-weight update. A wall clock that
+stepped back past a site's last update counts as no time elapsed (the
+conservative side: that site's next update waits out its interval as if it had
+just sent).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 
 class SiteRate:
@@ -41,3 +49,9 @@ class SiteRate:
 
     def applied(self, site: str) -> None:
         self._last[site] = self.clock()
+
+    def restore(self, last_applied: Mapping[str, float], wall_now: float) -> None:
+        """Seed from the store: each site's last applied update at wall-clock time ``last_applied[site]``."""
+        now = self.clock()
+        for site, at in last_applied.items():
+            self._last[site] = now - max(0.0, wall_now - at)

@@ -238,6 +238,15 @@ class Store:
         """A verdict that changes no model state (rejected, stale)."""
         self._tx([self._verdict_sql(v)])
 
+    def last_applied(self) -> dict[str, float]:
+        """Each site's newest ``applied`` verdict's wall-clock time (FedAsync's rate state after a restart:
+        ``aggregator.site_rate``; written in the transaction of the version that applied it)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT site, MAX(decided_at) FROM verdicts WHERE verdict = 'applied' GROUP BY site"
+            ).fetchall()
+        return {site: float(at) for site, at in rows}
+
     def verdict_counts(self) -> dict[str, int]:
         with self._lock:
             return dict(self._db.execute("SELECT verdict, COUNT(*) FROM verdicts GROUP BY verdict").fetchall())

@@ -11,6 +11,10 @@ four tensors), on the same delta arrays:
 - **limit**: one loop of decrypt (SealedBox, in place), verify (SHA-256 of the
   plaintext + Ed25519) and ``acc += w * delta`` in numpy: no enrollment, no
   validation, no storage — the physical limit of intake on one core.
+- **fedline int8**: the same, for the same deltas sent as int8 updates
+  (``[update] quantise = "int8"``, :mod:`broker_bridge.quantised`): a quarter
+  of the bytes to decrypt, hash and log, plus the decode to float32 before the
+  checks. Its per-update CPU is compared with Flower's float32 path (issue 19).
 - **flower**: Flower's own decode (``flwr.common.parameters_to_ndarrays``,
   NumPy ``.npy`` bytes as Flower ships them) plus its FedAvg reduce
   (``flwr.server.strategy.aggregate.aggregate``) every 10 updates. Flower
@@ -56,9 +60,9 @@ from nacl.signing import VerifyKey  # noqa: E402
 from aggregator import robust  # noqa: E402
 from aggregator.config import parse_config  # noqa: E402
 from aggregator.core import AggregatorCore  # noqa: E402
-from broker_bridge import envelope  # noqa: E402
+from broker_bridge import envelope, quantised  # noqa: E402
 from broker_bridge.envelope import UpdateHeader  # noqa: E402
-from broker_bridge.keys import Enrollment, KeyPair  # noqa: E402
+from broker_bridge.keys import KeyPair, create_federation  # noqa: E402
 from broker_bridge.sealopen import seal_open  # noqa: E402
 
 SIZES = (10_000, 100_000, 1_000_000)
@@ -84,11 +88,8 @@ def flower() -> tuple[Any, Any, Any, str] | None:
 
 def setup(root: Path, n_params: int, n_sites: int, workers: int, strategy: str):
     """A federation on disk and an AggregatorCore for an MLP of about ``n_params`` shared parameters."""
-    agg = KeyPair.generate("aggregator", "aggregator")
-    enr = Enrollment("bench", agg.public())
-    sites = [KeyPair.generate("site", f"site-{i:04d}") for i in range(n_sites)]
-    for s in sites:
-        enr.add(s.public())
+    fed = create_federation("bench", [f"site-{i:04d}" for i in range(n_sites)])
+    agg, enr, sites = fed.aggregator, fed.enrollment, list(fed.sites.values())
     h = hidden_for(n_params)
     table = {
         "aggregator": {
@@ -111,7 +112,10 @@ def setup(root: Path, n_params: int, n_sites: int, workers: int, strategy: str):
     return core, agg, sites
 
 
-def make_updates(core: AggregatorCore, agg: KeyPair, sites: list[KeyPair], n: int, seed: int = 0):
+def make_updates(
+    core: AggregatorCore, agg: KeyPair, sites: list[KeyPair], n: int, seed: int = 0, encoding: str = "float32"
+):
+    """``n`` sealed updates of random deltas (the same deltas for the same seed, whatever the encoding)."""
     rng = np.random.default_rng(seed)
     box_pub = agg.public().box_pub
     deltas, blobs, samples = [], [], []
@@ -119,8 +123,10 @@ def make_updates(core: AggregatorCore, agg: KeyPair, sites: list[KeyPair], n: in
         d = {k: (rng.standard_normal(v.shape) * 0.01).astype(np.float32) for k, v in core.model.items()}
         site = sites[i % len(sites)]
         n_samples = int(rng.integers(10, 1000))
-        header = UpdateHeader(site.ident, 1 + i // len(sites), f"u{i}", 0, n_samples, {"epsilon": 1.0})
-        blobs.append(envelope.seal_update(header, d, site, box_pub))
+        header = UpdateHeader(
+            site.ident, 1 + i // len(sites), f"u{i}", 0, n_samples, {"epsilon": 1.0}, encoding=encoding
+        )
+        blobs.append(envelope.seal_update(header, quantised.encode(d, encoding), site, box_pub))
         deltas.append(d)
         samples.append(n_samples)
     return deltas, blobs, samples
@@ -191,14 +197,23 @@ def measure(n_params: int, workers: int, repeats: int) -> dict[str, Any]:
             deltas, blobs, samples = make_updates(core, agg, sites, n, seed=r)
             p = sum(v.size for v in core.model.values())
             wire = flower_wire(fl, deltas) if fl else None
+            core8, agg8, sites8 = setup(Path(tmp) / f"r{r}-int8", n_params, K, workers, "fedbuff")
+            _, blobs8, _ = make_updates(core8, agg8, sites8, n, seed=r, encoding="int8")
             t = {"fedline": timed(run_fedline, core, blobs), "limit": timed(run_limit, agg, blobs, samples, core.model)}
+            t["fedline_int8"] = timed(run_fedline, core8, blobs8)
             if fl:
                 t["flower"] = timed(run_flower, fl, wire, samples)
             core.close()
+            core8.close()
             for k, (wall, cpu) in t.items():
                 best[k] = min(best.get(k, math.inf), wall)
                 best[k + "_cpu"] = min(best.get(k + "_cpu", math.inf), cpu)
-    row: dict[str, Any] = {"params": p, "updates": n, "sealed_bytes": len(blobs[0])}
+    row: dict[str, Any] = {
+        "params": p,
+        "updates": n,
+        "sealed_bytes": len(blobs[0]),
+        "int8_sealed_bytes": len(blobs8[0]),
+    }
     for k, v in best.items():
         if k.endswith("_cpu"):
             row[f"{k[:-4]}_cpu_ms_per_update"] = 1e3 * v / n
@@ -207,6 +222,11 @@ def measure(n_params: int, workers: int, repeats: int) -> dict[str, Any]:
     row["fedline_vs_limit"] = row["fedline_per_s"] / row["limit_per_s"]
     row["fedline_vs_limit_per_core"] = row["limit_cpu_ms_per_update"] / row["fedline_cpu_ms_per_update"]
     row["fedline_vs_flower"] = row["fedline_per_s"] / row["flower_per_s"] if fl else None
+    # int8: CPU per update against fedline's float32 path and against Flower's float32 decode + aggregate
+    # (> 1: the int8 path costs less); Flower runs on one core, so its CPU per update is its whole cost
+    row["int8_vs_float32_cpu"] = row["fedline_cpu_ms_per_update"] / row["fedline_int8_cpu_ms_per_update"]
+    row["int8_vs_flower_cpu"] = row["flower_cpu_ms_per_update"] / row["fedline_int8_cpu_ms_per_update"] if fl else None
+    row["int8_vs_flower"] = row["fedline_int8_per_s"] / row["flower_per_s"] if fl else None
     return row
 
 
@@ -322,6 +342,22 @@ def main(argv: list[str] | None = None) -> int:
         "CPU / fedline CPU per update; flower = flwr "
         f"{fl[3] if fl else '(missing)'} parameters_to_ndarrays + aggregate (no decryption)"
     )
+    print()
+    head8 = (
+        f"{'params':>10} {'int8 KB':>8} {'int8/s':>8} {'CPU ms/update: int8':>20} {'float32':>8} {'flower':>7} "
+        f"{'int8 vs float32':>16} {'int8 vs flower':>15}"
+    )
+    print(head8)
+    print("-" * len(head8))
+    for r in rows:
+        vs_fl = f"{r['int8_vs_flower_cpu']:14.2f}x" if fl else f"{'n/a':>15}"
+        fl_cpu = f"{r['flower_cpu_ms_per_update']:7.3f}" if fl else f"{'n/a':>7}"
+        print(
+            f"{r['params']:>10,} {r['int8_sealed_bytes'] / 1024:8.1f} {r['fedline_int8_per_s']:8.1f} "
+            f"{r['fedline_int8_cpu_ms_per_update']:20.3f} {r['fedline_cpu_ms_per_update']:8.3f} {fl_cpu} "
+            f"{r['int8_vs_float32_cpu']:15.2f}x {vs_fl}"
+        )
+    print("int8 vs X = X's CPU ms per update / the int8 path's (> 1: the int8 path costs less)")
     if rss:
         print(
             f"peak RSS with {rss['sites']:,} enrolled sites, {rss['updates']} updates of {rss['params']:,} params: "

@@ -9,7 +9,10 @@ For updates of 10k, 100k and 1M float32 parameters it measures
   practical limit (XSalsa20-Poly1305 with no key exchange, no signature, no framing);
 - their ratio (fedline / SecretBox: 1.0 would mean the envelope costs nothing extra);
 - bytes on the wire per raw parameter byte: the sealed message split into
-  100 KiB chunks (chunk headers included), and with MQTT 5 PUBLISH headers too.
+  100 KiB chunks (chunk headers included), and with MQTT 5 PUBLISH headers too;
+- the same update quantised to int8 (``[update] quantise = "int8"``,
+  :mod:`broker_bridge.quantised`): its bytes on the wire (MQTT included) over the
+  float32 update's (the issue's target: <= 0.3x), quantise+seal and open+decode times.
 
 Usage: ``python bench/wire.py`` (table) or ``python bench/wire.py --json`` (one JSON object).
 Each timing is the best of several repeats, so other load on the machine inflates it less.
@@ -29,10 +32,10 @@ import numpy as np
 from nacl.secret import SecretBox
 from nacl.utils import random as nacl_random
 
-from broker_bridge import envelope
+from broker_bridge import envelope, quantised
 from broker_bridge.chunking import DEFAULT_MAX_CHUNK, split
 from broker_bridge.client import publish_packet_size
-from broker_bridge.keys import Enrollment, KeyPair
+from broker_bridge.keys import create_federation
 from broker_bridge.topics import Topics
 
 SIZES = (10_000, 100_000, 1_000_000)
@@ -50,10 +53,8 @@ def best_time(fn: Callable[[], object], budget_s: float = 0.5, min_repeats: int 
 
 
 def measure(n_params: int, budget_s: float = 0.5) -> dict[str, Any]:
-    agg = KeyPair.generate("aggregator", "aggregator")
-    site = KeyPair.generate("site", "site-a")
-    enrollment = Enrollment("bench", agg.public())
-    enrollment.add(site.public())
+    fed = create_federation("bench", ["site-a"])
+    agg, site, enrollment = fed.aggregator, fed.sites["site-a"], fed.enrollment
     agg_box_pub = bytes(agg.box_key.public_key)
     tensors = {"delta": np.random.default_rng(0).standard_normal(n_params, dtype=np.float32)}
     raw = n_params * 4
@@ -81,6 +82,29 @@ def measure(n_params: int, budget_s: float = 0.5) -> dict[str, Any]:
         for i, c in enumerate(chunks)
     )
 
+    # the same delta as an int8 update: what [update] quantise = "int8" sends
+    header8 = envelope.UpdateHeader(
+        "site-a", 2, "site-a-u2", 0, 256, {"clip_norm": 1.0, "noise_multiplier": 1.1, "epsilon": 0.7}, encoding="int8"
+    )
+    sealed8 = envelope.seal_update(header8, quantised.encode(tensors, "int8"), site, agg_box_pub)
+    t_seal8 = best_time(
+        lambda: envelope.seal_update(header8, quantised.encode(tensors, "int8"), site, agg_box_pub), budget_s
+    )
+
+    def open8() -> dict[str, np.ndarray]:
+        h, t = envelope.open_update(sealed8, agg, enrollment)
+        return quantised.decode(t, h.encoding)
+
+    back = open8()["delta"]
+    step = float(np.abs(tensors["delta"]).max()) / quantised.LEVELS
+    assert float(np.abs(back - tensors["delta"]).max()) <= step * (1 + 1e-5)  # one step at most
+    t_open8 = best_time(open8, budget_s)
+    chunks8 = split(sealed8, header8.msg_id, DEFAULT_MAX_CHUNK)
+    mqtt8 = sum(
+        publish_packet_size(topics.update_chunk("site-a", header8.msg_id, i), len(c), 1, True)
+        for i, c in enumerate(chunks8)
+    )
+
     mb = raw / 1e6
     return {
         "params": n_params,
@@ -97,6 +121,10 @@ def measure(n_params: int, budget_s: float = 0.5) -> dict[str, Any]:
         "open_vs_secretbox": t_box_dec / t_open,
         "wire_per_raw_byte": chunk_bytes / raw,
         "mqtt_wire_per_raw_byte": mqtt_bytes / raw,
+        "int8_sealed_bytes": len(sealed8),
+        "int8_quantise_seal_ms": t_seal8 * 1e3,
+        "int8_open_decode_ms": t_open8 * 1e3,
+        "int8_wire_vs_float32": mqtt8 / mqtt_bytes,
     }
 
 
@@ -113,6 +141,10 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         ("open/limit", "open_vs_secretbox", "{:.2f}"),
         ("wire/raw", "wire_per_raw_byte", "{:.4f}"),
         ("wire+MQTT/raw", "mqtt_wire_per_raw_byte", "{:.4f}"),
+        ("int8 sealed", "int8_sealed_bytes", "{:,}"),
+        ("int8 quantise+seal ms", "int8_quantise_seal_ms", "{:.2f}"),
+        ("int8 open+decode ms", "int8_open_decode_ms", "{:.2f}"),
+        ("int8 wire/float32", "int8_wire_vs_float32", "{:.4f}"),
     ]
     try:
         from rich.console import Console
@@ -134,7 +166,9 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     print(
         "seal/limit, open/limit: fedline throughput as a fraction of bare SecretBox on the same bytes.\n"
         f"wire/raw: sealed bytes split into {DEFAULT_MAX_CHUNK // 1024} KiB chunks, headers included, "
-        "per raw parameter byte; +MQTT adds MQTT 5 PUBLISH headers."
+        "per raw parameter byte; +MQTT adds MQTT 5 PUBLISH headers.\n"
+        "int8: the same delta quantised (stochastic rounding, a float32 step per 1,024 values); "
+        "int8 wire/float32 counts MQTT bytes of both."
     )
 
 

@@ -176,9 +176,15 @@ class UpdateHeader:
     )  # clip_norm, noise_multiplier, sample_rate, steps, epsilon, delta
     created_at: float = field(default_factory=time.time)
     format: int = FORMAT_VERSION
+    # how the tensors encode the delta (broker_bridge.quantised): "float32", or "int8" with block steps.
+    # Left out of the signed JSON when float32, so a float32 update reads the same to an older aggregator
+    encoding: str = "float32"
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        doc = asdict(self)
+        if doc["encoding"] == "float32":
+            del doc["encoding"]
+        return doc
 
     @classmethod
     def from_dict(cls, doc: Mapping[str, Any]) -> UpdateHeader:
@@ -192,14 +198,18 @@ class UpdateHeader:
             "privacy": dict,
             "created_at": (int, float),
             "format": int,
+            "encoding": str,
         }
-        missing = [k for k in expected if k not in doc]
+        optional = {"encoding"}
+        missing = [k for k in expected if k not in doc and k not in optional]
         if missing:
             raise WireError("schema", f"update header lacks {', '.join(missing)}")
         extra = sorted(set(doc) - set(expected))
         if extra:
             raise WireError("schema", f"update header has unknown fields {', '.join(extra)}")
         for k, tp in expected.items():
+            if k not in doc:
+                continue
             v = doc[k]
             if not isinstance(v, tp) or isinstance(v, bool):
                 raise WireError("schema", f"update header field {k!r} has the wrong type ({v!r})")

@@ -15,10 +15,11 @@ class WireError(FedlineError):
     ``version`` (format version), ``epoch`` (no federation content key of the
     message's key epoch is held: not granted yet, or revoked), ``decrypt``,
     ``signature``, ``unenrolled`` (signer not in the enrollment), ``replay``
-    (per-site counter seen before), ``schema`` (payload fields, tensor shapes and dtypes).
+    (per-site counter seen before), ``schema`` (payload fields, tensor shapes and dtypes),
+    ``encoding`` (an update's declared tensor encoding is unknown or malformed: :mod:`broker_bridge.quantised`).
     """
 
-    REASONS = ("framing", "version", "epoch", "decrypt", "signature", "unenrolled", "replay", "schema")
+    REASONS = ("framing", "version", "epoch", "decrypt", "signature", "unenrolled", "replay", "schema", "encoding")
 
     def __init__(self, reason: str, detail: str) -> None:
         assert reason in self.REASONS, reason
@@ -92,3 +93,22 @@ class SecAggError(FedlineError):
         self.reason = reason
         self.detail = detail
         super().__init__(f"{reason}: {detail}")
+
+
+class ModelRefused(FedlineError):
+    """A global model that must not be used. ``reason`` is one word an operator can count.
+
+    Checked where a model is taken (the edge, a plant's uplink, a line): ``manifest`` (signature or
+    framing), ``epoch`` (no content key of its epoch), ``federation``, ``spec``, ``size``, ``hash``,
+    ``decode``, ``names``, ``shape``, ``finite`` (the weights); a line also refuses with ``load``,
+    ``width``, ``probe`` (the ONNX session), ``canary`` (worse on recent labelled rows) and ``step`` (moved
+    farther from the model in service than the configured bound: :mod:`models.step_bound`).
+    ``version`` is None when the manifest itself could not be read.
+    """
+
+    def __init__(self, reason: str, detail: str, version: int | None = None) -> None:
+        self.reason = reason
+        self.detail = detail
+        self.version = version
+        where = "model refused" if version is None else f"model version {version} refused"
+        super().__init__(f"{where} ({reason}): {detail}")

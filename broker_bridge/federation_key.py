@@ -24,6 +24,13 @@ encrypts every weight blob, ONNX blob and manifest under a *content key*
   The broker and outsiders see the epoch and the version number, nothing
   else. The version inside the signed manifest must equal the clear one, so a
   member holding the key (SecretBox is symmetric) cannot relabel a version.
+- **Members' notices** (``FLN``): any other signed document only members may read
+  (secure aggregation's cohort and survivors announcements)::
+
+      wire  = FLN | ver | u32 epoch | SecretBox(key, signed document)
+
+  The broker and outsiders see the epoch, nothing else; the signature inside is
+  the aggregator's, so a member holding the key cannot forge one either.
 - **Model blobs** (weights, ONNX) are ``SecretBox(key, blob)`` before chunking
   (:func:`broker_bridge.envelope.seal_for_federation`); the manifest's hash and
   size are those of the plaintext, checked after decryption.
@@ -49,9 +56,11 @@ from broker_bridge.keys import KeyPair, PublicKeys
 
 GRANT_MAGIC = b"FLG"
 SEALED_MANIFEST_MAGIC = b"FLX"
+NOTICE_MAGIC = b"FLN"
 _GRANT_BODY_MAGIC = b"FLK"
 _GRANT_DOMAIN = b"fedline-grant-v1\x00"
 _EPOCH_VERSION = struct.Struct("<II")
+_EPOCH = struct.Struct("<I")
 GRANT_FIELDS = ("federation", "site", "epoch", "key")
 MAX_GRANT_BYTES = 4096
 
@@ -157,6 +166,35 @@ def open_manifest(
             f"{doc['version']} epoch {doc.get('epoch')}",
         )
     return doc, inner
+
+
+# --------------------------------------------------------------------------- members' notices
+def seal_notice(signed: bytes, epoch: int, key: bytes) -> bytes:
+    """Encrypt a signed document under the content key of ``epoch``: members read it, the broker does not."""
+    return NOTICE_MAGIC + bytes([FORMAT_VERSION]) + _EPOCH.pack(epoch) + SecretBox(key).encrypt(signed)
+
+
+def open_notice(blob: bytes | memoryview, keyring: Mapping[int, bytes], what: str) -> bytes:
+    """The signed document inside a members' notice (its signature is the caller's to check).
+
+    Raises ``WireError("epoch")`` when no key of its epoch is held (not granted yet: keep it and
+    try again when the grant arrives; or revoked), ``decrypt`` when the key does not open it.
+    """
+    view = memoryview(blob)
+    if len(view) < 4 + _EPOCH.size + SecretBox.NONCE_SIZE + SecretBox.MACBYTES:
+        raise WireError("framing", f"{len(view)} bytes is too short for a sealed {what}")
+    if bytes(view[:3]) != NOTICE_MAGIC:
+        raise WireError("framing", f"{what} is not sealed for members (no FLN magic)")
+    if view[3] != FORMAT_VERSION:
+        raise WireError("version", f"sealed {what} format {view[3]}, this build reads {FORMAT_VERSION}")
+    (epoch,) = _EPOCH.unpack_from(view, 4)
+    key = keyring.get(epoch)
+    if key is None:
+        raise WireError("epoch", f"no content key for epoch {epoch} to open a {what}")
+    try:
+        return SecretBox(key).decrypt(bytes(view[4 + _EPOCH.size :]))
+    except CryptoError:
+        raise WireError("decrypt", f"{what} does not open with the epoch {epoch} key") from None
 
 
 class Keyring(dict[int, bytes]):

@@ -23,13 +23,27 @@ from broker_bridge.client import MqttClient, will_message
 from broker_bridge.topics import Topics
 
 
-def payload(service: str, state: str, *, version: int | None = None, reason: str | None = None) -> bytes:
-    """The JSON document: ``{"service", "state", "version"?, "reason"?}``."""
+def payload(
+    service: str,
+    state: str,
+    *,
+    version: int | None = None,
+    reason: str | None = None,
+    model_refused: dict[str, Any] | None = None,
+) -> bytes:
+    """The JSON document: ``{"service", "state", "version"?, "reason"?, "model_refused"?}``.
+
+    ``model_refused`` (a line): ``{"version", "reason": "step"}``, the last signed version it refused as
+    too far a step from the one it serves (``models.step_bound``), so an operator sees it stays behind on
+    purpose; computed from public models only.
+    """
     doc: dict[str, Any] = {"service": service, "state": state}
     if version is not None:
         doc["version"] = int(version)
     if reason:
         doc["reason"] = reason
+    if model_refused:
+        doc["model_refused"] = dict(model_refused)
     return json.dumps(doc, sort_keys=True).encode()
 
 
@@ -40,13 +54,19 @@ class Liveness:
         self.topic = topics.service_status(user)
         self.service = service
         self.version: int | None = None
+        self.model_refused: dict[str, Any] | None = None
 
     def will(self) -> Any:
         return will_message(self.topic, payload(self.service, "offline", reason="connection lost"))
 
     async def online(self, client: MqttClient) -> None:
         """Publish ``online`` (retained); use as (part of) the client's ``on_connect``."""
-        await client.publish(self.topic, payload(self.service, "online", version=self.version), qos=1, retain=True)
+        await client.publish(
+            self.topic,
+            payload(self.service, "online", version=self.version, model_refused=self.model_refused),
+            qos=1,
+            retain=True,
+        )
 
     async def set_version(self, client: MqttClient | None, version: int | None) -> None:
         """A new model in service: say so if connected."""
@@ -58,5 +78,10 @@ class Liveness:
         """A clean stop: ``offline`` with reason ``stopped`` (a will is sent only on a lost connection)."""
         if client.connected.is_set():
             await client.publish(
-                self.topic, payload(self.service, "offline", version=self.version, reason="stopped"), qos=1, retain=True
+                self.topic,
+                payload(
+                    self.service, "offline", version=self.version, reason="stopped", model_refused=self.model_refused
+                ),
+                qos=1,
+                retain=True,
             )

@@ -32,10 +32,11 @@ from typing import Any
 
 import numpy as np
 
+from broker_bridge import quantised
 from broker_bridge.chunking import split
 from broker_bridge.client import BrokerSettings, Message, MqttClient, will_message
 from broker_bridge.envelope import UpdateHeader, open_for_federation, open_receipt, seal_update
-from broker_bridge.errors import FedlineError, NotConnected, PublishRefused, TopicError, WireError
+from broker_bridge.errors import FedlineError, ModelRefused, NotConnected, PublishRefused, TopicError, WireError
 from broker_bridge.federation_key import Keyring, open_manifest
 from broker_bridge.keys import Enrollment, KeyPair
 from broker_bridge.topics import Topics
@@ -44,14 +45,13 @@ from edge.dataset import Dataset, UnitTracker
 from edge.follow import WeightsCollector
 from edge.ledger_privacy import RecordLedger, window_group
 from edge.metrics import EdgeMetrics
-from edge.model_store import GlobalModel, ModelRefused, ModelStore, check_global_model
+from edge.model_store import GlobalModel, ModelStore, check_global_model
 from edge.outbox import Outbox, OutboxFull
 from edge.personal import Personaliser
 from edge.privacy import PrivacyBudget
 from edge.recovery import Recovery, needs_recovery
 from edge.secagg_member import EdgeCohorts
 from edge.status_doc import build_status
-from edge.step_guard import step_refusal
 from edge.trainer import Plan, plan_round, train_round
 from fedline.config import ConfigError
 from fedline.logs import event
@@ -119,8 +119,11 @@ class EdgeAgent:
         )
         self.ledger = self._open_ledger() if self.dp else None
         self.store = ModelStore(data_dir, cfg.path(cfg.model_dir))
+        self.keyring = Keyring()  # federation content keys by epoch, from this site's grants
         self.cohorts = (
-            EdgeCohorts(self.keys, self.enrollment, self.topics, data_dir) if cfg.secure_aggregation else None
+            EdgeCohorts(self.keys, self.enrollment, self.topics, data_dir, self.keyring)
+            if cfg.secure_aggregation
+            else None
         )
 
         template = build_model(self.spec, seed=cfg.model_seed)
@@ -145,7 +148,6 @@ class EdgeAgent:
             self.personal = personal_state(template, self.spec)
 
         self.collector = WeightsCollector()
-        self.keyring = Keyring()  # federation content keys by epoch, from this site's grants
         self._waiting_for_key: bytes | None = None  # a sealed manifest of an epoch not granted (yet)
         self.pending_manifest: tuple[int, bytes, dict[str, Any]] | None = None
         self.model_refused: dict[str, Any] | None = None  # the last version refused as too far a step
@@ -197,7 +199,15 @@ class EdgeAgent:
             self.base = self._check(*blobs)
             event(log, "model.restored", site=self.site, version=self.base.version)
         except ModelRefused as exc:
-            event(log, "model.refused", logging.WARNING, site=self.site, source="disk", reason=exc.reason)
+            event(
+                log,
+                "model.refused",
+                logging.WARNING,
+                site=self.site,
+                source="disk",
+                reason=exc.reason,
+                detail=exc.detail,
+            )
 
     def _check(self, manifest_blob: bytes, weights_blob: bytes) -> GlobalModel:
         return check_global_model(
@@ -471,13 +481,13 @@ class EdgeAgent:
                 "unit_group": self.ledger.group,
             }
             meta["record_ledger"] = self.ledger.state_after(selection)
-        header = UpdateHeader(
-            site=self.site, counter=counter, msg_id=msg_id, base_version=base.version, n_samples=len(x), privacy=privacy
-        )
+        encoding = cfg.update.encoding  # int8: rounded after the DP noise (post-processing), broker_bridge.quantised
+        header = UpdateHeader(self.site, counter, msg_id, base.version, len(x), privacy, encoding=encoding)
         if self.cohorts is not None:
             blob = self.cohorts.seal(header, result.delta)
         else:
-            blob = seal_update(header, result.delta, self.keys, self.enrollment.aggregator.box_pub)
+            tensors = quantised.encode(result.delta, encoding)
+            blob = seal_update(header, tensors, self.keys, self.enrollment.aggregator.box_pub)
         try:
             dropped = await asyncio.to_thread(
                 self.outbox.put,
@@ -726,7 +736,7 @@ class EdgeAgent:
                 self._trigger.set()
             return
         if kind == "secagg_survivors":
-            reply = self.cohorts.on_survivors(payload)
+            reply = self.cohorts.on_survivors(payload, cohort)
         elif kind == "secagg_request":
             reply = self.cohorts.on_request(payload)
         else:
@@ -822,6 +832,8 @@ class EdgeAgent:
         waiting, self._waiting_for_key = self._waiting_for_key, None
         if waiting is not None:
             await self._on_manifest(waiting)
+        for kind, payload, cohort in self.cohorts.take_waiting() if self.cohorts is not None else ():
+            await self._on_secagg(kind, payload, cohort)
 
     async def _on_manifest(self, sealed: bytes) -> None:
         try:
@@ -860,22 +872,19 @@ class EdgeAgent:
         key = self.keyring.get(doc.get("epoch"))  # type: ignore[arg-type]
         try:
             if key is None:
-                raise ModelRefused(version, f"no content key for epoch {doc.get('epoch')}")
+                raise ModelRefused("epoch", f"no content key for epoch {doc.get('epoch')}", version)
             weights = open_for_federation(sealed, key)
             g = self._check(manifest_blob, weights)
         except WireError as exc:
             self._refuse(version, f"weights {exc}")
             return
         except ModelRefused as exc:
-            self._refuse(version, exc.reason)
+            self._refuse(version, f"{exc.reason}: {exc.detail}")
             return
         if not self._wants(g.version):
             return
-        a = self.cfg.adopt
-        far = step_refusal(
-            self.base.shared, g.shared, g.version - self.base.version, a.max_step_l2, a.max_step_relative
-        )
-        if far is not None:  # signed, yet too far from the model in use (edge.step_guard)
+        far = self.cfg.adopt.refusal(self.base.shared, g.shared, g.version - self.base.version)
+        if far is not None:  # signed, yet too far from the model in use (models.step_bound)
             self.metrics.models_refused_step.inc()
             self.model_refused = {"version": g.version, "reason": "step"}
             self._refuse(g.version, far)

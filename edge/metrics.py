@@ -64,7 +64,7 @@ class EdgeMetrics:
         self.models_refused = Counter("fedline_edge_models_refused", "Global models refused", registry=r)
         self.models_refused_step = Counter(
             "fedline_edge_models_refused_step",
-            "Signed global models refused because they moved too far from the current one (edge.step_guard)",
+            "Signed global models refused because they moved too far from the current one (models.step_bound)",
             registry=r,
         )
         self.malformed = Counter(

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from broker_bridge.envelope import content_hash, decode_tensors, encode_tensors, verify_manifest
-from broker_bridge.errors import WireError
+from broker_bridge.errors import ModelRefused, WireError
 from fedline.fsutil import atomic_write
 from models.spec import ModelSpec
 
@@ -34,15 +34,6 @@ class GlobalModel:
     shared: dict[str, np.ndarray]
 
 
-class ModelRefused(Exception):
-    """A global model that must not be used (bad signature, hash, size, spec or shapes)."""
-
-    def __init__(self, version: int | None, reason: str) -> None:
-        self.version = version
-        self.reason = reason
-        super().__init__(f"model version {version}: {reason}")
-
-
 def check_global_model(
     manifest_blob: bytes,
     weights_blob: bytes,
@@ -56,34 +47,38 @@ def check_global_model(
     try:
         manifest = verify_manifest(manifest_blob, aggregator_sign_pub)
     except WireError as exc:
-        raise ModelRefused(None, f"manifest {exc}") from None
+        raise ModelRefused("manifest", str(exc)) from None
     version = manifest["version"]
     if manifest["federation"] != federation:
-        raise ModelRefused(version, f"manifest is for federation {manifest['federation']!r}, not {federation!r}")
+        raise ModelRefused(
+            "federation", f"manifest is for federation {manifest['federation']!r}, not {federation!r}", version
+        )
     try:
         their_spec = ModelSpec.from_dict(manifest["spec"])
     except Exception as exc:  # ConfigError or a non-dict
-        raise ModelRefused(version, f"manifest spec is not valid: {exc}") from None
+        raise ModelRefused("spec", f"manifest spec is not valid: {exc}", version) from None
     if their_spec != spec:
-        raise ModelRefused(version, f"manifest spec {their_spec.to_dict()} differs from this site's {spec.to_dict()}")
+        raise ModelRefused(
+            "spec", f"manifest spec {their_spec.to_dict()} differs from this site's {spec.to_dict()}", version
+        )
     w = manifest["weights"]
     if w.get("size") != len(weights_blob):
-        raise ModelRefused(version, f"weights are {len(weights_blob)} bytes, manifest says {w.get('size')}")
+        raise ModelRefused("size", f"weights are {len(weights_blob)} bytes, manifest says {w.get('size')}", version)
     if w.get("hash") != content_hash(weights_blob):
-        raise ModelRefused(version, "weights hash does not match the manifest")
+        raise ModelRefused("hash", "weights hash does not match the manifest", version)
     try:
         arrays = decode_tensors(weights_blob)
     except WireError as exc:
-        raise ModelRefused(version, f"weights do not decode: {exc}") from None
+        raise ModelRefused("decode", f"weights do not decode: {exc}", version) from None
     if set(arrays) != set(shared_names):
-        raise ModelRefused(version, f"weights name {sorted(arrays)}, the model shares {shared_names}")
+        raise ModelRefused("names", f"weights name {sorted(arrays)}, the model shares {shared_names}", version)
     shared: dict[str, np.ndarray] = {}
     for name in shared_names:
         a = arrays[name]
         if tuple(a.shape) != shapes[name]:
-            raise ModelRefused(version, f"weight {name!r} has shape {tuple(a.shape)}, expected {shapes[name]}")
+            raise ModelRefused("shape", f"weight {name!r} has shape {tuple(a.shape)}, expected {shapes[name]}", version)
         if a.dtype != np.float32 or not np.isfinite(a).all():
-            raise ModelRefused(version, f"weight {name!r} is not finite float32")
+            raise ModelRefused("finite", f"weight {name!r} is not finite float32", version)
         shared[name] = np.array(a, dtype=np.float32)
     return GlobalModel(version, manifest, bytes(manifest_blob), bytes(weights_blob), shared)
 

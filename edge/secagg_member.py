@@ -7,6 +7,10 @@ cohort's range (post-processing: epsilon is unchanged), quantised and masked by
 the outbox (so it survives restarts and outages). Acks and answers go straight to the broker:
 they are small, and a member that is away when they are asked for is a dropout the protocol
 tolerates. Every answer is recorded in ``<data_dir>/secagg.sqlite`` before it leaves.
+
+Announcements arrive sealed under the federation content key and requests sealed to this site
+(see :mod:`broker_bridge.secagg.messages`). Retained messages come in any order, so an
+announcement of an epoch whose grant has not arrived yet is kept and handled when it does.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from broker_bridge.envelope import UpdateHeader, seal_update
-from broker_bridge.errors import SecAggError
+from broker_bridge.errors import SecAggError, WireError
+from broker_bridge.federation_key import open_notice
 from broker_bridge.keys import Enrollment, KeyPair
 from broker_bridge.secagg import messages as m
 from broker_bridge.secagg.member import SecAggMember
@@ -33,18 +38,39 @@ log = logging.getLogger("fedline.edge")
 class EdgeCohorts:
     """One site's cohort membership, backed by its on-disk answer log."""
 
-    def __init__(self, keys: KeyPair, enrollment: Enrollment, topics: Topics, data_dir: Path) -> None:
+    def __init__(
+        self, keys: KeyPair, enrollment: Enrollment, topics: Topics, data_dir: Path, keyring: Mapping[int, bytes]
+    ) -> None:
         self.keys = keys
         self.enrollment = enrollment
         self.topics = topics
+        self.keyring = keyring  # the site's content keys by epoch (shared with the agent, filled by its grants)
         self.member = SecAggMember(keys, enrollment, data_dir / "secagg.sqlite")
         self.pending: m.CohortAnnouncement | None = None  # joined, not yet masked in
+        self.waiting: dict[tuple[str, str | None], bytes] = {}  # (kind, cohort) -> sealed, its epoch not granted yet
 
     def close(self) -> None:
         self.member.close()
 
     def _refused(self, name: str, exc: SecAggError) -> None:
         event(log, name, logging.WARNING, site=self.keys.ident, reason=exc.reason, detail=exc.detail)
+
+    def _unseal(self, kind: str, payload: bytes, cohort: str | None) -> bytes | None:
+        """The signed announcement inside; None when it must wait for its epoch's grant or is refused."""
+        try:
+            return open_notice(payload, self.keyring, kind.replace("_", " "))
+        except WireError as exc:
+            if exc.reason == "epoch":  # its grant may be the next message: try again then
+                self.waiting[(kind, cohort)] = bytes(payload)
+            else:
+                self._refused(f"{kind.replace('_', '.')}_refused", SecAggError("schema", str(exc)))
+            return None
+
+    def take_waiting(self) -> list[tuple[str, bytes, str | None]]:
+        """The announcements kept for a grant, as ``(kind, payload, cohort)``, now that one arrived."""
+        out = [(kind, payload, cohort) for (kind, cohort), payload in self.waiting.items()]
+        self.waiting.clear()
+        return out
 
     def subscriptions(self) -> list[str]:
         return [self.topics.secagg_filter(), self.topics.secagg_request(self.keys.ident)]
@@ -54,12 +80,16 @@ class EdgeCohorts:
         if not payload:  # a cleared announcement: the cohort ended (or died with an aggregator restart)
             if self.pending is not None and self.pending.cohort == cohort:
                 self.pending = None  # no round for it: the update would only be refused
+            self.waiting.pop(("secagg_cohort", cohort), None)
+            return False
+        signed = self._unseal("secagg_cohort", payload, cohort)
+        if signed is None:
             return False
         try:
-            self.pending = self.member.accept_cohort(payload)
+            self.pending = self.member.accept_cohort(signed)
         except SecAggError as exc:
             if exc.reason == "replay":  # the retained announcement again, e.g. after our restart
-                return self._resume(payload)
+                return self._resume(signed)
             if exc.reason != "not_member":
                 self._refused("secagg.cohort_refused", exc)
             return False
@@ -73,9 +103,9 @@ class EdgeCohorts:
         )
         return True
 
-    def _resume(self, payload: bytes) -> bool:
+    def _resume(self, signed: bytes) -> bool:
         """A cohort joined before a restart and not yet masked in: still ours until its deadline."""
-        ann, _ = m.open_cohort(payload, self.enrollment.aggregator.sign_pub, self.enrollment.federation)
+        ann, _ = m.open_cohort(signed, self.enrollment.aggregator.sign_pub, self.enrollment.federation)
         row = self.member.log.announcement(ann.cohort)
         if row is None or row[2] != "joined" or ann.deadline <= time.time():
             return False
@@ -108,15 +138,19 @@ class EdgeCohorts:
             self.enrollment.aggregator.box_pub,
         )
 
-    def on_survivors(self, payload: bytes) -> bytes | None:
+    def on_survivors(self, payload: bytes, cohort: str | None = None) -> bytes | None:
         """The survivors announcement of a cohort we joined: our ack, sealed (None: not ours)."""
         if not payload:
+            self.waiting.pop(("secagg_survivors", cohort), None)
+            return None
+        signed = self._unseal("secagg_survivors", payload, cohort)
+        if signed is None:
             return None
         try:
-            doc, _ = m.open_survivors(payload, self.enrollment.aggregator.sign_pub)
+            doc, _ = m.open_survivors(signed, self.enrollment.aggregator.sign_pub)
             if self.member.log.announcement(doc.cohort) is None:
                 return None
-            sig = self.member.ack(payload)
+            sig = self.member.ack(signed)
         except SecAggError as exc:
             self._refused("secagg.survivors_refused", exc)
             return None
@@ -125,7 +159,7 @@ class EdgeCohorts:
     def on_request(self, payload: bytes) -> bytes | None:
         """An unmask request: our answer, sealed (None when refused)."""
         try:
-            answer = self.member.answer(m.UnmaskRequest.decode(payload))
+            answer = self.member.answer(m.UnmaskRequest.open(payload, self.keys))
         except SecAggError as exc:
             self._refused("secagg.request_refused", exc)
             return None

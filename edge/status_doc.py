@@ -11,7 +11,7 @@ is what the aggregator's catch-up reads, ``aggregator.catchup``; epochs are
 public, like versions), the DP parameters, the unit protected and ε spent against the budget
 (public by design, DESIGN.md), whether the site is publishing, the outbox depth, and the last
 global version it refused as too far a step (``model_refused``: version and ``"step"``; versions are
-public, and an operator must see that a site stays behind on purpose, ``edge.step_guard``).
+public, and an operator must see that a site stays behind on purpose, ``models.step_bound``).
 
 One builder, so that fields added later (e.g. per-record ε) have one home.
 """

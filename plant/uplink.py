@@ -33,12 +33,12 @@ import numpy as np
 from broker_bridge.chunking import split
 from broker_bridge.client import Message, MqttClient, will_message
 from broker_bridge.envelope import UpdateHeader, open_for_federation, open_receipt, seal_update
-from broker_bridge.errors import FedlineError, NotConnected, PublishRefused, TopicError, WireError
+from broker_bridge.errors import FedlineError, ModelRefused, NotConnected, PublishRefused, TopicError, WireError
 from broker_bridge.federation_key import Keyring, open_manifest
 from broker_bridge.keys import Enrollment, KeyPair
 from broker_bridge.topics import Topics
 from edge.follow import WeightsCollector
-from edge.model_store import ModelRefused, check_global_model
+from edge.model_store import check_global_model
 from edge.outbox import Outbox, OutboxFull
 from edge.status_doc import build_status
 from fedline.config import ConfigError
@@ -294,7 +294,7 @@ class Uplink:
         key = self.keyring.get(doc.get("epoch"))  # type: ignore[arg-type]
         try:
             if key is None:
-                raise ModelRefused(version, f"no content key for epoch {doc.get('epoch')}")
+                raise ModelRefused("epoch", f"no content key for epoch {doc.get('epoch')}", version)
             g = check_global_model(
                 manifest_blob,
                 open_for_federation(sealed, key),

@@ -12,6 +12,9 @@
   update carries one root per recipient (the hash of that bundle's n leaves), so the aggregator
   can check every share it is given without seeing the others.
 * **Survivors announcement** (aggregator -> members, signed): who submitted (S) and who did not (D).
+* On the wire the two announcements travel sealed under the federation content key
+  (:func:`broker_bridge.federation_key.seal_notice`) and each unmask request sealed to its member's
+  X25519 key: the broker operator learns neither who is in a cohort nor who survived.
 * **Ack** (member -> aggregator): the member's Ed25519 signature of the survivors announcement.
   A member acks one survivors announcement per cohort, and answers only a request carrying >= t
   acks of the same announcement (Bonawitz's consistency check): with t > n/2 an aggregator cannot
@@ -47,6 +50,7 @@ _SURVIVORS_MAGIC, _SURVIVORS_DOMAIN = b"FLV", b"fedline-secagg-survivors-v1\x00"
 _ACK_DOMAIN = b"fedline-secagg-ack-v1\x00"
 _BUNDLE_MAGIC, _BUNDLE_DOMAIN = b"FLB1", b"fedline-secagg-bundle-v1\x00"
 _SUBMISSION_MAGIC = b"FLQ1"
+_REQUEST_MAGIC = b"FLP"  # an unmask request sealed to its member
 _U32 = struct.Struct("<I")
 MAX_MEMBERS = 1000
 
@@ -502,7 +506,8 @@ class MaskedSubmission:
 @dataclass(frozen=True)
 class UnmaskRequest:
     """Aggregator -> one member: the survivors announcement, >= t acks of it, and the bundles
-    the survivors dealt to this member. Needs no signature of its own: every part is signed."""
+    the survivors dealt to this member. Needs no signature of its own: every part is signed.
+    Sealed to the member (:meth:`seal`), because its clear parts name the survivors and the acks."""
 
     survivors_blob: bytes
     acks: Mapping[str, bytes]
@@ -516,6 +521,25 @@ class UnmaskRequest:
                 "bundles": {k: _b64(v) for k, v in sorted(self.bundles.items())},
             }
         )
+
+    def seal(self, member_box_pub: bytes) -> bytes:
+        """``FLP | ver | SealedBox(member's X25519 key, encode())``: only that member reads it."""
+        return (
+            _REQUEST_MAGIC
+            + bytes([envelope.FORMAT_VERSION])
+            + SealedBox(PublicKey(member_box_pub)).encrypt(self.encode())
+        )
+
+    @classmethod
+    def open(cls, blob: bytes | memoryview, member_keys: KeyPair) -> UnmaskRequest:
+        """Open a request sealed to this member (:meth:`seal`) and decode it."""
+        if len(blob) < 4 + 48 or bytes(blob[:3]) != _REQUEST_MAGIC or blob[3] != envelope.FORMAT_VERSION:
+            raise SecAggError("schema", "not a sealed unmask request (no FLP magic or another version)")
+        try:
+            raw = SealedBox(member_keys.box_key).decrypt(bytes(blob[4:]))
+        except CryptoError:
+            raise SecAggError("schema", f"unmask request is not sealed to {member_keys.ident!r}") from None
+        return cls.decode(raw)
 
     @classmethod
     def decode(cls, raw: bytes) -> UnmaskRequest:

@@ -15,12 +15,15 @@ Error bound, per coordinate of the cohort sum (no clamping): each member's round
 strictly below ``1/scale``, so ``|dequantised sum - exact sum| < n / scale = n^2 R / (2^31 - 1 - n)``
 (e.g. 1.2e-8 for n = 5, R = 1). Rounding happens after the DP noise, so it is post-processing
 and epsilon is unchanged; the rounding randomness needs no secrecy (it is not a mask) and comes
-from numpy's generator seeded by the OS.
+from a private generator seeded by the OS CSPRNG (:mod:`broker_bridge.rounding`, shared with the
+8-bit update encoding).
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from broker_bridge.rounding import private_rng, stochastic_round
 
 _LIMIT = 2**31 - 1
 
@@ -49,8 +52,7 @@ def quantise(
         raise ValueError("cannot quantise a vector with NaN or infinity")
     clamped = int(np.count_nonzero(np.abs(v) > clip_range))
     v = np.clip(v, -clip_range, clip_range) * scale
-    rng = rng or np.random.default_rng()
-    q = np.floor(v + rng.random(v.shape))  # rounds up with probability frac(v): unbiased
+    q = stochastic_round(v, rng or private_rng())  # rounds up with probability frac(v): unbiased
     return q.astype(np.int64).astype(np.uint32), clamped  # int64 -> uint32 is reduction mod 2^32
 
 

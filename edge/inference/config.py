@@ -14,10 +14,14 @@ Example::
     poll_s = 1.0                         # model_dir and rollback-request polling
     # command_topic = "plant/press-3/infer/command"   # on the output broker: "rollback"
 
-    [line.canary]                        # keep the old model if the new one is worse here
+    [line.canary]                        # on wherever [rows] has a label: keep the old model if the new one is worse here
     rows = 256                           # recent labelled rows kept
     min_rows = 32                        # fewer than this: no canary (logged)
     margin = 0.02                        # log loss (classification) or MSE (regression)
+
+    [line.adopt]                         # manifest mode: refuse a version that moved too far
+    max_step_relative = 10.0             # x the served model's L2 norm, per version (0: off)
+    max_step_l2 = 0.0                    # absolute L2 per version (0: off)
 
     [[sources]]                          # firmware_adapters.build_source tables
     kind = "csv"
@@ -49,10 +53,20 @@ from typing import Any, Literal
 
 from fedline.config import ConfigError, load_toml, parse, resolve_path
 from fedline.metrics import MetricsConfig
+from models.step_bound import StepBound
 
 
 @dataclass(frozen=True)
 class CanaryConfig:
+    """Keep the model in service when a new one is worse on the line's recent labelled rows.
+
+    On by default wherever the rows carry a label (``[rows] label``): a new version is scored on the
+    last ``rows`` labelled rows next to the model in service and refused (reason ``canary``) when its
+    loss is worse by more than ``margin``; with fewer than ``min_rows`` labelled rows yet it is taken
+    (logged ``canary.skipped``). Without a label there is nothing to check against (logged
+    ``canary.off`` at start). ``enabled = false`` turns it off everywhere.
+    """
+
     enabled: bool = True
     rows: int = 256
     min_rows: int = 32
@@ -85,6 +99,9 @@ class LineConfig:
     max_model_bytes: int = 256 * 1024 * 1024
     command_topic: str | None = None
     canary: CanaryConfig = field(default_factory=CanaryConfig)
+    # manifest mode: how far a new global version may move from the one in service (models.step_bound,
+    # measured on the tensors inside the ONNX: edge.inference.onnx_params); the same keys as the site's [adopt]
+    adopt: StepBound = field(default_factory=StepBound)
 
     def validate(self) -> None:
         from broker_bridge.topics import validate_site_id

@@ -35,11 +35,12 @@ from typing import Any
 import numpy as np
 
 from broker_bridge.envelope import content_hash
+from broker_bridge.errors import ModelRefused
 from broker_bridge.topics import Topics
 from edge.inference.config import InferConfig, broker_settings
 from edge.inference.model_dir import ModelDirError, read_model, read_pointer
 from edge.inference.outputs import JsonlSink, Metrics, MqttSink
-from edge.inference.session import LoadedModel, ModelInfo, ModelRefused, build_model, canary_check
+from edge.inference.session import LoadedModel, ModelInfo, build_model, canary_check
 from edge.inference.state import SavedModel, Serving, StateDir
 from fedline.logs import event
 
@@ -113,7 +114,10 @@ class InferenceService:
         self.row_shape = row_shape(cfg.rows, cfg.file)
         from firmware_adapters.rows import parse_row_mapping
 
-        self.task = parse_row_mapping(cfg.rows, file=cfg.file).task
+        mapping = parse_row_mapping(cfg.rows, file=cfg.file)
+        self.task = mapping.task
+        # the canary is on wherever the rows carry a label ([rows] label), unless [line.canary] enabled = false
+        self.canary_on = line.canary.enabled and mapping.label is not None
         self.state = StateDir(cfg.path(line.state_dir))
         self.metrics = Metrics()
         self.stats = ServiceStats()
@@ -146,6 +150,7 @@ class InferenceService:
         self.origin = line.model_source
         self.rows_error: BaseException | None = None
         self._verifier: Any = None  # line commands: built on the first one (reads the key files)
+        self.model_refused: dict[str, Any] | None = None  # the last version refused as too far a step
 
     # ------------------------------------------------------------------ versions
     def current_version(self) -> int:
@@ -192,6 +197,16 @@ class InferenceService:
         cfg = self.cfg
         self._http = self.metrics.serve(cfg.metrics, cfg.file)
         event(log, "infer.starting", site=cfg.line.site, source=self.origin, row_shape=list(self.row_shape))
+        event(
+            log,
+            "canary.on" if self.canary_on else "canary.off",
+            rows=cfg.line.canary.rows,
+            min_rows=cfg.line.canary.min_rows,
+            margin=cfg.line.canary.margin,
+            why="labelled rows"
+            if self.canary_on
+            else ("[line.canary] enabled = false" if not cfg.line.canary.enabled else "[rows] has no label"),
+        )
         async with contextlib.AsyncExitStack() as stack:
             fed_client = out_client = None
             if self.origin == "manifest":
@@ -436,6 +451,17 @@ class InferenceService:
         )
         return swap
 
+    def _report_refused(self, refused: dict[str, Any]) -> None:
+        """Say on the line's retained status which version it refused as too far a step, and stays behind."""
+        self.model_refused = refused
+        if self._liveness is not None:
+            self._liveness.model_refused = refused
+            task = asyncio.get_running_loop().create_task(
+                self._liveness.set_version(self._fed_client, self._liveness.version)
+            )
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
     def _served(self, served: Any) -> None:
         """The line's status: which candidate its site picked and that candidate's validation metric."""
         self.metrics.served.clear()
@@ -540,6 +566,8 @@ class InferenceService:
             except ModelRefused as exc:
                 self._failed.add((cand.info.version, cand.info.hash))
                 self.refuse(exc.reason, exc.detail, cand.info.version)
+                if exc.reason == "step":  # public in the line's status, like a site's (models.step_bound)
+                    self._report_refused({"version": cand.info.version, "reason": "step"})
                 continue
             except Exception as exc:  # anything unforeseen refuses the model, never the service
                 self._failed.add((cand.info.version, cand.info.hash))
@@ -555,8 +583,12 @@ class InferenceService:
     ) -> LoadedModel:
         """Worker thread: build, probe and (when possible) canary-check a candidate."""
         new = build_model(cand.blob, cand.info, self.row_shape, threads=self.cfg.line.threads, recent=recent)
+        if self.origin == "manifest" and old is not None and old.info.origin == "manifest":
+            from edge.inference.onnx_params import check_step  # (onnx parses the model once more)
+
+            check_step(self.cfg.line.adopt, old.blob, old.version, cand.blob, cand.info.version)
         canary = self.cfg.line.canary
-        if not canary.enabled or old is None:
+        if not self.canary_on or old is None:
             return new
         n = 0 if labels is None else len(labels)
         if n < canary.min_rows:

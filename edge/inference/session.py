@@ -22,16 +22,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from broker_bridge.errors import FedlineError
-
-
-class ModelRefused(FedlineError):
-    """A candidate model was not taken into service; ``reason`` is one counting word."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        self.reason = reason
-        self.detail = detail
-        super().__init__(f"model refused ({reason}): {detail}")
+from broker_bridge.errors import ModelRefused
 
 
 @dataclass(frozen=True)

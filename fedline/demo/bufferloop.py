@@ -50,16 +50,19 @@ def run_buffered(
     *,
     seed: int = 0,
     absent: dict[str, range] | None = None,
+    encoding: str = "float32",
 ) -> BufferResult:
     """Run the federation until ``versions`` versions exist or no site can train any more.
 
     ``training`` maps a site to its :class:`edge.config.TrainingConfig`;
-    ``strategy_table`` is the aggregator's ``[strategy]`` table.
+    ``strategy_table`` is the aggregator's ``[strategy]`` table; ``encoding`` is the sites'
+    update encoding (``"int8"``: each delta makes the wire's round trip, ``broker_bridge.quantised``).
     """
     import torch
 
     from aggregator.config import StrategyConfig
     from aggregator.strategies import Accepted, make_strategy
+    from broker_bridge import quantised
     from edge.privacy import PrivacyBudget
     from fedline.config import parse
     from fedline.demo.plainloop import dp_round
@@ -90,7 +93,8 @@ def run_buffered(
                 continue
             personal[s] = r.personal
             counters[s] += 1
-            queue.append((s, version, r.delta, len(xs[s])))
+            delta = quantised.decode(quantised.encode(r.delta, encoding), encoding)  # what the aggregator reads
+            queue.append((s, version, delta, len(xs[s])))
         idle = [s for s in idle if s not in {q[0] for q in queue}]
         if not queue:
             break  # every site has spent its budget (or the only ones left are away): no more versions

@@ -43,6 +43,7 @@ def _one_split(
     tuning: dict[str, Any],
     batch_fraction: float,
     absent: dict[str, tuple[int, int]],
+    encoding: str = "float32",
 ) -> dict[str, dict[str, Any]]:
     """Local-only, federated (global) and served metric of every site on one split."""
     import torch
@@ -92,6 +93,7 @@ def _one_split(
         strategy_table(t),
         seed=t.seed + split_seed,
         absent={k: range(*v) for k, v in absent.items()},
+        encoding=encoding,
     )
     base = TrainSettings(epochs=baseline_epochs(t), batch_size=64, lr=0.1, momentum=0.9, seed=t.seed)
     pcfg = parse(PersonalConfig, personal_table(t), where="personal")
@@ -167,20 +169,24 @@ def run_split_study(
     absent: dict[str, tuple[int, int]] | None = None,
     workers: int | None = None,
     on_split: Callable[[int, dict[str, dict[str, float]]], None] | None = None,
+    encoding: str = "float32",
 ) -> dict[str, Any]:
     """The comparison on split seeds ``0..k-1``; ``load_kwargs`` are :func:`load_demo_data`'s (without seed).
 
     ``absent`` maps a site to the rounds ``(first,
     end)`` it misses in every split: the run's cut-off site misses the
     versions made without it. ``on_split(seed, result)`` is called as each
-    split finishes (progress for the terminal: the study takes about a minute).
+    split finishes (progress for the terminal: the study takes about a minute). ``encoding``:
+    the sites' update encoding (``"int8"`` measures what quantised updates cost, bench/quantise_accuracy.py).
     """
     absent = absent or {}
     workers = max(1, min(k, workers or min(2, os.cpu_count() or 1)))
     t = asdict(tuning)
     results: dict[int, dict[str, dict[str, float]]] = {}
     with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-        futures = {pool.submit(_one_split, load_kwargs, seed, t, batch_fraction, absent): seed for seed in range(k)}
+        futures = {
+            pool.submit(_one_split, load_kwargs, seed, t, batch_fraction, absent, encoding): seed for seed in range(k)
+        }
         for fut in as_completed(futures):
             results[futures[fut]] = fut.result()
             if on_split is not None:

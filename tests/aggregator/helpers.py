@@ -13,7 +13,7 @@ import numpy as np
 from aggregator.config import AggregatorConfig, load_config
 from broker_bridge import envelope
 from broker_bridge.envelope import UpdateHeader
-from broker_bridge.keys import Enrollment, KeyPair
+from broker_bridge.keys import Enrollment, KeyPair, create_federation
 
 SPEC_TOML = """
 [model]
@@ -80,7 +80,9 @@ seed = 7
         n_samples: int = 10,
         counter: int | None = None,
         msg_id: str | None = None,
+        encoding: str = "float32",
     ) -> tuple[bytes, UpdateHeader]:
+        """Seal ``delta`` as given (with ``encoding = "int8"`` pass the encoded block: broker_bridge.quantised)."""
         if counter is None:
             counter = next(self.counters.setdefault(site, itertools.count(1)))
         header = UpdateHeader(
@@ -90,21 +92,14 @@ seed = 7
             base_version=base_version,
             n_samples=n_samples,
             privacy={"epsilon": 1.0, "delta": 1e-5},
+            encoding=encoding,
         )
         return envelope.seal_update(header, delta, self.sites[site], self.agg.public().box_pub), header
 
 
 def make_federation(root: Path, sites: list[str], federation: str = "test") -> Federation:
-    root.mkdir(parents=True, exist_ok=True)
-    agg = KeyPair.generate("aggregator", "aggregator")
-    agg.save(root / "aggregator.key")
-    enr = Enrollment(federation, agg.public())
-    keys = {}
-    for s in sites:
-        keys[s] = KeyPair.generate("site", s)
-        enr.add(keys[s].public())
-    enr.save(root / "enrollment.json")
-    return Federation(root, federation, agg, keys)
+    fed = create_federation(federation, sites, root)
+    return Federation(root, federation, fed.aggregator, fed.sites)
 
 
 def random_delta(

@@ -21,8 +21,7 @@ from broker_bridge.keys import Enrollment, KeyPair
 from edge.agent import EdgeAgent
 from edge.config import load_edge_config
 from tests.conftest import eventually, settings_for
-from tests.edge.helpers import FEDERATION, Federation, write_csv, write_site
-from tests.edge.test_edge_with_aggregator import _aggregator_toml
+from tests.edge.helpers import FEDERATION, Federation, write_aggregator, write_csv, write_site
 
 
 async def test_rotated_key_old_updates_refused_with_a_reason_nothing_wedged_new_ones_applied(
@@ -30,7 +29,7 @@ async def test_rotated_key_old_updates_refused_with_a_reason_nothing_wedged_new_
 ) -> None:
     fed = Federation.create(tmp_path, ["site-a"])
     toml = tmp_path / "aggregator.toml"
-    _aggregator_toml(fed, mosquitto, toml)
+    write_aggregator(fed, mosquitto, toml)
     toml.write_text(
         toml.read_text().replace("seed = 0\n", "seed = 0\nenrollment_poll_s = 0.2\n") + "[publish]\nonnx = false\n"
     )

@@ -58,3 +58,44 @@ def test_ten_updates_in_one_interval_weigh_about_one(tmp_path) -> None:
         clock.t += 1.0
     assert weights[0] == pytest.approx(0.5) and sum(weights[1:]) == pytest.approx(0.5)  # 10 × 0.5 × 1/10
     core.close()
+
+
+def test_restore_turns_the_wall_clock_age_of_each_last_update_into_the_rate_by_hand() -> None:
+    from aggregator.site_rate import SiteRate
+
+    clock = Clock()  # monotonic 1000 at the restart
+    rate = SiteRate(10.0, clock=clock)
+    # last applied (wall clock): "a" 2 s before the restart, "b" 7 s, "c" 30 s, "d" 5 s in the future (a clock
+    # stepped back: counts as no time elapsed)
+    rate.restore({"a": 998.0, "b": 993.0, "c": 970.0, "d": 1005.0}, wall_now=1000.0)
+    assert [rate.scale(s) for s in "abcde"] == pytest.approx([0.2, 0.7, 1.0, 0.0, 1.0])  # "e": never applied
+    clock.t += 5.0
+    assert [rate.scale(s) for s in "abcd"] == pytest.approx([0.7, 1.0, 1.0, 0.5])
+
+
+def test_the_rate_outlives_an_aggregator_restart(tmp_path) -> None:
+    """The in-process core over the real SQLite store, closed and opened again: a site that just sent gets
+    no full-weight update from the restart (before this, every restart gave each site one)."""
+    import time
+
+    fed = make_federation(tmp_path, ["fast", "slow"])
+    cfg = fed.config(strategy='kind = "fedasync"\nalpha = 0.5\nstaleness = "constant"\nsite_interval_s = 3600')
+    rng = np.random.default_rng(2)
+    core = AggregatorCore(cfg)
+    r = core.submit(fed.seal("fast", random_delta(core.model, rng, 0.1), 0)[0])
+    assert (r["verdict"], r["weight"]) == ("applied", pytest.approx(0.5))  # its first: in full
+    t_applied = core.store.last_applied()["fast"]  # written with the version's commit
+    core.close()
+
+    before_restart = time.time()
+    core = AggregatorCore(cfg)  # the same state directory
+    assert core.version == 1
+    r = core.submit(fed.seal("fast", random_delta(core.model, rng, 0.1), 1)[0])
+    after = time.time()
+    # α_t = 0.5 × (seconds since its last applied update) / 3600, those seconds between the two wall times
+    assert r["verdict"] == "applied"
+    assert 0.5 * (before_restart - t_applied) / 3600 - 1e-9 <= r["weight"] <= 0.5 * (after - t_applied) / 3600 + 1e-9
+    assert r["weight"] < 0.01
+    r = core.submit(fed.seal("slow", random_delta(core.model, rng, 0.1), 2)[0])
+    assert r["weight"] == pytest.approx(0.5)  # a site with nothing applied yet: in full
+    core.close()

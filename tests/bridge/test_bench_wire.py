@@ -24,6 +24,7 @@ def test_wire_bench_measures_a_small_update(capsys) -> None:
     assert row["raw_bytes"] < row["sealed_bytes"] < row["raw_bytes"] + 1024  # framing + 48-byte box overhead
     assert 1.0 < row["wire_per_raw_byte"] < row["mqtt_wire_per_raw_byte"] < 1.05
     assert row["seal_sign_MBps"] > 0 and row["secretbox_encrypt_MBps"] > 0
+    assert 0.25 < row["int8_wire_vs_float32"] < 0.3  # one byte per parameter, a step per 1,024, framing
     bench.SIZES = (1000,)
     assert bench.main(["--json", "--budget", "0.01"]) == 0
     doc = json.loads(capsys.readouterr().out)

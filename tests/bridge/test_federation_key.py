@@ -14,8 +14,10 @@ from broker_bridge.federation_key import (
     new_content_key,
     open_grant,
     open_manifest,
+    open_notice,
     seal_grant,
     seal_manifest,
+    seal_notice,
     sealed_manifest_header,
 )
 from broker_bridge.keys import KeyPair
@@ -71,6 +73,23 @@ def test_sealed_manifest_shows_epoch_and_version_only() -> None:
     # a member forges a whole manifest: it opens, but the signature is not the aggregator's
     forged = seal_manifest(envelope.sign_manifest(MANIFEST, A), 7, 2, key)
     assert reason(open_manifest, forged, Keyring({2: key}), AGG_PUB) == "signature"
+
+
+def test_a_members_notice_shows_its_epoch_only_and_opens_for_holders_of_that_key() -> None:
+    """Secure aggregation's announcements name members, weights and survivors: members only."""
+    key = new_content_key()
+    signed = envelope.sign_body(b"FLA", b"test-domain\x00", b'{"members":["site-a","site-b"]}', AGG)
+    sealed = seal_notice(signed, 3, key)
+    assert sealed[:4] == b"FLN\x01" and int.from_bytes(sealed[4:8], "little") == 3
+    assert b"site-a" not in sealed and b"members" not in sealed
+    assert open_notice(sealed, Keyring({3: key}), "cohort announcement") == signed
+    assert reason(open_notice, sealed, Keyring({2: key}), "cohort") == "epoch"  # not granted (yet), or revoked
+    assert reason(open_notice, sealed, Keyring({3: new_content_key()}), "cohort") == "decrypt"
+    assert reason(open_notice, sealed[:3] + b"\x09" + sealed[4:], Keyring({3: key}), "cohort") == "version"
+    assert reason(open_notice, b"FLX" + sealed[3:], Keyring({3: key}), "cohort") == "framing"
+    assert reason(open_notice, sealed[:20], Keyring({3: key}), "cohort") == "framing"
+    tampered = sealed[:-1] + bytes([sealed[-1] ^ 1])
+    assert reason(open_notice, tampered, Keyring({3: key}), "cohort") == "decrypt"
 
 
 def test_sealed_blobs_look_random() -> None:

@@ -47,3 +47,17 @@ def test_bench_configs_load_and_match_the_task(tmp_path):
     assert {s: t.batch_size for s, t in tcfg.items()} == {
         s: load_edge_config(paths[s]).training.batch_size for s in ("L", "M", "H")
     }
+
+
+def test_bench_quantise_option_configures_every_site_for_int8(tmp_path):
+    from edge.config import load_edge_config
+    from fedline.demo.data import load_demo_data
+
+    bench = _bench()
+    data = load_demo_data(max_rows_per_site=300, derived=False)
+    urls = {n: "mqtt://127.0.0.1:1" for n in ["aggregator", "L", "M", "H"]}
+    plain = bench.write_configs(data, tmp_path / "plain", urls)
+    int8 = bench.write_configs(data, tmp_path / "int8", urls, "int8")
+    for site in ("L", "M", "H"):
+        assert load_edge_config(plain[site]).update.encoding == "float32"
+        assert load_edge_config(int8[site]).update.encoding == "int8"

@@ -20,7 +20,7 @@ import numpy as np
 from broker_bridge.chunking import Reassembler, parse_chunk, split
 from broker_bridge.client import MqttClient
 from broker_bridge.envelope import UpdateHeader, content_hash, encode_tensors, open_update, seal_receipt, sign_manifest
-from broker_bridge.keys import Enrollment, KeyPair
+from broker_bridge.keys import Enrollment, KeyPair, create_federation
 from broker_bridge.topics import Topics
 from models import ModelSpec
 
@@ -53,19 +53,8 @@ class Federation:
 
     @classmethod
     def create(cls, root: Path, sites: list[str]) -> Federation:
-        agg = KeyPair.generate("aggregator", "aggregator")
-        keys = {s: KeyPair.generate("site", s) for s in sites}
-        enr = Enrollment(FEDERATION, agg.public())
-        for k in keys.values():
-            enr.add(k.public())
-        kd = root / "keys"
-        kd.mkdir(parents=True, exist_ok=True)
-        agg.save(kd / "aggregator.key")
-        for s, k in keys.items():
-            k.save(kd / f"{s}.key")
-        path = kd / "enrollment.json"
-        enr.save(path)
-        return cls(root, agg, keys, path)
+        fed = create_federation(FEDERATION, sites, root / "keys")
+        return cls(root, fed.aggregator, fed.sites, root / "keys" / "enrollment.json")
 
     @property
     def enrollment(self) -> Enrollment:
@@ -84,6 +73,49 @@ def toml_value(v: Any) -> str:
     if isinstance(v, dict):
         return "{ " + ", ".join(f'"{k}" = {toml_value(x)}' for k, x in v.items()) + " }"
     raise TypeError(v)
+
+
+def write_aggregator(
+    fed: Federation,
+    broker: Any,
+    path: Path,
+    hidden: list[int] | None = None,
+    client_id: str = "agg-real",
+    strategy: str = 'kind = "fedasync"\nmin_sites = 1',
+    extra: str = "[dp]\nlr = 0.1\nbatch_size = 32",
+) -> Path:
+    """The real aggregator's config for ``fed`` on ``broker`` (a ``MosquittoProcess``): FedAsync by default.
+
+    ``strategy`` is the body of ``[strategy]``; ``extra`` the tables after it (by default the sites' ``[dp]``).
+    """
+    path.write_text(f"""
+[aggregator]
+federation = "{FEDERATION}"
+key_file = "{fed.root / "keys" / "aggregator.key"}"
+enrollment_file = "{fed.enrollment_path}"
+state_dir = "{fed.root / "agg-state"}"
+seed = 0
+
+[model]
+kind = "mlp"
+n_features = 3
+hidden = {hidden or [8]}
+personal = ["head."]
+
+[broker]
+url = "{broker.url}"
+username = "aggregator"
+password_file = "{broker.paths["password:aggregator"]}"
+client_id = "{client_id}"
+backoff_min_s = 0.05
+backoff_max_s = 0.5
+
+[strategy]
+{strategy}
+
+{extra}
+""")
+    return path
 
 
 def write_site(

@@ -107,7 +107,7 @@ async def test_agent_trains_on_csv_and_its_sealed_deltas_arrive_open_and_clear(m
         last = statuses[-1]
         from edge.status_doc import STATUS_FIELDS
 
-        # no rows, losses, accuracy, counter (model_refused appears only after a refused model: edge.step_guard)
+        # no rows, losses, accuracy, counter (model_refused appears only after a refused model: models.step_bound)
         assert set(last) == set(STATUS_FIELDS) - {"model_refused"}, last
         # update topics name no counter: message ids are 64 random bits (the counter is in the sealed header)
         ids = [a.header.msg_id for a in agg.arrivals]

@@ -10,48 +10,15 @@ from edge.agent import EdgeAgent
 from edge.config import load_edge_config
 from fedline.testing.patience import bound
 from tests.conftest import eventually
-from tests.edge.helpers import FEDERATION, Federation, write_csv, write_site
+from tests.edge.helpers import Federation, write_aggregator, write_csv, write_site
 
 SITES = ["site-a", "site-c"]
-
-
-def _aggregator_toml(fed: Federation, broker, path) -> None:
-    path.write_text(f"""
-[aggregator]
-federation = "{FEDERATION}"
-key_file = "{fed.root / "keys" / "aggregator.key"}"
-enrollment_file = "{fed.enrollment_path}"
-state_dir = "{fed.root / "agg-state"}"
-seed = 0
-
-[model]
-kind = "mlp"
-n_features = 3
-hidden = [8]
-personal = ["head."]
-
-[broker]
-url = "{broker.url}"
-username = "aggregator"
-password_file = "{broker.paths["password:aggregator"]}"
-client_id = "agg-real"
-backoff_min_s = 0.05
-backoff_max_s = 0.5
-
-[strategy]
-kind = "fedasync"
-min_sites = 1
-
-[dp]
-lr = 0.1
-batch_size = 32
-""")
 
 
 async def test_two_sites_and_the_real_aggregator(mosquitto, tmp_path) -> None:
     fed = Federation.create(tmp_path, SITES)
     agg_toml = tmp_path / "aggregator.toml"
-    _aggregator_toml(fed, mosquitto, agg_toml)
+    write_aggregator(fed, mosquitto, agg_toml)
     aggregator = Aggregator(load_config(agg_toml))
     agg_task = asyncio.create_task(aggregator.run())
     await asyncio.wait_for(aggregator.started.wait(), bound(30))
@@ -92,7 +59,7 @@ async def test_on_new_model_rounds_follow_the_federation(mosquitto, tmp_path) ->
     starts the next at once (no timer: every_s is an hour, no new rows)."""
     fed = Federation.create(tmp_path, ["site-a"])
     agg_toml = tmp_path / "aggregator.toml"
-    _aggregator_toml(fed, mosquitto, agg_toml)
+    write_aggregator(fed, mosquitto, agg_toml)
     aggregator = Aggregator(load_config(agg_toml))
     agg_task = asyncio.create_task(aggregator.run())
     await asyncio.wait_for(aggregator.started.wait(), bound(30))

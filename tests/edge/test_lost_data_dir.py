@@ -14,13 +14,12 @@ from aggregator.service import Aggregator
 from edge.agent import EdgeAgent
 from edge.config import load_edge_config
 from tests.conftest import eventually
-from tests.edge.helpers import Federation, write_csv, write_site
-from tests.edge.test_edge_with_aggregator import _aggregator_toml
+from tests.edge.helpers import Federation, write_aggregator, write_csv, write_site
 
 
 async def test_a_site_with_a_lost_data_dir_resumes_from_the_aggregators_answer(mosquitto, tmp_path) -> None:
     fed = Federation.create(tmp_path, ["site-a"])
-    _aggregator_toml(fed, mosquitto, tmp_path / "aggregator.toml")
+    write_aggregator(fed, mosquitto, tmp_path / "aggregator.toml")
     with (tmp_path / "aggregator.toml").open("a") as fh:
         fh.write("[publish]\nonnx = false\n")  # the edge builds its own ONNX; exporting costs seconds here
     aggregator = Aggregator(load_config(tmp_path / "aggregator.toml"))

@@ -1,4 +1,4 @@
-"""A signed global model that moved too far from the one in use is refused by the edge (edge.step_guard)."""
+"""A signed global model that moved too far from the one in use is refused by the edge (models.step_bound)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 
 from edge.agent import EdgeAgent
 from edge.config import load_edge_config
-from edge.step_guard import step_refusal
+from models.step_bound import step_refusal
 from tests.conftest import eventually, settings_for
 from tests.edge.helpers import MiniAggregator
 from tests.edge.test_edge_agent import _site, _stop

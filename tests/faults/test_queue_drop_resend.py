@@ -19,44 +19,11 @@ from edge.agent import EdgeAgent
 from edge.config import load_edge_config
 from fedline.testing.patience import bound
 from tests.conftest import eventually
-from tests.edge.helpers import FEDERATION, Federation, write_csv, write_site
+from tests.edge.helpers import FEDERATION, Federation, write_aggregator, write_csv, write_site
 
 SITE = "site-a"
 HIDDEN = [64, 64]  # about 4.5k parameters: an 18 kB update, so ~20 chunks of 1 kB against a queue of 4
 QUEUE_LIMIT = 4
-
-
-def _aggregator_toml(fed: Federation, broker: MosquittoProcess, path) -> None:
-    path.write_text(f"""
-[aggregator]
-federation = "{FEDERATION}"
-key_file = "{fed.root / "keys" / "aggregator.key"}"
-enrollment_file = "{fed.enrollment_path}"
-state_dir = "{fed.root / "agg-state"}"
-seed = 0
-
-[model]
-kind = "mlp"
-n_features = 3
-hidden = {HIDDEN}
-personal = ["head."]
-
-[broker]
-url = "{broker.url}"
-username = "aggregator"
-password_file = "{broker.paths["password:aggregator"]}"
-client_id = "agg-queue"
-backoff_min_s = 0.05
-backoff_max_s = 0.5
-
-[strategy]
-kind = "fedasync"
-min_sites = 1
-
-[dp]
-lr = 0.1
-batch_size = 32
-""")
 
 
 async def _start(path) -> tuple[Aggregator, asyncio.Task]:
@@ -78,7 +45,7 @@ async def test_update_dropped_by_the_queue_limit_is_resent_and_applied_once(tmp_
     broker.start()
     fed = Federation.create(tmp_path, [SITE])
     agg_toml = tmp_path / "aggregator.toml"
-    _aggregator_toml(fed, broker, agg_toml)
+    write_aggregator(fed, broker, agg_toml, hidden=HIDDEN, client_id="agg-queue")
     agg, agg_task = await _start(agg_toml)
     csv = write_csv(tmp_path / f"{SITE}.csv", 200, seed=0)
     site_toml = write_site(

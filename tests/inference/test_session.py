@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from broker_bridge.envelope import content_hash
+from broker_bridge.errors import ModelRefused
 from edge.inference.config import ConfigError
 from edge.inference.model_dir import POINTER, ModelDirError, publish_model, read_model, read_pointer
-from edge.inference.session import ModelInfo, ModelRefused, build_model, canary_check, canary_loss
+from edge.inference.session import ModelInfo, build_model, canary_check, canary_loss
 from tests.inference.conftest import N_FEATURES, TRUE_B, TRUE_W, make_config
 from tests.inference.onnx_models import linear_onnx, linear_score, mlp_onnx, nan_onnx
 

@@ -21,49 +21,14 @@ from edge.secagg_member import EdgeCohorts
 from fedline.netproxy import TcpProxy
 from fedline.testing.patience import bound
 from tests.conftest import eventually
-from tests.edge.helpers import FEDERATION, Federation, write_csv, write_site
+from tests.edge.helpers import FEDERATION, Federation, write_aggregator, write_csv, write_site
 
 SITES = ["site-a", "site-b", "site-c", "site-d", "site-e"]
 NORM_BOUND = 5.0
 
 
-def _aggregator_toml(fed: Federation, broker: MosquittoProcess, path) -> None:
-    path.write_text(f"""
-[aggregator]
-federation = "{FEDERATION}"
-key_file = "{fed.root / "keys" / "aggregator.key"}"
-enrollment_file = "{fed.enrollment_path}"
-state_dir = "{fed.root / "agg-state"}"
-seed = 0
-
-[model]
-kind = "mlp"
-n_features = 3
-hidden = [8]
-personal = ["head."]
-
-[broker]
-url = "{broker.url}"
-username = "aggregator"
-password_file = "{broker.paths["password:aggregator"]}"
-client_id = "agg-secagg"
-backoff_min_s = 0.05
-backoff_max_s = 0.5
-
-[strategy]
-kind = "fedbuff"
-secure_aggregation = true
-norm_bound = {NORM_BOUND}
-server_lr = 1.0
-
-[secagg]
-gather_s = 60.0
-deadline_s = 300.0
-unmask_timeout_s = 60.0
-
-[publish]
-onnx = false
-""")
+STRATEGY = f'kind = "fedbuff"\nsecure_aggregation = true\nnorm_bound = {NORM_BOUND}\nserver_lr = 1.0'
+SECAGG = "[secagg]\ngather_s = 60.0\ndeadline_s = 300.0\nunmask_timeout_s = 60.0\n\n[publish]\nonnx = false"
 
 
 @pytest.fixture
@@ -112,7 +77,7 @@ async def test_five_sites_one_drops_after_submitting_one_never_submits(broker5, 
     await eventually(lambda: all(a.sources_done for a in agents.values()), 60)
 
     agg_toml = tmp_path / "aggregator.toml"
-    _aggregator_toml(fed, broker5, agg_toml)
+    write_aggregator(fed, broker5, agg_toml, client_id="agg-secagg", strategy=STRATEGY, extra=SECAGG)
     aggregator = Aggregator(load_config(agg_toml))
     agg_task = asyncio.create_task(aggregator.run())
     try:

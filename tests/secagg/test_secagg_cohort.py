@@ -13,12 +13,14 @@ import pytest
 from aggregator.core import AggregatorCore
 from aggregator.secagg_cohort import CohortCoordinator, Outgoing
 from broker_bridge.envelope import UpdateHeader, open_receipt
+from broker_bridge.federation_key import Keyring, new_content_key
 from broker_bridge.secagg import messages as m
 from broker_bridge.topics import Topics
 from edge.secagg_member import EdgeCohorts
 from tests.aggregator.helpers import make_federation
 
 SITES = ["site-a", "site-b", "site-c", "site-d"]
+KEY = new_content_key()  # the federation content key of epoch 1: announcements are sealed under it
 STRATEGY = 'kind = "fedbuff"\nsecure_aggregation = true\nnorm_bound = 2.0\nmin_sites = 3'
 
 
@@ -36,8 +38,8 @@ def rig(tmp_path):
     core = AggregatorCore(fed.config(strategy=STRATEGY, extra="[secagg]\ngather_s = 0.0\ndeadline_s = 30.0"))
     topics = Topics("test")
     clock = Clock()
-    coord = CohortCoordinator(core, topics, clock)
-    members = {s: EdgeCohorts(fed.sites[s], fed.enrollment, topics, tmp_path / s) for s in SITES}
+    coord = CohortCoordinator(core, topics, lambda: (1, KEY), clock)
+    members = {s: EdgeCohorts(fed.sites[s], fed.enrollment, topics, tmp_path / s, Keyring({1: KEY})) for s in SITES}
     yield fed, core, coord, members, clock, topics
     core.close()
     for mem in members.values():
@@ -131,3 +133,40 @@ def test_hostile_replies_are_refused_and_the_cohort_becomes_the_next_version(rig
         assert np.abs(core.model[k] - expected).max() < 1e-6
     assert coord.stats["cohorts"] == 1 and coord.stats["dropouts_recovered"] == 1
     assert core.lineage(1)["dropped"] == ["site-d"]
+
+
+def test_what_the_broker_carries_of_a_cohort_is_sealed_for_members_or_for_one_member(rig) -> None:
+    """Issue 13: the announcements name members, weights, threshold and survivors; the requests the acks.
+    The broker sees the epoch of an announcement and nothing else; a request opens for its member only."""
+    fed, core, coord, members, clock, topics = rig
+    for s in SITES:
+        coord.on_status(s, json.dumps({"state": "online"}).encode())
+    [cohort] = coord.tick()
+    assert cohort.payload[:3] == b"FLN" and not any(s.encode() in cohort.payload for s in SITES)
+    assert b"weights" not in cohort.payload and b"threshold" not in cohort.payload
+    outsider = EdgeCohorts(fed.sites["site-a"], fed.enrollment, topics, fed.root / "outsider", Keyring())
+    try:  # a site without the epoch's key (not granted yet) joins nothing, and keeps it for the grant
+        assert not outsider.on_cohort(cohort.payload, "c1") and outsider.pending is None
+        assert [k for k, _, _ in outsider.take_waiting()] == ["secagg_cohort"]
+    finally:
+        outsider.close()
+    for s in SITES:
+        assert members[s].on_cohort(cohort.payload)
+    ann = members["site-a"].pending
+    assert ann is not None
+    zeros = {k: np.zeros_like(v) for k, v in core.model.items()}
+    for s in SITES:
+        submit(fed, core, coord, members, s, 1, zeros)
+    clock.now = ann.deadline + 1
+    [survivors] = coord.tick()
+    assert survivors.payload[:3] == b"FLN" and not any(s.encode() in survivors.payload for s in SITES)
+    requests = []
+    for s in SITES:
+        requests += coord.on_reply(s, members[s].on_survivors(survivors.payload, ann.cohort))
+    assert len(requests) == len(SITES)
+    for o in requests:
+        site = o.topic.split("/")[-3]
+        assert o.payload[:3] == b"FLP" and b"site-" not in o.payload
+        other = next(s for s in SITES if s != site)
+        assert members[other].on_request(o.payload) is None  # sealed to its member: another cannot open it
+        assert members[site].on_request(o.payload) is not None

@@ -17,10 +17,11 @@ import numpy as np
 from aggregator.core import AggregatorCore
 from aggregator.secagg_cohort import CohortCoordinator, Outgoing
 from broker_bridge.envelope import UpdateHeader
+from broker_bridge.federation_key import Keyring
 from broker_bridge.topics import Topics
 from edge.secagg_member import EdgeCohorts
 from tests.aggregator.helpers import make_federation
-from tests.secagg.test_secagg_cohort import SITES, STRATEGY, Clock, announce, receipts, submit
+from tests.secagg.test_secagg_cohort import KEY, SITES, STRATEGY, Clock, announce, receipts, submit
 
 EXTRA = "[secagg]\ngather_s = 0.0\ndeadline_s = 30.0"
 
@@ -28,7 +29,7 @@ EXTRA = "[secagg]\ngather_s = 0.0\ndeadline_s = 30.0"
 def _restart(fed, core: AggregatorCore, clock: Clock) -> tuple[AggregatorCore, CohortCoordinator]:
     core.close()
     core = AggregatorCore(fed.config(strategy=STRATEGY, extra=EXTRA))
-    return core, CohortCoordinator(core, Topics("test"), clock)
+    return core, CohortCoordinator(core, Topics("test"), lambda: (1, KEY), clock)
 
 
 def _finish(coord: CohortCoordinator, members: dict[str, EdgeCohorts], survivors: Outgoing) -> list[Outgoing]:
@@ -52,8 +53,8 @@ def test_restart_fails_open_cohorts_with_receipts_and_the_next_cohort_completes(
     core = AggregatorCore(fed.config(strategy=STRATEGY, extra=EXTRA))
     clock = Clock()
     topics = Topics("test")
-    coord = CohortCoordinator(core, topics, clock)
-    members = {s: EdgeCohorts(fed.sites[s], fed.enrollment, topics, tmp_path / s) for s in SITES}
+    coord = CohortCoordinator(core, topics, lambda: (1, KEY), clock)
+    members = {s: EdgeCohorts(fed.sites[s], fed.enrollment, topics, tmp_path / s, Keyring({1: KEY})) for s in SITES}
     try:
         zeros = {k: np.zeros_like(v) for k, v in core.model.items()}
         first = announce(coord, members, SITES)
@@ -125,8 +126,8 @@ def test_restart_in_the_unmask_round_fails_it_and_a_cohort_committed_before_the_
     core = AggregatorCore(fed.config(strategy=STRATEGY, extra=EXTRA))
     clock = Clock()
     topics = Topics("test")
-    coord = CohortCoordinator(core, topics, clock)
-    members = {s: EdgeCohorts(fed.sites[s], fed.enrollment, topics, tmp_path / s) for s in SITES}
+    coord = CohortCoordinator(core, topics, lambda: (1, KEY), clock)
+    members = {s: EdgeCohorts(fed.sites[s], fed.enrollment, topics, tmp_path / s, Keyring({1: KEY})) for s in SITES}
     try:
         zeros = {k: np.zeros_like(v) for k, v in core.model.items()}
         # cohort 1 completes; the crash comes after its commit and before it left the open list
@@ -165,6 +166,7 @@ async def test_an_edge_trains_for_a_cohort_announced_after_its_version_and_drops
     """Regression: a cohort announced after the site adopted the cohort's base version must start a round
     (with ``on_new_model`` the version's own trigger was already spent; the demo stalled on this), and a
     cleared announcement of a cohort the site has not masked in drops it (no round for a dead cohort)."""
+    from broker_bridge.federation_key import seal_grant, seal_notice
     from broker_bridge.secagg import messages as msgs
     from edge.agent import EdgeAgent
     from edge.config import load_edge_config
@@ -186,9 +188,13 @@ async def test_an_edge_trains_for_a_cohort_announced_after_its_version_and_drops
     agent = EdgeAgent(load_edge_config(path))
     try:
         ann = dataclasses.replace(announcement(tuple(sites)), base_version=0)  # the version the site holds
-        blob = msgs.sign_cohort(ann, fed.aggregator)
+        blob = seal_notice(msgs.sign_cohort(ann, fed.aggregator), 1, KEY)  # as the aggregator publishes it
         assert agent.new_rows == 0 and not agent._rebased  # no new rows: only a reason to train starts a round
+        # retained messages come in any order: the announcement before the site's key grant waits for it
         await agent._on_secagg("secagg_cohort", blob, ann.cohort)
+        assert agent.cohorts is not None and agent.cohorts.ready(0) is None and not agent._trigger.is_set()
+        grant = seal_grant(fed.enrollment.federation, agent.keys.public(), 1, KEY, fed.aggregator)
+        await agent._on_grant(grant)
         assert agent._rebased and agent._trigger.is_set()
         assert agent.cohorts is not None and agent.cohorts.ready(0) is not None
         await agent._on_secagg("secagg_cohort", b"", ann.cohort)  # the aggregator cleared it (it ended)
