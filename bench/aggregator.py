@@ -67,7 +67,7 @@ from aggregator.config import parse_config  # noqa: E402
 from aggregator.core import AggregatorCore  # noqa: E402
 from broker_bridge import envelope, quantised  # noqa: E402
 from broker_bridge.envelope import UpdateHeader  # noqa: E402
-from broker_bridge.keys import Enrollment, KeyPair  # noqa: E402
+from broker_bridge.keys import KeyPair, create_federation  # noqa: E402
 from broker_bridge.sealopen import seal_open  # noqa: E402
 
 SIZES = (10_000, 100_000, 1_000_000)
@@ -93,11 +93,8 @@ def flower() -> tuple[Any, Any, Any, str] | None:
 
 def setup(root: Path, n_params: int, n_sites: int, workers: int, strategy: str):
     """A federation on disk and an AggregatorCore for an MLP of about ``n_params`` shared parameters."""
-    agg = KeyPair.generate("aggregator", "aggregator")
-    enr = Enrollment("bench", agg.public())
-    sites = [KeyPair.generate("site", f"site-{i:04d}") for i in range(n_sites)]
-    for s in sites:
-        enr.add(s.public())
+    fed = create_federation("bench", [f"site-{i:04d}" for i in range(n_sites)])
+    agg, enr, sites = fed.aggregator, fed.enrollment, list(fed.sites.values())
     h = hidden_for(n_params)
     table = {
         "aggregator": {
