@@ -51,7 +51,6 @@ from aggregator.metrics import Metrics
 from aggregator.normbound import effective_bounds
 from aggregator.opener import Opened, open_update
 from aggregator.reassembly import SenderChunks
-from aggregator.supervise import run_until_stopped
 from broker_bridge import chunking
 from broker_bridge.client import BrokerSettings, MqttClient
 from broker_bridge.errors import FedlineError, TopicError
@@ -60,6 +59,7 @@ from broker_bridge.liveness import Liveness
 from broker_bridge.mosquitto import intake_users
 from broker_bridge.topics import Topics
 from fedline.logs import event
+from fedline.supervise import run_until_stopped
 
 log = logging.getLogger("fedline.intake")
 SERVICE = "intake"
@@ -160,7 +160,7 @@ class IntakeWorker:
                     asyncio.create_task(self._share(client), name="intake-share"),
                     asyncio.create_task(self._watch_enrollment(), name="intake-enrollment"),
                 ]
-                await run_until_stopped(tasks, self._stop, lambda: liveness.stopped(client))
+                await run_until_stopped(tasks, self._stop, lambda: liveness.stopped(client), service="intake")
         finally:
             self.pool.shutdown(wait=False)
 

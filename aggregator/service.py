@@ -40,13 +40,13 @@ from aggregator.reassembly import SenderChunks, enforce_total_cap
 from aggregator.recovery import RecoveryDesk
 from aggregator.reducer import Forwards
 from aggregator.secagg_cohort import CohortCoordinator
-from aggregator.supervise import run_until_stopped
 from broker_bridge.client import MqttClient
 from broker_bridge.errors import FedlineError, TopicError, WireError
 from broker_bridge.liveness import Liveness
 from broker_bridge.topics import Topics
 from fedline.logs import event
 from fedline.metrics import MetricsServer
+from fedline.supervise import run_until_stopped
 
 log = logging.getLogger("fedline.aggregator")
 
@@ -139,7 +139,7 @@ class Aggregator:
                 ]
                 if self.cohorts is not None:
                     tasks.append(asyncio.create_task(self._cohort_clock(client), name="agg-cohorts"))
-                await run_until_stopped(tasks, self._stop, lambda: self.liveness.stopped(client))
+                await run_until_stopped(tasks, self._stop, lambda: self.liveness.stopped(client), service="aggregator")
         finally:
             self.client = None
             self._metrics_http.stop()

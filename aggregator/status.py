@@ -26,17 +26,15 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import time
-from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from broker_bridge.client import BrokerSettings, MqttClient
-from broker_bridge.errors import TopicError, WireError
-from broker_bridge.federation_key import sealed_manifest_header
 from broker_bridge.keys import Enrollment
+from broker_bridge.observer import FederationView, Observer
 from broker_bridge.topics import Topics
 from fedline.config import ConfigError, load_toml, parse, resolve_path
 
@@ -77,39 +75,14 @@ def load_status_config(path: str | Path) -> StatusConfig:
     )
 
 
-@dataclass
-class SiteView:
-    site: str
-    status: dict[str, Any] = field(default_factory=dict)
-    receipts: Counter = field(default_factory=Counter)
-
-
-@dataclass
-class FederationView:
-    federation: str
-    manifest: dict[str, Any] | None = None
-    sites: dict[str, SiteView] = field(default_factory=dict)
-    services: dict[str, dict[str, Any]] = field(default_factory=dict)  # broker user -> liveness document
-    bad_messages: int = 0
-
-    def site(self, name: str) -> SiteView:
-        return self.sites.setdefault(name, SiteView(name))
-
-
 async def collect(cfg: StatusConfig, listen_s: float = 3.0) -> FederationView:
+    """Listen as the observer for ``listen_s`` seconds: the retained state at once, receipts while listening."""
     topics = Topics(cfg.federation, cfg.topic_prefix)
-    view = FederationView(cfg.federation)
-    if cfg.enrollment_file:
-        for s in Enrollment.load(cfg.enrollment_file).sites:
-            view.site(s)
+    sites = Enrollment.load(cfg.enrollment_file).sites if cfg.enrollment_file else ()
+    observer = Observer(topics, sites)  # no keys: what an outsider reads
     async with MqttClient(cfg.broker) as client:
         await client.wait_connected(cfg.broker.timeout_s)
-        for flt in (
-            topics.status_filter(),
-            topics.manifest(),
-            topics.receipts_filter(),
-            topics.service_status_filter(),
-        ):
+        for flt in observer.subscriptions():
             await client.subscribe(flt, qos=1)
         deadline = asyncio.get_running_loop().time() + listen_s
         while (left := deadline - asyncio.get_running_loop().time()) > 0:
@@ -117,29 +90,8 @@ async def collect(cfg: StatusConfig, listen_s: float = 3.0) -> FederationView:
                 msg = await asyncio.wait_for(client.messages().__anext__(), left)
             except TimeoutError:
                 break
-            if not msg.payload:
-                continue
-            try:
-                info = topics.parse(msg.topic)
-                if info.kind == "status" and info.site:
-                    try:
-                        doc = json.loads(msg.payload)
-                    except ValueError:
-                        doc = {"state": msg.payload.decode("utf-8", "replace")}
-                    view.site(info.site).status = doc if isinstance(doc, dict) else {"state": str(doc)}
-                elif info.kind == "service_status":
-                    doc = json.loads(msg.payload)
-                    if not isinstance(doc, dict):
-                        raise ValueError("service status is not an object")
-                    view.services[str(info.site)] = doc
-                elif info.kind == "manifest":
-                    epoch, version = sealed_manifest_header(msg.payload)
-                    view.manifest = {"version": version, "epoch": epoch}
-                elif info.kind == "receipts" and info.site:  # sealed to the site: counted, not read
-                    view.site(info.site).receipts["sealed"] += 1
-            except (TopicError, WireError, ValueError, KeyError, UnicodeDecodeError):
-                view.bad_messages += 1
-    return view
+            observer.on_message(msg)
+    return observer.view
 
 
 def _age(ts: Any) -> str:
@@ -154,7 +106,7 @@ def render(view: FederationView) -> str:
     from rich.console import Console
     from rich.table import Table
 
-    m = view.manifest
+    m = view.model
     title = f"federation {view.federation}: model version " + (
         f"{m['version']} (key epoch {m['epoch']}, sealed to the members)" if m else "unknown (no manifest)"
     )
@@ -186,9 +138,6 @@ def render(view: FederationView) -> str:
     console.print(
         f"{len(view.sites)} sites, {online} online; receipts while listening: "
         + (f"{totals['sealed']} (sealed to their sites)" if totals else "none")
-        + (f"; {view.bad_messages} unreadable messages" if view.bad_messages else "")
+        + (f"; {view.malformed} unreadable messages" if view.malformed else "")
     )
     return console.export_text()
-
-
-_ = defaultdict

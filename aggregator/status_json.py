@@ -17,7 +17,7 @@ import time
 from collections import Counter
 from typing import Any
 
-from aggregator.status import FederationView
+from broker_bridge.observer import FederationView
 
 SCHEMA = 2  # 2: models and receipts are sealed (issue 13): model {version, epoch}, receipts counted, not read
 
@@ -34,7 +34,7 @@ def status_document(view: FederationView, listen_s: float) -> dict[str, Any]:
             "status": sv.status,  # the site's retained document, as it published it
             "receipts": dict(sorted(sv.receipts.items())),
         }
-    m = view.manifest
+    m = view.model
     return {
         "schema": SCHEMA,
         "federation": view.federation,
@@ -45,5 +45,5 @@ def status_document(view: FederationView, listen_s: float) -> dict[str, Any]:
         "sites": sites,
         "online_sites": sum(1 for s in sites.values() if s["state"] == "online"),
         "receipts": dict(sorted(totals.items())),
-        "bad_messages": view.bad_messages,
+        "bad_messages": view.malformed,
     }

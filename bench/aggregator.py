@@ -28,8 +28,13 @@ Then peak RSS of a process running an aggregator with 1,000 enrolled sites
 taking updates from 200 different sites (100k-parameter model).
 
 Usage: ``python bench/aggregator.py`` (table) or ``--json`` (one JSON object);
-``--sizes 10000,100000`` to choose. Flower is optional (``pip install flwr``
-into the venv for the benchmark only); without it, the table says so.
+``--sizes 10000,100000`` to choose. Flower is optional; without it, the table says so.
+``pip install flwr==1.42.0`` into fedline's venv would downgrade packages fedline uses
+(protobuf, packaging, rich, typer), so install it beside the venv and put it on the path
+for the run only: ``pip install --no-deps --target /tmp/flwr flwr==1.42.0 grpcio
+grpcio-health-checking iterators pycryptodome httpx httpcore h11 certifi requests urllib3
+charset-normalizer tomli sniffio`` then ``PYTHONPATH=.:/tmp/flwr python bench/aggregator.py``
+(the import of ``flwr.common`` and ``flwr.server.strategy.aggregate`` is all it needs).
 """
 
 from __future__ import annotations
@@ -62,7 +67,7 @@ from aggregator.config import parse_config  # noqa: E402
 from aggregator.core import AggregatorCore  # noqa: E402
 from broker_bridge import envelope, quantised  # noqa: E402
 from broker_bridge.envelope import UpdateHeader  # noqa: E402
-from broker_bridge.keys import Enrollment, KeyPair  # noqa: E402
+from broker_bridge.keys import KeyPair, create_federation  # noqa: E402
 from broker_bridge.sealopen import seal_open  # noqa: E402
 
 SIZES = (10_000, 100_000, 1_000_000)
@@ -88,11 +93,8 @@ def flower() -> tuple[Any, Any, Any, str] | None:
 
 def setup(root: Path, n_params: int, n_sites: int, workers: int, strategy: str):
     """A federation on disk and an AggregatorCore for an MLP of about ``n_params`` shared parameters."""
-    agg = KeyPair.generate("aggregator", "aggregator")
-    enr = Enrollment("bench", agg.public())
-    sites = [KeyPair.generate("site", f"site-{i:04d}") for i in range(n_sites)]
-    for s in sites:
-        enr.add(s.public())
+    fed = create_federation("bench", [f"site-{i:04d}" for i in range(n_sites)])
+    agg, enr, sites = fed.aggregator, fed.enrollment, list(fed.sites.values())
     h = hidden_for(n_params)
     table = {
         "aggregator": {

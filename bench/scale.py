@@ -119,19 +119,12 @@ def buffer_size_for(n_sites: int) -> int:
 # --------------------------------------------------------------------------- federation on disk
 def write_federation(root: Path, n_sites: int, n_params: int, broker: Any, buffer_size: int, workers: int = 0) -> Path:
     """Keys for the aggregator, every site and the intake workers, the enrollment, and the aggregator's TOML."""
-    from broker_bridge.keys import Enrollment, KeyPair
+    from broker_bridge.keys import KeyPair, create_federation
     from broker_bridge.mosquitto import intake_users
     from fedline.demo.workspace import write_toml
 
     keys = root / "keys"
-    agg = KeyPair.generate("aggregator", "aggregator")
-    agg.save(keys / "aggregator.key")
-    enr = Enrollment(FEDERATION, agg.public())
-    for s in site_ids(n_sites):
-        kp = KeyPair.generate("site", s)
-        kp.save(keys / f"{s}.key")
-        enr.add(kp.public())
-    enr.save(keys / "enrollment.json")
+    create_federation(FEDERATION, site_ids(n_sites), keys)
     for w in intake_users(workers):
         kp = KeyPair.generate("worker", w)
         kp.save(keys / f"{w}.key")

@@ -42,7 +42,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from broker_bridge import envelope  # noqa: E402
-from broker_bridge.keys import Enrollment, KeyPair  # noqa: E402
+from broker_bridge.keys import Enrollment, KeyPair, create_federation  # noqa: E402
 from broker_bridge.secagg import messages as m  # noqa: E402
 from broker_bridge.secagg import quantise  # noqa: E402
 from broker_bridge.secagg.member import SecAggMember  # noqa: E402
@@ -54,12 +54,9 @@ CLIP = 1.0  # per-site norm bound of the weighted delta (= the quantisation rang
 
 
 def _federation(n_sites: int, tmp: Path) -> tuple[KeyPair, dict[str, KeyPair], Enrollment, dict[str, SecAggMember]]:
-    agg = KeyPair.generate("aggregator", "aggregator")
     names = [f"site-{i:03d}" for i in range(n_sites)]
-    keys = {s: KeyPair.generate("site", s) for s in names}
-    enr = Enrollment("bench", agg.public())
-    for k in keys.values():
-        enr.add(k.public())
+    fed = create_federation("bench", names)
+    agg, keys, enr = fed.aggregator, fed.sites, fed.enrollment
     members = {s: SecAggMember(keys[s], enr, tmp / f"{s}.sqlite") for s in names}
     return agg, keys, enr, members
 

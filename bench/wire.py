@@ -35,7 +35,7 @@ from nacl.utils import random as nacl_random
 from broker_bridge import envelope, quantised
 from broker_bridge.chunking import DEFAULT_MAX_CHUNK, split
 from broker_bridge.client import publish_packet_size
-from broker_bridge.keys import Enrollment, KeyPair
+from broker_bridge.keys import create_federation
 from broker_bridge.topics import Topics
 
 SIZES = (10_000, 100_000, 1_000_000)
@@ -53,10 +53,8 @@ def best_time(fn: Callable[[], object], budget_s: float = 0.5, min_repeats: int 
 
 
 def measure(n_params: int, budget_s: float = 0.5) -> dict[str, Any]:
-    agg = KeyPair.generate("aggregator", "aggregator")
-    site = KeyPair.generate("site", "site-a")
-    enrollment = Enrollment("bench", agg.public())
-    enrollment.add(site.public())
+    fed = create_federation("bench", ["site-a"])
+    agg, site, enrollment = fed.aggregator, fed.sites["site-a"], fed.enrollment
     agg_box_pub = bytes(agg.box_key.public_key)
     tensors = {"delta": np.random.default_rng(0).standard_normal(n_params, dtype=np.float32)}
     raw = n_params * 4

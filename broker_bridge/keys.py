@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import json
 import stat
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -223,3 +224,33 @@ class Enrollment:
                 raise KeyFileError(p, f"sites.{name}.id is {keys.ident!r}, expected {name!r}")
             sites[name] = keys
         return cls(fed, agg, sites)
+
+
+@dataclass(frozen=True)
+class FederationKeys:
+    """A new federation's key pairs and its enrollment (:func:`create_federation`)."""
+
+    aggregator: KeyPair
+    sites: dict[str, KeyPair]
+    enrollment: Enrollment
+
+
+def create_federation(federation: str, sites: Iterable[str], keys_dir: str | Path | None = None) -> FederationKeys:
+    """Generate the aggregator's and each site's key pair and enroll every site.
+
+    With ``keys_dir``, write them as ``fedline keys new`` and ``fedline keys enroll`` would:
+    ``<party>.key`` (0600), ``<party>.pub.json`` and ``enrollment.json``. The one place the demo,
+    the fault rig, the benches and the tests make a federation, so they all make the same one.
+    """
+    agg = KeyPair.generate("aggregator", "aggregator")
+    pairs = {s: KeyPair.generate("site", s) for s in sites}
+    enrollment = Enrollment(federation, agg.public())
+    for kp in pairs.values():
+        enrollment.add(kp.public())
+    if keys_dir is not None:
+        kd = Path(keys_dir)
+        for name, kp in [("aggregator", agg), *pairs.items()]:
+            kp.save(kd / f"{name}.key")
+            kp.public().save(kd / f"{name}.pub.json")
+        enrollment.save(kd / "enrollment.json")
+    return FederationKeys(agg, pairs, enrollment)

@@ -36,7 +36,7 @@ from broker_bridge import quantised
 from broker_bridge.chunking import split
 from broker_bridge.client import BrokerSettings, Message, MqttClient, will_message
 from broker_bridge.envelope import UpdateHeader, open_for_federation, open_receipt, seal_update
-from broker_bridge.errors import FedlineError, ModelRefused, NotConnected, PublishRefused, TopicError, WireError
+from broker_bridge.errors import ModelRefused, NotConnected, PublishRefused, TopicError, WireError
 from broker_bridge.federation_key import Keyring, open_manifest
 from broker_bridge.keys import Enrollment, KeyPair
 from broker_bridge.topics import Topics
@@ -55,6 +55,7 @@ from edge.status_doc import build_status
 from edge.trainer import Plan, plan_round, train_round
 from fedline.config import ConfigError
 from fedline.logs import event
+from fedline.supervise import run_until_stopped
 from models import ModelSpec, build_model, export_onnx, load_personal_state, load_shared_state
 from models.flat import personal_state, shared_state, split_names
 
@@ -556,6 +557,7 @@ class EdgeAgent:
             counter=counter,
             msg_id=msg_id,
             bytes=len(blob),
+            encoding=encoding,
             epsilon=_r(eps_after),
             **{k: v for k, v in self.last_round.items() if k not in ("counter", "msg_id")},
         )
@@ -943,20 +945,6 @@ class EdgeAgent:
             await asyncio.sleep(0.2)  # coalesce bursts of changes
 
     # ------------------------------------------------------------------ run
-    async def _join(self, tasks: set[asyncio.Task[None]], stopper: asyncio.Task[bool]) -> None:
-        """Wait for the cancelled tasks, bounded: a task still running after 5 s is named in the log with
-        where it is, and cancelled again (a cancellation can be lost: Python 3.11's ``asyncio.wait_for``
-        returns the result instead when its awaitable finishes in the same step), for at most a minute."""
-        pending: set[asyncio.Task[Any]] = {*tasks, stopper}
-        for _ in range(12):
-            _, pending = await asyncio.wait(pending, timeout=5.0)
-            if not pending:
-                return
-            for t in pending:
-                frames = "; ".join(f"{f.f_code.co_filename}:{f.f_lineno} {f.f_code.co_name}" for f in t.get_stack())
-                event(log, "edge.task_stuck", logging.ERROR, site=self.site, task=t.get_name(), at=frames)
-                t.cancel()
-
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Run until ``stop`` is set (or the task is cancelled); the stores stay on disk."""
         stop = stop or asyncio.Event()
@@ -991,23 +979,12 @@ class EdgeAgent:
                         ("recover", self._recover_loop(client)),
                     ]
                 }
-                stopper = asyncio.create_task(stop.wait())
-                try:
-                    pending = {*tasks, stopper}
-                    while not stop.is_set():
-                        done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                        for t in done:
-                            if t is not stopper and t.exception() is not None:
-                                raise t.exception()  # type: ignore[misc]
-                finally:
-                    for t in [*tasks, stopper]:
-                        t.cancel()
-                    await self._join(tasks, stopper)
+
+                async def farewell() -> None:
                     if client.connected.is_set():
-                        try:
-                            await self._publish_status(client, "offline", timeout=2.0)
-                        except FedlineError:
-                            pass
+                        await self._publish_status(client, "offline", timeout=2.0)
+
+                await run_until_stopped(tasks, stop, farewell, service="edge", site=self.site)
         finally:
             self.client = None
             self.metrics.stop()

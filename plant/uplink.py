@@ -43,6 +43,7 @@ from edge.outbox import Outbox, OutboxFull
 from edge.status_doc import build_status
 from fedline.config import ConfigError
 from fedline.logs import event
+from fedline.supervise import run_until_stopped
 from models.spec import ModelSpec
 from plant.config import UpstreamConfig
 
@@ -169,12 +170,9 @@ class Uplink:
                 asyncio.create_task(self._receive_loop(client), name="plant-up-receive"),
                 asyncio.create_task(self._status_loop(client), name="plant-up-status"),
             ]
-            try:
-                await asyncio.gather(*tasks)
+            try:  # until cancelled (the plant service stops it) or a loop fails
+                await run_until_stopped(tasks, asyncio.Event(), service="plant", site=self.site)
             finally:
-                for t in tasks:
-                    t.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
                 self.client = None
 
     async def _on_connect(self, client: MqttClient) -> None:

@@ -210,9 +210,10 @@ async def run_demo(opts: DemoOptions, console: Any = None) -> dict[str, Any]:
     from broker_bridge.client import BrokerSettings
     from broker_bridge.keys import Enrollment, KeyPair
     from broker_bridge.mosquitto import MosquittoProcess, free_port, mosquitto_binary
+    from broker_bridge.observer import Observer
     from broker_bridge.topics import Topics
     from fedline.demo.audit import TrafficRecorder
-    from fedline.demo.monitor import Monitor, site_table
+    from fedline.demo.monitor import site_table
     from fedline.netproxy import TcpProxy
 
     t0 = time.time()
@@ -309,7 +310,14 @@ async def run_demo(opts: DemoOptions, console: Any = None) -> dict[str, Any]:
     scorer = Scorer(data)
     # receipts are sealed to their site and models to the members: the monitor holds the keys the demo made
     site_keys = {s: KeyPair.load(ws.keys / f"{s}.key") for s in sites}
-    monitor = Monitor(topics, sites, enrollment.aggregator.sign_pub, scorer, site_keys=site_keys)
+    monitor = Observer(
+        topics,
+        sites,
+        only_sites=True,
+        aggregator_sign_pub=enrollment.aggregator.sign_pub,
+        site_keys=site_keys,
+        score=scorer,
+    )
     obs = BrokerSettings(
         url=f"{scheme}://{host}:{port}",
         ca_file=ws.ca_file,

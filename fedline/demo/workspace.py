@@ -162,18 +162,9 @@ def write_toml(path: Path, doc: dict[str, Any], header: str = "") -> Path:
 
 def make_keys(ws: Workspace, sites: list[str]) -> None:
     """A key pair per party (0600) and the enrollment file, as ``fedline keys new/enroll`` would write."""
-    from broker_bridge.keys import Enrollment, KeyPair
+    from broker_bridge.keys import create_federation
 
-    agg = KeyPair.generate("aggregator", "aggregator")
-    agg.save(ws.keys / "aggregator.key")
-    agg.public().save(ws.keys / "aggregator.pub.json")
-    enr = Enrollment(ws.federation, agg.public())
-    for s in sites:
-        kp = KeyPair.generate("site", s)
-        kp.save(ws.keys / f"{s}.key")
-        kp.public().save(ws.keys / f"{s}.pub.json")
-        enr.add(kp.public())
-    enr.save(ws.keys / "enrollment.json")
+    create_federation(ws.federation, sites, ws.keys)
 
 
 def model_table(data: DemoData, t: Tuning) -> dict[str, Any]:

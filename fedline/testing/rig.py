@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import tomli_w
 
-from broker_bridge.keys import Enrollment, KeyPair
+from broker_bridge.keys import create_federation
 from broker_bridge.mosquitto import MosquittoProcess
 from fedline.netproxy import TcpProxy
 from fedline.testing.ledger import LedgerReport, read_site_ledger, reconcile
@@ -91,15 +91,7 @@ class FaultRig:
 
     # -- files ------------------------------------------------------------------
     def _write_keys(self) -> None:
-        kd = self.root / "keys"
-        agg = KeyPair.generate("aggregator", "aggregator")
-        agg.save(kd / "aggregator.key")
-        enr = Enrollment(self.s.federation, agg.public())
-        for site in self.sites:
-            kp = KeyPair.generate("site", site)
-            kp.save(kd / f"{site}.key")
-            enr.add(kp.public())
-        enr.save(kd / "enrollment.json")
+        create_federation(self.s.federation, self.sites, self.root / "keys")
 
     def site_dir(self, site: str) -> Path:
         return self.root / "sites" / site

@@ -13,7 +13,7 @@ import numpy as np
 from aggregator.config import AggregatorConfig, load_config
 from broker_bridge import envelope
 from broker_bridge.envelope import UpdateHeader
-from broker_bridge.keys import Enrollment, KeyPair
+from broker_bridge.keys import Enrollment, KeyPair, create_federation
 
 SPEC_TOML = """
 [model]
@@ -98,16 +98,8 @@ seed = 7
 
 
 def make_federation(root: Path, sites: list[str], federation: str = "test") -> Federation:
-    root.mkdir(parents=True, exist_ok=True)
-    agg = KeyPair.generate("aggregator", "aggregator")
-    agg.save(root / "aggregator.key")
-    enr = Enrollment(federation, agg.public())
-    keys = {}
-    for s in sites:
-        keys[s] = KeyPair.generate("site", s)
-        enr.add(keys[s].public())
-    enr.save(root / "enrollment.json")
-    return Federation(root, federation, agg, keys)
+    fed = create_federation(federation, sites, root)
+    return Federation(root, federation, fed.aggregator, fed.sites)
 
 
 def random_delta(

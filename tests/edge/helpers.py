@@ -20,7 +20,7 @@ import numpy as np
 from broker_bridge.chunking import Reassembler, parse_chunk, split
 from broker_bridge.client import MqttClient
 from broker_bridge.envelope import UpdateHeader, content_hash, encode_tensors, open_update, seal_receipt, sign_manifest
-from broker_bridge.keys import Enrollment, KeyPair
+from broker_bridge.keys import Enrollment, KeyPair, create_federation
 from broker_bridge.topics import Topics
 from models import ModelSpec
 
@@ -53,19 +53,8 @@ class Federation:
 
     @classmethod
     def create(cls, root: Path, sites: list[str]) -> Federation:
-        agg = KeyPair.generate("aggregator", "aggregator")
-        keys = {s: KeyPair.generate("site", s) for s in sites}
-        enr = Enrollment(FEDERATION, agg.public())
-        for k in keys.values():
-            enr.add(k.public())
-        kd = root / "keys"
-        kd.mkdir(parents=True, exist_ok=True)
-        agg.save(kd / "aggregator.key")
-        for s, k in keys.items():
-            k.save(kd / f"{s}.key")
-        path = kd / "enrollment.json"
-        enr.save(path)
-        return cls(root, agg, keys, path)
+        fed = create_federation(FEDERATION, sites, root / "keys")
+        return cls(root, fed.aggregator, fed.sites, root / "keys" / "enrollment.json")
 
     @property
     def enrollment(self) -> Enrollment:
