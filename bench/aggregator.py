@@ -28,8 +28,13 @@ Then peak RSS of a process running an aggregator with 1,000 enrolled sites
 taking updates from 200 different sites (100k-parameter model).
 
 Usage: ``python bench/aggregator.py`` (table) or ``--json`` (one JSON object);
-``--sizes 10000,100000`` to choose. Flower is optional (``pip install flwr``
-into the venv for the benchmark only); without it, the table says so.
+``--sizes 10000,100000`` to choose. Flower is optional; without it, the table says so.
+``pip install flwr==1.42.0`` into fedline's venv would downgrade packages fedline uses
+(protobuf, packaging, rich, typer), so install it beside the venv and put it on the path
+for the run only: ``pip install --no-deps --target /tmp/flwr flwr==1.42.0 grpcio
+grpcio-health-checking iterators pycryptodome httpx httpcore h11 certifi requests urllib3
+charset-normalizer tomli sniffio`` then ``PYTHONPATH=.:/tmp/flwr python bench/aggregator.py``
+(the import of ``flwr.common`` and ``flwr.server.strategy.aggregate`` is all it needs).
 """
 
 from __future__ import annotations

@@ -565,6 +565,7 @@ class EdgeAgent:
             counter=counter,
             msg_id=msg_id,
             bytes=len(blob),
+            encoding=encoding,
             epsilon=_r(eps_after),
             **{k: v for k, v in self.last_round.items() if k not in ("counter", "msg_id")},
         )

@@ -14,8 +14,14 @@ hold all it needs; a small plant's may not. So each site keeps three candidates
 and serves the one with the best metric on its validation rows (the dataset's
 held-out slice, never trained on), re-picked whenever a new global version
 arrives. When the validation slice is too small to tell the candidates apart
-(too few rows, or too few positives for a ROC AUC), it says so and serves the
-fine-tuned model: the federation's knowledge adapted to the plant.
+(too few rows, or too few positives for a ROC AUC), it says so and decides by
+what the site's own rows could teach: a site whose training rows hold at least
+``min_local_positives`` of the rarer class (regression: rows) keeps its
+local-only model, since nothing on validation shows a federation candidate
+better and its own model had enough to learn from (a mid-size plant whose
+validation slice drew few failures); a site with fewer serves the fine-tuned
+model, the federation's knowledge adapted to the plant (the smallest plant,
+whose own model learnt from a dozen failures).
 
 Why ε is unchanged: the local-only and fine-tuned models are computed from the
 site's rows and from the *published* global model only; their parameters never
@@ -59,6 +65,9 @@ class PersonalConfig:
     retrain_growth: float = 0.1  # the local-only model is retrained when the training rows grew by this share
     min_validation_rows: int = 30
     min_validation_positives: int = 8  # classification: fewer and one failure decides the AUC
+    # validation too small to decide: a site whose training rows hold at least this many of the rarer class
+    # (regression: rows) keeps local-only; one with fewer serves the fine-tuned model
+    min_local_positives: int = 30
     # a federation candidate replaces local-only only when it is ahead on validation by more than this
     # (ROC AUC points; RMSE: this share of local-only's), so validation noise does not swap a plant's better
     # own model for a worse one
@@ -74,6 +83,8 @@ class PersonalConfig:
             raise ValueError(f"margin must be >= 0, got {self.margin}")
         if self.retrain_growth < 0 or self.min_validation_rows < 1 or self.min_validation_positives < 1:
             raise ValueError("retrain_growth must be >= 0, min_validation_rows and min_validation_positives >= 1")
+        if self.min_local_positives < 0:
+            raise ValueError(f"min_local_positives must be >= 0, got {self.min_local_positives}")
 
 
 @dataclass
@@ -119,17 +130,43 @@ def too_small(spec: ModelSpec, y_val: np.ndarray | None, cfg: PersonalConfig) ->
     return None
 
 
-def pick(spec: ModelSpec, scores: dict[str, float], y_val: np.ndarray | None, cfg: PersonalConfig) -> Choice:
-    """The candidate with the best validation metric; the fine-tuned one when the slice is too small.
+def local_evidence(spec: ModelSpec, y_fit: np.ndarray | None, n_rows: int) -> int:
+    """What the local-only model learnt from: training rows of the rarer class (regression: rows).
+
+    An anomaly model has no labels to score a candidate by: 0, so it serves the fine-tuned model as before.
+    """
+    if y_fit is None:
+        return 0
+    if spec.task != "classification":
+        return n_rows
+    pos = int(np.sum(np.asarray(y_fit) > 0.5))
+    return min(pos, len(y_fit) - pos)
+
+
+def pick(
+    spec: ModelSpec,
+    scores: dict[str, float],
+    y_val: np.ndarray | None,
+    cfg: PersonalConfig,
+    evidence: int = 0,
+) -> Choice:
+    """The candidate with the best validation metric, local-only unless a federation one leads by the margin.
 
     Local-only is the plant's own alternative to joining, so a federation
     candidate (fine-tuned, then global on a tie) replaces it only when it is
-    ahead by more than ``cfg.margin``.
+    ahead by more than ``cfg.margin``. When the slice is too small to decide,
+    ``evidence`` (:func:`local_evidence` of the training rows) decides: at
+    least ``cfg.min_local_positives`` keeps local-only, fewer serves the
+    fine-tuned model.
     """
     m = metric_name(spec)
     n = 0 if y_val is None else len(y_val)
     small = too_small(spec, y_val, cfg)
     if small is not None:
+        if evidence >= cfg.min_local_positives and "local" in scores:  # scores hold every candidate there is
+            what = " of its rarer class" if spec.task == "classification" else ""
+            reason = f"{small}; local-only kept: it trained on {evidence} rows{what} (>= {cfg.min_local_positives})"
+            return Choice("local", m, scores["local"], dict(scores), n, reason)
         return Choice("fine_tuned", m, scores.get("fine_tuned"), dict(scores), n, small)
     fed = None
     for kind in ("fine_tuned", "global"):
@@ -288,5 +325,5 @@ class Personaliser:
         if self.local is not None:
             candidates["local"] = self.local
         scores = validation_scores(self.spec, candidates, x_val, y_val, self.model_seed)
-        self.choice = pick(self.spec, scores, y_val, self.cfg)
+        self.choice = pick(self.spec, scores, y_val, self.cfg, local_evidence(self.spec, y, len(x)))
         return candidates[self.choice.kind], self.choice

@@ -121,6 +121,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="after the run, repeat the federated vs local-only comparison in-process on this many "
         "train/test splits (default 10; 0 skips it)",
     )
+    run.add_argument(
+        "--study-only",
+        action="store_true",
+        help="run only the split study, in-process (no broker, no processes): the cut-off site misses the "
+        "two versions after --cut-after-version; writes split-study.json in the report folder",
+    )
     run.add_argument("--timeout", type=_positive, default=270.0, help="stop the federation after this many seconds")
     run.add_argument("--no-progress", action="store_true", help="no live table (plain log lines)")
     run.add_argument(
@@ -192,6 +198,10 @@ def _demo(args: argparse.Namespace) -> int:
     if args.cut_after_version is not None:
         opts.cut_after_version = args.cut_after_version
     console = Console()
+    if args.study_only:
+        from fedline.demo.study_only import run_study_only
+
+        return run_study_only(opts, console)
     report = asyncio.run(run_demo(opts, console))
     return _summary(console, report)
 

@@ -90,9 +90,10 @@ def settings(data: DemoData, t: Tuning, batch_fraction: float, tunings: dict[str
         "hands its line the one of local-only, global and fine-tuned that scores best on its validation rows "
         f"(a federation candidate must lead local-only by more than {p['margin']:g} ROC AUC, or that share of its "
         "RMSE); "
-        "where those rows are too few to decide (fewer than 30, or fewer than 8 of the rarer class) it says so "
-        "and serves the fine-tuned one. Neither candidate leaves the plant or feeds a DP round, so ε is the "
-        "federation's alone.",
+        "where those rows are too few to decide (fewer than 30, or fewer than 8 of the rarer class) it says so, "
+        "keeps local-only if its training rows held at least 30 of the rarer class (it had enough to learn from; "
+        "nothing shows a federation candidate better) and otherwise serves the fine-tuned one. Neither candidate "
+        "leaves the plant or feeds a DP round, so ε is the federation's alone.",
         f"Yardsticks (no DP, in-process, the edge's own code): local-only is the edge's local-only candidate "
         f"({baseline_epochs(t)} epochs on each site's training rows less its validation rows); central trains "
         "the same way on all sites' such rows pooled.",

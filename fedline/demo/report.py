@@ -45,6 +45,29 @@ def no_worse(metric: str, served: float, local: float) -> bool:
     return served <= local * (1 + RMSE_TOLERANCE)
 
 
+def study_claims(metric: str, study_sites: dict[str, Any], smallest: str) -> dict[str, bool | None]:
+    """The two claims judged on the split study's per-site summary (None: not measured).
+
+    Every site's served model no worse than its local-only model on average
+    (:func:`no_worse`), and the smallest site's served model ahead of
+    local-only with a one-sided sign test p < ``GAIN_P``.
+    """
+    decided = {
+        k: v
+        for k, v in study_sites.items()
+        if v.get("splits") and v.get("mean_served") is not None and math.isfinite(v["mean_served"])
+    }
+    small = decided.get(smallest)
+    return {
+        "served_no_worse_than_local_on_every_site": all(
+            no_worse(metric, v["mean_served"], v["mean_local"]) for v in decided.values()
+        )
+        if decided
+        else None,
+        "smallest_site_served_gains": bool(small["served_sign_test_p"] < GAIN_P) if small else None,
+    }
+
+
 def compute_checks(report: dict[str, Any]) -> dict[str, Any]:
     """The claims the demo makes, each true or false from the figures in the report (None: not measured).
 
@@ -55,12 +78,6 @@ def compute_checks(report: dict[str, Any]) -> dict[str, Any]:
     smallest = min(sites, key=lambda s: s["rows"])
     intermittent = [s for s in sites if s.get("intermittent")]
     study = (report.get("split_study") or {}).get("sites", {})
-    decided = {
-        k: v
-        for k, v in study.items()
-        if v.get("splits") and v.get("mean_served") is not None and math.isfinite(v["mean_served"])
-    }
-    small = decided.get(smallest["site"])
     pooled = report.get("metric_federated_pooled")
     if pooled is None or not math.isfinite(pooled):
         learns = None
@@ -70,12 +87,7 @@ def compute_checks(report: dict[str, Any]) -> dict[str, Any]:
         learns = report.get("label_std_pooled") is not None and pooled < report["label_std_pooled"]
     return {
         "smallest_site": smallest["site"],
-        "served_no_worse_than_local_on_every_site": all(
-            no_worse(metric, v["mean_served"], v["mean_local"]) for v in decided.values()
-        )
-        if decided
-        else None,
-        "smallest_site_served_gains": bool(small["served_sign_test_p"] < GAIN_P) if small else None,
+        **study_claims(metric, study, smallest["site"]),
         "federation_learns": learns,
         "epsilon_within_budget": all(
             s.get("epsilon") is not None and s["epsilon"] <= s["epsilon_budget"] + 1e-9 for s in sites

@@ -111,3 +111,47 @@ def test_an_intake_worker_forwards_the_decoded_float32_delta(fed) -> None:
     back = open_forward(seal_forward(op, worker, fed.agg.public().box_pub), fed.agg, {"intake-0": worker.public()})
     assert back.header is not None and back.header.encoding == "int8" and back.tensors is not None
     assert all(np.array_equal(back.tensors[k], op.tensors[k]) for k in delta)
+
+
+async def test_over_mosquitto_a_malformed_int8_update_gets_a_sealed_receipt_and_the_service_goes_on(
+    mosquitto, tmp_path
+) -> None:
+    """The aggregator service on a real broker: a NaN step is refused with a receipt the site opens (reason
+    ``encoding``, its counter), counted; the site's next, good int8 update is applied."""
+    import asyncio
+
+    from aggregator.service import Aggregator
+    from fedline.testing.patience import bound
+    from tests.aggregator.test_service_broker import Site, broker_table
+    from tests.conftest import eventually
+
+    fed = make_federation(tmp_path / "fed", ["site-a", "site-b"])
+    cfg = fed.config(
+        strategy='kind = "fedbuff"\nbuffer_size = 1\nnorm_bound = 0\nclip_to_median = false',
+        broker=broker_table(mosquitto),
+        extra=f"{EXTRA}\n[publish]\nonnx = false",
+    )
+    agg = Aggregator(cfg)
+    task = asyncio.create_task(agg.run())
+    try:
+        await eventually(lambda: agg.published_version == 0, 30)
+        assert agg.core is not None
+        good = quantised.encode(random_delta(agg.core.model, np.random.default_rng(4)), "int8", private_rng())
+        name = next(iter(agg.core.model))
+        bad = dict(good, **{f"{name}#scale": np.full_like(good[f"{name}#scale"], np.nan)})
+        async with Site(fed, mosquitto, "site-a") as a:
+            blob, h = fed.seal("site-a", bad, 0, encoding="int8")
+            await a.send(blob, h.msg_id)
+            await eventually(lambda: len(a.receipts) == 1, 30)
+            r = a.receipts[0]
+            assert (r["verdict"], r["reason"], r["counter"]) == ("rejected", "encoding", h.counter)
+            assert f"{name}#scale" in r["detail"] and "NaN" in r["detail"]
+            assert agg.core.metrics.value("fedline_aggregator_rejections_total", {"reason": "encoding"}) == 1
+            blob, h2 = fed.seal("site-a", good, 0, encoding="int8")
+            await a.send(blob, h2.msg_id)
+            await eventually(lambda: len(a.receipts) == 2, 30)
+            assert (a.receipts[1]["verdict"], a.receipts[1]["counter"]) == ("applied", h2.counter)
+        assert agg.core.version == 1
+    finally:
+        agg.stop()
+        await asyncio.wait_for(task, bound(30))
