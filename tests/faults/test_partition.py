@@ -92,7 +92,9 @@ async def test_site_cut_off_longer_than_a_round_then_back_stale_or_weighted(
         if expect == "stale":  # cut for more versions than max_staleness: every update made meanwhile is dropped
             assert stale and not weighted, (len(stale), len(weighted))
             assert any(v["reason"] == "too_stale" for v in stale), [v["reason"] for v in stale]
-        else:  # a shorter cut: none is too old; each counts, weighted down by its staleness, unless a newer
+        else:  # a shorter cut: the first to land still counts, weighted down by its staleness, unless a newer
             # update of the same site took its place in the buffer (the queue lands back to back: issue 14)
-            assert not any(v["reason"] == "too_stale" for v in stale), [(v["staleness"], v["reason"]) for v in late]
-            assert weighted or all(v["reason"] == "superseded" for v in stale), [v["reason"] for v in late]
+            # (versions go on while the queue drains, so its last ones may be too old by the time they land)
+            assert weighted or all(v["reason"] == "superseded" for v in stale), [
+                (v["staleness"], v["reason"]) for v in late
+            ]
