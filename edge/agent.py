@@ -35,14 +35,14 @@ import numpy as np
 from broker_bridge import quantised
 from broker_bridge.chunking import split
 from broker_bridge.client import BrokerSettings, Message, MqttClient, will_message
-from broker_bridge.envelope import UpdateHeader, open_for_federation, open_receipt, seal_update
+from broker_bridge.envelope import UpdateHeader, open_receipt, seal_update
 from broker_bridge.errors import ModelRefused, NotConnected, PublishRefused, TopicError, WireError
-from broker_bridge.federation_key import Keyring, open_manifest
+from broker_bridge.federation_key import Keyring
 from broker_bridge.keys import Enrollment, KeyPair
 from broker_bridge.topics import Topics
 from edge.config import EdgeConfig, load_edge_config, row_mapping
 from edge.dataset import Dataset, UnitTracker
-from edge.follow import WeightsCollector
+from edge.follow import ModelFollower
 from edge.ledger_privacy import RecordLedger, window_group
 from edge.metrics import EdgeMetrics
 from edge.model_store import GlobalModel, ModelStore, check_global_model
@@ -148,9 +148,17 @@ class EdgeAgent:
             )
             self.personal = personal_state(template, self.spec)
 
-        self.collector = WeightsCollector()
-        self._waiting_for_key: bytes | None = None  # a sealed manifest of an epoch not granted (yet)
-        self.pending_manifest: tuple[int, bytes, dict[str, Any]] | None = None
+        self.follower = ModelFollower(  # the signed, sealed global model (edge.follow)
+            self.keys,
+            self.enrollment.aggregator.sign_pub,
+            cfg.federation,
+            self.spec,
+            self.shared_names,
+            self.shapes,
+            # newer than ours, and not the version just refused as too far a step (when it is re-announced)
+            lambda v: self._wants(v) and (self.model_refused or {}).get("version") != v,
+            keyring=self.keyring,
+        )
         self.model_refused: dict[str, Any] | None = None  # the last version refused as too far a step
         self.new_rows = 0
         self.last_round_at = time.monotonic()
@@ -714,9 +722,9 @@ class EdgeAgent:
             await self._on_grant(msg.payload)
         elif info.kind == "manifest" and msg.payload:
             await self._on_manifest(msg.payload)
-        elif info.kind == "weights" and info.version is not None and self._wants(info.version) and msg.payload:
+        elif info.kind == "weights" and info.version is not None and msg.payload:
             try:
-                self.collector.add(info.version, info.index or 0, msg.payload)
+                self.follower.on_chunk(info.version, info.index or 0, msg.payload)
             except WireError as exc:
                 self.metrics.malformed.labels("weights").inc()
                 event(log, "model.chunk_dropped", logging.WARNING, site=self.site, topic=msg.topic, reason=str(exc))
@@ -825,13 +833,13 @@ class EdgeAgent:
             )
             return
         try:
-            epoch = self.keyring.add_grant(blob, self.keys, self.enrollment.aggregator.sign_pub, self.cfg.federation)
+            epoch = self.follower.on_grant(blob)
         except WireError as exc:
             self.metrics.malformed.labels("fedkey").inc()
             event(log, "fedkey.dropped", logging.WARNING, site=self.site, reason=str(exc))
             return
         event(log, "fedkey.received", site=self.site, epoch=epoch)
-        waiting, self._waiting_for_key = self._waiting_for_key, None
+        waiting = self.follower.take_waiting()
         if waiting is not None:
             await self._on_manifest(waiting)
         for kind, payload, cohort in self.cohorts.take_waiting() if self.cohorts is not None else ():
@@ -839,51 +847,25 @@ class EdgeAgent:
 
     async def _on_manifest(self, sealed: bytes) -> None:
         try:
-            doc, blob = open_manifest(sealed, self.keyring, self.enrollment.aggregator.sign_pub)
-        except WireError as exc:
-            if exc.reason == "epoch":  # retained messages come in any order: its grant may be next
-                self._waiting_for_key = bytes(sealed)
-                event(log, "model.waiting_for_key", logging.INFO, site=self.site, detail=exc.detail)
-                return
-            self._refuse(None, f"manifest {exc}")
+            version = self.follower.on_manifest(sealed)
+        except ModelRefused as exc:
+            self._refuse(exc.version, f"{exc.reason}: {exc.detail}")
             return
-        version = doc["version"]
-        if not self._wants(version) or (self.model_refused or {}).get("version") == version:
-            return  # (a version refused as too far a step is not fetched again when it is re-announced)
-        if doc.get("federation") != self.cfg.federation:
-            self._refuse(version, f"manifest is for federation {doc.get('federation')!r}")
+        if version is None:  # not newer, or its grant has not arrived yet (kept for it)
+            if self.follower.waiting_for_key:
+                event(log, "model.waiting_for_key", logging.INFO, site=self.site)
             return
-        self.pending_manifest = (version, bytes(blob), doc)
-        self.collector.forget_below(version)
-        event(log, "model.announced", site=self.site, version=version, chunks=doc["weights"].get("chunks"))
+        chunks = self.follower.pending[2]["weights"]["chunks"] if self.follower.pending else None
+        event(log, "model.announced", site=self.site, version=version, chunks=chunks)
         await self._try_adopt()
 
     async def _try_adopt(self) -> None:
-        if self.pending_manifest is None:
-            return
-        version, manifest_blob, doc = self.pending_manifest
-        chunks = doc["weights"].get("chunks")
-        if not isinstance(chunks, int) or chunks < 1:
-            self.pending_manifest = None
-            self._refuse(version, f"manifest weights.chunks {chunks!r} is not a positive integer")
-            return
-        sealed = self.collector.complete(version, chunks)
-        if sealed is None:
-            return
-        self.pending_manifest = None
-        key = self.keyring.get(doc.get("epoch"))  # type: ignore[arg-type]
         try:
-            if key is None:
-                raise ModelRefused("epoch", f"no content key for epoch {doc.get('epoch')}", version)
-            weights = open_for_federation(sealed, key)
-            g = self._check(manifest_blob, weights)
-        except WireError as exc:
-            self._refuse(version, f"weights {exc}")
-            return
+            g = self.follower.complete()
         except ModelRefused as exc:
-            self._refuse(version, f"{exc.reason}: {exc.detail}")
+            self._refuse(exc.version, f"{exc.reason}: {exc.detail}")
             return
-        if not self._wants(g.version):
+        if g is None:
             return
         far = self.cfg.adopt.refusal(self.base.shared, g.shared, g.version - self.base.version)
         if far is not None:  # signed, yet too far from the model in use (models.step_bound)

@@ -1,4 +1,13 @@
-"""Collect the (sealed) weights of the newest global model from its MQTT chunks.
+"""Follow the federation's global model: key grants, sealed manifests, weight chunks -> a checked model.
+
+:class:`ModelFollower` is the one follower of the signed, sealed model, used by the edge agent and
+a plant's uplink (a line in manifest mode follows the ONNX instead: ``edge.inference``). It keeps
+the site's content keys (a manifest of an epoch not granted yet waits for its grant: retained
+messages come in any order), the announced manifest and its chunks, and hands back a
+:class:`edge.model_store.GlobalModel` once every chunk is in and every check passed; whoever uses it
+decides what to do with it (the edge's step bound, saving; the plant's re-release to its lines).
+
+Collecting the (sealed) weights of the newest global model from its MQTT chunks:
 
 Why buffering before the manifest: on subscribe, a broker delivers the
 retained manifest and the retained chunks in no particular order, so chunks
@@ -12,11 +21,18 @@ content key: the agent opens it, and checking the result is :mod:`edge.model_sto
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from broker_bridge.chunking import MAGIC as CHUNK_MAGIC
 from broker_bridge.chunking import parse_chunk
-from broker_bridge.errors import ChunkError
+from broker_bridge.envelope import open_for_federation
+from broker_bridge.errors import ChunkError, ModelRefused, WireError
+from broker_bridge.federation_key import Keyring, open_manifest
+from broker_bridge.keys import KeyPair
+from edge.model_store import GlobalModel, check_global_model
+from models.spec import ModelSpec
 
 
 @dataclass
@@ -81,3 +97,95 @@ class WeightsCollector:
             blob = b"".join(pieces)
         del self._parts[version]
         return blob
+
+
+class ModelFollower:
+    """One site's view of the published model: ``on_grant``, ``on_manifest``, ``on_chunk``, then ``complete``.
+
+    ``wants(version)`` says whether a version is worth fetching (newer than the one in use). Every
+    refusal is a :class:`ModelRefused` naming the version and a counting reason.
+    """
+
+    def __init__(
+        self,
+        keys: KeyPair,
+        aggregator_sign_pub: bytes,
+        federation: str,
+        spec: ModelSpec,
+        shared_names: list[str],
+        shapes: dict[str, tuple[int, ...]],
+        wants: Callable[[int], bool],
+        keyring: Keyring | None = None,
+    ) -> None:
+        self.keys = keys
+        self.sign_pub = aggregator_sign_pub
+        self.federation = federation
+        self.spec = spec
+        self.shared_names = shared_names  # what the manifest's weights must name (the personal layers stay home)
+        self.shapes = shapes
+        self.wants = wants
+        self.keyring = Keyring() if keyring is None else keyring  # content keys by epoch, from this site's grants
+        self.collector = WeightsCollector()
+        self.pending: tuple[int, bytes, dict[str, Any]] | None = None  # (version, signed manifest, manifest)
+        self._waiting_for_key: bytes | None = None  # a sealed manifest of an epoch not granted (yet)
+
+    def on_grant(self, blob: bytes) -> int:
+        """Keep a key grant sealed to this site; its epoch (raises :class:`WireError`)."""
+        return self.keyring.add_grant(blob, self.keys, self.sign_pub, self.federation)
+
+    @property
+    def waiting_for_key(self) -> bool:
+        """A manifest waits for the grant of its epoch."""
+        return self._waiting_for_key is not None
+
+    def take_waiting(self) -> bytes | None:
+        """The sealed manifest kept for a grant, to hand to :meth:`on_manifest` again now that one arrived."""
+        waiting, self._waiting_for_key = self._waiting_for_key, None
+        return waiting
+
+    def on_manifest(self, sealed: bytes) -> int | None:
+        """A sealed manifest: the version now expected (None: waits for its grant, or not wanted)."""
+        try:
+            doc, blob = open_manifest(sealed, self.keyring, self.sign_pub)
+        except WireError as exc:
+            if exc.reason == "epoch":  # retained messages come in any order: its grant may be next
+                self._waiting_for_key = bytes(sealed)
+                return None
+            raise ModelRefused("manifest", str(exc)) from None
+        version = doc["version"]
+        if not self.wants(version):
+            return None
+        if doc.get("federation") != self.federation:
+            raise ModelRefused("federation", f"manifest is for federation {doc.get('federation')!r}", version)
+        chunks = doc["weights"].get("chunks")
+        if not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1:
+            raise ModelRefused("manifest", f"manifest weights.chunks {chunks!r} is not a positive integer", version)
+        self.pending = (version, bytes(blob), doc)
+        self.collector.forget_below(version)
+        return version
+
+    def on_chunk(self, version: int, index: int, payload: bytes) -> None:
+        """Keep one weight chunk of a version worth having (raises :class:`WireError` on a malformed one)."""
+        if self.wants(version):
+            self.collector.add(version, index, payload)
+
+    def complete(self) -> GlobalModel | None:
+        """The announced version, opened and checked, once all its chunks are in (None until then)."""
+        if self.pending is None:
+            return None
+        version, manifest_blob, doc = self.pending
+        sealed = self.collector.complete(version, doc["weights"]["chunks"])
+        if sealed is None:
+            return None
+        self.pending = None
+        key = self.keyring.get(doc.get("epoch"))  # type: ignore[arg-type]
+        if key is None:
+            raise ModelRefused("epoch", f"no content key for epoch {doc.get('epoch')}", version)
+        try:
+            weights = open_for_federation(sealed, key)
+        except WireError as exc:
+            raise ModelRefused("decrypt", f"weights {exc}", version) from None
+        g = check_global_model(
+            manifest_blob, weights, self.sign_pub, self.federation, self.spec, self.shared_names, self.shapes
+        )
+        return g if self.wants(g.version) else None

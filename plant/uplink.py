@@ -32,13 +32,11 @@ import numpy as np
 
 from broker_bridge.chunking import split
 from broker_bridge.client import Message, MqttClient, will_message
-from broker_bridge.envelope import UpdateHeader, open_for_federation, open_receipt, seal_update
+from broker_bridge.envelope import UpdateHeader, open_receipt, seal_update
 from broker_bridge.errors import FedlineError, ModelRefused, NotConnected, PublishRefused, TopicError, WireError
-from broker_bridge.federation_key import Keyring, open_manifest
 from broker_bridge.keys import Enrollment, KeyPair
 from broker_bridge.topics import Topics
-from edge.follow import WeightsCollector
-from edge.model_store import check_global_model
+from edge.follow import ModelFollower
 from edge.outbox import Outbox, OutboxFull
 from edge.status_doc import build_status
 from fedline.config import ConfigError
@@ -77,12 +75,12 @@ class Uplink:
         self.topics = Topics(cfg.federation, cfg.topic_prefix)
         o = cfg.outbox
         self.outbox = Outbox(Path(cfg.data_dir) / "outbox.sqlite", o.max_bytes, o.max_count, "stop_training")
-        self.keyring = Keyring()
-        self.collector = WeightsCollector()
-        self._waiting_for_key: bytes | None = None
-        self._pending_manifest: tuple[int, bytes, dict[str, Any]] | None = None
         self.central_version = -1  # the newest central version adopted (the plant's core says at start)
-        self.shapes: dict[str, tuple[int, ...]] = {}
+        # the central model, followed as an edge follows it (edge.follow); its shapes come from the plant's core
+        self.follower = ModelFollower(
+            self.keys, self.enrollment.aggregator.sign_pub, cfg.federation, spec, [], {}, self._wants
+        )
+        self.keyring = self.follower.keyring
         self.on_model: Callable[[int, State], Awaitable[None]] | None = None  # adopt a verified central version
         self.on_room: Callable[[], Awaitable[None]] | None = None  # a receipt freed the outbox: queue what waits
         self.client: MqttClient | None = None
@@ -90,6 +88,19 @@ class Uplink:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake = asyncio.Event()
         self._status_dirty = asyncio.Event()
+
+    def _wants(self, version: int) -> bool:
+        return version > self.central_version
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """The shared tensors' shapes of the plant's model: what a central version must carry."""
+        return self.follower.shapes
+
+    @shapes.setter
+    def shapes(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        self.follower.shapes = dict(shapes)
+        self.follower.shared_names = list(shapes)
 
     # -- the core's side (its serial thread) ------------------------------------------------
     def queued_through(self) -> int:
@@ -223,22 +234,20 @@ class Uplink:
             await self._on_receipt(msg.payload)
         elif info.kind == "fedkey" and info.site == self.site:
             try:
-                epoch = self.keyring.add_grant(
-                    msg.payload, self.keys, self.enrollment.aggregator.sign_pub, self.cfg.federation
-                )
+                epoch = self.follower.on_grant(msg.payload)
             except WireError as exc:
                 event(log, "plant.fedkey_dropped", level=logging.WARNING, reason=str(exc))
                 return
             event(log, "plant.fedkey", epoch=epoch)
-            waiting, self._waiting_for_key = self._waiting_for_key, None
+            waiting = self.follower.take_waiting()
             if waiting is not None:
                 await self._on_manifest(waiting)
             self._status_dirty.set()
         elif info.kind == "manifest":
             await self._on_manifest(msg.payload)
-        elif info.kind == "weights" and info.version is not None and info.version > self.central_version:
+        elif info.kind == "weights" and info.version is not None:
             try:
-                self.collector.add(info.version, info.index or 0, msg.payload)
+                self.follower.on_chunk(info.version, info.index or 0, msg.payload)
             except WireError as exc:
                 event(log, "plant.chunk_dropped", level=logging.WARNING, topic=msg.topic, reason=str(exc))
                 return
@@ -267,43 +276,19 @@ class Uplink:
 
     async def _on_manifest(self, sealed: bytes) -> None:
         try:
-            doc, blob = open_manifest(sealed, self.keyring, self.enrollment.aggregator.sign_pub)
-        except WireError as exc:
-            if exc.reason == "epoch":  # retained messages come in any order: the grant may be next
-                self._waiting_for_key = bytes(sealed)
-                return
-            event(log, "plant.model_refused", level=logging.WARNING, reason=f"manifest {exc}")
+            self.follower.on_manifest(sealed)
+        except ModelRefused as exc:
+            event(log, "plant.model_refused", level=logging.WARNING, version=exc.version, reason=str(exc))
             return
-        if doc["version"] <= self.central_version:
-            return
-        self._pending_manifest = (doc["version"], bytes(blob), doc)
-        self.collector.forget_below(doc["version"])
         await self._try_adopt()
 
     async def _try_adopt(self) -> None:
-        if self._pending_manifest is None:
-            return
-        version, manifest_blob, doc = self._pending_manifest
-        chunks = doc["weights"].get("chunks")
-        sealed = self.collector.complete(version, chunks) if isinstance(chunks, int) and chunks > 0 else None
-        if sealed is None:
-            return
-        self._pending_manifest = None
-        key = self.keyring.get(doc.get("epoch"))  # type: ignore[arg-type]
         try:
-            if key is None:
-                raise ModelRefused("epoch", f"no content key for epoch {doc.get('epoch')}", version)
-            g = check_global_model(
-                manifest_blob,
-                open_for_federation(sealed, key),
-                self.enrollment.aggregator.sign_pub,
-                self.cfg.federation,
-                self.spec,
-                list(self.shapes),
-                self.shapes,
-            )
-        except (WireError, ModelRefused) as exc:
-            event(log, "plant.model_refused", level=logging.WARNING, version=version, reason=str(exc))
+            g = self.follower.complete()
+        except ModelRefused as exc:
+            event(log, "plant.model_refused", level=logging.WARNING, version=exc.version, reason=str(exc))
+            return
+        if g is None:
             return
         if g.version <= self.central_version or self.on_model is None:
             return

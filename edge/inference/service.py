@@ -273,6 +273,9 @@ class InferenceService:
                 for t in tasks:
                     t.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
+                if self.current is not None:  # a swap's own save may have been cancelled with its loop
+                    with contextlib.suppress(OSError):
+                        await self._persist()
                 if self._liveness is not None and fed_client is not None:
                     with contextlib.suppress(Exception):  # best effort: the will covers a lost link
                         await asyncio.wait_for(self._liveness.stopped(fed_client), 5)

@@ -21,11 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import shutil
-import signal
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -35,6 +31,7 @@ import numpy as np
 
 from fedline.demo.data import DemoData, load_demo_data
 from fedline.demo.workspace import Tuning, Workspace, dp_batch_size, make_keys, write_aggregator, write_site
+from fedline.launch import Launcher
 
 log = logging.getLogger("fedline.demo")
 MARKER = ".fedline-demo-run"
@@ -71,56 +68,6 @@ class DemoOptions:
     progress: bool = True
     # enrol a spare site that runs nothing and revoke it once this version exists (fedline/demo/revocation.py)
     revoke_spare_after_version: int | None = None
-
-
-@dataclass
-class Proc:
-    name: str
-    popen: subprocess.Popen
-    log_path: Path
-
-
-class Processes:
-    """The demo's child processes: started in their own session, stopped by signal, logs to files."""
-
-    def __init__(self, logs: Path) -> None:
-        self.logs = logs
-        self.procs: list[Proc] = []
-        logs.mkdir(parents=True, exist_ok=True)
-
-    def start(self, name: str, args: list[str], cwd: Path) -> Proc:
-        log_path = self.logs / f"{name}.log"
-        fh = log_path.open("ab")
-        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-        popen = subprocess.Popen(
-            [sys.executable, "-m", "fedline.cli", *args],
-            cwd=cwd,
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            env=env,
-        )
-        fh.close()
-        p = Proc(name, popen, log_path)
-        self.procs.append(p)
-        return p
-
-    def dead(self) -> list[Proc]:
-        return [p for p in self.procs if p.popen.poll() is not None]
-
-    def stop(self, names: list[str] | None = None, timeout: float = 10.0) -> None:
-        chosen = [p for p in self.procs if names is None or p.name in names]
-        for p in chosen:
-            if p.popen.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    p.popen.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        for p in chosen:
-            try:
-                p.popen.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.popen.kill()
-                p.popen.wait()
 
 
 def _tail(path: Path, n: int = 15) -> str:
@@ -332,11 +279,11 @@ async def run_demo(opts: DemoOptions, console: Any = None) -> dict[str, Any]:
     recorder = TrafficRecorder(obs, f"{topics.root}/#", on_message=monitor.on_message)
     await recorder.start()
 
-    procs = Processes(ws.logs)
+    procs = Launcher(ws.logs, json_logs=False)  # the demo's logs are for people to read
     report: dict[str, Any] = {}
     cut_state = {"cut": False, "cut_at": None, "restored_at": None}
     try:
-        procs.start("aggregator", ["aggregator", "--config", str(agg_toml)], agg_toml.parent)
+        procs.start("aggregator", ["aggregator", "--config", str(agg_toml)], cwd=agg_toml.parent)
         for s in data.sites:
             d = ws.site_dir(s.site)
             procs.start(
@@ -353,13 +300,13 @@ async def run_demo(opts: DemoOptions, console: Any = None) -> dict[str, Any]:
                     f"{files[s.site]['rate']:.3f}",
                     "--once",
                 ],
-                d,
+                cwd=d,
             )
         await asyncio.sleep(0.5)
         for s in data.sites:
             d = ws.site_dir(s.site)
-            procs.start(f"edge-{s.site}", ["edge", "--config", str(files[s.site]["site"])], d)
-            procs.start(f"infer-{s.site}", ["infer", "--config", str(files[s.site]["line"])], d)
+            procs.start(f"edge-{s.site}", ["edge", "--config", str(files[s.site]["site"])], cwd=d)
+            procs.start(f"infer-{s.site}", ["infer", "--config", str(files[s.site]["line"])], cwd=d)
         _say(
             console,
             f"started {len(procs.procs)} processes (logs in {ws.logs}); site {intermittent} will lose "
@@ -379,12 +326,12 @@ async def run_demo(opts: DemoOptions, console: Any = None) -> dict[str, Any]:
             on_version=spare.step if spare is not None else None,
         )
         # stop the edges first: they publish a last 'offline' status with their final figures
-        procs.stop([f"edge-{s}" for s in sites] + [f"infer-{s}" for s in sites])
+        procs.stop_all(10.0, [f"edge-{s}" for s in sites] + [f"infer-{s}" for s in sites])
         await asyncio.sleep(1.0)
-        procs.stop()
+        procs.stop_all(10.0)
         await asyncio.sleep(0.3)
     finally:
-        procs.stop()
+        procs.stop_all(10.0)
         await recorder.stop()
         for p in proxies.values():
             await p.stop()
@@ -459,7 +406,7 @@ def _set_protocol(ws: Workspace, sites: list[str], protocol: str) -> None:
 async def _watch(
     opts: DemoOptions,
     monitor,
-    procs: Processes,
+    procs: Launcher,
     proxies,
     intermittent: str,
     cut_state: dict,

@@ -2,7 +2,7 @@
 
 - :mod:`fedline.netproxy`: a TCP proxy on 127.0.0.1 you can cut (reset) or
   black-hole (silent, like a dead route), between one site and the broker;
-- :mod:`fedline.testing.procs`: start ``fedline ...`` commands as real
+- :mod:`fedline.launch` (shared with the demo): start ``fedline ...`` commands as real
   processes, SIGKILL or SIGTERM them, read their RSS and their JSON log events;
 - :mod:`fedline.testing.clock`: run a ``fedline`` command with its wall clock
   shifted (clock skew between a site and the aggregator);

@@ -136,6 +136,14 @@ def _pruned(k: Key, e: dict, entry: dict | None, versions: list[int] | None) -> 
     return None
 
 
+def _later_fate(v: dict) -> bool:
+    """A buffered update's later verdict, whose receipt a site may never get (an aggregator killed between
+    committing it and publishing the receipt, and the site does not resend what was buffered): reduced into
+    a version (applied), or replaced in the buffer by a newer update of its site (stale, superseded).
+    Neither loses nor duplicates it: the lineage says which."""
+    return v["verdict"] == "applied" or (v["verdict"] == "stale" and v.get("reason") == "superseded")
+
+
 def reconcile(site_dbs: dict[str, Path], aggregator_db: Path) -> LedgerReport:
     """Compare every site's ledger with the aggregator's verdicts and lineage."""
     rep = LedgerReport()
@@ -203,7 +211,7 @@ def reconcile(site_dbs: dict[str, Path], aggregator_db: Path) -> LedgerReport:
                 continue
             if e["state"] in ("queued", "sent"):
                 rep.unsettled.append(k)
-            elif e["state"] != verdict and not (e["state"] == "buffered" and verdict == "applied"):
+            elif e["state"] != verdict and not (e["state"] == "buffered" and _later_fate(v)):
                 rep.mismatched.append((k, f"site says {e['state']}", f"aggregator says {verdict}"))
     for k in by_key:
         if k not in sealed_keys:

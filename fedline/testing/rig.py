@@ -30,10 +30,10 @@ import tomli_w
 
 from broker_bridge.keys import create_federation
 from broker_bridge.mosquitto import MosquittoProcess
+from fedline.launch import Launched, Launcher
 from fedline.netproxy import TcpProxy
 from fedline.testing.ledger import LedgerReport, read_site_ledger, reconcile
 from fedline.testing.patience import bound
-from fedline.testing.procs import Launched, Launcher
 
 FEATURES = [("temp", (295.0, 305.0)), ("torque", (0.0, 80.0)), ("speed", (1100.0, 2900.0))]
 MODEL = {"kind": "mlp", "n_features": 3, "hidden": [8], "task": "classification", "personal": []}

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from aggregator.config import load_config
-from fedline.testing.procs import Launcher
+from fedline.launch import Launcher
 from tests.aggregator.helpers import make_federation, random_delta
 from tests.aggregator.test_service_broker import broker_table
 from tests.conftest import eventually

@@ -19,7 +19,9 @@ SITES = ["site-a", "site-b"]
 
 
 async def test_broker_kill9_mid_training_then_restart_ledger_exact(tmp_path) -> None:
-    settings = RigSettings(rows_per_site=240, rate_hz=40.0, every_rows=40, buffer_size=3, max_staleness=6)
+    # 12 s of rows: under load the first decisions can take longer than 6 s, and with every row already in
+    # before the kill nothing would be left to train on (and decide) once the broker is back
+    settings = RigSettings(rows_per_site=480, rate_hz=40.0, every_rows=40, buffer_size=3, max_staleness=6)
     async with FaultRig(tmp_path, SITES, settings) as rig:
         rig.start_all()
         await rig.until(lambda: rig.decided() >= 3, 90, "three updates decided before the fault")

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from aggregator.store import Store, Verdict
+from aggregator.store import BufferedRow, Store, Verdict
 from edge.outbox import Outbox
 from fedline.netproxy import TcpProxy
 from fedline.testing.ledger import reconcile
@@ -48,6 +48,27 @@ def test_ledger_exact_when_every_update_has_one_verdict_and_one_place(tmp_path) 
     rep = reconcile({"s": tmp_path / "o.sqlite"}, tmp_path / "a.sqlite")
     assert rep.exact, rep.problems()
     assert (rep.sealed, rep.applied, rep.stale) == (3, 2, 1)
+
+
+def test_a_buffered_update_whose_later_receipt_was_lost_is_exact_if_superseded_but_not_if_refused(tmp_path) -> None:
+    """Regression (a fresh-clone run of the kill -9 scenario): the site got 'buffered' for 2, then the
+    aggregator replaced 2 by the site's 3 in the buffer and was killed before that receipt went out."""
+    _site(tmp_path / "o.sqlite", [1, 2, 3], {1: ("applied", 1), 2: ("buffered", 1), 3: ("buffered", 1)})
+    _aggregator(
+        tmp_path / "a.sqlite",
+        {1: [1]},
+        [Verdict("s", 2, "u2", "stale", "superseded", "counter 3 took its place", 1)],
+    )
+    st = Store(tmp_path / "a.sqlite")  # 3 is in the live buffer
+    buffered = Verdict("s", 3, "u3", "buffered", None, None, 1)
+    st.add_buffered(BufferedRow(0, "s", 3, "u3", 1, 10, 0, 1.0, 1.0, ""), buffered, b"x", 1)
+    st.close()
+    rep = reconcile({"s": tmp_path / "o.sqlite"}, tmp_path / "a.sqlite")
+    assert rep.exact, rep.problems()
+    assert (rep.applied, rep.buffered, rep.stale) == (1, 1, 1)
+    _aggregator(tmp_path / "b.sqlite", {1: [1]}, [Verdict("s", 2, "u2", "stale", "too_stale", None, 1)])
+    rep = reconcile({"s": tmp_path / "o.sqlite"}, tmp_path / "b.sqlite")  # a refusal is never a later fate
+    assert ("s", 2) in [k for k, *_ in rep.mismatched]
 
 
 def test_ledger_sees_lost_duplicated_phantom_and_unsettled(tmp_path) -> None:

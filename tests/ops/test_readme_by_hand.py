@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from broker_bridge.mosquitto import free_port
-from fedline.testing.procs import REPO
+from fedline.launch import REPO
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow, pytest.mark.timeout(400)]
 

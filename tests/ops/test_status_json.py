@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from fedline.testing.procs import REPO
+from fedline.launch import REPO
 from fedline.testing.rig import FaultRig, RigSettings
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(240)]

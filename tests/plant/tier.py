@@ -153,7 +153,7 @@ class PlantTier:
     """``async with PlantTier(root) as tier:`` three brokers, the central and plant processes, six line agents."""
 
     def __init__(self, root: Path) -> None:
-        from fedline.testing.procs import Launcher
+        from fedline.launch import Launcher
 
         self.root = Path(root)
         self.central_state = self.root / "central" / "state"

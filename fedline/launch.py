@@ -1,10 +1,11 @@
-"""Start ``fedline`` commands as real processes, kill them (-9 or TERM), read their RSS and log events.
+"""Start ``fedline`` commands as real processes, stop them (TERM, or kill -9), read their RSS and log events.
 
-Why subprocesses and not tasks in the test's event loop: ``kill -9`` of a
-process, its restart from what is on disk, and its memory over minutes are
-only real for a real process. Each child runs in its own session with one
-torch thread (the machine is shared) and writes JSON-lines logs
-(``fedline --log-json``) to its own file, which :func:`events` reads back.
+The one launcher of child processes: the demo starts its federation with it, the fault rig and the
+tests theirs. Why subprocesses and not tasks in one event loop: ``kill -9`` of a process, its restart
+from what is on disk, and its memory over minutes are only real for a real process. Each child runs
+in its own session (a signal to the parent's group does not reach it) with one torch thread (the
+machine is shared), and writes its logs to its own file, which :func:`events` reads back when they
+are JSON lines (``fedline --log-json``).
 """
 
 from __future__ import annotations
@@ -20,9 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
-
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -73,6 +72,8 @@ class Launched:
 
     def rss(self) -> int:
         """Resident set size in bytes (0 when the process is gone)."""
+        import psutil  # a demo and test dependency, not the core's
+
         try:
             return psutil.Process(self.pid).memory_info().rss
         except psutil.Error:
@@ -110,17 +111,24 @@ def events(log_path: Path, name: str | None = None) -> list[dict[str, Any]]:
 class Launcher:
     """Starts processes; :meth:`stop_all` ends every one still running (SIGTERM, then SIGKILL)."""
 
-    def __init__(self, logs: Path, cwd: Path | None = None) -> None:
+    def __init__(self, logs: Path, cwd: Path | None = None, json_logs: bool = True) -> None:
         self.logs = Path(logs)
         self.logs.mkdir(parents=True, exist_ok=True)
         self.cwd = cwd or REPO
+        self.json_logs = json_logs  # --log-json (read back by events()); the demo's logs are for people
         self.procs: list[Launched] = []
 
     def start(
-        self, name: str, fedline_args: list[str], *, clock_offset_s: float = 0.0, env: dict[str, str] | None = None
+        self,
+        name: str,
+        fedline_args: list[str],
+        *,
+        clock_offset_s: float = 0.0,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
     ) -> Launched:
-        """``fedline --log-json <args>`` (with a shifted wall clock when ``clock_offset_s`` is not 0)."""
-        args = ["--log-json", *fedline_args]
+        """``fedline [--log-json] <args>`` (with a shifted wall clock when ``clock_offset_s`` is not 0)."""
+        args = ["--log-json", *fedline_args] if self.json_logs else list(fedline_args)
         if clock_offset_s:
             cmd = [sys.executable, "-m", "fedline.testing.clock", repr(float(clock_offset_s)), *args]
         else:
@@ -136,25 +144,31 @@ class Launcher:
         )
         with log_path.open("ab") as fh:
             popen = subprocess.Popen(
-                cmd, cwd=self.cwd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True, env=child_env
+                cmd, cwd=cwd or self.cwd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True, env=child_env
             )
         p = Launched(name, fedline_args, popen, log_path, clock_offset_s=clock_offset_s)
         self.procs.append(p)
         return p
 
+    def dead(self) -> list[Launched]:
+        """The processes that have exited."""
+        return [p for p in self.procs if not p.alive()]
+
     def restart(self, p: Launched, **kw: Any) -> Launched:
         """The same command again (after a kill), logging to the same file."""
         return self.start(p.name, p.args, **kw)
 
-    def stop_all(self, timeout: float = 20.0) -> dict[str, int]:
-        """SIGTERM every live process, then wait; returns exit codes by name (last run of each)."""
-        for p in self.procs:
+    def stop_all(self, timeout: float = 20.0, names: list[str] | None = None) -> dict[str, int]:
+        """SIGTERM every live process (or those ``names``), then wait, SIGKILL after ``timeout``; returns exit
+        codes by name (last run of each)."""
+        chosen = [p for p in self.procs if names is None or p.name in names]
+        for p in chosen:
             if p.alive():
                 with contextlib.suppress(ProcessLookupError):
                     p.popen.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout
         codes: dict[str, int] = {}
-        for p in self.procs:
+        for p in chosen:
             try:
                 p.popen.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
