@@ -22,45 +22,9 @@ from edge.config import load_edge_config
 from fedline.testing.patience import bound
 from tests.cluster.conftest import SITES
 from tests.conftest import eventually
-from tests.edge.helpers import FEDERATION, Federation, write_csv, write_site
+from tests.edge.helpers import Federation, write_aggregator, write_csv, write_site
 
 V311 = {"protocol": "3.1.1"}
-
-
-def _aggregator_toml(fed: Federation, cluster: RabbitCluster, path) -> None:
-    path.write_text(f"""
-[aggregator]
-federation = "{FEDERATION}"
-key_file = "{fed.root / "keys" / "aggregator.key"}"
-enrollment_file = "{fed.enrollment_path}"
-state_dir = "{fed.root / "agg-state"}"
-seed = 0
-catchup_interval_s = 1.0
-
-[model]
-kind = "mlp"
-n_features = 3
-hidden = [8]
-personal = ["head."]
-
-[broker]
-url = "{cluster.members[0].url}"
-username = "aggregator"
-password_file = "{cluster.password_file("aggregator")}"
-client_id = "agg-cluster"
-protocol = "3.1.1"
-backoff_min_s = 0.05
-backoff_max_s = 0.5
-
-[strategy]
-kind = "fedbuff"
-buffer_size = 3
-min_sites = 3
-
-[dp]
-lr = 0.1
-batch_size = 32
-""")
 
 
 @pytest.mark.rabbitmq
@@ -69,7 +33,17 @@ async def test_federation_over_a_two_node_cluster_with_a_site_that_missed_the_re
 ) -> None:
     fed = Federation.create(tmp_path, SITES)
     agg_toml = tmp_path / "aggregator.toml"
-    _aggregator_toml(fed, cluster, agg_toml)
+    write_aggregator(
+        fed,
+        None,
+        agg_toml,
+        client_id="agg-cluster",
+        strategy='kind = "fedbuff"\nbuffer_size = 3\nmin_sites = 3',
+        url=cluster.members[0].url,
+        password_file=cluster.password_file("aggregator"),
+        broker_extra='protocol = "3.1.1"',
+        aggregator_extra="catchup_interval_s = 1.0",
+    )
     aggregator = Aggregator(load_config(agg_toml))
     agg_task = asyncio.create_task(aggregator.run())
     await asyncio.wait_for(aggregator.started.wait(), bound(60))

@@ -83,11 +83,20 @@ def write_aggregator(
     client_id: str = "agg-real",
     strategy: str = 'kind = "fedasync"\nmin_sites = 1',
     extra: str = "[dp]\nlr = 0.1\nbatch_size = 32",
+    *,
+    url: str | None = None,
+    password_file: Path | None = None,
+    broker_extra: str = "",
+    aggregator_extra: str = "",
 ) -> Path:
     """The real aggregator's config for ``fed`` on ``broker`` (a ``MosquittoProcess``): FedAsync by default.
 
     ``strategy`` is the body of ``[strategy]``; ``extra`` the tables after it (by default the sites' ``[dp]``).
+    Another broker (a RabbitMQ cluster) is named by ``url`` and ``password_file`` with ``broker=None``;
+    ``broker_extra`` and ``aggregator_extra`` are more lines of ``[broker]`` and ``[aggregator]``.
     """
+    url = url or broker.url
+    password_file = password_file or broker.paths["password:aggregator"]
     path.write_text(f"""
 [aggregator]
 federation = "{FEDERATION}"
@@ -95,6 +104,7 @@ key_file = "{fed.root / "keys" / "aggregator.key"}"
 enrollment_file = "{fed.enrollment_path}"
 state_dir = "{fed.root / "agg-state"}"
 seed = 0
+{aggregator_extra}
 
 [model]
 kind = "mlp"
@@ -103,12 +113,13 @@ hidden = {hidden or [8]}
 personal = ["head."]
 
 [broker]
-url = "{broker.url}"
+url = "{url}"
 username = "aggregator"
-password_file = "{broker.paths["password:aggregator"]}"
+password_file = "{password_file}"
 client_id = "{client_id}"
 backoff_min_s = 0.05
 backoff_max_s = 0.5
+{broker_extra}
 
 [strategy]
 {strategy}
@@ -203,6 +214,35 @@ def write_site(
     return path
 
 
+def model_release(
+    version: int,
+    spec: ModelSpec,
+    shared: dict[str, np.ndarray],
+    key: bytes,
+    signer: KeyPair,
+    *,
+    epoch: int = 1,
+    federation: str = FEDERATION,
+    max_chunk: int = 2048,
+) -> tuple[bytes, list[bytes]]:
+    """A version as the aggregator publishes it: the sealed, signed manifest and the sealed weight chunks."""
+    from broker_bridge.envelope import seal_for_federation
+    from broker_bridge.federation_key import seal_manifest
+
+    blob = encode_tensors(shared)
+    chunks = split(seal_for_federation(blob, key), f"w{version}", max_chunk)
+    manifest = {
+        "federation": federation,
+        "version": version,
+        "epoch": epoch,
+        "created_at": 0.0,
+        "spec": spec.to_dict(),
+        "weights": {"hash": content_hash(blob), "size": len(blob), "chunks": len(chunks)},
+        "onnx": {"hash": "", "size": 0, "chunks": 0},
+    }
+    return seal_manifest(sign_manifest(manifest, signer), version, epoch, key), chunks
+
+
 @dataclass
 class Arrival:
     header: UpdateHeader
@@ -282,31 +322,19 @@ class MiniAggregator:
     ) -> None:
         """A signed manifest plus retained fedline chunks of the weights, sealed to the members as the
         aggregator does (the key grant of each enrolled site first)."""
-        from broker_bridge.envelope import seal_for_federation
-        from broker_bridge.federation_key import seal_grant, seal_manifest
+        from broker_bridge.federation_key import seal_grant
 
         epoch, key = 1, self.content_key
         for pub in self.fed.enrollment.sites.values():
             await self.client.publish(
                 self.topics.fedkey(pub.ident), seal_grant(FEDERATION, pub, epoch, key, self.fed.aggregator), retain=True
             )
-        blob = encode_tensors(shared)
-        chunks = split(seal_for_federation(blob, key), f"w{version}", max_chunk)
-        manifest = {
-            "federation": FEDERATION,
-            "version": version,
-            "epoch": epoch,
-            "created_at": 0.0,
-            "spec": spec.to_dict(),
-            "weights": {"hash": content_hash(blob), "size": len(blob), "chunks": len(chunks)},
-            "onnx": {"hash": "", "size": 0, "chunks": 0},
-        }
+        manifest, chunks = model_release(version, spec, shared, key, keys or self.fed.aggregator, max_chunk=max_chunk)
         if tamper:
             last = bytearray(chunks[-1])
             last[-1] ^= 1
             chunks[-1] = bytes(last)
         for i, c in enumerate(chunks):
             await self.client.publish(self.topics.weights_chunk(version, i), c, retain=True)
-        signed = sign_manifest(manifest, keys or self.fed.aggregator)
-        await self.client.publish(self.topics.manifest(), seal_manifest(signed, version, epoch, key), retain=True)
+        await self.client.publish(self.topics.manifest(), manifest, retain=True)
         self.version = version

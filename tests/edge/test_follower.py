@@ -7,13 +7,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from broker_bridge.chunking import split
-from broker_bridge.envelope import content_hash, encode_tensors, seal_for_federation, sign_manifest
 from broker_bridge.errors import ModelRefused
-from broker_bridge.federation_key import new_content_key, seal_grant, seal_manifest
+from broker_bridge.federation_key import new_content_key, seal_grant
 from broker_bridge.keys import KeyPair
 from edge.follow import ModelFollower
 from models import ModelSpec
+from tests.edge.helpers import model_release
 
 AGG = KeyPair.generate("aggregator", "aggregator")
 SITE = KeyPair.generate("site", "site-a")
@@ -25,18 +24,8 @@ def release(version: int, key: bytes, epoch: int = 1, federation: str = "plant",
     """A version as the aggregator publishes it: (sealed manifest, weight chunks), and its weights."""
     rng = np.random.default_rng(version)
     shared = {n: rng.standard_normal(s).astype(np.float32) for n, s in SHAPES.items()}
-    blob = encode_tensors(shared)
-    chunks = split(seal_for_federation(blob, key), f"w{version}", 256)
-    manifest = {
-        "federation": federation,
-        "version": version,
-        "epoch": epoch,
-        "created_at": 0.0,
-        "spec": spec.to_dict(),
-        "weights": {"hash": content_hash(blob), "size": len(blob), "chunks": len(chunks)},
-        "onnx": {"hash": "", "size": 0, "chunks": 0},
-    }
-    return seal_manifest(sign_manifest(manifest, AGG), version, epoch, key), chunks, shared
+    manifest, chunks = model_release(version, spec, shared, key, AGG, epoch=epoch, federation=federation, max_chunk=256)
+    return manifest, chunks, shared
 
 
 def follower(current: list[int]) -> ModelFollower:
