@@ -127,7 +127,7 @@ async def test_a_stream_keeps_publishing_where_one_global_accountant_would_stop(
         privacy={"epsilon": budget, "noise_multiplier": 1.5},
         training={"every_rows": 0, "min_rows": 60, "batch_size": 32, "max_pending_per_base": 100, "plan_rows": 320},
     )
-    await asyncio.wait_for(agent._ingest(), bound(20))
+    await asyncio.wait_for(agent.ingest.run(), bound(20))
     x_all, y_all = agent.dataset.arrays()
     rng = np.random.default_rng(0)
     whole_history = []
