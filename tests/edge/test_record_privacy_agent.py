@@ -31,8 +31,8 @@ async def test_outage_costs_one_round_per_base_version(tmp_path) -> None:
     minutes at a round every 10 s, compressed). One update is sealed on base version 0, the other triggers
     are skipped as pending_receipt, so the rows' ε is that of one round. A signed receipt frees the base."""
     fed, agent = _agent(tmp_path, training={"every_rows": 0, "every_s": 0.05, "max_pending_per_base": 1})
-    await asyncio.wait_for(agent._ingest(), bound(20))
-    loop = asyncio.create_task(agent._train_loop())  # the agent's own timer schedule; no broker to send to
+    await asyncio.wait_for(agent.ingest.run(), bound(20))
+    loop = asyncio.create_task(agent.rounds.loop())  # the agent's own timer schedule; no broker to send to
     deadline = time.monotonic() + 60
     while not agent.outbox.ledger() and time.monotonic() < deadline and not loop.done():
         await asyncio.sleep(0.05)  # the first round (imports Opacus on a cold process)
@@ -74,7 +74,7 @@ async def test_status_and_metrics_carry_the_per_record_guarantee(tmp_path) -> No
     """Status: per-record ε, budget, δ, privacy unit (public parameters, no row counts). /metrics: also the
     rows eligible and retired, and the ε one global accountant would report. The sealed header says so too."""
     fed, agent = _agent(tmp_path, privacy={"epsilon": 3.0, "noise_multiplier": 1.5})
-    await asyncio.wait_for(agent._ingest(), bound(20))
+    await asyncio.wait_for(agent.ingest.run(), bound(20))
     while await agent.train_once() is not None:
         pass
     status = agent.status()
@@ -127,7 +127,7 @@ async def test_a_stream_keeps_publishing_where_one_global_accountant_would_stop(
         privacy={"epsilon": budget, "noise_multiplier": 1.5},
         training={"every_rows": 0, "min_rows": 60, "batch_size": 32, "max_pending_per_base": 100, "plan_rows": 320},
     )
-    await asyncio.wait_for(agent._ingest(), bound(20))
+    await asyncio.wait_for(agent.ingest.run(), bound(20))
     x_all, y_all = agent.dataset.arrays()
     rng = np.random.default_rng(0)
     whole_history = []
