@@ -505,6 +505,18 @@ class AggregatorCore:
         event(log, "model.version", version=new_version, updates=len(applied), sites=sorted({v.site for v in applied}))
         return [v.receipt() for v in applied]
 
+    def heard(self, header: Any) -> None:
+        """An update's verified header, on either path (plain decide or a secure-aggregation submission).
+
+        A hook for what a subclass keeps per site from headers (the plant: each line's reported ε); the
+        central aggregator keeps nothing more than the verdicts.
+        """
+
+    @property
+    def served_version(self) -> int:
+        """The version sites are served and train on: a secure-aggregation cohort's base (a plant serves central)."""
+        return self.snapshot[0]
+
     def served(self, version: int, model: State, lineage: dict[str, Any]) -> tuple[int, State]:
         """What the publisher publishes after a commit: the new version (a plant serves central ones only)."""
         return version, model
