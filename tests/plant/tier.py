@@ -27,7 +27,7 @@ import tomli_w
 
 from broker_bridge.envelope import decode_tensors
 from broker_bridge.keys import Enrollment, KeyPair
-from broker_bridge.mosquitto import MosquittoProcess
+from broker_bridge.mosquitto import MosquittoProcess, free_port
 from fedline.testing.rig import FEATURES, write_plant_csv
 
 CENTRAL = "central"
@@ -175,6 +175,7 @@ class PlantTier:
         self.tasks: list[asyncio.Task] = []
         self.stop = asyncio.Event()
         self.rounds_done: dict[str, int] = {}  # rounds each line was asked for (tier.round)
+        self.metrics_ports: dict[str, int] = {}  # each plant's /metrics
 
     def plant_state(self, p: str) -> Path:
         return self.root / "plants" / p / "state"
@@ -213,6 +214,8 @@ class PlantTier:
                 3,
                 secagg=p in SECAGG_PLANTS,
             )
+            self.metrics_ports[p] = free_port()
+            doc["metrics"] = {"port": self.metrics_ports[p]}
             doc["upstream"] = {
                 "site": p,
                 "federation": CENTRAL,
@@ -274,6 +277,14 @@ class PlantTier:
             await eventually(lambda: self.alive() or pred(), timeout, 0.1)
         except AssertionError as exc:
             raise AssertionError(f"{what}: not within {timeout} s ({exc})") from None
+
+    def plant_metrics(self, p: str) -> dict[str, float]:
+        """The plant's /metrics, scraped over HTTP as Prometheus would (unlabelled samples and ``name{labels}``)."""
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_ports[p]}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        return {ln.rsplit(" ", 1)[0]: float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines() if ln and ln[0] != "#"}
 
     def upstream(self, line: str) -> int | None:
         """The central version a line's model is, as its plant's signed manifest names it."""
