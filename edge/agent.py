@@ -608,9 +608,7 @@ class EdgeAgent:
                 if self.personaliser is not None:  # noise-free candidates: never sent, never trained on by DP rounds
                     from edge.personal import build as build_params
 
-                    x, y = self.dataset.arrays()
-                    x_val, y_val = self.dataset.arrays(holdout=True)
-                    params, choice = self.personaliser.choose({**base.shared, **personal}, x, y, x_val, y_val)
+                    params, choice = self.personaliser.choose_from(self.dataset, {**base.shared, **personal})
                     model, served = build_params(self.spec, params, self.cfg.model_seed), choice.to_dict()
                 return export_onnx(model, self.spec)
 
