@@ -58,14 +58,14 @@ def test_without_a_local_only_model_the_best_federation_candidate_is_served():
 def test_the_paired_test_keeps_an_engine_plant_on_its_own_model_when_one_engine_makes_the_difference():
     """test_paired_evidence's five engines: the global model's RMSE is 10.6 % lower on validation, all of it
     on engine A; p = 0.187 on 4 df, so local-only stays (the old 2 % margin rule would have switched)."""
-    cfg = PersonalConfig(min_validation_rows=10, min_validation_units=5)
+    cfg = PersonalConfig(min_validation_rows=10, min_validation_units=5, switch_alpha=0.2)  # each at 0.1
     y, units = np.zeros(10), list("AABBCCDDEE")
     glob = np.array([0, 0] + [1] * 8, dtype=float)
-    ev = mse_evidence(y, glob, np.ones(10), units)
+    tests = {"global": mse_evidence(y, glob, np.ones(10), units), "fine_tuned": _ev(0.9, "paired-mse")}
     scores = {"local": 1.0, "global": math.sqrt(0.8), "fine_tuned": 1.2}
-    c = pick(REG, scores, y, cfg, evidence=40, tests={"global": ev}, units=units)
+    c = pick(REG, scores, y, cfg, evidence=40, tests=tests, units=units)
     assert (c.kind, c.rule) == ("local", "paired_test_kept_local") and c.p == pytest.approx(0.18695, abs=1e-5)
-    assert "on 5 validation units" in c.reason
+    assert "on 5 validation units" in c.reason and ">= 0.1" in c.reason
 
 
 def test_a_slice_too_small_to_decide_says_so_and_serves_the_fine_tuned_model():
