@@ -148,43 +148,8 @@ class StrategyConfig:
     secure_aggregation: bool = False
 
     def validate(self) -> None:
-        if not 0.0 < self.alpha <= 1.0:
-            raise ValueError(f"alpha must be in (0, 1], got {self.alpha}")
-        if self.site_interval_s < 0:
-            raise ValueError(f"site_interval_s must be >= 0 (0 = off), got {self.site_interval_s}")
-        if self.a < 0 or self.b < 0:
-            raise ValueError("a and b must be non-negative")
-        if self.max_staleness < 0:
-            raise ValueError("max_staleness must be >= 0")
-        if self.buffer_size < 1:
-            raise ValueError("buffer_size must be at least 1")
-        if self.buffer_timeout_s < 0:
-            raise ValueError(f"buffer_timeout_s must be >= 0 (0 = off), got {self.buffer_timeout_s}")
-        if self.min_sites < 1:
-            raise ValueError(f"min_sites must be at least 1, got {self.min_sites}")
-        if self.quorum < 0:
-            raise ValueError(f"quorum must be >= 0 (0 = min_sites), got {self.quorum}")
-        if self.quorum and self.quorum < self.min_sites:
-            raise ValueError(f"quorum ({self.quorum}) must be at least min_sites ({self.min_sites})")
-        if self.kind == "fedasync" and self.min_sites != 1:
-            raise ValueError(
-                f"kind = 'fedasync' makes every version from one site's update, which any member "
-                f"can read as w[v+1] - w[v]; min_sites is {self.min_sites}: use 'fedbuff', or set "
-                f"min_sites = 1 to accept that leak"
-            )
-        if self.kind == "fedbuff" and self.buffer_size < self.min_sites:
-            raise ValueError(
-                f"buffer_size ({self.buffer_size}) must be at least min_sites ({self.min_sites}): "
-                f"one update per site per buffer"
-            )
-        if self.server_lr <= 0:
-            raise ValueError("server_lr must be positive")
-        if not 0.0 <= self.server_momentum < 1.0:
-            raise ValueError("server_momentum must be in [0, 1)")
-        if not 0.0 <= self.trim < 0.5:
-            raise ValueError("trim must be in [0, 0.5)")
-        if self.norm_bound is not None and self.norm_bound < 0:
-            raise ValueError("norm_bound must be >= 0 (0 = off; leave it out to derive it from [dp])")
+        """Refuse a strategy that cannot run, or runs but leaks or misleads (each error names the key)."""
+        self._check_ranges()
         if self.sample_cap < 0:
             raise ValueError("sample_cap must be >= 0")
         if self.sample_weighting and self.sample_cap <= 0:
@@ -225,6 +190,46 @@ class StrategyConfig:
                 f"robust = {self.robust!r} needs several updates per reduce: "
                 "use kind = 'fedbuff' or 'fedavg' (FedAsync applies one update at a time)"
             )
+
+    def _check_ranges(self) -> None:
+        """Each number in its range, and the site counts consistent (min_sites, quorum, buffer_size)."""
+        if not 0.0 < self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in (0, 1], got {self.alpha}")
+        if self.site_interval_s < 0:
+            raise ValueError(f"site_interval_s must be >= 0 (0 = off), got {self.site_interval_s}")
+        if self.a < 0 or self.b < 0:
+            raise ValueError("a and b must be non-negative")
+        if self.max_staleness < 0:
+            raise ValueError("max_staleness must be >= 0")
+        if self.buffer_size < 1:
+            raise ValueError("buffer_size must be at least 1")
+        if self.buffer_timeout_s < 0:
+            raise ValueError(f"buffer_timeout_s must be >= 0 (0 = off), got {self.buffer_timeout_s}")
+        if self.min_sites < 1:
+            raise ValueError(f"min_sites must be at least 1, got {self.min_sites}")
+        if self.quorum < 0:
+            raise ValueError(f"quorum must be >= 0 (0 = min_sites), got {self.quorum}")
+        if self.quorum and self.quorum < self.min_sites:
+            raise ValueError(f"quorum ({self.quorum}) must be at least min_sites ({self.min_sites})")
+        if self.kind == "fedasync" and self.min_sites != 1:
+            raise ValueError(
+                f"kind = 'fedasync' makes every version from one site's update, which any member "
+                f"can read as w[v+1] - w[v]; min_sites is {self.min_sites}: use 'fedbuff', or set "
+                f"min_sites = 1 to accept that leak"
+            )
+        if self.kind == "fedbuff" and self.buffer_size < self.min_sites:
+            raise ValueError(
+                f"buffer_size ({self.buffer_size}) must be at least min_sites ({self.min_sites}): "
+                f"one update per site per buffer"
+            )
+        if self.server_lr <= 0:
+            raise ValueError("server_lr must be positive")
+        if not 0.0 <= self.server_momentum < 1.0:
+            raise ValueError("server_momentum must be in [0, 1)")
+        if not 0.0 <= self.trim < 0.5:
+            raise ValueError("trim must be in [0, 0.5)")
+        if self.norm_bound is not None and self.norm_bound < 0:
+            raise ValueError("norm_bound must be >= 0 (0 = off; leave it out to derive it from [dp])")
 
     @property
     def needed_sites(self) -> int:

@@ -361,6 +361,7 @@ class CohortCoordinator:
         return out + self._end(c)
 
     def _finish(self, c: _Cohort) -> list[Outgoing]:
+        """Unmask the cohort's sum, check its norm and staleness, and commit the new version (or fail the cohort)."""
         core, u = self.core, c.unmasker
         s = u.survivors
         assert s is not None
@@ -379,7 +380,36 @@ class CohortCoordinator:
         factor = core.strategy.factor(staleness)
         step = unflatten(total * (core.cfg.strategy.server_lr * factor / k), core.reference)
         model = {name: (core.model[name] + step[name]).astype(np.float32) for name in core.model}
-        lineage = {
+        lineage = self._lineage(c, staleness, factor, norm)
+        applied = [
+            Verdict(site, c.held[site][0], c.held[site][1], "applied", None, None, core.version + 1, staleness, 1.0)
+            for site in s.survivors
+        ]
+        receipts = core.commit(model, core.momentum, lineage, applied)
+        silent = [x for x in s.survivors if x not in u.answered]
+        self.stats["cohorts"] += 1
+        self.stats["dropouts_recovered"] += len(s.dropped) + len(silent)
+        low = self.stats["min_cohort_sites"]
+        self.stats["min_cohort_sites"] = k if low is None else min(low, k)
+        event(
+            log,
+            "secagg.cohort_applied",
+            cohort=c.ann.cohort,
+            version=core.version,
+            survivors=k,
+            dropped=list(s.dropped),
+            silent=silent,
+            staleness=staleness,
+            sum_norm=round(norm, 6),
+        )
+        return [o for r in receipts for o in self._receipt(r)] + self._end(c)
+
+    def _lineage(self, c: _Cohort, staleness: int, factor: float, norm: float) -> dict[str, Any]:
+        """The new version's lineage: the cohort, who dropped out or stayed silent, and each survivor's update."""
+        core, u = self.core, c.unmasker
+        s = u.survivors
+        assert s is not None
+        return {
             "strategy": "fedbuff-secagg",
             "parent": core.version,
             "cohort": c.ann.cohort,
@@ -403,25 +433,3 @@ class CohortCoordinator:
                 for site in s.survivors
             ],
         }
-        applied = [
-            Verdict(site, c.held[site][0], c.held[site][1], "applied", None, None, core.version + 1, staleness, 1.0)
-            for site in s.survivors
-        ]
-        receipts = core.commit(model, core.momentum, lineage, applied)
-        silent = [x for x in s.survivors if x not in u.answered]
-        self.stats["cohorts"] += 1
-        self.stats["dropouts_recovered"] += len(s.dropped) + len(silent)
-        low = self.stats["min_cohort_sites"]
-        self.stats["min_cohort_sites"] = k if low is None else min(low, k)
-        event(
-            log,
-            "secagg.cohort_applied",
-            cohort=c.ann.cohort,
-            version=core.version,
-            survivors=k,
-            dropped=list(s.dropped),
-            silent=silent,
-            staleness=staleness,
-            sum_norm=round(norm, 6),
-        )
-        return [o for r in receipts for o in self._receipt(r)] + self._end(c)
