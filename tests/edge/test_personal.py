@@ -175,3 +175,30 @@ def test_personaliser_keeps_local_only_when_a_well_trained_site_cannot_validate(
     xv, yv = _task(20, False, rng)  # 20 validation rows: too few to decide
     _, choice = Personaliser(cfg, CLS).choose(global_params, x, y, xv, yv)
     assert choice.kind == "local" and "too small" in choice.reason and "local-only kept" in choice.reason
+
+
+def test_choose_from_reads_each_rows_unit_from_the_sites_store(tmp_path):
+    """The edge's path (edge/line_export.py): the store's units reach the pick. 40 engines of 10 rows, a quarter
+    held out by hash: the paired test runs over the held-out engines; with 8 engines the slice is too small and
+    the training engines are the evidence."""
+    from edge.dataset import Dataset, group_in_holdout, group_key
+    from edge.personal import train_local_only
+
+    rng = np.random.default_rng(3)
+    cfg = PersonalConfig(local_epochs=2, finetune_epochs=1, min_validation_rows=5)
+    for engines in (40, 8):
+        ds = Dataset(tmp_path / f"{engines}.sqlite", (2,), 1, max_rows=10_000, holdout_fraction=0.25, split="group")
+        x = rng.uniform(0, 1, (engines * 10, 2)).astype(np.float32)
+        units = [i // 10 for i in range(engines * 10)]
+        ds.add_many([(xi, np.array([xi[0]], np.float32)) for xi in x], groups=units)
+        held = {u for u in set(units) if group_in_holdout(group_key(u), 0.25)}
+        glob = train_local_only(REG, x, x[:, :1], cfg)
+        _, choice = Personaliser(cfg, REG).choose_from(ds, glob)
+        if engines == 40:
+            assert len(held) >= 5 and choice.rule.startswith("paired_test")
+            assert f"on {len(held)} validation units" in choice.reason or "better than local-only" in choice.reason
+        else:
+            assert 0 < len(held) < 5, held  # this hash holds out between 1 and 4 of 8 engines
+            assert choice.rule == "too_small_fine_tuned"
+            assert f"{len(held)} units < 5" in choice.reason and f"trained on {8 - len(held)} (< 30)" in choice.reason
+        ds.close()
