@@ -51,6 +51,7 @@ def _one_split(
     from edge.config import PrivacyConfig, TrainingConfig
     from edge.personal import PersonalConfig, Personaliser
     from fedline.config import parse
+    from fedline.demo import secure_aggregation
     from fedline.demo.baselines import TrainSettings, evaluate, predict, train_plain
     from fedline.demo.bufferloop import run_buffered
     from fedline.demo.data import load_demo_data
@@ -90,7 +91,8 @@ def _one_split(
         t.versions,
         training,
         privacy,
-        strategy_table(t),
+        # the demo aggregator's table: under secure aggregation its default reduce is the mean, else the median
+        {**strategy_table(t), "secure_aggregation": secure_aggregation.enabled(t.secure_aggregation, len(data.sites))},
         seed=t.seed + split_seed,
         absent={k: range(*v) for k, v in absent.items()},
         encoding=encoding,
