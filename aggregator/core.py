@@ -129,7 +129,9 @@ class AggregatorCore:
             derived=cfg.strategy.norm_bound is None,
             min_sites=cfg.strategy.min_sites,
             buffer_size=self.strategy.buffer_size,
+            reduce=self.strategy.reduce_stat,  # robust = "auto": the median where it can run
         )
+        self.metrics.reduce.labels(self.strategy.reduce_stat).set(1)
 
     # -- state ------------------------------------------------------------------
     def _load_or_seed(self) -> None:
@@ -448,6 +450,7 @@ class AggregatorCore:
         result = self.strategy.reduce(self.model, updates, self.momentum)
         lineage = {
             "strategy": self.strategy.name,
+            "reduce": self.strategy.reduce_stat,
             "parent": self.version,
             "updates": [dict(u.lineage(), clip_scale=c) for u, c in zip(updates, result.clip_scales)],
         }
