@@ -49,12 +49,14 @@ sysdeps:
 	fi
 
 # The guardrails: lint and format (ruff), types (mypy: strict for the wire, the models, the strategies and the
-# config loader), and the layer contracts between the top-level packages (import-linter, .importlinter).
+# config loader), the layer contracts between the top-level packages (import-linter, .importlinter), and no
+# function over 60 lines in the services (tools/function_length.py).
 check: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/lint-imports
+	$(BIN)/python tools/function_length.py --max 60 edge aggregator
 
 # Without a mosquitto binary the broker tests cannot run: we say which, and run the rest.
 test: venv sysdeps

@@ -134,7 +134,9 @@ class StrategyConfig:
     quorum: int = 0  # distinct sites a timed-out buffer (a FedAvg round) needs; 0 = min_sites
     server_lr: float = 1.0
     server_momentum: float = 0.0
-    robust: Literal["none", "median", "trimmed_mean"] = "none"
+    # "auto": the coordinate-wise median wherever it can run (FedBuff/FedAvg, K >= 3, no secure aggregation,
+    # no sample weighting), else the plain mean (aggregator.strategies.reduce_choice); "none" = the mean always
+    robust: Literal["auto", "none", "median", "trimmed_mean"] = "auto"
     trim: float = 0.1  # fraction dropped at each end by trimmed_mean
     # clip each delta to this L2 norm before the reduce; unset = derived from [dp] (aggregator.normbound); 0 = off
     norm_bound: float | None = None
@@ -148,6 +150,52 @@ class StrategyConfig:
     secure_aggregation: bool = False
 
     def validate(self) -> None:
+        """Refuse a strategy that cannot run, or runs but leaks or misleads (each error names the key)."""
+        self._check_ranges()
+        if self.sample_cap < 0:
+            raise ValueError("sample_cap must be >= 0")
+        if self.sample_weighting and self.sample_cap <= 0:
+            raise ValueError(
+                "sample_weighting = true needs sample_cap > 0: the aggregator, not the site's claim, "
+                "bounds a weight (set it to a plant's typical rows per update)"
+            )
+        if self.secure_aggregation:
+            if self.robust not in ("auto", "none"):
+                raise ValueError(
+                    f"robust = {self.robust!r} cannot run with secure_aggregation = true: masking hides "
+                    "each update, so no coordinate-wise statistic can be computed (the cohort-sum norm "
+                    "bound and client-side clipping are what remain); leave robust out (the default then keeps "
+                    "the mean) or set secure_aggregation = false to have the median"
+                )
+            if self.kind != "fedbuff":
+                raise ValueError(
+                    f"secure_aggregation = true needs kind = 'fedbuff' (a buffer becomes a cohort); "
+                    f"{self.kind!r} cannot be secure"
+                    + (": FedAsync applies one update per version" if self.kind == "fedasync" else "")
+                )
+            if self.norm_bound == 0:
+                raise ValueError(
+                    "secure_aggregation = true needs a per-site norm bound (norm_bound > 0, or left out "
+                    "to derive it from [dp]): it sizes the fixed-point range and bounds the cohort sum"
+                )
+            if self.sample_weighting:
+                raise ValueError(
+                    "sample_weighting = true cannot run with secure_aggregation = true: a cohort's "
+                    "members are weighed 1/K (their sample counts are claims the masked sum cannot check)"
+                )
+            if self.min_sites < 3:
+                raise ValueError(
+                    f"secure_aggregation = true needs min_sites >= 3 (a cohort of 2 reveals each "
+                    f"member's update to the other), got {self.min_sites}"
+                )
+        if self.kind == "fedasync" and self.robust not in ("auto", "none"):
+            raise ValueError(
+                f"robust = {self.robust!r} needs several updates per reduce: "
+                "use kind = 'fedbuff' or 'fedavg' (FedAsync applies one update at a time)"
+            )
+
+    def _check_ranges(self) -> None:
+        """Each number in its range, and the site counts consistent (min_sites, quorum, buffer_size)."""
         if not 0.0 < self.alpha <= 1.0:
             raise ValueError(f"alpha must be in (0, 1], got {self.alpha}")
         if self.site_interval_s < 0:
@@ -185,46 +233,6 @@ class StrategyConfig:
             raise ValueError("trim must be in [0, 0.5)")
         if self.norm_bound is not None and self.norm_bound < 0:
             raise ValueError("norm_bound must be >= 0 (0 = off; leave it out to derive it from [dp])")
-        if self.sample_cap < 0:
-            raise ValueError("sample_cap must be >= 0")
-        if self.sample_weighting and self.sample_cap <= 0:
-            raise ValueError(
-                "sample_weighting = true needs sample_cap > 0: the aggregator, not the site's claim, "
-                "bounds a weight (set it to a plant's typical rows per update)"
-            )
-        if self.secure_aggregation:
-            if self.robust != "none":
-                raise ValueError(
-                    f"robust = {self.robust!r} cannot run with secure_aggregation = true: masking hides "
-                    "each update, so no coordinate-wise statistic can be computed (the cohort-sum norm "
-                    "bound and client-side clipping are what remain); set robust = 'none'"
-                )
-            if self.kind != "fedbuff":
-                raise ValueError(
-                    f"secure_aggregation = true needs kind = 'fedbuff' (a buffer becomes a cohort); "
-                    f"{self.kind!r} cannot be secure"
-                    + (": FedAsync applies one update per version" if self.kind == "fedasync" else "")
-                )
-            if self.norm_bound == 0:
-                raise ValueError(
-                    "secure_aggregation = true needs a per-site norm bound (norm_bound > 0, or left out "
-                    "to derive it from [dp]): it sizes the fixed-point range and bounds the cohort sum"
-                )
-            if self.sample_weighting:
-                raise ValueError(
-                    "sample_weighting = true cannot run with secure_aggregation = true: a cohort's "
-                    "members are weighed 1/K (their sample counts are claims the masked sum cannot check)"
-                )
-            if self.min_sites < 3:
-                raise ValueError(
-                    f"secure_aggregation = true needs min_sites >= 3 (a cohort of 2 reveals each "
-                    f"member's update to the other), got {self.min_sites}"
-                )
-        if self.kind == "fedasync" and self.robust != "none":
-            raise ValueError(
-                f"robust = {self.robust!r} needs several updates per reduce: "
-                "use kind = 'fedbuff' or 'fedavg' (FedAsync applies one update at a time)"
-            )
 
     @property
     def needed_sites(self) -> int:
@@ -312,6 +320,9 @@ class IntakeConfig:
 
     workers: int = 0
     keys_dir: str = "keys"
+    # a worker opens updates with this file (``fedline keys opening-key``: the aggregator's X25519 secret
+    # without its signing key) rather than [aggregator] key_file; "" reads the key pair (and warns)
+    opening_key_file: str = ""
 
     def validate(self) -> None:
         if not 0 <= self.workers <= 64:
@@ -357,7 +368,11 @@ def _resolve(cfg: AggregatorConfig, file: str | Path | None) -> AggregatorConfig
         enrollment_file=str(resolve_path(file, a.enrollment_file)),
         state_dir=str(resolve_path(file, a.state_dir)),
     )
-    intake = dataclasses.replace(cfg.intake, keys_dir=str(resolve_path(file, cfg.intake.keys_dir)))
+    intake = dataclasses.replace(
+        cfg.intake,
+        keys_dir=str(resolve_path(file, cfg.intake.keys_dir)),
+        opening_key_file=str(resolve_path(file, cfg.intake.opening_key_file)) if cfg.intake.opening_key_file else "",
+    )
     return dataclasses.replace(cfg, aggregator=a, intake=intake, file=str(file) if file is not None else None)
 
 

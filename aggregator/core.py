@@ -129,11 +129,36 @@ class AggregatorCore:
             derived=cfg.strategy.norm_bound is None,
             min_sites=cfg.strategy.min_sites,
             buffer_size=self.strategy.buffer_size,
+            reduce=self.strategy.reduce_stat,  # robust = "auto": the median where it can run
         )
+        self.metrics.reduce.labels(self.strategy.reduce_stat).set(1)
 
     # -- state ------------------------------------------------------------------
     def _load_or_seed(self) -> None:
+        """The model, momentum and buffer from the state dir; a new state dir is seeded with version 0."""
         spec_json = json.dumps(self.spec.to_dict(), sort_keys=True)
+        self._check_state_dir(spec_json)
+        ckpt = self.store.latest_checkpoint()
+        if ckpt is None:
+            self._seed(spec_json)
+        else:
+            assert ckpt.weights is not None
+            self.version = ckpt.version
+            self.model = _copy_state(envelope.decode_tensors(ckpt.weights))
+            self.momentum = _copy_state(envelope.decode_tensors(ckpt.momentum)) if ckpt.momentum else None
+        self.snapshot = (self.version, self.model)
+        self.reference = {k: tuple(v.shape) for k, v in self.model.items()}
+        self._top: dict[str, int | None] = {}
+        self.buffer: list[Accepted] = self._read_buffer()
+        self.buffer_since: float | None = None  # monotonic time the current buffer got its first update
+        if self.buffer:  # restarted: the timeout counts from now, the wait before the crash is unknown
+            self.buffer_since = time.monotonic()
+        self.metrics.version.set(self.version)
+        self.metrics.buffer_fill.set(len(self.buffer))
+        event(log, "aggregator.resumed", version=self.version, buffered=len(self.buffer), strategy=self.strategy.name)
+
+    def _check_state_dir(self, spec_json: str) -> None:
+        """Refuse a state dir made for another model or seed: the edges built version 0 from the first."""
         saved = self.store.get_meta("spec")
         if saved is not None and saved != spec_json:
             raise StateError(
@@ -146,35 +171,30 @@ class AggregatorCore:
                 f"state dir {self.cfg.aggregator.state_dir} was seeded with seed {saved_seed}, "
                 f"the config says {self.cfg.aggregator.seed}; edges built version 0 from the first"
             )
-        ckpt = self.store.latest_checkpoint()
-        if ckpt is None:
-            from models import build_model, shared_state
 
-            model = build_model(self.spec, seed=self.cfg.aggregator.seed)
-            self._torch_model = model
-            state = shared_state(model, self.spec)
-            self.store.set_meta("spec", spec_json)
-            self.store.set_meta("seed", str(self.cfg.aggregator.seed))
-            self.store.commit_version(
-                0,
-                envelope.encode_tensors(state),
-                None,
-                {"seed": self.cfg.aggregator.seed, "strategy": self.strategy.name, "updates": []},
-                [],
-                self.cfg.aggregator.keep_checkpoints,
-            )
-            self.version, self.model, self.momentum = 0, state, None
-            event(log, "aggregator.seeded", version=0, seed=self.cfg.aggregator.seed)
-        else:
-            assert ckpt.weights is not None
-            self.version = ckpt.version
-            self.model = _copy_state(envelope.decode_tensors(ckpt.weights))
-            self.momentum = _copy_state(envelope.decode_tensors(ckpt.momentum)) if ckpt.momentum else None
-        self.snapshot = (self.version, self.model)
-        self.reference = {k: tuple(v.shape) for k, v in self.model.items()}
-        self._top: dict[str, int | None] = {}
-        self.buffer: list[Accepted] = []
-        self.buffer_since: float | None = None  # monotonic time the current buffer got its first update
+    def _seed(self, spec_json: str) -> None:
+        """Version 0, built from the seed exactly as every edge builds it, committed with the spec and seed."""
+        from models import build_model, shared_state
+
+        model = build_model(self.spec, seed=self.cfg.aggregator.seed)
+        self._torch_model = model
+        state = shared_state(model, self.spec)
+        self.store.set_meta("spec", spec_json)
+        self.store.set_meta("seed", str(self.cfg.aggregator.seed))
+        self.store.commit_version(
+            0,
+            envelope.encode_tensors(state),
+            None,
+            {"seed": self.cfg.aggregator.seed, "strategy": self.strategy.name, "updates": []},
+            [],
+            self.cfg.aggregator.keep_checkpoints,
+        )
+        self.version, self.model, self.momentum = 0, state, None
+        event(log, "aggregator.seeded", version=0, seed=self.cfg.aggregator.seed)
+
+    def _read_buffer(self) -> list[Accepted]:
+        """The buffered updates of before a restart, opened again (one no longer readable is logged and left)."""
+        buffer: list[Accepted] = []
         for row, sealed in self.store.buffered():
             try:
                 _header, tensors = self.reopen(sealed)
@@ -188,7 +208,7 @@ class AggregatorCore:
                     error=str(exc),
                 )
                 continue
-            self.buffer.append(
+            buffer.append(
                 Accepted(
                     row.site,
                     row.counter,
@@ -201,11 +221,7 @@ class AggregatorCore:
                     _copy_state(tensors),
                 )
             )
-        if self.buffer:  # restarted: the timeout counts from now, the wait before the crash is unknown
-            self.buffer_since = time.monotonic()
-        self.metrics.version.set(self.version)
-        self.metrics.buffer_fill.set(len(self.buffer))
-        event(log, "aggregator.resumed", version=self.version, buffered=len(self.buffer), strategy=self.strategy.name)
+        return buffer
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
@@ -246,11 +262,49 @@ class AggregatorCore:
 
     # -- stage 2: decide (serial) ---------------------------------------------------------
     def decide(self, op: Opened) -> Decision:
+        """This update's verdict, in order: duplicate, replay, refused content, staleness; then buffer or reduce."""
         h = op.header
         if h is None:  # refused before we knew site and counter: answer on the topic's site
             return self._refuse(
                 op.topic_site or "?", -1, op.msg_id or "?", op.reason or "schema", op.detail, store=False
             )
+        seen = self._seen_before(h)
+        if seen is not None:
+            return seen
+        self.history.note(h)  # a release the site paid privacy for, noted before its verdict (aggregator.recovery)
+        if op.reason is not None:
+            return self._refuse(h.site, h.counter, h.msg_id, op.reason, op.detail)
+        s = self.version - h.base_version
+        if s < 0:
+            return self._refuse(
+                h.site,
+                h.counter,
+                h.msg_id,
+                "base_version",
+                f"base version {h.base_version} is newer than the current {self.version}",
+            )
+        self.metrics.staleness.observe(s)
+        if s > self.cfg.strategy.max_staleness:
+            return self._too_stale(h, s)
+        acc = self._accepted(op, h, s)
+        if self.strategy.needs_base:
+            acc.base = self._base_model(h.base_version)
+            if acc.base is None:
+                return self._stale(
+                    h,
+                    s,
+                    "base_unavailable",
+                    f"version {h.base_version}'s checkpoint is no longer "
+                    f"kept (keep_checkpoints {self.cfg.aggregator.keep_checkpoints})",
+                )
+        # one update per site per buffer (issue 14): a newer update from a site takes its older one's place
+        old = next((u for u in self.buffer if u.site == h.site), None)
+        if len(self.buffer) + (0 if old is not None else 1) < self.strategy.buffer_size:
+            return self._buffer(op, acc, old)
+        return self._reduce([*self.buffer, acc])
+
+    def _seen_before(self, h: UpdateHeader) -> Decision | None:
+        """A duplicate gets its first receipt again; a counter below the site's highest and unknown is a replay."""
         top = self._top_counter(h.site)
         prev = self.store.verdict(h.site, h.counter) if top is not None and h.counter <= top else None
         if prev is not None:
@@ -266,39 +320,31 @@ class AggregatorCore:
                 f"counter {h.counter} is below {top}, already decided, and unknown",
                 store=False,
             )
-        self.history.note(h)  # a release the site paid privacy for, noted before its verdict (aggregator.recovery)
-        if op.reason is not None:
-            return self._refuse(h.site, h.counter, h.msg_id, op.reason, op.detail)
-        s = self.version - h.base_version
-        if s < 0:
-            return self._refuse(
-                h.site,
-                h.counter,
-                h.msg_id,
-                "base_version",
-                f"base version {h.base_version} is newer than the current {self.version}",
-            )
-        if s > self.cfg.strategy.max_staleness:
-            self.metrics.staleness.observe(s)
-            v = Verdict(
-                h.site,
-                h.counter,
-                h.msg_id,
-                "stale",
-                "too_stale",
-                f"staleness {s} > max_staleness {self.cfg.strategy.max_staleness}",
-                self.version,
-                s,
-                0.0,
-            )
-            self.store.record(v)
-            self._decided(h.site, h.counter)
-            self.metrics.decided("stale")
-            event(log, "update.stale", site=h.site, counter=h.counter, staleness=s)
-            return Decision(v.receipt())
-        self.metrics.staleness.observe(s)
+        return None
+
+    def _too_stale(self, h: UpdateHeader, s: int) -> Decision:
+        """Trained on a version more than ``max_staleness`` behind: stale, never buffered."""
+        v = Verdict(
+            h.site,
+            h.counter,
+            h.msg_id,
+            "stale",
+            "too_stale",
+            f"staleness {s} > max_staleness {self.cfg.strategy.max_staleness}",
+            self.version,
+            s,
+            0.0,
+        )
+        self.store.record(v)
+        self._decided(h.site, h.counter)
+        self.metrics.decided("stale")
+        event(log, "update.stale", site=h.site, counter=h.counter, staleness=s)
+        return Decision(v.receipt())
+
+    def _accepted(self, op: Opened, h: UpdateHeader, s: int) -> Accepted:
+        """The update as the strategy weighs it: its staleness factor, weight and this site's rate."""
         assert op.tensors is not None
-        acc = Accepted(
+        return Accepted(
             h.site,
             h.counter,
             h.msg_id,
@@ -311,18 +357,11 @@ class AggregatorCore:
             op.norm,
             rate=self.site_rate.scale(h.site),
         )
-        if self.strategy.needs_base:
-            acc.base = self._base_model(h.base_version)
-            if acc.base is None:
-                return self._stale(
-                    h,
-                    s,
-                    "base_unavailable",
-                    f"version {h.base_version}'s checkpoint is no longer "
-                    f"kept (keep_checkpoints {self.cfg.aggregator.keep_checkpoints})",
-                )
-        # one update per site per buffer (issue 14): a newer update from a site takes its older one's place
-        old = next((u for u in self.buffer if u.site == h.site), None)
+
+    def _buffer(self, op: Opened, acc: Accepted, old: Accepted | None) -> Decision:
+        """Keep the update for the next reduce (durably, before its receipt), in place of its site's older one."""
+        h, s = op.header, acc.staleness
+        assert h is not None
         superseded = None
         if old is not None:
             superseded = Verdict(
@@ -336,42 +375,39 @@ class AggregatorCore:
                 old.staleness,
                 0.0,
             )
-        fill = len(self.buffer) + (0 if old is not None else 1)
-        if fill < self.strategy.buffer_size:
-            reason = "late" if self.strategy.name == "fedavg" and s > 0 else None
-            detail = f"trained on version {h.base_version}: joins round {self.version + 1}" if reason else None
-            v = Verdict(h.site, h.counter, h.msg_id, "buffered", reason, detail, self.version, s, acc.weight)
-            self.store.add_buffered(
-                BufferedRow(0, h.site, h.counter, h.msg_id, h.base_version, h.n_samples, s, acc.factor, acc.weight, ""),
-                v,
-                op.sealed,
-                self.version,
-                replaces=superseded,
-            )
-            self._decided(h.site, h.counter)
-            if not self.buffer:
-                self.buffer_since = time.monotonic()
-            receipts: list[dict[str, Any]] = []
-            if old is not None:
-                self.buffer.remove(old)
-                self.metrics.decided("stale")
-                receipts.append(superseded.receipt())  # type: ignore[union-attr]
-                event(log, "update.superseded", site=h.site, counter=old.counter, by=h.counter)
-            self.buffer.append(acc)
-            self.metrics.buffer_fill.set(len(self.buffer))
-            self.metrics.decided("buffered")
-            event(
-                log,
-                "update.buffered",
-                site=h.site,
-                counter=h.counter,
-                staleness=s,
-                weight=acc.weight,
-                fill=len(self.buffer),
-                of=self.strategy.buffer_size,
-            )
-            return Decision(v.receipt(), receipts)
-        return self._reduce([*self.buffer, acc])
+        reason = "late" if self.strategy.name == "fedavg" and s > 0 else None
+        detail = f"trained on version {h.base_version}: joins round {self.version + 1}" if reason else None
+        v = Verdict(h.site, h.counter, h.msg_id, "buffered", reason, detail, self.version, s, acc.weight)
+        self.store.add_buffered(
+            BufferedRow(0, h.site, h.counter, h.msg_id, h.base_version, h.n_samples, s, acc.factor, acc.weight, ""),
+            v,
+            op.sealed,
+            self.version,
+            replaces=superseded,
+        )
+        self._decided(h.site, h.counter)
+        if not self.buffer:
+            self.buffer_since = time.monotonic()
+        receipts: list[dict[str, Any]] = []
+        if old is not None and superseded is not None:
+            self.buffer.remove(old)
+            self.metrics.decided("stale")
+            receipts.append(superseded.receipt())
+            event(log, "update.superseded", site=h.site, counter=old.counter, by=h.counter)
+        self.buffer.append(acc)
+        self.metrics.buffer_fill.set(len(self.buffer))
+        self.metrics.decided("buffered")
+        event(
+            log,
+            "update.buffered",
+            site=h.site,
+            counter=h.counter,
+            staleness=s,
+            weight=acc.weight,
+            fill=len(self.buffer),
+            of=self.strategy.buffer_size,
+        )
+        return Decision(v.receipt(), receipts)
 
     def _stale(self, h: UpdateHeader, s: int, reason: str, detail: str) -> Decision:
         v = Verdict(h.site, h.counter, h.msg_id, "stale", reason, detail, self.version, s, 0.0)
@@ -414,6 +450,7 @@ class AggregatorCore:
         result = self.strategy.reduce(self.model, updates, self.momentum)
         lineage = {
             "strategy": self.strategy.name,
+            "reduce": self.strategy.reduce_stat,
             "parent": self.version,
             "updates": [dict(u.lineage(), clip_scale=c) for u, c in zip(updates, result.clip_scales)],
         }
@@ -467,6 +504,18 @@ class AggregatorCore:
             self.metrics.decided("applied", arrival=last_arrived and i == len(applied) - 1)
         event(log, "model.version", version=new_version, updates=len(applied), sites=sorted({v.site for v in applied}))
         return [v.receipt() for v in applied]
+
+    def heard(self, header: Any) -> None:
+        """An update's verified header, on either path (plain decide or a secure-aggregation submission).
+
+        A hook for what a subclass keeps per site from headers (the plant: each line's reported ε); the
+        central aggregator keeps nothing more than the verdicts.
+        """
+
+    @property
+    def served_version(self) -> int:
+        """The version sites are served and train on: a secure-aggregation cohort's base (a plant serves central)."""
+        return self.snapshot[0]
 
     def served(self, version: int, model: State, lineage: dict[str, Any]) -> tuple[int, State]:
         """What the publisher publishes after a commit: the new version (a plant serves central ones only)."""

@@ -171,6 +171,7 @@ class CohortCoordinator:
         """Form a cohort if one can be formed; close cohorts past their deadline; fail stuck ones."""
         now = self.clock()
         out, self._recovered = self._recovered, []
+        out += self._supersede()
         out += self._form(now)
         for c in list(self.cohorts.values()):
             if c.closed_at is None:
@@ -186,6 +187,23 @@ class CohortCoordinator:
                 )
         return out
 
+    def _supersede(self) -> list[Outgoing]:
+        """End open cohorts nobody has masked into yet whose base is no longer the served version.
+
+        Their members follow the served model, so once a newer one is served (a plant adopts a central
+        version between its cohorts; concurrent cohorts, one of which finished) none of them can train for
+        the old base: ending the cohort now frees them for one on the new base, rather than at the deadline.
+        Nothing was submitted, so there is nothing to refuse or unmask.
+        """
+        served, out = self.core.served_version, []
+        for c in list(self.cohorts.values()):
+            if c.closed_at is None and not c.held and c.ann.base_version < served:
+                event(
+                    log, "secagg.cohort_superseded", cohort=c.ann.cohort, base_version=c.ann.base_version, served=served
+                )
+                out += self._end(c)
+        return out
+
     def _form(self, now: float) -> list[Outgoing]:
         busy = self._busy()
         free = sorted(s for s in self.online if s not in busy)
@@ -199,7 +217,7 @@ class CohortCoordinator:
         ann = m.CohortAnnouncement(
             self.core.cfg.aggregator.federation,
             secrets.token_hex(16),
-            self.core.version,
+            self.core.served_version,  # what the members hold (a plant serves central versions, not its reduces)
             members,
             len(members) // 2 + 1,
             self.core.cfg.strategy.min_sites,
@@ -273,6 +291,7 @@ class CohortCoordinator:
         except SecAggError as exc:
             self._count_refusal(exc.reason)
             return self._receipt(core._refuse(h.site, h.counter, h.msg_id, f"secagg_{exc.reason}", exc.detail).receipt)
+        core.heard(h)
         c.held[h.site] = (h.counter, h.msg_id, h.n_samples)
         v = Verdict(h.site, h.counter, h.msg_id, "buffered", None, None, core.version, 0, 1.0)
         core.store.record(v)
@@ -361,6 +380,7 @@ class CohortCoordinator:
         return out + self._end(c)
 
     def _finish(self, c: _Cohort) -> list[Outgoing]:
+        """Unmask the cohort's sum, check its norm and staleness, and commit the new version (or fail the cohort)."""
         core, u = self.core, c.unmasker
         s = u.survivors
         assert s is not None
@@ -379,7 +399,36 @@ class CohortCoordinator:
         factor = core.strategy.factor(staleness)
         step = unflatten(total * (core.cfg.strategy.server_lr * factor / k), core.reference)
         model = {name: (core.model[name] + step[name]).astype(np.float32) for name in core.model}
-        lineage = {
+        lineage = self._lineage(c, staleness, factor, norm)
+        applied = [
+            Verdict(site, c.held[site][0], c.held[site][1], "applied", None, None, core.version + 1, staleness, 1.0)
+            for site in s.survivors
+        ]
+        receipts = core.commit(model, core.momentum, lineage, applied)
+        silent = [x for x in s.survivors if x not in u.answered]
+        self.stats["cohorts"] += 1
+        self.stats["dropouts_recovered"] += len(s.dropped) + len(silent)
+        low = self.stats["min_cohort_sites"]
+        self.stats["min_cohort_sites"] = k if low is None else min(low, k)
+        event(
+            log,
+            "secagg.cohort_applied",
+            cohort=c.ann.cohort,
+            version=core.version,
+            survivors=k,
+            dropped=list(s.dropped),
+            silent=silent,
+            staleness=staleness,
+            sum_norm=round(norm, 6),
+        )
+        return [o for r in receipts for o in self._receipt(r)] + self._end(c)
+
+    def _lineage(self, c: _Cohort, staleness: int, factor: float, norm: float) -> dict[str, Any]:
+        """The new version's lineage: the cohort, who dropped out or stayed silent, and each survivor's update."""
+        core, u = self.core, c.unmasker
+        s = u.survivors
+        assert s is not None
+        return {
             "strategy": "fedbuff-secagg",
             "parent": core.version,
             "cohort": c.ann.cohort,
@@ -403,25 +452,3 @@ class CohortCoordinator:
                 for site in s.survivors
             ],
         }
-        applied = [
-            Verdict(site, c.held[site][0], c.held[site][1], "applied", None, None, core.version + 1, staleness, 1.0)
-            for site in s.survivors
-        ]
-        receipts = core.commit(model, core.momentum, lineage, applied)
-        silent = [x for x in s.survivors if x not in u.answered]
-        self.stats["cohorts"] += 1
-        self.stats["dropouts_recovered"] += len(s.dropped) + len(silent)
-        low = self.stats["min_cohort_sites"]
-        self.stats["min_cohort_sites"] = k if low is None else min(low, k)
-        event(
-            log,
-            "secagg.cohort_applied",
-            cohort=c.ann.cohort,
-            version=core.version,
-            survivors=k,
-            dropped=list(s.dropped),
-            silent=silent,
-            staleness=staleness,
-            sum_norm=round(norm, 6),
-        )
-        return [o for r in receipts for o in self._receipt(r)] + self._end(c)

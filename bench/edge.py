@@ -230,7 +230,7 @@ def trigger_to_outbox(repeats: int) -> dict[str, Any]:
     async def run() -> list[dict[str, Any]]:
         with tempfile.TemporaryDirectory() as d:
             agent = EdgeAgent(load_edge_config(_site(Path(d), "mqtt://127.0.0.1:9", None, every_rows=10**9)))
-            await agent._ingest()
+            await agent.ingest.run()
             out = []
             await agent.train_once()  # warm-up: first use of Opacus and torch kernels
             for _ in range(repeats):

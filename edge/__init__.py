@@ -2,7 +2,8 @@
 
 Importing ``edge`` loads nothing heavy: the line inference lives under this
 package and must not pull torch in. The agent is in :mod:`edge.agent`
-(``EdgeAgent``, ``run_agent``), its configuration in :mod:`edge.config`, the
+(``EdgeAgent``, ``run_agent``: the wiring of its tasks, one a module, listed
+there), its configuration in :mod:`edge.config`, the
 local dataset in :mod:`edge.dataset`, DP-SGD rounds in :mod:`edge.trainer`,
 the privacy budget in :mod:`edge.privacy`, store-and-forward in
 :mod:`edge.outbox`, models on disk in :mod:`edge.model_store`.

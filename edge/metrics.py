@@ -6,7 +6,7 @@ default registry would refuse the second set of metric names.
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 from fedline.metrics import MetricsConfig, MetricsServer, new_registry
 
@@ -17,6 +17,15 @@ class EdgeMetrics:
     def __init__(self, site: str) -> None:
         self.registry = r = new_registry()
         self.site = site
+        self._privacy(r)
+        self._stores(r)
+        self._rounds(r)
+        self._models_and_messages(r)
+        self._data(r)
+        self._server = MetricsServer(r)
+
+    def _privacy(self, r: CollectorRegistry) -> None:
+        """The privacy figures (the same as the status's privacy block)."""
         self.model_version = Gauge(
             "fedline_edge_model_version", "Global model version the site trains from", registry=r
         )
@@ -43,12 +52,18 @@ class EdgeMetrics:
         self.budget_exhausted = Gauge(
             "fedline_edge_budget_exhausted", "1 when the next release would exceed the budget", registry=r
         )
+
+    def _stores(self, r: CollectorRegistry) -> None:
+        """What the outbox and the dataset hold, and the broker link."""
         self.outbox_depth = Gauge("fedline_edge_outbox_depth", "Sealed updates waiting for a receipt", registry=r)
         self.outbox_bytes = Gauge(
             "fedline_edge_outbox_bytes", "Bytes of sealed updates waiting for a receipt", registry=r
         )
         self.rows = Gauge("fedline_edge_rows_stored", "Training examples in the local store", registry=r)
         self.connected = Gauge("fedline_edge_connected", "1 while connected to the broker", registry=r)
+
+    def _rounds(self, r: CollectorRegistry) -> None:
+        """Local rounds and the updates they sealed, published, settled or dropped."""
         self.rounds = Counter("fedline_edge_rounds", "Local training rounds finished", registry=r)
         self.rounds_skipped = Counter(
             "fedline_edge_rounds_skipped", "Triggers that did not train", ["reason"], registry=r
@@ -60,6 +75,9 @@ class EdgeMetrics:
         )
         self.receipts = Counter("fedline_edge_receipts", "Signed receipts by verdict", ["verdict"], registry=r)
         self.dropped = Counter("fedline_edge_outbox_dropped", "Updates dropped because the outbox was full", registry=r)
+
+    def _models_and_messages(self, r: CollectorRegistry) -> None:
+        """Global models taken or refused, and messages dropped as malformed."""
         self.models_loaded = Counter("fedline_edge_models_loaded", "Global models verified and loaded", registry=r)
         self.models_refused = Counter("fedline_edge_models_refused", "Global models refused", registry=r)
         self.models_refused_step = Counter(
@@ -70,6 +88,9 @@ class EdgeMetrics:
         self.malformed = Counter(
             "fedline_edge_malformed_messages", "Messages counted and dropped", ["kind"], registry=r
         )
+
+    def _data(self, r: CollectorRegistry) -> None:
+        """Samples read and rows stored (or lost)."""
         self.samples = Counter("fedline_edge_samples", "Samples read from the sources", registry=r)
         self.examples = Counter("fedline_edge_examples", "Training examples stored", registry=r)
         self.examples_historical = Counter(
@@ -80,7 +101,6 @@ class EdgeMetrics:
         self.rows_lost = Counter(
             "fedline_edge_examples_lost", "Examples not stored (write failed, e.g. disk full)", registry=r
         )
-        self._server = MetricsServer(r)
 
     def serve(self, cfg: MetricsConfig, file: str | None = None) -> int | None:
         """Start the /metrics HTTP endpoint as ``[metrics]`` says; returns the bound port (None: not served)."""

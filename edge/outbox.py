@@ -188,7 +188,6 @@ class Outbox:
         size = len(blob)
         if size > self.max_bytes:
             raise OutboxFull(f"one update of {size} bytes is larger than the outbox bound {self.max_bytes}")
-        dropped: list[LedgerEntry] = []
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -196,23 +195,7 @@ class Outbox:
                 last_counter = int(last[0]) if last else 0
                 if counter != last_counter + 1:
                     raise ValueError(f"counter {counter} does not follow the last sealed counter {last_counter}")
-                while True:
-                    n, b = self._db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM outbox").fetchone()
-                    if n + 1 <= self.max_count and b + size <= self.max_bytes:
-                        break
-                    if self.policy == "stop_training":
-                        raise OutboxFull(
-                            f"outbox holds {n} updates / {b} bytes (bounds {self.max_count} / {self.max_bytes})"
-                        )
-                    seq, old_counter = self._db.execute(
-                        "SELECT seq, counter FROM outbox ORDER BY seq LIMIT 1"
-                    ).fetchone()
-                    self._db.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
-                    self._db.execute(
-                        "UPDATE ledger SET state = 'dropped', reason = 'outbox full', settled_at = ? WHERE counter = ?",
-                        (now, old_counter),
-                    )
-                    dropped.append(self._ledger_row(old_counter))
+                dropped = self._make_room(size, now)
                 self._db.execute(
                     "INSERT INTO outbox (counter, msg_id, blob, size, created_at) VALUES (?, ?, ?, ?, ?)",
                     (counter, msg_id, blob, size, now),
@@ -231,6 +214,27 @@ class Outbox:
                     self._db.execute("ROLLBACK")
                 raise
         return dropped
+
+    def _make_room(self, size: int, now: float) -> list[LedgerEntry]:
+        """Inside ``put``'s transaction: room for ``size`` more bytes and one more row, by the policy.
+
+        ``drop_oldest`` drops the oldest rows (marked ``dropped`` in the ledger, returned: their privacy cost
+        was paid); ``stop_training`` raises :class:`OutboxFull` and the transaction rolls back.
+        """
+        dropped: list[LedgerEntry] = []
+        while True:
+            n, b = self._db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM outbox").fetchone()
+            if n + 1 <= self.max_count and b + size <= self.max_bytes:
+                return dropped
+            if self.policy == "stop_training":
+                raise OutboxFull(f"outbox holds {n} updates / {b} bytes (bounds {self.max_count} / {self.max_bytes})")
+            seq, old_counter = self._db.execute("SELECT seq, counter FROM outbox ORDER BY seq LIMIT 1").fetchone()
+            self._db.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
+            self._db.execute(
+                "UPDATE ledger SET state = 'dropped', reason = 'outbox full', settled_at = ? WHERE counter = ?",
+                (now, old_counter),
+            )
+            dropped.append(self._ledger_row(old_counter))
 
     def rows(self) -> list[OutboxRow]:
         """Every row waiting for its receipt, oldest first."""

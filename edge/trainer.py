@@ -29,7 +29,9 @@ import math
 import secrets
 import time
 import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -109,6 +111,82 @@ def evaluate(
     return loss, acc
 
 
+class _NoiseCount:
+    """Opacus's step hook: counts the optimizer steps that added Gaussian noise (checked against the plan)."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def __call__(self, _optimizer: Any) -> None:
+        self.steps += 1
+
+
+Batches = Callable[[], Iterable[torch.Tensor]]  # one epoch's row indices, batch by batch
+
+
+def _make_private(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, dp: PrivacyConfig, plan: Plan, n: int
+) -> tuple[torch.nn.Module, Any, Batches, _NoiseCount]:
+    """DP-SGD through Opacus: per-sample gradients, clipping, noise from a private generator, Poisson batches."""
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    trained = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+    private = DPOptimizer(
+        optimizer,
+        noise_multiplier=dp.noise_multiplier,
+        max_grad_norm=dp.max_grad_norm,
+        expected_batch_size=max(1, int(n * plan.sample_rate)),
+        loss_reduction="mean",
+        generator=private_generator(),
+        secure_mode=dp.secure_rng,
+    )
+    count = _NoiseCount()
+    private.attach_step_hook(count)
+    sampler = poisson_batches(n, plan, private_generator())
+    return trained, private, lambda: (torch.as_tensor(idx, dtype=torch.long) for idx in sampler), count
+
+
+def _shuffled_batches(n: int, plan: Plan) -> Batches:
+    """Without DP: each epoch a fresh shuffle (CSPRNG-seeded) cut into batches of the planned size."""
+    order = torch.Generator().manual_seed(secrets.randbits(63))
+    return lambda: torch.randperm(n, generator=order).split(plan.batch_size)
+
+
+def _run_epochs(
+    trained: torch.nn.Module,
+    optimizer: Any,
+    batches: Batches,
+    spec: ModelSpec,
+    data: tuple[torch.Tensor, torch.Tensor | None],
+    epochs: int,
+) -> list[float]:
+    """The optimizer steps of every epoch; each non-empty batch's mean loss."""
+    xt, yt = data
+    trained.train()
+    losses: list[float] = []
+    params = [p for p in trained.parameters() if p.requires_grad]
+    with warnings.catch_warnings():
+        # torch notes that a full backward hook (Opacus's per-sample gradients) fires on a first layer whose
+        # input needs no gradient: expected, the hook reads the layer's own parameters; only that note is dropped
+        warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+        for _ in range(epochs):
+            for idx in batches():
+                optimizer.zero_grad(set_to_none=True)
+                if len(idx) == 0:
+                    # an empty Poisson batch: no gradient, but the step still adds its noise (DP-SGD's analysis
+                    # counts every step); Opacus clips and noises an empty per-sample gradient to pure noise
+                    for p in params:
+                        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)  # type: ignore[attr-defined]
+                    optimizer.step()
+                    continue
+                loss = loss_per_sample(trained, spec, xt[idx], None if yt is None else yt[idx]).mean()
+                loss.backward()
+                optimizer.step()
+                losses.append(float(loss.detach()))
+    return losses
+
+
 def train_round(
     spec: ModelSpec,
     base_shared: dict[str, np.ndarray],
@@ -139,53 +217,13 @@ def train_round(
     yt = None if y is None else torch.from_numpy(np.ascontiguousarray(y, np.float32))
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
     trained: torch.nn.Module = model
-    noise_steps = 0
+    count = None
     if dp is not None:
-        from opacus import GradSampleModule
-        from opacus.optimizers import DPOptimizer
-
-        trained = GradSampleModule(model, batch_first=True, loss_reduction="mean")
-        optimizer = DPOptimizer(
-            optimizer,
-            noise_multiplier=dp.noise_multiplier,
-            max_grad_norm=dp.max_grad_norm,
-            expected_batch_size=max(1, int(len(x) * plan.sample_rate)),
-            loss_reduction="mean",
-            generator=private_generator(),
-            secure_mode=dp.secure_rng,
-        )
-
-        def count(_opt: DPOptimizer) -> None:
-            nonlocal noise_steps
-            noise_steps += 1
-
-        optimizer.attach_step_hook(count)
-        sampler = poisson_batches(len(x), plan, private_generator())
-        batches = lambda: (torch.as_tensor(idx, dtype=torch.long) for idx in sampler)
+        trained, optimizer, batches, count = _make_private(model, optimizer, dp, plan, len(x))
     else:
-        order = torch.Generator().manual_seed(secrets.randbits(63))
-        batches = lambda: torch.randperm(len(x), generator=order).split(plan.batch_size)
-    trained.train()
-    losses: list[float] = []
-    params = [p for p in trained.parameters() if p.requires_grad]
-    with warnings.catch_warnings():
-        # torch notes that a full backward hook (Opacus's per-sample gradients) fires on a first layer whose
-        # input needs no gradient: expected, the hook reads the layer's own parameters; only that note is dropped
-        warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
-        for _ in range(cfg.epochs):
-            for idx in batches():
-                optimizer.zero_grad(set_to_none=True)
-                if len(idx) == 0:
-                    # an empty Poisson batch: no gradient, but the step still adds its noise (DP-SGD's analysis
-                    # counts every step); Opacus clips and noises an empty per-sample gradient to pure noise
-                    for p in params:
-                        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)  # type: ignore[attr-defined]
-                    optimizer.step()
-                    continue
-                loss = loss_per_sample(trained, spec, xt[idx], None if yt is None else yt[idx]).mean()
-                loss.backward()
-                optimizer.step()
-                losses.append(float(loss.detach()))
+        batches = _shuffled_batches(len(x), plan)
+    losses = _run_epochs(trained, optimizer, batches, spec, (xt, yt), cfg.epochs)
+    noise_steps = count.steps if count is not None else 0
     if dp is not None and noise_steps != plan.steps:
         raise RuntimeError(f"round ran {noise_steps} noised steps but {plan.steps} are accounted; not released")
     if dp is not None:

@@ -87,10 +87,6 @@ def parse_plant_config(table: dict[str, Any], file: str | Path | None = None) ->
         raise ConfigError(
             file, "upstream.federation", "the central federation and the plant's are the same on the same broker"
         )
-    if plant.strategy.secure_aggregation:
-        raise ConfigError(
-            file, "strategy.secure_aggregation", "not supported at the plant tier yet: the plant must read its deltas"
-        )
     up = dataclasses.replace(
         up,
         key_file=str(resolve_path(file, up.key_file)),

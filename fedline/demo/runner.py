@@ -35,7 +35,6 @@ from fedline.launch import Launcher
 
 log = logging.getLogger("fedline.demo")
 MARKER = ".fedline-demo-run"
-CUT_WAIT_S = 30.0  # the longest a cut lasts beyond cut_s while no version is made without the site
 AI4I_PLANTS = {"L": 2}  # the bundled file's 6,000 L rows as two plants: four sites in all
 
 
@@ -153,155 +152,162 @@ def _say(console: Any, text: str) -> None:
 
 
 async def run_demo(opts: DemoOptions, console: Any = None) -> dict[str, Any]:
-    """Run the demo; returns the report dict (also written to ``opts.report_dir``)."""
-    from broker_bridge.client import BrokerSettings
-    from broker_bridge.keys import Enrollment, KeyPair
-    from broker_bridge.mosquitto import MosquittoProcess, free_port, mosquitto_binary
-    from broker_bridge.observer import Observer
-    from broker_bridge.topics import Topics
-    from fedline.demo.audit import TrafficRecorder
-    from fedline.demo.monitor import site_table
-    from fedline.netproxy import TcpProxy
+    """Run the demo; returns the report dict (also written to ``opts.report_dir``).
+
+    The phases: the data and the keys; the broker (:mod:`fedline.demo.broker`) and one proxy per party;
+    each party's files; the observer; the federation's processes, watched while one site is cut off
+    (:mod:`fedline.demo.watch`); then the yardsticks, the audit and the split study (:func:`_conclude`).
+    """
+    from edge.privacy_stream import demo_stream  # per-record vs global-history ε over months, computed meanwhile
+    from fedline.demo.broker import DemoBroker
 
     t0 = time.time()
-    from edge.privacy_stream import demo_stream  # per-record vs global-history ε over months, computed meanwhile
-
     long_stream = asyncio.ensure_future(
         asyncio.to_thread(demo_stream, opts.tuning.epsilon, opts.tuning.delta, opts.tuning.noise_multiplier)
     )
     data = load_demo_data(**_load_kwargs(opts))
     sites = [s.site for s in data.sites]
-    _say(
-        console,
-        f"[bold]fedline demo[/]: {data.source.name}, task {data.task}, {len(sites)} sites: "
-        + ", ".join(
-            f"{s.site} ({s.rows} rows, {s.positives} positive)"
-            if data.task == "classification"
-            else f"{s.site} ({s.rows} rows)"
-            for s in data.sites
-        ),
-    )
-    intermittent = opts.intermittent or (sites[1] if len(sites) > 1 else sites[0])
-    if intermittent not in sites:
-        from broker_bridge.errors import FedlineError
-
-        raise FedlineError(f"--intermittent {intermittent!r} is not a site; sites are {', '.join(sites)}")
-    run = prepare_run_dir(opts.run_dir)
-    ws = Workspace(run)
+    _say(console, _describe(data))
+    intermittent = _intermittent(opts, sites)
+    ws = Workspace(prepare_run_dir(opts.run_dir))
     make_keys(ws, sites)
     spare = None
     if opts.revoke_spare_after_version is not None:
         from fedline.demo.revocation import SpareRevocation
 
         spare = SpareRevocation(ws, opts.revoke_spare_after_version)
-    enrollment = Enrollment.load(ws.keys / "enrollment.json")
-    topics = Topics(ws.federation)
 
-    # -- the broker -----------------------------------------------------------------
-    mosq = None
-    embedded = None
-    protocol = "5"
-    # writes conf, ACL, passwords and a CA; client ids are bound to usernames, as in production
-    mosq = MosquittoProcess(ws.broker_dir, federation=ws.federation, sites=sites, bind_client_ids=True)
-    if opts.broker:
-        from urllib.parse import urlparse
+    broker = await DemoBroker.start(opts, ws, sites)
+    _say(console, f"broker: {broker.description}")
+    proxies: dict[str, Any] = {}
+    cut_state: dict[str, Any] = {"cut": False, "cut_at": None, "restored_at": None}
+    try:
+        proxies = await _proxies(ws, broker, sites)
+        tunings = site_tuning(data, opts)
+        files = {s.site: write_site(ws, data, s, tunings[s.site], opts.csv is None) for s in data.sites}
+        agg_toml = write_aggregator(ws, data, opts.tuning, {s: t.batch_size for s, t in tunings.items()})
+        if broker.protocol != "5":
+            _set_protocol(ws, sites, broker.protocol)
+        monitor, recorder = await _observe(ws, data, broker)
+        try:
+            await _run_federation(
+                opts, ws, data, files, agg_toml, monitor, proxies, intermittent, cut_state, console, spare
+            )
+        finally:
+            await recorder.stop()
+    finally:
+        for px in proxies.values():
+            await px.stop()
+        await broker.stop()
 
-        u = urlparse(opts.broker)
-        host, port = u.hostname or "127.0.0.1", u.port or 1883
-        broker_desc = (
-            f"an existing broker at {opts.broker} (MQTT {opts.protocol}; its own ACL and users: the "
-            "demo's generated credentials are sent)"
-        )
-        protocol = opts.protocol
-        mosq = None
-    elif mosquitto_binary() and not opts.embedded:
-        mosq.start()
-        host, port = "127.0.0.1", mosq.tls_port
-        ws.ca_file, ws.line_users = mosq.ca_file, True
-        broker_desc = (
-            f"a private Mosquitto ({mosquitto_binary()}) on 127.0.0.1:{port} (TLS) with the generated "
-            f"config, CA, ACL and password file in {ws.broker_dir}"
-        )
-    else:
-        from broker_bridge.embedded import EmbeddedBroker
+    report = await _conclude(
+        opts, data, ws, monitor, recorder, proxies, tunings, intermittent, cut_state, broker, t0, console
+    )
+    report["long_stream"] = await long_stream
+    if spare is not None:
+        report["revocation"] = spare.report()
+    from fedline.demo.report import write_report
 
-        mosq = None
-        port = free_port()
-        host = "127.0.0.1"
-        embedded = await EmbeddedBroker(host, port).start()
-        # amqtt logs its own QoS 1 retries to slow subscribers as tracebacks; delivery is checked end to end
-        logging.getLogger("amqtt").setLevel(logging.CRITICAL)
-        protocol = "3.1.1"
-        broker_desc = (
-            f"the embedded amqtt broker on 127.0.0.1:{port} (MQTT 3.1.1, no ACL: "
-            + ("--embedded was given" if opts.embedded else "mosquitto is not installed")
-            + ")"
-        )
-    _say(console, f"broker: {broker_desc}")
+    paths = write_report(report, opts.report_dir)
+    report["duration_total_s"] = round(time.time() - t0, 1)
+    _say(console, f"report: {paths['md']} ({paths['json'].name}, {paths['png'].name})")
+    return report
 
-    proxies: dict[str, TcpProxy] = {}
+
+def _describe(data: DemoData) -> str:
+    return f"[bold]fedline demo[/]: {data.source.name}, task {data.task}, {len(data.sites)} sites: " + ", ".join(
+        f"{s.site} ({s.rows} rows, {s.positives} positive)"
+        if data.task == "classification"
+        else f"{s.site} ({s.rows} rows)"
+        for s in data.sites
+    )
+
+
+def _intermittent(opts: DemoOptions, sites: list[str]) -> str:
+    """The site the demo cuts off: ``--intermittent``, else the second one listed."""
+    site = opts.intermittent or (sites[1] if len(sites) > 1 else sites[0])
+    if site not in sites:
+        from broker_bridge.errors import FedlineError
+
+        raise FedlineError(f"--intermittent {site!r} is not a site; sites are {', '.join(sites)}")
+    return site
+
+
+async def _proxies(ws: Workspace, broker: Any, sites: list[str]) -> dict[str, Any]:
+    """One TCP proxy per party (counts its bytes; cutting it makes the party intermittent); sets the URLs."""
+    from broker_bridge.mosquitto import free_port
+    from fedline.netproxy import TcpProxy
+
+    proxies: dict[str, Any] = {}
     for name in ["aggregator", *sites]:
-        proxies[name] = await TcpProxy(port, host, name).start()
+        proxies[name] = await TcpProxy(broker.port, broker.host, name).start()
     scheme = "mqtts" if ws.ca_file else "mqtt"  # the proxies pass TLS through untouched
     ws.broker_url = proxies["aggregator"].url.replace("mqtt:", f"{scheme}:", 1)
     ws.site_urls = {s: proxies[s].url.replace("mqtt:", f"{scheme}:", 1) for s in sites}
     ws.plc_ports = {s: free_port() for s in sites}
-    tunings = site_tuning(data, opts)
-    bundled = opts.csv is None
-    files = {s.site: write_site(ws, data, s, tunings[s.site], bundled) for s in data.sites}
-    agg_toml = write_aggregator(ws, data, opts.tuning, {s: t.batch_size for s, t in site_tuning(data, opts).items()})
-    if protocol != "5":
-        _set_protocol(ws, sites, protocol)
+    return proxies
 
-    # -- the observer: progress view and traffic audit --------------------------------
-    scorer = Scorer(data)
+
+async def _observe(ws: Workspace, data: DemoData, broker: Any) -> tuple[Any, Any]:
+    """The observer (progress view, scores) on a recorder of every message (the traffic audit)."""
+    from broker_bridge.client import BrokerSettings
+    from broker_bridge.keys import Enrollment, KeyPair
+    from broker_bridge.observer import Observer
+    from broker_bridge.topics import Topics
+    from fedline.demo.audit import TrafficRecorder
+
+    sites = [s.site for s in data.sites]
+    topics = Topics(ws.federation)
+    enrollment = Enrollment.load(ws.keys / "enrollment.json")
     # receipts are sealed to their site and models to the members: the monitor holds the keys the demo made
-    site_keys = {s: KeyPair.load(ws.keys / f"{s}.key") for s in sites}
     monitor = Observer(
         topics,
         sites,
         only_sites=True,
         aggregator_sign_pub=enrollment.aggregator.sign_pub,
-        site_keys=site_keys,
-        score=scorer,
+        site_keys={s: KeyPair.load(ws.keys / f"{s}.key") for s in sites},
+        score=Scorer(data),
     )
     obs = BrokerSettings(
-        url=f"{scheme}://{host}:{port}",
+        url=f"{'mqtts' if ws.ca_file else 'mqtt'}://{broker.host}:{broker.port}",
         ca_file=ws.ca_file,
         client_id="demo-observer",
         username="observer",
         password_file=str(ws.credentials("observer")),
-        protocol=protocol,  # type: ignore[arg-type]
+        protocol=broker.protocol,
         backoff_min_s=0.1,
         backoff_max_s=1.0,
         timeout_s=10.0,
     )
     recorder = TrafficRecorder(obs, f"{topics.root}/#", on_message=monitor.on_message)
     await recorder.start()
+    return monitor, recorder
+
+
+async def _run_federation(
+    opts: DemoOptions,
+    ws: Workspace,
+    data: DemoData,
+    files: dict[str, dict[str, Any]],
+    agg_toml: Path,
+    monitor: Any,
+    proxies: dict[str, Any],
+    intermittent: str,
+    cut_state: dict[str, Any],
+    console: Any,
+    spare: Any,
+) -> None:
+    """Start the aggregator, each site's PLC, edge and line; watch until done; stop the edges first."""
+    from fedline.demo.monitor import site_table
+    from fedline.demo.watch import CutSchedule, watch
 
     procs = Launcher(ws.logs, json_logs=False)  # the demo's logs are for people to read
-    report: dict[str, Any] = {}
-    cut_state = {"cut": False, "cut_at": None, "restored_at": None}
     try:
         procs.start("aggregator", ["aggregator", "--config", str(agg_toml)], cwd=agg_toml.parent)
         for s in data.sites:
-            d = ws.site_dir(s.site)
-            procs.start(
-                f"plc-{s.site}",
-                [
-                    "plc-sim",
-                    "--csv",
-                    str(files[s.site]["live"]),
-                    "--map",
-                    str(files[s.site]["map"]),
-                    "--port",
-                    str(ws.plc_ports[s.site]),
-                    "--rate",
-                    f"{files[s.site]['rate']:.3f}",
-                    "--once",
-                ],
-                cwd=d,
-            )
+            f = files[s.site]
+            plc = ["plc-sim", "--csv", str(f["live"]), "--map", str(f["map"]), "--port", str(ws.plc_ports[s.site])]
+            procs.start(f"plc-{s.site}", [*plc, "--rate", f"{f['rate']:.3f}", "--once"], cwd=ws.site_dir(s.site))
         await asyncio.sleep(0.5)
         for s in data.sites:
             d = ws.site_dir(s.site)
@@ -312,36 +318,36 @@ async def run_demo(opts: DemoOptions, console: Any = None) -> dict[str, Any]:
             f"started {len(procs.procs)} processes (logs in {ws.logs}); site {intermittent} will lose "
             f"the broker for {opts.cut_s:.0f} s after version {opts.cut_after_version}",
         )
-
-        await _watch(
-            opts,
-            monitor,
-            procs,
-            proxies,
-            intermittent,
-            cut_state,
-            console,
-            site_table,
-            data.metric,
-            on_version=spare.step if spare is not None else None,
+        cut = CutSchedule(opts, proxies, intermittent, cut_state)
+        await watch(
+            opts, monitor, procs, cut, console, site_table, data.metric, spare.step if spare is not None else None
         )
         # stop the edges first: they publish a last 'offline' status with their final figures
+        sites = [s.site for s in data.sites]
         procs.stop_all(10.0, [f"edge-{s}" for s in sites] + [f"infer-{s}" for s in sites])
         await asyncio.sleep(1.0)
         procs.stop_all(10.0)
         await asyncio.sleep(0.3)
     finally:
         procs.stop_all(10.0)
-        await recorder.stop()
-        for p in proxies.values():
-            await p.stop()
-        if mosq is not None:
-            mosq.stop()
-        if embedded is not None:
-            await embedded.stop()
 
+
+async def _conclude(
+    opts: DemoOptions,
+    data: DemoData,
+    ws: Workspace,
+    monitor: Any,
+    recorder: Any,
+    proxies: dict[str, Any],
+    tunings: dict[str, Tuning],
+    intermittent: str,
+    cut_state: dict[str, Any],
+    broker: Any,
+    t0: float,
+    console: Any,
+) -> dict[str, Any]:
+    """The yardsticks (local-only and central baselines, no DP), the traffic audit, and the split study."""
     duration = time.time() - t0
-    # -- the yardsticks and the audit ---------------------------------------------------
     _say(console, "training the local-only and central baselines (no DP) and auditing the traffic ...")
     report = await asyncio.to_thread(
         build_report,
@@ -354,7 +360,7 @@ async def run_demo(opts: DemoOptions, console: Any = None) -> dict[str, Any]:
         tunings,
         intermittent,
         cut_state,
-        broker_desc,
+        broker.description,
         duration,
     )
     if opts.splits > 0:
@@ -379,14 +385,6 @@ async def run_demo(opts: DemoOptions, console: Any = None) -> dict[str, Any]:
                 ),
             ),
         )
-    from fedline.demo.report import write_report
-
-    report["long_stream"] = await long_stream
-    if spare is not None:
-        report["revocation"] = spare.report()
-    paths = write_report(report, opts.report_dir)
-    report["duration_total_s"] = round(time.time() - t0, 1)
-    _say(console, f"report: {paths['md']} ({paths['json'].name}, {paths['png'].name})")
     return report
 
 
@@ -401,102 +399,6 @@ def _set_protocol(ws: Workspace, sites: list[str], protocol: str) -> None:
         doc = tomllib.loads(p.read_text())
         doc["broker"]["protocol"] = protocol
         write_toml(p, doc)
-
-
-async def _watch(
-    opts: DemoOptions,
-    monitor,
-    procs: Launcher,
-    proxies,
-    intermittent: str,
-    cut_state: dict,
-    console: Any,
-    site_table,
-    metric: str,
-    on_version: Any = None,
-) -> None:
-    """Run until the target version is reached and the intermittent site is settled, or the timeout."""
-    from broker_bridge.errors import FedlineError
-
-    view = monitor.view
-    started = time.monotonic()
-    target = opts.tuning.versions
-    live = None
-    if console is not None and opts.progress:
-        from rich.live import Live
-
-        live = Live(
-            site_table(view, metric, intermittent, False), console=console, refresh_per_second=2, transient=False
-        )
-        live.start()
-    try:
-        while True:
-            await asyncio.sleep(0.5)
-            dead = [p for p in procs.dead() if not p.name.startswith("plc-")]
-            if dead:
-                p = dead[0]
-                raise FedlineError(
-                    f"{p.name} exited with {p.popen.returncode}; last lines of {p.log_path}:\n" + _tail(p.log_path)
-                )
-            if on_version is not None:
-                on_version(view.version)
-            now = time.monotonic()
-            if not cut_state["cut"] and cut_state["cut_at"] is None and view.version >= opts.cut_after_version:
-                proxies[intermittent].cut()
-                cut_state.update(
-                    cut=True,
-                    cut_at=round(now - started, 1),
-                    version_at_cut=view.version,
-                    counter_at_cut=view.sites[intermittent].updates_sent,
-                )
-            away = now - started - cut_state["cut_at"] if cut_state["cut"] else 0.0
-            # restore after cut_s once the others made a version without the site (the point of the cut; a busy
-            # machine can make the observer see it late), or after CUT_WAIT_S more at most
-            if (
-                cut_state["cut"]
-                and away >= opts.cut_s
-                and (view.version > cut_state["version_at_cut"] or away >= opts.cut_s + CUT_WAIT_S)
-            ):
-                proxies[intermittent].restore()
-                cut_state.update(cut=False, restored_at=round(now - started, 1), version_at_restore=view.version)
-            if live is not None:
-                live.update(site_table(view, metric, intermittent, cut_state["cut"]))
-            if now - started > opts.timeout_s:
-                log.warning("demo timeout after %.0f s at version %d", now - started, view.version)
-                break
-            settled = cut_state["restored_at"] is not None and _settled(view, intermittent)
-            if settled:  # what the report accounts for: an update sealed after this (sites train on every
-                # new version) stays safely in that site's outbox when the demo stops
-                sv = view.sites[intermittent]
-                cut_state["settled"] = {
-                    "counter": sv.updates_sent,
-                    "verdicts": {c: dict(r) for c, r in sv.verdicts.items() if r.get("msg_id") in sv.update_ids},
-                    "outbox_depth": sv.status.get("outbox_depth"),
-                }
-            if view.version >= target and settled:
-                break
-            spent = [sv.status.get("publishing") == "budget_exhausted" for sv in view.sites.values()]
-            if settled and all(spent) and view.version >= 1:
-                log.warning("every site has spent its privacy budget at version %d: stopping", view.version)
-                break
-    finally:
-        if live is not None:
-            live.stop()
-            console.print()
-
-
-def _settled(view, site: str) -> bool:
-    """The site's outbox is empty and every update it sent has a final verdict."""
-    sv = view.sites[site]
-    sent = sv.updates_sent  # update ids are random: count the ids seen on the wire
-    if sent == 0 or sv.status.get("outbox_depth", 1) != 0:
-        return False
-    final = [
-        r
-        for r in sv.verdicts.values()
-        if r.get("msg_id") in sv.update_ids and r.get("verdict") in ("applied", "stale", "rejected", "buffered")
-    ]
-    return len(final) >= sent
 
 
 def build_report(

@@ -29,7 +29,7 @@ def _agent(tmp_path, **kw) -> tuple[Federation, EdgeAgent]:
 
 
 async def _ingest(agent: EdgeAgent) -> None:
-    await asyncio.wait_for(agent._ingest(), bound(20))
+    await asyncio.wait_for(agent.ingest.run(), bound(20))
 
 
 async def test_budget_stops_publication_at_the_configured_epsilon(tmp_path) -> None:
@@ -66,7 +66,7 @@ async def test_privacy_off_is_explicit_warned_and_personal_head_never_sealed(tmp
     fed, agent = _agent(tmp_path, privacy="off")
     assert agent.dp is None and agent.ledger is None
     with caplog.at_level(logging.WARNING, logger="fedline.edge"):
-        agent._announce()
+        agent.status_publisher.announce()
     assert any(r.getMessage() == "privacy.off" and r.levelno == logging.WARNING for r in caplog.records)
     await _ingest(agent)
     assert await agent.train_once() is not None

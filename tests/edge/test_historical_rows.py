@@ -65,9 +65,9 @@ async def test_the_agent_stores_backfilled_rows_marked(tmp_path) -> None:
     fed = Federation.create(tmp_path, ["site-a"])
     path = write_site(fed, "site-a", write_csv(tmp_path / "rows.csv", 10), "mqtt://127.0.0.1:9", None)
     agent = EdgeAgent(load_edge_config(path))
-    agent.sources = [_Backfill(live=70, late=30)]
+    agent.ingest.sources = [_Backfill(live=70, late=30)]
     try:
-        await asyncio.wait_for(agent._ingest(), 20)
+        await asyncio.wait_for(agent.ingest.run(), 20)
         assert len(agent.dataset) == 100
         assert agent.dataset.historical_count() == 30
         assert agent.metrics.examples_historical._value.get() == 30

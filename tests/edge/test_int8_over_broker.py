@@ -12,7 +12,7 @@ import asyncio
 
 import numpy as np
 
-import edge.agent
+import edge.rounds
 from aggregator.config import load_config
 from aggregator.service import Aggregator
 from edge.agent import EdgeAgent
@@ -31,14 +31,14 @@ clip_to_median = false"""
 
 async def test_an_int8_edge_is_applied_within_one_step_of_the_float_path(mosquitto, tmp_path, monkeypatch) -> None:
     sent: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]] = []
-    encode = edge.agent.quantised.encode
+    encode = edge.rounds.quantised.encode
 
     def recording_encode(tensors, encoding, rng=None):
         out = encode(tensors, encoding, rng)
         sent.append(({k: np.array(v) for k, v in tensors.items()}, out))
         return out
 
-    monkeypatch.setattr(edge.agent.quantised, "encode", recording_encode)
+    monkeypatch.setattr(edge.rounds.quantised, "encode", recording_encode)
     fed = Federation.create(tmp_path, ["site-a"])
     agg_toml = tmp_path / "aggregator.toml"
     write_aggregator(fed, mosquitto, agg_toml, strategy=STRATEGY, extra="[validation]\nmax_norm = 1000.0")

@@ -6,6 +6,8 @@ import asyncio
 import json
 import time
 
+import numpy as np
+
 from broker_bridge.client import Message
 from broker_bridge.envelope import open_update, seal_receipt
 from edge.agent import EdgeAgent
@@ -29,8 +31,8 @@ async def test_outage_costs_one_round_per_base_version(tmp_path) -> None:
     minutes at a round every 10 s, compressed). One update is sealed on base version 0, the other triggers
     are skipped as pending_receipt, so the rows' ε is that of one round. A signed receipt frees the base."""
     fed, agent = _agent(tmp_path, training={"every_rows": 0, "every_s": 0.05, "max_pending_per_base": 1})
-    await asyncio.wait_for(agent._ingest(), bound(20))
-    loop = asyncio.create_task(agent._train_loop())  # the agent's own timer schedule; no broker to send to
+    await asyncio.wait_for(agent.ingest.run(), bound(20))
+    loop = asyncio.create_task(agent.rounds.loop())  # the agent's own timer schedule; no broker to send to
     deadline = time.monotonic() + 60
     while not agent.outbox.ledger() and time.monotonic() < deadline and not loop.done():
         await asyncio.sleep(0.05)  # the first round (imports Opacus on a cold process)
@@ -72,7 +74,7 @@ async def test_status_and_metrics_carry_the_per_record_guarantee(tmp_path) -> No
     """Status: per-record ε, budget, δ, privacy unit (public parameters, no row counts). /metrics: also the
     rows eligible and retired, and the ε one global accountant would report. The sealed header says so too."""
     fed, agent = _agent(tmp_path, privacy={"epsilon": 3.0, "noise_multiplier": 1.5})
-    await asyncio.wait_for(agent._ingest(), bound(20))
+    await asyncio.wait_for(agent.ingest.run(), bound(20))
     while await agent.train_once() is not None:
         pass
     status = agent.status()
@@ -105,4 +107,37 @@ async def test_overlapping_windows_report_the_raw_sample_unit(tmp_path) -> None:
     )
     assert agent.ledger is not None and agent.ledger.group == 2
     assert agent.status()["privacy_unit"].startswith("raw sample (in 2 overlapping windows")
+    agent.close()
+
+
+def _gauges(agent: EdgeAgent) -> dict[str, float]:
+    text = agent.metrics.text().decode()
+    return {ln.split()[0]: float(ln.split()[1]) for ln in text.splitlines() if ln and ln[0] != "#"}
+
+
+async def test_a_stream_keeps_publishing_where_one_global_accountant_would_stop(tmp_path) -> None:
+    """The real agent on a stream: 80 new rows before every round, q and steps planned for a fixed 320 rows
+    (q = 0.1, 10 steps, sigma 1.5). By Opacus's RDP accountant three such rounds cost 2.30 and four 2.59, so
+    with a budget of 2.4 one accountant over the site's whole history passes it at round 4 and the pre-issue-21
+    edge would have stopped for good. Per record, every row retires after its third round, new rows take
+    its place, and the site publishes every round with no row over the budget."""
+    budget = 2.4
+    _fed, agent = _agent(
+        tmp_path,
+        privacy={"epsilon": budget, "noise_multiplier": 1.5},
+        training={"every_rows": 0, "min_rows": 60, "batch_size": 32, "max_pending_per_base": 100, "plan_rows": 320},
+    )
+    await asyncio.wait_for(agent.ingest.run(), bound(20))
+    x_all, y_all = agent.dataset.arrays()
+    rng = np.random.default_rng(0)
+    whole_history = []
+    for rnd in range(1, 7):
+        pick = rng.choice(len(x_all), 80, replace=False)  # the line's next 80 rows
+        agent.dataset.add_many([(x_all[i], y_all[i]) for i in pick])
+        assert await agent.train_once() is not None, f"round {rnd}: {agent.status()}"
+        assert 0 < agent.epsilon <= budget, f"round {rnd}: a row at ε {agent.epsilon}"
+        whole_history.append(_gauges(agent)["fedline_edge_epsilon_global_history"])
+    assert agent.ledger is not None and agent.ledger.releases == 6
+    assert whole_history[2] <= budget < whole_history[3], whole_history  # the global accountant stops at 4
+    assert _gauges(agent)["fedline_edge_rows_retired"] > 0 and agent.status()["publishing"] == "ok"
     agent.close()

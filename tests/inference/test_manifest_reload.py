@@ -85,7 +85,7 @@ async def test_bad_models_are_refused_and_the_old_one_keeps_scoring(
     async with MqttClient(settings_for(mosquitto, "aggregator")) as agg_client:
         agg = Aggregator(agg_client, aggregator_keys, site_keys)
         await agg.publish(1, good)
-        await eventually(lambda: service.current_version() == 1 and len(service._canary) >= 64)
+        await eventually(lambda: service.current_version() == 1 and len(service.scorer.canary) >= 64)
 
         # forged manifest: a well-formed model signed by another key
         forger = KeyPair.generate("aggregator", "aggregator")

@@ -73,10 +73,10 @@ async def test_no_prediction_lost_over_a_20_s_plant_broker_outage(tmp_path: Path
         scored_at_cut = service.stats.predictions
         await asyncio.sleep(20)
         assert service.stats.predictions > scored_at_cut + 100
-        waiting = service._mqtt_out.pending()  # type: ignore[union-attr]
+        waiting = service.scorer.mqtt_out.pending()  # type: ignore[union-attr]
         assert waiting > 100  # they wait on disk
         proxy.restore()
-        await eventually(lambda: service._mqtt_out.pending() == 0, 60)  # type: ignore[union-attr]
+        await eventually(lambda: service.scorer.mqtt_out.pending() == 0, 60)  # type: ignore[union-attr]
         stream.stop()
         await asyncio.wait_for(task, bound(30))
         await eventually(lambda: len(set(got)) >= service.stats.predictions, 30)
@@ -86,5 +86,5 @@ async def test_no_prediction_lost_over_a_20_s_plant_broker_outage(tmp_path: Path
     assert set(got) == set(written) == set(range(len(written)))  # none lost, by sequence number
     first = list(dict.fromkeys(got))  # a QoS 1 resend after the cut may repeat one; the order holds
     assert first == sorted(first)
-    assert service._mqtt_out.dropped == 0 and service.metrics.output_dropped._value.get() == 0  # type: ignore[union-attr]
+    assert service.scorer.mqtt_out.dropped == 0 and service.metrics.output_dropped._value.get() == 0  # type: ignore[union-attr]
     print(f"outage 20 s: {waiting} predictions spooled, {len(written)} scored, {len(got) - len(set(got))} repeats")

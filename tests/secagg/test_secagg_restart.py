@@ -189,15 +189,15 @@ async def test_an_edge_trains_for_a_cohort_announced_after_its_version_and_drops
     try:
         ann = dataclasses.replace(announcement(tuple(sites)), base_version=0)  # the version the site holds
         blob = seal_notice(msgs.sign_cohort(ann, fed.aggregator), 1, KEY)  # as the aggregator publishes it
-        assert agent.new_rows == 0 and not agent._rebased  # no new rows: only a reason to train starts a round
+        assert agent.new_rows == 0 and not agent.state.rebased  # no new rows: only a reason to train starts a round
         # retained messages come in any order: the announcement before the site's key grant waits for it
-        await agent._on_secagg("secagg_cohort", blob, ann.cohort)
-        assert agent.cohorts is not None and agent.cohorts.ready(0) is None and not agent._trigger.is_set()
+        await agent.cohort_link.on_message("secagg_cohort", blob, ann.cohort)
+        assert agent.cohorts is not None and agent.cohorts.ready(0) is None and not agent.state.wake_train.is_set()
         grant = seal_grant(fed.enrollment.federation, agent.keys.public(), 1, KEY, fed.aggregator)
-        await agent._on_grant(grant)
-        assert agent._rebased and agent._trigger.is_set()
+        await agent.on_grant(grant)
+        assert agent.state.rebased and agent.state.wake_train.is_set()
         assert agent.cohorts is not None and agent.cohorts.ready(0) is not None
-        await agent._on_secagg("secagg_cohort", b"", ann.cohort)  # the aggregator cleared it (it ended)
+        await agent.cohort_link.on_message("secagg_cohort", b"", ann.cohort)  # the aggregator cleared it (it ended)
         assert agent.cohorts.ready(0) is None
     finally:
         agent.close()

@@ -1,0 +1,177 @@
+"""The edge agent's adopt task: follow the signed, sealed global model and take a new version into use.
+
+Why a task of its own: a version is adopted only when its grant, manifest and every weight chunk are in,
+signed by the aggregator and not too far a step from the model in use (``[adopt]``, ``models.step_bound``);
+anything else is refused with a reason and the site keeps the model it has. Adopting saves the model (the last
+good one comes back after a restart), rebuilds the line's ONNX and, with ``on_new_model``, wakes a round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from broker_bridge.errors import ModelRefused, WireError
+from edge.follow import ModelFollower
+from edge.model_store import GlobalModel, check_global_model
+from edge.site_state import SiteState
+from fedline.logs import event
+
+log = logging.getLogger("fedline.edge")
+
+
+class Adopter:
+    """Feeds the follower the model's messages; ``export`` rebuilds the line's ONNX after each adoption."""
+
+    def __init__(self, state: SiteState, export: Callable[[], Awaitable[Path | None]]) -> None:
+        self.state = state
+        self._export = export
+        st = state
+        self.follower = ModelFollower(  # the signed, sealed global model (edge.follow)
+            st.keys,
+            st.enrollment.aggregator.sign_pub,
+            st.cfg.federation,
+            st.spec,
+            st.shared_names,
+            st.shapes,
+            # newer than ours, and not the version just refused as too far a step (when it is re-announced)
+            lambda v: self.wants(v) and (st.model_refused or {}).get("version") != v,
+            keyring=st.keyring,
+        )
+
+    def wants(self, version: int) -> bool:
+        """Newer than ours; or the aggregator's own version 0 while we only have the one we built."""
+        base = self.state.base
+        return version > base.version or (version == base.version and not base.manifest)
+
+    def restore_last_good(self) -> None:
+        """Start from the last model adopted before a restart, checked again (a bad file is refused, not used)."""
+        st = self.state
+        blobs = st.store.load_global_blobs()
+        if blobs is None:
+            return
+        try:
+            st.base = self._check(*blobs)
+            event(log, "model.restored", site=st.site, version=st.base.version)
+        except ModelRefused as exc:
+            event(
+                log,
+                "model.refused",
+                logging.WARNING,
+                site=st.site,
+                source="disk",
+                reason=exc.reason,
+                detail=exc.detail,
+            )
+
+    def _check(self, manifest_blob: bytes, weights_blob: bytes) -> GlobalModel:
+        st = self.state
+        return check_global_model(
+            manifest_blob,
+            weights_blob,
+            st.enrollment.aggregator.sign_pub,
+            st.cfg.federation,
+            st.spec,
+            st.shared_names,
+            st.shapes,
+        )
+
+    async def on_grant(self, blob: bytes) -> bool:
+        """A federation key grant for this site; True when a key was taken (a manifest kept for it is tried)."""
+        st = self.state
+        if not blob:
+            event(
+                log,
+                "fedkey.cleared",
+                logging.WARNING,
+                site=st.site,
+                detail="the aggregator took this site's key grant back (revoked?)",
+            )
+            return False
+        try:
+            epoch = self.follower.on_grant(blob)
+        except WireError as exc:
+            st.metrics.malformed.labels("fedkey").inc()
+            event(log, "fedkey.dropped", logging.WARNING, site=st.site, reason=str(exc))
+            return False
+        event(log, "fedkey.received", site=st.site, epoch=epoch)
+        waiting = self.follower.take_waiting()
+        if waiting is not None:
+            await self.on_manifest(waiting)
+        return True
+
+    async def on_manifest(self, sealed: bytes) -> None:
+        """A sealed manifest: the version to collect next (or a refusal, or a wait for its key)."""
+        try:
+            version = self.follower.on_manifest(sealed)
+        except ModelRefused as exc:
+            self._refuse(exc.version, f"{exc.reason}: {exc.detail}")
+            return
+        if version is None:  # not newer, or its grant has not arrived yet (kept for it)
+            if self.follower.waiting_for_key:
+                event(log, "model.waiting_for_key", logging.INFO, site=self.state.site)
+            return
+        chunks = self.follower.pending[2]["weights"]["chunks"] if self.follower.pending else None
+        event(log, "model.announced", site=self.state.site, version=version, chunks=chunks)
+        await self.try_adopt()
+
+    async def on_chunk(self, topic: str, version: int, index: int, payload: bytes) -> None:
+        """One weight chunk (a malformed one is counted and dropped); the version is adopted once complete."""
+        try:
+            self.follower.on_chunk(version, index, payload)
+        except WireError as exc:
+            self.state.metrics.malformed.labels("weights").inc()
+            event(log, "model.chunk_dropped", logging.WARNING, site=self.state.site, topic=topic, reason=str(exc))
+            return
+        await self.try_adopt()
+
+    async def try_adopt(self) -> None:
+        """Adopt the announced version if it is complete, checked and not too far a step."""
+        st = self.state
+        try:
+            g = self.follower.complete()
+        except ModelRefused as exc:
+            self._refuse(exc.version, f"{exc.reason}: {exc.detail}")
+            return
+        if g is None:
+            return
+        far = st.cfg.adopt.refusal(st.base.shared, g.shared, g.version - st.base.version)
+        if far is not None:  # signed, yet too far from the model in use (models.step_bound)
+            st.metrics.models_refused_step.inc()
+            st.model_refused = {"version": g.version, "reason": "step"}
+            self._refuse(g.version, far)
+            return
+        await self._adopt(g)
+
+    async def _adopt(self, g: GlobalModel) -> None:
+        st = self.state
+        st.base = g
+        try:
+            await asyncio.to_thread(st.store.save_global, g)
+        except OSError as exc:  # used now; after a restart the agent falls back to the last one saved
+            event(log, "model.save_failed", logging.ERROR, site=st.site, version=g.version, error=str(exc))
+        st.metrics.models_loaded.inc()
+        event(log, "model.loaded", site=st.site, version=g.version)
+        st.changed()
+        await self._export()
+        if st.cfg.training.on_new_model and g.version > 0:
+            st.rebased = True
+            st.wake_train.set()
+        elif st.cohorts is not None and st.cohorts.ready(g.version) is not None:
+            st.wake_train.set()  # a cohort was waiting for this base
+
+    def _refuse(self, version: int | None, reason: str) -> None:
+        st = self.state
+        st.metrics.models_refused.inc()
+        event(
+            log,
+            "model.refused",
+            logging.WARNING,
+            site=st.site,
+            version=version,
+            reason=reason,
+            keeping=st.base.version,
+        )
+        st.error(f"model {version} refused: {reason}")

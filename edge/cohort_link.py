@@ -1,0 +1,47 @@
+"""The edge agent's side of secure aggregation on the wire: cohort announcements, survivors and unmask requests.
+
+Why apart from ``edge.secagg_member`` (the protocol state): this is the glue to the running agent. A cohort on a
+new base is a reason to train (with ``on_new_model``, whichever of the cohort and the version arrives last starts
+the round); survivors and requests get a sealed reply, and a member away when it should reply is a dropout the
+cohort tolerates, so a failed reply is logged, not retried.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from broker_bridge.errors import NotConnected, PublishRefused
+from edge.site_state import SiteState
+from fedline.logs import event
+
+log = logging.getLogger("fedline.edge")
+
+
+class CohortLink:
+    """Routes one ``secagg_*`` message to the site's cohort state and publishes its reply."""
+
+    def __init__(self, state: SiteState) -> None:
+        self.state = state
+
+    async def on_message(self, kind: str, payload: bytes, cohort: str | None = None) -> None:
+        """Cohort announcements start a round; survivors and requests get a sealed reply."""
+        st = self.state
+        assert st.cohorts is not None
+        if kind == "secagg_cohort":
+            if st.cohorts.on_cohort(payload, cohort):
+                # a cohort is on a new base version: with on_new_model it is a reason to train, as a new
+                # version is (whichever of the two arrives last starts the round); else only new rows are
+                st.rebased = st.rebased or st.cfg.training.on_new_model
+                st.wake_train.set()
+            return
+        if kind == "secagg_survivors":
+            reply = st.cohorts.on_survivors(payload, cohort)
+        elif kind == "secagg_request":
+            reply = st.cohorts.on_request(payload)
+        else:
+            return
+        if reply is not None and st.client is not None:
+            try:
+                await st.client.publish(st.topics.secagg_reply(st.site), reply, qos=1)
+            except (NotConnected, PublishRefused) as exc:  # a member away now is a dropout the cohort tolerates
+                event(log, "secagg.reply_unsent", logging.WARNING, site=st.site, error=str(exc))
