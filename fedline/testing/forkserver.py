@@ -194,6 +194,40 @@ def _reseed() -> None:
     torch.seed()
 
 
+def _warm() -> None:
+    """One tiny DP-SGD round and one ONNX export, so that each child does not pay the first call's lazy set-up
+    again (2-10 s of CPU on a loaded machine: Opacus' and autograd's first use, the exporter). Single-threaded
+    (OMP_NUM_THREADS=1, one torch thread), which ``serve`` checks before it forks anything."""
+    import numpy as np
+    import torch
+
+    from edge.config import PrivacyConfig, TrainingConfig
+    from edge.trainer import plan_round, train_round
+    from fedline.config import parse
+    from models import ModelSpec, build_model
+    from models.export import export_onnx
+    from models.flat import shared_state
+
+    torch.set_num_threads(1)
+    spec = parse(ModelSpec, {"kind": "mlp", "n_features": 3, "hidden": [8], "task": "classification", "personal": []})
+    model = build_model(spec, seed=0)
+    x = np.random.default_rng(0).normal(size=(64, 3)).astype(np.float32)
+    cfg = TrainingConfig(threads=1)
+    train_round(
+        spec,
+        shared_state(model, spec),
+        None,
+        x,
+        (x[:, 0] > 0).astype(np.int64),
+        cfg,
+        PrivacyConfig(),
+        None,
+        0,
+        plan_round(64, cfg),
+    )
+    export_onnx(model, spec)
+
+
 def serve(path: str) -> None:
     import importlib
 
@@ -202,6 +236,10 @@ def serve(path: str) -> None:
     from fedline.cli import build_parser
 
     build_parser()  # imports every part's command module
+    _warm()
+    threads = len(os.listdir("/proc/self/task"))
+    if threads != 1:  # a fork copies only the calling thread: a pool thread's lock could be held for ever
+        raise SystemExit(f"the fork server has {threads} threads after warming up; it must have one to fork")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(64)

@@ -79,7 +79,10 @@ async def test_an_update_lost_once_is_resent_before_anything_newer_and_nothing_i
         resent_1 = max(e["ts"] for e in published if e["counter"] == 1)
         overtakers = [c for c in counters[1:] if started <= sealed[c] < resent_1]
         refused = {
-            f"{site}:{e['counter']}": e["reason"] for site in rig.sites for e in rig.ledger(site) if e["state"] == "rejected"
+            f"{site}:{e['counter']}": e["reason"]
+            for site in rig.sites
+            for e in rig.ledger(site)
+            if e["state"] == "rejected"
         }
         record(
             "resend_after_loss",
