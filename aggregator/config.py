@@ -134,7 +134,9 @@ class StrategyConfig:
     quorum: int = 0  # distinct sites a timed-out buffer (a FedAvg round) needs; 0 = min_sites
     server_lr: float = 1.0
     server_momentum: float = 0.0
-    robust: Literal["none", "median", "trimmed_mean"] = "none"
+    # "auto": the coordinate-wise median wherever it can run (FedBuff/FedAvg, K >= 3, no secure aggregation,
+    # no sample weighting), else the plain mean (aggregator.strategies.reduce_choice); "none" = the mean always
+    robust: Literal["auto", "none", "median", "trimmed_mean"] = "auto"
     trim: float = 0.1  # fraction dropped at each end by trimmed_mean
     # clip each delta to this L2 norm before the reduce; unset = derived from [dp] (aggregator.normbound); 0 = off
     norm_bound: float | None = None
@@ -158,11 +160,12 @@ class StrategyConfig:
                 "bounds a weight (set it to a plant's typical rows per update)"
             )
         if self.secure_aggregation:
-            if self.robust != "none":
+            if self.robust not in ("auto", "none"):
                 raise ValueError(
                     f"robust = {self.robust!r} cannot run with secure_aggregation = true: masking hides "
                     "each update, so no coordinate-wise statistic can be computed (the cohort-sum norm "
-                    "bound and client-side clipping are what remain); set robust = 'none'"
+                    "bound and client-side clipping are what remain); leave robust out (the default then keeps "
+                    "the mean) or set secure_aggregation = false to have the median"
                 )
             if self.kind != "fedbuff":
                 raise ValueError(
@@ -185,7 +188,7 @@ class StrategyConfig:
                     f"secure_aggregation = true needs min_sites >= 3 (a cohort of 2 reveals each "
                     f"member's update to the other), got {self.min_sites}"
                 )
-        if self.kind == "fedasync" and self.robust != "none":
+        if self.kind == "fedasync" and self.robust not in ("auto", "none"):
             raise ValueError(
                 f"robust = {self.robust!r} needs several updates per reduce: "
                 "use kind = 'fedbuff' or 'fedavg' (FedAsync applies one update at a time)"
@@ -317,6 +320,9 @@ class IntakeConfig:
 
     workers: int = 0
     keys_dir: str = "keys"
+    # a worker opens updates with this file (``fedline keys opening-key``: the aggregator's X25519 secret
+    # without its signing key) rather than [aggregator] key_file; "" reads the key pair (and warns)
+    opening_key_file: str = ""
 
     def validate(self) -> None:
         if not 0 <= self.workers <= 64:
@@ -362,7 +368,11 @@ def _resolve(cfg: AggregatorConfig, file: str | Path | None) -> AggregatorConfig
         enrollment_file=str(resolve_path(file, a.enrollment_file)),
         state_dir=str(resolve_path(file, a.state_dir)),
     )
-    intake = dataclasses.replace(cfg.intake, keys_dir=str(resolve_path(file, cfg.intake.keys_dir)))
+    intake = dataclasses.replace(
+        cfg.intake,
+        keys_dir=str(resolve_path(file, cfg.intake.keys_dir)),
+        opening_key_file=str(resolve_path(file, cfg.intake.opening_key_file)) if cfg.intake.opening_key_file else "",
+    )
     return dataclasses.replace(cfg, aggregator=a, intake=intake, file=str(file) if file is not None else None)
 
 

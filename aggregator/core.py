@@ -129,7 +129,9 @@ class AggregatorCore:
             derived=cfg.strategy.norm_bound is None,
             min_sites=cfg.strategy.min_sites,
             buffer_size=self.strategy.buffer_size,
+            reduce=self.strategy.reduce_stat,  # robust = "auto": the median where it can run
         )
+        self.metrics.reduce.labels(self.strategy.reduce_stat).set(1)
 
     # -- state ------------------------------------------------------------------
     def _load_or_seed(self) -> None:
@@ -448,6 +450,7 @@ class AggregatorCore:
         result = self.strategy.reduce(self.model, updates, self.momentum)
         lineage = {
             "strategy": self.strategy.name,
+            "reduce": self.strategy.reduce_stat,
             "parent": self.version,
             "updates": [dict(u.lineage(), clip_scale=c) for u, c in zip(updates, result.clip_scales)],
         }
@@ -501,6 +504,18 @@ class AggregatorCore:
             self.metrics.decided("applied", arrival=last_arrived and i == len(applied) - 1)
         event(log, "model.version", version=new_version, updates=len(applied), sites=sorted({v.site for v in applied}))
         return [v.receipt() for v in applied]
+
+    def heard(self, header: Any) -> None:
+        """An update's verified header, on either path (plain decide or a secure-aggregation submission).
+
+        A hook for what a subclass keeps per site from headers (the plant: each line's reported ε); the
+        central aggregator keeps nothing more than the verdicts.
+        """
+
+    @property
+    def served_version(self) -> int:
+        """The version sites are served and train on: a secure-aggregation cohort's base (a plant serves central)."""
+        return self.snapshot[0]
 
     def served(self, version: int, model: State, lineage: dict[str, Any]) -> tuple[int, State]:
         """What the publisher publishes after a commit: the new version (a plant serves central ones only)."""

@@ -66,6 +66,12 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        self.reduce = Gauge(
+            "fedline_aggregator_reduce",
+            "The reduce in force (1 on its label): mean, median or trimmed_mean ([strategy] robust)",
+            ["reduce"],
+            registry=r,
+        )
         self._recent: deque[float] = deque()
 
     def decided(self, verdict: str, reason: str | None = None, arrival: bool = True) -> None:

@@ -75,17 +75,33 @@ def add_scaled(acc: np.ndarray, x: np.ndarray, w: float) -> None:
 
 def median(deltas: Sequence[Mapping[str, np.ndarray]]) -> State:
     """Coordinate-wise median (unweighted)."""
-    return {name: np.median(np.stack([d[name] for d in deltas]), axis=0).astype(np.float32) for name in deltas[0]}
+    return {name: median_of(np.stack([np.asarray(d[name], np.float32) for d in deltas])) for name in deltas[0]}
 
 
 def trimmed_mean(deltas: Sequence[Mapping[str, np.ndarray]], trim: float) -> State:
     """Coordinate-wise mean after dropping the ``floor(trim * n)`` smallest and largest values."""
-    n = len(deltas)
+    return {
+        name: trimmed_mean_of(np.stack([np.asarray(d[name], np.float32) for d in deltas]), trim) for name in deltas[0]
+    }
+
+
+def median_of(stacked: np.ndarray) -> np.ndarray:
+    """The median along axis 0 of ``stacked`` (sorted in place): the middle value, or the mean of the two.
+
+    What ``np.median`` computes, faster (an in-place sort of the stack the caller made anyway): the median
+    is the default reduce, so it runs on every version.
+    """
+    n = stacked.shape[0]
+    stacked.sort(axis=0)
+    mid = stacked[n // 2] if n % 2 else stacked[n // 2 - 1 : n // 2 + 1].mean(axis=0, dtype=np.float32)
+    return np.array(mid, np.float32)
+
+
+def trimmed_mean_of(stacked: np.ndarray, trim: float) -> np.ndarray:
+    """The mean along axis 0 after dropping ``floor(trim * n)`` values at each end (sorts ``stacked`` in place)."""
+    n = stacked.shape[0]
     k = math.floor(trim * n)
     if n - 2 * k < 1:
         k = (n - 1) // 2
-    out: State = {}
-    for name in deltas[0]:
-        stacked = np.sort(np.stack([d[name] for d in deltas]), axis=0)
-        out[name] = stacked[k : n - k].mean(axis=0, dtype=np.float32).astype(np.float32)
-    return out
+    stacked.sort(axis=0)
+    return np.array(stacked[k : n - k].mean(axis=0, dtype=np.float32), np.float32)

@@ -171,6 +171,7 @@ class CohortCoordinator:
         """Form a cohort if one can be formed; close cohorts past their deadline; fail stuck ones."""
         now = self.clock()
         out, self._recovered = self._recovered, []
+        out += self._supersede()
         out += self._form(now)
         for c in list(self.cohorts.values()):
             if c.closed_at is None:
@@ -186,6 +187,23 @@ class CohortCoordinator:
                 )
         return out
 
+    def _supersede(self) -> list[Outgoing]:
+        """End open cohorts nobody has masked into yet whose base is no longer the served version.
+
+        Their members follow the served model, so once a newer one is served (a plant adopts a central
+        version between its cohorts; concurrent cohorts, one of which finished) none of them can train for
+        the old base: ending the cohort now frees them for one on the new base, rather than at the deadline.
+        Nothing was submitted, so there is nothing to refuse or unmask.
+        """
+        served, out = self.core.served_version, []
+        for c in list(self.cohorts.values()):
+            if c.closed_at is None and not c.held and c.ann.base_version < served:
+                event(
+                    log, "secagg.cohort_superseded", cohort=c.ann.cohort, base_version=c.ann.base_version, served=served
+                )
+                out += self._end(c)
+        return out
+
     def _form(self, now: float) -> list[Outgoing]:
         busy = self._busy()
         free = sorted(s for s in self.online if s not in busy)
@@ -199,7 +217,7 @@ class CohortCoordinator:
         ann = m.CohortAnnouncement(
             self.core.cfg.aggregator.federation,
             secrets.token_hex(16),
-            self.core.version,
+            self.core.served_version,  # what the members hold (a plant serves central versions, not its reduces)
             members,
             len(members) // 2 + 1,
             self.core.cfg.strategy.min_sites,
@@ -273,6 +291,7 @@ class CohortCoordinator:
         except SecAggError as exc:
             self._count_refusal(exc.reason)
             return self._receipt(core._refuse(h.site, h.counter, h.msg_id, f"secagg_{exc.reason}", exc.detail).receipt)
+        core.heard(h)
         c.held[h.site] = (h.counter, h.msg_id, h.n_samples)
         v = Verdict(h.site, h.counter, h.msg_id, "buffered", None, None, core.version, 0, 1.0)
         core.store.record(v)

@@ -102,7 +102,9 @@ class Aggregator:
         self._metrics_http.start(self.cfg.metrics, service="aggregator", file=self.cfg.file)
         queue: asyncio.Queue[asyncio.Future[Opened]] = asyncio.Queue(maxsize=4 * self.cfg.aggregator.workers)
         settings = self._settings()
-        self.liveness = Liveness(self.topics, settings.username or "aggregator", "aggregator")
+        self.liveness = Liveness(
+            self.topics, settings.username or "aggregator", "aggregator", reduce=self.core.strategy.reduce_stat
+        )
         try:
             async with MqttClient(settings, will=self.liveness.will(), on_connect=self.liveness.online) as client:
                 self.client = client
@@ -129,6 +131,7 @@ class Aggregator:
                     url=self.cfg.broker.url,
                     version=self.core.version,
                     strategy=self.core.strategy.name,
+                    reduce=self.core.strategy.reduce_stat,
                 )
                 tasks = [
                     asyncio.create_task(self._intake(client, queue), name="agg-intake"),

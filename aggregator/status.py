@@ -131,6 +131,11 @@ def render(view: FederationView) -> str:
         )
     console = Console(width=140, record=True, file=open("/dev/null", "w"))
     console.print(table)
+    agg = view.services.get("aggregator")
+    if agg:  # its retained liveness: state, version and the reduce in force (broker_bridge.liveness)
+        console.print(
+            f"aggregator: {agg.get('state', '?')}, version {agg.get('version', '-')}, reduce {agg.get('reduce', '-')}"
+        )
     totals: Counter[str] = Counter()
     for sv in view.sites.values():
         totals.update(sv.receipts)

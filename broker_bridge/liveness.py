@@ -9,7 +9,9 @@ pattern ``services/%u/status`` lets each write only its own) and leaves a last
 will saying ``offline`` that the broker publishes, retained, if it vanishes.
 
 What it carries, and why nothing more: the state, the service kind, the model
-version in service and a reason. No row counts, scores or timestamps beyond
+version in service and a reason; the aggregator also says the reduce in force
+(``mean``/``median``/``trimmed_mean``: a setting, public like the code, so an
+operator sees whether the robust default is on). No row counts, scores or timestamps beyond
 the broker's own delivery (a competitor reading it learns that the service is
 up and which public version it runs, nothing computed from plant data).
 """
@@ -30,8 +32,9 @@ def payload(
     version: int | None = None,
     reason: str | None = None,
     model_refused: dict[str, Any] | None = None,
+    reduce: str | None = None,
 ) -> bytes:
-    """The JSON document: ``{"service", "state", "version"?, "reason"?, "model_refused"?}``.
+    """The JSON document: ``{"service", "state", "version"?, "reason"?, "model_refused"?, "reduce"?}``.
 
     ``model_refused`` (a line): ``{"version", "reason": "step"}``, the last signed version it refused as
     too far a step from the one it serves (``models.step_bound``), so an operator sees it stays behind on
@@ -44,15 +47,18 @@ def payload(
         doc["reason"] = reason
     if model_refused:
         doc["model_refused"] = dict(model_refused)
+    if reduce:
+        doc["reduce"] = reduce
     return json.dumps(doc, sort_keys=True).encode()
 
 
 class Liveness:
     """The will to give :class:`MqttClient` and the ``online``/``stopped`` announcements."""
 
-    def __init__(self, topics: Topics, user: str, service: str) -> None:
+    def __init__(self, topics: Topics, user: str, service: str, reduce: str | None = None) -> None:
         self.topic = topics.service_status(user)
         self.service = service
+        self.reduce = reduce  # the aggregator's reduce in force, said in every "online"
         self.version: int | None = None
         self.model_refused: dict[str, Any] | None = None
 
@@ -63,7 +69,7 @@ class Liveness:
         """Publish ``online`` (retained); use as (part of) the client's ``on_connect``."""
         await client.publish(
             self.topic,
-            payload(self.service, "online", version=self.version, model_refused=self.model_refused),
+            payload(self.service, "online", version=self.version, model_refused=self.model_refused, reduce=self.reduce),
             qos=1,
             retain=True,
         )

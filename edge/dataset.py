@@ -43,7 +43,9 @@ CREATE TABLE IF NOT EXISTS examples (
 CREATE INDEX IF NOT EXISTS examples_holdout ON examples (holdout, id);
 """
 #: Columns added after the first release, with their definitions: an older store gains them on open.
-_ADDED_COLUMNS = {"historical": "INTEGER NOT NULL DEFAULT 0"}
+#: ``unit``: the row's unit (``[dataset] group_column``, :func:`group_key`), so the served-model pick can test
+#: candidates over validation units, not rows (edge/personal.py); NULL for rows stored without one.
+_ADDED_COLUMNS = {"historical": "INTEGER NOT NULL DEFAULT 0", "unit": "TEXT"}
 
 
 Split = Literal["time", "random", "group"]
@@ -169,9 +171,10 @@ class Dataset:
                             raise ValueError(f"label has {ya.size} values, the model has {self.n_outputs} outputs")
                         yb = ya.tobytes()
                     late = 1 if historical is not None and historical[i] else 0
+                    unit = None if groups is None or groups[i] is None else group_key(groups[i])
                     cur = self._db.execute(
-                        "INSERT INTO examples (ts, x, y, holdout, historical) VALUES (?, ?, ?, 0, ?)",
-                        (ts, xa.tobytes(), yb, late),
+                        "INSERT INTO examples (ts, x, y, holdout, historical, unit) VALUES (?, ?, ?, 0, ?, ?)",
+                        (ts, xa.tobytes(), yb, late, unit),
                     )
                     if self._held_out(cur.lastrowid or 0, groups[i] if groups is not None else None):
                         self._db.execute("UPDATE examples SET holdout = 1 WHERE id = ?", (cur.lastrowid,))
@@ -228,22 +231,35 @@ class Dataset:
 
     def arrays(self, holdout: bool = False, newest: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
         """All training (or held-out) examples, oldest first; ``newest > 0`` keeps only the newest N."""
-        sql = "SELECT x, y FROM examples WHERE holdout = ? ORDER BY id DESC"
+        x, y, _ = self._select(holdout, newest, "NULL")
+        return x, y
+
+    def arrays_with_units(self, holdout: bool = False) -> tuple[np.ndarray, np.ndarray | None, list[str | None]]:
+        """:meth:`arrays` and each example's unit (None where stored without one), read in one query so
+        that rows arriving meanwhile cannot shift the units against the rows."""
+        return self._select(holdout, 0, "unit")
+
+    def _select(
+        self, holdout: bool, newest: int, unit_column: str
+    ) -> tuple[np.ndarray, np.ndarray | None, list[str | None]]:
+        sql = f"SELECT x, y, {unit_column} FROM examples WHERE holdout = ? ORDER BY id DESC"
         args: tuple = (1 if holdout else 0,)
         with self._lock:
             if self.split == "time":
                 cut = self._time_cut()
-                sql = "SELECT x, y FROM examples WHERE " + ("id >= ?" if holdout else "id < ?") + " ORDER BY id DESC"
+                where = "id >= ?" if holdout else "id < ?"
+                sql = f"SELECT x, y, {unit_column} FROM examples WHERE {where} ORDER BY id DESC"
                 args = (cut if cut is not None else 2**62,)
             if newest > 0:
                 sql += " LIMIT ?"
                 args += (newest,)
             rows = self._db.execute(sql, args).fetchall()[::-1]
         x = np.frombuffer(b"".join(r[0] for r in rows), np.float32).reshape(len(rows), *self.input_shape)
+        units = [r[2] for r in rows]
         if self.n_outputs is None:
-            return x.copy(), None
+            return x.copy(), None, units
         y = np.frombuffer(b"".join(r[1] for r in rows), np.float32).reshape(len(rows), self.n_outputs)
-        return x.copy(), y.copy()
+        return x.copy(), y.copy(), units
 
     # -- rows by id, for per-record privacy accounting (edge.ledger_privacy.RowIndex) --------------------
     def last_id(self) -> int:

@@ -79,8 +79,6 @@ class LineExport:
         if self.personaliser is not None:  # noise-free candidates: never sent, never trained on by DP rounds
             from edge.personal import build as build_params
 
-            x, y = st.dataset.arrays()
-            x_val, y_val = st.dataset.arrays(holdout=True)
-            params, choice = self.personaliser.choose({**shared, **personal}, x, y, x_val, y_val)
+            params, choice = self.personaliser.choose_from(st.dataset, {**shared, **personal})
             model, served = build_params(st.spec, params, st.cfg.model_seed), choice.to_dict()
         return export_onnx(model, st.spec), served

@@ -35,13 +35,18 @@ docs/architecture.md, "The served model").
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from edge.paired_evidence import Evidence, auc_evidence, mse_evidence
 from models.metrics import better, score
 from models.spec import ModelSpec
+
+if TYPE_CHECKING:
+    from edge.dataset import Dataset
 
 KINDS = ("local", "global", "fine_tuned")
 
@@ -65,13 +70,20 @@ class PersonalConfig:
     retrain_growth: float = 0.1  # the local-only model is retrained when the training rows grew by this share
     min_validation_rows: int = 30
     min_validation_positives: int = 8  # classification: fewer and one failure decides the AUC
-    # validation too small to decide: a site whose training rows hold at least this many of the rarer class
-    # (regression: rows) keeps local-only; one with fewer serves the fine-tuned model
+    # regression with a [dataset] group_column: fewer validation units (engines, machines) cannot decide.
+    # 5 is the fewest on which a paired comparison can be significant at 5 % whatever the errors' shape
+    # (a sign test over 4 units, all four in the challenger's favour, has p = 1/16 > 0.05)
+    min_validation_units: int = 5
+    # validation too small to decide: a site whose training rows hold at least this much independent evidence
+    # keeps local-only, one with less serves the fine-tuned model. Classification: rows of the rarer class
+    # (failures); regression: units of the group column (each engine run to failure is one failure), or rows
+    # when there is no group column (independent rows)
     min_local_positives: int = 30
-    # a federation candidate replaces local-only only when it is ahead on validation by more than this
-    # (ROC AUC points; RMSE: this share of local-only's), so validation noise does not swap a plant's better
-    # own model for a worse one
-    margin: float = 0.02
+    # a federation candidate replaces local-only only when a one-sided paired test on the validation rows
+    # (edge/paired_evidence.py) says it is better with p below this (shared by the federation candidates:
+    # each is tested at switch_alpha / their number), so validation noise does not swap a plant's own model.
+    # 0.2 (each of the two at 0.1) was chosen on split seeds 10-19 of both demo data sets (docs/tuning.md)
+    switch_alpha: float = 0.2
     seed: int = 0
 
     def validate(self) -> None:
@@ -79,12 +91,21 @@ class PersonalConfig:
             raise ValueError("finetune_epochs must be >= 0, local_epochs and batch_size >= 1")
         if self.finetune_lr <= 0 or self.local_lr <= 0 or not 0 <= self.momentum < 1:
             raise ValueError("finetune_lr and local_lr must be > 0 and momentum in [0, 1)")
-        if self.margin < 0:
-            raise ValueError(f"margin must be >= 0, got {self.margin}")
+        if not 0 < self.switch_alpha <= 1:
+            raise ValueError(f"switch_alpha must be in (0, 1], got {self.switch_alpha}")
         if self.retrain_growth < 0 or self.min_validation_rows < 1 or self.min_validation_positives < 1:
             raise ValueError("retrain_growth must be >= 0, min_validation_rows and min_validation_positives >= 1")
+        if self.min_validation_units < 2:
+            raise ValueError(
+                f"min_validation_units must be >= 2 (a paired test needs two), got {self.min_validation_units}"
+            )
         if self.min_local_positives < 0:
             raise ValueError(f"min_local_positives must be >= 0, got {self.min_local_positives}")
+
+
+#: Which rule decided a choice (the site's status says it): the paired test kept local-only or switched away
+#: from it; the validation slice was too small and the local evidence decided; there was no local-only model.
+RULES = ("paired_test_kept_local", "paired_test_switched", "too_small_kept_local", "too_small_fine_tuned", "no_local")
 
 
 @dataclass
@@ -97,6 +118,8 @@ class Choice:
     candidates: dict[str, float | None] = field(default_factory=dict)
     validation_rows: int = 0
     reason: str = ""
+    rule: str = ""  # one of RULES
+    p: float | None = None  # the paired test's one-sided p of the federation candidate it ran on
 
     def to_dict(self) -> dict[str, Any]:
         r = lambda v: None if v is None or not math.isfinite(v) else round(float(v), 4)
@@ -106,6 +129,8 @@ class Choice:
             "validation_metric": r(self.validation_metric),
             "candidates": {k: r(v) for k, v in self.candidates.items()},
             "validation_rows": self.validation_rows,
+            "rule": self.rule,
+            "p": r(self.p),
             "reason": self.reason,
         }
 
@@ -114,8 +139,13 @@ def metric_name(spec: ModelSpec) -> str:
     return "roc_auc" if spec.task == "classification" else "rmse"
 
 
-def too_small(spec: ModelSpec, y_val: np.ndarray | None, cfg: PersonalConfig) -> str | None:
-    """Why the validation rows cannot tell the candidates apart, or None when they can."""
+def too_small(
+    spec: ModelSpec, y_val: np.ndarray | None, cfg: PersonalConfig, units: Sequence[object] | None = None
+) -> str | None:
+    """Why the validation rows cannot tell the candidates apart, or None when they can.
+
+    ``units``: each validation row's unit (``[dataset] group_column``), or None when rows are independent.
+    """
     n = 0 if y_val is None else len(y_val)
     if n < cfg.min_validation_rows:
         return f"validation slice too small to decide: {n} rows < {cfg.min_validation_rows}"
@@ -127,18 +157,22 @@ def too_small(spec: ModelSpec, y_val: np.ndarray | None, cfg: PersonalConfig) ->
                 f"validation slice too small to decide: {least} rows of its rarer class "
                 f"< {cfg.min_validation_positives}"
             )
+    elif units is not None and len(set(units)) < cfg.min_validation_units:
+        return f"validation slice too small to decide: {len(set(units))} units < {cfg.min_validation_units}"
     return None
 
 
-def local_evidence(spec: ModelSpec, y_fit: np.ndarray | None, n_rows: int) -> int:
-    """What the local-only model learnt from: training rows of the rarer class (regression: rows).
+def local_evidence(spec: ModelSpec, y_fit: np.ndarray | None, n_rows: int, train_units: int | None = None) -> int:
+    """What the local-only model learnt from: training rows of the rarer class (regression: units, else rows).
 
+    Regression with a group column counts units, not rows: the rows of one engine are one trajectory, one
+    failure, and a model fitted to five engines has seen five whatever their length.
     An anomaly model has no labels to score a candidate by: 0, so it serves the fine-tuned model as before.
     """
     if y_fit is None:
         return 0
     if spec.task != "classification":
-        return n_rows
+        return n_rows if train_units is None else train_units
     pos = int(np.sum(np.asarray(y_fit) > 0.5))
     return min(pos, len(y_fit) - pos)
 
@@ -149,49 +183,72 @@ def pick(
     y_val: np.ndarray | None,
     cfg: PersonalConfig,
     evidence: int = 0,
+    tests: dict[str, Evidence] | None = None,
+    units: Sequence[object] | None = None,
 ) -> Choice:
-    """The candidate with the best validation metric, local-only unless a federation one leads by the margin.
+    """Local-only, unless the paired test on the validation rows shows a federation candidate better.
 
     Local-only is the plant's own alternative to joining, so a federation
-    candidate (fine-tuned, then global on a tie) replaces it only when it is
-    ahead by more than ``cfg.margin``. When the slice is too small to decide,
-    ``evidence`` (:func:`local_evidence` of the training rows) decides: at
-    least ``cfg.min_local_positives`` keeps local-only, fewer serves the
-    fine-tuned model.
+    candidate replaces it only when ``tests[kind]`` (that candidate against
+    local-only on the same validation rows, :mod:`edge.paired_evidence`) has a
+    one-sided p below ``cfg.switch_alpha`` shared by the candidates tested
+    (Bonferroni: each at alpha / their number, so the chance that noise alone
+    switches a site is at most alpha); of those that pass, the best score wins.
+    When the slice is too small to decide, ``evidence`` (:func:`local_evidence`
+    of the training rows) decides: at least ``cfg.min_local_positives`` keeps
+    local-only, less serves the fine-tuned model.
     """
     m = metric_name(spec)
     n = 0 if y_val is None else len(y_val)
-    small = too_small(spec, y_val, cfg)
+    tests = tests or {}
+    small = too_small(spec, y_val, cfg, units)
     if small is not None:
         if evidence >= cfg.min_local_positives and "local" in scores:  # scores hold every candidate there is
-            what = " of its rarer class" if spec.task == "classification" else ""
-            reason = f"{small}; local-only kept: it trained on {evidence} rows{what} (>= {cfg.min_local_positives})"
-            return Choice("local", m, scores["local"], dict(scores), n, reason)
-        return Choice("fine_tuned", m, scores.get("fine_tuned"), dict(scores), n, small)
-    fed = None
-    for kind in ("fine_tuned", "global"):
-        v = scores.get(kind)
-        if v is not None and math.isfinite(v) and (fed is None or better(m, v, scores[fed])):
-            fed = kind
+            what = "rows of its rarer class" if spec.task == "classification" else ("units" if units else "rows")
+            reason = f"{small}; local-only kept: it trained on {evidence} {what} (>= {cfg.min_local_positives})"
+            return Choice("local", m, scores["local"], dict(scores), n, reason, "too_small_kept_local")
+        why = f"{small}; fine-tuned served: local-only trained on {evidence} (< {cfg.min_local_positives})"
+        return Choice("fine_tuned", m, scores.get("fine_tuned"), dict(scores), n, why, "too_small_fine_tuned")
+    fed = [k for k in ("fine_tuned", "global") if _finite(scores.get(k))]
     local = scores.get("local")
-    if local is not None and math.isfinite(local):
-        if fed is None or not better(m, _shifted(m, scores[fed], local, cfg.margin), local):
-            return Choice(
-                "local",
-                m,
-                local,
-                dict(scores),
-                n,
-                f"best {m} on {n} validation rows (a federation candidate must lead by > {cfg.margin:g})",
-            )
-    if fed is None:
-        return Choice("fine_tuned", m, None, dict(scores), n, "no candidate could be scored on the validation rows")
-    return Choice(fed, m, scores[fed], dict(scores), n, f"best {m} on {n} validation rows")
+    if not _finite(local):
+        if not fed:
+            return Choice("fine_tuned", m, None, dict(scores), n, "no candidate could be scored", "no_local")
+        best = _best(m, fed, scores)
+        return Choice(
+            best, m, scores[best], dict(scores), n, f"no local-only model; best {m} on validation", "no_local"
+        )
+    tested = {k: tests[k] for k in fed if k in tests and math.isfinite(tests[k].p)}
+    level = cfg.switch_alpha / max(1, len(tested))
+    passing = [k for k in fed if k in tested and tested[k].p < level]
+    if not passing:
+        closest = min(tested, key=lambda k: tested[k].p) if tested else None
+        p = tested[closest].p if closest else None
+        said = (
+            f"{closest} vs local-only on {tested[closest].units} validation "
+            f"{'units' if tested[closest].test == 'paired-mse' and units is not None else 'rows'}: "
+            f"p = {p:.3g} >= {level:.3g}"
+            if closest
+            else "no paired test could be run"
+        )
+        return Choice("local", m, local, dict(scores), n, f"local-only kept: {said}", "paired_test_kept_local", p)
+    best = _best(m, passing, scores)
+    ev = tested[best]
+    reason = f"{best} better than local-only on validation: p = {ev.p:.3g} < {level:.3g} ({ev.test}, {ev.units} units)"
+    return Choice(best, m, scores[best], dict(scores), n, reason, "paired_test_switched", ev.p)
 
 
-def _shifted(metric: str, v: float, local: float, margin: float) -> float:
-    """A federation candidate's score less the margin it must lead local-only by."""
-    return v - margin if metric == "roc_auc" else v + margin * local
+def _best(metric: str, kinds: list[str], scores: dict[str, float]) -> str:
+    """The best-scoring of ``kinds`` (the first on a tie: fine-tuned before global)."""
+    best = kinds[0]
+    for k in kinds[1:]:
+        if better(metric, scores[k], scores[best]):
+            best = k
+    return best
+
+
+def _finite(v: float | None) -> bool:
+    return v is not None and math.isfinite(v)
 
 
 def predict(spec: ModelSpec, params: dict[str, np.ndarray], x: np.ndarray, model_seed: int = 0) -> np.ndarray:
@@ -281,18 +338,32 @@ def fine_tune(
     return _train(spec, global_params, x, y, cfg.finetune_epochs, cfg.finetune_lr, cfg, model_seed)
 
 
-def validation_scores(
+def validate(
     spec: ModelSpec,
     candidates: dict[str, dict[str, np.ndarray]],
     x_val: np.ndarray,
     y_val: np.ndarray | None,
+    units: Sequence[object] | None = None,
     model_seed: int = 0,
-) -> dict[str, float]:
-    """Each candidate's metric on the validation rows (NaN when it cannot be computed)."""
+) -> tuple[dict[str, float], dict[str, Evidence]]:
+    """Each candidate's metric on the validation rows (NaN when it cannot be computed), and each federation
+    candidate's paired test against local-only on those rows (:mod:`edge.paired_evidence`)."""
     if y_val is None or len(y_val) == 0:
-        return {k: math.nan for k in candidates}
+        return {k: math.nan for k in candidates}, {}
     y = np.asarray(y_val, dtype=np.float64).reshape(len(y_val), -1)[:, 0]
-    return {k: score(metric_name(spec), y, predict(spec, p, x_val, model_seed)) for k, p in candidates.items()}
+    m = metric_name(spec)
+    preds = {k: predict(spec, p, x_val, model_seed) for k, p in candidates.items()}
+    scores = {k: score(m, y, v) for k, v in preds.items()}
+    tests: dict[str, Evidence] = {}
+    if "local" in preds:
+        for k in ("fine_tuned", "global"):
+            if k in preds:
+                tests[k] = (
+                    auc_evidence(y, preds[k], preds["local"])
+                    if m == "roc_auc"
+                    else mse_evidence(y, preds[k], preds["local"], units)
+                )
+    return scores, tests
 
 
 class Personaliser:
@@ -313,8 +384,14 @@ class Personaliser:
         y: np.ndarray | None,  # None for an anomaly model (no labels)
         x_val: np.ndarray,
         y_val: np.ndarray | None,
+        val_units: Sequence[object] | None = None,
+        train_units: int | None = None,
     ) -> tuple[dict[str, np.ndarray], Choice]:
-        """The parameters the line serves and the choice, for this global model and these rows."""
+        """The parameters the line serves and the choice, for this global model and these rows.
+
+        ``val_units``: each validation row's unit and ``train_units`` the number of units in the training
+        rows (``[dataset] group_column``); None when rows are independent.
+        """
         if len(x) >= 2 and (self.local is None or len(x) >= self.local_rows * (1 + self.cfg.retrain_growth)):
             self.local = train_local_only(self.spec, x, y, self.cfg, self.model_seed)
             self.local_rows = len(x)
@@ -324,6 +401,24 @@ class Personaliser:
         }
         if self.local is not None:
             candidates["local"] = self.local
-        scores = validation_scores(self.spec, candidates, x_val, y_val, self.model_seed)
-        self.choice = pick(self.spec, scores, y_val, self.cfg, local_evidence(self.spec, y, len(x)))
+        scores, tests = validate(self.spec, candidates, x_val, y_val, val_units, self.model_seed)
+        evidence = local_evidence(self.spec, y, len(x), train_units)
+        self.choice = pick(self.spec, scores, y_val, self.cfg, evidence, tests, val_units)
         return candidates[self.choice.kind], self.choice
+
+    def choose_from(
+        self, dataset: Dataset, global_params: dict[str, np.ndarray]
+    ) -> tuple[dict[str, np.ndarray], Choice]:
+        """:meth:`choose` on the site's stored rows: training and validation rows with their units."""
+        x, y, units = dataset.arrays_with_units()
+        x_val, y_val, val_units = dataset.arrays_with_units(holdout=True)
+        grouped = dataset.split == "group"
+        return self.choose(
+            global_params,
+            x,
+            y,
+            x_val,
+            y_val,
+            val_units if grouped else None,
+            len(set(units)) if grouped else None,
+        )

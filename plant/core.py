@@ -101,13 +101,16 @@ class PlantCore(AggregatorCore):
 
     # -- what goes upstream ------------------------------------------------------------
     def decide(self, op: Opened) -> Decision:
-        h = op.header
-        if h is not None and op.reason is None:  # remember each line's reported ε (public: its status says it)
-            eps = h.privacy.get("epsilon") if h.privacy.get("mode") == "dp-sgd" else None
-            if self.line_epsilon.get(h.site, -1.0) != eps:
-                self.line_epsilon[h.site] = eps if isinstance(eps, (int, float)) else None
-                self.store.set_meta("line_epsilon", json.dumps(self.line_epsilon, sort_keys=True))
+        if op.header is not None and op.reason is None:
+            self.heard(op.header)
         return super().decide(op)
+
+    def heard(self, header: Any) -> None:
+        """Remember each line's reported ε (public: its status says it), masked submissions included."""
+        eps = header.privacy.get("epsilon") if header.privacy.get("mode") == "dp-sgd" else None
+        if self.line_epsilon.get(header.site, -1.0) != eps:
+            self.line_epsilon[header.site] = eps if isinstance(eps, (int, float)) else None
+            self.store.set_meta("line_epsilon", json.dumps(self.line_epsilon, sort_keys=True))
 
     def commit(self, *args: Any, **kw: Any) -> list[dict[str, Any]]:
         """Every new version; a reduce (whatever path made it: a full buffer, a timeout) is queued upstream."""

@@ -22,6 +22,7 @@ from aggregator.service import Aggregator
 from fedline.logs import event
 from plant.config import PlantConfig
 from plant.core import PlantCore
+from plant.metrics import UplinkMetrics
 from plant.uplink import Uplink
 
 log = logging.getLogger("fedline.plant")
@@ -33,7 +34,7 @@ class PlantAggregator(Aggregator):
     def __init__(self, cfg: PlantConfig) -> None:
         super().__init__(cfg.plant)
         self.plant_cfg = cfg
-        self.uplink = Uplink(cfg.upstream, cfg.plant.model, cfg.file)
+        self.uplink = Uplink(cfg.upstream, cfg.plant.model, cfg.file, UplinkMetrics(self.metrics.registry))
 
     def _make_core(self) -> AggregatorCore:
         core = PlantCore(
@@ -43,6 +44,7 @@ class PlantAggregator(Aggregator):
             queued_through=self.uplink.queued_through,
         )
         self.uplink.central_version = core.central_version
+        self.uplink.metrics.central_version.set(core.central_version)
         self.uplink.shapes = {k: tuple(v.shape) for k, v in core.model.items()}
         return core
 

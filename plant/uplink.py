@@ -29,7 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from prometheus_client import CollectorRegistry
 
+from broker_bridge import quantised
 from broker_bridge.chunking import split
 from broker_bridge.client import Message, MqttClient, will_message
 from broker_bridge.envelope import UpdateHeader, open_receipt, seal_update
@@ -44,6 +46,7 @@ from fedline.logs import event
 from fedline.supervise import run_until_stopped
 from models.spec import ModelSpec
 from plant.config import UpstreamConfig
+from plant.metrics import UplinkMetrics
 
 log = logging.getLogger("fedline.plant")
 
@@ -54,8 +57,11 @@ QUEUED_THROUGH = "upstream_version"  # outbox meta: the last plant version whose
 class Uplink:
     """One site of the central federation, fed by the plant's core (thread-safe :meth:`queue_delta`)."""
 
-    def __init__(self, cfg: UpstreamConfig, spec: ModelSpec, file: str | None = None) -> None:
+    def __init__(
+        self, cfg: UpstreamConfig, spec: ModelSpec, file: str | None = None, metrics: UplinkMetrics | None = None
+    ) -> None:
         self.cfg = cfg
+        self.metrics = metrics or UplinkMetrics(CollectorRegistry())
         self.site = cfg.site
         self.spec = spec
         self.keys = KeyPair.load(cfg.key_file)
@@ -88,6 +94,7 @@ class Uplink:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake = asyncio.Event()
         self._status_dirty = asyncio.Event()
+        self._count_outbox()  # what a restart finds waiting
 
     def _wants(self, version: int) -> bool:
         return version > self.central_version
@@ -119,8 +126,10 @@ class Uplink:
             base_version=base_version,
             n_samples=max(1, n_samples),
             privacy=privacy,
+            encoding=self.cfg.update.encoding,
         )
-        blob = seal_update(header, delta, self.keys, self.enrollment.aggregator.box_pub)
+        tensors = quantised.encode(delta, header.encoding)  # int8: after the lines' DP noise (post-processing)
+        blob = seal_update(header, tensors, self.keys, self.enrollment.aggregator.box_pub)
         try:
             self.outbox.put(
                 site=self.site,
@@ -134,9 +143,12 @@ class Uplink:
             )
         except (OutboxFull, sqlite3.Error) as exc:  # rolled back: retried after the next receipt
             self.full = True
+            self._count_outbox()
             event(log, "plant.delta_waiting", level=logging.WARNING, plant_version=plant_version, error=str(exc))
             return False
         self.full = False
+        self.metrics.deltas_queued.inc()
+        self._count_outbox()
         event(
             log,
             "plant.delta_queued",
@@ -147,10 +159,16 @@ class Uplink:
             lines=privacy.get("lines"),
             epsilon=privacy.get("epsilon"),
             accounting=privacy.get("accounting"),
+            encoding=header.encoding,
+            bytes=len(blob),
         )
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._poke)
         return True
+
+    def _count_outbox(self) -> None:
+        depth, nbytes = self.outbox.depth()
+        self.metrics.outbox(depth, nbytes, self.full)
 
     def _poke(self) -> None:
         self._wake.set()
@@ -168,6 +186,7 @@ class Uplink:
             settings, will=will_message(self.topics.status(self.site), offline), on_connect=self._on_connect
         )
         self.client = client
+        self.metrics.connected.set_function(lambda: float(client.connected.is_set()))
         async with client:
             for topic in (
                 self.topics.receipts(self.site),
@@ -185,6 +204,7 @@ class Uplink:
                 await run_until_stopped(tasks, asyncio.Event(), service="plant", site=self.site)
             finally:
                 self.client = None
+                self.metrics.connected.set_function(lambda: 0.0)
 
     async def _on_connect(self, client: MqttClient) -> None:
         self._poke()
@@ -208,6 +228,7 @@ class Uplink:
                     event(log, "plant.delta_unsent", level=logging.WARNING, counter=row.counter, error=str(exc))
                     break
                 self.outbox.mark_sent(row.msg_id)
+                self.metrics.deltas_published.inc()
                 event(log, "plant.delta_published", counter=row.counter, chunks=len(items), attempt=row.attempts + 1)
             self._wake.clear()
             try:
@@ -236,6 +257,7 @@ class Uplink:
             try:
                 epoch = self.follower.on_grant(msg.payload)
             except WireError as exc:
+                self.metrics.messages_dropped.labels("fedkey").inc()
                 event(log, "plant.fedkey_dropped", level=logging.WARNING, reason=str(exc))
                 return
             event(log, "plant.fedkey", epoch=epoch)
@@ -249,6 +271,7 @@ class Uplink:
             try:
                 self.follower.on_chunk(info.version, info.index or 0, msg.payload)
             except WireError as exc:
+                self.metrics.messages_dropped.labels("weights").inc()
                 event(log, "plant.chunk_dropped", level=logging.WARNING, topic=msg.topic, reason=str(exc))
                 return
             await self._try_adopt()
@@ -257,9 +280,12 @@ class Uplink:
         try:
             doc = open_receipt(payload, self.keys, self.enrollment.aggregator.sign_pub)
         except WireError as exc:
+            self.metrics.messages_dropped.labels("receipt").inc()
             event(log, "plant.receipt_dropped", level=logging.WARNING, reason=str(exc))
             return
         found = self.outbox.settle(doc["counter"], doc["msg_id"], doc["verdict"], doc.get("reason"), doc.get("version"))
+        self.metrics.receipts.labels(doc["verdict"]).inc()
+        self._count_outbox()
         level = logging.WARNING if doc["verdict"] in ("stale", "rejected") else logging.INFO
         event(
             log,
@@ -278,6 +304,7 @@ class Uplink:
         try:
             self.follower.on_manifest(sealed)
         except ModelRefused as exc:
+            self.metrics.models_refused.inc()
             event(log, "plant.model_refused", level=logging.WARNING, version=exc.version, reason=str(exc))
             return
         await self._try_adopt()
@@ -286,6 +313,7 @@ class Uplink:
         try:
             g = self.follower.complete()
         except ModelRefused as exc:
+            self.metrics.models_refused.inc()
             event(log, "plant.model_refused", level=logging.WARNING, version=exc.version, reason=str(exc))
             return
         if g is None:
@@ -294,6 +322,7 @@ class Uplink:
             return
         await self.on_model(g.version, g.shared)
         self.central_version = g.version
+        self.metrics.central_version.set(g.version)
         self._status_dirty.set()
 
     # -- status on the central broker ------------------------------------------------------

@@ -16,6 +16,11 @@ buffer size.
 - FedAsync (Xie et al. 2019, eq. in Alg. 1): ``x_t = (1 − α_t) x_{t−1} + α_t x_new``,
   ``α_t = α f(t − τ)``, ``x_new = x_τ + Δ``.
 - FedAvg (McMahan et al. 2017): ``Δ̄ = Σ p_i Δ_i``.
+- the robust reduce (Yin et al. 2018, coordinate-wise median or trimmed mean) replaces the sum by
+  ``Δ̄ = n · med_i(c_i Δ_i)`` over the ``n`` updates reduced: with FedBuff's ``c_i = f(s_i)/K`` that is
+  ``(n/K) · med_i(f(s_i) Δ_i)``, the paper's ``(n/K) · mean_i(f(s_i) Δ_i)`` with the mean replaced by the
+  median; so staleness still scales each update before the statistic, a buffer closed early with
+  ``n < K`` moves as much less as the mean would, and when all updates agree the step is the mean's.
 - the server step: ``x ← x + η_g Δ̄`` (with momentum ``m ← β m + Δ̄``, Hsu et al. 2019).
 """
 
@@ -67,6 +72,28 @@ def linear_combination(deltas: Sequence[Mapping[str, np.ndarray]], coefficients:
         for d, c in zip(deltas, coefficients):
             robust.add_scaled(acc, d[name], c)
         out[name] = acc
+    return out
+
+
+def robust_combination(
+    deltas: Sequence[Mapping[str, np.ndarray]], coefficients: Sequence[float], statistic: str, trim: float = 0.1
+) -> State:
+    """``n · stat_i(c_i Δ_i)``, ``stat`` the coordinate-wise ``"median"`` or ``"trimmed_mean"`` (Yin et al. 2018).
+
+    The statistic is taken over the scaled deltas, unweighted beyond their coefficients, then multiplied by
+    their number ``n``: it equals ``Σ c_i Δ_i`` whenever the scaled deltas agree.
+    """
+    if len(deltas) != len(coefficients) or not deltas:
+        raise ValueError("need one coefficient per delta, and at least one delta")
+    if statistic not in ("median", "trimmed_mean"):
+        raise ValueError(f"unknown robust statistic {statistic!r} (median or trimmed_mean)")
+    c = np.asarray(coefficients, np.float32)
+    out: State = {}
+    for name in deltas[0]:
+        stacked = np.stack([np.asarray(d[name], np.float32) for d in deltas])  # (n, *shape): c_i Δ_i in place
+        stacked *= c.reshape((-1,) + (1,) * (stacked.ndim - 1))
+        stat = robust.median_of(stacked) if statistic == "median" else robust.trimmed_mean_of(stacked, trim)
+        out[name] = (stat * np.float32(len(deltas))).astype(np.float32)
     return out
 
 

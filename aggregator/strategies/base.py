@@ -20,7 +20,7 @@ import numpy as np
 
 from aggregator import robust, staleness
 from aggregator.config import StrategyConfig
-from aggregator.strategies import aggregate
+from aggregator.strategies import aggregate, reduce_choice
 
 State = dict[str, np.ndarray]
 
@@ -75,6 +75,8 @@ class Strategy:
         self.f = staleness.make(cfg.staleness, cfg.a, cfg.b)
         # the L2 bound in force (aggregator.normbound): the configured one, or derived from [dp] by the core
         self.norm_bound = (cfg.norm_bound or 0.0) if norm_bound is None else norm_bound
+        # the statistic in force: robust = "auto" is the median where it can run (reduce_choice)
+        self.reduce_stat: reduce_choice.Reduce = reduce_choice.resolve(cfg, self.buffer_size)
 
     # -- what subclasses may tune ------------------------------------------------
     @property
@@ -113,18 +115,12 @@ class Strategy:
         return out, scales
 
     def combine(self, deltas: Sequence[State], coefficients: Sequence[float]) -> State:
-        """``Σ c_i Δ_i``, or the configured robust statistic of the ``c_i Δ_i`` times their count.
-
-        The robust statistic of the scaled deltas times their number equals the sum when all
-        agree, so a robust reduce moves the model as far as the plain one would.
+        """``Σ c_i Δ_i``, or the robust statistic in force of the ``c_i Δ_i`` times their count
+        (:func:`aggregate.robust_combination`: a robust reduce moves the model as far as the mean when all agree).
         """
-        if self.cfg.robust == "none":
+        if self.reduce_stat == "mean":
             return aggregate.linear_combination(deltas, coefficients)
-        scaled = [
-            {k: (v * np.float32(c)).astype(np.float32) for k, v in d.items()} for d, c in zip(deltas, coefficients)
-        ]
-        stat = robust.median(scaled) if self.cfg.robust == "median" else robust.trimmed_mean(scaled, self.cfg.trim)
-        return {k: (v * np.float32(len(scaled))).astype(np.float32) for k, v in stat.items()}
+        return aggregate.robust_combination(deltas, coefficients, self.reduce_stat, self.cfg.trim)
 
     # -- the step ---------------------------------------------------------------------
     def reduce(self, model: State, updates: Sequence[Accepted], momentum: State | None) -> ReduceResult:

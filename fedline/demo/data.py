@@ -176,6 +176,17 @@ class DemoData:
         x, y = self.normalise(site.x_train), self.target(site.y_train)
         return x[~m], y[~m], x[m], y[m]
 
+    def fit_units(self, site: SiteData) -> tuple[list[str] | None, int | None]:
+        """Each validation row's unit and the number of units in the training rows, as the site's edge stores
+        them (``[dataset] group_column``; ``(None, None)`` without one: rows are independent)."""
+        if not self.group_column:
+            return None, None
+        from edge.dataset import group_key
+
+        m = self.validation_mask(site)
+        units = [group_key(r[self.group_column]) for r in site.train_rows]
+        return [u for u, h in zip(units, m) if h], len({u for u, h in zip(units, m) if not h})
+
     def site(self, site_id: str) -> SiteData:
         for s in self.sites:
             if s.site == site_id:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from edge.personal import PersonalConfig
 from fedline.demo import secure_aggregation
 from fedline.demo.data import DemoData
 from fedline.demo.workspace import Tuning, baseline_epochs, personal_table, split_live
@@ -87,12 +88,16 @@ def settings(data: DemoData, t: Tuning, batch_fraction: float, tunings: dict[str
         f"edge fine-tunes the global model on its own training rows without noise ({p['finetune_epochs']} epochs, "
         f"lr {p['finetune_lr']}), keeps a local-only model trained on the same rows without noise "
         f"({p['local_epochs']} epochs, batch {p['batch_size']}, lr {p['local_lr']}, momentum {p['momentum']}), and "
-        "hands its line the one of local-only, global and fine-tuned that scores best on its validation rows "
-        f"(a federation candidate must lead local-only by more than {p['margin']:g} ROC AUC, or that share of its "
-        "RMSE); "
-        "where those rows are too few to decide (fewer than 30, or fewer than 8 of the rarer class) it says so, "
-        "keeps local-only if its training rows held at least 30 of the rarer class (it had enough to learn from; "
-        "nothing shows a federation candidate better) and otherwise serves the fine-tuned one. Neither candidate "
+        "hands its line its local-only model unless a one-sided paired test on its validation rows shows the "
+        f"global or fine-tuned one better with p < {PersonalConfig.switch_alpha:g} (shared by the two: DeLong's test "
+        "of the ROC AUC difference; for RMSE the squared-error difference with a standard error over the "
+        "validation units, Student's t), then the better of those that pass; where the rows are too few to decide "
+        f"(fewer than {PersonalConfig.min_validation_rows}, fewer than {PersonalConfig.min_validation_positives} of "
+        f"the rarer class, or fewer than {PersonalConfig.min_validation_units} units) it says so, keeps local-only "
+        f"if its training rows held at least {PersonalConfig.min_local_positives} of the rarer class (regression: "
+        "units, each unit run to failure being one failure; it had enough to learn from, and nothing shows a "
+        "federation candidate better) and otherwise serves the fine-tuned one. The site's status names the rule "
+        "that decided. Neither candidate "
         "leaves the plant or feeds a DP round, so ε is the federation's alone.",
         f"Yardsticks (no DP, in-process, the edge's own code): local-only is the edge's local-only candidate "
         f"({baseline_epochs(t)} epochs on each site's training rows less its validation rows); central trains "

@@ -222,16 +222,19 @@ def render_markdown(report: dict[str, Any]) -> str:
             "Gain is federated (or served) minus local-only in the metric's better direction.",
             "",
             "| site | splits | federated ahead | mean local-only | mean federated | mean gain | sign test p "
-            "| served ahead | mean served | mean gain served | sign test p | served kinds |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| served ahead | served worse (worst) | mean served | mean gain served | sign test p | served kinds "
+            "| deciding rules |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for site, st in study["sites"].items():
             kinds = ", ".join(f"{k} {n}" for k, n in (st.get("served_kinds") or {}).items())
+            rules = ", ".join(f"{k} {n}" for k, n in (st.get("served_rules") or {}).items())
             lines.append(
                 f"| {site} | {st['splits']} | {st['federated_wins']} | {_fmt(st['mean_local'])} | "
                 f"{_fmt(st['mean_federated'])} | {_fmt(st['mean_gain'], 4)} | {st['sign_test_p']:.3f} | "
-                f"{st.get('served_wins')} | {_fmt(st.get('mean_served'))} | "
-                f"{_fmt(st.get('mean_gain_served'), 4)} | {_fmt(st.get('served_sign_test_p'))} | {kinds} |"
+                f"{st.get('served_wins')} | {st.get('served_losses', '–')} ({_fmt(st.get('worst_served_gain'), 4)}) | "
+                f"{_fmt(st.get('mean_served'))} | "
+                f"{_fmt(st.get('mean_gain_served'), 4)} | {_fmt(st.get('served_sign_test_p'))} | {kinds} | {rules} |"
             )
         lines += [
             "",

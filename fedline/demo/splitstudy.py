@@ -51,6 +51,7 @@ def _one_split(
     from edge.config import PrivacyConfig, TrainingConfig
     from edge.personal import PersonalConfig, Personaliser
     from fedline.config import parse
+    from fedline.demo import secure_aggregation
     from fedline.demo.baselines import TrainSettings, evaluate, predict, train_plain
     from fedline.demo.bufferloop import run_buffered
     from fedline.demo.data import load_demo_data
@@ -90,7 +91,8 @@ def _one_split(
         t.versions,
         training,
         privacy,
-        strategy_table(t),
+        # the demo aggregator's table: under secure aggregation its default reduce is the mean, else the median
+        {**strategy_table(t), "secure_aggregation": secure_aggregation.enabled(t.secure_aggregation, len(data.sites))},
         seed=t.seed + split_seed,
         absent={k: range(*v) for k, v in absent.items()},
         encoding=encoding,
@@ -103,12 +105,13 @@ def _one_split(
         local = train_plain(spec, x, y, base)
         p = Personaliser(pcfg, spec)
         p.local, p.local_rows = local, len(x)  # the same model (same code, settings and rows) the edge would train
-        served, choice = p.choose({**fed.params, **fed.personal[s.site]}, x, y, xv, yv)
+        served, choice = p.choose({**fed.params, **fed.personal[s.site]}, x, y, xv, yv, *data.fit_units(s))
         out[s.site] = {
             "local": evaluate(data, lambda z, q=local: predict(spec, q, z), i),
             "federated": evaluate(data, lambda z: predict(spec, fed.params, z), i),
             "served": evaluate(data, lambda z, q=served: predict(spec, q, z), i),
             "served_kind": choice.kind,
+            "served_rule": choice.rule,  # which rule of the pick decided (edge/personal.py RULES)
             "validation": choice.to_dict()["candidates"],  # what the pick saw (on the validation rows)
             "epsilon": fed.epsilon.get(s.site, 0.0),
         }
@@ -142,7 +145,9 @@ def summarise(metric: str, per_split: list[dict[str, dict[str, float]]]) -> dict
             and all(math.isfinite(v) for v in (r[site]["served"], r[site]["local"]))
         ]
         served_wins = sum(better(metric, v, loc) for v, loc in served)
+        served_gains = [sign * (v - loc) for v, loc in served]
         kinds: list[str] = [str(r[site]["served_kind"]) for r in per_split if site in r and r[site].get("served_kind")]
+        rules: list[str] = [str(r[site]["served_rule"]) for r in per_split if site in r and r[site].get("served_rule")]
         sites[site] = {
             "splits": len(pairs),
             "federated_wins": wins,
@@ -153,9 +158,13 @@ def summarise(metric: str, per_split: list[dict[str, dict[str, float]]]) -> dict
             # the model the line serves (edge/personal.py) against local-only, paired by split
             "served_wins": served_wins,
             "mean_served": float(np.mean([v for v, _ in served])) if served else math.nan,
-            "mean_gain_served": float(np.mean([sign * (v - loc) for v, loc in served])) if served else math.nan,
+            "mean_gain_served": float(np.mean(served_gains)) if served else math.nan,
             "served_sign_test_p": sign_test_p(served_wins, len(served)),
+            # splits where the line served a model worse than local-only, and the largest such loss
+            "served_losses": sum(g < 0 for g in served_gains),
+            "worst_served_gain": float(min(served_gains)) if served else math.nan,
             "served_kinds": {k: kinds.count(k) for k in sorted(set(kinds))},
+            "served_rules": {k: rules.count(k) for k in sorted(set(rules))},
         }
     return sites
 

@@ -45,7 +45,7 @@ def run_study_only(opts, console) -> int:
         on_split=lambda seed, r: console.print(
             f"  split {seed}: "
             + ", ".join(
-                f"{k} {v['local']:.3f}/{v['federated']:.3f}/{v['served']:.3f} ({v['served_kind']})"
+                f"{k} {v['local']:.3f}/{v['federated']:.3f}/{v['served']:.3f} ({v['served_kind']}, {v['served_rule']})"
                 for k, v in r.items()
             )
         ),
@@ -59,7 +59,9 @@ def run_study_only(opts, console) -> int:
     for site, v in study["sites"].items():
         console.print(
             f"  {site:<10} {v['mean_local']:.3f} / {v['mean_federated']:.3f} / {v['mean_served']:.3f}  "
-            f"wins {v['served_wins']}/{v['splits']}  p = {v['served_sign_test_p']:.3f}  kinds {v['served_kinds']}"
+            f"wins {v['served_wins']}/{v['splits']}  p = {v['served_sign_test_p']:.3f}  "
+            f"worse in {v['served_losses']} (worst {v['worst_served_gain']:+.3f})  kinds {v['served_kinds']}  "
+            f"rules {v['served_rules']}"
         )
     console.print(f"  claims: {checks} ({path})")
     return 1 if any(v is False for v in checks.values()) else 0

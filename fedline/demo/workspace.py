@@ -71,7 +71,6 @@ def personal_table(t: Tuning) -> dict[str, Any]:
         "serve": "pick",
         "finetune_epochs": t.finetune_epochs,
         "finetune_lr": t.finetune_lr,
-        "margin": 0.02,
         "local_epochs": baseline_epochs(t),
         "local_lr": 0.1,
         "momentum": 0.9,

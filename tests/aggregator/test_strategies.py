@@ -124,7 +124,7 @@ def test_fedbuff_buffers_k_then_steps_by_the_staleness_scaled_sum_over_k_with_lr
     core = AggregatorCore(
         fed.config(
             strategy='kind = "fedbuff"\nbuffer_size = 3\nstaleness = "polynomial"\na = 0.5\nserver_lr = 0.7\n'
-            "server_momentum = 0.9\nclip_to_median = false"
+            'server_momentum = 0.9\nclip_to_median = false\nrobust = "none"'  # the paper's mean, not the default median
         )
     )
     rng = np.random.default_rng(6)
@@ -187,7 +187,7 @@ def test_robust_reduce_keeps_model_near_the_clean_run_with_one_of_ten_poisoned(o
     attacked = strat.reduce(model, [acc(d, 10) for d in poisoned], None).model
     step = robust.l2_norm(clean)
     assert _dist(attacked, clean) <= bound * step
-    plain = FedBuff(StrategyConfig(kind="fedbuff", buffer_size=10, clip_to_median=False))
+    plain = FedBuff(StrategyConfig(kind="fedbuff", buffer_size=10, clip_to_median=False, robust="none"))
     plain_clean = plain.reduce(model, [acc(d, 10) for d in honest], None).model
     plain_attacked = plain.reduce(model, [acc(d, 10) for d in poisoned], None).model
     assert _dist(plain_attacked, plain_clean) > 5 * robust.l2_norm(plain_clean)

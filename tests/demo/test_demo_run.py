@@ -40,6 +40,9 @@ def assert_served_is_what_the_line_loads(tmp_path: Path, rep: dict, site: dict) 
     ptr = read_pointer(d)
     assert ptr is not None and ptr.meta["served"]["kind"] == site["served_kind"]
     assert site["served_kind"] in ("local", "global", "fine_tuned")
+    from edge.personal import RULES
+
+    assert ptr.meta["served"]["rule"] in RULES  # the line's status names the rule that decided
     v = ptr.meta["served"]["validation_metric"]
     assert v is None or v == pytest.approx(ptr.meta["served"]["candidates"][site["served_kind"]])
     src = rep["data"]

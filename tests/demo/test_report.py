@@ -203,13 +203,17 @@ def test_split_study_rmse_gain_is_the_drop_in_error():
     s = summarise(
         "rmse",
         [
-            {"a": {"local": 2.0, "federated": 1.5}},
-            {"a": {"local": 1.0, "federated": 1.2}},
-            {"a": {"local": 3.0, "federated": float("nan")}},
+            {"a": {"local": 2.0, "federated": 1.5, "served": 1.8, "served_rule": "paired_test_switched"}},
+            {"a": {"local": 1.0, "federated": 1.2, "served": 1.1, "served_rule": "too_small_fine_tuned"}},
+            {"a": {"local": 3.0, "federated": float("nan"), "served": 3.0, "served_rule": "paired_test_kept_local"}},
         ],
     )["a"]
     assert s["splits"] == 2 and s["federated_wins"] == 1  # a NaN split (no positives held out) is left out
     assert s["mean_gain"] == pytest.approx((0.5 - 0.2) / 2)
+    # served against local-only: gains +0.2, -0.1, 0 (a lower RMSE is a gain): ahead once, worse once by 0.1
+    assert (s["served_wins"], s["served_losses"]) == (1, 1)
+    assert s["worst_served_gain"] == pytest.approx(-0.1) and s["mean_gain_served"] == pytest.approx(0.1 / 3)
+    assert s["served_rules"] == {"paired_test_kept_local": 1, "paired_test_switched": 1, "too_small_fine_tuned": 1}
 
 
 def test_sign_test():

@@ -31,6 +31,30 @@ def test_group_split_keeps_every_unit_on_one_side(tmp_path):
         ds.add_many(_rows(1))
 
 
+def test_the_store_returns_each_rows_unit_for_the_served_model_pick(tmp_path):
+    """The pick tests candidates over validation units (edge/personal.py): each row's unit comes back with it,
+    as its group key, and a store made before the unit column gains it on open (old rows: no unit)."""
+    import sqlite3
+
+    path = tmp_path / "u.sqlite"
+    old = sqlite3.connect(path)  # a store of the release before the unit column
+    old.executescript(
+        "CREATE TABLE examples (id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, x BLOB NOT NULL, y BLOB, "
+        "holdout INTEGER NOT NULL, historical INTEGER NOT NULL DEFAULT 0);"
+        "INSERT INTO examples (ts, x, y, holdout) VALUES (0, x'000000000000000000000000', x'00000000', 0);"
+    )
+    old.close()
+    ds = Dataset(path, (3,), 1, max_rows=10_000, holdout_fraction=0.25, split="group")
+    units = [float(i // 20) for i in range(400)]  # engine numbers as a register delivers them
+    ds.add_many(_rows(400), groups=units)
+    x, _, train_units = ds.arrays_with_units()
+    xv, _, val_units = ds.arrays_with_units(holdout=True)
+    assert train_units[0] is None and len(train_units) == len(x) and len(val_units) == len(xv) > 0
+    assert [str(int(v) // 20) for v in x[1:, 0]] == train_units[1:]  # "3", not "3.0": the group key
+    assert [str(int(v) // 20) for v in xv[:, 0]] == val_units
+    assert np.array_equal(ds.arrays(holdout=True)[0], xv)
+
+
 def test_group_key_is_the_same_from_a_csv_and_from_a_register():
     assert group_key("7") == group_key(7) == group_key(7.0) == group_key(" 7.0 ") == "7"
     assert group_key(7.5) == "7.5" and group_key("press-3") == "press-3"

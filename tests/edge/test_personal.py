@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 
+from edge.paired_evidence import Evidence, mse_evidence
 from edge.personal import PersonalConfig, Personaliser, local_evidence, pick, too_small
 from models.spec import ModelSpec
 
@@ -13,28 +15,57 @@ CLS = ModelSpec(kind="mlp", n_features=2, hidden=[8], task="classification")
 REG = ModelSpec(kind="mlp", n_features=2, hidden=[8], task="regression")
 
 
-def test_pick_takes_the_best_validation_metric_in_its_direction():
+def _ev(p: float, test: str = "delong") -> Evidence:
+    return Evidence(gain=0.01, se=0.01, p=p, units=10, test=test)
+
+
+def test_a_federation_candidate_replaces_local_only_only_on_a_significant_paired_test():
+    """switch_alpha 0.05 shared by the two federation candidates (Bonferroni): each must reach p < 0.025."""
+    cfg = PersonalConfig(min_validation_rows=10, min_validation_positives=3, switch_alpha=0.05)
+    y = np.array([1.0] * 5 + [0.0] * 45)
+    scores = {"local": 0.90, "global": 0.95, "fine_tuned": 0.93}
+    kept = pick(CLS, scores, y, cfg, tests={"global": _ev(0.03), "fine_tuned": _ev(0.2)})
+    assert (kept.kind, kept.rule, kept.p, kept.validation_metric) == ("local", "paired_test_kept_local", 0.03, 0.90)
+    assert "global vs local-only" in kept.reason and "p = 0.03 >= 0.025" in kept.reason
+    switched = pick(CLS, scores, y, cfg, tests={"global": _ev(0.02), "fine_tuned": _ev(0.2)})
+    assert (switched.kind, switched.rule, switched.p) == ("global", "paired_test_switched", 0.02)
+    both = pick(CLS, scores, y, cfg, tests={"global": _ev(0.02), "fine_tuned": _ev(0.001)})
+    assert both.kind == "global"  # both pass: the better validation score wins, not the smaller p
+    alone = pick(CLS, scores, y, cfg, tests={"global": _ev(0.03)})  # one candidate tested: it has all of alpha
+    assert alone.kind == "global"
+    untested = pick(CLS, scores, y, cfg)  # no paired test could run: nothing shows a candidate better
+    assert untested.kind == "local" and "no paired test" in untested.reason
+    r = pick(
+        REG,
+        {"local": 12.0, "global": 9.5, "fine_tuned": 10.0},
+        np.zeros(50),
+        cfg,
+        tests={"global": _ev(0.001, "paired-mse"), "fine_tuned": _ev(0.001, "paired-mse")},
+    )
+    assert (r.kind, r.metric) == ("global", "rmse")  # lower RMSE is better
+    assert r.to_dict()["rule"] == "paired_test_switched" and r.to_dict()["p"] == 0.001
+
+
+def test_without_a_local_only_model_the_best_federation_candidate_is_served():
     cfg = PersonalConfig(min_validation_rows=10, min_validation_positives=3)
     y = np.array([1.0] * 5 + [0.0] * 45)
-    c = pick(CLS, {"local": 0.91, "global": 0.88, "fine_tuned": 0.90}, y, cfg)
-    assert (c.kind, c.validation_metric, c.validation_rows) == ("local", 0.91, 50)
-    r = pick(REG, {"local": 12.0, "global": 9.5, "fine_tuned": 10.0}, np.zeros(50), cfg)
-    assert r.kind == "global" and r.metric == "rmse"  # lower RMSE wins
-    tie = pick(CLS, {"local": 0.8, "global": 0.9, "fine_tuned": 0.9}, y, cfg)
-    assert tie.kind == "fine_tuned"  # between the federation's two, a tie goes to the fine-tuned one
     nan = pick(CLS, {"local": math.nan, "global": 0.7, "fine_tuned": math.nan}, y, cfg)
-    assert nan.kind == "global"
+    assert (nan.kind, nan.rule) == ("global", "no_local")
+    tie = pick(CLS, {"global": 0.9, "fine_tuned": 0.9}, y, cfg)
+    assert tie.kind == "fine_tuned"  # between the federation's two, a tie goes to the fine-tuned one
 
 
-def test_a_federation_candidate_must_lead_local_only_by_the_margin():
-    cfg = PersonalConfig(min_validation_rows=10, min_validation_positives=3, margin=0.02)
-    y = np.array([1.0] * 5 + [0.0] * 45)
-    assert pick(CLS, {"local": 0.90, "global": 0.80, "fine_tuned": 0.915}, y, cfg).kind == "local"  # +0.015
-    assert pick(CLS, {"local": 0.90, "global": 0.80, "fine_tuned": 0.925}, y, cfg).kind == "fine_tuned"  # +0.025
-    z = np.zeros(50)
-    assert pick(REG, {"local": 10.0, "global": 9.9, "fine_tuned": 11.0}, z, cfg).kind == "local"  # 1 % better
-    assert pick(REG, {"local": 10.0, "global": 9.7, "fine_tuned": 11.0}, z, cfg).kind == "global"  # 3 % better
-    assert pick(CLS, {"local": 0.9, "global": 0.9, "fine_tuned": 0.9}, y, cfg).kind == "local"  # a tie keeps it
+def test_the_paired_test_keeps_an_engine_plant_on_its_own_model_when_one_engine_makes_the_difference():
+    """test_paired_evidence's five engines: the global model's RMSE is 10.6 % lower on validation, all of it
+    on engine A; p = 0.187 on 4 df, so local-only stays (the old 2 % margin rule would have switched)."""
+    cfg = PersonalConfig(min_validation_rows=10, min_validation_units=5, switch_alpha=0.2)  # each at 0.1
+    y, units = np.zeros(10), list("AABBCCDDEE")
+    glob = np.array([0, 0] + [1] * 8, dtype=float)
+    tests = {"global": mse_evidence(y, glob, np.ones(10), units), "fine_tuned": _ev(0.9, "paired-mse")}
+    scores = {"local": 1.0, "global": math.sqrt(0.8), "fine_tuned": 1.2}
+    c = pick(REG, scores, y, cfg, evidence=40, tests=tests, units=units)
+    assert (c.kind, c.rule) == ("local", "paired_test_kept_local") and c.p == pytest.approx(0.18695, abs=1e-5)
+    assert "on 5 validation units" in c.reason and ">= 0.1" in c.reason
 
 
 def test_a_slice_too_small_to_decide_says_so_and_serves_the_fine_tuned_model():
@@ -42,6 +73,7 @@ def test_a_slice_too_small_to_decide_says_so_and_serves_the_fine_tuned_model():
     few_failures = np.array([1.0] * 3 + [0.0] * 157)  # 160 rows, 3 failures: one failure moves the AUC by 0.17
     c = pick(CLS, {"local": 0.99, "global": 0.80, "fine_tuned": 0.85}, few_failures, cfg)
     assert c.kind == "fine_tuned" and "too small" in c.reason and "3 rows of its rarer class" in c.reason
+    assert c.rule == "too_small_fine_tuned"
     assert "too small" in too_small(REG, np.zeros(12), cfg)
     assert too_small(REG, np.zeros(30), cfg) is None
     assert c.to_dict()["candidates"] == {"local": 0.99, "global": 0.8, "fine_tuned": 0.85}
@@ -62,6 +94,22 @@ def test_a_slice_too_small_to_decide_keeps_local_only_where_the_site_trained_on_
     assert pick(CLS, no_local, seven, cfg, evidence=55).kind == "fine_tuned"
     # regression: the evidence is rows; 20 validation rows cannot decide, 40 training rows are enough to keep
     assert pick(REG, {"local": 3.0, "global": 2.0, "fine_tuned": 2.0}, np.zeros(20), cfg, evidence=40).kind == "local"
+
+
+def test_a_grouped_regression_slice_counts_engines_and_so_does_the_local_evidence():
+    """The regression equivalent of the rarer-class rule: with a group column the independent evidence is
+    units (each engine run to failure is one failure). 200 validation rows of 4 engines cannot decide (< 5);
+    a plant whose training rows hold 24 engines (< 30) serves the fine-tuned model, one with 36 keeps its own."""
+    cfg = PersonalConfig(min_validation_rows=30, min_validation_units=5, min_local_positives=30)
+    y, four = np.zeros(200), [str(i // 50) for i in range(200)]
+    assert too_small(REG, y, cfg, four) == "validation slice too small to decide: 4 units < 5"
+    assert too_small(REG, y, cfg, [str(i // 40) for i in range(200)]) is None  # 5 engines
+    assert too_small(REG, y, cfg) is None  # without units: 200 independent rows
+    scores = {"local": 0.15, "global": 0.17, "fine_tuned": 0.14}
+    small = pick(REG, scores, y, cfg, evidence=local_evidence(REG, np.zeros(3000), 3000, train_units=24), units=four)
+    assert (small.kind, small.rule) == ("fine_tuned", "too_small_fine_tuned") and "24 (< 30)" in small.reason
+    big = pick(REG, scores, y, cfg, evidence=36, units=four)
+    assert (big.kind, big.rule) == ("local", "too_small_kept_local") and "trained on 36 units" in big.reason
 
 
 def test_local_evidence_counts_the_rarer_class_of_the_training_rows():
@@ -127,3 +175,30 @@ def test_personaliser_keeps_local_only_when_a_well_trained_site_cannot_validate(
     xv, yv = _task(20, False, rng)  # 20 validation rows: too few to decide
     _, choice = Personaliser(cfg, CLS).choose(global_params, x, y, xv, yv)
     assert choice.kind == "local" and "too small" in choice.reason and "local-only kept" in choice.reason
+
+
+def test_choose_from_reads_each_rows_unit_from_the_sites_store(tmp_path):
+    """The edge's path (edge/line_export.py): the store's units reach the pick. 40 engines of 10 rows, a quarter
+    held out by hash: the paired test runs over the held-out engines; with 8 engines the slice is too small and
+    the training engines are the evidence."""
+    from edge.dataset import Dataset, group_in_holdout, group_key
+    from edge.personal import train_local_only
+
+    rng = np.random.default_rng(3)
+    cfg = PersonalConfig(local_epochs=2, finetune_epochs=1, min_validation_rows=5)
+    for engines in (40, 8):
+        ds = Dataset(tmp_path / f"{engines}.sqlite", (2,), 1, max_rows=10_000, holdout_fraction=0.25, split="group")
+        x = rng.uniform(0, 1, (engines * 10, 2)).astype(np.float32)
+        units = [i // 10 for i in range(engines * 10)]
+        ds.add_many([(xi, np.array([xi[0]], np.float32)) for xi in x], groups=units)
+        held = {u for u in set(units) if group_in_holdout(group_key(u), 0.25)}
+        glob = train_local_only(REG, x, x[:, :1], cfg)
+        _, choice = Personaliser(cfg, REG).choose_from(ds, glob)
+        if engines == 40:
+            assert len(held) >= 5 and choice.rule.startswith("paired_test")
+            assert f"on {len(held)} validation units" in choice.reason or "better than local-only" in choice.reason
+        else:
+            assert 0 < len(held) < 5, held  # this hash holds out between 1 and 4 of 8 engines
+            assert choice.rule == "too_small_fine_tuned"
+            assert f"{len(held)} units < 5" in choice.reason and f"trained on {8 - len(held)} (< 30)" in choice.reason
+        ds.close()

@@ -32,7 +32,7 @@ def test_the_shipped_example_loads_with_paths_relative_to_it():
         (lambda d: d["upstream"].update(colour="red"), "upstream.colour", "unknown key"),
         (lambda d: d["upstream"]["broker"].update(url="http://x"), "upstream.broker.url", "mqtt"),
         (lambda d: d["upstream"]["outbox"].update(resend_after_s=0), "upstream.outbox", "resend_after_s"),
-        (lambda d: d["strategy"].update(secure_aggregation=True), "strategy.secure_aggregation", "not supported"),
+        (lambda d: d["strategy"].update(secure_aggregation=True, min_sites=2), "strategy", "min_sites >= 3"),
     ],
 )
 def test_a_bad_plant_toml_names_the_key(tmp_path, change, key, needle):
@@ -43,6 +43,15 @@ def test_a_bad_plant_toml_names_the_key(tmp_path, change, key, needle):
     with pytest.raises(ConfigError) as err:
         load_plant_config(path)
     assert err.value.key == key and needle in err.value.message, (err.value.key, err.value.message)
+
+
+def test_secure_aggregation_within_a_plant_loads_with_the_aggregators_rules():
+    """The plant runs cohorts over its lines like any aggregator (its config rules are the aggregator's)."""
+    doc = load_toml(EXAMPLE)
+    doc["strategy"]["secure_aggregation"] = True
+    doc["strategy"].pop("buffer_timeout_s", None)
+    cfg = parse_plant_config(doc, EXAMPLE)
+    assert cfg.plant.strategy.secure_aggregation and cfg.plant.strategy.min_sites == 3
 
 
 def test_the_central_federation_cannot_be_the_plants_own_on_the_same_broker():

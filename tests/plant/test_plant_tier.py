@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from fedline.testing.ledger import read_site_ledger
-from tests.plant.tier import LINES, PLANTS, PlantTier, central_weights, checkpoints
+from tests.plant.tier import LINES, PLANTS, SECAGG_PLANTS, PlantTier, central_weights, checkpoints
 
 
 @pytest.mark.broker
@@ -25,7 +25,9 @@ async def test_two_plants_of_three_lines_stay_ledger_exact_across_a_cut_of_a_pla
     """1. all links up: both plants reduce, one delta each, two central versions;
     2. plant-a's link to the central broker is cut: its lines are still answered by their plant (its
        broker does not depend on the link), its delta waits in its outbox, plant-b's goes on;
-    3. the link is back: plant-a's delta goes out once, central makes its version, every line follows it."""
+    3. the link is back: plant-a's delta goes out once, central makes its version, every line follows it.
+    plant-a runs secure aggregation over its three lines (it reads only their sum), plant-b plain FedBuff
+    and sends its deltas upstream as int8."""
     t0 = time.monotonic()
     async with PlantTier(tmp_path) as tier:
         agents, everyone = tier.agents, list(LINES)
@@ -43,6 +45,11 @@ async def test_two_plants_of_three_lines_stay_ledger_exact_across_a_cut_of_a_pla
         waiting = [e for e in read_site_ledger(tier.upstream_db("plant-a")) if e["state"] in ("queued", "sent")]
         assert len(waiting) == 1, read_site_ledger(tier.upstream_db("plant-a"))
         assert tier.follow(PLANTS["plant-a"], 2), [tier.upstream(x) for x in PLANTS["plant-a"]]
+        # what plant-a's operator sees on its /metrics during the cut
+        await tier.until(lambda: tier.plant_metrics("plant-a")["fedline_plant_upstream_connected"] == 0, 30, "cut seen")
+        cut = tier.plant_metrics("plant-a")
+        assert cut["fedline_plant_upstream_outbox_depth"] == 1 and cut["fedline_plant_central_version"] == 2, cut
+        assert cut["fedline_plant_deltas_queued_total"] == 2 and cut["fedline_plant_upstream_outbox_bytes"] > 0, cut
 
         tier.proxies["plant-a"].restore()
         await tier.until(lambda: tier.central_version() == 4 and tier.follow(everyone, 4), 60, "phase 3")
@@ -52,9 +59,18 @@ async def test_two_plants_of_three_lines_stay_ledger_exact_across_a_cut_of_a_pla
             lambda: all(e["state"] == "applied" for db in ups for e in read_site_ledger(db)), 20, "receipts"
         )
         tier.check_ledgers(line_updates=6, plant_deltas=4)
-        for p in PLANTS:  # two reduces per plant, each sent up once
-            reduces = [v for v, lin in checkpoints(tier.plant_state(p)).items() if lin["updates"]]
+        for p in PLANTS:
+            m = tier.plant_metrics(p)
+            assert m["fedline_plant_upstream_connected"] == 1 and m["fedline_plant_central_version"] == 4, (p, m)
+            assert (
+                m["fedline_plant_upstream_outbox_depth"] == 0
+                and m['fedline_plant_receipts_total{verdict="applied"}'] == 2
+            )
+        for p in PLANTS:  # two reduces per plant, each sent up once; plant-a's are cohort sums
+            reduces = [lin for lin in checkpoints(tier.plant_state(p)).values() if lin["updates"]]
             assert len(reduces) == 2 and len(read_site_ledger(tier.upstream_db(p))) == 2
+            kind = "fedbuff-secagg" if p in SECAGG_PLANTS else "fedbuff"
+            assert all(lin["strategy"] == kind and len(lin["updates"]) == 3 for lin in reduces), (p, reduces)
 
         # each line holds central version 4's weights, and each plant delta reports its lines' largest ε
         w4 = central_weights(tier.central_state, 4)

@@ -27,7 +27,7 @@ import tomli_w
 
 from broker_bridge.envelope import decode_tensors
 from broker_bridge.keys import Enrollment, KeyPair
-from broker_bridge.mosquitto import MosquittoProcess
+from broker_bridge.mosquitto import MosquittoProcess, free_port
 from fedline.testing.rig import FEATURES, write_plant_csv
 
 CENTRAL = "central"
@@ -68,8 +68,10 @@ def broker_table(broker: MosquittoProcess, user: str, url: str | None = None, **
     }
 
 
-def aggregator_tables(root: Path, federation: str, kd: Path, broker: dict[str, Any], k: int) -> dict[str, Any]:
-    return {
+def aggregator_tables(
+    root: Path, federation: str, kd: Path, broker: dict[str, Any], k: int, secagg: bool = False
+) -> dict[str, Any]:
+    doc = {
         "aggregator": {
             "federation": federation,
             "key_file": str(kd / "aggregator.key"),
@@ -85,15 +87,22 @@ def aggregator_tables(root: Path, federation: str, kd: Path, broker: dict[str, A
         "dp": DP,
         "publish": {"retain_versions": 3, "onnx": False},
     }
+    if secagg:  # cohorts of the three lines: the plant reads only their sum
+        doc["strategy"].update(secure_aggregation=True, min_sites=3)
+        doc["secagg"] = {"gather_s": 1.0, "deadline_s": 120.0, "unmask_timeout_s": 60.0}
+    return doc
 
 
-def line_toml(d: Path, line: str, plant: str, kd: Path, broker: dict[str, Any], seed: int) -> Path:
+def line_toml(
+    d: Path, line: str, plant: str, kd: Path, broker: dict[str, Any], seed: int, secagg: bool = False
+) -> Path:
     write_plant_csv(d / "rows.csv", 120, seed)
     return write_toml(
         d / "site.toml",
         {
             "site": line,
             "federation": plant,
+            "secure_aggregation": secagg,
             "data_dir": "state",
             "model_dir": "models",
             "status_interval_s": 2.0,
@@ -146,6 +155,8 @@ def checkpoints(state_dir: Path) -> dict[int, dict[str, Any]]:
 
 
 PLANTS = {"plant-a": ["a1", "a2", "a3"], "plant-b": ["b1", "b2", "b3"]}
+QUANTISED_PLANTS = {"plant-b"}  # its upstream deltas are int8 ([upstream.update] quantise)
+SECAGG_PLANTS = {"plant-a"}  # secure aggregation within this plant: it sees its lines' sum, never one line
 LINES = {line: p for p, lines in PLANTS.items() for line in lines}
 
 
@@ -164,6 +175,8 @@ class PlantTier:
         self.agents: dict[str, Any] = {}
         self.tasks: list[asyncio.Task] = []
         self.stop = asyncio.Event()
+        self.rounds_done: dict[str, int] = {}  # rounds each line was asked for (tier.round)
+        self.metrics_ports: dict[str, int] = {}  # each plant's /metrics
 
     def plant_state(self, p: str) -> Path:
         return self.root / "plants" / p / "state"
@@ -195,8 +208,15 @@ class PlantTier:
         for p in PLANTS:
             self.proxies[p] = await TcpProxy(central.tls_port, name=p).start()
             doc = aggregator_tables(
-                root / "plants" / p, p, root / "keys" / p, broker_table(self.brokers[p], "aggregator"), 3
+                root / "plants" / p,
+                p,
+                root / "keys" / p,
+                broker_table(self.brokers[p], "aggregator"),
+                3,
+                secagg=p in SECAGG_PLANTS,
             )
+            self.metrics_ports[p] = free_port()
+            doc["metrics"] = {"port": self.metrics_ports[p]}
             doc["upstream"] = {
                 "site": p,
                 "federation": CENTRAL,
@@ -208,11 +228,21 @@ class PlantTier:
                     central, p, f"mqtts://127.0.0.1:{self.proxies[p].port}", ca_file=central.ca_file
                 ),
                 "outbox": {"resend_after_s": 5.0},
+                # plant-b's deltas cross the WAN as int8 (plant-a's as float32)
+                "update": {"quantise": "int8" if p in QUANTISED_PLANTS else "off"},
             }
             write_toml(root / "plants" / p / "plant.toml", doc)
             self.start_plant(p)
         for i, (line, p) in enumerate(LINES.items()):
-            path = line_toml(root / "lines" / line, line, p, root / "keys" / p, broker_table(self.brokers[p], line), i)
+            path = line_toml(
+                root / "lines" / line,
+                line,
+                p,
+                root / "keys" / p,
+                broker_table(self.brokers[p], line),
+                i,
+                secagg=p in SECAGG_PLANTS,
+            )
             self.agents[line] = EdgeAgent(load_edge_config(path))
             self.tasks.append(asyncio.create_task(self.agents[line].run(self.stop)))
         return self
@@ -251,6 +281,14 @@ class PlantTier:
         except AssertionError as exc:
             raise AssertionError(f"{what}: not within {timeout} s ({exc})") from None
 
+    def plant_metrics(self, p: str) -> dict[str, float]:
+        """The plant's /metrics, scraped over HTTP as Prometheus would (unlabelled samples and ``name{labels}``)."""
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_ports[p]}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        return {ln.rsplit(" ", 1)[0]: float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines() if ln and ln[0] != "#"}
+
     def upstream(self, line: str) -> int | None:
         """The central version a line's model is, as its plant's signed manifest names it."""
         up = self.agents[line].base.manifest.get("upstream")
@@ -270,9 +308,24 @@ class PlantTier:
         )
 
     async def round(self, lines: list[str]) -> None:
-        """One training round on each of ``lines`` (sealed and queued; sending is the agents' own)."""
+        """One training round on each of ``lines`` (sealed and queued; sending is the agents' own).
+
+        A line under secure aggregation trains for a cohort on the base it holds, and a cohort's
+        announcement also wakes the agent's own loop while it has new rows (its first round): that round
+        counts as the phase's. The test holds the agent's round lock while it checks, waits for the cohort
+        and trains, so no round of the agent's own runs in between.
+        """
         for line in lines:
-            assert await self.agents[line].train_once() is not None, line
+            a = self.agents[line]
+            self.rounds_done[line] = self.rounds_done.get(line, 0) + 1
+            if a.cohorts is None:
+                assert await a.train_once() is not None, line
+                continue
+            async with a.rounds._lock:
+                if len(a.outbox.ledger()) >= self.rounds_done[line]:
+                    continue  # its own loop trained for this phase's cohort
+                await self.until(lambda a=a: a.cohorts.ready(a.base.version) is not None, 60, f"{line}: a cohort")
+                assert await a.rounds._round() is not None, line
 
     def check_ledgers(self, line_updates: int, plant_deltas: int) -> None:
         """Both tiers reconcile: each line update applied once at its plant, each plant delta once centrally."""

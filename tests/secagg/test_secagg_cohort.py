@@ -170,3 +170,29 @@ def test_what_the_broker_carries_of_a_cohort_is_sealed_for_members_or_for_one_me
         other = next(s for s in SITES if s != site)
         assert members[other].on_request(o.payload) is None  # sealed to its member: another cannot open it
         assert members[site].on_request(o.payload) is not None
+
+
+def test_a_cohort_nobody_masked_into_is_superseded_once_a_newer_version_is_served(rig) -> None:
+    """Members follow the served model, so a newer served version (a plant adopting a central one) leaves an
+    empty cohort on the old base unable to finish: it is ended at the next tick and its members join one on
+    the new base. A cohort someone has masked into runs on to its deadline."""
+    fed, core, coord, members, _clock, topics = rig
+    first = announce(coord, members, ["site-a", "site-b", "site-c"])
+    assert first.base_version == 0
+    core.commit({k: v + 1.0 for k, v in core.model.items()}, None, {"strategy": "upstream", "updates": []}, [])
+    assert core.served_version == 1
+    out = coord.tick()
+    cleared = [o for o in out if o.topic == topics.secagg_cohort(first.cohort)]
+    assert [(o.payload, o.retain) for o in cleared] == [(b"", True)]
+    assert first.cohort not in coord.cohorts
+    (new,) = [o for o in out if "/secagg/cohort/" in o.topic and o.payload]
+    for s in ("site-a", "site-b", "site-c"):
+        members[s].on_cohort(b"", first.cohort)  # the cleared announcement
+        assert members[s].on_cohort(new.payload)
+    second = members["site-a"].pending
+    assert second.base_version == 1 and members["site-a"].ready(1) == second
+
+    submit(fed, core, coord, members, "site-a", 1, {k: np.zeros_like(v) for k, v in core.model.items()})
+    core.commit(dict(core.model), None, {"strategy": "upstream", "updates": []}, [])
+    out = coord.tick()
+    assert second.cohort in coord.cohorts and not [o for o in out if o.topic == topics.secagg_cohort(second.cohort)]
