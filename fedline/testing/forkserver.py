@@ -119,6 +119,8 @@ class _Server:
             self.proc.terminate()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(10)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
         with contextlib.suppress(OSError):
             self.path.unlink()
             self.dir.rmdir()
