@@ -31,15 +31,15 @@ from fedline.testing.rig import FaultRig, RigSettings
 from tests.faults.conftest import record
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # about 20 s; the policies, not a fixed bug: the outbox's own tests (tests/edge) cover them by default
 async def test_outbox_cap_drop_oldest_and_stop_training_then_recover(tmp_path) -> None:
     settings = RigSettings(
-        rows_per_site=520,
+        rows_per_site=int(bound(130)),  # 390 rows, 10 s at 40 Hz: the outage and the return both see rows
         rate_hz=40.0,
         every_rows=40,
         buffer_size=2,
         max_staleness=20,
-        training={"every_s": 2.0},  # a skipped round is retried on time, too
+        training={"every_s": 1.0},  # a skipped round is retried on time, too
         site_outbox={
             "site-a": {"max_count": 3, "policy": "drop_oldest"},
             "site-b": {"max_count": 3, "policy": "stop_training"},
