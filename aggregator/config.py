@@ -320,6 +320,9 @@ class IntakeConfig:
 
     workers: int = 0
     keys_dir: str = "keys"
+    # a worker opens updates with this file (``fedline keys opening-key``: the aggregator's X25519 secret
+    # without its signing key) rather than [aggregator] key_file; "" reads the key pair (and warns)
+    opening_key_file: str = ""
 
     def validate(self) -> None:
         if not 0 <= self.workers <= 64:
@@ -365,7 +368,11 @@ def _resolve(cfg: AggregatorConfig, file: str | Path | None) -> AggregatorConfig
         enrollment_file=str(resolve_path(file, a.enrollment_file)),
         state_dir=str(resolve_path(file, a.state_dir)),
     )
-    intake = dataclasses.replace(cfg.intake, keys_dir=str(resolve_path(file, cfg.intake.keys_dir)))
+    intake = dataclasses.replace(
+        cfg.intake,
+        keys_dir=str(resolve_path(file, cfg.intake.keys_dir)),
+        opening_key_file=str(resolve_path(file, cfg.intake.opening_key_file)) if cfg.intake.opening_key_file else "",
+    )
     return dataclasses.replace(cfg, aggregator=a, intake=intake, file=str(file) if file is not None else None)
 
 

@@ -54,7 +54,7 @@ from aggregator.reassembly import SenderChunks
 from broker_bridge import chunking
 from broker_bridge.client import BrokerSettings, MqttClient
 from broker_bridge.errors import FedlineError, TopicError
-from broker_bridge.keys import Enrollment, KeyPair
+from broker_bridge.keys import Enrollment, KeyPair, OpeningKey
 from broker_bridge.liveness import Liveness
 from broker_bridge.mosquitto import intake_users
 from broker_bridge.topics import Topics
@@ -74,6 +74,21 @@ def reference_shapes(cfg: AggregatorConfig) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in state.items()}
 
 
+def _opening_key(cfg: AggregatorConfig) -> KeyPair | OpeningKey:
+    """What a worker opens updates with: ``[intake] opening_key_file`` if set (no signing key), else the key pair."""
+    if cfg.intake.opening_key_file:
+        return OpeningKey.load(cfg.intake.opening_key_file)
+    event(
+        log,
+        "intake.holds_signing_key",
+        level=logging.WARNING,
+        key_file=cfg.aggregator.key_file,
+        detail="this worker reads the aggregator's signing key too: give it [intake] opening_key_file "
+        "(fedline keys opening-key) so a compromised worker host cannot sign models or receipts",
+    )
+    return KeyPair.load(cfg.aggregator.key_file)
+
+
 class IntakeWorker:
     """``await IntakeWorker(cfg, index).run()`` runs until cancelled (or :meth:`stop`)."""
 
@@ -88,7 +103,7 @@ class IntakeWorker:
         self.me = ids[index]
         self.peers = ids
         self.topics = Topics(cfg.aggregator.federation, cfg.aggregator.topic_prefix)
-        self.keys = KeyPair.load(cfg.aggregator.key_file)  # opens what sites sealed to the aggregator
+        self.keys = _opening_key(cfg)  # opens what sites sealed to the aggregator
         key_file = Path(cfg.intake.keys_dir) / f"{self.me}.key"
         self.worker_keys = KeyPair.load(key_file)  # signs the forwards
         if self.worker_keys.role != "worker" or self.worker_keys.ident != self.me:
@@ -97,6 +112,11 @@ class IntakeWorker:
                 f"intake worker {self.me!r} needs its own (fedline keys new --role worker --id {self.me})"
             )
         self.enrollment = Enrollment.load(cfg.aggregator.enrollment_file)
+        if self.keys.public().box_pub != self.enrollment.aggregator.box_pub:
+            raise FedlineError(
+                f"{cfg.intake.opening_key_file or cfg.aggregator.key_file} is not the key of the aggregator "
+                f"enrolled in {cfg.aggregator.enrollment_file}: sites seal their updates to that one"
+            )
         self._enrollment_mtime = os.stat(cfg.aggregator.enrollment_file).st_mtime_ns
         self.reference = reference_shapes(cfg)
         n_params = sum(math.prod(s) for s in self.reference.values())

@@ -19,7 +19,7 @@ from aggregator.validate import ValidationError, check_update
 from broker_bridge import envelope, quantised
 from broker_bridge.envelope import UpdateHeader
 from broker_bridge.errors import WireError
-from broker_bridge.keys import Enrollment, KeyPair
+from broker_bridge.keys import Enrollment, KeyPair, OpeningKey
 
 State = dict[str, np.ndarray]
 
@@ -39,7 +39,7 @@ class Opened:
     secagg: bool = False  # a masked cohort submission: decided by aggregator.secagg_cohort, not here
 
 
-def read_update(blob: bytes, keys: KeyPair, enrollment: Enrollment) -> tuple[UpdateHeader, State]:
+def read_update(blob: bytes, keys: KeyPair | OpeningKey, enrollment: Enrollment) -> tuple[UpdateHeader, State]:
     """A site's sealed update as (header, float32 delta): opened, verified and decoded (:class:`WireError`).
 
     What a buffered update's stored bytes are read back with after a restart; the
@@ -53,7 +53,7 @@ def open_update(
     sealed: bytes,
     *,
     cfg: AggregatorConfig,
-    keys: KeyPair,
+    keys: KeyPair | OpeningKey,
     enrollment: Enrollment,
     reference: dict[str, tuple[int, ...]],
     max_norm: float,

@@ -54,6 +54,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     cmd.add_argument("--site", required=True, help="the site whose lines take it")
     cmd.add_argument("--out", type=Path, required=True, help="file to write (publish it, e.g. mosquitto_pub -f)")
     cmd.set_defaults(func=_keys_command)
+    opening = ks.add_parser(
+        "opening-key", help="copy the aggregator's X25519 secret without its signing key, for intake workers"
+    )
+    opening.add_argument("--key", type=Path, required=True, help="the aggregator's private key file")
+    opening.add_argument("--out", type=Path, required=True, help="opening-key file to write (mode 0600)")
+    opening.add_argument("--force", action="store_true", help="overwrite an existing file")
+    opening.set_defaults(func=_keys_opening)
     show = ks.add_parser("show", help="check and print a key or enrollment file")
     show.add_argument("file", type=Path)
     show.set_defaults(func=_keys_show)
@@ -180,6 +187,21 @@ def _keys_new(args: argparse.Namespace) -> int:
     return 0
 
 
+def _keys_opening(args: argparse.Namespace) -> int:
+    from broker_bridge.keys import KeyPair
+
+    if args.out.exists() and not args.force:
+        print(f"fedline: {args.out} exists; use --force to overwrite it", file=sys.stderr)
+        return 1
+    kp = KeyPair.load(args.key)
+    if kp.role != "aggregator":
+        print(f"fedline: {args.key} is a {kp.role} key; only an aggregator's has intake workers", file=sys.stderr)
+        return 1
+    kp.opening_key().save(args.out)
+    print(f"wrote {args.out} (private, 0600): opens updates sealed to {kp.ident}, signs nothing")
+    return 0
+
+
 def _keys_command(args: argparse.Namespace) -> int:
     from broker_bridge.keys import KeyPair
     from broker_bridge.line_command import sign_command
@@ -251,7 +273,7 @@ def _keys_revoke(args: argparse.Namespace) -> int:
 
 def _keys_show(args: argparse.Namespace) -> int:
     from broker_bridge.errors import KeyFileError
-    from broker_bridge.keys import Enrollment, KeyPair, PublicKeys
+    from broker_bridge.keys import Enrollment, KeyPair, OpeningKey, PublicKeys
 
     text = args.file.read_text() if args.file.exists() else ""
     kind = ""
@@ -268,6 +290,9 @@ def _keys_show(args: argparse.Namespace) -> int:
     elif kind == "private-key":
         kp = KeyPair.load(args.file)
         print(f"private key of {kp.role} {kp.ident!r} (permissions ok)")
+    elif kind == "opening-key":
+        ok = OpeningKey.load(args.file)
+        print(f"opening key of {ok.role} {ok.ident!r}: opens what is sealed to it, signs nothing (permissions ok)")
     else:
         try:
             pub = PublicKeys.load(args.file)

@@ -37,7 +37,7 @@ from nacl.secret import SecretBox
 from nacl.signing import VerifyKey
 
 from broker_bridge.errors import TopicError, WireError
-from broker_bridge.keys import Enrollment, KeyPair
+from broker_bridge.keys import Enrollment, KeyPair, OpeningKey
 from broker_bridge.sealopen import seal_open
 from broker_bridge.topics import validate_site_id
 
@@ -262,7 +262,7 @@ def seal_update(
 
 def open_update(
     blob: bytes | memoryview,
-    aggregator_keys: KeyPair,
+    aggregator_keys: KeyPair | OpeningKey,
     enrollment: Enrollment,
     is_new_counter: Callable[[str, int], bool] = lambda site, counter: True,
     max_bytes: int = MAX_MESSAGE_BYTES,

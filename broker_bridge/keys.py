@@ -150,15 +150,15 @@ class KeyPair:
         }
         write_private(Path(path), json.dumps(doc, indent=2) + "\n")
 
+    def opening_key(self) -> OpeningKey:
+        """The X25519 secret alone (an aggregator's, for its intake workers): opens, signs nothing."""
+        return OpeningKey(self.ident, self.role, bytes(self.signing_key.verify_key), self.box_key)
+
     @classmethod
     def load(cls, path: str | Path, *, check_mode: bool = True) -> KeyPair:
         p = Path(path)
-        if check_mode and p.exists():
-            mode = stat.S_IMODE(p.stat().st_mode)
-            if mode & 0o077:
-                raise KeyFileError(
-                    p, f"permissions {oct(mode)} are too open; a private key must be 0600 (chmod 600 {p})"
-                )
+        if check_mode:
+            _check_private_mode(p)
         doc = _read_json(p, "private-key")
         role = doc.get("role")
         if role not in ROLES:
@@ -171,6 +171,63 @@ class KeyPair:
             ident,
             role,
             SigningKey(_unb64(p, "sign_seed", doc.get("sign_seed"))),
+            PrivateKey(_unb64(p, "box_secret", doc.get("box_secret"))),
+        )
+
+
+def _check_private_mode(p: Path) -> None:
+    if p.exists():
+        mode = stat.S_IMODE(p.stat().st_mode)
+        if mode & 0o077:
+            raise KeyFileError(p, f"permissions {oct(mode)} are too open; a private key must be 0600 (chmod 600 {p})")
+
+
+@dataclass(frozen=True)
+class OpeningKey:
+    """A party's X25519 secret without its signing key: opens what was sealed to it, signs nothing.
+
+    Why: an aggregator's intake workers only open the sites' updates (``aggregator.intake_worker``).
+    Given this file (``fedline keys opening-key``) instead of the aggregator's key pair, a compromised
+    worker host reads the updates it could read anyway, but cannot sign a model, a receipt or a key
+    grant. Its file kind is ``opening-key``, so it is never mistaken for a key pair that can sign.
+    """
+
+    ident: str
+    role: str
+    sign_pub: bytes  # the owner's Ed25519 public key: public() matches the enrollment's entry
+    box_key: PrivateKey = field(repr=False)
+
+    def public(self) -> PublicKeys:
+        return PublicKeys(self.ident, self.role, self.sign_pub, bytes(self.box_key.public_key))
+
+    def save(self, path: str | Path) -> None:
+        doc = {
+            "fedline": "opening-key",
+            "version": 1,
+            "id": self.ident,
+            "role": self.role,
+            "sign_pub": _b64(self.sign_pub),
+            "box_secret": _b64(bytes(self.box_key)),
+        }
+        write_private(Path(path), json.dumps(doc, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path, *, check_mode: bool = True) -> OpeningKey:
+        p = Path(path)
+        if check_mode:
+            _check_private_mode(p)
+        doc = _read_json(p, "opening-key")
+        role = doc.get("role")
+        if role not in ROLES:
+            raise KeyFileError(p, f"role must be one of {ROLES}, got {role!r}")
+        try:
+            ident = validate_site_id(doc.get("id"), "id")
+        except ValueError as exc:
+            raise KeyFileError(p, str(exc)) from None
+        return cls(
+            ident,
+            role,
+            _unb64(p, "sign_pub", doc.get("sign_pub")),
             PrivateKey(_unb64(p, "box_secret", doc.get("box_secret"))),
         )
 

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 from prometheus_client import CollectorRegistry
 
+from broker_bridge import quantised
 from broker_bridge.chunking import split
 from broker_bridge.client import Message, MqttClient, will_message
 from broker_bridge.envelope import UpdateHeader, open_receipt, seal_update
@@ -125,8 +126,10 @@ class Uplink:
             base_version=base_version,
             n_samples=max(1, n_samples),
             privacy=privacy,
+            encoding=self.cfg.update.encoding,
         )
-        blob = seal_update(header, delta, self.keys, self.enrollment.aggregator.box_pub)
+        tensors = quantised.encode(delta, header.encoding)  # int8: after the lines' DP noise (post-processing)
+        blob = seal_update(header, tensors, self.keys, self.enrollment.aggregator.box_pub)
         try:
             self.outbox.put(
                 site=self.site,
@@ -156,6 +159,8 @@ class Uplink:
             lines=privacy.get("lines"),
             epsilon=privacy.get("epsilon"),
             accounting=privacy.get("accounting"),
+            encoding=header.encoding,
+            bytes=len(blob),
         )
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._poke)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -20,6 +21,7 @@ import numpy as np
 import pytest
 
 from aggregator import partition
+from aggregator.config import load_config
 from aggregator.forward import open_forward, seal_forward
 from aggregator.opener import Opened, open_update
 from aggregator.reducer import Forwards
@@ -135,6 +137,50 @@ def test_reducer_answers_a_forged_forward_without_a_site(tmp_path: Path) -> None
     assert header == op.header and set(tensors) == set(REFERENCE)
 
 
+def test_a_worker_opens_updates_with_an_opening_key_that_cannot_sign(tmp_path: Path, capsys) -> None:
+    """``fedline keys opening-key``: the aggregator's X25519 secret alone, 0600, a file kind of its own. It
+    opens a site's sealed update exactly as the key pair does, and is refused where a signing key is needed."""
+    import stat
+
+    from broker_bridge.errors import KeyFileError
+    from broker_bridge.keys import OpeningKey
+    from fedline.cli import main
+
+    fed, op, _, _ = _opened(tmp_path)
+    out = tmp_path / "aggregator.opening.key"
+    assert main(["keys", "opening-key", "--key", str(fed.root / "aggregator.key"), "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["fedline"] == "opening-key" and "sign_seed" not in doc and stat.S_IMODE(out.stat().st_mode) == 0o600
+    with pytest.raises(KeyFileError, match="expected a fedline private-key file, got 'opening-key'"):
+        KeyPair.load(out)
+    key = OpeningKey.load(out)
+    assert key.public() == fed.agg.public()  # the enrollment's aggregator entry, signing half included
+    again = open_update(
+        op.sealed, cfg=fed.config(), keys=key, enrollment=fed.enrollment, reference=REFERENCE, max_norm=1e4
+    )
+    assert again.reason is None and again.header == op.header
+    assert main(["keys", "show", str(out)]) == 0 and "signs nothing" in capsys.readouterr().out
+    site_key = fed.root / "site-a.key"
+    assert main(["keys", "opening-key", "--key", str(site_key), "--out", str(tmp_path / "x.key")]) == 1
+    assert "only an aggregator" in capsys.readouterr().err
+
+
+def test_a_worker_refuses_an_opening_key_of_another_aggregator(tmp_path: Path) -> None:
+    from aggregator.intake_worker import IntakeWorker
+    from broker_bridge.errors import FedlineError
+    from fedline.config import ConfigError
+
+    fed = make_federation(tmp_path / "fed", ["site-a"])
+    other = make_federation(tmp_path / "other", ["site-a"])
+    other.agg.opening_key().save(fed.root / "foreign.opening.key")
+    _worker_files(fed, 2)
+    extra = '[intake]\nworkers = 2\nkeys_dir = "."\nopening_key_file = "foreign.opening.key"\n'
+    with pytest.raises(FedlineError, match="is not the key of the aggregator enrolled"):
+        IntakeWorker(load_config(fed.write_config(extra=extra)), 0)
+    with pytest.raises(ConfigError):
+        load_config(fed.write_config(extra="[intake]\nworkers = 2\nopening_key_file = 3\n"))
+
+
 def _worker_files(fed, n: int, cfg=None):
     for w in intake_users(n):
         kp = KeyPair.generate("worker", w)
@@ -213,8 +259,12 @@ async def test_two_workers_and_a_reducer_stay_ledger_exact_when_a_worker_is_kill
     fed = make_federation(tmp_path / "fed", SITES)
     _worker_files(fed, 2)
     strategy = 'kind = "fedbuff"\nbuffer_size = 3\nbuffer_timeout_s = 0.5\nmax_staleness = 50'
-    extra = '[intake]\nworkers = 2\nkeys_dir = "."\n'
+    extra = '[intake]\nworkers = 2\nkeys_dir = "."\nopening_key_file = "aggregator.opening.key"\n'
+    fed.agg.opening_key().save(fed.root / "aggregator.opening.key")
     conf = fed.write_config(strategy=strategy, extra=extra, broker=broker_table(broker2))
+    # the workers' file names no readable key pair: they open with the opening key and can sign nothing
+    conf.write_text(conf.read_text().replace('key_file = "aggregator.key"', 'key_file = "no-such.key"'))
+    assert 'key_file = "no-such.key"' in conf.read_text()
     agg = Aggregator(fed.config(strategy=strategy, extra=extra, broker=broker_table(broker2)))
     counts: dict[str, int] = {}
     assert agg.forwards is not None

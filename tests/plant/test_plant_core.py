@@ -21,7 +21,7 @@ from plant.uplink import Uplink
 from tests.plant.tier import MODEL, federation_keys
 
 
-def _config(root: Path, buffer_size: int = 2):
+def _config(root: Path, buffer_size: int = 2, quantise: str = "off"):
     federation_keys(root / "keys" / "plant-a", "plant-a", ["l1", "l2", "l3"])
     federation_keys(root / "keys" / "central", "central", ["plant-a"])
     kp, kc = root / "keys" / "plant-a", root / "keys" / "central"
@@ -43,6 +43,7 @@ def _config(root: Path, buffer_size: int = 2):
             "enrollment_file": str(kc / "enrollment.json"),
             "data_dir": str(root / "upstream"),
             "broker": {"url": "mqtt://127.0.0.1:1"},
+            "update": {"quantise": quantise},
         },
     }
     return parse_plant_config(doc)
@@ -97,6 +98,32 @@ def test_a_reduce_goes_upstream_as_the_fedbuff_step_while_lines_keep_the_central
         for k in names:  # FedBuff (Nguyen et al. 2022): x + eta (1/K) sum f(s_i) delta_i, K = 2, s_i = 0, eta = 1
             np.testing.assert_allclose(delta[k], (d1[k] + d2[k]) / 2, atol=1e-7)
             np.testing.assert_allclose(core.model[k], central5[k] + (d1[k] + d2[k]) / 2, atol=1e-6)
+    finally:
+        core.close()
+        uplink.close()
+
+
+def test_a_quantised_uplink_sends_int8_that_decodes_to_the_reduce_within_one_step(tmp_path):
+    """``[upstream.update] quantise = "int8"``: the plant's delta crosses the WAN as int8 values with a step
+    per block of 1,024 values (block max / 127, broker_bridge.quantised); stochastic rounding is within one step."""
+    from broker_bridge import quantised
+
+    cfg = _config(tmp_path, quantise="int8")
+    uplink = Uplink(cfg.upstream, cfg.plant.model)
+    core = _open(cfg, uplink, tmp_path)
+    try:
+        rng = np.random.default_rng(1)
+        d = [{k: rng.uniform(-0.01, 0.01, v.shape).astype(np.float32) for k, v in core.model.items()} for _ in "ab"]
+        core.process(_update(tmp_path, "l1", 1, 0, d[0], 1.0))
+        assert core.process(_update(tmp_path, "l2", 1, 0, d[1], 1.0)).new_version == 1
+        [(header, tensors)] = _queued(tmp_path, uplink)
+        assert header.encoding == "int8"
+        decoded = quantised.decode(tensors, "int8")
+        for k, v in core.model.items():
+            assert tensors[k].dtype == np.int8 and tensors[k].shape == v.shape
+            mean = ((d[0][k] + d[1][k]) / 2).reshape(-1)
+            step = max(float(np.abs(mean[:1024]).max()), 1e-30) / 127  # the first block's step, by hand
+            assert np.abs(decoded[k].reshape(-1)[:1024] - mean[:1024]).max() <= step * (1 + 1e-6), k
     finally:
         core.close()
         uplink.close()

@@ -26,7 +26,8 @@ async def test_two_plants_of_three_lines_stay_ledger_exact_across_a_cut_of_a_pla
     2. plant-a's link to the central broker is cut: its lines are still answered by their plant (its
        broker does not depend on the link), its delta waits in its outbox, plant-b's goes on;
     3. the link is back: plant-a's delta goes out once, central makes its version, every line follows it.
-    plant-a runs secure aggregation over its three lines (it reads only their sum), plant-b plain FedBuff."""
+    plant-a runs secure aggregation over its three lines (it reads only their sum), plant-b plain FedBuff
+    and sends its deltas upstream as int8."""
     t0 = time.monotonic()
     async with PlantTier(tmp_path) as tier:
         agents, everyone = tier.agents, list(LINES)

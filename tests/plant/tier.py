@@ -155,6 +155,7 @@ def checkpoints(state_dir: Path) -> dict[int, dict[str, Any]]:
 
 
 PLANTS = {"plant-a": ["a1", "a2", "a3"], "plant-b": ["b1", "b2", "b3"]}
+QUANTISED_PLANTS = {"plant-b"}  # its upstream deltas are int8 ([upstream.update] quantise)
 SECAGG_PLANTS = {"plant-a"}  # secure aggregation within this plant: it sees its lines' sum, never one line
 LINES = {line: p for p, lines in PLANTS.items() for line in lines}
 
@@ -227,6 +228,8 @@ class PlantTier:
                     central, p, f"mqtts://127.0.0.1:{self.proxies[p].port}", ca_file=central.ca_file
                 ),
                 "outbox": {"resend_after_s": 5.0},
+                # plant-b's deltas cross the WAN as int8 (plant-a's as float32)
+                "update": {"quantise": "int8" if p in QUANTISED_PLANTS else "off"},
             }
             write_toml(root / "plants" / p / "plant.toml", doc)
             self.start_plant(p)
