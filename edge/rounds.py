@@ -126,10 +126,13 @@ class Rounds:
         st.first_round_pending = False
         if not self._may_train():
             return None
+        # the new rows this round answers; rows stored while it selects (a worker thread, under DP) are not in
+        # its selection, so they stay new and wake the next round (every_rows) rather than wait for every_s
+        consumed = st.new_rows
         rows = await self._rows()
         if rows is None:
             return None
-        consumed, st.new_rows = st.new_rows, 0
+        st.new_rows -= consumed
         base = st.base
         holdout = st.dataset.arrays(holdout=True)
         cfg = st.cfg

@@ -241,3 +241,25 @@ def test_cli_check_and_config_error_exit_codes(tmp_path) -> None:
     assert err.returncode == 78  # EX_CONFIG
     assert "training.batch_size" in err.stderr and str(bad) in err.stderr
     _ = np  # keep numpy imported for symmetry with other edge tests
+
+
+async def test_rows_stored_while_a_round_selects_its_rows_stay_new_for_the_next_round(tmp_path) -> None:
+    """Regression: the round counted rows stored during its (threaded) selection as consumed, so with
+    ``every_rows`` the next round waited for the ``every_s`` timer (seen under load in the full suite)."""
+    _fed, agent = _agent(tmp_path)
+    await _ingest(agent)
+    assert agent.new_rows == 240
+    x, y = agent.dataset.arrays()
+    late_rows = [(x[i], None if y is None else y[i]) for i in range(10)]
+    select = agent.rounds._rows
+
+    async def rows_while_ten_more_arrive():  # the ingest task runs on the loop while the round selects
+        chosen = await select()
+        agent.ingest.store(late_rows, [None] * 10, [False] * 10)
+        return chosen
+
+    agent.rounds._rows = rows_while_ten_more_arrive  # type: ignore[method-assign]
+    assert await agent.train_once() is not None
+    assert agent.new_rows == 10  # the 240 this round answered are consumed; the 10 are not
+    assert len(agent.dataset) == 250
+    agent.close()
