@@ -30,7 +30,7 @@ class Launched:
 
     name: str
     args: list[str]
-    popen: subprocess.Popen
+    popen: Any  # a subprocess.Popen, or in tests a fedline.testing.forkserver.ForkedProcess (the same methods)
     log_path: Path
     started_at: float = field(default_factory=time.monotonic)
     started_wall: float = field(default_factory=time.time)  # to tell this run's log events from earlier runs'
@@ -142,10 +142,18 @@ class Launcher:
             PYTHONPATH=str(REPO),
             **(env or {}),
         )
-        with log_path.open("ab") as fh:
-            popen = subprocess.Popen(
-                cmd, cwd=cwd or self.cwd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True, env=child_env
+        popen: Any
+        if os.environ.get("FEDLINE_LAUNCH_FORKSERVER") == "1":  # tests: a fork of a warm parent (no torch import)
+            from fedline.testing import forkserver
+
+            popen = forkserver.spawn(
+                args, cwd=Path(cwd or self.cwd), env=child_env, log=log_path, clock_offset_s=clock_offset_s
             )
+        else:
+            with log_path.open("ab") as fh:
+                popen = subprocess.Popen(
+                    cmd, cwd=cwd or self.cwd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True, env=child_env
+                )
         p = Launched(name, fedline_args, popen, log_path, clock_offset_s=clock_offset_s)
         self.procs.append(p)
         return p

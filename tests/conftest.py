@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 from pathlib import Path
 
 import pytest
@@ -21,43 +22,78 @@ SITES = ["site-a", "site-b", "site-c"]
 FEDERATION = "test"
 
 
-#: Under pytest-xdist (``make test`` runs two workers), the tests of one group run on one worker, one after
-#: another: the RabbitMQ cluster is started once, and the tests that start whole federations of processes
-#: (each importing torch) are split into two chains of about equal length, one per worker, so at most two
-#: run at a time. The chains are collected first (``pytest_collection_modifyitems``): a long chain that
-#: starts last would leave the other worker idle at the end of the run.
+#: Tests started as whole processes of ``fedline`` (the fault rig, the plant tier, the demo) are forks of one
+#: warm parent per test process, which imported torch once (fedline.testing.forkserver): each start costs
+#: milliseconds instead of seconds of CPU. Production and ``make demo`` never set this.
+os.environ.setdefault("FEDLINE_LAUNCH_FORKSERVER", "1")
+
+#: Under pytest-xdist (``make test`` runs two workers, ``--dist loadgroup``): the tests of one group run on one
+#: worker, one after another. Only the RabbitMQ cluster is grouped (its session fixture starts two nodes, tens of
+#: seconds: once, not once per worker). Everything else is handed out one test at a time to whichever worker is
+#: free, the longest first (``LONG_FIRST``), so both workers stay busy to the end. Two workers run at most two
+#: whole federations at a time, which is what the 2-core CI machine can take.
 XDIST_GROUPS = {
-    "tests/demo/test_demo_run.py": "federation-processes-a",
-    "tests/ops/test_status_json.py": "federation-processes-a",
-    "tests/faults/test_soak.py": "federation-processes-a",
-    "tests/faults/test_broker_restart.py": "federation-processes-a",
-    "tests/hostile/test_capture.py": "federation-processes-a",
-    "tests/faults/": "federation-processes-b",
-    "tests/secagg/test_secagg_kill9.py": "federation-processes-b",
-    "tests/plant/test_plant_tier.py": "federation-processes-b",
-    "tests/aggregator/test_intake_workers.py": "federation-processes-b",
     "tests/cluster/": "rabbitmq-cluster",
 }
-_GROUP_ORDER = {group: n for n, group in enumerate(dict.fromkeys(XDIST_GROUPS.values()))}
+#: path prefixes of the longest tests (measured: ``pytest --durations``), started first in this order
+LONG_FIRST = (
+    "tests/demo/test_demo_run.py",
+    "tests/hostile/test_capture.py",
+    "tests/cluster/",
+    "tests/adapters/test_opcua.py",
+    "tests/faults/",
+    "tests/ops/test_status_json.py",
+    "tests/secagg/test_secagg_kill9.py",
+    "tests/models/test_bench_onnx_export.py",
+    "tests/ops/test_deploy_secrets_and_units.py",
+    "tests/plant/test_plant_tier.py",
+    "tests/aggregator/test_cli_broker.py",
+    "tests/edge/test_edge_faults.py",
+    "tests/aggregator/test_intake_workers.py",
+)
+
+
+def _prefix_index(rel: str, prefixes) -> int | None:
+    return next((n for n, prefix in enumerate(prefixes) if rel.startswith(prefix)), None)
 
 
 def _group(rel: str) -> str | None:
     """The xdist group of a test file (the first matching prefix), or None."""
-    return next((group for prefix, group in XDIST_GROUPS.items() if rel.startswith(prefix)), None)
+    n = _prefix_index(rel, tuple(XDIST_GROUPS))
+    return None if n is None else list(XDIST_GROUPS.values())[n]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     root = Path(__file__).resolve().parent.parent
-    groups: dict[int, str | None] = {}
+    order: dict[int, int] = {}
     for item in items:
         if "mosquitto" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.broker)
-        group = _group(Path(str(item.path)).resolve().relative_to(root).as_posix())
-        groups[id(item)] = group
+        rel = Path(str(item.path)).resolve().relative_to(root).as_posix()
+        group = _group(rel)
         if group is not None:
             item.add_marker(pytest.mark.xdist_group(group))
-    # the long chains first, in their order; then everything else as collected (a stable sort)
-    items.sort(key=lambda it: _GROUP_ORDER.get(groups[id(it)] or "", len(_GROUP_ORDER)))
+        first = _prefix_index(rel, LONG_FIRST)
+        order[id(item)] = len(LONG_FIRST) if first is None else first
+    items.sort(key=lambda it: order[id(it)])  # the longest first; everything else as collected (a stable sort)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """``--dist loadgroup`` as documented, on pytest 9: xdist 3.8 tags a grouped test by rewriting
+    ``item._nodeid``, which pytest 9 no longer reads, so every group silently fell apart (the cluster started
+    on both workers). This scheduler groups by the test's path instead, and keeps the collection order above
+    (not xdist's "largest group first")."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class PathGroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _group(nodeid.split("::", 1)[0]) or nodeid
+
+    config.option.loadscopereorder = False
+    return PathGroupScheduling(config, log)
 
 
 @pytest.fixture

@@ -70,6 +70,7 @@ class RigSettings:
     training: dict[str, Any] = field(default_factory=dict)
     strategy: dict[str, Any] = field(default_factory=dict)
     site_outbox: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-site [outbox] keys
+    site_training: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-site [training] keys
     # [recovery] keys (edge.recovery). Off unless a test is about it: a first start otherwise waits for the
     # aggregator's answer, and under load the rows a scenario relies on are all in before its first round
     recovery: dict[str, Any] = field(default_factory=lambda: {"ask_aggregator": False})
@@ -189,7 +190,8 @@ class FaultRig:
                 "threads": 1,
                 "max_pending_per_base": 10**6,
                 **s.training,
-            },  # the rig measures delivery, not the throttle
+                **s.site_training.get(site, {}),
+            },  # the rig measures delivery, not the throttle (a test of the throttle sets it per site)
             "privacy": {"epsilon": 1000.0, "delta": 1e-5, "noise_multiplier": 1.0, "max_grad_norm": 1.0},
             "outbox": {"resend_after_s": s.resend_after_s, **s.outbox, **s.site_outbox.get(site, {})},
             "recovery": {**s.recovery},
