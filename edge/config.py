@@ -123,8 +123,9 @@ class TrainingConfig:
     on_new_model: bool = False
     threads: int = 1  # torch intra-op threads for a round (a line PC has other work)
     seed: int = 0
-    # no further round on a base version while this many updates on it have no receipt: an unreachable
-    # aggregator then costs at most one round of privacy budget per base version
+    # no further round on a base version while this many updates on it are undecided (no receipt yet, or
+    # waiting in the aggregator's buffer, where another would only replace it): an unreachable aggregator
+    # then costs at most one round of privacy budget per base version, and a quick timer none on replacements
     max_pending_per_base: int = 1
     # > 0: plan q and steps for this many rows whatever is stored, so they do not depend on the row count
     plan_rows: int = 0

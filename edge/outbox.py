@@ -312,16 +312,19 @@ class Outbox:
 
     # -- reading the ledger --------------------------------------------------------
     def unsettled_on_base(self, base_version: int) -> int:
-        """Updates trained on ``base_version`` still waiting for any receipt (queued or sent).
+        """Updates trained on ``base_version`` not yet decided for good: queued, sent, or buffered.
 
         The edge trains no further round on a base while this reaches
         ``training.max_pending_per_base``: an update that cannot be delivered
-        yet would spend privacy budget on nothing.
+        yet would spend privacy budget on nothing, and one waiting in the
+        aggregator's buffer would only be replaced by it (one update per site
+        per buffer: the first becomes stale, "superseded"). Its flush receipt
+        (applied or stale) or a new base version frees the site.
         """
         with self._lock:
             return int(
                 self._db.execute(
-                    "SELECT COUNT(*) FROM ledger WHERE base_version = ? AND state IN ('queued', 'sent')",
+                    "SELECT COUNT(*) FROM ledger WHERE base_version = ? AND state IN ('queued', 'sent', 'buffered')",
                     (base_version,),
                 ).fetchone()[0]
             )

@@ -29,7 +29,8 @@ def _agent(tmp_path, **kw) -> tuple[Federation, EdgeAgent]:
 async def test_outage_costs_one_round_per_base_version(tmp_path) -> None:
     """The broker is unreachable for the whole run; rounds are due every 0.05 s for 3 s (60 rounds: ten
     minutes at a round every 10 s, compressed). One update is sealed on base version 0, the other triggers
-    are skipped as pending_receipt, so the rows' ε is that of one round. A signed receipt frees the base."""
+    are skipped as pending_receipt, so the rows' ε is that of one round. A signed "buffered" receipt still holds
+    the base (another round would only replace it in the buffer); the flush's "applied" frees it."""
     fed, agent = _agent(tmp_path, training={"every_rows": 0, "every_s": 0.05, "max_pending_per_base": 1})
     await asyncio.wait_for(agent.ingest.run(), bound(20))
     loop = asyncio.create_task(agent.rounds.loop())  # the agent's own timer schedule; no broker to send to
@@ -49,21 +50,20 @@ async def test_outage_costs_one_round_per_base_version(tmp_path) -> None:
     one_round = agent.epsilon
     assert 0 < one_round <= agent.dp.epsilon
 
-    # the aggregator's receipt comes back: the site may spend budget on base 0 again
+    # the aggregator's receipt comes back: "buffered" (it waits in the buffer, where a second update of this
+    # site would only replace it) still holds the base; the flush's "applied" frees it
     (row,) = agent.outbox.pending(0)
-    receipt = seal_receipt(  # receipts are sealed to their site
-        {
-            "site": SITE,
-            "counter": row.counter,
-            "msg_id": row.msg_id,
-            "verdict": "buffered",
-            "reason": None,
-            "version": None,
-        },
-        fed.aggregator,
-        fed.sites[SITE].public().box_pub,
-    )
-    await agent.handle_message(Message(agent.topics.receipts(SITE), receipt))
+
+    async def receipt(verdict: str, version: int | None) -> None:
+        doc = {"site": SITE, "counter": row.counter, "msg_id": row.msg_id, "verdict": verdict, "reason": None}
+        blob = seal_receipt({**doc, "version": version}, fed.aggregator, fed.sites[SITE].public().box_pub)
+        await agent.handle_message(Message(agent.topics.receipts(SITE), blob))  # sealed to its site
+
+    await receipt("buffered", None)
+    skipped = agent.metrics.rounds_skipped.labels("pending_receipt")._value.get()
+    assert await agent.train_once() is None and agent.ledger.releases == 1
+    assert agent.metrics.rounds_skipped.labels("pending_receipt")._value.get() == skipped + 1
+    await receipt("applied", 1)
     assert await agent.train_once() is not None
     assert await agent.train_once() is None  # and again only one without a receipt
     assert agent.ledger.releases == 2 and agent.epsilon > one_round

@@ -91,8 +91,9 @@ async def test_two_plants_of_three_lines_stay_ledger_exact_across_a_cut_of_a_pla
 async def test_kill_9_of_a_plant_aggregator_mid_buffer_loses_and_doubles_nothing(tmp_path):
     """plant-a is killed (SIGKILL) with two of its three lines' updates buffered; the third line's update
     waits in the plant broker's session for it. Restarted, plant-a rebuilds its buffer from its store,
-    reduces with the third, sends the delta up once; every line follows the new central version."""
-    async with PlantTier(tmp_path) as tier:
+    reduces with the third, sends the delta up once; every line follows the new central version. Plain
+    FedBuff at both plants: the buffer is what a kill -9 must not lose (a cohort fails and says so instead)."""
+    async with PlantTier(tmp_path, secagg_plants=set()) as tier:
         agents, everyone = tier.agents, list(LINES)
         await tier.until(lambda: all(a.sources_done for a in agents.values()) and tier.follow(everyone, 0), 90, "start")
         await tier.round(PLANTS["plant-a"][:2])

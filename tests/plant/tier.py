@@ -163,7 +163,10 @@ LINES = {line: p for p, lines in PLANTS.items() for line in lines}
 class PlantTier:
     """``async with PlantTier(root) as tier:`` three brokers, the central and plant processes, six line agents."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(
+        self, root: Path, secagg_plants: set[str] = SECAGG_PLANTS, quantised_plants: set[str] = QUANTISED_PLANTS
+    ) -> None:
+        self.secagg_plants, self.quantised_plants = set(secagg_plants), set(quantised_plants)
         from fedline.launch import Launcher
 
         self.root = Path(root)
@@ -213,7 +216,7 @@ class PlantTier:
                 root / "keys" / p,
                 broker_table(self.brokers[p], "aggregator"),
                 3,
-                secagg=p in SECAGG_PLANTS,
+                secagg=p in self.secagg_plants,
             )
             self.metrics_ports[p] = free_port()
             doc["metrics"] = {"port": self.metrics_ports[p]}
@@ -229,7 +232,7 @@ class PlantTier:
                 ),
                 "outbox": {"resend_after_s": 5.0},
                 # plant-b's deltas cross the WAN as int8 (plant-a's as float32)
-                "update": {"quantise": "int8" if p in QUANTISED_PLANTS else "off"},
+                "update": {"quantise": "int8" if p in self.quantised_plants else "off"},
             }
             write_toml(root / "plants" / p / "plant.toml", doc)
             self.start_plant(p)
@@ -241,7 +244,7 @@ class PlantTier:
                 root / "keys" / p,
                 broker_table(self.brokers[p], line),
                 i,
-                secagg=p in SECAGG_PLANTS,
+                secagg=p in self.secagg_plants,
             )
             self.agents[line] = EdgeAgent(load_edge_config(path))
             self.tasks.append(asyncio.create_task(self.agents[line].run(self.stop)))
