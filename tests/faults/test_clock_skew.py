@@ -38,6 +38,9 @@ async def test_clock_skew_of_minutes_between_sites_and_aggregator_nothing_refuse
             offsets[site] = round(min(created - decided[(site, c)] for c, created in rows), 0)
         record("clock_skew", **rep.figures(), skew_s=SKEW, sealed_minus_decided_s=offsets)
         assert rep.exact, rep.problems()
-        assert rep.rejected == 0 and rep.stale == 0
+        # nothing refused, nothing too stale; a site's updates landing back to back may supersede each other in the
+        # buffer (one update per site per buffer, issue 14): stale "superseded", whatever the clocks say
+        assert rep.rejected == 0
+        assert all(v["reason"] == "superseded" for v in verdicts if v["verdict"] == "stale"), verdicts
         assert abs(offsets["site-a"] - (SKEW["site-a"] - SKEW["aggregator"])) < 30
         assert abs(offsets["site-b"] - (SKEW["site-b"] - SKEW["aggregator"])) < 30
