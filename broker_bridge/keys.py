@@ -157,16 +157,7 @@ class KeyPair:
     @classmethod
     def load(cls, path: str | Path, *, check_mode: bool = True) -> KeyPair:
         p = Path(path)
-        if check_mode:
-            _check_private_mode(p)
-        doc = _read_json(p, "private-key")
-        role = doc.get("role")
-        if role not in ROLES:
-            raise KeyFileError(p, f"role must be one of {ROLES}, got {role!r}")
-        try:
-            ident = validate_site_id(doc.get("id"), "id")
-        except ValueError as exc:
-            raise KeyFileError(p, str(exc)) from None
+        ident, role, doc = _read_private(p, "private-key", check_mode)
         return cls(
             ident,
             role,
@@ -175,11 +166,21 @@ class KeyPair:
         )
 
 
-def _check_private_mode(p: Path) -> None:
-    if p.exists():
+def _read_private(p: Path, kind: str, check_mode: bool) -> tuple[str, str, dict[str, Any]]:
+    """A private file of ``kind``: (id, role, document), refused when others can read it (0600, like ssh)."""
+    if check_mode and p.exists():
         mode = stat.S_IMODE(p.stat().st_mode)
         if mode & 0o077:
             raise KeyFileError(p, f"permissions {oct(mode)} are too open; a private key must be 0600 (chmod 600 {p})")
+    doc = _read_json(p, kind)
+    role = doc.get("role")
+    if role not in ROLES:
+        raise KeyFileError(p, f"role must be one of {ROLES}, got {role!r}")
+    try:
+        ident = validate_site_id(doc.get("id"), "id")
+    except ValueError as exc:
+        raise KeyFileError(p, str(exc)) from None
+    return ident, str(role), doc
 
 
 @dataclass(frozen=True)
@@ -214,16 +215,7 @@ class OpeningKey:
     @classmethod
     def load(cls, path: str | Path, *, check_mode: bool = True) -> OpeningKey:
         p = Path(path)
-        if check_mode:
-            _check_private_mode(p)
-        doc = _read_json(p, "opening-key")
-        role = doc.get("role")
-        if role not in ROLES:
-            raise KeyFileError(p, f"role must be one of {ROLES}, got {role!r}")
-        try:
-            ident = validate_site_id(doc.get("id"), "id")
-        except ValueError as exc:
-            raise KeyFileError(p, str(exc)) from None
+        ident, role, doc = _read_private(p, "opening-key", check_mode)
         return cls(
             ident,
             role,
