@@ -31,6 +31,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from aggregator import robust
+from broker_bridge.quantised import Int8Delta
 
 State = dict[str, np.ndarray]
 
@@ -68,9 +69,12 @@ def linear_combination(deltas: Sequence[Mapping[str, np.ndarray]], coefficients:
         raise ValueError("need one coefficient per delta, and at least one delta")
     out: State = {}
     for name in deltas[0]:
-        acc = np.zeros(np.shape(deltas[0][name]), dtype=np.float32)
+        acc = np.zeros(_shape(deltas[0], name), dtype=np.float32)
         for d, c in zip(deltas, coefficients):
-            robust.add_scaled(acc, d[name], c)
+            if isinstance(d, Int8Delta):  # straight from the int8 values, no float32 delta
+                d.add_to(acc, name, c)
+            else:
+                robust.add_scaled(acc, d[name], c)
         out[name] = acc
     return out
 
@@ -90,10 +94,26 @@ def robust_combination(
     c = np.asarray(coefficients, np.float32)
     out: State = {}
     for name in deltas[0]:
-        stacked = np.stack([np.asarray(d[name], np.float32) for d in deltas])  # (n, *shape): c_i Δ_i in place
+        stacked = _stack(deltas, name)  # (n, *shape): c_i Δ_i in place
         stacked *= c.reshape((-1,) + (1,) * (stacked.ndim - 1))
         stat = robust.median_of(stacked) if statistic == "median" else robust.trimmed_mean_of(stacked, trim)
         out[name] = (stat * np.float32(len(deltas))).astype(np.float32)
+    return out
+
+
+def _shape(delta: Mapping[str, np.ndarray], name: str) -> tuple[int, ...]:
+    """A tensor's shape without making its float32 values (an int8 delta knows its shapes)."""
+    return delta.shapes[name] if isinstance(delta, Int8Delta) else tuple(np.shape(delta[name]))
+
+
+def _stack(deltas: Sequence[Mapping[str, np.ndarray]], name: str) -> np.ndarray:
+    """``np.stack`` of the deltas' ``name`` as float32; an int8 delta is dequantised straight into its row."""
+    out = np.empty((len(deltas), *_shape(deltas[0], name)), np.float32)
+    for row, d in zip(out, deltas):
+        if isinstance(d, Int8Delta):
+            d.dequantise_into(row, name)
+        else:
+            row[...] = d[name]
     return out
 
 
