@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from aggregator import median_network
 from broker_bridge.quantised import Int8Delta
 
 State = dict[str, np.ndarray]
@@ -99,6 +100,8 @@ def median_of(stacked: np.ndarray) -> np.ndarray:
     is the default reduce, so it runs on every version.
     """
     n = stacked.shape[0]
+    if 3 <= n <= median_network.MAX_K and stacked.dtype == np.float32 and stacked.flags.c_contiguous:
+        return median_network.median_rows(stacked)  # the same floats, a selection network instead of a sort
     stacked.sort(axis=0)
     mid = stacked[n // 2] if n % 2 else stacked[n // 2 - 1 : n // 2 + 1].mean(axis=0, dtype=np.float32)
     return np.array(mid, np.float32)
