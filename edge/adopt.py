@@ -119,20 +119,11 @@ class Adopter:
         event(log, "model.announced", site=self.state.site, version=version, chunks=chunks)
         await self.try_adopt()
 
-    async def on_chunk(self, topic: str, version: int, index: int, payload: bytes) -> None:
-        """One weight chunk (a malformed one is counted and dropped); the version is adopted once complete."""
+    async def on_chunk(self, topic: str, version: int, index: int, payload: bytes, step: bool = False) -> None:
+        """One weight chunk, or with ``step`` one chunk of a version's int8 step (a malformed one is counted and
+        dropped); the version is adopted once complete."""
         try:
-            self.follower.on_chunk(version, index, payload)
-        except WireError as exc:
-            self.state.metrics.malformed.labels("weights").inc()
-            event(log, "model.chunk_dropped", logging.WARNING, site=self.state.site, topic=topic, reason=str(exc))
-            return
-        await self.try_adopt()
-
-    async def on_step_chunk(self, topic: str, version: int, index: int, payload: bytes) -> None:
-        """One chunk of a version's int8 step (a malformed one is counted and dropped)."""
-        try:
-            self.follower.on_step_chunk(version, index, payload)
+            (self.follower.on_step_chunk if step else self.follower.on_chunk)(version, index, payload)
         except WireError as exc:
             self.state.metrics.malformed.labels("weights").inc()
             event(log, "model.chunk_dropped", logging.WARNING, site=self.state.site, topic=topic, reason=str(exc))

@@ -139,10 +139,8 @@ class EdgeAgent:
             await self.on_grant(msg.payload)
         elif info.kind == "manifest" and msg.payload:
             await self.adopter.on_manifest(msg.payload)
-        elif info.kind == "weights" and info.version is not None and msg.payload:
-            await self.adopter.on_chunk(msg.topic, info.version, info.index or 0, msg.payload)
-        elif info.kind == "delta" and info.version is not None and msg.payload:
-            await self.adopter.on_step_chunk(msg.topic, info.version, info.index or 0, msg.payload)
+        elif info.kind in ("weights", "delta") and info.version is not None and msg.payload:
+            await self.adopter.on_chunk(msg.topic, info.version, info.index or 0, msg.payload, info.kind == "delta")
         elif info.kind == "recovery_answer" and info.site == self.site and msg.payload:
             self.recovering.on_answer(msg.payload)
         elif info.kind.startswith("secagg_") and self.cohorts is not None:
