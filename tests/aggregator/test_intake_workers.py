@@ -133,7 +133,7 @@ def test_a_format_1_forward_buffered_before_an_upgrade_still_opens(tmp_path: Pat
     """Format 1 (SealedBox to the reducer, Ed25519 by the worker over SHA-256), built here by hand."""
     from nacl.public import SealedBox
 
-    fed, op, header, delta = _opened(tmp_path)
+    fed, _op, header, delta = _opened(tmp_path)
     w0 = KeyPair.generate("worker", "intake-0")
     doc = {
         "worker": "intake-0",
