@@ -38,6 +38,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from aggregator import robust
+from broker_bridge.quantised import Int8Delta
 
 State = dict[str, np.ndarray]
 
@@ -75,9 +76,12 @@ def linear_combination(deltas: Sequence[Mapping[str, np.ndarray]], coefficients:
         raise ValueError("need one coefficient per delta, and at least one delta")
     out: State = {}
     for name in deltas[0]:
-        acc = np.zeros(np.shape(deltas[0][name]), dtype=np.float32)
+        acc = np.zeros(_shape(deltas[0], name), dtype=np.float32)
         for d, c in zip(deltas, coefficients):
-            robust.add_scaled(acc, d[name], c)
+            if isinstance(d, Int8Delta):  # straight from the int8 values, no float32 delta
+                d.add_to(acc, name, c)
+            else:
+                robust.add_scaled(acc, d[name], c)
         out[name] = acc
     return out
 
@@ -97,10 +101,26 @@ def robust_combination(
     c = np.asarray(coefficients, np.float32)
     out: State = {}
     for name in deltas[0]:
-        stacked = np.stack([np.asarray(d[name], np.float32) for d in deltas])  # (n, *shape): c_i Δ_i in place
+        stacked = _stack(deltas, name)  # (n, *shape): c_i Δ_i in place
         stacked *= c.reshape((-1,) + (1,) * (stacked.ndim - 1))
         stat = robust.median_of(stacked) if statistic == "median" else robust.trimmed_mean_of(stacked, trim)
         out[name] = (stat * np.float32(len(deltas))).astype(np.float32)
+    return out
+
+
+def _shape(delta: Mapping[str, np.ndarray], name: str) -> tuple[int, ...]:
+    """A tensor's shape without making its float32 values (an int8 delta knows its shapes)."""
+    return delta.shapes[name] if isinstance(delta, Int8Delta) else tuple(np.shape(delta[name]))
+
+
+def _stack(deltas: Sequence[Mapping[str, np.ndarray]], name: str) -> np.ndarray:
+    """``np.stack`` of the deltas' ``name`` as float32; an int8 delta is dequantised straight into its row."""
+    out = np.empty((len(deltas), *_shape(deltas[0], name)), np.float32)
+    for row, d in zip(out, deltas):
+        if isinstance(d, Int8Delta):
+            d.dequantise_into(row, name)
+        else:
+            row[...] = d[name]
     return out
 
 
@@ -156,13 +176,16 @@ def fltrust_combination(
     shares = fltrust_shares(trust, fair_cap)
     n = len(deltas)
     weights = [n * c * s for c, s in zip(coefficients, shares)]
-    out: State = {k: np.zeros(np.shape(v), np.float32) for k, v in deltas[0].items()}
+    out: State = {k: np.zeros(_shape(deltas[0], k), np.float32) for k in deltas[0]}
     for d, w in zip(deltas, weights):
-        norm = robust.l2_norm(d)
+        norm = d.norm() if isinstance(d, Int8Delta) else robust.l2_norm(d)
         if w == 0.0 or norm == 0.0:
             continue
         for k in out:
-            robust.add_scaled(out[k], d[k], w * g0_norm / norm)
+            if isinstance(d, Int8Delta):  # straight from the int8 values, as the mean
+                d.add_to(out[k], k, w * g0_norm / norm)
+            else:
+                robust.add_scaled(out[k], d[k], w * g0_norm / norm)
     return out, weights, trust
 
 

@@ -13,7 +13,7 @@ never touched.
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -37,7 +37,7 @@ class Accepted:
     staleness: int
     factor: float  # f(s)
     weight: float  # its coefficient in the step (FedBuff f(s)/K, FedAsync α f(s)); set again at the reduce
-    delta: State = field(repr=False)
+    delta: Mapping[str, np.ndarray] = field(repr=False)  # float32, or an int8 update's Int8Delta
     norm: float | None = None  # L2 norm, when validation already computed it
     base: State | None = field(default=None, repr=False)  # x_τ, for FedAsync's mix
     rate: float = 1.0  # FedAsync's per-site rate scale of α (aggregator.site_rate)
@@ -105,7 +105,7 @@ class Strategy:
         return aggregate.uniform_coefficients(factors, self.buffer_size)
 
     # -- the shared options of every reduce --------------------------------------
-    def clipped(self, updates: Sequence[Accepted]) -> tuple[list[State], list[float]]:
+    def clipped(self, updates: Sequence[Accepted]) -> tuple[list[Mapping[str, np.ndarray]], list[float]]:
         """Deltas after the norm bound, and with ``clip_to_median`` after the buffer's median norm."""
         norms = [robust.l2_norm(u.delta) if u.norm is None else u.norm for u in updates]
         bound = self.norm_bound
@@ -120,7 +120,11 @@ class Strategy:
         return out, scales
 
     def combine(
-        self, deltas: Sequence[State], updates: Sequence[Accepted], coefficients: Sequence[float], model: State
+        self,
+        deltas: Sequence[Mapping[str, np.ndarray]],
+        updates: Sequence[Accepted],
+        coefficients: Sequence[float],
+        model: State,
     ) -> State:
         """``Σ c_i Δ_i``, or the robust statistic in force of the ``c_i Δ_i`` times their count
         (:func:`aggregate.robust_combination`: a robust reduce moves the model as far as the mean when all agree),
