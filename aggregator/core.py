@@ -22,7 +22,7 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +43,7 @@ from broker_bridge import envelope
 from broker_bridge.envelope import UpdateHeader
 from broker_bridge.errors import FedlineError, WireError
 from broker_bridge.keys import Enrollment, KeyPair
+from broker_bridge.quantised import Int8Delta
 from fedline.logs import event
 
 log = logging.getLogger("fedline.aggregator")
@@ -68,7 +69,7 @@ class Decision:
         return [self.receipt, *self.flushed]
 
 
-def _copy_state(state: State) -> State:
+def _copy_state(state: Mapping[str, np.ndarray]) -> State:
     return {k: np.array(v, dtype=np.float32, copy=True) for k, v in state.items()}
 
 
@@ -82,7 +83,7 @@ class AggregatorCore:
         keys: KeyPair | None = None,
         enrollment: Enrollment | None = None,
         metrics: Metrics | None = None,
-        reopen: Callable[[bytes], tuple[UpdateHeader, State]] | None = None,
+        reopen: Callable[[bytes], tuple[UpdateHeader, Mapping[str, np.ndarray]]] | None = None,
     ) -> None:
         a = cfg.aggregator
         self.cfg = cfg
@@ -117,6 +118,10 @@ class AggregatorCore:
             from aggregator.evaluation import Evaluator
 
             self.evaluator = Evaluator(cfg.evaluation, self.spec, a.seed, cfg.file)
+            if self.strategy.reduce_stat == "fltrust":  # the [evaluation] rows are FLTrust's root dataset
+                from aggregator.root_update import RootUpdate
+
+                self.strategy.reference = RootUpdate(self.spec, self.evaluator.x, self.evaluator.y, cfg.dp, a.seed)
         self._load_or_seed()
         n_params = sum(int(v.size) for v in self.model.values())
         self.norm_bound, self.max_norm = effective_bounds(cfg, n_params)
@@ -218,7 +223,8 @@ class AggregatorCore:
                     row.staleness,
                     row.factor,
                     row.weight,
-                    _copy_state(tensors),
+                    tensors if isinstance(tensors, Int8Delta) else _copy_state(tensors),
+                    tensors.norm() if isinstance(tensors, Int8Delta) else None,  # the norm it was decided with
                 )
             )
         return buffer
