@@ -136,7 +136,9 @@ class StrategyConfig:
     server_momentum: float = 0.0
     # "auto": the coordinate-wise median wherever it can run (FedBuff/FedAvg, K >= 3, no secure aggregation,
     # no sample weighting), else the plain mean (aggregator.strategies.reduce_choice); "none" = the mean always
-    robust: Literal["auto", "none", "median", "trimmed_mean"] = "auto"
+    # "fltrust": each update weighed by its cosine with the aggregator's own update on the [evaluation] rows
+    # (Cao et al. 2021; aggregator.root_update), needs [evaluation]
+    robust: Literal["auto", "none", "median", "trimmed_mean", "fltrust"] = "auto"
     trim: float = 0.1  # fraction dropped at each end by trimmed_mean
     # clip each delta to this L2 norm before the reduce; unset = derived from [dp] (aggregator.normbound); 0 = off
     norm_bound: float | None = None
@@ -356,6 +358,13 @@ class AggregatorConfig:
             self.broker.validate()
         except ValueError as exc:
             raise ConfigError(None, "broker", str(exc)) from None
+        if self.strategy.robust == "fltrust" and self.evaluation is None:
+            raise ConfigError(
+                None,
+                "strategy.robust",
+                'robust = "fltrust" needs an [evaluation] table: its rows are the root dataset the aggregator '
+                "trains its own reference update on (rows the aggregator owns, never plant data)",
+            )
         if self.intake.workers >= 2 and self.strategy.secure_aggregation:
             raise ConfigError(
                 None,

@@ -118,6 +118,10 @@ class AggregatorCore:
             from aggregator.evaluation import Evaluator
 
             self.evaluator = Evaluator(cfg.evaluation, self.spec, a.seed, cfg.file)
+            if self.strategy.reduce_stat == "fltrust":  # the [evaluation] rows are FLTrust's root dataset
+                from aggregator.root_update import RootUpdate
+
+                self.strategy.reference = RootUpdate(self.spec, self.evaluator.x, self.evaluator.y, cfg.dp, a.seed)
         self._load_or_seed()
         n_params = sum(int(v.size) for v in self.model.values())
         self.norm_bound, self.max_norm = effective_bounds(cfg, n_params)

@@ -62,7 +62,8 @@ class Aggregator:
         self.core: AggregatorCore | None = None
         self.cohorts: CohortCoordinator | None = None  # secure aggregation (aggregator.secagg_cohort)
         self.client: MqttClient | None = None
-        self.chunks = SenderChunks(cfg.aggregator, self.metrics)  # per site (or, as reducer, per worker)
+        # per site (or, as reducer, per worker: forwards authenticate themselves, no digest pass)
+        self.chunks = SenderChunks(cfg.aggregator, self.metrics, check_digest=cfg.intake.workers < 2)
         self.reassemblers = self.chunks.reassemblers
         # [intake] workers >= 2: workers open the sites' updates; this process reads their forwards
         self.forwards = Forwards(cfg) if cfg.intake.workers >= 2 else None
