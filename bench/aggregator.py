@@ -20,6 +20,11 @@ four tensors), on the same delta arrays:
   (``flwr.server.strategy.aggregate.aggregate``) every 10 updates. Flower
   receives plaintext (TLS is the transport's job), so it decrypts nothing.
 
+Two fedline rows: the default reduce (the coordinate-wise median, ``robust = "auto"``
+at K = 10) and FedBuff's weighted mean (``robust = "none"``). **Issue 19's intake
+ratio is the mean's** (``fedline_mean_vs_limit_per_core``): intake *including* the
+reduce, where the mean's reduce is the limit's axpy; the median is a different
+statistic whose extra cost is reported beside it, not hidden in the ratio.
 Ratios: fedline / limit and fedline / flower (> 1 means fedline is faster), in
 updates/s (fedline on ``--workers`` threads, the others on one core), and **per
 core**: the limit's CPU time per update over fedline's (all threads), the
@@ -92,7 +97,11 @@ def flower() -> tuple[Any, Any, Any, str] | None:
 
 
 def setup(root: Path, n_params: int, n_sites: int, workers: int, strategy: str, robust: str = "auto"):
-    """A federation on disk and an AggregatorCore for an MLP of about ``n_params`` shared parameters."""
+    """A federation on disk and an AggregatorCore for an MLP of about ``n_params`` shared parameters.
+
+    ``robust``: the reduce's statistic (``"auto"``, the default: the coordinate-wise median at K = 10;
+    ``"none"``: FedBuff's weighted mean, the reduce the limit's axpy stands for).
+    """
     fed = create_federation("bench", [f"site-{i:04d}" for i in range(n_sites)])
     agg, enr, sites = fed.aggregator, fed.enrollment, list(fed.sites.values())
     h = hidden_for(n_params)
@@ -205,10 +214,14 @@ def measure(n_params: int, workers: int, repeats: int) -> dict[str, Any]:
             wire = flower_wire(fl, deltas) if fl else None
             core8, agg8, sites8 = setup(Path(tmp) / f"r{r}-int8", n_params, K, workers, "fedbuff")
             _, blobs8, _ = make_updates(core8, agg8, sites8, n, seed=r, encoding="int8")
+            core_mean, _, _ = setup(Path(tmp) / f"r{r}-mean", n_params, K, workers, "fedbuff", robust="none")
+            core_mean.keys, core_mean.enrollment = core.keys, core.enrollment  # the same federation: the same blobs
             # the same int8 updates reduced by the mean (robust = "none"): pure accumulation from the int8 blocks
             core8m, agg8m, sites8m = setup(Path(tmp) / f"r{r}-int8-mean", n_params, K, workers, "fedbuff", "none")
             _, blobs8m, _ = make_updates(core8m, agg8m, sites8m, n, seed=r, encoding="int8")
             t = {"fedline": timed(run_fedline, core, blobs), "limit": timed(run_limit, agg, blobs, samples, core.model)}
+            t["fedline_mean"] = timed(run_fedline, core_mean, blobs)
+            core_mean.close()
             t["fedline_int8"] = timed(run_fedline, core8, blobs8)
             t["fedline_int8_mean"] = timed(run_fedline, core8m, blobs8m)
             if fl:
@@ -234,6 +247,9 @@ def measure(n_params: int, workers: int, repeats: int) -> dict[str, Any]:
             row[f"{k}_per_s"] = n / v
     row["fedline_vs_limit"] = row["fedline_per_s"] / row["limit_per_s"]
     row["fedline_vs_limit_per_core"] = row["limit_cpu_ms_per_update"] / row["fedline_cpu_ms_per_update"]
+    # issue 19's intake ratio: intake + FedBuff's mean reduce (one axpy per update, as the limit does) against
+    # the limit; the median (the default reduce, above) is a different statistic with its own cost
+    row["fedline_mean_vs_limit_per_core"] = row["limit_cpu_ms_per_update"] / row["fedline_mean_cpu_ms_per_update"]
     row["fedline_vs_flower"] = row["fedline_per_s"] / row["flower_per_s"] if fl else None
     # int8: CPU per update against fedline's float32 path and against Flower's float32 decode + aggregate
     # (> 1: the int8 path costs less); Flower runs on one core, so its CPU per update is its whole cost
@@ -341,7 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     head = (
         f"{'params':>10} {'sealed KB':>10} {'fedline/s':>10} {'limit/s':>10} {'flower/s':>10} "
-        f"{'vs limit':>9} {'per core':>9} {'vs flower':>10} {'CPU ms/update: fedline':>23} {'limit':>6} {'flower':>7}"
+        f"{'vs limit':>9} {'per core':>9} {'mean/core':>10} {'vs flower':>10} {'CPU ms/update: fedline':>23} "
+        f"{'mean':>6} {'limit':>6} {'flower':>7}"
     )
     print(head)
     print("-" * len(head))
@@ -351,12 +368,14 @@ def main(argv: list[str] | None = None) -> int:
         fl_cpu = f"{r['flower_cpu_ms_per_update']:7.3f}" if fl else f"{'n/a':>7}"
         print(
             f"{r['params']:>10,} {r['sealed_bytes'] / 1024:10.1f} {r['fedline_per_s']:10.1f} "
-            f"{r['limit_per_s']:10.1f} {fl_s} {r['fedline_vs_limit']:8.2f}x {r['fedline_vs_limit_per_core']:8.2f}x {vs} "
-            f"{r['fedline_cpu_ms_per_update']:23.3f} {r['limit_cpu_ms_per_update']:6.3f} {fl_cpu}"
+            f"{r['limit_per_s']:10.1f} {fl_s} {r['fedline_vs_limit']:8.2f}x {r['fedline_vs_limit_per_core']:8.2f}x "
+            f"{r['fedline_mean_vs_limit_per_core']:9.2f}x {vs} {r['fedline_cpu_ms_per_update']:23.3f} "
+            f"{r['fedline_mean_cpu_ms_per_update']:6.3f} {r['limit_cpu_ms_per_update']:6.3f} {fl_cpu}"
         )
     print(
         "limit = SealedBox decrypt + signature verify + numpy weighted add, one loop on one core; per core = limit "
-        "CPU / fedline CPU per update; flower = flwr "
+        "CPU / fedline CPU per update (fedline: the default reduce, the coordinate-wise median; mean: FedBuff's "
+        "weighted mean, the reduce the limit's axpy stands for: issue 19's intake ratio); flower = flwr "
         f"{fl[3] if fl else '(missing)'} parameters_to_ndarrays + aggregate (no decryption)"
     )
     print()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
 import pytest
 
@@ -18,15 +16,15 @@ def sorted_median(stacked: np.ndarray) -> np.ndarray:
     return np.array(mid, np.float32)
 
 
-@pytest.mark.parametrize("k", range(3, median_network.MAX_K + 1))
+@pytest.mark.parametrize("k", [*range(3, 17), 17, median_network.MAX_K])
 def test_every_0_1_column_gets_its_median(k: int) -> None:
     """Exhaustive over 0/1 columns: by the 0-1 principle (Knuth 5.3.4), a comparator network that puts
     the middle of every 0/1 input in place does so for every input."""
-    columns = np.array(list(itertools.product((0.0, 1.0), repeat=k)), np.float32).T.copy()  # (k, 2**k)
+    columns = ((np.arange(1 << k) >> np.arange(k)[:, None]) & 1).astype(np.float32)  # (k, 2**k): every 0/1 column
     assert np.array_equal(robust.median_of(columns.copy()), sorted_median(columns))
 
 
-@pytest.mark.parametrize("k", [3, 4, 5, 9, 10, 11, 16])
+@pytest.mark.parametrize("k", [3, 4, 5, 9, 10, 11, 16, 17, 20])
 def test_bit_identical_to_the_sorted_median_on_random_deltas_and_ties(k: int) -> None:
     rng = np.random.default_rng(k)
     # 70,003 columns: more than one block, a ragged last block; a 2-d tensor shape as the model has
