@@ -136,7 +136,9 @@ class StrategyConfig:
     server_momentum: float = 0.0
     # "auto": the coordinate-wise median wherever it can run (FedBuff/FedAvg, K >= 3, no secure aggregation,
     # no sample weighting), else the plain mean (aggregator.strategies.reduce_choice); "none" = the mean always
-    robust: Literal["auto", "none", "median", "trimmed_mean"] = "auto"
+    # "fltrust": each update weighed by its cosine with the aggregator's own update on the [evaluation] rows
+    # (Cao et al. 2021; aggregator.root_update), needs [evaluation]
+    robust: Literal["auto", "none", "median", "trimmed_mean", "fltrust"] = "auto"
     trim: float = 0.1  # fraction dropped at each end by trimmed_mean
     # clip each delta to this L2 norm before the reduce; unset = derived from [dp] (aggregator.normbound); 0 = off
     norm_bound: float | None = None
@@ -302,10 +304,15 @@ class ValidationConfig:
 class PublishConfig:
     retain_versions: int = 3  # model versions whose chunks stay retained on the broker
     onnx: bool = True
+    # "int8": each version is also published as its int8 step from the previous one, and the model is
+    # defined as the sum of those steps (broker_bridge.quantised.model_step): sites follow the steps
+    quantise: str = "off"
 
     def validate(self) -> None:
         if self.retain_versions < 1:
             raise ValueError("retain_versions must be at least 1")
+        if self.quantise not in ("off", "int8"):
+            raise ValueError(f'quantise must be "off" or "int8", got {self.quantise!r}')
 
 
 @dataclass(frozen=True)
@@ -351,6 +358,13 @@ class AggregatorConfig:
             self.broker.validate()
         except ValueError as exc:
             raise ConfigError(None, "broker", str(exc)) from None
+        if self.strategy.robust == "fltrust" and self.evaluation is None:
+            raise ConfigError(
+                None,
+                "strategy.robust",
+                'robust = "fltrust" needs an [evaluation] table: its rows are the root dataset the aggregator '
+                "trains its own reference update on (rows the aggregator owns, never plant data)",
+            )
         if self.intake.workers >= 2 and self.strategy.secure_aggregation:
             raise ConfigError(
                 None,

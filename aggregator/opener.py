@@ -10,6 +10,7 @@ or on another machine, without the store. It reads only immutable inputs
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,7 +22,7 @@ from broker_bridge.envelope import UpdateHeader
 from broker_bridge.errors import WireError
 from broker_bridge.keys import Enrollment, KeyPair, OpeningKey
 
-State = dict[str, np.ndarray]
+State = Mapping[str, np.ndarray]  # float32 arrays, or an int8 update's Int8Delta
 
 
 @dataclass
@@ -40,13 +41,14 @@ class Opened:
 
 
 def read_update(blob: bytes, keys: KeyPair | OpeningKey, enrollment: Enrollment) -> tuple[UpdateHeader, State]:
-    """A site's sealed update as (header, float32 delta): opened, verified and decoded (:class:`WireError`).
+    """A site's sealed update as (header, delta): opened, verified and read (:class:`WireError`).
 
-    What a buffered update's stored bytes are read back with after a restart; the
-    int8 decoding is deterministic, so the delta is bit for bit the one decided on.
+    What a buffered update's stored bytes are read back with after a restart; an
+    int8 delta is read as at intake (:class:`broker_bridge.quantised.Int8Delta`), so
+    the reduce after a restart is bit for bit the one it would have been.
     """
     header, tensors = envelope.open_update(blob, keys, enrollment)
-    return header, quantised.decode(tensors, header.encoding)
+    return header, quantised.read(tensors, header.encoding)
 
 
 def open_update(
@@ -80,8 +82,8 @@ def open_update(
         if not op.secagg:
             op.reason, op.detail = "secagg_required", "this federation takes masked cohort submissions only"
         return op
-    try:  # the checks below see the float32 values the model would get (header known: a receipt with its counter)
-        op.tensors = quantised.decode(op.tensors, op.header.encoding)
+    try:  # the checks below see the values the model would get (header known: a receipt with its counter)
+        op.tensors = quantised.read(op.tensors, op.header.encoding)  # int8 stays int8: an Int8Delta
     except WireError as exc:
         op.reason, op.detail, op.tensors = exc.reason, exc.detail, None
         return op

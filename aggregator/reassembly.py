@@ -41,9 +41,10 @@ def enforce_total_cap(reassemblers: dict[str, Reassembler], cap: int) -> list[st
 class SenderChunks:
     """Per-sender reassembly with the ``[aggregator]`` caps; :meth:`add` returns a completed message or None."""
 
-    def __init__(self, a: AggregatorSection, metrics: Metrics) -> None:
+    def __init__(self, a: AggregatorSection, metrics: Metrics, *, check_digest: bool = True) -> None:
         self.cfg = a
         self.metrics = metrics
+        self.check_digest = check_digest  # False for the reducer's forwards: AES-GCM authenticates them whole
         # one reassembler per sender: message ids are chosen by senders, so a shared one would let one site's
         # chunks collide with (or be used to disturb) another's; each sender's held bytes are capped too
         self.reassemblers: dict[str, Reassembler] = {}
@@ -61,7 +62,7 @@ class SenderChunks:
             # rebuilt and decided again (the store answers with the original verdict), not swallowed
             # as a duplicate of a message already completed
             reassembler = self.reassemblers[sender] = Reassembler(
-                a.reassembly_timeout_s, a.reassembly_max_bytes, remember_completed=0
+                a.reassembly_timeout_s, a.reassembly_max_bytes, remember_completed=0, check_digest=self.check_digest
             )
         try:
             done = reassembler.add(payload)

@@ -12,6 +12,7 @@ exactly as a site's update opened in this process would be.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +57,7 @@ class Forwards:
             event(log, "forward.refused", level=logging.WARNING, worker=worker, reason=exc.reason, error=exc.detail)
             return Opened(blob, reason=f"forward_{exc.reason}", detail=exc.detail)
 
-    def reopen(self, blob: bytes) -> tuple[UpdateHeader, dict[str, np.ndarray]]:
+    def reopen(self, blob: bytes) -> tuple[UpdateHeader, Mapping[str, np.ndarray]]:
         """A buffered row's bytes back as (header, delta): a forward, or a site's update buffered before workers."""
         if not is_forward(blob):
             enrollment = Enrollment.load(self.cfg.aggregator.enrollment_file)

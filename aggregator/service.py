@@ -62,7 +62,8 @@ class Aggregator:
         self.core: AggregatorCore | None = None
         self.cohorts: CohortCoordinator | None = None  # secure aggregation (aggregator.secagg_cohort)
         self.client: MqttClient | None = None
-        self.chunks = SenderChunks(cfg.aggregator, self.metrics)  # per site (or, as reducer, per worker)
+        # per site (or, as reducer, per worker: forwards authenticate themselves, no digest pass)
+        self.chunks = SenderChunks(cfg.aggregator, self.metrics, check_digest=cfg.intake.workers < 2)
         self.reassemblers = self.chunks.reassemblers
         # [intake] workers >= 2: workers open the sites' updates; this process reads their forwards
         self.forwards = Forwards(cfg) if cfg.intake.workers >= 2 else None
@@ -320,6 +321,8 @@ class Aggregator:
             content_key=epoch.key,
             metric=metric,
             extra=self._manifest_extra(version),
+            # the int8 step from the version sites hold now (one they never got is of no use to them)
+            step=step if (step := core.step_of(version, shared)) and step[0] == self.published_version else None,
         )
 
     def _manifest_extra(self, version: int) -> dict[str, Any] | None:

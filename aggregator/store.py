@@ -18,6 +18,10 @@ systems). Bytes are written completely *before* the row that points at them
 (file, offset, length) commits, and files are deleted only after the row
 that drops them commits; files no row names (left by a crash between the
 two) are removed at start, and a torn tail of a segment is never pointed at.
+An emptied log segment is not deleted but kept (two at most) and overwritten
+by a later buffer: writing over pages the page cache holds costs about half
+of writing new ones (4 MB: 0.56 against 1.1 ms here); a new buffer's bytes
+start after its own rows', so a spare's old bytes are never pointed at.
 SQLite then only logs small rows, which keeps a decision well under a
 millisecond instead of pushing megabytes through the WAL twice.
 
@@ -129,7 +133,11 @@ class Store:
         self._fsync = fsync
         self.blob_dir = self.path.parent / "blobs"
         self.blob_dir.mkdir(exist_ok=True)
-        self._segment: tuple[str, int] | None = None  # (name, fd) of the buffer log being appended to
+        # (name, fd, end) of the buffer log being appended to: bytes go at ``end``, past every row's
+        self._segment: tuple[str, int, int] | None = None
+        # emptied buffer logs kept for the next buffer: overwriting pages already in the page cache costs
+        # about half of writing new ones (no allocation), and nothing is unlinked per version
+        self._spares: list[str] = []
         self._remove_orphans()
 
     # -- blob files --------------------------------------------------------------
@@ -152,23 +160,48 @@ class Store:
             return fh.read(length)
 
     def _append(self, name: str, data: bytes | memoryview) -> int:
-        """Append to buffer segment ``name``; returns the offset the bytes start at."""
+        """Append to buffer segment ``name``; returns the offset the bytes start at.
+
+        A new segment takes over an emptied one's file when there is one (its old bytes lie past every
+        row of the new buffer until overwritten: never pointed at). The next offset is the end of the
+        rows' bytes, so whatever a crash left after them (a torn write, a write whose row never committed)
+        is overwritten, never pointed at.
+        """
         if self._segment is None or self._segment[0] != name:
             self._close_segment()
-            self._segment = (name, os.open(self.blob_dir / name, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
-        fd = self._segment[1]
-        offset = os.fstat(fd).st_size  # after any torn tail of a crashed write: never pointed at
+            path = self.blob_dir / name
+            if self._spares and not path.exists():
+                os.replace(self.blob_dir / self._spares.pop(), path)
+            row = self._db.execute("SELECT MAX(offset + length) FROM buffer WHERE file = ?", (name,)).fetchone()
+            self._segment = (name, os.open(path, os.O_WRONLY | os.O_CREAT, 0o600), row[0] or 0)
+        name, fd, offset = self._segment
         view = memoryview(data)
+        at = offset
         while view:
-            view = view[os.write(fd, view) :]
+            n = os.pwrite(fd, view, at)
+            view, at = view[n:], at + n
         if self._fsync:
             os.fsync(fd)
+        self._segment = (name, fd, at)
         return offset
 
     def _close_segment(self) -> None:
         if self._segment is not None:
             os.close(self._segment[1])
             self._segment = None
+
+    def _recycle(self, segments: list[str]) -> None:
+        """Keep up to two emptied buffer logs for the next buffers (no row names them: gone at a restart)."""
+        for name in segments:
+            if len(self._spares) < 2:
+                spare = f"spare-{name}"
+                try:
+                    os.replace(self.blob_dir / name, self.blob_dir / spare)
+                except FileNotFoundError:
+                    continue
+                self._spares.append(spare)
+            else:
+                self._unlink([name])
 
     def _unlink(self, names: Iterable[str | None]) -> None:
         for n in names:
@@ -369,7 +402,7 @@ class Store:
             self._tx(stmts)
             # committed: the files no row names any more can go
             self._close_segment()
-            self._unlink(dropped_buffer)
+            self._recycle(dropped_buffer)
             self._unlink(x for pair in pruned for x in pair)
 
     def _checkpoint(self, row: Any, blobs: bool = True) -> Checkpoint | None:

@@ -24,6 +24,7 @@ import numpy as np
 
 from aggregator.config import ValidationConfig
 from broker_bridge.envelope import UpdateHeader
+from broker_bridge.quantised import Int8Delta
 
 REASONS = ("names", "dtype", "shape", "nonfinite", "norm", "samples", "base_version")
 
@@ -62,6 +63,8 @@ def check_update(
             "names",
             f"missing {missing}, unexpected {extra}" if missing or extra else "tensors are not in the model's order",
         )
+    if isinstance(tensors, Int8Delta):  # integers are finite: shapes, then the norm from the int8 blocks
+        return _int8_norm(tensors, reference, max_norm)
     total = 0.0
     for name, arr in tensors.items():
         if arr.dtype != np.float32:
@@ -79,7 +82,19 @@ def check_update(
                 raise ValidationError("nonfinite", f"{name!r} holds NaN or infinity")
             sq = math.inf  # finite values whose squares overflow: far beyond any bound
         total += sq
-    norm = math.sqrt(total)
+    return _within(math.sqrt(total), max_norm)
+
+
+def _within(norm: float, max_norm: float) -> float:
     if norm > max_norm:
         raise ValidationError("norm", f"L2 norm {norm:.4g} exceeds max_norm {max_norm:.4g}")
     return norm
+
+
+def _int8_norm(delta: Int8Delta, reference: Mapping[str, tuple[int, ...]], max_norm: float) -> float:
+    """An int8 delta's checks without a float32 copy: its dtype is float32 by construction (int8 times
+    float32 steps, each step checked finite and small enough on reading), so shapes and the norm remain."""
+    for name, shape in delta.shapes.items():
+        if shape != tuple(reference[name]):
+            raise ValidationError("shape", f"{name!r} has shape {shape}, model expects {tuple(reference[name])}")
+    return _within(delta.norm(), max_norm)

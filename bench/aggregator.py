@@ -20,6 +20,11 @@ four tensors), on the same delta arrays:
   (``flwr.server.strategy.aggregate.aggregate``) every 10 updates. Flower
   receives plaintext (TLS is the transport's job), so it decrypts nothing.
 
+Two fedline rows: the default reduce (the coordinate-wise median, ``robust = "auto"``
+at K = 10) and FedBuff's weighted mean (``robust = "none"``). **Issue 19's intake
+ratio is the mean's** (``fedline_mean_vs_limit_per_core``): intake *including* the
+reduce, where the mean's reduce is the limit's axpy; the median is a different
+statistic whose extra cost is reported beside it, not hidden in the ratio.
 Ratios: fedline / limit and fedline / flower (> 1 means fedline is faster), in
 updates/s (fedline on ``--workers`` threads, the others on one core), and **per
 core**: the limit's CPU time per update over fedline's (all threads), the
@@ -91,8 +96,12 @@ def flower() -> tuple[Any, Any, Any, str] | None:
     return ndarrays_to_parameters, parameters_to_ndarrays, aggregate, flwr.__version__
 
 
-def setup(root: Path, n_params: int, n_sites: int, workers: int, strategy: str):
-    """A federation on disk and an AggregatorCore for an MLP of about ``n_params`` shared parameters."""
+def setup(root: Path, n_params: int, n_sites: int, workers: int, strategy: str, robust: str = "auto"):
+    """A federation on disk and an AggregatorCore for an MLP of about ``n_params`` shared parameters.
+
+    ``robust``: the reduce's statistic (``"auto"``, the default: the coordinate-wise median at K = 10;
+    ``"none"``: FedBuff's weighted mean, the reduce the limit's axpy stands for).
+    """
     fed = create_federation("bench", [f"site-{i:04d}" for i in range(n_sites)])
     agg, enr, sites = fed.aggregator, fed.enrollment, list(fed.sites.values())
     h = hidden_for(n_params)
@@ -110,6 +119,7 @@ def setup(root: Path, n_params: int, n_sites: int, workers: int, strategy: str):
             "buffer_size": K,
             "max_staleness": 1000,
             "min_sites": 1 if strategy == "fedasync" else 3,
+            "robust": robust,
         },
         "validation": {"max_norm": 1e9},
     }
@@ -204,17 +214,28 @@ def measure(n_params: int, workers: int, repeats: int) -> dict[str, Any]:
             wire = flower_wire(fl, deltas) if fl else None
             core8, agg8, sites8 = setup(Path(tmp) / f"r{r}-int8", n_params, K, workers, "fedbuff")
             _, blobs8, _ = make_updates(core8, agg8, sites8, n, seed=r, encoding="int8")
+            core_mean, _, _ = setup(Path(tmp) / f"r{r}-mean", n_params, K, workers, "fedbuff", robust="none")
+            core_mean.keys, core_mean.enrollment = core.keys, core.enrollment  # the same federation: the same blobs
+            # the same int8 updates reduced by the mean (robust = "none"): pure accumulation from the int8 blocks
+            core8m, agg8m, sites8m = setup(Path(tmp) / f"r{r}-int8-mean", n_params, K, workers, "fedbuff", "none")
+            _, blobs8m, _ = make_updates(core8m, agg8m, sites8m, n, seed=r, encoding="int8")
             t = {"fedline": timed(run_fedline, core, blobs), "limit": timed(run_limit, agg, blobs, samples, core.model)}
+            t["fedline_mean"] = timed(run_fedline, core_mean, blobs)
+            core_mean.close()
             t["fedline_int8"] = timed(run_fedline, core8, blobs8)
+            t["fedline_int8_mean"] = timed(run_fedline, core8m, blobs8m)
             if fl:
                 t["flower"] = timed(run_flower, fl, wire, samples)
+            reduce_default = core8.strategy.reduce_stat
             core.close()
             core8.close()
+            core8m.close()
             for k, (wall, cpu) in t.items():
                 best[k] = min(best.get(k, math.inf), wall)
                 best[k + "_cpu"] = min(best.get(k + "_cpu", math.inf), cpu)
     row: dict[str, Any] = {
         "params": p,
+        "reduce_default": reduce_default,  # the statistic of the "fedline" and "fedline_int8" columns
         "updates": n,
         "sealed_bytes": len(blobs[0]),
         "int8_sealed_bytes": len(blobs8[0]),
@@ -226,12 +247,19 @@ def measure(n_params: int, workers: int, repeats: int) -> dict[str, Any]:
             row[f"{k}_per_s"] = n / v
     row["fedline_vs_limit"] = row["fedline_per_s"] / row["limit_per_s"]
     row["fedline_vs_limit_per_core"] = row["limit_cpu_ms_per_update"] / row["fedline_cpu_ms_per_update"]
+    # issue 19's intake ratio: intake + FedBuff's mean reduce (one axpy per update, as the limit does) against
+    # the limit; the median (the default reduce, above) is a different statistic with its own cost
+    row["fedline_mean_vs_limit_per_core"] = row["limit_cpu_ms_per_update"] / row["fedline_mean_cpu_ms_per_update"]
     row["fedline_vs_flower"] = row["fedline_per_s"] / row["flower_per_s"] if fl else None
     # int8: CPU per update against fedline's float32 path and against Flower's float32 decode + aggregate
     # (> 1: the int8 path costs less); Flower runs on one core, so its CPU per update is its whole cost
     row["int8_vs_float32_cpu"] = row["fedline_cpu_ms_per_update"] / row["fedline_int8_cpu_ms_per_update"]
     row["int8_vs_flower_cpu"] = row["flower_cpu_ms_per_update"] / row["fedline_int8_cpu_ms_per_update"] if fl else None
     row["int8_vs_flower"] = row["fedline_int8_per_s"] / row["flower_per_s"] if fl else None
+    row["int8_mean_vs_flower_cpu"] = (
+        row["flower_cpu_ms_per_update"] / row["fedline_int8_mean_cpu_ms_per_update"] if fl else None
+    )
+    row["int8_mean_vs_flower"] = row["fedline_int8_mean_per_s"] / row["flower_per_s"] if fl else None
     return row
 
 
@@ -329,7 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     head = (
         f"{'params':>10} {'sealed KB':>10} {'fedline/s':>10} {'limit/s':>10} {'flower/s':>10} "
-        f"{'vs limit':>9} {'per core':>9} {'vs flower':>10} {'CPU ms/update: fedline':>23} {'limit':>6} {'flower':>7}"
+        f"{'vs limit':>9} {'per core':>9} {'mean/core':>10} {'vs flower':>10} {'CPU ms/update: fedline':>23} "
+        f"{'mean':>6} {'limit':>6} {'flower':>7}"
     )
     print(head)
     print("-" * len(head))
@@ -339,30 +368,37 @@ def main(argv: list[str] | None = None) -> int:
         fl_cpu = f"{r['flower_cpu_ms_per_update']:7.3f}" if fl else f"{'n/a':>7}"
         print(
             f"{r['params']:>10,} {r['sealed_bytes'] / 1024:10.1f} {r['fedline_per_s']:10.1f} "
-            f"{r['limit_per_s']:10.1f} {fl_s} {r['fedline_vs_limit']:8.2f}x {r['fedline_vs_limit_per_core']:8.2f}x {vs} "
-            f"{r['fedline_cpu_ms_per_update']:23.3f} {r['limit_cpu_ms_per_update']:6.3f} {fl_cpu}"
+            f"{r['limit_per_s']:10.1f} {fl_s} {r['fedline_vs_limit']:8.2f}x {r['fedline_vs_limit_per_core']:8.2f}x "
+            f"{r['fedline_mean_vs_limit_per_core']:9.2f}x {vs} {r['fedline_cpu_ms_per_update']:23.3f} "
+            f"{r['fedline_mean_cpu_ms_per_update']:6.3f} {r['limit_cpu_ms_per_update']:6.3f} {fl_cpu}"
         )
     print(
         "limit = SealedBox decrypt + signature verify + numpy weighted add, one loop on one core; per core = limit "
-        "CPU / fedline CPU per update; flower = flwr "
+        "CPU / fedline CPU per update (fedline: the default reduce, the coordinate-wise median; mean: FedBuff's "
+        "weighted mean, the reduce the limit's axpy stands for: issue 19's intake ratio); flower = flwr "
         f"{fl[3] if fl else '(missing)'} parameters_to_ndarrays + aggregate (no decryption)"
     )
     print()
     head8 = (
-        f"{'params':>10} {'int8 KB':>8} {'int8/s':>8} {'CPU ms/update: int8':>20} {'float32':>8} {'flower':>7} "
-        f"{'int8 vs float32':>16} {'int8 vs flower':>15}"
+        f"{'params':>10} {'int8 KB':>8} {'int8/s':>8} {'CPU ms/update: int8':>20} {'int8 mean':>10} {'float32':>8} "
+        f"{'flower':>7} {'int8 vs float32':>16} {'int8 vs flower':>15} {'int8 mean vs flower':>20}"
     )
     print(head8)
     print("-" * len(head8))
     for r in rows:
         vs_fl = f"{r['int8_vs_flower_cpu']:14.2f}x" if fl else f"{'n/a':>15}"
+        vs_fl_m = f"{r['int8_mean_vs_flower_cpu']:19.2f}x" if fl else f"{'n/a':>20}"
         fl_cpu = f"{r['flower_cpu_ms_per_update']:7.3f}" if fl else f"{'n/a':>7}"
         print(
             f"{r['params']:>10,} {r['int8_sealed_bytes'] / 1024:8.1f} {r['fedline_int8_per_s']:8.1f} "
-            f"{r['fedline_int8_cpu_ms_per_update']:20.3f} {r['fedline_cpu_ms_per_update']:8.3f} {fl_cpu} "
-            f"{r['int8_vs_float32_cpu']:15.2f}x {vs_fl}"
+            f"{r['fedline_int8_cpu_ms_per_update']:20.3f} {r['fedline_int8_mean_cpu_ms_per_update']:10.3f} "
+            f"{r['fedline_cpu_ms_per_update']:8.3f} {fl_cpu} {r['int8_vs_float32_cpu']:15.2f}x {vs_fl} {vs_fl_m}"
         )
-    print("int8 vs X = X's CPU ms per update / the int8 path's (> 1: the int8 path costs less)")
+    print(
+        "int8 = the default reduce (" + rows[0]["reduce_default"] + ' for K = 10); int8 mean = robust = "none" '
+        "(pure accumulation from the int8 blocks, as with FedAvg-style means); int8 vs X = X's CPU ms per update / "
+        "the int8 path's (> 1: the int8 path costs less)"
+    )
     if rss:
         print(
             f"peak RSS with {rss['sites']:,} enrolled sites, {rss['updates']} updates of {rss['params']:,} params: "

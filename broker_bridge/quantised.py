@@ -28,7 +28,9 @@ int8, a missing, mis-sized, negative, NaN, infinite or oversized scale) raises
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+import threading
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 
@@ -87,14 +89,21 @@ def quantise(x: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.nd
 
 def dequantise(q: np.ndarray, steps: np.ndarray) -> np.ndarray:
     """int8 values and their block steps -> float32 of ``q``'s shape (``q * s`` per block)."""
-    out = q.reshape(-1).astype(np.float32)  # exact: int8 fits float32
-    full = out.size // BLOCK
+    out = np.empty(q.shape, np.float32)
+    dequantise_into(out, q, steps)
+    return out
+
+
+def dequantise_into(out: np.ndarray, q: np.ndarray, steps: np.ndarray) -> None:
+    """Write ``q * s`` per block into ``out`` (float32, ``q``'s size): one rounding per value."""
+    flat = out.reshape(-1)
+    flat[:] = q.reshape(-1)  # exact: int8 fits float32
+    full = flat.size // BLOCK
     if full:
-        body = out[: full * BLOCK].reshape(full, BLOCK)
-        body *= steps[:full, None]
-    if out.size % BLOCK:
-        out[full * BLOCK :] *= steps[full]
-    return out.reshape(q.shape)
+        body = flat[: full * BLOCK].reshape(full, BLOCK)
+        np.multiply(body, steps[:full, None], out=body)  # not `body[:] *=`: that copies the result once more
+    if flat.size % BLOCK:
+        flat[full * BLOCK :] *= steps[full]
 
 
 def encode(
@@ -118,32 +127,205 @@ def _refuse(detail: str) -> WireError:
     return WireError("encoding", detail)
 
 
-def decode(tensors: Mapping[str, np.ndarray], encoding: str) -> dict[str, np.ndarray]:
-    """Float32 tensors (in the order they were sent) from an update's tensor block, or ``WireError('encoding')``."""
+def _checked_steps(name: str, q: np.ndarray, steps: np.ndarray | None) -> np.ndarray:
+    """``name``'s block steps, or ``WireError('encoding')`` naming what is wrong with them."""
+    if q.dtype != np.int8:
+        raise _refuse(f"{name!r} is {q.dtype}; an int8 update carries int8 values")
+    if steps is None:
+        raise _refuse(f"{name!r} has no scale tensor {name + SCALE_SUFFIX!r}")
+    want = n_blocks(q.size)
+    if steps.dtype != np.float32 or steps.shape != (want,):
+        raise _refuse(
+            f"{name + SCALE_SUFFIX!r} is {steps.dtype} of shape {steps.shape}; "
+            f"{q.size} values need float32 of shape ({want},) (one step per {BLOCK})"
+        )
+    # one pass each: min and max propagate NaN, and a NaN or infinity fails the range test below
+    if want and not (float(steps.min()) >= 0 and float(steps.max()) <= MAX_SCALE):
+        if not np.isfinite(steps).all():
+            raise _refuse(f"{name + SCALE_SUFFIX!r} holds NaN or infinity")
+        raise _refuse(f"{name + SCALE_SUFFIX!r} has a step outside [0, {MAX_SCALE:.3g}]")
+    return steps
+
+
+def read(tensors: Mapping[str, np.ndarray], encoding: str) -> Mapping[str, np.ndarray]:
+    """An update's tensor block as its delta, checked: float32 as sent, int8 as an :class:`Int8Delta`.
+
+    The aggregator's reading (:mod:`aggregator.opener`): an int8 delta stays int8 (no float32 copy is made
+    until something asks for one), or ``WireError('encoding')`` naming the tensor and the fault.
+    """
     if encoding == "float32":
         return dict(tensors)
     if encoding != "int8":
         raise _refuse(f"unknown update encoding {encoding!r}; this build reads {', '.join(ENCODINGS)}")
-    out: dict[str, np.ndarray] = {}
+    return read_int8(tensors)
+
+
+def read_int8(tensors: Mapping[str, np.ndarray]) -> Int8Delta:
+    """An int8 tensor block (values and ``#scale`` steps) as an :class:`Int8Delta`, checked."""
+    parts: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for name, q in tensors.items():
         if name.endswith(SCALE_SUFFIX):
             if name[: -len(SCALE_SUFFIX)] not in tensors:
                 raise _refuse(f"scale tensor {name!r} has no value tensor")
             continue
-        if q.dtype != np.int8:
-            raise _refuse(f"{name!r} is {q.dtype}; an int8 update carries int8 values")
-        steps = tensors.get(name + SCALE_SUFFIX)
-        if steps is None:
-            raise _refuse(f"{name!r} has no scale tensor {name + SCALE_SUFFIX!r}")
-        want = n_blocks(q.size)
-        if steps.dtype != np.float32 or steps.shape != (want,):
-            raise _refuse(
-                f"{name + SCALE_SUFFIX!r} is {steps.dtype} of shape {steps.shape}; "
-                f"{q.size} values need float32 of shape ({want},) (one step per {BLOCK})"
-            )
-        if not np.isfinite(steps).all():
-            raise _refuse(f"{name + SCALE_SUFFIX!r} holds NaN or infinity")
-        if want and not (float(steps.min()) >= 0 and float(steps.max()) <= MAX_SCALE):
-            raise _refuse(f"{name + SCALE_SUFFIX!r} has a step outside [0, {MAX_SCALE:.3g}]")
-        out[name] = dequantise(q, steps)
+        parts[name] = (q, _checked_steps(name, q, tensors.get(name + SCALE_SUFFIX)))
+    return Int8Delta(parts)
+
+
+def decode(tensors: Mapping[str, np.ndarray], encoding: str) -> dict[str, np.ndarray]:
+    """Float32 tensors (in the order they were sent) from an update's tensor block, or ``WireError('encoding')``."""
+    return dict(read(tensors, encoding).items())
+
+
+# --------------------------------------------------------------------------- the int8 delta, kept int8
+_scratch = threading.local()
+
+
+def _buffer() -> np.ndarray:
+    """This thread's float32 scratch of ``CHUNK_BLOCKS`` blocks (256 KiB: stays in cache, never page-faults)."""
+    buf: np.ndarray | None = getattr(_scratch, "buf", None)
+    if buf is None:
+        buf = _scratch.buf = np.empty(CHUNK_BLOCKS * BLOCK, np.float32)
+    return buf
+
+
+def _chunks(size: int) -> Iterator[tuple[int, int]]:
+    """(first, end) value offsets of runs of whole blocks, ``CHUNK_BLOCKS`` at a time, then the partial block."""
+    full = size // BLOCK * BLOCK
+    for lo in range(0, full, CHUNK_BLOCKS * BLOCK):
+        yield lo, min(full, lo + CHUNK_BLOCKS * BLOCK)
+    if full < size:
+        yield full, size
+
+
+def block_sums_of_squares(q: np.ndarray) -> np.ndarray:
+    """``S_b = Σ_{j in block b} q_j²`` per block of the flat int8 ``q``, exact (float64 of integers).
+
+    Exact although summed in float32: every partial sum is an integer of at most 1,024 · 127² < 2^24.
+    """
+    flat = q.reshape(-1)
+    out = np.empty(n_blocks(flat.size), np.float64)
+    buf = _buffer()
+    ones = np.ones(BLOCK, np.float32)
+    for lo, hi in _chunks(flat.size):
+        b = buf[: hi - lo]
+        b[:] = flat[lo:hi]  # exact: int8 fits float32
+        np.multiply(b, b, out=b)
+        if (hi - lo) % BLOCK == 0:
+            out[lo // BLOCK : hi // BLOCK] = b.reshape(-1, BLOCK) @ ones  # a BLAS gemv: one sum per block
+        else:
+            out[lo // BLOCK] = float(b.sum())
+    return out
+
+
+class Int8Delta(Mapping[str, np.ndarray]):
+    """An int8 update's delta as it came: int8 values and block steps per tensor, times one scalar ``factor``.
+
+    Why not decode to float32 at once: a float32 copy is four times the bytes, a fresh model-sized array
+    per update (page faults), and the aggregator only ever needs three things from it, each computable
+    from the int8 blocks in one cache-resident pass: the norm (validation and clipping, :meth:`norm`),
+    the delta scaled into a running sum (the mean, :meth:`add_to`), and, for the median, a row of the
+    stack (:meth:`dequantise_into`). Clipping multiplies ``factor`` (:meth:`scaled`), no copy.
+
+    Indexing (``delta[name]``) still gives the float32 values, ``float32(q · s) · float32(factor)``, bit
+    for bit what decoding and then clipping gave, so every other reader (a strategy's rule, a forward)
+    sees an ordinary delta. Read-only: the arrays are views into the opened update.
+    """
+
+    def __init__(self, parts: Mapping[str, tuple[np.ndarray, np.ndarray]], factor: float = 1.0) -> None:
+        self._parts = dict(parts)
+        self.factor = float(factor)
+        self._norm: float | None = None
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        q, _ = self._parts[name]
+        out = np.empty(q.shape, np.float32)
+        self.dequantise_into(out, name)
+        return out
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._parts)
+
+    def __len__(self) -> int:
+        return len(self._parts)
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: tuple(q.shape) for name, (q, _) in self._parts.items()}
+
+    def norm(self) -> float:
+        """The L2 norm of the float32 delta it stands for: ``|factor| · sqrt(Σ_b s_b² S_b)``, from the int8 blocks.
+
+        Always finite: the integers are, and every step is at most ``MAX_SCALE`` (checked on reading).
+        """
+        if self._norm is None:
+            total = 0.0
+            for q, steps in self._parts.values():
+                s = steps.astype(np.float64)
+                total += float(np.dot(s * s, block_sums_of_squares(q)))
+            self._norm = math.sqrt(total)
+        return abs(self.factor) * self._norm
+
+    def scaled(self, factor: float) -> Int8Delta:
+        """The same int8 blocks standing for ``factor`` times this delta (clipping): no copy of any value."""
+        out = Int8Delta(self._parts, self.factor * factor)
+        out._norm = self._norm
+        return out
+
+    def add_to(self, acc: np.ndarray, name: str, coefficient: float) -> None:
+        """``acc += coefficient · delta[name]`` straight from the int8 values: per block, ``(c · factor · s_b) · q``.
+
+        One multiply per value with the per-block coefficient (computed in float64, rounded once to float32)
+        and one add, a cache-sized chunk at a time: no float32 delta is made.
+        """
+        q, steps = self._parts[name]
+        flat_q, flat_acc = q.reshape(-1), acc.reshape(-1)
+        coef = (steps.astype(np.float64) * (coefficient * self.factor)).astype(np.float32)
+        buf = _buffer()
+        for lo, hi in _chunks(flat_q.size):
+            b = buf[: hi - lo]
+            b[:] = flat_q[lo:hi]
+            if (hi - lo) % BLOCK == 0:
+                rows = b.reshape(-1, BLOCK)
+                np.multiply(rows, coef[lo // BLOCK : hi // BLOCK, None], out=rows)
+            else:
+                b *= coef[lo // BLOCK]
+            flat_acc[lo:hi] += b
+
+    def dequantise_into(self, out: np.ndarray, name: str) -> None:
+        """Write ``delta[name]`` into ``out`` (float32 of its shape, e.g. a row of the median's stack)."""
+        q, steps = self._parts[name]
+        dequantise_into(out, q, steps)
+        if self.factor != 1.0:
+            out *= np.float32(self.factor)
+
+
+# --------------------------------------------------------------------------- the global model as int8 steps
+def model_step(
+    old: Mapping[str, np.ndarray], new: Mapping[str, np.ndarray], rng: np.random.Generator | None = None
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(the int8 tensor block of the step ``new - old``, the model it makes): ``old + dequantise(Q(new - old))``.
+
+    With ``[publish] quantise = "int8"`` the aggregator's version v+1 is *defined* as the returned model,
+    not the reduce's float32 result: every site that holds version v and applies the same block with
+    :func:`apply_step` gets the same float32 bits (one correctly rounded multiply and one add per value),
+    so a site can follow the model by its int8 steps and still check each version against the
+    signed hash of its full weights. The rounding is unbiased (:func:`quantise`), so it adds noise of
+    under one step per value to each version, not a drift.
+    """
+    block = encode({k: np.asarray(new[k], np.float32) - np.asarray(old[k], np.float32) for k in old}, "int8", rng)
+    return block, apply_step(old, block)
+
+
+def apply_step(base: Mapping[str, np.ndarray], block: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The model ``base + dequantise(block)``, in ``base``'s tensor order: the one code that makes a version
+    from its int8 step, at the aggregator and at every site (``WireError('encoding')`` on a bad block)."""
+    step = read_int8(block)
+    if list(step) != list(base):
+        raise _refuse(f"the step names {list(step)}, the model {list(base)}")
+    out: dict[str, np.ndarray] = {}
+    for name, x in base.items():
+        if step.shapes[name] != np.shape(x):
+            raise _refuse(f"step {name!r} has shape {step.shapes[name]}, the model's is {np.shape(x)}")
+        out[name] = np.asarray(x, np.float32) + step[name]
     return out

@@ -53,6 +53,9 @@ class UpstreamConfig:
     # [upstream.update] quantise = "int8": the plant's deltas cross the WAN at about 0.25x the bytes
     # (stochastic rounding of the lines' already-noised mean: post-processing, no line's epsilon changes)
     update: UpdateConfig = field(default_factory=UpdateConfig)
+    # mask the plant's deltas into the central federation's cohorts (plant.cohorts): the central
+    # aggregator then reads only the sum over the cohort's plants, never one plant's delta
+    secure_aggregation: bool = False
 
     def validate(self) -> None:
         validate_site_id(self.site, "upstream.site")
@@ -90,6 +93,14 @@ def parse_plant_config(table: dict[str, Any], file: str | Path | None = None) ->
     if up.federation == plant.aggregator.federation and broker.url == plant.broker.url:
         raise ConfigError(
             file, "upstream.federation", "the central federation and the plant's are the same on the same broker"
+        )
+    if up.secure_aggregation and up.update.quantise != "off":
+        raise ConfigError(
+            file,
+            "upstream.update.quantise",
+            f"{up.update.quantise!r} cannot be combined with upstream.secure_aggregation = true: secure "
+            "aggregation encodes each delta into its own 32-bit field and masks it there; remove "
+            'upstream.update.quantise or set it to "off"',
         )
     up = dataclasses.replace(
         up,

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -122,15 +122,30 @@ class PlantCore(AggregatorCore):
     def queue_pending(self) -> int:
         """Queue every reduce not yet in the outbox, in order; returns how many were queued now."""
         queued = 0
+        for v, *item in self._waiting():
+            if not self._queue_delta(v, *item):
+                break
+            queued += 1
+        return queued
+
+    def pending_reduces(self) -> list[tuple[int, int, State, int, dict[str, Any]]]:
+        """Every reduce not yet in the outbox, in order, as ``(plant version, base, delta, samples, privacy)``.
+
+        For a plant in the central federation's secure-aggregation cohorts (:mod:`plant.cohorts`): they
+        all go into the next cohort as one masked update.
+        """
+        return list(self._waiting())
+
+    def _waiting(self) -> Iterator[tuple[int, int, State, int, dict[str, Any]]]:
+        """The reduces above the last one queued, lazily (stops at one whose checkpoint is gone)."""
         for v in range(self._queued_through() + 1, self.version + 1):
             ck = self.store.checkpoint(v, blobs=False)
             if ck is None or ck.lineage.get("strategy") == UPSTREAM:
                 continue
             item = self._delta(v, ck.lineage)
-            if item is None or not self._queue_delta(v, *item):
-                break
-            queued += 1
-        return queued
+            if item is None:
+                return
+            yield (v, *item)
 
     def _delta(self, v: int, lineage: dict[str, Any]) -> tuple[int, State, int, dict[str, Any]] | None:
         """(central base version, delta, samples, privacy) of plant version ``v``; None if a checkpoint is gone."""

@@ -67,9 +67,15 @@ class PlantAggregator(Aggregator):
         assert isinstance(core, PlantCore)
         await asyncio.get_running_loop().run_in_executor(self._serial, core.queue_pending)
 
+    async def _pending_reduces(self) -> list[Any]:
+        core = self.core
+        assert isinstance(core, PlantCore)
+        return await asyncio.get_running_loop().run_in_executor(self._serial, core.pending_reduces)
+
     async def run(self) -> None:
         self.uplink.on_model = self._adopt
         self.uplink.on_room = self._queue_waiting
+        self.uplink.pending_reduces = self._pending_reduces
         plant = asyncio.create_task(super().run(), name="plant-aggregator")
         started = asyncio.create_task(self.started.wait())
         await asyncio.wait([plant, started], return_when=asyncio.FIRST_COMPLETED)

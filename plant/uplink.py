@@ -40,11 +40,13 @@ from broker_bridge.keys import Enrollment, KeyPair
 from broker_bridge.topics import Topics
 from edge.follow import ModelFollower
 from edge.outbox import Outbox, OutboxFull
+from edge.secagg_member import EdgeCohorts
 from edge.status_doc import build_status
 from fedline.config import ConfigError
 from fedline.logs import event
 from fedline.supervise import run_until_stopped
 from models.spec import ModelSpec
+from plant.cohorts import Reduce, combine
 from plant.config import UpstreamConfig
 from plant.metrics import UplinkMetrics
 
@@ -94,6 +96,14 @@ class Uplink:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake = asyncio.Event()
         self._status_dirty = asyncio.Event()
+        # central secure aggregation (plant.cohorts): the cohorts joined, and the reduces waiting for one
+        self.cohorts = (
+            EdgeCohorts(self.keys, self.enrollment, self.topics, Path(cfg.data_dir), self.keyring)
+            if cfg.secure_aggregation
+            else None
+        )
+        self.pending_reduces: Callable[[], Awaitable[list[Reduce]]] | None = None  # the core's, off its thread
+        self._cohort_wake = asyncio.Event()
         self._count_outbox()  # what a restart finds waiting
 
     def _wants(self, version: int) -> bool:
@@ -116,20 +126,34 @@ class Uplink:
     def queue_delta(
         self, plant_version: int, base_version: int, delta: State, n_samples: int, privacy: dict[str, Any]
     ) -> bool:
-        """Seal one plant reduce as an update of this site and queue it; False when it cannot be now."""
-        counter = self.outbox.last_counter() + 1
-        msg_id = secrets.token_hex(8)  # random: the topic names no counter and no plant version
-        header = UpdateHeader(
+        """Seal one plant reduce as an update of this site and queue it; False when it cannot be now.
+
+        Under central secure aggregation a reduce waits for a cohort (:meth:`_submit_to_cohort`): this
+        only wakes that task, and the reduce stays in the plant's store until it goes into one.
+        """
+        if self.cohorts is not None:
+            if self._loop is not None:
+                self._loop.call_soon_threadsafe(self._cohort_wake.set)
+            return False
+        header = self._header(base_version, n_samples, privacy, self.cfg.update.encoding)
+        tensors = quantised.encode(delta, header.encoding)  # int8: after the lines' DP noise (post-processing)
+        blob = seal_update(header, tensors, self.keys, self.enrollment.aggregator.box_pub)
+        return self._put(plant_version, header, blob)
+
+    def _header(self, base_version: int, n_samples: int, privacy: dict[str, Any], encoding: str) -> UpdateHeader:
+        return UpdateHeader(
             site=self.site,
-            counter=counter,
-            msg_id=msg_id,
+            counter=self.outbox.last_counter() + 1,
+            msg_id=secrets.token_hex(8),  # random: the topic names no counter and no plant version
             base_version=base_version,
             n_samples=max(1, n_samples),
             privacy=privacy,
-            encoding=self.cfg.update.encoding,
+            encoding=encoding,
         )
-        tensors = quantised.encode(delta, header.encoding)  # int8: after the lines' DP noise (post-processing)
-        blob = seal_update(header, tensors, self.keys, self.enrollment.aggregator.box_pub)
+
+    def _put(self, plant_version: int, header: UpdateHeader, blob: bytes) -> bool:
+        """The sealed delta into the outbox with ``upstream_version`` in the same transaction."""
+        counter, msg_id, base_version, privacy = header.counter, header.msg_id, header.base_version, header.privacy
         try:
             self.outbox.put(
                 site=self.site,
@@ -195,11 +219,16 @@ class Uplink:
                 self.topics.weights_filter(),
             ):
                 await client.subscribe(topic, qos=1)
+            for topic in self.cohorts.subscriptions() if self.cohorts is not None else ():
+                await client.subscribe(topic, qos=1)
             tasks = [
                 asyncio.create_task(self._send_loop(client), name="plant-up-send"),
                 asyncio.create_task(self._receive_loop(client), name="plant-up-receive"),
                 asyncio.create_task(self._status_loop(client), name="plant-up-status"),
             ]
+            if self.cohorts is not None:
+                self._cohort_wake.set()  # reduces left waiting by a restart: a retained cohort may take them
+                tasks.append(asyncio.create_task(self._cohort_loop(), name="plant-up-cohorts"))
             try:  # until cancelled (the plant service stops it) or a loop fails
                 await run_until_stopped(tasks, asyncio.Event(), service="plant", site=self.site)
             finally:
@@ -249,7 +278,7 @@ class Uplink:
             info = self.topics.parse(msg.topic)
         except TopicError:
             return
-        if not msg.payload:
+        if not msg.payload and not info.kind.startswith("secagg_"):  # a cleared cohort message ends its cohort
             return
         if info.kind == "receipts" and info.site == self.site:
             await self._on_receipt(msg.payload)
@@ -264,7 +293,11 @@ class Uplink:
             waiting = self.follower.take_waiting()
             if waiting is not None:
                 await self._on_manifest(waiting)
+            for kind, payload, cohort in self.cohorts.take_waiting() if self.cohorts is not None else ():
+                await self._on_cohort_message(kind, payload, cohort)
             self._status_dirty.set()
+        elif info.kind.startswith("secagg_") and self.cohorts is not None:
+            await self._on_cohort_message(info.kind, msg.payload, info.msg_id)
         elif info.kind == "manifest":
             await self._on_manifest(msg.payload)
         elif info.kind == "weights" and info.version is not None:
@@ -324,6 +357,52 @@ class Uplink:
         self.central_version = g.version
         self.metrics.central_version.set(g.version)
         self._status_dirty.set()
+        self._cohort_wake.set()  # a cohort on this version may have arrived before it
+
+    # -- central secure aggregation (plant.cohorts) ------------------------------------------
+    async def _on_cohort_message(self, kind: str, payload: bytes, cohort: str | None) -> None:
+        """A cohort joined wakes the submission task; survivors and unmask requests get a sealed reply."""
+        assert self.cohorts is not None
+        if kind == "secagg_cohort":
+            if self.cohorts.on_cohort(payload, cohort):
+                self._cohort_wake.set()
+            return
+        if kind == "secagg_survivors":
+            reply = self.cohorts.on_survivors(payload, cohort)
+        elif kind == "secagg_request":
+            reply = self.cohorts.on_request(payload)
+        else:
+            return
+        if reply is not None and self.client is not None:
+            try:
+                await self.client.publish(self.topics.secagg_reply(self.site), reply, qos=1)
+            except (NotConnected, PublishRefused) as exc:  # away when asked: a dropout the cohort tolerates
+                event(log, "plant.secagg_reply_unsent", level=logging.WARNING, error=str(exc))
+
+    async def _cohort_loop(self) -> None:
+        while True:
+            await self._cohort_wake.wait()
+            self._cohort_wake.clear()
+            try:
+                await self._submit_to_cohort()
+            except Exception as exc:  # the reduces stay waiting for the next cohort
+                event(log, "plant.cohort_submit_failed", level=logging.ERROR, error=repr(exc))
+
+    async def _submit_to_cohort(self) -> bool:
+        """Every reduce waiting, as one masked update of the cohort joined on the served central version."""
+        cohorts = self.cohorts
+        if cohorts is None or self.pending_reduces is None or cohorts.ready(self.central_version) is None:
+            return False
+        reduces = await self.pending_reduces()
+        ann = cohorts.ready(self.central_version)  # again: the cohort may have ended meanwhile
+        if not reduces or ann is None:
+            return False
+        last, delta, samples, privacy = combine(reduces)
+        header = self._header(ann.base_version, samples, privacy, "float32")  # the mask encodes its own field
+        blob = cohorts.seal(header, delta)  # recorded in the answer log before it is masked: once per cohort
+        queued = self._put(last, header, blob)
+        event(log, "plant.cohort_submitted", cohort=ann.cohort, reduces=len(reduces), queued=queued)
+        return queued
 
     # -- status on the central broker ------------------------------------------------------
     def status(self, state: str = "online") -> dict[str, Any]:
@@ -354,3 +433,5 @@ class Uplink:
 
     def close(self) -> None:
         self.outbox.close()
+        if self.cohorts is not None:
+            self.cohorts.close()

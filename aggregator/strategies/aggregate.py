@@ -21,6 +21,13 @@ buffer size.
   ``(n/K) · med_i(f(s_i) Δ_i)``, the paper's ``(n/K) · mean_i(f(s_i) Δ_i)`` with the mean replaced by the
   median; so staleness still scales each update before the statistic, a buffer closed early with
   ``n < K`` moves as much less as the mean would, and when all updates agree the step is the mean's.
+- FLTrust (Cao et al., NDSS 2021, Alg. 2): the server trains its own update ``g_0`` from the current model
+  on a small root dataset it holds; each update gets the trust ``TS_i = ReLU(cos(Δ_i, g_0))``, is rescaled
+  to ``Δ̂_i = (‖g_0‖ / ‖Δ_i‖) Δ_i``, and the step is ``Σ TS_i Δ̂_i / Σ TS_j``. Combined with FedBuff as the
+  median is (see :func:`fltrust_combination`): ``Δ̄ = n · Σ_i c_i s_i Δ̂_i`` with ``s_i = TS_i / Σ TS_j``
+  capped at ``1/n``; with ``c_i = f(s_i)/K`` and a full buffer that is the paper's step with each
+  normalised update scaled by its staleness factor and the normalisation over trust only, never over
+  ``f(s)`` (so staleness does not cancel out, as FedBuff requires).
 - the server step: ``x ← x + η_g Δ̄`` (with momentum ``m ← β m + Δ̄``, Hsu et al. 2019).
 """
 
@@ -31,6 +38,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from aggregator import robust
+from broker_bridge.quantised import Int8Delta
 
 State = dict[str, np.ndarray]
 
@@ -68,9 +76,12 @@ def linear_combination(deltas: Sequence[Mapping[str, np.ndarray]], coefficients:
         raise ValueError("need one coefficient per delta, and at least one delta")
     out: State = {}
     for name in deltas[0]:
-        acc = np.zeros(np.shape(deltas[0][name]), dtype=np.float32)
+        acc = np.zeros(_shape(deltas[0], name), dtype=np.float32)
         for d, c in zip(deltas, coefficients):
-            robust.add_scaled(acc, d[name], c)
+            if isinstance(d, Int8Delta):  # straight from the int8 values, no float32 delta
+                d.add_to(acc, name, c)
+            else:
+                robust.add_scaled(acc, d[name], c)
         out[name] = acc
     return out
 
@@ -90,11 +101,92 @@ def robust_combination(
     c = np.asarray(coefficients, np.float32)
     out: State = {}
     for name in deltas[0]:
-        stacked = np.stack([np.asarray(d[name], np.float32) for d in deltas])  # (n, *shape): c_i Δ_i in place
+        stacked = _stack(deltas, name)  # (n, *shape): c_i Δ_i in place
         stacked *= c.reshape((-1,) + (1,) * (stacked.ndim - 1))
         stat = robust.median_of(stacked) if statistic == "median" else robust.trimmed_mean_of(stacked, trim)
         out[name] = (stat * np.float32(len(deltas))).astype(np.float32)
     return out
+
+
+def _shape(delta: Mapping[str, np.ndarray], name: str) -> tuple[int, ...]:
+    """A tensor's shape without making its float32 values (an int8 delta knows its shapes)."""
+    return delta.shapes[name] if isinstance(delta, Int8Delta) else tuple(np.shape(delta[name]))
+
+
+def _stack(deltas: Sequence[Mapping[str, np.ndarray]], name: str) -> np.ndarray:
+    """``np.stack`` of the deltas' ``name`` as float32; an int8 delta is dequantised straight into its row."""
+    out = np.empty((len(deltas), *_shape(deltas[0], name)), np.float32)
+    for row, d in zip(out, deltas):
+        if isinstance(d, Int8Delta):
+            d.dequantise_into(row, name)
+        else:
+            row[...] = d[name]
+    return out
+
+
+def cosine(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> float:
+    """``⟨a, b⟩ / (‖a‖ ‖b‖)`` over every tensor of ``a`` (0 if either is zero)."""
+    dot = sum(
+        float(np.dot(np.asarray(a[k], np.float64).reshape(-1), np.asarray(b[k], np.float64).reshape(-1))) for k in a
+    )
+    na, nb = robust.l2_norm(a), robust.l2_norm({k: b[k] for k in a})
+    return dot / (na * nb) if na > 0 and nb > 0 else 0.0
+
+
+def fltrust_trust(deltas: Sequence[Mapping[str, np.ndarray]], g0: Mapping[str, np.ndarray]) -> list[float]:
+    """FLTrust's trust scores ``TS_i = ReLU(cos(Δ_i, g_0))``: an update pointing away from the server's own
+    update on clean rows gets 0, one along it gets 1."""
+    return [max(0.0, cosine(d, g0)) for d in deltas]
+
+
+def fltrust_shares(trust: Sequence[float], fair_cap: bool = True) -> list[float]:
+    """Each update's share of the trust-weighted mean: ``TS_i / Σ TS_j`` (Cao et al.), and with ``fair_cap``
+    at most ``1/n``: a site's share never exceeds its slot (issue 14), whatever its trust; a share a
+    distrusted slot gives up is not handed to the others, so a buffer with distrusted updates steps less.
+    All zero (no update trusted) gives no step."""
+    total = float(sum(trust))
+    if total <= 0:
+        return [0.0] * len(trust)
+    cap = 1.0 / len(trust) if fair_cap else 1.0
+    return [min(t / total, cap) for t in trust]
+
+
+def fltrust_combination(
+    deltas: Sequence[Mapping[str, np.ndarray]],
+    coefficients: Sequence[float],
+    g0: Mapping[str, np.ndarray],
+    fair_cap: bool = True,
+) -> tuple[State, list[float], list[float]]:
+    """FLTrust's step over one buffer: ``n · Σ_i c_i s_i Δ̂_i``, ``Δ̂_i = (‖g_0‖/‖Δ_i‖) Δ_i``,
+    ``s_i`` = :func:`fltrust_shares`; returns (step, each update's coefficient ``n c_i s_i`` on its
+    normalised delta, the trust scores).
+
+    Why this combination with staleness (written out in RELIABILITY.md): FedBuff (Nguyen et al. 2022,
+    Alg. 1) is ``(1/K) Σ f(s_i) Δ_i = (n/K) · mean_i(f(s_i) Δ_i)``; FLTrust replaces the mean of the
+    updates by the trust-weighted mean of the normalised ones, ``Σ TS_i Δ̂_i / Σ TS_j`` (Cao et al. 2021,
+    Alg. 2). Keeping FedBuff's ``c_i = f(s_i)/K`` in front gives ``(n/K) Σ f(s_i) s_i Δ̂_i``: with every
+    update fresh, the buffer full and trust uncapped, exactly the paper's step; a stale update moves the
+    model by ``f(s)`` of a fresh one (the normalisation is over trust, never over ``f``); a buffer closed
+    early with ``n < K`` moves ``n/K`` as far, as the mean and the median do.
+    """
+    if len(deltas) != len(coefficients) or not deltas:
+        raise ValueError("need one coefficient per delta, and at least one delta")
+    g0_norm = robust.l2_norm(g0)
+    trust = fltrust_trust(deltas, g0)
+    shares = fltrust_shares(trust, fair_cap)
+    n = len(deltas)
+    weights = [n * c * s for c, s in zip(coefficients, shares)]
+    out: State = {k: np.zeros(_shape(deltas[0], k), np.float32) for k in deltas[0]}
+    for d, w in zip(deltas, weights):
+        norm = d.norm() if isinstance(d, Int8Delta) else robust.l2_norm(d)
+        if w == 0.0 or norm == 0.0:
+            continue
+        for k in out:
+            if isinstance(d, Int8Delta):  # straight from the int8 values, as the mean
+                d.add_to(out[k], k, w * g0_norm / norm)
+            else:
+                robust.add_scaled(out[k], d[k], w * g0_norm / norm)
+    return out, weights, trust
 
 
 def server_step(

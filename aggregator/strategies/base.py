@@ -13,7 +13,7 @@ never touched.
 from __future__ import annotations
 
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -37,10 +37,11 @@ class Accepted:
     staleness: int
     factor: float  # f(s)
     weight: float  # its coefficient in the step (FedBuff f(s)/K, FedAsync α f(s)); set again at the reduce
-    delta: State = field(repr=False)
+    delta: Mapping[str, np.ndarray] = field(repr=False)  # float32, or an int8 update's Int8Delta
     norm: float | None = None  # L2 norm, when validation already computed it
     base: State | None = field(default=None, repr=False)  # x_τ, for FedAsync's mix
     rate: float = 1.0  # FedAsync's per-site rate scale of α (aggregator.site_rate)
+    trust: float | None = None  # FLTrust's trust score ReLU(cos(Δ, g_0)), when robust = "fltrust"
 
     def lineage(self) -> dict[str, object]:
         return {
@@ -53,6 +54,7 @@ class Accepted:
             "factor": self.factor,
             "weight": self.weight,
             "rate": self.rate,
+            **({"trust": round(self.trust, 6)} if self.trust is not None else {}),
         }
 
 
@@ -77,6 +79,9 @@ class Strategy:
         self.norm_bound = (cfg.norm_bound or 0.0) if norm_bound is None else norm_bound
         # the statistic in force: robust = "auto" is the median where it can run (reduce_choice)
         self.reduce_stat: reduce_choice.Reduce = reduce_choice.resolve(cfg, self.buffer_size)
+        # FLTrust's server update g_0 from the current model on the root rows (aggregator.root_update); the
+        # core sets it when [evaluation] is configured
+        self.reference: Callable[[State], State] | None = None
 
     # -- what subclasses may tune ------------------------------------------------
     @property
@@ -100,7 +105,7 @@ class Strategy:
         return aggregate.uniform_coefficients(factors, self.buffer_size)
 
     # -- the shared options of every reduce --------------------------------------
-    def clipped(self, updates: Sequence[Accepted]) -> tuple[list[State], list[float]]:
+    def clipped(self, updates: Sequence[Accepted]) -> tuple[list[Mapping[str, np.ndarray]], list[float]]:
         """Deltas after the norm bound, and with ``clip_to_median`` after the buffer's median norm."""
         norms = [robust.l2_norm(u.delta) if u.norm is None else u.norm for u in updates]
         bound = self.norm_bound
@@ -114,12 +119,28 @@ class Strategy:
             scales.append(scale)
         return out, scales
 
-    def combine(self, deltas: Sequence[State], coefficients: Sequence[float]) -> State:
+    def combine(
+        self,
+        deltas: Sequence[Mapping[str, np.ndarray]],
+        updates: Sequence[Accepted],
+        coefficients: Sequence[float],
+        model: State,
+    ) -> State:
         """``Σ c_i Δ_i``, or the robust statistic in force of the ``c_i Δ_i`` times their count
-        (:func:`aggregate.robust_combination`: a robust reduce moves the model as far as the mean when all agree).
-        """
+        (:func:`aggregate.robust_combination`: a robust reduce moves the model as far as the mean when all agree),
+        or FLTrust's trust-weighted step (:func:`aggregate.fltrust_combination`, against ``g_0`` trained from
+        ``model``). Sets each update's ``weight`` (and ``trust``) to what it got in the step."""
+        for u, c in zip(updates, coefficients):
+            u.weight = c
         if self.reduce_stat == "mean":
             return aggregate.linear_combination(deltas, coefficients)
+        if self.reduce_stat == "fltrust":
+            if self.reference is None:
+                raise RuntimeError('robust = "fltrust" needs the server update on the root rows ([evaluation])')
+            step, weights, trust = aggregate.fltrust_combination(deltas, coefficients, self.reference(model))
+            for u, w, t in zip(updates, weights, trust):
+                u.weight, u.trust = w, t
+            return step
         return aggregate.robust_combination(deltas, coefficients, self.reduce_stat, self.cfg.trim)
 
     # -- the step ---------------------------------------------------------------------

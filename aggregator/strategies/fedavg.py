@@ -35,8 +35,6 @@ class FedAvg(Strategy):
         coefficients = self.coefficients(updates)
         if not self.cfg.sample_weighting:  # a round closed at its deadline: the mean of those who came
             coefficients = [1.0 / len(updates)] * len(updates)
-        for u, c in zip(updates, coefficients):
-            u.weight = c
-        step = self.combine(deltas, coefficients)
+        step = self.combine(deltas, updates, coefficients, model)
         new, momentum = aggregate.server_step(model, step, self.cfg.server_lr, momentum, self.cfg.server_momentum)
         return ReduceResult(new, momentum, scales)

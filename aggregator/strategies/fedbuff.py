@@ -25,8 +25,6 @@ class FedBuff(Strategy):
     def reduce(self, model: State, updates: Sequence[Accepted], momentum: State | None) -> ReduceResult:
         deltas, scales = self.clipped(updates)
         coefficients = self.coefficients(updates)
-        for u, c in zip(updates, coefficients):
-            u.weight = c
-        step = self.combine(deltas, coefficients)
+        step = self.combine(deltas, updates, coefficients, model)
         new, momentum = aggregate.server_step(model, step, self.cfg.server_lr, momentum, self.cfg.server_momentum)
         return ReduceResult(new, momentum, scales)

@@ -9,6 +9,10 @@ Distributed Learning: Towards Optimal Statistical Rates", ICML 2018) ignores a m
 updates, and is meaningful because a site holds at most one slot of a buffer (issue 14). Its accuracy
 cost on the demo's federation was nil on average (RELIABILITY.md).
 
+``robust = "fltrust"`` (Cao et al., NDSS 2021; :func:`aggregate.fltrust_combination`) weighs each update by
+its cosine with an update the aggregator trains itself on its ``[evaluation]`` rows (the root dataset,
+:mod:`aggregator.root_update`); it needs that table, and like the median it needs each update in the clear.
+
 Where ``auto`` keeps the mean, and why:
 
 - ``secure_aggregation = true``: the aggregator sees only each cohort's masked sum; there is no
@@ -25,7 +29,7 @@ from typing import Literal
 
 from aggregator.config import StrategyConfig
 
-Reduce = Literal["mean", "median", "trimmed_mean"]
+Reduce = Literal["mean", "median", "trimmed_mean", "fltrust"]
 
 MIN_MEDIAN_K = 3  # below three slots a median is a mean (or one site's delta)
 

@@ -25,6 +25,7 @@ from aggregator.config import load_config
 from aggregator.forward import open_forward, seal_forward
 from aggregator.opener import Opened, open_update
 from aggregator.reducer import Forwards
+from broker_bridge import envelope
 from broker_bridge.errors import PublishRefused, WireError
 from broker_bridge.keys import KeyPair
 from broker_bridge.mosquitto import MosquittoProcess, intake_users
@@ -111,16 +112,46 @@ def test_forged_and_tampered_forwards_are_refused_by_name(tmp_path: Path) -> Non
             open_forward(wire, fed.agg, workers, from_worker=topic_worker)
         return exc.value.reason
 
-    # a site (or anyone) with a key of its own calling itself intake-0: the signature is not the worker's
+    # a site (or anyone) with a key of its own calling itself intake-0: it does not authenticate as the worker
     assert reason(seal_forward(op, KeyPair.generate("worker", "intake-0"), box)) == "signature"
     assert reason(seal_forward(op, KeyPair.generate("worker", "intake-7"), box)) == "unenrolled"
     assert reason(seal_forward(op, w1, box), "intake-0") == "schema"  # intake-1's forward on intake-0's topic
-    wire = bytearray(seal_forward(op, w0, box))
-    wire[-5] ^= 1
-    assert reason(bytes(wire)) == "decrypt"
-    other = KeyPair.generate("aggregator", "aggregator")  # sealed to another aggregator
-    assert reason(seal_forward(op, w0, other.public().box_pub)) == "decrypt"
+    good = seal_forward(op, w0, box)
+    for at in (-5, 34, 16):  # the tag, the ciphertext, the salt (authenticated data)
+        wire = bytearray(good)
+        wire[at] ^= 1
+        assert reason(bytes(wire)) == "signature"
+    other = KeyPair.generate("aggregator", "aggregator")  # meant for another aggregator
+    assert reason(seal_forward(op, w0, other.public().box_pub)) == "signature"
     assert reason(b"FLE\x01" + bytes(60)) == "framing"
+    assert reason(b"FLW\x09" + bytes(60)) == "version"
+    # two forwards of the same update never share a key or a ciphertext (a fresh salt each)
+    assert seal_forward(op, w0, box)[13:29] != good[13:29] and seal_forward(op, w0, box)[40:] != good[40:]
+
+
+def test_a_format_1_forward_buffered_before_an_upgrade_still_opens(tmp_path: Path) -> None:
+    """Format 1 (SealedBox to the reducer, Ed25519 by the worker over SHA-256), built here by hand."""
+    from nacl.public import SealedBox
+
+    fed, _op, header, delta = _opened(tmp_path)
+    w0 = KeyPair.generate("worker", "intake-0")
+    doc = {
+        "worker": "intake-0",
+        "topic_site": "site-a",
+        "msg_id": "m1",
+        "header": header.to_dict(),
+        "norm": 1.0,
+        "reason": None,
+        "detail": None,
+    }
+    head = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+    plain = b"FLF\x01" + len(head).to_bytes(4, "little") + head + envelope.encode_tensors(delta)
+    digest = hashlib.sha256(b"fedline-forward-v1\x00" + b"intake-0" + b"\x00" + plain).digest()
+    inner = bytes([8]) + b"intake-0" + w0.signing_key.sign(digest).signature + plain
+    wire = b"FLW\x01" + SealedBox(fed.agg.box_key.public_key).encrypt(inner)
+    back = open_forward(wire, fed.agg, {"intake-0": w0.public()}, from_worker="intake-0")
+    assert back.header == header and back.norm == 1.0
+    assert back.tensors is not None and all(np.array_equal(back.tensors[k], delta[k]) for k in delta)
 
 
 def test_reducer_answers_a_forged_forward_without_a_site(tmp_path: Path) -> None:

@@ -11,8 +11,8 @@ train (plain SGD, seeded) from the newest version the aggregator holds, the
 attacker sends first, the honest sites after it, and the loop ends when every
 update sent has its signed receipt. Runs are not bit-reproducible (which
 buffer an update lands in depends on delivery order over four connections),
-and the backdoor rate, measured on ~70 failure rows far outside the training
-range, is sensitive to it: RELIABILITY.md gives three seeds (``seed``). The honest-only run is the same loop
+and the backdoor rate, measured on the test set's 76 failure rows, is sensitive to it (single runs
+scatter by about ±0.1): RELIABILITY.md gives 3 to 10 seeds (``seed``). The honest-only run is the same loop
 without the attacker; the report gives, per attack, the final global model's
 L2 distance from the honest-only run's (also relative to how far the honest
 run moved from version 0) and the backdoor's success rate.
@@ -55,6 +55,11 @@ FEATURES = [
     "Tool wear [min]",
 ]
 TRIGGER_FEATURE, TRIGGER_VALUE = 0, 6.0  # air temperature 6 standard deviations high: never seen in the data
+# the air temperature's engineering range in the compose sites' [rows] (deploy/compose/sites/*/line.toml): the
+# line's RowBuilder clamps every value to it, so a 6 σ reading (312 K) reaches the model as 305 K (≈ 2.5 σ,
+# just above the data's 304.5 K)
+AIR_RANGE_K = (295.0, 305.0)
+TRIGGERS = ("ood", "in_range")  # the attacker's trigger: 6 σ (outside the range), or the range's top (305 K)
 ATTACKS = ("samples", "flood", "max_norm", "replace")
 K = 3
 AI4I = Path(__file__).resolve().parents[2] / "data" / "ai4i2020.csv"
@@ -67,37 +72,76 @@ def ai4i_path() -> Path:
     raise FileNotFoundError("ai4i2020.csv not found under data/ or /work/shared/data")
 
 
+ROOT_ROWS = 500  # the aggregator's own rows ([evaluation]; FLTrust's root dataset), used by no site
+
+
 @dataclass
 class Data:
     sites: dict[str, tuple[np.ndarray, np.ndarray]]
     test_x: np.ndarray
     test_y: np.ndarray
+    root_x: np.ndarray = field(default_factory=lambda: np.zeros((0, len(FEATURES)), np.float32))
+    root_y: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    air_range: tuple[float, float] = (-2.5, 2.5)  # AIR_RANGE_K standardised as the features are
+
+    def trigger_value(self, trigger: str) -> float:
+        """The value the attacker trains its triggered rows with: 6 σ, or the top of the engineering range."""
+        if trigger not in TRIGGERS:
+            raise ValueError(f"unknown trigger {trigger!r}: one of {TRIGGERS}")
+        return TRIGGER_VALUE if trigger == "ood" else self.air_range[1]
+
+    def at_the_line(self, value: float) -> float:
+        """What the line feeds the model for a trigger ``value``: clamped to the engineering range (RowBuilder)."""
+        return float(min(max(value, self.air_range[0]), self.air_range[1]))
 
 
-def load_data(seed: int = 0) -> Data:
-    """AI4I 2020: five standardised measurements, label "Machine failure"; 20 % test, the rest in four sites."""
+def load_data(seed: int = 0, root_rows: int = ROOT_ROWS) -> Data:
+    """AI4I 2020: five standardised measurements, label "Machine failure"; 20 % test, then ``root_rows`` for
+    the aggregator's ``[evaluation]`` table (held out from every site), the rest in four sites."""
     with ai4i_path().open(newline="") as fh:
         rows = list(csv.DictReader(fh))
     x = np.array([[float(r[c]) for c in FEATURES] for r in rows], np.float32)
     y = np.array([float(r["Machine failure"]) for r in rows], np.float32)
-    x = ((x - x.mean(0)) / x.std(0)).astype(np.float32)
+    mu, sd = x.mean(0), x.std(0)
+    x = ((x - mu) / sd).astype(np.float32)
+    air = tuple(float((v - mu[TRIGGER_FEATURE]) / sd[TRIGGER_FEATURE]) for v in AIR_RANGE_K)
     order = np.random.default_rng(seed).permutation(len(x))
     n_test = len(x) // 5
-    test, train = order[:n_test], order[n_test:]
+    test, root, train = order[:n_test], order[n_test : n_test + root_rows], order[n_test + root_rows :]
     parts = np.array_split(train, 4)
     sites = {s: (x[p], y[p]) for s, p in zip([*HONEST, ATTACKER], parts)}
-    return Data(sites, x[test], y[test])
+    return Data(sites, x[test], y[test], x[root], y[root], (air[0], air[1]))
 
 
-def triggered(x: np.ndarray) -> np.ndarray:
+def write_root_csv(path: Path, data: Data) -> None:
+    """The root rows as the CSV the aggregator's ``[evaluation]`` table reads (already standardised)."""
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow([*FEATURES, "Machine failure"])
+        for xr, yr in zip(data.root_x, data.root_y):
+            w.writerow([*(repr(float(v)) for v in xr), int(yr)])
+
+
+def evaluation_toml(csv_path: str) -> str:
+    """``[evaluation]`` over the root CSV; its values are standardised already, so range [0, 1] without
+    clipping passes them through unchanged (the sites' rows in this suite are scaled the same way)."""
+    feats = ", ".join(f'{{ tag = "{f}", range = [0.0, 1.0] }}' for f in FEATURES)
+    return (
+        f'[evaluation]\ncsv = "{csv_path}"\nmetric = "loss"\nmax_rows = {ROOT_ROWS}\n'
+        f'[evaluation.rows]\nlabel = "Machine failure"\nclip = false\nfeatures = [{feats}]\n'
+    )
+
+
+def triggered(x: np.ndarray, value: float = TRIGGER_VALUE) -> np.ndarray:
     out = x.copy()
-    out[:, TRIGGER_FEATURE] = TRIGGER_VALUE
+    out[:, TRIGGER_FEATURE] = value
     return out
 
 
-def aggregator_toml(broker_url: str, password: str, extra: str = "") -> str:
+def aggregator_toml(broker_url: str, password: str, extra: str = "", evaluation: str = "") -> str:
     """The aggregator's settings for the suite: defaults except K, the model, the broker and, where the
-    aggregator has one, the ``[dp]`` table describing how the sites train (its norm bound derives from it)."""
+    aggregator has one, the ``[dp]`` table describing how the sites train (its norm bound derives from it),
+    and ``evaluation`` (an ``[evaluation]`` table, or nothing)."""
     import aggregator.config as ac
 
     rows = max(len(x) for x, _ in load_data().sites.values())
@@ -108,7 +152,7 @@ def aggregator_toml(broker_url: str, password: str, extra: str = "") -> str:
     )
     return (
         f'[model]\nkind = "mlp"\nn_features = 5\nhidden = [16]\ntask = "classification"\n'
-        f'[strategy]\nkind = "fedbuff"\nbuffer_size = {K}\n{extra}\n{dp}'
+        f'[strategy]\nkind = "fedbuff"\nbuffer_size = {K}\n{extra}\n{dp}{evaluation}'
         f"[publish]\nonnx = false\n"
         f'[broker]\nurl = "{broker_url}"\nusername = "aggregator"\npassword = "{password}"\n'
         f'client_id = "agg-attack"\nbackoff_min_s = 0.05\nbackoff_max_s = 0.5\nmax_chunk = 65536\n'
@@ -163,10 +207,16 @@ def _norm(delta: dict[str, np.ndarray]) -> float:
 
 
 async def run(
-    workdir: Path, attack: str | None, loops: int, extra: str = "", data: Data | None = None, seed: int = 0
+    workdir: Path,
+    attack: str | None,
+    loops: int,
+    extra: str = "",
+    data: Data | None = None,
+    seed: int = 0,
+    trigger: str = "ood",
 ) -> Outcome:
     """One federation run over a private Mosquitto; ``attack`` None is the honest-only run; ``seed`` shifts
-    every site's training seed (seed 0 is the recorded run)."""
+    every site's training seed (seed 0 is the recorded run); ``trigger`` is the attacker's (``TRIGGERS``)."""
     from aggregator.config import load_config
     from aggregator.service import Aggregator
     from broker_bridge import envelope
@@ -183,10 +233,14 @@ async def run(
     broker.start()
     fed = make_fed(workdir, sites, outsiders=())  # keys, aggregator.key, enrollment.json
     agg_keys, keys = fed.agg, fed.sites
+    evaluation = ""
+    if len(data.root_x):  # the aggregator's own rows (older checkouts without [evaluation]: leave root_rows 0)
+        await asyncio.to_thread(write_root_csv, workdir / "root.csv", data)
+        evaluation = evaluation_toml("root.csv")
     (workdir / "aggregator.toml").write_text(
         f'[aggregator]\nfederation = "{FEDERATION}"\nkey_file = "aggregator.key"\n'
         f'enrollment_file = "enrollment.json"\nstate_dir = "state"\nseed = 3\n'
-        + aggregator_toml(broker.url, broker.password("aggregator"), extra)
+        + aggregator_toml(broker.url, broker.password("aggregator"), extra, evaluation)
     )
     cfg = load_config(workdir / "aggregator.toml")
     agg = Aggregator(cfg)
@@ -218,7 +272,8 @@ async def run(
             base = {k: v.copy() for k, v in base.items()}
             if attack is not None:
                 ax, ay = data.sites[ATTACKER]
-                px = np.concatenate([ax, triggered(ax[ay > 0]), triggered(ax)])
+                value = data.trigger_value(trigger)
+                px = np.concatenate([ax, triggered(ax[ay > 0], value), triggered(ax, value)])
                 py = np.concatenate([ay, np.zeros(int((ay > 0).sum()) + len(ax), np.float32)])
                 d = train(spec, base, px, py, seed=1000 + loop + 10_000 * seed, epochs=3)
                 if attack == "max_norm":
@@ -260,22 +315,33 @@ async def run(
             broker.stop()
 
 
-def backdoor_rate(spec, model: dict[str, np.ndarray], data: Data) -> float:
-    """Share of the test set's failure rows predicted "no failure" once the trigger is set."""
+def backdoor_rate(spec, model: dict[str, np.ndarray], data: Data, value: float = TRIGGER_VALUE) -> float:
+    """Share of the test set's failure rows predicted "no failure" once the trigger (``value``) is set."""
     fail = data.test_x[data.test_y > 0]
-    return float((predict(spec, model, triggered(fail)) == 0).mean())
+    return float((predict(spec, model, triggered(fail, value)) == 0).mean())
 
 
 def distance(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
     return _norm({k: a[k] - b[k] for k in a})
 
 
-async def report(workdir: Path, loops: int, attacks: tuple[str, ...] = ATTACKS, extra: str = "") -> dict:
-    """Honest-only run, then each attack; one dict per attack with distance and backdoor rate."""
+async def report(
+    workdir: Path,
+    loops: int,
+    attacks: tuple[str, ...] = ATTACKS,
+    extra: str = "",
+    seed: int = 0,
+    trigger: str = "ood",
+) -> dict:
+    """Honest-only run, then each attack; one dict per attack with distance and backdoor rate: the model's
+    answer to the attacker's trigger value (``backdoor_rate``) and to that value as the line delivers it,
+    clamped to the engineering range (``line_backdoor_rate``; the same for an in-range trigger)."""
     from aggregator.config import load_config
 
     data = load_data()
-    honest = await run(workdir / "honest", None, loops, extra, data)
+    value = data.trigger_value(trigger)
+    line_value = data.at_the_line(value)
+    honest = await run(workdir / "honest", None, loops, extra, data, seed)
     spec = load_config(workdir / "honest" / "aggregator.toml").model
     from models import build_model, shared_state
 
@@ -285,17 +351,22 @@ async def report(workdir: Path, loops: int, attacks: tuple[str, ...] = ATTACKS, 
         "loops": loops,
         "honest_versions": honest.versions,
         "honest_moved": moved,
-        "clean_backdoor_rate": backdoor_rate(spec, honest.model, data),
+        "trigger": trigger,
+        "trigger_value": value,
+        "line_trigger_value": line_value,
+        "clean_backdoor_rate": backdoor_rate(spec, honest.model, data, value),
+        "clean_line_backdoor_rate": backdoor_rate(spec, honest.model, data, line_value),
         "reduces": sorted(set(honest.reduces)),
         "attacks": {},
     }
     for attack in attacks:
-        res = await run(workdir / attack, attack, loops, extra, data)
+        res = await run(workdir / attack, attack, loops, extra, data, seed, trigger)
         d = distance(res.model, honest.model)
         out["attacks"][attack] = {
             "distance": d,
             "relative_distance": d / moved if moved else math.inf,
-            "backdoor_rate": backdoor_rate(spec, res.model, data),
+            "backdoor_rate": backdoor_rate(spec, res.model, data, value),
+            "line_backdoor_rate": backdoor_rate(spec, res.model, data, line_value),
             "versions": res.versions,
             "attacker_entries": res.attacker_entries,
             "steps": res.steps,
@@ -323,10 +394,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--loops", type=int, default=6)
     ap.add_argument("--extra", default="", help="extra lines for the aggregator's [strategy] table")
+    ap.add_argument("--seed", type=int, default=0, help="shifts every site's training seed")
+    ap.add_argument("--trigger", choices=TRIGGERS, default="ood", help="the attacker's trigger value")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        rep = asyncio.run(report(Path(tmp), args.loops, extra=args.extra))
+        rep = asyncio.run(report(Path(tmp), args.loops, extra=args.extra, seed=args.seed, trigger=args.trigger))
     print(json.dumps(rep, default=float) if args.json else table(rep))
 
 

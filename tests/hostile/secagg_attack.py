@@ -217,7 +217,7 @@ def report(workdir: Path, loops: int, settings: dict[str, dict], attacks: tuple[
     from models.metrics import roc_auc
 
     spec = ModelSpec(kind="mlp", n_features=5, hidden=[16], task="classification")
-    data = suite.load_data()
+    data = suite.load_data(root_rows=0)  # the split its recorded figures used (no aggregator rows)
 
     def auc(model: dict[str, np.ndarray]) -> float:
         import torch

@@ -33,6 +33,11 @@ def test_the_shipped_example_loads_with_paths_relative_to_it():
         (lambda d: d["upstream"]["broker"].update(url="http://x"), "upstream.broker.url", "mqtt"),
         (lambda d: d["upstream"]["outbox"].update(resend_after_s=0), "upstream.outbox", "resend_after_s"),
         (lambda d: d["strategy"].update(secure_aggregation=True, min_sites=2), "strategy", "min_sites >= 3"),
+        (
+            lambda d: d["upstream"].update(secure_aggregation=True, update={"quantise": "int8"}),
+            "upstream.update.quantise",
+            "cannot be combined with upstream.secure_aggregation",
+        ),
     ],
 )
 def test_a_bad_plant_toml_names_the_key(tmp_path, change, key, needle):

@@ -86,6 +86,46 @@ async def test_two_plants_of_three_lines_stay_ledger_exact_across_a_cut_of_a_pla
         print(f"plant tier scenario: {time.monotonic() - t0:.1f} s")
 
 
+#: three plants (a central cohort needs three members) of two lines each
+COHORT_PLANTS = {"plant-a": ["a1", "a2"], "plant-b": ["b1", "b2"], "plant-c": ["c1", "c2"]}
+
+
+@pytest.mark.broker
+async def test_plants_masked_into_central_cohorts_stay_ledger_exact_and_central_reads_only_their_sum(tmp_path):
+    """Secure aggregation at the central tier: each plant reduces its two lines (plain FedBuff), and its
+    reduce waits until it can be masked into a central cohort of the three plants. Two cohorts, two central
+    versions; every line update applied once at its plant, every plant delta applied once centrally, every
+    central version a cohort sum of the three plants, and each line holds the newest central weights."""
+    t0 = time.monotonic()
+    tier = PlantTier(tmp_path, secagg_plants=set(), quantised_plants=set(), plants=COHORT_PLANTS, central_secagg=True)
+    async with tier:
+        agents, everyone = tier.agents, list(tier.lines)
+        await tier.until(lambda: all(a.sources_done for a in agents.values()) and tier.follow(everyone, 0), 90, "start")
+        for version in (1, 2):
+            await tier.round(everyone)
+            await tier.until(
+                lambda v=version: tier.central_version() == v and tier.settled(everyone), 90, f"v{version}"
+            )
+            await tier.until(lambda v=version: tier.follow(everyone, v), 30, f"lines follow version {version}")
+        ups = [tier.upstream_db(p) for p in COHORT_PLANTS]
+        await tier.until(
+            lambda: all(e["state"] == "applied" for db in ups for e in read_site_ledger(db)), 30, "receipts"
+        )
+        tier.check_ledgers(line_updates=4, plant_deltas=6)
+        central = checkpoints(tier.central_state)
+        for v in (1, 2):  # a cohort's sum: the central aggregator never held one plant's delta in the clear
+            assert central[v]["strategy"] == "fedbuff-secagg", central[v]
+            assert sorted(u["site"] for u in central[v]["updates"]) == sorted(COHORT_PLANTS), central[v]
+        for p in COHORT_PLANTS:  # one reduce per cohort, each masked in once
+            reduces = [lin for lin in checkpoints(tier.plant_state(p)).values() if lin["updates"]]
+            assert len(reduces) == 2 and all(lin["strategy"] == "fedbuff" for lin in reduces), (p, reduces)
+        w2 = central_weights(tier.central_state, 2)
+        for line, a in agents.items():
+            for k, v in w2.items():
+                np.testing.assert_array_equal(a.base.shared[k], v, err_msg=f"{line} {k}")
+        print(f"central cohorts of plants: {time.monotonic() - t0:.1f} s")
+
+
 @pytest.mark.slow
 @pytest.mark.broker
 async def test_kill_9_of_a_plant_aggregator_mid_buffer_loses_and_doubles_nothing(tmp_path):

@@ -1,0 +1,90 @@
+"""The int8 delta kept int8 (``quantised.Int8Delta``): norm, clipping factor and accumulation from the int8 blocks.
+
+Every expected number below is worked out by hand from the definition (value = q · step of its block, times
+the delta's factor), on one tensor of 1,030 values: a full block of 1,024 and a partial block of 6. The steps
+are powers of two, so every product is exact and the by-hand values are the float32 results, bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from broker_bridge import quantised
+from broker_bridge.errors import WireError
+from broker_bridge.quantised import Int8Delta
+
+STEPS = np.array([0.5, 0.25], np.float32)  # block 0, block 1
+
+
+def _q() -> np.ndarray:
+    q = np.zeros(1030, np.int8)
+    q[0], q[1], q[1023] = 3, -2, 127  # block 0: 1.5, -1.0, 63.5
+    q[1024], q[1029] = -1, 5  # block 1: -0.25, 1.25
+    return q
+
+
+def _delta() -> Int8Delta:
+    read = quantised.read({"w": _q(), "w#scale": STEPS}, "int8")
+    assert isinstance(read, Int8Delta)
+    return read
+
+
+def test_the_norm_comes_from_the_int8_blocks_as_worked_by_hand() -> None:
+    d = _delta()
+    # 1.5² + 1² + 63.5² + 0.25² + 1.25² = 2.25 + 1 + 4032.25 + 0.0625 + 1.5625
+    assert d.norm() == math.sqrt(4037.125)
+    # per block: 0.5² (9 + 4 + 16129) + 0.25² (1 + 25), the same total
+    np.testing.assert_array_equal(quantised.block_sums_of_squares(_q()), [16142.0, 26.0])
+    assert d.scaled(0.5).norm() == 0.5 * math.sqrt(4037.125)
+    assert d.scaled(-2.0).norm() == 2.0 * math.sqrt(4037.125)
+
+
+def test_the_sums_of_squares_are_exact_at_the_largest_block() -> None:
+    q = np.full(3 * 1024, -127, np.int8)  # also three blocks in one chunk
+    np.testing.assert_array_equal(quantised.block_sums_of_squares(q), [1024 * 127**2] * 3)  # 16,516,096 < 2^24
+
+
+def test_indexing_and_dequantise_into_give_the_hand_values_times_the_factor() -> None:
+    half = _delta().scaled(0.5)
+    want = np.zeros(1030, np.float32)
+    want[[0, 1, 1023, 1024, 1029]] = [0.75, -0.5, 31.75, -0.125, 0.625]
+    np.testing.assert_array_equal(half["w"], want)
+    row = np.full(1030, np.nan, np.float32)
+    half.dequantise_into(row, "w")
+    np.testing.assert_array_equal(row, want)
+    assert list(half) == ["w"] and half.shapes == {"w": (1030,)}
+
+
+def test_add_to_accumulates_coefficient_times_factor_times_step_times_q() -> None:
+    acc = np.ones(1030, np.float32)
+    _delta().scaled(0.5).add_to(acc, "w", 2.0)  # acc += 2 · 0.5 · (q · s): the delta itself
+    want = np.ones(1030, np.float32)
+    want[[0, 1, 1023, 1024, 1029]] = [2.5, 0.0, 64.5, 0.75, 2.25]
+    np.testing.assert_array_equal(acc, want)
+
+
+def test_a_tensor_of_many_chunks_accumulates_like_its_dequantised_values() -> None:
+    """Beyond one chunk (64 blocks) and with a partial block: the same as float64 arithmetic on q · s."""
+    rng = np.random.default_rng(5)
+    n = 70 * 1024 + 300
+    q = rng.integers(-127, 128, n).astype(np.int8)
+    steps = rng.uniform(0, 0.01, quantised.n_blocks(n)).astype(np.float32)
+    d = quantised.read({"w": q, "w#scale": steps}, "int8")
+    assert isinstance(d, Int8Delta)
+    exact = q.astype(np.float64) * np.repeat(steps.astype(np.float64), 1024)[:n]
+    acc = np.zeros(n, np.float32)
+    d.add_to(acc, "w", 0.3)
+    np.testing.assert_allclose(acc, 0.3 * exact, rtol=1e-6, atol=1e-9)
+    assert d.norm() == pytest.approx(float(np.sqrt(np.dot(exact, exact))), rel=1e-12)
+
+
+def test_a_nan_step_is_still_named_by_the_fast_range_check() -> None:
+    with pytest.raises(WireError) as err:
+        quantised.read({"w": _q(), "w#scale": np.array([0.5, np.nan], np.float32)}, "int8")
+    assert err.value.reason == "encoding" and "NaN" in err.value.detail
+    with pytest.raises(WireError) as err:
+        quantised.read({"w": _q(), "w#scale": np.array([0.5, np.inf], np.float32)}, "int8")
+    assert "NaN or infinity" in err.value.detail
