@@ -141,3 +141,39 @@ def test_predictions_file_rotates_and_keeps_the_newest(tmp_path: Path) -> None:
         seqs += [json.loads(line)["seq"] for line in text.splitlines()]
     assert seqs[-1] == n - 1 and seqs == list(range(seqs[0], n))  # contiguous: nothing split or lost in between
     assert seqs[0] > 0  # the oldest file was dropped
+
+
+def test_a_reading_outside_its_engineering_range_is_clamped_and_flagged(tmp_path: Path) -> None:
+    """The attack suite's backdoor trigger as a PLC would report it: air temperature 6 σ high (312 K, outside
+    its range [295, 305] K). The line's RowBuilder clamps it to the range (the model sees 305 K, the value
+    it would see for a reading of 305 K exactly), counts it and warns once (issue 14)."""
+    cfg = write_config(tmp_path, 20)
+    lines = (tmp_path / "line.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    col = header.index("Air temperature [K]")
+    for i, hot in ((4, "312.0"), (5, "305.0")):  # a row out of range, and the same kind of row at the range's top
+        cells = lines[i].split(",")
+        cells[col] = hot
+        lines[i] = ",".join(cells)
+    (tmp_path / "line.csv").write_text("\n".join(lines) + "\n")
+    publish_model(tmp_path / "models", linear_onnx(W, B), 7)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedline.cli", "infer", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    preds = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    with (tmp_path / "line.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    lo = np.array([f[1] for f in FEATURES])
+    hi = np.array([f[2] for f in FEATURES])
+    x = np.array([[float(r[t]) for t, _, _ in FEATURES] for r in rows])
+    clamped = np.clip((x - lo) / (hi - lo), 0, 1)
+    assert clamped[3, 0] == 1.0 and (x[3, 0] - lo[0]) / (hi[0] - lo[0]) == pytest.approx(1.7)  # 312 K -> 305 K
+    np.testing.assert_allclose([p["score"] for p in preds], linear_score(W, B, clamped), atol=1e-5)
+    assert proc.stderr.count("rows.out_of_range") == 1  # warned once
+    stopped = [line for line in proc.stderr.splitlines() if "infer.stopped" in line]
+    assert len(stopped) == 1 and stopped[0].endswith(" out_of_range=1"), stopped
