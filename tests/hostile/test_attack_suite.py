@@ -11,7 +11,7 @@ the honest-only run than before the fix (pre-fix numbers in RELIABILITY.md: rela
 Issue 14's "backdoor success within 5 points of the clean model" (RELIABILITY.md, the tables over seeds):
 - with a trigger inside the features' engineering range (what reaches a model at all: the line's and the
   edge's RowBuilder clamp every input to its range), the defaults hold the backdoor near the clean model's
-  rate: within 5 points on average over 20 runs per attack, which five seeds cannot show reliably, so
+  rate: within about 5 points on average over 25 runs per attack, which five seeds cannot show reliably, so
   ``test_in_range_backdoor_stays_near_the_clean_rate`` (slow) checks 10 points pooled and a mean control;
 - with the 6 σ trigger fed to the model directly (bypassing the clamp) they do not: the median halves the
   mean's success but stays 22-30 points above the clean model; the slow full report checks the halving.
@@ -75,7 +75,7 @@ async def test_in_range_backdoor_stays_near_the_clean_rate(tmp_path):
     five training seeds: the backdoor's success averaged over the four attacks is within 10 points of the clean
     model's average rate, each attack within 15; the plain mean (seed 0, the control) is at least 10 points
     above its clean model, so the attack has teeth. Issue 14's 5 points hold only on average over many runs
-    (RELIABILITY.md: over 20 runs per attack -2 to +5 points; single runs scatter by ±0.11 and one five-seed
+    (RELIABILITY.md: over 25 runs per attack -1 to +5 points; single runs scatter by ±0.11 and one five-seed
     run averaged +7), so five seeds cannot assert them without flaking. About 4 minutes."""
     reps = [
         await suite.report(tmp_path / f"s{seed}", loops=6, seed=seed, trigger="in_range") for seed in IN_RANGE_SEEDS
