@@ -304,10 +304,15 @@ class ValidationConfig:
 class PublishConfig:
     retain_versions: int = 3  # model versions whose chunks stay retained on the broker
     onnx: bool = True
+    # "int8": each version is also published as its int8 step from the previous one, and the model is
+    # defined as the sum of those steps (broker_bridge.quantised.model_step): sites follow the steps
+    quantise: str = "off"
 
     def validate(self) -> None:
         if self.retain_versions < 1:
             raise ValueError("retain_versions must be at least 1")
+        if self.quantise not in ("off", "int8"):
+            raise ValueError(f'quantise must be "off" or "int8", got {self.quantise!r}')
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ from aggregator.recovery import SiteHistory
 from aggregator.site_rate import SiteRate
 from aggregator.store import BufferedRow, Store, Verdict
 from aggregator.strategies import Accepted, make_strategy
-from broker_bridge import envelope
+from broker_bridge import envelope, quantised
 from broker_bridge.envelope import UpdateHeader
 from broker_bridge.errors import FedlineError, WireError
 from broker_bridge.keys import Enrollment, KeyPair
@@ -152,6 +152,7 @@ class AggregatorCore:
             self.model = _copy_state(envelope.decode_tensors(ckpt.weights))
             self.momentum = _copy_state(envelope.decode_tensors(ckpt.momentum)) if ckpt.momentum else None
         self.snapshot = (self.version, self.model)
+        self._step: tuple[int, int, State, State] | None = None  # (version, parent, int8 block, model it made)
         self.reference = {k: tuple(v.shape) for k, v in self.model.items()}
         self._top: dict[str, int | None] = {}
         self.buffer: list[Accepted] = self._read_buffer()
@@ -485,6 +486,10 @@ class AggregatorCore:
         wait for the next reduce).
         """
         new_version = self.version + 1
+        step = None
+        if self.cfg.publish.quantise == "int8" and not keep_buffer:  # a plant adopting central takes it exactly
+            block, model = quantised.model_step(self.model, model)  # the model IS the sum of its int8 steps
+            step = (new_version, self.version, block, model)
         self.store.commit_version(
             new_version,
             envelope.encode_tensors(model),
@@ -497,6 +502,7 @@ class AggregatorCore:
         )
         # committed: only now does the live state change
         self.model, self.momentum, self.version = model, momentum, new_version
+        self._step = step  # before the snapshot: the publisher that reads one finds the other
         self.snapshot = self.served(new_version, model, lineage)  # one assignment: what the publisher thread reads
         if not keep_buffer:
             self.buffer = []
@@ -510,6 +516,12 @@ class AggregatorCore:
             self.metrics.decided("applied", arrival=last_arrived and i == len(applied) - 1)
         event(log, "model.version", version=new_version, updates=len(applied), sites=sorted({v.site for v in applied}))
         return [v.receipt() for v in applied]
+
+    def step_of(self, version: int, model: State) -> tuple[int, State] | None:
+        """(parent version, int8 block) that made ``version`` when ``model`` is the model it made
+        (``[publish] quantise = "int8"``); None otherwise (not quantised, or a version served from elsewhere)."""
+        s = self._step
+        return (s[1], s[2]) if s is not None and s[0] == version and s[3] is model else None
 
     def heard(self, header: Any) -> None:
         """An update's verified header, on either path (plain decide or a secure-aggregation submission).

@@ -69,16 +69,24 @@ def build_release(
     content_key: bytes,
     metric: float | None = None,
     extra: dict[str, Any] | None = None,
+    step: tuple[int, dict[str, np.ndarray]] | None = None,
 ) -> Release:
     """Everything to publish for ``version``, encrypted under ``content_key`` of ``epoch``.
 
+    ``step`` (``[publish] quantise = "int8"``): the parent version and the int8 block that made this
+    version from it (:func:`broker_bridge.quantised.model_step`); published on ``model/<v>/delta/<i>`` and
+    named in the manifest's ``delta`` entry, beside the full weights (for sites that do not hold the parent).
     Pure (no I/O), so it runs in a worker thread.
     """
     weights = envelope.encode_tensors(shared)
     onnx = onnx_bytes(shared) if onnx_bytes else b""
+    delta = envelope.encode_tensors(step[1]) if step is not None else b""
     chunks: list[tuple[str, bytes]] = []
     entries: dict[str, dict[str, Any]] = {}
-    for part, blob, topic_of in (("weights", weights, topics.weights_chunk), ("onnx", onnx, topics.onnx_chunk)):
+    parts_of = [("weights", weights, topics.weights_chunk), ("onnx", onnx, topics.onnx_chunk)]
+    if delta:
+        parts_of.append(("delta", delta, topics.delta_chunk))
+    for part, blob, topic_of in parts_of:
         msg_id = f"v{version}-{part}"
         sealed = envelope.seal_for_federation(blob, content_key) if blob else b""
         parts = chunking.split(sealed, msg_id, chunk_limit(topic_of(version, 999999))) if blob else []
@@ -93,6 +101,8 @@ def build_release(
         "weights": entries["weights"],
         "onnx": entries["onnx"],
     }
+    if step is not None:  # signed with the rest: its hash, and the full weights' hash the step must give
+        manifest["delta"] = dict(entries["delta"], **{"from": step[0]})
     if metric is not None:
         manifest["metric"] = metric
     manifest.update({k: v for k, v in (extra or {}).items() if k not in manifest})
@@ -115,7 +125,13 @@ async def publish_release(client: Any, topics: Topics, release: Release) -> None
 
 
 def clear_topics(topics: Topics, version: int, weights_chunks: int, onnx_chunks: int) -> list[str]:
-    """Chunk topics of one version (to clear with empty retained payloads)."""
-    return [topics.weights_chunk(version, i) for i in range(weights_chunks)] + [
-        topics.onnx_chunk(version, i) for i in range(onnx_chunks)
-    ]
+    """Chunk topics of one version (to clear with empty retained payloads).
+
+    An int8 step has fewer chunks than the weights (a quarter of the bytes): clearing as many delta topics
+    as weight topics covers it (clearing a topic that holds nothing is harmless).
+    """
+    return (
+        [topics.weights_chunk(version, i) for i in range(weights_chunks)]
+        + [topics.onnx_chunk(version, i) for i in range(onnx_chunks)]
+        + [topics.delta_chunk(version, i) for i in range(weights_chunks)]
+    )

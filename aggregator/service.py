@@ -321,6 +321,8 @@ class Aggregator:
             content_key=epoch.key,
             metric=metric,
             extra=self._manifest_extra(version),
+            # the int8 step from the version sites hold now (one they never got is of no use to them)
+            step=step if (step := core.step_of(version, shared)) and step[0] == self.published_version else None,
         )
 
     def _manifest_extra(self, version: int) -> dict[str, Any] | None:

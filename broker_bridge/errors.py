@@ -102,7 +102,9 @@ class ModelRefused(FedlineError):
     framing), ``epoch`` (no content key of its epoch), ``federation``, ``spec``, ``size``, ``hash``,
     ``decode``, ``names``, ``shape``, ``finite`` (the weights); a line also refuses with ``load``,
     ``width``, ``probe`` (the ONNX session), ``canary`` (worse on recent labelled rows) and ``step`` (moved
-    farther from the model in service than the configured bound: :mod:`models.step_bound`).
+    farther from the model in service than the configured bound: :mod:`models.step_bound`); an edge
+    following the model by int8 steps counts ``int8_step`` (a step that did not make the signed weights:
+    it takes the version's full weights instead, :mod:`edge.follow_steps`).
     ``version`` is None when the manifest itself could not be read.
     """
 

@@ -157,6 +157,11 @@ def read(tensors: Mapping[str, np.ndarray], encoding: str) -> Mapping[str, np.nd
         return dict(tensors)
     if encoding != "int8":
         raise _refuse(f"unknown update encoding {encoding!r}; this build reads {', '.join(ENCODINGS)}")
+    return read_int8(tensors)
+
+
+def read_int8(tensors: Mapping[str, np.ndarray]) -> Int8Delta:
+    """An int8 tensor block (values and ``#scale`` steps) as an :class:`Int8Delta`, checked."""
     parts: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for name, q in tensors.items():
         if name.endswith(SCALE_SUFFIX):
@@ -293,3 +298,34 @@ class Int8Delta(Mapping[str, np.ndarray]):
         dequantise_into(out, q, steps)
         if self.factor != 1.0:
             out *= np.float32(self.factor)
+
+
+# --------------------------------------------------------------------------- the global model as int8 steps
+def model_step(
+    old: Mapping[str, np.ndarray], new: Mapping[str, np.ndarray], rng: np.random.Generator | None = None
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(the int8 tensor block of the step ``new - old``, the model it makes): ``old + dequantise(Q(new - old))``.
+
+    With ``[publish] quantise = "int8"`` the aggregator's version v+1 is *defined* as the returned model,
+    not the reduce's float32 result: every site that holds version v and applies the same block with
+    :func:`apply_step` gets the same float32 bits (one correctly rounded multiply and one add per value),
+    so a site can follow the model by its int8 steps and still check each version against the
+    signed hash of its full weights. The rounding is unbiased (:func:`quantise`), so it adds noise of
+    under one step per value to each version, not a drift.
+    """
+    block = encode({k: np.asarray(new[k], np.float32) - np.asarray(old[k], np.float32) for k in old}, "int8", rng)
+    return block, apply_step(old, block)
+
+
+def apply_step(base: Mapping[str, np.ndarray], block: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The model ``base + dequantise(block)``, in ``base``'s tensor order: the one code that makes a version
+    from its int8 step, at the aggregator and at every site (``WireError('encoding')`` on a bad block)."""
+    step = read_int8(block)
+    if list(step) != list(base):
+        raise _refuse(f"the step names {list(step)}, the model {list(base)}")
+    out: dict[str, np.ndarray] = {}
+    for name, x in base.items():
+        if step.shapes[name] != np.shape(x):
+            raise _refuse(f"step {name!r} has shape {step.shapes[name]}, the model's is {np.shape(x)}")
+        out[name] = np.asarray(x, np.float32) + step[name]
+    return out

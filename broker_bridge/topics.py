@@ -49,7 +49,7 @@ def validate_site_id(site: object, what: str = "site id") -> str:
 class TopicInfo:
     """What a parsed topic names. Fields that do not apply are None."""
 
-    kind: str  # update | forward (site = the worker) | receipts | status | fedkey | service_status | manifest | weights | onnx | secagg_{cohort,survivors,request,reply} | recovery_{request,answer}
+    kind: str  # update | forward (site = the worker) | receipts | status | fedkey | service_status | manifest | weights | onnx | delta | secagg_{cohort,survivors,request,reply} | recovery_{request,answer}
     site: str | None = None  # for service_status: the service's broker username
     msg_id: str | None = None
     index: int | None = None
@@ -155,6 +155,14 @@ class Topics:
     def onnx_chunk(self, version: int, index: int) -> str:
         return f"{self.root}/model/{int(version)}/onnx/{int(index)}"
 
+    def delta_chunk(self, version: int, index: int) -> str:
+        """A chunk of the int8 step that made ``version`` from its parent (``[publish] quantise = "int8"``)."""
+        return f"{self.root}/model/{int(version)}/delta/{int(index)}"
+
+    def deltas_filter(self) -> str:
+        """Every version's int8 step: what a site that follows the model by steps subscribes to."""
+        return f"{self.root}/model/+/delta/#"
+
     def model_filter(self) -> str:
         return f"{self.root}/model/#"
 
@@ -196,7 +204,7 @@ class Topics:
             if parts[0] == "model":
                 if parts[1:] == ["manifest"]:
                     return TopicInfo("manifest")
-                if len(parts) == 4 and parts[2] in ("weights", "onnx"):
+                if len(parts) == 4 and parts[2] in ("weights", "onnx", "delta"):
                     return TopicInfo(parts[2], version=_index(parts[1]), index=_index(parts[3]))
         except TopicError as exc:
             raise TopicError(f"topic {topic!r}: {exc}") from None

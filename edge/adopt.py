@@ -39,7 +39,9 @@ class Adopter:
             # newer than ours, and not the version just refused as too far a step (when it is re-announced)
             lambda v: self.wants(v) and (st.model_refused or {}).get("version") != v,
             keyring=st.keyring,
+            base=lambda: self.state.base,  # a version made by an int8 step from this one is made here
         )
+        self.weights_subscribed = True  # until a version came by its step (edge.follow_steps)
 
     def wants(self, version: int) -> bool:
         """Newer than ours; or the aggregator's own version 0 while we only have the one we built."""
@@ -117,26 +119,47 @@ class Adopter:
         event(log, "model.announced", site=self.state.site, version=version, chunks=chunks)
         await self.try_adopt()
 
-    async def on_chunk(self, topic: str, version: int, index: int, payload: bytes) -> None:
-        """One weight chunk (a malformed one is counted and dropped); the version is adopted once complete."""
+    async def on_chunk(self, topic: str, version: int, index: int, payload: bytes, step: bool = False) -> None:
+        """One weight chunk, or with ``step`` one chunk of a version's int8 step (a malformed one is counted and
+        dropped); the version is adopted once complete."""
         try:
-            self.follower.on_chunk(version, index, payload)
+            (self.follower.on_step_chunk if step else self.follower.on_chunk)(version, index, payload)
         except WireError as exc:
             self.state.metrics.malformed.labels("weights").inc()
             event(log, "model.chunk_dropped", logging.WARNING, site=self.state.site, topic=topic, reason=str(exc))
             return
         await self.try_adopt()
 
+    async def _weights(self, on: bool) -> None:
+        """Subscribe to the full weights (a version this site cannot make from a step), or stop once it can."""
+        client = self.state.client
+        if client is None or on == self.weights_subscribed:
+            return
+        self.weights_subscribed = on
+        topic = self.state.topics.weights_filter()
+        await (client.subscribe(topic, qos=1) if on else client.unsubscribe(topic))
+        event(log, "model.follow", site=self.state.site, by="weights" if on else "int8 steps")
+
     async def try_adopt(self) -> None:
         """Adopt the announced version if it is complete, checked and not too far a step."""
         st = self.state
+        pending = self.follower.pending
+        if pending is not None and not self.follower.by_step:
+            await self._weights(True)  # retained: the version's chunks come on subscribing
+        by_step = self.follower.by_step
         try:
             g = self.follower.complete()
         except ModelRefused as exc:
+            if exc.reason == "int8_step":  # not refused: the full weights of the same version are fetched
+                event(log, "model.step_failed", logging.WARNING, site=st.site, version=exc.version, detail=exc.detail)
+                await self._weights(True)
+                return
             self._refuse(exc.version, f"{exc.reason}: {exc.detail}")
             return
         if g is None:
             return
+        if by_step:  # the federation publishes steps and this site makes them: the weights are not needed
+            await self._weights(False)
         far = st.cfg.adopt.refusal(st.base.shared, g.shared, g.version - st.base.version)
         if far is not None:  # signed, yet too far from the model in use (models.step_bound)
             st.metrics.models_refused_step.inc()

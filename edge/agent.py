@@ -139,8 +139,8 @@ class EdgeAgent:
             await self.on_grant(msg.payload)
         elif info.kind == "manifest" and msg.payload:
             await self.adopter.on_manifest(msg.payload)
-        elif info.kind == "weights" and info.version is not None and msg.payload:
-            await self.adopter.on_chunk(msg.topic, info.version, info.index or 0, msg.payload)
+        elif info.kind in ("weights", "delta") and info.version is not None and msg.payload:
+            await self.adopter.on_chunk(msg.topic, info.version, info.index or 0, msg.payload, info.kind == "delta")
         elif info.kind == "recovery_answer" and info.site == self.site and msg.payload:
             self.recovering.on_answer(msg.payload)
         elif info.kind.startswith("secagg_") and self.cohorts is not None:
@@ -166,7 +166,9 @@ class EdgeAgent:
         # weights (with its personal head), so downloading every version's ONNX too only costs the link
         await client.subscribe(self.topics.fedkey(self.site), qos=1)
         await client.subscribe(self.topics.manifest(), qos=1)
-        await client.subscribe(self.topics.weights_filter(), qos=1)
+        await client.subscribe(self.topics.weights_filter(), qos=1)  # dropped while int8 steps make the model
+        await client.subscribe(self.topics.deltas_filter(), qos=1)
+        self.adopter.weights_subscribed = True
         for topic in self.cohorts.subscriptions() if self.cohorts is not None else ():
             await client.subscribe(topic, qos=1)
 

@@ -31,6 +31,7 @@ from broker_bridge.envelope import open_for_federation
 from broker_bridge.errors import ChunkError, ModelRefused, WireError
 from broker_bridge.federation_key import Keyring, open_manifest
 from broker_bridge.keys import KeyPair
+from edge import follow_steps
 from edge.model_store import GlobalModel, check_global_model
 from models.spec import ModelSpec
 
@@ -116,6 +117,7 @@ class ModelFollower:
         shapes: dict[str, tuple[int, ...]],
         wants: Callable[[int], bool],
         keyring: Keyring | None = None,
+        base: Callable[[], GlobalModel] | None = None,
     ) -> None:
         self.keys = keys
         self.sign_pub = aggregator_sign_pub
@@ -127,6 +129,12 @@ class ModelFollower:
         self.keyring = Keyring() if keyring is None else keyring  # content keys by epoch, from this site's grants
         self.collector = WeightsCollector()
         self.pending: tuple[int, bytes, dict[str, Any]] | None = None  # (version, signed manifest, manifest)
+        # following by int8 steps (edge.follow_steps): the model in use, the steps' chunks, and whether the
+        # pending version comes from its step (else from its full weights)
+        self.base = base
+        self.steps = WeightsCollector()
+        self.by_step = False
+        self.step_failures = 0  # steps that did not make the signed weights (then the full weights were used)
         self._waiting_for_key: bytes | None = None  # a sealed manifest of an epoch not granted (yet)
 
     def on_grant(self, blob: bytes) -> int:
@@ -161,7 +169,9 @@ class ModelFollower:
         if not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1:
             raise ModelRefused("manifest", f"manifest weights.chunks {chunks!r} is not a positive integer", version)
         self.pending = (version, bytes(blob), doc)
+        self.by_step = self.base is not None and follow_steps.applies(doc, self.base())
         self.collector.forget_below(version)
+        self.steps.forget_below(version)
         return version
 
     def on_chunk(self, version: int, index: int, payload: bytes) -> None:
@@ -169,22 +179,44 @@ class ModelFollower:
         if self.wants(version):
             self.collector.add(version, index, payload)
 
+    def on_step_chunk(self, version: int, index: int, payload: bytes) -> None:
+        """Keep one chunk of a version's int8 step (only a follower given the model in use keeps them)."""
+        if self.base is not None and self.wants(version):
+            self.steps.add(version, index, payload)
+
     def complete(self) -> GlobalModel | None:
         """The announced version, opened and checked, once all its chunks are in (None until then)."""
         if self.pending is None:
             return None
         version, manifest_blob, doc = self.pending
+        key = self.keyring.get(doc.get("epoch"))  # type: ignore[arg-type]
+        if self.by_step and self.base is not None:
+            sealed = self.steps.complete(version, doc["delta"]["chunks"])
+            if sealed is None:
+                return None
+            if key is None:
+                raise ModelRefused("epoch", f"no content key for epoch {doc.get('epoch')}", version)
+            try:  # the step's hash, then the weights' hash of what it makes: both signed in the manifest
+                weights = follow_steps.apply(doc, open_for_federation(sealed, key), self.base())
+            except (WireError, ModelRefused) as exc:
+                self.by_step = False  # the full weights of this version instead (the agent fetches them)
+                self.step_failures += 1
+                raise ModelRefused("int8_step", f"{exc}; fetching the full weights", version) from None
+            self.pending = None
+            return self._checked(manifest_blob, weights)
         sealed = self.collector.complete(version, doc["weights"]["chunks"])
         if sealed is None:
             return None
         self.pending = None
-        key = self.keyring.get(doc.get("epoch"))  # type: ignore[arg-type]
         if key is None:
             raise ModelRefused("epoch", f"no content key for epoch {doc.get('epoch')}", version)
         try:
             weights = open_for_federation(sealed, key)
         except WireError as exc:
             raise ModelRefused("decrypt", f"weights {exc}", version) from None
+        return self._checked(manifest_blob, weights)
+
+    def _checked(self, manifest_blob: bytes, weights: bytes) -> GlobalModel | None:
         g = check_global_model(
             manifest_blob, weights, self.sign_pub, self.federation, self.spec, self.shared_names, self.shapes
         )

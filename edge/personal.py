@@ -16,12 +16,15 @@ held-out slice, never trained on), re-picked whenever a new global version
 arrives. When the validation slice is too small to tell the candidates apart
 (too few rows, or too few positives for a ROC AUC), it says so and decides by
 what the site's own rows could teach: a site whose training rows hold at least
-``min_local_positives`` of the rarer class (regression: rows) keeps its
-local-only model, since nothing on validation shows a federation candidate
-better and its own model had enough to learn from (a mid-size plant whose
-validation slice drew few failures); a site with fewer serves the fine-tuned
-model, the federation's knowledge adapted to the plant (the smallest plant,
-whose own model learnt from a dozen failures).
+``min_local_positives`` of the rarer class (regression: units or rows) keeps
+its local-only model, since nothing on validation shows a federation
+candidate better and its own model had enough to learn from (a mid-size plant
+whose validation slice drew few failures); a site with fewer (the smallest
+plant, whose own model learnt from a dozen failures or a handful of engines)
+compares the candidates on folds of its own training units as well
+(:mod:`edge.unit_folds`: each row scored by models that did not train on it)
+and serves the one those folds and its validation rows favour, instead of
+serving the fine-tuned model blind.
 
 Why ε is unchanged: the local-only and fine-tuned models are computed from the
 site's rows and from the *published* global model only; their parameters never
@@ -79,6 +82,9 @@ class PersonalConfig:
     # (failures); regression: units of the group column (each engine run to failure is one failure), or rows
     # when there is no group column (independent rows)
     min_local_positives: int = 30
+    # validation too small and less local evidence than that: the candidates are compared on this many folds of
+    # the site's training units (edge/unit_folds.py) instead of serving the fine-tuned model blind; 0 = off
+    cross_folds: int = 5
     # a federation candidate replaces local-only only when a one-sided paired test on the validation rows
     # (edge/paired_evidence.py) says it is better with p below this (shared by the federation candidates:
     # each is tested at switch_alpha / their number), so validation noise does not swap a plant's own model.
@@ -101,11 +107,33 @@ class PersonalConfig:
             )
         if self.min_local_positives < 0:
             raise ValueError(f"min_local_positives must be >= 0, got {self.min_local_positives}")
+        if self.cross_folds < 0 or self.cross_folds == 1:
+            raise ValueError(f"cross_folds must be 0 (off) or >= 2, got {self.cross_folds}")
 
 
 #: Which rule decided a choice (the site's status says it): the paired test kept local-only or switched away
 #: from it; the validation slice was too small and the local evidence decided; there was no local-only model.
-RULES = ("paired_test_kept_local", "paired_test_switched", "too_small_kept_local", "too_small_fine_tuned", "no_local")
+RULES = (
+    "paired_test_kept_local",
+    "paired_test_switched",
+    "too_small_kept_local",
+    "too_small_fine_tuned",
+    "too_small_folds_kept_local",
+    "too_small_folds_switched",
+    "no_local",
+)
+
+
+@dataclass(frozen=True)
+class FoldEvidence:
+    """The candidates scored on the site's training rows out of fold, pooled with its validation rows
+    (:mod:`edge.unit_folds`): what a site whose validation slice is too small decides on."""
+
+    scores: dict[str, float]
+    tests: dict[str, Evidence]  # each federation candidate against local-only on the pooled rows
+    rows: int
+    units: int  # independent units the pooled rows hold (rows, or groups)
+    folds: int
 
 
 @dataclass
@@ -185,6 +213,7 @@ def pick(
     evidence: int = 0,
     tests: dict[str, Evidence] | None = None,
     units: Sequence[object] | None = None,
+    folds: FoldEvidence | None = None,
 ) -> Choice:
     """Local-only, unless the paired test on the validation rows shows a federation candidate better.
 
@@ -196,7 +225,10 @@ def pick(
     switches a site is at most alpha); of those that pass, the best score wins.
     When the slice is too small to decide, ``evidence`` (:func:`local_evidence`
     of the training rows) decides: at least ``cfg.min_local_positives`` keeps
-    local-only, less serves the fine-tuned model.
+    local-only; with less, when ``folds`` is given (the candidates scored out of
+    fold on the training units and on the validation rows,
+    :mod:`edge.unit_folds`), the same switching rule decides on that larger
+    body of evidence; without it the fine-tuned model is served.
     """
     m = metric_name(spec)
     n = 0 if y_val is None else len(y_val)
@@ -207,6 +239,17 @@ def pick(
             what = "rows of its rarer class" if spec.task == "classification" else ("units" if units else "rows")
             reason = f"{small}; local-only kept: it trained on {evidence} {what} (>= {cfg.min_local_positives})"
             return Choice("local", m, scores["local"], dict(scores), n, reason, "too_small_kept_local")
+        if folds is not None and _finite(folds.scores.get("local")):
+            kind, said, p, switched = _switch(
+                m,
+                folds.scores,
+                folds.tests,
+                cfg,
+                f"{folds.folds} training folds + validation",
+                folds.units < folds.rows,
+            )
+            why = f"{small}; local-only trained on {evidence} (< {cfg.min_local_positives}), so: {said}"
+            return Choice(kind, m, scores.get(kind), dict(scores), n, why, FOLD_RULES[switched], p)
         why = f"{small}; fine-tuned served: local-only trained on {evidence} (< {cfg.min_local_positives})"
         return Choice("fine_tuned", m, scores.get("fine_tuned"), dict(scores), n, why, "too_small_fine_tuned")
     fed = [k for k in ("fine_tuned", "global") if _finite(scores.get(k))]
@@ -218,24 +261,37 @@ def pick(
         return Choice(
             best, m, scores[best], dict(scores), n, f"no local-only model; best {m} on validation", "no_local"
         )
+    kind, said, p, switched = _switch(m, scores, tests, cfg, "validation", units is not None)
+    rule = "paired_test_switched" if switched else "paired_test_kept_local"
+    return Choice(kind, m, scores[kind], dict(scores), n, said, rule, p)
+
+
+#: The rule names of a choice made on the folds' evidence: kept local-only, or switched away from it.
+FOLD_RULES = {False: "too_small_folds_kept_local", True: "too_small_folds_switched"}
+
+
+def _switch(
+    m: str, scores: dict[str, float], tests: dict[str, Evidence], cfg: PersonalConfig, rows: str, grouped: bool
+) -> tuple[str, str, float | None, bool]:
+    """The switching rule on one body of evidence (the validation rows, or those plus the training folds):
+    local-only unless a federation candidate's one-sided paired test against it has p < switch_alpha / the
+    number tested; of those that pass, the best score. Returns the kind, why, the p it rests on, switched?"""
+    fed = [k for k in ("fine_tuned", "global") if _finite(scores.get(k))]
     tested = {k: tests[k] for k in fed if k in tests and math.isfinite(tests[k].p)}
     level = cfg.switch_alpha / max(1, len(tested))
     passing = [k for k in fed if k in tested and tested[k].p < level]
     if not passing:
         closest = min(tested, key=lambda k: tested[k].p) if tested else None
-        p = tested[closest].p if closest else None
-        said = (
-            f"{closest} vs local-only on {tested[closest].units} validation "
-            f"{'units' if tested[closest].test == 'paired-mse' and units is not None else 'rows'}: "
-            f"p = {p:.3g} >= {level:.3g}"
-            if closest
-            else "no paired test could be run"
-        )
-        return Choice("local", m, local, dict(scores), n, f"local-only kept: {said}", "paired_test_kept_local", p)
+        if closest is None:
+            return "local", "local-only kept: no paired test could be run", None, False
+        ev = tested[closest]
+        what = "units" if ev.test == "paired-mse" and grouped else "rows"
+        said = f"{closest} vs local-only on {ev.units} {rows} {what}: p = {ev.p:.3g} >= {level:.3g}"
+        return "local", f"local-only kept: {said}", ev.p, False
     best = _best(m, passing, scores)
     ev = tested[best]
-    reason = f"{best} better than local-only on validation: p = {ev.p:.3g} < {level:.3g} ({ev.test}, {ev.units} units)"
-    return Choice(best, m, scores[best], dict(scores), n, reason, "paired_test_switched", ev.p)
+    said = f"{best} better than local-only on {rows}: p = {ev.p:.3g} < {level:.3g} ({ev.test}, {ev.units} units)"
+    return best, said, ev.p, True
 
 
 def _best(metric: str, kinds: list[str], scores: dict[str, float]) -> str:
@@ -350,9 +406,16 @@ def validate(
     candidate's paired test against local-only on those rows (:mod:`edge.paired_evidence`)."""
     if y_val is None or len(y_val) == 0:
         return {k: math.nan for k in candidates}, {}
-    y = np.asarray(y_val, dtype=np.float64).reshape(len(y_val), -1)[:, 0]
+    return compare(spec, y_val, {k: predict(spec, p, x_val, model_seed) for k, p in candidates.items()}, units)
+
+
+def compare(
+    spec: ModelSpec, y_true: np.ndarray, preds: dict[str, np.ndarray], units: Sequence[object] | None = None
+) -> tuple[dict[str, float], dict[str, Evidence]]:
+    """Each candidate's metric on rows ``y_true`` from its predictions, and each federation candidate's
+    paired test against local-only on them (``units``: each row's unit, None when rows are independent)."""
+    y = np.asarray(y_true, dtype=np.float64).reshape(len(y_true), -1)[:, 0]
     m = metric_name(spec)
-    preds = {k: predict(spec, p, x_val, model_seed) for k, p in candidates.items()}
     scores = {k: score(m, y, v) for k, v in preds.items()}
     tests: dict[str, Evidence] = {}
     if "local" in preds:
@@ -376,6 +439,10 @@ class Personaliser:
         self.local: dict[str, np.ndarray] | None = None
         self.local_rows = 0
         self.choice: Choice | None = None
+        # local-only models of the training folds (edge/unit_folds.py), kept while the training rows are the same
+        self._fold_local: dict[int, dict[str, np.ndarray]] = {}
+        self._fold_key = b""
+        self.folds: FoldEvidence | None = None  # what the last too-small choice decided on
 
     def choose(
         self,
@@ -386,11 +453,15 @@ class Personaliser:
         y_val: np.ndarray | None,
         val_units: Sequence[object] | None = None,
         train_units: int | None = None,
+        train_groups: Sequence[object] | None = None,
+        split: str = "random",
     ) -> tuple[dict[str, np.ndarray], Choice]:
         """The parameters the line serves and the choice, for this global model and these rows.
 
         ``val_units``: each validation row's unit and ``train_units`` the number of units in the training
-        rows (``[dataset] group_column``); None when rows are independent.
+        rows (``[dataset] group_column``); None when rows are independent. ``train_groups`` (each training
+        row's unit) and ``split`` (the dataset's held-out rule) cut the training rows into folds when the
+        validation slice is too small (:mod:`edge.unit_folds`).
         """
         if len(x) >= 2 and (self.local is None or len(x) >= self.local_rows * (1 + self.cfg.retrain_growth)):
             self.local = train_local_only(self.spec, x, y, self.cfg, self.model_seed)
@@ -403,8 +474,73 @@ class Personaliser:
             candidates["local"] = self.local
         scores, tests = validate(self.spec, candidates, x_val, y_val, val_units, self.model_seed)
         evidence = local_evidence(self.spec, y, len(x), train_units)
-        self.choice = pick(self.spec, scores, y_val, self.cfg, evidence, tests, val_units)
+        folds = None
+        if (
+            too_small(self.spec, y_val, self.cfg, val_units) is not None
+            and evidence < self.cfg.min_local_positives
+            and self.cfg.cross_folds >= 2
+            and "local" in candidates
+            and y is not None
+        ):
+            folds = self.fold_evidence(global_params, candidates, x, y, x_val, y_val, val_units, train_groups, split)
+        self.folds = folds
+        self.choice = pick(self.spec, scores, y_val, self.cfg, evidence, tests, val_units, folds)
         return candidates[self.choice.kind], self.choice
+
+    def fold_evidence(
+        self,
+        global_params: dict[str, np.ndarray],
+        candidates: dict[str, dict[str, np.ndarray]],
+        x: np.ndarray,
+        y: np.ndarray,
+        x_val: np.ndarray,
+        y_val: np.ndarray | None,
+        val_units: Sequence[object] | None,
+        train_groups: Sequence[object] | None,
+        split: str,
+    ) -> FoldEvidence | None:
+        """The candidates scored out of fold on the training rows plus on the validation rows
+        (:mod:`edge.unit_folds`); None when the training rows make fewer than two folds."""
+        import hashlib
+
+        from edge.unit_folds import fold_of_rows, out_of_fold
+
+        grouped = split == "group" and train_groups is not None
+        fold_split = split if grouped or split != "group" else "random"  # a group split without units: rows
+        folds = fold_of_rows(len(x), self.cfg.cross_folds, fold_split, train_groups if grouped else None, y)
+        k = len(np.unique(folds))
+        if k < 2:
+            return None
+        key = hashlib.blake2b(np.ascontiguousarray(x).tobytes() + np.ascontiguousarray(y).tobytes()).digest()
+        if key != self._fold_key:  # other training rows: the folds' local-only models are retrained
+            self._fold_local, self._fold_key = {}, key
+
+        def train(rows: np.ndarray, kind: str) -> dict[str, np.ndarray]:
+            if kind == "local":
+                return train_local_only(self.spec, x[rows], y[rows], self.cfg, self.model_seed)
+            return fine_tune(self.spec, global_params, x[rows], y[rows], self.cfg, self.model_seed)
+
+        oof = out_of_fold(
+            folds,
+            train,
+            lambda p, rows: predict(self.spec, p, x[rows], self.model_seed),
+            global_params,
+            self._fold_local,
+        )
+        y_all = np.asarray(y, dtype=np.float64).reshape(len(y), -1)[:, 0]
+        # a grouped hold-out: training and validation units are disjoint, so the pooled rows' units are both lists
+        units: list[object] | None = list(train_groups) if grouped and train_groups is not None else None
+        if y_val is not None and len(y_val):
+            val = {k2: predict(self.spec, candidates[k2], x_val, self.model_seed) for k2 in oof}
+            oof = {k2: np.concatenate([v, val[k2]]) for k2, v in oof.items()}
+            y_all = np.concatenate([y_all, np.asarray(y_val, dtype=np.float64).reshape(len(y_val), -1)[:, 0]])
+            if units is not None:
+                units += (
+                    list(val_units) if val_units is not None else [f"validation row {i}" for i in range(len(y_val))]
+                )
+        scores, tests = compare(self.spec, y_all, oof, units)
+        n_units = len(set(units)) if units is not None else len(y_all)
+        return FoldEvidence(scores, tests, len(y_all), n_units, k)
 
     def choose_from(
         self, dataset: Dataset, global_params: dict[str, np.ndarray]
@@ -421,4 +557,6 @@ class Personaliser:
             y_val,
             val_units if grouped else None,
             len(set(units)) if grouped else None,
+            units if grouped else None,
+            dataset.split,
         )

@@ -176,16 +176,17 @@ class DemoData:
         x, y = self.normalise(site.x_train), self.target(site.y_train)
         return x[~m], y[~m], x[m], y[m]
 
-    def fit_units(self, site: SiteData) -> tuple[list[str] | None, int | None]:
-        """Each validation row's unit and the number of units in the training rows, as the site's edge stores
-        them (``[dataset] group_column``; ``(None, None)`` without one: rows are independent)."""
+    def fit_units(self, site: SiteData) -> tuple[list[str] | None, int | None, list[str] | None]:
+        """Each validation row's unit, the number of units in the training rows and each training row's unit,
+        as the site's edge stores them (``[dataset] group_column``; Nones without one: rows are independent)."""
         if not self.group_column:
-            return None, None
+            return None, None, None
         from edge.dataset import group_key
 
         m = self.validation_mask(site)
         units = [group_key(r[self.group_column]) for r in site.train_rows]
-        return [u for u, h in zip(units, m) if h], len({u for u, h in zip(units, m) if not h})
+        train = [u for u, h in zip(units, m) if not h]
+        return [u for u, h in zip(units, m) if h], len(set(train)), train
 
     def site(self, site_id: str) -> SiteData:
         for s in self.sites:

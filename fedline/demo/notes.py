@@ -96,8 +96,11 @@ def settings(data: DemoData, t: Tuning, batch_fraction: float, tunings: dict[str
         f"the rarer class, or fewer than {PersonalConfig.min_validation_units} units) it says so, keeps local-only "
         f"if its training rows held at least {PersonalConfig.min_local_positives} of the rarer class (regression: "
         "units, each unit run to failure being one failure; it had enough to learn from, and nothing shows a "
-        "federation candidate better) and otherwise serves the fine-tuned one. The site's status names the rule "
-        "that decided. Neither candidate "
+        "federation candidate better) and otherwise runs the same paired test on its training rows as well, "
+        f"each scored out of fold ({PersonalConfig.cross_folds} folds, whole units per fold where there is a group "
+        "column; the local-only and fine-tuned candidates retrained without each fold; edge/unit_folds.py), pooled "
+        "with its validation rows. The site's "
+        "status names the rule that decided. No candidate "
         "leaves the plant or feeds a DP round, so ε is the federation's alone.",
         f"Yardsticks (no DP, in-process, the edge's own code): local-only is the edge's local-only candidate "
         f"({baseline_epochs(t)} epochs on each site's training rows less its validation rows); central trains "

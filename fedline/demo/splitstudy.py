@@ -105,7 +105,9 @@ def _one_split(
         local = train_plain(spec, x, y, base)
         p = Personaliser(pcfg, spec)
         p.local, p.local_rows = local, len(x)  # the same model (same code, settings and rows) the edge would train
-        served, choice = p.choose({**fed.params, **fed.personal[s.site]}, x, y, xv, yv, *data.fit_units(s))
+        served, choice = p.choose(
+            {**fed.params, **fed.personal[s.site]}, x, y, xv, yv, *data.fit_units(s), split=data.split
+        )
         out[s.site] = {
             "local": evaluate(data, lambda z, q=local: predict(spec, q, z), i),
             "federated": evaluate(data, lambda z: predict(spec, fed.params, z), i),

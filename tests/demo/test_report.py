@@ -175,6 +175,10 @@ def test_smallest_site_gain_needs_p_below_005(report):
     eight = [0.86 + i / 100 if i < 8 else 0.70 for i in range(10)]  # ahead in 8 of 10: p = 56/1024 = 0.055
     r["split_study"] = _study("roc_auc", TEN, served_h=eight)
     assert compute_checks(r)["smallest_site_served_gains"] is False
+    assert compute_checks(r)["smallest_site_served_ahead_in_8_of_10"] is True  # issue 16's bar: 8 of 10
+    seven = [0.86 + i / 100 if i < 7 else 0.70 for i in range(10)]
+    r["split_study"] = _study("roc_auc", TEN, served_h=seven)
+    assert compute_checks(r)["smallest_site_served_ahead_in_8_of_10"] is False
     nine = [0.86 + i / 100 if i < 9 else 0.70 for i in range(10)]  # 9 of 10: p = 11/1024
     r["split_study"] = _study("roc_auc", TEN, served_h=nine)
     assert compute_checks(r)["smallest_site_served_gains"] is True

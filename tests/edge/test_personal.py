@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -161,6 +162,11 @@ def test_personaliser_fine_tunes_the_global_model_where_the_plant_has_few_rows()
     _, choice = Personaliser(cfg, CLS).choose(global_params, x, y, xv, yv)
     assert choice.kind == "fine_tuned" and "too small" in choice.reason
     assert choice.candidates["fine_tuned"] > 0.9  # still the federation's good model, adapted a little
+    # 12 training rows (< 30 of each class): their folds join the evidence, and on 12 + 20 rows the
+    # federation's model is shown better than a local-only model of a few rows (both tested: each at 0.1)
+    assert choice.rule == "too_small_folds_switched" and choice.p is not None and choice.p < 0.1
+    blind = Personaliser(replace(cfg, cross_folds=0), CLS).choose(global_params, x, y, xv, yv)[1]
+    assert (blind.kind, blind.rule) == ("fine_tuned", "too_small_fine_tuned")  # folds off: the issue's rule
 
 
 def test_personaliser_keeps_local_only_when_a_well_trained_site_cannot_validate():
@@ -193,12 +199,70 @@ def test_choose_from_reads_each_rows_unit_from_the_sites_store(tmp_path):
         ds.add_many([(xi, np.array([xi[0]], np.float32)) for xi in x], groups=units)
         held = {u for u in set(units) if group_in_holdout(group_key(u), 0.25)}
         glob = train_local_only(REG, x, x[:, :1], cfg)
-        _, choice = Personaliser(cfg, REG).choose_from(ds, glob)
+        p = Personaliser(cfg, REG)
+        _, choice = p.choose_from(ds, glob)
         if engines == 40:
             assert len(held) >= 5 and choice.rule.startswith("paired_test")
             assert f"on {len(held)} validation units" in choice.reason or "better than local-only" in choice.reason
         else:
             assert 0 < len(held) < 5, held  # this hash holds out between 1 and 4 of 8 engines
-            assert choice.rule == "too_small_fine_tuned"
+            # too small, and 8 - held training engines (< 30): the training engines' folds join the evidence
+            assert choice.rule.startswith("too_small_folds_")
             assert f"{len(held)} units < 5" in choice.reason and f"trained on {8 - len(held)} (< 30)" in choice.reason
+            folds = p.folds
+            assert folds is not None and folds.units == 8  # every engine: the training ones out of fold, and held
+            assert (
+                folds.folds == min(5, 8 - len(held)) and f"{folds.folds} training folds + validation" in choice.reason
+            )
         ds.close()
+
+
+def test_a_too_small_site_with_little_local_evidence_applies_the_switching_rule_to_its_training_folds():
+    """The folds' evidence (edge/unit_folds.py) goes through the same paired test as a validation slice: a
+    federation candidate is served only at p < switch_alpha / 2; a site with 30+ units keeps local-only."""
+    from edge.personal import FoldEvidence
+
+    cfg = PersonalConfig(min_validation_rows=30, min_validation_units=5, min_local_positives=30, switch_alpha=0.2)
+    y, one_engine = np.zeros(60), ["7"] * 60  # a validation slice of one engine: too small
+    val = {"local": 0.20, "global": 0.15, "fine_tuned": 0.16}
+
+    def folds(p_global: float, p_fine: float) -> FoldEvidence:
+        return FoldEvidence(
+            scores={"local": 0.17, "global": 0.14, "fine_tuned": 0.15},
+            tests={"global": _ev(p_global, "paired-mse"), "fine_tuned": _ev(p_fine, "paired-mse")},
+            rows=900,
+            units=15,
+            folds=5,
+        )
+
+    switched = pick(REG, val, y, cfg, evidence=14, units=one_engine, folds=folds(0.03, 0.5))
+    assert (switched.kind, switched.rule, switched.p) == ("global", "too_small_folds_switched", 0.03)
+    assert "1 units < 5" in switched.reason and "on 5 training folds + validation: p = 0.03 < 0.1" in switched.reason
+    assert switched.validation_metric == 0.15  # the line's status still reports the validation metric
+    both = pick(REG, val, y, cfg, evidence=14, units=one_engine, folds=folds(0.09, 0.001))
+    assert both.kind == "global"  # both pass at 0.1: the better out-of-fold score, not the smaller p
+    kept = pick(REG, val, y, cfg, evidence=14, units=one_engine, folds=folds(0.11, 0.2))
+    assert (kept.kind, kept.rule, kept.p) == ("local", "too_small_folds_kept_local", 0.11)
+    assert "global vs local-only on 10 5 training folds + validation units: p = 0.11 >= 0.1" in kept.reason
+    big = pick(REG, val, y, cfg, evidence=30, units=one_engine, folds=folds(0.001, 0.001))
+    assert (big.kind, big.rule) == ("local", "too_small_kept_local")  # 30 training units: its own model stays
+
+
+def test_the_fold_models_of_local_only_are_kept_while_the_training_rows_stay_the_same():
+    """A new global version redoes only the fold fine-tunes; other training rows retrain the fold models."""
+    from edge.personal import train_local_only
+
+    rng = np.random.default_rng(4)
+    cfg = PersonalConfig(local_epochs=2, finetune_epochs=1, min_validation_rows=30, cross_folds=3)
+    x, y = _task(40, False, rng)  # at most 20 of the rarer class (< 30): the folds decide
+    xv, yv = _task(10, False, rng)  # 10 validation rows: too small
+    glob = train_local_only(CLS, *_task(300, False, rng), cfg)
+    p = Personaliser(cfg, CLS)
+    p.choose(glob, x, y, xv, yv)
+    first = dict(p._fold_local)
+    assert sorted(first) == [0, 1, 2] and p.folds is not None and p.folds.folds == 3 and p.folds.rows == 50
+    p.choose(glob, x, y, xv, yv)  # the next version, the same rows
+    assert all(p._fold_local[k] is first[k] for k in first)
+    x2, y2 = _task(40, False, rng)
+    p.choose(glob, x2, y2, xv, yv)
+    assert all(p._fold_local[k] is not first[k] for k in first)

@@ -11,8 +11,8 @@ train (plain SGD, seeded) from the newest version the aggregator holds, the
 attacker sends first, the honest sites after it, and the loop ends when every
 update sent has its signed receipt. Runs are not bit-reproducible (which
 buffer an update lands in depends on delivery order over four connections),
-and the backdoor rate, measured on ~70 failure rows far outside the training
-range, is sensitive to it: RELIABILITY.md gives three seeds (``seed``). The honest-only run is the same loop
+and the backdoor rate, measured on the test set's 76 failure rows, is sensitive to it (single runs
+scatter by about ±0.1): RELIABILITY.md gives 3 to 10 seeds (``seed``). The honest-only run is the same loop
 without the attacker; the report gives, per attack, the final global model's
 L2 distance from the honest-only run's (also relative to how far the honest
 run moved from version 0) and the backdoor's success rate.

@@ -8,9 +8,12 @@ at K = 3 without secure aggregation); the malicious site holds at most one slot 
 coefficient at most 1/K, its delta clipped to the bound in force; and the global model stays much closer to
 the honest-only run than before the fix (pre-fix numbers in RELIABILITY.md: relative distance 0.81 to 2,200).
 
-Not checked, because it does not hold: issue 14's "backdoor success within 5 points of the clean model". The
-median halves the backdoor's success against the mean but leaves it 10-50 points above the clean model
-(RELIABILITY.md, three seeds); the slow test checks the halving.
+Issue 14's "backdoor success within 5 points of the clean model" (RELIABILITY.md, the tables over seeds):
+- with a trigger inside the features' engineering range (what reaches a model at all: the line's and the
+  edge's RowBuilder clamp every input to its range), the defaults hold the backdoor to the clean model's
+  rate: ``test_in_range_backdoor_stays_at_the_clean_rate`` (slow, five seeds);
+- with the 6 σ trigger fed to the model directly (bypassing the clamp) they do not: the median halves the
+  mean's success but stays 18-34 points above the clean model; the slow full report checks the halving.
 """
 
 from __future__ import annotations
@@ -60,3 +63,32 @@ async def test_attack_suite_full_report(tmp_path):
     median_rate = statistics.mean(r["backdoor_rate"] for r in rep["attacks"].values())
     mean_rate = statistics.mean(r["backdoor_rate"] for r in mean["attacks"].values())
     assert median_rate <= mean_rate - 0.15, (median_rate, mean_rate)
+
+
+IN_RANGE_SEEDS = (0, 1, 2, 3, 4)
+
+
+@pytest.mark.slow
+async def test_in_range_backdoor_stays_at_the_clean_rate(tmp_path):
+    """Issue 14's target with the defaults, for a trigger the line can deliver (air temperature at the top of its
+    engineering range, 305 K): over five training seeds, the backdoor's success averaged over the four attacks is
+    within 5 points of the clean model's average rate, and each attack's within 10 (RELIABILITY.md: over ten
+    seeds every attack is within 5, -4 to +3 points; single runs scatter by ±0.1, so five seeds cannot hold
+    each attack to 5 points reliably: in 23 % of five-seed subsets of the ten, one attack is above). The
+    control: the plain mean, same trigger, seed 0, is at least 10 points above its clean model (measured +18 to
+    +23), so the attack has teeth. About 4 minutes."""
+    reps = [
+        await suite.report(tmp_path / f"s{seed}", loops=6, seed=seed, trigger="in_range") for seed in IN_RANGE_SEEDS
+    ]
+    for rep in reps:
+        check_fair_share(rep)
+        assert rep["reduces"] == ["median"]
+    clean = statistics.mean(rep["clean_backdoor_rate"] for rep in reps)
+    per_attack = {a: statistics.mean(rep["attacks"][a]["backdoor_rate"] for rep in reps) for a in suite.ATTACKS}
+    print(f"\nclean {clean:.3f}; " + ", ".join(f"{a} {v:.3f}" for a, v in per_attack.items()))
+    assert statistics.mean(per_attack.values()) <= clean + 0.05, (clean, per_attack)
+    for a, v in per_attack.items():
+        assert v <= clean + 0.10, (a, v, clean)
+    control = await suite.report(tmp_path / "mean", loops=6, extra='robust = "none"', trigger="in_range")
+    pooled = statistics.mean(r["backdoor_rate"] for r in control["attacks"].values())
+    assert pooled >= control["clean_backdoor_rate"] + 0.10, (pooled, control["clean_backdoor_rate"])
