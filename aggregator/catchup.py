@@ -61,6 +61,9 @@ class CatchUp:
         )
         behind_epoch = isinstance(site_epoch, int) and not isinstance(site_epoch, bool) and site_epoch < epoch
         if not (behind_version or behind_epoch):
+            # caught up since it said it was behind (e.g. it was adopting the version just published): no
+            # republish for it; each republish costs every subscriber the release again
+            self._pending.discard(site)
             return False
         if self.clock() - self._answered.get(site, float("-inf")) >= self.min_interval_s:
             self._pending.add(site)

@@ -261,6 +261,10 @@ class Int8Delta(Mapping[str, np.ndarray]):
         if self._norm is None:
             total = 0.0
             for q, steps in self._parts.values():
+                if q.size <= BLOCK:  # one block (a bias, a small layer): one dot, no chunk loop (exact: < 2^24)
+                    qf = q.reshape(-1).astype(np.float32)
+                    total += float(steps[0]) ** 2 * float(np.dot(qf, qf)) if q.size else 0.0
+                    continue
                 s = steps.astype(np.float64)
                 total += float(np.dot(s * s, block_sums_of_squares(q)))
             self._norm = math.sqrt(total)
@@ -280,6 +284,10 @@ class Int8Delta(Mapping[str, np.ndarray]):
         """
         q, steps = self._parts[name]
         flat_q, flat_acc = q.reshape(-1), acc.reshape(-1)
+        if flat_q.size <= BLOCK:  # one block: the same two roundings, without the chunk loop
+            if flat_q.size:
+                flat_acc += np.float32(float(steps[0]) * (coefficient * self.factor)) * flat_q.astype(np.float32)
+            return
         coef = (steps.astype(np.float64) * (coefficient * self.factor)).astype(np.float32)
         buf = _buffer()
         for lo, hi in _chunks(flat_q.size):

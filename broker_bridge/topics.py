@@ -159,6 +159,10 @@ class Topics:
         """A chunk of the int8 step that made ``version`` from its parent (``[publish] quantise = "int8"``)."""
         return f"{self.root}/model/{int(version)}/delta/{int(index)}"
 
+    def weights_of(self, version: int) -> str:
+        """One version's weight chunks (a site following by steps fetches a version it cannot make)."""
+        return f"{self.root}/model/{int(version)}/weights/#"
+
     def deltas_filter(self) -> str:
         """Every version's int8 step: what a site that follows the model by steps subscribes to."""
         return f"{self.root}/model/+/delta/#"

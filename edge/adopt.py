@@ -41,7 +41,8 @@ class Adopter:
             keyring=st.keyring,
             base=lambda: self.state.base,  # a version made by an int8 step from this one is made here
         )
-        self.weights_subscribed = True  # until a version came by its step (edge.follow_steps)
+        self.weights_subscribed = True  # every version's weights, until a version came by its step (edge.follow_steps)
+        self._fetching: set[int] = set()  # versions whose weights alone are subscribed (following by steps)
 
     def wants(self, version: int) -> bool:
         """Newer than ours; or the aggregator's own version 0 while we only have the one we built."""
@@ -130,36 +131,52 @@ class Adopter:
             return
         await self.try_adopt()
 
-    async def _weights(self, on: bool) -> None:
-        """Subscribe to the full weights (a version this site cannot make from a step), or stop once it can."""
+    async def _weights(self, version: int | None) -> None:
+        """Fetch ``version``'s full weights (one this site cannot make from a step), or with None stop taking
+        weights at all: the federation publishes steps and this site makes them.
+
+        While following by steps only that version's topics are subscribed (retained: its chunks come on
+        subscribing), not every retained version's; they are dropped again once a version is adopted.
+        """
         client = self.state.client
-        if client is None or on == self.weights_subscribed:
+        if client is None:
             return
-        self.weights_subscribed = on
-        topic = self.state.topics.weights_filter()
-        await (client.subscribe(topic, qos=1) if on else client.unsubscribe(topic))
-        event(log, "model.follow", site=self.state.site, by="weights" if on else "int8 steps")
+        topics = self.state.topics
+        if version is None:
+            drop = ([topics.weights_filter()] if self.weights_subscribed else []) + [
+                topics.weights_of(v) for v in sorted(self._fetching)
+            ]
+            self.weights_subscribed, self._fetching = False, set()
+            for topic in drop:
+                await client.unsubscribe(topic)
+            if drop:
+                event(log, "model.follow", site=self.state.site, by="int8 steps")
+        elif not self.weights_subscribed and version not in self._fetching:
+            self._fetching.add(version)
+            await client.subscribe(topics.weights_of(version), qos=1)
+            event(log, "model.follow", site=self.state.site, by="weights", version=version)
 
     async def try_adopt(self) -> None:
         """Adopt the announced version if it is complete, checked and not too far a step."""
         st = self.state
         pending = self.follower.pending
         if pending is not None and not self.follower.by_step:
-            await self._weights(True)  # retained: the version's chunks come on subscribing
+            await self._weights(pending[0])
         by_step = self.follower.by_step
         try:
             g = self.follower.complete()
         except ModelRefused as exc:
             if exc.reason == "int8_step":  # not refused: the full weights of the same version are fetched
                 event(log, "model.step_failed", logging.WARNING, site=st.site, version=exc.version, detail=exc.detail)
-                await self._weights(True)
+                if exc.version is not None:
+                    await self._weights(exc.version)
                 return
             self._refuse(exc.version, f"{exc.reason}: {exc.detail}")
             return
         if g is None:
             return
-        if by_step:  # the federation publishes steps and this site makes them: the weights are not needed
-            await self._weights(False)
+        if by_step or self._fetching:  # steps work here (or a fetched version came): no weight subscription left
+            await self._weights(None)
         far = st.cfg.adopt.refusal(st.base.shared, g.shared, g.version - st.base.version)
         if far is not None:  # signed, yet too far from the model in use (models.step_bound)
             st.metrics.models_refused_step.inc()

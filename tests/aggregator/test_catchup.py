@@ -46,3 +46,17 @@ def test_parse_status_ignores_what_is_not_a_document() -> None:
     assert parse_status(b"\xff\xfe") is None
     assert parse_status(b"[1, 2]") is None
     assert parse_status(b"offline") is None
+
+
+def test_a_site_that_caught_up_before_its_answer_is_not_answered() -> None:
+    """Behind for a moment (it was adopting the version just published), then a status at that version: the
+    republish it asked for would cost every subscriber the release again for nothing."""
+    clock = Clock()
+    c = CatchUp(min_interval_s=10.0, clock=clock)
+    c.on_status("a", {"state": "online", "version": 0}, version=2, epoch=0)
+    assert c.due() == ["a"]
+    c.on_status("a", {"state": "online", "version": 2}, version=3, epoch=0)  # behind again: pending
+    c.on_status("b", {"state": "online", "version": 2}, version=3, epoch=0)
+    c.on_status("a", {"state": "online", "version": 3}, version=3, epoch=0)  # caught up before the answer
+    clock.t += 10.0
+    assert c.due() == ["b"]

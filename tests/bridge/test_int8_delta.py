@@ -88,3 +88,15 @@ def test_a_nan_step_is_still_named_by_the_fast_range_check() -> None:
     with pytest.raises(WireError) as err:
         quantised.read({"w": _q(), "w#scale": np.array([0.5, np.inf], np.float32)}, "int8")
     assert "NaN or infinity" in err.value.detail
+
+
+def test_a_tensor_of_one_partial_block_takes_the_same_arithmetic() -> None:
+    """A bias of three values, step 0.5: values 1.5, -1.0, 63.5; norm and accumulation by hand."""
+    d = quantised.read({"b": np.array([3, -2, 127], np.int8), "b#scale": np.array([0.5], np.float32)}, "int8")
+    assert isinstance(d, Int8Delta)
+    assert d.norm() == math.sqrt(1.5**2 + 1.0 + 63.5**2)
+    acc = np.array([1.0, 1.0, 1.0], np.float32)
+    d.scaled(0.5).add_to(acc, "b", 2.0)
+    np.testing.assert_array_equal(acc, [2.5, 0.0, 64.5])
+    empty = quantised.read({"e": np.zeros(0, np.int8), "e#scale": np.zeros(0, np.float32)}, "int8")
+    assert isinstance(empty, Int8Delta) and empty.norm() == 0.0
