@@ -113,15 +113,7 @@ class AggregatorCore:
         if self.site_rate.interval_s > 0:  # the rate outlives a restart (aggregator.site_rate)
             self.site_rate.restore(self.store.last_applied(), time.time())
         self._torch_model: Any = None
-        self.evaluator = None
-        if cfg.evaluation is not None:  # load the rows now, so a bad [evaluation] table fails at start
-            from aggregator.evaluation import Evaluator
-
-            self.evaluator = Evaluator(cfg.evaluation, self.spec, a.seed, cfg.file)
-            if self.strategy.reduce_stat == "fltrust":  # the [evaluation] rows are FLTrust's root dataset
-                from aggregator.root_update import RootUpdate
-
-                self.strategy.reference = RootUpdate(self.spec, self.evaluator.x, self.evaluator.y, cfg.dp, a.seed)
+        self.evaluator = self._load_evaluation(cfg)
         self._load_or_seed()
         n_params = sum(int(v.size) for v in self.model.values())
         self.norm_bound, self.max_norm = effective_bounds(cfg, n_params)
@@ -137,6 +129,20 @@ class AggregatorCore:
             reduce=self.strategy.reduce_stat,  # robust = "auto": the median where it can run
         )
         self.metrics.reduce.labels(self.strategy.reduce_stat).set(1)
+
+    def _load_evaluation(self, cfg: AggregatorConfig) -> Any:
+        """The ``[evaluation]`` rows, loaded now so a bad table fails at start (and FLTrust's root dataset)."""
+        if cfg.evaluation is None:
+            return None
+        from aggregator.evaluation import Evaluator
+
+        seed = cfg.aggregator.seed
+        evaluator = Evaluator(cfg.evaluation, self.spec, seed, cfg.file)
+        if self.strategy.reduce_stat == "fltrust":  # the [evaluation] rows are FLTrust's root dataset
+            from aggregator.root_update import RootUpdate
+
+            self.strategy.reference = RootUpdate(self.spec, evaluator.x, evaluator.y, cfg.dp, seed)
+        return evaluator
 
     # -- state ------------------------------------------------------------------
     def _load_or_seed(self) -> None:

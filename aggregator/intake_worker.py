@@ -21,8 +21,9 @@ the reduce, receipts and publishing.
   is lost with it; the sites' outboxes resend whatever got no receipt, and the
   reducer's store answers a resend of an update it already decided with the
   original verdict, so nothing is applied twice.
-- **Forward**: each opened update, accepted or refused, is signed with the
-  worker's key and sealed to the aggregator's (:mod:`aggregator.forward`),
+- **Forward**: each opened update, accepted or refused, is encrypted and
+  authenticated (AES-256-GCM) under the key this worker shares with the
+  aggregator (:mod:`aggregator.forward`),
   chunked onto ``intake/<worker>/<msg_id>/<i>``, in the order the updates
   completed.
 
@@ -105,7 +106,7 @@ class IntakeWorker:
         self.topics = Topics(cfg.aggregator.federation, cfg.aggregator.topic_prefix)
         self.keys = _opening_key(cfg)  # opens what sites sealed to the aggregator
         key_file = Path(cfg.intake.keys_dir) / f"{self.me}.key"
-        self.worker_keys = KeyPair.load(key_file)  # signs the forwards
+        self.worker_keys = KeyPair.load(key_file)  # its X25519 half keys the forwards (aggregator.forward)
         if self.worker_keys.role != "worker" or self.worker_keys.ident != self.me:
             raise FedlineError(
                 f"{key_file}: a {self.worker_keys.role} key for {self.worker_keys.ident!r}, "

@@ -71,7 +71,7 @@ class Chunk:
     count: int
     total: int
     digest: bytes
-    payload: bytes
+    payload: bytes | memoryview  # a view into the chunk when it came as (immutable) bytes: no copy
 
 
 def parse_chunk(raw: bytes | memoryview) -> Chunk:
@@ -89,7 +89,9 @@ def parse_chunk(raw: bytes | memoryview) -> Chunk:
     index, count, total, dig = _TAIL.unpack_from(view, 5 + n)
     if count == 0 or count > MAX_CHUNKS or index >= count:
         raise ChunkError(f"chunk {index} of {count} is impossible")
-    payload = bytes(view[5 + n + _TAIL.size :])
+    # the payload is joined into the whole message once it completes: a view into immutable bytes spares a
+    # copy of every chunk (a mutable buffer the caller may reuse is copied)
+    payload = view[5 + n + _TAIL.size :] if isinstance(raw, bytes) else bytes(view[5 + n + _TAIL.size :])
     if len(payload) > total:
         raise ChunkError(f"chunk payload {len(payload)} bytes exceeds message size {total}")
     return Chunk(msg_id, index, count, total, dig, payload)
@@ -101,7 +103,7 @@ class _Partial:
     total: int
     digest: bytes
     first_seen: float
-    parts: dict[int, bytes] = field(default_factory=dict)
+    parts: dict[int, bytes | memoryview] = field(default_factory=dict)
     held: int = 0
 
 

@@ -204,6 +204,9 @@ class Metrics:
         self.predictions = Counter("fedline_infer_predictions", "Predictions made", registry=r)
         self.alarms = Counter("fedline_infer_alarms", "Predictions at or above the alarm threshold", registry=r)
         self.score_errors = Counter("fedline_infer_score_errors", "Rows the model failed to score", registry=r)
+        self.out_of_range = Counter(
+            "fedline_infer_out_of_range", "Feature values outside their engineering range (clamped to it)", registry=r
+        )
         self.score = Gauge("fedline_infer_score", "The latest score", registry=r)
         self.scores = Histogram(
             "fedline_infer_score_distribution",

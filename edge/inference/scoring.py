@@ -86,8 +86,21 @@ class Scorer:
         cfg = self.cfg
         sources = build_sources(cfg.sources, file=cfg.file)
         # a broken source ends the line's rows (no on_source_error); historical (backfilled) rows are not scored
-        async for row in row_stream(sources, parse_row_mapping(cfg.rows, file=cfg.file), file=cfg.file, live_only=True):
+        stream = row_stream(sources, parse_row_mapping(cfg.rows, file=cfg.file), file=cfg.file, live_only=True)
+        async for row in stream:
+            self._out_of_range(stream.builder.stats.out_of_range)
             yield row
+
+    def _out_of_range(self, total: int) -> None:
+        """Count the values the RowBuilder clamped to their range; warn on the first (a PLC tag outside its
+        engineering range is a sensor fault, or an input crafted to reach where no training row was)."""
+        new = total - self.stats.out_of_range
+        if new <= 0:
+            return
+        if self.stats.out_of_range == 0:
+            event(log, "rows.out_of_range", level=logging.WARNING, row=self.stats.rows, values=new)
+        self.stats.out_of_range = total
+        self.metrics.out_of_range.inc(new)
 
     async def read(self) -> None:
         """Number and queue every row; at the end of the rows (or a source failure) queue the end mark."""

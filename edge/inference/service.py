@@ -184,6 +184,7 @@ class InferenceService:
             version=self.current.version if self.current else None,
             swaps=len(self.stats.swaps),
             refused=dict(self.stats.refused),
+            out_of_range=self.stats.out_of_range,
         )
 
     def _announce(self) -> None:

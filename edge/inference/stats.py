@@ -31,6 +31,9 @@ class ServiceStats:
     predictions: int = 0
     alarms: int = 0
     score_errors: int = 0
+    # feature values outside their engineering range, clamped to it by the RowBuilder: a sensor fault, a
+    # range set too narrow, or an input crafted to sit where no training row was (a backdoor trigger)
+    out_of_range: int = 0
     batches: int = 0
     refused: Tally = field(default_factory=Tally)
     swaps: list[Swap] = field(default_factory=list)

@@ -114,6 +114,7 @@ def _one_split(
             "served": evaluate(data, lambda z, q=served: predict(spec, q, z), i),
             "served_kind": choice.kind,
             "served_rule": choice.rule,  # which rule of the pick decided (edge/personal.py RULES)
+            "served_p": choice.p,  # the paired test's p it rested on (validation, or training folds + validation)
             "validation": choice.to_dict()["candidates"],  # what the pick saw (on the validation rows)
             "epsilon": fed.epsilon.get(s.site, 0.0),
         }

@@ -148,3 +148,17 @@ def test_one_message_cannot_hold_more_than_it_declared() -> None:
             refused += 1
         assert r.held_bytes <= 10_000
     assert refused >= 98
+
+
+def test_chunks_in_a_reused_buffer_are_copied_and_bytes_chunks_are_not() -> None:
+    """A chunk in immutable bytes is held as a view (no copy); one in a buffer its caller may reuse is copied."""
+    blob = random.Random(3).randbytes(5000)
+    chunks = split(blob, "m1", 1000)
+    assert isinstance(parse_chunk(chunks[0]).payload, memoryview)
+    r = Reassembler()
+    done = None
+    for c in chunks:
+        buf = bytearray(c)
+        done = r.add(buf)
+        buf[:] = bytes(len(buf))  # the caller reuses its buffer: what was held must not change
+    assert done == ("m1", blob)

@@ -139,6 +139,10 @@ def test_shortened_ai4i_demo(tmp_path):
                 assert v["served"] == pytest.approx(v["local" if v["served_kind"] == "local" else "federated"])
     rules = study["sites"]["H"]["served_rules"]  # too few validation failures to decide: the folds decided
     assert sum(rules.values()) == 2 and set(rules) <= {"too_small_folds_kept_local", "too_small_folds_switched"}
+    for r in study["per_split"]:  # the switching rule's level: switch_alpha 0.2 shared by the two candidates
+        h_split = r["sites"]["H"]
+        switched = h_split["served_rule"] == "too_small_folds_switched"
+        assert h_split["served_p"] is not None and (h_split["served_p"] < 0.1) == switched, h_split
     # two splits cannot show a gain at p < 0.05 (the best a sign test of 2 can say is p = 0.25): the claim fails
     assert study["sites"]["H"]["served_sign_test_p"] >= 0.25 and checks["smallest_site_served_gains"] is False
     assert "split study" in out

@@ -56,6 +56,28 @@ threshold = 0.5
     return cfg
 
 
+def line_inputs(tmp_path: Path) -> tuple[list[dict[str, str]], np.ndarray]:
+    """line.csv's rows, and their features scaled by the engineering ranges (before the line's clamp)."""
+    with (tmp_path / "line.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    lo = np.array([f[1] for f in FEATURES])
+    hi = np.array([f[2] for f in FEATURES])
+    return rows, (np.array([[float(r[t]) for t, _, _ in FEATURES] for r in rows]) - lo) / (hi - lo)
+
+
+def run_infer(cfg: Path) -> subprocess.CompletedProcess[str]:
+    """``fedline infer --config cfg`` in a fresh process, from the config's folder; it must exit 0."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedline.cli", "infer", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=cfg.parent,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
 def test_cli_scores_a_csv_replay_without_importing_torch(tmp_path: Path) -> None:
     n = 2000
     cfg = write_config(tmp_path, n)
@@ -73,13 +95,8 @@ def test_cli_scores_a_csv_replay_without_importing_torch(tmp_path: Path) -> None
 
     preds = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
     assert [p["seq"] for p in preds] == list(range(n))
-    with (tmp_path / "line.csv").open() as fh:
-        rows = list(csv.DictReader(fh))
-    lo = np.array([f[1] for f in FEATURES])
-    hi = np.array([f[2] for f in FEATURES])
-    x = np.array([[float(r[t]) for t, _, _ in FEATURES] for r in rows])
-    x = np.clip((x - lo) / (hi - lo), 0, 1)
-    want = linear_score(W, B, x)
+    rows, x = line_inputs(tmp_path)
+    want = linear_score(W, B, np.clip(x, 0, 1))
     got = np.array([p["score"] for p in preds])
     np.testing.assert_allclose(got, want, atol=1e-5)
     assert {p["version"] for p in preds} == {7}
@@ -116,14 +133,7 @@ def test_predictions_file_rotates_and_keeps_the_newest(tmp_path: Path) -> None:
     cfg = write_config(tmp_path, n)
     cfg.write_text(cfg.read_text().replace("threshold = 0.5", "threshold = 0.5\nfile_max_mb = 0.03\nfile_keep = 3"))
     publish_model(tmp_path / "models", linear_onnx(W, B), 7)
-    proc = subprocess.run(
-        [sys.executable, "-m", "fedline.cli", "infer", "--config", str(cfg)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=tmp_path,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_infer(cfg)
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir()) == [
         "predictions.jsonl",
@@ -141,3 +151,28 @@ def test_predictions_file_rotates_and_keeps_the_newest(tmp_path: Path) -> None:
         seqs += [json.loads(line)["seq"] for line in text.splitlines()]
     assert seqs[-1] == n - 1 and seqs == list(range(seqs[0], n))  # contiguous: nothing split or lost in between
     assert seqs[0] > 0  # the oldest file was dropped
+
+
+def test_a_reading_outside_its_engineering_range_is_clamped_and_flagged(tmp_path: Path) -> None:
+    """The attack suite's backdoor trigger as a PLC would report it: air temperature 6 σ high (312 K, outside
+    its range [295, 305] K). The line's RowBuilder clamps it to the range (the model sees 305 K, the value
+    it would see for a reading of 305 K exactly), counts it and warns once (issue 14)."""
+    cfg = write_config(tmp_path, 20)
+    lines = (tmp_path / "line.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    col = header.index("Air temperature [K]")
+    for i, hot in ((4, "312.0"), (5, "305.0")):  # a row out of range, and the same kind of row at the range's top
+        cells = lines[i].split(",")
+        cells[col] = hot
+        lines[i] = ",".join(cells)
+    (tmp_path / "line.csv").write_text("\n".join(lines) + "\n")
+    publish_model(tmp_path / "models", linear_onnx(W, B), 7)
+    proc = run_infer(cfg)
+    preds = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    _, x = line_inputs(tmp_path)
+    clamped = np.clip(x, 0, 1)
+    assert x[3, 0] == pytest.approx(1.7) and clamped[3, 0] == 1.0  # 312 K -> 305 K
+    np.testing.assert_allclose([p["score"] for p in preds], linear_score(W, B, clamped), atol=1e-5)
+    assert proc.stderr.count("rows.out_of_range") == 1  # warned once
+    stopped = [line for line in proc.stderr.splitlines() if "infer.stopped" in line]
+    assert len(stopped) == 1 and stopped[0].endswith(" out_of_range=1"), stopped
