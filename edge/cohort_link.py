@@ -27,19 +27,12 @@ class CohortLink:
         """Cohort announcements start a round; survivors and requests get a sealed reply."""
         st = self.state
         assert st.cohorts is not None
-        if kind == "secagg_cohort":
-            if st.cohorts.on_cohort(payload, cohort):
-                # a cohort is on a new base version: with on_new_model it is a reason to train, as a new
-                # version is (whichever of the two arrives last starts the round); else only new rows are
-                st.rebased = st.rebased or st.cfg.training.on_new_model
-                st.wake_train.set()
-            return
-        if kind == "secagg_survivors":
-            reply = st.cohorts.on_survivors(payload, cohort)
-        elif kind == "secagg_request":
-            reply = st.cohorts.on_request(payload)
-        else:
-            return
+        joined, reply = st.cohorts.route(kind, payload, cohort)
+        if joined:
+            # a cohort is on a new base version: with on_new_model it is a reason to train, as a new
+            # version is (whichever of the two arrives last starts the round); else only new rows are
+            st.rebased = st.rebased or st.cfg.training.on_new_model
+            st.wake_train.set()
         if reply is not None and st.client is not None:
             try:
                 await st.client.publish(st.topics.secagg_reply(st.site), reply, qos=1)

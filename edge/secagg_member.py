@@ -75,6 +75,20 @@ class EdgeCohorts:
     def subscriptions(self) -> list[str]:
         return [self.topics.secagg_filter(), self.topics.secagg_request(self.keys.ident)]
 
+    def route(self, kind: str, payload: bytes, cohort: str | None = None) -> tuple[bool, bytes | None]:
+        """One ``secagg_*`` message (``cohort``: the id in its topic) as ``(joined, reply)``.
+
+        ``joined``: this member joined a cohort, a reason to train (a line) or to submit (a plant);
+        ``reply``: the sealed ack or answer to publish on the member's reply topic, if any.
+        """
+        if kind == "secagg_cohort":
+            return self.on_cohort(payload, cohort), None
+        if kind == "secagg_survivors":
+            return False, self.on_survivors(payload, cohort)
+        if kind == "secagg_request":
+            return False, self.on_request(payload)
+        return False, None
+
     def on_cohort(self, payload: bytes, cohort: str | None = None) -> bool:
         """A cohort announcement (``cohort``: the id in its topic); True when this site joined it (then train)."""
         if not payload:  # a cleared announcement: the cohort ended (or died with an aggregator restart)

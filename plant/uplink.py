@@ -363,16 +363,9 @@ class Uplink:
     async def _on_cohort_message(self, kind: str, payload: bytes, cohort: str | None) -> None:
         """A cohort joined wakes the submission task; survivors and unmask requests get a sealed reply."""
         assert self.cohorts is not None
-        if kind == "secagg_cohort":
-            if self.cohorts.on_cohort(payload, cohort):
-                self._cohort_wake.set()
-            return
-        if kind == "secagg_survivors":
-            reply = self.cohorts.on_survivors(payload, cohort)
-        elif kind == "secagg_request":
-            reply = self.cohorts.on_request(payload)
-        else:
-            return
+        joined, reply = self.cohorts.route(kind, payload, cohort)
+        if joined:
+            self._cohort_wake.set()
         if reply is not None and self.client is not None:
             try:
                 await self.client.publish(self.topics.secagg_reply(self.site), reply, qos=1)

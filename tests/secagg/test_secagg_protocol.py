@@ -89,10 +89,13 @@ def test_opened_updates_are_independent_of_the_delta(tmp_path) -> None:
         expected = v.size / 256
         return float(((counts - expected) ** 2 / expected).sum())
 
-    critical = 330.5  # chi-square, 255 degrees of freedom, p = 0.001
+    # the masks come from the OS's generator, so these are statistical: each bound is set where an honest
+    # run fails about once in a million (the 0.001 / 3.2-sigma bounds here before failed ~0.3 % of runs)
+    critical = 377.1  # chi-square, 255 degrees of freedom, p = 1e-6
+    corr_bound = 5.0 / np.sqrt(n)  # 5 standard deviations of the correlation of n independent pairs
     assert chi2_top_byte(seen) < critical
-    assert abs(np.corrcoef(seen.astype(np.float64), x)[0, 1]) < 0.01
-    assert abs(np.corrcoef(seen.view(np.int32).astype(np.float64), x)[0, 1]) < 0.01
+    assert abs(np.corrcoef(seen.astype(np.float64), x)[0, 1]) < corr_bound
+    assert abs(np.corrcoef(seen.view(np.int32).astype(np.float64), x)[0, 1]) < corr_bound
     # the same statistics do see the delta when it is only quantised, not masked
     plain, _ = quantise.quantise(x, ann.clip_range, ann.n)
     assert chi2_top_byte(plain) > critical
