@@ -476,7 +476,24 @@ class Phase:
             "receipts_counted": len(self.latency),
             "cpu_cores": {k: v / dur for k, v in self.cpu.items()},
             "aggregator_cpu_ms_per_update": 1e3 * self.cpu.get("aggregator", math.nan) / max(self.receipts, 1),
+            "cpu_ms_per_update": cpu_budget(self.cpu, self.receipts),
+            "machine_cpu_busy": sum(self.cpu.get(k, 0.0) for k in BUDGET_TOTAL) / dur / (os.cpu_count() or 1),
         }
+
+
+BUDGET_TOTAL = ("sites", "broker", "aggregator")  # the groups that partition the run's CPU ("aggregator" sums
+# the reducer and its intake workers, which the budget also lists on their own)
+
+
+def cpu_budget(cpu: dict[str, float], updates: int) -> dict[str, float]:
+    """CPU ms per update answered, per component, and their total (the run's whole CPU per update).
+
+    Why: on a machine whose cores the load generator shares, the highest flat rate is set by whichever
+    component runs out of CPU first, or by the sum of them all; this budget says which, from evidence.
+    """
+    out = {k: 1e3 * v / max(updates, 1) for k, v in cpu.items()}
+    out["total"] = sum(out.get(k, 0.0) for k in BUDGET_TOTAL)
+    return out
 
 
 def backlog_growth(samples: list[tuple[float, int]]) -> float:
@@ -822,6 +839,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "max_flat_updates_per_s": best["updates_per_s"] if best else None,
         "max_flat_phase": best["phase"] if best else None,
         "aggregator_cpu_ms_per_update": agg_ms,
+        # CPU ms per update per component (sites, broker, aggregator = single process or reducer + workers)
+        # in the highest flat phase, and the share of the machine's cores the whole run used there
+        "cpu_ms_per_update": best["cpu_ms_per_update"] if best else None,
+        "machine_cpu_busy": best["machine_cpu_busy"] if best else None,
+        "steady_cpu_ms_per_update": steady["cpu_ms_per_update"],
         **limit,
         "intake_vs_limit": limit["limit_cpu_ms_per_update"] / agg_ms if best else None,
         "aggregator_rss_mb": c.rss["aggregator"],
@@ -840,6 +862,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "python": platform.python_version(),
         "load_average": [round(load_before, 2), round(load_after, 2)],
     }
+
+
+def print_budget(phases: list[dict[str, Any]]) -> None:
+    """The CPU budget table: ms of CPU per update answered, per component and phase, and the machine's use."""
+    keys = [
+        k for k in ("sites", "broker", "aggregator", "reducer", "intake_workers") if k in phases[0]["cpu_ms_per_update"]
+    ]
+    print(f"\nCPU ms per update: {'phase':>10} " + " ".join(f"{k:>14}" for k in (*keys, "total")) + "  machine busy")
+    for s in phases:
+        b = s["cpu_ms_per_update"]
+        row = " ".join(f"{b[k]:14.1f}" for k in (*keys, "total"))
+        print(f"{'':19}{s['phase']:>10} {row}  {100 * s['machine_cpu_busy']:11.0f} %")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -903,6 +937,7 @@ def main(argv: list[str] | None = None) -> int:
         f"updates/s, receipt p50 {r['receipt_p50_s']:.3f} s p99 {r['receipt_p99_s']:.3f} s, backlog "
         f"{'flat' if r['backlog_flat'] else 'GROWING'}; highest flat rate {r['max_flat_updates_per_s']} updates/s"
     )
+    print_budget(r["phases"])
     print(
         f"intake vs limit (CPU per update, decrypt + verify + axpy on one core = "
         f"{r['limit_cpu_ms_per_update']:.2f} ms): {r['intake_vs_limit']}"
