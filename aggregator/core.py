@@ -107,7 +107,7 @@ class AggregatorCore:
         fairness.check_federation(cfg.strategy, self.strategy, len(self.enrollment.sites), a.enrollment_file)
         self.store = Store(Path(a.state_dir) / "aggregator.sqlite", fsync=a.fsync)
         # what each site released, for a site that lost its data directory (aggregator.recovery)
-        self.history = SiteHistory(Path(a.state_dir) / "aggregator.sqlite", fsync=a.fsync)
+        self.history = SiteHistory(self.store)
         self.pool = ThreadPoolExecutor(a.workers, thread_name_prefix="agg-open")
         self.site_rate = SiteRate(cfg.strategy.site_interval_s if cfg.strategy.kind == "fedasync" else 0.0)
         if self.site_rate.interval_s > 0:  # the rate outlives a restart (aggregator.site_rate)
@@ -238,7 +238,6 @@ class AggregatorCore:
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
-        self.history.close()
         self.store.close()
 
     # -- stage 1: open and validate (thread-safe) -------------------------------------
@@ -284,7 +283,8 @@ class AggregatorCore:
         seen = self._seen_before(h)
         if seen is not None:
             return seen
-        self.history.note(h)  # a release the site paid privacy for, noted before its verdict (aggregator.recovery)
+        # a release the site paid privacy for, noted in its verdict's transaction (aggregator.recovery)
+        self.history.note_with_decision(h)
         if op.reason is not None:
             return self._refuse(h.site, h.counter, h.msg_id, op.reason, op.detail)
         s = self.version - h.base_version

@@ -138,6 +138,8 @@ class Store:
         # emptied buffer logs kept for the next buffer: overwriting pages already in the page cache costs
         # about half of writing new ones (no allocation), and nothing is unlinked per version
         self._spares: list[str] = []
+        # statements that go in the next transaction, whatever it is (a decision's note in the site history)
+        self._pending: list[tuple[str, tuple[Any, ...]]] = []
         self._remove_orphans()
 
     # -- blob files --------------------------------------------------------------
@@ -225,15 +227,39 @@ class Store:
 
     # -- transactions ------------------------------------------------------------
     def _tx(self, statements: Iterable[tuple[str, tuple[Any, ...]]]) -> None:
+        """One transaction: the pending statements (:meth:`with_next_transaction`), then ``statements``."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
+                for sql, args in self._pending:
+                    self._db.execute(sql, args)
                 for sql, args in statements:
                     self._db.execute(sql, args)
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
-                raise
+                raise  # the pending statements stay pending: they go with the next transaction that commits
+            self._pending.clear()
+
+    def transaction(self, statements: Iterable[tuple[str, tuple[Any, ...]]]) -> None:
+        """Run ``statements`` (SQL, args) in one transaction, for the modules whose tables live here."""
+        self._tx(statements)
+
+    def with_next_transaction(self, statements: Iterable[tuple[str, tuple[Any, ...]]]) -> None:
+        """Run ``statements`` in the next transaction, whichever it is: one commit for a decision and what goes
+        with it (``aggregator.recovery``'s note of the update), and never one without the other."""
+        with self._lock:
+            self._pending.extend(statements)
+
+    def ensure_schema(self, script: str) -> None:
+        """Create another module's tables (``CREATE TABLE IF NOT EXISTS``) in this database."""
+        with self._lock:
+            self._db.executescript(script)
+
+    def rows(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """The rows of one read (for the modules whose tables live here)."""
+        with self._lock:
+            return [tuple(r) for r in self._db.execute(sql, args)]
 
     # -- meta --------------------------------------------------------------------------
     def get_meta(self, key: str) -> str | None:
