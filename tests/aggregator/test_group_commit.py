@@ -52,6 +52,18 @@ def uninterrupted(fed, blobs, tmp: Path) -> tuple[int, dict[str, np.ndarray]]:
     return out
 
 
+def resend_all_equals_uninterrupted(core: AggregatorCore, fed, blobs: list[bytes], tmp: Path) -> None:
+    """Every site resends everything: the model is the uninterrupted run's bit for bit, each release counted once."""
+    for b in blobs:
+        core.submit(b)
+    version, model = uninterrupted(fed, blobs, tmp)
+    assert core.version == version == 3
+    for k in model:
+        np.testing.assert_array_equal(core.model[k], model[k])
+    for site in SITES:
+        assert core.history.answer(site, "n", None).releases == 3
+
+
 def test_a_group_decides_as_one_at_a_time_and_is_durable_when_it_returns(tmp_path):
     fed = make_federation(tmp_path, SITES)
     core = AggregatorCore(fed.config(strategy=STRATEGY))
@@ -94,14 +106,7 @@ def test_a_failed_group_commit_keeps_nothing_of_the_group_and_the_resends_count_
         assert (core.version, [(u.site, u.counter) for u in core.buffer]) == (0, [("site-a", 1)])
         assert core.store.verdict("site-b", 1) is None and core.store.verdict("site-b", 2) is None
         assert core.history.answer("site-b", "n", None).releases == 0
-        for b in blobs:  # every site resends what had no receipt (and site-a its first, a duplicate)
-            core.submit(b)
-        version, model = uninterrupted(fed, blobs, tmp_path)
-        assert core.version == version
-        for k in model:
-            np.testing.assert_array_equal(core.model[k], model[k])
-        for site in SITES:
-            assert core.history.answer(site, "n", None).releases == 3
+        resend_all_equals_uninterrupted(core, fed, blobs, tmp_path)  # site-a's first is a duplicate
     finally:
         core.close()
 
@@ -138,13 +143,6 @@ def test_kill9_between_decisions_and_their_commit_then_resend_equals_uninterrupt
         # of the killed group only what a reduce inside it committed (group 2 fills the buffer) is durable
         assert all(again.store.verdict(s, c).verdict == "applied" for s, c in extra)
         assert bool(extra) == (pause == 2)
-        for b in blobs:
-            again.submit(b)
-        version, model = uninterrupted(fed, blobs, tmp_path)
-        assert again.version == version == 3
-        for k in model:
-            np.testing.assert_array_equal(again.model[k], model[k])
-        for site in SITES:
-            assert again.history.answer(site, "n", None).releases == 3
+        resend_all_equals_uninterrupted(again, fed, blobs, tmp_path)
     finally:
         again.close()
