@@ -22,7 +22,7 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +67,17 @@ class Decision:
     @property
     def receipts(self) -> list[dict[str, Any]]:
         return [self.receipt, *self.flushed]
+
+
+GROUP_MAX = 16  # decisions in one group commit at most: receipts wait for the commit
+
+
+def _opened_run(pending: deque[Future[Opened]]) -> list[Opened]:
+    """The oldest update (waited for) and those right behind it already opened, taken off ``pending``."""
+    run = [pending.popleft().result()]
+    while pending and pending[0].done() and len(run) < GROUP_MAX:
+        run.append(pending.popleft().result())
+    return run
 
 
 def _copy_state(state: Mapping[str, np.ndarray]) -> State:
@@ -261,18 +272,41 @@ class AggregatorCore:
         """Open up to ``window`` updates ahead in the pool while deciding earlier ones in order.
 
         The same pipeline as the service: opening (most of the work) overlaps
-        with the serial decisions, so both cores stay busy.
+        with the serial decisions, so both cores stay busy. The oldest update and those behind it already
+        opened are decided together, with one commit (:meth:`decide_many`).
         """
         window = window or 2 * self.cfg.aggregator.workers
         pending: deque[Future[Opened]] = deque()
         for item in items:
             pending.append(self.pool.submit(self.open, item))
             if len(pending) >= window:
-                yield self.decide(pending.popleft().result())
+                yield from self.decide_many(_opened_run(pending))
         while pending:
-            yield self.decide(pending.popleft().result())
+            yield from self.decide_many(_opened_run(pending))
 
     # -- stage 2: decide (serial) ---------------------------------------------------------
+    def decide_many(self, ops: Sequence[Opened]) -> list[Decision]:
+        """Decide ``ops`` in order with one commit for all of them (group commit: ``Store.grouped``).
+
+        Returns only after that commit, so no receipt says a verdict that is not durable. If a decision or
+        the commit fails, nothing of the group is kept: the buffer and the decided counters are read back
+        from the store (as after a restart) and the error is raised; the sites resend for lack of receipts.
+        """
+        try:
+            with self.store.grouped():
+                return [self.decide(op) for op in ops]
+        except BaseException:
+            self._reload_decided()
+            raise
+
+    def _reload_decided(self) -> None:
+        """The buffer and the decided counters as the store holds them (a group commit failed)."""
+        self._top = {}
+        self.history.reload()
+        self.buffer = self._read_buffer()
+        self.buffer_since = time.monotonic() if self.buffer else None
+        self.metrics.buffer_fill.set(len(self.buffer))
+
     def decide(self, op: Opened) -> Decision:
         """This update's verdict, in order: duplicate, replay, refused content, staleness; then buffer or reduce."""
         h = op.header

@@ -72,7 +72,11 @@ class SiteHistory:
     def __init__(self, store: Store) -> None:
         self.store = store
         store.ensure_schema(_SCHEMA)
-        self._top = {site: c for site, c in store.rows("SELECT site, last_counter FROM site_history")}
+        self.reload()
+
+    def reload(self) -> None:
+        """Each site's highest noted counter as committed (at start, and after a failed group commit)."""
+        self._top = {site: c for site, c in self.store.rows("SELECT site, last_counter FROM site_history")}
 
     def _statements(self, h: UpdateHeader) -> list[tuple[str, tuple[Any, ...]]]:
         """The upserts that note ``h`` (none for a counter already noted: a resend or a replay)."""

@@ -552,6 +552,7 @@ class Conductor:
             sites=sites,
             max_connections=a.sites + 64,
             intake_workers=a.workers,
+            max_packet_size=a.broker_max_packet,
         ).start()
         self.buffer_size = a.buffer_size or buffer_size_for(a.sites)
         cfg = write_federation(self.root, a.sites, a.params, self.broker, self.buffer_size, a.workers)
@@ -842,6 +843,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "procs": len(c.procs),
         "workers": args.workers,
         "buffer_size": c.buffer_size,
+        "broker_max_packet": args.broker_max_packet,
         "minutes": args.minutes,
         "rate_per_site_per_min": 60 * args.rate_per_site,
         "updates_per_s": steady["updates_per_s"],
@@ -891,6 +893,8 @@ def print_budget(phases: list[dict[str, Any]]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from broker_bridge.mosquitto import DEFAULT_MAX_PACKET
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--sites", type=int, default=1000)
@@ -906,6 +910,13 @@ def main(argv: list[str] | None = None) -> int:
         "N >= 2 = N `fedline aggregator --worker` processes and the aggregator as reducer",
     )
     ap.add_argument("--buffer-size", type=int, default=0, help="FedBuff K (default: sites / 10, at most 100)")
+    ap.add_argument(
+        "--broker-max-packet",
+        type=int,
+        default=DEFAULT_MAX_PACKET,
+        help="Mosquitto's max_packet_size (default: the deployed 256 KiB). Sites chunk at their own 100 KiB "
+        "whatever it is; an intake worker sends a forward in chunks of up to 1 MiB where it allows (2097152)",
+    )
     ap.add_argument("--step-s", type=float, default=30.0, help="length of each search phase")
     ap.add_argument("--step-factor", type=float, default=1.6, help="rate growth from one search phase to the next")
     ap.add_argument(
