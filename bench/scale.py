@@ -915,7 +915,7 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=DEFAULT_MAX_PACKET,
         help="Mosquitto's max_packet_size (default: the deployed 256 KiB). Sites chunk at their own 100 KiB "
-        "whatever it is; an intake worker sends a forward in as few packets as it allows",
+        "whatever it is; an intake worker sends a forward in chunks of up to 1 MiB where it allows (2097152)",
     )
     ap.add_argument("--step-s", type=float, default=30.0, help="length of each search phase")
     ap.add_argument("--step-factor", type=float, default=1.6, help="rate growth from one search phase to the next")
