@@ -22,7 +22,7 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +69,17 @@ class Decision:
         return [self.receipt, *self.flushed]
 
 
+GROUP_MAX = 16  # decisions in one group commit at most: receipts wait for the commit
+
+
+def _opened_run(pending: deque[Future[Opened]]) -> list[Opened]:
+    """The oldest update (waited for) and those right behind it already opened, taken off ``pending``."""
+    run = [pending.popleft().result()]
+    while pending and pending[0].done() and len(run) < GROUP_MAX:
+        run.append(pending.popleft().result())
+    return run
+
+
 def _copy_state(state: Mapping[str, np.ndarray]) -> State:
     return {k: np.array(v, dtype=np.float32, copy=True) for k, v in state.items()}
 
@@ -107,7 +118,7 @@ class AggregatorCore:
         fairness.check_federation(cfg.strategy, self.strategy, len(self.enrollment.sites), a.enrollment_file)
         self.store = Store(Path(a.state_dir) / "aggregator.sqlite", fsync=a.fsync)
         # what each site released, for a site that lost its data directory (aggregator.recovery)
-        self.history = SiteHistory(Path(a.state_dir) / "aggregator.sqlite", fsync=a.fsync)
+        self.history = SiteHistory(self.store)
         self.pool = ThreadPoolExecutor(a.workers, thread_name_prefix="agg-open")
         self.site_rate = SiteRate(cfg.strategy.site_interval_s if cfg.strategy.kind == "fedasync" else 0.0)
         if self.site_rate.interval_s > 0:  # the rate outlives a restart (aggregator.site_rate)
@@ -238,7 +249,6 @@ class AggregatorCore:
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
-        self.history.close()
         self.store.close()
 
     # -- stage 1: open and validate (thread-safe) -------------------------------------
@@ -262,18 +272,41 @@ class AggregatorCore:
         """Open up to ``window`` updates ahead in the pool while deciding earlier ones in order.
 
         The same pipeline as the service: opening (most of the work) overlaps
-        with the serial decisions, so both cores stay busy.
+        with the serial decisions, so both cores stay busy. The oldest update and those behind it already
+        opened are decided together, with one commit (:meth:`decide_many`).
         """
         window = window or 2 * self.cfg.aggregator.workers
         pending: deque[Future[Opened]] = deque()
         for item in items:
             pending.append(self.pool.submit(self.open, item))
             if len(pending) >= window:
-                yield self.decide(pending.popleft().result())
+                yield from self.decide_many(_opened_run(pending))
         while pending:
-            yield self.decide(pending.popleft().result())
+            yield from self.decide_many(_opened_run(pending))
 
     # -- stage 2: decide (serial) ---------------------------------------------------------
+    def decide_many(self, ops: Sequence[Opened]) -> list[Decision]:
+        """Decide ``ops`` in order with one commit for all of them (group commit: ``Store.grouped``).
+
+        Returns only after that commit, so no receipt says a verdict that is not durable. If a decision or
+        the commit fails, nothing of the group is kept: the buffer and the decided counters are read back
+        from the store (as after a restart) and the error is raised; the sites resend for lack of receipts.
+        """
+        try:
+            with self.store.grouped():
+                return [self.decide(op) for op in ops]
+        except BaseException:
+            self._reload_decided()
+            raise
+
+    def _reload_decided(self) -> None:
+        """The buffer and the decided counters as the store holds them (a group commit failed)."""
+        self._top = {}
+        self.history.reload()
+        self.buffer = self._read_buffer()
+        self.buffer_since = time.monotonic() if self.buffer else None
+        self.metrics.buffer_fill.set(len(self.buffer))
+
     def decide(self, op: Opened) -> Decision:
         """This update's verdict, in order: duplicate, replay, refused content, staleness; then buffer or reduce."""
         h = op.header
@@ -284,7 +317,8 @@ class AggregatorCore:
         seen = self._seen_before(h)
         if seen is not None:
             return seen
-        self.history.note(h)  # a release the site paid privacy for, noted before its verdict (aggregator.recovery)
+        # a release the site paid privacy for, noted in its verdict's transaction (aggregator.recovery)
+        self.history.note_with_decision(h)
         if op.reason is not None:
             return self._refuse(h.site, h.counter, h.msg_id, op.reason, op.detail)
         s = self.version - h.base_version

@@ -55,6 +55,7 @@ from nacl.bindings import crypto_box_beforenm
 from nacl.exceptions import BadSignatureError, CryptoError
 from nacl.signing import VerifyKey
 
+from aggregator.aligned import aligned
 from aggregator.opener import Opened
 from broker_bridge import envelope
 from broker_bridge.envelope import UpdateHeader
@@ -145,7 +146,9 @@ def open_forward(
     op = Opened(
         blob if isinstance(blob, bytes) else bytes(blob),
         header=header,
-        tensors=envelope.decode_tensors(rest, "schema") if len(rest) else None,
+        # aligned: views at whatever offset the JSON lengths left would send the reduce's BLAS calls to
+        # NumPy's slow unaligned loops (aggregator.aligned)
+        tensors=aligned(envelope.decode_tensors(rest, "schema")) if len(rest) else None,
         norm=math.nan if doc.get("norm") is None else float(doc["norm"]),
         reason=doc.get("reason"),
         detail=doc.get("detail"),

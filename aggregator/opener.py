@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from aggregator.aligned import aligned
 from aggregator.config import AggregatorConfig
 from aggregator.validate import ValidationError, check_update
 from broker_bridge import envelope, quantised
@@ -84,6 +85,8 @@ def open_update(
         return op
     try:  # the checks below see the values the model would get (header known: a receipt with its counter)
         op.tensors = quantised.read(op.tensors, op.header.encoding)  # int8 stays int8: an Int8Delta
+        if not isinstance(op.tensors, quantised.Int8Delta):  # float32: the norm and the reduce run at BLAS speed
+            op.tensors = aligned(op.tensors)
     except WireError as exc:
         op.reason, op.detail, op.tensors = exc.reason, exc.detail, None
         return op

@@ -2,9 +2,9 @@
 
 Why here: a site's counter and ε live on the site's disk; when that disk is
 lost, the aggregator's store is the only other place that knows them. Every
-update whose header the aggregator read is noted *before* its verdict is
-written (so this history is never behind the verdicts; a crash in between
-notes an update twice at worst, which the counter check makes a no-op): its
+update whose header the aggregator read is noted in the transaction that
+writes its verdict (so this history is never behind the verdicts, and kill -9
+leaves both or neither): its
 counter, the per-record ε its header claims and its DP parameters
 ``(sample_rate, noise_multiplier, steps, unit_group)``, counted per distinct
 parameter set (a site's parameters rarely change, so the history stays a few
@@ -24,11 +24,10 @@ from __future__ import annotations
 
 import logging
 import math
-import sqlite3
-import threading
 import time
-from pathlib import Path
+from typing import Any
 
+from aggregator.store import Store
 from broker_bridge.envelope import UpdateHeader
 from broker_bridge.errors import WireError
 from broker_bridge.keys import Enrollment, KeyPair
@@ -63,61 +62,72 @@ def _dp_params(privacy: dict[str, object]) -> tuple[float, float, int, int] | No
 
 
 class SiteHistory:
-    """Per site: the highest counter read, the largest ε claimed, and its DP releases (in the aggregator's SQLite)."""
+    """Per site: the highest counter read, the largest ε claimed, and its DP releases (in the aggregator's SQLite).
 
-    def __init__(self, path: str | Path, fsync: bool = False) -> None:
-        self._db = sqlite3.connect(Path(path), isolation_level=None, check_same_thread=False, timeout=30)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
-        self._db.executescript(_SCHEMA)
-        self._lock = threading.Lock()
-        self._top = {site: c for site, c in self._db.execute("SELECT site, last_counter FROM site_history")}
+    Its rows live in the store's database and are written through the store's connection: a decision's note
+    goes in the decision's own transaction (:meth:`note_with_decision`), so the history and the verdicts
+    commit together, one transaction per decision instead of two on two connections.
+    """
 
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        store.ensure_schema(_SCHEMA)
+        self.reload()
 
-    def note(self, h: UpdateHeader) -> None:
-        """Remember an update whose header was read (before its verdict is written). Idempotent per counter."""
+    def reload(self) -> None:
+        """Each site's highest noted counter as committed (at start, and after a failed group commit)."""
+        self._top = {site: c for site, c in self.store.rows("SELECT site, last_counter FROM site_history")}
+
+    def _statements(self, h: UpdateHeader) -> list[tuple[str, tuple[Any, ...]]]:
+        """The upserts that note ``h`` (none for a counter already noted: a resend or a replay)."""
         if h.counter <= self._top.get(h.site, 0):
-            return  # a resend, or a replay: already counted (or never a new release)
+            return []
         eps = _num(h.privacy.get("epsilon")) or 0.0
         dp = _dp_params(h.privacy)
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.execute(
-                    "INSERT INTO site_history (site, last_counter, epsilon, releases, updated_at) VALUES (?, ?, ?, 1, ?) "
-                    "ON CONFLICT(site) DO UPDATE SET last_counter = excluded.last_counter, "
-                    "epsilon = MAX(epsilon, excluded.epsilon), releases = releases + 1, updated_at = excluded.updated_at",
-                    (h.site, h.counter, eps, time.time()),
+        out: list[tuple[str, tuple[Any, ...]]] = [
+            (
+                "INSERT INTO site_history (site, last_counter, epsilon, releases, updated_at) VALUES (?, ?, ?, 1, ?) "
+                "ON CONFLICT(site) DO UPDATE SET last_counter = excluded.last_counter, "
+                "epsilon = MAX(epsilon, excluded.epsilon), releases = releases + 1, updated_at = excluded.updated_at",
+                (h.site, h.counter, eps, time.time()),
+            )
+        ]
+        if dp is not None:
+            out.append(
+                (
+                    "INSERT INTO site_releases (site, sample_rate, sigma, steps, unit_group, count) "
+                    "VALUES (?, ?, ?, ?, ?, 1) ON CONFLICT(site, sample_rate, sigma, steps, unit_group) "
+                    "DO UPDATE SET count = count + 1",
+                    (h.site, *dp),
                 )
-                if dp is not None:
-                    self._db.execute(
-                        "INSERT INTO site_releases (site, sample_rate, sigma, steps, unit_group, count) "
-                        "VALUES (?, ?, ?, ?, ?, 1) ON CONFLICT(site, sample_rate, sigma, steps, unit_group) "
-                        "DO UPDATE SET count = count + 1",
-                        (h.site, *dp),
-                    )
-                self._db.execute("COMMIT")
-            except BaseException:
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
-                raise
+            )
         self._top[h.site] = h.counter
+        return out
+
+    def note(self, h: UpdateHeader) -> None:
+        """Remember an update whose header was read, now, in a transaction of its own. Idempotent per counter."""
+        stmts = self._statements(h)
+        if stmts:
+            self.store.transaction(stmts)
+
+    def note_with_decision(self, h: UpdateHeader) -> None:
+        """Remember ``h`` in the transaction of the decision about it (the store's next one). Idempotent.
+
+        The history is then never behind the verdicts, as when it was written first in a transaction of
+        its own, and one transaction is saved per decision. A note whose transaction fails stays pending
+        and goes with the next one that commits (:meth:`aggregator.store.Store.with_next_transaction`).
+        """
+        self.store.with_next_transaction(self._statements(h))
 
     def answer(self, site: str, nonce: str, decided_top: int | None) -> RecoveryAnswer:
         """What to tell ``site``: ``decided_top`` is the store's highest decided counter for it."""
-        with self._lock:
-            row = self._db.execute(
-                "SELECT last_counter, epsilon, releases FROM site_history WHERE site = ?", (site,)
-            ).fetchone()
-            hist = self._db.execute(
-                "SELECT sample_rate, sigma, steps, unit_group, count FROM site_releases WHERE site = ? "
-                "ORDER BY sample_rate, sigma, steps, unit_group",
-                (site,),
-            ).fetchall()
-        last, eps, releases = row if row else (0, 0.0, 0)
+        rows = self.store.rows("SELECT last_counter, epsilon, releases FROM site_history WHERE site = ?", (site,))
+        hist = self.store.rows(
+            "SELECT sample_rate, sigma, steps, unit_group, count FROM site_releases WHERE site = ? "
+            "ORDER BY sample_rate, sigma, steps, unit_group",
+            (site,),
+        )
+        last, eps, releases = rows[0] if rows else (0, 0.0, 0)
         return RecoveryAnswer(
             site=site,
             nonce=nonce,

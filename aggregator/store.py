@@ -42,7 +42,8 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -138,6 +139,11 @@ class Store:
         # emptied buffer logs kept for the next buffer: overwriting pages already in the page cache costs
         # about half of writing new ones (no allocation), and nothing is unlinked per version
         self._spares: list[str] = []
+        # statements that go in the next transaction, whatever it is (a decision's note in the site history)
+        self._pending: list[tuple[str, tuple[Any, ...]]] = []
+        # inside grouped(): the verdicts whose rows are pending, so a resend in the same group finds its verdict
+        self._grouping = False
+        self._pending_verdicts: dict[tuple[str, int], Verdict] = {}
         self._remove_orphans()
 
     # -- blob files --------------------------------------------------------------
@@ -225,15 +231,80 @@ class Store:
 
     # -- transactions ------------------------------------------------------------
     def _tx(self, statements: Iterable[tuple[str, tuple[Any, ...]]]) -> None:
+        """One transaction: the pending statements (:meth:`with_next_transaction`), then ``statements``."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
+                for sql, args in self._pending:
+                    self._db.execute(sql, args)
                 for sql, args in statements:
                     self._db.execute(sql, args)
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
-                raise
+                raise  # the pending statements stay pending: they go with the next transaction that commits
+            self._pending.clear()
+            self._pending_verdicts.clear()  # committed: the rows answer from now on
+
+    def _decision_tx(self, statements: list[tuple[str, tuple[Any, ...]]], verdicts: Iterable[Verdict]) -> None:
+        """A decision that changes no model state: its own transaction, or inside :meth:`grouped` pending until
+        the group's one commit."""
+        with self._lock:
+            if not self._grouping:
+                self._tx(statements)
+                return
+            self._pending.extend(statements)
+            for v in verdicts:
+                self._pending_verdicts[(v.site, v.counter)] = v
+
+    @contextmanager
+    def grouped(self) -> Iterator[None]:
+        """Group commit: the decisions made inside commit in one transaction when the block ends.
+
+        Why: a transaction per buffered update was most of the SQLite cost per update. The caller sends
+        the receipts only after the block has ended without an exception: no receipt claims a verdict before
+        it is durable. A transaction that runs inside the block for another reason (a reduce's new version)
+        takes the pending decisions with it, before its own statements. If the commit fails, the pending
+        decisions are dropped and the error raised: the caller must then reload its state from the store
+        (``AggregatorCore``: the buffer and the decided counters), and the sites resend for lack of receipts.
+        """
+        with self._lock:
+            if self._grouping:
+                raise RuntimeError("grouped() does not nest")
+            self._grouping = True
+        try:
+            yield
+            with self._lock:
+                if self._pending:
+                    self._tx([])
+        except BaseException:
+            with self._lock:
+                self._pending.clear()
+            raise
+        finally:
+            with self._lock:
+                self._grouping = False
+                self._pending_verdicts.clear()
+
+    def transaction(self, statements: Iterable[tuple[str, tuple[Any, ...]]]) -> None:
+        """Run ``statements`` (SQL, args) in one transaction, for the modules whose tables live here."""
+        self._tx(statements)
+
+    def with_next_transaction(self, statements: Iterable[tuple[str, tuple[Any, ...]]]) -> None:
+        """Run ``statements`` in the next transaction, whichever it is: one commit for a decision and what goes
+        with it (``aggregator.recovery``'s note of the update), and never one without the other."""
+        with self._lock:
+            self._pending.extend(statements)
+
+    def ensure_schema(self, script: str) -> None:
+        """Create another module's tables (``CREATE TABLE IF NOT EXISTS``) in this database."""
+        with self._lock:
+            self._db.executescript(script)
+
+    def rows(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """The rows of one read (for the modules whose tables live here)."""
+        with self._lock:
+            return [tuple(r) for r in self._db.execute(sql, args)]
 
     # -- meta --------------------------------------------------------------------------
     def get_meta(self, key: str) -> str | None:
@@ -247,6 +318,9 @@ class Store:
     # -- verdicts -----------------------------------------------------------------------
     def verdict(self, site: str, counter: int) -> Verdict | None:
         with self._lock:
+            pending = self._pending_verdicts.get((site, counter))
+            if pending is not None:
+                return pending
             row = self._db.execute(
                 "SELECT site, counter, msg_id, verdict, reason, detail, version, staleness, weight "
                 "FROM verdicts WHERE site = ? AND counter = ?",
@@ -269,7 +343,7 @@ class Store:
 
     def record(self, v: Verdict) -> None:
         """A verdict that changes no model state (rejected, stale)."""
-        self._tx([self._verdict_sql(v)])
+        self._decision_tx([self._verdict_sql(v)], [v])
 
     def last_applied(self) -> dict[str, float]:
         """Each site's newest ``applied`` verdict's wall-clock time (FedAsync's rate state after a restart:
@@ -312,7 +386,7 @@ class Store:
                     ("DELETE FROM buffer WHERE site = ? AND counter = ?", (replaces.site, replaces.counter)),
                     self._verdict_sql(replaces),
                 ]
-            self._tx(
+            self._decision_tx(
                 [
                     *drop,
                     (
@@ -333,7 +407,8 @@ class Store:
                         ),
                     ),
                     self._verdict_sql(v),
-                ]
+                ],
+                [v] if replaces is None else [replaces, v],
             )
 
     def buffered(self) -> list[tuple[BufferedRow, bytes]]:
@@ -370,7 +445,7 @@ class Store:
         w = self._write_blob(f"model-{version}.weights", weights)
         m = self._write_blob(f"model-{version}.momentum", momentum) if momentum is not None else None
         with self._lock:
-            dropped_buffer = [] if keep_buffer else sorted({r[0] for r in self._db.execute("SELECT file FROM buffer")})
+            dropped_buffer = [] if keep_buffer else self._buffer_segments()
             pruned = self._db.execute(
                 "SELECT weights, momentum FROM checkpoints WHERE version <= ? AND weights IS NOT NULL",
                 (version - keep,),
@@ -404,6 +479,14 @@ class Store:
             self._close_segment()
             self._recycle(dropped_buffer)
             self._unlink(x for pair in pruned for x in pair)
+
+    def _buffer_segments(self) -> list[str]:
+        """Every log segment of the buffer: the rows' files, and the one being appended to (the rows of a
+        group commit may still be pending)."""
+        names = {r[0] for r in self._db.execute("SELECT file FROM buffer")}
+        if self._segment is not None:
+            names.add(self._segment[0])
+        return sorted(names)
 
     def _checkpoint(self, row: Any, blobs: bool = True) -> Checkpoint | None:
         if row is None:

@@ -8,8 +8,13 @@ model's shared parameters and sends it chunked at QoS 1, in order, at most one
 without a receipt (the agent's defaults); it forgets an update only on a
 receipt the aggregator signed. The aggregator is the ``fedline aggregator``
 process with FedBuff, its SQLite store and ONNX publishing on. What is not:
-training (each site seals the same noise delta with new headers; training
-costs the site, not the federation) and model downloads (sites follow the
+training (each site seals one of a few noise deltas drawn before the timed
+phases, afresh each time: new header, counter, signature and encryption;
+training and noise cost the site, not the federation), the outbox's record of
+the send itself (``Outbox.mark_sent``: an SQLite UPDATE rewrites the whole
+row, blob included, which was 30 % of the site processes' CPU at 1M
+parameters; the sites keep the sent time in memory, and send the blob they
+sealed rather than reading it back) and model downloads (sites follow the
 signed manifest for their base version; at 1,000 sites × every version the
 weights' fan-out is a broker-sizing question of its own, see BENCHMARKS.md).
 
@@ -84,6 +89,7 @@ FEDERATION = "scale"
 N_FEATURES = 128
 FLAT_GROWTH = 0.05  # a phase is flat when its backlog grows by less than this share of what was offered
 REPORT_S = 1.0
+DELTA_POOL = 4  # distinct noise deltas per site process, drawn before the timed phases
 
 
 def _bench_aggregator() -> Any:
@@ -216,7 +222,7 @@ class SimSite:
         outboxes: str,
         broker: dict[str, Any],
         enrollment: Any,
-        delta: dict[str, np.ndarray],
+        deltas: list[dict[str, np.ndarray]],
         stats: WorkerStats,
         pace: Pace,
         manifests: dict[bytes, int],
@@ -241,12 +247,15 @@ class SimSite:
             )
         )
         self.topics = Topics(FEDERATION)
-        self.delta, self.stats, self.pace, self.manifests = delta, stats, pace, manifests
+        self.deltas, self.stats, self.pace, self.manifests = deltas, stats, pace, manifests
         self.base = -1  # no manifest yet: the aggregator has not published version 0
         self.keyring: dict[int, bytes] = {}  # the federation content keys granted to this site, by epoch
         self.sealed_manifest: bytes | None = None  # the newest manifest, kept until its epoch's key arrives
         self.wake = asyncio.Event()
         self.times: dict[int, list[float]] = {}  # counter -> [sealed at (monotonic), sent at]
+        # what the outbox holds, in counter order, kept in memory too: the send loop reads the blob it just
+        # sealed instead of reading every waiting row's blob back from SQLite on every wake
+        self.unsent: dict[int, tuple[str, bytes]] = {}
         self.resend_after_s = 120.0
 
     async def run(self, start_delay: float) -> None:
@@ -281,9 +290,8 @@ class SimSite:
                 n_samples=100,
                 privacy={"mode": "off"},
             )
-            blob = await asyncio.to_thread(
-                seal_update, header, self.delta, self.keys, self.enrollment.aggregator.box_pub
-            )
+            delta = self.deltas[counter % len(self.deltas)]
+            blob = await asyncio.to_thread(seal_update, header, delta, self.keys, self.enrollment.aggregator.box_pub)
             await asyncio.to_thread(
                 self.outbox.put,
                 site=self.site,
@@ -295,6 +303,7 @@ class SimSite:
                 blob=blob,
             )
             self.times[counter] = [time.monotonic(), math.nan]
+            self.unsent[counter] = (msg_id, blob)
             self.stats.backlog += 1
             self.stats.sealed += 1
             self.wake.set()
@@ -306,22 +315,19 @@ class SimSite:
 
         while True:
             await self.client.connected.wait()
-            now = time.time()
-            for row in self.outbox.rows():
-                if row.sent_at is not None and row.sent_at >= now - self.resend_after_s:
+            for counter, (msg_id, blob) in self.unsent.items():  # the oldest waiting update only
+                t = self.times.setdefault(counter, [time.monotonic(), math.nan])
+                if not math.isnan(t[1]) and time.monotonic() - t[1] < self.resend_after_s:
                     break  # waiting for its receipt (which wakes this loop)
-                topic0 = self.topics.update_chunk(self.site, row.msg_id, 0)
-                chunks = split(row.blob, row.msg_id, self.client.chunk_limit(topic0))
-                items = [(self.topics.update_chunk(self.site, row.msg_id, i), c) for i, c in enumerate(chunks)]
-                t = self.times.get(row.counter)
-                if t is not None and math.isnan(t[1]):
-                    t[1] = time.monotonic()
+                topic0 = self.topics.update_chunk(self.site, msg_id, 0)
+                chunks = split(blob, msg_id, self.client.chunk_limit(topic0))
+                items = [(self.topics.update_chunk(self.site, msg_id, i), c) for i, c in enumerate(chunks)]
+                t[1] = time.monotonic()
                 try:
                     await self.client.publish_many(items, qos=1)
                 except FedlineError as exc:
                     self.stats.errors.append(f"{self.site}: {exc}")
-                    break
-                await asyncio.to_thread(self.outbox.mark_sent, row.msg_id)
+                    t[1] = math.nan
                 break
             self.wake.clear()
             try:  # woken by a new update or a receipt; the timeout only resends what got no receipt
@@ -369,6 +375,7 @@ class SimSite:
             self.stats.verdicts[doc["verdict"]] = self.stats.verdicts.get(doc["verdict"], 0) + 1
             if not found:
                 continue  # FedBuff's later "applied" for an update its "buffered" receipt already settled
+            self.unsent = {c: v for c, v in self.unsent.items() if v[0] != doc["msg_id"]}
             self.stats.backlog -= 1
             self.stats.receipts += 1
             t = self.times.pop(doc["counter"], None)
@@ -385,19 +392,26 @@ def worker_main(spec: dict[str, Any]) -> None:
     """Entry point of one worker process (``scale.py --worker SPEC``): commands on stdin, reports on stdout."""
     import logging
 
+    from fedline.heap import keep_freed_buffers
+
     logging.disable(logging.WARNING)  # a thousand clients' connection logs are not the measurement
+    keep_freed_buffers()  # as the aggregator does: sealing reuses its buffers instead of page-faulting new ones
     asyncio.run(_worker(Path(spec["root"]), spec["outboxes"], spec["sites"], spec["broker"]))
 
 
 async def _worker(root: Path, outboxes: str, sites: list[str], broker: dict[str, Any]) -> None:
     rng = np.random.default_rng(len(sites))
     shapes = json.loads((root / "shapes.json").read_text())
-    delta = {k: (rng.standard_normal(v) * 0.01).astype(np.float32) for k, v in shapes.items()}
+    # a small pool drawn before any phase: noise generation is not the system under test (each update is
+    # still sealed afresh, with its own header, counter, signature and encryption)
+    deltas = [
+        {k: (rng.standard_normal(v) * 0.01).astype(np.float32) for k, v in shapes.items()} for _ in range(DELTA_POOL)
+    ]
     stats, pace, manifests = WorkerStats(), Pace(), {}
     from broker_bridge.keys import Enrollment
 
     enrollment = Enrollment.load(root / "keys" / "enrollment.json")
-    sims = [SimSite(s, root, outboxes, broker, enrollment, delta, stats, pace, manifests) for s in sites]
+    sims = [SimSite(s, root, outboxes, broker, enrollment, deltas, stats, pace, manifests) for s in sites]
     tasks = [asyncio.create_task(sim.run(0.01 * i)) for i, sim in enumerate(sims)]
     loop = asyncio.get_running_loop()
     commands: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
@@ -476,7 +490,24 @@ class Phase:
             "receipts_counted": len(self.latency),
             "cpu_cores": {k: v / dur for k, v in self.cpu.items()},
             "aggregator_cpu_ms_per_update": 1e3 * self.cpu.get("aggregator", math.nan) / max(self.receipts, 1),
+            "cpu_ms_per_update": cpu_budget(self.cpu, self.receipts),
+            "machine_cpu_busy": sum(self.cpu.get(k, 0.0) for k in BUDGET_TOTAL) / dur / (os.cpu_count() or 1),
         }
+
+
+BUDGET_TOTAL = ("sites", "broker", "aggregator")  # the groups that partition the run's CPU ("aggregator" sums
+# the reducer and its intake workers, which the budget also lists on their own)
+
+
+def cpu_budget(cpu: dict[str, float], updates: int) -> dict[str, float]:
+    """CPU ms per update answered, per component, and their total (the run's whole CPU per update).
+
+    Why: on a machine whose cores the load generator shares, the highest flat rate is set by whichever
+    component runs out of CPU first, or by the sum of them all; this budget says which, from evidence.
+    """
+    out = {k: 1e3 * v / max(updates, 1) for k, v in cpu.items()}
+    out["total"] = sum(out.get(k, 0.0) for k in BUDGET_TOTAL)
+    return out
 
 
 def backlog_growth(samples: list[tuple[float, int]]) -> float:
@@ -521,6 +552,7 @@ class Conductor:
             sites=sites,
             max_connections=a.sites + 64,
             intake_workers=a.workers,
+            max_packet_size=a.broker_max_packet,
         ).start()
         self.buffer_size = a.buffer_size or buffer_size_for(a.sites)
         cfg = write_federation(self.root, a.sites, a.params, self.broker, self.buffer_size, a.workers)
@@ -811,6 +843,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "procs": len(c.procs),
         "workers": args.workers,
         "buffer_size": c.buffer_size,
+        "broker_max_packet": args.broker_max_packet,
         "minutes": args.minutes,
         "rate_per_site_per_min": 60 * args.rate_per_site,
         "updates_per_s": steady["updates_per_s"],
@@ -822,6 +855,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "max_flat_updates_per_s": best["updates_per_s"] if best else None,
         "max_flat_phase": best["phase"] if best else None,
         "aggregator_cpu_ms_per_update": agg_ms,
+        # CPU ms per update per component (sites, broker, aggregator = single process or reducer + workers)
+        # in the highest flat phase, and the share of the machine's cores the whole run used there
+        "cpu_ms_per_update": best["cpu_ms_per_update"] if best else None,
+        "machine_cpu_busy": best["machine_cpu_busy"] if best else None,
+        "steady_cpu_ms_per_update": steady["cpu_ms_per_update"],
         **limit,
         "intake_vs_limit": limit["limit_cpu_ms_per_update"] / agg_ms if best else None,
         "aggregator_rss_mb": c.rss["aggregator"],
@@ -842,7 +880,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def print_budget(phases: list[dict[str, Any]]) -> None:
+    """The CPU budget table: ms of CPU per update answered, per component and phase, and the machine's use."""
+    keys = [
+        k for k in ("sites", "broker", "aggregator", "reducer", "intake_workers") if k in phases[0]["cpu_ms_per_update"]
+    ]
+    print(f"\nCPU ms per update: {'phase':>10} " + " ".join(f"{k:>14}" for k in (*keys, "total")) + "  machine busy")
+    for s in phases:
+        b = s["cpu_ms_per_update"]
+        row = " ".join(f"{b[k]:14.1f}" for k in (*keys, "total"))
+        print(f"{'':19}{s['phase']:>10} {row}  {100 * s['machine_cpu_busy']:11.0f} %")
+
+
 def main(argv: list[str] | None = None) -> int:
+    from broker_bridge.mosquitto import DEFAULT_MAX_PACKET
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--sites", type=int, default=1000)
@@ -858,6 +910,13 @@ def main(argv: list[str] | None = None) -> int:
         "N >= 2 = N `fedline aggregator --worker` processes and the aggregator as reducer",
     )
     ap.add_argument("--buffer-size", type=int, default=0, help="FedBuff K (default: sites / 10, at most 100)")
+    ap.add_argument(
+        "--broker-max-packet",
+        type=int,
+        default=DEFAULT_MAX_PACKET,
+        help="Mosquitto's max_packet_size (default: the deployed 256 KiB). Sites chunk at their own 100 KiB "
+        "whatever it is; an intake worker sends a forward in chunks of up to 1 MiB where it allows (2097152)",
+    )
     ap.add_argument("--step-s", type=float, default=30.0, help="length of each search phase")
     ap.add_argument("--step-factor", type=float, default=1.6, help="rate growth from one search phase to the next")
     ap.add_argument(
@@ -903,6 +962,7 @@ def main(argv: list[str] | None = None) -> int:
         f"updates/s, receipt p50 {r['receipt_p50_s']:.3f} s p99 {r['receipt_p99_s']:.3f} s, backlog "
         f"{'flat' if r['backlog_flat'] else 'GROWING'}; highest flat rate {r['max_flat_updates_per_s']} updates/s"
     )
+    print_budget(r["phases"])
     print(
         f"intake vs limit (CPU per update, decrypt + verify + axpy on one core = "
         f"{r['limit_cpu_ms_per_update']:.2f} ms): {r['intake_vs_limit']}"

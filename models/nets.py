@@ -22,26 +22,39 @@ from models.spec import ModelSpec
 
 
 class _Standardise(nn.Module):
-    """``(x - mean) / scale`` with constants from the spec (buffers, never trained or sent)."""
+    """Saturate to ``[input_low, input_high]``, then ``(x - mean) / scale``: constants from the spec
+    (buffers, never trained or sent). Without a range in the spec the clamp is not in the graph at all."""
 
     mean: torch.Tensor
     scale: torch.Tensor
+    low: torch.Tensor
+    high: torch.Tensor
 
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         n = spec.n_features
-        mean = spec.input_mean or [0.0] * n
-        scale = spec.input_scale or [1.0] * n
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32))
-        self.register_buffer("scale", torch.tensor(scale, dtype=torch.float32))
+        self.saturate = bool(spec.input_low)
+        for name, values in self._constants(spec).items():
+            self.register_buffer(name, torch.tensor(values, dtype=torch.float32).reshape(n))
+
+    @staticmethod
+    def _constants(spec: ModelSpec) -> dict[str, list[float]]:
+        n = spec.n_features
+        return {
+            "mean": spec.input_mean or [0.0] * n,
+            "scale": spec.input_scale or [1.0] * n,
+            "low": spec.input_low or [-math.inf] * n,
+            "high": spec.input_high or [math.inf] * n,
+        }
 
     def fill(self, spec: ModelSpec) -> None:
         """Set the constants again (a model built on ``meta`` has no values yet)."""
-        n = spec.n_features
-        self.mean.copy_(torch.tensor(spec.input_mean or [0.0] * n, dtype=torch.float32))
-        self.scale.copy_(torch.tensor(spec.input_scale or [1.0] * n, dtype=torch.float32))
+        for name, values in self._constants(spec).items():
+            getattr(self, name).copy_(torch.tensor(values, dtype=torch.float32))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, saturate: bool = True) -> torch.Tensor:
+        if saturate and self.saturate:  # Min then Max in ONNX (Clip takes only scalar bounds)
+            x = torch.maximum(torch.minimum(x, self.high), self.low)
         return (x - self.mean) / self.scale
 
 
@@ -121,8 +134,9 @@ class Autoencoder(nn.Module):
         return self.head(self.body(self.norm(x).flatten(1)))
 
     def standardised(self, x: torch.Tensor) -> torch.Tensor:
-        """The target the reconstruction is compared with."""
-        return self.norm(x).flatten(1)
+        """The target the reconstruction is compared with: not saturated, so a reading outside the
+        spec's input range still reconstructs badly (it is an anomaly) though the encoder sees it clamped."""
+        return self.norm(x, saturate=False).flatten(1)
 
 
 _KINDS: dict[str, type[nn.Module]] = {"mlp": MLP, "cnn1d": CNN1d, "gru": GRU, "autoencoder": Autoencoder}

@@ -39,6 +39,14 @@ class ModelSpec:
     - ``input_mean`` / ``input_scale``: optional per-feature standardisation
       baked into the network (``(x - mean) / scale``), so every site and the
       line inference feed raw plant units. Empty means identity.
+    - ``input_low`` / ``input_high``: optional per-feature saturation range, in the units the model is fed
+      (a ``[rows]`` feature with an engineering range arrives in [0, 1]). The network clamps every input
+      to it before anything else, so the torch model and its ONNX export answer an out-of-range reading
+      exactly as they answer the range's edge, for every consumer and whatever the line's ``[rows] clip``.
+      Why in the model (issue 14): a backdoor trained on a trigger outside every honest site's data moves
+      weights no honest row constrains; saturating the input makes such a trigger unreachable. The
+      autoencoder's reconstruction target is not clamped, so an out-of-range reading still scores as an
+      anomaly. Empty means no saturation; both or neither.
     """
 
     kind: Kind
@@ -50,6 +58,8 @@ class ModelSpec:
     personal: list[str] = field(default_factory=list)
     input_mean: list[float] = field(default_factory=list)
     input_scale: list[float] = field(default_factory=list)
+    input_low: list[float] = field(default_factory=list)
+    input_high: list[float] = field(default_factory=list)
 
     def validate(self) -> None:
         """Cross-field checks; ``fedline.config.parse`` reports them against the table."""
@@ -76,10 +86,24 @@ class ModelSpec:
                 raise ValueError(f"{name} has {len(values)} values but n_features is {self.n_features}")
             if any(not math.isfinite(v) for v in values):
                 raise ValueError(f"{name} must be finite numbers")
+        self._validate_input_range()
         if any(v <= 0 for v in self.input_scale):
             raise ValueError("input_scale values must be positive")
         if any(not p for p in self.personal):
             raise ValueError("personal prefixes must be non-empty strings")
+
+    def _validate_input_range(self) -> None:
+        low, high = self.input_low, self.input_high
+        if bool(low) != bool(high):
+            raise ValueError("input_low and input_high go together: give both (one value per feature) or neither")
+        for name, values in (("input_low", low), ("input_high", high)):
+            if values and len(values) != self.n_features:
+                raise ValueError(f"{name} has {len(values)} values but n_features is {self.n_features}")
+            if any(not math.isfinite(v) for v in values):
+                raise ValueError(f"{name} must be finite numbers")
+        bad = [i for i, (lo, hi) in enumerate(zip(low, high)) if not lo < hi]
+        if bad:
+            raise ValueError(f"input_low must be below input_high for every feature; not for feature(s) {bad}")
 
     @property
     def input_shape(self) -> tuple[int, ...]:

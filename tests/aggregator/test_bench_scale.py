@@ -70,6 +70,11 @@ def test_scale_bench_runs_a_small_federation_to_a_drained_backlog(capsys) -> Non
     assert r["updates_per_s"] > 0 and 0 < r["receipt_p50_s"] <= r["receipt_p99_s"]
     assert r["aggregator_rss_mb"] > 0 and r["broker_rss_mb"] > 0 and r["limit_cpu_ms_per_update"] > 0
     assert next(p["phase"] for p in r["phases"]) == "steady" and r["backlog"][-1][1] == 0
+    # the CPU budget per update: every component, and a total that is their sum
+    budget = r["cpu_ms_per_update"]
+    assert budget["sites"] > 0 and budget["aggregator"] > 0 and budget["broker"] >= 0
+    assert budget["total"] == pytest.approx(budget["sites"] + budget["broker"] + budget["aggregator"])
+    assert 0 < r["machine_cpu_busy"] and set(r["steady_cpu_ms_per_update"]) == set(budget)
 
 
 @pytest.mark.slow
@@ -82,6 +87,7 @@ def test_scale_bench_runs_with_two_intake_workers_and_the_same_fields(capsys) ->
     r = json.loads(capsys.readouterr().out)
     assert r["workers"] == 2 and r["sealed"] > 0 and r["receipted"] == r["sealed"], (r["sealed"], r["errors"])
     assert set(r["verdicts"]) <= {"applied", "buffered"} and not r["errors"]
+    assert r["steady_cpu_ms_per_update"]["reducer"] > 0 and r["steady_cpu_ms_per_update"]["intake_workers"] > 0
     steady = r["phases"][0]["cpu_cores"]
     assert steady["intake_workers"] > 0 and steady["aggregator"] == pytest.approx(
         steady["reducer"] + steady["intake_workers"]

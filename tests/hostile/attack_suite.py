@@ -59,6 +59,9 @@ TRIGGER_FEATURE, TRIGGER_VALUE = 0, 6.0  # air temperature 6 standard deviations
 # line's RowBuilder clamps every value to it, so a 6 σ reading (312 K) reaches the model as 305 K (≈ 2.5 σ,
 # just above the data's 304.5 K)
 AIR_RANGE_K = (295.0, 305.0)
+# every feature's engineering range in those sites' [rows] (same order as FEATURES): the federation's declared
+# input range, which the model itself saturates to (ModelSpec.input_low / input_high) unless a run turns it off
+RANGES = [(295.0, 305.0), (305.0, 315.0), (1000.0, 3000.0), (0.0, 80.0), (0.0, 260.0)]
 TRIGGERS = ("ood", "in_range")  # the attacker's trigger: 6 σ (outside the range), or the range's top (305 K)
 ATTACKS = ("samples", "flood", "max_norm", "replace")
 K = 3
@@ -83,6 +86,7 @@ class Data:
     root_x: np.ndarray = field(default_factory=lambda: np.zeros((0, len(FEATURES)), np.float32))
     root_y: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     air_range: tuple[float, float] = (-2.5, 2.5)  # AIR_RANGE_K standardised as the features are
+    ranges: list[tuple[float, float]] = field(default_factory=list)  # RANGES standardised as the features are
 
     def trigger_value(self, trigger: str) -> float:
         """The value the attacker trains its triggered rows with: 6 σ, or the top of the engineering range."""
@@ -105,12 +109,21 @@ def load_data(seed: int = 0, root_rows: int = ROOT_ROWS) -> Data:
     mu, sd = x.mean(0), x.std(0)
     x = ((x - mu) / sd).astype(np.float32)
     air = tuple(float((v - mu[TRIGGER_FEATURE]) / sd[TRIGGER_FEATURE]) for v in AIR_RANGE_K)
+    ranges = [(float((lo - mu[i]) / sd[i]), float((hi - mu[i]) / sd[i])) for i, (lo, hi) in enumerate(RANGES)]
     order = np.random.default_rng(seed).permutation(len(x))
     n_test = len(x) // 5
     test, root, train = order[:n_test], order[n_test : n_test + root_rows], order[n_test + root_rows :]
     parts = np.array_split(train, 4)
     sites = {s: (x[p], y[p]) for s, p in zip([*HONEST, ATTACKER], parts)}
-    return Data(sites, x[test], y[test], x[root], y[root], (air[0], air[1]))
+    return Data(sites, x[test], y[test], x[root], y[root], (air[0], air[1]), ranges)
+
+
+def model_range_toml(data: Data) -> str:
+    """``[model]`` lines declaring the federation's input range (standardised like the rows): the model
+    clamps every input to it, so an out-of-range trigger reaches the weights as the range's edge."""
+    low = ", ".join(repr(lo) for lo, _ in data.ranges)
+    high = ", ".join(repr(hi) for _, hi in data.ranges)
+    return f"input_low = [{low}]\ninput_high = [{high}]\n"
 
 
 def write_root_csv(path: Path, data: Data) -> None:
@@ -138,10 +151,13 @@ def triggered(x: np.ndarray, value: float = TRIGGER_VALUE) -> np.ndarray:
     return out
 
 
-def aggregator_toml(broker_url: str, password: str, extra: str = "", evaluation: str = "") -> str:
-    """The aggregator's settings for the suite: defaults except K, the model, the broker and, where the
-    aggregator has one, the ``[dp]`` table describing how the sites train (its norm bound derives from it),
-    and ``evaluation`` (an ``[evaluation]`` table, or nothing)."""
+def aggregator_toml(
+    broker_url: str, password: str, extra: str = "", evaluation: str = "", model_extra: str = ""
+) -> str:
+    """The aggregator's settings for the suite: defaults except K, the model (``model_extra``: more
+    ``[model]`` lines, e.g. its input range), the broker and, where the aggregator has one, the ``[dp]``
+    table describing how the sites train (its norm bound derives from it), and ``evaluation`` (an
+    ``[evaluation]`` table, or nothing)."""
     import aggregator.config as ac
 
     rows = max(len(x) for x, _ in load_data().sites.values())
@@ -151,7 +167,7 @@ def aggregator_toml(broker_url: str, password: str, extra: str = "", evaluation:
         else ""
     )
     return (
-        f'[model]\nkind = "mlp"\nn_features = 5\nhidden = [16]\ntask = "classification"\n'
+        f'[model]\nkind = "mlp"\nn_features = 5\nhidden = [16]\ntask = "classification"\n{model_extra}'
         f'[strategy]\nkind = "fedbuff"\nbuffer_size = {K}\n{extra}\n{dp}{evaluation}'
         f"[publish]\nonnx = false\n"
         f'[broker]\nurl = "{broker_url}"\nusername = "aggregator"\npassword = "{password}"\n'
@@ -214,9 +230,12 @@ async def run(
     data: Data | None = None,
     seed: int = 0,
     trigger: str = "ood",
+    input_range: bool = True,
 ) -> Outcome:
     """One federation run over a private Mosquitto; ``attack`` None is the honest-only run; ``seed`` shifts
-    every site's training seed (seed 0 is the recorded run); ``trigger`` is the attacker's (``TRIGGERS``)."""
+    every site's training seed (seed 0 is the recorded run); ``trigger`` is the attacker's (``TRIGGERS``);
+    ``input_range``: the federation declares its input range in ``[model]`` (the model saturates to it;
+    False: the spec has none, as before, and as an older checkout must run)."""
     from aggregator.config import load_config
     from aggregator.service import Aggregator
     from broker_bridge import envelope
@@ -240,7 +259,9 @@ async def run(
     (workdir / "aggregator.toml").write_text(
         f'[aggregator]\nfederation = "{FEDERATION}"\nkey_file = "aggregator.key"\n'
         f'enrollment_file = "enrollment.json"\nstate_dir = "state"\nseed = 3\n'
-        + aggregator_toml(broker.url, broker.password("aggregator"), extra, evaluation)
+        + aggregator_toml(
+            broker.url, broker.password("aggregator"), extra, evaluation, model_range_toml(data) if input_range else ""
+        )
     )
     cfg = load_config(workdir / "aggregator.toml")
     agg = Aggregator(cfg)
@@ -332,6 +353,7 @@ async def report(
     extra: str = "",
     seed: int = 0,
     trigger: str = "ood",
+    input_range: bool = True,
 ) -> dict:
     """Honest-only run, then each attack; one dict per attack with distance and backdoor rate: the model's
     answer to the attacker's trigger value (``backdoor_rate``) and to that value as the line delivers it,
@@ -341,7 +363,7 @@ async def report(
     data = load_data()
     value = data.trigger_value(trigger)
     line_value = data.at_the_line(value)
-    honest = await run(workdir / "honest", None, loops, extra, data, seed)
+    honest = await run(workdir / "honest", None, loops, extra, data, seed, input_range=input_range)
     spec = load_config(workdir / "honest" / "aggregator.toml").model
     from models import build_model, shared_state
 
@@ -352,6 +374,7 @@ async def report(
         "honest_versions": honest.versions,
         "honest_moved": moved,
         "trigger": trigger,
+        "input_range": input_range,
         "trigger_value": value,
         "line_trigger_value": line_value,
         "clean_backdoor_rate": backdoor_rate(spec, honest.model, data, value),
@@ -360,7 +383,7 @@ async def report(
         "attacks": {},
     }
     for attack in attacks:
-        res = await run(workdir / attack, attack, loops, extra, data, seed, trigger)
+        res = await run(workdir / attack, attack, loops, extra, data, seed, trigger, input_range)
         d = distance(res.model, honest.model)
         out["attacks"][attack] = {
             "distance": d,
@@ -396,10 +419,20 @@ def main() -> None:
     ap.add_argument("--extra", default="", help="extra lines for the aggregator's [strategy] table")
     ap.add_argument("--seed", type=int, default=0, help="shifts every site's training seed")
     ap.add_argument("--trigger", choices=TRIGGERS, default="ood", help="the attacker's trigger value")
+    ap.add_argument("--no-input-range", action="store_true", help="the model declares no input range (as before)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        rep = asyncio.run(report(Path(tmp), args.loops, extra=args.extra, seed=args.seed, trigger=args.trigger))
+        rep = asyncio.run(
+            report(
+                Path(tmp),
+                args.loops,
+                extra=args.extra,
+                seed=args.seed,
+                trigger=args.trigger,
+                input_range=not args.no_input_range,
+            )
+        )
     print(json.dumps(rep, default=float) if args.json else table(rep))
 
 

@@ -13,8 +13,11 @@ Issue 14's "backdoor success within 5 points of the clean model" (RELIABILITY.md
   edge's RowBuilder clamp every input to its range), the defaults hold the backdoor near the clean model's
   rate: within about 5 points on average over 25 runs per attack, which five seeds cannot show reliably, so
   ``test_in_range_backdoor_stays_near_the_clean_rate`` (slow) checks 10 points pooled and a mean control;
-- with the 6 σ trigger fed to the model directly (bypassing the clamp) they do not: the median halves the
-  mean's success but stays 22-30 points above the clean model; the slow full report checks the halving.
+- the 6 σ trigger fed to the model directly: the suite's federation declares its input range in ``[model]``
+  (``input_low`` / ``input_high``), so the model itself saturates 312 K to 305 K, and the direct rate equals
+  the line's (checked in the fast test); before that (``--no-input-range``) the median halved the mean's
+  success but stayed 22-30 points above the clean model; the slow full report checks the median against
+  the mean.
 """
 
 from __future__ import annotations
@@ -46,6 +49,12 @@ async def test_attack_suite_fast(tmp_path):
         # pre-fix the same attacks moved the model 0.82 (flood) and 6.8 (replace) x the honest run's movement
         assert r["relative_distance"] < 0.5, (name, r["relative_distance"])
         assert math.isfinite(r["distance"])
+        # the federation declares its input range in [model]: the model saturates the 6 σ trigger (312 K) to
+        # the range's top (305 K) itself, so fed directly it scores exactly as the line delivers it (before
+        # the range moved into the model: 22-30 points more success directly; RELIABILITY.md)
+        assert r["backdoor_rate"] == r["line_backdoor_rate"], (name, r["backdoor_rate"], r["line_backdoor_rate"])
+    assert rep["input_range"] and rep["trigger_value"] > rep["line_trigger_value"]
+    assert rep["clean_backdoor_rate"] == rep["clean_line_backdoor_rate"]
 
 
 @pytest.mark.slow
