@@ -185,6 +185,8 @@ class Outcome:
     attacker_moves: list[float] = field(default_factory=list)  # L2 of the attacker's part of each version's step
     steps: list[float] = field(default_factory=list)  # L2 of each version's whole step
     reduces: list[str] = field(default_factory=list)  # each version's lineage "reduce" (the statistic in force)
+    slots: list[list[str]] = field(default_factory=list)  # each version's sites, in the lineage's order
+    verdicts: dict[str, dict[str, int]] = field(default_factory=dict)  # per site: receipts per verdict
 
 
 def predict(spec, shared: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
@@ -322,10 +324,15 @@ async def run(
                 wb, wa = envelope.decode_tensors(before.weights), envelope.decode_tensors(after.weights)
                 out.steps.append(_norm({k: wa[k] - wb[k] for k in wa}))
             out.reduces.append(str(lineage.get("reduce", "mean")))  # older checkouts: the mean, unrecorded
+            out.slots.append([f"{e['site']}@{e['base_version']}" for e in lineage.get("updates", [])])
             for e in lineage.get("updates", []):
                 if e["site"] == ATTACKER:
                     out.attacker_entries.append(dict(e, version=v))
-        for p in parties.values():
+        for s, p in parties.items():
+            out.verdicts[s] = {}
+            for r in p.receipts:
+                key = f"{r['verdict']}:{r.get('reason')}" if r.get("reason") else str(r["verdict"])
+                out.verdicts[s][key] = out.verdicts[s].get(key, 0) + 1
             await p.__aexit__(None, None, None)
         return out
     finally:
@@ -380,6 +387,7 @@ async def report(
         "clean_backdoor_rate": backdoor_rate(spec, honest.model, data, value),
         "clean_line_backdoor_rate": backdoor_rate(spec, honest.model, data, line_value),
         "reduces": sorted(set(honest.reduces)),
+        "slots": honest.slots,
         "attacks": {},
     }
     for attack in attacks:
@@ -394,6 +402,8 @@ async def report(
             "attacker_entries": res.attacker_entries,
             "steps": res.steps,
             "reduces": sorted(set(res.reduces)),
+            "slots": res.slots,
+            "verdicts": res.verdicts,
         }
     return out
 
