@@ -34,8 +34,9 @@ from typing import Any
 
 from aggregator import catchup, grants, publish
 from aggregator.config import AggregatorConfig
-from aggregator.core import AggregatorCore, Opened
+from aggregator.core import AggregatorCore, Decision
 from aggregator.metrics import Metrics
+from aggregator.opened_queue import OpenedQueue
 from aggregator.reassembly import SenderChunks, enforce_total_cap
 from aggregator.recovery import RecoveryDesk
 from aggregator.reducer import Forwards
@@ -101,7 +102,7 @@ class Aggregator:
         self.granter = await loop.run_in_executor(self._serial, grants.Granter, self.core, self.topics)
         self.recovery = RecoveryDesk(self.core.history, self.core.keys)
         self._metrics_http.start(self.cfg.metrics, service="aggregator", file=self.cfg.file)
-        queue: asyncio.Queue[asyncio.Future[Opened]] = asyncio.Queue(maxsize=4 * self.cfg.aggregator.workers)
+        queue = OpenedQueue(maxsize=4 * self.cfg.aggregator.workers)
         settings = self._settings()
         self.liveness = Liveness(
             self.topics, settings.username or "aggregator", "aggregator", reduce=self.core.strategy.reduce_stat
@@ -153,7 +154,7 @@ class Aggregator:
             self._export.shutdown(wait=False)
 
     # -- intake -------------------------------------------------------------------------
-    async def _intake(self, client: MqttClient, queue: asyncio.Queue) -> None:
+    async def _intake(self, client: MqttClient, queue: OpenedQueue) -> None:
         loop = asyncio.get_running_loop()
         core = self.core
         assert core is not None
@@ -191,7 +192,7 @@ class Aggregator:
             await queue.put(fut)  # bounded: back-pressure instead of unbounded memory
 
     # -- decisions and receipts ----------------------------------------------------------
-    async def _decider(self, client: MqttClient, queue: asyncio.Queue) -> None:
+    async def _decider(self, client: MqttClient, queue: OpenedQueue) -> None:
         loop = asyncio.get_running_loop()
         core = self.core
         assert core is not None
@@ -206,6 +207,7 @@ class Aggregator:
                     decision = await loop.run_in_executor(self._serial, core.flush)
                     if decision is None:
                         continue
+                    decisions = [decision]
                 else:
                     op = await fut
                     if op.secagg and self.cohorts is not None:
@@ -213,30 +215,38 @@ class Aggregator:
                             await loop.run_in_executor(self._serial, core.history.note, op.header)
                         await self._to_cohorts(client, self.cohorts.on_submission, op)
                         continue
-                    decision = await loop.run_in_executor(self._serial, core.decide, op)
+                    # with those opened behind it: one commit, and the receipts only after it (group commit)
+                    decisions = await loop.run_in_executor(self._serial, core.decide_many, [op, *queue.opened_behind()])
             except Exception as exc:  # a bug or a full disk must not end intake: log loudly, keep going
                 event(log, "update.failed", level=logging.ERROR, error=repr(exc))
                 continue
-            if decision.new_version is not None:
-                self._new_version.set()
-            for r in decision.receipts:
-                if r["site"] == "?":
-                    continue
-                blob = core.sign_receipt(r)
-                if blob is None:  # not enrolled (or revoked): no key to seal its receipt to
-                    continue
-                try:
-                    await client.publish(self.topics.receipts(r["site"]), blob, qos=1)
-                except (FedlineError, TopicError) as exc:
-                    # the site resends after its timeout and gets the same verdict from the store
-                    event(
-                        log,
-                        "receipt.unsent",
-                        level=logging.WARNING,
-                        site=r["site"],
-                        counter=r["counter"],
-                        error=str(exc),
-                    )
+            for decision in decisions:
+                if decision.new_version is not None:
+                    self._new_version.set()
+                await self._send_receipts(client, decision)
+
+    async def _send_receipts(self, client: MqttClient, decision: Decision) -> None:
+        """A decision's receipts, signed and sealed to their sites (QoS 1)."""
+        core = self.core
+        assert core is not None
+        for r in decision.receipts:
+            if r["site"] == "?":
+                continue
+            blob = core.sign_receipt(r)
+            if blob is None:  # not enrolled (or revoked): no key to seal its receipt to
+                continue
+            try:
+                await client.publish(self.topics.receipts(r["site"]), blob, qos=1)
+            except (FedlineError, TopicError) as exc:
+                # the site resends after its timeout and gets the same verdict from the store
+                event(
+                    log,
+                    "receipt.unsent",
+                    level=logging.WARNING,
+                    site=r["site"],
+                    counter=r["counter"],
+                    error=str(exc),
+                )
 
     async def _answer_recovery(self, client: MqttClient, site: str, payload: bytes) -> None:
         """A site that lost its data directory asks for its last counter and privacy history (aggregator.recovery).
