@@ -1,8 +1,8 @@
 """The ONNX model the site's line serves: the global shared layers with this site's personal ones.
 
 Why the edge builds it (not the aggregator's ONNX): only the site holds its personal layers, and with
-``[personal] serve = "pick"`` it chooses among local-only, global and a fine-tune on its held-out rows
-(``edge.personal``); those candidates are noise-free, so they are never sent and never trained on by DP rounds.
+``[personal] serve = "pick"`` it chooses among local-only, global, a fine-tune and a blend of local-only with
+one of those on its held-out rows (``edge.personal``, ``edge.blend``: a blend is exported as one ONNX graph); those candidates are noise-free, so they are never sent and never trained on by DP rounds.
 """
 
 from __future__ import annotations
@@ -71,14 +71,13 @@ class LineExport:
     def _build(self, shared: dict[str, Any], personal: dict[str, Any]) -> tuple[bytes, dict[str, Any] | None]:
         """The ONNX bytes and, when the site picks, which candidate it serves (in a worker thread: torch work)."""
         st = self.state
+        if self.personaliser is not None:  # noise-free candidates: never sent, never trained on by DP rounds
+            from edge.blend_export import export_served
+
+            chosen, choice = self.personaliser.choose_from(st.dataset, {**shared, **personal})
+            return export_served(st.spec, chosen, st.cfg.model_seed), choice.to_dict()
         model = build_model(st.spec, seed=st.cfg.model_seed)
         load_shared_state(model, st.spec, shared)
         if personal:
             load_personal_state(model, st.spec, personal)
-        served: dict[str, Any] | None = None
-        if self.personaliser is not None:  # noise-free candidates: never sent, never trained on by DP rounds
-            from edge.personal import build as build_params
-
-            params, choice = self.personaliser.choose_from(st.dataset, {**shared, **personal})
-            model, served = build_params(st.spec, params, st.cfg.model_seed), choice.to_dict()
-        return export_onnx(model, st.spec), served
+        return export_onnx(model, st.spec), None

@@ -44,6 +44,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from edge import blend
+from edge.blend import best_weight, mix
 from edge.paired_evidence import Evidence, auc_evidence, mse_evidence
 from models.metrics import better, score
 from models.spec import ModelSpec
@@ -51,7 +53,9 @@ from models.spec import ModelSpec
 if TYPE_CHECKING:
     from edge.dataset import Dataset
 
-KINDS = ("local", "global", "fine_tuned")
+KINDS = ("local", "global", "fine_tuned", "blend")
+#: The candidates that replace local-only only on evidence (the pick's switching rule): the blend is one
+FEDERATION = ("fine_tuned", "global", "blend")
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,14 @@ class PersonalConfig:
     # each is tested at switch_alpha / their number), so validation noise does not swap a plant's own model.
     # 0.2 (each of the two at 0.1) was chosen on split seeds 10-19 of both demo data sets (docs/tuning.md)
     switch_alpha: float = 0.2
+    # the blend candidate (edge/blend.py): the local-only model's shares w tried for w * local + (1 - w) * the
+    # better federation candidate, on the same evidence as the pick; empty = no blend
+    blend_weights: tuple[float, ...] = (0.25, 0.5, 0.75)
+    # a small site deciding on its training folds (cross_folds): the blend's weights there, and it is served when
+    # it scores better than local-only on the pool (no switch to a federation model alone); empty = the eighth
+    # pass's switching rule on the pool. (0.75,) was chosen on split seeds 10-19 of both demo data sets
+    # (docs/tuning.md, ninth pass)
+    fold_blend_weights: tuple[float, ...] = (0.75,)
     seed: int = 0
 
     def validate(self) -> None:
@@ -109,6 +121,8 @@ class PersonalConfig:
             raise ValueError(f"min_local_positives must be >= 0, got {self.min_local_positives}")
         if self.cross_folds < 0 or self.cross_folds == 1:
             raise ValueError(f"cross_folds must be 0 (off) or >= 2, got {self.cross_folds}")
+        blend.check_grid(self.blend_weights)
+        blend.check_grid(self.fold_blend_weights)
 
 
 #: Which rule decided a choice (the site's status says it): the paired test kept local-only or switched away
@@ -120,6 +134,7 @@ RULES = (
     "too_small_fine_tuned",
     "too_small_folds_kept_local",
     "too_small_folds_switched",
+    "too_small_folds_blended",
     "no_local",
 )
 
@@ -134,6 +149,7 @@ class FoldEvidence:
     rows: int
     units: int  # independent units the pooled rows hold (rows, or groups)
     folds: int
+    blend: BlendFit | None = None  # the blend's weight chosen on the pooled rows
 
 
 @dataclass
@@ -148,11 +164,16 @@ class Choice:
     reason: str = ""
     rule: str = ""  # one of RULES
     p: float | None = None  # the paired test's one-sided p of the federation candidate it ran on
+    # kind "blend" (edge/blend.py): the local-only model's share w and the federation candidate it is blended with
+    weight: float | None = None
+    blend_of: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         r = lambda v: None if v is None or not math.isfinite(v) else round(float(v), 4)
         return {
             "kind": self.kind,
+            "weight": self.weight,
+            "blend_of": self.blend_of,
             "metric": self.metric,
             "validation_metric": r(self.validation_metric),
             "candidates": {k: r(v) for k, v in self.candidates.items()},
@@ -161,6 +182,26 @@ class Choice:
             "p": r(self.p),
             "reason": self.reason,
         }
+
+
+@dataclass(frozen=True)
+class BlendFit:
+    """The blend candidate on one body of evidence: the local-only model's share and its federation partner."""
+
+    weight: float
+    of: str  # fine_tuned | global: the better-scoring of the two on the same evidence
+
+
+@dataclass(frozen=True)
+class Served:
+    """What the line serves: one candidate's parameters, or a blend's two with their weights
+    (``w`` for local-only, ``1 - w`` for the federation model; :mod:`edge.blend_export` writes it as one ONNX)."""
+
+    parts: tuple[tuple[float, dict[str, np.ndarray]], ...]
+
+    def predict(self, spec: ModelSpec, x: np.ndarray, model_seed: int = 0) -> np.ndarray:
+        """The served score of rows ``x`` (normalised): the weighted sum of the parts' scores."""
+        return sum(w * predict(spec, p, x, model_seed) for w, p in self.parts)  # type: ignore[return-value]
 
 
 def metric_name(spec: ModelSpec) -> str:
@@ -214,6 +255,7 @@ def pick(
     tests: dict[str, Evidence] | None = None,
     units: Sequence[object] | None = None,
     folds: FoldEvidence | None = None,
+    fit: BlendFit | None = None,
 ) -> Choice:
     """Local-only, unless the paired test on the validation rows shows a federation candidate better.
 
@@ -240,19 +282,12 @@ def pick(
             reason = f"{small}; local-only kept: it trained on {evidence} {what} (>= {cfg.min_local_positives})"
             return Choice("local", m, scores["local"], dict(scores), n, reason, "too_small_kept_local")
         if folds is not None and _finite(folds.scores.get("local")):
-            kind, said, p, switched = _switch(
-                m,
-                folds.scores,
-                folds.tests,
-                cfg,
-                f"{folds.folds} training folds + validation",
-                folds.units < folds.rows,
+            return _on_folds(
+                m, scores, folds, cfg, n, f"{small}; local-only trained on {evidence} (< {cfg.min_local_positives}), so"
             )
-            why = f"{small}; local-only trained on {evidence} (< {cfg.min_local_positives}), so: {said}"
-            return Choice(kind, m, scores.get(kind), dict(scores), n, why, FOLD_RULES[switched], p)
         why = f"{small}; fine-tuned served: local-only trained on {evidence} (< {cfg.min_local_positives})"
         return Choice("fine_tuned", m, scores.get("fine_tuned"), dict(scores), n, why, "too_small_fine_tuned")
-    fed = [k for k in ("fine_tuned", "global") if _finite(scores.get(k))]
+    fed = [k for k in ("fine_tuned", "global") if _finite(scores.get(k))]  # no blend without local-only
     local = scores.get("local")
     if not _finite(local):
         if not fed:
@@ -263,7 +298,50 @@ def pick(
         )
     kind, said, p, switched = _switch(m, scores, tests, cfg, "validation", units is not None)
     rule = "paired_test_switched" if switched else "paired_test_kept_local"
-    return Choice(kind, m, scores[kind], dict(scores), n, said, rule, p)
+    return _blended(Choice(kind, m, scores[kind], dict(scores), n, said, rule, p), fit)
+
+
+def _on_folds(m: str, scores: dict[str, float], folds: FoldEvidence, cfg: PersonalConfig, n: int, small: str) -> Choice:
+    """A small site's choice on its training folds pooled with its validation rows (:mod:`edge.unit_folds`).
+
+    With ``fold_blend_weights`` (the default): the blend of local-only and the better federation candidate at
+    the grid's best weight on the pool, when it scores better there than local-only; else local-only. Not a
+    switch to a federation model alone: the pool flatters the global model (it trained, under DP, on these
+    rows), and a blend that keeps a share of the plant's own model hedges that (docs/tuning.md, ninth pass).
+    Without them: the switching rule on the pool (the eighth pass)."""
+    where = f"{folds.folds} training folds + validation"
+    fb, b, local = folds.blend, folds.scores.get(blend.KIND), folds.scores["local"]
+    if cfg.fold_blend_weights and fb is not None and b is not None and _finite(b):
+        if better(m, b, local):
+            why = (
+                f"{small}: blend {fb.weight:g} x local-only + {1 - fb.weight:g} x {fb.of} scores {m} {b:.4g} on "
+                f"{folds.rows} {where} rows against local-only's {local:.4g}"
+            )
+            c = Choice(blend.KIND, m, None, dict(scores), n, why, "too_small_folds_blended", weight=fb.weight)
+            c.blend_of = fb.of
+            return c
+        why = f"{small}: local-only kept: its {m} {local:.4g} on {folds.rows} {where} rows >= the blend's {b:.4g}"
+        return Choice("local", m, scores.get("local"), dict(scores), n, why, "too_small_folds_kept_local")
+    kind, said, p, switched = _switch(m, folds.scores, folds.tests, cfg, where, folds.units < folds.rows)
+    return Choice(kind, m, scores.get(kind), dict(scores), n, f"{small}: {said}", FOLD_RULES[switched], p)
+
+
+def _blended(c: Choice, fit: BlendFit | None) -> Choice:
+    """A choice of the blend names its weight and partner (the line's status shows them)."""
+    if c.kind == blend.KIND:
+        if fit is None:
+            raise ValueError("the blend was picked without its fit")
+        c.weight, c.blend_of = fit.weight, fit.of
+    return c
+
+
+def served_of(candidates: dict[str, dict[str, np.ndarray]], c: Choice) -> Served:
+    """The parameters a choice serves: its candidate's, or the blend's two parts with their weights."""
+    if c.kind != blend.KIND:
+        return Served(((1.0, candidates[c.kind]),))
+    if c.weight is None or c.blend_of is None:
+        raise ValueError("a blend choice needs its weight and partner")
+    return Served(((c.weight, candidates["local"]), (1.0 - c.weight, candidates[c.blend_of])))
 
 
 #: The rule names of a choice made on the folds' evidence: kept local-only, or switched away from it.
@@ -276,7 +354,7 @@ def _switch(
     """The switching rule on one body of evidence (the validation rows, or those plus the training folds):
     local-only unless a federation candidate's one-sided paired test against it has p < switch_alpha / the
     number tested; of those that pass, the best score. Returns the kind, why, the p it rests on, switched?"""
-    fed = [k for k in ("fine_tuned", "global") if _finite(scores.get(k))]
+    fed = [k for k in FEDERATION if _finite(scores.get(k))]
     tested = {k: tests[k] for k in fed if k in tests and math.isfinite(tests[k].p)}
     level = cfg.switch_alpha / max(1, len(tested))
     passing = [k for k in fed if k in tested and tested[k].p < level]
@@ -294,7 +372,7 @@ def _switch(
     return best, said, ev.p, True
 
 
-def _best(metric: str, kinds: list[str], scores: dict[str, float]) -> str:
+def _best(metric: str, kinds: Sequence[str], scores: dict[str, float]) -> str:
     """The best-scoring of ``kinds`` (the first on a tie: fine-tuned before global)."""
     best = kinds[0]
     for k in kinds[1:]:
@@ -401,32 +479,49 @@ def validate(
     y_val: np.ndarray | None,
     units: Sequence[object] | None = None,
     model_seed: int = 0,
-) -> tuple[dict[str, float], dict[str, Evidence]]:
-    """Each candidate's metric on the validation rows (NaN when it cannot be computed), and each federation
-    candidate's paired test against local-only on those rows (:mod:`edge.paired_evidence`)."""
+    grid: Sequence[float] = (),
+) -> tuple[dict[str, float], dict[str, Evidence], BlendFit | None]:
+    """Each candidate's metric on the validation rows (NaN when it cannot be computed), each federation
+    candidate's paired test against local-only on those rows (:mod:`edge.paired_evidence`), and the blend's fit
+    when ``grid`` has weights (:func:`compare`)."""
     if y_val is None or len(y_val) == 0:
-        return {k: math.nan for k in candidates}, {}
-    return compare(spec, y_val, {k: predict(spec, p, x_val, model_seed) for k, p in candidates.items()}, units)
+        return {k: math.nan for k in candidates}, {}, None
+    preds = {k: predict(spec, p, x_val, model_seed) for k, p in candidates.items()}
+    return compare(spec, y_val, preds, units, grid)
 
 
 def compare(
-    spec: ModelSpec, y_true: np.ndarray, preds: dict[str, np.ndarray], units: Sequence[object] | None = None
-) -> tuple[dict[str, float], dict[str, Evidence]]:
+    spec: ModelSpec,
+    y_true: np.ndarray,
+    preds: dict[str, np.ndarray],
+    units: Sequence[object] | None = None,
+    grid: Sequence[float] = (),
+) -> tuple[dict[str, float], dict[str, Evidence], BlendFit | None]:
     """Each candidate's metric on rows ``y_true`` from its predictions, and each federation candidate's
-    paired test against local-only on them (``units``: each row's unit, None when rows are independent)."""
+    paired test against local-only on them (``units``: each row's unit, None when rows are independent).
+
+    With a ``grid`` of weights (``[personal] blend_weights``) the blend (:mod:`edge.blend`) joins them: local-only
+    blended with the better-scoring federation candidate at the grid's best weight on these same rows."""
     y = np.asarray(y_true, dtype=np.float64).reshape(len(y_true), -1)[:, 0]
     m = metric_name(spec)
     scores = {k: score(m, y, v) for k, v in preds.items()}
+    fit = None
+    fed = [k for k in ("fine_tuned", "global") if k in preds and _finite(scores[k])]
+    if grid and fed and _finite(scores.get("local")):
+        of = _best(m, fed, scores)
+        fit = BlendFit(best_weight(m, y, preds["local"], preds[of], grid), of)
+        preds = {**preds, blend.KIND: mix(fit.weight, preds["local"], preds[of])}
+        scores[blend.KIND] = score(m, y, preds[blend.KIND])
     tests: dict[str, Evidence] = {}
     if "local" in preds:
-        for k in ("fine_tuned", "global"):
+        for k in FEDERATION:
             if k in preds:
                 tests[k] = (
                     auc_evidence(y, preds[k], preds["local"])
                     if m == "roc_auc"
                     else mse_evidence(y, preds[k], preds["local"], units)
                 )
-    return scores, tests
+    return scores, tests, fit
 
 
 class Personaliser:
@@ -455,8 +550,8 @@ class Personaliser:
         train_units: int | None = None,
         train_groups: Sequence[object] | None = None,
         split: str = "random",
-    ) -> tuple[dict[str, np.ndarray], Choice]:
-        """The parameters the line serves and the choice, for this global model and these rows.
+    ) -> tuple[Served, Choice]:
+        """What the line serves and the choice, for this global model and these rows.
 
         ``val_units``: each validation row's unit and ``train_units`` the number of units in the training
         rows (``[dataset] group_column``); None when rows are independent. ``train_groups`` (each training
@@ -472,7 +567,9 @@ class Personaliser:
         }
         if self.local is not None:
             candidates["local"] = self.local
-        scores, tests = validate(self.spec, candidates, x_val, y_val, val_units, self.model_seed)
+        scores, tests, fit = validate(
+            self.spec, candidates, x_val, y_val, val_units, self.model_seed, self.cfg.blend_weights
+        )
         evidence = local_evidence(self.spec, y, len(x), train_units)
         folds = None
         if (
@@ -484,8 +581,12 @@ class Personaliser:
         ):
             folds = self.fold_evidence(global_params, candidates, x, y, x_val, y_val, val_units, train_groups, split)
         self.folds = folds
-        self.choice = pick(self.spec, scores, y_val, self.cfg, evidence, tests, val_units, folds)
-        return candidates[self.choice.kind], self.choice
+        self.choice = pick(self.spec, scores, y_val, self.cfg, evidence, tests, val_units, folds, fit)
+        served = served_of(candidates, self.choice)
+        if self.choice.validation_metric is None and y_val is not None and len(y_val):  # a blend the folds chose
+            y1 = np.asarray(y_val, dtype=np.float64).reshape(len(y_val), -1)[:, 0]
+            self.choice.validation_metric = score(self.choice.metric, y1, served.predict(self.spec, x_val))
+        return served, self.choice
 
     def fold_evidence(
         self,
@@ -538,13 +639,11 @@ class Personaliser:
                 units += (
                     list(val_units) if val_units is not None else [f"validation row {i}" for i in range(len(y_val))]
                 )
-        scores, tests = compare(self.spec, y_all, oof, units)
+        scores, tests, fit = compare(self.spec, y_all, oof, units, self.cfg.fold_blend_weights)
         n_units = len(set(units)) if units is not None else len(y_all)
-        return FoldEvidence(scores, tests, len(y_all), n_units, k)
+        return FoldEvidence(scores, tests, len(y_all), n_units, k, fit)
 
-    def choose_from(
-        self, dataset: Dataset, global_params: dict[str, np.ndarray]
-    ) -> tuple[dict[str, np.ndarray], Choice]:
+    def choose_from(self, dataset: Dataset, global_params: dict[str, np.ndarray]) -> tuple[Served, Choice]:
         """:meth:`choose` on the site's stored rows: training and validation rows with their units."""
         x, y, units = dataset.arrays_with_units()
         x_val, y_val, val_units = dataset.arrays_with_units(holdout=True)

@@ -43,7 +43,12 @@ def export_onnx(model: nn.Module, spec: ModelSpec) -> bytes:
     (an agent and an aggregator in one process, or two agents in a test, export
     from worker threads).
     """
-    scorer = Scorer(copy.deepcopy(unwrap(model)).cpu().float(), spec).eval()
+    return export_scorer(Scorer(copy.deepcopy(unwrap(model)).cpu().float(), spec).eval(), spec)
+
+
+def export_scorer(scorer: nn.Module, spec: ModelSpec) -> bytes:
+    """Serialise a module that already scores as the line does (a :class:`Scorer`, or a blend of two,
+    ``edge.blend_export``) to ONNX bytes with the contract above; thread-safe like :func:`export_onnx`."""
     example = torch.zeros((2, *spec.input_shape), dtype=torch.float32)
     buf = io.BytesIO()
     with _EXPORT_LOCK, warnings.catch_warnings(record=True) as raised:

@@ -154,6 +154,9 @@ class Loader:
             "metric": served.get("metric"),
             "validation_metric": served.get("validation_metric"),
             "reason": served.get("reason"),
+            # a blend (edge/blend.py): the local-only model's share w and the federation model it is blended with
+            "weight": served.get("weight"),
+            "blend_of": served.get("blend_of"),
         }
         v = served.get("validation_metric")
         if isinstance(v, (int, float)):

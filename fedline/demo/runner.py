@@ -487,6 +487,8 @@ def build_report(
                 "metric_federated": fed.get(s.site),
                 "metric_served": served.get(s.site, {}).get("metric"),
                 "served_kind": served.get(s.site, {}).get("kind"),
+                # a blend's local-only share w (edge/blend.py); None when one candidate is served
+                "served_weight": (served.get(s.site, {}).get("choice") or {}).get("weight"),
                 "served": served.get(s.site, {}).get("choice"),
                 "metric_central": central[i],
                 "rows_validation": int(data.validation_mask(s).sum()),

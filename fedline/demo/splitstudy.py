@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from models.metrics import better
+from models.metrics import better, score
 
 
 def _one_split(
@@ -44,8 +44,9 @@ def _one_split(
     batch_fraction: float,
     absent: dict[str, tuple[int, int]],
     encoding: str = "float32",
-) -> dict[str, dict[str, Any]]:
-    """Local-only, federated (global) and served metric of every site on one split."""
+) -> tuple[dict[str, dict[str, Any]], dict[str, float]]:
+    """Local-only, federated (global) and served metric of every site on one split, and the global model's
+    metric on the split's pooled held-out rows (with the pooled labels' standard deviation: regression's bar)."""
     import torch
 
     from edge.config import PrivacyConfig, TrainingConfig
@@ -111,14 +112,22 @@ def _one_split(
         out[s.site] = {
             "local": evaluate(data, lambda z, q=local: predict(spec, q, z), i),
             "federated": evaluate(data, lambda z: predict(spec, fed.params, z), i),
-            "served": evaluate(data, lambda z, q=served: predict(spec, q, z), i),
+            "served": evaluate(data, lambda z, q=served: q.predict(spec, z), i),
             "served_kind": choice.kind,
+            "served_weight": choice.weight,  # a blend's local-only share (edge/blend.py), else None
             "served_rule": choice.rule,  # which rule of the pick decided (edge/personal.py RULES)
             "served_p": choice.p,  # the paired test's p it rested on (validation, or training folds + validation)
             "validation": choice.to_dict()["candidates"],  # what the pick saw (on the validation rows)
             "epsilon": fed.epsilon.get(s.site, 0.0),
         }
-    return out
+    x_all = np.concatenate([data.normalise(s.x_test) for s in data.sites])
+    y_all = np.concatenate([s.y_test for s in data.sites])
+    pred = predict(spec, fed.params, x_all)
+    pooled = {
+        "federated": float(score(data.metric, y_all, pred if data.task == "classification" else data.untarget(pred))),
+        "label_std": float(np.std(y_all)),
+    }
+    return out, pooled
 
 
 def sign_test_p(wins: int, n: int) -> float:
@@ -150,6 +159,9 @@ def summarise(metric: str, per_split: list[dict[str, dict[str, float]]]) -> dict
         served_wins = sum(better(metric, v, loc) for v, loc in served)
         served_gains = [sign * (v - loc) for v, loc in served]
         kinds: list[str] = [str(r[site]["served_kind"]) for r in per_split if site in r and r[site].get("served_kind")]
+        weights: list[float] = [
+            float(r[site]["served_weight"]) for r in per_split if site in r and r[site].get("served_weight") is not None
+        ]
         rules: list[str] = [str(r[site]["served_rule"]) for r in per_split if site in r and r[site].get("served_rule")]
         sites[site] = {
             "splits": len(pairs),
@@ -167,6 +179,8 @@ def summarise(metric: str, per_split: list[dict[str, dict[str, float]]]) -> dict
             "served_losses": sum(g < 0 for g in served_gains),
             "worst_served_gain": float(min(served_gains)) if served else math.nan,
             "served_kinds": {k: kinds.count(k) for k in sorted(set(kinds))},
+            # the blends' local-only shares w (edge/blend.py): how many splits served each
+            "served_weights": {f"{w:g}": weights.count(w) for w in sorted(set(weights))},
             "served_rules": {k: rules.count(k) for k in sorted(set(rules))},
         }
     return sites
@@ -195,12 +209,13 @@ def run_split_study(
     workers = max(1, min(k, workers or min(2, os.cpu_count() or 1)))
     t = asdict(tuning)
     results: dict[int, dict[str, dict[str, float]]] = {}
+    pooled: dict[int, dict[str, float]] = {}
     with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
         futures = {
             pool.submit(_one_split, load_kwargs, seed, t, batch_fraction, absent, encoding): seed for seed in range(k)
         }
         for fut in as_completed(futures):
-            results[futures[fut]] = fut.result()
+            results[futures[fut]], pooled[futures[fut]] = fut.result()
             if on_split is not None:
                 on_split(futures[fut], results[futures[fut]])
     per_split = [results[seed] for seed in range(k)]
@@ -212,6 +227,11 @@ def run_split_study(
         "missed in the run), each site's served model picked by the edge's own code on its validation "
         "rows, against the report's local-only training",
         "absent_rounds": {site: list(v) for site, v in absent.items()},
-        "per_split": [{"split_seed": i, "sites": r} for i, r in enumerate(per_split)],
+        "per_split": [{"split_seed": i, "sites": r, "pooled": pooled[i]} for i, r in enumerate(per_split)],
         "sites": summarise(metric, per_split),
+        # the global model on each split's pooled held-out rows: what "the federation learns" is judged on
+        "pooled": {
+            "mean_federated": float(np.mean([pooled[i]["federated"] for i in range(k)])),
+            "mean_label_std": float(np.mean([pooled[i]["label_std"] for i in range(k)])),
+        },
     }

@@ -39,12 +39,19 @@ def assert_served_is_what_the_line_loads(tmp_path: Path, rep: dict, site: dict) 
     d = tmp_path / "run" / "sites" / site["site"] / "models"
     ptr = read_pointer(d)
     assert ptr is not None and ptr.meta["served"]["kind"] == site["served_kind"]
-    assert site["served_kind"] in ("local", "global", "fine_tuned")
+    assert site["served_kind"] in ("local", "global", "fine_tuned", "blend")
     from edge.personal import RULES
 
-    assert ptr.meta["served"]["rule"] in RULES  # the line's status names the rule that decided
-    v = ptr.meta["served"]["validation_metric"]
-    assert v is None or v == pytest.approx(ptr.meta["served"]["candidates"][site["served_kind"]])
+    served = ptr.meta["served"]
+    assert served["rule"] in RULES  # the line's status names the rule that decided
+    assert site["served_weight"] == served["weight"]  # report.json names the blend's weight, None otherwise
+    if site["served_kind"] == "blend":  # one ONNX of both models: the weight and partner are in its pointer
+        assert 0 < served["weight"] < 1 and served["blend_of"] in ("global", "fine_tuned")
+    else:
+        assert served["weight"] is None
+    v = served["validation_metric"]
+    if served["rule"] != "too_small_folds_blended":  # the folds' blend weight may differ from validation's best
+        assert v is None or v == pytest.approx(served["candidates"][site["served_kind"]])
     src = rep["data"]
     data = load_demo_data(None if "ai4i2020" in src["source"] else src["source"], **rep["load"])
     s = data.site(site["site"])
@@ -133,16 +140,18 @@ def test_shortened_ai4i_demo(tmp_path):
     for r in study["per_split"]:
         assert set(r["sites"]) == {"L1", "L2", "M", "H"}
         for v in r["sites"].values():
-            assert 0 < v["epsilon"] <= 8.0 and v["served_kind"] in ("local", "global", "fine_tuned")
+            assert 0 < v["epsilon"] <= 8.0 and v["served_kind"] in ("local", "global", "fine_tuned", "blend")
             # the served model is one of the three candidates: its score is theirs when it is local or global
             if v["served_kind"] in ("local", "global"):
                 assert v["served"] == pytest.approx(v["local" if v["served_kind"] == "local" else "federated"])
     rules = study["sites"]["H"]["served_rules"]  # too few validation failures to decide: the folds decided
-    assert sum(rules.values()) == 2 and set(rules) <= {"too_small_folds_kept_local", "too_small_folds_switched"}
-    for r in study["per_split"]:  # the switching rule's level: switch_alpha 0.2 shared by the two candidates
+    assert sum(rules.values()) == 2 and set(rules) <= {"too_small_folds_kept_local", "too_small_folds_blended"}
+    for r in study["per_split"]:  # on its folds H serves the 0.75 blend (fold_blend_weights) or keeps local-only
         h_split = r["sites"]["H"]
-        switched = h_split["served_rule"] == "too_small_folds_switched"
-        assert h_split["served_p"] is not None and (h_split["served_p"] < 0.1) == switched, h_split
+        blended = h_split["served_rule"] == "too_small_folds_blended"
+        assert (h_split["served_kind"], h_split["served_weight"]) == (("blend", 0.75) if blended else ("local", None))
+        if not blended:
+            assert h_split["served"] == pytest.approx(h_split["local"])
     # two splits cannot show a gain at p < 0.05 (the best a sign test of 2 can say is p = 0.25): the claim fails
     assert study["sites"]["H"]["served_sign_test_p"] >= 0.25 and checks["smallest_site_served_gains"] is False
     assert "split study" in out
@@ -234,7 +243,10 @@ def test_bring_your_own_regression_csv_reports_rmse(tmp_path):
         held = {r["machine"] for r in site_rows} - given
         assert held and sum(r["machine"] in held for r in site_rows) == s["rows_test"]
     assert "units " in (tmp_path / "report" / "report.md").read_text()  # the report names the held-out machines
-    assert rep["checks"]["federation_learns"] is (rep["metric_federated_pooled"] < rep["label_std_pooled"])
+    pooled = rep["split_study"]["pooled"]  # judged like the other accuracy claims: on the study's splits
+    per = [r["pooled"] for r in rep["split_study"]["per_split"]]
+    assert pooled["mean_federated"] == pytest.approx(sum(p["federated"] for p in per) / len(per))
+    assert rep["checks"]["federation_learns"] is (pooled["mean_federated"] < pooled["mean_label_std"])
     assert "RMSE (lower is better)" in (tmp_path / "report" / "report.md").read_text()
     for r in rep["split_study"]["per_split"]:  # RMSE in the label's unit, for both models
         for v in r["sites"].values():  # local-only learns the formula (as in the run); 3 versions are few

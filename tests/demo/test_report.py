@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from fedline.demo.report import compute_checks, write_report
+from fedline.demo.report import compute_checks, render_markdown, write_report
 
 
 def _site(name, rows, local, fed, eps=5.0, sent=4, applied=4, stale=0, pending=0, intermittent=False):
@@ -199,6 +199,21 @@ def test_rmse_claims_are_in_the_right_direction(report):
     assert compute_checks(r)["smallest_site_served_gains"] is True
     r["metric_federated_pooled"] = 41.0  # worse than predicting the mean
     assert compute_checks(r)["federation_learns"] is False
+
+
+def test_federation_learns_is_judged_on_the_study_when_it_ran(report):
+    """A live run stopped by the clock at 0.814 does not decide the claim when the study's splits say 0.88."""
+    r = copy.deepcopy(report)
+    r["metric_federated_pooled"] = 0.814
+    assert compute_checks(r)["federation_learns"] is False  # no study: the live run decides
+    r["split_study"] = _study("roc_auc", TEN)
+    r["split_study"]["pooled"] = {"mean_federated": 0.88, "mean_label_std": 0.2}
+    assert compute_checks(r)["federation_learns"] is True
+    r["split_study"]["pooled"]["mean_federated"] = 0.849
+    assert compute_checks(r)["federation_learns"] is False
+    r["checks"] = compute_checks(r)
+    md = render_markdown(r)
+    assert "mean over the split study's splits" in md and "0.849" in md and "0.814" in md
 
 
 def test_split_study_rmse_gain_is_the_drop_in_error():

@@ -24,7 +24,7 @@ def test_study_only_runs_the_split_study_and_judges_its_claims(tmp_path: Path) -
     assert study["splits"] == 2 and study["absent_rounds"] == {"L2": [1, 3]}  # the two versions after the cut
     assert set(study["sites"]) == {"L1", "L2", "M", "H"}
     for s in study["per_split"]:
-        assert all(v["served_kind"] in ("local", "global", "fine_tuned") for v in s["sites"].values())
+        assert all(v["served_kind"] in ("local", "global", "fine_tuned", "blend") for v in s["sites"].values())
     assert doc["checks"] == study_claims("roc_auc", study["sites"], "L1")
     # two splits cannot show a gain at p < 0.05 (a sign test of 2 says at best p = 0.25): exit status 1
     assert doc["checks"]["smallest_site_served_gains"] is False and r.returncode == 1, r.stdout[-2000:]

@@ -140,11 +140,13 @@ def test_personaliser_serves_the_local_model_where_the_global_one_is_wrong_for_t
     x, y = _task(600, True, rng)
     xv, yv = _task(200, True, rng)
     p = Personaliser(cfg, CLS)
-    params, choice = p.choose(global_params, x, y, xv, yv)
+    served, choice = p.choose(global_params, x, y, xv, yv)
     assert choice.kind == "local" and choice.validation_metric > 0.95
     assert choice.candidates["global"] < 0.1  # the federation's model ranks this plant's rows backwards
-    assert set(params) == set(global_params) and p.local_rows == 600
-    again_params, again = p.choose(global_params, x, y, xv, yv)  # same rows: the local model is kept
+    ((w, params),) = served.parts
+    assert w == 1.0 and set(params) == set(global_params) and p.local_rows == 600
+    again_served, again = p.choose(global_params, x, y, xv, yv)  # same rows: the local model is kept
+    again_params = again_served.parts[0][1]
     assert again.kind == "local" and all(np.array_equal(again_params[k], params[k]) for k in params)
 
 
@@ -159,11 +161,19 @@ def test_personaliser_fine_tunes_the_global_model_where_the_plant_has_few_rows()
     global_params = train_local_only(CLS, xg, yg, cfg)
     x, y = _task(12, False, rng)
     xv, yv = _task(20, False, rng)  # 20 validation rows: too few to decide
-    _, choice = Personaliser(cfg, CLS).choose(global_params, x, y, xv, yv)
+    p = Personaliser(cfg, CLS)
+    served, choice = p.choose(global_params, x, y, xv, yv)
+    # 12 training rows (< 30 of each class): their folds join the evidence; on 12 + 20 rows the blend of
+    # 0.75 x local-only and 0.25 x the better federation model scores above local-only: the blend is served
+    assert (choice.kind, choice.rule, choice.weight) == ("blend", "too_small_folds_blended", 0.75)
+    assert "too small" in choice.reason and p.folds is not None and p.folds.blend is not None
+    assert p.folds.scores["blend"] > p.folds.scores["local"] and choice.blend_of == p.folds.blend.of
+    assert [w for w, _ in served.parts] == [0.75, 0.25]
+    assert choice.validation_metric is not None  # the served blend scored on the 20 validation rows
+    # without the fold blend (the eighth pass): the federation's model alone, shown better on the pool
+    choice = Personaliser(replace(cfg, fold_blend_weights=()), CLS).choose(global_params, x, y, xv, yv)[1]
     assert choice.kind == "fine_tuned" and "too small" in choice.reason
     assert choice.candidates["fine_tuned"] > 0.9  # still the federation's good model, adapted a little
-    # 12 training rows (< 30 of each class): their folds join the evidence, and on 12 + 20 rows the
-    # federation's model is shown better than a local-only model of a few rows (both tested: each at 0.1)
     assert choice.rule == "too_small_folds_switched" and choice.p is not None and choice.p < 0.1
     blind = Personaliser(replace(cfg, cross_folds=0), CLS).choose(global_params, x, y, xv, yv)[1]
     assert (blind.kind, blind.rule) == ("fine_tuned", "too_small_fine_tuned")  # folds off: the rule

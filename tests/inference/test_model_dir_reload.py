@@ -241,11 +241,16 @@ async def test_the_line_reports_which_model_its_site_picked(tmp_path: Path) -> N
         served = {"kind": "fine_tuned", "metric": "roc_auc", "validation_metric": 0.9312, "reason": "too small"}
         publish_model(models, linear_onnx(TRUE_W * 1.1, TRUE_B), 2, served=served)
         await eventually(lambda: service.current_version() == 2)
-        assert service.stats.served == served
+        assert service.stats.served == {**served, "weight": None, "blend_of": None}
         text = service.metrics.registry.get_sample_value(
             "fedline_infer_served_validation_metric", {"kind": "fine_tuned", "metric": "roc_auc"}
         )
         assert text == 0.9312
+        # a blend of local-only and the global model (edge/blend.py): the status names its weight and partner
+        mixed = {**served, "kind": "blend", "validation_metric": 0.95, "weight": 0.25, "blend_of": "global"}
+        publish_model(models, linear_onnx(TRUE_W * 1.05, TRUE_B), 3, served=mixed)
+        await eventually(lambda: service.current_version() == 3)
+        assert service.stats.served == mixed
     finally:
         service.stop()
         await asyncio.wait_for(task, bound(30))

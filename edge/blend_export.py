@@ -1,0 +1,48 @@
+"""The blend (:mod:`edge.blend`) as one torch module and one ONNX file, so the line hot-reloads a single model.
+
+Why one graph: the line's inference loads one ONNX file per version and knows
+nothing of candidates; a graph computing ``w * local(x) + (1 - w) * fed(x)``
+keeps that contract (input ``x``, output ``y``), and the line's status reads
+the kind and ``w`` from the file's metadata (``served``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from edge.personal import Served, build
+from models import Scorer, export_onnx
+from models.export import export_scorer
+from models.spec import ModelSpec
+
+
+class BlendScorer(nn.Module):
+    """``w * a(x) + (1 - w) * b(x)`` of two scorers (each already the line's score: probability or value)."""
+
+    def __init__(self, a: nn.Module, b: nn.Module, w: float) -> None:
+        super().__init__()
+        self.a, self.b, self.w = a, b, float(w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w * self.a(x) + (1.0 - self.w) * self.b(x)
+
+
+def blend_scorer(spec: ModelSpec, local: nn.Module, fed: nn.Module, w: float) -> BlendScorer:
+    """The blend of two models of ``spec`` (``w``: the local-only model's share), scoring as the line does."""
+    return BlendScorer(Scorer(local, spec), Scorer(fed, spec), w).eval()
+
+
+def export_blend(spec: ModelSpec, local: nn.Module, fed: nn.Module, w: float) -> bytes:
+    """The blend as one ONNX graph with the line's contract: both models and the weight inside."""
+    return export_scorer(blend_scorer(spec, local, fed, w), spec)
+
+
+def export_served(spec: ModelSpec, served: Served, model_seed: int = 0) -> bytes:
+    """The line's ONNX for what the pick serves: one candidate as it is, a blend of two as one graph."""
+    if len(served.parts) == 1:
+        return export_onnx(build(spec, served.parts[0][1], model_seed), spec)
+    if len(served.parts) != 2 or abs(sum(w for w, _ in served.parts) - 1.0) > 1e-9:
+        raise ValueError(f"a blend has two parts whose weights sum to 1, got {[w for w, _ in served.parts]}")
+    (w, local), (_, fed) = served.parts
+    return export_blend(spec, build(spec, local, model_seed), build(spec, fed, model_seed), w)
