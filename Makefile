@@ -95,4 +95,4 @@ fuzz: venv
 	$(BIN)/python fuzz/run.py $(FUZZ_ARGS)
 
 clean:
-	rm -rf $(VENV) demo-report .fedline-run .pytest_cache .hypothesis
+	rm -rf $(VENV) demo-report demo-report-cmapss .fedline-run .pytest_cache .hypothesis
