@@ -37,7 +37,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from aggregator import robust
+from aggregator import robust, scaled_sum
 from broker_bridge.quantised import Int8Delta
 
 State = dict[str, np.ndarray]
@@ -75,8 +75,13 @@ def linear_combination(deltas: Sequence[Mapping[str, np.ndarray]], coefficients:
     if len(deltas) != len(coefficients) or not deltas:
         raise ValueError("need one coefficient per delta, and at least one delta")
     out: State = {}
+    int8 = any(isinstance(d, Int8Delta) for d in deltas)
     for name in deltas[0]:
         acc = np.zeros(_shape(deltas[0], name), dtype=np.float32)
+        if not int8:  # one cache-blocked pass, clip scales folded in (aggregator.scaled_sum): the same floats
+            scaled_sum.weighted_sum_into(acc, [scaled_sum.term(d, name, c) for d, c in zip(deltas, coefficients)])
+            out[name] = acc
+            continue
         for d, c in zip(deltas, coefficients):
             if isinstance(d, Int8Delta):  # straight from the int8 values, no float32 delta
                 d.add_to(acc, name, c)
@@ -119,6 +124,8 @@ def _stack(deltas: Sequence[Mapping[str, np.ndarray]], name: str) -> np.ndarray:
     for row, d in zip(out, deltas):
         if isinstance(d, Int8Delta):
             d.dequantise_into(row, name)
+        elif isinstance(d, scaled_sum.Scaled):  # a clipped delta scaled straight into its row: no copy of it
+            np.multiply(d.delta[name], np.float32(d.scale), out=row)
         else:
             row[...] = d[name]
     return out
