@@ -38,6 +38,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from aggregator import robust
+from broker_bridge import quantised
 from broker_bridge.quantised import Int8Delta
 
 State = dict[str, np.ndarray]
@@ -75,6 +76,9 @@ def linear_combination(deltas: Sequence[Mapping[str, np.ndarray]], coefficients:
     if len(deltas) != len(coefficients) or not deltas:
         raise ValueError("need one coefficient per delta, and at least one delta")
     out: State = {}
+    if all(isinstance(d, Int8Delta) for d in deltas):  # every delta int8: all K at once, a chunk at a time
+        int8 = [d for d in deltas if isinstance(d, Int8Delta)]
+        return {name: quantised.combine(int8, coefficients, name, _shape(int8[0], name)) for name in int8[0]}
     for name in deltas[0]:
         acc = np.zeros(_shape(deltas[0], name), dtype=np.float32)
         for d, c in zip(deltas, coefficients):

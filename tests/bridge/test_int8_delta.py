@@ -100,3 +100,28 @@ def test_a_tensor_of_one_partial_block_takes_the_same_arithmetic() -> None:
     np.testing.assert_array_equal(acc, [2.5, 0.0, 64.5])
     empty = quantised.read({"e": np.zeros(0, np.int8), "e#scale": np.zeros(0, np.float32)}, "int8")
     assert isinstance(empty, Int8Delta) and empty.norm() == 0.0
+
+
+def test_combine_sums_the_deltas_by_hand_and_bit_for_bit_as_adding_them_one_by_one() -> None:
+    """Σ c_i Δ_i of the by-hand delta: 2 · (it) + 0.5 · (it at factor 0.5); then many chunks, K = 12."""
+    d = _delta()
+    out = quantised.combine([d, d.scaled(0.5)], [2.0, 0.5], "w", (1030,))
+    want = np.zeros(1030, np.float32)  # 2 · x + 0.25 · x = 2.25 · x (powers of two: exact)
+    want[[0, 1, 1023, 1024, 1029]] = [3.375, -2.25, 142.875, -0.5625, 2.8125]
+    np.testing.assert_array_equal(out, want)
+    rng = np.random.default_rng(8)
+    n = 70 * 1024 + 300  # more than one chunk of the K rows, and a partial block
+    deltas = []
+    for i in range(12):
+        q = rng.integers(-127, 128, n).astype(np.int8)
+        steps = rng.uniform(0, 0.01, quantised.n_blocks(n)).astype(np.float32)
+        read = quantised.read({"w": q, "w#scale": steps}, "int8")
+        assert isinstance(read, Int8Delta)
+        deltas.append(read.scaled(0.5 + i / 24))
+    coefficients = list(rng.uniform(0, 1, 12))
+    one_by_one = np.zeros(n, np.float32)
+    for delta, c in zip(deltas, coefficients):
+        delta.add_to(one_by_one, "w", c)
+    np.testing.assert_array_equal(quantised.combine(deltas, coefficients, "w", (n,)), one_by_one)
+    with pytest.raises(ValueError, match="one coefficient per delta"):
+        quantised.combine(deltas, coefficients[:3], "w", (n,))
