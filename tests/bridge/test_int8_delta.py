@@ -102,8 +102,9 @@ def test_a_tensor_of_one_partial_block_takes_the_same_arithmetic() -> None:
     assert isinstance(empty, Int8Delta) and empty.norm() == 0.0
 
 
-def test_combine_sums_the_deltas_by_hand_and_bit_for_bit_as_adding_them_one_by_one() -> None:
-    """Σ c_i Δ_i of the by-hand delta: 2 · (it) + 0.5 · (it at factor 0.5); then many chunks, K = 12."""
+def test_combine_sums_the_deltas_by_hand_and_as_adding_them_one_by_one() -> None:
+    """Σ c_i Δ_i of the by-hand delta: 2 · (it) + 0.5 · (it at factor 0.5); then many chunks, K = 12, against
+    float64 sums of q · s (within float32 rounding) and the same bits for the same inputs."""
     d = _delta()
     out = quantised.combine([d, d.scaled(0.5)], [2.0, 0.5], "w", (1030,))
     want = np.zeros(1030, np.float32)  # 2 · x + 0.25 · x = 2.25 · x (powers of two: exact)
@@ -119,9 +120,21 @@ def test_combine_sums_the_deltas_by_hand_and_bit_for_bit_as_adding_them_one_by_o
         assert isinstance(read, Int8Delta)
         deltas.append(read.scaled(0.5 + i / 24))
     coefficients = list(rng.uniform(0, 1, 12))
-    one_by_one = np.zeros(n, np.float32)
+    exact = np.zeros(n)
     for delta, c in zip(deltas, coefficients):
-        delta.add_to(one_by_one, "w", c)
-    np.testing.assert_array_equal(quantised.combine(deltas, coefficients, "w", (n,)), one_by_one)
+        q, steps = (np.asarray(x, np.float64) for x in delta._parts["w"])
+        exact += c * delta.factor * q * np.repeat(steps, 1024)[:n]
+    got = quantised.combine(deltas, coefficients, "w", (n,))
+    np.testing.assert_allclose(got, exact, rtol=0, atol=4e-7 * np.abs(exact).max())
+    np.testing.assert_array_equal(quantised.combine(deltas, coefficients, "w", (n,)), got)  # deterministic
     with pytest.raises(ValueError, match="one coefficient per delta"):
         quantised.combine(deltas, coefficients[:3], "w", (n,))
+
+
+def test_dequantise_into_with_a_coefficient_writes_the_scaled_row_by_hand() -> None:
+    """A row of the median's stack: 0.5 · (the delta at factor 0.5) = 0.25 · q · s, in one pass."""
+    row = np.full(1030, np.nan, np.float32)
+    _delta().scaled(0.5).dequantise_into(row, "w", 0.5)
+    want = np.zeros(1030, np.float32)
+    want[[0, 1, 1023, 1024, 1029]] = [0.375, -0.25, 15.875, -0.0625, 0.3125]
+    np.testing.assert_array_equal(row, want)
