@@ -202,20 +202,23 @@ def block_sums_of_squares(q: np.ndarray) -> np.ndarray:
     """``S_b = Σ_{j in block b} q_j²`` per block of the flat int8 ``q``, exact (float64 of integers).
 
     Exact although summed in float32: every partial sum is an integer of at most 1,024 · 127² < 2^24.
+    One ``reduceat`` per cache-sized chunk sums its whole blocks and a partial last one alike: about half
+    the CPU of a sum per block for the small tensors of a small model, and no slower at 1M values.
     """
     flat = q.reshape(-1)
     out = np.empty(n_blocks(flat.size), np.float64)
     buf = _buffer()
-    for lo, hi in _chunks(flat.size):
+    chunk = CHUNK_BLOCKS * BLOCK
+    for lo in range(0, flat.size, chunk):
+        hi = min(flat.size, lo + chunk)
         b = buf[: hi - lo]
         b[:] = flat[lo:hi]  # exact: int8 fits float32
-        if (hi - lo) % BLOCK == 0:
-            rows = b.reshape(-1, BLOCK)
-            # one fused multiply-and-sum per block (no squared copy): 0.65 against 0.85 ms per 1M values
-            out[lo // BLOCK : hi // BLOCK] = np.einsum("ij,ij->i", rows, rows)
-        else:
-            out[lo // BLOCK] = float(np.dot(b, b))
+        np.multiply(b, b, out=b)
+        out[lo // BLOCK : lo // BLOCK + n_blocks(hi - lo)] = np.add.reduceat(b, _BLOCK_STARTS[: n_blocks(hi - lo)])
     return out
+
+
+_BLOCK_STARTS = np.arange(0, CHUNK_BLOCKS * BLOCK, BLOCK)  # where each block of a chunk starts
 
 
 class Int8Delta(Mapping[str, np.ndarray]):
@@ -338,35 +341,34 @@ def combine(
         raise ValueError("need one coefficient per delta, and at least one delta")
     out = np.zeros(shape, np.float32)
     flat = out.reshape(-1)
+    if not flat.size:
+        return out
     qs = [d._parts[name][0].reshape(-1) for d in deltas]
+    coef = np.stack([d.coefficients(name, c) for d, c in zip(deltas, coefficients)])  # (K, blocks)
     full = flat.size // BLOCK * BLOCK
     if full:
-        k = len(deltas)
-        coef = np.stack([d.coefficients(name, c) for d, c in zip(deltas, coefficients)])  # (K, blocks)
-        step = max(1, min(CHUNK_BLOCKS, STACK_VALUES // (BLOCK * k))) * BLOCK
-        scratch: np.ndarray | None = getattr(_stack_scratch, "buf", None)
-        if scratch is None or scratch.size < k * step:
-            scratch = _stack_scratch.buf = np.empty(k * step, np.float32)
-        for lo in range(0, full, step):
-            hi = min(full, lo + step)
-            rows = scratch[: k * (hi - lo)].reshape(k, hi - lo)
-            for row, q in zip(rows, qs):
-                row[:] = q[lo:hi]  # exact: int8 fits float32
-            blocks = (hi - lo) // BLOCK
-            weights = np.ascontiguousarray(coef[:, lo // BLOCK : hi // BLOCK].T)[:, None, :]  # (blocks, 1, K)
-            values = rows.reshape(k, blocks, BLOCK).transpose(1, 0, 2)  # (blocks, K, BLOCK): no copy
-            np.matmul(weights, values, out=flat[lo:hi].reshape(blocks, 1, BLOCK))
-    if full < flat.size:  # the partial last block: the loop itself
-        for d, c in zip(deltas, coefficients):
-            _add_tail(flat[full:], d, name, c, full)
+        _combine_blocks(flat[:full], [q[:full] for q in qs], coef)
+    if full < flat.size:  # the partial last block (a bias, say): one product of the K coefficients and rows
+        flat[full:] = coef[:, -1] @ np.stack([q[full:] for q in qs]).astype(np.float32)
     return out
 
 
-def _add_tail(acc: np.ndarray, delta: Int8Delta, name: str, coefficient: float, start: int) -> None:
-    """``acc += coefficient · delta[name][start:]`` for the values past the last full block (one block step)."""
-    q, steps = delta._parts[name]
-    coef = np.float32(float(steps[start // BLOCK]) * (coefficient * delta.factor))
-    acc += coef * q.reshape(-1)[start:].astype(np.float32)
+def _combine_blocks(flat: np.ndarray, qs: Sequence[np.ndarray], coef: np.ndarray) -> None:
+    """``flat = Σ_i coef[i, b] · qs[i]`` per whole block ``b``, a cache-sized chunk of the K rows at a time."""
+    k = len(qs)
+    step = max(1, min(CHUNK_BLOCKS, STACK_VALUES // (BLOCK * k))) * BLOCK
+    scratch: np.ndarray | None = getattr(_stack_scratch, "buf", None)
+    if scratch is None or scratch.size < k * step:
+        scratch = _stack_scratch.buf = np.empty(k * step, np.float32)
+    for lo in range(0, flat.size, step):
+        hi = min(flat.size, lo + step)
+        rows = scratch[: k * (hi - lo)].reshape(k, hi - lo)
+        for row, q in zip(rows, qs):
+            row[:] = q[lo:hi]  # exact: int8 fits float32
+        blocks = (hi - lo) // BLOCK
+        weights = np.ascontiguousarray(coef[:, lo // BLOCK : hi // BLOCK].T)[:, None, :]  # (blocks, 1, K)
+        values = rows.reshape(k, blocks, BLOCK).transpose(1, 0, 2)  # (blocks, K, BLOCK): no copy
+        np.matmul(weights, values, out=flat[lo:hi].reshape(blocks, 1, BLOCK))
 
 
 # --------------------------------------------------------------------------- the global model as int8 steps

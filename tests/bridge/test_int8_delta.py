@@ -110,6 +110,9 @@ def test_combine_sums_the_deltas_by_hand_and_as_adding_them_one_by_one() -> None
     want = np.zeros(1030, np.float32)  # 2 · x + 0.25 · x = 2.25 · x (powers of two: exact)
     want[[0, 1, 1023, 1024, 1029]] = [3.375, -2.25, 142.875, -0.5625, 2.8125]
     np.testing.assert_array_equal(out, want)
+    bias = quantised.read({"b": np.array([3, -2, 127], np.int8), "b#scale": np.array([0.5], np.float32)}, "int8")
+    assert isinstance(bias, Int8Delta)  # less than one block: 1 · x + 0.5 · x with x = 1.5, -1.0, 63.5
+    np.testing.assert_array_equal(quantised.combine([bias, bias], [1.0, 0.5], "b", (3,)), [2.25, -1.5, 95.25])
     rng = np.random.default_rng(8)
     n = 70 * 1024 + 300  # more than one chunk of the K rows, and a partial block
     deltas = []
