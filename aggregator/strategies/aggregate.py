@@ -38,6 +38,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from aggregator import robust, scaled_sum
+from broker_bridge import quantised
 from broker_bridge.quantised import Int8Delta
 
 State = dict[str, np.ndarray]
@@ -75,10 +76,13 @@ def linear_combination(deltas: Sequence[Mapping[str, np.ndarray]], coefficients:
     if len(deltas) != len(coefficients) or not deltas:
         raise ValueError("need one coefficient per delta, and at least one delta")
     out: State = {}
-    int8 = any(isinstance(d, Int8Delta) for d in deltas)
+    if all(isinstance(d, Int8Delta) for d in deltas):  # every delta int8: all K at once, a chunk at a time
+        int8 = [d for d in deltas if isinstance(d, Int8Delta)]
+        return {name: quantised.combine(int8, coefficients, name, _shape(int8[0], name)) for name in int8[0]}
+    mixed = any(isinstance(d, Int8Delta) for d in deltas)
     for name in deltas[0]:
         acc = np.zeros(_shape(deltas[0], name), dtype=np.float32)
-        if not int8:  # one cache-blocked pass, clip scales folded in (aggregator.scaled_sum): the same floats
+        if not mixed:  # one cache-blocked pass, clip scales folded in (aggregator.scaled_sum): the same floats
             scaled_sum.weighted_sum_into(acc, [scaled_sum.term(d, name, c) for d, c in zip(deltas, coefficients)])
             out[name] = acc
             continue
@@ -103,11 +107,9 @@ def robust_combination(
         raise ValueError("need one coefficient per delta, and at least one delta")
     if statistic not in ("median", "trimmed_mean"):
         raise ValueError(f"unknown robust statistic {statistic!r} (median or trimmed_mean)")
-    c = np.asarray(coefficients, np.float32)
     out: State = {}
     for name in deltas[0]:
-        stacked = _stack(deltas, name)  # (n, *shape): c_i Δ_i in place
-        stacked *= c.reshape((-1,) + (1,) * (stacked.ndim - 1))
+        stacked = _stack(deltas, name, coefficients)  # (n, *shape): c_i Δ_i
         stat = robust.median_of(stacked) if statistic == "median" else robust.trimmed_mean_of(stacked, trim)
         out[name] = (stat * np.float32(len(deltas))).astype(np.float32)
     return out
@@ -118,16 +120,18 @@ def _shape(delta: Mapping[str, np.ndarray], name: str) -> tuple[int, ...]:
     return delta.shapes[name] if isinstance(delta, Int8Delta) else tuple(np.shape(delta[name]))
 
 
-def _stack(deltas: Sequence[Mapping[str, np.ndarray]], name: str) -> np.ndarray:
-    """``np.stack`` of the deltas' ``name`` as float32; an int8 delta is dequantised straight into its row."""
+def _stack(deltas: Sequence[Mapping[str, np.ndarray]], name: str, coefficients: Sequence[float]) -> np.ndarray:
+    """The rows ``c_i Δ_i[name]`` (float32), stacked; an int8 delta is dequantised straight into its row,
+    already scaled (one multiply per value by ``float32(c_i · f_i · s_b)``, not a pass more over the stack)."""
     out = np.empty((len(deltas), *_shape(deltas[0], name)), np.float32)
-    for row, d in zip(out, deltas):
+    for row, d, c in zip(out, deltas, coefficients):
         if isinstance(d, Int8Delta):
-            d.dequantise_into(row, name)
-        elif isinstance(d, scaled_sum.Scaled):  # a clipped delta scaled straight into its row: no copy of it
+            d.dequantise_into(row, name, c)
+        elif isinstance(d, scaled_sum.Scaled):  # clipped: s·x, then c·that, as the scaled copy was (no copy)
             np.multiply(d.delta[name], np.float32(d.scale), out=row)
+            row *= np.float32(c)
         else:
-            row[...] = d[name]
+            np.multiply(d[name], np.float32(c), out=row)
     return out
 
 
