@@ -104,7 +104,7 @@ def test_an_update_whose_headers_are_too_long_to_place_is_copied_to_aligned_memo
         delta = random_delta(core.model, np.random.default_rng(1), scale=0.1)
         by_hand = math.sqrt(sum(float(np.sum(v.astype(np.float64) ** 2)) for v in delta.values()))
         misplaced = 0
-        for extra in range(4):  # one of these lengths leaves the tensors off a multiple of 4
+        for extra in range(8):  # most of these lengths leave the tensors off a multiple of 4
             note = "x" * (PEEK_BYTES + extra)
             header = UpdateHeader("site-a", 1 + extra, f"m{extra}", 0, 10, {"epsilon": 1.0, "note": note})
             sealed = envelope.seal_update(header, delta, fed.sites["site-a"], fed.agg.public().box_pub)
@@ -120,6 +120,6 @@ def test_an_update_whose_headers_are_too_long_to_place_is_copied_to_aligned_memo
                 assert a.flags.aligned
                 np.testing.assert_array_equal(a, delta[name])
             assert op.norm == pytest.approx(by_hand, rel=1e-5)
-        assert misplaced == 3
+        assert misplaced > 0
     finally:
         core.close()
