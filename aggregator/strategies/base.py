@@ -118,9 +118,11 @@ class Strategy:
             median = statistics.median(norms)
             bound = median if bound <= 0 else min(bound, median)
         # equalised only under a coordinate-wise statistic, which selects values (a mean weighs them: a short
-        # honest delta, e.g. a small site's, keeps its smaller say there, and FLTrust rescales on its own)
+        # honest delta, e.g. a small site's, keeps its smaller say there, and FLTrust rescales on its own), and
+        # only to the buffer's median norm, never up to the [dp] worst-case bound alone (far above an honest delta)
         equalise = (
             self.cfg.norm_to_median
+            and self.cfg.clip_to_median
             and self.reduce_stat in ("median", "trimmed_mean")
             and len(updates) > 1
             and bound > 0

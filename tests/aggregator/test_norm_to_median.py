@@ -58,5 +58,13 @@ def test_the_dp_bound_caps_the_target():
     )
 
 
-def test_norm_to_median_is_the_default():
+def test_norm_to_median_is_the_default_and_needs_the_median_norm():
+    """On by default; without clip_to_median there is no median norm to rescale to: b = (0, 1) is not scaled up
+    to norm_bound = 2 (the [dp] bound is a worst case, far above an honest delta); a = (4, 3) and c are clipped
+    to 2: (1.6, 1.2), (0, 2); median (0, 1.2)."""
     assert parse(StrategyConfig, {}, where="strategy").norm_to_median is True
+    ups = [up([4.0, 3.0], "a"), up([0.0, 1.0], "b"), up([0.0, 20.0], "c")]
+    strat = FedBuff(StrategyConfig(buffer_size=3, norm_bound=2.0, clip_to_median=False), 3)
+    result = strat.reduce({"w": np.zeros(2, np.float32)}, ups, None)
+    np.testing.assert_allclose(result.model["w"], [0.0, 1.2], rtol=1e-6)
+    np.testing.assert_allclose(result.clip_scales, [0.4, 1.0, 0.1], rtol=1e-6)
