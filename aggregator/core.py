@@ -532,8 +532,8 @@ class AggregatorCore:
             step = (new_version, self.version, block, model)
         self.store.commit_version(
             new_version,
-            envelope.encode_tensors(model),
-            envelope.encode_tensors(momentum) if momentum else None,
+            envelope.tensor_parts(model),  # written from the arrays, no joined copy
+            envelope.tensor_parts(momentum) if momentum else None,
             lineage,
             applied,
             self.cfg.aggregator.keep_checkpoints,

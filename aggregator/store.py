@@ -42,11 +42,13 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+Blob = bytes | memoryview | Sequence[bytes | memoryview]  # a file's bytes, or its parts in order
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -139,6 +141,8 @@ class Store:
         # emptied buffer logs kept for the next buffer: overwriting pages already in the page cache costs
         # about half of writing new ones (no allocation), and nothing is unlinked per version
         self._spares: list[str] = []
+        # a pruned checkpoint's file, no longer named by any row: the next version's weights overwrite it
+        self._spare_checkpoint: str | None = None
         # statements that go in the next transaction, whatever it is (a decision's note in the site history)
         self._pending: list[tuple[str, tuple[Any, ...]]] = []
         # inside grouped(): the verdicts whose rows are pending, so a resend in the same group finds its verdict
@@ -147,13 +151,31 @@ class Store:
         self._remove_orphans()
 
     # -- blob files --------------------------------------------------------------
-    def _write_blob(self, name: str, data: bytes | memoryview) -> str:
-        """Write a whole file before any row names it (fsync'd too when ``fsync`` is on)."""
-        fd = os.open(self.blob_dir / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    def _write_blob(self, name: str, data: Blob, reuse: str | None = None) -> str:
+        """Write a whole file before any row names it (fsync'd too when ``fsync`` is on).
+
+        ``data`` is the bytes or their parts in order (a checkpoint is written straight from the model's
+        arrays, never joined into one 4 MB copy first). ``reuse``: a file no row names any more (a pruned
+        checkpoint, :meth:`commit_version`) that becomes this one. Its pages are in the page cache already,
+        so overwriting them costs a fifth of allocating a new file's (0.45 against 2.4 ms for 4 MB); until
+        the transaction that names it commits it is an orphan like any new file (removed at start).
+        """
+        path, flags = self.blob_dir / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        if reuse is not None:
+            try:
+                os.replace(self.blob_dir / reuse, path)
+                flags = os.O_WRONLY | os.O_CREAT  # overwritten in place, cut to size below
+            except FileNotFoundError:
+                pass
+        fd = os.open(path, flags, 0o600)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            size = 0
+            for part in [data] if isinstance(data, (bytes, bytearray, memoryview)) else data:
+                view = memoryview(part).cast("B")
+                size += len(view)
+                while view:
+                    view = view[os.write(fd, view) :]
+            os.ftruncate(fd, size)
             if self._fsync:
                 os.fsync(fd)
         finally:
@@ -424,8 +446,8 @@ class Store:
     def commit_version(
         self,
         version: int,
-        weights: bytes,
-        momentum: bytes | None,
+        weights: Blob,
+        momentum: Blob | None,
         lineage: dict[str, Any],
         applied: list[Verdict],
         keep: int,
@@ -442,7 +464,8 @@ class Store:
         that many counters below its newest: an index range per site, so pruning costs nothing per
         update however long the aggregator runs.
         """
-        w = self._write_blob(f"model-{version}.weights", weights)
+        w = self._write_blob(f"model-{version}.weights", weights, reuse=self._spare_checkpoint)
+        self._spare_checkpoint = None
         m = self._write_blob(f"model-{version}.momentum", momentum) if momentum is not None else None
         with self._lock:
             dropped_buffer = [] if keep_buffer else self._buffer_segments()
@@ -478,7 +501,14 @@ class Store:
             # committed: the files no row names any more can go
             self._close_segment()
             self._recycle(dropped_buffer)
-            self._unlink(x for pair in pruned for x in pair)
+            self._drop_checkpoints([x for pair in pruned for x in pair if x])
+
+    def _drop_checkpoints(self, files: list[str]) -> None:
+        """Files of checkpoints a committed transaction pruned: the first takes the next version's weights
+        (:meth:`_write_blob`'s ``reuse``), the others are deleted."""
+        if files:
+            self._spare_checkpoint = files.pop(0)
+        self._unlink(files)
 
     def _buffer_segments(self) -> list[str]:
         """Every log segment of the buffer: the rows' files, and the one being appended to (the rows of a
@@ -489,6 +519,8 @@ class Store:
         return sorted(names)
 
     def _checkpoint(self, row: Any, blobs: bool = True) -> Checkpoint | None:
+        """The row's checkpoint; called under the lock, so its files are read before a commit can prune
+        them and a later version overwrite them (:meth:`_write_blob`'s ``reuse``)."""
         if row is None:
             return None
         return Checkpoint(
@@ -506,7 +538,7 @@ class Store:
                 "SELECT version, created_at, weights, momentum, lineage, metric FROM checkpoints "
                 "WHERE weights IS NOT NULL ORDER BY version DESC LIMIT 1"
             ).fetchone()
-        return self._checkpoint(row)
+            return self._checkpoint(row)
 
     def checkpoint(self, version: int, blobs: bool = True) -> Checkpoint | None:
         """A version's checkpoint (``weights`` None once pruned, or unless ``blobs``; lineage is kept)."""
@@ -515,7 +547,7 @@ class Store:
                 "SELECT version, created_at, weights, momentum, lineage, metric FROM checkpoints WHERE version = ?",
                 (version,),
             ).fetchone()
-        return self._checkpoint(row, blobs)
+            return self._checkpoint(row, blobs)
 
     def kept_checkpoints(self) -> list[int]:
         with self._lock:

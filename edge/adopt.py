@@ -25,6 +25,11 @@ log = logging.getLogger("fedline.edge")
 class Adopter:
     """Feeds the follower the model's messages; ``export`` rebuilds the line's ONNX after each adoption."""
 
+    # How long a version announced by its int8 step may wait for the step's chunks before the site fetches
+    # that version's full weights instead. Retained chunks arrive within a second of their manifest when the
+    # broker has them, so this only bounds how long a lost step keeps a line on its old model.
+    STEP_WAIT_S = 30.0
+
     def __init__(self, state: SiteState, export: Callable[[], Awaitable[Path | None]]) -> None:
         self.state = state
         self._export = export
@@ -43,6 +48,7 @@ class Adopter:
         )
         self.weights_subscribed = True  # every version's weights, until a version came by its step (edge.follow_steps)
         self._fetching: set[int] = set()  # versions whose weights alone are subscribed (following by steps)
+        self._step_wait: asyncio.Task[None] | None = None  # falls back to the weights if a step never completes
 
     def wants(self, version: int) -> bool:
         """Newer than ours; or the aggregator's own version 0 while we only have the one we built."""
@@ -118,7 +124,25 @@ class Adopter:
             return
         chunks = self.follower.pending[2]["weights"]["chunks"] if self.follower.pending else None
         event(log, "model.announced", site=self.state.site, version=version, chunks=chunks)
+        if self._step_wait is not None:
+            self._step_wait.cancel()
+        if self.follower.by_step:
+            self._step_wait = asyncio.create_task(self._wait_for_step(version))
         await self.try_adopt()
+
+    async def _wait_for_step(self, version: int) -> None:
+        """After :attr:`STEP_WAIT_S`, fetch ``version``'s full weights if its step has not completed."""
+        await asyncio.sleep(self.STEP_WAIT_S)
+        if self.follower.give_up_step(version):
+            event(
+                log,
+                "model.step_overdue",
+                logging.WARNING,
+                site=self.state.site,
+                version=version,
+                detail=f"its int8 step did not arrive in {self.STEP_WAIT_S:g} s; fetching the full weights",
+            )
+            await self.try_adopt()
 
     async def on_chunk(self, topic: str, version: int, index: int, payload: bytes, step: bool = False) -> None:
         """One weight chunk, or with ``step`` one chunk of a version's int8 step (a malformed one is counted and
@@ -187,6 +211,10 @@ class Adopter:
 
     async def _adopt(self, g: GlobalModel) -> None:
         st = self.state
+        waiting = self._step_wait
+        if waiting is not None and waiting is not asyncio.current_task():
+            waiting.cancel()  # the version came; nothing is left to wait for
+            self._step_wait = None
         st.base = g
         try:
             await asyncio.to_thread(st.store.save_global, g)

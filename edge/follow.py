@@ -174,6 +174,18 @@ class ModelFollower:
         self.steps.forget_below(version)
         return version
 
+    def give_up_step(self, version: int) -> bool:
+        """Take ``version`` from its full weights instead of its step, if it is still pending by step.
+
+        Why: a step whose chunks never arrive (lost while the broker restarted, or never published) would
+        otherwise hold the site on its old model until the next manifest or a catch-up.
+        """
+        if self.pending is None or self.pending[0] != version or not self.by_step:
+            return False
+        self.by_step = False
+        self.step_failures += 1
+        return True
+
     def on_chunk(self, version: int, index: int, payload: bytes) -> None:
         """Keep one weight chunk of a version worth having (raises :class:`WireError` on a malformed one)."""
         if self.wants(version):

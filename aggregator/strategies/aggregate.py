@@ -38,6 +38,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from aggregator import robust
+from broker_bridge import quantised
 from broker_bridge.quantised import Int8Delta
 
 State = dict[str, np.ndarray]
@@ -75,6 +76,9 @@ def linear_combination(deltas: Sequence[Mapping[str, np.ndarray]], coefficients:
     if len(deltas) != len(coefficients) or not deltas:
         raise ValueError("need one coefficient per delta, and at least one delta")
     out: State = {}
+    if all(isinstance(d, Int8Delta) for d in deltas):  # every delta int8: all K at once, a chunk at a time
+        int8 = [d for d in deltas if isinstance(d, Int8Delta)]
+        return {name: quantised.combine(int8, coefficients, name, _shape(int8[0], name)) for name in int8[0]}
     for name in deltas[0]:
         acc = np.zeros(_shape(deltas[0], name), dtype=np.float32)
         for d, c in zip(deltas, coefficients):
@@ -98,11 +102,9 @@ def robust_combination(
         raise ValueError("need one coefficient per delta, and at least one delta")
     if statistic not in ("median", "trimmed_mean"):
         raise ValueError(f"unknown robust statistic {statistic!r} (median or trimmed_mean)")
-    c = np.asarray(coefficients, np.float32)
     out: State = {}
     for name in deltas[0]:
-        stacked = _stack(deltas, name)  # (n, *shape): c_i Δ_i in place
-        stacked *= c.reshape((-1,) + (1,) * (stacked.ndim - 1))
+        stacked = _stack(deltas, name, coefficients)  # (n, *shape): c_i Δ_i
         stat = robust.median_of(stacked) if statistic == "median" else robust.trimmed_mean_of(stacked, trim)
         out[name] = (stat * np.float32(len(deltas))).astype(np.float32)
     return out
@@ -113,14 +115,15 @@ def _shape(delta: Mapping[str, np.ndarray], name: str) -> tuple[int, ...]:
     return delta.shapes[name] if isinstance(delta, Int8Delta) else tuple(np.shape(delta[name]))
 
 
-def _stack(deltas: Sequence[Mapping[str, np.ndarray]], name: str) -> np.ndarray:
-    """``np.stack`` of the deltas' ``name`` as float32; an int8 delta is dequantised straight into its row."""
+def _stack(deltas: Sequence[Mapping[str, np.ndarray]], name: str, coefficients: Sequence[float]) -> np.ndarray:
+    """The rows ``c_i Δ_i[name]`` (float32), stacked; an int8 delta is dequantised straight into its row,
+    already scaled (one multiply per value by ``float32(c_i · f_i · s_b)``, not a pass more over the stack)."""
     out = np.empty((len(deltas), *_shape(deltas[0], name)), np.float32)
-    for row, d in zip(out, deltas):
+    for row, d, c in zip(out, deltas, coefficients):
         if isinstance(d, Int8Delta):
-            d.dequantise_into(row, name)
+            d.dequantise_into(row, name, c)
         else:
-            row[...] = d[name]
+            np.multiply(d[name], np.float32(c), out=row)
     return out
 
 

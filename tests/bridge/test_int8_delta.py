@@ -100,3 +100,44 @@ def test_a_tensor_of_one_partial_block_takes_the_same_arithmetic() -> None:
     np.testing.assert_array_equal(acc, [2.5, 0.0, 64.5])
     empty = quantised.read({"e": np.zeros(0, np.int8), "e#scale": np.zeros(0, np.float32)}, "int8")
     assert isinstance(empty, Int8Delta) and empty.norm() == 0.0
+
+
+def test_combine_sums_the_deltas_by_hand_and_as_adding_them_one_by_one() -> None:
+    """Σ c_i Δ_i of the by-hand delta: 2 · (it) + 0.5 · (it at factor 0.5); then many chunks, K = 12, against
+    float64 sums of q · s (within float32 rounding) and the same bits for the same inputs."""
+    d = _delta()
+    out = quantised.combine([d, d.scaled(0.5)], [2.0, 0.5], "w", (1030,))
+    want = np.zeros(1030, np.float32)  # 2 · x + 0.25 · x = 2.25 · x (powers of two: exact)
+    want[[0, 1, 1023, 1024, 1029]] = [3.375, -2.25, 142.875, -0.5625, 2.8125]
+    np.testing.assert_array_equal(out, want)
+    bias = quantised.read({"b": np.array([3, -2, 127], np.int8), "b#scale": np.array([0.5], np.float32)}, "int8")
+    assert isinstance(bias, Int8Delta)  # less than one block: 1 · x + 0.5 · x with x = 1.5, -1.0, 63.5
+    np.testing.assert_array_equal(quantised.combine([bias, bias], [1.0, 0.5], "b", (3,)), [2.25, -1.5, 95.25])
+    rng = np.random.default_rng(8)
+    n = 70 * 1024 + 300  # more than one chunk of the K rows, and a partial block
+    deltas = []
+    for i in range(12):
+        q = rng.integers(-127, 128, n).astype(np.int8)
+        steps = rng.uniform(0, 0.01, quantised.n_blocks(n)).astype(np.float32)
+        read = quantised.read({"w": q, "w#scale": steps}, "int8")
+        assert isinstance(read, Int8Delta)
+        deltas.append(read.scaled(0.5 + i / 24))
+    coefficients = list(rng.uniform(0, 1, 12))
+    exact = np.zeros(n)
+    for delta, c in zip(deltas, coefficients):
+        q, steps = (np.asarray(x, np.float64) for x in delta._parts["w"])
+        exact += c * delta.factor * q * np.repeat(steps, 1024)[:n]
+    got = quantised.combine(deltas, coefficients, "w", (n,))
+    np.testing.assert_allclose(got, exact, rtol=0, atol=4e-7 * np.abs(exact).max())
+    np.testing.assert_array_equal(quantised.combine(deltas, coefficients, "w", (n,)), got)  # deterministic
+    with pytest.raises(ValueError, match="one coefficient per delta"):
+        quantised.combine(deltas, coefficients[:3], "w", (n,))
+
+
+def test_dequantise_into_with_a_coefficient_writes_the_scaled_row_by_hand() -> None:
+    """A row of the median's stack: 0.5 · (the delta at factor 0.5) = 0.25 · q · s, in one pass."""
+    row = np.full(1030, np.nan, np.float32)
+    _delta().scaled(0.5).dequantise_into(row, "w", 0.5)
+    want = np.zeros(1030, np.float32)
+    want[[0, 1, 1023, 1024, 1029]] = [0.375, -0.25, 15.875, -0.0625, 0.3125]
+    np.testing.assert_array_equal(row, want)

@@ -17,6 +17,7 @@ from broker_bridge import quantised
 from broker_bridge.federation_key import new_content_key, seal_grant
 from edge.agent import EdgeAgent
 from edge.config import load_edge_config
+from tests.conftest import eventually
 from tests.edge.helpers import FEDERATION, Federation, write_csv, write_site
 
 
@@ -86,5 +87,56 @@ async def test_following_by_steps_drops_the_weights_and_fetches_one_version_it_c
         await deliver(releases[2], ("weights",))
         assert agent.base.version == 3 and all(np.array_equal(agent.base.shared[k], models[3][k]) for k in models[3])
         assert client.calls == [("subscribe", topics.weights_of(3)), ("unsubscribe", topics.weights_of(3))]
+    finally:
+        agent.close()
+
+
+async def test_a_step_whose_chunks_never_arrive_falls_back_to_that_versions_weights(tmp_path) -> None:
+    """Regression: a version announced by its step waited for the step's chunks until the next manifest."""
+    fed = Federation.create(tmp_path, ["site-a"])
+    agent = EdgeAgent(load_edge_config(write_site(fed, "site-a", write_csv(tmp_path / "a.csv", 60), "mqtt://x", None)))
+    try:
+        client = Recorder()
+        agent.state.client = client  # type: ignore[assignment]
+        key, topics, ad = new_content_key(), agent.topics, agent.adopter
+        ad.STEP_WAIT_S = 0.05
+
+        async def no_export() -> None:
+            return None
+
+        ad._export = no_export
+        await ad.on_grant(seal_grant(FEDERATION, fed.sites["site-a"].public(), 1, key, fed.aggregator))
+        rng = np.random.default_rng(5)
+        models = [{k: np.array(v) for k, v in agent.base.shared.items()}]
+        releases = []
+        for v in (1, 2):
+            target = {k: x + rng.standard_normal(x.shape).astype(np.float32) * 0.05 for k, x in models[-1].items()}
+            block, made = quantised.model_step(models[-1], target)
+            models.append(made)
+            releases.append(
+                build_release(
+                    v, made, agent.spec, FEDERATION, fed.aggregator, topics, lambda _t: 4096, None,
+                    epoch=1, content_key=key, step=(v - 1, block),
+                )
+            )  # fmt: skip
+        for topic, payload in releases[0].chunks:  # version 1 by its step: the weights are unsubscribed
+            info = topics.parse(topic)
+            if info.kind == "delta":
+                await ad.on_chunk(topic, info.version, info.index, payload, True)
+        await ad.on_manifest(releases[0].manifest_blob)
+        assert agent.base.version == 1 and not ad.weights_subscribed
+        client.calls.clear()
+
+        await ad.on_manifest(releases[1].manifest_blob)  # version 2 by its step, whose chunks never come
+        assert client.calls == [] and ad.follower.by_step
+        await eventually(lambda: client.calls, timeout=5)
+        assert client.calls == [("subscribe", topics.weights_of(2))] and agent.base.version == 1
+        assert ad.follower.step_failures == 1
+        for topic, payload in releases[1].chunks:
+            info = topics.parse(topic)
+            if info.kind == "weights":
+                await ad.on_chunk(topic, info.version, info.index, payload)
+        assert agent.base.version == 2 and all(np.array_equal(agent.base.shared[k], models[2][k]) for k in models[2])
+        assert client.calls[-1] == ("unsubscribe", topics.weights_of(2))
     finally:
         agent.close()
