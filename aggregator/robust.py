@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from aggregator import median_network
+from aggregator.scaled_sum import Scaled
 from broker_bridge.quantised import Int8Delta
 
 State = dict[str, np.ndarray]
@@ -48,7 +49,7 @@ def clip(
     if norm <= bound:
         return dict(delta), 1.0
     scale = bound / norm
-    return {k: (v * np.float32(scale)).astype(np.float32, copy=False) for k, v in delta.items()}, scale
+    return Scaled(delta, scale), scale  # no copy: the reduce folds the scale into its pass (aggregator.scaled_sum)
 
 
 def rescale(
