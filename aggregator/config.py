@@ -145,6 +145,10 @@ class StrategyConfig:
     # also clip each delta to the median norm of its buffer (one update per site, so the median is an honest
     # site's as long as most of the buffer is honest): a long delta counts no more than a typical one
     clip_to_median: bool = True
+    # with clip_to_median, under the median or trimmed mean, rescale every delta to that bound, up as well as down
+    # (aggregator.robust.rescale): a short backdoored delta otherwise sits between the honest values in many
+    # coordinates and the median picks it there (RELIABILITY.md, issue 14's "samples" attack)
+    norm_to_median: bool = True
     # weigh by min(n_samples, sample_cap) / sum instead of 1/K; the cap is the aggregator's, never the claim
     sample_weighting: bool = False
     sample_cap: float = 0.0

@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from aggregator import median_network
+from aggregator.scaled_sum import Scaled
 from broker_bridge.quantised import Int8Delta
 
 State = dict[str, np.ndarray]
@@ -48,7 +49,31 @@ def clip(
     if norm <= bound:
         return dict(delta), 1.0
     scale = bound / norm
-    return {k: (v * np.float32(scale)).astype(np.float32, copy=False) for k, v in delta.items()}, scale
+    return Scaled(delta, scale), scale  # no copy: the reduce folds the scale into its pass (aggregator.scaled_sum)
+
+
+def rescale(
+    delta: Mapping[str, np.ndarray], target: float, norm: float | None = None
+) -> tuple[Mapping[str, np.ndarray], float]:
+    """``delta`` scaled to L2 norm ``target``, down *or up*; returns (delta, scale). A zero delta stays zero.
+
+    Why up as well (the buffer's norm equalised, as FLTrust rescales every update to one norm, Cao et al.
+    2021): clipping only bounds how long a delta is, and a short one keeps its freedom of scale; under the
+    coordinate-wise median a short backdoored delta sits *between* two honest values in more coordinates,
+    and there the median takes the attacker's own value (RELIABILITY.md, the "samples" attack). Rescaled to
+    the buffer's median norm, every update has the same length, so a delta's scale buys nothing.
+    """
+    if isinstance(delta, Int8Delta):
+        n = delta.norm()
+        scale = target / n if target > 0 and n > 0 else 1.0
+        return (delta.scaled(scale) if scale != 1.0 else delta), scale
+    norm = l2_norm(delta) if norm is None else norm
+    if target <= 0 or norm <= 0 or not math.isfinite(norm):
+        return dict(delta), 1.0
+    scale = target / norm
+    return {
+        k: (np.asarray(v, np.float32) * np.float32(scale)).astype(np.float32, copy=False) for k, v in delta.items()
+    }, scale
 
 
 def weighted_mean(deltas: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float]) -> State:

@@ -228,7 +228,7 @@ def _summary(console, report: dict) -> int:
         console.print(
             f"  split study, site {site}: served ahead of local-only in {st['served_wins']} of "
             f"{st['splits']} splits, mean {_f(st['mean_served'])} vs {_f(st['mean_local'])} "
-            f"(p = {st['served_sign_test_p']:.3f})"
+            f"(sign test p = {st['served_sign_test_p']:.3f}, signed-rank p = {_f(st.get('served_wilcoxon_p'))})"
         )
     failed = [k for k, v in checks.items() if v is False]
     if failed:

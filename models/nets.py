@@ -22,7 +22,7 @@ from models.spec import ModelSpec
 
 
 class _Standardise(nn.Module):
-    """Saturate to ``[input_low, input_high]``, then ``(x - mean) / scale``: constants from the spec
+    """Saturate to the spec's range (:meth:`ModelSpec.saturation`), then ``(x - mean) / scale``: constants from the spec
     (buffers, never trained or sent). Without a range in the spec the clamp is not in the graph at all."""
 
     mean: torch.Tensor
@@ -33,18 +33,19 @@ class _Standardise(nn.Module):
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         n = spec.n_features
-        self.saturate = bool(spec.input_low)
+        self.saturate = bool(spec.saturation()[0])  # declared, or the default from the standardisation
         for name, values in self._constants(spec).items():
             self.register_buffer(name, torch.tensor(values, dtype=torch.float32).reshape(n))
 
     @staticmethod
     def _constants(spec: ModelSpec) -> dict[str, list[float]]:
         n = spec.n_features
+        low, high = spec.saturation()
         return {
             "mean": spec.input_mean or [0.0] * n,
             "scale": spec.input_scale or [1.0] * n,
-            "low": spec.input_low or [-math.inf] * n,
-            "high": spec.input_high or [math.inf] * n,
+            "low": low or [-math.inf] * n,
+            "high": high or [math.inf] * n,
         }
 
     def fill(self, spec: ModelSpec) -> None:

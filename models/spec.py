@@ -16,6 +16,10 @@ from typing import Any, Literal
 
 from fedline.config import parse
 
+# with a standardisation but no declared range, the model saturates its inputs this many spreads
+# (input_scale) from their centre (input_mean): ModelSpec.saturation
+DEFAULT_RANGE_SPREADS = 6.0
+
 Kind = Literal["mlp", "cnn1d", "gru", "autoencoder"]
 Task = Literal["classification", "regression", "anomaly"]
 
@@ -46,7 +50,9 @@ class ModelSpec:
       Why in the model (issue 14): a backdoor trained on a trigger outside every honest site's data moves
       weights no honest row constrains; saturating the input makes such a trigger unreachable. The
       autoencoder's reconstruction target is not clamped, so an out-of-range reading still scores as an
-      anomaly. Empty means no saturation; both or neither.
+      anomaly. Both or neither. Left out with a standardisation declared (``input_mean`` /
+      ``input_scale``), the model saturates to ``mean ± DEFAULT_RANGE_SPREADS · scale`` instead
+      (:meth:`saturation`); with neither, no saturation.
     """
 
     kind: Kind
@@ -104,6 +110,26 @@ class ModelSpec:
         bad = [i for i, (lo, hi) in enumerate(zip(low, high)) if not lo < hi]
         if bad:
             raise ValueError(f"input_low must be below input_high for every feature; not for feature(s) {bad}")
+
+    def saturation(self) -> tuple[list[float], list[float]]:
+        """The per-feature range the network clamps its inputs to: ``(low, high)``, or two empty lists (none).
+
+        The declared ``input_low`` / ``input_high``; else, if the federation declared a standardisation,
+        ``mean ± DEFAULT_RANGE_SPREADS · scale``. Why that default (issue 14): the standardisation is the
+        federation's own public statement of each input's centre and spread; a reading six spreads out is
+        beyond any near-Gaussian sensor's honest data (and by Chebyshev beyond at most 1/36 of any
+        distribution's with that spread), so clamping there keeps a trigger far outside every honest row
+        (where no honest update constrains the weights) from reaching the network. The cost: an honest rare
+        reading beyond it scores as the range's edge (docs/architecture.md gives AI4I's figures); a
+        declared range always takes precedence.
+        """
+        if self.input_low:
+            return list(self.input_low), list(self.input_high)
+        if not self.input_mean:
+            return [], []
+        scale = self.input_scale or [1.0] * self.n_features
+        r = DEFAULT_RANGE_SPREADS
+        return [m - r * s for m, s in zip(self.input_mean, scale)], [m + r * s for m, s in zip(self.input_mean, scale)]
 
     @property
     def input_shape(self) -> tuple[int, ...]:

@@ -37,7 +37,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from aggregator import robust
+from aggregator import robust, scaled_sum
 from broker_bridge import quantised
 from broker_bridge.quantised import Int8Delta
 
@@ -79,8 +79,13 @@ def linear_combination(deltas: Sequence[Mapping[str, np.ndarray]], coefficients:
     if all(isinstance(d, Int8Delta) for d in deltas):  # every delta int8: all K at once, a chunk at a time
         int8 = [d for d in deltas if isinstance(d, Int8Delta)]
         return {name: quantised.combine(int8, coefficients, name, _shape(int8[0], name)) for name in int8[0]}
+    mixed = any(isinstance(d, Int8Delta) for d in deltas)
     for name in deltas[0]:
         acc = np.zeros(_shape(deltas[0], name), dtype=np.float32)
+        if not mixed:  # one cache-blocked pass, clip scales folded in (aggregator.scaled_sum): the same floats
+            scaled_sum.weighted_sum_into(acc, [scaled_sum.term(d, name, c) for d, c in zip(deltas, coefficients)])
+            out[name] = acc
+            continue
         for d, c in zip(deltas, coefficients):
             if isinstance(d, Int8Delta):  # straight from the int8 values, no float32 delta
                 d.add_to(acc, name, c)
@@ -122,6 +127,9 @@ def _stack(deltas: Sequence[Mapping[str, np.ndarray]], name: str, coefficients: 
     for row, d, c in zip(out, deltas, coefficients):
         if isinstance(d, Int8Delta):
             d.dequantise_into(row, name, c)
+        elif isinstance(d, scaled_sum.Scaled):  # clipped: s·x, then c·that, as the scaled copy was (no copy)
+            np.multiply(d.delta[name], np.float32(d.scale), out=row)
+            row *= np.float32(c)
         else:
             np.multiply(d[name], np.float32(c), out=row)
     return out

@@ -54,6 +54,7 @@ class Accepted:
             "factor": self.factor,
             "weight": self.weight,
             "rate": self.rate,
+            **({"norm": round(self.norm, 9)} if self.norm is not None else {}),  # as received, before clip_scale
             **({"trust": round(self.trust, 6)} if self.trust is not None else {}),
         }
 
@@ -106,15 +107,29 @@ class Strategy:
 
     # -- the shared options of every reduce --------------------------------------
     def clipped(self, updates: Sequence[Accepted]) -> tuple[list[Mapping[str, np.ndarray]], list[float]]:
-        """Deltas after the norm bound, and with ``clip_to_median`` after the buffer's median norm."""
+        """Deltas after the norm bound, and with ``clip_to_median`` after the buffer's median norm; with
+        ``norm_to_median`` under the median or trimmed mean every delta is rescaled (up as well as down) to that
+        bound (:func:`robust.rescale`)."""
         norms = [robust.l2_norm(u.delta) if u.norm is None else u.norm for u in updates]
+        for u, n in zip(updates, norms):
+            u.norm = n  # the lineage records it beside the clip scale
         bound = self.norm_bound
         if self.cfg.clip_to_median and len(updates) > 1:
             median = statistics.median(norms)
             bound = median if bound <= 0 else min(bound, median)
+        # equalised only under a coordinate-wise statistic, which selects values (a mean weighs them: a short
+        # honest delta, e.g. a small site's, keeps its smaller say there, and FLTrust rescales on its own), and
+        # only to the buffer's median norm, never up to the [dp] worst-case bound alone (far above an honest delta)
+        equalise = (
+            self.cfg.norm_to_median
+            and self.cfg.clip_to_median
+            and self.reduce_stat in ("median", "trimmed_mean")
+            and len(updates) > 1
+            and bound > 0
+        )
         out, scales = [], []
         for u, n in zip(updates, norms):
-            d, scale = robust.clip(u.delta, bound, n)
+            d, scale = robust.rescale(u.delta, bound, n) if equalise else robust.clip(u.delta, bound, n)
             out.append(d)
             scales.append(scale)
         return out, scales

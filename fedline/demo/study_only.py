@@ -56,11 +56,13 @@ def run_study_only(opts, console) -> int:
     path = opts.report_dir / "split-study.json"
     doc = {"metric": data.metric, "smallest_site": smallest, "checks": checks, "split_study": study}
     path.write_text(json.dumps(_clean(doc), indent=2) + "\n", encoding="utf-8")
-    console.print(f"\n  {data.metric}: mean local-only / global / served, served wins over local-only, sign test p")
+    console.print(
+        f"\n  {data.metric}: mean local-only / global / served, served wins over local-only, sign test p, signed-rank p"
+    )
     for site, v in study["sites"].items():
         console.print(
             f"  {site:<10} {v['mean_local']:.3f} / {v['mean_federated']:.3f} / {v['mean_served']:.3f}  "
-            f"wins {v['served_wins']}/{v['splits']}  p = {v['served_sign_test_p']:.3f}  "
+            f"wins {v['served_wins']}/{v['splits']}  p = {v['served_sign_test_p']:.3f} / {v['served_wilcoxon_p']:.3f}  "
             f"worse in {v['served_losses']} (worst {v['worst_served_gain']:+.3f})  kinds {v['served_kinds']}  "
             f"rules {v['served_rules']}"
         )

@@ -177,6 +177,9 @@ def model_table(data: DemoData, t: Tuning) -> dict[str, Any]:
     mean, scale = data.input_standardisation()
     if mean:
         doc["input_mean"], doc["input_scale"] = mean, scale
+    # every feature has an engineering range in [rows], so the model is fed [0, 1]: it saturates to that
+    # range itself (issue 14: an out-of-range backdoor trigger reaches no weight; docs/architecture.md)
+    doc["input_low"], doc["input_high"] = [0.0] * len(data.features), [1.0] * len(data.features)
     return doc
 
 

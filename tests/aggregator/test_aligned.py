@@ -10,6 +10,8 @@ import pytest
 from aggregator.aligned import ALIGN, aligned
 from aggregator.core import AggregatorCore
 from broker_bridge import envelope
+from broker_bridge.envelope import UpdateHeader
+from broker_bridge.sealopen import PEEK_BYTES, seal_open
 from tests.aggregator.helpers import make_federation, random_delta
 
 
@@ -50,9 +52,17 @@ def test_tensors_already_aligned_are_returned_as_they_are():
     assert aligned(views) is views
 
 
-def test_opened_updates_are_aligned_and_their_norm_and_nan_checks_hold_for_every_header_length(tmp_path):
-    """msg ids of 1 to 4 characters shift the tensors by every offset mod 4: each opens to aligned memory with
-    the same values, the norm worked out in float64 here, and a NaN is still refused as nonfinite."""
+def _data_offset(fed, sealed: bytes) -> int:
+    """Where the first tensor starts in the update's plaintext (opened without placement)."""
+    offset = envelope._tensor_data_at(seal_open(memoryview(sealed)[4:], fed.agg.box_key))
+    assert offset is not None
+    return offset
+
+
+def test_opened_updates_are_aligned_without_a_copy_and_their_checks_hold_for_every_header_length(tmp_path):
+    """msg ids of 1 to 4 characters shift the tensors by every offset mod 4 in the plaintext: each opens with
+    its first tensor on a 64-byte boundary and every tensor aligned, as views into the plaintext (nothing for
+    ``aligned`` to copy), with the same values, the norm worked out in float64 here, and a NaN still refused."""
     fed = make_federation(tmp_path, ["site-a"])
     core = AggregatorCore(
         fed.config(strategy='kind = "fedbuff"\nbuffer_size = 5', extra="[validation]\nmax_norm = 50.0")
@@ -62,12 +72,15 @@ def test_opened_updates_are_aligned_and_their_norm_and_nan_checks_hold_for_every
         offsets = set()
         for msg_id in ("a", "ab", "abc", "abcd"):
             delta = random_delta(core.model, rng, scale=0.1)
-            op = core.open(fed.seal("site-a", delta, 0, msg_id=msg_id)[0])
+            sealed = fed.seal("site-a", delta, 0, msg_id=msg_id)[0]
+            offsets.add(_data_offset(fed, sealed) % 4)
+            _, views = envelope.open_update(sealed, fed.agg, core.enrollment)
+            assert aligned(views) is views  # placed by seal_open: no copy
+            assert next(iter(views.values())).ctypes.data % ALIGN == 0
+            op = core.open(sealed)
             assert op.reason is None, op.detail
-            _, views = envelope.open_update(op.sealed, fed.agg, core.enrollment)  # where the plaintext put them
-            offsets.add(next(iter(views.values())).ctypes.data % 4)
             for name, a in op.tensors.items():
-                assert a.ctypes.data % ALIGN == 0
+                assert a.flags.aligned and not a.flags.writeable
                 np.testing.assert_array_equal(a, delta[name])
             by_hand = math.sqrt(sum(float(np.sum(v.astype(np.float64) ** 2)) for v in delta.values()))
             assert op.norm == pytest.approx(by_hand, rel=1e-5)
@@ -75,6 +88,38 @@ def test_opened_updates_are_aligned_and_their_norm_and_nan_checks_hold_for_every
             next(iter(bad.values())).flat[3] = np.nan
             refused = core.open(fed.seal("site-a", bad, 0, msg_id=msg_id)[0])
             assert refused.reason == "nonfinite"
-        assert len(offsets) > 1  # misaligned starts were among them
+        assert offsets - {0}  # misaligned starts were among them
+    finally:
+        core.close()
+
+
+def test_an_update_whose_headers_are_too_long_to_place_is_copied_to_aligned_memory(tmp_path):
+    """A header longer than seal_open reads before opening (a long privacy note) leaves the tensors where they
+    fall; the opener still hands on aligned tensors with the same values and the same norm."""
+    fed = make_federation(tmp_path, ["site-a"])
+    core = AggregatorCore(
+        fed.config(strategy='kind = "fedbuff"\nbuffer_size = 5', extra="[validation]\nmax_norm = 50.0")
+    )
+    try:
+        delta = random_delta(core.model, np.random.default_rng(1), scale=0.1)
+        by_hand = math.sqrt(sum(float(np.sum(v.astype(np.float64) ** 2)) for v in delta.values()))
+        misplaced = 0
+        for extra in range(8):  # most of these lengths leave the tensors off a multiple of 4
+            note = "x" * (PEEK_BYTES + extra)
+            header = UpdateHeader("site-a", 1 + extra, f"m{extra}", 0, 10, {"epsilon": 1.0, "note": note})
+            sealed = envelope.seal_update(header, delta, fed.sites["site-a"], fed.agg.public().box_pub)
+            offset = _data_offset(fed, sealed)
+            assert offset > PEEK_BYTES
+            _, views = envelope.open_update(sealed, fed.agg, core.enrollment)
+            if offset % 4:
+                assert not next(iter(views.values())).flags.aligned  # not placed: where the plaintext put it
+                misplaced += 1
+            op = core.open(sealed)
+            assert op.reason is None, op.detail
+            for name, a in op.tensors.items():
+                assert a.flags.aligned
+                np.testing.assert_array_equal(a, delta[name])
+            assert op.norm == pytest.approx(by_hand, rel=1e-5)
+        assert misplaced > 0
     finally:
         core.close()

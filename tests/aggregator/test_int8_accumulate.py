@@ -52,6 +52,9 @@ def test_an_int8_buffer_reduces_to_the_hand_computed_step(tmp_path, robust: str)
         median = sorted(norms)[1]
         clips = [min(1.0, median / n) for n in norms]
         assert clips[0] == 1.0 and clips[2] < 1.0  # the largest delta is clipped to the median norm
+        if robust == "median":  # norm_to_median (the default under the median): the shortest is scaled up too
+            clips = [median / n for n in norms]
+            assert clips[0] > 1.0
         for site, w in zip(SITES, wires):
             core.submit(fed.seal(site, w, 0, encoding="int8")[0])
             if site != SITES[-1]:

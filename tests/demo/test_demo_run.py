@@ -152,7 +152,7 @@ def test_shortened_ai4i_demo(tmp_path):
         assert (h_split["served_kind"], h_split["served_weight"]) == (("blend", 0.75) if blended else ("local", None))
         if not blended:
             assert h_split["served"] == pytest.approx(h_split["local"])
-    # two splits cannot show a gain at p < 0.05 (the best a sign test of 2 can say is p = 0.25): the claim fails
+    # two splits cannot show a gain at p < 0.05 (the best a sign or signed-rank test of 2 says is p = 1/4)
     assert study["sites"]["H"]["served_sign_test_p"] >= 0.25 and checks["smallest_site_served_gains"] is False
     assert "split study" in out
     assert_secure_aggregation(tmp_path / "run" / "logs" / "aggregator.log", rep)

@@ -124,12 +124,13 @@ def test_writes_json_markdown_and_png(tmp_path, report):
     h = doc["split_study"]["sites"]["H"]
     assert (h["served_wins"], h["served_kinds"]) == (10, {"fine_tuned": 10})
     assert h["mean_gain_served"] == pytest.approx(0.06) and h["served_sign_test_p"] == pytest.approx(1 / 1024)
+    assert h["served_wilcoxon_p"] == pytest.approx(1 / 1024)
     assert doc["updates"] == {"applied": 12, "stale_dropped": 2, "rejected": 0}
     assert doc["history"][0]["metrics"]["H"] is None  # NaN is not JSON: written as null
     md = paths["md"].read_text()
     assert "| M (intermittent) |" in md and "Raw records seen on the wire: **0**" in md
     assert "| 0.910 (fine_tuned) |" in md  # H's served model and its kind
-    assert "ahead in 10 of 10 splits, p = 0.001" in md
+    assert "(p = 0.001; ahead in 10 of 10 splits, sign test p = 0.001" in md
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert all(
         doc["checks"][k] is True
@@ -181,6 +182,15 @@ def test_smallest_site_gain_needs_p_below_005(report):
     assert compute_checks(r)["smallest_site_served_ahead_in_8_of_10"] is False
     nine = [0.86 + i / 100 if i < 9 else 0.70 for i in range(10)]  # 9 of 10: p = 11/1024
     r["split_study"] = _study("roc_auc", TEN, served_h=nine)
+    assert compute_checks(r)["smallest_site_served_gains"] is True
+    # the claim's test is the signed-rank one (docs/tuning.md, tenth pass): 8 of 10 ahead by 0.06 with the two
+    # losses 0.002 each (midranks 1.5, 1.5; the wins 6.5 each, sum 52 of 55: the patterns reaching 52 drop
+    # nothing, one 1.5 or both) is p = 4/1024 < 0.05, while the
+    # sign test on the same splits says 0.055; the two large losses above (ranks 9 and 10) fail it
+    small_losses = [0.86 + i / 100 if i < 8 else 0.798 + i / 100 for i in range(10)]
+    r["split_study"] = _study("roc_auc", TEN, served_h=small_losses)
+    h = r["split_study"]["sites"]["H"]
+    assert h["served_sign_test_p"] == pytest.approx(56 / 1024) and h["served_wilcoxon_p"] == pytest.approx(4 / 1024)
     assert compute_checks(r)["smallest_site_served_gains"] is True
 
 
@@ -240,6 +250,35 @@ def test_sign_test():
 
     assert sign_test_p(8, 10) == pytest.approx(56 / 1024)
     assert sign_test_p(0, 5) == 1.0 and sign_test_p(5, 5) == pytest.approx(1 / 32) and sign_test_p(0, 0) == 1.0
+
+
+def test_signed_rank_p_by_hand():
+    """Wilcoxon's signed-rank p, one-sided, worked by hand from the rank sums' 2^m equally likely sign patterns."""
+    from fedline.demo.splitstudy import signed_rank_p
+
+    # gains +0.2, +0.1, -0.003, +0.05: sizes rank 4, 3, 1, 2; the positive ranks sum to 9 of 10. Of the 16 sign
+    # patterns, subsets of {1, 2, 3, 4} with sum >= 9 are {2, 3, 4} and {1, 2, 3, 4}: p = 2/16. The sign test on
+    # the same four splits (3 of 4 ahead) gives 5/16: the small loss weighs less than the large wins
+    assert signed_rank_p([0.2, 0.1, -0.003, 0.05]) == pytest.approx(2 / 16)
+    # a tie (zero) keeps its rank 1 but counts for neither side (Pratt): +0.1 and +0.2 rank 2 and 3, sum 5; the
+    # 4 patterns of the two non-zero signs give sums 0, 2, 3, 5: p = 1/4
+    assert signed_rank_p([0.0, 0.2, 0.1]) == pytest.approx(1 / 4)
+    # equal sizes share their midrank: -0.1, +0.1, +0.3 rank 1.5, 1.5, 3; positive sum 4.5; sums over the 8
+    # patterns 0, 1.5, 1.5, 3, 3, 4.5, 4.5, 6: p = 3/8
+    assert signed_rank_p([-0.1, 0.1, 0.3]) == pytest.approx(3 / 8)
+    assert signed_rank_p([0.01] * 10) == pytest.approx(1 / 1024)  # all ten ahead: as the sign test
+    assert signed_rank_p([-0.01] * 10) == 1.0 and signed_rank_p([0.0, 0.0]) == 1.0
+    # 8 of 10 ahead with the two losses the smallest differences: ranks 1 and 2 against, sum 52 of 55 for; the
+    # patterns with a sum >= 52 leave out ranks summing to at most 3: {}, {1}, {2}, {3}, {1, 2}: p = 5/1024
+    gains = [0.05, 0.08, -0.003, 0.1, 0.2, -0.001, 0.03, 0.04, 0.06, 0.07]
+    assert signed_rank_p(gains) == pytest.approx(5 / 1024)
+    # the normal approximation beyond 20: gains 0.01..0.21 rank 1..21, all positive: sum 231 against a null mean
+    # 231 / 2 and variance sum(r^2) / 4 = 3311 / 4
+    import math
+
+    assert signed_rank_p([0.01 * k for k in range(1, 22)]) == pytest.approx(
+        0.5 * math.erfc((231 - 115.5) / math.sqrt(3311 / 4) / math.sqrt(2))
+    )
 
 
 def test_long_stream_paragraph(tmp_path, report):

@@ -26,6 +26,6 @@ def test_study_only_runs_the_split_study_and_judges_its_claims(tmp_path: Path) -
     for s in study["per_split"]:
         assert all(v["served_kind"] in ("local", "global", "fine_tuned", "blend") for v in s["sites"].values())
     assert doc["checks"] == study_claims("roc_auc", study["sites"], "L1")
-    # two splits cannot show a gain at p < 0.05 (a sign test of 2 says at best p = 0.25): exit status 1
+    # two splits cannot show a gain at p < 0.05 (a sign or signed-rank test of 2 says at best 1/4): exit 1
     assert doc["checks"]["smallest_site_served_gains"] is False and r.returncode == 1, r.stdout[-2000:]
     assert "split study only: 2 splits of ai4i2020.csv" in r.stdout

@@ -186,6 +186,7 @@ class Outcome:
     steps: list[float] = field(default_factory=list)  # L2 of each version's whole step
     reduces: list[str] = field(default_factory=list)  # each version's lineage "reduce" (the statistic in force)
     slots: list[list[str]] = field(default_factory=list)  # each version's sites, in the lineage's order
+    lineages: dict[int, list[dict]] = field(default_factory=dict)  # each version's lineage entries (norm, clip_scale)
     verdicts: dict[str, dict[str, int]] = field(default_factory=dict)  # per site: receipts per verdict
 
 
@@ -325,6 +326,7 @@ async def run(
                 out.steps.append(_norm({k: wa[k] - wb[k] for k in wa}))
             out.reduces.append(str(lineage.get("reduce", "mean")))  # older checkouts: the mean, unrecorded
             out.slots.append([f"{e['site']}@{e['base_version']}" for e in lineage.get("updates", [])])
+            out.lineages[v] = list(lineage.get("updates", []))
             for e in lineage.get("updates", []):
                 if e["site"] == ATTACKER:
                     out.attacker_entries.append(dict(e, version=v))
@@ -403,6 +405,7 @@ async def report(
             "steps": res.steps,
             "reduces": sorted(set(res.reduces)),
             "slots": res.slots,
+            "lineages": res.lineages,
             "verdicts": res.verdicts,
         }
     return out

@@ -31,12 +31,16 @@ from tests.hostile import attack_suite as suite
 
 
 def check_fair_share(rep: dict) -> None:
+    """The attacker holds at most one slot of a version, its coefficient is at most 1/K, and its delta enters
+    no longer than the buffer's median norm (its received norm times its clip scale, from the lineage;
+    ``norm_to_median`` may scale a short delta up, to that length and no further)."""
     for name, r in rep["attacks"].items():
         versions = [e["version"] for e in r["attacker_entries"]]
         assert len(versions) == len(set(versions)), f"{name}: the attacker held two slots of one version"
         for e in r["attacker_entries"]:
             assert e["weight"] <= 1 / suite.K + 1e-9, f"{name}: coefficient {e['weight']} above 1/K"
-            assert e["clip_scale"] <= 1.0
+            median = statistics.median(u["norm"] for u in r["lineages"][e["version"]])  # as received
+            assert e["norm"] * e["clip_scale"] <= median * (1 + 1e-6), (name, e, median)
 
 
 async def test_attack_suite_fast(tmp_path):
@@ -53,6 +57,12 @@ async def test_attack_suite_fast(tmp_path):
         # the range's top (305 K) itself, so fed directly it scores exactly as the line delivers it (before
         # the range moved into the model: 22-30 points more success directly; RELIABILITY.md)
         assert r["backdoor_rate"] == r["line_backdoor_rate"], (name, r["backdoor_rate"], r["line_backdoor_rate"])
+    # norm_to_median (the default under the median): every slot of every version enters at one length, the
+    # buffer's median norm, so a delta's scale buys the attacker nothing (RELIABILITY.md, the samples attack)
+    for name, r in rep["attacks"].items():
+        for v, entries in r["lineages"].items():
+            entered = [u["norm"] * u["clip_scale"] for u in entries]
+            assert max(entered) <= min(entered) * (1 + 1e-5), (name, v, entered)
     assert rep["input_range"] and rep["trigger_value"] > rep["line_trigger_value"]
     assert rep["clean_backdoor_rate"] == rep["clean_line_backdoor_rate"]
 

@@ -50,7 +50,8 @@ def test_onnx_runtime_scores_an_out_of_range_reading_as_the_range_edge() -> None
 
 def test_torch_model_saturates_by_hand_and_without_a_range_does_not() -> None:
     """The first layer sees ``(clamp(x) − mean) / scale``: for x = [1.7, −0.2, 20] that is
-    [(1 − 0.5)/0.25, (0 − 0.5)/0.25, (16 − 10)/2] = [2, −2, 3], worked by hand; without a range it sees
+    [(1 − 0.5)/0.25, (0 − 0.5)/0.25, (16 − 10)/2] = [2, −2, 3], worked by hand; without a declared range
+    (x inside the default six spreads of the standardisation, the next test) it sees
     [(1.7 − 0.5)/0.25, (−0.2 − 0.5)/0.25, (20 − 10)/2] = [4.8, −2.8, 5]."""
     x = torch.tensor([[1.7, -0.2, 20.0]])
     model = build_model(RANGED, seed=1)
@@ -106,3 +107,40 @@ def test_compose_federation_declares_one_input_range_everywhere() -> None:
     first = next(iter(specs.values()))
     assert all(s == first for s in specs.values()), specs
     assert first.input_low == [0.0] * 5 and first.input_high == [1.0] * 5
+
+
+def test_a_standardised_model_without_a_declared_range_saturates_six_spreads_out() -> None:
+    """No input_low / input_high, standardisation mean (0.5, 0.5, 10), scale (0.25, 0.25, 2): the default range
+    is mean ± 6 scale = [−1, 2], [−1, 2], [−2, 22] (worked by hand). x = (3, −2, 30) is clamped to (2, −1, 22)
+    and standardised to (6, −6, 6); x = (1.7, −0.2, 20) is inside and gives (4.8, −2.8, 5). ONNX Runtime on the
+    export scores (3, −2, 30) exactly as (2, −1, 22). A declared range takes precedence; no standardisation, no
+    range: nothing is clamped."""
+    plain = ModelSpec(kind="mlp", n_features=3, hidden=[8], input_mean=[0.5, 0.5, 10.0], input_scale=[0.25, 0.25, 2.0])
+    assert plain.saturation() == ([-1.0, -1.0, -2.0], [2.0, 2.0, 22.0])
+    model = build_model(plain, seed=1)
+    np.testing.assert_allclose(
+        model.norm(torch.tensor([[3.0, -2.0, 30.0], [1.7, -0.2, 20.0]])).numpy(),
+        [[6.0, -6.0, 6.0], [4.8, -2.8, 5.0]],
+        rtol=1e-6,
+    )
+    _, session = _onnx(plain)
+    (y,) = session.run(["y"], {"x": np.array([[3.0, -2.0, 30.0], [2.0, -1.0, 22.0]], np.float32)})
+    assert y[0, 0] == y[1, 0]
+    assert RANGED.saturation() == ([0.0, 0.0, 4.0], [1.0, 1.0, 16.0])
+    assert ModelSpec(kind="mlp", n_features=3, hidden=[8]).saturation() == ([], [])
+    bare = build_model(ModelSpec(kind="mlp", n_features=3, hidden=[8]), seed=1)
+    np.testing.assert_allclose(bare.norm(torch.tensor([[300.0, -50.0, 1e4]])).numpy(), [[300.0, -50.0, 1e4]])
+
+
+def test_the_demo_declares_its_input_range() -> None:
+    """The demo's [rows] give every feature an engineering range, so its rows arrive in [0, 1]; its [model]
+    (one table for the aggregator and every site) declares exactly that as the input range."""
+    from fedline.demo.data import load_demo_data
+    from fedline.demo.workspace import Tuning, model_table, rows_table
+
+    data = load_demo_data(max_rows_per_site=50)
+    n = len(data.features)
+    assert all(len(f["range"]) == 2 for f in rows_table(data)["features"])
+    spec = ModelSpec.from_dict(model_table(data, Tuning()))
+    assert spec.input_low == [0.0] * n and spec.input_high == [1.0] * n
+    assert spec.saturation() == ([0.0] * n, [1.0] * n)
