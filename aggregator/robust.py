@@ -1,7 +1,9 @@
 """Robust building blocks of the reduce step, on ``dict[str, np.ndarray]`` states.
 
-Why these three: a per-update norm bound limits what any one site can do
-(Sun et al., "Can You Really Backdoor Federated Learning?", 2019); the
+Why these: a per-update norm bound limits what any one site can do
+(Sun et al., "Can You Really Backdoor Federated Learning?", 2019), and
+rescaling every update to one norm (as FLTrust does, Cao et al., NDSS 2021)
+takes away a short delta's advantage under the median (:func:`rescale`); the
 coordinate-wise median and trimmed mean (Yin et al., "Byzantine-Robust
 Distributed Learning: Towards Optimal Statistical Rates", ICML 2018) ignore a
 minority of arbitrary updates. They are options of one reduce step

@@ -13,8 +13,9 @@ four tensors), on the same delta arrays:
   validation, no storage — the physical limit of intake on one core.
 - **fedline int8**: the same, for the same deltas sent as int8 updates
   (``[update] quantise = "int8"``, :mod:`broker_bridge.quantised`): a quarter
-  of the bytes to decrypt, hash and log, plus the decode to float32 before the
-  checks. Its per-update CPU is compared with Flower's float32 path (issue 19).
+  of the bytes to decrypt, hash and log; the norm and the reduce straight from the
+  int8 blocks. Its per-update CPU is compared with Flower's float32 path (issue 19);
+  ``bench/int8_budget.py`` splits it into parts.
 - **int8 floor**: the limit's loop for the int8 updates, plus the norm from the int8
   blocks (no intake may skip the norm bound), adding straight from the int8 values.
 - **flower**: Flower's own decode (``flwr.common.parameters_to_ndarrays``,

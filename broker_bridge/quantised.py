@@ -202,23 +202,23 @@ def block_sums_of_squares(q: np.ndarray) -> np.ndarray:
     """``S_b = Σ_{j in block b} q_j²`` per block of the flat int8 ``q``, exact (float64 of integers).
 
     Exact although summed in float32: every partial sum is an integer of at most 1,024 · 127² < 2^24.
-    One ``reduceat`` per cache-sized chunk sums its whole blocks and a partial last one alike: about half
-    the CPU of a sum per block for the small tensors of a small model, and no slower at 1M values.
+    Why a BLAS product with ones: measured against one ``einsum`` or one ``reduceat`` per chunk (interleaved,
+    one process), it is the cheapest at 90k values and more (0.41 against 0.54 and 0.58 ms at 1M); the
+    others win by a few microseconds only on tensors of a few blocks.
     """
     flat = q.reshape(-1)
     out = np.empty(n_blocks(flat.size), np.float64)
     buf = _buffer()
-    chunk = CHUNK_BLOCKS * BLOCK
-    for lo in range(0, flat.size, chunk):
-        hi = min(flat.size, lo + chunk)
+    ones = np.ones(BLOCK, np.float32)
+    for lo, hi in _chunks(flat.size):
         b = buf[: hi - lo]
         b[:] = flat[lo:hi]  # exact: int8 fits float32
         np.multiply(b, b, out=b)
-        out[lo // BLOCK : lo // BLOCK + n_blocks(hi - lo)] = np.add.reduceat(b, _BLOCK_STARTS[: n_blocks(hi - lo)])
+        if (hi - lo) % BLOCK == 0:
+            out[lo // BLOCK : hi // BLOCK] = b.reshape(-1, BLOCK) @ ones  # a BLAS gemv: one sum per block
+        else:
+            out[lo // BLOCK] = float(b.sum())
     return out
-
-
-_BLOCK_STARTS = np.arange(0, CHUNK_BLOCKS * BLOCK, BLOCK)  # where each block of a chunk starts
 
 
 class Int8Delta(Mapping[str, np.ndarray]):

@@ -102,6 +102,12 @@ class PersonalConfig:
     # pass's switching rule on the pool. (0.75,) was chosen on split seeds 10-19 of both demo data sets
     # (docs/tuning.md, ninth pass)
     fold_blend_weights: tuple[float, ...] = (0.75,)
+    # the federation model a small site's fold blend mixes in: "fine_tuned" (the global model fine-tuned on the
+    # site's rows, noise-free), or "best" (the better-scoring of global and fine-tuned on the pool, the ninth
+    # pass). Not chosen by the pool's score: the global model trained, under DP, on the very rows the folds hold
+    # out, so the pool flatters it over the fine-tune, whose fold models never saw their fold without noise.
+    # "fine_tuned" was chosen on split seeds 200-209 of both demo data sets (docs/tuning.md, tenth pass)
+    fold_blend_of: Literal["fine_tuned", "best"] = "fine_tuned"
     seed: int = 0
 
     def validate(self) -> None:
@@ -123,6 +129,8 @@ class PersonalConfig:
             raise ValueError(f"cross_folds must be 0 (off) or >= 2, got {self.cross_folds}")
         blend.check_grid(self.blend_weights)
         blend.check_grid(self.fold_blend_weights)
+        if self.fold_blend_of not in ("fine_tuned", "best"):
+            raise ValueError(f"fold_blend_of must be 'fine_tuned' or 'best', got {self.fold_blend_of!r}")
 
 
 #: Which rule decided a choice (the site's status says it): the paired test kept local-only or switched away
@@ -304,7 +312,7 @@ def pick(
 def _on_folds(m: str, scores: dict[str, float], folds: FoldEvidence, cfg: PersonalConfig, n: int, small: str) -> Choice:
     """A small site's choice on its training folds pooled with its validation rows (:mod:`edge.unit_folds`).
 
-    With ``fold_blend_weights`` (the default): the blend of local-only and the better federation candidate at
+    With ``fold_blend_weights`` (the default): the blend of local-only and the fine-tuned model (``fold_blend_of``) at
     the grid's best weight on the pool, when it scores better there than local-only; else local-only. Not a
     switch to a federation model alone: the pool flatters the global model (it trained, under DP, on these
     rows), and a blend that keeps a share of the plant's own model hedges that (docs/tuning.md, ninth pass).
@@ -496,19 +504,21 @@ def compare(
     preds: dict[str, np.ndarray],
     units: Sequence[object] | None = None,
     grid: Sequence[float] = (),
+    partner: str | None = None,
 ) -> tuple[dict[str, float], dict[str, Evidence], BlendFit | None]:
     """Each candidate's metric on rows ``y_true`` from its predictions, and each federation candidate's
     paired test against local-only on them (``units``: each row's unit, None when rows are independent).
 
     With a ``grid`` of weights (``[personal] blend_weights``) the blend (:mod:`edge.blend`) joins them: local-only
-    blended with the better-scoring federation candidate at the grid's best weight on these same rows."""
+    blended with the better-scoring federation candidate (or ``partner`` when it could be scored) at the grid's
+    best weight on these same rows."""
     y = np.asarray(y_true, dtype=np.float64).reshape(len(y_true), -1)[:, 0]
     m = metric_name(spec)
     scores = {k: score(m, y, v) for k, v in preds.items()}
     fit = None
     fed = [k for k in ("fine_tuned", "global") if k in preds and _finite(scores[k])]
     if grid and fed and _finite(scores.get("local")):
-        of = _best(m, fed, scores)
+        of = partner if partner in fed else _best(m, fed, scores)
         fit = BlendFit(best_weight(m, y, preds["local"], preds[of], grid), of)
         preds = {**preds, blend.KIND: mix(fit.weight, preds["local"], preds[of])}
         scores[blend.KIND] = score(m, y, preds[blend.KIND])
@@ -639,7 +649,8 @@ class Personaliser:
                 units += (
                     list(val_units) if val_units is not None else [f"validation row {i}" for i in range(len(y_val))]
                 )
-        scores, tests, fit = compare(self.spec, y_all, oof, units, self.cfg.fold_blend_weights)
+        partner = None if self.cfg.fold_blend_of == "best" else self.cfg.fold_blend_of
+        scores, tests, fit = compare(self.spec, y_all, oof, units, self.cfg.fold_blend_weights, partner)
         n_units = len(set(units)) if units is not None else len(y_all)
         return FoldEvidence(scores, tests, len(y_all), n_units, k, fit)
 

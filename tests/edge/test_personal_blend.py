@@ -141,3 +141,30 @@ def test_personaliser_serves_a_blend_whose_predictions_are_the_weighted_mean_of_
     halves = served_of({"local": p.local, "global": glob, "fine_tuned": glob}, blend_only)
     want = 0.5 * predict(CLS, p.local, xv) + 0.5 * predict(CLS, glob, xv)
     assert halves.predict(CLS, xv) == pytest.approx(want, abs=1e-6)
+
+
+def test_the_fold_blend_mixes_in_the_fine_tuned_model_even_where_the_pool_scores_the_global_better():
+    """Worked by hand: 2 failures, 2 normal rows. The global model orders them perfectly (AUC 1: the pool
+    flatters it, it trained on these rows), the fine-tuned one puts f1 below n1 (AUC 3/4), local-only is
+    0.2, 0.9 / 0.1, 0.6 (AUC 3/4). The partner is the one named (``fold_blend_of``), not the pool's best; with
+    "best" it is the global model. The blend 0.75 x local + 0.25 x fine-tuned scores 0.3, 0.875 / 0.25, 0.5: f1
+    below n2, AUC 3/4."""
+    from edge.personal import compare
+
+    y = np.array([1.0, 1.0, 0.0, 0.0])
+    preds = {
+        "local": np.array([0.2, 0.9, 0.1, 0.6]),
+        "global": np.array([0.9, 0.8, 0.1, 0.2]),
+        "fine_tuned": np.array([0.6, 0.8, 0.7, 0.2]),
+    }
+    scores, _, fit = compare(CLS, y, preds, None, (0.75,), "fine_tuned")
+    assert scores["global"] == 1.0 and scores["fine_tuned"] == 0.75 and fit == BlendFit(0.75, "fine_tuned")
+    assert scores["blend"] == pytest.approx(0.75)
+    _, _, fit_best = compare(CLS, y, preds, None, (0.75,))
+    assert fit_best == BlendFit(0.75, "global")
+    # a partner that could not be scored falls back to the best that could
+    no_ft = {k: v for k, v in preds.items() if k != "fine_tuned"}
+    assert compare(CLS, y, no_ft, None, (0.75,), "fine_tuned")[2] == BlendFit(0.75, "global")
+    assert PersonalConfig().fold_blend_of == "fine_tuned"
+    with pytest.raises(ValueError, match="fold_blend_of"):
+        PersonalConfig(fold_blend_of="global").validate()  # type: ignore[arg-type]

@@ -351,6 +351,20 @@ def backdoor_rate(spec, model: dict[str, np.ndarray], data: Data, value: float =
     return float((predict(spec, model, triggered(fail, value)) == 0).mean())
 
 
+def roc_auc(spec, model: dict[str, np.ndarray], data: Data) -> float:
+    """The model's ROC AUC on the (untriggered) test set: what a defence must not cost."""
+    import torch
+
+    from models import build_model, load_shared_state
+    from models.metrics import roc_auc as auc
+
+    net = build_model(spec, seed=0)
+    load_shared_state(net, spec, model)
+    net.eval()
+    with torch.no_grad():
+        return auc(data.test_y, net(torch.from_numpy(data.test_x)).numpy().reshape(-1))
+
+
 def distance(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
     return _norm({k: a[k] - b[k] for k in a})
 
@@ -388,6 +402,7 @@ async def report(
         "line_trigger_value": line_value,
         "clean_backdoor_rate": backdoor_rate(spec, honest.model, data, value),
         "clean_line_backdoor_rate": backdoor_rate(spec, honest.model, data, line_value),
+        "clean_auc": roc_auc(spec, honest.model, data),
         "reduces": sorted(set(honest.reduces)),
         "slots": honest.slots,
         "attacks": {},
@@ -400,6 +415,7 @@ async def report(
             "relative_distance": d / moved if moved else math.inf,
             "backdoor_rate": backdoor_rate(spec, res.model, data, value),
             "line_backdoor_rate": backdoor_rate(spec, res.model, data, line_value),
+            "auc": roc_auc(spec, res.model, data),
             "versions": res.versions,
             "attacker_entries": res.attacker_entries,
             "steps": res.steps,
@@ -414,14 +430,15 @@ async def report(
 def table(rep: dict) -> str:
     lines = [
         f"honest-only: {rep['honest_versions']} versions, moved {rep['honest_moved']:.3f} from version 0, "
-        f"backdoor rate of the clean model {rep['clean_backdoor_rate']:.3f}, reduce {'/'.join(rep['reduces'])}",
-        "| attack | distance from honest-only | relative | backdoor success | versions |",
-        "|---|---|---|---|---|",
+        f"backdoor rate of the clean model {rep['clean_backdoor_rate']:.3f}, ROC AUC {rep['clean_auc']:.3f}, "
+        f"reduce {'/'.join(rep['reduces'])}",
+        "| attack | distance from honest-only | relative | backdoor success | minus clean | ROC AUC | versions |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, r in rep["attacks"].items():
         lines.append(
             f"| {name} | {r['distance']:.3f} | {r['relative_distance']:.2f} | {r['backdoor_rate']:.3f} | "
-            f"{r['versions']} |"
+            f"{r['backdoor_rate'] - rep['clean_backdoor_rate']:+.3f} | {r['auc']:.3f} | {r['versions']} |"
         )
     return "\n".join(lines)
 

@@ -5,8 +5,10 @@ model-replacement backdoor claiming 10**7 samples); the full report (all four at
 plain mean) is ``@pytest.mark.slow`` and ``python -m tests.hostile.attack_suite`` prints it. What is checked,
 with the aggregator's defaults: every version is reduced with the coordinate-wise median (``robust = "auto"``
 at K = 3 without secure aggregation); the malicious site holds at most one slot of each version, with
-coefficient at most 1/K, its delta clipped to the bound in force; and the global model stays much closer to
-the honest-only run than before the fix (pre-fix numbers in RELIABILITY.md: relative distance 0.81 to 2,200).
+coefficient at most 1/K, its delta entering no longer than the buffer's median norm (``norm_to_median``
+rescales every slot to exactly that length: checked from each version's lineage in the fast test); and the
+global model stays much closer to the honest-only run than before the fix (pre-fix numbers in
+RELIABILITY.md: relative distance 0.81 to 2,200).
 
 Issue 14's "backdoor success within 5 points of the clean model" (RELIABILITY.md, the tables over seeds):
 - with a trigger inside the features' engineering range (what reaches a model at all: the line's and the
@@ -65,6 +67,8 @@ async def test_attack_suite_fast(tmp_path):
             assert max(entered) <= min(entered) * (1 + 1e-5), (name, v, entered)
     assert rep["input_range"] and rep["trigger_value"] > rep["line_trigger_value"]
     assert rep["clean_backdoor_rate"] == rep["clean_line_backdoor_rate"]
+    # the defaults still learn AI4I's failures: 0.87 measured at three loops, 0.886 at six (RELIABILITY.md)
+    assert rep["clean_auc"] > 0.75, rep["clean_auc"]
 
 
 @pytest.mark.slow
