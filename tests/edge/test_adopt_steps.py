@@ -35,56 +35,60 @@ class Recorder:
         self.calls.append(("unsubscribe", topic))
 
 
-async def test_following_by_steps_drops_the_weights_and_fetches_one_version_it_cannot_make(tmp_path) -> None:
+async def stepping_agent(tmp_path, versions: int, seed: int):
+    """A granted agent with a recording client, and ``versions`` releases each made by an int8 step from the last.
+
+    Returns (agent, client, releases, models); models[v] is version v's weights as the aggregator makes them.
+    """
     fed = Federation.create(tmp_path, ["site-a"])
     agent = EdgeAgent(load_edge_config(write_site(fed, "site-a", write_csv(tmp_path / "a.csv", 60), "mqtt://x", None)))
-    try:
-        client = Recorder()
-        agent.state.client = client  # type: ignore[assignment]
-        key, topics, ad = new_content_key(), agent.topics, agent.adopter
+    client = Recorder()
+    agent.state.client = client  # type: ignore[assignment]
+    key, ad = new_content_key(), agent.adopter
 
-        async def no_export() -> None:  # the line's ONNX is not this test's subject (edge.line_export has its own)
-            return None
+    async def no_export() -> None:  # the line's ONNX is not this test's subject (edge.line_export has its own)
+        return None
 
-        ad._export = no_export
-        await ad.on_grant(seal_grant(FEDERATION, fed.sites["site-a"].public(), 1, key, fed.aggregator))
-        rng = np.random.default_rng(3)
-        models = [{k: np.array(v) for k, v in agent.base.shared.items()}]  # version 0, as the aggregator seeds it
-        releases = []
-        for v in range(1, 4):
-            target = {k: x + rng.standard_normal(x.shape).astype(np.float32) * 0.05 for k, x in models[-1].items()}
-            block, made = quantised.model_step(models[-1], target)
-            models.append(made)
-            releases.append(
-                build_release(
-                    v,
-                    made,
-                    agent.spec,
-                    FEDERATION,
-                    fed.aggregator,
-                    topics,
-                    lambda _t: 4096,
-                    None,
-                    epoch=1,
-                    content_key=key,
-                    step=(v - 1, block),
-                )
+    ad._export = no_export
+    await ad.on_grant(seal_grant(FEDERATION, fed.sites["site-a"].public(), 1, key, fed.aggregator))
+    rng = np.random.default_rng(seed)
+    models = [{k: np.array(v) for k, v in agent.base.shared.items()}]  # version 0, as the aggregator seeds it
+    releases = []
+    for v in range(1, versions + 1):
+        target = {k: x + rng.standard_normal(x.shape).astype(np.float32) * 0.05 for k, x in models[-1].items()}
+        block, made = quantised.model_step(models[-1], target)
+        models.append(made)
+        releases.append(
+            build_release(
+                v, made, agent.spec, FEDERATION, fed.aggregator, agent.topics, lambda _t: 4096, None,
+                epoch=1, content_key=key, step=(v - 1, block),
             )
+        )  # fmt: skip
+    return agent, client, releases, models
 
-        async def deliver(release, kinds: tuple[str, ...]) -> None:
-            for topic, payload in release.chunks:
-                info = topics.parse(topic)
-                if info.kind in kinds:
-                    await ad.on_chunk(topic, info.version, info.index, payload, info.kind == "delta")
-            await ad.on_manifest(release.manifest_blob)
 
-        await deliver(releases[0], ("delta",))  # version 1 from its step
+async def deliver(agent: EdgeAgent, release, kinds: tuple[str, ...], manifest: bool = True) -> None:
+    """Hand the adopter a release's chunks of ``kinds`` (``"delta"``, ``"weights"``), then its manifest."""
+    topics, ad = agent.topics, agent.adopter
+    for topic, payload in release.chunks:
+        info = topics.parse(topic)
+        if info.kind in kinds:
+            await ad.on_chunk(topic, info.version, info.index, payload, info.kind == "delta")
+    if manifest:
+        await ad.on_manifest(release.manifest_blob)
+
+
+async def test_following_by_steps_drops_the_weights_and_fetches_one_version_it_cannot_make(tmp_path) -> None:
+    agent, client, releases, models = await stepping_agent(tmp_path, 3, seed=3)
+    try:
+        topics, ad = agent.topics, agent.adopter
+        await deliver(agent, releases[0], ("delta",))  # version 1 from its step
         assert agent.base.version == 1 and all(np.array_equal(agent.base.shared[k], models[1][k]) for k in models[1])
         assert client.calls == [("unsubscribe", topics.weights_filter())] and not ad.weights_subscribed
         client.calls.clear()
         await ad.on_manifest(releases[2].manifest_blob)  # version 3, made from 2, which this site missed
         assert client.calls == [("subscribe", topics.weights_of(3))] and agent.base.version == 1
-        await deliver(releases[2], ("weights",))
+        await deliver(agent, releases[2], ("weights",))
         assert agent.base.version == 3 and all(np.array_equal(agent.base.shared[k], models[3][k]) for k in models[3])
         assert client.calls == [("subscribe", topics.weights_of(3)), ("unsubscribe", topics.weights_of(3))]
     finally:
@@ -93,37 +97,11 @@ async def test_following_by_steps_drops_the_weights_and_fetches_one_version_it_c
 
 async def test_a_step_whose_chunks_never_arrive_falls_back_to_that_versions_weights(tmp_path) -> None:
     """Regression: a version announced by its step waited for the step's chunks until the next manifest."""
-    fed = Federation.create(tmp_path, ["site-a"])
-    agent = EdgeAgent(load_edge_config(write_site(fed, "site-a", write_csv(tmp_path / "a.csv", 60), "mqtt://x", None)))
+    agent, client, releases, models = await stepping_agent(tmp_path, 2, seed=5)
     try:
-        client = Recorder()
-        agent.state.client = client  # type: ignore[assignment]
-        key, topics, ad = new_content_key(), agent.topics, agent.adopter
+        topics, ad = agent.topics, agent.adopter
         ad.STEP_WAIT_S = 0.05
-
-        async def no_export() -> None:
-            return None
-
-        ad._export = no_export
-        await ad.on_grant(seal_grant(FEDERATION, fed.sites["site-a"].public(), 1, key, fed.aggregator))
-        rng = np.random.default_rng(5)
-        models = [{k: np.array(v) for k, v in agent.base.shared.items()}]
-        releases = []
-        for v in (1, 2):
-            target = {k: x + rng.standard_normal(x.shape).astype(np.float32) * 0.05 for k, x in models[-1].items()}
-            block, made = quantised.model_step(models[-1], target)
-            models.append(made)
-            releases.append(
-                build_release(
-                    v, made, agent.spec, FEDERATION, fed.aggregator, topics, lambda _t: 4096, None,
-                    epoch=1, content_key=key, step=(v - 1, block),
-                )
-            )  # fmt: skip
-        for topic, payload in releases[0].chunks:  # version 1 by its step: the weights are unsubscribed
-            info = topics.parse(topic)
-            if info.kind == "delta":
-                await ad.on_chunk(topic, info.version, info.index, payload, True)
-        await ad.on_manifest(releases[0].manifest_blob)
+        await deliver(agent, releases[0], ("delta",))  # version 1 by its step: the weights are unsubscribed
         assert agent.base.version == 1 and not ad.weights_subscribed
         client.calls.clear()
 
@@ -132,10 +110,7 @@ async def test_a_step_whose_chunks_never_arrive_falls_back_to_that_versions_weig
         await eventually(lambda: client.calls, timeout=5)
         assert client.calls == [("subscribe", topics.weights_of(2))] and agent.base.version == 1
         assert ad.follower.step_failures == 1
-        for topic, payload in releases[1].chunks:
-            info = topics.parse(topic)
-            if info.kind == "weights":
-                await ad.on_chunk(topic, info.version, info.index, payload)
+        await deliver(agent, releases[1], ("weights",), manifest=False)
         assert agent.base.version == 2 and all(np.array_equal(agent.base.shared[k], models[2][k]) for k in models[2])
         assert client.calls[-1] == ("unsubscribe", topics.weights_of(2))
     finally:
