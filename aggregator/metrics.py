@@ -74,8 +74,12 @@ class Metrics:
             registry=r,
         )
         self._recent: deque[float] = deque()
+        self._per_update_paths()
+
+    def _per_update_paths(self) -> None:
+        """What :meth:`decided` needs, set up once: it runs for every update on the intake's hot path."""
         # the labelled children of the per-update counters, looked up once per label (prometheus_client's
-        # ``labels()`` validates and locks on every call: a few µs per update on the intake's hot path)
+        # ``labels()`` validates and locks on every call: a few µs per update)
         self._verdict_counters: dict[str, Any] = {}
         self._reason_counters: dict[str, Any] = {}
         # the rate is worked out when it is read (a scrape, ``value``), not on every decided update
