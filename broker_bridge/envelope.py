@@ -84,6 +84,11 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not allowed")
 
 
+# one decoder for every read: ``json.loads`` with a keyword builds a new JSONDecoder (and its scanner) per call,
+# which cost as much as the parse itself on the aggregator's per-update path (two headers per update)
+_STRICT_JSON = json.JSONDecoder(parse_constant=_reject_constant)
+
+
 def canonical_json(doc: Mapping[str, Any]) -> bytes:
     """Sorted keys, no spaces, no NaN/Infinity: the same dict always gives the same bytes."""
     return json.dumps(doc, sort_keys=True, separators=(",", ":"), allow_nan=False).encode("utf-8")
@@ -91,7 +96,7 @@ def canonical_json(doc: Mapping[str, Any]) -> bytes:
 
 def _load_json(raw: bytes | memoryview, reason: str, what: str) -> dict[str, Any]:
     try:
-        doc = json.loads(bytes(raw).decode("utf-8"), parse_constant=_reject_constant)
+        doc = _STRICT_JSON.decode(bytes(raw).decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise WireError(reason, f"{what} is not valid JSON: {exc}") from None
     if not isinstance(doc, dict):
@@ -135,7 +140,7 @@ def decode_tensors(blob: bytes | memoryview, reason: str = "schema") -> dict[str
     if hlen > MAX_HEADER_BYTES or 8 + hlen > len(view):
         raise WireError(reason, f"tensor header length {hlen} does not fit the block")
     try:
-        meta = json.loads(bytes(view[8 : 8 + hlen]).decode("utf-8"), parse_constant=_reject_constant)
+        meta = _STRICT_JSON.decode(bytes(view[8 : 8 + hlen]).decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise WireError(reason, f"tensor header is not valid JSON: {exc}") from None
     if not isinstance(meta, list) or len(meta) > MAX_TENSORS:
