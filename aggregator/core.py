@@ -273,9 +273,10 @@ class AggregatorCore:
 
         The same pipeline as the service: opening (most of the work) overlaps
         with the serial decisions, so both cores stay busy. The oldest update and those behind it already
-        opened are decided together, with one commit (:meth:`decide_many`).
+        opened are decided together, with one commit (:meth:`decide_many`). The default window is the
+        service's: its queue of updates being opened holds ``4 * workers`` (``aggregator.service``).
         """
-        window = window or 2 * self.cfg.aggregator.workers
+        window = window or 4 * self.cfg.aggregator.workers
         pending: deque[Future[Opened]] = deque()
         for item in items:
             pending.append(self.pool.submit(self.open, item))

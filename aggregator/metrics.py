@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -73,20 +74,43 @@ class Metrics:
             registry=r,
         )
         self._recent: deque[float] = deque()
+        self._per_update_paths()
+
+    def _per_update_paths(self) -> None:
+        """What :meth:`decided` needs, set up once: it runs for every update on the intake's hot path."""
+        # the labelled children of the per-update counters, looked up once per label (prometheus_client's
+        # ``labels()`` validates and locks on every call: a few µs per update)
+        self._verdict_counters: dict[str, Any] = {}
+        self._reason_counters: dict[str, Any] = {}
+        # the rate is worked out when it is read (a scrape, ``value``), not on every decided update
+        self.rate.set_function(self._rate)
 
     def decided(self, verdict: str, reason: str | None = None, arrival: bool = True) -> None:
         """Count a verdict. ``arrival=False`` for a buffered update's later "applied": it is not a new update."""
-        self.updates.labels(verdict).inc()
+        counter = self._verdict_counters.get(verdict)
+        if counter is None:
+            counter = self._verdict_counters[verdict] = self.updates.labels(verdict)
+        counter.inc()
         if verdict == "rejected" and reason:
-            self.rejections.labels(reason).inc()
+            by_reason = self._reason_counters.get(reason)
+            if by_reason is None:
+                by_reason = self._reason_counters[reason] = self.rejections.labels(reason)
+            by_reason.inc()
         if not arrival:
             return
         now = time.monotonic()
         self._recent.append(now)
-        while self._recent and now - self._recent[0] > 60.0:
+        while now - self._recent[0] > 60.0:  # never empties: ``now`` was just appended
             self._recent.popleft()
-        span = max(1.0, min(60.0, now - self._recent[0])) if self._recent else 60.0
-        self.rate.set(len(self._recent) / span)
+
+    def _rate(self) -> float:
+        """Updates decided per second over the last 60 s, as of the newest one (read from another thread:
+        only the deque's length and ends are read, each an atomic operation)."""
+        try:
+            first, last, n = self._recent[0], self._recent[-1], len(self._recent)
+        except IndexError:
+            return 0.0
+        return n / max(1.0, min(60.0, last - first))
 
     def value(self, name: str, labels: dict[str, str] | None = None) -> float:
         """A sample's current value (0 if never set): for tests and ``status``."""

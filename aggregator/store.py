@@ -76,6 +76,12 @@ CREATE TABLE IF NOT EXISTS published (
 
 
 _EMPTY_BUFFER = "DELETE FROM buffer"  # a new version's: every buffered row leaves in its transaction
+# the one statement whose arguments hold an _Unwritten (add_buffered): _tx knows it by identity, so the other
+# statements of a transaction (most of them) are passed on without looking at their arguments
+_INSERT_BUFFERED = (
+    "INSERT INTO buffer (site, counter, msg_id, base_version, n_samples, staleness, factor, weight, "
+    "file, offset, length) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
 
 
 @dataclass(frozen=True)
@@ -277,7 +283,10 @@ class Store:
         statements = list(statements)
         with self._lock:
             emptied = any(sql == _EMPTY_BUFFER for sql, _ in statements)
-            todo = [(sql, self._written(args, emptied)) for sql, args in [*self._pending, *statements]]
+            todo = [
+                (sql, self._written(args, emptied) if sql is _INSERT_BUFFERED else args)
+                for sql, args in [*self._pending, *statements]
+            ]
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 for sql, args in todo:
@@ -292,8 +301,6 @@ class Store:
     def _written(self, args: tuple[Any, ...], emptied: bool) -> tuple[Any, ...]:
         """``args`` with each :class:`_Unwritten` replaced by the offset its bytes were appended at (0, and
         nothing written, when the transaction empties the buffer)."""
-        if not any(isinstance(a, _Unwritten) for a in args):
-            return args
         return tuple(
             (0 if emptied else self._append(a.segment, a.data)) if isinstance(a, _Unwritten) else a for a in args
         )
@@ -444,8 +451,7 @@ class Store:
                 [
                     *drop,
                     (
-                        "INSERT INTO buffer (site, counter, msg_id, base_version, n_samples, staleness, factor, weight, "
-                        "file, offset, length) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        _INSERT_BUFFERED,
                         (
                             row.site,
                             row.counter,

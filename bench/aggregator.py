@@ -18,10 +18,16 @@ four tensors), on the same delta arrays:
   ``bench/int8_budget.py`` splits it into parts.
 - **int8 floor**: the limit's loop for the int8 updates, plus the norm from the int8
   blocks (no intake may skip the norm bound), adding straight from the int8 values.
-- **flower**: Flower's own decode (``flwr.common.parameters_to_ndarrays``,
-  NumPy ``.npy`` bytes as Flower ships them) plus its FedAvg reduce
-  (``flwr.server.strategy.aggregate.aggregate``) every 10 updates. Flower
-  receives plaintext (TLS is the transport's job), so it decrypts nothing.
+- **flower faithful**: Flower 1.42's server receive path for each reply, from the
+  serialised requests its SuperLink receives to 1.42's ``FedAvg.aggregate_train``
+  every 10 replies (``bench/flower_receive.py`` says which Flower code each step
+  follows: protobuf parsing, the object store's SHA-256 check of every object, the
+  hop to the ServerApp process, the Message inflated). Flower receives plaintext
+  (TLS is the transport's job), so it decrypts nothing.
+- **flower** (narrow, the older baseline): Flower's own decode
+  (``flwr.common.parameters_to_ndarrays``, NumPy ``.npy`` bytes as Flower ships them)
+  plus the legacy FedAvg reduce (``flwr.server.strategy.aggregate.aggregate``) every
+  10 updates: no message, no object store, no ServerApp.
 
 Two fedline rows: the default reduce (the coordinate-wise median, ``robust = "auto"``
 at K = 10) and FedBuff's weighted mean (``robust = "none"``). **Issue 19's intake
@@ -41,8 +47,8 @@ Usage: ``python bench/aggregator.py`` (table) or ``--json`` (one JSON object);
 (protobuf, packaging, rich, typer), so install it beside the venv and put it on the path
 for the run only: ``pip install --no-deps --target /tmp/flwr flwr==1.42.0 grpcio
 grpcio-health-checking iterators pycryptodome httpx httpcore h11 certifi requests urllib3
-charset-normalizer tomli sniffio`` then ``PYTHONPATH=.:/tmp/flwr python bench/aggregator.py``
-(the import of ``flwr.common`` and ``flwr.server.strategy.aggregate`` is all it needs).
+charset-normalizer tomli sniffio sqlalchemy alembic mako`` then ``PYTHONPATH=.:/tmp/flwr python
+bench/aggregator.py`` (the faithful path needs the object store's imports: sqlalchemy, alembic, mako).
 """
 
 from __future__ import annotations
@@ -66,7 +72,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # this file is bench/aggregator.py: keep its folder off the path so "aggregator" is the package
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(ROOT))
+sys.path.append(str(Path(__file__).resolve().parent))  # after the repository: flower_receive, never "aggregator"
 
+import flower_receive  # noqa: E402
 from nacl.public import PrivateKey  # noqa: E402
 from nacl.signing import VerifyKey  # noqa: E402
 
@@ -96,6 +104,8 @@ def flower() -> tuple[Any, Any, Any, str] | None:
         from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
         from flwr.server.strategy.aggregate import aggregate
     except Exception:
+        return None
+    if flower_receive.flower_version() is None:
         return None
     return ndarrays_to_parameters, parameters_to_ndarrays, aggregate, flwr.__version__
 
@@ -226,6 +236,12 @@ def run_flower(fl, wire: list[Any], samples: list[int]) -> None:
         aggregate(results)
 
 
+def run_flower_faithful(replies: list[flower_receive.Reply]) -> None:
+    """Flower 1.42's receive path (:mod:`flower_receive`) for every reply, FedAvg every K replies."""
+    for lo in range(0, len(replies), K):
+        flower_receive.receive_and_aggregate(replies[lo : lo + K])
+
+
 def n_updates_for(n_params: int) -> int:
     return {10_000: 200, 100_000: 100}.get(n_params, 40)
 
@@ -240,6 +256,7 @@ def measure(n_params: int, workers: int, repeats: int) -> dict[str, Any]:
             deltas, blobs, samples = make_updates(core, agg, sites, n, seed=r)
             p = sum(v.size for v in core.model.values())
             wire = flower_wire(fl, deltas) if fl else None
+            replies = flower_receive.replies([list(d.values()) for d in deltas], samples) if fl else None
             core8, agg8, sites8 = setup(Path(tmp) / f"r{r}-int8", n_params, K, workers, "fedbuff")
             _, blobs8, _ = make_updates(core8, agg8, sites8, n, seed=r, encoding="int8")
             core_mean, _, _ = setup(Path(tmp) / f"r{r}-mean", n_params, K, workers, "fedbuff", robust="none")
@@ -255,6 +272,7 @@ def measure(n_params: int, workers: int, repeats: int) -> dict[str, Any]:
             t["limit_int8"] = timed(run_limit_int8, agg8m, blobs8m, samples, core8m.model)
             if fl:
                 t["flower"] = timed(run_flower, fl, wire, samples)
+                t["flower_faithful"] = timed(run_flower_faithful, replies)
             reduce_default = core8.strategy.reduce_stat
             core.close()
             core8.close()
@@ -289,6 +307,10 @@ def measure(n_params: int, workers: int, repeats: int) -> dict[str, Any]:
         row["flower_cpu_ms_per_update"] / row["fedline_int8_mean_cpu_ms_per_update"] if fl else None
     )
     row["int8_mean_vs_flower"] = row["fedline_int8_mean_per_s"] / row["flower_per_s"] if fl else None
+    # against Flower's faithful receive path (from the serialised requests its SuperLink receives)
+    faithful = row.get("flower_faithful_cpu_ms_per_update")
+    row["int8_vs_flower_faithful_cpu"] = faithful / row["fedline_int8_cpu_ms_per_update"] if fl else None
+    row["int8_mean_vs_flower_faithful_cpu"] = faithful / row["fedline_int8_mean_cpu_ms_per_update"] if fl else None
     # the int8 floor (decrypt + verify + norm + add from the int8 blocks, one core): how close the int8 mean
     # runs to it, and whether the floor alone could beat Flower (< 1: even the floor costs more than Flower)
     row["int8_mean_vs_limit_int8_cpu"] = (
@@ -420,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     head8 = (
         f"{'params':>10} {'int8 KB':>8} {'int8/s':>8} {'CPU ms/update: int8':>20} {'int8 mean':>10} {'float32':>8} "
         f"{'flower':>7} {'int8 floor':>11} {'int8 vs float32':>16} {'int8 vs flower':>15} {'int8 mean vs flower':>20} "
-        f"{'floor vs flower':>16}"
+        f"{'floor vs flower':>16} {'faithful':>9} {'int8 vs faithful':>17} {'int8 mean vs faithful':>22}"
     )
     print(head8)
     print("-" * len(head8))
@@ -429,18 +451,26 @@ def main(argv: list[str] | None = None) -> int:
         vs_fl_m = f"{r['int8_mean_vs_flower_cpu']:19.2f}x" if fl else f"{'n/a':>20}"
         fl_cpu = f"{r['flower_cpu_ms_per_update']:7.3f}" if fl else f"{'n/a':>7}"
         vs_floor = f"{r['limit_int8_vs_flower_cpu']:15.2f}x" if fl else f"{'n/a':>16}"
+        faithful = (
+            f"{r['flower_faithful_cpu_ms_per_update']:9.3f} {r['int8_vs_flower_faithful_cpu']:16.2f}x "
+            f"{r['int8_mean_vs_flower_faithful_cpu']:21.2f}x"
+            if fl
+            else f"{'n/a':>9}"
+        )
         print(
             f"{r['params']:>10,} {r['int8_sealed_bytes'] / 1024:8.1f} {r['fedline_int8_per_s']:8.1f} "
             f"{r['fedline_int8_cpu_ms_per_update']:20.3f} {r['fedline_int8_mean_cpu_ms_per_update']:10.3f} "
             f"{r['fedline_cpu_ms_per_update']:8.3f} {fl_cpu} {r['limit_int8_cpu_ms_per_update']:11.3f} "
-            f"{r['int8_vs_float32_cpu']:15.2f}x {vs_fl} {vs_fl_m} {vs_floor}"
+            f"{r['int8_vs_float32_cpu']:15.2f}x {vs_fl} {vs_fl_m} {vs_floor} {faithful}"
         )
     print(
         "int8 = the default reduce (" + rows[0]["reduce_default"] + ' for K = 10); int8 mean = robust = "none" '
         "(pure accumulation from the int8 blocks, as with FedAvg-style means); int8 vs X = X's CPU ms per update / "
         "the int8 path's (> 1: the int8 path costs less); int8 floor = decrypt + verify + the norm + the add from the "
         "int8 blocks, one loop on one core (no storage, no receipts); floor vs flower = Flower's CPU / the floor's "
-        "(< 1: even the floor costs more than Flower's decode + aggregate)"
+        "(< 1: even the floor costs more than Flower's decode + aggregate); flower = the narrow baseline "
+        "(parameters_to_ndarrays + the legacy aggregate); faithful = Flower 1.42's receive path from the serialised "
+        "requests its SuperLink receives to FedAvg.aggregate_train (bench/flower_receive.py)"
     )
     if rss:
         print(

@@ -40,7 +40,7 @@ class LineExport:
         st = self.state
         async with self._lock:
             base, personal = st.base, dict(st.personal)
-            onnx, served = await asyncio.to_thread(self._build, base.shared, personal)
+            onnx, served = await asyncio.to_thread(self._build, base.shared, personal, base.version)
             try:
                 path = await asyncio.to_thread(
                     st.store.publish_onnx,
@@ -68,13 +68,16 @@ class LineExport:
             st.changed()
         return path
 
-    def _build(self, shared: dict[str, Any], personal: dict[str, Any]) -> tuple[bytes, dict[str, Any] | None]:
+    def _build(
+        self, shared: dict[str, Any], personal: dict[str, Any], version: int | None = None
+    ) -> tuple[bytes, dict[str, Any] | None]:
         """The ONNX bytes and, when the site picks, which candidate it serves (in a worker thread: torch work)."""
         st = self.state
         if self.personaliser is not None:  # noise-free candidates: never sent, never trained on by DP rounds
             from edge.blend_export import export_served
 
-            chosen, choice = self.personaliser.choose_from(st.dataset, {**shared, **personal})
+            # the version joins the site's average of recent versions when [personal] average_versions > 1
+            chosen, choice = self.personaliser.choose_from(st.dataset, {**shared, **personal}, version)
             return export_served(st.spec, chosen, st.cfg.model_seed), choice.to_dict()
         model = build_model(st.spec, seed=st.cfg.model_seed)
         load_shared_state(model, st.spec, shared)

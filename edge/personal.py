@@ -47,6 +47,7 @@ import numpy as np
 from edge import blend
 from edge.blend import best_weight, mix
 from edge.paired_evidence import Evidence, auc_evidence, mse_evidence
+from edge.version_average import VersionAverage
 from models.metrics import better, score
 from models.spec import ModelSpec
 
@@ -108,6 +109,14 @@ class PersonalConfig:
     # out, so the pool flatters it over the fine-tune, whose fold models never saw their fold without noise.
     # "fine_tuned" was chosen on split seeds 200-209 of both demo data sets (docs/tuning.md, tenth pass)
     fold_blend_of: Literal["fine_tuned", "best"] = "fine_tuned"
+    # the mean of the last this many global versions the site adopted (edge/version_average.py: DP noise
+    # averaged out, ε unchanged) is what the fine-tune starts from; 1 = the newest version alone
+    average_versions: int = 1
+    # what the average replaces: "fine_tune" (only the fine-tune's start) or "both" (the global candidate too)
+    average_for: Literal["fine_tune", "both"] = "fine_tune"
+    # the fine-tuned candidate is the weight mean of this many noise-free fine-tunes from the same start, each on
+    # its own shuffle of the rows (a fine-tune of a few epochs moves a small site's score by its batches' order)
+    finetune_repeats: int = 1
     seed: int = 0
 
     def validate(self) -> None:
@@ -131,6 +140,13 @@ class PersonalConfig:
         blend.check_grid(self.fold_blend_weights)
         if self.fold_blend_of not in ("fine_tuned", "best"):
             raise ValueError(f"fold_blend_of must be 'fine_tuned' or 'best', got {self.fold_blend_of!r}")
+        if self.average_versions < 1 or self.finetune_repeats < 1:
+            raise ValueError(
+                f"average_versions and finetune_repeats must be >= 1, got {self.average_versions} "
+                f"and {self.finetune_repeats}"
+            )
+        if self.average_for not in ("fine_tune", "both"):
+            raise ValueError(f"average_for must be 'fine_tune' or 'both', got {self.average_for!r}")
 
 
 #: Which rule decided a choice (the site's status says it): the paired test kept local-only or switched away
@@ -175,6 +191,8 @@ class Choice:
     # kind "blend" (edge/blend.py): the local-only model's share w and the federation candidate it is blended with
     weight: float | None = None
     blend_of: str | None = None
+    # the global versions whose mean the fine-tune started from (edge/version_average.py); None: the newest alone
+    averaged_versions: list[int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         r = lambda v: None if v is None or not math.isfinite(v) else round(float(v), 4)
@@ -189,6 +207,7 @@ class Choice:
             "rule": self.rule,
             "p": r(self.p),
             "reason": self.reason,
+            "averaged_versions": self.averaged_versions,
         }
 
 
@@ -476,8 +495,15 @@ def fine_tune(
     cfg: PersonalConfig,
     model_seed: int = 0,
 ) -> dict[str, np.ndarray]:
-    """The global model (with the site's personal parameters) trained on for a few noise-free epochs."""
-    return _train(spec, global_params, x, y, cfg.finetune_epochs, cfg.finetune_lr, cfg, model_seed)
+    """The global model (with the site's personal parameters) trained on for a few noise-free epochs; with
+    ``cfg.finetune_repeats`` > 1 the weight mean of that many such fine-tunes, each on its own shuffle."""
+    runs = [
+        _train(spec, global_params, x, y, cfg.finetune_epochs, cfg.finetune_lr, cfg, model_seed)
+        for _ in range(cfg.finetune_repeats)
+    ]
+    if len(runs) == 1:
+        return runs[0]
+    return {k: np.mean([r[k] for r in runs], axis=0).astype(np.float32) for k in runs[0]}
 
 
 def validate(
@@ -548,6 +574,8 @@ class Personaliser:
         self._fold_local: dict[int, dict[str, np.ndarray]] = {}
         self._fold_key = b""
         self.folds: FoldEvidence | None = None  # what the last too-small choice decided on
+        # the recent global versions the site adopted, averaged (edge/version_average.py); None = newest only
+        self.versions = VersionAverage(cfg.average_versions) if cfg.average_versions > 1 else None
 
     def choose(
         self,
@@ -560,8 +588,13 @@ class Personaliser:
         train_units: int | None = None,
         train_groups: Sequence[object] | None = None,
         split: str = "random",
+        version: int | None = None,
     ) -> tuple[Served, Choice]:
         """What the line serves and the choice, for this global model and these rows.
+
+        ``version``: the global model's version; with ``[personal] average_versions`` > 1 it joins the average
+        of the recent versions (:mod:`edge.version_average`) the fine-tune starts from (and, with
+        ``average_for = "both"``, that serves as the global candidate). None: this model alone.
 
         ``val_units``: each validation row's unit and ``train_units`` the number of units in the training
         rows (``[dataset] group_column``); None when rows are independent. ``train_groups`` (each training
@@ -571,8 +604,9 @@ class Personaliser:
         if len(x) >= 2 and (self.local is None or len(x) >= self.local_rows * (1 + self.cfg.retrain_growth)):
             self.local = train_local_only(self.spec, x, y, self.cfg, self.model_seed)
             self.local_rows = len(x)
+        start, global_params, averaged = self._start(global_params, version)
         candidates = {
-            "fine_tuned": fine_tune(self.spec, global_params, x, y, self.cfg, self.model_seed),
+            "fine_tuned": fine_tune(self.spec, start, x, y, self.cfg, self.model_seed),
             "global": dict(global_params),
         }
         if self.local is not None:
@@ -589,14 +623,36 @@ class Personaliser:
             and "local" in candidates
             and y is not None
         ):
-            folds = self.fold_evidence(global_params, candidates, x, y, x_val, y_val, val_units, train_groups, split)
+            folds = self.fold_evidence(
+                global_params, candidates, x, y, x_val, y_val, val_units, train_groups, split, start
+            )
         self.folds = folds
         self.choice = pick(self.spec, scores, y_val, self.cfg, evidence, tests, val_units, folds, fit)
+        self.choice.averaged_versions = averaged
         served = served_of(candidates, self.choice)
         if self.choice.validation_metric is None and y_val is not None and len(y_val):  # a blend the folds chose
             y1 = np.asarray(y_val, dtype=np.float64).reshape(len(y_val), -1)[:, 0]
             self.choice.validation_metric = score(self.choice.metric, y1, served.predict(self.spec, x_val))
         return served, self.choice
+
+    def _start(
+        self, global_params: dict[str, np.ndarray], version: int | None
+    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], list[int] | None]:
+        """What the fine-tune starts from, the global candidate, and the versions averaged (None: the newest
+        alone): the mean of the recent versions when ``average_versions`` > 1 and the version is known."""
+        if self.versions is None or version is None:
+            return global_params, global_params, None
+        self.remember(version, global_params)
+        if not self.versions.versions:  # version 0 alone: nothing trained to average
+            return global_params, global_params, None
+        mean = self.versions.mean()
+        return mean, mean if self.cfg.average_for == "both" else global_params, self.versions.versions
+
+    def remember(self, version: int, global_params: dict[str, np.ndarray]) -> None:
+        """A global version the site adopted joins the average of recent versions (when one is kept); version 0,
+        the untrained model every federation starts from, never does."""
+        if self.versions is not None and version > 0:
+            self.versions.add(version, global_params)
 
     def fold_evidence(
         self,
@@ -609,9 +665,11 @@ class Personaliser:
         val_units: Sequence[object] | None,
         train_groups: Sequence[object] | None,
         split: str,
+        start: dict[str, np.ndarray] | None = None,
     ) -> FoldEvidence | None:
         """The candidates scored out of fold on the training rows plus on the validation rows
-        (:mod:`edge.unit_folds`); None when the training rows make fewer than two folds."""
+        (:mod:`edge.unit_folds`); None when the training rows make fewer than two folds. ``start``: what the
+        fold fine-tunes start from (the full fine-tune's start; default the global model)."""
         import hashlib
 
         from edge.unit_folds import fold_of_rows, out_of_fold
@@ -629,7 +687,9 @@ class Personaliser:
         def train(rows: np.ndarray, kind: str) -> dict[str, np.ndarray]:
             if kind == "local":
                 return train_local_only(self.spec, x[rows], y[rows], self.cfg, self.model_seed)
-            return fine_tune(self.spec, global_params, x[rows], y[rows], self.cfg, self.model_seed)
+            return fine_tune(
+                self.spec, start if start is not None else global_params, x[rows], y[rows], self.cfg, self.model_seed
+            )
 
         oof = out_of_fold(
             folds,
@@ -654,7 +714,9 @@ class Personaliser:
         n_units = len(set(units)) if units is not None else len(y_all)
         return FoldEvidence(scores, tests, len(y_all), n_units, k, fit)
 
-    def choose_from(self, dataset: Dataset, global_params: dict[str, np.ndarray]) -> tuple[Served, Choice]:
+    def choose_from(
+        self, dataset: Dataset, global_params: dict[str, np.ndarray], version: int | None = None
+    ) -> tuple[Served, Choice]:
         """:meth:`choose` on the site's stored rows: training and validation rows with their units."""
         x, y, units = dataset.arrays_with_units()
         x_val, y_val, val_units = dataset.arrays_with_units(holdout=True)
@@ -669,4 +731,5 @@ class Personaliser:
             len(set(units)) if grouped else None,
             units if grouped else None,
             dataset.split,
+            version,
         )

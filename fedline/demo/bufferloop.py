@@ -37,6 +37,9 @@ class BufferResult:
     applied: int = 0
     stale: int = 0
     staleness: list[int] = field(default_factory=list)
+    # every version's global model (shared), oldest first: what an edge following the run adopted, and what a
+    # site's average of recent versions (edge/version_average.py) is taken over
+    history: list[dict[str, np.ndarray]] = field(default_factory=list)
 
 
 def run_buffered(
@@ -126,6 +129,7 @@ def run_buffered(
         red = strategy.reduce(glob, accepted, momentum)
         glob, momentum = red.model, red.momentum
         version += 1
+        out.history.append(glob)
         out.applied += len(accepted)
     out.params = {**glob, **personal0}
     out.personal = personal

@@ -106,8 +106,17 @@ def _one_split(
         local = train_plain(spec, x, y, base)
         p = Personaliser(pcfg, spec)
         p.local, p.local_rows = local, len(x)  # the same model (same code, settings and rows) the edge would train
+        for v, g in enumerate(fed.history[:-1], 1):  # the versions the edge adopted before the last one
+            p.remember(v, {**g, **fed.personal[s.site]})
         served, choice = p.choose(
-            {**fed.params, **fed.personal[s.site]}, x, y, xv, yv, *data.fit_units(s), split=data.split
+            {**fed.params, **fed.personal[s.site]},
+            x,
+            y,
+            xv,
+            yv,
+            *data.fit_units(s),
+            split=data.split,
+            version=len(fed.history) or None,
         )
         out[s.site] = {
             "local": evaluate(data, lambda z, q=local: predict(spec, q, z), i),
@@ -117,6 +126,8 @@ def _one_split(
             "served_weight": choice.weight,  # a blend's local-only share (edge/blend.py), else None
             "served_rule": choice.rule,  # which rule of the pick decided (edge/personal.py RULES)
             "served_p": choice.p,  # the paired test's p it rested on (validation, or training folds + validation)
+            # the global versions whose mean the fine-tune started from (edge/version_average.py), None: the last
+            "served_versions": choice.averaged_versions,
             "validation": choice.to_dict()["candidates"],  # what the pick saw (on the validation rows)
             "epsilon": fed.epsilon.get(s.site, 0.0),
         }

@@ -47,6 +47,18 @@ def test_the_sums_of_squares_are_exact_at_the_largest_block() -> None:
     np.testing.assert_array_equal(quantised.block_sums_of_squares(q), [1024 * 127**2] * 3)  # 16,516,096 < 2^24
 
 
+def test_the_sums_of_squares_hold_minus_128_and_cross_chunks_exactly() -> None:
+    # -128 decodes (the encoder never sends it): 1,024 · 128² = 2^24 per block, still exact in the int16 squares
+    # and int32 sums; 300 blocks span three chunks of SQUARE_BLOCKS, then a partial block of 7
+    n_full = 300
+    values = np.array([(-128, 127, -1, 0, 5)[b % 5] for b in range(n_full)], np.int8)
+    q = np.concatenate([np.repeat(values, 1024), np.full(7, -128, np.int8)])
+    want = [1024.0 * int(v) ** 2 for v in values] + [7.0 * 128**2]
+    assert n_full > 2 * quantised.SQUARE_BLOCKS
+    np.testing.assert_array_equal(quantised.block_sums_of_squares(q), want)
+    assert want[0] == 2.0**24
+
+
 def test_indexing_and_dequantise_into_give_the_hand_values_times_the_factor() -> None:
     half = _delta().scaled(0.5)
     want = np.zeros(1030, np.float32)
