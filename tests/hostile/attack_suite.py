@@ -9,10 +9,10 @@ checkouts have: the aggregator service, a real Mosquitto, sealed updates.
 Every run is synchronous and seeded: in each loop the honest sites
 train (plain SGD, seeded) from the newest version the aggregator holds, the
 attacker sends first, the honest sites after it, and the loop ends when every
-update sent has its signed receipt. Runs are not bit-reproducible (which
-buffer an update lands in depends on delivery order over four connections),
-and the backdoor rate, measured on the test set's 76 failure rows, is sensitive to it (single runs
-scatter by about ±0.1): RELIABILITY.md gives 3 to 10 seeds (``seed``). The honest-only run is the same loop
+update sent has its own signed receipt (matched by counter: :func:`all_decided`), so every run of a seed has
+the same slots in the same versions. Runs are still not bit-reproducible (training's floating point), and the
+backdoor rate, measured on the test set's 76 failure rows, is sensitive to it: RELIABILITY.md gives several
+seeds (``seed``). Before 1 Dec 2026 the loop counted receipts instead and raced (RELIABILITY.md). The honest-only run is the same loop
 without the attacker; the report gives, per attack, the final global model's
 L2 distance from the honest-only run's (also relative to how far the honest
 run moved from version 0) and the backdoor's success rate.
@@ -321,7 +321,7 @@ async def run(
                 x, y = data.sites[s]
                 await send(s, train(spec, base, x, y, seed=100 * loop + i + 10_000 * seed), base_version, len(x))
             try:
-                await eventually(lambda: all(len(parties[s].receipts) >= counters[s] for s in sites), 60)
+                await eventually(lambda: all_decided(parties, counters), 60)
             except AssertionError:
                 got = {s: ([r["verdict"] for r in parties[s].receipts], counters[s]) for s in sites}
                 raise AssertionError(f"attack {attack}, loop {loop}: receipts (verdicts, sent) {got}") from None
@@ -353,6 +353,17 @@ async def run(
             await asyncio.wait_for(task, bound(30))
         finally:
             broker.stop()
+
+
+def all_decided(parties: dict, counters: dict[str, int]) -> bool:
+    """Every site's latest update has its own receipt (matched by counter), so the next loop starts from the
+    version those updates made.
+
+    Why by counter and not by count: a site also gets an "applied" receipt for an update buffered in an
+    earlier loop (and flood a "superseded" one), so counting receipts ended a loop before its last updates
+    were decided; the next loop then read an older version as its base and raced the updates still in flight,
+    and which buffer an update landed in depended on timing (worse under load: RELIABILITY.md)."""
+    return all(n == 0 or any(r["counter"] == n for r in parties[s].receipts) for s, n in counters.items())
 
 
 def backdoor_rate(spec, model: dict[str, np.ndarray], data: Data, value: float = TRIGGER_VALUE) -> float:
