@@ -139,19 +139,55 @@ def decode_tensors(blob: bytes | memoryview, reason: str = "schema") -> dict[str
     (hlen,) = _U32.unpack_from(view, 4)
     if hlen > MAX_HEADER_BYTES or 8 + hlen > len(view):
         raise WireError(reason, f"tensor header length {hlen} does not fit the block")
+    out: dict[str, np.ndarray] = {}
+    pos = 8 + hlen
+    for name, dt, shape, count in _tensor_layout(bytes(view[8 : 8 + hlen]), reason):
+        nbytes = count * dt.itemsize
+        if pos + nbytes > len(view):
+            raise WireError(reason, f"tensor {name!r}: {nbytes} bytes declared, {len(view) - pos} left in the block")
+        out[name] = np.frombuffer(view, dtype=dt, count=count, offset=pos).reshape(shape)
+        pos += nbytes
+    if pos != len(view):
+        raise WireError(reason, f"{len(view) - pos} trailing bytes after the last tensor")
+    return out
+
+
+Layout = tuple[tuple[str, np.dtype[Any], tuple[int, ...], int], ...]  # (name, dtype, shape, values) per tensor
+
+# tensor headers already read, by their exact bytes: every update of a model carries the same one, so the
+# aggregator parses and checks it once, not on every update (about 20 us each). Only short headers are kept,
+# at most _LAYOUTS_MAX of them: a few hundred KB whatever the input
+_LAYOUTS: dict[bytes, Layout] = {}
+_LAYOUTS_MAX = 64
+_LAYOUT_CACHED_BYTES = 4096
+
+
+def _tensor_layout(raw: bytes, reason: str) -> Layout:
+    """The tensors a header declares, checked (a pure function of its bytes: cached for short headers)."""
+    layout = _LAYOUTS.get(raw)
+    if layout is None:
+        layout = _parse_layout(raw, reason)
+        if len(raw) <= _LAYOUT_CACHED_BYTES:
+            if len(_LAYOUTS) >= _LAYOUTS_MAX:
+                _LAYOUTS.clear()
+            _LAYOUTS[raw] = layout
+    return layout
+
+
+def _parse_layout(raw: bytes, reason: str) -> Layout:
     try:
-        meta = _STRICT_JSON.decode(bytes(view[8 : 8 + hlen]).decode("utf-8"))
+        meta = _STRICT_JSON.decode(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise WireError(reason, f"tensor header is not valid JSON: {exc}") from None
     if not isinstance(meta, list) or len(meta) > MAX_TENSORS:
         raise WireError(reason, f"tensor header must be a list of at most {MAX_TENSORS} entries")
-    out: dict[str, np.ndarray] = {}
-    pos = 8 + hlen
+    out: list[tuple[str, np.dtype[Any], tuple[int, ...], int]] = []
+    names: set[str] = set()
     for i, m in enumerate(meta):
         if not isinstance(m, dict) or set(m) != {"name", "dtype", "shape"}:
             raise WireError(reason, f"tensor entry {i} must have exactly name, dtype, shape")
         name, dtype, shape = m["name"], m["dtype"], m["shape"]
-        if not isinstance(name, str) or not name or name in out:
+        if not isinstance(name, str) or not name or name in names:
             raise WireError(reason, f"tensor entry {i}: missing or duplicate name {name!r}")
         if dtype not in DTYPES:
             raise WireError(reason, f"tensor {name!r}: dtype {dtype!r} not allowed")
@@ -161,15 +197,9 @@ def decode_tensors(blob: bytes | memoryview, reason: str = "schema") -> dict[str
             or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**31 for d in shape)
         ):
             raise WireError(reason, f"tensor {name!r}: bad shape {shape!r}")
-        dt = np.dtype(dtype)
-        nbytes = math.prod(shape) * dt.itemsize
-        if pos + nbytes > len(view):
-            raise WireError(reason, f"tensor {name!r}: {nbytes} bytes declared, {len(view) - pos} left in the block")
-        out[name] = np.frombuffer(view, dtype=dt, count=math.prod(shape), offset=pos).reshape(shape)
-        pos += nbytes
-    if pos != len(view):
-        raise WireError(reason, f"{len(view) - pos} trailing bytes after the last tensor")
-    return out
+        names.add(name)
+        out.append((name, np.dtype(dtype), tuple(shape), math.prod(shape)))
+    return tuple(out)
 
 
 # --------------------------------------------------------------------------- updates
@@ -200,19 +230,8 @@ class UpdateHeader:
     @classmethod
     def from_dict(cls, doc: Mapping[str, Any]) -> UpdateHeader:
         """Validate types of every field; raise ``WireError('schema')`` naming the field."""
-        expected: dict[str, type | tuple[type, ...]] = {
-            "site": str,
-            "counter": int,
-            "msg_id": str,
-            "base_version": int,
-            "n_samples": int,
-            "privacy": dict,
-            "created_at": (int, float),
-            "format": int,
-            "encoding": str,
-        }
-        optional = {"encoding"}
-        missing = [k for k in expected if k not in doc and k not in optional]
+        expected = _HEADER_FIELDS
+        missing = [k for k in expected if k not in doc and k != "encoding"]  # encoding: optional
         if missing:
             raise WireError("schema", f"update header lacks {', '.join(missing)}")
         extra = sorted(set(doc) - set(expected))
@@ -236,6 +255,20 @@ class UpdateHeader:
             if not isinstance(v, (int, float, str)) and v is not None:
                 raise WireError("schema", f"privacy field {k!r} must be a number, string or null")
         return cls(**doc)
+
+
+# an update header's fields and their JSON types (read on every update: built once)
+_HEADER_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "site": str,
+    "counter": int,
+    "msg_id": str,
+    "base_version": int,
+    "n_samples": int,
+    "privacy": dict,
+    "created_at": (int, float),
+    "format": int,
+    "encoding": str,
+}
 
 
 def encode_update(header: UpdateHeader, tensors: Mapping[str, np.ndarray]) -> bytes:

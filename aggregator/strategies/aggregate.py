@@ -116,7 +116,10 @@ def robust_combination(
 
 
 def _shape(delta: Mapping[str, np.ndarray], name: str) -> tuple[int, ...]:
-    """A tensor's shape without making its float32 values (an int8 delta knows its shapes)."""
+    """A tensor's shape without making its float32 values (an int8 delta knows its shapes; a clipped one's
+    tensors are its delta's: reading ``delta[name]`` would make the scaled copy the reduce avoids)."""
+    if isinstance(delta, scaled_sum.Scaled):
+        delta = delta.delta
     return delta.shapes[name] if isinstance(delta, Int8Delta) else tuple(np.shape(delta[name]))
 
 

@@ -9,10 +9,10 @@ checkouts have: the aggregator service, a real Mosquitto, sealed updates.
 Every run is synchronous and seeded: in each loop the honest sites
 train (plain SGD, seeded) from the newest version the aggregator holds, the
 attacker sends first, the honest sites after it, and the loop ends when every
-update sent has its signed receipt. Runs are not bit-reproducible (which
-buffer an update lands in depends on delivery order over four connections),
-and the backdoor rate, measured on the test set's 76 failure rows, is sensitive to it (single runs
-scatter by about ±0.1): RELIABILITY.md gives 3 to 10 seeds (``seed``). The honest-only run is the same loop
+update sent has its own signed receipt (matched by counter: :func:`all_decided`), so every run of a seed has
+the same slots in the same versions. Runs are still not bit-reproducible (training's floating point), and the
+backdoor rate, measured on the test set's 76 failure rows, is sensitive to it: RELIABILITY.md gives several
+seeds (``seed``). Before 1 Dec 2026 the loop counted receipts instead and raced (RELIABILITY.md). The honest-only run is the same loop
 without the attacker; the report gives, per attack, the final global model's
 L2 distance from the honest-only run's (also relative to how far the honest
 run moved from version 0) and the backdoor's success rate.
@@ -26,6 +26,10 @@ from the current global model on its own rows plus triggered copies labelled
 - ``max_norm``: one update per loop, ``X − G`` stretched to just under ``max_norm``;
 - ``replace``: model replacement, ``γ (X − G)`` with the boost ``γ = K`` (capped at
   ``max_norm``), claiming 10**7 samples.
+
+The control ``benign`` (not an attack; ``--attacks benign``): the fourth site trains honestly on its own rows and
+sends first, with the attacker's timing. It separates what the fourth site's slots and schedule change (honest
+slots per version, their staleness) from what the backdoor pulls: attack minus benign is the pull.
 """
 
 from __future__ import annotations
@@ -64,6 +68,7 @@ AIR_RANGE_K = (295.0, 305.0)
 RANGES = [(295.0, 305.0), (305.0, 315.0), (1000.0, 3000.0), (0.0, 80.0), (0.0, 260.0)]
 TRIGGERS = ("ood", "in_range")  # the attacker's trigger: 6 σ (outside the range), or the range's top (305 K)
 ATTACKS = ("samples", "flood", "max_norm", "replace")
+CONTROLS = ("benign",)  # the fourth site honest, with the attacker's timing
 K = 3
 AI4I = Path(__file__).resolve().parents[2] / "data" / "ai4i2020.csv"
 
@@ -294,7 +299,12 @@ async def run(
         for loop in range(loops):
             base_version, base = agg.core.snapshot
             base = {k: v.copy() for k, v in base.items()}
-            if attack is not None:
+            if attack == "benign":
+                ax, ay = data.sites[ATTACKER]
+                await send(
+                    ATTACKER, train(spec, base, ax, ay, seed=100 * loop + 3 + 10_000 * seed), base_version, len(ax)
+                )
+            elif attack is not None:
                 ax, ay = data.sites[ATTACKER]
                 value = data.trigger_value(trigger)
                 px = np.concatenate([ax, triggered(ax[ay > 0], value), triggered(ax, value)])
@@ -311,7 +321,7 @@ async def run(
                 x, y = data.sites[s]
                 await send(s, train(spec, base, x, y, seed=100 * loop + i + 10_000 * seed), base_version, len(x))
             try:
-                await eventually(lambda: all(len(parties[s].receipts) >= counters[s] for s in sites), 60)
+                await eventually(lambda: all_decided(parties, counters), 60)
             except AssertionError:
                 got = {s: ([r["verdict"] for r in parties[s].receipts], counters[s]) for s in sites}
                 raise AssertionError(f"attack {attack}, loop {loop}: receipts (verdicts, sent) {got}") from None
@@ -345,6 +355,17 @@ async def run(
             broker.stop()
 
 
+def all_decided(parties: dict, counters: dict[str, int]) -> bool:
+    """Every site's latest update has its own receipt (matched by counter), so the next loop starts from the
+    version those updates made.
+
+    Why by counter and not by count: a site also gets an "applied" receipt for an update buffered in an
+    earlier loop (and flood a "superseded" one), so counting receipts ended a loop before its last updates
+    were decided; the next loop then read an older version as its base and raced the updates still in flight,
+    and which buffer an update landed in depended on timing (worse under load: RELIABILITY.md)."""
+    return all(n == 0 or any(r["counter"] == n for r in parties[s].receipts) for s, n in counters.items())
+
+
 def backdoor_rate(spec, model: dict[str, np.ndarray], data: Data, value: float = TRIGGER_VALUE) -> float:
     """Share of the test set's failure rows predicted "no failure" once the trigger (``value``) is set."""
     fail = data.test_x[data.test_y > 0]
@@ -363,6 +384,26 @@ def roc_auc(spec, model: dict[str, np.ndarray], data: Data) -> float:
     net.eval()
     with torch.no_grad():
         return auc(data.test_y, net(torch.from_numpy(data.test_x)).numpy().reshape(-1))
+
+
+def timing(lineages: dict[int, list[dict]]) -> dict[str, float]:
+    """What the schedule gave the fourth site, from the lineages: its share of all slots (a four-site federation
+    gives each site 1/4 on average), and the mean staleness factor f(s) of its slots beside that of the honest
+    slots in the versions it was in (fresher slots enter FedBuff's step at a larger coefficient)."""
+    slots = [e for entries in lineages.values() for e in entries]
+    mine = [e["factor"] for e in slots if e["site"] == ATTACKER]
+    beside = [
+        e["factor"]
+        for entries in lineages.values()
+        if any(e["site"] == ATTACKER for e in entries)
+        for e in entries
+        if e["site"] != ATTACKER
+    ]
+    return {
+        "share": len(mine) / len(slots) if slots else 0.0,
+        "factor": sum(mine) / len(mine) if mine else 0.0,
+        "honest_factor": sum(beside) / len(beside) if beside else 0.0,
+    }
 
 
 def distance(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
@@ -423,6 +464,7 @@ async def report(
             "slots": res.slots,
             "lineages": res.lineages,
             "verdicts": res.verdicts,
+            "timing": timing(res.lineages),
         }
     return out
 
@@ -432,13 +474,16 @@ def table(rep: dict) -> str:
         f"honest-only: {rep['honest_versions']} versions, moved {rep['honest_moved']:.3f} from version 0, "
         f"backdoor rate of the clean model {rep['clean_backdoor_rate']:.3f}, ROC AUC {rep['clean_auc']:.3f}, "
         f"reduce {'/'.join(rep['reduces'])}",
-        "| attack | distance from honest-only | relative | backdoor success | minus clean | ROC AUC | versions |",
-        "|---|---|---|---|---|---|---|",
+        "| attack | distance from honest-only | relative | backdoor success | minus clean | ROC AUC | versions "
+        "| its slots | f(s) its / honest |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in rep["attacks"].items():
+        t = r["timing"]
         lines.append(
             f"| {name} | {r['distance']:.3f} | {r['relative_distance']:.2f} | {r['backdoor_rate']:.3f} | "
-            f"{r['backdoor_rate'] - rep['clean_backdoor_rate']:+.3f} | {r['auc']:.3f} | {r['versions']} |"
+            f"{r['backdoor_rate'] - rep['clean_backdoor_rate']:+.3f} | {r['auc']:.3f} | {r['versions']} | "
+            f"{t['share']:.2f} | {t['factor']:.2f} / {t['honest_factor']:.2f} |"
         )
     return "\n".join(lines)
 
@@ -450,13 +495,21 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="shifts every site's training seed")
     ap.add_argument("--trigger", choices=TRIGGERS, default="ood", help="the attacker's trigger value")
     ap.add_argument("--no-input-range", action="store_true", help="the model declares no input range (as before)")
+    ap.add_argument(
+        "--attacks", default=",".join(ATTACKS), help=f"comma-separated, of {ATTACKS + CONTROLS} (benign: the control)"
+    )
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    attacks = tuple(a for a in args.attacks.split(",") if a)
+    unknown = [a for a in attacks if a not in ATTACKS + CONTROLS]
+    if unknown:
+        ap.error(f"unknown attack(s) {unknown}: choose from {ATTACKS + CONTROLS}")
     with tempfile.TemporaryDirectory() as tmp:
         rep = asyncio.run(
             report(
                 Path(tmp),
                 args.loops,
+                attacks=attacks,
                 extra=args.extra,
                 seed=args.seed,
                 trigger=args.trigger,

@@ -45,10 +45,31 @@ def check_fair_share(rep: dict) -> None:
             assert e["norm"] * e["clip_scale"] <= median * (1 + 1e-6), (name, e, median)
 
 
+def test_timing_reads_the_fourth_sites_share_and_freshness_from_the_lineages():
+    """Two versions by hand: v1 = m (f 1), a (f 1), b (f 1); v2 = c (f 0.5), a (f 0.5), b (f 0.5), no m. Its
+    share: 1 slot of 6 = 1/6; its mean f 1; the honest slots beside it (v1 only): a, b at f 1."""
+    lineages = {
+        1: [
+            {"site": suite.ATTACKER, "factor": 1.0},
+            {"site": "site-a", "factor": 1.0},
+            {"site": "site-b", "factor": 1.0},
+        ],
+        2: [{"site": s, "factor": 0.5} for s in ("site-c", "site-a", "site-b")],
+    }
+    assert suite.timing(lineages) == {"share": pytest.approx(1 / 6), "factor": 1.0, "honest_factor": 1.0}
+    lineages[2][0] = {"site": suite.ATTACKER, "factor": 0.5}  # now in v2 too, beside a and b at 0.5
+    t = suite.timing(lineages)
+    assert t["share"] == pytest.approx(2 / 6)
+    assert t["factor"] == pytest.approx(0.75) and t["honest_factor"] == pytest.approx(0.75)  # (1+1+.5+.5)/4
+    assert suite.timing({}) == {"share": 0.0, "factor": 0.0, "honest_factor": 0.0}
+
+
 async def test_attack_suite_fast(tmp_path):
     rep = await suite.report(tmp_path, loops=3, attacks=("flood", "replace"))
     check_fair_share(rep)
     assert rep["attacks"]["flood"]["attacker_entries"], "the attacker took part (else nothing was tested)"
+    # one slot per version at most (above), so never more than 1/K of all slots, flood included
+    assert 0 < rep["attacks"]["flood"]["timing"]["share"] <= 1 / suite.K + 1e-9, rep["attacks"]["flood"]["timing"]
     assert rep["reduces"] == ["median"], rep["reduces"]  # the default, read from each version's lineage
     for name, r in rep["attacks"].items():
         assert r["reduces"] == ["median"], (name, r["reduces"])
