@@ -111,9 +111,10 @@ class PersonalConfig:
     fold_blend_of: Literal["fine_tuned", "best"] = "fine_tuned"
     # the mean of the last this many global versions the site adopted (edge/version_average.py: DP noise
     # averaged out, ε unchanged) is what the fine-tune starts from; 1 = the newest version alone
-    average_versions: int = 1
-    # what the average replaces: "fine_tune" (only the fine-tune's start) or "both" (the global candidate too)
-    average_for: Literal["fine_tune", "both"] = "fine_tune"
+    average_versions: int = 5
+    # what the average replaces: "fine_tune" (only the fine-tune's start) or "both" (the global candidate too).
+    # 5 and "both" were chosen on split seeds 300-309 of both demo data sets (docs/tuning.md, eleventh pass)
+    average_for: Literal["fine_tune", "both"] = "both"
     # the fine-tuned candidate is the weight mean of this many noise-free fine-tunes from the same start, each on
     # its own shuffle of the rows (a fine-tune of a few epochs moves a small site's score by its batches' order)
     finetune_repeats: int = 1

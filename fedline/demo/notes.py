@@ -99,7 +99,16 @@ def settings(data: DemoData, t: Tuning, batch_fraction: float, tunings: dict[str
         "federation candidate better) and otherwise runs the same paired test on its training rows as well, "
         f"each scored out of fold ({PersonalConfig.cross_folds} folds, whole units per fold where there is a group "
         "column; the local-only and fine-tuned candidates retrained without each fold; edge/unit_folds.py), pooled "
-        "with its validation rows. The site's "
+        "with its validation rows. "
+        + (
+            f"The fine-tune starts from the mean of the last {PersonalConfig.average_versions} global versions the "
+            "edge adopted"
+            + (", which is also the global candidate" if PersonalConfig.average_for == "both" else "")
+            + " (edge/version_average.py: DP noise averaged out; computed at the plant from published models). "
+            if PersonalConfig.average_versions > 1
+            else ""
+        )
+        + "The site's "
         "status names the rule that decided. No candidate "
         "leaves the plant or feeds a DP round, so ε is the federation's alone.",
         f"Yardsticks (no DP, in-process, the edge's own code): local-only is the edge's local-only candidate "

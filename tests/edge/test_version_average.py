@@ -107,3 +107,20 @@ def test_repeated_fine_tunes_train_from_the_start_on_their_own_shuffles():
     out = fine_tune(CLS, start, x, y, PersonalConfig(finetune_epochs=1, finetune_lr=0.05, finetune_repeats=3))
     assert {k: v.shape for k, v in out.items()} == {k: v.shape for k, v in start.items()}
     assert sum(float(np.abs(out[k] - start[k]).sum()) for k in start) > 0  # it trained
+
+
+def test_the_edges_path_passes_the_version_and_the_choice_names_the_versions_averaged(tmp_path):
+    """choose_from (what edge/line_export.py calls with the adopted version): versions 1 and 2 are averaged and
+    the line's model file (Choice.to_dict, current.json's served) lists them; version 0 never joins."""
+    from edge.dataset import Dataset
+
+    x, y = _rows(80, 3)
+    ds = Dataset(tmp_path / "rows.sqlite", (2,), 1, max_rows=1000, holdout_fraction=0.25, split="random")
+    ds.add_many(list(zip(x, y, strict=True)))
+    p = Personaliser(PersonalConfig(serve="pick", finetune_epochs=0, local_epochs=1, average_versions=3), CLS)
+    _, c0 = p.choose_from(ds, _params(1), 0)
+    assert c0.averaged_versions is None  # the untrained version 0 alone: nothing to average
+    p.choose_from(ds, _params(1), 1)
+    _, c2 = p.choose_from(ds, _params(2), 2)
+    assert c2.averaged_versions == [1, 2] and c2.to_dict()["averaged_versions"] == [1, 2]
+    ds.close()
