@@ -8,10 +8,17 @@ counted and refused in its place and a resent duplicate answered with its update
 
 from __future__ import annotations
 
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 
 from aggregator.core import AggregatorCore
+from aggregator.open_batches import OpenBatcher
+from aggregator.opener import Opened
+from fedline.testing.patience import bound
 from tests.aggregator.helpers import make_federation
 from tests.aggregator.test_group_commit import STRATEGY, stream
 
@@ -50,3 +57,35 @@ def test_batched_opening_decides_as_one_at_a_time(tmp_path, batch):
     assert core.store.verdict_counts() == counts == {"applied": 9}
     assert core.metrics.value("fedline_aggregator_rejections_total", {"reason": "decrypt"}) == 1
     core.close()
+
+
+def test_the_service_hands_over_at_once_when_a_thread_is_free_and_in_batches_while_all_are_busy():
+    """``OpenBatcher``: one future per update, results in each update's own future, a failure in its own."""
+
+    async def run() -> None:
+        gate = threading.Event()
+        seen: list[str] = []
+
+        def opening(name: str) -> Opened:
+            if name == "first":
+                assert gate.wait(bound(10))  # holds the only thread until the others have arrived
+            if name == "bad":
+                raise RuntimeError("a bug while opening")
+            seen.append(name)
+            return Opened(b"", msg_id=name)
+
+        with ThreadPoolExecutor(1) as pool:
+            batcher = OpenBatcher(pool, workers=1, batch_max=4)
+            first = batcher.open(opening, "first")  # the thread is free: handed over at once
+            rest = [batcher.open(opening, n) for n in ("a", "bad", "b", "c", "d", "e")]
+            assert batcher.tasks == 1  # the others wait while the one thread is busy
+            gate.set()
+            assert (await first).msg_id == "first"
+            assert (await rest[0]).msg_id == "a"
+            with pytest.raises(RuntimeError, match="a bug"):
+                await rest[1]
+            assert [(await f).msg_id for f in rest[2:]] == ["b", "c", "d", "e"]
+            assert batcher.tasks == 3  # first alone, then a..c (four), then d..e
+            assert seen == ["first", "a", "b", "c", "d", "e"]  # in arrival order
+
+    asyncio.run(run())
