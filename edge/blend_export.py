@@ -14,28 +14,37 @@ from torch import nn
 from edge.personal import Served, build
 from models import Scorer, export_onnx
 from models.export import export_scorer
+from models.nets import unwrap
 from models.spec import ModelSpec
 
 
 class BlendScorer(nn.Module):
-    """``w * a(x) + (1 - w) * b(x)`` of two scorers (each already the line's score: probability or value)."""
+    """``w * a(x) + (1 - w) * b(x)`` of two scorers (each already the line's score: probability or value), or
+    with ``log_odds`` ``sigmoid(w * a(x) + (1 - w) * b(x))`` of two classifiers' logits (``[personal]
+    blend_space``: the line still receives a probability)."""
 
-    def __init__(self, a: nn.Module, b: nn.Module, w: float) -> None:
+    def __init__(self, a: nn.Module, b: nn.Module, w: float, log_odds: bool = False) -> None:
         super().__init__()
-        self.a, self.b, self.w = a, b, float(w)
+        self.a, self.b, self.w, self.log_odds = a, b, float(w), log_odds
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w * self.a(x) + (1.0 - self.w) * self.b(x)
+        mixed = self.w * self.a(x) + (1.0 - self.w) * self.b(x)
+        return torch.sigmoid(mixed) if self.log_odds else mixed
 
 
-def blend_scorer(spec: ModelSpec, local: nn.Module, fed: nn.Module, w: float) -> BlendScorer:
-    """The blend of two models of ``spec`` (``w``: the local-only model's share), scoring as the line does."""
+def blend_scorer(spec: ModelSpec, local: nn.Module, fed: nn.Module, w: float, log_odds: bool = False) -> BlendScorer:
+    """The blend of two models of ``spec`` (``w``: the local-only model's share), scoring as the line does;
+    ``log_odds``: a classifier's parts mixed before their sigmoid."""
+    if log_odds:
+        if spec.task != "classification":
+            raise ValueError(f"a log-odds blend needs a classifier, got task {spec.task!r}")
+        return BlendScorer(unwrap(local), unwrap(fed), w, log_odds=True).eval()
     return BlendScorer(Scorer(local, spec), Scorer(fed, spec), w).eval()
 
 
-def export_blend(spec: ModelSpec, local: nn.Module, fed: nn.Module, w: float) -> bytes:
+def export_blend(spec: ModelSpec, local: nn.Module, fed: nn.Module, w: float, log_odds: bool = False) -> bytes:
     """The blend as one ONNX graph with the line's contract: both models and the weight inside."""
-    return export_scorer(blend_scorer(spec, local, fed, w), spec)
+    return export_scorer(blend_scorer(spec, local, fed, w, log_odds), spec)
 
 
 def export_served(spec: ModelSpec, served: Served, model_seed: int = 0) -> bytes:
@@ -45,4 +54,4 @@ def export_served(spec: ModelSpec, served: Served, model_seed: int = 0) -> bytes
     if len(served.parts) != 2 or abs(sum(w for w, _ in served.parts) - 1.0) > 1e-9:
         raise ValueError(f"a blend has two parts whose weights sum to 1, got {[w for w, _ in served.parts]}")
     (w, local), (_, fed) = served.parts
-    return export_blend(spec, build(spec, local, model_seed), build(spec, fed, model_seed), w)
+    return export_blend(spec, build(spec, local, model_seed), build(spec, fed, model_seed), w, served.log_odds)

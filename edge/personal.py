@@ -118,6 +118,12 @@ class PersonalConfig:
     # the fine-tuned candidate is the weight mean of this many noise-free fine-tunes from the same start, each on
     # its own shuffle of the rows (a fine-tune of a few epochs moves a small site's score by its batches' order)
     finetune_repeats: int = 1
+    # a classifier's blend mixes its parts' log-odds ("log_odds": sigmoid(w * logit_local + (1 - w) * logit_fed),
+    # the logarithmic opinion pool) or their probabilities ("probability", the ninth to eleventh passes). The
+    # plant's noise-free model is confident: in probability a three-quarter share of it leaves the partner too
+    # little to reorder the rows it is unsure of, so the blend tied it. "log_odds" was chosen on split seeds
+    # 300-309, three federation draws (docs/tuning.md, twelfth pass). Regression blends values either way
+    blend_space: Literal["log_odds", "probability"] = "log_odds"
     seed: int = 0
 
     def validate(self) -> None:
@@ -148,6 +154,8 @@ class PersonalConfig:
             )
         if self.average_for not in ("fine_tune", "both"):
             raise ValueError(f"average_for must be 'fine_tune' or 'both', got {self.average_for!r}")
+        if self.blend_space not in ("log_odds", "probability"):
+            raise ValueError(f"blend_space must be 'log_odds' or 'probability', got {self.blend_space!r}")
 
 
 #: Which rule decided a choice (the site's status says it): the paired test kept local-only or switched away
@@ -192,6 +200,7 @@ class Choice:
     # kind "blend" (edge/blend.py): the local-only model's share w and the federation candidate it is blended with
     weight: float | None = None
     blend_of: str | None = None
+    blend_space: str | None = None  # a blend's: what it mixes, "log_odds" or "probability" ([personal] blend_space)
     # the global versions whose mean the fine-tune started from (edge/version_average.py); None: the newest alone
     averaged_versions: list[int] | None = None
 
@@ -201,6 +210,7 @@ class Choice:
             "kind": self.kind,
             "weight": self.weight,
             "blend_of": self.blend_of,
+            "blend_space": self.blend_space,
             "metric": self.metric,
             "validation_metric": r(self.validation_metric),
             "candidates": {k: r(v) for k, v in self.candidates.items()},
@@ -226,9 +236,14 @@ class Served:
     (``w`` for local-only, ``1 - w`` for the federation model; :mod:`edge.blend_export` writes it as one ONNX)."""
 
     parts: tuple[tuple[float, dict[str, np.ndarray]], ...]
+    log_odds: bool = False  # a classifier's parts are mixed in log-odds (``[personal] blend_space``)
 
     def predict(self, spec: ModelSpec, x: np.ndarray, model_seed: int = 0) -> np.ndarray:
-        """The served score of rows ``x`` (normalised): the weighted sum of the parts' scores."""
+        """The served score of rows ``x`` (normalised): the weighted sum of the parts' scores (with ``log_odds``,
+        the sigmoid of the weighted sum of their log-odds)."""
+        if self.log_odds and len(self.parts) > 1:
+            z = sum(w * blend_scores(spec, p, x, True, model_seed) for w, p in self.parts)
+            return (1.0 / (1.0 + np.exp(-np.asarray(z, dtype=np.float64)))).astype(np.float32)
         return sum(w * predict(spec, p, x, model_seed) for w, p in self.parts)  # type: ignore[return-value]
 
 
@@ -363,13 +378,14 @@ def _blended(c: Choice, fit: BlendFit | None) -> Choice:
     return c
 
 
-def served_of(candidates: dict[str, dict[str, np.ndarray]], c: Choice) -> Served:
-    """The parameters a choice serves: its candidate's, or the blend's two parts with their weights."""
+def served_of(candidates: dict[str, dict[str, np.ndarray]], c: Choice, log_odds: bool = False) -> Served:
+    """The parameters a choice serves: its candidate's, or the blend's two parts with their weights (``log_odds``:
+    mixed as log-odds, :func:`uses_log_odds`)."""
     if c.kind != blend.KIND:
         return Served(((1.0, candidates[c.kind]),))
     if c.weight is None or c.blend_of is None:
         raise ValueError("a blend choice needs its weight and partner")
-    return Served(((c.weight, candidates["local"]), (1.0 - c.weight, candidates[c.blend_of])))
+    return Served(((c.weight, candidates["local"]), (1.0 - c.weight, candidates[c.blend_of])), log_odds)
 
 
 #: The rule names of a choice made on the folds' evidence: kept local-only, or switched away from it.
@@ -424,6 +440,27 @@ def predict(spec: ModelSpec, params: dict[str, np.ndarray], x: np.ndarray, model
         return Scorer(model, spec).eval()(torch.from_numpy(np.ascontiguousarray(x, np.float32))).numpy().ravel()
 
 
+def uses_log_odds(spec: ModelSpec, cfg: PersonalConfig) -> bool:
+    """Whether this site's blends mix log-odds: a classifier with ``blend_space = "log_odds"``."""
+    return spec.task == "classification" and cfg.blend_space == "log_odds"
+
+
+def blend_scores(
+    spec: ModelSpec, params: dict[str, np.ndarray], x: np.ndarray, log_odds: bool, model_seed: int = 0
+) -> np.ndarray:
+    """What a blend mixes, for rows ``x``: the line's score (:func:`predict`), or with ``log_odds`` the
+    classifier's log-odds, its logit before the sigmoid (float32 probabilities saturate at 1 above a logit of
+    about 17, where the partner could no longer reorder rows). ROC AUC and DeLong's test rank rows, so
+    evidence scored on log-odds is scored as on probabilities; only the blend differs."""
+    if not log_odds:
+        return predict(spec, params, x, model_seed)
+    import torch
+
+    with torch.no_grad():
+        model = build(spec, params, model_seed).eval()
+        return model(torch.from_numpy(np.ascontiguousarray(x, np.float32))).numpy().ravel()
+
+
 def build(spec: ModelSpec, params: dict[str, np.ndarray], model_seed: int = 0):
     """A torch model holding ``params`` (every parameter: shared and personal)."""
     import torch
@@ -447,8 +484,10 @@ def _train(
     lr: float,
     cfg: PersonalConfig,
     model_seed: int,
+    tag: str = "",
 ) -> dict[str, np.ndarray]:
-    """Noise-free SGD from ``start`` (every parameter), the edge's own round without DP."""
+    """Noise-free SGD from ``start`` (every parameter), the edge's own round without DP, its batches' order
+    seeded from ``cfg.seed``, ``tag`` and the rows (:func:`replay_seed`), so a replay trains the same model."""
     import torch
 
     from edge.config import TrainingConfig
@@ -463,9 +502,36 @@ def _train(
         epochs=epochs, batch_size=cfg.batch_size, lr=lr, momentum=cfg.momentum, threads=1, seed=cfg.seed
     )
     r = train_round(
-        spec, shared_state(model, spec), personal_state(model, spec) or None, x, y, tcfg, None, model_seed=model_seed
+        spec,
+        shared_state(model, spec),
+        personal_state(model, spec) or None,
+        x,
+        y,
+        tcfg,
+        None,
+        model_seed=model_seed,
+        shuffle_seed=replay_seed(cfg.seed, tag, x, y),
     )
     return {**r.shared, **r.personal}
+
+
+def replay_seed(seed: int, tag: str, x: np.ndarray, y: np.ndarray | None) -> int:
+    """The shuffle seed of a noise-free training run: a 63-bit BLAKE2b digest of ``seed``, ``tag`` (which model:
+    local-only, the n-th fine-tune) and the rows.
+
+    Why: the local-only model is the yardstick the line is judged against and a part of its blend; shuffled from
+    the OS's generator it moved a small site's ROC AUC by up to 0.10 between two runs of the same split
+    (docs/tuning.md, tenth pass). Seeded from what it trains on, the same rows train the same model in every run
+    and every replay, and two sites (other rows) still get their own orders. These models never leave the
+    plant, so a predictable order costs no privacy (DP rounds stay CSPRNG-drawn: :func:`edge.trainer.train_round`).
+    """
+    import hashlib
+
+    h = hashlib.blake2b(f"{seed}/{tag}/".encode(), digest_size=8)
+    h.update(np.ascontiguousarray(x).tobytes())
+    if y is not None:
+        h.update(np.ascontiguousarray(y).tobytes())
+    return int.from_bytes(h.digest(), "big") >> 1
 
 
 def train_local_only(
@@ -485,6 +551,7 @@ def train_local_only(
         cfg.local_lr,
         cfg,
         model_seed,
+        "local",
     )
 
 
@@ -497,10 +564,10 @@ def fine_tune(
     model_seed: int = 0,
 ) -> dict[str, np.ndarray]:
     """The global model (with the site's personal parameters) trained on for a few noise-free epochs; with
-    ``cfg.finetune_repeats`` > 1 the weight mean of that many such fine-tunes, each on its own shuffle."""
+    ``cfg.finetune_repeats`` > 1 the weight mean of that many such fine-tunes, each on its own (seeded) shuffle."""
     runs = [
-        _train(spec, global_params, x, y, cfg.finetune_epochs, cfg.finetune_lr, cfg, model_seed)
-        for _ in range(cfg.finetune_repeats)
+        _train(spec, global_params, x, y, cfg.finetune_epochs, cfg.finetune_lr, cfg, model_seed, f"fine_tune/{i}")
+        for i in range(cfg.finetune_repeats)
     ]
     if len(runs) == 1:
         return runs[0]
@@ -515,13 +582,14 @@ def validate(
     units: Sequence[object] | None = None,
     model_seed: int = 0,
     grid: Sequence[float] = (),
+    log_odds: bool = False,
 ) -> tuple[dict[str, float], dict[str, Evidence], BlendFit | None]:
     """Each candidate's metric on the validation rows (NaN when it cannot be computed), each federation
     candidate's paired test against local-only on those rows (:mod:`edge.paired_evidence`), and the blend's fit
-    when ``grid`` has weights (:func:`compare`)."""
+    when ``grid`` has weights (:func:`compare`; ``log_odds``: the candidates scored by :func:`blend_scores`)."""
     if y_val is None or len(y_val) == 0:
         return {k: math.nan for k in candidates}, {}, None
-    preds = {k: predict(spec, p, x_val, model_seed) for k, p in candidates.items()}
+    preds = {k: blend_scores(spec, p, x_val, log_odds, model_seed) for k, p in candidates.items()}
     return compare(spec, y_val, preds, units, grid)
 
 
@@ -613,7 +681,14 @@ class Personaliser:
         if self.local is not None:
             candidates["local"] = self.local
         scores, tests, fit = validate(
-            self.spec, candidates, x_val, y_val, val_units, self.model_seed, self.cfg.blend_weights
+            self.spec,
+            candidates,
+            x_val,
+            y_val,
+            val_units,
+            self.model_seed,
+            self.cfg.blend_weights,
+            uses_log_odds(self.spec, self.cfg),
         )
         evidence = local_evidence(self.spec, y, len(x), train_units)
         folds = None
@@ -630,11 +705,21 @@ class Personaliser:
         self.folds = folds
         self.choice = pick(self.spec, scores, y_val, self.cfg, evidence, tests, val_units, folds, fit)
         self.choice.averaged_versions = averaged
-        served = served_of(candidates, self.choice)
-        if self.choice.validation_metric is None and y_val is not None and len(y_val):  # a blend the folds chose
+        return self._serve(candidates, self.choice, x_val, y_val), self.choice
+
+    def _serve(
+        self, candidates: dict[str, dict[str, np.ndarray]], c: Choice, x_val: np.ndarray, y_val: np.ndarray | None
+    ) -> Served:
+        """What the choice serves; a blend's choice names what it mixes, and one the folds chose gets its
+        validation metric (the folds scored it, the validation rows did not)."""
+        log_odds = uses_log_odds(self.spec, self.cfg)
+        if c.kind == blend.KIND:
+            c.blend_space = "log_odds" if log_odds else "probability"
+        served = served_of(candidates, c, log_odds)
+        if c.validation_metric is None and y_val is not None and len(y_val):
             y1 = np.asarray(y_val, dtype=np.float64).reshape(len(y_val), -1)[:, 0]
-            self.choice.validation_metric = score(self.choice.metric, y1, served.predict(self.spec, x_val))
-        return served, self.choice
+            c.validation_metric = score(c.metric, y1, served.predict(self.spec, x_val))
+        return served
 
     def _start(
         self, global_params: dict[str, np.ndarray], version: int | None
@@ -675,6 +760,7 @@ class Personaliser:
 
         from edge.unit_folds import fold_of_rows, out_of_fold
 
+        log_odds = uses_log_odds(self.spec, self.cfg)
         grouped = split == "group" and train_groups is not None
         fold_split = split if grouped or split != "group" else "random"  # a group split without units: rows
         folds = fold_of_rows(len(x), self.cfg.cross_folds, fold_split, train_groups if grouped else None, y)
@@ -695,7 +781,7 @@ class Personaliser:
         oof = out_of_fold(
             folds,
             train,
-            lambda p, rows: predict(self.spec, p, x[rows], self.model_seed),
+            lambda p, rows: blend_scores(self.spec, p, x[rows], log_odds, self.model_seed),
             global_params,
             self._fold_local,
         )
@@ -703,7 +789,7 @@ class Personaliser:
         # a grouped hold-out: training and validation units are disjoint, so the pooled rows' units are both lists
         units: list[object] | None = list(train_groups) if grouped and train_groups is not None else None
         if y_val is not None and len(y_val):
-            val = {k2: predict(self.spec, candidates[k2], x_val, self.model_seed) for k2 in oof}
+            val = {k2: blend_scores(self.spec, candidates[k2], x_val, log_odds, self.model_seed) for k2 in oof}
             oof = {k2: np.concatenate([v, val[k2]]) for k2, v in oof.items()}
             y_all = np.concatenate([y_all, np.asarray(y_val, dtype=np.float64).reshape(len(y_val), -1)[:, 0]])
             if units is not None:

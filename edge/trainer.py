@@ -21,6 +21,13 @@ drawn from two ``torch.Generator`` objects seeded per round from the OS CSPRNG
 (ONNX export, model builds) may use or seed at the same time. With
 ``secure_rng`` the noise is also drawn Opacus's ``secure_mode`` way (a sum of
 four draws, against floating-point attacks on the sampler).
+
+A noise-free round (``dp`` None: the plant's own local-only model and
+fine-tunes, which never leave it) may instead be given a ``shuffle_seed``: its
+batches' order is then a function of that seed, so a replay of the same rows
+trains the same model (a split study repeats; a plant's yardstick does not
+move between runs). A DP round refuses one: its sampling and noise stay
+CSPRNG-drawn, as the privacy analysis needs.
 """
 
 from __future__ import annotations
@@ -147,9 +154,10 @@ def _make_private(
     return trained, private, lambda: (torch.as_tensor(idx, dtype=torch.long) for idx in sampler), count
 
 
-def _shuffled_batches(n: int, plan: Plan) -> Batches:
-    """Without DP: each epoch a fresh shuffle (CSPRNG-seeded) cut into batches of the planned size."""
-    order = torch.Generator().manual_seed(secrets.randbits(63))
+def _shuffled_batches(n: int, plan: Plan, seed: int | None = None) -> Batches:
+    """Without DP: each epoch a fresh shuffle cut into batches of the planned size, from ``seed`` (a replayable
+    noise-free round) or else CSPRNG-seeded."""
+    order = torch.Generator().manual_seed(secrets.randbits(63) if seed is None else seed)
     return lambda: torch.randperm(n, generator=order).split(plan.batch_size)
 
 
@@ -198,13 +206,17 @@ def train_round(
     holdout: tuple[np.ndarray, np.ndarray | None] | None = None,
     model_seed: int = 0,
     plan: Plan | None = None,
+    shuffle_seed: int | None = None,
 ) -> RoundResult:
     """Train from ``base_shared`` (+ the site's ``personal`` arrays) and return the delta.
 
     With ``dp`` set, training is DP-SGD through Opacus (Poisson sampling,
     per-sample clipping to ``max_grad_norm``, Gaussian noise ``noise_multiplier``),
     its randomness from private CSPRNG-seeded generators (module docstring).
+    ``shuffle_seed`` (noise-free rounds only) fixes the batches' order so that a replay repeats.
     """
+    if dp is not None and shuffle_seed is not None:
+        raise ValueError("a DP round's sampling and noise are never seeded: shuffle_seed is for noise-free rounds")
     started = time.perf_counter()
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
@@ -221,7 +233,7 @@ def train_round(
     if dp is not None:
         trained, optimizer, batches, count = _make_private(model, optimizer, dp, plan, len(x))
     else:
-        batches = _shuffled_batches(len(x), plan)
+        batches = _shuffled_batches(len(x), plan, shuffle_seed)
     losses = _run_epochs(trained, optimizer, batches, spec, (xt, yt), cfg.epochs)
     noise_steps = count.steps if count is not None else 0
     if dp is not None and noise_steps != plan.steps:

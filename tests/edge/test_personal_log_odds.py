@@ -1,0 +1,117 @@
+"""A classifier's blend in log-odds (``[personal] blend_space = "log_odds"``, edge/personal.py, edge/blend_export.py):
+sigmoid(w * logit_local + (1 - w) * logit_fed), checked against numbers worked by hand and against each part scored
+alone by ONNX Runtime."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from edge.blend_export import blend_scorer, export_served
+from edge.personal import PersonalConfig, Personaliser, Served, blend_scores, compare, predict, train_local_only
+from models import build_model, export_onnx
+from models.flat import personal_state, shared_state
+from models.spec import ModelSpec
+
+CLS = ModelSpec(kind="mlp", n_features=3, hidden=[8], task="classification")
+REG = ModelSpec(kind="mlp", n_features=3, hidden=[8], task="regression")
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.asarray(p, dtype=np.float64)
+    return np.log(p / (1 - p))
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1 / (1 + np.exp(-np.asarray(z, dtype=np.float64)))
+
+
+def test_the_log_odds_blend_reorders_a_pair_the_probability_blend_cannot_worked_by_hand():
+    """2 failures (f1, f2), 2 normal rows (n1, n2). Local-only: 0.95, 0.2 / 0.9, 0.1 (f2 below n1: AUC 3/4).
+    The partner's logits 0, 6 / -6, 0. w = 0.75 in probability: f2 = 0.15 + 0.25 x 0.99753 = 0.39938,
+    n1 = 0.675 + 0.25 x 0.00247 = 0.67562: still below, AUC 3/4, a tie with local-only. In log-odds: local's
+    are ln 19, ln 0.25 / ln 9, -ln 9, so f2 = 0.75 x -1.38629 + 0.25 x 6 = 0.46028 and
+    n1 = 0.75 x 2.19722 - 1.5 = 0.14792: f2 above n1, every failure above every normal row, AUC 1."""
+    y = np.array([1.0, 1.0, 0.0, 0.0])
+    local_p = np.array([0.95, 0.2, 0.9, 0.1])
+    fed_z = np.array([0.0, 6.0, -6.0, 0.0])
+    by_prob, _, fit = compare(CLS, y, {"local": local_p, "fine_tuned": _sigmoid(fed_z)}, None, (0.75,))
+    assert by_prob["local"] == 0.75 and by_prob["blend"] == 0.75 and fit is not None and fit.weight == 0.75
+    by_odds, tests, _ = compare(CLS, y, {"local": _logit(local_p), "fine_tuned": fed_z}, None, (0.75,))
+    assert by_odds["local"] == 0.75 and by_odds["blend"] == 1.0
+    assert by_odds["fine_tuned"] == by_prob["fine_tuned"] == 0.875  # f1 and n2 tie at 0.5: a half pair
+    assert tests["fine_tuned"].p == pytest.approx(
+        compare(CLS, y, {"local": local_p, "fine_tuned": _sigmoid(fed_z)})[1]["fine_tuned"].p
+    )
+    want = _sigmoid(0.75 * _logit(local_p) + 0.25 * fed_z)
+    assert want[1] == pytest.approx(_sigmoid(0.46028), abs=1e-5) and want[2] == pytest.approx(
+        _sigmoid(0.14792), abs=1e-5
+    )
+
+
+def _params(spec: ModelSpec, seed: int) -> dict[str, np.ndarray]:
+    m = build_model(spec, seed=seed)
+    return {**shared_state(m, spec), **personal_state(m, spec)}
+
+
+def _ort(onnx: bytes, x: np.ndarray) -> np.ndarray:
+    sess = ort.InferenceSession(onnx, providers=["CPUExecutionProvider"])
+    return sess.run(["y"], {"x": x.astype(np.float32)})[0].ravel().astype(np.float64)
+
+
+def test_the_log_odds_blends_one_onnx_is_the_sigmoid_of_the_mixed_logits_of_each_part_alone():
+    from edge.personal import build
+
+    a, b = _params(CLS, 1), _params(CLS, 2)
+    x = np.random.default_rng(0).normal(0, 2, (64, 3))
+    pa = _ort(export_onnx(build(CLS, a), CLS), x)  # each part alone, as the line would score it
+    pb = _ort(export_onnx(build(CLS, b), CLS), x)
+    for w in (0.25, 0.75):
+        want = _sigmoid(w * _logit(pa) + (1 - w) * _logit(pb))  # by hand from the parts' probabilities
+        served = Served(((w, a), (1 - w, b)), log_odds=True)
+        assert _ort(export_served(CLS, served), x) == pytest.approx(want.tolist(), abs=2e-5)
+        assert served.predict(CLS, x) == pytest.approx(want.tolist(), abs=2e-5)
+        in_prob = w * pa + (1 - w) * pb
+        assert np.max(np.abs(want - in_prob)) > 1e-3  # the two spaces differ: the test can tell them apart
+    assert blend_scores(CLS, a, x, True) == pytest.approx(_logit(pa).tolist(), abs=1e-4)
+    assert blend_scores(CLS, a, x, False) == pytest.approx(pa.tolist(), abs=1e-6)
+    with pytest.raises(ValueError, match="needs a classifier"):
+        blend_scorer(REG, build(REG, _params(REG, 1)), build(REG, _params(REG, 2)), 0.5, log_odds=True)
+    with pytest.raises(ValueError, match="blend_space"):
+        PersonalConfig(blend_space="logit").validate()  # type: ignore[arg-type]
+
+
+def _rows(n: int, seed: int, cut: float) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(0, 1, (n, 3)).astype(np.float32)
+    y = ((x[:, 0] - x[:, 1] + 0.5 * rng.normal(size=n)) > cut).astype(np.float32).reshape(-1, 1)
+    return x, y
+
+
+@pytest.mark.parametrize("space", ["log_odds", "probability"])
+def test_a_small_sites_fold_blend_serves_its_parts_mixed_in_the_configured_space(space):
+    """A small site (fewer than 8 validation and 30 training failures) whose folds pick the 0.75 blend: the
+    served scores are the two parts' mixed by hand, and the choice names the space."""
+    x, y = _rows(300, 5, 2.0)
+    xv, yv = _rows(40, 6, 2.0)
+    glob = train_local_only(CLS, *_rows(3000, 7, 2.0), PersonalConfig(local_epochs=3))  # a model of more rows
+    cfg = PersonalConfig(local_epochs=4, finetune_epochs=1, cross_folds=3, blend_space=space)  # type: ignore[arg-type]
+    p = Personaliser(cfg, CLS)
+    served, c = p.choose(glob, x, y, xv, yv)
+    assert (c.rule, c.kind, c.weight, c.blend_of, c.blend_space) == (
+        "too_small_folds_blended",
+        "blend",
+        0.75,
+        "fine_tuned",
+        space,
+    )
+    assert c.to_dict()["blend_space"] == space
+    local, partner = served.parts[0][1], served.parts[1][1]
+    assert local is p.local
+    pl, pf = predict(CLS, local, xv).astype(np.float64), predict(CLS, partner, xv).astype(np.float64)
+    want = _sigmoid(0.75 * _logit(pl) + 0.25 * _logit(pf)) if space == "log_odds" else 0.75 * pl + 0.25 * pf
+    assert served.predict(CLS, xv) == pytest.approx(want.tolist(), abs=2e-5)
+    assert c.validation_metric is not None and math.isfinite(c.validation_metric)
