@@ -144,7 +144,7 @@ class AggregatorCore:
             derived=cfg.strategy.norm_bound is None,
             min_sites=cfg.strategy.min_sites,
             buffer_size=self.strategy.buffer_size,
-            reduce=self.strategy.reduce_stat,  # robust = "auto": the median where it can run
+            reduce=self.strategy.reduce_stat,  # robust = "auto": MDA where it can run (reduce_choice)
         )
         self.metrics.reduce.labels(self.strategy.reduce_stat).set(1)
 
