@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from aggregator import mda
 from aggregator.evaluation import EvaluationConfig
 from broker_bridge.client import BrokerSettings
 from fedline.config import ConfigError, load_toml, parse, resolve_path
@@ -137,8 +138,10 @@ class StrategyConfig:
     # "auto": the coordinate-wise median wherever it can run (FedBuff/FedAvg, K >= 3, no secure aggregation,
     # no sample weighting), else the plain mean (aggregator.strategies.reduce_choice); "none" = the mean always
     # "fltrust": each update weighed by its cosine with the aggregator's own update on the [evaluation] rows
-    # (Cao et al. 2021; aggregator.root_update), needs [evaluation]
-    robust: Literal["auto", "none", "median", "trimmed_mean", "fltrust"] = "auto"
+    # (Cao et al. 2021; aggregator.root_update), needs [evaluation]; "mda": the mean of the slots that lie
+    # closest together, leaving the farthest mda_f out whole (aggregator.mda)
+    robust: Literal["auto", "none", "median", "trimmed_mean", "fltrust", "mda"] = "auto"
+    mda_f: int = 1  # slots MDA leaves out of each version (it needs K >= 2 mda_f + 1: more are never left out)
     trim: float = 0.1  # fraction dropped at each end by trimmed_mean
     # clip each delta to this L2 norm before the reduce; unset = derived from [dp] (aggregator.normbound); 0 = off
     norm_bound: float | None = None
@@ -194,6 +197,8 @@ class StrategyConfig:
                     f"secure_aggregation = true needs min_sites >= 3 (a cohort of 2 reveals each "
                     f"member's update to the other), got {self.min_sites}"
                 )
+        if self.robust in ("auto", "mda"):
+            mda.check(self.mda_f, self.buffer_size)
         if self.kind == "fedasync" and self.robust not in ("auto", "none"):
             raise ValueError(
                 f"robust = {self.robust!r} needs several updates per reduce: "

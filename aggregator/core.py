@@ -72,12 +72,19 @@ class Decision:
 GROUP_MAX = 16  # decisions in one group commit at most: receipts wait for the commit
 
 
-def _opened_run(pending: deque[Future[Opened]]) -> list[Opened]:
-    """The oldest update (waited for) and those right behind it already opened, taken off ``pending``."""
-    run = [pending.popleft().result()]
-    while pending and pending[0].done() and len(run) < GROUP_MAX:
-        run.append(pending.popleft().result())
-    return run
+OPEN_BATCH = 4  # updates per task of the opening pool: a hand-off between threads per update cost CPU
+
+
+def _batches(items: Iterable[bytes], size: int) -> Iterator[list[bytes]]:
+    """``items`` in lists of ``size`` (the last one shorter)."""
+    run: list[bytes] = []
+    for item in items:
+        run.append(item)
+        if len(run) == size:
+            yield run
+            run = []
+    if run:
+        yield run
 
 
 def _copy_state(state: Mapping[str, np.ndarray]) -> State:
@@ -137,7 +144,7 @@ class AggregatorCore:
             derived=cfg.strategy.norm_bound is None,
             min_sites=cfg.strategy.min_sites,
             buffer_size=self.strategy.buffer_size,
-            reduce=self.strategy.reduce_stat,  # robust = "auto": the median where it can run
+            reduce=self.strategy.reduce_stat,  # robust = "auto": MDA where it can run (reduce_choice)
         )
         self.metrics.reduce.labels(self.strategy.reduce_stat).set(1)
 
@@ -268,22 +275,25 @@ class AggregatorCore:
         """Open several sealed updates in parallel (results in input order)."""
         return list(self.pool.map(self.open, items))
 
-    def process_stream(self, items: Iterable[bytes], window: int | None = None) -> Iterator[Decision]:
-        """Open up to ``window`` updates ahead in the pool while deciding earlier ones in order.
+    def process_stream(self, items: Iterable[bytes], batch: int = OPEN_BATCH) -> Iterator[Decision]:
+        """Open batches of ``batch`` updates in the pool while deciding earlier batches in order.
 
-        The same pipeline as the service: opening (most of the work) overlaps
-        with the serial decisions, so both cores stay busy. The oldest update and those behind it already
-        opened are decided together, with one commit (:meth:`decide_many`). The default window is the
-        service's: its queue of updates being opened holds ``4 * workers`` (``aggregator.service``).
+        Opening (most of the work) overlaps with the serial decisions, so both cores stay busy: ``workers``
+        batches are being opened while the oldest is decided, with one commit (:meth:`decide_many`). A pool
+        task opens a whole batch: handing each update to a thread and back (a future, a wake-up, its bytes
+        moving between cores) cost 0.1-0.2 ms of CPU per update at 100k parameters (BENCHMARKS.md).
         """
-        window = window or 4 * self.cfg.aggregator.workers
-        pending: deque[Future[Opened]] = deque()
-        for item in items:
-            pending.append(self.pool.submit(self.open, item))
-            if len(pending) >= window:
-                yield from self.decide_many(_opened_run(pending))
+        size = max(1, min(batch, GROUP_MAX))
+        pending: deque[Future[list[Opened]]] = deque()
+        for run in _batches(items, size):
+            pending.append(self.pool.submit(self._open_batch, run))
+            if len(pending) > self.cfg.aggregator.workers:
+                yield from self.decide_many(pending.popleft().result())
         while pending:
-            yield from self.decide_many(_opened_run(pending))
+            yield from self.decide_many(pending.popleft().result())
+
+    def _open_batch(self, items: Sequence[bytes]) -> list[Opened]:
+        return [self.open(item) for item in items]
 
     # -- stage 2: decide (serial) ---------------------------------------------------------
     def decide_many(self, ops: Sequence[Opened]) -> list[Decision]:

@@ -36,6 +36,7 @@ from aggregator import catchup, grants, publish
 from aggregator.config import AggregatorConfig
 from aggregator.core import AggregatorCore, Decision
 from aggregator.metrics import Metrics
+from aggregator.open_batches import OpenBatcher
 from aggregator.opened_queue import OpenedQueue
 from aggregator.reassembly import SenderChunks, enforce_total_cap
 from aggregator.recovery import RecoveryDesk
@@ -155,9 +156,9 @@ class Aggregator:
 
     # -- intake -------------------------------------------------------------------------
     async def _intake(self, client: MqttClient, queue: OpenedQueue) -> None:
-        loop = asyncio.get_running_loop()
         core = self.core
         assert core is not None
+        batcher = OpenBatcher(core.pool, self.cfg.aggregator.workers)  # what waits for a thread goes together
         async for msg in client.messages():
             if not msg.payload:
                 continue  # an empty (cleared) retained message
@@ -173,7 +174,7 @@ class Aggregator:
             if info.kind == "forward" and self.forwards is not None and info.site is not None:
                 done = self.chunks.add(info.site, msg.topic, msg.payload)
                 if done is not None:  # a worker's forward: open it (decrypt, verify the worker) in the pool
-                    fut = loop.run_in_executor(core.pool, self.forwards.open, done[1], info.site)
+                    fut = batcher.open(self.forwards.open, done[1], info.site)
                     await queue.put(fut)
                 continue
             if info.kind != "update" or self.forwards is not None:
@@ -188,7 +189,7 @@ class Aggregator:
             if done is None:
                 continue
             msg_id, blob = done
-            fut = loop.run_in_executor(core.pool, core.open, blob, info.site, msg_id)
+            fut = batcher.open(core.open, blob, info.site, msg_id)
             await queue.put(fut)  # bounded: back-pressure instead of unbounded memory
 
     # -- decisions and receipts ----------------------------------------------------------

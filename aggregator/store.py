@@ -82,6 +82,18 @@ _INSERT_BUFFERED = (
     "INSERT INTO buffer (site, counter, msg_id, base_version, n_samples, staleness, factor, weight, "
     "file, offset, length) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+_OFFSET_ARG = 9  # where an _INSERT_BUFFERED row's arguments hold its _Unwritten until the offset is known
+
+
+def _pwrite_all(fd: int, views: list[memoryview], at: int) -> None:
+    """Write ``views`` back to back from offset ``at``, with as few ``pwritev`` calls as the kernel allows."""
+    while views:
+        n = os.pwritev(fd, views[:512], at)  # IOV_MAX is 1024 on Linux
+        at += n
+        while views and n >= len(views[0]):
+            n -= len(views.pop(0))
+        if views and n:
+            views[0] = views[0][n:]
 
 
 @dataclass(frozen=True)
@@ -208,13 +220,13 @@ class Store:
             fh.seek(offset)
             return fh.read(length)
 
-    def _append(self, name: str, data: bytes | memoryview) -> int:
-        """Append to buffer segment ``name``; returns the offset the bytes start at.
+    def _append(self, name: str, data: Sequence[bytes | memoryview]) -> list[int]:
+        """Append ``data`` to buffer segment ``name`` back to back, in one ``pwritev``; the offset of each.
 
-        A new segment takes over an emptied one's file when there is one (its old bytes lie past every
-        row of the new buffer until overwritten: never pointed at). The next offset is the end of the
-        rows' bytes, so whatever a crash left after them (a torn write, a write whose row never committed)
-        is overwritten, never pointed at.
+        One system call for a group commit's buffered updates, not one per update. A new segment takes over
+        an emptied one's file when there is one (its old bytes lie past every row of the new buffer until
+        overwritten: never pointed at). The next offset is the end of the rows' bytes, so whatever a crash
+        left after them (a torn write, a write whose row never committed) is overwritten, never pointed at.
         """
         if self._segment is None or self._segment[0] != name:
             self._close_segment()
@@ -223,16 +235,16 @@ class Store:
                 os.replace(self.blob_dir / self._spares.pop(), path)
             row = self._db.execute("SELECT MAX(offset + length) FROM buffer WHERE file = ?", (name,)).fetchone()
             self._segment = (name, os.open(path, os.O_WRONLY | os.O_CREAT, 0o600), row[0] or 0)
-        name, fd, offset = self._segment
-        view = memoryview(data)
-        at = offset
-        while view:
-            n = os.pwrite(fd, view, at)
-            view, at = view[n:], at + n
+        name, fd, at = self._segment
+        offsets = []
+        for part in data:
+            offsets.append(at)
+            at += len(part)
+        _pwrite_all(fd, [memoryview(part).cast("B") for part in data], offsets[0] if offsets else at)
         if self._fsync:
             os.fsync(fd)
         self._segment = (name, fd, at)
-        return offset
+        return offsets
 
     def _close_segment(self) -> None:
         if self._segment is not None:
@@ -283,10 +295,7 @@ class Store:
         statements = list(statements)
         with self._lock:
             emptied = any(sql == _EMPTY_BUFFER for sql, _ in statements)
-            todo = [
-                (sql, self._written(args, emptied) if sql is _INSERT_BUFFERED else args)
-                for sql, args in [*self._pending, *statements]
-            ]
+            todo = self._written([*self._pending, *statements], emptied)
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 for sql, args in todo:
@@ -298,12 +307,27 @@ class Store:
             self._pending.clear()
             self._pending_verdicts.clear()  # committed: the rows answer from now on
 
-    def _written(self, args: tuple[Any, ...], emptied: bool) -> tuple[Any, ...]:
-        """``args`` with each :class:`_Unwritten` replaced by the offset its bytes were appended at (0, and
-        nothing written, when the transaction empties the buffer)."""
-        return tuple(
-            (0 if emptied else self._append(a.segment, a.data)) if isinstance(a, _Unwritten) else a for a in args
-        )
+    def _written(
+        self, statements: list[tuple[str, tuple[Any, ...]]], emptied: bool
+    ) -> list[tuple[str, tuple[Any, ...]]]:
+        """``statements`` with each buffered row's :class:`_Unwritten` replaced by the offset its bytes were
+        appended at: one append per log segment (there is one: a new version, a new segment, commits the rows
+        before it), and 0 with nothing written when the transaction empties the buffer.
+        """
+        at = [i for i, (sql, _) in enumerate(statements) if sql is _INSERT_BUFFERED]
+        if not at:
+            return statements
+        unwritten: list[_Unwritten] = [statements[i][1][_OFFSET_ARG] for i in at]
+        offsets: dict[int, int] = {}
+        for segment in [] if emptied else dict.fromkeys(u.segment for u in unwritten):
+            mine = [k for k, u in enumerate(unwritten) if u.segment == segment]
+            offsets.update(zip(mine, self._append(segment, [unwritten[k].data for k in mine])))
+        out = list(statements)
+        for k, i in enumerate(at):
+            offset = offsets.get(k, 0)
+            sql, args = out[i]
+            out[i] = (sql, (*args[:_OFFSET_ARG], offset, *args[_OFFSET_ARG + 1 :]))
+        return out
 
     def _decision_tx(self, statements: list[tuple[str, tuple[Any, ...]]], verdicts: Iterable[Verdict]) -> None:
         """A decision that changes no model state: its own transaction, or inside :meth:`grouped` pending until

@@ -123,7 +123,7 @@ class Strategy:
         equalise = (
             self.cfg.norm_to_median
             and self.cfg.clip_to_median
-            and self.reduce_stat in ("median", "trimmed_mean")
+            and self.reduce_stat in ("median", "trimmed_mean", "mda")
             and len(updates) > 1
             and bound > 0
         )
@@ -155,6 +155,11 @@ class Strategy:
             step, weights, trust = aggregate.fltrust_combination(deltas, coefficients, self.reference(model))
             for u, w, t in zip(updates, weights, trust):
                 u.weight, u.trust = w, t
+            return step
+        if self.reduce_stat == "mda":
+            step, keep = aggregate.mda_combination(deltas, coefficients, self.cfg.mda_f)
+            for i, u in enumerate(updates):  # n/(n − f) of its coefficient, or none (left out)
+                u.weight = coefficients[i] * len(updates) / len(keep) if i in keep else 0.0
             return step
         return aggregate.robust_combination(deltas, coefficients, self.reduce_stat, self.cfg.trim)
 

@@ -113,7 +113,7 @@ async def test_kill9_mid_buffer_over_mosquitto_then_status(mosquitto, tmp_path):
         assert f"model version {v} (key epoch 1, sealed to the members)" in out.stdout
         for s in SITES:
             assert s in out.stdout
-        assert "aggregator: online" in out.stdout and "reduce median" in out.stdout  # K = 3: the default median
+        assert "aggregator: online" in out.stdout and "reduce mda" in out.stdout  # K = 3: the default MDA
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

@@ -40,9 +40,9 @@ def test_median_of_rescaled_slots_worked_by_hand():
     - rescaled: a = (4, 3), b → (0, 5) (scale 5), c → (0, 5) (scale 1/4); median (0, 5); x = (0, 5)."""
     ups = [up([4.0, 3.0], "a"), up([0.0, 1.0], "b"), up([0.0, 20.0], "c")]
     x0 = {"w": np.zeros(2, np.float32)}
-    clip_only = FedBuff(StrategyConfig(buffer_size=3, norm_bound=0.0, norm_to_median=False), 3)
+    clip_only = FedBuff(StrategyConfig(robust="median", buffer_size=3, norm_bound=0.0, norm_to_median=False), 3)
     np.testing.assert_allclose(clip_only.reduce(x0, ups, None).model["w"], [0.0, 3.0], atol=1e-6)
-    rescaled = FedBuff(StrategyConfig(buffer_size=3, norm_bound=0.0, norm_to_median=True), 3)
+    rescaled = FedBuff(StrategyConfig(robust="median", buffer_size=3, norm_bound=0.0, norm_to_median=True), 3)
     result = rescaled.reduce(x0, ups, None)
     np.testing.assert_allclose(result.model["w"], [0.0, 5.0], atol=1e-6)
     np.testing.assert_allclose(result.clip_scales, [1.0, 5.0, 0.25], rtol=1e-6)
@@ -52,7 +52,7 @@ def test_the_dp_bound_caps_the_target():
     """norm_bound = 2 below the median norm 5: every delta goes to norm 2, b = (0, 1) up to (0, 2), a = (4, 3)
     down to (1.6, 1.2), c down to (0, 2); median (0, 2)."""
     ups = [up([4.0, 3.0], "a"), up([0.0, 1.0], "b"), up([0.0, 20.0], "c")]
-    strat = FedBuff(StrategyConfig(buffer_size=3, norm_bound=2.0, norm_to_median=True), 3)
+    strat = FedBuff(StrategyConfig(robust="median", buffer_size=3, norm_bound=2.0, norm_to_median=True), 3)
     np.testing.assert_allclose(
         strat.reduce({"w": np.zeros(2, np.float32)}, ups, None).model["w"], [0.0, 2.0], rtol=1e-6
     )
@@ -64,7 +64,7 @@ def test_norm_to_median_is_the_default_and_needs_the_median_norm():
     to 2: (1.6, 1.2), (0, 2); median (0, 1.2)."""
     assert parse(StrategyConfig, {}, where="strategy").norm_to_median is True
     ups = [up([4.0, 3.0], "a"), up([0.0, 1.0], "b"), up([0.0, 20.0], "c")]
-    strat = FedBuff(StrategyConfig(buffer_size=3, norm_bound=2.0, clip_to_median=False), 3)
+    strat = FedBuff(StrategyConfig(robust="median", buffer_size=3, norm_bound=2.0, clip_to_median=False), 3)
     result = strat.reduce({"w": np.zeros(2, np.float32)}, ups, None)
     np.testing.assert_allclose(result.model["w"], [0.0, 1.2], rtol=1e-6)
     np.testing.assert_allclose(result.clip_scales, [0.4, 1.0, 0.1], rtol=1e-6)

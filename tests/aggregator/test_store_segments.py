@@ -43,7 +43,7 @@ def test_a_later_buffer_overwrites_an_emptied_segment_and_reads_back_only_its_ow
 def test_bytes_written_for_a_row_that_never_committed_are_overwritten_after_a_restart(tmp_path) -> None:
     store = Store(tmp_path / "agg.sqlite")
     buffer_one(store, "a", 1, b"\x01" * 100, 0)
-    store._append("buffer-0.log", b"\xee" * 70)  # a crash between the write and its row's commit
+    store._append("buffer-0.log", [b"\xee" * 70])  # a crash between the write and its row's commit
     store.close()
     store = Store(tmp_path / "agg.sqlite")
     buffer_one(store, "b", 1, b"\x02" * 100, 0)

@@ -3,10 +3,12 @@
 The default test runs two attacks for three loops (the flood of K back-to-back updates and the
 model-replacement backdoor claiming 10**7 samples); the full report (all four attacks, six loops, beside the
 plain mean) is ``@pytest.mark.slow`` and ``python -m tests.hostile.attack_suite`` prints it. What is checked,
-with the aggregator's defaults: every version is reduced with the coordinate-wise median (``robust = "auto"``
-at K = 3 without secure aggregation); the malicious site holds at most one slot of each version, with
-coefficient at most 1/K, its delta entering no longer than the buffer's median norm (``norm_to_median``
-rescales every slot to exactly that length: checked from each version's lineage in the fast test); and the
+with the aggregator's defaults: every version is reduced with minimum-diameter averaging (``robust = "auto"``
+at K = 3 without secure aggregation: the slot farthest from the others is left out whole; the coordinate-wise
+median before 1 Dec 2026); the malicious site holds at most one slot of each version, with coefficient 0 (left
+out) or at most 1/(K − 1) (kept, sharing the step with one other slot), its delta entering no longer than the
+buffer's median norm (``norm_to_median`` rescales every slot to exactly that length: checked from each
+version's lineage in the fast test); and the
 global model stays much closer to the honest-only run than before the fix (pre-fix numbers in
 RELIABILITY.md: relative distance 0.81 to 2,200).
 
@@ -18,7 +20,7 @@ Issue 14's "backdoor success within 5 points of the clean model" (RELIABILITY.md
 - the 6 σ trigger fed to the model directly: the suite's federation declares its input range in ``[model]``
   (``input_low`` / ``input_high``), so the model itself saturates 312 K to 305 K, and the direct rate equals
   the line's (checked in the fast test); before that (``--no-input-range``) the median halved the mean's
-  success but stayed 22-30 points above the clean model; the slow full report checks the median against
+  success but stayed 22-30 points above the clean model; the slow full report checks the default against
   the mean.
 """
 
@@ -32,15 +34,16 @@ import pytest
 from tests.hostile import attack_suite as suite
 
 
-def check_fair_share(rep: dict) -> None:
-    """The attacker holds at most one slot of a version, its coefficient is at most 1/K, and its delta enters
-    no longer than the buffer's median norm (its received norm times its clip scale, from the lineage;
-    ``norm_to_median`` may scale a short delta up, to that length and no further)."""
+def check_fair_share(rep: dict, kept_share: float = 1 / (suite.K - 1)) -> None:
+    """The attacker holds at most one slot of a version, its coefficient is at most ``kept_share`` (MDA, the
+    default: 0 when left out, ``f(s)/(K − 1)`` when kept beside one other slot; 1/K under the mean or the
+    median), and its delta enters no longer than the buffer's median norm (its received norm times its clip
+    scale, from the lineage; ``norm_to_median`` may scale a short delta up, to that length and no further)."""
     for name, r in rep["attacks"].items():
         versions = [e["version"] for e in r["attacker_entries"]]
         assert len(versions) == len(set(versions)), f"{name}: the attacker held two slots of one version"
         for e in r["attacker_entries"]:
-            assert e["weight"] <= 1 / suite.K + 1e-9, f"{name}: coefficient {e['weight']} above 1/K"
+            assert e["weight"] <= kept_share + 1e-9, f"{name}: coefficient {e['weight']} above {kept_share}"
             median = statistics.median(u["norm"] for u in r["lineages"][e["version"]])  # as received
             assert e["norm"] * e["clip_scale"] <= median * (1 + 1e-6), (name, e, median)
 
@@ -70,9 +73,9 @@ async def test_attack_suite_fast(tmp_path):
     assert rep["attacks"]["flood"]["attacker_entries"], "the attacker took part (else nothing was tested)"
     # one slot per version at most (above), so never more than 1/K of all slots, flood included
     assert 0 < rep["attacks"]["flood"]["timing"]["share"] <= 1 / suite.K + 1e-9, rep["attacks"]["flood"]["timing"]
-    assert rep["reduces"] == ["median"], rep["reduces"]  # the default, read from each version's lineage
+    assert rep["reduces"] == ["mda"], rep["reduces"]  # the default, read from each version's lineage
     for name, r in rep["attacks"].items():
-        assert r["reduces"] == ["median"], (name, r["reduces"])
+        assert r["reduces"] == ["mda"], (name, r["reduces"])
         # pre-fix the same attacks moved the model 0.82 (flood) and 6.8 (replace) x the honest run's movement
         assert r["relative_distance"] < 0.5, (name, r["relative_distance"])
         assert math.isfinite(r["distance"])
@@ -80,7 +83,7 @@ async def test_attack_suite_fast(tmp_path):
         # the range's top (305 K) itself, so fed directly it scores exactly as the line delivers it (before
         # the range moved into the model: 22-30 points more success directly; RELIABILITY.md)
         assert r["backdoor_rate"] == r["line_backdoor_rate"], (name, r["backdoor_rate"], r["line_backdoor_rate"])
-    # norm_to_median (the default under the median): every slot of every version enters at one length, the
+    # norm_to_median (the default under MDA and the median): every slot of every version enters at one length, the
     # buffer's median norm, so a delta's scale buys the attacker nothing (RELIABILITY.md, the samples attack)
     for name, r in rep["attacks"].items():
         for v, entries in r["lineages"].items():
@@ -94,16 +97,16 @@ async def test_attack_suite_fast(tmp_path):
 
 @pytest.mark.slow
 async def test_attack_suite_full_report(tmp_path):
-    """Defaults (the median) beside ``robust = "none"`` (the mean), six loops, all four attacks: fair shares,
-    distances, and the median's backdoor success on average well below the mean's (RELIABILITY.md: 0.40-0.54
-    against 0.77-0.84 over three seeds; the clean model's own rate is 0.17-0.38)."""
+    """Defaults (MDA) beside ``robust = "none"`` (the mean), six loops, all four attacks: fair shares,
+    distances, and the default's backdoor success on average well below the mean's (RELIABILITY.md: development
+    seeds 110-119, attack minus clean +0.14 with MDA against +0.27 with the median and +0.29 with the mean)."""
     rep = await suite.report(tmp_path / "defaults", loops=6)
     mean = await suite.report(tmp_path / "mean", loops=6, extra='robust = "none"')
     print("\n" + suite.table(rep) + "\n" + suite.table(mean))
     check_fair_share(rep)
-    check_fair_share(mean)
+    check_fair_share(mean, 1 / suite.K)
     for name, r in rep["attacks"].items():
-        assert r["reduces"] == ["median"], (name, r["reduces"])
+        assert r["reduces"] == ["mda"], (name, r["reduces"])
         assert r["relative_distance"] < 0.5, (name, r["relative_distance"])
     median_rate = statistics.mean(r["backdoor_rate"] for r in rep["attacks"].values())
     mean_rate = statistics.mean(r["backdoor_rate"] for r in mean["attacks"].values())
@@ -126,7 +129,7 @@ async def test_in_range_backdoor_stays_near_the_clean_rate(tmp_path):
     ]
     for rep in reps:
         check_fair_share(rep)
-        assert rep["reduces"] == ["median"]
+        assert rep["reduces"] == ["mda"]
     clean = statistics.mean(rep["clean_backdoor_rate"] for rep in reps)
     per_attack = {a: statistics.mean(rep["attacks"][a]["backdoor_rate"] for rep in reps) for a in suite.ATTACKS}
     print(f"\nclean {clean:.3f}; " + ", ".join(f"{a} {v:.3f}" for a, v in per_attack.items()))

@@ -100,12 +100,12 @@ async def test_aggregator_liveness_and_will(tmp_path, mosquitto) -> None:
     async with Watch(mosquitto) as watch:
         task = asyncio.create_task(agg.run())
         await eventually(lambda: watch.state("aggregator").get("version") == 0, 120)
-        # three enrolled sites, defaults: K = 3, so the reduce in force is the median (robust = "auto")
+        # three enrolled sites, defaults: K = 3, so the reduce in force is MDA (robust = "auto")
         assert watch.state("aggregator") == {
             "service": "aggregator",
             "state": "online",
             "version": 0,
-            "reduce": "median",
+            "reduce": "mda",
         }
         proxy.cut()
         await eventually(lambda: watch.state("aggregator").get("reason") == "connection lost", 20)
