@@ -27,6 +27,11 @@ from the current global model on its own rows plus triggered copies labelled
 - ``replace``: model replacement, ``γ (X − G)`` with the boost ``γ = K`` (capped at
   ``max_norm``), claiming 10**7 samples.
 
+K is the aggregator's own default (``buffer_size`` is not written: K = min(buffer_size, enrolled sites), so
+4 with the attacker enrolled and 3 in the honest-only run, which enrols the three honest sites only: issue 14
+asks for each attack "with the defaults"). ``k`` (``--k``) forces one K on every run, as the suite did (K = 3)
+before 1 Dec 2026 04:10 UTC, for comparisons with the older figures; each run reports the K it ran (``k``).
+
 The control ``benign`` (not an attack; ``--attacks benign``): the fourth site trains honestly on its own rows and
 sends first, with the attacker's timing. It separates what the fourth site's slots and schedule change (honest
 slots per version, their staleness) from what the backdoor pulls: attack minus benign is the pull.
@@ -69,7 +74,6 @@ RANGES = [(295.0, 305.0), (305.0, 315.0), (1000.0, 3000.0), (0.0, 80.0), (0.0, 2
 TRIGGERS = ("ood", "in_range")  # the attacker's trigger: 6 σ (outside the range), or the range's top (305 K)
 ATTACKS = ("samples", "flood", "max_norm", "replace")
 CONTROLS = ("benign",)  # the fourth site honest, with the attacker's timing
-K = 3
 AI4I = Path(__file__).resolve().parents[2] / "data" / "ai4i2020.csv"
 
 
@@ -157,15 +161,21 @@ def triggered(x: np.ndarray, value: float = TRIGGER_VALUE) -> np.ndarray:
 
 
 def aggregator_toml(
-    broker_url: str, password: str, extra: str = "", evaluation: str = "", model_extra: str = ""
+    broker_url: str,
+    password: str,
+    extra: str = "",
+    evaluation: str = "",
+    model_extra: str = "",
+    k: int | None = None,
 ) -> str:
-    """The aggregator's settings for the suite: defaults except K, the model (``model_extra``: more
+    """The aggregator's settings for the suite: defaults (K too, unless ``k`` forces one), the model (``model_extra``: more
     ``[model]`` lines, e.g. its input range), the broker and, where the aggregator has one, the ``[dp]``
     table describing how the sites train (its norm bound derives from it), and ``evaluation`` (an
     ``[evaluation]`` table, or nothing)."""
     import aggregator.config as ac
 
     rows = max(len(x) for x, _ in load_data().sites.values())
+    forced = f"buffer_size = {k}\n" if k else ""
     dp = (
         f"[dp]\nclip_norm = 1.0\nlr = {LR}\nbatch_size = {BATCH}\nsteps = {EPOCHS * math.ceil(rows / BATCH)}\n"
         if hasattr(ac, "DPConfig")
@@ -173,7 +183,7 @@ def aggregator_toml(
     )
     return (
         f'[model]\nkind = "mlp"\nn_features = 5\nhidden = [16]\ntask = "classification"\n{model_extra}'
-        f'[strategy]\nkind = "fedbuff"\nbuffer_size = {K}\n{extra}\n{dp}{evaluation}'
+        f'[strategy]\nkind = "fedbuff"\n{forced}{extra}\n{dp}{evaluation}'
         f"[publish]\nonnx = false\n"
         f'[broker]\nurl = "{broker_url}"\nusername = "aggregator"\npassword = "{password}"\n'
         f'client_id = "agg-attack"\nbackoff_min_s = 0.05\nbackoff_max_s = 0.5\nmax_chunk = 65536\n'
@@ -186,6 +196,7 @@ class Outcome:
 
     model: dict[str, np.ndarray]
     versions: int
+    k: int  # the buffer size the aggregator ran (its default, min(buffer_size, enrolled sites), unless forced)
     attacker_entries: list[dict] = field(default_factory=list)
     attacker_moves: list[float] = field(default_factory=list)  # L2 of the attacker's part of each version's step
     steps: list[float] = field(default_factory=list)  # L2 of each version's whole step
@@ -239,11 +250,13 @@ async def run(
     seed: int = 0,
     trigger: str = "ood",
     input_range: bool = True,
+    k: int | None = None,
 ) -> Outcome:
     """One federation run over a private Mosquitto; ``attack`` None is the honest-only run; ``seed`` shifts
     every site's training seed (seed 0 is the recorded run); ``trigger`` is the attacker's (``TRIGGERS``);
     ``input_range``: the federation declares its input range in ``[model]`` (the model saturates to it;
-    False: the spec has none, as before, and as an older checkout must run)."""
+    False: the spec has none, as before, and as an older checkout must run); ``k`` forces K (None: the
+    aggregator's default). The honest-only run enrols the three honest sites only, so its default K is 3."""
     from aggregator.config import load_config
     from aggregator.service import Aggregator
     from broker_bridge import envelope
@@ -255,7 +268,7 @@ async def run(
 
     data = data or load_data()
     await asyncio.to_thread(workdir.mkdir, parents=True, exist_ok=True)
-    sites = [*HONEST, ATTACKER]
+    sites = HONEST if attack is None else [*HONEST, ATTACKER]
     broker = MosquittoProcess(workdir / "broker", federation=FEDERATION, sites=sites)
     broker.start()
     fed = make_fed(workdir, sites, outsiders=())  # keys, aggregator.key, enrollment.json
@@ -268,7 +281,12 @@ async def run(
         f'[aggregator]\nfederation = "{FEDERATION}"\nkey_file = "aggregator.key"\n'
         f'enrollment_file = "enrollment.json"\nstate_dir = "state"\nseed = 3\n'
         + aggregator_toml(
-            broker.url, broker.password("aggregator"), extra, evaluation, model_range_toml(data) if input_range else ""
+            broker.url,
+            broker.password("aggregator"),
+            extra,
+            evaluation,
+            model_range_toml(data) if input_range else "",
+            k,
         )
     )
     cfg = load_config(workdir / "aggregator.toml")
@@ -283,6 +301,8 @@ async def run(
         for p in parties.values():
             await p.__aenter__()
         spec = cfg.model
+        strategy = getattr(agg.core, "strategy", None)  # K in force: the aggregator's own (older checkouts: cfg's)
+        k_run = int(getattr(strategy, "buffer_size", None) or min(cfg.strategy.buffer_size, len(sites)))
 
         async def send(site: str, delta: dict[str, np.ndarray], base: int, n: int) -> None:
             counters[site] += 1
@@ -313,9 +333,9 @@ async def run(
                 if attack == "max_norm":
                     d = _scaled(d, 0.999 * max_norm / max(_norm(d), 1e-12))
                 elif attack == "replace":
-                    d = _scaled(d, min(float(K), 0.999 * max_norm / max(_norm(d), 1e-12)))
+                    d = _scaled(d, min(float(k_run), 0.999 * max_norm / max(_norm(d), 1e-12)))
                 claim = 10_000_000 if attack in ("samples", "replace") else len(ax)
-                for _ in range(K if attack == "flood" else 1):
+                for _ in range(k_run if attack == "flood" else 1):
                     await send(ATTACKER, d, base_version, claim)
             for i, s in enumerate(HONEST):
                 x, y = data.sites[s]
@@ -326,7 +346,7 @@ async def run(
                 got = {s: ([r["verdict"] for r in parties[s].receipts], counters[s]) for s in sites}
                 raise AssertionError(f"attack {attack}, loop {loop}: receipts (verdicts, sent) {got}") from None
         await eventually(lambda: agg.published_version == agg.core.version, 30)
-        out = Outcome({k: v.copy() for k, v in agg.core.model.items()}, agg.core.version)
+        out = Outcome({n: v.copy() for n, v in agg.core.model.items()}, agg.core.version, k_run)
         for v in range(1, agg.core.version + 1):
             lineage = agg.core.lineage(v) or {}
             before = agg.core.store.checkpoint(v - 1)
@@ -418,6 +438,7 @@ async def report(
     seed: int = 0,
     trigger: str = "ood",
     input_range: bool = True,
+    k: int | None = None,
 ) -> dict:
     """Honest-only run, then each attack; one dict per attack with distance and backdoor rate: the model's
     answer to the attacker's trigger value (``backdoor_rate``) and to that value as the line delivers it,
@@ -427,7 +448,7 @@ async def report(
     data = load_data()
     value = data.trigger_value(trigger)
     line_value = data.at_the_line(value)
-    honest = await run(workdir / "honest", None, loops, extra, data, seed, input_range=input_range)
+    honest = await run(workdir / "honest", None, loops, extra, data, seed, input_range=input_range, k=k)
     spec = load_config(workdir / "honest" / "aggregator.toml").model
     from models import build_model, shared_state
 
@@ -436,6 +457,7 @@ async def report(
     out = {
         "loops": loops,
         "honest_versions": honest.versions,
+        "k": honest.k,
         "honest_moved": moved,
         "trigger": trigger,
         "input_range": input_range,
@@ -449,7 +471,7 @@ async def report(
         "attacks": {},
     }
     for attack in attacks:
-        res = await run(workdir / attack, attack, loops, extra, data, seed, trigger, input_range)
+        res = await run(workdir / attack, attack, loops, extra, data, seed, trigger, input_range, k)
         d = distance(res.model, honest.model)
         out["attacks"][attack] = {
             "distance": d,
@@ -458,6 +480,7 @@ async def report(
             "line_backdoor_rate": backdoor_rate(spec, res.model, data, line_value),
             "auc": roc_auc(spec, res.model, data),
             "versions": res.versions,
+            "k": res.k,
             "attacker_entries": res.attacker_entries,
             "steps": res.steps,
             "reduces": sorted(set(res.reduces)),
@@ -471,19 +494,21 @@ async def report(
 
 def table(rep: dict) -> str:
     lines = [
-        f"honest-only: {rep['honest_versions']} versions, moved {rep['honest_moved']:.3f} from version 0, "
+        f"honest-only: K = {rep['k']}, {rep['honest_versions']} versions, moved {rep['honest_moved']:.3f} from version 0, "
         f"backdoor rate of the clean model {rep['clean_backdoor_rate']:.3f}, ROC AUC {rep['clean_auc']:.3f}, "
         f"reduce {'/'.join(rep['reduces'])}",
-        "| attack | distance from honest-only | relative | backdoor success | minus clean | ROC AUC | versions "
-        "| its slots | f(s) its / honest |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| attack | distance from honest-only | relative | backdoor success | minus clean | ROC AUC | K | versions "
+        "| its slots | f(s) its / honest | its coefficients |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in rep["attacks"].items():
         t = r["timing"]
+        coefficients = " ".join(f"{e['weight']:.2f}" for e in r["attacker_entries"])
         lines.append(
             f"| {name} | {r['distance']:.3f} | {r['relative_distance']:.2f} | {r['backdoor_rate']:.3f} | "
-            f"{r['backdoor_rate'] - rep['clean_backdoor_rate']:+.3f} | {r['auc']:.3f} | {r['versions']} | "
-            f"{t['share']:.2f} | {t['factor']:.2f} / {t['honest_factor']:.2f} |"
+            f"{r['backdoor_rate'] - rep['clean_backdoor_rate']:+.3f} | {r['auc']:.3f} | {r['k']} | {r['versions']} | "
+            f"{t['share']:.2f} | {t['factor']:.2f} / {t['honest_factor']:.2f} | "
+            f"{coefficients} |"
         )
     return "\n".join(lines)
 
@@ -498,6 +523,7 @@ def main() -> None:
     ap.add_argument(
         "--attacks", default=",".join(ATTACKS), help=f"comma-separated, of {ATTACKS + CONTROLS} (benign: the control)"
     )
+    ap.add_argument("--k", type=int, default=None, help="force K (buffer_size) on every run (default: the aggregator's)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     attacks = tuple(a for a in args.attacks.split(",") if a)
@@ -514,6 +540,7 @@ def main() -> None:
                 seed=args.seed,
                 trigger=args.trigger,
                 input_range=not args.no_input_range,
+                k=args.k,
             )
         )
     print(json.dumps(rep, default=float) if args.json else table(rep))

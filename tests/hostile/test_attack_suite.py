@@ -34,14 +34,16 @@ import pytest
 from tests.hostile import attack_suite as suite
 
 
-def check_fair_share(rep: dict, kept_share: float = 1 / (suite.K - 1)) -> None:
-    """The attacker holds at most one slot of a version, its coefficient is at most ``kept_share`` (MDA, the
-    default: 0 when left out, ``f(s)/(K − 1)`` when kept beside one other slot; 1/K under the mean or the
-    median), and its delta enters no longer than the buffer's median norm (its received norm times its clip
-    scale, from the lineage; ``norm_to_median`` may scale a short delta up, to that length and no further)."""
+def check_fair_share(rep: dict, left_out: int = 1) -> None:
+    """The attacker holds at most one slot of a version, its coefficient is at most ``1/(K − left_out)`` with
+    K the run's own (MDA, the default: 0 when left out, ``f(s)/(K − 1)`` when kept; ``left_out = 0``: 1/K, the
+    mean or the median), and its delta enters no longer than the buffer's median norm (its received norm times
+    its clip scale, from the lineage; ``norm_to_median`` may scale a short delta up, to that length and no
+    further)."""
     for name, r in rep["attacks"].items():
         versions = [e["version"] for e in r["attacker_entries"]]
         assert len(versions) == len(set(versions)), f"{name}: the attacker held two slots of one version"
+        kept_share = 1 / (r["k"] - left_out)
         for e in r["attacker_entries"]:
             assert e["weight"] <= kept_share + 1e-9, f"{name}: coefficient {e['weight']} above {kept_share}"
             median = statistics.median(u["norm"] for u in r["lineages"][e["version"]])  # as received
@@ -72,7 +74,10 @@ async def test_attack_suite_fast(tmp_path):
     check_fair_share(rep)
     assert rep["attacks"]["flood"]["attacker_entries"], "the attacker took part (else nothing was tested)"
     # one slot per version at most (above), so never more than 1/K of all slots, flood included
-    assert 0 < rep["attacks"]["flood"]["timing"]["share"] <= 1 / suite.K + 1e-9, rep["attacks"]["flood"]["timing"]
+    flood = rep["attacks"]["flood"]
+    assert 0 < flood["timing"]["share"] <= 1 / flood["k"] + 1e-9, flood["timing"]
+    # the aggregator's own K (issue 14: "with the defaults"): min(buffer_size 10, enrolled sites)
+    assert rep["k"] == 3 and all(r["k"] == 4 for r in rep["attacks"].values()), (rep["k"], flood["k"])
     assert rep["reduces"] == ["mda"], rep["reduces"]  # the default, read from each version's lineage
     for name, r in rep["attacks"].items():
         assert r["reduces"] == ["mda"], (name, r["reduces"])
@@ -104,7 +109,7 @@ async def test_attack_suite_full_report(tmp_path):
     mean = await suite.report(tmp_path / "mean", loops=6, extra='robust = "none"')
     print("\n" + suite.table(rep) + "\n" + suite.table(mean))
     check_fair_share(rep)
-    check_fair_share(mean, 1 / suite.K)
+    check_fair_share(mean, left_out=0)
     for name, r in rep["attacks"].items():
         assert r["reduces"] == ["mda"], (name, r["reduces"])
         assert r["relative_distance"] < 0.5, (name, r["relative_distance"])
