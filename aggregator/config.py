@@ -142,6 +142,10 @@ class StrategyConfig:
     # closest together, leaving the farthest mda_f out whole (aggregator.mda)
     robust: Literal["auto", "none", "median", "trimmed_mean", "fltrust", "mda"] = "auto"
     mda_f: int = 1  # slots MDA leaves out of each version (it needs K >= 2 mda_f + 1: more are never left out)
+    # how MDA's kept slots share the step: "kept": n/(n − f) of each coefficient, so a version moves as far as
+    # the mean's when all agree (a kept slot f(s)/(K − f)); "k": each kept slot at its FedBuff f(s)/K (issue
+    # 14's fair share), the step shorter by the slots left out (aggregate.mda_combination)
+    mda_scale: Literal["kept", "k"] = "kept"
     trim: float = 0.1  # fraction dropped at each end by trimmed_mean
     # clip each delta to this L2 norm before the reduce; unset = derived from [dp] (aggregator.normbound); 0 = off
     norm_bound: float | None = None

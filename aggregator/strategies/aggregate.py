@@ -118,7 +118,7 @@ def robust_combination(
 
 
 def mda_combination(
-    deltas: Sequence[Mapping[str, np.ndarray]], coefficients: Sequence[float], f: int = 1
+    deltas: Sequence[Mapping[str, np.ndarray]], coefficients: Sequence[float], f: int = 1, scale: str = "kept"
 ) -> tuple[State, tuple[int, ...]]:
     """``n · mean_{i ∈ S}(c_i Δ_i)``, ``S`` the ``n − f`` deltas of smallest diameter (:mod:`aggregator.mda`);
     returns (step, S).
@@ -130,7 +130,8 @@ def mda_combination(
     ``n/(n − f)`` keeps every coefficient at most 1/K but steps only ``(n − f)/n`` as far: it cost the clean
     model 0.006 of ROC AUC in the attack suite, RELIABILITY.md.) The diameter is measured between the deltas,
     not the ``c_i Δ_i``: a stale honest update is shorter after its ``f(s)`` and would otherwise look farther
-    from a fresh one than it is.
+    from a fresh one than it is. ``scale = "k"`` is that sum: each kept slot at its own ``c_i`` (FedBuff's
+    ``f(s)/K``, issue 14's fair share), ``Σ_{i ∈ S} c_i Δ_i`` (:func:`mda_weights`).
     """
     if len(deltas) != len(coefficients) or not deltas:
         raise ValueError("need one coefficient per delta, and at least one delta")
@@ -138,8 +139,18 @@ def mda_combination(
     stacks = {k: _stack(deltas, k, [1.0] * len(deltas)) for k in names}  # (n, *shape) each: the deltas
     rows = np.concatenate([stacks[k].reshape(len(deltas), -1) for k in names], axis=1)
     keep = mda.subset(mda.distances(rows), f)
-    weights = np.array([coefficients[i] * len(deltas) / len(keep) for i in keep], np.float32)
+    share = mda_weights(coefficients, keep, scale)
+    weights = np.array([share[i] for i in keep], np.float32)
     return {k: np.tensordot(weights, stacks[k][list(keep)], axes=1).astype(np.float32) for k in names}, keep
+
+
+def mda_weights(coefficients: Sequence[float], keep: Sequence[int], scale: str = "kept") -> list[float]:
+    """Each slot's coefficient in MDA's step: 0 if left out; kept, ``c_i · n/|S|`` (``scale = "kept"``) or
+    ``c_i`` itself (``"k"``)."""
+    if scale not in ("kept", "k"):
+        raise ValueError(f'mda scale must be "kept" or "k", got {scale!r}')
+    spread = len(coefficients) / len(keep) if scale == "kept" else 1.0
+    return [c * spread if i in keep else 0.0 for i, c in enumerate(coefficients)]
 
 
 def _shape(delta: Mapping[str, np.ndarray], name: str) -> tuple[int, ...]:

@@ -157,9 +157,9 @@ class Strategy:
                 u.weight, u.trust = w, t
             return step
         if self.reduce_stat == "mda":
-            step, keep = aggregate.mda_combination(deltas, coefficients, self.cfg.mda_f)
-            for i, u in enumerate(updates):  # n/(n − f) of its coefficient, or none (left out)
-                u.weight = coefficients[i] * len(updates) / len(keep) if i in keep else 0.0
+            step, keep = aggregate.mda_combination(deltas, coefficients, self.cfg.mda_f, self.cfg.mda_scale)
+            for u, w in zip(updates, aggregate.mda_weights(coefficients, keep, self.cfg.mda_scale)):
+                u.weight = w  # its share of the step, or none (left out)
             return step
         return aggregate.robust_combination(deltas, coefficients, self.reduce_stat, self.cfg.trim)
 

@@ -116,3 +116,34 @@ def test_fedbuff_records_who_was_left_out():
     r = fb.reduce({"w": np.zeros(2, np.float32)}, ups, None)
     np.testing.assert_allclose(r.model["w"], [1.1, 0.05], rtol=1e-6)
     assert [u.lineage()["weight"] for u in ups] == [pytest.approx(0.5), pytest.approx(0.5), 0.0]
+
+
+def test_scale_k_keeps_each_kept_slot_at_its_fedbuff_coefficient():
+    """``mda_scale = "k"``: 1-D rows 0, 1, 2, 10 at K = 4, f = 1: S = {0, 1, 2} (diameter 2; any subset with 10
+    at least 8). Fresh, c = 1/4 each: step = (1/4)(0 + 1 + 2) = 0.75 (``"kept"``: 4 · (1/4) · mean = 1.0).
+    The second stale, c = f(3)/K = 0.6/4 = 0.15: step = 0.25 · 0 + 0.15 · 1 + 0.25 · 2 = 0.65 (``"kept"``:
+    (4/3) · 0.65 = 0.8666667). Weights: 0.25, 0.15, 0.25, 0 (never above 1/K)."""
+    deltas = [{"w": np.array([x], np.float32)} for x in (0.0, 1.0, 2.0, 10.0)]
+    step, keep = aggregate.mda_combination(deltas, [0.25] * 4, scale="k")
+    assert keep == (0, 1, 2)
+    np.testing.assert_allclose(step["w"], [0.75], rtol=1e-6)
+    np.testing.assert_allclose(aggregate.mda_combination(deltas, [0.25] * 4)[0]["w"], [1.0], rtol=1e-6)
+    stale = [0.25, 0.15, 0.25, 0.25]
+    np.testing.assert_allclose(aggregate.mda_combination(deltas, stale, scale="k")[0]["w"], [0.65], rtol=1e-6)
+    np.testing.assert_allclose(aggregate.mda_combination(deltas, stale)[0]["w"], [0.8666667], rtol=1e-6)
+    assert aggregate.mda_weights(stale, keep, "k") == pytest.approx([0.25, 0.15, 0.25, 0.0])
+    with pytest.raises(ValueError, match="mda scale"):
+        aggregate.mda_weights(stale, keep, "half")
+
+
+def test_fedbuff_with_scale_k_records_f_over_k():
+    """K = 3, ``mda_scale = "k"``, fresh slots (1, 0), (1.2, 0.1), (−3, 5): the two kept at 1/3 each, the far one
+    0; the model moves by (1/3)((1, 0) + (1.2, 0.1)) = (0.7333333, 0.0333333) from 0."""
+    cfg = StrategyConfig(buffer_size=3, norm_bound=0, clip_to_median=False, mda_scale="k")
+    fb = FedBuff(cfg)
+    ups = [
+        Accepted(s, 1, s, 0, 10, 0, 1.0, 1 / 3, {"w": np.array(r, np.float32)}) for s, r in zip(("a", "b", "m"), ROWS)
+    ]
+    r = fb.reduce({"w": np.zeros(2, np.float32)}, ups, None)
+    np.testing.assert_allclose(r.model["w"], [0.7333333, 0.0333333], rtol=1e-5)
+    assert [u.lineage()["weight"] for u in ups] == [pytest.approx(1 / 3), pytest.approx(1 / 3), 0.0]
