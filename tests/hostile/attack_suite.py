@@ -523,7 +523,9 @@ def main() -> None:
     ap.add_argument(
         "--attacks", default=",".join(ATTACKS), help=f"comma-separated, of {ATTACKS + CONTROLS} (benign: the control)"
     )
-    ap.add_argument("--k", type=int, default=None, help="force K (buffer_size) on every run (default: the aggregator's)")
+    ap.add_argument(
+        "--k", type=int, default=None, help="force K (buffer_size) on every run (default: the aggregator's)"
+    )
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     attacks = tuple(a for a in args.attacks.split(",") if a)
