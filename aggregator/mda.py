@@ -12,7 +12,9 @@ honest slot could. fedline leaves ``f = 1`` slot out by default (``[strategy] md
 per site per buffer (issue 14) that is "no single site steers a version". The kept slots share the step
 (:func:`aggregator.strategies.aggregate.mda_combination`: ``n`` times their mean, so a version moves as far
 as the plain mean's when every slot agrees): a kept slot's coefficient is ``f(s)/(K − f)``, 1/2 at K = 3,
-and a slot can be kept only by lying within the spread of the others.
+1/3 at K = 4, and a slot can be kept only by lying within the spread of the others. ``[strategy] mda_scale =
+"k"`` keeps each kept slot at its FedBuff ``f(s)/K`` instead (issue 14's literal fair share); it cost the clean
+model 0.006 (K = 3) and 0.012 (the default K, RELIABILITY.md) of ROC AUC, so it is not the default.
 
 The search is exact: every subset of ``n − f`` slots, ``C(n, f)`` of them (``MAX_SUBSETS`` at most, checked
 when the configuration is read). The math is pure functions (:func:`distances`, :func:`subset`).

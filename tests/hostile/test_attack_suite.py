@@ -3,10 +3,12 @@
 The default test runs two attacks for three loops (the flood of K back-to-back updates and the
 model-replacement backdoor claiming 10**7 samples); the full report (all four attacks, six loops, beside the
 plain mean) is ``@pytest.mark.slow`` and ``python -m tests.hostile.attack_suite`` prints it. What is checked,
-with the aggregator's defaults: every version is reduced with minimum-diameter averaging (``robust = "auto"``
-at K = 3 without secure aggregation: the slot farthest from the others is left out whole; the coordinate-wise
-median before 1 Dec 2026); the malicious site holds at most one slot of each version, with coefficient 0 (left
-out) or at most 1/(K − 1) (kept, sharing the step with one other slot), its delta entering no longer than the
+with the aggregator's defaults, its K included (min(buffer_size 10, enrolled sites): 4 with the attacker, 3 in
+the honest-only run; K = 3 was forced before 1 Dec 2026 04:10 UTC): every version is reduced with
+minimum-diameter averaging (``robust = "auto"`` without secure aggregation: the slot farthest from the others
+is left out whole; the coordinate-wise median before 1 Dec 2026); the malicious site holds at most one slot of
+each version, with coefficient 0 (left out) or at most 1/(K − 1) (kept: MDA's ``n/(n − f)`` scaling; the
+literal 1/K, ``mda_scale = "k"``, cost 0.012 of clean ROC AUC: RELIABILITY.md), its delta entering no longer than the
 buffer's median norm (``norm_to_median`` rescales every slot to exactly that length: checked from each
 version's lineage in the fast test); and the
 global model stays much closer to the honest-only run than before the fix (pre-fix numbers in
