@@ -1,7 +1,7 @@
 """The coordinate-wise median of a few stacked deltas with a min/max selection network.
 
-Why: the median is the default reduce (``robust = "auto"``, issue 14) and runs on
-every version over K deltas of the whole model. ``ndarray.sort(axis=0)`` on a
+Why: the median (``robust = "median"``; the default reduce until 1 Dec 2026, now
+minimum-diameter averaging) runs on every version over K deltas of the whole model. ``ndarray.sort(axis=0)`` on a
 (K, P) stack visits P strided columns of K values one by one (about 10 ms of CPU
 per update at 1M parameters and K = 10 here). A comparator network does the
 same selection as a fixed sequence of whole-row ``np.minimum`` / ``np.maximum``

@@ -92,7 +92,7 @@ def _one_split(
         t.versions,
         training,
         privacy,
-        # the demo aggregator's table: under secure aggregation its default reduce is the mean, else the median
+        # the demo aggregator's table: under secure aggregation its default reduce is the mean, else minimum-diameter averaging
         {**strategy_table(t), "secure_aggregation": secure_aggregation.enabled(t.secure_aggregation, len(data.sites))},
         seed=t.seed + split_seed,
         absent={k: range(*v) for k, v in absent.items()},

@@ -21,7 +21,7 @@ def up(delta: float | list[float], s: int, factor: float, site: str = "s", n: in
 
 
 def fedbuff(k: int, **kw) -> FedBuff:
-    """The paper's mean: ``robust = "none"`` (the default takes the median at K >= 3: test_reduce_default.py)."""
+    """The paper's mean: ``robust = "none"`` (the default takes minimum-diameter averaging at K >= 3: test_reduce_default.py)."""
     kw.setdefault("robust", "none")
     return FedBuff(StrategyConfig(kind="fedbuff", buffer_size=k, min_sites=1, clip_to_median=False, **kw))
 

@@ -124,7 +124,7 @@ def test_fedbuff_buffers_k_then_steps_by_the_staleness_scaled_sum_over_k_with_lr
     core = AggregatorCore(
         fed.config(
             strategy='kind = "fedbuff"\nbuffer_size = 3\nstaleness = "polynomial"\na = 0.5\nserver_lr = 0.7\n'
-            'server_momentum = 0.9\nclip_to_median = false\nrobust = "none"'  # the paper's mean, not the default median
+            'server_momentum = 0.9\nclip_to_median = false\nrobust = "none"'  # the paper's mean, not the default robust reduce
         )
     )
     rng = np.random.default_rng(6)
