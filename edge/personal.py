@@ -107,8 +107,12 @@ class PersonalConfig:
     # site's rows, noise-free), or "best" (the better-scoring of global and fine-tuned on the pool, the ninth
     # pass). Not chosen by the pool's score: the global model trained, under DP, on the very rows the folds hold
     # out, so the pool flatters it over the fine-tune, whose fold models never saw their fold without noise.
-    # "fine_tuned" was chosen on split seeds 200-209 of both demo data sets (docs/tuning.md, tenth pass)
-    fold_blend_of: Literal["fine_tuned", "best"] = "fine_tuned"
+    # "fine_tuned" was chosen on split seeds 200-209 of both demo data sets (docs/tuning.md, tenth pass).
+    # "by_task" (the default): "global" for a classifier blending log-odds, "fine_tuned" otherwise (regression,
+    # or a probability blend): in log-odds the global partner put the smallest AI4I site ahead in 9, 9, 9 and 8 of
+    # 10 development splits (fine-tuned: 8, 9, 9, 8), while on C-MAPSS it cost the smallest site 9 -> 7
+    # (docs/tuning.md, twelfth pass, R4g). "global" names it for every task
+    fold_blend_of: Literal["by_task", "fine_tuned", "global", "best"] = "by_task"
     # the mean of the last this many global versions the site adopted (edge/version_average.py: DP noise
     # averaged out, ε unchanged) is what the fine-tune starts from; 1 = the newest version alone
     average_versions: int = 5
@@ -145,8 +149,10 @@ class PersonalConfig:
             raise ValueError(f"cross_folds must be 0 (off) or >= 2, got {self.cross_folds}")
         blend.check_grid(self.blend_weights)
         blend.check_grid(self.fold_blend_weights)
-        if self.fold_blend_of not in ("fine_tuned", "best"):
-            raise ValueError(f"fold_blend_of must be 'fine_tuned' or 'best', got {self.fold_blend_of!r}")
+        if self.fold_blend_of not in ("by_task", "fine_tuned", "global", "best"):
+            raise ValueError(
+                f"fold_blend_of must be 'by_task', 'fine_tuned', 'global' or 'best', got {self.fold_blend_of!r}"
+            )
         if self.average_versions < 1 or self.finetune_repeats < 1:
             raise ValueError(
                 f"average_versions and finetune_repeats must be >= 1, got {self.average_versions} "
@@ -443,6 +449,18 @@ def predict(spec: ModelSpec, params: dict[str, np.ndarray], x: np.ndarray, model
 def uses_log_odds(spec: ModelSpec, cfg: PersonalConfig) -> bool:
     """Whether this site's blends mix log-odds: a classifier with ``blend_space = "log_odds"``."""
     return spec.task == "classification" and cfg.blend_space == "log_odds"
+
+
+def fold_partner(spec: ModelSpec, cfg: PersonalConfig) -> str | None:
+    """The federation candidate a small site's fold blend mixes in (``[personal] fold_blend_of``); None = the
+    pool's better-scoring one. "by_task" picks by what the blend mixes: the global model for a classifier's
+    log-odds blend (there its conviction reorders the rows the plant's model is unsure of), the fine-tuned one
+    otherwise (for regression the global partner cost the smallest C-MAPSS site; docs/tuning.md, twelfth pass)."""
+    if cfg.fold_blend_of == "best":
+        return None
+    if cfg.fold_blend_of == "by_task":
+        return "global" if uses_log_odds(spec, cfg) else "fine_tuned"
+    return cfg.fold_blend_of
 
 
 def blend_scores(
@@ -796,7 +814,7 @@ class Personaliser:
                 units += (
                     list(val_units) if val_units is not None else [f"validation row {i}" for i in range(len(y_val))]
                 )
-        partner = None if self.cfg.fold_blend_of == "best" else self.cfg.fold_blend_of
+        partner = fold_partner(self.spec, self.cfg)
         scores, tests, fit = compare(self.spec, y_all, oof, units, self.cfg.fold_blend_weights, partner)
         n_units = len(set(units)) if units is not None else len(y_all)
         return FoldEvidence(scores, tests, len(y_all), n_units, k, fit)

@@ -165,6 +165,34 @@ def test_the_fold_blend_mixes_in_the_fine_tuned_model_even_where_the_pool_scores
     # a partner that could not be scored falls back to the best that could
     no_ft = {k: v for k, v in preds.items() if k != "fine_tuned"}
     assert compare(CLS, y, no_ft, None, (0.75,), "fine_tuned")[2] == BlendFit(0.75, "global")
-    assert PersonalConfig().fold_blend_of == "fine_tuned"
+    assert PersonalConfig().fold_blend_of == "by_task"
     with pytest.raises(ValueError, match="fold_blend_of"):
-        PersonalConfig(fold_blend_of="global").validate()  # type: ignore[arg-type]
+        PersonalConfig(fold_blend_of="mean").validate()  # type: ignore[arg-type]
+
+
+def test_by_task_the_fold_blend_of_a_log_odds_classifier_mixes_in_the_global_model():
+    """Worked by hand on log-odds (what a classifier's fold pool holds with ``blend_space = "log_odds"``):
+    failures f1, f2 and normal rows n1, n2. Local-only 0, 4 / -1, 0.5 puts f1 below n2 (AUC 3/4); the global
+    model 3, 2 / -2, -1 (AUC 1); the fine-tuned -1, 2 / 1.5, 1 (AUC 2/4). By task the classifier's partner is
+    the global model: 0.75 x local + 0.25 x global = 0.75, 3.5 / -1.25, 0.125, every failure above every normal
+    row, AUC 1. The fine-tuned partner (regression's, or a probability blend's) gives -0.25, 3.5 / -0.375, 0.625:
+    f1 still below n2, AUC 3/4, no better than local-only."""
+    from edge.personal import compare, fold_partner
+
+    assert fold_partner(CLS, PersonalConfig()) == "global"
+    assert fold_partner(REG, PersonalConfig()) == "fine_tuned"
+    assert fold_partner(CLS, PersonalConfig(blend_space="probability")) == "fine_tuned"
+    assert fold_partner(REG, PersonalConfig(fold_blend_of="global")) == "global"
+    assert fold_partner(CLS, PersonalConfig(fold_blend_of="fine_tuned")) == "fine_tuned"
+    assert fold_partner(CLS, PersonalConfig(fold_blend_of="best")) is None
+    y = np.array([1.0, 1.0, 0.0, 0.0])
+    logits = {
+        "local": np.array([0.0, 4.0, -1.0, 0.5]),
+        "global": np.array([3.0, 2.0, -2.0, -1.0]),
+        "fine_tuned": np.array([-1.0, 2.0, 1.5, 1.0]),
+    }
+    scores, _, fit = compare(CLS, y, logits, None, (0.75,), fold_partner(CLS, PersonalConfig()))
+    assert scores["local"] == 0.75 and scores["fine_tuned"] == 0.5 and fit == BlendFit(0.75, "global")
+    assert scores["blend"] == 1.0
+    scores_ft, _, fit_ft = compare(CLS, y, logits, None, (0.75,), "fine_tuned")
+    assert fit_ft == BlendFit(0.75, "fine_tuned") and scores_ft["blend"] == pytest.approx(0.75)
