@@ -94,7 +94,8 @@ def _rows(n: int, seed: int, cut: float) -> tuple[np.ndarray, np.ndarray]:
 @pytest.mark.parametrize("space", ["log_odds", "probability"])
 def test_a_small_sites_fold_blend_serves_its_parts_mixed_in_the_configured_space(space):
     """A small site (fewer than 8 validation and 30 training failures) whose folds pick the 0.75 blend: the
-    served scores are the two parts' mixed by hand, and the choice names the space."""
+    served scores are the two parts' mixed by hand, and the choice names the space. The partner is chosen by
+    task (``fold_blend_of = "by_task"``): the global model in log-odds, the fine-tuned one in probability."""
     x, y = _rows(300, 5, 2.0)
     xv, yv = _rows(40, 6, 2.0)
     glob = train_local_only(CLS, *_rows(3000, 7, 2.0), PersonalConfig(local_epochs=3))  # a model of more rows
@@ -105,7 +106,7 @@ def test_a_small_sites_fold_blend_serves_its_parts_mixed_in_the_configured_space
         "too_small_folds_blended",
         "blend",
         0.75,
-        "fine_tuned",
+        "global" if space == "log_odds" else "fine_tuned",
         space,
     )
     assert c.to_dict()["blend_space"] == space
