@@ -156,6 +156,7 @@ class EdgeAgent:
     # ------------------------------------------------------------------ run
     async def _on_connect(self, client: MqttClient) -> None:
         self.state.changed()
+        self.status_publisher.reconnected()  # sent at once: the catch-up reads it, the will may have replaced it
         self.state.wake_send.set()
 
     async def _subscribe(self, client: MqttClient) -> None:
