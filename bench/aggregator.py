@@ -87,6 +87,7 @@ from broker_bridge import envelope, quantised  # noqa: E402
 from broker_bridge.envelope import UpdateHeader  # noqa: E402
 from broker_bridge.keys import KeyPair, create_federation  # noqa: E402
 from broker_bridge.sealopen import seal_open  # noqa: E402
+from fedline.blas import one_blas_thread  # noqa: E402
 from fedline.heap import keep_freed_buffers  # noqa: E402
 
 SIZES = (10_000, 100_000, 1_000_000)
@@ -402,6 +403,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rss-child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     keep_freed_buffers()  # as `fedline aggregator` runs (fedline.heap): the limit's loop runs in the same process
+    # as `fedline aggregator` runs (fedline.blas); without it OpenBLAS's thread, woken by the norms' dot, went on
+    # spinning after each fedline run and its CPU was counted in the limit's loop timed next (1 Dec 2026)
+    one_blas_thread()
     if args.rss_child:
         rss_child(*map(int, args.rss_child.split(",")))
         return 0
