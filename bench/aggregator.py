@@ -416,8 +416,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rss-child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     keep_freed_buffers()  # as `fedline aggregator` runs (fedline.heap): the limit's loop runs in the same process
-    # as `fedline aggregator` runs (fedline.blas); without it OpenBLAS's thread, woken by the norms' dot, went on
-    # spinning after each fedline run and its CPU was counted in the limit's loop timed next (1 Dec 2026)
+    # as `fedline aggregator` runs (fedline.blas); without it OpenBLAS's thread, woken by the MDA reduce's Gram
+    # matrix, went on spinning after each fedline run and its CPU was counted in the limit's loop timed next
     one_blas_thread()
     if args.rss_child:
         rss_child(*map(int, args.rss_child.split(",")))

@@ -1,16 +1,19 @@
-"""One BLAS thread per calling thread: the aggregator's processes run their own threads, BLAS must not add more.
+"""One BLAS thread in the aggregator's processes: they run their own threads, BLAS must not add spinning ones.
 
-Why: NumPy's OpenBLAS splits a long ``dot`` (the norm of every update the
-aggregator validates, over 10,000 values) across every core, and after each
+Why: NumPy's OpenBLAS runs a matrix product on every core, and after each
 call its worker threads keep spinning, waiting for the next one, for a while
-(OpenBLAS's thread timeout, about a tenth of a second). In the aggregator the
-opening threads already keep both cores busy, so BLAS's extra thread bought
-nothing and burned a core: measured on the 2-vCPU VM (1 Dec 2026), a loop of
-decrypt + verify + axpy of 100k-parameter updates run just after an intake
-took 1.12 ms of process CPU per update, 0.65 ms of it its own thread's and the
-rest OpenBLAS's spinning thread; with one BLAS thread 0.63 ms. The same holds
-for any other process that runs the aggregator's checks (intake workers, the
-reducer) and for the benchmark, whose baseline loop runs in the bench's process.
+(OpenBLAS's thread timeout). The aggregator's default reduce, minimum-diameter
+averaging, takes the Gram matrix of the buffer's deltas (``x @ x.T`` over K
+rows of the model's size, :mod:`aggregator.mda`) once per version: measured on
+the 2-vCPU VM (1 Dec 2026), an idle 0.3 s just after an intake with that
+reduce used 70 ms of CPU (0.02 ms after one with the mean, whose norms are
+``dot`` calls that stay on one thread). The opening threads already keep both
+cores busy, so BLAS's thread bought nothing and burned a core: at 100k
+parameters the intake with that reduce cost 2.1-2.5 ms of CPU per update,
+1.2-1.3 ms with one BLAS thread. In ``bench/aggregator.py`` the spinning was
+also charged to the limit's loop timed just after (1.1-1.35 against 0.62-0.7 ms
+per update at 100k). The same holds for any other process that runs the
+aggregator's reduce or checks (intake workers, the reducer).
 
 ``OPENBLAS_NUM_THREADS=1`` does the same only if it is set before NumPy is
 loaded; this works at any time, on the library NumPy loaded. Only OpenBLAS
