@@ -3,7 +3,7 @@
 Why a task of its own: a version is adopted only when its grant, manifest and every weight chunk are in,
 signed by the aggregator and not too far a step from the model in use (``[adopt]``, ``models.step_bound``);
 anything else is refused with a reason and the site keeps the model it has. Adopting saves the model (the last
-good one comes back after a restart), rebuilds the line's ONNX and, with ``on_new_model``, wakes a round.
+good one comes back after a restart), with ``on_new_model`` wakes a round, and rebuilds the line's ONNX.
 """
 
 from __future__ import annotations
@@ -257,12 +257,14 @@ class Adopter:
         st.metrics.models_loaded.inc()
         event(log, "model.loaded", site=st.site, version=g.version)
         st.changed()
-        await self._export()
+        # the round first: it starts (in its thread) while the line's ONNX is built, instead of after it; the
+        # next version waits on every site's round, the line's model on nothing else
         if st.cfg.training.on_new_model and g.version > 0:
             st.rebased = True
             st.wake_train.set()
         elif st.cohorts is not None and st.cohorts.ready(g.version) is not None:
             st.wake_train.set()  # a cohort was waiting for this base
+        await self._export()
 
     def _refuse(self, version: int | None, reason: str) -> None:
         st = self.state
