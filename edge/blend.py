@@ -63,9 +63,9 @@ def spread_matched(w: float, local: np.ndarray, fed: np.ndarray) -> float:
 
     ``w * local + (1 - w) * fed`` weighs scores, not models: a part whose scores spread three times as wide
     decides three times as much of the order. A classifier's log-odds have no common scale: the plant's
-    noise-free model, trained to near-zero loss on few rows, spreads its log-odds 2-6 times as wide as the DP
+    noise-free model, trained to near-zero loss on few rows, spreads its log-odds 1-4 times as wide as the DP
     global model (clipped, noised) on the same rows (docs/tuning.md, fourteenth pass), so a nominal 0.75 was in
-    effect a 0.85-0.95 share and the partner could not reorder the rows the plant's model was wrongly sure of.
+    effect a 0.85 share (up to 0.92) and the partner could not reorder the rows the plant's model was wrongly sure of.
     Each part divided by its standard deviation on the evidence rows (z-score normalisation before score
     fusion: Jain, Nandakumar and Ross, Pattern Recognition 38, 2005) and the two coefficients rescaled to sum
     to 1 (so where the parts agree the blend says what they say) gives

@@ -130,8 +130,8 @@ class PersonalConfig:
     blend_space: Literal["log_odds", "probability"] = "log_odds"
     # a small site's log-odds fold blend: "spread" gives local-only the share fold_blend_weights names once each
     # part's log-odds are divided by their standard deviation on the pool (edge/blend.py spread_matched: the
-    # plant's noise-free model spreads them 2-6 times as wide as the DP global model, so a nominal 0.75 share
-    # was a 0.85-0.95 one); "raw" mixes the log-odds as they are (the twelfth and thirteenth passes). Chosen on
+    # plant's noise-free model spreads them 1-4 times as wide as the DP global model, so a nominal 0.75 share
+    # was a 0.85 one on average); "raw" mixes the log-odds as they are (the twelfth and thirteenth passes). Chosen on
     # split seeds 300-339, two federation draws (docs/tuning.md, fourteenth pass). Regression and probability
     # blends mix values on one scale already, and the validation rule's blend picks its weight on its rows
     fold_blend_scale: Literal["spread", "raw"] = "spread"
@@ -838,9 +838,8 @@ class Personaliser:
                 units += (
                     list(val_units) if val_units is not None else [f"validation row {i}" for i in range(len(y_val))]
                 )
-        partner = fold_partner(self.spec, self.cfg)
-        spread = log_odds and self.cfg.fold_blend_scale == "spread"
-        scores, tests, fit = compare(self.spec, y_all, oof, units, self.cfg.fold_blend_weights, partner, spread)
+        grid, spread = self.cfg.fold_blend_weights, log_odds and self.cfg.fold_blend_scale == "spread"
+        scores, tests, fit = compare(self.spec, y_all, oof, units, grid, fold_partner(self.spec, self.cfg), spread)
         n_units = len(set(units)) if units is not None else len(y_all)
         return FoldEvidence(scores, tests, len(y_all), n_units, k, fit)
 

@@ -11,8 +11,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from edge.blend_export import blend_scorer, export_served
 from edge.blend import spread_matched
+from edge.blend_export import blend_scorer, export_served
 from edge.personal import (
     BlendFit,
     PersonalConfig,
