@@ -169,3 +169,19 @@ def test_the_spread_matched_fold_blend_reorders_a_pair_the_raw_one_ties_worked_b
     assert fit2 is not None and fit2.nominal == 0.75  # 0.9 matches 0.558786: f2 still below n1, AUC 3/4
     with pytest.raises(ValueError, match="fold_blend_scale"):
         PersonalConfig(fold_blend_scale="z").validate()  # type: ignore[arg-type]
+
+
+def test_a_regression_fold_blend_keeps_its_share_as_it_is():
+    """Regression blends values in the plant's units, one scale already: ``fold_blend_scale`` leaves its 0.75 alone
+    (the C-MAPSS rule is unchanged by the fourteenth pass)."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(0, 1, (25, 3)).astype(np.float32)  # 25 training rows (< 30), 20 validation rows (< 30): folds
+    y = (x[:, :1] - x[:, 1:2]).astype(np.float32)
+    xv = rng.normal(0, 1, (20, 3)).astype(np.float32)
+    yv = (xv[:, :1] - xv[:, 1:2]).astype(np.float32)
+    cfg = PersonalConfig(local_epochs=3, finetune_epochs=1, cross_folds=3)
+    p = Personaliser(cfg, REG)
+    _, c = p.choose(_params(REG, 4), x, y, xv, yv)
+    assert p.folds is not None and p.folds.blend == BlendFit(0.75, "fine_tuned")  # nominal None: not matched
+    assert c.rule in ("too_small_folds_blended", "too_small_folds_kept_local")
+    assert c.weight == (0.75 if c.kind == "blend" else None)
