@@ -10,10 +10,12 @@ def _run_aggregator(args: argparse.Namespace) -> int:
 
     from aggregator.config import load_config
     from aggregator.service import run_aggregator
+    from fedline.blas import one_blas_thread
     from fedline.heap import keep_freed_buffers
 
     cfg = load_config(args.config)
     keep_freed_buffers()  # update-sized buffers reused, not page-faulted in again for every update (fedline.heap)
+    one_blas_thread()  # the opening threads are the parallelism: no spinning BLAS threads beside them (fedline.blas)
     if args.worker is not None:  # one of the [intake] workers, not the aggregator itself
         from aggregator.intake_worker import run_worker
 

@@ -380,8 +380,8 @@ class Aggregator:
     async def _catch_up(self, client: MqttClient) -> None:
         """Answer sites behind on the model or the key: their grant, then the current release (aggregator.catchup)."""
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._catchup_wake.wait(), self.catchup.min_interval_s)
+            with contextlib.suppress(TimeoutError):  # until a claim has settled, or a new one comes
+                await asyncio.wait_for(self._catchup_wake.wait(), self.catchup.wait_s())
             self._catchup_wake.clear()
             sites = self.catchup.due()
             if not sites or self._release is None:

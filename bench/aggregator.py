@@ -87,6 +87,7 @@ from broker_bridge import envelope, quantised  # noqa: E402
 from broker_bridge.envelope import UpdateHeader  # noqa: E402
 from broker_bridge.keys import KeyPair, create_federation  # noqa: E402
 from broker_bridge.sealopen import seal_open  # noqa: E402
+from fedline.blas import one_blas_thread  # noqa: E402
 from fedline.heap import keep_freed_buffers  # noqa: E402
 
 SIZES = (10_000, 100_000, 1_000_000)
@@ -168,6 +169,15 @@ def timed(fn, *args) -> tuple[float, float]:
     w0, c0 = time.perf_counter(), time.process_time()
     fn(*args)
     return time.perf_counter() - w0, time.process_time() - c0
+
+
+def timed_alone(fn, *args) -> tuple[float, float, float]:
+    """:func:`timed` and the CPU seconds that threads other than this one used meanwhile: for a one-thread
+    loop that should be about 0 (a library's thread still spinning after fedline's run was once charged to
+    the limit's loop this way: ``fedline.blas``)."""
+    t0 = time.thread_time()
+    wall, cpu = timed(fn, *args)
+    return wall, cpu, cpu - (time.thread_time() - t0)
 
 
 def run_fedline(core: AggregatorCore, blobs: list[bytes]) -> None:
@@ -263,6 +273,7 @@ def measure(n_params: int, workers: int, repeats: int) -> dict[str, Any]:
     fl = flower()
     with tempfile.TemporaryDirectory(prefix="fedline-bench-") as tmp:
         best: dict[str, float] = {}
+        limit_others = 0.0  # CPU of other threads during the limit's loop, the most of any repeat
         n, w = n_updates_for(n_params), WARMUP
         for r in range(repeats):
             core, agg, sites = setup(Path(tmp) / f"r{r}", n_params, K, workers, "fedbuff")
@@ -279,7 +290,9 @@ def measure(n_params: int, workers: int, repeats: int) -> dict[str, Any]:
             core8m, agg8m, sites8m = setup(Path(tmp) / f"r{r}-int8-mean", n_params, K, workers, "fedbuff", "none")
             _, blobs8m, _ = make_updates(core8m, agg8m, sites8m, w + n, seed=r, encoding="int8")
             t = {"fedline": warm_and_time(core, blobs)}
-            t["limit"] = timed(run_limit, agg, blobs[w:], samples, core.model)
+            wall, cpu, others = timed_alone(run_limit, agg, blobs[w:], samples, core.model)
+            t["limit"] = (wall, cpu)
+            limit_others = max(limit_others, others)
             t["fedline_mean"] = warm_and_time(core_mean, blobs)
             core_mean.close()
             # beside it, the same timed updates into a fresh state directory (what this bench measured before
@@ -314,6 +327,7 @@ def measure(n_params: int, workers: int, repeats: int) -> dict[str, Any]:
             row[f"{k[:-4]}_cpu_ms_per_update"] = 1e3 * v / n
         else:
             row[f"{k}_per_s"] = n / v
+    row["limit_other_threads_cpu_ms_per_update"] = 1e3 * limit_others / n  # should be about 0
     row["fedline_vs_limit"] = row["fedline_per_s"] / row["limit_per_s"]
     row["fedline_vs_limit_per_core"] = row["limit_cpu_ms_per_update"] / row["fedline_cpu_ms_per_update"]
     # issue 19's intake ratio: intake + FedBuff's mean reduce (one axpy per update, as the limit does) against
@@ -402,6 +416,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rss-child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     keep_freed_buffers()  # as `fedline aggregator` runs (fedline.heap): the limit's loop runs in the same process
+    # as `fedline aggregator` runs (fedline.blas); without it OpenBLAS's thread, woken by the MDA reduce's Gram
+    # matrix, went on spinning after each fedline run and its CPU was counted in the limit's loop timed next
+    one_blas_thread()
     if args.rss_child:
         rss_child(*map(int, args.rss_child.split(",")))
         return 0
@@ -465,6 +482,13 @@ def main(argv: list[str] | None = None) -> int:
         f"takes {WARMUP} updates untimed first, cold = the mean into a fresh state directory); flower = flwr "
         f"{fl[3] if fl else '(missing)'} parameters_to_ndarrays + aggregate (no decryption)"
     )
+    for r in rows:
+        other = r["limit_other_threads_cpu_ms_per_update"]
+        if other > 0.05 * r["limit_cpu_ms_per_update"]:
+            print(
+                f"WARNING {r['params']:,}: other threads used {other:.3f} ms of CPU per update during the limit's "
+                "one-thread loop (charged to the limit: its per-core ratios read too high)"
+            )
     print()
     head8 = (
         f"{'params':>10} {'int8 KB':>8} {'int8/s':>8} {'CPU ms/update: int8':>20} {'int8 mean':>10} {'float32':>8} "

@@ -25,7 +25,9 @@ Reported: wall time (chain: from the first process start to the 10th version's m
 and the same after start-up, i.e. from version 0 on the wire), peak RSS of every process,
 bytes on the wire (TCP to and from the broker, MQTT framing included) against the logical
 payload (parameters × 4 bytes × transfers: one update up per update, one model down per
-site per version), and the final ROC AUC per site on its held-out rows.
+site per version), both counted up to the moment the 10th version's manifest arrives (the
+sites go on training while the bench stops them: a version 11 is in no logical count), and
+the final ROC AUC per site on its held-out rows.
 
 With ``--quantise int8`` every site sends int8 updates (``[update] quantise = "int8"``,
 ``broker_bridge.quantised``) and the aggregator publishes each version as its int8 step too
@@ -259,6 +261,8 @@ async def chain(data: DemoData, timeout_s: float, quantise: str = "off") -> dict
         manifests: dict[int, tuple[float, dict]] = {}
         weights: dict[str, bytes] = {}
         chunks = Reassembler(timeout_s=60)
+        at_end: dict[str, tuple[int, int]] = {}  # per proxy (bytes up, bytes down) when version 10 came
+        end_count: list[int] = []  # how many messages the recorder held then
         member = KeyPair.load(root / "keys" / f"{sites[0]}.key")  # models are for members: read as the first site
         keyring = Keyring()
 
@@ -271,6 +275,9 @@ async def chain(data: DemoData, timeout_s: float, quantise: str = "off") -> dict
             elif info.kind == "manifest":  # the grant comes first: it is published before version 0
                 doc, _ = open_manifest(m.payload, keyring, enrollment.aggregator.sign_pub)
                 manifests.setdefault(int(doc["version"]), (time.perf_counter(), doc))
+                if int(doc["version"]) == VERSIONS and not at_end:  # the run's end: what the wire carried so far
+                    at_end.update({n: (p.stats.bytes_up, p.stats.bytes_down) for n, p in proxies.items()})
+                    end_count.append(len(recorder.messages))
             elif info.kind == "weights":
                 done = chunks.add(m.payload)
                 if done:
@@ -342,15 +349,21 @@ async def chain(data: DemoData, timeout_s: float, quantise: str = "off") -> dict
         shared = decode_tensors(open_for_federation(weights[final["weights"]["msg_id"]], keyring[final["epoch"]]))
         n_params = int(sum(a.size for a in shared.values()))
         auc = {s.site: evaluate(data, lambda x: predict(spec(data), shared, x), i) for i, s in enumerate(data.sites)}
-        updates = sum(1 for m in recorder.messages if topics.parse(m.topic).kind == "update")
-        update_msgs = len(
-            {m.topic.rsplit("/", 1)[0] for m in recorder.messages if topics.parse(m.topic).kind == "update"}
-        )
-        wire = sum(p.stats.total for p in proxies.values())
+        # Everything is counted up to the 10th version's manifest (``at_end``): the sites go on training while
+        # the bench reads the last weights and stops the processes, and a version 11 published then (its
+        # weights to every site) is not in the logical count's 10 versions
+        counted = recorder.messages[: end_count[0]]
+        updates = sum(1 for m in counted if topics.parse(m.topic).kind == "update")
+        update_msgs = len({m.topic.rsplit("/", 1)[0] for m in counted if topics.parse(m.topic).kind == "update"})
+        up = {n: at_end[n][0] for n in proxies}
+        down = {n: at_end[n][1] for n in proxies}
+        wire = sum(up.values()) + sum(down.values())
         by_kind: dict[str, int] = {}
-        for m in recorder.messages:
+        count_by_kind: dict[str, int] = {}
+        for m in counted:
             k = topics.parse(m.topic).kind
             by_kind[k] = by_kind.get(k, 0) + len(m.payload) + len(m.topic)
+            count_by_kind[k] = count_by_kind.get(k, 0) + 1
         # logical payload: each update up once, each version's model down to each site once
         transfers = update_msgs + VERSIONS * len(sites)
         logical = n_params * 4 * transfers
@@ -369,16 +382,21 @@ async def chain(data: DemoData, timeout_s: float, quantise: str = "off") -> dict
             "update_chunks": updates,
             "updates": update_msgs,
             "updates_per_site": per_site,
-            "wire_by_party": {n: p.stats.total for n, p in proxies.items()},
-            "wire_up_by_party": {n: p.stats.bytes_up for n, p in proxies.items()},
-            "wire_down_by_party": {n: p.stats.bytes_down for n, p in proxies.items()},
+            "wire_by_party": {n: up[n] + down[n] for n in proxies},
+            "wire_up_by_party": up,
+            "wire_down_by_party": down,
+            # the same until the processes were stopped (the bench's count before 1 Dec 2026)
+            "wire_down_by_party_until_stop": {n: p.stats.bytes_down for n, p in proxies.items()},
+            "updates_until_stop": len(
+                {m.topic.rsplit("/", 1)[0] for m in recorder.messages if topics.parse(m.topic).kind == "update"}
+            ),
             "published_bytes_by_kind": by_kind,
+            "published_messages_by_kind": count_by_kind,
             "quantise": quantise,
             # the updates alone: bytes published on update topics against their float32 logical size
             "wire_updates_vs_logical_updates": by_kind.get("update", 0) / (n_params * 4 * update_msgs),
             # what reaches the sites (manifests, weights or int8 steps, receipts, grants) against their models
-            "site_downlink_vs_logical_models": sum(proxies[s].stats.bytes_down for s in sites)
-            / (n_params * 4 * VERSIONS * len(sites)),
+            "site_downlink_vs_logical_models": sum(down[s] for s in sites) / (n_params * 4 * VERSIONS * len(sites)),
             "model_crypto": model_crypto_cost(final["weights"]["size"], final["onnx"]["size"], len(sites), wall),
         }
 
@@ -437,6 +455,26 @@ def model_crypto_cost(weights_size: int, onnx_size: int, n_sites: int, wall_s: f
     }
 
 
+def plain_loop_cold(hidden: list[int]) -> dict[str, Any]:
+    """The plain loop with DP in a fresh process, timed from its start to its exit like the chain's processes.
+
+    Why: the chain's wall time includes its processes' start (Python, torch and Opacus imported in each, about
+    2 s of CPU per process) while :func:`plain_loop` runs in this process, with all of it imported before its
+    timer starts. This is the same loop, started the way the chain's processes are.
+    """
+    t0 = time.perf_counter()
+    out = subprocess.run(
+        [sys.executable, __file__, "--plain-dp-only", "--hidden", ",".join(map(str, hidden))],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1"),
+    )
+    wall = time.perf_counter() - t0
+    inner = json.loads(out.stdout.strip().splitlines()[-1])
+    return {"wall_s": wall, "loop_wall_s": inner["wall_s"], "start_s": wall - inner["wall_s"]}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", action="store_true", help="print one JSON object")
@@ -445,11 +483,16 @@ def main() -> int:
         "--quantise", choices=["off", "int8"], default="off", help="the sites' [update] and the [publish] quantise"
     )
     ap.add_argument("--hidden", default=",".join(map(str, HIDDEN)), help="hidden widths of the MLP (default 32,32)")
+    ap.add_argument("--plain-dp-only", action="store_true", help=argparse.SUPPRESS)  # plain_loop_cold's process
     args = ap.parse_args()
     HIDDEN[:] = [int(h) for h in args.hidden.split(",")]
     data = load_demo_data(derived=False)  # the issue's task: the five raw features
+    if args.plain_dp_only:
+        print(json.dumps({"wall_s": plain_loop(data, dp=True)["wall_s"]}))
+        return 0
     plain_nodp = plain_loop(data, dp=False)
     plain_dp = plain_loop(data, dp=True)
+    plain_cold = plain_loop_cold(HIDDEN)
     ch = asyncio.run(chain(data, args.timeout, args.quantise))
     result = {
         "task": f"AI4I 2020, sites L/M/H (80/20), MLP 5-{'-'.join(map(str, HIDDEN))}-1, 2 epochs/update, "
@@ -457,17 +500,24 @@ def main() -> int:
         "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},
         "plain_loop_no_dp": plain_nodp,
         "plain_loop_dp": plain_dp,
+        "plain_loop_dp_cold": plain_cold,
         "chain": ch,
         "ratio_wall_vs_plain_dp": ch["wall_s"] / plain_dp["wall_s"],
         "ratio_wall_after_startup_vs_plain_dp": (
             ch["after_startup_s"] / plain_dp["wall_s"] if ch["after_startup_s"] else None
         ),
+        # both started as processes and timed from their start (see plain_loop_cold); the ratio above is the
+        # issue's, against the loop timed inside this warm process
+        "ratio_wall_vs_plain_dp_cold": ch["wall_s"] / plain_cold["wall_s"],
         "ratio_wire_vs_logical": ch["bytes_on_wire"] / ch["logical_bytes"],
         # every transfer counted once, at its receiver (what arrives at the aggregator and the sites)
         "ratio_delivered_vs_logical": sum(ch["wire_down_by_party"].values()) / ch["logical_bytes"],
+        # counted as before 1 Dec 2026: bytes until the processes were stopped, every update sent until then
+        "ratio_delivered_vs_logical_until_stop": sum(ch["wire_down_by_party_until_stop"].values())
+        / (ch["n_params"] * 4 * (ch["updates_until_stop"] + VERSIONS * len(ch["updates_per_site"]))),
         "model_crypto_share_of_chain": ch["model_crypto"]["share_of_chain"],
         "targets": {
-            "wall_vs_plain_dp": 3.0,
+            "wall_vs_plain_dp": 1.5,  # issue 19 (3.0 before)
             "wire_vs_logical": 1.3 if args.quantise == "off" else 0.4,
             "model_crypto_share_of_chain": 0.05,
         },
@@ -475,8 +525,10 @@ def main() -> int:
             "bytes_on_wire counts both links of every message (sender to broker, broker to receiver): a "
             "broker carries each update twice, so this is about 2x what a direct connection would carry; "
             "ratio_delivered_vs_logical counts each transfer once, at its receiver",
-            "status messages (published by each agent after every round and receipt) and signed receipts "
-            "and manifests are protocol overhead beyond the logical payload",
+            "status messages (each agent's, on a change of what it says and on its heartbeat) and signed "
+            "receipts and manifests are protocol overhead beyond the logical payload",
+            "bytes and updates are counted up to the 10th version's manifest (*_until_stop: until the "
+            "processes were stopped, as before 1 Dec 2026)",
         ],
     }
     if args.json:
@@ -529,7 +581,8 @@ def main() -> int:
     )
     console.print(
         f"chain / plain loop with DP: {result['ratio_wall_vs_plain_dp']:.1f}× "
-        f"({result['ratio_wall_after_startup_vs_plain_dp']:.1f}× after start-up; target 3×); "
+        f"({result['ratio_wall_after_startup_vs_plain_dp']:.1f}× after start-up; "
+        f"{result['ratio_wall_vs_plain_dp_cold']:.1f}× against the loop started as a process; target 1.5×); "
         f"wire / logical: {result['ratio_wire_vs_logical']:.2f}× counting both links of every message "
         f"(target 1.3×), {result['ratio_delivered_vs_logical']:.2f}× counting each transfer once at its "
         f"receiver"

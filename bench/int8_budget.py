@@ -59,6 +59,7 @@ from broker_bridge import envelope, quantised  # noqa: E402
 from broker_bridge.envelope import UpdateHeader  # noqa: E402
 from broker_bridge.keys import create_federation  # noqa: E402
 from broker_bridge.sealopen import seal_open  # noqa: E402
+from fedline.blas import one_blas_thread  # noqa: E402
 from fedline.heap import keep_freed_buffers  # noqa: E402
 
 K = 10
@@ -197,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args(argv)
     keep_freed_buffers()  # as `fedline aggregator` runs
+    one_blas_thread()  # as `fedline aggregator` runs (fedline.blas): no spinning BLAS thread counted in the parts
     if flower_receive.flower_version() is None:
         raise SystemExit("Flower 1.42 is not importable: see bench/aggregator.py for installing it beside the venv")
     load = os.getloadavg()[0]

@@ -3,7 +3,7 @@
 Why a task of its own: a version is adopted only when its grant, manifest and every weight chunk are in,
 signed by the aggregator and not too far a step from the model in use (``[adopt]``, ``models.step_bound``);
 anything else is refused with a reason and the site keeps the model it has. Adopting saves the model (the last
-good one comes back after a restart), rebuilds the line's ONNX and, with ``on_new_model``, wakes a round.
+good one comes back after a restart), with ``on_new_model`` wakes a round, and rebuilds the line's ONNX.
 """
 
 from __future__ import annotations
@@ -46,8 +46,11 @@ class Adopter:
             keyring=st.keyring,
             base=lambda: self.state.base,  # a version made by an int8 step from this one is made here
         )
-        self.weights_subscribed = True  # every version's weights, until a version came by its step (edge.follow_steps)
-        self._fetching: set[int] = set()  # versions whose weights alone are subscribed (following by steps)
+        # following by full weights: the next version's weight topics are subscribed ahead (``_next``); False once
+        # a version came by its int8 step (edge.follow_steps)
+        self.weights_subscribed = True
+        self._next: int | None = None  # the version whose weights are subscribed ahead
+        self._fetching: set[int] = set()  # versions whose weights alone are subscribed (not the next one)
         self._step_wait: asyncio.Task[None] | None = None  # falls back to the weights if a step never completes
 
     def wants(self, version: int) -> bool:
@@ -121,6 +124,8 @@ class Adopter:
         if version is None:  # not newer, or its grant has not arrived yet (kept for it)
             if self.follower.waiting_for_key:
                 event(log, "model.waiting_for_key", logging.INFO, site=self.state.site)
+            else:  # the version this site holds (e.g. after a restart): the next one's weights, ahead
+                await self.watch_next()
             return
         chunks = self.follower.pending[2]["weights"]["chunks"] if self.follower.pending else None
         event(log, "model.announced", site=self.state.site, version=version, chunks=chunks)
@@ -155,27 +160,54 @@ class Adopter:
             return
         await self.try_adopt()
 
+    async def watch_next(self) -> None:
+        """Following by full weights, subscribe to the next version's weights (and drop the fetched ones).
+
+        Why not every version's (``model/+/weights/#``): the chunks are retained, so that wildcard brought every
+        retained version's weights on each (re)connect, version 0 too, which a starting site builds itself
+        from the seed (``edge.follow.ModelFollower.held``), and every clearing of an old version. The next
+        version's topic is subscribed right after a version is adopted (or a manifest names the version this
+        site holds), long before the next one can be published (it needs this site's round or others'); one
+        published meanwhile is retained and comes on subscribing. A manifest of any other version (the first
+        after connecting, or one after versions this site missed) fetches that version's weights alone
+        (:meth:`_weights`): a joiner downloads the current version, not every retained one.
+        """
+        client = self.state.client
+        if client is None:
+            return
+        topics = self.state.topics
+        want = self.state.base.version + 1 if self.weights_subscribed else None
+        drop = [v for v in sorted(self._fetching) if v != want] + (
+            [self._next] if self._next is not None and self._next != want else []
+        )
+        self._fetching -= set(drop)
+        for v in drop:
+            await client.unsubscribe(topics.weights_of(v))
+        if want is not None and self._next != want:
+            await client.subscribe(topics.weights_of(want), qos=1)
+        self._next = want
+
     async def _weights(self, version: int | None) -> None:
-        """Fetch ``version``'s full weights (one this site cannot make from a step), or with None stop taking
+        """Fetch ``version``'s full weights (one not subscribed ahead and not held), or with None stop taking
         weights at all: the federation publishes steps and this site makes them.
 
-        While following by steps only that version's topics are subscribed (retained: its chunks come on
-        subscribing), not every retained version's; they are dropped again once a version is adopted.
+        Only that version's topics are subscribed (retained: its chunks come on subscribing), not every retained
+        version's; they are dropped again once a version is adopted.
         """
         client = self.state.client
         if client is None:
             return
         topics = self.state.topics
         if version is None:
-            drop = ([topics.weights_filter()] if self.weights_subscribed else []) + [
-                topics.weights_of(v) for v in sorted(self._fetching)
-            ]
-            self.weights_subscribed, self._fetching = False, set()
-            for topic in drop:
-                await client.unsubscribe(topic)
-            if drop:
+            following = self.weights_subscribed or self._next is not None
+            self.weights_subscribed = False
+            await self.watch_next()  # drops the next version's and the fetched versions' topics
+            if following:
                 event(log, "model.follow", site=self.state.site, by="int8 steps")
-        elif not self.weights_subscribed and version not in self._fetching:
+            return
+        pending = self.follower.pending
+        held = pending is not None and pending[0] == version and self.follower.held(version, pending[2]) is not None
+        if version != self._next and version not in self._fetching and not held:
             self._fetching.add(version)
             await client.subscribe(topics.weights_of(version), qos=1)
             event(log, "model.follow", site=self.state.site, by="weights", version=version)
@@ -199,13 +231,14 @@ class Adopter:
             return
         if g is None:
             return
-        if by_step or self._fetching:  # steps work here (or a fetched version came): no weight subscription left
+        if by_step:  # steps work here: no weight subscription left
             await self._weights(None)
         far = st.cfg.adopt.refusal(st.base.shared, g.shared, g.version - st.base.version)
         if far is not None:  # signed, yet too far from the model in use (models.step_bound)
             st.metrics.models_refused_step.inc()
             st.model_refused = {"version": g.version, "reason": "step"}
             self._refuse(g.version, far)
+            await self.watch_next()  # the fetched version's topics go; the next one after ours stays
             return
         await self._adopt(g)
 
@@ -216,6 +249,7 @@ class Adopter:
             waiting.cancel()  # the version came; nothing is left to wait for
             self._step_wait = None
         st.base = g
+        await self.watch_next()
         try:
             await asyncio.to_thread(st.store.save_global, g)
         except OSError as exc:  # used now; after a restart the agent falls back to the last one saved
@@ -223,12 +257,14 @@ class Adopter:
         st.metrics.models_loaded.inc()
         event(log, "model.loaded", site=st.site, version=g.version)
         st.changed()
-        await self._export()
+        # the round first: it starts (in its thread) while the line's ONNX is built, instead of after it; the
+        # next version waits on every site's round, the line's model on nothing else
         if st.cfg.training.on_new_model and g.version > 0:
             st.rebased = True
             st.wake_train.set()
         elif st.cohorts is not None and st.cohorts.ready(g.version) is not None:
             st.wake_train.set()  # a cohort was waiting for this base
+        await self._export()
 
     def _refuse(self, version: int | None, reason: str) -> None:
         st = self.state

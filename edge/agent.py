@@ -156,6 +156,7 @@ class EdgeAgent:
     # ------------------------------------------------------------------ run
     async def _on_connect(self, client: MqttClient) -> None:
         self.state.changed()
+        self.status_publisher.reconnected()  # sent at once: the catch-up reads it, the will may have replaced it
         self.state.wake_send.set()
 
     async def _subscribe(self, client: MqttClient) -> None:
@@ -166,8 +167,9 @@ class EdgeAgent:
         # weights (with its personal head), so downloading every version's ONNX too only costs the link
         await client.subscribe(self.topics.fedkey(self.site), qos=1)
         await client.subscribe(self.topics.manifest(), qos=1)
-        await client.subscribe(self.topics.weights_filter(), qos=1)  # dropped while int8 steps make the model
         await client.subscribe(self.topics.deltas_filter(), qos=1)
+        # the weights: of the version a manifest names when this site does not hold it, and then of the next one
+        # (edge.adopt.Adopter.watch_next; not while int8 steps make the model)
         self.adopter.weights_subscribed = True
         for topic in self.cohorts.subscriptions() if self.cohorts is not None else ():
             await client.subscribe(topic, qos=1)

@@ -27,7 +27,7 @@ from typing import Any
 
 from broker_bridge.chunking import MAGIC as CHUNK_MAGIC
 from broker_bridge.chunking import parse_chunk
-from broker_bridge.envelope import open_for_federation
+from broker_bridge.envelope import content_hash, encode_tensors, open_for_federation
 from broker_bridge.errors import ChunkError, ModelRefused, WireError
 from broker_bridge.federation_key import Keyring, open_manifest
 from broker_bridge.keys import KeyPair
@@ -136,6 +136,7 @@ class ModelFollower:
         self.by_step = False
         self.step_failures = 0  # steps that did not make the signed weights (then the full weights were used)
         self._waiting_for_key: bytes | None = None  # a sealed manifest of an epoch not granted (yet)
+        self._held: tuple[int, bytes, str] | None = None  # the model in use: version, its encoding, its hash
 
     def on_grant(self, blob: bytes) -> int:
         """Keep a key grant sealed to this site; its epoch (raises :class:`WireError`)."""
@@ -218,7 +219,11 @@ class ModelFollower:
             return self._checked(manifest_blob, weights)
         sealed = self.collector.complete(version, doc["weights"]["chunks"])
         if sealed is None:
-            return None
+            held = self.held(version, doc)
+            if held is None:
+                return None
+            self.pending = None
+            return self._checked(manifest_blob, held)
         self.pending = None
         if key is None:
             raise ModelRefused("epoch", f"no content key for epoch {doc.get('epoch')}", version)
@@ -227,6 +232,23 @@ class ModelFollower:
         except WireError as exc:
             raise ModelRefused("decrypt", f"weights {exc}", version) from None
         return self._checked(manifest_blob, weights)
+
+    def held(self, version: int, doc: dict[str, Any]) -> bytes | None:
+        """The weights of ``version`` when this site already holds them, else None.
+
+        Why: a site starts from version 0 built from the model seed, which is the aggregator's version 0 when
+        the seeds agree; a restarted site holds the version it saved. When the model in use is that version
+        and its encoding has the signed manifest's hash, it is those exact bytes: nothing to download (the
+        agent subscribes to a version's chunks only when it does not hold it). Computed once per version.
+        """
+        base = self.base() if self.base is not None else None
+        if base is None or base.version != version:
+            return None
+        if self._held is None or self._held[0] != version:
+            blob = base.weights_blob or encode_tensors(base.shared)
+            self._held = (version, blob, content_hash(blob))
+        _, blob, digest = self._held
+        return blob if doc["weights"].get("hash") == digest else None
 
     def _checked(self, manifest_blob: bytes, weights: bytes) -> GlobalModel | None:
         g = check_global_model(

@@ -146,3 +146,27 @@ def test_kill9_between_decisions_and_their_commit_then_resend_equals_uninterrupt
         resend_all_equals_uninterrupted(again, fed, blobs, tmp_path)
     finally:
         again.close()
+
+
+def test_the_stream_decides_the_oldest_batch_with_the_opened_ones_behind_it_up_to_group_max():
+    from collections import deque
+    from concurrent.futures import Future
+
+    from aggregator.core import GROUP_MAX, _ready_run
+
+    def batch(tag: str, n: int, done: bool = True) -> Future:
+        fut: Future = Future()
+        if done:
+            fut.set_result([f"{tag}{i}" for i in range(n)])
+        return fut
+
+    pending = deque([batch("a", 4), batch("b", 4), batch("c", 4, done=False), batch("d", 4)])
+    assert _ready_run(pending) == [*(f"a{i}" for i in range(4)), *(f"b{i}" for i in range(4))]
+    assert len(pending) == 2  # c is still being opened: nothing waits for it, d stays behind it (order)
+    pending[0].set_result(["c0"])
+    assert _ready_run(pending) == ["c0", "d0", "d1", "d2", "d3"]
+    assert not pending
+    many = deque(batch(str(k), 4) for k in range(6))
+    runs = [_ready_run(many), _ready_run(many)]
+    assert [len(r) for r in runs] == [GROUP_MAX, 24 - GROUP_MAX]  # never more than GROUP_MAX in one commit
+    assert [x for r in runs for x in r] == [f"{k}{i}" for k in range(6) for i in range(4)]  # arrival order

@@ -1,9 +1,10 @@
 """The edge agent's subscriptions while it follows the model by int8 steps (``edge.adopt``), in-process.
 
 A real agent (its stores on disk, its follower, its line export) fed the messages the real release builder
-makes; the MQTT client is a recorder of subscribe / unsubscribe calls. After its first version made from a
-step the agent stops taking every version's full weights; a version whose parent it does not hold is fetched
-by subscribing to that one version's weights, dropped again once it is adopted.
+makes; the MQTT client is a recorder of subscribe / unsubscribe calls. Following by full weights the agent
+subscribes to the next version's weights only; after its first version made from a step it stops taking full
+weights; a version whose parent it does not hold is fetched by subscribing to that one version's weights,
+dropped again once it is adopted.
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ async def stepping_agent(tmp_path, versions: int, seed: int):
 
     ad._export = no_export
     await ad.on_grant(seal_grant(FEDERATION, fed.sites["site-a"].public(), 1, key, fed.aggregator))
+    await ad.watch_next()  # what the agent subscribes on connecting: the next version's weights
+    assert client.calls == [("subscribe", agent.topics.weights_of(1))]
+    client.calls.clear()
     rng = np.random.default_rng(seed)
     models = [{k: np.array(v) for k, v in agent.base.shared.items()}]  # version 0, as the aggregator seeds it
     releases = []
@@ -84,7 +88,7 @@ async def test_following_by_steps_drops_the_weights_and_fetches_one_version_it_c
         topics, ad = agent.topics, agent.adopter
         await deliver(agent, releases[0], ("delta",))  # version 1 from its step
         assert agent.base.version == 1 and all(np.array_equal(agent.base.shared[k], models[1][k]) for k in models[1])
-        assert client.calls == [("unsubscribe", topics.weights_filter())] and not ad.weights_subscribed
+        assert client.calls == [("unsubscribe", topics.weights_of(1))] and not ad.weights_subscribed
         client.calls.clear()
         await ad.on_manifest(releases[2].manifest_blob)  # version 3, made from 2, which this site missed
         assert client.calls == [("subscribe", topics.weights_of(3))] and agent.base.version == 1

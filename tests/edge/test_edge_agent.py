@@ -101,8 +101,15 @@ async def test_agent_trains_on_csv_and_its_sealed_deltas_arrive_open_and_clear(m
         assert agent.epsilon == pytest.approx(acc.get_epsilon(delta=1e-5), rel=1e-9)
 
         # the retained status and the metrics say the same; the status carries nothing computed from plant data
+        # (ε and an outbox depth of 0/1 go with the next status, at most edge.status_publisher.SOFT_DELAY_S later)
         await eventually(
-            lambda: statuses and statuses[-1]["outbox_depth"] == 0 and statuses[-1]["version"] >= 0, timeout=10
+            lambda: (
+                statuses
+                and statuses[-1]["outbox_depth"] == 0
+                and statuses[-1]["version"] >= 0
+                and abs(statuses[-1]["epsilon"] - agent.epsilon) <= 1e-5 * agent.epsilon
+            ),
+            timeout=10,
         )
         last = statuses[-1]
         from edge.status_doc import STATUS_FIELDS
