@@ -51,6 +51,9 @@ class Adopter:
         self.weights_subscribed = True
         self._next: int | None = None  # the version whose weights are subscribed ahead
         self._fetching: set[int] = set()  # versions whose weights alone are subscribed (not the next one)
+        # the int8 steps (``model/+/delta/#``), subscribed from the first manifest naming a step this site can
+        # make: a federation that publishes none sends it nothing then, not even the clearing of each version's
+        self.steps_subscribed = False
         self._step_wait: asyncio.Task[None] | None = None  # falls back to the weights if a step never completes
 
     def wants(self, version: int) -> bool:
@@ -132,8 +135,17 @@ class Adopter:
         if self._step_wait is not None:
             self._step_wait.cancel()
         if self.follower.by_step:
+            await self._subscribe_steps()
             self._step_wait = asyncio.create_task(self._wait_for_step(version))
         await self.try_adopt()
+
+    async def _subscribe_steps(self) -> None:
+        """Take every version's int8 step from now on (retained: this version's comes on subscribing)."""
+        client = self.state.client
+        if client is None or self.steps_subscribed:
+            return
+        self.steps_subscribed = True
+        await client.subscribe(self.state.topics.deltas_filter(), qos=1)
 
     async def _wait_for_step(self, version: int) -> None:
         """After :attr:`STEP_WAIT_S`, fetch ``version``'s full weights if its step has not completed."""

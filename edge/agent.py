@@ -167,7 +167,7 @@ class EdgeAgent:
         # weights (with its personal head), so downloading every version's ONNX too only costs the link
         await client.subscribe(self.topics.fedkey(self.site), qos=1)
         await client.subscribe(self.topics.manifest(), qos=1)
-        await client.subscribe(self.topics.deltas_filter(), qos=1)
+        # the int8 steps only once a manifest names one this site can make (edge.adopt.Adopter._subscribe_steps);
         # the weights: of the version a manifest names when this site does not hold it, and then of the next one
         # (edge.adopt.Adopter.watch_next; not while int8 steps make the model)
         self.adopter.weights_subscribed = True

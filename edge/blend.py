@@ -30,6 +30,7 @@ the plant's disk, is never sent and never trained on by a DP round.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -55,6 +56,30 @@ def best_weight(metric: str, y: np.ndarray, local: np.ndarray, fed: np.ndarray, 
         if better(metric, s, best_score):
             best, best_score = w, s
     return float(best)
+
+
+def spread_matched(w: float, local: np.ndarray, fed: np.ndarray) -> float:
+    """The local-only share that is ``w`` of the blend once each part's scores are put on one scale.
+
+    ``w * local + (1 - w) * fed`` weighs scores, not models: a part whose scores spread three times as wide
+    decides three times as much of the order. A classifier's log-odds have no common scale: the plant's
+    noise-free model, trained to near-zero loss on few rows, spreads its log-odds 1-4 times as wide as the DP
+    global model (clipped, noised) on the same rows (docs/tuning.md, fourteenth pass), so a nominal 0.75 was in
+    effect a 0.85 share (up to 0.92) and the partner could not reorder the rows the plant's model was wrongly sure of.
+    Each part divided by its standard deviation on the evidence rows (z-score normalisation before score
+    fusion: Jain, Nandakumar and Ross, Pattern Recognition 38, 2005) and the two coefficients rescaled to sum
+    to 1 (so where the parts agree the blend says what they say) gives
+
+        share = (w / sd_local) / (w / sd_local + (1 - w) / sd_fed).
+
+    The centring of the z-score is left out: a constant moves no row's rank. ``w`` itself when either spread
+    is zero or not finite (nothing to match)."""
+    sl = float(np.std(np.asarray(local, dtype=np.float64)))
+    sf = float(np.std(np.asarray(fed, dtype=np.float64)))
+    if not (math.isfinite(sl) and math.isfinite(sf) and sl > 0 and sf > 0):
+        return float(w)
+    a, b = w / sl, (1.0 - w) / sf
+    return a / (a + b)
 
 
 def check_grid(grid: Sequence[float]) -> None:

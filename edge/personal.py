@@ -128,6 +128,13 @@ class PersonalConfig:
     # little to reorder the rows it is unsure of, so the blend tied it. "log_odds" was chosen on split seeds
     # 300-309, three federation draws (docs/tuning.md, twelfth pass). Regression blends values either way
     blend_space: Literal["log_odds", "probability"] = "log_odds"
+    # a small site's log-odds fold blend: "spread" gives local-only the share fold_blend_weights names once each
+    # part's log-odds are divided by their standard deviation on the pool (edge/blend.py spread_matched: the
+    # plant's noise-free model spreads them 1-4 times as wide as the DP global model, so a nominal 0.75 share
+    # was a 0.85 one on average); "raw" mixes the log-odds as they are (the twelfth and thirteenth passes). Chosen on
+    # split seeds 300-339, two federation draws (docs/tuning.md, fourteenth pass). Regression and probability
+    # blends mix values on one scale already, and the validation rule's blend picks its weight on its rows
+    fold_blend_scale: Literal["spread", "raw"] = "spread"
     seed: int = 0
 
     def validate(self) -> None:
@@ -162,6 +169,8 @@ class PersonalConfig:
             raise ValueError(f"average_for must be 'fine_tune' or 'both', got {self.average_for!r}")
         if self.blend_space not in ("log_odds", "probability"):
             raise ValueError(f"blend_space must be 'log_odds' or 'probability', got {self.blend_space!r}")
+        if self.fold_blend_scale not in ("spread", "raw"):
+            raise ValueError(f"fold_blend_scale must be 'spread' or 'raw', got {self.fold_blend_scale!r}")
 
 
 #: Which rule decided a choice (the site's status says it): the paired test kept local-only or switched away
@@ -234,6 +243,7 @@ class BlendFit:
 
     weight: float
     of: str  # fine_tuned | global: the better-scoring of the two on the same evidence
+    nominal: float | None = None  # with spread matching (edge/blend.py spread_matched): the grid's w it matched
 
 
 @dataclass(frozen=True)
@@ -362,9 +372,10 @@ def _on_folds(m: str, scores: dict[str, float], folds: FoldEvidence, cfg: Person
     fb, b, local = folds.blend, folds.scores.get(blend.KIND), folds.scores["local"]
     if cfg.fold_blend_weights and fb is not None and b is not None and _finite(b):
         if better(m, b, local):
+            matched = "" if fb.nominal is None else f" ({fb.nominal:g} on the parts' common scale)"
             why = (
-                f"{small}: blend {fb.weight:g} x local-only + {1 - fb.weight:g} x {fb.of} scores {m} {b:.4g} on "
-                f"{folds.rows} {where} rows against local-only's {local:.4g}"
+                f"{small}: blend {fb.weight:.4g} x local-only + {1 - fb.weight:.4g} x {fb.of}{matched} scores {m} "
+                f"{b:.4g} on {folds.rows} {where} rows against local-only's {local:.4g}"
             )
             c = Choice(blend.KIND, m, None, dict(scores), n, why, "too_small_folds_blended", weight=fb.weight)
             c.blend_of = fb.of
@@ -618,13 +629,15 @@ def compare(
     units: Sequence[object] | None = None,
     grid: Sequence[float] = (),
     partner: str | None = None,
+    spread: bool = False,
 ) -> tuple[dict[str, float], dict[str, Evidence], BlendFit | None]:
     """Each candidate's metric on rows ``y_true`` from its predictions, and each federation candidate's
     paired test against local-only on them (``units``: each row's unit, None when rows are independent).
 
     With a ``grid`` of weights (``[personal] blend_weights``) the blend (:mod:`edge.blend`) joins them: local-only
     blended with the better-scoring federation candidate (or ``partner`` when it could be scored) at the grid's
-    best weight on these same rows."""
+    best weight on these same rows; with ``spread`` each weight is the share on the parts' common scale
+    (:func:`edge.blend.spread_matched` on these rows: what a log-odds blend's share means)."""
     y = np.asarray(y_true, dtype=np.float64).reshape(len(y_true), -1)[:, 0]
     m = metric_name(spec)
     scores = {k: score(m, y, v) for k, v in preds.items()}
@@ -632,7 +645,7 @@ def compare(
     fed = [k for k in ("fine_tuned", "global") if k in preds and _finite(scores[k])]
     if grid and fed and _finite(scores.get("local")):
         of = partner if partner in fed else _best(m, fed, scores)
-        fit = BlendFit(best_weight(m, y, preds["local"], preds[of], grid), of)
+        fit = _fit(m, y, preds["local"], preds[of], grid, of, spread)
         preds = {**preds, blend.KIND: mix(fit.weight, preds["local"], preds[of])}
         scores[blend.KIND] = score(m, y, preds[blend.KIND])
     tests: dict[str, Evidence] = {}
@@ -645,6 +658,17 @@ def compare(
                     else mse_evidence(y, preds[k], preds["local"], units)
                 )
     return scores, tests, fit
+
+
+def _fit(
+    m: str, y: np.ndarray, local: np.ndarray, fed: np.ndarray, grid: Sequence[float], of: str, spread: bool
+) -> BlendFit:
+    """The blend's fit on rows ``y``: the grid's best weight, each matched to the parts' spread when asked."""
+    if not spread:
+        return BlendFit(best_weight(m, y, local, fed, grid), of)
+    matched = {blend.spread_matched(w, local, fed): w for w in grid}
+    share = best_weight(m, y, local, fed, list(matched))
+    return BlendFit(share, of, matched[share])
 
 
 class Personaliser:
@@ -814,8 +838,8 @@ class Personaliser:
                 units += (
                     list(val_units) if val_units is not None else [f"validation row {i}" for i in range(len(y_val))]
                 )
-        partner = fold_partner(self.spec, self.cfg)
-        scores, tests, fit = compare(self.spec, y_all, oof, units, self.cfg.fold_blend_weights, partner)
+        grid, spread = self.cfg.fold_blend_weights, log_odds and self.cfg.fold_blend_scale == "spread"
+        scores, tests, fit = compare(self.spec, y_all, oof, units, grid, fold_partner(self.spec, self.cfg), spread)
         n_units = len(set(units)) if units is not None else len(y_all)
         return FoldEvidence(scores, tests, len(y_all), n_units, k, fit)
 

@@ -8,9 +8,11 @@ import argparse
 def _run_plant(args: argparse.Namespace) -> int:
     import asyncio
 
+    from fedline.blas import one_blas_thread
     from plant.config import load_plant_config
     from plant.service import run_plant
 
+    one_blas_thread()  # as `fedline aggregator`: its reduce's matrix products must not leave a BLAS thread spinning
     asyncio.run(run_plant(load_plant_config(args.config)))
     return 0
 

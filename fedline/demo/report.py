@@ -143,7 +143,9 @@ def _fmt(v: Any, digits: int = 3) -> str:
 def _kind(site: dict[str, Any]) -> str:
     """The served kind as the report names it: a blend with its local-only share (edge/blend.py)."""
     kind = site.get("served_kind") or "–"
-    return f"{kind} w {site['served_weight']:g}" if kind == "blend" and site.get("served_weight") is not None else kind
+    return (
+        f"{kind} w {site['served_weight']:.2f}" if kind == "blend" and site.get("served_weight") is not None else kind
+    )
 
 
 def _bytes(n: int) -> str:

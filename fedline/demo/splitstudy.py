@@ -202,6 +202,7 @@ def summarise(metric: str, per_split: list[dict[str, dict[str, float]]]) -> dict
             float(r[site]["served_weight"]) for r in per_split if site in r and r[site].get("served_weight") is not None
         ]
         rules: list[str] = [str(r[site]["served_rule"]) for r in per_split if site in r and r[site].get("served_rule")]
+        shares = [round(w, 2) for w in weights]
         sites[site] = {
             "splits": len(pairs),
             "federated_wins": wins,
@@ -220,8 +221,9 @@ def summarise(metric: str, per_split: list[dict[str, dict[str, float]]]) -> dict
             "served_losses": sum(g < 0 for g in served_gains),
             "worst_served_gain": float(min(served_gains)) if served else math.nan,
             "served_kinds": {k: kinds.count(k) for k in sorted(set(kinds))},
-            # the blends' local-only shares w (edge/blend.py): how many splits served each
-            "served_weights": {f"{w:g}": weights.count(w) for w in sorted(set(weights))},
+            # the blends' local-only shares w (edge/blend.py): how many splits served each, to 2 decimals (a small
+            # site's spread-matched share differs from split to split)
+            "served_weights": {f"{w:.2f}": shares.count(w) for w in sorted(set(shares))},
             "served_rules": {k: rules.count(k) for k in sorted(set(rules))},
         }
     return sites

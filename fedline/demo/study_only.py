@@ -46,7 +46,7 @@ def run_study_only(opts, console) -> int:
             f"  split {seed}: "
             + ", ".join(
                 f"{k} {v['local']:.3f}/{v['federated']:.3f}/{v['served']:.3f} ({v['served_kind']}"
-                f"{'' if v.get('served_weight') is None else ' w ' + format(v['served_weight'], 'g')}, {v['served_rule']})"
+                f"{'' if v.get('served_weight') is None else ' w ' + format(v['served_weight'], '.2f')}, {v['served_rule']})"
                 for k, v in r.items()
             )
         ),

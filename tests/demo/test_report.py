@@ -245,6 +245,22 @@ def test_split_study_rmse_gain_is_the_drop_in_error():
     assert s["served_rules"] == {"paired_test_kept_local": 1, "paired_test_switched": 1, "too_small_fine_tuned": 1}
 
 
+def test_split_study_counts_blend_shares_to_two_decimals():
+    """A small site's spread-matched share differs by split (edge/blend.py spread_matched): 0.5325 and 0.5349 are
+    both 0.53, 0.75 stays 0.75; a split without a blend has no share."""
+    from fedline.demo.splitstudy import summarise
+
+    rows = [(0.5325, "blend"), (0.5349, "blend"), (0.75, "blend"), (None, "local")]
+    s = summarise(
+        "roc_auc",
+        [
+            {"h": {"local": 0.8, "federated": 0.9, "served": 0.85, "served_weight": w, "served_kind": k}}
+            for w, k in rows
+        ],
+    )["h"]
+    assert s["served_weights"] == {"0.53": 2, "0.75": 1} and s["served_kinds"] == {"blend": 3, "local": 1}
+
+
 def test_sign_test():
     from fedline.demo.splitstudy import sign_test_p
 

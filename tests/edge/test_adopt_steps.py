@@ -88,7 +88,8 @@ async def test_following_by_steps_drops_the_weights_and_fetches_one_version_it_c
         topics, ad = agent.topics, agent.adopter
         await deliver(agent, releases[0], ("delta",))  # version 1 from its step
         assert agent.base.version == 1 and all(np.array_equal(agent.base.shared[k], models[1][k]) for k in models[1])
-        assert client.calls == [("unsubscribe", topics.weights_of(1))] and not ad.weights_subscribed
+        assert client.calls == [("subscribe", topics.deltas_filter()), ("unsubscribe", topics.weights_of(1))]
+        assert not ad.weights_subscribed and ad.steps_subscribed
         client.calls.clear()
         await ad.on_manifest(releases[2].manifest_blob)  # version 3, made from 2, which this site missed
         assert client.calls == [("subscribe", topics.weights_of(3))] and agent.base.version == 1

@@ -108,20 +108,22 @@ async def test_over_mosquitto_a_joiner_gets_only_the_current_versions_weights(mo
     aggregator = Aggregator(load_config(agg_toml))
     agg_task = asyncio.create_task(aggregator.run())
     agents: list[tuple[EdgeAgent, asyncio.Event, asyncio.Task]] = []
-    chunks: dict[str, list[int]] = {}
+    chunks: dict[str, list[tuple[str, int | None, bool]]] = {}
 
     def start(site: str) -> EdgeAgent:
         csv = write_csv(tmp_path / f"{site}.csv", 80, seed=len(agents))
         agent = EdgeAgent(
             load_edge_config(write_site(fed, site, csv, mosquitto.url, mosquitto.paths[f"password:{site}"]))
         )
-        on_chunk, seen = agent.adopter.on_chunk, chunks.setdefault(site, [])
+        handle, seen = agent.handle_message, chunks.setdefault(site, [])
 
-        async def recording(topic, version, index, payload, step=False):
-            seen.append(version)
-            await on_chunk(topic, version, index, payload, step)
+        async def recording(msg) -> None:  # every message on a model chunk topic, empty ones (clearings) too
+            info = agent.topics.parse(msg.topic)
+            if info.kind in ("weights", "delta"):
+                seen.append((info.kind, info.version, len(msg.payload) > 0))
+            await handle(msg)
 
-        agent.adopter.on_chunk = recording  # type: ignore[method-assign]
+        agent.handle_message = recording  # type: ignore[method-assign]
         stop = asyncio.Event()
         agents.append((agent, stop, asyncio.create_task(agent.run(stop))))
         return agent
@@ -142,8 +144,11 @@ async def test_over_mosquitto_a_joiner_gets_only_the_current_versions_weights(mo
             await eventually(lambda v=v: aggregator.published_version == v and same(a), 30)
         b = start("site-b")
         await eventually(lambda: b.base.manifest and same(b), 30)
-        assert chunks["site-a"] and 0 not in chunks["site-a"], chunks  # version 0 from its own seed
-        assert set(chunks["site-b"]) == {2}, chunks  # not version 1, retained beside it
+        # site-a: versions 1 and 2, not version 0 (from its own seed), no clearing of version 0 (published when
+        # version 2 came), no int8 steps (none published, so not subscribed: not even their clearings)
+        assert set(chunks["site-a"]) == {("weights", 1, True), ("weights", 2, True)}, chunks
+        assert set(chunks["site-b"]) == {("weights", 2, True)}, chunks  # not version 1, retained beside it
+        assert not a.adopter.steps_subscribed and not b.adopter.steps_subscribed
     finally:
         for _agent, stop, _task in agents:
             stop.set()

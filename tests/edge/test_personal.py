@@ -165,10 +165,12 @@ def test_personaliser_fine_tunes_the_global_model_where_the_plant_has_few_rows()
     served, choice = p.choose(global_params, x, y, xv, yv)
     # 12 training rows (< 30 of each class): their folds join the evidence; on 12 + 20 rows the blend of
     # 0.75 x local-only and 0.25 x the better federation model scores above local-only: the blend is served
-    assert (choice.kind, choice.rule, choice.weight) == ("blend", "too_small_folds_blended", 0.75)
+    # (its log-odds share 0.75 matched to the parts' spreads on the pool: edge/blend.py spread_matched)
+    assert (choice.kind, choice.rule) == ("blend", "too_small_folds_blended")
     assert "too small" in choice.reason and p.folds is not None and p.folds.blend is not None
     assert p.folds.scores["blend"] > p.folds.scores["local"] and choice.blend_of == p.folds.blend.of
-    assert [w for w, _ in served.parts] == [0.75, 0.25]
+    assert (p.folds.blend.nominal, choice.weight) == (0.75, p.folds.blend.weight) and 0 < choice.weight < 1
+    assert [w for w, _ in served.parts] == pytest.approx([choice.weight, 1 - choice.weight])
     assert choice.validation_metric is not None  # the served blend scored on the 20 validation rows
     # without the fold blend (the eighth pass): the federation's model alone, shown better on the pool
     choice = Personaliser(replace(cfg, fold_blend_weights=()), CLS).choose(global_params, x, y, xv, yv)[1]

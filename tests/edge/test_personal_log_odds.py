@@ -5,13 +5,24 @@ alone by ONNX Runtime."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 
+from edge.blend import spread_matched
 from edge.blend_export import blend_scorer, export_served
-from edge.personal import PersonalConfig, Personaliser, Served, blend_scores, compare, predict, train_local_only
+from edge.personal import (
+    BlendFit,
+    PersonalConfig,
+    Personaliser,
+    Served,
+    blend_scores,
+    compare,
+    predict,
+    train_local_only,
+)
 from models import build_model, export_onnx
 from models.flat import personal_state, shared_state
 from models.spec import ModelSpec
@@ -102,17 +113,75 @@ def test_a_small_sites_fold_blend_serves_its_parts_mixed_in_the_configured_space
     cfg = PersonalConfig(local_epochs=4, finetune_epochs=1, cross_folds=3, blend_space=space)  # type: ignore[arg-type]
     p = Personaliser(cfg, CLS)
     served, c = p.choose(glob, x, y, xv, yv)
-    assert (c.rule, c.kind, c.weight, c.blend_of, c.blend_space) == (
+    assert (c.rule, c.kind, c.blend_of, c.blend_space) == (
         "too_small_folds_blended",
         "blend",
-        0.75,
         "global" if space == "log_odds" else "fine_tuned",
         space,
     )
     assert c.to_dict()["blend_space"] == space
+    assert p.folds is not None and p.folds.blend is not None
+    # log-odds: the 0.75 is matched to the parts' spreads on the pool (fold_blend_scale = "spread", the default);
+    # a probability blend mixes values on one scale and keeps the grid's 0.75 as it is
+    w = c.weight
+    assert w is not None and 0 < w < 1
+    if space == "log_odds":
+        assert p.folds.blend.nominal == 0.75 and w == p.folds.blend.weight
+    else:
+        assert (w, p.folds.blend.nominal) == (0.75, None)
     local, partner = served.parts[0][1], served.parts[1][1]
-    assert local is p.local
+    assert local is p.local and [s for s, _ in served.parts] == pytest.approx([w, 1 - w])
     pl, pf = predict(CLS, local, xv).astype(np.float64), predict(CLS, partner, xv).astype(np.float64)
-    want = _sigmoid(0.75 * _logit(pl) + 0.25 * _logit(pf)) if space == "log_odds" else 0.75 * pl + 0.25 * pf
+    want = _sigmoid(w * _logit(pl) + (1 - w) * _logit(pf)) if space == "log_odds" else 0.75 * pl + 0.25 * pf
     assert served.predict(CLS, xv) == pytest.approx(want.tolist(), abs=2e-5)
     assert c.validation_metric is not None and math.isfinite(c.validation_metric)
+    if space == "log_odds":  # "raw" restores the thirteenth pass: the log-odds mixed at 0.75 as they are
+        raw = Personaliser(replace(cfg, fold_blend_scale="raw"), CLS).choose(glob, x, y, xv, yv)[1]
+        assert (raw.kind, raw.weight) == ("blend", 0.75) or raw.kind == "local"
+
+
+def test_spread_matched_share_worked_by_hand():
+    """share = (w / sd_local) / (w / sd_local + (1 - w) / sd_fed). Local-only log-odds 10, -1, 1, -10: mean 0,
+    variance (100 + 1 + 1 + 100) / 4 = 50.5, sd 7.10634; the partner's 1, 1, -1, -1: sd 1. At w = 0.75:
+    0.75 / 7.10634 = 0.105540, share 0.105540 / (0.105540 + 0.25) = 0.296844. Equal spreads leave w as it is;
+    a constant part (sd 0) has nothing to match: w."""
+    local, fed = np.array([10.0, -1.0, 1.0, -10.0]), np.array([1.0, 1.0, -1.0, -1.0])
+    assert spread_matched(0.75, local, fed) == pytest.approx(0.296844, abs=1e-6)
+    assert spread_matched(0.75, fed, local) == pytest.approx(0.75 * 7.10634 / (0.75 * 7.10634 + 0.25), abs=1e-6)
+    assert spread_matched(0.6, 3 * fed, -3 * fed) == pytest.approx(0.6)
+    assert spread_matched(0.75, np.zeros(4), fed) == 0.75
+
+
+def test_the_spread_matched_fold_blend_reorders_a_pair_the_raw_one_ties_worked_by_hand():
+    """2 failures (f1, f2), 2 normal rows (n1, n2). Local-only log-odds 10, -1 / 1, -10: f2 below n1, AUC 3/4;
+    the partner's 1, 1 / -1, -1 (AUC 1). Raw at 0.75: f2 = -0.75 + 0.25 = -0.5, n1 = 0.75 - 0.25 = 0.5: f2 still
+    below n1, AUC 3/4, a tie. Spread-matched, share 0.296844 (the test above): f2 = -0.296844 + 0.703156 =
+    0.406312, n1 = -0.406312: every failure above every normal row, AUC 1."""
+    y = np.array([1.0, 1.0, 0.0, 0.0])
+    preds = {"local": np.array([10.0, -1.0, 1.0, -10.0]), "global": np.array([1.0, 1.0, -1.0, -1.0])}
+    raw, _, fit_raw = compare(CLS, y, preds, None, (0.75,), "global")
+    assert (raw["local"], raw["blend"], fit_raw) == (0.75, 0.75, BlendFit(0.75, "global"))
+    matched, _, fit = compare(CLS, y, preds, None, (0.75,), "global", spread=True)
+    assert matched["blend"] == 1.0 and fit is not None and (fit.of, fit.nominal) == ("global", 0.75)
+    assert fit.weight == pytest.approx(0.296844, abs=1e-6)
+    # a grid: the best of the matched shares on these rows, named with the w it matched
+    _, _, fit2 = compare(CLS, y, preds, None, (0.9, 0.75), "global", spread=True)
+    assert fit2 is not None and fit2.nominal == 0.75  # 0.9 matches 0.558786: f2 still below n1, AUC 3/4
+    with pytest.raises(ValueError, match="fold_blend_scale"):
+        PersonalConfig(fold_blend_scale="z").validate()  # type: ignore[arg-type]
+
+
+def test_a_regression_fold_blend_keeps_its_share_as_it_is():
+    """Regression blends values in the plant's units, one scale already: ``fold_blend_scale`` leaves its 0.75 alone
+    (the C-MAPSS rule is unchanged by the fourteenth pass)."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(0, 1, (25, 3)).astype(np.float32)  # 25 training rows (< 30), 20 validation rows (< 30): folds
+    y = (x[:, :1] - x[:, 1:2]).astype(np.float32)
+    xv = rng.normal(0, 1, (20, 3)).astype(np.float32)
+    yv = (xv[:, :1] - xv[:, 1:2]).astype(np.float32)
+    cfg = PersonalConfig(local_epochs=3, finetune_epochs=1, cross_folds=3)
+    p = Personaliser(cfg, REG)
+    _, c = p.choose(_params(REG, 4), x, y, xv, yv)
+    assert p.folds is not None and p.folds.blend == BlendFit(0.75, "fine_tuned")  # nominal None: not matched
+    assert c.rule in ("too_small_folds_blended", "too_small_folds_kept_local")
+    assert c.weight == (0.75 if c.kind == "blend" else None)
