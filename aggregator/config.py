@@ -125,7 +125,9 @@ class StrategyConfig:
     a: float = 0.5  # polynomial exponent; hinge slope
     b: float = 4.0  # hinge: staleness up to b weighs 1
     max_staleness: int = 20  # older updates are dropped with a "stale" receipt
-    buffer_size: int = 10  # FedBuff K, at most the number of enrolled sites (FedAvg: K = the cohort, every site)
+    # FedBuff K: the updates (one per site) a version sums, f(s)/K each; at most the enrolled sites (FedAvg: the
+    # cohort, every site). Under MDA (the default reduce) a buffer waits for K + mda_f and keeps K (aggregator.mda)
+    buffer_size: int = 10
     # a buffer whose first update has waited this long is reduced with what it holds (0 = wait for K):
     # when a site drops off the network, versions keep coming from the others without any of them
     # spending its privacy budget twice on one base to fill the buffer. FedAvg: the round's deadline.
@@ -135,17 +137,16 @@ class StrategyConfig:
     quorum: int = 0  # distinct sites a timed-out buffer (a FedAvg round) needs; 0 = min_sites
     server_lr: float = 1.0
     server_momentum: float = 0.0
-    # "auto": the coordinate-wise median wherever it can run (FedBuff/FedAvg, K >= 3, no secure aggregation,
-    # no sample weighting), else the plain mean (aggregator.strategies.reduce_choice); "none" = the mean always
+    # "auto": minimum-diameter averaging ("mda") wherever it can run (FedBuff/FedAvg, K >= 3, no secure
+    # aggregation, no sample weighting), else the plain mean (aggregator.strategies.reduce_choice); "none" = the
+    # mean always; "median" / "trimmed_mean": coordinate-wise (Yin et al. 2018)
     # "fltrust": each update weighed by its cosine with the aggregator's own update on the [evaluation] rows
     # (Cao et al. 2021; aggregator.root_update), needs [evaluation]; "mda": the mean of the slots that lie
     # closest together, leaving the farthest mda_f out whole (aggregator.mda)
     robust: Literal["auto", "none", "median", "trimmed_mean", "fltrust", "mda"] = "auto"
-    mda_f: int = 1  # slots MDA leaves out of each version (it needs K >= 2 mda_f + 1: more are never left out)
-    # how MDA's kept slots share the step: "kept": n/(n − f) of each coefficient, so a version moves as far as
-    # the mean's when all agree (a kept slot f(s)/(K − f)); "k": each kept slot at its FedBuff f(s)/K (issue
-    # 14's fair share), the step shorter by the slots left out (aggregate.mda_combination)
-    mda_scale: Literal["kept", "k"] = "kept"
+    # slots MDA leaves out of each version: a buffer waits for K + mda_f updates and sums the K it keeps, each at
+    # f(s)/K (fewer sites enrolled: all of them, mda_f left out; a majority is always kept: aggregator.mda.sizes)
+    mda_f: int = 1
     trim: float = 0.1  # fraction dropped at each end by trimmed_mean
     # clip each delta to this L2 norm before the reduce; unset = derived from [dp] (aggregator.normbound); 0 = off
     norm_bound: float | None = None

@@ -372,7 +372,7 @@ class AggregatorCore:
                 )
         # one update per site per buffer (issue 14): a newer update from a site takes its older one's place
         old = next((u for u in self.buffer if u.site == h.site), None)
-        if len(self.buffer) + (0 if old is not None else 1) < self.strategy.buffer_size:
+        if len(self.buffer) + (0 if old is not None else 1) < self.strategy.arrivals:
             return self._buffer(op, acc, old)
         return self._reduce([*self.buffer, acc])
 
@@ -478,7 +478,7 @@ class AggregatorCore:
             staleness=s,
             weight=acc.weight,
             fill=len(self.buffer),
-            of=self.strategy.buffer_size,
+            of=self.strategy.arrivals,
         )
         return Decision(v.receipt(), receipts)
 
@@ -623,14 +623,14 @@ class AggregatorCore:
             log,
             "buffer.timeout",
             fill=len(self.buffer),
-            of=self.strategy.buffer_size,
+            of=self.strategy.arrivals,
             sites=sorted({u.site for u in self.buffer}),
         )
         self.metrics.buffer_timeouts.inc()
         return self._reduce(list(self.buffer), last_arrived=False)
 
     def _enough_sites(self) -> bool:
-        return len({u.site for u in self.buffer}) >= min(self.cfg.strategy.needed_sites, self.strategy.buffer_size)
+        return len({u.site for u in self.buffer}) >= min(self.cfg.strategy.needed_sites, self.strategy.arrivals)
 
     # -- conveniences ----------------------------------------------------------------------
     def process(self, sealed: bytes, topic_site: str | None = None, msg_id: str | None = None) -> Decision:

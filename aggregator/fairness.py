@@ -39,7 +39,7 @@ def check_federation(cfg: StrategyConfig, strategy: Strategy, n_sites: int, enro
         )
     if cfg.kind == "fedasync":
         event(log, "aggregator.fedasync_leak", level=logging.ERROR, message=LEAK_WARNING)
-    elif cfg.buffer_size > n_sites:
+    elif strategy.buffer_size < cfg.buffer_size:
         event(
             log,
             "aggregator.buffer_clamped",
@@ -47,5 +47,6 @@ def check_federation(cfg: StrategyConfig, strategy: Strategy, n_sites: int, enro
             buffer_size=cfg.buffer_size,
             enrolled=n_sites,
             using=strategy.buffer_size,
-            why="one update per site per buffer: K cannot exceed the enrolled sites",
+            waits_for=strategy.arrivals,  # under MDA K + f: it leaves f out (aggregator.mda.sizes)
+            why="one update per site per buffer: K (plus the slots MDA leaves out) cannot exceed the enrolled sites",
         )

@@ -9,12 +9,17 @@ Stochastic Gradient Descent", ICLR 2021, after Rousseeuw's minimum-volume estima
 ``f`` arbitrary slots of ``n ≥ 2f + 1``: a slot far from the others, as a backdoored delta is from honest ones
 trained from the same model, is left out whole; one that stays near them moves the mean no further than an
 honest slot could. fedline leaves ``f = 1`` slot out by default (``[strategy] mda_f``): with one update
-per site per buffer (issue 14) that is "no single site steers a version". The kept slots share the step
-(:func:`aggregator.strategies.aggregate.mda_combination`: ``n`` times their mean, so a version moves as far
-as the plain mean's when every slot agrees): a kept slot's coefficient is ``f(s)/(K − f)``, 1/2 at K = 3,
-1/3 at K = 4, and a slot can be kept only by lying within the spread of the others. ``[strategy] mda_scale =
-"k"`` keeps each kept slot at its FedBuff ``f(s)/K`` instead (issue 14's literal fair share); it cost the clean
-model 0.006 (K = 3) and 0.012 (the default K, RELIABILITY.md) of ROC AUC, so it is not the default.
+per site per buffer (issue 14) that is "no single site steers a version".
+
+How many slots a version waits for, and how many it sums (since 1 Dec 2026): ``buffer_size`` is FedBuff's K, the
+slots a version *sums* (Nguyen et al. 2022: ``Δ̄ = (1/K) Σ f(s_i) Δ_i``); MDA's ``n`` is the slots *received*, of
+which it keeps ``n − f``. So under MDA a buffer waits for ``K + f`` arrivals (at most one per site) and keeps K:
+each kept slot weighs exactly its FedBuff ``f(s)/K`` (issue 14's fair share, literally), a left-out one 0, and a
+version moves as far as the plain mean's when every slot agrees (K kept slots of ``f(s)/K``), so the step is not
+shortened. With fewer sites enrolled than ``buffer_size + f``, all of them are waited for and ``f`` left out
+(:func:`sizes`: four enrolled sites, ``f = 1``: four received, K = 3 kept at 1/3 each). Before, K counted the
+arrivals and the kept slots were scaled up by ``n/(n − f)``: at four sites the same arithmetic (a kept slot at
+1/3), named "1/(K − 1)".
 
 The search is exact: every subset of ``n − f`` slots, ``C(n, f)`` of them (``MAX_SUBSETS`` at most, checked
 when the configuration is read). The math is pure functions (:func:`distances`, :func:`subset`).
@@ -32,14 +37,35 @@ TIE = 1e-5  # diameters within this fraction of each other are a tie (float32 ro
 
 
 def check(f: int, k: int) -> None:
-    """Refuse an ``f`` MDA cannot use with buffers of ``k`` slots (the error names the key)."""
+    """Refuse an ``f`` MDA cannot use with ``k`` slots summed per version, so ``k + f`` received (the error names
+    the key)."""
     if f < 1:
         raise ValueError(f"mda_f must be at least 1 (the slots left out of each version), got {f}")
-    if math.comb(k, f) > MAX_SUBSETS:
+    n = k + min(f, max(k - 1, 0))  # the arrivals a full buffer holds (sizes(): f is never more than k − 1)
+    if math.comb(n, f) > MAX_SUBSETS:
         raise ValueError(
-            f"mda_f = {f} with buffer_size = {k} means C({k}, {f}) = {math.comb(k, f)} subsets per version "
-            f'(at most {MAX_SUBSETS}): lower mda_f or buffer_size, or use robust = "median"'
+            f"mda_f = {f} with buffer_size = {k} means {n} slots received and C({n}, {f}) = {math.comb(n, f)} "
+            f'subsets per version (at most {MAX_SUBSETS}): lower mda_f or buffer_size, or use robust = "median"'
         )
+
+
+def left_out(f: int, n: int) -> int:
+    """The slots MDA leaves out of ``n`` received: ``f``, lowered to ``(n − 1) // 2`` so a majority is kept (MDA
+    needs ``n ≥ 2f + 1``; keeping fewer than half would let a colluding minority be the tightest subset)."""
+    return max(0, min(f, (n - 1) // 2))
+
+
+def sizes(f: int, k: int, n_sites: int) -> tuple[int, int]:
+    """``(arrivals, kept)`` of a full buffer: wait for ``K + f`` updates (one per site), keep ``K``.
+
+    ``k`` is the configured ``buffer_size``. With enough sites a buffer waits for ``k + f`` and keeps ``k``;
+    with fewer it waits for every enrolled site and leaves ``f`` out (K = ``n_sites − f``); ``f`` is lowered so
+    that a majority is kept (:func:`left_out`) and is never more than ``k − 1`` (``K ≥ f + 1``)."""
+    f = min(f, max(k - 1, 0))
+    arrivals = min(k + f, n_sites)
+    f = left_out(f, arrivals)
+    kept = min(k, arrivals - f)
+    return kept + f, kept
 
 
 def distances(rows: np.ndarray) -> np.ndarray:
@@ -56,12 +82,10 @@ def distances(rows: np.ndarray) -> np.ndarray:
 
 
 def subset(dist: np.ndarray, f: int) -> tuple[int, ...]:
-    """The ``n − f`` indices whose largest pairwise distance is smallest (the first in index order on a tie).
-
-    ``f`` is lowered to ``(n − 1) // 2`` if larger: MDA needs ``n ≥ 2f + 1``, and keeping fewer than half the
-    slots would let a colluding minority be the tightest subset."""
+    """The ``n − f`` indices whose largest pairwise distance is smallest (the first in index order on a tie);
+    ``f`` lowered by :func:`left_out` (a buffer closed early may hold fewer than ``2f + 1``)."""
     n = dist.shape[0]
-    f = max(0, min(f, (n - 1) // 2))
+    f = left_out(f, n)
     best: tuple[int, ...] = tuple(range(n))
     best_diameter = np.inf
     for combo in itertools.combinations(range(n), n - f):

@@ -28,8 +28,9 @@ buffer size.
   capped at ``1/n``; with ``c_i = f(s_i)/K`` and a full buffer that is the paper's step with each
   normalised update scaled by its staleness factor and the normalisation over trust only, never over
   ``f(s)`` (so staleness does not cancel out, as FedBuff requires).
-- MDA (minimum-diameter averaging, :mod:`aggregator.mda`): ``Δ̄ = n · mean_{i ∈ S}(c_i Δ_i)``, ``S`` the
-  ``n − f`` deltas whose largest pairwise distance is smallest: a far slot is left out whole.
+- MDA (minimum-diameter averaging, :mod:`aggregator.mda`): ``Δ̄ = Σ_{i ∈ S} c_i Δ_i``, ``S`` the ``n − f``
+  deltas whose largest pairwise distance is smallest: a far slot is left out whole. A buffer waits for
+  ``K + f`` slots and keeps K, so FedBuff's ``c_i = f(s_i)/K`` is each kept slot's whole weight.
 - the server step: ``x ← x + η_g Δ̄`` (with momentum ``m ← β m + Δ̄``, Hsu et al. 2019).
 """
 
@@ -117,40 +118,32 @@ def robust_combination(
     return out
 
 
-def mda_combination(
-    deltas: Sequence[Mapping[str, np.ndarray]], coefficients: Sequence[float], f: int = 1, scale: str = "kept"
-) -> tuple[State, tuple[int, ...]]:
-    """``n · mean_{i ∈ S}(c_i Δ_i)``, ``S`` the ``n − f`` deltas of smallest diameter (:mod:`aggregator.mda`);
-    returns (step, S).
+def mda_keep(deltas: Sequence[Mapping[str, np.ndarray]], f: int = 1) -> tuple[int, ...]:
+    """The indices MDA keeps (:mod:`aggregator.mda`): the ``n − f`` deltas whose largest pairwise distance is
+    smallest. The distance is between the deltas, not the ``c_i Δ_i``: a stale honest update is shorter after its
+    ``f(s)`` and would otherwise look farther from a fresh one than it is."""
+    if not deltas:
+        raise ValueError("need at least one delta")
+    names = list(deltas[0])
+    rows = np.concatenate([_stack(deltas, k, [1.0] * len(deltas)).reshape(len(deltas), -1) for k in names], axis=1)
+    return mda.subset(mda.distances(rows), f)
 
-    The median's scaling (:func:`robust_combination`): the statistic of the scaled slots times their number,
-    so when every slot agrees the step is FedBuff's ``Σ c_i Δ_i``, a stale slot still counts ``f(s)`` of a
-    fresh one and a buffer closed early moves ``n/K`` as far. A kept slot's coefficient is therefore
-    ``c_i · n/(n − f)`` (1/2 at K = 3), a left-out slot's 0. (Summing the kept ``c_i Δ_i`` without the
-    ``n/(n − f)`` keeps every coefficient at most 1/K but steps only ``(n − f)/n`` as far: it cost the clean
-    model 0.006 of ROC AUC in the attack suite, RELIABILITY.md.) The diameter is measured between the deltas,
-    not the ``c_i Δ_i``: a stale honest update is shorter after its ``f(s)`` and would otherwise look farther
-    from a fresh one than it is. ``scale = "k"`` is that sum: each kept slot at its own ``c_i`` (FedBuff's
-    ``f(s)/K``, issue 14's fair share), ``Σ_{i ∈ S} c_i Δ_i`` (:func:`mda_weights`).
-    """
+
+def mda_combination(
+    deltas: Sequence[Mapping[str, np.ndarray]], coefficients: Sequence[float], f: int = 1
+) -> tuple[State, tuple[int, ...]]:
+    """``Σ_{i ∈ S} c_i Δ_i``, ``S`` = :func:`mda_keep`; returns (step, S). A left-out slot gets no part of the step.
+
+    With FedBuff's ``c_i = f(s_i)/K`` and a full buffer of ``K + f`` received (:func:`aggregator.mda.sizes`) the
+    K kept slots make the paper's ``(1/K) Σ f(s_i) Δ_i`` over the slots the version sums: each at most 1/K (issue
+    14's fair share), and the mean's step when every slot agrees. A buffer closed early with ``n < K + f``
+    received keeps ``n − f`` and moves ``(n − f)/K`` as far, as a FedBuff buffer closed early moves ``n/K``.
+    (The coefficients a strategy passes are those of the kept slots as it weighs any K slots:
+    :meth:`aggregator.strategies.base.Strategy.combine`.)"""
     if len(deltas) != len(coefficients) or not deltas:
         raise ValueError("need one coefficient per delta, and at least one delta")
-    names = list(deltas[0])
-    stacks = {k: _stack(deltas, k, [1.0] * len(deltas)) for k in names}  # (n, *shape) each: the deltas
-    rows = np.concatenate([stacks[k].reshape(len(deltas), -1) for k in names], axis=1)
-    keep = mda.subset(mda.distances(rows), f)
-    share = mda_weights(coefficients, keep, scale)
-    weights = np.array([share[i] for i in keep], np.float32)
-    return {k: np.tensordot(weights, stacks[k][list(keep)], axes=1).astype(np.float32) for k in names}, keep
-
-
-def mda_weights(coefficients: Sequence[float], keep: Sequence[int], scale: str = "kept") -> list[float]:
-    """Each slot's coefficient in MDA's step: 0 if left out; kept, ``c_i · n/|S|`` (``scale = "kept"``) or
-    ``c_i`` itself (``"k"``)."""
-    if scale not in ("kept", "k"):
-        raise ValueError(f'mda scale must be "kept" or "k", got {scale!r}')
-    spread = len(coefficients) / len(keep) if scale == "kept" else 1.0
-    return [c * spread if i in keep else 0.0 for i, c in enumerate(coefficients)]
+    keep = mda_keep(deltas, f)
+    return linear_combination([deltas[i] for i in keep], [coefficients[i] for i in keep]), keep
 
 
 def _shape(delta: Mapping[str, np.ndarray], name: str) -> tuple[int, ...]:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from aggregator import robust, staleness
+from aggregator import mda, robust, staleness
 from aggregator.config import StrategyConfig
 from aggregator.strategies import aggregate, reduce_choice
 
@@ -78,17 +78,37 @@ class Strategy:
         self.f = staleness.make(cfg.staleness, cfg.a, cfg.b)
         # the L2 bound in force (aggregator.normbound): the configured one, or derived from [dp] by the core
         self.norm_bound = (cfg.norm_bound or 0.0) if norm_bound is None else norm_bound
-        # the statistic in force: robust = "auto" is the median where it can run (reduce_choice)
-        self.reduce_stat: reduce_choice.Reduce = reduce_choice.resolve(cfg, self.buffer_size)
+        # the statistic in force: robust = "auto" is MDA where it can run (reduce_choice), decided on the slots a
+        # buffer can hold before MDA's own wait (the configured K, at most the enrolled sites)
+        self.reduce_stat: reduce_choice.Reduce = reduce_choice.resolve(cfg, min(self.capacity, self.n_sites))
         # FLTrust's server update g_0 from the current model on the root rows (aggregator.root_update); the
         # core sets it when [evaluation] is configured
         self.reference: Callable[[State], State] | None = None
 
     # -- what subclasses may tune ------------------------------------------------
     @property
+    def capacity(self) -> int:
+        """The configured K (FedBuff's ``buffer_size``; FedAvg: every enrolled site; FedAsync: 1)."""
+        return self.cfg.buffer_size
+
+    @property
+    def left_out(self) -> int:
+        """f: the slots MDA leaves out of a full buffer (0 under any other reduce)."""
+        if self.reduce_stat != "mda":
+            return 0
+        arrivals, kept = mda.sizes(self.cfg.mda_f, self.capacity, self.n_sites)
+        return arrivals - kept
+
+    @property
     def buffer_size(self) -> int:
-        """K: updates (one per site) gathered before one reduce; never more than the enrolled sites."""
-        return min(self.cfg.buffer_size, self.n_sites)
+        """K: the slots (one per site) a version sums, FedBuff's K (``f(s)/K`` each); at most the enrolled sites
+        less the slots MDA leaves out (:func:`aggregator.mda.sizes`)."""
+        return min(self.capacity, self.n_sites - self.left_out)
+
+    @property
+    def arrivals(self) -> int:
+        """Updates (one per site) a buffer waits for: K, and under MDA K + f (it keeps K of them)."""
+        return self.buffer_size + self.left_out
 
     def factor(self, s: int) -> float:
         """f(s), never above 1."""
@@ -134,17 +154,22 @@ class Strategy:
             scales.append(scale)
         return out, scales
 
-    def combine(
-        self,
-        deltas: Sequence[Mapping[str, np.ndarray]],
-        updates: Sequence[Accepted],
-        coefficients: Sequence[float],
-        model: State,
-    ) -> State:
-        """``Σ c_i Δ_i``, or the robust statistic in force of the ``c_i Δ_i`` times their count
-        (:func:`aggregate.robust_combination`: a robust reduce moves the model as far as the mean when all agree),
-        or FLTrust's trust-weighted step (:func:`aggregate.fltrust_combination`, against ``g_0`` trained from
-        ``model``). Sets each update's ``weight`` (and ``trust``) to what it got in the step."""
+    def combine(self, deltas: Sequence[Mapping[str, np.ndarray]], updates: Sequence[Accepted], model: State) -> State:
+        """``Σ c_i Δ_i`` with the strategy's coefficients (:meth:`coefficients`), or the robust statistic in force
+        of the ``c_i Δ_i`` times their count (:func:`aggregate.robust_combination`: a robust reduce moves the model
+        as far as the mean when all agree), or FLTrust's trust-weighted step (:func:`aggregate.fltrust_combination`,
+        against ``g_0`` trained from ``model``), or MDA's: the kept slots weighed as the strategy weighs any slots
+        it sums (FedBuff ``f(s)/K``; FedAvg the mean of the kept; sample weighting normalised over the kept), the
+        left-out ones 0 (:func:`aggregate.mda_combination`). Sets each update's ``weight`` (and ``trust``) to what
+        it got in the step."""
+        if self.reduce_stat == "mda":
+            keep = aggregate.mda_keep(deltas, self.cfg.mda_f)
+            kept = self.coefficients([updates[i] for i in keep])
+            coefficients = [kept[keep.index(i)] if i in keep else 0.0 for i in range(len(updates))]
+            for u, c in zip(updates, coefficients):
+                u.weight = c  # its share of the step, or none (left out)
+            return aggregate.linear_combination([deltas[i] for i in keep], kept)
+        coefficients = self.coefficients(updates)
         for u, c in zip(updates, coefficients):
             u.weight = c
         if self.reduce_stat == "mean":
@@ -155,11 +180,6 @@ class Strategy:
             step, weights, trust = aggregate.fltrust_combination(deltas, coefficients, self.reference(model))
             for u, w, t in zip(updates, weights, trust):
                 u.weight, u.trust = w, t
-            return step
-        if self.reduce_stat == "mda":
-            step, keep = aggregate.mda_combination(deltas, coefficients, self.cfg.mda_f, self.cfg.mda_scale)
-            for u, w in zip(updates, aggregate.mda_weights(coefficients, keep, self.cfg.mda_scale)):
-                u.weight = w  # its share of the step, or none (left out)
             return step
         return aggregate.robust_combination(deltas, coefficients, self.reduce_stat, self.cfg.trim)
 

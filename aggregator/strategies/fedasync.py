@@ -26,7 +26,7 @@ class FedAsync(Strategy):
     name = "fedasync"
 
     @property
-    def buffer_size(self) -> int:
+    def capacity(self) -> int:
         return 1
 
     @property

@@ -24,17 +24,19 @@ class FedAvg(Strategy):
     name = "fedavg"
 
     @property
-    def buffer_size(self) -> int:
-        return self.n_sites
+    def capacity(self) -> int:
+        return self.n_sites  # the round is every enrolled site (under MDA: K = the sites less the f left out)
 
     def factor(self, s: int) -> float:
         return 1.0
 
+    def coefficients(self, updates: Sequence[Accepted]) -> list[float]:
+        if self.cfg.sample_weighting:
+            return super().coefficients(updates)
+        return [1.0 / len(updates)] * len(updates)  # a round closed at its deadline: the mean of those who came
+
     def reduce(self, model: State, updates: Sequence[Accepted], momentum: State | None) -> ReduceResult:
         deltas, scales = self.clipped(updates)
-        coefficients = self.coefficients(updates)
-        if not self.cfg.sample_weighting:  # a round closed at its deadline: the mean of those who came
-            coefficients = [1.0 / len(updates)] * len(updates)
-        step = self.combine(deltas, updates, coefficients, model)
+        step = self.combine(deltas, updates, model)
         new, momentum = aggregate.server_step(model, step, self.cfg.server_lr, momentum, self.cfg.server_momentum)
         return ReduceResult(new, momentum, scales)

@@ -7,7 +7,8 @@ buffer scaled by its staleness factor; after K of them the server steps
 a stale update moves the model less than a fresh one (the first version of
 this module normalised by Σ n·f(s), which cancelled staleness out). Options:
 sample weighting ``Σ p_i f(s_i) Δ_i`` with ``p_i`` normalised over capped
-sample counts; a robust statistic (median, trimmed mean); server momentum
+sample counts; a robust statistic (MDA, the default: a buffer then waits
+for K + f updates and sums the K it keeps; median, trimmed mean); server momentum
 ``m ← β m + Δ̄; x ← x + η_g m`` (Hsu et al. 2019, FedAvgM).
 """
 
@@ -24,7 +25,6 @@ class FedBuff(Strategy):
 
     def reduce(self, model: State, updates: Sequence[Accepted], momentum: State | None) -> ReduceResult:
         deltas, scales = self.clipped(updates)
-        coefficients = self.coefficients(updates)
-        step = self.combine(deltas, updates, coefficients, model)
+        step = self.combine(deltas, updates, model)
         new, momentum = aggregate.server_step(model, step, self.cfg.server_lr, momentum, self.cfg.server_momentum)
         return ReduceResult(new, momentum, scales)

@@ -30,11 +30,13 @@ def test_a_second_update_from_a_site_supersedes_its_first_and_both_get_receipts(
         assert core.version == 0 and [u.site for u in core.buffer] == ["site-a"]
         assert core.store.verdict("site-a", 1).reason == "superseded"  # durable, a resend gets it again
         core.process(fed.seal("site-b", random_delta(core.model, rng), 0)[0])
-        d = core.process(fed.seal("site-c", random_delta(core.model, rng), 0)[0])
+        # the default MDA waits for K + 1 = 4 (one per site) and keeps K = 3
+        assert core.process(fed.seal("site-c", random_delta(core.model, rng), 0)[0]).new_version is None
+        d = core.process(fed.seal("site-d", random_delta(core.model, rng), 0)[0])
         assert d.new_version == 1
-        assert sorted(u["site"] for u in core.lineage(1)["updates"]) == ["site-a", "site-b", "site-c"]
-        # the default MDA leaves the farthest slot out and the two kept share the step: (3/2)(1/3) each
-        assert sorted(u["weight"] for u in core.lineage(1)["updates"]) == [0.0, pytest.approx(0.5), pytest.approx(0.5)]
+        assert sorted(u["site"] for u in core.lineage(1)["updates"]) == SITES
+        # the farthest slot left out, each kept one at exactly its fair share f(s)/K = 1/3
+        assert sorted(u["weight"] for u in core.lineage(1)["updates"]) == [0.0] + [pytest.approx(1 / 3)] * 3
     finally:
         core.close()
 
@@ -90,7 +92,7 @@ def test_default_bounds_clip_and_refuse_by_the_dp_settings(tmp_path):
         assert core.process(fed.seal("site-a", big, 0)[0]).receipt["reason"] == "norm"  # > max_norm: refused
         long = {k: v * np.float32(0.3 / np.sqrt(sum(x.size for x in big.values()))) for k, v in big.items()}
         before = {k: v.copy() for k, v in core.model.items()}
-        for s in ("site-a", "site-b", "site-c"):  # each 0.3 long: clipped to 0.1, then 1/3 each
+        for s in SITES:  # each 0.3 long: clipped to 0.1; MDA keeps three of the four, 1/3 each
             core.process(fed.seal(s, long, 0)[0])
         moved = np.sqrt(sum(float(((core.model[k] - before[k]) ** 2).sum()) for k in before))
         assert moved == pytest.approx(0.1, rel=1e-4)

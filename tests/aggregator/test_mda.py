@@ -1,10 +1,11 @@
 """Minimum-diameter averaging (aggregator/mda.py; El-Mhamdi, Guerraoui and Rouault, ICLR 2021) as ``robust = "mda"``,
 the default reduce wherever a buffer has three slots or more (issue 14).
 
-Of the subsets of ``n − f`` slots, the one whose largest pairwise L2 distance (measured between the deltas) is
-smallest is kept, and the step is ``n · mean_{i ∈ S}(c_i Δ_i)`` with FedBuff's ``c_i = f(s_i)/K`` (the median's
-scaling: the plain mean's step when every slot agrees); a left-out slot gets no part of it. Every expected
-number is worked by hand in the docstrings.
+A buffer waits for ``K + f`` updates (``buffer_size`` is FedBuff's K, the slots a version sums; fewer sites
+enrolled: all of them, ``f`` left out) and keeps K: of the subsets of ``n − f`` received slots, the one whose
+largest pairwise L2 distance (measured between the deltas) is smallest, and the step is ``Σ_{i ∈ S} c_i Δ_i``
+with FedBuff's ``c_i = f(s_i)/K`` (the plain mean's step when every slot agrees, each kept slot at most 1/K);
+a left-out slot gets no part of it. Every expected number is worked by hand in the docstrings.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import pytest
 
 from aggregator import mda
 from aggregator.config import StrategyConfig
-from aggregator.strategies import Accepted, FedBuff, aggregate, reduce_choice
+from aggregator.strategies import Accepted, FedAvg, FedBuff, aggregate, reduce_choice
 from fedline.config import ConfigError, parse
 
 ROWS = ([1.0, 0.0], [1.2, 0.1], [-3.0, 5.0])
@@ -32,41 +33,60 @@ def test_distances_worked_by_hand():
 
 
 def test_the_far_slot_is_left_out_whole():
-    """The three rows above, c = 1/3 each, f = 1: pairs' diameters 0.224, 6.40, 6.45: S = {0, 1};
-    step = 3 · ((1/3)(1, 0) + (1/3)(1.2, 0.1))/2 = (1.1, 0.05)."""
+    """The three rows above, three sites enrolled: K = 2 kept of 3 received (f = 1), c = f(s)/K = 1/2 each. The pairs'
+    diameters 0.224, 6.40, 6.45: S = {0, 1}; step = (1/2)(1, 0) + (1/2)(1.2, 0.1) = (1.1, 0.05)."""
     deltas = [{"w": np.array(r, np.float32)} for r in ROWS]
-    step, keep = aggregate.mda_combination(deltas, [1 / 3] * 3)
+    step, keep = aggregate.mda_combination(deltas, [1 / 2] * 3)
     assert keep == (0, 1)
     np.testing.assert_allclose(step["w"], [1.1, 0.05], rtol=1e-6)
 
 
 def test_staleness_scales_the_step_not_the_diameter():
-    """Same rows, the second stale (c = f(s)/K = 0.2, as f(3) = 0.6 at K = 3): S is still {0, 1} (the diameter is
-    taken between the deltas); step = 3 · ((1/3)(1, 0) + 0.2 (1.2, 0.1))/2 = 1.5 · (0.5733333, 0.02)
-    = (0.86, 0.03)."""
+    """Same rows, the second stale (c = f(s)/K = 0.6/2 = 0.3, as f(3) = 0.6 at K = 2): S is still {0, 1} (the
+    diameter is taken between the deltas); step = 0.5 (1, 0) + 0.3 (1.2, 0.1) = (0.86, 0.03)."""
     deltas = [{"w": np.array(r, np.float32)} for r in ROWS]
-    step, keep = aggregate.mda_combination(deltas, [1 / 3, 0.2, 1 / 3])
+    step, keep = aggregate.mda_combination(deltas, [1 / 2, 0.3, 1 / 2])
     assert keep == (0, 1)
     np.testing.assert_allclose(step["w"], [0.86, 0.03], rtol=1e-6)
 
 
 def test_five_slots_one_left_out():
     """1-D rows 0, 1, 2, 10, 3, f = 1: leaving out 10 gives values {0, 1, 2, 3} of diameter 3; every subset with
-    10 has a diameter of at least 8. c = 1/5 each: step = 5 · (1/5) · mean(0, 1, 2, 3) = 1.5."""
+    10 has a diameter of at least 8. Five received, K = 4 kept, c = 1/4 each: step = (0 + 1 + 2 + 3)/4 = 1.5."""
     deltas = [{"w": np.array([x], np.float32)} for x in (0.0, 1.0, 2.0, 10.0, 3.0)]
-    step, keep = aggregate.mda_combination(deltas, [0.2] * 5)
+    step, keep = aggregate.mda_combination(deltas, [0.25] * 5)
     assert keep == (0, 1, 2, 4)
     np.testing.assert_allclose(step["w"], [1.5], rtol=1e-6)
 
 
 def test_two_left_out_and_a_tie_keeps_the_first_in_index_order():
-    """The same five rows, f = 2: subsets of three; indices {0, 1, 2} (values 0, 1, 2) and {1, 2, 4} (values
-    1, 2, 3) both have diameter 2, every other at least 3: the first in index order, {0, 1, 2};
-    step = 5 · (1/5) · mean(0, 1, 2) = 1."""
+    """The same five rows, f = 2 (K = 3 kept of 5): subsets of three; indices {0, 1, 2} (values 0, 1, 2) and
+    {1, 2, 4} (values 1, 2, 3) both have diameter 2, every other at least 3: the first in index order, {0, 1, 2};
+    c = 1/3 each: step = (0 + 1 + 2)/3 = 1."""
     deltas = [{"w": np.array([x], np.float32)} for x in (0.0, 1.0, 2.0, 10.0, 3.0)]
-    step, keep = aggregate.mda_combination(deltas, [0.2] * 5, f=2)
+    step, keep = aggregate.mda_combination(deltas, [1 / 3] * 5, f=2)
     assert keep == (0, 1, 2)
     np.testing.assert_allclose(step["w"], [1.0], rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "f,k,n_sites,expected",
+    [
+        (1, 10, 4, (4, 3)),  # four enrolled: wait for all four, keep K = 3 (the attack suite's federation)
+        (1, 10, 3, (3, 2)),  # three enrolled: wait for all three, keep 2
+        (1, 10, 20, (11, 10)),  # enough sites: K + f = 11 received, K = 10 kept
+        (1, 3, 20, (4, 3)),
+        (2, 3, 20, (5, 3)),  # K + f = 5, keep 3
+        (3, 3, 6, (5, 3)),  # f is at most K − 1 = 2: 5 received, 3 kept (a majority)
+        (2, 10, 4, (4, 3)),  # four received: f lowered to (4 − 1) // 2 = 1
+        (1, 10, 2, (2, 2)),  # two received: f lowered to 0, nothing left out
+        (1, 1, 5, (1, 1)),  # K = 1 leaves nothing out (f at most K − 1 = 0)
+    ],
+)
+def test_a_buffer_waits_for_k_plus_f_and_keeps_k(f, k, n_sites, expected):
+    """(arrivals, kept) by hand from the rule: f' = min(f, k − 1); arrivals = min(k + f', n_sites); f'' =
+    min(f', (arrivals − 1) // 2); kept = min(k, arrivals − f''), arrivals = kept + f''."""
+    assert mda.sizes(f, k, n_sites) == expected
 
 
 def test_equal_diameters_within_float32_rounding_are_a_tie():
@@ -100,50 +120,68 @@ def test_mda_is_the_default_wherever_it_can_run(table, k, expected):
 def test_bad_settings_are_named():
     with pytest.raises(ConfigError, match="mda_f must be at least 1"):
         parse(StrategyConfig, {"mda_f": 0}, where="strategy")
-    with pytest.raises(ConfigError, match=r"C\(40, 5\) = 658008 subsets"):
+    # K = 40 kept of 40 + 5 = 45 received: C(45, 5) = 1,221,759 subsets
+    with pytest.raises(ConfigError, match=r"45 slots received and C\(45, 5\) = 1221759 subsets"):
         parse(StrategyConfig, {"robust": "mda", "mda_f": 5, "buffer_size": 40}, where="strategy")
+    with pytest.raises(ConfigError, match="unknown key"):  # the K + f rule replaced mda_scale (1 Dec 2026)
+        parse(StrategyConfig, {"mda_scale": "k"}, where="strategy")
 
 
-def test_fedbuff_records_who_was_left_out():
-    """K = 3, no norm bound, fresh slots: the lineage's weight is the coefficient each got in the step,
-    (3/2)(1/3) = 1/2 for the two kept, 0 for the far one; the model moves by (1.1, 0.05) from 0."""
-    cfg = StrategyConfig(buffer_size=3, norm_bound=0, clip_to_median=False)
-    fb = FedBuff(cfg)
-    assert fb.reduce_stat == "mda"
-    ups = [
-        Accepted(s, 1, s, 0, 10, 0, 1.0, 1 / 3, {"w": np.array(r, np.float32)}) for s, r in zip(("a", "b", "m"), ROWS)
-    ]
-    r = fb.reduce({"w": np.zeros(2, np.float32)}, ups, None)
-    np.testing.assert_allclose(r.model["w"], [1.1, 0.05], rtol=1e-6)
-    assert [u.lineage()["weight"] for u in ups] == [pytest.approx(0.5), pytest.approx(0.5), 0.0]
+def up(site: str, value: float, factor: float = 1.0, n: int = 10) -> Accepted:
+    return Accepted(site, 1, site, 0, n, 0, factor, 0.0, {"w": np.array([value], np.float32)})
 
 
-def test_scale_k_keeps_each_kept_slot_at_its_fedbuff_coefficient():
-    """``mda_scale = "k"``: 1-D rows 0, 1, 2, 10 at K = 4, f = 1: S = {0, 1, 2} (diameter 2; any subset with 10
-    at least 8). Fresh, c = 1/4 each: step = (1/4)(0 + 1 + 2) = 0.75 (``"kept"``: 4 · (1/4) · mean = 1.0).
-    The second stale, c = f(3)/K = 0.6/4 = 0.15: step = 0.25 · 0 + 0.15 · 1 + 0.25 · 2 = 0.65 (``"kept"``:
-    (4/3) · 0.65 = 0.8666667). Weights: 0.25, 0.15, 0.25, 0 (never above 1/K)."""
-    deltas = [{"w": np.array([x], np.float32)} for x in (0.0, 1.0, 2.0, 10.0)]
-    step, keep = aggregate.mda_combination(deltas, [0.25] * 4, scale="k")
-    assert keep == (0, 1, 2)
-    np.testing.assert_allclose(step["w"], [0.75], rtol=1e-6)
-    np.testing.assert_allclose(aggregate.mda_combination(deltas, [0.25] * 4)[0]["w"], [1.0], rtol=1e-6)
-    stale = [0.25, 0.15, 0.25, 0.25]
-    np.testing.assert_allclose(aggregate.mda_combination(deltas, stale, scale="k")[0]["w"], [0.65], rtol=1e-6)
-    np.testing.assert_allclose(aggregate.mda_combination(deltas, stale)[0]["w"], [0.8666667], rtol=1e-6)
-    assert aggregate.mda_weights(stale, keep, "k") == pytest.approx([0.25, 0.15, 0.25, 0.0])
-    with pytest.raises(ValueError, match="mda scale"):
-        aggregate.mda_weights(stale, keep, "half")
+def test_four_sites_four_received_three_kept_each_at_one_third():
+    """Defaults (buffer_size 10), four enrolled, no norm bound: K = 3 summed of 4 received (f = 1), so a slot's
+    coefficient is f(s)/K = 1/3. 1-D rows 0, 1, 2, 10: S = {0, 1, 2} (diameter 2; any subset with 10 at least 8);
+    step = (0 + 1 + 2)/3 = 1.0, the mean of the kept (the step is not shortened); weights 1/3, 1/3, 1/3, 0, none
+    above 1/K. The second stale, f = 0.6: c = 0.2; step = 0 + 0.2 · 1 + (1/3) · 2 = 0.8666667."""
+    fb = FedBuff(StrategyConfig(norm_bound=0, clip_to_median=False), 4)
+    assert (fb.reduce_stat, fb.buffer_size, fb.arrivals, fb.left_out) == ("mda", 3, 4, 1)
+    assert fb.weight(10, 0) == pytest.approx(1 / 3)  # what a buffered receipt says
+    ups = [up(s, v) for s, v in zip("abcm", (0.0, 1.0, 2.0, 10.0))]
+    r = fb.reduce({"w": np.zeros(1, np.float32)}, ups, None)
+    np.testing.assert_allclose(r.model["w"], [1.0], rtol=1e-6)
+    assert [u.lineage()["weight"] for u in ups] == [pytest.approx(1 / 3)] * 3 + [0.0]
+    ups[1] = up("b", 1.0, factor=0.6)
+    r = fb.reduce({"w": np.zeros(1, np.float32)}, ups, None)
+    np.testing.assert_allclose(r.model["w"], [0.8666667], rtol=1e-6)
+    assert [u.weight for u in ups] == [pytest.approx(1 / 3), pytest.approx(0.2), pytest.approx(1 / 3), 0.0]
 
 
-def test_fedbuff_with_scale_k_records_f_over_k():
-    """K = 3, ``mda_scale = "k"``, fresh slots (1, 0), (1.2, 0.1), (−3, 5): the two kept at 1/3 each, the far one
-    0; the model moves by (1/3)((1, 0) + (1.2, 0.1)) = (0.7333333, 0.0333333) from 0."""
-    cfg = StrategyConfig(buffer_size=3, norm_bound=0, clip_to_median=False, mda_scale="k")
-    fb = FedBuff(cfg)
-    ups = [
-        Accepted(s, 1, s, 0, 10, 0, 1.0, 1 / 3, {"w": np.array(r, np.float32)}) for s, r in zip(("a", "b", "m"), ROWS)
-    ]
-    r = fb.reduce({"w": np.zeros(2, np.float32)}, ups, None)
-    np.testing.assert_allclose(r.model["w"], [0.7333333, 0.0333333], rtol=1e-5)
-    assert [u.lineage()["weight"] for u in ups] == [pytest.approx(1 / 3), pytest.approx(1 / 3), 0.0]
+def test_a_buffer_closed_early_keeps_n_minus_f_at_f_over_k():
+    """K = 3 (four enrolled) but only three arrive before the timeout: rows 0, 1, 10; 3 ≥ 2f + 1, so 10 is left
+    out and {0, 1} kept at 1/3 each: step = (0 + 1)/3 = 0.3333333, (n − f)/K = 2/3 of what two agreeing full
+    slots' mean would move (as a FedBuff buffer closed early moves n/K as far)."""
+    fb = FedBuff(StrategyConfig(norm_bound=0, clip_to_median=False), 4)
+    ups = [up(s, v) for s, v in zip("abm", (0.0, 1.0, 10.0))]
+    r = fb.reduce({"w": np.zeros(1, np.float32)}, ups, None)
+    np.testing.assert_allclose(r.model["w"], [1 / 3], rtol=1e-6)
+    assert [u.weight for u in ups] == [pytest.approx(1 / 3), pytest.approx(1 / 3), 0.0]
+
+
+def test_fedavg_and_sample_weighting_weigh_the_kept_slots_only():
+    """FedAvg, four enrolled: the round is all four, K = 3 kept. Rows 0, 1, 2, 10: the mean of the kept,
+    (0 + 1 + 2)/3 = 1.0. A round closed at its deadline with 0, 1, 10: the mean of the two kept, 0.5.
+    FedBuff with sample weighting (robust = "mda" set), cap 1000, claims 100, 300, 100, 10⁷ on rows 0, 1, 2, 10:
+    10 is left out; p over the kept = 100/500, 300/500, 100/500 = 0.2, 0.6, 0.2: step = 0.6 · 1 + 0.2 · 2 = 1.0;
+    the claimed 10⁷ weighs nothing."""
+    fa = FedAvg(StrategyConfig(kind="fedavg", norm_bound=0, clip_to_median=False), 4)
+    assert (fa.reduce_stat, fa.buffer_size, fa.arrivals) == ("mda", 3, 4)
+    ups = [up(s, v) for s, v in zip("abcm", (0.0, 1.0, 2.0, 10.0))]
+    np.testing.assert_allclose(fa.reduce({"w": np.zeros(1, np.float32)}, ups, None).model["w"], [1.0], rtol=1e-6)
+    three = [up(s, v) for s, v in zip("abm", (0.0, 1.0, 10.0))]
+    np.testing.assert_allclose(fa.reduce({"w": np.zeros(1, np.float32)}, three, None).model["w"], [0.5], rtol=1e-6)
+    cfg = StrategyConfig(robust="mda", sample_weighting=True, sample_cap=1000.0, norm_bound=0, clip_to_median=False)
+    fb = FedBuff(cfg, 4)
+    ups = [up(s, v, n=n) for s, v, n in zip("abcm", (0.0, 1.0, 2.0, 10.0), (100, 300, 100, 10_000_000))]
+    np.testing.assert_allclose(fb.reduce({"w": np.zeros(1, np.float32)}, ups, None).model["w"], [1.0], rtol=1e-6)
+    assert [u.weight for u in ups] == [pytest.approx(0.2), pytest.approx(0.6), pytest.approx(0.2), 0.0]
+
+
+def test_the_mean_and_secure_aggregation_wait_for_k():
+    """No MDA, no wait for more: the mean (robust = "none") and secure aggregation (auto resolves to the mean)
+    keep K = min(buffer_size, enrolled) and wait for K."""
+    for table in ({"robust": "none"}, {"secure_aggregation": True}):
+        fb = FedBuff(parse(StrategyConfig, table, where="strategy"), 4)
+        assert (fb.reduce_stat, fb.buffer_size, fb.arrivals, fb.left_out) == ("mean", 4, 4, 0)

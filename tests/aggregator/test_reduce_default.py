@@ -89,7 +89,8 @@ def test_the_aggregator_reduces_with_mda_by_default_and_says_so(tmp_path):
     the step is 3 · mean(0.02/3, 0.02/3) = 0.02 per value, the mean's. The lineage and the metric name MDA."""
     fed = make_federation(tmp_path, ["a1", "a2", "a3"])
     core = AggregatorCore(fed.config())
-    assert core.strategy.buffer_size == 3 and core.strategy.reduce_stat == "mda"
+    # three enrolled: all three received, K = 2 kept (f = 1)
+    assert (core.strategy.arrivals, core.strategy.buffer_size, core.strategy.reduce_stat) == (3, 2, "mda")
     base = {k: v.copy() for k, v in core.model.items()}
     receipts = [
         core.submit(fed.seal(s, {k: np.full(v.shape, c, np.float32) for k, v in base.items()}, 0)[0])

@@ -66,8 +66,10 @@ class Capture:
 
 async def test_revoked_site_reads_nothing_published_after_and_retained_updates_are_cleared(broker, tmp_path):
     fed = make_federation(tmp_path / "fed", SITES)
+    # K = 2 (the mean: two slots have no outlier), so the three sites left after the revocation make a version; the
+    # buffer is sized from the enrollment at start (MDA at K = 3 would wait for K + 1 = 4, one of them revoked)
     path = fed.write_config(
-        strategy='kind = "fedbuff"\nbuffer_size = 3', extra="[validation]\nmax_norm = 10.0", broker=broker_table(broker)
+        strategy='kind = "fedbuff"\nbuffer_size = 2', extra="[validation]\nmax_norm = 10.0", broker=broker_table(broker)
     )
     path.write_text(path.read_text().replace("seed = 7\n", "seed = 7\nenrollment_poll_s = 0.2\n"))
     from aggregator.config import load_config

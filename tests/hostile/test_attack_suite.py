@@ -3,16 +3,16 @@
 The default test runs two attacks for three loops (the flood of K back-to-back updates and the
 model-replacement backdoor claiming 10**7 samples); the full report (all four attacks, six loops, beside the
 plain mean) is ``@pytest.mark.slow`` and ``python -m tests.hostile.attack_suite`` prints it. What is checked,
-with the aggregator's defaults, its K included (min(buffer_size 10, enrolled sites): 4 with the attacker, 3 in
-the honest-only run; K = 3 was forced before 1 Dec 2026 04:10 UTC): every version is reduced with
-minimum-diameter averaging (``robust = "auto"`` without secure aggregation: the slot farthest from the others
-is left out whole; the coordinate-wise median before 1 Dec 2026); the malicious site holds at most one slot of
-each version, with coefficient 0 (left out) or at most 1/(K − 1) (kept: MDA's ``n/(n − f)`` scaling; the
-literal 1/K, ``mda_scale = "k"``, cost 0.012 of clean ROC AUC: RELIABILITY.md), its delta entering no longer than the
-buffer's median norm (``norm_to_median`` rescales every slot to exactly that length: checked from each
-version's lineage in the fast test); and the
-global model stays much closer to the honest-only run than before the fix (pre-fix numbers in
-RELIABILITY.md: relative distance 0.81 to 2,200).
+with the aggregator's defaults, its K included: every version is reduced with minimum-diameter averaging
+(``robust = "auto"`` without secure aggregation: the slot farthest from the others is left out whole; the
+coordinate-wise median before 1 Dec 2026), which waits for K + 1 updates and sums the K it keeps
+(``buffer_size`` is FedBuff's K, the slots a version sums: four enrolled sites, all four received, K = 3 kept; the
+honest-only run enrols three, K = 2); the malicious site holds at most one slot of each version, with coefficient
+0 (left out) or at most 1/K (kept: ``f(s)/K``, issue 14's fair share as worded; the same arithmetic as the
+earlier "1/(K − 1) at K = 4", when K counted the arrivals), its delta entering no longer than the buffer's median
+norm (``norm_to_median`` rescales every slot to exactly that length: checked from each version's lineage in the
+fast test); and the global model stays much closer to the honest-only run than before the fix (pre-fix numbers
+in RELIABILITY.md: relative distance 0.81 to 2,200).
 
 Issue 14's "backdoor success within 5 points of the clean model" (RELIABILITY.md, the tables over seeds):
 - with a trigger inside the features' engineering range (what reaches a model at all: the line's and the
@@ -36,18 +36,17 @@ import pytest
 from tests.hostile import attack_suite as suite
 
 
-def check_fair_share(rep: dict, left_out: int = 1) -> None:
-    """The attacker holds at most one slot of a version, its coefficient is at most ``1/(K − left_out)`` with
-    K the run's own (MDA, the default: 0 when left out, ``f(s)/(K − 1)`` when kept; ``left_out = 0``: 1/K, the
-    mean or the median), and its delta enters no longer than the buffer's median norm (its received norm times
-    its clip scale, from the lineage; ``norm_to_median`` may scale a short delta up, to that length and no
-    further)."""
+def check_fair_share(rep: dict) -> None:
+    """The attacker holds at most one slot of a version, its coefficient is at most ``1/K`` with K the slots the
+    run's versions sum (MDA, the default: 0 when left out, ``f(s)/K`` when kept; the mean: ``f(s)/K``), and its
+    delta enters no longer than the buffer's median norm (its received norm times its clip scale, from the
+    lineage; ``norm_to_median`` may scale a short delta up, to that length and no further)."""
     for name, r in rep["attacks"].items():
         versions = [e["version"] for e in r["attacker_entries"]]
         assert len(versions) == len(set(versions)), f"{name}: the attacker held two slots of one version"
-        kept_share = 1 / (r["k"] - left_out)
+        fair = 1 / r["k"]
         for e in r["attacker_entries"]:
-            assert e["weight"] <= kept_share + 1e-9, f"{name}: coefficient {e['weight']} above {kept_share}"
+            assert e["weight"] <= fair + 1e-9, f"{name}: coefficient {e['weight']} above 1/K = {fair}"
             median = statistics.median(u["norm"] for u in r["lineages"][e["version"]])  # as received
             assert e["norm"] * e["clip_scale"] <= median * (1 + 1e-6), (name, e, median)
 
@@ -78,8 +77,9 @@ async def test_attack_suite_fast(tmp_path):
     # one slot per version at most (above), so never more than 1/K of all slots, flood included
     flood = rep["attacks"]["flood"]
     assert 0 < flood["timing"]["share"] <= 1 / flood["k"] + 1e-9, flood["timing"]
-    # the aggregator's own K (issue 14: "with the defaults"): min(buffer_size 10, enrolled sites)
-    assert rep["k"] == 3 and all(r["k"] == 4 for r in rep["attacks"].values()), (rep["k"], flood["k"])
+    # the aggregator's own K (issue 14: "with the defaults"): MDA awaits every enrolled site (buffer_size 10 is more)
+    # and keeps all but one, K = 3 with the attacker enrolled, 2 in the honest-only run
+    assert rep["k"] == 2 and all(r["k"] == 3 for r in rep["attacks"].values()), (rep["k"], flood["k"])
     assert rep["reduces"] == ["mda"], rep["reduces"]  # the default, read from each version's lineage
     for name, r in rep["attacks"].items():
         assert r["reduces"] == ["mda"], (name, r["reduces"])
@@ -111,7 +111,7 @@ async def test_attack_suite_full_report(tmp_path):
     mean = await suite.report(tmp_path / "mean", loops=6, extra='robust = "none"')
     print("\n" + suite.table(rep) + "\n" + suite.table(mean))
     check_fair_share(rep)
-    check_fair_share(mean, left_out=0)
+    check_fair_share(mean)
     for name, r in rep["attacks"].items():
         assert r["reduces"] == ["mda"], (name, r["reduces"])
         assert r["relative_distance"] < 0.5, (name, r["relative_distance"])
