@@ -21,7 +21,9 @@ Where ``auto`` keeps the mean, and why:
 - ``secure_aggregation = true``: the aggregator sees only each cohort's masked sum; there is no
   update to measure or leave out.
 - ``kind = "fedasync"``: one update per reduce.
-- K < 3: of two slots neither is the outlier (MDA needs K ≥ 2f + 1); a median of two is their mean.
+- K < 3, K = min(``buffer_size``, enrolled sites) as configured: of two slots neither is the outlier (MDA needs
+  2f + 1 received); a median of two is their mean. (Where MDA runs it then waits for K + f and keeps K:
+  :func:`aggregator.mda.sizes`.)
 - ``sample_weighting = true``: the operator asked for McMahan's sample-weighted mean (set ``robust = "mda"``
   or ``"median"`` to take it over the weighted deltas anyway).
 """

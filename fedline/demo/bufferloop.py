@@ -101,7 +101,7 @@ def run_buffered(
         idle = [s for s in idle if s not in {q[0] for q in queue}]
         if not queue:
             break  # every site has spent its budget (or the only ones left are away): no more versions
-        k = min(strategy.buffer_size, len(queue))
+        k = min(strategy.arrivals, len(queue))  # as the aggregator: under MDA K + f received, K kept
         batch = [queue.popleft() for _ in range(k)]
         accepted = []
         for site, base, delta, n in batch:
