@@ -261,21 +261,21 @@ class Adopter:
             waiting.cancel()  # the version came; nothing is left to wait for
             self._step_wait = None
         st.base = g
-        await self.watch_next()
-        try:
-            await asyncio.to_thread(st.store.save_global, g)
-        except OSError as exc:  # used now; after a restart the agent falls back to the last one saved
-            event(log, "model.save_failed", logging.ERROR, site=st.site, version=g.version, error=str(exc))
         st.metrics.models_loaded.inc()
         event(log, "model.loaded", site=st.site, version=g.version)
         st.changed()
-        # the round first: it starts (in its thread) while the line's ONNX is built, instead of after it; the
-        # next version waits on every site's round, the line's model on nothing else
+        # the round first: it starts (in its thread) while the rest is done, not after the subscription's two
+        # round trips to the broker, the save and the line's ONNX; the next version waits on every site's round
         if st.cfg.training.on_new_model and g.version > 0:
             st.rebased = True
             st.wake_train.set()
         elif st.cohorts is not None and st.cohorts.ready(g.version) is not None:
             st.wake_train.set()  # a cohort was waiting for this base
+        await self.watch_next()  # the next version needs rounds (one published meanwhile comes retained)
+        try:
+            await asyncio.to_thread(st.store.save_global, g)
+        except OSError as exc:  # used now; after a restart the agent falls back to the last one saved
+            event(log, "model.save_failed", logging.ERROR, site=st.site, version=g.version, error=str(exc))
         await self._export()
 
     def _refuse(self, version: int | None, reason: str) -> None:
