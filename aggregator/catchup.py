@@ -22,10 +22,10 @@ federation republished the current release to every subscriber (in ``bench/e2e.p
 of version 0's weights, about 6 % of the chain's logical payload).
 
 Who can abuse it: a site (or anyone with its broker credentials) can claim to
-be behind as often as it likes. Each site is answered at most once per
-``min_interval_s``, and all answers are coalesced into one republish per
-``min_interval_s``, so a storm of claims costs one release per interval, the
-same traffic as one new version. The answer carries nothing new: the same
+be behind as often as it likes. All answers are coalesced into one republish per
+``min_interval_s`` (so each site is answered at most once per interval; a claim
+made meanwhile waits for the next one), so a storm of claims costs one release
+per interval, the same traffic as one new version. The answer carries nothing new: the same
 ciphertext every member already may read.
 """
 
@@ -58,7 +58,6 @@ class CatchUp:
     min_interval_s: float = 10.0
     clock: Callable[[], float] = time.monotonic
     settle_s: float = SETTLE_S
-    _answered: dict[str, float] = field(default_factory=dict)
     _pending: dict[str, float] = field(default_factory=dict)  # site -> when it first said it was behind
     _last_batch: float = float("-inf")
 
@@ -77,9 +76,10 @@ class CatchUp:
             # republish for it; each republish costs every subscriber the release again
             self._pending.pop(site, None)
             return False
-        now = self.clock()
-        if now - self._answered.get(site, float("-inf")) >= self.min_interval_s:
-            self._pending.setdefault(site, now)  # the first claim counts: repeating it does not delay it
+        # the first claim counts (repeating it does not delay it); one made within the interval after an answer
+        # waits for the next batch, it is not dropped: a site on a cluster node without the retained chunks
+        # subscribes to the version the answer named and needs it once more, live (edge.adopt)
+        self._pending.setdefault(site, self.clock())
         return True
 
     def due(self) -> list[str]:
@@ -92,7 +92,6 @@ class CatchUp:
             return []
         for site in batch:
             del self._pending[site]
-            self._answered[site] = now
         self._last_batch = now
         return batch
 

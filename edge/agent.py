@@ -171,6 +171,8 @@ class EdgeAgent:
         # the weights: of the version a manifest names when this site does not hold it, and then of the next one
         # (edge.adopt.Adopter.watch_next; not while int8 steps make the model)
         self.adopter.weights_subscribed = True
+        if self.state.base.manifest:  # a version adopted before a restart: the next one's weights, ahead (on a
+            await self.adopter.watch_next()  # cluster node without retained copies, a catch-up's live release)
         for topic in self.cohorts.subscriptions() if self.cohorts is not None else ():
             await client.subscribe(topic, qos=1)
 

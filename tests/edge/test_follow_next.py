@@ -157,3 +157,22 @@ async def test_over_mosquitto_a_joiner_gets_only_the_current_versions_weights(mo
         await asyncio.wait_for(agg_task, bound(60))
         for agent, *_ in agents:
             agent.close()
+
+
+async def test_on_connecting_a_site_that_holds_an_adopted_version_subscribes_to_the_next_ones_weights(tmp_path) -> None:
+    """So that a catch-up's live republish reaches it on a cluster node that keeps no retained copies; a site
+    with only its seed model subscribes to no weights until a manifest names a version (it may hold that one)."""
+    agent, client, releases, _models = await _agent(tmp_path, None)
+    try:
+        topics = agent.topics
+        await agent._subscribe(client)  # type: ignore[arg-type]
+        assert not [c for c in client.calls if "/weights/" in c[1]], client.calls
+        await agent.adopter.on_manifest(releases[0].manifest_blob)
+        await deliver(agent, releases[1], ("weights",))
+        assert agent.base.version == 1
+        agent.adopter._next = None  # a restart: nothing subscribed yet
+        client.calls.clear()
+        await agent._subscribe(client)  # type: ignore[arg-type]
+        assert [c for c in client.calls if "/weights/" in c[1]] == [("subscribe", topics.weights_of(2))]
+    finally:
+        agent.close()
