@@ -135,6 +135,13 @@ class PersonalConfig:
     # split seeds 300-339, two federation draws (docs/tuning.md, fourteenth pass). Regression and probability
     # blends mix values on one scale already, and the validation rule's blend picks its weight on its rows
     fold_blend_scale: Literal["spread", "raw"] = "spread"
+    # the validation rule's blends: "each" (every weight of blend_weights with every federation partner is a
+    # candidate of its own with its own paired test, all of them in the switching test's Bonferroni share), or
+    # "chosen" (the first to fourteenth passes: the weight and partner that score best on the validation rows are
+    # picked, then tested on those same rows as one candidate, so the chance that noise alone switches a site was
+    # above switch_alpha). "each" was chosen on split seeds 300-309 of both demo data sets (docs/tuning.md,
+    # fifteenth pass)
+    blend_tests: Literal["each", "chosen"] = "each"
     seed: int = 0
 
     def validate(self) -> None:
@@ -171,6 +178,8 @@ class PersonalConfig:
             raise ValueError(f"blend_space must be 'log_odds' or 'probability', got {self.blend_space!r}")
         if self.fold_blend_scale not in ("spread", "raw"):
             raise ValueError(f"fold_blend_scale must be 'spread' or 'raw', got {self.fold_blend_scale!r}")
+        if self.blend_tests not in ("each", "chosen"):
+            raise ValueError(f"blend_tests must be 'each' or 'chosen', got {self.blend_tests!r}")
 
 
 #: Which rule decided a choice (the site's status says it): the paired test kept local-only or switched away
@@ -238,12 +247,25 @@ class Choice:
 
 
 @dataclass(frozen=True)
+class BlendOption:
+    """One blend of the validation rule's (``blend_tests = "each"``): its weight, partner, score and paired test."""
+
+    weight: float
+    of: str
+    score: float
+    evidence: Evidence
+
+
+@dataclass(frozen=True)
 class BlendFit:
     """The blend candidate on one body of evidence: the local-only model's share and its federation partner."""
 
     weight: float
     of: str  # fine_tuned | global: the better-scoring of the two on the same evidence
     nominal: float | None = None  # with spread matching (edge/blend.py spread_matched): the grid's w it matched
+    # blend_tests = "each": every weight with every partner, each tested against local-only (the pick's switching
+    # rule counts each one); weight and of are then the best-scoring one's (what the status shows as the blend)
+    options: tuple[BlendOption, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -355,8 +377,13 @@ def pick(
         return Choice(
             best, m, scores[best], dict(scores), n, f"no local-only model; best {m} on validation", "no_local"
         )
-    kind, said, p, switched = _switch(m, scores, tests, cfg, "validation", units is not None)
+    options = fit.options if fit is not None else ()
+    kind, said, p, switched, option = _switch(m, scores, tests, cfg, "validation", units is not None, options)
     rule = "paired_test_switched" if switched else "paired_test_kept_local"
+    if option is not None:  # one blend of several, each tested on its own
+        c = Choice(kind, m, option.score, dict(scores), n, said, rule, p, weight=option.weight)
+        c.blend_of = option.of
+        return c
     return _blended(Choice(kind, m, scores[kind], dict(scores), n, said, rule, p), fit)
 
 
@@ -382,7 +409,7 @@ def _on_folds(m: str, scores: dict[str, float], folds: FoldEvidence, cfg: Person
             return c
         why = f"{small}: local-only kept: its {m} {local:.4g} on {folds.rows} {where} rows >= the blend's {b:.4g}"
         return Choice("local", m, scores.get("local"), dict(scores), n, why, "too_small_folds_kept_local")
-    kind, said, p, switched = _switch(m, folds.scores, folds.tests, cfg, where, folds.units < folds.rows)
+    kind, said, p, switched, _ = _switch(m, folds.scores, folds.tests, cfg, where, folds.units < folds.rows)
     return Choice(kind, m, scores.get(kind), dict(scores), n, f"{small}: {said}", FOLD_RULES[switched], p)
 
 
@@ -410,27 +437,51 @@ FOLD_RULES = {False: "too_small_folds_kept_local", True: "too_small_folds_switch
 
 
 def _switch(
-    m: str, scores: dict[str, float], tests: dict[str, Evidence], cfg: PersonalConfig, rows: str, grouped: bool
-) -> tuple[str, str, float | None, bool]:
+    m: str,
+    scores: dict[str, float],
+    tests: dict[str, Evidence],
+    cfg: PersonalConfig,
+    rows: str,
+    grouped: bool,
+    options: Sequence[BlendOption] = (),
+) -> tuple[str, str, float | None, bool, BlendOption | None]:
     """The switching rule on one body of evidence (the validation rows, or those plus the training folds):
     local-only unless a federation candidate's one-sided paired test against it has p < switch_alpha / the
-    number tested; of those that pass, the best score. Returns the kind, why, the p it rests on, switched?"""
-    fed = [k for k in FEDERATION if _finite(scores.get(k))]
-    tested = {k: tests[k] for k in fed if k in tests and math.isfinite(tests[k].p)}
-    level = cfg.switch_alpha / max(1, len(tested))
-    passing = [k for k in fed if k in tested and tested[k].p < level]
+    number tested; of those that pass, the best score. With ``options`` (``blend_tests = "each"``) every blend
+    there is a candidate of its own in that count, in place of the one blend whose weight and partner the same
+    rows picked (testing only that one, on the rows that picked it, is the smallest p of several tests; counting
+    each keeps the chance that noise alone switches a site at most switch_alpha). Returns the kind, why, the p it
+    rests on, switched?, and the blend option served (None unless one of ``options`` won)."""
+    fed = [k for k in FEDERATION if _finite(scores.get(k)) and not (options and k == blend.KIND)]
+    named: list[tuple[str, float, Evidence, BlendOption | None]] = [
+        (k, scores[k], tests[k], None) for k in fed if k in tests and math.isfinite(tests[k].p)
+    ]
+    named += [(blend.KIND, o.score, o.evidence, o) for o in options if _finite(o.score) and math.isfinite(o.evidence.p)]
+    level = cfg.switch_alpha / max(1, len(named))
+    passing = [c for c in named if c[2].p < level]
     if not passing:
-        closest = min(tested, key=lambda k: tested[k].p) if tested else None
-        if closest is None:
-            return "local", "local-only kept: no paired test could be run", None, False
-        ev = tested[closest]
+        if not named:
+            return "local", "local-only kept: no paired test could be run", None, False, None
+        closest = min(named, key=lambda c: c[2].p)
+        ev = closest[2]
         what = "units" if ev.test == "paired-mse" and grouped else "rows"
-        said = f"{closest} vs local-only on {ev.units} {rows} {what}: p = {ev.p:.3g} >= {level:.3g}"
-        return "local", f"local-only kept: {said}", ev.p, False
-    best = _best(m, passing, scores)
-    ev = tested[best]
-    said = f"{best} better than local-only on {rows}: p = {ev.p:.3g} < {level:.3g} ({ev.test}, {ev.units} units)"
-    return best, said, ev.p, True
+        said = f"{_named(closest)} vs local-only on {ev.units} {rows} {what}: p = {ev.p:.3g} >= {level:.3g}"
+        return "local", f"local-only kept: {said}", ev.p, False, None
+    best = passing[0]
+    for c in passing[1:]:
+        if better(m, c[1], best[1]):
+            best = c
+    ev = best[2]
+    said = (
+        f"{_named(best)} better than local-only on {rows}: p = {ev.p:.3g} < {level:.3g} ({ev.test}, {ev.units} units)"
+    )
+    return best[0], said, ev.p, True, best[3]
+
+
+def _named(c: tuple[str, float, Evidence, BlendOption | None]) -> str:
+    """A candidate of the switching rule as its reason names it (a blend option with its weight and partner)."""
+    o = c[3]
+    return c[0] if o is None else f"blend {o.weight:g} x local-only + {1 - o.weight:g} x {o.of}"
 
 
 def _best(metric: str, kinds: Sequence[str], scores: dict[str, float]) -> str:
@@ -612,14 +663,16 @@ def validate(
     model_seed: int = 0,
     grid: Sequence[float] = (),
     log_odds: bool = False,
+    each: bool = False,
 ) -> tuple[dict[str, float], dict[str, Evidence], BlendFit | None]:
     """Each candidate's metric on the validation rows (NaN when it cannot be computed), each federation
     candidate's paired test against local-only on those rows (:mod:`edge.paired_evidence`), and the blend's fit
-    when ``grid`` has weights (:func:`compare`; ``log_odds``: the candidates scored by :func:`blend_scores`)."""
+    when ``grid`` has weights (:func:`compare`; ``log_odds``: the candidates scored by :func:`blend_scores`;
+    ``each``: every blend tested on its own, ``[personal] blend_tests``)."""
     if y_val is None or len(y_val) == 0:
         return {k: math.nan for k in candidates}, {}, None
     preds = {k: blend_scores(spec, p, x_val, log_odds, model_seed) for k, p in candidates.items()}
-    return compare(spec, y_val, preds, units, grid)
+    return compare(spec, y_val, preds, units, grid, each=each)
 
 
 def compare(
@@ -630,6 +683,7 @@ def compare(
     grid: Sequence[float] = (),
     partner: str | None = None,
     spread: bool = False,
+    each: bool = False,
 ) -> tuple[dict[str, float], dict[str, Evidence], BlendFit | None]:
     """Each candidate's metric on rows ``y_true`` from its predictions, and each federation candidate's
     paired test against local-only on them (``units``: each row's unit, None when rows are independent).
@@ -637,13 +691,19 @@ def compare(
     With a ``grid`` of weights (``[personal] blend_weights``) the blend (:mod:`edge.blend`) joins them: local-only
     blended with the better-scoring federation candidate (or ``partner`` when it could be scored) at the grid's
     best weight on these same rows; with ``spread`` each weight is the share on the parts' common scale
-    (:func:`edge.blend.spread_matched` on these rows: what a log-odds blend's share means)."""
+    (:func:`edge.blend.spread_matched` on these rows: what a log-odds blend's share means). With ``each`` every
+    weight of the grid with every federation candidate is a blend of its own, scored and tested against
+    local-only (``BlendFit.options``); the "blend" score is then the best-scoring one's."""
     y = np.asarray(y_true, dtype=np.float64).reshape(len(y_true), -1)[:, 0]
     m = metric_name(spec)
     scores = {k: score(m, y, v) for k, v in preds.items()}
     fit = None
     fed = [k for k in ("fine_tuned", "global") if k in preds and _finite(scores[k])]
-    if grid and fed and _finite(scores.get("local")):
+    if grid and fed and _finite(scores.get("local")) and each:
+        fit = _each(m, y, preds, fed, grid, units)
+        preds = {**preds, blend.KIND: mix(fit.weight, preds["local"], preds[fit.of])}
+        scores[blend.KIND] = score(m, y, preds[blend.KIND])
+    elif grid and fed and _finite(scores.get("local")):
         of = partner if partner in fed else _best(m, fed, scores)
         fit = _fit(m, y, preds["local"], preds[of], grid, of, spread)
         preds = {**preds, blend.KIND: mix(fit.weight, preds["local"], preds[of])}
@@ -658,6 +718,29 @@ def compare(
                     else mse_evidence(y, preds[k], preds["local"], units)
                 )
     return scores, tests, fit
+
+
+def _each(
+    m: str,
+    y: np.ndarray,
+    preds: dict[str, np.ndarray],
+    fed: Sequence[str],
+    grid: Sequence[float],
+    units: Sequence[object] | None,
+) -> BlendFit:
+    """Every blend of ``grid`` x ``fed`` scored on rows ``y`` and tested against local-only; the fit names the
+    best-scoring one (the first of equals, fed's order then the grid's)."""
+    options = []
+    for of in fed:
+        for w in grid:
+            b = mix(w, preds["local"], preds[of])
+            ev = auc_evidence(y, b, preds["local"]) if m == "roc_auc" else mse_evidence(y, b, preds["local"], units)
+            options.append(BlendOption(float(w), of, score(m, y, b), ev))
+    top = options[0]
+    for o in options[1:]:
+        if better(m, o.score, top.score):
+            top = o
+    return BlendFit(top.weight, top.of, options=tuple(options))
 
 
 def _fit(
@@ -722,15 +805,9 @@ class Personaliser:
         }
         if self.local is not None:
             candidates["local"] = self.local
+        log_odds, each = uses_log_odds(self.spec, self.cfg), self.cfg.blend_tests == "each"
         scores, tests, fit = validate(
-            self.spec,
-            candidates,
-            x_val,
-            y_val,
-            val_units,
-            self.model_seed,
-            self.cfg.blend_weights,
-            uses_log_odds(self.spec, self.cfg),
+            self.spec, candidates, x_val, y_val, val_units, self.model_seed, self.cfg.blend_weights, log_odds, each
         )
         evidence = local_evidence(self.spec, y, len(x), train_units)
         folds = None

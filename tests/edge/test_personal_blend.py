@@ -10,8 +10,18 @@ import pytest
 
 from edge.blend import best_weight, check_grid, mix
 from edge.blend_export import export_served
-from edge.paired_evidence import Evidence
-from edge.personal import BlendFit, Choice, PersonalConfig, Served, pick, served_of, train_local_only
+from edge.paired_evidence import Evidence, auc_evidence
+from edge.personal import (
+    BlendFit,
+    BlendOption,
+    Choice,
+    PersonalConfig,
+    Served,
+    compare,
+    pick,
+    served_of,
+    train_local_only,
+)
 from models import build_model, export_onnx
 from models.flat import personal_state, shared_state
 from models.spec import ModelSpec
@@ -104,6 +114,71 @@ def test_the_blend_replaces_local_only_only_on_its_own_paired_test_and_names_its
     assert [w for w, _ in served.parts] == [0.75, 0.25] and served.parts[0][1] is local and served.parts[1][1] is ft
     with pytest.raises(ValueError, match="without its fit"):
         pick(CLS, scores, y, cfg, tests={"blend": _ev(0.01)})
+
+
+def test_each_validation_blend_is_a_candidate_of_its_own_with_its_own_paired_test():
+    """Worked by hand (the rows of the weight test above): local-only 0.2, 0.9 / 0.1, 0.6 and fine-tuned 0.9, 0.3 /
+    0.6, 0.1 on 2 failures and 2 normal rows; blends at w = 0.25, 0.5, 0.75 order 3, 4, 3 of the 4 pairs (ROC AUC
+    0.75, 1.0, 0.75). Global scores every row 0.5: its blends keep local-only's order (0.75 each). Every blend of
+    the grid with every partner is scored and carries its own paired test, the same as DeLong's test of that
+    blend's scores against local-only's run alone."""
+    y = np.array([1.0, 1.0, 0.0, 0.0])
+    local = np.array([0.2, 0.9, 0.1, 0.6])
+    preds = {"local": local, "fine_tuned": np.array([0.9, 0.3, 0.6, 0.1]), "global": np.full(4, 0.5)}
+    scores, _, fit = compare(CLS, y, preds, None, (0.25, 0.5, 0.75), each=True)
+    assert fit is not None and len(fit.options) == 6
+    got = {(o.of, o.weight): o.score for o in fit.options}
+    assert got == pytest.approx(
+        {
+            ("fine_tuned", 0.25): 0.75,
+            ("fine_tuned", 0.5): 1.0,
+            ("fine_tuned", 0.75): 0.75,
+            ("global", 0.25): 0.75,
+            ("global", 0.5): 0.75,
+            ("global", 0.75): 0.75,
+        }
+    )
+    for o in fit.options:
+        alone = auc_evidence(y, mix(o.weight, local, preds[o.of]), local)
+        assert (o.evidence.gain, o.evidence.p) == pytest.approx((alone.gain, alone.p), nan_ok=True)
+    assert (fit.weight, fit.of, scores["blend"]) == (0.5, "fine_tuned", 1.0)  # the status shows the best one
+
+
+def test_the_switching_rule_shares_switch_alpha_with_every_blend_it_tested():
+    """The defaults: switch_alpha 0.2 over fine-tuned, global and 3 x 2 blends, each at 0.2 / 8 = 0.025 (one chosen
+    blend counted once, the fourteenth pass: 0.2 / 3 = 0.0667). L2 on a report split of the fourteenth pass and
+    this one (fine-tuned against local-only p = 0.055) keeps local-only; counted once it switched."""
+    y = np.array([1.0] * 15 + [0.0] * 465)
+    scores = {"local": 0.907, "global": 0.889, "fine_tuned": 0.936, "blend": 0.93}
+    ps = [0.03, 0.2, 0.5, 0.6, 0.7, 0.8]  # (fine_tuned, 0.25), (fine_tuned, 0.5), ... (global, 0.75)
+    sc = [0.93, 0.925, 0.915, 0.9, 0.9, 0.905]
+    grid = [(of, w) for of in ("fine_tuned", "global") for w in (0.25, 0.5, 0.75)]
+
+    def fit(p: list[float], s: list[float]) -> BlendFit:
+        opts = tuple(BlendOption(w, of, si, _ev(pi)) for (of, w), pi, si in zip(grid, p, s))
+        return BlendFit(0.25, "fine_tuned", options=opts)
+
+    tests = {"fine_tuned": _ev(0.055), "global": _ev(0.6), "blend": _ev(0.03)}
+    kept = pick(CLS, scores, y, PersonalConfig(), tests=tests, fit=fit(ps, sc))
+    assert (kept.kind, kept.rule, kept.p) == ("local", "paired_test_kept_local", 0.03)
+    assert "blend 0.25 x local-only + 0.75 x fine_tuned" in kept.reason and "p = 0.03 >= 0.025" in kept.reason
+    chosen = pick(CLS, scores, y, PersonalConfig(), tests=tests, fit=BlendFit(0.25, "fine_tuned"))  # no options
+    assert (chosen.kind, chosen.rule) == ("fine_tuned", "paired_test_switched") and "< 0.0667" in chosen.reason
+    # two blends pass (p 0.02 and 0.01): the better validation score is served, with its own weight and partner
+    two = pick(CLS, scores, y, PersonalConfig(), tests=tests, fit=fit([0.02, 0.01, 0.5, 0.6, 0.7, 0.8], sc))
+    assert (two.kind, two.weight, two.blend_of, two.p, two.validation_metric) == (
+        "blend",
+        0.25,
+        "fine_tuned",
+        0.02,
+        0.93,
+    )
+    # fine-tuned passes too (0.024 < 0.025) and scores above both: it is served
+    ft = pick(CLS, scores, y, PersonalConfig(), tests={**tests, "fine_tuned": _ev(0.024)}, fit=fit([0.02] * 6, sc))
+    assert (ft.kind, ft.weight, ft.p) == ("fine_tuned", None, 0.024)
+    assert PersonalConfig().blend_tests == "each"
+    with pytest.raises(ValueError, match="blend_tests"):
+        PersonalConfig(blend_tests="all").validate()  # type: ignore[arg-type]
 
 
 def test_personaliser_serves_a_blend_whose_predictions_are_the_weighted_mean_of_its_parts():
