@@ -220,6 +220,7 @@ class Outcome:
     slots: list[list[str]] = field(default_factory=list)  # each version's sites, in the lineage's order
     lineages: dict[int, list[dict]] = field(default_factory=dict)  # each version's lineage entries (norm, clip_scale)
     verdicts: dict[str, dict[str, int]] = field(default_factory=dict)  # per site: receipts per verdict
+    models: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)  # each version's shared weights
 
 
 def predict(spec, shared: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
@@ -371,6 +372,7 @@ async def run(
             after = agg.core.store.checkpoint(v)
             if before is not None and after is not None and before.weights and after.weights:
                 wb, wa = envelope.decode_tensors(before.weights), envelope.decode_tensors(after.weights)
+                out.models[v] = {k: np.array(a, np.float32) for k, a in wa.items()}
                 out.steps.append(_norm({k: wa[k] - wb[k] for k in wa}))
             out.reduces.append(str(lineage.get("reduce", "mean")))  # older checkouts: the mean, unrecorded
             out.slots.append([f"{e['site']}@{e['base_version']}" for e in lineage.get("updates", [])])
@@ -461,6 +463,18 @@ def wide_backdoor_rate(spec, model: dict[str, np.ndarray], data: Data, value: fl
     return float((predict(spec, model, triggered(triggered_failures(data, wide=True), value)) == 0).mean())
 
 
+LATE = 3  # versions the late rate averages (the last ones)
+
+
+def late_rate(spec, out: Outcome, data: Data, value: float = TRIGGER_VALUE, late: int = LATE) -> float:
+    """``backdoor_rate`` averaged over the run's last ``late`` versions (each a model a line adopted in turn): the
+    final model alone carries the run's last few SGD steps' noise on a trigger at the clean model's boundary."""
+    last = sorted(out.models)[-late:]
+    if not last:
+        return backdoor_rate(spec, out.model, data, value)
+    return float(np.mean([backdoor_rate(spec, out.models[v], data, value) for v in last]))
+
+
 def roc_auc(spec, model: dict[str, np.ndarray], data: Data) -> float:
     """The model's ROC AUC on the (untriggered) test set: what a defence must not cost."""
     import torch
@@ -537,6 +551,7 @@ async def report(
         "clean_auc": roc_auc(spec, honest.model, data),
         "clean_soft_rate": soft_backdoor_rate(spec, honest.model, data, value),
         "clean_wide_rate": wide_backdoor_rate(spec, honest.model, data, value),
+        "clean_late_rate": late_rate(spec, honest, data, value),
         "reduces": sorted(set(honest.reduces)),
         "slots": honest.slots,
         "attacks": {},
@@ -552,6 +567,7 @@ async def report(
             "auc": roc_auc(spec, res.model, data),
             "soft_rate": soft_backdoor_rate(spec, res.model, data, value),
             "wide_rate": wide_backdoor_rate(spec, res.model, data, value),
+            "late_rate": late_rate(spec, res, data, value),
             "versions": res.versions,
             "k": res.k,
             "attacker_entries": res.attacker_entries,

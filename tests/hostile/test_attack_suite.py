@@ -120,6 +120,9 @@ async def test_attack_suite_fast(tmp_path):
             assert max(entered) <= min(entered) * (1 + 1e-5), (name, v, entered)
     assert rep["input_range"] and rep["trigger_value"] > rep["line_trigger_value"]
     assert rep["clean_backdoor_rate"] == rep["clean_line_backdoor_rate"]
+    # the late rate averages the last three versions' rates: each a multiple of 1/76, so the mean one of 1/228
+    for r in [rep["clean_late_rate"], *(a["late_rate"] for a in rep["attacks"].values())]:
+        assert 0.0 <= r <= 1.0 and abs(r * 3 * 76 - round(r * 3 * 76)) < 1e-6, r
     # the defaults still learn AI4I's failures: 0.87 measured at three loops, 0.886 at six (RELIABILITY.md)
     assert rep["clean_auc"] > 0.75, rep["clean_auc"]
 
