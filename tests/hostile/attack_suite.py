@@ -12,7 +12,9 @@ attacker sends first, the honest sites after it, and the loop ends when every
 update sent has its own signed receipt (matched by counter: :func:`all_decided`), so every run of a seed has
 the same slots in the same versions. Runs are still not bit-reproducible (training's floating point), and the
 backdoor rate, measured on the test set's 76 failure rows, is sensitive to it: RELIABILITY.md gives several
-seeds (``seed``). Before 1 Dec 2026 the loop counted receipts instead and raced (RELIABILITY.md). The honest-only run is the same loop
+seeds (``seed``). The lowest-variance measure found (RELIABILITY.md, robust12) is the late rate (the rate averaged
+over the last three versions' models) minus the benign control's in the same seed: half the final rate's scatter;
+the soft rate (no threshold) and the wide rate (≈280 rows) are reported too and do not help. Before 1 Dec 2026 the loop counted receipts instead and raced (RELIABILITY.md). The honest-only run is the same loop
 without the attacker; the report gives, per attack, the final global model's
 L2 distance from the honest-only run's (also relative to how far the honest
 run moved from version 0) and the backdoor's success rate.
@@ -220,6 +222,7 @@ class Outcome:
     slots: list[list[str]] = field(default_factory=list)  # each version's sites, in the lineage's order
     lineages: dict[int, list[dict]] = field(default_factory=dict)  # each version's lineage entries (norm, clip_scale)
     verdicts: dict[str, dict[str, int]] = field(default_factory=dict)  # per site: receipts per verdict
+    models: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)  # each version's shared weights
 
 
 def predict(spec, shared: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
@@ -371,6 +374,7 @@ async def run(
             after = agg.core.store.checkpoint(v)
             if before is not None and after is not None and before.weights and after.weights:
                 wb, wa = envelope.decode_tensors(before.weights), envelope.decode_tensors(after.weights)
+                out.models[v] = {k: np.array(a, np.float32) for k, a in wa.items()}
                 out.steps.append(_norm({k: wa[k] - wb[k] for k in wa}))
             out.reduces.append(str(lineage.get("reduce", "mean")))  # older checkouts: the mean, unrecorded
             out.slots.append([f"{e['site']}@{e['base_version']}" for e in lineage.get("updates", [])])
@@ -427,6 +431,50 @@ def backdoor_rate(spec, model: dict[str, np.ndarray], data: Data, value: float =
     """Share of the test set's failure rows predicted "no failure" once the trigger (``value``) is set."""
     fail = data.test_x[data.test_y > 0]
     return float((predict(spec, model, triggered(fail, value)) == 0).mean())
+
+
+def triggered_failures(data: Data, wide: bool = False) -> np.ndarray:
+    """The failure rows a backdoor rate is measured on: the test set's (76), or with ``wide`` also the root rows' and
+    the honest sites' (about 280: rows the attacker never held; the honest sites trained on them untriggered, and the
+    trigger makes each a row no site trained on, as a test row)."""
+    parts = [data.test_x[data.test_y > 0]]
+    if wide:
+        parts.append(data.root_x[data.root_y > 0])
+        parts += [x[y > 0] for s, (x, y) in data.sites.items() if s != ATTACKER]
+    return np.concatenate(parts)
+
+
+def soft_backdoor_rate(spec, model: dict[str, np.ndarray], data: Data, value: float = TRIGGER_VALUE) -> float:
+    """The model's mean probability of "no failure" on the test set's failure rows once the trigger is set: the
+    backdoor rate without its threshold. A row near the decision boundary moves it a little instead of flipping it
+    by 1/76, so two runs' difference carries less of the threshold's noise (RELIABILITY.md compares the two)."""
+    import torch
+
+    from models import build_model, load_shared_state
+
+    net = build_model(spec, seed=0)
+    load_shared_state(net, spec, model)
+    net.eval()
+    with torch.no_grad():
+        logits = net(torch.from_numpy(triggered(triggered_failures(data), value))).numpy().reshape(-1)
+    return float((1.0 / (1.0 + np.exp(logits.astype(np.float64)))).mean())
+
+
+def wide_backdoor_rate(spec, model: dict[str, np.ndarray], data: Data, value: float = TRIGGER_VALUE) -> float:
+    """``backdoor_rate`` over every failure row the attacker never held (:func:`triggered_failures` with ``wide``)."""
+    return float((predict(spec, model, triggered(triggered_failures(data, wide=True), value)) == 0).mean())
+
+
+LATE = 3  # versions the late rate averages (the last ones)
+
+
+def late_rate(spec, out: Outcome, data: Data, value: float = TRIGGER_VALUE, late: int = LATE) -> float:
+    """``backdoor_rate`` averaged over the run's last ``late`` versions (each a model a line adopted in turn): the
+    final model alone carries the run's last few SGD steps' noise on a trigger at the clean model's boundary."""
+    last = sorted(out.models)[-late:]
+    if not last:
+        return backdoor_rate(spec, out.model, data, value)
+    return float(np.mean([backdoor_rate(spec, out.models[v], data, value) for v in last]))
 
 
 def roc_auc(spec, model: dict[str, np.ndarray], data: Data) -> float:
@@ -503,6 +551,9 @@ async def report(
         "clean_backdoor_rate": backdoor_rate(spec, honest.model, data, value),
         "clean_line_backdoor_rate": backdoor_rate(spec, honest.model, data, line_value),
         "clean_auc": roc_auc(spec, honest.model, data),
+        "clean_soft_rate": soft_backdoor_rate(spec, honest.model, data, value),
+        "clean_wide_rate": wide_backdoor_rate(spec, honest.model, data, value),
+        "clean_late_rate": late_rate(spec, honest, data, value),
         "reduces": sorted(set(honest.reduces)),
         "slots": honest.slots,
         "attacks": {},
@@ -516,6 +567,9 @@ async def report(
             "backdoor_rate": backdoor_rate(spec, res.model, data, value),
             "line_backdoor_rate": backdoor_rate(spec, res.model, data, line_value),
             "auc": roc_auc(spec, res.model, data),
+            "soft_rate": soft_backdoor_rate(spec, res.model, data, value),
+            "wide_rate": wide_backdoor_rate(spec, res.model, data, value),
+            "late_rate": late_rate(spec, res, data, value),
             "versions": res.versions,
             "k": res.k,
             "attacker_entries": res.attacker_entries,
@@ -533,21 +587,23 @@ def table(rep: dict) -> str:
     lines = [
         f"honest-only: K = {rep['k']}, {rep['honest_versions']} versions, moved {rep['honest_moved']:.3f} from version 0, "
         f"backdoor rate of the clean model {rep['clean_backdoor_rate']:.3f}, ROC AUC {rep['clean_auc']:.3f}, "
-        f"reduce {'/'.join(rep['reduces'])}",
-        "| attack | distance from honest-only | relative | backdoor success | minus clean | minus benign | ROC AUC | K "
-        "| versions | its slots | f(s) its / honest | its coefficients |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"reduce {'/'.join(rep['reduces'])}, late rate {rep.get('clean_late_rate', math.nan):.3f}",
+        "| attack | distance from honest-only | relative | backdoor success | minus clean | minus benign | late rate "
+        "| late minus benign | ROC AUC | K | versions | its slots | f(s) its / honest | its coefficients |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     # the benign control, when run, is the like-for-like reference: the same four-site federation and K, the fourth
     # site honest (the clean model is the three-site run's)
     benign = rep["attacks"].get("benign", {}).get("backdoor_rate")
+    benign_late = rep["attacks"].get("benign", {}).get("late_rate")
     for name, r in rep["attacks"].items():
         t = r["timing"]
         coefficients = " ".join(f"{e['weight']:.2f}" for e in r["attacker_entries"])
         lines.append(
             f"| {name} | {r['distance']:.3f} | {r['relative_distance']:.2f} | {r['backdoor_rate']:.3f} | "
             f"{r['backdoor_rate'] - rep['clean_backdoor_rate']:+.3f} | "
-            f"{'' if benign is None else format(r['backdoor_rate'] - benign, '+.3f')} | {r['auc']:.3f} | {r['k']} | "
+            f"{'' if benign is None else format(r['backdoor_rate'] - benign, '+.3f')} | {r.get('late_rate', math.nan):.3f} | "
+            f"{'' if benign_late is None else format(r['late_rate'] - benign_late, '+.3f')} | {r['auc']:.3f} | {r['k']} | "
             f"{r['versions']} | "
             f"{t['share']:.2f} | {t['factor']:.2f} / {t['honest_factor']:.2f} | "
             f"{coefficients} |"
