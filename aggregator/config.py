@@ -143,7 +143,12 @@ class StrategyConfig:
     # "fltrust": each update weighed by its cosine with the aggregator's own update on the [evaluation] rows
     # (Cao et al. 2021; aggregator.root_update), needs [evaluation]; "mda": the mean of the slots that lie
     # closest together, leaving the farthest mda_f out whole (aggregator.mda)
-    robust: Literal["auto", "none", "median", "trimmed_mean", "fltrust", "mda"] = "auto"
+    # "cclip": centered clipping around the previous version's step (Karimireddy et al. 2021; aggregator.cclip)
+    robust: Literal["auto", "none", "median", "trimmed_mean", "fltrust", "mda", "cclip"] = "auto"
+    # centered clipping's radius, a multiple of the version's median distance from the previous step, and its
+    # iterations L (1 keeps each slot at most f(s)/K: aggregator.cclip)
+    cclip_tau: float = 1.0
+    cclip_iters: int = 1
     # slots MDA leaves out of each version: a buffer waits for K + mda_f updates and sums the K it keeps, each at
     # f(s)/K (fewer sites enrolled: all of them, mda_f left out; a majority is always kept: aggregator.mda.sizes)
     mda_f: int = 1
@@ -204,6 +209,11 @@ class StrategyConfig:
                 )
         if self.robust in ("auto", "mda"):
             mda.check(self.mda_f, self.buffer_size)
+        if self.robust == "cclip" and self.server_momentum > 0:
+            raise ValueError(
+                'robust = "cclip" centres on the previous version\'s step, which it keeps where server momentum keeps '
+                "its buffer: set server_momentum = 0 (centered clipping is itself the history term)"
+            )
         if self.kind == "fedasync" and self.robust not in ("auto", "none"):
             raise ValueError(
                 f"robust = {self.robust!r} needs several updates per reduce: "
@@ -245,6 +255,10 @@ class StrategyConfig:
             raise ValueError("server_lr must be positive")
         if not 0.0 <= self.server_momentum < 1.0:
             raise ValueError("server_momentum must be in [0, 1)")
+        if self.cclip_tau <= 0:
+            raise ValueError(f"cclip_tau must be positive (a multiple of the median distance), got {self.cclip_tau}")
+        if not 1 <= self.cclip_iters <= 10:
+            raise ValueError(f"cclip_iters must be in [1, 10], got {self.cclip_iters}")
         if not 0.0 <= self.trim < 0.5:
             raise ValueError("trim must be in [0, 0.5)")
         if self.norm_bound is not None and self.norm_bound < 0:

@@ -31,6 +31,9 @@ buffer size.
 - MDA (minimum-diameter averaging, :mod:`aggregator.mda`): ``Δ̄ = Σ_{i ∈ S} c_i Δ_i``, ``S`` the ``n − f``
   deltas whose largest pairwise distance is smallest: a far slot is left out whole. A buffer waits for
   ``K + f`` slots and keeps K, so FedBuff's ``c_i = f(s_i)/K`` is each kept slot's whole weight.
+- centered clipping (:mod:`aggregator.cclip`; Karimireddy, He and Jaggi, ICML 2021): ``Δ̄ = v + (1/n) Σ_i
+  clip_τ(n c_i Δ_i − v)``, ``v`` the previous version's step, ``clip_τ`` to L2 norm ``τ``: the paper's rule over
+  the rows ``n c_i Δ_i`` (= ``f(s_i) Δ_i`` in a full FedBuff buffer), as the median is taken over them.
 - the server step: ``x ← x + η_g Δ̄`` (with momentum ``m ← β m + Δ̄``, Hsu et al. 2019).
 """
 
@@ -40,7 +43,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from aggregator import mda, robust, scaled_sum
+from aggregator import cclip, mda, robust, scaled_sum
 from broker_bridge import quantised
 from broker_bridge.quantised import Int8Delta
 
@@ -144,6 +147,42 @@ def mda_combination(
         raise ValueError("need one coefficient per delta, and at least one delta")
     keep = mda_keep(deltas, f)
     return linear_combination([deltas[i] for i in keep], [coefficients[i] for i in keep]), keep
+
+
+def cclip_combination(
+    deltas: Sequence[Mapping[str, np.ndarray]],
+    coefficients: Sequence[float],
+    center: Mapping[str, np.ndarray] | None,
+    tau_scale: float = 1.0,
+    iters: int = 1,
+) -> tuple[State, list[float]]:
+    """Centered clipping's step over one buffer (:mod:`aggregator.cclip`); returns (step, each delta's coefficient).
+
+    The rows are ``x_i = n c_i Δ_i``: with FedBuff's ``c_i = f(s_i)/K`` and a full buffer (``n = K``) that is
+    ``f(s_i) Δ_i``, so staleness scales each update before the rule, and the step, ``v_L = a v_0 + Σ_i b_i x_i``
+    (:func:`aggregator.cclip.iterate`, ``v_0 = center``, the previous version's step; zero if None), equals FedBuff's
+    ``(1/K) Σ f(s_i) Δ_i`` whenever no row is clipped (``L = 1``). Each delta's coefficient is ``n c_i b_i``: with
+    ``L = 1`` that is ``s_i c_i ≤ c_i`` (a clipped slot keeps ``s_i`` of its share; the rest of its share goes to the
+    centre). ``τ`` is ``tau_scale`` times the rows' median distance from the centre (:func:`aggregator.cclip.radius`)."""
+    if len(deltas) != len(coefficients) or not deltas:
+        raise ValueError("need one coefficient per delta, and at least one delta")
+    n = len(deltas)
+    names = list(deltas[0])
+    rows = np.concatenate([_stack(deltas, k, [n * c for c in coefficients]).reshape(n, -1) for k in names], axis=1)
+    v0 = (
+        np.concatenate([np.asarray(center[k], np.float32).reshape(-1) for k in names])
+        if center is not None
+        else np.zeros(rows.shape[1], np.float32)
+    )
+    tau = cclip.radius(rows, v0, tau_scale)
+    _, b, a = cclip.iterate(rows, v0, tau, iters)
+    weights = [float(n * c * bi) for c, bi in zip(coefficients, b)]
+    terms: list[Mapping[str, np.ndarray]] = list(deltas)
+    factors = list(weights)
+    if center is not None and a != 0.0:
+        terms.append({k: np.asarray(center[k], np.float32) for k in names})
+        factors.append(float(a))
+    return linear_combination(terms, factors), weights
 
 
 def _shape(delta: Mapping[str, np.ndarray], name: str) -> tuple[int, ...]:

@@ -154,13 +154,20 @@ class Strategy:
             scales.append(scale)
         return out, scales
 
-    def combine(self, deltas: Sequence[Mapping[str, np.ndarray]], updates: Sequence[Accepted], model: State) -> State:
+    def combine(
+        self,
+        deltas: Sequence[Mapping[str, np.ndarray]],
+        updates: Sequence[Accepted],
+        model: State,
+        center: State | None = None,
+    ) -> State:
         """``Σ c_i Δ_i`` with the strategy's coefficients (:meth:`coefficients`), or the robust statistic in force
         of the ``c_i Δ_i`` times their count (:func:`aggregate.robust_combination`: a robust reduce moves the model
         as far as the mean when all agree), or FLTrust's trust-weighted step (:func:`aggregate.fltrust_combination`,
         against ``g_0`` trained from ``model``), or MDA's: the kept slots weighed as the strategy weighs any slots
         it sums (FedBuff ``f(s)/K``; FedAvg the mean of the kept; sample weighting normalised over the kept), the
-        left-out ones 0 (:func:`aggregate.mda_combination`). Sets each update's ``weight`` (and ``trust``) to what
+        left-out ones 0 (:func:`aggregate.mda_combination`), or centered clipping's around ``center`` (the previous
+        version's step, :func:`aggregate.cclip_combination`). Sets each update's ``weight`` (and ``trust``) to what
         it got in the step."""
         if self.reduce_stat == "mda":
             keep = aggregate.mda_keep(deltas, self.cfg.mda_f)
@@ -172,6 +179,13 @@ class Strategy:
         coefficients = self.coefficients(updates)
         for u, c in zip(updates, coefficients):
             u.weight = c
+        if self.reduce_stat == "cclip":
+            step, weights = aggregate.cclip_combination(
+                deltas, coefficients, center, self.cfg.cclip_tau, self.cfg.cclip_iters
+            )
+            for u, w in zip(updates, weights):
+                u.weight = w  # the part of its own delta in the step (a clipped slot's rest went to the centre)
+            return step
         if self.reduce_stat == "mean":
             return aggregate.linear_combination(deltas, coefficients)
         if self.reduce_stat == "fltrust":
@@ -184,6 +198,23 @@ class Strategy:
         return aggregate.robust_combination(deltas, coefficients, self.reduce_stat, self.cfg.trim)
 
     # -- the step ---------------------------------------------------------------------
+    def step(
+        self,
+        model: State,
+        deltas: Sequence[Mapping[str, np.ndarray]],
+        updates: Sequence[Accepted],
+        momentum: State | None,
+    ) -> tuple[State, State | None]:
+        """The combined step applied: ``x ← x + η_g Δ̄`` with server momentum (:func:`aggregate.server_step`); under
+        centered clipping the state carried to the next version (stored where momentum is) is this step, the next
+        version's centre."""
+        if self.reduce_stat == "cclip":
+            step = self.combine(deltas, updates, model, momentum)
+            new, _ = aggregate.server_step(model, step, self.cfg.server_lr)
+            return new, aggregate.copy_state(step)
+        step = self.combine(deltas, updates, model)
+        return aggregate.server_step(model, step, self.cfg.server_lr, momentum, self.cfg.server_momentum)
+
     def reduce(self, model: State, updates: Sequence[Accepted], momentum: State | None) -> ReduceResult:
         """New model (new arrays; ``model`` is not modified) from ``updates``; sets each ``weight``."""
         raise NotImplementedError

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from aggregator.strategies import aggregate
 from aggregator.strategies.base import Accepted, ReduceResult, State, Strategy
 
 
@@ -25,6 +24,5 @@ class FedBuff(Strategy):
 
     def reduce(self, model: State, updates: Sequence[Accepted], momentum: State | None) -> ReduceResult:
         deltas, scales = self.clipped(updates)
-        step = self.combine(deltas, updates, model)
-        new, momentum = aggregate.server_step(model, step, self.cfg.server_lr, momentum, self.cfg.server_momentum)
+        new, momentum = self.step(model, deltas, updates, momentum)
         return ReduceResult(new, momentum, scales)

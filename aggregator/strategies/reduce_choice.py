@@ -16,6 +16,10 @@ keeps the median.
 its cosine with an update the aggregator trains itself on its ``[evaluation]`` rows (the root dataset,
 :mod:`aggregator.root_update`); it needs that table, and like the median it needs each update in the clear.
 
+``robust = "cclip"`` (Karimireddy, He and Jaggi, ICML 2021; :mod:`aggregator.cclip`) clips each slot's distance
+from the previous version's step to the version's median distance and averages: an option, measured against MDA
+in RELIABILITY.md (not the default).
+
 Where ``auto`` keeps the mean, and why:
 
 - ``secure_aggregation = true``: the aggregator sees only each cohort's masked sum; there is no
@@ -34,7 +38,7 @@ from typing import Literal
 
 from aggregator.config import StrategyConfig
 
-Reduce = Literal["mean", "median", "trimmed_mean", "fltrust", "mda"]
+Reduce = Literal["mean", "median", "trimmed_mean", "fltrust", "mda", "cclip"]
 
 MIN_MEDIAN_K = 3  # below three slots a median is a mean (or one site's delta)
 

@@ -220,6 +220,7 @@ class Outcome:
     slots: list[list[str]] = field(default_factory=list)  # each version's sites, in the lineage's order
     lineages: dict[int, list[dict]] = field(default_factory=dict)  # each version's lineage entries (norm, clip_scale)
     verdicts: dict[str, dict[str, int]] = field(default_factory=dict)  # per site: receipts per verdict
+    models: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)  # each version's shared weights
 
 
 def predict(spec, shared: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
@@ -371,6 +372,7 @@ async def run(
             after = agg.core.store.checkpoint(v)
             if before is not None and after is not None and before.weights and after.weights:
                 wb, wa = envelope.decode_tensors(before.weights), envelope.decode_tensors(after.weights)
+                out.models[v] = {k: np.array(a, np.float32) for k, a in wa.items()}
                 out.steps.append(_norm({k: wa[k] - wb[k] for k in wa}))
             out.reduces.append(str(lineage.get("reduce", "mean")))  # older checkouts: the mean, unrecorded
             out.slots.append([f"{e['site']}@{e['base_version']}" for e in lineage.get("updates", [])])
@@ -427,6 +429,50 @@ def backdoor_rate(spec, model: dict[str, np.ndarray], data: Data, value: float =
     """Share of the test set's failure rows predicted "no failure" once the trigger (``value``) is set."""
     fail = data.test_x[data.test_y > 0]
     return float((predict(spec, model, triggered(fail, value)) == 0).mean())
+
+
+def triggered_failures(data: Data, wide: bool = False) -> np.ndarray:
+    """The failure rows a backdoor rate is measured on: the test set's (76), or with ``wide`` also the root rows' and
+    the honest sites' (about 280: rows the attacker never held; the honest sites trained on them untriggered, and the
+    trigger makes each a row no site trained on, as a test row)."""
+    parts = [data.test_x[data.test_y > 0]]
+    if wide:
+        parts.append(data.root_x[data.root_y > 0])
+        parts += [x[y > 0] for s, (x, y) in data.sites.items() if s != ATTACKER]
+    return np.concatenate(parts)
+
+
+def soft_backdoor_rate(spec, model: dict[str, np.ndarray], data: Data, value: float = TRIGGER_VALUE) -> float:
+    """The model's mean probability of "no failure" on the test set's failure rows once the trigger is set: the
+    backdoor rate without its threshold. A row near the decision boundary moves it a little instead of flipping it
+    by 1/76, so two runs' difference carries less of the threshold's noise (RELIABILITY.md compares the two)."""
+    import torch
+
+    from models import build_model, load_shared_state
+
+    net = build_model(spec, seed=0)
+    load_shared_state(net, spec, model)
+    net.eval()
+    with torch.no_grad():
+        logits = net(torch.from_numpy(triggered(triggered_failures(data), value))).numpy().reshape(-1)
+    return float((1.0 / (1.0 + np.exp(logits.astype(np.float64)))).mean())
+
+
+def wide_backdoor_rate(spec, model: dict[str, np.ndarray], data: Data, value: float = TRIGGER_VALUE) -> float:
+    """``backdoor_rate`` over every failure row the attacker never held (:func:`triggered_failures` with ``wide``)."""
+    return float((predict(spec, model, triggered(triggered_failures(data, wide=True), value)) == 0).mean())
+
+
+LATE = 3  # versions the late rate averages (the last ones)
+
+
+def late_rate(spec, out: Outcome, data: Data, value: float = TRIGGER_VALUE, late: int = LATE) -> float:
+    """``backdoor_rate`` averaged over the run's last ``late`` versions (each a model a line adopted in turn): the
+    final model alone carries the run's last few SGD steps' noise on a trigger at the clean model's boundary."""
+    last = sorted(out.models)[-late:]
+    if not last:
+        return backdoor_rate(spec, out.model, data, value)
+    return float(np.mean([backdoor_rate(spec, out.models[v], data, value) for v in last]))
 
 
 def roc_auc(spec, model: dict[str, np.ndarray], data: Data) -> float:
@@ -503,6 +549,9 @@ async def report(
         "clean_backdoor_rate": backdoor_rate(spec, honest.model, data, value),
         "clean_line_backdoor_rate": backdoor_rate(spec, honest.model, data, line_value),
         "clean_auc": roc_auc(spec, honest.model, data),
+        "clean_soft_rate": soft_backdoor_rate(spec, honest.model, data, value),
+        "clean_wide_rate": wide_backdoor_rate(spec, honest.model, data, value),
+        "clean_late_rate": late_rate(spec, honest, data, value),
         "reduces": sorted(set(honest.reduces)),
         "slots": honest.slots,
         "attacks": {},
@@ -516,6 +565,9 @@ async def report(
             "backdoor_rate": backdoor_rate(spec, res.model, data, value),
             "line_backdoor_rate": backdoor_rate(spec, res.model, data, line_value),
             "auc": roc_auc(spec, res.model, data),
+            "soft_rate": soft_backdoor_rate(spec, res.model, data, value),
+            "wide_rate": wide_backdoor_rate(spec, res.model, data, value),
+            "late_rate": late_rate(spec, res, data, value),
             "versions": res.versions,
             "k": res.k,
             "attacker_entries": res.attacker_entries,

@@ -70,6 +70,28 @@ def test_timing_reads_the_fourth_sites_share_and_freshness_from_the_lineages():
     assert suite.timing({}) == {"share": 0.0, "factor": 0.0, "honest_factor": 0.0}
 
 
+def test_the_lower_variance_measures_count_their_rows_and_read_the_probability():
+    """The wide set is the test set's failure rows plus the root rows' and the three honest sites' (never the
+    attacker's); the soft rate of a model whose output is a constant logit z is 1/(1 + e^z) on every row: the output
+    layer's weights zeroed and its bias set to ln 3 = 1.0986123 give P(no failure) = 1/(1 + 3) = 0.25, so the hard
+    rate is 0 (every row predicted "failure", z > 0) while the soft one is 0.25."""
+    import numpy as np
+
+    from models import ModelSpec, build_model, shared_state
+
+    data = suite.load_data()
+    wide = suite.triggered_failures(data, wide=True)
+    expected = int((data.test_y > 0).sum() + (data.root_y > 0).sum())
+    expected += sum(int((y > 0).sum()) for s, (_, y) in data.sites.items() if s != suite.ATTACKER)
+    assert len(wide) == expected and len(suite.triggered_failures(data)) == int((data.test_y > 0).sum())
+    spec = ModelSpec(kind="mlp", n_features=5, hidden=[16], task="classification")
+    state = shared_state(build_model(spec, seed=0), spec)
+    state["head.weight"] = np.zeros_like(state["head.weight"])
+    state["head.bias"] = np.full_like(state["head.bias"], np.log(3.0))
+    assert suite.soft_backdoor_rate(spec, state, data) == pytest.approx(0.25, rel=1e-5)
+    assert suite.backdoor_rate(spec, state, data) == 0.0 and suite.wide_backdoor_rate(spec, state, data) == 0.0
+
+
 async def test_attack_suite_fast(tmp_path):
     rep = await suite.report(tmp_path, loops=3, attacks=("flood", "replace"))
     check_fair_share(rep)
@@ -98,6 +120,9 @@ async def test_attack_suite_fast(tmp_path):
             assert max(entered) <= min(entered) * (1 + 1e-5), (name, v, entered)
     assert rep["input_range"] and rep["trigger_value"] > rep["line_trigger_value"]
     assert rep["clean_backdoor_rate"] == rep["clean_line_backdoor_rate"]
+    # the late rate averages the last three versions' rates: each a multiple of 1/76, so the mean one of 1/228
+    for r in [rep["clean_late_rate"], *(a["late_rate"] for a in rep["attacks"].values())]:
+        assert 0.0 <= r <= 1.0 and abs(r * 3 * 76 - round(r * 3 * 76)) < 1e-6, r
     # the defaults still learn AI4I's failures: 0.87 measured at three loops, 0.886 at six (RELIABILITY.md)
     assert rep["clean_auc"] > 0.75, rep["clean_auc"]
 
