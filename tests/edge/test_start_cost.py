@@ -177,3 +177,35 @@ async def test_the_edge_process_logs_its_start_cost_with_the_start_frozen(mosqui
     finally:
         proc.terminate()
         await asyncio.to_thread(proc.wait, bound(20))
+
+
+async def test_a_backlog_replay_lets_the_agents_other_tasks_run_between_batches(tmp_path) -> None:
+    """A historian backlog stored at full speed yields to the event loop after every batch it stores, so the
+    agent's connection, grant, manifest and recovery answer proceed during the replay instead of after it
+    (the first round then starts as soon as the backlog is in)."""
+    from edge.agent import EdgeAgent
+    from edge.config import load_edge_config
+    from edge.ingest import BATCH_ROWS
+
+    site, rows = "site-a", 5_000
+    fed = Federation.create(tmp_path, [site])
+    csv = write_csv(tmp_path / "rows.csv", rows)
+    agent = EdgeAgent(load_edge_config(write_site(fed, site, csv, "mqtt://127.0.0.1:9", None, privacy="off")))
+    ticks = 0
+
+    async def other_task() -> None:  # stands for the connection's and the receive loop's steps
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    ticker = asyncio.create_task(other_task())
+    try:
+        await asyncio.wait_for(agent.ingest.run(), bound(60))
+    finally:
+        ticker.cancel()
+        agent.close()
+    assert agent.sources_done and agent.new_rows == rows
+    # at least one turn for the other task per stored batch (the CSV source alone yields every 256 rows, and
+    # the queue between them switches every 1024: some 25 turns for these 5,000 rows)
+    assert ticks >= rows // BATCH_ROWS - 2
