@@ -12,7 +12,9 @@ attacker sends first, the honest sites after it, and the loop ends when every
 update sent has its own signed receipt (matched by counter: :func:`all_decided`), so every run of a seed has
 the same slots in the same versions. Runs are still not bit-reproducible (training's floating point), and the
 backdoor rate, measured on the test set's 76 failure rows, is sensitive to it: RELIABILITY.md gives several
-seeds (``seed``). Before 1 Dec 2026 the loop counted receipts instead and raced (RELIABILITY.md). The honest-only run is the same loop
+seeds (``seed``). The lowest-variance measure found (RELIABILITY.md, robust12) is the late rate (the rate averaged
+over the last three versions' models) minus the benign control's in the same seed: half the final rate's scatter;
+the soft rate (no threshold) and the wide rate (≈280 rows) are reported too and do not help. Before 1 Dec 2026 the loop counted receipts instead and raced (RELIABILITY.md). The honest-only run is the same loop
 without the attacker; the report gives, per attack, the final global model's
 L2 distance from the honest-only run's (also relative to how far the honest
 run moved from version 0) and the backdoor's success rate.
@@ -585,21 +587,23 @@ def table(rep: dict) -> str:
     lines = [
         f"honest-only: K = {rep['k']}, {rep['honest_versions']} versions, moved {rep['honest_moved']:.3f} from version 0, "
         f"backdoor rate of the clean model {rep['clean_backdoor_rate']:.3f}, ROC AUC {rep['clean_auc']:.3f}, "
-        f"reduce {'/'.join(rep['reduces'])}",
-        "| attack | distance from honest-only | relative | backdoor success | minus clean | minus benign | ROC AUC | K "
-        "| versions | its slots | f(s) its / honest | its coefficients |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"reduce {'/'.join(rep['reduces'])}, late rate {rep.get('clean_late_rate', math.nan):.3f}",
+        "| attack | distance from honest-only | relative | backdoor success | minus clean | minus benign | late rate "
+        "| late minus benign | ROC AUC | K | versions | its slots | f(s) its / honest | its coefficients |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     # the benign control, when run, is the like-for-like reference: the same four-site federation and K, the fourth
     # site honest (the clean model is the three-site run's)
     benign = rep["attacks"].get("benign", {}).get("backdoor_rate")
+    benign_late = rep["attacks"].get("benign", {}).get("late_rate")
     for name, r in rep["attacks"].items():
         t = r["timing"]
         coefficients = " ".join(f"{e['weight']:.2f}" for e in r["attacker_entries"])
         lines.append(
             f"| {name} | {r['distance']:.3f} | {r['relative_distance']:.2f} | {r['backdoor_rate']:.3f} | "
             f"{r['backdoor_rate'] - rep['clean_backdoor_rate']:+.3f} | "
-            f"{'' if benign is None else format(r['backdoor_rate'] - benign, '+.3f')} | {r['auc']:.3f} | {r['k']} | "
+            f"{'' if benign is None else format(r['backdoor_rate'] - benign, '+.3f')} | {r.get('late_rate', math.nan):.3f} | "
+            f"{'' if benign_late is None else format(r['late_rate'] - benign_late, '+.3f')} | {r['auc']:.3f} | {r['k']} | "
             f"{r['versions']} | "
             f"{t['share']:.2f} | {t['factor']:.2f} / {t['honest_factor']:.2f} | "
             f"{coefficients} |"
