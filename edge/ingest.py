@@ -7,6 +7,7 @@ source or a full disk is reported without taking the agent down.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sqlite3
 from typing import Any
@@ -98,6 +99,10 @@ class Ingest:
                 batch.add(example(st.spec, row), units.current, bool(row.historical))
             if batch.rows and (len(batch.rows) >= BATCH_ROWS or stream.pending == 0):
                 self.store(*batch.take())
+                # a backlog read at full speed (a historian replay) otherwise holds the loop for the whole
+                # replay but a turn every few hundred rows: the connection, the grant, the manifest and a
+                # recovery answer waited until it ended, and the first round after it (BENCHMARKS.md)
+                await asyncio.sleep(0)
         if batch.rows:
             self.store(*batch.take())
         st.sources_done = True

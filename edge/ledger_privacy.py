@@ -99,6 +99,9 @@ class RecordLedger:
     """The per-record privacy ledger of one site (state persisted as JSON in the outbox's meta table)."""
 
     def __init__(self, cfg: PrivacyConfig, group: int = 1, state_json: str | None = None) -> None:
+        from fedline.opacus_parts import defer_package_inits
+
+        defer_package_inits()  # the RDP accountant without Opacus's others (fedline.opacus_parts)
         from opacus.accountants.rdp import RDPAccountant
 
         if cfg.accountant != "rdp":

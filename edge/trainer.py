@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from edge.config import PrivacyConfig, TrainingConfig
+from fedline.opacus_parts import defer_package_inits
 from models import ModelSpec, build_model, load_personal_state, load_shared_state, loss_per_sample
 from models.flat import personal_state, shared_state, state_delta
 
@@ -83,6 +84,25 @@ class RoundResult:
     noise_steps: int = 0  # optimizer steps that added Gaussian noise (== plan.steps under DP)
 
 
+def preload(dp: bool) -> None:
+    """Import now what the first round would otherwise import inside itself (the agent's start calls this).
+
+    - ``torch._dynamo``: torch's optimizers import it on their first construction and step (torch wraps them for
+      ``torch.compile``), whether or not anything is compiled; on the 2-vCPU VM about a third of the CPU an edge
+      spends before its first update (BENCHMARKS.md, "Cheaper edge start-up"), paid by every first round;
+    - with ``dp``: Opacus's per-sample gradients, its optimizer and its Poisson sampler (``fedline.opacus_parts``).
+
+    Nothing is computed: the same modules load, earlier, where the start's paused collector
+    (``fedline.startup``) covers them and its freeze keeps them out of later collections."""
+    import importlib
+
+    importlib.import_module("torch._dynamo")
+    if dp:
+        defer_package_inits()
+        for name in ("grad_sample.grad_sample_module", "optimizers.optimizer", "utils.uniform_sampler"):
+            importlib.import_module(f"opacus.{name}")
+
+
 def private_generator() -> torch.Generator:
     """A fresh ``torch.Generator`` seeded from the OS CSPRNG: not reproducible from any fixed seed."""
     return torch.Generator().manual_seed(secrets.randbits(63))
@@ -94,6 +114,7 @@ def poisson_batches(n: int, plan: Plan, generator: torch.Generator):
     Passing ``steps`` avoids the sampler's default ``int(1 / sample_rate)``,
     which float rounding makes one less than planned for some n.
     """
+    defer_package_inits()  # fedline.opacus_parts: Opacus's modules without its every accountant
     from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
     return UniformWithReplacementSampler(
@@ -135,8 +156,9 @@ def _make_private(
     model: torch.nn.Module, optimizer: torch.optim.Optimizer, dp: PrivacyConfig, plan: Plan, n: int
 ) -> tuple[torch.nn.Module, Any, Batches, _NoiseCount]:
     """DP-SGD through Opacus: per-sample gradients, clipping, noise from a private generator, Poisson batches."""
-    from opacus import GradSampleModule
-    from opacus.optimizers import DPOptimizer
+    defer_package_inits()  # fedline.opacus_parts: Opacus's modules without its every accountant
+    from opacus.grad_sample.grad_sample_module import GradSampleModule
+    from opacus.optimizers.optimizer import DPOptimizer
 
     trained = GradSampleModule(model, batch_first=True, loss_reduction="mean")
     private = DPOptimizer(

@@ -105,6 +105,9 @@ class GRU(nn.Module):
 
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
+        from fedline.opacus_parts import defer_package_inits
+
+        defer_package_inits()  # Opacus's layers without its every accountant (fedline.opacus_parts)
         from opacus.layers import DPGRU  # per-sample gradients need Opacus's GRU
 
         self.norm = _Standardise(spec)

@@ -38,6 +38,20 @@ class KnownFinding(AssertionError):
 KNOWN_FINDINGS: dict[str, tuple[str, str]] = {}  # harness -> (open bug, its traceback text); none open
 
 
+# libFuzzer's -rss_limit_mb reads the process's peak RSS (ru_maxrss), and Linux carries that peak over from the
+# parent through vfork/fork and exec: started from a pytest worker that has grown past 1 GB, every harness
+# "ran out of memory" at its first inputs whatever it did. A fork from this small launcher starts the count
+# afresh (a new process's peak is its own), so the limit measures the harness alone.
+_FRESH_PEAK = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.argv[1], sys.argv[1:])
+_, status = os.waitpid(pid, 0)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def run_harness(name: str, runs: int, tmp_path: Path, seed: int = 1) -> subprocess.CompletedProcess[str]:
     # TMPDIR: the seed corpus lands in the test's own folder; FUZZ_SCRATCH: files written on
     # every input go to RAM when there is a /dev/shm (removed afterwards)
@@ -46,6 +60,9 @@ def run_harness(name: str, runs: int, tmp_path: Path, seed: int = 1) -> subproce
     try:
         return subprocess.run(
             [
+                sys.executable,
+                "-c",
+                _FRESH_PEAK,
                 sys.executable,
                 str(FUZZ / f"{name}.py"),
                 f"-runs={runs}",
@@ -131,3 +148,24 @@ def test_harness_reports_a_foreign_exception(tmp_path: Path) -> None:
     assert proc.returncode != 0
     assert "KeyError: 'not a library error'" in proc.stdout + proc.stderr
     assert list(tmp_path.glob("crash-*")), "the crashing input is saved for reproduction"
+
+
+def test_the_rss_limit_measures_the_harness_not_the_process_that_started_it(tmp_path: Path) -> None:
+    """From a parent whose peak RSS is past the 1 GB limit (a long-running pytest worker), a harness still
+    starts at its own size (about 65 MB), not the parent's."""
+    code = f"""
+import json, sys
+from pathlib import Path
+sys.path.insert(0, {str(ROOT)!r})
+big = bytearray(1100 * 2**20)  # 1.1 GB, touched: resident
+big[:: 4096] = b"x" * len(big[:: 4096])
+from tests.hostile.test_fuzz import run_harness
+proc = run_harness("fuzz_chunks", 50, Path({str(tmp_path)!r}))
+print(json.dumps({{"rc": proc.returncode, "out": proc.stdout + proc.stderr}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = __import__("json").loads(out.stdout.strip().splitlines()[-1])
+    assert got["rc"] == 0, got["out"][-2000:]
+    peaks = [int(m) for m in re.findall(r"INITED .* rss: (\d+)Mb", got["out"])]
+    assert peaks and peaks[0] < 512, got["out"][-2000:]
