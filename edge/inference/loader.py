@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -73,6 +74,9 @@ class Loader:
         self._candidates: asyncio.Queue[Candidate] = asyncio.Queue()
         self._failed: set[tuple[int, str]] = set()  # refused or rolled back from: never tried again
         self._blocked: list[tuple[int, str]] = []  # rolled back from (persisted)
+        self._save_lock = threading.Lock()  # one save of the serving state at a time (:meth:`persist`)
+        self._asked = 0  # persists asked for, in the order of the states they save
+        self._saved = 0  # the newest of them on disk
 
     # ------------------------------------------------------------------ versions
     def current_version(self) -> int:
@@ -163,18 +167,39 @@ class Loader:
             self.metrics.served.labels(kind=served["kind"], metric=str(served.get("metric"))).set(float(v))
 
     # ------------------------------------------------------------------ state across restarts
-    def _serving(self) -> Serving:
+    async def persist(self) -> None:
+        """Save the models in service and the versions rolled back from (``edge.inference.state``).
+
+        Why the state is taken here, on the loop, and saved under a lock with its order number: saves run in
+        worker threads, and two of them (a rollback's, then the next version's swap; or a swap's save that a
+        shutdown cancelled while its thread went on) could otherwise finish in either order. An older state
+        finishing last would name the older model in ``serving.json`` and delete the newer one's file, so a
+        restart would serve the wrong version. A save whose state is older than one already on disk is skipped.
+        """
+        self._asked += 1
+        state = (self._asked, self.current, self.previous, self.blocked_version, tuple(self._blocked))
+        await asyncio.to_thread(self._save, *state)
+
+    def _save(
+        self,
+        order: int,
+        current: LoadedModel | None,
+        previous: LoadedModel | None,
+        blocked_version: int,
+        blocked: tuple[tuple[int, str], ...],
+    ) -> None:
+        """Write one state (worker thread): skipped when a newer one is on disk already."""
+
         def saved(m: LoadedModel | None) -> SavedModel | None:
             if m is None:
                 return None
             return self.state.save_model(m.version, m.info.hash, m.blob, m.info.origin)
 
-        return Serving(saved(self.current), saved(self.previous), self.blocked_version, tuple(self._blocked))
-
-    async def persist(self) -> None:
-        """Save the models in service and the versions rolled back from (``edge.inference.state``)."""
-        serving = await asyncio.to_thread(self._serving)
-        await asyncio.to_thread(self.state.save, serving)
+        with self._save_lock:
+            if order < self._saved:
+                return
+            self.state.save(Serving(saved(current), saved(previous), blocked_version, blocked))
+            self._saved = order
 
     async def restore(self) -> None:
         """Serve the model saved in the state dir at once (a restart must not wait for the broker)."""

@@ -254,3 +254,37 @@ async def test_the_line_reports_which_model_its_site_picked(tmp_path: Path) -> N
     finally:
         service.stop()
         await asyncio.wait_for(task, bound(30))
+
+
+async def test_an_older_serving_state_saved_late_does_not_overwrite_a_newer_one(tmp_path: Path) -> None:
+    """Regression: a rollback's save still running in its thread when the next version's swap saved. The older
+    state landed last, so serving.json named version 4 while version 5 served, and its clean-up deleted version
+    5's file (a restart would have served 4). Saves now keep the order of the states they were asked for."""
+    from edge.inference.session import ModelInfo, build_model
+
+    service = InferenceService(make_config(tmp_path), rows=RowStream(seed=5))
+    loader = service.loader
+    models = {}
+    for v in (4, 5):
+        blob = linear_onnx(TRUE_W * (1 + 0.1 * v), TRUE_B)
+        models[v] = build_model(blob, ModelInfo(v, content_hash(blob), "model_dir"), service.row_shape)
+    real_save = loader.state.save
+
+    def slow_for_four(serving) -> None:  # type: ignore[no-untyped-def]
+        if serving.current is not None and serving.current.version == 4:
+            import time
+
+            time.sleep(0.4)  # the older state's save is the slow one
+        real_save(serving)
+
+    loader.state.save = slow_for_four  # type: ignore[method-assign]
+    loader.current = models[4]
+    first = asyncio.create_task(loader.persist())
+    await asyncio.sleep(0.1)  # its thread is in the slow save
+    loader.current, loader.previous = models[5], models[4]
+    await loader.persist()
+    await first
+    serving = StateDir(tmp_path / "state").load()
+    assert serving.current is not None and serving.current.version == 5
+    assert serving.previous is not None and serving.previous.version == 4
+    assert StateDir(tmp_path / "state").read_model(serving.current) == models[5].blob
