@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -48,6 +49,7 @@ from broker_bridge.liveness import Liveness
 from broker_bridge.topics import Topics
 from fedline.logs import event
 from fedline.metrics import MetricsServer
+from fedline.startup import StartPause
 from fedline.supervise import run_until_stopped
 
 log = logging.getLogger("fedline.aggregator")
@@ -56,8 +58,9 @@ log = logging.getLogger("fedline.aggregator")
 class Aggregator:
     """``await Aggregator(config).run()`` runs until cancelled (or :meth:`stop`)."""
 
-    def __init__(self, cfg: AggregatorConfig, metrics: Metrics | None = None) -> None:
+    def __init__(self, cfg: AggregatorConfig, metrics: Metrics | None = None, start: StartPause | None = None) -> None:
         self.cfg = cfg
+        self.start_pause = start  # the collector paused over the process's start (fedline.startup), ended here
         self.topics = Topics(cfg.aggregator.federation, cfg.aggregator.topic_prefix)
         self.metrics = metrics or Metrics()
         self._metrics_http = MetricsServer(self.metrics.registry)
@@ -86,6 +89,25 @@ class Aggregator:
     def stop(self) -> None:
         self._stop.set()
 
+    def _preload(self) -> None:
+        """Import now what the first publish would import inside itself: the ONNX export's torch and ``onnx``
+        (and the torch an evaluation builds its model with). Nothing is computed: the same modules load, in the
+        start, where its paused collector covers them and its freeze keeps them out of later collections
+        (``fedline.startup``); without ONNX publishing and evaluation a restart imports no torch."""
+        if self.start_pause is None or not (self.cfg.publish.onnx or self.cfg.evaluation is not None):
+            return
+        import importlib
+
+        for name in ("models.export", "torch.onnx", "onnx") if self.cfg.publish.onnx else ("models.nets",):
+            importlib.import_module(name)
+
+    def _start_done(self) -> None:
+        """End the start's collector pause (freezing what it built) and log what the start cost."""
+        if self.start_pause is None or self.start_pause.ended:
+            return
+        frozen = self.start_pause.end()
+        event(log, "aggregator.start_cost", cpu_s=round(time.process_time(), 3), frozen_objects=frozen)
+
     def _make_core(self) -> AggregatorCore:
         """The core (a plant aggregator makes a ``plant.core.PlantCore``); runs on the serial thread."""
         reopen = self.forwards.reopen if self.forwards is not None else None  # a reducer's buffer holds forwards
@@ -100,6 +122,7 @@ class Aggregator:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         self.core = await loop.run_in_executor(self._serial, self._make_core)
+        await loop.run_in_executor(self._serial, self._preload)
         self.granter = await loop.run_in_executor(self._serial, grants.Granter, self.core, self.topics)
         self.recovery = RecoveryDesk(self.core.history, self.core.keys)
         self._metrics_http.start(self.cfg.metrics, service="aggregator", file=self.cfg.file)
@@ -127,6 +150,7 @@ class Aggregator:
                 await client.connected.wait()  # subscribed (re-made on every connect) before we say so
                 await self.granter.publish_grants(client)
                 self.started.set()
+                self._start_done()
                 event(
                     log,
                     "aggregator.started",
@@ -147,6 +171,8 @@ class Aggregator:
                     tasks.append(asyncio.create_task(self._cohort_clock(client), name="agg-cohorts"))
                 await run_until_stopped(tasks, self._stop, lambda: self.liveness.stopped(client), service="aggregator")
         finally:
+            if self.start_pause is not None:
+                self.start_pause.end()  # a start that failed: the collector runs again
             self.client = None
             self._metrics_http.stop()
             core = self.core
@@ -421,11 +447,11 @@ class Aggregator:
             event(log, "model.cleared", version=version, chunks=len(items))
 
 
-async def run_aggregator(cfg: AggregatorConfig) -> None:
-    """Run until SIGINT/SIGTERM."""
+async def run_aggregator(cfg: AggregatorConfig, start: StartPause | None = None) -> None:
+    """Run until SIGINT/SIGTERM; ``start``: the collector's pause over the process's start, ended once started."""
     import signal
 
-    agg = Aggregator(cfg)
+    agg = Aggregator(cfg, start=start)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
