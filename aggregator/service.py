@@ -91,6 +91,11 @@ class Aggregator:
     def stop(self) -> None:
         self._stop.set()
 
+    def _core_and_preload(self) -> AggregatorCore:
+        core = self._make_core()
+        self._preload()
+        return core
+
     def _preload(self) -> None:
         """Import now what the first publish would import inside itself: the ONNX export's torch and ``onnx``
         (and the torch an evaluation builds its model with). Nothing is computed: the same modules load, in the
@@ -123,8 +128,7 @@ class Aggregator:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        self.core = await loop.run_in_executor(self._serial, self._make_core)
-        await loop.run_in_executor(self._serial, self._preload)
+        self.core = await loop.run_in_executor(self._serial, self._core_and_preload)
         self.granter = await loop.run_in_executor(self._serial, grants.Granter, self.core, self.topics)
         self.recovery = RecoveryDesk(self.core.history, self.core.keys)
         self._metrics_http.start(self.cfg.metrics, service="aggregator", file=self.cfg.file)
