@@ -39,7 +39,7 @@ from aggregator.recovery import SiteHistory
 from aggregator.site_rate import SiteRate
 from aggregator.store import BufferedRow, Store, Verdict
 from aggregator.strategies import Accepted, make_strategy
-from broker_bridge import envelope, quantised
+from broker_bridge import envelope, layouts, quantised
 from broker_bridge.envelope import UpdateHeader
 from broker_bridge.errors import FedlineError, WireError
 from broker_bridge.keys import Enrollment, KeyPair
@@ -192,6 +192,7 @@ class AggregatorCore:
         self.snapshot = (self.version, self.model)
         self._step: tuple[int, int, State, State] | None = None  # (version, parent, int8 block, model it made)
         self.reference = {k: tuple(v.shape) for k, v in self.model.items()}
+        layouts.register_model(self.reference)  # FLT2 updates name these tables by id (before the buffer is read)
         self._top: dict[str, int | None] = {}
         self.buffer: list[Accepted] = self._read_buffer()
         self.buffer_since: float | None = None  # monotonic time the current buffer got its first update

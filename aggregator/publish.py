@@ -100,6 +100,7 @@ def build_release(
         "spec": spec.to_dict(),
         "weights": entries["weights"],
         "onnx": entries["onnx"],
+        "reads": list(envelope.READS),  # this aggregator reads updates whose tensors are FLT2 (the table by reference)
     }
     if step is not None:  # signed with the rest: its hash, and the full weights' hash the step must give
         manifest["delta"] = dict(entries["delta"], **{"from": step[0]})

@@ -48,6 +48,12 @@ MAX_TENSORS = 4096
 MAX_NDIM = 8
 
 _TENSOR_MAGIC = b"FLT1"
+_TENSOR_REF_MAGIC = b"FLT2"  # the tensor table by reference: FLT2 | 16-byte layout id | raw data
+LAYOUT_ID_BYTES = 16
+#: wire formats beyond version 1's this build reads, named in every manifest (``"reads"``) so that a site sends
+#: them only to an aggregator that reads them
+READS = ("FLT2",)
+MAX_LAYOUTS = 256  # layouts a process may register (each from its own model spec: a handful)
 _UPDATE_MAGIC = b"FLU"
 _SEALED_MAGIC = b"FLE"
 _SIGNED_MAGIC = b"FLS1"
@@ -105,12 +111,16 @@ def _load_json(raw: bytes | memoryview, reason: str, what: str) -> dict[str, Any
 
 
 # --------------------------------------------------------------------------- tensors
-def encode_tensors(tensors: Mapping[str, np.ndarray]) -> bytes:
-    """Named arrays → ``FLT1 | u32 len | JSON [{name, dtype, shape}] | raw little-endian data``."""
-    return b"".join(tensor_parts(tensors))
+def encode_tensors(tensors: Mapping[str, np.ndarray], by_reference: bool = False) -> bytes:
+    """Named arrays → ``FLT1 | u32 len | JSON [{name, dtype, shape}] | raw little-endian data``.
+
+    ``by_reference``: ``FLT2 | layout id | raw data`` instead when the table is a registered layout
+    (:func:`register_layout`: one this process derived from its own model spec); FLT1 otherwise.
+    """
+    return b"".join(tensor_parts(tensors, by_reference))
 
 
-def tensor_parts(tensors: Mapping[str, np.ndarray]) -> list[bytes | memoryview]:
+def tensor_parts(tensors: Mapping[str, np.ndarray], by_reference: bool = False) -> list[bytes | memoryview]:
     """:func:`encode_tensors`' bytes as parts in order, each array's a view of it: what a file is written
     from without joining a 4 MB copy first (the aggregator's checkpoints)."""
     meta = []
@@ -123,25 +133,64 @@ def tensor_parts(tensors: Mapping[str, np.ndarray]) -> list[bytes | memoryview]:
             raise ValueError(f"tensor {name!r}: dtype {a.dtype} cannot go on the wire")
         meta.append({"name": name, "dtype": a.dtype.str, "shape": list(a.shape)})
         blobs.append(a.reshape(-1).view(np.uint8).data)  # joined straight from the array: no extra copy
-    header = json.dumps(meta, separators=(",", ":")).encode("utf-8")
+    header = table_json(meta)
+    if by_reference:
+        lid = layout_id(header)
+        if lid in _BY_ID:
+            return [_TENSOR_REF_MAGIC, lid, *blobs]
     return [_TENSOR_MAGIC, _U32.pack(len(header)), header, *blobs]
 
 
+def table_json(meta: list[dict[str, Any]]) -> bytes:
+    """The canonical FLT1 tensor table: ``[{"name","dtype","shape"}]`` in tensor order, no spaces."""
+    return json.dumps(meta, separators=(",", ":")).encode("utf-8")
+
+
+def layout_id(table: bytes) -> bytes:
+    """A layout's id: the first 16 bytes of SHA-256 over its canonical FLT1 table (names, dtypes, shapes, order)."""
+    return hashlib.sha256(table).digest()[:LAYOUT_ID_BYTES]
+
+
+def register_layout(table: bytes) -> bytes:
+    """Make a layout readable as FLT2 in this process and return its id.
+
+    Only tables a party derived from its *own* model spec are registered (``broker_bridge.layouts``), never
+    one read off the wire: an FLT2 block whose id is not registered is refused, never guessed.
+    """
+    lid = layout_id(table)
+    if lid not in _BY_ID:
+        if len(_BY_ID) >= MAX_LAYOUTS:
+            raise ValueError(f"more than {MAX_LAYOUTS} tensor layouts registered")
+        _BY_ID[lid] = _parse_layout(table, "schema")
+    return lid
+
+
 def decode_tensors(blob: bytes | memoryview, reason: str = "schema") -> dict[str, np.ndarray]:
-    """Inverse of :func:`encode_tensors`. Arrays are read-only views into ``blob``.
+    """Inverse of :func:`encode_tensors` (FLT1, or FLT2 of a registered layout). Arrays are read-only views
+    into ``blob``.
 
     Every length is checked before it is used, so random bytes give a
     :class:`WireError`, never a crash or a huge allocation.
     """
     view = memoryview(blob)
+    if len(view) >= 4 + LAYOUT_ID_BYTES and bytes(view[:4]) == _TENSOR_REF_MAGIC:
+        lid = bytes(view[4 : 4 + LAYOUT_ID_BYTES])
+        layout = _BY_ID.get(lid)
+        if layout is None:
+            raise WireError(reason, f"FLT2 tensor layout {lid.hex()} is not one derived from this party's model spec")
+        return _read_arrays(view, 4 + LAYOUT_ID_BYTES, layout, reason)
     if len(view) < 8 or bytes(view[:4]) != _TENSOR_MAGIC:
-        raise WireError(reason, "tensor block does not start with FLT1")
+        raise WireError(reason, "tensor block does not start with FLT1 or FLT2")
     (hlen,) = _U32.unpack_from(view, 4)
     if hlen > MAX_HEADER_BYTES or 8 + hlen > len(view):
         raise WireError(reason, f"tensor header length {hlen} does not fit the block")
+    return _read_arrays(view, 8 + hlen, _tensor_layout(bytes(view[8 : 8 + hlen]), reason), reason)
+
+
+def _read_arrays(view: memoryview, pos: int, layout: Layout, reason: str) -> dict[str, np.ndarray]:
+    """The arrays of ``layout`` from ``view[pos:]``, which must hold exactly their bytes."""
     out: dict[str, np.ndarray] = {}
-    pos = 8 + hlen
-    for name, dt, shape, count in _tensor_layout(bytes(view[8 : 8 + hlen]), reason):
+    for name, dt, shape, count in layout:
         nbytes = count * dt.itemsize
         if pos + nbytes > len(view):
             raise WireError(reason, f"tensor {name!r}: {nbytes} bytes declared, {len(view) - pos} left in the block")
@@ -160,6 +209,8 @@ Layout = tuple[tuple[str, np.dtype[Any], tuple[int, ...], int], ...]  # (name, d
 _LAYOUTS: dict[bytes, Layout] = {}
 _LAYOUTS_MAX = 64
 _LAYOUT_CACHED_BYTES = 4096
+# layouts readable as FLT2, by id: registered from this process's own model spec (register_layout), never learnt
+_BY_ID: dict[bytes, Layout] = {}
 
 
 def _tensor_layout(raw: bytes, reason: str) -> Layout:
@@ -271,10 +322,12 @@ _HEADER_FIELDS: dict[str, type | tuple[type, ...]] = {
 }
 
 
-def encode_update(header: UpdateHeader, tensors: Mapping[str, np.ndarray]) -> bytes:
-    """Plaintext of an update: ``FLU | ver | u32 len | header JSON | tensors``."""
+def encode_update(header: UpdateHeader, tensors: Mapping[str, np.ndarray], by_reference: bool = False) -> bytes:
+    """Plaintext of an update: ``FLU | ver | u32 len | header JSON | tensors`` (FLT2 with ``by_reference``)."""
     head = canonical_json(header.to_dict())
-    return b"".join([_UPDATE_MAGIC, bytes([FORMAT_VERSION]), _U32.pack(len(head)), head, encode_tensors(tensors)])
+    return b"".join(
+        [_UPDATE_MAGIC, bytes([FORMAT_VERSION]), _U32.pack(len(head)), head, encode_tensors(tensors, by_reference)]
+    )
 
 
 def _decode_update_header(plain: memoryview) -> tuple[dict[str, Any], memoryview]:
@@ -303,16 +356,25 @@ def _tensor_data_at(inner: memoryview) -> int | None:
     at += 8 + _U32.unpack_from(inner, at + 4)[0]  # FLU, version, header length, header JSON
     if len(inner) < at + 8:
         return None
+    if bytes(inner[at : at + 4]) == _TENSOR_REF_MAGIC:
+        return at + 4 + LAYOUT_ID_BYTES  # FLT2, layout id
     return at + 8 + int(_U32.unpack_from(inner, at + 4)[0])  # FLT1, tensor header length, tensor header JSON
 
 
 def seal_update(
-    header: UpdateHeader, tensors: Mapping[str, np.ndarray], site_keys: KeyPair, aggregator_box_pub: bytes
+    header: UpdateHeader,
+    tensors: Mapping[str, np.ndarray],
+    site_keys: KeyPair,
+    aggregator_box_pub: bytes,
+    by_reference: bool = False,
 ) -> bytes:
-    """Sign (Ed25519 over a SHA-256 digest) and seal (X25519 SealedBox) one update."""
+    """Sign (Ed25519 over a SHA-256 digest) and seal (X25519 SealedBox) one update.
+
+    ``by_reference``: the tensors as FLT2 when their table is a registered layout (only for an aggregator
+    whose manifest says it reads FLT2, :data:`READS`)."""
     if header.site != site_keys.ident:
         raise ValueError(f"header site {header.site!r} is not the key's site {site_keys.ident!r}")
-    plain = encode_update(header, tensors)
+    plain = encode_update(header, tensors, by_reference)
     site = header.site.encode()
     sig = site_keys.signing_key.sign(digest(site, _UPDATE_DOMAIN, b"\x00", plain)).signature
     inner = b"".join([_SIGNED_MAGIC, bytes([len(site)]), site, bytes(site_keys.signing_key.verify_key), sig, plain])

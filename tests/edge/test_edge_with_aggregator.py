@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import asyncio
 
+from nacl.public import SealedBox
+
 from aggregator.config import load_config
 from aggregator.service import Aggregator
+from broker_bridge import envelope
+from edge import rounds
 from edge.agent import EdgeAgent
 from edge.config import load_edge_config
 from fedline.testing.patience import bound
@@ -15,8 +19,15 @@ from tests.edge.helpers import Federation, write_aggregator, write_csv, write_si
 SITES = ["site-a", "site-c"]
 
 
-async def test_two_sites_and_the_real_aggregator(mosquitto, tmp_path) -> None:
+async def test_two_sites_and_the_real_aggregator(mosquitto, tmp_path, monkeypatch) -> None:
     fed = Federation.create(tmp_path, SITES)
+    sealed: list[bytes] = []  # every update the sites seal, as sent
+
+    def spy(*args, **kwargs) -> bytes:
+        sealed.append(envelope.seal_update(*args, **kwargs))
+        return sealed[-1]
+
+    monkeypatch.setattr(rounds, "seal_update", spy)
     agg_toml = tmp_path / "aggregator.toml"
     write_aggregator(fed, mosquitto, agg_toml)
     aggregator = Aggregator(load_config(agg_toml))
@@ -45,6 +56,13 @@ async def test_two_sites_and_the_real_aggregator(mosquitto, tmp_path) -> None:
         for a in agents:
             second = a.outbox.ledger()[1]
             assert second.state == "applied" and second.base_version >= 1
+        # the aggregator's manifest says it reads FLT2, so every update named its tensor table by id, and was
+        # applied: the table's 300-odd bytes are not on the wire (broker_bridge.layouts)
+        assert all(a.base.manifest["reads"] == ["FLT2"] for a in agents)
+        assert len(sealed) == 4
+        for blob in sealed:
+            inner = SealedBox(fed.aggregator.box_key).decrypt(blob[4:])
+            assert b"FLT2" in inner and b"FLT1" not in inner and b'"dtype"' not in inner
     finally:
         stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
