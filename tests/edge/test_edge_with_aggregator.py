@@ -63,6 +63,8 @@ async def test_two_sites_and_the_real_aggregator(mosquitto, tmp_path, monkeypatc
         for blob in sealed:
             inner = SealedBox(fed.aggregator.box_key).decrypt(blob[4:])
             assert b"FLT2" in inner and b"FLT1" not in inner and b'"dtype"' not in inner
+        # both sites' statuses say they read FLT2, so the later versions' weights name their table by id too
+        assert all(a.base.weights_blob[:4] == b"FLT2" for a in agents)
     finally:
         stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
