@@ -36,6 +36,7 @@ from nacl.public import PublicKey, SealedBox
 from nacl.secret import SecretBox
 from nacl.signing import VerifyKey
 
+from broker_bridge import binhead
 from broker_bridge.errors import TopicError, WireError
 from broker_bridge.keys import Enrollment, KeyPair, OpeningKey
 from broker_bridge.sealopen import seal_open
@@ -52,7 +53,7 @@ _TENSOR_REF_MAGIC = b"FLT2"  # the tensor table by reference: FLT2 | 16-byte lay
 LAYOUT_ID_BYTES = 16
 #: wire formats beyond version 1's this build reads, named in every manifest (``"reads"``) so that a site sends
 #: them only to an aggregator that reads them
-READS = ("FLT2",)
+READS = ("FLT2", "FLU2")
 MAX_LAYOUTS = 256  # layouts a process may register (each from its own model spec: a handful)
 _UPDATE_MAGIC = b"FLU"
 _SEALED_MAGIC = b"FLE"
@@ -60,6 +61,9 @@ _SIGNED_MAGIC = b"FLS1"
 _MANIFEST_MAGIC = b"FLM"
 _RECEIPT_MAGIC = b"FLR"
 _U32 = struct.Struct("<I")
+_U16 = struct.Struct("<H")
+#: FLU's version byte for a binary header (broker_bridge.binhead); 1 is the JSON header
+BINARY_UPDATE_VERSION = 2
 
 #: dtypes allowed on the wire (little-endian or byte-order-free)
 DTYPES = ("<f2", "<f4", "<f8", "|i1", "<i2", "<i4", "<i8", "|u1", "|b1")
@@ -322,19 +326,34 @@ _HEADER_FIELDS: dict[str, type | tuple[type, ...]] = {
 }
 
 
-def encode_update(header: UpdateHeader, tensors: Mapping[str, np.ndarray], by_reference: bool = False) -> bytes:
-    """Plaintext of an update: ``FLU | ver | u32 len | header JSON | tensors`` (FLT2 with ``by_reference``)."""
-    head = canonical_json(header.to_dict())
-    return b"".join(
-        [_UPDATE_MAGIC, bytes([FORMAT_VERSION]), _U32.pack(len(head)), head, encode_tensors(tensors, by_reference)]
-    )
+def encode_update(
+    header: UpdateHeader, tensors: Mapping[str, np.ndarray], by_reference: bool = False, binary: bool = False
+) -> bytes:
+    """Plaintext of an update: ``FLU | 1 | u32 len | header JSON | tensors``, or with ``binary``
+    ``FLU | 2 | binary header | tensors`` (:mod:`broker_bridge.binhead`; JSON when the header does not fit it).
+    The tensors as FLT2 with ``by_reference``."""
+    doc = header.to_dict()
+    block = binhead.pack(doc) if binary else None
+    tensors_blob = encode_tensors(tensors, by_reference)
+    if block is not None:
+        return b"".join([_UPDATE_MAGIC, bytes([BINARY_UPDATE_VERSION]), block, tensors_blob])
+    head = canonical_json(doc)
+    return b"".join([_UPDATE_MAGIC, bytes([FORMAT_VERSION]), _U32.pack(len(head)), head, tensors_blob])
 
 
-def _decode_update_header(plain: memoryview) -> tuple[dict[str, Any], memoryview]:
-    if len(plain) < 8 or bytes(plain[:3]) != _UPDATE_MAGIC:
+def _decode_update_header(plain: memoryview, site: str) -> tuple[dict[str, Any], memoryview]:
+    if len(plain) < 6 or bytes(plain[:3]) != _UPDATE_MAGIC:
         raise WireError("schema", "plaintext is not an update (no FLU magic)")
+    if plain[3] == BINARY_UPDATE_VERSION:
+        doc, used = binhead.unpack(plain[4:], site)
+        return doc, plain[4 + used :]
     if plain[3] != FORMAT_VERSION:
-        raise WireError("version", f"update plaintext format {plain[3]}, this build reads {FORMAT_VERSION}")
+        raise WireError(
+            "version",
+            f"update plaintext format {plain[3]}, this build reads {FORMAT_VERSION} and {BINARY_UPDATE_VERSION}",
+        )
+    if len(plain) < 8:
+        raise WireError("schema", "update plaintext is truncated")
     (hlen,) = _U32.unpack_from(plain, 4)
     if hlen > MAX_HEADER_BYTES or 8 + hlen > len(plain):
         raise WireError("schema", f"update header length {hlen} does not fit")
@@ -353,7 +372,10 @@ def _tensor_data_at(inner: memoryview) -> int | None:
     at = 5 + inner[4] + 32 + 64  # signed magic, site length, site, verify key, signature
     if len(inner) < at + 8:
         return None
-    at += 8 + _U32.unpack_from(inner, at + 4)[0]  # FLU, version, header length, header JSON
+    if inner[at + 3] == BINARY_UPDATE_VERSION:
+        at += 6 + _U16.unpack_from(inner, at + 4)[0]  # FLU, 2, binary header length, binary header
+    else:
+        at += 8 + _U32.unpack_from(inner, at + 4)[0]  # FLU, version, header length, header JSON
     if len(inner) < at + 8:
         return None
     if bytes(inner[at : at + 4]) == _TENSOR_REF_MAGIC:
@@ -367,14 +389,16 @@ def seal_update(
     site_keys: KeyPair,
     aggregator_box_pub: bytes,
     by_reference: bool = False,
+    binary: bool = False,
 ) -> bytes:
     """Sign (Ed25519 over a SHA-256 digest) and seal (X25519 SealedBox) one update.
 
     ``by_reference``: the tensors as FLT2 when their table is a registered layout (only for an aggregator
-    whose manifest says it reads FLT2, :data:`READS`)."""
+    whose manifest says it reads FLT2, :data:`READS`); ``binary``: the header in binary (FLU version 2, for one
+    that reads FLU2)."""
     if header.site != site_keys.ident:
         raise ValueError(f"header site {header.site!r} is not the key's site {site_keys.ident!r}")
-    plain = encode_update(header, tensors, by_reference)
+    plain = encode_update(header, tensors, by_reference, binary)
     site = header.site.encode()
     sig = site_keys.signing_key.sign(digest(site, _UPDATE_DOMAIN, b"\x00", plain)).signature
     inner = b"".join([_SIGNED_MAGIC, bytes([len(site)]), site, bytes(site_keys.signing_key.verify_key), sig, plain])
@@ -424,7 +448,7 @@ def open_update(
         raise WireError("unenrolled", f"site {site!r} is not enrolled in federation {enrollment.federation!r}")
     if enrolled.sign_pub != vk_raw:
         raise WireError("unenrolled", f"update claims site {site!r} but is signed by another key")
-    doc, rest = _decode_update_header(plain)
+    doc, rest = _decode_update_header(plain, site)
     counter = doc.get("counter")
     if not isinstance(counter, int) or isinstance(counter, bool):
         raise WireError("schema", "update header has no integer counter")

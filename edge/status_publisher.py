@@ -24,7 +24,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from broker_bridge import envelope
 from broker_bridge.client import MqttClient, will_message
 from broker_bridge.errors import NotConnected, PublishRefused
 from edge.site_state import SiteState, wait_event
@@ -118,7 +117,7 @@ class StatusPublisher:
             outbox_depth=depth,
             epoch=max(st.keyring, default=-1),
             model_refused=st.model_refused,
-            reads=envelope.READS,  # weights and int8 steps with the tensor table by reference (broker_bridge.layouts)
+            reads=("FLT2",),  # weights and int8 steps with the tensor table by reference (broker_bridge.layouts)
         )
 
     def will(self) -> Any:

@@ -56,13 +56,16 @@ async def test_two_sites_and_the_real_aggregator(mosquitto, tmp_path, monkeypatc
         for a in agents:
             second = a.outbox.ledger()[1]
             assert second.state == "applied" and second.base_version >= 1
-        # the aggregator's manifest says it reads FLT2, so every update named its tensor table by id, and was
-        # applied: the table's 300-odd bytes are not on the wire (broker_bridge.layouts)
-        assert all(a.base.manifest["reads"] == ["FLT2"] for a in agents)
+        # the aggregator's manifest says it reads FLT2 and FLU2, so every update named its tensor table by id
+        # and carried a binary header, and was applied: no JSON left in it (broker_bridge.layouts, .binhead)
+        assert all(a.base.manifest["reads"] == ["FLT2", "FLU2"] for a in agents)
         assert len(sealed) == 4
         for blob in sealed:
             inner = SealedBox(fed.aggregator.box_key).decrypt(blob[4:])
-            assert b"FLT2" in inner and b"FLT1" not in inner and b'"dtype"' not in inner
+            plain = inner[5 + inner[4] + 96 :]  # after the signature block
+            assert plain[:4] == b"FLU\x02"
+            head_len = int.from_bytes(plain[4:6], "little")  # the binary header, then the tensors
+            assert plain[6 + head_len : 6 + head_len + 4] == b"FLT2"
         # both sites' statuses say they read FLT2, so the later versions' weights name their table by id too
         assert all(a.base.weights_blob[:4] == b"FLT2" for a in agents)
     finally:
