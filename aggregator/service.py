@@ -234,7 +234,7 @@ class Aggregator:
         for r in decision.receipts:
             if r["site"] == "?":
                 continue
-            blob = core.sign_receipt(r)
+            blob = core.sign_receipt(r, "FLR2" in self._reads.get(r["site"], ()))  # binary if the site reads it
             if blob is None:  # not enrolled (or revoked): no key to seal its receipt to
                 continue
             try:

@@ -501,6 +501,9 @@ def verify_body(
 
 _MANIFEST_DOMAIN = b"fedline-manifest-v1\x00"
 _RECEIPT_DOMAIN = b"fedline-receipt-v1\x00"
+_RECEIPT_DOMAIN_V2 = b"fedline-receipt-v2\x00"  # the binary body: a signature of one form never checks as the other's
+#: FLR's version byte for a binary body (broker_bridge.binhead.pack_receipt); 1 is the JSON body
+BINARY_RECEIPT_VERSION = 2
 MANIFEST_FIELDS = ("federation", "version", "created_at", "spec", "weights", "onnx")
 RECEIPT_FIELDS = ("site", "counter", "msg_id", "verdict", "reason", "version")
 VERDICTS = ("applied", "buffered", "stale", "rejected")
@@ -523,15 +526,23 @@ def verify_manifest(blob: bytes | memoryview, aggregator_sign_pub: bytes) -> dic
     return doc
 
 
-def sign_receipt(doc: Mapping[str, Any], aggregator_keys: KeyPair) -> bytes:
-    """The aggregator's verdict on one update, signed; only this lets a site forget it."""
-    return _sign_doc(_RECEIPT_MAGIC, _RECEIPT_DOMAIN, doc, aggregator_keys)
+def sign_receipt(doc: Mapping[str, Any], aggregator_keys: KeyPair, binary: bool = False) -> bytes:
+    """The aggregator's verdict on one update, signed; only this lets a site forget it.
+
+    ``binary`` (for a site whose status reads FLR2): ``FLR | 2 | signature | binary body``
+    (:func:`broker_bridge.binhead.pack_receipt`), signed under a domain of its own; JSON when the body does not
+    fit the binary form."""
+    body = binhead.pack_receipt(doc) if binary else None
+    if body is None:
+        return _sign_doc(_RECEIPT_MAGIC, _RECEIPT_DOMAIN, doc, aggregator_keys)
+    sig = aggregator_keys.signing_key.sign(digest(body, _RECEIPT_DOMAIN_V2)).signature
+    return _RECEIPT_MAGIC + bytes([BINARY_RECEIPT_VERSION]) + sig + body
 
 
 _SEALED_RECEIPT_MAGIC = b"FLQ"
 
 
-def seal_receipt(doc: Mapping[str, Any], aggregator_keys: KeyPair, site_box_pub: bytes) -> bytes:
+def seal_receipt(doc: Mapping[str, Any], aggregator_keys: KeyPair, site_box_pub: bytes, binary: bool = False) -> bytes:
     """A signed receipt sealed to its site: ``FLQ | ver | SealedBox(site X25519 key, FLR signed receipt)``.
 
     Sealed because a receipt says, per site, which counters were sent, when,
@@ -541,7 +552,7 @@ def seal_receipt(doc: Mapping[str, Any], aggregator_keys: KeyPair, site_box_pub:
     return (
         _SEALED_RECEIPT_MAGIC
         + bytes([FORMAT_VERSION])
-        + SealedBox(PublicKey(site_box_pub)).encrypt(sign_receipt(doc, aggregator_keys))
+        + SealedBox(PublicKey(site_box_pub)).encrypt(sign_receipt(doc, aggregator_keys, binary))
     )
 
 
@@ -565,12 +576,31 @@ def open_receipt(blob: bytes | memoryview, site_keys: KeyPair, aggregator_sign_p
 
 
 def verify_receipt(blob: bytes | memoryview, aggregator_sign_pub: bytes) -> dict[str, Any]:
-    """Check a receipt's signature and fields; return it as a dict."""
-    doc = verify_body(_RECEIPT_MAGIC, _RECEIPT_DOMAIN, "receipt", blob, aggregator_sign_pub, RECEIPT_FIELDS)
+    """Check a receipt's signature and fields (JSON, or the binary body of FLR version 2); return it as a dict."""
+    view = memoryview(blob)
+    if len(view) >= 4 + 64 + 1 and bytes(view[:3]) == _RECEIPT_MAGIC and view[3] == BINARY_RECEIPT_VERSION:
+        doc = _verify_binary_receipt(view, aggregator_sign_pub)
+    else:
+        doc = verify_body(_RECEIPT_MAGIC, _RECEIPT_DOMAIN, "receipt", view, aggregator_sign_pub, RECEIPT_FIELDS)
     if doc["verdict"] not in VERDICTS:
         raise WireError("schema", f"receipt verdict {doc['verdict']!r} is not one of {VERDICTS}")
     if not isinstance(doc["counter"], int) or isinstance(doc["counter"], bool):
         raise WireError("schema", "receipt counter must be an integer")
+    return doc
+
+
+def _verify_binary_receipt(view: memoryview, aggregator_sign_pub: bytes) -> dict[str, Any]:
+    if len(view) > MAX_HEADER_BYTES:
+        raise WireError("framing", f"{len(view)} bytes is not the size of a receipt")
+    sig, body = bytes(view[4:68]), view[68:]
+    try:
+        VerifyKey(aggregator_sign_pub).verify(digest(body, _RECEIPT_DOMAIN_V2), sig)
+    except (BadSignatureError, ValueError, TypeError):
+        raise WireError("signature", "receipt signature does not verify with the aggregator's key") from None
+    doc = binhead.unpack_receipt(body)
+    missing = [k for k in RECEIPT_FIELDS if k not in doc]
+    if missing:
+        raise WireError("schema", f"receipt lacks {', '.join(missing)}")
     return doc
 
 

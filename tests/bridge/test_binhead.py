@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import struct
 
 import numpy as np
@@ -13,9 +14,9 @@ from broker_bridge.errors import WireError
 from tests.bridge import helpers as h
 
 FIXED = struct.pack("<QIIdB", 7, 2, 64, 1.0e9, 0)  # counter, base version, samples, created_at, float32
-# msg_id "ab"; three privacy fields: mode = "off" (key 0, interned string 1), steps = 3 (key 6, i64),
+# msg_id "ab"; three privacy fields: mode = "off" (key 0, interned string 1), steps = 300 (key 6, LEB128: 0xac 0x02),
 # "x" = null (a key by name)
-BODY = FIXED + b"\x02ab" + b"\x03" + b"\x00\x04\x01" + b"\x06\x02" + struct.pack("<q", 3) + b"\xff\x01x\x00"
+BODY = FIXED + b"\x02ab" + b"\x03" + b"\x00\x04\x01" + b"\x06\x05\xac\x02" + b"\xff\x01x\x00"
 BLOCK = struct.pack("<H", len(BODY)) + BODY
 DOC = {
     "site": "site-a",
@@ -23,7 +24,7 @@ DOC = {
     "msg_id": "ab",
     "base_version": 2,
     "n_samples": 64,
-    "privacy": {"mode": "off", "steps": 3, "x": None},
+    "privacy": {"mode": "off", "steps": 300, "x": None},
     "created_at": 1.0e9,
     "format": 1,
 }
@@ -36,7 +37,7 @@ def test_a_hand_built_block_decodes_and_the_encoder_writes_the_same_bytes() -> N
 
 
 def test_int8_and_every_value_kind() -> None:
-    privacy = {"epsilon": 0.25, "accountant": "rdp", "note": "free", "delta": None, "unit_group": -2}
+    privacy = {"epsilon": 0.25, "accountant": "rdp", "note": "free", "delta": None, "unit_group": -2, "n": 2**64 - 1}
     head = UpdateHeader("site-a", 2**64 - 1, "m", 2**32 - 1, 0, privacy, 5.5, encoding="int8")
     block = binhead.pack(head.to_dict())
     assert block is not None and block[2 + 24] == 1  # the encoding byte: int8
@@ -47,8 +48,15 @@ def test_int8_and_every_value_kind() -> None:
 
 @pytest.mark.parametrize(
     "privacy",
-    [{"flag": True}, {"big": 2**63}, {"s": "x" * 256}, {"k" * 256: 1}, {f"k{i}": 1 for i in range(65)}],
-    ids=["bool", "int>64bit", "long-string", "long-key", "65-fields"],
+    [
+        {"flag": True},
+        {"big": 2**64},
+        {"low": -(2**63) - 1},
+        {"s": "x" * 256},
+        {"k" * 256: 1},
+        {f"k{i}": 1 for i in range(65)},
+    ],
+    ids=["bool", "int>=2^64", "int<-2^63", "long-string", "long-key", "65-fields"],
 )
 def test_what_the_format_cannot_hold_goes_as_json(privacy: dict) -> None:
     head = UpdateHeader("site-a", 1, "m", 0, 1, privacy, 1.0)
@@ -77,14 +85,19 @@ def test_every_malformed_block_is_refused_by_name() -> None:
     assert "created_at nan" in _refused(_framed(nan + b"\x00\x00"))
     assert "truncated in msg_id" in _refused(_framed(FIXED + b"\x09ab"))
     assert "msg_id is not UTF-8" in _refused(_framed(FIXED + b"\x01\xff\x00"))
-    assert "65 privacy fields" in _refused(_framed(FIXED + b"\x00" + bytes([65])))
-    assert "privacy key 10 is not one of 10" in _refused(_framed(FIXED + b"\x00\x01\x0a\x00"))
+    assert "65 fields, at most 64" in _refused(_framed(FIXED + b"\x00" + bytes([65])))
+    assert "key 10 is not one of 10" in _refused(_framed(FIXED + b"\x00\x01\x0a\x00"))
     assert "unknown tag 9" in _refused(_framed(FIXED + b"\x00\x01\x00\x09"))
-    assert "names string 5 of none" in _refused(_framed(FIXED + b"\x00\x01\x00\x04\x05"))
+    assert "names string 5 of 5" in _refused(_framed(FIXED + b"\x00\x01\x00\x04\x05"))
+    assert "'steps' is not an integer below 2^64" in _refused(_framed(FIXED + b"\x00\x01\x06\x05" + b"\xff" * 10))
+    assert "'steps' is not an integer below 2^64" in _refused(
+        _framed(FIXED + b"\x00\x01\x06\x05" + b"\xff" * 9 + b"\x02")
+    )
     inf = struct.pack("<d", float("inf"))
     assert "'epsilon' is not finite" in _refused(_framed(FIXED + b"\x00\x01\x07\x01" + inf))
     assert "'mode' twice" in _refused(_framed(FIXED + b"\x00\x02\x00\x00\xff\x04mode\x00"))
-    assert "truncated in privacy field 'steps'" in _refused(_framed(FIXED + b"\x00\x01\x06\x02\x01"))
+    assert "truncated in field 'steps'" in _refused(_framed(FIXED + b"\x00\x01\x06\x02\x01"))
+    assert "truncated in field 'steps'" in _refused(_framed(FIXED + b"\x00\x01\x06\x05\x80"))
     assert "2 bytes after its last field" in _refused(_framed(BODY + b"\x00\x00"))
 
 
@@ -118,3 +131,101 @@ def test_an_older_build_would_refuse_flu2_by_version_and_this_one_refuses_flu3()
             fed.enrollment,
         )
     assert e.value.reason == "version" and "reads 1 and 2" in e.value.detail
+
+
+# --------------------------------------------------------------------------- receipts (FLR version 2)
+RECEIPT = {
+    "site": "site-a",
+    "counter": 5,
+    "msg_id": "ab",
+    "verdict": "buffered",
+    "reason": None,
+    "version": 3,
+    "weight": 0.5,
+}
+# 7 fields: site (key 0, string "site-a"), counter (key 1, LEB128 5), msg_id (key 2, "ab"), verdict (key 3,
+# interned string 1: buffered), reason (key 4, null), version (key 5, LEB128 3), weight (key 8, f64 0.5)
+RECEIPT_BODY = (
+    b"\x07"
+    + b"\x00\x03\x06site-a"
+    + b"\x01\x05\x05"
+    + b"\x02\x03\x02ab"
+    + b"\x03\x04\x01"
+    + b"\x04\x00"
+    + b"\x05\x05\x03"
+    + b"\x08\x01"
+    + struct.pack("<d", 0.5)
+)
+
+
+def test_a_hand_built_receipt_body_is_what_the_encoder_writes_and_verifies_signed() -> None:
+    fed = h.make_federation()
+    assert binhead.pack_receipt(RECEIPT) == RECEIPT_BODY
+    assert binhead.unpack_receipt(memoryview(RECEIPT_BODY)) == RECEIPT
+    signed = envelope.sign_receipt(RECEIPT, fed.aggregator, binary=True)
+    assert signed[:4] == b"FLR\x02" and signed[68:] == RECEIPT_BODY
+    sig = fed.aggregator.signing_key.sign(hashlib.sha256(b"fedline-receipt-v2\0" + RECEIPT_BODY).digest())
+    assert signed[4:68] == sig.signature
+    agg_pub = bytes(fed.aggregator.signing_key.verify_key)
+    assert envelope.verify_receipt(signed, agg_pub) == RECEIPT
+    json_signed = envelope.sign_receipt(RECEIPT, fed.aggregator)
+    assert json_signed[:4] == b"FLR\x01" and len(json_signed) - len(signed) > 60
+
+
+def test_a_binary_receipt_sealed_to_its_site_opens_only_there_and_every_forgery_fails() -> None:
+    fed = h.make_federation()
+    agg_pub = bytes(fed.aggregator.signing_key.verify_key)
+    site = fed.sites["site-a"]
+    sealed = envelope.seal_receipt(RECEIPT, fed.aggregator, site.public().box_pub, binary=True)
+    assert envelope.open_receipt(sealed, site, agg_pub) == RECEIPT
+    with pytest.raises(WireError) as e:
+        envelope.open_receipt(sealed, fed.sites["site-b"], agg_pub)
+    assert e.value.reason == "decrypt"
+    signed = envelope.sign_receipt(RECEIPT, fed.aggregator, binary=True)
+    # a flipped body byte; the v2 signature presented as v1 (other domain); signed by a site, not the aggregator
+    flipped = signed[:-1] + bytes([signed[-1] ^ 1])
+    as_v1 = signed[:3] + b"\x01" + signed[4:]
+    sig = site.signing_key.sign(hashlib.sha256(b"fedline-receipt-v2\0" + RECEIPT_BODY).digest()).signature
+    by_site = b"FLR\x02" + sig + RECEIPT_BODY
+    for forged, reason in ((flipped, "signature"), (as_v1, "signature"), (by_site, "signature")):
+        with pytest.raises(WireError) as e:
+            envelope.verify_receipt(forged, agg_pub)
+        assert e.value.reason == reason
+    # another site's receipt, sealed to this one: refused by name
+    other = envelope.seal_receipt({**RECEIPT, "site": "site-b"}, fed.aggregator, site.public().box_pub, binary=True)
+    with pytest.raises(WireError, match="receipt for site 'site-b' sealed to 'site-a'"):
+        envelope.open_receipt(other, site, agg_pub)
+
+
+def _signed_body(fed: h.Federation, body: bytes) -> bytes:
+    sig = fed.aggregator.signing_key.sign(hashlib.sha256(b"fedline-receipt-v2\0" + body).digest()).signature
+    return b"FLR\x02" + sig + body
+
+
+def test_malformed_binary_receipts_are_refused_by_name_even_when_the_aggregator_signed_them() -> None:
+    fed = h.make_federation()
+    agg_pub = bytes(fed.aggregator.signing_key.verify_key)
+
+    def refused(body: bytes) -> str:
+        with pytest.raises(WireError) as e:
+            envelope.verify_receipt(_signed_body(fed, body), agg_pub)
+        return f"{e.value.reason}: {e.value.detail}"
+
+    assert refused(RECEIPT_BODY + b"\x00") == "schema: binary receipt: 1 bytes after its last field"
+    assert refused(b"\x01\x00\x03\x06site-a") == "schema: receipt lacks counter, msg_id, verdict, reason, version"
+    assert refused(RECEIPT_BODY[:-3]).startswith("schema: binary receipt is truncated in field 'weight'")
+    assert "verdict 'maybe'" in refused(
+        b"\x07" + RECEIPT_BODY[1:31].replace(b"\x03\x04\x01", b"\x03\x03\x05maybe") + RECEIPT_BODY[31:]
+    )
+    big = _signed_body(fed, b"\x00" * (envelope.MAX_HEADER_BYTES + 1))
+    with pytest.raises(WireError, match="not the size of a receipt"):
+        envelope.verify_receipt(big, agg_pub)
+
+
+def test_a_receipt_the_binary_form_cannot_hold_goes_as_json() -> None:
+    fed = h.make_federation()
+    doc = {**RECEIPT, "detail": "x" * 300}
+    assert binhead.pack_receipt(doc) is None
+    signed = envelope.sign_receipt(doc, fed.aggregator, binary=True)
+    assert signed[:4] == b"FLR\x01"
+    assert envelope.verify_receipt(signed, bytes(fed.aggregator.signing_key.verify_key)) == doc

@@ -28,6 +28,14 @@ async def test_two_sites_and_the_real_aggregator(mosquitto, tmp_path, monkeypatc
         return sealed[-1]
 
     monkeypatch.setattr(rounds, "seal_update", spy)
+    receipts: list[bool] = []  # per receipt the aggregator seals: binary (FLR version 2)?
+    seal_receipt = envelope.seal_receipt
+
+    def receipt_spy(doc, keys, box_pub, binary=False) -> bytes:
+        receipts.append(binary)
+        return seal_receipt(doc, keys, box_pub, binary)
+
+    monkeypatch.setattr(envelope, "seal_receipt", receipt_spy)
     agg_toml = tmp_path / "aggregator.toml"
     write_aggregator(fed, mosquitto, agg_toml)
     aggregator = Aggregator(load_config(agg_toml))
@@ -68,6 +76,8 @@ async def test_two_sites_and_the_real_aggregator(mosquitto, tmp_path, monkeypatc
             assert plain[6 + head_len : 6 + head_len + 4] == b"FLT2"
         # both sites' statuses say they read FLT2, so the later versions' weights name their table by id too
         assert all(a.base.weights_blob[:4] == b"FLT2" for a in agents)
+        # and binary receipts (FLR2): every receipt was binary, and the sites settled their outboxes on them
+        assert len(receipts) >= 4 and all(receipts)
     finally:
         stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
