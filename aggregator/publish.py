@@ -71,6 +71,7 @@ def build_release(
     extra: dict[str, Any] | None = None,
     step: tuple[int, dict[str, np.ndarray]] | None = None,
     by_reference: bool = False,
+    spec_by_hash: bool = False,
 ) -> Release:
     """Everything to publish for ``version``, encrypted under ``content_key`` of ``epoch``.
 
@@ -78,7 +79,8 @@ def build_release(
     version from it (:func:`broker_bridge.quantised.model_step`); published on ``model/<v>/delta/<i>`` and
     named in the manifest's ``delta`` entry, beside the full weights (for sites that do not hold the parent).
     ``by_reference``: weights and step with the tensor table by reference (FLT2), when every enrolled site
-    reads it (:class:`aggregator.service.Aggregator`). Pure (no I/O), so it runs in a worker thread.
+    reads it (:class:`aggregator.service.Aggregator`); ``spec_by_hash``: the spec named by its hash
+    (``spec_hash``) when every enrolled site reads FLM2. Pure (no I/O), so it runs in a worker thread.
     """
     weights = envelope.encode_tensors(shared, by_reference)
     onnx = onnx_bytes(shared) if onnx_bytes else b""
@@ -99,7 +101,7 @@ def build_release(
         "version": version,
         "epoch": epoch,
         "created_at": time.time(),
-        "spec": spec.to_dict(),
+        **({"spec_hash": envelope.spec_hash(spec.to_dict())} if spec_by_hash else {"spec": spec.to_dict()}),
         "weights": entries["weights"],
         "onnx": entries["onnx"],
         "reads": list(envelope.READS),  # this aggregator reads updates whose tensors are FLT2 (the table by reference)

@@ -336,6 +336,7 @@ class Aggregator:
             # the int8 step from the version sites hold now (one they never got is of no use to them)
             step=step if (step := core.step_of(version, shared)) and step[0] == self.published_version else None,
             by_reference=self._all_read("FLT2"),
+            spec_by_hash=self._all_read("FLM2"),
         )
 
     def _all_read(self, fmt: str) -> bool:

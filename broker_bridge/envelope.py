@@ -505,6 +505,8 @@ _RECEIPT_DOMAIN_V2 = b"fedline-receipt-v2\x00"  # the binary body: a signature o
 #: FLR's version byte for a binary body (broker_bridge.binhead.pack_receipt); 1 is the JSON body
 BINARY_RECEIPT_VERSION = 2
 MANIFEST_FIELDS = ("federation", "version", "created_at", "spec", "weights", "onnx")
+#: a manifest may name its spec by hash instead (``spec_hash``, FLM2): exactly one of the two
+SPEC_HASH_CHARS = 32
 RECEIPT_FIELDS = ("site", "counter", "msg_id", "verdict", "reason", "version")
 VERDICTS = ("applied", "buffered", "stale", "rejected")
 
@@ -516,7 +518,15 @@ def sign_manifest(doc: Mapping[str, Any], aggregator_keys: KeyPair) -> bytes:
 
 def verify_manifest(blob: bytes | memoryview, aggregator_sign_pub: bytes) -> dict[str, Any]:
     """Check a manifest's signature and required fields; return it as a dict."""
-    doc = verify_body(_MANIFEST_MAGIC, _MANIFEST_DOMAIN, "manifest", blob, aggregator_sign_pub, MANIFEST_FIELDS)
+    required = tuple(f for f in MANIFEST_FIELDS if f != "spec")
+    doc = verify_body(_MANIFEST_MAGIC, _MANIFEST_DOMAIN, "manifest", blob, aggregator_sign_pub, required)
+    if ("spec" in doc) == ("spec_hash" in doc):
+        raise WireError("schema", "manifest must carry exactly one of spec and spec_hash")
+    h = doc.get("spec_hash")
+    if h is not None and not (
+        isinstance(h, str) and len(h) == SPEC_HASH_CHARS and all(c in "0123456789abcdef" for c in h)
+    ):
+        raise WireError("schema", f"manifest spec_hash must be {SPEC_HASH_CHARS} lowercase hex digits")
     if not isinstance(doc["version"], int) or isinstance(doc["version"], bool) or doc["version"] < 0:
         raise WireError("schema", "manifest version must be a non-negative integer")
     for part in ("weights", "onnx"):
@@ -524,6 +534,12 @@ def verify_manifest(blob: bytes | memoryview, aggregator_sign_pub: bytes) -> dic
         if not isinstance(entry, dict) or not {"hash", "size", "chunks"} <= set(entry):
             raise WireError("schema", f"manifest {part} must have hash, size, chunks")
     return doc
+
+
+def spec_hash(spec_doc: Mapping[str, Any]) -> str:
+    """A model spec's hash as a manifest names it (``spec_hash``): the first 16 bytes of SHA-256 over its
+    canonical JSON, in hex."""
+    return hashlib.sha256(canonical_json(spec_doc)).hexdigest()[:SPEC_HASH_CHARS]
 
 
 def sign_receipt(doc: Mapping[str, Any], aggregator_keys: KeyPair, binary: bool = False) -> bytes:

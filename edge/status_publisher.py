@@ -118,7 +118,7 @@ class StatusPublisher:
             epoch=max(st.keyring, default=-1),
             model_refused=st.model_refused,
             # weights and int8 steps with the tensor table by reference (broker_bridge.layouts); binary receipts
-            reads=("FLT2", "FLR2"),
+            reads=("FLT2", "FLR2", "FLM2"),
         )
 
     def will(self) -> Any:

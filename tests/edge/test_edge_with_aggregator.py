@@ -76,6 +76,9 @@ async def test_two_sites_and_the_real_aggregator(mosquitto, tmp_path, monkeypatc
             assert plain[6 + head_len : 6 + head_len + 4] == b"FLT2"
         # both sites' statuses say they read FLT2, so the later versions' weights name their table by id too
         assert all(a.base.weights_blob[:4] == b"FLT2" for a in agents)
+        # ... and the manifests name the spec by its hash (FLM2): each site checked it against its own spec
+        assert all(a.base.manifest["spec_hash"] == envelope.spec_hash(a.spec.to_dict()) for a in agents)
+        assert all("spec" not in a.base.manifest for a in agents)
         # and binary receipts (FLR2): every receipt was binary, and the sites settled their outboxes on them
         assert len(receipts) >= 4 and all(receipts)
     finally:
