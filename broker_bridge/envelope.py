@@ -341,7 +341,9 @@ def encode_update(
     return b"".join([_UPDATE_MAGIC, bytes([FORMAT_VERSION]), _U32.pack(len(head)), head, tensors_blob])
 
 
-def _decode_update_header(plain: memoryview, site: str) -> tuple[dict[str, Any], memoryview]:
+def _decode_update_header(plain: memoryview, site: str = "") -> tuple[dict[str, Any], memoryview]:
+    """The header dict and the tensor block of an update's plaintext (JSON or binary header). ``site``: the
+    signer's, which a binary header leaves out (the benches that only want the tensors may leave it empty)."""
     if len(plain) < 6 or bytes(plain[:3]) != _UPDATE_MAGIC:
         raise WireError("schema", "plaintext is not an update (no FLU magic)")
     if plain[3] == BINARY_UPDATE_VERSION:

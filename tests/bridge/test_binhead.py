@@ -229,3 +229,24 @@ def test_a_receipt_the_binary_form_cannot_hold_goes_as_json() -> None:
     signed = envelope.sign_receipt(doc, fed.aggregator, binary=True)
     assert signed[:4] == b"FLR\x01"
     assert envelope.verify_receipt(signed, bytes(fed.aggregator.signing_key.verify_key)) == doc
+
+
+def test_the_aggregators_placement_hint_finds_the_tensors_behind_a_binary_header_and_flt2() -> None:
+    """``seal_open`` puts the first tensor byte on an aligned address from the hint: for FLU2 + FLT2 it must
+    point at the data right after the layout id, whatever the msg_id's length."""
+    from broker_bridge.sealopen import ALIGN, seal_open
+
+    fed = h.make_federation()
+    shapes = {"hint.w": (8, 4)}
+    layouts.register_model(shapes)
+    w = np.arange(32, dtype=np.float32).reshape(8, 4)
+    for msg_id in ("a", "ab", "abc", "abcd"):
+        head = UpdateHeader("site-a", 1, msg_id, 0, 1, {"mode": "off"}, 1.0)
+        sealed = envelope.seal_update(head, {"hint.w": w}, fed.sites["site-a"], fed.agg_box_pub, True, True)
+        inner = seal_open(memoryview(sealed)[4:], fed.aggregator.box_key)
+        at = envelope._tensor_data_at(inner)
+        assert at is not None and bytes(inner[at - 20 : at - 16]) == b"FLT2" and bytes(inner[at:]) == w.tobytes()
+        placed = seal_open(memoryview(sealed)[4:], fed.aggregator.box_key, place=envelope._tensor_data_at)
+        _, got = envelope.open_update(sealed, fed.aggregator, fed.enrollment)
+        assert got["hint.w"].ctypes.data % ALIGN == 0 and np.array_equal(got["hint.w"], w)
+        assert bytes(placed) == bytes(inner)
