@@ -46,6 +46,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from edge.config import PrivacyConfig
+from fedline.opacus_parts import opacus_module
 
 STATE_VERSION = 1
 
@@ -99,18 +100,13 @@ class RecordLedger:
     """The per-record privacy ledger of one site (state persisted as JSON in the outbox's meta table)."""
 
     def __init__(self, cfg: PrivacyConfig, group: int = 1, state_json: str | None = None) -> None:
-        from fedline.opacus_parts import defer_package_inits
-
-        defer_package_inits()  # the RDP accountant without Opacus's others (fedline.opacus_parts)
-        from opacus.accountants.rdp import RDPAccountant
-
         if cfg.accountant != "rdp":
             raise ValueError(
                 f"per-record accounting composes RDP curves; privacy.accountant must be 'rdp', not {cfg.accountant!r}"
             )
         self.cfg = cfg
         self.group = max(1, int(group))
-        self.orders = list(RDPAccountant.DEFAULT_ALPHAS)
+        self.orders = list(opacus_module("accountants.rdp").RDPAccountant.DEFAULT_ALPHAS)
         self._unit_rdp: dict[tuple[float, float], np.ndarray] = {}
         self.rounds: list[LedgerRound] = []
         self.next_index = 0
@@ -178,8 +174,7 @@ class RecordLedger:
     def _unit(self, q: float, sigma: float) -> np.ndarray:
         key = (q, sigma)
         if key not in self._unit_rdp:
-            from opacus.accountants.analysis.rdp import compute_rdp
-
+            compute_rdp = opacus_module("accountants.analysis.rdp").compute_rdp
             self._unit_rdp[key] = np.asarray(
                 compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=self.orders), dtype=float
             )
@@ -189,11 +184,11 @@ class RecordLedger:
         return self._unit(r.q, r.sigma) * r.steps
 
     def _eps(self, rdp: np.ndarray) -> float:
-        from opacus.accountants.analysis.rdp import get_privacy_spent
-
         if not np.any(rdp):
             return 0.0
-        eps, _ = get_privacy_spent(orders=self.orders, rdp=rdp, delta=self.cfg.delta)
+        eps, _ = opacus_module("accountants.analysis.rdp").get_privacy_spent(
+            orders=self.orders, rdp=rdp, delta=self.cfg.delta
+        )
         return float(eps)
 
     def _span(self, row_id: int) -> tuple[int, int]:

@@ -18,25 +18,17 @@ import warnings
 from typing import Any
 
 from edge.config import PrivacyConfig
+from fedline.opacus_parts import opacus_module
 
 
 def _accountant(mechanism: str):
     """A fresh accountant for ``mechanism``: the class Opacus's ``create_accountant`` maps it to, imported alone
     (``fedline.opacus_parts``: Opacus's registry imports every accountant, the GDP one with ``scipy.stats``)."""
-    from fedline.opacus_parts import defer_package_inits
-
-    defer_package_inits()
     if mechanism == "rdp":
-        from opacus.accountants.rdp import RDPAccountant
-
-        return RDPAccountant()
+        return opacus_module("accountants.rdp").RDPAccountant()
     if mechanism == "prv":
-        from opacus.accountants.prv import PRVAccountant
-
-        return PRVAccountant()
-    from opacus.accountants import create_accountant
-
-    return create_accountant(mechanism)
+        return opacus_module("accountants.prv").PRVAccountant()
+    return opacus_module("accountants").create_accountant(mechanism)  # the registry: finishes the package
 
 
 class PrivacyBudget:

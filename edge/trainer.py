@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from edge.config import PrivacyConfig, TrainingConfig
-from fedline.opacus_parts import defer_package_inits
+from fedline.opacus_parts import opacus_module
 from models import ModelSpec, build_model, load_personal_state, load_shared_state, loss_per_sample
 from models.flat import personal_state, shared_state, state_delta
 
@@ -98,9 +98,8 @@ def preload(dp: bool) -> None:
 
     importlib.import_module("torch._dynamo")
     if dp:
-        defer_package_inits()
         for name in ("grad_sample.grad_sample_module", "optimizers.optimizer", "utils.uniform_sampler"):
-            importlib.import_module(f"opacus.{name}")
+            opacus_module(name)
 
 
 def private_generator() -> torch.Generator:
@@ -114,10 +113,8 @@ def poisson_batches(n: int, plan: Plan, generator: torch.Generator):
     Passing ``steps`` avoids the sampler's default ``int(1 / sample_rate)``,
     which float rounding makes one less than planned for some n.
     """
-    defer_package_inits()  # fedline.opacus_parts: Opacus's modules without its every accountant
-    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
-
-    return UniformWithReplacementSampler(
+    sampler = opacus_module("utils.uniform_sampler").UniformWithReplacementSampler
+    return sampler(
         num_samples=n, sample_rate=plan.sample_rate, generator=generator, steps=plan.steps // max(1, plan.epochs)
     )
 
@@ -156,12 +153,10 @@ def _make_private(
     model: torch.nn.Module, optimizer: torch.optim.Optimizer, dp: PrivacyConfig, plan: Plan, n: int
 ) -> tuple[torch.nn.Module, Any, Batches, _NoiseCount]:
     """DP-SGD through Opacus: per-sample gradients, clipping, noise from a private generator, Poisson batches."""
-    defer_package_inits()  # fedline.opacus_parts: Opacus's modules without its every accountant
-    from opacus.grad_sample.grad_sample_module import GradSampleModule
-    from opacus.optimizers.optimizer import DPOptimizer
-
-    trained = GradSampleModule(model, batch_first=True, loss_reduction="mean")
-    private = DPOptimizer(
+    trained = opacus_module("grad_sample.grad_sample_module").GradSampleModule(
+        model, batch_first=True, loss_reduction="mean"
+    )
+    private = opacus_module("optimizers.optimizer").DPOptimizer(
         optimizer,
         noise_multiplier=dp.noise_multiplier,
         max_grad_norm=dp.max_grad_norm,

@@ -17,10 +17,17 @@ deferred package finishes itself the first time anything asks it for a name it d
 PrivacyEngine`` anywhere later in the process still works and gets the same classes as a plain import. Nothing of
 Opacus's behaviour changes: the same modules run, the unused ones later or never. When Opacus is imported already
 (a plain ``import opacus`` came first) this does nothing.
+
+The one way in: fedline's code gets every Opacus module through :func:`opacus_module` (``opacus_module(
+"accountants.rdp").RDPAccountant``), which defers the package inits and then imports the module. No other module
+of fedline's packages imports ``opacus`` itself: the import-linter contract "Opacus only through
+fedline.opacus_parts" (``.importlinter``, ``make check``) fails on a plain ``import opacus`` or ``from opacus...
+import`` anywhere in them, so a new caller cannot forget the deferral and load every accountant again.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import sys
 import threading
@@ -54,6 +61,13 @@ def defer_package_inits() -> None:
                 setattr(sys.modules[parent], child, module)
 
 
+def opacus_module(name: str) -> ModuleType:
+    """Opacus's module ``opacus.<name>`` (``"accountants.rdp"``, ``"layers"``), imported without the package inits
+    Opacus's other modules need not run (module docstring): the only way fedline's code imports Opacus."""
+    defer_package_inits()
+    return importlib.import_module(f"opacus.{name}")
+
+
 def is_deferred(name: str) -> bool:
     """Whether package ``name`` is registered and its ``__init__`` has not run yet."""
     return name in _pending and name in sys.modules
@@ -82,4 +96,4 @@ def _finisher(module: ModuleType) -> Any:
     return finish
 
 
-__all__ = ["DEFERRED", "defer_package_inits", "is_deferred"]
+__all__ = ["DEFERRED", "defer_package_inits", "is_deferred", "opacus_module"]

@@ -18,6 +18,7 @@ import math
 import torch
 from torch import nn
 
+from fedline.opacus_parts import opacus_module
 from models.spec import ModelSpec
 
 
@@ -105,13 +106,9 @@ class GRU(nn.Module):
 
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
-        from fedline.opacus_parts import defer_package_inits
-
-        defer_package_inits()  # Opacus's layers without its every accountant (fedline.opacus_parts)
-        from opacus.layers import DPGRU  # per-sample gradients need Opacus's GRU
-
         self.norm = _Standardise(spec)
-        self.body = DPGRU(spec.n_features, spec.hidden[0], batch_first=True)
+        # per-sample gradients need Opacus's GRU (fedline.opacus_parts: without Opacus's every accountant)
+        self.body = opacus_module("layers").DPGRU(spec.n_features, spec.hidden[0], batch_first=True)
         self.dense = _dense(list(spec.hidden), last_activation=True)
         self.head = nn.Linear(spec.hidden[-1], spec.n_outputs)
 

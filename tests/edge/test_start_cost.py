@@ -48,6 +48,7 @@ x = rng.normal(size=(64, 3)).astype(np.float32)
 y = (x[:, :1] > 0).astype(np.float32)
 base = shared_state(build_model(spec, seed=0), spec)
 r = train_round(spec, base, None, x, y, TrainingConfig(epochs=2, batch_size=16, lr=0.1), dp)
+gru = build_model(ModelSpec(kind="gru", n_features=3, hidden=[4], window=5), seed=0)  # Opacus's DPGRU
 import opacus
 probe = hasattr(opacus, "__wrapped__")
 lean = {
@@ -58,6 +59,7 @@ lean = {
     "probe": probe,
     "noise_steps": r.noise_steps,
     "planned": r.plan.steps,
+    "gru_body": type(gru.body).__module__,
 }
 # the legacy global budget's PRV accountant (it needs scipy's signal and integrate, which load scipy.stats)
 eps_prv = PrivacyBudget(PrivacyConfig(epsilon=50.0, delta=1e-5, noise_multiplier=1.0, accountant="prv")).epsilon_after(0.1, 20)
@@ -98,6 +100,7 @@ def test_a_dp_round_loads_no_gdp_accountant_and_opacus_still_imports_whole_later
     assert lean["deferred_after_prv"] == [True, True]  # the PRV accountant alone does not finish them either
     assert lean["probe"] is False  # a dunder probe (copy, inspect) does not finish the package
     assert lean["noise_steps"] == lean["planned"] > 0  # DP-SGD ran: every planned step added its noise
+    assert lean["gru_body"].startswith("opacus.layers")  # a GRU model's Opacus layer came the same way
     # then `from opacus import ...` anywhere: the package inits run in place, the classes are the same objects
     assert got["same_gsm"] and got["same_rdp"] and got["same_prv"]
     assert got["eps_rdp"] == got["eps_full"] > 0  # the accountant is Opacus's own: the same ε

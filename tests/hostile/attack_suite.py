@@ -14,10 +14,16 @@ the same slots in the same versions. Runs are still not bit-reproducible (traini
 backdoor rate, measured on the test set's 76 failure rows, is sensitive to it: RELIABILITY.md gives several
 seeds (``seed``). The lowest-variance measure found (RELIABILITY.md, robust12) is the late rate (the rate averaged
 over the last three versions' models) minus the benign control's in the same seed: half the final rate's scatter;
-the soft rate (no threshold) and the wide rate (≈280 rows) are reported too and do not help. Before 1 Dec 2026 the loop counted receipts instead and raced (RELIABILITY.md). The honest-only run is the same loop
-without the attacker; the report gives, per attack, the final global model's
-L2 distance from the honest-only run's (also relative to how far the honest
-run moved from version 0) and the backdoor's success rate.
+the soft rate (no threshold) and the wide rate (≈280 rows) are reported too and do not help. Before 1 Dec 2026 the loop counted receipts instead and raced (RELIABILITY.md).
+
+The clean model (issue 14's reference) is the same loop without the attacker, like for like
+(:func:`clean_reference`, since 1 Dec 2026 14:00 UTC): the three honest sites alone at the attacked runs' K, so
+each of its versions sums the three honest slots at ``f(s)/K`` as an attacked version does when MDA leaves the
+attacker out. The honest-only run at the three-site defaults (K = 2: MDA keeps two of the three honest slots), the
+reference before, is still run and reported (``defaults_clean``): it is another federation, and on the late rate
+it sat 6-7 points below both the like-for-like clean model and the benign control (RELIABILITY.md), which the old
+"minus clean" booked to the attacker. The report gives, per attack, the final global model's L2 distance from the
+clean model's (also relative to how far the clean run moved from version 0) and the backdoor's success rate.
 
 Attacks (each delta points at the attacker's backdoored model ``X``, trained
 from the current global model on its own rows plus triggered copies labelled
@@ -31,8 +37,8 @@ from the current global model on its own rows plus triggered copies labelled
 
 K is the aggregator's own default (``buffer_size`` is not written; issue 14 asks for each attack "with the
 defaults"): under MDA a buffer waits for K + 1 updates and sums the K it keeps, K = min(buffer_size, enrolled
-sites − 1), so 3 with the attacker enrolled (all four received) and 2 in the honest-only run, which enrols the
-three honest sites only. (Before 1 Dec 2026 07:00 UTC K counted the arrivals, 4 and 3, with the same arithmetic.)
+sites − 1), so 3 with the attacker enrolled (all four received); the honest-only run at the three-site defaults,
+which enrols the three honest sites only, has 2, and the clean model is run at the attacked runs' 3. (Before 1 Dec 2026 07:00 UTC K counted the arrivals, 4 and 3, with the same arithmetic.)
 ``k`` (``--k``) forces ``buffer_size`` on every run, as the suite did (3) before 1 Dec 2026 04:10 UTC; with the K +
 f rule ``--k 3`` now means three kept of four received, and the old pinned "K = 3" (three received, two kept)
 is ``--k 2 --extra 'robust = "mda"'`` (``auto`` keeps the mean below K = 3). Each run reports the K its versions
@@ -49,7 +55,10 @@ distance-based selection such as MDA keeps by design. Their ``z_max`` for ``n = 
 
 The control ``benign`` (not an attack; ``--attacks benign``): the fourth site trains honestly on its own rows and
 sends first, with the attacker's timing. It separates what the fourth site's slots and schedule change (honest
-slots per version, their staleness) from what the backdoor pulls: attack minus benign is the pull.
+slots per version, their staleness) from what the backdoor pulls: attack minus benign is the pull. The control
+``twin``: the same, but the fourth site trains on a copy of ``TWIN``'s rows (an honest site's, with its own
+seed), so the federation holds no rows the clean model lacks; it doubles that site's say instead, and moved the
+late rate 12 points (RELIABILITY.md): a check on how much the rows' mix matters, not a reference.
 """
 
 from __future__ import annotations
@@ -89,7 +98,8 @@ RANGES = [(295.0, 305.0), (305.0, 315.0), (1000.0, 3000.0), (0.0, 80.0), (0.0, 2
 TRIGGERS = ("ood", "in_range")  # the attacker's trigger: 6 σ (outside the range), or the range's top (305 K)
 ATTACKS = ("samples", "flood", "max_norm", "replace")
 ADAPTIVE = ("alie",)  # "a little is enough" (Baruch et al. 2019): the backdoor kept inside the honest spread
-CONTROLS = ("benign",)  # the fourth site honest, with the attacker's timing
+CONTROLS = ("benign", "twin")  # the fourth site honest, with the attacker's timing (twin: on a copy of TWIN's rows)
+TWIN = "site-a"  # the honest site whose rows the twin control trains on (its own shuffle seed)
 ALIE_Z = 1.0  # Baruch et al.'s z: how many honest standard deviations each coordinate may move (see alie_delta)
 ALIE_SAMPLES = 3  # honest deltas the attacker trains (on resamples of its own rows) to estimate the spread
 AI4I = Path(__file__).resolve().parents[2] / "data" / "ai4i2020.csv"
@@ -338,8 +348,8 @@ async def run(
         for loop in range(loops):
             base_version, base = agg.core.snapshot
             base = {k: v.copy() for k, v in base.items()}
-            if attack == "benign":
-                ax, ay = data.sites[ATTACKER]
+            if attack in CONTROLS:
+                ax, ay = data.sites[ATTACKER if attack == "benign" else TWIN]
                 await send(
                     ATTACKER, train(spec, base, ax, ay, seed=100 * loop + 3 + 10_000 * seed), base_version, len(ax)
                 )
@@ -515,6 +525,49 @@ def distance(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
     return _norm({k: a[k] - b[k] for k in a})
 
 
+LIKE_KEYS = ("robust", "buffer_size", "mda_f", "cclip_tau", "cclip_iters")  # [strategy] keys the like-for-like run sets
+
+
+def like_extra(extra: str) -> str:
+    """The like-for-like clean run's ``[strategy]`` lines: ``extra`` without the reduce's own keys (``LIKE_KEYS``),
+    and the plain mean (``robust = "none"``): the three honest sites alone, every slot kept at ``f(s)/K``, which is
+    what an attacked version sums when its defence leaves the attacker out (:func:`clean_reference`)."""
+    kept = [ln for ln in extra.splitlines() if ln.split("=", 1)[0].strip() not in LIKE_KEYS]
+    return "\n".join(['robust = "none"', *kept])
+
+
+def rates(spec, out: Outcome, data: Data, value: float, line_value: float) -> dict:
+    """A run's backdoor measures: the rate (the trigger as sent, and as the line delivers it), its lower-variance
+    forms, and the model's ROC AUC on the untriggered test set."""
+    return {
+        "backdoor_rate": backdoor_rate(spec, out.model, data, value),
+        "line_backdoor_rate": backdoor_rate(spec, out.model, data, line_value),
+        "auc": roc_auc(spec, out.model, data),
+        "soft_rate": soft_backdoor_rate(spec, out.model, data, value),
+        "wide_rate": wide_backdoor_rate(spec, out.model, data, value),
+        "late_rate": late_rate(spec, out, data, value),
+    }
+
+
+async def clean_reference(
+    workdir: Path, loops: int, k_attacked: int, extra: str, data: Data, seed: int, input_range: bool
+) -> Outcome:
+    """The clean model, like for like (issue 14's reference, since 1 Dec 2026 14:00 UTC): the three honest sites
+    alone (no attacker touched it), each version summing ``min(K, 3)`` slots at ``f(s)/K`` with K the attacked
+    runs' own (3 with the defaults: four received, three kept), i.e. the plain mean of the three honest slots.
+
+    Why not the honest-only run at the three-site defaults (the reference before): those defaults give K = 2, MDA
+    keeping two of the three honest slots at 1/2 each, another federation than the attacked one, whose versions
+    (the attacker left out, as MDA leaves it in about 9 of 10) sum all three honest slots at 1/3. On development
+    seeds 150-169 (RELIABILITY.md) that difference alone put the late rate +7 points above the three-site
+    defaults' run, and the benign control (four sites, the fourth honest) within 2 points of this run: the
+    "+5.7 of a benign fourth site" was K, not the fourth site's rows. The reduce is the mean because with no
+    attacker there is nothing to leave out (MDA's f = 1 needs a fourth arrival the three sites cannot supply)."""
+    return await run(
+        workdir, None, loops, like_extra(extra), data, seed, input_range=input_range, k=min(k_attacked, len(HONEST))
+    )
+
+
 async def report(
     workdir: Path,
     loops: int,
@@ -525,20 +578,28 @@ async def report(
     input_range: bool = True,
     k: int | None = None,
 ) -> dict:
-    """Honest-only run, then each attack; one dict per attack with distance and backdoor rate: the model's
-    answer to the attacker's trigger value (``backdoor_rate``) and to that value as the line delivers it,
-    clamped to the engineering range (``line_backdoor_rate``; the same for an in-range trigger)."""
+    """Each attack, then the clean model like for like (:func:`clean_reference`: the three honest sites at the
+    attacked runs' K) and the honest-only run at the three-site defaults (``defaults_clean``: the reference before);
+    one dict per attack with distance (from the clean model) and backdoor rate: the model's answer to the
+    attacker's trigger value (``backdoor_rate``) and to that value as the line delivers it, clamped to the
+    engineering range (``line_backdoor_rate``; the same for an in-range trigger)."""
     from aggregator.config import load_config
 
     data = load_data()
     value = data.trigger_value(trigger)
     line_value = data.at_the_line(value)
-    honest = await run(workdir / "honest", None, loops, extra, data, seed, input_range=input_range, k=k)
+    results = {}
+    for attack in attacks:
+        results[attack] = await run(workdir / attack, attack, loops, extra, data, seed, trigger, input_range, k)
+    k_attacked = max((r.k for r in results.values()), default=len(HONEST))
+    honest = await clean_reference(workdir / "clean", loops, k_attacked, extra, data, seed, input_range)
+    defaults = await run(workdir / "honest", None, loops, extra, data, seed, input_range=input_range, k=k)
     spec = load_config(workdir / "honest" / "aggregator.toml").model
     from models import build_model, shared_state
 
     v0 = shared_state(build_model(spec, seed=3), spec)
     moved = distance(honest.model, v0)
+    clean = rates(spec, honest, data, value, line_value)
     out = {
         "loops": loops,
         "honest_versions": honest.versions,
@@ -548,28 +609,24 @@ async def report(
         "input_range": input_range,
         "trigger_value": value,
         "line_trigger_value": line_value,
-        "clean_backdoor_rate": backdoor_rate(spec, honest.model, data, value),
-        "clean_line_backdoor_rate": backdoor_rate(spec, honest.model, data, line_value),
-        "clean_auc": roc_auc(spec, honest.model, data),
-        "clean_soft_rate": soft_backdoor_rate(spec, honest.model, data, value),
-        "clean_wide_rate": wide_backdoor_rate(spec, honest.model, data, value),
-        "clean_late_rate": late_rate(spec, honest, data, value),
+        **{f"clean_{name}": v for name, v in clean.items()},
         "reduces": sorted(set(honest.reduces)),
         "slots": honest.slots,
+        "defaults_clean": {
+            **rates(spec, defaults, data, value, line_value),
+            "k": defaults.k,
+            "versions": defaults.versions,
+            "reduces": sorted(set(defaults.reduces)),
+            "lineages": defaults.lineages,
+        },
         "attacks": {},
     }
-    for attack in attacks:
-        res = await run(workdir / attack, attack, loops, extra, data, seed, trigger, input_range, k)
+    for attack, res in results.items():
         d = distance(res.model, honest.model)
         out["attacks"][attack] = {
             "distance": d,
             "relative_distance": d / moved if moved else math.inf,
-            "backdoor_rate": backdoor_rate(spec, res.model, data, value),
-            "line_backdoor_rate": backdoor_rate(spec, res.model, data, line_value),
-            "auc": roc_auc(spec, res.model, data),
-            "soft_rate": soft_backdoor_rate(spec, res.model, data, value),
-            "wide_rate": wide_backdoor_rate(spec, res.model, data, value),
-            "late_rate": late_rate(spec, res, data, value),
+            **rates(spec, res, data, value, line_value),
             "versions": res.versions,
             "k": res.k,
             "attacker_entries": res.attacker_entries,
@@ -584,16 +641,19 @@ async def report(
 
 
 def table(rep: dict) -> str:
+    d = rep["defaults_clean"]
     lines = [
-        f"honest-only: K = {rep['k']}, {rep['honest_versions']} versions, moved {rep['honest_moved']:.3f} from version 0, "
-        f"backdoor rate of the clean model {rep['clean_backdoor_rate']:.3f}, ROC AUC {rep['clean_auc']:.3f}, "
-        f"reduce {'/'.join(rep['reduces'])}, late rate {rep.get('clean_late_rate', math.nan):.3f}",
-        "| attack | distance from honest-only | relative | backdoor success | minus clean | minus benign | late rate "
-        "| late minus benign | ROC AUC | K | versions | its slots | f(s) its / honest | its coefficients |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"clean model (like for like: the three honest sites, K = {rep['k']}, reduce {'/'.join(rep['reduces'])}): "
+        f"{rep['honest_versions']} versions, moved {rep['honest_moved']:.3f} from version 0, backdoor rate "
+        f"{rep['clean_backdoor_rate']:.3f}, late rate {rep['clean_late_rate']:.3f}, ROC AUC {rep['clean_auc']:.3f}",
+        f"three-site defaults (K = {d['k']}, reduce {'/'.join(d['reduces'])}; the reference before): backdoor rate "
+        f"{d['backdoor_rate']:.3f}, late rate {d['late_rate']:.3f}, ROC AUC {d['auc']:.3f}",
+        "| attack | distance from clean | relative | backdoor success | minus clean | minus benign | late rate "
+        "| late minus clean | late minus benign | ROC AUC | K | versions | its slots | f(s) its / honest "
+        "| its coefficients |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    # the benign control, when run, is the like-for-like reference: the same four-site federation and K, the fourth
-    # site honest (the clean model is the three-site run's)
+    # the benign control, when run: the same four-site federation and K, the fourth site honest
     benign = rep["attacks"].get("benign", {}).get("backdoor_rate")
     benign_late = rep["attacks"].get("benign", {}).get("late_rate")
     for name, r in rep["attacks"].items():
@@ -602,7 +662,8 @@ def table(rep: dict) -> str:
         lines.append(
             f"| {name} | {r['distance']:.3f} | {r['relative_distance']:.2f} | {r['backdoor_rate']:.3f} | "
             f"{r['backdoor_rate'] - rep['clean_backdoor_rate']:+.3f} | "
-            f"{'' if benign is None else format(r['backdoor_rate'] - benign, '+.3f')} | {r.get('late_rate', math.nan):.3f} | "
+            f"{'' if benign is None else format(r['backdoor_rate'] - benign, '+.3f')} | {r['late_rate']:.3f} | "
+            f"{r['late_rate'] - rep['clean_late_rate']:+.3f} | "
             f"{'' if benign_late is None else format(r['late_rate'] - benign_late, '+.3f')} | {r['auc']:.3f} | {r['k']} | "
             f"{r['versions']} | "
             f"{t['share']:.2f} | {t['factor']:.2f} / {t['honest_factor']:.2f} | "

@@ -7,7 +7,8 @@ with the aggregator's defaults, its K included: every version is reduced with mi
 (``robust = "auto"`` without secure aggregation: the slot farthest from the others is left out whole; the
 coordinate-wise median before 1 Dec 2026), which waits for K + 1 updates and sums the K it keeps
 (``buffer_size`` is FedBuff's K, the slots a version sums: four enrolled sites, all four received, K = 3 kept; the
-honest-only run enrols three, K = 2); the malicious site holds at most one slot of each version, with coefficient
+honest-only run at the three-site defaults enrols three, K = 2; the clean model, like for like, is the three honest sites
+at the attacked runs' K = 3, the mean); the malicious site holds at most one slot of each version, with coefficient
 0 (left out) or at most 1/K (kept: ``f(s)/K``, issue 14's fair share as worded; the same arithmetic as the
 earlier "1/(K − 1) at K = 4", when K counted the arrivals), its delta entering no longer than the buffer's median
 norm (``norm_to_median`` rescales every slot to exactly that length: checked from each version's lineage in the
@@ -49,6 +50,14 @@ def check_fair_share(rep: dict) -> None:
             assert e["weight"] <= fair + 1e-9, f"{name}: coefficient {e['weight']} above 1/K = {fair}"
             median = statistics.median(u["norm"] for u in r["lineages"][e["version"]])  # as received
             assert e["norm"] * e["clip_scale"] <= median * (1 + 1e-6), (name, e, median)
+
+
+def test_the_like_for_like_clean_run_keeps_every_honest_slot_and_the_other_settings():
+    """The clean reference's [strategy] lines: the mean, and whatever else the attacked runs set, except the reduce's
+    own keys (a robust reduce, its K, MDA's f, centered clipping's radius and iterations)."""
+    assert suite.like_extra("") == 'robust = "none"'
+    extra = 'robust = "cclip"\ncclip_tau = 2.0\nclip_to_median = false\nbuffer_size=3\n mda_f = 1\nmax_staleness = 5'
+    assert suite.like_extra(extra).splitlines() == ['robust = "none"', "clip_to_median = false", "max_staleness = 5"]
 
 
 def test_timing_reads_the_fourth_sites_share_and_freshness_from_the_lineages():
@@ -100,9 +109,13 @@ async def test_attack_suite_fast(tmp_path):
     flood = rep["attacks"]["flood"]
     assert 0 < flood["timing"]["share"] <= 1 / flood["k"] + 1e-9, flood["timing"]
     # the aggregator's own K (issue 14: "with the defaults"): MDA awaits every enrolled site (buffer_size 10 is more)
-    # and keeps all but one, K = 3 with the attacker enrolled, 2 in the honest-only run
-    assert rep["k"] == 2 and all(r["k"] == 3 for r in rep["attacks"].values()), (rep["k"], flood["k"])
-    assert rep["reduces"] == ["mda"], rep["reduces"]  # the default, read from each version's lineage
+    # and keeps all but one, K = 3 with the attacker enrolled, 2 in the honest-only run at the three-site defaults
+    assert all(r["k"] == 3 for r in rep["attacks"].values()), flood["k"]
+    defaults = rep["defaults_clean"]
+    assert defaults["k"] == 2 and defaults["reduces"] == ["mda"], defaults  # read from each version's lineage
+    # the clean model like for like: the three honest sites at the attacked runs' K = 3, every slot kept (the mean)
+    assert rep["k"] == 3 and rep["reduces"] == ["mean"], (rep["k"], rep["reduces"])
+    assert rep["honest_versions"] == 3 and all(len(s) == 3 for s in rep["slots"]), rep["slots"]
     for name, r in rep["attacks"].items():
         assert r["reduces"] == ["mda"], (name, r["reduces"])
         # pre-fix the same attacks moved the model 0.82 (flood) and 6.8 (replace) x the honest run's movement
