@@ -104,7 +104,7 @@ def build_release(
         **({"spec_hash": envelope.spec_hash(spec.to_dict())} if spec_by_hash else {"spec": spec.to_dict()}),
         "weights": entries["weights"],
         "onnx": entries["onnx"],
-        "reads": list(envelope.READS),  # this aggregator reads updates whose tensors are FLT2 (the table by reference)
+        "reads": list(envelope.READS),  # formats of updates this aggregator reads (FLT2 tensors, FLU2 headers)
     }
     if step is not None:  # signed with the rest: its hash, and the full weights' hash the step must give
         manifest["delta"] = dict(entries["delta"], **{"from": step[0]})
