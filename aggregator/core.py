@@ -39,7 +39,7 @@ from aggregator.recovery import SiteHistory
 from aggregator.site_rate import SiteRate
 from aggregator.store import BufferedRow, Store, Verdict
 from aggregator.strategies import Accepted, make_strategy
-from broker_bridge import envelope, quantised
+from broker_bridge import envelope, layouts, quantised
 from broker_bridge.envelope import UpdateHeader
 from broker_bridge.errors import FedlineError, WireError
 from broker_bridge.keys import Enrollment, KeyPair
@@ -192,6 +192,7 @@ class AggregatorCore:
         self.snapshot = (self.version, self.model)
         self._step: tuple[int, int, State, State] | None = None  # (version, parent, int8 block, model it made)
         self.reference = {k: tuple(v.shape) for k, v in self.model.items()}
+        layouts.register_model(self.reference)  # FLT2 updates name these tables by id (before the buffer is read)
         self._top: dict[str, int | None] = {}
         self.buffer: list[Accepted] = self._read_buffer()
         self.buffer_since: float | None = None  # monotonic time the current buffer got its first update
@@ -644,10 +645,11 @@ class AggregatorCore:
         """Open in parallel, decide in order."""
         return list(self.process_stream(items))
 
-    def sign_receipt(self, receipt: dict[str, Any]) -> bytes | None:
-        """The receipt signed and sealed to its site; None for a site not enrolled (nothing to seal to)."""
+    def sign_receipt(self, receipt: dict[str, Any], binary: bool = False) -> bytes | None:
+        """The receipt signed and sealed to its site; None for a site not enrolled (nothing to seal to).
+        ``binary``: FLR version 2, for a site whose status says it reads it (``aggregator.service``)."""
         site = self.enrollment.sites.get(receipt["site"])
-        return envelope.seal_receipt(receipt, self.keys, site.box_pub) if site is not None else None
+        return envelope.seal_receipt(receipt, self.keys, site.box_pub, binary) if site is not None else None
 
     def lineage(self, version: int) -> dict[str, Any] | None:
         ck = self.store.checkpoint(version, blobs=False)

@@ -52,7 +52,7 @@ from aggregator.metrics import Metrics
 from aggregator.normbound import effective_bounds
 from aggregator.opener import Opened, open_update
 from aggregator.reassembly import SenderChunks
-from broker_bridge import chunking
+from broker_bridge import chunking, layouts
 from broker_bridge.client import BrokerSettings, MqttClient
 from broker_bridge.errors import FedlineError, TopicError
 from broker_bridge.keys import Enrollment, KeyPair, OpeningKey
@@ -123,6 +123,7 @@ class IntakeWorker:
             )
         self._enrollment_mtime = os.stat(cfg.aggregator.enrollment_file).st_mtime_ns
         self.reference = reference_shapes(cfg)
+        layouts.register_model(self.reference)  # FLT2 updates name these tables by id
         n_params = sum(math.prod(s) for s in self.reference.values())
         _bound, self.max_norm = effective_bounds(cfg, n_params)
         self.settings = self._settings(password_file)

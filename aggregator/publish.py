@@ -70,17 +70,21 @@ def build_release(
     metric: float | None = None,
     extra: dict[str, Any] | None = None,
     step: tuple[int, dict[str, np.ndarray]] | None = None,
+    by_reference: bool = False,
+    spec_by_hash: bool = False,
 ) -> Release:
     """Everything to publish for ``version``, encrypted under ``content_key`` of ``epoch``.
 
     ``step`` (``[publish] quantise = "int8"``): the parent version and the int8 block that made this
     version from it (:func:`broker_bridge.quantised.model_step`); published on ``model/<v>/delta/<i>`` and
     named in the manifest's ``delta`` entry, beside the full weights (for sites that do not hold the parent).
-    Pure (no I/O), so it runs in a worker thread.
+    ``by_reference``: weights and step with the tensor table by reference (FLT2), when every enrolled site
+    reads it (:class:`aggregator.service.Aggregator`); ``spec_by_hash``: the spec named by its hash
+    (``spec_hash``) when every enrolled site reads FLM2. Pure (no I/O), so it runs in a worker thread.
     """
-    weights = envelope.encode_tensors(shared)
+    weights = envelope.encode_tensors(shared, by_reference)
     onnx = onnx_bytes(shared) if onnx_bytes else b""
-    delta = envelope.encode_tensors(step[1]) if step is not None else b""
+    delta = envelope.encode_tensors(step[1], by_reference) if step is not None else b""
     chunks: list[tuple[str, bytes]] = []
     entries: dict[str, dict[str, Any]] = {}
     parts_of = [("weights", weights, topics.weights_chunk), ("onnx", onnx, topics.onnx_chunk)]
@@ -97,9 +101,10 @@ def build_release(
         "version": version,
         "epoch": epoch,
         "created_at": time.time(),
-        "spec": spec.to_dict(),
+        **({"spec_hash": envelope.spec_hash(spec.to_dict())} if spec_by_hash else {"spec": spec.to_dict()}),
         "weights": entries["weights"],
         "onnx": entries["onnx"],
+        "reads": list(envelope.READS),  # formats of updates this aggregator reads (FLT2 tensors, FLU2 headers)
     }
     if step is not None:  # signed with the rest: its hash, and the full weights' hash the step must give
         manifest["delta"] = dict(entries["delta"], **{"from": step[0]})

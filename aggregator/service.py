@@ -81,6 +81,7 @@ class Aggregator:
         # site's cleared grant on the wire
         self._epoch_lock = asyncio.Lock()
         self._release: publish.Release | None = None  # the last published release, for catch-up
+        self._reads: dict[str, frozenset[str]] = {}  # per site, the formats its status says it reads
         self.catchup = catchup.CatchUp(cfg.aggregator.catchup_interval_s)
         self._catchup_wake = asyncio.Event()
         self._stop = asyncio.Event()
@@ -275,7 +276,7 @@ class Aggregator:
             for r in decision.receipts:
                 if r["site"] == "?":
                     continue
-                blob = core.sign_receipt(r)
+                blob = core.sign_receipt(r, "FLR2" in self._reads.get(r["site"], ()))  # binary if the site reads it
                 if blob is None:  # not enrolled (or revoked): no key to seal its receipt to
                     continue
                 while len(self._receipts) >= RECEIPTS_IN_FLIGHT:  # back-pressure from a slow broker
@@ -381,7 +382,14 @@ class Aggregator:
             extra=self._manifest_extra(version),
             # the int8 step from the version sites hold now (one they never got is of no use to them)
             step=step if (step := core.step_of(version, shared)) and step[0] == self.published_version else None,
+            by_reference=self._all_read("FLT2"),
+            spec_by_hash=self._all_read("FLM2"),
         )
+
+    def _all_read(self, fmt: str) -> bool:
+        """Whether every enrolled site's status says it reads ``fmt`` (a site never heard from does not)."""
+        sites = self.core.enrollment.sites if self.core is not None else {}
+        return bool(sites) and all(fmt in self._reads.get(s, ()) for s in sites)
 
     def _manifest_extra(self, version: int) -> dict[str, Any] | None:
         """Fields a subclass adds to a version's signed manifest (a plant: the central version it serves)."""
@@ -419,6 +427,12 @@ class Aggregator:
     # -- catch-up: the current state again for a site that says it is behind ----------------
     def _on_status(self, site: str, payload: bytes) -> None:
         doc = catchup.parse_status(payload)
+        enrolled = self.core is not None and site in self.core.enrollment.sites
+        if doc is not None and enrolled and doc.get("state") != "offline":  # a will says nothing of the formats
+            reads = doc.get("reads")
+            self._reads[site] = (
+                frozenset(r for r in reads if isinstance(r, str)) if isinstance(reads, list) else frozenset()
+            )
         if doc is None or self._release is None or site not in self.core.enrollment.sites:  # type: ignore[union-attr]
             return
         if self.catchup.on_status(site, doc, version=self.published_version, epoch=self.granter.epoch.number):

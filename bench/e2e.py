@@ -245,6 +245,7 @@ def write_configs(data: DemoData, root: Path, broker_urls: dict[str, str], quant
 async def chain(data: DemoData, timeout_s: float, quantise: str = "off") -> dict[str, Any]:
     import psutil
 
+    from broker_bridge import layouts
     from broker_bridge.chunking import Reassembler
     from broker_bridge.client import BrokerSettings
     from broker_bridge.envelope import decode_tensors, open_for_federation
@@ -255,6 +256,7 @@ async def chain(data: DemoData, timeout_s: float, quantise: str = "off") -> dict
     from fedline.demo.audit import TrafficRecorder
     from fedline.demo.baselines import evaluate, predict
     from fedline.netproxy import TcpProxy
+    from models import build_model, shared_state
 
     sites = [s.site for s in data.sites]
     with tempfile.TemporaryDirectory(prefix="fedline-bench-") as tmp:
@@ -357,7 +359,11 @@ async def chain(data: DemoData, timeout_s: float, quantise: str = "off") -> dict
         wall = t_end - t0
         after_start = t_end - manifests[0][0] if 0 in manifests else None
         final = manifests[VERSIONS][1]
-        shared = decode_tensors(open_for_federation(weights[final["weights"]["msg_id"]], keyring[final["epoch"]]))
+        # the bench reads the models as a member: the layouts of its own spec, for weights sent as FLT2
+        template = build_model(spec(data))
+        layouts.register_model({k: v.shape for k, v in shared_state(template, spec(data)).items()})
+        final_blob = open_for_federation(weights[final["weights"]["msg_id"]], keyring[final["epoch"]])
+        shared = decode_tensors(final_blob)
         n_params = int(sum(a.size for a in shared.values()))
         auc = {s.site: evaluate(data, lambda x: predict(spec(data), shared, x), i) for i, s in enumerate(data.sites)}
         # Everything is counted up to the 10th version's manifest (``at_end``): the sites go on training while
@@ -413,6 +419,9 @@ async def chain(data: DemoData, timeout_s: float, quantise: str = "off") -> dict
             "published_bytes_by_kind": by_kind,
             "published_messages_by_kind": count_by_kind,
             "quantise": quantise,
+            # the tensor format of the last version's weights: FLT2 (the table by reference) once every site's
+            # status said it reads it (broker_bridge.layouts)
+            "final_weights_format": bytes(final_blob[:4]).decode("ascii", "replace"),
             # the updates alone: bytes published on update topics against their float32 logical size
             "wire_updates_vs_logical_updates": by_kind.get("update", 0) / (n_params * 4 * update_msgs),
             # what reaches the sites (manifests, weights or int8 steps, receipts, grants) against their models

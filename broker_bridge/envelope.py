@@ -36,6 +36,7 @@ from nacl.public import PublicKey, SealedBox
 from nacl.secret import SecretBox
 from nacl.signing import VerifyKey
 
+from broker_bridge import binhead
 from broker_bridge.errors import TopicError, WireError
 from broker_bridge.keys import Enrollment, KeyPair, OpeningKey
 from broker_bridge.sealopen import seal_open
@@ -48,12 +49,21 @@ MAX_TENSORS = 4096
 MAX_NDIM = 8
 
 _TENSOR_MAGIC = b"FLT1"
+_TENSOR_REF_MAGIC = b"FLT2"  # the tensor table by reference: FLT2 | 16-byte layout id | raw data
+LAYOUT_ID_BYTES = 16
+#: wire formats beyond version 1's this build reads, named in every manifest (``"reads"``) so that a site sends
+#: them only to an aggregator that reads them
+READS = ("FLT2", "FLU2")
+MAX_LAYOUTS = 256  # layouts a process may register (each from its own model spec: a handful)
 _UPDATE_MAGIC = b"FLU"
 _SEALED_MAGIC = b"FLE"
 _SIGNED_MAGIC = b"FLS1"
 _MANIFEST_MAGIC = b"FLM"
 _RECEIPT_MAGIC = b"FLR"
 _U32 = struct.Struct("<I")
+_U16 = struct.Struct("<H")
+#: FLU's version byte for a binary header (broker_bridge.binhead); 1 is the JSON header
+BINARY_UPDATE_VERSION = 2
 
 #: dtypes allowed on the wire (little-endian or byte-order-free)
 DTYPES = ("<f2", "<f4", "<f8", "|i1", "<i2", "<i4", "<i8", "|u1", "|b1")
@@ -105,12 +115,16 @@ def _load_json(raw: bytes | memoryview, reason: str, what: str) -> dict[str, Any
 
 
 # --------------------------------------------------------------------------- tensors
-def encode_tensors(tensors: Mapping[str, np.ndarray]) -> bytes:
-    """Named arrays → ``FLT1 | u32 len | JSON [{name, dtype, shape}] | raw little-endian data``."""
-    return b"".join(tensor_parts(tensors))
+def encode_tensors(tensors: Mapping[str, np.ndarray], by_reference: bool = False) -> bytes:
+    """Named arrays → ``FLT1 | u32 len | JSON [{name, dtype, shape}] | raw little-endian data``.
+
+    ``by_reference``: ``FLT2 | layout id | raw data`` instead when the table is a registered layout
+    (:func:`register_layout`: one this process derived from its own model spec); FLT1 otherwise.
+    """
+    return b"".join(tensor_parts(tensors, by_reference))
 
 
-def tensor_parts(tensors: Mapping[str, np.ndarray]) -> list[bytes | memoryview]:
+def tensor_parts(tensors: Mapping[str, np.ndarray], by_reference: bool = False) -> list[bytes | memoryview]:
     """:func:`encode_tensors`' bytes as parts in order, each array's a view of it: what a file is written
     from without joining a 4 MB copy first (the aggregator's checkpoints)."""
     meta = []
@@ -123,25 +137,64 @@ def tensor_parts(tensors: Mapping[str, np.ndarray]) -> list[bytes | memoryview]:
             raise ValueError(f"tensor {name!r}: dtype {a.dtype} cannot go on the wire")
         meta.append({"name": name, "dtype": a.dtype.str, "shape": list(a.shape)})
         blobs.append(a.reshape(-1).view(np.uint8).data)  # joined straight from the array: no extra copy
-    header = json.dumps(meta, separators=(",", ":")).encode("utf-8")
+    header = table_json(meta)
+    if by_reference:
+        lid = layout_id(header)
+        if lid in _BY_ID:
+            return [_TENSOR_REF_MAGIC, lid, *blobs]
     return [_TENSOR_MAGIC, _U32.pack(len(header)), header, *blobs]
 
 
+def table_json(meta: list[dict[str, Any]]) -> bytes:
+    """The canonical FLT1 tensor table: ``[{"name","dtype","shape"}]`` in tensor order, no spaces."""
+    return json.dumps(meta, separators=(",", ":")).encode("utf-8")
+
+
+def layout_id(table: bytes) -> bytes:
+    """A layout's id: the first 16 bytes of SHA-256 over its canonical FLT1 table (names, dtypes, shapes, order)."""
+    return hashlib.sha256(table).digest()[:LAYOUT_ID_BYTES]
+
+
+def register_layout(table: bytes) -> bytes:
+    """Make a layout readable as FLT2 in this process and return its id.
+
+    Only tables a party derived from its *own* model spec are registered (``broker_bridge.layouts``), never
+    one read off the wire: an FLT2 block whose id is not registered is refused, never guessed.
+    """
+    lid = layout_id(table)
+    if lid not in _BY_ID:
+        if len(_BY_ID) >= MAX_LAYOUTS:
+            raise ValueError(f"more than {MAX_LAYOUTS} tensor layouts registered")
+        _BY_ID[lid] = _parse_layout(table, "schema")
+    return lid
+
+
 def decode_tensors(blob: bytes | memoryview, reason: str = "schema") -> dict[str, np.ndarray]:
-    """Inverse of :func:`encode_tensors`. Arrays are read-only views into ``blob``.
+    """Inverse of :func:`encode_tensors` (FLT1, or FLT2 of a registered layout). Arrays are read-only views
+    into ``blob``.
 
     Every length is checked before it is used, so random bytes give a
     :class:`WireError`, never a crash or a huge allocation.
     """
     view = memoryview(blob)
+    if len(view) >= 4 + LAYOUT_ID_BYTES and bytes(view[:4]) == _TENSOR_REF_MAGIC:
+        lid = bytes(view[4 : 4 + LAYOUT_ID_BYTES])
+        layout = _BY_ID.get(lid)
+        if layout is None:
+            raise WireError(reason, f"FLT2 tensor layout {lid.hex()} is not one derived from this party's model spec")
+        return _read_arrays(view, 4 + LAYOUT_ID_BYTES, layout, reason)
     if len(view) < 8 or bytes(view[:4]) != _TENSOR_MAGIC:
-        raise WireError(reason, "tensor block does not start with FLT1")
+        raise WireError(reason, "tensor block does not start with FLT1 or FLT2")
     (hlen,) = _U32.unpack_from(view, 4)
     if hlen > MAX_HEADER_BYTES or 8 + hlen > len(view):
         raise WireError(reason, f"tensor header length {hlen} does not fit the block")
+    return _read_arrays(view, 8 + hlen, _tensor_layout(bytes(view[8 : 8 + hlen]), reason), reason)
+
+
+def _read_arrays(view: memoryview, pos: int, layout: Layout, reason: str) -> dict[str, np.ndarray]:
+    """The arrays of ``layout`` from ``view[pos:]``, which must hold exactly their bytes."""
     out: dict[str, np.ndarray] = {}
-    pos = 8 + hlen
-    for name, dt, shape, count in _tensor_layout(bytes(view[8 : 8 + hlen]), reason):
+    for name, dt, shape, count in layout:
         nbytes = count * dt.itemsize
         if pos + nbytes > len(view):
             raise WireError(reason, f"tensor {name!r}: {nbytes} bytes declared, {len(view) - pos} left in the block")
@@ -160,6 +213,8 @@ Layout = tuple[tuple[str, np.dtype[Any], tuple[int, ...], int], ...]  # (name, d
 _LAYOUTS: dict[bytes, Layout] = {}
 _LAYOUTS_MAX = 64
 _LAYOUT_CACHED_BYTES = 4096
+# layouts readable as FLT2, by id: registered from this process's own model spec (register_layout), never learnt
+_BY_ID: dict[bytes, Layout] = {}
 
 
 def _tensor_layout(raw: bytes, reason: str) -> Layout:
@@ -271,17 +326,36 @@ _HEADER_FIELDS: dict[str, type | tuple[type, ...]] = {
 }
 
 
-def encode_update(header: UpdateHeader, tensors: Mapping[str, np.ndarray]) -> bytes:
-    """Plaintext of an update: ``FLU | ver | u32 len | header JSON | tensors``."""
-    head = canonical_json(header.to_dict())
-    return b"".join([_UPDATE_MAGIC, bytes([FORMAT_VERSION]), _U32.pack(len(head)), head, encode_tensors(tensors)])
+def encode_update(
+    header: UpdateHeader, tensors: Mapping[str, np.ndarray], by_reference: bool = False, binary: bool = False
+) -> bytes:
+    """Plaintext of an update: ``FLU | 1 | u32 len | header JSON | tensors``, or with ``binary``
+    ``FLU | 2 | binary header | tensors`` (:mod:`broker_bridge.binhead`; JSON when the header does not fit it).
+    The tensors as FLT2 with ``by_reference``."""
+    doc = header.to_dict()
+    block = binhead.pack(doc) if binary else None
+    tensors_blob = encode_tensors(tensors, by_reference)
+    if block is not None:
+        return b"".join([_UPDATE_MAGIC, bytes([BINARY_UPDATE_VERSION]), block, tensors_blob])
+    head = canonical_json(doc)
+    return b"".join([_UPDATE_MAGIC, bytes([FORMAT_VERSION]), _U32.pack(len(head)), head, tensors_blob])
 
 
-def _decode_update_header(plain: memoryview) -> tuple[dict[str, Any], memoryview]:
-    if len(plain) < 8 or bytes(plain[:3]) != _UPDATE_MAGIC:
+def _decode_update_header(plain: memoryview, site: str = "") -> tuple[dict[str, Any], memoryview]:
+    """The header dict and the tensor block of an update's plaintext (JSON or binary header). ``site``: the
+    signer's, which a binary header leaves out (the benches that only want the tensors may leave it empty)."""
+    if len(plain) < 6 or bytes(plain[:3]) != _UPDATE_MAGIC:
         raise WireError("schema", "plaintext is not an update (no FLU magic)")
+    if plain[3] == BINARY_UPDATE_VERSION:
+        doc, used = binhead.unpack(plain[4:], site)
+        return doc, plain[4 + used :]
     if plain[3] != FORMAT_VERSION:
-        raise WireError("version", f"update plaintext format {plain[3]}, this build reads {FORMAT_VERSION}")
+        raise WireError(
+            "version",
+            f"update plaintext format {plain[3]}, this build reads {FORMAT_VERSION} and {BINARY_UPDATE_VERSION}",
+        )
+    if len(plain) < 8:
+        raise WireError("schema", "update plaintext is truncated")
     (hlen,) = _U32.unpack_from(plain, 4)
     if hlen > MAX_HEADER_BYTES or 8 + hlen > len(plain):
         raise WireError("schema", f"update header length {hlen} does not fit")
@@ -300,19 +374,33 @@ def _tensor_data_at(inner: memoryview) -> int | None:
     at = 5 + inner[4] + 32 + 64  # signed magic, site length, site, verify key, signature
     if len(inner) < at + 8:
         return None
-    at += 8 + _U32.unpack_from(inner, at + 4)[0]  # FLU, version, header length, header JSON
+    if inner[at + 3] == BINARY_UPDATE_VERSION:
+        at += 6 + _U16.unpack_from(inner, at + 4)[0]  # FLU, 2, binary header length, binary header
+    else:
+        at += 8 + _U32.unpack_from(inner, at + 4)[0]  # FLU, version, header length, header JSON
     if len(inner) < at + 8:
         return None
+    if bytes(inner[at : at + 4]) == _TENSOR_REF_MAGIC:
+        return at + 4 + LAYOUT_ID_BYTES  # FLT2, layout id
     return at + 8 + int(_U32.unpack_from(inner, at + 4)[0])  # FLT1, tensor header length, tensor header JSON
 
 
 def seal_update(
-    header: UpdateHeader, tensors: Mapping[str, np.ndarray], site_keys: KeyPair, aggregator_box_pub: bytes
+    header: UpdateHeader,
+    tensors: Mapping[str, np.ndarray],
+    site_keys: KeyPair,
+    aggregator_box_pub: bytes,
+    by_reference: bool = False,
+    binary: bool = False,
 ) -> bytes:
-    """Sign (Ed25519 over a SHA-256 digest) and seal (X25519 SealedBox) one update."""
+    """Sign (Ed25519 over a SHA-256 digest) and seal (X25519 SealedBox) one update.
+
+    ``by_reference``: the tensors as FLT2 when their table is a registered layout (only for an aggregator
+    whose manifest says it reads FLT2, :data:`READS`); ``binary``: the header in binary (FLU version 2, for one
+    that reads FLU2)."""
     if header.site != site_keys.ident:
         raise ValueError(f"header site {header.site!r} is not the key's site {site_keys.ident!r}")
-    plain = encode_update(header, tensors)
+    plain = encode_update(header, tensors, by_reference, binary)
     site = header.site.encode()
     sig = site_keys.signing_key.sign(digest(site, _UPDATE_DOMAIN, b"\x00", plain)).signature
     inner = b"".join([_SIGNED_MAGIC, bytes([len(site)]), site, bytes(site_keys.signing_key.verify_key), sig, plain])
@@ -362,7 +450,7 @@ def open_update(
         raise WireError("unenrolled", f"site {site!r} is not enrolled in federation {enrollment.federation!r}")
     if enrolled.sign_pub != vk_raw:
         raise WireError("unenrolled", f"update claims site {site!r} but is signed by another key")
-    doc, rest = _decode_update_header(plain)
+    doc, rest = _decode_update_header(plain, site)
     counter = doc.get("counter")
     if not isinstance(counter, int) or isinstance(counter, bool):
         raise WireError("schema", "update header has no integer counter")
@@ -415,7 +503,12 @@ def verify_body(
 
 _MANIFEST_DOMAIN = b"fedline-manifest-v1\x00"
 _RECEIPT_DOMAIN = b"fedline-receipt-v1\x00"
+_RECEIPT_DOMAIN_V2 = b"fedline-receipt-v2\x00"  # the binary body: a signature of one form never checks as the other's
+#: FLR's version byte for a binary body (broker_bridge.binhead.pack_receipt); 1 is the JSON body
+BINARY_RECEIPT_VERSION = 2
 MANIFEST_FIELDS = ("federation", "version", "created_at", "spec", "weights", "onnx")
+#: a manifest may name its spec by hash instead (``spec_hash``, FLM2): exactly one of the two
+SPEC_HASH_CHARS = 32
 RECEIPT_FIELDS = ("site", "counter", "msg_id", "verdict", "reason", "version")
 VERDICTS = ("applied", "buffered", "stale", "rejected")
 
@@ -427,7 +520,15 @@ def sign_manifest(doc: Mapping[str, Any], aggregator_keys: KeyPair) -> bytes:
 
 def verify_manifest(blob: bytes | memoryview, aggregator_sign_pub: bytes) -> dict[str, Any]:
     """Check a manifest's signature and required fields; return it as a dict."""
-    doc = verify_body(_MANIFEST_MAGIC, _MANIFEST_DOMAIN, "manifest", blob, aggregator_sign_pub, MANIFEST_FIELDS)
+    required = tuple(f for f in MANIFEST_FIELDS if f != "spec")
+    doc = verify_body(_MANIFEST_MAGIC, _MANIFEST_DOMAIN, "manifest", blob, aggregator_sign_pub, required)
+    if ("spec" in doc) == ("spec_hash" in doc):
+        raise WireError("schema", "manifest must carry exactly one of spec and spec_hash")
+    h = doc.get("spec_hash")
+    if h is not None and not (
+        isinstance(h, str) and len(h) == SPEC_HASH_CHARS and all(c in "0123456789abcdef" for c in h)
+    ):
+        raise WireError("schema", f"manifest spec_hash must be {SPEC_HASH_CHARS} lowercase hex digits")
     if not isinstance(doc["version"], int) or isinstance(doc["version"], bool) or doc["version"] < 0:
         raise WireError("schema", "manifest version must be a non-negative integer")
     for part in ("weights", "onnx"):
@@ -437,15 +538,29 @@ def verify_manifest(blob: bytes | memoryview, aggregator_sign_pub: bytes) -> dic
     return doc
 
 
-def sign_receipt(doc: Mapping[str, Any], aggregator_keys: KeyPair) -> bytes:
-    """The aggregator's verdict on one update, signed; only this lets a site forget it."""
-    return _sign_doc(_RECEIPT_MAGIC, _RECEIPT_DOMAIN, doc, aggregator_keys)
+def spec_hash(spec_doc: Mapping[str, Any]) -> str:
+    """A model spec's hash as a manifest names it (``spec_hash``): the first 16 bytes of SHA-256 over its
+    canonical JSON, in hex."""
+    return hashlib.sha256(canonical_json(spec_doc)).hexdigest()[:SPEC_HASH_CHARS]
+
+
+def sign_receipt(doc: Mapping[str, Any], aggregator_keys: KeyPair, binary: bool = False) -> bytes:
+    """The aggregator's verdict on one update, signed; only this lets a site forget it.
+
+    ``binary`` (for a site whose status reads FLR2): ``FLR | 2 | signature | binary body``
+    (:func:`broker_bridge.binhead.pack_receipt`), signed under a domain of its own; JSON when the body does not
+    fit the binary form."""
+    body = binhead.pack_receipt(doc) if binary else None
+    if body is None:
+        return _sign_doc(_RECEIPT_MAGIC, _RECEIPT_DOMAIN, doc, aggregator_keys)
+    sig = aggregator_keys.signing_key.sign(digest(body, _RECEIPT_DOMAIN_V2)).signature
+    return _RECEIPT_MAGIC + bytes([BINARY_RECEIPT_VERSION]) + sig + body
 
 
 _SEALED_RECEIPT_MAGIC = b"FLQ"
 
 
-def seal_receipt(doc: Mapping[str, Any], aggregator_keys: KeyPair, site_box_pub: bytes) -> bytes:
+def seal_receipt(doc: Mapping[str, Any], aggregator_keys: KeyPair, site_box_pub: bytes, binary: bool = False) -> bytes:
     """A signed receipt sealed to its site: ``FLQ | ver | SealedBox(site X25519 key, FLR signed receipt)``.
 
     Sealed because a receipt says, per site, which counters were sent, when,
@@ -455,7 +570,7 @@ def seal_receipt(doc: Mapping[str, Any], aggregator_keys: KeyPair, site_box_pub:
     return (
         _SEALED_RECEIPT_MAGIC
         + bytes([FORMAT_VERSION])
-        + SealedBox(PublicKey(site_box_pub)).encrypt(sign_receipt(doc, aggregator_keys))
+        + SealedBox(PublicKey(site_box_pub)).encrypt(sign_receipt(doc, aggregator_keys, binary))
     )
 
 
@@ -479,12 +594,31 @@ def open_receipt(blob: bytes | memoryview, site_keys: KeyPair, aggregator_sign_p
 
 
 def verify_receipt(blob: bytes | memoryview, aggregator_sign_pub: bytes) -> dict[str, Any]:
-    """Check a receipt's signature and fields; return it as a dict."""
-    doc = verify_body(_RECEIPT_MAGIC, _RECEIPT_DOMAIN, "receipt", blob, aggregator_sign_pub, RECEIPT_FIELDS)
+    """Check a receipt's signature and fields (JSON, or the binary body of FLR version 2); return it as a dict."""
+    view = memoryview(blob)
+    if len(view) >= 4 + 64 + 1 and bytes(view[:3]) == _RECEIPT_MAGIC and view[3] == BINARY_RECEIPT_VERSION:
+        doc = _verify_binary_receipt(view, aggregator_sign_pub)
+    else:
+        doc = verify_body(_RECEIPT_MAGIC, _RECEIPT_DOMAIN, "receipt", view, aggregator_sign_pub, RECEIPT_FIELDS)
     if doc["verdict"] not in VERDICTS:
         raise WireError("schema", f"receipt verdict {doc['verdict']!r} is not one of {VERDICTS}")
     if not isinstance(doc["counter"], int) or isinstance(doc["counter"], bool):
         raise WireError("schema", "receipt counter must be an integer")
+    return doc
+
+
+def _verify_binary_receipt(view: memoryview, aggregator_sign_pub: bytes) -> dict[str, Any]:
+    if len(view) > MAX_HEADER_BYTES:
+        raise WireError("framing", f"{len(view)} bytes is not the size of a receipt")
+    sig, body = bytes(view[4:68]), view[68:]
+    try:
+        VerifyKey(aggregator_sign_pub).verify(digest(body, _RECEIPT_DOMAIN_V2), sig)
+    except (BadSignatureError, ValueError, TypeError):
+        raise WireError("signature", "receipt signature does not verify with the aggregator's key") from None
+    doc = binhead.unpack_receipt(body)
+    missing = [k for k in RECEIPT_FIELDS if k not in doc]
+    if missing:
+        raise WireError("schema", f"receipt lacks {', '.join(missing)}")
     return doc
 
 

@@ -136,7 +136,7 @@ class ModelFollower:
         self.by_step = False
         self.step_failures = 0  # steps that did not make the signed weights (then the full weights were used)
         self._waiting_for_key: bytes | None = None  # a sealed manifest of an epoch not granted (yet)
-        self._held: tuple[int, bytes, str] | None = None  # the model in use: version, its encoding, its hash
+        self._held: tuple[int, dict[str, bytes]] | None = None  # the model in use: version, its encodings by hash
 
     def on_grant(self, blob: bytes) -> int:
         """Keep a key grant sealed to this site; its epoch (raises :class:`WireError`)."""
@@ -245,10 +245,12 @@ class ModelFollower:
         if base is None or base.version != version:
             return None
         if self._held is None or self._held[0] != version:
-            blob = base.weights_blob or encode_tensors(base.shared)
-            self._held = (version, blob, content_hash(blob))
-        _, blob, digest = self._held
-        return blob if doc["weights"].get("hash") == digest else None
+            # the stored blob, or (version 0 from the seed) its FLT1 and FLT2 encodings: the manifest's hash says
+            blobs = (
+                [base.weights_blob] if base.weights_blob else [encode_tensors(base.shared, r) for r in (False, True)]
+            )
+            self._held = (version, {content_hash(b): b for b in blobs})
+        return self._held[1].get(doc["weights"].get("hash"))
 
     def _checked(self, manifest_blob: bytes, weights: bytes) -> GlobalModel | None:
         g = check_global_model(

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from broker_bridge.envelope import content_hash, decode_tensors, encode_tensors, verify_manifest
+from broker_bridge.envelope import content_hash, decode_tensors, encode_tensors, spec_hash, verify_manifest
 from broker_bridge.errors import ModelRefused, WireError
 from fedline.fsutil import atomic_write
 from models.spec import ModelSpec
@@ -32,6 +32,25 @@ class GlobalModel:
     manifest_blob: bytes
     weights_blob: bytes
     shared: dict[str, np.ndarray]
+
+
+def _check_spec(manifest: dict[str, Any], spec: ModelSpec, version: int) -> None:
+    """The manifest's spec is this site's: given whole, or by its hash (``spec_hash``, FLM2)."""
+    if "spec_hash" in manifest:
+        mine = spec_hash(spec.to_dict())
+        if manifest["spec_hash"] != mine:
+            raise ModelRefused(
+                "spec", f"manifest spec hash {manifest['spec_hash']} is not this site's ({mine})", version
+            )
+        return
+    try:
+        their_spec = ModelSpec.from_dict(manifest["spec"])
+    except Exception as exc:  # ConfigError or a non-dict
+        raise ModelRefused("spec", f"manifest spec is not valid: {exc}", version) from None
+    if their_spec != spec:
+        raise ModelRefused(
+            "spec", f"manifest spec {their_spec.to_dict()} differs from this site's {spec.to_dict()}", version
+        )
 
 
 def check_global_model(
@@ -53,14 +72,7 @@ def check_global_model(
         raise ModelRefused(
             "federation", f"manifest is for federation {manifest['federation']!r}, not {federation!r}", version
         )
-    try:
-        their_spec = ModelSpec.from_dict(manifest["spec"])
-    except Exception as exc:  # ConfigError or a non-dict
-        raise ModelRefused("spec", f"manifest spec is not valid: {exc}", version) from None
-    if their_spec != spec:
-        raise ModelRefused(
-            "spec", f"manifest spec {their_spec.to_dict()} differs from this site's {spec.to_dict()}", version
-        )
+    _check_spec(manifest, spec, version)
     w = manifest["weights"]
     if w.get("size") != len(weights_blob):
         raise ModelRefused("size", f"weights are {len(weights_blob)} bytes, manifest says {w.get('size')}", version)

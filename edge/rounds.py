@@ -79,6 +79,13 @@ def _r(v: float | None) -> float | None:
     return None if v is None or v != v else round(float(v), 6)
 
 
+def _reads(base: GlobalModel, fmt: str) -> bool:
+    """Whether the aggregator that made ``base`` reads ``fmt`` (FLT2 tensors, FLU2 binary headers): its signed
+    manifest says so; an older one does not, and gets FLT1 and JSON headers."""
+    reads = base.manifest.get("reads")
+    return isinstance(reads, list) and fmt in reads
+
+
 class Rounds:
     """Trains on schedule; ``export`` rebuilds the line's ONNX after a round that changed the personal layers."""
 
@@ -233,7 +240,9 @@ class Rounds:
             blob = st.cohorts.seal(header, result.delta)
         else:
             tensors = quantised.encode(result.delta, encoding)
-            blob = seal_update(header, tensors, st.keys, st.enrollment.aggregator.box_pub)
+            blob = seal_update(
+                header, tensors, st.keys, st.enrollment.aggregator.box_pub, _reads(base, "FLT2"), _reads(base, "FLU2")
+            )
         return _Sealed(counter, msg_id, blob, meta, eps_after, encoding)
 
     async def _queue(self, sealed: _Sealed, base: GlobalModel, n_samples: int, consumed: int) -> bool:

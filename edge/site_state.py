@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from broker_bridge import layouts
 from broker_bridge.client import MqttClient
 from broker_bridge.federation_key import Keyring
 from broker_bridge.keys import Enrollment, KeyPair
@@ -128,6 +129,8 @@ class SiteState:
         except ValueError as exc:  # a personal prefix that names nothing, or everything
             raise ConfigError(cfg.file, "model.personal", str(exc)) from None
         self.shapes = {n: tuple(p.shape) for n, p in template.named_parameters()}
+        # the tables FLT2 names by id (updates sent, weights and int8 steps read), from this site's own spec
+        layouts.register_model({n: self.shapes[n] for n in self.shared_names})
         self.base = GlobalModel(0, {}, b"", b"", shared_state(template, self.spec))  # version 0, as the aggregator's
         personal = self.store.load_personal()
         if personal and set(personal) != set(self.personal_names):

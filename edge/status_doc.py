@@ -11,7 +11,9 @@ is what the aggregator's catch-up reads, ``aggregator.catchup``; epochs are
 public, like versions), the DP parameters, the unit protected and ε spent against the budget
 (public by design, DESIGN.md), whether the site is publishing, the outbox depth, and the last
 global version it refused as too far a step (``model_refused``: version and ``"step"``; versions are
-public, and an operator must see that a site stays behind on purpose, ``models.step_bound``).
+public, and an operator must see that a site stays behind on purpose, ``models.step_bound``), and the wire
+formats beyond version 1's the agent reads (``reads``: ``["FLT2"]``; the aggregator publishes models with the
+tensor table by reference only when every enrolled site says so: a software version, nothing about the plant).
 
 One builder, so that fields added later (e.g. per-record ε) have one home.
 """
@@ -25,7 +27,17 @@ from typing import Any
 #: the public privacy figures a status may carry (``EdgeAgent.privacy_status``: DP parameters, ε, the unit)
 PRIVACY_FIELDS = ("privacy", "accounting", "epsilon", "epsilon_budget", "delta", "privacy_unit")
 #: every key a status may carry; the adversarial capture test checks statuses against it
-STATUS_FIELDS = ("state", "version", "epoch", *PRIVACY_FIELDS, "publishing", "outbox_depth", "model_refused", "ts")
+STATUS_FIELDS = (
+    "state",
+    "version",
+    "epoch",
+    *PRIVACY_FIELDS,
+    "publishing",
+    "outbox_depth",
+    "model_refused",
+    "reads",
+    "ts",
+)
 
 
 def build_status(
@@ -37,6 +49,7 @@ def build_status(
     outbox_depth: int,
     epoch: int = -1,
     model_refused: Mapping[str, Any] | None = None,
+    reads: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """The status document. ``privacy``: the site's public privacy figures, keys from :data:`PRIVACY_FIELDS`.
 
@@ -54,5 +67,6 @@ def build_status(
         "publishing": publishing,
         "outbox_depth": outbox_depth,
         **({"model_refused": dict(model_refused)} if model_refused else {}),
+        **({"reads": list(reads)} if reads else {}),
         "ts": round(time.time(), 1),
     }

@@ -7,20 +7,25 @@ not only the first one (random ciphertext never decrypts):
 - 1: the bytes sealed to the aggregator (an attacker who knows its public key,
   which everyone does): the signature block and its parsing;
 - 2: the bytes as an update plaintext, signed by an enrolled site and sealed
-  (a site that is enrolled but hostile): header JSON, schema, counter, tensors;
+  (a site that is enrolled but hostile): header JSON or binary (FLU version 2), schema, counter, tensors
+  (FLT1, or FLT2 of the layouts registered below, as the aggregator registers its model's);
 - 3: as 2, but the signer is not enrolled or claims another site's id.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 from _harness import AGGREGATOR, OUTSIDER, SITE_A, enrollment, instrumented, main
 from nacl.public import PublicKey, SealedBox
 
 with instrumented():
-    from broker_bridge import envelope
+    from broker_bridge import envelope, layouts
 
 ENROLLMENT = enrollment()
+SHAPES = {"body.0.weight": (4, 3), "body.0.bias": (4,)}
+layouts.register_model(SHAPES)
 _BOX = SealedBox(PublicKey(bytes(AGGREGATOR.box_key.public_key)))
 _seen: set[tuple[str, int]] = set()
 
@@ -76,6 +81,8 @@ def seeds() -> list[bytes]:
     )
     tensors = {"body.0.weight": np.ones((4, 3), np.float32), "body.0.bias": np.zeros(4, np.float32)}
     plain = envelope.encode_update(head, tensors)
+    head8 = dataclasses.replace(head, counter=8)
+    compact = envelope.encode_update(head8, tensors, by_reference=True, binary=True)  # FLU 2 | binary | FLT2
     sealed = envelope.seal_update(head, tensors, SITE_A, bytes(AGGREGATOR.box_key.public_key))
     return [
         b"\x00" + sealed,
@@ -84,6 +91,8 @@ def seeds() -> list[bytes]:
         b"\x03" + plain,
         b"\x07" + plain,
         b"\x02" + plain[:40],
+        b"\x02" + compact,
+        b"\x02" + compact[:30],
     ]
 
 

@@ -1,7 +1,8 @@
 """Fuzz ``envelope.verify_receipt``: the only thing that lets a site forget an update.
 
 First byte 0: raw bytes on the receipts topic; 1: a body signed by a key that
-is not the aggregator's (must never verify); 2: signed by the aggregator.
+is not the aggregator's (must never verify); 2: signed by the aggregator;
+3 and 4: as 1 and 2 for a binary body (FLR version 2, ``binhead.pack_receipt``).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 from _harness import AGGREGATOR, SITE_A, instrumented, main
 
 with instrumented():
-    from broker_bridge import envelope
+    from broker_bridge import binhead, envelope
 
 AGG_PUB = bytes(AGGREGATOR.signing_key.verify_key)
 
@@ -18,14 +19,30 @@ def _signed(keys, body: bytes) -> bytes:
     return envelope.sign_body(envelope._RECEIPT_MAGIC, envelope._RECEIPT_DOMAIN, body, keys)
 
 
+def _signed_binary(keys, body: bytes) -> bytes:
+    sig = keys.signing_key.sign(envelope.digest(body, envelope._RECEIPT_DOMAIN_V2)).signature
+    return envelope._RECEIPT_MAGIC + bytes([envelope.BINARY_RECEIPT_VERSION]) + sig + body
+
+
 def target(data: bytes) -> None:
     if not data:
         return
-    mode, body = data[0] % 3, data[1:]
-    blob = body if mode == 0 else _signed(SITE_A if mode == 1 else AGGREGATOR, body)
+    mode, body = data[0] % 5, data[1:]
+    if mode == 0:
+        blob = body
+    elif mode in (1, 2):
+        blob = _signed(SITE_A if mode == 1 else AGGREGATOR, body)
+    else:
+        blob = _signed_binary(SITE_A if mode == 3 else AGGREGATOR, body)
     doc = envelope.verify_receipt(blob, AGG_PUB)
-    assert mode != 1, "a receipt signed by a site's key verified"
+    assert mode not in (1, 3), "a receipt signed by a site's key verified"
     assert doc["verdict"] in envelope.VERDICTS
+
+
+def _binary(doc: dict) -> bytes:
+    body = binhead.pack_receipt(doc)
+    assert body is not None
+    return body
 
 
 def seeds() -> list[bytes]:
@@ -36,6 +53,10 @@ def seeds() -> list[bytes]:
         b"\x01" + body,
         b"\x02" + body,
         b"\x02" + envelope.canonical_json({**doc, "verdict": "maybe"}),
+        b"\x00" + envelope.sign_receipt(doc, AGGREGATOR, binary=True),
+        b"\x03" + _binary(doc),
+        b"\x04" + _binary(doc),
+        b"\x04" + _binary({**doc, "verdict": "buffered", "weight": 0.5, "detail": None}),
     ]
 
 

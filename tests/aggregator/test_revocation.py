@@ -122,7 +122,7 @@ async def test_revoked_site_reads_nothing_published_after_and_retained_updates_a
                 # a remaining member reads version 1, under the new epoch
                 m1, _, _ = await read_model(broker, topics, fed.sites["site-a"], agg_pub, 1)
                 assert m1["epoch"] == 2 and m1["version"] == 1
-                assert set(m1) == {"federation", "version", "epoch", "created_at", "spec", "weights", "onnx"}
+                assert set(m1) == {"federation", "version", "epoch", "created_at", "spec", "weights", "onnx", "reads"}
 
                 # a retained update chunk (data parked in the broker's store) is cleared and counted
                 blob, h = fed.seal("site-a", random_delta(agg.core.model, rng, 0.1), base_version=1)

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+
+from nacl.public import SealedBox
 
 from aggregator.config import load_config
 from aggregator.service import Aggregator
+from broker_bridge import envelope
+from edge import rounds
 from edge.agent import EdgeAgent
 from edge.config import load_edge_config
 from fedline.testing.patience import bound
@@ -15,8 +20,23 @@ from tests.edge.helpers import Federation, write_aggregator, write_csv, write_si
 SITES = ["site-a", "site-c"]
 
 
-async def test_two_sites_and_the_real_aggregator(mosquitto, tmp_path) -> None:
+async def test_two_sites_and_the_real_aggregator(mosquitto, tmp_path, monkeypatch) -> None:
     fed = Federation.create(tmp_path, SITES)
+    sealed: list[bytes] = []  # every update the sites seal, as sent
+
+    def spy(*args, **kwargs) -> bytes:
+        sealed.append(envelope.seal_update(*args, **kwargs))
+        return sealed[-1]
+
+    monkeypatch.setattr(rounds, "seal_update", spy)
+    receipts: list[bool] = []  # per receipt the aggregator seals: binary (FLR version 2)?
+    seal_receipt = envelope.seal_receipt
+
+    def receipt_spy(doc, keys, box_pub, binary=False) -> bytes:
+        receipts.append(binary)
+        return seal_receipt(doc, keys, box_pub, binary)
+
+    monkeypatch.setattr(envelope, "seal_receipt", receipt_spy)
     agg_toml = tmp_path / "aggregator.toml"
     write_aggregator(fed, mosquitto, agg_toml)
     aggregator = Aggregator(load_config(agg_toml))
@@ -45,6 +65,23 @@ async def test_two_sites_and_the_real_aggregator(mosquitto, tmp_path) -> None:
         for a in agents:
             second = a.outbox.ledger()[1]
             assert second.state == "applied" and second.base_version >= 1
+        # the aggregator's manifest says it reads FLT2 and FLU2, so every update named its tensor table by id
+        # and carried a binary header, and was applied: no JSON left in it (broker_bridge.layouts, .binhead)
+        assert all(a.base.manifest["reads"] == ["FLT2", "FLU2"] for a in agents)
+        assert len(sealed) == 4
+        for blob in sealed:
+            inner = SealedBox(fed.aggregator.box_key).decrypt(blob[4:])
+            plain = inner[5 + inner[4] + 96 :]  # after the signature block
+            assert plain[:4] == b"FLU\x02"
+            head_len = int.from_bytes(plain[4:6], "little")  # the binary header, then the tensors
+            assert plain[6 + head_len : 6 + head_len + 4] == b"FLT2"
+        # both sites' statuses say they read FLT2, so the later versions' weights name their table by id too
+        assert all(a.base.weights_blob[:4] == b"FLT2" for a in agents)
+        # ... and the manifests name the spec by its hash (FLM2): each site checked it against its own spec
+        assert all(a.base.manifest["spec_hash"] == envelope.spec_hash(a.spec.to_dict()) for a in agents)
+        assert all("spec" not in a.base.manifest for a in agents)
+        # and binary receipts (FLR2): every receipt was binary, and the sites settled their outboxes on them
+        assert len(receipts) >= 4 and all(receipts)
     finally:
         stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -86,3 +123,84 @@ async def test_on_new_model_rounds_follow_the_federation(mosquitto, tmp_path) ->
         aggregator.stop()
         await asyncio.wait_for(agg_task, bound(60))  # a model export may be under way
         agent.close()
+
+
+async def test_old_and_new_formats_mix_a_new_aggregator_with_an_older_site(mosquitto, tmp_path, monkeypatch) -> None:
+    """A plant upgrades its edges one by one: site-c plays an older agent (its status says nothing of the
+    formats it reads). Both sites' updates are applied; the models stay FLT1 with the whole spec (site-c could
+    not read FLT2 or a spec hash) and site-c's receipts stay JSON while site-a's are binary. Then an older
+    aggregator (its manifest names no formats) gets FLT1 updates with JSON headers from the newer site."""
+    fed = Federation.create(tmp_path, SITES)
+    agg_toml = tmp_path / "aggregator.toml"
+    write_aggregator(fed, mosquitto, agg_toml)
+    aggregator = Aggregator(load_config(agg_toml))
+    agg_task = asyncio.create_task(aggregator.run())
+    await asyncio.wait_for(aggregator.started.wait(), bound(30))
+    receipts: list[tuple[str, bool]] = []
+    seal_receipt = envelope.seal_receipt
+
+    def receipt_spy(doc, keys, box_pub, binary=False) -> bytes:
+        receipts.append((doc["site"], binary))
+        return seal_receipt(doc, keys, box_pub, binary)
+
+    monkeypatch.setattr(envelope, "seal_receipt", receipt_spy)
+    sealed: list[tuple[str, bytes]] = []
+
+    def spy(header, *args, **kwargs) -> bytes:
+        sealed.append((header.site, envelope.seal_update(header, *args, **kwargs)))
+        return sealed[-1][1]
+
+    monkeypatch.setattr(rounds, "seal_update", spy)
+    agents, tasks, stop = [], [], asyncio.Event()
+    for i, site in enumerate(SITES):
+        csv = write_csv(tmp_path / f"{site}.csv", 200, seed=i)
+        agent = EdgeAgent(
+            load_edge_config(write_site(fed, site, csv, mosquitto.url, mosquitto.paths[f"password:{site}"]))
+        )
+        if site == "site-c":  # an older agent: no "reads" in its status
+            monkeypatch.setattr(agent.status_publisher, "status", _without_reads(agent.status_publisher.status))
+        agents.append(agent)
+        tasks.append(asyncio.create_task(agent.run(stop)))
+    try:
+        await eventually(lambda: all(a.base.manifest for a in agents) and all(a.sources_done for a in agents), 30)
+        for _ in range(2):
+            for a in agents:
+                assert await a.train_once() is not None
+            await eventually(lambda: all(a.outbox.depth()[0] == 0 for a in agents), 30)
+        await eventually(lambda: all(a.base.version >= 2 for a in agents), 30)
+        assert all(e.state == "applied" for a in agents for e in a.outbox.ledger())
+        assert all(a.base.weights_blob[:4] == b"FLT1" and "spec" in a.base.manifest for a in agents)
+        assert {s for s, binary in receipts if binary} == {"site-a"}
+        assert {s for s, binary in receipts if not binary} == {"site-c"}
+        # both sites send the compact update: the aggregator's manifest says it reads it
+        assert {s for s, blob in sealed} == set(SITES)
+        for _site, blob in sealed:
+            plain = _plain(fed, blob)
+            assert plain[:4] == b"FLU\x02"
+        # an older aggregator: its manifest names no formats, so the newer site sends FLT1 and a JSON header
+        a = agents[0]
+        a.state.base = dataclasses.replace(a.state.base, manifest={**a.state.base.manifest, "reads": []})
+        sealed.clear()
+        assert await a.train_once() is not None
+        plain = _plain(fed, sealed[-1][1])
+        assert plain[:4] == b"FLU\x01" and b'"dtype"' in plain and b"FLT1" in plain
+        await eventually(lambda: a.outbox.depth()[0] == 0, 30)
+        assert a.outbox.ledger()[-1].state in ("applied", "buffered")
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        aggregator.stop()
+        await asyncio.wait_for(agg_task, bound(60))
+        for a in agents:
+            a.close()
+
+
+def _without_reads(status):
+    """A status method that leaves ``reads`` out, as an agent older than the formats does."""
+    return lambda state="online": {k: v for k, v in status(state).items() if k != "reads"}
+
+
+def _plain(fed: Federation, blob: bytes) -> bytes:
+    """An update's plaintext, after the signature block (opened with the aggregator's key)."""
+    inner = SealedBox(fed.aggregator.box_key).decrypt(blob[4:])
+    return inner[5 + inner[4] + 96 :]

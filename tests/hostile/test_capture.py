@@ -216,8 +216,9 @@ def test_capture_of_a_demo_run_gives_the_three_adversaries_nothing(tmp_path: Pat
             mine.add_grant(p, me, agg_pub, topics.federation)
     opened = [open_manifest(p, mine, agg_pub)[0] for p in by_kind["manifest"]]
     assert opened  # a member reads the models ...
-    for doc in opened:  # ... which name no site, no sample count, no lineage
-        assert set(doc) <= {"federation", "version", "epoch", "created_at", "spec", "weights", "onnx", "metric"}
+    for doc in opened:  # ... which name no site, no sample count, no lineage (``reads``: the aggregator's formats)
+        fields = {"federation", "version", "epoch", "created_at", "spec", "spec_hash", "weights", "onnx", "metric"}
+        assert set(doc) <= fields | {"reads"}
     others = [s for s in sites if s != me.ident]
     box = SealedBox(me.box_key)
     reassemblers = {s: chunking.Reassembler() for s in sites}

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from broker_bridge import chunking, envelope
+from broker_bridge import chunking, envelope, layouts
 from broker_bridge.errors import ChunkError, KeyFileError, WireError
 from broker_bridge.keys import Enrollment, KeyPair, PublicKeys
 from fedline.config import ConfigError
@@ -124,6 +124,21 @@ def test_tensor_header_claiming_huge_shape_is_refused_without_allocating() -> No
         envelope.decode_tensors(blob)
     assert err.value.reason == "schema"
     assert peak_allocation(lambda: envelope.decode_tensors(blob)) < MiB
+
+
+def test_flt2_blocks_are_refused_or_read_as_views_without_allocating() -> None:
+    """FLT2 names its table by id: an unknown id is refused before any data is read, a known one is read as
+    views (the sizes come from the receiver's own layout, never from the block)."""
+    unknown = b"FLT2" + b"\xaa" * 16 + b"\0" * (8 * MiB)
+    with pytest.raises(WireError, match="not one derived from this party's model spec"):
+        envelope.decode_tensors(unknown)
+    assert peak_allocation(lambda: envelope.decode_tensors(unknown)) < MiB // 4
+    layouts.register_model({"limits.w": (MiB,)})
+    known = envelope.encode_tensors({"limits.w": np.zeros(MiB, np.float32)}, by_reference=True)
+    assert known[:4] == b"FLT2" and len(known) == 20 + 4 * MiB
+    assert peak_allocation(lambda: envelope.decode_tensors(known)) < MiB // 4
+    with pytest.raises(WireError, match="trailing bytes"):  # more data than the layout holds: refused
+        envelope.decode_tensors(known + b"\0" * MiB)
 
 
 def test_tensor_block_is_a_view_not_a_copy() -> None:

@@ -112,6 +112,7 @@ def test_every_decoder_has_a_harness() -> None:
         "fuzz_site_config",
         "fuzz_key_files",
         "fuzz_sealed_docs",
+        "fuzz_update_header",
     }
     assert expected <= set(HARNESSES)
 
