@@ -17,7 +17,7 @@ over the last three versions' models) minus the benign control's in the same see
 the soft rate (no threshold) and the wide rate (≈280 rows) are reported too and do not help. Before 1 Dec 2026 the loop counted receipts instead and raced (RELIABILITY.md).
 
 The clean model (issue 14's reference) is the same loop without the attacker, like for like
-(:func:`clean_reference`, since 1 Dec 2026 14:00 UTC): the three honest sites alone at the attacked runs' K, so
+(:func:`clean_reference`, since 1 Dec 2026 13:30 UTC): the three honest sites alone at the attacked runs' K, so
 each of its versions sums the three honest slots at ``f(s)/K`` as an attacked version does when MDA leaves the
 attacker out. The honest-only run at the three-site defaults (K = 2: MDA keeps two of the three honest slots), the
 reference before, is still run and reported (``defaults_clean``): it is another federation, and on the late rate
@@ -280,12 +280,16 @@ async def run(
     trigger: str = "ood",
     input_range: bool = True,
     k: int | None = None,
+    momentum: float = 0.0,
 ) -> Outcome:
     """One federation run over a private Mosquitto; ``attack`` None is the honest-only run; ``seed`` shifts
     every site's training seed (seed 0 is the recorded run); ``trigger`` is the attacker's (``TRIGGERS``);
     ``input_range``: the federation declares its input range in ``[model]`` (the model saturates to it;
     False: the spec has none, as before, and as an older checkout must run); ``k`` forces K (None: the
-    aggregator's default). The honest-only run enrols the three honest sites only, so its default K is 3."""
+    aggregator's default). The honest-only run enrols the three honest sites only, so its default K is 2.
+    ``momentum`` β > 0: worker momentum (:func:`worker_momentum`): every honest site (and a control's fourth site)
+    sends the running average of its deltas instead of its delta; ``alie`` then clips into the spread of such
+    averages (:func:`alie_delta`); the four named attacks send their delta as before."""
     from aggregator.config import load_config
     from aggregator.service import Aggregator
     from broker_bridge import envelope
@@ -322,6 +326,14 @@ async def run(
     agg = Aggregator(cfg)
     task = asyncio.create_task(agg.run())
     counters = {s: 0 for s in sites}
+    averages: dict[str, dict[str, np.ndarray]] = {}  # worker momentum, per site and alie's own (``momentum``)
+
+    def averaged(site: str, delta: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if momentum <= 0:
+            return delta
+        averages[site] = worker_momentum(averages.get(site), delta, momentum)
+        return averages[site]
+
     try:
         await asyncio.wait_for(agg.started.wait(), bound(30))
         max_norm = getattr(agg.core, "max_norm", None) or cfg.validation.max_norm  # the bound in force
@@ -350,9 +362,8 @@ async def run(
             base = {k: v.copy() for k, v in base.items()}
             if attack in CONTROLS:
                 ax, ay = data.sites[ATTACKER if attack == "benign" else TWIN]
-                await send(
-                    ATTACKER, train(spec, base, ax, ay, seed=100 * loop + 3 + 10_000 * seed), base_version, len(ax)
-                )
+                d = averaged(ATTACKER, train(spec, base, ax, ay, seed=100 * loop + 3 + 10_000 * seed))
+                await send(ATTACKER, d, base_version, len(ax))
             elif attack is not None:
                 ax, ay = data.sites[ATTACKER]
                 value = data.trigger_value(trigger)
@@ -364,13 +375,16 @@ async def run(
                 elif attack == "replace":
                     d = _scaled(d, min(float(k_run), 0.999 * max_norm / max(_norm(d), 1e-12)))
                 elif attack == "alie":
-                    d = alie_delta(spec, base, d, ax, ay, seed=2000 + loop + 10_000 * seed)
+                    d = alie_delta(
+                        spec, base, d, ax, ay, seed=2000 + loop + 10_000 * seed, beta=momentum, state=averages
+                    )
                 claim = 10_000_000 if attack in ("samples", "replace") else len(ax)
                 for _ in range(k_run if attack == "flood" else 1):
                     await send(ATTACKER, d, base_version, claim)
             for i, s in enumerate(HONEST):
                 x, y = data.sites[s]
-                await send(s, train(spec, base, x, y, seed=100 * loop + i + 10_000 * seed), base_version, len(x))
+                d = averaged(s, train(spec, base, x, y, seed=100 * loop + i + 10_000 * seed))
+                await send(s, d, base_version, len(x))
             try:
                 await eventually(lambda: all_decided(parties, counters), 60)
             except AssertionError:
@@ -407,17 +421,43 @@ async def run(
             broker.stop()
 
 
+def worker_momentum(
+    average: dict[str, np.ndarray] | None, delta: dict[str, np.ndarray], beta: float
+) -> dict[str, np.ndarray]:
+    """Worker momentum (Karimireddy, He and Jaggi 2021, eq. (WM)), a round's delta in place of a gradient:
+    ``m ← (1 − β) Δ + β m``, started at the first delta itself (``m = Δ``: no bias towards zero in the first rounds)."""
+    if average is None:
+        return {k: np.array(v, np.float32) for k, v in delta.items()}
+    return {k: ((1.0 - beta) * delta[k] + beta * average[k]).astype(np.float32) for k in delta}
+
+
 def alie_delta(
-    spec, base: dict[str, np.ndarray], backdoor: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray, seed: int
+    spec,
+    base: dict[str, np.ndarray],
+    backdoor: dict[str, np.ndarray],
+    x: np.ndarray,
+    y: np.ndarray,
+    seed: int,
+    beta: float = 0.0,
+    state: dict[str, dict[str, np.ndarray]] | None = None,
 ) -> dict[str, np.ndarray]:
     """Baruch et al. 2019's backdoor delta: ``backdoor`` clipped, coordinate by coordinate, to ``μ ± ALIE_Z σ`` of
     ``ALIE_SAMPLES`` honest deltas trained from ``base`` on bootstrap resamples of the attacker's rows (each
-    resample as many rows as the site has, so each honest delta takes as many steps as a real site's)."""
+    resample as many rows as the site has, so each honest delta takes as many steps as a real site's).
+
+    Against worker momentum (``beta`` > 0; ``state`` keeps the averages across rounds): what honest sites send is
+    their running average, so the attacker keeps one for each of its honest resamples and one for its backdoor, and
+    clips the backdoor's average to ``μ ± ALIE_Z σ`` of the resamples' averages (the spread a defence then sees)."""
     rng = np.random.default_rng(seed)
     honest = []
     for i in range(ALIE_SAMPLES):
         pick = rng.integers(0, len(x), len(x))
         honest.append(train(spec, base, x[pick], y[pick], seed=seed * 10 + i))
+    if beta > 0 and state is not None:
+        for i, h in enumerate(honest):
+            state[f"alie-{i}"] = worker_momentum(state.get(f"alie-{i}"), h, beta)
+        honest = [state[f"alie-{i}"] for i in range(ALIE_SAMPLES)]
+        backdoor = state["alie-x"] = worker_momentum(state.get("alie-x"), backdoor, beta)
     out = {}
     for k, v in backdoor.items():
         stack = np.stack([h[k] for h in honest]).astype(np.float64)
@@ -550,9 +590,16 @@ def rates(spec, out: Outcome, data: Data, value: float, line_value: float) -> di
 
 
 async def clean_reference(
-    workdir: Path, loops: int, k_attacked: int, extra: str, data: Data, seed: int, input_range: bool
+    workdir: Path,
+    loops: int,
+    k_attacked: int,
+    extra: str,
+    data: Data,
+    seed: int,
+    input_range: bool,
+    momentum: float = 0.0,
 ) -> Outcome:
-    """The clean model, like for like (issue 14's reference, since 1 Dec 2026 14:00 UTC): the three honest sites
+    """The clean model, like for like (issue 14's reference, since 1 Dec 2026 13:30 UTC): the three honest sites
     alone (no attacker touched it), each version summing ``min(K, 3)`` slots at ``f(s)/K`` with K the attacked
     runs' own (3 with the defaults: four received, three kept), i.e. the plain mean of the three honest slots.
 
@@ -563,8 +610,9 @@ async def clean_reference(
     defaults' run, and the benign control (four sites, the fourth honest) within 2 points of this run: the
     "+5.7 of a benign fourth site" was K, not the fourth site's rows. The reduce is the mean because with no
     attacker there is nothing to leave out (MDA's f = 1 needs a fourth arrival the three sites cannot supply)."""
+    k = min(k_attacked, len(HONEST))
     return await run(
-        workdir, None, loops, like_extra(extra), data, seed, input_range=input_range, k=min(k_attacked, len(HONEST))
+        workdir, None, loops, like_extra(extra), data, seed, input_range=input_range, k=k, momentum=momentum
     )
 
 
@@ -577,6 +625,7 @@ async def report(
     trigger: str = "ood",
     input_range: bool = True,
     k: int | None = None,
+    momentum: float = 0.0,
 ) -> dict:
     """Each attack, then the clean model like for like (:func:`clean_reference`: the three honest sites at the
     attacked runs' K) and the honest-only run at the three-site defaults (``defaults_clean``: the reference before);
@@ -590,10 +639,14 @@ async def report(
     line_value = data.at_the_line(value)
     results = {}
     for attack in attacks:
-        results[attack] = await run(workdir / attack, attack, loops, extra, data, seed, trigger, input_range, k)
+        results[attack] = await run(
+            workdir / attack, attack, loops, extra, data, seed, trigger, input_range, k, momentum=momentum
+        )
     k_attacked = max((r.k for r in results.values()), default=len(HONEST))
-    honest = await clean_reference(workdir / "clean", loops, k_attacked, extra, data, seed, input_range)
-    defaults = await run(workdir / "honest", None, loops, extra, data, seed, input_range=input_range, k=k)
+    honest = await clean_reference(workdir / "clean", loops, k_attacked, extra, data, seed, input_range, momentum)
+    defaults = await run(
+        workdir / "honest", None, loops, extra, data, seed, input_range=input_range, k=k, momentum=momentum
+    )
     spec = load_config(workdir / "honest" / "aggregator.toml").model
     from models import build_model, shared_state
 
@@ -602,6 +655,7 @@ async def report(
     clean = rates(spec, honest, data, value, line_value)
     out = {
         "loops": loops,
+        "momentum": momentum,
         "honest_versions": honest.versions,
         "k": honest.k,
         "honest_moved": moved,
@@ -687,6 +741,9 @@ def main() -> None:
     ap.add_argument(
         "--k", type=int, default=None, help="force K (buffer_size) on every run (default: the aggregator's)"
     )
+    ap.add_argument(
+        "--momentum", type=float, default=0.0, help="worker momentum β at every honest site (0: none; see run())"
+    )
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     attacks = tuple(a for a in args.attacks.split(",") if a)
@@ -704,6 +761,7 @@ def main() -> None:
                 trigger=args.trigger,
                 input_range=not args.no_input_range,
                 k=args.k,
+                momentum=args.momentum,
             )
         )
     print(json.dumps(rep, default=float) if args.json else table(rep))
