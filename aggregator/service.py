@@ -384,6 +384,7 @@ class Aggregator:
             step=step if (step := core.step_of(version, shared)) and step[0] == self.published_version else None,
             by_reference=self._all_read("FLT2"),
             spec_by_hash=self._all_read("FLM2"),
+            steps=self.cfg.publish.quantise == "int8",
         )
 
     def _all_read(self, fmt: str) -> bool:

@@ -187,7 +187,9 @@ async def test_in_range_backdoor_stays_near_the_clean_rate(tmp_path):
     ]
     for rep in reps:
         check_fair_share(rep)
-        assert rep["reduces"] == ["mda"]
+        # every attacked version reduced with MDA; the clean model like for like is the mean of the three honest sites
+        assert all(r["reduces"] == ["mda"] for r in rep["attacks"].values()), rep["attacks"].keys()
+        assert rep["reduces"] == ["mean"] and rep["defaults_clean"]["reduces"] == ["mda"]
     clean = statistics.mean(rep["clean_backdoor_rate"] for rep in reps)
     per_attack = {a: statistics.mean(rep["attacks"][a]["backdoor_rate"] for rep in reps) for a in suite.ATTACKS}
     print(f"\nclean {clean:.3f}; " + ", ".join(f"{a} {v:.3f}" for a, v in per_attack.items()))
