@@ -6,6 +6,11 @@ import argparse
 
 
 def _run_aggregator(args: argparse.Namespace) -> int:
+    from fedline.startup import StartPause
+
+    # the start's imports, core, preloads and grants: collected never, not walked again and again (fedline.startup);
+    # the service ends the pause once it has started (aggregator.service, "aggregator.start_cost")
+    pause = StartPause()
     import asyncio
 
     from aggregator.config import load_config
@@ -19,9 +24,10 @@ def _run_aggregator(args: argparse.Namespace) -> int:
     if args.worker is not None:  # one of the [intake] workers, not the aggregator itself
         from aggregator.intake_worker import run_worker
 
+        pause.end()
         asyncio.run(run_worker(cfg, args.worker, args.password_file))
         return 0
-    asyncio.run(run_aggregator(cfg))
+    asyncio.run(run_aggregator(cfg, start=pause))
     return 0
 
 

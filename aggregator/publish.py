@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +56,24 @@ class Release:
     onnx_chunks: int
 
 
+def _sealed_parts(
+    version: int,
+    parts_of: Sequence[tuple[str, bytes, Callable[[int, int], str]]],
+    content_key: bytes,
+    chunk_limit: Callable[[str], int],
+) -> tuple[list[tuple[str, bytes]], dict[str, dict[str, Any]]]:
+    """Each blob sealed under the content key and chunked: the (topic, chunk) pairs and the manifest entries."""
+    chunks: list[tuple[str, bytes]] = []
+    entries: dict[str, dict[str, Any]] = {}
+    for part, blob, topic_of in parts_of:
+        msg_id = f"v{version}-{part}"
+        sealed = envelope.seal_for_federation(blob, content_key) if blob else b""
+        parts = chunking.split(sealed, msg_id, chunk_limit(topic_of(version, 999999))) if blob else []
+        chunks += [(topic_of(version, i), c) for i, c in enumerate(parts)]
+        entries[part] = {"hash": envelope.content_hash(blob), "size": len(blob), "chunks": len(parts), "msg_id": msg_id}
+    return chunks, entries
+
+
 def build_release(
     version: int,
     shared: dict[str, np.ndarray],
@@ -72,6 +90,7 @@ def build_release(
     step: tuple[int, dict[str, np.ndarray]] | None = None,
     by_reference: bool = False,
     spec_by_hash: bool = False,
+    steps: bool = False,
 ) -> Release:
     """Everything to publish for ``version``, encrypted under ``content_key`` of ``epoch``.
 
@@ -80,22 +99,17 @@ def build_release(
     named in the manifest's ``delta`` entry, beside the full weights (for sites that do not hold the parent).
     ``by_reference``: weights and step with the tensor table by reference (FLT2), when every enrolled site
     reads it (:class:`aggregator.service.Aggregator`); ``spec_by_hash``: the spec named by its hash
-    (``spec_hash``) when every enrolled site reads FLM2. Pure (no I/O), so it runs in a worker thread.
+    (``spec_hash``) when every enrolled site reads FLM2; ``steps``: the federation's versions come as int8
+    steps (``[publish] quantise = "int8"``), said in every manifest, version 0's too, so that a site takes
+    the next version's step and not its full weights. Pure (no I/O), so it runs in a worker thread.
     """
     weights = envelope.encode_tensors(shared, by_reference)
     onnx = onnx_bytes(shared) if onnx_bytes else b""
     delta = envelope.encode_tensors(step[1], by_reference) if step is not None else b""
-    chunks: list[tuple[str, bytes]] = []
-    entries: dict[str, dict[str, Any]] = {}
     parts_of = [("weights", weights, topics.weights_chunk), ("onnx", onnx, topics.onnx_chunk)]
     if delta:
         parts_of.append(("delta", delta, topics.delta_chunk))
-    for part, blob, topic_of in parts_of:
-        msg_id = f"v{version}-{part}"
-        sealed = envelope.seal_for_federation(blob, content_key) if blob else b""
-        parts = chunking.split(sealed, msg_id, chunk_limit(topic_of(version, 999999))) if blob else []
-        chunks += [(topic_of(version, i), c) for i, c in enumerate(parts)]
-        entries[part] = {"hash": envelope.content_hash(blob), "size": len(blob), "chunks": len(parts), "msg_id": msg_id}
+    chunks, entries = _sealed_parts(version, parts_of, content_key, chunk_limit)
     manifest: dict[str, Any] = {
         "federation": federation,
         "version": version,
@@ -106,6 +120,8 @@ def build_release(
         "onnx": entries["onnx"],
         "reads": list(envelope.READS),  # formats of updates this aggregator reads (FLT2 tensors, FLU2 headers)
     }
+    if steps:  # signed: the next version will come as a step (a site subscribes to steps, not weights, ahead)
+        manifest["steps"] = True
     if step is not None:  # signed with the rest: its hash, and the full weights' hash the step must give
         manifest["delta"] = dict(entries["delta"], **{"from": step[0]})
     if metric is not None:

@@ -464,6 +464,7 @@ class Phase:
     latency: list[float] = field(default_factory=list)
     send_latency: list[float] = field(default_factory=list)
     cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds per process group over the phase
+    aggregator_rss_mb: float = 0.0  # the aggregator's largest RSS sampled in the phase (each second)
 
     def summary(self, n_sites: int) -> dict[str, Any]:
         dur = max(self.ended - self.started, 1e-9)
@@ -488,6 +489,7 @@ class Phase:
             "send_to_receipt_p50_s": float(np.percentile(slat, 50)),
             "send_to_receipt_p99_s": float(np.percentile(slat, 99)),
             "receipts_counted": len(self.latency),
+            "aggregator_rss_mb": self.aggregator_rss_mb,
             "cpu_cores": {k: v / dur for k, v in self.cpu.items()},
             "aggregator_cpu_ms_per_update": 1e3 * self.cpu.get("aggregator", math.nan) / max(self.receipts, 1),
             "cpu_ms_per_update": cpu_budget(self.cpu, self.receipts),
@@ -626,7 +628,9 @@ class Conductor:
                 phase.send_latency += r["send_latency"]
         if phase is not None:
             phase.samples.append((now, backlog))
-        self._sample_rss()
+        agg_rss = self._sample_rss()
+        if phase is not None:
+            phase.aggregator_rss_mb = max(phase.aggregator_rss_mb, agg_rss)
         if self.aggregator.poll() is not None:
             raise RuntimeError("the aggregator exited: " + (self.root / "aggregator.log").read_text()[-3000:])
         for i, w in enumerate(self.intake):
@@ -640,20 +644,25 @@ class Conductor:
             raise RuntimeError(f"site worker {i} exited: " + (self.root / f"worker-{i}.log").read_text()[-3000:])
         return json.loads(line)
 
-    def _sample_rss(self) -> None:
+    def _sample_rss(self) -> float:
+        """Sample every process's RSS into the run's peaks; returns the aggregator's now (MB)."""
         import psutil
 
+        agg = 0.0
         for name, h in self.handles.items():
             try:
                 # with intake workers, "aggregator" is the reducer and its workers together
                 extra = sum(w.memory_info().rss for w in self.intake_handles) if name == "aggregator" else 0
-                self.rss[name] = max(self.rss[name], (h.memory_info().rss + extra) / 2**20)
+                now = (h.memory_info().rss + extra) / 2**20
+                self.rss[name] = max(self.rss[name], now)
+                agg = now if name == "aggregator" else agg
             except psutil.Error:
                 pass
         try:
             self.rss["sites"] = max(self.rss["sites"], sum(h.memory_info().rss for h in self.site_handles) / 2**20)
         except psutil.Error:
             pass
+        return agg
 
     def cpu(self) -> dict[str, float]:
         def total(h: Any) -> float:
@@ -703,7 +712,8 @@ class Conductor:
                 f"  {name:>10}: offered {s['offered_updates_per_s']:7.1f}/s, receipts {s['updates_per_s']:7.1f}/s, "
                 f"backlog {s['backlog_start']} -> {s['backlog_end']} ({'flat' if s['backlog_flat'] else 'GROWS'}), "
                 f"receipt p50 {s['receipt_p50_s']:.3f} s p99 {s['receipt_p99_s']:.3f} s, CPU cores: "
-                + ", ".join(f"{k} {v:.2f}" for k, v in s["cpu_cores"].items()),
+                + ", ".join(f"{k} {v:.2f}" for k, v in s["cpu_cores"].items())
+                + f"; aggregator RSS {s['aggregator_rss_mb']:.0f} MB",
                 flush=True,
             )
         return ph

@@ -187,6 +187,12 @@ class Adopter:
         client = self.state.client
         if client is None:
             return
+        if self.weights_subscribed and self.state.base.manifest.get("steps") is True:
+            # the federation publishes int8 steps (its signed manifest says so, version 0's too): the next
+            # version's step, not its full weights (fetched only if the step cannot be used, _weights)
+            self.weights_subscribed = False
+            await self._subscribe_steps()
+            event(log, "model.follow", site=self.state.site, by="int8 steps")
         topics = self.state.topics
         want = self.state.base.version + 1 if self.weights_subscribed else None
         drop = [v for v in sorted(self._fetching) if v != want] + (

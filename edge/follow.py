@@ -52,6 +52,7 @@ class WeightsCollector:
         self.timeout_s = timeout_s
         self._parts: dict[int, _Parts] = {}
         self.malformed = 0
+        self.received = 0  # chunks kept (a site following by int8 steps should keep no weight chunk)
 
     def held_bytes(self) -> int:
         return sum(p.held for p in self._parts.values())
@@ -85,6 +86,7 @@ class WeightsCollector:
             del self._parts[oldest]
         p.slices[index] = data
         p.held += len(data)
+        self.received += 1
 
     def complete(self, version: int, chunks: int) -> bytes | None:
         """The joined weights blob when all ``chunks`` pieces of ``version`` are here, else None."""

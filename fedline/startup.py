@@ -13,6 +13,11 @@ that exists to the permanent generation, which collections never walk (what the 
 for); the collector then runs as before on what the process allocates afterwards. An object of the start that
 becomes cyclic garbage later is not reclaimed: the start's temporaries are freed by reference counting as they go,
 the rest lives as long as the process anyway.
+
+Who uses it: ``fedline edge`` (:func:`collector_paused` over its imports, the agent and ``edge.trainer.preload``)
+and ``fedline aggregator`` (a :class:`StartPause` from before its imports to ``aggregator.started``: the core,
+version 0 or the checkpoint, the first publish's torch and onnx, the key grants; about 280,000 objects, where the
+collector had walked the young generation some 410 times, the middle 37 times and the whole heap 3 times).
 """
 
 from __future__ import annotations
@@ -22,17 +27,34 @@ import gc
 from collections.abc import Iterator
 
 
+class StartPause:
+    """The cyclic collector off from construction until :meth:`end`, which freezes what exists and switches it
+    back on (if it was on): for a start that does not fit one ``with`` block (the aggregator's ends in its
+    service loop, once it has subscribed and said so)."""
+
+    def __init__(self) -> None:
+        self._was_enabled = gc.isenabled()
+        self.ended = False
+        gc.disable()
+
+    def end(self) -> int:
+        """Freeze what the start built and restore the collector; idempotent. Returns the frozen count."""
+        if not self.ended:
+            self.ended = True
+            gc.freeze()
+            if self._was_enabled:
+                gc.enable()
+        return gc.get_freeze_count()
+
+
 @contextlib.contextmanager
 def collector_paused() -> Iterator[None]:
     """Run the block with the cyclic collector off, then freeze what exists and switch it back on (if it was)."""
-    was_enabled = gc.isenabled()
-    gc.disable()
+    pause = StartPause()
     try:
         yield
     finally:
-        gc.freeze()
-        if was_enabled:
-            gc.enable()
+        pause.end()
 
 
-__all__ = ["collector_paused"]
+__all__ = ["StartPause", "collector_paused"]

@@ -70,6 +70,8 @@ def test_scale_bench_runs_a_small_federation_to_a_drained_backlog(capsys) -> Non
     assert r["updates_per_s"] > 0 and 0 < r["receipt_p50_s"] <= r["receipt_p99_s"]
     assert r["aggregator_rss_mb"] > 0 and r["broker_rss_mb"] > 0 and r["limit_cpu_ms_per_update"] > 0
     assert next(p["phase"] for p in r["phases"]) == "steady" and r["backlog"][-1][1] == 0
+    # each phase's own aggregator peak, none above the run's
+    assert all(0 < p["aggregator_rss_mb"] <= r["aggregator_rss_mb"] for p in r["phases"])
     # the CPU budget per update: every component, and a total that is their sum
     budget = r["cpu_ms_per_update"]
     assert budget["sites"] > 0 and budget["aggregator"] > 0 and budget["broker"] >= 0

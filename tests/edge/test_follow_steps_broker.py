@@ -53,11 +53,15 @@ async def test_edges_follow_int8_steps_bit_for_bit_and_a_joiner_catches_up(mosqu
         await asyncio.wait_for(aggregator.started.wait(), bound(30))
         a = start("site-a")
         await eventually(lambda: a.base.manifest and a.sources_done, 30)
-        assert a.adopter.weights_subscribed  # version 0 came as full weights
+        # version 0's manifest says the versions come as steps: site-a takes the steps ahead, never version 1's
+        # full weights (before, it subscribed to them ahead and got them beside the step)
+        await eventually(lambda: not a.adopter.weights_subscribed and a.adopter.steps_subscribed, 10)
+        assert a.base.manifest["steps"] is True
         for v in (1, 2):
             assert await a.train_once() is not None
             await eventually(lambda v=v: aggregator.published_version == v and _same(a, aggregator), 30)
         assert not a.adopter.weights_subscribed and a.adopter.follower.step_failures == 0  # by steps since v1
+        assert a.adopter.follower.collector.received == 0  # not one chunk of full weights
         b = start("site-b")  # a joiner: it never held version 1, so version 2 comes as full weights
         await eventually(lambda: _same(b, aggregator), 30)
         assert await a.train_once() is not None
