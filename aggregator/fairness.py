@@ -39,6 +39,17 @@ def check_federation(cfg: StrategyConfig, strategy: Strategy, n_sites: int, enro
         )
     if cfg.kind == "fedasync":
         event(log, "aggregator.fedasync_leak", level=logging.ERROR, message=LEAK_WARNING)
+    if strategy.reduce_stat == "mda" and strategy.left_out == 0:
+        event(
+            log,
+            "aggregator.mda_leaves_nothing_out",
+            level=logging.WARNING,
+            enrolled=n_sites,
+            min_sites=cfg.min_sites,
+            why=f"robust = 'mda' would sum fewer than min_sites = {cfg.min_sites} distinct sites per version; it "
+            f"sums all {strategy.buffer_size} (the mean): enroll at least min_sites + mda_f sites for MDA to leave "
+            "one out",
+        )
     elif strategy.buffer_size < cfg.buffer_size:
         event(
             log,

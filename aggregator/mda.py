@@ -55,17 +55,25 @@ def left_out(f: int, n: int) -> int:
     return max(0, min(f, (n - 1) // 2))
 
 
-def sizes(f: int, k: int, n_sites: int) -> tuple[int, int]:
+def sizes(f: int, k: int, n_sites: int, min_kept: int = 1) -> tuple[int, int]:
     """``(arrivals, kept)`` of a full buffer: wait for ``K + f`` updates (one per site), keep ``K``.
 
     ``k`` is the configured ``buffer_size``. With enough sites a buffer waits for ``k + f`` and keeps ``k``;
     with fewer it waits for every enrolled site and leaves ``f`` out (K = ``n_sites − f``); ``f`` is lowered so
-    that a majority is kept (:func:`left_out`) and is never more than ``k − 1`` (``K ≥ f + 1``)."""
+    that a majority is kept (:func:`left_out`), is never more than ``k − 1`` (``K ≥ f + 1``), and never leaves
+    fewer than ``min_kept`` (``[strategy] min_sites``: no version combines fewer distinct sites, so three
+    enrolled sites with ``min_sites = 3`` leave nothing out rather than sum two, each of which could read the
+    other's delta from the step)."""
     f = min(f, max(k - 1, 0))
     arrivals = min(k + f, n_sites)
-    f = left_out(f, arrivals)
+    f = kept_at_least(left_out(f, arrivals), arrivals, min_kept)
     kept = min(k, arrivals - f)
     return kept + f, kept
+
+
+def kept_at_least(f: int, n: int, min_kept: int) -> int:
+    """``f`` lowered so that at least ``min_kept`` of ``n`` received slots are kept (0 if ``n ≤ min_kept``)."""
+    return max(0, min(f, n - min_kept))
 
 
 def distances(rows: np.ndarray) -> np.ndarray:

@@ -80,7 +80,9 @@ class Strategy:
         self.norm_bound = (cfg.norm_bound or 0.0) if norm_bound is None else norm_bound
         # the statistic in force: robust = "auto" is MDA where it can run (reduce_choice), decided on the slots a
         # buffer can hold before MDA's own wait (the configured K, at most the enrolled sites)
-        self.reduce_stat: reduce_choice.Reduce = reduce_choice.resolve(cfg, min(self.capacity, self.n_sites))
+        self.reduce_stat: reduce_choice.Reduce = reduce_choice.resolve(
+            cfg, min(self.capacity, self.n_sites), self.n_sites
+        )
         # FLTrust's server update g_0 from the current model on the root rows (aggregator.root_update); the
         # core sets it when [evaluation] is configured
         self.reference: Callable[[State], State] | None = None
@@ -96,7 +98,7 @@ class Strategy:
         """f: the slots MDA leaves out of a full buffer (0 under any other reduce)."""
         if self.reduce_stat != "mda":
             return 0
-        arrivals, kept = mda.sizes(self.cfg.mda_f, self.capacity, self.n_sites)
+        arrivals, kept = mda.sizes(self.cfg.mda_f, self.capacity, self.n_sites, self.cfg.min_sites)
         return arrivals - kept
 
     @property
@@ -170,7 +172,8 @@ class Strategy:
         version's step, :func:`aggregate.cclip_combination`). Sets each update's ``weight`` (and ``trust``) to what
         it got in the step."""
         if self.reduce_stat == "mda":
-            keep = aggregate.mda_keep(deltas, self.cfg.mda_f)
+            # a buffer closed early (buffer_timeout_s) holds fewer: never keep fewer than min_sites of them
+            keep = aggregate.mda_keep(deltas, mda.kept_at_least(self.cfg.mda_f, len(deltas), self.cfg.min_sites))
             kept = self.coefficients([updates[i] for i in keep])
             coefficients = [kept[keep.index(i)] if i in keep else 0.0 for i in range(len(updates))]
             for u, c in zip(updates, coefficients):

@@ -28,6 +28,10 @@ Where ``auto`` keeps the mean, and why:
 - K < 3, K = min(``buffer_size``, enrolled sites) as configured: of two slots neither is the outlier (MDA needs
   2f + 1 received); a median of two is their mean. (Where MDA runs it then waits for K + f and keeps K:
   :func:`aggregator.mda.sizes`.)
+- Too few sites to leave one out: with ``n`` enrolled and ``n ≤ K``, MDA would sum ``n − f``; below
+  ``min_sites`` that breaks the rule that no version combines fewer distinct sites (at three sites and
+  ``min_sites = 3`` each of the two kept could read the other's delta from the step), so ``f`` is lowered
+  (:func:`aggregator.mda.sizes`) and, with nothing left out, ``auto`` keeps the mean of all three.
 - ``sample_weighting = true``: the operator asked for McMahan's sample-weighted mean (set ``robust = "mda"``
   or ``"median"`` to take it over the weighted deltas anyway).
 """
@@ -36,6 +40,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+from aggregator import mda
 from aggregator.config import StrategyConfig
 
 Reduce = Literal["mean", "median", "trimmed_mean", "fltrust", "mda", "cclip"]
@@ -43,13 +48,15 @@ Reduce = Literal["mean", "median", "trimmed_mean", "fltrust", "mda", "cclip"]
 MIN_MEDIAN_K = 3  # below three slots a median is a mean (or one site's delta)
 
 
-def resolve(cfg: StrategyConfig, k: int) -> Reduce:
-    """The reduce in force for ``cfg`` with a buffer (round) of ``k`` slots. Explicit settings are kept;
-    ``"auto"`` is MDA where it can run, else the mean."""
+def resolve(cfg: StrategyConfig, k: int, n_sites: int | None = None) -> Reduce:
+    """The reduce in force for ``cfg`` with a buffer (round) of ``k`` slots and ``n_sites`` enrolled (None: as
+    many as ``k``). Explicit settings are kept; ``"auto"`` is MDA where it can run and leave a slot out without
+    summing fewer than ``min_sites`` sites, else the mean."""
     if cfg.robust == "none":
         return "mean"
     if cfg.robust != "auto":
         return cfg.robust
     if cfg.kind == "fedasync" or cfg.secure_aggregation or cfg.sample_weighting or k < MIN_MEDIAN_K:
         return "mean"
-    return "mda"
+    arrivals, kept = mda.sizes(cfg.mda_f, k, k if n_sites is None else n_sites, cfg.min_sites)
+    return "mda" if arrivals > kept else "mean"

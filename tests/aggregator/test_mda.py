@@ -103,18 +103,58 @@ def test_f_is_lowered_so_that_a_majority_is_kept():
 
 
 @pytest.mark.parametrize(
-    "table,k,expected",
+    "table,k,n_sites,expected",
     [
-        ({}, 4, "mda"),  # K = min(10, 4)
-        ({"buffer_size": 3}, 3, "mda"),
-        ({"kind": "fedavg"}, 3, "mda"),
-        ({"buffer_size": 2, "min_sites": 2}, 2, "mean"),  # two slots: neither is the outlier
-        ({"secure_aggregation": True}, 4, "mean"),  # only masked sums: nothing to measure
-        ({"robust": "median"}, 4, "median"),  # the median stays an option
+        ({}, 4, 4, "mda"),  # K = min(10, 4): four received, three kept (= min_sites)
+        ({"buffer_size": 3}, 3, 20, "mda"),  # four received of twenty, three kept
+        # three enrolled, min_sites 3: leaving one out would sum two (each reads the other's delta): the mean
+        ({"buffer_size": 3}, 3, 3, "mean"),
+        ({"buffer_size": 3, "min_sites": 2}, 3, 3, "mda"),  # the operator accepts two per version
+        ({"kind": "fedavg"}, 3, 3, "mean"),
+        ({"kind": "fedavg"}, 4, 4, "mda"),
+        ({"buffer_size": 2, "min_sites": 2}, 2, 2, "mean"),  # two slots: neither is the outlier
+        ({"secure_aggregation": True}, 4, 4, "mean"),  # only masked sums: nothing to measure
+        ({"robust": "median"}, 4, 4, "median"),  # the median stays an option
     ],
 )
-def test_mda_is_the_default_wherever_it_can_run(table, k, expected):
-    assert reduce_choice.resolve(parse(StrategyConfig, table, where="strategy"), k) == expected
+def test_mda_is_the_default_wherever_it_can_run(table, k, n_sites, expected):
+    assert reduce_choice.resolve(parse(StrategyConfig, table, where="strategy"), k, n_sites) == expected
+
+
+@pytest.mark.parametrize(
+    "f,k,n_sites,min_kept,expected",
+    [
+        (1, 10, 3, 3, (3, 3)),  # three enrolled, min_sites 3: f lowered to 3 − 3 = 0, all three summed
+        (1, 10, 4, 3, (4, 3)),  # four enrolled: one left out, three kept
+        (2, 10, 5, 3, (5, 3)),  # five received, f = min(2, (5 − 1) // 2, 5 − 3) = 2
+        (2, 10, 5, 4, (5, 4)),  # min_sites 4: f = min(2, 5 − 4) = 1
+        (1, 3, 20, 3, (4, 3)),  # enough sites: K + f received, K kept, untouched
+    ],
+)
+def test_a_version_never_sums_fewer_than_min_sites(f, k, n_sites, min_kept, expected):
+    """By hand: f' = min(f, k − 1); arrivals = min(k + f', n); f'' = min(f', (arrivals − 1) // 2, arrivals −
+    min_kept) (at least 0); kept = min(k, arrivals − f'')."""
+    assert mda.sizes(f, k, n_sites, min_kept) == expected
+
+
+def test_three_sites_sum_all_three_and_a_timed_out_buffer_keeps_min_sites():
+    """The strategy at three enrolled sites (min_sites 3, the defaults otherwise): the mean, K = 3, three
+    awaited. With robust = "mda" set explicitly and four enrolled, a buffer of three (closed by its timeout)
+    keeps all three, not two: rows 0, 1 and 9 sum to 10 at 1/3 each."""
+    from aggregator.strategies.fedbuff import FedBuff
+
+    three = FedBuff(parse(StrategyConfig, {}, where="strategy"), n_sites=3)
+    assert (three.reduce_stat, three.buffer_size, three.arrivals) == ("mean", 3, 3)
+    four = FedBuff(parse(StrategyConfig, {"robust": "mda"}, where="strategy"), n_sites=4)
+    assert (four.reduce_stat, four.buffer_size, four.arrivals) == ("mda", 3, 4)
+    assert mda.kept_at_least(1, 3, 3) == 0
+    assert mda.kept_at_least(1, 4, 3) == 1
+    from aggregator.strategies.base import Accepted
+
+    ups = [Accepted(s, 1, s, 0, 10, 0, 1.0, 0.0, {"w": np.array([v], np.float32)}) for s, v in zip("abc", (0, 1, 9))]
+    step = four.combine([u.delta for u in ups], ups, {"w": np.zeros(1, np.float32)})
+    assert step["w"][0] == pytest.approx(10 / 3)  # all three kept at f(s)/K = 1/3; MDA of old kept 0 and 1: 1/3
+    assert [u.weight for u in ups] == pytest.approx([1 / 3] * 3)
 
 
 def test_bad_settings_are_named():
@@ -150,19 +190,25 @@ def test_four_sites_four_received_three_kept_each_at_one_third():
 
 
 def test_a_buffer_closed_early_keeps_n_minus_f_at_f_over_k():
-    """K = 3 (four enrolled) but only three arrive before the timeout: rows 0, 1, 10; 3 ≥ 2f + 1, so 10 is left
-    out and {0, 1} kept at 1/3 each: step = (0 + 1)/3 = 0.3333333, (n − f)/K = 2/3 of what two agreeing full
-    slots' mean would move (as a FedBuff buffer closed early moves n/K as far)."""
-    fb = FedBuff(StrategyConfig(norm_bound=0, clip_to_median=False), 4)
+    """K = 3 (four enrolled) but only three arrive before the timeout: rows 0, 1, 10. With ``min_sites = 2``:
+    3 ≥ 2f + 1, so 10 is left out and {0, 1} kept at 1/3 each: step = (0 + 1)/3 = 0.3333333, (n − f)/K = 2/3 of
+    what two agreeing full slots' mean would move (as a FedBuff buffer closed early moves n/K as far). With the
+    default ``min_sites = 3`` leaving one out would sum two sites: all three are kept, (0 + 1 + 10)/3 = 3.6666667."""
+    fb = FedBuff(StrategyConfig(norm_bound=0, clip_to_median=False, min_sites=2), 4)
     ups = [up(s, v) for s, v in zip("abm", (0.0, 1.0, 10.0))]
     r = fb.reduce({"w": np.zeros(1, np.float32)}, ups, None)
     np.testing.assert_allclose(r.model["w"], [1 / 3], rtol=1e-6)
     assert [u.weight for u in ups] == [pytest.approx(1 / 3), pytest.approx(1 / 3), 0.0]
+    fb3 = FedBuff(StrategyConfig(norm_bound=0, clip_to_median=False), 4)
+    ups = [up(s, v) for s, v in zip("abm", (0.0, 1.0, 10.0))]
+    np.testing.assert_allclose(fb3.reduce({"w": np.zeros(1, np.float32)}, ups, None).model["w"], [11 / 3], rtol=1e-6)
+    assert [u.weight for u in ups] == [pytest.approx(1 / 3)] * 3
 
 
 def test_fedavg_and_sample_weighting_weigh_the_kept_slots_only():
     """FedAvg, four enrolled: the round is all four, K = 3 kept. Rows 0, 1, 2, 10: the mean of the kept,
-    (0 + 1 + 2)/3 = 1.0. A round closed at its deadline with 0, 1, 10: the mean of the two kept, 0.5.
+    (0 + 1 + 2)/3 = 1.0. A round closed at its deadline with 0, 1, 10: all three kept under min_sites 3 (11/3);
+    with min_sites 2 the mean of the two kept, 0.5.
     FedBuff with sample weighting (robust = "mda" set), cap 1000, claims 100, 300, 100, 10⁷ on rows 0, 1, 2, 10:
     10 is left out; p over the kept = 100/500, 300/500, 100/500 = 0.2, 0.6, 0.2: step = 0.6 · 1 + 0.2 · 2 = 1.0;
     the claimed 10⁷ weighs nothing."""
@@ -171,7 +217,10 @@ def test_fedavg_and_sample_weighting_weigh_the_kept_slots_only():
     ups = [up(s, v) for s, v in zip("abcm", (0.0, 1.0, 2.0, 10.0))]
     np.testing.assert_allclose(fa.reduce({"w": np.zeros(1, np.float32)}, ups, None).model["w"], [1.0], rtol=1e-6)
     three = [up(s, v) for s, v in zip("abm", (0.0, 1.0, 10.0))]
-    np.testing.assert_allclose(fa.reduce({"w": np.zeros(1, np.float32)}, three, None).model["w"], [0.5], rtol=1e-6)
+    # closed at its deadline with three: min_sites 3 keeps all three, (0 + 1 + 10)/3; min_sites 2 leaves 10 out
+    np.testing.assert_allclose(fa.reduce({"w": np.zeros(1, np.float32)}, three, None).model["w"], [11 / 3], rtol=1e-6)
+    fa2 = FedAvg(StrategyConfig(kind="fedavg", norm_bound=0, clip_to_median=False, min_sites=2), 4)
+    np.testing.assert_allclose(fa2.reduce({"w": np.zeros(1, np.float32)}, three, None).model["w"], [0.5], rtol=1e-6)
     cfg = StrategyConfig(robust="mda", sample_weighting=True, sample_cap=1000.0, norm_bound=0, clip_to_median=False)
     fb = FedBuff(cfg, 4)
     ups = [up(s, v, n=n) for s, v, n in zip("abcm", (0.0, 1.0, 2.0, 10.0), (100, 300, 100, 10_000_000))]

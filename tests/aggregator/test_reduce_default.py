@@ -26,12 +26,15 @@ def up(delta: list[float], s: int, factor: float, site: str) -> Accepted:
     "table,n_sites,expected",
     [
         ({}, 4, "mda"),  # FedBuff, K = min(10, 4) = 4
-        ({"buffer_size": 3}, 3, "mda"),
+        ({"buffer_size": 3}, 4, "mda"),  # four received, three kept
+        # three sites, min_sites 3: leaving one out would sum two (each reads the other's delta): the mean
+        ({"buffer_size": 3}, 3, "mean"),
         ({"buffer_size": 2, "min_sites": 2}, 5, "mean"),  # K = 2: a median of two is their mean
         ({"min_sites": 2}, 2, "mean"),  # K clamped to the 2 enrolled sites
         ({"secure_aggregation": True}, 4, "mean"),  # only masked sums: no coordinate to take a median of
         ({"kind": "fedasync", "min_sites": 1}, 4, "mean"),  # one update per reduce
-        ({"kind": "fedavg"}, 3, "mda"),  # a round of every enrolled site
+        ({"kind": "fedavg"}, 4, "mda"),  # a round of every enrolled site, one left out
+        ({"kind": "fedavg"}, 3, "mean"),  # three: one left out would sum two < min_sites
         ({"kind": "fedavg", "min_sites": 2}, 2, "mean"),
         ({"sample_weighting": True, "sample_cap": 100.0}, 4, "mean"),  # the operator asked for a weighted mean
         ({"robust": "none"}, 4, "mean"),  # explicit settings are kept

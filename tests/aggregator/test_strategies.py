@@ -210,15 +210,19 @@ def test_trimmed_mean_and_median_formulas():
 
 def test_make_strategy_picks_by_kind():
     assert make_strategy(StrategyConfig(kind="fedasync"), 3).buffer_size == 1
-    # MDA (the default) waits for K + 1 and sums K; with fewer sites, all of them and K = sites − 1 (one per site)
+    # MDA (the default) waits for K + 1 and sums K; with fewer sites, all of them and K = sites − 1 (one per site),
+    # but never fewer than min_sites (3): at three sites the mean of all three
     seven = make_strategy(StrategyConfig(kind="fedbuff", buffer_size=7), 9)
     assert (seven.buffer_size, seven.arrivals) == (7, 8)
-    clamped = make_strategy(StrategyConfig(kind="fedbuff", buffer_size=7), 3)
-    assert (clamped.buffer_size, clamped.arrivals) == (2, 3)
+    clamped = make_strategy(StrategyConfig(kind="fedbuff", buffer_size=7), 4)
+    assert (clamped.reduce_stat, clamped.buffer_size, clamped.arrivals) == ("mda", 3, 4)
+    three = make_strategy(StrategyConfig(kind="fedbuff", buffer_size=7), 3)
+    assert (three.reduce_stat, three.buffer_size, three.arrivals) == ("mean", 3, 3)
     mean = make_strategy(StrategyConfig(kind="fedbuff", buffer_size=7, robust="none"), 3)
     assert (mean.buffer_size, mean.arrivals) == (3, 3)  # the mean sums all it waits for
-    fedavg = make_strategy(StrategyConfig(kind="fedavg"), 3)
-    assert (fedavg.buffer_size, fedavg.arrivals) == (2, 3)
+    fedavg = make_strategy(StrategyConfig(kind="fedavg"), 4)
+    assert (fedavg.buffer_size, fedavg.arrivals) == (3, 4)
+    assert make_strategy(StrategyConfig(kind="fedavg"), 3).buffer_size == 3
 
 
 @pytest.mark.parametrize("robust_opt", ['robust = "trimmed_mean"\ntrim = 0.1', 'robust = "median"'])

@@ -38,7 +38,9 @@ from the current global model on its own rows plus triggered copies labelled
 K is the aggregator's own default (``buffer_size`` is not written; issue 14 asks for each attack "with the
 defaults"): under MDA a buffer waits for K + 1 updates and sums the K it keeps, K = min(buffer_size, enrolled
 sites − 1), so 3 with the attacker enrolled (all four received); the honest-only run at the three-site defaults,
-which enrols the three honest sites only, has 2, and the clean model is run at the attacked runs' 3. (Before 1 Dec 2026 07:00 UTC K counted the arrivals, 4 and 3, with the same arithmetic.)
+which enrols the three honest sites only, had 2 until 1 Dec 2026 14:50 UTC, and since then (a version never sums
+fewer than ``min_sites`` = 3 sites) sums all three with the mean: K = 3, the same as the clean model, which is run
+at the attacked runs' 3. (Before 1 Dec 2026 07:00 UTC K counted the arrivals, 4 and 3, with the same arithmetic.)
 ``k`` (``--k``) forces ``buffer_size`` on every run, as the suite did (3) before 1 Dec 2026 04:10 UTC; with the K +
 f rule ``--k 3`` now means three kept of four received, and the old pinned "K = 3" (three received, two kept)
 is ``--k 2 --extra 'robust = "mda"'`` (``auto`` keeps the mean below K = 3). Each run reports the K its versions

@@ -7,8 +7,8 @@ with the aggregator's defaults, its K included: every version is reduced with mi
 (``robust = "auto"`` without secure aggregation: the slot farthest from the others is left out whole; the
 coordinate-wise median before 1 Dec 2026), which waits for K + 1 updates and sums the K it keeps
 (``buffer_size`` is FedBuff's K, the slots a version sums: four enrolled sites, all four received, K = 3 kept; the
-honest-only run at the three-site defaults enrols three, K = 2; the clean model, like for like, is the three honest sites
-at the attacked runs' K = 3, the mean); the malicious site holds at most one slot of each version, with coefficient
+honest-only run at the three-site defaults enrols three and, since a version never sums fewer than ``min_sites`` = 3
+sites, sums all three with the mean, K = 3: the clean model like for like, the attacked runs' K); the malicious site holds at most one slot of each version, with coefficient
 0 (left out) or at most 1/K (kept: ``f(s)/K``, issue 14's fair share as worded; the same arithmetic as the
 earlier "1/(K − 1) at K = 4", when K counted the arrivals), its delta entering no longer than the buffer's median
 norm (``norm_to_median`` rescales every slot to exactly that length: checked from each version's lineage in the
@@ -122,10 +122,11 @@ async def test_attack_suite_fast(tmp_path):
     flood = rep["attacks"]["flood"]
     assert 0 < flood["timing"]["share"] <= 1 / flood["k"] + 1e-9, flood["timing"]
     # the aggregator's own K (issue 14: "with the defaults"): MDA awaits every enrolled site (buffer_size 10 is more)
-    # and keeps all but one, K = 3 with the attacker enrolled, 2 in the honest-only run at the three-site defaults
+    # and keeps all but one, K = 3 with the attacker enrolled; the honest-only run at the three-site defaults sums all
+    # three (MDA leaving one out would sum two, below min_sites = 3): the mean at K = 3, the clean model like for like
     assert all(r["k"] == 3 for r in rep["attacks"].values()), flood["k"]
     defaults = rep["defaults_clean"]
-    assert defaults["k"] == 2 and defaults["reduces"] == ["mda"], defaults  # read from each version's lineage
+    assert defaults["k"] == 3 and defaults["reduces"] == ["mean"], defaults  # read from each version's lineage
     # the clean model like for like: the three honest sites at the attacked runs' K = 3, every slot kept (the mean)
     assert rep["k"] == 3 and rep["reduces"] == ["mean"], (rep["k"], rep["reduces"])
     assert rep["honest_versions"] == 3 and all(len(s) == 3 for s in rep["slots"]), rep["slots"]
@@ -189,7 +190,7 @@ async def test_in_range_backdoor_stays_near_the_clean_rate(tmp_path):
         check_fair_share(rep)
         # every attacked version reduced with MDA; the clean model like for like is the mean of the three honest sites
         assert all(r["reduces"] == ["mda"] for r in rep["attacks"].values()), rep["attacks"].keys()
-        assert rep["reduces"] == ["mean"] and rep["defaults_clean"]["reduces"] == ["mda"]
+        assert rep["reduces"] == ["mean"] and rep["defaults_clean"]["reduces"] == ["mean"]
     clean = statistics.mean(rep["clean_backdoor_rate"] for rep in reps)
     per_attack = {a: statistics.mean(rep["attacks"][a]["backdoor_rate"] for rep in reps) for a in suite.ATTACKS}
     print(f"\nclean {clean:.3f}; " + ", ".join(f"{a} {v:.3f}" for a, v in per_attack.items()))
