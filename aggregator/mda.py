@@ -76,12 +76,17 @@ def kept_at_least(f: int, n: int, min_kept: int) -> int:
     return max(0, min(f, n - min_kept))
 
 
-def distances(rows: np.ndarray) -> np.ndarray:
+def distances(rows: np.ndarray, overwrite: bool = False) -> np.ndarray:
     """The ``n × n`` matrix of pairwise L2 distances between the rows of ``rows`` (``n × d``), from one Gram
     matrix of the rows less their mean: ``‖a − b‖² = ‖a‖² + ‖b‖² − 2⟨a, b⟩`` (centring leaves the distances as
-    they are and keeps the float32 product's rounding at the scale of the distances, not of the rows)."""
+    they are and keeps the float32 product's rounding at the scale of the distances, not of the rows).
+    ``overwrite``: centre a float32 ``rows`` in place instead of a copy (the caller's matrix is scratch)."""
     x = np.asarray(rows, np.float32)
-    x = x - x.mean(axis=0, dtype=np.float64).astype(np.float32)
+    centre = x.mean(axis=0, dtype=np.float64).astype(np.float32)
+    if overwrite and x is rows:
+        x -= centre
+    else:
+        x = x - centre
     gram = (x @ x.T).astype(np.float64)
     sq = np.diag(gram)
     out = np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2.0 * gram, 0.0))

@@ -127,9 +127,23 @@ def mda_keep(deltas: Sequence[Mapping[str, np.ndarray]], f: int = 1) -> tuple[in
     ``f(s)`` and would otherwise look farther from a fresh one than it is."""
     if not deltas:
         raise ValueError("need at least one delta")
+    # one n × d float32 matrix, filled tensor by tensor and centred in place: a buffer's worth of memory, not the
+    # two (per-tensor stacks, their concatenation, a centred copy) it took before (BENCHMARKS.md, ops19)
+    return mda.subset(mda.distances(_rows(deltas), overwrite=True), f)
+
+
+def _rows(deltas: Sequence[Mapping[str, np.ndarray]]) -> np.ndarray:
+    """Each delta flattened into one row of an ``n × d`` float32 matrix (tensors in the first delta's order)."""
     names = list(deltas[0])
-    rows = np.concatenate([_stack(deltas, k, [1.0] * len(deltas)).reshape(len(deltas), -1) for k in names], axis=1)
-    return mda.subset(mda.distances(rows), f)
+    shapes = [_shape(deltas[0], k) for k in names]
+    widths = [int(np.prod(s, dtype=np.int64)) for s in shapes]
+    rows = np.empty((len(deltas), sum(widths)), np.float32)
+    at = 0
+    for name, shape, width in zip(names, shapes, widths):
+        for i, d in enumerate(deltas):
+            _fill(rows[i, at : at + width].reshape(shape), d, name, 1.0)
+        at += width
+    return rows
 
 
 def mda_combination(
@@ -198,14 +212,19 @@ def _stack(deltas: Sequence[Mapping[str, np.ndarray]], name: str, coefficients: 
     already scaled (one multiply per value by ``float32(c_i · f_i · s_b)``, not a pass more over the stack)."""
     out = np.empty((len(deltas), *_shape(deltas[0], name)), np.float32)
     for row, d, c in zip(out, deltas, coefficients):
-        if isinstance(d, Int8Delta):
-            d.dequantise_into(row, name, c)
-        elif isinstance(d, scaled_sum.Scaled):  # clipped: s·x, then c·that, as the scaled copy was (no copy)
-            np.multiply(d.delta[name], np.float32(d.scale), out=row)
-            row *= np.float32(c)
-        else:
-            np.multiply(d[name], np.float32(c), out=row)
+        _fill(row, d, name, c)
     return out
+
+
+def _fill(row: np.ndarray, d: Mapping[str, np.ndarray], name: str, c: float) -> None:
+    """``row = c · d[name]`` in float32, written in place (``row`` a contiguous float32 view)."""
+    if isinstance(d, Int8Delta):
+        d.dequantise_into(row, name, c)
+    elif isinstance(d, scaled_sum.Scaled):  # clipped: s·x, then c·that, as the scaled copy was (no copy)
+        np.multiply(d.delta[name], np.float32(d.scale), out=row)
+        row *= np.float32(c)
+    else:
+        np.multiply(d[name], np.float32(c), out=row)
 
 
 def cosine(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> float:

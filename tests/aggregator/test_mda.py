@@ -234,3 +234,21 @@ def test_the_mean_and_secure_aggregation_wait_for_k():
     for table in ({"robust": "none"}, {"secure_aggregation": True}):
         fb = FedBuff(parse(StrategyConfig, table, where="strategy"), 4)
         assert (fb.reduce_stat, fb.buffer_size, fb.arrivals, fb.left_out) == ("mean", 4, 4, 0)
+
+
+def test_mda_rows_are_built_once_and_centred_in_place():
+    """The matrix MDA measures is each delta's tensors flattened in order (built here by concatenation, the old
+    way), and centring it in place gives the same distances as centring a copy; the scratch matrix is changed."""
+    from aggregator.strategies import aggregate
+
+    rng = np.random.default_rng(5)
+    deltas = [
+        {"a": rng.normal(size=(3, 4)).astype(np.float32), "b": rng.normal(size=5).astype(np.float32)} for _ in range(5)
+    ]
+    expected = np.stack([np.concatenate([d["a"].reshape(-1), d["b"]]) for d in deltas])
+    rows = aggregate._rows(deltas)
+    np.testing.assert_array_equal(rows, expected)
+    copy_dist = mda.distances(expected)
+    assert np.array_equal(copy_dist, mda.distances(rows, overwrite=True))
+    assert not np.array_equal(rows, expected)  # centred in place: the column means are now 0
+    np.testing.assert_allclose(rows.mean(axis=0), 0.0, atol=1e-6)
