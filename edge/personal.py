@@ -550,7 +550,7 @@ def build(spec: ModelSpec, params: dict[str, np.ndarray], model_seed: int = 0):
     model = build_model(spec, seed=model_seed)
     state = model.state_dict()
     for name, arr in params.items():
-        state[name] = torch.from_numpy(np.asarray(arr, dtype=np.float32))
+        state[name] = torch.from_numpy(np.array(arr, dtype=np.float32))  # a copy: decoded tensors may be read-only
     model.load_state_dict(state)
     return model
 

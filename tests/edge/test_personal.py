@@ -278,3 +278,22 @@ def test_the_fold_models_of_local_only_are_kept_while_the_training_rows_stay_the
     x2, y2 = _task(40, False, rng)
     p.choose(glob, x2, y2, xv, yv)
     assert all(p._fold_local[k] is not first[k] for k in first)
+
+
+def test_build_takes_read_only_parameters_without_a_warning():
+    """Decoded tensors (FLT2 views of a received buffer) are read-only; torch warns on a read-only array given to
+    ``from_numpy``. ``build`` copies them: no warning, and the model holds the values."""
+    import warnings
+
+    from edge.personal import build
+    from models import build_model
+
+    params = {k: v.detach().numpy().copy() for k, v in build_model(CLS, seed=1).state_dict().items()}
+    for v in params.values():
+        v += 0.5
+        v.setflags(write=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = build(CLS, params)
+    for k, v in model.state_dict().items():
+        np.testing.assert_array_equal(v.numpy(), params[k])
