@@ -91,6 +91,7 @@ def build_release(
     by_reference: bool = False,
     spec_by_hash: bool = False,
     steps: bool = False,
+    binary_manifest: bool = False,
 ) -> Release:
     """Everything to publish for ``version``, encrypted under ``content_key`` of ``epoch``.
 
@@ -101,7 +102,9 @@ def build_release(
     reads it (:class:`aggregator.service.Aggregator`); ``spec_by_hash``: the spec named by its hash
     (``spec_hash``) when every enrolled site reads FLM2; ``steps``: the federation's versions come as int8
     steps (``[publish] quantise = "int8"``), said in every manifest, version 0's too, so that a site takes
-    the next version's step and not its full weights. Pure (no I/O), so it runs in a worker thread.
+    the next version's step and not its full weights; ``binary_manifest``: the manifest's body in binary (FLM
+    version 3, ``broker_bridge.binhead.pack_manifest``) when every enrolled site reads FLM3. Pure (no I/O), so
+    it runs in a worker thread.
     """
     weights = envelope.encode_tensors(shared, by_reference)
     onnx = onnx_bytes(shared) if onnx_bytes else b""
@@ -127,7 +130,7 @@ def build_release(
     if metric is not None:
         manifest["metric"] = metric
     manifest.update({k: v for k, v in (extra or {}).items() if k not in manifest})
-    sealed_manifest = seal_manifest(envelope.sign_manifest(manifest, keys), version, epoch, content_key)
+    sealed_manifest = seal_manifest(envelope.sign_manifest(manifest, keys, binary_manifest), version, epoch, content_key)
     return Release(version, manifest, sealed_manifest, chunks, entries["weights"]["chunks"], entries["onnx"]["chunks"])
 
 

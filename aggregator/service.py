@@ -385,6 +385,7 @@ class Aggregator:
             by_reference=self._all_read("FLT2"),
             spec_by_hash=self._all_read("FLM2"),
             steps=self.cfg.publish.quantise == "int8",
+            binary_manifest=self._all_read("FLM3"),
         )
 
     def _all_read(self, fmt: str) -> bool:
