@@ -130,7 +130,9 @@ def build_release(
     if metric is not None:
         manifest["metric"] = metric
     manifest.update({k: v for k, v in (extra or {}).items() if k not in manifest})
-    sealed_manifest = seal_manifest(envelope.sign_manifest(manifest, keys, binary_manifest), version, epoch, content_key)
+    sealed_manifest = seal_manifest(
+        envelope.sign_manifest(manifest, keys, binary_manifest), version, epoch, content_key
+    )
     return Release(version, manifest, sealed_manifest, chunks, entries["weights"]["chunks"], entries["onnx"]["chunks"])
 
 

@@ -80,6 +80,8 @@ async def test_two_sites_and_the_real_aggregator(mosquitto, tmp_path, monkeypatc
         # ... and the manifests name the spec by its hash (FLM2): each site checked it against its own spec
         assert all(a.base.manifest["spec_hash"] == envelope.spec_hash(a.spec.to_dict()) for a in agents)
         assert all("spec" not in a.base.manifest for a in agents)
+        # ... in a binary body (FLM version 3): every site's status says it reads FLM3, and each verified it
+        assert all(a.base.manifest_blob[:4] == b"FLM\x03" for a in agents)
         # and binary receipts (FLR2): every receipt was binary, and the sites settled their outboxes on them
         assert len(receipts) >= 4 and all(receipts)
     finally:
@@ -170,6 +172,7 @@ async def test_old_and_new_formats_mix_a_new_aggregator_with_an_older_site(mosqu
         await eventually(lambda: all(a.base.version >= 2 for a in agents), 30)
         assert all(e.state == "applied" for a in agents for e in a.outbox.ledger())
         assert all(a.base.weights_blob[:4] == b"FLT1" and "spec" in a.base.manifest for a in agents)
+        assert all(a.base.manifest_blob[:4] == b"FLM\x01" for a in agents)  # JSON manifests: site-c reads no FLM3
         assert {s for s, binary in receipts if binary} == {"site-a"}
         assert {s for s, binary in receipts if not binary} == {"site-c"}
         # both sites send the compact update: the aggregator's manifest says it reads it

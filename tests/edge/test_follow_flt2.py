@@ -103,3 +103,14 @@ def test_the_aggregator_publishes_flt2_only_while_every_enrolled_site_reads_it()
     assert not agg._all_read("FLT2")
     agg._on_status("stranger", _status(("FLT2",)))  # not enrolled: not kept
     assert "stranger" not in agg._reads
+
+
+def test_binary_manifests_wait_for_the_last_site_of_the_previous_release() -> None:
+    """A site whose agent reads FLT2, FLR2 and FLM2 but not FLM3 (the release before binary manifests) keeps the
+    federation's manifests JSON; once its status says FLM3 too, they go binary."""
+    agg = _service(["a", "b"])
+    agg._on_status("a", _status(("FLT2", "FLR2", "FLM2", "FLM3")))
+    agg._on_status("b", _status(("FLT2", "FLR2", "FLM2")))
+    assert agg._all_read("FLM2") and not agg._all_read("FLM3")
+    agg._on_status("b", _status(("FLT2", "FLR2", "FLM2", "FLM3")))
+    assert agg._all_read("FLM3")
