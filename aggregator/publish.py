@@ -62,13 +62,19 @@ def _sealed_parts(
     content_key: bytes,
     chunk_limit: Callable[[str], int],
 ) -> tuple[list[tuple[str, bytes]], dict[str, dict[str, Any]]]:
-    """Each blob sealed under the content key and chunked: the (topic, chunk) pairs and the manifest entries."""
+    """Each blob sealed under the content key and chunked: the (topic, chunk) pairs and the manifest entries.
+
+    An int8 step goes as plain slices (:func:`broker_bridge.chunking.split_plain`: no chunk header; only the
+    sites' step collectors read it, and they join plain slices); weights and ONNX keep the header (the
+    observer and the lines reassemble them with ``chunking.Reassembler``)."""
     chunks: list[tuple[str, bytes]] = []
     entries: dict[str, dict[str, Any]] = {}
     for part, blob, topic_of in parts_of:
         msg_id = f"v{version}-{part}"
         sealed = envelope.seal_for_federation(blob, content_key) if blob else b""
-        parts = chunking.split(sealed, msg_id, chunk_limit(topic_of(version, 999999))) if blob else []
+        limit = chunk_limit(topic_of(version, 999999))
+        plain = chunking.split_plain(sealed, limit) if blob and part == "delta" else None
+        parts = plain if plain is not None else chunking.split(sealed, msg_id, limit) if blob else []
         chunks += [(topic_of(version, i), c) for i, c in enumerate(parts)]
         entries[part] = {"hash": envelope.content_hash(blob), "size": len(blob), "chunks": len(parts), "msg_id": msg_id}
     return chunks, entries
