@@ -27,6 +27,13 @@ entries; anything else is ``WireError("schema")`` naming the fault. A header
 the format cannot hold (a bool, an integer beyond 64 bits, a string of more than
 255 bytes) is sent as JSON (version 1): :func:`pack` returns None.
 
+A site's status (:func:`pack_status`, ``FLH1``, issue 19) is ``FLH1 | map``, keys from :data:`STATUS_KEYS`
+and strings from :data:`STATUS_STRINGS`, with the manifest's tags (``reads`` is a list, ``model_refused`` a
+map): about 90 bytes where the JSON took about 250. Statuses are public (the broker operator and the
+observer read them, unsigned, as before); the binary form says exactly what the JSON said.
+:func:`read_status` is every reader's one way in: JSON (an older agent, a plant's uplink, every last will)
+or FLH1.
+
 A manifest's body (:func:`pack_manifest`, ``FLM`` version 3) is a map of the same kind with four more
 tags, for manifests only (*extended*): 6 a map (one level deep: ``weights``, ``onnx``, ``delta``,
 ``upstream``), 7 a list of strings (``reads``; at most :data:`MAX_LIST`), 8 a lowercase hex string as its
@@ -37,6 +44,7 @@ are byte for byte what they were.
 
 from __future__ import annotations
 
+import json
 import math
 import struct
 from collections.abc import Mapping
@@ -79,8 +87,46 @@ MANIFEST_KEYS = (
     "chunks",
     "from",
 )
-MANIFEST_STRINGS = ("FLT2", "FLU2", "FLR2", "FLM2", "FLM3")
+MANIFEST_STRINGS = ("FLT2", "FLU2", "FLR2", "FLM2", "FLM3", "FLH1")
 MANIFEST_PARTS = ("weights", "onnx", "delta")
+#: a status's keys (``edge.status_doc.STATUS_FIELDS`` and a last will's ``reason``) and common strings
+STATUS_KEYS = (
+    "state",
+    "version",
+    "epoch",
+    "privacy",
+    "accounting",
+    "epsilon",
+    "epsilon_budget",
+    "delta",
+    "privacy_unit",
+    "publishing",
+    "outbox_depth",
+    "model_refused",
+    "reads",
+    "ts",
+    "reason",
+)
+STATUS_STRINGS = (
+    "online",
+    "offline",
+    "on",
+    "off",
+    "per_record",
+    "per_line",
+    "row",
+    "ok",
+    "budget_exhausted",
+    "outbox_full",
+    "recovering",
+    "step",
+    "FLT2",
+    "FLR2",
+    "FLM2",
+    "FLM3",
+)
+STATUS_MAGIC = b"FLH1"
+MAX_STATUS_BYTES = 4096  # a status is about 90 bytes binary, 250 as JSON
 ENCODINGS = ("float32", "int8")
 MAX_ENTRIES = 64
 MAX_LIST = 32  # strings in a list (a manifest's ``reads``: two today)
@@ -376,3 +422,38 @@ def unpack_manifest(view: memoryview) -> dict[str, Any]:
                 raise WireError("schema", f"binary manifest: {part} carries a msg_id (it is v<version>-{part})")
             entry["msg_id"] = f"v{doc.get('version')}-{part}"
     return doc
+
+
+def pack_status(doc: Mapping[str, Any]) -> bytes | None:
+    """A status in binary (``FLH1 | map``), or None when the format cannot hold it (then it goes as JSON)."""
+    body = pack_map(doc, STATUS_KEYS, STATUS_STRINGS, extended=True)
+    return STATUS_MAGIC + body if body is not None and len(body) + 4 <= MAX_STATUS_BYTES else None
+
+
+def unpack_status(view: memoryview) -> dict[str, Any]:
+    """Inverse of :func:`pack_status` (magic included); ``WireError("schema")`` naming the fault."""
+    if len(view) > MAX_STATUS_BYTES:
+        raise WireError("schema", f"binary status of {len(view)} bytes, at most {MAX_STATUS_BYTES}")
+    if bytes(view[:4]) != STATUS_MAGIC:
+        raise WireError("schema", "not a binary status (no FLH1 magic)")
+    r = _Reader(view[4:], "binary status")
+    doc = _read_map(r, STATUS_KEYS, STATUS_STRINGS, extended=True)
+    if r.pos != len(view) - 4:
+        raise WireError("schema", f"binary status: {len(view) - 4 - r.pos} bytes after its last field")
+    return doc
+
+
+def read_status(payload: bytes | memoryview) -> dict[str, Any] | None:
+    """A site's status, binary (FLH1) or JSON, as a dict; None when it is neither (the caller counts or ignores
+    it: a status is unsigned and steers nothing but a catch-up and the format choice)."""
+    view = memoryview(payload)
+    if bytes(view[:4]) == STATUS_MAGIC:
+        try:
+            return unpack_status(view)
+        except WireError:
+            return None
+    try:
+        doc = json.loads(bytes(view))
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    return doc if isinstance(doc, dict) else None

@@ -52,8 +52,9 @@ _TENSOR_MAGIC = b"FLT1"
 _TENSOR_REF_MAGIC = b"FLT2"  # the tensor table by reference: FLT2 | 16-byte layout id | raw data
 LAYOUT_ID_BYTES = 16
 #: wire formats beyond version 1's this build reads, named in every manifest (``"reads"``) so that a site sends
-#: them only to an aggregator that reads them
-READS = ("FLT2", "FLU2")
+#: them only to an aggregator that reads them: tensor tables by reference, binary update headers, binary statuses
+#: (``binhead.pack_status``)
+READS = ("FLT2", "FLU2", "FLH1")
 MAX_LAYOUTS = 256  # layouts a process may register (each from its own model spec: a handful)
 _UPDATE_MAGIC = b"FLU"
 _SEALED_MAGIC = b"FLE"

@@ -9,7 +9,7 @@ from nacl.public import SealedBox
 
 from aggregator.config import load_config
 from aggregator.service import Aggregator
-from broker_bridge import envelope
+from broker_bridge import binhead, envelope
 from edge import rounds
 from edge.agent import EdgeAgent
 from edge.config import load_edge_config
@@ -40,6 +40,11 @@ async def test_two_sites_and_the_real_aggregator(mosquitto, tmp_path, monkeypatc
     agg_toml = tmp_path / "aggregator.toml"
     write_aggregator(fed, mosquitto, agg_toml)
     aggregator = Aggregator(load_config(agg_toml))
+    statuses: list[bytes] = []  # every status the aggregator takes, as it came over the broker
+    on_status = aggregator._on_status
+    monkeypatch.setattr(
+        aggregator, "_on_status", lambda site, payload: (statuses.append(payload), on_status(site, payload))
+    )
     agg_task = asyncio.create_task(aggregator.run())
     await asyncio.wait_for(aggregator.started.wait(), bound(30))
 
@@ -67,7 +72,7 @@ async def test_two_sites_and_the_real_aggregator(mosquitto, tmp_path, monkeypatc
             assert second.state == "applied" and second.base_version >= 1
         # the aggregator's manifest says it reads FLT2 and FLU2, so every update named its tensor table by id
         # and carried a binary header, and was applied: no JSON left in it (broker_bridge.layouts, .binhead)
-        assert all(a.base.manifest["reads"] == ["FLT2", "FLU2"] for a in agents)
+        assert all(a.base.manifest["reads"] == ["FLT2", "FLU2", "FLH1"] for a in agents)
         assert len(sealed) == 4
         for blob in sealed:
             inner = SealedBox(fed.aggregator.box_key).decrypt(blob[4:])
@@ -84,6 +89,12 @@ async def test_two_sites_and_the_real_aggregator(mosquitto, tmp_path, monkeypatc
         assert all(a.base.manifest_blob[:4] == b"FLM\x03" for a in agents)
         # and binary receipts (FLR2): every receipt was binary, and the sites settled their outboxes on them
         assert len(receipts) >= 4 and all(receipts)
+        # statuses: JSON until a site holds a manifest saying the aggregator reads FLH1, binary after; the
+        # aggregator read both (the catch-up and the formats each site reads come from them)
+        assert statuses[0][:1] == b"{" and statuses[-1][:4] == b"FLH1"
+        last = binhead.read_status(statuses[-1])
+        assert last is not None and last["state"] == "online" and last["reads"] == ["FLT2", "FLR2", "FLM2", "FLM3"]
+        assert all(aggregator._reads[a.site] == {"FLT2", "FLR2", "FLM2", "FLM3"} for a in agents)
     finally:
         stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
