@@ -219,7 +219,7 @@ class Aggregator:
             assert info.site is not None
             if msg.retain:  # a site parking data in the broker's store: clear it (empty retained), count it
                 await grants.clear_retained(client, msg.topic, info.site, self.metrics)
-            done = self.chunks.add(info.site, msg.topic, msg.payload)
+            done = self.chunks.add(info.site, msg.topic, msg.payload, info.msg_id)
             if done is None:
                 continue
             msg_id, blob = done

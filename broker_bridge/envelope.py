@@ -53,12 +53,14 @@ _TENSOR_REF_MAGIC = b"FLT2"  # the tensor table by reference: FLT2 | 16-byte lay
 LAYOUT_ID_BYTES = 16
 #: wire formats beyond version 1's this build reads, named in every manifest (``"reads"``) so that a site sends
 #: them only to an aggregator that reads them: tensor tables by reference, binary update headers, binary statuses
-#: (``binhead.pack_status``)
-READS = ("FLT2", "FLU2", "FLH1")
+#: (``binhead.pack_status``), signature blocks without the verify key, an update in one message without the chunk
+#: header (:func:`is_sealed_update`)
+READS = ("FLT2", "FLU2", "FLH1", "FLS2", "FLC0")
 MAX_LAYOUTS = 256  # layouts a process may register (each from its own model spec: a handful)
 _UPDATE_MAGIC = b"FLU"
 _SEALED_MAGIC = b"FLE"
 _SIGNED_MAGIC = b"FLS1"
+_SIGNED_KEYLESS_MAGIC = b"FLS2"  # the signature block without the verify key (the enrolled one checks it)
 _MANIFEST_MAGIC = b"FLM"
 _RECEIPT_MAGIC = b"FLR"
 _U32 = struct.Struct("<I")
@@ -372,7 +374,8 @@ def _tensor_data_at(inner: memoryview) -> int | None:
     (``aggregator.aligned``). A placement hint only: the layout is checked after the box opens."""
     if len(inner) < 5:
         return None
-    at = 5 + inner[4] + 32 + 64  # signed magic, site length, site, verify key, signature
+    keyed = 32 if bytes(inner[:4]) == _SIGNED_MAGIC else 0  # FLS2 leaves the verify key out
+    at = 5 + inner[4] + keyed + 64  # signed magic, site length, site, verify key (FLS1), signature
     if len(inner) < at + 8:
         return None
     if inner[at + 3] == BINARY_UPDATE_VERSION:
@@ -386,6 +389,12 @@ def _tensor_data_at(inner: memoryview) -> int | None:
     return at + 8 + int(_U32.unpack_from(inner, at + 4)[0])  # FLT1, tensor header length, tensor header JSON
 
 
+def is_sealed_update(payload: bytes | memoryview) -> bool:
+    """Whether a message on an update topic is a whole sealed update (``FLE | 1``) rather than a chunk (``FLC1``):
+    sent so, without the chunk header, to an aggregator that reads ``FLC0`` when it fits in one message."""
+    return bytes(payload[:4]) == _SEALED_MAGIC + bytes([FORMAT_VERSION])
+
+
 def seal_update(
     header: UpdateHeader,
     tensors: Mapping[str, np.ndarray],
@@ -393,18 +402,21 @@ def seal_update(
     aggregator_box_pub: bytes,
     by_reference: bool = False,
     binary: bool = False,
+    keyless: bool = False,
 ) -> bytes:
     """Sign (Ed25519 over a SHA-256 digest) and seal (X25519 SealedBox) one update.
 
     ``by_reference``: the tensors as FLT2 when their table is a registered layout (only for an aggregator
     whose manifest says it reads FLT2, :data:`READS`); ``binary``: the header in binary (FLU version 2, for one
-    that reads FLU2)."""
+    that reads FLU2); ``keyless``: the signature block without the verify key (FLS2, for one that reads it:
+    it checks the signature with the site's enrolled key)."""
     if header.site != site_keys.ident:
         raise ValueError(f"header site {header.site!r} is not the key's site {site_keys.ident!r}")
     plain = encode_update(header, tensors, by_reference, binary)
     site = header.site.encode()
     sig = site_keys.signing_key.sign(digest(site, _UPDATE_DOMAIN, b"\x00", plain)).signature
-    inner = b"".join([_SIGNED_MAGIC, bytes([len(site)]), site, bytes(site_keys.signing_key.verify_key), sig, plain])
+    vk = b"" if keyless else bytes(site_keys.signing_key.verify_key)
+    inner = b"".join([_SIGNED_KEYLESS_MAGIC if keyless else _SIGNED_MAGIC, bytes([len(site)]), site, vk, sig, plain])
     return _SEALED_MAGIC + bytes([FORMAT_VERSION]) + SealedBox(PublicKey(aggregator_box_pub)).encrypt(inner)
 
 
@@ -432,25 +444,7 @@ def open_update(
         raise WireError(
             "decrypt", "ciphertext does not open with this aggregator's key (tampered, or sealed to another aggregator)"
         ) from None
-    if len(inner) < 5 or bytes(inner[:4]) != _SIGNED_MAGIC:
-        raise WireError("signature", "no signature block inside the sealed update")
-    slen = inner[4]
-    if len(inner) < 5 + slen + 32 + 64:
-        raise WireError("signature", "signature block is truncated")
-    site_raw = bytes(inner[5 : 5 + slen])
-    vk_raw = bytes(inner[5 + slen : 5 + slen + 32])
-    sig = bytes(inner[5 + slen + 32 : 5 + slen + 96])
-    plain = inner[5 + slen + 96 :]
-    try:
-        VerifyKey(vk_raw).verify(digest(site_raw, _UPDATE_DOMAIN, b"\x00", plain), sig)
-    except (BadSignatureError, ValueError, TypeError):
-        raise WireError("signature", "signature does not verify") from None
-    site = site_raw.decode("utf-8", errors="replace")
-    enrolled = enrollment.sites.get(site)
-    if enrolled is None:
-        raise WireError("unenrolled", f"site {site!r} is not enrolled in federation {enrollment.federation!r}")
-    if enrolled.sign_pub != vk_raw:
-        raise WireError("unenrolled", f"update claims site {site!r} but is signed by another key")
+    site, plain = _signed_by(inner, enrollment)
     doc, rest = _decode_update_header(plain, site)
     counter = doc.get("counter")
     if not isinstance(counter, int) or isinstance(counter, bool):
@@ -462,6 +456,39 @@ def open_update(
         raise WireError("schema", f"header names site {header.site!r}, signer is {site!r}")
     tensors = decode_tensors(rest, "schema")
     return header, tensors
+
+
+def _signed_by(inner: memoryview, enrollment: Enrollment) -> tuple[str, memoryview]:
+    """The enrolled site that signed an opened update, and its plaintext (``WireError`` naming the failure).
+
+    FLS1 carries the signer's verify key: the signature is checked against it (is the message intact and
+    signed at all?), then the key against the one enrolled for the site it names. FLS2 leaves the key out (32
+    bytes: the aggregator holds every enrolled key): the site must be enrolled, and the signature must verify
+    with its enrolled key; a signature by any other key, or over other bytes, fails the same way."""
+    keyed = bytes(inner[:4]) == _SIGNED_MAGIC
+    if len(inner) < 5 or not (keyed or bytes(inner[:4]) == _SIGNED_KEYLESS_MAGIC):
+        raise WireError("signature", "no signature block inside the sealed update")
+    slen = inner[4]
+    at = 5 + slen + (32 if keyed else 0)
+    if len(inner) < at + 64:
+        raise WireError("signature", "signature block is truncated")
+    site_raw = bytes(inner[5 : 5 + slen])
+    site = site_raw.decode("utf-8", errors="replace")
+    enrolled = enrollment.sites.get(site)
+    if not keyed and enrolled is None:
+        raise WireError("unenrolled", f"site {site!r} is not enrolled in federation {enrollment.federation!r}")
+    vk_raw = bytes(inner[5 + slen : at]) if keyed else enrolled.sign_pub  # type: ignore[union-attr]
+    sig, plain = bytes(inner[at : at + 64]), inner[at + 64 :]
+    try:
+        VerifyKey(vk_raw).verify(digest(site_raw, _UPDATE_DOMAIN, b"\x00", plain), sig)
+    except (BadSignatureError, ValueError, TypeError):
+        who = "" if keyed else f" with site {site!r}'s enrolled key"
+        raise WireError("signature", f"signature does not verify{who}") from None
+    if enrolled is None:
+        raise WireError("unenrolled", f"site {site!r} is not enrolled in federation {enrollment.federation!r}")
+    if enrolled.sign_pub != vk_raw:
+        raise WireError("unenrolled", f"update claims site {site!r} but is signed by another key")
+    return site, plain
 
 
 # --------------------------------------------------------------------------- signed documents

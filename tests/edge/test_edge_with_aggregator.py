@@ -8,6 +8,7 @@ import dataclasses
 from nacl.public import SealedBox
 
 from aggregator.config import load_config
+from aggregator.reassembly import SenderChunks
 from aggregator.service import Aggregator
 from broker_bridge import binhead, envelope
 from edge import rounds
@@ -40,6 +41,9 @@ async def test_two_sites_and_the_real_aggregator(mosquitto, tmp_path, monkeypatc
     agg_toml = tmp_path / "aggregator.toml"
     write_aggregator(fed, mosquitto, agg_toml)
     aggregator = Aggregator(load_config(agg_toml))
+    arrived: list[bytes] = []  # the first bytes of every message on an update topic, as the aggregator took it
+    add = SenderChunks.add
+    monkeypatch.setattr(SenderChunks, "add", lambda self, *a: (arrived.append(a[2][:4]), add(self, *a))[1])
     statuses: list[bytes] = []  # every status the aggregator takes, as it came over the broker
     on_status = aggregator._on_status
     monkeypatch.setattr(
@@ -72,11 +76,13 @@ async def test_two_sites_and_the_real_aggregator(mosquitto, tmp_path, monkeypatc
             assert second.state == "applied" and second.base_version >= 1
         # the aggregator's manifest says it reads FLT2 and FLU2, so every update named its tensor table by id
         # and carried a binary header, and was applied: no JSON left in it (broker_bridge.layouts, .binhead)
-        assert all(a.base.manifest["reads"] == ["FLT2", "FLU2", "FLH1"] for a in agents)
+        assert all(a.base.manifest["reads"] == list(envelope.READS) for a in agents)
+        assert envelope.READS == ("FLT2", "FLU2", "FLH1", "FLS2", "FLC0")
         assert len(sealed) == 4
         for blob in sealed:
             inner = SealedBox(fed.aggregator.box_key).decrypt(blob[4:])
-            plain = inner[5 + inner[4] + 96 :]  # after the signature block
+            assert inner[:4] == b"FLS2"  # the signature block without the verify key: the aggregator reads FLS2
+            plain = inner[5 + inner[4] + 64 :]  # after the signature block
             assert plain[:4] == b"FLU\x02"
             head_len = int.from_bytes(plain[4:6], "little")  # the binary header, then the tensors
             assert plain[6 + head_len : 6 + head_len + 4] == b"FLT2"
@@ -87,6 +93,8 @@ async def test_two_sites_and_the_real_aggregator(mosquitto, tmp_path, monkeypatc
         assert all("spec" not in a.base.manifest for a in agents)
         # ... in a binary body (FLM version 3): every site's status says it reads FLM3, and each verified it
         assert all(a.base.manifest_blob[:4] == b"FLM\x03" for a in agents)
+        # each update went whole, without the chunk header (the aggregator reads FLC0), and was applied
+        assert len(arrived) == 4 and set(arrived) == {b"FLE\x01"}
         # and binary receipts (FLR2): every receipt was binary, and the sites settled their outboxes on them
         assert len(receipts) >= 4 and all(receipts)
         # statuses: JSON until a site holds a manifest saying the aggregator reads FLH1, binary after; the
@@ -198,6 +206,7 @@ async def test_old_and_new_formats_mix_a_new_aggregator_with_an_older_site(mosqu
         assert await a.train_once() is not None
         plain = _plain(fed, sealed[-1][1])
         assert plain[:4] == b"FLU\x01" and b'"dtype"' in plain and b"FLT1" in plain
+        assert SealedBox(fed.aggregator.box_key).decrypt(sealed[-1][1][4:])[:4] == b"FLS1"  # with its verify key
         await eventually(lambda: a.outbox.depth()[0] == 0, 30)
         assert a.outbox.ledger()[-1].state in ("applied", "buffered")
     finally:
@@ -217,4 +226,4 @@ def _without_reads(status):
 def _plain(fed: Federation, blob: bytes) -> bytes:
     """An update's plaintext, after the signature block (opened with the aggregator's key)."""
     inner = SealedBox(fed.aggregator.box_key).decrypt(blob[4:])
-    return inner[5 + inner[4] + 96 :]
+    return inner[5 + inner[4] + (96 if inner[:4] == b"FLS1" else 64) :]  # FLS2: no verify key
