@@ -276,7 +276,8 @@ class Aggregator:
             for r in decision.receipts:
                 if r["site"] == "?":
                     continue
-                blob = core.sign_receipt(r, "FLR2" in self._reads.get(r["site"], ()))  # binary if the site reads it
+                reads = self._reads.get(r["site"], ())
+                blob = core.sign_receipt(r, "FLR2" in reads, "FLR3" in reads)  # binary, compact, as the site reads
                 if blob is None:  # not enrolled (or revoked): no key to seal its receipt to
                     continue
                 while len(self._receipts) >= RECEIPTS_IN_FLIGHT:  # back-pressure from a slow broker

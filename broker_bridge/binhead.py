@@ -124,6 +124,7 @@ STATUS_STRINGS = (
     "FLR2",
     "FLM2",
     "FLM3",
+    "FLR3",
 )
 STATUS_MAGIC = b"FLH1"
 MAX_STATUS_BYTES = 4096  # a status is about 90 bytes binary, 250 as JSON
@@ -238,8 +239,14 @@ def pack(doc: Mapping[str, Any]) -> bytes | None:
     return _LEN.pack(len(block)) + block if len(block) < 2**16 else None
 
 
-def pack_receipt(doc: Mapping[str, Any]) -> bytes | None:
-    """A receipt's fields in binary (the body FLR version 2 signs), or None when the format cannot hold them."""
+def pack_receipt(doc: Mapping[str, Any], compact: bool = False) -> bytes | None:
+    """A receipt's fields in binary (the body FLR version 2 signs), or None when the format cannot hold them.
+
+    ``compact`` (FLR version 3, for a site whose status reads FLR3): the fields that are null left out (the
+    decoder puts them back) and the manifest's tags, so the hex message id goes as its 8 raw bytes: about 35
+    bytes where version 2 took 50."""
+    if compact:
+        return pack_map({k: v for k, v in doc.items() if v is not None}, RECEIPT_KEYS, RECEIPT_STRINGS, extended=True)
     return pack_map(doc, RECEIPT_KEYS, RECEIPT_STRINGS)
 
 
@@ -399,12 +406,20 @@ def unpack(view: memoryview, site: str) -> tuple[dict[str, Any], int]:
     return doc, 2 + n
 
 
-def unpack_receipt(view: memoryview) -> dict[str, Any]:
-    """Inverse of :func:`pack_receipt`; the body must end with its last field."""
+def unpack_receipt(view: memoryview, compact: bool = False) -> dict[str, Any]:
+    """Inverse of :func:`pack_receipt`; the body must end with its last field. ``compact``: a version 3 body,
+    each of :data:`RECEIPT_KEYS` it leaves out read as null."""
     r = _Reader(view, "binary receipt")
-    doc = _read_map(r, RECEIPT_KEYS, RECEIPT_STRINGS)
+    doc = _read_map(r, RECEIPT_KEYS, RECEIPT_STRINGS, extended=compact)
     if r.pos != len(view):
         raise WireError("schema", f"binary receipt: {len(view) - r.pos} bytes after its last field")
+    if compact:
+        if any(isinstance(v, (dict, list, bool)) for v in doc.values()):
+            raise WireError("schema", "binary receipt: a map, a list or a boolean is no receipt field")
+        missing = [k for k in ("site", "counter", "msg_id", "verdict") if k not in doc]
+        if missing:
+            raise WireError("schema", f"receipt lacks {', '.join(missing)}")
+        doc = {**dict.fromkeys(RECEIPT_KEYS), **doc}
     return doc
 
 

@@ -532,6 +532,7 @@ def verify_body(
 _MANIFEST_DOMAIN = b"fedline-manifest-v1\x00"
 _RECEIPT_DOMAIN = b"fedline-receipt-v1\x00"
 _RECEIPT_DOMAIN_V2 = b"fedline-receipt-v2\x00"  # the binary body: a signature of one form never checks as the other's
+_RECEIPT_DOMAIN_V3 = b"fedline-receipt-v3\x00"  # the compact binary body (FLR version 3), likewise
 _MANIFEST_DOMAIN_V3 = b"fedline-manifest-v3\x00"  # the binary body (FLM version 3), likewise
 #: FLM's version byte for a binary body (:func:`broker_bridge.binhead.pack_manifest`); 1 is the JSON body. Not 2:
 #: the name a status reads it by is "FLM3" ("FLM2" was taken by ``spec_hash`` in a JSON body)
@@ -592,23 +593,29 @@ def spec_hash(spec_doc: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical_json(spec_doc)).hexdigest()[:SPEC_HASH_CHARS]
 
 
-def sign_receipt(doc: Mapping[str, Any], aggregator_keys: KeyPair, binary: bool = False) -> bytes:
+def sign_receipt(
+    doc: Mapping[str, Any], aggregator_keys: KeyPair, binary: bool = False, compact: bool = False
+) -> bytes:
     """The aggregator's verdict on one update, signed; only this lets a site forget it.
 
     ``binary`` (for a site whose status reads FLR2): ``FLR | 2 | signature | binary body``
-    (:func:`broker_bridge.binhead.pack_receipt`), signed under a domain of its own; JSON when the body does not
-    fit the binary form."""
-    body = binhead.pack_receipt(doc) if binary else None
+    (:func:`broker_bridge.binhead.pack_receipt`), signed under a domain of its own; ``compact`` too (for one
+    that reads FLR3): ``FLR | 3 | ...``, nulls left out and the message id raw, under a domain of its own again;
+    JSON when the body does not fit the binary form."""
+    body = binhead.pack_receipt(doc, compact) if binary else None
     if body is None:
         return _sign_doc(_RECEIPT_MAGIC, _RECEIPT_DOMAIN, doc, aggregator_keys)
-    sig = aggregator_keys.signing_key.sign(digest(body, _RECEIPT_DOMAIN_V2)).signature
-    return _RECEIPT_MAGIC + bytes([BINARY_RECEIPT_VERSION]) + sig + body
+    domain, version = (_RECEIPT_DOMAIN_V3, 3) if compact else (_RECEIPT_DOMAIN_V2, BINARY_RECEIPT_VERSION)
+    sig = aggregator_keys.signing_key.sign(digest(body, domain)).signature
+    return _RECEIPT_MAGIC + bytes([version]) + sig + body
 
 
 _SEALED_RECEIPT_MAGIC = b"FLQ"
 
 
-def seal_receipt(doc: Mapping[str, Any], aggregator_keys: KeyPair, site_box_pub: bytes, binary: bool = False) -> bytes:
+def seal_receipt(
+    doc: Mapping[str, Any], aggregator_keys: KeyPair, site_box_pub: bytes, binary: bool = False, compact: bool = False
+) -> bytes:
     """A signed receipt sealed to its site: ``FLQ | ver | SealedBox(site X25519 key, FLR signed receipt)``.
 
     Sealed because a receipt says, per site, which counters were sent, when,
@@ -618,7 +625,7 @@ def seal_receipt(doc: Mapping[str, Any], aggregator_keys: KeyPair, site_box_pub:
     return (
         _SEALED_RECEIPT_MAGIC
         + bytes([FORMAT_VERSION])
-        + SealedBox(PublicKey(site_box_pub)).encrypt(sign_receipt(doc, aggregator_keys, binary))
+        + SealedBox(PublicKey(site_box_pub)).encrypt(sign_receipt(doc, aggregator_keys, binary, compact))
     )
 
 
@@ -644,7 +651,7 @@ def open_receipt(blob: bytes | memoryview, site_keys: KeyPair, aggregator_sign_p
 def verify_receipt(blob: bytes | memoryview, aggregator_sign_pub: bytes) -> dict[str, Any]:
     """Check a receipt's signature and fields (JSON, or the binary body of FLR version 2); return it as a dict."""
     view = memoryview(blob)
-    if len(view) >= 4 + 64 + 1 and bytes(view[:3]) == _RECEIPT_MAGIC and view[3] == BINARY_RECEIPT_VERSION:
+    if len(view) >= 4 + 64 + 1 and bytes(view[:3]) == _RECEIPT_MAGIC and view[3] in (BINARY_RECEIPT_VERSION, 3):
         doc = _verify_binary_receipt(view, aggregator_sign_pub)
     else:
         doc = verify_body(_RECEIPT_MAGIC, _RECEIPT_DOMAIN, "receipt", view, aggregator_sign_pub, RECEIPT_FIELDS)
@@ -671,7 +678,9 @@ def _verify_binary(
 
 
 def _verify_binary_receipt(view: memoryview, aggregator_sign_pub: bytes) -> dict[str, Any]:
-    doc = _verify_binary(view, aggregator_sign_pub, _RECEIPT_DOMAIN_V2, "receipt", binhead.unpack_receipt)
+    compact = view[3] == 3
+    domain = _RECEIPT_DOMAIN_V3 if compact else _RECEIPT_DOMAIN_V2
+    doc = _verify_binary(view, aggregator_sign_pub, domain, "receipt", lambda b: binhead.unpack_receipt(b, compact))
     missing = [k for k in RECEIPT_FIELDS if k not in doc]
     if missing:
         raise WireError("schema", f"receipt lacks {', '.join(missing)}")

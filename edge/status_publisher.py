@@ -119,8 +119,8 @@ class StatusPublisher:
             epoch=max(st.keyring, default=-1),
             model_refused=st.model_refused,
             # weights and int8 steps with the tensor table by reference (broker_bridge.layouts); binary receipts;
-            # the manifest's spec by its hash; binary manifests (FLM version 3)
-            reads=("FLT2", "FLR2", "FLM2", "FLM3"),
+            # the manifest's spec by its hash; binary manifests (FLM version 3); compact binary receipts
+            reads=("FLT2", "FLR2", "FLM2", "FLM3", "FLR3"),
         )
 
     def will(self) -> Any:

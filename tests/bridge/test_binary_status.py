@@ -96,8 +96,8 @@ def test_a_will_and_a_status_the_format_cannot_hold_stay_json() -> None:
 
 def test_the_aggregator_reads_binary_statuses_for_its_format_choice() -> None:
     agg = _service(["a", "b"])
-    agg._on_status("a", binhead.pack_status({**DOC, "reads": ["FLT2", "FLR2", "FLM2", "FLM3"]}))  # type: ignore[arg-type]
-    agg._on_status("b", json.dumps({**DOC, "reads": ["FLT2", "FLR2", "FLM2", "FLM3"]}).encode())
+    agg._on_status("a", binhead.pack_status({**DOC, "reads": ["FLT2", "FLR2", "FLM2", "FLM3", "FLR3"]}))  # type: ignore[arg-type]
+    agg._on_status("b", json.dumps({**DOC, "reads": ["FLT2", "FLR2", "FLM2", "FLM3", "FLR3"]}).encode())
     assert agg._all_read("FLM3")
     agg._on_status("b", b"FLH1\x01\x00\x10")  # malformed: ignored, what b said before stands
     assert agg._all_read("FLM3")

@@ -30,12 +30,12 @@ async def test_two_sites_and_the_real_aggregator(mosquitto, tmp_path, monkeypatc
         return sealed[-1]
 
     monkeypatch.setattr(rounds, "seal_update", spy)
-    receipts: list[bool] = []  # per receipt the aggregator seals: binary (FLR version 2)?
+    receipts: list[bool] = []  # per receipt the aggregator seals: binary and compact (FLR version 3)?
     seal_receipt = envelope.seal_receipt
 
-    def receipt_spy(doc, keys, box_pub, binary=False) -> bytes:
-        receipts.append(binary)
-        return seal_receipt(doc, keys, box_pub, binary)
+    def receipt_spy(doc, keys, box_pub, binary=False, compact=False) -> bytes:
+        receipts.append(binary and compact)
+        return seal_receipt(doc, keys, box_pub, binary, compact)
 
     monkeypatch.setattr(envelope, "seal_receipt", receipt_spy)
     agg_toml = tmp_path / "aggregator.toml"
@@ -95,14 +95,16 @@ async def test_two_sites_and_the_real_aggregator(mosquitto, tmp_path, monkeypatc
         assert all(a.base.manifest_blob[:4] == b"FLM\x03" for a in agents)
         # each update went whole, without the chunk header (the aggregator reads FLC0), and was applied
         assert len(arrived) == 4 and set(arrived) == {b"FLE\x01"}
-        # and binary receipts (FLR2): every receipt was binary, and the sites settled their outboxes on them
+        # and compact binary receipts (FLR3): every receipt was, and the sites settled their outboxes on them
         assert len(receipts) >= 4 and all(receipts)
         # statuses: JSON until a site holds a manifest saying the aggregator reads FLH1, binary after; the
         # aggregator read both (the catch-up and the formats each site reads come from them)
         assert statuses[0][:1] == b"{" and statuses[-1][:4] == b"FLH1"
         last = binhead.read_status(statuses[-1])
-        assert last is not None and last["state"] == "online" and last["reads"] == ["FLT2", "FLR2", "FLM2", "FLM3"]
-        assert all(aggregator._reads[a.site] == {"FLT2", "FLR2", "FLM2", "FLM3"} for a in agents)
+        assert (
+            last is not None and last["state"] == "online" and last["reads"] == ["FLT2", "FLR2", "FLM2", "FLM3", "FLR3"]
+        )
+        assert all(aggregator._reads[a.site] == {"FLT2", "FLR2", "FLM2", "FLM3", "FLR3"} for a in agents)
     finally:
         stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -160,9 +162,9 @@ async def test_old_and_new_formats_mix_a_new_aggregator_with_an_older_site(mosqu
     receipts: list[tuple[str, bool]] = []
     seal_receipt = envelope.seal_receipt
 
-    def receipt_spy(doc, keys, box_pub, binary=False) -> bytes:
+    def receipt_spy(doc, keys, box_pub, binary=False, compact=False) -> bytes:
         receipts.append((doc["site"], binary))
-        return seal_receipt(doc, keys, box_pub, binary)
+        return seal_receipt(doc, keys, box_pub, binary, compact)
 
     monkeypatch.setattr(envelope, "seal_receipt", receipt_spy)
     sealed: list[tuple[str, bytes]] = []
