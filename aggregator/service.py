@@ -469,6 +469,10 @@ class Aggregator:
             async with self._epoch_lock:
                 epoch = self.granter.epoch.number
                 if await loop.run_in_executor(self._serial, self.granter.reload_if_changed):
+                    flushed, self.granter.flushed = self.granter.flushed, None
+                    if flushed is not None:  # the buffer was full without the revoked site: a new version
+                        self._new_version.set()
+                        await self._send_receipts(client, [flushed])
                     await self.granter.publish_grants(client)
                     if self.granter.epoch.number != epoch:  # the current version again, under the new key: a
                         self.published_version = -1  # re-keyed site holds only the new one (issue 14)
