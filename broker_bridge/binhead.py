@@ -35,11 +35,11 @@ observer read them, unsigned, as before); the binary form says exactly what the 
 or FLH1.
 
 A manifest's body (:func:`pack_manifest`, ``FLM`` version 3) is a map of the same kind with four more
-tags, for manifests only (*extended*): 6 a map (one level deep: ``weights``, ``onnx``, ``delta``,
-``upstream``), 7 a list of strings (``reads``; at most :data:`MAX_LIST`), 8 a lowercase hex string as its
-raw bytes (``u8 len | bytes``: a blob's BLAKE2b-256 in 33 bytes where its hex took 66), 9 false, 10 true.
-The update header's and the receipt's decoders refuse them (they never carried them), so those two forms
-are byte for byte what they were.
+tags (*extended*, also in statuses and compact receipts, FLR version 3): 6 a map (one level deep:
+``weights``, ``onnx``, ``delta``, ``upstream``), 7 a list of strings (``reads``; at most :data:`MAX_LIST`),
+8 a lowercase hex string as its raw bytes (``u8 len | bytes``: a blob's BLAKE2b-256 in 33 bytes where its hex
+took 66), 9 false, 10 true. The update header's and the version 2 receipt's decoders refuse them (they never
+carried them), so those two forms are byte for byte what they were.
 """
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ STATUS_MAGIC = b"FLH1"
 MAX_STATUS_BYTES = 4096  # a status is about 90 bytes binary, 250 as JSON
 ENCODINGS = ("float32", "int8")
 MAX_ENTRIES = 64
-MAX_LIST = 32  # strings in a list (a manifest's ``reads``: two today)
+MAX_LIST = 32  # strings in a list (a manifest's or a status's ``reads``: five today)
 _NAMED = 255
 _FIXED = struct.Struct("<QIIdB")
 _LEN = struct.Struct("<H")
