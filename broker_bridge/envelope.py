@@ -464,7 +464,9 @@ def _signed_by(inner: memoryview, enrollment: Enrollment) -> tuple[str, memoryvi
     FLS1 carries the signer's verify key: the signature is checked against it (is the message intact and
     signed at all?), then the key against the one enrolled for the site it names. FLS2 leaves the key out (32
     bytes: the aggregator holds every enrolled key): the site must be enrolled, and the signature must verify
-    with its enrolled key; a signature by any other key, or over other bytes, fails the same way."""
+    with its enrolled key, else ``unenrolled`` as for FLS1's "signed by another key" (a key rotated out, an
+    impostor): the sealed box already held, so what fails is the signer, and a signature over other bytes
+    cannot be told apart from one by another key."""
     keyed = bytes(inner[:4]) == _SIGNED_MAGIC
     if len(inner) < 5 or not (keyed or bytes(inner[:4]) == _SIGNED_KEYLESS_MAGIC):
         raise WireError("signature", "no signature block inside the sealed update")
@@ -482,8 +484,9 @@ def _signed_by(inner: memoryview, enrollment: Enrollment) -> tuple[str, memoryvi
     try:
         VerifyKey(vk_raw).verify(digest(site_raw, _UPDATE_DOMAIN, b"\x00", plain), sig)
     except (BadSignatureError, ValueError, TypeError):
-        who = "" if keyed else f" with site {site!r}'s enrolled key"
-        raise WireError("signature", f"signature does not verify{who}") from None
+        if keyed:
+            raise WireError("signature", "signature does not verify") from None
+        raise WireError("unenrolled", f"update claims site {site!r} but is not signed by its enrolled key") from None
     if enrolled is None:
         raise WireError("unenrolled", f"site {site!r} is not enrolled in federation {enrollment.federation!r}")
     if enrolled.sign_pub != vk_raw:

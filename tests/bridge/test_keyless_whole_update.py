@@ -46,17 +46,18 @@ def test_a_keyless_update_is_32_bytes_smaller_and_opens_with_the_enrolled_key() 
 
 def test_every_keyless_forgery_is_refused_by_name() -> None:
     fed = h.make_federation()
-    # another enrolled site's key, claiming site-a: the signature does not verify with site-a's enrolled key
+    # another enrolled site's key (an impostor, or a key rotated out), claiming site-a: as FLS1's "signed by
+    # another key"
     assert _reason(fed, _keyless(fed, "site-a", 1, signer="site-b")) == (
-        "signature: signature does not verify with site 'site-a''s enrolled key"
+        "unenrolled: update claims site 'site-a' but is not signed by its enrolled key"
     )
     # a site not enrolled (site-c has keys, no enrollment): refused before any signature is checked
     assert _reason(fed, _keyless(fed, "site-c", 1)) == "unenrolled: site 'site-c' is not enrolled in federation 'test'"
     good = _keyless(fed, "site-a", 1)
     inner = seal_open(memoryview(good)[4:], fed.aggregator.box_key)
     assert _reason(fed, h.seal_inner(fed, bytes(inner[:20]))) == "signature: signature block is truncated"
-    flipped = bytes(inner[:-1]) + bytes([inner[-1] ^ 1])
-    assert _reason(fed, h.seal_inner(fed, flipped)).startswith("signature: signature does not verify")
+    flipped = bytes(inner[:-1]) + bytes([inner[-1] ^ 1])  # sealed again after the change: not signed by site-a
+    assert _reason(fed, h.seal_inner(fed, flipped)).startswith("unenrolled: update claims site 'site-a' but is not")
     assert _reason(fed, h.seal_inner(fed, b"FLS3" + bytes(inner[4:]))) == (
         "signature: no signature block inside the sealed update"
     )
