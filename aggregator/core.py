@@ -633,6 +633,61 @@ class AggregatorCore:
     def _enough_sites(self) -> bool:
         return len({u.site for u in self.buffer}) >= min(self.cfg.strategy.needed_sites, self.strategy.arrivals)
 
+    # -- the enrollment, changed while running ---------------------------------------------
+    def take_enrollment(self, new: Enrollment) -> Decision | None:
+        """The enrollment now in force (sites revoked or enrolled while the aggregator runs); the version a buffer
+        full under it makes, if it is.
+
+        Why: K and the arrivals a buffer waits for (K + f under MDA) follow from the enrolled sites, and were sized
+        once at start, so a buffer that awaited every enrolled site went on waiting for a revoked one until
+        ``buffer_timeout_s`` (forever at the default 0). Now a revoked site's buffered update leaves the buffer
+        (rejected, ``unenrolled``: a restart would find it unreadable, and no receipt can be sealed to the site), the
+        strategy is sized for the sites left (:meth:`Strategy.resize`), and a buffer full under those sizes is
+        reduced at once, as its last arrival would have reduced it. Never below ``min_sites``: with fewer sites
+        enrolled the strategy stays sized for ``min_sites``, so no buffer fills and no version sums fewer (the
+        start refuses such an enrollment, :func:`aggregator.fairness.check_federation`). The buffer never holds
+        more than the new arrivals: at most one update per enrolled site, and the arrivals fall by at most one per
+        revoked site from a count the buffer had not reached."""
+        self.enrollment = new  # one reference assignment: open() in the pool threads sees old or new
+        self._drop_unenrolled()
+        n, floor = len(new.sites), self.cfg.strategy.min_sites
+        if n < floor:
+            event(log, "enrollment.below_min_sites", level=logging.ERROR, enrolled=n, min_sites=floor)
+        before = self.strategy.reduce_stat
+        self.strategy.resize(max(n, floor))
+        if self.strategy.reduce_stat != before:
+            self.metrics.reduce.labels(before).set(0)
+            self.metrics.reduce.labels(self.strategy.reduce_stat).set(1)
+        event(
+            log,
+            "aggregator.resized",
+            enrolled=n,
+            buffer_size=self.strategy.buffer_size,
+            arrivals=self.strategy.arrivals,
+            reduce=self.strategy.reduce_stat,
+            buffered=len(self.buffer),
+        )
+        if self.buffer and len(self.buffer) >= self.strategy.arrivals and self._enough_sites():
+            return self._reduce(list(self.buffer), last_arrived=False)
+        return None
+
+    def _drop_unenrolled(self) -> None:
+        """Buffered updates of sites no longer enrolled leave the buffer, durably, with a final verdict."""
+        gone = [u for u in self.buffer if u.site not in self.enrollment.sites]
+        if not gone:
+            return
+        detail = "its site was revoked while the update waited in the buffer"
+        self.store.unbuffer(
+            [Verdict(u.site, u.counter, u.msg_id, "rejected", "unenrolled", detail, self.version) for u in gone]
+        )
+        for u in gone:
+            self.buffer.remove(u)
+            self.metrics.decided("rejected", "unenrolled")
+            event(log, "update.unbuffered", level=logging.WARNING, site=u.site, counter=u.counter, reason="unenrolled")
+        if not self.buffer:
+            self.buffer_since = None
+        self.metrics.buffer_fill.set(len(self.buffer))
+
     # -- conveniences ----------------------------------------------------------------------
     def process(self, sealed: bytes, topic_site: str | None = None, msg_id: str | None = None) -> Decision:
         return self.decide(self.open(sealed, topic_site, msg_id))
@@ -645,11 +700,12 @@ class AggregatorCore:
         """Open in parallel, decide in order."""
         return list(self.process_stream(items))
 
-    def sign_receipt(self, receipt: dict[str, Any], binary: bool = False) -> bytes | None:
+    def sign_receipt(self, receipt: dict[str, Any], binary: bool = False, compact: bool = False) -> bytes | None:
         """The receipt signed and sealed to its site; None for a site not enrolled (nothing to seal to).
-        ``binary``: FLR version 2, for a site whose status says it reads it (``aggregator.service``)."""
+        ``binary``: FLR version 2, ``compact`` too: version 3, each for a site whose status says it reads it
+        (``aggregator.service``)."""
         site = self.enrollment.sites.get(receipt["site"])
-        return envelope.seal_receipt(receipt, self.keys, site.box_pub, binary) if site is not None else None
+        return envelope.seal_receipt(receipt, self.keys, site.box_pub, binary, compact) if site is not None else None
 
     def lineage(self, version: int) -> dict[str, Any] | None:
         ck = self.store.checkpoint(version, blobs=False)

@@ -5,7 +5,9 @@ retained on ``sites/<site>/fedkey`` (the ACL lets only that site and the
 aggregator read it). When the enrollment file changes, the new one is taken
 (updates of a deleted site are refused as ``unenrolled`` from then on); a
 deleted site starts a new epoch (``aggregator.epochs``), its retained grant
-is cleared, and every remaining site gets the new key.
+is cleared, and every remaining site gets the new key. The strategy is sized for
+the sites left (``AggregatorCore.take_enrollment``): a buffer that awaited a
+revoked site is reduced when it is full without it.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class Granter:
         self.epoch: Epoch
         self.epoch, revoked = self.keys.sync(set(core.enrollment.sites), fingerprints(core.enrollment))
         self._to_clear: set[str] = set(revoked)
+        self.flushed: Any = None  # the Decision of a buffer the last reload found full (AggregatorCore.take_enrollment)
 
     def reload_if_changed(self) -> bool:
         """Take a changed enrollment file (runs in the aggregator's serial thread); True if taken."""
@@ -64,9 +67,14 @@ class Granter:
         except FedlineError as exc:  # half-written or wrong: keep serving with the old one
             event(log, "enrollment.refused", level=logging.ERROR, file=self.path, error=str(exc))
             return False
-        self.core.enrollment = new  # one reference assignment: open() in the pool threads sees old or new
+        # the new epoch first: a version the resize below makes is published under it, never to a revoked site
         self.epoch, revoked = self.keys.sync(set(new.sites), fingerprints(new))
         self._to_clear |= revoked
+        # the strategy sized for the sites left: a buffer full under it makes its version now (the service sends it)
+        try:
+            self.flushed = self.core.take_enrollment(new)
+        except Exception as exc:  # e.g. a full disk at the reduce: the watcher goes on, the buffer waits as it is
+            event(log, "enrollment.resize_failed", level=logging.ERROR, error=repr(exc))
         event(log, "enrollment.reloaded", sites=len(new.sites), epoch=self.epoch.number, revoked=sorted(revoked))
         return True
 

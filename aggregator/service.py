@@ -219,7 +219,7 @@ class Aggregator:
             assert info.site is not None
             if msg.retain:  # a site parking data in the broker's store: clear it (empty retained), count it
                 await grants.clear_retained(client, msg.topic, info.site, self.metrics)
-            done = self.chunks.add(info.site, msg.topic, msg.payload)
+            done = self.chunks.add(info.site, msg.topic, msg.payload, info.msg_id)
             if done is None:
                 continue
             msg_id, blob = done
@@ -276,7 +276,8 @@ class Aggregator:
             for r in decision.receipts:
                 if r["site"] == "?":
                     continue
-                blob = core.sign_receipt(r, "FLR2" in self._reads.get(r["site"], ()))  # binary if the site reads it
+                reads = self._reads.get(r["site"], ())
+                blob = core.sign_receipt(r, "FLR2" in reads, "FLR3" in reads)  # binary, compact, as the site reads
                 if blob is None:  # not enrolled (or revoked): no key to seal its receipt to
                     continue
                 while len(self._receipts) >= RECEIPTS_IN_FLIGHT:  # back-pressure from a slow broker
@@ -385,6 +386,7 @@ class Aggregator:
             by_reference=self._all_read("FLT2"),
             spec_by_hash=self._all_read("FLM2"),
             steps=self.cfg.publish.quantise == "int8",
+            binary_manifest=self._all_read("FLM3"),
         )
 
     def _all_read(self, fmt: str) -> bool:
@@ -467,6 +469,10 @@ class Aggregator:
             async with self._epoch_lock:
                 epoch = self.granter.epoch.number
                 if await loop.run_in_executor(self._serial, self.granter.reload_if_changed):
+                    flushed, self.granter.flushed = self.granter.flushed, None
+                    if flushed is not None:  # the buffer was full without the revoked site: a new version
+                        self._new_version.set()
+                        await self._send_receipts(client, [flushed])
                     await self.granter.publish_grants(client)
                     if self.granter.epoch.number != epoch:  # the current version again, under the new key: a
                         self.published_version = -1  # re-keyed site holds only the new one (issue 14)

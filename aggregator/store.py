@@ -495,6 +495,17 @@ class Store:
                 [v] if replaces is None else [replaces, v],
             )
 
+    def unbuffer(self, verdicts: Sequence[Verdict]) -> None:
+        """Buffered updates taken out of the buffer with their final ``verdicts``, in one transaction: a site revoked
+        while its update waited (``AggregatorCore.take_enrollment``; a restart would find the update unreadable)."""
+        statements: list[tuple[str, tuple[Any, ...]]] = []
+        for v in verdicts:
+            statements += [
+                ("DELETE FROM buffer WHERE site = ? AND counter = ?", (v.site, v.counter)),
+                self._verdict_sql(v),
+            ]
+        self._decision_tx(statements, verdicts)
+
     def buffered(self) -> list[tuple[BufferedRow, bytes]]:
         """Buffered updates in arrival order, each with its sealed bytes."""
         with self._lock:

@@ -87,6 +87,13 @@ class Strategy:
         # core sets it when [evaluation] is configured
         self.reference: Callable[[State], State] | None = None
 
+    def resize(self, n_sites: int) -> None:
+        """Sized for ``n_sites`` enrolled sites: the enrollment changed while the aggregator runs
+        (:meth:`aggregator.core.AggregatorCore.take_enrollment`). K, the arrivals a buffer waits for and the reduce
+        in force follow from it exactly as at start, so a revoked site is no longer waited for."""
+        self.n_sites = max(1, n_sites)
+        self.reduce_stat = reduce_choice.resolve(self.cfg, min(self.capacity, self.n_sites), self.n_sites)
+
     # -- what subclasses may tune ------------------------------------------------
     @property
     def capacity(self) -> int:

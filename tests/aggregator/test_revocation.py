@@ -66,8 +66,8 @@ class Capture:
 
 async def test_revoked_site_reads_nothing_published_after_and_retained_updates_are_cleared(broker, tmp_path):
     fed = make_federation(tmp_path / "fed", SITES)
-    # K = 2 (the mean: two slots have no outlier), so the three sites left after the revocation make a version; the
-    # buffer is sized from the enrollment at start (MDA at K = 3 would wait for K + 1 = 4, one of them revoked)
+    # K = 2 (the mean: two slots have no outlier), so the three sites left after the revocation make a version (the
+    # buffer awaiting a revoked site: test_a_buffer_awaiting_the_revoked_site_makes_its_version_at_the_revocation)
     path = fed.write_config(
         strategy='kind = "fedbuff"\nbuffer_size = 2', extra="[validation]\nmax_norm = 10.0", broker=broker_table(broker)
     )
@@ -163,3 +163,49 @@ async def test_revoked_site_reads_nothing_published_after_and_retained_updates_a
             envelope.open_for_federation(blob, keyring[1])
     with pytest.raises(WireError):  # not even by forcing the old epoch number onto the new manifest
         open_manifest(manifests[-1][:4] + (1).to_bytes(4, "little") + manifests[-1][8:], keyring, agg_pub)
+
+
+async def test_a_buffer_awaiting_the_revoked_site_makes_its_version_at_the_revocation(broker, tmp_path):
+    """The defaults at four sites: MDA awaits all four (K + f) and keeps three. Three have sent when site-d is revoked:
+    the running aggregator takes the new enrollment, sizes the strategy for three sites (the mean of all three,
+    ``min_sites`` = 3) and makes the version at once, without any timeout (there is none by default). Before, the
+    buffer waited for site-d forever. Hand-worked: deltas of 0.03, 0.06 and 0.09 in every shared parameter, the
+    0.09 clipped to the median norm (0.06), step (0.03 + 0.06 + 0.06) / 3 = 0.05 everywhere
+    (``tests/aggregator/test_enrollment_resize.py``)."""
+    fed = make_federation(tmp_path / "fed", SITES)
+    path = fed.write_config(strategy="min_sites = 3", broker=broker_table(broker))
+    path.write_text(path.read_text().replace("seed = 7\n", "seed = 7\nenrollment_poll_s = 0.2\n"))
+    from aggregator.config import load_config
+
+    agg = Aggregator(load_config(path))
+    task = asyncio.create_task(agg.run())
+    topics = Topics("test")
+    agg_pub = fed.agg.public().sign_pub
+    try:
+        await asyncio.wait_for(agg.started.wait(), bound(120))
+        assert agg.core.strategy.arrivals == 4 and agg.core.strategy.reduce_stat == "mda"
+        v0 = {k: v.copy() for k, v in agg.core.model.items()}
+        a, b, c = (Party(broker, s, agg_pub, "test", keys=fed.sites[s]) for s in SITES[:3])
+        async with a, b, c:
+            for p, value in zip((a, b, c), (0.03, 0.06, 0.09)):
+                delta = {k: np.full(v.shape, value, np.float32) for k, v in v0.items()}
+                blob, h = fed.seal(p.site, delta, base_version=0)
+                await p.send(blob, h.msg_id)
+                await eventually(lambda p=p: [r["verdict"] for r in p.receipts] == ["buffered"], 20)
+            await asyncio.sleep(0.5)  # three polls of the enrollment file: nothing changes without the revocation
+            assert agg.core.version == 0
+
+            enr = fed.enrollment
+            enr.revoke("site-d")
+            enr.save(fed.root / "enrollment.json")
+            for p in (a, b, c):
+                await eventually(lambda p=p: [r["verdict"] for r in p.receipts] == ["buffered", "applied"], 20)
+            assert agg.core.strategy.arrivals == 3 and agg.core.strategy.reduce_stat == "mean"
+            m1, weights, _ = await read_model(broker, topics, fed.sites["site-a"], agg_pub, 1)
+            assert m1["version"] == 1 and m1["epoch"] == 2  # published under the epoch site-d was not granted
+            for k, v in v0.items():
+                np.testing.assert_allclose(weights[k], v + 0.05, rtol=0, atol=1e-6)
+            assert [u["weight"] for u in agg.core.lineage(1)["updates"]] == [pytest.approx(1 / 3)] * 3
+    finally:
+        agg.stop()
+        await asyncio.wait_for(task, bound(30))

@@ -10,9 +10,11 @@ Every run is synchronous and seeded: in each loop the honest sites
 train (plain SGD, seeded) from the newest version the aggregator holds, the
 attacker sends first, the honest sites after it, and the loop ends when every
 update sent has its own signed receipt (matched by counter: :func:`all_decided`), so every run of a seed has
-the same slots in the same versions. Runs are still not bit-reproducible (training's floating point), and the
-backdoor rate, measured on the test set's 76 failure rows, is sensitive to it: RELIABILITY.md gives several
-seeds (``seed``). The lowest-variance measure found (RELIABILITY.md, robust12) is the late rate (the rate averaged
+the same slots in the same versions. Since 1 Dec 2026 16:00 UTC a run also repeats bit for bit: every site's batch
+order is a function of its seed (:func:`train`); before, it came from the OS CSPRNG whatever the seed, so a "seed"
+named no experiment and the backdoor rate, measured on the test set's 76 failure rows, scattered by 8-13 points
+from run to run (RELIABILITY.md, robust14c: flood's excess over samples was that scatter; under the defaults the
+four named attacks reach the aggregator as the same slot and give the same model). The lowest-variance measure found (RELIABILITY.md, robust12) is the late rate (the rate averaged
 over the last three versions' models) minus the benign control's in the same seed: half the final rate's scatter;
 the soft rate (no threshold) and the wide rate (≈280 rows) are reported too and do not help. Before 1 Dec 2026 the loop counted receipts instead and raced (RELIABILITY.md).
 
@@ -255,13 +257,19 @@ LR, EPOCHS, BATCH = 0.5, 2, 64  # every site's (plain, seeded) SGD: enough to le
 def train(
     spec, base: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray, seed: int, epochs: int = EPOCHS, lr: float = LR
 ) -> dict[str, np.ndarray]:
-    import torch
+    """One site's plain SGD round from ``base``: its delta, a function of (``base``, rows, ``seed``) alone.
 
+    Why ``shuffle_seed``: since 30 Nov 2026 04:42 UTC (before this suite existed) ``edge.trainer`` draws a round's
+    batch order from the OS CSPRNG unless given one, and ``torch.manual_seed`` (all this function did until 1 Dec
+    2026 16:00 UTC) no longer reached it: every run of every "seed" trained on fresh random batches, so a seed named
+    no experiment, two attacks "on the same seed" were independent runs, and the report seeds were no different from
+    the development ones (RELIABILITY.md, robust14c). Seeded, a run repeats bit for bit, and two attacks whose
+    slots reach the aggregator alike give the same model."""
     from edge.config import TrainingConfig
     from edge.trainer import train_round
 
-    torch.manual_seed(seed)
-    return train_round(spec, base, None, x, y, TrainingConfig(epochs=epochs, batch_size=BATCH, lr=lr), None).delta
+    cfg = TrainingConfig(epochs=epochs, batch_size=BATCH, lr=lr)
+    return train_round(spec, base, None, x, y, cfg, None, shuffle_seed=seed).delta
 
 
 def _scaled(delta: dict[str, np.ndarray], factor: float) -> dict[str, np.ndarray]:

@@ -152,6 +152,43 @@ async def test_attack_suite_fast(tmp_path):
         assert 0.0 <= r <= 1.0 and abs(r * 3 * 76 - round(r * 3 * 76)) < 1e-6, r
     # the defaults still learn AI4I's failures: 0.87 measured at three loops, 0.886 at six (RELIABILITY.md)
     assert rep["clean_auc"] > 0.75, rep["clean_auc"]
+    check_one_slot_one_model(rep["attacks"]["flood"], rep["attacks"]["replace"])
+
+
+def check_one_slot_one_model(a: dict, b: dict) -> None:
+    """Two attacks whose slots reach the aggregator alike made the same model (robust14c, RELIABILITY.md).
+
+    Flood's surviving update and replace's boosted one both point along ``X − G``, and both are the longest of the
+    four slots, so ``norm_to_median`` rescales them to the same length (the median of the other norms): the same
+    slots, left out or kept at the same coefficients, the same steps, and (float32 rounding of two scalings of one
+    vector apart) the same final model. This holds only because the suite's training is seeded: on the old suite
+    (batch order from the OS CSPRNG) every run trained on its own random batches and the two differed."""
+    import numpy as np
+
+    assert [[e["site"] for e in es] for es in a["lineages"].values()] == [
+        [e["site"] for e in es] for es in b["lineages"].values()
+    ]
+    assert [e["weight"] for e in a["attacker_entries"]] == [e["weight"] for e in b["attacker_entries"]]
+    assert a["steps"] == pytest.approx(b["steps"], rel=1e-5), (a["steps"], b["steps"])
+    assert a["distance"] == pytest.approx(b["distance"], rel=1e-4, abs=1e-6), (a["distance"], b["distance"])
+    assert a["backdoor_rate"] == b["backdoor_rate"] and a["late_rate"] == b["late_rate"]
+    assert np.isfinite(a["distance"])
+
+
+def test_a_sites_training_is_a_function_of_its_seed():
+    """The suite's training repeats bit for bit for one seed and differs for another (it did neither before: the
+    batch order came from the OS CSPRNG whatever the seed, RELIABILITY.md robust14c)."""
+    import numpy as np
+
+    from models import ModelSpec, build_model, shared_state
+
+    data = suite.load_data()
+    x, y = data.sites["site-a"]
+    spec = ModelSpec(kind="mlp", n_features=5, hidden=[16], task="classification")
+    base = shared_state(build_model(spec, seed=3), spec)
+    first, again, other = (suite.train(spec, base, x, y, seed=s, epochs=1) for s in (7, 7, 8))
+    assert all(np.array_equal(first[k], again[k]) for k in first)
+    assert any(not np.array_equal(first[k], other[k]) for k in first)
 
 
 @pytest.mark.slow

@@ -113,6 +113,7 @@ def test_every_decoder_has_a_harness() -> None:
         "fuzz_key_files",
         "fuzz_sealed_docs",
         "fuzz_update_header",
+        "fuzz_status",
     }
     assert expected <= set(HARNESSES)
 
@@ -143,8 +144,15 @@ def test_harness_reports_a_foreign_exception(tmp_path: Path) -> None:
         "        raise KeyError('not a library error')\n"
         "main(target, [b'!boom'])\n"
     )
+    # TMPDIR: the harness's seed corpus lands in the test's own folder, not in /tmp for good
+    env = dict(os.environ, TMPDIR=str(tmp_path))
     proc = subprocess.run(
-        [sys.executable, str(script), "-runs=50", "-seed=1"], cwd=tmp_path, capture_output=True, text=True, timeout=120
+        [sys.executable, str(script), "-runs=50", "-seed=1"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode != 0
     assert "KeyError: 'not a library error'" in proc.stdout + proc.stderr
