@@ -114,7 +114,8 @@ def cosine_distances(dist: np.ndarray, norms: list[float]) -> np.ndarray:
 def rules(rec: dict) -> dict[str, np.ndarray]:
     """The selection distances screened (RELIABILITY.md, robust14d): MDA's own (``all``, whole-vector L2), and
     layer-wise variants: each tensor's L2 (or ``1 − cos``) distances normalised by their median pairwise value,
-    combined by sum or max; the same with the first layer's weights split per input column; one tensor alone."""
+    combined by sum or max; the same with the first layer's weights split per input column (also unnormalised: the
+    largest group distance, or the whole-vector distance plus the largest input column's); one tensor alone."""
     dist = {k: np.asarray(v, np.float64) for k, v in rec["dist"].items()}
     tensors = [k for k in dist if k != "all" and "[:," not in k]
     cols = [k for k in dist if "[:," in k]
@@ -129,6 +130,9 @@ def rules(rec: dict) -> dict[str, np.ndarray]:
         cos = [normalised(cosine_distances(dist[k], rec["tensor_norms"][k])) for k in tensors]
         out["tensor cos sum"] = np.sum(cos, axis=0)
         out["tensor cos max"] = np.max(cos, axis=0)
+    if cols:  # unnormalised: each group's own L2, so a small tensor keeps its small say
+        out["column L2 max, unnormalised"] = np.max([dist[k] for k in groups], axis=0)
+        out["whole + largest column L2"] = dist["all"] + np.max([dist[k] for k in cols], axis=0)
     if first is not None:
         out["first layer alone"] = dist[first]
         out["trigger column alone (oracle)"] = dist[cols[0]]
