@@ -31,11 +31,12 @@ ciphertext every member already may read.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from broker_bridge.binhead import read_status
 
 #: how long a claim of being behind must stand before it is answered (the retained state usually reaches a
 #: site that has just connected well within it, and its next status withdraws the claim)
@@ -43,12 +44,9 @@ SETTLE_S = 2.0
 
 
 def parse_status(payload: bytes) -> dict[str, Any] | None:
-    """A site's status document, or None when it is not one (garbage is ignored, not answered)."""
-    try:
-        doc = json.loads(payload)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    return doc if isinstance(doc, dict) else None
+    """A site's status document (JSON or binary, ``binhead.read_status``), or None when it is not one (garbage
+    is ignored, not answered)."""
+    return read_status(payload)
 
 
 @dataclass

@@ -700,11 +700,12 @@ class AggregatorCore:
         """Open in parallel, decide in order."""
         return list(self.process_stream(items))
 
-    def sign_receipt(self, receipt: dict[str, Any], binary: bool = False) -> bytes | None:
+    def sign_receipt(self, receipt: dict[str, Any], binary: bool = False, compact: bool = False) -> bytes | None:
         """The receipt signed and sealed to its site; None for a site not enrolled (nothing to seal to).
-        ``binary``: FLR version 2, for a site whose status says it reads it (``aggregator.service``)."""
+        ``binary``: FLR version 2, ``compact`` too: version 3, each for a site whose status says it reads it
+        (``aggregator.service``)."""
         site = self.enrollment.sites.get(receipt["site"])
-        return envelope.seal_receipt(receipt, self.keys, site.box_pub, binary) if site is not None else None
+        return envelope.seal_receipt(receipt, self.keys, site.box_pub, binary, compact) if site is not None else None
 
     def lineage(self, version: int) -> dict[str, Any] | None:
         ck = self.store.checkpoint(version, blobs=False)

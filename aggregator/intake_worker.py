@@ -261,7 +261,7 @@ class IntakeWorker:
                 continue
             if msg.retain:  # a site parking data in the broker's store: clear it, count it
                 await grants.clear_retained(client, msg.topic, info.site, self.metrics)
-            done = self.chunks.add(info.site, msg.topic, msg.payload)
+            done = self.chunks.add(info.site, msg.topic, msg.payload, info.msg_id)
             if done is None:
                 continue
             msg_id, blob = done

@@ -62,13 +62,19 @@ def _sealed_parts(
     content_key: bytes,
     chunk_limit: Callable[[str], int],
 ) -> tuple[list[tuple[str, bytes]], dict[str, dict[str, Any]]]:
-    """Each blob sealed under the content key and chunked: the (topic, chunk) pairs and the manifest entries."""
+    """Each blob sealed under the content key and chunked: the (topic, chunk) pairs and the manifest entries.
+
+    An int8 step goes as plain slices (:func:`broker_bridge.chunking.split_plain`: no chunk header; only the
+    sites' step collectors read it, and they join plain slices); weights and ONNX keep the header (the
+    observer and the lines reassemble them with ``chunking.Reassembler``)."""
     chunks: list[tuple[str, bytes]] = []
     entries: dict[str, dict[str, Any]] = {}
     for part, blob, topic_of in parts_of:
         msg_id = f"v{version}-{part}"
         sealed = envelope.seal_for_federation(blob, content_key) if blob else b""
-        parts = chunking.split(sealed, msg_id, chunk_limit(topic_of(version, 999999))) if blob else []
+        limit = chunk_limit(topic_of(version, 999999))
+        plain = chunking.split_plain(sealed, limit) if blob and part == "delta" else None
+        parts = plain if plain is not None else chunking.split(sealed, msg_id, limit) if blob else []
         chunks += [(topic_of(version, i), c) for i, c in enumerate(parts)]
         entries[part] = {"hash": envelope.content_hash(blob), "size": len(blob), "chunks": len(parts), "msg_id": msg_id}
     return chunks, entries
@@ -91,6 +97,7 @@ def build_release(
     by_reference: bool = False,
     spec_by_hash: bool = False,
     steps: bool = False,
+    binary_manifest: bool = False,
 ) -> Release:
     """Everything to publish for ``version``, encrypted under ``content_key`` of ``epoch``.
 
@@ -101,7 +108,9 @@ def build_release(
     reads it (:class:`aggregator.service.Aggregator`); ``spec_by_hash``: the spec named by its hash
     (``spec_hash``) when every enrolled site reads FLM2; ``steps``: the federation's versions come as int8
     steps (``[publish] quantise = "int8"``), said in every manifest, version 0's too, so that a site takes
-    the next version's step and not its full weights. Pure (no I/O), so it runs in a worker thread.
+    the next version's step and not its full weights; ``binary_manifest``: the manifest's body in binary (FLM
+    version 3, ``broker_bridge.binhead.pack_manifest``) when every enrolled site reads FLM3. Pure (no I/O), so
+    it runs in a worker thread.
     """
     weights = envelope.encode_tensors(shared, by_reference)
     onnx = onnx_bytes(shared) if onnx_bytes else b""
@@ -127,7 +136,9 @@ def build_release(
     if metric is not None:
         manifest["metric"] = metric
     manifest.update({k: v for k, v in (extra or {}).items() if k not in manifest})
-    sealed_manifest = seal_manifest(envelope.sign_manifest(manifest, keys), version, epoch, content_key)
+    sealed_manifest = seal_manifest(
+        envelope.sign_manifest(manifest, keys, binary_manifest), version, epoch, content_key
+    )
     return Release(version, manifest, sealed_manifest, chunks, entries["weights"]["chunks"], entries["onnx"]["chunks"])
 
 

@@ -15,6 +15,7 @@ import time
 from aggregator.config import AggregatorSection
 from aggregator.metrics import Metrics
 from broker_bridge.chunking import Reassembler
+from broker_bridge.envelope import is_sealed_update
 from broker_bridge.errors import ChunkError
 from fedline.logs import event
 
@@ -53,8 +54,21 @@ class SenderChunks:
         self._holding: set[str] = set()
         self._next_sweep = 0.0
 
-    def add(self, sender: str, topic: str, payload: bytes) -> tuple[str, bytes] | None:
-        """Feed one chunk from ``sender``; ``(msg_id, message)`` when it completes one (bad chunks: counted)."""
+    def add(self, sender: str, topic: str, payload: bytes, msg_id: str | None = None) -> tuple[str, bytes] | None:
+        """Feed one chunk from ``sender``; ``(msg_id, message)`` when it completes one (bad chunks: counted).
+
+        ``msg_id``: the id an update topic names. A whole sealed update sent without the chunk header (FLC0,
+        ``envelope.is_sealed_update``) is the message itself, under that id: nothing to reassemble, and nothing
+        lost by the missing header (its digest guards reassembly; the sealed box and the signature inside
+        authenticate the update whole, and the id inside the signed header is what the store keys on)."""
+        if msg_id is not None and is_sealed_update(payload):
+            if len(payload) > self.cfg.reassembly_max_bytes:
+                self.metrics.chunk_errors.inc()
+                event(
+                    log, "chunk.rejected", level=logging.WARNING, site=sender, topic=topic, error="whole update too big"
+                )
+                return None
+            return msg_id, payload
         reassembler = self.reassemblers.get(sender)
         if reassembler is None:
             a = self.cfg

@@ -43,6 +43,7 @@ import numpy as np
 
 from aggregator.core import AggregatorCore, Opened
 from aggregator.store import Verdict
+from broker_bridge.binhead import read_status
 from broker_bridge.errors import SecAggError
 from broker_bridge.federation_key import seal_notice
 from broker_bridge.secagg import messages as m
@@ -154,10 +155,8 @@ class CohortCoordinator:
         """A site's retained status (or its last will): online sites may join a cohort."""
         if site not in self.core.enrollment.sites:
             return
-        try:
-            state = json.loads(payload).get("state") if payload else "offline"
-        except (ValueError, AttributeError):
-            state = "offline"
+        doc = read_status(payload) if payload else None
+        state = doc.get("state") if doc is not None else "offline"
         if state == "online":
             self.online.setdefault(site, self.clock())
         else:

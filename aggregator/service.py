@@ -219,7 +219,7 @@ class Aggregator:
             assert info.site is not None
             if msg.retain:  # a site parking data in the broker's store: clear it (empty retained), count it
                 await grants.clear_retained(client, msg.topic, info.site, self.metrics)
-            done = self.chunks.add(info.site, msg.topic, msg.payload)
+            done = self.chunks.add(info.site, msg.topic, msg.payload, info.msg_id)
             if done is None:
                 continue
             msg_id, blob = done
@@ -276,7 +276,8 @@ class Aggregator:
             for r in decision.receipts:
                 if r["site"] == "?":
                     continue
-                blob = core.sign_receipt(r, "FLR2" in self._reads.get(r["site"], ()))  # binary if the site reads it
+                reads = self._reads.get(r["site"], ())
+                blob = core.sign_receipt(r, "FLR2" in reads, "FLR3" in reads)  # binary, compact, as the site reads
                 if blob is None:  # not enrolled (or revoked): no key to seal its receipt to
                     continue
                 while len(self._receipts) >= RECEIPTS_IN_FLIGHT:  # back-pressure from a slow broker
@@ -385,6 +386,7 @@ class Aggregator:
             by_reference=self._all_read("FLT2"),
             spec_by_hash=self._all_read("FLM2"),
             steps=self.cfg.publish.quantise == "int8",
+            binary_manifest=self._all_read("FLM3"),
         )
 
     def _all_read(self, fmt: str) -> bool:

@@ -26,10 +26,25 @@ NaN or infinity (JSON cannot carry them either), at most :data:`MAX_ENTRIES`
 entries; anything else is ``WireError("schema")`` naming the fault. A header
 the format cannot hold (a bool, an integer beyond 64 bits, a string of more than
 255 bytes) is sent as JSON (version 1): :func:`pack` returns None.
+
+A site's status (:func:`pack_status`, ``FLH1``, issue 19) is ``FLH1 | map``, keys from :data:`STATUS_KEYS`
+and strings from :data:`STATUS_STRINGS`, with the manifest's tags (``reads`` is a list, ``model_refused`` a
+map): about 90 bytes where the JSON took about 250. Statuses are public (the broker operator and the
+observer read them, unsigned, as before); the binary form says exactly what the JSON said.
+:func:`read_status` is every reader's one way in: JSON (an older agent, a plant's uplink, every last will)
+or FLH1.
+
+A manifest's body (:func:`pack_manifest`, ``FLM`` version 3) is a map of the same kind with four more
+tags (*extended*, also in statuses and compact receipts, FLR version 3): 6 a map (one level deep:
+``weights``, ``onnx``, ``delta``, ``upstream``), 7 a list of strings (``reads``; at most :data:`MAX_LIST`),
+8 a lowercase hex string as its raw bytes (``u8 len | bytes``: a blob's BLAKE2b-256 in 33 bytes where its hex
+took 66), 9 false, 10 true. The update header's and the version 2 receipt's decoders refuse them (they never
+carried them), so those two forms are byte for byte what they were.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import struct
 from collections.abc import Mapping
@@ -52,8 +67,70 @@ KEYS = (
 STRINGS = ("dp-sgd", "off", "per_record", "rdp", "prv")
 RECEIPT_KEYS = ("site", "counter", "msg_id", "verdict", "reason", "version", "detail", "staleness", "weight")
 RECEIPT_STRINGS = ("applied", "buffered", "stale", "rejected", "superseded", "staleness", "replay", "schema")
+#: a manifest's keys (``aggregator.publish.build_release``; the parts' ``msg_id`` is left out: it is always
+#: ``v<version>-<part>``, :func:`unpack_manifest` puts it back) and strings (the formats ``reads`` names)
+MANIFEST_KEYS = (
+    "federation",
+    "version",
+    "epoch",
+    "created_at",
+    "spec_hash",
+    "weights",
+    "onnx",
+    "delta",
+    "reads",
+    "steps",
+    "metric",
+    "upstream",
+    "hash",
+    "size",
+    "chunks",
+    "from",
+)
+MANIFEST_STRINGS = ("FLT2", "FLU2", "FLR2", "FLM2", "FLM3", "FLH1")
+MANIFEST_PARTS = ("weights", "onnx", "delta")
+#: a status's keys (``edge.status_doc.STATUS_FIELDS`` and a last will's ``reason``) and common strings
+STATUS_KEYS = (
+    "state",
+    "version",
+    "epoch",
+    "privacy",
+    "accounting",
+    "epsilon",
+    "epsilon_budget",
+    "delta",
+    "privacy_unit",
+    "publishing",
+    "outbox_depth",
+    "model_refused",
+    "reads",
+    "ts",
+    "reason",
+)
+STATUS_STRINGS = (
+    "online",
+    "offline",
+    "on",
+    "off",
+    "per_record",
+    "per_line",
+    "row",
+    "ok",
+    "budget_exhausted",
+    "outbox_full",
+    "recovering",
+    "step",
+    "FLT2",
+    "FLR2",
+    "FLM2",
+    "FLM3",
+    "FLR3",
+)
+STATUS_MAGIC = b"FLH1"
+MAX_STATUS_BYTES = 4096  # a status is about 90 bytes binary, 250 as JSON
 ENCODINGS = ("float32", "int8")
 MAX_ENTRIES = 64
+MAX_LIST = 32  # strings in a list (a manifest's or a status's ``reads``: five today)
 _NAMED = 255
 _FIXED = struct.Struct("<QIIdB")
 _LEN = struct.Struct("<H")
@@ -76,9 +153,38 @@ def _varint(v: int) -> bytes:
             return bytes(out)
 
 
-def _value(v: Any, strings: tuple[str, ...]) -> bytes | None:
+def _hex(s: str) -> bytes | None:
+    """``s`` as raw bytes when it is lowercase hex of at most 255 bytes (it decodes back to the same string)."""
+    if not 0 < len(s) <= 510 or len(s) % 2 or s.strip("0123456789abcdef"):
+        return None
+    return bytes.fromhex(s)
+
+
+def _extended(v: Any, keys: tuple[str, ...], strings: tuple[str, ...], depth: int) -> bytes | None:
+    """A manifest's value beyond the scalars (tags 6-10), or None when it is none of those or cannot be held."""
+    if isinstance(v, bool):
+        return b"\x0a" if v else b"\x09"
+    if isinstance(v, str):
+        raw = _hex(v)
+        return b"\x08" + bytes([len(raw)]) + raw if raw is not None else None
+    if isinstance(v, Mapping) and depth == 0:
+        inner = pack_map(v, keys, strings, extended=True, depth=1)
+        return b"\x06" + inner if inner is not None else None
+    if isinstance(v, (list, tuple)) and len(v) <= MAX_LIST and all(isinstance(x, str) for x in v):
+        items = [b for b in (_value(x, strings) for x in v) if b is not None]
+        return b"\x07" + bytes([len(v)]) + b"".join(items) if len(items) == len(v) else None
+    return None
+
+
+def _value(
+    v: Any, strings: tuple[str, ...], keys: tuple[str, ...] = (), extended: bool = False, depth: int = 0
+) -> bytes | None:
     if v is None:
         return b"\x00"
+    if extended and (isinstance(v, (bool, Mapping, list, tuple)) or (isinstance(v, str) and v not in strings)):
+        held = _extended(v, keys, strings, depth)
+        if held is not None or not isinstance(v, str):
+            return held
     if isinstance(v, bool):
         return None  # JSON would say true/false: not a figure this format holds
     if isinstance(v, float):
@@ -95,8 +201,11 @@ def _value(v: Any, strings: tuple[str, ...]) -> bytes | None:
     return None
 
 
-def pack_map(doc: Mapping[str, Any], keys: tuple[str, ...], strings: tuple[str, ...]) -> bytes | None:
-    """``u8 n | n (key, tagged value)`` of a flat dict, or None when the format cannot hold it."""
+def pack_map(
+    doc: Mapping[str, Any], keys: tuple[str, ...], strings: tuple[str, ...], extended: bool = False, depth: int = 0
+) -> bytes | None:
+    """``u8 n | n (key, tagged value)`` of a flat dict (``extended``: a manifest's, with maps one level deep,
+    lists of strings, hex as bytes and booleans), or None when the format cannot hold it."""
     if len(doc) > MAX_ENTRIES:
         return None
     parts = [bytes([len(doc)])]
@@ -106,7 +215,7 @@ def pack_map(doc: Mapping[str, Any], keys: tuple[str, ...], strings: tuple[str, 
         else:
             name = _text(k)
             key = bytes([_NAMED]) + name if name is not None else None
-        val = _value(v, strings)
+        val = _value(v, strings, keys, extended, depth)
         if key is None or val is None:
             return None
         parts += [key, val]
@@ -130,9 +239,32 @@ def pack(doc: Mapping[str, Any]) -> bytes | None:
     return _LEN.pack(len(block)) + block if len(block) < 2**16 else None
 
 
-def pack_receipt(doc: Mapping[str, Any]) -> bytes | None:
-    """A receipt's fields in binary (the body FLR version 2 signs), or None when the format cannot hold them."""
+def pack_receipt(doc: Mapping[str, Any], compact: bool = False) -> bytes | None:
+    """A receipt's fields in binary (the body FLR version 2 signs), or None when the format cannot hold them.
+
+    ``compact`` (FLR version 3, for a site whose status reads FLR3): the fields that are null left out (the
+    decoder puts them back) and the manifest's tags, so the hex message id goes as its 8 raw bytes: about 35
+    bytes where version 2 took 50."""
+    if compact:
+        return pack_map({k: v for k, v in doc.items() if v is not None}, RECEIPT_KEYS, RECEIPT_STRINGS, extended=True)
     return pack_map(doc, RECEIPT_KEYS, RECEIPT_STRINGS)
+
+
+def pack_manifest(doc: Mapping[str, Any]) -> bytes | None:
+    """A manifest's fields in binary (the body FLM version 3 signs), or None when the format cannot hold them.
+
+    Each part's ``msg_id`` must be ``v<version>-<part>`` (what ``aggregator.publish`` names it) and is left
+    out; a manifest with the whole spec (not ``spec_hash``) goes as JSON: it holds lists of floats."""
+    version = doc.get("version")
+    slim = dict(doc)
+    for part in MANIFEST_PARTS:
+        entry = doc.get(part)
+        if not isinstance(entry, Mapping) or entry.get("msg_id") != f"v{version}-{part}":
+            if part in doc:
+                return None
+            continue
+        slim[part] = {k: v for k, v in entry.items() if k != "msg_id"}
+    return pack_map(slim, MANIFEST_KEYS, MANIFEST_STRINGS, extended=True)
 
 
 # --------------------------------------------------------------------------- decoding
@@ -171,9 +303,36 @@ class _Reader:
         raise WireError("schema", f"{self.what}: {what} is not an integer below 2^64")
 
 
-def _read_value(r: _Reader, key: str, strings: tuple[str, ...]) -> Any:
+def _read_extended(r: _Reader, tag: int, key: str, keys: tuple[str, ...], strings: tuple[str, ...], depth: int) -> Any:
+    """Tags 6-10, a manifest's only: a map one level deep, a list of strings, hex as bytes, false, true."""
+    what = f"field {key!r}"
+    if tag == 6:
+        if depth:
+            raise WireError("schema", f"{r.what}: {what} is a map inside a map")
+        return _read_map(r, keys, strings, extended=True, depth=1)
+    if tag == 7:
+        n = r.byte(what)
+        if n > MAX_LIST:
+            raise WireError("schema", f"{r.what}: {what} lists {n} strings, at most {MAX_LIST}")
+        items = [_read_value(r, f"{key}[{i}]", strings) for i in range(n)]
+        if not all(isinstance(x, str) for x in items):
+            raise WireError("schema", f"{r.what}: {what} holds a value that is not a string")
+        return items
+    if tag == 8:
+        raw = bytes(r.take(r.byte(what), what))
+        if not raw:
+            raise WireError("schema", f"{r.what}: {what} is empty hex")
+        return raw.hex()
+    return tag == 10
+
+
+def _read_value(
+    r: _Reader, key: str, strings: tuple[str, ...], keys: tuple[str, ...] = (), extended: bool = False, depth: int = 0
+) -> Any:
     what = f"field {key!r}"
     tag = r.byte(what)
+    if extended and 6 <= tag <= 10:
+        return _read_extended(r, tag, key, keys, strings, depth)
     if tag == 0:
         return None
     if tag == 1:
@@ -195,7 +354,9 @@ def _read_value(r: _Reader, key: str, strings: tuple[str, ...]) -> Any:
     raise WireError("schema", f"{r.what}: {what} has unknown tag {tag}")
 
 
-def _read_map(r: _Reader, keys: tuple[str, ...], strings: tuple[str, ...]) -> dict[str, Any]:
+def _read_map(
+    r: _Reader, keys: tuple[str, ...], strings: tuple[str, ...], extended: bool = False, depth: int = 0
+) -> dict[str, Any]:
     count = r.byte("the field count")
     if count > MAX_ENTRIES:
         raise WireError("schema", f"{r.what}: {count} fields, at most {MAX_ENTRIES}")
@@ -210,7 +371,7 @@ def _read_map(r: _Reader, keys: tuple[str, ...], strings: tuple[str, ...]) -> di
             raise WireError("schema", f"{r.what}: key {k} is not one of {len(keys)}")
         if key in out:
             raise WireError("schema", f"{r.what}: field {key!r} twice")
-        out[key] = _read_value(r, key, strings)
+        out[key] = _read_value(r, key, strings, keys, extended, depth)
     return out
 
 
@@ -245,10 +406,69 @@ def unpack(view: memoryview, site: str) -> tuple[dict[str, Any], int]:
     return doc, 2 + n
 
 
-def unpack_receipt(view: memoryview) -> dict[str, Any]:
-    """Inverse of :func:`pack_receipt`; the body must end with its last field."""
+def unpack_receipt(view: memoryview, compact: bool = False) -> dict[str, Any]:
+    """Inverse of :func:`pack_receipt`; the body must end with its last field. ``compact``: a version 3 body,
+    each of :data:`RECEIPT_KEYS` it leaves out read as null."""
     r = _Reader(view, "binary receipt")
-    doc = _read_map(r, RECEIPT_KEYS, RECEIPT_STRINGS)
+    doc = _read_map(r, RECEIPT_KEYS, RECEIPT_STRINGS, extended=compact)
     if r.pos != len(view):
         raise WireError("schema", f"binary receipt: {len(view) - r.pos} bytes after its last field")
+    if compact:
+        if any(isinstance(v, (dict, list, bool)) for v in doc.values()):
+            raise WireError("schema", "binary receipt: a map, a list or a boolean is no receipt field")
+        missing = [k for k in ("site", "counter", "msg_id", "verdict") if k not in doc]
+        if missing:
+            raise WireError("schema", f"receipt lacks {', '.join(missing)}")
+        doc = {**dict.fromkeys(RECEIPT_KEYS), **doc}
     return doc
+
+
+def unpack_manifest(view: memoryview) -> dict[str, Any]:
+    """Inverse of :func:`pack_manifest` (each part's ``msg_id`` put back); the body must end with its last
+    field. What the fields must hold is ``envelope.verify_manifest``'s to check, as for JSON."""
+    r = _Reader(view, "binary manifest")
+    doc = _read_map(r, MANIFEST_KEYS, MANIFEST_STRINGS, extended=True)
+    if r.pos != len(view):
+        raise WireError("schema", f"binary manifest: {len(view) - r.pos} bytes after its last field")
+    for part in MANIFEST_PARTS:
+        entry = doc.get(part)
+        if isinstance(entry, dict):
+            if "msg_id" in entry:
+                raise WireError("schema", f"binary manifest: {part} carries a msg_id (it is v<version>-{part})")
+            entry["msg_id"] = f"v{doc.get('version')}-{part}"
+    return doc
+
+
+def pack_status(doc: Mapping[str, Any]) -> bytes | None:
+    """A status in binary (``FLH1 | map``), or None when the format cannot hold it (then it goes as JSON)."""
+    body = pack_map(doc, STATUS_KEYS, STATUS_STRINGS, extended=True)
+    return STATUS_MAGIC + body if body is not None and len(body) + 4 <= MAX_STATUS_BYTES else None
+
+
+def unpack_status(view: memoryview) -> dict[str, Any]:
+    """Inverse of :func:`pack_status` (magic included); ``WireError("schema")`` naming the fault."""
+    if len(view) > MAX_STATUS_BYTES:
+        raise WireError("schema", f"binary status of {len(view)} bytes, at most {MAX_STATUS_BYTES}")
+    if bytes(view[:4]) != STATUS_MAGIC:
+        raise WireError("schema", "not a binary status (no FLH1 magic)")
+    r = _Reader(view[4:], "binary status")
+    doc = _read_map(r, STATUS_KEYS, STATUS_STRINGS, extended=True)
+    if r.pos != len(view) - 4:
+        raise WireError("schema", f"binary status: {len(view) - 4 - r.pos} bytes after its last field")
+    return doc
+
+
+def read_status(payload: bytes | memoryview) -> dict[str, Any] | None:
+    """A site's status, binary (FLH1) or JSON, as a dict; None when it is neither (the caller counts or ignores
+    it: a status is unsigned and steers nothing but a catch-up and the format choice)."""
+    view = memoryview(payload)
+    if bytes(view[:4]) == STATUS_MAGIC:
+        try:
+            return unpack_status(view)
+        except WireError:
+            return None
+    try:
+        doc = json.loads(bytes(view))
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    return doc if isinstance(doc, dict) else None

@@ -52,12 +52,15 @@ _TENSOR_MAGIC = b"FLT1"
 _TENSOR_REF_MAGIC = b"FLT2"  # the tensor table by reference: FLT2 | 16-byte layout id | raw data
 LAYOUT_ID_BYTES = 16
 #: wire formats beyond version 1's this build reads, named in every manifest (``"reads"``) so that a site sends
-#: them only to an aggregator that reads them
-READS = ("FLT2", "FLU2")
+#: them only to an aggregator that reads them: tensor tables by reference, binary update headers, binary statuses
+#: (``binhead.pack_status``), signature blocks without the verify key, an update in one message without the chunk
+#: header (:func:`is_sealed_update`)
+READS = ("FLT2", "FLU2", "FLH1", "FLS2", "FLC0")
 MAX_LAYOUTS = 256  # layouts a process may register (each from its own model spec: a handful)
 _UPDATE_MAGIC = b"FLU"
 _SEALED_MAGIC = b"FLE"
 _SIGNED_MAGIC = b"FLS1"
+_SIGNED_KEYLESS_MAGIC = b"FLS2"  # the signature block without the verify key (the enrolled one checks it)
 _MANIFEST_MAGIC = b"FLM"
 _RECEIPT_MAGIC = b"FLR"
 _U32 = struct.Struct("<I")
@@ -371,7 +374,8 @@ def _tensor_data_at(inner: memoryview) -> int | None:
     (``aggregator.aligned``). A placement hint only: the layout is checked after the box opens."""
     if len(inner) < 5:
         return None
-    at = 5 + inner[4] + 32 + 64  # signed magic, site length, site, verify key, signature
+    keyed = 32 if bytes(inner[:4]) == _SIGNED_MAGIC else 0  # FLS2 leaves the verify key out
+    at = 5 + inner[4] + keyed + 64  # signed magic, site length, site, verify key (FLS1), signature
     if len(inner) < at + 8:
         return None
     if inner[at + 3] == BINARY_UPDATE_VERSION:
@@ -385,6 +389,12 @@ def _tensor_data_at(inner: memoryview) -> int | None:
     return at + 8 + int(_U32.unpack_from(inner, at + 4)[0])  # FLT1, tensor header length, tensor header JSON
 
 
+def is_sealed_update(payload: bytes | memoryview) -> bool:
+    """Whether a message on an update topic is a whole sealed update (``FLE | 1``) rather than a chunk (``FLC1``):
+    sent so, without the chunk header, to an aggregator that reads ``FLC0`` when it fits in one message."""
+    return bytes(payload[:4]) == _SEALED_MAGIC + bytes([FORMAT_VERSION])
+
+
 def seal_update(
     header: UpdateHeader,
     tensors: Mapping[str, np.ndarray],
@@ -392,18 +402,21 @@ def seal_update(
     aggregator_box_pub: bytes,
     by_reference: bool = False,
     binary: bool = False,
+    keyless: bool = False,
 ) -> bytes:
     """Sign (Ed25519 over a SHA-256 digest) and seal (X25519 SealedBox) one update.
 
     ``by_reference``: the tensors as FLT2 when their table is a registered layout (only for an aggregator
     whose manifest says it reads FLT2, :data:`READS`); ``binary``: the header in binary (FLU version 2, for one
-    that reads FLU2)."""
+    that reads FLU2); ``keyless``: the signature block without the verify key (FLS2, for one that reads it:
+    it checks the signature with the site's enrolled key)."""
     if header.site != site_keys.ident:
         raise ValueError(f"header site {header.site!r} is not the key's site {site_keys.ident!r}")
     plain = encode_update(header, tensors, by_reference, binary)
     site = header.site.encode()
     sig = site_keys.signing_key.sign(digest(site, _UPDATE_DOMAIN, b"\x00", plain)).signature
-    inner = b"".join([_SIGNED_MAGIC, bytes([len(site)]), site, bytes(site_keys.signing_key.verify_key), sig, plain])
+    vk = b"" if keyless else bytes(site_keys.signing_key.verify_key)
+    inner = b"".join([_SIGNED_KEYLESS_MAGIC if keyless else _SIGNED_MAGIC, bytes([len(site)]), site, vk, sig, plain])
     return _SEALED_MAGIC + bytes([FORMAT_VERSION]) + SealedBox(PublicKey(aggregator_box_pub)).encrypt(inner)
 
 
@@ -431,25 +444,7 @@ def open_update(
         raise WireError(
             "decrypt", "ciphertext does not open with this aggregator's key (tampered, or sealed to another aggregator)"
         ) from None
-    if len(inner) < 5 or bytes(inner[:4]) != _SIGNED_MAGIC:
-        raise WireError("signature", "no signature block inside the sealed update")
-    slen = inner[4]
-    if len(inner) < 5 + slen + 32 + 64:
-        raise WireError("signature", "signature block is truncated")
-    site_raw = bytes(inner[5 : 5 + slen])
-    vk_raw = bytes(inner[5 + slen : 5 + slen + 32])
-    sig = bytes(inner[5 + slen + 32 : 5 + slen + 96])
-    plain = inner[5 + slen + 96 :]
-    try:
-        VerifyKey(vk_raw).verify(digest(site_raw, _UPDATE_DOMAIN, b"\x00", plain), sig)
-    except (BadSignatureError, ValueError, TypeError):
-        raise WireError("signature", "signature does not verify") from None
-    site = site_raw.decode("utf-8", errors="replace")
-    enrolled = enrollment.sites.get(site)
-    if enrolled is None:
-        raise WireError("unenrolled", f"site {site!r} is not enrolled in federation {enrollment.federation!r}")
-    if enrolled.sign_pub != vk_raw:
-        raise WireError("unenrolled", f"update claims site {site!r} but is signed by another key")
+    site, plain = _signed_by(inner, enrollment)
     doc, rest = _decode_update_header(plain, site)
     counter = doc.get("counter")
     if not isinstance(counter, int) or isinstance(counter, bool):
@@ -461,6 +456,42 @@ def open_update(
         raise WireError("schema", f"header names site {header.site!r}, signer is {site!r}")
     tensors = decode_tensors(rest, "schema")
     return header, tensors
+
+
+def _signed_by(inner: memoryview, enrollment: Enrollment) -> tuple[str, memoryview]:
+    """The enrolled site that signed an opened update, and its plaintext (``WireError`` naming the failure).
+
+    FLS1 carries the signer's verify key: the signature is checked against it (is the message intact and
+    signed at all?), then the key against the one enrolled for the site it names. FLS2 leaves the key out (32
+    bytes: the aggregator holds every enrolled key): the site must be enrolled, and the signature must verify
+    with its enrolled key, else ``unenrolled`` as for FLS1's "signed by another key" (a key rotated out, an
+    impostor): the sealed box already held, so what fails is the signer, and a signature over other bytes
+    cannot be told apart from one by another key."""
+    keyed = bytes(inner[:4]) == _SIGNED_MAGIC
+    if len(inner) < 5 or not (keyed or bytes(inner[:4]) == _SIGNED_KEYLESS_MAGIC):
+        raise WireError("signature", "no signature block inside the sealed update")
+    slen = inner[4]
+    at = 5 + slen + (32 if keyed else 0)
+    if len(inner) < at + 64:
+        raise WireError("signature", "signature block is truncated")
+    site_raw = bytes(inner[5 : 5 + slen])
+    site = site_raw.decode("utf-8", errors="replace")
+    enrolled = enrollment.sites.get(site)
+    if not keyed and enrolled is None:
+        raise WireError("unenrolled", f"site {site!r} is not enrolled in federation {enrollment.federation!r}")
+    vk_raw = bytes(inner[5 + slen : at]) if keyed else enrolled.sign_pub  # type: ignore[union-attr]
+    sig, plain = bytes(inner[at : at + 64]), inner[at + 64 :]
+    try:
+        VerifyKey(vk_raw).verify(digest(site_raw, _UPDATE_DOMAIN, b"\x00", plain), sig)
+    except (BadSignatureError, ValueError, TypeError):
+        if keyed:
+            raise WireError("signature", "signature does not verify") from None
+        raise WireError("unenrolled", f"update claims site {site!r} but is not signed by its enrolled key") from None
+    if enrolled is None:
+        raise WireError("unenrolled", f"site {site!r} is not enrolled in federation {enrollment.federation!r}")
+    if enrolled.sign_pub != vk_raw:
+        raise WireError("unenrolled", f"update claims site {site!r} but is signed by another key")
+    return site, plain
 
 
 # --------------------------------------------------------------------------- signed documents
@@ -504,6 +535,11 @@ def verify_body(
 _MANIFEST_DOMAIN = b"fedline-manifest-v1\x00"
 _RECEIPT_DOMAIN = b"fedline-receipt-v1\x00"
 _RECEIPT_DOMAIN_V2 = b"fedline-receipt-v2\x00"  # the binary body: a signature of one form never checks as the other's
+_RECEIPT_DOMAIN_V3 = b"fedline-receipt-v3\x00"  # the compact binary body (FLR version 3), likewise
+_MANIFEST_DOMAIN_V3 = b"fedline-manifest-v3\x00"  # the binary body (FLM version 3), likewise
+#: FLM's version byte for a binary body (:func:`broker_bridge.binhead.pack_manifest`); 1 is the JSON body. Not 2:
+#: the name a status reads it by is "FLM3" ("FLM2" was taken by ``spec_hash`` in a JSON body)
+BINARY_MANIFEST_VERSION = 3
 #: FLR's version byte for a binary body (broker_bridge.binhead.pack_receipt); 1 is the JSON body
 BINARY_RECEIPT_VERSION = 2
 MANIFEST_FIELDS = ("federation", "version", "created_at", "spec", "weights", "onnx")
@@ -513,15 +549,31 @@ RECEIPT_FIELDS = ("site", "counter", "msg_id", "verdict", "reason", "version")
 VERDICTS = ("applied", "buffered", "stale", "rejected")
 
 
-def sign_manifest(doc: Mapping[str, Any], aggregator_keys: KeyPair) -> bytes:
-    """A global model's manifest, signed by the aggregator (published retained)."""
-    return _sign_doc(_MANIFEST_MAGIC, _MANIFEST_DOMAIN, doc, aggregator_keys)
+def sign_manifest(doc: Mapping[str, Any], aggregator_keys: KeyPair, binary: bool = False) -> bytes:
+    """A global model's manifest, signed by the aggregator (published retained).
+
+    ``binary`` (when every enrolled site's status reads FLM3): ``FLM | 3 | signature | binary body``
+    (:func:`broker_bridge.binhead.pack_manifest`, about 200 bytes where the JSON took about 570), signed under
+    a domain of its own; JSON when the body does not fit the binary form (e.g. it carries the whole spec)."""
+    body = binhead.pack_manifest(doc) if binary else None
+    if body is None:
+        return _sign_doc(_MANIFEST_MAGIC, _MANIFEST_DOMAIN, doc, aggregator_keys)
+    sig = aggregator_keys.signing_key.sign(digest(body, _MANIFEST_DOMAIN_V3)).signature
+    return _MANIFEST_MAGIC + bytes([BINARY_MANIFEST_VERSION]) + sig + body
 
 
 def verify_manifest(blob: bytes | memoryview, aggregator_sign_pub: bytes) -> dict[str, Any]:
-    """Check a manifest's signature and required fields; return it as a dict."""
+    """Check a manifest's signature and required fields (JSON, or the binary body of FLM version 3); return it
+    as a dict."""
     required = tuple(f for f in MANIFEST_FIELDS if f != "spec")
-    doc = verify_body(_MANIFEST_MAGIC, _MANIFEST_DOMAIN, "manifest", blob, aggregator_sign_pub, required)
+    view = memoryview(blob)
+    if len(view) >= 4 + 64 + 1 and bytes(view[:3]) == _MANIFEST_MAGIC and view[3] == BINARY_MANIFEST_VERSION:
+        doc = _verify_binary(view, aggregator_sign_pub, _MANIFEST_DOMAIN_V3, "manifest", binhead.unpack_manifest)
+        missing = [k for k in required if k not in doc]
+        if missing:
+            raise WireError("schema", f"manifest lacks {', '.join(missing)}")
+    else:
+        doc = verify_body(_MANIFEST_MAGIC, _MANIFEST_DOMAIN, "manifest", view, aggregator_sign_pub, required)
     if ("spec" in doc) == ("spec_hash" in doc):
         raise WireError("schema", "manifest must carry exactly one of spec and spec_hash")
     h = doc.get("spec_hash")
@@ -544,23 +596,29 @@ def spec_hash(spec_doc: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical_json(spec_doc)).hexdigest()[:SPEC_HASH_CHARS]
 
 
-def sign_receipt(doc: Mapping[str, Any], aggregator_keys: KeyPair, binary: bool = False) -> bytes:
+def sign_receipt(
+    doc: Mapping[str, Any], aggregator_keys: KeyPair, binary: bool = False, compact: bool = False
+) -> bytes:
     """The aggregator's verdict on one update, signed; only this lets a site forget it.
 
     ``binary`` (for a site whose status reads FLR2): ``FLR | 2 | signature | binary body``
-    (:func:`broker_bridge.binhead.pack_receipt`), signed under a domain of its own; JSON when the body does not
-    fit the binary form."""
-    body = binhead.pack_receipt(doc) if binary else None
+    (:func:`broker_bridge.binhead.pack_receipt`), signed under a domain of its own; ``compact`` too (for one
+    that reads FLR3): ``FLR | 3 | ...``, nulls left out and the message id raw, under a domain of its own again;
+    JSON when the body does not fit the binary form."""
+    body = binhead.pack_receipt(doc, compact) if binary else None
     if body is None:
         return _sign_doc(_RECEIPT_MAGIC, _RECEIPT_DOMAIN, doc, aggregator_keys)
-    sig = aggregator_keys.signing_key.sign(digest(body, _RECEIPT_DOMAIN_V2)).signature
-    return _RECEIPT_MAGIC + bytes([BINARY_RECEIPT_VERSION]) + sig + body
+    domain, version = (_RECEIPT_DOMAIN_V3, 3) if compact else (_RECEIPT_DOMAIN_V2, BINARY_RECEIPT_VERSION)
+    sig = aggregator_keys.signing_key.sign(digest(body, domain)).signature
+    return _RECEIPT_MAGIC + bytes([version]) + sig + body
 
 
 _SEALED_RECEIPT_MAGIC = b"FLQ"
 
 
-def seal_receipt(doc: Mapping[str, Any], aggregator_keys: KeyPair, site_box_pub: bytes, binary: bool = False) -> bytes:
+def seal_receipt(
+    doc: Mapping[str, Any], aggregator_keys: KeyPair, site_box_pub: bytes, binary: bool = False, compact: bool = False
+) -> bytes:
     """A signed receipt sealed to its site: ``FLQ | ver | SealedBox(site X25519 key, FLR signed receipt)``.
 
     Sealed because a receipt says, per site, which counters were sent, when,
@@ -570,7 +628,7 @@ def seal_receipt(doc: Mapping[str, Any], aggregator_keys: KeyPair, site_box_pub:
     return (
         _SEALED_RECEIPT_MAGIC
         + bytes([FORMAT_VERSION])
-        + SealedBox(PublicKey(site_box_pub)).encrypt(sign_receipt(doc, aggregator_keys, binary))
+        + SealedBox(PublicKey(site_box_pub)).encrypt(sign_receipt(doc, aggregator_keys, binary, compact))
     )
 
 
@@ -596,7 +654,7 @@ def open_receipt(blob: bytes | memoryview, site_keys: KeyPair, aggregator_sign_p
 def verify_receipt(blob: bytes | memoryview, aggregator_sign_pub: bytes) -> dict[str, Any]:
     """Check a receipt's signature and fields (JSON, or the binary body of FLR version 2); return it as a dict."""
     view = memoryview(blob)
-    if len(view) >= 4 + 64 + 1 and bytes(view[:3]) == _RECEIPT_MAGIC and view[3] == BINARY_RECEIPT_VERSION:
+    if len(view) >= 4 + 64 + 1 and bytes(view[:3]) == _RECEIPT_MAGIC and view[3] in (BINARY_RECEIPT_VERSION, 3):
         doc = _verify_binary_receipt(view, aggregator_sign_pub)
     else:
         doc = verify_body(_RECEIPT_MAGIC, _RECEIPT_DOMAIN, "receipt", view, aggregator_sign_pub, RECEIPT_FIELDS)
@@ -607,15 +665,25 @@ def verify_receipt(blob: bytes | memoryview, aggregator_sign_pub: bytes) -> dict
     return doc
 
 
-def _verify_binary_receipt(view: memoryview, aggregator_sign_pub: bytes) -> dict[str, Any]:
+def _verify_binary(
+    view: memoryview, sign_pub: bytes, domain: bytes, what: str, unpack: Callable[[memoryview], dict[str, Any]]
+) -> dict[str, Any]:
+    """A binary body's signature (``magic | ver | signature | body``), then its decoding: the bytes of a
+    body are read only once the aggregator's signature over them holds."""
     if len(view) > MAX_HEADER_BYTES:
-        raise WireError("framing", f"{len(view)} bytes is not the size of a receipt")
+        raise WireError("framing", f"{len(view)} bytes is not the size of a {what}")
     sig, body = bytes(view[4:68]), view[68:]
     try:
-        VerifyKey(aggregator_sign_pub).verify(digest(body, _RECEIPT_DOMAIN_V2), sig)
+        VerifyKey(sign_pub).verify(digest(body, domain), sig)
     except (BadSignatureError, ValueError, TypeError):
-        raise WireError("signature", "receipt signature does not verify with the aggregator's key") from None
-    doc = binhead.unpack_receipt(body)
+        raise WireError("signature", f"{what} signature does not verify with the aggregator's key") from None
+    return unpack(body)
+
+
+def _verify_binary_receipt(view: memoryview, aggregator_sign_pub: bytes) -> dict[str, Any]:
+    compact = view[3] == 3
+    domain = _RECEIPT_DOMAIN_V3 if compact else _RECEIPT_DOMAIN_V2
+    doc = _verify_binary(view, aggregator_sign_pub, domain, "receipt", lambda b: binhead.unpack_receipt(b, compact))
     missing = [k for k in RECEIPT_FIELDS if k not in doc]
     if missing:
         raise WireError("schema", f"receipt lacks {', '.join(missing)}")

@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from broker_bridge.binhead import read_status
 from broker_bridge.chunking import Reassembler
 from broker_bridge.envelope import content_hash, open_for_federation, open_receipt
 from broker_bridge.errors import FedlineError, WireError
@@ -188,11 +189,8 @@ class Observer:
             self._try_score()
 
     def _on_status(self, sv: SiteView, payload: bytes) -> None:
-        try:
-            doc = json.loads(payload)
-        except ValueError:
-            doc = None
-        if not isinstance(doc, dict):
+        doc = read_status(payload)  # JSON or binary (FLH1)
+        if doc is None:
             self.view.malformed += 1
             sv.status = {**sv.status, "state": payload.decode("utf-8", "replace")[:64]}
             return

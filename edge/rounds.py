@@ -241,7 +241,13 @@ class Rounds:
         else:
             tensors = quantised.encode(result.delta, encoding)
             blob = seal_update(
-                header, tensors, st.keys, st.enrollment.aggregator.box_pub, _reads(base, "FLT2"), _reads(base, "FLU2")
+                header,
+                tensors,
+                st.keys,
+                st.enrollment.aggregator.box_pub,
+                _reads(base, "FLT2"),
+                _reads(base, "FLU2"),
+                _reads(base, "FLS2"),
             )
         return _Sealed(counter, msg_id, blob, meta, eps_after, encoding)
 

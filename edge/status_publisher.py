@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from broker_bridge.binhead import pack_status
 from broker_bridge.client import MqttClient, will_message
 from broker_bridge.errors import NotConnected, PublishRefused
 from edge.site_state import SiteState, wait_event
@@ -117,8 +118,9 @@ class StatusPublisher:
             outbox_depth=depth,
             epoch=max(st.keyring, default=-1),
             model_refused=st.model_refused,
-            # weights and int8 steps with the tensor table by reference (broker_bridge.layouts); binary receipts
-            reads=("FLT2", "FLR2", "FLM2"),
+            # weights and int8 steps with the tensor table by reference (broker_bridge.layouts); binary receipts;
+            # the manifest's spec by its hash; binary manifests (FLM version 3); compact binary receipts
+            reads=("FLT2", "FLR2", "FLM2", "FLM3", "FLR3"),
         )
 
     def will(self) -> Any:
@@ -130,9 +132,16 @@ class StatusPublisher:
     async def publish(
         self, client: MqttClient, state: str = "online", timeout: float | None = None, doc: dict[str, Any] | None = None
     ) -> None:
-        """Publish the status now (retained): ``doc``, or the status as it is now."""
+        """Publish the status now (retained): ``doc``, or the status as it is now.
+
+        In binary (``FLH1``, ``broker_bridge.binhead.pack_status``: about 90 bytes where the JSON took 250) when
+        the manifest of the version in use says the aggregator reads it (its observer, shipped with it, reads
+        it too); JSON otherwise (an older aggregator, or no manifest yet: the first status after a start)."""
         self.state.refresh_gauges()
-        payload = json.dumps(doc or self.status(state), separators=(",", ":")).encode()
+        doc = doc or self.status(state)
+        reads = self.state.base.manifest.get("reads") if self.state.base.manifest else None
+        binary = pack_status(doc) if isinstance(reads, list) and "FLH1" in reads else None
+        payload = binary or json.dumps(doc, separators=(",", ":")).encode()
         await client.publish(self.state.topics.status(self.state.site), payload, qos=1, retain=True, timeout=timeout)
 
     def reconnected(self) -> None:

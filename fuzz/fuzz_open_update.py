@@ -9,7 +9,8 @@ not only the first one (random ciphertext never decrypts):
 - 2: the bytes as an update plaintext, signed by an enrolled site and sealed
   (a site that is enrolled but hostile): header JSON or binary (FLU version 2), schema, counter, tensors
   (FLT1, or FLT2 of the layouts registered below, as the aggregator registers its model's);
-- 3: as 2, but the signer is not enrolled or claims another site's id.
+- 3: as 2, but the signer is not enrolled or claims another site's id;
+- 4 and 5: as 2 and 3 with the signature block without the verify key (FLS2: checked with the enrolled key).
 """
 
 from __future__ import annotations
@@ -41,9 +42,11 @@ def _is_new(site: str, counter: int) -> bool:
     return True
 
 
-def _signed(signer, claimed: str, plain: bytes) -> bytes:
+def _signed(signer, claimed: str, plain: bytes, keyless: bool = False) -> bytes:
     site = claimed.encode()
     sig = signer.signing_key.sign(envelope.digest(site + b"\x00" + plain, envelope._UPDATE_DOMAIN)).signature
+    if keyless:
+        return b"FLS2" + bytes([len(site)]) + site + sig + plain
     return b"FLS1" + bytes([len(site)]) + site + bytes(signer.signing_key.verify_key) + sig + plain
 
 
@@ -54,18 +57,18 @@ def _seal(inner: bytes) -> bytes:
 def target(data: bytes) -> None:
     if not data:
         return
-    mode, body = data[0] % 4, data[1:]
+    mode, body = data[0] % 6, data[1:]
     if mode == 0:
         blob = body
     elif mode == 1:
         blob = _seal(body)
-    elif mode == 2:
-        blob = _seal(_signed(SITE_A, "site-a", body))
+    elif mode in (2, 4):
+        blob = _seal(_signed(SITE_A, "site-a", body, keyless=mode == 4))
     else:
-        blob = _seal(_signed(OUTSIDER, "site-b" if data[0] & 4 else "site-x", body))
+        blob = _seal(_signed(OUTSIDER, "site-b" if data[0] & 4 else "site-x", body, keyless=mode == 5))
     header, tensors = envelope.open_update(blob, AGGREGATOR, ENROLLMENT, _is_new)
     # Whatever is accepted must be a well-formed update from the key that signed it.
-    assert mode == 2 and header.site == "site-a", (mode, header)
+    assert mode in (2, 4) and header.site == "site-a", (mode, header)
     assert all(isinstance(a, np.ndarray) for a in tensors.values())
 
 
@@ -89,7 +92,10 @@ def seeds() -> list[bytes]:
         b"\x01" + _signed(SITE_A, "site-a", plain),
         b"\x02" + plain,
         b"\x03" + plain,
-        b"\x07" + plain,
+        b"\x0f" + plain,  # mode 3, claiming site-b
+        b"\x04" + compact,
+        b"\x05" + compact,
+        b"\x0b" + plain,  # mode 5, an outsider claiming site-x (\x05: site-b)
         b"\x02" + plain[:40],
         b"\x02" + compact,
         b"\x02" + compact[:30],

@@ -2,7 +2,8 @@
 
 First byte 0: raw bytes on the receipts topic; 1: a body signed by a key that
 is not the aggregator's (must never verify); 2: signed by the aggregator;
-3 and 4: as 1 and 2 for a binary body (FLR version 2, ``binhead.pack_receipt``).
+3 and 4: as 1 and 2 for a binary body (FLR version 2, ``binhead.pack_receipt``); 5 and 6: as 1 and 2 for a
+compact binary body (FLR version 3: nulls left out, the message id raw).
 """
 
 from __future__ import annotations
@@ -19,28 +20,29 @@ def _signed(keys, body: bytes) -> bytes:
     return envelope.sign_body(envelope._RECEIPT_MAGIC, envelope._RECEIPT_DOMAIN, body, keys)
 
 
-def _signed_binary(keys, body: bytes) -> bytes:
-    sig = keys.signing_key.sign(envelope.digest(body, envelope._RECEIPT_DOMAIN_V2)).signature
-    return envelope._RECEIPT_MAGIC + bytes([envelope.BINARY_RECEIPT_VERSION]) + sig + body
+def _signed_binary(keys, body: bytes, compact: bool = False) -> bytes:
+    domain = envelope._RECEIPT_DOMAIN_V3 if compact else envelope._RECEIPT_DOMAIN_V2
+    sig = keys.signing_key.sign(envelope.digest(body, domain)).signature
+    return envelope._RECEIPT_MAGIC + bytes([3 if compact else envelope.BINARY_RECEIPT_VERSION]) + sig + body
 
 
 def target(data: bytes) -> None:
     if not data:
         return
-    mode, body = data[0] % 5, data[1:]
+    mode, body = data[0] % 7, data[1:]
     if mode == 0:
         blob = body
     elif mode in (1, 2):
         blob = _signed(SITE_A if mode == 1 else AGGREGATOR, body)
     else:
-        blob = _signed_binary(SITE_A if mode == 3 else AGGREGATOR, body)
+        blob = _signed_binary(SITE_A if mode in (3, 5) else AGGREGATOR, body, compact=mode >= 5)
     doc = envelope.verify_receipt(blob, AGG_PUB)
-    assert mode not in (1, 3), "a receipt signed by a site's key verified"
+    assert mode not in (1, 3, 5), "a receipt signed by a site's key verified"
     assert doc["verdict"] in envelope.VERDICTS
 
 
-def _binary(doc: dict) -> bytes:
-    body = binhead.pack_receipt(doc)
+def _binary(doc: dict, compact: bool = False) -> bytes:
+    body = binhead.pack_receipt(doc, compact)
     assert body is not None
     return body
 
@@ -57,6 +59,9 @@ def seeds() -> list[bytes]:
         b"\x03" + _binary(doc),
         b"\x04" + _binary(doc),
         b"\x04" + _binary({**doc, "verdict": "buffered", "weight": 0.5, "detail": None}),
+        b"\x00" + envelope.sign_receipt({**doc, "msg_id": "0123456789abcdef"}, AGGREGATOR, binary=True, compact=True),
+        b"\x05" + _binary(doc, compact=True),
+        b"\x06" + _binary({**doc, "msg_id": "0123456789abcdef", "reason": None, "weight": 0.5}, compact=True),
     ]
 
 

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import tomli_w
 
+from broker_bridge.binhead import read_status
 from broker_bridge.keys import create_federation
 from broker_bridge.mosquitto import MosquittoProcess
 from fedline.launch import Launched, Launcher
@@ -340,8 +341,6 @@ class FaultRig:
 
     async def retained_status(self, site: str, timeout: float = 10.0) -> dict[str, Any]:
         """The site's retained status document on the broker, read as the ``observer`` user."""
-        import json
-
         from broker_bridge.client import BrokerSettings, MqttClient
         from broker_bridge.topics import Topics
 
@@ -359,8 +358,8 @@ class FaultRig:
 
             async def first() -> dict[str, Any]:
                 async for msg in client.messages():
-                    if msg.payload:
-                        return json.loads(msg.payload)
+                    if msg.payload and (doc := read_status(msg.payload)) is not None:  # JSON or binary (FLH1)
+                        return doc
                 raise AssertionError("no status message")
 
             return await asyncio.wait_for(first(), timeout)

@@ -250,3 +250,63 @@ def test_the_aggregators_placement_hint_finds_the_tensors_behind_a_binary_header
         _, got = envelope.open_update(sealed, fed.aggregator, fed.enrollment)
         assert got["hint.w"].ctypes.data % ALIGN == 0 and np.array_equal(got["hint.w"], w)
         assert bytes(placed) == bytes(inner)
+
+
+# --------------------------------------------------------------------------- compact receipts (FLR version 3)
+FULL = {**RECEIPT, "msg_id": "0123456789abcdef", "detail": None, "staleness": 0}
+# 7 fields, the nulls (reason, detail) left out: site, counter, msg_id as its 8 raw bytes (tag 8), verdict,
+# version, weight, staleness (key 7, LEB128 0)
+COMPACT_BODY = (
+    b"\x07"
+    + b"\x00\x03\x06site-a"
+    + b"\x01\x05\x05"
+    + b"\x02\x08\x08"
+    + bytes.fromhex("0123456789abcdef")
+    + b"\x03\x04\x01"
+    + b"\x05\x05\x03"
+    + b"\x08\x01"
+    + struct.pack("<d", 0.5)
+    + b"\x07\x05\x00"
+)
+
+
+def test_a_hand_built_compact_receipt_is_what_the_encoder_writes_and_reads_back_whole() -> None:
+    fed = h.make_federation()
+    agg_pub = bytes(fed.aggregator.signing_key.verify_key)
+    assert binhead.pack_receipt(FULL, compact=True) == COMPACT_BODY
+    assert binhead.unpack_receipt(memoryview(COMPACT_BODY), compact=True) == {**FULL, "reason": None}
+    signed = envelope.sign_receipt(FULL, fed.aggregator, binary=True, compact=True)
+    sig = fed.aggregator.signing_key.sign(hashlib.sha256(b"fedline-receipt-v3\0" + COMPACT_BODY).digest())
+    assert signed == b"FLR\x03" + sig.signature + COMPACT_BODY
+    assert envelope.verify_receipt(signed, agg_pub) == FULL
+    v2 = envelope.sign_receipt(FULL, fed.aggregator, binary=True)
+    assert v2[:4] == b"FLR\x02" and len(v2) - len(signed) == 12  # two nulls, half the message id
+    site = fed.sites["site-a"]
+    sealed = envelope.seal_receipt(FULL, fed.aggregator, site.public().box_pub, binary=True, compact=True)
+    assert envelope.open_receipt(sealed, site, agg_pub) == FULL
+
+
+def test_compact_receipts_refuse_forgeries_and_what_no_receipt_holds() -> None:
+    fed = h.make_federation()
+    agg_pub = bytes(fed.aggregator.signing_key.verify_key)
+
+    def signed(body: bytes, domain: bytes = b"fedline-receipt-v3\0", version: int = 3) -> bytes:
+        sig = fed.aggregator.signing_key.sign(hashlib.sha256(domain + body).digest()).signature
+        return b"FLR" + bytes([version]) + sig + body
+
+    def refused(blob: bytes) -> str:
+        with pytest.raises(WireError) as e:
+            envelope.verify_receipt(blob, agg_pub)
+        return f"{e.value.reason}: {e.value.detail}"
+
+    # a v3 body under the v2 domain, or presented as v2: the signature does not verify
+    assert refused(signed(COMPACT_BODY, b"fedline-receipt-v2\0")).startswith("signature")
+    assert refused(signed(COMPACT_BODY)[:3] + b"\x02" + signed(COMPACT_BODY)[4:]).startswith("signature")
+    assert refused(signed(b"\x01\x00\x03\x01a")) == "schema: receipt lacks counter, msg_id, verdict"
+    assert refused(signed(b"\x02\x00\x03\x01a\x06\x0a")) == (
+        "schema: binary receipt: a map, a list or a boolean is no receipt field"
+    )
+    assert refused(signed(COMPACT_BODY + b"\x00")) == "schema: binary receipt: 1 bytes after its last field"
+    # the version 2 decoder never reads the extended tags
+    with pytest.raises(WireError, match="unknown tag 8"):
+        binhead.unpack_receipt(memoryview(COMPACT_BODY))

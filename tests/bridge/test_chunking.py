@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from broker_bridge.chunking import Reassembler, header_size, parse_chunk, split
+from broker_bridge.chunking import Reassembler, header_size, parse_chunk, split, split_plain
 from broker_bridge.errors import ChunkError, TopicError
 
 
@@ -33,6 +33,18 @@ def test_chunks_respect_the_limit_and_rebuild_the_message() -> None:
 def test_empty_message_is_one_chunk() -> None:
     (chunk,) = split(b"", "e", 1024)
     assert Reassembler().add(chunk) == ("e", b"")
+
+
+def test_plain_slices_have_no_header_and_never_begin_with_the_chunk_magic() -> None:
+    """An int8 step goes as plain slices (the sites join them by topic index): no 53-byte header, and a message
+    one of whose slices would begin with FLC1 (a reader would take it for a chunk) goes with headers."""
+    blob = random.Random(1).randbytes(2_501)
+    pieces = split_plain(blob, 1_000)
+    assert pieces is not None and [len(p) for p in pieces] == [1_000, 1_000, 501] and b"".join(pieces) == blob
+    assert split_plain(b"ab", 1_000) == [b"ab"]
+    assert split_plain(b"FLC1" + blob, 10_000) is None
+    assert split_plain(b"x" * 10 + b"FLC1" + b"y" * 6, 10) is None  # the second slice would begin with it
+    assert split_plain(b"x" * 9 + b"FLC1" + b"y" * 7, 10) is not None  # straddling two slices: harmless
 
 
 def test_split_refuses_limits_that_leave_no_room() -> None:

@@ -8,8 +8,9 @@ import dataclasses
 from nacl.public import SealedBox
 
 from aggregator.config import load_config
+from aggregator.reassembly import SenderChunks
 from aggregator.service import Aggregator
-from broker_bridge import envelope
+from broker_bridge import binhead, envelope
 from edge import rounds
 from edge.agent import EdgeAgent
 from edge.config import load_edge_config
@@ -29,17 +30,25 @@ async def test_two_sites_and_the_real_aggregator(mosquitto, tmp_path, monkeypatc
         return sealed[-1]
 
     monkeypatch.setattr(rounds, "seal_update", spy)
-    receipts: list[bool] = []  # per receipt the aggregator seals: binary (FLR version 2)?
+    receipts: list[bool] = []  # per receipt the aggregator seals: binary and compact (FLR version 3)?
     seal_receipt = envelope.seal_receipt
 
-    def receipt_spy(doc, keys, box_pub, binary=False) -> bytes:
-        receipts.append(binary)
-        return seal_receipt(doc, keys, box_pub, binary)
+    def receipt_spy(doc, keys, box_pub, binary=False, compact=False) -> bytes:
+        receipts.append(binary and compact)
+        return seal_receipt(doc, keys, box_pub, binary, compact)
 
     monkeypatch.setattr(envelope, "seal_receipt", receipt_spy)
     agg_toml = tmp_path / "aggregator.toml"
     write_aggregator(fed, mosquitto, agg_toml)
     aggregator = Aggregator(load_config(agg_toml))
+    arrived: list[bytes] = []  # the first bytes of every message on an update topic, as the aggregator took it
+    add = SenderChunks.add
+    monkeypatch.setattr(SenderChunks, "add", lambda self, *a: (arrived.append(a[2][:4]), add(self, *a))[1])
+    statuses: list[bytes] = []  # every status the aggregator takes, as it came over the broker
+    on_status = aggregator._on_status
+    monkeypatch.setattr(
+        aggregator, "_on_status", lambda site, payload: (statuses.append(payload), on_status(site, payload))
+    )
     agg_task = asyncio.create_task(aggregator.run())
     await asyncio.wait_for(aggregator.started.wait(), bound(30))
 
@@ -67,11 +76,13 @@ async def test_two_sites_and_the_real_aggregator(mosquitto, tmp_path, monkeypatc
             assert second.state == "applied" and second.base_version >= 1
         # the aggregator's manifest says it reads FLT2 and FLU2, so every update named its tensor table by id
         # and carried a binary header, and was applied: no JSON left in it (broker_bridge.layouts, .binhead)
-        assert all(a.base.manifest["reads"] == ["FLT2", "FLU2"] for a in agents)
+        assert all(a.base.manifest["reads"] == list(envelope.READS) for a in agents)
+        assert envelope.READS == ("FLT2", "FLU2", "FLH1", "FLS2", "FLC0")
         assert len(sealed) == 4
         for blob in sealed:
             inner = SealedBox(fed.aggregator.box_key).decrypt(blob[4:])
-            plain = inner[5 + inner[4] + 96 :]  # after the signature block
+            assert inner[:4] == b"FLS2"  # the signature block without the verify key: the aggregator reads FLS2
+            plain = inner[5 + inner[4] + 64 :]  # after the signature block
             assert plain[:4] == b"FLU\x02"
             head_len = int.from_bytes(plain[4:6], "little")  # the binary header, then the tensors
             assert plain[6 + head_len : 6 + head_len + 4] == b"FLT2"
@@ -80,8 +91,20 @@ async def test_two_sites_and_the_real_aggregator(mosquitto, tmp_path, monkeypatc
         # ... and the manifests name the spec by its hash (FLM2): each site checked it against its own spec
         assert all(a.base.manifest["spec_hash"] == envelope.spec_hash(a.spec.to_dict()) for a in agents)
         assert all("spec" not in a.base.manifest for a in agents)
-        # and binary receipts (FLR2): every receipt was binary, and the sites settled their outboxes on them
+        # ... in a binary body (FLM version 3): every site's status says it reads FLM3, and each verified it
+        assert all(a.base.manifest_blob[:4] == b"FLM\x03" for a in agents)
+        # each update went whole, without the chunk header (the aggregator reads FLC0), and was applied
+        assert len(arrived) == 4 and set(arrived) == {b"FLE\x01"}
+        # and compact binary receipts (FLR3): every receipt was, and the sites settled their outboxes on them
         assert len(receipts) >= 4 and all(receipts)
+        # statuses: JSON until a site holds a manifest saying the aggregator reads FLH1, binary after; the
+        # aggregator read both (the catch-up and the formats each site reads come from them)
+        assert statuses[0][:1] == b"{" and statuses[-1][:4] == b"FLH1"
+        last = binhead.read_status(statuses[-1])
+        assert (
+            last is not None and last["state"] == "online" and last["reads"] == ["FLT2", "FLR2", "FLM2", "FLM3", "FLR3"]
+        )
+        assert all(aggregator._reads[a.site] == {"FLT2", "FLR2", "FLM2", "FLM3", "FLR3"} for a in agents)
     finally:
         stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -139,9 +162,9 @@ async def test_old_and_new_formats_mix_a_new_aggregator_with_an_older_site(mosqu
     receipts: list[tuple[str, bool]] = []
     seal_receipt = envelope.seal_receipt
 
-    def receipt_spy(doc, keys, box_pub, binary=False) -> bytes:
+    def receipt_spy(doc, keys, box_pub, binary=False, compact=False) -> bytes:
         receipts.append((doc["site"], binary))
-        return seal_receipt(doc, keys, box_pub, binary)
+        return seal_receipt(doc, keys, box_pub, binary, compact)
 
     monkeypatch.setattr(envelope, "seal_receipt", receipt_spy)
     sealed: list[tuple[str, bytes]] = []
@@ -170,6 +193,7 @@ async def test_old_and_new_formats_mix_a_new_aggregator_with_an_older_site(mosqu
         await eventually(lambda: all(a.base.version >= 2 for a in agents), 30)
         assert all(e.state == "applied" for a in agents for e in a.outbox.ledger())
         assert all(a.base.weights_blob[:4] == b"FLT1" and "spec" in a.base.manifest for a in agents)
+        assert all(a.base.manifest_blob[:4] == b"FLM\x01" for a in agents)  # JSON manifests: site-c reads no FLM3
         assert {s for s, binary in receipts if binary} == {"site-a"}
         assert {s for s, binary in receipts if not binary} == {"site-c"}
         # both sites send the compact update: the aggregator's manifest says it reads it
@@ -184,6 +208,7 @@ async def test_old_and_new_formats_mix_a_new_aggregator_with_an_older_site(mosqu
         assert await a.train_once() is not None
         plain = _plain(fed, sealed[-1][1])
         assert plain[:4] == b"FLU\x01" and b'"dtype"' in plain and b"FLT1" in plain
+        assert SealedBox(fed.aggregator.box_key).decrypt(sealed[-1][1][4:])[:4] == b"FLS1"  # with its verify key
         await eventually(lambda: a.outbox.depth()[0] == 0, 30)
         assert a.outbox.ledger()[-1].state in ("applied", "buffered")
     finally:
@@ -203,4 +228,4 @@ def _without_reads(status):
 def _plain(fed: Federation, blob: bytes) -> bytes:
     """An update's plaintext, after the signature block (opened with the aggregator's key)."""
     inner = SealedBox(fed.aggregator.box_key).decrypt(blob[4:])
-    return inner[5 + inner[4] + 96 :]
+    return inner[5 + inner[4] + (96 if inner[:4] == b"FLS1" else 64) :]  # FLS2: no verify key

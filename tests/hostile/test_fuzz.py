@@ -113,6 +113,7 @@ def test_every_decoder_has_a_harness() -> None:
         "fuzz_key_files",
         "fuzz_sealed_docs",
         "fuzz_update_header",
+        "fuzz_status",
     }
     assert expected <= set(HARNESSES)
 
