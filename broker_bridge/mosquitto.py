@@ -354,11 +354,23 @@ def write_broker_config(cfg: MosquittoConfig, out_dir: str | Path) -> dict[str, 
     return written
 
 
+_HANDED_OUT: set[int] = set()  # every port free_port has returned in this process
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago (good enough for tests and the demo)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """A TCP port that was free a moment ago (good enough for tests and the demo), never one this process was given.
+
+    Why the memory: the kernel may hand the same ephemeral port to two binds in a row once the first socket is
+    closed, so two calls made before either port is listened on (a broker's plain and TLS listeners, the demo's PLC
+    ports) could get the same number: seen as "the plaintext and TLS listeners cannot share port" in a test setup.
+    """
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def _accepts(port: int) -> bool:
