@@ -54,6 +54,7 @@ class SiteView:
     update_chunks: int = 0
     update_ids: dict[str, float] = field(default_factory=dict)  # msg id -> first seen (random ids: no counters)
     max_outbox_depth: int = 0
+    online_statuses: int = 0  # statuses saying "online" (not a will): the demo waits for one after a reconnect
 
     def count(self, verdict: str) -> int:
         return sum(1 for r in self.verdicts.values() if r.get("verdict") == verdict)
@@ -195,6 +196,8 @@ class Observer:
             sv.status = {**sv.status, "state": payload.decode("utf-8", "replace")[:64]}
             return
         sv.status = {**sv.status, **doc}  # a last will says only 'offline': keep the last figures
+        if doc.get("state") == "online":
+            sv.online_statuses += 1
         depth = doc.get("outbox_depth")
         if isinstance(depth, int) and not isinstance(depth, bool):
             sv.max_outbox_depth = max(sv.max_outbox_depth, depth)

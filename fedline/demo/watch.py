@@ -49,11 +49,23 @@ class CutSchedule:
         # machine can make the observer see it late), or after CUT_WAIT_S more at most
         if s["cut"] and away >= opts.cut_s and (view.version > s["version_at_cut"] or away >= opts.cut_s + CUT_WAIT_S):
             self.proxy.restore()
-            s.update(cut=False, restored_at=round(elapsed, 1), version_at_restore=view.version)
+            s.update(
+                cut=False,
+                restored_at=round(elapsed, 1),
+                version_at_restore=view.version,
+                online_statuses_at_restore=view.sites[self.site].online_statuses,
+            )
 
     def settled(self, view: Any) -> bool:
-        """Restored, and every update the site sent has its final verdict (recorded for the report)."""
+        """Restored, back online, and every update the site sent has its final verdict (recorded for the report).
+
+        "Back online" is a status saying "online" published after the restore (the reconnect sends one at once):
+        without it a site cut just after sealing an update looked settled from the figures it published before the
+        cut, and a short run could end before it reconnected, reporting its ε as 0 (ε waits up to 2 s to be
+        published, edge/status_publisher.py, and the cut came first)."""
         if self.state["restored_at"] is None or not settled(view, self.site):
+            return False
+        if view.sites[self.site].online_statuses <= self.state["online_statuses_at_restore"]:
             return False
         # what the report accounts for: an update sealed after this (sites train on every new version) stays
         # safely in that site's outbox when the demo stops
