@@ -168,8 +168,10 @@ async def test_old_and_new_formats_mix_a_new_aggregator_with_an_older_site(mosqu
 
     monkeypatch.setattr(envelope, "seal_receipt", receipt_spy)
     sealed: list[tuple[str, bytes]] = []
+    formats: list[tuple[bool, ...]] = []  # the (FLT2, FLU2, FLS2) flags each seal was given, from its round's base
 
     def spy(header, *args, **kwargs) -> bytes:
+        formats.append(tuple(args[3:6]))
         sealed.append((header.site, envelope.seal_update(header, *args, **kwargs)))
         return sealed[-1][1]
 
@@ -203,9 +205,16 @@ async def test_old_and_new_formats_mix_a_new_aggregator_with_an_older_site(mosqu
             assert plain[:4] == b"FLU\x02"
         # an older aggregator: its manifest names no formats, so the newer site sends FLT1 and a JSON header
         a = agents[0]
-        a.state.base = dataclasses.replace(a.state.base, manifest={**a.state.base.manifest, "reads": []})
-        sealed.clear()
-        assert await a.train_once() is not None
+        for _attempt in range(3):
+            a.state.base = dataclasses.replace(a.state.base, manifest={**a.state.base.manifest, "reads": []})
+            sealed.clear()
+            formats.clear()
+            assert await a.train_once() is not None
+            # a version made from the last updates can arrive and be adopted between the line above and the
+            # round's start (seen once in CI): then the round's base reads everything, and the try is repeated
+            if formats[-1] == (False, False, False):
+                break
+        assert formats[-1] == (False, False, False), formats
         plain = _plain(fed, sealed[-1][1])
         assert plain[:4] == b"FLU\x01" and b'"dtype"' in plain and b"FLT1" in plain
         assert SealedBox(fed.aggregator.box_key).decrypt(sealed[-1][1][4:])[:4] == b"FLS1"  # with its verify key
