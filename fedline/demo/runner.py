@@ -299,7 +299,8 @@ async def _run_federation(
     console: Any,
     spare: Any,
 ) -> None:
-    """Start the aggregator, each site's PLC, edge and line; watch until done; stop the edges first."""
+    """Start the aggregator, each site's edge and line, and its PLC once the edge is online; watch until done; stop
+    the edges first."""
     from fedline.demo.monitor import site_table
     from fedline.demo.watch import CutSchedule, watch
 
@@ -310,16 +311,21 @@ async def _run_federation(
             d = ws.site_dir(s.site)
             procs.start(f"edge-{s.site}", ["edge", "--config", str(files[s.site]["site"])], cwd=d)
             procs.start(f"infer-{s.site}", ["infer", "--config", str(files[s.site]["line"])], cwd=d)
-        await _start_plcs(procs, data, ws, files, monitor.view)
+        # each PLC once its agent is online, beside the watch (so the cut schedule does not wait for the last agent)
+        plcs = asyncio.create_task(_start_plcs(procs, data, ws, files, monitor.view))
         _say(
             console,
-            f"started {len(procs.procs)} processes (logs in {ws.logs}); site {intermittent} will lose "
-            f"the broker for {opts.cut_s:.0f} s after version {opts.cut_after_version}",
+            f"started {len(procs.procs)} processes (logs in {ws.logs}), each site's PLC to follow once its agent is "
+            f"online; site {intermittent} will lose the broker for {opts.cut_s:.0f} s after version "
+            f"{opts.cut_after_version}",
         )
         cut = CutSchedule(opts, proxies, intermittent, cut_state)
-        await watch(
-            opts, monitor, procs, cut, console, site_table, data.metric, spare.step if spare is not None else None
-        )
+        try:
+            await watch(
+                opts, monitor, procs, cut, console, site_table, data.metric, spare.step if spare is not None else None
+            )
+        finally:
+            plcs.cancel()
         # stop the edges first: they publish a last 'offline' status with their final figures
         sites = [s.site for s in data.sites]
         procs.stop_all(10.0, [f"edge-{s}" for s in sites] + [f"infer-{s}" for s in sites])
