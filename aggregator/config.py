@@ -162,15 +162,6 @@ class StrategyConfig:
     # (aggregator.robust.rescale): a short backdoored delta otherwise sits between the honest values in many
     # coordinates and the median picks it there (RELIABILITY.md, issue 14's "samples" attack)
     norm_to_median: bool = True
-    # experiments against the late MDA keeps (RELIABILITY.md, robust14e), each off by default and acting only under
-    # MDA; the first layer's weights (the first 2-D tensor, ``out × in``) have one column per input feature:
-    # input_column_clip: after the whole-vector bound, each slot's column j clipped to the median over the buffer's
-    # slots of column j's L2 norm (aggregator.robust.clip_columns); input_column_mda: each column j combined over
-    # its own MDA subset, everything else over the whole vector's (aggregate.mda_columns); mda_column_distance:
-    # MDA's distance is the whole vector's plus the largest input column's (aggregate.mda_keep)
-    input_column_clip: bool = False
-    input_column_mda: bool = False
-    mda_column_distance: bool = False
     # weigh by min(n_samples, sample_cap) / sum instead of 1/K; the cap is the aggregator's, never the claim
     sample_weighting: bool = False
     sample_cap: float = 0.0

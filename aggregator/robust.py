@@ -142,20 +142,3 @@ def trimmed_mean_of(stacked: np.ndarray, trim: float) -> np.ndarray:
         k = (n - 1) // 2
     stacked.sort(axis=0)
     return np.array(stacked[k : n - k].mean(axis=0, dtype=np.float32), np.float32)
-
-
-def clip_columns(stacked: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Each slot's column ``j`` clipped to the median, over the slots, of column ``j``'s L2 norm; returns
-    (clipped ``n × out × in`` float32, the scales ``n × in``, 1 where a column was not clipped).
-
-    ``stacked`` is one weight tensor of ``n`` deltas, ``n × out × in``: the first layer's weights, column ``j`` the
-    weights that read input ``j``. Sun et al. 2019's norm clipping, per parameter group instead of per update,
-    with the threshold taken from the buffer as ``clip_to_median`` takes it: a slot's say in the weights reading
-    any one input is bounded by a typical slot's (RELIABILITY.md, robust14e: the backdoor's trigger is one input).
-    """
-    x = np.asarray(stacked, np.float32)
-    norms = np.sqrt(np.square(x, dtype=np.float64).sum(axis=1))  # n × in
-    bound = np.median(norms, axis=0)  # the middle norm, or the mean of the two middle ones (statistics.median)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        scales = np.where(norms > bound, bound / norms, 1.0)
-    return (x * scales[:, None, :].astype(np.float32)).astype(np.float32), scales

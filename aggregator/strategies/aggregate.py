@@ -39,7 +39,7 @@ buffer size.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -121,61 +121,15 @@ def robust_combination(
     return out
 
 
-def mda_keep(deltas: Sequence[Mapping[str, np.ndarray]], f: int = 1, column_distance: bool = False) -> tuple[int, ...]:
+def mda_keep(deltas: Sequence[Mapping[str, np.ndarray]], f: int = 1) -> tuple[int, ...]:
     """The indices MDA keeps (:mod:`aggregator.mda`): the ``n − f`` deltas whose largest pairwise distance is
     smallest. The distance is between the deltas, not the ``c_i Δ_i``: a stale honest update is shorter after its
-    ``f(s)`` and would otherwise look farther from a fresh one than it is. ``column_distance`` (an experiment,
-    ``[strategy] mda_column_distance``): the distance is the whole vector's plus the largest, over the input
-    columns of the first layer's weights (:func:`input_tensor`), of the column's own L2 distance."""
+    ``f(s)`` and would otherwise look farther from a fresh one than it is."""
     if not deltas:
         raise ValueError("need at least one delta")
     # one n × d float32 matrix, filled tensor by tensor and centred in place: a buffer's worth of memory, not the
     # two (per-tensor stacks, their concatenation, a centred copy) it took before (BENCHMARKS.md, ops19)
-    dist = mda.distances(_rows(deltas), overwrite=True)
-    name = input_tensor(deltas[0]) if column_distance else None
-    if name is not None:
-        dist = dist + np.max(column_distances(deltas, name), axis=0)
-    return mda.subset(dist, f)
-
-
-def input_tensor(delta: Mapping[str, np.ndarray]) -> str | None:
-    """The first 2-D tensor in ``delta``'s order, the first layer's weights (``out × in``: column ``j`` holds the
-    weights that read input ``j``); None if there is none."""
-    return next((k for k in delta if len(_shape(delta, k)) == 2), None)
-
-
-def stacked(deltas: Sequence[Mapping[str, np.ndarray]], name: str) -> np.ndarray:
-    """The deltas' tensor ``name``, ``n × *shape`` float32 (clip scales applied, int8 dequantised)."""
-    return _stack(deltas, name, [1.0] * len(deltas))
-
-
-def column_distances(deltas: Sequence[Mapping[str, np.ndarray]], name: str) -> np.ndarray:
-    """``in × n × n``: per column ``j`` of the 2-D tensor ``name``, the pairwise L2 distances of the deltas' column."""
-    x = stacked(deltas, name)
-    return np.stack([mda.distances(np.ascontiguousarray(x[:, :, j])) for j in range(x.shape[2])])
-
-
-def mda_columns(
-    deltas: Sequence[Mapping[str, np.ndarray]],
-    coefficients: Callable[[tuple[int, ...]], Sequence[float]],
-    name: str,
-    f: int = 1,
-) -> tuple[np.ndarray, list[tuple[int, ...]]]:
-    """The 2-D tensor ``name`` of MDA's step taken column by column (an experiment, ``[strategy] input_column_mda``):
-    column ``j`` is ``Σ_{i ∈ S_j} c_i Δ_i[:, j]`` with ``S_j`` MDA's subset on the deltas' column ``j`` alone and
-    ``c`` = ``coefficients(S_j)`` (the kept slots' coefficients, in ``S_j``'s order); returns (the tensor, every
-    ``S_j``). MDA's selection (El-Mhamdi et al. 2021) per block of coordinates, as Yin et al. 2018 take their
-    statistics per coordinate: a slot near the others on the whole vector but far in one input's weights is left
-    out of that input's weights."""
-    x = stacked(deltas, name)
-    out = np.zeros(x.shape[1:], np.float32)
-    keeps = []
-    for j in range(x.shape[2]):
-        keep = mda.subset(mda.distances(np.ascontiguousarray(x[:, :, j])), f)
-        for i, c in zip(keep, coefficients(keep)):
-            out[:, j] += np.float32(c) * x[i, :, j]
-        keeps.append(keep)
-    return out, keeps
+    return mda.subset(mda.distances(_rows(deltas), overwrite=True), f)
 
 
 def _rows(deltas: Sequence[Mapping[str, np.ndarray]]) -> np.ndarray:

@@ -161,19 +161,7 @@ class Strategy:
             d, scale = robust.rescale(u.delta, bound, n) if equalise else robust.clip(u.delta, bound, n)
             out.append(d)
             scales.append(scale)
-        if self.cfg.input_column_clip and self.reduce_stat == "mda" and len(out) > 1:
-            out = self.columns_clipped(out)
         return out, scales
-
-    @staticmethod
-    def columns_clipped(deltas: list[Mapping[str, np.ndarray]]) -> list[Mapping[str, np.ndarray]]:
-        """``[strategy] input_column_clip`` (an experiment): each delta's first-layer column ``j`` clipped to the
-        median over the deltas of column ``j``'s norm (:func:`robust.clip_columns`)."""
-        name = aggregate.input_tensor(deltas[0])
-        if name is None:
-            return deltas
-        clipped, _ = robust.clip_columns(aggregate.stacked(deltas, name))
-        return [{**{k: np.asarray(d[k], np.float32) for k in d}, name: c} for d, c in zip(deltas, clipped)]
 
     def combine(
         self,
@@ -191,7 +179,13 @@ class Strategy:
         version's step, :func:`aggregate.cclip_combination`). Sets each update's ``weight`` (and ``trust``) to what
         it got in the step."""
         if self.reduce_stat == "mda":
-            return self.mda_step(deltas, updates)
+            # a buffer closed early (buffer_timeout_s) holds fewer: never keep fewer than min_sites of them
+            keep = aggregate.mda_keep(deltas, mda.kept_at_least(self.cfg.mda_f, len(deltas), self.cfg.min_sites))
+            kept = self.coefficients([updates[i] for i in keep])
+            coefficients = [kept[keep.index(i)] if i in keep else 0.0 for i in range(len(updates))]
+            for u, c in zip(updates, coefficients):
+                u.weight = c  # its share of the step, or none (left out)
+            return aggregate.linear_combination([deltas[i] for i in keep], kept)
         coefficients = self.coefficients(updates)
         for u, c in zip(updates, coefficients):
             u.weight = c
@@ -212,30 +206,6 @@ class Strategy:
                 u.weight, u.trust = w, t
             return step
         return aggregate.robust_combination(deltas, coefficients, self.reduce_stat, self.cfg.trim)
-
-    def mda_step(self, deltas: Sequence[Mapping[str, np.ndarray]], updates: Sequence[Accepted]) -> State:
-        """MDA's step (:meth:`combine`): the kept slots at their coefficients, the left-out ones 0; with
-        ``input_column_mda`` the first layer's weights column by column over their own subsets
-        (:func:`aggregate.mda_columns`), each update's ``weight`` then its largest coefficient on any parameter."""
-        # a buffer closed early (buffer_timeout_s) holds fewer: never keep fewer than min_sites of them
-        f = mda.kept_at_least(self.cfg.mda_f, len(deltas), self.cfg.min_sites)
-        keep = aggregate.mda_keep(deltas, f, self.cfg.mda_column_distance)
-        kept = self.coefficients([updates[i] for i in keep])
-        coefficients = [kept[keep.index(i)] if i in keep else 0.0 for i in range(len(updates))]
-        step = aggregate.linear_combination([deltas[i] for i in keep], kept)
-        name = aggregate.input_tensor(deltas[0]) if self.cfg.input_column_mda else None
-        if name is not None:
-
-            def of(subset: tuple[int, ...]) -> list[float]:
-                return self.coefficients([updates[i] for i in subset])
-
-            step[name], keeps = aggregate.mda_columns(deltas, of, name, f)
-            for sub in keeps:
-                for i, c in zip(sub, of(sub)):
-                    coefficients[i] = max(coefficients[i], c)
-        for u, c in zip(updates, coefficients):
-            u.weight = c  # its share of the step, or none (left out)
-        return step
 
     # -- the step ---------------------------------------------------------------------
     def step(
