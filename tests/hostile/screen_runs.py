@@ -1,8 +1,9 @@
 """A paired development-seed screen of ``[strategy]`` variants with the attack suite (issue 14, RELIABILITY.md
 robust14e): per seed, optionally the like-for-like clean model, then each arm's attacks; one JSON line per run.
 
-``python -m tests.hostile.screen_runs --seeds 200-239 --arm mda= --arm c1='column_clip = true' --attacks samples
-[--clean]``: an arm is ``name=extra`` (the extra lines of the aggregator's ``[strategy]`` table, ``;`` between lines).
+``python -m tests.hostile.screen_runs --seeds 200-239 --arm mda= --arm mean='robust = "none"' --attacks samples
+[--clean]``: an arm is ``name=extra`` (the extra lines of the aggregator's ``[strategy]`` table, ``;`` between lines;
+robust14e's arms were the options of commit d7d470c, reverted after the screen).
 Each line: seed, arm, attack (``clean`` for the clean model), the final model's backdoor rate, late rate, ROC AUC,
 distance from the clean model (``--clean``: relative to how far it moved), and the versions whose lineage gave the
 fourth site a coefficient above 0.
