@@ -75,6 +75,16 @@ class Metrics:
         )
         self._recent: deque[float] = deque()
         self._per_update_paths()
+        self._publishes()
+
+    def _publishes(self) -> None:
+        """What leaves the aggregator without its acknowledgement awaited (broker_bridge.publish_window)."""
+        self.unsent = Counter(
+            "fedline_aggregator_publishes_unsent",
+            "Publishes never acknowledged (refused, no connection, or outstanding at a stop), by kind (receipt, secagg)",
+            ["kind"],
+            registry=self.registry,
+        )
 
     def _per_update_paths(self) -> None:
         """What :meth:`decided` needs, set up once: it runs for every update on the intake's hot path."""

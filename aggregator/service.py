@@ -46,6 +46,7 @@ from aggregator.secagg_cohort import CohortCoordinator
 from broker_bridge.client import MqttClient
 from broker_bridge.errors import FedlineError, TopicError, WireError
 from broker_bridge.liveness import Liveness
+from broker_bridge.publish_window import PublishWindow
 from broker_bridge.topics import Topics
 from fedline.logs import event
 from fedline.metrics import MetricsServer
@@ -53,7 +54,6 @@ from fedline.startup import StartPause
 from fedline.supervise import run_until_stopped
 
 log = logging.getLogger("fedline.aggregator")
-RECEIPTS_IN_FLIGHT = 1024  # receipts awaiting the broker's acknowledgement at most (the decider waits beyond)
 
 
 class Aggregator:
@@ -85,7 +85,9 @@ class Aggregator:
         self.catchup = catchup.CatchUp(cfg.aggregator.catchup_interval_s)
         self._catchup_wake = asyncio.Event()
         self._stop = asyncio.Event()
-        self._receipts: set[asyncio.Task[None]] = set()  # receipts published, not yet acknowledged
+        # receipts and cohort messages: published in order without awaiting each acknowledgement (at most
+        # publish_window.IN_FLIGHT outstanding; the decider waits beyond)
+        self.window = PublishWindow(on_failure=self._unsent)
         self._serial = ThreadPoolExecutor(1, thread_name_prefix="agg-decide")
         self._export = ThreadPoolExecutor(1, thread_name_prefix="agg-export")
 
@@ -177,7 +179,7 @@ class Aggregator:
                 if self.cohorts is not None:
                     tasks.append(asyncio.create_task(self._cohort_clock(client), name="agg-cohorts"))
                 await run_until_stopped(tasks, self._stop, lambda: self.liveness.stopped(client), service="aggregator")
-                await self._receipts_sent(5.0)
+                await self.window.drain(5.0)  # a stop sends what was decided
         finally:
             if self.start_pause is not None:
                 self.start_pause.end()  # a start that failed: the collector runs again
@@ -267,9 +269,9 @@ class Aggregator:
         through the broker and back through this event loop, which also reads every update's chunks: on the shared
         2-vCPU VM about 9 ms, 39-49 % of the decider's time at 23-30 updates/s, while the opened updates waited
         behind it and the intake behind them (BENCHMARKS.md, "Why the backlog grew at about 64 updates/s").
-        Each publish starts here, in the decisions' order (the broker keeps a client's order per topic), and
-        :data:`RECEIPTS_IN_FLIGHT` bounds how many wait for their acknowledgement; a receipt that fails is
-        logged, and its site's resend gets the same verdict from the store, as before."""
+        Each publish starts here, in the decisions' order, through :attr:`window`
+        (:class:`broker_bridge.publish_window.PublishWindow`, which bounds how many are outstanding); a receipt
+        that fails is counted and logged, and its site's resend gets the same verdict from the store, as before."""
         core = self.core
         assert core is not None
         for decision in decisions:
@@ -280,23 +282,19 @@ class Aggregator:
                 blob = core.sign_receipt(r, "FLR2" in reads, "FLR3" in reads)  # binary, compact, as the site reads
                 if blob is None:  # not enrolled (or revoked): no key to seal its receipt to
                     continue
-                while len(self._receipts) >= RECEIPTS_IN_FLIGHT:  # back-pressure from a slow broker
-                    await asyncio.wait(self._receipts, return_when=asyncio.FIRST_COMPLETED)
-                task = asyncio.create_task(self._send_receipt(client, r, blob), name="agg-receipt")
-                self._receipts.add(task)
-                task.add_done_callback(self._receipts.discard)
+                try:
+                    topic = self.topics.receipts(r["site"])
+                except TopicError as exc:  # not a site id a topic can carry: nothing to publish to
+                    self._unsent(r["site"], f"receipt {r['site']}#{r['counter']}", exc)
+                    continue
+                await self.window.publish(client, topic, blob, what=f"receipt {r['site']}#{r['counter']}")
 
-    async def _send_receipt(self, client: MqttClient, r: dict[str, Any], blob: bytes) -> None:
-        try:
-            await client.publish(self.topics.receipts(r["site"]), blob, qos=1)
-        except (FedlineError, TopicError) as exc:
-            # the site resends after its timeout and gets the same verdict from the store
-            event(log, "receipt.unsent", level=logging.WARNING, site=r["site"], counter=r["counter"], error=str(exc))
-
-    async def _receipts_sent(self, timeout_s: float) -> None:
-        """Wait (at most ``timeout_s``) for the receipts still in flight: a stop sends what was decided."""
-        if self._receipts:
-            await asyncio.wait(set(self._receipts), timeout=timeout_s)
+    def _unsent(self, topic: str, what: str, exc: BaseException) -> None:
+        """A receipt or cohort message the broker never acknowledged: counted and logged. A receipt comes again
+        from the store when its site resends; a cohort that misses a message fails cleanly at its deadline."""
+        kind = "receipt" if what.startswith("receipt") else "secagg"
+        self.metrics.unsent.labels(kind).inc()
+        event(log, f"{kind}.unsent", level=logging.WARNING, topic=topic, what=what, error=str(exc))
 
     async def _answer_recovery(self, client: MqttClient, site: str, payload: bytes) -> None:
         """A site that lost its data directory asks for its last counter and privacy history (aggregator.recovery).
@@ -338,11 +336,11 @@ class Aggregator:
             return
         if self.core.version != version:
             self._new_version.set()
+        # in order, without awaiting each acknowledgement: a flush's receipts, a cohort's unmask requests and the
+        # clearing of its retained announcements leave together (the window keeps their order on the wire)
         for o in outgoing or ():
-            try:
-                await client.publish(o.topic, o.payload, qos=1, retain=o.retain)
-            except (FedlineError, TopicError) as exc:  # receipts are resent on the site's resend; the clock retries
-                event(log, "secagg.unsent", level=logging.WARNING, topic=o.topic, error=str(exc))
+            what = "receipt" if o.topic.endswith("/receipts") else "secagg"
+            await self.window.publish(client, o.topic, o.payload, retain=o.retain, what=what)
 
     async def _cohort_clock(self, client: MqttClient) -> None:
         assert self.cohorts is not None

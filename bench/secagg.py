@@ -24,6 +24,7 @@ tiny sizes (the test suite uses it to check the benchmark still runs).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import platform
@@ -47,6 +48,7 @@ from broker_bridge.secagg import messages as m  # noqa: E402
 from broker_bridge.secagg import quantise  # noqa: E402
 from broker_bridge.secagg.member import SecAggMember  # noqa: E402
 from broker_bridge.secagg.unmask import CohortUnmasker  # noqa: E402
+from broker_bridge.topics import Topics  # noqa: E402
 
 CONFIGS = ((10, 100_000), (50, 100_000), (10, 1_000_000))
 QUICK = ((5, 2_000), (8, 2_000))
@@ -146,6 +148,7 @@ def run_cohort(n_sites: int, n_params: int, drop_fraction: float, tmp: Path) -> 
             unmasker.add_ack(s, sig)
         requests = {s: unmasker.request_for(s).encode() for s in submitting}
     answers = {s: members[s].answer(m.UnmaskRequest.decode(requests[s])).encode() for s in submitting}
+    wire = _wire_messages(ann, blob, sblob, unmasker, acks, answers, agg, keys, enr)
     with clock:
         for s, raw in answers.items():
             unmasker.add_answer(m.Answer.decode(raw), s)
@@ -168,6 +171,188 @@ def run_cohort(n_sites: int, n_params: int, drop_fraction: float, tmp: Path) -> 
         "unmask_cpu_s": clock.cpu,
         "max_abs_error": float(np.abs(secure_sum - plain_sum).max()),
         "error_bound": quantise.error_bound(CLIP, n_sites),
+        "wire": wire,
+    }
+
+
+def _wire_messages(
+    ann: m.CohortAnnouncement,
+    ann_blob: bytes,
+    survivors_blob: bytes,
+    unmasker: CohortUnmasker,
+    acks: dict[str, bytes],
+    answers: dict[str, bytes],
+    agg: KeyPair,
+    keys: dict[str, KeyPair],
+    enr: Enrollment,
+) -> dict[str, Any]:
+    """The bytes one cohort puts on the wire, as the service and the edges publish them, grouped into the steps
+    the publisher is handed them in (``Aggregator._to_cohorts``: one list per cohort step; an edge: one reply
+    per message it receives). Receipts are the JSON form (cohort receipts are JSON), sealed to their sites."""
+    from broker_bridge.federation_key import seal_notice
+
+    t = Topics("bench")
+    content_key = secrets.token_bytes(32)
+    submitters = sorted(acks)
+
+    def receipt(site: str, verdict: str, version: int) -> tuple[str, bytes, bool]:
+        # the fields of aggregator.store.Verdict.receipt() (bench/aggregator.py shadows the package here)
+        doc = {
+            "site": site,
+            "counter": 2,
+            "msg_id": secrets.token_hex(8),
+            "verdict": verdict,
+            "reason": None,
+            "version": version,
+            "detail": None,
+            "staleness": 0,
+            "weight": 1.0,
+        }
+        return t.receipts(site), envelope.seal_receipt(doc, agg, enr.sites[site].box_pub), False
+
+    requests = [(t.secagg_request(x), unmasker.request_for(x).seal(enr.sites[x].box_pub), False) for x in submitters]
+    steps: list[list[tuple[str, bytes, bool]]] = [
+        [(t.secagg_cohort(ann.cohort), seal_notice(ann_blob, 1, content_key), True)]
+    ]
+    steps += [[receipt(x, "buffered", 1)] for x in submitters]
+    steps += [[(t.secagg_survivors(ann.cohort), seal_notice(survivors_blob, 1, content_key), True)]]
+    steps += [requests[: ann.threshold]] + [[r] for r in requests[ann.threshold :]]
+    steps += [
+        [receipt(x, "applied", 2) for x in submitters]
+        + [(t.secagg_cohort(ann.cohort), b"", True), (t.secagg_survivors(ann.cohort), b"", True)]
+    ]
+    box = enr.aggregator.box_pub
+    replies = {
+        x: [
+            (t.secagg_reply(x), m.seal_reply("ack", ann.cohort, acks[x], keys[x], box), False),
+            (t.secagg_reply(x), m.seal_reply("answer", ann.cohort, answers[x], keys[x], box), False),
+        ]
+        for x in submitters
+    }
+    return {"aggregator_steps": steps, "member_replies": replies}
+
+
+async def _publish_steps(steps: list[list[tuple[str, bytes, bool]]], publish: Any, settle: Any) -> tuple[float, float]:
+    """(the publisher's time held in the steps, the time until every message was acknowledged), wall seconds."""
+    held = 0.0
+    t0 = time.perf_counter()
+    for step in steps:
+        s0 = time.perf_counter()
+        for topic, payload, retain in step:
+            await publish(topic, payload, retain)
+        held += time.perf_counter() - s0
+    await settle()
+    return held, time.perf_counter() - t0
+
+
+async def _wire_round(broker: Any, wire: dict[str, Any], windowed: bool, clients: dict[str, Any]) -> dict[str, float]:
+    """One cohort's messages published over Mosquitto: awaited one by one (the code before) or through a window."""
+    from broker_bridge.publish_window import PublishWindow
+
+    out: dict[str, float] = {}
+    parties = [("aggregator", wire["aggregator_steps"])]
+    parties += [(site, [[r] for r in replies]) for site, replies in wire["member_replies"].items()]
+    held_members, acked_members = [], []
+    for who, steps in parties:
+        client = clients[who]
+        window = PublishWindow()
+
+        async def awaited(topic: str, payload: bytes, retain: bool, client: Any = client) -> None:
+            await client.publish(topic, payload, qos=1, retain=retain)
+
+        async def windowed_publish(
+            topic: str, payload: bytes, retain: bool, client: Any = client, w: Any = window
+        ) -> None:
+            await w.publish(client, topic, payload, retain=retain)
+
+        async def nothing() -> None:
+            return None
+
+        async def drained(w: Any = window) -> None:
+            await w.drain(60.0)
+            if w.failed:
+                raise RuntimeError(f"{w.failed} publishes failed")
+
+        held, acked = await _publish_steps(
+            steps, windowed_publish if windowed else awaited, drained if windowed else nothing
+        )
+        if who == "aggregator":
+            out["aggregator_held_ms"], out["aggregator_all_acked_ms"] = 1000 * held, 1000 * acked
+        else:
+            held_members.append(held / len(steps))
+            acked_members.append(acked)
+    out["member_held_ms_per_reply"] = 1000 * statistics.median(held_members)
+    out["member_all_acked_ms"] = 1000 * statistics.median(acked_members)
+    return out
+
+
+async def _wire_bench(wire: dict[str, Any], rounds: int, tmp: Path) -> dict[str, Any]:
+    """The cohort's publishes, old way and new, interleaved ``rounds`` times over one Mosquitto (TLS, as deployed)."""
+    from broker_bridge.client import BrokerSettings, MqttClient
+    from broker_bridge.mosquitto import MosquittoProcess
+
+    sites = sorted(wire["member_replies"])
+    broker = MosquittoProcess(tmp / "broker", federation="bench", sites=sites).start()
+    try:
+        clients: dict[str, Any] = {}
+        for user in ["aggregator", *sites]:
+            settings = BrokerSettings(
+                url=broker.tls_url,
+                ca_file=broker.ca_file,
+                username=user,
+                password=broker.password(user),
+                client_id=f"bench-{user}",
+                timeout_s=30.0,
+            )
+            clients[user] = await MqttClient(settings).__aenter__()
+        for c in clients.values():
+            await c.wait_connected(30)
+        got: list[int] = []
+
+        async def count(c: Any) -> None:
+            async for _ in c.messages():
+                got.append(1)
+
+        observer = await MqttClient(
+            BrokerSettings(
+                url=broker.tls_url,
+                ca_file=broker.ca_file,
+                username="observer",
+                password=broker.password("observer"),
+                client_id="bench-observer",
+            )
+        ).__aenter__()
+        await observer.wait_connected(30)
+        await observer.subscribe("fedline/bench/#")
+        counter = asyncio.create_task(count(observer))
+        n_messages = sum(len(x) for x in wire["aggregator_steps"]) + 2 * len(sites)
+        runs: dict[str, list[dict[str, float]]] = {"awaited": [], "window": []}
+        for _ in range(rounds):
+            for mode in ("awaited", "window"):
+                got.clear()
+                runs[mode].append(await _wire_round(broker, wire, mode == "window", clients))
+                deadline = time.monotonic() + 30
+                while len(got) < n_messages and time.monotonic() < deadline:  # every message reached a subscriber
+                    await asyncio.sleep(0.01)
+                if len(got) < n_messages:
+                    raise RuntimeError(f"{mode}: {len(got)} of {n_messages} messages delivered")
+        counter.cancel()
+        for c in [*clients.values(), observer]:
+            await c.close()
+    finally:
+        broker.stop()
+    med = {mode: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for mode, rs in runs.items()}
+    return {
+        "sites": len(sites),
+        "messages": n_messages,
+        "aggregator_steps": len(wire["aggregator_steps"]),
+        "rounds": rounds,
+        "awaited": med["awaited"],
+        "window": med["window"],
+        "aggregator_held_ratio": med["window"]["aggregator_held_ms"] / med["awaited"]["aggregator_held_ms"],
+        "aggregator_all_acked_ratio": med["window"]["aggregator_all_acked_ms"]
+        / med["awaited"]["aggregator_all_acked_ms"],
+        "member_held_ratio": med["window"]["member_held_ms_per_reply"] / med["awaited"]["member_held_ms_per_reply"],
     }
 
 
@@ -194,15 +379,27 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, to check that the benchmark runs")
+    ap.add_argument(
+        "--wire",
+        action="store_true",
+        help="also publish each configuration's cohort messages over a private Mosquitto, awaited one by one "
+        "(the code before) and through broker_bridge.publish_window (now), interleaved",
+    )
+    ap.add_argument("--wire-rounds", type=int, default=5, help="interleaved rounds of the --wire part")
     args = ap.parse_args(argv)
     configs = QUICK if args.quick else CONFIGS
     load_before = os.getloadavg()[0]
     rows = []
+    wire_rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for n_sites, n_params in configs:
             for drop in (0.0, 0.2):
                 run_dir = Path(tmp) / f"{n_sites}x{n_params}-{drop}"
                 rows.append(run_cohort(n_sites, n_params, drop, run_dir))
+                wire = rows[-1].pop("wire")
+                if args.wire and drop == 0.0 and n_params == configs[0][1]:
+                    rounds = 2 if args.quick else args.wire_rounds
+                    wire_rows.append(asyncio.run(_wire_bench(wire, rounds, run_dir)))
     rates = prg_rates(10, 2_000) if args.quick else prg_rates()
     load_after = os.getloadavg()[0]
 
@@ -234,6 +431,8 @@ def main(argv: list[str] | None = None) -> int:
         **rates,
         "rows": rows,
     }
+    if args.wire:
+        result["wire"] = wire_rows
     if args.json:
         print(json.dumps(result))
         return 0
@@ -262,6 +461,16 @@ def main(argv: list[str] | None = None) -> int:
         "site extra = masked update (mask, shares, seal) - plain update (seal), median over sites; unmask = the "
         "aggregator's part only; max |err| = secure cohort sum vs plain float64 weighted sum; bound = n / scale"
     )
+    for w in wire_rows:
+        a, b = w["awaited"], w["window"]
+        print(
+            f"wire, {w['sites']} sites, {w['messages']} messages (median of {w['rounds']} interleaved rounds), "
+            f"awaited one by one -> window: aggregator held {a['aggregator_held_ms']:.1f} -> "
+            f"{b['aggregator_held_ms']:.1f} ms ({w['aggregator_held_ratio']:.3f}x), all acknowledged "
+            f"{a['aggregator_all_acked_ms']:.1f} -> {b['aggregator_all_acked_ms']:.1f} ms "
+            f"({w['aggregator_all_acked_ratio']:.3f}x); a member's receive loop held per reply "
+            f"{a['member_held_ms_per_reply']:.2f} -> {b['member_held_ms_per_reply']:.3f} ms"
+        )
     return 0
 
 

@@ -159,6 +159,9 @@ class _CheckedClient(aiomqtt.Client):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # aiomqtt warns on every publish beyond 10 awaiting their acknowledgement; broker_bridge.publish_window
+        # keeps up to 1,024 in flight on purpose (a FedBuff flush's receipts, a cohort's messages)
+        self.pending_calls_threshold = 4096
         self.publish_codes: dict[int, ReasonCode] = {}
         self.max_packet_size: int | None = None
         self.session_present = False
@@ -182,11 +185,15 @@ class _CheckedClient(aiomqtt.Client):
         self.publish_codes[mid] = reason_code
         super()._on_publish(client, userdata, mid, reason_code, properties)
 
-    async def publish_checked(self, topic: str, payload: bytes, qos: int, retain: bool, timeout: float) -> None:
-        """Publish and wait for the acknowledgement; raise PublishRefused on a failure code."""
+    def hand(self, topic: str, payload: bytes, qos: int, retain: bool) -> paho.MQTTMessageInfo:
+        """Give the message to paho now (synchronous): messages handed one after another leave in that order."""
         info = self._client.publish(topic, payload, qos, retain)
         if info.rc != paho.MQTT_ERR_SUCCESS:
             raise aiomqtt.MqttCodeError(info.rc, "Could not publish message")
+        return info
+
+    async def acknowledged(self, info: paho.MQTTMessageInfo, topic: str, timeout: float) -> None:
+        """Wait for a handed message's acknowledgement; raise PublishRefused on a failure code."""
         if not info.is_published():
             done = asyncio.Event()
             with self._pending_call(info.mid, done, self._pending_publishes):
@@ -427,10 +434,30 @@ class MqttClient:
         Raises :class:`PublishRefused` when the broker refuses it (MQTT 5) and
         :class:`NotConnected` when no connection or acknowledgement came in time.
         """
+        await (await self.publish_begun(topic, payload, qos, retain, timeout))
+
+    async def publish_begun(
+        self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, timeout: float | None = None
+    ) -> Awaitable[None]:
+        """Hand one message to the connection (waiting for one up to ``timeout``) and return, unawaited, the wait
+        for its acknowledgement (which raises as :meth:`publish` does; it must be awaited).
+
+        Messages handed by calls made one after another leave in that order, whatever order their
+        acknowledgements are awaited in: :class:`broker_bridge.publish_window.PublishWindow` rests on that.
+        Raises :class:`NotConnected` or :class:`PublishRefused` when the message could not be handed.
+        """
         timeout = self.settings.timeout_s if timeout is None else timeout
-        await self.wait_connected(timeout)
+        if not self.connected.is_set():
+            await self.wait_connected(timeout)
+        return self.hand_now(topic, payload, qos, retain, timeout)
+
+    def hand_now(
+        self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, timeout: float | None = None
+    ) -> Awaitable[None]:
+        """:meth:`publish_begun` without waiting for a connection: :class:`NotConnected` at once without one."""
+        timeout = self.settings.timeout_s if timeout is None else timeout
         client = self._client
-        if client is None:
+        if client is None or not self.connected.is_set():
             raise NotConnected("connection dropped before publishing")
         size = publish_packet_size(topic, len(payload), qos, self.settings.protocol == "5")
         if self.max_packet_size and size > self.max_packet_size:
@@ -438,7 +465,16 @@ class MqttClient:
             self.stats.refused += 1
             raise PublishRefused(0x95, f"Packet too large ({size} > broker maximum {self.max_packet_size})", topic)
         try:
-            await client.publish_checked(topic, payload, qos, retain, timeout)
+            info = client.hand(topic, payload, qos, retain)
+        except aiomqtt.MqttError as exc:
+            raise NotConnected(f"publish to {topic!r} not handed to the connection: {exc}") from None
+        return self._acknowledged(client, info, topic, timeout)
+
+    async def _acknowledged(
+        self, client: _CheckedClient, info: paho.MQTTMessageInfo, topic: str, timeout: float
+    ) -> None:
+        try:
+            await client.acknowledged(info, topic, timeout)
         except PublishRefused:
             self.stats.refused += 1
             raise

@@ -200,6 +200,7 @@ class EdgeAgent:
                 }
 
                 async def farewell() -> None:
+                    await self.cohort_link.window.drain(2.0)  # replies in flight: acknowledged, or counted
                     if client.connected.is_set():
                         await self.status_publisher.publish(client, "offline", timeout=2.0)
 

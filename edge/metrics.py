@@ -88,6 +88,11 @@ class EdgeMetrics:
         self.malformed = Counter(
             "fedline_edge_malformed_messages", "Messages counted and dropped", ["kind"], registry=r
         )
+        self.secagg_replies_unsent = Counter(
+            "fedline_edge_secagg_replies_unsent",
+            "Secure-aggregation replies the broker never acknowledged (refused, no connection, or left at a stop)",
+            registry=r,
+        )
 
     def _data(self, r: CollectorRegistry) -> None:
         """Samples read and rows stored (or lost)."""

@@ -49,6 +49,11 @@ class UplinkMetrics:
             ["kind"],
             registry=r,
         )
+        self.secagg_replies_unsent = Counter(
+            "fedline_plant_secagg_replies_unsent",
+            "Central cohort replies the broker never acknowledged (refused, no connection, or left at a stop)",
+            registry=r,
+        )
 
     def outbox(self, depth: int, nbytes: int, full: bool) -> None:
         self.outbox_depth.set(depth)

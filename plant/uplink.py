@@ -37,6 +37,7 @@ from broker_bridge.client import Message, MqttClient, will_message
 from broker_bridge.envelope import UpdateHeader, open_receipt, seal_update
 from broker_bridge.errors import FedlineError, ModelRefused, NotConnected, PublishRefused, TopicError, WireError
 from broker_bridge.keys import Enrollment, KeyPair
+from broker_bridge.publish_window import PublishWindow
 from broker_bridge.topics import Topics
 from edge.follow import ModelFollower
 from edge.outbox import Outbox, OutboxFull
@@ -64,6 +65,7 @@ class Uplink:
     ) -> None:
         self.cfg = cfg
         self.metrics = metrics or UplinkMetrics(CollectorRegistry())
+        self.replies = PublishWindow(on_failure=self._reply_unsent)  # cohort replies
         self.site = cfg.site
         self.spec = spec
         self.keys = KeyPair.load(cfg.key_file)
@@ -234,6 +236,7 @@ class Uplink:
             finally:
                 self.client = None
                 self.metrics.connected.set_function(lambda: 0.0)
+                await self.replies.drain(2.0)  # replies in flight: acknowledged, or counted
 
     async def _on_connect(self, client: MqttClient) -> None:
         self._poke()
@@ -367,10 +370,13 @@ class Uplink:
         if joined:
             self._cohort_wake.set()
         if reply is not None and self.client is not None:
-            try:
-                await self.client.publish(self.topics.secagg_reply(self.site), reply, qos=1)
-            except (NotConnected, PublishRefused) as exc:  # away when asked: a dropout the cohort tolerates
-                event(log, "plant.secagg_reply_unsent", level=logging.WARNING, error=str(exc))
+            # in order, without this receive loop awaiting the acknowledgement (broker_bridge.publish_window)
+            await self.replies.publish(self.client, self.topics.secagg_reply(self.site), reply, what=f"{kind} reply")
+
+    def _reply_unsent(self, topic: str, what: str, exc: BaseException) -> None:
+        """Away when asked: a dropout the cohort tolerates; counted and logged."""
+        self.metrics.secagg_replies_unsent.inc()
+        event(log, "plant.secagg_reply_unsent", level=logging.WARNING, what=what, error=str(exc))
 
     async def _cohort_loop(self) -> None:
         while True:

@@ -23,6 +23,33 @@ from tests.conftest import eventually
 SITES = ["site-a", "site-b", "site-c"]
 
 
+class InFlight:
+    """Counts the publishes to ``topics`` handed to the broker and not yet acknowledged (every publish, awaited
+    or not, is handed through ``MqttClient.hand_now``)."""
+
+    def __init__(self, monkeypatch, topics: set[str]) -> None:
+        self.topics, self.in_flight, self.peak, self.sent = topics, 0, 0, []
+        hand = MqttClient.hand_now
+
+        def counted(client, topic, payload, qos=1, retain=False, timeout=None):
+            ack = hand(client, topic, payload, qos, retain, timeout)
+            if topic not in self.topics:
+                return ack
+            self.in_flight += 1
+            self.peak = max(self.peak, self.in_flight)
+            self.sent.append((topic, payload))
+
+            async def acknowledged():
+                try:
+                    await ack
+                finally:
+                    self.in_flight -= 1
+
+            return acknowledged()
+
+        monkeypatch.setattr(MqttClient, "hand_now", counted)
+
+
 async def test_a_flush_publishes_its_receipts_in_flight_together(mosquitto, tmp_path, monkeypatch):
     fed = make_federation(tmp_path / "fed", SITES)
     cfg = fed.config(
@@ -31,22 +58,7 @@ async def test_a_flush_publishes_its_receipts_in_flight_together(mosquitto, tmp_
         broker=broker_table(mosquitto),
     )
     receipt_topics = {Topics("test").receipts(s) for s in SITES}
-    in_flight, peak, sent = 0, 0, []
-    publish = MqttClient.publish
-
-    async def counted(self, topic, payload, qos=1, retain=False, timeout=None):
-        nonlocal in_flight, peak
-        if topic not in receipt_topics:
-            return await publish(self, topic, payload, qos, retain, timeout)
-        in_flight += 1
-        peak = max(peak, in_flight)
-        sent.append(topic)
-        try:
-            return await publish(self, topic, payload, qos, retain, timeout)
-        finally:
-            in_flight -= 1
-
-    monkeypatch.setattr(MqttClient, "publish", counted)
+    counter = InFlight(monkeypatch, receipt_topics)
     agg = Aggregator(cfg)
     task = asyncio.create_task(agg.run())
     try:
@@ -68,6 +80,7 @@ async def test_a_flush_publishes_its_receipts_in_flight_together(mosquitto, tmp_
     finally:
         agg.stop()
         await asyncio.wait_for(task, bound(20))
-    assert len(sent) == 5  # two "buffered", then the flush's three "applied"
+    assert len(counter.sent) == 5  # two "buffered", then the flush's three "applied"
     # the flush's three receipts were in flight at once (awaited one by one, at most one ever was)
-    assert peak == 3
+    assert counter.peak == 3
+    assert agg.window.failed == 0 and agg.window.acknowledged >= 5

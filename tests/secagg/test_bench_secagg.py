@@ -6,6 +6,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "secagg.py"
 
 
@@ -28,3 +30,26 @@ def test_secagg_bench_runs_quick_and_reports_the_required_keys(capsys) -> None:
     assert 0 < doc["max_error_over_bound"] < 1.0  # within the stated quantisation bound, and not exact
     assert all(r["secure_bytes"] > r["plain_bytes"] for r in doc["rows"])
     assert doc["prg_mb_per_s"] > 0 and doc["libsodium_mb_per_s"] > 0
+
+
+@pytest.mark.broker
+def test_secagg_bench_wire_part_publishes_every_cohort_message_both_ways(capsys) -> None:
+    """--wire starts its own Mosquitto; every message of each cohort must reach a subscriber in both modes (the
+    bench raises otherwise). Its times are the bench's to report, not asserted here."""
+    spec = importlib.util.spec_from_file_location("bench_secagg_wire", BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(mod)
+    assert mod.main(["--json", "--quick", "--wire"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    # 5 and 8 sites: announcement, n buffered receipts, survivors, n requests, n applied receipts, 2 clears,
+    # and 2 replies from each member
+    assert [(w["sites"], w["messages"]) for w in doc["wire"]] == [(5, 4 + 3 * 5 + 2 * 5), (8, 4 + 3 * 8 + 2 * 8)]
+    for w in doc["wire"]:
+        for mode in ("awaited", "window"):
+            assert set(w[mode]) == {
+                "aggregator_held_ms",
+                "aggregator_all_acked_ms",
+                "member_held_ms_per_reply",
+                "member_all_acked_ms",
+            }
