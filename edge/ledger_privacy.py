@@ -49,6 +49,10 @@ from edge.config import PrivacyConfig
 from fedline.opacus_parts import opacus_module
 
 STATE_VERSION = 1
+# the Rényi orders of Opacus's RDP accountant (``RDPAccountant.DEFAULT_ALPHAS``, Opacus 1.6.0), written out: importing
+# that class imports every Opacus optimizer and with them torch.distributed.tensor and SymPy (``edge.dpsgd``), which
+# an edge's start no longer loads; tests/edge/test_dpsgd.py checks these are Opacus's
+RDP_ORDERS: tuple[float, ...] = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)))
 
 
 class RowIndex(Protocol):
@@ -106,7 +110,7 @@ class RecordLedger:
             )
         self.cfg = cfg
         self.group = max(1, int(group))
-        self.orders = list(opacus_module("accountants.rdp").RDPAccountant.DEFAULT_ALPHAS)
+        self.orders = list(RDP_ORDERS)
         self._unit_rdp: dict[tuple[float, float], np.ndarray] = {}
         self.rounds: list[LedgerRound] = []
         self.next_index = 0

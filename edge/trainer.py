@@ -38,12 +38,12 @@ import time
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 
 from edge.config import PrivacyConfig, TrainingConfig
+from edge.dpsgd import DPSGD
 from fedline.opacus_parts import opacus_module
 from models import ModelSpec, build_model, load_personal_state, load_shared_state, loss_per_sample
 from models.flat import personal_state, shared_state, state_delta
@@ -87,18 +87,14 @@ class RoundResult:
 def preload(dp: bool) -> None:
     """Import now what the first round would otherwise import inside itself (the agent's start calls this).
 
-    - ``torch._dynamo``: torch's optimizers import it on their first construction and step (torch wraps them for
-      ``torch.compile``), whether or not anything is compiled; on the 2-vCPU VM about a third of the CPU an edge
-      spends before its first update (BENCHMARKS.md, "Cheaper edge start-up"), paid by every first round;
-    - with ``dp``: Opacus's per-sample gradients, its optimizer and its Poisson sampler (``fedline.opacus_parts``).
+    With ``dp``: Opacus's per-sample gradients and its Poisson sampler (``fedline.opacus_parts``). Not
+    ``torch._dynamo``: a round's optimizer is ``edge.dpsgd.DPSGD``, not one of torch's (which import it on first
+    use, about a third of the CPU an edge spent before its first update; BENCHMARKS.md, "Cheaper edge start-up").
 
     Nothing is computed: the same modules load, earlier, where the start's paused collector
     (``fedline.startup``) covers them and its freeze keeps them out of later collections."""
-    import importlib
-
-    importlib.import_module("torch._dynamo")
     if dp:
-        for name in ("grad_sample.grad_sample_module", "optimizers.optimizer", "utils.uniform_sampler"):
+        for name in ("grad_sample.grad_sample_module", "utils.uniform_sampler"):
             opacus_module(name)
 
 
@@ -136,39 +132,29 @@ def evaluate(
     return loss, acc
 
 
-class _NoiseCount:
-    """Opacus's step hook: counts the optimizer steps that added Gaussian noise (checked against the plan)."""
-
-    def __init__(self) -> None:
-        self.steps = 0
-
-    def __call__(self, _optimizer: Any) -> None:
-        self.steps += 1
-
-
 Batches = Callable[[], Iterable[torch.Tensor]]  # one epoch's row indices, batch by batch
 
 
 def _make_private(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, dp: PrivacyConfig, plan: Plan, n: int
-) -> tuple[torch.nn.Module, Any, Batches, _NoiseCount]:
-    """DP-SGD through Opacus: per-sample gradients, clipping, noise from a private generator, Poisson batches."""
+    model: torch.nn.Module, cfg: TrainingConfig, dp: PrivacyConfig, plan: Plan, n: int
+) -> tuple[torch.nn.Module, DPSGD, Batches]:
+    """DP-SGD: Opacus's per-sample gradients and Poisson batches; clipping, noise from a private generator and the
+    SGD step as Opacus's ``DPOptimizer`` over torch's ``SGD`` compute them (``edge.dpsgd``)."""
     trained = opacus_module("grad_sample.grad_sample_module").GradSampleModule(
         model, batch_first=True, loss_reduction="mean"
     )
-    private = opacus_module("optimizers.optimizer").DPOptimizer(
-        optimizer,
+    private = DPSGD(
+        model.parameters(),
+        lr=cfg.lr,
+        momentum=cfg.momentum,
         noise_multiplier=dp.noise_multiplier,
         max_grad_norm=dp.max_grad_norm,
         expected_batch_size=max(1, int(n * plan.sample_rate)),
-        loss_reduction="mean",
         generator=private_generator(),
         secure_mode=dp.secure_rng,
     )
-    count = _NoiseCount()
-    private.attach_step_hook(count)
     sampler = poisson_batches(n, plan, private_generator())
-    return trained, private, lambda: (torch.as_tensor(idx, dtype=torch.long) for idx in sampler), count
+    return trained, private, lambda: (torch.as_tensor(idx, dtype=torch.long) for idx in sampler)
 
 
 def _shuffled_batches(n: int, plan: Plan, seed: int | None = None) -> Batches:
@@ -180,7 +166,7 @@ def _shuffled_batches(n: int, plan: Plan, seed: int | None = None) -> Batches:
 
 def _run_epochs(
     trained: torch.nn.Module,
-    optimizer: Any,
+    optimizer: DPSGD,
     batches: Batches,
     spec: ModelSpec,
     data: tuple[torch.Tensor, torch.Tensor | None],
@@ -244,15 +230,14 @@ def train_round(
         load_personal_state(model, spec, personal)
     xt = torch.from_numpy(np.ascontiguousarray(x, np.float32))
     yt = None if y is None else torch.from_numpy(np.ascontiguousarray(y, np.float32))
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
     trained: torch.nn.Module = model
-    count = None
     if dp is not None:
-        trained, optimizer, batches, count = _make_private(model, optimizer, dp, plan, len(x))
+        trained, optimizer, batches = _make_private(model, cfg, dp, plan, len(x))
     else:
+        optimizer = DPSGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)  # no noise: torch's SGD
         batches = _shuffled_batches(len(x), plan, shuffle_seed)
     losses = _run_epochs(trained, optimizer, batches, spec, (xt, yt), cfg.epochs)
-    noise_steps = count.steps if count is not None else 0
+    noise_steps = optimizer.noise_steps
     if dp is not None and noise_steps != plan.steps:
         raise RuntimeError(f"round ran {noise_steps} noised steps but {plan.steps} are accounted; not released")
     if dp is not None:

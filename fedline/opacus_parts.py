@@ -7,7 +7,8 @@ VM (1 Dec 2026, the machine loaded by other work, three fresh processes each): i
 modules an edge uses, and making its first optimizer, took 4.7-6.1 s of CPU through the package inits and 3.8-4.2 s
 without them (BENCHMARKS.md, "Cheaper edge start-up"); the difference is an accountant fedline never uses: it
 accounts with RDP (per record) or PRV (the legacy global budget, whose own imports load scipy.stats when it is
-used), and trains with ``GradSampleModule``, ``DPOptimizer`` and the Poisson sampler.
+used), and trains with ``GradSampleModule`` and the Poisson sampler (the clipping, noise and step are
+``edge.dpsgd``'s, computed as Opacus's ``DPOptimizer`` computes them).
 
 How: :func:`defer_package_inits` registers the packages ``opacus`` and ``opacus.accountants`` in ``sys.modules``
 from their real specs (their ``__path__``, ``__file__``) without running their ``__init__``. Importing a submodule

@@ -24,18 +24,19 @@ def _data(n: int, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.fixture
 def noise_log(monkeypatch):
-    """Every Gaussian noise tensor Opacus's optimiser adds (observed, passed through unchanged)."""
-    from opacus.optimizers import optimizer as dp_opt
+    """Every Gaussian noise tensor a round's DP-SGD step adds (``edge.dpsgd.DPSGD._noise``, Opacus's
+    ``_generate_noise`` draw for draw; observed, passed through unchanged)."""
+    from edge.dpsgd import DPSGD
 
     seen: list[torch.Tensor] = []
-    real = dp_opt._generate_noise
+    real = DPSGD._noise
 
-    def observe(*args, **kwargs):
-        out = real(*args, **kwargs)
+    def observe(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
         seen.append(out.detach().clone())
         return out
 
-    monkeypatch.setattr(dp_opt, "_generate_noise", observe)
+    monkeypatch.setattr(DPSGD, "_noise", observe)
     return seen
 
 

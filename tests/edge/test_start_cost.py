@@ -110,6 +110,41 @@ def test_a_dp_round_loads_no_gdp_accountant_and_opacus_still_imports_whole_later
     assert got["deferred_after"] == [False, False] and got["scipy_stats_after"] is True
 
 
+def test_an_edges_rounds_import_neither_dynamo_nor_opacus_optimizers() -> None:
+    """What an edge's start and its rounds load (``edge.trainer.preload``, the record ledger, a DP round and a
+    noise-free one, the line's ONNX export): not ``torch._dynamo`` (torch's optimizers), not Opacus's optimizers
+    with ``torch.distributed.tensor`` and SymPy (``edge.dpsgd`` computes their step)."""
+    got = _child(
+        """
+import json, sys
+import numpy as np
+from edge.config import PrivacyConfig, TrainingConfig
+from edge.ledger_privacy import RecordLedger
+from edge.trainer import preload, train_round
+from models import ModelSpec, build_model, shared_state
+from models.export import export_onnx
+
+preload(True)
+dp = PrivacyConfig(epsilon=50.0, delta=1e-5, noise_multiplier=1.0, max_grad_norm=1.0)
+ledger = RecordLedger(dp)
+eps = ledger._eps(ledger._unit(0.1, 1.0) * 20)
+spec = ModelSpec.from_dict({"kind": "mlp", "n_features": 3, "hidden": [4], "task": "classification"})
+x = np.random.default_rng(0).normal(size=(64, 3)).astype(np.float32)
+y = (x[:, :1] > 0).astype(np.float32)
+model = build_model(spec, seed=0)
+base = shared_state(model, spec)
+r = train_round(spec, base, None, x, y, TrainingConfig(epochs=2, batch_size=16, lr=0.1, momentum=0.9), dp)
+train_round(spec, base, None, x, y, TrainingConfig(epochs=1, batch_size=16, lr=0.1), None)
+onnx = export_onnx(model, spec)
+names = ("torch._dynamo", "torch.distributed.tensor", "sympy", "opacus.optimizers", "opacus.accountants.accountant")
+print(json.dumps({"loaded": [n for n in names if n in sys.modules], "eps": eps, "noise_steps": r.noise_steps,
+                  "planned": r.plan.steps, "onnx": len(onnx)}))
+"""
+    )
+    assert got["loaded"] == []
+    assert got["noise_steps"] == got["planned"] > 0 and got["eps"] > 0 and got["onnx"] > 100
+
+
 def test_plain_opacus_import_first_leaves_it_alone() -> None:
     got = _child(
         """
