@@ -20,8 +20,10 @@ plaintext so that the first tensor starts on a 64-byte boundary
 multiples of 4 bytes, which is all NumPy needs for its fast paths (``np.dot``
 and the reduce's ``acc += w * x`` measured the same at offsets 4, 12 and 64).
 So a tensor counts as aligned when it is aligned for its dtype (NumPy's own
-``aligned`` flag); only an update whose headers were too long to read before
-opening (:data:`broker_bridge.sealopen.PEEK_BYTES`) is still copied here.
+``aligned`` flag). Since the opener places a float32 update from its end (its
+tensors end the plaintext, ``seal_open(tail=...)``), headers of any length are
+placed; only an update of another size whose headers were too long to read
+before opening (:data:`broker_bridge.sealopen.PEEK_BYTES`) is still copied here.
 """
 
 from __future__ import annotations

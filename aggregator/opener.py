@@ -52,6 +52,18 @@ def read_update(blob: bytes, keys: KeyPair | OpeningKey, enrollment: Enrollment)
     return header, quantised.read(tensors, header.encoding)
 
 
+_SIZES: dict[tuple[tuple[str, tuple[int, ...]], ...], int] = {}
+
+
+def _float32_bytes(reference: dict[str, tuple[int, ...]]) -> int:
+    """The bytes of a float32 update of the model ``reference`` describes (worked out once per model)."""
+    key = tuple(reference.items())
+    size = _SIZES.get(key)
+    if size is None:
+        size = _SIZES[key] = 4 * sum(math.prod(shape) for shape in reference.values())
+    return size
+
+
 def open_update(
     sealed: bytes,
     *,
@@ -70,7 +82,9 @@ def open_update(
     """
     op = Opened(sealed if isinstance(sealed, bytes) else bytes(sealed), topic_site=topic_site, msg_id=msg_id)
     try:
-        op.header, op.tensors = envelope.open_update(op.sealed, keys, enrollment)
+        # the model's float32 tensors end the plaintext: opened onto an aligned address in libsodium's one call
+        tail = None if cfg.strategy.secure_aggregation else _float32_bytes(reference)
+        op.header, op.tensors = envelope.open_update(op.sealed, keys, enrollment, tensor_bytes=tail)
     except WireError as exc:
         op.reason, op.detail = exc.reason, exc.detail
         return op

@@ -426,8 +426,13 @@ def open_update(
     enrollment: Enrollment,
     is_new_counter: Callable[[str, int], bool] = lambda site, counter: True,
     max_bytes: int = MAX_MESSAGE_BYTES,
+    tensor_bytes: int | None = None,
 ) -> tuple[UpdateHeader, dict[str, np.ndarray]]:
-    """Open, verify and parse a sealed update, or raise :class:`WireError` naming the first failure."""
+    """Open, verify and parse a sealed update, or raise :class:`WireError` naming the first failure.
+
+    ``tensor_bytes``: the size of the tensor data the receiver expects (its model's, as float32): the tensors
+    end the plaintext, so that many last bytes are opened onto an aligned address straight away; an update of
+    another size is placed from its first bytes instead (:func:`_tensor_data_at`)."""
     view = memoryview(blob)
     if len(view) < 4 + 48:  # magic, version, SealedBox overhead (32-byte key + 16-byte MAC)
         raise WireError("framing", f"{len(view)} bytes is too short for a sealed update")
@@ -439,7 +444,7 @@ def open_update(
         raise WireError("version", f"sealed update format {view[3]}, this build reads {FORMAT_VERSION}")
     try:
         # in place, without the GIL, no copies; the tensors placed where NumPy reads them at full speed
-        inner = seal_open(view[4:], aggregator_keys.box_key, place=_tensor_data_at)
+        inner = seal_open(view[4:], aggregator_keys.box_key, place=_tensor_data_at, tail=tensor_bytes)
     except CryptoError:
         raise WireError(
             "decrypt", "ciphertext does not open with this aggregator's key (tampered, or sealed to another aggregator)"

@@ -29,8 +29,9 @@ VALIDATION_WORDS = {
 }
 
 
-def provenance(data: DemoData, t: Tuning) -> list[str]:
-    """Exactly which rows each process saw, per site."""
+def provenance(data: DemoData, t: Tuning, stored: dict[str, tuple[int, int]] | None = None) -> list[str]:
+    """Exactly which rows each process saw, per site; ``stored``: the training and validation rows each agent
+    held at the end (runner.stored_rows), said where they fall short of the rows it was sent."""
     out = []
     split = SPLIT_WORDS[data.split].format(group=data.group_column)
     val = VALIDATION_WORDS[data.split].format(group=data.group_column)
@@ -48,12 +49,26 @@ def provenance(data: DemoData, t: Tuning) -> list[str]:
             f"{len(live)} served live by its simulated PLC from `live.csv` (Modbus TCP, over {t.plc_seconds:g} s), "
             f"which its line inference also scores. Of these the agent holds out {held} as validation rows "
             f"({val}); it trains on the other {len(s.train_rows) - held}."
+            + _shortfall(s.train_rows, held, (stored or {}).get(s.site))
         )
     return [
         f"Test rows are chosen {split} (seed {data.seed}); each edge's validation rows are chosen the "
         "same way from the rows it receives (see each site).",
         *out,
     ]
+
+
+def _shortfall(train_rows: Any, held: int, got: tuple[int, int] | None) -> str:
+    """What the agent actually held, when it is fewer rows than it was sent (else nothing to add)."""
+    if got is None or sum(got) >= len(train_rows):
+        return ""
+    n_train, n_val = got
+    return (
+        f" **Its agent held only {n_train + n_val} of them at the end ({len(train_rows) - n_train - n_val} fewer: "
+        f"live rows its PLC served before the agent first read it, or after it stopped), {n_train} training and "
+        f"{n_val} validation rows**: the live run's served model was picked and trained on those, while the "
+        f"local-only column and the split study train on all {len(train_rows) - held}."
+    )
 
 
 def _num(text: str) -> Any:
@@ -143,11 +158,12 @@ def run_notes(
     site: str,
     cut: dict[str, Any],
     broker_desc: str,
+    stored: dict[str, tuple[int, int]] | None = None,
 ) -> list[str]:
-    """Every note of the report, in order."""
+    """Every note of the report, in order (``stored``: each agent's training and validation rows at the end)."""
     secure = secure_aggregation.enabled(t.secure_aggregation, len(data.sites))
     return [
-        *provenance(data, t),
+        *provenance(data, t, stored),
         *settings(data, t, batch_fraction, tunings),
         secure_aggregation.note(secure, len(data.sites)),
         intermittent(site, cut, secure),

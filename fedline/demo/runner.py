@@ -299,7 +299,8 @@ async def _run_federation(
     console: Any,
     spare: Any,
 ) -> None:
-    """Start the aggregator, each site's PLC, edge and line; watch until done; stop the edges first."""
+    """Start the aggregator, each site's edge and line, and its PLC once the edge is online; watch until done; stop
+    the edges first."""
     from fedline.demo.monitor import site_table
     from fedline.demo.watch import CutSchedule, watch
 
@@ -307,23 +308,24 @@ async def _run_federation(
     try:
         procs.start("aggregator", ["aggregator", "--config", str(agg_toml)], cwd=agg_toml.parent)
         for s in data.sites:
-            f = files[s.site]
-            plc = ["plc-sim", "--csv", str(f["live"]), "--map", str(f["map"]), "--port", str(ws.plc_ports[s.site])]
-            procs.start(f"plc-{s.site}", [*plc, "--rate", f"{f['rate']:.3f}", "--once"], cwd=ws.site_dir(s.site))
-        await asyncio.sleep(0.5)
-        for s in data.sites:
             d = ws.site_dir(s.site)
             procs.start(f"edge-{s.site}", ["edge", "--config", str(files[s.site]["site"])], cwd=d)
             procs.start(f"infer-{s.site}", ["infer", "--config", str(files[s.site]["line"])], cwd=d)
+        # each PLC once its agent is online, beside the watch (so the cut schedule does not wait for the last agent)
+        plcs = asyncio.create_task(_start_plcs(procs, data, ws, files, monitor.view))
         _say(
             console,
-            f"started {len(procs.procs)} processes (logs in {ws.logs}); site {intermittent} will lose "
-            f"the broker for {opts.cut_s:.0f} s after version {opts.cut_after_version}",
+            f"started {len(procs.procs)} processes (logs in {ws.logs}), each site's PLC to follow once its agent is "
+            f"online; site {intermittent} will lose the broker for {opts.cut_s:.0f} s after version "
+            f"{opts.cut_after_version}",
         )
         cut = CutSchedule(opts, proxies, intermittent, cut_state)
-        await watch(
-            opts, monitor, procs, cut, console, site_table, data.metric, spare.step if spare is not None else None
-        )
+        try:
+            await watch(
+                opts, monitor, procs, cut, console, site_table, data.metric, spare.step if spare is not None else None
+            )
+        finally:
+            plcs.cancel()
         # stop the edges first: they publish a last 'offline' status with their final figures
         sites = [s.site for s in data.sites]
         procs.stop_all(10.0, [f"edge-{s}" for s in sites] + [f"infer-{s}" for s in sites])
@@ -332,6 +334,30 @@ async def _run_federation(
         await asyncio.sleep(0.3)
     finally:
         procs.stop_all(10.0)
+
+
+async def _start_plcs(
+    procs: Launcher, data: DemoData, ws: Workspace, files: dict[str, Any], view: Any, wait_s: float = 60.0
+) -> None:
+    """Each site's PLC, started once its agent says "online" (or after ``wait_s``).
+
+    Why not before the agents: the PLC serves its live rows on its own clock from its start, and rows it served
+    before the agent first polled it never reach the agent. Started first, an agent that took 14 s to start under
+    load missed half its live rows (docs/tuning.md, seventeenth pass). An agent publishes "online" about a second
+    after its sources start polling (and retrying a PLC not yet listening, at most ``reconnect_max_s`` apart), so
+    what it can still miss is about a second of rows; the report counts what each agent held (``stored_rows``)."""
+    waiting = [s.site for s in data.sites]
+    deadline = time.monotonic() + wait_s
+    while waiting:
+        late = time.monotonic() > deadline
+        for site in list(waiting):
+            sv = view.sites.get(site)
+            if late or (sv is not None and sv.online_statuses > 0):
+                f = files[site]
+                plc = ["plc-sim", "--csv", str(f["live"]), "--map", str(f["map"]), "--port", str(ws.plc_ports[site])]
+                procs.start(f"plc-{site}", [*plc, "--rate", f"{f['rate']:.3f}", "--once"], cwd=ws.site_dir(site))
+                waiting.remove(site)
+        await asyncio.sleep(0.1)
 
 
 async def _conclude(
@@ -465,6 +491,7 @@ def build_report(
         pred = predict(spec, params, x_pool)
         central_pooled = score(data.metric, y_pool, pred if data.task == "classification" else data.untarget(pred))
 
+    stored = {s.site: r for s in data.sites if (r := stored_rows(ws.site_dir(s.site) / "state")) is not None}
     site_docs = []
     for i, s in enumerate(data.sites):
         sv = view.sites[s.site]
@@ -494,6 +521,9 @@ def build_report(
                 "served": served.get(s.site, {}).get("choice"),
                 "metric_central": central[i],
                 "rows_validation": int(data.validation_mask(s).sum()),
+                # what the site's agent held at the end (training, validation): fewer than it was sent when its PLC
+                # served live rows before the agent first read it (docs/tuning.md, seventeenth pass)
+                "rows_stored": stored.get(s.site),
                 "epsilon": st.get("epsilon"),
                 "epsilon_budget": t.epsilon,
                 "delta": t.delta,
@@ -521,7 +551,7 @@ def build_report(
     cut = cut_state
     from fedline.demo.notes import run_notes
 
-    notes = run_notes(data, t, opts.batch_fraction, tunings, intermittent, cut_state, broker_desc)
+    notes = run_notes(data, t, opts.batch_fraction, tunings, intermittent, cut_state, broker_desc, stored)
     return {
         "task": data.task,
         "metric": data.metric,
@@ -591,6 +621,29 @@ def _served(data: DemoData, ws: Workspace) -> dict[str, dict[str, Any]]:
             "version": ptr.version,
         }
     return out
+
+
+def stored_rows(state_dir: Path) -> tuple[int, int] | None:
+    """The training and validation rows a site's agent held in its dataset (``edge/site_state.py``'s
+    ``dataset.sqlite`` under its data directory), read-only after the run; None when there is none to read.
+
+    Why the report reads it: the PLC serves its live rows on its own clock from its start, so rows it served
+    before the agent first polled it never reach the agent, and the report must not say every row did."""
+    import sqlite3
+
+    path = state_dir / "dataset.sqlite"
+    if not path.exists():
+        return None
+    try:
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            counts = dict(db.execute("SELECT holdout, COUNT(*) FROM examples GROUP BY holdout").fetchall())
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        log.warning("no row counts readable in %s: %s", path, exc)
+        return None
+    return int(counts.get(0, 0)), int(counts.get(1, 0))
 
 
 def _count_lines(path: Path) -> int:

@@ -123,3 +123,43 @@ def test_an_update_whose_headers_are_too_long_to_place_is_copied_to_aligned_memo
         assert misplaced > 0
     finally:
         core.close()
+
+
+def test_the_core_opens_float32_updates_aligned_whatever_their_headers_length_without_a_copy(tmp_path, monkeypatch):
+    """The opener asks ``seal_open`` to put the model's float32 tensor bytes, which end the plaintext, on an
+    aligned address: even a header too long to peek at (over PEEK_BYTES) leaves nothing for ``aligned`` to copy,
+    and the values and the norm are the update's."""
+    import aggregator.opener
+
+    fed = make_federation(tmp_path, ["site-a"])
+    core = AggregatorCore(
+        fed.config(strategy='kind = "fedbuff"\nbuffer_size = 5', extra="[validation]\nmax_norm = 50.0")
+    )
+    copied = []
+    real = aggregator.opener.aligned
+
+    def spy(tensors):
+        out = real(tensors)
+        copied.append(out is not tensors)
+        return out
+
+    monkeypatch.setattr(aggregator.opener, "aligned", spy)
+    try:
+        delta = random_delta(core.model, np.random.default_rng(2), scale=0.1)
+        by_hand = math.sqrt(sum(float(np.sum(v.astype(np.float64) ** 2)) for v in delta.values()))
+        offsets = set()
+        for extra in range(4):
+            note = "x" * (PEEK_BYTES + extra)
+            header = UpdateHeader("site-a", 1 + extra, f"m{extra}", 0, 10, {"epsilon": 1.0, "note": note})
+            sealed = envelope.seal_update(header, delta, fed.sites["site-a"], fed.agg.public().box_pub)
+            offsets.add(_data_offset(fed, sealed) % 4)
+            op = core.open(sealed)
+            assert op.reason is None, op.detail
+            for name, a in op.tensors.items():
+                assert a.flags.aligned and not a.flags.writeable
+                np.testing.assert_array_equal(a, delta[name])
+            assert op.norm == pytest.approx(by_hand, rel=1e-5)
+        assert offsets - {0}  # starts the peek could not place were among them
+        assert copied == [False] * 4
+    finally:
+        core.close()

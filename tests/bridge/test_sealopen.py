@@ -87,3 +87,33 @@ def test_a_placed_open_refuses_a_flipped_bit_anywhere_another_key_and_a_zero_eph
         seal_open(zero_epk, key, place=place)
     with pytest.raises(CryptoError):
         seal_open(zero_epk, key)
+
+
+@pytest.mark.parametrize("n", [1, 63, 64, 4 * 100_003])
+def test_a_tail_placed_open_puts_the_last_bytes_on_a_boundary_without_reading_any_first(n: int) -> None:
+    """``tail``: the plaintext's last ``tail`` bytes start on an ALIGN-byte boundary, the plaintext unchanged, and
+    ``place`` is never asked (nothing read before the box authenticates); a tail that does not fit the plaintext
+    leaves the placement to ``place``."""
+    key = PrivateKey.generate()
+    msg = os.urandom(n)
+    ct = SealedBox(key.public_key).encrypt(msg)
+    for tail in sorted(t for t in {0, 1, 4, n // 2, n} if t <= n):
+        place, seen = _at(3)
+        out = seal_open(memoryview(b"FLE\x01" + ct)[4:], key, place=place, tail=tail)
+        assert bytes(out) == msg and out.readonly and seen == []
+        assert (np.frombuffer(out, np.uint8).ctypes.data + n - tail) % ALIGN == 0
+    place, seen = _at(3)
+    out = seal_open(ct, key, place=place, tail=n + 1)  # more than there is: placed from the first bytes
+    assert bytes(out) == msg and seen == [msg[:PEEK_BYTES]]
+    assert (np.frombuffer(out, np.uint8).ctypes.data + 3) % ALIGN == 0
+
+
+@pytest.mark.parametrize("where", [0, 31, 40, 60, -1])
+def test_a_tail_placed_open_refuses_a_flipped_bit_another_key_and_a_zero_ephemeral_key(where: int) -> None:
+    key, other = PrivateKey.generate(), PrivateKey.generate()
+    ct = bytearray(SealedBox(key.public_key).encrypt(b"delta" * 100))
+    bad = bytearray(ct)
+    bad[where] ^= 0x01
+    for blob, k in ((bad, key), (ct, other), (bytes(32) + bytes(ct[32:]), key)):
+        with pytest.raises(CryptoError):
+            seal_open(blob, k, tail=100)

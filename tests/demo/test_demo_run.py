@@ -123,6 +123,10 @@ def test_shortened_ai4i_demo(tmp_path):
         assert s["updates_sent"] >= 1 and s["bytes_sent"] > 0 and 0 < s["epsilon"] <= s["epsilon_budget"]
         assert s["predictions"] > 0  # the line inference scored the PLC's rows
         assert_served_is_what_the_line_loads(tmp_path, rep, s)
+        # what the agent held at the end, read from its dataset: at most what it was sent, most of it
+        n_train, n_val = s["rows_stored"]
+        assert 0.9 * s["rows_train"] <= n_train + n_val <= s["rows_train"]
+        assert_plc_started_after_its_agent(tmp_path / "run" / "logs", s["site"])
     h = next(s for s in rep["sites"] if s["site"] == "H")  # 320 training rows, 64 held out with 1-2 failures
     # too small to decide, and 5-ish training failures (< 30): its training folds join the evidence (edge/unit_folds)
     assert "too small" in h["served"]["reason"] and h["served"]["rule"].startswith("too_small_folds_")
@@ -158,6 +162,15 @@ def test_shortened_ai4i_demo(tmp_path):
     assert study["sites"]["H"]["served_sign_test_p"] >= 0.25 and checks["smallest_site_served_gains"] is False
     assert "split study" in out
     assert_secure_aggregation(tmp_path / "run" / "logs" / "aggregator.log", rep)
+
+
+def assert_plc_started_after_its_agent(logs: Path, site: str) -> None:
+    """The PLC serves its live rows on its own clock from its start: it must start once its agent is up (the
+    agent's "edge.starting" comes before it connects and says "online"), or the rows it serves meanwhile are lost."""
+    stamp = lambda line: line.split()[0]  # ISO 8601 UTC, same format in both logs: compares as text
+    agent = next(stamp(x) for x in (logs / f"edge-{site}.log").read_text().splitlines() if "edge.starting" in x)
+    plc = next(stamp(x) for x in (logs / f"plc-{site}.log").read_text().splitlines() if "plc_sim.listening" in x)
+    assert plc > agent, (site, plc, agent)
 
 
 def assert_secure_aggregation(agg_log: Path, rep: dict) -> None:
