@@ -12,23 +12,66 @@ skipped when that would exceed the budget.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import warnings
 from typing import Any
 
 from edge.config import PrivacyConfig
+from edge.ledger_privacy import RDP_ORDERS
 from fedline.opacus_parts import opacus_module
 
 
 def _accountant(mechanism: str):
     """A fresh accountant for ``mechanism``: the class Opacus's ``create_accountant`` maps it to, imported alone
-    (``fedline.opacus_parts``: Opacus's registry imports every accountant, the GDP one with ``scipy.stats``)."""
+    (``fedline.opacus_parts``: Opacus's registry imports every accountant, the GDP one with ``scipy.stats``); for
+    ``rdp`` :class:`RdpAccountant`, Opacus's RDP accountant computed the same way without its module."""
     if mechanism == "rdp":
-        return opacus_module("accountants.rdp").RDPAccountant()
+        return RdpAccountant()
     if mechanism == "prv":
         return opacus_module("accountants.prv").PRVAccountant()
     return opacus_module("accountants").create_accountant(mechanism)  # the registry: finishes the package
+
+
+class RdpAccountant:
+    """Opacus 1.6's ``RDPAccountant`` for what the budget uses (its history, ``state_dict``, ``load_state_dict``,
+    ``get_epsilon``), without importing its module: ``opacus.accountants.rdp`` imports ``accountant.py``, which
+    imports every Opacus optimizer and with them ``torch.distributed.tensor`` and SymPy (about 1 s of CPU that the
+    rest of a DP process no longer loads: ``edge.dpsgd``). ε is Opacus's: ``compute_rdp`` of every history entry
+    at the default orders (``edge.ledger_privacy.RDP_ORDERS``), summed in order, then ``get_privacy_spent``
+    (tests/edge/test_dpsgd.py compares it with Opacus's class on several histories)."""
+
+    def __init__(self) -> None:
+        self.history: list[tuple[float, float, int]] = []
+
+    @classmethod
+    def mechanism(cls) -> str:
+        return "rdp"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": copy.deepcopy(self.history), "mechanism": self.mechanism()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not state or "history" not in state or "mechanism" not in state:
+            raise ValueError("an accountant state needs its history and mechanism")
+        if state["mechanism"] != self.mechanism():
+            raise ValueError(f"state_dict of {state['mechanism']} cannot be loaded into an rdp accountant")
+        self.history = state["history"]
+
+    def get_epsilon(self, delta: float) -> float:
+        if not self.history:
+            return 0
+        analysis = opacus_module("accountants.analysis.rdp")
+        orders = list(RDP_ORDERS)
+        rdp = sum(
+            [
+                analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=orders)
+                for (sigma, q, steps) in self.history
+            ]
+        )
+        eps, _ = analysis.get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
+        return float(eps)
 
 
 class PrivacyBudget:

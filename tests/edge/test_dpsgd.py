@@ -157,3 +157,22 @@ def test_two_passes_before_a_step_as_opacus_accumulates_them() -> None:
 
 def test_the_rdp_orders_are_opacus_defaults() -> None:
     assert list(RDP_ORDERS) == opacus_module("accountants.rdp").RDPAccountant.DEFAULT_ALPHAS
+
+
+@pytest.mark.parametrize(
+    "history",
+    [[], [(1.0, 0.1, 20)], [(1.5, 0.03, 66), (1.5, 0.03, 66), (0.8, 0.5, 3)], [(4.0, 1.0, 1)], [(0.6, 0.01, 5000)]],
+)
+def test_the_budgets_rdp_accountant_is_opacus_rdp_accountant(history: list[tuple[float, float, int]]) -> None:
+    from edge.privacy import RdpAccountant
+
+    ours, theirs = RdpAccountant(), opacus_module("accountants.rdp").RDPAccountant()
+    ours.history, theirs.history = list(history), list(history)
+    for delta in (1e-5, 1e-3):
+        assert ours.get_epsilon(delta=delta) == theirs.get_epsilon(delta=delta)
+    assert ours.state_dict() == dict(theirs.state_dict())
+    loaded = RdpAccountant()
+    loaded.load_state_dict(dict(theirs.state_dict()))
+    assert loaded.history == theirs.history
+    with pytest.raises(ValueError, match="prv"):
+        loaded.load_state_dict({"history": [], "mechanism": "prv"})

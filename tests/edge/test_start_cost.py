@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from fedline.testing.patience import bound
 from tests.conftest import eventually
 from tests.edge.helpers import Federation, write_csv, write_site
@@ -111,8 +113,8 @@ def test_a_dp_round_loads_no_gdp_accountant_and_opacus_still_imports_whole_later
 
 
 def test_an_edges_rounds_import_neither_dynamo_nor_opacus_optimizers() -> None:
-    """What an edge's start and its rounds load (``edge.trainer.preload``, the record ledger, a DP round and a
-    noise-free one, the line's ONNX export): not ``torch._dynamo`` (torch's optimizers), not Opacus's optimizers
+    """What an edge's start and its rounds load (``edge.trainer.preload``, the record ledger, the legacy global
+    budget, a DP round and a noise-free one, the line's ONNX export): not ``torch._dynamo`` (torch's optimizers), not Opacus's optimizers
     with ``torch.distributed.tensor`` and SymPy (``edge.dpsgd`` computes their step)."""
     got = _child(
         """
@@ -128,6 +130,8 @@ preload(True)
 dp = PrivacyConfig(epsilon=50.0, delta=1e-5, noise_multiplier=1.0, max_grad_norm=1.0)
 ledger = RecordLedger(dp)
 eps = ledger._eps(ledger._unit(0.1, 1.0) * 20)
+from edge.privacy import PrivacyBudget  # the legacy global budget (and the plain loop's): Opacus's RDP, computed
+eps_global = PrivacyBudget(dp).epsilon_after(0.1, 20)
 spec = ModelSpec.from_dict({"kind": "mlp", "n_features": 3, "hidden": [4], "task": "classification"})
 x = np.random.default_rng(0).normal(size=(64, 3)).astype(np.float32)
 y = (x[:, :1] > 0).astype(np.float32)
@@ -137,12 +141,14 @@ r = train_round(spec, base, None, x, y, TrainingConfig(epochs=2, batch_size=16, 
 train_round(spec, base, None, x, y, TrainingConfig(epochs=1, batch_size=16, lr=0.1), None)
 onnx = export_onnx(model, spec)
 names = ("torch._dynamo", "torch.distributed.tensor", "sympy", "opacus.optimizers", "opacus.accountants.accountant")
-print(json.dumps({"loaded": [n for n in names if n in sys.modules], "eps": eps, "noise_steps": r.noise_steps,
+print(json.dumps({"loaded": [n for n in names if n in sys.modules], "eps": eps, "eps_global": eps_global,
+                  "noise_steps": r.noise_steps,
                   "planned": r.plan.steps, "onnx": len(onnx)}))
 """
     )
     assert got["loaded"] == []
-    assert got["noise_steps"] == got["planned"] > 0 and got["eps"] > 0 and got["onnx"] > 100
+    assert got["noise_steps"] == got["planned"] > 0 and got["onnx"] > 100
+    assert got["eps"] == pytest.approx(got["eps_global"], rel=1e-9) and got["eps"] > 0  # one history, two ways
 
 
 def test_plain_opacus_import_first_leaves_it_alone() -> None:
