@@ -213,9 +213,10 @@ def train_round(
 ) -> RoundResult:
     """Train from ``base_shared`` (+ the site's ``personal`` arrays) and return the delta.
 
-    With ``dp`` set, training is DP-SGD through Opacus (Poisson sampling,
-    per-sample clipping to ``max_grad_norm``, Gaussian noise ``noise_multiplier``),
-    its randomness from private CSPRNG-seeded generators (module docstring).
+    With ``dp`` set, training is DP-SGD: Opacus's Poisson sampling and per-sample gradients, then
+    per-sample clipping to ``max_grad_norm`` and Gaussian noise ``noise_multiplier`` as Opacus's
+    ``DPOptimizer`` computes them (``edge.dpsgd``), its randomness from private CSPRNG-seeded
+    generators (module docstring).
     ``shuffle_seed`` (noise-free rounds only) fixes the batches' order so that a replay repeats.
     """
     if dp is not None and shuffle_seed is not None:
