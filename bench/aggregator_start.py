@@ -24,7 +24,6 @@ Usage: ``python bench/aggregator_start.py --tree /tmp/base --tree . --repeats 5 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -40,6 +39,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(ROOT))
+
+from fedline.testing.bench_trees import load_script, print_report, tree_label  # noqa: E402 (after the path fix above)
 
 STAGES = ("aggregator.resumed", "aggregator.bounds", "mqtt.connected", "aggregator.started", "model.published")
 
@@ -79,23 +80,7 @@ sys.exit(main(argv))
 
 
 def _scale() -> Any:
-    spec = importlib.util.spec_from_file_location("bench_scale", ROOT / "bench" / "scale.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_scale"] = mod  # its dataclasses look their module up
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def tree_label(tree: Path) -> str:
-    try:
-        head = subprocess.run(
-            ["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(tree), "status", "--porcelain"], capture_output=True, text=True)
-        return head + ("+" if dirty.stdout.strip() else "")
-    except (subprocess.CalledProcessError, FileNotFoundError):
-        return str(tree)
+    return load_script(ROOT / "bench" / "scale.py", "bench_scale")
 
 
 def config_for(base_cfg: Path, state_dir: Path) -> Path:
@@ -242,11 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         "python": platform.python_version(),
         "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
-    if args.json:
-        print(json.dumps(doc))
-    else:
-        print(json.dumps(doc["summary"], indent=1))
-        print(f"load average {doc['load_average'][0]} -> {doc['load_average'][1]}")
+    print_report(doc, args.json)
     return 0
 
 

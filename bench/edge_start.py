@@ -40,6 +40,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(ROOT))
 
+from fedline.testing.bench_trees import load_script, print_report, tree_label  # noqa: E402 (after the path fix above)
+
 STAGES = {"edge.start_cost": "start", "update.sealed": "first_update"}
 HEAVY = ("torch", "torch._dynamo", "torch.distributed.tensor", "sympy", "scipy.special", "onnx", "opacus.optimizers")
 
@@ -70,24 +72,7 @@ sys.exit(main(argv))
 
 
 def _e2e() -> Any:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_e2e", ROOT / "bench" / "e2e.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def tree_label(tree: Path) -> str:
-    try:
-        head = subprocess.run(
-            ["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(tree), "status", "--porcelain"], capture_output=True, text=True)
-        return head + ("+" if dirty.stdout.strip() else "")
-    except (subprocess.CalledProcessError, FileNotFoundError):
-        return str(tree)
+    return load_script(ROOT / "bench" / "e2e.py", "bench_e2e")
 
 
 def _env(tree: Path) -> dict[str, str]:
@@ -250,11 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         "python": platform.python_version(),
         "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
-    if args.json:
-        print(json.dumps(doc))
-    else:
-        print(json.dumps(doc["summary"], indent=1))
-        print(f"load average {doc['load_average'][0]} -> {doc['load_average'][1]}")
+    print_report(doc, args.json)
     return 0
 
 

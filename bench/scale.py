@@ -63,7 +63,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib.util
 import json
 import math
 import os
@@ -85,6 +84,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(ROOT))
 
+from fedline.testing.bench_trees import load_script  # noqa: E402 (after the path fix above)
+
 FEDERATION = "scale"
 N_FEATURES = 128
 FLAT_GROWTH = 0.05  # a phase is flat when its backlog grows by less than this share of what was offered
@@ -94,11 +95,7 @@ DELTA_POOL = 4  # distinct noise deltas per site process, drawn before the timed
 
 def _bench_aggregator() -> Any:
     """bench/aggregator.py (a script, not a package): its model sizing and its limit, one home for both."""
-    spec = importlib.util.spec_from_file_location("bench_aggregator", ROOT / "bench" / "aggregator.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(ROOT / "bench" / "aggregator.py", "bench_aggregator")
 
 
 def shared_shapes(n_params: int) -> dict[str, tuple[int, ...]]:
