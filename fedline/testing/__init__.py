@@ -10,6 +10,8 @@
   aggregator.toml, site.toml per site, synthetic plant CSVs);
 - :mod:`fedline.testing.ledger`: reconcile every site's ledger of sealed
   updates with the aggregator's verdicts and model lineage.
+- :mod:`fedline.testing.bench_trees`: what the benches under ``bench/`` share
+  (loading another bench script, naming the checkouts they compare, their report).
 
 Nothing here is imported by the product; it imports the product.
 """
