@@ -20,12 +20,18 @@ SITES = ["site-a", "site-b"]
 
 
 async def test_kill9_aggregator_mid_buffer_and_edge_with_full_outbox_ledger_exact(tmp_path) -> None:
-    # 480 rows at 40 Hz: the replay still runs when the aggregator is killed (version 1 and a part-full
-    # buffer take a few seconds of process start-up first), so site-a keeps sealing while it is away
-    settings = RigSettings(rows_per_site=480, rate_hz=40.0, every_rows=40, buffer_size=3, max_staleness=10)
+    # the replay must still run when the aggregator is killed, so site-a keeps sealing while it is away. The
+    # aggregator starts first and the sites once it has version 0: started together, a loaded machine (CI)
+    # could take the aggregator's whole start-up to come up while the sites replayed every row, and the first
+    # moment with version 1 and a part-full buffer came after the replay's end (CI failed so on 1 Dec)
+    settings = RigSettings(rows_per_site=480, rate_hz=30.0, every_rows=40, buffer_size=3, max_staleness=10)
     async with FaultRig(tmp_path, SITES, settings) as rig:
-        rig.start_all()
+        rig.start_aggregator()
+        await rig.until(lambda: rig.version() >= 0, 90, "the aggregator's version 0")
+        for site in SITES:
+            rig.start_site(site)
         await rig.until(lambda: rig.version() >= 1 and rig.buffer_depth() >= 1, 90, "version 1 and a part-full buffer")
+        assert not rig.procs["site-a"].since_start("sources.ended"), "site-a's replay ended before the kill"
         agg = rig.procs["aggregator"]
         agg.kill9()
         buffered_at_kill, version_at_kill = rig.buffer_depth(), rig.version()
