@@ -162,11 +162,11 @@ class StrategyConfig:
     # (aggregator.robust.rescale): a short backdoored delta otherwise sits between the honest values in many
     # coordinates and the median picks it there (RELIABILITY.md, issue 14's "samples" attack)
     norm_to_median: bool = True
-    # an experiment against MDA's late keeps (RELIABILITY.md, robust14f), off (0) by default, acting only under MDA:
-    # with g >= 1, each input column j of the first layer's weights (the first 2-D tensor, out x in) drops the kept
-    # slots that column's own MDA subset leaves out, where the kept subset's diameter in column j exceeds g times
-    # that subset's; such a slot weighs 0 in column j and f(s)/K elsewhere (aggregate.column_vetoes)
-    input_column_veto: float = 0.0
+    # under MDA (RELIABILITY.md, robust14f/robust14g; 0 = off): with g >= 1, each input column j of the first layer's
+    # weights (aggregate.input_tensor: out x in; none for cnn1d) drops the kept slots that column's own MDA subset
+    # leaves out, where the kept subset's diameter in column j exceeds g times that subset's; such a slot weighs 0
+    # in column j and f(s)/K elsewhere (aggregate.column_vetoes). Only ever drops weight, never adds
+    input_column_veto: float = 1.2
     # weigh by min(n_samples, sample_cap) / sum instead of 1/K; the cap is the aggregator's, never the claim
     sample_weighting: bool = False
     sample_cap: float = 0.0

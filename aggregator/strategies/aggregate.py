@@ -133,16 +133,19 @@ def mda_keep(deltas: Sequence[Mapping[str, np.ndarray]], f: int = 1) -> tuple[in
 
 
 def input_tensor(delta: Mapping[str, np.ndarray]) -> str | None:
-    """The first 2-D tensor in ``delta``'s order, the first layer's weights (``out × in``: column ``j`` holds the
-    weights that read input ``j``); None if there is none."""
-    return next((k for k in delta if len(_shape(delta, k)) == 2), None)
+    """The first layer's weights where they are a matrix (``out × in``: column ``j`` holds the weights that read
+    input ``j``): the first tensor in ``delta``'s order of two or more dimensions, if it has two (an MLP's, an
+    autoencoder's, a GRU's input weights); None if it has more (cnn1d's conv kernels: its first 2-D tensor reads
+    channels, not inputs, so the veto stays off there) or there is none."""
+    first = next((k for k in delta if len(_shape(delta, k)) >= 2), None)
+    return first if first is not None and len(_shape(delta, first)) == 2 else None
 
 
 def column_vetoes(
     deltas: Sequence[Mapping[str, np.ndarray]], keep: tuple[int, ...], name: str, f: int = 1, gate: float = 1.0
 ) -> dict[int, list[int]]:
-    """The kept slots dropped from each input column of the 2-D tensor ``name`` (an experiment, ``[strategy]
-    input_column_veto``): ``{j: [i, ...]}`` for every column ``j`` where MDA's subset on the deltas' column ``j``
+    """The kept slots dropped from each input column of the 2-D tensor ``name`` (``[strategy] input_column_veto``,
+    1.2 by default under MDA): ``{j: [i, ...]}`` for every column ``j`` where MDA's subset on the deltas' column ``j``
     alone, ``S_j``, differs from ``keep`` (the whole-vector subset ``S``) and ``S``'s diameter in column ``j`` exceeds
     ``gate`` times ``S_j``'s (beyond float rounding, :data:`aggregator.mda.TIE`); the slots dropped are ``S ∖ S_j``.
     Only ever drops: a slot outside ``S`` is never added, so no slot weighs more in any column than under MDA."""

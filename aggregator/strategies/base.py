@@ -203,8 +203,8 @@ class Strategy:
 
     def mda_step(self, deltas: Sequence[Mapping[str, np.ndarray]], updates: Sequence[Accepted]) -> State:
         """MDA's step (:meth:`combine`): the kept slots at their coefficients, the left-out ones 0; with
-        ``input_column_veto`` (an experiment) a kept slot is also dropped from the input columns of the first
-        layer's weights whose own MDA subset leaves it out (:func:`aggregate.column_vetoes`): its ``weight`` stays
+        ``input_column_veto`` (1.2 by default; 0 = off) a kept slot is also dropped from the input columns of the
+        first layer's weights whose own MDA subset leaves it out (:func:`aggregate.column_vetoes`): its ``weight`` stays
         its largest coefficient on any parameter, ``f(s)/K``."""
         # a buffer closed early (buffer_timeout_s) holds fewer: never keep fewer than min_sites of them
         f = mda.kept_at_least(self.cfg.mda_f, len(deltas), self.cfg.min_sites)

@@ -1,4 +1,4 @@
-"""``[strategy] input_column_veto`` (an experiment, off by default; RELIABILITY.md, robust14f): under MDA, a kept slot
+"""``[strategy] input_column_veto`` (g = 1.2 by default since robust14g; RELIABILITY.md, robust14f/g): under MDA, a kept slot
 is dropped from an input column of the first layer's weights whose own MDA subset leaves it out, where the kept
 subset's diameter in that column exceeds ``g`` times the column subset's. Every number is worked by hand below.
 
@@ -89,7 +89,26 @@ def test_a_model_without_a_two_d_tensor_is_plain_mda():
     np.testing.assert_allclose(fb.reduce({"w": np.zeros(1, np.float32)}, u, None).model["w"], [1.0], rtol=1e-6)
 
 
-def test_the_gate_is_zero_or_at_least_one():
-    assert StrategyConfig().input_column_veto == 0.0
+def test_a_model_whose_first_weights_are_conv_kernels_is_plain_mda():
+    """cnn1d: the first tensor of two or more dimensions is a 3-D kernel (out x in x k); the later 2-D one reads
+    channels, not inputs, so nothing is vetoed. The kernel is 0 in every slot, so the distances and S = {A, B, D} are
+    those above, and the step is MDA's, w = (0.6666667, 0.5666667), where g = 1 on ``w`` alone gives (0, 0.0666667)."""
+    fb = strategy(1.0)
+    d = [
+        {"k": np.zeros((1, 1, 1), np.float32), "w": np.array([[a, b]], np.float32), "b": np.array([c], np.float32)}
+        for a, b, c in ROWS.values()
+    ]
+    assert aggregate.input_tensor(d[0]) is None and aggregate.input_tensor({"w": d[0]["w"]}) == "w"
+    u = [Accepted(s, 1, s, 0, 10, 0, 1.0, 0.0, x) for s, x in zip(ROWS, d)]
+    zero = {"k": np.zeros((1, 1, 1), np.float32), "w": np.zeros((1, 2), np.float32), "b": np.zeros(1, np.float32)}
+    r = fb.reduce(zero, u, None)
+    np.testing.assert_allclose(r.model["w"][0], [2 / 3, 1.7 / 3], rtol=1e-6)
+    np.testing.assert_allclose(r.model["k"].reshape(-1), [0.0], atol=1e-7)
+    assert [x.weight for x in u] == [pytest.approx(1 / 3), pytest.approx(1 / 3), 0.0, pytest.approx(1 / 3)]
+
+
+def test_the_gate_is_zero_or_at_least_one_and_1_2_by_default():
+    assert StrategyConfig().input_column_veto == 1.2
+    assert StrategyConfig(input_column_veto=0).input_column_veto == 0.0  # off: plain MDA
     with pytest.raises(ConfigError, match="input_column_veto must be 0"):
         parse(StrategyConfig, {"input_column_veto": 0.5}, where="strategy")
