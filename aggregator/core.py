@@ -141,6 +141,7 @@ class AggregatorCore:
         if self.site_rate.interval_s > 0:  # the rate outlives a restart (aggregator.site_rate)
             self.site_rate.restore(self.store.last_applied(), time.time())
         self._torch_model: Any = None
+        self._seed_params: Any = False  # the seed's parameters for the ONNX (_onnx_seed); False: not looked at yet
         self.evaluator = self._load_evaluation(cfg)
         self._load_or_seed()
         n_params = sum(int(v.size) for v in self.model.values())
@@ -215,11 +216,10 @@ class AggregatorCore:
 
     def _seed(self, spec_json: str) -> None:
         """Version 0, built from the seed exactly as every edge builds it, committed with the spec and seed."""
-        from models import build_model, shared_state
+        from models.version0 import seed_shared_state
 
-        model = build_model(self.spec, seed=self.cfg.aggregator.seed)
-        self._torch_model = model
-        state = shared_state(model, self.spec)
+        # without torch where models.seed_init covers the model (bit for bit torch's initialisation)
+        state = seed_shared_state(self.spec, self.cfg.aggregator.seed)
         self.store.set_meta("spec", spec_json)
         self.store.set_meta("seed", str(self.cfg.aggregator.seed))
         self.store.commit_version(
@@ -711,6 +711,34 @@ class AggregatorCore:
     def lineage(self, version: int) -> dict[str, Any] | None:
         ck = self.store.checkpoint(version, blobs=False)
         return ck.lineage if ck else None
+
+    def onnx(self, shared: State | None = None) -> bytes:
+        """The ONNX of the global model: shared weights (default: current version), the seed's head (see
+        :meth:`torch_model`). Written from the weights without torch where ``models.onnx_graph`` covers the
+        model (the graph torch's exporter writes), else exported with torch."""
+        weights = self.model if shared is None else shared
+        seed = self._onnx_seed()
+        if seed is None:
+            from models import export_onnx
+
+            return export_onnx(self.torch_model(weights), self.spec)
+        from models.onnx_graph import build_onnx_over
+
+        return build_onnx_over(self.spec, seed, weights)
+
+    def onnx_needs_torch(self) -> bool:
+        """Whether :meth:`onnx` exports with torch (a model ``models.onnx_graph`` does not write)."""
+        return self._onnx_seed() is None
+
+    def _onnx_seed(self) -> dict[str, Any] | None:
+        """Version 0's parameters (personal ones included) when :meth:`onnx` writes the graph itself, else None."""
+        if self._seed_params is False:
+            from models import onnx_graph
+            from models.seed_init import seed_params
+
+            covered = onnx_graph.covers(self.spec)
+            self._seed_params = seed_params(self.spec, self.cfg.aggregator.seed) if covered else None
+        return self._seed_params
 
     def torch_model(self, shared: State | None = None) -> Any:
         """The global model as torch: shared weights (default: current version), the seed's head.

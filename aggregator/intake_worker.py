@@ -72,9 +72,9 @@ FORWARD_CHUNK = 1024 * 1024
 
 def reference_shapes(cfg: AggregatorConfig) -> dict[str, tuple[int, ...]]:
     """The shared parameters' shapes of the configured model (what an update must match)."""
-    from models import build_model, shared_state
+    from models.version0 import seed_shared_state  # without torch for the kinds it covers
 
-    state = shared_state(build_model(cfg.model, seed=cfg.aggregator.seed), cfg.model)
+    state = seed_shared_state(cfg.model, cfg.aggregator.seed)
     return {k: tuple(v.shape) for k, v in state.items()}
 
 

@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -96,19 +97,26 @@ class Aggregator:
 
     def _core_and_preload(self) -> AggregatorCore:
         core = self._make_core()
-        self._preload()
+        self._preload(core)
         return core
 
-    def _preload(self) -> None:
-        """Import now what the first publish would import inside itself: the ONNX export's torch and ``onnx``
-        (and the torch an evaluation builds its model with). Nothing is computed: the same modules load, in the
-        start, where its paused collector covers them and its freeze keeps them out of later collections
-        (``fedline.startup``); without ONNX publishing and evaluation a restart imports no torch."""
+    def _preload(self, core: AggregatorCore) -> None:
+        """Import now what the first publish would import inside itself: ``onnx`` for the ONNX (and torch's
+        exporter for a model ``models.onnx_graph`` does not write), the torch an evaluation builds its model with.
+        Nothing is computed: the same modules load, in the start, where its paused collector covers them and its
+        freeze keeps them out of later collections (``fedline.startup``). An aggregator of a model
+        ``models.onnx_graph`` writes (an MLP, an autoencoder) imports no torch without an ``[evaluation]``."""
         if self.start_pause is None or not (self.cfg.publish.onnx or self.cfg.evaluation is not None):
             return
         import importlib
 
-        for name in ("models.export", "torch.onnx", "onnx") if self.cfg.publish.onnx else ("models.nets",):
+        names: list[str] = []
+        if self.cfg.publish.onnx:
+            torch_export = core.onnx_needs_torch()
+            names += ["models.export", "torch.onnx", "onnx"] if torch_export else ["models.onnx_graph", "onnx"]
+        if self.cfg.evaluation is not None:
+            names.append("models.nets")
+        for name in names:
             importlib.import_module(name)
 
     def _start_done(self) -> None:
@@ -116,7 +124,13 @@ class Aggregator:
         if self.start_pause is None or self.start_pause.ended:
             return
         frozen = self.start_pause.end()
-        event(log, "aggregator.start_cost", cpu_s=round(time.process_time(), 3), frozen_objects=frozen)
+        event(
+            log,
+            "aggregator.start_cost",
+            cpu_s=round(time.process_time(), 3),
+            frozen_objects=frozen,
+            torch="torch" in sys.modules,  # imported only for a model models.onnx_graph does not write, or evaluation
+        )
 
     def _make_core(self) -> AggregatorCore:
         """The core (a plant aggregator makes a ``plant.core.PlantCore``); runs on the serial thread."""
@@ -351,10 +365,8 @@ class Aggregator:
 
     # -- publishing ------------------------------------------------------------------------
     def _onnx(self, shared) -> bytes:
-        from models import export_onnx
-
         assert self.core is not None
-        return export_onnx(self.core.torch_model(shared), self.cfg.model)
+        return self.core.onnx(shared)
 
     def _build(self, version: int, shared) -> publish.Release:
         core = self.core

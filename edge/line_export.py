@@ -31,6 +31,7 @@ class LineExport:
             Personaliser(cfg.personal, state.spec, cfg.model_seed) if cfg.personal.serve == "pick" else None
         )
         self._lock = asyncio.Lock()
+        self._seed: Any = False  # version 0's parameters for the graph written without torch; False: not looked at
 
     async def export(self) -> Path | None:
         """Write the personalised ONNX (global shared + local personal) for the line inference.
@@ -71,7 +72,9 @@ class LineExport:
     def _build(
         self, shared: dict[str, Any], personal: dict[str, Any], version: int | None = None
     ) -> tuple[bytes, dict[str, Any] | None]:
-        """The ONNX bytes and, when the site picks, which candidate it serves (in a worker thread: torch work)."""
+        """The ONNX bytes and, when the site picks, which candidate it serves (in a worker thread). Without a pick,
+        the graph is written from the weights where ``models.onnx_graph`` covers the model (the graph torch's
+        exporter writes; no ``torch.onnx`` import, a fraction of its CPU per version), else exported with torch."""
         st = self.state
         if self.personaliser is not None:  # noise-free candidates: never sent, never trained on by DP rounds
             from edge.blend_export import export_served
@@ -79,8 +82,22 @@ class LineExport:
             # the version joins the site's average of recent versions when [personal] average_versions > 1
             chosen, choice = self.personaliser.choose_from(st.dataset, {**shared, **personal}, version)
             return export_served(st.spec, chosen, st.cfg.model_seed), choice.to_dict()
+        if (seed := self._seed_params()) is not None:  # written from the weights: no torch.onnx (models.onnx_graph)
+            from models.onnx_graph import build_onnx_over
+
+            return build_onnx_over(st.spec, seed, shared, personal), None
         model = build_model(st.spec, seed=st.cfg.model_seed)
         load_shared_state(model, st.spec, shared)
         if personal:
             load_personal_state(model, st.spec, personal)
         return export_onnx(model, st.spec), None
+
+    def _seed_params(self) -> dict[str, Any] | None:
+        """Version 0's parameters when ``models.onnx_graph`` writes this model's graph, else None (torch exports)."""
+        if self._seed is False:
+            from models import onnx_graph
+            from models.seed_init import seed_params
+
+            spec = self.state.spec
+            self._seed = seed_params(spec, self.state.cfg.model_seed) if onnx_graph.covers(spec) else None
+        return self._seed

@@ -19,6 +19,9 @@ Public API (``from models import ...``):
   output ``"y"`` ``(batch, n_outputs)``: probability (sigmoid) for
   classification, the value for regression, the mean squared reconstruction
   error (in standardised units) for anomaly; dynamic batch axis, opset 17.
+- Without torch (``models.seed_init``, ``models.onnx_graph``, ``models.version0``): version 0's parameters
+  drawn as torch draws them (``seed_params``), and the ONNX of an MLP or autoencoder written from its
+  weights (``build_onnx``), for processes that need no training (the aggregator).
 
 Why lazy: the line inference and config code read ``ModelSpec`` without
 paying for torch; the torch-backed names load on first use.

@@ -28,11 +28,11 @@ from torch import nn
 
 from fedline.logs import event
 from models.nets import Scorer, unwrap
+from models.onnx_graph import OPSET
 from models.spec import ModelSpec
 
 log = logging.getLogger("fedline.models")
 
-OPSET = 17
 _EXPORT_LOCK = threading.Lock()  # torch.onnx.export keeps global state: one export at a time per process
 
 

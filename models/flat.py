@@ -15,12 +15,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from models.names import ModelStateError as ModelStateError  # defined without torch; raised here too
+from models.names import split
 from models.nets import unwrap
 from models.spec import ModelSpec
-
-
-class ModelStateError(ValueError):
-    """Arrays that do not fit the model: missing or unexpected names, wrong shapes."""
 
 
 def split_names(spec: ModelSpec, model: nn.Module) -> tuple[list[str], list[str]]:
@@ -29,17 +27,7 @@ def split_names(spec: ModelSpec, model: nn.Module) -> tuple[list[str], list[str]
     A ``personal`` prefix that matches no parameter is an error (a typo would
     otherwise silently send the head that was meant to stay home).
     """
-    names = [n for n, _ in unwrap(model).named_parameters()]
-    for prefix in spec.personal:
-        if not any(n.startswith(prefix) for n in names):
-            raise ModelStateError(
-                f"personal prefix {prefix!r} matches no parameter; parameters are: {', '.join(names)}"
-            )
-    personal = [n for n in names if any(n.startswith(p) for p in spec.personal)]
-    shared = [n for n in names if n not in personal]
-    if not shared:
-        raise ModelStateError("every parameter is personal; nothing would be federated")
-    return shared, personal
+    return split(spec, [n for n, _ in unwrap(model).named_parameters()])
 
 
 def _arrays(model: nn.Module, names: list[str]) -> dict[str, np.ndarray]:
