@@ -66,6 +66,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fedline.demo.data import DemoData, load_demo_data  # noqa: E402
+from fedline.testing.bench_trees import compile_tree  # noqa: E402
 
 HIDDEN = [32, 32]
 EPOCHS = 2
@@ -523,7 +524,16 @@ def main() -> int:
     )
     ap.add_argument("--hidden", default=",".join(map(str, HIDDEN)), help="hidden widths of the MLP (default 32,32)")
     ap.add_argument("--plain-dp-only", action="store_true", help=argparse.SUPPRESS)  # plain_loop_cold's process
+    ap.add_argument(
+        "--no-compile",
+        action="store_true",
+        help="leave the checkout without bytecode (each process then compiles fedline again where "
+        "PYTHONDONTWRITEBYTECODE is set; before 1 Dec 2026 22:00 every run did)",
+    )
     args = ap.parse_args()
+    compiled = False
+    if not args.plain_dp_only and not args.no_compile:
+        compiled = compile_tree(ROOT)  # both sides' processes then start as from an installed copy
     HIDDEN[:] = [int(h) for h in args.hidden.split(",")]
     data = load_demo_data(derived=False)  # the issue's task: the five raw features
     if args.plain_dp_only:
@@ -537,6 +547,7 @@ def main() -> int:
         "task": f"AI4I 2020, sites L/M/H (80/20), MLP 5-{'-'.join(map(str, HIDDEN))}-1, 2 epochs/update, "
         "10 versions, DP-SGD + sealing",
         "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},
+        "bytecode_compiled": compiled,
         "plain_loop_no_dp": plain_nodp,
         "plain_loop_dp": plain_dp,
         "plain_loop_dp_cold": plain_cold,
@@ -602,6 +613,10 @@ def main() -> int:
     )
     console = Console()
     console.print(t)
+    console.print(
+        "fedline's bytecode compiled before the runs (as installed): "
+        + ("yes" if result["bytecode_compiled"] else "no (--no-compile, or a file did not compile)")
+    )
     console.print("peak RSS per process (MB): " + ", ".join(f"{k} {v:.0f}" for k, v in rss.items()))
     console.print(
         f"updates sent per site: {ch['updates_per_site']}; {ch['updates']} updates, "
