@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -135,6 +135,12 @@ class PersonalConfig:
     # split seeds 300-339, two federation draws (docs/tuning.md, fourteenth pass). Regression and probability
     # blends mix values on one scale already, and the validation rule's blend picks its weight on its rows
     fold_blend_scale: Literal["spread", "raw"] = "spread"
+    # a small site's log-odds fold blend floors the plant's own model's log-odds at this quantile of them on the fold
+    # pool (max(logit_local, floor), on the pool and in the served graph); 0 = no floor. Below its lower quartile
+    # the plant's model says "very normal" with a confidence it learnt from a handful of failures, and a
+    # three-fifths share of log-odds 20-30 below the normal rows' kept a failure mode it had barely seen (a power
+    # failure) below every normal row whatever the partner said (docs/tuning.md, eighteenth pass)
+    fold_blend_floor: float = 0.25
     # the validation rule's blends: "each" (every weight of blend_weights with every federation partner is a
     # candidate of its own with its own paired test, all of them in the switching test's Bonferroni share), or
     # "chosen" (the first to fourteenth passes: the weight and partner that score best on the validation rows are
@@ -176,6 +182,8 @@ class PersonalConfig:
             raise ValueError(f"average_for must be 'fine_tune' or 'both', got {self.average_for!r}")
         if self.blend_space not in ("log_odds", "probability"):
             raise ValueError(f"blend_space must be 'log_odds' or 'probability', got {self.blend_space!r}")
+        if not 0.0 <= self.fold_blend_floor < 1.0:
+            raise ValueError(f"fold_blend_floor must be in [0, 1), got {self.fold_blend_floor}")
         if self.fold_blend_scale not in ("spread", "raw"):
             raise ValueError(f"fold_blend_scale must be 'spread' or 'raw', got {self.fold_blend_scale!r}")
         if self.blend_tests not in ("each", "chosen"):
@@ -227,6 +235,8 @@ class Choice:
     blend_space: str | None = None  # a blend's: what it mixes, "log_odds" or "probability" ([personal] blend_space)
     # the global versions whose mean the fine-tune started from (edge/version_average.py); None: the newest alone
     averaged_versions: list[int] | None = None
+    # a fold blend's floor under the local-only part's log-odds ([personal] fold_blend_floor)
+    floor: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         r = lambda v: None if v is None or not math.isfinite(v) else round(float(v), 4)
@@ -243,6 +253,7 @@ class Choice:
             "p": r(self.p),
             "reason": self.reason,
             "averaged_versions": self.averaged_versions,
+            "floor": r(self.floor),
         }
 
 
@@ -263,6 +274,7 @@ class BlendFit:
     weight: float
     of: str  # fine_tuned | global: the better-scoring of the two on the same evidence
     nominal: float | None = None  # with spread matching (edge/blend.py spread_matched): the grid's w it matched
+    floor: float | None = None  # the floor under the local-only part's log-odds ([personal] fold_blend_floor)
     # blend_tests = "each": every weight with every partner, each tested against local-only (the pick's switching
     # rule counts each one); weight and of are then the best-scoring one's (what the status shows as the blend)
     options: tuple[BlendOption, ...] = ()
@@ -275,14 +287,20 @@ class Served:
 
     parts: tuple[tuple[float, dict[str, np.ndarray]], ...]
     log_odds: bool = False  # a classifier's parts are mixed in log-odds (``[personal] blend_space``)
+    floor: float | None = None  # log-odds: the first part's (local-only's) log-odds floored here before the mix
 
     def predict(self, spec: ModelSpec, x: np.ndarray, model_seed: int = 0) -> np.ndarray:
         """The served score of rows ``x`` (normalised): the weighted sum of the parts' scores (with ``log_odds``,
         the sigmoid of the weighted sum of their log-odds)."""
         if self.log_odds and len(self.parts) > 1:
-            z = sum(w * blend_scores(spec, p, x, True, model_seed) for w, p in self.parts)
+            z = sum(w * self._logits(spec, i, p, x, model_seed) for i, (w, p) in enumerate(self.parts))
             return (1.0 / (1.0 + np.exp(-np.asarray(z, dtype=np.float64)))).astype(np.float32)
         return sum(w * predict(spec, p, x, model_seed) for w, p in self.parts)  # type: ignore[return-value]
+
+    def _logits(self, spec: ModelSpec, i: int, p: dict[str, np.ndarray], x: np.ndarray, model_seed: int) -> np.ndarray:
+        """Part ``i``'s log-odds, the first (local-only) floored at ``floor`` when one is set."""
+        z = blend_scores(spec, p, x, True, model_seed)
+        return np.maximum(z, self.floor) if i == 0 and self.floor is not None else z
 
 
 def metric_name(spec: ModelSpec) -> str:
@@ -404,8 +422,10 @@ def _on_folds(m: str, scores: dict[str, float], folds: FoldEvidence, cfg: Person
                 f"{small}: blend {fb.weight:.4g} x local-only + {1 - fb.weight:.4g} x {fb.of}{matched} scores {m} "
                 f"{b:.4g} on {folds.rows} {where} rows against local-only's {local:.4g}"
             )
+            if fb.floor is not None:
+                why += f"; local-only's log-odds floored at {fb.floor:.4g}"
             c = Choice(blend.KIND, m, None, dict(scores), n, why, "too_small_folds_blended", weight=fb.weight)
-            c.blend_of = fb.of
+            c.blend_of, c.floor = fb.of, fb.floor
             return c
         why = f"{small}: local-only kept: its {m} {local:.4g} on {folds.rows} {where} rows >= the blend's {b:.4g}"
         return Choice("local", m, scores.get("local"), dict(scores), n, why, "too_small_folds_kept_local")
@@ -429,7 +449,8 @@ def served_of(candidates: dict[str, dict[str, np.ndarray]], c: Choice, log_odds:
         return Served(((1.0, candidates[c.kind]),))
     if c.weight is None or c.blend_of is None:
         raise ValueError("a blend choice needs its weight and partner")
-    return Served(((c.weight, candidates["local"]), (1.0 - c.weight, candidates[c.blend_of])), log_odds)
+    parts = ((c.weight, candidates["local"]), (1.0 - c.weight, candidates[c.blend_of]))
+    return Served(parts, log_odds, c.floor if log_odds else None)
 
 
 #: The rule names of a choice made on the folds' evidence: kept local-only, or switched away from it.
@@ -684,6 +705,7 @@ def compare(
     partner: str | None = None,
     spread: bool = False,
     each: bool = False,
+    floor_q: float = 0.0,
 ) -> tuple[dict[str, float], dict[str, Evidence], BlendFit | None]:
     """Each candidate's metric on rows ``y_true`` from its predictions, and each federation candidate's
     paired test against local-only on them (``units``: each row's unit, None when rows are independent).
@@ -693,7 +715,9 @@ def compare(
     best weight on these same rows; with ``spread`` each weight is the share on the parts' common scale
     (:func:`edge.blend.spread_matched` on these rows: what a log-odds blend's share means). With ``each`` every
     weight of the grid with every federation candidate is a blend of its own, scored and tested against
-    local-only (``BlendFit.options``); the "blend" score is then the best-scoring one's."""
+    local-only (``BlendFit.options``); the "blend" score is then the best-scoring one's. ``floor_q`` > 0 (a log-odds
+    fold blend, ``[personal] fold_blend_floor``): the blend's local-only part is floored at that quantile of its
+    scores on these rows, for the spread matching and the blend alike (local-only's own score is not)."""
     y = np.asarray(y_true, dtype=np.float64).reshape(len(y_true), -1)[:, 0]
     m = metric_name(spec)
     scores = {k: score(m, y, v) for k, v in preds.items()}
@@ -705,8 +729,10 @@ def compare(
         scores[blend.KIND] = score(m, y, preds[blend.KIND])
     elif grid and fed and _finite(scores.get("local")):
         of = partner if partner in fed else _best(m, fed, scores)
-        fit = _fit(m, y, preds["local"], preds[of], grid, of, spread)
-        preds = {**preds, blend.KIND: mix(fit.weight, preds["local"], preds[of])}
+        floor = float(np.quantile(preds["local"], floor_q)) if floor_q > 0 else None
+        local = preds["local"] if floor is None else np.maximum(preds["local"], floor)
+        fit = replace(_fit(m, y, local, preds[of], grid, of, spread), floor=floor)
+        preds = {**preds, blend.KIND: mix(fit.weight, local, preds[of])}
         scores[blend.KIND] = score(m, y, preds[blend.KIND])
     tests: dict[str, Evidence] = {}
     if "local" in preds:
@@ -915,10 +941,20 @@ class Personaliser:
                 units += (
                     list(val_units) if val_units is not None else [f"validation row {i}" for i in range(len(y_val))]
                 )
-        grid, spread = self.cfg.fold_blend_weights, log_odds and self.cfg.fold_blend_scale == "spread"
-        scores, tests, fit = compare(self.spec, y_all, oof, units, grid, fold_partner(self.spec, self.cfg), spread)
+        scores, tests, fit = self._fold_compare(y_all, oof, units, log_odds)
         n_units = len(set(units)) if units is not None else len(y_all)
         return FoldEvidence(scores, tests, len(y_all), n_units, k, fit)
+
+    def _fold_compare(
+        self, y: np.ndarray, oof: dict[str, np.ndarray], units: list[object] | None, log_odds: bool
+    ) -> tuple[dict[str, float], dict[str, Evidence], BlendFit | None]:
+        """:func:`compare` on the fold pool with the fold blend's settings: its grid, partner, spread matching and
+        (a log-odds blend) the floor under local-only's log-odds."""
+        cfg = self.cfg
+        spread = log_odds and cfg.fold_blend_scale == "spread"
+        floor_q = cfg.fold_blend_floor if log_odds else 0.0
+        partner = fold_partner(self.spec, cfg)
+        return compare(self.spec, y, oof, units, cfg.fold_blend_weights, partner, spread, floor_q=floor_q)
 
     def choose_from(
         self, dataset: Dataset, global_params: dict[str, np.ndarray], version: int | None = None

@@ -132,7 +132,12 @@ def test_a_small_sites_fold_blend_serves_its_parts_mixed_in_the_configured_space
     local, partner = served.parts[0][1], served.parts[1][1]
     assert local is p.local and [s for s, _ in served.parts] == pytest.approx([w, 1 - w])
     pl, pf = predict(CLS, local, xv).astype(np.float64), predict(CLS, partner, xv).astype(np.float64)
-    want = _sigmoid(w * _logit(pl) + (1 - w) * _logit(pf)) if space == "log_odds" else 0.75 * pl + 0.25 * pf
+    # log-odds: local-only's part floored at its lower quartile on the pool (fold_blend_floor = 0.25, the default;
+    # tests/edge/test_fold_blend_floor.py works one by hand); a probability blend has no floor
+    floor = c.floor if space == "log_odds" else None
+    assert (floor is not None) == (space == "log_odds") and served.floor == floor
+    zl = _logit(pl) if floor is None else np.maximum(_logit(pl), floor)
+    want = _sigmoid(w * zl + (1 - w) * _logit(pf)) if space == "log_odds" else 0.75 * pl + 0.25 * pf
     assert served.predict(CLS, xv) == pytest.approx(want.tolist(), abs=2e-5)
     assert c.validation_metric is not None and math.isfinite(c.validation_metric)
     if space == "log_odds":  # "raw" restores the thirteenth pass: the log-odds mixed at 0.75 as they are
