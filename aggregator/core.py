@@ -295,7 +295,7 @@ class AggregatorCore:
         are being opened. A group that holds a version writes none of the buffered bytes before it (the
         version holds them), and each commit's own cost is shared by more updates: the greedy groups before
         (only what was opened already: four to twelve updates) wrote most buffered updates' bytes, and cost
-        about 7 % more CPU per update at 100k parameters, 3 % at 1M (BENCHMARKS.md, "intake19g"). A pool task opens a whole
+        5-7 % more CPU per update at 100k parameters, 3 % at 1M (BENCHMARKS.md, "intake19g"). A pool task opens a whole
         batch: handing each update to a thread and back (a future, a wake-up, its bytes moving between cores)
         cost 0.1-0.2 ms of CPU per update at 100k parameters (BENCHMARKS.md).
         """
