@@ -162,6 +162,11 @@ class StrategyConfig:
     # (aggregator.robust.rescale): a short backdoored delta otherwise sits between the honest values in many
     # coordinates and the median picks it there (RELIABILITY.md, issue 14's "samples" attack)
     norm_to_median: bool = True
+    # under MDA (RELIABILITY.md, robust14f/robust14g; 0 = off): with g >= 1, each input column j of the first layer's
+    # weights (aggregate.input_tensor: out x in; none for cnn1d) drops the kept slots that column's own MDA subset
+    # leaves out, where the kept subset's diameter in column j exceeds g times that subset's; such a slot weighs 0
+    # in column j and f(s)/K elsewhere (aggregate.column_vetoes). Only ever drops weight, never adds
+    input_column_veto: float = 1.2
     # weigh by min(n_samples, sample_cap) / sum instead of 1/K; the cap is the aggregator's, never the claim
     sample_weighting: bool = False
     sample_cap: float = 0.0
@@ -255,6 +260,8 @@ class StrategyConfig:
             raise ValueError("server_lr must be positive")
         if not 0.0 <= self.server_momentum < 1.0:
             raise ValueError("server_momentum must be in [0, 1)")
+        if self.input_column_veto != 0 and self.input_column_veto < 1:
+            raise ValueError(f"input_column_veto must be 0 (off) or at least 1, got {self.input_column_veto}")
         if self.cclip_tau <= 0:
             raise ValueError(f"cclip_tau must be positive (a multiple of the median distance), got {self.cclip_tau}")
         if not 1 <= self.cclip_iters <= 10:

@@ -87,17 +87,13 @@ def _batches(items: Iterable[bytes], size: int) -> Iterator[list[bytes]]:
         yield run
 
 
-def _ready_run(pending: deque[Future[list[Opened]]]) -> list[Opened]:
-    """The oldest batch (waited for) and the batches right behind it that are opened already, up to
-    :data:`GROUP_MAX` updates: one group commit for what is ready, as the service's decider takes it
-    (``aggregator.opened_queue``). Nothing waits for a batch still being opened: no receipt is later for it,
-    and a commit per batch cost about 0.02-0.05 ms of CPU per update more at 100k parameters (BENCHMARKS.md)."""
-    ops = pending.popleft().result()
-    while pending and pending[0].done() and len(ops) < GROUP_MAX:
-        head = pending[0].result()
-        if len(ops) + len(head) > GROUP_MAX:
-            break
-        ops += pending.popleft().result()
+def _whole_group(pending: deque[tuple[Future[list[Opened]], int]]) -> list[Opened]:
+    """The oldest batches, up to :data:`GROUP_MAX` updates, each waited for: one group commit
+    (:meth:`AggregatorCore.process_stream`)."""
+    future, _ = pending.popleft()
+    ops = future.result()
+    while pending and len(ops) + pending[0][1] <= GROUP_MAX:
+        ops += pending.popleft()[0].result()
     return ops
 
 
@@ -291,22 +287,27 @@ class AggregatorCore:
         return list(self.pool.map(self.open, items))
 
     def process_stream(self, items: Iterable[bytes], batch: int = OPEN_BATCH) -> Iterator[Decision]:
-        """Open batches of ``batch`` updates in the pool while deciding earlier batches in order.
+        """Open batches of ``batch`` updates in the pool while deciding earlier ones in order, in groups.
 
-        Opening (most of the work) overlaps with the serial decisions, so both cores stay busy: ``workers``
-        batches are being opened while the oldest is decided, with the batches behind it that are opened
-        already, in one commit (:meth:`decide_many`, :func:`_ready_run`). A pool
-        task opens a whole batch: handing each update to a thread and back (a future, a wake-up, its bytes
-        moving between cores) cost 0.1-0.2 ms of CPU per update at 100k parameters (BENCHMARKS.md).
+        Opening (most of the work) overlaps with the serial decisions, so both cores stay busy. The oldest
+        batches are decided together, up to :data:`GROUP_MAX` updates, in one commit (:meth:`decide_many`,
+        :func:`_whole_group`), waiting for those of them still being opened, while ``workers`` more batches
+        are being opened. A group that holds a version writes none of the buffered bytes before it (the
+        version holds them), and each commit's own cost is shared by more updates: the greedy groups before
+        (only what was opened already: four to twelve updates) wrote most buffered updates' bytes, and cost
+        5-7 % more CPU per update at 100k parameters, 3 % at 1M (BENCHMARKS.md, "intake19g"). A pool task opens a whole
+        batch: handing each update to a thread and back (a future, a wake-up, its bytes moving between cores)
+        cost 0.1-0.2 ms of CPU per update at 100k parameters (BENCHMARKS.md).
         """
         size = max(1, min(batch, GROUP_MAX))
-        pending: deque[Future[list[Opened]]] = deque()
+        ahead = self.cfg.aggregator.workers + max(1, GROUP_MAX // size)  # batches being opened at most
+        pending: deque[tuple[Future[list[Opened]], int]] = deque()
         for run in _batches(items, size):
-            pending.append(self.pool.submit(self._open_batch, run))
-            if len(pending) > self.cfg.aggregator.workers:
-                yield from self.decide_many(_ready_run(pending))
+            pending.append((self.pool.submit(self._open_batch, run), len(run)))
+            if len(pending) >= ahead:
+                yield from self.decide_many(_whole_group(pending))
         while pending:
-            yield from self.decide_many(_ready_run(pending))
+            yield from self.decide_many(_whole_group(pending))
 
     def _open_batch(self, items: Sequence[bytes]) -> list[Opened]:
         return [self.open(item) for item in items]

@@ -94,6 +94,11 @@ def distances(rows: np.ndarray, overwrite: bool = False) -> np.ndarray:
     return out
 
 
+def diameter(dist: np.ndarray, idx: tuple[int, ...]) -> float:
+    """The largest pairwise distance among the slots ``idx`` (0 for fewer than two)."""
+    return float(max((dist[i, j] for i, j in itertools.combinations(idx, 2)), default=0.0))
+
+
 def subset(dist: np.ndarray, f: int) -> tuple[int, ...]:
     """The ``n − f`` indices whose largest pairwise distance is smallest (the first in index order on a tie);
     ``f`` lowered by :func:`left_out` (a buffer closed early may hold fewer than ``2f + 1``)."""

@@ -36,7 +36,7 @@ from typing import Any
 
 from aggregator import catchup, grants, publish
 from aggregator.config import AggregatorConfig
-from aggregator.core import AggregatorCore, Decision
+from aggregator.core import GROUP_MAX, AggregatorCore, Decision
 from aggregator.metrics import Metrics
 from aggregator.open_batches import OpenBatcher
 from aggregator.opened_queue import OpenedQueue
@@ -149,7 +149,7 @@ class Aggregator:
         self.granter = await loop.run_in_executor(self._serial, grants.Granter, self.core, self.topics)
         self.recovery = RecoveryDesk(self.core.history, self.core.keys)
         self._metrics_http.start(self.cfg.metrics, service="aggregator", file=self.cfg.file)
-        queue = OpenedQueue(maxsize=4 * self.cfg.aggregator.workers)
+        queue = OpenedQueue(maxsize=max(4 * self.cfg.aggregator.workers, GROUP_MAX))  # room for a whole group
         settings = self._settings()
         self.liveness = Liveness(
             self.topics, settings.username or "aggregator", "aggregator", reduce=self.core.strategy.reduce_stat
@@ -266,8 +266,9 @@ class Aggregator:
                             await loop.run_in_executor(self._serial, core.history.note, op.header)
                         await self._to_cohorts(client, self.cohorts.on_submission, op)
                         continue
-                    # with those opened behind it: one commit, and the receipts only after it (group commit)
-                    decisions = await loop.run_in_executor(self._serial, core.decide_many, [op, *queue.opened_behind()])
+                    # with those received behind it (waited for while opened): one commit, the receipts only after it
+                    group = [op, *(await queue.received_behind())]
+                    decisions = await loop.run_in_executor(self._serial, core.decide_many, group)
             except Exception as exc:  # a bug or a full disk must not end intake: log loudly, keep going
                 event(log, "update.failed", level=logging.ERROR, error=repr(exc))
                 continue

@@ -132,6 +132,58 @@ def mda_keep(deltas: Sequence[Mapping[str, np.ndarray]], f: int = 1) -> tuple[in
     return mda.subset(mda.distances(_rows(deltas), overwrite=True), f)
 
 
+def input_tensor(delta: Mapping[str, np.ndarray]) -> str | None:
+    """The first layer's weights where they are a matrix (``out × in``: column ``j`` holds the weights that read
+    input ``j``): the first tensor in ``delta``'s order of two or more dimensions, if it has two (an MLP's, an
+    autoencoder's, a GRU's input weights); None if it has more (cnn1d's conv kernels: its first 2-D tensor reads
+    channels, not inputs, so the veto stays off there) or there is none."""
+    first = next((k for k in delta if len(_shape(delta, k)) >= 2), None)
+    return first if first is not None and len(_shape(delta, first)) == 2 else None
+
+
+def column_vetoes(
+    deltas: Sequence[Mapping[str, np.ndarray]], keep: tuple[int, ...], name: str, f: int = 1, gate: float = 1.0
+) -> dict[int, list[int]]:
+    """The kept slots dropped from each input column of the 2-D tensor ``name`` (``[strategy] input_column_veto``,
+    1.2 by default under MDA): ``{j: [i, ...]}`` for every column ``j`` where MDA's subset on the deltas' column ``j``
+    alone, ``S_j``, differs from ``keep`` (the whole-vector subset ``S``) and ``S``'s diameter in column ``j`` exceeds
+    ``gate`` times ``S_j``'s (beyond float rounding, :data:`aggregator.mda.TIE`); the slots dropped are ``S ∖ S_j``.
+    Only ever drops: a slot outside ``S`` is never added, so no slot weighs more in any column than under MDA."""
+    x = _stack(deltas, name, [1.0] * len(deltas))
+    out: dict[int, list[int]] = {}
+    for j in range(x.shape[2]):
+        dist = mda.distances(np.ascontiguousarray(x[:, :, j]))
+        own = mda.subset(dist, f)
+        dropped = [i for i in keep if i not in own]
+        if dropped and mda.diameter(dist, keep) * (1.0 - mda.TIE) > gate * mda.diameter(dist, own):
+            out[j] = dropped
+    return out
+
+
+def vetoed_step(
+    step: State,
+    deltas: Sequence[Mapping[str, np.ndarray]],
+    keep: tuple[int, ...],
+    coefficients: Sequence[float],
+    name: str,
+    vetoes: Mapping[int, Sequence[int]],
+) -> State:
+    """``step`` with each vetoed column ``j`` of ``name`` recomputed as ``Σ_{i ∈ S, i ∉ vetoes[j]} c_i Δ_i[:, j]``
+    (``coefficients`` in ``keep``'s order: each remaining slot keeps its ``f(s)/K``; the column moves less, never
+    rescaled up)."""
+    if not vetoes:
+        return step
+    x = _stack(deltas, name, [1.0] * len(deltas))
+    tensor = np.array(step[name], np.float32, copy=True)
+    for j, dropped in vetoes.items():
+        col = np.zeros(tensor.shape[0], np.float32)
+        for i, c in zip(keep, coefficients):
+            if i not in dropped:
+                col += np.float32(c) * x[i, :, j]
+        tensor[:, j] = col
+    return {**step, name: tensor}
+
+
 def _rows(deltas: Sequence[Mapping[str, np.ndarray]]) -> np.ndarray:
     """Each delta flattened into one row of an ``n × d`` float32 matrix (tensors in the first delta's order)."""
     names = list(deltas[0])

@@ -179,13 +179,7 @@ class Strategy:
         version's step, :func:`aggregate.cclip_combination`). Sets each update's ``weight`` (and ``trust``) to what
         it got in the step."""
         if self.reduce_stat == "mda":
-            # a buffer closed early (buffer_timeout_s) holds fewer: never keep fewer than min_sites of them
-            keep = aggregate.mda_keep(deltas, mda.kept_at_least(self.cfg.mda_f, len(deltas), self.cfg.min_sites))
-            kept = self.coefficients([updates[i] for i in keep])
-            coefficients = [kept[keep.index(i)] if i in keep else 0.0 for i in range(len(updates))]
-            for u, c in zip(updates, coefficients):
-                u.weight = c  # its share of the step, or none (left out)
-            return aggregate.linear_combination([deltas[i] for i in keep], kept)
+            return self.mda_step(deltas, updates)
         coefficients = self.coefficients(updates)
         for u, c in zip(updates, coefficients):
             u.weight = c
@@ -206,6 +200,25 @@ class Strategy:
                 u.weight, u.trust = w, t
             return step
         return aggregate.robust_combination(deltas, coefficients, self.reduce_stat, self.cfg.trim)
+
+    def mda_step(self, deltas: Sequence[Mapping[str, np.ndarray]], updates: Sequence[Accepted]) -> State:
+        """MDA's step (:meth:`combine`): the kept slots at their coefficients, the left-out ones 0; with
+        ``input_column_veto`` (1.2 by default; 0 = off) a kept slot is also dropped from the input columns of the
+        first layer's weights whose own MDA subset leaves it out (:func:`aggregate.column_vetoes`): its ``weight`` stays
+        its largest coefficient on any parameter, ``f(s)/K``."""
+        # a buffer closed early (buffer_timeout_s) holds fewer: never keep fewer than min_sites of them
+        f = mda.kept_at_least(self.cfg.mda_f, len(deltas), self.cfg.min_sites)
+        keep = aggregate.mda_keep(deltas, f)
+        kept = self.coefficients([updates[i] for i in keep])
+        coefficients = [kept[keep.index(i)] if i in keep else 0.0 for i in range(len(updates))]
+        for u, c in zip(updates, coefficients):
+            u.weight = c  # its share of the step, or none (left out)
+        step = aggregate.linear_combination([deltas[i] for i in keep], kept)
+        name = aggregate.input_tensor(deltas[0]) if self.cfg.input_column_veto and f > 0 else None
+        if name is None:
+            return step
+        vetoes = aggregate.column_vetoes(deltas, keep, name, f, self.cfg.input_column_veto)
+        return aggregate.vetoed_step(step, deltas, keep, kept, name, vetoes)
 
     # -- the step ---------------------------------------------------------------------
     def step(

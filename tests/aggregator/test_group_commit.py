@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -148,25 +149,50 @@ def test_kill9_between_decisions_and_their_commit_then_resend_equals_uninterrupt
         again.close()
 
 
-def test_the_stream_decides_the_oldest_batch_with_the_opened_ones_behind_it_up_to_group_max():
+def test_the_stream_waits_for_the_batches_being_opened_up_to_group_max():
     from collections import deque
     from concurrent.futures import Future
 
-    from aggregator.core import GROUP_MAX, _ready_run
+    from aggregator.core import GROUP_MAX, _whole_group
 
-    def batch(tag: str, n: int, done: bool = True) -> Future:
+    def batch(tag: str, n: int, done: bool = True) -> tuple[Future, int]:
         fut: Future = Future()
         if done:
             fut.set_result([f"{tag}{i}" for i in range(n)])
-        return fut
+        return fut, n
 
-    pending = deque([batch("a", 4), batch("b", 4), batch("c", 4, done=False), batch("d", 4)])
-    assert _ready_run(pending) == [*(f"a{i}" for i in range(4)), *(f"b{i}" for i in range(4))]
-    assert len(pending) == 2  # c is still being opened: nothing waits for it, d stays behind it (order)
-    pending[0].set_result(["c0"])
-    assert _ready_run(pending) == ["c0", "d0", "d1", "d2", "d3"]
+    pending = deque([batch("a", 4), batch("b", 4, done=False), batch("c", 4)])
+    opening = pending[1][0]
+    timer = threading.Timer(0.05, lambda: opening.set_result([f"b{i}" for i in range(4)]))
+    timer.start()  # b is still being opened when the group is taken: the group waits for it (order kept)
+    assert _whole_group(pending) == [f"{t}{i}" for t in "abc" for i in range(4)]
     assert not pending
     many = deque(batch(str(k), 4) for k in range(6))
-    runs = [_ready_run(many), _ready_run(many)]
+    runs = [_whole_group(many), _whole_group(many)]
     assert [len(r) for r in runs] == [GROUP_MAX, 24 - GROUP_MAX]  # never more than GROUP_MAX in one commit
     assert [x for r in runs for x in r] == [f"{k}{i}" for k in range(6) for i in range(4)]  # arrival order
+
+
+def test_the_stream_commits_whole_groups_and_decides_as_one_by_one(tmp_path):
+    """process_stream decides GROUP_MAX updates per commit while more are being opened (the greedy stream
+    before took only what was opened already: at most 12 with two opening threads), and its verdicts and model
+    are those of deciding the updates one by one."""
+    from aggregator.core import GROUP_MAX
+
+    fed = make_federation(tmp_path, SITES)
+    ref = AggregatorCore(fed.config(strategy=STRATEGY, state_dir=str(tmp_path / "s0"), name="s0.toml"))
+    blobs = stream(fed, ref.model, n=2 * GROUP_MAX + 1)
+    one_by_one = [ref.submit(b)["verdict"] for b in blobs]
+    core = AggregatorCore(fed.config(strategy=STRATEGY, state_dir=str(tmp_path / "s1"), name="s1.toml"))
+    sizes: list[int] = []
+    decide_many = core.decide_many
+    core.decide_many = lambda ops: sizes.append(len(ops)) or decide_many(ops)  # type: ignore[method-assign]
+    try:
+        assert [d.receipt["verdict"] for d in core.process_stream(blobs)] == one_by_one
+        assert sizes == [GROUP_MAX, GROUP_MAX, 1]
+        assert core.version == ref.version == (2 * GROUP_MAX + 1) // 3
+        for k in ref.model:
+            np.testing.assert_array_equal(core.model[k], ref.model[k])
+    finally:
+        core.close()
+        ref.close()
