@@ -103,6 +103,12 @@ class EdgeMetrics:
             "Training examples stored from samples marked historical (late data, e.g. Sparkplug is_historical)",
             registry=r,
         )
+        self.outbox_write_failed = Counter(
+            "fedline_edge_outbox_write_failed",
+            "Outbox writes that failed and were rolled back (e.g. disk full), by operation; the row stays queued",
+            ["op"],
+            registry=r,
+        )
         self.rows_lost = Counter(
             "fedline_edge_examples_lost", "Examples not stored (write failed, e.g. disk full)", registry=r
         )

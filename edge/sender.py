@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import time
 from typing import Any
 
@@ -76,7 +77,11 @@ class Sender:
             )
             await asyncio.sleep(min(st.cfg.outbox.resend_after_s, 30.0))
             return False
-        st.outbox.mark_sent(row.msg_id)
+        try:
+            st.outbox.mark_sent(row.msg_id)
+        except sqlite3.Error as exc:  # e.g. disk full: rolled back, so the row stays queued and goes out again
+            self._write_failed("mark_sent", row.msg_id, exc)  # (a duplicate the aggregator answers from its store)
+            return False
         st.metrics.published.inc()
         event(
             log,
@@ -99,7 +104,11 @@ class Sender:
             event(log, "receipt.dropped", logging.WARNING, site=st.site, reason=str(exc))
             return
         verdict, reason = doc["verdict"], doc.get("reason")
-        found = st.outbox.settle(doc["counter"], doc["msg_id"], verdict, reason, doc.get("version"))
+        try:
+            found = st.outbox.settle(doc["counter"], doc["msg_id"], verdict, reason, doc.get("version"))
+        except sqlite3.Error as exc:  # e.g. disk full: rolled back; the row is resent and its receipt comes again
+            self._write_failed("settle", doc["msg_id"], exc)
+            return
         st.metrics.receipts.labels(verdict).inc()
         level = logging.WARNING if verdict in ("stale", "rejected") else logging.INFO
         event(
@@ -119,3 +128,14 @@ class Sender:
         st.wake_send.set()  # the next update may go out now
         if found and st.publishing == "outbox_full":
             st.wake_train.set()  # stop_training: room again, so train now rather than at the next timer
+
+    def _write_failed(self, op: str, msg_id: str, exc: sqlite3.Error) -> None:
+        """An outbox write failed (rolled back by SQLite): count it, say it, and keep the agent running.
+
+        Why not raise: the agent used to exit here when the disk filled between a publish and its ``mark_sent``
+        (tests/faults/test_disk_full.py caught it); nothing is lost by going on, since the row is still queued on
+        disk and store-and-forward sends it again once the write succeeds."""
+        st = self.state
+        st.metrics.outbox_write_failed.labels(op).inc()
+        event(log, "outbox.write_failed", logging.ERROR, site=st.site, op=op, msg_id=msg_id, error=str(exc))
+        st.error(f"outbox write failed ({op}): {exc}")

@@ -24,7 +24,7 @@ async def test_kill9_aggregator_mid_buffer_and_edge_with_full_outbox_ledger_exac
     # aggregator starts first and the sites once it has version 0: started together, a loaded machine (CI)
     # could take the aggregator's whole start-up to come up while the sites replayed every row, and the first
     # moment with version 1 and a part-full buffer came after the replay's end (CI failed so on 1 Dec)
-    settings = RigSettings(rows_per_site=480, rate_hz=30.0, every_rows=40, buffer_size=3, max_staleness=10)
+    settings = RigSettings(rows_per_site=480, rate_hz=40.0, every_rows=40, buffer_size=3, max_staleness=10)
     async with FaultRig(tmp_path, SITES, settings) as rig:
         rig.start_aggregator()
         await rig.until(lambda: rig.version() >= 0, 90, "the aggregator's version 0")
