@@ -6,14 +6,13 @@ Numbers worked by hand, and the ONNX graph against each part scored alone by ONN
 from __future__ import annotations
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 
 from edge.blend_export import blend_scorer, export_served
 from edge.personal import Choice, PersonalConfig, Served, build, compare, served_of
-from models import build_model, export_onnx
-from models.flat import personal_state, shared_state
+from models import export_onnx
 from models.spec import ModelSpec
+from tests.edge.blend_parts import model_params, ort_scores
 
 CLS = ModelSpec(kind="mlp", n_features=3, hidden=[8], task="classification")
 REG = ModelSpec(kind="mlp", n_features=3, hidden=[8], task="regression")
@@ -38,21 +37,11 @@ def test_the_floor_lifts_a_failure_the_plant_model_put_below_every_normal_row_wo
     assert floored["local"] == 0.5 and "blend" in tests
 
 
-def _params(spec: ModelSpec, seed: int) -> dict[str, np.ndarray]:
-    m = build_model(spec, seed=seed)
-    return {**shared_state(m, spec), **personal_state(m, spec)}
-
-
-def _ort(onnx: bytes, x: np.ndarray) -> np.ndarray:
-    sess = ort.InferenceSession(onnx, providers=["CPUExecutionProvider"])
-    return sess.run(["y"], {"x": x.astype(np.float32)})[0].ravel().astype(np.float64)
-
-
 def test_the_served_graph_floors_the_local_parts_log_odds_as_the_evidence_did():
-    a, b = _params(CLS, 1), _params(CLS, 2)
+    a, b = model_params(CLS, 1), model_params(CLS, 2)
     x = np.random.default_rng(0).normal(0, 2, (64, 3))
-    pa = _ort(export_onnx(build(CLS, a), CLS), x)  # each part alone, as the line would score it
-    pb = _ort(export_onnx(build(CLS, b), CLS), x)
+    pa = ort_scores(export_onnx(build(CLS, a), CLS), x)  # each part alone, as the line would score it
+    pb = ort_scores(export_onnx(build(CLS, b), CLS), x)
     za, zb = np.log(pa / (1 - pa)), np.log(pb / (1 - pb))
     floor = float(np.median(za))  # binds on half the rows
     w = 0.6
@@ -60,7 +49,7 @@ def test_the_served_graph_floors_the_local_parts_log_odds_as_the_evidence_did():
     unfloored = 1 / (1 + np.exp(-(w * za + (1 - w) * zb)))
     assert np.max(np.abs(want - unfloored)) > 1e-3  # the floor changes rows: the test can tell
     served = Served(((w, a), (1 - w, b)), log_odds=True, floor=floor)
-    assert _ort(export_served(CLS, served), x) == pytest.approx(want.tolist(), abs=2e-5)
+    assert ort_scores(export_served(CLS, served), x) == pytest.approx(want.tolist(), abs=2e-5)
     assert served.predict(CLS, x) == pytest.approx(want.tolist(), abs=2e-5)
     c = Choice("blend", "roc_auc", None, weight=w)
     c.blend_of, c.floor = "global", floor
@@ -68,7 +57,7 @@ def test_the_served_graph_floors_the_local_parts_log_odds_as_the_evidence_did():
     assert got.floor == floor and c.to_dict()["floor"] == round(floor, 4)
     assert served_of({"local": a, "global": b}, c, log_odds=False).floor is None  # probability blends: no floor
     with pytest.raises(ValueError, match="log-odds blend only"):
-        blend_scorer(REG, build(REG, _params(REG, 1)), build(REG, _params(REG, 2)), 0.5, floor=0.0)
+        blend_scorer(REG, build(REG, model_params(REG, 1)), build(REG, model_params(REG, 2)), 0.5, floor=0.0)
 
 
 @pytest.mark.parametrize("q", [-0.1, 1.0])

@@ -8,7 +8,6 @@ import math
 from dataclasses import replace
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 
 from edge.blend import spread_matched
@@ -23,9 +22,9 @@ from edge.personal import (
     predict,
     train_local_only,
 )
-from models import build_model, export_onnx
-from models.flat import personal_state, shared_state
+from models import export_onnx
 from models.spec import ModelSpec
+from tests.edge.blend_parts import model_params, ort_scores
 
 CLS = ModelSpec(kind="mlp", n_features=3, hidden=[8], task="classification")
 REG = ModelSpec(kind="mlp", n_features=3, hidden=[8], task="regression")
@@ -63,34 +62,24 @@ def test_the_log_odds_blend_reorders_a_pair_the_probability_blend_cannot_worked_
     )
 
 
-def _params(spec: ModelSpec, seed: int) -> dict[str, np.ndarray]:
-    m = build_model(spec, seed=seed)
-    return {**shared_state(m, spec), **personal_state(m, spec)}
-
-
-def _ort(onnx: bytes, x: np.ndarray) -> np.ndarray:
-    sess = ort.InferenceSession(onnx, providers=["CPUExecutionProvider"])
-    return sess.run(["y"], {"x": x.astype(np.float32)})[0].ravel().astype(np.float64)
-
-
 def test_the_log_odds_blends_one_onnx_is_the_sigmoid_of_the_mixed_logits_of_each_part_alone():
     from edge.personal import build
 
-    a, b = _params(CLS, 1), _params(CLS, 2)
+    a, b = model_params(CLS, 1), model_params(CLS, 2)
     x = np.random.default_rng(0).normal(0, 2, (64, 3))
-    pa = _ort(export_onnx(build(CLS, a), CLS), x)  # each part alone, as the line would score it
-    pb = _ort(export_onnx(build(CLS, b), CLS), x)
+    pa = ort_scores(export_onnx(build(CLS, a), CLS), x)  # each part alone, as the line would score it
+    pb = ort_scores(export_onnx(build(CLS, b), CLS), x)
     for w in (0.25, 0.75):
         want = _sigmoid(w * _logit(pa) + (1 - w) * _logit(pb))  # by hand from the parts' probabilities
         served = Served(((w, a), (1 - w, b)), log_odds=True)
-        assert _ort(export_served(CLS, served), x) == pytest.approx(want.tolist(), abs=2e-5)
+        assert ort_scores(export_served(CLS, served), x) == pytest.approx(want.tolist(), abs=2e-5)
         assert served.predict(CLS, x) == pytest.approx(want.tolist(), abs=2e-5)
         in_prob = w * pa + (1 - w) * pb
         assert np.max(np.abs(want - in_prob)) > 1e-3  # the two spaces differ: the test can tell them apart
     assert blend_scores(CLS, a, x, True) == pytest.approx(_logit(pa).tolist(), abs=1e-4)
     assert blend_scores(CLS, a, x, False) == pytest.approx(pa.tolist(), abs=1e-6)
     with pytest.raises(ValueError, match="needs a classifier"):
-        blend_scorer(REG, build(REG, _params(REG, 1)), build(REG, _params(REG, 2)), 0.5, log_odds=True)
+        blend_scorer(REG, build(REG, model_params(REG, 1)), build(REG, model_params(REG, 2)), 0.5, log_odds=True)
     with pytest.raises(ValueError, match="blend_space"):
         PersonalConfig(blend_space="logit").validate()  # type: ignore[arg-type]
 
@@ -186,7 +175,7 @@ def test_a_regression_fold_blend_keeps_its_share_as_it_is():
     yv = (xv[:, :1] - xv[:, 1:2]).astype(np.float32)
     cfg = PersonalConfig(local_epochs=3, finetune_epochs=1, cross_folds=3)
     p = Personaliser(cfg, REG)
-    _, c = p.choose(_params(REG, 4), x, y, xv, yv)
+    _, c = p.choose(model_params(REG, 4), x, y, xv, yv)
     assert p.folds is not None and p.folds.blend == BlendFit(0.75, "fine_tuned")  # nominal None: not matched
     assert c.rule in ("too_small_folds_blended", "too_small_folds_kept_local")
     assert c.weight == (0.75 if c.kind == "blend" else None)
