@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 
 import aiomqtt
 import pytest
@@ -16,6 +17,7 @@ import pytest
 from broker_bridge.mosquitto import render_acl
 from broker_bridge.rabbitmq import RabbitCluster, filter_regex, parse_acl, topic_permissions
 from broker_bridge.topics import Topics
+from fedline.testing.patience import bound
 
 SITES = ["site-a", "site-b", "site.c"]
 
@@ -72,7 +74,7 @@ def test_parse_acl_refuses_lines_it_does_not_know() -> None:
         parse_acl("topic read a/#\n")
 
 
-def _client(cluster: RabbitCluster, node: int, user: str, ident: str) -> aiomqtt.Client:
+def _client(cluster: RabbitCluster, node: int, user: str, ident: str, timeout: float = 10) -> aiomqtt.Client:
     return aiomqtt.Client(
         "127.0.0.1",
         cluster.members[node].mqtt_port,
@@ -80,8 +82,26 @@ def _client(cluster: RabbitCluster, node: int, user: str, ident: str) -> aiomqtt
         password=cluster.password(user),
         identifier=ident,
         protocol=aiomqtt.ProtocolVersion.V311,
-        timeout=10,
+        timeout=timeout,
     )
+
+
+#: a client that breaks a permission: RabbitMQ closes its connection, which aiomqtt reports only when the pending
+#: PUBACK / SUBACK times out; the refusal itself is checked in the node's log (:func:`_refused`)
+REFUSED_TIMEOUT_S = 3.0
+
+
+def _refused(cluster: RabbitCluster, node: int, routing_key: str, user: str, timeout: float = 10.0) -> bool:
+    """Whether ``node`` logged refusing ``user`` access to ``routing_key`` (its topic permissions said no); waits
+    up to ``timeout`` (times the patience factor) for the node's log to reach its file."""
+    member = cluster.members[node]
+    line = f"access to topic '{routing_key}' in exchange 'amq.topic' in vhost '/' refused for user '{user}'"
+    deadline = time.monotonic() + bound(timeout)
+    while line not in (member.workdir / "log" / f"{member.name}.log").read_text(errors="replace"):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
 
 
 @pytest.mark.rabbitmq
@@ -99,7 +119,7 @@ def test_two_node_cluster_routes_across_nodes_and_enforces_permissions(cluster: 
                     break
             # site-a may not publish as site-b: RabbitMQ closes its connection, nothing reaches the aggregator
             with pytest.raises(aiomqtt.MqttError):
-                async with _client(cluster, 1, "site-a", "site-a-y") as site:
+                async with _client(cluster, 1, "site-a", "site-a-y", REFUSED_TIMEOUT_S) as site:
                     await site.publish("fedline/test/sites/site-b/update/m2/0", b"forged", qos=1)
                     await asyncio.sleep(1.0)
                     await site.publish("fedline/test/sites/site-a/update/m3/0", b"after", qos=1)
@@ -109,12 +129,15 @@ def test_two_node_cluster_routes_across_nodes_and_enforces_permissions(cluster: 
                         raise AssertionError(f"forged or post-violation message delivered: {m.topic}")
         # a site may not read another site's receipts
         with pytest.raises(aiomqtt.MqttError):
-            async with _client(cluster, 0, "site-a", "site-a-z") as site:
+            async with _client(cluster, 0, "site-a", "site-a-z", REFUSED_TIMEOUT_S) as site:
                 await site.subscribe("fedline/test/sites/site-b/receipts", qos=1)
                 await asyncio.sleep(1.0)
                 await site.publish("fedline/test/sites/site-a/status", b"alive", qos=1)
 
     asyncio.run(run())
+    # both failures were RabbitMQ's topic permissions refusing, not a slow broker
+    assert _refused(cluster, 1, "fedline.test.sites.site-b.update.m2.0", "site-a")
+    assert _refused(cluster, 0, "fedline.test.sites.site-b.receipts", "site-a")
 
 
 @pytest.mark.rabbitmq
