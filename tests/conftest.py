@@ -27,29 +27,47 @@ FEDERATION = "test"
 #: milliseconds instead of seconds of CPU. Production and ``make demo`` never set this.
 os.environ.setdefault("FEDLINE_LAUNCH_FORKSERVER", "1")
 
-#: Under pytest-xdist (``make test`` runs two workers, ``--dist loadgroup``): the tests of one group run on one
+#: Under pytest-xdist (``make test`` runs three workers, ``--dist loadgroup``): the tests of one group run on one
 #: worker, one after another. Only the RabbitMQ cluster is grouped (its session fixture starts two nodes, tens of
 #: seconds: once, not once per worker). Everything else is handed out one test at a time to whichever worker is
-#: free, the longest first (``LONG_FIRST``), so both workers stay busy to the end. Two workers run at most two
-#: whole federations at a time, which is what the 2-core CI machine can take.
+#: free, the longest first (``LONG_FIRST``), so the workers finish together.
 XDIST_GROUPS = {
     "tests/cluster/": "rabbitmq-cluster",
 }
-#: path prefixes of the longest tests (measured: ``pytest --durations``), started first in this order
+#: path prefixes of the longest tests, started first in this order (longest processing time first). Measured with
+#: ``pytest -n 2 --dist loadgroup --durations=60`` on the 2-vCPU VM, 2026-12-01; seconds per test in brackets.
+#: xdist hands each worker a second unit before its first is done (then one more whenever it has two tests or fewer
+#: left), so this order also decides which tests share a worker: on three workers the two demo runs are followed by
+#: the ONNX export bench and kill9, and the capture (a third whole demo) follows the cluster's group instead of
+#: running beside both demos.
 LONG_FIRST = (
-    "tests/demo/test_demo_run.py",
-    "tests/hostile/test_capture.py",
-    "tests/cluster/",
-    "tests/adapters/test_opcua.py",
-    "tests/faults/",
-    "tests/ops/test_status_json.py",
-    "tests/secagg/test_secagg_kill9.py",
-    "tests/models/test_bench_onnx_export.py",
-    "tests/ops/test_deploy_secrets_and_units.py",
-    "tests/plant/test_plant_tier.py",
-    "tests/aggregator/test_cli_broker.py",
-    "tests/edge/test_edge_faults.py",
-    "tests/aggregator/test_intake_workers.py",
+    "tests/demo/test_demo_run.py",  # two demo runs (76-93 each)
+    "tests/cluster/",  # the cluster's group (start 25-37, then 9 + 8 + 3)
+    "tests/models/test_bench_onnx_export.py",  # 46
+    "tests/faults/test_kill9.py",  # 33
+    "tests/hostile/test_capture.py",  # a third demo run (44-66)
+    "tests/aggregator/test_service_broker.py",  # 31
+    "tests/hostile/test_privacy_mia.py",  # 31
+    "tests/ops/test_deploy_secrets_and_units.py",  # 25 (+ 9 of set-up)
+    "tests/edge/test_start_cost.py",  # 24, 15, 13, 7
+    "tests/faults/",  # 24, 21, 19, 16, 14
+    "tests/ops/test_prediction_spool.py",  # 23 (a 20 s outage)
+    "tests/adapters/test_opcua.py",  # 8 + 4 alone, up to 58 on a loaded machine
+    "tests/packaging/test_install_roles.py",  # 19, 13
+    "tests/hostile/test_attack_suite.py",  # 17
+    "tests/edge/test_edge_agent.py",  # 16
+    "tests/edge/test_edge_faults.py",  # 15
+    "tests/plant/test_plant_tier.py",  # 14, 7
+    "tests/aggregator/test_bench_scale.py",  # 13
+    "tests/edge/test_line_export_graph.py",  # 12
+    "tests/ops/test_status_json.py",  # 11
+    "tests/aggregator/test_intake_workers.py",  # 11
+    "tests/demo/test_audit_and_proxy.py",  # 10
+    "tests/demo/test_dp_defaults.py",  # 10, 8
+    "tests/edge/test_record_privacy.py",  # 9, 7
+    "tests/aggregator/test_cli_broker.py",  # 9
+    "tests/hostile/test_fuzz.py",  # 8, 8, 7, 7, 6
+    "tests/secagg/test_secagg_kill9.py",  # 8
 )
 
 
