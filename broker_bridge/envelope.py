@@ -113,7 +113,7 @@ def canonical_json(doc: Mapping[str, Any]) -> bytes:
 
 def _load_json(raw: bytes | memoryview, reason: str, what: str) -> dict[str, Any]:
     try:
-        doc = _STRICT_JSON.decode(bytes(raw).decode("utf-8"))
+        doc = _STRICT_JSON.decode(str(raw, "utf-8"))  # decoded from the buffer itself: no copy first
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise WireError(reason, f"{what} is not valid JSON: {exc}") from None
     if not isinstance(doc, dict):
@@ -176,21 +176,9 @@ def register_layout(table: bytes) -> bytes:
     return lid
 
 
-class TensorBlock(dict[str, np.ndarray]):
-    """:func:`decode_tensors`' arrays by name, in the block's order, and ``flat``: when they all have one dtype,
-    every value of the block as one 1-D array, of which the arrays are consecutive views (else None).
-
-    Why: what reads every value of an update once (the aggregator's norm bound) reads them in one BLAS call
-    over ``flat`` rather than one call per tensor (about 30 us of a 100k-parameter update's 50, BENCHMARKS.md
-    "The opening's parts").
-    """
-
-    flat: np.ndarray | None = None
-
-
-def decode_tensors(blob: bytes | memoryview, reason: str = "schema") -> TensorBlock:
+def decode_tensors(blob: bytes | memoryview, reason: str = "schema") -> dict[str, np.ndarray]:
     """Inverse of :func:`encode_tensors` (FLT1, or FLT2 of a registered layout). Arrays are read-only views
-    into ``blob`` (a :class:`TensorBlock`: a dict, with the block's values as one array when they share a dtype).
+    into ``blob``.
 
     Every length is checked before it is used, so random bytes give a
     :class:`WireError`, never a crash or a huge allocation.
@@ -210,12 +198,11 @@ def decode_tensors(blob: bytes | memoryview, reason: str = "schema") -> TensorBl
     return _read_arrays(view, 8 + hlen, _tensor_layout(bytes(view[8 : 8 + hlen]), reason), reason)
 
 
-def _read_arrays(view: memoryview, pos: int, layout: Layout, reason: str) -> TensorBlock:
+def _read_arrays(view: memoryview, pos: int, layout: Layout, reason: str) -> dict[str, np.ndarray]:
     """The arrays of ``layout`` from ``view[pos:]``, which must hold exactly their bytes.
 
     A layout of one dtype (every float32 update) is read as one array and sliced: one buffer export instead
-    of one per tensor, and the block's values as one array (``TensorBlock.flat``)."""
-    out = TensorBlock()
+    of one per tensor (a few us of a 100k-parameter update's open, BENCHMARKS.md "The opening's parts")."""
     start = pos
     for name, dt, _, count in layout:
         nbytes = count * dt.itemsize
@@ -224,10 +211,11 @@ def _read_arrays(view: memoryview, pos: int, layout: Layout, reason: str) -> Ten
         pos += nbytes
     if pos != len(view):
         raise WireError(reason, f"{len(view) - pos} trailing bytes after the last tensor")
+    out: dict[str, np.ndarray] = {}
     dtypes = {dt for _, dt, _, _ in layout}
     if len(dtypes) == 1:
         (dt,) = dtypes
-        out.flat = flat = np.frombuffer(view, dtype=dt, count=(pos - start) // dt.itemsize, offset=start)
+        flat = np.frombuffer(view, dtype=dt, count=(pos - start) // dt.itemsize, offset=start)
         at = 0
         for name, _, shape, count in layout:
             out[name] = flat[at : at + count].reshape(shape)
@@ -343,7 +331,13 @@ class UpdateHeader:
         for k, v in doc["privacy"].items():
             if not isinstance(v, (int, float, str)) and v is not None:
                 raise WireError("schema", f"privacy field {k!r} must be a number, string or null")
-        return cls(**doc)
+        # every field is checked above: set them as they are, without the frozen dataclass's __init__ (one
+        # object.__setattr__ per field, about a third of this function's time on every update)
+        header = object.__new__(cls)
+        header.__dict__.update(doc)
+        if "encoding" not in doc:
+            header.__dict__["encoding"] = "float32"
+        return header
 
 
 # an update header's fields and their JSON types (read on every update: built once)
@@ -461,7 +455,7 @@ def open_update(
     is_new_counter: Callable[[str, int], bool] = lambda site, counter: True,
     max_bytes: int = MAX_MESSAGE_BYTES,
     tensor_bytes: int | None = None,
-) -> tuple[UpdateHeader, TensorBlock]:
+) -> tuple[UpdateHeader, dict[str, np.ndarray]]:
     """Open, verify and parse a sealed update, or raise :class:`WireError` naming the first failure.
 
     ``tensor_bytes``: the size of the tensor data the receiver expects (its model's, as float32): the tensors
