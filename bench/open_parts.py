@@ -109,6 +109,7 @@ def _bench_module() -> Any:
     spec = importlib.util.spec_from_file_location("aggregator_bench", Path(__file__).with_name("aggregator.py"))
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # its dataclasses look their module up while they are made
     spec.loader.exec_module(mod)
     return mod
 
@@ -118,7 +119,8 @@ def run(params: int, updates: int, passes: int) -> dict[str, float]:
     bench = _bench_module()
     with tempfile.TemporaryDirectory(prefix="fedline-open-parts-") as tmp:
         core, agg, sites = bench.setup(Path(tmp), params, 10, 2, "fedbuff")
-        _, blobs, samples = bench.make_updates(core, agg, sites, updates)
+        _, by_encoding, samples = bench.make_updates(core, agg, sites, updates)
+        blobs = by_encoding["float32"]
         acc = {k: np.zeros_like(v) for k, v in core.model.items()}
         t: dict[str, list[int]] = {
             k: []
