@@ -48,8 +48,8 @@ per-round ratios: ``fedline_mean_vs_limit_per_core_median`` (list: ``..._rounds`
 ``fedline_mean_cold_vs_limit_per_core`` and ``int8_mean_vs_limit_int8_cpu``.
 **Issue 19's intake ratio is ``fedline_mean_vs_limit_per_core_median``**: on this shared 2-vCPU machine the
 limit's own CPU per update moves by 20-30 % from minute to minute; in a round the limit and the mean see the same
-updates seconds apart, so a slower machine slows both and cancels in their ratio, the alternated order cancels a
-bias of going first or second (measured: about 0.03 at 100k, BENCHMARKS.md "The intake bench's method"), and the
+updates seconds apart, so a slower machine slows both and cancels in their ratio, the alternated order cancels any
+bias of going first or second (none shown in nine runs: BENCHMARKS.md "The intake bench's method"), and the
 median ignores one disturbed round. Every key without ``_median`` / ``_rounds`` keeps its meaning: each column's
 best over the first ``--repeats`` (2) rounds, on its own, and the ratios of those bests, as BENCHMARKS.md rows up
 to 2 Dec 2026 report them (then from 2 runs of 100 updates at 100k; six runs on a quiet machine gave 0.62-0.74):
