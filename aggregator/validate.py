@@ -26,6 +26,7 @@ from aggregator.config import ValidationConfig
 from broker_bridge.envelope import UpdateHeader
 from broker_bridge.quantised import Int8Delta
 
+_FLOAT32 = np.dtype(np.float32)
 REASONS = ("names", "dtype", "shape", "nonfinite", "norm", "samples", "base_version")
 
 
@@ -65,26 +66,26 @@ def check_update(
         )
     if isinstance(tensors, Int8Delta):  # integers are finite: shapes, then the norm from the int8 blocks
         return _int8_norm(tensors, reference, max_norm)
-    # one errstate for every tensor (entering one costs about as much as a 100k-value dot)
-    with np.errstate(over="ignore", invalid="ignore"):  # overflow is handled in _sum_of_squares
-        total = sum(_sum_of_squares(name, arr, reference[name]) for name, arr in tensors.items())
+    # one loop, no call per tensor: at 100k parameters the Python around the dots cost as much as the dots
+    # (BENCHMARKS.md, "The opening's parts")
+    total = 0.0
+    for name, arr in tensors.items():
+        shape = reference[name]
+        if arr.dtype != _FLOAT32:
+            raise ValidationError("dtype", f"{name!r} is {arr.dtype}, expected float32")
+        if arr.shape != shape and arr.shape != tuple(shape):
+            raise ValidationError("shape", f"{name!r} has shape {tuple(arr.shape)}, model expects {tuple(shape)}")
+        # one pass (BLAS sdot): a NaN or inf makes the sum non-finite; only then look for which it was. np.vdot:
+        # np.dot's own BLAS call (the same bits as robust.l2_norm's after a restart) over any shape, without
+        # np.dot's check of the floating-point flags, which warns on an overflow or a signalling NaN (the
+        # np.errstate that silenced it cost about 9 us per update)
+        sq = float(np.vdot(arr, arr))
+        if not math.isfinite(sq):
+            if not np.isfinite(arr).all():
+                raise ValidationError("nonfinite", f"{name!r} holds NaN or infinity")
+            sq = math.inf  # finite values whose squares overflow: far beyond any bound
+        total += sq
     return _within(math.sqrt(total), max_norm)
-
-
-def _sum_of_squares(name: str, arr: np.ndarray, shape: tuple[int, ...]) -> float:
-    """One float32 tensor's dtype and shape checked, and the sum of its squares (inf if it overflows)."""
-    if arr.dtype != np.float32:
-        raise ValidationError("dtype", f"{name!r} is {arr.dtype}, expected float32")
-    if arr.shape != tuple(shape):
-        raise ValidationError("shape", f"{name!r} has shape {tuple(arr.shape)}, model expects {tuple(shape)}")
-    flat = arr.reshape(-1)
-    # one pass (BLAS sdot): a NaN or inf makes the sum non-finite; only then look for which it was
-    sq = float(np.dot(flat, flat))
-    if not math.isfinite(sq):
-        if not np.isfinite(flat).all():
-            raise ValidationError("nonfinite", f"{name!r} holds NaN or infinity")
-        sq = math.inf  # finite values whose squares overflow: far beyond any bound
-    return sq
 
 
 def _within(norm: float, max_norm: float) -> float:

@@ -30,16 +30,31 @@ four tensors), on the same delta arrays:
   10 updates: no message, no object store, no ServerApp.
 
 Two fedline rows: the default reduce (``robust = "auto"``: minimum-diameter averaging at K = 10
-since 1 Dec 2026, the coordinate-wise median before) and FedBuff's weighted mean (``robust = "none"``). **Issue 19's intake
-ratio is the mean's** (``fedline_mean_vs_limit_per_core``): intake *including* the
-reduce, where the mean's reduce is the limit's axpy; the robust default is a different
-statistic whose extra cost is reported beside it, not hidden in the ratio.
+since 1 Dec 2026, the coordinate-wise median before) and FedBuff's weighted mean (``robust = "none"``). Issue 19's intake
+ratio is the mean's: intake *including* the reduce, where the mean's reduce is the limit's axpy; the robust
+default is a different statistic whose extra cost is reported beside it, not hidden in the ratio.
 Ratios: fedline / limit and fedline / flower (> 1 means fedline is faster), in
 updates/s (fedline on ``--workers`` threads, the others on one core), and **per
-core**: the limit's CPU time per update over fedline's (all threads), the
-figure the issue's target (≥ 0.7×) is about. Each fedline aggregator first takes ``WARMUP``
+core**: the limit's CPU time per update over fedline's (all threads). Each fedline aggregator first takes ``WARMUP``
 (two versions' worth of) updates untimed, so the timed ones measure a running aggregator, not a fresh state
 directory's first files; the mean into a fresh state directory is timed beside it (``..._cold_...``).
+
+**Paired rounds.** The updates are sealed once; then ``--rounds`` (6) rounds each build fresh aggregators (a new
+state directory each, warmed as above) and time the limit, the mean, the cold mean, the int8 floor and the int8
+mean on those same updates, one after the other, the order reversed every other round (``PAIRED``,
+``round_order``); the default reduce, int8 with it and Flower are timed in the first ``--repeats`` (2) rounds
+only. Each ratio of a fedline column to its limit is taken per round and reported as the median of the
+per-round ratios: ``fedline_mean_vs_limit_per_core_median`` (list: ``..._rounds``), and the same for
+``fedline_mean_cold_vs_limit_per_core`` and ``int8_mean_vs_limit_int8_cpu``.
+**Issue 19's intake ratio is ``fedline_mean_vs_limit_per_core_median``**: on this shared 2-vCPU machine the
+limit's own CPU per update moves by 20-30 % from minute to minute; in a round the limit and the mean see the same
+updates seconds apart, so a slower machine slows both and cancels in their ratio, the alternated order cancels any
+bias of going first or second (none shown in nine runs: BENCHMARKS.md "The intake bench's method"), and the
+median ignores one disturbed round. Every key without ``_median`` / ``_rounds`` keeps its meaning: each column's
+best over the first ``--repeats`` (2) rounds, on its own, and the ratios of those bests, as BENCHMARKS.md rows up
+to 2 Dec 2026 report them (then from 2 runs of 100 updates at 100k; six runs on a quiet machine gave 0.62-0.74):
+comparable with them, not the figure to read the target (≥ 0.7×) from. Timed updates: ``n_updates_for`` (400 at
+100k, about 0.6 s of the mean's CPU per window; 60 at 1M).
 Then peak RSS of a process running an aggregator with 1,000 enrolled sites
 taking updates from 200 different sites (100k-parameter model).
 
@@ -61,10 +76,13 @@ import math
 import os
 import platform
 import resource
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -145,20 +163,29 @@ def setup(root: Path, n_params: int, n_sites: int, workers: int, strategy: str, 
 
 
 def make_updates(
-    core: AggregatorCore, agg: KeyPair, sites: list[KeyPair], n: int, seed: int = 0, encoding: str = "float32"
-):
-    """``n`` sealed updates of random deltas (the same deltas for the same seed, whatever the encoding)."""
+    core: AggregatorCore,
+    agg: KeyPair,
+    sites: list[KeyPair],
+    n: int,
+    seed: int = 0,
+    encodings: tuple[str, ...] = ("float32",),
+) -> tuple[list[dict[str, np.ndarray]], dict[str, list[bytes]], list[int]]:
+    """``n`` random deltas (the same for the same seed), each sealed once per encoding: (deltas, blobs by
+    encoding, sample counts). One draw for every encoding: at 1M parameters the draw costs more than the seal."""
     rng = np.random.default_rng(seed)
     box_pub = agg.public().box_pub
-    deltas, blobs, samples = [], [], []
+    deltas: list[dict[str, np.ndarray]] = []
+    blobs: dict[str, list[bytes]] = {e: [] for e in encodings}
+    samples: list[int] = []
     for i in range(n):
         d = {k: (rng.standard_normal(v.shape) * 0.01).astype(np.float32) for k, v in core.model.items()}
         site = sites[i % len(sites)]
         n_samples = int(rng.integers(10, 1000))
-        header = UpdateHeader(
-            site.ident, 1 + i // len(sites), f"u{i}", 0, n_samples, {"epsilon": 1.0}, encoding=encoding
-        )
-        blobs.append(envelope.seal_update(header, quantised.encode(d, encoding), site, box_pub))
+        for encoding in encodings:
+            header = UpdateHeader(
+                site.ident, 1 + i // len(sites), f"u{i}", 0, n_samples, {"epsilon": 1.0}, encoding=encoding
+            )
+            blobs[encoding].append(envelope.seal_update(header, quantised.encode(d, encoding), site, box_pub))
         deltas.append(d)
         samples.append(n_samples)
     return deltas, blobs, samples
@@ -255,11 +282,15 @@ def run_flower_faithful(replies: list[flower_receive.Reply]) -> None:
 
 
 def n_updates_for(n_params: int) -> int:
-    return {10_000: 200, 100_000: 100}.get(n_params, 40)
+    """Timed updates per measurement: about 0.5 s or more of the mean intake's CPU per window at 100k and 1M (100 at
+    100k gave 150-200 ms, short enough that the machine's drift, not the code, set the ratio)."""
+    return {10_000: 200, 100_000: 400}.get(n_params, 60)
 
 
 #: updates each fedline aggregator takes, untimed, before the timed ones (two versions at K = 10): intake is
-#: measured running, not on a fresh state directory's first files (a log segment, the WAL) and first versions
+#: measured running, not on a fresh state directory's first files (a log segment, the WAL) and first versions.
+#: Every round builds its aggregators afresh (a new state directory each) and warms each of them so, just before
+#: its timed updates: each round is today's measurement again, never a longer-running aggregator than the last.
 WARMUP = 2 * K
 
 
@@ -269,65 +300,157 @@ def warm_and_time(core: AggregatorCore, blobs: list[bytes], warm: int = WARMUP) 
     return timed(run_fedline, core, blobs[warm:])
 
 
-def measure(n_params: int, workers: int, repeats: int) -> dict[str, Any]:
-    fl = flower()
-    with tempfile.TemporaryDirectory(prefix="fedline-bench-") as tmp:
-        best: dict[str, float] = {}
-        limit_others = 0.0  # CPU of other threads during the limit's loop, the most of any repeat
-        n, w = n_updates_for(n_params), WARMUP
-        for r in range(repeats):
-            core, agg, sites = setup(Path(tmp) / f"r{r}", n_params, K, workers, "fedbuff")
-            deltas, blobs, samples = make_updates(core, agg, sites, w + n, seed=r)
-            deltas, samples = deltas[w:], samples[w:]  # the baselines take the timed updates only
-            p = sum(v.size for v in core.model.values())
-            wire = flower_wire(fl, deltas) if fl else None
-            replies = flower_receive.replies([list(d.values()) for d in deltas], samples) if fl else None
-            core8, agg8, sites8 = setup(Path(tmp) / f"r{r}-int8", n_params, K, workers, "fedbuff")
-            _, blobs8, _ = make_updates(core8, agg8, sites8, w + n, seed=r, encoding="int8")
-            core_mean, _, _ = setup(Path(tmp) / f"r{r}-mean", n_params, K, workers, "fedbuff", robust="none")
-            core_mean.keys, core_mean.enrollment = core.keys, core.enrollment  # the same federation: the same blobs
-            # the same int8 updates reduced by the mean (robust = "none"): pure accumulation from the int8 blocks
-            core8m, agg8m, sites8m = setup(Path(tmp) / f"r{r}-int8-mean", n_params, K, workers, "fedbuff", "none")
-            _, blobs8m, _ = make_updates(core8m, agg8m, sites8m, w + n, seed=r, encoding="int8")
-            t = {"fedline": warm_and_time(core, blobs)}
-            wall, cpu, others = timed_alone(run_limit, agg, blobs[w:], samples, core.model)
-            t["limit"] = (wall, cpu)
-            limit_others = max(limit_others, others)
-            t["fedline_mean"] = warm_and_time(core_mean, blobs)
-            core_mean.close()
-            # beside it, the same timed updates into a fresh state directory (what this bench measured before
-            # the warm-up): a new aggregator's first files and versions cost more than a running one's
-            core_cold, _, _ = setup(Path(tmp) / f"r{r}-cold", n_params, K, workers, "fedbuff", robust="none")
-            core_cold.keys, core_cold.enrollment = core.keys, core.enrollment
-            t["fedline_mean_cold"] = timed(run_fedline, core_cold, blobs[w:])
-            core_cold.close()
-            t["fedline_int8"] = warm_and_time(core8, blobs8)
-            t["fedline_int8_mean"] = warm_and_time(core8m, blobs8m)
-            t["limit_int8"] = timed(run_limit_int8, agg8m, blobs8m[w:], samples, core8m.model)
-            if fl:
-                t["flower"] = timed(run_flower, fl, wire, samples)
-                t["flower_faithful"] = timed(run_flower_faithful, replies)
-            reduce_default = core8.strategy.reduce_stat
+#: paired rounds per size (even, so each pair is timed limit-first in half of them)
+ROUNDS = 6
+
+#: the columns timed in every round, in an even round's order (an odd round runs it reversed, so each fedline
+#: column and its limit swap places): each figure and its limit on the same updates, seconds apart
+PAIRED = ("limit", "fedline_mean", "fedline_mean_cold", "limit_int8", "fedline_int8_mean")
+
+#: the columns timed only in the first ``--repeats`` rounds (their figures are best-of, as before the rounds)
+ONCE = ("fedline", "fedline_int8", "flower", "flower_faithful")
+
+#: the ratios taken per round: key -> (the limit's column, the fedline column); CPU per update, limit over fedline
+ROUND_RATIOS = {
+    "fedline_mean_vs_limit_per_core": ("limit", "fedline_mean"),  # issue 19's intake ratio
+    "fedline_mean_cold_vs_limit_per_core": ("limit", "fedline_mean_cold"),
+    "int8_mean_vs_limit_int8_cpu": ("limit_int8", "fedline_int8_mean"),
+}
+
+
+def round_order(r: int) -> tuple[str, ...]:
+    """The paired columns in round ``r``'s order: :data:`PAIRED` in even rounds, reversed in odd ones."""
+    return PAIRED if r % 2 == 0 else PAIRED[::-1]
+
+
+def paired_ratios(cpu_rounds: list[dict[str, float]]) -> dict[str, Any]:
+    """Each of :data:`ROUND_RATIOS` per round (the limit's CPU over the fedline column's, both from that round)
+    and the median of those per-round ratios (``<key>_rounds``, ``<key>_median``).
+
+    Why per round: a round times both on the same updates seconds apart, so a slower machine slows both and
+    cancels in the ratio; the best-of figure divides two minima taken in different rounds, each at its own
+    luckiest moment. Why the median: one disturbed round moves it by one rank, not by its size.
+    """
+    out: dict[str, Any] = {}
+    for key, (limit, fedline) in ROUND_RATIOS.items():
+        ratios = [c[limit] / c[fedline] for c in cpu_rounds]
+        out[f"{key}_rounds"] = ratios
+        out[f"{key}_median"] = statistics.median(ratios)
+    return out
+
+
+@dataclass
+class Updates:
+    """The updates every round takes (sealed once; each round's aggregators have fresh state directories, so the
+    same updates are new to them), the federation's keys, and the baselines' views of the same deltas."""
+
+    agg: KeyPair
+    enrollment: Any
+    model: dict[str, np.ndarray]
+    blobs: list[bytes]  # float32, WARMUP + n
+    blobs8: list[bytes]  # int8, the same deltas
+    samples: list[int]  # of the timed updates
+    wire: list[Any] | None  # Flower's narrow baseline (the timed updates)
+    replies: list[Any] | None  # Flower's faithful receive path (the timed updates)
+
+
+def seal_updates(root: Path, n_params: int, n: int, fl: Any) -> Updates:
+    """``WARMUP + n`` sealed updates, float32 and int8, of the same random deltas (seed 0)."""
+    core, agg, sites = setup(root, n_params, K, 1, "fedbuff")
+    deltas, sealed, samples = make_updates(core, agg, sites, WARMUP + n, encodings=("float32", "int8"))
+    blobs, blobs8 = sealed["float32"], sealed["int8"]
+    deltas, samples = deltas[WARMUP:], samples[WARMUP:]  # the baselines take the timed updates only
+    wire = flower_wire(fl, deltas) if fl else None
+    replies = flower_receive.replies([list(d.values()) for d in deltas], samples) if fl else None
+    ups = Updates(agg, core.enrollment, core.model, blobs, blobs8, samples, wire, replies)
+    core.close()
+    return ups
+
+
+class Round:
+    """One round's columns, each timed by :meth:`time`; every fedline column on an aggregator of its own, built
+    (untimed) into a fresh state directory just before it, and warmed unless it is the cold one."""
+
+    def __init__(self, root: Path, ups: Updates, n_params: int, workers: int, fl: Any) -> None:
+        self.root, self.ups, self.n_params, self.workers, self.fl = root, ups, n_params, workers, fl
+        self.reduce_default = ""
+        self.limit_others = 0.0  # CPU of other threads during the limit's loop
+
+    def _fedline(self, name: str, robust: str, blobs: list[bytes], warm: bool) -> tuple[float, float]:
+        core, _, _ = setup(self.root / name, self.n_params, K, self.workers, "fedbuff", robust)
+        core.keys, core.enrollment = self.ups.agg, self.ups.enrollment  # the same federation: the same blobs
+        if robust == "auto":
+            self.reduce_default = core.strategy.reduce_stat
+        try:
+            return warm_and_time(core, blobs) if warm else timed(run_fedline, core, blobs[WARMUP:])
+        finally:
             core.close()
-            core8.close()
-            core8m.close()
-            for k, (wall, cpu) in t.items():
-                best[k] = min(best.get(k, math.inf), wall)
-                best[k + "_cpu"] = min(best.get(k + "_cpu", math.inf), cpu)
+            shutil.rmtree(self.root / name)  # 1M: a few hundred MB of log and checkpoints per aggregator
+
+    def time(self, column: str) -> tuple[float, float]:
+        """(wall, CPU) seconds of ``column`` over the round's timed updates."""
+        u = self.ups
+        if column == "limit":
+            wall, cpu, others = timed_alone(run_limit, u.agg, u.blobs[WARMUP:], u.samples, u.model)
+            self.limit_others = others
+            return wall, cpu
+        if column == "limit_int8":
+            return timed(run_limit_int8, u.agg, u.blobs8[WARMUP:], u.samples, u.model)
+        if column == "flower":
+            return timed(run_flower, self.fl, u.wire, u.samples)
+        if column == "flower_faithful":
+            return timed(run_flower_faithful, u.replies)
+        blobs = u.blobs8 if "int8" in column else u.blobs
+        robust = "none" if column.endswith(("_mean", "_mean_cold")) else "auto"
+        return self._fedline(column, robust, blobs, warm=not column.endswith("_cold"))
+
+
+def measure(
+    n_params: int, workers: int, repeats: int, rounds: int = ROUNDS, n_updates: int | None = None
+) -> dict[str, Any]:
+    """One row: ``rounds`` paired rounds over the same updates (:data:`PAIRED` every round, in :func:`round_order`;
+    :data:`ONCE` in the first ``repeats`` rounds, after the pairs)."""
+    fl = flower()
+    n = n_updates or n_updates_for(n_params)
+    walls: list[dict[str, float]] = []
+    cpus: list[dict[str, float]] = []
+    limit_others = 0.0  # the most of any round
+    reduce_default = ""
+    with tempfile.TemporaryDirectory(prefix="fedline-bench-") as tmp:
+        ups = seal_updates(Path(tmp) / "keys", n_params, n, fl)
+        for r in range(rounds):
+            rnd = Round(Path(tmp) / f"r{r}", ups, n_params, workers, fl)
+            once = [c for c in ONCE if fl or not c.startswith("flower")] if r < repeats else []
+            t = {c: rnd.time(c) for c in (*round_order(r), *once)}
+            walls.append({c: v[0] for c, v in t.items()})
+            cpus.append({c: v[1] for c, v in t.items()})
+            limit_others = max(limit_others, rnd.limit_others)
+            if r == 0:
+                reduce_default = rnd.reduce_default
     row: dict[str, Any] = {
-        "params": p,
+        "params": sum(v.size for v in ups.model.values()),
         "reduce_default": reduce_default,  # the statistic of the "fedline" and "fedline_int8" columns
         "updates": n,
-        "warmup_updates": w,  # taken by each fedline aggregator before the timed ones
-        "sealed_bytes": len(blobs[0]),
-        "int8_sealed_bytes": len(blobs8[0]),
+        "warmup_updates": WARMUP,  # taken by each fedline aggregator (but the cold one) before the timed ones
+        "rounds": rounds,  # paired rounds (PAIRED every round; ONCE in the first `repeats` of them)
+        "repeats": min(repeats, rounds),
+        "sealed_bytes": len(ups.blobs[0]),
+        "int8_sealed_bytes": len(ups.blobs8[0]),
     }
-    for k, v in best.items():
-        if k.endswith("_cpu"):
-            row[f"{k[:-4]}_cpu_ms_per_update"] = 1e3 * v / n
-        else:
-            row[f"{k}_per_s"] = n / v
+    # the older keys: each column's best of the first `repeats` rounds, on its own (the bench's best of `repeats`
+    # runs before the rounds; the best of all six read higher, each column's minimum falling further)
+    for k in walls[0]:
+        row[f"{k}_per_s"] = n / min(w[k] for w in walls[:repeats])
+        row[f"{k}_cpu_ms_per_update"] = 1e3 * min(c[k] for c in cpus[:repeats]) / n
+    row["cpu_ms_per_update_rounds"] = {k: [1e3 * c[k] / n for c in cpus] for k in PAIRED}
     row["limit_other_threads_cpu_ms_per_update"] = 1e3 * limit_others / n  # should be about 0
+    ratios(row, fl is not None)
+    row.update(paired_ratios(cpus))
+    return row
+
+
+def ratios(row: dict[str, Any], fl: bool) -> None:
+    """The ratios of the best-of figures (the keys older BENCHMARKS.md rows report), into ``row``."""
     row["fedline_vs_limit"] = row["fedline_per_s"] / row["limit_per_s"]
     row["fedline_vs_limit_per_core"] = row["limit_cpu_ms_per_update"] / row["fedline_cpu_ms_per_update"]
     # issue 19's intake ratio: intake + FedBuff's mean reduce (one axpy per update, as the limit does) against
@@ -358,7 +481,6 @@ def measure(n_params: int, workers: int, repeats: int) -> dict[str, Any]:
     row["limit_int8_vs_flower_cpu"] = (
         row["flower_cpu_ms_per_update"] / row["limit_int8_cpu_ms_per_update"] if fl else None
     )
-    return row
 
 
 def peak_rss_mb() -> float:
@@ -374,7 +496,7 @@ def rss_child(n_sites: int, n_params: int, n_updates: int) -> None:
     """In a fresh process: an aggregator with ``n_sites`` enrolled, fed ``n_updates`` from different sites."""
     with tempfile.TemporaryDirectory(prefix="fedline-bench-rss-") as tmp:
         core, agg, sites = setup(Path(tmp), n_params, n_sites, 2, "fedbuff")
-        _, blobs, _ = make_updates(core, agg, sites[:n_updates], n_updates)
+        blobs = make_updates(core, agg, sites[:n_updates], n_updates)[1]["float32"]
         base = peak_rss_mb()
         for _ in core.process_stream(blobs):
             pass
@@ -406,15 +528,42 @@ def measure_rss(n_sites: int = 1000, n_params: int = 100_000, n_updates: int = 2
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def print_paired(rows: list[dict[str, Any]]) -> None:
+    """The paired rounds: per-round ratios and their medians (issue 19's intake ratio is the mean's median)."""
+    print(
+        "\npaired rounds (limit CPU / fedline CPU per update, both timed in the round on the same updates; "
+        "order reversed every other round): median [per round]"
+    )
+    for r in rows:
+        for key, label in (
+            ("fedline_mean_vs_limit_per_core", "mean vs limit (issue 19)"),
+            ("fedline_mean_cold_vs_limit_per_core", "cold mean vs limit"),
+            ("int8_mean_vs_limit_int8_cpu", "int8 mean vs int8 floor"),
+        ):
+            per_round = ", ".join(f"{x:.3f}" for x in r[f"{key}_rounds"])
+            print(f"{r['params']:>10,} {label:>26}: {r[f'{key}_median']:.3f}x [{per_round}]")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--sizes", default=",".join(map(str, SIZES)), help="parameter counts, comma-separated")
     ap.add_argument("--workers", type=int, default=2, help="threads opening sealed updates (default 2)")
-    ap.add_argument("--repeats", type=int, default=2, help="runs per size; the best is kept")
+    ap.add_argument(
+        "--rounds", type=int, default=ROUNDS, help=f"paired rounds per size (default {ROUNDS}): limit, mean, cold, int8"
+    )
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=2,
+        help="the first rounds that also time the default reduce, int8 with it and Flower (best kept; default 2)",
+    )
+    ap.add_argument("--updates", type=int, help="timed updates per measurement (default: by size, 400 at 100k)")
     ap.add_argument("--no-rss", action="store_true", help="skip the 1,000-site memory measurement")
     ap.add_argument("--rss-child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if not 1 <= args.repeats <= args.rounds:
+        ap.error("need 1 <= --repeats <= --rounds")
     keep_freed_buffers()  # as `fedline aggregator` runs (fedline.heap): the limit's loop runs in the same process
     # as `fedline aggregator` runs (fedline.blas); without it OpenBLAS's thread, woken by the MDA reduce's Gram
     # matrix, went on spinning after each fedline run and its CPU was counted in the limit's loop timed next
@@ -427,7 +576,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.disable(logging.INFO)  # one log line per update would be timed too
     fl = flower()
     load_before = os.getloadavg()[0]
-    rows = [measure(int(s), args.workers, args.repeats) for s in args.sizes.split(",")]
+    rows = [measure(int(s), args.workers, args.repeats, args.rounds, args.updates) for s in args.sizes.split(",")]
     rss = None if args.no_rss else measure_rss()
     load_after = os.getloadavg()[0]
     result = {
@@ -478,10 +627,12 @@ def main(argv: list[str] | None = None) -> int:
     print(
         "limit = SealedBox decrypt + signature verify + numpy weighted add, one loop on one core; per core = limit "
         "CPU / fedline CPU per update (fedline: the default reduce, minimum-diameter averaging; mean: FedBuff's "
-        "weighted mean, the reduce the limit's axpy stands for: issue 19's intake ratio; each fedline aggregator "
-        f"takes {WARMUP} updates untimed first, cold = the mean into a fresh state directory); flower = flwr "
+        "weighted mean, the reduce the limit's axpy stands for; each fedline aggregator takes "
+        f"{WARMUP} updates untimed first, cold = the mean into a fresh state directory); every column here is the "
+        "best of the first --repeats rounds, each on its own (issue 19's figure is the paired median below); flower = flwr "
         f"{fl[3] if fl else '(missing)'} parameters_to_ndarrays + aggregate (no decryption)"
     )
+    print_paired(rows)
     for r in rows:
         other = r["limit_other_threads_cpu_ms_per_update"]
         if other > 0.05 * r["limit_cpu_ms_per_update"]:

@@ -69,13 +69,18 @@ def seal_open(
     n = len(ct) - SEAL_BYTES
     if tail is not None and 0 <= tail <= n:
         raw = np.empty(n + ALIGN, np.uint8)
-        shift = -(raw.ctypes.data + n - tail) % ALIGN
+        # the address through cffi, not ``raw.ctypes.data``: that builds a ctypes object per call, about 10 us of
+        # a 100k-parameter update's open (BENCHMARKS.md, "The opening's parts")
+        dst = ffi.from_buffer(raw)
+        shift = -(int(ffi.cast("uintptr_t", dst)) + n - tail) % ALIGN
+        dst += shift
         out = raw[shift : shift + n]
     elif place is not None:
         return _open_placed(ct, key, place)
     else:
         out = np.empty(n, dtype=np.uint8)
-    rc = lib.crypto_box_seal_open(ffi.from_buffer(out), ffi.from_buffer(ct), len(ct), bytes(key.public_key), bytes(key))
+        dst = ffi.from_buffer(out)
+    rc = lib.crypto_box_seal_open(dst, ffi.from_buffer(ct), len(ct), bytes(key.public_key), bytes(key))
     if rc != 0:
         raise CryptoError("An error occurred trying to decrypt the message")
     out.flags.writeable = False

@@ -157,3 +157,20 @@ def test_federation_secret_box(fed: h.Federation) -> None:
     with pytest.raises(WireError) as info:
         envelope.open_for_federation(sealed, bytes(32))
     assert info.value.reason == "decrypt"
+
+
+def test_from_dict_builds_the_header_the_constructor_builds():
+    """``UpdateHeader.from_dict`` sets the checked fields without the dataclass's ``__init__``: it must know every
+    field (one added to the class but not to the checks would be missing here) and fill ``encoding``'s default."""
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(envelope.UpdateHeader)}
+    assert fields == set(envelope._HEADER_FIELDS)
+    for encoding in ("float32", "int8"):
+        made = envelope.UpdateHeader("site-a", 7, "m-7", 2, 40, {"epsilon": 1.5, "delta": None}, 12.5, 1, encoding)
+        doc = made.to_dict()
+        assert ("encoding" in doc) == (encoding == "int8")
+        read = envelope.UpdateHeader.from_dict(doc)
+        assert read == made and vars(read) == vars(made)
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            read.counter = 8  # type: ignore[misc]
