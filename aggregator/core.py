@@ -87,11 +87,13 @@ def _batches(items: Iterable[bytes], size: int) -> Iterator[list[bytes]]:
         yield run
 
 
-def _whole_group(pending: deque[tuple[Future[list[Opened]], int]]) -> list[Opened]:
-    """The oldest batches, up to :data:`GROUP_MAX` updates, each waited for: one group commit
-    (:meth:`AggregatorCore.process_stream`)."""
-    future, _ = pending.popleft()
-    ops = future.result()
+def _whole_group(pending: deque[tuple[Future[list[Opened]], int]], left: Sequence[Opened] = ()) -> list[Opened]:
+    """``left`` (what the last group commit left undecided), then the oldest batches, up to :data:`GROUP_MAX`
+    updates, each waited for: one group commit (:meth:`AggregatorCore.process_stream`)."""
+    ops = list(left)
+    if not ops:
+        future, _ = pending.popleft()
+        ops = future.result()
     while pending and len(ops) + pending[0][1] <= GROUP_MAX:
         ops += pending.popleft()[0].result()
     return ops
@@ -290,24 +292,28 @@ class AggregatorCore:
         """Open batches of ``batch`` updates in the pool while deciding earlier ones in order, in groups.
 
         Opening (most of the work) overlaps with the serial decisions, so both cores stay busy. The oldest
-        batches are decided together, up to :data:`GROUP_MAX` updates, in one commit (:meth:`decide_many`,
-        :func:`_whole_group`), waiting for those of them still being opened, while ``workers`` more batches
-        are being opened. A group that holds a version writes none of the buffered bytes before it (the
-        version holds them), and each commit's own cost is shared by more updates: the greedy groups before
-        (only what was opened already: four to twelve updates) wrote most buffered updates' bytes, and cost
-        5-7 % more CPU per update at 100k parameters, 3 % at 1M (BENCHMARKS.md, "intake19g"). A pool task opens a whole
-        batch: handing each update to a thread and back (a future, a wake-up, its bytes moving between cores)
-        cost 0.1-0.2 ms of CPU per update at 100k parameters (BENCHMARKS.md).
+        batches are decided together, up to :data:`GROUP_MAX` updates, in one commit (:func:`_whole_group`),
+        waiting for those of them still being opened, while ``workers`` more batches are being opened. A group
+        ends at the update that makes a version (:meth:`decide_group`); the updates after it open the next
+        group. So a version's updates are decided in the group that makes it and their bytes are never
+        appended (the version holds them): groups of up to 16 cut across versions and appended about a quarter
+        of the updates at K = 10 (BENCHMARKS.md, "intake19h"); whole groups instead of greedy ones (only what
+        was opened already) had cost 5-7 % more CPU per update at 100k parameters ("intake19g"). A pool task
+        opens a whole batch: handing each update to a thread and back (a future, a wake-up, its bytes moving
+        between cores) cost 0.1-0.2 ms of CPU per update at 100k parameters (BENCHMARKS.md).
         """
         size = max(1, min(batch, GROUP_MAX))
         ahead = self.cfg.aggregator.workers + max(1, GROUP_MAX // size)  # batches being opened at most
         pending: deque[tuple[Future[list[Opened]], int]] = deque()
+        left: list[Opened] = []
         for run in _batches(items, size):
             pending.append((self.pool.submit(self._open_batch, run), len(run)))
-            if len(pending) >= ahead:
-                yield from self.decide_many(_whole_group(pending))
-        while pending:
-            yield from self.decide_many(_whole_group(pending))
+            while len(pending) >= ahead:  # a group may take no batch (it ended early): never more ahead
+                decisions, left = self.decide_group(_whole_group(pending, left))
+                yield from decisions
+        while pending or left:
+            decisions, left = self.decide_group(_whole_group(pending, left))
+            yield from decisions
 
     def _open_batch(self, items: Sequence[bytes]) -> list[Opened]:
         return [self.open(item) for item in items]
@@ -320,9 +326,32 @@ class AggregatorCore:
         the commit fails, nothing of the group is kept: the buffer and the decided counters are read back
         from the store (as after a restart) and the error is raised; the sites resend for lack of receipts.
         """
+        return self._grouped(ops, until_version=False)
+
+    def decide_group(self, ops: Sequence[Opened]) -> tuple[list[Decision], list[Opened]]:
+        """:meth:`decide_many` up to and including the first update that makes a version; (its decisions, the
+        updates left undecided, for the caller's next group).
+
+        Why stop there: a group's buffered updates have their sealed bytes appended at its commit unless a version
+        in the same group holds them. Past a version the group's updates start the next buffer, and their bytes
+        (400 KB each at 100k parameters) would be written only for that buffer's own version to make them
+        unneeded; in the next group they are decided with that version. A group of rejections ends only at
+        :data:`GROUP_MAX`, as before.
+        """
+        decisions = self._grouped(ops, until_version=True)
+        return decisions, list(ops[len(decisions) :])
+
+    def _grouped(self, ops: Sequence[Opened], until_version: bool) -> list[Decision]:
+        """The decisions of ``ops`` in one group commit (the next ones left out after a version when
+        ``until_version``); on a failure the store's state is read back and the error raised."""
+        decisions: list[Decision] = []
         try:
             with self.store.grouped():
-                return [self.decide(op) for op in ops]
+                for op in ops:
+                    decisions.append(self.decide(op))
+                    if until_version and decisions[-1].new_version is not None:
+                        break
+            return decisions
         except BaseException:
             self._reload_decided()
             raise

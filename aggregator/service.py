@@ -40,6 +40,7 @@ from aggregator.core import GROUP_MAX, AggregatorCore, Decision
 from aggregator.metrics import Metrics
 from aggregator.open_batches import OpenBatcher
 from aggregator.opened_queue import OpenedQueue
+from aggregator.opener import Opened
 from aggregator.reassembly import SenderChunks, enforce_total_cap
 from aggregator.recovery import RecoveryDesk
 from aggregator.reducer import Forwards
@@ -247,29 +248,36 @@ class Aggregator:
         loop = asyncio.get_running_loop()
         core = self.core
         assert core is not None
+        left: list[Opened] = []  # what the last group commit left undecided (it ended at its version): next first
         while True:
-            due = core.flush_due_in()
+            fut = None
+            if not left:
+                due = core.flush_due_in()
+                try:
+                    fut = await (queue.get() if due is None else asyncio.wait_for(queue.get(), max(due, 0.001)))
+                except TimeoutError:  # the buffer waited buffer_timeout_s: reduce what it holds
+                    fut = None
             try:
-                fut = await (queue.get() if due is None else asyncio.wait_for(queue.get(), max(due, 0.001)))
-            except TimeoutError:  # the buffer waited buffer_timeout_s: reduce what it holds
-                fut = None
-            try:
-                if fut is None:
+                if fut is None and not left:
                     decision = await loop.run_in_executor(self._serial, core.flush)
                     if decision is None:
                         continue
                     decisions = [decision]
                 else:
-                    op = await fut
-                    if op.secagg and self.cohorts is not None:
-                        if op.header is not None:  # a release like any other (aggregator.recovery)
-                            await loop.run_in_executor(self._serial, core.history.note, op.header)
-                        await self._to_cohorts(client, self.cohorts.on_submission, op)
-                        continue
-                    # with those received behind it (waited for while opened): one commit, the receipts only after it
-                    group = [op, *(await queue.received_behind())]
-                    decisions = await loop.run_in_executor(self._serial, core.decide_many, group)
+                    if fut is not None:
+                        op = await fut
+                        if op.secagg and self.cohorts is not None:
+                            if op.header is not None:  # a release like any other (aggregator.recovery)
+                                await loop.run_in_executor(self._serial, core.history.note, op.header)
+                            await self._to_cohorts(client, self.cohorts.on_submission, op)
+                            continue
+                        left = [op]
+                    # with those received behind (waited for while opened): one commit up to the version it makes
+                    # (AggregatorCore.decide_group), the receipts only after it
+                    group, left = [*left, *(await queue.received_behind(GROUP_MAX - len(left)))], []
+                    decisions, left = await loop.run_in_executor(self._serial, core.decide_group, group)
             except Exception as exc:  # a bug or a full disk must not end intake: log loudly, keep going
+                left = []  # the group is not kept (AggregatorCore.decide_many): its sites resend
                 event(log, "update.failed", level=logging.ERROR, error=repr(exc))
                 continue
             if any(decision.new_version is not None for decision in decisions):

@@ -83,6 +83,30 @@ _INSERT_BUFFERED = (
     "file, offset, length) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _OFFSET_ARG = 9  # where an _INSERT_BUFFERED row's arguments hold its _Unwritten until the offset is known
+# a verdict's row, whole (a later verdict of the same update replaces it): _tx knows it by identity too
+_INSERT_VERDICT = (
+    "INSERT OR REPLACE INTO verdicts (site, counter, msg_id, verdict, reason, detail, version, "
+    "staleness, weight, decided_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def _without_voided(statements: list[tuple[str, tuple[Any, ...]]]) -> list[tuple[str, tuple[Any, ...]]]:
+    """``statements`` less those whose rows a later statement of the same transaction replaces or deletes: a
+    buffered row before the statement that empties the buffer, and a verdict before a later one of the same update.
+
+    Why: a group commit that ends at its version (``AggregatorCore.decide_group``) inserts each of the version's
+    updates' buffered row and ``buffered`` verdict, then deletes the one and replaces the other with ``applied``,
+    all in one transaction: two statements of the five per update that leave nothing. The committed rows are the
+    same: a verdict row is written whole (``INSERT OR REPLACE``), so the last one stands whatever came between.
+    """
+    emptied_at = max((i for i, (sql, _) in enumerate(statements) if sql == _EMPTY_BUFFER), default=-1)
+    last = {(args[0], args[1]): i for i, (sql, args) in enumerate(statements) if sql is _INSERT_VERDICT}
+    return [
+        (sql, args)
+        for i, (sql, args) in enumerate(statements)
+        if not (sql is _INSERT_BUFFERED and i < emptied_at)
+        and not (sql is _INSERT_VERDICT and last[(args[0], args[1])] != i)
+    ]
 
 
 def _pwrite_all(fd: int, views: list[memoryview], at: int) -> None:
@@ -290,12 +314,11 @@ class Store:
 
         Buffered updates' bytes (:class:`_Unwritten`) are written first, before any row that names them
         commits, except when ``statements`` empty the buffer (a new version): the rows pending before them
-        are then deleted in this very transaction, and their bytes are never read.
+        would be deleted in this very transaction, so neither they nor their bytes are written, nor a verdict
+        that a later one of the same update replaces (:func:`_without_voided`).
         """
-        statements = list(statements)
         with self._lock:
-            emptied = any(sql == _EMPTY_BUFFER for sql, _ in statements)
-            todo = self._written([*self._pending, *statements], emptied)
+            todo = self._written(_without_voided([*self._pending, *statements]))
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 for sql, args in todo:
@@ -307,26 +330,24 @@ class Store:
             self._pending.clear()
             self._pending_verdicts.clear()  # committed: the rows answer from now on
 
-    def _written(
-        self, statements: list[tuple[str, tuple[Any, ...]]], emptied: bool
-    ) -> list[tuple[str, tuple[Any, ...]]]:
+    def _written(self, statements: list[tuple[str, tuple[Any, ...]]]) -> list[tuple[str, tuple[Any, ...]]]:
         """``statements`` with each buffered row's :class:`_Unwritten` replaced by the offset its bytes were
         appended at: one append per log segment (there is one: a new version, a new segment, commits the rows
-        before it), and 0 with nothing written when the transaction empties the buffer.
+        before it). Rows the transaction's own emptying of the buffer deletes are gone already
+        (:func:`_without_voided`): their bytes are never written.
         """
         at = [i for i, (sql, _) in enumerate(statements) if sql is _INSERT_BUFFERED]
         if not at:
             return statements
         unwritten: list[_Unwritten] = [statements[i][1][_OFFSET_ARG] for i in at]
         offsets: dict[int, int] = {}
-        for segment in [] if emptied else dict.fromkeys(u.segment for u in unwritten):
+        for segment in dict.fromkeys(u.segment for u in unwritten):
             mine = [k for k, u in enumerate(unwritten) if u.segment == segment]
             offsets.update(zip(mine, self._append(segment, [unwritten[k].data for k in mine])))
         out = list(statements)
         for k, i in enumerate(at):
-            offset = offsets.get(k, 0)
             sql, args = out[i]
-            out[i] = (sql, (*args[:_OFFSET_ARG], offset, *args[_OFFSET_ARG + 1 :]))
+            out[i] = (sql, (*args[:_OFFSET_ARG], offsets[k], *args[_OFFSET_ARG + 1 :]))
         return out
 
     def _decision_tx(self, statements: list[tuple[str, tuple[Any, ...]]], verdicts: Iterable[Verdict]) -> None:
@@ -419,8 +440,7 @@ class Store:
     @staticmethod
     def _verdict_sql(v: Verdict) -> tuple[str, tuple[Any, ...]]:
         return (
-            "INSERT OR REPLACE INTO verdicts (site, counter, msg_id, verdict, reason, detail, version, "
-            "staleness, weight, decided_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            _INSERT_VERDICT,
             (v.site, v.counter, v.msg_id, v.verdict, v.reason, v.detail, v.version, v.staleness, v.weight, time.time()),
         )
 

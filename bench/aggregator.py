@@ -48,13 +48,13 @@ per-round ratios: ``fedline_mean_vs_limit_per_core_median`` (list: ``..._rounds`
 ``fedline_mean_cold_vs_limit_per_core`` and ``int8_mean_vs_limit_int8_cpu``.
 **Issue 19's intake ratio is ``fedline_mean_vs_limit_per_core_median``**: on this shared 2-vCPU machine the
 limit's own CPU per update moves by 20-30 % from minute to minute; in a round the limit and the mean see the same
-updates seconds apart, so a slower machine slows both and cancels in their ratio, the alternated order cancels a
-bias of going first or second, and the median ignores one disturbed round. The older key
-``fedline_mean_vs_limit_per_core`` (and every other ratio without ``_median``) keeps its meaning, the limit's best
-CPU per update over fedline's best, each the best of the rounds it was timed in on its own: the figure
-BENCHMARKS.md rows up to 2 Dec 2026 report (then from 2 runs of 100 updates at 100k; six runs on a quiet machine
-gave 0.62-0.74), comparable with them but not the one to read the target (≥ 0.7×) from. Timed updates:
-``n_updates_for`` (400 at 100k, about 0.6 s of the mean's CPU per window; 60 at 1M).
+updates seconds apart, so a slower machine slows both and cancels in their ratio, the alternated order cancels any
+bias of going first or second (none shown in nine runs: BENCHMARKS.md "The intake bench's method"), and the
+median ignores one disturbed round. Every key without ``_median`` / ``_rounds`` keeps its meaning: each column's
+best over the first ``--repeats`` (2) rounds, on its own, and the ratios of those bests, as BENCHMARKS.md rows up
+to 2 Dec 2026 report them (then from 2 runs of 100 updates at 100k; six runs on a quiet machine gave 0.62-0.74):
+comparable with them, not the figure to read the target (≥ 0.7×) from. Timed updates: ``n_updates_for`` (400 at
+100k, about 0.6 s of the mean's CPU per window; 60 at 1M).
 Then peak RSS of a process running an aggregator with 1,000 enrolled sites
 taking updates from 200 different sites (100k-parameter model).
 
@@ -437,9 +437,11 @@ def measure(
         "sealed_bytes": len(ups.blobs[0]),
         "int8_sealed_bytes": len(ups.blobs8[0]),
     }
-    for k in walls[0]:  # the best of the rounds each column was timed in, each column on its own (as before)
-        row[f"{k}_per_s"] = n / min(w[k] for w in walls if k in w)
-        row[f"{k}_cpu_ms_per_update"] = 1e3 * min(c[k] for c in cpus if k in c) / n
+    # the older keys: each column's best of the first `repeats` rounds, on its own (the bench's best of `repeats`
+    # runs before the rounds; the best of all six read higher, each column's minimum falling further)
+    for k in walls[0]:
+        row[f"{k}_per_s"] = n / min(w[k] for w in walls[:repeats])
+        row[f"{k}_cpu_ms_per_update"] = 1e3 * min(c[k] for c in cpus[:repeats]) / n
     row["cpu_ms_per_update_rounds"] = {k: [1e3 * c[k] / n for c in cpus] for k in PAIRED}
     row["limit_other_threads_cpu_ms_per_update"] = 1e3 * limit_others / n  # should be about 0
     ratios(row, fl is not None)
@@ -627,7 +629,7 @@ def main(argv: list[str] | None = None) -> int:
         "CPU / fedline CPU per update (fedline: the default reduce, minimum-diameter averaging; mean: FedBuff's "
         "weighted mean, the reduce the limit's axpy stands for; each fedline aggregator takes "
         f"{WARMUP} updates untimed first, cold = the mean into a fresh state directory); every column here is the "
-        "best of its rounds, each on its own (issue 19's figure is the paired median below); flower = flwr "
+        "best of the first --repeats rounds, each on its own (issue 19's figure is the paired median below); flower = flwr "
         f"{fl[3] if fl else '(missing)'} parameters_to_ndarrays + aggregate (no decryption)"
     )
     print_paired(rows)

@@ -3,6 +3,8 @@ already put into a version; what stays buffered reads back after a restart."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 
 from aggregator.core import AggregatorCore
@@ -106,3 +108,70 @@ def test_a_short_pwritev_is_continued_where_it_stopped(tmp_path, monkeypatch):
         ("c", b"C" * 1200),
     ]
     store.close()
+
+
+class Executed:
+    """The store's connection, noting every statement it executes (the SQL and its arguments)."""
+
+    def __init__(self, db) -> None:
+        self.db, self.sql = db, []
+
+    def execute(self, sql: str, *args):
+        self.sql.append((sql, *args))
+        return self.db.execute(sql, *args)
+
+    def __getattr__(self, name: str):
+        return getattr(self.db, name)
+
+
+def _rows(path) -> dict[str, list[tuple]]:
+    """Every row a restart reads: verdicts (without their time), the buffer, the checkpoints' lineage."""
+    s = Store(path)
+    try:
+        return {
+            "verdicts": s.rows(
+                "SELECT site, counter, msg_id, verdict, reason, detail, version, staleness, weight "
+                "FROM verdicts ORDER BY site, counter"
+            ),
+            "buffer": s.rows(
+                "SELECT site, counter, msg_id, base_version, file, offset, length FROM buffer ORDER BY seq"
+            ),
+            "checkpoints": s.rows("SELECT version, weights, lineage FROM checkpoints ORDER BY version"),
+        }
+    finally:
+        s.close()
+
+
+def test_a_version_s_transaction_leaves_out_the_rows_it_voids_and_commits_the_same_rows(tmp_path):
+    """A group that ends at its version inserts no buffered row and one verdict per update (the buffered row
+    and the ``buffered`` verdict would be deleted and replaced in the same transaction), and what it commits is
+    what one transaction per decision commits."""
+    fed = make_federation(tmp_path, SITES)
+    grouped = AggregatorCore(fed.config(strategy=STRATEGY, state_dir=str(tmp_path / "g"), name="g.toml"))
+    single = AggregatorCore(fed.config(strategy=STRATEGY, state_dir=str(tmp_path / "s"), name="s.toml"))
+    try:
+        blobs = stream(fed, grouped.model, n=8)
+        for b in blobs:
+            single.submit(b)  # one transaction per decision: every row inserted, then deleted or replaced
+        executed = Executed(grouped.store._db)
+        grouped.store._db = executed
+        left = [grouped.open(b) for b in blobs]
+        while left:
+            _, left = grouped.decide_group(left)
+        inserts = [s for s in executed.sql if s[0].startswith("INSERT INTO buffer")]
+        verdicts = [s[1][:2] for s in executed.sql if s[0].startswith("INSERT OR REPLACE INTO verdicts")]
+        assert [(s[1][0], s[1][1]) for s in inserts] == [("site-a", 3), ("site-b", 3)]  # only the two left buffered
+        assert sorted(verdicts) == sorted({(v.site, v.counter) for v in single.store.verdicts()})  # one each
+        assert len(verdicts) == 8
+        paths = grouped.store.path, single.store.path
+    finally:
+        grouped.close()
+        single.close()
+    g, s = (_rows(p) for p in paths)
+    assert g["verdicts"] == s["verdicts"] and len(g["verdicts"]) == 8
+    assert (
+        [r[:4] for r in g["buffer"]] == [r[:4] for r in s["buffer"]] == [("site-a", 3, "m6", 2), ("site-b", 3, "m7", 2)]
+    )
+    assert [(v, json.loads(lin)) for v, _, lin in g["checkpoints"]] == [
+        (v, json.loads(lin)) for v, _, lin in s["checkpoints"]
+    ]

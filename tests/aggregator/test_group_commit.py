@@ -171,28 +171,70 @@ def test_the_stream_waits_for_the_batches_being_opened_up_to_group_max():
     runs = [_whole_group(many), _whole_group(many)]
     assert [len(r) for r in runs] == [GROUP_MAX, 24 - GROUP_MAX]  # never more than GROUP_MAX in one commit
     assert [x for r in runs for x in r] == [f"{k}{i}" for k in range(6) for i in range(4)]  # arrival order
+    left = [f"L{i}" for i in range(13)]  # what a group that ended at its version left: first, then what fits
+    more = deque(batch(str(k), 4) for k in range(2))
+    assert _whole_group(more, left) == left and len(more) == 2  # 13 + 4 > GROUP_MAX: the batch waits
+    assert _whole_group(more, left[:5]) == [*left[:5], "00", "01", "02", "03", "10", "11", "12", "13"]
 
 
-def test_the_stream_commits_whole_groups_and_decides_as_one_by_one(tmp_path):
-    """process_stream decides GROUP_MAX updates per commit while more are being opened (the greedy stream
-    before took only what was opened already: at most 12 with two opening threads), and its verdicts and model
-    are those of deciding the updates one by one."""
+def test_the_stream_ends_each_group_at_its_version_appends_nothing_and_decides_as_one_by_one(tmp_path):
+    """process_stream offers whole groups (up to GROUP_MAX, waiting for the updates being opened) and each group
+    commit ends at the update that makes a version (decide_group), the rest starting the next group: every version's
+    updates are decided in its own group, so no buffered update's bytes are appended (the groups of 16 before cut
+    across versions, and the updates after a group's last version were appended only to be applied in the next).
+    Its verdicts and model are those of deciding the updates one by one."""
     from aggregator.core import GROUP_MAX
+    from tests.aggregator.test_deferred_append import _counting
 
     fed = make_federation(tmp_path, SITES)
     ref = AggregatorCore(fed.config(strategy=STRATEGY, state_dir=str(tmp_path / "s0"), name="s0.toml"))
     blobs = stream(fed, ref.model, n=2 * GROUP_MAX + 1)
     one_by_one = [ref.submit(b)["verdict"] for b in blobs]
     core = AggregatorCore(fed.config(strategy=STRATEGY, state_dir=str(tmp_path / "s1"), name="s1.toml"))
-    sizes: list[int] = []
-    decide_many = core.decide_many
-    core.decide_many = lambda ops: sizes.append(len(ops)) or decide_many(ops)  # type: ignore[method-assign]
+    offered: list[int] = []
+    decided: list[int] = []
+    decide_group = core.decide_group
+
+    def counted(ops):
+        offered.append(len(ops))
+        out = decide_group(ops)
+        decided.append(len(out[0]))
+        return out
+
+    core.decide_group = counted  # type: ignore[method-assign]
+    appended = _counting(core.store)
     try:
         assert [d.receipt["verdict"] for d in core.process_stream(blobs)] == one_by_one
-        assert sizes == [GROUP_MAX, GROUP_MAX, 1]
+        assert decided == [3] * 11  # K = 3: each group up to its version
+        assert offered[0] == GROUP_MAX and max(offered) == GROUP_MAX  # offered whole groups
+        assert appended == []  # no update's bytes written: each went into a version in its own group
         assert core.version == ref.version == (2 * GROUP_MAX + 1) // 3
         for k in ref.model:
             np.testing.assert_array_equal(core.model[k], ref.model[k])
     finally:
         core.close()
         ref.close()
+
+
+def test_a_group_ends_at_its_version_and_leaves_the_rest_and_a_group_without_one_decides_all(tmp_path):
+    fed = make_federation(tmp_path, SITES)
+    core = AggregatorCore(fed.config(strategy=STRATEGY))
+    try:
+        blobs = stream(fed, core.model)
+        ops = [core.open(b) for b in blobs[:5]]
+        decisions, left = core.decide_group(ops[:2])  # no version: both decided, nothing left
+        assert [d.receipt["verdict"] for d in decisions] == ["buffered", "buffered"] and left == []
+        decisions, left = core.decide_group(ops[2:])  # the first fills the buffer (K = 3): the group ends there
+        assert [d.receipt["verdict"] for d in decisions] == ["applied"] and decisions[0].new_version == 1
+        assert left == ops[3:] and core.store.verdict("site-a", 2) is None  # left undecided, nothing of them stored
+        decisions, left = core.decide_group([ops[0], *left])  # a resend (a duplicate) and the two left
+        assert [d.receipt["verdict"] for d in decisions] == ["applied", "buffered", "buffered"] and left == []
+        assert decisions[0].duplicate
+        for b in blobs[5:]:
+            core.submit(b)
+        version, model = uninterrupted(fed, blobs, tmp_path)
+        assert core.version == version == 3
+        for k in model:
+            np.testing.assert_array_equal(core.model[k], model[k])
+    finally:
+        core.close()
