@@ -199,31 +199,16 @@ def decode_tensors(blob: bytes | memoryview, reason: str = "schema") -> dict[str
 
 
 def _read_arrays(view: memoryview, pos: int, layout: Layout, reason: str) -> dict[str, np.ndarray]:
-    """The arrays of ``layout`` from ``view[pos:]``, which must hold exactly their bytes.
-
-    A layout of one dtype (every float32 update) is read as one array and sliced: one buffer export instead
-    of one per tensor (a few us of a 100k-parameter update's open, BENCHMARKS.md "The opening's parts")."""
-    start = pos
-    for name, dt, _, count in layout:
+    """The arrays of ``layout`` from ``view[pos:]``, which must hold exactly their bytes."""
+    out: dict[str, np.ndarray] = {}
+    for name, dt, shape, count in layout:
         nbytes = count * dt.itemsize
         if pos + nbytes > len(view):
             raise WireError(reason, f"tensor {name!r}: {nbytes} bytes declared, {len(view) - pos} left in the block")
+        out[name] = np.frombuffer(view, dtype=dt, count=count, offset=pos).reshape(shape)
         pos += nbytes
     if pos != len(view):
         raise WireError(reason, f"{len(view) - pos} trailing bytes after the last tensor")
-    out: dict[str, np.ndarray] = {}
-    dtypes = {dt for _, dt, _, _ in layout}
-    if len(dtypes) == 1:
-        (dt,) = dtypes
-        flat = np.frombuffer(view, dtype=dt, count=(pos - start) // dt.itemsize, offset=start)
-        at = 0
-        for name, _, shape, count in layout:
-            out[name] = flat[at : at + count].reshape(shape)
-            at += count
-        return out
-    for name, dt, shape, count in layout:
-        out[name] = np.frombuffer(view, dtype=dt, count=count, offset=start).reshape(shape)
-        start += count * dt.itemsize
     return out
 
 
