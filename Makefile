@@ -8,9 +8,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 # make test runs the suite on this many pytest-xdist workers (0: in this process, one test at a time). Three on
-# the 2-core CI machine: the suite waits about half its time (brokers, reconnect back-offs, the outages the fault
-# tests stage, RabbitMQ booting), so a third worker runs while two wait. Measured 2026-12-01: the suite's CPU time
-# on the 2-vCPU VM is about 520 s with two workers or three, about half of two cores for its 534 s on CI (two workers).
+# the 2-core CI machine: with two, a third of the cores' time goes idle while tests wait (brokers, reconnect
+# back-offs, the outages the fault tests stage, RabbitMQ booting), so a third worker runs while two wait. Measured 2026-12-02 on the 2-vCPU VM (load
+# 1-4 from others, one run each, 1125 tests): 411 s wall with two workers, 386 s with three (the tree before the
+# cluster and ordering changes: 456 s with two); three cost more CPU time (660 s against 539 s: contention).
 # tests/conftest.py orders the longest tests first and keeps the RabbitMQ cluster's tests on one worker.
 TEST_WORKERS ?= 3
 XDIST := $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadgroup,)
