@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -96,7 +97,19 @@ def distances(rows: np.ndarray, overwrite: bool = False) -> np.ndarray:
 
 def diameter(dist: np.ndarray, idx: tuple[int, ...]) -> float:
     """The largest pairwise distance among the slots ``idx`` (0 for fewer than two)."""
-    return float(max((dist[i, j] for i, j in itertools.combinations(idx, 2)), default=0.0))
+    return _diameter(np.triu(dist, 1), idx)
+
+
+def _diameter(upper: np.ndarray, idx: tuple[int, ...]) -> float:
+    """:func:`diameter` from ``upper`` = the distance matrix's strict upper triangle (zeros on and below the
+    diagonal), ``idx`` ascending: the maximum of ``dist[i, j]`` over the pairs ``i < j`` of ``idx``, the same value
+    as a loop over the pairs (a maximum rounds nothing), in one NumPy call. Why: a pair loop in Python cost about
+    0.5 ms per 100 slots squared, and the column veto runs a subset search per input column of the first layer
+    (128 of them in ``bench/scale.py``): 171 ms of aggregator CPU per update at K = 100 (BENCHMARKS.md)."""
+    if len(idx) < 2:
+        return 0.0
+    at = np.asarray(idx)
+    return float(upper[np.ix_(at, at)].max())
 
 
 def subset(dist: np.ndarray, f: int) -> tuple[int, ...]:
@@ -106,8 +119,27 @@ def subset(dist: np.ndarray, f: int) -> tuple[int, ...]:
     f = left_out(f, n)
     best: tuple[int, ...] = tuple(range(n))
     best_diameter = np.inf
-    for combo in itertools.combinations(range(n), n - f):
-        diameter = max((dist[i, j] for i, j in itertools.combinations(combo, 2)), default=0.0)
+    upper = np.triu(dist, 1)
+    diameters: Iterable[float] = (
+        _drop_one_diameters(upper)
+        if f == 1 and n >= 2
+        else (_diameter(upper, c) for c in itertools.combinations(range(n), n - f))
+    )
+    for combo, diameter in zip(itertools.combinations(range(n), n - f), diameters):
         if not best_diameter < np.inf or diameter < best_diameter * (1.0 - TIE):
             best, best_diameter = combo, diameter
     return best
+
+
+def _drop_one_diameters(upper: np.ndarray) -> list[float]:
+    """The diameter of every ``n − 1`` subset in :func:`itertools.combinations` order (the one without slot
+    ``n − 1`` first, without slot 0 last), from ``upper`` (:func:`_diameter`), in three maxima instead of ``n``:
+    a subset without slot ``i`` keeps the farthest pair ``(a, b)`` unless ``i`` is ``a`` or ``b``, so only those
+    two are computed. The same values as :func:`_diameter` on each subset (a maximum rounds nothing)."""
+    n = upper.shape[0]
+    a, b = np.unravel_index(int(np.argmax(upper)), upper.shape)
+    out = [float(upper[a, b])] * n
+    for i in (int(a), int(b)):
+        rest = np.delete(np.delete(upper, i, axis=0), i, axis=1)
+        out[i] = float(rest.max()) if rest.size else 0.0
+    return out[::-1]

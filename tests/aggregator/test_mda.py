@@ -252,3 +252,42 @@ def test_mda_rows_are_built_once_and_centred_in_place():
     assert np.array_equal(copy_dist, mda.distances(rows, overwrite=True))
     assert not np.array_equal(rows, expected)  # centred in place: the column means are now 0
     np.testing.assert_allclose(rows.mean(axis=0), 0.0, atol=1e-6)
+
+
+def _subset_by_pair_loop(dist: np.ndarray, f: int) -> tuple[int, ...]:
+    """The subset search written from its definition (every pair i < j of every n − f subset, in Python), as
+    mda.subset computed it before its diameters became one NumPy call each: the reference it must match."""
+    import itertools
+
+    n = dist.shape[0]
+    f = mda.left_out(f, n)
+    best: tuple[int, ...] = tuple(range(n))
+    best_d = np.inf
+    for combo in itertools.combinations(range(n), n - f):
+        d = max((dist[i, j] for i, j in itertools.combinations(combo, 2)), default=0.0)
+        if not best_d < np.inf or d < best_d * (1.0 - mda.TIE):
+            best, best_d = combo, d
+    return best
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_subset_and_diameter_match_the_pair_loop(seed):
+    """On random buffers (3 to 14 slots, f of 1 to 3, a far slot in some, duplicated slots for ties in others, and a
+    distance matrix made slightly asymmetric so that only the upper triangle i < j may be read), the subset and every
+    diameter are exactly those of the pair loop over i < j."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(3, 15)) if seed < 8 else int(rng.integers(30, 60))  # f = 1 has its own path
+    rows = rng.normal(size=(n, 6)).astype(np.float32)
+    if seed % 3 == 0:
+        rows[rng.integers(n)] += 40.0  # one far slot
+    if seed % 3 == 1:
+        rows[n - 1] = rows[0]  # a tie
+        rows[n - 2] = rows[1]  # and the farthest pair's distance twice
+    dist = mda.distances(rows)
+    dist = dist + np.tril(rng.uniform(0.0, 1e-3, size=(n, n)), -1)  # lower triangle off: must not be read
+    for f in (1, 2, 3) if n < 15 else (1, 2):
+        assert mda.subset(dist, f) == _subset_by_pair_loop(dist, f)
+    for k in range(n + 1):
+        idx = tuple(sorted(rng.choice(n, size=k, replace=False).tolist()))
+        expected = max((dist[i, j] for i in idx for j in idx if i < j), default=0.0)
+        assert mda.diameter(dist, idx) == expected
