@@ -93,8 +93,9 @@ class Metrics:
         Each holds the value cell of a prometheus-client child (``_value``, the float and its lock that ``inc`` and
         ``set`` end in), looked up once per label: ``labels()`` validates and locks on every call (a few µs per
         update), and ``inc``/``observe``/``set`` then check that the metric is observable, the amount's sign and an
-        exemplar before that one locked add (together 0.5-1 µs a call, about 2.5 µs per update in the decide
-        thread). The values are those the public calls would leave: a counter's child adds 1, the staleness
+        exemplar before that one locked add. In a tight loop on the shared VM: ``decided`` 0.9 -> 0.7 µs, the
+        staleness ``observe`` 1.2 -> 0.8, the fill's ``set`` 0.5 -> 0.37 (about 0.7 µs per buffered update; more in
+        place, between the opening threads' decrypts). The values are those the public calls would leave: a counter's child adds 1, the staleness
         histogram adds ``s`` to its sum and 1 to the one bucket the first bound ``>= s`` names (its ``observe``
         loop), the gauge holds ``float(n)`` (``tests/aggregator/test_metrics.py`` compares them with the public
         calls' exposition). Without those cells (another prometheus-client) each falls back to the public call.
