@@ -95,8 +95,11 @@ def distances(rows: np.ndarray, overwrite: bool = False) -> np.ndarray:
     else:
         x = x - centre
     gram = np.matmul(x, np.swapaxes(x, -1, -2)).astype(np.float64)
-    sq = np.diagonal(gram, axis1=-2, axis2=-1)
-    out = np.sqrt(np.maximum(sq[..., :, None] + sq[..., None, :] - 2.0 * gram, 0.0))
+    sq = np.diagonal(gram, axis1=-2, axis2=-1).copy()
+    gram *= 2.0  # exact: then (‖a‖² + ‖b‖²) − 2⟨a, b⟩ in that order, in place (a stack's temporaries are large)
+    out = sq[..., :, None] + sq[..., None, :]
+    out -= gram
+    np.sqrt(np.maximum(out, 0.0, out=out), out=out)
     diagonal = np.arange(out.shape[-1])
     out[..., diagonal, diagonal] = 0.0
     return out
@@ -166,9 +169,19 @@ def diameters(dist: np.ndarray, inside: np.ndarray) -> np.ndarray:
 
 def _masked_max(upper: np.ndarray, inside: np.ndarray) -> np.ndarray:
     """The largest ``upper[k, i, j]`` with ``i`` and ``j`` both ``inside[k]``, per matrix ``k`` (0 for fewer than
-    two slots: ``upper`` is 0 on and below its diagonal, and a distance is never below 0)."""
-    pairs = inside[:, :, None] & inside[:, None, :]
-    return np.where(pairs, upper, 0.0).max(axis=(1, 2), initial=0.0)
+    two slots: ``upper`` is 0 on and below its diagonal, and a distance is never below 0). The rows and columns
+    of the slots outside are set to 0 for one pass of ``max`` and put back (``upper`` is the caller's scratch):
+    no masked copy of the stack (128 × 101 × 101 float64 at K = 100)."""
+    outside = ~inside
+    transposed = np.swapaxes(upper, 1, 2)
+    rows, columns = upper[outside], transposed[outside]
+    upper[outside] = 0.0
+    transposed[outside] = 0.0
+    try:
+        return upper.max(axis=(1, 2), initial=0.0)
+    finally:
+        upper[outside] = rows
+        transposed[outside] = columns
 
 
 def _drop_one(upper: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
