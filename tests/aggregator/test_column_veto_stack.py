@@ -163,6 +163,7 @@ def test_stacked_distances_are_each_columns_own_bit_for_bit(seed: int) -> None:
     assert stack.shape == (columns, n, n) and stack.dtype == np.float64
     for j in range(columns):
         assert np.array_equal(stack[j], _distances(x[j]))
+        assert np.array_equal(mda.distances(x[j]), stack[j])  # and one matrix alone (the whole-vector MDA's call)
     scratch = x.copy()
     assert np.array_equal(mda.distances(scratch, overwrite=True), stack)  # centred in place: the same distances
 
