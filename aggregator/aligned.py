@@ -42,7 +42,10 @@ def is_aligned(a: np.ndarray) -> bool:
 
 def aligned(tensors: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
     """``tensors`` themselves when every one starts aligned, else aligned read-only copies (same names, order)."""
-    if all(is_aligned(a) for a in tensors.values()):
+    for a in tensors.values():  # a loop reading the flag (is_aligned's test): a generator and a call per tensor cost
+        if not a.flags.aligned:  # 0.5-1 us per update
+            break
+    else:
         return tensors
     sizes = [-(-a.nbytes // ALIGN) * ALIGN for a in tensors.values()]  # each rounded up to whole lines
     raw = np.empty(sum(sizes) + ALIGN, dtype=np.uint8)

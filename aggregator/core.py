@@ -387,7 +387,7 @@ class AggregatorCore:
                 "base_version",
                 f"base version {h.base_version} is newer than the current {self.version}",
             )
-        self.metrics.staleness.observe(s)
+        self.metrics.staleness_seen(s)
         if s > self.cfg.strategy.max_staleness:
             return self._too_stale(h, s)
         acc = self._accepted(op, h, s)
@@ -402,18 +402,26 @@ class AggregatorCore:
                     f"kept (keep_checkpoints {self.cfg.aggregator.keep_checkpoints})",
                 )
         # one update per site per buffer (issue 14): a newer update from a site takes its older one's place
-        old = next((u for u in self.buffer if u.site == h.site), None)
+        old = self._buffered_of(h.site)
         if len(self.buffer) + (0 if old is not None else 1) < self.strategy.arrivals:
             return self._buffer(op, acc, old)
         return self._reduce([*self.buffer, acc])
 
+    def _buffered_of(self, site: str) -> Accepted | None:
+        """``site``'s update in the buffer, if one is there (a loop: ``next()`` over a generator cost twice as much)."""
+        for u in self.buffer:
+            if u.site == site:
+                return u
+        return None
+
     def _seen_before(self, h: UpdateHeader) -> Decision | None:
         """A duplicate gets its first receipt again; a counter below the site's highest and unknown is a replay."""
-        top = self._top_counter(h.site)
+        top = self._top[h.site] if h.site in self._top else self._top_counter(h.site)
         prev = self.store.verdict(h.site, h.counter) if top is not None and h.counter <= top else None
         if prev is not None:
             self.metrics.duplicates.inc()
-            event(log, "update.duplicate", site=h.site, counter=h.counter, verdict=prev.verdict)
+            if log.isEnabledFor(logging.INFO):  # per update: no fields built for a filtered line
+                event(log, "update.duplicate", site=h.site, counter=h.counter, verdict=prev.verdict)
             return Decision(prev.receipt(), duplicate=True)
         if top is not None and h.counter < top:
             return self._refuse(
@@ -442,7 +450,8 @@ class AggregatorCore:
         self.store.record(v)
         self._decided(h.site, h.counter)
         self.metrics.decided("stale")
-        event(log, "update.stale", site=h.site, counter=h.counter, staleness=s)
+        if log.isEnabledFor(logging.INFO):
+            event(log, "update.stale", site=h.site, counter=h.counter, staleness=s)
         return Decision(v.receipt())
 
     def _accepted(self, op: Opened, h: UpdateHeader, s: int) -> Accepted:
@@ -497,20 +506,22 @@ class AggregatorCore:
             self.buffer.remove(old)
             self.metrics.decided("stale")
             receipts.append(superseded.receipt())
-            event(log, "update.superseded", site=h.site, counter=old.counter, by=h.counter)
+            if log.isEnabledFor(logging.INFO):
+                event(log, "update.superseded", site=h.site, counter=old.counter, by=h.counter)
         self.buffer.append(acc)
-        self.metrics.buffer_fill.set(len(self.buffer))
+        self.metrics.fill(len(self.buffer))
         self.metrics.decided("buffered")
-        event(
-            log,
-            "update.buffered",
-            site=h.site,
-            counter=h.counter,
-            staleness=s,
-            weight=acc.weight,
-            fill=len(self.buffer),
-            of=self.strategy.arrivals,
-        )
+        if log.isEnabledFor(logging.INFO):  # the fields are built only for a line that is written
+            event(
+                log,
+                "update.buffered",
+                site=h.site,
+                counter=h.counter,
+                staleness=s,
+                weight=acc.weight,
+                fill=len(self.buffer),
+                of=self.strategy.arrivals,
+            )
         return Decision(v.receipt(), receipts)
 
     def _stale(self, h: UpdateHeader, s: int, reason: str, detail: str) -> Decision:
@@ -518,7 +529,8 @@ class AggregatorCore:
         self.store.record(v)
         self._decided(h.site, h.counter)
         self.metrics.decided("stale")
-        event(log, "update.stale", site=h.site, counter=h.counter, staleness=s, reason=reason)
+        if log.isEnabledFor(logging.INFO):
+            event(log, "update.stale", site=h.site, counter=h.counter, staleness=s, reason=reason)
         return Decision(v.receipt())
 
     def _base_model(self, version: int) -> State | None:

@@ -159,6 +159,28 @@ def test_federation_secret_box(fed: h.Federation) -> None:
     assert info.value.reason == "decrypt"
 
 
+def test_from_dict_names_the_first_wrong_field_in_field_order():
+    """JSON's exact types pass ``from_dict``'s type check by a set test; any other value gets the full check in the
+    fields' order, so the error names the same field as before, and an int subclass (not a bool) still passes."""
+    import enum
+
+    good = envelope.UpdateHeader("site-a", 7, "m-7", 2, 40, {"epsilon": 1.5}, 12.5).to_dict()
+    # wrong in a later field first in the dict's order, and in "counter": "counter" comes first among the fields
+    bad = {"n_samples": "40", **{k: v for k, v in good.items() if k != "n_samples"}, "counter": True}
+    with pytest.raises(WireError, match=r"field 'counter' has the wrong type \(True\)"):
+        envelope.UpdateHeader.from_dict(bad)
+    with pytest.raises(WireError, match=r"field 'created_at' has the wrong type \(False\)"):
+        envelope.UpdateHeader.from_dict(dict(good, created_at=False))
+    with pytest.raises(WireError, match=r"field 'privacy' has the wrong type"):
+        envelope.UpdateHeader.from_dict(dict(good, privacy=[1]))
+
+    class Seven(enum.IntEnum):
+        N = 7
+
+    read = envelope.UpdateHeader.from_dict(dict(good, counter=Seven.N))
+    assert read.counter == 7 and type(read.counter) is Seven
+
+
 def test_from_dict_builds_the_header_the_constructor_builds():
     """``UpdateHeader.from_dict`` sets the checked fields without the dataclass's ``__init__``: it must know every
     field (one added to the class but not to the checks would be missing here) and fill ``encoding``'s default."""
