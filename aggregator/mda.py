@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterable
 
 import numpy as np
 
@@ -81,17 +80,28 @@ def distances(rows: np.ndarray, overwrite: bool = False) -> np.ndarray:
     """The ``n × n`` matrix of pairwise L2 distances between the rows of ``rows`` (``n × d``), from one Gram
     matrix of the rows less their mean: ``‖a − b‖² = ‖a‖² + ‖b‖² − 2⟨a, b⟩`` (centring leaves the distances as
     they are and keeps the float32 product's rounding at the scale of the distances, not of the rows).
-    ``overwrite``: centre a float32 ``rows`` in place instead of a copy (the caller's matrix is scratch)."""
+    ``overwrite``: centre a float32 ``rows`` in place instead of a copy (the caller's matrix is scratch).
+
+    ``rows`` may be a stack ``m × n × d`` (contiguous): then the ``m`` matrices, in one call each step, and each
+    bit for bit the one its own ``n × d`` gives. Why: the column veto measures every input column of the first
+    layer (128 in ``bench/aggregator.py``), and a call per column cost ~2.5 ms per update at K = 10 (BENCHMARKS.md,
+    veto19k). Bit for bit because the float64 mean adds the rows in the same order either way and ``matmul``
+    runs the same BLAS product (syrk) on each matrix of a stack as on one (tests/aggregator/test_column_veto_stack.py
+    holds it to the per-column oracle, so a NumPy that rounds them differently fails there first)."""
     x = np.asarray(rows, np.float32)
-    centre = x.mean(axis=0, dtype=np.float64).astype(np.float32)
+    centre = x.mean(axis=-2, dtype=np.float64).astype(np.float32)[..., None, :]
     if overwrite and x is rows:
         x -= centre
     else:
         x = x - centre
-    gram = (x @ x.T).astype(np.float64)
-    sq = np.diag(gram)
-    out = np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2.0 * gram, 0.0))
-    np.fill_diagonal(out, 0.0)
+    gram = np.matmul(x, np.swapaxes(x, -1, -2)).astype(np.float64)
+    sq = np.diagonal(gram, axis1=-2, axis2=-1).copy()
+    gram *= 2.0  # exact: then (‖a‖² + ‖b‖²) − 2⟨a, b⟩ in that order, in place (a stack's temporaries are large)
+    out = sq[..., :, None] + sq[..., None, :]
+    out -= gram
+    np.sqrt(np.maximum(out, 0.0, out=out), out=out)
+    diagonal = np.arange(out.shape[-1])
+    out[..., diagonal, diagonal] = 0.0
     return out
 
 
@@ -117,29 +127,83 @@ def subset(dist: np.ndarray, f: int) -> tuple[int, ...]:
     ``f`` lowered by :func:`left_out` (a buffer closed early may hold fewer than ``2f + 1``)."""
     n = dist.shape[0]
     f = left_out(f, n)
+    upper = np.triu(dist, 1)
+    if f == 1:
+        out, found = _drop_one(upper[None])
+        if np.isfinite(found[0]):  # (never otherwise: the deltas are finite and norm-bounded)
+            return tuple(i for i in range(n) if i != out[0])
     best: tuple[int, ...] = tuple(range(n))
     best_diameter = np.inf
-    upper = np.triu(dist, 1)
-    diameters: Iterable[float] = (
-        _drop_one_diameters(upper)
-        if f == 1 and n >= 2
-        else (_diameter(upper, c) for c in itertools.combinations(range(n), n - f))
-    )
-    for combo, diameter in zip(itertools.combinations(range(n), n - f), diameters):
+    for combo in itertools.combinations(range(n), n - f):
+        diameter = _diameter(upper, combo)
         if not best_diameter < np.inf or diameter < best_diameter * (1.0 - TIE):
             best, best_diameter = combo, diameter
     return best
 
 
-def _drop_one_diameters(upper: np.ndarray) -> list[float]:
-    """The diameter of every ``n − 1`` subset in :func:`itertools.combinations` order (the one without slot
-    ``n − 1`` first, without slot 0 last), from ``upper`` (:func:`_diameter`), in three maxima instead of ``n``:
-    a subset without slot ``i`` keeps the farthest pair ``(a, b)`` unless ``i`` is ``a`` or ``b``, so only those
-    two are computed. The same values as :func:`_diameter` on each subset (a maximum rounds nothing)."""
-    n = upper.shape[0]
-    a, b = np.unravel_index(int(np.argmax(upper)), upper.shape)
-    out = [float(upper[a, b])] * n
-    for i in (int(a), int(b)):
-        rest = np.delete(np.delete(upper, i, axis=0), i, axis=1)
-        out[i] = float(rest.max()) if rest.size else 0.0
-    return out[::-1]
+def subsets(dist: np.ndarray, f: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`subset` of each matrix of a stack ``dist`` (``m × n × n``), bit for bit: ``(inside, diameters)``,
+    ``inside[k, i]`` whether slot ``i`` is in ``subset(dist[k], f)`` and ``diameters[k]`` that subset's
+    :func:`diameter`. At f = 1 (the default) in a few NumPy calls over the whole stack (:func:`_drop_one`); at
+    f ≥ 2 one search per matrix. Why: the column veto searches every input column of the first layer."""
+    m, n = dist.shape[0], dist.shape[-1]
+    f = left_out(f, n)
+    upper = np.triu(dist, 1)
+    if f == 0:
+        return np.ones((m, n), bool), upper.max(axis=(1, 2), initial=0.0)
+    if f == 1:
+        out, diameters = _drop_one(upper)
+        if np.isfinite(diameters).all():
+            return np.arange(n)[None, :] != out[:, None], diameters
+    inside = np.zeros((m, n), bool)
+    for k in range(m):
+        inside[k, list(subset(dist[k], f))] = True
+    return inside, _masked_max(upper, inside)
+
+
+def diameters(dist: np.ndarray, inside: np.ndarray) -> np.ndarray:
+    """:func:`diameter` of each matrix of a stack ``dist`` (``m × n × n``) over the slots ``inside[k]`` (``m × n``
+    booleans, or ``n`` for all alike), bit for bit (a maximum rounds nothing)."""
+    return _masked_max(np.triu(dist, 1), np.broadcast_to(inside, dist.shape[:2]))
+
+
+def _masked_max(upper: np.ndarray, inside: np.ndarray) -> np.ndarray:
+    """The largest ``upper[k, i, j]`` with ``i`` and ``j`` both ``inside[k]``, per matrix ``k`` (0 for fewer than
+    two slots: ``upper`` is 0 on and below its diagonal, and a distance is never below 0). The rows and columns
+    of the slots outside are set to 0 for one pass of ``max`` and put back (``upper`` is the caller's scratch):
+    no masked copy of the stack (128 × 101 × 101 float64 at K = 100)."""
+    outside = ~inside
+    transposed = np.swapaxes(upper, 1, 2)
+    rows, columns = upper[outside], transposed[outside]
+    upper[outside] = 0.0
+    transposed[outside] = 0.0
+    try:
+        return upper.max(axis=(1, 2), initial=0.0)
+    finally:
+        upper[outside] = rows
+        transposed[outside] = columns
+
+
+def _drop_one(upper: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`subset` at f = 1 of each matrix of ``upper`` (``m × n × n``, each the strict upper triangle of a
+    distance matrix, :func:`_diameter`; ``n ≥ 3``): ``(out, diameters)``, the slot each leaves out and the
+    diameter of the rest.
+
+    A subset without slot ``i`` keeps the farthest pair ``(a, b)`` (``a < b``, the first in row order), so its
+    diameter is that pair's distance ``D`` unless ``i`` is ``a`` or ``b``: two maxima more, not ``n``. The
+    search's scan (combinations order: the subset without slot ``n − 1`` first, without slot 0 last; a later one
+    wins only if its diameter is below the best's by more than :data:`TIE`) then reduces to three steps: start
+    without ``n − 1`` (diameter ``D``, or ``d_b`` if ``b = n − 1``); ``D`` never wins; without ``b`` wins if
+    ``d_b < D (1 − TIE)``; then without ``a`` if ``d_a`` is below the best so far by more than ``TIE``."""
+    m, n = upper.shape[0], upper.shape[-1]
+    a, b = np.divmod(upper.reshape(m, -1).argmax(axis=1), n)
+    far = upper[np.arange(m), a, b]
+    slots = np.arange(n)[None, :]
+    d_a = _masked_max(upper, slots != a[:, None])
+    d_b = _masked_max(upper, slots != b[:, None])
+    take_b = (b == n - 1) | (d_b < far * (1.0 - TIE))
+    best = np.where(take_b, d_b, far)
+    out = np.where(take_b, b, n - 1)
+    take_a = d_a < best * (1.0 - TIE)
+    found = np.where(np.isfinite(far), np.where(take_a, d_a, best), np.nan)  # NaN: the callers search one by one
+    return np.where(take_a, a, out), found
