@@ -120,6 +120,11 @@ class Executed:
         self.sql.append((sql, *args))
         return self.db.execute(sql, *args)
 
+    def executemany(self, sql: str, rows):
+        rows = list(rows)
+        self.sql.extend((sql, r) for r in rows)  # one statement per row, as execute would have run them
+        return self.db.executemany(sql, rows)
+
     def __getattr__(self, name: str):
         return getattr(self.db, name)
 
