@@ -22,7 +22,8 @@ arrivals and the kept slots were scaled up by ``n/(n − f)``: at four sites the
 1/3), named "1/(K − 1)".
 
 The search is exact: every subset of ``n − f`` slots, ``C(n, f)`` of them (``MAX_SUBSETS`` at most, checked
-when the configuration is read). The math is pure functions (:func:`distances`, :func:`subset`).
+when the configuration is read). The math is pure functions (:func:`distances`, :func:`subset`; for a stack of
+matrices, the column veto's one per input column, :func:`distances` and :func:`subsets`).
 """
 
 from __future__ import annotations

@@ -19,7 +19,9 @@ import numpy as np
 import pytest
 
 from aggregator import mda
+from aggregator.scaled_sum import Scaled
 from aggregator.strategies import aggregate
+from broker_bridge.quantised import Int8Delta, quantise
 
 # -- the oracle: the per-column code before veto19k ---------------------------------------------------------------
 
@@ -72,7 +74,7 @@ def _subset(dist: np.ndarray, f: int) -> tuple[int, ...]:
 def _column_vetoes(
     deltas: Sequence[Mapping[str, np.ndarray]], keep: tuple[int, ...], name: str, f: int, gate: float
 ) -> dict[int, list[int]]:
-    x = np.stack([np.asarray(d[name], np.float32) for d in deltas])
+    x = aggregate._stack(deltas, name, [1.0] * len(deltas))
     out: dict[int, list[int]] = {}
     for j in range(x.shape[2]):
         dist = _distances(np.ascontiguousarray(x[:, :, j]))
@@ -87,7 +89,7 @@ def _column_vetoes(
 def _vetoed_step(step, deltas, keep, coefficients, name, vetoes):
     if not vetoes:
         return step
-    x = np.stack([np.asarray(d[name], np.float32) for d in deltas])
+    x = aggregate._stack(deltas, name, [1.0] * len(deltas))
     tensor = np.array(step[name], np.float32, copy=True)
     for j, dropped in vetoes.items():
         col = np.zeros(tensor.shape[0], np.float32)
@@ -224,3 +226,30 @@ def test_near_ties_follow_the_scan(n: int) -> None:
         assert diameters[k] == mda.diameter(dist[k], expected)
         outcomes.add(next(i for i in range(n) if i not in expected))
     assert len(outcomes) >= 3  # not the same slot left out every time
+
+
+def test_clipped_and_int8_deltas_give_the_per_column_vetoes_and_step() -> None:
+    """A buffer as the reduce meets it: some deltas clipped (a scale read lazily), some int8 updates (int8 values and
+    block steps times a factor), the rest plain; the columns are read through the same ``_fill`` as the old stack."""
+    rng = np.random.default_rng(7)
+    plain = buffer(11, 9, 20, 77)
+    deltas: list[Mapping[str, np.ndarray]] = []
+    for i, d in enumerate(plain):
+        if i % 3 == 1:
+            deltas.append(Scaled(d, 0.37 + 0.1 * i))
+        elif i % 3 == 2:
+            deltas.append(Int8Delta({k: quantise(v, rng) for k, v in d.items()}, 0.8))
+        else:
+            deltas.append(d)
+    keep = aggregate.mda_keep(deltas, 1)
+    coefficients = [0.1] * len(keep)
+    step = aggregate.linear_combination([deltas[i] for i in keep], coefficients)
+    fired = 0
+    for gate in (1.0, 1.2):
+        expected = _column_vetoes(deltas, keep, "w", 1, gate)
+        assert aggregate.column_vetoes(deltas, keep, "w", 1, gate) == expected
+        want = _vetoed_step(step, deltas, keep, coefficients, "w", expected)
+        have = aggregate.vetoed_step(step, deltas, keep, coefficients, "w", expected)
+        assert np.array_equal(have["w"], want["w"])
+        fired += len(expected)
+    assert 0 < fired < 40
