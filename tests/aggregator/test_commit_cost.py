@@ -239,3 +239,35 @@ def test_a_commit_s_work_does_not_grow_with_the_versions_made(tmp_path) -> None:
         f"model-{v}.{k}" for v in (598, 599, 600) for k in ("weights", "momentum")
     }
     store.close()
+
+
+def test_the_published_versions_are_read_without_reading_every_version_ever_published(tmp_path) -> None:
+    """Read once per version by the publisher: the VM instructions at 2,000 versions published (all but the
+    newest four cleared) are those at 40; a store made before the index gets it when opened."""
+    path = tmp_path / "s.sqlite"
+    store = Store(path)
+    store.rows("DROP INDEX IF EXISTS published_by_cleared")  # a state directory from before the index
+    store.close()
+    store = Store(path)
+    assert store.rows("SELECT name FROM sqlite_master WHERE type = 'index' AND name = 'published_by_cleared'")
+    steps = [0]
+
+    def step() -> int:
+        steps[0] += 1
+        return 0
+
+    counted: dict[int, int] = {}
+    for version in range(1, 2001):
+        store.mark_published(version, 3, 1)
+        if version > 4:
+            store.mark_cleared(version - 4)
+        if version in (40, 2000):
+            store._db.set_progress_handler(step, 1)
+            steps[0] = 0
+            live = store.published_versions()
+            counted[version] = steps[0]
+            store._db.set_progress_handler(None, 1)
+            assert live == [(v, 3, 1) for v in range(version - 3, version + 1)]
+    assert counted[2000] <= 1.2 * counted[40], counted
+    assert [v for v, _, _ in store.published_versions(cleared=True)] == list(range(1, 1997))
+    store.close()
