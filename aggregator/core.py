@@ -387,7 +387,7 @@ class AggregatorCore:
                 "base_version",
                 f"base version {h.base_version} is newer than the current {self.version}",
             )
-        self.metrics.staleness_seen(s)
+        self.metrics.staleness.observe(s)
         if s > self.cfg.strategy.max_staleness:
             return self._too_stale(h, s)
         acc = self._accepted(op, h, s)
@@ -509,7 +509,7 @@ class AggregatorCore:
             if log.isEnabledFor(logging.INFO):
                 event(log, "update.superseded", site=h.site, counter=old.counter, by=h.counter)
         self.buffer.append(acc)
-        self.metrics.fill(len(self.buffer))
+        self.metrics.buffer_fill.set(len(self.buffer))
         self.metrics.decided("buffered")
         if log.isEnabledFor(logging.INFO):  # the fields are built only for a line that is written
             event(

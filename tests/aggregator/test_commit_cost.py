@@ -209,3 +209,33 @@ def test_a_buffered_verdict_is_never_pruned(tmp_path) -> None:
     assert _kept(store, "a", buffered=True) == [1]  # 39 counters above it, far past the window
     assert _kept(store, "a")[0] > 40 - 10 - 1
     store.close()
+
+
+def test_a_commit_s_work_does_not_grow_with_the_versions_made(tmp_path) -> None:
+    """The pruned checkpoints' rows are updated by version, not found by reading every older row: the SQLite VM
+    instructions of a commit at version ~600 are those at version ~30 (counted, not timed). The range UPDATE it
+    replaced read each older checkpoint row at every version: 1.3 ms at version 2,500, 15 ms at 20,000."""
+    store = Store(tmp_path / "s.sqlite")
+    steps = [0]
+
+    def step() -> int:
+        steps[0] += 1
+        return 0  # go on
+
+    store._db.set_progress_handler(step, 1)
+    lineage = {"updates": [{"site": f"s{i}", "counter": 1, "weight": 0.1} for i in range(10)]}
+    per_version: dict[int, int] = {}
+    for version in range(1, 601):
+        steps[0] = 0
+        store.commit_version(version, b"w" * 64, b"m" * 64, lineage, [], keep=3)
+        per_version[version] = steps[0]
+    early = sorted(per_version[v] for v in range(20, 40))[10]
+    late = sorted(per_version[v] for v in range(580, 600))[10]
+    assert late <= 1.2 * early, (early, late)
+    assert store.kept_checkpoints() == [598, 599, 600]
+    nulls = store.rows("SELECT COUNT(*) FROM checkpoints WHERE weights IS NULL AND momentum IS NULL")[0][0]
+    assert nulls == 597 and len(store.rows("SELECT version FROM checkpoints")) == 600
+    assert {p.name for p in store.blob_dir.iterdir()} >= {
+        f"model-{v}.{k}" for v in (598, 599, 600) for k in ("weights", "momentum")
+    }
+    store.close()
