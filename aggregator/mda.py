@@ -133,13 +133,34 @@ def subset(dist: np.ndarray, f: int) -> tuple[int, ...]:
         out, found = _drop_one(upper[None])
         if np.isfinite(found[0]):  # (never otherwise: the deltas are finite and norm-bounded)
             return tuple(i for i in range(n) if i != out[0])
-    best: tuple[int, ...] = tuple(range(n))
+    return _search(upper, f)
+
+
+def _search(upper: np.ndarray, f: int) -> tuple[int, ...]:
+    """:func:`subset` by scanning every subset of ``n − f`` in :func:`itertools.combinations` order, from ``upper``
+    (:func:`_diameter`). A subset that holds the farthest pair ``(a, b)`` has that pair's distance as its diameter,
+    exactly (a maximum rounds nothing), and never wins after the first (no later diameter is smaller): only the
+    subsets leaving ``a`` or ``b`` out are measured, ``2n − 3`` of ``C(n, 2)`` at f = 2. They are enumerated by the
+    slots they leave out: the subsets in combinations order leave out the ``f``-sets in reverse combinations
+    order. Why: the column veto runs a search per input column; at f = 2 and K = 100 one measured all 5,151
+    subsets in ~320 ms (41 s a version over 128 columns)."""
+    n = upper.shape[0]
+    if n == 0:
+        return ()
+    a, b = np.unravel_index(int(np.argmax(upper)), upper.shape)
+    far = float(upper[a, b])
+    best_out: tuple[int, ...] = ()
     best_diameter = np.inf
-    for combo in itertools.combinations(range(n), n - f):
-        diameter = _diameter(upper, combo)
+    for out in reversed(list(itertools.combinations(range(n), f))):
+        if a in out or b in out:
+            inside = np.ones(n, bool)
+            inside[list(out)] = False
+            diameter = _diameter(upper, tuple(np.flatnonzero(inside).tolist()))
+        else:
+            diameter = far
         if not best_diameter < np.inf or diameter < best_diameter * (1.0 - TIE):
-            best, best_diameter = combo, diameter
-    return best
+            best_out, best_diameter = out, diameter
+    return tuple(i for i in range(n) if i not in best_out)
 
 
 def subsets(dist: np.ndarray, f: int) -> tuple[np.ndarray, np.ndarray]:

@@ -226,6 +226,15 @@ def test_near_ties_follow_the_scan(n: int) -> None:
         assert diameters[k] == mda.diameter(dist[k], expected)
         outcomes.add(next(i for i in range(n) if i not in expected))
     assert len(outcomes) >= 3  # not the same slot left out every time
+    if n >= 5:  # f = 2: only the subsets leaving the farthest pair's ends out are measured (mda._search)
+        inside, diameters = mda.subsets(dist[:100], 2)
+        pairs = set()
+        for k in range(100):
+            expected = _subset(dist[k], 2)
+            assert tuple(np.flatnonzero(inside[k]).tolist()) == expected
+            assert diameters[k] == mda.diameter(dist[k], expected)
+            pairs.add(tuple(i for i in range(n) if i not in expected))
+        assert len(pairs) >= 3
 
 
 def test_clipped_and_int8_deltas_give_the_per_column_vetoes_and_step() -> None:
