@@ -147,12 +147,9 @@ class _Unwritten:
     data: bytes | memoryview
 
 
-@dataclass(frozen=True, init=False)
+@dataclass(frozen=True)
 class Verdict:
-    """One update's decision, as stored and as its receipt says it.
-
-    Frozen, compared and hashed by its fields as any frozen dataclass; its ``__init__`` is written out (below).
-    """
+    """One update's decision, as stored and as its receipt says it."""
 
     site: str
     counter: int
@@ -163,32 +160,6 @@ class Verdict:
     version: int | None
     staleness: int | None = None
     weight: float | None = None
-
-    def __init__(
-        self,
-        site: str,
-        counter: int,
-        msg_id: str,
-        verdict: str,
-        reason: str | None,
-        detail: str | None,
-        version: int | None,
-        staleness: int | None = None,
-        weight: float | None = None,
-    ) -> None:
-        # the fields through the instance's dict: a frozen dataclass's own __init__ sets each one by
-        # object.__setattr__, 2.1 against 0.8 us here (tight loop); two or three verdicts are made per update
-        self.__dict__.update(
-            site=site,
-            counter=counter,
-            msg_id=msg_id,
-            verdict=verdict,
-            reason=reason,
-            detail=detail,
-            version=version,
-            staleness=staleness,
-            weight=weight,
-        )
 
     def receipt(self) -> dict[str, Any]:
         """The signed receipt's fields (DESIGN.md), plus detail, staleness and weight for people."""
@@ -205,9 +176,9 @@ class Verdict:
         }
 
 
-@dataclass(frozen=True, init=False)
+@dataclass(frozen=True)
 class BufferedRow:
-    """A buffered update's row (its sealed bytes are in the buffer's log); its ``__init__`` as :class:`Verdict`'s."""
+    """A buffered update's row (its sealed bytes are in the buffer's log)."""
 
     seq: int
     site: str
@@ -219,32 +190,6 @@ class BufferedRow:
     factor: float
     weight: float
     file: str
-
-    def __init__(
-        self,
-        seq: int,
-        site: str,
-        counter: int,
-        msg_id: str,
-        base_version: int,
-        n_samples: int,
-        staleness: int,
-        factor: float,
-        weight: float,
-        file: str,
-    ) -> None:
-        self.__dict__.update(
-            seq=seq,
-            site=site,
-            counter=counter,
-            msg_id=msg_id,
-            base_version=base_version,
-            n_samples=n_samples,
-            staleness=staleness,
-            factor=factor,
-            weight=weight,
-            file=file,
-        )
 
 
 @dataclass(frozen=True)
