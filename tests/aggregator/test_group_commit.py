@@ -53,6 +53,16 @@ def uninterrupted(fed, blobs, tmp: Path) -> tuple[int, dict[str, np.ndarray]]:
     return out
 
 
+def finishes_as_uninterrupted(core: AggregatorCore, fed, blobs: list[bytes], tmp: Path, start: int) -> None:
+    """The rest of ``blobs`` from ``start`` submitted: version 3 and the uninterrupted run's model, bit for bit."""
+    for b in blobs[start:]:
+        core.submit(b)
+    version, model = uninterrupted(fed, blobs, tmp)
+    assert core.version == version == 3
+    for k in model:
+        np.testing.assert_array_equal(core.model[k], model[k])
+
+
 def resend_all_equals_uninterrupted(core: AggregatorCore, fed, blobs: list[bytes], tmp: Path) -> None:
     """Every site resends everything: the model is the uninterrupted run's bit for bit, each release counted once."""
     for b in blobs:
@@ -85,12 +95,7 @@ def test_a_group_decides_as_one_at_a_time_and_is_durable_when_it_returns(tmp_pat
         other.close()
         again = core.decide_many([core.open(blobs[3])])  # a resend: its first verdict
         assert again[0].duplicate and again[0].receipt["verdict"] == "buffered"
-        for b in blobs[5:]:
-            core.submit(b)
-        version, model = uninterrupted(fed, blobs, tmp_path)
-        assert core.version == version == 3
-        for k in model:
-            np.testing.assert_array_equal(core.model[k], model[k])
+        finishes_as_uninterrupted(core, fed, blobs, tmp_path, 5)
     finally:
         core.close()
 
@@ -230,11 +235,6 @@ def test_a_group_ends_at_its_version_and_leaves_the_rest_and_a_group_without_one
         decisions, left = core.decide_group([ops[0], *left])  # a resend (a duplicate) and the two left
         assert [d.receipt["verdict"] for d in decisions] == ["applied", "buffered", "buffered"] and left == []
         assert decisions[0].duplicate
-        for b in blobs[5:]:
-            core.submit(b)
-        version, model = uninterrupted(fed, blobs, tmp_path)
-        assert core.version == version == 3
-        for k in model:
-            np.testing.assert_array_equal(core.model[k], model[k])
+        finishes_as_uninterrupted(core, fed, blobs, tmp_path, 5)
     finally:
         core.close()
