@@ -77,25 +77,61 @@ def kept_at_least(f: int, n: int, min_kept: int) -> int:
     return max(0, min(f, n - min_kept))
 
 
-def distances(rows: np.ndarray, overwrite: bool = False) -> np.ndarray:
+def padded(n: int) -> int:
+    """The rows a Gram product over ``n`` slots is given: ``n``, and one zero row more when ``n % 4 == 3``.
+
+    Why: OpenBLAS's float32 ``syrk``/``sgemm`` (NumPy's wheel, 0.3.31, one thread) takes its slow edge path on a
+    remainder of three rows: 11 rows of 100k cost ~2.4 ms, 12 rows (one of them zero) ~1.4 ms, and so 7 vs 8, 15
+    vs 16, 63 vs 64 (bench/column_veto.py, BENCHMARKS.md "mda19n"). Each entry of the product is its own sum over
+    the columns, so a zero row changes no bit of the others (tests/aggregator/test_column_veto_stack.py holds the
+    padded product to the plain ``x @ x.T``, so a BLAS that rounds them differently fails there first). Other
+    remainders gain nothing measurable, and 101 rows padded to 104 lose, so only three is padded."""
+    return n + 1 if n % 4 == 3 else n
+
+
+def distances(rows: np.ndarray, overwrite: bool = False, n: int | None = None) -> np.ndarray:
     """The ``n × n`` matrix of pairwise L2 distances between the rows of ``rows`` (``n × d``), from one Gram
-    matrix of the rows less their mean: ``‖a − b‖² = ‖a‖² + ‖b‖² − 2⟨a, b⟩`` (centring leaves the distances as
-    they are and keeps the float32 product's rounding at the scale of the distances, not of the rows).
-    ``overwrite``: centre a float32 ``rows`` in place instead of a copy (the caller's matrix is scratch).
+    matrix of the rows less their mean (:func:`centre`, :func:`centred_distances`). ``overwrite``: centre a
+    float32 ``rows`` in place instead of a copy (the caller's matrix is scratch). ``n``: only the first ``n`` rows
+    are slots, the rest zero padding (:func:`padded`; left as they are and out of the result).
 
     ``rows`` may be a stack ``m × n × d`` (contiguous): then the ``m`` matrices, in one call each step, and each
-    bit for bit the one its own ``n × d`` gives. Why: the column veto measures every input column of the first
-    layer (128 in ``bench/aggregator.py``), and a call per column cost ~2.5 ms per update at K = 10 (BENCHMARKS.md,
-    veto19k). Bit for bit because the float64 mean adds the rows in the same order either way and ``matmul``
-    runs the same BLAS product (syrk) on each matrix of a stack as on one (tests/aggregator/test_column_veto_stack.py
-    holds it to the per-column oracle, so a NumPy that rounds them differently fails there first)."""
+    bit for bit the one its own ``n × d`` gives (see :func:`centre` and :func:`centred_distances`). Why: the
+    column veto measures every input column of the first layer (128 in ``bench/aggregator.py``), and a call per
+    column cost ~2.5 ms per update at K = 10 (BENCHMARKS.md, veto19k)."""
     x = np.asarray(rows, np.float32)
-    centre = x.mean(axis=-2, dtype=np.float64).astype(np.float32)[..., None, :]
+    n = x.shape[-2] if n is None else n
     if overwrite and x is rows:
-        x -= centre
-    else:
-        x = x - centre
-    gram = np.matmul(x, np.swapaxes(x, -1, -2)).astype(np.float64)
+        return centred_distances(centre(x, n), n)
+    full = np.zeros((*x.shape[:-2], padded(n), x.shape[-1]), np.float32)  # a copy costs the same, padded
+    full[..., :n, :] = x[..., :n, :]
+    return centred_distances(centre(full, n), n)
+
+
+def centre(rows: np.ndarray, n: int) -> np.ndarray:
+    """``rows`` (float32, ``… × m × d``) with its first ``n`` rows less their mean, in place (the rest, zero
+    padding, untouched); returns ``rows``. Centring leaves the distances as they are and keeps the float32
+    product's rounding at the scale of the distances, not of the rows.
+
+    The mean is taken in float64, adding the rows in order and dividing by ``n``: the value, bit for bit, of
+    ``mean(axis=-2, dtype=float64)`` (which adds a non-last axis in order too; the tests compare), one in-place
+    add a row instead of NumPy's buffered cast (~20 % less at 100k parameters). So a stack's matrices and the
+    columns of a whole-vector matrix are centred alike: the column veto's stack is cut from the centred rows."""
+    if n == 0:
+        return rows
+    mean = rows[..., 0, :].astype(np.float64)
+    for i in range(1, n):
+        mean += rows[..., i, :]
+    mean /= n
+    rows[..., :n, :] -= mean.astype(np.float32)[..., None, :]
+    return rows
+
+
+def centred_distances(rows: np.ndarray, n: int) -> np.ndarray:
+    """The distances between the first ``n`` rows of ``rows`` (float32, ``… × m × d``, already centred,
+    :func:`centre`; rows past ``n`` zero): ``‖a − b‖² = ‖a‖² + ‖b‖² − 2⟨a, b⟩`` from one Gram product
+    (``matmul``: the same BLAS product, syrk, on each matrix of a stack as on one), in float64 from there."""
+    gram = np.matmul(rows, np.swapaxes(rows, -1, -2))[..., :n, :n].astype(np.float64)
     sq = np.diagonal(gram, axis1=-2, axis2=-1).copy()
     gram *= 2.0  # exact: then (‖a‖² + ‖b‖²) − 2⟨a, b⟩ in that order, in place (a stack's temporaries are large)
     out = sq[..., :, None] + sq[..., None, :]

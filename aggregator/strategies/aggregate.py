@@ -39,6 +39,7 @@ buffer size.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -125,11 +126,24 @@ def mda_keep(deltas: Sequence[Mapping[str, np.ndarray]], f: int = 1) -> tuple[in
     """The indices MDA keeps (:mod:`aggregator.mda`): the ``n − f`` deltas whose largest pairwise distance is
     smallest. The distance is between the deltas, not the ``c_i Δ_i``: a stale honest update is shorter after its
     ``f(s)`` and would otherwise look farther from a fresh one than it is."""
+    return mda_decisions(deltas, f)[0]
+
+
+def mda_decisions(
+    deltas: Sequence[Mapping[str, np.ndarray]], f: int = 1, name: str | None = None, gate: float = 1.0
+) -> tuple[tuple[int, ...], dict[int, list[int]]]:
+    """MDA's kept slots (:func:`mda_keep`) and, with ``name``, the column veto's drops in that 2-D tensor
+    (:func:`column_vetoes`), from one centred matrix: ``(keep, vetoes)``.
+
+    One ``n × d`` float32 matrix, filled tensor by tensor and centred in place (a buffer's worth of memory,
+    BENCHMARKS.md, ops19); the column veto's stack is cut from it, already centred: each coordinate's mean is the
+    same float64 sum whichever way the rows are cut (:func:`aggregator.mda.centre`), so the same bits as centring
+    the stack on its own, without a second fill, mean and centring pass (BENCHMARKS.md, mda19n)."""
     if not deltas:
         raise ValueError("need at least one delta")
-    # one n × d float32 matrix, filled tensor by tensor and centred in place: a buffer's worth of memory, not the
-    # two (per-tensor stacks, their concatenation, a centred copy) it took before (BENCHMARKS.md, ops19)
-    return mda.subset(mda.distances(_rows(deltas), overwrite=True), f)
+    rows = mda.centre(_rows(deltas), len(deltas))
+    keep = mda.subset(mda.centred_distances(rows, len(deltas)), f)
+    return keep, ({} if name is None else _vetoes(rows, deltas, keep, name, f, gate))
 
 
 def input_tensor(delta: Mapping[str, np.ndarray]) -> str | None:
@@ -150,10 +164,19 @@ def column_vetoes(
     ``gate`` times ``S_j``'s (beyond float rounding, :data:`aggregator.mda.TIE`); the slots dropped are ``S ∖ S_j``.
     Only ever drops: a slot outside ``S`` is never added, so no slot weighs more in any column than under MDA.
 
+    For any ``keep`` (the reduce takes ``keep`` and the vetoes together, :func:`mda_decisions`); the same code."""
+    return _vetoes(mda.centre(_rows(deltas), len(deltas)), deltas, keep, name, f, gate)
+
+
+def _vetoes(
+    rows: np.ndarray, deltas: Sequence[Mapping[str, np.ndarray]], keep: tuple[int, ...], name: str, f: int, gate: float
+) -> dict[int, list[int]]:
+    """:func:`column_vetoes` from the centred rows (:func:`_rows`, :func:`aggregator.mda.centre`).
+
     Every column at once (a stack of distance matrices, :func:`aggregator.mda.subsets`), the same vetoes bit for
     bit as one search per column (tests/aggregator/test_column_veto_stack.py keeps that loop as the oracle): the
     loop's hundreds of small NumPy calls per column cost ~2.5 ms per update at K = 10 (BENCHMARKS.md, veto19k)."""
-    dist = mda.distances(_columns(deltas, name), overwrite=True)
+    dist = mda.centred_distances(_columns(rows, deltas, name), len(deltas))
     own, own_diameter = mda.subsets(dist, f)
     kept = np.asarray(keep, np.intp)
     inside = np.zeros(len(deltas), bool)
@@ -185,34 +208,49 @@ def vetoed_step(
     row = np.empty(_shape(deltas[0], name), np.float32)
     sums = np.zeros((row.shape[0], len(columns)), np.float32)
     for i, c, skipped in zip(keep, coefficients, skip):
-        _fill(row, deltas[i], name, 1.0)
-        np.add(sums, np.float32(c) * row[:, columns], out=sums, where=~skipped)
+        np.add(sums, np.float32(c) * _picked(row, deltas[i], name, columns), out=sums, where=~skipped)
     tensor = np.array(step[name], np.float32, copy=True)
     tensor[:, columns] = sums
     return {**step, name: tensor}
 
 
-def _columns(deltas: Sequence[Mapping[str, np.ndarray]], name: str) -> np.ndarray:
-    """The 2-D tensor ``name`` of every delta as a stack of its input columns: ``(in, n, out)``, ``[j, i]`` =
-    ``Δ_i[name][:, j]``, each column's ``n × out`` rows contiguous (one BLAS product each in
-    :func:`aggregator.mda.distances`). Each delta is written into one reused ``out × in`` row (:func:`_fill`,
-    int8 and clipped deltas as elsewhere) and copied transposed from there: ~4× faster than stacking them all
-    and transposing the stack (2.1 -> 0.5 ms at 100k parameters, K = 10; 42 -> 9 ms at K = 100)."""
-    rows, columns = _shape(deltas[0], name)
-    out = np.empty((columns, len(deltas), rows), np.float32)
-    row = np.empty((rows, columns), np.float32)
-    for i, d in enumerate(deltas):
-        _fill(row, d, name, 1.0)
-        out[:, i, :] = row.T
+def _picked(row: np.ndarray, d: Mapping[str, np.ndarray], name: str, columns: np.ndarray) -> np.ndarray:
+    """``row[:, columns]`` after ``_fill(row, d, name, 1.0)``, bit for bit, reading only those columns of a float32
+    tensor, plain or clipped (``1 · x`` is ``x``; a clipped one's ``s · x`` is the same product per value either
+    way); an int8 delta is dequantised into ``row`` whole. Why: the vetoed columns are a few of 128, and filling
+    every kept slot's whole tensor cost ~0.4 ms a version at 100k parameters, K = 10 (BENCHMARKS.md, mda19n)."""
+    inner, scale = (d.delta, d.scale) if isinstance(d, scaled_sum.Scaled) else (d, None)
+    if not isinstance(inner, Int8Delta):
+        tensor = np.asarray(inner[name])
+        if tensor.dtype == np.float32:
+            part = tensor[:, columns]
+            return part if scale is None else np.multiply(part, np.float32(scale), out=part)
+    _fill(row, d, name, 1.0)
+    return row[:, columns]
+
+
+def _columns(rows: np.ndarray, deltas: Sequence[Mapping[str, np.ndarray]], name: str) -> np.ndarray:
+    """The 2-D tensor ``name`` of every row of ``rows`` (:func:`_rows`, padding rows too) as a stack of its input
+    columns: ``(in, m, out)``, ``[j, i]`` = row ``i``'s ``name[:, j]``, each column's ``m × out`` rows contiguous
+    (one BLAS product each in :func:`aggregator.mda.centred_distances`). Copied transposed row by row: ~4× faster
+    than transposing the whole block at once (2.1 -> 0.5 ms at 100k parameters, K = 10; 42 -> 9 ms at K = 100)."""
+    names = list(deltas[0])
+    at = sum(math.prod(_shape(deltas[0], k)) for k in names[: names.index(name)])
+    out_, in_ = _shape(deltas[0], name)
+    out = np.empty((in_, rows.shape[0], out_), np.float32)
+    for i, row in enumerate(rows):
+        out[:, i, :] = row[at : at + out_ * in_].reshape(out_, in_).T
     return out
 
 
 def _rows(deltas: Sequence[Mapping[str, np.ndarray]]) -> np.ndarray:
-    """Each delta flattened into one row of an ``n × d`` float32 matrix (tensors in the first delta's order)."""
+    """Each delta flattened into one row of an ``m × d`` float32 matrix (tensors in the first delta's order); ``m``
+    is :func:`aggregator.mda.padded`, the rows past the deltas zero (their Gram product is faster)."""
     names = list(deltas[0])
     shapes = [_shape(deltas[0], k) for k in names]
-    widths = [int(np.prod(s, dtype=np.int64)) for s in shapes]
-    rows = np.empty((len(deltas), sum(widths)), np.float32)
+    widths = [math.prod(s) for s in shapes]
+    rows = np.empty((mda.padded(len(deltas)), sum(widths)), np.float32)
+    rows[len(deltas) :] = 0.0
     at = 0
     for name, shape, width in zip(names, shapes, widths):
         for i, d in enumerate(deltas):

@@ -215,20 +215,19 @@ class Strategy:
     def mda_step(self, deltas: Sequence[Mapping[str, np.ndarray]], updates: Sequence[Accepted]) -> State:
         """MDA's step (:meth:`combine`): the kept slots at their coefficients, the left-out ones 0; with
         ``input_column_veto`` (1.2 by default; 0 = off) a kept slot is also dropped from the input columns of the
-        first layer's weights whose own MDA subset leaves it out (:func:`aggregate.column_vetoes`): its ``weight`` stays
+        first layer's weights whose own MDA subset leaves it out (:func:`aggregate.mda_decisions`): its ``weight`` stays
         its largest coefficient on any parameter, ``f(s)/K``."""
         # a buffer closed early (buffer_timeout_s) holds fewer: never keep fewer than min_sites of them
         f = mda.kept_at_least(self.cfg.mda_f, len(deltas), self.cfg.min_sites)
-        keep = aggregate.mda_keep(deltas, f)
+        name = aggregate.input_tensor(deltas[0]) if self.cfg.input_column_veto and f > 0 else None
+        keep, vetoes = aggregate.mda_decisions(deltas, f, name, self.cfg.input_column_veto)
         kept = self.coefficients([updates[i] for i in keep])
         coefficients = [kept[keep.index(i)] if i in keep else 0.0 for i in range(len(updates))]
         for u, c in zip(updates, coefficients):
             u.weight = c  # its share of the step, or none (left out)
         step = aggregate.linear_combination([deltas[i] for i in keep], kept)
-        name = aggregate.input_tensor(deltas[0]) if self.cfg.input_column_veto and f > 0 else None
         if name is None:
             return step
-        vetoes = aggregate.column_vetoes(deltas, keep, name, f, self.cfg.input_column_veto)
         return aggregate.vetoed_step(step, deltas, keep, kept, name, vetoes)
 
     # -- the step ---------------------------------------------------------------------

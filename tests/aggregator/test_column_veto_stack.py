@@ -158,7 +158,7 @@ def test_the_vetoes_and_the_step_are_the_per_column_ones(n: int, f: int, columns
 @pytest.mark.parametrize("seed", range(8))
 def test_stacked_distances_are_each_columns_own_bit_for_bit(seed: int) -> None:
     rng = np.random.default_rng(seed)
-    n, out, columns = (int(rng.choice(v)) for v in ((3, 4, 9, 11, 17, 101), (1, 2, 7, 64, 258), (1, 5, 128)))
+    n, out, columns = (int(rng.choice(v)) for v in ((3, 4, 7, 9, 11, 15, 17, 101), (1, 2, 7, 64, 258), (1, 5, 128)))
     x = (rng.standard_normal((columns, n, out)) * 10.0 ** rng.uniform(-4, 2)).astype(np.float32)
     x[:, n - 1] = x[:, 0]
     stack = mda.distances(x)
@@ -168,6 +168,43 @@ def test_stacked_distances_are_each_columns_own_bit_for_bit(seed: int) -> None:
         assert np.array_equal(mda.distances(x[j]), stack[j])  # and one matrix alone (the whole-vector MDA's call)
     scratch = x.copy()
     assert np.array_equal(mda.distances(scratch, overwrite=True), stack)  # centred in place: the same distances
+
+
+@pytest.mark.parametrize("n", [3, 7, 11, 15, 63])
+def test_a_padded_gram_product_is_the_plain_one_bit_for_bit(n: int) -> None:
+    """n % 4 == 3 slots get one zero row more for their Gram product (mda.padded: OpenBLAS's fast path); each
+    entry of the product must be the plain ``x @ x.T``'s, bit for bit, for a whole-vector matrix and for a stack,
+    or the padding would change the decisions' rounding."""
+    assert mda.padded(n) == n + 1 and mda.padded(n + 1) == n + 1 and mda.padded(n - 1) == n - 1
+    rng = np.random.default_rng(n)
+    for shape in ((n, 100_003), (n, 1), (33, n, 258)):
+        x = (rng.standard_normal(shape) * 10.0 ** rng.uniform(-4, 2)).astype(np.float32)
+        full = np.zeros((*shape[:-2], n + 1, shape[-1]), np.float32)
+        full[..., :n, :] = x
+        plain = np.matmul(x, np.swapaxes(x, -1, -2))
+        assert np.array_equal(np.matmul(full, np.swapaxes(full, -1, -2))[..., :n, :n], plain)
+        # and the distances (mda.distances pads a copy) against the oracle's unpadded ones
+        dist = mda.distances(x)
+        assert (
+            np.array_equal(dist, _distances(x))
+            if x.ndim == 2
+            else all(np.array_equal(dist[j], _distances(x[j])) for j in range(len(x)))
+        )
+
+
+def test_centre_is_numpys_float64_mean_bit_for_bit() -> None:
+    """mda.centre adds the rows in order in float64 and divides by n: the same bits as NumPy's
+    ``mean(axis=-2, dtype=float64)``, for a matrix and a stack, and the padding rows past n stay zero."""
+    rng = np.random.default_rng(3)
+    for shape in ((11, 5000), (40, 11, 64), (101, 300)):
+        x = (rng.standard_normal(shape) * 10.0 ** rng.uniform(-6, 3, size=shape[-1])).astype(np.float32)
+        n = shape[-2]
+        full = np.zeros((*shape[:-2], mda.padded(n) + 1, shape[-1]), np.float32)
+        full[..., :n, :] = x
+        mda.centre(full, n)
+        expected = x - x.mean(axis=-2, dtype=np.float64).astype(np.float32)[..., None, :]
+        assert np.array_equal(full[..., :n, :], expected)
+        assert not full[..., n:, :].any()
 
 
 @pytest.mark.parametrize("seed", range(10))

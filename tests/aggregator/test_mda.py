@@ -254,6 +254,23 @@ def test_mda_rows_are_built_once_and_centred_in_place():
     np.testing.assert_allclose(rows.mean(axis=0), 0.0, atol=1e-6)
 
 
+def test_mda_rows_of_slots_n_mod_4_eq_3_end_in_a_zero_row():
+    """Seven deltas: an eighth row of zeros (mda.padded), not a slot: the distances are the seven deltas' own,
+    against a direct float64 pairwise computation, and the subset never names slot 7."""
+    from aggregator.strategies import aggregate
+
+    rng = np.random.default_rng(8)
+    deltas = [{"a": rng.normal(size=(30, 4)).astype(np.float32) + 3.0} for _ in range(7)]
+    deltas[6]["a"] += 0.5  # the far one
+    rows = aggregate._rows(deltas)
+    assert rows.shape == (8, 120) and not rows[7].any()
+    direct = np.array([[np.linalg.norm(a["a"].astype(np.float64) - b["a"]) for b in deltas] for a in deltas])
+    dist = mda.distances(rows, overwrite=True, n=7)
+    assert dist.shape == (7, 7)
+    np.testing.assert_allclose(dist, direct, rtol=1e-5, atol=1e-6)
+    assert aggregate.mda_keep(deltas, 1) == (0, 1, 2, 3, 4, 5)
+
+
 def _subset_by_pair_loop(dist: np.ndarray, f: int) -> tuple[int, ...]:
     """The subset search written from its definition (every pair i < j of every n − f subset, in Python), as
     mda.subset computed it before its diameters became one NumPy call each: the reference it must match."""
