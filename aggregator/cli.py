@@ -17,16 +17,21 @@ def _run_aggregator(args: argparse.Namespace) -> int:
     from aggregator.service import run_aggregator
     from fedline.blas import one_blas_thread
     from fedline.heap import keep_freed_buffers
+    from fedline.threadname import name_os_thread
 
     cfg = load_config(args.config)
     keep_freed_buffers()  # update-sized buffers reused, not page-faulted in again for every update (fedline.heap)
     one_blas_thread()  # the opening threads are the parallelism: no spinning BLAS threads beside them (fedline.blas)
+    # the event loop's thread as `top -H` and `ps` show it (also the process's name there; fedline.threadname):
+    # named after the imports, so threads they started (OpenBLAS's) keep the interpreter's name
     if args.worker is not None:  # one of the [intake] workers, not the aggregator itself
         from aggregator.intake_worker import run_worker
 
+        name_os_thread("fedline-intake")
         pause.end()
         asyncio.run(run_worker(cfg, args.worker, args.password_file))
         return 0
+    name_os_thread("fedline-agg")
     asyncio.run(run_aggregator(cfg, start=pause))
     return 0
 

@@ -45,6 +45,7 @@ from broker_bridge.errors import FedlineError, WireError
 from broker_bridge.keys import Enrollment, KeyPair
 from broker_bridge.quantised import Int8Delta
 from fedline.logs import event
+from fedline.threadname import name_os_thread
 
 log = logging.getLogger("fedline.aggregator")
 
@@ -138,7 +139,7 @@ class AggregatorCore:
         self.store = Store(Path(a.state_dir) / "aggregator.sqlite", fsync=a.fsync)
         # what each site released, for a site that lost its data directory (aggregator.recovery)
         self.history = SiteHistory(self.store)
-        self.pool = ThreadPoolExecutor(a.workers, thread_name_prefix="agg-open")
+        self.pool = ThreadPoolExecutor(a.workers, thread_name_prefix="agg-open", initializer=name_os_thread)
         self.site_rate = SiteRate(cfg.strategy.site_interval_s if cfg.strategy.kind == "fedasync" else 0.0)
         if self.site_rate.interval_s > 0:  # the rate outlives a restart (aggregator.site_rate)
             self.site_rate.restore(self.store.last_applied(), time.time())

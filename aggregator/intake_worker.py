@@ -61,6 +61,7 @@ from broker_bridge.mosquitto import intake_users
 from broker_bridge.topics import Topics
 from fedline.logs import event
 from fedline.supervise import run_until_stopped
+from fedline.threadname import name_os_thread
 
 log = logging.getLogger("fedline.intake")
 SERVICE = "intake"
@@ -129,7 +130,9 @@ class IntakeWorker:
         self.settings = self._settings(password_file)
         self.metrics = Metrics()
         self.chunks = SenderChunks(cfg.aggregator, self.metrics)
-        self.pool = ThreadPoolExecutor(cfg.aggregator.workers, thread_name_prefix="intake-open")
+        self.pool = ThreadPoolExecutor(
+            cfg.aggregator.workers, thread_name_prefix="intake-open", initializer=name_os_thread
+        )
         self.live: set[str] = set()  # peers whose retained liveness says online (self included once seen)
         self.share: set[str] = set()
         self.forwarded = 0

@@ -54,6 +54,7 @@ from fedline.logs import event
 from fedline.metrics import MetricsServer
 from fedline.startup import StartPause
 from fedline.supervise import run_until_stopped
+from fedline.threadname import name_os_thread
 
 log = logging.getLogger("fedline.aggregator")
 
@@ -90,8 +91,9 @@ class Aggregator:
         # receipts and cohort messages: published in order without awaiting each acknowledgement (at most
         # publish_window.IN_FLIGHT outstanding; the decider waits beyond)
         self.window = PublishWindow(on_failure=self._unsent)
-        self._serial = ThreadPoolExecutor(1, thread_name_prefix="agg-decide")
-        self._export = ThreadPoolExecutor(1, thread_name_prefix="agg-export")
+        # each pool's threads carry their names at the OS level too: `top -H` and `ps -T` tell them apart
+        self._serial = ThreadPoolExecutor(1, thread_name_prefix="agg-decide", initializer=name_os_thread)
+        self._export = ThreadPoolExecutor(1, thread_name_prefix="agg-export", initializer=name_os_thread)
 
     def stop(self) -> None:
         self._stop.set()

@@ -9,11 +9,14 @@ def _run_plant(args: argparse.Namespace) -> int:
     import asyncio
 
     from fedline.blas import one_blas_thread
+    from fedline.threadname import name_os_thread
     from plant.config import load_plant_config
     from plant.service import run_plant
 
     one_blas_thread()  # as `fedline aggregator`: its reduce's matrix products must not leave a BLAS thread spinning
-    asyncio.run(run_plant(load_plant_config(args.config)))
+    cfg = load_plant_config(args.config)
+    name_os_thread("fedline-plant")  # its event loop's thread in `top -H` and `ps` (fedline.threadname)
+    asyncio.run(run_plant(cfg))
     return 0
 
 
