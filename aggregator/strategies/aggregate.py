@@ -187,12 +187,15 @@ def _vetoes(dist: np.ndarray, keep: tuple[int, ...], f: int, gate: float) -> dic
     Every column at once (a stack of distance matrices, :func:`aggregator.mda.subsets`), the same vetoes as one
     search per column (tests/aggregator/test_column_veto_stack.py keeps that loop as the oracle): the loop's
     hundreds of small NumPy calls per column cost ~2.5 ms per update at K = 10 (BENCHMARKS.md, veto19k)."""
-    own, own_diameter = mda.subsets(dist, f)
+    upper = np.triu(dist, 1)  # one copy for both searches
+    own, own_diameter = mda.subsets(upper, f, triangular=True)
     kept = np.asarray(keep, np.intp)
     inside = np.zeros(dist.shape[-1], bool)
     inside[kept] = True
     dropped = inside & ~own  # (columns, n): the kept slots S_j leaves out
-    fires = dropped.any(axis=1) & (mda.diameters(dist, inside) * (1.0 - mda.TIE) > gate * own_diameter)
+    fires = dropped.any(axis=1) & (
+        mda.diameters(upper, inside, triangular=True) * (1.0 - mda.TIE) > gate * own_diameter
+    )
     return {int(j): kept[dropped[j, kept]].tolist() for j in np.flatnonzero(fires)}
 
 

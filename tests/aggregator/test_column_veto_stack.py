@@ -331,3 +331,22 @@ def test_clipped_and_int8_deltas_give_the_per_column_vetoes_and_step() -> None:
         assert np.array_equal(have["w"], want["w"])
         fired += len(expected)
     assert 0 < fired < 40
+
+
+@pytest.mark.parametrize("m, n", [(5, 6), (128, 11), (8, 101), (128, 30)])
+def test_masked_max_is_the_largest_distance_among_the_slots_inside(m: int, n: int) -> None:
+    """Both ways of masking (a copy for a small stack, in place for a large one: mda.SMALL_STACK) against a loop
+    over the pairs; the scratch stack is left as it was."""
+    assert (m * n * n <= mda.SMALL_STACK) == (n < 20)  # the cases cover both ways
+    rng = np.random.default_rng(m * n)
+    upper = np.triu(rng.uniform(0.0, 5.0, size=(m, n, n)), 1)
+    inside = rng.random((m, n)) < 0.7
+    inside[0] = False
+    inside[0, 1] = True  # one slot only: 0
+    before = upper.copy()
+    got = mda._masked_max(upper, inside)
+    assert np.array_equal(upper, before)
+    for k in range(m):
+        at = np.flatnonzero(inside[k])
+        want = max((upper[k, i, j] for i in at for j in at if i < j), default=0.0)
+        assert got[k] == want
