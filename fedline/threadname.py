@@ -84,8 +84,9 @@ def name_os_thread(name: str | None = None) -> bool:
 
 def run_named(main: Coroutine[Any, Any, T], name: str) -> T:
     """``asyncio.run(main)`` with the process's threads named at the OS level: the calling thread (the event
-    loop's, and the process's name in ``ps`` and ``top``) ``name``, the loop's default executor's threads
-    ``asyncio_N`` (:func:`asyncio.to_thread`, name lookups), which would otherwise inherit ``name``."""
+    loop's; called from the main thread, as the CLI does, also the process's name in ``ps`` and ``top``)
+    ``name``, the loop's default executor's threads ``asyncio_N`` (:func:`asyncio.to_thread`, name lookups),
+    which would otherwise inherit ``name``."""
     name_os_thread(name)
 
     async def named() -> T:
