@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -95,8 +96,8 @@ def distances(rows: np.ndarray, overwrite: bool = False, n: int | None = None) -
     float32 ``rows`` in place instead of a copy (the caller's matrix is scratch). ``n``: only the first ``n`` rows
     are slots, the rest zero padding (:func:`padded`; left as they are and out of the result).
 
-    ``rows`` may be a stack ``m × n × d`` (contiguous): then the ``m`` matrices, in one call each step, and each
-    bit for bit the one its own ``n × d`` gives (see :func:`centre` and :func:`centred_distances`). Why: the
+    ``rows`` may be a stack ``m × n × d``: then the ``m`` matrices, in one call each step, and each bit for bit
+    the one its own ``n × d`` gives (:func:`mean` adds the rows in order; :func:`gram`). Why: the
     column veto measures every input column of the first layer (128 in ``bench/aggregator.py``), and a call per
     column cost ~2.5 ms per update at K = 10 (BENCHMARKS.md, veto19k)."""
     x = np.asarray(rows, np.float32)
@@ -109,37 +110,56 @@ def distances(rows: np.ndarray, overwrite: bool = False, n: int | None = None) -
 
 
 def centre(rows: np.ndarray, n: int) -> np.ndarray:
-    """``rows`` (float32, ``… × m × d``) with its first ``n`` rows less their mean, in place (the rest, zero
-    padding, untouched); returns ``rows``. Centring leaves the distances as they are and keeps the float32
-    product's rounding at the scale of the distances, not of the rows.
-
-    The mean is taken in float64, adding the rows in order and dividing by ``n``: the value, bit for bit, of
-    ``mean(axis=-2, dtype=float64)`` (which adds a non-last axis in order too; the tests compare), one in-place
-    add a row instead of NumPy's buffered cast (~20 % less at 100k parameters). So a stack's matrices and the
-    columns of a whole-vector matrix are centred alike: the column veto's stack is cut from the centred rows."""
-    if n == 0:
-        return rows
-    mean = rows[..., 0, :].astype(np.float64)
-    for i in range(1, n):
-        mean += rows[..., i, :]
-    mean /= n
-    rows[..., :n, :] -= mean.astype(np.float32)[..., None, :]
+    """``rows`` (float32, ``… × m × d``, a view will do) with its first ``n`` rows less their :func:`mean`, in place
+    (the rest, zero padding, untouched); returns ``rows``. Any centre gives the same distances; centring near the
+    mean keeps the float32 product's rounding at the scale of the distances, not of the rows (a common drift of
+    every delta would otherwise cancel in ``‖a‖² + ‖b‖² − 2⟨a, b⟩``)."""
+    if n:
+        rows[..., :n, :] -= mean(rows[..., i, :] for i in range(n))[..., None, :]
     return rows
 
 
-def centred_distances(rows: np.ndarray, n: int) -> np.ndarray:
-    """The distances between the first ``n`` rows of ``rows`` (float32, ``… × m × d``, already centred,
-    :func:`centre`; rows past ``n`` zero): ``‖a − b‖² = ‖a‖² + ‖b‖² − 2⟨a, b⟩`` from one Gram product
-    (``matmul``: the same BLAS product, syrk, on each matrix of a stack as on one), in float64 from there."""
-    gram = np.matmul(rows, np.swapaxes(rows, -1, -2))[..., :n, :n].astype(np.float64)
-    sq = np.diagonal(gram, axis1=-2, axis2=-1).copy()
-    gram *= 2.0  # exact: then (‖a‖² + ‖b‖²) − 2⟨a, b⟩ in that order, in place (a stack's temporaries are large)
+def mean(rows: Iterable[np.ndarray]) -> np.ndarray:
+    """The float32 mean of equally shaped arrays (:func:`centre`'s rows), added in order into a copy of the first
+    and divided by their number: a stack's matrices and a matrix cut into blocks get each one's own bits. ``rows``
+    may be a generator that fills each row as it is read (``aggregate._rows``: added while still in cache).
+    float32: its rounding moves the centre by a few ulps, which changes no distance beyond float32 rounding;
+    NumPy's float64 mean cost ~0.9 ms of 11 rows of 100k, this ~0.3 (BENCHMARKS.md "mda19n")."""
+    each = iter(rows)
+    out = np.array(next(each), np.float32, copy=True)
+    count = 1
+    for row in each:
+        out += row
+        count += 1
+    out /= np.float32(count)
+    return out
+
+
+def gram(rows: np.ndarray, n: int) -> np.ndarray:
+    """The float32 Gram matrix of the first ``n`` rows of ``rows`` (``… × m × d``; rows past ``n`` zero,
+    :func:`padded`): one ``matmul``, the same BLAS product (syrk) on each matrix of a stack as on one, and on a
+    strided view (a row stride past ``d``) as on a copy, without the copy."""
+    return np.matmul(rows, np.swapaxes(rows, -1, -2))[..., :n, :n]
+
+
+def from_gram(gram: np.ndarray) -> np.ndarray:
+    """The pairwise L2 distances (float64) of rows whose Gram matrix is ``gram`` (``… × n × n``, float32 or
+    float64): ``‖a − b‖² = ‖a‖² + ‖b‖² − 2⟨a, b⟩``, clipped at 0 (rounding), the diagonal exactly 0."""
+    g = gram.astype(np.float64)
+    sq = np.diagonal(g, axis1=-2, axis2=-1).copy()
+    g *= 2.0  # exact: then (‖a‖² + ‖b‖²) − 2⟨a, b⟩ in that order, in place (a stack's temporaries are large)
     out = sq[..., :, None] + sq[..., None, :]
-    out -= gram
+    out -= g
     np.sqrt(np.maximum(out, 0.0, out=out), out=out)
     diagonal = np.arange(out.shape[-1])
     out[..., diagonal, diagonal] = 0.0
     return out
+
+
+def centred_distances(rows: np.ndarray, n: int) -> np.ndarray:
+    """The distances between the first ``n`` rows of ``rows`` (already centred, :func:`centre`; rows past ``n``
+    zero): :func:`from_gram` of :func:`gram`."""
+    return from_gram(gram(rows, n))
 
 
 def diameter(dist: np.ndarray, idx: tuple[int, ...]) -> float:

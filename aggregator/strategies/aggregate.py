@@ -40,7 +40,7 @@ buffer size.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -130,20 +130,32 @@ def mda_keep(deltas: Sequence[Mapping[str, np.ndarray]], f: int = 1) -> tuple[in
 
 
 def mda_decisions(
-    deltas: Sequence[Mapping[str, np.ndarray]], f: int = 1, name: str | None = None, gate: float = 1.0
+    deltas: Sequence[Mapping[str, np.ndarray]], f: int = 1, gate: float = 0.0
 ) -> tuple[tuple[int, ...], dict[int, list[int]]]:
-    """MDA's kept slots (:func:`mda_keep`) and, with ``name``, the column veto's drops in that 2-D tensor
-    (:func:`column_vetoes`), from one centred matrix: ``(keep, vetoes)``.
+    """MDA's kept slots (:func:`mda_keep`) and, with a ``gate`` (``input_column_veto``; 0: none), the column veto's
+    drops in the first layer's weights (:func:`input_tensor`, :func:`column_vetoes`): ``(keep, vetoes)``.
 
-    One ``n × d`` float32 matrix, filled tensor by tensor and centred in place (a buffer's worth of memory,
-    BENCHMARKS.md, ops19); the column veto's stack is cut from it, already centred: each coordinate's mean is the
-    same float64 sum whichever way the rows are cut (:func:`aggregator.mda.centre`), so the same bits as centring
-    the stack on its own, without a second fill, mean and centring pass (BENCHMARKS.md, mda19n)."""
+    One centred matrix (:func:`_rows`) with the first layer's weights laid out column by column, so each input
+    column's rows are a strided view of it (:func:`_columns`, no copy), and one Gram product per column and one for
+    the other tensors: the whole vector's Gram matrix is their sum (in float64), not a second product over the
+    first layer. Why: the default reduce's decisions cost ~6 ms of CPU per version at 100k parameters, K = 10,
+    against ~0.9 ms for the step itself (BENCHMARKS.md, "mda19n"). The distances differ from one product over
+    the deltas in their order only by float32 rounding (tests compare them with a float64 computation, and the
+    decisions with the per-column code's, tests/aggregator/test_column_veto_stack.py)."""
     if not deltas:
         raise ValueError("need at least one delta")
-    rows = mda.centre(_rows(deltas), len(deltas))
-    keep = mda.subset(mda.centred_distances(rows, len(deltas)), f)
-    return keep, ({} if name is None else _vetoes(rows, deltas, keep, name, f, gate))
+    n, name = len(deltas), input_tensor(deltas[0])
+    rows = _rows(deltas, name)
+    if name is None:
+        return mda.subset(mda.centred_distances(rows, n), f), {}
+    width = math.prod(_shape(deltas[0], name))
+    columns = mda.gram(_columns(rows, _shape(deltas[0], name)), n)
+    whole = columns.sum(axis=0, dtype=np.float64)
+    whole += mda.gram(rows[:, width:], n)
+    keep = mda.subset(mda.from_gram(whole), f)
+    if not gate or mda.left_out(f, n) == 0:
+        return keep, {}
+    return keep, _vetoes(mda.from_gram(columns), keep, f, gate)
 
 
 def input_tensor(delta: Mapping[str, np.ndarray]) -> str | None:
@@ -164,22 +176,20 @@ def column_vetoes(
     ``gate`` times ``S_j``'s (beyond float rounding, :data:`aggregator.mda.TIE`); the slots dropped are ``S ∖ S_j``.
     Only ever drops: a slot outside ``S`` is never added, so no slot weighs more in any column than under MDA.
 
-    For any ``keep`` (the reduce takes ``keep`` and the vetoes together, :func:`mda_decisions`); the same code."""
-    return _vetoes(mda.centre(_rows(deltas), len(deltas)), deltas, keep, name, f, gate)
+    For any ``keep`` (the reduce takes ``keep`` and the vetoes together, :func:`mda_decisions`, the same code)."""
+    rows = _rows(deltas, name)
+    return _vetoes(mda.centred_distances(_columns(rows, _shape(deltas[0], name)), len(deltas)), keep, f, gate)
 
 
-def _vetoes(
-    rows: np.ndarray, deltas: Sequence[Mapping[str, np.ndarray]], keep: tuple[int, ...], name: str, f: int, gate: float
-) -> dict[int, list[int]]:
-    """:func:`column_vetoes` from the centred rows (:func:`_rows`, :func:`aggregator.mda.centre`).
+def _vetoes(dist: np.ndarray, keep: tuple[int, ...], f: int, gate: float) -> dict[int, list[int]]:
+    """:func:`column_vetoes` from the columns' distance matrices (``in × n × n``).
 
-    Every column at once (a stack of distance matrices, :func:`aggregator.mda.subsets`), the same vetoes bit for
-    bit as one search per column (tests/aggregator/test_column_veto_stack.py keeps that loop as the oracle): the
-    loop's hundreds of small NumPy calls per column cost ~2.5 ms per update at K = 10 (BENCHMARKS.md, veto19k)."""
-    dist = mda.centred_distances(_columns(rows, deltas, name), len(deltas))
+    Every column at once (a stack of distance matrices, :func:`aggregator.mda.subsets`), the same vetoes as one
+    search per column (tests/aggregator/test_column_veto_stack.py keeps that loop as the oracle): the loop's
+    hundreds of small NumPy calls per column cost ~2.5 ms per update at K = 10 (BENCHMARKS.md, veto19k)."""
     own, own_diameter = mda.subsets(dist, f)
     kept = np.asarray(keep, np.intp)
-    inside = np.zeros(len(deltas), bool)
+    inside = np.zeros(dist.shape[-1], bool)
     inside[kept] = True
     dropped = inside & ~own  # (columns, n): the kept slots S_j leaves out
     fires = dropped.any(axis=1) & (mda.diameters(dist, inside) * (1.0 - mda.TIE) > gate * own_diameter)
@@ -229,34 +239,60 @@ def _picked(row: np.ndarray, d: Mapping[str, np.ndarray], name: str, columns: np
     return row[:, columns]
 
 
-def _columns(rows: np.ndarray, deltas: Sequence[Mapping[str, np.ndarray]], name: str) -> np.ndarray:
-    """The 2-D tensor ``name`` of every row of ``rows`` (:func:`_rows`, padding rows too) as a stack of its input
-    columns: ``(in, m, out)``, ``[j, i]`` = row ``i``'s ``name[:, j]``, each column's ``m × out`` rows contiguous
-    (one BLAS product each in :func:`aggregator.mda.centred_distances`). Copied transposed row by row: ~4× faster
-    than transposing the whole block at once (2.1 -> 0.5 ms at 100k parameters, K = 10; 42 -> 9 ms at K = 100)."""
-    names = list(deltas[0])
-    at = sum(math.prod(_shape(deltas[0], k)) for k in names[: names.index(name)])
-    out_, in_ = _shape(deltas[0], name)
-    out = np.empty((in_, rows.shape[0], out_), np.float32)
-    for i, row in enumerate(rows):
-        out[:, i, :] = row[at : at + out_ * in_].reshape(out_, in_).T
-    return out
+def _columns(rows: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """The first layer's weights (``shape`` = ``out × in``, laid out column by column at the start of each row of
+    ``rows``, :func:`_rows`) as a stack of its input columns: ``(in, m, out)``, ``[j, i]`` = row ``i``'s ``[:, j]``.
+    A view: each column's ``m × out`` matrix has a row stride of a whole row, which BLAS takes as it is."""
+    out_, in_ = shape
+    return rows[:, : out_ * in_].reshape(rows.shape[0], in_, out_).transpose(1, 0, 2)
 
 
-def _rows(deltas: Sequence[Mapping[str, np.ndarray]]) -> np.ndarray:
-    """Each delta flattened into one row of an ``m × d`` float32 matrix (tensors in the first delta's order); ``m``
-    is :func:`aggregator.mda.padded`, the rows past the deltas zero (their Gram product is faster)."""
-    names = list(deltas[0])
+def _rows(deltas: Sequence[Mapping[str, np.ndarray]], first: str | None = None) -> np.ndarray:
+    """Each delta flattened into one row of an ``m × d`` float32 matrix, centred (:func:`_centred_block`): the 2-D
+    tensor ``first`` at the start, transposed (its input columns one after the other, :func:`_columns`), then the
+    other tensors in the first delta's order; ``m`` is :func:`aggregator.mda.padded`, the rows past the deltas
+    zero."""
+    n = len(deltas)
+    names = ([first] if first is not None else []) + [k for k in deltas[0] if k != first]
     shapes = [_shape(deltas[0], k) for k in names]
     widths = [math.prod(s) for s in shapes]
-    rows = np.empty((mda.padded(len(deltas)), sum(widths)), np.float32)
-    rows[len(deltas) :] = 0.0
+    rows = np.empty((mda.padded(n), sum(widths)), np.float32)
+    rows[n:] = 0.0
     at = 0
     for name, shape, width in zip(names, shapes, widths):
-        for i, d in enumerate(deltas):
-            _fill(rows[i, at : at + width].reshape(shape), d, name, 1.0)
+        _centred_block(rows[:n, at : at + width], deltas, name, shape, name == first)
         at += width
     return rows
+
+
+def _centred_block(
+    block: np.ndarray, deltas: Sequence[Mapping[str, np.ndarray]], name: str, shape: tuple[int, ...], transposed: bool
+) -> None:
+    """Row ``i`` of ``block`` = delta ``i``'s tensor ``name`` (``shape``; ``transposed``: stored as its transpose)
+    less the deltas' :func:`aggregator.mda.mean`, tensor by tensor; each row is added to the mean as soon as it is
+    filled, while it is in cache (:func:`_filled`), then the block is centred in one subtraction."""
+    block -= mda.mean(_filled(block, deltas, name, shape, transposed))
+
+
+def _filled(
+    block: np.ndarray, deltas: Sequence[Mapping[str, np.ndarray]], name: str, shape: tuple[int, ...], transposed: bool
+) -> Iterator[np.ndarray]:
+    """Fill row ``i`` of ``block`` with delta ``i``'s tensor ``name`` (``_fill``'s values) and yield it. Transposed,
+    a float32 tensor is copied as it is (``_fill``'s ``1 · x`` is ``x``); an int8 or clipped one is filled in its
+    own layout first (int8's dequantiser writes contiguously; a product into a transposed view is ~3× slower)."""
+    layout = shape[::-1] if transposed else shape  # each row's view of the tensor, contiguous
+    scratch = np.empty(shape, np.float32) if transposed else None
+    for row, d in zip(block, deltas):
+        target = row.reshape(layout)
+        if scratch is None:
+            _fill(target, d, name, 1.0)
+        else:
+            plain = None if isinstance(d, (Int8Delta, scaled_sum.Scaled)) else np.asarray(d[name])
+            if plain is None or plain.dtype != np.float32:
+                _fill(scratch, d, name, 1.0)
+                plain = scratch
+            np.copyto(target, plain.T)
+        yield row
 
 
 def mda_combination(

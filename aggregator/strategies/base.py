@@ -219,14 +219,14 @@ class Strategy:
         its largest coefficient on any parameter, ``f(s)/K``."""
         # a buffer closed early (buffer_timeout_s) holds fewer: never keep fewer than min_sites of them
         f = mda.kept_at_least(self.cfg.mda_f, len(deltas), self.cfg.min_sites)
-        name = aggregate.input_tensor(deltas[0]) if self.cfg.input_column_veto and f > 0 else None
-        keep, vetoes = aggregate.mda_decisions(deltas, f, name, self.cfg.input_column_veto)
+        keep, vetoes = aggregate.mda_decisions(deltas, f, self.cfg.input_column_veto)
         kept = self.coefficients([updates[i] for i in keep])
         coefficients = [kept[keep.index(i)] if i in keep else 0.0 for i in range(len(updates))]
         for u, c in zip(updates, coefficients):
             u.weight = c  # its share of the step, or none (left out)
         step = aggregate.linear_combination([deltas[i] for i in keep], kept)
-        if name is None:
+        name = aggregate.input_tensor(deltas[0])
+        if not vetoes or name is None:
             return step
         return aggregate.vetoed_step(step, deltas, keep, kept, name, vetoes)
 

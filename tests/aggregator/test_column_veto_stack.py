@@ -3,8 +3,11 @@ the oracle: one distance matrix per column (``x @ x.T`` on the column's ``n × o
 column (the search as of c05a17c: every subset's diameter, f = 1's in three maxima, scanned in combinations order
 with the :data:`aggregator.mda.TIE` rule), two diameters per column, and the vetoed columns summed one at a time.
 
-Everything must be equal bit for bit (``array_equal``, ``==``), not close: the vetoes are threshold decisions, and
-the attack suite's numbers were measured with the per-column code. The buffers are random, with duplicated slots
+The decisions (the whole-vector subset, every column's vetoes) and the step must be equal (``==``,
+``array_equal``), not close: the vetoes are threshold decisions, and the attack suite's numbers were measured with
+the per-column code. The distances may differ from the oracle's by float32 rounding only (since mda19n the centre
+is a float32 mean and the whole vector's Gram matrix the sum of the first layer's columns' and the rest's): they are
+held to a direct float64 computation, and a stack's matrices to each one's own call, bit for bit. The buffers are random, with duplicated slots
 (ties in the distances and in the farthest pair), an all-equal column (every distance 0), and columns pushed so
 that the veto fires in some and not in others (asserted, so a test that vetoes nothing cannot pass vacuously);
 K = 3, 10 and 101 kept, f = 1 and f = 2.
@@ -137,6 +140,8 @@ def test_the_vetoes_and_the_step_are_the_per_column_ones(n: int, f: int, columns
     deltas = buffer(n, 7 + 5 * seed, columns, 100 * n + seed)
     rng = np.random.default_rng(seed)
     whole = aggregate.mda_keep(deltas, f)
+    flat = np.stack([np.concatenate([d["w"].reshape(-1), d["b"]]) for d in deltas])
+    assert whole == _subset(_distances(flat), f)  # the whole-vector subset: the old code's
     other = tuple(sorted(rng.choice(n, size=n - f, replace=False).tolist()))  # any kept subset, not only MDA's
     gates = (1.0, 1.2, 3.0) if n < 100 or f == 1 else (1.2,)
     fired = 0
@@ -155,17 +160,34 @@ def test_the_vetoes_and_the_step_are_the_per_column_ones(n: int, f: int, columns
     assert 0 < fired < 2 * len(gates) * columns  # the veto fires in some columns, not in all
 
 
+def _direct(x: np.ndarray) -> np.ndarray:
+    """Pairwise distances of the rows of ``x`` (``… × n × d``) in float64, one difference at a time."""
+    x = np.asarray(x, np.float64)
+    return np.sqrt(((x[..., :, None, :] - x[..., None, :, :]) ** 2).sum(axis=-1))
+
+
+def _close(dist: np.ndarray, x: np.ndarray) -> None:
+    """``dist`` is ``x``'s rows' distances up to float32 rounding (of the Gram matrix, at the scale of the largest)."""
+    want = _direct(x)
+    scale = want.max(axis=(-2, -1), keepdims=True)
+    assert np.all(np.abs(dist - want) <= 1e-5 * want + 2e-3 * scale)
+
+
 @pytest.mark.parametrize("seed", range(8))
-def test_stacked_distances_are_each_columns_own_bit_for_bit(seed: int) -> None:
+def test_stacked_distances_are_each_columns_own(seed: int) -> None:
+    """A stack's matrices bit for bit each one's own call; all of them the float64 distances up to rounding, and
+    the same subsets as the oracle's distances."""
     rng = np.random.default_rng(seed)
     n, out, columns = (int(rng.choice(v)) for v in ((3, 4, 7, 9, 11, 15, 17, 101), (1, 2, 7, 64, 258), (1, 5, 128)))
     x = (rng.standard_normal((columns, n, out)) * 10.0 ** rng.uniform(-4, 2)).astype(np.float32)
     x[:, n - 1] = x[:, 0]
     stack = mda.distances(x)
     assert stack.shape == (columns, n, n) and stack.dtype == np.float64
+    _close(stack, x)
     for j in range(columns):
-        assert np.array_equal(stack[j], _distances(x[j]))
         assert np.array_equal(mda.distances(x[j]), stack[j])  # and one matrix alone (the whole-vector MDA's call)
+        assert stack[j, 0, n - 1] == 0.0  # a duplicated slot: exactly 0
+        assert mda.subset(stack[j], 1) == _subset(_distances(x[j]), 1)
     scratch = x.copy()
     assert np.array_equal(mda.distances(scratch, overwrite=True), stack)  # centred in place: the same distances
 
@@ -173,8 +195,8 @@ def test_stacked_distances_are_each_columns_own_bit_for_bit(seed: int) -> None:
 @pytest.mark.parametrize("n", [3, 7, 11, 15, 63])
 def test_a_padded_gram_product_is_the_plain_one_bit_for_bit(n: int) -> None:
     """n % 4 == 3 slots get one zero row more for their Gram product (mda.padded: OpenBLAS's fast path); each
-    entry of the product must be the plain ``x @ x.T``'s, bit for bit, for a whole-vector matrix and for a stack,
-    or the padding would change the decisions' rounding."""
+    entry of the product must be the plain ``x @ x.T``'s, bit for bit, for a whole-vector matrix, for a stack and
+    for a strided view (the column veto's columns), or the padding would change the decisions' rounding."""
     assert mda.padded(n) == n + 1 and mda.padded(n + 1) == n + 1 and mda.padded(n - 1) == n - 1
     rng = np.random.default_rng(n)
     for shape in ((n, 100_003), (n, 1), (33, n, 258)):
@@ -182,29 +204,35 @@ def test_a_padded_gram_product_is_the_plain_one_bit_for_bit(n: int) -> None:
         full = np.zeros((*shape[:-2], n + 1, shape[-1]), np.float32)
         full[..., :n, :] = x
         plain = np.matmul(x, np.swapaxes(x, -1, -2))
-        assert np.array_equal(np.matmul(full, np.swapaxes(full, -1, -2))[..., :n, :n], plain)
-        # and the distances (mda.distances pads a copy) against the oracle's unpadded ones
-        dist = mda.distances(x)
-        assert (
-            np.array_equal(dist, _distances(x))
-            if x.ndim == 2
-            else all(np.array_equal(dist[j], _distances(x[j])) for j in range(len(x)))
-        )
+        assert np.array_equal(mda.gram(full, n), plain)
+        _close(mda.distances(x), x)  # (mda.distances pads a copy)
+    wide = np.zeros((n + 1, 5 * 300 + 7), np.float32)  # rows of a first layer 300 × 5 laid out column by column
+    wide[:n] = rng.standard_normal((n, wide.shape[1]))
+    view = wide[:, : 5 * 300].reshape(n + 1, 5, 300).transpose(1, 0, 2)
+    copy = np.ascontiguousarray(view[:, :n])
+    assert np.array_equal(mda.gram(view, n), np.matmul(copy, np.swapaxes(copy, 1, 2)))
 
 
-def test_centre_is_numpys_float64_mean_bit_for_bit() -> None:
-    """mda.centre adds the rows in order in float64 and divides by n: the same bits as NumPy's
-    ``mean(axis=-2, dtype=float64)``, for a matrix and a stack, and the padding rows past n stay zero."""
+def test_centre_subtracts_the_float32_mean() -> None:
+    """mda.centre subtracts the rows' float32 mean: the centred rows' mean is 0 up to rounding, the differences
+    between rows are kept up to rounding, a stack's matrices are each one's own bit for bit (a non-last axis is
+    added in order), and the padding rows past n stay zero."""
     rng = np.random.default_rng(3)
     for shape in ((11, 5000), (40, 11, 64), (101, 300)):
-        x = (rng.standard_normal(shape) * 10.0 ** rng.uniform(-6, 3, size=shape[-1])).astype(np.float32)
+        x = (rng.standard_normal(shape) * 10.0 ** rng.uniform(-6, 3, size=shape[-1]) + 5.0).astype(np.float32)
         n = shape[-2]
         full = np.zeros((*shape[:-2], mda.padded(n) + 1, shape[-1]), np.float32)
         full[..., :n, :] = x
         mda.centre(full, n)
-        expected = x - x.mean(axis=-2, dtype=np.float64).astype(np.float32)[..., None, :]
-        assert np.array_equal(full[..., :n, :], expected)
+        centred = full[..., :n, :].astype(np.float64)
+        big = np.abs(x).max(axis=-2, keepdims=True)
+        assert np.all(np.abs(centred.mean(axis=-2, keepdims=True)) <= 1e-6 * big)
+        moved = centred - (x - x.astype(np.float64).mean(axis=-2, keepdims=True))
+        assert np.all(np.abs(moved) <= 1e-6 * big)
         assert not full[..., n:, :].any()
+        if len(shape) == 3:
+            for j in range(shape[0]):
+                assert np.array_equal(mda.centre(x[j].copy(), n), full[j, :n])
 
 
 @pytest.mark.parametrize("seed", range(10))
@@ -288,6 +316,10 @@ def test_clipped_and_int8_deltas_give_the_per_column_vetoes_and_step() -> None:
         else:
             deltas.append(d)
     keep = aggregate.mda_keep(deltas, 1)
+    flat = np.stack(
+        [np.concatenate([aggregate._stack([d], k, [1.0])[0].reshape(-1) for k in ("w", "b")]) for d in deltas]
+    )
+    assert keep == _subset(_distances(flat), 1)
     coefficients = [0.1] * len(keep)
     step = aggregate.linear_combination([deltas[i] for i in keep], coefficients)
     fired = 0

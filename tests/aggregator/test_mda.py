@@ -236,22 +236,29 @@ def test_the_mean_and_secure_aggregation_wait_for_k():
         assert (fb.reduce_stat, fb.buffer_size, fb.arrivals, fb.left_out) == ("mean", 4, 4, 0)
 
 
-def test_mda_rows_are_built_once_and_centred_in_place():
-    """The matrix MDA measures is each delta's tensors flattened in order (built here by concatenation, the old
-    way), and centring it in place gives the same distances as centring a copy; the scratch matrix is changed."""
+def test_mda_rows_lay_the_first_layer_out_by_column_and_are_centred():
+    """The matrix MDA measures: the first layer's weights transposed (its input columns one after the other), then
+    the other tensors in order, less the rows' mean (worked here from the deltas in float64); the whole vector's
+    distances (the columns' Gram matrices plus the rest's) are the deltas' own, against a direct float64
+    computation."""
     from aggregator.strategies import aggregate
 
     rng = np.random.default_rng(5)
     deltas = [
-        {"a": rng.normal(size=(3, 4)).astype(np.float32), "b": rng.normal(size=5).astype(np.float32)} for _ in range(5)
+        {"b0": rng.normal(size=5).astype(np.float32), "a": rng.normal(size=(3, 4)).astype(np.float32) + 2.0}
+        for _ in range(5)
     ]
-    expected = np.stack([np.concatenate([d["a"].reshape(-1), d["b"]]) for d in deltas])
-    rows = aggregate._rows(deltas)
-    np.testing.assert_array_equal(rows, expected)
-    copy_dist = mda.distances(expected)
-    assert np.array_equal(copy_dist, mda.distances(rows, overwrite=True))
-    assert not np.array_equal(rows, expected)  # centred in place: the column means are now 0
-    np.testing.assert_allclose(rows.mean(axis=0), 0.0, atol=1e-6)
+    laid = np.stack([np.concatenate([d["a"].T.reshape(-1), d["b0"]]) for d in deltas]).astype(np.float64)
+    rows = aggregate._rows(deltas, "a")
+    assert rows.shape == (5, 17)
+    np.testing.assert_allclose(rows, laid - laid.mean(axis=0), atol=1e-6)
+    columns = aggregate._columns(rows, (3, 4))
+    assert columns.shape == (4, 5, 3) and np.array_equal(columns[2, 1], rows[1, 6:9])
+    flat = np.stack([np.concatenate([d["b0"], d["a"].reshape(-1)]) for d in deltas]).astype(np.float64)
+    direct = np.sqrt(((flat[:, None] - flat[None]) ** 2).sum(axis=-1))
+    whole = mda.gram(columns, 5).sum(axis=0, dtype=np.float64) + mda.gram(rows[:, 12:], 5)
+    np.testing.assert_allclose(mda.from_gram(whole), direct, rtol=1e-5, atol=1e-6)
+    assert aggregate.mda_keep(deltas, 1) == mda.subset(direct, 1)
 
 
 def test_mda_rows_of_slots_n_mod_4_eq_3_end_in_a_zero_row():
@@ -265,7 +272,7 @@ def test_mda_rows_of_slots_n_mod_4_eq_3_end_in_a_zero_row():
     rows = aggregate._rows(deltas)
     assert rows.shape == (8, 120) and not rows[7].any()
     direct = np.array([[np.linalg.norm(a["a"].astype(np.float64) - b["a"]) for b in deltas] for a in deltas])
-    dist = mda.distances(rows, overwrite=True, n=7)
+    dist = mda.centred_distances(rows, 7)
     assert dist.shape == (7, 7)
     np.testing.assert_allclose(dist, direct, rtol=1e-5, atol=1e-6)
     assert aggregate.mda_keep(deltas, 1) == (0, 1, 2, 3, 4, 5)
@@ -308,3 +315,18 @@ def test_subset_and_diameter_match_the_pair_loop(seed):
         idx = tuple(sorted(rng.choice(n, size=k, replace=False).tolist()))
         expected = max((dist[i, j] for i in idx for j in idx if i < j), default=0.0)
         assert mda.diameter(dist, idx) == expected
+
+
+def test_mda_rows_of_clipped_or_int8_deltas_are_centred_alike():
+    """The first layer's block of a plain float32 delta is copied transposed as it is; a clipped one (here with
+    scale 1: the same values) goes through ``_fill`` and a scratch row: the same rows bit for bit."""
+    from aggregator.scaled_sum import Scaled
+    from aggregator.strategies import aggregate
+
+    rng = np.random.default_rng(9)
+    deltas = [{"w": rng.normal(size=(6, 4)).astype(np.float32), "b": rng.normal(size=6).astype(np.float32)}]
+    deltas += [{k: (v + rng.normal(size=v.shape)).astype(np.float32) for k, v in deltas[0].items()} for _ in range(6)]
+    plain = aggregate._rows(deltas, "w")
+    assert plain.shape == (8, 30) and not plain[7].any()
+    assert np.array_equal(aggregate._rows([Scaled(d, 1.0) for d in deltas], "w"), plain)
+    assert np.array_equal(aggregate._rows(deltas[:3] + [Scaled(d, 1.0) for d in deltas[3:]], "w"), plain)
