@@ -11,28 +11,24 @@ def _run_aggregator(args: argparse.Namespace) -> int:
     # the start's imports, core, preloads and grants: collected never, not walked again and again (fedline.startup);
     # the service ends the pause once it has started (aggregator.service, "aggregator.start_cost")
     pause = StartPause()
-    import asyncio
-
     from aggregator.config import load_config
     from aggregator.service import run_aggregator
     from fedline.blas import one_blas_thread
     from fedline.heap import keep_freed_buffers
-    from fedline.threadname import name_os_thread
+    from fedline.threadname import run_named
 
     cfg = load_config(args.config)
     keep_freed_buffers()  # update-sized buffers reused, not page-faulted in again for every update (fedline.heap)
     one_blas_thread()  # the opening threads are the parallelism: no spinning BLAS threads beside them (fedline.blas)
-    # the event loop's thread as `top -H` and `ps` show it (also the process's name there; fedline.threadname):
-    # named after the imports, so threads they started (OpenBLAS's) keep the interpreter's name
+    # run_named: the event loop's thread as `top -H` and `ps` show it (also the process's name there), named
+    # after the imports, so threads they started (OpenBLAS's) keep the interpreter's name (fedline.threadname)
     if args.worker is not None:  # one of the [intake] workers, not the aggregator itself
         from aggregator.intake_worker import run_worker
 
-        name_os_thread("fedline-intake")
         pause.end()
-        asyncio.run(run_worker(cfg, args.worker, args.password_file))
+        run_named(run_worker(cfg, args.worker, args.password_file), "fedline-intake")
         return 0
-    name_os_thread("fedline-agg")
-    asyncio.run(run_aggregator(cfg, start=pause))
+    run_named(run_aggregator(cfg, start=pause), "fedline-agg")
     return 0
 
 

@@ -58,9 +58,11 @@ by role (``aggregator_cpu_ms_per_update_by_thread``, and per phase):
 ``MainThread`` (the event loop: MQTT I/O, chunk reassembly, receipts sealed,
 signed and published, version publishing), ``agg-decide`` (decisions, SQLite,
 the reduce), ``agg-open`` (decrypt, verify, validate; summed over the pool),
-``agg-export`` (a version's weights and ONNX) and ``other`` (threads without a
+``agg-export`` (a version's weights and ONNX), ``asyncio`` (the event loop's
+default executor, idle in steady state) and ``other`` (threads without a
 fedline name, and threads that ended within the phase: the process's CPU not
-in the named ones, so the roles sum to ``aggregator_cpu_ms_per_update``).
+in the named ones, so the roles sum to ``aggregator_cpu_ms_per_update``, within
+the few clock ticks between reading the two).
 A thread a library starts carries the name of the thread that started it
 (Linux), so it counts with that role. ``open_vs_limit`` = the limit over the
 opening threads' CPU per update: what ``bench/aggregator.py`` calls the intake

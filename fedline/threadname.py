@@ -11,24 +11,29 @@ kernel keeps at most 15 bytes, so a longer name is cut there (never refused). El
 fails, it does nothing but say so in a debug log: a thread's OS name is for people, never worth an error.
 It is called in the thread it names: as a ``ThreadPoolExecutor``'s ``initializer`` (its threads run it
 first, with ``threading.current_thread().name`` = ``<thread_name_prefix>_<N>``), or with an explicit
-name for a service's main thread.
+name for a service's main thread (:func:`run_named`).
 
 One thing to know when reading ``top -H``: a new thread inherits the OS name of the thread that started
-it until it names itself, so helper threads a library starts from a named thread (torch's, for instance)
-show that thread's name.
+it until it names itself. So :func:`run_named` also gives the event loop a default executor whose threads
+name themselves (``asyncio_N``, as asyncio calls them): otherwise they showed as a second ``fedline-agg``.
+Helper threads a library starts from a named thread (torch's, for instance) still show that thread's name.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import functools
 import logging
 import sys
 import threading
-from typing import Any
+from collections.abc import Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 log = logging.getLogger("fedline.threadname")
 
+T = TypeVar("T")
 TASK_COMM_LEN = 15  # the kernel's limit on a thread's name, in bytes (16 with the terminating NUL)
 
 
@@ -77,4 +82,19 @@ def name_os_thread(name: str | None = None) -> bool:
         return False
 
 
-__all__ = ["TASK_COMM_LEN", "name_os_thread", "os_name"]
+def run_named(main: Coroutine[Any, Any, T], name: str) -> T:
+    """``asyncio.run(main)`` with the process's threads named at the OS level: the calling thread (the event
+    loop's; called from the main thread, as the CLI does, also the process's name in ``ps`` and ``top``)
+    ``name``, the loop's default executor's threads ``asyncio_N`` (:func:`asyncio.to_thread`, name lookups),
+    which would otherwise inherit ``name``."""
+    name_os_thread(name)
+
+    async def named() -> T:
+        executor = ThreadPoolExecutor(thread_name_prefix="asyncio", initializer=name_os_thread)
+        asyncio.get_running_loop().set_default_executor(executor)  # asyncio.run shuts it down at the end
+        return await main
+
+    return asyncio.run(named())
+
+
+__all__ = ["TASK_COMM_LEN", "name_os_thread", "os_name", "run_named"]

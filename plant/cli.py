@@ -6,17 +6,14 @@ import argparse
 
 
 def _run_plant(args: argparse.Namespace) -> int:
-    import asyncio
-
     from fedline.blas import one_blas_thread
-    from fedline.threadname import name_os_thread
+    from fedline.threadname import run_named
     from plant.config import load_plant_config
     from plant.service import run_plant
 
     one_blas_thread()  # as `fedline aggregator`: its reduce's matrix products must not leave a BLAS thread spinning
     cfg = load_plant_config(args.config)
-    name_os_thread("fedline-plant")  # its event loop's thread in `top -H` and `ps` (fedline.threadname)
-    asyncio.run(run_plant(cfg))
+    run_named(run_plant(cfg), "fedline-plant")  # its threads by name in `top -H` and `ps` (fedline.threadname)
     return 0
 
 

@@ -5,13 +5,14 @@ Real threads, read back from /proc/self/task/*/comm (Linux, where the CI and the
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from aggregator.core import AggregatorCore
-from fedline.threadname import name_os_thread, os_name
+from fedline.threadname import name_os_thread, os_name, run_named
 from tests.aggregator.helpers import make_federation
 
 
@@ -76,3 +77,25 @@ def test_a_name_longer_than_15_bytes_is_cut_not_refused() -> None:
     assert os_name("a" * 14 + "é") == b"a" * 14
     assert os_name("short") == b"short"
     assert _os_names()[os.getpid()] == main_before  # each call named only the thread it ran in
+
+
+def _own_os_name() -> str:
+    return Path(f"/proc/self/task/{threading.get_native_id()}/comm").read_text().rstrip("\n")
+
+
+def test_run_named_names_the_event_loop_and_its_default_executors_threads() -> None:
+    """The loop's thread gets the service's name; asyncio.to_thread's threads their own (not the loop's)."""
+    seen: dict[str, object] = {}
+
+    async def service() -> str:
+        seen["loop"] = _own_os_name()
+        seen["to_thread"] = await asyncio.to_thread(lambda: (threading.current_thread().name, _own_os_name()))
+        return "done"
+
+    def run() -> None:  # in a thread of its own: pytest's main thread keeps its name
+        seen["result"] = run_named(service(), "fedline-probe")
+
+    t = threading.Thread(target=run, name="probe")
+    t.start()
+    t.join(20)
+    assert seen == {"loop": "fedline-probe", "to_thread": ("asyncio_0", "asyncio_0"), "result": "done"}
