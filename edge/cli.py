@@ -67,5 +67,7 @@ def _handle(args: argparse.Namespace) -> int:
         finally:
             agent.close()
 
-    asyncio.run(main())
+    from fedline.threadname import run_named
+
+    run_named(main(), "fedline-edge")  # its threads by name in `top -H` and `ps` (fedline.threadname)
     return 0

@@ -33,7 +33,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
-    import asyncio
     import time
 
     from edge.inference.config import load_infer_config
@@ -42,8 +41,9 @@ def handle(args: argparse.Namespace) -> int:
     cfg = load_infer_config(args.config)
     if not args.rollback:
         from edge.inference.service import run_service
+        from fedline.threadname import run_named
 
-        asyncio.run(run_service(cfg))
+        run_named(run_service(cfg), "fedline-line")  # its threads by name in `top -H` and `ps`
         return 0
     state = StateDir(cfg.path(cfg.line.state_dir))
     before = state.load()

@@ -218,6 +218,9 @@ async def test_the_edge_process_logs_its_start_cost_with_the_start_frozen(mosqui
         assert int(fields["frozen_objects"]) > 100_000  # torch's and Opacus's objects: the pause covered them
         await eventually(lambda: "mqtt.connected" in log.read_text(), timeout=60)
         assert proc.poll() is None
+        # its threads carry names at the OS level (fedline.threadname): the main thread's is the process's
+        comm = await asyncio.to_thread(Path(f"/proc/{proc.pid}/comm").read_text)
+        assert comm.strip() == "fedline-edge"
     finally:
         proc.terminate()
         await asyncio.to_thread(proc.wait, bound(20))

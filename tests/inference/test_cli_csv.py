@@ -85,12 +85,13 @@ def test_cli_scores_a_csv_replay_without_importing_torch(tmp_path: Path) -> None
     code = (
         "import json, sys\nfrom fedline.cli import main\n"
         f"rc = main(['infer', '--config', {str(cfg)!r}])\n"
-        "print(json.dumps({'rc': rc, 'torch': 'torch' in sys.modules}))\n"
+        "comm = open('/proc/self/comm').read().strip()\n"
+        "print(json.dumps({'rc': rc, 'torch': 'torch' in sys.modules, 'comm': comm}))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result == {"rc": 0, "torch": False}
+    assert result == {"rc": 0, "torch": False, "comm": "fedline-line"}  # named at the OS level (top -H, ps)
     assert "model.swapped" in proc.stderr and "infer.stopped" in proc.stderr
 
     preds = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
