@@ -356,21 +356,50 @@ def write_broker_config(cfg: MosquittoConfig, out_dir: str | Path) -> dict[str, 
 
 _HANDED_OUT: set[int] = set()  # every port free_port has returned in this process
 
+#: where the kernel takes the local ports of outgoing connections (and of ``bind(port 0)``) when /proc does not say
+_EPHEMERAL_DEFAULT = (32768, 60999)
+
+
+def ephemeral_range(path: str = "/proc/sys/net/ipv4/ip_local_port_range") -> tuple[int, int]:
+    """The kernel's ephemeral port range (Linux's ``ip_local_port_range``; its default elsewhere)."""
+    try:
+        low, high = (int(v) for v in Path(path).read_text().split()[:2])
+    except (OSError, ValueError):
+        return _EPHEMERAL_DEFAULT
+    return (low, high) if 1024 < low <= high else _EPHEMERAL_DEFAULT
+
+
+def listener_ports(ephemeral: tuple[int, int] | None = None) -> range:
+    """Where :func:`free_port` picks: the half below the ephemeral range (16384-32767 by Linux's default)."""
+    low = (ephemeral or ephemeral_range())[0]
+    return range(max(1024, low // 2), low)
+
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago (good enough for tests and the demo), never one this process was given.
+    """A TCP port free a moment ago (good enough for tests and the demo), never one this process was given.
 
-    Why the memory: the kernel may hand the same ephemeral port to two binds in a row once the first socket is
-    closed, so two calls made before either port is listened on (a broker's plain and TLS listeners, the demo's PLC
-    ports) could get the same number: seen as "the plaintext and TLS listeners cannot share port" in a test setup.
+    Why below the ephemeral range: a port the kernel hands to ``bind(port 0)`` is released again before the broker
+    (or PLC simulator) binds it, and until then the kernel may give it to any outgoing connection on the machine:
+    with tests opening hundreds of MQTT clients on two or three workers, mosquitto once failed to start with
+    "Address already in use". Outgoing connections never take a port below the range, so only another process
+    picking the same random port within that moment could, and the bind below refuses one in use.
+
+    Why the memory: two calls made before either port is listened on (a broker's plain and TLS listeners, the
+    demo's PLC ports) must not get the same number: seen as "the plaintext and TLS listeners cannot share port".
     """
-    while True:
+    ports = listener_ports()
+    for _ in range(1000):
+        port = ports[secrets.randbelow(len(ports))]  # no shared seed: test workers draw independently
+        if port in _HANDED_OUT:
+            continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind((host, 0))
-            port = int(s.getsockname()[1])
-        if port not in _HANDED_OUT:
-            _HANDED_OUT.add(port)
-            return port
+            try:
+                s.bind((host, port))
+            except OSError:  # in use: another draw
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise FedlineError(f"no free port below the ephemeral range found in 1,000 draws ({ports.start}-{ports.stop - 1})")
 
 
 def _accepts(port: int) -> bool:

@@ -80,9 +80,10 @@ def test_scale_bench_runs_a_small_federation_to_a_drained_backlog(capsys) -> Non
     assert budget["total"] == pytest.approx(budget["sites"] + budget["broker"] + budget["aggregator"])
     assert 0 < r["machine_cpu_busy"] and set(r["steady_cpu_ms_per_update"]) == set(budget)
     # the aggregator's threads by the names fedline gives them at the OS level (fedline.threadname)
-    assert {"fedline-agg", "agg-open_0", "agg-open_1", "agg-decide_0", "agg-export_0"} <= set(
-        r["aggregator_thread_names"]
-    )
+    # (a pool starts its threads as work comes: a small run may never need the second opening thread)
+    names = set(r["aggregator_thread_names"])
+    assert {"fedline-agg", "agg-open_0", "agg-decide_0", "agg-export_0"} <= names
+    assert {n for n in names if n.startswith("agg-open")} <= {"agg-open_0", "agg-open_1"}  # [aggregator] workers = 2
     for s in r["phases"]:  # its CPU by thread role: the roles sum to the process's CPU per update
         by_thread = s["aggregator_cpu_ms_per_update_by_thread"]
         assert {"MainThread", "agg-open", "agg-decide", "other"} <= set(by_thread)
